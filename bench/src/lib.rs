@@ -1,0 +1,1 @@
+//! The bench crate (filled by the bench issue).

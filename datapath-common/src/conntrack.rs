@@ -1,0 +1,185 @@
+//! Conntrack lifetimes and TCP state, as the datapath and the agent's
+//! garbage collector both apply them.
+//!
+//! A flow has two entries (service tuple and backend tuple). Both carry the
+//! same state and are refreshed together, so either direction can expire
+//! the flow and a closed flow cannot leave a stale backend-tuple entry that
+//! would rewrite the replies of a later, direct connection.
+
+use crate::maps::CtEntry;
+
+/// A non-SYN packet was seen: the handshake is over (lifetime: established).
+pub const STATE_SEEN_NON_SYN: u8 = 1 << 0;
+/// The client sent FIN or RST.
+pub const STATE_CLOSING_TX: u8 = 1 << 1;
+/// The backend sent FIN or RST.
+pub const STATE_CLOSING_RX: u8 = 1 << 2;
+
+const SECOND: u64 = 1_000_000_000;
+/// A TCP flow that only saw SYNs (Cilium's `CT_SYN_TIMEOUT`).
+pub const TCP_SYN_LIFETIME_NS: u64 = 60 * SECOND;
+/// An established TCP flow (Cilium's `CT_CONNECTION_LIFETIME_TCP`, 6 h).
+pub const TCP_ESTABLISHED_LIFETIME_NS: u64 = 6 * 3600 * SECOND;
+/// A TCP flow after a FIN or RST (Cilium's `CT_CLOSE_TIMEOUT`).
+pub const TCP_CLOSING_LIFETIME_NS: u64 = 10 * SECOND;
+/// UDP flows (Cilium's `CT_CONNECTION_LIFETIME_NONTCP`).
+pub const UDP_LIFETIME_NS: u64 = 60 * SECOND;
+/// How stale `last_seen_ns` may get before a packet writes it again. Writes
+/// to an LRU entry dirty a shared cache line, so the hot path skips them;
+/// this bounds how early (at most this much) a busy flow could expire.
+pub const REFRESH_INTERVAL_NS: u64 = SECOND;
+
+/// TCP flag bits as they sit in byte 13 of the TCP header.
+pub const TCP_FIN: u8 = 0x01;
+pub const TCP_SYN: u8 = 0x02;
+pub const TCP_RST: u8 = 0x04;
+
+/// Which way a packet travels relative to the client.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Direction {
+    /// Client → service (egress on the client's interface).
+    Original,
+    /// Backend → client (ingress on the client's interface).
+    Reply,
+}
+
+/// How long a flow in `state` lives after its last refresh.
+#[inline(always)]
+pub const fn lifetime_ns(protocol: u8, state: u8) -> u64 {
+    if protocol != crate::IPPROTO_TCP {
+        UDP_LIFETIME_NS
+    } else if state & (STATE_CLOSING_TX | STATE_CLOSING_RX) != 0 {
+        TCP_CLOSING_LIFETIME_NS
+    } else if state & STATE_SEEN_NON_SYN != 0 {
+        TCP_ESTABLISHED_LIFETIME_NS
+    } else {
+        TCP_SYN_LIFETIME_NS
+    }
+}
+
+/// True when `entry` has outlived its state's lifetime at `now_ns`.
+#[inline(always)]
+pub const fn is_expired(entry: &CtEntry, protocol: u8, now_ns: u64) -> bool {
+    now_ns.saturating_sub(entry.last_seen_ns) > lifetime_ns(protocol, entry.state)
+}
+
+/// The state after a packet with `tcp_flags` (0 for UDP) travels in
+/// `direction`.
+#[inline(always)]
+pub const fn next_state(state: u8, protocol: u8, tcp_flags: u8, direction: Direction) -> u8 {
+    if protocol != crate::IPPROTO_TCP {
+        return state;
+    }
+    let mut next = state;
+    if tcp_flags & TCP_SYN == 0 {
+        next |= STATE_SEEN_NON_SYN;
+    }
+    if tcp_flags & (TCP_FIN | TCP_RST) != 0 {
+        next |= match direction {
+            Direction::Original => STATE_CLOSING_TX,
+            Direction::Reply => STATE_CLOSING_RX,
+        };
+    }
+    next
+}
+
+/// The state a new flow starts in, from its first (client) packet.
+#[inline(always)]
+pub const fn initial_state(protocol: u8, tcp_flags: u8) -> u8 {
+    next_state(0, protocol, tcp_flags, Direction::Original)
+}
+
+/// True when the packet must write the entry: its state changes, or the
+/// last refresh is older than `REFRESH_INTERVAL_NS`.
+#[inline(always)]
+pub const fn needs_write(entry: &CtEntry, new_state: u8, now_ns: u64) -> bool {
+    new_state != entry.state || now_ns.saturating_sub(entry.last_seen_ns) > REFRESH_INTERVAL_NS
+}
+
+/// A TCP SYN (without ACK) opens a new connection: if it meets an old
+/// entry for the same tuple in a closing state, the old flow is over and
+/// the new one must be balanced afresh (client port reuse).
+#[inline(always)]
+pub const fn syn_reopens(entry: &CtEntry, protocol: u8, tcp_flags: u8) -> bool {
+    protocol == crate::IPPROTO_TCP
+        && tcp_flags & TCP_SYN != 0
+        && tcp_flags & TCP_ACK == 0
+        && entry.state & (STATE_CLOSING_TX | STATE_CLOSING_RX) != 0
+}
+
+pub const TCP_ACK: u8 = 0x10;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{IPPROTO_TCP, IPPROTO_UDP};
+
+    fn entry(state: u8, last_seen_ns: u64) -> CtEntry {
+        CtEntry {
+            state,
+            last_seen_ns,
+            ..CtEntry::default()
+        }
+    }
+
+    #[test]
+    fn tcp_handshake_moves_from_syn_to_established_lifetime() {
+        let s = initial_state(IPPROTO_TCP, TCP_SYN);
+        assert_eq!(lifetime_ns(IPPROTO_TCP, s), TCP_SYN_LIFETIME_NS);
+        let s = next_state(s, IPPROTO_TCP, TCP_SYN | TCP_ACK, Direction::Reply);
+        assert_eq!(lifetime_ns(IPPROTO_TCP, s), TCP_SYN_LIFETIME_NS);
+        let s = next_state(s, IPPROTO_TCP, TCP_ACK, Direction::Original);
+        assert_eq!(lifetime_ns(IPPROTO_TCP, s), TCP_ESTABLISHED_LIFETIME_NS);
+        let s = next_state(s, IPPROTO_TCP, TCP_FIN | TCP_ACK, Direction::Reply);
+        assert_eq!(s & STATE_CLOSING_RX, STATE_CLOSING_RX);
+        assert_eq!(lifetime_ns(IPPROTO_TCP, s), TCP_CLOSING_LIFETIME_NS);
+    }
+
+    #[test]
+    fn rst_from_client_closes() {
+        let s = next_state(STATE_SEEN_NON_SYN, IPPROTO_TCP, TCP_RST, Direction::Original);
+        assert_eq!(s, STATE_SEEN_NON_SYN | STATE_CLOSING_TX);
+        assert_eq!(lifetime_ns(IPPROTO_TCP, s), TCP_CLOSING_LIFETIME_NS);
+    }
+
+    #[test]
+    fn mid_stream_pickup_is_established() {
+        // After an agent restart lost the table, the first packet seen is
+        // an ACK: it must not get the short SYN lifetime.
+        let s = initial_state(IPPROTO_TCP, TCP_ACK);
+        assert_eq!(lifetime_ns(IPPROTO_TCP, s), TCP_ESTABLISHED_LIFETIME_NS);
+    }
+
+    #[test]
+    fn udp_ignores_flags_and_has_its_own_lifetime() {
+        assert_eq!(next_state(0, IPPROTO_UDP, 0xff, Direction::Reply), 0);
+        assert_eq!(lifetime_ns(IPPROTO_UDP, 0), UDP_LIFETIME_NS);
+    }
+
+    #[test]
+    fn expiry_is_strictly_after_the_lifetime() {
+        let e = entry(0, 1_000);
+        assert!(!is_expired(&e, IPPROTO_UDP, 1_000 + UDP_LIFETIME_NS));
+        assert!(is_expired(&e, IPPROTO_UDP, 1_001 + UDP_LIFETIME_NS));
+        // A clock behind last_seen (entry written by another CPU a moment
+        // later) is not expired.
+        assert!(!is_expired(&e, IPPROTO_UDP, 0));
+    }
+
+    #[test]
+    fn refresh_is_rate_limited_but_state_changes_always_write() {
+        let e = entry(STATE_SEEN_NON_SYN, 5 * SECOND);
+        assert!(!needs_write(&e, STATE_SEEN_NON_SYN, 5 * SECOND + REFRESH_INTERVAL_NS));
+        assert!(needs_write(&e, STATE_SEEN_NON_SYN, 6 * SECOND + 1));
+        assert!(needs_write(&e, STATE_SEEN_NON_SYN | STATE_CLOSING_TX, 5 * SECOND));
+    }
+
+    #[test]
+    fn syn_after_close_reopens() {
+        let closed = entry(STATE_SEEN_NON_SYN | STATE_CLOSING_TX, 0);
+        assert!(syn_reopens(&closed, IPPROTO_TCP, TCP_SYN));
+        assert!(!syn_reopens(&closed, IPPROTO_TCP, TCP_SYN | TCP_ACK));
+        assert!(!syn_reopens(&entry(STATE_SEEN_NON_SYN, 0), IPPROTO_TCP, TCP_SYN));
+        assert!(!syn_reopens(&closed, IPPROTO_UDP, TCP_SYN));
+    }
+}

@@ -1,0 +1,267 @@
+//! The one definition of every map shared by the eBPF programs and user
+//! space. Layouts follow Cilium's `lb4_*` maps: a service map whose slot 0
+//! is the frontend and slots 1..=n point at backend ids, a backend map, a
+//! reverse-NAT map and a conntrack LRU. Every struct is `#[repr(C)]` with
+//! explicit padding so that no byte of a key is ever uninitialised (hash
+//! maps compare keys bytewise).
+
+/// Map names as they appear in the object and under the pin directory.
+pub const SERVICES_MAP: &str = "SERVICES";
+pub const BACKENDS_MAP: &str = "BACKENDS";
+pub const REVERSE_NAT_MAP: &str = "REVERSE_NAT";
+pub const CONNTRACK_MAP: &str = "CONNTRACK";
+pub const SOCK_REVERSE_NAT_MAP: &str = "SOCK_REVERSE_NAT";
+pub const COUNTERS_MAP: &str = "COUNTERS";
+
+/// Every map, for pinning and inspection.
+pub const ALL_MAPS: [&str; 6] = [
+    SERVICES_MAP,
+    BACKENDS_MAP,
+    REVERSE_NAT_MAP,
+    CONNTRACK_MAP,
+    SOCK_REVERSE_NAT_MAP,
+    COUNTERS_MAP,
+];
+
+/// Default capacities; the loader may override them at load time
+/// (`EbpfLoader::set_max_entries`). The object declares tiny placeholders.
+/// 64k service slots is Cilium's `bpf.lbMapMax` default.
+pub const DEFAULT_SERVICES_MAX: u32 = 65_536;
+pub const DEFAULT_BACKENDS_MAX: u32 = 65_536;
+/// Reverse-NAT ids are u16, so this is also the hard limit on frontends.
+pub const DEFAULT_REVERSE_NAT_MAX: u32 = 65_535;
+/// Two entries per tracked flow (service tuple + backend tuple).
+pub const DEFAULT_CONNTRACK_MAX: u32 = 262_144;
+pub const DEFAULT_SOCK_REVERSE_NAT_MAX: u32 = 65_536;
+
+/// Most backends one frontend may have: slots are u16 and the agent keeps
+/// a service's whole slot range in one update batch.
+pub const MAX_BACKENDS_PER_SERVICE: u16 = 1024;
+
+/// Key of `SERVICES` (hash). One frontend (VIP, port, protocol) owns slots
+/// 0..=backend_count: slot 0 describes the frontend, slot i (1-based) names
+/// the i-th backend.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ServiceKey {
+    /// Service (cluster) IP.
+    pub address_be: u32,
+    /// Service port.
+    pub port_be: u16,
+    /// 0 = the frontend entry, 1..=backend_count = a backend slot.
+    pub backend_slot: u16,
+    /// `IPPROTO_TCP` or `IPPROTO_UDP`.
+    pub protocol: u8,
+    /// Always zero.
+    pub _pad: [u8; 3],
+}
+
+impl ServiceKey {
+    pub const fn new(address_be: u32, port_be: u16, protocol: u8, backend_slot: u16) -> Self {
+        Self {
+            address_be,
+            port_be,
+            backend_slot,
+            protocol,
+            _pad: [0; 3],
+        }
+    }
+}
+
+/// Value of `SERVICES`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct ServiceValue {
+    /// Slot > 0: the `BACKENDS` key of this slot's backend. Slot 0: zero.
+    pub backend_id: u32,
+    /// Slot 0: how many backend slots follow (0 = no backend: new flows
+    /// are refused). Slot > 0: zero.
+    pub backend_count: u16,
+    /// The `REVERSE_NAT` key of this frontend, in every slot.
+    pub rev_nat_id: u16,
+    /// `SERVICE_FLAG_*` bits (slot 0).
+    pub flags: u8,
+    /// Always zero.
+    pub _pad: [u8; 3],
+}
+
+/// Key of `BACKENDS` (hash): a backend id, allocated by the agent,
+/// never 0.
+pub type BackendId = u32;
+
+/// Value of `BACKENDS`: where a backend lives.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct Backend {
+    /// Endpoint (pod) IP.
+    pub address_be: u32,
+    /// Endpoint port (the Service's targetPort resolved).
+    pub port_be: u16,
+    /// `IPPROTO_TCP` or `IPPROTO_UDP`.
+    pub protocol: u8,
+    /// `BACKEND_FLAG_*` bits.
+    pub flags: u8,
+}
+
+/// Key of `REVERSE_NAT` (hash): one id per frontend, never 0.
+pub type RevNatId = u16;
+
+/// Value of `REVERSE_NAT`: the frontend a reply must appear to come from.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct RevNatValue {
+    /// Service IP.
+    pub address_be: u32,
+    /// Service port.
+    pub port_be: u16,
+    /// Always zero.
+    pub _pad: [u8; 2],
+}
+
+/// `CtKey::kind`: the tuple as the client sent it (destination = VIP).
+pub const CT_KIND_SERVICE: u8 = 1;
+/// `CtKey::kind`: the tuple after DNAT (destination = backend); replies are
+/// looked up with it, reversed.
+pub const CT_KIND_BACKEND: u8 = 2;
+
+/// Key of `CONNTRACK` (LRU hash). Both entries of a flow are oriented from
+/// the client: `client_*` is the pod that sent the first packet.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct CtKey {
+    /// The client pod's address.
+    pub client_address_be: u32,
+    /// `CT_KIND_SERVICE`: the VIP. `CT_KIND_BACKEND`: the backend address.
+    pub peer_address_be: u32,
+    /// The client's port.
+    pub client_port_be: u16,
+    /// `CT_KIND_SERVICE`: the service port. `CT_KIND_BACKEND`: the backend port.
+    pub peer_port_be: u16,
+    /// `IPPROTO_TCP` or `IPPROTO_UDP`.
+    pub protocol: u8,
+    /// `CT_KIND_SERVICE` or `CT_KIND_BACKEND`.
+    pub kind: u8,
+    /// Always zero.
+    pub _pad: [u8; 2],
+}
+
+/// `CtEntry::l2_mode`: nothing cached yet; look the next hop up.
+pub const L2_UNRESOLVED: u8 = 0;
+/// `CtEntry::l2_mode`: write `dst_mac`/`src_mac` and let the packet go on
+/// out of the same interface (no second pass through the egress program).
+pub const L2_REWRITE: u8 = 1;
+/// `CtEntry::l2_mode`: `bpf_redirect_neigh` to `ifindex` (the next hop is
+/// on another interface or its neighbour entry is not resolved yet).
+pub const L2_REDIRECT_NEIGH: u8 = 2;
+
+/// Value of `CONNTRACK`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct CtEntry {
+    /// `bpf_ktime_get_ns()` (CLOCK_MONOTONIC) when the flow was last
+    /// refreshed; refreshed at most every `conntrack::REFRESH_INTERVAL_NS`.
+    pub last_seen_ns: u64,
+    /// The backend this flow is pinned to.
+    pub backend_id: u32,
+    /// The frontend the flow was opened to (checked against the service on
+    /// every hit so a re-created service re-balances).
+    pub rev_nat_id: u16,
+    /// `conntrack::STATE_*` bits.
+    pub state: u8,
+    /// `L2_*` (service-tuple entries only).
+    pub l2_mode: u8,
+    /// Backend-tuple entries: the VIP to restore as the reply's source.
+    /// Zero in service-tuple entries.
+    pub service_address_be: u32,
+    /// Backend-tuple entries: the service port to restore. Zero otherwise.
+    pub service_port_be: u16,
+    /// `L2_REWRITE`: the next hop's MAC (destination of rewritten frames).
+    pub dst_mac: [u8; 6],
+    /// `L2_REWRITE`: the egress interface's MAC.
+    pub src_mac: [u8; 6],
+    /// Always zero.
+    pub _pad: [u8; 2],
+    /// `L2_REDIRECT_NEIGH`: the interface to redirect to.
+    pub ifindex: u32,
+}
+
+/// Key of `SOCK_REVERSE_NAT` (LRU hash): a socket that socket-LB
+/// translated, and the backend it was sent to.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct SockRevNatKey {
+    /// `bpf_get_socket_cookie()` of the socket.
+    pub cookie: u64,
+    /// The backend the socket talks to.
+    pub backend_address_be: u32,
+    /// The backend port.
+    pub backend_port_be: u16,
+    /// Always zero.
+    pub _pad: [u8; 2],
+}
+
+/// Value of `SOCK_REVERSE_NAT`: what `getpeername`/`recvmsg` must show.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct SockRevNatValue {
+    /// Service IP.
+    pub service_address_be: u32,
+    /// Service port.
+    pub service_port_be: u16,
+    /// The frontend's reverse-NAT id.
+    pub rev_nat_id: u16,
+}
+
+#[cfg(feature = "user")]
+mod pod {
+    use super::*;
+    // SAFETY: all are repr(C), Copy, built only of integers and byte arrays,
+    // with every padding byte an explicit field (checked by size tests).
+    unsafe impl aya::Pod for ServiceKey {}
+    unsafe impl aya::Pod for ServiceValue {}
+    unsafe impl aya::Pod for Backend {}
+    unsafe impl aya::Pod for RevNatValue {}
+    unsafe impl aya::Pod for CtKey {}
+    unsafe impl aya::Pod for CtEntry {}
+    unsafe impl aya::Pod for SockRevNatKey {}
+    unsafe impl aya::Pod for SockRevNatValue {}
+}
+
+#[cfg(test)]
+mod tests {
+    use core::mem::{align_of, size_of};
+
+    use super::*;
+
+    /// Sizes are part of the pinned-map ABI: a change here must be a
+    /// conscious migration, and no size may hide implicit padding.
+    #[test]
+    fn layouts_have_no_implicit_padding() {
+        assert_eq!(size_of::<ServiceKey>(), 4 + 2 + 2 + 1 + 3);
+        assert_eq!(size_of::<ServiceValue>(), 4 + 2 + 2 + 1 + 3);
+        assert_eq!(size_of::<Backend>(), 4 + 2 + 1 + 1);
+        assert_eq!(size_of::<RevNatValue>(), 4 + 2 + 2);
+        assert_eq!(size_of::<CtKey>(), 4 + 4 + 2 + 2 + 1 + 1 + 2);
+        assert_eq!(
+            size_of::<CtEntry>(),
+            8 + 4 + 2 + 1 + 1 + 4 + 2 + 6 + 6 + 2 + 4
+        );
+        assert_eq!(align_of::<CtEntry>(), 8);
+        assert_eq!(size_of::<SockRevNatKey>(), 8 + 4 + 2 + 2);
+        assert_eq!(size_of::<SockRevNatValue>(), 4 + 2 + 2);
+    }
+
+    #[test]
+    fn keys_hold_network_order_bytes() {
+        // 10.96.0.10:53 as the packet carries it.
+        let key = ServiceKey::new(
+            u32::from_ne_bytes([10, 96, 0, 10]),
+            u16::from_ne_bytes(53u16.to_be_bytes()),
+            crate::IPPROTO_UDP,
+            0,
+        );
+        // SAFETY: ServiceKey is repr(C) without implicit padding.
+        let bytes: [u8; 12] = unsafe { core::mem::transmute(key) };
+        assert_eq!(bytes, [10, 96, 0, 10, 0, 53, 0, 0, 17, 0, 0, 0]);
+    }
+}
