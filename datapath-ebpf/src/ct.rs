@@ -1,0 +1,63 @@
+//! Conntrack map access shared by the egress and ingress programs. The
+//! lifetime and state rules themselves are pure (`datapath_common::conntrack`).
+
+use datapath_common::maps::{CT_KIND_BACKEND, CT_KIND_SERVICE, CtEntry, CtKey};
+
+use crate::{maps::CONNTRACK, parse::Packet};
+
+/// The service-tuple key of a client packet (destination = VIP).
+#[inline(always)]
+pub fn service_key(client_address_be: u32, client_port_be: u16, service_address_be: u32, service_port_be: u16, protocol: u8) -> CtKey {
+    CtKey {
+        client_address_be,
+        peer_address_be: service_address_be,
+        client_port_be,
+        peer_port_be: service_port_be,
+        protocol,
+        kind: CT_KIND_SERVICE,
+        _pad: [0; 2],
+    }
+}
+
+/// The backend-tuple key of a flow (destination = backend), as the client
+/// sees it; replies are looked up with their addresses swapped into it.
+#[inline(always)]
+pub fn backend_key(client_address_be: u32, client_port_be: u16, backend_address_be: u32, backend_port_be: u16, protocol: u8) -> CtKey {
+    CtKey {
+        client_address_be,
+        peer_address_be: backend_address_be,
+        client_port_be,
+        peer_port_be: backend_port_be,
+        protocol,
+        kind: CT_KIND_BACKEND,
+        _pad: [0; 2],
+    }
+}
+
+/// The backend-tuple key of a reply packet (source = backend).
+#[inline(always)]
+pub fn reply_key(packet: &Packet) -> CtKey {
+    backend_key(packet.daddr_be, packet.dport_be, packet.saddr_be, packet.sport_be, packet.protocol)
+}
+
+/// Mirrors a refresh (state bits, timestamp) onto the flow's other entry.
+/// Returns false when that entry is gone (evicted).
+#[inline(always)]
+pub fn mirror(key: &CtKey, state: u8, now_ns: u64) -> bool {
+    match CONNTRACK.get_ptr_mut(key) {
+        Some(peer) => {
+            // SAFETY: a pointer into the map value, valid for this program run.
+            let peer = unsafe { &mut *peer };
+            peer.state |= state;
+            peer.last_seen_ns = now_ns;
+            true
+        }
+        None => false,
+    }
+}
+
+/// Inserts (or replaces) an entry; false when the kernel refused.
+#[inline(always)]
+pub fn insert(key: &CtKey, entry: &CtEntry) -> bool {
+    CONNTRACK.insert(key, entry, 0).is_ok()
+}

@@ -1,0 +1,56 @@
+//! Layer 2 after DNAT. TC egress runs after the kernel resolved the next
+//! hop for the VIP (a fake gateway), so the frame must be re-addressed for
+//! the backend.
+//!
+//! A new flow is sent with `bpf_redirect_neigh`, which makes the kernel
+//! route the rewritten packet and resolve its neighbour (same subnet or via
+//! a router alike). That redirect runs this egress program a second time,
+//! so it is only used until the flow's first reply arrives: the ingress
+//! program then learns the next hop's MAC (the reply's source MAC) into the
+//! conntrack entry and later packets get their MACs written in place. A FIB
+//! lookup is not used because it refuses interfaces without forwarding
+//! enabled, which is every pod interface.
+
+use core::ptr::null_mut;
+
+use aya_ebpf::{
+    bindings::{TC_ACT_OK, TC_ACT_SHOT},
+    helpers::bpf_redirect_neigh,
+    programs::TcContext,
+};
+use datapath_common::maps::{CtEntry, L2_REWRITE};
+use network_types::eth::EthHdr;
+
+use crate::parse::ptr_at;
+
+/// Sends a DNATed packet on its way; returns the TC verdict.
+#[inline(always)]
+pub fn forward(ctx: &TcContext, flow: &CtEntry) -> i32 {
+    if flow.l2_mode == L2_REWRITE {
+        let Some(eth) = ptr_at::<EthHdr>(ctx, 0) else {
+            return TC_ACT_SHOT as i32;
+        };
+        // SAFETY: bounds-checked by ptr_at.
+        unsafe {
+            (*eth).dst_addr = flow.dst_mac;
+            (*eth).src_addr = flow.src_mac;
+        }
+        return TC_ACT_OK as i32;
+    }
+    // SAFETY: plain helper call; the skb pointer is the program's context.
+    unsafe { bpf_redirect_neigh((*ctx.skb.skb).ifindex, null_mut(), 0, 0) as i32 }
+}
+
+/// The L2 addresses a reply teaches: its source is our next hop, its
+/// destination is us.
+#[inline(always)]
+pub fn learn_from_reply(ctx: &TcContext, flow: &mut CtEntry) {
+    if let Some(eth) = ptr_at::<EthHdr>(ctx, 0) {
+        // SAFETY: bounds-checked by ptr_at.
+        unsafe {
+            flow.dst_mac = (*eth).src_addr;
+            flow.src_mac = (*eth).dst_addr;
+        }
+        flow.l2_mode = L2_REWRITE;
+    }
+}

@@ -1,0 +1,64 @@
+//! underpass eBPF object. Entry points stay thin; each concern lives in its
+//! own module (parse, ct, nat, l2, metrics, sock) and the pure logic in
+//! `datapath_common`. Program names are `datapath_common::programs::*`.
+#![no_std]
+#![no_main]
+
+mod ct;
+mod egress;
+mod ingress;
+mod l2;
+mod maps;
+mod metrics;
+mod nat;
+mod parse;
+mod sock;
+
+use aya_ebpf::{
+    macros::{cgroup_sock_addr, classifier},
+    programs::{SockAddrContext, TcContext},
+};
+
+/// TC egress on the pod interface: ClusterIP → backend DNAT.
+#[classifier]
+pub fn tc_egress(ctx: TcContext) -> i32 {
+    egress::run(&ctx)
+}
+
+/// TC ingress on the pod interface: backend → ClusterIP reverse NAT.
+#[classifier]
+pub fn tc_ingress(ctx: TcContext) -> i32 {
+    ingress::run(&ctx)
+}
+
+#[cgroup_sock_addr(connect4)]
+pub fn sock_connect4(ctx: SockAddrContext) -> i32 {
+    sock::connect4(&ctx)
+}
+
+#[cgroup_sock_addr(sendmsg4)]
+pub fn sock_sendmsg4(ctx: SockAddrContext) -> i32 {
+    sock::sendmsg4(&ctx)
+}
+
+#[cgroup_sock_addr(recvmsg4)]
+pub fn sock_recvmsg4(ctx: SockAddrContext) -> i32 {
+    sock::reverse4(&ctx)
+}
+
+#[cgroup_sock_addr(getpeername4)]
+pub fn sock_peername4(ctx: SockAddrContext) -> i32 {
+    sock::reverse4(&ctx)
+}
+
+#[cfg(not(test))]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    // SAFETY: the verifier proves no panic path is reachable; this only
+    // satisfies the compiler.
+    unsafe { core::hint::unreachable_unchecked() }
+}
+
+#[unsafe(link_section = "license")]
+#[unsafe(no_mangle)]
+static LICENSE: [u8; 13] = *b"Dual MIT/GPL\0";

@@ -1,0 +1,43 @@
+//! The maps, declared once for all programs of the object. Layouts and
+//! meaning live in `datapath_common::maps`; capacities here are
+//! placeholders that the loader overrides (`EbpfLoader::set_max_entries`).
+
+use aya_ebpf::{
+    macros::map,
+    maps::{HashMap, LruHashMap, PerCpuArray},
+};
+use datapath_common::{
+    maps::{
+        Backend, BackendId, CtEntry, CtKey, RevNatId, RevNatValue, ServiceKey, ServiceValue,
+        SockRevNatKey, SockRevNatValue,
+    },
+    metrics::COUNTER_COUNT,
+};
+
+/// Frontends (slot 0) and their backend slots (1..=count).
+#[map]
+pub static SERVICES: HashMap<ServiceKey, ServiceValue> = HashMap::with_max_entries(1024, 0);
+
+/// Backend id → address and port.
+#[map]
+pub static BACKENDS: HashMap<BackendId, Backend> = HashMap::with_max_entries(1024, 0);
+
+/// Reverse-NAT id → the frontend replies must come from.
+#[map]
+pub static REVERSE_NAT: HashMap<RevNatId, RevNatValue> = HashMap::with_max_entries(1024, 0);
+
+/// Per-flow state for the TC path: two entries per flow (service tuple,
+/// backend tuple). LRU so a full table evicts the coldest flow instead of
+/// refusing new ones.
+#[map]
+pub static CONNTRACK: LruHashMap<CtKey, CtEntry> = LruHashMap::with_max_entries(4096, 0);
+
+/// Socket-LB: which frontend a translated socket really talks to, for
+/// getpeername and recvmsg.
+#[map]
+pub static SOCK_REVERSE_NAT: LruHashMap<SockRevNatKey, SockRevNatValue> =
+    LruHashMap::with_max_entries(4096, 0);
+
+/// `datapath_common::metrics::Counter`-indexed event counters.
+#[map]
+pub static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(COUNTER_COUNT, 0);

@@ -1,0 +1,58 @@
+//! Address and port rewriting with checksum fix-ups.
+//!
+//! The IPv4 header checksum is updated in place with the pure RFC 1624
+//! arithmetic (`datapath_common::csum`): the IP header is always fully
+//! checksummed in the packet. The L4 checksum goes through
+//! `bpf_l4_csum_replace`, because only the kernel knows whether the skb
+//! carries a full checksum, a partial one (offload: only the pseudo header
+//! is in the field) or a CHECKSUM_COMPLETE sum to keep in step.
+
+use aya_ebpf::{
+    bindings::{BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR},
+    programs::TcContext,
+};
+use datapath_common::{IPPROTO_TCP, csum};
+
+use crate::parse::{ETH_LEN, IP_CSUM_OFF, IP_DST_OFF, IP_SRC_OFF, Packet, TCP_CSUM_OFF, UDP_CSUM_OFF, ptr_at};
+
+/// Which end of the packet to rewrite.
+#[derive(Clone, Copy)]
+pub enum End {
+    /// Egress DNAT: destination becomes the backend.
+    Destination,
+    /// Ingress reverse NAT: source becomes the service again.
+    Source,
+}
+
+/// Rewrites one end of `packet` to `address_be:port_be`, keeping the IP and
+/// L4 checksums valid. UDP packets without a checksum keep none.
+#[inline(always)]
+pub fn rewrite(ctx: &TcContext, packet: &Packet, end: End, address_be: u32, port_be: u16) -> Result<(), ()> {
+    let (old_address, old_port, ip_off, port_off) = match end {
+        End::Destination => (packet.daddr_be, packet.dport_be, IP_DST_OFF, 2),
+        End::Source => (packet.saddr_be, packet.sport_be, IP_SRC_OFF, 0),
+    };
+    let ip_csum: *mut u16 = ptr_at(ctx, ETH_LEN + IP_CSUM_OFF).ok_or(())?;
+    let ip_addr: *mut u32 = ptr_at(ctx, ETH_LEN + ip_off).ok_or(())?;
+    let l4_port: *mut u16 = ptr_at(ctx, packet.l4_off + port_off).ok_or(())?;
+    // SAFETY: all three pointers are bounds-checked by ptr_at; TC programs
+    // may write packet data (the verifier makes the skb writable first).
+    unsafe {
+        *ip_csum = csum::replace_u32(*ip_csum, old_address, address_be);
+        *ip_addr = address_be;
+        *l4_port = port_be;
+    }
+    let (csum_off, mangled_0) = if packet.protocol == IPPROTO_TCP {
+        (TCP_CSUM_OFF, 0)
+    } else {
+        // A zero UDP checksum means "none": the helper leaves it zero and
+        // never produces a zero from a real sum.
+        (UDP_CSUM_OFF, BPF_F_MARK_MANGLED_0 as u64)
+    };
+    let at = packet.l4_off + csum_off;
+    ctx.l4_csum_replace(at, old_address as u64, address_be as u64, BPF_F_PSEUDO_HDR as u64 | mangled_0 | 4)
+        .map_err(|_| ())?;
+    ctx.l4_csum_replace(at, old_port as u64, port_be as u64, mangled_0 | 2)
+        .map_err(|_| ())?;
+    Ok(())
+}

@@ -1,0 +1,132 @@
+//! Socket-LB: cgroup v2 `sock_addr` hooks translate the ClusterIP at
+//! connect()/sendmsg() time, before any packet exists, so the pod's
+//! packets carry the backend address from the start (no per-packet NAT,
+//! no conntrack) and `getpeername`/`recvmsg` show the service again.
+
+use aya_ebpf::{
+    EbpfContext,
+    helpers::{bpf_get_prandom_u32, bpf_get_socket_cookie, bpf_set_retval},
+    programs::SockAddrContext,
+};
+use datapath_common::{
+    IPPROTO_TCP, IPPROTO_UDP, lb,
+    maps::{Backend, ServiceKey, SockRevNatKey, SockRevNatValue},
+    metrics::Counter,
+};
+
+use crate::{
+    maps::{BACKENDS, SERVICES, SOCK_REVERSE_NAT},
+    metrics::count,
+};
+
+/// Return value that lets the syscall proceed.
+const ALLOW: i32 = 1;
+/// Return value that fails the syscall (with the errno set by set_retval).
+const REFUSE: i32 = 0;
+const ECONNREFUSED: i32 = 111;
+
+/// connect(2) of TCP and UDP sockets.
+#[inline(always)]
+pub fn connect4(ctx: &SockAddrContext) -> i32 {
+    forward(ctx, false)
+}
+
+/// sendmsg(2)/sendto(2) with a destination on unconnected UDP sockets.
+#[inline(always)]
+pub fn sendmsg4(ctx: &SockAddrContext) -> i32 {
+    forward(ctx, true)
+}
+
+/// recvmsg(2) on UDP sockets and getpeername(2): the peer address shown to
+/// the application becomes the service again.
+#[inline(always)]
+pub fn reverse4(ctx: &SockAddrContext) -> i32 {
+    let sa = ctx.sock_addr;
+    // SAFETY: the context pointer is valid for the program run.
+    let (address_be, port_be) = unsafe { ((*sa).user_ip4, (*sa).user_port as u16) };
+    let key = SockRevNatKey {
+        // SAFETY: plain helper call on the program's context.
+        cookie: unsafe { bpf_get_socket_cookie(ctx.as_ptr()) },
+        backend_address_be: address_be,
+        backend_port_be: port_be,
+        _pad: [0; 2],
+    };
+    // SAFETY: copied out at once.
+    if let Some(service) = unsafe { SOCK_REVERSE_NAT.get(&key) }.copied() {
+        // SAFETY: the context pointer is valid for the program run.
+        unsafe {
+            (*sa).user_ip4 = service.service_address_be;
+            (*sa).user_port = service.service_port_be as u32;
+        }
+        count(Counter::SockReverseTranslated);
+    }
+    ALLOW
+}
+
+#[inline(always)]
+fn forward(ctx: &SockAddrContext, is_sendmsg: bool) -> i32 {
+    let sa = ctx.sock_addr;
+    // SAFETY: the context pointer is valid for the program run.
+    let (address_be, port_be, protocol) = unsafe { ((*sa).user_ip4, (*sa).user_port as u16, (*sa).protocol as u8) };
+    if protocol != IPPROTO_TCP && protocol != IPPROTO_UDP {
+        return ALLOW;
+    }
+    // SAFETY: copied out at once.
+    let Some(service) = (unsafe { SERVICES.get(&ServiceKey::new(address_be, port_be, protocol, 0)) }).copied() else {
+        return ALLOW;
+    };
+    if service.backend_count == 0 {
+        count(Counter::NoBackend);
+        // SAFETY: plain helper call; makes the syscall fail with
+        // ECONNREFUSED instead of the default EPERM.
+        unsafe { bpf_set_retval(-ECONNREFUSED) };
+        return REFUSE;
+    }
+    // SAFETY: plain helper call on the program's context.
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+    // UDP sticks to one backend per socket so that replies map back and
+    // a DNS client's retries see one server; TCP spreads per connection.
+    let slot = if protocol == IPPROTO_TCP {
+        // SAFETY: plain helper call.
+        lb::select_slot(unsafe { bpf_get_prandom_u32() }, service.backend_count)
+    } else {
+        lb::select_slot_for_cookie(cookie, service.backend_count)
+    };
+    let Some(backend) = slot_backend(address_be, port_be, protocol, slot) else {
+        count(Counter::Error);
+        return ALLOW;
+    };
+    let key = SockRevNatKey {
+        cookie,
+        backend_address_be: backend.address_be,
+        backend_port_be: backend.port_be,
+        _pad: [0; 2],
+    };
+    let value = SockRevNatValue {
+        service_address_be: address_be,
+        service_port_be: port_be,
+        rev_nat_id: service.rev_nat_id,
+    };
+    // Every datagram of an unconnected socket comes through sendmsg: only
+    // write the reverse entry when it is not already there.
+    // SAFETY: copied out at once.
+    let known = is_sendmsg && unsafe { SOCK_REVERSE_NAT.get(&key) }.copied() == Some(value);
+    if !known && SOCK_REVERSE_NAT.insert(&key, &value, 0).is_err() {
+        count(Counter::Error);
+    }
+    // SAFETY: the context pointer is valid for the program run.
+    unsafe {
+        (*sa).user_ip4 = backend.address_be;
+        (*sa).user_port = backend.port_be as u32;
+    }
+    count(Counter::SockTranslated);
+    ALLOW
+}
+
+#[inline(always)]
+fn slot_backend(address_be: u32, port_be: u16, protocol: u8, slot: u16) -> Option<Backend> {
+    // SAFETY: copied out at once.
+    let slot = unsafe { SERVICES.get(&ServiceKey::new(address_be, port_be, protocol, slot)) }.copied()?;
+    // SAFETY: copied out at once.
+    unsafe { BACKENDS.get(&slot.backend_id) }.copied()
+}
