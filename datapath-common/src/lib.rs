@@ -20,3 +20,39 @@ pub mod metrics;
 /// IANA protocol numbers used in keys.
 pub const IPPROTO_TCP: u8 = 6;
 pub const IPPROTO_UDP: u8 = 17;
+
+/// Network-order bytes of an IPv4 address as the `_be` fields hold them.
+#[inline(always)]
+pub const fn ipv4_be(octets: [u8; 4]) -> u32 {
+    u32::from_ne_bytes(octets)
+}
+
+/// The octets of a `_be` address field.
+#[inline(always)]
+pub const fn ipv4_octets(address_be: u32) -> [u8; 4] {
+    address_be.to_ne_bytes()
+}
+
+/// A host-order port as the `_be` fields hold it.
+#[inline(always)]
+pub const fn port_be(port: u16) -> u16 {
+    u16::from_ne_bytes(port.to_be_bytes())
+}
+
+/// The host-order value of a `_be` port field.
+#[inline(always)]
+pub const fn port_host(port_be: u16) -> u16 {
+    u16::from_be_bytes(port_be.to_ne_bytes())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn byte_order_helpers_round_trip_and_match_the_wire() {
+        assert_eq!(ipv4_octets(ipv4_be([10, 96, 0, 1])), [10, 96, 0, 1]);
+        assert_eq!(port_host(port_be(8080)), 8080);
+        assert_eq!(port_be(0x1234).to_ne_bytes(), [0x12, 0x34]);
+    }
+}

@@ -64,7 +64,7 @@ pub fn ipv4_l4(ctx: &TcContext) -> Option<Packet> {
         return None;
     };
     // SAFETY: bounds-checked by ptr_at.
-    let (vihl, protocol, frags) = unsafe { ((*ip).vihl, (*ip).proto, (*ip).frags) };
+    let (vihl, protocol, frags, tot_len) = unsafe { ((*ip).vihl, (*ip).proto, (*ip).frags, (*ip).tot_len) };
     if protocol != IPPROTO_TCP && protocol != IPPROTO_UDP {
         return None;
     }
@@ -80,6 +80,14 @@ pub fn ipv4_l4(ctx: &TcContext) -> Option<Packet> {
     }
     let l4_off = ETH_LEN + ihl;
     let needed = if protocol == IPPROTO_TCP { TCP_NEEDED } else { UDP_NEEDED };
+    // A frame shorter than its IP header claims (truncated) or an IP
+    // length too small for the L4 header is malformed: never rewrite it.
+    // (tot_len 0 is how BIG TCP marks a GSO packet over 64 KiB.)
+    let tot_len = u16::from_be_bytes(tot_len) as usize;
+    if tot_len != 0 && (tot_len < ihl + needed || (ctx.len() as usize) < ETH_LEN + tot_len) {
+        count(Counter::NotParsed);
+        return None;
+    }
     let mut data_ok = ctx.data() + l4_off + needed <= ctx.data_end();
     if !data_ok && (ctx.len() as usize) >= l4_off + needed {
         // Headers beyond the linear area (rare; e.g. after some tunnels).

@@ -1,1 +1,13 @@
+//! underpass user space: loads the datapath, pins and inspects its maps,
+//! attaches it to pod interfaces and cgroups, and builds the namespace
+//! topology shared by the e2e tests, the demo and the bench.
 
+pub mod cgroup;
+pub mod loader;
+pub mod maps;
+pub mod netns;
+pub mod object;
+pub mod topology;
+
+pub use loader::{Datapath, LoadOptions, LoaderError, TcMode};
+pub use maps::DatapathMaps;

@@ -1,1 +1,251 @@
-fn main() {}
+//! Project tasks. Every task installs what it needs first, idempotently and
+//! quickly when it is already there, so a fresh machine goes from clone to
+//! green with `cargo xtask test` alone.
+
+use std::{
+    env, fs,
+    path::{Path, PathBuf},
+    process::{Command, ExitStatus},
+    time::Instant,
+};
+
+use anyhow::{Context, Result, bail};
+use clap::{Parser, Subcommand};
+
+/// bpf-linker release built against the nightly toolchain's own LLVM.
+const BPF_LINKER_VERSION: &str = "0.13.0";
+const BPF_LINKER_LLVM_FEATURE: &str = "llvm-22";
+
+/// Debian packages the test suites use.
+const TEST_PACKAGES: &[(&str, &str)] = &[
+    // (command to probe, package)
+    ("ip", "iproute2"),
+];
+
+#[derive(Parser)]
+#[command(about = "underpass project tasks", long_about = None)]
+struct Cli {
+    #[command(subcommand)]
+    task: Task,
+}
+
+#[derive(Subcommand)]
+enum Task {
+    /// Install the toolchain pieces (nightly rust-src, bpf-linker) and the
+    /// Debian packages the tests use. Safe to repeat.
+    Setup,
+    /// Build the eBPF object (release, BTF) into
+    /// target/bpfel-unknown-none/release/underpass-ebpf.
+    BuildEbpf,
+    /// Run every test suite: host unit tests, the BPF_PROG_TEST_RUN suite
+    /// and the network-namespace end-to-end suite (needs root).
+    Test {
+        /// Extra arguments for the test harness (e.g. a test name filter).
+        #[arg(trailing_var_arg = true)]
+        args: Vec<String>,
+    },
+    /// Build the two-node topology, program a Service and show requests
+    /// crossing the ClusterIP on the TC path and the socket-LB path.
+    Demo,
+    /// cargo fmt --check and clippy, on the stable workspace and on the
+    /// nightly eBPF crate.
+    Lint,
+}
+
+fn main() -> Result<()> {
+    let cli = Cli::parse();
+    let root = project_root();
+    env::set_current_dir(&root)?;
+    match cli.task {
+        Task::Setup => setup(&root, TEST_PACKAGES),
+        Task::BuildEbpf => {
+            setup(&root, &[])?;
+            build_ebpf(&root)
+        }
+        Task::Test { args } => {
+            setup(&root, TEST_PACKAGES)?;
+            build_ebpf(&root)?;
+            require_root("the BPF_PROG_TEST_RUN and e2e suites load programs and create network namespaces")?;
+            let mut cmd = cargo_stable();
+            cmd.args(["test", "--workspace", "--", "--nocapture"]).args(&args);
+            // The namespace suites share the machine's network stack: one
+            // test at a time keeps their output and timings readable.
+            cmd.env("RUST_TEST_THREADS", env::var("RUST_TEST_THREADS").unwrap_or_else(|_| "2".into()));
+            run(&mut cmd, "cargo test")
+        }
+        Task::Demo => {
+            setup(&root, TEST_PACKAGES)?;
+            build_ebpf(&root)?;
+            require_root("the demo creates network namespaces and loads eBPF programs")?;
+            run(
+                cargo_stable().args(["run", "--release", "--package", "datapath-user", "--bin", "underpass", "--", "demo"]),
+                "underpass demo",
+            )
+        }
+        Task::Lint => {
+            setup(&root, &[])?;
+            run(cargo_stable().args(["fmt", "--all", "--", "--check"]), "cargo fmt (workspace)")?;
+            run(
+                cargo_stable().args(["clippy", "--workspace", "--all-targets", "--", "-D", "warnings"]),
+                "cargo clippy (workspace)",
+            )?;
+            let ebpf = root.join("datapath-ebpf");
+            run(cargo_nightly(&root).current_dir(&ebpf).args(["fmt", "--", "--check"]), "cargo fmt (eBPF)")?;
+            run(
+                cargo_nightly(&root).current_dir(&ebpf).args(["clippy", "--release", "--", "-D", "warnings"]),
+                "cargo clippy (eBPF)",
+            )
+        }
+    }
+}
+
+fn project_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("xtask lives in the workspace").to_path_buf()
+}
+
+/// The project's own cache of built tools (ignored by git).
+fn tools_dir(root: &Path) -> PathBuf {
+    root.join(".tools")
+}
+
+fn setup(root: &Path, packages: &[(&str, &str)]) -> Result<()> {
+    ensure_nightly_rust_src()?;
+    ensure_bpf_linker(root)?;
+    ensure_debian_packages(packages)
+}
+
+fn ensure_nightly_rust_src() -> Result<()> {
+    let installed = output(Command::new("rustup").args(["component", "list", "--toolchain", "nightly", "--installed"]))
+        .context("rustup is needed (with the stable and nightly toolchains)")?;
+    if !installed.lines().any(|l| l.starts_with("rust-src")) {
+        eprintln!("xtask: installing rust-src for the nightly toolchain (the eBPF crate builds core from source)");
+        run(Command::new("rustup").args(["component", "add", "rust-src", "--toolchain", "nightly"]), "rustup component add")?;
+    }
+    Ok(())
+}
+
+fn nightly_sysroot() -> Result<PathBuf> {
+    let sysroot = output(Command::new("rustc").args(["+nightly", "--print", "sysroot"]))
+        .context("the nightly toolchain is needed for the eBPF crate: rustup toolchain install nightly")?;
+    Ok(PathBuf::from(sysroot.trim()))
+}
+
+fn bpf_linker_bin(root: &Path) -> PathBuf {
+    tools_dir(root).join("bpf-linker/bin")
+}
+
+/// bpf-linker must link against the very libLLVM of the nightly that
+/// compiles the eBPF crate, so it is built here from that library and
+/// rebuilt whenever it stops running (e.g. after `rustup update nightly`).
+fn ensure_bpf_linker(root: &Path) -> Result<()> {
+    let linker = bpf_linker_bin(root).join("bpf-linker");
+    if linker.exists() {
+        let works = Command::new(&linker).arg("--version").output().map(|o| o.status.success()).unwrap_or(false);
+        if works {
+            return Ok(());
+        }
+        eprintln!("xtask: {} no longer runs (nightly updated?): rebuilding it", linker.display());
+    }
+    let nightly_lib = nightly_sysroot()?.join("lib");
+    let llvm = fs::read_dir(&nightly_lib)?
+        .filter_map(|e| e.ok())
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .find(|name| name.starts_with("libLLVM.so."))
+        .with_context(|| format!("no libLLVM.so.* in {}: is the nightly toolchain complete?", nightly_lib.display()))?;
+    let prefix = tools_dir(root).join("llvm");
+    let lib = prefix.join("lib");
+    if lib.exists() {
+        fs::remove_dir_all(&lib)?;
+    }
+    fs::create_dir_all(&lib)?;
+    // bpf-linker's build looks for libLLVM.so; at run time its RUNPATH
+    // needs the versioned soname next to it.
+    std::os::unix::fs::symlink(nightly_lib.join(&llvm), lib.join("libLLVM.so"))?;
+    std::os::unix::fs::symlink(nightly_lib.join(&llvm), lib.join(&llvm))?;
+    eprintln!("xtask: building bpf-linker {BPF_LINKER_VERSION} against {llvm} (a few minutes, once)");
+    let started = Instant::now();
+    run(
+        cargo_stable()
+            .env("LLVM_PREFIX", &prefix)
+            .args(["install", "--locked", "--force", &format!("bpf-linker@{BPF_LINKER_VERSION}")])
+            .args(["--no-default-features", "--features", BPF_LINKER_LLVM_FEATURE, "--root"])
+            .arg(tools_dir(root).join("bpf-linker")),
+        "cargo install bpf-linker",
+    )?;
+    eprintln!("xtask: bpf-linker ready in {:.0?}", started.elapsed());
+    Ok(())
+}
+
+fn ensure_debian_packages(packages: &[(&str, &str)]) -> Result<()> {
+    let missing: Vec<&str> = packages.iter().filter(|(cmd, _)| !on_path(cmd)).map(|(_, pkg)| *pkg).collect();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    if !on_path("apt-get") {
+        bail!("missing packages {missing:?} and no apt-get to install them with");
+    }
+    require_root(&format!("installing Debian packages {missing:?}"))?;
+    eprintln!("xtask: installing {missing:?}");
+    run(Command::new("apt-get").args(["update", "-qq"]), "apt-get update")?;
+    run(
+        Command::new("apt-get").env("DEBIAN_FRONTEND", "noninteractive").args(["install", "-y", "-qq", "--no-install-recommends"]).args(&missing),
+        "apt-get install",
+    )
+}
+
+fn build_ebpf(root: &Path) -> Result<()> {
+    run(
+        cargo_nightly(root).current_dir(root.join("datapath-ebpf")).args(["build", "--release"]),
+        "building the eBPF object",
+    )
+}
+
+fn cargo_stable() -> Command {
+    let mut cmd = Command::new("cargo");
+    // Make sure a rust-toolchain file in a sub-crate cannot switch us.
+    cmd.env("RUSTUP_TOOLCHAIN", "stable");
+    cmd
+}
+
+fn cargo_nightly(root: &Path) -> Command {
+    let mut cmd = Command::new("cargo");
+    cmd.env("RUSTUP_TOOLCHAIN", "nightly");
+    let path = env::var_os("PATH").unwrap_or_default();
+    let mut paths = vec![bpf_linker_bin(root)];
+    paths.extend(env::split_paths(&path));
+    cmd.env("PATH", env::join_paths(paths).expect("valid PATH"));
+    cmd
+}
+
+fn on_path(cmd: &str) -> bool {
+    env::var_os("PATH").is_some_and(|paths| env::split_paths(&paths).any(|dir| dir.join(cmd).is_file()))
+}
+
+fn require_root(why: &str) -> Result<()> {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc_geteuid() } != 0 {
+        bail!("run as root: {why}");
+    }
+    Ok(())
+}
+
+unsafe extern "C" {
+    #[link_name = "geteuid"]
+    fn libc_geteuid() -> u32;
+}
+
+fn run(cmd: &mut Command, what: &str) -> Result<()> {
+    let status: ExitStatus = cmd.status().with_context(|| format!("{what}: could not start {:?}", cmd.get_program()))?;
+    if !status.success() {
+        bail!("{what} failed ({status})");
+    }
+    Ok(())
+}
+
+fn output(cmd: &mut Command) -> Result<String> {
+    let out = cmd.output()?;
+    if !out.status.success() {
+        bail!("{:?} failed: {}", cmd, String::from_utf8_lossy(&out.stderr));
+    }
+    Ok(String::from_utf8(out.stdout)?)
+}

@@ -1,0 +1,579 @@
+//! Loading the datapath once, pinning its maps, and attaching its programs
+//! to pod interfaces (TC) and cgroups (socket-LB).
+//!
+//! Attachments made with a pin directory are pinned bpf_links: they stay
+//! in place when the process exits (an agent restart keeps traffic
+//! flowing) and are removed by deleting the pin. Without a pin directory
+//! (tests) they live as long as the returned handle.
+
+use std::{
+    fmt, fs, io,
+    path::{Path, PathBuf},
+};
+
+use aya::{
+    Ebpf, EbpfLoader,
+    programs::{
+        CgroupAttachMode, CgroupSockAddr, LinkOrder, ProgramError, SchedClassifier, TcAttachType,
+        links::{FdLink, LinkError, PinnedLink},
+        tc::{self, NlOptions, SchedClassifierLink, TcAttachOptions},
+    },
+    util::KernelVersion,
+};
+use datapath_common::maps;
+
+use crate::{maps::DatapathMaps, netns, object};
+
+/// Where the agent pins maps and links by default.
+pub const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/underpass";
+
+/// Capacities of the maps, set at load time.
+#[derive(Clone, Debug)]
+pub struct MapSizes {
+    pub services: u32,
+    pub backends: u32,
+    pub reverse_nat: u32,
+    pub conntrack: u32,
+    pub sock_reverse_nat: u32,
+}
+
+impl Default for MapSizes {
+    fn default() -> Self {
+        Self {
+            services: maps::DEFAULT_SERVICES_MAX,
+            backends: maps::DEFAULT_BACKENDS_MAX,
+            reverse_nat: maps::DEFAULT_REVERSE_NAT_MAX,
+            conntrack: maps::DEFAULT_CONNTRACK_MAX,
+            sock_reverse_nat: maps::DEFAULT_SOCK_REVERSE_NAT_MAX,
+        }
+    }
+}
+
+#[derive(Clone, Debug, Default)]
+pub struct LoadOptions {
+    /// Pin maps (create or reuse) and links under this bpffs directory.
+    /// `None` keeps everything private to this process.
+    pub pin_dir: Option<PathBuf>,
+    pub sizes: MapSizes,
+}
+
+/// How TC programs are attached.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum TcMode {
+    /// TCX where the kernel has it (6.6+), else clsact + netlink.
+    #[default]
+    Auto,
+    /// TCX bpf_links (kernel 6.6+); pinnable.
+    Tcx,
+    /// clsact qdisc + cls_bpf filters over netlink (any kernel); not
+    /// pinnable, detached when the handle drops.
+    Netlink,
+}
+
+impl fmt::Display for TcMode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            TcMode::Auto => "auto",
+            TcMode::Tcx => "TCX",
+            TcMode::Netlink => "clsact/netlink",
+        })
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum LoaderError {
+    #[error(
+        "this binary carries no eBPF object: run `cargo xtask build-ebpf` and rebuild (or use `cargo xtask test|demo`, which do both)"
+    )]
+    ObjectMissing,
+    #[error("bpffs at {path}: {source} (mount it with: mount -t bpf bpf /sys/fs/bpf)")]
+    Bpffs { path: PathBuf, source: io::Error },
+    #[error("loading the eBPF object: {0}")]
+    Load(#[from] aya::EbpfError),
+    #[error("program {program}: {source}")]
+    Program {
+        program: &'static str,
+        #[source]
+        source: ProgramError,
+    },
+    #[error("map {map}: {source}")]
+    Map {
+        map: &'static str,
+        #[source]
+        source: aya::maps::MapError,
+    },
+    #[error("network namespace {netns}: {source}")]
+    Netns { netns: String, source: io::Error },
+    #[error("interface {iface} in network namespace {netns}: no such interface")]
+    NoInterface { netns: String, iface: String },
+    #[error("attaching {program} to {iface} (netns {netns}) with {mode}: {source}")]
+    Attach {
+        program: &'static str,
+        iface: String,
+        netns: String,
+        mode: TcMode,
+        #[source]
+        source: ProgramError,
+    },
+    #[error("kernel {kernel} lacks {feature}: {hint}")]
+    KernelFeature {
+        kernel: String,
+        feature: &'static str,
+        hint: &'static str,
+    },
+    #[error("pin {path}: {reason}")]
+    Pin { path: PathBuf, reason: String },
+    #[error("cgroup {path}: {reason}")]
+    Cgroup { path: PathBuf, reason: String },
+}
+
+/// The loaded datapath: its programs (loaded, not yet attached) and maps.
+pub struct Datapath {
+    ebpf: Ebpf,
+    pin_dir: Option<PathBuf>,
+    pub maps: DatapathMaps,
+}
+
+impl Datapath {
+    /// Loads the embedded object. With a pin directory, existing pinned
+    /// maps are reused (their contents survive) and missing ones are
+    /// created and pinned.
+    pub fn load(options: &LoadOptions) -> Result<Self, LoaderError> {
+        let bytes = object::bytes().ok_or(LoaderError::ObjectMissing)?;
+        let pin_dir = options.pin_dir.clone();
+        let map_pins: Vec<(&str, PathBuf)> = match &pin_dir {
+            Some(dir) => {
+                ensure_bpffs(dir)?;
+                maps::ALL_MAPS.iter().map(|name| (*name, dir.join(name))).collect()
+            }
+            None => Vec::new(),
+        };
+        let sizes = &options.sizes;
+        let mut loader = EbpfLoader::new();
+        loader
+            .map_max_entries(maps::SERVICES_MAP, sizes.services)
+            .map_max_entries(maps::BACKENDS_MAP, sizes.backends)
+            .map_max_entries(maps::REVERSE_NAT_MAP, sizes.reverse_nat)
+            .map_max_entries(maps::CONNTRACK_MAP, sizes.conntrack)
+            .map_max_entries(maps::SOCK_REVERSE_NAT_MAP, sizes.sock_reverse_nat);
+        for (name, path) in &map_pins {
+            loader.map_pin_path(name, path.as_path());
+        }
+        let mut ebpf = loader.load(bytes)?;
+        for name in [object::TC_EGRESS, object::TC_INGRESS] {
+            sched_classifier(&mut ebpf, name)?
+                .load()
+                .map_err(|source| LoaderError::Program { program: name, source })?;
+        }
+        for name in object::SOCK_PROGRAMS {
+            sock_program(&mut ebpf, name)?
+                .load()
+                .map_err(|source| LoaderError::Program { program: name, source })?;
+        }
+        let maps = DatapathMaps::take_from(&mut ebpf)?;
+        Ok(Self { ebpf, pin_dir, maps })
+    }
+
+    pub fn pin_dir(&self) -> Option<&Path> {
+        self.pin_dir.as_deref()
+    }
+
+    /// The loaded program `name`, for BPF_PROG_TEST_RUN.
+    pub fn classifier(&mut self, name: &'static str) -> Result<&mut SchedClassifier, LoaderError> {
+        sched_classifier(&mut self.ebpf, name)
+    }
+
+    /// Attaches the TC pair (egress DNAT, ingress reverse NAT) to `iface`
+    /// inside `netns` (a name under /var/run/netns or a path; `None` = this
+    /// process's namespace).
+    pub fn attach_tc(&mut self, netns: Option<&str>, iface: &str, mode: TcMode) -> Result<TcAttachment, LoaderError> {
+        let netns_path = netns.map(netns::path_of);
+        let label = netns_label(netns);
+        let mode = resolve_mode(mode)?;
+        let pin_base = match (&self.pin_dir, mode) {
+            (Some(dir), TcMode::Tcx) => Some(dir.join("links/tc").join(&label).join(iface)),
+            _ => None,
+        };
+        if let Some(base) = &pin_base {
+            fs::create_dir_all(base).map_err(|e| LoaderError::Pin {
+                path: base.clone(),
+                reason: e.to_string(),
+            })?;
+        }
+        let mut links = Vec::new();
+        for (program, attach_type) in [(object::TC_EGRESS, TcAttachType::Egress), (object::TC_INGRESS, TcAttachType::Ingress)] {
+            let prog = sched_classifier(&mut self.ebpf, program)?;
+            let pin = pin_base.as_ref().map(|base| base.join(attach_type_name(attach_type)));
+            let link = netns::run_in(netns_path.as_deref(), || attach_one(prog, program, iface, &label, attach_type, mode, pin.as_deref()))
+                .map_err(|source| LoaderError::Netns {
+                    netns: label.clone(),
+                    source,
+                })??;
+            links.push(link);
+        }
+        Ok(TcAttachment {
+            netns: netns_path,
+            iface: iface.to_owned(),
+            links,
+        })
+    }
+
+    /// Attaches the socket-LB programs to the cgroup v2 directory `cgroup`
+    /// (every process below it is translated at connect/sendmsg time).
+    pub fn attach_sock(&mut self, cgroup: &Path) -> Result<SockAttachment, LoaderError> {
+        let cgroup_err = |reason: String| LoaderError::Cgroup {
+            path: cgroup.to_owned(),
+            reason,
+        };
+        let dir = fs::File::open(cgroup).map_err(|e| cgroup_err(e.to_string()))?;
+        if !cgroup.join("cgroup.procs").exists() {
+            return Err(cgroup_err("not a cgroup v2 directory (no cgroup.procs)".into()));
+        }
+        let pin_base = self.pin_dir.as_ref().map(|dir| dir.join("links/cgroup").join(cgroup_label(cgroup)));
+        if let Some(base) = &pin_base {
+            fs::create_dir_all(base).map_err(|e| LoaderError::Pin {
+                path: base.clone(),
+                reason: e.to_string(),
+            })?;
+        }
+        let mut links = Vec::new();
+        for program in object::SOCK_PROGRAMS {
+            let prog = sock_program(&mut self.ebpf, program)?;
+            let id = prog
+                .attach(&dir, CgroupAttachMode::AllowMultiple)
+                .map_err(|source| LoaderError::Program { program, source })?;
+            let link: FdLink = prog
+                .take_link(id)
+                .map_err(|source| LoaderError::Program { program, source })?
+                .try_into()
+                .map_err(|e: LinkError| cgroup_err(format!("{program}: kernel gave no bpf_link ({e})")))?;
+            links.push(match &pin_base {
+                Some(base) => {
+                    let path = base.join(program);
+                    // A previous agent's link: replaced by ours.
+                    remove_pin(&path)?;
+                    pin(link, &path)?;
+                    AttachedLink::Pinned(path)
+                }
+                None => AttachedLink::Fd(link),
+            });
+        }
+        Ok(SockAttachment {
+            cgroup: cgroup.to_owned(),
+            links,
+        })
+    }
+}
+
+/// Removes the pinned TC links of `iface` in `netns` (what an earlier
+/// `attach_tc` with the same pin directory left), detaching them.
+pub fn detach_pinned_tc(pin_dir: &Path, netns: Option<&str>, iface: &str) -> Result<usize, LoaderError> {
+    let base = pin_dir.join("links/tc").join(netns_label(netns)).join(iface);
+    let mut removed = 0;
+    for attach_type in [TcAttachType::Egress, TcAttachType::Ingress] {
+        let path = base.join(attach_type_name(attach_type));
+        if path.exists() {
+            remove_pin(&path)?;
+            removed += 1;
+        }
+    }
+    let _ = fs::remove_dir(&base);
+    Ok(removed)
+}
+
+/// One attached program.
+#[derive(Debug)]
+enum AttachedLink {
+    /// A pinned bpf_link (TCX or cgroup): lives until the pin is removed.
+    Pinned(PathBuf),
+    /// An unpinned bpf_link: detached when dropped.
+    Fd(FdLink),
+    /// A cls_bpf filter: detached explicitly (dropping it would leave it).
+    Netlink(Option<SchedClassifierLink>),
+}
+
+/// The TC pair on one interface.
+#[derive(Debug)]
+pub struct TcAttachment {
+    netns: Option<PathBuf>,
+    iface: String,
+    links: Vec<AttachedLink>,
+}
+
+impl TcAttachment {
+    pub fn iface(&self) -> &str {
+        &self.iface
+    }
+
+    /// True when the attachment outlives this process (pinned links).
+    pub fn is_pinned(&self) -> bool {
+        self.links.iter().all(|l| matches!(l, AttachedLink::Pinned(_)))
+    }
+
+    /// Detaches both programs, whatever the mode.
+    pub fn detach(mut self) -> Result<(), LoaderError> {
+        self.detach_all()
+    }
+
+    fn detach_all(&mut self) -> Result<(), LoaderError> {
+        let netns = self.netns.clone();
+        for link in self.links.drain(..) {
+            match link {
+                AttachedLink::Pinned(path) => remove_pin(&path)?,
+                AttachedLink::Fd(link) => drop(link),
+                AttachedLink::Netlink(Some(link)) => {
+                    let label = netns.as_deref().map(|p| p.display().to_string()).unwrap_or_else(|| "host".into());
+                    netns::run_in(netns.as_deref(), || aya::programs::links::Link::detach(link))
+                        .map_err(|source| LoaderError::Netns {
+                            netns: label.clone(),
+                            source,
+                        })?
+                        .map_err(|source| LoaderError::Attach {
+                            program: "tc",
+                            iface: self.iface.clone(),
+                            netns: label,
+                            mode: TcMode::Netlink,
+                            source,
+                        })?;
+                }
+                AttachedLink::Netlink(None) => {}
+            }
+        }
+        Ok(())
+    }
+
+    /// Leaves pinned links in place (restart safety) and forgets them.
+    pub fn keep(mut self) {
+        self.links.retain(|l| !matches!(l, AttachedLink::Pinned(_)));
+    }
+}
+
+impl Drop for TcAttachment {
+    fn drop(&mut self) {
+        // Pinned links stay (that is what pinning is for); netlink filters
+        // would stay attached by accident, so they are removed here.
+        self.links.retain(|l| !matches!(l, AttachedLink::Pinned(_)));
+        if let Err(e) = self.detach_all() {
+            tracing::warn!("detaching TC from {}: {e}", self.iface);
+        }
+    }
+}
+
+/// The socket-LB programs on one cgroup.
+#[derive(Debug)]
+pub struct SockAttachment {
+    cgroup: PathBuf,
+    links: Vec<AttachedLink>,
+}
+
+impl SockAttachment {
+    pub fn cgroup(&self) -> &Path {
+        &self.cgroup
+    }
+
+    pub fn detach(mut self) -> Result<(), LoaderError> {
+        for link in self.links.drain(..) {
+            match link {
+                AttachedLink::Pinned(path) => remove_pin(&path)?,
+                AttachedLink::Fd(link) => drop(link),
+                AttachedLink::Netlink(_) => {}
+            }
+        }
+        Ok(())
+    }
+}
+
+fn attach_one(
+    prog: &mut SchedClassifier,
+    program: &'static str,
+    iface: &str,
+    netns: &str,
+    attach_type: TcAttachType,
+    mode: TcMode,
+    pin_path: Option<&Path>,
+) -> Result<AttachedLink, LoaderError> {
+    let attach_err = |source| LoaderError::Attach {
+        program,
+        iface: iface.to_owned(),
+        netns: netns.to_owned(),
+        mode,
+        source,
+    };
+    // SAFETY: if_nametoindex on a NUL-terminated copy of the name.
+    let ifindex = std::ffi::CString::new(iface).map(|name| unsafe { libc::if_nametoindex(name.as_ptr()) }).unwrap_or(0);
+    if ifindex == 0 {
+        return Err(LoaderError::NoInterface {
+            netns: netns.to_owned(),
+            iface: iface.to_owned(),
+        });
+    }
+    match mode {
+        TcMode::Netlink => {
+            // EEXIST: the qdisc is already there (ours or someone else's).
+            if let Err(e) = tc::qdisc_add_clsact(iface)
+                && !matches!(&e, tc::TcError::NetlinkError(ne) if ne.raw_os_error() == Some(libc::EEXIST))
+            {
+                return Err(attach_err(ProgramError::from(e)));
+            }
+            let id = prog
+                .attach_with_options(iface, attach_type, TcAttachOptions::Netlink(NlOptions::default()))
+                .map_err(attach_err)?;
+            let link = prog.take_link(id).map_err(attach_err)?;
+            Ok(AttachedLink::Netlink(Some(link)))
+        }
+        TcMode::Tcx | TcMode::Auto => {
+            if let Some(path) = pin_path
+                && let Some(existing) = open_pinned(path)?
+            {
+                // A link pinned by an earlier run: swap our program into it
+                // atomically (no moment without translation).
+                let link = SchedClassifierLink::try_from(existing).map_err(|e| LoaderError::Pin {
+                    path: path.to_owned(),
+                    reason: format!("not a TCX link: {e}"),
+                })?;
+                let id = prog.attach_to_link(link).map_err(attach_err)?;
+                // The pin keeps the link; our handle can go.
+                drop(prog.take_link(id).map_err(attach_err)?);
+                return Ok(AttachedLink::Pinned(path.to_owned()));
+            }
+            let id = prog
+                .attach_with_options(iface, attach_type, TcAttachOptions::TcxOrder(LinkOrder::default()))
+                .map_err(attach_err)?;
+            let link: FdLink = prog.take_link(id).map_err(attach_err)?.try_into().map_err(|e: LinkError| LoaderError::Pin {
+                path: PathBuf::from(iface),
+                reason: format!("TCX attach returned no bpf_link: {e}"),
+            })?;
+            match pin_path {
+                Some(path) => {
+                    pin(link, path)?;
+                    Ok(AttachedLink::Pinned(path.to_owned()))
+                }
+                None => Ok(AttachedLink::Fd(link)),
+            }
+        }
+    }
+}
+
+fn resolve_mode(mode: TcMode) -> Result<TcMode, LoaderError> {
+    let tcx = KernelVersion::current().is_ok_and(|v| v >= KernelVersion::new(6, 6, 0));
+    match mode {
+        TcMode::Auto if tcx => Ok(TcMode::Tcx),
+        TcMode::Auto => Ok(TcMode::Netlink),
+        TcMode::Tcx if !tcx => Err(LoaderError::KernelFeature {
+            kernel: KernelVersion::current().map(|v| v.to_string()).unwrap_or_else(|_| "?".into()),
+            feature: "TCX (BPF_LINK_TYPE_TCX, Linux 6.6)",
+            hint: "use --tc-mode netlink (clsact) instead",
+        }),
+        other => Ok(other),
+    }
+}
+
+fn sched_classifier<'a>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut SchedClassifier, LoaderError> {
+    ebpf.program_mut(name)
+        .ok_or(LoaderError::Program {
+            program: name,
+            source: ProgramError::UnexpectedProgramType,
+        })?
+        .try_into()
+        .map_err(|source| LoaderError::Program { program: name, source })
+}
+
+fn sock_program<'a>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut CgroupSockAddr, LoaderError> {
+    ebpf.program_mut(name)
+        .ok_or(LoaderError::Program {
+            program: name,
+            source: ProgramError::UnexpectedProgramType,
+        })?
+        .try_into()
+        .map_err(|source| LoaderError::Program { program: name, source })
+}
+
+fn attach_type_name(attach_type: TcAttachType) -> &'static str {
+    match attach_type {
+        TcAttachType::Egress => "egress",
+        _ => "ingress",
+    }
+}
+
+/// A directory name for a namespace: its name under /var/run/netns, or
+/// "host" for our own.
+fn netns_label(netns: Option<&str>) -> String {
+    match netns {
+        None => "host".into(),
+        Some(name) => Path::new(name).file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| name.replace('/', "_")),
+    }
+}
+
+/// A directory name for a cgroup: its path below the cgroup2 root, with
+/// '/' spelled ':' ("root" for the root itself).
+fn cgroup_label(cgroup: &Path) -> String {
+    let relative = crate::cgroup::unified_root().ok().and_then(|root| cgroup.strip_prefix(root).ok().map(Path::to_path_buf));
+    match relative {
+        Some(rel) if rel.as_os_str().is_empty() => "root".into(),
+        Some(rel) => rel.to_string_lossy().replace('/', ":"),
+        None => cgroup.to_string_lossy().trim_start_matches('/').replace('/', ":"),
+    }
+}
+
+fn pin(link: FdLink, path: &Path) -> Result<(), LoaderError> {
+    link.pin(path).map(drop).map_err(|e| LoaderError::Pin {
+        path: path.to_owned(),
+        reason: e.to_string(),
+    })
+}
+
+fn open_pinned(path: &Path) -> Result<Option<FdLink>, LoaderError> {
+    if !path.exists() {
+        return Ok(None);
+    }
+    let pinned = PinnedLink::from_pin(path).map_err(|e| LoaderError::Pin {
+        path: path.to_owned(),
+        reason: e.to_string(),
+    })?;
+    Ok(Some(FdLink::from(pinned)))
+}
+
+fn remove_pin(path: &Path) -> Result<(), LoaderError> {
+    match fs::remove_file(path) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(LoaderError::Pin {
+            path: path.to_owned(),
+            reason: e.to_string(),
+        }),
+    }
+}
+
+/// Makes sure `dir` lies on a bpffs, mounting one at /sys/fs/bpf when
+/// nothing is mounted there yet, and creates `dir`.
+pub fn ensure_bpffs(dir: &Path) -> Result<(), LoaderError> {
+    const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
+    let bpffs_err = |source| LoaderError::Bpffs {
+        path: dir.to_owned(),
+        source,
+    };
+    let root = Path::new("/sys/fs/bpf");
+    if dir.starts_with(root) && !is_fs(root, BPF_FS_MAGIC) {
+        let (src, target, fstype) = (c"bpf", c"/sys/fs/bpf", c"bpf");
+        // SAFETY: mount(2) with NUL-terminated strings and no data.
+        if unsafe { libc::mount(src.as_ptr(), target.as_ptr(), fstype.as_ptr(), 0, std::ptr::null()) } != 0 {
+            return Err(bpffs_err(io::Error::last_os_error()));
+        }
+    }
+    fs::create_dir_all(dir).map_err(bpffs_err)?;
+    if !is_fs(dir, BPF_FS_MAGIC) {
+        return Err(bpffs_err(io::Error::other("not on a bpf filesystem")));
+    }
+    Ok(())
+}
+
+fn is_fs(path: &Path, magic: i64) -> bool {
+    let Ok(cpath) = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()) else {
+        return false;
+    };
+    // SAFETY: statfs into a zeroed struct with a NUL-terminated path.
+    unsafe {
+        let mut st: libc::statfs = std::mem::zeroed();
+        libc::statfs(cpath.as_ptr(), &mut st) == 0 && st.f_type as i64 == magic
+    }
+}

@@ -1,0 +1,269 @@
+//! Typed handles on the datapath's maps, and the one place that writes a
+//! service into them (make-before-break, so a packet never meets a
+//! frontend whose slots point at nothing).
+
+use std::{net::Ipv4Addr, path::Path};
+
+use aya::{
+    Ebpf,
+    maps::{HashMap, Map, MapData, MapError, PerCpuArray},
+};
+use datapath_common::{
+    IPPROTO_TCP, IPPROTO_UDP, ipv4_be,
+    maps::{
+        self as m, Backend, BackendId, CtEntry, CtKey, RevNatId, RevNatValue, ServiceKey, ServiceValue, SockRevNatKey,
+        SockRevNatValue,
+    },
+    metrics::Counter,
+    port_be,
+};
+
+use crate::loader::LoaderError;
+
+/// L4 protocol of a frontend.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize)]
+pub enum Protocol {
+    #[serde(rename = "TCP")]
+    Tcp,
+    #[serde(rename = "UDP")]
+    Udp,
+}
+
+impl Protocol {
+    pub const fn number(self) -> u8 {
+        match self {
+            Protocol::Tcp => IPPROTO_TCP,
+            Protocol::Udp => IPPROTO_UDP,
+        }
+    }
+
+    pub const fn from_number(number: u8) -> Option<Self> {
+        match number {
+            IPPROTO_TCP => Some(Protocol::Tcp),
+            IPPROTO_UDP => Some(Protocol::Udp),
+            _ => None,
+        }
+    }
+}
+
+impl std::fmt::Display for Protocol {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Protocol::Tcp => "TCP",
+            Protocol::Udp => "UDP",
+        })
+    }
+}
+
+/// A service address: what clients connect to.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Frontend {
+    pub address: Ipv4Addr,
+    pub port: u16,
+    pub protocol: Protocol,
+}
+
+impl Frontend {
+    pub fn key(&self, slot: u16) -> ServiceKey {
+        ServiceKey::new(ipv4_be(self.address.octets()), port_be(self.port), self.protocol.number(), slot)
+    }
+}
+
+impl std::fmt::Display for Frontend {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}:{}/{}", self.address, self.port, self.protocol)
+    }
+}
+
+/// One backend of a frontend, with the id the caller allocated for it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct BackendEntry {
+    pub id: BackendId,
+    pub address: Ipv4Addr,
+    pub port: u16,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ProgramError {
+    #[error("{frontend}: {count} backends exceed the limit of {max} per service")]
+    TooManyBackends { frontend: Frontend, count: usize, max: u16 },
+    #[error("{frontend}: backend id 0 is reserved")]
+    ZeroBackendId { frontend: Frontend },
+    #[error("{frontend}: reverse-NAT id 0 is reserved")]
+    ZeroRevNatId { frontend: Frontend },
+    #[error("{frontend}: port 0 is not a valid {what} port")]
+    PortZero { frontend: Frontend, what: &'static str },
+    #[error("{frontend}: writing {map}: {source}")]
+    Map {
+        frontend: Frontend,
+        map: &'static str,
+        #[source]
+        source: MapError,
+    },
+}
+
+/// Handles on every map of a loaded (or pinned) datapath.
+pub struct DatapathMaps {
+    pub services: HashMap<MapData, ServiceKey, ServiceValue>,
+    pub backends: HashMap<MapData, BackendId, Backend>,
+    pub reverse_nat: HashMap<MapData, RevNatId, RevNatValue>,
+    pub conntrack: HashMap<MapData, CtKey, CtEntry>,
+    pub sock_reverse_nat: HashMap<MapData, SockRevNatKey, SockRevNatValue>,
+    pub counters: PerCpuArray<MapData, u64>,
+}
+
+impl DatapathMaps {
+    /// Takes the maps out of a freshly loaded object.
+    pub fn take_from(ebpf: &mut Ebpf) -> Result<Self, LoaderError> {
+        let mut take = |name: &'static str| ebpf.take_map(name).ok_or(LoaderError::Map { map: name, source: MapError::InvalidName { name: name.into() } });
+        Self::from_maps(
+            take(m::SERVICES_MAP)?,
+            take(m::BACKENDS_MAP)?,
+            take(m::REVERSE_NAT_MAP)?,
+            take(m::CONNTRACK_MAP)?,
+            take(m::SOCK_REVERSE_NAT_MAP)?,
+            take(m::COUNTERS_MAP)?,
+        )
+    }
+
+    /// Opens the maps an agent pinned under `pin_dir` (no object needed).
+    pub fn open_pinned(pin_dir: &Path) -> Result<Self, LoaderError> {
+        let open = |name: &'static str| {
+            let data = MapData::from_pin(pin_dir.join(name)).map_err(|source| LoaderError::Map { map: name, source })?;
+            Map::from_map_data(data).map_err(|source| LoaderError::Map { map: name, source })
+        };
+        Self::from_maps(
+            open(m::SERVICES_MAP)?,
+            open(m::BACKENDS_MAP)?,
+            open(m::REVERSE_NAT_MAP)?,
+            open(m::CONNTRACK_MAP)?,
+            open(m::SOCK_REVERSE_NAT_MAP)?,
+            open(m::COUNTERS_MAP)?,
+        )
+    }
+
+    fn from_maps(services: Map, backends: Map, reverse_nat: Map, conntrack: Map, sock_reverse_nat: Map, counters: Map) -> Result<Self, LoaderError> {
+        fn typed<T: TryFrom<Map, Error = MapError>>(map: Map, name: &'static str) -> Result<T, LoaderError> {
+            T::try_from(map).map_err(|source| LoaderError::Map { map: name, source })
+        }
+        Ok(Self {
+            services: typed(services, m::SERVICES_MAP)?,
+            backends: typed(backends, m::BACKENDS_MAP)?,
+            reverse_nat: typed(reverse_nat, m::REVERSE_NAT_MAP)?,
+            conntrack: typed(conntrack, m::CONNTRACK_MAP)?,
+            sock_reverse_nat: typed(sock_reverse_nat, m::SOCK_REVERSE_NAT_MAP)?,
+            counters: typed(counters, m::COUNTERS_MAP)?,
+        })
+    }
+
+    /// Every counter summed over the CPUs.
+    pub fn counters(&self) -> Result<Vec<(Counter, u64)>, MapError> {
+        Counter::ALL
+            .iter()
+            .map(|&c| Ok((c, self.counters.get(&(c as u32), 0)?.iter().sum())))
+            .collect()
+    }
+
+    /// One counter summed over the CPUs.
+    pub fn counter(&self, counter: Counter) -> Result<u64, MapError> {
+        Ok(self.counters.get(&(counter as u32), 0)?.iter().sum())
+    }
+
+    /// Programs `frontend` to balance over `backends` (in slot order),
+    /// replacing what it had. Make-before-break: backends and slots are
+    /// written before the frontend entry that counts them, and slots beyond
+    /// the new count are deleted only after it. A packet therefore sees
+    /// either the old or the new set, never a slot naming nothing.
+    ///
+    /// Backends no longer used by any frontend are the caller's to delete
+    /// (`remove_backend`) after this returns.
+    pub fn set_service(&mut self, frontend: &Frontend, rev_nat_id: RevNatId, backends: &[BackendEntry]) -> Result<(), ProgramError> {
+        let map_err = |map: &'static str| move |source| ProgramError::Map { frontend: *frontend, map, source };
+        let count = u16::try_from(backends.len())
+            .ok()
+            .filter(|&n| n <= m::MAX_BACKENDS_PER_SERVICE)
+            .ok_or(ProgramError::TooManyBackends {
+                frontend: *frontend,
+                count: backends.len(),
+                max: m::MAX_BACKENDS_PER_SERVICE,
+            })?;
+        if rev_nat_id == 0 {
+            return Err(ProgramError::ZeroRevNatId { frontend: *frontend });
+        }
+        if frontend.port == 0 {
+            return Err(ProgramError::PortZero { frontend: *frontend, what: "service" });
+        }
+        for backend in backends {
+            if backend.id == 0 {
+                return Err(ProgramError::ZeroBackendId { frontend: *frontend });
+            }
+            if backend.port == 0 {
+                return Err(ProgramError::PortZero { frontend: *frontend, what: "backend" });
+            }
+        }
+        let old_count = self.services.get(&frontend.key(0), 0).map(|v| v.backend_count).unwrap_or(0);
+
+        for backend in backends {
+            let value = Backend {
+                address_be: ipv4_be(backend.address.octets()),
+                port_be: port_be(backend.port),
+                protocol: frontend.protocol.number(),
+                flags: 0,
+            };
+            self.backends.insert(backend.id, value, 0).map_err(map_err(m::BACKENDS_MAP))?;
+        }
+        let rev_nat = RevNatValue {
+            address_be: ipv4_be(frontend.address.octets()),
+            port_be: port_be(frontend.port),
+            _pad: [0; 2],
+        };
+        self.reverse_nat.insert(rev_nat_id, rev_nat, 0).map_err(map_err(m::REVERSE_NAT_MAP))?;
+        for (i, backend) in backends.iter().enumerate() {
+            let slot = ServiceValue {
+                backend_id: backend.id,
+                rev_nat_id,
+                ..ServiceValue::default()
+            };
+            self.services.insert(frontend.key(i as u16 + 1), slot, 0).map_err(map_err(m::SERVICES_MAP))?;
+        }
+        let head = ServiceValue {
+            backend_count: count,
+            rev_nat_id,
+            ..ServiceValue::default()
+        };
+        self.services.insert(frontend.key(0), head, 0).map_err(map_err(m::SERVICES_MAP))?;
+        for slot in (count + 1)..=old_count {
+            remove_if_present(&mut self.services, &frontend.key(slot)).map_err(map_err(m::SERVICES_MAP))?;
+        }
+        Ok(())
+    }
+
+    /// Removes `frontend`: the frontend entry first (new flows stop), then
+    /// its slots and reverse-NAT entry.
+    pub fn remove_service(&mut self, frontend: &Frontend) -> Result<(), ProgramError> {
+        let map_err = |map: &'static str| move |source| ProgramError::Map { frontend: *frontend, map, source };
+        let Ok(head) = self.services.get(&frontend.key(0), 0) else {
+            return Ok(());
+        };
+        remove_if_present(&mut self.services, &frontend.key(0)).map_err(map_err(m::SERVICES_MAP))?;
+        for slot in 1..=head.backend_count {
+            remove_if_present(&mut self.services, &frontend.key(slot)).map_err(map_err(m::SERVICES_MAP))?;
+        }
+        remove_if_present(&mut self.reverse_nat, &head.rev_nat_id).map_err(map_err(m::REVERSE_NAT_MAP))?;
+        Ok(())
+    }
+
+    /// Deletes a backend. Tracked flows still pinned to it are re-balanced
+    /// by the datapath on their next packet.
+    pub fn remove_backend(&mut self, id: BackendId) -> Result<(), MapError> {
+        remove_if_present(&mut self.backends, &id)
+    }
+}
+
+fn remove_if_present<K: aya::Pod, V: aya::Pod>(map: &mut HashMap<MapData, K, V>, key: &K) -> Result<(), MapError> {
+    match map.remove(key) {
+        Ok(()) | Err(MapError::KeyNotFound) => Ok(()),
+        Err(MapError::SyscallError(e)) if e.io_error.raw_os_error() == Some(libc::ENOENT) => Ok(()),
+        Err(e) => Err(e),
+    }
+}

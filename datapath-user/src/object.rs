@@ -1,0 +1,19 @@
+//! The eBPF object, embedded at build time (see build.rs).
+
+/// Names of the programs in the object.
+pub const TC_EGRESS: &str = "tc_egress";
+pub const TC_INGRESS: &str = "tc_ingress";
+pub const SOCK_CONNECT4: &str = "sock_connect4";
+pub const SOCK_SENDMSG4: &str = "sock_sendmsg4";
+pub const SOCK_RECVMSG4: &str = "sock_recvmsg4";
+pub const SOCK_GETPEERNAME4: &str = "sock_peername4";
+
+/// The socket-LB programs, in attach order.
+pub const SOCK_PROGRAMS: [&str; 4] = [SOCK_CONNECT4, SOCK_SENDMSG4, SOCK_RECVMSG4, SOCK_GETPEERNAME4];
+
+static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/underpass.bpf.o"));
+
+/// The embedded object, or `None` when this binary was built without it.
+pub fn bytes() -> Option<&'static [u8]> {
+    (!OBJECT.is_empty()).then_some(OBJECT)
+}
