@@ -43,24 +43,70 @@ pub enum Direction {
     Reply,
 }
 
-/// How long a flow in `state` lives after its last refresh.
-#[inline(always)]
-pub const fn lifetime_ns(protocol: u8, state: u8) -> u64 {
-    if protocol != crate::IPPROTO_TCP {
-        UDP_LIFETIME_NS
-    } else if state & (STATE_CLOSING_TX | STATE_CLOSING_RX) != 0 {
-        TCP_CLOSING_LIFETIME_NS
-    } else if state & STATE_SEEN_NON_SYN != 0 {
-        TCP_ESTABLISHED_LIFETIME_NS
-    } else {
-        TCP_SYN_LIFETIME_NS
+/// Conntrack lifetimes, set when the object is loaded (a read-only global
+/// the verifier sees as constant, so configuring them costs nothing per
+/// packet).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Lifetimes {
+    pub tcp_syn_ns: u64,
+    pub tcp_established_ns: u64,
+    pub tcp_closing_ns: u64,
+    pub udp_ns: u64,
+}
+
+impl Lifetimes {
+    pub const DEFAULT: Self = Self {
+        tcp_syn_ns: TCP_SYN_LIFETIME_NS,
+        tcp_established_ns: TCP_ESTABLISHED_LIFETIME_NS,
+        tcp_closing_ns: TCP_CLOSING_LIFETIME_NS,
+        udp_ns: UDP_LIFETIME_NS,
+    };
+
+    /// How long a flow in `state` lives after its last refresh.
+    #[inline(always)]
+    pub const fn of(&self, protocol: u8, state: u8) -> u64 {
+        if protocol != crate::IPPROTO_TCP {
+            self.udp_ns
+        } else if state & (STATE_CLOSING_TX | STATE_CLOSING_RX) != 0 {
+            self.tcp_closing_ns
+        } else if state & STATE_SEEN_NON_SYN != 0 {
+            self.tcp_established_ns
+        } else {
+            self.tcp_syn_ns
+        }
+    }
+
+    /// True when `entry` has outlived its state's lifetime at `now_ns`.
+    #[inline(always)]
+    pub const fn is_expired(&self, entry: &CtEntry, protocol: u8, now_ns: u64) -> bool {
+        now_ns.saturating_sub(entry.last_seen_ns) > self.of(protocol, entry.state)
     }
 }
 
-/// True when `entry` has outlived its state's lifetime at `now_ns`.
+impl Default for Lifetimes {
+    fn default() -> Self {
+        Self::DEFAULT
+    }
+}
+
+#[cfg(feature = "user")]
+// SAFETY: repr(C), four u64, no padding.
+unsafe impl aya::Pod for Lifetimes {}
+
+/// The name of the global holding `Lifetimes` in the object.
+pub const LIFETIMES_GLOBAL: &str = "CT_LIFETIMES";
+
+/// How long a flow in `state` lives with the default lifetimes.
+#[inline(always)]
+pub const fn lifetime_ns(protocol: u8, state: u8) -> u64 {
+    Lifetimes::DEFAULT.of(protocol, state)
+}
+
+/// True when `entry` has outlived its default lifetime at `now_ns`.
 #[inline(always)]
 pub const fn is_expired(entry: &CtEntry, protocol: u8, now_ns: u64) -> bool {
-    now_ns.saturating_sub(entry.last_seen_ns) > lifetime_ns(protocol, entry.state)
+    Lifetimes::DEFAULT.is_expired(entry, protocol, now_ns)
 }
 
 /// The state after a packet with `tcp_flags` (0 for UDP) travels in

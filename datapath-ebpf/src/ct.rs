@@ -1,9 +1,26 @@
 //! Conntrack map access shared by the egress and ingress programs. The
 //! lifetime and state rules themselves are pure (`datapath_common::conntrack`).
 
-use datapath_common::maps::{CT_KIND_BACKEND, CT_KIND_SERVICE, CtEntry, CtKey};
+use datapath_common::{
+    conntrack::Lifetimes,
+    maps::{CT_KIND_BACKEND, CT_KIND_SERVICE, CtEntry, CtKey},
+};
 
 use crate::{maps::CONNTRACK, parse::Packet};
+
+/// Conntrack lifetimes; the loader overwrites this read-only global
+/// (`datapath_common::conntrack::LIFETIMES_GLOBAL`) before loading.
+#[unsafe(no_mangle)]
+static CT_LIFETIMES: Lifetimes = Lifetimes::DEFAULT;
+
+/// True when `flow` has outlived its lifetime.
+#[inline(always)]
+pub fn is_expired(flow: &CtEntry, protocol: u8, now_ns: u64) -> bool {
+    // SAFETY: a read of our own static. Volatile, so that the compiler
+    // reads the value the loader set instead of folding in the default.
+    let lifetimes = unsafe { core::ptr::read_volatile(&CT_LIFETIMES) };
+    lifetimes.is_expired(flow, protocol, now_ns)
+}
 
 /// The service-tuple key of a client packet (destination = VIP).
 #[inline(always)]

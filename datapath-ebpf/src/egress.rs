@@ -70,7 +70,7 @@ pub fn run(ctx: &TcContext) -> i32 {
 /// client fails fast instead of hanging; a UDP flow simply moves).
 #[inline(always)]
 fn tracked_backend(flow: &CtEntry, service: &ServiceValue, packet: &Packet, now: u64) -> Option<Backend> {
-    if conntrack::is_expired(flow, packet.protocol, now)
+    if ct::is_expired(flow, packet.protocol, now)
         || flow.rev_nat_id != service.rev_nat_id
         || conntrack::syn_reopens(flow, packet.protocol, packet.tcp_flags)
     {

@@ -33,7 +33,7 @@ pub fn run(ctx: &TcContext) -> i32 {
     let flow = unsafe { &mut *flow };
     // SAFETY: plain helper call.
     let now = unsafe { bpf_ktime_get_ns() };
-    if conntrack::is_expired(flow, packet.protocol, now) {
+    if ct::is_expired(flow, packet.protocol, now) {
         return TC_ACT_UNSPEC;
     }
     let state = conntrack::next_state(flow.state, packet.protocol, packet.tcp_flags, Direction::Reply);

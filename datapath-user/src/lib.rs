@@ -7,6 +7,7 @@ pub mod loader;
 pub mod maps;
 pub mod netns;
 pub mod object;
+pub mod packet;
 pub mod topology;
 
 pub use loader::{Datapath, LoadOptions, LoaderError, TcMode};

@@ -14,13 +14,16 @@ use std::{
 use aya::{
     Ebpf, EbpfLoader,
     programs::{
-        CgroupAttachMode, CgroupSockAddr, LinkOrder, ProgramError, SchedClassifier, TcAttachType,
+        CgroupAttachMode, CgroupSockAddr, LinkOrder, ProgramError, SchedClassifier, TcAttachType, TestRun, TestRunOptions,
         links::{FdLink, LinkError, PinnedLink},
         tc::{self, NlOptions, SchedClassifierLink, TcAttachOptions},
     },
     util::KernelVersion,
 };
-use datapath_common::maps;
+use datapath_common::{
+    conntrack::{LIFETIMES_GLOBAL, Lifetimes},
+    maps,
+};
 
 use crate::{maps::DatapathMaps, netns, object};
 
@@ -55,6 +58,8 @@ pub struct LoadOptions {
     /// `None` keeps everything private to this process.
     pub pin_dir: Option<PathBuf>,
     pub sizes: MapSizes,
+    /// Conntrack lifetimes (default: Cilium's).
+    pub ct_lifetimes: Lifetimes,
 }
 
 /// How TC programs are attached.
@@ -156,6 +161,7 @@ impl Datapath {
             .map_max_entries(maps::REVERSE_NAT_MAP, sizes.reverse_nat)
             .map_max_entries(maps::CONNTRACK_MAP, sizes.conntrack)
             .map_max_entries(maps::SOCK_REVERSE_NAT_MAP, sizes.sock_reverse_nat);
+        loader.override_global(LIFETIMES_GLOBAL, &options.ct_lifetimes, true);
         for (name, path) in &map_pins {
             loader.map_pin_path(name, path.as_path());
         }
@@ -181,6 +187,27 @@ impl Datapath {
     /// The loaded program `name`, for BPF_PROG_TEST_RUN.
     pub fn classifier(&mut self, name: &'static str) -> Result<&mut SchedClassifier, LoaderError> {
         sched_classifier(&mut self.ebpf, name)
+    }
+
+    /// Runs TC program `name` on `frame` with BPF_PROG_TEST_RUN, `repeat`
+    /// times (the kernel reports the mean duration per run).
+    pub fn test_run_tc(&mut self, name: &'static str, frame: &[u8], repeat: u32) -> Result<TestRunOutcome, LoaderError> {
+        let program = sched_classifier(&mut self.ebpf, name)?;
+        let mut out = vec![0u8; frame.len() + 256];
+        let result = program
+            .test_run(TestRunOptions {
+                data_in: Some(frame),
+                data_out: Some(&mut out),
+                repeat,
+                ..TestRunOptions::default()
+            })
+            .map_err(|source| LoaderError::Program { program: name, source })?;
+        out.truncate(result.data_size_out as usize);
+        Ok(TestRunOutcome {
+            verdict: result.return_value as i32,
+            frame: out,
+            duration: result.duration,
+        })
     }
 
     /// Attaches the TC pair (egress DNAT, ingress reverse NAT) to `iface`
@@ -263,6 +290,17 @@ impl Datapath {
             links,
         })
     }
+}
+
+/// What one BPF_PROG_TEST_RUN call returned.
+#[derive(Debug)]
+pub struct TestRunOutcome {
+    /// The program's return value (a `TC_ACT_*` verdict).
+    pub verdict: i32,
+    /// The frame as the program left it.
+    pub frame: Vec<u8>,
+    /// Mean time per run, as the kernel measured it.
+    pub duration: std::time::Duration,
 }
 
 /// Removes the pinned TC links of `iface` in `netns` (what an earlier

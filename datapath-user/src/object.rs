@@ -17,3 +17,15 @@ static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/un
 pub fn bytes() -> Option<&'static [u8]> {
     (!OBJECT.is_empty()).then_some(OBJECT)
 }
+
+/// TC verdicts the programs return.
+pub mod verdict {
+    /// Not ours: the next program (or the kernel's default) decides.
+    pub const NEXT: i32 = -1;
+    /// Translated; continue on this interface.
+    pub const OK: i32 = 0;
+    /// Dropped (service without backends, malformed rewrite).
+    pub const SHOT: i32 = 2;
+    /// Redirected by `bpf_redirect_neigh` (next hop not learned yet).
+    pub const REDIRECT: i32 = 7;
+}
