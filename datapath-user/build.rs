@@ -5,12 +5,17 @@
 use std::{env, fs, path::PathBuf};
 
 fn main() {
-    let out = PathBuf::from(env::var_os("OUT_DIR").expect("cargo sets OUT_DIR")).join("underpass.bpf.o");
+    let out =
+        PathBuf::from(env::var_os("OUT_DIR").expect("cargo sets OUT_DIR")).join("underpass.bpf.o");
     println!("cargo:rerun-if-env-changed=UNDERPASS_EBPF_OBJECT");
-    let source = env::var_os("UNDERPASS_EBPF_OBJECT").map(PathBuf::from).unwrap_or_else(|| {
-        let manifest = PathBuf::from(env::var_os("CARGO_MANIFEST_DIR").expect("cargo sets CARGO_MANIFEST_DIR"));
-        manifest.join("../target/bpfel-unknown-none/release/underpass-ebpf")
-    });
+    let source = env::var_os("UNDERPASS_EBPF_OBJECT")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            let manifest = PathBuf::from(
+                env::var_os("CARGO_MANIFEST_DIR").expect("cargo sets CARGO_MANIFEST_DIR"),
+            );
+            manifest.join("../target/bpfel-unknown-none/release/underpass-ebpf")
+        });
     println!("cargo:rerun-if-changed={}", source.display());
     match fs::read(&source) {
         Ok(bytes) => fs::write(&out, bytes).expect("write the embedded eBPF object"),

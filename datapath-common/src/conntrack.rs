@@ -183,7 +183,12 @@ mod tests {
 
     #[test]
     fn rst_from_client_closes() {
-        let s = next_state(STATE_SEEN_NON_SYN, IPPROTO_TCP, TCP_RST, Direction::Original);
+        let s = next_state(
+            STATE_SEEN_NON_SYN,
+            IPPROTO_TCP,
+            TCP_RST,
+            Direction::Original,
+        );
         assert_eq!(s, STATE_SEEN_NON_SYN | STATE_CLOSING_TX);
         assert_eq!(lifetime_ns(IPPROTO_TCP, s), TCP_CLOSING_LIFETIME_NS);
     }
@@ -215,9 +220,17 @@ mod tests {
     #[test]
     fn refresh_is_rate_limited_but_state_changes_always_write() {
         let e = entry(STATE_SEEN_NON_SYN, 5 * SECOND);
-        assert!(!needs_write(&e, STATE_SEEN_NON_SYN, 5 * SECOND + REFRESH_INTERVAL_NS));
+        assert!(!needs_write(
+            &e,
+            STATE_SEEN_NON_SYN,
+            5 * SECOND + REFRESH_INTERVAL_NS
+        ));
         assert!(needs_write(&e, STATE_SEEN_NON_SYN, 6 * SECOND + 1));
-        assert!(needs_write(&e, STATE_SEEN_NON_SYN | STATE_CLOSING_TX, 5 * SECOND));
+        assert!(needs_write(
+            &e,
+            STATE_SEEN_NON_SYN | STATE_CLOSING_TX,
+            5 * SECOND
+        ));
     }
 
     #[test]
@@ -225,7 +238,11 @@ mod tests {
         let closed = entry(STATE_SEEN_NON_SYN | STATE_CLOSING_TX, 0);
         assert!(syn_reopens(&closed, IPPROTO_TCP, TCP_SYN));
         assert!(!syn_reopens(&closed, IPPROTO_TCP, TCP_SYN | TCP_ACK));
-        assert!(!syn_reopens(&entry(STATE_SEEN_NON_SYN, 0), IPPROTO_TCP, TCP_SYN));
+        assert!(!syn_reopens(
+            &entry(STATE_SEEN_NON_SYN, 0),
+            IPPROTO_TCP,
+            TCP_SYN
+        ));
         assert!(!syn_reopens(&closed, IPPROTO_UDP, TCP_SYN));
     }
 }

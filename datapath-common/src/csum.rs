@@ -54,14 +54,20 @@ pub fn pseudo_header(src: [u8; 4], dst: [u8; 4], protocol: u8, l4_len: u16) -> u
 /// True when a TCP/UDP segment (header + payload, checksum filled in)
 /// verifies against its pseudo header.
 pub fn l4_verifies(src: [u8; 4], dst: [u8; 4], protocol: u8, segment: &[u8]) -> bool {
-    let sum = accumulate(segment, pseudo_header(src, dst, protocol, segment.len() as u16));
+    let sum = accumulate(
+        segment,
+        pseudo_header(src, dst, protocol, segment.len() as u16),
+    );
     fold(sum) == 0xffff
 }
 
 /// The L4 checksum (raw) for `segment` whose checksum field is zero.
 /// Returns 0xffff instead of 0 for UDP, where 0 means "no checksum".
 pub fn l4_checksum(src: [u8; 4], dst: [u8; 4], protocol: u8, segment: &[u8]) -> u16 {
-    let sum = accumulate(segment, pseudo_header(src, dst, protocol, segment.len() as u16));
+    let sum = accumulate(
+        segment,
+        pseudo_header(src, dst, protocol, segment.len() as u16),
+    );
     let check = !fold(sum);
     if check == 0 && protocol == crate::IPPROTO_UDP {
         0xffff
@@ -81,11 +87,7 @@ pub const fn replace_u16(check: u16, old: u16, new: u16) -> u16 {
 /// The checksum after a 32-bit field (two words) changes.
 #[inline(always)]
 pub const fn replace_u32(check: u16, old: u32, new: u32) -> u16 {
-    let sum = (!check) as u32
-        + ((!old) & 0xffff)
-        + ((!old) >> 16)
-        + (new & 0xffff)
-        + (new >> 16);
+    let sum = (!check) as u32 + ((!old) & 0xffff) + ((!old) >> 16) + (new & 0xffff) + (new >> 16);
     !fold(sum)
 }
 
@@ -142,7 +144,10 @@ mod tests {
 
             let updated = replace_u16(replace_u32(check, old32, new32), old16, new16);
             data[..2].copy_from_slice(&updated.to_ne_bytes());
-            assert!(verifies(data), "incremental update broke the sum: {data:x?}");
+            assert!(
+                verifies(data),
+                "incremental update broke the sum: {data:x?}"
+            );
         }
     }
 

@@ -3,12 +3,14 @@
 //! topology shared by the e2e tests, the demo and the bench.
 
 pub mod cgroup;
+pub mod demo;
 pub mod loader;
 pub mod maps;
 pub mod netns;
 pub mod object;
 pub mod packet;
 pub mod topology;
+pub mod workload;
 
 pub use loader::{Datapath, LoadOptions, LoaderError, TcMode};
 pub use maps::DatapathMaps;

@@ -14,7 +14,8 @@ use std::{
 use aya::{
     Ebpf, EbpfLoader,
     programs::{
-        CgroupAttachMode, CgroupSockAddr, LinkOrder, ProgramError, SchedClassifier, TcAttachType, TestRun, TestRunOptions,
+        CgroupAttachMode, CgroupSockAddr, LinkOrder, ProgramError, SchedClassifier, TcAttachType,
+        TestRun, TestRunOptions,
         links::{FdLink, LinkError, PinnedLink},
         tc::{self, NlOptions, SchedClassifierLink, TcAttachOptions},
     },
@@ -149,7 +150,10 @@ impl Datapath {
         let map_pins: Vec<(&str, PathBuf)> = match &pin_dir {
             Some(dir) => {
                 ensure_bpffs(dir)?;
-                maps::ALL_MAPS.iter().map(|name| (*name, dir.join(name))).collect()
+                maps::ALL_MAPS
+                    .iter()
+                    .map(|name| (*name, dir.join(name)))
+                    .collect()
             }
             None => Vec::new(),
         };
@@ -169,15 +173,25 @@ impl Datapath {
         for name in [object::TC_EGRESS, object::TC_INGRESS] {
             sched_classifier(&mut ebpf, name)?
                 .load()
-                .map_err(|source| LoaderError::Program { program: name, source })?;
+                .map_err(|source| LoaderError::Program {
+                    program: name,
+                    source,
+                })?;
         }
         for name in object::SOCK_PROGRAMS {
             sock_program(&mut ebpf, name)?
                 .load()
-                .map_err(|source| LoaderError::Program { program: name, source })?;
+                .map_err(|source| LoaderError::Program {
+                    program: name,
+                    source,
+                })?;
         }
         let maps = DatapathMaps::take_from(&mut ebpf)?;
-        Ok(Self { ebpf, pin_dir, maps })
+        Ok(Self {
+            ebpf,
+            pin_dir,
+            maps,
+        })
     }
 
     pub fn pin_dir(&self) -> Option<&Path> {
@@ -191,7 +205,12 @@ impl Datapath {
 
     /// Runs TC program `name` on `frame` with BPF_PROG_TEST_RUN, `repeat`
     /// times (the kernel reports the mean duration per run).
-    pub fn test_run_tc(&mut self, name: &'static str, frame: &[u8], repeat: u32) -> Result<TestRunOutcome, LoaderError> {
+    pub fn test_run_tc(
+        &mut self,
+        name: &'static str,
+        frame: &[u8],
+        repeat: u32,
+    ) -> Result<TestRunOutcome, LoaderError> {
         let program = sched_classifier(&mut self.ebpf, name)?;
         let mut out = vec![0u8; frame.len() + 256];
         let result = program
@@ -201,7 +220,10 @@ impl Datapath {
                 repeat,
                 ..TestRunOptions::default()
             })
-            .map_err(|source| LoaderError::Program { program: name, source })?;
+            .map_err(|source| LoaderError::Program {
+                program: name,
+                source,
+            })?;
         out.truncate(result.data_size_out as usize);
         Ok(TestRunOutcome {
             verdict: result.return_value as i32,
@@ -213,7 +235,12 @@ impl Datapath {
     /// Attaches the TC pair (egress DNAT, ingress reverse NAT) to `iface`
     /// inside `netns` (a name under /var/run/netns or a path; `None` = this
     /// process's namespace).
-    pub fn attach_tc(&mut self, netns: Option<&str>, iface: &str, mode: TcMode) -> Result<TcAttachment, LoaderError> {
+    pub fn attach_tc(
+        &mut self,
+        netns: Option<&str>,
+        iface: &str,
+        mode: TcMode,
+    ) -> Result<TcAttachment, LoaderError> {
         let netns_path = netns.map(netns::path_of);
         let label = netns_label(netns);
         let mode = resolve_mode(mode)?;
@@ -228,14 +255,29 @@ impl Datapath {
             })?;
         }
         let mut links = Vec::new();
-        for (program, attach_type) in [(object::TC_EGRESS, TcAttachType::Egress), (object::TC_INGRESS, TcAttachType::Ingress)] {
+        for (program, attach_type) in [
+            (object::TC_EGRESS, TcAttachType::Egress),
+            (object::TC_INGRESS, TcAttachType::Ingress),
+        ] {
             let prog = sched_classifier(&mut self.ebpf, program)?;
-            let pin = pin_base.as_ref().map(|base| base.join(attach_type_name(attach_type)));
-            let link = netns::run_in(netns_path.as_deref(), || attach_one(prog, program, iface, &label, attach_type, mode, pin.as_deref()))
-                .map_err(|source| LoaderError::Netns {
-                    netns: label.clone(),
-                    source,
-                })??;
+            let pin = pin_base
+                .as_ref()
+                .map(|base| base.join(attach_type_name(attach_type)));
+            let link = netns::run_in(netns_path.as_deref(), || {
+                attach_one(
+                    prog,
+                    program,
+                    iface,
+                    &label,
+                    attach_type,
+                    mode,
+                    pin.as_deref(),
+                )
+            })
+            .map_err(|source| LoaderError::Netns {
+                netns: label.clone(),
+                source,
+            })??;
             links.push(link);
         }
         Ok(TcAttachment {
@@ -254,9 +296,14 @@ impl Datapath {
         };
         let dir = fs::File::open(cgroup).map_err(|e| cgroup_err(e.to_string()))?;
         if !cgroup.join("cgroup.procs").exists() {
-            return Err(cgroup_err("not a cgroup v2 directory (no cgroup.procs)".into()));
+            return Err(cgroup_err(
+                "not a cgroup v2 directory (no cgroup.procs)".into(),
+            ));
         }
-        let pin_base = self.pin_dir.as_ref().map(|dir| dir.join("links/cgroup").join(cgroup_label(cgroup)));
+        let pin_base = self
+            .pin_dir
+            .as_ref()
+            .map(|dir| dir.join("links/cgroup").join(cgroup_label(cgroup)));
         if let Some(base) = &pin_base {
             fs::create_dir_all(base).map_err(|e| LoaderError::Pin {
                 path: base.clone(),
@@ -266,14 +313,18 @@ impl Datapath {
         let mut links = Vec::new();
         for program in object::SOCK_PROGRAMS {
             let prog = sock_program(&mut self.ebpf, program)?;
+            // bpf_link attachments to a cgroup take no flags (the kernel
+            // rejects them) and always coexist with other programs.
             let id = prog
-                .attach(&dir, CgroupAttachMode::AllowMultiple)
+                .attach(&dir, CgroupAttachMode::Single)
                 .map_err(|source| LoaderError::Program { program, source })?;
             let link: FdLink = prog
                 .take_link(id)
                 .map_err(|source| LoaderError::Program { program, source })?
                 .try_into()
-                .map_err(|e: LinkError| cgroup_err(format!("{program}: kernel gave no bpf_link ({e})")))?;
+                .map_err(|e: LinkError| {
+                    cgroup_err(format!("{program}: kernel gave no bpf_link ({e})"))
+                })?;
             links.push(match &pin_base {
                 Some(base) => {
                     let path = base.join(program);
@@ -305,8 +356,15 @@ pub struct TestRunOutcome {
 
 /// Removes the pinned TC links of `iface` in `netns` (what an earlier
 /// `attach_tc` with the same pin directory left), detaching them.
-pub fn detach_pinned_tc(pin_dir: &Path, netns: Option<&str>, iface: &str) -> Result<usize, LoaderError> {
-    let base = pin_dir.join("links/tc").join(netns_label(netns)).join(iface);
+pub fn detach_pinned_tc(
+    pin_dir: &Path,
+    netns: Option<&str>,
+    iface: &str,
+) -> Result<usize, LoaderError> {
+    let base = pin_dir
+        .join("links/tc")
+        .join(netns_label(netns))
+        .join(iface);
     let mut removed = 0;
     for attach_type in [TcAttachType::Egress, TcAttachType::Ingress] {
         let path = base.join(attach_type_name(attach_type));
@@ -345,7 +403,9 @@ impl TcAttachment {
 
     /// True when the attachment outlives this process (pinned links).
     pub fn is_pinned(&self) -> bool {
-        self.links.iter().all(|l| matches!(l, AttachedLink::Pinned(_)))
+        self.links
+            .iter()
+            .all(|l| matches!(l, AttachedLink::Pinned(_)))
     }
 
     /// Detaches both programs, whatever the mode.
@@ -360,19 +420,24 @@ impl TcAttachment {
                 AttachedLink::Pinned(path) => remove_pin(&path)?,
                 AttachedLink::Fd(link) => drop(link),
                 AttachedLink::Netlink(Some(link)) => {
-                    let label = netns.as_deref().map(|p| p.display().to_string()).unwrap_or_else(|| "host".into());
-                    netns::run_in(netns.as_deref(), || aya::programs::links::Link::detach(link))
-                        .map_err(|source| LoaderError::Netns {
-                            netns: label.clone(),
-                            source,
-                        })?
-                        .map_err(|source| LoaderError::Attach {
-                            program: "tc",
-                            iface: self.iface.clone(),
-                            netns: label,
-                            mode: TcMode::Netlink,
-                            source,
-                        })?;
+                    let label = netns
+                        .as_deref()
+                        .map(|p| p.display().to_string())
+                        .unwrap_or_else(|| "host".into());
+                    netns::run_in(netns.as_deref(), || {
+                        aya::programs::links::Link::detach(link)
+                    })
+                    .map_err(|source| LoaderError::Netns {
+                        netns: label.clone(),
+                        source,
+                    })?
+                    .map_err(|source| LoaderError::Attach {
+                        program: "tc",
+                        iface: self.iface.clone(),
+                        netns: label,
+                        mode: TcMode::Netlink,
+                        source,
+                    })?;
                 }
                 AttachedLink::Netlink(None) => {}
             }
@@ -438,7 +503,9 @@ fn attach_one(
         source,
     };
     // SAFETY: if_nametoindex on a NUL-terminated copy of the name.
-    let ifindex = std::ffi::CString::new(iface).map(|name| unsafe { libc::if_nametoindex(name.as_ptr()) }).unwrap_or(0);
+    let ifindex = std::ffi::CString::new(iface)
+        .map(|name| unsafe { libc::if_nametoindex(name.as_ptr()) })
+        .unwrap_or(0);
     if ifindex == 0 {
         return Err(LoaderError::NoInterface {
             netns: netns.to_owned(),
@@ -454,7 +521,11 @@ fn attach_one(
                 return Err(attach_err(ProgramError::from(e)));
             }
             let id = prog
-                .attach_with_options(iface, attach_type, TcAttachOptions::Netlink(NlOptions::default()))
+                .attach_with_options(
+                    iface,
+                    attach_type,
+                    TcAttachOptions::Netlink(NlOptions::default()),
+                )
                 .map_err(attach_err)?;
             let link = prog.take_link(id).map_err(attach_err)?;
             Ok(AttachedLink::Netlink(Some(link)))
@@ -465,22 +536,31 @@ fn attach_one(
             {
                 // A link pinned by an earlier run: swap our program into it
                 // atomically (no moment without translation).
-                let link = SchedClassifierLink::try_from(existing).map_err(|e| LoaderError::Pin {
-                    path: path.to_owned(),
-                    reason: format!("not a TCX link: {e}"),
-                })?;
+                let link =
+                    SchedClassifierLink::try_from(existing).map_err(|e| LoaderError::Pin {
+                        path: path.to_owned(),
+                        reason: format!("not a TCX link: {e}"),
+                    })?;
                 let id = prog.attach_to_link(link).map_err(attach_err)?;
                 // The pin keeps the link; our handle can go.
                 drop(prog.take_link(id).map_err(attach_err)?);
                 return Ok(AttachedLink::Pinned(path.to_owned()));
             }
             let id = prog
-                .attach_with_options(iface, attach_type, TcAttachOptions::TcxOrder(LinkOrder::default()))
+                .attach_with_options(
+                    iface,
+                    attach_type,
+                    TcAttachOptions::TcxOrder(LinkOrder::default()),
+                )
                 .map_err(attach_err)?;
-            let link: FdLink = prog.take_link(id).map_err(attach_err)?.try_into().map_err(|e: LinkError| LoaderError::Pin {
-                path: PathBuf::from(iface),
-                reason: format!("TCX attach returned no bpf_link: {e}"),
-            })?;
+            let link: FdLink =
+                prog.take_link(id)
+                    .map_err(attach_err)?
+                    .try_into()
+                    .map_err(|e: LinkError| LoaderError::Pin {
+                        path: PathBuf::from(iface),
+                        reason: format!("TCX attach returned no bpf_link: {e}"),
+                    })?;
             match pin_path {
                 Some(path) => {
                     pin(link, path)?;
@@ -498,7 +578,9 @@ fn resolve_mode(mode: TcMode) -> Result<TcMode, LoaderError> {
         TcMode::Auto if tcx => Ok(TcMode::Tcx),
         TcMode::Auto => Ok(TcMode::Netlink),
         TcMode::Tcx if !tcx => Err(LoaderError::KernelFeature {
-            kernel: KernelVersion::current().map(|v| v.to_string()).unwrap_or_else(|_| "?".into()),
+            kernel: KernelVersion::current()
+                .map(|v| v.to_string())
+                .unwrap_or_else(|_| "?".into()),
             feature: "TCX (BPF_LINK_TYPE_TCX, Linux 6.6)",
             hint: "use --tc-mode netlink (clsact) instead",
         }),
@@ -506,24 +588,36 @@ fn resolve_mode(mode: TcMode) -> Result<TcMode, LoaderError> {
     }
 }
 
-fn sched_classifier<'a>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut SchedClassifier, LoaderError> {
+fn sched_classifier<'a>(
+    ebpf: &'a mut Ebpf,
+    name: &'static str,
+) -> Result<&'a mut SchedClassifier, LoaderError> {
     ebpf.program_mut(name)
         .ok_or(LoaderError::Program {
             program: name,
             source: ProgramError::UnexpectedProgramType,
         })?
         .try_into()
-        .map_err(|source| LoaderError::Program { program: name, source })
+        .map_err(|source| LoaderError::Program {
+            program: name,
+            source,
+        })
 }
 
-fn sock_program<'a>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut CgroupSockAddr, LoaderError> {
+fn sock_program<'a>(
+    ebpf: &'a mut Ebpf,
+    name: &'static str,
+) -> Result<&'a mut CgroupSockAddr, LoaderError> {
     ebpf.program_mut(name)
         .ok_or(LoaderError::Program {
             program: name,
             source: ProgramError::UnexpectedProgramType,
         })?
         .try_into()
-        .map_err(|source| LoaderError::Program { program: name, source })
+        .map_err(|source| LoaderError::Program {
+            program: name,
+            source,
+        })
 }
 
 fn attach_type_name(attach_type: TcAttachType) -> &'static str {
@@ -538,18 +632,26 @@ fn attach_type_name(attach_type: TcAttachType) -> &'static str {
 fn netns_label(netns: Option<&str>) -> String {
     match netns {
         None => "host".into(),
-        Some(name) => Path::new(name).file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| name.replace('/', "_")),
+        Some(name) => Path::new(name)
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_else(|| name.replace('/', "_")),
     }
 }
 
 /// A directory name for a cgroup: its path below the cgroup2 root, with
 /// '/' spelled ':' ("root" for the root itself).
 fn cgroup_label(cgroup: &Path) -> String {
-    let relative = crate::cgroup::unified_root().ok().and_then(|root| cgroup.strip_prefix(root).ok().map(Path::to_path_buf));
+    let relative = crate::cgroup::unified_root()
+        .ok()
+        .and_then(|root| cgroup.strip_prefix(root).ok().map(Path::to_path_buf));
     match relative {
         Some(rel) if rel.as_os_str().is_empty() => "root".into(),
         Some(rel) => rel.to_string_lossy().replace('/', ":"),
-        None => cgroup.to_string_lossy().trim_start_matches('/').replace('/', ":"),
+        None => cgroup
+            .to_string_lossy()
+            .trim_start_matches('/')
+            .replace('/', ":"),
     }
 }
 
@@ -594,7 +696,16 @@ pub fn ensure_bpffs(dir: &Path) -> Result<(), LoaderError> {
     if dir.starts_with(root) && !is_fs(root, BPF_FS_MAGIC) {
         let (src, target, fstype) = (c"bpf", c"/sys/fs/bpf", c"bpf");
         // SAFETY: mount(2) with NUL-terminated strings and no data.
-        if unsafe { libc::mount(src.as_ptr(), target.as_ptr(), fstype.as_ptr(), 0, std::ptr::null()) } != 0 {
+        if unsafe {
+            libc::mount(
+                src.as_ptr(),
+                target.as_ptr(),
+                fstype.as_ptr(),
+                0,
+                std::ptr::null(),
+            )
+        } != 0
+        {
             return Err(bpffs_err(io::Error::last_os_error()));
         }
     }

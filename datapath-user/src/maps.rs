@@ -11,8 +11,8 @@ use aya::{
 use datapath_common::{
     IPPROTO_TCP, IPPROTO_UDP, ipv4_be,
     maps::{
-        self as m, Backend, BackendId, CtEntry, CtKey, RevNatId, RevNatValue, ServiceKey, ServiceValue, SockRevNatKey,
-        SockRevNatValue,
+        self as m, Backend, BackendId, CtEntry, CtKey, RevNatId, RevNatValue, ServiceKey,
+        ServiceValue, SockRevNatKey, SockRevNatValue,
     },
     metrics::Counter,
     port_be,
@@ -21,7 +21,9 @@ use datapath_common::{
 use crate::loader::LoaderError;
 
 /// L4 protocol of a frontend.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize)]
+#[derive(
+    Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize,
+)]
 pub enum Protocol {
     #[serde(rename = "TCP")]
     Tcp,
@@ -65,7 +67,12 @@ pub struct Frontend {
 
 impl Frontend {
     pub fn key(&self, slot: u16) -> ServiceKey {
-        ServiceKey::new(ipv4_be(self.address.octets()), port_be(self.port), self.protocol.number(), slot)
+        ServiceKey::new(
+            ipv4_be(self.address.octets()),
+            port_be(self.port),
+            self.protocol.number(),
+            slot,
+        )
     }
 }
 
@@ -86,13 +93,20 @@ pub struct BackendEntry {
 #[derive(Debug, thiserror::Error)]
 pub enum ProgramError {
     #[error("{frontend}: {count} backends exceed the limit of {max} per service")]
-    TooManyBackends { frontend: Frontend, count: usize, max: u16 },
+    TooManyBackends {
+        frontend: Frontend,
+        count: usize,
+        max: u16,
+    },
     #[error("{frontend}: backend id 0 is reserved")]
     ZeroBackendId { frontend: Frontend },
     #[error("{frontend}: reverse-NAT id 0 is reserved")]
     ZeroRevNatId { frontend: Frontend },
     #[error("{frontend}: port 0 is not a valid {what} port")]
-    PortZero { frontend: Frontend, what: &'static str },
+    PortZero {
+        frontend: Frontend,
+        what: &'static str,
+    },
     #[error("{frontend}: writing {map}: {source}")]
     Map {
         frontend: Frontend,
@@ -115,7 +129,12 @@ pub struct DatapathMaps {
 impl DatapathMaps {
     /// Takes the maps out of a freshly loaded object.
     pub fn take_from(ebpf: &mut Ebpf) -> Result<Self, LoaderError> {
-        let mut take = |name: &'static str| ebpf.take_map(name).ok_or(LoaderError::Map { map: name, source: MapError::InvalidName { name: name.into() } });
+        let mut take = |name: &'static str| {
+            ebpf.take_map(name).ok_or(LoaderError::Map {
+                map: name,
+                source: MapError::InvalidName { name: name.into() },
+            })
+        };
         Self::from_maps(
             take(m::SERVICES_MAP)?,
             take(m::BACKENDS_MAP)?,
@@ -129,7 +148,8 @@ impl DatapathMaps {
     /// Opens the maps an agent pinned under `pin_dir` (no object needed).
     pub fn open_pinned(pin_dir: &Path) -> Result<Self, LoaderError> {
         let open = |name: &'static str| {
-            let data = MapData::from_pin(pin_dir.join(name)).map_err(|source| LoaderError::Map { map: name, source })?;
+            let data = MapData::from_pin(pin_dir.join(name))
+                .map_err(|source| LoaderError::Map { map: name, source })?;
             Map::from_map_data(data).map_err(|source| LoaderError::Map { map: name, source })
         };
         Self::from_maps(
@@ -142,8 +162,18 @@ impl DatapathMaps {
         )
     }
 
-    fn from_maps(services: Map, backends: Map, reverse_nat: Map, conntrack: Map, sock_reverse_nat: Map, counters: Map) -> Result<Self, LoaderError> {
-        fn typed<T: TryFrom<Map, Error = MapError>>(map: Map, name: &'static str) -> Result<T, LoaderError> {
+    fn from_maps(
+        services: Map,
+        backends: Map,
+        reverse_nat: Map,
+        conntrack: Map,
+        sock_reverse_nat: Map,
+        counters: Map,
+    ) -> Result<Self, LoaderError> {
+        fn typed<T: TryFrom<Map, Error = MapError>>(
+            map: Map,
+            name: &'static str,
+        ) -> Result<T, LoaderError> {
             T::try_from(map).map_err(|source| LoaderError::Map { map: name, source })
         }
         Ok(Self {
@@ -177,8 +207,19 @@ impl DatapathMaps {
     ///
     /// Backends no longer used by any frontend are the caller's to delete
     /// (`remove_backend`) after this returns.
-    pub fn set_service(&mut self, frontend: &Frontend, rev_nat_id: RevNatId, backends: &[BackendEntry]) -> Result<(), ProgramError> {
-        let map_err = |map: &'static str| move |source| ProgramError::Map { frontend: *frontend, map, source };
+    pub fn set_service(
+        &mut self,
+        frontend: &Frontend,
+        rev_nat_id: RevNatId,
+        backends: &[BackendEntry],
+    ) -> Result<(), ProgramError> {
+        let map_err = |map: &'static str| {
+            move |source| ProgramError::Map {
+                frontend: *frontend,
+                map,
+                source,
+            }
+        };
         let count = u16::try_from(backends.len())
             .ok()
             .filter(|&n| n <= m::MAX_BACKENDS_PER_SERVICE)
@@ -188,20 +229,34 @@ impl DatapathMaps {
                 max: m::MAX_BACKENDS_PER_SERVICE,
             })?;
         if rev_nat_id == 0 {
-            return Err(ProgramError::ZeroRevNatId { frontend: *frontend });
+            return Err(ProgramError::ZeroRevNatId {
+                frontend: *frontend,
+            });
         }
         if frontend.port == 0 {
-            return Err(ProgramError::PortZero { frontend: *frontend, what: "service" });
+            return Err(ProgramError::PortZero {
+                frontend: *frontend,
+                what: "service",
+            });
         }
         for backend in backends {
             if backend.id == 0 {
-                return Err(ProgramError::ZeroBackendId { frontend: *frontend });
+                return Err(ProgramError::ZeroBackendId {
+                    frontend: *frontend,
+                });
             }
             if backend.port == 0 {
-                return Err(ProgramError::PortZero { frontend: *frontend, what: "backend" });
+                return Err(ProgramError::PortZero {
+                    frontend: *frontend,
+                    what: "backend",
+                });
             }
         }
-        let old_count = self.services.get(&frontend.key(0), 0).map(|v| v.backend_count).unwrap_or(0);
+        let old_count = self
+            .services
+            .get(&frontend.key(0), 0)
+            .map(|v| v.backend_count)
+            .unwrap_or(0);
 
         for backend in backends {
             let value = Backend {
@@ -210,30 +265,39 @@ impl DatapathMaps {
                 protocol: frontend.protocol.number(),
                 flags: 0,
             };
-            self.backends.insert(backend.id, value, 0).map_err(map_err(m::BACKENDS_MAP))?;
+            self.backends
+                .insert(backend.id, value, 0)
+                .map_err(map_err(m::BACKENDS_MAP))?;
         }
         let rev_nat = RevNatValue {
             address_be: ipv4_be(frontend.address.octets()),
             port_be: port_be(frontend.port),
             _pad: [0; 2],
         };
-        self.reverse_nat.insert(rev_nat_id, rev_nat, 0).map_err(map_err(m::REVERSE_NAT_MAP))?;
+        self.reverse_nat
+            .insert(rev_nat_id, rev_nat, 0)
+            .map_err(map_err(m::REVERSE_NAT_MAP))?;
         for (i, backend) in backends.iter().enumerate() {
             let slot = ServiceValue {
                 backend_id: backend.id,
                 rev_nat_id,
                 ..ServiceValue::default()
             };
-            self.services.insert(frontend.key(i as u16 + 1), slot, 0).map_err(map_err(m::SERVICES_MAP))?;
+            self.services
+                .insert(frontend.key(i as u16 + 1), slot, 0)
+                .map_err(map_err(m::SERVICES_MAP))?;
         }
         let head = ServiceValue {
             backend_count: count,
             rev_nat_id,
             ..ServiceValue::default()
         };
-        self.services.insert(frontend.key(0), head, 0).map_err(map_err(m::SERVICES_MAP))?;
+        self.services
+            .insert(frontend.key(0), head, 0)
+            .map_err(map_err(m::SERVICES_MAP))?;
         for slot in (count + 1)..=old_count {
-            remove_if_present(&mut self.services, &frontend.key(slot)).map_err(map_err(m::SERVICES_MAP))?;
+            remove_if_present(&mut self.services, &frontend.key(slot))
+                .map_err(map_err(m::SERVICES_MAP))?;
         }
         Ok(())
     }
@@ -241,15 +305,24 @@ impl DatapathMaps {
     /// Removes `frontend`: the frontend entry first (new flows stop), then
     /// its slots and reverse-NAT entry.
     pub fn remove_service(&mut self, frontend: &Frontend) -> Result<(), ProgramError> {
-        let map_err = |map: &'static str| move |source| ProgramError::Map { frontend: *frontend, map, source };
+        let map_err = |map: &'static str| {
+            move |source| ProgramError::Map {
+                frontend: *frontend,
+                map,
+                source,
+            }
+        };
         let Ok(head) = self.services.get(&frontend.key(0), 0) else {
             return Ok(());
         };
-        remove_if_present(&mut self.services, &frontend.key(0)).map_err(map_err(m::SERVICES_MAP))?;
+        remove_if_present(&mut self.services, &frontend.key(0))
+            .map_err(map_err(m::SERVICES_MAP))?;
         for slot in 1..=head.backend_count {
-            remove_if_present(&mut self.services, &frontend.key(slot)).map_err(map_err(m::SERVICES_MAP))?;
+            remove_if_present(&mut self.services, &frontend.key(slot))
+                .map_err(map_err(m::SERVICES_MAP))?;
         }
-        remove_if_present(&mut self.reverse_nat, &head.rev_nat_id).map_err(map_err(m::REVERSE_NAT_MAP))?;
+        remove_if_present(&mut self.reverse_nat, &head.rev_nat_id)
+            .map_err(map_err(m::REVERSE_NAT_MAP))?;
         Ok(())
     }
 
@@ -260,7 +333,10 @@ impl DatapathMaps {
     }
 }
 
-fn remove_if_present<K: aya::Pod, V: aya::Pod>(map: &mut HashMap<MapData, K, V>, key: &K) -> Result<(), MapError> {
+fn remove_if_present<K: aya::Pod, V: aya::Pod>(
+    map: &mut HashMap<MapData, K, V>,
+    key: &K,
+) -> Result<(), MapError> {
     match map.remove(key) {
         Ok(()) | Err(MapError::KeyNotFound) => Ok(()),
         Err(MapError::SyscallError(e)) if e.io_error.raw_os_error() == Some(libc::ENOENT) => Ok(()),

@@ -9,7 +9,12 @@ pub const SOCK_RECVMSG4: &str = "sock_recvmsg4";
 pub const SOCK_GETPEERNAME4: &str = "sock_peername4";
 
 /// The socket-LB programs, in attach order.
-pub const SOCK_PROGRAMS: [&str; 4] = [SOCK_CONNECT4, SOCK_SENDMSG4, SOCK_RECVMSG4, SOCK_GETPEERNAME4];
+pub const SOCK_PROGRAMS: [&str; 4] = [
+    SOCK_CONNECT4,
+    SOCK_SENDMSG4,
+    SOCK_RECVMSG4,
+    SOCK_GETPEERNAME4,
+];
 
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/underpass.bpf.o"));
 

@@ -20,11 +20,17 @@ pub const ACK: u8 = 0x10;
 /// The L4 part of a frame.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum L4 {
-    Tcp { flags: u8 },
+    Tcp {
+        flags: u8,
+    },
     /// `checksum: false` sends a zero ("no checksum") UDP checksum.
-    Udp { checksum: bool },
+    Udp {
+        checksum: bool,
+    },
     /// Another IP protocol, carried as opaque payload.
-    Other { protocol: u8 },
+    Other {
+        protocol: u8,
+    },
 }
 
 /// A frame description; `build()` renders it.
@@ -160,7 +166,8 @@ impl Frame {
                 tcp[0..2].copy_from_slice(&self.sport.to_be_bytes());
                 tcp[2..4].copy_from_slice(&self.dport.to_be_bytes());
                 tcp[4..8].copy_from_slice(&1000u32.to_be_bytes());
-                tcp[8..12].copy_from_slice(&(if flags & ACK != 0 { 2000u32 } else { 0 }).to_be_bytes());
+                tcp[8..12]
+                    .copy_from_slice(&(if flags & ACK != 0 { 2000u32 } else { 0 }).to_be_bytes());
                 tcp[12] = 5 << 4;
                 tcp[13] = flags;
                 tcp[14..16].copy_from_slice(&64240u16.to_be_bytes());
@@ -255,7 +262,10 @@ mod tests {
             let parsed = parse(&frame.build()).unwrap();
             assert!(parsed.ip_checksum_ok);
             assert_eq!(parsed.l4_checksum_ok, Some(true));
-            assert_eq!((parsed.src, parsed.sport, parsed.dst, parsed.dport), (a.0, a.1, b.0, b.1));
+            assert_eq!(
+                (parsed.src, parsed.sport, parsed.dst, parsed.dport),
+                (a.0, a.1, b.0, b.1)
+            );
         }
         let no_sum = parse(&Frame::udp(a, b).without_udp_checksum().build()).unwrap();
         assert_eq!(no_sum.l4_checksum_ok, None);
@@ -263,7 +273,12 @@ mod tests {
 
     #[test]
     fn a_flipped_bit_is_caught() {
-        let mut bytes = Frame::tcp((Ipv4Addr::new(10, 0, 0, 1), 1), (Ipv4Addr::new(10, 0, 0, 2), 2), ACK).build();
+        let mut bytes = Frame::tcp(
+            (Ipv4Addr::new(10, 0, 0, 1), 1),
+            (Ipv4Addr::new(10, 0, 0, 2), 2),
+            ACK,
+        )
+        .build();
         let last = bytes.len() - 1;
         bytes[last] ^= 0x40;
         assert_eq!(parse(&bytes).unwrap().l4_checksum_ok, Some(false));

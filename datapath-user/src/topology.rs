@@ -1,0 +1,657 @@
+//! The namespace topology shared by the e2e tests, the demo and the bench:
+//! two node namespaces joined by a veth "wire", a gateway that answers ARP
+//! and routes between two pod subnets, and macvlan pods on each node's end
+//! of the wire.
+//!
+//! ```text
+//!   pod c (10.77.0.2)  pod a (.3)             pod b (.4)  pod r (10.78.0.5)  gw (.254 / 10.78.0.254)
+//!        \             /                           \          |            /
+//!       macvlan (bridge) on "wire"                 macvlan (bridge) on "wire"
+//!   node1 [wire 10.77.0.101] ========= veth ========= [wire 10.77.0.102] node2
+//! ```
+//!
+//! Every namespace is named `<prefix>-<role>`, where the prefix carries our
+//! pid, so that a run removes exactly what it made: on drop (also while
+//! unwinding from a failed test) and, for runs killed outright, by the
+//! next run's sweep of prefixes whose process is gone.
+
+use std::{
+    fs, io,
+    net::Ipv4Addr,
+    os::fd::AsRawFd,
+    path::{Path, PathBuf},
+    sync::atomic::{AtomicU32, Ordering},
+};
+
+use futures::TryStreamExt;
+use rtnetlink::{
+    Handle, LinkMacVlan, LinkUnspec, LinkVeth, RouteMessageBuilder,
+    packet_route::link::{LinkAttribute, MacVlanMode},
+};
+
+use crate::netns::{self, NETNS_RUN_DIR};
+
+/// Errors name the namespace and the step that failed.
+#[derive(Debug, thiserror::Error)]
+#[error("network namespace {netns}: {step}: {reason}")]
+pub struct TopologyError {
+    pub netns: String,
+    pub step: String,
+    pub reason: String,
+}
+
+type Result<T> = std::result::Result<T, TopologyError>;
+
+fn err(netns: &str, step: impl Into<String>, reason: impl ToString) -> TopologyError {
+    TopologyError {
+        netns: netns.to_owned(),
+        step: step.into(),
+        reason: reason.to_string(),
+    }
+}
+
+/// Paths this process created and must remove even when interrupted:
+/// namespaces and cgroups. `remove_all_live` runs from the signal handler.
+static LIVE: std::sync::Mutex<Vec<PathBuf>> = std::sync::Mutex::new(Vec::new());
+
+fn register(path: &Path) {
+    LIVE.lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .push(path.to_owned());
+}
+
+fn unregister(path: &Path) {
+    LIVE.lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .retain(|p| p != path);
+}
+
+/// Removes every namespace and cgroup this process created and still holds.
+pub fn remove_all_live() {
+    let paths = std::mem::take(&mut *LIVE.lock().unwrap_or_else(|p| p.into_inner()));
+    for path in paths.iter().rev() {
+        if path.starts_with(NETNS_RUN_DIR) {
+            let _ = unmount_and_remove(path);
+        } else {
+            let _ = fs::remove_dir(path);
+        }
+    }
+}
+
+/// On SIGINT/SIGTERM: remove what we created, then exit (130/143). For
+/// long-running commands (demo, bench); tests clean up by unwinding.
+pub fn cleanup_on_signals() {
+    std::thread::spawn(|| {
+        let Ok(runtime) = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+        else {
+            return;
+        };
+        runtime.block_on(async {
+            use tokio::signal::unix::{SignalKind, signal};
+            let (Ok(mut int), Ok(mut term)) = (
+                signal(SignalKind::interrupt()),
+                signal(SignalKind::terminate()),
+            ) else {
+                return;
+            };
+            let code = tokio::select! {
+                _ = int.recv() => 130,
+                _ = term.recv() => 143,
+            };
+            eprintln!("\ninterrupted: removing the namespaces and cgroups this run created");
+            remove_all_live();
+            std::process::exit(code);
+        });
+    });
+}
+
+/// A cgroup v2 directory this process created; removed on drop (it must
+/// be empty by then: processes in it have exited).
+#[derive(Debug)]
+pub struct Cgroup {
+    path: PathBuf,
+}
+
+impl Cgroup {
+    /// Creates `<cgroup2 root>/<name>`.
+    pub fn create(name: &str) -> io::Result<Self> {
+        let path = crate::cgroup::unified_root()?.join(name);
+        fs::create_dir(&path)?;
+        register(&path);
+        Ok(Self { path })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+}
+
+impl Drop for Cgroup {
+    fn drop(&mut self) {
+        unregister(&self.path);
+        // Processes that just exited may still be accounted for a moment.
+        for _ in 0..50 {
+            match fs::remove_dir(&self.path) {
+                Err(e) if e.raw_os_error() == Some(libc::EBUSY) => {
+                    std::thread::sleep(std::time::Duration::from_millis(20))
+                }
+                _ => return,
+            }
+        }
+    }
+}
+
+fn unmount_and_remove(path: &Path) -> io::Result<()> {
+    let target =
+        std::ffi::CString::new(path.as_os_str().as_encoded_bytes()).map_err(io::Error::other)?;
+    // SAFETY: umount2 with a NUL-terminated path.
+    unsafe { libc::umount2(target.as_ptr(), libc::MNT_DETACH) };
+    fs::remove_file(path)
+}
+
+/// A named network namespace this process created; deleted on drop.
+#[derive(Debug)]
+pub struct Namespace {
+    name: String,
+    path: PathBuf,
+}
+
+impl Namespace {
+    /// Creates `/var/run/netns/NAME` (as `ip netns add` does, without
+    /// forking): a thread unshares its network namespace and bind-mounts it
+    /// there, so the namespace outlives the thread.
+    pub fn create(name: &str) -> Result<Self> {
+        let dir = Path::new(NETNS_RUN_DIR);
+        fs::create_dir_all(dir).map_err(|e| err(name, "create /var/run/netns", e))?;
+        let path = dir.join(name);
+        fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(&path)
+            .map_err(|e| err(name, "create the mount point", e))?;
+        register(&path);
+        let namespace = Self {
+            name: name.to_owned(),
+            path: path.clone(),
+        };
+        std::thread::scope(|scope| {
+            scope
+                .spawn(|| -> io::Result<()> {
+                    // SAFETY: unshare affects only this thread.
+                    if unsafe { libc::unshare(libc::CLONE_NEWNET) } != 0 {
+                        return Err(io::Error::last_os_error());
+                    }
+                    let source = c"/proc/thread-self/ns/net";
+                    let target = std::ffi::CString::new(path.as_os_str().as_encoded_bytes())
+                        .map_err(io::Error::other)?;
+                    // SAFETY: bind mount with NUL-terminated paths.
+                    if unsafe {
+                        libc::mount(
+                            source.as_ptr(),
+                            target.as_ptr(),
+                            std::ptr::null(),
+                            libc::MS_BIND,
+                            std::ptr::null(),
+                        )
+                    } != 0
+                    {
+                        return Err(io::Error::last_os_error());
+                    }
+                    Ok(())
+                })
+                .join()
+                .unwrap_or_else(|p| std::panic::resume_unwind(p))
+        })
+        .map_err(|e| err(name, "unshare and bind-mount", e))?;
+        namespace.netlink("bring lo up", |handle| async move {
+            set_up(&handle, "lo").await
+        })?;
+        Ok(namespace)
+    }
+
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Runs `work` on a thread inside this namespace.
+    pub fn run<T: Send>(&self, work: impl FnOnce() -> T + Send) -> Result<T> {
+        netns::run_in(Some(&self.path), work).map_err(|e| err(&self.name, "setns", e))
+    }
+
+    /// Runs netlink requests inside this namespace.
+    pub fn netlink<T, F, Fut>(&self, step: &str, work: F) -> Result<T>
+    where
+        T: Send,
+        F: FnOnce(Handle) -> Fut + Send,
+        Fut: Future<Output = std::result::Result<T, String>>,
+    {
+        self.run(|| {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .map_err(|e| e.to_string())?;
+            runtime.block_on(async {
+                let (connection, handle, _) =
+                    rtnetlink::new_connection().map_err(|e| e.to_string())?;
+                tokio::spawn(connection);
+                work(handle).await
+            })
+        })?
+        .map_err(|reason| err(&self.name, step, reason))
+    }
+
+    /// Writes a sysctl of this namespace (`net.ipv4.ip_forward` → 1).
+    pub fn sysctl(&self, key: &str, value: &str) -> Result<()> {
+        let path = PathBuf::from("/proc/sys").join(key.replace('.', "/"));
+        self.run(|| fs::write(&path, value))?
+            .map_err(|e| err(&self.name, format!("sysctl {key}={value}"), e))
+    }
+
+    /// Turns off transmit checksum offload on `iface`, so that checksums
+    /// are computed in software on the way out and a wrong one is caught
+    /// by the receiver instead of being hidden by offload.
+    pub fn disable_tx_checksum(&self, iface: &str) -> Result<()> {
+        self.run(|| ethtool_set_tx_csum(iface, false))?
+            .map_err(|e| err(&self.name, format!("ethtool -K {iface} tx off"), e))
+    }
+
+    fn delete(&self) -> io::Result<()> {
+        unregister(&self.path);
+        unmount_and_remove(&self.path)
+    }
+}
+
+impl Drop for Namespace {
+    fn drop(&mut self) {
+        if let Err(e) = self.delete() {
+            eprintln!("removing network namespace {}: {e}", self.name);
+        }
+    }
+}
+
+/// A prefix unique to this process and call: `up<pid>x<n>`.
+pub fn unique_prefix() -> String {
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    format!(
+        "up{}x{}",
+        std::process::id(),
+        NEXT.fetch_add(1, Ordering::Relaxed)
+    )
+}
+
+/// Removes namespaces named `up<pid>x…` whose process no longer exists:
+/// what an earlier run killed by a signal left behind. Namespaces of live
+/// processes and anything not named by us are left alone.
+pub fn sweep_stale() -> usize {
+    let Ok(entries) = fs::read_dir(NETNS_RUN_DIR) else {
+        return 0;
+    };
+    let mut removed = 0;
+    for entry in entries.flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let Some(pid) = name
+            .strip_prefix("up")
+            .and_then(|rest| rest.split('x').next())
+            .and_then(|p| p.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        if Path::new(&format!("/proc/{pid}")).exists() {
+            continue;
+        }
+        let stale = Namespace {
+            name: name.clone(),
+            path: entry.path(),
+        };
+        drop(stale);
+        removed += 1;
+    }
+    removed
+}
+
+/// A pod: a namespace whose `eth0` is a macvlan on its node's wire.
+#[derive(Debug)]
+pub struct Pod {
+    pub role: String,
+    pub namespace: Namespace,
+    pub node: usize,
+    pub address: Ipv4Addr,
+    pub gateway: Ipv4Addr,
+    pub mac: [u8; 6],
+}
+
+impl Pod {
+    pub const IFACE: &'static str = "eth0";
+}
+
+/// What to build.
+#[derive(Clone, Debug)]
+pub struct PodSpec {
+    pub role: &'static str,
+    /// 0 = node1, 1 = node2.
+    pub node: usize,
+    pub address: Ipv4Addr,
+}
+
+/// The standard e2e/demo layout: a client and a same-subnet server on
+/// node1, a same-subnet server and a routed (other subnet) server on node2.
+pub fn standard_pods() -> Vec<PodSpec> {
+    vec![
+        PodSpec {
+            role: "client",
+            node: 0,
+            address: Ipv4Addr::new(10, 77, 0, 2),
+        },
+        PodSpec {
+            role: "server-a",
+            node: 0,
+            address: Ipv4Addr::new(10, 77, 0, 3),
+        },
+        PodSpec {
+            role: "server-b",
+            node: 1,
+            address: Ipv4Addr::new(10, 77, 0, 4),
+        },
+        PodSpec {
+            role: "server-c",
+            node: 1,
+            address: Ipv4Addr::new(10, 78, 0, 5),
+        },
+    ]
+}
+
+/// The pod subnets and their gateway addresses (on the gateway namespace).
+pub const SUBNETS: [(Ipv4Addr, Ipv4Addr); 2] = [
+    (Ipv4Addr::new(10, 77, 0, 0), Ipv4Addr::new(10, 77, 0, 254)),
+    (Ipv4Addr::new(10, 78, 0, 0), Ipv4Addr::new(10, 78, 0, 254)),
+];
+pub const NODE_ADDRESSES: [Ipv4Addr; 2] =
+    [Ipv4Addr::new(10, 77, 0, 101), Ipv4Addr::new(10, 77, 0, 102)];
+/// The wire's interface name in both node namespaces.
+pub const WIRE: &str = "wire";
+
+/// The built topology. Dropping it deletes every namespace it made.
+#[derive(Debug)]
+pub struct Topology {
+    pub prefix: String,
+    pub pods: Vec<Pod>,
+    pub gateway: Namespace,
+    pub nodes: [Namespace; 2],
+}
+
+impl Topology {
+    /// Builds the two-node topology with `pods`.
+    pub fn build(pods: &[PodSpec]) -> Result<Self> {
+        sweep_stale();
+        let prefix = unique_prefix();
+        let node1 = Namespace::create(&format!("{prefix}-node1"))?;
+        let node2 = Namespace::create(&format!("{prefix}-node2"))?;
+        let gateway = Namespace::create(&format!("{prefix}-gw"))?;
+
+        // The wire: a veth pair, one end per node.
+        let node2_fd = fs::File::open(node2.path()).map_err(|e| err(node2.name(), "open", e))?;
+        let node2_raw = node2_fd.as_raw_fd();
+        node1.netlink("create the wire", |h| async move {
+            h.link()
+                .add(LinkVeth::new(WIRE, "wirepeer").build())
+                .execute()
+                .await
+                .map_err(|e| e.to_string())?;
+            let peer = index_of(&h, "wirepeer").await?;
+            h.link()
+                .set(
+                    LinkUnspec::new_with_index(peer)
+                        .setns_by_fd(node2_raw)
+                        .build(),
+                )
+                .execute()
+                .await
+                .map_err(|e| e.to_string())
+        })?;
+        drop(node2_fd);
+        node2.netlink("name the wire", |h| async move {
+            let peer = index_of(&h, "wirepeer").await?;
+            h.link()
+                .set(
+                    LinkUnspec::new_with_index(peer)
+                        .name(WIRE.to_owned())
+                        .build(),
+                )
+                .execute()
+                .await
+                .map_err(|e| e.to_string())
+        })?;
+        for (node, address) in [(&node1, NODE_ADDRESSES[0]), (&node2, NODE_ADDRESSES[1])] {
+            node.netlink("address the wire", |h| async move {
+                let wire = index_of(&h, WIRE).await?;
+                h.address()
+                    .add(wire, address.into(), 24)
+                    .execute()
+                    .await
+                    .map_err(|e| e.to_string())?;
+                set_up(&h, WIRE).await
+            })?;
+            node.disable_tx_checksum(WIRE)?;
+        }
+
+        // The gateway: a macvlan on node2's wire holding both subnets'
+        // gateway addresses, forwarding between them.
+        let gateway_mac = [0x02, 0x77, 0xfe, 0, 0, 0xfe];
+        add_macvlan(&node2, &gateway, "mvgw", gateway_mac)?;
+        gateway.netlink("address the gateway", |h| async move {
+            let eth0 = index_of(&h, Pod::IFACE).await?;
+            for (_, gw) in SUBNETS {
+                h.address()
+                    .add(eth0, gw.into(), 24)
+                    .execute()
+                    .await
+                    .map_err(|e| e.to_string())?;
+            }
+            set_up(&h, Pod::IFACE).await
+        })?;
+        gateway.sysctl("net.ipv4.ip_forward", "1")?;
+        // Same-interface forwarding between subnets would otherwise make it
+        // send redirects, which the pods would learn from.
+        gateway.sysctl("net.ipv4.conf.all.send_redirects", "0")?;
+        gateway.sysctl("net.ipv4.conf.eth0.send_redirects", "0")?;
+
+        let nodes = [node1, node2];
+        let mut built = Vec::new();
+        for (i, spec) in pods.iter().enumerate() {
+            let namespace = Namespace::create(&format!("{prefix}-{}", spec.role))?;
+            let octets = spec.address.octets();
+            let mac = [0x02, 0x77, octets[1], octets[2], octets[3], i as u8];
+            add_macvlan(&nodes[spec.node], &namespace, &format!("mv{i}"), mac)?;
+            let gateway_address = subnet_gateway(spec.address);
+            let address = spec.address;
+            namespace.netlink("address the pod", |h| async move {
+                let eth0 = index_of(&h, Pod::IFACE).await?;
+                h.address()
+                    .add(eth0, address.into(), 24)
+                    .execute()
+                    .await
+                    .map_err(|e| e.to_string())?;
+                set_up(&h, Pod::IFACE).await?;
+                let route = RouteMessageBuilder::<Ipv4Addr>::new()
+                    .gateway(gateway_address)
+                    .build();
+                h.route()
+                    .add(route)
+                    .execute()
+                    .await
+                    .map_err(|e| e.to_string())
+            })?;
+            built.push(Pod {
+                role: spec.role.to_owned(),
+                namespace,
+                node: spec.node,
+                address,
+                gateway: gateway_address,
+                mac,
+            });
+        }
+        Ok(Self {
+            prefix,
+            pods: built,
+            gateway,
+            nodes,
+        })
+    }
+
+    pub fn pod(&self, role: &str) -> &Pod {
+        self.pods
+            .iter()
+            .find(|p| p.role == role)
+            .unwrap_or_else(|| panic!("no pod {role} in this topology"))
+    }
+}
+
+/// The gateway of the subnet `address` belongs to.
+pub fn subnet_gateway(address: Ipv4Addr) -> Ipv4Addr {
+    SUBNETS
+        .iter()
+        .find(|(net, _)| net.octets()[..3] == address.octets()[..3])
+        .map(|(_, gw)| *gw)
+        .unwrap_or(SUBNETS[0].1)
+}
+
+/// Creates a bridge-mode macvlan on `node`'s wire, moves it into `into`
+/// and names it eth0 there.
+fn add_macvlan(node: &Namespace, into: &Namespace, temp_name: &str, mac: [u8; 6]) -> Result<()> {
+    let target = fs::File::open(into.path()).map_err(|e| err(into.name(), "open", e))?;
+    let target_fd = target.as_raw_fd();
+    let temp = temp_name.to_owned();
+    node.netlink("create a macvlan", |h| async move {
+        let wire = index_of(&h, WIRE).await?;
+        let link = LinkMacVlan::new(&temp, wire, MacVlanMode::Bridge)
+            .address(mac.to_vec())
+            .build();
+        h.link()
+            .add(link)
+            .execute()
+            .await
+            .map_err(|e| e.to_string())?;
+        let index = index_of(&h, &temp).await?;
+        h.link()
+            .set(
+                LinkUnspec::new_with_index(index)
+                    .setns_by_fd(target_fd)
+                    .build(),
+            )
+            .execute()
+            .await
+            .map_err(|e| e.to_string())
+    })?;
+    drop(target);
+    let temp = temp_name.to_owned();
+    into.netlink("rename the macvlan to eth0", |h| async move {
+        let index = index_of(&h, &temp).await?;
+        h.link()
+            .set(
+                LinkUnspec::new_with_index(index)
+                    .name(Pod::IFACE.to_owned())
+                    .build(),
+            )
+            .execute()
+            .await
+            .map_err(|e| e.to_string())
+    })
+}
+
+async fn index_of(handle: &Handle, name: &str) -> std::result::Result<u32, String> {
+    let link = handle
+        .link()
+        .get()
+        .match_name(name.to_owned())
+        .execute()
+        .try_next()
+        .await
+        .map_err(|e| format!("interface {name}: {e}"))?
+        .ok_or_else(|| format!("no interface {name}"))?;
+    Ok(link.header.index)
+}
+
+async fn set_up(handle: &Handle, name: &str) -> std::result::Result<(), String> {
+    let index = index_of(handle, name).await?;
+    handle
+        .link()
+        .set(LinkUnspec::new_with_index(index).up().build())
+        .execute()
+        .await
+        .map_err(|e| e.to_string())
+}
+
+/// The MAC of `name` in the calling thread's namespace.
+pub async fn mac_of(handle: &Handle, name: &str) -> std::result::Result<[u8; 6], String> {
+    let link = handle
+        .link()
+        .get()
+        .match_name(name.to_owned())
+        .execute()
+        .try_next()
+        .await
+        .map_err(|e| e.to_string())?
+        .ok_or("no such link")?;
+    link.attributes
+        .iter()
+        .find_map(|a| match a {
+            LinkAttribute::Address(mac) => mac.as_slice().try_into().ok(),
+            _ => None,
+        })
+        .ok_or_else(|| format!("{name} has no MAC"))
+}
+
+/// `ethtool -K IFACE tx on|off` through the SIOCETHTOOL ioctl (ethtool(8)
+/// need not be installed), in the calling thread's namespace.
+fn ethtool_set_tx_csum(iface: &str, enabled: bool) -> io::Result<()> {
+    const SIOCETHTOOL: libc::c_ulong = 0x8946;
+    const ETHTOOL_STXCSUM: u32 = 0x17;
+    #[repr(C)]
+    struct EthtoolValue {
+        cmd: u32,
+        data: u32,
+    }
+    #[repr(C)]
+    struct IfReq {
+        name: [u8; libc::IFNAMSIZ],
+        data: *mut EthtoolValue,
+        _pad: [u8; 16],
+    }
+    if iface.len() >= libc::IFNAMSIZ {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "interface name too long",
+        ));
+    }
+    let mut value = EthtoolValue {
+        cmd: ETHTOOL_STXCSUM,
+        data: u32::from(enabled),
+    };
+    let mut request = IfReq {
+        name: [0; libc::IFNAMSIZ],
+        data: &mut value,
+        _pad: [0; 16],
+    };
+    request.name[..iface.len()].copy_from_slice(iface.as_bytes());
+    // SAFETY: a datagram socket used only for the ioctl, closed below.
+    let sock = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
+    if sock < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: SIOCETHTOOL with a valid ifreq pointing at a valid command.
+    let rc = unsafe { libc::ioctl(sock, SIOCETHTOOL, &mut request) };
+    let result = if rc < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(())
+    };
+    // SAFETY: closing the socket we opened.
+    unsafe { libc::close(sock) };
+    result
+}

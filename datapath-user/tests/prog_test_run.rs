@@ -27,16 +27,36 @@ use datapath_user::{
 
 const CLIENT: (Ipv4Addr, u16) = (Ipv4Addr::new(10, 77, 0, 2), 40000);
 const VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 10);
-const B1: BackendEntry = BackendEntry { id: 1, address: Ipv4Addr::new(10, 77, 0, 3), port: 8080 };
-const B2: BackendEntry = BackendEntry { id: 2, address: Ipv4Addr::new(10, 77, 0, 4), port: 8080 };
-const B3: BackendEntry = BackendEntry { id: 3, address: Ipv4Addr::new(10, 78, 0, 5), port: 9090 };
+const B1: BackendEntry = BackendEntry {
+    id: 1,
+    address: Ipv4Addr::new(10, 77, 0, 3),
+    port: 8080,
+};
+const B2: BackendEntry = BackendEntry {
+    id: 2,
+    address: Ipv4Addr::new(10, 77, 0, 4),
+    port: 8080,
+};
+const B3: BackendEntry = BackendEntry {
+    id: 3,
+    address: Ipv4Addr::new(10, 78, 0, 5),
+    port: 9090,
+};
 
 fn tcp_frontend() -> Frontend {
-    Frontend { address: VIP, port: 80, protocol: Protocol::Tcp }
+    Frontend {
+        address: VIP,
+        port: 80,
+        protocol: Protocol::Tcp,
+    }
 }
 
 fn udp_frontend() -> Frontend {
-    Frontend { address: VIP, port: 53, protocol: Protocol::Udp }
+    Frontend {
+        address: VIP,
+        port: 53,
+        protocol: Protocol::Udp,
+    }
 }
 
 fn datapath_with(frontend: Frontend, backends: &[BackendEntry]) -> Datapath {
@@ -46,25 +66,50 @@ fn datapath_with(frontend: Frontend, backends: &[BackendEntry]) -> Datapath {
 }
 
 fn egress(dp: &mut Datapath, frame: &Frame) -> (i32, Vec<u8>) {
-    let out = dp.test_run_tc(TC_EGRESS, &frame.build(), 1).expect("BPF_PROG_TEST_RUN egress");
+    let out = dp
+        .test_run_tc(TC_EGRESS, &frame.build(), 1)
+        .expect("BPF_PROG_TEST_RUN egress");
     (out.verdict, out.frame)
 }
 
 fn ingress(dp: &mut Datapath, frame: &Frame) -> (i32, Vec<u8>) {
-    let out = dp.test_run_tc(TC_INGRESS, &frame.build(), 1).expect("BPF_PROG_TEST_RUN ingress");
+    let out = dp
+        .test_run_tc(TC_INGRESS, &frame.build(), 1)
+        .expect("BPF_PROG_TEST_RUN ingress");
     (out.verdict, out.frame)
 }
 
 /// Asserts that `output` is `expected` with fresh checksums: every field
 /// equal, and both checksums valid from scratch.
 fn assert_frame(description: &str, output: &[u8], expected: &Frame) {
-    let got = packet::parse(output).unwrap_or_else(|| panic!("{description}: output is not IPv4 TCP/UDP"));
+    let got = packet::parse(output)
+        .unwrap_or_else(|| panic!("{description}: output is not IPv4 TCP/UDP"));
     let want = packet::parse(&expected.build()).unwrap();
-    assert!(got.ip_checksum_ok, "{description}: IPv4 header checksum invalid");
-    assert_eq!(got.l4_checksum_ok, want.l4_checksum_ok, "{description}: L4 checksum state");
+    assert!(
+        got.ip_checksum_ok,
+        "{description}: IPv4 header checksum invalid"
+    );
     assert_eq!(
-        (got.src, got.sport, got.dst, got.dport, got.src_mac, got.dst_mac),
-        (want.src, want.sport, want.dst, want.dport, want.src_mac, want.dst_mac),
+        got.l4_checksum_ok, want.l4_checksum_ok,
+        "{description}: L4 checksum state"
+    );
+    assert_eq!(
+        (
+            got.src,
+            got.sport,
+            got.dst,
+            got.dport,
+            got.src_mac,
+            got.dst_mac
+        ),
+        (
+            want.src,
+            want.sport,
+            want.dst,
+            want.dport,
+            want.src_mac,
+            want.dst_mac
+        ),
         "{description}: addresses"
     );
     // Everything but the checksum fields must be byte-identical.
@@ -81,7 +126,11 @@ fn assert_frame(description: &str, output: &[u8], expected: &Frame) {
 }
 
 fn to_backend(frame: &Frame, backend: &BackendEntry) -> Frame {
-    Frame { dst: backend.address, dport: backend.port, ..frame.clone() }
+    Frame {
+        dst: backend.address,
+        dport: backend.port,
+        ..frame.clone()
+    }
 }
 
 fn service_key(frame: &Frame) -> CtKey {
@@ -129,7 +178,10 @@ fn syn_to_a_vip_is_dnated_and_tracked() {
     let fwd = ct_entry(&dp, &service_key(&syn)).expect("service-tuple entry");
     assert_eq!((fwd.backend_id, fwd.rev_nat_id, fwd.state), (B1.id, 1, 0));
     let rev = ct_entry(&dp, &backend_key(&syn, &B1)).expect("backend-tuple entry");
-    assert_eq!((rev.service_address_be, rev.service_port_be), (ipv4_be(VIP.octets()), port_be(80)));
+    assert_eq!(
+        (rev.service_address_be, rev.service_port_be),
+        (ipv4_be(VIP.octets()), port_be(80))
+    );
     assert_eq!(ct_len(&dp), 2);
     assert_eq!(dp.maps.counter(Counter::Translated).unwrap(), 1);
     assert_eq!(dp.maps.counter(Counter::ConntrackMiss).unwrap(), 1);
@@ -138,10 +190,14 @@ fn syn_to_a_vip_is_dnated_and_tracked() {
 #[test]
 fn later_packets_keep_their_backend_and_the_reply_is_reverse_natted() {
     let mut dp = datapath_with(tcp_frontend(), &[B1, B2, B3]);
-    let syn = Frame::tcp(CLIENT, (VIP, 80), SYN).with_macs([2, 0, 0, 0, 0, 2], [2, 0, 0, 0, 0, 0xfe]);
+    let syn =
+        Frame::tcp(CLIENT, (VIP, 80), SYN).with_macs([2, 0, 0, 0, 0, 2], [2, 0, 0, 0, 0, 0xfe]);
     let (_, out) = egress(&mut dp, &syn);
     let chosen = backend_of(&out);
-    let backend = [B1, B2, B3].into_iter().find(|b| b.address == chosen).expect("a configured backend");
+    let backend = [B1, B2, B3]
+        .into_iter()
+        .find(|b| b.address == chosen)
+        .expect("a configured backend");
 
     // The backend's SYN-ACK, as it arrives on the client's interface.
     let backend_mac = [2, 0, 0, 0, 0, 0xbb];
@@ -179,7 +235,11 @@ fn later_packets_keep_their_backend_and_the_reply_is_reverse_natted() {
     assert_eq!(dp.maps.counter(Counter::ConntrackHit).unwrap(), 20);
     assert_eq!(dp.maps.counter(Counter::ConntrackMiss).unwrap(), 1);
     let fwd = ct_entry(&dp, &service_key(&syn)).unwrap();
-    assert_eq!(fwd.state & STATE_SEEN_NON_SYN, STATE_SEEN_NON_SYN, "handshake done");
+    assert_eq!(
+        fwd.state & STATE_SEEN_NON_SYN,
+        STATE_SEEN_NON_SYN,
+        "handshake done"
+    );
 }
 
 #[test]
@@ -196,14 +256,58 @@ fn fixtures_that_pass_untouched() {
     let mut ipv6 = to_vip.build();
     ipv6[12..14].copy_from_slice(&0x86ddu16.to_be_bytes());
     let cases = [
-        Case { description: "TCP to a non-service address", input: Frame::tcp(CLIENT, (B1.address, 80), SYN).build(), program: TC_EGRESS, expected_counter: None },
-        Case { description: "TCP to the VIP on a port it does not serve", input: Frame::tcp(CLIENT, (VIP, 81), SYN).build(), program: TC_EGRESS, expected_counter: None },
-        Case { description: "UDP to the VIP's TCP port", input: Frame::udp(CLIENT, (VIP, 80)).build(), program: TC_EGRESS, expected_counter: None },
-        Case { description: "ICMP to the VIP", input: Frame { l4: L4::Other { protocol: 1 }, ..to_vip.clone() }.build(), program: TC_EGRESS, expected_counter: None },
-        Case { description: "ARP frame", input: arp, program: TC_EGRESS, expected_counter: None },
-        Case { description: "IPv6 ethertype", input: ipv6, program: TC_EGRESS, expected_counter: None },
-        Case { description: "non-first fragment to the VIP", input: to_vip.clone().fragment(185, false).build(), program: TC_EGRESS, expected_counter: Some(Counter::Fragment) },
-        Case { description: "reply from an untracked peer", input: Frame::tcp((B1.address, 8080), CLIENT, SYN | ACK).build(), program: TC_INGRESS, expected_counter: None },
+        Case {
+            description: "TCP to a non-service address",
+            input: Frame::tcp(CLIENT, (B1.address, 80), SYN).build(),
+            program: TC_EGRESS,
+            expected_counter: None,
+        },
+        Case {
+            description: "TCP to the VIP on a port it does not serve",
+            input: Frame::tcp(CLIENT, (VIP, 81), SYN).build(),
+            program: TC_EGRESS,
+            expected_counter: None,
+        },
+        Case {
+            description: "UDP to the VIP's TCP port",
+            input: Frame::udp(CLIENT, (VIP, 80)).build(),
+            program: TC_EGRESS,
+            expected_counter: None,
+        },
+        Case {
+            description: "ICMP to the VIP",
+            input: Frame {
+                l4: L4::Other { protocol: 1 },
+                ..to_vip.clone()
+            }
+            .build(),
+            program: TC_EGRESS,
+            expected_counter: None,
+        },
+        Case {
+            description: "ARP frame",
+            input: arp,
+            program: TC_EGRESS,
+            expected_counter: None,
+        },
+        Case {
+            description: "IPv6 ethertype",
+            input: ipv6,
+            program: TC_EGRESS,
+            expected_counter: None,
+        },
+        Case {
+            description: "non-first fragment to the VIP",
+            input: to_vip.clone().fragment(185, false).build(),
+            program: TC_EGRESS,
+            expected_counter: Some(Counter::Fragment),
+        },
+        Case {
+            description: "reply from an untracked peer",
+            input: Frame::tcp((B1.address, 8080), CLIENT, SYN | ACK).build(),
+            program: TC_INGRESS,
+            expected_counter: None,
+        },
     ];
     for case in cases {
         let mut dp = datapath_with(tcp_frontend(), &[B1]);
@@ -213,7 +317,13 @@ fn fixtures_that_pass_untouched() {
         assert_eq!(ct_len(&dp), 0, "{}: conntrack written", case.description);
         for (counter, value) in dp.maps.counters().unwrap() {
             let expected = u64::from(Some(counter) == case.expected_counter);
-            assert_eq!(value, expected, "{}: counter {}", case.description, counter.name());
+            assert_eq!(
+                value,
+                expected,
+                "{}: counter {}",
+                case.description,
+                counter.name()
+            );
         }
     }
 }
@@ -229,29 +339,66 @@ fn udp_with_and_without_checksum() {
     let mut dp = datapath_with(udp_frontend(), &[B3]);
     let bare = Frame::udp((CLIENT.0, 40001), (VIP, 53)).without_udp_checksum();
     let (_, out) = egress(&mut dp, &bare);
-    assert_eq!(&out[14 + 20 + 6..14 + 20 + 8], &[0, 0], "a zero UDP checksum must stay zero");
+    assert_eq!(
+        &out[14 + 20 + 6..14 + 20 + 8],
+        &[0, 0],
+        "a zero UDP checksum must stay zero"
+    );
     assert_frame("UDP without checksum", &out, &to_backend(&bare, &B3));
 
     // The reply without checksum keeps none, too.
-    let reply = Frame { src: B3.address, sport: B3.port, dst: bare.src, dport: bare.sport, ..bare.clone() };
+    let reply = Frame {
+        src: B3.address,
+        sport: B3.port,
+        dst: bare.src,
+        dport: bare.sport,
+        ..bare.clone()
+    };
     let (v, out) = ingress(&mut dp, &reply);
     assert_eq!(v, verdict::OK);
     assert_eq!(&out[14 + 20 + 6..14 + 20 + 8], &[0, 0]);
-    assert_frame("UDP reply without checksum", &out, &Frame { src: VIP, sport: 53, ..reply });
+    assert_frame(
+        "UDP reply without checksum",
+        &out,
+        &Frame {
+            src: VIP,
+            sport: 53,
+            ..reply
+        },
+    );
 }
 
 #[test]
 fn ip_options_shift_the_l4_header() {
-    for options in [vec![1u8, 1, 1, 0], vec![0x94, 4, 0, 0, 1, 1, 1, 1], vec![1u8; 40]] {
+    for options in [
+        vec![1u8, 1, 1, 0],
+        vec![0x94, 4, 0, 0, 1, 1, 1, 1],
+        vec![1u8; 40],
+    ] {
         let mut dp = datapath_with(tcp_frontend(), &[B2]);
         let syn = Frame::tcp(CLIENT, (VIP, 80), SYN).with_ip_options(&options);
         let (v, out) = egress(&mut dp, &syn);
         assert_eq!(v, verdict::REDIRECT, "{} option bytes", options.len());
         assert_frame("DNAT with IP options", &out, &to_backend(&syn, &B2));
-        let reply = Frame { src: B2.address, sport: B2.port, dst: CLIENT.0, dport: CLIENT.1, l4: L4::Tcp { flags: SYN | ACK }, ..syn.clone() };
+        let reply = Frame {
+            src: B2.address,
+            sport: B2.port,
+            dst: CLIENT.0,
+            dport: CLIENT.1,
+            l4: L4::Tcp { flags: SYN | ACK },
+            ..syn.clone()
+        };
         let (v, out) = ingress(&mut dp, &reply);
         assert_eq!(v, verdict::OK);
-        assert_frame("reverse NAT with IP options", &out, &Frame { src: VIP, sport: 80, ..reply });
+        assert_frame(
+            "reverse NAT with IP options",
+            &out,
+            &Frame {
+                src: VIP,
+                sport: 80,
+                ..reply
+            },
+        );
     }
 }
 
@@ -276,8 +423,15 @@ fn every_truncation_neither_crashes_nor_rewrites() {
                     Err(_) if len < 14 + 20 => {}
                     Err(e) => panic!("{program}, {len} bytes: {e}"),
                     Ok(out) => {
-                        assert_eq!(out.frame, input, "{program} rewrote a {len}-byte truncation");
-                        assert_ne!(out.verdict, verdict::SHOT, "{program} dropped a {len}-byte truncation");
+                        assert_eq!(
+                            out.frame, input,
+                            "{program} rewrote a {len}-byte truncation"
+                        );
+                        assert_ne!(
+                            out.verdict,
+                            verdict::SHOT,
+                            "{program} dropped a {len}-byte truncation"
+                        );
                     }
                 }
             }
@@ -307,7 +461,10 @@ fn plant_flow(dp: &mut Datapath, frame: &Frame, backend: &BackendEntry, state: u
         state,
         ..CtEntry::default()
     };
-    dp.maps.conntrack.insert(service_key(frame), entry, 0).unwrap();
+    dp.maps
+        .conntrack
+        .insert(service_key(frame), entry, 0)
+        .unwrap();
 }
 
 #[test]
@@ -316,27 +473,72 @@ fn flows_expire_on_their_own_lifetimes() {
     // Short lifetimes (set at load time like in production) so that the
     // planted timestamps fit in the machine's uptime (the clock is
     // CLOCK_MONOTONIC, which starts at boot).
-    let lifetimes = Lifetimes { tcp_syn_ns: 4 * S, tcp_established_ns: 9 * S, tcp_closing_ns: 2 * S, udp_ns: 6 * S };
+    let lifetimes = Lifetimes {
+        tcp_syn_ns: 4 * S,
+        tcp_established_ns: 9 * S,
+        tcp_closing_ns: 2 * S,
+        udp_ns: 6 * S,
+    };
     // (description, TCP?, state, idle time, still tracked?)
     let cases = [
         ("SYN-only flow, 3 s idle", true, 0, 3 * S, true),
         ("SYN-only flow, 5 s idle", true, 0, 5 * S, false),
-        ("established flow, 8 s idle", true, STATE_SEEN_NON_SYN, 8 * S, true),
-        ("established flow, 10 s idle", true, STATE_SEEN_NON_SYN, 10 * S, false),
-        ("closing flow, 1 s idle", true, STATE_SEEN_NON_SYN | STATE_CLOSING_TX, S, true),
-        ("closing flow, 3 s idle", true, STATE_SEEN_NON_SYN | STATE_CLOSING_TX, 3 * S, false),
+        (
+            "established flow, 8 s idle",
+            true,
+            STATE_SEEN_NON_SYN,
+            8 * S,
+            true,
+        ),
+        (
+            "established flow, 10 s idle",
+            true,
+            STATE_SEEN_NON_SYN,
+            10 * S,
+            false,
+        ),
+        (
+            "closing flow, 1 s idle",
+            true,
+            STATE_SEEN_NON_SYN | STATE_CLOSING_TX,
+            S,
+            true,
+        ),
+        (
+            "closing flow, 3 s idle",
+            true,
+            STATE_SEEN_NON_SYN | STATE_CLOSING_TX,
+            3 * S,
+            false,
+        ),
         ("UDP flow, 5 s idle", false, 0, 5 * S, true),
         ("UDP flow, 7 s idle", false, 0, 7 * S, false),
     ];
-    assert!(monotonic_ns() > 20 * S, "uptime too short to plant old timestamps");
+    assert!(
+        monotonic_ns() > 20 * S,
+        "uptime too short to plant old timestamps"
+    );
     for (description, tcp, state, age, tracked) in cases {
         // The service's only backend is B2; the planted flow names B1
         // (still a known backend). Tracked → B1; expired → re-balanced to B2.
         let frontend = if tcp { tcp_frontend() } else { udp_frontend() };
         let mut dp = load_private_with(lifetimes);
         dp.maps.set_service(&frontend, 1, &[B2]).unwrap();
-        dp.maps.set_service(&Frontend { port: 1, ..frontend }, 9, &[B1]).unwrap();
-        let frame = if tcp { Frame::tcp(CLIENT, (VIP, 80), ACK) } else { Frame::udp(CLIENT, (VIP, 53)) };
+        dp.maps
+            .set_service(
+                &Frontend {
+                    port: 1,
+                    ..frontend
+                },
+                9,
+                &[B1],
+            )
+            .unwrap();
+        let frame = if tcp {
+            Frame::tcp(CLIENT, (VIP, 80), ACK)
+        } else {
+            Frame::udp(CLIENT, (VIP, 53))
+        };
         plant_flow(&mut dp, &frame, &B1, state, age);
         let (_, out) = egress(&mut dp, &frame);
         let expected = if tracked { B1.address } else { B2.address };
@@ -355,14 +557,26 @@ fn a_removed_backend_drains_and_a_deleted_one_rebalances() {
     // new flows go to B2, the established flow keeps B1 (graceful drain).
     dp.maps.set_service(&tcp_frontend(), 1, &[B2]).unwrap();
     let other_client = Frame::tcp((CLIENT.0, 40001), (VIP, 80), SYN);
-    assert_eq!(backend_of(&egress(&mut dp, &other_client).1), B2.address, "new flow");
+    assert_eq!(
+        backend_of(&egress(&mut dp, &other_client).1),
+        B2.address,
+        "new flow"
+    );
     let ack = Frame::tcp(CLIENT, (VIP, 80), ACK);
-    assert_eq!(backend_of(&egress(&mut dp, &ack).1), B1.address, "existing flow drains on B1");
+    assert_eq!(
+        backend_of(&egress(&mut dp, &ack).1),
+        B1.address,
+        "existing flow drains on B1"
+    );
 
     // The agent deletes B1 itself: the flow's next packet is re-balanced
     // (TCP then gets a RST from its new backend: a fast failure, no hang).
     dp.maps.remove_backend(B1.id).unwrap();
-    assert_eq!(backend_of(&egress(&mut dp, &ack).1), B2.address, "re-balanced after delete");
+    assert_eq!(
+        backend_of(&egress(&mut dp, &ack).1),
+        B2.address,
+        "re-balanced after delete"
+    );
     assert_eq!(ct_entry(&dp, &service_key(&ack)).unwrap().backend_id, B2.id);
 }
 
@@ -387,7 +601,11 @@ fn fin_and_rst_close_both_entries_and_a_new_syn_reopens() {
     let fwd = ct_entry(&dp, &service_key(&syn)).unwrap();
     let rev = ct_entry(&dp, &backend_key(&syn, &B1)).unwrap();
     assert_ne!(fwd.state & STATE_CLOSING_TX, 0);
-    assert_ne!(rev.state & STATE_CLOSING_TX, 0, "the close is mirrored to the reply entry");
+    assert_ne!(
+        rev.state & STATE_CLOSING_TX,
+        0,
+        "the close is mirrored to the reply entry"
+    );
 
     // A RST from the backend is seen on ingress and still reverse-NATed.
     let rst = Frame::tcp((B1.address, B1.port), CLIENT, RST);
@@ -419,7 +637,10 @@ fn new_flows_spread_over_all_backends() {
     let mut dp = datapath_with(tcp_frontend(), &[B1, B2, B3]);
     let mut hits = std::collections::HashMap::new();
     for port in 0..600u16 {
-        let (_, out) = egress(&mut dp, &Frame::tcp((CLIENT.0, 20000 + port), (VIP, 80), SYN));
+        let (_, out) = egress(
+            &mut dp,
+            &Frame::tcp((CLIENT.0, 20000 + port), (VIP, 80), SYN),
+        );
         *hits.entry(backend_of(&out)).or_insert(0) += 1;
     }
     assert_eq!(hits.len(), 3, "{hits:?}");

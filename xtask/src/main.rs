@@ -65,12 +65,18 @@ fn main() -> Result<()> {
         Task::Test { args } => {
             setup(&root, TEST_PACKAGES)?;
             build_ebpf(&root)?;
-            require_root("the BPF_PROG_TEST_RUN and e2e suites load programs and create network namespaces")?;
+            require_root(
+                "the BPF_PROG_TEST_RUN and e2e suites load programs and create network namespaces",
+            )?;
             let mut cmd = cargo_stable();
-            cmd.args(["test", "--workspace", "--", "--nocapture"]).args(&args);
+            cmd.args(["test", "--workspace", "--", "--nocapture"])
+                .args(&args);
             // The namespace suites share the machine's network stack: one
             // test at a time keeps their output and timings readable.
-            cmd.env("RUST_TEST_THREADS", env::var("RUST_TEST_THREADS").unwrap_or_else(|_| "2".into()));
+            cmd.env(
+                "RUST_TEST_THREADS",
+                env::var("RUST_TEST_THREADS").unwrap_or_else(|_| "2".into()),
+            );
             run(&mut cmd, "cargo test")
         }
         Task::Demo => {
@@ -78,21 +84,51 @@ fn main() -> Result<()> {
             build_ebpf(&root)?;
             require_root("the demo creates network namespaces and loads eBPF programs")?;
             run(
-                cargo_stable().args(["run", "--release", "--package", "datapath-user", "--bin", "underpass", "--", "demo"]),
+                cargo_stable().args([
+                    "run",
+                    "--release",
+                    "--package",
+                    "datapath-user",
+                    "--bin",
+                    "underpass",
+                    "--",
+                    "demo",
+                ]),
                 "underpass demo",
             )
         }
         Task::Lint => {
             setup(&root, &[])?;
-            run(cargo_stable().args(["fmt", "--all", "--", "--check"]), "cargo fmt (workspace)")?;
             run(
-                cargo_stable().args(["clippy", "--workspace", "--all-targets", "--", "-D", "warnings"]),
+                cargo_stable().args(["fmt", "--all", "--", "--check"]),
+                "cargo fmt (workspace)",
+            )?;
+            run(
+                cargo_stable().args([
+                    "clippy",
+                    "--workspace",
+                    "--all-targets",
+                    "--",
+                    "-D",
+                    "warnings",
+                ]),
                 "cargo clippy (workspace)",
             )?;
             let ebpf = root.join("datapath-ebpf");
-            run(cargo_nightly(&root).current_dir(&ebpf).args(["fmt", "--", "--check"]), "cargo fmt (eBPF)")?;
             run(
-                cargo_nightly(&root).current_dir(&ebpf).args(["clippy", "--release", "--", "-D", "warnings"]),
+                cargo_nightly(&root)
+                    .current_dir(&ebpf)
+                    .args(["fmt", "--", "--check"]),
+                "cargo fmt (eBPF)",
+            )?;
+            run(
+                cargo_nightly(&root).current_dir(&ebpf).args([
+                    "clippy",
+                    "--release",
+                    "--",
+                    "-D",
+                    "warnings",
+                ]),
                 "cargo clippy (eBPF)",
             )
         }
@@ -100,7 +136,10 @@ fn main() -> Result<()> {
 }
 
 fn project_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("xtask lives in the workspace").to_path_buf()
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("xtask lives in the workspace")
+        .to_path_buf()
 }
 
 /// The project's own cache of built tools (ignored by git).
@@ -115,18 +154,30 @@ fn setup(root: &Path, packages: &[(&str, &str)]) -> Result<()> {
 }
 
 fn ensure_nightly_rust_src() -> Result<()> {
-    let installed = output(Command::new("rustup").args(["component", "list", "--toolchain", "nightly", "--installed"]))
-        .context("rustup is needed (with the stable and nightly toolchains)")?;
+    let installed = output(Command::new("rustup").args([
+        "component",
+        "list",
+        "--toolchain",
+        "nightly",
+        "--installed",
+    ]))
+    .context("rustup is needed (with the stable and nightly toolchains)")?;
     if !installed.lines().any(|l| l.starts_with("rust-src")) {
-        eprintln!("xtask: installing rust-src for the nightly toolchain (the eBPF crate builds core from source)");
-        run(Command::new("rustup").args(["component", "add", "rust-src", "--toolchain", "nightly"]), "rustup component add")?;
+        eprintln!(
+            "xtask: installing rust-src for the nightly toolchain (the eBPF crate builds core from source)"
+        );
+        run(
+            Command::new("rustup").args(["component", "add", "rust-src", "--toolchain", "nightly"]),
+            "rustup component add",
+        )?;
     }
     Ok(())
 }
 
 fn nightly_sysroot() -> Result<PathBuf> {
-    let sysroot = output(Command::new("rustc").args(["+nightly", "--print", "sysroot"]))
-        .context("the nightly toolchain is needed for the eBPF crate: rustup toolchain install nightly")?;
+    let sysroot = output(Command::new("rustc").args(["+nightly", "--print", "sysroot"])).context(
+        "the nightly toolchain is needed for the eBPF crate: rustup toolchain install nightly",
+    )?;
     Ok(PathBuf::from(sysroot.trim()))
 }
 
@@ -140,18 +191,30 @@ fn bpf_linker_bin(root: &Path) -> PathBuf {
 fn ensure_bpf_linker(root: &Path) -> Result<()> {
     let linker = bpf_linker_bin(root).join("bpf-linker");
     if linker.exists() {
-        let works = Command::new(&linker).arg("--version").output().map(|o| o.status.success()).unwrap_or(false);
+        let works = Command::new(&linker)
+            .arg("--version")
+            .output()
+            .map(|o| o.status.success())
+            .unwrap_or(false);
         if works {
             return Ok(());
         }
-        eprintln!("xtask: {} no longer runs (nightly updated?): rebuilding it", linker.display());
+        eprintln!(
+            "xtask: {} no longer runs (nightly updated?): rebuilding it",
+            linker.display()
+        );
     }
     let nightly_lib = nightly_sysroot()?.join("lib");
     let llvm = fs::read_dir(&nightly_lib)?
         .filter_map(|e| e.ok())
         .map(|e| e.file_name().to_string_lossy().into_owned())
         .find(|name| name.starts_with("libLLVM.so."))
-        .with_context(|| format!("no libLLVM.so.* in {}: is the nightly toolchain complete?", nightly_lib.display()))?;
+        .with_context(|| {
+            format!(
+                "no libLLVM.so.* in {}: is the nightly toolchain complete?",
+                nightly_lib.display()
+            )
+        })?;
     let prefix = tools_dir(root).join("llvm");
     let lib = prefix.join("lib");
     if lib.exists() {
@@ -162,13 +225,25 @@ fn ensure_bpf_linker(root: &Path) -> Result<()> {
     // needs the versioned soname next to it.
     std::os::unix::fs::symlink(nightly_lib.join(&llvm), lib.join("libLLVM.so"))?;
     std::os::unix::fs::symlink(nightly_lib.join(&llvm), lib.join(&llvm))?;
-    eprintln!("xtask: building bpf-linker {BPF_LINKER_VERSION} against {llvm} (a few minutes, once)");
+    eprintln!(
+        "xtask: building bpf-linker {BPF_LINKER_VERSION} against {llvm} (a few minutes, once)"
+    );
     let started = Instant::now();
     run(
         cargo_stable()
             .env("LLVM_PREFIX", &prefix)
-            .args(["install", "--locked", "--force", &format!("bpf-linker@{BPF_LINKER_VERSION}")])
-            .args(["--no-default-features", "--features", BPF_LINKER_LLVM_FEATURE, "--root"])
+            .args([
+                "install",
+                "--locked",
+                "--force",
+                &format!("bpf-linker@{BPF_LINKER_VERSION}"),
+            ])
+            .args([
+                "--no-default-features",
+                "--features",
+                BPF_LINKER_LLVM_FEATURE,
+                "--root",
+            ])
             .arg(tools_dir(root).join("bpf-linker")),
         "cargo install bpf-linker",
     )?;
@@ -177,7 +252,11 @@ fn ensure_bpf_linker(root: &Path) -> Result<()> {
 }
 
 fn ensure_debian_packages(packages: &[(&str, &str)]) -> Result<()> {
-    let missing: Vec<&str> = packages.iter().filter(|(cmd, _)| !on_path(cmd)).map(|(_, pkg)| *pkg).collect();
+    let missing: Vec<&str> = packages
+        .iter()
+        .filter(|(cmd, _)| !on_path(cmd))
+        .map(|(_, pkg)| *pkg)
+        .collect();
     if missing.is_empty() {
         return Ok(());
     }
@@ -186,16 +265,24 @@ fn ensure_debian_packages(packages: &[(&str, &str)]) -> Result<()> {
     }
     require_root(&format!("installing Debian packages {missing:?}"))?;
     eprintln!("xtask: installing {missing:?}");
-    run(Command::new("apt-get").args(["update", "-qq"]), "apt-get update")?;
     run(
-        Command::new("apt-get").env("DEBIAN_FRONTEND", "noninteractive").args(["install", "-y", "-qq", "--no-install-recommends"]).args(&missing),
+        Command::new("apt-get").args(["update", "-qq"]),
+        "apt-get update",
+    )?;
+    run(
+        Command::new("apt-get")
+            .env("DEBIAN_FRONTEND", "noninteractive")
+            .args(["install", "-y", "-qq", "--no-install-recommends"])
+            .args(&missing),
         "apt-get install",
     )
 }
 
 fn build_ebpf(root: &Path) -> Result<()> {
     run(
-        cargo_nightly(root).current_dir(root.join("datapath-ebpf")).args(["build", "--release"]),
+        cargo_nightly(root)
+            .current_dir(root.join("datapath-ebpf"))
+            .args(["build", "--release"]),
         "building the eBPF object",
     )
 }
@@ -218,7 +305,8 @@ fn cargo_nightly(root: &Path) -> Command {
 }
 
 fn on_path(cmd: &str) -> bool {
-    env::var_os("PATH").is_some_and(|paths| env::split_paths(&paths).any(|dir| dir.join(cmd).is_file()))
+    env::var_os("PATH")
+        .is_some_and(|paths| env::split_paths(&paths).any(|dir| dir.join(cmd).is_file()))
 }
 
 fn require_root(why: &str) -> Result<()> {
@@ -235,7 +323,9 @@ unsafe extern "C" {
 }
 
 fn run(cmd: &mut Command, what: &str) -> Result<()> {
-    let status: ExitStatus = cmd.status().with_context(|| format!("{what}: could not start {:?}", cmd.get_program()))?;
+    let status: ExitStatus = cmd
+        .status()
+        .with_context(|| format!("{what}: could not start {:?}", cmd.get_program()))?;
     if !status.success() {
         bail!("{what} failed ({status})");
     }

@@ -9,7 +9,9 @@ use datapath_user::{Datapath, LoadOptions, loader::MapSizes};
 pub fn require_root(suite: &str) {
     // SAFETY: geteuid has no preconditions.
     if unsafe { libc::geteuid() } != 0 {
-        panic!("the {suite} suite needs root (BPF, network namespaces): run `cargo xtask test` as root");
+        panic!(
+            "the {suite} suite needs root (BPF, network namespaces): run `cargo xtask test` as root"
+        );
     }
 }
 
@@ -37,7 +39,10 @@ pub fn load_private_with(ct_lifetimes: Lifetimes) -> Datapath {
 
 /// CLOCK_MONOTONIC in ns: the clock `bpf_ktime_get_ns` reads.
 pub fn monotonic_ns() -> u64 {
-    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
     // SAFETY: clock_gettime into a valid timespec.
     unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
     ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64

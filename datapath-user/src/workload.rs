@@ -1,0 +1,279 @@
+//! Small servers and clients that run inside topology namespaces, for the
+//! e2e tests and the demo. Each server answers every request line (TCP) or
+//! datagram (UDP) with its own name, so the client learns which backend a
+//! ClusterIP request reached.
+
+use std::{
+    io::{self, BufRead, BufReader, Write},
+    net::{Ipv4Addr, SocketAddr, SocketAddrV4, TcpListener, TcpStream, UdpSocket},
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+    thread::JoinHandle,
+    time::Duration,
+};
+
+use crate::topology::{Namespace, TopologyError};
+
+/// A server thread; stopped and joined on drop.
+pub struct Server {
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<()>>,
+    pub address: SocketAddrV4,
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+/// Starts a TCP server in `namespace` on `address:port` answering each
+/// request line with `name`. Connections stay open (keep-alive).
+pub fn tcp_server(
+    namespace: &Namespace,
+    address: Ipv4Addr,
+    port: u16,
+    name: &str,
+) -> Result<Server, TopologyError> {
+    let bind = SocketAddrV4::new(address, port);
+    // The socket is created inside the namespace; it stays there.
+    let listener = namespace
+        .run(|| TcpListener::bind(bind))?
+        .map_err(|e| TopologyError {
+            netns: namespace.name().into(),
+            step: format!("listen on {bind}/TCP"),
+            reason: e.to_string(),
+        })?;
+    listener
+        .set_nonblocking(true)
+        .expect("nonblocking listener");
+    let stop = Arc::new(AtomicBool::new(false));
+    let name = name.to_owned();
+    let thread = {
+        let stop = stop.clone();
+        std::thread::spawn(move || {
+            while !stop.load(Ordering::Relaxed) {
+                match listener.accept() {
+                    Ok((stream, _)) => {
+                        let name = name.clone();
+                        let stop = stop.clone();
+                        std::thread::spawn(move || serve_tcp(stream, &name, &stop));
+                    }
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                        std::thread::sleep(Duration::from_millis(2))
+                    }
+                    Err(_) => break,
+                }
+            }
+        })
+    };
+    Ok(Server {
+        stop,
+        thread: Some(thread),
+        address: bind,
+    })
+}
+
+fn serve_tcp(stream: TcpStream, name: &str, stop: &AtomicBool) {
+    let _ = stream.set_nodelay(true);
+    let _ = stream.set_read_timeout(Some(Duration::from_millis(200)));
+    let mut writer = match stream.try_clone() {
+        Ok(w) => w,
+        Err(_) => return,
+    };
+    let mut reader = BufReader::new(stream);
+    let mut line = String::new();
+    while !stop.load(Ordering::Relaxed) {
+        line.clear();
+        match reader.read_line(&mut line) {
+            Ok(0) => return,
+            Ok(_) => {
+                if writer.write_all(format!("{name}\n").as_bytes()).is_err() {
+                    return;
+                }
+            }
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                ) => {}
+            Err(_) => return,
+        }
+    }
+}
+
+/// Starts a UDP server answering each datagram with `name`.
+pub fn udp_server(
+    namespace: &Namespace,
+    address: Ipv4Addr,
+    port: u16,
+    name: &str,
+) -> Result<Server, TopologyError> {
+    let bind = SocketAddrV4::new(address, port);
+    let socket = namespace
+        .run(|| UdpSocket::bind(bind))?
+        .map_err(|e| TopologyError {
+            netns: namespace.name().into(),
+            step: format!("bind {bind}/UDP"),
+            reason: e.to_string(),
+        })?;
+    socket
+        .set_read_timeout(Some(Duration::from_millis(50)))
+        .expect("read timeout");
+    let stop = Arc::new(AtomicBool::new(false));
+    let name = name.to_owned();
+    let thread = {
+        let stop = stop.clone();
+        std::thread::spawn(move || {
+            let mut buf = [0u8; 2048];
+            while !stop.load(Ordering::Relaxed) {
+                if let Ok((_, from)) = socket.recv_from(&mut buf) {
+                    let _ = socket.send_to(name.as_bytes(), from);
+                }
+            }
+        })
+    };
+    Ok(Server {
+        stop,
+        thread: Some(thread),
+        address: bind,
+    })
+}
+
+/// What one request saw.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Answer {
+    /// The name of the server that answered.
+    pub server: String,
+    /// The peer as the client's socket reports it (getpeername for TCP,
+    /// the datagram's source for UDP).
+    pub peer: SocketAddr,
+}
+
+/// One TCP request on a new connection, from the calling thread's namespace.
+pub fn tcp_request(target: SocketAddrV4, timeout: Duration) -> io::Result<Answer> {
+    let mut stream = TcpStream::connect_timeout(&target.into(), timeout)?;
+    stream.set_read_timeout(Some(timeout))?;
+    stream.set_nodelay(true)?;
+    let peer = stream.peer_addr()?;
+    stream.write_all(b"hello\n")?;
+    let mut line = String::new();
+    BufReader::new(&stream).read_line(&mut line)?;
+    if line.is_empty() {
+        return Err(io::Error::new(
+            io::ErrorKind::UnexpectedEof,
+            "connection closed without an answer",
+        ));
+    }
+    Ok(Answer {
+        server: line.trim_end().to_owned(),
+        peer,
+    })
+}
+
+/// One UDP request with sendto/recvfrom on an unconnected socket.
+pub fn udp_request(target: SocketAddrV4, timeout: Duration) -> io::Result<Answer> {
+    let socket = UdpSocket::bind("0.0.0.0:0")?;
+    socket.set_read_timeout(Some(timeout))?;
+    socket.send_to(b"hello", target)?;
+    let mut buf = [0u8; 512];
+    let (n, peer) = socket.recv_from(&mut buf)?;
+    Ok(Answer {
+        server: String::from_utf8_lossy(&buf[..n]).into_owned(),
+        peer,
+    })
+}
+
+/// A long-lived TCP connection that sends a request whenever asked.
+pub struct Conversation {
+    stream: TcpStream,
+    reader: BufReader<TcpStream>,
+}
+
+impl Conversation {
+    pub fn open(target: SocketAddrV4, timeout: Duration) -> io::Result<Self> {
+        let stream = TcpStream::connect_timeout(&target.into(), timeout)?;
+        stream.set_read_timeout(Some(timeout))?;
+        stream.set_nodelay(true)?;
+        let reader = BufReader::new(stream.try_clone()?);
+        Ok(Self { stream, reader })
+    }
+
+    /// Sends one request and returns the answering server's name.
+    pub fn ask(&mut self) -> io::Result<String> {
+        self.stream.write_all(b"again\n")?;
+        let mut line = String::new();
+        self.reader.read_line(&mut line)?;
+        if line.is_empty() {
+            return Err(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                "connection closed",
+            ));
+        }
+        Ok(line.trim_end().to_owned())
+    }
+}
+
+/// What a probe process reported for one request.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ProbeResult {
+    Answer(Answer),
+    Failed { error: String, errno: Option<i32> },
+}
+
+/// Runs `underpass probe` (at `exe`) inside `netns` and `cgroup`, the way a
+/// pod's process would run under socket-LB, and collects its results.
+pub fn probe_process(
+    exe: &std::path::Path,
+    netns: &std::path::Path,
+    cgroup: Option<&std::path::Path>,
+    udp: bool,
+    target: SocketAddrV4,
+    count: u32,
+) -> io::Result<Vec<ProbeResult>> {
+    let mut cmd = std::process::Command::new(exe);
+    cmd.arg("probe")
+        .arg("--netns")
+        .arg(netns)
+        .arg("--target")
+        .arg(target.to_string());
+    cmd.args([
+        "--count",
+        &count.to_string(),
+        "--protocol",
+        if udp { "udp" } else { "tcp" },
+        "--timeout-ms",
+        "1500",
+    ]);
+    if let Some(cgroup) = cgroup {
+        cmd.arg("--cgroup").arg(cgroup);
+    }
+    let output = cmd.output()?;
+    if !output.status.success() {
+        return Err(io::Error::other(format!(
+            "probe failed: {}",
+            String::from_utf8_lossy(&output.stderr)
+        )));
+    }
+    String::from_utf8_lossy(&output.stdout)
+        .lines()
+        .map(|line| {
+            let value: serde_json::Value = serde_json::from_str(line).map_err(io::Error::other)?;
+            Ok(match (value["server"].as_str(), value["peer"].as_str()) {
+                (Some(server), Some(peer)) => ProbeResult::Answer(Answer {
+                    server: server.to_owned(),
+                    peer: peer.parse().map_err(io::Error::other)?,
+                }),
+                _ => ProbeResult::Failed {
+                    error: value["error"].as_str().unwrap_or("?").to_owned(),
+                    errno: value["errno"].as_i64().map(|e| e as i32),
+                },
+            })
+        })
+        .collect()
+}
