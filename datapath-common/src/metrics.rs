@@ -3,7 +3,7 @@
 
 /// One counter per event the datapath reports.
 #[repr(u32)]
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum Counter {
     /// TC egress: packets DNATed to a backend (new and tracked flows).
     Translated = 0,

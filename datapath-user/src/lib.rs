@@ -2,6 +2,7 @@
 //! attaches it to pod interfaces and cgroups, and builds the namespace
 //! topology shared by the e2e tests, the demo and the bench.
 
+mod bpfsys;
 pub mod cgroup;
 pub mod demo;
 pub mod loader;

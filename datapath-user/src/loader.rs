@@ -673,13 +673,14 @@ fn open_pinned(path: &Path) -> Result<Option<FdLink>, LoaderError> {
     Ok(Some(FdLink::from(pinned)))
 }
 
+/// Detaches the link pinned at `path` at once and removes the pin.
 fn remove_pin(path: &Path) -> Result<(), LoaderError> {
-    match fs::remove_file(path) {
+    match crate::bpfsys::detach_and_unpin(path) {
         Ok(()) => Ok(()),
         Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
         Err(e) => Err(LoaderError::Pin {
             path: path.to_owned(),
-            reason: e.to_string(),
+            reason: format!("detach: {e}"),
         }),
     }
 }

@@ -1,0 +1,76 @@
+//! The two raw bpf(2) commands aya 0.14 does not expose: opening a pinned
+//! object as a plain fd, and BPF_LINK_DETACH.
+//!
+//! Removing a link's pin only drops a reference; the kernel frees the
+//! inode after an RCU grace period, so the program would stay attached
+//! for an unbounded moment. An explicit BPF_LINK_DETACH detaches at once,
+//! whoever else still holds the link.
+
+use std::{
+    ffi::CString,
+    io,
+    os::fd::{AsRawFd, FromRawFd, OwnedFd},
+    path::Path,
+};
+
+const BPF_OBJ_GET: libc::c_long = 7;
+const BPF_LINK_DETACH: libc::c_long = 34;
+
+#[repr(C)]
+#[derive(Default)]
+struct ObjGetAttr {
+    pathname: u64,
+    bpf_fd: u32,
+    file_flags: u32,
+    path_fd: i32,
+}
+
+#[repr(C)]
+#[derive(Default)]
+struct LinkDetachAttr {
+    link_fd: u32,
+}
+
+fn bpf<T>(cmd: libc::c_long, attr: &mut T) -> io::Result<libc::c_long> {
+    // SAFETY: bpf(2) with a pointer to a correctly laid out attr of its size.
+    let rc = unsafe { libc::syscall(libc::SYS_bpf, cmd, attr as *mut T, std::mem::size_of::<T>()) };
+    if rc < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(rc)
+    }
+}
+
+/// Opens the object pinned at `path`.
+pub fn obj_get(path: &Path) -> io::Result<OwnedFd> {
+    let cpath = CString::new(path.as_os_str().as_encoded_bytes()).map_err(io::Error::other)?;
+    let mut attr = ObjGetAttr {
+        pathname: cpath.as_ptr() as u64,
+        ..ObjGetAttr::default()
+    };
+    let fd = bpf(BPF_OBJ_GET, &mut attr)?;
+    // SAFETY: the kernel returned a new fd that we now own.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
+}
+
+/// Detaches the link pinned at `path` now, then removes the pin. A missing
+/// pin is not an error (nothing to detach).
+pub fn detach_and_unpin(path: &Path) -> io::Result<()> {
+    let link = match obj_get(path) {
+        Ok(fd) => fd,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(e),
+    };
+    let mut attr = LinkDetachAttr {
+        link_fd: link.as_raw_fd() as u32,
+    };
+    match bpf(BPF_LINK_DETACH, &mut attr) {
+        // EOPNOTSUPP: a link type without detach (kernels < 5.9); the
+        // unpin below still releases it, eventually.
+        Ok(_) => {}
+        Err(e) if e.raw_os_error() == Some(libc::EOPNOTSUPP) => {}
+        Err(e) => return Err(e),
+    }
+    drop(link);
+    std::fs::remove_file(path)
+}
