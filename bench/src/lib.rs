@@ -1,1 +1,27 @@
-//! The bench crate (filled by the bench issue).
+//! `bench`: speed figures for underpass. Speed goals live here, never in
+//! timed tests.
+
+pub mod datapath;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser, Debug)]
+#[command(name = "bench", version, about = "Benchmarks for the underpass datapath")]
+pub struct Opts {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Per-packet cost of the TC programs, measured in the kernel with
+    /// BPF_PROG_TEST_RUN (repeat) on the real object: conntrack hit,
+    /// reverse NAT, and traffic that is not for a service. Needs root.
+    Datapath(datapath::DatapathOpts),
+}
+
+pub fn run(opts: Opts) -> anyhow::Result<()> {
+    match opts.command {
+        Command::Datapath(o) => datapath::run(&o),
+    }
+}

@@ -14,7 +14,7 @@ use crate::{
     Datapath, LoadOptions, TcMode,
     maps::{BackendEntry, Frontend, Protocol},
     topology::{self, Cgroup, Topology, standard_pods},
-    workload::{self, ProbeResult},
+    workload::{self, ProbeKind, ProbeResult},
 };
 
 const CLUSTER_IP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 10);
@@ -154,8 +154,9 @@ pub fn run() -> Result<()> {
     let exe = std::env::current_exe()?;
     let mut sock_results = Vec::new();
     for (udp, target) in [(false, tcp_target), (true, udp_target)] {
+        let kind = if udp { ProbeKind::Udp } else { ProbeKind::Tcp };
         for result in
-            workload::probe_process(&exe, &client_ns, Some(cgroup.path()), udp, target, REQUESTS)?
+            workload::probe_process(&exe, &client_ns, Some(cgroup.path()), kind, target, REQUESTS)?
         {
             sock_results.push((
                 udp,
@@ -172,7 +173,7 @@ pub fn run() -> Result<()> {
         &exe,
         &client_ns,
         Some(cgroup.path()),
-        false,
+        ProbeKind::Tcp,
         SocketAddrV4::new(EMPTY_CLUSTER_IP, TCP_PORT),
         1,
     )?;

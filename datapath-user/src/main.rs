@@ -58,8 +58,12 @@ struct ProbeArgs {
 
 #[derive(Clone, Copy, ValueEnum)]
 enum ProbeProtocol {
+    /// A TCP connection per request.
     Tcp,
+    /// An unconnected UDP socket per request (sendto/recvfrom, like DNS).
     Udp,
+    /// A connected UDP socket per request (connect/send/recv).
+    UdpConnected,
 }
 
 fn main() -> ExitCode {
@@ -100,6 +104,7 @@ fn probe(args: ProbeArgs) -> Result<()> {
         let answer = match args.protocol {
             ProbeProtocol::Tcp => workload::tcp_request(args.target, timeout),
             ProbeProtocol::Udp => workload::udp_request(args.target, timeout),
+            ProbeProtocol::UdpConnected => workload::connected_udp_request(args.target, timeout),
         };
         let line = match answer {
             Ok(a) => serde_json::json!({ "server": a.server, "peer": a.peer.to_string() }),

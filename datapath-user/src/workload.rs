@@ -189,6 +189,37 @@ pub fn udp_request(target: SocketAddrV4, timeout: Duration) -> io::Result<Answer
     })
 }
 
+/// One UDP request on a connected socket (connect/send/recv; the peer is
+/// what getpeername reports).
+pub fn connected_udp_request(target: SocketAddrV4, timeout: Duration) -> io::Result<Answer> {
+    let socket = UdpSocket::bind("0.0.0.0:0")?;
+    socket.set_read_timeout(Some(timeout))?;
+    socket.connect(target)?;
+    let peer = socket.peer_addr()?;
+    socket.send(b"hello")?;
+    let mut buf = [0u8; 512];
+    let n = socket.recv(&mut buf)?;
+    Ok(Answer { server: String::from_utf8_lossy(&buf[..n]).into_owned(), peer })
+}
+
+/// How a probe process talks to its target.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ProbeKind {
+    Tcp,
+    Udp,
+    UdpConnected,
+}
+
+impl ProbeKind {
+    fn arg(self) -> &'static str {
+        match self {
+            ProbeKind::Tcp => "tcp",
+            ProbeKind::Udp => "udp",
+            ProbeKind::UdpConnected => "udp-connected",
+        }
+    }
+}
+
 /// A long-lived TCP connection that sends a request whenever asked.
 pub struct Conversation {
     stream: TcpStream,
@@ -232,7 +263,7 @@ pub fn probe_process(
     exe: &std::path::Path,
     netns: &std::path::Path,
     cgroup: Option<&std::path::Path>,
-    udp: bool,
+    kind: ProbeKind,
     target: SocketAddrV4,
     count: u32,
 ) -> io::Result<Vec<ProbeResult>> {
@@ -246,7 +277,7 @@ pub fn probe_process(
         "--count",
         &count.to_string(),
         "--protocol",
-        if udp { "udp" } else { "tcp" },
+        kind.arg(),
         "--timeout-ms",
         "1500",
     ]);

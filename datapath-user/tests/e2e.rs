@@ -23,7 +23,7 @@ use datapath_user::{
     loader::detach_pinned_tc,
     maps::{BackendEntry, Frontend, Protocol},
     topology::{Cgroup, Topology, standard_pods},
-    workload::{self, Answer, ProbeResult, Server},
+    workload::{self, Answer, ProbeKind, ProbeResult, Server},
 };
 
 const VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 10);
@@ -266,12 +266,16 @@ fn socket_lb_translates_connect_sendmsg_and_shows_the_cluster_ip() {
 
     // No TC program and no ClusterIP route needed: translation happens at
     // connect()/sendmsg() time for processes in the cgroup.
-    for (udp, port) in [(false, 80), (true, 53)] {
+    for (kind, port) in [
+        (ProbeKind::Tcp, 80),
+        (ProbeKind::Udp, 53),
+        (ProbeKind::UdpConnected, 53),
+    ] {
         let results = workload::probe_process(
             &exe,
             &ns,
             Some(cgroup.path()),
-            udp,
+            kind,
             SocketAddrV4::new(VIP, port),
             45,
         )
@@ -284,7 +288,7 @@ fn socket_lb_translates_connect_sendmsg_and_shows_the_cluster_ip() {
             })
             .collect();
         let spread = spread(&answers);
-        assert_eq!(spread.len(), 3, "udp={udp}: {spread:?}");
+        assert_eq!(spread.len(), 3, "{kind:?}: {spread:?}");
         assert!(
             answers
                 .iter()
@@ -292,12 +296,12 @@ fn socket_lb_translates_connect_sendmsg_and_shows_the_cluster_ip() {
             "getpeername/recvfrom show the ClusterIP"
         );
     }
-    assert!(lab.dp.maps.counter(Counter::SockTranslated).unwrap() >= 90);
+    assert!(lab.dp.maps.counter(Counter::SockTranslated).unwrap() >= 135);
 
     // The same client outside the cgroup is not translated: with no TC
     // program either, nothing answers.
     let outside =
-        workload::probe_process(&exe, &ns, None, false, SocketAddrV4::new(VIP, 80), 1).unwrap();
+        workload::probe_process(&exe, &ns, None, ProbeKind::Tcp, SocketAddrV4::new(VIP, 80), 1).unwrap();
     assert!(
         matches!(outside[0], ProbeResult::Failed { .. }),
         "{outside:?}"
@@ -316,7 +320,7 @@ fn socket_lb_refuses_a_service_without_endpoints_at_once() {
         &exe,
         &ns,
         Some(cgroup.path()),
-        false,
+        ProbeKind::Tcp,
         SocketAddrV4::new(EMPTY_VIP, 80),
         1,
     )
