@@ -85,7 +85,8 @@ fn main() -> Result<()> {
             run(
                 cargo_stable().args([
                     "run",
-                    "--release",
+                    // The test profile's build is reused (dependencies are
+                    // optimised in it too), so the demo starts at once.
                     "--package",
                     "datapath-user",
                     "--bin",
