@@ -50,14 +50,24 @@ pub fn run(opts: &DatapathOpts) -> Result<()> {
     if unsafe { libc::geteuid() } != 0 {
         bail!("BPF_PROG_TEST_RUN needs root");
     }
-    ensure!(opts.trials > 0 && opts.repeat > 0, "--trials and --repeat must be positive");
+    ensure!(
+        opts.trials > 0 && opts.repeat > 0,
+        "--trials and --repeat must be positive"
+    );
     let results = measure(opts)?;
     if opts.json {
         println!("{}", serde_json::to_string_pretty(&results)?);
         return Ok(());
     }
     let mut table = Table::new();
-    table.load_preset(UTF8_FULL_CONDENSED).set_header(["case", "program", "verdict", "ns/packet min", "median", "max"]);
+    table.load_preset(UTF8_FULL_CONDENSED).set_header([
+        "case",
+        "program",
+        "verdict",
+        "ns/packet min",
+        "median",
+        "max",
+    ]);
     for r in &results {
         table.add_row([
             r.case.to_owned(),
@@ -69,14 +79,25 @@ pub fn run(opts: &DatapathOpts) -> Result<()> {
         ]);
     }
     println!("{table}");
-    println!("({} trials × {} runs each, BPF_PROG_TEST_RUN on the embedded object)", opts.trials, opts.repeat);
+    println!(
+        "({} trials × {} runs each, BPF_PROG_TEST_RUN on the embedded object)",
+        opts.trials, opts.repeat
+    );
     Ok(())
 }
 
 pub fn measure(opts: &DatapathOpts) -> Result<Vec<CaseResult>> {
     let mut dp = Datapath::load(&LoadOptions::default()).context("loading the datapath")?;
-    let frontend = Frontend { address: VIP.0, port: VIP.1, protocol: Protocol::Tcp };
-    let to_itself = BackendEntry { id: 1, address: VIP.0, port: VIP.1 };
+    let frontend = Frontend {
+        address: VIP.0,
+        port: VIP.1,
+        protocol: Protocol::Tcp,
+    };
+    let to_itself = BackendEntry {
+        id: 1,
+        address: VIP.0,
+        port: VIP.1,
+    };
     dp.maps.set_service(&frontend, 1, &[to_itself])?;
 
     // Open the flow and let a reply teach it its next hop, so that the
@@ -86,20 +107,51 @@ pub fn measure(opts: &DatapathOpts) -> Result<Vec<CaseResult>> {
     let gateway_mac = [2, 0, 0, 0, 0, 0xfe];
     let syn = Frame::tcp(CLIENT, VIP, SYN).with_macs(client_mac, gateway_mac);
     let first = dp.test_run_tc(TC_EGRESS, &syn.build(), 1)?;
-    ensure!(first.verdict == verdict::REDIRECT, "priming SYN: verdict {}", first.verdict);
+    ensure!(
+        first.verdict == verdict::REDIRECT,
+        "priming SYN: verdict {}",
+        first.verdict
+    );
     let synack = syn.reply(L4::Tcp { flags: SYN | ACK });
     let reply = dp.test_run_tc(TC_INGRESS, &synack.build(), 1)?;
-    ensure!(reply.verdict == verdict::OK, "priming SYN-ACK: verdict {}", reply.verdict);
+    ensure!(
+        reply.verdict == verdict::OK,
+        "priming SYN-ACK: verdict {}",
+        reply.verdict
+    );
 
-    let data = Frame::tcp(CLIENT, VIP, ACK | PSH).with_macs(client_mac, gateway_mac).with_payload(&[0u8; 100]);
+    let data = Frame::tcp(CLIENT, VIP, ACK | PSH)
+        .with_macs(client_mac, gateway_mac)
+        .with_payload(&[0u8; 100]);
     let data_reply = data.reply(L4::Tcp { flags: ACK | PSH });
-    let other = Frame::tcp(CLIENT, (Ipv4Addr::new(10, 77, 0, 3), 8080), ACK | PSH).with_payload(&[0u8; 100]);
+    let other = Frame::tcp(CLIENT, (Ipv4Addr::new(10, 77, 0, 3), 8080), ACK | PSH)
+        .with_payload(&[0u8; 100]);
     let other_reply = other.reply(L4::Tcp { flags: ACK | PSH });
     let cases = [
-        ("egress DNAT, conntrack hit", TC_EGRESS, data.build(), verdict::OK),
-        ("egress, not service traffic", TC_EGRESS, other.build(), verdict::NEXT),
-        ("ingress reverse NAT, tracked reply", TC_INGRESS, data_reply.build(), verdict::OK),
-        ("ingress, untracked traffic", TC_INGRESS, other_reply.build(), verdict::NEXT),
+        (
+            "egress DNAT, conntrack hit",
+            TC_EGRESS,
+            data.build(),
+            verdict::OK,
+        ),
+        (
+            "egress, not service traffic",
+            TC_EGRESS,
+            other.build(),
+            verdict::NEXT,
+        ),
+        (
+            "ingress reverse NAT, tracked reply",
+            TC_INGRESS,
+            data_reply.build(),
+            verdict::OK,
+        ),
+        (
+            "ingress, untracked traffic",
+            TC_INGRESS,
+            other_reply.build(),
+            verdict::NEXT,
+        ),
     ];
     let mut results = Vec::new();
     for (case, program, frame, expected) in cases {
@@ -108,10 +160,16 @@ pub fn measure(opts: &DatapathOpts) -> Result<Vec<CaseResult>> {
         for _ in 0..opts.trials {
             let out = dp.test_run_tc(program, &frame, opts.repeat)?;
             seen = out.verdict;
-            ensure!(out.frame == frame, "{case}: the measured packet changed, the measurement would be wrong");
+            ensure!(
+                out.frame == frame,
+                "{case}: the measured packet changed, the measurement would be wrong"
+            );
             samples.push(out.duration);
         }
-        ensure!(seen == expected, "{case}: verdict {seen}, expected {expected}");
+        ensure!(
+            seen == expected,
+            "{case}: verdict {seen}, expected {expected}"
+        );
         samples.sort();
         let ns = |d: Duration| d.as_nanos() as f64;
         results.push(CaseResult {

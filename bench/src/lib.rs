@@ -6,7 +6,11 @@ pub mod datapath;
 use clap::{Parser, Subcommand};
 
 #[derive(Parser, Debug)]
-#[command(name = "bench", version, about = "Benchmarks for the underpass datapath")]
+#[command(
+    name = "bench",
+    version,
+    about = "Benchmarks for the underpass datapath"
+)]
 pub struct Opts {
     #[command(subcommand)]
     pub command: Command,

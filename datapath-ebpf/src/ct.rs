@@ -24,7 +24,13 @@ pub fn is_expired(flow: &CtEntry, protocol: u8, now_ns: u64) -> bool {
 
 /// The service-tuple key of a client packet (destination = VIP).
 #[inline(always)]
-pub fn service_key(client_address_be: u32, client_port_be: u16, service_address_be: u32, service_port_be: u16, protocol: u8) -> CtKey {
+pub fn service_key(
+    client_address_be: u32,
+    client_port_be: u16,
+    service_address_be: u32,
+    service_port_be: u16,
+    protocol: u8,
+) -> CtKey {
     CtKey {
         client_address_be,
         peer_address_be: service_address_be,
@@ -39,7 +45,13 @@ pub fn service_key(client_address_be: u32, client_port_be: u16, service_address_
 /// The backend-tuple key of a flow (destination = backend), as the client
 /// sees it; replies are looked up with their addresses swapped into it.
 #[inline(always)]
-pub fn backend_key(client_address_be: u32, client_port_be: u16, backend_address_be: u32, backend_port_be: u16, protocol: u8) -> CtKey {
+pub fn backend_key(
+    client_address_be: u32,
+    client_port_be: u16,
+    backend_address_be: u32,
+    backend_port_be: u16,
+    protocol: u8,
+) -> CtKey {
     CtKey {
         client_address_be,
         peer_address_be: backend_address_be,
@@ -54,7 +66,13 @@ pub fn backend_key(client_address_be: u32, client_port_be: u16, backend_address_
 /// The backend-tuple key of a reply packet (source = backend).
 #[inline(always)]
 pub fn reply_key(packet: &Packet) -> CtKey {
-    backend_key(packet.daddr_be, packet.dport_be, packet.saddr_be, packet.sport_be, packet.protocol)
+    backend_key(
+        packet.daddr_be,
+        packet.dport_be,
+        packet.saddr_be,
+        packet.sport_be,
+        packet.protocol,
+    )
 }
 
 /// Mirrors a refresh (state bits, timestamp) onto the flow's other entry.

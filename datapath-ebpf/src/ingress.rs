@@ -26,7 +26,7 @@ pub fn run(ctx: &TcContext) -> i32 {
     let Some(packet) = parse::ipv4_l4(ctx) else {
         return TC_ACT_UNSPEC;
     };
-    let Some(flow) = CONNTRACK.get_ptr_mut(&ct::reply_key(&packet)) else {
+    let Some(flow) = CONNTRACK.get_ptr_mut(ct::reply_key(&packet)) else {
         return TC_ACT_UNSPEC;
     };
     // SAFETY: a pointer into the map value, valid for this program run.
@@ -36,7 +36,12 @@ pub fn run(ctx: &TcContext) -> i32 {
     if ct::is_expired(flow, packet.protocol, now) {
         return TC_ACT_UNSPEC;
     }
-    let state = conntrack::next_state(flow.state, packet.protocol, packet.tcp_flags, Direction::Reply);
+    let state = conntrack::next_state(
+        flow.state,
+        packet.protocol,
+        packet.tcp_flags,
+        Direction::Reply,
+    );
     // `l2_mode` of a backend-tuple entry records whether the service-tuple
     // entry has learned this flow's L2 addresses yet.
     if conntrack::needs_write(flow, state, now) || flow.l2_mode != L2_REWRITE {
@@ -50,7 +55,7 @@ pub fn run(ctx: &TcContext) -> i32 {
             flow.service_port_be,
             packet.protocol,
         );
-        if let Some(forward) = CONNTRACK.get_ptr_mut(&service) {
+        if let Some(forward) = CONNTRACK.get_ptr_mut(service) {
             // SAFETY: a pointer into the map value, valid for this program run.
             let forward = unsafe { &mut *forward };
             forward.state |= state;
@@ -58,10 +63,18 @@ pub fn run(ctx: &TcContext) -> i32 {
             l2::learn_from_reply(ctx, forward);
         }
     }
-    if nat::rewrite(ctx, &packet, End::Source, flow.service_address_be, flow.service_port_be).is_err() {
+    if nat::rewrite(
+        ctx,
+        &packet,
+        End::Source,
+        flow.service_address_be,
+        flow.service_port_be,
+    )
+    .is_err()
+    {
         count(Counter::Error);
-        return TC_ACT_SHOT as i32;
+        return TC_ACT_SHOT;
     }
     count(Counter::ReverseTranslated);
-    TC_ACT_OK as i32
+    TC_ACT_OK
 }

@@ -28,14 +28,14 @@ use crate::parse::ptr_at;
 pub fn forward(ctx: &TcContext, flow: &CtEntry) -> i32 {
     if flow.l2_mode == L2_REWRITE {
         let Some(eth) = ptr_at::<EthHdr>(ctx, 0) else {
-            return TC_ACT_SHOT as i32;
+            return TC_ACT_SHOT;
         };
         // SAFETY: bounds-checked by ptr_at.
         unsafe {
             (*eth).dst_addr = flow.dst_mac;
             (*eth).src_addr = flow.src_mac;
         }
-        return TC_ACT_OK as i32;
+        return TC_ACT_OK;
     }
     // SAFETY: plain helper call; the skb pointer is the program's context.
     unsafe { bpf_redirect_neigh((*ctx.skb.skb).ifindex, null_mut(), 0, 0) as i32 }

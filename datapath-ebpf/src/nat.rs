@@ -13,7 +13,9 @@ use aya_ebpf::{
 };
 use datapath_common::{IPPROTO_TCP, csum};
 
-use crate::parse::{ETH_LEN, IP_CSUM_OFF, IP_DST_OFF, IP_SRC_OFF, Packet, TCP_CSUM_OFF, UDP_CSUM_OFF, ptr_at};
+use crate::parse::{
+    ETH_LEN, IP_CSUM_OFF, IP_DST_OFF, IP_SRC_OFF, Packet, TCP_CSUM_OFF, UDP_CSUM_OFF, ptr_at,
+};
 
 /// Which end of the packet to rewrite.
 #[derive(Clone, Copy)]
@@ -27,7 +29,13 @@ pub enum End {
 /// Rewrites one end of `packet` to `address_be:port_be`, keeping the IP and
 /// L4 checksums valid. UDP packets without a checksum keep none.
 #[inline(always)]
-pub fn rewrite(ctx: &TcContext, packet: &Packet, end: End, address_be: u32, port_be: u16) -> Result<(), ()> {
+pub fn rewrite(
+    ctx: &TcContext,
+    packet: &Packet,
+    end: End,
+    address_be: u32,
+    port_be: u16,
+) -> Result<(), ()> {
     let (old_address, old_port, ip_off, port_off) = match end {
         End::Destination => (packet.daddr_be, packet.dport_be, IP_DST_OFF, 2),
         End::Source => (packet.saddr_be, packet.sport_be, IP_SRC_OFF, 0),
@@ -50,8 +58,13 @@ pub fn rewrite(ctx: &TcContext, packet: &Packet, end: End, address_be: u32, port
         (UDP_CSUM_OFF, BPF_F_MARK_MANGLED_0 as u64)
     };
     let at = packet.l4_off + csum_off;
-    ctx.l4_csum_replace(at, old_address as u64, address_be as u64, BPF_F_PSEUDO_HDR as u64 | mangled_0 | 4)
-        .map_err(|_| ())?;
+    ctx.l4_csum_replace(
+        at,
+        old_address as u64,
+        address_be as u64,
+        BPF_F_PSEUDO_HDR as u64 | mangled_0 | 4,
+    )
+    .map_err(|_| ())?;
     ctx.l4_csum_replace(at, old_port as u64, port_be as u64, mangled_0 | 2)
         .map_err(|_| ())?;
     Ok(())

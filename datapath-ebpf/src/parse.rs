@@ -64,7 +64,8 @@ pub fn ipv4_l4(ctx: &TcContext) -> Option<Packet> {
         return None;
     };
     // SAFETY: bounds-checked by ptr_at.
-    let (vihl, protocol, frags, tot_len) = unsafe { ((*ip).vihl, (*ip).proto, (*ip).frags, (*ip).tot_len) };
+    let (vihl, protocol, frags, tot_len) =
+        unsafe { ((*ip).vihl, (*ip).proto, (*ip).frags, (*ip).tot_len) };
     if protocol != IPPROTO_TCP && protocol != IPPROTO_UDP {
         return None;
     }
@@ -79,7 +80,11 @@ pub fn ipv4_l4(ctx: &TcContext) -> Option<Packet> {
         return None;
     }
     let l4_off = ETH_LEN + ihl;
-    let needed = if protocol == IPPROTO_TCP { TCP_NEEDED } else { UDP_NEEDED };
+    let needed = if protocol == IPPROTO_TCP {
+        TCP_NEEDED
+    } else {
+        UDP_NEEDED
+    };
     // A frame shorter than its IP header claims (truncated) or an IP
     // length too small for the L4 header is malformed: never rewrite it.
     // (tot_len 0 is how BIG TCP marks a GSO packet over 64 KiB.)

@@ -52,7 +52,7 @@ pub fn reverse4(ctx: &SockAddrContext) -> i32 {
         _pad: [0; 2],
     };
     // SAFETY: copied out at once.
-    if let Some(service) = unsafe { SOCK_REVERSE_NAT.get(&key) }.copied() {
+    if let Some(service) = unsafe { SOCK_REVERSE_NAT.get(key) }.copied() {
         // SAFETY: the context pointer is valid for the program run.
         unsafe {
             (*sa).user_ip4 = service.service_address_be;
@@ -67,12 +67,15 @@ pub fn reverse4(ctx: &SockAddrContext) -> i32 {
 fn forward(ctx: &SockAddrContext, is_sendmsg: bool) -> i32 {
     let sa = ctx.sock_addr;
     // SAFETY: the context pointer is valid for the program run.
-    let (address_be, port_be, protocol) = unsafe { ((*sa).user_ip4, (*sa).user_port as u16, (*sa).protocol as u8) };
+    let (address_be, port_be, protocol) =
+        unsafe { ((*sa).user_ip4, (*sa).user_port as u16, (*sa).protocol as u8) };
     if protocol != IPPROTO_TCP && protocol != IPPROTO_UDP {
         return ALLOW;
     }
     // SAFETY: copied out at once.
-    let Some(service) = (unsafe { SERVICES.get(&ServiceKey::new(address_be, port_be, protocol, 0)) }).copied() else {
+    let Some(service) =
+        (unsafe { SERVICES.get(ServiceKey::new(address_be, port_be, protocol, 0)) }).copied()
+    else {
         return ALLOW;
     };
     if service.backend_count == 0 {
@@ -110,8 +113,8 @@ fn forward(ctx: &SockAddrContext, is_sendmsg: bool) -> i32 {
     // Every datagram of an unconnected socket comes through sendmsg: only
     // write the reverse entry when it is not already there.
     // SAFETY: copied out at once.
-    let known = is_sendmsg && unsafe { SOCK_REVERSE_NAT.get(&key) }.copied() == Some(value);
-    if !known && SOCK_REVERSE_NAT.insert(&key, &value, 0).is_err() {
+    let known = is_sendmsg && unsafe { SOCK_REVERSE_NAT.get(key) }.copied() == Some(value);
+    if !known && SOCK_REVERSE_NAT.insert(key, value, 0).is_err() {
         count(Counter::Error);
     }
     // SAFETY: the context pointer is valid for the program run.
@@ -126,7 +129,8 @@ fn forward(ctx: &SockAddrContext, is_sendmsg: bool) -> i32 {
 #[inline(always)]
 fn slot_backend(address_be: u32, port_be: u16, protocol: u8, slot: u16) -> Option<Backend> {
     // SAFETY: copied out at once.
-    let slot = unsafe { SERVICES.get(&ServiceKey::new(address_be, port_be, protocol, slot)) }.copied()?;
+    let slot =
+        unsafe { SERVICES.get(ServiceKey::new(address_be, port_be, protocol, slot)) }.copied()?;
     // SAFETY: copied out at once.
-    unsafe { BACKENDS.get(&slot.backend_id) }.copied()
+    unsafe { BACKENDS.get(slot.backend_id) }.copied()
 }

@@ -155,9 +155,14 @@ pub fn run() -> Result<()> {
     let mut sock_results = Vec::new();
     for (udp, target) in [(false, tcp_target), (true, udp_target)] {
         let kind = if udp { ProbeKind::Udp } else { ProbeKind::Tcp };
-        for result in
-            workload::probe_process(&exe, &client_ns, Some(cgroup.path()), kind, target, REQUESTS)?
-        {
+        for result in workload::probe_process(
+            &exe,
+            &client_ns,
+            Some(cgroup.path()),
+            kind,
+            target,
+            REQUESTS,
+        )? {
             sock_results.push((
                 udp,
                 match result {

@@ -100,13 +100,13 @@ pub enum LoaderError {
     Program {
         program: &'static str,
         #[source]
-        source: ProgramError,
+        source: Box<ProgramError>,
     },
     #[error("map {map}: {source}")]
     Map {
         map: &'static str,
         #[source]
-        source: aya::maps::MapError,
+        source: Box<aya::maps::MapError>,
     },
     #[error("network namespace {netns}: {source}")]
     Netns { netns: String, source: io::Error },
@@ -119,7 +119,7 @@ pub enum LoaderError {
         netns: String,
         mode: TcMode,
         #[source]
-        source: ProgramError,
+        source: Box<ProgramError>,
     },
     #[error("kernel {kernel} lacks {feature}: {hint}")]
     KernelFeature {
@@ -131,6 +131,22 @@ pub enum LoaderError {
     Pin { path: PathBuf, reason: String },
     #[error("cgroup {path}: {reason}")]
     Cgroup { path: PathBuf, reason: String },
+}
+
+impl LoaderError {
+    fn program(program: &'static str, source: ProgramError) -> Self {
+        Self::Program {
+            program,
+            source: Box::new(source),
+        }
+    }
+
+    pub(crate) fn map(map: &'static str, source: aya::maps::MapError) -> Self {
+        Self::Map {
+            map,
+            source: Box::new(source),
+        }
+    }
 }
 
 /// The loaded datapath: its programs (loaded, not yet attached) and maps.
@@ -173,18 +189,12 @@ impl Datapath {
         for name in [object::TC_EGRESS, object::TC_INGRESS] {
             sched_classifier(&mut ebpf, name)?
                 .load()
-                .map_err(|source| LoaderError::Program {
-                    program: name,
-                    source,
-                })?;
+                .map_err(|source| LoaderError::program(name, source))?;
         }
         for name in object::SOCK_PROGRAMS {
             sock_program(&mut ebpf, name)?
                 .load()
-                .map_err(|source| LoaderError::Program {
-                    program: name,
-                    source,
-                })?;
+                .map_err(|source| LoaderError::program(name, source))?;
         }
         let maps = DatapathMaps::take_from(&mut ebpf)?;
         Ok(Self {
@@ -220,10 +230,7 @@ impl Datapath {
                 repeat,
                 ..TestRunOptions::default()
             })
-            .map_err(|source| LoaderError::Program {
-                program: name,
-                source,
-            })?;
+            .map_err(|source| LoaderError::program(name, source))?;
         out.truncate(result.data_size_out as usize);
         Ok(TestRunOutcome {
             verdict: result.return_value as i32,
@@ -317,10 +324,10 @@ impl Datapath {
             // rejects them) and always coexist with other programs.
             let id = prog
                 .attach(&dir, CgroupAttachMode::Single)
-                .map_err(|source| LoaderError::Program { program, source })?;
+                .map_err(|source| LoaderError::program(program, source))?;
             let link: FdLink = prog
                 .take_link(id)
-                .map_err(|source| LoaderError::Program { program, source })?
+                .map_err(|source| LoaderError::program(program, source))?
                 .try_into()
                 .map_err(|e: LinkError| {
                     cgroup_err(format!("{program}: kernel gave no bpf_link ({e})"))
@@ -436,7 +443,7 @@ impl TcAttachment {
                         iface: self.iface.clone(),
                         netns: label,
                         mode: TcMode::Netlink,
-                        source,
+                        source: Box::new(source),
                     })?;
                 }
                 AttachedLink::Netlink(None) => {}
@@ -500,7 +507,7 @@ fn attach_one(
         iface: iface.to_owned(),
         netns: netns.to_owned(),
         mode,
-        source,
+        source: Box::new(source),
     };
     // SAFETY: if_nametoindex on a NUL-terminated copy of the name.
     let ifindex = std::ffi::CString::new(iface)
@@ -588,36 +595,32 @@ fn resolve_mode(mode: TcMode) -> Result<TcMode, LoaderError> {
     }
 }
 
+/// The program `name` of the object, as its concrete type.
+fn program<'a, T>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut T, LoaderError>
+where
+    &'a mut T: TryFrom<&'a mut aya::programs::Program, Error = ProgramError>,
+{
+    let program = ebpf.program_mut(name).ok_or(LoaderError::program(
+        name,
+        ProgramError::UnexpectedProgramType,
+    ))?;
+    program
+        .try_into()
+        .map_err(|source| LoaderError::program(name, source))
+}
+
 fn sched_classifier<'a>(
     ebpf: &'a mut Ebpf,
     name: &'static str,
 ) -> Result<&'a mut SchedClassifier, LoaderError> {
-    ebpf.program_mut(name)
-        .ok_or(LoaderError::Program {
-            program: name,
-            source: ProgramError::UnexpectedProgramType,
-        })?
-        .try_into()
-        .map_err(|source| LoaderError::Program {
-            program: name,
-            source,
-        })
+    program(ebpf, name)
 }
 
 fn sock_program<'a>(
     ebpf: &'a mut Ebpf,
     name: &'static str,
 ) -> Result<&'a mut CgroupSockAddr, LoaderError> {
-    ebpf.program_mut(name)
-        .ok_or(LoaderError::Program {
-            program: name,
-            source: ProgramError::UnexpectedProgramType,
-        })?
-        .try_into()
-        .map_err(|source| LoaderError::Program {
-            program: name,
-            source,
-        })
+    program(ebpf, name)
 }
 
 fn attach_type_name(attach_type: TcAttachType) -> &'static str {

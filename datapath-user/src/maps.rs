@@ -112,7 +112,7 @@ pub enum ProgramError {
         frontend: Frontend,
         map: &'static str,
         #[source]
-        source: MapError,
+        source: Box<MapError>,
     },
 }
 
@@ -130,10 +130,8 @@ impl DatapathMaps {
     /// Takes the maps out of a freshly loaded object.
     pub fn take_from(ebpf: &mut Ebpf) -> Result<Self, LoaderError> {
         let mut take = |name: &'static str| {
-            ebpf.take_map(name).ok_or(LoaderError::Map {
-                map: name,
-                source: MapError::InvalidName { name: name.into() },
-            })
+            ebpf.take_map(name)
+                .ok_or_else(|| LoaderError::map(name, MapError::InvalidName { name: name.into() }))
         };
         Self::from_maps(
             take(m::SERVICES_MAP)?,
@@ -149,8 +147,8 @@ impl DatapathMaps {
     pub fn open_pinned(pin_dir: &Path) -> Result<Self, LoaderError> {
         let open = |name: &'static str| {
             let data = MapData::from_pin(pin_dir.join(name))
-                .map_err(|source| LoaderError::Map { map: name, source })?;
-            Map::from_map_data(data).map_err(|source| LoaderError::Map { map: name, source })
+                .map_err(|source| LoaderError::map(name, source))?;
+            Map::from_map_data(data).map_err(|source| LoaderError::map(name, source))
         };
         Self::from_maps(
             open(m::SERVICES_MAP)?,
@@ -174,7 +172,7 @@ impl DatapathMaps {
             map: Map,
             name: &'static str,
         ) -> Result<T, LoaderError> {
-            T::try_from(map).map_err(|source| LoaderError::Map { map: name, source })
+            T::try_from(map).map_err(|source| LoaderError::map(name, source))
         }
         Ok(Self {
             services: typed(services, m::SERVICES_MAP)?,
@@ -217,7 +215,7 @@ impl DatapathMaps {
             move |source| ProgramError::Map {
                 frontend: *frontend,
                 map,
-                source,
+                source: Box::new(source),
             }
         };
         let count = u16::try_from(backends.len())
@@ -309,7 +307,7 @@ impl DatapathMaps {
             move |source| ProgramError::Map {
                 frontend: *frontend,
                 map,
-                source,
+                source: Box::new(source),
             }
         };
         let Ok(head) = self.services.get(&frontend.key(0), 0) else {

@@ -129,7 +129,7 @@ impl Frame {
     /// Renders the frame with correct IPv4 and L4 checksums.
     pub fn build(&self) -> Vec<u8> {
         let mut options = self.ip_options.clone();
-        while options.len() % 4 != 0 {
+        while !options.len().is_multiple_of(4) {
             options.push(0); // End of Option List
         }
         let ihl = 20 + options.len();

@@ -25,8 +25,7 @@ use std::{
 
 use futures::TryStreamExt;
 use rtnetlink::{
-    Handle, LinkMacVlan, LinkUnspec, LinkVeth, RouteMessageBuilder,
-    packet_route::link::{LinkAttribute, MacVlanMode},
+    Handle, LinkMacVlan, LinkUnspec, LinkVeth, RouteMessageBuilder, packet_route::link::MacVlanMode,
 };
 
 use crate::netns::{self, NETNS_RUN_DIR};
@@ -564,8 +563,11 @@ fn add_macvlan(node: &Namespace, into: &Namespace, temp_name: &str, mac: [u8; 6]
     })
 }
 
-async fn index_of(handle: &Handle, name: &str) -> std::result::Result<u32, String> {
-    let link = handle
+async fn link_by_name(
+    handle: &Handle,
+    name: &str,
+) -> std::result::Result<rtnetlink::packet_route::link::LinkMessage, String> {
+    handle
         .link()
         .get()
         .match_name(name.to_owned())
@@ -573,8 +575,11 @@ async fn index_of(handle: &Handle, name: &str) -> std::result::Result<u32, Strin
         .try_next()
         .await
         .map_err(|e| format!("interface {name}: {e}"))?
-        .ok_or_else(|| format!("no interface {name}"))?;
-    Ok(link.header.index)
+        .ok_or_else(|| format!("no interface {name}"))
+}
+
+async fn index_of(handle: &Handle, name: &str) -> std::result::Result<u32, String> {
+    Ok(link_by_name(handle, name).await?.header.index)
 }
 
 async fn set_up(handle: &Handle, name: &str) -> std::result::Result<(), String> {
@@ -585,26 +590,6 @@ async fn set_up(handle: &Handle, name: &str) -> std::result::Result<(), String> 
         .execute()
         .await
         .map_err(|e| e.to_string())
-}
-
-/// The MAC of `name` in the calling thread's namespace.
-pub async fn mac_of(handle: &Handle, name: &str) -> std::result::Result<[u8; 6], String> {
-    let link = handle
-        .link()
-        .get()
-        .match_name(name.to_owned())
-        .execute()
-        .try_next()
-        .await
-        .map_err(|e| e.to_string())?
-        .ok_or("no such link")?;
-    link.attributes
-        .iter()
-        .find_map(|a| match a {
-            LinkAttribute::Address(mac) => mac.as_slice().try_into().ok(),
-            _ => None,
-        })
-        .ok_or_else(|| format!("{name} has no MAC"))
 }
 
 /// `ethtool -K IFACE tx on|off` through the SIOCETHTOOL ioctl (ethtool(8)

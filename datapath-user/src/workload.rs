@@ -199,7 +199,10 @@ pub fn connected_udp_request(target: SocketAddrV4, timeout: Duration) -> io::Res
     socket.send(b"hello")?;
     let mut buf = [0u8; 512];
     let n = socket.recv(&mut buf)?;
-    Ok(Answer { server: String::from_utf8_lossy(&buf[..n]).into_owned(), peer })
+    Ok(Answer {
+        server: String::from_utf8_lossy(&buf[..n]).into_owned(),
+        peer,
+    })
 }
 
 /// How a probe process talks to its target.

@@ -300,8 +300,15 @@ fn socket_lb_translates_connect_sendmsg_and_shows_the_cluster_ip() {
 
     // The same client outside the cgroup is not translated: with no TC
     // program either, nothing answers.
-    let outside =
-        workload::probe_process(&exe, &ns, None, ProbeKind::Tcp, SocketAddrV4::new(VIP, 80), 1).unwrap();
+    let outside = workload::probe_process(
+        &exe,
+        &ns,
+        None,
+        ProbeKind::Tcp,
+        SocketAddrV4::new(VIP, 80),
+        1,
+    )
+    .unwrap();
     assert!(
         matches!(outside[0], ProbeResult::Failed { .. }),
         "{outside:?}"
@@ -363,10 +370,32 @@ fn netlink_mode_and_tcx_both_attach_and_detach_exactly() {
     }
 }
 
+/// Removes a test's bpffs directory (detaching pinned links first), also
+/// when the test fails.
+struct PinDirGuard(PathBuf);
+
+impl Drop for PinDirGuard {
+    fn drop(&mut self) {
+        if let Ok(netns) = std::fs::read_dir(self.0.join("links/tc")) {
+            for ns in netns.flatten() {
+                for iface in std::fs::read_dir(ns.path()).into_iter().flatten().flatten() {
+                    let _ = detach_pinned_tc(
+                        &self.0,
+                        Some(&ns.file_name().to_string_lossy()),
+                        &iface.file_name().to_string_lossy(),
+                    );
+                }
+            }
+        }
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
 #[test]
 fn pinned_links_keep_translating_after_the_loader_is_gone() {
     require_root("e2e");
     let pin_dir = PathBuf::from(format!("/sys/fs/bpf/underpass-test-{}", std::process::id()));
+    let _cleanup = PinDirGuard(pin_dir.clone());
     let options = LoadOptions {
         pin_dir: Some(pin_dir.clone()),
         ..LoadOptions::default()
@@ -406,7 +435,6 @@ fn pinned_links_keep_translating_after_the_loader_is_gone() {
         .run(|| workload::tcp_request(SocketAddrV4::new(VIP, 80), Duration::from_millis(300)))
         .unwrap();
     assert!(after.is_err(), "detached by removing the pins: {after:?}");
-    std::fs::remove_dir_all(&pin_dir).unwrap();
     drop(topo);
 }
 
