@@ -127,7 +127,15 @@ pub fn measure(opts: &DatapathOpts) -> Result<Vec<CaseResult>> {
     let other = Frame::tcp(CLIENT, (Ipv4Addr::new(10, 77, 0, 3), 8080), ACK | PSH)
         .with_payload(&[0u8; 100]);
     let other_reply = other.reply(L4::Tcp { flags: ACK | PSH });
+    let mut arp = other.build();
+    arp[12..14].copy_from_slice(&0x0806u16.to_be_bytes());
     let cases = [
+        (
+            "floor: ARP frame (test-run harness + one compare)",
+            TC_EGRESS,
+            arp,
+            verdict::NEXT,
+        ),
         (
             "egress DNAT, conntrack hit",
             TC_EGRESS,

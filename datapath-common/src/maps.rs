@@ -28,8 +28,8 @@ pub const ALL_MAPS: [&str; 6] = [
 /// 64k service slots is Cilium's `bpf.lbMapMax` default.
 pub const DEFAULT_SERVICES_MAX: u32 = 65_536;
 pub const DEFAULT_BACKENDS_MAX: u32 = 65_536;
-/// Reverse-NAT ids are u16, so this is also the hard limit on frontends.
-pub const DEFAULT_REVERSE_NAT_MAX: u32 = 65_535;
+/// Reverse-NAT ids are u16: the array covers them all.
+pub const DEFAULT_REVERSE_NAT_MAX: u32 = 65_536;
 /// Two entries per tracked flow (service tuple + backend tuple).
 pub const DEFAULT_CONNTRACK_MAX: u32 = 262_144;
 pub const DEFAULT_SOCK_REVERSE_NAT_MAX: u32 = 65_536;
@@ -85,11 +85,18 @@ pub struct ServiceValue {
     pub _pad: [u8; 3],
 }
 
-/// Key of `BACKENDS` (hash): a backend id, allocated by the agent,
-/// never 0.
+/// Index into `BACKENDS` (an array): a backend id, allocated by the
+/// agent, 1..capacity (0 is never used).
 pub type BackendId = u32;
 
-/// Value of `BACKENDS`: where a backend lives.
+/// `Backend::flags`: the slot holds a backend. A zeroed slot (never written,
+/// or deleted) has no backend.
+pub const BACKEND_FLAG_PRESENT: u8 = 1 << 0;
+
+/// Value of `BACKENDS`: where a backend lives. An array rather than a hash
+/// because ids are small dense integers: the verifier turns the lookup
+/// into a bounds check, which the per-packet path of every tracked flow
+/// pays.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub struct Backend {
@@ -103,10 +110,21 @@ pub struct Backend {
     pub flags: u8,
 }
 
-/// Key of `REVERSE_NAT` (hash): one id per frontend, never 0.
+impl Backend {
+    pub const fn is_present(&self) -> bool {
+        self.flags & BACKEND_FLAG_PRESENT != 0
+    }
+}
+
+/// Index into `REVERSE_NAT` (an array of 65536): one id per frontend,
+/// never 0.
 pub type RevNatId = u16;
 
-/// Value of `REVERSE_NAT`: the frontend a reply must appear to come from.
+/// `RevNatValue::flags`: the slot holds a frontend.
+pub const REV_NAT_FLAG_PRESENT: u8 = 1 << 0;
+
+/// Value of `REVERSE_NAT`: a frontend by id. Tracked flows check their
+/// frontend still exists (and is the same) here, in O(1).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub struct RevNatValue {
@@ -114,8 +132,16 @@ pub struct RevNatValue {
     pub address_be: u32,
     /// Service port.
     pub port_be: u16,
+    /// `REV_NAT_FLAG_*` bits.
+    pub flags: u8,
     /// Always zero.
-    pub _pad: [u8; 2],
+    pub _pad: u8,
+}
+
+impl RevNatValue {
+    pub const fn is_present(&self) -> bool {
+        self.flags & REV_NAT_FLAG_PRESENT != 0
+    }
 }
 
 /// `CtKey::kind`: the tuple as the client sent it (destination = VIP).
@@ -240,7 +266,7 @@ mod tests {
         assert_eq!(size_of::<ServiceKey>(), 4 + 2 + 2 + 1 + 3);
         assert_eq!(size_of::<ServiceValue>(), 4 + 2 + 2 + 1 + 3);
         assert_eq!(size_of::<Backend>(), 4 + 2 + 1 + 1);
-        assert_eq!(size_of::<RevNatValue>(), 4 + 2 + 2);
+        assert_eq!(size_of::<RevNatValue>(), 4 + 2 + 1 + 1);
         assert_eq!(size_of::<CtKey>(), 4 + 4 + 2 + 2 + 1 + 1 + 2);
         assert_eq!(
             size_of::<CtEntry>(),

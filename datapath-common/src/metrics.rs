@@ -5,35 +5,33 @@
 #[repr(u32)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum Counter {
-    /// TC egress: packets DNATed to a backend (new and tracked flows).
-    Translated = 0,
-    /// TC egress: packets of a tracked flow (conntrack hit).
-    ConntrackHit = 1,
-    /// TC egress: packets that opened a flow (conntrack miss).
-    ConntrackMiss = 2,
+    /// TC egress: packets of a tracked flow DNATed (conntrack hit).
+    ConntrackHit = 0,
+    /// TC egress: new flows balanced and DNATed (conntrack miss). Packets
+    /// translated on the TC path = hits + misses.
+    ConntrackMiss = 1,
     /// TC ingress: replies rewritten back to the service address.
-    ReverseTranslated = 3,
+    ReverseTranslated = 2,
     /// A service with no backend refused a new flow (TC or socket-LB).
-    NoBackend = 4,
+    NoBackend = 3,
     /// IPv4 frames too short or malformed to parse.
-    NotParsed = 5,
+    NotParsed = 4,
     /// Non-first IPv4 fragments (no ports: passed untouched).
-    Fragment = 6,
+    Fragment = 5,
     /// Inconsistent maps (a slot naming a missing backend) or a failed helper.
-    Error = 7,
+    Error = 6,
     /// Socket-LB: connect/sendmsg rewritten to a backend.
-    SockTranslated = 8,
+    SockTranslated = 7,
     /// Socket-LB: getpeername/recvmsg rewritten back to the service.
-    SockReverseTranslated = 9,
+    SockReverseTranslated = 8,
 }
 
 /// Number of slots in `COUNTERS`.
-pub const COUNTER_COUNT: u32 = 10;
+pub const COUNTER_COUNT: u32 = 9;
 
 impl Counter {
     /// Every counter, in index order.
     pub const ALL: [Counter; COUNTER_COUNT as usize] = [
-        Counter::Translated,
         Counter::ConntrackHit,
         Counter::ConntrackMiss,
         Counter::ReverseTranslated,
@@ -48,7 +46,6 @@ impl Counter {
     /// The snake_case name used in metrics and CLI output.
     pub const fn name(self) -> &'static str {
         match self {
-            Counter::Translated => "translated",
             Counter::ConntrackHit => "conntrack_hit",
             Counter::ConntrackMiss => "conntrack_miss",
             Counter::ReverseTranslated => "reverse_translated",

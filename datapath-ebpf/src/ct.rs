@@ -13,6 +13,14 @@ use crate::{maps::CONNTRACK, parse::Packet};
 #[unsafe(no_mangle)]
 static CT_LIFETIMES: Lifetimes = Lifetimes::DEFAULT;
 
+/// The conntrack clock: CLOCK_MONOTONIC at tick resolution. Lifetimes are
+/// seconds long, and the coarse clock is cheaper to read per packet.
+#[inline(always)]
+pub fn now() -> u64 {
+    // SAFETY: plain helper call.
+    unsafe { aya_ebpf::helpers::bpf_ktime_get_coarse_ns() }
+}
+
 /// True when `flow` has outlived its lifetime.
 #[inline(always)]
 pub fn is_expired(flow: &CtEntry, protocol: u8, now_ns: u64) -> bool {

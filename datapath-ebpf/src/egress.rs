@@ -2,26 +2,29 @@
 //! to a backend. A new flow picks a backend uniformly at random and is
 //! tracked; later packets of the flow keep that backend.
 //!
-//! Cost budget: traffic that is not for a service pays one failed
-//! `SERVICES` lookup and nothing else. A tracked flow pays the service,
-//! conntrack and backend lookups; conntrack is only written when the flow's
-//! state changes or its timestamp is older than the refresh interval.
+//! Lookup order follows the packets: nearly all of them belong to tracked
+//! flows, so conntrack is looked up first and a tracked packet pays that
+//! one hash lookup plus two O(1) array reads (its frontend and its backend
+//! still exist). Only a packet without a live flow consults `SERVICES`:
+//! a hit opens a flow, a miss (not service traffic) passes untouched.
+//! Conntrack is written only on new flows, on TCP state changes and once a
+//! refresh interval, never per packet.
 
 use aya_ebpf::{
     bindings::{TC_ACT_SHOT, TC_ACT_UNSPEC},
-    helpers::{bpf_get_prandom_u32, bpf_ktime_get_ns},
+    helpers::bpf_get_prandom_u32,
     programs::TcContext,
 };
 use datapath_common::{
     conntrack::{self, Direction},
     lb,
-    maps::{Backend, CtEntry, L2_UNRESOLVED, ServiceKey, ServiceValue},
+    maps::{Backend, CtEntry, CtKey, L2_UNRESOLVED, ServiceKey},
     metrics::Counter,
 };
 
 use crate::{
     ct, l2,
-    maps::{BACKENDS, CONNTRACK, SERVICES},
+    maps::{BACKENDS, CONNTRACK, REVERSE_NAT, SERVICES},
     metrics::count,
     nat::{self, End},
     parse::{self, Packet},
@@ -31,13 +34,6 @@ pub fn run(ctx: &TcContext) -> i32 {
     let Some(packet) = parse::ipv4_l4(ctx) else {
         return TC_ACT_UNSPEC;
     };
-    let frontend = ServiceKey::new(packet.daddr_be, packet.dport_be, packet.protocol, 0);
-    // SAFETY: the value is copied out before any other map call.
-    let Some(service) = (unsafe { SERVICES.get(frontend) }).copied() else {
-        return TC_ACT_UNSPEC;
-    };
-    // SAFETY: plain helper call.
-    let now = unsafe { bpf_ktime_get_ns() };
     let key = ct::service_key(
         packet.saddr_be,
         packet.sport_be,
@@ -45,11 +41,11 @@ pub fn run(ctx: &TcContext) -> i32 {
         packet.dport_be,
         packet.protocol,
     );
-
+    let now = ct::now();
     if let Some(flow) = CONNTRACK.get_ptr_mut(key) {
         // SAFETY: a pointer into the map value, valid for this program run.
         let flow = unsafe { &mut *flow };
-        if let Some(backend) = tracked_backend(flow, &service, &packet, now) {
+        if let Some(backend) = tracked_backend(flow, &packet, now) {
             count(Counter::ConntrackHit);
             let state = conntrack::next_state(
                 flow.state,
@@ -77,40 +73,42 @@ pub fn run(ctx: &TcContext) -> i32 {
             return translate(ctx, &packet, &backend, &flow);
         }
     }
-    new_flow(ctx, &packet, &service, &key, now)
+    new_flow(ctx, &packet, &key, now)
 }
 
 /// The backend of a live tracked flow, or `None` when the flow must be
-/// balanced afresh: expired, opened to a previous incarnation of the
-/// service, a TCP SYN reusing a closed flow's tuple, or a backend the agent
-/// has deleted (then a TCP flow gets a RST from its new backend and the
-/// client fails fast instead of hanging; a UDP flow simply moves).
+/// balanced afresh: expired, its frontend deleted or re-created (its
+/// reverse-NAT slot no longer names this VIP:port), a TCP SYN reusing a
+/// closed flow's tuple, or a backend the agent has deleted (then a TCP flow
+/// gets a RST from its new backend and the client fails fast instead of
+/// hanging; a UDP flow simply moves).
 #[inline(always)]
-fn tracked_backend(
-    flow: &CtEntry,
-    service: &ServiceValue,
-    packet: &Packet,
-    now: u64,
-) -> Option<Backend> {
+fn tracked_backend(flow: &CtEntry, packet: &Packet, now: u64) -> Option<Backend> {
     if ct::is_expired(flow, packet.protocol, now)
-        || flow.rev_nat_id != service.rev_nat_id
         || conntrack::syn_reopens(flow, packet.protocol, packet.tcp_flags)
     {
         return None;
     }
-    // SAFETY: copied out at once.
-    unsafe { BACKENDS.get(flow.backend_id) }.copied()
+    let frontend = REVERSE_NAT.get(flow.rev_nat_id as u32)?;
+    if !frontend.is_present()
+        || frontend.address_be != packet.daddr_be
+        || frontend.port_be != packet.dport_be
+    {
+        return None;
+    }
+    BACKENDS
+        .get(flow.backend_id)
+        .copied()
+        .filter(Backend::is_present)
 }
 
 #[inline(always)]
-fn new_flow(
-    ctx: &TcContext,
-    packet: &Packet,
-    service: &ServiceValue,
-    key: &datapath_common::maps::CtKey,
-    now: u64,
-) -> i32 {
-    count(Counter::ConntrackMiss);
+fn new_flow(ctx: &TcContext, packet: &Packet, key: &CtKey, now: u64) -> i32 {
+    let frontend = ServiceKey::new(packet.daddr_be, packet.dport_be, packet.protocol, 0);
+    // SAFETY: the value is copied out before any other map call.
+    let Some(service) = (unsafe { SERVICES.get(frontend) }).copied() else {
+        return TC_ACT_UNSPEC;
+    };
     if service.backend_count == 0 {
         count(Counter::NoBackend);
         return TC_ACT_SHOT;
@@ -123,8 +121,11 @@ fn new_flow(
         count(Counter::Error);
         return TC_ACT_SHOT;
     };
-    // SAFETY: copied out at once.
-    let Some(backend) = (unsafe { BACKENDS.get(slot_value.backend_id) }).copied() else {
+    let Some(backend) = BACKENDS
+        .get(slot_value.backend_id)
+        .copied()
+        .filter(Backend::is_present)
+    else {
         count(Counter::Error);
         return TC_ACT_SHOT;
     };
@@ -147,6 +148,7 @@ fn new_flow(
     if !ct::insert(&reply, &reply_entry(&flow, packet)) || !ct::insert(key, &flow) {
         count(Counter::Error);
     }
+    count(Counter::ConntrackMiss);
     translate(ctx, packet, &backend, &flow)
 }
 
@@ -176,6 +178,5 @@ fn translate(ctx: &TcContext, packet: &Packet, backend: &Backend, flow: &CtEntry
         count(Counter::Error);
         return TC_ACT_SHOT;
     }
-    count(Counter::Translated);
     l2::forward(ctx, flow)
 }

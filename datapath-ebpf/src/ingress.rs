@@ -5,7 +5,6 @@
 
 use aya_ebpf::{
     bindings::{TC_ACT_OK, TC_ACT_SHOT, TC_ACT_UNSPEC},
-    helpers::bpf_ktime_get_ns,
     programs::TcContext,
 };
 use datapath_common::{
@@ -31,8 +30,7 @@ pub fn run(ctx: &TcContext) -> i32 {
     };
     // SAFETY: a pointer into the map value, valid for this program run.
     let flow = unsafe { &mut *flow };
-    // SAFETY: plain helper call.
-    let now = unsafe { bpf_ktime_get_ns() };
+    let now = ct::now();
     if ct::is_expired(flow, packet.protocol, now) {
         return TC_ACT_UNSPEC;
     }

@@ -4,12 +4,12 @@
 
 use aya_ebpf::{
     macros::map,
-    maps::{HashMap, LruHashMap, PerCpuArray},
+    maps::{Array, HashMap, LruHashMap, PerCpuArray},
 };
 use datapath_common::{
     maps::{
-        Backend, BackendId, CtEntry, CtKey, RevNatId, RevNatValue, ServiceKey, ServiceValue,
-        SockRevNatKey, SockRevNatValue,
+        Backend, CtEntry, CtKey, RevNatValue, ServiceKey, ServiceValue, SockRevNatKey,
+        SockRevNatValue,
     },
     metrics::COUNTER_COUNT,
 };
@@ -18,13 +18,13 @@ use datapath_common::{
 #[map]
 pub static SERVICES: HashMap<ServiceKey, ServiceValue> = HashMap::with_max_entries(1024, 0);
 
-/// Backend id → address and port.
+/// Backend id → address and port (array: O(1) on every tracked packet).
 #[map]
-pub static BACKENDS: HashMap<BackendId, Backend> = HashMap::with_max_entries(1024, 0);
+pub static BACKENDS: Array<Backend> = Array::with_max_entries(1024, 0);
 
-/// Reverse-NAT id → the frontend replies must come from.
+/// Reverse-NAT id → frontend (array indexed by the u16 id).
 #[map]
-pub static REVERSE_NAT: HashMap<RevNatId, RevNatValue> = HashMap::with_max_entries(1024, 0);
+pub static REVERSE_NAT: Array<RevNatValue> = Array::with_max_entries(65_536, 0);
 
 /// Per-flow state for the TC path: two entries per flow (service tuple,
 /// backend tuple). LRU so a full table evicts the coldest flow instead of

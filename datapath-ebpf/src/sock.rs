@@ -131,6 +131,8 @@ fn slot_backend(address_be: u32, port_be: u16, protocol: u8, slot: u16) -> Optio
     // SAFETY: copied out at once.
     let slot =
         unsafe { SERVICES.get(ServiceKey::new(address_be, port_be, protocol, slot)) }.copied()?;
-    // SAFETY: copied out at once.
-    unsafe { BACKENDS.get(slot.backend_id) }.copied()
+    BACKENDS
+        .get(slot.backend_id)
+        .copied()
+        .filter(Backend::is_present)
 }

@@ -6,7 +6,7 @@ use std::{net::Ipv4Addr, path::Path};
 
 use aya::{
     Ebpf,
-    maps::{HashMap, Map, MapData, MapError, PerCpuArray},
+    maps::{Array, HashMap, Map, MapData, MapError, PerCpuArray},
 };
 use datapath_common::{
     IPPROTO_TCP, IPPROTO_UDP, ipv4_be,
@@ -98,10 +98,20 @@ pub enum ProgramError {
         count: usize,
         max: u16,
     },
-    #[error("{frontend}: backend id 0 is reserved")]
-    ZeroBackendId { frontend: Frontend },
-    #[error("{frontend}: reverse-NAT id 0 is reserved")]
-    ZeroRevNatId { frontend: Frontend },
+    #[error("{frontend}: backend id {id} is outside 1..{capacity} (the BACKENDS map's size)")]
+    BackendIdOutOfRange {
+        frontend: Frontend,
+        id: BackendId,
+        capacity: u32,
+    },
+    #[error(
+        "{frontend}: reverse-NAT id {id} is outside 1..{capacity} (the REVERSE_NAT map's size)"
+    )]
+    RevNatIdOutOfRange {
+        frontend: Frontend,
+        id: RevNatId,
+        capacity: u32,
+    },
     #[error("{frontend}: port 0 is not a valid {what} port")]
     PortZero {
         frontend: Frontend,
@@ -119,8 +129,10 @@ pub enum ProgramError {
 /// Handles on every map of a loaded (or pinned) datapath.
 pub struct DatapathMaps {
     pub services: HashMap<MapData, ServiceKey, ServiceValue>,
-    pub backends: HashMap<MapData, BackendId, Backend>,
-    pub reverse_nat: HashMap<MapData, RevNatId, RevNatValue>,
+    /// Indexed by backend id; a zeroed slot holds no backend.
+    pub backends: Array<MapData, Backend>,
+    /// Indexed by reverse-NAT id; a zeroed slot holds no frontend.
+    pub reverse_nat: Array<MapData, RevNatValue>,
     pub conntrack: HashMap<MapData, CtKey, CtEntry>,
     pub sock_reverse_nat: HashMap<MapData, SockRevNatKey, SockRevNatValue>,
     pub counters: PerCpuArray<MapData, u64>,
@@ -226,9 +238,11 @@ impl DatapathMaps {
                 count: backends.len(),
                 max: m::MAX_BACKENDS_PER_SERVICE,
             })?;
-        if rev_nat_id == 0 {
-            return Err(ProgramError::ZeroRevNatId {
+        if rev_nat_id == 0 || u32::from(rev_nat_id) >= self.reverse_nat.len() {
+            return Err(ProgramError::RevNatIdOutOfRange {
                 frontend: *frontend,
+                id: rev_nat_id,
+                capacity: self.reverse_nat.len(),
             });
         }
         if frontend.port == 0 {
@@ -237,10 +251,13 @@ impl DatapathMaps {
                 what: "service",
             });
         }
+        let capacity = self.backends.len();
         for backend in backends {
-            if backend.id == 0 {
-                return Err(ProgramError::ZeroBackendId {
+            if backend.id == 0 || backend.id >= capacity {
+                return Err(ProgramError::BackendIdOutOfRange {
                     frontend: *frontend,
+                    id: backend.id,
+                    capacity,
                 });
             }
             if backend.port == 0 {
@@ -261,19 +278,20 @@ impl DatapathMaps {
                 address_be: ipv4_be(backend.address.octets()),
                 port_be: port_be(backend.port),
                 protocol: frontend.protocol.number(),
-                flags: 0,
+                flags: m::BACKEND_FLAG_PRESENT,
             };
             self.backends
-                .insert(backend.id, value, 0)
+                .set(backend.id, value, 0)
                 .map_err(map_err(m::BACKENDS_MAP))?;
         }
         let rev_nat = RevNatValue {
             address_be: ipv4_be(frontend.address.octets()),
             port_be: port_be(frontend.port),
-            _pad: [0; 2],
+            flags: m::REV_NAT_FLAG_PRESENT,
+            _pad: 0,
         };
         self.reverse_nat
-            .insert(rev_nat_id, rev_nat, 0)
+            .set(u32::from(rev_nat_id), rev_nat, 0)
             .map_err(map_err(m::REVERSE_NAT_MAP))?;
         for (i, backend) in backends.iter().enumerate() {
             let slot = ServiceValue {
@@ -319,7 +337,8 @@ impl DatapathMaps {
             remove_if_present(&mut self.services, &frontend.key(slot))
                 .map_err(map_err(m::SERVICES_MAP))?;
         }
-        remove_if_present(&mut self.reverse_nat, &head.rev_nat_id)
+        self.reverse_nat
+            .set(u32::from(head.rev_nat_id), RevNatValue::default(), 0)
             .map_err(map_err(m::REVERSE_NAT_MAP))?;
         Ok(())
     }
@@ -327,7 +346,7 @@ impl DatapathMaps {
     /// Deletes a backend. Tracked flows still pinned to it are re-balanced
     /// by the datapath on their next packet.
     pub fn remove_backend(&mut self, id: BackendId) -> Result<(), MapError> {
-        remove_if_present(&mut self.backends, &id)
+        self.backends.set(id, Backend::default(), 0)
     }
 }
 
