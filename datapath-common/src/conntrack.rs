@@ -15,19 +15,18 @@ pub const STATE_CLOSING_TX: u8 = 1 << 1;
 /// The backend sent FIN or RST.
 pub const STATE_CLOSING_RX: u8 = 1 << 2;
 
-const SECOND: u64 = 1_000_000_000;
-/// A TCP flow that only saw SYNs (Cilium's `CT_SYN_TIMEOUT`).
-pub const TCP_SYN_LIFETIME_NS: u64 = 60 * SECOND;
+/// A TCP flow that only saw SYNs (Cilium's `CT_SYN_TIMEOUT`), seconds.
+pub const TCP_SYN_LIFETIME_SECS: u64 = 60;
 /// An established TCP flow (Cilium's `CT_CONNECTION_LIFETIME_TCP`, 6 h).
-pub const TCP_ESTABLISHED_LIFETIME_NS: u64 = 6 * 3600 * SECOND;
+pub const TCP_ESTABLISHED_LIFETIME_SECS: u64 = 6 * 3600;
 /// A TCP flow after a FIN or RST (Cilium's `CT_CLOSE_TIMEOUT`).
-pub const TCP_CLOSING_LIFETIME_NS: u64 = 10 * SECOND;
+pub const TCP_CLOSING_LIFETIME_SECS: u64 = 10;
 /// UDP flows (Cilium's `CT_CONNECTION_LIFETIME_NONTCP`).
-pub const UDP_LIFETIME_NS: u64 = 60 * SECOND;
-/// How stale `last_seen_ns` may get before a packet writes it again. Writes
+pub const UDP_LIFETIME_SECS: u64 = 60;
+/// How stale `last_seen` may get before a packet writes it again. Writes
 /// to an LRU entry dirty a shared cache line, so the hot path skips them;
 /// this bounds how early (at most this much) a busy flow could expire.
-pub const REFRESH_INTERVAL_NS: u64 = SECOND;
+pub const REFRESH_INTERVAL_SECS: u64 = 1;
 
 /// TCP flag bits as they sit in byte 13 of the TCP header.
 pub const TCP_FIN: u8 = 0x01;
@@ -43,71 +42,71 @@ pub enum Direction {
     Reply,
 }
 
-/// Conntrack lifetimes, set when the object is loaded (a read-only global
-/// the verifier sees as constant, so configuring them costs nothing per
-/// packet).
+/// Conntrack lifetimes in kernel ticks (jiffies), set when the object is
+/// loaded: a read-only global the verifier treats as constant, so
+/// configuring them costs nothing per packet.
+///
+/// The clock is jiffies because `bpf_jiffies64` is inlined into a plain
+/// load, where reading ktime is a helper call costing tens of ns per packet
+/// (Cilium makes the same choice). User space converts with the kernel's
+/// HZ.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Lifetimes {
-    pub tcp_syn_ns: u64,
-    pub tcp_established_ns: u64,
-    pub tcp_closing_ns: u64,
-    pub udp_ns: u64,
+    pub tcp_syn: u64,
+    pub tcp_established: u64,
+    pub tcp_closing: u64,
+    pub udp: u64,
+    /// How old `last_seen` may get before a packet refreshes it.
+    pub refresh: u64,
 }
 
 impl Lifetimes {
-    pub const DEFAULT: Self = Self {
-        tcp_syn_ns: TCP_SYN_LIFETIME_NS,
-        tcp_established_ns: TCP_ESTABLISHED_LIFETIME_NS,
-        tcp_closing_ns: TCP_CLOSING_LIFETIME_NS,
-        udp_ns: UDP_LIFETIME_NS,
-    };
+    /// The default lifetimes at `hz` ticks per second.
+    pub const fn default_at(hz: u64) -> Self {
+        Self {
+            tcp_syn: TCP_SYN_LIFETIME_SECS * hz,
+            tcp_established: TCP_ESTABLISHED_LIFETIME_SECS * hz,
+            tcp_closing: TCP_CLOSING_LIFETIME_SECS * hz,
+            udp: UDP_LIFETIME_SECS * hz,
+            refresh: REFRESH_INTERVAL_SECS * hz,
+        }
+    }
 
     /// How long a flow in `state` lives after its last refresh.
     #[inline(always)]
     pub const fn of(&self, protocol: u8, state: u8) -> u64 {
         if protocol != crate::IPPROTO_TCP {
-            self.udp_ns
+            self.udp
         } else if state & (STATE_CLOSING_TX | STATE_CLOSING_RX) != 0 {
-            self.tcp_closing_ns
+            self.tcp_closing
         } else if state & STATE_SEEN_NON_SYN != 0 {
-            self.tcp_established_ns
+            self.tcp_established
         } else {
-            self.tcp_syn_ns
+            self.tcp_syn
         }
     }
 
-    /// True when `entry` has outlived its state's lifetime at `now_ns`.
+    /// True when `entry` has outlived its state's lifetime at `now`.
     #[inline(always)]
-    pub const fn is_expired(&self, entry: &CtEntry, protocol: u8, now_ns: u64) -> bool {
-        now_ns.saturating_sub(entry.last_seen_ns) > self.of(protocol, entry.state)
+    pub const fn is_expired(&self, entry: &CtEntry, protocol: u8, now: u64) -> bool {
+        now.saturating_sub(entry.last_seen) > self.of(protocol, entry.state)
     }
-}
 
-impl Default for Lifetimes {
-    fn default() -> Self {
-        Self::DEFAULT
+    /// True when a packet must write the entry: its state changes, or the
+    /// last refresh is older than `refresh`.
+    #[inline(always)]
+    pub const fn needs_write(&self, entry: &CtEntry, new_state: u8, now: u64) -> bool {
+        new_state != entry.state || now.saturating_sub(entry.last_seen) > self.refresh
     }
 }
 
 #[cfg(feature = "user")]
-// SAFETY: repr(C), four u64, no padding.
+// SAFETY: repr(C), five u64, no padding.
 unsafe impl aya::Pod for Lifetimes {}
 
 /// The name of the global holding `Lifetimes` in the object.
 pub const LIFETIMES_GLOBAL: &str = "CT_LIFETIMES";
-
-/// How long a flow in `state` lives with the default lifetimes.
-#[inline(always)]
-pub const fn lifetime_ns(protocol: u8, state: u8) -> u64 {
-    Lifetimes::DEFAULT.of(protocol, state)
-}
-
-/// True when `entry` has outlived its default lifetime at `now_ns`.
-#[inline(always)]
-pub const fn is_expired(entry: &CtEntry, protocol: u8, now_ns: u64) -> bool {
-    Lifetimes::DEFAULT.is_expired(entry, protocol, now_ns)
-}
 
 /// The state after a packet with `tcp_flags` (0 for UDP) travels in
 /// `direction`.
@@ -135,13 +134,6 @@ pub const fn initial_state(protocol: u8, tcp_flags: u8) -> u8 {
     next_state(0, protocol, tcp_flags, Direction::Original)
 }
 
-/// True when the packet must write the entry: its state changes, or the
-/// last refresh is older than `REFRESH_INTERVAL_NS`.
-#[inline(always)]
-pub const fn needs_write(entry: &CtEntry, new_state: u8, now_ns: u64) -> bool {
-    new_state != entry.state || now_ns.saturating_sub(entry.last_seen_ns) > REFRESH_INTERVAL_NS
-}
-
 /// A TCP SYN (without ACK) opens a new connection: if it meets an old
 /// entry for the same tuple in a closing state, the old flow is over and
 /// the new one must be balanced afresh (client port reuse).
@@ -160,10 +152,13 @@ mod tests {
     use super::*;
     use crate::{IPPROTO_TCP, IPPROTO_UDP};
 
-    fn entry(state: u8, last_seen_ns: u64) -> CtEntry {
+    const HZ: u64 = 250;
+    const L: Lifetimes = Lifetimes::default_at(HZ);
+
+    fn entry(state: u8, last_seen: u64) -> CtEntry {
         CtEntry {
             state,
-            last_seen_ns,
+            last_seen,
             ..CtEntry::default()
         }
     }
@@ -171,14 +166,14 @@ mod tests {
     #[test]
     fn tcp_handshake_moves_from_syn_to_established_lifetime() {
         let s = initial_state(IPPROTO_TCP, TCP_SYN);
-        assert_eq!(lifetime_ns(IPPROTO_TCP, s), TCP_SYN_LIFETIME_NS);
+        assert_eq!(L.of(IPPROTO_TCP, s), 60 * HZ);
         let s = next_state(s, IPPROTO_TCP, TCP_SYN | TCP_ACK, Direction::Reply);
-        assert_eq!(lifetime_ns(IPPROTO_TCP, s), TCP_SYN_LIFETIME_NS);
+        assert_eq!(L.of(IPPROTO_TCP, s), 60 * HZ);
         let s = next_state(s, IPPROTO_TCP, TCP_ACK, Direction::Original);
-        assert_eq!(lifetime_ns(IPPROTO_TCP, s), TCP_ESTABLISHED_LIFETIME_NS);
+        assert_eq!(L.of(IPPROTO_TCP, s), 6 * 3600 * HZ);
         let s = next_state(s, IPPROTO_TCP, TCP_FIN | TCP_ACK, Direction::Reply);
         assert_eq!(s & STATE_CLOSING_RX, STATE_CLOSING_RX);
-        assert_eq!(lifetime_ns(IPPROTO_TCP, s), TCP_CLOSING_LIFETIME_NS);
+        assert_eq!(L.of(IPPROTO_TCP, s), 10 * HZ);
     }
 
     #[test]
@@ -190,7 +185,7 @@ mod tests {
             Direction::Original,
         );
         assert_eq!(s, STATE_SEEN_NON_SYN | STATE_CLOSING_TX);
-        assert_eq!(lifetime_ns(IPPROTO_TCP, s), TCP_CLOSING_LIFETIME_NS);
+        assert_eq!(L.of(IPPROTO_TCP, s), 10 * HZ);
     }
 
     #[test]
@@ -198,39 +193,31 @@ mod tests {
         // After an agent restart lost the table, the first packet seen is
         // an ACK: it must not get the short SYN lifetime.
         let s = initial_state(IPPROTO_TCP, TCP_ACK);
-        assert_eq!(lifetime_ns(IPPROTO_TCP, s), TCP_ESTABLISHED_LIFETIME_NS);
+        assert_eq!(L.of(IPPROTO_TCP, s), 6 * 3600 * HZ);
     }
 
     #[test]
     fn udp_ignores_flags_and_has_its_own_lifetime() {
         assert_eq!(next_state(0, IPPROTO_UDP, 0xff, Direction::Reply), 0);
-        assert_eq!(lifetime_ns(IPPROTO_UDP, 0), UDP_LIFETIME_NS);
+        assert_eq!(L.of(IPPROTO_UDP, 0), 60 * HZ);
     }
 
     #[test]
     fn expiry_is_strictly_after_the_lifetime() {
         let e = entry(0, 1_000);
-        assert!(!is_expired(&e, IPPROTO_UDP, 1_000 + UDP_LIFETIME_NS));
-        assert!(is_expired(&e, IPPROTO_UDP, 1_001 + UDP_LIFETIME_NS));
+        assert!(!L.is_expired(&e, IPPROTO_UDP, 1_000 + 60 * HZ));
+        assert!(L.is_expired(&e, IPPROTO_UDP, 1_001 + 60 * HZ));
         // A clock behind last_seen (entry written by another CPU a moment
         // later) is not expired.
-        assert!(!is_expired(&e, IPPROTO_UDP, 0));
+        assert!(!L.is_expired(&e, IPPROTO_UDP, 0));
     }
 
     #[test]
     fn refresh_is_rate_limited_but_state_changes_always_write() {
-        let e = entry(STATE_SEEN_NON_SYN, 5 * SECOND);
-        assert!(!needs_write(
-            &e,
-            STATE_SEEN_NON_SYN,
-            5 * SECOND + REFRESH_INTERVAL_NS
-        ));
-        assert!(needs_write(&e, STATE_SEEN_NON_SYN, 6 * SECOND + 1));
-        assert!(needs_write(
-            &e,
-            STATE_SEEN_NON_SYN | STATE_CLOSING_TX,
-            5 * SECOND
-        ));
+        let e = entry(STATE_SEEN_NON_SYN, 5 * HZ);
+        assert!(!L.needs_write(&e, STATE_SEEN_NON_SYN, 6 * HZ));
+        assert!(L.needs_write(&e, STATE_SEEN_NON_SYN, 6 * HZ + 1));
+        assert!(L.needs_write(&e, STATE_SEEN_NON_SYN | STATE_CLOSING_TX, 5 * HZ));
     }
 
     #[test]

@@ -184,9 +184,9 @@ pub const L2_REDIRECT_NEIGH: u8 = 2;
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub struct CtEntry {
-    /// `bpf_ktime_get_ns()` (CLOCK_MONOTONIC) when the flow was last
-    /// refreshed; refreshed at most every `conntrack::REFRESH_INTERVAL_NS`.
-    pub last_seen_ns: u64,
+    /// Kernel jiffies (`bpf_jiffies64()`) when the flow was last refreshed;
+    /// refreshed at most every `Lifetimes::refresh` ticks.
+    pub last_seen: u64,
     /// The backend this flow is pinned to.
     pub backend_id: u32,
     /// The frontend the flow was opened to (checked against the service on

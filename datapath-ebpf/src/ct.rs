@@ -8,26 +8,39 @@ use datapath_common::{
 
 use crate::{maps::CONNTRACK, parse::Packet};
 
-/// Conntrack lifetimes; the loader overwrites this read-only global
-/// (`datapath_common::conntrack::LIFETIMES_GLOBAL`) before loading.
+/// Conntrack lifetimes in ticks; the loader overwrites this read-only
+/// global (`datapath_common::conntrack::LIFETIMES_GLOBAL`) with the
+/// configured ones at the kernel's HZ. The default here assumes HZ=250 and
+/// is never used by our loader.
 #[unsafe(no_mangle)]
-static CT_LIFETIMES: Lifetimes = Lifetimes::DEFAULT;
+static CT_LIFETIMES: Lifetimes = Lifetimes::default_at(250);
 
-/// The conntrack clock: CLOCK_MONOTONIC at tick resolution. Lifetimes are
-/// seconds long, and the coarse clock is cheaper to read per packet.
+#[inline(always)]
+fn lifetimes() -> Lifetimes {
+    // SAFETY: a read of our own static. Volatile, so that the compiler
+    // reads the value the loader set instead of folding in the default.
+    unsafe { core::ptr::read_volatile(&CT_LIFETIMES) }
+}
+
+/// The conntrack clock: jiffies. `bpf_jiffies64` is inlined by the
+/// verifier into a load, where ktime helpers cost a call per packet.
 #[inline(always)]
 pub fn now() -> u64 {
-    // SAFETY: plain helper call.
-    unsafe { aya_ebpf::helpers::bpf_ktime_get_coarse_ns() }
+    // SAFETY: plain helper call (inlined).
+    unsafe { aya_ebpf::helpers::bpf_jiffies64() }
 }
 
 /// True when `flow` has outlived its lifetime.
 #[inline(always)]
-pub fn is_expired(flow: &CtEntry, protocol: u8, now_ns: u64) -> bool {
-    // SAFETY: a read of our own static. Volatile, so that the compiler
-    // reads the value the loader set instead of folding in the default.
-    let lifetimes = unsafe { core::ptr::read_volatile(&CT_LIFETIMES) };
-    lifetimes.is_expired(flow, protocol, now_ns)
+pub fn is_expired(flow: &CtEntry, protocol: u8, now: u64) -> bool {
+    lifetimes().is_expired(flow, protocol, now)
+}
+
+/// True when this packet must write the flow's entry (state change or
+/// refresh due).
+#[inline(always)]
+pub fn needs_write(flow: &CtEntry, new_state: u8, now: u64) -> bool {
+    lifetimes().needs_write(flow, new_state, now)
 }
 
 /// The service-tuple key of a client packet (destination = VIP).
@@ -86,13 +99,13 @@ pub fn reply_key(packet: &Packet) -> CtKey {
 /// Mirrors a refresh (state bits, timestamp) onto the flow's other entry.
 /// Returns false when that entry is gone (evicted).
 #[inline(always)]
-pub fn mirror(key: &CtKey, state: u8, now_ns: u64) -> bool {
+pub fn mirror(key: &CtKey, state: u8, now: u64) -> bool {
     match CONNTRACK.get_ptr_mut(key) {
         Some(peer) => {
             // SAFETY: a pointer into the map value, valid for this program run.
             let peer = unsafe { &mut *peer };
             peer.state |= state;
-            peer.last_seen_ns = now_ns;
+            peer.last_seen = now;
             true
         }
         None => false,

@@ -53,9 +53,9 @@ pub fn run(ctx: &TcContext) -> i32 {
                 packet.tcp_flags,
                 Direction::Original,
             );
-            if conntrack::needs_write(flow, state, now) {
+            if ct::needs_write(flow, state, now) {
                 flow.state = state;
-                flow.last_seen_ns = now;
+                flow.last_seen = now;
                 let reply = ct::backend_key(
                     packet.saddr_be,
                     packet.sport_be,
@@ -130,7 +130,7 @@ fn new_flow(ctx: &TcContext, packet: &Packet, key: &CtKey, now: u64) -> i32 {
         return TC_ACT_SHOT;
     };
     let flow = CtEntry {
-        last_seen_ns: now,
+        last_seen: now,
         backend_id: slot_value.backend_id,
         rev_nat_id: service.rev_nat_id,
         state: conntrack::initial_state(packet.protocol, packet.tcp_flags),

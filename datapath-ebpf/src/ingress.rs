@@ -42,9 +42,9 @@ pub fn run(ctx: &TcContext) -> i32 {
     );
     // `l2_mode` of a backend-tuple entry records whether the service-tuple
     // entry has learned this flow's L2 addresses yet.
-    if conntrack::needs_write(flow, state, now) || flow.l2_mode != L2_REWRITE {
+    if ct::needs_write(flow, state, now) || flow.l2_mode != L2_REWRITE {
         flow.state = state;
-        flow.last_seen_ns = now;
+        flow.last_seen = now;
         flow.l2_mode = L2_REWRITE;
         let service = ct::service_key(
             packet.daddr_be,
@@ -57,7 +57,7 @@ pub fn run(ctx: &TcContext) -> i32 {
             // SAFETY: a pointer into the map value, valid for this program run.
             let forward = unsafe { &mut *forward };
             forward.state |= state;
-            forward.last_seen_ns = now;
+            forward.last_seen = now;
             l2::learn_from_reply(ctx, forward);
         }
     }

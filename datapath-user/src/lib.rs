@@ -4,6 +4,7 @@
 
 mod bpfsys;
 pub mod cgroup;
+pub mod clock;
 pub mod demo;
 pub mod loader;
 pub mod maps;

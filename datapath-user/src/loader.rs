@@ -9,6 +9,7 @@
 use std::{
     fmt, fs, io,
     path::{Path, PathBuf},
+    time::Duration,
 };
 
 use aya::{
@@ -26,7 +27,7 @@ use datapath_common::{
     maps,
 };
 
-use crate::{maps::DatapathMaps, netns, object};
+use crate::{clock, maps::DatapathMaps, netns, object};
 
 /// Where the agent pins maps and links by default.
 pub const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/underpass";
@@ -60,7 +61,45 @@ pub struct LoadOptions {
     pub pin_dir: Option<PathBuf>,
     pub sizes: MapSizes,
     /// Conntrack lifetimes (default: Cilium's).
-    pub ct_lifetimes: Lifetimes,
+    pub ct_timeouts: CtTimeouts,
+}
+
+/// How long idle flows are remembered, by state.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct CtTimeouts {
+    pub tcp_syn: Duration,
+    pub tcp_established: Duration,
+    pub tcp_closing: Duration,
+    pub udp: Duration,
+    /// How stale a busy flow's timestamp may get before a packet refreshes
+    /// it (bounds the write rate to conntrack).
+    pub refresh: Duration,
+}
+
+impl Default for CtTimeouts {
+    fn default() -> Self {
+        use datapath_common::conntrack as c;
+        Self {
+            tcp_syn: Duration::from_secs(c::TCP_SYN_LIFETIME_SECS),
+            tcp_established: Duration::from_secs(c::TCP_ESTABLISHED_LIFETIME_SECS),
+            tcp_closing: Duration::from_secs(c::TCP_CLOSING_LIFETIME_SECS),
+            udp: Duration::from_secs(c::UDP_LIFETIME_SECS),
+            refresh: Duration::from_secs(c::REFRESH_INTERVAL_SECS),
+        }
+    }
+}
+
+impl CtTimeouts {
+    /// In kernel ticks at `hz`, as the datapath uses them.
+    pub fn in_ticks(&self, hz: u64) -> Lifetimes {
+        Lifetimes {
+            tcp_syn: clock::ticks(self.tcp_syn, hz),
+            tcp_established: clock::ticks(self.tcp_established, hz),
+            tcp_closing: clock::ticks(self.tcp_closing, hz),
+            udp: clock::ticks(self.udp, hz),
+            refresh: clock::ticks(self.refresh, hz),
+        }
+    }
 }
 
 /// How TC programs are attached.
@@ -125,7 +164,7 @@ pub enum LoaderError {
     KernelFeature {
         kernel: String,
         feature: &'static str,
-        hint: &'static str,
+        hint: String,
     },
     #[error("pin {path}: {reason}")]
     Pin { path: PathBuf, reason: String },
@@ -181,7 +220,15 @@ impl Datapath {
             .map_max_entries(maps::REVERSE_NAT_MAP, sizes.reverse_nat)
             .map_max_entries(maps::CONNTRACK_MAP, sizes.conntrack)
             .map_max_entries(maps::SOCK_REVERSE_NAT_MAP, sizes.sock_reverse_nat);
-        loader.override_global(LIFETIMES_GLOBAL, &options.ct_lifetimes, true);
+        let hz = clock::hz().map_err(|e| LoaderError::KernelFeature {
+            kernel: KernelVersion::current()
+                .map(|v| v.to_string())
+                .unwrap_or_else(|_| "?".into()),
+            feature: "a readable jiffies clock (/proc/timer_list)",
+            hint: e.to_string(),
+        })?;
+        let lifetimes = options.ct_timeouts.in_ticks(hz);
+        loader.override_global(LIFETIMES_GLOBAL, &lifetimes, true);
         for (name, path) in &map_pins {
             loader.map_pin_path(name, path.as_path());
         }
@@ -589,7 +636,7 @@ fn resolve_mode(mode: TcMode) -> Result<TcMode, LoaderError> {
                 .map(|v| v.to_string())
                 .unwrap_or_else(|_| "?".into()),
             feature: "TCX (BPF_LINK_TYPE_TCX, Linux 6.6)",
-            hint: "use --tc-mode netlink (clsact) instead",
+            hint: "use --tc-mode netlink (clsact) instead".into(),
         }),
         other => Ok(other),
     }

@@ -8,11 +8,11 @@
 
 mod common;
 
-use std::net::Ipv4Addr;
+use std::{net::Ipv4Addr, time::Duration};
 
-use common::{load_private, load_private_with, monotonic_ns};
+use common::{jiffies_ago, load_private, load_private_with};
 use datapath_common::{
-    conntrack::{self, Lifetimes, STATE_CLOSING_TX, STATE_SEEN_NON_SYN},
+    conntrack::{self, STATE_CLOSING_TX, STATE_SEEN_NON_SYN},
     ipv4_be,
     maps::{CT_KIND_BACKEND, CT_KIND_SERVICE, CtEntry, CtKey, L2_REWRITE},
     metrics::Counter,
@@ -20,6 +20,7 @@ use datapath_common::{
 };
 use datapath_user::{
     Datapath,
+    loader::CtTimeouts,
     maps::{BackendEntry, Frontend, Protocol},
     object::{TC_EGRESS, TC_INGRESS, verdict},
     packet::{self, ACK, FIN, Frame, L4, PSH, RST, SYN},
@@ -451,10 +452,10 @@ fn a_service_without_backends_refuses_new_flows() {
 }
 
 /// Plants a service-tuple entry for `frame` pinned to `backend`, last
-/// seen `age_ns` ago, in `state`.
-fn plant_flow(dp: &mut Datapath, frame: &Frame, backend: &BackendEntry, state: u8, age_ns: u64) {
+/// seen `age` ago (on the datapath's jiffies clock), in `state`.
+fn plant_flow(dp: &mut Datapath, frame: &Frame, backend: &BackendEntry, state: u8, age: Duration) {
     let entry = CtEntry {
-        last_seen_ns: monotonic_ns() - age_ns,
+        last_seen: jiffies_ago(age),
         backend_id: backend.id,
         rev_nat_id: 1,
         state,
@@ -466,83 +467,79 @@ fn plant_flow(dp: &mut Datapath, frame: &Frame, backend: &BackendEntry, state: u
         .unwrap();
 }
 
-#[test]
-fn flows_expire_on_their_own_lifetimes() {
-    const S: u64 = 1_000_000_000;
-    // Short lifetimes (set at load time like in production) so that the
-    // planted timestamps fit in the machine's uptime (the clock is
-    // CLOCK_MONOTONIC, which starts at boot).
-    let lifetimes = Lifetimes {
-        tcp_syn_ns: 4 * S,
-        tcp_established_ns: 9 * S,
-        tcp_closing_ns: 2 * S,
-        udp_ns: 6 * S,
+/// Runs one packet of a flow planted `age` ago in `state` and tells
+/// whether the flow was still tracked (kept its backend) or had expired
+/// (was balanced afresh).
+fn still_tracked(timeouts: CtTimeouts, tcp: bool, state: u8, age: Duration) -> bool {
+    // The service's only backend is B2; the planted flow names B1 (a live
+    // backend of another service). Tracked → B1; expired → B2.
+    let frontend = if tcp { tcp_frontend() } else { udp_frontend() };
+    let mut dp = load_private_with(timeouts);
+    dp.maps.set_service(&frontend, 1, &[B2]).unwrap();
+    dp.maps
+        .set_service(
+            &Frontend {
+                port: 1,
+                ..frontend
+            },
+            9,
+            &[B1],
+        )
+        .unwrap();
+    let frame = if tcp {
+        Frame::tcp(CLIENT, (VIP, 80), ACK)
+    } else {
+        Frame::udp(CLIENT, (VIP, 53))
     };
+    plant_flow(&mut dp, &frame, &B1, state, age);
+    backend_of(&egress(&mut dp, &frame).1) == B1.address
+}
+
+#[test]
+fn flows_expire_on_their_own_default_lifetimes() {
+    let s = Duration::from_secs;
+    let established = STATE_SEEN_NON_SYN;
+    let closing = STATE_SEEN_NON_SYN | STATE_CLOSING_TX;
     // (description, TCP?, state, idle time, still tracked?)
     let cases = [
-        ("SYN-only flow, 3 s idle", true, 0, 3 * S, true),
-        ("SYN-only flow, 5 s idle", true, 0, 5 * S, false),
+        ("SYN-only flow, 59 s idle", true, 0, s(59), true),
+        ("SYN-only flow, 61 s idle", true, 0, s(61), false),
         (
-            "established flow, 8 s idle",
+            "established flow, 5 h 59 min idle",
             true,
-            STATE_SEEN_NON_SYN,
-            8 * S,
+            established,
+            s(6 * 3600 - 60),
             true,
         ),
         (
-            "established flow, 10 s idle",
+            "established flow, 6 h 1 s idle",
             true,
-            STATE_SEEN_NON_SYN,
-            10 * S,
+            established,
+            s(6 * 3600 + 1),
             false,
         ),
-        (
-            "closing flow, 1 s idle",
-            true,
-            STATE_SEEN_NON_SYN | STATE_CLOSING_TX,
-            S,
-            true,
-        ),
-        (
-            "closing flow, 3 s idle",
-            true,
-            STATE_SEEN_NON_SYN | STATE_CLOSING_TX,
-            3 * S,
-            false,
-        ),
-        ("UDP flow, 5 s idle", false, 0, 5 * S, true),
-        ("UDP flow, 7 s idle", false, 0, 7 * S, false),
+        ("closing flow, 9 s idle", true, closing, s(9), true),
+        ("closing flow, 11 s idle", true, closing, s(11), false),
+        ("UDP flow, 59 s idle", false, 0, s(59), true),
+        ("UDP flow, 61 s idle", false, 0, s(61), false),
     ];
-    assert!(
-        monotonic_ns() > 20 * S,
-        "uptime too short to plant old timestamps"
-    );
     for (description, tcp, state, age, tracked) in cases {
-        // The service's only backend is B2; the planted flow names B1
-        // (still a known backend). Tracked → B1; expired → re-balanced to B2.
-        let frontend = if tcp { tcp_frontend() } else { udp_frontend() };
-        let mut dp = load_private_with(lifetimes);
-        dp.maps.set_service(&frontend, 1, &[B2]).unwrap();
-        dp.maps
-            .set_service(
-                &Frontend {
-                    port: 1,
-                    ..frontend
-                },
-                9,
-                &[B1],
-            )
-            .unwrap();
-        let frame = if tcp {
-            Frame::tcp(CLIENT, (VIP, 80), ACK)
-        } else {
-            Frame::udp(CLIENT, (VIP, 53))
-        };
-        plant_flow(&mut dp, &frame, &B1, state, age);
-        let (_, out) = egress(&mut dp, &frame);
-        let expected = if tracked { B1.address } else { B2.address };
-        assert_eq!(backend_of(&out), expected, "{description}");
+        assert_eq!(
+            still_tracked(CtTimeouts::default(), tcp, state, age),
+            tracked,
+            "{description}"
+        );
     }
+}
+
+#[test]
+fn configured_lifetimes_are_honoured() {
+    let timeouts = CtTimeouts {
+        udp: Duration::from_secs(5),
+        ..CtTimeouts::default()
+    };
+    assert!(still_tracked(timeouts, false, 0, Duration::from_secs(4)));
+    assert!(!still_tracked(timeouts, false, 0, Duration::from_secs(6)));
 }
 
 #[test]
@@ -624,7 +621,7 @@ fn replies_of_an_expired_flow_pass_untouched() {
     egress(&mut dp, &query);
     let key = backend_key(&query, &B3);
     let mut entry = ct_entry(&dp, &key).unwrap();
-    entry.last_seen_ns -= conntrack::UDP_LIFETIME_NS + 1_000_000_000;
+    entry.last_seen = jiffies_ago(Duration::from_secs(conntrack::UDP_LIFETIME_SECS + 1));
     dp.maps.conntrack.insert(key, entry, 0).unwrap();
     let reply = Frame::udp((B3.address, B3.port), CLIENT).build();
     let out = dp.test_run_tc(TC_INGRESS, &reply, 1).unwrap();

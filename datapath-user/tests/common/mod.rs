@@ -1,8 +1,10 @@
 //! Shared by the privileged suites.
 #![allow(dead_code, reason = "each suite uses a different subset")]
 
-use datapath_common::conntrack::Lifetimes;
-use datapath_user::{Datapath, LoadOptions, loader::MapSizes};
+use datapath_user::{
+    Datapath, LoadOptions,
+    loader::{CtTimeouts, MapSizes},
+};
 
 /// The privileged suites run in CI as root; elsewhere they fail loudly
 /// rather than pass without having run.
@@ -17,14 +19,14 @@ pub fn require_root(suite: &str) {
 
 /// A private (unpinned) datapath with small maps.
 pub fn load_private() -> Datapath {
-    load_private_with(Lifetimes::DEFAULT)
+    load_private_with(CtTimeouts::default())
 }
 
 /// The same with chosen conntrack lifetimes.
-pub fn load_private_with(ct_lifetimes: Lifetimes) -> Datapath {
+pub fn load_private_with(ct_timeouts: CtTimeouts) -> Datapath {
     require_root("BPF_PROG_TEST_RUN");
     let options = LoadOptions {
-        ct_lifetimes,
+        ct_timeouts,
         pin_dir: None,
         sizes: MapSizes {
             services: 4096,
@@ -37,13 +39,9 @@ pub fn load_private_with(ct_lifetimes: Lifetimes) -> Datapath {
     Datapath::load(&options).unwrap_or_else(|e| panic!("loading the datapath: {e}"))
 }
 
-/// CLOCK_MONOTONIC in ns: the clock `bpf_ktime_get_ns` reads.
-pub fn monotonic_ns() -> u64 {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: clock_gettime into a valid timespec.
-    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
-    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+/// `age` ago on the conntrack clock (jiffies).
+pub fn jiffies_ago(age: std::time::Duration) -> u64 {
+    let hz = datapath_user::clock::hz().expect("kernel HZ");
+    let now = datapath_user::clock::jiffies_now().expect("jiffies");
+    now - datapath_user::clock::ticks(age, hz)
 }
