@@ -12,9 +12,11 @@ pub const REVERSE_NAT_MAP: &str = "REVERSE_NAT";
 pub const CONNTRACK_MAP: &str = "CONNTRACK";
 pub const SOCK_REVERSE_NAT_MAP: &str = "SOCK_REVERSE_NAT";
 pub const COUNTERS_MAP: &str = "COUNTERS";
+pub const SERVICE_FILTER_MAP: &str = "SERVICE_FILTER";
 
 /// Every map, for pinning and inspection.
-pub const ALL_MAPS: [&str; 6] = [
+pub const ALL_MAPS: [&str; 7] = [
+    SERVICE_FILTER_MAP,
     SERVICES_MAP,
     BACKENDS_MAP,
     REVERSE_NAT_MAP,

@@ -2,11 +2,12 @@
 //! to a backend. A new flow picks a backend uniformly at random and is
 //! tracked; later packets of the flow keep that backend.
 //!
-//! Lookup order follows the packets: nearly all of them belong to tracked
-//! flows, so conntrack is looked up first and a tracked packet pays that
-//! one hash lookup plus two O(1) array reads (its frontend and its backend
-//! still exist). Only a packet without a live flow consults `SERVICES`:
-//! a hit opens a flow, a miss (not service traffic) passes untouched.
+//! Lookup order follows the packets. Traffic that is not for a service
+//! meets an empty `SERVICE_FILTER` bucket and leaves after that one array
+//! read. Nearly all service packets belong to tracked flows, so conntrack
+//! comes next: a tracked packet pays that one hash lookup plus two O(1)
+//! array reads (its frontend and its backend still exist). Only a packet
+//! without a live flow consults `SERVICES`, to open one.
 //! Conntrack is written only on new flows, on TCP state changes and once a
 //! refresh interval, never per packet.
 
@@ -24,7 +25,7 @@ use datapath_common::{
 
 use crate::{
     ct, l2,
-    maps::{BACKENDS, CONNTRACK, REVERSE_NAT, SERVICES},
+    maps::{BACKENDS, CONNTRACK, REVERSE_NAT, SERVICE_FILTER, SERVICES},
     metrics::count,
     nat::{self, End},
     parse::{self, Packet},
@@ -34,6 +35,9 @@ pub fn run(ctx: &TcContext) -> i32 {
     let Some(packet) = parse::ipv4_l4(ctx) else {
         return TC_ACT_UNSPEC;
     };
+    if !maybe_service(&packet) {
+        return TC_ACT_UNSPEC;
+    }
     let key = ct::service_key(
         packet.saddr_be,
         packet.sport_be,
@@ -74,6 +78,13 @@ pub fn run(ctx: &TcContext) -> i32 {
         }
     }
     new_flow(ctx, &packet, &key, now)
+}
+
+/// False when no frontend hashes to the packet's destination bucket.
+#[inline(always)]
+fn maybe_service(packet: &Packet) -> bool {
+    let bucket = lb::service_filter_index(packet.daddr_be, packet.dport_be, packet.protocol);
+    SERVICE_FILTER.get(bucket).is_some_and(|&n| n > 0)
 }
 
 /// The backend of a live tracked flow, or `None` when the flow must be

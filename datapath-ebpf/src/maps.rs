@@ -14,6 +14,14 @@ use datapath_common::{
     metrics::COUNTER_COUNT,
 };
 
+/// How many frontends hash into each bucket
+/// (`datapath_common::lb::service_filter_index`). A packet whose bucket is
+/// empty cannot be for a service: it leaves after this one inlined array
+/// read, before any hash lookup.
+#[map]
+pub static SERVICE_FILTER: Array<u32> =
+    Array::with_max_entries(1 << datapath_common::lb::SERVICE_FILTER_BITS, 0);
+
 /// Frontends (slot 0) and their backend slots (1..=count).
 #[map]
 pub static SERVICES: HashMap<ServiceKey, ServiceValue> = HashMap::with_max_entries(1024, 0);

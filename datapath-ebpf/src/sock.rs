@@ -15,7 +15,7 @@ use datapath_common::{
 };
 
 use crate::{
-    maps::{BACKENDS, SERVICES, SOCK_REVERSE_NAT},
+    maps::{BACKENDS, SERVICE_FILTER, SERVICES, SOCK_REVERSE_NAT},
     metrics::count,
 };
 
@@ -70,6 +70,10 @@ fn forward(ctx: &SockAddrContext, is_sendmsg: bool) -> i32 {
     let (address_be, port_be, protocol) =
         unsafe { ((*sa).user_ip4, (*sa).user_port as u16, (*sa).protocol as u8) };
     if protocol != IPPROTO_TCP && protocol != IPPROTO_UDP {
+        return ALLOW;
+    }
+    let bucket = lb::service_filter_index(address_be, port_be, protocol);
+    if !SERVICE_FILTER.get(bucket).is_some_and(|&n| n > 0) {
         return ALLOW;
     }
     // SAFETY: copied out at once.

@@ -10,6 +10,7 @@ use aya::{
 };
 use datapath_common::{
     IPPROTO_TCP, IPPROTO_UDP, ipv4_be,
+    lb::service_filter_index,
     maps::{
         self as m, Backend, BackendId, CtEntry, CtKey, RevNatId, RevNatValue, ServiceKey,
         ServiceValue, SockRevNatKey, SockRevNatValue,
@@ -136,6 +137,8 @@ pub struct DatapathMaps {
     pub conntrack: HashMap<MapData, CtKey, CtEntry>,
     pub sock_reverse_nat: HashMap<MapData, SockRevNatKey, SockRevNatValue>,
     pub counters: PerCpuArray<MapData, u64>,
+    /// Frontends per `lb::service_filter_index` bucket.
+    pub service_filter: Array<MapData, u32>,
 }
 
 impl DatapathMaps {
@@ -152,6 +155,7 @@ impl DatapathMaps {
             take(m::CONNTRACK_MAP)?,
             take(m::SOCK_REVERSE_NAT_MAP)?,
             take(m::COUNTERS_MAP)?,
+            take(m::SERVICE_FILTER_MAP)?,
         )
     }
 
@@ -169,6 +173,7 @@ impl DatapathMaps {
             open(m::CONNTRACK_MAP)?,
             open(m::SOCK_REVERSE_NAT_MAP)?,
             open(m::COUNTERS_MAP)?,
+            open(m::SERVICE_FILTER_MAP)?,
         )
     }
 
@@ -179,6 +184,7 @@ impl DatapathMaps {
         conntrack: Map,
         sock_reverse_nat: Map,
         counters: Map,
+        service_filter: Map,
     ) -> Result<Self, LoaderError> {
         fn typed<T: TryFrom<Map, Error = MapError>>(
             map: Map,
@@ -193,6 +199,7 @@ impl DatapathMaps {
             conntrack: typed(conntrack, m::CONNTRACK_MAP)?,
             sock_reverse_nat: typed(sock_reverse_nat, m::SOCK_REVERSE_NAT_MAP)?,
             counters: typed(counters, m::COUNTERS_MAP)?,
+            service_filter: typed(service_filter, m::SERVICE_FILTER_MAP)?,
         })
     }
 
@@ -267,11 +274,8 @@ impl DatapathMaps {
                 });
             }
         }
-        let old_count = self
-            .services
-            .get(&frontend.key(0), 0)
-            .map(|v| v.backend_count)
-            .unwrap_or(0);
+        let old_head = self.services.get(&frontend.key(0), 0).ok();
+        let old_count = old_head.map_or(0, |h| h.backend_count);
 
         for backend in backends {
             let value = Backend {
@@ -308,6 +312,10 @@ impl DatapathMaps {
             rev_nat_id,
             ..ServiceValue::default()
         };
+        if old_head.is_none() {
+            self.adjust_filter(frontend, 1)
+                .map_err(map_err(m::SERVICE_FILTER_MAP))?;
+        }
         self.services
             .insert(frontend.key(0), head, 0)
             .map_err(map_err(m::SERVICES_MAP))?;
@@ -315,7 +323,24 @@ impl DatapathMaps {
             remove_if_present(&mut self.services, &frontend.key(slot))
                 .map_err(map_err(m::SERVICES_MAP))?;
         }
+        if let Some(old) = old_head
+            && old.rev_nat_id != rev_nat_id
+        {
+            // A new incarnation: flows of the old one re-balance.
+            self.reverse_nat
+                .set(u32::from(old.rev_nat_id), RevNatValue::default(), 0)
+                .map_err(map_err(m::REVERSE_NAT_MAP))?;
+        }
         Ok(())
+    }
+
+    /// Counts a frontend in (+1) or out (-1) of its `SERVICE_FILTER` bucket.
+    fn adjust_filter(&mut self, frontend: &Frontend, delta: i32) -> Result<(), MapError> {
+        let key = frontend.key(0);
+        let bucket = service_filter_index(key.address_be, key.port_be, key.protocol);
+        let count = self.service_filter.get(&bucket, 0)?;
+        self.service_filter
+            .set(bucket, count.saturating_add_signed(delta), 0)
     }
 
     /// Removes `frontend`: the frontend entry first (new flows stop), then
@@ -333,6 +358,8 @@ impl DatapathMaps {
         };
         remove_if_present(&mut self.services, &frontend.key(0))
             .map_err(map_err(m::SERVICES_MAP))?;
+        self.adjust_filter(frontend, -1)
+            .map_err(map_err(m::SERVICE_FILTER_MAP))?;
         for slot in 1..=head.backend_count {
             remove_if_present(&mut self.services, &frontend.key(slot))
                 .map_err(map_err(m::SERVICES_MAP))?;

@@ -13,7 +13,7 @@ use std::{net::Ipv4Addr, time::Duration};
 use common::{jiffies_ago, load_private, load_private_with};
 use datapath_common::{
     conntrack::{self, STATE_CLOSING_TX, STATE_SEEN_NON_SYN},
-    ipv4_be,
+    ipv4_be, lb,
     maps::{CT_KIND_BACKEND, CT_KIND_SERVICE, CtEntry, CtKey, L2_REWRITE},
     metrics::Counter,
     port_be,
@@ -642,4 +642,36 @@ fn new_flows_spread_over_all_backends() {
     assert_eq!(hits.len(), 3, "{hits:?}");
     // Uniform: 200 each; 120 is over 6 standard deviations away.
     assert!(hits.values().all(|&n| n > 120), "{hits:?}");
+}
+
+#[test]
+fn the_service_filter_counts_frontends_and_tolerates_collisions() {
+    let mut dp = datapath_with(tcp_frontend(), &[B1]);
+    let key = tcp_frontend().key(0);
+    let bucket = lb::service_filter_index(key.address_be, key.port_be, key.protocol);
+    // Re-programming a frontend does not count it twice.
+    dp.maps.set_service(&tcp_frontend(), 1, &[B1, B2]).unwrap();
+    assert_eq!(dp.maps.service_filter.get(&bucket, 0).unwrap(), 1);
+
+    // A non-service destination that shares the VIP's bucket pays the
+    // lookups but passes untouched.
+    let (address, port) = (0..=u32::MAX)
+        .map(|i| (Ipv4Addr::from(0x0a4d_0000 | (i >> 16)), (i & 0xffff) as u16))
+        .find(|(a, p)| {
+            lb::service_filter_index(ipv4_be(a.octets()), port_be(*p), 6) == bucket
+                && (*a, *p) != (VIP, 80)
+        })
+        .unwrap();
+    let collider = Frame::tcp(CLIENT, (address, port), SYN).build();
+    let out = dp.test_run_tc(TC_EGRESS, &collider, 1).unwrap();
+    assert_eq!((out.verdict, &out.frame), (verdict::NEXT, &collider));
+
+    // Removing the frontend empties its bucket: its traffic passes at once.
+    dp.maps.remove_service(&tcp_frontend()).unwrap();
+    assert_eq!(dp.maps.service_filter.get(&bucket, 0).unwrap(), 0);
+    let syn = Frame::tcp(CLIENT, (VIP, 80), SYN).build();
+    assert_eq!(
+        dp.test_run_tc(TC_EGRESS, &syn, 1).unwrap().verdict,
+        verdict::NEXT
+    );
 }
