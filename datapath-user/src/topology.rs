@@ -284,32 +284,34 @@ pub fn unique_prefix() -> String {
     )
 }
 
-/// Removes namespaces named `up<pid>x…` whose process no longer exists:
-/// what an earlier run killed by a signal left behind. Namespaces of live
-/// processes and anything not named by us are left alone.
+/// The pid in a name this module gave (`up<pid>x<n>-…`), if it is one.
+fn owner_pid(name: &str) -> Option<u32> {
+    name.strip_prefix("up")?.split('x').next()?.parse().ok()
+}
+
+/// Removes namespaces and cgroups named `up<pid>x…` whose process no
+/// longer exists: what an earlier run killed by a signal left behind.
+/// Those of live processes and anything not named by us are left alone.
 pub fn sweep_stale() -> usize {
-    let Ok(entries) = fs::read_dir(NETNS_RUN_DIR) else {
-        return 0;
+    let dead = |name: &str| {
+        owner_pid(name).is_some_and(|pid| !Path::new(&format!("/proc/{pid}")).exists())
     };
     let mut removed = 0;
-    for entry in entries.flatten() {
+    for entry in fs::read_dir(NETNS_RUN_DIR).into_iter().flatten().flatten() {
         let name = entry.file_name().to_string_lossy().into_owned();
-        let Some(pid) = name
-            .strip_prefix("up")
-            .and_then(|rest| rest.split('x').next())
-            .and_then(|p| p.parse::<u32>().ok())
-        else {
-            continue;
-        };
-        if Path::new(&format!("/proc/{pid}")).exists() {
-            continue;
+        if dead(&name) {
+            drop(Namespace {
+                name,
+                path: entry.path(),
+            });
+            removed += 1;
         }
-        let stale = Namespace {
-            name: name.clone(),
-            path: entry.path(),
-        };
-        drop(stale);
-        removed += 1;
+    }
+    let cgroups = crate::cgroup::unified_root().and_then(fs::read_dir);
+    for entry in cgroups.into_iter().flatten().flatten() {
+        if dead(&entry.file_name().to_string_lossy()) && fs::remove_dir(entry.path()).is_ok() {
+            removed += 1;
+        }
     }
     removed
 }
@@ -639,4 +641,30 @@ fn ethtool_set_tx_csum(iface: &str, enabled: bool) -> io::Result<()> {
     // SAFETY: closing the socket we opened.
     unsafe { libc::close(sock) };
     result
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_our_names_have_an_owner() {
+        assert_eq!(owner_pid("up4242x0-node1"), Some(4242));
+        assert_eq!(owner_pid("up4242x17-demo"), Some(4242));
+        assert_eq!(owner_pid("upstream"), None);
+        assert_eq!(owner_pid("cni-1234"), None);
+        assert_eq!(owner_pid("up"), None);
+    }
+
+    #[test]
+    fn pods_route_via_their_own_subnet_gateway() {
+        assert_eq!(
+            subnet_gateway(Ipv4Addr::new(10, 78, 0, 5)),
+            Ipv4Addr::new(10, 78, 0, 254)
+        );
+        assert_eq!(
+            subnet_gateway(Ipv4Addr::new(10, 77, 0, 2)),
+            Ipv4Addr::new(10, 77, 0, 254)
+        );
+    }
 }
