@@ -32,6 +32,24 @@ impl Drop for Server {
     }
 }
 
+/// Opens a socket bound to `address:port` inside `namespace` (where it
+/// stays, whichever thread uses it later).
+fn bind_in<S: Send>(
+    namespace: &Namespace,
+    address: Ipv4Addr,
+    port: u16,
+    protocol: &str,
+    bind: impl FnOnce(SocketAddrV4) -> io::Result<S> + Send,
+) -> Result<(S, SocketAddrV4), TopologyError> {
+    let at = SocketAddrV4::new(address, port);
+    let socket = namespace.run(|| bind(at))?.map_err(|e| TopologyError {
+        netns: namespace.name().into(),
+        step: format!("bind {at}/{protocol}"),
+        reason: e.to_string(),
+    })?;
+    Ok((socket, at))
+}
+
 /// Starts a TCP server in `namespace` on `address:port` answering each
 /// request line with `name`. Connections stay open (keep-alive).
 pub fn tcp_server(
@@ -40,15 +58,7 @@ pub fn tcp_server(
     port: u16,
     name: &str,
 ) -> Result<Server, TopologyError> {
-    let bind = SocketAddrV4::new(address, port);
-    // The socket is created inside the namespace; it stays there.
-    let listener = namespace
-        .run(|| TcpListener::bind(bind))?
-        .map_err(|e| TopologyError {
-            netns: namespace.name().into(),
-            step: format!("listen on {bind}/TCP"),
-            reason: e.to_string(),
-        })?;
+    let (listener, bind) = bind_in(namespace, address, port, "TCP", TcpListener::bind)?;
     listener
         .set_nonblocking(true)
         .expect("nonblocking listener");
@@ -114,14 +124,7 @@ pub fn udp_server(
     port: u16,
     name: &str,
 ) -> Result<Server, TopologyError> {
-    let bind = SocketAddrV4::new(address, port);
-    let socket = namespace
-        .run(|| UdpSocket::bind(bind))?
-        .map_err(|e| TopologyError {
-            netns: namespace.name().into(),
-            step: format!("bind {bind}/UDP"),
-            reason: e.to_string(),
-        })?;
+    let (socket, bind) = bind_in(namespace, address, port, "UDP", UdpSocket::bind)?;
     socket
         .set_read_timeout(Some(Duration::from_millis(50)))
         .expect("read timeout");

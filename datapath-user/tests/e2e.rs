@@ -16,7 +16,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use common::require_root;
+use common::{VIP, require_root, tcp_frontend, udp_frontend};
 use datapath_common::metrics::Counter;
 use datapath_user::{
     Datapath, LoadOptions, TcMode,
@@ -26,7 +26,6 @@ use datapath_user::{
     workload::{self, Answer, ProbeKind, ProbeResult, Server},
 };
 
-const VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 10);
 const EMPTY_VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 11);
 const SERVERS: [&str; 3] = ["server-a", "server-b", "server-c"];
 const TCP_TARGET: u16 = 8080;
@@ -37,22 +36,6 @@ struct Lab {
     topo: Topology,
     dp: Datapath,
     _servers: Vec<Server>,
-}
-
-fn tcp_frontend() -> Frontend {
-    Frontend {
-        address: VIP,
-        port: 80,
-        protocol: Protocol::Tcp,
-    }
-}
-
-fn udp_frontend() -> Frontend {
-    Frontend {
-        address: VIP,
-        port: 53,
-        protocol: Protocol::Udp,
-    }
 }
 
 fn backend(topo: &Topology, role: &str, port: u16) -> BackendEntry {
@@ -213,7 +196,14 @@ fn tc_path_carries_tcp_and_udp_to_every_backend() {
         .unwrap()
         .into_iter()
         .collect::<BTreeMap<_, _>>();
-    assert!(counters[&Counter::ConntrackMiss] >= 120, "{counters:?}");
+    // Every TCP connection opens a flow (a SYN on a closed flow's tuple
+    // re-opens it). A new UDP socket may reuse an ephemeral port within the
+    // UDP lifetime: that is the same flow by its 5-tuple, tracked, not new.
+    assert!(counters[&Counter::ConntrackMiss] >= 60, "{counters:?}");
+    assert!(
+        counters[&Counter::ConntrackMiss] + counters[&Counter::ConntrackHit] >= 120,
+        "{counters:?}"
+    );
     assert!(counters[&Counter::ReverseTranslated] >= 120, "{counters:?}");
     assert_eq!(counters[&Counter::Error], 0, "{counters:?}");
 }

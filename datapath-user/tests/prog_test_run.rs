@@ -10,7 +10,7 @@ mod common;
 
 use std::{net::Ipv4Addr, time::Duration};
 
-use common::{jiffies_ago, load_private, load_private_with};
+use common::{VIP, jiffies_ago, load_private, load_private_with, tcp_frontend, udp_frontend};
 use datapath_common::{
     conntrack::{self, STATE_CLOSING_TX, STATE_SEEN_NON_SYN},
     ipv4_be, lb,
@@ -21,13 +21,12 @@ use datapath_common::{
 use datapath_user::{
     Datapath,
     loader::CtTimeouts,
-    maps::{BackendEntry, Frontend, Protocol},
+    maps::{BackendEntry, Frontend},
     object::{TC_EGRESS, TC_INGRESS, verdict},
     packet::{self, ACK, FIN, Frame, L4, PSH, RST, SYN},
 };
 
 const CLIENT: (Ipv4Addr, u16) = (Ipv4Addr::new(10, 77, 0, 2), 40000);
-const VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 10);
 const B1: BackendEntry = BackendEntry {
     id: 1,
     address: Ipv4Addr::new(10, 77, 0, 3),
@@ -43,22 +42,6 @@ const B3: BackendEntry = BackendEntry {
     address: Ipv4Addr::new(10, 78, 0, 5),
     port: 9090,
 };
-
-fn tcp_frontend() -> Frontend {
-    Frontend {
-        address: VIP,
-        port: 80,
-        protocol: Protocol::Tcp,
-    }
-}
-
-fn udp_frontend() -> Frontend {
-    Frontend {
-        address: VIP,
-        port: 53,
-        protocol: Protocol::Udp,
-    }
-}
 
 fn datapath_with(frontend: Frontend, backends: &[BackendEntry]) -> Datapath {
     let mut dp = load_private();

@@ -4,6 +4,7 @@
 use datapath_user::{
     Datapath, LoadOptions,
     loader::{CtTimeouts, MapSizes},
+    maps::{Frontend, Protocol},
 };
 
 /// The privileged suites run in CI as root; elsewhere they fail loudly
@@ -44,4 +45,23 @@ pub fn jiffies_ago(age: std::time::Duration) -> u64 {
     let hz = datapath_user::clock::hz().expect("kernel HZ");
     let now = datapath_user::clock::jiffies_now().expect("jiffies");
     now - datapath_user::clock::ticks(age, hz)
+}
+
+/// The ClusterIP both suites program.
+pub const VIP: std::net::Ipv4Addr = std::net::Ipv4Addr::new(10, 96, 0, 10);
+
+pub fn tcp_frontend() -> Frontend {
+    Frontend {
+        address: VIP,
+        port: 80,
+        protocol: Protocol::Tcp,
+    }
+}
+
+pub fn udp_frontend() -> Frontend {
+    Frontend {
+        address: VIP,
+        port: 53,
+        protocol: Protocol::Udp,
+    }
 }
