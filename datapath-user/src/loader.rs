@@ -303,10 +303,7 @@ impl Datapath {
             _ => None,
         };
         if let Some(base) = &pin_base {
-            fs::create_dir_all(base).map_err(|e| LoaderError::Pin {
-                path: base.clone(),
-                reason: e.to_string(),
-            })?;
+            create_pin_dir(base)?;
         }
         let mut links = Vec::new();
         for (program, attach_type) in [
@@ -359,10 +356,7 @@ impl Datapath {
             .as_ref()
             .map(|dir| dir.join("links/cgroup").join(cgroup_label(cgroup)));
         if let Some(base) = &pin_base {
-            fs::create_dir_all(base).map_err(|e| LoaderError::Pin {
-                path: base.clone(),
-                reason: e.to_string(),
-            })?;
+            create_pin_dir(base)?;
         }
         let mut links = Vec::new();
         for program in object::SOCK_PROGRAMS {
@@ -703,6 +697,13 @@ fn cgroup_label(cgroup: &Path) -> String {
             .trim_start_matches('/')
             .replace('/', ":"),
     }
+}
+
+fn create_pin_dir(dir: &Path) -> Result<(), LoaderError> {
+    fs::create_dir_all(dir).map_err(|e| LoaderError::Pin {
+        path: dir.to_owned(),
+        reason: e.to_string(),
+    })
 }
 
 fn pin(link: FdLink, path: &Path) -> Result<(), LoaderError> {
