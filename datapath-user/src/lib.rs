@@ -6,6 +6,7 @@ mod bpfsys;
 pub mod cgroup;
 pub mod clock;
 pub mod demo;
+pub mod k8s;
 pub mod loader;
 pub mod maps;
 pub mod netns;

@@ -1,0 +1,11 @@
+//! Kubernetes side of the agent: reading objects, keeping them, and
+//! translating them into the frontends the datapath serves.
+
+pub mod manifest;
+pub mod translate;
+
+pub use manifest::Object;
+pub use translate::{
+    DesiredFrontend, Endpoint, Issue, IssueKind, NodeContext, ObjectKey, ServiceTranslation,
+    Translation, translate, translate_service,
+};

@@ -1,0 +1,497 @@
+//! Services × EndpointSlices → the frontends the datapath should serve.
+//!
+//! Pure: no I/O, no clock, no maps. The rules follow kube-proxy's
+//! (`pkg/proxy/servicechangetracker.go`, `endpointslicecache.go`) so an
+//! operator sees the same endpoints through underpass as through
+//! kube-proxy:
+//!
+//! * every address of `clusterIPs` (or `clusterIP`) × every port;
+//! * endpoint ports are found by the service port's *name* (and protocol)
+//!   in each EndpointSlice: the EndpointSlice controller has already
+//!   resolved a named `targetPort` per pod, so the slice is the truth;
+//! * endpoints are deduplicated across slices (a pod moving between
+//!   slices appears in both for a while);
+//! * ready endpoints are used; when none is ready, the serving-and-
+//!   terminating ones (graceful termination, KEP-1669);
+//!   `publishNotReadyAddresses` makes every endpoint usable;
+//! * headless and ExternalName services, and services that name another
+//!   proxy in `service.kubernetes.io/service-proxy-name`, are not ours.
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    fmt,
+    net::{IpAddr, Ipv4Addr},
+};
+
+use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
+use serde::Serialize;
+
+use crate::maps::{Frontend, Protocol};
+
+/// Label naming the Service an EndpointSlice belongs to.
+pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
+/// A service with this label is proxied by someone else (kube-proxy skips
+/// it too).
+pub const SERVICE_PROXY_NAME_LABEL: &str = "service.kubernetes.io/service-proxy-name";
+/// Set by the EndpointSlice controller on slices of headless services.
+pub const HEADLESS_LABEL: &str = "service.kubernetes.io/headless";
+
+/// A namespaced object's identity.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
+pub struct ObjectKey {
+    pub namespace: String,
+    pub name: String,
+}
+
+impl ObjectKey {
+    pub fn new(namespace: impl Into<String>, name: impl Into<String>) -> Self {
+        Self {
+            namespace: namespace.into(),
+            name: name.into(),
+        }
+    }
+
+    pub fn of_service(service: &Service) -> Self {
+        Self::new(
+            service.metadata.namespace.as_deref().unwrap_or("default"),
+            service.metadata.name.as_deref().unwrap_or(""),
+        )
+    }
+
+    pub fn of_slice(slice: &EndpointSlice) -> Self {
+        Self::new(
+            slice.metadata.namespace.as_deref().unwrap_or("default"),
+            slice.metadata.name.as_deref().unwrap_or(""),
+        )
+    }
+
+    /// The Service an EndpointSlice belongs to, from its label.
+    pub fn owner_of_slice(slice: &EndpointSlice) -> Option<Self> {
+        let name = slice.metadata.labels.as_ref()?.get(SERVICE_NAME_LABEL)?;
+        Some(Self::new(
+            slice.metadata.namespace.as_deref().unwrap_or("default"),
+            name.as_str(),
+        ))
+    }
+}
+
+impl fmt::Display for ObjectKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.namespace, self.name)
+    }
+}
+
+/// One endpoint address and port.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
+pub struct Endpoint {
+    pub address: Ipv4Addr,
+    pub port: u16,
+}
+
+impl fmt::Display for Endpoint {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}:{}", self.address, self.port)
+    }
+}
+
+/// What one frontend should balance over.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DesiredFrontend {
+    pub frontend: Frontend,
+    /// The service port's name ("" when unnamed), for display.
+    pub port_name: String,
+    /// Sorted and deduplicated: the slot order in the maps.
+    pub backends: Vec<Endpoint>,
+}
+
+/// Why part of an object was not programmed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum IssueKind {
+    /// Valid Kubernetes, not supported by underpass yet (IPv6, SCTP…).
+    Unsupported,
+    /// Not valid: a field a correct object cannot have.
+    Invalid,
+    /// Valid, but in conflict with another object (the same frontend).
+    Conflict,
+}
+
+impl IssueKind {
+    pub const ALL: [IssueKind; 3] = [
+        IssueKind::Unsupported,
+        IssueKind::Invalid,
+        IssueKind::Conflict,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            IssueKind::Unsupported => "unsupported",
+            IssueKind::Invalid => "invalid",
+            IssueKind::Conflict => "conflict",
+        }
+    }
+}
+
+/// A problem with one field of one object. The rest of the object, and
+/// every other object, is still programmed.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct Issue {
+    pub kind: IssueKind,
+    /// "Service ns/name" or "EndpointSlice ns/name".
+    pub object: String,
+    /// JSON path of the field, e.g. `spec.ports[1].protocol`.
+    pub field: String,
+    pub reason: String,
+}
+
+impl fmt::Display for Issue {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "{} {}: {} ({})",
+            self.object,
+            self.field,
+            self.reason,
+            self.kind.as_str()
+        )
+    }
+}
+
+/// Everything one Service asks for.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ServiceTranslation {
+    pub frontends: Vec<DesiredFrontend>,
+    pub issues: Vec<Issue>,
+}
+
+/// Facts about the node the agent runs on.
+#[derive(Clone, Debug, Default)]
+pub struct NodeContext {
+    /// Needed by `internalTrafficPolicy: Local`.
+    pub node_name: Option<String>,
+}
+
+fn service_issue(service: &ObjectKey, kind: IssueKind, field: String, reason: String) -> Issue {
+    Issue {
+        kind,
+        object: format!("Service {service}"),
+        field,
+        reason,
+    }
+}
+
+fn slice_issue(slice: &EndpointSlice, kind: IssueKind, field: String, reason: String) -> Issue {
+    Issue {
+        kind,
+        object: format!("EndpointSlice {}", ObjectKey::of_slice(slice)),
+        field,
+        reason,
+    }
+}
+
+/// Whether underpass should serve `service` at all (kube-proxy's filter).
+pub fn is_proxied(service: &Service) -> bool {
+    let labelled_elsewhere = service
+        .metadata
+        .labels
+        .as_ref()
+        .is_some_and(|l| l.contains_key(SERVICE_PROXY_NAME_LABEL));
+    let Some(spec) = &service.spec else {
+        return true; // reported as invalid by translate_service
+    };
+    let external_name = spec.type_.as_deref() == Some("ExternalName");
+    let headless = matches!(spec.cluster_ip.as_deref(), None | Some("") | Some("None"));
+    !(labelled_elsewhere || external_name || headless)
+}
+
+/// Translates one Service with the EndpointSlices that name it (slices of
+/// other services are ignored, so callers may pass more).
+pub fn translate_service<'a>(
+    service: &Service,
+    slices: impl IntoIterator<Item = &'a EndpointSlice>,
+    node: &NodeContext,
+) -> ServiceTranslation {
+    let key = ObjectKey::of_service(service);
+    let mut out = ServiceTranslation::default();
+    if !is_proxied(service) {
+        return out;
+    }
+    let Some(spec) = &service.spec else {
+        out.issues.push(service_issue(
+            &key,
+            IssueKind::Invalid,
+            "spec".into(),
+            "missing".into(),
+        ));
+        return out;
+    };
+
+    let mut addresses = Vec::new();
+    let cluster_ips: Vec<(String, &str)> = match &spec.cluster_ips {
+        Some(ips) if !ips.is_empty() => ips
+            .iter()
+            .enumerate()
+            .map(|(i, ip)| (format!("spec.clusterIPs[{i}]"), ip.as_str()))
+            .collect(),
+        _ => vec![(
+            "spec.clusterIP".to_owned(),
+            spec.cluster_ip.as_deref().unwrap_or(""),
+        )],
+    };
+    for (field, text) in cluster_ips {
+        match text.parse::<IpAddr>() {
+            Ok(IpAddr::V4(v4)) => addresses.push(v4),
+            Ok(IpAddr::V6(_)) => out.issues.push(service_issue(
+                &key,
+                IssueKind::Unsupported,
+                field,
+                format!("IPv6 address {text} is not supported yet; its IPv4 family is served"),
+            )),
+            Err(_) => out.issues.push(service_issue(
+                &key,
+                IssueKind::Invalid,
+                field,
+                format!("{text:?} is not an IP address"),
+            )),
+        }
+    }
+
+    let slices: Vec<&EndpointSlice> = slices
+        .into_iter()
+        .filter(|s| ObjectKey::owner_of_slice(s).as_ref() == Some(&key))
+        .filter(|s| {
+            !s.metadata
+                .labels
+                .as_ref()
+                .is_some_and(|l| l.contains_key(HEADLESS_LABEL))
+        })
+        .collect();
+    let mut usable_slices = Vec::new();
+    for slice in slices {
+        match slice.address_type.as_str() {
+            "IPv4" => usable_slices.push(slice),
+            "IPv6" => out.issues.push(slice_issue(
+                slice,
+                IssueKind::Unsupported,
+                "addressType".into(),
+                "IPv6 endpoints are not supported yet".into(),
+            )),
+            other => out.issues.push(slice_issue(
+                slice,
+                IssueKind::Unsupported,
+                "addressType".into(),
+                format!("address type {other:?} is not supported"),
+            )),
+        }
+    }
+
+    let publish_not_ready = spec.publish_not_ready_addresses == Some(true);
+    let node_local = spec.internal_traffic_policy.as_deref() == Some("Local");
+    if spec.session_affinity.as_deref() == Some("ClientIP") {
+        out.issues.push(service_issue(
+            &key,
+            IssueKind::Unsupported,
+            "spec.sessionAffinity".into(),
+            "ClientIP affinity is not supported yet; connections are balanced one by one".into(),
+        ));
+    }
+    if node_local && node.node_name.is_none() {
+        out.issues.push(service_issue(
+            &key,
+            IssueKind::Unsupported,
+            "spec.internalTrafficPolicy".into(),
+            "Local needs the agent's --node-name; using endpoints on every node".into(),
+        ));
+    }
+
+    let ports = spec.ports.as_deref().unwrap_or_default();
+    let mut seen_ports = BTreeSet::new();
+    for (i, port) in ports.iter().enumerate() {
+        let protocol = match port.protocol.as_deref().unwrap_or("TCP") {
+            "TCP" => Protocol::Tcp,
+            "UDP" => Protocol::Udp,
+            "SCTP" => {
+                out.issues.push(service_issue(
+                    &key,
+                    IssueKind::Unsupported,
+                    format!("spec.ports[{i}].protocol"),
+                    "SCTP is not supported yet".into(),
+                ));
+                continue;
+            }
+            other => {
+                out.issues.push(service_issue(
+                    &key,
+                    IssueKind::Invalid,
+                    format!("spec.ports[{i}].protocol"),
+                    format!("unknown protocol {other:?} (expected TCP, UDP or SCTP)"),
+                ));
+                continue;
+            }
+        };
+        let Some(number) = u16::try_from(port.port).ok().filter(|&p| p != 0) else {
+            out.issues.push(service_issue(
+                &key,
+                IssueKind::Invalid,
+                format!("spec.ports[{i}].port"),
+                format!("{} is not a port number (1-65535)", port.port),
+            ));
+            continue;
+        };
+        if !seen_ports.insert((number, protocol)) {
+            out.issues.push(service_issue(
+                &key,
+                IssueKind::Invalid,
+                format!("spec.ports[{i}]"),
+                format!("duplicate port {number}/{protocol}"),
+            ));
+            continue;
+        }
+        let name = port.name.clone().unwrap_or_default();
+        let backends = endpoints_for_port(
+            &usable_slices,
+            &name,
+            protocol,
+            publish_not_ready,
+            node_local.then_some(node.node_name.as_deref()).flatten(),
+            &mut out.issues,
+        );
+        for &address in &addresses {
+            out.frontends.push(DesiredFrontend {
+                frontend: Frontend {
+                    address,
+                    port: number,
+                    protocol,
+                },
+                port_name: name.clone(),
+                backends: backends.clone(),
+            });
+        }
+    }
+    out
+}
+
+/// The endpoints of the service port named `port_name`, following
+/// kube-proxy's readiness rules.
+fn endpoints_for_port(
+    slices: &[&EndpointSlice],
+    port_name: &str,
+    protocol: Protocol,
+    publish_not_ready: bool,
+    only_node: Option<&str>,
+    issues: &mut Vec<Issue>,
+) -> Vec<Endpoint> {
+    let mut ready = BTreeSet::new();
+    let mut terminating = BTreeSet::new();
+    for slice in slices {
+        let Some((port_index, slice_port)) =
+            slice.ports.iter().flatten().enumerate().find(|(_, p)| {
+                p.name.as_deref().unwrap_or("") == port_name
+                    && p.protocol.as_deref().unwrap_or("TCP") == protocol.to_string()
+            })
+        else {
+            continue;
+        };
+        let Some(port) = slice_port
+            .port
+            .and_then(|p| u16::try_from(p).ok())
+            .filter(|&p| p != 0)
+        else {
+            issues.push(slice_issue(
+                slice,
+                IssueKind::Invalid,
+                format!("ports[{port_index}].port"),
+                format!(
+                    "{:?} is not a port number (1-65535)",
+                    slice_port.port.unwrap_or(0)
+                ),
+            ));
+            continue;
+        };
+        for (i, endpoint) in slice.endpoints.iter().flatten().enumerate() {
+            // kube-proxy uses the first address; the API allows only one.
+            let Some(text) = endpoint.addresses.first() else {
+                continue;
+            };
+            let Ok(address) = text.parse::<Ipv4Addr>() else {
+                issues.push(slice_issue(
+                    slice,
+                    IssueKind::Invalid,
+                    format!("endpoints[{i}].addresses[0]"),
+                    format!("{text:?} is not an IPv4 address"),
+                ));
+                continue;
+            };
+            if let Some(node) = only_node
+                && endpoint.node_name.as_deref() != Some(node)
+            {
+                continue;
+            }
+            let conditions = endpoint.conditions.clone().unwrap_or_default();
+            let is_ready = conditions.ready.unwrap_or(true);
+            let serving = conditions.serving.unwrap_or(is_ready);
+            let is_terminating = conditions.terminating.unwrap_or(false);
+            let endpoint = Endpoint { address, port };
+            if is_ready || publish_not_ready {
+                ready.insert(endpoint);
+            } else if serving && is_terminating {
+                terminating.insert(endpoint);
+            }
+        }
+    }
+    let chosen = if ready.is_empty() { terminating } else { ready };
+    chosen.into_iter().collect()
+}
+
+/// All frontends of all services, keyed by frontend. Two services claiming
+/// one frontend: the first in namespace/name order keeps it, the other
+/// gets a `Conflict` issue.
+#[derive(Clone, Debug, Default)]
+pub struct Translation {
+    pub frontends: BTreeMap<Frontend, (ObjectKey, DesiredFrontend)>,
+    pub issues: Vec<Issue>,
+}
+
+/// Translates every Service (the reference for the incremental path, and
+/// what a full sync programs).
+pub fn translate<'a>(
+    services: impl IntoIterator<Item = &'a Service>,
+    slices: impl IntoIterator<Item = &'a EndpointSlice>,
+    node: &NodeContext,
+) -> Translation {
+    let mut by_service: BTreeMap<ObjectKey, Vec<&EndpointSlice>> = BTreeMap::new();
+    for slice in slices {
+        if let Some(owner) = ObjectKey::owner_of_slice(slice) {
+            by_service.entry(owner).or_default().push(slice);
+        }
+    }
+    let mut services: Vec<&Service> = services.into_iter().collect();
+    services.sort_by_key(|s| ObjectKey::of_service(s));
+    let mut out = Translation::default();
+    for service in services {
+        let key = ObjectKey::of_service(service);
+        let slices = by_service.get(&key).map(Vec::as_slice).unwrap_or_default();
+        let translation = translate_service(service, slices.iter().copied(), node);
+        out.issues.extend(translation.issues);
+        for desired in translation.frontends {
+            if let Some((owner, _)) = out.frontends.get(&desired.frontend) {
+                out.issues
+                    .push(conflict_issue(&key, owner, &desired.frontend));
+                continue;
+            }
+            out.frontends
+                .insert(desired.frontend, (key.clone(), desired));
+        }
+    }
+    out
+}
+
+/// The issue raised when `service` asks for a frontend `owner` holds.
+pub fn conflict_issue(service: &ObjectKey, owner: &ObjectKey, frontend: &Frontend) -> Issue {
+    service_issue(
+        service,
+        IssueKind::Conflict,
+        "spec.clusterIPs".into(),
+        format!("{frontend} is already served for Service {owner}"),
+    )
+}

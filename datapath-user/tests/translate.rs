@@ -1,0 +1,223 @@
+//! Translate: real-looking manifests → the frontends and issues expected.
+//! Each case is {description, fixture, expected frontends, expected issues};
+//! frontends are written `address:port/PROTO -> endpoint endpoint…`.
+
+use std::path::Path;
+
+use datapath_user::k8s::{NodeContext, Object, manifest, translate};
+use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
+
+struct Case {
+    description: &'static str,
+    fixture: &'static str,
+    frontends: &'static [&'static str],
+    /// `kind object field`.
+    issues: &'static [&'static str],
+}
+
+const CASES: &[Case] = &[
+    Case {
+        description: "kube-dns: named targetPorts resolve through the slice's ports",
+        fixture: "kube-dns.yaml",
+        frontends: &[
+            "10.96.0.10:53/TCP -> 10.244.0.3:1053 10.244.1.4:1053",
+            "10.96.0.10:53/UDP -> 10.244.0.3:1053 10.244.1.4:1053",
+            "10.96.0.10:9153/TCP -> 10.244.0.3:9153 10.244.1.4:9153",
+        ],
+        issues: &[],
+    },
+    Case {
+        description: "two ports, two slices: duplicates merged, not-ready left out",
+        fixture: "web-multi-slice.yaml",
+        frontends: &[
+            "10.96.20.1:80/TCP -> 10.244.2.9:8080 10.244.2.10:8080",
+            "10.96.20.1:443/TCP -> 10.244.2.9:8443 10.244.2.10:8443",
+        ],
+        issues: &[],
+    },
+    Case {
+        description: "nothing ready: serving-and-terminating endpoints take over",
+        fixture: "terminating.yaml",
+        frontends: &["10.96.30.1:8080/TCP -> 10.244.3.1:8080"],
+        issues: &[],
+    },
+    Case {
+        description: "publishNotReadyAddresses uses not-ready endpoints",
+        fixture: "publish-not-ready.yaml",
+        frontends: &["10.96.40.1:7000/UDP -> 10.244.4.1:7000 10.244.4.2:7000"],
+        issues: &[],
+    },
+    Case {
+        description: "headless, ExternalName and other proxies' services are skipped",
+        fixture: "not-ours.yaml",
+        frontends: &[],
+        issues: &[],
+    },
+    Case {
+        description: "dual-stack: IPv4 served, IPv6 address and slice reported",
+        fixture: "dual-stack.yaml",
+        frontends: &["10.96.60.1:80/TCP -> 10.244.6.1:8080"],
+        issues: &[
+            "unsupported Service net/dual spec.clusterIPs[1]",
+            "unsupported EndpointSlice net/dual-v6 addressType",
+        ],
+    },
+    Case {
+        description: "bad ports are reported by field, the good one served",
+        fixture: "invalid-ports.yaml",
+        frontends: &["10.96.70.1:8080/TCP -> 10.244.7.1:8080"],
+        issues: &[
+            "invalid Service edge/mixed spec.ports[0].port",
+            "invalid Service edge/mixed spec.ports[1].protocol",
+            "unsupported Service edge/mixed spec.ports[2].protocol",
+            "invalid EndpointSlice edge/mixed-1 endpoints[1].addresses[0]",
+        ],
+    },
+    Case {
+        description: "two services, one frontend: the first keeps it",
+        fixture: "conflict.yaml",
+        frontends: &["10.96.80.1:80/TCP -> ", "10.96.80.1:81/TCP -> "],
+        issues: &["conflict Service team/b-second spec.clusterIPs"],
+    },
+];
+
+fn load(fixture: &str) -> (Vec<Service>, Vec<EndpointSlice>) {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures/k8s")
+        .join(fixture);
+    let text = std::fs::read_to_string(&path).unwrap();
+    let parsed = manifest::parse(&text, fixture);
+    assert!(parsed.errors.is_empty(), "{fixture}: {:?}", parsed.errors);
+    let (mut services, mut slices) = (Vec::new(), Vec::new());
+    for object in parsed.objects {
+        match object {
+            Object::Service(s) => services.push(*s),
+            Object::EndpointSlice(s) => slices.push(*s),
+        }
+    }
+    (services, slices)
+}
+
+fn render(translation: &translate::Translation) -> (Vec<String>, Vec<String>) {
+    let frontends = translation
+        .frontends
+        .values()
+        .map(|(_, desired)| {
+            let backends: Vec<String> = desired.backends.iter().map(|b| b.to_string()).collect();
+            format!("{} -> {}", desired.frontend, backends.join(" "))
+        })
+        .collect();
+    let issues = translation
+        .issues
+        .iter()
+        .map(|i| format!("{} {} {}", i.kind.as_str(), i.object, i.field))
+        .collect();
+    (frontends, issues)
+}
+
+#[test]
+fn fixtures_translate_as_kube_proxy_would() {
+    let mut failures = Vec::new();
+    for case in CASES {
+        let (services, slices) = load(case.fixture);
+        let translation = translate(&services, &slices, &NodeContext::default());
+        let (frontends, issues) = render(&translation);
+        let want_frontends: Vec<String> = case.frontends.iter().map(|s| s.to_string()).collect();
+        let want_issues: Vec<String> = case.issues.iter().map(|s| s.to_string()).collect();
+        if frontends != want_frontends || issues != want_issues {
+            failures.push(format!(
+                "{} ({}):\n  frontends {frontends:#?}\n  want      {want_frontends:#?}\n  issues {issues:#?}\n  want   {want_issues:#?}",
+                case.description, case.fixture
+            ));
+        }
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+}
+
+#[test]
+fn every_fixture_together_translates_as_each_alone() {
+    let (mut services, mut slices) = (Vec::new(), Vec::new());
+    let mut expected = Vec::new();
+    for case in CASES {
+        let (s, e) = load(case.fixture);
+        services.extend(s);
+        slices.extend(e);
+        expected.extend(case.frontends.iter().map(|s| s.to_string()));
+    }
+    let (frontends, _) = render(&translate(&services, &slices, &NodeContext::default()));
+    expected.sort();
+    let mut got = frontends;
+    got.sort();
+    assert_eq!(got, expected);
+}
+
+#[test]
+fn issues_name_object_field_and_reason() {
+    let (services, slices) = load("invalid-ports.yaml");
+    let translation = translate(&services, &slices, &NodeContext::default());
+    let text: Vec<String> = translation.issues.iter().map(|i| i.to_string()).collect();
+    assert_eq!(
+        text[0],
+        "Service edge/mixed spec.ports[0].port: 0 is not a port number (1-65535) (invalid)"
+    );
+    assert!(text[1].contains("unknown protocol \"HTTP\""), "{}", text[1]);
+}
+
+#[test]
+fn internal_traffic_policy_local_keeps_this_nodes_endpoints() {
+    let (mut services, slices) = load("kube-dns.yaml");
+    services[0].spec.as_mut().unwrap().internal_traffic_policy = Some("Local".into());
+    let node = NodeContext {
+        node_name: Some("node-2".into()),
+    };
+    let (frontends, issues) = render(&translate(&services, &slices, &node));
+    assert!(issues.is_empty(), "{issues:?}");
+    assert_eq!(frontends[0], "10.96.0.10:53/TCP -> 10.244.1.4:1053");
+
+    // Without a node name the policy cannot be honoured: all endpoints,
+    // and an issue that says why.
+    let (frontends, issues) = render(&translate(&services, &slices, &NodeContext::default()));
+    assert_eq!(
+        frontends[0],
+        "10.96.0.10:53/TCP -> 10.244.0.3:1053 10.244.1.4:1053"
+    );
+    assert_eq!(
+        issues,
+        ["unsupported Service kube-system/kube-dns spec.internalTrafficPolicy"]
+    );
+}
+
+#[test]
+fn manifest_errors_name_file_document_and_object() {
+    let text = "apiVersion: v1\nkind: Service\nmetadata: {name: a}\nspec: {ports: [{port: \"eighty\"}]}\n---\napiVersion: discovery.k8s.io/v1beta1\nkind: EndpointSlice\nmetadata: {name: old}\n---\nkind: [\n";
+    let parsed = manifest::parse(text, "svc.yaml");
+    assert!(parsed.objects.is_empty());
+    let errors: Vec<String> = parsed.errors.iter().map(|e| e.to_string()).collect();
+    assert_eq!(errors.len(), 3, "{errors:#?}");
+    assert!(
+        errors[0].starts_with("svc.yaml document 1 (Service a): "),
+        "{}",
+        errors[0]
+    );
+    assert!(
+        errors[1].contains("discovery.k8s.io/v1beta1 is not served"),
+        "{}",
+        errors[1]
+    );
+    assert!(
+        errors[2].starts_with("svc.yaml document 3: not valid YAML"),
+        "{}",
+        errors[2]
+    );
+}
+
+#[test]
+fn json_and_lists_are_read_too() {
+    let text = r#"{"apiVersion":"v1","kind":"List","items":[
+        {"apiVersion":"v1","kind":"Service","metadata":{"name":"j","namespace":"x"},
+         "spec":{"clusterIP":"10.96.90.1","ports":[{"port":80}]}}]}"#;
+    let parsed = manifest::parse(text, "list.json");
+    assert!(parsed.errors.is_empty(), "{:?}", parsed.errors);
+    assert_eq!(parsed.objects.len(), 1);
+    assert_eq!(parsed.objects[0].describe(), "Service x/j");
+}
