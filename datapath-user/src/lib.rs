@@ -12,6 +12,7 @@ pub mod maps;
 pub mod netns;
 pub mod object;
 pub mod packet;
+pub mod reconcile;
 pub mod topology;
 pub mod workload;
 

@@ -9,14 +9,14 @@ use aya::{
     maps::{Array, HashMap, Map, MapData, MapError, PerCpuArray},
 };
 use datapath_common::{
-    IPPROTO_TCP, IPPROTO_UDP, ipv4_be,
+    IPPROTO_TCP, IPPROTO_UDP, ipv4_be, ipv4_octets,
     lb::service_filter_index,
     maps::{
         self as m, Backend, BackendId, CtEntry, CtKey, RevNatId, RevNatValue, ServiceKey,
         ServiceValue, SockRevNatKey, SockRevNatValue,
     },
     metrics::Counter,
-    port_be,
+    port_be, port_host,
 };
 
 use crate::loader::LoaderError;
@@ -77,7 +77,33 @@ impl Frontend {
     }
 }
 
+impl Frontend {
+    /// The frontend a `SERVICES` key belongs to (any slot).
+    pub fn from_key(key: &ServiceKey) -> Option<Self> {
+        Some(Self {
+            address: Ipv4Addr::from(ipv4_octets(key.address_be)),
+            port: port_host(key.port_be),
+            protocol: Protocol::from_number(key.protocol)?,
+        })
+    }
+}
+
 impl std::fmt::Display for Frontend {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}:{}/{}", self.address, self.port, self.protocol)
+    }
+}
+
+/// A backend's identity: two frontends with the same backend address,
+/// port and protocol share one `BACKENDS` entry.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize)]
+pub struct BackendAddress {
+    pub address: Ipv4Addr,
+    pub port: u16,
+    pub protocol: Protocol,
+}
+
+impl std::fmt::Display for BackendAddress {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "{}:{}/{}", self.address, self.port, self.protocol)
     }
@@ -237,43 +263,13 @@ impl DatapathMaps {
                 source: Box::new(source),
             }
         };
-        let count = u16::try_from(backends.len())
-            .ok()
-            .filter(|&n| n <= m::MAX_BACKENDS_PER_SERVICE)
-            .ok_or(ProgramError::TooManyBackends {
-                frontend: *frontend,
-                count: backends.len(),
-                max: m::MAX_BACKENDS_PER_SERVICE,
-            })?;
-        if rev_nat_id == 0 || u32::from(rev_nat_id) >= self.reverse_nat.len() {
-            return Err(ProgramError::RevNatIdOutOfRange {
-                frontend: *frontend,
-                id: rev_nat_id,
-                capacity: self.reverse_nat.len(),
-            });
-        }
-        if frontend.port == 0 {
-            return Err(ProgramError::PortZero {
-                frontend: *frontend,
-                what: "service",
-            });
-        }
-        let capacity = self.backends.len();
-        for backend in backends {
-            if backend.id == 0 || backend.id >= capacity {
-                return Err(ProgramError::BackendIdOutOfRange {
-                    frontend: *frontend,
-                    id: backend.id,
-                    capacity,
-                });
-            }
-            if backend.port == 0 {
-                return Err(ProgramError::PortZero {
-                    frontend: *frontend,
-                    what: "backend",
-                });
-            }
-        }
+        let count = validate_service(
+            frontend,
+            rev_nat_id,
+            backends,
+            self.backends.len(),
+            self.reverse_nat.len(),
+        )?;
         let old_head = self.services.get(&frontend.key(0), 0).ok();
         let old_count = old_head.map_or(0, |h| h.backend_count);
 
@@ -374,6 +370,190 @@ impl DatapathMaps {
     /// by the datapath on their next packet.
     pub fn remove_backend(&mut self, id: BackendId) -> Result<(), MapError> {
         self.backends.set(id, Backend::default(), 0)
+    }
+}
+
+/// Checks what `set_service` would write, before anything is written;
+/// returns the backend count. Shared with the in-memory map fake so both
+/// refuse the same input.
+pub fn validate_service(
+    frontend: &Frontend,
+    rev_nat_id: RevNatId,
+    backends: &[BackendEntry],
+    backend_capacity: u32,
+    rev_nat_capacity: u32,
+) -> Result<u16, ProgramError> {
+    let count = u16::try_from(backends.len())
+        .ok()
+        .filter(|&n| n <= m::MAX_BACKENDS_PER_SERVICE)
+        .ok_or(ProgramError::TooManyBackends {
+            frontend: *frontend,
+            count: backends.len(),
+            max: m::MAX_BACKENDS_PER_SERVICE,
+        })?;
+    if rev_nat_id == 0 || u32::from(rev_nat_id) >= rev_nat_capacity {
+        return Err(ProgramError::RevNatIdOutOfRange {
+            frontend: *frontend,
+            id: rev_nat_id,
+            capacity: rev_nat_capacity,
+        });
+    }
+    if frontend.port == 0 {
+        return Err(ProgramError::PortZero {
+            frontend: *frontend,
+            what: "service",
+        });
+    }
+    for backend in backends {
+        if backend.id == 0 || backend.id >= backend_capacity {
+            return Err(ProgramError::BackendIdOutOfRange {
+                frontend: *frontend,
+                id: backend.id,
+                capacity: backend_capacity,
+            });
+        }
+        if backend.port == 0 {
+            return Err(ProgramError::PortZero {
+                frontend: *frontend,
+                what: "backend",
+            });
+        }
+    }
+    Ok(count)
+}
+
+/// A frontend as found in the maps.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DumpedFrontend {
+    pub frontend: Frontend,
+    pub rev_nat_id: RevNatId,
+    /// Slots 1..=count in order; `None` where a slot is missing (an
+    /// interrupted write: the frontend must be re-programmed).
+    pub slots: Vec<Option<BackendId>>,
+}
+
+/// Everything the service maps hold (not conntrack).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct MapDump {
+    pub frontends: Vec<DumpedFrontend>,
+    /// Slot entries with no frontend entry, or beyond its count.
+    pub stray_slots: Vec<ServiceKey>,
+    pub backends: Vec<(BackendId, BackendAddress)>,
+    /// Present reverse-NAT entries: the service address replies get.
+    pub rev_nats: Vec<(RevNatId, std::net::SocketAddrV4)>,
+}
+
+impl DatapathMaps {
+    /// Reads every service, backend and reverse-NAT entry.
+    pub fn dump(&self) -> Result<MapDump, MapError> {
+        let mut heads = std::collections::BTreeMap::new();
+        let mut slots = Vec::new();
+        for entry in self.services.iter() {
+            let (key, value) = entry?;
+            if key.backend_slot == 0 {
+                heads.insert(key, value);
+            } else {
+                slots.push((key, value));
+            }
+        }
+        let mut dump = MapDump::default();
+        let mut by_head: std::collections::BTreeMap<ServiceKey, Vec<Option<BackendId>>> = heads
+            .iter()
+            .map(|(key, head)| (*key, vec![None; usize::from(head.backend_count)]))
+            .collect();
+        for (key, value) in slots {
+            let head_key = ServiceKey {
+                backend_slot: 0,
+                ..key
+            };
+            match by_head.get_mut(&head_key) {
+                Some(list) if usize::from(key.backend_slot) <= list.len() => {
+                    list[usize::from(key.backend_slot) - 1] = Some(value.backend_id);
+                }
+                _ => dump.stray_slots.push(key),
+            }
+        }
+        for (key, slots) in by_head {
+            match Frontend::from_key(&key) {
+                Some(frontend) => dump.frontends.push(DumpedFrontend {
+                    frontend,
+                    rev_nat_id: heads[&key].rev_nat_id,
+                    slots,
+                }),
+                None => dump.stray_slots.push(key),
+            }
+        }
+        for id in 1..self.backends.len() {
+            let backend = self.backends.get(&id, 0)?;
+            if backend.is_present() {
+                let Some(protocol) = Protocol::from_number(backend.protocol) else {
+                    continue;
+                };
+                dump.backends.push((
+                    id,
+                    BackendAddress {
+                        address: Ipv4Addr::from(ipv4_octets(backend.address_be)),
+                        port: port_host(backend.port_be),
+                        protocol,
+                    },
+                ));
+            }
+        }
+        for id in 1..self.reverse_nat.len() {
+            let value = self.reverse_nat.get(&id, 0)?;
+            if value.is_present() {
+                dump.rev_nats.push((
+                    id as RevNatId,
+                    std::net::SocketAddrV4::new(
+                        Ipv4Addr::from(ipv4_octets(value.address_be)),
+                        port_host(value.port_be),
+                    ),
+                ));
+            }
+        }
+        Ok(dump)
+    }
+
+    /// Deletes one `SERVICES` entry (a stray slot found by `dump`).
+    pub fn remove_service_key(&mut self, key: &ServiceKey) -> Result<(), MapError> {
+        remove_if_present(&mut self.services, key)
+    }
+
+    /// Clears a reverse-NAT entry no frontend uses.
+    pub fn remove_rev_nat(&mut self, id: RevNatId) -> Result<(), MapError> {
+        self.reverse_nat
+            .set(u32::from(id), RevNatValue::default(), 0)
+    }
+
+    /// Rewrites `SERVICE_FILTER` to count exactly `frontends`: repairs
+    /// counts an interrupted update left too high (a count too low is
+    /// impossible: it is raised before a frontend is written and lowered
+    /// after it is deleted). Returns how many buckets changed.
+    pub fn rebuild_filter<'a>(
+        &mut self,
+        frontends: impl IntoIterator<Item = &'a Frontend>,
+    ) -> Result<usize, MapError> {
+        let mut want = std::collections::HashMap::<u32, u32>::new();
+        for frontend in frontends {
+            let key = frontend.key(0);
+            *want
+                .entry(service_filter_index(
+                    key.address_be,
+                    key.port_be,
+                    key.protocol,
+                ))
+                .or_default() += 1;
+        }
+        let mut changed = 0;
+        for bucket in 0..self.service_filter.len() {
+            let have = self.service_filter.get(&bucket, 0)?;
+            let should = want.get(&bucket).copied().unwrap_or(0);
+            if have != should {
+                self.service_filter.set(bucket, should, 0)?;
+                changed += 1;
+            }
+        }
+        Ok(changed)
     }
 }
 

@@ -114,13 +114,19 @@ pub enum IssueKind {
     Invalid,
     /// Valid, but in conflict with another object (the same frontend).
     Conflict,
+    /// Beyond a limit of the datapath (backends per service, map size).
+    Limit,
+    /// A map write failed.
+    Datapath,
 }
 
 impl IssueKind {
-    pub const ALL: [IssueKind; 3] = [
+    pub const ALL: [IssueKind; 5] = [
         IssueKind::Unsupported,
         IssueKind::Invalid,
         IssueKind::Conflict,
+        IssueKind::Limit,
+        IssueKind::Datapath,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -128,6 +134,8 @@ impl IssueKind {
             IssueKind::Unsupported => "unsupported",
             IssueKind::Invalid => "invalid",
             IssueKind::Conflict => "conflict",
+            IssueKind::Limit => "limit",
+            IssueKind::Datapath => "datapath",
         }
     }
 }

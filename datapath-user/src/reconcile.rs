@@ -1,0 +1,734 @@
+//! Keeps the maps equal to the translated cluster state.
+//!
+//! The reconciler owns id allocation and remembers what it programmed, so
+//! an update touches only the frontends whose backends changed. On start
+//! it adopts what the maps already hold (a previous agent's work): ids
+//! stay stable, so established flows, which conntrack pins to backend
+//! and reverse-NAT ids, keep their backend across an agent restart.
+//!
+//! Ids are handed out round-robin rather than lowest-first: a released
+//! backend id is reused as late as possible, because a tracked flow of
+//! the deleted backend that is still in conntrack would otherwise follow
+//! the id to whichever backend got it next.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+
+use aya::maps::MapError;
+use datapath_common::maps::{BackendId, RevNatId, ServiceKey};
+
+use crate::{
+    k8s::{Endpoint, Issue, IssueKind, ObjectKey, ServiceTranslation, translate::conflict_issue},
+    maps::{
+        BackendAddress, BackendEntry, DatapathMaps, Frontend, MapDump, ProgramError,
+        validate_service,
+    },
+};
+
+/// What the reconciler needs from the maps; implemented by the real pinned
+/// maps and by [`FakeMaps`].
+pub trait LbMaps {
+    /// Sizes of the id spaces: ids are `1..capacity`.
+    fn backend_capacity(&self) -> u32;
+    fn rev_nat_capacity(&self) -> u32;
+    fn dump(&self) -> Result<MapDump, MapError>;
+    fn set_service(
+        &mut self,
+        frontend: &Frontend,
+        rev_nat_id: RevNatId,
+        backends: &[BackendEntry],
+    ) -> Result<(), ProgramError>;
+    fn remove_service(&mut self, frontend: &Frontend) -> Result<(), ProgramError>;
+    fn remove_backend(&mut self, id: BackendId) -> Result<(), MapError>;
+    fn remove_rev_nat(&mut self, id: RevNatId) -> Result<(), MapError>;
+    fn remove_service_key(&mut self, key: &ServiceKey) -> Result<(), MapError>;
+    fn rebuild_filter(&mut self, frontends: &[Frontend]) -> Result<usize, MapError>;
+}
+
+impl LbMaps for DatapathMaps {
+    fn backend_capacity(&self) -> u32 {
+        self.backends.len()
+    }
+    fn rev_nat_capacity(&self) -> u32 {
+        self.reverse_nat.len().min(u32::from(RevNatId::MAX) + 1)
+    }
+    fn dump(&self) -> Result<MapDump, MapError> {
+        DatapathMaps::dump(self)
+    }
+    fn set_service(
+        &mut self,
+        frontend: &Frontend,
+        rev_nat_id: RevNatId,
+        backends: &[BackendEntry],
+    ) -> Result<(), ProgramError> {
+        DatapathMaps::set_service(self, frontend, rev_nat_id, backends)
+    }
+    fn remove_service(&mut self, frontend: &Frontend) -> Result<(), ProgramError> {
+        DatapathMaps::remove_service(self, frontend)
+    }
+    fn remove_backend(&mut self, id: BackendId) -> Result<(), MapError> {
+        DatapathMaps::remove_backend(self, id)
+    }
+    fn remove_rev_nat(&mut self, id: RevNatId) -> Result<(), MapError> {
+        DatapathMaps::remove_rev_nat(self, id)
+    }
+    fn remove_service_key(&mut self, key: &ServiceKey) -> Result<(), MapError> {
+        DatapathMaps::remove_service_key(self, key)
+    }
+    fn rebuild_filter(&mut self, frontends: &[Frontend]) -> Result<usize, MapError> {
+        DatapathMaps::rebuild_filter(self, frontends)
+    }
+}
+
+impl<T: LbMaps + ?Sized> LbMaps for &mut T {
+    fn backend_capacity(&self) -> u32 {
+        (**self).backend_capacity()
+    }
+    fn rev_nat_capacity(&self) -> u32 {
+        (**self).rev_nat_capacity()
+    }
+    fn dump(&self) -> Result<MapDump, MapError> {
+        (**self).dump()
+    }
+    fn set_service(
+        &mut self,
+        frontend: &Frontend,
+        rev_nat_id: RevNatId,
+        backends: &[BackendEntry],
+    ) -> Result<(), ProgramError> {
+        (**self).set_service(frontend, rev_nat_id, backends)
+    }
+    fn remove_service(&mut self, frontend: &Frontend) -> Result<(), ProgramError> {
+        (**self).remove_service(frontend)
+    }
+    fn remove_backend(&mut self, id: BackendId) -> Result<(), MapError> {
+        (**self).remove_backend(id)
+    }
+    fn remove_rev_nat(&mut self, id: RevNatId) -> Result<(), MapError> {
+        (**self).remove_rev_nat(id)
+    }
+    fn remove_service_key(&mut self, key: &ServiceKey) -> Result<(), MapError> {
+        (**self).remove_service_key(key)
+    }
+    fn rebuild_filter(&mut self, frontends: &[Frontend]) -> Result<usize, MapError> {
+        (**self).rebuild_filter(frontends)
+    }
+}
+
+/// The maps as plain collections, with the real maps' validation; the
+/// reconciler's tests run against it and against the real maps.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct FakeMaps {
+    pub capacity: u32,
+    pub services: BTreeMap<Frontend, (RevNatId, Vec<BackendId>)>,
+    pub backends: BTreeMap<BackendId, BackendAddress>,
+    pub rev_nats: BTreeMap<RevNatId, std::net::SocketAddrV4>,
+    /// Every write, in order, to check make-before-break.
+    pub log: Vec<String>,
+}
+
+impl FakeMaps {
+    pub fn with_capacity(capacity: u32) -> Self {
+        Self {
+            capacity,
+            ..Self::default()
+        }
+    }
+}
+
+impl LbMaps for FakeMaps {
+    fn backend_capacity(&self) -> u32 {
+        self.capacity
+    }
+    fn rev_nat_capacity(&self) -> u32 {
+        self.capacity
+    }
+    fn dump(&self) -> Result<MapDump, MapError> {
+        Ok(MapDump {
+            frontends: self
+                .services
+                .iter()
+                .map(
+                    |(frontend, (rev_nat_id, ids))| crate::maps::DumpedFrontend {
+                        frontend: *frontend,
+                        rev_nat_id: *rev_nat_id,
+                        slots: ids.iter().map(|&id| Some(id)).collect(),
+                    },
+                )
+                .collect(),
+            stray_slots: Vec::new(),
+            backends: self.backends.iter().map(|(k, v)| (*k, *v)).collect(),
+            rev_nats: self.rev_nats.iter().map(|(k, v)| (*k, *v)).collect(),
+        })
+    }
+    fn set_service(
+        &mut self,
+        frontend: &Frontend,
+        rev_nat_id: RevNatId,
+        backends: &[BackendEntry],
+    ) -> Result<(), ProgramError> {
+        validate_service(frontend, rev_nat_id, backends, self.capacity, self.capacity)?;
+        for b in backends {
+            self.backends.insert(
+                b.id,
+                BackendAddress {
+                    address: b.address,
+                    port: b.port,
+                    protocol: frontend.protocol,
+                },
+            );
+            self.log
+                .push(format!("backend {} = {}:{}", b.id, b.address, b.port));
+        }
+        self.rev_nats.insert(
+            rev_nat_id,
+            std::net::SocketAddrV4::new(frontend.address, frontend.port),
+        );
+        let old = self.services.insert(
+            *frontend,
+            (rev_nat_id, backends.iter().map(|b| b.id).collect()),
+        );
+        if let Some((old_rev_nat, _)) = old
+            && old_rev_nat != rev_nat_id
+        {
+            self.rev_nats.remove(&old_rev_nat);
+        }
+        self.log.push(format!("service {frontend}"));
+        Ok(())
+    }
+    fn remove_service(&mut self, frontend: &Frontend) -> Result<(), ProgramError> {
+        if let Some((rev_nat_id, _)) = self.services.remove(frontend) {
+            self.rev_nats.remove(&rev_nat_id);
+            self.log.push(format!("remove service {frontend}"));
+        }
+        Ok(())
+    }
+    fn remove_backend(&mut self, id: BackendId) -> Result<(), MapError> {
+        self.backends.remove(&id);
+        self.log.push(format!("remove backend {id}"));
+        Ok(())
+    }
+    fn remove_rev_nat(&mut self, id: RevNatId) -> Result<(), MapError> {
+        self.rev_nats.remove(&id);
+        Ok(())
+    }
+    fn remove_service_key(&mut self, _key: &ServiceKey) -> Result<(), MapError> {
+        Ok(())
+    }
+    fn rebuild_filter(&mut self, _frontends: &[Frontend]) -> Result<usize, MapError> {
+        Ok(0)
+    }
+}
+
+/// Round-robin allocator over `1..capacity`.
+#[derive(Clone, Debug)]
+pub struct IdAllocator {
+    capacity: u32,
+    next: u32,
+    used: HashSet<u32>,
+}
+
+impl IdAllocator {
+    pub fn new(capacity: u32) -> Self {
+        Self {
+            capacity,
+            next: 1,
+            used: HashSet::new(),
+        }
+    }
+
+    pub fn allocate(&mut self) -> Option<u32> {
+        let span = self.capacity.saturating_sub(1);
+        for _ in 0..span {
+            let id = self.next;
+            self.next = if self.next + 1 >= self.capacity {
+                1
+            } else {
+                self.next + 1
+            };
+            if self.used.insert(id) {
+                return Some(id);
+            }
+        }
+        None
+    }
+
+    /// Marks an id found in the maps as taken, and moves the cursor past
+    /// it so new ids come after the adopted ones.
+    pub fn adopt(&mut self, id: u32) {
+        if id == 0 || id >= self.capacity {
+            return;
+        }
+        self.used.insert(id);
+        if id >= self.next {
+            self.next = if id + 1 >= self.capacity { 1 } else { id + 1 };
+        }
+    }
+
+    pub fn release(&mut self, id: u32) {
+        self.used.remove(&id);
+    }
+
+    pub fn in_use(&self) -> usize {
+        self.used.len()
+    }
+}
+
+/// A frontend as programmed.
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct Programmed {
+    rev_nat_id: RevNatId,
+    /// Slot order. Empty with `broken` set when adopted from an
+    /// interrupted write.
+    backends: Vec<BackendAddress>,
+    broken: bool,
+}
+
+/// One backend entry in use.
+#[derive(Clone, Copy, Debug)]
+struct BackendUse {
+    id: BackendId,
+    /// Frontends whose slots name it.
+    frontends: u32,
+}
+
+/// What an update did.
+#[derive(Debug, Default)]
+pub struct Outcome {
+    /// Problems, each naming the object (Conflict, Limit, Datapath).
+    pub issues: Vec<Issue>,
+    /// Services that wanted a frontend another service just released:
+    /// translate and update them again.
+    pub retry: Vec<ObjectKey>,
+    pub frontends_written: usize,
+    pub frontends_removed: usize,
+}
+
+/// What adopting the maps found and repaired.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct PruneReport {
+    pub frontends: usize,
+    pub backends: usize,
+    pub rev_nats: usize,
+    pub stray_slots: usize,
+    pub filter_buckets: usize,
+}
+
+pub struct Reconciler<M> {
+    maps: M,
+    programmed: HashMap<Frontend, Programmed>,
+    backends: HashMap<BackendAddress, BackendUse>,
+    backend_ids: IdAllocator,
+    rev_nat_ids: IdAllocator,
+    /// Which service holds each frontend.
+    owner: HashMap<Frontend, ObjectKey>,
+    /// Frontends each service holds.
+    held: HashMap<ObjectKey, BTreeSet<Frontend>>,
+    /// Services that asked for a frontend someone else holds.
+    waiting: HashMap<Frontend, BTreeSet<ObjectKey>>,
+    /// Entries found in the maps at adoption that nothing uses yet; freed
+    /// by `prune`.
+    adopted_unused_backends: Vec<BackendId>,
+    adopted_unused_rev_nats: Vec<RevNatId>,
+    stray_slots: Vec<ServiceKey>,
+}
+
+impl<M: LbMaps> Reconciler<M> {
+    /// Takes over `maps`, remembering what they hold (with its ids) so the
+    /// first sync rewrites only what differs.
+    pub fn adopt(maps: M) -> Result<Self, MapError> {
+        let dump = maps.dump()?;
+        let mut reconciler = Self {
+            backend_ids: IdAllocator::new(maps.backend_capacity()),
+            rev_nat_ids: IdAllocator::new(maps.rev_nat_capacity()),
+            maps,
+            programmed: HashMap::new(),
+            backends: HashMap::new(),
+            owner: HashMap::new(),
+            held: HashMap::new(),
+            waiting: HashMap::new(),
+            adopted_unused_backends: Vec::new(),
+            adopted_unused_rev_nats: Vec::new(),
+            stray_slots: dump.stray_slots,
+        };
+        let by_id: HashMap<BackendId, BackendAddress> = dump.backends.iter().copied().collect();
+        let mut referenced = HashSet::new();
+        let mut rev_nats_used = HashSet::new();
+        for found in dump.frontends {
+            let slots: Option<Vec<(BackendId, BackendAddress)>> = found
+                .slots
+                .iter()
+                .map(|slot| slot.and_then(|id| by_id.get(&id).map(|a| (id, *a))))
+                .collect();
+            // Broken: a missing slot or backend, or an address that
+            // another frontend reached under a different id. Re-programmed
+            // by the first sync; until then its entries stay in place.
+            let broken = match &slots {
+                None => true,
+                Some(slots) => slots.iter().any(|(id, address)| {
+                    reconciler
+                        .backends
+                        .get(address)
+                        .is_some_and(|using| using.id != *id)
+                }),
+            };
+            let mut backends = Vec::new();
+            if !broken {
+                for (id, address) in slots.unwrap_or_default() {
+                    referenced.insert(id);
+                    reconciler
+                        .backends
+                        .entry(address)
+                        .or_insert(BackendUse { id, frontends: 0 })
+                        .frontends += 1;
+                    backends.push(address);
+                }
+            }
+            rev_nats_used.insert(found.rev_nat_id);
+            reconciler.rev_nat_ids.adopt(u32::from(found.rev_nat_id));
+            reconciler.programmed.insert(
+                found.frontend,
+                Programmed {
+                    rev_nat_id: found.rev_nat_id,
+                    backends,
+                    broken,
+                },
+            );
+        }
+        for (id, _) in &dump.backends {
+            reconciler.backend_ids.adopt(*id);
+            if !referenced.contains(id) {
+                reconciler.adopted_unused_backends.push(*id);
+            }
+        }
+        for (id, _) in &dump.rev_nats {
+            if !rev_nats_used.contains(id) {
+                reconciler.rev_nat_ids.adopt(u32::from(*id));
+                reconciler.adopted_unused_rev_nats.push(*id);
+            }
+        }
+        Ok(reconciler)
+    }
+
+    pub fn maps(&self) -> &M {
+        &self.maps
+    }
+
+    pub fn maps_mut(&mut self) -> &mut M {
+        &mut self.maps
+    }
+
+    pub fn into_maps(self) -> M {
+        self.maps
+    }
+
+    /// Frontends currently programmed.
+    pub fn frontend_count(&self) -> usize {
+        self.programmed.len()
+    }
+
+    /// Backend entries currently in use.
+    pub fn backend_count(&self) -> usize {
+        self.backends.len()
+    }
+
+    /// Ids handed out and not yet released: (backend, reverse-NAT).
+    pub fn ids_in_use(&self) -> (usize, usize) {
+        (self.backend_ids.in_use(), self.rev_nat_ids.in_use())
+    }
+
+    /// Sets what `service` asks for (`translation` from `translate_service`;
+    /// empty when the Service is gone). Frontends it held and no longer
+    /// asks for are removed.
+    pub fn update_service(
+        &mut self,
+        service: &ObjectKey,
+        translation: &ServiceTranslation,
+    ) -> Outcome {
+        let mut outcome = Outcome::default();
+        let wanted: BTreeSet<Frontend> = translation.frontends.iter().map(|d| d.frontend).collect();
+        let previously = self.held.remove(service).unwrap_or_default();
+        // A service that no longer asks stops waiting.
+        for frontend in previously.iter().chain(self.waiting_for(service).iter()) {
+            if !wanted.contains(frontend)
+                && let Some(waiters) = self.waiting.get_mut(frontend)
+            {
+                waiters.remove(service);
+            }
+        }
+        let mut held = BTreeSet::new();
+        for desired in &translation.frontends {
+            let frontend = desired.frontend;
+            match self.owner.get(&frontend) {
+                Some(owner) if owner != service => {
+                    outcome
+                        .issues
+                        .push(conflict_issue(service, owner, &frontend));
+                    self.waiting
+                        .entry(frontend)
+                        .or_default()
+                        .insert(service.clone());
+                    continue;
+                }
+                _ => {}
+            }
+            self.owner.insert(frontend, service.clone());
+            held.insert(frontend);
+            match self.program(&frontend, &desired.backends) {
+                Ok(true) => outcome.frontends_written += 1,
+                Ok(false) => {}
+                Err(issue) => outcome.issues.push(with_object(issue, service)),
+            }
+        }
+        let dropped: Vec<Frontend> = previously.difference(&held).copied().collect();
+        for frontend in &dropped {
+            if self.owner.get(frontend) == Some(service) {
+                self.owner.remove(frontend);
+            }
+            match self.remove(frontend) {
+                Ok(true) => outcome.frontends_removed += 1,
+                Ok(false) => {}
+                Err(issue) => {
+                    // Still programmed: keep holding it so a later update
+                    // retries the removal.
+                    self.owner.insert(*frontend, service.clone());
+                    held.insert(*frontend);
+                    outcome.issues.push(with_object(issue, service));
+                    continue;
+                }
+            }
+            if let Some(waiters) = self.waiting.get(frontend) {
+                outcome.retry.extend(waiters.iter().cloned());
+            }
+        }
+        if !held.is_empty() {
+            self.held.insert(service.clone(), held);
+        }
+        outcome
+    }
+
+    fn waiting_for(&self, service: &ObjectKey) -> Vec<Frontend> {
+        self.waiting
+            .iter()
+            .filter(|(_, waiters)| waiters.contains(service))
+            .map(|(f, _)| *f)
+            .collect()
+    }
+
+    /// Removes every programmed frontend no service holds, and every
+    /// entry adoption found unused; rebuilds the service filter. Run once
+    /// after the first full sync.
+    pub fn prune(&mut self) -> Result<PruneReport, Vec<Issue>> {
+        let mut report = PruneReport::default();
+        let mut issues = Vec::new();
+        let stale: Vec<Frontend> = self
+            .programmed
+            .keys()
+            .filter(|f| !self.owner.contains_key(f))
+            .copied()
+            .collect();
+        for frontend in stale {
+            match self.remove(&frontend) {
+                Ok(_) => report.frontends += 1,
+                Err(issue) => issues.push(issue),
+            }
+        }
+        for id in std::mem::take(&mut self.adopted_unused_backends) {
+            if self.backends.values().any(|u| u.id == id) {
+                continue; // taken into use since adoption
+            }
+            match self.maps.remove_backend(id) {
+                Ok(()) => {
+                    self.backend_ids.release(id);
+                    report.backends += 1;
+                }
+                Err(e) => issues.push(datapath_issue("BACKENDS", format!("backend {id}: {e}"))),
+            }
+        }
+        for id in std::mem::take(&mut self.adopted_unused_rev_nats) {
+            if self.programmed.values().any(|p| p.rev_nat_id == id) {
+                continue;
+            }
+            match self.maps.remove_rev_nat(id) {
+                Ok(()) => {
+                    self.rev_nat_ids.release(u32::from(id));
+                    report.rev_nats += 1;
+                }
+                Err(e) => issues.push(datapath_issue(
+                    "REVERSE_NAT",
+                    format!("reverse-NAT {id}: {e}"),
+                )),
+            }
+        }
+        for key in std::mem::take(&mut self.stray_slots) {
+            match self.maps.remove_service_key(&key) {
+                Ok(()) => report.stray_slots += 1,
+                Err(e) => issues.push(datapath_issue("SERVICES", format!("stray slot: {e}"))),
+            }
+        }
+        let frontends: Vec<Frontend> = self.programmed.keys().copied().collect();
+        match self.maps.rebuild_filter(&frontends) {
+            Ok(n) => report.filter_buckets = n,
+            Err(e) => issues.push(datapath_issue("SERVICE_FILTER", e.to_string())),
+        }
+        if issues.is_empty() {
+            Ok(report)
+        } else {
+            Err(issues)
+        }
+    }
+
+    /// Writes `frontend` if its backends differ from what is programmed.
+    /// Returns whether it wrote.
+    fn program(&mut self, frontend: &Frontend, endpoints: &[Endpoint]) -> Result<bool, Issue> {
+        let addresses: Vec<BackendAddress> = endpoints
+            .iter()
+            .map(|e| BackendAddress {
+                address: e.address,
+                port: e.port,
+                protocol: frontend.protocol,
+            })
+            .collect();
+        let existing = self.programmed.get(frontend);
+        if let Some(p) = existing
+            && !p.broken
+            && p.backends == addresses
+        {
+            return Ok(false);
+        }
+        let (rev_nat_id, fresh_rev_nat) = match existing {
+            Some(p) => (p.rev_nat_id, false),
+            None => {
+                let id = self.rev_nat_ids.allocate().ok_or_else(|| {
+                    limit_issue(frontend, "REVERSE_NAT", self.rev_nat_ids.capacity)
+                })?;
+                (id as RevNatId, true)
+            }
+        };
+        // Take references on the new set first; released below on failure.
+        let mut entries = Vec::with_capacity(addresses.len());
+        let mut fresh_backends = Vec::new();
+        for address in &addresses {
+            let id = match self.backends.get_mut(address) {
+                Some(using) => {
+                    using.frontends += 1;
+                    using.id
+                }
+                None => match self.backend_ids.allocate() {
+                    Some(id) => {
+                        self.backends
+                            .insert(*address, BackendUse { id, frontends: 1 });
+                        fresh_backends.push(id);
+                        id
+                    }
+                    None => {
+                        let issue = limit_issue(frontend, "BACKENDS", self.backend_ids.capacity);
+                        self.release_backends(&addresses[..entries.len()]);
+                        if fresh_rev_nat {
+                            self.rev_nat_ids.release(u32::from(rev_nat_id));
+                        }
+                        return Err(issue);
+                    }
+                },
+            };
+            entries.push(BackendEntry {
+                id,
+                address: address.address,
+                port: address.port,
+            });
+        }
+        if let Err(e) = self.maps.set_service(frontend, rev_nat_id, &entries) {
+            self.release_backends(&addresses);
+            if fresh_rev_nat {
+                let _ = self.maps.remove_rev_nat(rev_nat_id);
+                self.rev_nat_ids.release(u32::from(rev_nat_id));
+            }
+            return Err(program_issue(e));
+        }
+        let old = self.programmed.insert(
+            *frontend,
+            Programmed {
+                rev_nat_id,
+                backends: addresses,
+                broken: false,
+            },
+        );
+        // Break after make: the old set's entries go only now.
+        if let Some(old) = old {
+            self.release_backends(&old.backends);
+        }
+        Ok(true)
+    }
+
+    /// Removes `frontend` if programmed. Returns whether it was.
+    fn remove(&mut self, frontend: &Frontend) -> Result<bool, Issue> {
+        let Some(programmed) = self.programmed.get(frontend).cloned() else {
+            return Ok(false);
+        };
+        self.maps.remove_service(frontend).map_err(program_issue)?;
+        self.programmed.remove(frontend);
+        self.rev_nat_ids.release(u32::from(programmed.rev_nat_id));
+        self.release_backends(&programmed.backends);
+        Ok(true)
+    }
+
+    /// Drops one frontend's reference on each backend; deletes backends
+    /// nothing references any more.
+    fn release_backends(&mut self, addresses: &[BackendAddress]) {
+        for address in addresses {
+            let Some(using) = self.backends.get_mut(address) else {
+                continue;
+            };
+            using.frontends = using.frontends.saturating_sub(1);
+            if using.frontends == 0 {
+                let id = using.id;
+                // A failed delete leaves a harmless unreferenced entry; the
+                // next start's prune removes it.
+                let _ = self.maps.remove_backend(id);
+                self.backends.remove(address);
+                self.backend_ids.release(id);
+            }
+        }
+    }
+}
+
+fn limit_issue(frontend: &Frontend, map: &str, capacity: u32) -> Issue {
+    Issue {
+        kind: IssueKind::Limit,
+        object: String::new(),
+        field: "spec.ports".into(),
+        reason: format!("{frontend}: the {map} map is full ({capacity} entries); raise its size"),
+    }
+}
+
+fn program_issue(error: ProgramError) -> Issue {
+    let (kind, field) = match &error {
+        ProgramError::TooManyBackends { .. } => (IssueKind::Limit, "endpoints"),
+        ProgramError::PortZero { .. } => (IssueKind::Invalid, "ports"),
+        ProgramError::BackendIdOutOfRange { .. } | ProgramError::RevNatIdOutOfRange { .. } => {
+            (IssueKind::Limit, "spec.ports")
+        }
+        ProgramError::Map { .. } => (IssueKind::Datapath, "spec.ports"),
+    };
+    Issue {
+        kind,
+        object: String::new(),
+        field: field.into(),
+        reason: error.to_string(),
+    }
+}
+
+fn datapath_issue(map: &str, reason: String) -> Issue {
+    Issue {
+        kind: IssueKind::Datapath,
+        object: format!("map {map}"),
+        field: String::new(),
+        reason,
+    }
+}
+
+fn with_object(mut issue: Issue, service: &ObjectKey) -> Issue {
+    if issue.object.is_empty() {
+        issue.object = format!("Service {service}");
+    }
+    issue
+}

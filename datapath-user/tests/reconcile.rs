@@ -1,0 +1,313 @@
+//! The reconciler against the in-memory fake and against real maps: the
+//! same sequences must leave both in the same state.
+
+mod common;
+
+use std::net::Ipv4Addr;
+
+use datapath_user::{
+    k8s::{
+        IssueKind, NodeContext, Object, ObjectKey, ServiceTranslation, manifest, translate_service,
+    },
+    maps::{Frontend, MapDump, Protocol},
+    reconcile::{FakeMaps, LbMaps, Reconciler},
+};
+use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
+
+/// A Service `name` at `ip` with one TCP port 80 → 8080 and a slice with
+/// `endpoints` ready pods 10.244.<n>.1 ….
+fn service_yaml(name: &str, ip: &str, ports: &[u16], endpoints: usize) -> String {
+    let mut text = format!(
+        "apiVersion: v1\nkind: Service\nmetadata: {{name: {name}, namespace: test}}\nspec:\n  clusterIP: {ip}\n  ports:\n"
+    );
+    for port in ports {
+        text += &format!("  - {{name: p{port}, port: {port}, targetPort: 8080}}\n");
+    }
+    text += &format!(
+        "---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: {name}-1\n  namespace: test\n  labels: {{kubernetes.io/service-name: {name}}}\naddressType: IPv4\nports:\n"
+    );
+    for port in ports {
+        text += &format!("- {{name: p{port}, port: 8080}}\n");
+    }
+    text += "endpoints:\n";
+    for i in 0..endpoints {
+        text += &format!("- addresses: [10.244.{}.{}]\n", i / 250, i % 250 + 1);
+    }
+    text
+}
+
+fn translation(yaml: &str) -> (ObjectKey, ServiceTranslation) {
+    let parsed = manifest::parse(yaml, "test");
+    assert!(parsed.errors.is_empty(), "{:?}", parsed.errors);
+    let mut service: Option<Service> = None;
+    let mut slices: Vec<EndpointSlice> = Vec::new();
+    for object in parsed.objects {
+        match object {
+            Object::Service(s) => service = Some(*s),
+            Object::EndpointSlice(s) => slices.push(*s),
+        }
+    }
+    let service = service.unwrap();
+    (
+        ObjectKey::of_service(&service),
+        translate_service(&service, &slices, &NodeContext::default()),
+    )
+}
+
+fn gone(name: &str) -> (ObjectKey, ServiceTranslation) {
+    (ObjectKey::new("test", name), ServiceTranslation::default())
+}
+
+fn apply<M: LbMaps>(reconciler: &mut Reconciler<M>, (key, t): &(ObjectKey, ServiceTranslation)) {
+    let outcome = reconciler.update_service(key, t);
+    assert!(outcome.issues.is_empty(), "{:?}", outcome.issues);
+}
+
+/// Frontends with their backends' addresses (ids differ between runs).
+fn view(dump: &MapDump) -> Vec<String> {
+    let by_id: std::collections::HashMap<_, _> = dump.backends.iter().copied().collect();
+    let mut out: Vec<String> = dump
+        .frontends
+        .iter()
+        .map(|f| {
+            let backends: Vec<String> = f
+                .slots
+                .iter()
+                .map(|id| by_id[&id.unwrap()].to_string())
+                .collect();
+            format!("{} -> {}", f.frontend, backends.join(" "))
+        })
+        .collect();
+    out.sort();
+    out
+}
+
+/// create → scale up → scale down → delete, checking the maps each step.
+fn lifecycle<M: LbMaps>(maps: M) {
+    let mut reconciler = Reconciler::adopt(maps).unwrap();
+    apply(
+        &mut reconciler,
+        &translation(&service_yaml("web", "10.96.1.1", &[80], 2)),
+    );
+    apply(
+        &mut reconciler,
+        &translation(&service_yaml("dns", "10.96.1.2", &[53, 54], 1)),
+    );
+    let dump = reconciler.maps().dump().unwrap();
+    assert_eq!(
+        view(&dump),
+        [
+            "10.96.1.1:80/TCP -> 10.244.0.1:8080/TCP 10.244.0.2:8080/TCP",
+            "10.96.1.2:53/TCP -> 10.244.0.1:8080/TCP",
+            "10.96.1.2:54/TCP -> 10.244.0.1:8080/TCP",
+        ]
+    );
+    // One backend entry per address, shared by the frontends using it.
+    assert_eq!(dump.backends.len(), 2);
+    assert_eq!(reconciler.ids_in_use(), (2, 3));
+
+    apply(
+        &mut reconciler,
+        &translation(&service_yaml("web", "10.96.1.1", &[80], 5)),
+    );
+    let dump = reconciler.maps().dump().unwrap();
+    assert_eq!(dump.frontends.iter().map(|f| f.slots.len()).max(), Some(5));
+    assert_eq!(dump.backends.len(), 5);
+
+    apply(
+        &mut reconciler,
+        &translation(&service_yaml("web", "10.96.1.1", &[80], 1)),
+    );
+    let dump = reconciler.maps().dump().unwrap();
+    assert_eq!(view(&dump)[0], "10.96.1.1:80/TCP -> 10.244.0.1:8080/TCP");
+    assert_eq!(dump.backends.len(), 1, "scaled-down backends are deleted");
+
+    // One port of dns dropped, then both services deleted.
+    apply(
+        &mut reconciler,
+        &translation(&service_yaml("dns", "10.96.1.2", &[53], 1)),
+    );
+    assert_eq!(reconciler.maps().dump().unwrap().frontends.len(), 2);
+    apply(&mut reconciler, &gone("web"));
+    apply(&mut reconciler, &gone("dns"));
+    let dump = reconciler.maps().dump().unwrap();
+    assert_eq!(dump, MapDump::default(), "maps empty after delete");
+    assert_eq!(reconciler.ids_in_use(), (0, 0), "ids released");
+}
+
+#[test]
+fn lifecycle_on_fake_maps() {
+    lifecycle(FakeMaps::with_capacity(64));
+}
+
+#[test]
+fn lifecycle_on_real_maps() {
+    let mut datapath = common::load_private();
+    lifecycle(&mut datapath.maps);
+}
+
+#[test]
+fn make_before_break_order() {
+    let mut reconciler = Reconciler::adopt(FakeMaps::with_capacity(64)).unwrap();
+    apply(
+        &mut reconciler,
+        &translation(&service_yaml("web", "10.96.1.1", &[80], 1)),
+    );
+    reconciler.maps_mut().log.clear();
+    // Replace 10.244.0.1 by a new set: the new backends are written
+    // before the frontend points at them; the old one is deleted after.
+    let mut yaml = service_yaml("web", "10.96.1.1", &[80], 3);
+    yaml = yaml.replace("- addresses: [10.244.0.1]\n", "");
+    apply(&mut reconciler, &translation(&yaml));
+    let log = &reconciler.maps().log;
+    assert_eq!(
+        log,
+        &[
+            "backend 2 = 10.244.0.2:8080",
+            "backend 3 = 10.244.0.3:8080",
+            "service 10.96.1.1:80/TCP",
+            "remove backend 1",
+        ]
+    );
+}
+
+#[test]
+fn unchanged_state_writes_nothing() {
+    let mut reconciler = Reconciler::adopt(FakeMaps::with_capacity(64)).unwrap();
+    let web = translation(&service_yaml("web", "10.96.1.1", &[80, 81], 3));
+    apply(&mut reconciler, &web);
+    let outcome = reconciler.update_service(&web.0, &web.1);
+    assert_eq!(
+        (outcome.frontends_written, outcome.frontends_removed),
+        (0, 0)
+    );
+}
+
+/// A second reconciler adopting the maps keeps every id, writes nothing
+/// for an unchanged cluster, and prunes what the cluster no longer has.
+fn adoption<M: LbMaps>(maps: M) {
+    let web = translation(&service_yaml("web", "10.96.1.1", &[80], 3));
+    let old = translation(&service_yaml("old", "10.96.1.9", &[80], 2));
+    let mut first = Reconciler::adopt(maps).unwrap();
+    apply(&mut first, &web);
+    apply(&mut first, &old);
+    let before = first.maps().dump().unwrap();
+    let maps = first.into_maps();
+
+    // "Restart": the cluster lost `old` while no agent ran.
+    let mut second = Reconciler::adopt(maps).unwrap();
+    let outcome = second.update_service(&web.0, &web.1);
+    assert!(outcome.issues.is_empty());
+    assert_eq!(
+        outcome.frontends_written, 0,
+        "adopted state is not rewritten"
+    );
+    let report = second.prune().unwrap();
+    assert_eq!(report.frontends, 1);
+    let after = second.maps().dump().unwrap();
+    let kept: Vec<_> = before
+        .frontends
+        .iter()
+        .filter(|f| f.frontend.address == Ipv4Addr::new(10, 96, 1, 1))
+        .cloned()
+        .collect();
+    assert_eq!(after.frontends, kept, "same ids and slots after adoption");
+    assert_eq!(
+        after.backends.len(),
+        3,
+        "the pruned service's backends are gone"
+    );
+    assert_eq!(second.ids_in_use(), (3, 1));
+}
+
+#[test]
+fn adoption_on_fake_maps() {
+    adoption(FakeMaps::with_capacity(64));
+}
+
+#[test]
+fn adoption_on_real_maps() {
+    let mut datapath = common::load_private();
+    adoption(&mut datapath.maps);
+}
+
+#[test]
+fn a_bad_service_keeps_its_old_state_and_blocks_nothing() {
+    let mut datapath = common::load_private();
+    let mut reconciler = Reconciler::adopt(&mut datapath.maps).unwrap();
+    let big = translation(&service_yaml("big", "10.96.1.3", &[80], 2));
+    apply(&mut reconciler, &big);
+    // 1100 endpoints: over the 1024-per-service limit.
+    let too_big = translation(&service_yaml("big", "10.96.1.3", &[80], 1100));
+    let outcome = reconciler.update_service(&too_big.0, &too_big.1);
+    assert_eq!(outcome.issues.len(), 1);
+    let issue = &outcome.issues[0];
+    assert_eq!(issue.kind, IssueKind::Limit);
+    assert_eq!(issue.object, "Service test/big");
+    assert!(
+        issue
+            .reason
+            .contains("1100 backends exceed the limit of 1024"),
+        "{}",
+        issue.reason
+    );
+    apply(
+        &mut reconciler,
+        &translation(&service_yaml("small", "10.96.1.4", &[80], 1)),
+    );
+    let dump = reconciler.maps().dump().unwrap();
+    assert_eq!(
+        view(&dump),
+        [
+            "10.96.1.3:80/TCP -> 10.244.0.1:8080/TCP 10.244.0.2:8080/TCP",
+            "10.96.1.4:80/TCP -> 10.244.0.1:8080/TCP",
+        ],
+        "the old programming of `big` survives, `small` is served"
+    );
+    assert_eq!(dump.backends.len(), 2, "nothing leaked by the failed write");
+}
+
+#[test]
+fn a_released_frontend_goes_to_the_service_waiting_for_it() {
+    let mut reconciler = Reconciler::adopt(FakeMaps::with_capacity(64)).unwrap();
+    let a = translation(&service_yaml("a", "10.96.1.5", &[80], 1));
+    let b = translation(&service_yaml("b", "10.96.1.5", &[80], 2));
+    apply(&mut reconciler, &a);
+    let outcome = reconciler.update_service(&b.0, &b.1);
+    assert_eq!(outcome.issues[0].kind, IssueKind::Conflict);
+    assert!(
+        outcome.issues[0]
+            .reason
+            .contains("already served for Service test/a")
+    );
+    let outcome = reconciler.update_service(&a.0, &ServiceTranslation::default());
+    assert_eq!(outcome.retry, [ObjectKey::new("test", "b")]);
+    apply(&mut reconciler, &b);
+    let frontend = Frontend {
+        address: Ipv4Addr::new(10, 96, 1, 5),
+        port: 80,
+        protocol: Protocol::Tcp,
+    };
+    assert_eq!(reconciler.maps().services[&frontend].1.len(), 2);
+}
+
+#[test]
+fn prune_repairs_the_service_filter_on_real_maps() {
+    let mut datapath = common::load_private();
+    // A count left behind by an interrupted update.
+    datapath.maps.service_filter.set(7, 3, 0).unwrap();
+    let mut reconciler = Reconciler::adopt(&mut datapath.maps).unwrap();
+    apply(
+        &mut reconciler,
+        &translation(&service_yaml("web", "10.96.1.1", &[80], 1)),
+    );
+    let report = reconciler.prune().unwrap();
+    assert_eq!(report.filter_buckets, 1);
+    let total: u32 = datapath
+        .maps
+        .service_filter
+        .iter()
+        .map(|v| v.unwrap())
+        .sum();
+    assert_eq!(total, 1, "one frontend, counted once");
+}
