@@ -2,13 +2,18 @@
 //! attaches it to pod interfaces and cgroups, and builds the namespace
 //! topology shared by the e2e tests, the demo and the bench.
 
+pub mod agent;
+pub mod attach;
 mod bpfsys;
 pub mod cgroup;
 pub mod clock;
+pub mod cni;
 pub mod demo;
+pub mod inspect;
 pub mod k8s;
 pub mod loader;
 pub mod maps;
+pub mod metrics;
 pub mod netns;
 pub mod object;
 pub mod packet;

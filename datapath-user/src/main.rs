@@ -2,9 +2,18 @@
 
 use std::{net::SocketAddrV4, path::PathBuf, process::ExitCode, time::Duration};
 
-use anyhow::{Context, Result};
-use clap::{Parser, Subcommand, ValueEnum};
-use datapath_user::{demo, netns, workload};
+use anyhow::{Context, Result, bail};
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use datapath_user::{
+    Datapath, LoadOptions, TcMode,
+    agent::{self, AgentOptions, SourceConfig},
+    attach::Selector,
+    cni, demo, inspect,
+    inspect::Output,
+    k8s::NodeContext,
+    loader::{self, CtTimeouts, DEFAULT_PIN_DIR, MapSizes},
+    netns, workload,
+};
 
 #[derive(Parser)]
 #[command(
@@ -22,6 +31,44 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Run the node agent: keep the maps equal to the cluster's Services
+    /// and EndpointSlices, attach to every underlay pod interface, serve
+    /// metrics. Stopping it leaves the datapath running (maps and links
+    /// are pinned); the next agent adopts them without breaking a flow.
+    ///
+    /// Examples:
+    ///   underpass agent                                 # in-cluster
+    ///   underpass agent --kubeconfig ~/.kube/config --node-name node-1
+    ///   underpass agent --from-dir ./manifests --no-socket-lb
+    #[command(verbatim_doc_comment)]
+    Agent(Box<AgentArgs>),
+    /// Attach the TC pair to one interface in one namespace by hand
+    /// (pinned: it stays after this command exits).
+    Attach(AttachArgs),
+    /// Remove what `attach` (or the agent) pinned on an interface.
+    Detach(AttachArgs),
+    /// Chained CNI plugin (spec 1.0): ADD attaches to CNI_IFNAME in
+    /// CNI_NETNS, DEL detaches, CHECK verifies, VERSION reports; the
+    /// previous plugin's result passes through unchanged. Reads the
+    /// network configuration on stdin ("pinDir" may override --pin-dir).
+    Cni(PinArgs),
+    /// Frontends in the pinned maps and the backends they balance over.
+    Service {
+        #[command(subcommand)]
+        command: ListCommand,
+    },
+    /// Backend entries in the pinned maps.
+    Backend {
+        #[command(subcommand)]
+        command: ListCommand,
+    },
+    /// Tracked flows (client → service → backend).
+    Conntrack {
+        #[command(subcommand)]
+        command: ConntrackCommand,
+    },
+    /// What is pinned: map fill, attached interfaces and cgroups, counters.
+    Status(OutputArgs),
     /// Build a two-node topology in fresh network namespaces, program a
     /// Service, and show requests crossing its ClusterIP on the TC path and
     /// the socket-LB path, with the datapath's counters. Removes everything
@@ -33,6 +80,142 @@ enum Command {
     /// client under socket-LB, which only sees processes in its cgroup.
     #[command(hide = true)]
     Probe(ProbeArgs),
+}
+
+#[derive(Args)]
+struct PinArgs {
+    /// bpffs directory holding the datapath's pinned maps and links.
+    #[arg(long, env = "UNDERPASS_PIN_DIR", default_value = DEFAULT_PIN_DIR)]
+    pin_dir: PathBuf,
+}
+
+#[derive(Args)]
+struct OutputArgs {
+    #[command(flatten)]
+    pin: PinArgs,
+    /// Output format: a table for people, JSON for scripts.
+    #[arg(short, long, value_enum, default_value_t = Output::Table)]
+    output: Output,
+}
+
+#[derive(Subcommand)]
+enum ListCommand {
+    /// List the entries.
+    List(OutputArgs),
+}
+
+#[derive(Subcommand)]
+enum ConntrackCommand {
+    /// List tracked flows.
+    List {
+        #[command(flatten)]
+        output: OutputArgs,
+        /// Stop after this many entries.
+        #[arg(long, default_value_t = 1000)]
+        limit: usize,
+    },
+}
+
+#[derive(Args)]
+struct AttachArgs {
+    /// Network namespace: a name under /var/run/netns, or a path.
+    #[arg(long)]
+    netns: String,
+    /// Interface inside it (e.g. eth0 of a macvlan pod).
+    #[arg(long)]
+    dev: String,
+    #[command(flatten)]
+    pin: PinArgs,
+    /// How to attach: tcx (kernel 6.6+, pinned links) or netlink (cls_bpf).
+    #[arg(long, value_enum, default_value_t = CliTcMode::Auto)]
+    tc_mode: CliTcMode,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum CliTcMode {
+    /// TCX where the kernel has it, else netlink.
+    Auto,
+    Tcx,
+    Netlink,
+}
+
+impl From<CliTcMode> for TcMode {
+    fn from(mode: CliTcMode) -> Self {
+        match mode {
+            CliTcMode::Auto => TcMode::Auto,
+            CliTcMode::Tcx => TcMode::Tcx,
+            CliTcMode::Netlink => TcMode::Netlink,
+        }
+    }
+}
+
+#[derive(Args)]
+struct AgentArgs {
+    #[command(flatten)]
+    pin: PinArgs,
+    /// Read Services and EndpointSlices from this directory of YAML/JSON
+    /// manifests (multi-document; re-read when files change) instead of
+    /// the API server.
+    #[arg(long, env = "UNDERPASS_FROM_DIR", conflicts_with = "kubeconfig")]
+    from_dir: Option<PathBuf>,
+    /// How often --from-dir is checked for changes, in milliseconds.
+    #[arg(long, default_value_t = 500)]
+    dir_poll_ms: u64,
+    /// kubeconfig for the API server (default: in-cluster service
+    /// account, then KUBECONFIG, then ~/.kube/config).
+    #[arg(long, env = "KUBECONFIG")]
+    kubeconfig: Option<PathBuf>,
+    /// This node's name (for internalTrafficPolicy: Local). The DaemonSet
+    /// sets it from spec.nodeName.
+    #[arg(long, env = "NODE_NAME")]
+    node_name: Option<String>,
+    /// Directory of pod network namespaces to watch (containerd's).
+    #[arg(long, env = "UNDERPASS_NETNS_DIR", default_value = netns::NETNS_RUN_DIR)]
+    netns_dir: PathBuf,
+    /// Do not attach to pods (use `underpass attach` or the CNI plugin).
+    #[arg(long)]
+    no_pod_attach: bool,
+    /// Only namespaces whose name matches this glob.
+    #[arg(long, env = "UNDERPASS_NETNS_FILTER", default_value = "*")]
+    netns_filter: String,
+    /// Interface kinds that are pod underlay interfaces.
+    #[arg(
+        long,
+        env = "UNDERPASS_IFACE_KINDS",
+        value_delimiter = ',',
+        default_value = "macvlan,ipvlan"
+    )]
+    iface_kind: Vec<String>,
+    /// Also interfaces whose name matches this glob, whatever their kind
+    /// (SR-IOV VFs have none), e.g. "net1".
+    #[arg(long, env = "UNDERPASS_IFACE_NAME")]
+    iface_name: Option<String>,
+    /// How often the namespace directory is scanned, in milliseconds.
+    #[arg(long, default_value_t = 1000)]
+    netns_poll_ms: u64,
+    #[arg(long, value_enum, default_value_t = CliTcMode::Auto)]
+    tc_mode: CliTcMode,
+    /// cgroup v2 directory for socket-LB (default: the cgroup2 root, i.e.
+    /// every process on the node).
+    #[arg(long, env = "UNDERPASS_CGROUP")]
+    cgroup: Option<PathBuf>,
+    /// Do not attach socket-LB.
+    #[arg(long)]
+    no_socket_lb: bool,
+    /// Address for /metrics, /healthz and /readyz.
+    #[arg(
+        long,
+        env = "UNDERPASS_METRICS_ADDRESS",
+        default_value = "127.0.0.1:9964"
+    )]
+    metrics_address: std::net::SocketAddr,
+    /// After a change arrives, wait this long for more before applying
+    /// them together (a rollout's burst becomes one update).
+    #[arg(long, default_value_t = 2)]
+    debounce_ms: u64,
+    /// Capacity of the conntrack map (flows), fixed when first pinned.
+    #[arg(long, default_value_t = datapath_common::maps::DEFAULT_CONNTRACK_MAX)]
+    conntrack_max: u32,
 }
 
 #[derive(Parser)]
@@ -75,6 +258,20 @@ fn main() -> ExitCode {
         .init();
     let cli = Cli::parse();
     let result = match cli.command {
+        Command::Agent(args) => run_agent(*args),
+        Command::Attach(args) => attach(args),
+        Command::Detach(args) => detach(args),
+        Command::Cni(args) => std::process::exit(cni::main(&args.pin_dir)),
+        Command::Service {
+            command: ListCommand::List(o),
+        } => inspect::service_list(&o.pin.pin_dir, o.output),
+        Command::Backend {
+            command: ListCommand::List(o),
+        } => inspect::backend_list(&o.pin.pin_dir, o.output),
+        Command::Conntrack {
+            command: ConntrackCommand::List { output: o, limit },
+        } => inspect::conntrack_list(&o.pin.pin_dir, o.output, limit),
+        Command::Status(o) => inspect::status(&o.pin.pin_dir, o.output),
         Command::Demo => demo::run(),
         Command::Probe(args) => probe(args),
     };
@@ -112,5 +309,107 @@ fn probe(args: ProbeArgs) -> Result<()> {
         };
         println!("{line}");
     }
+    Ok(())
+}
+
+fn run_agent(args: AgentArgs) -> Result<()> {
+    let source = match args.from_dir {
+        Some(dir) => {
+            if !dir.is_dir() {
+                bail!("--from-dir {}: not a directory", dir.display());
+            }
+            SourceConfig::Directory {
+                dir,
+                interval: Duration::from_millis(args.dir_poll_ms.max(10)),
+            }
+        }
+        None => SourceConfig::Kubernetes {
+            kubeconfig: args.kubeconfig,
+        },
+    };
+    let netns_filter = glob::Pattern::new(&args.netns_filter)
+        .with_context(|| format!("--netns-filter {:?}", args.netns_filter))?;
+    let names = args
+        .iface_name
+        .as_deref()
+        .map(glob::Pattern::new)
+        .transpose()
+        .with_context(|| format!("--iface-name {:?}", args.iface_name))?;
+    let cgroup = if args.no_socket_lb {
+        None
+    } else {
+        Some(match args.cgroup {
+            Some(path) => path,
+            None => datapath_user::cgroup::unified_root().context(
+                "finding the cgroup v2 root for socket-LB (or pass --cgroup / --no-socket-lb)",
+            )?,
+        })
+    };
+    let options = AgentOptions {
+        pin_dir: args.pin.pin_dir,
+        source,
+        node: NodeContext {
+            node_name: args.node_name,
+        },
+        netns_dir: (!args.no_pod_attach).then_some(args.netns_dir),
+        selector: Selector {
+            netns: netns_filter,
+            kinds: args.iface_kind,
+            names,
+        },
+        netns_interval: Duration::from_millis(args.netns_poll_ms.max(10)),
+        tc_mode: args.tc_mode.into(),
+        cgroup,
+        metrics_address: args.metrics_address,
+        debounce: Duration::from_millis(args.debounce_ms),
+        sizes: MapSizes {
+            conntrack: args.conntrack_max,
+            ..MapSizes::default()
+        },
+        ct_timeouts: CtTimeouts::default(),
+    };
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    runtime.block_on(agent::run(options))
+}
+
+fn attach(args: AttachArgs) -> Result<()> {
+    let options = LoadOptions {
+        pin_dir: Some(args.pin.pin_dir.clone()),
+        ..LoadOptions::default()
+    };
+    let mut datapath = Datapath::load(&options).context("loading the datapath")?;
+    let attachment = datapath
+        .attach_tc(Some(&args.netns), &args.dev, args.tc_mode.into())
+        .with_context(|| format!("attaching to {} in {}", args.dev, args.netns))?;
+    let pinned = attachment.is_pinned();
+    attachment.keep();
+    println!(
+        "attached to {} in {}{}",
+        args.dev,
+        args.netns,
+        if pinned {
+            " (pinned)"
+        } else {
+            " (cls_bpf filter)"
+        }
+    );
+    Ok(())
+}
+
+fn detach(args: AttachArgs) -> Result<()> {
+    let removed = loader::detach_pinned_tc(&args.pin.pin_dir, Some(&args.netns), &args.dev)
+        .with_context(|| format!("detaching from {} in {}", args.dev, args.netns))?;
+    if removed == 0 {
+        bail!(
+            "nothing pinned for {} in {} under {}",
+            args.dev,
+            args.netns,
+            args.pin.pin_dir.display()
+        );
+    }
+    println!("detached from {} in {}", args.dev, args.netns);
     Ok(())
 }

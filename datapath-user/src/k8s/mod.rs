@@ -2,6 +2,8 @@
 //! translating them into the frontends the datapath serves.
 
 pub mod manifest;
+pub mod source;
+pub mod store;
 pub mod translate;
 
 pub use manifest::Object;

@@ -1,0 +1,392 @@
+//! `underpass agent`: sources → store → translate → reconcile, plus pod
+//! attachment, socket-LB and the metrics endpoint.
+//!
+//! Restart safety comes from pins: maps and links live in bpffs, so the
+//! datapath keeps translating while no agent runs, and a starting agent
+//! adopts them (same maps, same ids, programs replaced in their links).
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::SocketAddr,
+    path::PathBuf,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context, Result};
+use tokio::sync::mpsc;
+use tracing::{info, warn};
+
+use crate::{
+    Datapath, LoadOptions, TcMode,
+    attach::{PodAttacher, Selector},
+    k8s::{
+        Issue, NodeContext, ObjectKey,
+        source::{self, SourceMessage},
+        store::{Change, Kind, Store},
+    },
+    loader::{CtTimeouts, MapSizes},
+    maps::DatapathMaps,
+    metrics::{self, IssueLabels, Metrics, SyncLabels},
+    reconcile::{LbMaps, Reconciler},
+};
+
+/// Where the agent reads the cluster from.
+#[derive(Clone, Debug)]
+pub enum SourceConfig {
+    /// The API server: in-cluster config, or this kubeconfig file.
+    Kubernetes { kubeconfig: Option<PathBuf> },
+    /// A directory of manifests, polled.
+    Directory { dir: PathBuf, interval: Duration },
+}
+
+#[derive(Clone, Debug)]
+pub struct AgentOptions {
+    pub pin_dir: PathBuf,
+    pub source: SourceConfig,
+    pub node: NodeContext,
+    /// None: do not attach to pods (socket-LB only, or `underpass
+    /// attach` by hand / CNI).
+    pub netns_dir: Option<PathBuf>,
+    pub selector: Selector,
+    pub netns_interval: Duration,
+    pub tc_mode: TcMode,
+    /// None: no socket-LB.
+    pub cgroup: Option<PathBuf>,
+    pub metrics_address: SocketAddr,
+    pub debounce: Duration,
+    pub sizes: MapSizes,
+    pub ct_timeouts: CtTimeouts,
+}
+
+/// Store and reconciler, driven one batch of changes at a time. The async
+/// loop below feeds it; the bench drives it directly.
+pub struct AgentCore<M> {
+    pub store: Store,
+    reconciler: Reconciler<M>,
+    node: NodeContext,
+    metrics: Arc<Metrics>,
+    /// Standing issues per service (logged when they change).
+    issues: BTreeMap<ObjectKey, Vec<Issue>>,
+}
+
+/// What one sync did.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct SyncStats {
+    pub services: usize,
+    pub written: usize,
+    pub removed: usize,
+    pub issues: usize,
+}
+
+impl<M: LbMaps> AgentCore<M> {
+    pub fn new(reconciler: Reconciler<M>, node: NodeContext, metrics: Arc<Metrics>) -> Self {
+        Self {
+            store: Store::default(),
+            reconciler,
+            node,
+            metrics,
+            issues: BTreeMap::new(),
+        }
+    }
+
+    pub fn reconciler(&self) -> &Reconciler<M> {
+        &self.reconciler
+    }
+
+    /// Every service, then prune what nothing asks for. The first sync
+    /// after adopting the maps.
+    pub fn full_sync(&mut self) -> SyncStats {
+        let started = Instant::now();
+        let all: BTreeSet<ObjectKey> = self.store.service_keys().cloned().collect();
+        // Services the maps hold but the store lacks are gone: nothing
+        // asks for their frontends, so prune removes them.
+        let mut stats = self.sync(all);
+        match self.reconciler.prune() {
+            Ok(report) => info!(
+                frontends = report.frontends,
+                backends = report.backends,
+                reverse_nat = report.rev_nats,
+                stray_slots = report.stray_slots,
+                filter_buckets = report.filter_buckets,
+                "pruned entries nothing asks for"
+            ),
+            Err(issues) => {
+                for issue in &issues {
+                    warn!("prune: {issue}");
+                }
+                stats.issues += issues.len();
+            }
+        }
+        self.metrics
+            .sync_duration
+            .get_or_create(&SyncLabels { kind: "full" })
+            .observe(started.elapsed().as_secs_f64());
+        self.update_gauges();
+        stats
+    }
+
+    /// Re-translates `dirty` services and applies the difference.
+    pub fn sync(&mut self, dirty: BTreeSet<ObjectKey>) -> SyncStats {
+        let mut stats = SyncStats::default();
+        let mut queue: Vec<ObjectKey> = dirty.into_iter().collect();
+        let mut done = BTreeSet::new();
+        while let Some(service) = queue.pop() {
+            if !done.insert(service.clone()) {
+                continue;
+            }
+            let translation = self.store.translate(&service, &self.node);
+            let outcome = self.reconciler.update_service(&service, &translation);
+            stats.services += 1;
+            stats.written += outcome.frontends_written;
+            stats.removed += outcome.frontends_removed;
+            let mut issues = translation.issues;
+            issues.extend(outcome.issues);
+            stats.issues += issues.len();
+            self.record_issues(&service, issues);
+            queue.extend(outcome.retry.into_iter().filter(|s| !done.contains(s)));
+        }
+        stats
+    }
+
+    /// Logs and counts issues that are new for `service`.
+    fn record_issues(&mut self, service: &ObjectKey, issues: Vec<Issue>) {
+        let previous = self.issues.remove(service).unwrap_or_default();
+        for issue in &issues {
+            if !previous.contains(issue) {
+                warn!("{issue}");
+                self.metrics
+                    .issues_total
+                    .get_or_create(&IssueLabels {
+                        kind: issue.kind.as_str(),
+                    })
+                    .inc();
+            }
+        }
+        for issue in &previous {
+            self.metrics
+                .issues
+                .get_or_create(&IssueLabels {
+                    kind: issue.kind.as_str(),
+                })
+                .dec();
+        }
+        for issue in &issues {
+            self.metrics
+                .issues
+                .get_or_create(&IssueLabels {
+                    kind: issue.kind.as_str(),
+                })
+                .inc();
+        }
+        if !issues.is_empty() {
+            self.issues.insert(service.clone(), issues);
+        }
+    }
+
+    pub fn update_gauges(&self) {
+        self.metrics.services.set(self.store.service_count() as i64);
+        self.metrics
+            .frontends
+            .set(self.reconciler.frontend_count() as i64);
+        self.metrics
+            .backends
+            .set(self.reconciler.backend_count() as i64);
+    }
+
+    /// Drives the core from `rx` until it closes: waits until every kind
+    /// has been delivered once, syncs everything, then applies changes in
+    /// batches (what arrives within `debounce` of the first).
+    pub async fn run(mut self, mut rx: mpsc::Receiver<SourceMessage>, debounce: Duration) {
+        let mut waiting: BTreeSet<Kind> = [Kind::Service, Kind::EndpointSlice].into();
+        while !waiting.is_empty() {
+            match rx.recv().await {
+                None => return,
+                Some(SourceMessage::Synced(kind)) => {
+                    waiting.remove(&kind);
+                }
+                Some(message) => {
+                    self.take(message);
+                }
+            }
+        }
+        let stats = self.full_sync();
+        info!(
+            services = self.store.service_count(),
+            slices = self.store.slice_count(),
+            frontends = self.reconciler.frontend_count(),
+            backends = self.reconciler.backend_count(),
+            written = stats.written,
+            issues = stats.issues,
+            "first full sync done: the maps match the cluster"
+        );
+        self.metrics.ready.store(true, Ordering::Relaxed);
+        loop {
+            let Some(message) = rx.recv().await else {
+                return;
+            };
+            let started = Instant::now();
+            let mut dirty = self.take(message);
+            if !debounce.is_zero() {
+                tokio::time::sleep(debounce).await;
+            }
+            while let Ok(message) = rx.try_recv() {
+                dirty.extend(self.take(message));
+            }
+            if dirty.is_empty() {
+                continue;
+            }
+            let stats = self.sync(dirty);
+            self.metrics
+                .sync_duration
+                .get_or_create(&SyncLabels {
+                    kind: "incremental",
+                })
+                .observe(started.elapsed().as_secs_f64());
+            self.update_gauges();
+            tracing::debug!(?stats, "incremental sync");
+        }
+    }
+
+    fn take(&mut self, message: SourceMessage) -> BTreeSet<ObjectKey> {
+        match message {
+            SourceMessage::Change(change) => self.store.apply(change),
+            SourceMessage::Synced(_) => BTreeSet::new(),
+            SourceMessage::Problem { kind, message } => {
+                warn!("{message}");
+                self.metrics
+                    .issues_total
+                    .get_or_create(&IssueLabels {
+                        kind: kind.as_str(),
+                    })
+                    .inc();
+                BTreeSet::new()
+            }
+        }
+    }
+
+    /// Applies one change now (the bench's entry point).
+    pub fn apply_now(&mut self, change: Change) -> SyncStats {
+        let dirty = self.store.apply(change);
+        self.sync(dirty)
+    }
+}
+
+/// Runs the agent until SIGINT/SIGTERM. Leaves maps and links pinned:
+/// the datapath keeps serving while no agent runs.
+pub async fn run(options: AgentOptions) -> Result<()> {
+    let load = LoadOptions {
+        pin_dir: Some(options.pin_dir.clone()),
+        sizes: options.sizes.clone(),
+        ct_timeouts: options.ct_timeouts,
+    };
+    let mut datapath = Datapath::load(&load).context("loading the datapath")?;
+    info!(pin_dir = %options.pin_dir.display(), "datapath loaded; maps pinned (existing pins adopted)");
+    let maps = DatapathMaps::open_pinned(&options.pin_dir).context("opening the pinned maps")?;
+    let metrics = Metrics::new(Some(&options.pin_dir));
+
+    if let Some(cgroup) = &options.cgroup {
+        datapath.attach_sock(cgroup).with_context(|| {
+            format!(
+                "attaching socket-LB to the cgroup {} (--cgroup)",
+                cgroup.display()
+            )
+        })?;
+        info!(cgroup = %cgroup.display(), "socket-LB attached");
+    }
+
+    let listener = metrics::bind(options.metrics_address).await?;
+    info!(address = %options.metrics_address, "serving /metrics, /healthz, /readyz");
+    tokio::spawn(metrics::serve(listener, metrics.clone()));
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let attacher = match &options.netns_dir {
+        Some(dir) => {
+            let mut attacher = PodAttacher::new(
+                datapath,
+                dir.clone(),
+                options.selector.clone(),
+                options.tc_mode,
+            );
+            let stop = stop.clone();
+            let metrics = metrics.clone();
+            let interval = options.netns_interval;
+            Some(std::thread::spawn(move || {
+                while !stop.load(Ordering::Relaxed) {
+                    let report = attacher.scan();
+                    for (netns, iface) in &report.attached {
+                        info!(netns, iface, "attached");
+                    }
+                    for (netns, iface) in &report.detached {
+                        info!(netns, iface, "detached (gone)");
+                    }
+                    for (netns, iface, error) in &report.errors {
+                        warn!(netns, iface, "attach: {error}");
+                    }
+                    metrics
+                        .attached_interfaces
+                        .set(attacher.attached().len() as i64);
+                    let deadline = Instant::now() + interval;
+                    while Instant::now() < deadline && !stop.load(Ordering::Relaxed) {
+                        std::thread::sleep(Duration::from_millis(20).min(interval));
+                    }
+                }
+            }))
+        }
+        None => None,
+    };
+
+    let (tx, rx) = mpsc::channel(1024);
+    let source = match &options.source {
+        SourceConfig::Kubernetes { kubeconfig } => {
+            let client = kube_client(kubeconfig.as_ref()).await?;
+            tokio::spawn(source::watch_api(client, tx))
+        }
+        SourceConfig::Directory { dir, interval } => {
+            info!(dir = %dir.display(), "reading manifests from a directory");
+            tokio::spawn(source::watch_dir(dir.clone(), *interval, tx))
+        }
+    };
+    let reconciler = Reconciler::adopt(maps).context("reading the pinned maps")?;
+    let core = AgentCore::new(reconciler, options.node.clone(), metrics.clone());
+    let core = tokio::spawn(core.run(rx, options.debounce));
+
+    shutdown_signal().await;
+    info!("stopping; maps and links stay pinned, traffic keeps flowing");
+    source.abort();
+    core.abort();
+    stop.store(true, Ordering::Relaxed);
+    if let Some(thread) = attacher {
+        let _ = thread.join();
+    }
+    Ok(())
+}
+
+async fn kube_client(kubeconfig: Option<&PathBuf>) -> Result<kube::Client> {
+    let config = match kubeconfig {
+        Some(path) => {
+            let file = kube::config::Kubeconfig::read_from(path)
+                .with_context(|| format!("reading --kubeconfig {}", path.display()))?;
+            kube::Config::from_custom_kubeconfig(file, &Default::default())
+                .await
+                .with_context(|| format!("using --kubeconfig {}", path.display()))?
+        }
+        None => kube::Config::infer().await.context(
+            "finding the API server (in-cluster service account, KUBECONFIG or ~/.kube/config); \
+             use --from-dir to run without one",
+        )?,
+    };
+    kube::Client::try_from(config).context("building the Kubernetes client")
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+}

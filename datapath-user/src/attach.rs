@@ -1,0 +1,294 @@
+//! Finding pod interfaces and keeping the TC pair attached to them.
+//!
+//! Pods are network namespaces bind-mounted in a directory (containerd
+//! and `ip netns` use /var/run/netns). Each scan lists the namespaces,
+//! the interfaces inside each, attaches to the new ones and removes the
+//! pins of those that went away. A namespace appears before its
+//! interface is moved in, so every scan looks inside every namespace.
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    fs, io,
+    path::{Path, PathBuf},
+};
+
+use futures::TryStreamExt;
+use rtnetlink::packet_route::link::{InfoKind, LinkAttribute, LinkInfo};
+
+use crate::{Datapath, TcMode, loader, netns};
+
+/// Which namespaces and interfaces get the programs.
+#[derive(Clone, Debug)]
+pub struct Selector {
+    /// Namespace names (file names in the directory).
+    pub netns: glob::Pattern,
+    /// Link kinds, as `ip -d link` shows them (macvlan, ipvlan…).
+    pub kinds: Vec<String>,
+    /// Interface names selected whatever their kind (SR-IOV VFs show no
+    /// kind).
+    pub names: Option<glob::Pattern>,
+}
+
+impl Default for Selector {
+    fn default() -> Self {
+        Self {
+            netns: glob::Pattern::new("*").expect("valid pattern"),
+            kinds: vec!["macvlan".into(), "ipvlan".into()],
+            names: None,
+        }
+    }
+}
+
+impl Selector {
+    pub fn selects(&self, link: &LinkSummary) -> bool {
+        if link.name == "lo" {
+            return false;
+        }
+        let by_kind = link
+            .kind
+            .as_ref()
+            .is_some_and(|k| self.kinds.iter().any(|want| want == k));
+        let by_name = self.names.as_ref().is_some_and(|p| p.matches(&link.name));
+        by_kind || by_name
+    }
+}
+
+/// One interface as netlink lists it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LinkSummary {
+    pub name: String,
+    /// None for physical devices and VFs.
+    pub kind: Option<String>,
+}
+
+/// The interfaces inside the namespace at `path`.
+pub fn list_links(path: &Path) -> io::Result<Vec<LinkSummary>> {
+    netns::run_in(Some(path), || {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
+        runtime.block_on(async {
+            let (connection, handle, _) = rtnetlink::new_connection()?;
+            tokio::spawn(connection);
+            let mut links = handle.link().get().execute();
+            let mut out = Vec::new();
+            while let Some(message) = links.try_next().await.map_err(io::Error::other)? {
+                let mut summary = LinkSummary {
+                    name: String::new(),
+                    kind: None,
+                };
+                for attribute in &message.attributes {
+                    match attribute {
+                        LinkAttribute::IfName(name) => summary.name = name.clone(),
+                        LinkAttribute::LinkInfo(infos) => {
+                            for info in infos {
+                                if let LinkInfo::Kind(kind) = info {
+                                    summary.kind = Some(kind_name(kind));
+                                }
+                            }
+                        }
+                        _ => {}
+                    }
+                }
+                out.push(summary);
+            }
+            Ok(out)
+        })
+    })?
+}
+
+fn kind_name(kind: &InfoKind) -> String {
+    match kind {
+        InfoKind::MacVlan => "macvlan".into(),
+        InfoKind::IpVlan => "ipvlan".into(),
+        InfoKind::MacVtap => "macvtap".into(),
+        InfoKind::Veth => "veth".into(),
+        InfoKind::Other(name) => name.clone(),
+        other => format!("{other:?}").to_lowercase(),
+    }
+}
+
+/// What one scan changed.
+#[derive(Debug, Default)]
+pub struct ScanReport {
+    pub attached: Vec<(String, String)>,
+    pub detached: Vec<(String, String)>,
+    /// `(netns, iface or "", error)`, each reported once until it changes.
+    pub errors: Vec<(String, String, String)>,
+}
+
+/// Keeps the TC pair on every selected pod interface.
+pub struct PodAttacher {
+    datapath: Datapath,
+    dir: PathBuf,
+    selector: Selector,
+    mode: TcMode,
+    /// (netns, iface) with our pinned links.
+    attached: BTreeSet<(String, String)>,
+    /// Pins adopted from an earlier agent, re-attached (program upgraded)
+    /// on the first scan that sees them.
+    adopted: BTreeSet<(String, String)>,
+    last_errors: BTreeMap<(String, String), String>,
+}
+
+impl PodAttacher {
+    /// `datapath` must have been loaded with a pin directory: attachments
+    /// are pinned so that they outlive the agent.
+    pub fn new(datapath: Datapath, dir: PathBuf, selector: Selector, mode: TcMode) -> Self {
+        let adopted = datapath.pin_dir().map(pinned_tc_links).unwrap_or_default();
+        Self {
+            datapath,
+            dir,
+            selector,
+            mode,
+            attached: adopted.clone(),
+            adopted,
+            last_errors: BTreeMap::new(),
+        }
+    }
+
+    pub fn attached(&self) -> &BTreeSet<(String, String)> {
+        &self.attached
+    }
+
+    pub fn datapath_mut(&mut self) -> &mut Datapath {
+        &mut self.datapath
+    }
+
+    /// One pass over the namespace directory.
+    pub fn scan(&mut self) -> ScanReport {
+        let mut report = ScanReport::default();
+        let mut want = BTreeSet::new();
+        let mut seen_netns = BTreeSet::new();
+        let entries = match fs::read_dir(&self.dir) {
+            Ok(entries) => entries,
+            Err(e) => {
+                self.note_error(
+                    &mut report,
+                    String::new(),
+                    String::new(),
+                    format!(
+                        "reading the namespace directory {}: {e}",
+                        self.dir.display()
+                    ),
+                );
+                return report;
+            }
+        };
+        for entry in entries.flatten() {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if !self.selector.netns.matches(&name) {
+                continue;
+            }
+            seen_netns.insert(name.clone());
+            match list_links(&entry.path()) {
+                Ok(links) => {
+                    self.last_errors.remove(&(name.clone(), String::new()));
+                    for link in links.iter().filter(|l| self.selector.selects(l)) {
+                        want.insert((name.clone(), link.name.clone()));
+                    }
+                }
+                // A namespace being created or deleted: next scan.
+                Err(e) => {
+                    self.note_error(
+                        &mut report,
+                        name.clone(),
+                        String::new(),
+                        format!("listing interfaces: {e}"),
+                    );
+                    // Keep what we have there until we know better.
+                    want.extend(self.attached.iter().filter(|(n, _)| *n == name).cloned());
+                }
+            }
+        }
+        for key in &want {
+            if self.attached.contains(key) && !self.adopted.contains(key) {
+                continue;
+            }
+            let (netns_name, iface) = key;
+            let path = self.dir.join(netns_name);
+            match self
+                .datapath
+                .attach_tc(Some(&path.to_string_lossy()), iface, self.mode)
+            {
+                Ok(attachment) => {
+                    attachment.keep();
+                    self.adopted.remove(key);
+                    self.last_errors.remove(key);
+                    if self.attached.insert(key.clone()) {
+                        report.attached.push(key.clone());
+                    }
+                }
+                Err(e) => self.note_error(
+                    &mut report,
+                    netns_name.clone(),
+                    iface.clone(),
+                    e.to_string(),
+                ),
+            }
+        }
+        let gone: Vec<(String, String)> = self.attached.difference(&want).cloned().collect();
+        for key in gone {
+            let (netns_name, iface) = &key;
+            let Some(pin_dir) = self.datapath.pin_dir().map(Path::to_path_buf) else {
+                continue;
+            };
+            match loader::detach_pinned_tc(&pin_dir, Some(netns_name), iface) {
+                Ok(_) => {
+                    self.attached.remove(&key);
+                    self.adopted.remove(&key);
+                    report.detached.push(key.clone());
+                }
+                Err(e) => self.note_error(
+                    &mut report,
+                    netns_name.clone(),
+                    iface.clone(),
+                    e.to_string(),
+                ),
+            }
+        }
+        // Namespace label directories left empty.
+        if let Some(pin_dir) = self.datapath.pin_dir() {
+            for (netns_name, _) in &report.detached {
+                if !seen_netns.contains(netns_name) {
+                    let _ = fs::remove_dir(pin_dir.join("links/tc").join(netns_name));
+                }
+            }
+        }
+        report
+    }
+
+    fn note_error(&mut self, report: &mut ScanReport, netns: String, iface: String, error: String) {
+        let key = (netns.clone(), iface.clone());
+        if self.last_errors.get(&key) != Some(&error) {
+            self.last_errors.insert(key, error.clone());
+            report.errors.push((netns, iface, error));
+        }
+    }
+}
+
+/// (netns, iface) pairs with pinned TC links under `pin_dir`, skipping
+/// the agent's own namespace.
+pub fn pinned_tc_links(pin_dir: &Path) -> BTreeSet<(String, String)> {
+    let mut out = BTreeSet::new();
+    let Ok(namespaces) = fs::read_dir(pin_dir.join("links/tc")) else {
+        return out;
+    };
+    for namespace in namespaces.flatten() {
+        let netns_name = namespace.file_name().to_string_lossy().into_owned();
+        if netns_name == "host" {
+            continue;
+        }
+        for iface in fs::read_dir(namespace.path())
+            .into_iter()
+            .flatten()
+            .flatten()
+        {
+            out.insert((
+                netns_name.clone(),
+                iface.file_name().to_string_lossy().into_owned(),
+            ));
+        }
+    }
+    out
+}

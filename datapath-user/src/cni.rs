@@ -1,0 +1,201 @@
+//! `underpass cni`: a chained CNI plugin (spec 1.0.0) that attaches the TC
+//! pair when the runtime creates a pod and removes it when the pod goes.
+//! It never changes the network: `prevResult` is passed through as is.
+//!
+//! The runtime runs it with CNI_COMMAND, CNI_NETNS, CNI_IFNAME… in the
+//! environment and the network configuration on stdin.
+
+use std::{
+    collections::HashMap,
+    io::Read,
+    path::{Path, PathBuf},
+};
+
+use serde_json::{Value, json};
+
+use crate::{Datapath, LoadOptions, TcMode, loader};
+
+pub const SUPPORTED_VERSIONS: [&str; 3] = ["0.4.0", "1.0.0", "1.1.0"];
+
+/// A CNI error result (spec §Error): printed on stdout, exit status 1.
+#[derive(Debug)]
+pub struct CniError {
+    pub code: u32,
+    pub msg: String,
+    pub details: String,
+}
+
+impl CniError {
+    fn new(code: u32, msg: impl Into<String>, details: impl Into<String>) -> Self {
+        Self {
+            code,
+            msg: msg.into(),
+            details: details.into(),
+        }
+    }
+
+    pub fn to_json(&self, version: &str) -> Value {
+        json!({"cniVersion": version, "code": self.code, "msg": self.msg, "details": self.details})
+    }
+}
+
+// Well-known error codes from the spec.
+const INCOMPATIBLE_VERSION: u32 = 1;
+const INVALID_ENVIRONMENT: u32 = 4;
+const IO_FAILURE: u32 = 5;
+const DECODE_FAILURE: u32 = 6;
+const TRY_AGAIN_LATER: u32 = 11;
+/// Plugin-specific codes start at 100.
+const ATTACH_FAILED: u32 = 100;
+const NOT_ATTACHED: u32 = 101;
+
+/// Runs one CNI command. Returns what to print on stdout; Err is printed
+/// as a CNI error and makes the process exit 1.
+pub fn run(
+    env: &HashMap<String, String>,
+    stdin: &str,
+    pin_dir: &Path,
+) -> Result<Option<Value>, (String, CniError)> {
+    let command = env.get("CNI_COMMAND").map(String::as_str).unwrap_or("");
+    if command == "VERSION" {
+        return Ok(Some(json!({
+            "cniVersion": "1.0.0",
+            "supportedVersions": SUPPORTED_VERSIONS,
+        })));
+    }
+    let config: Value = serde_json::from_str(stdin).map_err(|e| {
+        (
+            "1.0.0".to_owned(),
+            CniError::new(
+                DECODE_FAILURE,
+                "network configuration is not JSON",
+                e.to_string(),
+            ),
+        )
+    })?;
+    let version = config
+        .get("cniVersion")
+        .and_then(Value::as_str)
+        .unwrap_or("1.0.0")
+        .to_owned();
+    let fail = |e: CniError| (version.clone(), e);
+    if !SUPPORTED_VERSIONS.contains(&version.as_str()) {
+        return Err(fail(CniError::new(
+            INCOMPATIBLE_VERSION,
+            format!("cniVersion {version} is not supported"),
+            format!("supported: {}", SUPPORTED_VERSIONS.join(", ")),
+        )));
+    }
+    let var = |name: &str| {
+        env.get(name)
+            .filter(|v| !v.is_empty())
+            .cloned()
+            .ok_or_else(|| {
+                fail(CniError::new(
+                    INVALID_ENVIRONMENT,
+                    format!("{name} is not set"),
+                    "the container runtime sets it; see the CNI spec",
+                ))
+            })
+    };
+    let pin_dir = config
+        .get("pinDir")
+        .and_then(Value::as_str)
+        .map(PathBuf::from)
+        .unwrap_or_else(|| pin_dir.to_owned());
+    match command {
+        "ADD" => {
+            let netns = var("CNI_NETNS")?;
+            let ifname = var("CNI_IFNAME")?;
+            let options = LoadOptions {
+                pin_dir: Some(pin_dir.clone()),
+                ..LoadOptions::default()
+            };
+            let mut datapath = Datapath::load(&options).map_err(|e| {
+                fail(CniError::new(
+                    TRY_AGAIN_LATER,
+                    "loading the underpass datapath",
+                    e.to_string(),
+                ))
+            })?;
+            let attachment = datapath
+                .attach_tc(Some(&netns), &ifname, TcMode::Tcx)
+                .map_err(|e| {
+                    fail(CniError::new(
+                        ATTACH_FAILED,
+                        format!("attaching to {ifname} in {netns}"),
+                        e.to_string(),
+                    ))
+                })?;
+            attachment.keep();
+            // Chained plugin: hand the previous result on unchanged.
+            let mut result = config
+                .get("prevResult")
+                .cloned()
+                .unwrap_or_else(|| json!({}));
+            if let Some(object) = result.as_object_mut() {
+                object.insert("cniVersion".into(), Value::String(version.clone()));
+            }
+            Ok(Some(result))
+        }
+        "DEL" => {
+            // DEL must succeed when things are already gone (the netns may
+            // be deleted before us).
+            let ifname = var("CNI_IFNAME")?;
+            if let Some(netns) = env.get("CNI_NETNS").filter(|v| !v.is_empty()) {
+                loader::detach_pinned_tc(&pin_dir, Some(netns), &ifname).map_err(|e| {
+                    fail(CniError::new(
+                        IO_FAILURE,
+                        "removing the TC pins",
+                        e.to_string(),
+                    ))
+                })?;
+            }
+            Ok(None)
+        }
+        "CHECK" => {
+            let netns = var("CNI_NETNS")?;
+            let ifname = var("CNI_IFNAME")?;
+            let label = Path::new(&netns)
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default();
+            let base = pin_dir.join("links/tc").join(&label).join(&ifname);
+            for direction in ["egress", "ingress"] {
+                if !base.join(direction).exists() {
+                    return Err(fail(CniError::new(
+                        NOT_ATTACHED,
+                        format!("{direction} program not attached to {ifname} in {netns}"),
+                        format!("no pin at {}", base.join(direction).display()),
+                    )));
+                }
+            }
+            Ok(None)
+        }
+        other => Err(fail(CniError::new(
+            INVALID_ENVIRONMENT,
+            format!("unknown CNI_COMMAND {other:?}"),
+            "expected ADD, DEL, CHECK or VERSION",
+        ))),
+    }
+}
+
+/// The `underpass cni` entry point: environment and stdin in, JSON out.
+pub fn main(pin_dir: &Path) -> i32 {
+    let env: HashMap<String, String> = std::env::vars().collect();
+    let mut stdin = String::new();
+    if env.get("CNI_COMMAND").map(String::as_str) != Some("VERSION") {
+        let _ = std::io::stdin().read_to_string(&mut stdin);
+    }
+    match run(&env, &stdin, pin_dir) {
+        Ok(Some(result)) => {
+            println!("{result}");
+            0
+        }
+        Ok(None) => 0,
+        Err((version, error)) => {
+            println!("{}", error.to_json(&version));
+            1
+        }
+    }
+}

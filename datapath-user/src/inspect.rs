@@ -1,0 +1,318 @@
+//! `underpass service|backend|conntrack list` and `underpass status`: read
+//! the pinned maps (an agent need not run) and print tables or JSON.
+
+use std::{collections::BTreeMap, net::Ipv4Addr, path::Path};
+
+use anyhow::{Context, Result};
+use comfy_table::{Table, presets::UTF8_BORDERS_ONLY};
+use datapath_common::{
+    ipv4_octets,
+    maps::{CT_KIND_BACKEND, CT_KIND_SERVICE},
+    port_host,
+};
+use serde::Serialize;
+
+use crate::{
+    attach, clock,
+    maps::{DatapathMaps, Protocol},
+};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Output {
+    Table,
+    Json,
+}
+
+fn open(pin_dir: &Path) -> Result<DatapathMaps> {
+    DatapathMaps::open_pinned(pin_dir).with_context(|| {
+        format!(
+            "no datapath pinned at {} (start `underpass agent`, or pass --pin-dir)",
+            pin_dir.display()
+        )
+    })
+}
+
+fn print<T: Serialize>(
+    output: Output,
+    rows: &[T],
+    table: impl FnOnce(&[T]) -> Table,
+) -> Result<()> {
+    match output {
+        Output::Json => println!("{}", serde_json::to_string_pretty(rows)?),
+        Output::Table => println!("{}", table(rows)),
+    }
+    Ok(())
+}
+
+fn new_table(header: &[&str]) -> Table {
+    let mut table = Table::new();
+    table
+        .load_preset(UTF8_BORDERS_ONLY)
+        .set_header(header.to_vec());
+    table
+}
+
+#[derive(Serialize)]
+pub struct ServiceRow {
+    pub frontend: String,
+    pub rev_nat_id: u16,
+    pub backends: Vec<String>,
+    /// False when a slot or backend is missing (an interrupted write the
+    /// agent repairs on its next sync).
+    pub complete: bool,
+}
+
+pub fn service_rows(maps: &DatapathMaps) -> Result<Vec<ServiceRow>> {
+    let dump = maps.dump().context("reading SERVICES/BACKENDS")?;
+    let backends: BTreeMap<_, _> = dump.backends.iter().copied().collect();
+    let mut rows: Vec<ServiceRow> = dump
+        .frontends
+        .iter()
+        .map(|f| {
+            let resolved: Vec<Option<String>> = f
+                .slots
+                .iter()
+                .map(|slot| {
+                    slot.and_then(|id| backends.get(&id))
+                        .map(|b| format!("{}:{}", b.address, b.port))
+                })
+                .collect();
+            ServiceRow {
+                frontend: f.frontend.to_string(),
+                rev_nat_id: f.rev_nat_id,
+                complete: resolved.iter().all(Option::is_some),
+                backends: resolved.into_iter().flatten().collect(),
+            }
+        })
+        .collect();
+    rows.sort_by(|a, b| a.frontend.cmp(&b.frontend));
+    Ok(rows)
+}
+
+pub fn service_list(pin_dir: &Path, output: Output) -> Result<()> {
+    let rows = service_rows(&open(pin_dir)?)?;
+    print(output, &rows, |rows| {
+        let mut table = new_table(&["FRONTEND", "REV-NAT", "BACKENDS"]);
+        for row in rows {
+            let mut backends = row.backends.join("\n");
+            if backends.is_empty() {
+                backends = "(none: connections are refused)".into();
+            }
+            if !row.complete {
+                backends += "\n(incomplete)";
+            }
+            table.add_row(vec![
+                row.frontend.clone(),
+                row.rev_nat_id.to_string(),
+                backends,
+            ]);
+        }
+        table
+    })
+}
+
+#[derive(Serialize)]
+pub struct BackendRow {
+    pub id: u32,
+    pub address: String,
+    pub protocol: Protocol,
+    /// Frontends with a slot naming it.
+    pub frontends: usize,
+}
+
+pub fn backend_list(pin_dir: &Path, output: Output) -> Result<()> {
+    let maps = open(pin_dir)?;
+    let dump = maps.dump().context("reading SERVICES/BACKENDS")?;
+    let mut users: BTreeMap<u32, usize> = BTreeMap::new();
+    for f in &dump.frontends {
+        let mut ids: Vec<u32> = f.slots.iter().flatten().copied().collect();
+        ids.dedup();
+        for id in ids {
+            *users.entry(id).or_default() += 1;
+        }
+    }
+    let rows: Vec<BackendRow> = dump
+        .backends
+        .iter()
+        .map(|(id, b)| BackendRow {
+            id: *id,
+            address: format!("{}:{}", b.address, b.port),
+            protocol: b.protocol,
+            frontends: users.get(id).copied().unwrap_or(0),
+        })
+        .collect();
+    print(output, &rows, |rows| {
+        let mut table = new_table(&["ID", "BACKEND", "PROTOCOL", "FRONTENDS"]);
+        for row in rows {
+            table.add_row(vec![
+                row.id.to_string(),
+                row.address.clone(),
+                row.protocol.to_string(),
+                row.frontends.to_string(),
+            ]);
+        }
+        table
+    })
+}
+
+#[derive(Serialize)]
+pub struct ConntrackRow {
+    /// "service" (client → ClusterIP, egress) or "backend" (the reply
+    /// direction's entry).
+    pub kind: &'static str,
+    pub protocol: String,
+    pub client: String,
+    pub peer: String,
+    pub service: String,
+    pub backend_id: u32,
+    pub rev_nat_id: u16,
+    pub state: u8,
+    pub idle_seconds: f64,
+}
+
+pub fn conntrack_list(pin_dir: &Path, output: Output, limit: usize) -> Result<()> {
+    let maps = open(pin_dir)?;
+    let now = clock::jiffies_now().ok();
+    let hz = clock::hz().ok();
+    let mut rows = Vec::new();
+    for entry in maps.conntrack.iter() {
+        let (key, value) = entry.context("reading CONNTRACK")?;
+        let address = |be: u32| Ipv4Addr::from(ipv4_octets(be));
+        rows.push(ConntrackRow {
+            kind: match key.kind {
+                CT_KIND_SERVICE => "service",
+                CT_KIND_BACKEND => "backend",
+                _ => "?",
+            },
+            protocol: Protocol::from_number(key.protocol)
+                .map(|p| p.to_string())
+                .unwrap_or_else(|| key.protocol.to_string()),
+            client: format!(
+                "{}:{}",
+                address(key.client_address_be),
+                port_host(key.client_port_be)
+            ),
+            peer: format!(
+                "{}:{}",
+                address(key.peer_address_be),
+                port_host(key.peer_port_be)
+            ),
+            service: format!(
+                "{}:{}",
+                address(value.service_address_be),
+                port_host(value.service_port_be)
+            ),
+            backend_id: value.backend_id,
+            rev_nat_id: value.rev_nat_id,
+            state: value.state,
+            idle_seconds: match (now, hz) {
+                (Some(now), Some(hz)) => now.saturating_sub(value.last_seen) as f64 / hz as f64,
+                _ => f64::NAN,
+            },
+        });
+        if rows.len() >= limit {
+            break;
+        }
+    }
+    print(output, &rows, |rows| {
+        let mut table = new_table(&[
+            "KIND",
+            "PROTO",
+            "CLIENT",
+            "PEER",
+            "SERVICE",
+            "BACKEND-ID",
+            "STATE",
+            "IDLE",
+        ]);
+        for row in rows {
+            table.add_row(vec![
+                row.kind.to_owned(),
+                row.protocol.clone(),
+                row.client.clone(),
+                row.peer.clone(),
+                row.service.clone(),
+                row.backend_id.to_string(),
+                row.state.to_string(),
+                format!("{:.0}s", row.idle_seconds),
+            ]);
+        }
+        table
+    })
+}
+
+#[derive(Serialize)]
+pub struct Status {
+    pub pin_dir: String,
+    pub frontends: usize,
+    pub backends: usize,
+    pub conntrack_entries: usize,
+    pub attached: Vec<String>,
+    pub socket_lb_cgroups: Vec<String>,
+    pub counters: BTreeMap<&'static str, u64>,
+}
+
+pub fn status(pin_dir: &Path, output: Output) -> Result<()> {
+    let maps = open(pin_dir)?;
+    let dump = maps.dump().context("reading the service maps")?;
+    let conntrack_entries = maps.conntrack.keys().count();
+    let counters = maps
+        .counters()
+        .context("reading COUNTERS")?
+        .into_iter()
+        .map(|(c, v)| (c.name(), v))
+        .collect();
+    let attached = attach::pinned_tc_links(pin_dir)
+        .into_iter()
+        .map(|(netns, iface)| format!("{netns}/{iface}"))
+        .collect();
+    let socket_lb_cgroups = std::fs::read_dir(pin_dir.join("links/cgroup"))
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().replace(':', "/"))
+        .collect();
+    let status = Status {
+        pin_dir: pin_dir.display().to_string(),
+        frontends: dump.frontends.len(),
+        backends: dump.backends.len(),
+        conntrack_entries,
+        attached,
+        socket_lb_cgroups,
+        counters,
+    };
+    match output {
+        Output::Json => println!("{}", serde_json::to_string_pretty(&status)?),
+        Output::Table => {
+            let mut table = new_table(&["", ""]);
+            table.add_row(vec!["pin directory".into(), status.pin_dir.clone()]);
+            table.add_row(vec!["frontends".into(), status.frontends.to_string()]);
+            table.add_row(vec!["backends".into(), status.backends.to_string()]);
+            table.add_row(vec![
+                "conntrack entries".into(),
+                status.conntrack_entries.to_string(),
+            ]);
+            table.add_row(vec![
+                "TC attached (netns/iface)".into(),
+                if status.attached.is_empty() {
+                    "none".into()
+                } else {
+                    status.attached.join("\n")
+                },
+            ]);
+            table.add_row(vec![
+                "socket-LB cgroups".into(),
+                if status.socket_lb_cgroups.is_empty() {
+                    "none".into()
+                } else {
+                    status.socket_lb_cgroups.join("\n")
+                },
+            ]);
+            for (name, value) in &status.counters {
+                table.add_row(vec![format!("counter {name}"), value.to_string()]);
+            }
+            println!("{table}");
+        }
+    }
+    Ok(())
+}

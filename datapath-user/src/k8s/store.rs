@@ -1,0 +1,167 @@
+//! The agent's copy of the cluster: every Service and EndpointSlice the
+//! sources reported, indexed so that a change names the services whose
+//! frontends it can affect.
+
+use std::collections::{BTreeSet, HashMap};
+
+use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
+
+use super::{NodeContext, Object, ObjectKey, ServiceTranslation, translate_service};
+
+/// The kinds a source reports on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Kind {
+    Service,
+    EndpointSlice,
+}
+
+/// What a source reports.
+#[derive(Clone, Debug)]
+pub enum Change {
+    /// Created or updated.
+    Applied(Object),
+    Deleted(Object),
+    /// The complete current set of one kind (a (re)list, or a directory
+    /// re-read): objects not in it are gone.
+    Replaced(Kind, Vec<Object>),
+}
+
+#[derive(Debug, Default)]
+pub struct Store {
+    services: HashMap<ObjectKey, Service>,
+    slices: HashMap<ObjectKey, EndpointSlice>,
+    /// Service → its slices (by the service-name label).
+    slices_of: HashMap<ObjectKey, BTreeSet<ObjectKey>>,
+}
+
+impl Store {
+    pub fn service_count(&self) -> usize {
+        self.services.len()
+    }
+
+    pub fn slice_count(&self) -> usize {
+        self.slices.len()
+    }
+
+    pub fn service_keys(&self) -> impl Iterator<Item = &ObjectKey> {
+        self.services.keys()
+    }
+
+    /// Applies `change`; returns the services to translate again.
+    pub fn apply(&mut self, change: Change) -> BTreeSet<ObjectKey> {
+        let mut dirty = BTreeSet::new();
+        match change {
+            Change::Applied(object) => self.upsert(object, &mut dirty),
+            Change::Deleted(object) => self.delete(&object, &mut dirty),
+            Change::Replaced(kind, objects) => {
+                let mut keep = BTreeSet::new();
+                for object in objects {
+                    keep.insert(object_key(&object));
+                    self.upsert(object, &mut dirty);
+                }
+                match kind {
+                    Kind::Service => {
+                        let gone: Vec<ObjectKey> = self
+                            .services
+                            .keys()
+                            .filter(|k| !keep.contains(k))
+                            .cloned()
+                            .collect();
+                        for key in gone {
+                            self.services.remove(&key);
+                            dirty.insert(key);
+                        }
+                    }
+                    Kind::EndpointSlice => {
+                        let gone: Vec<ObjectKey> = self
+                            .slices
+                            .keys()
+                            .filter(|k| !keep.contains(k))
+                            .cloned()
+                            .collect();
+                        for key in gone {
+                            self.remove_slice(&key, &mut dirty);
+                        }
+                    }
+                }
+            }
+        }
+        dirty
+    }
+
+    fn upsert(&mut self, object: Object, dirty: &mut BTreeSet<ObjectKey>) {
+        match object {
+            Object::Service(service) => {
+                let key = ObjectKey::of_service(&service);
+                if self.services.get(&key) != Some(&*service) {
+                    self.services.insert(key.clone(), *service);
+                    dirty.insert(key);
+                }
+            }
+            Object::EndpointSlice(slice) => {
+                let key = ObjectKey::of_slice(&slice);
+                if self.slices.get(&key) == Some(&*slice) {
+                    return;
+                }
+                // Its owner may have changed (relabelled): both are dirty.
+                self.remove_slice(&key, dirty);
+                if let Some(owner) = ObjectKey::owner_of_slice(&slice) {
+                    self.slices_of
+                        .entry(owner.clone())
+                        .or_default()
+                        .insert(key.clone());
+                    dirty.insert(owner);
+                }
+                self.slices.insert(key, *slice);
+            }
+        }
+    }
+
+    fn delete(&mut self, object: &Object, dirty: &mut BTreeSet<ObjectKey>) {
+        let key = object_key(object);
+        match object {
+            Object::Service(_) => {
+                if self.services.remove(&key).is_some() {
+                    dirty.insert(key);
+                }
+            }
+            Object::EndpointSlice(_) => self.remove_slice(&key, dirty),
+        }
+    }
+
+    fn remove_slice(&mut self, key: &ObjectKey, dirty: &mut BTreeSet<ObjectKey>) {
+        let Some(old) = self.slices.remove(key) else {
+            return;
+        };
+        if let Some(owner) = ObjectKey::owner_of_slice(&old) {
+            if let Some(set) = self.slices_of.get_mut(&owner) {
+                set.remove(key);
+                if set.is_empty() {
+                    self.slices_of.remove(&owner);
+                }
+            }
+            dirty.insert(owner);
+        }
+    }
+
+    /// What `service` asks for now (nothing when it is gone).
+    pub fn translate(&self, service: &ObjectKey, node: &NodeContext) -> ServiceTranslation {
+        let Some(object) = self.services.get(service) else {
+            return ServiceTranslation::default();
+        };
+        let slices = self
+            .slices_of
+            .get(service)
+            .into_iter()
+            .flatten()
+            .filter_map(|k| self.slices.get(k));
+        translate_service(object, slices, node)
+    }
+}
+
+fn object_key(object: &Object) -> ObjectKey {
+    match object {
+        Object::Service(s) => ObjectKey::of_service(s),
+        Object::EndpointSlice(s) => ObjectKey::of_slice(s),
+    }
+}
