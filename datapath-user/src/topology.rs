@@ -462,47 +462,54 @@ impl Topology {
         gateway.sysctl("net.ipv4.conf.all.send_redirects", "0")?;
         gateway.sysctl("net.ipv4.conf.eth0.send_redirects", "0")?;
 
-        let nodes = [node1, node2];
-        let mut built = Vec::new();
-        for (i, spec) in pods.iter().enumerate() {
-            let namespace = Namespace::create(&format!("{prefix}-{}", spec.role))?;
-            let octets = spec.address.octets();
-            let mac = [0x02, 0x77, octets[1], octets[2], octets[3], i as u8];
-            add_macvlan(&nodes[spec.node], &namespace, &format!("mv{i}"), mac)?;
-            let gateway_address = subnet_gateway(spec.address);
-            let address = spec.address;
-            namespace.netlink("address the pod", |h| async move {
-                let eth0 = index_of(&h, Pod::IFACE).await?;
-                h.address()
-                    .add(eth0, address.into(), 24)
-                    .execute()
-                    .await
-                    .map_err(|e| e.to_string())?;
-                set_up(&h, Pod::IFACE).await?;
-                let route = RouteMessageBuilder::<Ipv4Addr>::new()
-                    .gateway(gateway_address)
-                    .build();
-                h.route()
-                    .add(route)
-                    .execute()
-                    .await
-                    .map_err(|e| e.to_string())
-            })?;
-            built.push(Pod {
-                role: spec.role.to_owned(),
-                namespace,
-                node: spec.node,
-                address,
-                gateway: gateway_address,
-                mac,
-            });
-        }
-        Ok(Self {
+        let mut topology = Self {
             prefix,
-            pods: built,
+            pods: Vec::new(),
             gateway,
-            nodes,
-        })
+            nodes: [node1, node2],
+        };
+        for spec in pods {
+            topology.add_pod(spec)?;
+        }
+        Ok(topology)
+    }
+
+    /// Adds a macvlan pod on its node (also after the topology is built:
+    /// a pod appearing while an agent watches).
+    pub fn add_pod(&mut self, spec: &PodSpec) -> Result<&Pod> {
+        let i = self.pods.len();
+        let namespace = Namespace::create(&format!("{}-{}", self.prefix, spec.role))?;
+        let octets = spec.address.octets();
+        let mac = [0x02, 0x77, octets[1], octets[2], octets[3], i as u8];
+        add_macvlan(&self.nodes[spec.node], &namespace, &format!("mv{i}"), mac)?;
+        let gateway_address = subnet_gateway(spec.address);
+        let address = spec.address;
+        namespace.netlink("address the pod", |h| async move {
+            let eth0 = index_of(&h, Pod::IFACE).await?;
+            h.address()
+                .add(eth0, address.into(), 24)
+                .execute()
+                .await
+                .map_err(|e| e.to_string())?;
+            set_up(&h, Pod::IFACE).await?;
+            let route = RouteMessageBuilder::<Ipv4Addr>::new()
+                .gateway(gateway_address)
+                .build();
+            h.route()
+                .add(route)
+                .execute()
+                .await
+                .map_err(|e| e.to_string())
+        })?;
+        self.pods.push(Pod {
+            role: spec.role.to_owned(),
+            namespace,
+            node: spec.node,
+            address,
+            gateway: gateway_address,
+            mac,
+        });
+        Ok(self.pods.last().expect("just pushed"))
     }
 
     pub fn pod(&self, role: &str) -> &Pod {
