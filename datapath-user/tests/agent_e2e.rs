@@ -303,3 +303,94 @@ fn tempdir(prefix: &str) -> PathBuf {
     std::fs::create_dir_all(&dir).unwrap();
     dir
 }
+
+/// Runs `underpass cni` as a runtime would; returns (exit code, stdout).
+fn cni(pin_dir: &Path, command: &str, netns: &Path, stdin: &str) -> (i32, serde_json::Value) {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_underpass"))
+        .arg("cni")
+        .env("UNDERPASS_PIN_DIR", pin_dir)
+        .env("CNI_COMMAND", command)
+        .env("CNI_CONTAINERID", "c0ffee")
+        .env("CNI_NETNS", netns)
+        .env("CNI_IFNAME", "eth0")
+        .env("CNI_PATH", "/opt/cni/bin")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(stdin.as_bytes())
+        .unwrap();
+    let output = child.wait_with_output().unwrap();
+    let text = String::from_utf8(output.stdout).unwrap();
+    let json = if text.trim().is_empty() {
+        serde_json::Value::Null
+    } else {
+        serde_json::from_str(&text).unwrap_or_else(|e| panic!("{command}: {e}: {text}"))
+    };
+    (output.status.code().unwrap(), json)
+}
+
+#[test]
+fn cni_chaining_attaches_passes_the_result_through_and_detaches() {
+    require_root("CNI");
+    let client: Vec<PodSpec> = standard_pods()
+        .into_iter()
+        .filter(|p| p.role == "client")
+        .collect();
+    let topo = Topology::build(&client).expect("building the topology");
+    let pins = PinDir(PathBuf::from(format!("/sys/fs/bpf/{}", topo.prefix)));
+    let pod = topo.pod("client");
+    let netns = pod.namespace.path().to_owned();
+    let previous = serde_json::json!({
+        "cniVersion": "1.0.0",
+        "interfaces": [{"name": "eth0", "mac": "02:77:00:00:02:00", "sandbox": netns}],
+        "ips": [{"address": format!("{}/24", pod.address), "gateway": pod.gateway.to_string(), "interface": 0}]
+    });
+    let config = serde_json::json!({
+        "cniVersion": "1.0.0", "name": "underlay", "type": "underpass", "prevResult": previous
+    })
+    .to_string();
+
+    let (code, version) = cni(&pins.0, "VERSION", &netns, "");
+    assert_eq!(code, 0);
+    assert!(
+        version["supportedVersions"]
+            .as_array()
+            .unwrap()
+            .contains(&"1.0.0".into())
+    );
+
+    let (code, result) = cni(&pins.0, "ADD", &netns, &config);
+    assert_eq!(code, 0, "{result}");
+    assert_eq!(result, previous, "prevResult passes through unchanged");
+    let key = (pod.namespace.name().to_owned(), "eth0".to_owned());
+    assert!(pinned_tc_links(&pins.0).contains(&key));
+    assert_eq!(cni(&pins.0, "CHECK", &netns, &config).0, 0);
+
+    assert_eq!(cni(&pins.0, "DEL", &netns, &config).0, 0);
+    assert!(pinned_tc_links(&pins.0).is_empty());
+    assert_eq!(
+        cni(&pins.0, "DEL", &netns, &config).0,
+        0,
+        "DEL is idempotent"
+    );
+    let (code, error) = cni(&pins.0, "CHECK", &netns, &config);
+    assert_eq!((code, error["code"].as_u64()), (1, Some(101)), "{error}");
+    assert!(
+        error["msg"]
+            .as_str()
+            .unwrap()
+            .contains("not attached to eth0"),
+        "{error}"
+    );
+
+    let (code, error) = cni(&pins.0, "ADD", &netns, "{not json");
+    assert_eq!((code, error["code"].as_u64()), (1, Some(6)), "{error}");
+    let (code, error) = cni(&pins.0, "ADD", &netns, r#"{"cniVersion": "9.9.9"}"#);
+    assert_eq!((code, error["code"].as_u64()), (1, Some(1)), "{error}");
+}
