@@ -1,6 +1,7 @@
 //! `bench`: speed figures for underpass. Speed goals live here, never in
 //! timed tests.
 
+pub mod agent;
 pub mod datapath;
 
 use clap::{Parser, Subcommand};
@@ -22,10 +23,15 @@ pub enum Command {
     /// BPF_PROG_TEST_RUN (repeat) on the real object: conntrack hit,
     /// reverse NAT, and traffic that is not for a service. Needs root.
     Datapath(datapath::DatapathOpts),
+    /// The agent's control plane: sync N services × M endpoints into empty
+    /// maps, apply one changed EndpointSlice (p50/p99), and the agent
+    /// binary's RSS at that scale. Needs root (real BPF maps).
+    Agent(agent::AgentOpts),
 }
 
 pub fn run(opts: Opts) -> anyhow::Result<()> {
     match opts.command {
         Command::Datapath(o) => datapath::run(&o),
+        Command::Agent(o) => agent::run(&o),
     }
 }

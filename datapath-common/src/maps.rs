@@ -27,9 +27,12 @@ pub const ALL_MAPS: [&str; 7] = [
 
 /// Default capacities; the loader may override them at load time
 /// (`EbpfLoader::set_max_entries`). The object declares tiny placeholders.
-/// 64k service slots is Cilium's `bpf.lbMapMax` default.
-pub const DEFAULT_SERVICES_MAX: u32 = 65_536;
-pub const DEFAULT_BACKENDS_MAX: u32 = 65_536;
+/// A frontend takes 1 + backend-count slots: 10,000 services with 10
+/// endpoints each need 110,000 (Cilium's `bpf.lbMapMax` default of 64k
+/// would not hold them).
+pub const DEFAULT_SERVICES_MAX: u32 = 262_144;
+/// Distinct (address, port, protocol) backends.
+pub const DEFAULT_BACKENDS_MAX: u32 = 131_072;
 /// Reverse-NAT ids are u16: the array covers them all.
 pub const DEFAULT_REVERSE_NAT_MAX: u32 = 65_536;
 /// Two entries per tracked flow (service tuple + backend tuple).

@@ -224,6 +224,7 @@ impl<M: LbMaps> AgentCore<M> {
             "first full sync done: the maps match the cluster"
         );
         self.metrics.ready.store(true, Ordering::Relaxed);
+        release_free_memory();
         loop {
             let Some(message) = rx.recv().await else {
                 return;
@@ -388,5 +389,16 @@ async fn shutdown_signal() {
     tokio::select! {
         _ = tokio::signal::ctrl_c() => {}
         _ = term.recv() => {}
+    }
+}
+
+/// Gives the memory freed after the first sync (the initial list, parsed
+/// manifests) back to the kernel: glibc keeps freed heap otherwise, and
+/// the agent's RSS would stay at its start-up peak.
+fn release_free_memory() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: malloc_trim only releases free heap pages.
+    unsafe {
+        libc::malloc_trim(0);
     }
 }

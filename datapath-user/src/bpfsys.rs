@@ -74,3 +74,61 @@ pub fn detach_and_unpin(path: &Path) -> io::Result<()> {
     drop(link);
     std::fs::remove_file(path)
 }
+
+const BPF_MAP_LOOKUP_BATCH: libc::c_long = 24;
+
+#[repr(C)]
+#[derive(Default)]
+struct BatchAttr {
+    in_batch: u64,
+    out_batch: u64,
+    keys: u64,
+    values: u64,
+    count: u32,
+    map_fd: u32,
+    elem_flags: u64,
+    flags: u64,
+}
+
+/// Reads a whole BPF array map (`len` entries of `V`) with
+/// BPF_MAP_LOOKUP_BATCH: a handful of syscalls instead of one per entry
+/// (the agent scans arrays of 10^5 entries at start-up).
+///
+/// `V` must be the map's exact value type (a `#[repr(C)]` Pod).
+pub fn read_array<V: Copy + Default>(map_fd: i32, len: u32) -> io::Result<Vec<V>> {
+    const CHUNK: u32 = 16_384;
+    let mut out = Vec::with_capacity(len as usize);
+    let mut keys = vec![0u32; CHUNK as usize];
+    let mut values = vec![V::default(); CHUNK as usize];
+    let mut token = 0u32;
+    let mut first = true;
+    loop {
+        let mut next = 0u32;
+        let mut attr = BatchAttr {
+            in_batch: if first {
+                0
+            } else {
+                &mut token as *mut u32 as u64
+            },
+            out_batch: &mut next as *mut u32 as u64,
+            keys: keys.as_mut_ptr() as u64,
+            values: values.as_mut_ptr() as u64,
+            count: CHUNK,
+            map_fd: map_fd as u32,
+            ..BatchAttr::default()
+        };
+        let done = match bpf(BPF_MAP_LOOKUP_BATCH, &mut attr) {
+            Ok(_) => false,
+            // The last chunk: `count` holds what was read.
+            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => true,
+            Err(e) => return Err(e),
+        };
+        out.extend_from_slice(&values[..attr.count as usize]);
+        if done || out.len() >= len as usize {
+            break;
+        }
+        token = next;
+        first = false;
+    }
+    Ok(out)
+}

@@ -483,8 +483,9 @@ impl DatapathMaps {
                 None => dump.stray_slots.push(key),
             }
         }
-        for id in 1..self.backends.len() {
-            let backend = self.backends.get(&id, 0)?;
+        let backends: Vec<Backend> = read_array(&self.backends)?;
+        for (id, backend) in backends.into_iter().enumerate().skip(1) {
+            let id = id as BackendId;
             if backend.is_present() {
                 let Some(protocol) = Protocol::from_number(backend.protocol) else {
                     continue;
@@ -499,8 +500,8 @@ impl DatapathMaps {
                 ));
             }
         }
-        for id in 1..self.reverse_nat.len() {
-            let value = self.reverse_nat.get(&id, 0)?;
+        let rev_nats: Vec<RevNatValue> = read_array(&self.reverse_nat)?;
+        for (id, value) in rev_nats.into_iter().enumerate().skip(1) {
             if value.is_present() {
                 dump.rev_nats.push((
                     id as RevNatId,
@@ -545,8 +546,9 @@ impl DatapathMaps {
                 .or_default() += 1;
         }
         let mut changed = 0;
-        for bucket in 0..self.service_filter.len() {
-            let have = self.service_filter.get(&bucket, 0)?;
+        let counts: Vec<u32> = read_array(&self.service_filter)?;
+        for (bucket, have) in counts.into_iter().enumerate() {
+            let bucket = bucket as u32;
             let should = want.get(&bucket).copied().unwrap_or(0);
             if have != should {
                 self.service_filter.set(bucket, should, 0)?;
@@ -555,6 +557,18 @@ impl DatapathMaps {
         }
         Ok(changed)
     }
+}
+
+/// Every entry of an array map, read in batches.
+fn read_array<V: aya::Pod + Default>(array: &Array<MapData, V>) -> Result<Vec<V>, MapError> {
+    use std::os::fd::{AsFd, AsRawFd};
+    let fd = aya::maps::IterableMap::map(array).fd().as_fd().as_raw_fd();
+    crate::bpfsys::read_array(fd, array.len()).map_err(|io_error| {
+        MapError::SyscallError(aya::sys::SyscallError {
+            call: "bpf_map_lookup_batch",
+            io_error,
+        })
+    })
 }
 
 fn remove_if_present<K: aya::Pod, V: aya::Pod>(

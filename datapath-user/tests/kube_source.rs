@@ -235,9 +235,7 @@ async fn list_watch_end_gone_relist() {
                 match &change {
                     Change::Replaced(kind, objects) => replaced.push((*kind, objects.len())),
                     Change::Applied(object) => applied.push(object.describe()),
-                    Change::Deleted(object) => {
-                        applied.push(format!("deleted {}", object.describe()))
-                    }
+                    Change::Deleted(kind, key) => applied.push(format!("deleted {kind:?} {key}")),
                 }
                 store.apply(change);
             }

@@ -7,7 +7,7 @@ use std::net::Ipv4Addr;
 
 use datapath_user::{
     k8s::{
-        IssueKind, NodeContext, Object, ObjectKey, ServiceTranslation, manifest, translate_service,
+        IssueKind, NodeContext, ObjectKey, ServiceTranslation, Typed, manifest, translate_service,
     },
     maps::{Frontend, MapDump, Protocol},
     reconcile::{FakeMaps, LbMaps, Reconciler},
@@ -43,8 +43,8 @@ fn translation(yaml: &str) -> (ObjectKey, ServiceTranslation) {
     let mut slices: Vec<EndpointSlice> = Vec::new();
     for object in parsed.objects {
         match object {
-            Object::Service(s) => service = Some(*s),
-            Object::EndpointSlice(s) => slices.push(*s),
+            Typed::Service(s) => service = Some(*s),
+            Typed::EndpointSlice(s) => slices.push(*s),
         }
     }
     let service = service.unwrap();

@@ -4,7 +4,7 @@
 
 use std::path::Path;
 
-use datapath_user::k8s::{NodeContext, Object, manifest, translate};
+use datapath_user::k8s::{NodeContext, Typed, manifest, translate};
 use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
 
 struct Case {
@@ -91,8 +91,8 @@ fn load(fixture: &str) -> (Vec<Service>, Vec<EndpointSlice>) {
     let (mut services, mut slices) = (Vec::new(), Vec::new());
     for object in parsed.objects {
         match object {
-            Object::Service(s) => services.push(*s),
-            Object::EndpointSlice(s) => slices.push(*s),
+            Typed::Service(s) => services.push(*s),
+            Typed::EndpointSlice(s) => slices.push(*s),
         }
     }
     (services, slices)

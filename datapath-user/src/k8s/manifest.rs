@@ -6,18 +6,70 @@ use std::{fmt, path::Path};
 use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
 use serde::Deserialize;
 
-/// An object the agent reads.
-#[derive(Clone, Debug, PartialEq)]
+use super::view::{ServiceView, SliceView};
+
+/// An object as the agent keeps it: the fields translation reads.
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Object {
+    Service(ServiceView),
+    EndpointSlice(SliceView),
+}
+
+impl Object {
+    pub fn kind(&self) -> super::store::Kind {
+        match self {
+            Object::Service(_) => super::store::Kind::Service,
+            Object::EndpointSlice(_) => super::store::Kind::EndpointSlice,
+        }
+    }
+
+    pub fn key(&self) -> &super::ObjectKey {
+        match self {
+            Object::Service(s) => &s.key,
+            Object::EndpointSlice(s) => &s.key,
+        }
+    }
+
+    pub fn describe(&self) -> String {
+        match self {
+            Object::Service(s) => format!("Service {}", s.key),
+            Object::EndpointSlice(s) => format!("EndpointSlice {}", s.key),
+        }
+    }
+}
+
+impl From<&Service> for Object {
+    fn from(service: &Service) -> Self {
+        Object::Service(ServiceView::from(service))
+    }
+}
+
+impl From<&EndpointSlice> for Object {
+    fn from(slice: &EndpointSlice) -> Self {
+        Object::EndpointSlice(SliceView::from(slice))
+    }
+}
+
+/// An object as read, typed.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Typed {
     Service(Box<Service>),
     EndpointSlice(Box<EndpointSlice>),
 }
 
-impl Object {
+impl Typed {
+    /// The fields the agent keeps.
+    pub fn view(&self) -> Object {
+        match self {
+            Typed::Service(s) => Object::Service(ServiceView::from(&**s)),
+            Typed::EndpointSlice(s) => Object::EndpointSlice(SliceView::from(&**s)),
+        }
+    }
+
     pub fn describe(&self) -> String {
         match self {
-            Object::Service(s) => format!("Service {}", super::ObjectKey::of_service(s)),
-            Object::EndpointSlice(s) => format!("EndpointSlice {}", super::ObjectKey::of_slice(s)),
+            Typed::Service(s) => format!("Service {}", super::ObjectKey::of_service(s)),
+            Typed::EndpointSlice(s) => format!("EndpointSlice {}", super::ObjectKey::of_slice(s)),
         }
     }
 }
@@ -46,9 +98,9 @@ impl fmt::Display for ManifestError {
 impl std::error::Error for ManifestError {}
 
 /// What a file held.
-#[derive(Debug, Default)]
-pub struct Parsed {
-    pub objects: Vec<Object>,
+#[derive(Debug)]
+pub struct Parsed<T = Typed> {
+    pub objects: Vec<T>,
     pub errors: Vec<ManifestError>,
     /// Documents of other kinds (Deployments…), skipped.
     pub skipped: usize,
@@ -64,7 +116,17 @@ pub fn is_manifest(path: &Path) -> bool {
 
 /// Parses every document of `text` (YAML, which includes JSON).
 pub fn parse(text: &str, origin: &str) -> Parsed {
-    let mut parsed = Parsed::default();
+    parse_with(text, origin, |typed| typed)
+}
+
+/// `parse`, converting each object as soon as it is read (the agent keeps
+/// views: a large file never exists as typed objects all at once).
+pub fn parse_with<T>(text: &str, origin: &str, convert: impl Fn(Typed) -> T) -> Parsed<T> {
+    let mut parsed = Parsed {
+        objects: Vec::new(),
+        errors: Vec::new(),
+        skipped: 0,
+    };
     for (index, document) in serde_yaml::Deserializer::from_str(text).enumerate() {
         let number = index + 1;
         let value = match serde_yaml::Value::deserialize(document) {
@@ -83,12 +145,18 @@ pub fn parse(text: &str, origin: &str) -> Parsed {
                 break;
             }
         };
-        read_value(value, origin, number, &mut parsed);
+        read_value(value, origin, number, &mut parsed, &convert);
     }
     parsed
 }
 
-fn read_value(value: serde_yaml::Value, origin: &str, number: usize, parsed: &mut Parsed) {
+fn read_value<T>(
+    value: serde_yaml::Value,
+    origin: &str,
+    number: usize,
+    parsed: &mut Parsed<T>,
+    convert: &impl Fn(Typed) -> T,
+) {
     let text = |key: &str| value.get(key).and_then(|v| v.as_str()).map(str::to_owned);
     let kind = text("kind");
     let api_version = text("apiVersion");
@@ -106,14 +174,18 @@ fn read_value(value: serde_yaml::Value, origin: &str, number: usize, parsed: &mu
     };
     match (api_version.as_deref(), kind.as_deref()) {
         (Some("v1"), Some("Service")) => match serde_yaml::from_value::<Service>(value) {
-            Ok(service) => parsed.objects.push(Object::Service(Box::new(service))),
+            Ok(service) => parsed
+                .objects
+                .push(convert(Typed::Service(Box::new(service)))),
             Err(e) => parsed
                 .errors
                 .push(error(Some(format!("Service {name}")), e.to_string())),
         },
         (Some("discovery.k8s.io/v1"), Some("EndpointSlice")) => {
             match serde_yaml::from_value::<EndpointSlice>(value) {
-                Ok(slice) => parsed.objects.push(Object::EndpointSlice(Box::new(slice))),
+                Ok(slice) => parsed
+                    .objects
+                    .push(convert(Typed::EndpointSlice(Box::new(slice)))),
                 Err(e) => parsed
                     .errors
                     .push(error(Some(format!("EndpointSlice {name}")), e.to_string())),
@@ -126,7 +198,7 @@ fn read_value(value: serde_yaml::Value, origin: &str, number: usize, parsed: &mu
         (_, Some("List") | Some("ServiceList") | Some("EndpointSliceList")) => {
             let items = value.get("items").and_then(|i| i.as_sequence()).cloned();
             for item in items.unwrap_or_default() {
-                read_value(item, origin, number, parsed);
+                read_value(item, origin, number, parsed, convert);
             }
         }
         (_, Some(_)) => parsed.skipped += 1,

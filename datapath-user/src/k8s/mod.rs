@@ -5,9 +5,10 @@ pub mod manifest;
 pub mod source;
 pub mod store;
 pub mod translate;
+pub mod view;
 
-pub use manifest::Object;
+pub use manifest::{Object, Typed};
 pub use translate::{
     DesiredFrontend, Endpoint, Issue, IssueKind, NodeContext, ObjectKey, ServiceTranslation,
-    Translation, translate, translate_service,
+    Translation, translate, translate_service, translate_view,
 };

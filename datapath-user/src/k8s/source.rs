@@ -3,7 +3,7 @@
 //! the same messages into the agent's store.
 
 use std::{
-    collections::BTreeMap,
+    collections::{BTreeMap, BTreeSet},
     path::{Path, PathBuf},
     time::{Duration, SystemTime},
 };
@@ -17,7 +17,7 @@ use kube::{
 use tokio::sync::mpsc;
 
 use super::{
-    IssueKind, Object,
+    IssueKind, Object, ObjectKey,
     manifest::{self, ManifestError},
     store::{Change, Kind},
     translate::{HEADLESS_LABEL, SERVICE_PROXY_NAME_LABEL},
@@ -48,18 +48,9 @@ pub async fn watch_api(client: Client, tx: mpsc::Sender<SourceMessage>) {
         Api::<EndpointSlice>::all(client),
         watcher::Config::default().labels(&format!("!{HEADLESS_LABEL}")),
     );
-    let services = forward(
-        services,
-        Kind::Service,
-        |s| Object::Service(Box::new(s)),
-        tx.clone(),
-    );
-    let slices = forward(
-        slices,
-        Kind::EndpointSlice,
-        |s| Object::EndpointSlice(Box::new(s)),
-        tx,
-    );
+    // Only the fields translation reads are kept (see `view`).
+    let services = forward(services, Kind::Service, |s| Object::from(&s), tx.clone());
+    let slices = forward(slices, Kind::EndpointSlice, |s| Object::from(&s), tx);
     tokio::join!(services, slices);
 }
 
@@ -106,7 +97,8 @@ async fn forward<K, S>(
                 SourceMessage::Change(Change::Applied(wrap(object)))
             }
             Ok(watcher::Event::Delete(object)) => {
-                SourceMessage::Change(Change::Deleted(wrap(object)))
+                let object = wrap(object);
+                SourceMessage::Change(Change::Deleted(object.kind(), object.key().clone()))
             }
             Err(e) => SourceMessage::Problem {
                 kind: IssueKind::Datapath,
@@ -138,40 +130,49 @@ fn stamp(path: &Path) -> Option<Stamp> {
     })
 }
 
+/// What the source remembers of a file: its stamp and which objects it
+/// defined (keys only: the objects themselves live in the store alone).
 struct FileState {
     stamp: Stamp,
-    objects: Vec<Object>,
+    keys: BTreeSet<(Kind, ObjectKey)>,
 }
 
 /// Reads every manifest in `dir` now and again whenever a file changes
 /// (polled every `interval`), until the receiver is dropped.
 ///
-/// A file with an unreadable document keeps its last good content (or,
-/// when it never had one, its readable documents): a typo in one edit
-/// never withdraws services that were being served.
+/// A changed file sends its objects (the store ignores unchanged ones)
+/// and deletions for the objects it no longer defines. A file with an
+/// unreadable document sends nothing: the store keeps what the file last
+/// said, so a typo in one edit never withdraws services being served.
 pub async fn watch_dir(dir: PathBuf, interval: Duration, tx: mpsc::Sender<SourceMessage>) {
     let mut files: BTreeMap<PathBuf, FileState> = BTreeMap::new();
     let mut first = true;
     let mut dir_error: Option<String> = None;
     loop {
-        let mut changed = false;
+        let mut messages = Vec::new();
+        // Sent after every file is read, minus what another file still
+        // defines (an object moved between files is not deleted).
+        let mut deletions: BTreeSet<(Kind, ObjectKey)> = BTreeSet::new();
         let mut problems = Vec::new();
-        let listed = list_manifests(&dir);
-        let readable = listed.is_ok();
-        match listed {
+        let mut initial: Vec<Object> = Vec::new();
+        match list_manifests(&dir) {
             Ok(paths) => {
                 dir_error = None;
-                files.retain(|path, _| {
-                    let keep = paths.contains(path);
-                    changed |= !keep;
-                    keep
-                });
+                let removed: Vec<PathBuf> = files
+                    .keys()
+                    .filter(|p| !paths.contains(p))
+                    .cloned()
+                    .collect();
+                for path in removed {
+                    if let Some(state) = files.remove(&path) {
+                        deletions.extend(state.keys);
+                    }
+                }
                 for path in paths {
                     let Some(now) = stamp(&path) else { continue };
                     if files.get(&path).is_some_and(|f| f.stamp == now) {
                         continue;
                     }
-                    changed = true;
                     let text = match std::fs::read_to_string(&path) {
                         Ok(text) => text,
                         Err(e) => {
@@ -179,29 +180,78 @@ pub async fn watch_dir(dir: PathBuf, interval: Duration, tx: mpsc::Sender<Source
                             continue;
                         }
                     };
-                    let parsed = manifest::parse(&text, &path.display().to_string());
+                    let parsed =
+                        manifest::parse_with(&text, &path.display().to_string(), |t| t.view());
+                    drop(text);
                     problems.extend(parsed.errors.iter().map(ManifestError::to_string));
                     let previous = files.remove(&path);
-                    let objects = match previous {
-                        Some(previous) if !parsed.errors.is_empty() => {
-                            problems.push(format!(
-                                "{}: keeping its last good content ({} objects) until it reads cleanly",
-                                path.display(),
-                                previous.objects.len()
-                            ));
-                            previous.objects
-                        }
-                        _ => parsed.objects,
-                    };
-                    files.insert(
-                        path,
-                        FileState {
-                            stamp: now,
-                            objects,
-                        },
+                    if !parsed.errors.is_empty()
+                        && let Some(mut previous) = previous
+                    {
+                        problems.push(format!(
+                            "{}: keeping what it defined before ({} objects) until it reads cleanly",
+                            path.display(),
+                            previous.keys.len()
+                        ));
+                        // Not re-read until it changes again.
+                        previous.stamp = now;
+                        files.insert(path, previous);
+                        continue;
+                    }
+                    let keys: BTreeSet<(Kind, ObjectKey)> = parsed
+                        .objects
+                        .iter()
+                        .map(|o| (o.kind(), o.key().clone()))
+                        .collect();
+                    deletions.extend(
+                        previous
+                            .map(|p| p.keys)
+                            .unwrap_or_default()
+                            .into_iter()
+                            .filter(|k| !keys.contains(k)),
                     );
+                    if first {
+                        initial.extend(parsed.objects);
+                    } else {
+                        messages.extend(
+                            parsed
+                                .objects
+                                .into_iter()
+                                .map(|o| SourceMessage::Change(Change::Applied(o))),
+                        );
+                    }
+                    files.insert(path, FileState { stamp: now, keys });
+                }
+                for state in files.values() {
+                    for key in &state.keys {
+                        deletions.remove(key);
+                    }
+                }
+                messages.extend(
+                    deletions
+                        .into_iter()
+                        .map(|(kind, key)| SourceMessage::Change(Change::Deleted(kind, key))),
+                );
+                if first {
+                    // The first complete read replaces whatever the store
+                    // had, and tells the agent it may sync.
+                    let (services, slices): (Vec<Object>, Vec<Object>) =
+                        initial.into_iter().partition(|o| o.kind() == Kind::Service);
+                    messages.push(SourceMessage::Change(Change::Replaced(
+                        Kind::Service,
+                        services,
+                    )));
+                    messages.push(SourceMessage::Change(Change::Replaced(
+                        Kind::EndpointSlice,
+                        slices,
+                    )));
+                    messages.push(SourceMessage::Synced(Kind::Service));
+                    messages.push(SourceMessage::Synced(Kind::EndpointSlice));
+                    first = false;
                 }
             }
+            // An unreadable directory is not an empty cluster: nothing is
+            // reported (and so nothing withdrawn) until it reads again.
             Err(e) => {
                 let message = format!("reading --from-dir {}: {e}", dir.display());
                 if dir_error.as_ref() != Some(&message) {
@@ -210,43 +260,13 @@ pub async fn watch_dir(dir: PathBuf, interval: Duration, tx: mpsc::Sender<Source
                 }
             }
         }
-        for message in problems {
-            if tx
-                .send(SourceMessage::Problem {
-                    kind: IssueKind::Invalid,
-                    message,
-                })
-                .await
-                .is_err()
-            {
+        let problems = problems.into_iter().map(|message| SourceMessage::Problem {
+            kind: IssueKind::Invalid,
+            message,
+        });
+        for message in problems.chain(messages) {
+            if tx.send(message).await.is_err() {
                 return;
-            }
-        }
-        // An unreadable directory is not an empty cluster: nothing is
-        // reported (and so nothing withdrawn) until it reads again.
-        if readable && (changed || first) {
-            let (mut services, mut slices) = (Vec::new(), Vec::new());
-            for state in files.values() {
-                for object in &state.objects {
-                    match object {
-                        Object::Service(_) => services.push(object.clone()),
-                        Object::EndpointSlice(_) => slices.push(object.clone()),
-                    }
-                }
-            }
-            let mut messages = vec![
-                SourceMessage::Change(Change::Replaced(Kind::Service, services)),
-                SourceMessage::Change(Change::Replaced(Kind::EndpointSlice, slices)),
-            ];
-            if first {
-                messages.push(SourceMessage::Synced(Kind::Service));
-                messages.push(SourceMessage::Synced(Kind::EndpointSlice));
-                first = false;
-            }
-            for message in messages {
-                if tx.send(message).await.is_err() {
-                    return;
-                }
             }
         }
         tokio::time::sleep(interval).await;

@@ -4,9 +4,10 @@
 
 use std::collections::{BTreeSet, HashMap};
 
-use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
-
-use super::{NodeContext, Object, ObjectKey, ServiceTranslation, translate_service};
+use super::{
+    NodeContext, Object, ObjectKey, ServiceTranslation, translate_view,
+    view::{ServiceView, SliceView},
+};
 
 /// The kinds a source reports on.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -20,7 +21,7 @@ pub enum Kind {
 pub enum Change {
     /// Created or updated.
     Applied(Object),
-    Deleted(Object),
+    Deleted(Kind, ObjectKey),
     /// The complete current set of one kind (a (re)list, or a directory
     /// re-read): objects not in it are gone.
     Replaced(Kind, Vec<Object>),
@@ -28,8 +29,8 @@ pub enum Change {
 
 #[derive(Debug, Default)]
 pub struct Store {
-    services: HashMap<ObjectKey, Service>,
-    slices: HashMap<ObjectKey, EndpointSlice>,
+    services: HashMap<ObjectKey, ServiceView>,
+    slices: HashMap<ObjectKey, SliceView>,
     /// Service → its slices (by the service-name label).
     slices_of: HashMap<ObjectKey, BTreeSet<ObjectKey>>,
 }
@@ -52,11 +53,11 @@ impl Store {
         let mut dirty = BTreeSet::new();
         match change {
             Change::Applied(object) => self.upsert(object, &mut dirty),
-            Change::Deleted(object) => self.delete(&object, &mut dirty),
+            Change::Deleted(kind, key) => self.delete(kind, &key, &mut dirty),
             Change::Replaced(kind, objects) => {
                 let mut keep = BTreeSet::new();
                 for object in objects {
-                    keep.insert(object_key(&object));
+                    keep.insert(object.key().clone());
                     self.upsert(object, &mut dirty);
                 }
                 match kind {
@@ -92,40 +93,39 @@ impl Store {
     fn upsert(&mut self, object: Object, dirty: &mut BTreeSet<ObjectKey>) {
         match object {
             Object::Service(service) => {
-                let key = ObjectKey::of_service(&service);
-                if self.services.get(&key) != Some(&*service) {
-                    self.services.insert(key.clone(), *service);
+                let key = service.key.clone();
+                if self.services.get(&key) != Some(&service) {
+                    self.services.insert(key.clone(), service);
                     dirty.insert(key);
                 }
             }
             Object::EndpointSlice(slice) => {
-                let key = ObjectKey::of_slice(&slice);
-                if self.slices.get(&key) == Some(&*slice) {
+                let key = slice.key.clone();
+                if self.slices.get(&key) == Some(&slice) {
                     return;
                 }
                 // Its owner may have changed (relabelled): both are dirty.
                 self.remove_slice(&key, dirty);
-                if let Some(owner) = ObjectKey::owner_of_slice(&slice) {
+                if let Some(owner) = slice.owner.clone() {
                     self.slices_of
                         .entry(owner.clone())
                         .or_default()
                         .insert(key.clone());
                     dirty.insert(owner);
                 }
-                self.slices.insert(key, *slice);
+                self.slices.insert(key, slice);
             }
         }
     }
 
-    fn delete(&mut self, object: &Object, dirty: &mut BTreeSet<ObjectKey>) {
-        let key = object_key(object);
-        match object {
-            Object::Service(_) => {
-                if self.services.remove(&key).is_some() {
-                    dirty.insert(key);
+    fn delete(&mut self, kind: Kind, key: &ObjectKey, dirty: &mut BTreeSet<ObjectKey>) {
+        match kind {
+            Kind::Service => {
+                if self.services.remove(key).is_some() {
+                    dirty.insert(key.clone());
                 }
             }
-            Object::EndpointSlice(_) => self.remove_slice(&key, dirty),
+            Kind::EndpointSlice => self.remove_slice(key, dirty),
         }
     }
 
@@ -133,7 +133,7 @@ impl Store {
         let Some(old) = self.slices.remove(key) else {
             return;
         };
-        if let Some(owner) = ObjectKey::owner_of_slice(&old) {
+        if let Some(owner) = old.owner {
             if let Some(set) = self.slices_of.get_mut(&owner) {
                 set.remove(key);
                 if set.is_empty() {
@@ -155,13 +155,6 @@ impl Store {
             .into_iter()
             .flatten()
             .filter_map(|k| self.slices.get(k));
-        translate_service(object, slices, node)
-    }
-}
-
-fn object_key(object: &Object) -> ObjectKey {
-    match object {
-        Object::Service(s) => ObjectKey::of_service(s),
-        Object::EndpointSlice(s) => ObjectKey::of_slice(s),
+        translate_view(object, slices, node)
     }
 }

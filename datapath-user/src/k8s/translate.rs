@@ -26,6 +26,7 @@ use std::{
 use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
 use serde::Serialize;
 
+use super::view::{ServiceView, SliceView};
 use crate::maps::{Frontend, Protocol};
 
 /// Label naming the Service an EndpointSlice belongs to.
@@ -188,10 +189,10 @@ fn service_issue(service: &ObjectKey, kind: IssueKind, field: String, reason: St
     }
 }
 
-fn slice_issue(slice: &EndpointSlice, kind: IssueKind, field: String, reason: String) -> Issue {
+fn slice_issue(slice: &SliceView, kind: IssueKind, field: String, reason: String) -> Issue {
     Issue {
         kind,
-        object: format!("EndpointSlice {}", ObjectKey::of_slice(slice)),
+        object: format!("EndpointSlice {}", slice.key),
         field,
         reason,
     }
@@ -199,17 +200,7 @@ fn slice_issue(slice: &EndpointSlice, kind: IssueKind, field: String, reason: St
 
 /// Whether underpass should serve `service` at all (kube-proxy's filter).
 pub fn is_proxied(service: &Service) -> bool {
-    let labelled_elsewhere = service
-        .metadata
-        .labels
-        .as_ref()
-        .is_some_and(|l| l.contains_key(SERVICE_PROXY_NAME_LABEL));
-    let Some(spec) = &service.spec else {
-        return true; // reported as invalid by translate_service
-    };
-    let external_name = spec.type_.as_deref() == Some("ExternalName");
-    let headless = matches!(spec.cluster_ip.as_deref(), None | Some("") | Some("None"));
-    !(labelled_elsewhere || external_name || headless)
+    ServiceView::from(service).proxied
 }
 
 /// Translates one Service with the EndpointSlices that name it (slices of
@@ -219,44 +210,49 @@ pub fn translate_service<'a>(
     slices: impl IntoIterator<Item = &'a EndpointSlice>,
     node: &NodeContext,
 ) -> ServiceTranslation {
-    let key = ObjectKey::of_service(service);
+    let views: Vec<SliceView> = slices.into_iter().map(SliceView::from).collect();
+    translate_view(&ServiceView::from(service), &views, node)
+}
+
+/// `translate_service` on the fields it reads (what the agent's store
+/// keeps).
+pub fn translate_view<'a>(
+    service: &ServiceView,
+    slices: impl IntoIterator<Item = &'a SliceView>,
+    node: &NodeContext,
+) -> ServiceTranslation {
+    let key = &service.key;
     let mut out = ServiceTranslation::default();
-    if !is_proxied(service) {
+    if !service.proxied {
         return out;
     }
-    let Some(spec) = &service.spec else {
+    if !service.has_spec {
         out.issues.push(service_issue(
-            &key,
+            key,
             IssueKind::Invalid,
             "spec".into(),
             "missing".into(),
         ));
         return out;
-    };
+    }
 
     let mut addresses = Vec::new();
-    let cluster_ips: Vec<(String, &str)> = match &spec.cluster_ips {
-        Some(ips) if !ips.is_empty() => ips
-            .iter()
-            .enumerate()
-            .map(|(i, ip)| (format!("spec.clusterIPs[{i}]"), ip.as_str()))
-            .collect(),
-        _ => vec![(
-            "spec.clusterIP".to_owned(),
-            spec.cluster_ip.as_deref().unwrap_or(""),
-        )],
-    };
-    for (field, text) in cluster_ips {
+    for (i, text) in service.cluster_ips.iter().enumerate() {
+        let field = if service.from_cluster_ips {
+            format!("spec.clusterIPs[{i}]")
+        } else {
+            "spec.clusterIP".to_owned()
+        };
         match text.parse::<IpAddr>() {
             Ok(IpAddr::V4(v4)) => addresses.push(v4),
             Ok(IpAddr::V6(_)) => out.issues.push(service_issue(
-                &key,
+                key,
                 IssueKind::Unsupported,
                 field,
                 format!("IPv6 address {text} is not supported yet; its IPv4 family is served"),
             )),
             Err(_) => out.issues.push(service_issue(
-                &key,
+                key,
                 IssueKind::Invalid,
                 field,
                 format!("{text:?} is not an IP address"),
@@ -264,18 +260,11 @@ pub fn translate_service<'a>(
         }
     }
 
-    let slices: Vec<&EndpointSlice> = slices
-        .into_iter()
-        .filter(|s| ObjectKey::owner_of_slice(s).as_ref() == Some(&key))
-        .filter(|s| {
-            !s.metadata
-                .labels
-                .as_ref()
-                .is_some_and(|l| l.contains_key(HEADLESS_LABEL))
-        })
-        .collect();
     let mut usable_slices = Vec::new();
     for slice in slices {
+        if slice.owner.as_ref() != Some(key) || slice.headless {
+            continue;
+        }
         match slice.address_type.as_str() {
             "IPv4" => usable_slices.push(slice),
             "IPv6" => out.issues.push(slice_issue(
@@ -293,34 +282,31 @@ pub fn translate_service<'a>(
         }
     }
 
-    let publish_not_ready = spec.publish_not_ready_addresses == Some(true);
-    let node_local = spec.internal_traffic_policy.as_deref() == Some("Local");
-    if spec.session_affinity.as_deref() == Some("ClientIP") {
+    if service.client_ip_affinity {
         out.issues.push(service_issue(
-            &key,
+            key,
             IssueKind::Unsupported,
             "spec.sessionAffinity".into(),
             "ClientIP affinity is not supported yet; connections are balanced one by one".into(),
         ));
     }
-    if node_local && node.node_name.is_none() {
+    if service.node_local && node.node_name.is_none() {
         out.issues.push(service_issue(
-            &key,
+            key,
             IssueKind::Unsupported,
             "spec.internalTrafficPolicy".into(),
             "Local needs the agent's --node-name; using endpoints on every node".into(),
         ));
     }
 
-    let ports = spec.ports.as_deref().unwrap_or_default();
     let mut seen_ports = BTreeSet::new();
-    for (i, port) in ports.iter().enumerate() {
+    for (i, port) in service.ports.iter().enumerate() {
         let protocol = match port.protocol.as_deref().unwrap_or("TCP") {
             "TCP" => Protocol::Tcp,
             "UDP" => Protocol::Udp,
             "SCTP" => {
                 out.issues.push(service_issue(
-                    &key,
+                    key,
                     IssueKind::Unsupported,
                     format!("spec.ports[{i}].protocol"),
                     "SCTP is not supported yet".into(),
@@ -329,7 +315,7 @@ pub fn translate_service<'a>(
             }
             other => {
                 out.issues.push(service_issue(
-                    &key,
+                    key,
                     IssueKind::Invalid,
                     format!("spec.ports[{i}].protocol"),
                     format!("unknown protocol {other:?} (expected TCP, UDP or SCTP)"),
@@ -339,7 +325,7 @@ pub fn translate_service<'a>(
         };
         let Some(number) = u16::try_from(port.port).ok().filter(|&p| p != 0) else {
             out.issues.push(service_issue(
-                &key,
+                key,
                 IssueKind::Invalid,
                 format!("spec.ports[{i}].port"),
                 format!("{} is not a port number (1-65535)", port.port),
@@ -348,20 +334,22 @@ pub fn translate_service<'a>(
         };
         if !seen_ports.insert((number, protocol)) {
             out.issues.push(service_issue(
-                &key,
+                key,
                 IssueKind::Invalid,
                 format!("spec.ports[{i}]"),
                 format!("duplicate port {number}/{protocol}"),
             ));
             continue;
         }
-        let name = port.name.clone().unwrap_or_default();
         let backends = endpoints_for_port(
             &usable_slices,
-            &name,
+            &port.name,
             protocol,
-            publish_not_ready,
-            node_local.then_some(node.node_name.as_deref()).flatten(),
+            service.publish_not_ready,
+            service
+                .node_local
+                .then_some(node.node_name.as_deref())
+                .flatten(),
             &mut out.issues,
         );
         for &address in &addresses {
@@ -371,7 +359,7 @@ pub fn translate_service<'a>(
                     port: number,
                     protocol,
                 },
-                port_name: name.clone(),
+                port_name: port.name.clone(),
                 backends: backends.clone(),
             });
         }
@@ -382,7 +370,7 @@ pub fn translate_service<'a>(
 /// The endpoints of the service port named `port_name`, following
 /// kube-proxy's readiness rules.
 fn endpoints_for_port(
-    slices: &[&EndpointSlice],
+    slices: &[&SliceView],
     port_name: &str,
     protocol: Protocol,
     publish_not_ready: bool,
@@ -391,13 +379,11 @@ fn endpoints_for_port(
 ) -> Vec<Endpoint> {
     let mut ready = BTreeSet::new();
     let mut terminating = BTreeSet::new();
+    let protocol_name = protocol.to_string();
     for slice in slices {
-        let Some((port_index, slice_port)) =
-            slice.ports.iter().flatten().enumerate().find(|(_, p)| {
-                p.name.as_deref().unwrap_or("") == port_name
-                    && p.protocol.as_deref().unwrap_or("TCP") == protocol.to_string()
-            })
-        else {
+        let Some((port_index, slice_port)) = slice.ports.iter().enumerate().find(|(_, p)| {
+            p.name == port_name && p.protocol.as_deref().unwrap_or("TCP") == protocol_name
+        }) else {
             continue;
         };
         let Some(port) = slice_port
@@ -416,29 +402,28 @@ fn endpoints_for_port(
             ));
             continue;
         };
-        for (i, endpoint) in slice.endpoints.iter().flatten().enumerate() {
-            // kube-proxy uses the first address; the API allows only one.
-            let Some(text) = endpoint.addresses.first() else {
-                continue;
-            };
-            let Ok(address) = text.parse::<Ipv4Addr>() else {
-                issues.push(slice_issue(
-                    slice,
-                    IssueKind::Invalid,
-                    format!("endpoints[{i}].addresses[0]"),
-                    format!("{text:?} is not an IPv4 address"),
-                ));
-                continue;
+        for (i, endpoint) in slice.endpoints.iter().enumerate() {
+            let address = match &endpoint.address {
+                None => continue,
+                Some(Ok(address)) => *address,
+                Some(Err(text)) => {
+                    issues.push(slice_issue(
+                        slice,
+                        IssueKind::Invalid,
+                        format!("endpoints[{i}].addresses[0]"),
+                        format!("{text:?} is not an IPv4 address"),
+                    ));
+                    continue;
+                }
             };
             if let Some(node) = only_node
                 && endpoint.node_name.as_deref() != Some(node)
             {
                 continue;
             }
-            let conditions = endpoint.conditions.clone().unwrap_or_default();
-            let is_ready = conditions.ready.unwrap_or(true);
-            let serving = conditions.serving.unwrap_or(is_ready);
-            let is_terminating = conditions.terminating.unwrap_or(false);
+            let is_ready = endpoint.ready.unwrap_or(true);
+            let serving = endpoint.serving.unwrap_or(is_ready);
+            let is_terminating = endpoint.terminating.unwrap_or(false);
             let endpoint = Endpoint { address, port };
             if is_ready || publish_not_ready {
                 ready.insert(endpoint);
@@ -467,19 +452,20 @@ pub fn translate<'a>(
     slices: impl IntoIterator<Item = &'a EndpointSlice>,
     node: &NodeContext,
 ) -> Translation {
-    let mut by_service: BTreeMap<ObjectKey, Vec<&EndpointSlice>> = BTreeMap::new();
+    let mut by_service: BTreeMap<ObjectKey, Vec<SliceView>> = BTreeMap::new();
     for slice in slices {
-        if let Some(owner) = ObjectKey::owner_of_slice(slice) {
-            by_service.entry(owner).or_default().push(slice);
+        let view = SliceView::from(slice);
+        if let Some(owner) = view.owner.clone() {
+            by_service.entry(owner).or_default().push(view);
         }
     }
-    let mut services: Vec<&Service> = services.into_iter().collect();
-    services.sort_by_key(|s| ObjectKey::of_service(s));
+    let mut services: Vec<ServiceView> = services.into_iter().map(ServiceView::from).collect();
+    services.sort_by(|a, b| a.key.cmp(&b.key));
     let mut out = Translation::default();
-    for service in services {
-        let key = ObjectKey::of_service(service);
+    for service in &services {
+        let key = service.key.clone();
         let slices = by_service.get(&key).map(Vec::as_slice).unwrap_or_default();
-        let translation = translate_service(service, slices.iter().copied(), node);
+        let translation = translate_view(service, slices, node);
         out.issues.extend(translation.issues);
         for desired in translation.frontends {
             if let Some((owner, _)) = out.frontends.get(&desired.frontend) {

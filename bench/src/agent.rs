@@ -1,0 +1,404 @@
+//! Control-plane figures of the agent: syncing N services × M endpoints
+//! into empty maps, applying one changed EndpointSlice, and the agent's
+//! memory at that scale.
+//!
+//! The first two drive the agent's own core (store → translate →
+//! reconcile → real maps) in this process, so they time exactly the
+//! agent's work from a change's arrival to the maps being updated (the
+//! watch transport and the `--debounce` wait, 2 ms by default, come on
+//! top). The memory figure runs the real `underpass agent` binary in
+//! `--from-dir` mode on the same objects and reads its RSS.
+
+use std::{
+    collections::BTreeMap,
+    io::{Read, Write},
+    net::{Ipv4Addr, SocketAddrV4, TcpListener, TcpStream},
+    path::{Path, PathBuf},
+    process::{Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context, Result, bail, ensure};
+use clap::Parser;
+use comfy_table::{Table, presets::UTF8_FULL_CONDENSED};
+use datapath_user::{
+    Datapath, LoadOptions,
+    agent::AgentCore,
+    k8s::{
+        NodeContext, Object,
+        store::{Change, Kind},
+        translate::SERVICE_NAME_LABEL,
+    },
+    metrics::Metrics,
+    reconcile::Reconciler,
+};
+use k8s_openapi::{
+    api::{
+        core::v1::{Service, ServicePort, ServiceSpec},
+        discovery::v1::{Endpoint, EndpointConditions, EndpointPort, EndpointSlice},
+    },
+    apimachinery::pkg::{apis::meta::v1::ObjectMeta, util::intstr::IntOrString},
+};
+use rand::Rng;
+
+#[derive(Parser, Debug)]
+pub struct AgentOpts {
+    /// Services to sync.
+    #[arg(long, default_value_t = 10_000)]
+    pub services: usize,
+    /// Endpoints per service (each a distinct pod address).
+    #[arg(long, default_value_t = 10)]
+    pub endpoints: usize,
+    /// EndpointSlice changes to time, one at a time.
+    #[arg(long, default_value_t = 2_000)]
+    pub changes: u32,
+    /// The `underpass` binary for the memory measurement (default: next
+    /// to this one).
+    #[arg(long)]
+    pub underpass: Option<PathBuf>,
+    /// Skip running the agent binary (no memory figure).
+    #[arg(long)]
+    pub no_process: bool,
+    /// Print JSON instead of a table.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Default, serde::Serialize)]
+pub struct AgentFigures {
+    pub services: usize,
+    pub endpoints_per_service: usize,
+    /// Objects handed to the store (the watch's initial list).
+    pub store_ms: f64,
+    /// Translate + reconcile + prune into empty maps.
+    pub sync_ms: f64,
+    pub change_p50_us: f64,
+    pub change_p99_us: f64,
+    pub change_max_us: f64,
+    pub changes: u64,
+    /// The real agent: start to /readyz (load, read YAML, sync).
+    pub process_ready_ms: Option<f64>,
+    pub process_rss_mib: Option<f64>,
+    pub process_peak_rss_mib: Option<f64>,
+}
+
+fn service_address(i: usize) -> Ipv4Addr {
+    Ipv4Addr::from(u32::from(Ipv4Addr::new(10, 96, 0, 1)) + i as u32)
+}
+
+fn endpoint_address(k: u64) -> Ipv4Addr {
+    Ipv4Addr::from(u32::from(Ipv4Addr::new(10, 128, 0, 1)) + k as u32)
+}
+
+fn service(i: usize) -> Service {
+    Service {
+        metadata: ObjectMeta {
+            name: Some(format!("svc-{i}")),
+            namespace: Some("bench".into()),
+            ..ObjectMeta::default()
+        },
+        spec: Some(ServiceSpec {
+            cluster_ip: Some(service_address(i).to_string()),
+            ports: Some(vec![ServicePort {
+                name: Some("http".into()),
+                port: 80,
+                target_port: Some(IntOrString::Int(8080)),
+                protocol: Some("TCP".into()),
+                ..ServicePort::default()
+            }]),
+            ..ServiceSpec::default()
+        }),
+        ..Service::default()
+    }
+}
+
+fn slice(i: usize, addresses: impl IntoIterator<Item = Ipv4Addr>) -> EndpointSlice {
+    EndpointSlice {
+        metadata: ObjectMeta {
+            name: Some(format!("svc-{i}-x")),
+            namespace: Some("bench".into()),
+            labels: Some(BTreeMap::from([(
+                SERVICE_NAME_LABEL.to_owned(),
+                format!("svc-{i}"),
+            )])),
+            ..ObjectMeta::default()
+        },
+        address_type: "IPv4".into(),
+        ports: Some(vec![EndpointPort {
+            name: Some("http".into()),
+            port: Some(8080),
+            protocol: Some("TCP".into()),
+            ..EndpointPort::default()
+        }]),
+        endpoints: Some(
+            addresses
+                .into_iter()
+                .map(|a| Endpoint {
+                    addresses: vec![a.to_string()],
+                    conditions: Some(EndpointConditions {
+                        ready: Some(true),
+                        ..EndpointConditions::default()
+                    }),
+                    ..Endpoint::default()
+                })
+                .collect(),
+        ),
+    }
+}
+
+fn objects(opts: &AgentOpts) -> (Vec<Service>, Vec<EndpointSlice>) {
+    let m = opts.endpoints as u64;
+    let services = (0..opts.services).map(service).collect();
+    let slices = (0..opts.services)
+        .map(|i| slice(i, (0..m).map(|j| endpoint_address(i as u64 * m + j))))
+        .collect();
+    (services, slices)
+}
+
+pub fn run(opts: &AgentOpts) -> Result<()> {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        bail!("the agent bench writes real BPF maps: run it as root");
+    }
+    ensure!(
+        opts.services > 0 && opts.endpoints > 0,
+        "--services and --endpoints must be positive"
+    );
+    let mut figures = in_process(opts)?;
+    if !opts.no_process {
+        process(opts, &mut figures)?;
+    }
+    if opts.json {
+        println!("{}", serde_json::to_string_pretty(&figures)?);
+        return Ok(());
+    }
+    let mut table = Table::new();
+    table
+        .load_preset(UTF8_FULL_CONDENSED)
+        .set_header(vec!["figure", "value", "goal"]);
+    let scale = format!(
+        "{} services × {} endpoints",
+        figures.services, figures.endpoints_per_service
+    );
+    table.add_row(vec![
+        format!("sync {scale} into empty maps"),
+        format!(
+            "{:.0} ms (+{:.0} ms store)",
+            figures.sync_ms, figures.store_ms
+        ),
+        "≤ 1 s".into(),
+    ]);
+    table.add_row(vec![
+        format!(
+            "one EndpointSlice change → maps ({} changes)",
+            figures.changes
+        ),
+        format!(
+            "p50 {:.0} µs, p99 {:.0} µs, max {:.0} µs",
+            figures.change_p50_us, figures.change_p99_us, figures.change_max_us
+        ),
+        "p99 ≤ 5 ms".into(),
+    ]);
+    if let (Some(ready), Some(rss), Some(peak)) = (
+        figures.process_ready_ms,
+        figures.process_rss_mib,
+        figures.process_peak_rss_mib,
+    ) {
+        table.add_row(vec![
+            format!("underpass agent --from-dir, {scale}: start → ready"),
+            format!("{ready:.0} ms"),
+            String::new(),
+        ]);
+        table.add_row(vec![
+            "agent RSS when ready (peak)".into(),
+            format!("{rss:.1} MiB ({peak:.1} MiB)"),
+            "≤ 64 MiB".into(),
+        ]);
+    }
+    println!("{table}");
+    Ok(())
+}
+
+fn in_process(opts: &AgentOpts) -> Result<AgentFigures> {
+    let mut datapath = Datapath::load(&LoadOptions::default()).context("loading the datapath")?;
+    let reconciler = Reconciler::adopt(&mut datapath.maps).context("reading the maps")?;
+    let mut core = AgentCore::new(reconciler, NodeContext::default(), Metrics::new(None));
+    let (services, slices) = objects(opts);
+    eprintln!(
+        "syncing {} services × {} endpoints into empty maps…",
+        opts.services, opts.endpoints
+    );
+    let started = Instant::now();
+    core.store.apply(Change::Replaced(
+        Kind::Service,
+        services.iter().map(Object::from).collect(),
+    ));
+    core.store.apply(Change::Replaced(
+        Kind::EndpointSlice,
+        slices.iter().map(Object::from).collect(),
+    ));
+    let store_ms = started.elapsed().as_secs_f64() * 1e3;
+    let started = Instant::now();
+    let stats = core.full_sync();
+    let sync_ms = started.elapsed().as_secs_f64() * 1e3;
+    ensure!(
+        stats.issues == 0,
+        "the sync reported {} issues",
+        stats.issues
+    );
+    ensure!(
+        core.reconciler().frontend_count() == opts.services
+            && core.reconciler().backend_count() == opts.services * opts.endpoints,
+        "the maps do not hold what was synced"
+    );
+
+    eprintln!("timing {} EndpointSlice changes…", opts.changes);
+    let mut histogram = hdrhistogram::Histogram::<u64>::new(3)?;
+    let mut rng = rand::rng();
+    let m = opts.endpoints as u64;
+    let mut next_address = opts.services as u64 * m;
+    for _ in 0..opts.changes {
+        // A rollout step: one endpoint of one service replaced by a new pod.
+        let i = rng.random_range(0..opts.services);
+        let replaced = rng.random_range(0..m);
+        let addresses: Vec<Ipv4Addr> = (0..m)
+            .map(|j| {
+                if j == replaced {
+                    next_address += 1;
+                    endpoint_address(next_address)
+                } else {
+                    endpoint_address(i as u64 * m + j)
+                }
+            })
+            .collect();
+        let change = Change::Applied(Object::from(&slice(i, addresses)));
+        let started = Instant::now();
+        let stats = core.apply_now(change);
+        histogram.record(started.elapsed().as_nanos() as u64)?;
+        ensure!(
+            stats.written == 1,
+            "a change wrote {} frontends",
+            stats.written
+        );
+    }
+    Ok(AgentFigures {
+        services: opts.services,
+        endpoints_per_service: opts.endpoints,
+        store_ms,
+        sync_ms,
+        change_p50_us: histogram.value_at_quantile(0.5) as f64 / 1e3,
+        change_p99_us: histogram.value_at_quantile(0.99) as f64 / 1e3,
+        change_max_us: histogram.max() as f64 / 1e3,
+        changes: histogram.len(),
+        ..AgentFigures::default()
+    })
+}
+
+fn process(opts: &AgentOpts, figures: &mut AgentFigures) -> Result<()> {
+    let binary = match &opts.underpass {
+        Some(path) => path.clone(),
+        None => std::env::current_exe()?
+            .parent()
+            .context("locating the bench binary")?
+            .join("underpass"),
+    };
+    ensure!(
+        binary.exists(),
+        "{} not found: build it (cargo build --release -p datapath-user) or pass --underpass",
+        binary.display()
+    );
+    let dir = tempfile::Builder::new()
+        .prefix("underpass-bench-")
+        .tempdir()?;
+    let (services, slices) = objects(opts);
+    eprintln!("writing {} services as manifests…", opts.services);
+    let mut file =
+        std::io::BufWriter::new(std::fs::File::create(dir.path().join("services.yaml"))?);
+    for (service, slice) in services.iter().zip(&slices) {
+        // k8s-openapi writes apiVersion and kind itself.
+        writeln!(file, "---")?;
+        file.write_all(serde_yaml::to_string(service)?.as_bytes())?;
+        writeln!(file, "---")?;
+        file.write_all(serde_yaml::to_string(slice)?.as_bytes())?;
+    }
+    file.flush()?;
+    drop(file);
+
+    let pin_dir = PathBuf::from(format!(
+        "/sys/fs/bpf/underpass-bench-{}",
+        std::process::id()
+    ));
+    let port = TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
+    let metrics = SocketAddrV4::new(Ipv4Addr::LOCALHOST, port);
+    eprintln!("starting {} agent --from-dir…", binary.display());
+    let started = Instant::now();
+    let mut child = Command::new(&binary)
+        .args(["agent", "--no-pod-attach", "--no-socket-lb", "--pin-dir"])
+        .arg(&pin_dir)
+        .arg("--from-dir")
+        .arg(dir.path())
+        .args(["--metrics-address", &metrics.to_string()])
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::null())
+        .spawn()
+        .with_context(|| format!("starting {}", binary.display()))?;
+    let result = (|| -> Result<()> {
+        let deadline = Instant::now() + Duration::from_secs(120);
+        loop {
+            ensure!(
+                child.try_wait()?.is_none(),
+                "the agent exited before it was ready"
+            );
+            ensure!(
+                Instant::now() < deadline,
+                "the agent was not ready within 120 s"
+            );
+            if get(metrics, "/readyz").starts_with("HTTP/1.1 200") {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        figures.process_ready_ms = Some(started.elapsed().as_secs_f64() * 1e3);
+        let exported = get(metrics, "/metrics");
+        ensure!(
+            exported.contains(&format!("underpass_frontends {}\n", opts.services)),
+            "the agent did not program all {} services",
+            opts.services
+        );
+        // Let the allocator settle after the sync.
+        std::thread::sleep(Duration::from_millis(500));
+        let status = std::fs::read_to_string(format!("/proc/{}/status", child.id()))?;
+        figures.process_rss_mib = status_kib(&status, "VmRSS:").map(|k| k / 1024.0);
+        figures.process_peak_rss_mib = status_kib(&status, "VmHWM:").map(|k| k / 1024.0);
+        Ok(())
+    })();
+    // SAFETY: kill on our child's pid.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    let _ = child.wait();
+    remove_pins(&pin_dir);
+    result
+}
+
+fn get(address: SocketAddrV4, path: &str) -> String {
+    let mut response = String::new();
+    if let Ok(mut stream) = TcpStream::connect_timeout(&address.into(), Duration::from_secs(1))
+        && write!(stream, "GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").is_ok()
+    {
+        let _ = stream.read_to_string(&mut response);
+    }
+    response
+}
+
+fn status_kib(status: &str, field: &str) -> Option<f64> {
+    status
+        .lines()
+        .find(|l| l.starts_with(field))?
+        .split_whitespace()
+        .nth(1)?
+        .parse()
+        .ok()
+}
+
+fn remove_pins(dir: &Path) {
+    let _ = std::fs::remove_dir_all(dir);
+}

@@ -1,0 +1,91 @@
+//! The `--from-dir` source: what the store holds after files are added,
+//! edited, broken, moved between and removed.
+
+use std::{collections::BTreeSet, path::Path, time::Duration};
+
+use datapath_user::k8s::{
+    source::{SourceMessage, watch_dir},
+    store::Store,
+};
+use tokio::sync::mpsc;
+
+fn service(name: &str, ip: &str) -> String {
+    format!(
+        "apiVersion: v1\nkind: Service\nmetadata: {{name: {name}, namespace: d}}\nspec: {{clusterIP: {ip}, ports: [{{port: 80}}]}}\n---\n"
+    )
+}
+
+/// Feeds the source's messages into a store until `want` services are
+/// there (by name), or panics after a few seconds.
+async fn until(
+    rx: &mut mpsc::Receiver<SourceMessage>,
+    store: &mut Store,
+    problems: &mut Vec<String>,
+    want: &[&str],
+) {
+    let want: BTreeSet<String> = want.iter().map(|s| s.to_string()).collect();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        let have: BTreeSet<String> = store.service_keys().map(|k| k.name.clone()).collect();
+        if have == want {
+            return;
+        }
+        match tokio::time::timeout_at(deadline, rx.recv()).await {
+            Ok(Some(SourceMessage::Change(change))) => {
+                store.apply(change);
+            }
+            Ok(Some(SourceMessage::Problem { message, .. })) => problems.push(message),
+            Ok(Some(SourceMessage::Synced(_))) => {}
+            _ => panic!("store has {have:?}, want {want:?}; problems {problems:?}"),
+        }
+    }
+}
+
+fn write(dir: &Path, name: &str, text: &str) {
+    let temp = dir.join(format!(".{name}.tmp"));
+    std::fs::write(&temp, text).unwrap();
+    std::fs::rename(temp, dir.join(name)).unwrap();
+}
+
+#[tokio::test]
+async fn files_added_edited_broken_moved_and_removed() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path();
+    write(path, "a.yaml", &(service("one", "10.96.0.1") + &service("two", "10.96.0.2")));
+    write(path, "ignored.txt", "not a manifest");
+    let (tx, mut rx) = mpsc::channel(64);
+    let source = tokio::spawn(watch_dir(path.to_owned(), Duration::from_millis(20), tx));
+    let (mut store, mut problems) = (Store::default(), Vec::new());
+    until(&mut rx, &mut store, &mut problems, &["one", "two"]).await;
+
+    // A new file adds; an edit removes what the file no longer defines.
+    write(path, "b.yaml", &service("three", "10.96.0.3"));
+    until(&mut rx, &mut store, &mut problems, &["one", "two", "three"]).await;
+    write(path, "a.yaml", &service("one", "10.96.0.1"));
+    until(&mut rx, &mut store, &mut problems, &["one", "three"]).await;
+
+    // A broken edit keeps what the file defined, and says so.
+    write(path, "a.yaml", "kind: Service\nspec: [\n");
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    until(&mut rx, &mut store, &mut problems, &["one", "three"]).await;
+    while let Ok(message) = rx.try_recv() {
+        if let SourceMessage::Problem { message, .. } = message {
+            problems.push(message);
+        }
+    }
+    assert!(
+        problems.iter().any(|p| p.contains("a.yaml") && p.contains("keeping what it defined")),
+        "{problems:?}"
+    );
+
+    // An object moved from b.yaml to a.yaml in one step is not deleted.
+    write(path, "a.yaml", &(service("one", "10.96.0.1") + &service("three", "10.96.0.3")));
+    write(path, "b.yaml", "");
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    until(&mut rx, &mut store, &mut problems, &["one", "three"]).await;
+
+    // A removed file removes its objects.
+    std::fs::remove_file(path.join("a.yaml")).unwrap();
+    until(&mut rx, &mut store, &mut problems, &[]).await;
+    source.abort();
+}
