@@ -46,6 +46,13 @@ enum Task {
     /// Build the two-node topology, program a Service and show requests
     /// crossing the ClusterIP on the TC path and the socket-LB path.
     Demo,
+    /// Build the eBPF object, `bench` and `underpass` (release), then run
+    /// `bench` with these arguments (e.g. `agent`, `datapath`; see
+    /// `cargo xtask bench -- --help`). Needs root.
+    Bench {
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
     /// cargo fmt --check and clippy, on the stable workspace and on the
     /// nightly eBPF crate.
     Lint,
@@ -95,6 +102,26 @@ fn main() -> Result<()> {
                     "demo",
                 ]),
                 "underpass demo",
+            )
+        }
+        Task::Bench { args } => {
+            setup(&root, TEST_PACKAGES)?;
+            build_ebpf(&root)?;
+            run(
+                cargo_stable().args([
+                    "build",
+                    "--release",
+                    "--package",
+                    "bench",
+                    "--package",
+                    "datapath-user",
+                ]),
+                "cargo build --release (bench, underpass)",
+            )?;
+            require_root("the benchmarks load eBPF programs and create network namespaces")?;
+            run(
+                Command::new(root.join("target/release/bench")).args(&args),
+                "bench",
             )
         }
         Task::Lint => {
