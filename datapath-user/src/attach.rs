@@ -13,7 +13,7 @@ use std::{
 };
 
 use futures::TryStreamExt;
-use rtnetlink::packet_route::link::{InfoKind, LinkAttribute, LinkInfo};
+use rtnetlink::packet_route::link::{InfoKind, LinkAttribute, LinkFlags, LinkInfo};
 
 use crate::{Datapath, TcMode, loader, netns};
 
@@ -41,7 +41,10 @@ impl Default for Selector {
 
 impl Selector {
     pub fn selects(&self, link: &LinkSummary) -> bool {
-        if link.name == "lo" {
+        // Down: still being set up. CNI plugins create an interface under
+        // a temporary name and rename it (which needs it down) before
+        // bringing it up; attaching earlier would pin the temporary name.
+        if link.name == "lo" || !link.up {
             return false;
         }
         let by_kind = link
@@ -59,6 +62,8 @@ pub struct LinkSummary {
     pub name: String,
     /// None for physical devices and VFs.
     pub kind: Option<String>,
+    /// Administratively up.
+    pub up: bool,
 }
 
 /// The interfaces inside the namespace at `path`.
@@ -76,6 +81,7 @@ pub fn list_links(path: &Path) -> io::Result<Vec<LinkSummary>> {
                 let mut summary = LinkSummary {
                     name: String::new(),
                     kind: None,
+                    up: message.header.flags.contains(LinkFlags::Up),
                 };
                 for attribute in &message.attributes {
                     match attribute {

@@ -187,11 +187,8 @@ fn agent_attaches_follows_manifests_and_restarts_without_loss() {
     wait_until("the client's eth0 is attached", || {
         pinned_tc_links(&pins.0).contains(&(client_netns.clone(), "eth0".into()))
     });
-    assert_eq!(
-        pinned_tc_links(&pins.0).len(),
-        1,
-        "servers are not selected"
-    );
+    let attached = pinned_tc_links(&pins.0);
+    assert_eq!(attached.len(), 1, "servers are not selected: {attached:?}");
     for _ in 0..5 {
         assert_eq!(ask_service(&topo).unwrap(), "server-a");
     }
@@ -286,6 +283,47 @@ fn agent_attaches_follows_manifests_and_restarts_without_loss() {
         metrics.contains("underpass_attached_interfaces 1\n"),
         "{metrics}"
     );
+
+    // The CLI reads the same state from the pins.
+    let cli = |args: &[&str]| -> serde_json::Value {
+        let output = Command::new(env!("CARGO_BIN_EXE_underpass"))
+            .args(args)
+            .arg("--pin-dir")
+            .arg(&pins.0)
+            .args(["-o", "json"])
+            .output()
+            .unwrap();
+        assert!(
+            output.status.success(),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        serde_json::from_slice(&output.stdout).unwrap()
+    };
+    let services = cli(&["service", "list"]);
+    assert_eq!(services[0]["frontend"], format!("{VIP}:80/TCP"));
+    assert_eq!(
+        services[0]["backends"][0],
+        format!("{}:{TARGET}", topo.pod("server-b").address)
+    );
+    let backends = cli(&["backend", "list"]);
+    assert_eq!(
+        backends.as_array().unwrap().len(),
+        1,
+        "server-a's backend was deleted"
+    );
+    let flows = cli(&["conntrack", "list"]);
+    assert!(
+        flows
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|f| f["service"] == format!("{VIP}:80")),
+        "{flows}"
+    );
+    let status = cli(&["status"]);
+    assert_eq!(status["attached"][0], format!("{client_netns}/eth0"));
+    assert!(status["counters"]["conntrack_miss"].as_u64().unwrap() > 0);
 
     // The pod goes away: its pins are removed.
     let client = topo.pods.iter().position(|p| p.role == "client").unwrap();

@@ -51,7 +51,11 @@ fn write(dir: &Path, name: &str, text: &str) {
 async fn files_added_edited_broken_moved_and_removed() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path();
-    write(path, "a.yaml", &(service("one", "10.96.0.1") + &service("two", "10.96.0.2")));
+    write(
+        path,
+        "a.yaml",
+        &(service("one", "10.96.0.1") + &service("two", "10.96.0.2")),
+    );
     write(path, "ignored.txt", "not a manifest");
     let (tx, mut rx) = mpsc::channel(64);
     let source = tokio::spawn(watch_dir(path.to_owned(), Duration::from_millis(20), tx));
@@ -74,12 +78,18 @@ async fn files_added_edited_broken_moved_and_removed() {
         }
     }
     assert!(
-        problems.iter().any(|p| p.contains("a.yaml") && p.contains("keeping what it defined")),
+        problems
+            .iter()
+            .any(|p| p.contains("a.yaml") && p.contains("keeping what it defined")),
         "{problems:?}"
     );
 
     // An object moved from b.yaml to a.yaml in one step is not deleted.
-    write(path, "a.yaml", &(service("one", "10.96.0.1") + &service("three", "10.96.0.3")));
+    write(
+        path,
+        "a.yaml",
+        &(service("one", "10.96.0.1") + &service("three", "10.96.0.3")),
+    );
     write(path, "b.yaml", "");
     tokio::time::sleep(Duration::from_millis(200)).await;
     until(&mut rx, &mut store, &mut problems, &["one", "three"]).await;

@@ -311,3 +311,45 @@ fn prune_repairs_the_service_filter_on_real_maps() {
         .sum();
     assert_eq!(total, 1, "one frontend, counted once");
 }
+
+/// The same through bpffs, as an agent restart sees it: the maps are
+/// pinned by one loader, written, released; a second process-like
+/// opening of the pins adopts them and the lifecycle ends empty.
+#[test]
+fn adoption_and_lifecycle_through_pinned_maps() {
+    common::require_root("pinned maps");
+    let pin_dir = std::path::PathBuf::from(format!(
+        "/sys/fs/bpf/{}",
+        datapath_user::topology::unique_prefix()
+    ));
+    struct Cleanup(std::path::PathBuf);
+    impl Drop for Cleanup {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+    let _cleanup = Cleanup(pin_dir.clone());
+    let options = datapath_user::LoadOptions {
+        pin_dir: Some(pin_dir.clone()),
+        ..datapath_user::LoadOptions::default()
+    };
+    let web = translation(&service_yaml("web", "10.96.1.1", &[80], 3));
+    let before = {
+        let mut datapath = datapath_user::Datapath::load(&options).unwrap();
+        let mut reconciler = Reconciler::adopt(&mut datapath.maps).unwrap();
+        apply(&mut reconciler, &web);
+        reconciler.maps().dump().unwrap()
+    };
+    let maps = datapath_user::DatapathMaps::open_pinned(&pin_dir).unwrap();
+    let mut reconciler = Reconciler::adopt(maps).unwrap();
+    assert_eq!(
+        reconciler.maps().dump().unwrap(),
+        before,
+        "the pins kept everything"
+    );
+    let outcome = reconciler.update_service(&web.0, &web.1);
+    assert_eq!(outcome.frontends_written, 0, "adopted, not rewritten");
+    apply(&mut reconciler, &gone("web"));
+    assert_eq!(reconciler.maps().dump().unwrap(), MapDump::default());
+    assert_eq!(reconciler.ids_in_use(), (0, 0));
+}
