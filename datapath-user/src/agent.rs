@@ -279,6 +279,12 @@ impl<M: LbMaps> AgentCore<M> {
 /// Runs the agent until SIGINT/SIGTERM. Leaves maps and links pinned:
 /// the datapath keeps serving while no agent runs.
 pub async fn run(options: AgentOptions) -> Result<()> {
+    // The API server's configuration first: a wrong kubeconfig fails
+    // before anything is loaded or attached.
+    let client = match &options.source {
+        SourceConfig::Kubernetes { kubeconfig } => Some(kube_client(kubeconfig.as_ref()).await?),
+        SourceConfig::Directory { .. } => None,
+    };
     let load = LoadOptions {
         pin_dir: Some(options.pin_dir.clone()),
         sizes: options.sizes.clone(),
@@ -342,8 +348,8 @@ pub async fn run(options: AgentOptions) -> Result<()> {
 
     let (tx, rx) = mpsc::channel(1024);
     let source = match &options.source {
-        SourceConfig::Kubernetes { kubeconfig } => {
-            let client = kube_client(kubeconfig.as_ref()).await?;
+        SourceConfig::Kubernetes { .. } => {
+            let client = client.context("the Kubernetes client was built above")?;
             tokio::spawn(source::watch_api(client, tx))
         }
         SourceConfig::Directory { dir, interval } => {

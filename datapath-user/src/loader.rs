@@ -125,40 +125,40 @@ impl fmt::Display for TcMode {
     }
 }
 
+/// Each message carries its cause inline (one line in logs); the cause is
+/// deliberately not also exposed as `source()`, which would print it twice
+/// through anyhow's `{:#}`.
 #[derive(Debug, thiserror::Error)]
 pub enum LoaderError {
     #[error(
         "this binary carries no eBPF object: run `cargo xtask build-ebpf` and rebuild (or use `cargo xtask test|demo`, which do both)"
     )]
     ObjectMissing,
-    #[error("bpffs at {path}: {source} (mount it with: mount -t bpf bpf /sys/fs/bpf)")]
-    Bpffs { path: PathBuf, source: io::Error },
-    #[error("loading the eBPF object: {0}")]
-    Load(#[from] aya::EbpfError),
-    #[error("program {program}: {source}")]
+    #[error("bpffs at {path}: {error} (mount it with: mount -t bpf bpf /sys/fs/bpf)")]
+    Bpffs { path: PathBuf, error: io::Error },
+    #[error("loading the eBPF object: {}", with_causes(.0))]
+    Load(aya::EbpfError),
+    #[error("program {program}: {}", with_causes(&**.error))]
     Program {
         program: &'static str,
-        #[source]
-        source: Box<ProgramError>,
+        error: Box<ProgramError>,
     },
-    #[error("map {map}: {source}")]
+    #[error("map {map}: {}", with_causes(&**.error))]
     Map {
         map: &'static str,
-        #[source]
-        source: Box<aya::maps::MapError>,
+        error: Box<aya::maps::MapError>,
     },
-    #[error("network namespace {netns}: {source}")]
-    Netns { netns: String, source: io::Error },
+    #[error("network namespace {netns}: {error}")]
+    Netns { netns: String, error: io::Error },
     #[error("interface {iface} in network namespace {netns}: no such interface")]
     NoInterface { netns: String, iface: String },
-    #[error("attaching {program} to {iface} (netns {netns}) with {mode}: {source}")]
+    #[error("attaching {program} to {iface} (netns {netns}) with {mode}: {}", with_causes(&**.error))]
     Attach {
         program: &'static str,
         iface: String,
         netns: String,
         mode: TcMode,
-        #[source]
-        source: Box<ProgramError>,
+        error: Box<ProgramError>,
     },
     #[error("kernel {kernel} lacks {feature}: {hint}")]
     KernelFeature {
@@ -172,18 +172,40 @@ pub enum LoaderError {
     Cgroup { path: PathBuf, reason: String },
 }
 
+/// An error and its causes on one line ("a: b: c"), skipping a cause
+/// whose text its parent already shows.
+pub fn with_causes(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut cause = error.source();
+    while let Some(next) = cause {
+        let next_text = next.to_string();
+        if !text.contains(&next_text) {
+            text.push_str(": ");
+            text.push_str(&next_text);
+        }
+        cause = next.source();
+    }
+    text
+}
+
+impl From<aya::EbpfError> for LoaderError {
+    fn from(error: aya::EbpfError) -> Self {
+        LoaderError::Load(error)
+    }
+}
+
 impl LoaderError {
     fn program(program: &'static str, source: ProgramError) -> Self {
         Self::Program {
             program,
-            source: Box::new(source),
+            error: Box::new(source),
         }
     }
 
     pub(crate) fn map(map: &'static str, source: aya::maps::MapError) -> Self {
         Self::Map {
             map,
-            source: Box::new(source),
+            error: Box::new(source),
         }
     }
 }
@@ -327,7 +349,7 @@ impl Datapath {
             })
             .map_err(|source| LoaderError::Netns {
                 netns: label.clone(),
-                source,
+                error: source,
             })??;
             links.push(link);
         }
@@ -477,14 +499,14 @@ impl TcAttachment {
                     })
                     .map_err(|source| LoaderError::Netns {
                         netns: label.clone(),
-                        source,
+                        error: source,
                     })?
                     .map_err(|source| LoaderError::Attach {
                         program: "tc",
                         iface: self.iface.clone(),
                         netns: label,
                         mode: TcMode::Netlink,
-                        source: Box::new(source),
+                        error: Box::new(source),
                     })?;
                 }
                 AttachedLink::Netlink(None) => {}
@@ -548,7 +570,7 @@ fn attach_one(
         iface: iface.to_owned(),
         netns: netns.to_owned(),
         mode,
-        source: Box::new(source),
+        error: Box::new(source),
     };
     // SAFETY: if_nametoindex on a NUL-terminated copy of the name.
     let ifindex = std::ffi::CString::new(iface)
@@ -742,7 +764,7 @@ pub fn ensure_bpffs(dir: &Path) -> Result<(), LoaderError> {
     const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
     let bpffs_err = |source| LoaderError::Bpffs {
         path: dir.to_owned(),
-        source,
+        error: source,
     };
     let root = Path::new("/sys/fs/bpf");
     if dir.starts_with(root) && !is_fs(root, BPF_FS_MAGIC) {

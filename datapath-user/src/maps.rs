@@ -144,12 +144,11 @@ pub enum ProgramError {
         frontend: Frontend,
         what: &'static str,
     },
-    #[error("{frontend}: writing {map}: {source}")]
+    #[error("{frontend}: writing {map}: {}", crate::loader::with_causes(&**.error))]
     Map {
         frontend: Frontend,
         map: &'static str,
-        #[source]
-        source: Box<MapError>,
+        error: Box<MapError>,
     },
 }
 
@@ -260,7 +259,7 @@ impl DatapathMaps {
             move |source| ProgramError::Map {
                 frontend: *frontend,
                 map,
-                source: Box::new(source),
+                error: Box::new(source),
             }
         };
         let count = validate_service(
@@ -346,7 +345,7 @@ impl DatapathMaps {
             move |source| ProgramError::Map {
                 frontend: *frontend,
                 map,
-                source: Box::new(source),
+                error: Box::new(source),
             }
         };
         let Ok(head) = self.services.get(&frontend.key(0), 0) else {

@@ -353,3 +353,81 @@ fn adoption_and_lifecycle_through_pinned_maps() {
     assert_eq!(reconciler.maps().dump().unwrap(), MapDump::default());
     assert_eq!(reconciler.ids_in_use(), (0, 0));
 }
+
+/// Every translate fixture, service by service through the reconciler,
+/// leaves the maps holding exactly what `translate()` says; deleting the
+/// services one by one leaves them empty with every id released.
+fn fixtures_through<M: LbMaps>(maps: M) {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/k8s");
+    let mut fixtures: Vec<_> = std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    fixtures.sort();
+    let (mut services, mut slices) = (Vec::new(), Vec::new());
+    for path in fixtures {
+        let parsed = manifest::parse(&std::fs::read_to_string(&path).unwrap(), "fixture");
+        for object in parsed.objects {
+            match object {
+                Typed::Service(s) => services.push(*s),
+                Typed::EndpointSlice(s) => slices.push(*s),
+            }
+        }
+    }
+    services.sort_by_key(ObjectKey::of_service);
+    let expected = datapath_user::k8s::translate(&services, &slices, &NodeContext::default());
+    let mut want: Vec<String> = expected
+        .frontends
+        .values()
+        .map(|(_, d)| {
+            let backends: Vec<String> = d
+                .backends
+                .iter()
+                .map(|b| format!("{b}/{}", d.frontend.protocol))
+                .collect();
+            format!("{} -> {}", d.frontend, backends.join(" "))
+        })
+        .collect();
+    want.sort();
+
+    let mut reconciler = Reconciler::adopt(maps).unwrap();
+    for service in &services {
+        let key = ObjectKey::of_service(service);
+        let translation = translate_service(service, &slices, &NodeContext::default());
+        // Conflicts are expected (conflict.yaml); nothing else is.
+        let outcome = reconciler.update_service(&key, &translation);
+        assert!(
+            outcome.issues.iter().all(|i| i.kind == IssueKind::Conflict),
+            "{:?}",
+            outcome.issues
+        );
+    }
+    let got: Vec<String> = view(&reconciler.maps().dump().unwrap())
+        .into_iter()
+        .map(|line| line.trim_end().to_owned())
+        .collect();
+    let want: Vec<String> = want.into_iter().map(|l| l.trim_end().to_owned()).collect();
+    assert_eq!(got, want);
+    for service in &services {
+        apply(
+            &mut reconciler,
+            &(
+                ObjectKey::of_service(service),
+                ServiceTranslation::default(),
+            ),
+        );
+    }
+    assert_eq!(reconciler.maps().dump().unwrap(), MapDump::default());
+    assert_eq!(reconciler.ids_in_use(), (0, 0));
+}
+
+#[test]
+fn fixtures_on_fake_maps() {
+    fixtures_through(FakeMaps::with_capacity(256));
+}
+
+#[test]
+fn fixtures_on_real_maps() {
+    let mut datapath = common::load_private();
+    fixtures_through(&mut datapath.maps);
+}
