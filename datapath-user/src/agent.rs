@@ -24,7 +24,7 @@ use crate::{
     Datapath, LoadOptions, TcMode,
     attach::{PodAttacher, Selector},
     k8s::{
-        Issue, NodeContext, ObjectKey,
+        Issue, IssueKind, NodeContext, ObjectKey,
         source::{self, SourceMessage},
         store::{Change, Kind, Store},
     },
@@ -33,6 +33,9 @@ use crate::{
     metrics::{self, IssueLabels, Metrics, SyncLabels},
     reconcile::{LbMaps, Reconciler},
 };
+
+/// How often services whose map writes failed are tried again.
+const RETRY_INTERVAL: Duration = Duration::from_secs(10);
 
 /// Where the agent reads the cluster from.
 #[derive(Clone, Debug)]
@@ -71,6 +74,12 @@ pub struct AgentCore<M> {
     metrics: Arc<Metrics>,
     /// Standing issues per service (logged when they change).
     issues: BTreeMap<ObjectKey, Vec<Issue>>,
+    /// Services whose last update hit a map write failure: retried after
+    /// the start-up prune and periodically.
+    failed: BTreeSet<ObjectKey>,
+    /// A source could not read everything at start: no pruning of
+    /// frontends that nothing seems to ask for.
+    incomplete: bool,
 }
 
 /// What one sync did.
@@ -90,6 +99,8 @@ impl<M: LbMaps> AgentCore<M> {
             node,
             metrics,
             issues: BTreeMap::new(),
+            failed: BTreeSet::new(),
+            incomplete: false,
         }
     }
 
@@ -105,7 +116,10 @@ impl<M: LbMaps> AgentCore<M> {
         // Services the maps hold but the store lacks are gone: nothing
         // asks for their frontends, so prune removes them.
         let mut stats = self.sync(all);
-        match self.reconciler.prune() {
+        if self.incomplete {
+            warn!("not pruning frontends nothing asks for: a source could not read everything");
+        }
+        match self.reconciler.prune(self.incomplete) {
             Ok(report) => info!(
                 frontends = report.frontends,
                 backends = report.backends,
@@ -121,6 +135,10 @@ impl<M: LbMaps> AgentCore<M> {
                 stats.issues += issues.len();
             }
         }
+        // What failed for lack of room may fit now that prune freed some.
+        let failed = std::mem::take(&mut self.failed);
+        let retry = self.sync(failed);
+        stats.written += retry.written;
         self.metrics
             .sync_duration
             .get_or_create(&SyncLabels { kind: "full" })
@@ -132,12 +150,17 @@ impl<M: LbMaps> AgentCore<M> {
     /// Re-translates `dirty` services and applies the difference.
     pub fn sync(&mut self, dirty: BTreeSet<ObjectKey>) -> SyncStats {
         let mut stats = SyncStats::default();
-        let mut queue: Vec<ObjectKey> = dirty.into_iter().collect();
+        // In name order, so a contested frontend goes to the first service
+        // by namespace/name, as `translate()` gives it.
+        let mut queue: std::collections::VecDeque<ObjectKey> = dirty.into_iter().collect();
         let mut done = BTreeSet::new();
-        while let Some(service) = queue.pop() {
+        // Retries are bounded: each one follows a frontend's release.
+        let mut budget = queue.len() * 4 + 64;
+        while let Some(service) = queue.pop_front() {
             if !done.insert(service.clone()) {
                 continue;
             }
+            budget = budget.saturating_sub(1);
             let translation = self.store.translate(&service, &self.node);
             let outcome = self.reconciler.update_service(&service, &translation);
             stats.services += 1;
@@ -146,8 +169,18 @@ impl<M: LbMaps> AgentCore<M> {
             let mut issues = translation.issues;
             issues.extend(outcome.issues);
             stats.issues += issues.len();
+            if issues.iter().any(|i| i.kind == IssueKind::Datapath) {
+                self.failed.insert(service.clone());
+            } else {
+                self.failed.remove(&service);
+            }
             self.record_issues(&service, issues);
-            queue.extend(outcome.retry.into_iter().filter(|s| !done.contains(s)));
+            if budget > 0 {
+                for waiter in outcome.retry {
+                    done.remove(&waiter);
+                    queue.push_back(waiter);
+                }
+            }
         }
         stats
     }
@@ -225,8 +258,21 @@ impl<M: LbMaps> AgentCore<M> {
         );
         self.metrics.ready.store(true, Ordering::Relaxed);
         release_free_memory();
+        let mut retry = tokio::time::interval(RETRY_INTERVAL);
+        retry.tick().await;
         loop {
-            let Some(message) = rx.recv().await else {
+            let message = tokio::select! {
+                message = rx.recv() => message,
+                _ = retry.tick() => {
+                    if !self.failed.is_empty() {
+                        let failed = std::mem::take(&mut self.failed);
+                        self.sync(failed);
+                        self.update_gauges();
+                    }
+                    continue;
+                }
+            };
+            let Some(message) = message else {
                 return;
             };
             let started = Instant::now();
@@ -256,6 +302,11 @@ impl<M: LbMaps> AgentCore<M> {
         match message {
             SourceMessage::Change(change) => self.store.apply(change),
             SourceMessage::Synced(_) => BTreeSet::new(),
+            SourceMessage::Incomplete(reason) => {
+                warn!("{reason}");
+                self.incomplete = true;
+                BTreeSet::new()
+            }
             SourceMessage::Problem { kind, message } => {
                 warn!("{message}");
                 self.metrics

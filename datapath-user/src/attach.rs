@@ -64,6 +64,7 @@ pub struct LinkSummary {
     pub kind: Option<String>,
     /// Administratively up.
     pub up: bool,
+    pub index: u32,
 }
 
 /// The interfaces inside the namespace at `path`.
@@ -82,6 +83,7 @@ pub fn list_links(path: &Path) -> io::Result<Vec<LinkSummary>> {
                     name: String::new(),
                     kind: None,
                     up: message.header.flags.contains(LinkFlags::Up),
+                    index: message.header.index,
                 };
                 for attribute in &message.attributes {
                     match attribute {
@@ -124,16 +126,18 @@ pub struct ScanReport {
 }
 
 /// Keeps the TC pair on every selected pod interface.
+///
+/// Pins are only removed when their interface or namespace is gone: an
+/// interface that exists but is not selected (attached by the CNI plugin
+/// or by hand) keeps what it has.
 pub struct PodAttacher {
     datapath: Datapath,
     dir: PathBuf,
     selector: Selector,
     mode: TcMode,
-    /// (netns, iface) with our pinned links.
-    attached: BTreeSet<(String, String)>,
-    /// Pins adopted from an earlier agent, re-attached (program upgraded)
-    /// on the first scan that sees them.
-    adopted: BTreeSet<(String, String)>,
+    /// (netns, iface) with our pinned links → the ifindex attached to
+    /// (None: adopted from an earlier agent, not yet seen).
+    attached: BTreeMap<(String, String), Option<u32>>,
     last_errors: BTreeMap<(String, String), String>,
 }
 
@@ -141,20 +145,26 @@ impl PodAttacher {
     /// `datapath` must have been loaded with a pin directory: attachments
     /// are pinned so that they outlive the agent.
     pub fn new(datapath: Datapath, dir: PathBuf, selector: Selector, mode: TcMode) -> Self {
-        let adopted = datapath.pin_dir().map(pinned_tc_links).unwrap_or_default();
+        let attached = datapath
+            .pin_dir()
+            .map(pinned_tc_links)
+            .unwrap_or_default()
+            .into_iter()
+            .filter(|(netns, _)| selector.netns.matches(netns))
+            .map(|key| (key, None))
+            .collect();
         Self {
             datapath,
             dir,
             selector,
             mode,
-            attached: adopted.clone(),
-            adopted,
+            attached,
             last_errors: BTreeMap::new(),
         }
     }
 
-    pub fn attached(&self) -> &BTreeSet<(String, String)> {
-        &self.attached
+    pub fn attached(&self) -> BTreeSet<(String, String)> {
+        self.attached.keys().cloned().collect()
     }
 
     pub fn datapath_mut(&mut self) -> &mut Datapath {
@@ -164,20 +174,18 @@ impl PodAttacher {
     /// One pass over the namespace directory.
     pub fn scan(&mut self) -> ScanReport {
         let mut report = ScanReport::default();
+        // Every interface that exists, with its index; and those to attach.
+        let mut existing: BTreeMap<(String, String), u32> = BTreeMap::new();
         let mut want = BTreeSet::new();
-        let mut seen_netns = BTreeSet::new();
+        let mut unknown_netns = BTreeSet::new();
         let entries = match fs::read_dir(&self.dir) {
             Ok(entries) => entries,
             Err(e) => {
-                self.note_error(
-                    &mut report,
-                    String::new(),
-                    String::new(),
-                    format!(
-                        "reading the namespace directory {}: {e}",
-                        self.dir.display()
-                    ),
+                let message = format!(
+                    "reading the namespace directory {}: {e}",
+                    self.dir.display()
                 );
+                self.note_error(&mut report, String::new(), String::new(), message);
                 return report;
             }
         };
@@ -186,12 +194,17 @@ impl PodAttacher {
             if !self.selector.netns.matches(&name) {
                 continue;
             }
-            seen_netns.insert(name.clone());
             match list_links(&entry.path()) {
                 Ok(links) => {
                     self.last_errors.remove(&(name.clone(), String::new()));
-                    for link in links.iter().filter(|l| self.selector.selects(l)) {
-                        want.insert((name.clone(), link.name.clone()));
+                    for link in links {
+                        let key = (name.clone(), link.name.clone());
+                        if self.selector.selects(&link)
+                            || (link.up && self.attached.contains_key(&key))
+                        {
+                            want.insert(key.clone());
+                        }
+                        existing.insert(key, link.index);
                     }
                 }
                 // A namespace being created or deleted: next scan.
@@ -202,13 +215,13 @@ impl PodAttacher {
                         String::new(),
                         format!("listing interfaces: {e}"),
                     );
-                    // Keep what we have there until we know better.
-                    want.extend(self.attached.iter().filter(|(n, _)| *n == name).cloned());
+                    unknown_netns.insert(name);
                 }
             }
         }
         for key in &want {
-            if self.attached.contains(key) && !self.adopted.contains(key) {
+            let index = existing[key];
+            if self.attached.get(key) == Some(&Some(index)) {
                 continue;
             }
             let (netns_name, iface) = key;
@@ -219,9 +232,8 @@ impl PodAttacher {
             {
                 Ok(attachment) => {
                     attachment.keep();
-                    self.adopted.remove(key);
                     self.last_errors.remove(key);
-                    if self.attached.insert(key.clone()) {
+                    if self.attached.insert(key.clone(), Some(index)).is_none() {
                         report.attached.push(key.clone());
                     }
                 }
@@ -233,16 +245,20 @@ impl PodAttacher {
                 ),
             }
         }
-        let gone: Vec<(String, String)> = self.attached.difference(&want).cloned().collect();
+        let gone: Vec<(String, String)> = self
+            .attached
+            .keys()
+            .filter(|key| !existing.contains_key(*key) && !unknown_netns.contains(&key.0))
+            .cloned()
+            .collect();
+        let Some(pin_dir) = self.datapath.pin_dir().map(Path::to_path_buf) else {
+            return report;
+        };
         for key in gone {
             let (netns_name, iface) = &key;
-            let Some(pin_dir) = self.datapath.pin_dir().map(Path::to_path_buf) else {
-                continue;
-            };
             match loader::detach_pinned_tc(&pin_dir, Some(netns_name), iface) {
                 Ok(_) => {
                     self.attached.remove(&key);
-                    self.adopted.remove(&key);
                     report.detached.push(key.clone());
                 }
                 Err(e) => self.note_error(
@@ -254,12 +270,8 @@ impl PodAttacher {
             }
         }
         // Namespace label directories left empty.
-        if let Some(pin_dir) = self.datapath.pin_dir() {
-            for (netns_name, _) in &report.detached {
-                if !seen_netns.contains(netns_name) {
-                    let _ = fs::remove_dir(pin_dir.join("links/tc").join(netns_name));
-                }
-            }
+        for (netns_name, _) in &report.detached {
+            let _ = fs::remove_dir(pin_dir.join("links/tc").join(netns_name));
         }
         report
     }

@@ -156,10 +156,7 @@ pub fn run(
         "CHECK" => {
             let netns = var("CNI_NETNS")?;
             let ifname = var("CNI_IFNAME")?;
-            let label = Path::new(&netns)
-                .file_name()
-                .map(|n| n.to_string_lossy().into_owned())
-                .unwrap_or_default();
+            let label = loader::netns_label(Some(&netns));
             let base = pin_dir.join("links/tc").join(&label).join(&ifname);
             for direction in ["egress", "ingress"] {
                 if !base.join(direction).exists() {

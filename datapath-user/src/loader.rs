@@ -515,9 +515,17 @@ impl TcAttachment {
         Ok(())
     }
 
-    /// Leaves pinned links in place (restart safety) and forgets them.
+    /// Leaves the programs attached after this handle goes: pinned links
+    /// stay with their pins (restart safety); netlink filters and unpinned
+    /// links are forgotten, i.e. left attached.
     pub fn keep(mut self) {
-        self.links.retain(|l| !matches!(l, AttachedLink::Pinned(_)));
+        for link in self.links.drain(..) {
+            match link {
+                AttachedLink::Pinned(_) | AttachedLink::Netlink(None) => {}
+                AttachedLink::Fd(link) => std::mem::forget(link),
+                AttachedLink::Netlink(Some(link)) => std::mem::forget(link),
+            }
+        }
     }
 }
 
@@ -611,10 +619,20 @@ fn attach_one(
                         path: path.to_owned(),
                         reason: format!("not a TCX link: {e}"),
                     })?;
-                let id = prog.attach_to_link(link).map_err(attach_err)?;
-                // The pin keeps the link; our handle can go.
-                drop(prog.take_link(id).map_err(attach_err)?);
-                return Ok(AttachedLink::Pinned(path.to_owned()));
+                match prog.attach_to_link(link) {
+                    Ok(id) => {
+                        // The pin keeps the link; our handle can go.
+                        drop(prog.take_link(id).map_err(attach_err)?);
+                        return Ok(AttachedLink::Pinned(path.to_owned()));
+                    }
+                    // The pinned link's interface is gone (deleted and
+                    // re-created under the same name): that link is
+                    // defunct; replace it with a fresh one below.
+                    Err(e) => {
+                        tracing::info!("replacing the defunct pinned link {}: {e}", path.display());
+                        remove_pin(path)?;
+                    }
+                }
             }
             let id = prog
                 .attach_with_options(
@@ -695,9 +713,19 @@ fn attach_type_name(attach_type: TcAttachType) -> &'static str {
 
 /// A directory name for a namespace: its name under /var/run/netns, or
 /// "host" for our own.
-fn netns_label(netns: Option<&str>) -> String {
+pub(crate) fn netns_label(netns: Option<&str>) -> String {
     match netns {
         None => "host".into(),
+        // Runtimes that pass /proc/<pid>/ns/net: the file name ("net")
+        // would be the same for every pod.
+        Some(path) if path.starts_with("/proc/") && path.ends_with("/ns/net") => {
+            format!(
+                "proc-{}",
+                path.trim_start_matches("/proc/")
+                    .trim_end_matches("/ns/net")
+                    .replace('/', "-")
+            )
+        }
         Some(name) => Path::new(name)
             .file_name()
             .map(|n| n.to_string_lossy().into_owned())

@@ -119,7 +119,9 @@ pub struct BackendEntry {
 
 #[derive(Debug, thiserror::Error)]
 pub enum ProgramError {
-    #[error("{frontend}: {count} backends exceed the limit of {max} per service")]
+    #[error(
+        "{frontend}: {count} backends exceed the limit of {max} per service; the first {max} are served"
+    )]
     TooManyBackends {
         frontend: Frontend,
         count: usize,

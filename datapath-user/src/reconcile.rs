@@ -124,6 +124,9 @@ pub struct FakeMaps {
     pub rev_nats: BTreeMap<RevNatId, std::net::SocketAddrV4>,
     /// Every write, in order, to check make-before-break.
     pub log: Vec<String>,
+    /// Makes the next `set_service` fail after writing the backends (a
+    /// map that filled up midway).
+    pub fail_next_write: bool,
 }
 
 impl FakeMaps {
@@ -167,6 +170,7 @@ impl LbMaps for FakeMaps {
         backends: &[BackendEntry],
     ) -> Result<(), ProgramError> {
         validate_service(frontend, rev_nat_id, backends, self.capacity, self.capacity)?;
+        let fail = std::mem::take(&mut self.fail_next_write);
         for b in backends {
             self.backends.insert(
                 b.id,
@@ -178,6 +182,13 @@ impl LbMaps for FakeMaps {
             );
             self.log
                 .push(format!("backend {} = {}:{}", b.id, b.address, b.port));
+        }
+        if fail {
+            return Err(ProgramError::Map {
+                frontend: *frontend,
+                map: "SERVICES",
+                error: Box::new(MapError::KeyNotFound),
+            });
         }
         self.rev_nats.insert(
             rev_nat_id,
@@ -277,10 +288,16 @@ impl IdAllocator {
 #[derive(Clone, Debug, PartialEq, Eq)]
 struct Programmed {
     rev_nat_id: RevNatId,
-    /// Slot order. Empty with `broken` set when adopted from an
-    /// interrupted write.
+    /// Backends this frontend holds a reference on: its slots, in order,
+    /// when `broken` is false. After a failed write, the union of the old
+    /// and the new set (the maps may name either).
     backends: Vec<BackendAddress>,
+    /// The maps may not match `backends` (an interrupted or failed
+    /// write): the next update rewrites the frontend.
     broken: bool,
+    /// Backend ids the maps' slots may name that no `BackendUse` tracks
+    /// (found broken at adoption); freed once the frontend is rewritten.
+    untracked_ids: Vec<BackendId>,
 }
 
 /// One backend entry in use.
@@ -372,7 +389,16 @@ impl<M: LbMaps> Reconciler<M> {
                 }),
             };
             let mut backends = Vec::new();
-            if !broken {
+            let mut untracked_ids = Vec::new();
+            if broken {
+                // Whatever its slots name stays reserved until the frontend
+                // is rewritten: neither pruned nor handed out again.
+                for id in found.slots.iter().flatten() {
+                    referenced.insert(*id);
+                    reconciler.backend_ids.adopt(*id);
+                    untracked_ids.push(*id);
+                }
+            } else {
                 for (id, address) in slots.unwrap_or_default() {
                     referenced.insert(id);
                     reconciler
@@ -391,6 +417,7 @@ impl<M: LbMaps> Reconciler<M> {
                     rev_nat_id: found.rev_nat_id,
                     backends,
                     broken,
+                    untracked_ids,
                 },
             );
         }
@@ -444,6 +471,23 @@ impl<M: LbMaps> Reconciler<M> {
         service: &ObjectKey,
         translation: &ServiceTranslation,
     ) -> Outcome {
+        // An object with an invalid field may have lost a port to it: what
+        // it served before stays until it is valid again.
+        let keep_dropped = translation
+            .issues
+            .iter()
+            .any(|i| i.kind == IssueKind::Invalid);
+        self.update_service_keeping(service, translation, keep_dropped)
+    }
+
+    /// `update_service`; with `keep_dropped`, frontends the service held
+    /// and no longer asks for are kept instead of removed.
+    pub fn update_service_keeping(
+        &mut self,
+        service: &ObjectKey,
+        translation: &ServiceTranslation,
+        keep_dropped: bool,
+    ) -> Outcome {
         let mut outcome = Outcome::default();
         let wanted: BTreeSet<Frontend> = translation.frontends.iter().map(|d| d.frontend).collect();
         let previously = self.held.remove(service).unwrap_or_default();
@@ -453,6 +497,9 @@ impl<M: LbMaps> Reconciler<M> {
                 && let Some(waiters) = self.waiting.get_mut(frontend)
             {
                 waiters.remove(service);
+                if waiters.is_empty() {
+                    self.waiting.remove(frontend);
+                }
             }
         }
         let mut held = BTreeSet::new();
@@ -473,13 +520,22 @@ impl<M: LbMaps> Reconciler<M> {
             }
             self.owner.insert(frontend, service.clone());
             held.insert(frontend);
+            if let Some(waiters) = self.waiting.get_mut(&frontend) {
+                waiters.remove(service);
+                if waiters.is_empty() {
+                    self.waiting.remove(&frontend);
+                }
+            }
             match self.program(&frontend, &desired.backends) {
                 Ok(true) => outcome.frontends_written += 1,
                 Ok(false) => {}
                 Err(issue) => outcome.issues.push(with_object(issue, service)),
             }
         }
-        let dropped: Vec<Frontend> = previously.difference(&held).copied().collect();
+        let mut dropped: Vec<Frontend> = previously.difference(&held).copied().collect();
+        if keep_dropped {
+            held.extend(dropped.drain(..));
+        }
         for frontend in &dropped {
             if self.owner.get(frontend) == Some(service) {
                 self.owner.remove(frontend);
@@ -517,13 +573,17 @@ impl<M: LbMaps> Reconciler<M> {
     /// Removes every programmed frontend no service holds, and every
     /// entry adoption found unused; rebuilds the service filter. Run once
     /// after the first full sync.
-    pub fn prune(&mut self) -> Result<PruneReport, Vec<Issue>> {
+    ///
+    /// With `keep_unowned` (the sources could not read everything),
+    /// frontends no service holds are kept: they may belong to an object
+    /// that could not be read.
+    pub fn prune(&mut self, keep_unowned: bool) -> Result<PruneReport, Vec<Issue>> {
         let mut report = PruneReport::default();
         let mut issues = Vec::new();
         let stale: Vec<Frontend> = self
             .programmed
             .keys()
-            .filter(|f| !self.owner.contains_key(f))
+            .filter(|f| !keep_unowned && !self.owner.contains_key(f))
             .copied()
             .collect();
         for frontend in stale {
@@ -580,6 +640,12 @@ impl<M: LbMaps> Reconciler<M> {
     /// Writes `frontend` if its backends differ from what is programmed.
     /// Returns whether it wrote.
     fn program(&mut self, frontend: &Frontend, endpoints: &[Endpoint]) -> Result<bool, Issue> {
+        // Over the per-service limit: serve the first ones (in address
+        // order, so the subset is stable) and say so.
+        let limit = usize::from(datapath_common::maps::MAX_BACKENDS_PER_SERVICE);
+        let total = endpoints.len();
+        let capped = total > limit;
+        let endpoints = &endpoints[..endpoints.len().min(limit)];
         let addresses: Vec<BackendAddress> = endpoints
             .iter()
             .map(|e| BackendAddress {
@@ -588,12 +654,23 @@ impl<M: LbMaps> Reconciler<M> {
                 protocol: frontend.protocol,
             })
             .collect();
+        let capped_issue = || {
+            program_issue(ProgramError::TooManyBackends {
+                frontend: *frontend,
+                count: total,
+                max: datapath_common::maps::MAX_BACKENDS_PER_SERVICE,
+            })
+        };
         let existing = self.programmed.get(frontend);
         if let Some(p) = existing
             && !p.broken
             && p.backends == addresses
         {
-            return Ok(false);
+            return if capped {
+                Err(capped_issue())
+            } else {
+                Ok(false)
+            };
         }
         let (rev_nat_id, fresh_rev_nat) = match existing {
             Some(p) => (p.rev_nat_id, false),
@@ -637,11 +714,33 @@ impl<M: LbMaps> Reconciler<M> {
             });
         }
         if let Err(e) = self.maps.set_service(frontend, rev_nat_id, &entries) {
-            self.release_backends(&addresses);
-            if fresh_rev_nat {
-                let _ = self.maps.remove_rev_nat(rev_nat_id);
-                self.rev_nat_ids.release(u32::from(rev_nat_id));
+            if !matches!(e, ProgramError::Map { .. }) {
+                // Refused before anything was written.
+                self.release_backends(&addresses);
+                if fresh_rev_nat {
+                    self.rev_nat_ids.release(u32::from(rev_nat_id));
+                }
+                return Err(program_issue(e));
             }
+            // A write failed midway: slots (and perhaps the frontend) may
+            // name the old or the new backends. Hold both sets and the
+            // reverse-NAT id until a rewrite succeeds; deleting either now
+            // could leave a slot naming a freed id.
+            let mut held = addresses;
+            let mut untracked_ids = Vec::new();
+            if let Some(old) = self.programmed.remove(frontend) {
+                held.extend(old.backends);
+                untracked_ids = old.untracked_ids;
+            }
+            self.programmed.insert(
+                *frontend,
+                Programmed {
+                    rev_nat_id,
+                    backends: held,
+                    broken: true,
+                    untracked_ids,
+                },
+            );
             return Err(program_issue(e));
         }
         let old = self.programmed.insert(
@@ -650,11 +749,16 @@ impl<M: LbMaps> Reconciler<M> {
                 rev_nat_id,
                 backends: addresses,
                 broken: false,
+                untracked_ids: Vec::new(),
             },
         );
         // Break after make: the old set's entries go only now.
         if let Some(old) = old {
             self.release_backends(&old.backends);
+            self.release_untracked(&old.untracked_ids);
+        }
+        if capped {
+            return Err(capped_issue());
         }
         Ok(true)
     }
@@ -668,7 +772,24 @@ impl<M: LbMaps> Reconciler<M> {
         self.programmed.remove(frontend);
         self.rev_nat_ids.release(u32::from(programmed.rev_nat_id));
         self.release_backends(&programmed.backends);
+        self.release_untracked(&programmed.untracked_ids);
         Ok(true)
+    }
+
+    /// Frees ids a broken frontend's slots named, unless now in use.
+    fn release_untracked(&mut self, ids: &[BackendId]) {
+        for &id in ids {
+            if self.backends.values().any(|u| u.id == id)
+                || self
+                    .programmed
+                    .values()
+                    .any(|p| p.untracked_ids.contains(&id))
+            {
+                continue;
+            }
+            let _ = self.maps.remove_backend(id);
+            self.backend_ids.release(id);
+        }
     }
 
     /// Drops one frontend's reference on each backend; deletes backends

@@ -190,7 +190,19 @@ fn agent_attaches_follows_manifests_and_restarts_without_loss() {
     let attached = pinned_tc_links(&pins.0);
     assert_eq!(attached.len(), 1, "servers are not selected: {attached:?}");
     for _ in 0..5 {
-        assert_eq!(ask_service(&topo).unwrap(), "server-a");
+        let answer = ask_service(&topo);
+        if answer.is_err() {
+            let ns = topo.pod("client").namespace.name().to_owned();
+            for args in [
+                vec!["-n", &ns, "route"],
+                vec!["-n", &ns, "-d", "link"],
+                vec!["-n", &ns, "addr"],
+            ] {
+                let out = Command::new("ip").args(&args).output().unwrap();
+                eprintln!("ip {args:?}:\n{}", String::from_utf8_lossy(&out.stdout));
+            }
+        }
+        assert_eq!(answer.unwrap(), "server-a");
     }
 
     // A manifest edit moves new connections.

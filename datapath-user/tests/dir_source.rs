@@ -36,6 +36,7 @@ async fn until(
             }
             Ok(Some(SourceMessage::Problem { message, .. })) => problems.push(message),
             Ok(Some(SourceMessage::Synced(_))) => {}
+            Ok(Some(SourceMessage::Incomplete(message))) => problems.push(message),
             _ => panic!("store has {have:?}, want {want:?}; problems {problems:?}"),
         }
     }

@@ -230,7 +230,9 @@ async fn list_watch_end_gone_relist() {
             SourceMessage::Synced(kind) => {
                 synced.insert(kind);
             }
-            SourceMessage::Problem { message, .. } => problems.push(message),
+            SourceMessage::Problem { message, .. } | SourceMessage::Incomplete(message) => {
+                problems.push(message)
+            }
             SourceMessage::Change(change) => {
                 match &change {
                     Change::Replaced(kind, objects) => replaced.push((*kind, objects.len())),

@@ -202,7 +202,7 @@ fn adoption<M: LbMaps>(maps: M) {
         outcome.frontends_written, 0,
         "adopted state is not rewritten"
     );
-    let report = second.prune().unwrap();
+    let report = second.prune(false).unwrap();
     assert_eq!(report.frontends, 1);
     let after = second.maps().dump().unwrap();
     let kept: Vec<_> = before
@@ -237,7 +237,8 @@ fn a_bad_service_keeps_its_old_state_and_blocks_nothing() {
     let mut reconciler = Reconciler::adopt(&mut datapath.maps).unwrap();
     let big = translation(&service_yaml("big", "10.96.1.3", &[80], 2));
     apply(&mut reconciler, &big);
-    // 1100 endpoints: over the 1024-per-service limit.
+    // 1100 endpoints: over the 1024-per-service limit. The first 1024 are
+    // served (a stable subset), and the issue says so.
     let too_big = translation(&service_yaml("big", "10.96.1.3", &[80], 1100));
     let outcome = reconciler.update_service(&too_big.0, &too_big.1);
     assert_eq!(outcome.issues.len(), 1);
@@ -251,20 +252,32 @@ fn a_bad_service_keeps_its_old_state_and_blocks_nothing() {
         "{}",
         issue.reason
     );
-    apply(
-        &mut reconciler,
-        &translation(&service_yaml("small", "10.96.1.4", &[80], 1)),
-    );
     let dump = reconciler.maps().dump().unwrap();
-    assert_eq!(
-        view(&dump),
-        [
-            "10.96.1.3:80/TCP -> 10.244.0.1:8080/TCP 10.244.0.2:8080/TCP",
-            "10.96.1.4:80/TCP -> 10.244.0.1:8080/TCP",
-        ],
-        "the old programming of `big` survives, `small` is served"
+    assert_eq!(dump.frontends[0].slots.len(), 1024);
+
+    // An edit that makes the only port invalid: what was served stays.
+    let small = translation(&service_yaml("small", "10.96.1.4", &[80], 1));
+    apply(&mut reconciler, &small);
+    let broken = translation(
+        &service_yaml("small", "10.96.1.4", &[80], 1)
+            .replace("port: 80,", "port: 80, protocol: HTTP,"),
     );
-    assert_eq!(dump.backends.len(), 2, "nothing leaked by the failed write");
+    let outcome = reconciler.update_service(&broken.0, &broken.1);
+    assert!(
+        outcome.issues.is_empty(),
+        "translate reported it: {:?}",
+        broken.1.issues
+    );
+    assert_eq!(broken.1.issues[0].kind, IssueKind::Invalid);
+    let dump = reconciler.maps().dump().unwrap();
+    assert!(
+        view(&dump).contains(&"10.96.1.4:80/TCP -> 10.244.0.1:8080/TCP".to_owned()),
+        "{:?}",
+        view(&dump)
+    );
+    // Once valid again without that port, it goes.
+    apply(&mut reconciler, &gone("small"));
+    assert_eq!(reconciler.maps().dump().unwrap().frontends.len(), 1);
 }
 
 #[test]
@@ -301,7 +314,7 @@ fn prune_repairs_the_service_filter_on_real_maps() {
         &mut reconciler,
         &translation(&service_yaml("web", "10.96.1.1", &[80], 1)),
     );
-    let report = reconciler.prune().unwrap();
+    let report = reconciler.prune(false).unwrap();
     assert_eq!(report.filter_buckets, 1);
     let total: u32 = datapath
         .maps
@@ -430,4 +443,43 @@ fn fixtures_on_fake_maps() {
 fn fixtures_on_real_maps() {
     let mut datapath = common::load_private();
     fixtures_through(&mut datapath.maps);
+}
+
+#[test]
+fn a_write_failing_midway_frees_nothing_the_maps_may_still_name() {
+    let mut reconciler = Reconciler::adopt(FakeMaps::with_capacity(64)).unwrap();
+    apply(
+        &mut reconciler,
+        &translation(&service_yaml("web", "10.96.1.1", &[80], 1)),
+    );
+    let before = reconciler.maps().services.clone();
+    // Scale to 3 while the map "fills up" after the backends are written.
+    let scaled = translation(
+        &service_yaml("web", "10.96.1.1", &[80], 3).replace("- addresses: [10.244.0.1]\n", ""),
+    );
+    reconciler.maps_mut().fail_next_write = true;
+    let outcome = reconciler.update_service(&scaled.0, &scaled.1);
+    assert_eq!(outcome.issues[0].kind, IssueKind::Datapath);
+    assert_eq!(
+        reconciler.maps().services,
+        before,
+        "the frontend still names the old backend"
+    );
+    let old_id = before.values().next().unwrap().1[0];
+    assert!(
+        reconciler.maps().backends.contains_key(&old_id),
+        "old backend kept"
+    );
+    assert_eq!(
+        reconciler.ids_in_use().0,
+        3,
+        "old and new backend ids all held"
+    );
+
+    // The same update again (the agent retries): written, old freed.
+    let outcome = reconciler.update_service(&scaled.0, &scaled.1);
+    assert!(outcome.issues.is_empty(), "{:?}", outcome.issues);
+    assert_eq!(outcome.frontends_written, 1);
+    assert!(!reconciler.maps().backends.contains_key(&old_id));
+    assert_eq!(reconciler.ids_in_use().0, 2);
 }

@@ -34,6 +34,9 @@ pub enum SourceMessage {
         kind: IssueKind,
         message: String,
     },
+    /// The first complete set misses objects that could not be read: the
+    /// agent must not prune frontends nothing seems to ask for.
+    Incomplete(String),
 }
 
 /// Watches Services and EndpointSlices through `client` until the
@@ -146,15 +149,23 @@ struct FileState {
 /// said, so a typo in one edit never withdraws services being served.
 pub async fn watch_dir(dir: PathBuf, interval: Duration, tx: mpsc::Sender<SourceMessage>) {
     let mut files: BTreeMap<PathBuf, FileState> = BTreeMap::new();
+    // A changed file is read once its stamp has held still for a poll: a
+    // file being written in place (not renamed into place) is not read
+    // half-written, which could parse cleanly and withdraw services.
+    let mut settling: BTreeMap<PathBuf, Stamp> = BTreeMap::new();
     let mut first = true;
+    // The first read had unreadable documents: the agent must not prune
+    // what a previous agent programmed from them.
+    let mut first_incomplete = false;
     let mut dir_error: Option<String> = None;
+    // The first complete read, sent as one replacement.
+    let mut initial: Vec<Object> = Vec::new();
     loop {
         let mut messages = Vec::new();
         // Sent after every file is read, minus what another file still
         // defines (an object moved between files is not deleted).
         let mut deletions: BTreeSet<(Kind, ObjectKey)> = BTreeSet::new();
         let mut problems = Vec::new();
-        let mut initial: Vec<Object> = Vec::new();
         match list_manifests(&dir) {
             Ok(paths) => {
                 dir_error = None;
@@ -168,11 +179,20 @@ pub async fn watch_dir(dir: PathBuf, interval: Duration, tx: mpsc::Sender<Source
                         deletions.extend(state.keys);
                     }
                 }
+                settling.retain(|path, _| paths.contains(path));
+                let mut unsettled = false;
                 for path in paths {
                     let Some(now) = stamp(&path) else { continue };
                     if files.get(&path).is_some_and(|f| f.stamp == now) {
+                        settling.remove(&path);
                         continue;
                     }
+                    if settling.get(&path) != Some(&now) {
+                        settling.insert(path, now);
+                        unsettled = true;
+                        continue;
+                    }
+                    settling.remove(&path);
                     let text = match std::fs::read_to_string(&path) {
                         Ok(text) => text,
                         Err(e) => {
@@ -184,6 +204,7 @@ pub async fn watch_dir(dir: PathBuf, interval: Duration, tx: mpsc::Sender<Source
                         manifest::parse_with(&text, &path.display().to_string(), |t| t.view());
                     drop(text);
                     problems.extend(parsed.errors.iter().map(ManifestError::to_string));
+                    first_incomplete |= first && !parsed.errors.is_empty();
                     let previous = files.remove(&path);
                     if !parsed.errors.is_empty()
                         && let Some(mut previous) = previous
@@ -232,11 +253,13 @@ pub async fn watch_dir(dir: PathBuf, interval: Duration, tx: mpsc::Sender<Source
                         .into_iter()
                         .map(|(kind, key)| SourceMessage::Change(Change::Deleted(kind, key))),
                 );
-                if first {
+                if first && !unsettled {
                     // The first complete read replaces whatever the store
                     // had, and tells the agent it may sync.
                     let (services, slices): (Vec<Object>, Vec<Object>) =
-                        initial.into_iter().partition(|o| o.kind() == Kind::Service);
+                        std::mem::take(&mut initial)
+                            .into_iter()
+                            .partition(|o| o.kind() == Kind::Service);
                     messages.push(SourceMessage::Change(Change::Replaced(
                         Kind::Service,
                         services,
@@ -245,6 +268,12 @@ pub async fn watch_dir(dir: PathBuf, interval: Duration, tx: mpsc::Sender<Source
                         Kind::EndpointSlice,
                         slices,
                     )));
+                    if first_incomplete {
+                        messages.push(SourceMessage::Incomplete(format!(
+                            "a manifest in {} could not be read",
+                            dir.display()
+                        )));
+                    }
                     messages.push(SourceMessage::Synced(Kind::Service));
                     messages.push(SourceMessage::Synced(Kind::EndpointSlice));
                     first = false;

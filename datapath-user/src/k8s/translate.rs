@@ -422,7 +422,8 @@ fn endpoints_for_port(
                 continue;
             }
             let is_ready = endpoint.ready.unwrap_or(true);
-            let serving = endpoint.serving.unwrap_or(is_ready);
+            // kube-proxy: a missing `serving` counts as serving.
+            let serving = endpoint.serving.unwrap_or(true);
             let is_terminating = endpoint.terminating.unwrap_or(false);
             let endpoint = Endpoint { address, port };
             if is_ready || publish_not_ready {
