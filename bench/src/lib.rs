@@ -3,6 +3,7 @@
 
 pub mod agent;
 pub mod datapath;
+pub mod kubeproxy;
 
 use clap::{Parser, Subcommand};
 
@@ -34,4 +35,13 @@ pub fn run(opts: Opts) -> anyhow::Result<()> {
         Command::Datapath(o) => datapath::run(&o),
         Command::Agent(o) => agent::run(&o),
     }
+}
+
+/// Fails with a message naming what needs root.
+pub fn require_root(what: &str) -> anyhow::Result<()> {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        anyhow::bail!("{what} needs root");
+    }
+    Ok(())
 }

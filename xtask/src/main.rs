@@ -18,8 +18,9 @@ const BPF_LINKER_LLVM_FEATURE: &str = "llvm-22";
 
 /// Debian packages the test suites use, as (command to probe, package).
 /// The suites build their namespaces with netlink and drive traffic with
-/// their own sockets, so they need none yet; the bench adds its tools.
-const TEST_PACKAGES: &[(&str, &str)] = &[];
+/// their own sockets; the kube-proxy rule generator's output is checked
+/// by the real `iptables-restore --test` and `nft --check`.
+const TEST_PACKAGES: &[(&str, &str)] = &[("iptables-restore", "iptables"), ("nft", "nftables")];
 
 #[derive(Parser)]
 #[command(about = "underpass project tasks", long_about = None)]

@@ -1,0 +1,264 @@
+//! kube-proxy's rules as the generator writes them, against kube-proxy's
+//! own test expectations (`TestOverallIPTablesRules`,
+//! `TestOverallNFTablesRules`) and, as root, against `iptables-restore
+//! --test` and `nft --check` inside a namespace the test creates.
+
+use std::{
+    io::Write,
+    net::Ipv4Addr,
+    process::{Command, Stdio},
+};
+
+use bench::kubeproxy::{
+    Options, ServicePort, iptables_restore, nft_chain_suffix, nft_ruleset, port_proto_hash,
+    probability, service_ports,
+};
+use datapath_user::maps::Protocol;
+
+fn port(ns: &str, name: &str, vip: [u8; 4], endpoints: &[([u8; 4], u16)]) -> ServicePort {
+    ServicePort {
+        namespace: ns.into(),
+        name: name.into(),
+        port_name: "p80".into(),
+        protocol: Protocol::Tcp,
+        cluster_ip: Ipv4Addr::from(vip),
+        port: 80,
+        endpoints: endpoints
+            .iter()
+            .map(|(a, p)| (Ipv4Addr::from(*a), *p))
+            .collect(),
+    }
+}
+
+#[test]
+fn chain_names_match_kube_proxy() {
+    assert_eq!(port_proto_hash("ns1/svc1:p80", "tcp"), "XPGD46QRK7WJZT7O");
+    assert_eq!(port_proto_hash("ns4/svc4:p80", "tcp"), "4SW47YFZTEDKD3PK");
+    assert_eq!(port_proto_hash("ns5/svc5:p80", "tcp"), "NUKIZ6OKUXPJNT4C");
+    assert_eq!(port_proto_hash("ns/svc-0:p80", "tcp"), "QXFI76OKN46J6TV4");
+    let svc1 = port("ns1", "svc1", [172, 30, 0, 41], &[([10, 180, 0, 1], 80)]);
+    assert_eq!(svc1.svc_chain(), "KUBE-SVC-XPGD46QRK7WJZT7O");
+    assert_eq!(
+        svc1.sep_chain((Ipv4Addr::new(10, 180, 0, 1), 80)),
+        "KUBE-SEP-SXIVWICOYRO3J4NJ"
+    );
+    assert_eq!(
+        nft_chain_suffix("ns1/svc1/tcp/p80"),
+        "ULMVA6XW-ns1/svc1/tcp/p80"
+    );
+    assert!(nft_chain_suffix("ns1/svc1/tcp/p80__10.180.0.1/80").starts_with("5OJB2KTY-"));
+    assert!(nft_chain_suffix("ns4/svc4/tcp/p80__10.180.0.4/80").starts_with("UNZV3OEC-"));
+    assert_eq!(probability(3), "0.3333333333");
+    assert_eq!(probability(2), "0.5000000000");
+}
+
+#[test]
+fn iptables_rules_match_the_upstream_example() {
+    let svc4 = port(
+        "ns4",
+        "svc4",
+        [172, 30, 0, 44],
+        &[([10, 180, 0, 4], 80), ([10, 180, 0, 5], 80)],
+    );
+    let payload = iptables_restore(&[svc4], &Options::default());
+    for line in [
+        r#"-A KUBE-SERVICES -m comment --comment "ns4/svc4:p80 cluster IP" -m tcp -p tcp -d 172.30.0.44 --dport 80 -j KUBE-SVC-4SW47YFZTEDKD3PK"#,
+        r#"-A KUBE-SVC-4SW47YFZTEDKD3PK -m comment --comment "ns4/svc4:p80 cluster IP" -m tcp -p tcp -d 172.30.0.44 --dport 80 ! -s 10.0.0.0/8 -j KUBE-MARK-MASQ"#,
+        r#"-A KUBE-SVC-4SW47YFZTEDKD3PK -m comment --comment "ns4/svc4:p80 -> 10.180.0.4:80" -m statistic --mode random --probability 0.5000000000 -j KUBE-SEP-UKSFD7AGPMPPLUHC"#,
+        r#"-A KUBE-SVC-4SW47YFZTEDKD3PK -m comment --comment "ns4/svc4:p80 -> 10.180.0.5:80" -j KUBE-SEP-C6EBXVWJJZMIWKLZ"#,
+        r#"-A KUBE-SEP-UKSFD7AGPMPPLUHC -m comment --comment ns4/svc4:p80 -s 10.180.0.4 -j KUBE-MARK-MASQ"#,
+        r#"-A KUBE-SEP-UKSFD7AGPMPPLUHC -m comment --comment ns4/svc4:p80 -m tcp -p tcp -j DNAT --to-destination 10.180.0.4:80"#,
+        "-A KUBE-POSTROUTING -m mark ! --mark 0x4000/0x4000 -j RETURN",
+        "-A KUBE-MARK-MASQ -j MARK --or-mark 0x4000",
+        ":KUBE-SVC-4SW47YFZTEDKD3PK - [0:0]",
+    ] {
+        assert!(
+            payload.lines().any(|l| l == line),
+            "missing:\n{line}\nin:\n{payload}"
+        );
+    }
+    // Chains before rules in each table; the nodeports jump comes last.
+    let nat = payload.split("*nat\n").nth(1).unwrap();
+    let lines: Vec<&str> = nat.lines().collect();
+    let last_chain = lines.iter().rposition(|l| l.starts_with(':')).unwrap();
+    let first_rule = nat.lines().position(|l| l.starts_with("-A")).unwrap();
+    assert!(last_chain < first_rule);
+    let services: Vec<&str> = nat
+        .lines()
+        .filter(|l| l.starts_with("-A KUBE-SERVICES"))
+        .collect();
+    assert!(services.last().unwrap().contains("KUBE-NODEPORTS"));
+}
+
+#[test]
+fn a_service_without_endpoints_is_rejected_in_filter() {
+    let empty = port("ns6", "svc6", [172, 30, 0, 46], &[]);
+    let payload = iptables_restore(&[empty.clone()], &Options::default());
+    assert!(payload.contains(r#"-A KUBE-SERVICES -m comment --comment "ns6/svc6:p80 has no endpoints" -m tcp -p tcp -d 172.30.0.46 --dport 80 -j REJECT"#));
+    let nft = nft_ruleset(&[empty], &Options::default());
+    assert!(nft.contains(r#"add element ip kube-proxy no-endpoint-services { 172.30.0.46 . tcp . 80 comment "ns6/svc6:p80" : goto reject-chain }"#), "{nft}");
+}
+
+#[test]
+fn large_clusters_drop_per_endpoint_comments() {
+    let endpoints: Vec<([u8; 4], u16)> = (0..1001u32)
+        .map(|i| ((0x0ab40000 + i).to_be_bytes(), 80))
+        .collect();
+    let big = port("ns", "big", [172, 30, 0, 50], &endpoints);
+    let payload = iptables_restore(&[big], &Options::default());
+    assert!(payload.contains("-m comment --comment \"ns/big:p80 cluster IP\""));
+    assert!(!payload.contains("ns/big:p80 ->"));
+    let last = payload
+        .lines()
+        .filter(|l| l.starts_with("-A KUBE-SVC-"))
+        .last()
+        .unwrap();
+    assert!(
+        last.starts_with("-A KUBE-SVC-")
+            && last.contains(" -j KUBE-SEP-")
+            && !last.contains("statistic")
+    );
+}
+
+#[test]
+fn nft_rules_match_the_upstream_example() {
+    let svc1 = port("ns1", "svc1", [172, 30, 0, 41], &[([10, 180, 0, 1], 80)]);
+    let script = nft_ruleset(&[svc1], &Options::default());
+    for line in [
+        "add chain ip kube-proxy service-ULMVA6XW-ns1/svc1/tcp/p80",
+        "add rule ip kube-proxy service-ULMVA6XW-ns1/svc1/tcp/p80 ip daddr 172.30.0.41 ip saddr != 10.0.0.0/8 jump mark-for-masquerade",
+        "add rule ip kube-proxy service-ULMVA6XW-ns1/svc1/tcp/p80 numgen random mod 1 vmap { 0 : goto endpoint-5OJB2KTY-ns1/svc1/tcp/p80__10.180.0.1/80 }",
+        "add chain ip kube-proxy endpoint-5OJB2KTY-ns1/svc1/tcp/p80__10.180.0.1/80",
+        "add rule ip kube-proxy endpoint-5OJB2KTY-ns1/svc1/tcp/p80__10.180.0.1/80 ip saddr 10.180.0.1 jump mark-for-masquerade",
+        "add rule ip kube-proxy endpoint-5OJB2KTY-ns1/svc1/tcp/p80__10.180.0.1/80 meta l4proto tcp dnat to 10.180.0.1:80",
+        "add element ip kube-proxy cluster-ips { 172.30.0.41 }",
+        "add element ip kube-proxy service-ips { 172.30.0.41 . tcp . 80 : goto service-ULMVA6XW-ns1/svc1/tcp/p80 }",
+        "add rule ip kube-proxy masquerading masquerade fully-random",
+        "add rule ip kube-proxy services ip daddr . meta l4proto . th dport vmap @service-ips",
+    ] {
+        assert!(
+            script.lines().any(|l| l == line),
+            "missing:\n{line}\nin:\n{script}"
+        );
+    }
+    let svc4 = port(
+        "ns4",
+        "svc4",
+        [172, 30, 0, 44],
+        &[([10, 180, 0, 4], 80), ([10, 180, 0, 5], 80)],
+    );
+    let script = nft_ruleset(&[svc4], &Options::default());
+    assert!(script.contains("numgen random mod 2 vmap { 0 : goto endpoint-UNZV3OEC-ns4/svc4/tcp/p80__10.180.0.4/80 , 1 : goto endpoint-"), "{script}");
+}
+
+#[test]
+fn ports_from_kubernetes_objects_use_kube_proxy_names_and_order() {
+    let text = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../datapath-user/tests/fixtures/k8s/kube-dns.yaml"
+    ))
+    .unwrap();
+    let parsed = datapath_user::k8s::manifest::parse(&text, "kube-dns.yaml");
+    let (mut services, mut slices) = (Vec::new(), Vec::new());
+    for object in parsed.objects {
+        match object {
+            datapath_user::k8s::Typed::Service(s) => services.push(*s),
+            datapath_user::k8s::Typed::EndpointSlice(s) => slices.push(*s),
+        }
+    }
+    let ports = service_ports(&services, &slices);
+    let names: Vec<String> = ports
+        .iter()
+        .map(|p| format!("{} {:?}", p.service_port_name(), p.protocol))
+        .collect();
+    assert_eq!(
+        names,
+        [
+            "kube-system/kube-dns:dns Udp",
+            "kube-system/kube-dns:dns-tcp Tcp",
+            "kube-system/kube-dns:metrics Tcp"
+        ]
+    );
+    assert_eq!(ports[0].endpoints[0], (Ipv4Addr::new(10, 244, 0, 3), 1053));
+}
+
+/// Runs `command` with `input` on stdin inside a fresh namespace.
+fn check_in_namespace(command: &str, args: &[&str], input: &str) -> Result<(), String> {
+    let namespace = datapath_user::topology::Namespace::create(&format!(
+        "{}-rules",
+        datapath_user::topology::unique_prefix()
+    ))
+    .map_err(|e| e.to_string())?;
+    namespace
+        .run(|| {
+            let mut child = Command::new(command)
+                .args(args)
+                .stdin(Stdio::piped())
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped())
+                .spawn()
+                .map_err(|e| format!("{command}: {e}"))?;
+            child
+                .stdin
+                .take()
+                .unwrap()
+                .write_all(input.as_bytes())
+                .unwrap();
+            let output = child.wait_with_output().unwrap();
+            if output.status.success() {
+                Ok(())
+            } else {
+                Err(String::from_utf8_lossy(&output.stderr).into_owned())
+            }
+        })
+        .map_err(|e| e.to_string())?
+}
+
+fn sample() -> Vec<ServicePort> {
+    vec![
+        port("ns1", "svc1", [172, 30, 0, 41], &[([10, 180, 0, 1], 80)]),
+        port(
+            "ns4",
+            "svc4",
+            [172, 30, 0, 44],
+            &[
+                ([10, 180, 0, 4], 80),
+                ([10, 180, 0, 5], 80),
+                ([10, 180, 0, 6], 8080),
+            ],
+        ),
+        port("ns6", "svc6", [172, 30, 0, 46], &[]),
+    ]
+}
+
+#[test]
+fn iptables_restore_accepts_the_payload() {
+    bench::require_root("iptables-restore --test").unwrap();
+    let payload = iptables_restore(&sample(), &Options::default());
+    check_in_namespace("iptables-restore", &["--test", "--noflush"], &payload)
+        .unwrap_or_else(|e| panic!("iptables-restore rejected it: {e}\n{payload}"));
+}
+
+#[test]
+fn nft_accepts_the_ruleset() {
+    bench::require_root("nft --check").unwrap();
+    let options = Options {
+        service_cidr: Some("172.30.0.0/16".into()),
+        ..Options::default()
+    };
+    let script = nft_ruleset(&sample(), &options);
+    check_in_namespace("nft", &["--check", "-f", "-"], &script)
+        .unwrap_or_else(|e| panic!("nft rejected it: {e}\n{script}"));
+}
+
+#[test]
+fn the_checks_reject_a_broken_ruleset() {
+    bench::require_root("iptables-restore --test").unwrap();
+    // So that the two checks above can fail.
+    let payload = iptables_restore(&sample(), &Options::default())
+        .replace("-j KUBE-MARK-MASQ", "-j KUBE-NO-SUCH-CHAIN");
+    assert!(check_in_namespace("iptables-restore", &["--test", "--noflush"], &payload).is_err());
+    let script = nft_ruleset(&sample(), &Options::default())
+        .replace("jump mark-for-masquerade", "jump no-such-chain");
+    assert!(check_in_namespace("nft", &["--check", "-f", "-"], &script).is_err());
+}
