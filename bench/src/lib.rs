@@ -4,6 +4,7 @@
 pub mod agent;
 pub mod datapath;
 pub mod kubeproxy;
+pub mod lab;
 
 use clap::{Parser, Subcommand};
 

@@ -374,6 +374,11 @@ pub const SUBNETS: [(Ipv4Addr, Ipv4Addr); 2] = [
 ];
 pub const NODE_ADDRESSES: [Ipv4Addr; 2] =
     [Ipv4Addr::new(10, 77, 0, 101), Ipv4Addr::new(10, 77, 0, 102)];
+/// The pod's side of the coordinator veth (Spiderpool's name).
+pub const COORDINATOR_IFACE: &str = "veth0";
+/// The node's address on every coordinator veth (link-local, as
+/// Spiderpool and Calico use one such address per node).
+pub const COORDINATOR_GATEWAY: Ipv4Addr = Ipv4Addr::new(169, 254, 1, 1);
 /// The wire's interface name in both node namespaces.
 pub const WIRE: &str = "wire";
 
@@ -510,6 +515,121 @@ impl Topology {
             mac,
         });
         Ok(self.pods.last().expect("just pushed"))
+    }
+
+    /// Spiderpool's coordinator path for `role`: a veth from the pod
+    /// (`veth0`) to its node, the node answering on the link-local
+    /// [`COORDINATOR_GATEWAY`], a host route back to the pod, forwarding
+    /// on. Which destinations use it is the caller's choice
+    /// ([`Topology::route_via_node`]): with kube-proxy, the service CIDR.
+    pub fn add_coordinator_veth(&self, role: &str) -> Result<()> {
+        let index = self
+            .pods
+            .iter()
+            .position(|p| p.role == role)
+            .unwrap_or_else(|| panic!("no pod {role} in this topology"));
+        let pod = &self.pods[index];
+        let node = &self.nodes[pod.node];
+        let host_side = format!("veth-{index}");
+        let temp = format!("cv{index}");
+        let pod_fd = fs::File::open(pod.namespace.path())
+            .map_err(|e| err(pod.namespace.name(), "open", e))?;
+        let pod_raw = pod_fd.as_raw_fd();
+        let (host, peer, address) = (host_side.clone(), temp.clone(), pod.address);
+        node.netlink("create the coordinator veth", |h| async move {
+            h.link()
+                .add(LinkVeth::new(&host, &peer).build())
+                .execute()
+                .await
+                .map_err(|e| e.to_string())?;
+            let peer_index = index_of(&h, &peer).await?;
+            h.link()
+                .set(
+                    LinkUnspec::new_with_index(peer_index)
+                        .setns_by_fd(pod_raw)
+                        .build(),
+                )
+                .execute()
+                .await
+                .map_err(|e| e.to_string())?;
+            let host_index = index_of(&h, &host).await?;
+            h.address()
+                .add(host_index, COORDINATOR_GATEWAY.into(), 32)
+                .execute()
+                .await
+                .map_err(|e| e.to_string())?;
+            set_up(&h, &host).await?;
+            // The host route back to the pod.
+            let route = RouteMessageBuilder::<Ipv4Addr>::new()
+                .destination_prefix(address, 32)
+                .output_interface(host_index)
+                .build();
+            h.route()
+                .add(route)
+                .execute()
+                .await
+                .map_err(|e| e.to_string())
+        })?;
+        drop(pod_fd);
+        node.sysctl("net.ipv4.ip_forward", "1")?;
+        node.disable_tx_checksum(&host_side)?;
+        pod.namespace.netlink("set up veth0", |h| async move {
+            let index = index_of(&h, &temp).await?;
+            h.link()
+                .set(
+                    LinkUnspec::new_with_index(index)
+                        .name(COORDINATOR_IFACE.to_owned())
+                        .up()
+                        .build(),
+                )
+                .execute()
+                .await
+                .map_err(|e| e.to_string())?;
+            let route = RouteMessageBuilder::<Ipv4Addr>::new()
+                .destination_prefix(COORDINATOR_GATEWAY, 32)
+                .output_interface(index)
+                .scope(rtnetlink::packet_route::route::RouteScope::Link)
+                .build();
+            h.route()
+                .add(route)
+                .execute()
+                .await
+                .map_err(|e| e.to_string())
+        })?;
+        pod.namespace.disable_tx_checksum(COORDINATOR_IFACE)
+    }
+
+    /// Routes `prefix` from pod `role` through its coordinator veth (to
+    /// the node), or, with `via_node` false, removes that route (back to
+    /// the pod's own interface and gateway).
+    pub fn route_via_node(&self, role: &str, prefix: (Ipv4Addr, u8), via_node: bool) -> Result<()> {
+        let pod = self.pod(role);
+        pod.namespace
+            .netlink("route through the node", |h| async move {
+                let index = index_of(&h, COORDINATOR_IFACE).await?;
+                let route = RouteMessageBuilder::<Ipv4Addr>::new()
+                    .destination_prefix(prefix.0, prefix.1)
+                    .gateway(COORDINATOR_GATEWAY)
+                    .output_interface(index)
+                    .build();
+                if via_node {
+                    h.route()
+                        .add(route)
+                        .replace()
+                        .execute()
+                        .await
+                        .map_err(|e| e.to_string())
+                } else {
+                    match h.route().del(route).execute().await {
+                        Ok(()) => Ok(()),
+                        // Not there: nothing to remove.
+                        Err(rtnetlink::Error::NetlinkError(e)) if e.raw_code() == -libc::ESRCH => {
+                            Ok(())
+                        }
+                        Err(e) => Err(e.to_string()),
+                    }
+                }
+            })
     }
 
     pub fn pod(&self, role: &str) -> &Pod {

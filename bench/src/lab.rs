@@ -1,0 +1,206 @@
+//! The ClusterIP bench's lab: the two-node topology, the Service objects
+//! every mode is programmed from, and the kube-proxy baseline installed
+//! in the client's node namespace.
+
+use std::{
+    io::Write,
+    net::Ipv4Addr,
+    process::{Command, Stdio},
+};
+
+use anyhow::{Context, Result, bail};
+use datapath_user::topology::Namespace;
+use k8s_openapi::{
+    api::{
+        core::v1::{Service, ServicePort as K8sServicePort, ServiceSpec},
+        discovery::v1::{Endpoint, EndpointConditions, EndpointPort, EndpointSlice},
+    },
+    apimachinery::pkg::{apis::meta::v1::ObjectMeta, util::intstr::IntOrString},
+};
+
+use crate::kubeproxy::{self, Options, ServicePort};
+
+/// The service CIDR the client routes through its node in kube-proxy mode.
+pub const SERVICE_CIDR: (Ipv4Addr, u8) = (Ipv4Addr::new(10, 96, 0, 0), 12);
+/// kube-proxy's `--cluster-cidr` (the overlay's pod CIDR): underlay pod
+/// addresses lie outside it, so their service traffic is masqueraded, as
+/// on a Spiderpool node.
+pub const CLUSTER_CIDR: &str = "10.244.0.0/16";
+
+/// A Service `name` at `vip:port` → `endpoints` on `target_port`, with
+/// its EndpointSlice, as the API server would hold them.
+pub fn service_objects(
+    name: &str,
+    vip: Ipv4Addr,
+    port: u16,
+    target_port: u16,
+    endpoints: &[Ipv4Addr],
+) -> (Service, EndpointSlice) {
+    let service = Service {
+        metadata: ObjectMeta {
+            name: Some(name.into()),
+            namespace: Some("bench".into()),
+            ..ObjectMeta::default()
+        },
+        spec: Some(ServiceSpec {
+            cluster_ip: Some(vip.to_string()),
+            cluster_ips: Some(vec![vip.to_string()]),
+            ports: Some(vec![K8sServicePort {
+                name: Some("p".into()),
+                port: i32::from(port),
+                protocol: Some("TCP".into()),
+                target_port: Some(IntOrString::Int(i32::from(target_port))),
+                ..K8sServicePort::default()
+            }]),
+            ..ServiceSpec::default()
+        }),
+        ..Service::default()
+    };
+    let slice = EndpointSlice {
+        metadata: ObjectMeta {
+            name: Some(format!("{name}-1")),
+            namespace: Some("bench".into()),
+            labels: Some(
+                [(
+                    datapath_user::k8s::translate::SERVICE_NAME_LABEL.to_owned(),
+                    name.to_owned(),
+                )]
+                .into(),
+            ),
+            ..ObjectMeta::default()
+        },
+        address_type: "IPv4".into(),
+        ports: Some(vec![EndpointPort {
+            name: Some("p".into()),
+            port: Some(i32::from(target_port)),
+            protocol: Some("TCP".into()),
+            ..EndpointPort::default()
+        }]),
+        endpoints: Some(
+            endpoints
+                .iter()
+                .map(|a| Endpoint {
+                    addresses: vec![a.to_string()],
+                    conditions: Some(EndpointConditions {
+                        ready: Some(true),
+                        ..EndpointConditions::default()
+                    }),
+                    ..Endpoint::default()
+                })
+                .collect(),
+        ),
+    };
+    (service, slice)
+}
+
+/// Which kube-proxy backend to install.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum KubeProxy {
+    Iptables,
+    Nftables,
+}
+
+/// Runs `program args` with `input` on stdin inside `namespace`.
+fn run_in(namespace: &Namespace, program: &str, args: &[&str], input: &str) -> Result<()> {
+    let output = namespace
+        .run(|| -> std::io::Result<std::process::Output> {
+            let mut child = Command::new(program)
+                .args(args)
+                .stdin(Stdio::piped())
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped())
+                .spawn()?;
+            child
+                .stdin
+                .take()
+                .expect("piped stdin")
+                .write_all(input.as_bytes())?;
+            child.wait_with_output()
+        })?
+        .with_context(|| format!("running {program} in {}", namespace.name()))?;
+    if !output.status.success() {
+        bail!(
+            "{program} {} in {}: {}",
+            args.join(" "),
+            namespace.name(),
+            String::from_utf8_lossy(&output.stderr).trim()
+        );
+    }
+    Ok(())
+}
+
+/// The kube-proxy options the bench uses.
+pub fn kube_proxy_options() -> Options {
+    Options {
+        cluster_cidr: Some(CLUSTER_CIDR.into()),
+        service_cidr: Some(format!("{}/{}", SERVICE_CIDR.0, SERVICE_CIDR.1)),
+        ..Options::default()
+    }
+}
+
+/// Installs what kube-proxy would for `ports` in `node`: its conntrack
+/// sysctls (those that are per-namespace), then the iptables payload and
+/// jump rules, or the nftables ruleset.
+pub fn install_kube_proxy(
+    node: &Namespace,
+    ports: &[ServicePort],
+    flavour: KubeProxy,
+) -> Result<()> {
+    for (key, value) in [
+        (
+            "net.netfilter.nf_conntrack_tcp_timeout_established",
+            "86400",
+        ),
+        ("net.netfilter.nf_conntrack_tcp_timeout_close_wait", "3600"),
+    ] {
+        // The conntrack module loads with the first rule; set afterwards
+        // too (below) when the key does not exist yet.
+        let _ = node.sysctl(key, value);
+    }
+    let options = kube_proxy_options();
+    match flavour {
+        KubeProxy::Iptables => {
+            let payload = kubeproxy::iptables_restore(ports, &options);
+            run_in(
+                node,
+                "iptables-restore",
+                &["-w", "5", "--noflush", "--counters"],
+                &payload,
+            )?;
+            // Prepended in list order, as kube-proxy's EnsureRule does.
+            for (table, chain, rule) in kubeproxy::iptables_jumps() {
+                let script = format!("*{table}\n-I {chain} 1 {rule}\nCOMMIT\n");
+                run_in(node, "iptables-restore", &["-w", "5", "--noflush"], &script)?;
+            }
+        }
+        KubeProxy::Nftables => {
+            let script = kubeproxy::nft_ruleset(ports, &options);
+            run_in(node, "nft", &["-f", "-"], &script)?;
+        }
+    }
+    for (key, value) in [
+        (
+            "net.netfilter.nf_conntrack_tcp_timeout_established",
+            "86400",
+        ),
+        ("net.netfilter.nf_conntrack_tcp_timeout_close_wait", "3600"),
+    ] {
+        node.sysctl(key, value)
+            .with_context(|| format!("kube-proxy's conntrack setting {key}"))?;
+    }
+    Ok(())
+}
+
+/// Removes the kube-proxy baseline from `node`.
+pub fn remove_kube_proxy(node: &Namespace, flavour: KubeProxy) -> Result<()> {
+    match flavour {
+        KubeProxy::Iptables => {
+            for table in ["nat", "filter"] {
+                run_in(node, "iptables", &["-w", "5", "-t", table, "-F"], "")?;
+                run_in(node, "iptables", &["-w", "5", "-t", table, "-X"], "")?;
+            }
+            Ok(())
+        }
+        KubeProxy::Nftables => run_in(node, "nft", &["delete", "table", "ip", "kube-proxy"], ""),
+    }
+}
