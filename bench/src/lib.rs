@@ -2,9 +2,11 @@
 //! timed tests.
 
 pub mod agent;
+pub mod cluster_ip;
 pub mod datapath;
 pub mod kubeproxy;
 pub mod lab;
+pub mod workload;
 
 use clap::{Parser, Subcommand};
 
@@ -25,6 +27,13 @@ pub enum Command {
     /// BPF_PROG_TEST_RUN (repeat) on the real object: conntrack hit,
     /// reverse NAT, and traffic that is not for a service. Needs root.
     Datapath(datapath::DatapathOpts),
+    /// The seed's ClusterIP table on the two-node topology: kube-proxy
+    /// (iptables, nftables), underpass TC and socket-LB, the Pod IP and
+    /// node to node, interleaved in one run. Needs root.
+    ClusterIp(cluster_ip::ClusterIpOpts),
+    /// One client measurement inside a namespace (used by cluster-ip).
+    #[command(hide = true)]
+    Worker(workload::WorkerOpts),
     /// The agent's control plane: sync N services × M endpoints into empty
     /// maps, apply one changed EndpointSlice (p50/p99), and the agent
     /// binary's RSS at that scale. Needs root (real BPF maps).
@@ -35,6 +44,8 @@ pub fn run(opts: Opts) -> anyhow::Result<()> {
     match opts.command {
         Command::Datapath(o) => datapath::run(&o),
         Command::Agent(o) => agent::run(&o),
+        Command::ClusterIp(o) => cluster_ip::run(&o),
+        Command::Worker(o) => workload::worker(&o),
     }
 }
 

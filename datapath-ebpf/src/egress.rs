@@ -17,7 +17,8 @@ use aya_ebpf::{
     programs::TcContext,
 };
 use datapath_common::{
-    conntrack::{self, Direction},
+    IPPROTO_TCP,
+    conntrack::{self, Direction, STATE_CLOSING_RX, STATE_CLOSING_TX, TCP_ACK, TCP_SYN},
     lb,
     maps::{Backend, CtEntry, CtKey, L2_UNRESOLVED, ServiceKey},
     metrics::Counter,
@@ -36,6 +37,7 @@ pub fn run(ctx: &TcContext) -> i32 {
         return TC_ACT_UNSPEC;
     };
     if !maybe_service(&packet) {
+        forget_reused_reply_tuple(&packet);
         return TC_ACT_UNSPEC;
     }
     let key = ct::service_key(
@@ -80,6 +82,47 @@ pub fn run(ctx: &TcContext) -> i32 {
     new_flow(ctx, &packet, &key, now)
 }
 
+/// A connection opened straight to an address (not through a service:
+/// a Pod IP, or a socket-LB translated `connect()`) may reuse the tuple a
+/// closed service flow had towards its backend. That flow's reply entry
+/// would reverse-translate the new connection's replies to the old VIP,
+/// and the socket would drop them. Its SYN removes that flow from
+/// conntrack (both entries: a service flow never has one without the
+/// other) once the flow is closing or expired. A live flow is kept: the
+/// translated SYN itself comes through here again after
+/// `bpf_redirect_neigh`, and a live flow on the same wire tuple would
+/// collide anyway. Only SYNs pay for this (one lookup).
+#[inline(always)]
+fn forget_reused_reply_tuple(packet: &Packet) {
+    if packet.protocol != IPPROTO_TCP || packet.tcp_flags & (TCP_SYN | TCP_ACK) != TCP_SYN {
+        return;
+    }
+    let reply = ct::backend_key(
+        packet.saddr_be,
+        packet.sport_be,
+        packet.daddr_be,
+        packet.dport_be,
+        packet.protocol,
+    );
+    // SAFETY: the value is copied out before any other map call.
+    let Some(stale) = (unsafe { CONNTRACK.get(reply) }).copied() else {
+        return;
+    };
+    let closing = stale.state & (STATE_CLOSING_TX | STATE_CLOSING_RX) != 0;
+    if !closing && !ct::is_expired(&stale, packet.protocol, ct::now()) {
+        return;
+    }
+    let service = ct::service_key(
+        packet.saddr_be,
+        packet.sport_be,
+        stale.service_address_be,
+        stale.service_port_be,
+        packet.protocol,
+    );
+    let _ = CONNTRACK.remove(service);
+    let _ = CONNTRACK.remove(reply);
+}
+
 /// False when no frontend hashes to the packet's destination bucket.
 #[inline(always)]
 fn maybe_service(packet: &Packet) -> bool {
@@ -118,6 +161,7 @@ fn new_flow(ctx: &TcContext, packet: &Packet, key: &CtKey, now: u64) -> i32 {
     let frontend = ServiceKey::new(packet.daddr_be, packet.dport_be, packet.protocol, 0);
     // SAFETY: the value is copied out before any other map call.
     let Some(service) = (unsafe { SERVICES.get(frontend) }).copied() else {
+        forget_reused_reply_tuple(packet);
         return TC_ACT_UNSPEC;
     };
     if service.backend_count == 0 {

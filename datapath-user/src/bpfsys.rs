@@ -23,6 +23,10 @@ struct ObjGetAttr {
     bpf_fd: u32,
     file_flags: u32,
     path_fd: i32,
+    /// Explicit: the kernel rejects (EINVAL) an attr whose bytes past the
+    /// last field it knows are not zero, and implicit padding is not
+    /// guaranteed to be.
+    _pad: u32,
 }
 
 #[repr(C)]

@@ -658,3 +658,49 @@ fn the_service_filter_counts_frontends_and_tolerates_collisions() {
         verdict::NEXT
     );
 }
+
+#[test]
+fn a_direct_connection_reusing_a_service_flows_tuple_is_not_reverse_natted() {
+    let mut dp = datapath_with(tcp_frontend(), &[B1]);
+    let syn = Frame::tcp(CLIENT, (VIP, 80), SYN);
+    egress(&mut dp, &syn);
+    let reply_key = backend_key(&syn, &B1);
+    // While the flow lives, its own translated SYN coming through egress
+    // again (after bpf_redirect_neigh) leaves it alone.
+    let direct = Frame::tcp(CLIENT, (B1.address, B1.port), SYN);
+    egress(&mut dp, &direct);
+    assert!(ct_entry(&dp, &reply_key).is_some(), "a live flow is kept");
+    // The flow closes: its entries linger for the closing lifetime.
+    egress(&mut dp, &Frame::tcp(CLIENT, (VIP, 80), FIN | ACK));
+    assert!(ct_entry(&dp, &reply_key).is_some());
+
+    // The same client port now connects straight to the backend (a Pod
+    // IP, or socket-LB's translated connect): same tuple on the wire.
+    let (v, out) = egress(&mut dp, &direct);
+    assert_eq!(
+        (v, out),
+        (verdict::NEXT, direct.build()),
+        "not ours: untouched"
+    );
+    assert!(
+        ct_entry(&dp, &reply_key).is_none(),
+        "the stale flow is gone"
+    );
+    assert!(
+        ct_entry(&dp, &service_key(&syn)).is_none(),
+        "both of its entries"
+    );
+
+    // Its SYN-ACK comes back from the backend address, as sent.
+    let syn_ack = Frame::tcp((B1.address, B1.port), CLIENT, SYN | ACK).build();
+    let out = dp.test_run_tc(TC_INGRESS, &syn_ack, 1).unwrap();
+    assert_eq!((out.verdict, out.frame), (verdict::NEXT, syn_ack));
+
+    // A new service flow on that tuple is tracked afresh; a non-SYN
+    // direct packet does not touch it.
+    egress(&mut dp, &syn);
+    assert!(ct_entry(&dp, &reply_key).is_some());
+    let ack = Frame::tcp(CLIENT, (B1.address, B1.port), ACK);
+    egress(&mut dp, &ack);
+    assert!(ct_entry(&dp, &reply_key).is_some());
+}

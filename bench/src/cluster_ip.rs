@@ -1,0 +1,473 @@
+//! `bench cluster-ip`: the seed's ClusterIP table on our two-node
+//! topology, every mode interleaved in one run: kube-proxy (iptables and
+//! nftables, through the Spiderpool coordinator veth), underpass on the
+//! TC path and with socket-LB (programmed by `underpass agent --from-dir`
+//! from the same objects), the direct Pod IP, and node to node.
+
+use std::{
+    collections::BTreeMap,
+    io::{Read, Write},
+    net::{Ipv4Addr, SocketAddr, SocketAddrV4, TcpListener, TcpStream},
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context, Result, bail, ensure};
+use clap::{Parser, ValueEnum};
+use datapath_user::{
+    attach::pinned_tc_links,
+    topology::{self, Cgroup, NODE_ADDRESSES, PodSpec, Topology, standard_pods},
+};
+use serde::Serialize;
+
+use crate::{
+    kubeproxy::service_ports,
+    lab::{KubeProxy, SERVICE_CIDR, install_kube_proxy, remove_kube_proxy, service_objects},
+    workload::{Kind, Measurement, start_echo_server},
+};
+
+/// The datapath a measurement crosses.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, ValueEnum, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Mode {
+    /// kube-proxy's iptables rules, through the coordinator veth.
+    KubeProxy,
+    /// kube-proxy's nftables rules, through the coordinator veth.
+    KubeProxyNft,
+    /// underpass TC programs on the pod's macvlan.
+    Ebpf,
+    /// underpass socket-LB (connect-time translation).
+    SocketLb,
+    /// No service: straight to the server pod (the limit).
+    PodIp,
+    /// Node namespace to node namespace.
+    Node,
+}
+
+impl Mode {
+    pub const ALL: [Mode; 6] = [
+        Mode::KubeProxy,
+        Mode::KubeProxyNft,
+        Mode::Ebpf,
+        Mode::SocketLb,
+        Mode::PodIp,
+        Mode::Node,
+    ];
+
+    fn label(self) -> &'static str {
+        match self {
+            Mode::KubeProxy => "macvlan + kube-proxy (iptables)",
+            Mode::KubeProxyNft => "macvlan + kube-proxy (nftables)",
+            Mode::Ebpf => "macvlan + underpass TC (eBPF)",
+            Mode::SocketLb => "macvlan + underpass socket-LB",
+            Mode::PodIp => "macvlan, Pod IP (no service)",
+            Mode::Node => "node to node",
+        }
+    }
+
+    /// The seed's figure for this row (Spiderpool page, ClusterIP and
+    /// Pod IP sections), if it has one.
+    fn seed(self, kind: Kind) -> Option<f64> {
+        match (kind, self) {
+            (Kind::Latency, Mode::KubeProxy) => Some(36.8),
+            (Kind::Latency, Mode::Ebpf | Mode::SocketLb) => Some(27.7),
+            (Kind::Latency, Mode::PodIp) => Some(24.3),
+            (Kind::Latency, Mode::Node) => Some(32.2),
+            (Kind::Rr, Mode::KubeProxy) => Some(16002.3),
+            (Kind::Rr, Mode::Ebpf | Mode::SocketLb) => Some(18992.9),
+            (Kind::Rr, Mode::PodIp) => Some(19793.9),
+            (Kind::Rr, Mode::Node) => Some(47560.5),
+            _ => None,
+        }
+    }
+}
+
+#[derive(Parser, Debug)]
+pub struct ClusterIpOpts {
+    /// Modes to measure (comma-separated), or all.
+    #[arg(long, value_enum, value_delimiter = ',')]
+    pub mode: Vec<Mode>,
+    /// Workloads (comma-separated); default: all.
+    #[arg(long, value_enum, value_delimiter = ',')]
+    pub workload: Vec<Kind>,
+    /// Repetitions of every measurement (min/median/max are reported).
+    #[arg(long, default_value_t = 3)]
+    pub runs: usize,
+    /// Seconds per measurement.
+    #[arg(long, default_value_t = 10.0)]
+    pub seconds: f64,
+    /// Every row in seconds (0.3 s per measurement, one run): checks the
+    /// whole pipeline; asserts nothing about speed.
+    #[arg(long)]
+    pub quick: bool,
+    /// Also write the results as JSON here.
+    #[arg(long)]
+    pub json: Option<PathBuf>,
+    /// The `underpass` binary (default: next to this one).
+    #[arg(long)]
+    pub underpass: Option<PathBuf>,
+}
+
+/// The service every mode reaches.
+const VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 10);
+const SERVICE_PORT: u16 = 12345;
+const SERVER_PORT: u16 = 12345;
+/// Client and server on different CPUs (2-core machine: one each).
+const CLIENT_CPU: usize = 0;
+const SERVER_CPU: usize = 1;
+
+#[derive(Debug, Serialize)]
+pub struct Row {
+    pub workload: Kind,
+    pub mode: Mode,
+    pub runs: Vec<Measurement>,
+}
+
+pub fn run(opts: &ClusterIpOpts) -> Result<()> {
+    crate::require_root("the ClusterIP bench (namespaces, eBPF, iptables)")?;
+    let modes: Vec<Mode> = if opts.mode.is_empty() {
+        Mode::ALL.to_vec()
+    } else {
+        opts.mode.clone()
+    };
+    let kinds: Vec<Kind> = if opts.workload.is_empty() {
+        vec![Kind::Latency, Kind::Rr, Kind::Crr]
+    } else {
+        opts.workload.clone()
+    };
+    let (runs, seconds) = if opts.quick {
+        (1, 0.3)
+    } else {
+        (opts.runs.max(1), opts.seconds)
+    };
+    topology::cleanup_on_signals();
+    let pods: Vec<PodSpec> = standard_pods()
+        .into_iter()
+        .filter(|p| p.role == "client" || p.role == "server-b")
+        .collect();
+    eprintln!("building the two-node topology…");
+    let topo = Topology::build(&pods)?;
+    let server = topo.pod("server-b");
+    start_echo_server(
+        &server.namespace,
+        server.address,
+        SERVER_PORT,
+        Some(SERVER_CPU),
+    )?;
+    start_echo_server(
+        &topo.nodes[1],
+        NODE_ADDRESSES[1],
+        SERVER_PORT,
+        Some(SERVER_CPU),
+    )?;
+    topo.add_coordinator_veth("client")?;
+
+    let (service, slice) =
+        service_objects("bench", VIP, SERVICE_PORT, SERVER_PORT, &[server.address]);
+    let ports = service_ports(std::slice::from_ref(&service), std::slice::from_ref(&slice));
+    let cgroup = Cgroup::create(&format!("{}-socklb", topo.prefix))?;
+    let needs_agent = modes
+        .iter()
+        .any(|m| matches!(m, Mode::Ebpf | Mode::SocketLb));
+    let agent = if needs_agent {
+        Some(Agent::start(opts, &topo, &cgroup, &service, &slice)?)
+    } else {
+        None
+    };
+
+    let mut rows: BTreeMap<(Kind, Mode), Vec<Measurement>> = BTreeMap::new();
+    let mut installed: Option<KubeProxy> = None;
+    let total = runs * kinds.len() * modes.len();
+    let mut done = 0;
+    for run in 0..runs {
+        for &kind in &kinds {
+            // Modes interleaved: drift on the machine hits all of them.
+            for &mode in &modes {
+                done += 1;
+                eprint!(
+                    "\r[{done}/{total}] run {} {kind:?} {:<34}",
+                    run + 1,
+                    mode.label()
+                );
+                let flavour = match mode {
+                    Mode::KubeProxy => Some(KubeProxy::Iptables),
+                    Mode::KubeProxyNft => Some(KubeProxy::Nftables),
+                    _ => None,
+                };
+                if let Some(flavour) = flavour
+                    && installed != Some(flavour)
+                {
+                    if let Some(old) = installed.take() {
+                        remove_kube_proxy(&topo.nodes[0], old)?;
+                    }
+                    install_kube_proxy(&topo.nodes[0], &ports, flavour)?;
+                    installed = Some(flavour);
+                }
+                topo.route_via_node("client", SERVICE_CIDR, flavour.is_some())?;
+                let (netns, target, in_cgroup) = match mode {
+                    Mode::PodIp => (
+                        topo.pod("client").namespace.path(),
+                        SocketAddrV4::new(server.address, SERVER_PORT),
+                        false,
+                    ),
+                    Mode::Node => (
+                        topo.nodes[0].path(),
+                        SocketAddrV4::new(NODE_ADDRESSES[1], SERVER_PORT),
+                        false,
+                    ),
+                    Mode::SocketLb => (
+                        topo.pod("client").namespace.path(),
+                        SocketAddrV4::new(VIP, SERVICE_PORT),
+                        true,
+                    ),
+                    _ => (
+                        topo.pod("client").namespace.path(),
+                        SocketAddrV4::new(VIP, SERVICE_PORT),
+                        false,
+                    ),
+                };
+                let measurement = run_worker(
+                    netns,
+                    in_cgroup.then(|| cgroup.path()),
+                    kind,
+                    target.into(),
+                    seconds,
+                )
+                .with_context(|| format!("{kind:?} over {}", mode.label()))?;
+                ensure!(
+                    measurement.transactions > 0,
+                    "{kind:?} over {}: no transaction completed",
+                    mode.label()
+                );
+                rows.entry((kind, mode)).or_default().push(measurement);
+            }
+        }
+    }
+    eprintln!();
+    if let Some(flavour) = installed {
+        remove_kube_proxy(&topo.nodes[0], flavour)?;
+    }
+    if let Some(agent) = agent {
+        agent.stop();
+    }
+    print_tables(&rows, &kinds, &modes);
+    if let Some(path) = &opts.json {
+        let rows: Vec<Row> = rows
+            .into_iter()
+            .map(|((workload, mode), runs)| Row {
+                workload,
+                mode,
+                runs,
+            })
+            .collect();
+        std::fs::write(path, serde_json::to_string_pretty(&rows)?)
+            .with_context(|| format!("writing {}", path.display()))?;
+    }
+    drop(cgroup);
+    drop(topo);
+    Ok(())
+}
+
+fn run_worker(
+    netns: &Path,
+    cgroup: Option<&Path>,
+    kind: Kind,
+    target: SocketAddr,
+    seconds: f64,
+) -> Result<Measurement> {
+    let mut command = Command::new(std::env::current_exe()?);
+    command
+        .arg("worker")
+        .arg("--netns")
+        .arg(netns)
+        .args(["--cpu", &CLIENT_CPU.to_string()])
+        .args(["--kind", kind_arg(kind)])
+        .args(["--target", &target.to_string()])
+        .args(["--seconds", &seconds.to_string()])
+        .stderr(Stdio::inherit());
+    if let Some(cgroup) = cgroup {
+        command.arg("--cgroup").arg(cgroup);
+    }
+    let output = command.output().context("running the bench worker")?;
+    if !output.status.success() {
+        bail!("worker failed ({})", output.status);
+    }
+    serde_json::from_slice(&output.stdout).context("reading the worker's result")
+}
+
+fn kind_arg(kind: Kind) -> &'static str {
+    match kind {
+        Kind::Latency => "latency",
+        Kind::Rr => "rr",
+        Kind::Crr => "crr",
+    }
+}
+
+/// Median, min and max of `values`.
+fn spread(mut values: Vec<f64>) -> (f64, f64, f64) {
+    values.sort_by(f64::total_cmp);
+    (
+        values[values.len() / 2],
+        values[0],
+        values[values.len() - 1],
+    )
+}
+
+fn print_tables(rows: &BTreeMap<(Kind, Mode), Vec<Measurement>>, kinds: &[Kind], modes: &[Mode]) {
+    for &kind in kinds {
+        let (title, unit, pick): (&str, &str, fn(&Measurement) -> f64) = match kind {
+            Kind::Latency => (
+                "sockperf-style ping-pong latency (one-way, 64 B)",
+                "µs",
+                |m| m.mean_us,
+            ),
+            Kind::Rr => ("TCP_RR (100 B request/response)", "trans/s", |m| {
+                m.per_second
+            }),
+            Kind::Crr => (
+                "TCP_CRR (connect, 100 B request/response, close)",
+                "trans/s",
+                |m| m.per_second,
+            ),
+        };
+        println!("\n### {title}\n");
+        println!("| datapath | ours, median ({unit}) | min–max | seed ({unit}) |");
+        println!("| --- | --- | --- | --- |");
+        let mut medians = BTreeMap::new();
+        for &mode in modes {
+            let Some(runs) = rows.get(&(kind, mode)) else {
+                continue;
+            };
+            let (median, min, max) = spread(runs.iter().map(pick).collect());
+            medians.insert(mode, median);
+            let seed = mode
+                .seed(kind)
+                .map(|v| format!("{v}"))
+                .unwrap_or_else(|| "–".into());
+            println!(
+                "| {} | {median:.1} | {min:.1}–{max:.1} | {seed} |",
+                mode.label()
+            );
+        }
+        let ratio = |a: Mode, b: Mode| -> Option<f64> { Some(medians.get(&a)? / medians.get(&b)?) };
+        let seed_ratio = |a: Mode, b: Mode| -> Option<f64> { Some(a.seed(kind)? / b.seed(kind)?) };
+        for (a, b) in [
+            (Mode::Ebpf, Mode::KubeProxy),
+            (Mode::Ebpf, Mode::PodIp),
+            (Mode::SocketLb, Mode::PodIp),
+            (Mode::KubeProxyNft, Mode::KubeProxy),
+        ] {
+            if let Some(r) = ratio(a, b) {
+                let seed = seed_ratio(a, b)
+                    .map(|s| format!("{s:.3}"))
+                    .unwrap_or_else(|| "–".into());
+                println!("| ratio {:?}/{:?} | {r:.3} | | {seed} |", a, b);
+            }
+        }
+    }
+}
+
+/// `underpass agent --from-dir` serving the bench's Service to the client
+/// pod (TC) and to the bench cgroup (socket-LB).
+struct Agent {
+    child: Child,
+    pin_dir: PathBuf,
+    _manifests: tempfile::TempDir,
+}
+
+impl Agent {
+    fn start(
+        opts: &ClusterIpOpts,
+        topo: &Topology,
+        cgroup: &Cgroup,
+        service: &k8s_openapi::api::core::v1::Service,
+        slice: &k8s_openapi::api::discovery::v1::EndpointSlice,
+    ) -> Result<Self> {
+        let binary = match &opts.underpass {
+            Some(path) => path.clone(),
+            None => std::env::current_exe()?
+                .parent()
+                .context("locating the bench binary")?
+                .join("underpass"),
+        };
+        ensure!(
+            binary.exists(),
+            "{} not found: build it (cargo xtask bench builds it) or pass --underpass",
+            binary.display()
+        );
+        let manifests = tempfile::Builder::new()
+            .prefix("underpass-bench-")
+            .tempdir()?;
+        let text = format!(
+            "{}---\n{}",
+            serde_yaml::to_string(service)?,
+            serde_yaml::to_string(slice)?
+        );
+        std::fs::write(manifests.path().join("bench.yaml"), text)?;
+        let pin_dir = PathBuf::from(format!("/sys/fs/bpf/{}", topo.prefix));
+        let port = TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
+        let metrics = SocketAddrV4::new(Ipv4Addr::LOCALHOST, port);
+        let client_netns = topo.pod("client").namespace.name().to_owned();
+        let child = Command::new(&binary)
+            .arg("agent")
+            .arg("--pin-dir")
+            .arg(&pin_dir)
+            .arg("--from-dir")
+            .arg(manifests.path())
+            .args(["--dir-poll-ms", "100", "--netns-poll-ms", "100"])
+            .args(["--netns-filter", &client_netns])
+            .arg("--cgroup")
+            .arg(cgroup.path())
+            .args(["--metrics-address", &metrics.to_string()])
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::null())
+            .spawn()
+            .with_context(|| format!("starting {}", binary.display()))?;
+        let agent = Self {
+            child,
+            pin_dir,
+            _manifests: manifests,
+        };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let attached = pinned_tc_links(&agent.pin_dir)
+                .contains(&(client_netns.clone(), "eth0".to_owned()));
+            if attached && get(metrics, "/readyz").starts_with("HTTP/1.1 200") {
+                return Ok(agent);
+            }
+            ensure!(
+                Instant::now() < deadline,
+                "underpass agent not ready and attached within 30 s"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    fn stop(mut self) {
+        // SAFETY: kill on our child's pid.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        for (netns, iface) in pinned_tc_links(&self.pin_dir) {
+            let _ = datapath_user::loader::detach_pinned_tc(&self.pin_dir, Some(&netns), &iface);
+        }
+        let _ = std::fs::remove_dir_all(&self.pin_dir);
+    }
+}
+
+fn get(address: SocketAddrV4, path: &str) -> String {
+    let mut response = String::new();
+    if let Ok(mut stream) = TcpStream::connect_timeout(&address.into(), Duration::from_secs(1))
+        && write!(stream, "GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").is_ok()
+    {
+        let _ = stream.read_to_string(&mut response);
+    }
+    response
+}

@@ -1,0 +1,227 @@
+//! The bench's own workloads: a fixed-size echo server, and clients for
+//! ping-pong latency (sockperf's one-way = RTT/2), TCP_RR (netperf's
+//! `-r100,100`: one connection, one transaction at a time) and TCP_CRR
+//! (a new connection per transaction).
+//!
+//! Clients run in a worker process (`bench worker`), so each can join the
+//! client pod's namespace, the socket-LB cgroup and a CPU of its own.
+
+use std::{
+    io::{self, Read, Write},
+    net::{Ipv4Addr, SocketAddr, SocketAddrV4, TcpListener, TcpStream},
+    path::PathBuf,
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context, Result};
+use clap::{Parser, ValueEnum};
+use datapath_user::topology::Namespace;
+use hdrhistogram::Histogram;
+use serde::{Deserialize, Serialize};
+
+/// What a client measures.
+#[derive(
+    Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, ValueEnum, Serialize, Deserialize,
+)]
+#[serde(rename_all = "kebab-case")]
+pub enum Kind {
+    /// 64-byte ping-pong on one connection; one-way latency (RTT/2).
+    Latency,
+    /// 100-byte request/response on one connection; transactions/s.
+    Rr,
+    /// connect + 100-byte request/response + close; transactions/s.
+    Crr,
+}
+
+impl Kind {
+    pub fn message_size(self) -> usize {
+        match self {
+            Kind::Latency => 64,
+            Kind::Rr | Kind::Crr => 100,
+        }
+    }
+}
+
+/// One client run's figures.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Measurement {
+    pub kind: Kind,
+    pub transactions: u64,
+    pub seconds: f64,
+    pub per_second: f64,
+    /// Per transaction (latency: one-way, i.e. RTT/2), µs.
+    pub mean_us: f64,
+    pub p50_us: f64,
+    pub p99_us: f64,
+    pub errors: u64,
+}
+
+/// Starts an echo server on `address:port` inside `namespace` (a thread
+/// per connection, on `cpu` if given). Runs until the process exits.
+pub fn start_echo_server(
+    namespace: &Namespace,
+    address: Ipv4Addr,
+    port: u16,
+    cpu: Option<usize>,
+) -> Result<()> {
+    let listener = namespace
+        .run(|| TcpListener::bind(SocketAddrV4::new(address, port)))
+        .context("entering the server namespace")?
+        .with_context(|| format!("binding {address}:{port} in {}", namespace.name()))?;
+    std::thread::spawn(move || {
+        if let Some(cpu) = cpu {
+            let _ = pin_to_cpu(cpu);
+        }
+        for stream in listener.incoming().flatten() {
+            std::thread::spawn(move || echo(stream));
+        }
+    });
+    Ok(())
+}
+
+fn echo(mut stream: TcpStream) {
+    let _ = stream.set_nodelay(true);
+    let mut buffer = [0u8; 4096];
+    loop {
+        match stream.read(&mut buffer) {
+            Ok(0) | Err(_) => return,
+            Ok(n) => {
+                if stream.write_all(&buffer[..n]).is_err() {
+                    return;
+                }
+            }
+        }
+    }
+}
+
+/// One request/response of `size` bytes on `stream`.
+fn transact(stream: &mut TcpStream, message: &[u8], reply: &mut [u8]) -> io::Result<()> {
+    stream.write_all(message)?;
+    stream.read_exact(reply)
+}
+
+/// Runs `kind` against `target` for `duration` from the calling thread's
+/// namespace.
+pub fn measure(kind: Kind, target: SocketAddr, duration: Duration) -> Result<Measurement> {
+    let size = kind.message_size();
+    let message = vec![0x5au8; size];
+    let mut reply = vec![0u8; size];
+    let mut histogram = Histogram::<u64>::new_with_bounds(1, 60_000_000_000, 3)?;
+    let timeout = Duration::from_secs(2);
+    let mut errors = 0u64;
+    let connect = || -> io::Result<TcpStream> {
+        let stream = TcpStream::connect_timeout(&target, timeout)?;
+        stream.set_nodelay(true)?;
+        stream.set_read_timeout(Some(timeout))?;
+        Ok(stream)
+    };
+    // Warm-up (excluded, like sockperf's 400 ms): ARP, conntrack, caches.
+    let warmup = Duration::from_millis(200).min(duration / 4);
+    let mut stream = match kind {
+        Kind::Crr => None,
+        _ => Some(connect().with_context(|| format!("connecting to {target}"))?),
+    };
+    let mut phase_end = Instant::now() + warmup;
+    let mut measuring = false;
+    let mut started = Instant::now();
+    loop {
+        let now = Instant::now();
+        if now >= phase_end {
+            if measuring {
+                break;
+            }
+            measuring = true;
+            started = now;
+            phase_end = now + duration;
+        }
+        let begin = Instant::now();
+        let result = match (&mut stream, kind) {
+            (Some(stream), _) => transact(stream, &message, &mut reply),
+            (None, _) => connect().and_then(|mut s| transact(&mut s, &message, &mut reply)),
+        };
+        let elapsed = begin.elapsed().as_nanos() as u64;
+        match result {
+            Ok(()) if measuring => {
+                let value = if kind == Kind::Latency {
+                    elapsed / 2
+                } else {
+                    elapsed
+                };
+                histogram.record(value.max(1))?;
+            }
+            Ok(()) => {}
+            Err(_) => {
+                errors += 1;
+                if kind != Kind::Crr {
+                    stream = Some(connect().with_context(|| format!("reconnecting to {target}"))?);
+                }
+            }
+        }
+    }
+    let seconds = started.elapsed().as_secs_f64();
+    let transactions = histogram.len();
+    Ok(Measurement {
+        kind,
+        transactions,
+        seconds,
+        per_second: transactions as f64 / seconds,
+        mean_us: histogram.mean() / 1e3,
+        p50_us: histogram.value_at_quantile(0.5) as f64 / 1e3,
+        p99_us: histogram.value_at_quantile(0.99) as f64 / 1e3,
+        errors,
+    })
+}
+
+/// `bench worker`: one client run inside a namespace (and cgroup, and on
+/// a CPU), printing its [`Measurement`] as JSON.
+#[derive(Parser, Debug)]
+pub struct WorkerOpts {
+    #[arg(long)]
+    pub netns: PathBuf,
+    /// cgroup v2 directory to join first (socket-LB translates only
+    /// processes below the cgroup it is attached to).
+    #[arg(long)]
+    pub cgroup: Option<PathBuf>,
+    /// CPU to pin the client to.
+    #[arg(long)]
+    pub cpu: Option<usize>,
+    #[arg(long, value_enum)]
+    pub kind: Kind,
+    #[arg(long)]
+    pub target: SocketAddr,
+    #[arg(long, default_value_t = 2.0)]
+    pub seconds: f64,
+}
+
+pub fn worker(opts: &WorkerOpts) -> Result<()> {
+    if let Some(cgroup) = &opts.cgroup {
+        std::fs::write(cgroup.join("cgroup.procs"), std::process::id().to_string())
+            .with_context(|| format!("joining cgroup {}", cgroup.display()))?;
+    }
+    if let Some(cpu) = opts.cpu {
+        pin_to_cpu(cpu)?;
+    }
+    datapath_user::netns::enter(&opts.netns)
+        .with_context(|| format!("entering {}", opts.netns.display()))?;
+    let measurement = measure(
+        opts.kind,
+        opts.target,
+        Duration::from_secs_f64(opts.seconds),
+    )?;
+    println!("{}", serde_json::to_string(&measurement)?);
+    Ok(())
+}
+
+/// Pins the calling thread (and what it spawns) to `cpu`.
+pub fn pin_to_cpu(cpu: usize) -> Result<()> {
+    // SAFETY: a zeroed cpu_set_t is valid; CPU_SET writes inside it.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_SET(cpu, &mut set);
+        if libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set) != 0 {
+            return Err(io::Error::last_os_error())
+                .with_context(|| format!("pinning to CPU {cpu}"));
+        }
+    }
+    Ok(())
+}
