@@ -162,6 +162,14 @@ pub fn run(opts: &ClusterIpOpts) -> Result<()> {
         Some(SERVER_CPU),
     )?;
     topo.add_coordinator_veth("client")?;
+    // TCP_CRR opens thousands of connections a second; without these the
+    // client's TIME_WAIT sockets fill the ephemeral port space and
+    // connect() spends milliseconds searching it, which would be measured
+    // instead of the datapath (the tuning tcpkali's manual gives).
+    for namespace in [&topo.pod("client").namespace, &topo.nodes[0]] {
+        namespace.sysctl("net.ipv4.tcp_tw_reuse", "1")?;
+        namespace.sysctl("net.ipv4.ip_local_port_range", "10000 65535")?;
+    }
 
     let (service, slice) =
         service_objects("bench", VIP, SERVICE_PORT, SERVER_PORT, &[server.address]);
