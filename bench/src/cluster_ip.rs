@@ -340,8 +340,10 @@ fn print_tables(rows: &BTreeMap<(Kind, Mode), Vec<Measurement>>, kinds: &[Kind],
             ),
         };
         println!("\n### {title}\n");
-        println!("| datapath | ours, median ({unit}) | min–max | seed ({unit}) |");
-        println!("| --- | --- | --- | --- |");
+        println!(
+            "| datapath | ours, median ({unit}) | min–max | seed ({unit}) | CPU µs/transaction: user + sys + softirq |"
+        );
+        println!("| --- | --- | --- | --- | --- |");
         let mut medians = BTreeMap::new();
         for &mode in modes {
             let Some(runs) = rows.get(&(kind, mode)) else {
@@ -353,8 +355,11 @@ fn print_tables(rows: &BTreeMap<(Kind, Mode), Vec<Measurement>>, kinds: &[Kind],
                 .seed(kind)
                 .map(|v| format!("{v}"))
                 .unwrap_or_else(|| "–".into());
+            let (user, _, _) = spread(runs.iter().map(|m| m.cpu_user_us).collect());
+            let (system, _, _) = spread(runs.iter().map(|m| m.cpu_system_us).collect());
+            let (softirq, _, _) = spread(runs.iter().map(|m| m.cpu_softirq_us).collect());
             println!(
-                "| {} | {median:.1} | {min:.1}–{max:.1} | {seed} |",
+                "| {} | {median:.1} | {min:.1}–{max:.1} | {seed} | {user:.1} + {system:.1} + {softirq:.1} |",
                 mode.label()
             );
         }
@@ -370,7 +375,7 @@ fn print_tables(rows: &BTreeMap<(Kind, Mode), Vec<Measurement>>, kinds: &[Kind],
                 let seed = seed_ratio(a, b)
                     .map(|s| format!("{s:.3}"))
                     .unwrap_or_else(|| "–".into());
-                println!("| ratio {:?}/{:?} | {r:.3} | | {seed} |", a, b);
+                println!("| ratio {:?}/{:?} | {r:.3} | | {seed} | |", a, b);
             }
         }
     }

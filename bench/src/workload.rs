@@ -54,6 +54,60 @@ pub struct Measurement {
     pub p50_us: f64,
     pub p99_us: f64,
     pub errors: u64,
+    /// Machine-wide CPU time per transaction while measuring (from
+    /// /proc/stat), µs: user, system, softirq. The softirq share is the
+    /// datapath's (netfilter, TC, the stack); both ends are on this host.
+    #[serde(default)]
+    pub cpu_user_us: f64,
+    #[serde(default)]
+    pub cpu_system_us: f64,
+    #[serde(default)]
+    pub cpu_softirq_us: f64,
+}
+
+/// Aggregate CPU times from /proc/stat, in clock ticks (USER_HZ).
+#[derive(Clone, Copy, Debug, Default)]
+pub struct CpuTimes {
+    pub user: u64,
+    pub system: u64,
+    pub softirq: u64,
+}
+
+impl CpuTimes {
+    pub fn now() -> Self {
+        let Ok(stat) = std::fs::read_to_string("/proc/stat") else {
+            return Self::default();
+        };
+        // "cpu  user nice system idle iowait irq softirq steal …"
+        let fields: Vec<u64> = stat
+            .lines()
+            .next()
+            .unwrap_or("")
+            .split_whitespace()
+            .skip(1)
+            .map(|f| f.parse().unwrap_or(0))
+            .collect();
+        let at = |i: usize| fields.get(i).copied().unwrap_or(0);
+        Self {
+            user: at(0) + at(1),
+            system: at(2),
+            softirq: at(6),
+        }
+    }
+
+    /// (user, system, softirq) µs per transaction since `earlier`.
+    pub fn per_transaction(self, earlier: Self, transactions: u64) -> (f64, f64, f64) {
+        // SAFETY: sysconf has no preconditions.
+        let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
+        let per = |now: u64, then: u64| {
+            (now.saturating_sub(then)) as f64 / hz * 1e6 / transactions.max(1) as f64
+        };
+        (
+            per(self.user, earlier.user),
+            per(self.system, earlier.system),
+            per(self.softirq, earlier.softirq),
+        )
+    }
 }
 
 /// Starts an echo server on `address:port` inside `namespace` (a thread
@@ -124,6 +178,7 @@ pub fn measure(kind: Kind, target: SocketAddr, duration: Duration) -> Result<Mea
     let mut phase_end = Instant::now() + warmup;
     let mut measuring = false;
     let mut started = Instant::now();
+    let mut cpu_start = CpuTimes::default();
     loop {
         let now = Instant::now();
         if now >= phase_end {
@@ -132,6 +187,7 @@ pub fn measure(kind: Kind, target: SocketAddr, duration: Duration) -> Result<Mea
             }
             measuring = true;
             started = now;
+            cpu_start = CpuTimes::now();
             phase_end = now + duration;
         }
         let begin = Instant::now();
@@ -160,7 +216,12 @@ pub fn measure(kind: Kind, target: SocketAddr, duration: Duration) -> Result<Mea
     }
     let seconds = started.elapsed().as_secs_f64();
     let transactions = histogram.len();
+    let (cpu_user_us, cpu_system_us, cpu_softirq_us) =
+        CpuTimes::now().per_transaction(cpu_start, transactions);
     Ok(Measurement {
+        cpu_user_us,
+        cpu_system_us,
+        cpu_softirq_us,
         kind,
         transactions,
         seconds,
