@@ -24,7 +24,10 @@ use serde::Serialize;
 use crate::{
     kubeproxy::service_ports,
     lab::{KubeProxy, SERVICE_CIDR, install_kube_proxy, remove_kube_proxy, service_objects},
-    workload::{Kind, Measurement, start_echo_server},
+    workload::{
+        ECHO_PORT, IPERF_PORT, Kind, Measurement, REDIS_PORT, SOCKPERF_PORT, start_echo_server,
+        start_tool_servers,
+    },
 };
 
 /// The datapath a measurement crosses.
@@ -78,6 +81,25 @@ impl Mode {
             (Kind::Rr, Mode::Ebpf | Mode::SocketLb) => Some(18992.9),
             (Kind::Rr, Mode::PodIp) => Some(19793.9),
             (Kind::Rr, Mode::Node) => Some(47560.5),
+            (Kind::Sockperf, m) => Mode::seed(m, Kind::Latency),
+            (Kind::Iperf1, Mode::KubeProxy) => Some(3.42),
+            (Kind::Iperf2, Mode::KubeProxy) => Some(6.75),
+            (Kind::Iperf4, Mode::KubeProxy) => Some(9.24),
+            (Kind::Iperf1, Mode::Ebpf | Mode::SocketLb) => Some(9.36),
+            (Kind::Iperf2, Mode::Ebpf | Mode::SocketLb) => Some(9.38),
+            (Kind::Iperf4, Mode::Ebpf | Mode::SocketLb) => Some(9.39),
+            (Kind::Iperf1, Mode::PodIp) => Some(9.36),
+            (Kind::Iperf2, Mode::PodIp) => Some(9.37),
+            (Kind::Iperf4, Mode::PodIp) => Some(9.38),
+            (Kind::Iperf1, Mode::Node) => Some(9.41),
+            (Kind::Iperf2, Mode::Node) => Some(9.40),
+            (Kind::Iperf4, Mode::Node) => Some(9.42),
+            (Kind::RedisGet, Mode::KubeProxy) => Some(45578.85),
+            (Kind::RedisSet, Mode::KubeProxy) => Some(46274.87),
+            (Kind::RedisGet, Mode::Ebpf | Mode::SocketLb) => Some(63211.12),
+            (Kind::RedisSet, Mode::Ebpf | Mode::SocketLb) => Some(64061.50),
+            (Kind::RedisGet, Mode::PodIp) => Some(66357.00),
+            (Kind::RedisSet, Mode::PodIp) => Some(66800.27),
             _ => None,
         }
     }
@@ -111,8 +133,7 @@ pub struct ClusterIpOpts {
 
 /// The service every mode reaches.
 const VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 10);
-const SERVICE_PORT: u16 = 12345;
-const SERVER_PORT: u16 = 12345;
+const SERVER_PORT: u16 = ECHO_PORT;
 /// Client and server on different CPUs (2-core machine: one each).
 const CLIENT_CPU: usize = 0;
 const SERVER_CPU: usize = 1;
@@ -132,7 +153,7 @@ pub fn run(opts: &ClusterIpOpts) -> Result<()> {
         opts.mode.clone()
     };
     let kinds: Vec<Kind> = if opts.workload.is_empty() {
-        vec![Kind::Latency, Kind::Rr, Kind::Crr]
+        Kind::ALL.to_vec()
     } else {
         opts.workload.clone()
     };
@@ -161,6 +182,21 @@ pub fn run(opts: &ClusterIpOpts) -> Result<()> {
         SERVER_PORT,
         Some(SERVER_CPU),
     )?;
+    let tools = kinds
+        .iter()
+        .any(|k| !matches!(k, Kind::Latency | Kind::Rr | Kind::Crr));
+    let _tool_servers = if tools {
+        eprintln!("starting sockperf, iperf3 and redis servers…");
+        let mut servers = start_tool_servers(&server.namespace, server.address, SERVER_CPU)?;
+        servers.extend(start_tool_servers(
+            &topo.nodes[1],
+            NODE_ADDRESSES[1],
+            SERVER_CPU,
+        )?);
+        servers
+    } else {
+        Vec::new()
+    };
     topo.add_coordinator_veth("client")?;
     // TCP_CRR opens thousands of connections a second; without these the
     // client's TIME_WAIT sockets fill the ephemeral port space and
@@ -171,8 +207,11 @@ pub fn run(opts: &ClusterIpOpts) -> Result<()> {
         namespace.sysctl("net.ipv4.ip_local_port_range", "10000 65535")?;
     }
 
-    let (service, slice) =
-        service_objects("bench", VIP, SERVICE_PORT, SERVER_PORT, &[server.address]);
+    let service_ports_list: Vec<(u16, u16)> = [ECHO_PORT, SOCKPERF_PORT, IPERF_PORT, REDIS_PORT]
+        .iter()
+        .map(|&p| (p, p))
+        .collect();
+    let (service, slice) = service_objects("bench", VIP, &service_ports_list, &[server.address]);
     let ports = service_ports(std::slice::from_ref(&service), std::slice::from_ref(&slice));
     let cgroup = Cgroup::create(&format!("{}-socklb", topo.prefix))?;
     let needs_agent = modes
@@ -216,22 +255,22 @@ pub fn run(opts: &ClusterIpOpts) -> Result<()> {
                 let (netns, target, in_cgroup) = match mode {
                     Mode::PodIp => (
                         topo.pod("client").namespace.path(),
-                        SocketAddrV4::new(server.address, SERVER_PORT),
+                        SocketAddrV4::new(server.address, kind.port()),
                         false,
                     ),
                     Mode::Node => (
                         topo.nodes[0].path(),
-                        SocketAddrV4::new(NODE_ADDRESSES[1], SERVER_PORT),
+                        SocketAddrV4::new(NODE_ADDRESSES[1], kind.port()),
                         false,
                     ),
                     Mode::SocketLb => (
                         topo.pod("client").namespace.path(),
-                        SocketAddrV4::new(VIP, SERVICE_PORT),
+                        SocketAddrV4::new(VIP, kind.port()),
                         true,
                     ),
                     _ => (
                         topo.pod("client").namespace.path(),
-                        SocketAddrV4::new(VIP, SERVICE_PORT),
+                        SocketAddrV4::new(VIP, kind.port()),
                         false,
                     ),
                 };
@@ -290,7 +329,7 @@ fn run_worker(
         .arg("--netns")
         .arg(netns)
         .args(["--cpu", &CLIENT_CPU.to_string()])
-        .args(["--kind", kind_arg(kind)])
+        .args(["--kind", kind.arg()])
         .args(["--target", &target.to_string()])
         .args(["--seconds", &seconds.to_string()])
         .stderr(Stdio::inherit());
@@ -302,14 +341,6 @@ fn run_worker(
         bail!("worker failed ({})", output.status);
     }
     serde_json::from_slice(&output.stdout).context("reading the worker's result")
-}
-
-fn kind_arg(kind: Kind) -> &'static str {
-    match kind {
-        Kind::Latency => "latency",
-        Kind::Rr => "rr",
-        Kind::Crr => "crr",
-    }
 }
 
 /// Median, min and max of `values`.
@@ -338,10 +369,29 @@ fn print_tables(rows: &BTreeMap<(Kind, Mode), Vec<Measurement>>, kinds: &[Kind],
                 "trans/s",
                 |m| m.per_second,
             ),
+            Kind::Sockperf => (
+                "sockperf ping-pong --tcp -m 64 (one-way latency)",
+                "µs",
+                |m| m.mean_us,
+            ),
+            Kind::Iperf1 => ("iperf3, 1 stream", "Gbit/s", |m| m.per_second),
+            Kind::Iperf2 => ("iperf3, 2 streams", "Gbit/s", |m| m.per_second),
+            Kind::Iperf4 => ("iperf3, 4 streams", "Gbit/s", |m| m.per_second),
+            Kind::RedisGet => ("redis-benchmark -d 1000 -t get", "requests/s", |m| {
+                m.per_second
+            }),
+            Kind::RedisSet => ("redis-benchmark -d 1000 -t set", "requests/s", |m| {
+                m.per_second
+            }),
+        };
+        let cpu_unit = match kind {
+            Kind::Iperf1 | Kind::Iperf2 | Kind::Iperf4 => "CPU µs/MB",
+            Kind::Sockperf | Kind::Latency => "CPU µs/message",
+            _ => "CPU µs/transaction",
         };
         println!("\n### {title}\n");
         println!(
-            "| datapath | ours, median ({unit}) | min–max | seed ({unit}) | CPU µs/transaction: user + sys + softirq |"
+            "| datapath | ours, median ({unit}) | min–max | seed ({unit}) | {cpu_unit}: user + sys + softirq |"
         );
         println!("| --- | --- | --- | --- | --- |");
         let mut medians = BTreeMap::new();

@@ -27,13 +27,13 @@ pub const SERVICE_CIDR: (Ipv4Addr, u8) = (Ipv4Addr::new(10, 96, 0, 0), 12);
 /// on a Spiderpool node.
 pub const CLUSTER_CIDR: &str = "10.244.0.0/16";
 
-/// A Service `name` at `vip:port` → `endpoints` on `target_port`, with
-/// its EndpointSlice, as the API server would hold them.
+/// A Service `name` at `vip` with `ports` (service port, target port;
+/// each named `p<port>`) → `endpoints`, with its EndpointSlice, as the
+/// API server would hold them.
 pub fn service_objects(
     name: &str,
     vip: Ipv4Addr,
-    port: u16,
-    target_port: u16,
+    ports: &[(u16, u16)],
     endpoints: &[Ipv4Addr],
 ) -> (Service, EndpointSlice) {
     let service = Service {
@@ -45,13 +45,18 @@ pub fn service_objects(
         spec: Some(ServiceSpec {
             cluster_ip: Some(vip.to_string()),
             cluster_ips: Some(vec![vip.to_string()]),
-            ports: Some(vec![K8sServicePort {
-                name: Some("p".into()),
-                port: i32::from(port),
-                protocol: Some("TCP".into()),
-                target_port: Some(IntOrString::Int(i32::from(target_port))),
-                ..K8sServicePort::default()
-            }]),
+            ports: Some(
+                ports
+                    .iter()
+                    .map(|&(port, target)| K8sServicePort {
+                        name: Some(format!("p{port}")),
+                        port: i32::from(port),
+                        protocol: Some("TCP".into()),
+                        target_port: Some(IntOrString::Int(i32::from(target))),
+                        ..K8sServicePort::default()
+                    })
+                    .collect(),
+            ),
             ..ServiceSpec::default()
         }),
         ..Service::default()
@@ -70,12 +75,17 @@ pub fn service_objects(
             ..ObjectMeta::default()
         },
         address_type: "IPv4".into(),
-        ports: Some(vec![EndpointPort {
-            name: Some("p".into()),
-            port: Some(i32::from(target_port)),
-            protocol: Some("TCP".into()),
-            ..EndpointPort::default()
-        }]),
+        ports: Some(
+            ports
+                .iter()
+                .map(|&(port, target)| EndpointPort {
+                    name: Some(format!("p{port}")),
+                    port: Some(i32::from(target)),
+                    protocol: Some("TCP".into()),
+                    ..EndpointPort::default()
+                })
+                .collect(),
+        ),
         endpoints: Some(
             endpoints
                 .iter()

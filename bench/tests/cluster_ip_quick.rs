@@ -28,13 +28,13 @@ fn every_row_runs() {
     ] {
         assert_eq!(
             stdout.matches(row).count(),
-            3,
+            9,
             "{row} in every table:\n{stdout}"
         );
     }
     let rows: serde_json::Value = serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap();
     let _ = std::fs::remove_file(&json);
-    assert_eq!(rows.as_array().unwrap().len(), 18, "3 workloads × 6 modes");
+    assert_eq!(rows.as_array().unwrap().len(), 54, "9 workloads × 6 modes");
     for row in rows.as_array().unwrap() {
         assert!(
             row["runs"][0]["transactions"].as_u64().unwrap() > 0,

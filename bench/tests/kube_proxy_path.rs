@@ -32,7 +32,7 @@ fn clusterip_through_the_node_with_kube_proxy_rules() {
         workload::tcp_server(&server.namespace, server.address, 8080, "server-b").unwrap();
     topo.add_coordinator_veth("client").unwrap();
     topo.route_via_node("client", SERVICE_CIDR, true).unwrap();
-    let (service, slice) = service_objects("echo", VIP, 80, 8080, &[server.address]);
+    let (service, slice) = service_objects("echo", VIP, &[(80, 8080)], &[server.address]);
     let ports = service_ports(&[service], &[slice]);
     let ask = || {
         topo.pod("client")

@@ -18,9 +18,17 @@ const BPF_LINKER_LLVM_FEATURE: &str = "llvm-22";
 
 /// Debian packages the test suites use, as (command to probe, package).
 /// The suites build their namespaces with netlink and drive traffic with
-/// their own sockets; the kube-proxy rule generator's output is checked
-/// by the real `iptables-restore --test` and `nft --check`.
-const TEST_PACKAGES: &[(&str, &str)] = &[("iptables-restore", "iptables"), ("nft", "nftables")];
+/// their own sockets; the kube-proxy baseline needs iptables and
+/// nftables, and the ClusterIP bench (whose `--quick` run is a test) the
+/// seed's tools.
+const TEST_PACKAGES: &[(&str, &str)] = &[
+    ("iptables-restore", "iptables"),
+    ("nft", "nftables"),
+    ("sockperf", "sockperf"),
+    ("iperf3", "iperf3"),
+    ("redis-server", "redis-server"),
+    ("redis-benchmark", "redis-tools"),
+];
 
 #[derive(Parser)]
 #[command(about = "underpass project tasks", long_about = None)]
