@@ -48,6 +48,21 @@ pub enum Mode {
     Node,
 }
 
+/// A row of the seed's tables: a label and the seed's figure.
+pub trait SeedRow: Copy + Ord + std::fmt::Debug {
+    fn label(self) -> &'static str;
+    fn seed(self, kind: Kind) -> Option<f64>;
+}
+
+impl SeedRow for Mode {
+    fn label(self) -> &'static str {
+        Mode::label(self)
+    }
+    fn seed(self, kind: Kind) -> Option<f64> {
+        Mode::seed(self, kind)
+    }
+}
+
 impl Mode {
     pub const ALL: [Mode; 6] = [
         Mode::KubeProxy,
@@ -298,7 +313,17 @@ pub fn run(opts: &ClusterIpOpts) -> Result<()> {
     if let Some(agent) = agent {
         agent.stop();
     }
-    print_tables(&rows, &kinds, &modes);
+    print_tables(
+        &rows,
+        &kinds,
+        &modes,
+        &[
+            (Mode::Ebpf, Mode::KubeProxy),
+            (Mode::Ebpf, Mode::PodIp),
+            (Mode::SocketLb, Mode::PodIp),
+            (Mode::KubeProxyNft, Mode::KubeProxy),
+        ],
+    );
     if let Some(path) = &opts.json {
         let rows: Vec<Row> = rows
             .into_iter()
@@ -316,7 +341,7 @@ pub fn run(opts: &ClusterIpOpts) -> Result<()> {
     Ok(())
 }
 
-fn run_worker(
+pub(crate) fn run_worker(
     netns: &Path,
     cgroup: Option<&Path>,
     kind: Kind,
@@ -353,7 +378,12 @@ fn spread(mut values: Vec<f64>) -> (f64, f64, f64) {
     )
 }
 
-fn print_tables(rows: &BTreeMap<(Kind, Mode), Vec<Measurement>>, kinds: &[Kind], modes: &[Mode]) {
+pub(crate) fn print_tables<M: SeedRow>(
+    rows: &BTreeMap<(Kind, M), Vec<Measurement>>,
+    kinds: &[Kind],
+    modes: &[M],
+    ratios: &[(M, M)],
+) {
     for &kind in kinds {
         let (title, unit, pick): (&str, &str, fn(&Measurement) -> f64) = match kind {
             Kind::Latency => (
@@ -394,7 +424,7 @@ fn print_tables(rows: &BTreeMap<(Kind, Mode), Vec<Measurement>>, kinds: &[Kind],
             "| datapath | ours, median ({unit}) | min–max | seed ({unit}) | {cpu_unit}: user + sys + softirq |"
         );
         println!("| --- | --- | --- | --- | --- |");
-        let mut medians = BTreeMap::new();
+        let mut medians: BTreeMap<M, f64> = BTreeMap::new();
         for &mode in modes {
             let Some(runs) = rows.get(&(kind, mode)) else {
                 continue;
@@ -413,14 +443,9 @@ fn print_tables(rows: &BTreeMap<(Kind, Mode), Vec<Measurement>>, kinds: &[Kind],
                 mode.label()
             );
         }
-        let ratio = |a: Mode, b: Mode| -> Option<f64> { Some(medians.get(&a)? / medians.get(&b)?) };
-        let seed_ratio = |a: Mode, b: Mode| -> Option<f64> { Some(a.seed(kind)? / b.seed(kind)?) };
-        for (a, b) in [
-            (Mode::Ebpf, Mode::KubeProxy),
-            (Mode::Ebpf, Mode::PodIp),
-            (Mode::SocketLb, Mode::PodIp),
-            (Mode::KubeProxyNft, Mode::KubeProxy),
-        ] {
+        let ratio = |a: M, b: M| -> Option<f64> { Some(medians.get(&a)? / medians.get(&b)?) };
+        let seed_ratio = |a: M, b: M| -> Option<f64> { Some(a.seed(kind)? / b.seed(kind)?) };
+        for &(a, b) in ratios {
             if let Some(r) = ratio(a, b) {
                 let seed = seed_ratio(a, b)
                     .map(|s| format!("{s:.3}"))

@@ -6,6 +6,7 @@ pub mod cluster_ip;
 pub mod datapath;
 pub mod kubeproxy;
 pub mod lab;
+pub mod pod_ip;
 pub mod workload;
 
 use clap::{Parser, Subcommand};
@@ -31,6 +32,9 @@ pub enum Command {
     /// (iptables, nftables), underpass TC and socket-LB, the Pod IP and
     /// node to node, interleaved in one run. Needs root.
     ClusterIp(cluster_ip::ClusterIpOpts),
+    /// The seed's Pod IP table: macvlan on one subnet, macvlan across
+    /// subnets, veth pods routed by their nodes, node to node. Needs root.
+    PodIp(pod_ip::PodIpOpts),
     /// One client measurement inside a namespace (used by cluster-ip).
     #[command(hide = true)]
     Worker(workload::WorkerOpts),
@@ -45,6 +49,7 @@ pub fn run(opts: Opts) -> anyhow::Result<()> {
         Command::Datapath(o) => datapath::run(&o),
         Command::Agent(o) => agent::run(&o),
         Command::ClusterIp(o) => cluster_ip::run(&o),
+        Command::PodIp(o) => pod_ip::run(&o),
         Command::Worker(o) => workload::worker(&o),
     }
 }

@@ -517,6 +517,118 @@ impl Topology {
         Ok(self.pods.last().expect("just pushed"))
     }
 
+    /// A pod wired as Calico (no tunnel) or Cilium wire theirs: its only
+    /// interface is a veth to its node, its address a /32, its default
+    /// route the node's link-local address; the nodes route each other's
+    /// pods over the wire.
+    pub fn add_veth_pod(&mut self, spec: &PodSpec) -> Result<()> {
+        let index = self.pods.len();
+        let namespace = Namespace::create(&format!("{}-{}", self.prefix, spec.role))?;
+        let node = &self.nodes[spec.node];
+        let other = &self.nodes[1 - spec.node];
+        let host_side = format!("vp{index}");
+        let temp = format!("vt{index}");
+        let pod_fd =
+            fs::File::open(namespace.path()).map_err(|e| err(namespace.name(), "open", e))?;
+        let pod_raw = pod_fd.as_raw_fd();
+        let (host, peer, address) = (host_side.clone(), temp.clone(), spec.address);
+        node.netlink("create the pod veth", |h| async move {
+            h.link()
+                .add(LinkVeth::new(&host, &peer).build())
+                .execute()
+                .await
+                .map_err(|e| e.to_string())?;
+            let peer_index = index_of(&h, &peer).await?;
+            h.link()
+                .set(
+                    LinkUnspec::new_with_index(peer_index)
+                        .setns_by_fd(pod_raw)
+                        .build(),
+                )
+                .execute()
+                .await
+                .map_err(|e| e.to_string())?;
+            let host_index = index_of(&h, &host).await?;
+            h.address()
+                .add(host_index, COORDINATOR_GATEWAY.into(), 32)
+                .execute()
+                .await
+                .map_err(|e| e.to_string())?;
+            set_up(&h, &host).await?;
+            let route = RouteMessageBuilder::<Ipv4Addr>::new()
+                .destination_prefix(address, 32)
+                .output_interface(host_index)
+                .build();
+            h.route()
+                .add(route)
+                .execute()
+                .await
+                .map_err(|e| e.to_string())
+        })?;
+        drop(pod_fd);
+        node.sysctl("net.ipv4.ip_forward", "1")?;
+        node.disable_tx_checksum(&host_side)?;
+        let via = NODE_ADDRESSES[spec.node];
+        other.netlink("route to the pod through its node", |h| async move {
+            let route = RouteMessageBuilder::<Ipv4Addr>::new()
+                .destination_prefix(address, 32)
+                .gateway(via)
+                .build();
+            h.route()
+                .add(route)
+                .execute()
+                .await
+                .map_err(|e| e.to_string())
+        })?;
+        other.sysctl("net.ipv4.ip_forward", "1")?;
+        namespace.netlink("address the veth pod", |h| async move {
+            let index = index_of(&h, &temp).await?;
+            h.link()
+                .set(
+                    LinkUnspec::new_with_index(index)
+                        .name(Pod::IFACE.to_owned())
+                        .up()
+                        .build(),
+                )
+                .execute()
+                .await
+                .map_err(|e| e.to_string())?;
+            h.address()
+                .add(index, address.into(), 32)
+                .execute()
+                .await
+                .map_err(|e| e.to_string())?;
+            let link = RouteMessageBuilder::<Ipv4Addr>::new()
+                .destination_prefix(COORDINATOR_GATEWAY, 32)
+                .output_interface(index)
+                .scope(rtnetlink::packet_route::route::RouteScope::Link)
+                .build();
+            h.route()
+                .add(link)
+                .execute()
+                .await
+                .map_err(|e| e.to_string())?;
+            let default = RouteMessageBuilder::<Ipv4Addr>::new()
+                .gateway(COORDINATOR_GATEWAY)
+                .build();
+            h.route()
+                .add(default)
+                .execute()
+                .await
+                .map_err(|e| e.to_string())
+        })?;
+        namespace.disable_tx_checksum(Pod::IFACE)?;
+        self.pods.push(Pod {
+            role: spec.role.to_owned(),
+            namespace,
+            node: spec.node,
+            address: spec.address,
+            gateway: COORDINATOR_GATEWAY,
+            mac: [0; 6],
+        });
+        Ok(())
+    }
+
     /// Spiderpool's coordinator path for `role`: a veth from the pod
     /// (`veth0`) to its node, the node answering on the link-local
     /// [`COORDINATOR_GATEWAY`], a host route back to the pod, forwarding
