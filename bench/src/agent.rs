@@ -82,15 +82,15 @@ pub struct AgentFigures {
     pub process_peak_rss_mib: Option<f64>,
 }
 
-fn service_address(i: usize) -> Ipv4Addr {
+pub(crate) fn service_address(i: usize) -> Ipv4Addr {
     Ipv4Addr::from(u32::from(Ipv4Addr::new(10, 96, 0, 1)) + i as u32)
 }
 
-fn endpoint_address(k: u64) -> Ipv4Addr {
+pub(crate) fn endpoint_address(k: u64) -> Ipv4Addr {
     Ipv4Addr::from(u32::from(Ipv4Addr::new(10, 128, 0, 1)) + k as u32)
 }
 
-fn service(i: usize) -> Service {
+pub(crate) fn service(i: usize) -> Service {
     Service {
         metadata: ObjectMeta {
             name: Some(format!("svc-{i}")),
@@ -112,7 +112,7 @@ fn service(i: usize) -> Service {
     }
 }
 
-fn slice(i: usize, addresses: impl IntoIterator<Item = Ipv4Addr>) -> EndpointSlice {
+pub(crate) fn slice(i: usize, addresses: impl IntoIterator<Item = Ipv4Addr>) -> EndpointSlice {
     EndpointSlice {
         metadata: ObjectMeta {
             name: Some(format!("svc-{i}-x")),

@@ -174,6 +174,18 @@ fn comment(text: &str) -> String {
 
 /// The `iptables-restore --noflush` payload of a full sync.
 pub fn iptables_restore(ports: &[ServicePort], options: &Options) -> String {
+    iptables_restore_partial(ports, options, &|_| true, &[])
+}
+
+/// A partial sync's payload (kube-proxy ≥ 1.26, `MinimizeIPTablesRestore`):
+/// the fixed chains and KUBE-SERVICES in full, the chains of the service
+/// ports `rewrite` selects, and `-X` for chains no longer used.
+pub fn iptables_restore_partial(
+    ports: &[ServicePort],
+    options: &Options,
+    rewrite: &dyn Fn(&ServicePort) -> bool,
+    deleted_chains: &[String],
+) -> String {
     let mark = format!("{:#x}", options.masquerade_mark);
     let total_endpoints: usize = ports.iter().map(|p| p.endpoints.len()).sum();
     let large = total_endpoints > LARGE_CLUSTER_ENDPOINTS;
@@ -242,12 +254,15 @@ pub fn iptables_restore(ports: &[ServicePort], options: &Options) -> String {
             continue;
         }
         let svc = port.svc_chain();
-        let _ = writeln!(nat_chains, ":{svc} - [0:0]");
         let cluster_ip = comment(&format!("{spn} cluster IP"));
         let _ = writeln!(
             nat_rules,
             "-A KUBE-SERVICES -m comment --comment {cluster_ip} -m {proto} -p {proto} -d {vip} --dport {dport} -j {svc}"
         );
+        if !rewrite(port) {
+            continue;
+        }
+        let _ = writeln!(nat_chains, ":{svc} - [0:0]");
         if let Some(cidr) = &options.cluster_cidr {
             let _ = writeln!(
                 nat_rules,
@@ -299,6 +314,12 @@ pub fn iptables_restore(ports: &[ServicePort], options: &Options) -> String {
         nat_rules,
         "-A KUBE-SERVICES -m comment --comment \"kubernetes service nodeports; NOTE: this must be the last rule in this chain\" -m addrtype --dst-type LOCAL -j KUBE-NODEPORTS"
     );
+    // As kube-proxy does: a stale chain is flushed (declared) and then
+    // deleted in the same transaction.
+    for chain in deleted_chains {
+        let _ = writeln!(nat_chains, ":{chain} - [0:0]");
+        let _ = writeln!(nat_rules, "-X {chain}");
+    }
     format!("*filter\n{filter_chains}{filter_rules}COMMIT\n*nat\n{nat_chains}{nat_rules}COMMIT\n")
 }
 
@@ -590,4 +611,66 @@ pub fn nft_ruleset(ports: &[ServicePort], options: &Options) -> String {
         );
     }
     format!("{head}{chains}{rules}{elements}")
+}
+
+/// The nftables transaction kube-proxy runs when one service port's
+/// endpoints change from `before` to `after`: its service chain rewritten,
+/// new endpoint chains added, removed ones deleted.
+pub fn nft_update(before: &ServicePort, after: &ServicePort, options: &Options) -> String {
+    let table = "ip kube-proxy";
+    let mut out = String::new();
+    let service = format!("service-{}", nft_chain_suffix(&after.nft_base()));
+    let endpoint_chain = |port: &ServicePort, e: (Ipv4Addr, u16)| {
+        format!("endpoint-{}", nft_chain_suffix(&port.nft_endpoint_base(e)))
+    };
+    for &e in after
+        .endpoints
+        .iter()
+        .filter(|e| !before.endpoints.contains(e))
+    {
+        let chain = endpoint_chain(after, e);
+        let _ = writeln!(out, "add chain {table} {chain}");
+        let _ = writeln!(
+            out,
+            "add rule {table} {chain} ip saddr {} jump mark-for-masquerade",
+            e.0
+        );
+        let _ = writeln!(
+            out,
+            "add rule {table} {chain} meta l4proto {} dnat to {}:{}",
+            after.proto(),
+            e.0,
+            e.1
+        );
+    }
+    let _ = writeln!(out, "flush chain {table} {service}");
+    if let Some(cidr) = &options.cluster_cidr {
+        let _ = writeln!(
+            out,
+            "add rule {table} {service} ip daddr {} ip saddr != {cidr} jump mark-for-masquerade",
+            after.cluster_ip
+        );
+    }
+    let targets: Vec<String> = after
+        .endpoints
+        .iter()
+        .enumerate()
+        .map(|(i, &e)| format!("{i} : goto {}", endpoint_chain(after, e)))
+        .collect();
+    let _ = writeln!(
+        out,
+        "add rule {table} {service} numgen random mod {} vmap {{ {} }}",
+        after.endpoints.len(),
+        targets.join(" , ")
+    );
+    for &e in before
+        .endpoints
+        .iter()
+        .filter(|e| !after.endpoints.contains(e))
+    {
+        let chain = endpoint_chain(before, e);
+        let _ = writeln!(out, "flush chain {table} {chain}");
+        let _ = writeln!(out, "delete chain {table} {chain}");
+    }
+    out
 }

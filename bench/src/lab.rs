@@ -111,7 +111,12 @@ pub enum KubeProxy {
 }
 
 /// Runs `program args` with `input` on stdin inside `namespace`.
-fn run_in(namespace: &Namespace, program: &str, args: &[&str], input: &str) -> Result<()> {
+pub(crate) fn run_in(
+    namespace: &Namespace,
+    program: &str,
+    args: &[&str],
+    input: &str,
+) -> Result<()> {
     let output = namespace
         .run(|| -> std::io::Result<std::process::Output> {
             let mut child = Command::new(program)

@@ -7,6 +7,7 @@ pub mod datapath;
 pub mod kubeproxy;
 pub mod lab;
 pub mod pod_ip;
+pub mod scale;
 pub mod workload;
 
 use clap::{Parser, Subcommand};
@@ -35,6 +36,11 @@ pub enum Command {
     /// The seed's Pod IP table: macvlan on one subnet, macvlan across
     /// subnets, veth pods routed by their nodes, node to node. Needs root.
     PodIp(pod_ip::PodIpOpts),
+    /// Control-plane cost against the number of services: program N
+    /// services × M endpoints from nothing, and apply one changed
+    /// EndpointSlice, for kube-proxy iptables, nftables and underpass.
+    /// Needs root.
+    Scale(scale::ScaleOpts),
     /// One client measurement inside a namespace (used by cluster-ip).
     #[command(hide = true)]
     Worker(workload::WorkerOpts),
@@ -50,6 +56,7 @@ pub fn run(opts: Opts) -> anyhow::Result<()> {
         Command::Agent(o) => agent::run(&o),
         Command::ClusterIp(o) => cluster_ip::run(&o),
         Command::PodIp(o) => pod_ip::run(&o),
+        Command::Scale(o) => scale::run(&o),
         Command::Worker(o) => workload::worker(&o),
     }
 }
