@@ -60,6 +60,7 @@ pub struct ScalePoint {
 
 pub fn run(opts: &ScaleOpts) -> Result<()> {
     crate::require_root("the scale bench (namespaces, iptables, nft, BPF maps)")?;
+    datapath_user::topology::cleanup_on_signals();
     let sizes: Vec<usize> = if opts.quick {
         vec![1, 100]
     } else {
@@ -88,11 +89,11 @@ pub fn run(opts: &ScaleOpts) -> Result<()> {
             let after = target.clone();
 
             let (full, change) = iptables(&ports, &changed_ports, &before, &after)?;
-            points.push(point(n, m, "kube-proxy iptables", full, change));
+            points.push(report(point(n, m, "kube-proxy iptables", full, change)));
             let (full, change) = nftables(&ports, &before, &after)?;
-            points.push(point(n, m, "kube-proxy nftables", full, change));
+            points.push(report(point(n, m, "kube-proxy nftables", full, change)));
             let (full, change) = underpass(n, m, services, slices, fresh)?;
-            points.push(point(n, m, "underpass", full, change));
+            points.push(report(point(n, m, "underpass", full, change)));
         }
     }
     let mut table = Table::new();
@@ -117,6 +118,16 @@ pub fn run(opts: &ScaleOpts) -> Result<()> {
         std::fs::write(path, serde_json::to_string_pretty(&points)?)?;
     }
     Ok(())
+}
+
+/// Prints a point as soon as it is measured (long sweeps keep what they
+/// measured if stopped).
+fn report(point: ScalePoint) -> ScalePoint {
+    eprintln!(
+        "  {:<20} program {:>10.1} ms   one change {:>8.2} ms",
+        point.datapath, point.program_ms, point.one_change_ms
+    );
+    point
 }
 
 fn point(
