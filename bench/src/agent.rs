@@ -10,11 +10,9 @@
 //! `--from-dir` mode on the same objects and reads its RSS.
 
 use std::{
-    collections::BTreeMap,
-    io::{Read, Write},
-    net::{Ipv4Addr, SocketAddrV4, TcpListener, TcpStream},
-    path::{Path, PathBuf},
-    process::{Command, Stdio},
+    io::Write,
+    net::Ipv4Addr,
+    path::PathBuf,
     time::{Duration, Instant},
 };
 
@@ -27,19 +25,14 @@ use datapath_user::{
     k8s::{
         NodeContext, Object,
         store::{Change, Kind},
-        translate::SERVICE_NAME_LABEL,
     },
     metrics::Metrics,
     reconcile::Reconciler,
 };
-use k8s_openapi::{
-    api::{
-        core::v1::{Service, ServicePort, ServiceSpec},
-        discovery::v1::{Endpoint, EndpointConditions, EndpointPort, EndpointSlice},
-    },
-    apimachinery::pkg::{apis::meta::v1::ObjectMeta, util::intstr::IntOrString},
-};
+use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
 use rand::Rng;
+
+use crate::agent_process::{AgentProcess, underpass_binary};
 
 #[derive(Parser, Debug)]
 pub struct AgentOpts {
@@ -90,60 +83,21 @@ pub(crate) fn endpoint_address(k: u64) -> Ipv4Addr {
     Ipv4Addr::from(u32::from(Ipv4Addr::new(10, 128, 0, 1)) + k as u32)
 }
 
+/// Service `bench/svc-<i>`: port 80 → 8080.
 pub(crate) fn service(i: usize) -> Service {
-    Service {
-        metadata: ObjectMeta {
-            name: Some(format!("svc-{i}")),
-            namespace: Some("bench".into()),
-            ..ObjectMeta::default()
-        },
-        spec: Some(ServiceSpec {
-            cluster_ip: Some(service_address(i).to_string()),
-            ports: Some(vec![ServicePort {
-                name: Some("http".into()),
-                port: 80,
-                target_port: Some(IntOrString::Int(8080)),
-                protocol: Some("TCP".into()),
-                ..ServicePort::default()
-            }]),
-            ..ServiceSpec::default()
-        }),
-        ..Service::default()
-    }
+    crate::lab::service_objects(&format!("svc-{i}"), service_address(i), &[(80, 8080)], &[]).0
 }
 
+/// The EndpointSlice of `svc-<i>` with `addresses` ready.
 pub(crate) fn slice(i: usize, addresses: impl IntoIterator<Item = Ipv4Addr>) -> EndpointSlice {
-    EndpointSlice {
-        metadata: ObjectMeta {
-            name: Some(format!("svc-{i}-x")),
-            namespace: Some("bench".into()),
-            labels: Some(BTreeMap::from([(
-                SERVICE_NAME_LABEL.to_owned(),
-                format!("svc-{i}"),
-            )])),
-            ..ObjectMeta::default()
-        },
-        address_type: "IPv4".into(),
-        ports: Some(vec![EndpointPort {
-            name: Some("http".into()),
-            port: Some(8080),
-            protocol: Some("TCP".into()),
-            ..EndpointPort::default()
-        }]),
-        endpoints: Some(
-            addresses
-                .into_iter()
-                .map(|a| Endpoint {
-                    addresses: vec![a.to_string()],
-                    conditions: Some(EndpointConditions {
-                        ready: Some(true),
-                        ..EndpointConditions::default()
-                    }),
-                    ..Endpoint::default()
-                })
-                .collect(),
-        ),
-    }
+    let addresses: Vec<Ipv4Addr> = addresses.into_iter().collect();
+    crate::lab::service_objects(
+        &format!("svc-{i}"),
+        service_address(i),
+        &[(80, 8080)],
+        &addresses,
+    )
+    .1
 }
 
 fn objects(opts: &AgentOpts) -> (Vec<Service>, Vec<EndpointSlice>) {
@@ -295,18 +249,7 @@ fn in_process(opts: &AgentOpts) -> Result<AgentFigures> {
 }
 
 fn process(opts: &AgentOpts, figures: &mut AgentFigures) -> Result<()> {
-    let binary = match &opts.underpass {
-        Some(path) => path.clone(),
-        None => std::env::current_exe()?
-            .parent()
-            .context("locating the bench binary")?
-            .join("underpass"),
-    };
-    ensure!(
-        binary.exists(),
-        "{} not found: build it (cargo build --release -p datapath-user) or pass --underpass",
-        binary.display()
-    );
+    let binary = underpass_binary(opts.underpass.as_deref())?;
     let dir = tempfile::Builder::new()
         .prefix("underpass-bench-")
         .tempdir()?;
@@ -328,65 +271,29 @@ fn process(opts: &AgentOpts, figures: &mut AgentFigures) -> Result<()> {
         "/sys/fs/bpf/underpass-bench-{}",
         std::process::id()
     ));
-    let port = TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
-    let metrics = SocketAddrV4::new(Ipv4Addr::LOCALHOST, port);
     eprintln!("starting {} agent --from-dir…", binary.display());
     let started = Instant::now();
-    let mut child = Command::new(&binary)
-        .args(["agent", "--no-pod-attach", "--no-socket-lb", "--pin-dir"])
-        .arg(&pin_dir)
-        .arg("--from-dir")
-        .arg(dir.path())
-        .args(["--metrics-address", &metrics.to_string()])
-        .env("RUST_LOG", "warn")
-        .stdout(Stdio::null())
-        .spawn()
-        .with_context(|| format!("starting {}", binary.display()))?;
-    let result = (|| -> Result<()> {
-        let deadline = Instant::now() + Duration::from_secs(120);
-        loop {
-            ensure!(
-                child.try_wait()?.is_none(),
-                "the agent exited before it was ready"
-            );
-            ensure!(
-                Instant::now() < deadline,
-                "the agent was not ready within 120 s"
-            );
-            if get(metrics, "/readyz").starts_with("HTTP/1.1 200") {
-                break;
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        figures.process_ready_ms = Some(started.elapsed().as_secs_f64() * 1e3);
-        let exported = get(metrics, "/metrics");
-        ensure!(
-            exported.contains(&format!("underpass_frontends {}\n", opts.services)),
-            "the agent did not program all {} services",
-            opts.services
-        );
-        // Let the allocator settle after the sync.
-        std::thread::sleep(Duration::from_millis(500));
-        let status = std::fs::read_to_string(format!("/proc/{}/status", child.id()))?;
-        figures.process_rss_mib = status_kib(&status, "VmRSS:").map(|k| k / 1024.0);
-        figures.process_peak_rss_mib = status_kib(&status, "VmHWM:").map(|k| k / 1024.0);
-        Ok(())
-    })();
-    // SAFETY: kill on our child's pid.
-    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
-    let _ = child.wait();
-    remove_pins(&pin_dir);
-    result
-}
-
-fn get(address: SocketAddrV4, path: &str) -> String {
-    let mut response = String::new();
-    if let Ok(mut stream) = TcpStream::connect_timeout(&address.into(), Duration::from_secs(1))
-        && write!(stream, "GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").is_ok()
-    {
-        let _ = stream.read_to_string(&mut response);
-    }
-    response
+    let mut agent = AgentProcess::spawn(
+        &binary,
+        pin_dir,
+        dir.path(),
+        ["--no-pod-attach", "--no-socket-lb"],
+    )?;
+    agent.wait_until(Duration::from_secs(120), "ready", AgentProcess::is_ready)?;
+    figures.process_ready_ms = Some(started.elapsed().as_secs_f64() * 1e3);
+    let exported = agent.get("/metrics");
+    ensure!(
+        exported.contains(&format!("underpass_frontends {}\n", opts.services)),
+        "the agent did not program all {} services",
+        opts.services
+    );
+    // Let the allocator settle after the sync.
+    std::thread::sleep(Duration::from_millis(500));
+    let status = std::fs::read_to_string(format!("/proc/{}/status", agent.pid()))?;
+    figures.process_rss_mib = status_kib(&status, "VmRSS:").map(|k| k / 1024.0);
+    figures.process_peak_rss_mib = status_kib(&status, "VmHWM:").map(|k| k / 1024.0);
+    agent.stop();
+    Ok(())
 }
 
 fn status_kib(status: &str, field: &str) -> Option<f64> {
@@ -397,8 +304,4 @@ fn status_kib(status: &str, field: &str) -> Option<f64> {
         .nth(1)?
         .parse()
         .ok()
-}
-
-fn remove_pins(dir: &Path) {
-    let _ = std::fs::remove_dir_all(dir);
 }

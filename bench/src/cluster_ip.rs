@@ -6,11 +6,10 @@
 
 use std::{
     collections::BTreeMap,
-    io::{Read, Write},
-    net::{Ipv4Addr, SocketAddr, SocketAddrV4, TcpListener, TcpStream},
+    net::{Ipv4Addr, SocketAddr, SocketAddrV4},
     path::{Path, PathBuf},
-    process::{Child, Command, Stdio},
-    time::{Duration, Instant},
+    process::{Command, Stdio},
+    time::Duration,
 };
 
 use anyhow::{Context, Result, bail, ensure};
@@ -22,6 +21,7 @@ use datapath_user::{
 use serde::Serialize;
 
 use crate::{
+    agent_process::{AgentProcess, underpass_binary},
     kubeproxy::service_ports,
     lab::{KubeProxy, SERVICE_CIDR, install_kube_proxy, remove_kube_proxy, service_objects},
     workload::{
@@ -233,7 +233,7 @@ pub fn run(opts: &ClusterIpOpts) -> Result<()> {
         .iter()
         .any(|m| matches!(m, Mode::Ebpf | Mode::SocketLb));
     let agent = if needs_agent {
-        Some(Agent::start(opts, &topo, &cgroup, &service, &slice)?)
+        Some(start_agent(opts, &topo, &cgroup, &service, &slice)?)
     } else {
         None
     };
@@ -310,7 +310,7 @@ pub fn run(opts: &ClusterIpOpts) -> Result<()> {
     if let Some(flavour) = installed {
         remove_kube_proxy(&topo.nodes[0], flavour)?;
     }
-    if let Some(agent) = agent {
+    if let Some((mut agent, _manifests)) = agent {
         agent.stop();
     }
     print_tables(
@@ -457,105 +457,45 @@ pub(crate) fn print_tables<M: SeedRow>(
 }
 
 /// `underpass agent --from-dir` serving the bench's Service to the client
-/// pod (TC) and to the bench cgroup (socket-LB).
-struct Agent {
-    child: Child,
-    pin_dir: PathBuf,
-    _manifests: tempfile::TempDir,
-}
-
-impl Agent {
-    fn start(
-        opts: &ClusterIpOpts,
-        topo: &Topology,
-        cgroup: &Cgroup,
-        service: &k8s_openapi::api::core::v1::Service,
-        slice: &k8s_openapi::api::discovery::v1::EndpointSlice,
-    ) -> Result<Self> {
-        let binary = match &opts.underpass {
-            Some(path) => path.clone(),
-            None => std::env::current_exe()?
-                .parent()
-                .context("locating the bench binary")?
-                .join("underpass"),
-        };
-        ensure!(
-            binary.exists(),
-            "{} not found: build it (cargo xtask bench builds it) or pass --underpass",
-            binary.display()
-        );
-        let manifests = tempfile::Builder::new()
-            .prefix("underpass-bench-")
-            .tempdir()?;
-        let text = format!(
-            "{}---\n{}",
-            serde_yaml::to_string(service)?,
-            serde_yaml::to_string(slice)?
-        );
-        std::fs::write(manifests.path().join("bench.yaml"), text)?;
-        let pin_dir = PathBuf::from(format!("/sys/fs/bpf/{}", topo.prefix));
-        let port = TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
-        let metrics = SocketAddrV4::new(Ipv4Addr::LOCALHOST, port);
-        let client_netns = topo.pod("client").namespace.name().to_owned();
-        let child = Command::new(&binary)
-            .arg("agent")
-            .arg("--pin-dir")
-            .arg(&pin_dir)
-            .arg("--from-dir")
-            .arg(manifests.path())
-            .args(["--dir-poll-ms", "100", "--netns-poll-ms", "100"])
-            .args(["--netns-filter", &client_netns])
-            .arg("--cgroup")
-            .arg(cgroup.path())
-            .args(["--metrics-address", &metrics.to_string()])
-            .env("RUST_LOG", "warn")
-            .stdout(Stdio::null())
-            .spawn()
-            .with_context(|| format!("starting {}", binary.display()))?;
-        let agent = Self {
-            child,
-            pin_dir,
-            _manifests: manifests,
-        };
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            let attached = pinned_tc_links(&agent.pin_dir)
-                .contains(&(client_netns.clone(), "eth0".to_owned()));
-            if attached && get(metrics, "/readyz").starts_with("HTTP/1.1 200") {
-                return Ok(agent);
-            }
-            ensure!(
-                Instant::now() < deadline,
-                "underpass agent not ready and attached within 30 s"
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
-    }
-
-    fn stop(mut self) {
-        // SAFETY: kill on our child's pid.
-        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
-        let _ = self.child.wait();
-    }
-}
-
-impl Drop for Agent {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        for (netns, iface) in pinned_tc_links(&self.pin_dir) {
-            let _ = datapath_user::loader::detach_pinned_tc(&self.pin_dir, Some(&netns), &iface);
-        }
-        let _ = std::fs::remove_dir_all(&self.pin_dir);
-    }
-}
-
-fn get(address: SocketAddrV4, path: &str) -> String {
-    let mut response = String::new();
-    if let Ok(mut stream) = TcpStream::connect_timeout(&address.into(), Duration::from_secs(1))
-        && write!(stream, "GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").is_ok()
-    {
-        let _ = stream.read_to_string(&mut response);
-    }
-    response
+/// pod (TC) and to the bench cgroup (socket-LB), once ready and attached.
+fn start_agent(
+    opts: &ClusterIpOpts,
+    topo: &Topology,
+    cgroup: &Cgroup,
+    service: &k8s_openapi::api::core::v1::Service,
+    slice: &k8s_openapi::api::discovery::v1::EndpointSlice,
+) -> Result<(AgentProcess, tempfile::TempDir)> {
+    let binary = underpass_binary(opts.underpass.as_deref())?;
+    let manifests = tempfile::Builder::new()
+        .prefix("underpass-bench-")
+        .tempdir()?;
+    let text = format!(
+        "{}---\n{}",
+        serde_yaml::to_string(service)?,
+        serde_yaml::to_string(slice)?
+    );
+    std::fs::write(manifests.path().join("bench.yaml"), text)?;
+    let pin_dir = PathBuf::from(format!("/sys/fs/bpf/{}", topo.prefix));
+    let client_netns = topo.pod("client").namespace.name().to_owned();
+    let cgroup_arg = cgroup.path().to_string_lossy().into_owned();
+    let mut agent = AgentProcess::spawn(
+        &binary,
+        pin_dir,
+        manifests.path(),
+        [
+            "--dir-poll-ms",
+            "100",
+            "--netns-poll-ms",
+            "100",
+            "--netns-filter",
+            &client_netns,
+            "--cgroup",
+            &cgroup_arg,
+        ],
+    )?;
+    agent.wait_until(Duration::from_secs(30), "ready and attached", |a| {
+        pinned_tc_links(a.pin_dir()).contains(&(client_netns.clone(), "eth0".to_owned()))
+            && a.is_ready()
+    })?;
+    Ok((agent, manifests))
 }

@@ -2,6 +2,7 @@
 //! timed tests.
 
 pub mod agent;
+pub mod agent_process;
 pub mod cluster_ip;
 pub mod datapath;
 pub mod kubeproxy;

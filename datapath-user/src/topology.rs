@@ -524,51 +524,16 @@ impl Topology {
     pub fn add_veth_pod(&mut self, spec: &PodSpec) -> Result<()> {
         let index = self.pods.len();
         let namespace = Namespace::create(&format!("{}-{}", self.prefix, spec.role))?;
-        let node = &self.nodes[spec.node];
         let other = &self.nodes[1 - spec.node];
-        let host_side = format!("vp{index}");
-        let temp = format!("vt{index}");
-        let pod_fd =
-            fs::File::open(namespace.path()).map_err(|e| err(namespace.name(), "open", e))?;
-        let pod_raw = pod_fd.as_raw_fd();
-        let (host, peer, address) = (host_side.clone(), temp.clone(), spec.address);
-        node.netlink("create the pod veth", |h| async move {
-            h.link()
-                .add(LinkVeth::new(&host, &peer).build())
-                .execute()
-                .await
-                .map_err(|e| e.to_string())?;
-            let peer_index = index_of(&h, &peer).await?;
-            h.link()
-                .set(
-                    LinkUnspec::new_with_index(peer_index)
-                        .setns_by_fd(pod_raw)
-                        .build(),
-                )
-                .execute()
-                .await
-                .map_err(|e| e.to_string())?;
-            let host_index = index_of(&h, &host).await?;
-            h.address()
-                .add(host_index, COORDINATOR_GATEWAY.into(), 32)
-                .execute()
-                .await
-                .map_err(|e| e.to_string())?;
-            set_up(&h, &host).await?;
-            let route = RouteMessageBuilder::<Ipv4Addr>::new()
-                .destination_prefix(address, 32)
-                .output_interface(host_index)
-                .build();
-            h.route()
-                .add(route)
-                .execute()
-                .await
-                .map_err(|e| e.to_string())
-        })?;
-        drop(pod_fd);
-        node.sysctl("net.ipv4.ip_forward", "1")?;
-        node.disable_tx_checksum(&host_side)?;
-        let via = NODE_ADDRESSES[spec.node];
+        wire_veth_to_node(
+            &self.nodes[spec.node],
+            &namespace,
+            &format!("vp{index}"),
+            Pod::IFACE,
+            spec.address,
+            true,
+        )?;
+        let (address, via) = (spec.address, NODE_ADDRESSES[spec.node]);
         other.netlink("route to the pod through its node", |h| async move {
             let route = RouteMessageBuilder::<Ipv4Addr>::new()
                 .destination_prefix(address, 32)
@@ -581,43 +546,6 @@ impl Topology {
                 .map_err(|e| e.to_string())
         })?;
         other.sysctl("net.ipv4.ip_forward", "1")?;
-        namespace.netlink("address the veth pod", |h| async move {
-            let index = index_of(&h, &temp).await?;
-            h.link()
-                .set(
-                    LinkUnspec::new_with_index(index)
-                        .name(Pod::IFACE.to_owned())
-                        .up()
-                        .build(),
-                )
-                .execute()
-                .await
-                .map_err(|e| e.to_string())?;
-            h.address()
-                .add(index, address.into(), 32)
-                .execute()
-                .await
-                .map_err(|e| e.to_string())?;
-            let link = RouteMessageBuilder::<Ipv4Addr>::new()
-                .destination_prefix(COORDINATOR_GATEWAY, 32)
-                .output_interface(index)
-                .scope(rtnetlink::packet_route::route::RouteScope::Link)
-                .build();
-            h.route()
-                .add(link)
-                .execute()
-                .await
-                .map_err(|e| e.to_string())?;
-            let default = RouteMessageBuilder::<Ipv4Addr>::new()
-                .gateway(COORDINATOR_GATEWAY)
-                .build();
-            h.route()
-                .add(default)
-                .execute()
-                .await
-                .map_err(|e| e.to_string())
-        })?;
-        namespace.disable_tx_checksum(Pod::IFACE)?;
         self.pods.push(Pod {
             role: spec.role.to_owned(),
             namespace,
@@ -641,74 +569,14 @@ impl Topology {
             .position(|p| p.role == role)
             .unwrap_or_else(|| panic!("no pod {role} in this topology"));
         let pod = &self.pods[index];
-        let node = &self.nodes[pod.node];
-        let host_side = format!("veth-{index}");
-        let temp = format!("cv{index}");
-        let pod_fd = fs::File::open(pod.namespace.path())
-            .map_err(|e| err(pod.namespace.name(), "open", e))?;
-        let pod_raw = pod_fd.as_raw_fd();
-        let (host, peer, address) = (host_side.clone(), temp.clone(), pod.address);
-        node.netlink("create the coordinator veth", |h| async move {
-            h.link()
-                .add(LinkVeth::new(&host, &peer).build())
-                .execute()
-                .await
-                .map_err(|e| e.to_string())?;
-            let peer_index = index_of(&h, &peer).await?;
-            h.link()
-                .set(
-                    LinkUnspec::new_with_index(peer_index)
-                        .setns_by_fd(pod_raw)
-                        .build(),
-                )
-                .execute()
-                .await
-                .map_err(|e| e.to_string())?;
-            let host_index = index_of(&h, &host).await?;
-            h.address()
-                .add(host_index, COORDINATOR_GATEWAY.into(), 32)
-                .execute()
-                .await
-                .map_err(|e| e.to_string())?;
-            set_up(&h, &host).await?;
-            // The host route back to the pod.
-            let route = RouteMessageBuilder::<Ipv4Addr>::new()
-                .destination_prefix(address, 32)
-                .output_interface(host_index)
-                .build();
-            h.route()
-                .add(route)
-                .execute()
-                .await
-                .map_err(|e| e.to_string())
-        })?;
-        drop(pod_fd);
-        node.sysctl("net.ipv4.ip_forward", "1")?;
-        node.disable_tx_checksum(&host_side)?;
-        pod.namespace.netlink("set up veth0", |h| async move {
-            let index = index_of(&h, &temp).await?;
-            h.link()
-                .set(
-                    LinkUnspec::new_with_index(index)
-                        .name(COORDINATOR_IFACE.to_owned())
-                        .up()
-                        .build(),
-                )
-                .execute()
-                .await
-                .map_err(|e| e.to_string())?;
-            let route = RouteMessageBuilder::<Ipv4Addr>::new()
-                .destination_prefix(COORDINATOR_GATEWAY, 32)
-                .output_interface(index)
-                .scope(rtnetlink::packet_route::route::RouteScope::Link)
-                .build();
-            h.route()
-                .add(route)
-                .execute()
-                .await
-                .map_err(|e| e.to_string())
-        })?;
-        pod.namespace.disable_tx_checksum(COORDINATOR_IFACE)
+        wire_veth_to_node(
+            &self.nodes[pod.node],
+            &pod.namespace,
+            &format!("veth-{index}"),
+            COORDINATOR_IFACE,
+            pod.address,
+            false,
+        )
     }
 
     /// Routes `prefix` from pod `role` through its coordinator veth (to
@@ -763,6 +631,100 @@ pub fn subnet_gateway(address: Ipv4Addr) -> Ipv4Addr {
 
 /// Creates a bridge-mode macvlan on `node`'s wire, moves it into `into`
 /// and names it eth0 there.
+/// A veth from `pod` (named `pod_iface` there) to `node` (`host_side`):
+/// the node answers on [`COORDINATOR_GATEWAY`], routes `address`/32 back
+/// into the veth and forwards; the pod reaches the gateway on the link.
+/// With `own_address`, the veth is the pod's interface: it carries the
+/// pod's /32 and the default route.
+fn wire_veth_to_node(
+    node: &Namespace,
+    pod: &Namespace,
+    host_side: &str,
+    pod_iface: &str,
+    address: Ipv4Addr,
+    own_address: bool,
+) -> Result<()> {
+    let temp = format!("{host_side}p");
+    let pod_fd = fs::File::open(pod.path()).map_err(|e| err(pod.name(), "open", e))?;
+    let pod_raw = pod_fd.as_raw_fd();
+    let (host, peer) = (host_side.to_owned(), temp.clone());
+    node.netlink("create the pod's veth", |h| async move {
+        h.link()
+            .add(LinkVeth::new(&host, &peer).build())
+            .execute()
+            .await
+            .map_err(|e| e.to_string())?;
+        let peer_index = index_of(&h, &peer).await?;
+        h.link()
+            .set(
+                LinkUnspec::new_with_index(peer_index)
+                    .setns_by_fd(pod_raw)
+                    .build(),
+            )
+            .execute()
+            .await
+            .map_err(|e| e.to_string())?;
+        let host_index = index_of(&h, &host).await?;
+        h.address()
+            .add(host_index, COORDINATOR_GATEWAY.into(), 32)
+            .execute()
+            .await
+            .map_err(|e| e.to_string())?;
+        set_up(&h, &host).await?;
+        // The host route back to the pod.
+        let route = RouteMessageBuilder::<Ipv4Addr>::new()
+            .destination_prefix(address, 32)
+            .output_interface(host_index)
+            .build();
+        h.route()
+            .add(route)
+            .execute()
+            .await
+            .map_err(|e| e.to_string())
+    })?;
+    drop(pod_fd);
+    node.sysctl("net.ipv4.ip_forward", "1")?;
+    node.disable_tx_checksum(host_side)?;
+    let name = pod_iface.to_owned();
+    pod.netlink("set up the pod's veth", |h| async move {
+        let index = index_of(&h, &temp).await?;
+        h.link()
+            .set(LinkUnspec::new_with_index(index).name(name).up().build())
+            .execute()
+            .await
+            .map_err(|e| e.to_string())?;
+        if own_address {
+            h.address()
+                .add(index, address.into(), 32)
+                .execute()
+                .await
+                .map_err(|e| e.to_string())?;
+        }
+        let link = RouteMessageBuilder::<Ipv4Addr>::new()
+            .destination_prefix(COORDINATOR_GATEWAY, 32)
+            .output_interface(index)
+            .scope(rtnetlink::packet_route::route::RouteScope::Link)
+            .build();
+        h.route()
+            .add(link)
+            .execute()
+            .await
+            .map_err(|e| e.to_string())?;
+        if own_address {
+            let default = RouteMessageBuilder::<Ipv4Addr>::new()
+                .gateway(COORDINATOR_GATEWAY)
+                .build();
+            h.route()
+                .add(default)
+                .execute()
+                .await
+                .map_err(|e| e.to_string())?;
+        }
+        Ok(())
+    })?;
+    pod.disable_tx_checksum(pod_iface)
+}
+
 fn add_macvlan(node: &Namespace, into: &Namespace, temp_name: &str, mac: [u8; 6]) -> Result<()> {
     let target = fs::File::open(into.path()).map_err(|e| err(into.name(), "open", e))?;
     let target_fd = target.as_raw_fd();

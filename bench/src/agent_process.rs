@@ -1,0 +1,133 @@
+//! `underpass agent` run by a bench: the binary next to the bench's, a
+//! free metrics port, and its pins (maps, links) removed when it goes.
+
+use std::{
+    ffi::OsStr,
+    io::{Read, Write},
+    net::{Ipv4Addr, SocketAddrV4, TcpListener, TcpStream},
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context, Result, ensure};
+use datapath_user::attach::pinned_tc_links;
+
+/// The `underpass` binary: `explicit`, or the one next to this binary.
+pub fn underpass_binary(explicit: Option<&Path>) -> Result<PathBuf> {
+    let binary = match explicit {
+        Some(path) => path.to_owned(),
+        None => std::env::current_exe()?
+            .parent()
+            .context("locating the bench binary")?
+            .join("underpass"),
+    };
+    ensure!(
+        binary.exists(),
+        "{} not found: `cargo xtask bench` builds it, or pass --underpass",
+        binary.display()
+    );
+    Ok(binary)
+}
+
+pub struct AgentProcess {
+    child: Child,
+    pin_dir: PathBuf,
+    pub metrics: SocketAddrV4,
+}
+
+impl AgentProcess {
+    /// Starts `binary agent --pin-dir PIN --from-dir DIR ARGS…`.
+    pub fn spawn<I, S>(binary: &Path, pin_dir: PathBuf, from_dir: &Path, args: I) -> Result<Self>
+    where
+        I: IntoIterator<Item = S>,
+        S: AsRef<OsStr>,
+    {
+        let port = TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
+        let metrics = SocketAddrV4::new(Ipv4Addr::LOCALHOST, port);
+        let child = Command::new(binary)
+            .arg("agent")
+            .arg("--pin-dir")
+            .arg(&pin_dir)
+            .arg("--from-dir")
+            .arg(from_dir)
+            .args(args)
+            .args(["--metrics-address", &metrics.to_string()])
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::null())
+            .spawn()
+            .with_context(|| format!("starting {}", binary.display()))?;
+        Ok(Self {
+            child,
+            pin_dir,
+            metrics,
+        })
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    pub fn pin_dir(&self) -> &Path {
+        &self.pin_dir
+    }
+
+    /// One GET on the metrics address; "" when nothing answers.
+    pub fn get(&self, path: &str) -> String {
+        let mut response = String::new();
+        if let Ok(mut stream) =
+            TcpStream::connect_timeout(&self.metrics.into(), Duration::from_secs(1))
+            && write!(stream, "GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").is_ok()
+        {
+            let _ = stream.read_to_string(&mut response);
+        }
+        response
+    }
+
+    pub fn is_ready(&self) -> bool {
+        self.get("/readyz").starts_with("HTTP/1.1 200")
+    }
+
+    /// Polls `condition` until it holds; fails if the agent exits first or
+    /// `timeout` passes.
+    pub fn wait_until(
+        &mut self,
+        timeout: Duration,
+        what: &str,
+        mut condition: impl FnMut(&Self) -> bool,
+    ) -> Result<()> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if condition(self) {
+                return Ok(());
+            }
+            ensure!(
+                self.child.try_wait()?.is_none(),
+                "underpass agent exited before {what}"
+            );
+            ensure!(
+                Instant::now() < deadline,
+                "underpass agent: not {what} within {timeout:?}"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// SIGTERM, as a DaemonSet rollout sends; the pins stay until drop.
+    pub fn stop(&mut self) {
+        // SAFETY: kill on our child's pid.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for AgentProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        for (netns, iface) in pinned_tc_links(&self.pin_dir) {
+            let _ = datapath_user::loader::detach_pinned_tc(&self.pin_dir, Some(&netns), &iface);
+        }
+        let _ = std::fs::remove_dir_all(&self.pin_dir);
+    }
+}
