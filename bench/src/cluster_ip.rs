@@ -24,6 +24,7 @@ use crate::{
     agent_process::{AgentProcess, underpass_binary},
     kubeproxy::service_ports,
     lab::{KubeProxy, SERVICE_CIDR, install_kube_proxy, remove_kube_proxy, service_objects},
+    plot::Bar,
     workload::{
         ECHO_PORT, IPERF_PORT, Kind, Measurement, REDIS_PORT, SOCKPERF_PORT, start_echo_server,
         start_tool_servers,
@@ -141,6 +142,10 @@ pub struct ClusterIpOpts {
     /// Also write the results as JSON here.
     #[arg(long)]
     pub json: Option<PathBuf>,
+    /// Write cluster-ip.json and one SVG bar chart per workload
+    /// (cluster-ip-<workload>.svg) into this directory.
+    #[arg(long)]
+    pub out: Option<PathBuf>,
     /// The `underpass` binary (default: next to this one).
     #[arg(long)]
     pub underpass: Option<PathBuf>,
@@ -162,6 +167,9 @@ pub struct Row {
 
 pub fn run(opts: &ClusterIpOpts) -> Result<()> {
     crate::require_root("the ClusterIP bench (namespaces, eBPF, iptables)")?;
+    if let Some(dir) = &opts.out {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    }
     let modes: Vec<Mode> = if opts.mode.is_empty() {
         Mode::ALL.to_vec()
     } else {
@@ -263,7 +271,7 @@ pub fn run(opts: &ClusterIpOpts) -> Result<()> {
                     if let Some(old) = installed.take() {
                         remove_kube_proxy(&topo.nodes[0], old)?;
                     }
-                    install_kube_proxy(&topo.nodes[0], &ports, flavour)?;
+                    install_kube_proxy(&topo.nodes[0], &ports, flavour, None)?;
                     installed = Some(flavour);
                 }
                 topo.route_via_node("client", SERVICE_CIDR, flavour.is_some())?;
@@ -324,17 +332,28 @@ pub fn run(opts: &ClusterIpOpts) -> Result<()> {
             (Mode::KubeProxyNft, Mode::KubeProxy),
         ],
     );
-    if let Some(path) = &opts.json {
-        let rows: Vec<Row> = rows
-            .into_iter()
-            .map(|((workload, mode), runs)| Row {
-                workload,
-                mode,
-                runs,
-            })
-            .collect();
-        std::fs::write(path, serde_json::to_string_pretty(&rows)?)
+    if let Some(dir) = &opts.out {
+        write_charts(&rows, &kinds, &modes, dir, "cluster-ip")?;
+    }
+    let rows: Vec<Row> = rows
+        .into_iter()
+        .map(|((workload, mode), runs)| Row {
+            workload,
+            mode,
+            runs,
+        })
+        .collect();
+    let json = opts
+        .json
+        .iter()
+        .cloned()
+        .chain(opts.out.iter().map(|d| d.join("cluster-ip.json")));
+    for path in json {
+        std::fs::write(&path, serde_json::to_string_pretty(&rows)?)
             .with_context(|| format!("writing {}", path.display()))?;
+    }
+    if let Some(dir) = &opts.out {
+        eprintln!("wrote cluster-ip.json and the charts to {}", dir.display());
     }
     drop(cgroup);
     drop(topo);
@@ -378,6 +397,69 @@ fn spread(mut values: Vec<f64>) -> (f64, f64, f64) {
     )
 }
 
+/// A workload's table title, unit and the figure shown for it.
+fn presentation(kind: Kind) -> (&'static str, &'static str, fn(&Measurement) -> f64) {
+    match kind {
+        Kind::Latency => (
+            "sockperf-style ping-pong latency (one-way, 64 B)",
+            "µs",
+            |m| m.mean_us,
+        ),
+        Kind::Rr => ("TCP_RR (100 B request/response)", "trans/s", |m| {
+            m.per_second
+        }),
+        Kind::Crr => (
+            "TCP_CRR (connect, 100 B request/response, close)",
+            "trans/s",
+            |m| m.per_second,
+        ),
+        Kind::Sockperf => (
+            "sockperf ping-pong --tcp -m 64 (one-way latency)",
+            "µs",
+            |m| m.mean_us,
+        ),
+        Kind::Iperf1 => ("iperf3, 1 stream", "Gbit/s", |m| m.per_second),
+        Kind::Iperf2 => ("iperf3, 2 streams", "Gbit/s", |m| m.per_second),
+        Kind::Iperf4 => ("iperf3, 4 streams", "Gbit/s", |m| m.per_second),
+        Kind::RedisGet => ("redis-benchmark -d 1000 -t get", "requests/s", |m| {
+            m.per_second
+        }),
+        Kind::RedisSet => ("redis-benchmark -d 1000 -t set", "requests/s", |m| {
+            m.per_second
+        }),
+    }
+}
+
+/// Writes `<prefix>-<workload>.svg` into `dir` for every workload: one bar
+/// per row (median, whiskers min–max).
+pub(crate) fn write_charts<M: SeedRow>(
+    rows: &BTreeMap<(Kind, M), Vec<Measurement>>,
+    kinds: &[Kind],
+    modes: &[M],
+    dir: &Path,
+    prefix: &str,
+) -> Result<()> {
+    for &kind in kinds {
+        let (title, unit, pick) = presentation(kind);
+        let bars: Vec<Bar> = modes
+            .iter()
+            .filter_map(|&mode| {
+                let runs = rows.get(&(kind, mode))?;
+                let (median, min, max) = spread(runs.iter().map(pick).collect());
+                Some(Bar {
+                    label: mode.label().to_owned(),
+                    median,
+                    min,
+                    max,
+                })
+            })
+            .collect();
+        let path = dir.join(format!("{prefix}-{}.svg", kind.arg()));
+        crate::plot::bars(&path, title, unit, &bars)?;
+    }
+    Ok(())
+}
+
 pub(crate) fn print_tables<M: SeedRow>(
     rows: &BTreeMap<(Kind, M), Vec<Measurement>>,
     kinds: &[Kind],
@@ -385,35 +467,7 @@ pub(crate) fn print_tables<M: SeedRow>(
     ratios: &[(M, M)],
 ) {
     for &kind in kinds {
-        let (title, unit, pick): (&str, &str, fn(&Measurement) -> f64) = match kind {
-            Kind::Latency => (
-                "sockperf-style ping-pong latency (one-way, 64 B)",
-                "µs",
-                |m| m.mean_us,
-            ),
-            Kind::Rr => ("TCP_RR (100 B request/response)", "trans/s", |m| {
-                m.per_second
-            }),
-            Kind::Crr => (
-                "TCP_CRR (connect, 100 B request/response, close)",
-                "trans/s",
-                |m| m.per_second,
-            ),
-            Kind::Sockperf => (
-                "sockperf ping-pong --tcp -m 64 (one-way latency)",
-                "µs",
-                |m| m.mean_us,
-            ),
-            Kind::Iperf1 => ("iperf3, 1 stream", "Gbit/s", |m| m.per_second),
-            Kind::Iperf2 => ("iperf3, 2 streams", "Gbit/s", |m| m.per_second),
-            Kind::Iperf4 => ("iperf3, 4 streams", "Gbit/s", |m| m.per_second),
-            Kind::RedisGet => ("redis-benchmark -d 1000 -t get", "requests/s", |m| {
-                m.per_second
-            }),
-            Kind::RedisSet => ("redis-benchmark -d 1000 -t set", "requests/s", |m| {
-                m.per_second
-            }),
-        };
+        let (title, unit, pick) = presentation(kind);
         let cpu_unit = match kind {
             Kind::Iperf1 | Kind::Iperf2 | Kind::Iperf4 => "CPU µs/MB",
             Kind::Sockperf | Kind::Latency => "CPU µs/message",

@@ -3,9 +3,10 @@
 //! in the client's node namespace.
 
 use std::{
-    io::Write,
+    io::{Read, Write},
     net::Ipv4Addr,
     process::{Command, Stdio},
+    time::{Duration, Instant},
 };
 
 use anyhow::{Context, Result, bail};
@@ -117,31 +118,79 @@ pub(crate) fn run_in(
     args: &[&str],
     input: &str,
 ) -> Result<()> {
-    let output = namespace
-        .run(|| -> std::io::Result<std::process::Output> {
-            let mut child = Command::new(program)
+    run_in_limited(namespace, program, args, input, None).map(drop)
+}
+
+/// A program the bench ran took longer than its time limit and was killed.
+#[derive(Debug, thiserror::Error)]
+#[error("{program} did not finish within {limit:?} in {namespace} (killed)")]
+pub struct TimedOut {
+    pub program: String,
+    pub namespace: String,
+    pub limit: Duration,
+}
+
+/// [`run_in`], killing the program after `limit`; returns how long it ran.
+/// A timeout is a [`TimedOut`] error (find it with `downcast_ref`).
+pub(crate) fn run_in_limited(
+    namespace: &Namespace,
+    program: &str,
+    args: &[&str],
+    input: &str,
+    limit: Option<Duration>,
+) -> Result<Duration> {
+    let started = Instant::now();
+    let mut child = namespace
+        .run(|| {
+            Command::new(program)
                 .args(args)
                 .stdin(Stdio::piped())
-                .stdout(Stdio::piped())
+                .stdout(Stdio::null())
                 .stderr(Stdio::piped())
-                .spawn()?;
-            child
-                .stdin
-                .take()
-                .expect("piped stdin")
-                .write_all(input.as_bytes())?;
-            child.wait_with_output()
+                .spawn()
         })?
         .with_context(|| format!("running {program} in {}", namespace.name()))?;
-    if !output.status.success() {
+    let mut stderr = child.stderr.take().expect("piped stderr");
+    let errors = std::thread::spawn(move || {
+        let mut text = String::new();
+        let _ = stderr.read_to_string(&mut text);
+        text
+    });
+    // Fed from a thread: a payload of many megabytes would otherwise
+    // block this one until the program reads it all, past the limit.
+    let mut stdin = child.stdin.take().expect("piped stdin");
+    let payload = input.to_owned();
+    let feeder = std::thread::spawn(move || stdin.write_all(payload.as_bytes()));
+    let status = loop {
+        if let Some(status) = child.try_wait()? {
+            break status;
+        }
+        if limit.is_some_and(|limit| started.elapsed() > limit) {
+            let _ = child.kill();
+            let _ = child.wait();
+            let _ = feeder.join();
+            return Err(TimedOut {
+                program: program.to_owned(),
+                namespace: namespace.name().to_owned(),
+                limit: limit.unwrap_or_default(),
+            }
+            .into());
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    };
+    let elapsed = started.elapsed();
+    let fed = feeder.join().expect("stdin feeder");
+    let errors = errors.join().unwrap_or_default();
+    if !status.success() {
         bail!(
             "{program} {} in {}: {}",
             args.join(" "),
             namespace.name(),
-            String::from_utf8_lossy(&output.stderr).trim()
+            errors.trim()
         );
     }
-    Ok(())
+    fed.with_context(|| format!("writing {program}'s input"))?;
+    Ok(elapsed)
 }
 
 /// The kube-proxy options the bench uses.
@@ -156,11 +205,15 @@ pub fn kube_proxy_options() -> Options {
 /// Installs what kube-proxy would for `ports` in `node`: its conntrack
 /// sysctls (those that are per-namespace), then the iptables payload and
 /// jump rules, or the nftables ruleset.
+///
+/// Returns how long the payload (or ruleset) took to load; a load that
+/// outlasts `limit` is killed and fails with [`TimedOut`].
 pub fn install_kube_proxy(
     node: &Namespace,
     ports: &[ServicePort],
     flavour: KubeProxy,
-) -> Result<()> {
+    limit: Option<Duration>,
+) -> Result<Duration> {
     for (key, value) in [
         (
             "net.netfilter.nf_conntrack_tcp_timeout_established",
@@ -173,26 +226,28 @@ pub fn install_kube_proxy(
         let _ = node.sysctl(key, value);
     }
     let options = kube_proxy_options();
-    match flavour {
+    let took = match flavour {
         KubeProxy::Iptables => {
             let payload = kubeproxy::iptables_restore(ports, &options);
-            run_in(
+            let took = run_in_limited(
                 node,
                 "iptables-restore",
                 &["-w", "5", "--noflush", "--counters"],
                 &payload,
+                limit,
             )?;
             // Prepended in list order, as kube-proxy's EnsureRule does.
             for (table, chain, rule) in kubeproxy::iptables_jumps() {
                 let script = format!("*{table}\n-I {chain} 1 {rule}\nCOMMIT\n");
                 run_in(node, "iptables-restore", &["-w", "5", "--noflush"], &script)?;
             }
+            took
         }
         KubeProxy::Nftables => {
             let script = kubeproxy::nft_ruleset(ports, &options);
-            run_in(node, "nft", &["-f", "-"], &script)?;
+            run_in_limited(node, "nft", &["-f", "-"], &script, limit)?
         }
-    }
+    };
     for (key, value) in [
         (
             "net.netfilter.nf_conntrack_tcp_timeout_established",
@@ -203,7 +258,7 @@ pub fn install_kube_proxy(
         node.sysctl(key, value)
             .with_context(|| format!("kube-proxy's conntrack setting {key}"))?;
     }
-    Ok(())
+    Ok(took)
 }
 
 /// Removes the kube-proxy baseline from `node`.

@@ -7,6 +7,7 @@ pub mod cluster_ip;
 pub mod datapath;
 pub mod kubeproxy;
 pub mod lab;
+pub mod plot;
 pub mod pod_ip;
 pub mod scale;
 pub mod workload;

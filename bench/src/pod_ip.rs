@@ -11,7 +11,7 @@ use datapath_user::topology::{self, NODE_ADDRESSES, PodSpec, Topology, standard_
 use serde::Serialize;
 
 use crate::{
-    cluster_ip::{SeedRow, print_tables, run_worker},
+    cluster_ip::{SeedRow, print_tables, run_worker, write_charts},
     workload::{ECHO_PORT, Kind, Measurement, start_echo_server, start_tool_servers},
 };
 
@@ -86,8 +86,13 @@ pub struct PodIpOpts {
     /// Every row in seconds (one run, short measurements).
     #[arg(long)]
     pub quick: bool,
+    /// Also write the results as JSON here.
     #[arg(long)]
     pub json: Option<PathBuf>,
+    /// Write pod-ip.json and one SVG bar chart per workload
+    /// (pod-ip-<workload>.svg) into this directory.
+    #[arg(long)]
+    pub out: Option<PathBuf>,
 }
 
 #[derive(Debug, Serialize)]
@@ -99,6 +104,9 @@ struct Row {
 
 pub fn run(opts: &PodIpOpts) -> Result<()> {
     crate::require_root("the Pod IP bench (network namespaces)")?;
+    if let Some(dir) = &opts.out {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    }
     let topos = if opts.topology.is_empty() {
         Topo::ALL.to_vec()
     } else {
@@ -212,17 +220,28 @@ pub fn run(opts: &PodIpOpts) -> Result<()> {
             (Topo::Macvlan, Topo::Node),
         ],
     );
-    if let Some(path) = &opts.json {
-        let rows: Vec<Row> = rows
-            .into_iter()
-            .map(|((workload, topology), runs)| Row {
-                workload,
-                topology,
-                runs,
-            })
-            .collect();
-        std::fs::write(path, serde_json::to_string_pretty(&rows)?)
+    if let Some(dir) = &opts.out {
+        write_charts(&rows, &kinds, &topos, dir, "pod-ip")?;
+    }
+    let rows: Vec<Row> = rows
+        .into_iter()
+        .map(|((workload, topology), runs)| Row {
+            workload,
+            topology,
+            runs,
+        })
+        .collect();
+    let json = opts
+        .json
+        .iter()
+        .cloned()
+        .chain(opts.out.iter().map(|d| d.join("pod-ip.json")));
+    for path in json {
+        std::fs::write(&path, serde_json::to_string_pretty(&rows)?)
             .with_context(|| format!("writing {}", path.display()))?;
+    }
+    if let Some(dir) = &opts.out {
+        eprintln!("wrote pod-ip.json and the charts to {}", dir.display());
     }
     drop(servers);
     drop(topo);

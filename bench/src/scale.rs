@@ -1,38 +1,80 @@
-//! `bench scale`: control-plane cost against the number of services, for
-//! kube-proxy's iptables and nftables rules and for underpass: the time to
-//! program N services × M endpoints from nothing, and to apply one changed
-//! EndpointSlice (kube-proxy's partial sync / nft transaction; the
-//! agent's incremental update). Each datapath is programmed inside a
-//! namespace (or private maps) this bench creates.
+//! `bench scale`: cost against the number of services, for kube-proxy's
+//! iptables and nftables rules and for underpass. At each point (N
+//! services × M endpoints) every datapath is programmed from nothing in
+//! the client's node (kube-proxy) or on the client pod (underpass TC) of
+//! the two-node topology, then measured:
+//! - the time to program all N services (the full restore, the nft
+//!   script, the agent's full sync into sized maps),
+//! - TCP_CRR rate and p99 from the client pod to one service through it
+//!   (the service in the middle of kube-proxy's sorted rule list; its one
+//!   endpoint is the server pod; the others point at unused addresses and
+//!   carry no traffic),
+//! - the time to apply one changed EndpointSlice (kube-proxy's partial
+//!   restore / nft transaction; the agent's incremental update).
 //!
-//! Not yet here: TCP_CRR rate and p99 to one service at each N, and plots.
+//! A datapath whose programming outlasts `--time-limit` is killed,
+//! reported as such and skipped at larger points.
 
 use std::{
     collections::BTreeSet,
-    net::Ipv4Addr,
+    net::{Ipv4Addr, SocketAddrV4},
     path::PathBuf,
     time::{Duration, Instant},
 };
 
 use anyhow::{Context, Result, ensure};
-use clap::Parser;
+use clap::{Parser, ValueEnum};
 use comfy_table::{Table, presets::UTF8_FULL_CONDENSED};
 use datapath_user::{
     Datapath, LoadOptions,
     agent::AgentCore,
     k8s::{NodeContext, Object, store::Change, store::Kind as StoreKind},
-    loader::MapSizes,
+    loader::{MapSizes, TcMode},
     metrics::Metrics,
     reconcile::Reconciler,
-    topology::{Namespace, unique_prefix},
+    topology::{self, PodSpec, Topology, standard_pods},
 };
 use serde::Serialize;
 
 use crate::{
-    agent::{endpoint_address, service, slice},
+    agent::{endpoint_address, service, service_address, slice},
+    cluster_ip::run_worker,
     kubeproxy::{self, ServicePort, service_ports},
-    lab::{kube_proxy_options, run_in},
+    lab::{
+        KubeProxy, SERVICE_CIDR, TimedOut, install_kube_proxy, kube_proxy_options,
+        remove_kube_proxy, run_in_limited,
+    },
+    plot::{self, Axes, Series},
+    workload::{Kind, Measurement, start_echo_server},
 };
+
+/// A datapath the sweep programs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, ValueEnum, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum ScaleDatapath {
+    /// kube-proxy's iptables rules (iptables-restore), in the client's node.
+    Iptables,
+    /// kube-proxy's nftables ruleset (nft -f), in the client's node.
+    Nftables,
+    /// underpass: the agent's reconciler into sized maps, TC on the pod.
+    Underpass,
+}
+
+impl ScaleDatapath {
+    pub const ALL: [ScaleDatapath; 3] = [
+        ScaleDatapath::Iptables,
+        ScaleDatapath::Nftables,
+        ScaleDatapath::Underpass,
+    ];
+
+    pub fn label(self) -> &'static str {
+        match self {
+            ScaleDatapath::Iptables => "kube-proxy iptables",
+            ScaleDatapath::Nftables => "kube-proxy nftables",
+            ScaleDatapath::Underpass => "underpass",
+        }
+    }
+}
 
 #[derive(Parser, Debug)]
 pub struct ScaleOpts {
@@ -42,60 +84,151 @@ pub struct ScaleOpts {
     /// Endpoints per service (comma-separated).
     #[arg(long, value_delimiter = ',', default_value = "1,10")]
     pub endpoints: Vec<usize>,
-    /// Small sizes only (1 and 100 services), for CI.
+    /// Datapaths (comma-separated); default: all.
+    #[arg(long, value_enum, value_delimiter = ',')]
+    pub datapath: Vec<ScaleDatapath>,
+    /// Seconds of TCP_CRR per measurement (0 skips the data plane).
+    #[arg(long, default_value_t = 3.0)]
+    pub seconds: f64,
+    /// TCP_CRR repetitions at each point (the median is reported).
+    #[arg(long, default_value_t = 3)]
+    pub runs: usize,
+    /// Seconds a datapath may take to program all services (or apply the
+    /// change) before it is killed; it is then skipped at larger points.
+    #[arg(long, default_value_t = 120)]
+    pub time_limit: u64,
+    /// Small sizes only (1 and 100 services, 0.3 s of TCP_CRR), for CI.
     #[arg(long)]
     pub quick: bool,
+    /// Also write the points as JSON here.
     #[arg(long)]
     pub json: Option<PathBuf>,
+    /// Write scale.json and the SVG plots (program time, one change,
+    /// TCP_CRR rate and p99 against N) into this directory.
+    #[arg(long)]
+    pub out: Option<PathBuf>,
 }
 
 #[derive(Debug, Serialize)]
 pub struct ScalePoint {
     pub services: usize,
     pub endpoints: usize,
-    pub datapath: &'static str,
-    pub program_ms: f64,
-    pub one_change_ms: f64,
+    pub datapath: ScaleDatapath,
+    /// Time to program all services; absent when it outlasted the limit.
+    pub program_ms: Option<f64>,
+    pub one_change_ms: Option<f64>,
+    /// Median TCP_CRR rate to the measured service, transactions/s.
+    pub crr_per_second: Option<f64>,
+    /// Median of the runs' TCP_CRR p99, µs.
+    pub crr_p99_us: Option<f64>,
+    pub crr_runs: Vec<Measurement>,
+    /// Why figures are missing (time limit, skipped).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub note: Option<String>,
 }
+
+/// The measured service's port and its endpoint's (the echo server's).
+const SERVICE_PORT: u16 = 80;
+const TARGET_PORT: u16 = 8080;
+const SERVER_CPU: usize = 1;
 
 pub fn run(opts: &ScaleOpts) -> Result<()> {
     crate::require_root("the scale bench (namespaces, iptables, nft, BPF maps)")?;
-    datapath_user::topology::cleanup_on_signals();
-    let sizes: Vec<usize> = if opts.quick {
-        vec![1, 100]
+    let (sizes, seconds, runs) = if opts.quick {
+        (vec![1, 100], 0.3, 1)
     } else {
-        opts.services.clone()
+        (opts.services.clone(), opts.seconds, opts.runs.max(1))
     };
+    ensure!(
+        sizes.iter().chain(&opts.endpoints).all(|&v| v > 0),
+        "--services and --endpoints must be positive"
+    );
+    let datapaths: Vec<ScaleDatapath> = if opts.datapath.is_empty() {
+        ScaleDatapath::ALL.to_vec()
+    } else {
+        opts.datapath.clone()
+    };
+    if let Some(dir) = &opts.out {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    }
+    topology::cleanup_on_signals();
+    eprintln!("building the two-node topology…");
+    let lab = Lab::build()?;
+    let limit = Duration::from_secs(opts.time_limit);
     let mut points = Vec::new();
+    let mut timed_out: BTreeSet<(ScaleDatapath, usize, usize)> = BTreeSet::new();
     for &n in &sizes {
         for &m in &opts.endpoints {
-            ensure!(
-                n > 0 && m > 0,
-                "--services and --endpoints must be positive"
-            );
             eprintln!("{n} services × {m} endpoints…");
-            let (services, slices) = objects(n, m);
-            let ports = service_ports(&services, &slices);
-            // One rollout step: service 0's first endpoint replaced.
-            let fresh = endpoint_address((n * m + 7) as u64);
-            let mut changed_ports = ports.clone();
-            let target = changed_ports
-                .iter_mut()
-                .find(|p| p.name == "svc-0")
-                .context("service 0")?;
-            let before = target.clone();
-            target.endpoints[0] = (fresh, 8080);
-            target.endpoints.sort_by_key(|(a, p)| format!("{a}:{p}"));
-            let after = target.clone();
-
-            let (full, change) = iptables(&ports, &changed_ports, &before, &after)?;
-            points.push(report(point(n, m, "kube-proxy iptables", full, change)));
-            let (full, change) = nftables(&ports, &before, &after)?;
-            points.push(report(point(n, m, "kube-proxy nftables", full, change)));
-            let (full, change) = underpass(n, m, services, slices, fresh)?;
-            points.push(report(point(n, m, "underpass", full, change)));
+            let sweep = Sweep::new(n, m, lab.server_address)?;
+            for &datapath in &datapaths {
+                let mut point = ScalePoint {
+                    services: n,
+                    endpoints: m,
+                    datapath,
+                    program_ms: None,
+                    one_change_ms: None,
+                    crr_per_second: None,
+                    crr_p99_us: None,
+                    crr_runs: Vec::new(),
+                    note: None,
+                };
+                let smaller_timed_out = timed_out
+                    .iter()
+                    .any(|&(d, tn, tm)| d == datapath && tn <= n && tm <= m);
+                if smaller_timed_out {
+                    point.note = Some(format!(
+                        "skipped: exceeded the {} s limit at a smaller point",
+                        opts.time_limit
+                    ));
+                } else {
+                    let crr = Crr { seconds, runs };
+                    let outcome = match datapath {
+                        ScaleDatapath::Iptables => {
+                            lab.kube_proxy(&sweep, KubeProxy::Iptables, limit, &crr)
+                        }
+                        ScaleDatapath::Nftables => {
+                            lab.kube_proxy(&sweep, KubeProxy::Nftables, limit, &crr)
+                        }
+                        ScaleDatapath::Underpass => lab.underpass(&sweep, &crr),
+                    };
+                    match outcome {
+                        Ok(outcome) => outcome.fill(&mut point),
+                        Err(error) if error.downcast_ref::<TimedOut>().is_some() => {
+                            timed_out.insert((datapath, n, m));
+                            point.note = Some(format!("{error:#}"));
+                        }
+                        Err(error) => {
+                            return Err(error.context(format!(
+                                "{} at {n} services × {m} endpoints",
+                                datapath.label()
+                            )));
+                        }
+                    }
+                }
+                points.push(report(point));
+            }
         }
     }
+    drop(lab);
+    print_table(&points);
+    if let Some(path) = &opts.json {
+        write_json(path, &points)?;
+    }
+    if let Some(dir) = &opts.out {
+        write_json(&dir.join("scale.json"), &points)?;
+        plot_points(dir, &points)?;
+        eprintln!("wrote scale.json and the plots to {}", dir.display());
+    }
+    Ok(())
+}
+
+fn write_json(path: &std::path::Path, points: &[ScalePoint]) -> Result<()> {
+    std::fs::write(path, serde_json::to_string_pretty(points)?)
+        .with_context(|| format!("writing {}", path.display()))
+}
+
+fn print_table(points: &[ScalePoint]) {
     let mut table = Table::new();
     table.load_preset(UTF8_FULL_CONDENSED).set_header(vec![
         "services",
@@ -103,46 +236,405 @@ pub fn run(opts: &ScaleOpts) -> Result<()> {
         "datapath",
         "program all (ms)",
         "one EndpointSlice change (ms)",
+        "TCP_CRR (trans/s)",
+        "TCP_CRR p99 (µs)",
     ]);
-    for p in &points {
+    let figure = |v: Option<f64>, digits: usize| {
+        v.map(|v| format!("{v:.digits$}"))
+            .unwrap_or_else(|| "–".into())
+    };
+    for p in points {
         table.add_row(vec![
             p.services.to_string(),
             p.endpoints.to_string(),
-            p.datapath.to_owned(),
-            format!("{:.1}", p.program_ms),
-            format!("{:.2}", p.one_change_ms),
+            p.datapath.label().to_owned(),
+            p.program_ms
+                .map(|v| format!("{v:.1}"))
+                .or_else(|| p.note.as_ref().map(|_| "over the limit".into()))
+                .unwrap_or_else(|| "–".into()),
+            figure(p.one_change_ms, 2),
+            figure(p.crr_per_second, 0),
+            figure(p.crr_p99_us, 0),
         ]);
     }
     println!("{table}");
-    if let Some(path) = &opts.json {
-        std::fs::write(path, serde_json::to_string_pretty(&points)?)?;
+    for p in points.iter().filter(|p| p.note.is_some()) {
+        println!(
+            "{} at {} × {}: {}",
+            p.datapath.label(),
+            p.services,
+            p.endpoints,
+            p.note.as_deref().unwrap_or_default()
+        );
     }
-    Ok(())
 }
 
 /// Prints a point as soon as it is measured (long sweeps keep what they
 /// measured if stopped).
 fn report(point: ScalePoint) -> ScalePoint {
+    let show = |v: Option<f64>| v.map(|v| format!("{v:.2}")).unwrap_or_else(|| "–".into());
     eprintln!(
-        "  {:<20} program {:>10.1} ms   one change {:>8.2} ms",
-        point.datapath, point.program_ms, point.one_change_ms
+        "  {:<20} program {:>10} ms   one change {:>8} ms   TCP_CRR {:>8}/s p99 {:>8} µs{}",
+        point.datapath.label(),
+        show(point.program_ms),
+        show(point.one_change_ms),
+        point
+            .crr_per_second
+            .map(|v| format!("{v:.0}"))
+            .unwrap_or_else(|| "–".into()),
+        point
+            .crr_p99_us
+            .map(|v| format!("{v:.0}"))
+            .unwrap_or_else(|| "–".into()),
+        point
+            .note
+            .as_ref()
+            .map(|n| format!("   ({n})"))
+            .unwrap_or_default()
     );
     point
 }
 
-fn point(
-    n: usize,
-    m: usize,
-    datapath: &'static str,
-    full: Duration,
+/// The SVG curves against N: one colour per datapath, dashed for the
+/// second (and later) endpoint count.
+fn plot_points(dir: &std::path::Path, points: &[ScalePoint]) -> Result<()> {
+    let endpoint_counts: BTreeSet<usize> = points.iter().map(|p| p.endpoints).collect();
+    /// File, title, unit, logarithmic figure axis, the figure.
+    type Chart = (
+        &'static str,
+        &'static str,
+        &'static str,
+        bool,
+        fn(&ScalePoint) -> Option<f64>,
+    );
+    let charts: [Chart; 4] = [
+        (
+            "scale-program.svg",
+            "Program N services from nothing",
+            "milliseconds",
+            true,
+            |p| p.program_ms,
+        ),
+        (
+            "scale-change.svg",
+            "Apply one changed EndpointSlice",
+            "milliseconds",
+            true,
+            |p| p.one_change_ms,
+        ),
+        (
+            "scale-crr-rate.svg",
+            "TCP_CRR to one service",
+            "transactions/s",
+            false,
+            |p| p.crr_per_second,
+        ),
+        (
+            "scale-crr-p99.svg",
+            "TCP_CRR p99 to one service",
+            "microseconds",
+            false,
+            |p| p.crr_p99_us,
+        ),
+    ];
+    for (file, title, unit, log_y, pick) in charts {
+        let mut series = Vec::new();
+        for (colour, datapath) in ScaleDatapath::ALL.into_iter().enumerate() {
+            for (nth, &m) in endpoint_counts.iter().enumerate() {
+                let curve: Vec<(f64, f64)> = points
+                    .iter()
+                    .filter(|p| p.datapath == datapath && p.endpoints == m)
+                    .filter_map(|p| Some((p.services as f64, pick(p)?)))
+                    .collect();
+                series.push(Series {
+                    label: format!("{} ({m} endpoint{})", datapath.label(), plural(m)),
+                    points: curve,
+                    colour,
+                    dashed: nth > 0,
+                });
+            }
+        }
+        plot::lines(
+            &dir.join(file),
+            &Axes {
+                title,
+                x: "services",
+                y: unit,
+                log_x: true,
+                log_y,
+            },
+            &series,
+        )?;
+    }
+    Ok(())
+}
+
+fn plural(n: usize) -> &'static str {
+    if n == 1 { "" } else { "s" }
+}
+
+/// The objects of one point, and the change applied to them.
+struct Sweep {
+    services: Vec<k8s_openapi::api::core::v1::Service>,
+    slices: Vec<k8s_openapi::api::discovery::v1::EndpointSlice>,
+    ports: Vec<ServicePort>,
+    /// Endpoints per service.
+    endpoints: usize,
+    /// The measured service: the middle of kube-proxy's sorted rules.
+    target: usize,
+    /// The rollout step: service 0's first endpoint replaced.
+    changed_ports: Vec<ServicePort>,
+    before: ServicePort,
+    after: ServicePort,
+    changed_slice: k8s_openapi::api::discovery::v1::EndpointSlice,
+}
+
+impl Sweep {
+    fn new(n: usize, m: usize, server: Ipv4Addr) -> Result<Self> {
+        let (services, mut slices) = objects(n, m);
+        let sorted = service_ports(&services, &slices);
+        let middle = &sorted[sorted.len() / 2].name;
+        let target: usize = middle
+            .strip_prefix("svc-")
+            .and_then(|i| i.parse().ok())
+            .with_context(|| format!("service name {middle}"))?;
+        slices[target] = slice(target, [server]);
+        let ports = service_ports(&services, &slices);
+        let fresh = endpoint_address((n * m + 7) as u64);
+        let mut changed_ports = ports.clone();
+        let changed = changed_ports
+            .iter_mut()
+            .find(|p| p.name == "svc-0")
+            .context("service 0")?;
+        let before = changed.clone();
+        changed.endpoints[0] = (fresh, TARGET_PORT);
+        changed.endpoints.sort_by_key(|(a, p)| format!("{a}:{p}"));
+        let after = changed.clone();
+        let mut changed_slice = slices[0].clone();
+        if let Some(endpoints) = changed_slice.endpoints.as_mut() {
+            endpoints[0].addresses = vec![fresh.to_string()];
+        }
+        Ok(Self {
+            services,
+            slices,
+            ports,
+            endpoints: m,
+            target,
+            changed_ports,
+            before,
+            after,
+            changed_slice,
+        })
+    }
+
+    fn target_address(&self) -> SocketAddrV4 {
+        SocketAddrV4::new(service_address(self.target), SERVICE_PORT)
+    }
+}
+
+/// What one datapath measured at one point.
+struct Outcome {
+    program: Duration,
     change: Duration,
-) -> ScalePoint {
-    ScalePoint {
-        services: n,
-        endpoints: m,
-        datapath,
-        program_ms: full.as_secs_f64() * 1e3,
-        one_change_ms: change.as_secs_f64() * 1e3,
+    crr: Vec<Measurement>,
+}
+
+impl Outcome {
+    fn fill(self, point: &mut ScalePoint) {
+        point.program_ms = Some(self.program.as_secs_f64() * 1e3);
+        point.one_change_ms = Some(self.change.as_secs_f64() * 1e3);
+        if !self.crr.is_empty() {
+            let median = |pick: fn(&Measurement) -> f64| {
+                let mut values: Vec<f64> = self.crr.iter().map(pick).collect();
+                values.sort_by(f64::total_cmp);
+                values[values.len() / 2]
+            };
+            point.crr_per_second = Some(median(|m| m.per_second));
+            point.crr_p99_us = Some(median(|m| m.p99_us));
+        }
+        point.crr_runs = self.crr;
+    }
+}
+
+/// How much TCP_CRR to run at each point.
+struct Crr {
+    seconds: f64,
+    runs: usize,
+}
+
+/// The two-node topology: a macvlan client pod on node 0 with its
+/// coordinator veth (kube-proxy's path), the echo server pod on node 1.
+struct Lab {
+    topo: Topology,
+    server_address: Ipv4Addr,
+}
+
+impl Lab {
+    fn build() -> Result<Self> {
+        let pods: Vec<PodSpec> = standard_pods()
+            .into_iter()
+            .filter(|p| p.role == "client" || p.role == "server-b")
+            .collect();
+        let topo = Topology::build(&pods)?;
+        let server = topo.pod("server-b");
+        start_echo_server(
+            &server.namespace,
+            server.address,
+            TARGET_PORT,
+            Some(SERVER_CPU),
+        )?;
+        let server_address = server.address;
+        topo.add_coordinator_veth("client")?;
+        // As in the ClusterIP bench: TCP_CRR's TIME_WAIT sockets must
+        // not exhaust the client's ports.
+        for namespace in [&topo.pod("client").namespace, &topo.nodes[0]] {
+            namespace.sysctl("net.ipv4.tcp_tw_reuse", "1")?;
+            namespace.sysctl("net.ipv4.ip_local_port_range", "10000 65535")?;
+        }
+        Ok(Self {
+            topo,
+            server_address,
+        })
+    }
+
+    fn crr(&self, sweep: &Sweep, crr: &Crr) -> Result<Vec<Measurement>> {
+        if crr.seconds <= 0.0 {
+            return Ok(Vec::new());
+        }
+        (0..crr.runs)
+            .map(|_| {
+                let measurement = run_worker(
+                    self.topo.pod("client").namespace.path(),
+                    None,
+                    Kind::Crr,
+                    sweep.target_address().into(),
+                    crr.seconds,
+                )?;
+                ensure!(
+                    measurement.transactions > 0,
+                    "TCP_CRR to {}: no transaction completed",
+                    sweep.target_address()
+                );
+                Ok(measurement)
+            })
+            .collect()
+    }
+
+    /// kube-proxy's rules in the client's node: program, measure, change,
+    /// remove.
+    fn kube_proxy(
+        &self,
+        sweep: &Sweep,
+        flavour: KubeProxy,
+        limit: Duration,
+        crr: &Crr,
+    ) -> Result<Outcome> {
+        let node = &self.topo.nodes[0];
+        let program = match install_kube_proxy(node, &sweep.ports, flavour, Some(limit)) {
+            Ok(program) => program,
+            Err(error) => {
+                // Killed before its commit: nothing to keep; clear
+                // whatever a partial load left.
+                let _ = remove_kube_proxy(node, flavour);
+                return Err(error);
+            }
+        };
+        let measured = (|| -> Result<Outcome> {
+            self.topo.route_via_node("client", SERVICE_CIDR, true)?;
+            let crr = self.crr(sweep, crr)?;
+            let change = match flavour {
+                KubeProxy::Iptables => {
+                    let removed: Vec<String> = sweep
+                        .before
+                        .endpoints
+                        .iter()
+                        .filter(|e| !sweep.after.endpoints.contains(e))
+                        .map(|&e| sweep.before.sep_chain(e))
+                        .collect();
+                    let rewrite: BTreeSet<String> = [sweep.after.svc_chain()].into();
+                    let partial = kubeproxy::iptables_restore_partial(
+                        &sweep.changed_ports,
+                        &kube_proxy_options(),
+                        &|p| rewrite.contains(&p.svc_chain()),
+                        &removed,
+                    );
+                    run_in_limited(
+                        node,
+                        "iptables-restore",
+                        &["-w", "5", "--noflush"],
+                        &partial,
+                        Some(limit),
+                    )?
+                }
+                KubeProxy::Nftables => {
+                    let update =
+                        kubeproxy::nft_update(&sweep.before, &sweep.after, &kube_proxy_options());
+                    run_in_limited(node, "nft", &["-f", "-"], &update, Some(limit))?
+                }
+            };
+            Ok(Outcome {
+                program,
+                change,
+                crr,
+            })
+        })();
+        let removed = remove_kube_proxy(node, flavour);
+        let outcome = measured?;
+        removed?;
+        Ok(outcome)
+    }
+
+    /// underpass: fresh sized maps, TC on the client pod, the agent's
+    /// reconciler programs every service; measure; one change.
+    fn underpass(&self, sweep: &Sweep, crr: &Crr) -> Result<Outcome> {
+        let n = sweep.services.len();
+        let m = sweep.endpoints;
+        let need_slots = (n * (m + 1) + 1024) as u32;
+        let need_backends = (n * m + 1024) as u32;
+        let options = LoadOptions {
+            sizes: MapSizes {
+                services: need_slots.max(MapSizes::default().services),
+                backends: need_backends.max(MapSizes::default().backends),
+                ..MapSizes::default()
+            },
+            ..LoadOptions::default()
+        };
+        let mut datapath = Datapath::load(&options).context("loading the datapath")?;
+        let client = self.topo.pod("client");
+        let _attachment = datapath
+            .attach_tc(Some(client.namespace.name()), "eth0", TcMode::Auto)
+            .context("attaching TC to the client pod")?;
+        self.topo.route_via_node("client", SERVICE_CIDR, false)?;
+        let reconciler = Reconciler::adopt(&mut datapath.maps)?;
+        let mut core = AgentCore::new(reconciler, NodeContext::default(), Metrics::new(None));
+        let program = timed(|| {
+            core.store.apply(Change::Replaced(
+                StoreKind::Service,
+                sweep.services.iter().map(Object::from).collect(),
+            ));
+            core.store.apply(Change::Replaced(
+                StoreKind::EndpointSlice,
+                sweep.slices.iter().map(Object::from).collect(),
+            ));
+            let stats = core.full_sync();
+            ensure!(stats.issues == 0, "{} issues while syncing", stats.issues);
+            Ok(())
+        })?;
+        let crr = self.crr(sweep, crr)?;
+        let change = timed(|| {
+            let stats = core.apply_now(Change::Applied(Object::from(&sweep.changed_slice)));
+            ensure!(
+                stats.written == 1,
+                "the change wrote {} frontends",
+                stats.written
+            );
+            Ok(())
+        })?;
+        Ok(Outcome {
+            program,
+            change,
+            crr,
+        })
     }
 }
 
@@ -165,108 +657,4 @@ fn timed(work: impl FnOnce() -> Result<()>) -> Result<Duration> {
     let started = Instant::now();
     work()?;
     Ok(started.elapsed())
-}
-
-fn iptables(
-    ports: &[ServicePort],
-    changed: &[ServicePort],
-    before: &ServicePort,
-    after: &ServicePort,
-) -> Result<(Duration, Duration)> {
-    let namespace = Namespace::create(&format!("{}-scale-ipt", unique_prefix()))?;
-    let options = kube_proxy_options();
-    let full = kubeproxy::iptables_restore(ports, &options);
-    let program = timed(|| {
-        run_in(
-            &namespace,
-            "iptables-restore",
-            &["-w", "5", "--noflush"],
-            &full,
-        )
-    })?;
-    let removed: Vec<String> = before
-        .endpoints
-        .iter()
-        .filter(|e| !after.endpoints.contains(e))
-        .map(|&e| before.sep_chain(e))
-        .collect();
-    let rewrite: BTreeSet<String> = [after.svc_chain()].into();
-    let partial = kubeproxy::iptables_restore_partial(
-        changed,
-        &options,
-        &|p| rewrite.contains(&p.svc_chain()),
-        &removed,
-    );
-    let change = timed(|| {
-        run_in(
-            &namespace,
-            "iptables-restore",
-            &["-w", "5", "--noflush"],
-            &partial,
-        )
-    })?;
-    Ok((program, change))
-}
-
-fn nftables(
-    ports: &[ServicePort],
-    before: &ServicePort,
-    after: &ServicePort,
-) -> Result<(Duration, Duration)> {
-    let namespace = Namespace::create(&format!("{}-scale-nft", unique_prefix()))?;
-    let options = kube_proxy_options();
-    let full = kubeproxy::nft_ruleset(ports, &options);
-    let program = timed(|| run_in(&namespace, "nft", &["-f", "-"], &full))?;
-    let update = kubeproxy::nft_update(before, after, &options);
-    let change = timed(|| run_in(&namespace, "nft", &["-f", "-"], &update))?;
-    Ok((program, change))
-}
-
-fn underpass(
-    n: usize,
-    m: usize,
-    services: Vec<k8s_openapi::api::core::v1::Service>,
-    slices: Vec<k8s_openapi::api::discovery::v1::EndpointSlice>,
-    fresh: Ipv4Addr,
-) -> Result<(Duration, Duration)> {
-    let need_slots = (n * (m + 1) + 1024) as u32;
-    let need_backends = (n * m + 1024) as u32;
-    let options = LoadOptions {
-        sizes: MapSizes {
-            services: need_slots.max(MapSizes::default().services),
-            backends: need_backends.max(MapSizes::default().backends),
-            ..MapSizes::default()
-        },
-        ..LoadOptions::default()
-    };
-    let mut datapath = Datapath::load(&options).context("loading the datapath")?;
-    let reconciler = Reconciler::adopt(&mut datapath.maps)?;
-    let mut core = AgentCore::new(reconciler, NodeContext::default(), Metrics::new(None));
-    let mut changed_slice = slices[0].clone();
-    let program = timed(|| {
-        core.store.apply(Change::Replaced(
-            StoreKind::Service,
-            services.iter().map(Object::from).collect(),
-        ));
-        core.store.apply(Change::Replaced(
-            StoreKind::EndpointSlice,
-            slices.iter().map(Object::from).collect(),
-        ));
-        let stats = core.full_sync();
-        ensure!(stats.issues == 0, "{} issues while syncing", stats.issues);
-        Ok(())
-    })?;
-    if let Some(endpoints) = changed_slice.endpoints.as_mut() {
-        endpoints[0].addresses = vec![fresh.to_string()];
-    }
-    let change = timed(|| {
-        let stats = core.apply_now(Change::Applied(Object::from(&changed_slice)));
-        ensure!(
-            stats.written == 1,
-            "the change wrote {} frontends",
-            stats.written
-        );
-        Ok(())
-    })?;
-    Ok((program, change))
 }

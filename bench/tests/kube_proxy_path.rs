@@ -42,7 +42,7 @@ fn clusterip_through_the_node_with_kube_proxy_rules() {
     };
 
     for flavour in [KubeProxy::Iptables, KubeProxy::Nftables] {
-        install_kube_proxy(&topo.nodes[0], &ports, flavour).unwrap();
+        install_kube_proxy(&topo.nodes[0], &ports, flavour, None).unwrap();
         for _ in 0..3 {
             let answer = ask().unwrap_or_else(|e| panic!("{flavour:?}: {e}"));
             assert_eq!(answer.server, "server-b");

@@ -1,16 +1,17 @@
-//! `bench scale --quick`: every datapath is programmed and updated at
-//! small sizes (the kube-proxy payloads are loaded for real, in
-//! namespaces the bench creates; asserting nothing about speed).
+//! `bench scale --quick`: every datapath is programmed, measured with
+//! TCP_CRR through it and updated at small sizes (the kube-proxy payloads
+//! loaded for real in the bench's node namespace; asserting nothing
+//! about speed), and the plots are written.
 
 use std::process::Command;
 
 #[test]
-fn every_point_runs() {
+fn every_point_runs_and_is_plotted() {
     bench::require_root("bench scale").unwrap();
-    let json = std::env::temp_dir().join(format!("scale-quick-{}.json", std::process::id()));
+    let out = tempfile::tempdir().unwrap();
     let output = Command::new(env!("CARGO_BIN_EXE_bench"))
-        .args(["scale", "--quick", "--json"])
-        .arg(&json)
+        .args(["scale", "--quick", "--out"])
+        .arg(out.path())
         .output()
         .unwrap();
     assert!(
@@ -19,8 +20,8 @@ fn every_point_runs() {
         String::from_utf8_lossy(&output.stdout),
         String::from_utf8_lossy(&output.stderr)
     );
-    let points: serde_json::Value = serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap();
-    let _ = std::fs::remove_file(&json);
+    let points: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out.path().join("scale.json")).unwrap()).unwrap();
     let points = points.as_array().unwrap();
     assert_eq!(
         points.len(),
@@ -30,5 +31,21 @@ fn every_point_runs() {
     for p in points {
         assert!(p["program_ms"].as_f64().unwrap() > 0.0, "{p}");
         assert!(p["one_change_ms"].as_f64().unwrap() > 0.0, "{p}");
+        assert!(p["crr_per_second"].as_f64().unwrap() > 0.0, "{p}");
+        assert_eq!(p["crr_runs"][0]["errors"].as_u64(), Some(0), "{p}");
+    }
+    for chart in [
+        "scale-program.svg",
+        "scale-change.svg",
+        "scale-crr-rate.svg",
+        "scale-crr-p99.svg",
+    ] {
+        let svg = std::fs::read_to_string(out.path().join(chart)).unwrap();
+        assert!(svg.starts_with("<svg"), "{chart}");
+        assert!(
+            svg.contains("kube-proxy iptables (1 endpoint)"),
+            "{chart}: {svg}"
+        );
+        assert!(svg.contains("underpass (10 endpoints)"), "{chart}");
     }
 }
