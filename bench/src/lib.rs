@@ -7,6 +7,9 @@ pub mod cluster_ip;
 pub mod datapath;
 pub mod kubeproxy;
 pub mod lab;
+pub mod latency;
+pub mod loadgen;
+pub mod nginx;
 pub mod plot;
 pub mod pod_ip;
 pub mod scale;
@@ -43,6 +46,15 @@ pub enum Command {
     /// EndpointSlice, for kube-proxy iptables, nftables and underpass.
     /// Needs root.
     Scale(scale::ScaleOpts),
+    /// The second seed: tail latency (p50 … p99.999) at fixed request
+    /// rates, open loop, against nginx (350 B and 4 KiB responses), for
+    /// host network, macvlan, ipvlan, veth routed (host-gw), veth through
+    /// a router (aws-vpc) and ClusterIPs through kube-proxy and underpass.
+    /// Needs root.
+    Latency(latency::LatencyOpts),
+    /// One load-generator run inside a namespace (used by latency).
+    #[command(hide = true)]
+    HttpLoad(latency::HttpLoadOpts),
     /// One client measurement inside a namespace (used by cluster-ip).
     #[command(hide = true)]
     Worker(workload::WorkerOpts),
@@ -60,6 +72,8 @@ pub fn run(opts: Opts) -> anyhow::Result<()> {
         Command::PodIp(o) => pod_ip::run(&o),
         Command::Scale(o) => scale::run(&o),
         Command::Worker(o) => workload::worker(&o),
+        Command::Latency(o) => latency::run(&o),
+        Command::HttpLoad(o) => latency::http_load(&o),
     }
 }
 

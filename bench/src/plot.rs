@@ -38,6 +38,8 @@ pub struct Axes<'a> {
     pub y: &'a str,
     pub log_x: bool,
     pub log_y: bool,
+    /// How x values are labelled (e.g. [`number`]).
+    pub x_label: fn(f64) -> String,
 }
 
 fn plot_error(error: impl std::fmt::Display) -> anyhow::Error {
@@ -115,7 +117,7 @@ where
         .configure_mesh()
         .x_desc(axes.x)
         .y_desc(axes.y)
-        .x_label_formatter(&|v| number(*v))
+        .x_label_formatter(&|v| (axes.x_label)(*v))
         .y_label_formatter(&|v| number(*v))
         .draw()
         .map_err(plot_error)?;

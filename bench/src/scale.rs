@@ -362,6 +362,7 @@ fn plot_points(dir: &std::path::Path, points: &[ScalePoint]) -> Result<()> {
                 y: unit,
                 log_x: true,
                 log_y,
+                x_label: plot::number,
             },
             &series,
         )?;

@@ -25,7 +25,8 @@ use std::{
 
 use futures::TryStreamExt;
 use rtnetlink::{
-    Handle, LinkMacVlan, LinkUnspec, LinkVeth, RouteMessageBuilder, packet_route::link::MacVlanMode,
+    Handle, LinkIpVlan, LinkMacVlan, LinkUnspec, LinkVeth, RouteMessageBuilder,
+    packet_route::link::{IpVlanMode, MacVlanMode},
 };
 
 use crate::netns::{self, NETNS_RUN_DIR};
@@ -37,6 +38,13 @@ pub struct TopologyError {
     pub netns: String,
     pub step: String,
     pub reason: String,
+}
+
+impl TopologyError {
+    /// The kernel lacks what the step needs (e.g. the ipvlan driver).
+    pub fn is_unsupported(&self) -> bool {
+        self.reason.starts_with(IPVLAN_UNSUPPORTED)
+    }
 }
 
 type Result<T> = std::result::Result<T, TopologyError>;
@@ -389,6 +397,9 @@ pub struct Topology {
     pub pods: Vec<Pod>,
     pub gateway: Namespace,
     pub nodes: [Namespace; 2],
+    /// A router joined to each node by its own link (a cloud VPC's route
+    /// table), made by the first pod routed through it.
+    pub router: Option<Namespace>,
 }
 
 impl Topology {
@@ -472,6 +483,7 @@ impl Topology {
             pods: Vec::new(),
             gateway,
             nodes: [node1, node2],
+            router: None,
         };
         for spec in pods {
             topology.add_pod(spec)?;
@@ -520,11 +532,21 @@ impl Topology {
     /// A pod wired as Calico (no tunnel) or Cilium wire theirs: its only
     /// interface is a veth to its node, its address a /32, its default
     /// route the node's link-local address; the nodes route each other's
-    /// pods over the wire.
+    /// pods over the wire (flannel's host-gw).
     pub fn add_veth_pod(&mut self, spec: &PodSpec) -> Result<()> {
+        self.add_routed_veth_pod(spec, false)
+    }
+
+    /// A veth pod as [`Topology::add_veth_pod`], but the other node routes
+    /// to it through the gateway namespace, standing for a cloud VPC's
+    /// route table (flannel's aws-vpc): node → router → node.
+    pub fn add_veth_pod_via_router(&mut self, spec: &PodSpec) -> Result<()> {
+        self.add_routed_veth_pod(spec, true)
+    }
+
+    fn add_routed_veth_pod(&mut self, spec: &PodSpec, via_router: bool) -> Result<()> {
         let index = self.pods.len();
         let namespace = Namespace::create(&format!("{}-{}", self.prefix, spec.role))?;
-        let other = &self.nodes[1 - spec.node];
         wire_veth_to_node(
             &self.nodes[spec.node],
             &namespace,
@@ -533,19 +555,32 @@ impl Topology {
             spec.address,
             true,
         )?;
-        let (address, via) = (spec.address, NODE_ADDRESSES[spec.node]);
-        other.netlink("route to the pod through its node", |h| async move {
-            let route = RouteMessageBuilder::<Ipv4Addr>::new()
-                .destination_prefix(address, 32)
-                .gateway(via)
-                .build();
-            h.route()
-                .add(route)
-                .execute()
-                .await
-                .map_err(|e| e.to_string())
-        })?;
-        other.sysctl("net.ipv4.ip_forward", "1")?;
+        let other = 1 - spec.node;
+        let hops = if via_router {
+            self.ensure_router()?;
+            let router = self.router.as_ref().expect("ensured");
+            vec![
+                (&self.nodes[other], router_link_address(other, true)),
+                (router, router_link_address(spec.node, false)),
+            ]
+        } else {
+            vec![(&self.nodes[other], NODE_ADDRESSES[spec.node])]
+        };
+        for (namespace, via) in hops {
+            let address = spec.address;
+            namespace.netlink("route to the pod", |h| async move {
+                let route = RouteMessageBuilder::<Ipv4Addr>::new()
+                    .destination_prefix(address, 32)
+                    .gateway(via)
+                    .build();
+                h.route()
+                    .add(route)
+                    .execute()
+                    .await
+                    .map_err(|e| e.to_string())
+            })?;
+            namespace.sysctl("net.ipv4.ip_forward", "1")?;
+        }
         self.pods.push(Pod {
             role: spec.role.to_owned(),
             namespace,
@@ -555,6 +590,109 @@ impl Topology {
             mac: [0; 6],
         });
         Ok(())
+    }
+
+    /// The router namespace, made on first use: a veth `vpc` from each
+    /// node to it (node `n` at 10.81.n.2/24, the router at 10.81.n.1).
+    fn ensure_router(&mut self) -> Result<()> {
+        if self.router.is_none() {
+            let router = Namespace::create(&format!("{}-router", self.prefix))?;
+            for n in 0..2 {
+                let node = &self.nodes[n];
+                let (router_side, temp) = (format!("vpc{n}"), format!("vpc{n}p"));
+                let node_fd =
+                    fs::File::open(node.path()).map_err(|e| err(node.name(), "open", e))?;
+                let node_raw = node_fd.as_raw_fd();
+                let local = router_link_address(n, true);
+                let (a, b) = (router_side.clone(), temp.clone());
+                router.netlink("link the router to a node", |h| async move {
+                    h.link()
+                        .add(LinkVeth::new(&a, &b).build())
+                        .execute()
+                        .await
+                        .map_err(|e| e.to_string())?;
+                    let peer = index_of(&h, &b).await?;
+                    h.link()
+                        .set(
+                            LinkUnspec::new_with_index(peer)
+                                .setns_by_fd(node_raw)
+                                .build(),
+                        )
+                        .execute()
+                        .await
+                        .map_err(|e| e.to_string())?;
+                    let own = index_of(&h, &a).await?;
+                    h.address()
+                        .add(own, local.into(), 24)
+                        .execute()
+                        .await
+                        .map_err(|e| e.to_string())?;
+                    set_up(&h, &a).await
+                })?;
+                drop(node_fd);
+                let remote = router_link_address(n, false);
+                node.netlink("address the node's router link", |h| async move {
+                    let index = index_of(&h, &temp).await?;
+                    h.link()
+                        .set(
+                            LinkUnspec::new_with_index(index)
+                                .name("vpc".to_owned())
+                                .up()
+                                .build(),
+                        )
+                        .execute()
+                        .await
+                        .map_err(|e| e.to_string())?;
+                    h.address()
+                        .add(index, remote.into(), 24)
+                        .execute()
+                        .await
+                        .map_err(|e| e.to_string())
+                })?;
+                node.disable_tx_checksum("vpc")?;
+                router.disable_tx_checksum(&router_side)?;
+            }
+            router.sysctl("net.ipv4.ip_forward", "1")?;
+            self.router = Some(router);
+        }
+        Ok(())
+    }
+
+    /// Adds an ipvlan (L2 mode) pod on its node's wire: like a macvlan pod
+    /// but sharing the wire's MAC address. Fails with
+    /// [`TopologyError::is_unsupported`] when the kernel has no IPVLAN.
+    pub fn add_ipvlan_pod(&mut self, spec: &PodSpec) -> Result<&Pod> {
+        let namespace = Namespace::create(&format!("{}-{}", self.prefix, spec.role))?;
+        let temp = format!("iv{}", self.pods.len());
+        add_ipvlan(&self.nodes[spec.node], &namespace, &temp)?;
+        let gateway_address = subnet_gateway(spec.address);
+        let address = spec.address;
+        namespace.netlink("address the pod", |h| async move {
+            let eth0 = index_of(&h, Pod::IFACE).await?;
+            h.address()
+                .add(eth0, address.into(), 24)
+                .execute()
+                .await
+                .map_err(|e| e.to_string())?;
+            set_up(&h, Pod::IFACE).await?;
+            let route = RouteMessageBuilder::<Ipv4Addr>::new()
+                .gateway(gateway_address)
+                .build();
+            h.route()
+                .add(route)
+                .execute()
+                .await
+                .map_err(|e| e.to_string())
+        })?;
+        self.pods.push(Pod {
+            role: spec.role.to_owned(),
+            namespace,
+            node: spec.node,
+            address,
+            gateway: gateway_address,
+            mac: [0; 6],
+        });
+        Ok(self.pods.last().expect("just pushed"))
     }
 
     /// Spiderpool's coordinator path for `role`: a veth from the pod
@@ -620,6 +758,12 @@ impl Topology {
     }
 }
 
+/// Node `n`'s link to the router: the router's end (`router_end`) or the
+/// node's.
+fn router_link_address(n: usize, router_end: bool) -> Ipv4Addr {
+    Ipv4Addr::new(10, 81, n as u8, if router_end { 1 } else { 2 })
+}
+
 /// The gateway of the subnet `address` belongs to.
 pub fn subnet_gateway(address: Ipv4Addr) -> Ipv4Addr {
     SUBNETS
@@ -628,6 +772,58 @@ pub fn subnet_gateway(address: Ipv4Addr) -> Ipv4Addr {
         .map(|(_, gw)| *gw)
         .unwrap_or(SUBNETS[0].1)
 }
+
+/// Creates an L2-mode ipvlan on `node`'s wire, moves it into `into` and
+/// names it eth0 there.
+fn add_ipvlan(node: &Namespace, into: &Namespace, temp_name: &str) -> Result<()> {
+    let target = fs::File::open(into.path()).map_err(|e| err(into.name(), "open", e))?;
+    let target_fd = target.as_raw_fd();
+    let temp = temp_name.to_owned();
+    node.netlink(IPVLAN_STEP, |h| async move {
+        let wire = index_of(&h, WIRE).await?;
+        h.link()
+            .add(LinkIpVlan::new(&temp, wire, IpVlanMode::L2).build())
+            .execute()
+            .await
+            .map_err(|e| match e {
+                rtnetlink::Error::NetlinkError(m)
+                    if m.raw_code() == -libc::EOPNOTSUPP || m.raw_code() == -libc::ENOENT =>
+                {
+                    format!("{IPVLAN_UNSUPPORTED}: {m}")
+                }
+                e => e.to_string(),
+            })?;
+        let index = index_of(&h, &temp).await?;
+        h.link()
+            .set(
+                LinkUnspec::new_with_index(index)
+                    .setns_by_fd(target_fd)
+                    .build(),
+            )
+            .execute()
+            .await
+            .map_err(|e| e.to_string())
+    })?;
+    drop(target);
+    let temp = temp_name.to_owned();
+    into.netlink("rename the ipvlan to eth0", |h| async move {
+        let index = index_of(&h, &temp).await?;
+        h.link()
+            .set(
+                LinkUnspec::new_with_index(index)
+                    .name(Pod::IFACE.to_owned())
+                    .build(),
+            )
+            .execute()
+            .await
+            .map_err(|e| e.to_string())
+    })
+}
+
+const IPVLAN_STEP: &str = "create an ipvlan";
+/// What a kernel without the ipvlan driver is told to need.
+pub const IPVLAN_UNSUPPORTED: &str =
+    "this kernel has no ipvlan driver (build it with CONFIG_IPVLAN=m or =y)";
 
 /// Creates a bridge-mode macvlan on `node`'s wire, moves it into `into`
 /// and names it eth0 there.

@@ -19,8 +19,8 @@ const BPF_LINKER_LLVM_FEATURE: &str = "llvm-22";
 /// Debian packages the test suites use, as (command to probe, package).
 /// The suites build their namespaces with netlink and drive traffic with
 /// their own sockets; the kube-proxy baseline needs iptables and
-/// nftables, and the ClusterIP bench (whose `--quick` run is a test) the
-/// seed's tools.
+/// nftables, and the benches (whose `--quick` runs are tests) the seeds'
+/// tools.
 const TEST_PACKAGES: &[(&str, &str)] = &[
     ("iptables-restore", "iptables"),
     ("nft", "nftables"),
@@ -28,6 +28,7 @@ const TEST_PACKAGES: &[(&str, &str)] = &[
     ("iperf3", "iperf3"),
     ("redis-server", "redis-server"),
     ("redis-benchmark", "redis-tools"),
+    ("nginx", "nginx"),
 ];
 
 #[derive(Parser)]

@@ -1,0 +1,745 @@
+//! `bench latency`: the second seed's question — tail latency at fixed,
+//! non-overloaded request rates — across container network designs on
+//! the two-node topology. nginx serves 350-byte and 4 KiB responses in the
+//! server namespace of each design; the open-loop generator
+//! ([`crate::loadgen`]) runs in the client's, on its own CPU.
+//!
+//! For each response size: every design's maximum rate (closed loop over
+//! the same connections), then each design at fixed fractions of its own
+//! maximum and at absolute rates shared by all designs, the designs
+//! interleaved at each rate so drift hits them alike.
+
+use std::{
+    collections::BTreeMap,
+    net::{Ipv4Addr, SocketAddr, SocketAddrV4},
+    path::{Path, PathBuf},
+    process::{Command, Stdio},
+    time::Duration,
+};
+
+use anyhow::{Context, Result, bail};
+use clap::{Parser, ValueEnum};
+use datapath_user::{
+    attach::pinned_tc_links,
+    topology::{self, Cgroup, NODE_ADDRESSES, PodSpec, Topology},
+};
+use serde::Serialize;
+
+use crate::{
+    agent_process::{AgentProcess, underpass_binary},
+    kubeproxy::service_ports,
+    lab::{KubeProxy, SERVICE_CIDR, install_kube_proxy, remove_kube_proxy, service_objects},
+    loadgen::{LoadResult, LoadSpec, QUANTILES, run_load},
+    nginx::{self, HTTP_PORT, Nginx},
+    plot::{self, Axes, Series},
+    workload::pin_to_cpu,
+};
+
+/// A container network design (how the client reaches the server).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, ValueEnum, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Design {
+    /// Host network: node namespace to node namespace (the reference).
+    Host,
+    /// macvlan pods on the nodes' wire, same subnet.
+    Macvlan,
+    /// ipvlan (L2) pods on the nodes' wire; needs CONFIG_IPVLAN.
+    Ipvlan,
+    /// veth pods routed by their nodes (flannel host-gw, Calico).
+    VethRouted,
+    /// veth pods, the nodes routing through a third "router" namespace
+    /// (flannel aws-vpc: the VPC's route table).
+    Router,
+    /// macvlan client to a ClusterIP through kube-proxy's iptables rules
+    /// (Spiderpool's coordinator veth), server a macvlan pod.
+    KubeProxy,
+    /// macvlan client to a ClusterIP through underpass TC.
+    Underpass,
+}
+
+impl Design {
+    pub const ALL: [Design; 7] = [
+        Design::Host,
+        Design::Macvlan,
+        Design::Ipvlan,
+        Design::VethRouted,
+        Design::Router,
+        Design::KubeProxy,
+        Design::Underpass,
+    ];
+
+    pub fn label(self) -> &'static str {
+        match self {
+            Design::Host => "host network",
+            Design::Macvlan => "macvlan",
+            Design::Ipvlan => "ipvlan L2",
+            Design::VethRouted => "veth, routed (host-gw)",
+            Design::Router => "veth, via router (aws-vpc)",
+            Design::KubeProxy => "macvlan → ClusterIP, kube-proxy",
+            Design::Underpass => "macvlan → ClusterIP, underpass TC",
+        }
+    }
+}
+
+#[derive(Parser, Debug)]
+pub struct LatencyOpts {
+    /// Designs (comma-separated); default: all.
+    #[arg(long, value_enum, value_delimiter = ',')]
+    pub design: Vec<Design>,
+    /// Response sizes in bytes (comma-separated): 350 and/or 4096.
+    #[arg(long, value_delimiter = ',', default_values_t = nginx::RESPONSE_SIZES)]
+    pub size: Vec<usize>,
+    /// Fractions of each design's own maximum rate, in percent.
+    #[arg(long, value_delimiter = ',', default_values_t = [20.0, 30.0, 50.0, 70.0])]
+    pub fractions: Vec<f64>,
+    /// Absolute rates (requests/s) every design is measured at; default:
+    /// 30 % and 50 % of the host network's maximum.
+    #[arg(long, value_delimiter = ',')]
+    pub rates: Vec<f64>,
+    /// Keep-alive connections the load is spread over.
+    #[arg(long, default_value_t = 128)]
+    pub connections: usize,
+    /// Seconds recorded per measurement.
+    #[arg(long, default_value_t = 5.0)]
+    pub seconds: f64,
+    /// Seconds run before recording starts.
+    #[arg(long, default_value_t = 1.0)]
+    pub warmup: f64,
+    /// Every design in seconds (0.5 s per measurement, 30 % only, 16
+    /// connections), for CI; asserts nothing about speed.
+    #[arg(long)]
+    pub quick: bool,
+    /// Also write the results as JSON here.
+    #[arg(long)]
+    pub json: Option<PathBuf>,
+    /// Write latency.json and one SVG per size and rate (latency against
+    /// percentile) into this directory.
+    #[arg(long)]
+    pub out: Option<PathBuf>,
+    /// The `underpass` binary (default: next to this one).
+    #[arg(long)]
+    pub underpass: Option<PathBuf>,
+}
+
+/// One measurement.
+#[derive(Debug, Serialize)]
+pub struct Row {
+    pub design: Design,
+    pub size: usize,
+    /// "max", "30 % of max" or "4000/s".
+    pub point: String,
+    pub result: LoadResult,
+}
+
+/// The ClusterIP the two service designs reach.
+const VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 80);
+const CLIENT_CPU: usize = 0;
+const SERVER_CPU: usize = 1;
+
+/// Where each design's client runs and what it connects to.
+struct Endpoint {
+    netns: PathBuf,
+    cgroup: Option<PathBuf>,
+    target: SocketAddr,
+}
+
+struct Lab {
+    topo: Topology,
+    _servers: Vec<Nginx>,
+    endpoints: BTreeMap<Design, Endpoint>,
+    unavailable: BTreeMap<Design, String>,
+    kube_proxy: Option<Vec<crate::kubeproxy::ServicePort>>,
+    agent: Option<(AgentProcess, tempfile::TempDir)>,
+    _cgroup: Option<Cgroup>,
+}
+
+fn pod(role: &'static str, node: usize, address: [u8; 4]) -> PodSpec {
+    PodSpec {
+        role,
+        node,
+        address: address.into(),
+    }
+}
+
+impl Lab {
+    fn build(designs: &[Design], opts: &LatencyOpts) -> Result<Self> {
+        let pods = [
+            pod("client", 0, [10, 77, 0, 2]),
+            pod("mclient", 0, [10, 77, 0, 6]),
+            pod("server", 1, [10, 77, 0, 4]),
+        ];
+        let mut topo = Topology::build(&pods)?;
+        let mut servers = vec![nginx::start(&topo.nodes[1], NODE_ADDRESSES[1], SERVER_CPU)?];
+        let server = topo.pod("server").address;
+        servers.push(nginx::start(
+            &topo.pod("server").namespace,
+            server,
+            SERVER_CPU,
+        )?);
+        let mut endpoints = BTreeMap::new();
+        let mut unavailable = BTreeMap::new();
+        let at = |address: Ipv4Addr| SocketAddr::V4(SocketAddrV4::new(address, HTTP_PORT));
+        endpoints.insert(
+            Design::Host,
+            Endpoint {
+                netns: topo.nodes[0].path().to_owned(),
+                cgroup: None,
+                target: at(NODE_ADDRESSES[1]),
+            },
+        );
+        endpoints.insert(
+            Design::Macvlan,
+            Endpoint {
+                netns: topo.pod("mclient").namespace.path().to_owned(),
+                cgroup: None,
+                target: at(server),
+            },
+        );
+        if designs.contains(&Design::Ipvlan) {
+            let added = topo
+                .add_ipvlan_pod(&pod("iclient", 0, [10, 77, 0, 12]))
+                .map(drop)
+                .and_then(|()| {
+                    topo.add_ipvlan_pod(&pod("iserver", 1, [10, 77, 0, 14]))
+                        .map(drop)
+                });
+            match added {
+                Ok(()) => {
+                    let iserver = topo.pod("iserver");
+                    servers.push(nginx::start(
+                        &iserver.namespace,
+                        iserver.address,
+                        SERVER_CPU,
+                    )?);
+                    endpoints.insert(
+                        Design::Ipvlan,
+                        Endpoint {
+                            netns: topo.pod("iclient").namespace.path().to_owned(),
+                            cgroup: None,
+                            target: at(iserver.address),
+                        },
+                    );
+                }
+                Err(error) if error.is_unsupported() => {
+                    unavailable.insert(Design::Ipvlan, error.reason.clone());
+                }
+                Err(error) => return Err(error.into()),
+            }
+        }
+        for (design, client, server_spec, via_router) in [
+            (
+                Design::VethRouted,
+                pod("vclient", 0, [10, 79, 1, 2]),
+                pod("vserver", 1, [10, 79, 2, 2]),
+                false,
+            ),
+            (
+                Design::Router,
+                pod("rclient", 0, [10, 80, 1, 2]),
+                pod("rserver", 1, [10, 80, 2, 2]),
+                true,
+            ),
+        ] {
+            if !designs.contains(&design) {
+                continue;
+            }
+            for spec in [&client, &server_spec] {
+                if via_router {
+                    topo.add_veth_pod_via_router(spec)?;
+                } else {
+                    topo.add_veth_pod(spec)?;
+                }
+            }
+            let server_pod = topo.pod(server_spec.role);
+            servers.push(nginx::start(
+                &server_pod.namespace,
+                server_pod.address,
+                SERVER_CPU,
+            )?);
+            endpoints.insert(
+                design,
+                Endpoint {
+                    netns: topo.pod(client.role).namespace.path().to_owned(),
+                    cgroup: None,
+                    target: at(server_pod.address),
+                },
+            );
+        }
+        let (service, slice) =
+            service_objects("latency", VIP, &[(HTTP_PORT, HTTP_PORT)], &[server]);
+        let mut kube_proxy = None;
+        if designs.contains(&Design::KubeProxy) {
+            topo.add_coordinator_veth("client")?;
+            kube_proxy = Some(service_ports(
+                std::slice::from_ref(&service),
+                std::slice::from_ref(&slice),
+            ));
+            endpoints.insert(
+                Design::KubeProxy,
+                Endpoint {
+                    netns: topo.pod("client").namespace.path().to_owned(),
+                    cgroup: None,
+                    target: at(VIP),
+                },
+            );
+        }
+        let mut agent = None;
+        let mut cgroup = None;
+        if designs.contains(&Design::Underpass) {
+            let group = Cgroup::create(&format!("{}-latency", topo.prefix))?;
+            agent = Some(start_agent(opts, &topo, &group, &service, &slice)?);
+            cgroup = Some(group);
+            endpoints.insert(
+                Design::Underpass,
+                Endpoint {
+                    netns: topo.pod("client").namespace.path().to_owned(),
+                    cgroup: None,
+                    target: at(VIP),
+                },
+            );
+        }
+        // Many short-lived sockets per run: as in the other benches.
+        for namespace in [&topo.nodes[0]]
+            .into_iter()
+            .chain(topo.pods.iter().map(|p| &p.namespace))
+        {
+            namespace.sysctl("net.ipv4.tcp_tw_reuse", "1")?;
+            namespace.sysctl("net.ipv4.ip_local_port_range", "10000 65535")?;
+        }
+        Ok(Self {
+            topo,
+            _servers: servers,
+            endpoints,
+            unavailable,
+            kube_proxy,
+            agent,
+            _cgroup: cgroup,
+        })
+    }
+
+    /// Readies the node for `design` (kube-proxy's rules only while they
+    /// are measured; the client's service route through its node then).
+    fn prepare(&self, design: Design) -> Result<()> {
+        if let Some(ports) = &self.kube_proxy {
+            let node = &self.topo.nodes[0];
+            let _ = remove_kube_proxy(node, KubeProxy::Iptables);
+            if design == Design::KubeProxy {
+                install_kube_proxy(node, ports, KubeProxy::Iptables, None)?;
+            }
+            self.topo
+                .route_via_node("client", SERVICE_CIDR, design == Design::KubeProxy)?;
+        }
+        Ok(())
+    }
+
+    fn measure(
+        &self,
+        design: Design,
+        size: usize,
+        rate: Option<f64>,
+        shape: &Shape,
+    ) -> Result<LoadResult> {
+        self.prepare(design)?;
+        let endpoint = &self.endpoints[&design];
+        let mut command = Command::new(std::env::current_exe()?);
+        command
+            .arg("http-load")
+            .arg("--netns")
+            .arg(&endpoint.netns)
+            .args(["--cpu", &CLIENT_CPU.to_string()])
+            .args(["--target", &endpoint.target.to_string()])
+            .args(["--path", &format!("/{size}")])
+            .args(["--connections", &shape.connections.to_string()])
+            .args(["--seconds", &shape.seconds.to_string()])
+            .args(["--warmup", &shape.warmup.to_string()])
+            .stderr(Stdio::inherit());
+        if let Some(rate) = rate {
+            command.args(["--rate", &rate.to_string()]);
+        }
+        if let Some(cgroup) = &endpoint.cgroup {
+            command.arg("--cgroup").arg(cgroup);
+        }
+        let output = command.output().context("running the load generator")?;
+        if !output.status.success() {
+            bail!("load generator failed ({})", output.status);
+        }
+        serde_json::from_slice(&output.stdout).context("reading the load generator's result")
+    }
+}
+
+/// A rate every design is measured at.
+enum RatePoint {
+    /// Percent of the design's own maximum.
+    OfMax(f64),
+    /// Requests per second, the same for all designs.
+    Fixed(f64),
+}
+
+impl RatePoint {
+    fn label(&self) -> String {
+        match self {
+            RatePoint::OfMax(percent) => format!("{percent} % of max"),
+            RatePoint::Fixed(rate) => format!("{rate}/s"),
+        }
+    }
+
+    fn rate(&self, max: f64) -> f64 {
+        match self {
+            RatePoint::OfMax(percent) => max * percent / 100.0,
+            RatePoint::Fixed(rate) => *rate,
+        }
+    }
+}
+
+/// How every measurement is shaped.
+struct Shape {
+    connections: usize,
+    seconds: f64,
+    warmup: f64,
+}
+
+pub fn run(opts: &LatencyOpts) -> Result<()> {
+    crate::require_root("the latency bench (namespaces, nginx, eBPF, iptables)")?;
+    if let Some(dir) = &opts.out {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    }
+    for &size in &opts.size {
+        anyhow::ensure!(
+            nginx::RESPONSE_SIZES.contains(&size),
+            "--size {size}: the server has responses of {:?} bytes",
+            nginx::RESPONSE_SIZES
+        );
+    }
+    let designs = if opts.design.is_empty() {
+        Design::ALL.to_vec()
+    } else {
+        opts.design.clone()
+    };
+    let (shape, fractions, mut absolute) = if opts.quick {
+        (
+            Shape {
+                connections: 16,
+                seconds: 0.5,
+                warmup: 0.2,
+            },
+            vec![30.0],
+            Vec::new(),
+        )
+    } else {
+        (
+            Shape {
+                connections: opts.connections.max(1),
+                seconds: opts.seconds,
+                warmup: opts.warmup,
+            },
+            opts.fractions.clone(),
+            opts.rates.clone(),
+        )
+    };
+    topology::cleanup_on_signals();
+    eprintln!("building the designs' topologies and starting nginx…");
+    let lab = Lab::build(&designs, opts)?;
+    for (design, reason) in &lab.unavailable {
+        eprintln!("{}: unavailable — {reason}", design.label());
+    }
+    let measured: Vec<Design> = designs
+        .iter()
+        .copied()
+        .filter(|d| lab.endpoints.contains_key(d))
+        .collect();
+    let mut rows = Vec::new();
+    for &size in &opts.size {
+        let mut max = BTreeMap::new();
+        for &design in &measured {
+            eprint!("\r{size} B: maximum rate, {:<36}", design.label());
+            let result = lab
+                .measure(design, size, None, &shape)
+                .with_context(|| format!("{} at the maximum rate", design.label()))?;
+            max.insert(design, result.achieved_rate);
+            rows.push(Row {
+                design,
+                size,
+                point: "max".into(),
+                result,
+            });
+        }
+        if absolute.is_empty() && !opts.quick {
+            let reference = max
+                .get(&Design::Host)
+                .or_else(|| max.values().next())
+                .copied()
+                .unwrap_or(1000.0);
+            absolute = [0.3, 0.5]
+                .iter()
+                .map(|f| ((reference * f / 500.0).floor() * 500.0).max(500.0))
+                .collect();
+        }
+        let points: Vec<RatePoint> = fractions
+            .iter()
+            .map(|&f| RatePoint::OfMax(f))
+            .chain(absolute.iter().map(|&r| RatePoint::Fixed(r)))
+            .collect();
+        for point in &points {
+            let label = point.label();
+            for &design in &measured {
+                eprint!("\r{size} B: {label}, {:<36}", design.label());
+                let rate = point.rate(max[&design]).max(1.0);
+                let result = lab
+                    .measure(design, size, Some(rate), &shape)
+                    .with_context(|| format!("{} at {rate:.0} requests/s", design.label()))?;
+                rows.push(Row {
+                    design,
+                    size,
+                    point: label.clone(),
+                    result,
+                });
+            }
+        }
+    }
+    eprintln!();
+    if lab.kube_proxy.is_some() {
+        let _ = remove_kube_proxy(&lab.topo.nodes[0], KubeProxy::Iptables);
+    }
+    print_tables(&rows, &lab.unavailable);
+    if let Some(dir) = &opts.out {
+        plot_rows(dir, &rows)?;
+    }
+    let json = opts
+        .json
+        .iter()
+        .cloned()
+        .chain(opts.out.iter().map(|d| d.join("latency.json")));
+    for path in json {
+        let document = serde_json::json!({
+            "rows": &rows,
+            "unavailable": lab.unavailable.iter().map(|(d, r)| (format!("{d:?}"), r)).collect::<BTreeMap<_, _>>(),
+        });
+        std::fs::write(&path, serde_json::to_string_pretty(&document)?)
+            .with_context(|| format!("writing {}", path.display()))?;
+    }
+    let Lab { agent, .. } = lab;
+    if let Some((mut agent, _manifests)) = agent {
+        agent.stop();
+    }
+    Ok(())
+}
+
+fn percentile_label(q: f64) -> String {
+    let text = format!("{:.3}", q * 100.0);
+    let text = text.trim_end_matches('0').trim_end_matches('.');
+    format!("p{text}")
+}
+
+fn print_tables(rows: &[Row], unavailable: &BTreeMap<Design, String>) {
+    let mut groups: BTreeMap<(usize, usize), (&str, Vec<&Row>)> = BTreeMap::new();
+    // Keep the measurement order of points within a size.
+    let mut order: Vec<(usize, String)> = Vec::new();
+    for row in rows {
+        if !order.contains(&(row.size, row.point.clone())) {
+            order.push((row.size, row.point.clone()));
+        }
+        let index = order
+            .iter()
+            .position(|o| *o == (row.size, row.point.clone()))
+            .unwrap_or(0);
+        groups
+            .entry((row.size, index))
+            .or_insert((row.point.as_str(), Vec::new()))
+            .1
+            .push(row);
+    }
+    for ((size, _), (point, rows)) in groups {
+        let bytes = rows
+            .first()
+            .map(|r| r.result.response_bytes)
+            .unwrap_or_default();
+        println!("\n### {size}-byte responses ({bytes} B received), {point}\n");
+        let header: Vec<String> = QUANTILES.iter().map(|&q| percentile_label(q)).collect();
+        println!(
+            "| design | requests/s (asked) | {} | max | kept the rate |",
+            header.join(" | ")
+        );
+        println!("|---|---|{}---|---|", "---|".repeat(QUANTILES.len()));
+        for row in rows {
+            let r = &row.result;
+            let asked = r
+                .target_rate
+                .map(|t| format!(" ({t:.0})"))
+                .unwrap_or_default();
+            let cells: Vec<String> = r
+                .percentiles_us
+                .iter()
+                .map(|us| format!("{:.3}", us / 1e3))
+                .collect();
+            println!(
+                "| {} | {:.0}{asked} | {} | {:.3} | {} |",
+                row.design.label(),
+                r.achieved_rate,
+                cells.join(" | "),
+                r.max_us / 1e3,
+                match (r.target_rate, r.sustained, r.errors) {
+                    (_, _, e) if e > 0 => format!("{e} errors"),
+                    (None, _, _) => "closed loop".into(),
+                    (Some(_), true, _) => "yes".into(),
+                    (Some(_), false, _) => "no (overloaded)".into(),
+                }
+            );
+        }
+        println!("\nLatency in ms from each request's scheduled send time.");
+    }
+    for (design, reason) in unavailable {
+        println!("\n{}: not measured — {reason}", design.label());
+    }
+}
+
+/// One chart per size and rate: latency against percentile (log scale),
+/// a line per design.
+fn plot_rows(dir: &Path, rows: &[Row]) -> Result<()> {
+    let mut charts: BTreeMap<(usize, String), Vec<&Row>> = BTreeMap::new();
+    for row in rows.iter().filter(|r| r.point != "max") {
+        charts
+            .entry((row.size, row.point.clone()))
+            .or_default()
+            .push(row);
+    }
+    for ((size, point), rows) in charts {
+        let series: Vec<Series> = rows
+            .iter()
+            .map(|row| Series {
+                label: row.design.label().to_owned(),
+                points: QUANTILES
+                    .iter()
+                    .zip(&row.result.percentiles_us)
+                    .map(|(&q, &us)| (nines(q), us / 1e3))
+                    .collect(),
+                colour: Design::ALL
+                    .iter()
+                    .position(|d| *d == row.design)
+                    .unwrap_or(0),
+                dashed: matches!(row.design, Design::KubeProxy | Design::Underpass),
+            })
+            .collect();
+        let slug: String = point
+            .chars()
+            .map(|c| if c.is_ascii_alphanumeric() { c } else { '-' })
+            .collect::<String>()
+            .split('-')
+            .filter(|s| !s.is_empty())
+            .collect::<Vec<_>>()
+            .join("-");
+        let title = format!("{size}-byte responses, {point}");
+        plot::lines(
+            &dir.join(format!("latency-{size}-{slug}.svg")),
+            &Axes {
+                title: &title,
+                x: "percentile",
+                y: "latency (ms)",
+                log_x: false,
+                log_y: true,
+                x_label: nines_label,
+            },
+            &series,
+        )?;
+    }
+    Ok(())
+}
+
+/// A percentile on the "nines" axis: 0.9 → 1, 0.99 → 2, 0.999 → 3.
+fn nines(q: f64) -> f64 {
+    -(1.0 - q).log10()
+}
+
+fn nines_label(x: f64) -> String {
+    percentile_label(1.0 - 10f64.powf(-x))
+}
+
+/// `underpass agent --from-dir` serving the bench's Service to the client
+/// pod (TC), once ready and attached.
+fn start_agent(
+    opts: &LatencyOpts,
+    topo: &Topology,
+    cgroup: &Cgroup,
+    service: &k8s_openapi::api::core::v1::Service,
+    slice: &k8s_openapi::api::discovery::v1::EndpointSlice,
+) -> Result<(AgentProcess, tempfile::TempDir)> {
+    let binary = underpass_binary(opts.underpass.as_deref())?;
+    let manifests = tempfile::Builder::new()
+        .prefix("underpass-bench-")
+        .tempdir()?;
+    let text = format!(
+        "{}---\n{}",
+        serde_yaml::to_string(service)?,
+        serde_yaml::to_string(slice)?
+    );
+    std::fs::write(manifests.path().join("latency.yaml"), text)?;
+    let pin_dir = PathBuf::from(format!("/sys/fs/bpf/{}", topo.prefix));
+    let client_netns = topo.pod("client").namespace.name().to_owned();
+    let cgroup_arg = cgroup.path().to_string_lossy().into_owned();
+    let mut agent = AgentProcess::spawn(
+        &binary,
+        pin_dir,
+        manifests.path(),
+        [
+            "--dir-poll-ms",
+            "100",
+            "--netns-poll-ms",
+            "100",
+            "--netns-filter",
+            &client_netns,
+            "--cgroup",
+            &cgroup_arg,
+        ],
+    )?;
+    agent.wait_until(Duration::from_secs(30), "ready and attached", |a| {
+        pinned_tc_links(a.pin_dir()).contains(&(client_netns.clone(), "eth0".to_owned()))
+            && a.is_ready()
+    })?;
+    Ok((agent, manifests))
+}
+
+/// `bench http-load`: one load-generator run inside a namespace (and
+/// cgroup, and on a CPU), printing its [`LoadResult`] as JSON.
+#[derive(Parser, Debug)]
+pub struct HttpLoadOpts {
+    #[arg(long)]
+    pub netns: PathBuf,
+    #[arg(long)]
+    pub cgroup: Option<PathBuf>,
+    #[arg(long)]
+    pub cpu: Option<usize>,
+    #[arg(long)]
+    pub target: SocketAddr,
+    #[arg(long, default_value = "/350")]
+    pub path: String,
+    /// Requests per second; without it, closed loop (the maximum).
+    #[arg(long)]
+    pub rate: Option<f64>,
+    #[arg(long, default_value_t = 64)]
+    pub connections: usize,
+    #[arg(long, default_value_t = 5.0)]
+    pub seconds: f64,
+    #[arg(long, default_value_t = 1.0)]
+    pub warmup: f64,
+}
+
+pub fn http_load(opts: &HttpLoadOpts) -> Result<()> {
+    if let Some(cgroup) = &opts.cgroup {
+        std::fs::write(cgroup.join("cgroup.procs"), std::process::id().to_string())
+            .with_context(|| format!("joining cgroup {}", cgroup.display()))?;
+    }
+    if let Some(cpu) = opts.cpu {
+        pin_to_cpu(cpu)?;
+    }
+    datapath_user::netns::enter(&opts.netns)
+        .with_context(|| format!("entering {}", opts.netns.display()))?;
+    let result = run_load(&LoadSpec {
+        target: opts.target,
+        path: opts.path.clone(),
+        rate: opts.rate,
+        connections: opts.connections,
+        duration: Duration::from_secs_f64(opts.seconds),
+        warmup: Duration::from_secs_f64(opts.warmup),
+    })?;
+    println!("{}", serde_json::to_string(&result)?);
+    Ok(())
+}
