@@ -47,6 +47,9 @@ pub enum Design {
     Ipvlan,
     /// veth pods routed by their nodes (flannel host-gw, Calico).
     VethRouted,
+    /// veth pods on a bridge per node, the nodes joined by VXLAN
+    /// (flannel vxlan).
+    Vxlan,
     /// veth pods, the nodes routing through a third "router" namespace
     /// (flannel aws-vpc: the VPC's route table).
     Router,
@@ -58,11 +61,12 @@ pub enum Design {
 }
 
 impl Design {
-    pub const ALL: [Design; 7] = [
+    pub const ALL: [Design; 8] = [
         Design::Host,
         Design::Macvlan,
         Design::Ipvlan,
         Design::VethRouted,
+        Design::Vxlan,
         Design::Router,
         Design::KubeProxy,
         Design::Underpass,
@@ -74,6 +78,7 @@ impl Design {
             Design::Macvlan => "macvlan",
             Design::Ipvlan => "ipvlan L2",
             Design::VethRouted => "veth, routed (host-gw)",
+            Design::Vxlan => "veth + bridge, VXLAN overlay",
             Design::Router => "veth, via router (aws-vpc)",
             Design::KubeProxy => "macvlan → ClusterIP, kube-proxy",
             Design::Underpass => "macvlan → ClusterIP, underpass TC",
@@ -226,28 +231,31 @@ impl Lab {
                 Err(error) => return Err(error.into()),
             }
         }
-        for (design, client, server_spec, via_router) in [
+        for (design, client, server_spec) in [
             (
                 Design::VethRouted,
                 pod("vclient", 0, [10, 79, 1, 2]),
                 pod("vserver", 1, [10, 79, 2, 2]),
-                false,
+            ),
+            (
+                Design::Vxlan,
+                pod("xclient", 0, [10, 244, 1, 2]),
+                pod("xserver", 1, [10, 244, 2, 2]),
             ),
             (
                 Design::Router,
                 pod("rclient", 0, [10, 80, 1, 2]),
                 pod("rserver", 1, [10, 80, 2, 2]),
-                true,
             ),
         ] {
             if !designs.contains(&design) {
                 continue;
             }
             for spec in [&client, &server_spec] {
-                if via_router {
-                    topo.add_veth_pod_via_router(spec)?;
-                } else {
-                    topo.add_veth_pod(spec)?;
+                match design {
+                    Design::Vxlan => topo.add_overlay_pod(spec)?,
+                    Design::Router => topo.add_veth_pod_via_router(spec)?,
+                    _ => topo.add_veth_pod(spec)?,
                 }
             }
             let server_pod = topo.pod(server_spec.role);

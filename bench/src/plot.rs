@@ -62,19 +62,24 @@ pub fn lines(path: &Path, axes: &Axes, series: &[Series]) -> Result<()> {
     if xs.is_empty() {
         return Ok(());
     }
-    let range = |v: &[f64], log: bool| {
+    // Head room above the data (y only) for the legend, upper left.
+    let range = |v: &[f64], log: bool, headroom: bool| {
         let lo = v.iter().copied().fold(f64::INFINITY, f64::min);
         let hi = v.iter().copied().fold(f64::NEG_INFINITY, f64::max);
-        // Head room above the data for the legend (upper left).
         if log && lo > 0.0 {
-            (lo / 1.5, hi * (hi / lo).max(10.0).powf(0.45), true)
+            let room = if headroom {
+                (hi / lo).max(10.0).powf(0.45)
+            } else {
+                1.5
+            };
+            (lo / 1.5, hi * room, true)
         } else {
             let hi = if hi > lo { hi } else { lo + 1.0 };
-            (lo.min(0.0), hi * 1.45, false)
+            (lo.min(0.0), hi * if headroom { 1.45 } else { 1.05 }, false)
         }
     };
-    let (x0, x1, log_x) = range(&xs, axes.log_x);
-    let (y0, y1, log_y) = range(&ys, axes.log_y);
+    let (x0, x1, log_x) = range(&xs, axes.log_x, false);
+    let (y0, y1, log_y) = range(&ys, axes.log_y, true);
     let root = SVGBackend::new(path, (800, 500)).into_drawing_area();
     root.fill(&WHITE).map_err(plot_error)?;
     // plotters types the chart by its coordinate kinds: four shapes.

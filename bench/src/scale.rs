@@ -34,7 +34,7 @@ use datapath_user::{
     reconcile::Reconciler,
     topology::{self, PodSpec, Topology, standard_pods},
 };
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::{
     agent::{endpoint_address, service, service_address, slice},
@@ -49,7 +49,9 @@ use crate::{
 };
 
 /// A datapath the sweep programs.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, ValueEnum, Serialize)]
+#[derive(
+    Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, ValueEnum, Serialize, Deserialize,
+)]
 #[serde(rename_all = "kebab-case")]
 pub enum ScaleDatapath {
     /// kube-proxy's iptables rules (iptables-restore), in the client's node.
@@ -107,9 +109,13 @@ pub struct ScaleOpts {
     /// TCP_CRR rate and p99 against N) into this directory.
     #[arg(long)]
     pub out: Option<PathBuf>,
+    /// Measure nothing: print the table and redraw the plots of an
+    /// earlier run from DIR/scale.json.
+    #[arg(long, value_name = "DIR", conflicts_with_all = ["out", "json", "quick"])]
+    pub replot: Option<PathBuf>,
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, Deserialize)]
 pub struct ScalePoint {
     pub services: usize,
     pub endpoints: usize,
@@ -121,6 +127,7 @@ pub struct ScalePoint {
     pub crr_per_second: Option<f64>,
     /// Median of the runs' TCP_CRR p99, µs.
     pub crr_p99_us: Option<f64>,
+    #[serde(default)]
     pub crr_runs: Vec<Measurement>,
     /// Why figures are missing (time limit, skipped).
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -133,6 +140,17 @@ const TARGET_PORT: u16 = 8080;
 const SERVER_CPU: usize = 1;
 
 pub fn run(opts: &ScaleOpts) -> Result<()> {
+    if let Some(dir) = &opts.replot {
+        let path = dir.join("scale.json");
+        let text = std::fs::read_to_string(&path)
+            .with_context(|| format!("reading {}", path.display()))?;
+        let points: Vec<ScalePoint> = serde_json::from_str(&text)
+            .with_context(|| format!("{} is not a `bench scale` result", path.display()))?;
+        print_table(&points);
+        plot_points(dir, &points)?;
+        eprintln!("redrew the plots in {}", dir.display());
+        return Ok(());
+    }
     crate::require_root("the scale bench (namespaces, iptables, nft, BPF maps)")?;
     let (sizes, seconds, runs) = if opts.quick {
         (vec![1, 100], 0.3, 1)
