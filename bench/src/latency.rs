@@ -28,7 +28,9 @@ use serde::Serialize;
 use crate::{
     agent_process::{AgentProcess, underpass_binary},
     kubeproxy::service_ports,
-    lab::{KubeProxy, SERVICE_CIDR, install_kube_proxy, remove_kube_proxy, service_objects},
+    lab::{
+        KubeProxy, SERVICE_CIDR, install_kube_proxy, remove_kube_proxy, run_in, service_objects,
+    },
     loadgen::{LoadResult, LoadSpec, QUANTILES, run_load},
     nginx::{self, HTTP_PORT, Nginx},
     plot::{self, Axes, Series},
@@ -86,6 +88,40 @@ impl Design {
     }
 }
 
+/// A node tuning the seed used, measured as its own rows.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, ValueEnum, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Tuning {
+    /// Nothing changed.
+    Baseline,
+    /// RPS and XPS masks (every CPU) on the wire's queues in both nodes,
+    /// as the seed set on its NIC.
+    RpsXps,
+    /// kube-proxy's rules loaded in both nodes, so conntrack follows every
+    /// flow the node sees (what a kube-proxy node costs traffic that is
+    /// not for a service).
+    Conntrack,
+    /// As `conntrack`, plus the seed's NOTRACK rules (raw table) for all
+    /// traffic not to the service CIDR. Not for ClusterIPs through
+    /// kube-proxy: its NAT needs conntrack.
+    Notrack,
+}
+
+impl Tuning {
+    fn suffix(self) -> &'static str {
+        match self {
+            Tuning::Baseline => "",
+            Tuning::RpsXps => " [RPS/XPS]",
+            Tuning::Conntrack => " [kube-proxy loaded]",
+            Tuning::Notrack => " [kube-proxy + NOTRACK]",
+        }
+    }
+
+    fn kube_proxy_on_nodes(self) -> bool {
+        matches!(self, Tuning::Conntrack | Tuning::Notrack)
+    }
+}
+
 #[derive(Parser, Debug)]
 pub struct LatencyOpts {
     /// Designs (comma-separated); default: all.
@@ -101,6 +137,9 @@ pub struct LatencyOpts {
     /// 30 % and 50 % of the host network's maximum.
     #[arg(long, value_delimiter = ',')]
     pub rates: Vec<f64>,
+    /// Node tunings (comma-separated), each measured as its own rows.
+    #[arg(long, value_enum, value_delimiter = ',', default_values_t = [Tuning::Baseline])]
+    pub tuning: Vec<Tuning>,
     /// Keep-alive connections the load is spread over.
     #[arg(long, default_value_t = 128)]
     pub connections: usize,
@@ -130,6 +169,7 @@ pub struct LatencyOpts {
 #[derive(Debug, Serialize)]
 pub struct Row {
     pub design: Design,
+    pub tuning: Tuning,
     pub size: usize,
     /// "max", "30 % of max" or "4000/s".
     pub point: String,
@@ -154,6 +194,9 @@ struct Lab {
     endpoints: BTreeMap<Design, Endpoint>,
     unavailable: BTreeMap<Design, String>,
     kube_proxy: Option<Vec<crate::kubeproxy::ServicePort>>,
+    /// What `prepare` last set up: kube-proxy's rules per node, NOTRACK,
+    /// RPS/XPS.
+    state: std::cell::RefCell<NodeState>,
     agent: Option<(AgentProcess, tempfile::TempDir)>,
     _cgroup: Option<Cgroup>,
 }
@@ -275,13 +318,10 @@ impl Lab {
         }
         let (service, slice) =
             service_objects("latency", VIP, &[(HTTP_PORT, HTTP_PORT)], &[server]);
-        let mut kube_proxy = None;
+        let kube_proxy =
+            service_ports(std::slice::from_ref(&service), std::slice::from_ref(&slice));
         if designs.contains(&Design::KubeProxy) {
             topo.add_coordinator_veth("client")?;
-            kube_proxy = Some(service_ports(
-                std::slice::from_ref(&service),
-                std::slice::from_ref(&slice),
-            ));
             endpoints.insert(
                 Design::KubeProxy,
                 Endpoint {
@@ -319,21 +359,43 @@ impl Lab {
             _servers: servers,
             endpoints,
             unavailable,
-            kube_proxy,
+            kube_proxy: Some(kube_proxy),
+            state: Default::default(),
             agent,
             _cgroup: cgroup,
         })
     }
 
-    /// Readies the node for `design` (kube-proxy's rules only while they
-    /// are measured; the client's service route through its node then).
-    fn prepare(&self, design: Design) -> Result<()> {
-        if let Some(ports) = &self.kube_proxy {
-            let node = &self.topo.nodes[0];
-            let _ = remove_kube_proxy(node, KubeProxy::Iptables);
-            if design == Design::KubeProxy {
-                install_kube_proxy(node, ports, KubeProxy::Iptables, None)?;
+    /// Readies the nodes for `design` under `tuning`: kube-proxy's rules
+    /// where the design or tuning has them (and the client's service
+    /// route through its node for the kube-proxy design), NOTRACK, RPS/XPS.
+    fn prepare(&self, design: Design, tuning: Tuning) -> Result<()> {
+        let ports = self.kube_proxy.as_deref().unwrap_or_default();
+        let want = NodeState {
+            kube_proxy: [
+                design == Design::KubeProxy || tuning.kube_proxy_on_nodes(),
+                tuning.kube_proxy_on_nodes(),
+            ],
+            notrack: tuning == Tuning::Notrack,
+            rps_xps: tuning == Tuning::RpsXps,
+        };
+        let mut state = self.state.borrow_mut();
+        for (n, node) in self.topo.nodes.iter().enumerate() {
+            if state.kube_proxy[n] != want.kube_proxy[n] {
+                let _ = remove_kube_proxy(node, KubeProxy::Iptables);
+                if want.kube_proxy[n] {
+                    install_kube_proxy(node, ports, KubeProxy::Iptables, None)?;
+                }
             }
+            if state.notrack != want.notrack {
+                set_notrack(node, want.notrack)?;
+            }
+            if state.rps_xps != want.rps_xps {
+                set_rps_xps(node, want.rps_xps)?;
+            }
+        }
+        *state = want;
+        if self.endpoints.contains_key(&Design::KubeProxy) {
             self.topo
                 .route_via_node("client", SERVICE_CIDR, design == Design::KubeProxy)?;
         }
@@ -342,12 +404,12 @@ impl Lab {
 
     fn measure(
         &self,
-        design: Design,
+        (design, tuning): (Design, Tuning),
         size: usize,
         rate: Option<f64>,
         shape: &Shape,
     ) -> Result<LoadResult> {
-        self.prepare(design)?;
+        self.prepare(design, tuning)?;
         let endpoint = &self.endpoints[&design];
         let mut command = Command::new(std::env::current_exe()?);
         command
@@ -371,8 +433,68 @@ impl Lab {
         if !output.status.success() {
             bail!("load generator failed ({})", output.status);
         }
-        serde_json::from_slice(&output.stdout).context("reading the load generator's result")
+        let result: LoadResult = serde_json::from_slice(&output.stdout)
+            .context("reading the load generator's result")?;
+        if result.requests == 0 {
+            bail!(
+                "no response from {} in {} s ({} errors, {} unanswered)",
+                endpoint.target,
+                shape.seconds,
+                result.errors,
+                result.unfinished
+            );
+        }
+        Ok(result)
     }
+}
+
+/// What the nodes are set up with.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+struct NodeState {
+    kube_proxy: [bool; 2],
+    notrack: bool,
+    rps_xps: bool,
+}
+
+/// The seed's NOTRACK: every packet not to a ClusterIP skips conntrack.
+fn set_notrack(node: &topology::Namespace, on: bool) -> Result<()> {
+    let cidr = format!("{}/{}", SERVICE_CIDR.0, SERVICE_CIDR.1);
+    let script = if on {
+        format!(
+            "*raw\n-A PREROUTING ! -d {cidr} -j CT --notrack\n-A OUTPUT ! -d {cidr} -j CT --notrack\nCOMMIT\n"
+        )
+    } else {
+        "*raw\n-F PREROUTING\n-F OUTPUT\nCOMMIT\n".to_owned()
+    };
+    run_in(node, "iptables-restore", &["-w", "5", "--noflush"], &script)
+}
+
+/// RPS and XPS on the node's wire: every CPU may process its receive
+/// queue and send on its transmit queue (mask 0 restores the default).
+/// Queue files are per network namespace in sysfs, which `ip netns exec`
+/// mounts for the namespace.
+fn set_rps_xps(node: &topology::Namespace, on: bool) -> Result<()> {
+    let cpus = std::thread::available_parallelism()
+        .map_or(1, |n| n.get())
+        .min(32);
+    let mask = if on { (1u64 << cpus) - 1 } else { 0 };
+    let wire = topology::WIRE;
+    let script = format!(
+        "echo {mask:x} > /sys/class/net/{wire}/queues/rx-0/rps_cpus && \
+         echo {mask:x} > /sys/class/net/{wire}/queues/tx-0/xps_cpus"
+    );
+    let output = Command::new("ip")
+        .args(["netns", "exec", node.name(), "sh", "-c", &script])
+        .output()
+        .context("running ip netns exec")?;
+    if !output.status.success() {
+        bail!(
+            "setting RPS/XPS on {wire} in {}: {}",
+            node.name(),
+            String::from_utf8_lossy(&output.stderr).trim()
+        );
+    }
+    Ok(())
 }
 
 /// A rate every design is measured at.
@@ -450,22 +572,47 @@ pub fn run(opts: &LatencyOpts) -> Result<()> {
     for (design, reason) in &lab.unavailable {
         eprintln!("{}: unavailable — {reason}", design.label());
     }
-    let measured: Vec<Design> = designs
-        .iter()
-        .copied()
-        .filter(|d| lab.endpoints.contains_key(d))
-        .collect();
+    let mut setups: Vec<(Design, Tuning)> = Vec::new();
+    let mut skipped: Vec<String> = Vec::new();
+    for &tuning in &opts.tuning {
+        for &design in designs.iter().filter(|d| lab.endpoints.contains_key(d)) {
+            if design == Design::KubeProxy && tuning == Tuning::Notrack {
+                skipped.push(format!(
+                    "{}{}: not measured — kube-proxy's NAT needs conntrack",
+                    design.label(),
+                    tuning.suffix()
+                ));
+                continue;
+            }
+            setups.push((design, tuning));
+        }
+    }
+    let label =
+        |(design, tuning): (Design, Tuning)| format!("{}{}", design.label(), tuning.suffix());
     let mut rows = Vec::new();
+    let absolute_count = if absolute.is_empty() && !opts.quick {
+        2 // derived from the host network's maximum, below
+    } else {
+        absolute.len()
+    };
+    let per_size = setups.len() * (1 + fractions.len() + absolute_count);
+    let total = per_size * opts.size.len();
+    let mut done = 0;
+    let mut progress = |what: &str| {
+        done += 1;
+        eprint!("\r[{done}/{total}] {what:<64}");
+    };
     for &size in &opts.size {
         let mut max = BTreeMap::new();
-        for &design in &measured {
-            eprint!("\r{size} B: maximum rate, {:<36}", design.label());
+        for &setup in &setups {
+            progress(&format!("{size} B, maximum rate, {}", label(setup)));
             let result = lab
-                .measure(design, size, None, &shape)
-                .with_context(|| format!("{} at the maximum rate", design.label()))?;
-            max.insert(design, result.achieved_rate);
+                .measure(setup, size, None, &shape)
+                .with_context(|| format!("{} at the maximum rate", label(setup)))?;
+            max.insert(setup, result.achieved_rate);
             rows.push(Row {
-                design,
+                design: setup.0,
+                tuning: setup.1,
                 size,
                 point: "max".into(),
                 result,
@@ -473,7 +620,7 @@ pub fn run(opts: &LatencyOpts) -> Result<()> {
         }
         if absolute.is_empty() && !opts.quick {
             let reference = max
-                .get(&Design::Host)
+                .get(&(Design::Host, Tuning::Baseline))
                 .or_else(|| max.values().next())
                 .copied()
                 .unwrap_or(1000.0);
@@ -488,27 +635,33 @@ pub fn run(opts: &LatencyOpts) -> Result<()> {
             .chain(absolute.iter().map(|&r| RatePoint::Fixed(r)))
             .collect();
         for point in &points {
-            let label = point.label();
-            for &design in &measured {
-                eprint!("\r{size} B: {label}, {:<36}", design.label());
-                let rate = point.rate(max[&design]).max(1.0);
+            let point_label = point.label();
+            // Every setup at this rate before the next: drift on the
+            // machine hits them alike.
+            for &setup in &setups {
+                progress(&format!("{size} B, {point_label}, {}", label(setup)));
+                let rate = point.rate(max[&setup]).max(1.0);
                 let result = lab
-                    .measure(design, size, Some(rate), &shape)
-                    .with_context(|| format!("{} at {rate:.0} requests/s", design.label()))?;
+                    .measure(setup, size, Some(rate), &shape)
+                    .with_context(|| format!("{} at {rate:.0} requests/s", label(setup)))?;
                 rows.push(Row {
-                    design,
+                    design: setup.0,
+                    tuning: setup.1,
                     size,
-                    point: label.clone(),
+                    point: point_label.clone(),
                     result,
                 });
             }
         }
     }
     eprintln!();
-    if lab.kube_proxy.is_some() {
-        let _ = remove_kube_proxy(&lab.topo.nodes[0], KubeProxy::Iptables);
+    for node in &lab.topo.nodes {
+        let _ = remove_kube_proxy(node, KubeProxy::Iptables);
     }
     print_tables(&rows, &lab.unavailable);
+    for line in &skipped {
+        println!("\n{line}");
+    }
     if let Some(dir) = &opts.out {
         plot_rows(dir, &rows)?;
     }
@@ -580,8 +733,9 @@ fn print_tables(rows: &[Row], unavailable: &BTreeMap<Design, String>) {
                 .map(|us| format!("{:.3}", us / 1e3))
                 .collect();
             println!(
-                "| {} | {:.0}{asked} | {} | {:.3} | {} |",
+                "| {}{} | {:.0}{asked} | {} | {:.3} | {} |",
                 row.design.label(),
+                row.tuning.suffix(),
                 r.achieved_rate,
                 cells.join(" | "),
                 r.max_us / 1e3,
@@ -614,7 +768,7 @@ fn plot_rows(dir: &Path, rows: &[Row]) -> Result<()> {
         let series: Vec<Series> = rows
             .iter()
             .map(|row| Series {
-                label: row.design.label().to_owned(),
+                label: format!("{}{}", row.design.label(), row.tuning.suffix()),
                 points: QUANTILES
                     .iter()
                     .zip(&row.result.percentiles_us)
@@ -624,7 +778,8 @@ fn plot_rows(dir: &Path, rows: &[Row]) -> Result<()> {
                     .iter()
                     .position(|d| *d == row.design)
                     .unwrap_or(0),
-                dashed: matches!(row.design, Design::KubeProxy | Design::Underpass),
+                dashed: row.tuning != Tuning::Baseline
+                    || matches!(row.design, Design::KubeProxy | Design::Underpass),
             })
             .collect();
         let slug: String = point

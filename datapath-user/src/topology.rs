@@ -648,6 +648,7 @@ impl Topology {
                 .set(
                     LinkUnspec::new_with_index(index)
                         .name(Pod::IFACE.to_owned())
+                        .mtu(OVERLAY_MTU)
                         .up()
                         .build(),
                 )
