@@ -57,6 +57,8 @@ impl AgentProcess {
             .stdout(Stdio::null())
             .spawn()
             .with_context(|| format!("starting {}", binary.display()))?;
+        datapath_user::topology::own_child(child.id());
+        datapath_user::topology::own_pin_dir(&pin_dir);
         Ok(Self {
             child,
             pin_dir,
@@ -125,9 +127,11 @@ impl Drop for AgentProcess {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+        datapath_user::topology::disown_child(self.child.id());
         for (netns, iface) in pinned_tc_links(&self.pin_dir) {
             let _ = datapath_user::loader::detach_pinned_tc(&self.pin_dir, Some(&netns), &iface);
         }
         let _ = std::fs::remove_dir_all(&self.pin_dir);
+        datapath_user::topology::disown_pin_dir(&self.pin_dir);
     }
 }

@@ -35,6 +35,7 @@ impl Drop for Nginx {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+        datapath_user::topology::disown_child(self.child.id());
     }
 }
 
@@ -100,6 +101,7 @@ pub fn start(namespace: &Namespace, address: Ipv4Addr, cpu: usize) -> Result<Ngi
                 .spawn()
         })?
         .context("starting nginx (installed by `cargo xtask bench`)")?;
+    datapath_user::topology::own_child(child.id());
     let mut nginx = Nginx { child, _dir: dir };
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {

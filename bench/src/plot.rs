@@ -7,7 +7,7 @@ use anyhow::{Result, anyhow};
 use plotters::{coord::Shift, prelude::*};
 
 /// Distinct, colour-blind-friendly series colours (Okabe–Ito).
-const PALETTE: [RGBColor; 7] = [
+const PALETTE: [RGBColor; 8] = [
     RGBColor(0, 114, 178),
     RGBColor(213, 94, 0),
     RGBColor(0, 158, 115),
@@ -15,6 +15,7 @@ const PALETTE: [RGBColor; 7] = [
     RGBColor(230, 159, 0),
     RGBColor(86, 180, 233),
     RGBColor(0, 0, 0),
+    RGBColor(170, 51, 119),
 ];
 
 pub fn colour(index: usize) -> RGBColor {
@@ -40,6 +41,9 @@ pub struct Axes<'a> {
     pub log_y: bool,
     /// How x values are labelled (e.g. [`number`]).
     pub x_label: fn(f64) -> String,
+    /// Exact x range and label count (e.g. whole "nines"), instead of
+    /// the data's range with plotters' own label spacing.
+    pub x_ticks: Option<(f64, f64, usize)>,
 }
 
 fn plot_error(error: impl std::fmt::Display) -> anyhow::Error {
@@ -78,7 +82,10 @@ pub fn lines(path: &Path, axes: &Axes, series: &[Series]) -> Result<()> {
             (lo.min(0.0), hi * if headroom { 1.45 } else { 1.05 }, false)
         }
     };
-    let (x0, x1, log_x) = range(&xs, axes.log_x, false);
+    let (x0, x1, log_x) = match axes.x_ticks {
+        Some((lo, hi, _)) => (lo, hi, false),
+        None => range(&xs, axes.log_x, false),
+    };
     let (y0, y1, log_y) = range(&ys, axes.log_y, true);
     let root = SVGBackend::new(path, (800, 500)).into_drawing_area();
     root.fill(&WHITE).map_err(plot_error)?;
@@ -122,6 +129,7 @@ where
         .configure_mesh()
         .x_desc(axes.x)
         .y_desc(axes.y)
+        .x_labels(axes.x_ticks.map_or(10, |(_, _, n)| n))
         .x_label_formatter(&|v| (axes.x_label)(*v))
         .y_label_formatter(&|v| number(*v))
         .draw()

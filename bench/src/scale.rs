@@ -381,6 +381,7 @@ fn plot_points(dir: &std::path::Path, points: &[ScalePoint]) -> Result<()> {
                 log_x: true,
                 log_y,
                 x_label: plot::number,
+                x_ticks: None,
             },
             &series,
         )?;

@@ -160,6 +160,7 @@ pub fn start_tool_servers(
                     .spawn()
             })?
             .with_context(|| format!("starting {program} (installed by `cargo xtask bench`)"))?;
+        datapath_user::topology::own_child(child.id());
         servers.push(ServerProcess(child));
     }
     // Until every port accepts connections.
@@ -195,6 +196,7 @@ impl Drop for ServerProcess {
     fn drop(&mut self) {
         let _ = self.0.kill();
         let _ = self.0.wait();
+        datapath_user::topology::disown_child(self.0.id());
     }
 }
 

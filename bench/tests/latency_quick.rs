@@ -24,7 +24,7 @@ fn every_design_runs_and_is_plotted() {
     let document: serde_json::Value =
         serde_json::from_slice(&std::fs::read(out.path().join("latency.json")).unwrap()).unwrap();
     let rows = document["rows"].as_array().unwrap();
-    let ipvlan_missing = document["unavailable"].get("Ipvlan").is_some();
+    let ipvlan_missing = document["unavailable"].get("ipvlan").is_some();
     if ipvlan_missing {
         assert!(stdout.contains("CONFIG_IPVLAN"), "{stdout}");
         eprintln!("SKIP ipvlan: this kernel has no ipvlan driver (CONFIG_IPVLAN)");

@@ -76,14 +76,52 @@ fn unregister(path: &Path) {
 
 /// Removes every namespace and cgroup this process created and still holds.
 pub fn remove_all_live() {
+    // Servers and agents first: they hold the namespaces, cgroups and pins.
+    let children = std::mem::take(&mut *CHILDREN.lock().unwrap_or_else(|p| p.into_inner()));
+    for &pid in &children {
+        // SAFETY: plain syscalls on a pid this process spawned.
+        unsafe { libc::kill(pid as libc::pid_t, libc::SIGKILL) };
+    }
+    for &pid in &children {
+        // SAFETY: as above; reaps our own child.
+        unsafe { libc::waitpid(pid as libc::pid_t, std::ptr::null_mut(), 0) };
+    }
     let paths = std::mem::take(&mut *LIVE.lock().unwrap_or_else(|p| p.into_inner()));
     for path in paths.iter().rev() {
         if path.starts_with(NETNS_RUN_DIR) {
             let _ = unmount_and_remove(path);
+        } else if path.starts_with("/sys/fs/bpf") {
+            let _ = fs::remove_dir_all(path);
         } else {
             let _ = fs::remove_dir(path);
         }
     }
+}
+
+/// Child processes (servers, agents) to kill if the run is interrupted.
+static CHILDREN: std::sync::Mutex<Vec<u32>> = std::sync::Mutex::new(Vec::new());
+
+/// Kills `pid` (a child of this process) if the run is interrupted
+/// ([`cleanup_on_signals`]); [`disown_child`] once it is stopped.
+pub fn own_child(pid: u32) {
+    CHILDREN.lock().unwrap_or_else(|p| p.into_inner()).push(pid);
+}
+
+pub fn disown_child(pid: u32) {
+    CHILDREN
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .retain(|&p| p != pid);
+}
+
+/// Removes `dir` (a pin directory under /sys/fs/bpf) if the run is
+/// interrupted; [`disown_pin_dir`] once removed.
+pub fn own_pin_dir(dir: &Path) {
+    register(dir);
+}
+
+pub fn disown_pin_dir(dir: &Path) {
+    unregister(dir);
 }
 
 /// On SIGINT/SIGTERM: remove what we created, then exit (130/143). For
