@@ -794,7 +794,7 @@ fn print_tables(rows: &[Row], unavailable: &BTreeMap<Design, String>) {
                     (_, _, e) if e > 0 => format!("{e} errors"),
                     (None, _, _) => "closed loop".into(),
                     (Some(_), true, _) => "yes".into(),
-                    (Some(_), false, _) => "no (overloaded)".into(),
+                    (Some(_), false, _) => format!("no (backlog {})", r.max_backlog),
                 }
             );
         }

@@ -61,7 +61,10 @@ pub struct LoadResult {
     pub mean_us: f64,
     pub max_us: f64,
     /// Whether the run kept its timetable: the achieved rate is within 2 %
-    /// of the scheduled one and every request was answered.
+    /// of the scheduled one, every request was answered and no request
+    /// ever waited behind a full set of busy connections (a backlog
+    /// longer than the connection count means a queue is building: the
+    /// setup is saturated even if it catches up by the end).
     pub sustained: bool,
     /// The most requests ever waiting for a free connection.
     pub max_backlog: usize,

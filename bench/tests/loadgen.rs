@@ -86,6 +86,8 @@ fn a_stall_delays_every_request_scheduled_during_it() {
     assert!(result.max_us > 250_000.0, "max {result:?}");
     assert!(p(&result, 0.5) < 50_000.0, "p50 {result:?}");
     assert!(result.max_backlog > 100, "{result:?}");
+    // A queue built behind the stall: the timetable was not kept.
+    assert!(!result.sustained, "{result:?}");
 }
 
 #[test]
