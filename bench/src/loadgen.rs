@@ -407,7 +407,9 @@ pub fn run_load(spec: &LoadSpec) -> Result<LoadResult> {
     let recorded = spec.duration.as_secs_f64();
     let achieved_rate = completed_in_window as f64 / recorded;
     let sustained = match spec.rate {
-        Some(rate) => achieved_rate >= rate * 0.98 && unfinished == 0,
+        Some(rate) => {
+            achieved_rate >= rate * 0.98 && unfinished == 0 && max_backlog <= spec.connections
+        }
         None => true,
     };
     let us = |ns: u64| ns as f64 / 1e3;
