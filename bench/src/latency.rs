@@ -709,6 +709,7 @@ pub fn run(opts: &LatencyOpts) -> Result<()> {
         println!("\n{line}");
     }
     if let Some(dir) = &opts.out {
+        remove_old_charts(dir)?;
         plot_rows(dir, &rows)?;
     }
     let json = opts
@@ -803,6 +804,19 @@ fn print_tables(rows: &[Row], unavailable: &BTreeMap<Design, String>) {
     for (design, reason) in unavailable {
         println!("\n{}: not measured — {reason}", design.label());
     }
+}
+
+/// Charts of an earlier run in `dir` (their rates differ from this
+/// run's): removed so the folder shows one run.
+fn remove_old_charts(dir: &Path) -> Result<()> {
+    for entry in std::fs::read_dir(dir)? {
+        let path = entry?.path();
+        let name = path.file_name().and_then(|n| n.to_str()).unwrap_or_default();
+        if name.starts_with("latency-") && name.ends_with(".svg") {
+            std::fs::remove_file(&path).with_context(|| format!("removing {}", path.display()))?;
+        }
+    }
+    Ok(())
 }
 
 /// One chart per size and rate: latency against percentile (log scale),
