@@ -45,6 +45,12 @@ pub enum Mode {
     SocketLb,
     /// No service: straight to the server pod (the limit).
     PodIp,
+    /// No service: macvlan pods on two subnets, through the gateway (the
+    /// seed's Pod IP section, "across subnets").
+    PodIpRouted,
+    /// No service: veth pods routed by their nodes (the seed's Pod IP
+    /// section, Calico's wiring).
+    VethRouted,
     /// Node namespace to node namespace.
     Node,
 }
@@ -65,12 +71,14 @@ impl SeedRow for Mode {
 }
 
 impl Mode {
-    pub const ALL: [Mode; 6] = [
+    pub const ALL: [Mode; 8] = [
         Mode::KubeProxy,
         Mode::KubeProxyNft,
         Mode::Ebpf,
         Mode::SocketLb,
         Mode::PodIp,
+        Mode::PodIpRouted,
+        Mode::VethRouted,
         Mode::Node,
     ];
 
@@ -81,6 +89,8 @@ impl Mode {
             Mode::Ebpf => "macvlan + underpass TC (eBPF)",
             Mode::SocketLb => "macvlan + underpass socket-LB",
             Mode::PodIp => "macvlan, Pod IP (no service)",
+            Mode::PodIpRouted => "macvlan across subnets, Pod IP",
+            Mode::VethRouted => "veth routed by the nodes, Pod IP",
             Mode::Node => "node to node",
         }
     }
@@ -88,6 +98,12 @@ impl Mode {
     /// The seed's figure for this row (Spiderpool page, ClusterIP and
     /// Pod IP sections), if it has one.
     fn seed(self, kind: Kind) -> Option<f64> {
+        use crate::pod_ip::Topo;
+        match self {
+            Mode::PodIpRouted => return Topo::MacvlanRouted.seed(kind),
+            Mode::VethRouted => return Topo::VethRouted.seed(kind),
+            _ => {}
+        }
         match (kind, self) {
             (Kind::Latency, Mode::KubeProxy) => Some(36.8),
             (Kind::Latency, Mode::Ebpf | Mode::SocketLb) => Some(27.7),
@@ -186,46 +202,58 @@ pub fn run(opts: &ClusterIpOpts) -> Result<()> {
         (opts.runs.max(1), opts.seconds)
     };
     topology::cleanup_on_signals();
+    // client → server-b: the ClusterIP modes, Pod IP; → server-c (the
+    // other subnet): across subnets; vclient → vserver: veth pods.
     let pods: Vec<PodSpec> = standard_pods()
         .into_iter()
-        .filter(|p| p.role == "client" || p.role == "server-b")
+        .filter(|p| p.role != "server-a")
         .collect();
     eprintln!("building the two-node topology…");
-    let topo = Topology::build(&pods)?;
+    let mut topo = Topology::build(&pods)?;
+    for (role, node, address) in [
+        ("vclient", 0, [10, 79, 1, 2]),
+        ("vserver", 1, [10, 79, 2, 2]),
+    ] {
+        topo.add_veth_pod(&PodSpec {
+            role,
+            node,
+            address: address.into(),
+        })?;
+    }
+    let topo = topo;
     let server = topo.pod("server-b");
-    start_echo_server(
-        &server.namespace,
-        server.address,
-        SERVER_PORT,
-        Some(SERVER_CPU),
-    )?;
-    start_echo_server(
-        &topo.nodes[1],
-        NODE_ADDRESSES[1],
-        SERVER_PORT,
-        Some(SERVER_CPU),
-    )?;
+    let server_ends = [
+        (&server.namespace, server.address),
+        (
+            &topo.pod("server-c").namespace,
+            topo.pod("server-c").address,
+        ),
+        (&topo.pod("vserver").namespace, topo.pod("vserver").address),
+        (&topo.nodes[1], NODE_ADDRESSES[1]),
+    ];
+    for (namespace, address) in server_ends {
+        start_echo_server(namespace, address, SERVER_PORT, Some(SERVER_CPU))?;
+    }
     let tools = kinds
         .iter()
         .any(|k| !matches!(k, Kind::Latency | Kind::Rr | Kind::Crr));
-    let _tool_servers = if tools {
+    let mut tool_servers = Vec::new();
+    if tools {
         eprintln!("starting sockperf, iperf3 and redis servers…");
-        let mut servers = start_tool_servers(&server.namespace, server.address, SERVER_CPU)?;
-        servers.extend(start_tool_servers(
-            &topo.nodes[1],
-            NODE_ADDRESSES[1],
-            SERVER_CPU,
-        )?);
-        servers
-    } else {
-        Vec::new()
-    };
+        for (namespace, address) in server_ends {
+            tool_servers.extend(start_tool_servers(namespace, address, SERVER_CPU)?);
+        }
+    }
     topo.add_coordinator_veth("client")?;
     // TCP_CRR opens thousands of connections a second; without these the
     // client's TIME_WAIT sockets fill the ephemeral port space and
     // connect() spends milliseconds searching it, which would be measured
     // instead of the datapath (the tuning tcpkali's manual gives).
-    for namespace in [&topo.pod("client").namespace, &topo.nodes[0]] {
+    for namespace in [
+        &topo.pod("client").namespace,
+        &topo.pod("vclient").namespace,
+        &topo.nodes[0],
+    ] {
         namespace.sysctl("net.ipv4.tcp_tw_reuse", "1")?;
         namespace.sysctl("net.ipv4.ip_local_port_range", "10000 65535")?;
     }
@@ -279,6 +307,16 @@ pub fn run(opts: &ClusterIpOpts) -> Result<()> {
                     Mode::PodIp => (
                         topo.pod("client").namespace.path(),
                         SocketAddrV4::new(server.address, kind.port()),
+                        false,
+                    ),
+                    Mode::PodIpRouted => (
+                        topo.pod("client").namespace.path(),
+                        SocketAddrV4::new(topo.pod("server-c").address, kind.port()),
+                        false,
+                    ),
+                    Mode::VethRouted => (
+                        topo.pod("vclient").namespace.path(),
+                        SocketAddrV4::new(topo.pod("vserver").address, kind.port()),
                         false,
                     ),
                     Mode::Node => (

@@ -811,7 +811,10 @@ fn print_tables(rows: &[Row], unavailable: &BTreeMap<Design, String>) {
 fn remove_old_charts(dir: &Path) -> Result<()> {
     for entry in std::fs::read_dir(dir)? {
         let path = entry?.path();
-        let name = path.file_name().and_then(|n| n.to_str()).unwrap_or_default();
+        let name = path
+            .file_name()
+            .and_then(|n| n.to_str())
+            .unwrap_or_default();
         if name.starts_with("latency-") && name.ends_with(".svg") {
             std::fs::remove_file(&path).with_context(|| format!("removing {}", path.display()))?;
         }

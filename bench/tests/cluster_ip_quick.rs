@@ -24,6 +24,8 @@ fn every_row_runs() {
         "macvlan + underpass TC (eBPF)",
         "macvlan + underpass socket-LB",
         "macvlan, Pod IP (no service)",
+        "macvlan across subnets, Pod IP",
+        "veth routed by the nodes, Pod IP",
         "node to node",
     ] {
         assert_eq!(
@@ -34,7 +36,7 @@ fn every_row_runs() {
     }
     let rows: serde_json::Value = serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap();
     let _ = std::fs::remove_file(&json);
-    assert_eq!(rows.as_array().unwrap().len(), 54, "9 workloads × 6 modes");
+    assert_eq!(rows.as_array().unwrap().len(), 72, "9 workloads × 8 modes");
     for row in rows.as_array().unwrap() {
         assert!(
             row["runs"][0]["transactions"].as_u64().unwrap() > 0,
