@@ -135,3 +135,48 @@ impl Drop for AgentProcess {
         datapath_user::topology::disown_pin_dir(&self.pin_dir);
     }
 }
+
+/// `underpass agent --from-dir` serving `service` and `slice` to the
+/// topology's client pod (TC) and to `cgroup` (socket-LB), returned once
+/// ready and attached, with the manifest folder it reads.
+pub fn start_bench_agent(
+    underpass: Option<&Path>,
+    topo: &datapath_user::topology::Topology,
+    cgroup: &datapath_user::topology::Cgroup,
+    service: &k8s_openapi::api::core::v1::Service,
+    slice: &k8s_openapi::api::discovery::v1::EndpointSlice,
+) -> Result<(AgentProcess, tempfile::TempDir)> {
+    let binary = underpass_binary(underpass)?;
+    let manifests = tempfile::Builder::new()
+        .prefix("underpass-bench-")
+        .tempdir()?;
+    let text = format!(
+        "{}---\n{}",
+        serde_yaml::to_string(service)?,
+        serde_yaml::to_string(slice)?
+    );
+    std::fs::write(manifests.path().join("bench.yaml"), text)?;
+    let pin_dir = PathBuf::from(format!("/sys/fs/bpf/{}", topo.prefix));
+    let client_netns = topo.pod("client").namespace.name().to_owned();
+    let cgroup_arg = cgroup.path().to_string_lossy().into_owned();
+    let mut agent = AgentProcess::spawn(
+        &binary,
+        pin_dir,
+        manifests.path(),
+        [
+            "--dir-poll-ms",
+            "100",
+            "--netns-poll-ms",
+            "100",
+            "--netns-filter",
+            &client_netns,
+            "--cgroup",
+            &cgroup_arg,
+        ],
+    )?;
+    agent.wait_until(Duration::from_secs(30), "ready and attached", |a| {
+        pinned_tc_links(a.pin_dir()).contains(&(client_netns.clone(), "eth0".to_owned()))
+            && a.is_ready()
+    })?;
+    Ok((agent, manifests))
+}

@@ -9,19 +9,15 @@ use std::{
     net::{Ipv4Addr, SocketAddr, SocketAddrV4},
     path::{Path, PathBuf},
     process::{Command, Stdio},
-    time::Duration,
 };
 
 use anyhow::{Context, Result, bail, ensure};
 use clap::{Parser, ValueEnum};
-use datapath_user::{
-    attach::pinned_tc_links,
-    topology::{self, Cgroup, NODE_ADDRESSES, PodSpec, Topology, standard_pods},
-};
+use datapath_user::topology::{self, Cgroup, NODE_ADDRESSES, PodSpec, Topology, standard_pods};
 use serde::Serialize;
 
 use crate::{
-    agent_process::{AgentProcess, underpass_binary},
+    agent_process::start_bench_agent,
     kubeproxy::service_ports,
     lab::{KubeProxy, SERVICE_CIDR, install_kube_proxy, remove_kube_proxy, service_objects},
     plot::Bar,
@@ -269,7 +265,13 @@ pub fn run(opts: &ClusterIpOpts) -> Result<()> {
         .iter()
         .any(|m| matches!(m, Mode::Ebpf | Mode::SocketLb));
     let agent = if needs_agent {
-        Some(start_agent(opts, &topo, &cgroup, &service, &slice)?)
+        Some(start_bench_agent(
+            opts.underpass.as_deref(),
+            &topo,
+            &cgroup,
+            &service,
+            &slice,
+        )?)
     } else {
         None
     };
@@ -546,48 +548,4 @@ pub(crate) fn print_tables<M: SeedRow>(
             }
         }
     }
-}
-
-/// `underpass agent --from-dir` serving the bench's Service to the client
-/// pod (TC) and to the bench cgroup (socket-LB), once ready and attached.
-fn start_agent(
-    opts: &ClusterIpOpts,
-    topo: &Topology,
-    cgroup: &Cgroup,
-    service: &k8s_openapi::api::core::v1::Service,
-    slice: &k8s_openapi::api::discovery::v1::EndpointSlice,
-) -> Result<(AgentProcess, tempfile::TempDir)> {
-    let binary = underpass_binary(opts.underpass.as_deref())?;
-    let manifests = tempfile::Builder::new()
-        .prefix("underpass-bench-")
-        .tempdir()?;
-    let text = format!(
-        "{}---\n{}",
-        serde_yaml::to_string(service)?,
-        serde_yaml::to_string(slice)?
-    );
-    std::fs::write(manifests.path().join("bench.yaml"), text)?;
-    let pin_dir = PathBuf::from(format!("/sys/fs/bpf/{}", topo.prefix));
-    let client_netns = topo.pod("client").namespace.name().to_owned();
-    let cgroup_arg = cgroup.path().to_string_lossy().into_owned();
-    let mut agent = AgentProcess::spawn(
-        &binary,
-        pin_dir,
-        manifests.path(),
-        [
-            "--dir-poll-ms",
-            "100",
-            "--netns-poll-ms",
-            "100",
-            "--netns-filter",
-            &client_netns,
-            "--cgroup",
-            &cgroup_arg,
-        ],
-    )?;
-    agent.wait_until(Duration::from_secs(30), "ready and attached", |a| {
-        pinned_tc_links(a.pin_dir()).contains(&(client_netns.clone(), "eth0".to_owned()))
-            && a.is_ready()
-    })?;
-    Ok((agent, manifests))
 }

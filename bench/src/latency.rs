@@ -19,14 +19,11 @@ use std::{
 
 use anyhow::{Context, Result, bail};
 use clap::{Parser, ValueEnum};
-use datapath_user::{
-    attach::pinned_tc_links,
-    topology::{self, Cgroup, NODE_ADDRESSES, PodSpec, Topology},
-};
+use datapath_user::topology::{self, Cgroup, NODE_ADDRESSES, PodSpec, Topology};
 use serde::{Deserialize, Serialize};
 
 use crate::{
-    agent_process::{AgentProcess, underpass_binary},
+    agent_process::{AgentProcess, start_bench_agent},
     kubeproxy::service_ports,
     lab::{
         KubeProxy, SERVICE_CIDR, install_kube_proxy, remove_kube_proxy, run_in, service_objects,
@@ -34,7 +31,7 @@ use crate::{
     loadgen::{LoadResult, LoadSpec, QUANTILES, run_load},
     nginx::{self, HTTP_PORT, Nginx},
     plot::{self, Axes, Series},
-    workload::pin_to_cpu,
+    workload::enter_client,
 };
 
 /// A container network design (how the client reaches the server).
@@ -354,7 +351,13 @@ impl Lab {
         let mut cgroup = None;
         if designs.contains(&Design::Underpass) {
             let group = Cgroup::create(&format!("{}-latency", topo.prefix))?;
-            agent = Some(start_agent(opts, &topo, &group, &service, &slice)?);
+            agent = Some(start_bench_agent(
+                opts.underpass.as_deref(),
+                &topo,
+                &group,
+                &service,
+                &slice,
+            )?);
             cgroup = Some(group);
             endpoints.insert(
                 Design::Underpass,
@@ -888,50 +891,6 @@ fn nines_label(x: f64) -> String {
     percentile_label(1.0 - 10f64.powf(-x))
 }
 
-/// `underpass agent --from-dir` serving the bench's Service to the client
-/// pod (TC), once ready and attached.
-fn start_agent(
-    opts: &LatencyOpts,
-    topo: &Topology,
-    cgroup: &Cgroup,
-    service: &k8s_openapi::api::core::v1::Service,
-    slice: &k8s_openapi::api::discovery::v1::EndpointSlice,
-) -> Result<(AgentProcess, tempfile::TempDir)> {
-    let binary = underpass_binary(opts.underpass.as_deref())?;
-    let manifests = tempfile::Builder::new()
-        .prefix("underpass-bench-")
-        .tempdir()?;
-    let text = format!(
-        "{}---\n{}",
-        serde_yaml::to_string(service)?,
-        serde_yaml::to_string(slice)?
-    );
-    std::fs::write(manifests.path().join("latency.yaml"), text)?;
-    let pin_dir = PathBuf::from(format!("/sys/fs/bpf/{}", topo.prefix));
-    let client_netns = topo.pod("client").namespace.name().to_owned();
-    let cgroup_arg = cgroup.path().to_string_lossy().into_owned();
-    let mut agent = AgentProcess::spawn(
-        &binary,
-        pin_dir,
-        manifests.path(),
-        [
-            "--dir-poll-ms",
-            "100",
-            "--netns-poll-ms",
-            "100",
-            "--netns-filter",
-            &client_netns,
-            "--cgroup",
-            &cgroup_arg,
-        ],
-    )?;
-    agent.wait_until(Duration::from_secs(30), "ready and attached", |a| {
-        pinned_tc_links(a.pin_dir()).contains(&(client_netns.clone(), "eth0".to_owned()))
-            && a.is_ready()
-    })?;
-    Ok((agent, manifests))
-}
-
 /// `bench http-load`: one load-generator run inside a namespace (and
 /// cgroup, and on a CPU), printing its [`LoadResult`] as JSON.
 #[derive(Parser, Debug)]
@@ -958,15 +917,7 @@ pub struct HttpLoadOpts {
 }
 
 pub fn http_load(opts: &HttpLoadOpts) -> Result<()> {
-    if let Some(cgroup) = &opts.cgroup {
-        std::fs::write(cgroup.join("cgroup.procs"), std::process::id().to_string())
-            .with_context(|| format!("joining cgroup {}", cgroup.display()))?;
-    }
-    if let Some(cpu) = opts.cpu {
-        pin_to_cpu(cpu)?;
-    }
-    datapath_user::netns::enter(&opts.netns)
-        .with_context(|| format!("entering {}", opts.netns.display()))?;
+    enter_client(&opts.netns, opts.cgroup.as_deref(), opts.cpu)?;
     let result = run_load(&LoadSpec {
         target: opts.target,
         path: opts.path.clone(),

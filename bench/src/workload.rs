@@ -556,15 +556,7 @@ pub struct WorkerOpts {
 }
 
 pub fn worker(opts: &WorkerOpts) -> Result<()> {
-    if let Some(cgroup) = &opts.cgroup {
-        std::fs::write(cgroup.join("cgroup.procs"), std::process::id().to_string())
-            .with_context(|| format!("joining cgroup {}", cgroup.display()))?;
-    }
-    if let Some(cpu) = opts.cpu {
-        pin_to_cpu(cpu)?;
-    }
-    datapath_user::netns::enter(&opts.netns)
-        .with_context(|| format!("entering {}", opts.netns.display()))?;
+    enter_client(&opts.netns, opts.cgroup.as_deref(), opts.cpu)?;
     let measurement = measure(
         opts.kind,
         opts.target,
@@ -572,6 +564,24 @@ pub fn worker(opts: &WorkerOpts) -> Result<()> {
     )?;
     println!("{}", serde_json::to_string(&measurement)?);
     Ok(())
+}
+
+/// Puts this (single-threaded, client) process where a measurement runs:
+/// into `cgroup` (socket-LB translates only processes below the cgroup it
+/// is attached to), onto `cpu`, then into the namespace `netns`.
+pub fn enter_client(
+    netns: &std::path::Path,
+    cgroup: Option<&std::path::Path>,
+    cpu: Option<usize>,
+) -> Result<()> {
+    if let Some(cgroup) = cgroup {
+        std::fs::write(cgroup.join("cgroup.procs"), std::process::id().to_string())
+            .with_context(|| format!("joining cgroup {}", cgroup.display()))?;
+    }
+    if let Some(cpu) = cpu {
+        pin_to_cpu(cpu)?;
+    }
+    datapath_user::netns::enter(netns).with_context(|| format!("entering {}", netns.display()))
 }
 
 /// Pins the calling thread (and what it spawns) to `cpu`.

@@ -501,7 +501,7 @@ impl Topology {
         // The gateway: a macvlan on node2's wire holding both subnets'
         // gateway addresses, forwarding between them.
         let gateway_mac = [0x02, 0x77, 0xfe, 0, 0, 0xfe];
-        add_macvlan(&node2, &gateway, "mvgw", gateway_mac)?;
+        add_wire_child(&node2, &gateway, "mvgw", WireChild::Macvlan(gateway_mac))?;
         gateway.netlink("address the gateway", |h| async move {
             let eth0 = index_of(&h, Pod::IFACE).await?;
             for (_, gw) in SUBNETS {
@@ -536,11 +536,31 @@ impl Topology {
     /// Adds a macvlan pod on its node (also after the topology is built:
     /// a pod appearing while an agent watches).
     pub fn add_pod(&mut self, spec: &PodSpec) -> Result<&Pod> {
+        let octets = spec.address.octets();
+        let mac = [
+            0x02,
+            0x77,
+            octets[1],
+            octets[2],
+            octets[3],
+            self.pods.len() as u8,
+        ];
+        self.add_wire_pod(spec, WireChild::Macvlan(mac))
+    }
+
+    /// Adds an ipvlan (L2 mode) pod on its node's wire: like a macvlan pod
+    /// but sharing the wire's MAC address. Fails with
+    /// [`TopologyError::is_unsupported`] when the kernel has no IPVLAN.
+    pub fn add_ipvlan_pod(&mut self, spec: &PodSpec) -> Result<&Pod> {
+        self.add_wire_pod(spec, WireChild::Ipvlan)
+    }
+
+    /// A pod whose eth0 is a child of its node's wire: its address in the
+    /// subnet's /24, its default route the subnet's gateway.
+    fn add_wire_pod(&mut self, spec: &PodSpec, child: WireChild) -> Result<&Pod> {
         let i = self.pods.len();
         let namespace = Namespace::create(&format!("{}-{}", self.prefix, spec.role))?;
-        let octets = spec.address.octets();
-        let mac = [0x02, 0x77, octets[1], octets[2], octets[3], i as u8];
-        add_macvlan(&self.nodes[spec.node], &namespace, &format!("mv{i}"), mac)?;
+        add_wire_child(&self.nodes[spec.node], &namespace, &format!("wc{i}"), child)?;
         let gateway_address = subnet_gateway(spec.address);
         let address = spec.address;
         namespace.netlink("address the pod", |h| async move {
@@ -566,7 +586,10 @@ impl Topology {
             node: spec.node,
             address,
             gateway: gateway_address,
-            mac,
+            mac: match child {
+                WireChild::Macvlan(mac) => mac,
+                WireChild::Ipvlan => [0; 6],
+            },
         });
         Ok(self.pods.last().expect("just pushed"))
     }
@@ -849,43 +872,6 @@ impl Topology {
         Ok(())
     }
 
-    /// Adds an ipvlan (L2 mode) pod on its node's wire: like a macvlan pod
-    /// but sharing the wire's MAC address. Fails with
-    /// [`TopologyError::is_unsupported`] when the kernel has no IPVLAN.
-    pub fn add_ipvlan_pod(&mut self, spec: &PodSpec) -> Result<&Pod> {
-        let namespace = Namespace::create(&format!("{}-{}", self.prefix, spec.role))?;
-        let temp = format!("iv{}", self.pods.len());
-        add_ipvlan(&self.nodes[spec.node], &namespace, &temp)?;
-        let gateway_address = subnet_gateway(spec.address);
-        let address = spec.address;
-        namespace.netlink("address the pod", |h| async move {
-            let eth0 = index_of(&h, Pod::IFACE).await?;
-            h.address()
-                .add(eth0, address.into(), 24)
-                .execute()
-                .await
-                .map_err(|e| e.to_string())?;
-            set_up(&h, Pod::IFACE).await?;
-            let route = RouteMessageBuilder::<Ipv4Addr>::new()
-                .gateway(gateway_address)
-                .build();
-            h.route()
-                .add(route)
-                .execute()
-                .await
-                .map_err(|e| e.to_string())
-        })?;
-        self.pods.push(Pod {
-            role: spec.role.to_owned(),
-            namespace,
-            node: spec.node,
-            address,
-            gateway: gateway_address,
-            mac: [0; 6],
-        });
-        Ok(self.pods.last().expect("just pushed"))
-    }
-
     /// Spiderpool's coordinator path for `role`: a veth from the pod
     /// (`veth0`) to its node, the node answering on the link-local
     /// [`COORDINATOR_GATEWAY`], a host route back to the pod, forwarding
@@ -985,26 +971,52 @@ pub fn subnet_gateway(address: Ipv4Addr) -> Ipv4Addr {
         .unwrap_or(SUBNETS[0].1)
 }
 
-/// Creates an L2-mode ipvlan on `node`'s wire, moves it into `into` and
-/// names it eth0 there.
-fn add_ipvlan(node: &Namespace, into: &Namespace, temp_name: &str) -> Result<()> {
+/// The kinds of interface a pod can have on its node's wire.
+#[derive(Clone, Copy, Debug)]
+enum WireChild {
+    /// Bridge mode, with this MAC address.
+    Macvlan([u8; 6]),
+    /// L2 mode (the wire's MAC address).
+    Ipvlan,
+}
+
+const IPVLAN_STEP: &str = "create an ipvlan";
+/// What a kernel without the ipvlan driver is told to need.
+pub const IPVLAN_UNSUPPORTED: &str =
+    "this kernel has no ipvlan driver (build it with CONFIG_IPVLAN=m or =y)";
+
+/// Creates a `child` of `node`'s wire, moves it into `into` and names it
+/// eth0 there.
+fn add_wire_child(
+    node: &Namespace,
+    into: &Namespace,
+    temp_name: &str,
+    child: WireChild,
+) -> Result<()> {
     let target = fs::File::open(into.path()).map_err(|e| err(into.name(), "open", e))?;
     let target_fd = target.as_raw_fd();
     let temp = temp_name.to_owned();
-    node.netlink(IPVLAN_STEP, |h| async move {
+    let step = match child {
+        WireChild::Macvlan(_) => "create a macvlan",
+        WireChild::Ipvlan => IPVLAN_STEP,
+    };
+    node.netlink(step, |h| async move {
         let wire = index_of(&h, WIRE).await?;
-        h.link()
-            .add(LinkIpVlan::new(&temp, wire, IpVlanMode::L2).build())
-            .execute()
-            .await
-            .map_err(|e| match e {
-                rtnetlink::Error::NetlinkError(m)
-                    if m.raw_code() == -libc::EOPNOTSUPP || m.raw_code() == -libc::ENOENT =>
-                {
-                    format!("{IPVLAN_UNSUPPORTED}: {m}")
-                }
-                e => e.to_string(),
-            })?;
+        let link = match child {
+            WireChild::Macvlan(mac) => LinkMacVlan::new(&temp, wire, MacVlanMode::Bridge)
+                .address(mac.to_vec())
+                .build(),
+            WireChild::Ipvlan => LinkIpVlan::new(&temp, wire, IpVlanMode::L2).build(),
+        };
+        h.link().add(link).execute().await.map_err(|e| match e {
+            rtnetlink::Error::NetlinkError(m)
+                if matches!(child, WireChild::Ipvlan)
+                    && (m.raw_code() == -libc::EOPNOTSUPP || m.raw_code() == -libc::ENOENT) =>
+            {
+                format!("{IPVLAN_UNSUPPORTED}: {m}")
+            }
+            e => e.to_string(),
+        })?;
         let index = index_of(&h, &temp).await?;
         h.link()
             .set(
@@ -1018,7 +1030,7 @@ fn add_ipvlan(node: &Namespace, into: &Namespace, temp_name: &str) -> Result<()>
     })?;
     drop(target);
     let temp = temp_name.to_owned();
-    into.netlink("rename the ipvlan to eth0", |h| async move {
+    into.netlink("rename the pod's interface to eth0", |h| async move {
         let index = index_of(&h, &temp).await?;
         h.link()
             .set(
@@ -1032,13 +1044,6 @@ fn add_ipvlan(node: &Namespace, into: &Namespace, temp_name: &str) -> Result<()>
     })
 }
 
-const IPVLAN_STEP: &str = "create an ipvlan";
-/// What a kernel without the ipvlan driver is told to need.
-pub const IPVLAN_UNSUPPORTED: &str =
-    "this kernel has no ipvlan driver (build it with CONFIG_IPVLAN=m or =y)";
-
-/// Creates a bridge-mode macvlan on `node`'s wire, moves it into `into`
-/// and names it eth0 there.
 /// A veth from `pod` (named `pod_iface` there) to `node` (`host_side`):
 /// the node answers on [`COORDINATOR_GATEWAY`], routes `address`/32 back
 /// into the veth and forwards; the pod reaches the gateway on the link.
@@ -1131,47 +1136,6 @@ fn wire_veth_to_node(
         Ok(())
     })?;
     pod.disable_tx_checksum(pod_iface)
-}
-
-fn add_macvlan(node: &Namespace, into: &Namespace, temp_name: &str, mac: [u8; 6]) -> Result<()> {
-    let target = fs::File::open(into.path()).map_err(|e| err(into.name(), "open", e))?;
-    let target_fd = target.as_raw_fd();
-    let temp = temp_name.to_owned();
-    node.netlink("create a macvlan", |h| async move {
-        let wire = index_of(&h, WIRE).await?;
-        let link = LinkMacVlan::new(&temp, wire, MacVlanMode::Bridge)
-            .address(mac.to_vec())
-            .build();
-        h.link()
-            .add(link)
-            .execute()
-            .await
-            .map_err(|e| e.to_string())?;
-        let index = index_of(&h, &temp).await?;
-        h.link()
-            .set(
-                LinkUnspec::new_with_index(index)
-                    .setns_by_fd(target_fd)
-                    .build(),
-            )
-            .execute()
-            .await
-            .map_err(|e| e.to_string())
-    })?;
-    drop(target);
-    let temp = temp_name.to_owned();
-    into.netlink("rename the macvlan to eth0", |h| async move {
-        let index = index_of(&h, &temp).await?;
-        h.link()
-            .set(
-                LinkUnspec::new_with_index(index)
-                    .name(Pod::IFACE.to_owned())
-                    .build(),
-            )
-            .execute()
-            .await
-            .map_err(|e| e.to_string())
-    })
 }
 
 async fn link_by_name(
