@@ -59,10 +59,19 @@ pub enum Design {
     KubeProxy,
     /// macvlan client to a ClusterIP through underpass TC.
     Underpass,
+    /// macvlan client (in the socket-LB cgroup) to a ClusterIP through
+    /// underpass socket-LB.
+    SocketLb,
+    /// veth pod (host-gw) to a ClusterIP through kube-proxy's rules on its
+    /// node (Calico or flannel host-gw with kube-proxy).
+    VethKubeProxy,
+    /// VXLAN overlay pod to a ClusterIP through kube-proxy's rules on its
+    /// node (flannel vxlan with kube-proxy).
+    VxlanKubeProxy,
 }
 
 impl Design {
-    pub const ALL: [Design; 8] = [
+    pub const ALL: [Design; 11] = [
         Design::Host,
         Design::Macvlan,
         Design::Ipvlan,
@@ -71,6 +80,9 @@ impl Design {
         Design::Router,
         Design::KubeProxy,
         Design::Underpass,
+        Design::SocketLb,
+        Design::VethKubeProxy,
+        Design::VxlanKubeProxy,
     ];
 
     pub fn label(self) -> &'static str {
@@ -83,6 +95,32 @@ impl Design {
             Design::Router => "veth, via router (aws-vpc)",
             Design::KubeProxy => "macvlan → ClusterIP, kube-proxy",
             Design::Underpass => "macvlan → ClusterIP, underpass TC",
+            Design::SocketLb => "macvlan → ClusterIP, underpass socket-LB",
+            Design::VethKubeProxy => "veth (host-gw) → ClusterIP, kube-proxy",
+            Design::VxlanKubeProxy => "VXLAN → ClusterIP, kube-proxy",
+        }
+    }
+
+    /// Reaches its server through kube-proxy's rules on the client's node.
+    fn through_kube_proxy(self) -> bool {
+        matches!(
+            self,
+            Design::KubeProxy | Design::VethKubeProxy | Design::VxlanKubeProxy
+        )
+    }
+
+    /// Reaches a ClusterIP (any datapath).
+    fn is_cluster_ip(self) -> bool {
+        self.through_kube_proxy() || matches!(self, Design::Underpass | Design::SocketLb)
+    }
+
+    /// The Pod IP design whose pods a ClusterIP design uses.
+    fn pods_of(self) -> Design {
+        match self {
+            Design::VethKubeProxy => Design::VethRouted,
+            Design::VxlanKubeProxy => Design::Vxlan,
+            Design::KubeProxy | Design::Underpass | Design::SocketLb => Design::Macvlan,
+            other => other,
         }
     }
 }
@@ -192,8 +230,11 @@ pub struct Row {
     pub result: LoadResult,
 }
 
-/// The ClusterIP the two service designs reach.
+/// The ClusterIPs: of the macvlan server, the veth server, the VXLAN
+/// server.
 const VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 80);
+const VETH_VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 81);
+const VXLAN_VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 82);
 const CLIENT_CPU: usize = 0;
 const SERVER_CPU: usize = 1;
 
@@ -242,6 +283,8 @@ impl Lab {
         )?);
         let mut endpoints = BTreeMap::new();
         let mut unavailable = BTreeMap::new();
+        // Service and EndpointSlice objects for kube-proxy's rules.
+        let mut services = Vec::new();
         let at = |address: Ipv4Addr| SocketAddr::V4(SocketAddrV4::new(address, HTTP_PORT));
         endpoints.insert(
             Design::Host,
@@ -307,7 +350,7 @@ impl Lab {
                 pod("rserver", 1, [10, 80, 2, 2]),
             ),
         ] {
-            if !designs.contains(&design) {
+            if !designs.iter().any(|d| d.pods_of() == design) {
                 continue;
             }
             for spec in [&client, &server_spec] {
@@ -323,19 +366,45 @@ impl Lab {
                 server_pod.address,
                 SERVER_CPU,
             )?);
+            let client_netns = topo.pod(client.role).namespace.path().to_owned();
             endpoints.insert(
                 design,
                 Endpoint {
-                    netns: topo.pod(client.role).namespace.path().to_owned(),
+                    netns: client_netns.clone(),
                     cgroup: None,
                     target: at(server_pod.address),
                 },
             );
+            let through_node = match design {
+                Design::VethRouted => Some((Design::VethKubeProxy, VETH_VIP)),
+                Design::Vxlan => Some((Design::VxlanKubeProxy, VXLAN_VIP)),
+                _ => None,
+            };
+            if let Some((service_design, vip)) = through_node
+                && designs.contains(&service_design)
+            {
+                let (service, slice) = service_objects(
+                    &format!("latency-{}", server_spec.role),
+                    vip,
+                    &[(HTTP_PORT, HTTP_PORT)],
+                    &[server_pod.address],
+                );
+                services.push((service, slice));
+                endpoints.insert(
+                    service_design,
+                    Endpoint {
+                        netns: client_netns,
+                        cgroup: None,
+                        target: at(vip),
+                    },
+                );
+            }
         }
         let (service, slice) =
             service_objects("latency", VIP, &[(HTTP_PORT, HTTP_PORT)], &[server]);
-        let kube_proxy =
-            service_ports(std::slice::from_ref(&service), std::slice::from_ref(&slice));
+        services.push((service.clone(), slice.clone()));
+        let (all_services, all_slices): (Vec<_>, Vec<_>) = services.into_iter().unzip();
+        let kube_proxy = service_ports(&all_services, &all_slices);
         if designs.contains(&Design::KubeProxy) {
             topo.add_coordinator_veth("client")?;
             endpoints.insert(
@@ -349,7 +418,10 @@ impl Lab {
         }
         let mut agent = None;
         let mut cgroup = None;
-        if designs.contains(&Design::Underpass) {
+        if designs
+            .iter()
+            .any(|d| matches!(d, Design::Underpass | Design::SocketLb))
+        {
             let group = Cgroup::create(&format!("{}-latency", topo.prefix))?;
             agent = Some(start_bench_agent(
                 opts.underpass.as_deref(),
@@ -358,7 +430,6 @@ impl Lab {
                 &service,
                 &slice,
             )?);
-            cgroup = Some(group);
             endpoints.insert(
                 Design::Underpass,
                 Endpoint {
@@ -367,6 +438,16 @@ impl Lab {
                     target: at(VIP),
                 },
             );
+            // The client without TC: only connect-time translation.
+            endpoints.insert(
+                Design::SocketLb,
+                Endpoint {
+                    netns: topo.pod("mclient").namespace.path().to_owned(),
+                    cgroup: Some(group.path().to_owned()),
+                    target: at(VIP),
+                },
+            );
+            cgroup = Some(group);
         }
         // Many short-lived sockets per run: as in the other benches.
         for namespace in [&topo.nodes[0]]
@@ -395,7 +476,7 @@ impl Lab {
         let ports = self.kube_proxy.as_deref().unwrap_or_default();
         let want = NodeState {
             kube_proxy: [
-                design == Design::KubeProxy || tuning.kube_proxy_on_nodes(),
+                design.through_kube_proxy() || tuning.kube_proxy_on_nodes(),
                 tuning.kube_proxy_on_nodes(),
             ],
             notrack: tuning == Tuning::Notrack,
@@ -610,7 +691,7 @@ pub fn run(opts: &LatencyOpts) -> Result<()> {
     let mut skipped: Vec<String> = Vec::new();
     for &tuning in &opts.tuning {
         for &design in designs.iter().filter(|d| lab.endpoints.contains_key(d)) {
-            if design == Design::KubeProxy && tuning == Tuning::Notrack {
+            if design.through_kube_proxy() && tuning == Tuning::Notrack {
                 skipped.push(format!(
                     "{}{}: not measured — kube-proxy's NAT needs conntrack",
                     design.label(),
@@ -849,8 +930,7 @@ fn plot_rows(dir: &Path, rows: &[Row]) -> Result<()> {
                     .iter()
                     .position(|d| *d == row.design)
                     .unwrap_or(0),
-                dashed: row.tuning != Tuning::Baseline
-                    || matches!(row.design, Design::KubeProxy | Design::Underpass),
+                dashed: row.tuning != Tuning::Baseline || row.design.is_cluster_ip(),
             })
             .collect();
         let slug: String = point

@@ -6,8 +6,8 @@ use std::path::Path;
 use anyhow::{Result, anyhow};
 use plotters::{coord::Shift, prelude::*};
 
-/// Distinct, colour-blind-friendly series colours (Okabe–Ito).
-const PALETTE: [RGBColor; 8] = [
+/// Distinct series colours (Okabe–Ito, then Tol's muted tones).
+const PALETTE: [RGBColor; 11] = [
     RGBColor(0, 114, 178),
     RGBColor(213, 94, 0),
     RGBColor(0, 158, 115),
@@ -16,6 +16,9 @@ const PALETTE: [RGBColor; 8] = [
     RGBColor(86, 180, 233),
     RGBColor(0, 0, 0),
     RGBColor(170, 51, 119),
+    RGBColor(102, 102, 102),
+    RGBColor(153, 153, 51),
+    RGBColor(51, 34, 136),
 ];
 
 pub fn colour(index: usize) -> RGBColor {

@@ -29,7 +29,7 @@ fn every_design_runs_and_is_plotted() {
         assert!(stdout.contains("CONFIG_IPVLAN"), "{stdout}");
         eprintln!("SKIP ipvlan: this kernel has no ipvlan driver (CONFIG_IPVLAN)");
     }
-    let designs = if ipvlan_missing { 7 } else { 8 };
+    let designs = if ipvlan_missing { 10 } else { 11 };
     assert_eq!(
         rows.len(),
         designs * 2 * 2,
