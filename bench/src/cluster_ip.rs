@@ -420,7 +420,7 @@ pub(crate) fn run_worker(
     if let Some(cgroup) = cgroup {
         command.arg("--cgroup").arg(cgroup);
     }
-    let output = command.output().context("running the bench worker")?;
+    let output = crate::workload::owned_output(&mut command)?;
     if !output.status.success() {
         bail!("worker failed ({})", output.status);
     }

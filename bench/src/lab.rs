@@ -161,14 +161,30 @@ pub(crate) fn run_in_limited(
     let mut stdin = child.stdin.take().expect("piped stdin");
     let payload = input.to_owned();
     let feeder = std::thread::spawn(move || stdin.write_all(payload.as_bytes()));
-    let status = loop {
-        if let Some(status) = child.try_wait()? {
-            break status;
-        }
-        if limit.is_some_and(|limit| started.elapsed() > limit) {
-            let _ = child.kill();
-            let _ = child.wait();
+    // Waited for on a thread, so the time is taken when the program
+    // exits (not at the next poll) and the limit is a channel timeout.
+    let pid = child.id();
+    datapath_user::topology::own_child(pid);
+    let (done, exited) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let status = child.wait();
+        let _ = done.send((status, Instant::now()));
+    });
+    let waited = match limit {
+        Some(limit) => exited.recv_timeout(limit.saturating_sub(started.elapsed())),
+        None => exited
+            .recv()
+            .map_err(|_| std::sync::mpsc::RecvTimeoutError::Disconnected),
+    };
+    let (status, finished) = match waited {
+        Ok((status, finished)) => (status?, finished),
+        Err(_) => {
+            // SAFETY: kills our own child, not yet reaped (its waiter
+            // thread is still blocked in wait()).
+            unsafe { libc::kill(pid as libc::pid_t, libc::SIGKILL) };
+            let _ = exited.recv();
             let _ = feeder.join();
+            datapath_user::topology::disown_child(pid);
             return Err(TimedOut {
                 program: program.to_owned(),
                 namespace: namespace.name().to_owned(),
@@ -176,9 +192,9 @@ pub(crate) fn run_in_limited(
             }
             .into());
         }
-        std::thread::sleep(Duration::from_millis(5));
     };
-    let elapsed = started.elapsed();
+    datapath_user::topology::disown_child(pid);
+    let elapsed = finished.duration_since(started);
     let fed = feeder.join().expect("stdin feeder");
     let errors = errors.join().unwrap_or_default();
     if !status.success() {

@@ -353,19 +353,20 @@ impl Lab {
             if !designs.iter().any(|d| d.pods_of() == design) {
                 continue;
             }
+            let building = || format!("building the {} design", design.label());
             for spec in [&client, &server_spec] {
                 match design {
-                    Design::Vxlan => topo.add_overlay_pod(spec)?,
-                    Design::Router => topo.add_veth_pod_via_router(spec)?,
-                    _ => topo.add_veth_pod(spec)?,
+                    Design::Vxlan => topo.add_overlay_pod(spec),
+                    Design::Router => topo.add_veth_pod_via_router(spec),
+                    _ => topo.add_veth_pod(spec),
                 }
+                .with_context(building)?;
             }
             let server_pod = topo.pod(server_spec.role);
-            servers.push(nginx::start(
-                &server_pod.namespace,
-                server_pod.address,
-                SERVER_CPU,
-            )?);
+            servers.push(
+                nginx::start(&server_pod.namespace, server_pod.address, SERVER_CPU)
+                    .with_context(building)?,
+            );
             let client_netns = topo.pod(client.role).namespace.path().to_owned();
             endpoints.insert(
                 design,
@@ -532,7 +533,7 @@ impl Lab {
         if let Some(cgroup) = &endpoint.cgroup {
             command.arg("--cgroup").arg(cgroup);
         }
-        let output = command.output().context("running the load generator")?;
+        let output = crate::workload::owned_output(&mut command)?;
         if !output.status.success() {
             bail!("load generator failed ({})", output.status);
         }
@@ -705,7 +706,10 @@ pub fn run(opts: &LatencyOpts) -> Result<()> {
     let label =
         |(design, tuning): (Design, Tuning)| format!("{}{}", design.label(), tuning.suffix());
     let mut rows = Vec::new();
-    let absolute_count = if absolute.is_empty() && !opts.quick {
+    // Without --rates: 30 % and 50 % of the host network's maximum at each
+    // response size.
+    let derive_rates = absolute.is_empty() && !opts.quick;
+    let absolute_count = if derive_rates {
         2 // derived from the host network's maximum, below
     } else {
         absolute.len()
@@ -748,7 +752,7 @@ pub fn run(opts: &LatencyOpts) -> Result<()> {
                 result,
             });
         }
-        if absolute.is_empty() && !opts.quick {
+        if derive_rates {
             let reference = max
                 .get(&(Design::Host, Tuning::Baseline))
                 .or_else(|| max.values().next())

@@ -155,6 +155,20 @@ impl Epoll {
         Ok(())
     }
 
+    /// Stops watching `fd` (a dead connection would otherwise be reported
+    /// ready on every wait, level-triggered).
+    fn remove(&self, fd: i32) {
+        // SAFETY: plain syscall; a null event is allowed for DEL.
+        unsafe {
+            libc::epoll_ctl(
+                self.0.as_raw_fd(),
+                libc::EPOLL_CTL_DEL,
+                fd,
+                std::ptr::null_mut(),
+            )
+        };
+    }
+
     fn wait(&self, events: &mut [libc::epoll_event], timeout_ms: i32) -> io::Result<usize> {
         // SAFETY: events is a valid buffer of its length.
         let n = unsafe {
@@ -284,6 +298,18 @@ pub fn run_load(spec: &LoadSpec) -> Result<LoadResult> {
         matches!(connection.stream.write(&request), Ok(n) if n == request.len())
     };
     let mut dead = 0usize;
+    // Marks connection `i` dead once: unwatched, never handed a request
+    // again; its request in flight (if any) counted as an error.
+    let kill = |connection: &mut Connection, dead: &mut usize, errors: &mut u64| {
+        if connection.alive {
+            connection.alive = false;
+            *dead += 1;
+            epoll.remove(connection.stream.as_raw_fd());
+        }
+        if connection.in_flight.take().is_some() {
+            *errors += 1;
+        }
+    };
     loop {
         let now = now_ns();
         let scheduling = now < end;
@@ -295,10 +321,13 @@ pub fn run_load(spec: &LoadSpec) -> Result<LoadResult> {
                 backlog.push_back(scheduled_ns(start, rate, next_k));
                 next_k += 1;
             }
-            max_backlog = max_backlog.max(backlog.len());
         }
         // Hand due requests to free connections.
         while let Some(&i) = idle.front() {
+            if !connections[i].alive {
+                idle.pop_front();
+                continue;
+            }
             let stamp = match spec.rate {
                 Some(_) => match backlog.pop_front() {
                     Some(stamp) => stamp,
@@ -311,10 +340,18 @@ pub fn run_load(spec: &LoadSpec) -> Result<LoadResult> {
             // still sends what was due before it.
             idle.pop_front();
             if !send(&mut connections[i], stamp) {
-                connections[i].alive = false;
-                dead += 1;
-                errors += 1;
+                // Not sent: it goes to the next free connection.
+                connections[i].in_flight = None;
+                if spec.rate.is_some() {
+                    backlog.push_front(stamp);
+                }
+                kill(&mut connections[i], &mut dead, &mut errors);
             }
+        }
+        // Queueing only counts while recording, after free connections
+        // took what they could.
+        if now >= record_from && scheduling {
+            max_backlog = max_backlog.max(backlog.len());
         }
         let in_flight = connections.iter().filter(|c| c.in_flight.is_some()).count();
         if !scheduling && ((in_flight == 0 && backlog.is_empty()) || now > end + 2_000_000_000) {
@@ -353,17 +390,18 @@ pub fn run_load(spec: &LoadSpec) -> Result<LoadResult> {
                 continue;
             }
             let mut chunk = [0u8; 16384];
+            let mut closed = false;
             loop {
                 match connection.stream.read(&mut chunk) {
                     Ok(0) => {
-                        connection.alive = false;
+                        closed = true;
                         break;
                     }
                     Ok(n) => connection.buffer.extend_from_slice(&chunk[..n]),
                     Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
                     Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                     Err(_) => {
-                        connection.alive = false;
+                        closed = true;
                         break;
                     }
                 }
@@ -371,7 +409,9 @@ pub fn run_load(spec: &LoadSpec) -> Result<LoadResult> {
             match response_length(&connection.buffer) {
                 Ok(Some((length, status))) => {
                     let done = now_ns();
-                    let stamp = connection.in_flight.take();
+                    let Some(stamp) = connection.in_flight.take() else {
+                        bail!("{}: a response nobody asked for", spec.target);
+                    };
                     if length != connection.buffer.len() {
                         bail!("{}: a response nobody asked for", spec.target);
                     }
@@ -379,28 +419,22 @@ pub fn run_load(spec: &LoadSpec) -> Result<LoadResult> {
                     response_bytes = length;
                     if status != 200 {
                         errors += 1;
-                    } else if let Some(stamp) = stamp
-                        && stamp >= record_from
-                        && stamp < end
-                    {
+                    } else if stamp >= record_from && stamp < end {
                         histogram.saturating_record(done.saturating_sub(stamp).max(1));
                         completed += 1;
                         if done < end {
                             completed_in_window += 1;
                         }
                     }
-                    if connection.alive {
+                    if !closed {
                         idle.push_back(i);
                     }
                 }
                 Ok(None) => {}
                 Err(error) => bail!("{}: {error:#}", spec.target),
             }
-            if !connection.alive {
-                if connection.in_flight.take().is_some() {
-                    errors += 1;
-                }
-                dead += 1;
+            if closed {
+                kill(connection, &mut dead, &mut errors);
             }
         }
     }

@@ -211,7 +211,21 @@ pub fn run(opts: &ScaleOpts) -> Result<()> {
                         ScaleDatapath::Underpass => lab.underpass(&sweep, &crr),
                     };
                     match outcome {
-                        Ok(outcome) => outcome.fill(&mut point),
+                        Ok(outcome) => {
+                            outcome.fill(&mut point);
+                            // In-process programming cannot be killed:
+                            // past the limit, larger points are skipped.
+                            if point
+                                .program_ms
+                                .is_some_and(|ms| ms > limit.as_secs_f64() * 1e3)
+                            {
+                                timed_out.insert((datapath, n, m));
+                                point.note = Some(format!(
+                                    "programming took over the {} s limit: larger points skipped",
+                                    opts.time_limit
+                                ));
+                            }
+                        }
                         Err(error) if error.downcast_ref::<TimedOut>().is_some() => {
                             timed_out.insert((datapath, n, m));
                             point.note = Some(format!("{error:#}"));

@@ -566,6 +566,21 @@ pub fn worker(opts: &WorkerOpts) -> Result<()> {
     Ok(())
 }
 
+/// Runs `command` to completion (stdout captured) as a child an
+/// interrupted run kills ([`datapath_user::topology::own_child`]): a
+/// worker must not outlive the namespaces and cgroup it is in.
+pub fn owned_output(command: &mut std::process::Command) -> Result<std::process::Output> {
+    let child = command
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .context("starting a bench worker")?;
+    let pid = child.id();
+    datapath_user::topology::own_child(pid);
+    let output = child.wait_with_output();
+    datapath_user::topology::disown_child(pid);
+    Ok(output?)
+}
+
 /// Puts this (single-threaded, client) process where a measurement runs:
 /// into `cgroup` (socket-LB translates only processes below the cgroup it
 /// is attached to), onto `cpu`, then into the namespace `netns`.

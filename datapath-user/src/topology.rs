@@ -441,6 +441,8 @@ pub struct Topology {
     pub router: Option<Namespace>,
     /// Whether the VXLAN overlay (bridges, tunnel) exists.
     overlay: bool,
+    /// Whether the ipvlan pods' wire exists.
+    ipvlan_wire: bool,
 }
 
 impl Topology {
@@ -453,38 +455,7 @@ impl Topology {
         let gateway = Namespace::create(&format!("{prefix}-gw"))?;
 
         // The wire: a veth pair, one end per node.
-        let node2_fd = fs::File::open(node2.path()).map_err(|e| err(node2.name(), "open", e))?;
-        let node2_raw = node2_fd.as_raw_fd();
-        node1.netlink("create the wire", |h| async move {
-            h.link()
-                .add(LinkVeth::new(WIRE, "wirepeer").build())
-                .execute()
-                .await
-                .map_err(|e| e.to_string())?;
-            let peer = index_of(&h, "wirepeer").await?;
-            h.link()
-                .set(
-                    LinkUnspec::new_with_index(peer)
-                        .setns_by_fd(node2_raw)
-                        .build(),
-                )
-                .execute()
-                .await
-                .map_err(|e| e.to_string())
-        })?;
-        drop(node2_fd);
-        node2.netlink("name the wire", |h| async move {
-            let peer = index_of(&h, "wirepeer").await?;
-            h.link()
-                .set(
-                    LinkUnspec::new_with_index(peer)
-                        .name(WIRE.to_owned())
-                        .build(),
-                )
-                .execute()
-                .await
-                .map_err(|e| e.to_string())
-        })?;
+        join_nodes(&node1, &node2, WIRE)?;
         for (node, address) in [(&node1, NODE_ADDRESSES[0]), (&node2, NODE_ADDRESSES[1])] {
             node.netlink("address the wire", |h| async move {
                 let wire = index_of(&h, WIRE).await?;
@@ -495,7 +466,6 @@ impl Topology {
                     .map_err(|e| e.to_string())?;
                 set_up(&h, WIRE).await
             })?;
-            node.disable_tx_checksum(WIRE)?;
         }
 
         // The gateway: a macvlan on node2's wire holding both subnets'
@@ -526,6 +496,7 @@ impl Topology {
             nodes: [node1, node2],
             router: None,
             overlay: false,
+            ipvlan_wire: false,
         };
         for spec in pods {
             topology.add_pod(spec)?;
@@ -552,6 +523,10 @@ impl Topology {
     /// but sharing the wire's MAC address. Fails with
     /// [`TopologyError::is_unsupported`] when the kernel has no IPVLAN.
     pub fn add_ipvlan_pod(&mut self, spec: &PodSpec) -> Result<&Pod> {
+        if !self.ipvlan_wire {
+            join_nodes(&self.nodes[0], &self.nodes[1], IPVLAN_WIRE)?;
+            self.ipvlan_wire = true;
+        }
         self.add_wire_pod(spec, WireChild::Ipvlan)
     }
 
@@ -971,6 +946,51 @@ pub fn subnet_gateway(address: Ipv4Addr) -> Ipv4Addr {
         .unwrap_or(SUBNETS[0].1)
 }
 
+/// A veth pair named `name` in both nodes, up, no addresses, tx checksum
+/// offload off.
+fn join_nodes(node1: &Namespace, node2: &Namespace, name: &str) -> Result<()> {
+    let peer_name = format!("{name}peer");
+    let node2_fd = fs::File::open(node2.path()).map_err(|e| err(node2.name(), "open", e))?;
+    let node2_raw = node2_fd.as_raw_fd();
+    let (a, b) = (name.to_owned(), peer_name.clone());
+    node1.netlink("create a wire between the nodes", |h| async move {
+        h.link()
+            .add(LinkVeth::new(&a, &b).build())
+            .execute()
+            .await
+            .map_err(|e| e.to_string())?;
+        let peer = index_of(&h, &b).await?;
+        h.link()
+            .set(
+                LinkUnspec::new_with_index(peer)
+                    .setns_by_fd(node2_raw)
+                    .build(),
+            )
+            .execute()
+            .await
+            .map_err(|e| e.to_string())?;
+        set_up(&h, &a).await
+    })?;
+    drop(node2_fd);
+    let (a, b) = (name.to_owned(), peer_name);
+    node2.netlink("name the wire", |h| async move {
+        let peer = index_of(&h, &b).await?;
+        h.link()
+            .set(LinkUnspec::new_with_index(peer).name(a).up().build())
+            .execute()
+            .await
+            .map_err(|e| e.to_string())
+    })?;
+    for node in [node1, node2] {
+        node.disable_tx_checksum(name)?;
+    }
+    Ok(())
+}
+
+/// The second wire, for ipvlan pods: a device takes macvlan or ipvlan
+/// children, not both (the kernel answers EBUSY).
+pub const IPVLAN_WIRE: &str = "ivwire";
+
 /// The kinds of interface a pod can have on its node's wire.
 #[derive(Clone, Copy, Debug)]
 enum WireChild {
@@ -1001,7 +1021,11 @@ fn add_wire_child(
         WireChild::Ipvlan => IPVLAN_STEP,
     };
     node.netlink(step, |h| async move {
-        let wire = index_of(&h, WIRE).await?;
+        let parent = match child {
+            WireChild::Macvlan(_) => WIRE,
+            WireChild::Ipvlan => IPVLAN_WIRE,
+        };
+        let wire = index_of(&h, parent).await?;
         let link = match child {
             WireChild::Macvlan(mac) => LinkMacVlan::new(&temp, wire, MacVlanMode::Bridge)
                 .address(mac.to_vec())
