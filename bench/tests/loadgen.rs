@@ -116,8 +116,10 @@ fn a_rate_the_server_cannot_serve_is_not_kept() {
     })
     .unwrap();
     assert!(closed.sustained && closed.target_rate.is_none());
+    // At most 2 connections × one response per 5 ms; how close it gets
+    // depends on the machine's load, so only progress is asserted below.
     assert!(
-        closed.achieved_rate > 200.0 && closed.achieved_rate < 500.0,
+        closed.requests > 10 && closed.achieved_rate < 450.0,
         "{closed:?}"
     );
 }
