@@ -800,19 +800,16 @@ pub fn run(opts: &LatencyOpts) -> Result<()> {
         remove_old_charts(dir)?;
         plot_rows(dir, &rows)?;
     }
-    let json = opts
-        .json
-        .iter()
-        .cloned()
-        .chain(opts.out.iter().map(|d| d.join("latency.json")));
     let document = Document {
         rows,
         unavailable: lab.unavailable.clone(),
     };
-    for path in json {
-        std::fs::write(&path, serde_json::to_string_pretty(&document)?)
-            .with_context(|| format!("writing {}", path.display()))?;
-    }
+    crate::write_results(
+        &document,
+        opts.json.as_deref(),
+        opts.out.as_deref(),
+        "latency.json",
+    )?;
     let Lab { agent, .. } = lab;
     if let Some((mut agent, _manifests)) = agent {
         agent.stop();

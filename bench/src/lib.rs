@@ -85,3 +85,20 @@ pub fn require_root(what: &str) -> anyhow::Result<()> {
     }
     Ok(())
 }
+
+/// Writes a bench's results as JSON to `--json FILE` and, with `--out
+/// DIR`, to `DIR/<file>`.
+pub(crate) fn write_results<T: serde::Serialize>(
+    value: &T,
+    json: Option<&std::path::Path>,
+    out: Option<&std::path::Path>,
+    file: &str,
+) -> anyhow::Result<()> {
+    use anyhow::Context;
+    let text = serde_json::to_string_pretty(value)?;
+    let out_path = out.map(|dir| dir.join(file));
+    for path in json.into_iter().chain(out_path.as_deref()) {
+        std::fs::write(path, &text).with_context(|| format!("writing {}", path.display()))?;
+    }
+    Ok(())
+}

@@ -231,15 +231,12 @@ pub fn run(opts: &PodIpOpts) -> Result<()> {
             runs,
         })
         .collect();
-    let json = opts
-        .json
-        .iter()
-        .cloned()
-        .chain(opts.out.iter().map(|d| d.join("pod-ip.json")));
-    for path in json {
-        std::fs::write(&path, serde_json::to_string_pretty(&rows)?)
-            .with_context(|| format!("writing {}", path.display()))?;
-    }
+    crate::write_results(
+        &rows,
+        opts.json.as_deref(),
+        opts.out.as_deref(),
+        "pod-ip.json",
+    )?;
     if let Some(dir) = &opts.out {
         eprintln!("wrote pod-ip.json and the charts to {}", dir.display());
     }

@@ -244,20 +244,17 @@ pub fn run(opts: &ScaleOpts) -> Result<()> {
     }
     drop(lab);
     print_table(&points);
-    if let Some(path) = &opts.json {
-        write_json(path, &points)?;
-    }
+    crate::write_results(
+        &points,
+        opts.json.as_deref(),
+        opts.out.as_deref(),
+        "scale.json",
+    )?;
     if let Some(dir) = &opts.out {
-        write_json(&dir.join("scale.json"), &points)?;
         plot_points(dir, &points)?;
         eprintln!("wrote scale.json and the plots to {}", dir.display());
     }
     Ok(())
-}
-
-fn write_json(path: &std::path::Path, points: &[ScalePoint]) -> Result<()> {
-    std::fs::write(path, serde_json::to_string_pretty(points)?)
-        .with_context(|| format!("writing {}", path.display()))
 }
 
 fn print_table(points: &[ScalePoint]) {

@@ -642,26 +642,9 @@ impl Topology {
         let namespace = Namespace::create(&format!("{}-{}", self.prefix, spec.role))?;
         let node = &self.nodes[spec.node];
         let (host, temp) = (format!("vx{index}"), format!("vx{index}p"));
-        let pod_fd =
-            fs::File::open(namespace.path()).map_err(|e| err(namespace.name(), "open", e))?;
-        let pod_raw = pod_fd.as_raw_fd();
-        let (h1, t1) = (host.clone(), temp.clone());
+        veth_across(node, &namespace, &host, &temp, Some(OVERLAY_MTU))?;
+        let h1 = host.clone();
         node.netlink("plug the pod into cni0", |h| async move {
-            h.link()
-                .add(LinkVeth::new(&h1, &t1).mtu(OVERLAY_MTU).build())
-                .execute()
-                .await
-                .map_err(|e| e.to_string())?;
-            let peer = index_of(&h, &t1).await?;
-            h.link()
-                .set(
-                    LinkUnspec::new_with_index(peer)
-                        .setns_by_fd(pod_raw)
-                        .build(),
-                )
-                .execute()
-                .await
-                .map_err(|e| e.to_string())?;
             let bridge = index_of(&h, OVERLAY_BRIDGE).await?;
             let own = index_of(&h, &h1).await?;
             h.link()
@@ -675,7 +658,6 @@ impl Topology {
                 .await
                 .map_err(|e| e.to_string())
         })?;
-        drop(pod_fd);
         node.disable_tx_checksum(&host)?;
         let (address, gateway) = (spec.address, overlay_gateway(spec.node));
         namespace.netlink("address the overlay pod", |h| async move {
@@ -789,27 +771,10 @@ impl Topology {
             for n in 0..2 {
                 let node = &self.nodes[n];
                 let (router_side, temp) = (format!("vpc{n}"), format!("vpc{n}p"));
-                let node_fd =
-                    fs::File::open(node.path()).map_err(|e| err(node.name(), "open", e))?;
-                let node_raw = node_fd.as_raw_fd();
+                veth_across(&router, node, &router_side, &temp, None)?;
                 let local = router_link_address(n, true);
-                let (a, b) = (router_side.clone(), temp.clone());
-                router.netlink("link the router to a node", |h| async move {
-                    h.link()
-                        .add(LinkVeth::new(&a, &b).build())
-                        .execute()
-                        .await
-                        .map_err(|e| e.to_string())?;
-                    let peer = index_of(&h, &b).await?;
-                    h.link()
-                        .set(
-                            LinkUnspec::new_with_index(peer)
-                                .setns_by_fd(node_raw)
-                                .build(),
-                        )
-                        .execute()
-                        .await
-                        .map_err(|e| e.to_string())?;
+                let a = router_side.clone();
+                router.netlink("address the router's link to a node", |h| async move {
                     let own = index_of(&h, &a).await?;
                     h.address()
                         .add(own, local.into(), 24)
@@ -818,7 +783,6 @@ impl Topology {
                         .map_err(|e| e.to_string())?;
                     set_up(&h, &a).await
                 })?;
-                drop(node_fd);
                 let remote = router_link_address(n, false);
                 node.netlink("address the node's router link", |h| async move {
                     let index = index_of(&h, &temp).await?;
@@ -946,32 +910,48 @@ pub fn subnet_gateway(address: Ipv4Addr) -> Ipv4Addr {
         .unwrap_or(SUBNETS[0].1)
 }
 
-/// A veth pair named `name` in both nodes, up, no addresses, tx checksum
-/// offload off.
-fn join_nodes(node1: &Namespace, node2: &Namespace, name: &str) -> Result<()> {
-    let peer_name = format!("{name}peer");
-    let node2_fd = fs::File::open(node2.path()).map_err(|e| err(node2.name(), "open", e))?;
-    let node2_raw = node2_fd.as_raw_fd();
-    let (a, b) = (name.to_owned(), peer_name.clone());
-    node1.netlink("create a wire between the nodes", |h| async move {
+/// A veth pair: `local` in `from`, its peer moved into `to` under the
+/// name `peer` (each caller names, addresses and raises its ends).
+fn veth_across(
+    from: &Namespace,
+    to: &Namespace,
+    local: &str,
+    peer: &str,
+    mtu: Option<u32>,
+) -> Result<()> {
+    let to_fd = fs::File::open(to.path()).map_err(|e| err(to.name(), "open", e))?;
+    let to_raw = to_fd.as_raw_fd();
+    let (a, b) = (local.to_owned(), peer.to_owned());
+    from.netlink("create a veth pair", |h| async move {
+        let mut pair = LinkVeth::new(&a, &b);
+        if let Some(mtu) = mtu {
+            pair = pair.mtu(mtu);
+        }
         h.link()
-            .add(LinkVeth::new(&a, &b).build())
+            .add(pair.build())
             .execute()
             .await
             .map_err(|e| e.to_string())?;
-        let peer = index_of(&h, &b).await?;
+        let index = index_of(&h, &b).await?;
         h.link()
             .set(
-                LinkUnspec::new_with_index(peer)
-                    .setns_by_fd(node2_raw)
+                LinkUnspec::new_with_index(index)
+                    .setns_by_fd(to_raw)
                     .build(),
             )
             .execute()
             .await
-            .map_err(|e| e.to_string())?;
-        set_up(&h, &a).await
-    })?;
-    drop(node2_fd);
+            .map_err(|e| e.to_string())
+    })
+}
+
+/// A veth pair named `name` in both nodes, up, no addresses, tx checksum
+/// offload off.
+fn join_nodes(node1: &Namespace, node2: &Namespace, name: &str) -> Result<()> {
+    let peer_name = format!("{name}peer");
+    veth_across(node1, node2, name, &peer_name, None)?;
+    let a = name.to_owned();
+    node1.netlink("raise the wire", |h| async move { set_up(&h, &a).await })?;
     let (a, b) = (name.to_owned(), peer_name);
     node2.netlink("name the wire", |h| async move {
         let peer = index_of(&h, &b).await?;
@@ -1082,25 +1062,9 @@ fn wire_veth_to_node(
     own_address: bool,
 ) -> Result<()> {
     let temp = format!("{host_side}p");
-    let pod_fd = fs::File::open(pod.path()).map_err(|e| err(pod.name(), "open", e))?;
-    let pod_raw = pod_fd.as_raw_fd();
-    let (host, peer) = (host_side.to_owned(), temp.clone());
-    node.netlink("create the pod's veth", |h| async move {
-        h.link()
-            .add(LinkVeth::new(&host, &peer).build())
-            .execute()
-            .await
-            .map_err(|e| e.to_string())?;
-        let peer_index = index_of(&h, &peer).await?;
-        h.link()
-            .set(
-                LinkUnspec::new_with_index(peer_index)
-                    .setns_by_fd(pod_raw)
-                    .build(),
-            )
-            .execute()
-            .await
-            .map_err(|e| e.to_string())?;
+    veth_across(node, pod, host_side, &temp, None)?;
+    let host = host_side.to_owned();
+    node.netlink("address the node's end of the pod's veth", |h| async move {
         let host_index = index_of(&h, &host).await?;
         h.address()
             .add(host_index, COORDINATOR_GATEWAY.into(), 32)
@@ -1119,7 +1083,6 @@ fn wire_veth_to_node(
             .await
             .map_err(|e| e.to_string())
     })?;
-    drop(pod_fd);
     node.sysctl("net.ipv4.ip_forward", "1")?;
     node.disable_tx_checksum(host_side)?;
     let name = pod_iface.to_owned();
