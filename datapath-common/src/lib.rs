@@ -16,6 +16,7 @@ pub mod csum;
 pub mod lb;
 pub mod maps;
 pub mod metrics;
+pub mod reject;
 
 /// IANA protocol numbers used in keys.
 pub const IPPROTO_TCP: u8 = 6;

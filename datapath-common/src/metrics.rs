@@ -12,7 +12,8 @@ pub enum Counter {
     ConntrackMiss = 1,
     /// TC ingress: replies rewritten back to the service address.
     ReverseTranslated = 2,
-    /// A service with no backend refused a new flow (TC or socket-LB).
+    /// A service with no backend refused a new flow (TC: with an ICMP port
+    /// unreachable into the pod; socket-LB: `connect()` fails).
     NoBackend = 3,
     /// IPv4 frames too short or malformed to parse.
     NotParsed = 4,

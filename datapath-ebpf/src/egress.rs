@@ -30,6 +30,7 @@ use crate::{
     metrics::count,
     nat::{self, End},
     parse::{self, Packet},
+    reject,
 };
 
 pub fn run(ctx: &TcContext) -> i32 {
@@ -166,7 +167,7 @@ fn new_flow(ctx: &TcContext, packet: &Packet, key: &CtKey, now: u64) -> i32 {
     };
     if service.backend_count == 0 {
         count(Counter::NoBackend);
-        return TC_ACT_SHOT;
+        return reject::refuse(ctx, packet);
     }
     // SAFETY: plain helper call.
     let slot = lb::select_slot(unsafe { bpf_get_prandom_u32() }, service.backend_count);

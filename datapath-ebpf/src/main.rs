@@ -12,6 +12,7 @@ mod maps;
 mod metrics;
 mod nat;
 mod parse;
+mod reject;
 mod sock;
 
 use aya_ebpf::{

@@ -92,7 +92,8 @@ pub struct SyncStats {
 }
 
 impl<M: LbMaps> AgentCore<M> {
-    pub fn new(reconciler: Reconciler<M>, node: NodeContext, metrics: Arc<Metrics>) -> Self {
+    pub fn new(mut reconciler: Reconciler<M>, node: NodeContext, metrics: Arc<Metrics>) -> Self {
+        reconciler.set_node_name(node.node_name.as_deref());
         Self {
             store: Store::default(),
             reconciler,

@@ -237,6 +237,11 @@ struct ProbeArgs {
     /// Per-request timeout in milliseconds.
     #[arg(long, default_value_t = 2000)]
     timeout_ms: u64,
+    /// Keep one socket (a TCP connection, a connected or an unconnected
+    /// UDP socket) and send a request on it for every line read from
+    /// stdin, until stdin closes; --count is ignored.
+    #[arg(long)]
+    hold: bool,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -297,17 +302,40 @@ fn probe(args: ProbeArgs) -> Result<()> {
             .with_context(|| format!("entering network namespace {}", path.display()))?;
     }
     let timeout = Duration::from_millis(args.timeout_ms);
-    for _ in 0..args.count {
-        let answer = match args.protocol {
-            ProbeProtocol::Tcp => workload::tcp_request(args.target, timeout),
-            ProbeProtocol::Udp => workload::udp_request(args.target, timeout),
-            ProbeProtocol::UdpConnected => workload::connected_udp_request(args.target, timeout),
-        };
+    let print = |answer: std::io::Result<workload::Answer>| {
         let line = match answer {
             Ok(a) => serde_json::json!({ "server": a.server, "peer": a.peer.to_string() }),
             Err(e) => serde_json::json!({ "error": e.to_string(), "errno": e.raw_os_error() }),
         };
         println!("{line}");
+    };
+    if args.hold {
+        let kind = match args.protocol {
+            ProbeProtocol::Tcp => workload::ProbeKind::Tcp,
+            ProbeProtocol::Udp => workload::ProbeKind::Udp,
+            ProbeProtocol::UdpConnected => workload::ProbeKind::UdpConnected,
+        };
+        let mut held = workload::HeldSocket::open(kind, args.target, timeout);
+        for line in std::io::stdin().lines() {
+            line.context("reading stdin")?;
+            print(match &mut held {
+                Ok(socket) => socket.ask(),
+                // The socket could not even be opened: every request
+                // fails the same way (errno kept).
+                Err(e) => Err(e.raw_os_error().map_or_else(
+                    || std::io::Error::new(e.kind(), e.to_string()),
+                    std::io::Error::from_raw_os_error,
+                )),
+            });
+        }
+        return Ok(());
+    }
+    for _ in 0..args.count {
+        print(match args.protocol {
+            ProbeProtocol::Tcp => workload::tcp_request(args.target, timeout),
+            ProbeProtocol::Udp => workload::udp_request(args.target, timeout),
+            ProbeProtocol::UdpConnected => workload::connected_udp_request(args.target, timeout),
+        });
     }
     Ok(())
 }

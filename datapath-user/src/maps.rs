@@ -120,7 +120,7 @@ pub struct BackendEntry {
 #[derive(Debug, thiserror::Error)]
 pub enum ProgramError {
     #[error(
-        "{frontend}: {count} backends exceed the limit of {max} per service; the first {max} are served"
+        "{frontend}: {count} backends exceed the limit of {max} per service; this node serves its own subset of {max} (set --node-name so that every node picks a different one)"
     )]
     TooManyBackends {
         frontend: Frontend,

@@ -10,6 +10,12 @@
 //! backend id is reused as late as possible, because a tracked flow of
 //! the deleted backend that is still in conntrack would otherwise follow
 //! the id to whichever backend got it next.
+//!
+//! Draining: an endpoint that is still listed but no longer usable (not
+//! ready, terminating) loses its slot, so it gets no new flow, but keeps
+//! its `BACKENDS` entry and id, so the flows conntrack pins to it keep
+//! going. Only when it leaves every slice is the entry deleted and its
+//! flows re-balanced.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 
@@ -292,6 +298,9 @@ struct Programmed {
     /// when `broken` is false. After a failed write, the union of the old
     /// and the new set (the maps may name either).
     backends: Vec<BackendAddress>,
+    /// Draining backends this frontend holds a reference on (their
+    /// `BACKENDS` entries stay; no slot names them).
+    draining: Vec<BackendAddress>,
     /// The maps may not match `backends` (an interrupted or failed
     /// write): the next update rewrites the frontend.
     broken: bool,
@@ -342,9 +351,14 @@ pub struct Reconciler<M> {
     held: HashMap<ObjectKey, BTreeSet<Frontend>>,
     /// Services that asked for a frontend someone else holds.
     waiting: HashMap<Frontend, BTreeSet<ObjectKey>>,
-    /// Entries found in the maps at adoption that nothing uses yet; freed
-    /// by `prune`.
+    /// Entries found in the maps at adoption that no slot names; freed by
+    /// `prune` unless the first sync takes them into use (a draining
+    /// backend keeps its id across an agent restart this way).
     adopted_unused_backends: Vec<BackendId>,
+    adopted_by_address: HashMap<BackendAddress, BackendId>,
+    /// Picks this node's subset of an over-limit service (a hash of the
+    /// node's name), so nodes spread over all endpoints.
+    node_seed: u64,
     adopted_unused_rev_nats: Vec<RevNatId>,
     stray_slots: Vec<ServiceKey>,
 }
@@ -364,6 +378,8 @@ impl<M: LbMaps> Reconciler<M> {
             held: HashMap::new(),
             waiting: HashMap::new(),
             adopted_unused_backends: Vec::new(),
+            adopted_by_address: HashMap::new(),
+            node_seed: 0,
             adopted_unused_rev_nats: Vec::new(),
             stray_slots: dump.stray_slots,
         };
@@ -416,15 +432,17 @@ impl<M: LbMaps> Reconciler<M> {
                 Programmed {
                     rev_nat_id: found.rev_nat_id,
                     backends,
+                    draining: Vec::new(),
                     broken,
                     untracked_ids,
                 },
             );
         }
-        for (id, _) in &dump.backends {
+        for (id, address) in &dump.backends {
             reconciler.backend_ids.adopt(*id);
             if !referenced.contains(id) {
                 reconciler.adopted_unused_backends.push(*id);
+                reconciler.adopted_by_address.entry(*address).or_insert(*id);
             }
         }
         for (id, _) in &dump.rev_nats {
@@ -434,6 +452,12 @@ impl<M: LbMaps> Reconciler<M> {
             }
         }
         Ok(reconciler)
+    }
+
+    /// The node this agent serves: seeds the choice of an over-limit
+    /// service's subset, so every node serves a different one.
+    pub fn set_node_name(&mut self, node_name: Option<&str>) {
+        self.node_seed = node_name.map_or(0, fnv1a);
     }
 
     pub fn maps(&self) -> &M {
@@ -526,7 +550,7 @@ impl<M: LbMaps> Reconciler<M> {
                     self.waiting.remove(&frontend);
                 }
             }
-            match self.program(&frontend, &desired.backends) {
+            match self.program(&frontend, &desired.backends, &desired.draining) {
                 Ok(true) => outcome.frontends_written += 1,
                 Ok(false) => {}
                 Err(issue) => outcome.issues.push(with_object(issue, service)),
@@ -592,6 +616,7 @@ impl<M: LbMaps> Reconciler<M> {
                 Err(issue) => issues.push(issue),
             }
         }
+        self.adopted_by_address.clear();
         for id in std::mem::take(&mut self.adopted_unused_backends) {
             if self.backends.values().any(|u| u.id == id) {
                 continue; // taken into use since adoption
@@ -637,23 +662,35 @@ impl<M: LbMaps> Reconciler<M> {
         }
     }
 
-    /// Writes `frontend` if its backends differ from what is programmed.
-    /// Returns whether it wrote.
-    fn program(&mut self, frontend: &Frontend, endpoints: &[Endpoint]) -> Result<bool, Issue> {
-        // Over the per-service limit: serve the first ones (in address
-        // order, so the subset is stable) and say so.
+    /// Writes `frontend` if its backends differ from what is programmed,
+    /// and holds the draining ones. Returns whether it wrote.
+    fn program(
+        &mut self,
+        frontend: &Frontend,
+        endpoints: &[Endpoint],
+        draining: &[Endpoint],
+    ) -> Result<bool, Issue> {
+        // Over the per-service limit: this node serves its own subset (so
+        // the nodes together use every endpoint) and says so; the rest
+        // drain like endpoints that left the ready set.
         let limit = usize::from(datapath_common::maps::MAX_BACKENDS_PER_SERVICE);
         let total = endpoints.len();
         let capped = total > limit;
-        let endpoints = &endpoints[..endpoints.len().min(limit)];
-        let addresses: Vec<BackendAddress> = endpoints
+        let (endpoints, left_out) = node_subset(endpoints, limit, self.node_seed);
+        let as_address = |e: &Endpoint| BackendAddress {
+            address: e.address,
+            port: e.port,
+            protocol: frontend.protocol,
+        };
+        let addresses: Vec<BackendAddress> = endpoints.iter().map(as_address).collect();
+        // Only a backend that has an id can have flows to drain.
+        let mut draining: Vec<BackendAddress> = draining
             .iter()
-            .map(|e| BackendAddress {
-                address: e.address,
-                port: e.port,
-                protocol: frontend.protocol,
-            })
+            .chain(&left_out)
+            .map(as_address)
+            .filter(|a| self.backends.contains_key(a) || self.adopted_by_address.contains_key(a))
             .collect();
+        draining.sort();
         let capped_issue = || {
             program_issue(ProgramError::TooManyBackends {
                 frontend: *frontend,
@@ -662,10 +699,8 @@ impl<M: LbMaps> Reconciler<M> {
             })
         };
         let existing = self.programmed.get(frontend);
-        if let Some(p) = existing
-            && !p.broken
-            && p.backends == addresses
-        {
+        let slots_unchanged = existing.is_some_and(|p| !p.broken && p.backends == addresses);
+        if slots_unchanged && existing.is_some_and(|p| p.draining == draining) {
             return if capped {
                 Err(capped_issue())
             } else {
@@ -683,29 +718,14 @@ impl<M: LbMaps> Reconciler<M> {
         };
         // Take references on the new set first; released below on failure.
         let mut entries = Vec::with_capacity(addresses.len());
-        let mut fresh_backends = Vec::new();
-        for address in &addresses {
-            let id = match self.backends.get_mut(address) {
-                Some(using) => {
-                    using.frontends += 1;
-                    using.id
+        for (taken, address) in addresses.iter().enumerate() {
+            let Some(id) = self.reference(address) else {
+                let issue = limit_issue(frontend, "BACKENDS", self.backend_ids.capacity);
+                self.release_backends(&addresses[..taken]);
+                if fresh_rev_nat {
+                    self.rev_nat_ids.release(u32::from(rev_nat_id));
                 }
-                None => match self.backend_ids.allocate() {
-                    Some(id) => {
-                        self.backends
-                            .insert(*address, BackendUse { id, frontends: 1 });
-                        fresh_backends.push(id);
-                        id
-                    }
-                    None => {
-                        let issue = limit_issue(frontend, "BACKENDS", self.backend_ids.capacity);
-                        self.release_backends(&addresses[..entries.len()]);
-                        if fresh_rev_nat {
-                            self.rev_nat_ids.release(u32::from(rev_nat_id));
-                        }
-                        return Err(issue);
-                    }
-                },
+                return Err(issue);
             };
             entries.push(BackendEntry {
                 id,
@@ -713,10 +733,16 @@ impl<M: LbMaps> Reconciler<M> {
                 port: address.port,
             });
         }
-        if let Err(e) = self.maps.set_service(frontend, rev_nat_id, &entries) {
+        for address in &draining {
+            // Known to have an id (filtered above): never allocates.
+            let _ = self.reference(address);
+        }
+        let written = !slots_unchanged;
+        if written && let Err(e) = self.maps.set_service(frontend, rev_nat_id, &entries) {
             if !matches!(e, ProgramError::Map { .. }) {
                 // Refused before anything was written.
                 self.release_backends(&addresses);
+                self.release_backends(&draining);
                 if fresh_rev_nat {
                     self.rev_nat_ids.release(u32::from(rev_nat_id));
                 }
@@ -727,9 +753,11 @@ impl<M: LbMaps> Reconciler<M> {
             // reverse-NAT id until a rewrite succeeds; deleting either now
             // could leave a slot naming a freed id.
             let mut held = addresses;
+            let mut held_draining = draining;
             let mut untracked_ids = Vec::new();
             if let Some(old) = self.programmed.remove(frontend) {
                 held.extend(old.backends);
+                held_draining.extend(old.draining);
                 untracked_ids = old.untracked_ids;
             }
             self.programmed.insert(
@@ -737,6 +765,7 @@ impl<M: LbMaps> Reconciler<M> {
                 Programmed {
                     rev_nat_id,
                     backends: held,
+                    draining: held_draining,
                     broken: true,
                     untracked_ids,
                 },
@@ -748,6 +777,7 @@ impl<M: LbMaps> Reconciler<M> {
             Programmed {
                 rev_nat_id,
                 backends: addresses,
+                draining,
                 broken: false,
                 untracked_ids: Vec::new(),
             },
@@ -755,12 +785,30 @@ impl<M: LbMaps> Reconciler<M> {
         // Break after make: the old set's entries go only now.
         if let Some(old) = old {
             self.release_backends(&old.backends);
+            self.release_backends(&old.draining);
             self.release_untracked(&old.untracked_ids);
         }
         if capped {
             return Err(capped_issue());
         }
-        Ok(true)
+        Ok(written)
+    }
+
+    /// Takes a reference on `address`'s backend entry: the one in use, the
+    /// one adoption found in the maps, or a new id. `None` when the id
+    /// space is full.
+    fn reference(&mut self, address: &BackendAddress) -> Option<BackendId> {
+        if let Some(using) = self.backends.get_mut(address) {
+            using.frontends += 1;
+            return Some(using.id);
+        }
+        let id = match self.adopted_by_address.remove(address) {
+            Some(id) => id,
+            None => self.backend_ids.allocate()?,
+        };
+        self.backends
+            .insert(*address, BackendUse { id, frontends: 1 });
+        Some(id)
     }
 
     /// Removes `frontend` if programmed. Returns whether it was.
@@ -772,6 +820,7 @@ impl<M: LbMaps> Reconciler<M> {
         self.programmed.remove(frontend);
         self.rev_nat_ids.release(u32::from(programmed.rev_nat_id));
         self.release_backends(&programmed.backends);
+        self.release_backends(&programmed.draining);
         self.release_untracked(&programmed.untracked_ids);
         Ok(true)
     }
@@ -852,4 +901,45 @@ fn with_object(mut issue: Issue, service: &ObjectKey) -> Issue {
         issue.object = format!("Service {service}");
     }
     issue
+}
+
+/// This node's share of an over-limit service: the `limit` endpoints that
+/// score highest under a hash seeded by the node (rendezvous hashing), in
+/// address order, and the rest. Deterministic per node, different across
+/// nodes, and stable when endpoints come and go: one endpoint more or less
+/// changes at most one member of the subset.
+pub fn node_subset(
+    endpoints: &[Endpoint],
+    limit: usize,
+    seed: u64,
+) -> (Vec<Endpoint>, Vec<Endpoint>) {
+    if endpoints.len() <= limit {
+        return (endpoints.to_vec(), Vec::new());
+    }
+    let score = |e: &Endpoint| {
+        let key = u64::from(u32::from(e.address)) << 16 | u64::from(e.port);
+        splitmix64(seed ^ splitmix64(key))
+    };
+    let mut ranked: Vec<&Endpoint> = endpoints.iter().collect();
+    ranked.sort_by_key(|e| std::cmp::Reverse(score(e)));
+    let mut chosen: Vec<Endpoint> = ranked[..limit].iter().map(|e| **e).collect();
+    let mut rest: Vec<Endpoint> = ranked[limit..].iter().map(|e| **e).collect();
+    chosen.sort();
+    rest.sort();
+    (chosen, rest)
+}
+
+fn splitmix64(x: u64) -> u64 {
+    let mut z = x.wrapping_add(0x9e37_79b9_7f4a_7c15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^ (z >> 31)
+}
+
+/// FNV-1a: a hash of the node name that stays the same across builds
+/// and releases (std's hashers promise neither).
+fn fnv1a(text: &str) -> u64 {
+    text.bytes().fold(0xcbf2_9ce4_8422_2325, |hash, byte| {
+        (hash ^ u64::from(byte)).wrapping_mul(0x0100_0000_01b3)
+    })
 }

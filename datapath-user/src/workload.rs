@@ -217,7 +217,7 @@ pub enum ProbeKind {
 }
 
 impl ProbeKind {
-    fn arg(self) -> &'static str {
+    pub fn arg(self) -> &'static str {
         match self {
             ProbeKind::Tcp => "tcp",
             ProbeKind::Udp => "udp",
@@ -253,6 +253,122 @@ impl Conversation {
             ));
         }
         Ok(line.trim_end().to_owned())
+    }
+}
+
+/// One long-lived socket of any probe kind, asked again and again: a TCP
+/// connection, a connected UDP socket (the backend is chosen once, at
+/// `connect()`), or an unconnected UDP socket (`sendto` each time).
+pub enum HeldSocket {
+    Tcp(Conversation),
+    Udp {
+        socket: UdpSocket,
+        target: SocketAddrV4,
+        connected: bool,
+    },
+}
+
+impl HeldSocket {
+    pub fn open(kind: ProbeKind, target: SocketAddrV4, timeout: Duration) -> io::Result<Self> {
+        if kind == ProbeKind::Tcp {
+            return Conversation::open(target, timeout).map(HeldSocket::Tcp);
+        }
+        let socket = UdpSocket::bind("0.0.0.0:0")?;
+        socket.set_read_timeout(Some(timeout))?;
+        let connected = kind == ProbeKind::UdpConnected;
+        if connected {
+            socket.connect(target)?;
+        }
+        Ok(HeldSocket::Udp {
+            socket,
+            target,
+            connected,
+        })
+    }
+
+    /// One request on the held socket; the answer names the server.
+    pub fn ask(&mut self) -> io::Result<Answer> {
+        match self {
+            HeldSocket::Tcp(conversation) => {
+                let peer = conversation.stream.peer_addr()?;
+                let server = conversation.ask()?;
+                Ok(Answer { server, peer })
+            }
+            HeldSocket::Udp {
+                socket,
+                target,
+                connected,
+            } => {
+                if *connected {
+                    socket.send(b"hello")?;
+                } else {
+                    socket.send_to(b"hello", *target)?;
+                }
+                let mut buf = [0u8; 512];
+                let (n, peer) = socket.recv_from(&mut buf)?;
+                Ok(Answer {
+                    server: String::from_utf8_lossy(&buf[..n]).into_owned(),
+                    peer,
+                })
+            }
+        }
+    }
+}
+
+/// A `underpass probe --hold` process: one socket inside a namespace and
+/// cgroup (so socket-LB sees it as a pod's process), asked on demand.
+/// Killed on drop.
+pub struct HeldProbe {
+    child: std::process::Child,
+    stdin: std::process::ChildStdin,
+    stdout: BufReader<std::process::ChildStdout>,
+}
+
+impl HeldProbe {
+    pub fn spawn(
+        exe: &std::path::Path,
+        netns: &std::path::Path,
+        cgroup: Option<&std::path::Path>,
+        kind: ProbeKind,
+        target: SocketAddrV4,
+    ) -> io::Result<Self> {
+        let mut cmd = std::process::Command::new(exe);
+        cmd.arg("probe")
+            .arg("--netns")
+            .arg(netns)
+            .args(["--target", &target.to_string()])
+            .args(["--protocol", kind.arg(), "--timeout-ms", "1500", "--hold"]);
+        if let Some(cgroup) = cgroup {
+            cmd.arg("--cgroup").arg(cgroup);
+        }
+        let mut child = cmd
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .spawn()?;
+        let stdin = child.stdin.take().expect("piped");
+        let stdout = BufReader::new(child.stdout.take().expect("piped"));
+        Ok(Self {
+            child,
+            stdin,
+            stdout,
+        })
+    }
+
+    /// Asks once on the held socket.
+    pub fn ask(&mut self) -> io::Result<ProbeResult> {
+        writeln!(self.stdin)?;
+        let mut line = String::new();
+        if self.stdout.read_line(&mut line)? == 0 {
+            return Err(io::Error::other("the probe process exited"));
+        }
+        parse_probe_line(&line)
+    }
+}
+
+impl Drop for HeldProbe {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 }
 
@@ -299,18 +415,21 @@ pub fn probe_process(
     }
     String::from_utf8_lossy(&output.stdout)
         .lines()
-        .map(|line| {
-            let value: serde_json::Value = serde_json::from_str(line).map_err(io::Error::other)?;
-            Ok(match (value["server"].as_str(), value["peer"].as_str()) {
-                (Some(server), Some(peer)) => ProbeResult::Answer(Answer {
-                    server: server.to_owned(),
-                    peer: peer.parse().map_err(io::Error::other)?,
-                }),
-                _ => ProbeResult::Failed {
-                    error: value["error"].as_str().unwrap_or("?").to_owned(),
-                    errno: value["errno"].as_i64().map(|e| e as i32),
-                },
-            })
-        })
+        .map(parse_probe_line)
         .collect()
+}
+
+/// One JSON line of `underpass probe`'s output.
+fn parse_probe_line(line: &str) -> io::Result<ProbeResult> {
+    let value: serde_json::Value = serde_json::from_str(line).map_err(io::Error::other)?;
+    Ok(match (value["server"].as_str(), value["peer"].as_str()) {
+        (Some(server), Some(peer)) => ProbeResult::Answer(Answer {
+            server: server.to_owned(),
+            peer: peer.parse().map_err(io::Error::other)?,
+        }),
+        _ => ProbeResult::Failed {
+            error: value["error"].as_str().unwrap_or("?").to_owned(),
+            errno: value["errno"].as_i64().map(|e| e as i32),
+        },
+    })
 }

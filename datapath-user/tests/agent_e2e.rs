@@ -21,8 +21,8 @@ use std::{
 use common::require_root;
 use datapath_user::{
     attach::pinned_tc_links,
-    topology::{PodSpec, Topology, standard_pods},
-    workload::{self, Conversation},
+    topology::{Cgroup, PodSpec, Topology, standard_pods},
+    workload::{self, Answer, Conversation, HeldProbe, ProbeKind, ProbeResult},
 };
 
 const VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 7, 7);
@@ -53,7 +53,14 @@ struct Agent {
 }
 
 impl Agent {
+    /// The TC path only (`--no-socket-lb`).
     fn start(pin_dir: &Path, dir: &Path, netns_filter: &str) -> Self {
+        Self::start_with(pin_dir, dir, netns_filter, &["--no-socket-lb"])
+    }
+
+    /// With `socket_lb` instead of the default `--no-socket-lb`: e.g.
+    /// `--cgroup <dir>` to put socket-LB on a test cgroup only.
+    fn start_with(pin_dir: &Path, dir: &Path, netns_filter: &str, socket_lb: &[&str]) -> Self {
         let port = TcpListener::bind("127.0.0.1:0")
             .unwrap()
             .local_addr()
@@ -67,9 +74,7 @@ impl Agent {
             .arg(dir)
             .args(["--dir-poll-ms", "50", "--netns-poll-ms", "50"])
             .args(["--netns-filter", netns_filter])
-            // Socket-LB on the test's own cgroup only would need the
-            // client in it; this suite exercises the TC path.
-            .arg("--no-socket-lb")
+            .args(socket_lb)
             .args(["--metrics-address", &metrics.to_string()])
             .env("RUST_LOG", "info")
             .stdout(Stdio::null())
@@ -443,4 +448,189 @@ fn cni_chaining_attaches_passes_the_result_through_and_detaches() {
     assert_eq!((code, error["code"].as_u64()), (1, Some(6)), "{error}");
     let (code, error) = cni(&pins.0, "ADD", &netns, r#"{"cniVersion": "9.9.9"}"#);
     assert_eq!((code, error["code"].as_u64()), (1, Some(1)), "{error}");
+}
+
+/// The `drain` Service: TCP 80 → 8080 and UDP 53 → 5353, one slice
+/// listing `endpoints` with the given conditions (YAML flow maps).
+fn drain_manifest(endpoints: &[(Ipv4Addr, &str)]) -> String {
+    let mut text = format!(
+        "apiVersion: v1\nkind: Service\nmetadata: {{name: drain, namespace: e2e}}\nspec:\n  clusterIP: {VIP}\n  ports:\n  - {{name: http, port: 80, targetPort: {TARGET}}}\n  - {{name: dns, port: 53, protocol: UDP, targetPort: 5353}}\n---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: drain-1\n  namespace: e2e\n  labels: {{kubernetes.io/service-name: drain}}\naddressType: IPv4\nports:\n- {{name: http, port: {TARGET}}}\n- {{name: dns, port: 5353, protocol: UDP}}\nendpoints:"
+    );
+    if endpoints.is_empty() {
+        text += " []\n";
+    }
+    for (address, conditions) in endpoints {
+        text += &format!("\n- addresses: [{address}]\n  conditions: {conditions}");
+    }
+    text + "\n"
+}
+
+fn answered(result: std::io::Result<ProbeResult>) -> String {
+    match result.expect("the probe process answers") {
+        ProbeResult::Answer(Answer { server, peer }) => {
+            assert_eq!(
+                peer,
+                std::net::SocketAddr::from((VIP, 80)),
+                "peer shows the ClusterIP"
+            );
+            server
+        }
+        ProbeResult::Failed { error, .. } => panic!("held socket-LB connection failed: {error}"),
+    }
+}
+
+/// Rollouts and readiness flaps under live connections, through the agent:
+/// an endpoint that turns terminating or not ready gets no new connection
+/// but keeps the ones it has, on the TC path (this process, outside the
+/// socket-LB cgroup) and through socket-LB (a probe process inside it);
+/// once it leaves the slice its TC flow is re-balanced and fails fast. A
+/// service left without endpoints refuses at once on the TC path, TCP and
+/// UDP alike, as kube-proxy's REJECT does.
+#[test]
+fn draining_endpoints_keep_their_connections_and_an_empty_service_refuses_at_once() {
+    require_root("agent e2e");
+    let topo = Topology::build(&standard_pods()).expect("building the topology");
+    let (a, b) = (topo.pod("server-a").address, topo.pod("server-b").address);
+    let mut servers = Vec::new();
+    for role in ["server-a", "server-b"] {
+        let pod = topo.pod(role);
+        servers.push(workload::tcp_server(&pod.namespace, pod.address, TARGET, role).unwrap());
+    }
+    let pins = PinDir(PathBuf::from(format!("/sys/fs/bpf/{}", topo.prefix)));
+    let dir = tempdir(&topo.prefix);
+    let file = dir.join("drain.yaml");
+    let cgroup = Cgroup::create(&format!("{}-sock", topo.prefix)).unwrap();
+    let ready = "{ready: true, serving: true, terminating: false}";
+    write_atomically(&file, &drain_manifest(&[(a, ready)]));
+    let filter = format!("{}-client*", topo.prefix);
+    let cgroup_arg = cgroup.path().to_str().unwrap();
+    let agent = Agent::start_with(&pins.0, &dir, &filter, &["--cgroup", cgroup_arg]);
+    let client_ns = topo.pod("client").namespace.name().to_owned();
+    wait_until("the client's eth0 is attached", || {
+        pinned_tc_links(&pins.0).contains(&(client_ns.clone(), "eth0".into()))
+    });
+
+    let exe = PathBuf::from(env!("CARGO_BIN_EXE_underpass"));
+    let client_path = topo.pod("client").namespace.path().to_owned();
+    let target = SocketAddrV4::new(VIP, 80);
+    let mut on_tc = topo
+        .pod("client")
+        .namespace
+        .run(|| Conversation::open(target, TIMEOUT))
+        .unwrap()
+        .unwrap();
+    assert_eq!(on_tc.ask().unwrap(), "server-a");
+    let mut on_socket_lb = HeldProbe::spawn(
+        &exe,
+        &client_path,
+        Some(cgroup.path()),
+        ProbeKind::Tcp,
+        target,
+    )
+    .unwrap();
+    assert_eq!(answered(on_socket_lb.ask()), "server-a");
+    let new_socket_lb = || -> Vec<String> {
+        workload::probe_process(
+            &exe,
+            &client_path,
+            Some(cgroup.path()),
+            ProbeKind::Tcp,
+            target,
+            10,
+        )
+        .unwrap()
+        .into_iter()
+        .map(|r| answered(Ok(r)))
+        .collect()
+    };
+
+    // Rollout: server-a terminating (still serving), server-b ready; then
+    // a readiness flap: server-a not ready at all.
+    for conditions in [
+        "{ready: false, serving: true, terminating: true}",
+        "{ready: false, serving: false, terminating: false}",
+    ] {
+        write_atomically(&file, &drain_manifest(&[(a, conditions), (b, ready)]));
+        wait_until("new connections go to server-b only", || {
+            (0..5).all(|_| ask_service(&topo).is_ok_and(|s| s == "server-b"))
+        });
+        for _ in 0..10 {
+            assert_eq!(
+                ask_service(&topo).unwrap(),
+                "server-b",
+                "{conditions}: new TC flow"
+            );
+        }
+        assert!(
+            new_socket_lb().iter().all(|s| s == "server-b"),
+            "{conditions}: new socket-LB connections"
+        );
+        for _ in 0..5 {
+            assert_eq!(
+                on_tc.ask().unwrap(),
+                "server-a",
+                "{conditions}: the TC flow drains"
+            );
+            assert_eq!(
+                answered(on_socket_lb.ask()),
+                "server-a",
+                "{conditions}: the socket-LB connection drains"
+            );
+        }
+    }
+
+    // Gone from the slice: the TC flow is re-balanced; server-b knows no
+    // such connection and resets it, so the client fails fast.
+    write_atomically(&file, &drain_manifest(&[(b, ready)]));
+    wait_until("the removed endpoint's TC flow fails", || {
+        match on_tc.ask() {
+            Ok(server) => {
+                assert_eq!(server, "server-a", "a moved flow must not be answered");
+                false
+            }
+            Err(_) => true,
+        }
+    });
+
+    // No endpoint at all: refused at once, TCP and UDP, on the TC path.
+    write_atomically(&file, &drain_manifest(&[]));
+    wait_until("connections to the empty service are refused", || {
+        ask_service(&topo).is_err_and(|e| e.raw_os_error() == Some(libc::ECONNREFUSED))
+    });
+    let client = &topo.pod("client").namespace;
+    for (what, request) in [
+        (
+            "TCP",
+            workload::tcp_request as fn(SocketAddrV4, Duration) -> std::io::Result<Answer>,
+        ),
+        ("connected UDP", workload::connected_udp_request),
+    ] {
+        let port = if what == "TCP" { 80 } else { 53 };
+        let started = Instant::now();
+        let error = client
+            .run(|| request(SocketAddrV4::new(VIP, port), Duration::from_secs(5)))
+            .unwrap()
+            .expect_err("an empty service answers nothing");
+        assert_eq!(
+            error.raw_os_error(),
+            Some(libc::ECONNREFUSED),
+            "{what}: {error}"
+        );
+        assert!(
+            started.elapsed() < Duration::from_secs(1),
+            "{what}: refused at once, not after retries ({:?})",
+            started.elapsed()
+        );
+    }
+    let metrics = agent.get("/metrics").unwrap();
+    let refused: u64 = metrics
+        .lines()
+        .find(|l| l.contains("datapath_events_total{event=\"no_backend\"}"))
+        .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+        .unwrap_or_else(|| panic!("no no_backend counter in {metrics}"));
+    assert!(refused >= 3, "{refused} refusals counted");
+    drop(on_socket_lb);
+    agent.stop();
+    drop(servers);
+    let _ = std::fs::remove_dir_all(&dir);
 }

@@ -423,15 +423,74 @@ fn every_truncation_neither_crashes_nor_rewrites() {
     }
 }
 
+/// A service without endpoints refuses a new flow as kube-proxy's REJECT
+/// does: the packet comes back into the pod (redirect to its own ingress)
+/// as an ICMP port unreachable from the ClusterIP quoting it, checksums
+/// valid from scratch. Only an IP header with options (no pod sends one)
+/// is dropped instead.
 #[test]
-fn a_service_without_backends_refuses_new_flows() {
-    let mut dp = datapath_with(tcp_frontend(), &[]);
-    let syn = Frame::tcp(CLIENT, (VIP, 80), SYN);
-    let (v, out) = egress(&mut dp, &syn);
-    assert_eq!(v, verdict::SHOT);
-    assert_eq!(out, syn.build(), "not rewritten");
-    assert_eq!(dp.maps.counter(Counter::NoBackend).unwrap(), 1);
-    assert_eq!(ct_len(&dp), 0);
+fn a_service_without_endpoints_is_refused_with_icmp_port_unreachable() {
+    struct Case {
+        description: &'static str,
+        input: Frame,
+        expected_verdict: i32,
+    }
+    let pod_mac = [2, 0, 0, 0, 0, 2];
+    let gateway_mac = [2, 0, 0, 0, 0, 0xfe];
+    let cases = [
+        Case {
+            description: "TCP SYN",
+            input: Frame::tcp(CLIENT, (VIP, 80), SYN),
+            expected_verdict: verdict::REDIRECT,
+        },
+        Case {
+            description: "UDP datagram (shorter than the refusal)",
+            input: Frame::udp(CLIENT, (VIP, 53)),
+            expected_verdict: verdict::REDIRECT,
+        },
+        Case {
+            description: "UDP datagram with 1400 bytes of payload",
+            input: Frame::udp(CLIENT, (VIP, 53)).with_payload(&[7; 1400]),
+            expected_verdict: verdict::REDIRECT,
+        },
+        Case {
+            description: "TCP SYN with IP options",
+            input: Frame::tcp(CLIENT, (VIP, 80), SYN).with_ip_options(&[1, 1, 1, 0]),
+            expected_verdict: verdict::SHOT,
+        },
+    ];
+    for case in cases {
+        let mut dp = load_private();
+        dp.maps.set_service(&tcp_frontend(), 1, &[]).unwrap();
+        dp.maps.set_service(&udp_frontend(), 2, &[]).unwrap();
+        let input = case.input.with_macs(pod_mac, gateway_mac);
+        let sent = input.build();
+        let (v, out) = egress(&mut dp, &input);
+        let what = case.description;
+        assert_eq!(v, case.expected_verdict, "{what}: verdict");
+        assert_eq!(dp.maps.counter(Counter::NoBackend).unwrap(), 1, "{what}");
+        assert_eq!(ct_len(&dp), 0, "{what}: nothing tracked");
+        if v != verdict::REDIRECT {
+            continue;
+        }
+        assert_eq!(out.len(), 14 + 20 + 8 + 28, "{what}: length");
+        assert_eq!(&out[0..6], &pod_mac, "{what}: to the pod's MAC");
+        assert_eq!(&out[6..12], &gateway_mac, "{what}");
+        assert_eq!(&out[12..14], &[8, 0], "{what}: IPv4");
+        let ip = &out[14..34];
+        assert_eq!(ip[0], 0x45, "{what}");
+        assert!(datapath_common::csum::verifies(ip), "{what}: IP checksum");
+        assert_eq!(ip[9], 1, "{what}: ICMP");
+        assert_eq!(&ip[12..16], &VIP.octets(), "{what}: from the ClusterIP");
+        assert_eq!(&ip[16..20], &CLIENT.0.octets(), "{what}: to the client");
+        let icmp = &out[34..];
+        assert_eq!((icmp[0], icmp[1]), (3, 3), "{what}: port unreachable");
+        assert!(
+            datapath_common::csum::verifies(icmp),
+            "{what}: ICMP checksum"
+        );
+        assert_eq!(&icmp[8..], &sent[14..14 + 28], "{what}: quotes the packet");
+    }
 }
 
 /// Plants a service-tuple entry for `frame` pinned to `backend`, last

@@ -237,8 +237,8 @@ fn a_bad_service_keeps_its_old_state_and_blocks_nothing() {
     let mut reconciler = Reconciler::adopt(&mut datapath.maps).unwrap();
     let big = translation(&service_yaml("big", "10.96.1.3", &[80], 2));
     apply(&mut reconciler, &big);
-    // 1100 endpoints: over the 1024-per-service limit. The first 1024 are
-    // served (a stable subset), and the issue says so.
+    // 1100 endpoints: over the 1024-per-service limit. This node's subset
+    // of 1024 is served, and the issue says so.
     let too_big = translation(&service_yaml("big", "10.96.1.3", &[80], 1100));
     let outcome = reconciler.update_service(&too_big.0, &too_big.1);
     assert_eq!(outcome.issues.len(), 1);
@@ -482,4 +482,172 @@ fn a_write_failing_midway_frees_nothing_the_maps_may_still_name() {
     assert_eq!(outcome.frontends_written, 1);
     assert!(!reconciler.maps().backends.contains_key(&old_id));
     assert_eq!(reconciler.ids_in_use().0, 2);
+}
+
+/// A Service `name` at `ip` (port 80 → 8080) whose one slice lists
+/// `endpoints` as (address, ready, terminating).
+fn service_with_conditions(name: &str, ip: &str, endpoints: &[(&str, bool, bool)]) -> String {
+    let mut text = format!(
+        "apiVersion: v1\nkind: Service\nmetadata: {{name: {name}, namespace: test}}\nspec:\n  clusterIP: {ip}\n  ports: [{{name: http, port: 80, targetPort: 8080}}]\n---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: {name}-1\n  namespace: test\n  labels: {{kubernetes.io/service-name: {name}}}\naddressType: IPv4\nports: [{{name: http, port: 8080}}]\nendpoints:\n"
+    );
+    for (address, ready, terminating) in endpoints {
+        text += &format!(
+            "- addresses: [{address}]\n  conditions: {{ready: {ready}, serving: {ready}, terminating: {terminating}}}\n"
+        );
+    }
+    text
+}
+
+/// The id of the `BACKENDS` entry holding `address` (port 8080), if any.
+fn backend_id(dump: &MapDump, address: &str) -> Option<u32> {
+    let address: Ipv4Addr = address.parse().unwrap();
+    dump.backends
+        .iter()
+        .find(|(_, b)| b.address == address && b.port == 8080)
+        .map(|(id, _)| *id)
+}
+
+/// An endpoint that turns not-ready or terminating loses its slot (no new
+/// flow) but keeps its `BACKENDS` entry under the same id (conntrack pins
+/// flows to ids), also across an agent restart; only when it leaves the
+/// slice is the entry deleted.
+fn draining<M: LbMaps>(maps: M) {
+    let mut reconciler = Reconciler::adopt(maps).unwrap();
+    let both = [("10.244.0.1", true, false), ("10.244.0.2", true, false)];
+    apply(
+        &mut reconciler,
+        &translation(&service_with_conditions("web", "10.96.2.1", &both)),
+    );
+    let id = backend_id(&reconciler.maps().dump().unwrap(), "10.244.0.2").unwrap();
+
+    for (ready, terminating) in [(false, true), (false, false)] {
+        let one_draining = [
+            ("10.244.0.1", true, false),
+            ("10.244.0.2", ready, terminating),
+        ];
+        apply(
+            &mut reconciler,
+            &translation(&service_with_conditions("web", "10.96.2.1", &one_draining)),
+        );
+        let dump = reconciler.maps().dump().unwrap();
+        assert_eq!(view(&dump), ["10.96.2.1:80/TCP -> 10.244.0.1:8080/TCP"]);
+        assert_eq!(backend_id(&dump, "10.244.0.2"), Some(id), "still draining");
+    }
+
+    // A restart: the new agent adopts the draining entry by its address
+    // and prune keeps it.
+    let maps = reconciler.into_maps();
+    let mut reconciler = Reconciler::adopt(maps).unwrap();
+    let one_draining = [("10.244.0.1", true, false), ("10.244.0.2", false, true)];
+    apply(
+        &mut reconciler,
+        &translation(&service_with_conditions("web", "10.96.2.1", &one_draining)),
+    );
+    reconciler.prune(false).unwrap();
+    assert_eq!(
+        backend_id(&reconciler.maps().dump().unwrap(), "10.244.0.2"),
+        Some(id),
+        "a restart keeps the draining entry and its id"
+    );
+
+    // Every endpoint draining: no slot (new flows refused), entries kept.
+    let none_ready = [("10.244.0.1", false, false), ("10.244.0.2", false, true)];
+    apply(
+        &mut reconciler,
+        &translation(&service_with_conditions("web", "10.96.2.1", &none_ready)),
+    );
+    let dump = reconciler.maps().dump().unwrap();
+    assert_eq!(view(&dump), ["10.96.2.1:80/TCP -> "]);
+    assert_eq!(dump.backends.len(), 2);
+
+    // Gone from the slice: the entry goes, its flows re-balance.
+    apply(
+        &mut reconciler,
+        &translation(&service_with_conditions("web", "10.96.2.1", &both[..1])),
+    );
+    let dump = reconciler.maps().dump().unwrap();
+    assert_eq!(backend_id(&dump, "10.244.0.2"), None);
+    assert_eq!(dump.backends.len(), 1);
+    apply(&mut reconciler, &gone("web"));
+    assert_eq!(reconciler.maps().dump().unwrap(), MapDump::default());
+    assert_eq!(reconciler.ids_in_use(), (0, 0), "ids released");
+}
+
+#[test]
+fn draining_on_fake_maps() {
+    draining(FakeMaps::with_capacity(64));
+}
+
+#[test]
+fn draining_on_real_maps() {
+    let mut datapath = common::load_private();
+    draining(&mut datapath.maps);
+}
+
+/// Over 1024 endpoints, each node serves its own 1024 (so the nodes
+/// together reach every endpoint), the same one on every sync, and the
+/// issue says so.
+#[test]
+fn over_limit_services_serve_a_subset_chosen_per_node() {
+    let big = translation(&service_yaml("big", "10.96.1.3", &[80], 1100));
+    let subset = |node: &str| -> Vec<String> {
+        let mut reconciler = Reconciler::adopt(FakeMaps::with_capacity(4096)).unwrap();
+        reconciler.set_node_name(Some(node));
+        let outcome = reconciler.update_service(&big.0, &big.1);
+        assert_eq!(outcome.issues.len(), 1, "{:?}", outcome.issues);
+        assert_eq!(outcome.issues[0].kind, IssueKind::Limit);
+        assert!(
+            outcome.issues[0]
+                .reason
+                .contains("this node serves its own subset of 1024"),
+            "{}",
+            outcome.issues[0].reason
+        );
+        let dump = reconciler.maps().dump().unwrap();
+        assert_eq!(dump.frontends[0].slots.len(), 1024);
+        view(&dump)[0]
+            .split(" -> ")
+            .nth(1)
+            .unwrap()
+            .split(' ')
+            .map(str::to_owned)
+            .collect()
+    };
+    let a = subset("node-a");
+    assert_eq!(a, subset("node-a"), "deterministic per node");
+    let mut union: std::collections::BTreeSet<String> = a.iter().cloned().collect();
+    let mut differ = 0;
+    for node in ["node-b", "node-c", "node-d", "node-e"] {
+        let other = subset(node);
+        differ += usize::from(other != a);
+        union.extend(other);
+    }
+    assert_eq!(differ, 4, "every node picks its own subset");
+    // Five nodes each leaving out 76 of 1100: together they cover nearly
+    // all (all but ~76·(76/1100)^4 ≈ 0.002 expected).
+    assert!(
+        union.len() >= 1098,
+        "{} of 1100 endpoints served",
+        union.len()
+    );
+}
+
+#[test]
+fn node_subset_changes_little_when_endpoints_come_and_go() {
+    use datapath_user::{k8s::Endpoint, reconcile::node_subset};
+    let endpoints: Vec<Endpoint> = (0..1200u32)
+        .map(|i| Endpoint {
+            address: Ipv4Addr::from(0x0af4_0000 + i),
+            port: 8080,
+        })
+        .collect();
+    let (before, _) = node_subset(&endpoints, 1024, 7);
+    let (after, _) = node_subset(&endpoints[1..], 1024, 7);
+    let before: std::collections::BTreeSet<_> = before.into_iter().collect();
+    let kept = after.iter().filter(|e| before.contains(e)).count();
+    assert!(
+        kept >= 1023,
+        "one endpoint gone moved {} members",
+        1024 - kept
+    );
 }

@@ -1,6 +1,7 @@
 //! Translate: real-looking manifests → the frontends and issues expected.
 //! Each case is {description, fixture, expected frontends, expected issues};
-//! frontends are written `address:port/PROTO -> endpoint endpoint…`.
+//! frontends are written `address:port/PROTO -> endpoint endpoint…`, with
+//! ` (draining endpoint…)` when some listed endpoints take no new flow.
 
 use std::path::Path;
 
@@ -27,18 +28,20 @@ const CASES: &[Case] = &[
         issues: &[],
     },
     Case {
-        description: "two ports, two slices: duplicates merged, not-ready left out",
+        description: "two ports, two slices: duplicates merged, not-ready drains",
         fixture: "web-multi-slice.yaml",
         frontends: &[
-            "10.96.20.1:80/TCP -> 10.244.2.9:8080 10.244.2.10:8080",
-            "10.96.20.1:443/TCP -> 10.244.2.9:8443 10.244.2.10:8443",
+            "10.96.20.1:80/TCP -> 10.244.2.9:8080 10.244.2.10:8080 (draining 10.244.2.11:8080)",
+            "10.96.20.1:443/TCP -> 10.244.2.9:8443 10.244.2.10:8443 (draining 10.244.2.11:8443)",
         ],
         issues: &[],
     },
     Case {
-        description: "nothing ready: serving-and-terminating endpoints take over",
+        description: "nothing ready: serving-and-terminating endpoints take over, the rest drain",
         fixture: "terminating.yaml",
-        frontends: &["10.96.30.1:8080/TCP -> 10.244.3.1:8080"],
+        frontends: &[
+            "10.96.30.1:8080/TCP -> 10.244.3.1:8080 (draining 10.244.3.2:8080 10.244.3.3:8080)",
+        ],
         issues: &[],
     },
     Case {
@@ -104,7 +107,17 @@ fn render(translation: &translate::Translation) -> (Vec<String>, Vec<String>) {
         .values()
         .map(|(_, desired)| {
             let backends: Vec<String> = desired.backends.iter().map(|b| b.to_string()).collect();
-            format!("{} -> {}", desired.frontend, backends.join(" "))
+            let draining: Vec<String> = desired.draining.iter().map(|b| b.to_string()).collect();
+            if draining.is_empty() {
+                format!("{} -> {}", desired.frontend, backends.join(" "))
+            } else {
+                format!(
+                    "{} -> {} (draining {})",
+                    desired.frontend,
+                    backends.join(" "),
+                    draining.join(" ")
+                )
+            }
         })
         .collect();
     let issues = translation
@@ -172,7 +185,12 @@ fn internal_traffic_policy_local_keeps_this_nodes_endpoints() {
     };
     let (frontends, issues) = render(&translate(&services, &slices, &node));
     assert!(issues.is_empty(), "{issues:?}");
-    assert_eq!(frontends[0], "10.96.0.10:53/TCP -> 10.244.1.4:1053");
+    // The other node's endpoint gets no new flow; a flow already on it
+    // (the policy just changed) drains.
+    assert_eq!(
+        frontends[0],
+        "10.96.0.10:53/TCP -> 10.244.1.4:1053 (draining 10.244.0.3:1053)"
+    );
 
     // Without a node name the policy cannot be honoured: all endpoints,
     // and an issue that says why.

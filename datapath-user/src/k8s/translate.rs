@@ -14,6 +14,10 @@
 //! * ready endpoints are used; when none is ready, the serving-and-
 //!   terminating ones (graceful termination, KEP-1669);
 //!   `publishNotReadyAddresses` makes every endpoint usable;
+//! * every other endpoint still listed is *draining*: it gets no new flow,
+//!   but flows already on it keep it (as netfilter's conntrack keeps a
+//!   DNAT after kube-proxy drops the endpoint's rule) until it leaves every
+//!   slice;
 //! * headless and ExternalName services, and services that name another
 //!   proxy in `service.kubernetes.io/service-proxy-name`, are not ours.
 
@@ -103,6 +107,11 @@ pub struct DesiredFrontend {
     pub port_name: String,
     /// Sorted and deduplicated: the slot order in the maps.
     pub backends: Vec<Endpoint>,
+    /// Endpoints still listed in a slice but not usable for new flows (not
+    /// ready, terminating, or on another node under `Local`): flows
+    /// already on them keep going. Sorted, deduplicated, disjoint from
+    /// `backends`.
+    pub draining: Vec<Endpoint>,
 }
 
 /// Why part of an object was not programmed.
@@ -341,7 +350,7 @@ pub fn translate_view<'a>(
             ));
             continue;
         }
-        let backends = endpoints_for_port(
+        let (backends, draining) = endpoints_for_port(
             &usable_slices,
             &port.name,
             protocol,
@@ -361,6 +370,7 @@ pub fn translate_view<'a>(
                 },
                 port_name: port.name.clone(),
                 backends: backends.clone(),
+                draining: draining.clone(),
             });
         }
     }
@@ -368,7 +378,8 @@ pub fn translate_view<'a>(
 }
 
 /// The endpoints of the service port named `port_name`, following
-/// kube-proxy's readiness rules.
+/// kube-proxy's readiness rules, and the listed ones those rules leave out
+/// (draining).
 fn endpoints_for_port(
     slices: &[&SliceView],
     port_name: &str,
@@ -376,9 +387,10 @@ fn endpoints_for_port(
     publish_not_ready: bool,
     only_node: Option<&str>,
     issues: &mut Vec<Issue>,
-) -> Vec<Endpoint> {
+) -> (Vec<Endpoint>, Vec<Endpoint>) {
     let mut ready = BTreeSet::new();
     let mut terminating = BTreeSet::new();
+    let mut listed = BTreeSet::new();
     let protocol_name = protocol.to_string();
     for slice in slices {
         let Some((port_index, slice_port)) = slice.ports.iter().enumerate().find(|(_, p)| {
@@ -416,6 +428,7 @@ fn endpoints_for_port(
                     continue;
                 }
             };
+            listed.insert(Endpoint { address, port });
             if let Some(node) = only_node
                 && endpoint.node_name.as_deref() != Some(node)
             {
@@ -434,7 +447,8 @@ fn endpoints_for_port(
         }
     }
     let chosen = if ready.is_empty() { terminating } else { ready };
-    chosen.into_iter().collect()
+    let draining = listed.difference(&chosen).copied().collect();
+    (chosen.into_iter().collect(), draining)
 }
 
 /// All frontends of all services, keyed by frontend. Two services claiming

@@ -1,0 +1,101 @@
+//! The ICMP "port unreachable" the TC path answers with when a service has
+//! no endpoint, as kube-proxy's `REJECT` rule does: TCP's `connect()`
+//! fails at once with ECONNREFUSED and a UDP socket sees ECONNREFUSED,
+//! instead of retrying into a silent drop for minutes.
+//!
+//! The whole frame is built here, pure, from the refused packet's L2
+//! addresses and the first bytes it carried; the datapath only resizes the
+//! packet, stores the frame and turns it around into the pod.
+
+use crate::csum;
+
+/// Bytes of the refused packet an ICMP error quotes: its IP header
+/// (without options: the datapath refuses only such packets, which is
+/// every packet a pod sends) and the first 8 bytes of its L4 header (RFC
+/// 792), where the ports are.
+pub const QUOTED_LEN: usize = 20 + 8;
+/// Ethernet + IPv4 + ICMP header + the quoted bytes.
+pub const FRAME_LEN: usize = 14 + 20 + 8 + QUOTED_LEN;
+
+const ETHERTYPE_IPV4: [u8; 2] = [0x08, 0x00];
+const IPPROTO_ICMP: u8 = 1;
+const ICMP_DEST_UNREACH: u8 = 3;
+const ICMP_PORT_UNREACH: u8 = 3;
+const TTL: u8 = 64;
+
+/// The frame that refuses a packet: addressed back to its sender (the MACs
+/// swapped, so it arrives as addressed to the pod's interface), from the
+/// address it was sent to (the ClusterIP, as the socket expects), quoting
+/// `quoted` (the refused packet's IP header and first 8 L4 bytes).
+pub fn port_unreachable(
+    dst_mac: [u8; 6],
+    src_mac: [u8; 6],
+    quoted: &[u8; QUOTED_LEN],
+) -> [u8; FRAME_LEN] {
+    let mut frame = [0u8; FRAME_LEN];
+    // Ethernet: back to the sender.
+    frame[0..6].copy_from_slice(&src_mac);
+    frame[6..12].copy_from_slice(&dst_mac);
+    frame[12..14].copy_from_slice(&ETHERTYPE_IPV4);
+    // IPv4: from the refused packet's destination to its source.
+    let ip = 14;
+    let total = (FRAME_LEN - 14) as u16;
+    frame[ip] = 0x45;
+    frame[ip + 2..ip + 4].copy_from_slice(&total.to_be_bytes());
+    frame[ip + 8] = TTL;
+    frame[ip + 9] = IPPROTO_ICMP;
+    frame[ip + 12..ip + 16].copy_from_slice(&quoted[16..20]);
+    frame[ip + 16..ip + 20].copy_from_slice(&quoted[12..16]);
+    let ip_check = csum::checksum(&frame[ip..ip + 20]);
+    frame[ip + 10..ip + 12].copy_from_slice(&ip_check.to_ne_bytes());
+    // ICMP destination unreachable, port unreachable, quoting the packet.
+    let icmp = ip + 20;
+    frame[icmp] = ICMP_DEST_UNREACH;
+    frame[icmp + 1] = ICMP_PORT_UNREACH;
+    frame[icmp + 8..].copy_from_slice(quoted);
+    let icmp_check = csum::checksum(&frame[icmp..]);
+    frame[icmp + 2..icmp + 4].copy_from_slice(&icmp_check.to_ne_bytes());
+    frame
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A TCP SYN 10.244.0.5:40000 → 10.96.0.10:80 (IP header + 8 bytes).
+    fn syn_quote() -> [u8; QUOTED_LEN] {
+        let mut q = [0u8; QUOTED_LEN];
+        q[0] = 0x45;
+        q[2..4].copy_from_slice(&60u16.to_be_bytes());
+        q[8] = 64;
+        q[9] = 6;
+        q[12..16].copy_from_slice(&[10, 244, 0, 5]);
+        q[16..20].copy_from_slice(&[10, 96, 0, 10]);
+        let check = csum::checksum(&q[..20]);
+        q[10..12].copy_from_slice(&check.to_ne_bytes());
+        q[20..22].copy_from_slice(&40000u16.to_be_bytes());
+        q[22..24].copy_from_slice(&80u16.to_be_bytes());
+        q[24..28].copy_from_slice(&[1, 2, 3, 4]);
+        q
+    }
+
+    #[test]
+    fn the_frame_goes_back_to_the_sender_from_the_service_with_valid_checksums() {
+        let pod = [2, 0, 0, 0, 0, 5];
+        let gateway = [2, 0, 0, 0, 0, 1];
+        let frame = port_unreachable(gateway, pod, &syn_quote());
+        assert_eq!(&frame[0..6], &pod, "to the pod's MAC");
+        assert_eq!(&frame[6..12], &gateway);
+        assert_eq!(&frame[12..14], &[0x08, 0x00]);
+        let ip = &frame[14..34];
+        assert!(csum::verifies(ip), "IP header checksum");
+        assert_eq!(u16::from_be_bytes([ip[2], ip[3]]) as usize, FRAME_LEN - 14);
+        assert_eq!(ip[9], 1, "ICMP");
+        assert_eq!(&ip[12..16], &[10, 96, 0, 10], "from the ClusterIP");
+        assert_eq!(&ip[16..20], &[10, 244, 0, 5], "to the client");
+        let icmp = &frame[34..];
+        assert_eq!((icmp[0], icmp[1]), (3, 3), "port unreachable");
+        assert!(csum::verifies(icmp), "ICMP checksum over header and quote");
+        assert_eq!(&icmp[8..], &syn_quote(), "quotes the refused packet");
+    }
+}
