@@ -52,6 +52,26 @@ pub fn sock_peername4(ctx: SockAddrContext) -> i32 {
     sock::reverse4(&ctx)
 }
 
+#[cgroup_sock_addr(connect6)]
+pub fn sock_connect6(ctx: SockAddrContext) -> i32 {
+    sock::connect6(&ctx)
+}
+
+#[cgroup_sock_addr(sendmsg6)]
+pub fn sock_sendmsg6(ctx: SockAddrContext) -> i32 {
+    sock::sendmsg6(&ctx)
+}
+
+#[cgroup_sock_addr(recvmsg6)]
+pub fn sock_recvmsg6(ctx: SockAddrContext) -> i32 {
+    sock::reverse6(&ctx)
+}
+
+#[cgroup_sock_addr(getpeername6)]
+pub fn sock_peername6(ctx: SockAddrContext) -> i32 {
+    sock::reverse6(&ctx)
+}
+
 #[cfg(not(test))]
 #[panic_handler]
 fn panic(_info: &core::panic::PanicInfo) -> ! {

@@ -2,6 +2,8 @@
 //! connect()/sendmsg() time, before any packet exists, so the pod's
 //! packets carry the backend address from the start (no per-packet NAT,
 //! no conntrack) and `getpeername`/`recvmsg` show the service again.
+//! AF_INET6 sockets reaching an IPv4 service through its IPv4-mapped
+//! address (`::ffff:<ClusterIP>`) are translated the same way.
 
 use aya_ebpf::{
     EbpfContext,
@@ -25,25 +27,101 @@ const ALLOW: i32 = 1;
 const REFUSE: i32 = 0;
 const ECONNREFUSED: i32 = 111;
 
+/// The address a hook sees, as the 4 and 6 hooks hold it.
+#[derive(Clone, Copy)]
+enum Family {
+    /// `user_ip4`.
+    V4,
+    /// `user_ip6` holding an IPv4-mapped address (`::ffff:a.b.c.d`): what
+    /// AF_INET6 sockets (most JVMs, dual-stack runtimes) connect to for an
+    /// IPv4 service. Its IPv4 part is `user_ip6[3]`.
+    V4Mapped,
+}
+
+/// `::ffff:0:0/96` as the three leading words of `user_ip6` hold it.
+const V4_MAPPED_PREFIX: [u32; 3] = [0, 0, u32::from_ne_bytes([0, 0, 0xff, 0xff])];
+
+/// The IPv4 address a hook's context names, if it names one.
+#[inline(always)]
+fn ipv4_of(ctx: &SockAddrContext, family: Family) -> Option<u32> {
+    let sa = ctx.sock_addr;
+    // SAFETY: the context pointer is valid for the program run; the
+    // verifier allows 4-byte reads of these fields in these hooks.
+    unsafe {
+        match family {
+            Family::V4 => Some((*sa).user_ip4),
+            Family::V4Mapped => {
+                let prefix = [(*sa).user_ip6[0], (*sa).user_ip6[1], (*sa).user_ip6[2]];
+                (prefix == V4_MAPPED_PREFIX).then(|| (*sa).user_ip6[3])
+            }
+        }
+    }
+}
+
+/// Writes `address_be:port_be` back into the hook's context.
+#[inline(always)]
+fn set_address(ctx: &SockAddrContext, family: Family, address_be: u32, port_be: u16) {
+    let sa = ctx.sock_addr;
+    // SAFETY: the context pointer is valid for the program run; these
+    // hooks may write the user address and port.
+    unsafe {
+        match family {
+            Family::V4 => (*sa).user_ip4 = address_be,
+            Family::V4Mapped => (*sa).user_ip6[3] = address_be,
+        }
+        (*sa).user_port = port_be as u32;
+    }
+}
+
 /// connect(2) of TCP and UDP sockets.
 #[inline(always)]
 pub fn connect4(ctx: &SockAddrContext) -> i32 {
-    forward(ctx, false)
+    forward(ctx, Family::V4, false)
 }
 
 /// sendmsg(2)/sendto(2) with a destination on unconnected UDP sockets.
 #[inline(always)]
 pub fn sendmsg4(ctx: &SockAddrContext) -> i32 {
-    forward(ctx, true)
+    forward(ctx, Family::V4, true)
 }
 
 /// recvmsg(2) on UDP sockets and getpeername(2): the peer address shown to
 /// the application becomes the service again.
 #[inline(always)]
 pub fn reverse4(ctx: &SockAddrContext) -> i32 {
-    let sa = ctx.sock_addr;
+    reverse(ctx, Family::V4)
+}
+
+/// connect(2) of AF_INET6 sockets to an IPv4-mapped ClusterIP. (The
+/// kernel hands such a socket to the IPv4 code after this hook, without
+/// running `connect4`.) Native IPv6 addresses pass untouched.
+#[inline(always)]
+pub fn connect6(ctx: &SockAddrContext) -> i32 {
+    forward(ctx, Family::V4Mapped, false)
+}
+
+/// sendmsg(2) of AF_INET6 UDP sockets to an IPv4-mapped ClusterIP. (On
+/// current kernels `sendmsg4` already sees these; older ones ran only
+/// this hook.)
+#[inline(always)]
+pub fn sendmsg6(ctx: &SockAddrContext) -> i32 {
+    forward(ctx, Family::V4Mapped, true)
+}
+
+/// recvmsg(2) and getpeername(2) of AF_INET6 sockets: an IPv4-mapped
+/// backend is shown as the IPv4-mapped ClusterIP.
+#[inline(always)]
+pub fn reverse6(ctx: &SockAddrContext) -> i32 {
+    reverse(ctx, Family::V4Mapped)
+}
+
+#[inline(always)]
+fn reverse(ctx: &SockAddrContext, family: Family) -> i32 {
+    let Some(address_be) = ipv4_of(ctx, family) else {
+        return ALLOW;
+    };
     // SAFETY: the context pointer is valid for the program run.
-    let (address_be, port_be) = unsafe { ((*sa).user_ip4, (*sa).user_port as u16) };
+    let port_be = unsafe { (*ctx.sock_addr).user_port as u16 };
     let key = SockRevNatKey {
         // SAFETY: plain helper call on the program's context.
         cookie: unsafe { bpf_get_socket_cookie(ctx.as_ptr()) },
@@ -53,25 +131,28 @@ pub fn reverse4(ctx: &SockAddrContext) -> i32 {
     };
     // SAFETY: copied out at once.
     if let Some(service) = unsafe { SOCK_REVERSE_NAT.get(key) }.copied() {
-        // SAFETY: the context pointer is valid for the program run.
-        unsafe {
-            (*sa).user_ip4 = service.service_address_be;
-            (*sa).user_port = service.service_port_be as u32;
-        }
+        set_address(
+            ctx,
+            family,
+            service.service_address_be,
+            service.service_port_be,
+        );
         count(Counter::SockReverseTranslated);
     }
     ALLOW
 }
 
 #[inline(always)]
-fn forward(ctx: &SockAddrContext, is_sendmsg: bool) -> i32 {
+fn forward(ctx: &SockAddrContext, family: Family, is_sendmsg: bool) -> i32 {
     let sa = ctx.sock_addr;
     // SAFETY: the context pointer is valid for the program run.
-    let (address_be, port_be, protocol) =
-        unsafe { ((*sa).user_ip4, (*sa).user_port as u16, (*sa).protocol as u8) };
+    let (port_be, protocol) = unsafe { ((*sa).user_port as u16, (*sa).protocol as u8) };
     if protocol != IPPROTO_TCP && protocol != IPPROTO_UDP {
         return ALLOW;
     }
+    let Some(address_be) = ipv4_of(ctx, family) else {
+        return ALLOW;
+    };
     let bucket = lb::service_filter_index(address_be, port_be, protocol);
     if !SERVICE_FILTER.get(bucket).is_some_and(|&n| n > 0) {
         return ALLOW;
@@ -121,11 +202,7 @@ fn forward(ctx: &SockAddrContext, is_sendmsg: bool) -> i32 {
     if !known && SOCK_REVERSE_NAT.insert(key, value, 0).is_err() {
         count(Counter::Error);
     }
-    // SAFETY: the context pointer is valid for the program run.
-    unsafe {
-        (*sa).user_ip4 = backend.address_be;
-        (*sa).user_port = backend.port_be as u32;
-    }
+    set_address(ctx, family, backend.address_be, backend.port_be);
     count(Counter::SockTranslated);
     ALLOW
 }

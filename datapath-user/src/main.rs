@@ -237,6 +237,10 @@ struct ProbeArgs {
     /// Per-request timeout in milliseconds.
     #[arg(long, default_value_t = 2000)]
     timeout_ms: u64,
+    /// Use an AF_INET6 socket and the target's IPv4-mapped address
+    /// (`::ffff:<ClusterIP>`), as JVMs and dual-stack runtimes do.
+    #[arg(long)]
+    ipv4_mapped: bool,
     /// Keep one socket (a TCP connection, a connected or an unconnected
     /// UDP socket) and send a request on it for every line read from
     /// stdin, until stdin closes; --count is ignored.
@@ -302,6 +306,11 @@ fn probe(args: ProbeArgs) -> Result<()> {
             .with_context(|| format!("entering network namespace {}", path.display()))?;
     }
     let timeout = Duration::from_millis(args.timeout_ms);
+    let target = if args.ipv4_mapped {
+        workload::ipv4_mapped(args.target)
+    } else {
+        args.target.into()
+    };
     let print = |answer: std::io::Result<workload::Answer>| {
         let line = match answer {
             Ok(a) => serde_json::json!({ "server": a.server, "peer": a.peer.to_string() }),
@@ -315,7 +324,7 @@ fn probe(args: ProbeArgs) -> Result<()> {
             ProbeProtocol::Udp => workload::ProbeKind::Udp,
             ProbeProtocol::UdpConnected => workload::ProbeKind::UdpConnected,
         };
-        let mut held = workload::HeldSocket::open(kind, args.target, timeout);
+        let mut held = workload::HeldSocket::open(kind, target, timeout);
         for line in std::io::stdin().lines() {
             line.context("reading stdin")?;
             print(match &mut held {
@@ -332,9 +341,9 @@ fn probe(args: ProbeArgs) -> Result<()> {
     }
     for _ in 0..args.count {
         print(match args.protocol {
-            ProbeProtocol::Tcp => workload::tcp_request(args.target, timeout),
-            ProbeProtocol::Udp => workload::udp_request(args.target, timeout),
-            ProbeProtocol::UdpConnected => workload::connected_udp_request(args.target, timeout),
+            ProbeProtocol::Tcp => workload::tcp_request(target, timeout),
+            ProbeProtocol::Udp => workload::udp_request(target, timeout),
+            ProbeProtocol::UdpConnected => workload::connected_udp_request(target, timeout),
         });
     }
     Ok(())

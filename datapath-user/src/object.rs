@@ -7,13 +7,22 @@ pub const SOCK_CONNECT4: &str = "sock_connect4";
 pub const SOCK_SENDMSG4: &str = "sock_sendmsg4";
 pub const SOCK_RECVMSG4: &str = "sock_recvmsg4";
 pub const SOCK_GETPEERNAME4: &str = "sock_peername4";
+/// The same four for AF_INET6 sockets using IPv4-mapped addresses.
+pub const SOCK_CONNECT6: &str = "sock_connect6";
+pub const SOCK_SENDMSG6: &str = "sock_sendmsg6";
+pub const SOCK_RECVMSG6: &str = "sock_recvmsg6";
+pub const SOCK_GETPEERNAME6: &str = "sock_peername6";
 
 /// The socket-LB programs, in attach order.
-pub const SOCK_PROGRAMS: [&str; 4] = [
+pub const SOCK_PROGRAMS: [&str; 8] = [
     SOCK_CONNECT4,
     SOCK_SENDMSG4,
     SOCK_RECVMSG4,
     SOCK_GETPEERNAME4,
+    SOCK_CONNECT6,
+    SOCK_SENDMSG6,
+    SOCK_RECVMSG6,
+    SOCK_GETPEERNAME6,
 ];
 
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/underpass.bpf.o"));

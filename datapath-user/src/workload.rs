@@ -159,7 +159,7 @@ pub struct Answer {
 }
 
 /// One TCP request on a new connection, from the calling thread's namespace.
-pub fn tcp_request(target: SocketAddrV4, timeout: Duration) -> io::Result<Answer> {
+pub fn tcp_request(target: impl Into<SocketAddr>, timeout: Duration) -> io::Result<Answer> {
     let mut stream = TcpStream::connect_timeout(&target.into(), timeout)?;
     stream.set_read_timeout(Some(timeout))?;
     stream.set_nodelay(true)?;
@@ -179,9 +179,24 @@ pub fn tcp_request(target: SocketAddrV4, timeout: Duration) -> io::Result<Answer
     })
 }
 
+/// A UDP socket of `target`'s family (AF_INET6 for an IPv4-mapped one).
+fn udp_socket_for(target: &SocketAddr) -> io::Result<UdpSocket> {
+    if target.is_ipv6() {
+        UdpSocket::bind("[::]:0")
+    } else {
+        UdpSocket::bind("0.0.0.0:0")
+    }
+}
+
+/// `target` as an AF_INET6 socket reaches it: `[::ffff:a.b.c.d]:port`.
+pub fn ipv4_mapped(target: SocketAddrV4) -> SocketAddr {
+    SocketAddr::from((target.ip().to_ipv6_mapped(), target.port()))
+}
+
 /// One UDP request with sendto/recvfrom on an unconnected socket.
-pub fn udp_request(target: SocketAddrV4, timeout: Duration) -> io::Result<Answer> {
-    let socket = UdpSocket::bind("0.0.0.0:0")?;
+pub fn udp_request(target: impl Into<SocketAddr>, timeout: Duration) -> io::Result<Answer> {
+    let target = target.into();
+    let socket = udp_socket_for(&target)?;
     socket.set_read_timeout(Some(timeout))?;
     socket.send_to(b"hello", target)?;
     let mut buf = [0u8; 512];
@@ -194,8 +209,12 @@ pub fn udp_request(target: SocketAddrV4, timeout: Duration) -> io::Result<Answer
 
 /// One UDP request on a connected socket (connect/send/recv; the peer is
 /// what getpeername reports).
-pub fn connected_udp_request(target: SocketAddrV4, timeout: Duration) -> io::Result<Answer> {
-    let socket = UdpSocket::bind("0.0.0.0:0")?;
+pub fn connected_udp_request(
+    target: impl Into<SocketAddr>,
+    timeout: Duration,
+) -> io::Result<Answer> {
+    let target = target.into();
+    let socket = udp_socket_for(&target)?;
     socket.set_read_timeout(Some(timeout))?;
     socket.connect(target)?;
     let peer = socket.peer_addr()?;
@@ -233,7 +252,7 @@ pub struct Conversation {
 }
 
 impl Conversation {
-    pub fn open(target: SocketAddrV4, timeout: Duration) -> io::Result<Self> {
+    pub fn open(target: impl Into<SocketAddr>, timeout: Duration) -> io::Result<Self> {
         let stream = TcpStream::connect_timeout(&target.into(), timeout)?;
         stream.set_read_timeout(Some(timeout))?;
         stream.set_nodelay(true)?;
@@ -263,17 +282,17 @@ pub enum HeldSocket {
     Tcp(Conversation),
     Udp {
         socket: UdpSocket,
-        target: SocketAddrV4,
+        target: SocketAddr,
         connected: bool,
     },
 }
 
 impl HeldSocket {
-    pub fn open(kind: ProbeKind, target: SocketAddrV4, timeout: Duration) -> io::Result<Self> {
+    pub fn open(kind: ProbeKind, target: SocketAddr, timeout: Duration) -> io::Result<Self> {
         if kind == ProbeKind::Tcp {
             return Conversation::open(target, timeout).map(HeldSocket::Tcp);
         }
-        let socket = UdpSocket::bind("0.0.0.0:0")?;
+        let socket = udp_socket_for(&target)?;
         socket.set_read_timeout(Some(timeout))?;
         let connected = kind == ProbeKind::UdpConnected;
         if connected {
@@ -389,6 +408,20 @@ pub fn probe_process(
     target: SocketAddrV4,
     count: u32,
 ) -> io::Result<Vec<ProbeResult>> {
+    probe_process_with(exe, netns, cgroup, kind, target, count, &[])
+}
+
+/// `probe_process` with more `underpass probe` flags (e.g.
+/// `--ipv4-mapped`).
+pub fn probe_process_with(
+    exe: &std::path::Path,
+    netns: &std::path::Path,
+    cgroup: Option<&std::path::Path>,
+    kind: ProbeKind,
+    target: SocketAddrV4,
+    count: u32,
+    extra: &[&str],
+) -> io::Result<Vec<ProbeResult>> {
     let mut cmd = std::process::Command::new(exe);
     cmd.arg("probe")
         .arg("--netns")
@@ -403,6 +436,7 @@ pub fn probe_process(
         "--timeout-ms",
         "1500",
     ]);
+    cmd.args(extra);
     if let Some(cgroup) = cgroup {
         cmd.arg("--cgroup").arg(cgroup);
     }

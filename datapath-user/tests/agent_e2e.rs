@@ -634,3 +634,70 @@ fn draining_endpoints_keep_their_connections_and_an_empty_service_refuses_at_onc
     drop(servers);
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// AF_INET6 sockets that reach an IPv4 ClusterIP through its IPv4-mapped
+/// address (`::ffff:<ClusterIP>`, what JVMs do) are translated by
+/// socket-LB: TCP, unconnected and connected UDP, each spread over the
+/// backends, with the peer shown as the mapped ClusterIP. No TC program is
+/// attached here (the agent's netns filter matches nothing), so only
+/// socket-LB can make these answer.
+#[test]
+fn ipv4_mapped_ipv6_sockets_are_translated_by_socket_lb() {
+    require_root("agent e2e");
+    let topo = Topology::build(&standard_pods()).expect("building the topology");
+    let mut servers = Vec::new();
+    let mut endpoints = Vec::new();
+    let ready = "{ready: true, serving: true, terminating: false}";
+    for role in ["server-a", "server-b", "server-c"] {
+        let pod = topo.pod(role);
+        servers.push(workload::tcp_server(&pod.namespace, pod.address, TARGET, role).unwrap());
+        servers.push(workload::udp_server(&pod.namespace, pod.address, 5353, role).unwrap());
+        endpoints.push((pod.address, ready));
+    }
+    let pins = PinDir(PathBuf::from(format!("/sys/fs/bpf/{}", topo.prefix)));
+    let dir = tempdir(&topo.prefix);
+    write_atomically(&dir.join("drain.yaml"), &drain_manifest(&endpoints));
+    let cgroup = Cgroup::create(&format!("{}-sock", topo.prefix)).unwrap();
+    let no_pod = format!("{}-no-such-pod", topo.prefix);
+    let cgroup_arg = cgroup.path().to_str().unwrap();
+    let agent = Agent::start_with(&pins.0, &dir, &no_pod, &["--cgroup", cgroup_arg]);
+
+    let exe = PathBuf::from(env!("CARGO_BIN_EXE_underpass"));
+    let client = topo.pod("client").namespace.path().to_owned();
+    for (kind, port) in [
+        (ProbeKind::Tcp, 80),
+        (ProbeKind::Udp, 53),
+        (ProbeKind::UdpConnected, 53),
+    ] {
+        let target = SocketAddrV4::new(VIP, port);
+        let results = workload::probe_process_with(
+            &exe,
+            &client,
+            Some(cgroup.path()),
+            kind,
+            target,
+            30,
+            &["--ipv4-mapped"],
+        )
+        .unwrap();
+        let mut spread = std::collections::BTreeMap::new();
+        for result in results {
+            match result {
+                ProbeResult::Answer(answer) => {
+                    assert_eq!(
+                        answer.peer,
+                        workload::ipv4_mapped(target),
+                        "{kind:?}: the peer is the mapped ClusterIP"
+                    );
+                    *spread.entry(answer.server).or_insert(0) += 1;
+                }
+                ProbeResult::Failed { error, .. } => panic!("{kind:?} over ::ffff:{VIP}: {error}"),
+            }
+        }
+        assert!(spread.len() >= 2, "{kind:?}: {spread:?}");
+    }
+    assert!(pinned_tc_links(&pins.0).is_empty(), "no TC program in play");
+    agent.stop();
+    drop(servers);
+    let _ = std::fs::remove_dir_all(&dir);
+}
