@@ -10,10 +10,23 @@ use crate::maps::CtEntry;
 
 /// A non-SYN packet was seen: the handshake is over (lifetime: established).
 pub const STATE_SEEN_NON_SYN: u8 = 1 << 0;
-/// The client sent FIN or RST.
-pub const STATE_CLOSING_TX: u8 = 1 << 1;
-/// The backend sent FIN or RST.
-pub const STATE_CLOSING_RX: u8 = 1 << 2;
+/// The client sent FIN: its half is closed, the backend's may still carry
+/// data for as long as it likes (a half-closed stream stays established).
+pub const STATE_FIN_TX: u8 = 1 << 1;
+/// The backend sent FIN.
+pub const STATE_FIN_RX: u8 = 1 << 2;
+/// Either side sent RST: the connection is over.
+pub const STATE_RST: u8 = 1 << 3;
+/// Any of the above: the connection is ending or over; a new SYN on its
+/// tuple starts another one.
+pub const STATE_ANY_CLOSE: u8 = STATE_FIN_TX | STATE_FIN_RX | STATE_RST;
+
+/// True when the connection is over: a RST, or a FIN from both sides. Only
+/// then does the short closing lifetime apply.
+#[inline(always)]
+pub const fn is_closed(state: u8) -> bool {
+    state & STATE_RST != 0 || state & (STATE_FIN_TX | STATE_FIN_RX) == STATE_FIN_TX | STATE_FIN_RX
+}
 
 /// A TCP flow that only saw SYNs (Cilium's `CT_SYN_TIMEOUT`), seconds.
 pub const TCP_SYN_LIFETIME_SECS: u64 = 60;
@@ -27,6 +40,12 @@ pub const UDP_LIFETIME_SECS: u64 = 60;
 /// to an LRU entry dirty a shared cache line, so the hot path skips them;
 /// this bounds how early (at most this much) a busy flow could expire.
 pub const REFRESH_INTERVAL_SECS: u64 = 1;
+/// How long next-hop MACs learned from a reply are written without a newer
+/// reply confirming them (replies refresh them once a refresh interval).
+/// After that the kernel resolves the next hop again (`bpf_redirect_neigh`),
+/// so a flow that gets no replies follows a gateway failover within this
+/// time plus the kernel's neighbour timers.
+pub const L2_FRESH_SECS: u64 = 5;
 
 /// TCP flag bits as they sit in byte 13 of the TCP header.
 pub const TCP_FIN: u8 = 0x01;
@@ -59,6 +78,9 @@ pub struct Lifetimes {
     pub udp: u64,
     /// How old `last_seen` may get before a packet refreshes it.
     pub refresh: u64,
+    /// How long learned next-hop MACs are used without a reply confirming
+    /// them.
+    pub l2_fresh: u64,
 }
 
 impl Lifetimes {
@@ -70,6 +92,7 @@ impl Lifetimes {
             tcp_closing: TCP_CLOSING_LIFETIME_SECS * hz,
             udp: UDP_LIFETIME_SECS * hz,
             refresh: REFRESH_INTERVAL_SECS * hz,
+            l2_fresh: L2_FRESH_SECS * hz,
         }
     }
 
@@ -78,7 +101,7 @@ impl Lifetimes {
     pub const fn of(&self, protocol: u8, state: u8) -> u64 {
         if protocol != crate::IPPROTO_TCP {
             self.udp
-        } else if state & (STATE_CLOSING_TX | STATE_CLOSING_RX) != 0 {
+        } else if is_closed(state) {
             self.tcp_closing
         } else if state & STATE_SEEN_NON_SYN != 0 {
             self.tcp_established
@@ -102,7 +125,7 @@ impl Lifetimes {
 }
 
 #[cfg(feature = "user")]
-// SAFETY: repr(C), five u64, no padding.
+// SAFETY: repr(C), six u64, no padding.
 unsafe impl aya::Pod for Lifetimes {}
 
 /// The name of the global holding `Lifetimes` in the object.
@@ -119,10 +142,13 @@ pub const fn next_state(state: u8, protocol: u8, tcp_flags: u8, direction: Direc
     if tcp_flags & TCP_SYN == 0 {
         next |= STATE_SEEN_NON_SYN;
     }
-    if tcp_flags & (TCP_FIN | TCP_RST) != 0 {
+    if tcp_flags & TCP_RST != 0 {
+        next |= STATE_RST;
+    }
+    if tcp_flags & TCP_FIN != 0 {
         next |= match direction {
-            Direction::Original => STATE_CLOSING_TX,
-            Direction::Reply => STATE_CLOSING_RX,
+            Direction::Original => STATE_FIN_TX,
+            Direction::Reply => STATE_FIN_RX,
         };
     }
     next
@@ -135,17 +161,26 @@ pub const fn initial_state(protocol: u8, tcp_flags: u8) -> u8 {
 }
 
 /// A TCP SYN (without ACK) opens a new connection: if it meets an old
-/// entry for the same tuple in a closing state, the old flow is over and
-/// the new one must be balanced afresh (client port reuse).
+/// entry for the same tuple that saw a FIN or RST, the old flow is over
+/// (a client sends a bare SYN on a tuple only after its socket is gone)
+/// and the new one must be balanced afresh (client port reuse).
 #[inline(always)]
 pub const fn syn_reopens(entry: &CtEntry, protocol: u8, tcp_flags: u8) -> bool {
     protocol == crate::IPPROTO_TCP
         && tcp_flags & TCP_SYN != 0
         && tcp_flags & TCP_ACK == 0
-        && entry.state & (STATE_CLOSING_TX | STATE_CLOSING_RX) != 0
+        && entry.state & STATE_ANY_CLOSE != 0
+}
+
+/// True when next-hop MACs learned at `learned_at` may still be written at
+/// `now`.
+#[inline(always)]
+pub const fn l2_is_fresh(lifetimes: &Lifetimes, learned_at: u64, now: u64) -> bool {
+    now.saturating_sub(learned_at) <= lifetimes.l2_fresh
 }
 
 pub const TCP_ACK: u8 = 0x10;
+pub const TCP_PSH: u8 = 0x08;
 
 #[cfg(test)]
 mod tests {
@@ -171,9 +206,30 @@ mod tests {
         assert_eq!(L.of(IPPROTO_TCP, s), 60 * HZ);
         let s = next_state(s, IPPROTO_TCP, TCP_ACK, Direction::Original);
         assert_eq!(L.of(IPPROTO_TCP, s), 6 * 3600 * HZ);
+        // The backend's FIN half-closes: the client may still send for
+        // as long as it likes, so the flow stays established.
         let s = next_state(s, IPPROTO_TCP, TCP_FIN | TCP_ACK, Direction::Reply);
-        assert_eq!(s & STATE_CLOSING_RX, STATE_CLOSING_RX);
+        assert_eq!(s & STATE_FIN_RX, STATE_FIN_RX);
+        assert_eq!(L.of(IPPROTO_TCP, s), 6 * 3600 * HZ, "half-closed");
+        let s = next_state(s, IPPROTO_TCP, TCP_ACK | TCP_PSH, Direction::Original);
+        assert_eq!(L.of(IPPROTO_TCP, s), 6 * 3600 * HZ, "still half-closed");
+        // Both FINs: closed.
+        let s = next_state(s, IPPROTO_TCP, TCP_FIN | TCP_ACK, Direction::Original);
+        assert!(is_closed(s));
         assert_eq!(L.of(IPPROTO_TCP, s), 10 * HZ);
+    }
+
+    #[test]
+    fn a_fin_from_one_side_twice_is_still_half_closed() {
+        let s = next_state(
+            STATE_SEEN_NON_SYN,
+            IPPROTO_TCP,
+            TCP_FIN,
+            Direction::Original,
+        );
+        let s = next_state(s, IPPROTO_TCP, TCP_FIN, Direction::Original);
+        assert!(!is_closed(s));
+        assert_eq!(L.of(IPPROTO_TCP, s), 6 * 3600 * HZ);
     }
 
     #[test]
@@ -184,8 +240,10 @@ mod tests {
             TCP_RST,
             Direction::Original,
         );
-        assert_eq!(s, STATE_SEEN_NON_SYN | STATE_CLOSING_TX);
+        assert_eq!(s, STATE_SEEN_NON_SYN | STATE_RST);
         assert_eq!(L.of(IPPROTO_TCP, s), 10 * HZ);
+        let s = next_state(STATE_SEEN_NON_SYN, IPPROTO_TCP, TCP_RST, Direction::Reply);
+        assert_eq!(L.of(IPPROTO_TCP, s), 10 * HZ, "a RST from the backend too");
     }
 
     #[test]
@@ -217,12 +275,12 @@ mod tests {
         let e = entry(STATE_SEEN_NON_SYN, 5 * HZ);
         assert!(!L.needs_write(&e, STATE_SEEN_NON_SYN, 6 * HZ));
         assert!(L.needs_write(&e, STATE_SEEN_NON_SYN, 6 * HZ + 1));
-        assert!(L.needs_write(&e, STATE_SEEN_NON_SYN | STATE_CLOSING_TX, 5 * HZ));
+        assert!(L.needs_write(&e, STATE_SEEN_NON_SYN | STATE_FIN_TX, 5 * HZ));
     }
 
     #[test]
     fn syn_after_close_reopens() {
-        let closed = entry(STATE_SEEN_NON_SYN | STATE_CLOSING_TX, 0);
+        let closed = entry(STATE_SEEN_NON_SYN | STATE_FIN_TX, 0);
         assert!(syn_reopens(&closed, IPPROTO_TCP, TCP_SYN));
         assert!(!syn_reopens(&closed, IPPROTO_TCP, TCP_SYN | TCP_ACK));
         assert!(!syn_reopens(
@@ -231,5 +289,18 @@ mod tests {
             TCP_SYN
         ));
         assert!(!syn_reopens(&closed, IPPROTO_UDP, TCP_SYN));
+    }
+}
+
+#[cfg(test)]
+mod l2_tests {
+    use super::*;
+
+    #[test]
+    fn learned_macs_are_trusted_for_l2_fresh_only() {
+        let l = Lifetimes::default_at(100);
+        assert!(l2_is_fresh(&l, 1_000, 1_000 + 5 * 100));
+        assert!(!l2_is_fresh(&l, 1_000, 1_001 + 5 * 100));
+        assert!(l2_is_fresh(&l, 1_000, 999), "a clock behind is fresh");
     }
 }

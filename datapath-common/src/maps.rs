@@ -9,18 +9,22 @@
 pub const SERVICES_MAP: &str = "SERVICES";
 pub const BACKENDS_MAP: &str = "BACKENDS";
 pub const REVERSE_NAT_MAP: &str = "REVERSE_NAT";
-pub const CONNTRACK_MAP: &str = "CONNTRACK";
+/// TCP and UDP flows live apart: a UDP burst (DNS) cannot evict idle TCP
+/// connections from a shared LRU.
+pub const CONNTRACK_TCP_MAP: &str = "CONNTRACK_TCP";
+pub const CONNTRACK_UDP_MAP: &str = "CONNTRACK_UDP";
 pub const SOCK_REVERSE_NAT_MAP: &str = "SOCK_REVERSE_NAT";
 pub const COUNTERS_MAP: &str = "COUNTERS";
 pub const SERVICE_FILTER_MAP: &str = "SERVICE_FILTER";
 
 /// Every map, for pinning and inspection.
-pub const ALL_MAPS: [&str; 7] = [
+pub const ALL_MAPS: [&str; 8] = [
     SERVICE_FILTER_MAP,
     SERVICES_MAP,
     BACKENDS_MAP,
     REVERSE_NAT_MAP,
-    CONNTRACK_MAP,
+    CONNTRACK_TCP_MAP,
+    CONNTRACK_UDP_MAP,
     SOCK_REVERSE_NAT_MAP,
     COUNTERS_MAP,
 ];
@@ -35,8 +39,13 @@ pub const DEFAULT_SERVICES_MAX: u32 = 262_144;
 pub const DEFAULT_BACKENDS_MAX: u32 = 131_072;
 /// Reverse-NAT ids are u16: the array covers them all.
 pub const DEFAULT_REVERSE_NAT_MAX: u32 = 65_536;
-/// Two entries per tracked flow (service tuple + backend tuple).
-pub const DEFAULT_CONNTRACK_MAX: u32 = 262_144;
+/// Tracked TCP flows (each takes two entries: service tuple and backend
+/// tuple).
+pub const DEFAULT_CONNTRACK_TCP_FLOWS: u32 = 131_072;
+/// Tracked UDP flows (two entries each).
+pub const DEFAULT_CONNTRACK_UDP_FLOWS: u32 = 65_536;
+/// Map entries a flow takes.
+pub const CT_ENTRIES_PER_FLOW: u32 = 2;
 pub const DEFAULT_SOCK_REVERSE_NAT_MAX: u32 = 65_536;
 
 /// Most backends one frontend may have: slots are u16 and the agent keeps
@@ -181,17 +190,20 @@ pub const L2_UNRESOLVED: u8 = 0;
 /// `CtEntry::l2_mode`: write `dst_mac`/`src_mac` and let the packet go on
 /// out of the same interface (no second pass through the egress program).
 pub const L2_REWRITE: u8 = 1;
-/// `CtEntry::l2_mode`: `bpf_redirect_neigh` to `ifindex` (the next hop is
-/// on another interface or its neighbour entry is not resolved yet).
-pub const L2_REDIRECT_NEIGH: u8 = 2;
-
-/// Value of `CONNTRACK`.
+/// Value of `CONNTRACK_TCP` and `CONNTRACK_UDP`.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub struct CtEntry {
     /// Kernel jiffies (`bpf_jiffies64()`) when the flow was last refreshed;
     /// refreshed at most every `Lifetimes::refresh` ticks.
     pub last_seen: u64,
+    /// Service-tuple entries: when a reply last confirmed `dst_mac` and
+    /// `src_mac` (jiffies). Learned MACs older than `Lifetimes::l2_fresh`
+    /// are not trusted: the kernel's neighbour table decides again, so a
+    /// gateway failover cannot black-hole a flow that gets no replies.
+    /// Backend-tuple entries: when this reply direction last refreshed the
+    /// service-tuple entry's MACs.
+    pub l2_seen: u64,
     /// The backend this flow is pinned to.
     pub backend_id: u32,
     /// The frontend the flow was opened to (checked against the service on
@@ -212,7 +224,9 @@ pub struct CtEntry {
     pub src_mac: [u8; 6],
     /// Always zero.
     pub _pad: [u8; 2],
-    /// `L2_REDIRECT_NEIGH`: the interface to redirect to.
+    /// `L2_REWRITE`: the interface the MACs were learned on (replies may
+    /// arrive on another interface than the one the flow leaves by; MACs
+    /// are only written on the interface they belong to).
     pub ifindex: u32,
 }
 
@@ -275,7 +289,7 @@ mod tests {
         assert_eq!(size_of::<CtKey>(), 4 + 4 + 2 + 2 + 1 + 1 + 2);
         assert_eq!(
             size_of::<CtEntry>(),
-            8 + 4 + 2 + 1 + 1 + 4 + 2 + 6 + 6 + 2 + 4
+            8 + 8 + 4 + 2 + 1 + 1 + 4 + 2 + 6 + 6 + 2 + 4
         );
         assert_eq!(align_of::<CtEntry>(), 8);
         assert_eq!(size_of::<SockRevNatKey>(), 8 + 4 + 2 + 2);

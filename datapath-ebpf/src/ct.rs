@@ -6,7 +6,7 @@ use datapath_common::{
     maps::{CT_KIND_BACKEND, CT_KIND_SERVICE, CtEntry, CtKey},
 };
 
-use crate::{maps::CONNTRACK, parse::Packet};
+use crate::{maps::CtMap, parse::Packet};
 
 /// Conntrack lifetimes in ticks; the loader overwrites this read-only
 /// global (`datapath_common::conntrack::LIFETIMES_GLOBAL`) with the
@@ -41,6 +41,18 @@ pub fn is_expired(flow: &CtEntry, protocol: u8, now: u64) -> bool {
 #[inline(always)]
 pub fn needs_write(flow: &CtEntry, new_state: u8, now: u64) -> bool {
     lifetimes().needs_write(flow, new_state, now)
+}
+
+/// True when `at` is more than a refresh interval before `now`.
+#[inline(always)]
+pub fn refresh_due(at: u64, now: u64) -> bool {
+    now.saturating_sub(at) > lifetimes().refresh
+}
+
+/// True when MACs learned at `learned_at` may still be written.
+#[inline(always)]
+pub fn l2_is_fresh(learned_at: u64, now: u64) -> bool {
+    datapath_common::conntrack::l2_is_fresh(&lifetimes(), learned_at, now)
 }
 
 /// The service-tuple key of a client packet (destination = VIP).
@@ -99,8 +111,8 @@ pub fn reply_key(packet: &Packet) -> CtKey {
 /// Mirrors a refresh (state bits, timestamp) onto the flow's other entry.
 /// Returns false when that entry is gone (evicted).
 #[inline(always)]
-pub fn mirror(key: &CtKey, state: u8, now: u64) -> bool {
-    match CONNTRACK.get_ptr_mut(key) {
+pub fn mirror(table: &CtMap, key: &CtKey, state: u8, now: u64) -> bool {
+    match table.get_ptr_mut(key) {
         Some(peer) => {
             // SAFETY: a pointer into the map value, valid for this program run.
             let peer = unsafe { &mut *peer };
@@ -114,6 +126,6 @@ pub fn mirror(key: &CtKey, state: u8, now: u64) -> bool {
 
 /// Inserts (or replaces) an entry; false when the kernel refused.
 #[inline(always)]
-pub fn insert(key: &CtKey, entry: &CtEntry) -> bool {
-    CONNTRACK.insert(key, entry, 0).is_ok()
+pub fn insert(table: &CtMap, key: &CtKey, entry: &CtEntry) -> bool {
+    table.insert(key, entry, 0).is_ok()
 }

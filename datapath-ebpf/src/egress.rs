@@ -18,7 +18,7 @@ use aya_ebpf::{
 };
 use datapath_common::{
     IPPROTO_TCP,
-    conntrack::{self, Direction, STATE_CLOSING_RX, STATE_CLOSING_TX, TCP_ACK, TCP_SYN},
+    conntrack::{self, Direction, STATE_ANY_CLOSE, TCP_ACK, TCP_SYN},
     lb,
     maps::{Backend, CtEntry, CtKey, L2_UNRESOLVED, ServiceKey},
     metrics::Counter,
@@ -26,7 +26,7 @@ use datapath_common::{
 
 use crate::{
     ct, l2,
-    maps::{BACKENDS, CONNTRACK, REVERSE_NAT, SERVICE_FILTER, SERVICES},
+    maps::{BACKENDS, CONNTRACK_TCP, CONNTRACK_UDP, CtMap, REVERSE_NAT, SERVICE_FILTER, SERVICES},
     metrics::count,
     nat::{self, End},
     parse::{self, Packet},
@@ -41,6 +41,17 @@ pub fn run(ctx: &TcContext) -> i32 {
         forget_reused_reply_tuple(&packet);
         return TC_ACT_UNSPEC;
     }
+    // One call site per table: the verifier then inlines each lookup.
+    if packet.protocol == IPPROTO_TCP {
+        service_packet(ctx, &packet, &CONNTRACK_TCP)
+    } else {
+        service_packet(ctx, &packet, &CONNTRACK_UDP)
+    }
+}
+
+/// A packet that may be for a service, with its protocol's conntrack.
+#[inline(always)]
+fn service_packet(ctx: &TcContext, packet: &Packet, table: &CtMap) -> i32 {
     let key = ct::service_key(
         packet.saddr_be,
         packet.sport_be,
@@ -49,10 +60,10 @@ pub fn run(ctx: &TcContext) -> i32 {
         packet.protocol,
     );
     let now = ct::now();
-    if let Some(flow) = CONNTRACK.get_ptr_mut(key) {
+    if let Some(flow) = table.get_ptr_mut(key) {
         // SAFETY: a pointer into the map value, valid for this program run.
         let flow = unsafe { &mut *flow };
-        if let Some(backend) = tracked_backend(flow, &packet, now) {
+        if let Some(backend) = tracked_backend(flow, packet, now) {
             count(Counter::ConntrackHit);
             let state = conntrack::next_state(
                 flow.state,
@@ -70,17 +81,17 @@ pub fn run(ctx: &TcContext) -> i32 {
                     backend.port_be,
                     packet.protocol,
                 );
-                if !ct::mirror(&reply, state, now) {
+                if !ct::mirror(table, &reply, state, now) {
                     // Evicted: without it the replies would not be
                     // reverse-translated.
-                    let _ = ct::insert(&reply, &reply_entry(flow, &packet));
+                    let _ = ct::insert(table, &reply, &reply_entry(flow, packet));
                 }
             }
             let flow = *flow;
-            return translate(ctx, &packet, &backend, &flow);
+            return translate(ctx, packet, &backend, &flow, now);
         }
     }
-    new_flow(ctx, &packet, &key, now)
+    new_flow(ctx, packet, table, &key, now)
 }
 
 /// A connection opened straight to an address (not through a service:
@@ -106,10 +117,10 @@ fn forget_reused_reply_tuple(packet: &Packet) {
         packet.protocol,
     );
     // SAFETY: the value is copied out before any other map call.
-    let Some(stale) = (unsafe { CONNTRACK.get(reply) }).copied() else {
+    let Some(stale) = (unsafe { CONNTRACK_TCP.get(reply) }).copied() else {
         return;
     };
-    let closing = stale.state & (STATE_CLOSING_TX | STATE_CLOSING_RX) != 0;
+    let closing = stale.state & STATE_ANY_CLOSE != 0;
     if !closing && !ct::is_expired(&stale, packet.protocol, ct::now()) {
         return;
     }
@@ -120,8 +131,8 @@ fn forget_reused_reply_tuple(packet: &Packet) {
         stale.service_port_be,
         packet.protocol,
     );
-    let _ = CONNTRACK.remove(service);
-    let _ = CONNTRACK.remove(reply);
+    let _ = CONNTRACK_TCP.remove(service);
+    let _ = CONNTRACK_TCP.remove(reply);
 }
 
 /// False when no frontend hashes to the packet's destination bucket.
@@ -158,7 +169,7 @@ fn tracked_backend(flow: &CtEntry, packet: &Packet, now: u64) -> Option<Backend>
 }
 
 #[inline(always)]
-fn new_flow(ctx: &TcContext, packet: &Packet, key: &CtKey, now: u64) -> i32 {
+fn new_flow(ctx: &TcContext, packet: &Packet, table: &CtMap, key: &CtKey, now: u64) -> i32 {
     let frontend = ServiceKey::new(packet.daddr_be, packet.dport_be, packet.protocol, 0);
     // SAFETY: the value is copied out before any other map call.
     let Some(service) = (unsafe { SERVICES.get(frontend) }).copied() else {
@@ -201,11 +212,11 @@ fn new_flow(ctx: &TcContext, packet: &Packet, key: &CtKey, now: u64) -> i32 {
         backend.port_be,
         packet.protocol,
     );
-    if !ct::insert(&reply, &reply_entry(&flow, packet)) || !ct::insert(key, &flow) {
+    if !ct::insert(table, &reply, &reply_entry(&flow, packet)) || !ct::insert(table, key, &flow) {
         count(Counter::Error);
     }
     count(Counter::ConntrackMiss);
-    translate(ctx, packet, &backend, &flow)
+    translate(ctx, packet, &backend, &flow, now)
 }
 
 /// The backend-tuple entry of a flow: same state, plus the frontend the
@@ -221,7 +232,7 @@ fn reply_entry(flow: &CtEntry, packet: &Packet) -> CtEntry {
 }
 
 #[inline(always)]
-fn translate(ctx: &TcContext, packet: &Packet, backend: &Backend, flow: &CtEntry) -> i32 {
+fn translate(ctx: &TcContext, packet: &Packet, backend: &Backend, flow: &CtEntry, now: u64) -> i32 {
     if nat::rewrite(
         ctx,
         packet,
@@ -234,5 +245,5 @@ fn translate(ctx: &TcContext, packet: &Packet, backend: &Backend, flow: &CtEntry
         count(Counter::Error);
         return TC_ACT_SHOT;
     }
-    l2::forward(ctx, flow)
+    l2::forward(ctx, flow, now)
 }

@@ -8,24 +8,34 @@ use aya_ebpf::{
     programs::TcContext,
 };
 use datapath_common::{
+    IPPROTO_TCP,
     conntrack::{self, Direction},
-    maps::L2_REWRITE,
     metrics::Counter,
 };
 
 use crate::{
     ct, l2,
-    maps::CONNTRACK,
+    maps::{CONNTRACK_TCP, CONNTRACK_UDP, CtMap},
     metrics::count,
     nat::{self, End},
-    parse,
+    parse::{self, Packet},
 };
 
 pub fn run(ctx: &TcContext) -> i32 {
     let Some(packet) = parse::ipv4_l4(ctx) else {
         return TC_ACT_UNSPEC;
     };
-    let Some(flow) = CONNTRACK.get_ptr_mut(ct::reply_key(&packet)) else {
+    // One call site per table: the verifier then inlines each lookup.
+    if packet.protocol == IPPROTO_TCP {
+        reply(ctx, &packet, &CONNTRACK_TCP)
+    } else {
+        reply(ctx, &packet, &CONNTRACK_UDP)
+    }
+}
+
+#[inline(always)]
+fn reply(ctx: &TcContext, packet: &Packet, table: &CtMap) -> i32 {
+    let Some(flow) = table.get_ptr_mut(ct::reply_key(packet)) else {
         return TC_ACT_UNSPEC;
     };
     // SAFETY: a pointer into the map value, valid for this program run.
@@ -40,12 +50,14 @@ pub fn run(ctx: &TcContext) -> i32 {
         packet.tcp_flags,
         Direction::Reply,
     );
-    // `l2_mode` of a backend-tuple entry records whether the service-tuple
-    // entry has learned this flow's L2 addresses yet.
-    if ct::needs_write(flow, state, now) || flow.l2_mode != L2_REWRITE {
+    // `l2_seen` of a backend-tuple entry: when this direction last taught
+    // the service-tuple entry its next hop. Once a refresh interval, so
+    // that learned MACs stay confirmed without a write per packet.
+    let teach_l2 = ct::refresh_due(flow.l2_seen, now);
+    if ct::needs_write(flow, state, now) || teach_l2 {
         flow.state = state;
         flow.last_seen = now;
-        flow.l2_mode = L2_REWRITE;
+        flow.l2_seen = now;
         let service = ct::service_key(
             packet.daddr_be,
             packet.dport_be,
@@ -53,17 +65,17 @@ pub fn run(ctx: &TcContext) -> i32 {
             flow.service_port_be,
             packet.protocol,
         );
-        if let Some(forward) = CONNTRACK.get_ptr_mut(service) {
+        if let Some(forward) = table.get_ptr_mut(service) {
             // SAFETY: a pointer into the map value, valid for this program run.
             let forward = unsafe { &mut *forward };
             forward.state |= state;
             forward.last_seen = now;
-            l2::learn_from_reply(ctx, forward);
+            l2::learn_from_reply(ctx, forward, now);
         }
     }
     if nat::rewrite(
         ctx,
-        &packet,
+        packet,
         End::Source,
         flow.service_address_be,
         flow.service_port_be,

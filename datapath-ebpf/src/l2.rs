@@ -10,6 +10,12 @@
 //! conntrack entry and later packets get their MACs written in place. A FIB
 //! lookup is not used because it refuses interfaces without forwarding
 //! enabled, which is every pod interface.
+//!
+//! Learned MACs belong to the interface the reply came in on and hold only
+//! while replies keep confirming them (`Lifetimes::l2_fresh`; replies
+//! refresh them once a refresh interval): a flow leaving by another
+//! interface, or one whose replies stopped (a gateway failed over), goes
+//! back to the kernel's neighbour resolution.
 
 use core::ptr::null_mut;
 
@@ -21,12 +27,20 @@ use aya_ebpf::{
 use datapath_common::maps::{CtEntry, L2_REWRITE};
 use network_types::eth::EthHdr;
 
-use crate::parse::ptr_at;
+use crate::{ct, parse::ptr_at};
+
+/// The interface the packet is on.
+#[inline(always)]
+fn ifindex(ctx: &TcContext) -> u32 {
+    // SAFETY: the skb pointer is the program's context.
+    unsafe { (*ctx.skb.skb).ifindex }
+}
 
 /// Sends a DNATed packet on its way; returns the TC verdict.
 #[inline(always)]
-pub fn forward(ctx: &TcContext, flow: &CtEntry) -> i32 {
-    if flow.l2_mode == L2_REWRITE {
+pub fn forward(ctx: &TcContext, flow: &CtEntry, now: u64) -> i32 {
+    let ifindex = ifindex(ctx);
+    if flow.l2_mode == L2_REWRITE && flow.ifindex == ifindex && ct::l2_is_fresh(flow.l2_seen, now) {
         let Some(eth) = ptr_at::<EthHdr>(ctx, 0) else {
             return TC_ACT_SHOT;
         };
@@ -37,20 +51,22 @@ pub fn forward(ctx: &TcContext, flow: &CtEntry) -> i32 {
         }
         return TC_ACT_OK;
     }
-    // SAFETY: plain helper call; the skb pointer is the program's context.
-    unsafe { bpf_redirect_neigh((*ctx.skb.skb).ifindex, null_mut(), 0, 0) as i32 }
+    // SAFETY: plain helper call.
+    unsafe { bpf_redirect_neigh(ifindex, null_mut(), 0, 0) as i32 }
 }
 
 /// The L2 addresses a reply teaches: its source is our next hop, its
-/// destination is us.
+/// destination is us, both on the interface it arrived on.
 #[inline(always)]
-pub fn learn_from_reply(ctx: &TcContext, flow: &mut CtEntry) {
+pub fn learn_from_reply(ctx: &TcContext, flow: &mut CtEntry, now: u64) {
     if let Some(eth) = ptr_at::<EthHdr>(ctx, 0) {
         // SAFETY: bounds-checked by ptr_at.
         unsafe {
             flow.dst_mac = (*eth).src_addr;
             flow.src_mac = (*eth).dst_addr;
         }
+        flow.ifindex = ifindex(ctx);
+        flow.l2_seen = now;
         flow.l2_mode = L2_REWRITE;
     }
 }

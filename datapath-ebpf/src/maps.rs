@@ -34,11 +34,19 @@ pub static BACKENDS: Array<Backend> = Array::with_max_entries(1024, 0);
 #[map]
 pub static REVERSE_NAT: Array<RevNatValue> = Array::with_max_entries(65_536, 0);
 
-/// Per-flow state for the TC path: two entries per flow (service tuple,
-/// backend tuple). LRU so a full table evicts the coldest flow instead of
-/// refusing new ones.
+/// A conntrack table (`CONNTRACK_TCP` or `CONNTRACK_UDP`).
+pub type CtMap = LruHashMap<CtKey, CtEntry>;
+
+/// Per-flow state for the TC path's TCP flows: two entries per flow
+/// (service tuple, backend tuple). LRU so a full table evicts the coldest
+/// flow instead of refusing new ones.
 #[map]
-pub static CONNTRACK: LruHashMap<CtKey, CtEntry> = LruHashMap::with_max_entries(4096, 0);
+pub static CONNTRACK_TCP: CtMap = LruHashMap::with_max_entries(4096, 0);
+
+/// The same for UDP flows, apart so that a burst of short UDP flows (DNS)
+/// evicts UDP flows, never idle TCP connections.
+#[map]
+pub static CONNTRACK_UDP: CtMap = LruHashMap::with_max_entries(4096, 0);
 
 /// Socket-LB: which frontend a translated socket really talks to, for
 /// getpeername and recvmsg.

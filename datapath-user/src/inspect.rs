@@ -175,45 +175,48 @@ pub fn conntrack_list(pin_dir: &Path, output: Output, limit: usize) -> Result<()
     let now = clock::jiffies_now().ok();
     let hz = clock::hz().ok();
     let mut rows = Vec::new();
-    for entry in maps.conntrack.iter() {
-        let (key, value) = entry.context("reading CONNTRACK")?;
-        let address = |be: u32| Ipv4Addr::from(ipv4_octets(be));
-        rows.push(ConntrackRow {
-            kind: match key.kind {
-                CT_KIND_SERVICE => "service",
-                CT_KIND_BACKEND => "backend",
-                _ => "?",
-            },
-            protocol: Protocol::from_number(key.protocol)
-                .map(|p| p.to_string())
-                .unwrap_or_else(|| key.protocol.to_string()),
-            client: format!(
-                "{}:{}",
-                address(key.client_address_be),
-                port_host(key.client_port_be)
-            ),
-            peer: format!(
-                "{}:{}",
-                address(key.peer_address_be),
-                port_host(key.peer_port_be)
-            ),
-            service: format!(
-                "{}:{}",
-                address(value.service_address_be),
-                port_host(value.service_port_be)
-            ),
-            backend_id: value.backend_id,
-            rev_nat_id: value.rev_nat_id,
-            state: value.state,
-            idle_seconds: match (now, hz) {
-                (Some(now), Some(hz)) => now.saturating_sub(value.last_seen) as f64 / hz as f64,
-                _ => f64::NAN,
-            },
-        });
-        if rows.len() >= limit {
-            break;
+    for (name, table) in maps.conntrack_tables() {
+        for entry in table.iter() {
+            let (key, value) = entry.with_context(|| format!("reading {name}"))?;
+            let address = |be: u32| Ipv4Addr::from(ipv4_octets(be));
+            rows.push(ConntrackRow {
+                kind: match key.kind {
+                    CT_KIND_SERVICE => "service",
+                    CT_KIND_BACKEND => "backend",
+                    _ => "?",
+                },
+                protocol: Protocol::from_number(key.protocol)
+                    .map(|p| p.to_string())
+                    .unwrap_or_else(|| key.protocol.to_string()),
+                client: format!(
+                    "{}:{}",
+                    address(key.client_address_be),
+                    port_host(key.client_port_be)
+                ),
+                peer: format!(
+                    "{}:{}",
+                    address(key.peer_address_be),
+                    port_host(key.peer_port_be)
+                ),
+                service: format!(
+                    "{}:{}",
+                    address(value.service_address_be),
+                    port_host(value.service_port_be)
+                ),
+                backend_id: value.backend_id,
+                rev_nat_id: value.rev_nat_id,
+                state: value.state,
+                idle_seconds: match (now, hz) {
+                    (Some(now), Some(hz)) => now.saturating_sub(value.last_seen) as f64 / hz as f64,
+                    _ => f64::NAN,
+                },
+            });
+            if rows.len() >= limit {
+                break;
+            }
         }
     }
+    rows.truncate(limit);
     print(output, &rows, |rows| {
         let mut table = new_table(&[
             "KIND",
@@ -255,7 +258,7 @@ pub struct Status {
 pub fn status(pin_dir: &Path, output: Output) -> Result<()> {
     let maps = open(pin_dir)?;
     let dump = maps.dump().context("reading the service maps")?;
-    let conntrack_entries = maps.conntrack.keys().count();
+    let conntrack_entries = maps.conntrack_entries();
     let counters = maps
         .counters()
         .context("reading COUNTERS")?

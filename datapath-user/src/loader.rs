@@ -38,7 +38,10 @@ pub struct MapSizes {
     pub services: u32,
     pub backends: u32,
     pub reverse_nat: u32,
-    pub conntrack: u32,
+    /// TCP flows the TC path can track (the map holds two entries each).
+    pub conntrack_tcp_flows: u32,
+    /// UDP flows the TC path can track (two entries each).
+    pub conntrack_udp_flows: u32,
     pub sock_reverse_nat: u32,
 }
 
@@ -48,7 +51,8 @@ impl Default for MapSizes {
             services: maps::DEFAULT_SERVICES_MAX,
             backends: maps::DEFAULT_BACKENDS_MAX,
             reverse_nat: maps::DEFAULT_REVERSE_NAT_MAX,
-            conntrack: maps::DEFAULT_CONNTRACK_MAX,
+            conntrack_tcp_flows: maps::DEFAULT_CONNTRACK_TCP_FLOWS,
+            conntrack_udp_flows: maps::DEFAULT_CONNTRACK_UDP_FLOWS,
             sock_reverse_nat: maps::DEFAULT_SOCK_REVERSE_NAT_MAX,
         }
     }
@@ -74,6 +78,9 @@ pub struct CtTimeouts {
     /// How stale a busy flow's timestamp may get before a packet refreshes
     /// it (bounds the write rate to conntrack).
     pub refresh: Duration,
+    /// How long next-hop MACs learned from replies are used without a
+    /// newer reply confirming them.
+    pub l2_fresh: Duration,
 }
 
 impl Default for CtTimeouts {
@@ -85,6 +92,7 @@ impl Default for CtTimeouts {
             tcp_closing: Duration::from_secs(c::TCP_CLOSING_LIFETIME_SECS),
             udp: Duration::from_secs(c::UDP_LIFETIME_SECS),
             refresh: Duration::from_secs(c::REFRESH_INTERVAL_SECS),
+            l2_fresh: Duration::from_secs(c::L2_FRESH_SECS),
         }
     }
 }
@@ -98,6 +106,7 @@ impl CtTimeouts {
             tcp_closing: clock::ticks(self.tcp_closing, hz),
             udp: clock::ticks(self.udp, hz),
             refresh: clock::ticks(self.refresh, hz),
+            l2_fresh: clock::ticks(self.l2_fresh, hz),
         }
     }
 }
@@ -240,7 +249,18 @@ impl Datapath {
             .map_max_entries(maps::SERVICES_MAP, sizes.services)
             .map_max_entries(maps::BACKENDS_MAP, sizes.backends)
             .map_max_entries(maps::REVERSE_NAT_MAP, sizes.reverse_nat)
-            .map_max_entries(maps::CONNTRACK_MAP, sizes.conntrack)
+            .map_max_entries(
+                maps::CONNTRACK_TCP_MAP,
+                sizes
+                    .conntrack_tcp_flows
+                    .saturating_mul(maps::CT_ENTRIES_PER_FLOW),
+            )
+            .map_max_entries(
+                maps::CONNTRACK_UDP_MAP,
+                sizes
+                    .conntrack_udp_flows
+                    .saturating_mul(maps::CT_ENTRIES_PER_FLOW),
+            )
             .map_max_entries(maps::SOCK_REVERSE_NAT_MAP, sizes.sock_reverse_nat);
         let hz = clock::hz().map_err(|e| LoaderError::KernelFeature {
             kernel: KernelVersion::current()

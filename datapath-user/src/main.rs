@@ -213,9 +213,15 @@ struct AgentArgs {
     /// them together (a rollout's burst becomes one update).
     #[arg(long, default_value_t = 2)]
     debounce_ms: u64,
-    /// Capacity of the conntrack map (flows), fixed when first pinned.
-    #[arg(long, default_value_t = datapath_common::maps::DEFAULT_CONNTRACK_MAX)]
+    /// TCP flows the TC path can track (the map holds two entries per
+    /// flow). Fixed when the map is first pinned; when full, the least
+    /// recently used flow is forgotten.
+    #[arg(long, env = "UNDERPASS_CONNTRACK_MAX", default_value_t = datapath_common::maps::DEFAULT_CONNTRACK_TCP_FLOWS)]
     conntrack_max: u32,
+    /// UDP flows the TC path can track, in a table of their own so that a
+    /// burst of UDP flows (DNS) never evicts idle TCP connections.
+    #[arg(long, env = "UNDERPASS_CONNTRACK_UDP_MAX", default_value_t = datapath_common::maps::DEFAULT_CONNTRACK_UDP_FLOWS)]
+    conntrack_udp_max: u32,
 }
 
 #[derive(Parser)]
@@ -400,7 +406,8 @@ fn run_agent(args: AgentArgs) -> Result<()> {
         metrics_address: args.metrics_address,
         debounce: Duration::from_millis(args.debounce_ms),
         sizes: MapSizes {
-            conntrack: args.conntrack_max,
+            conntrack_tcp_flows: args.conntrack_max,
+            conntrack_udp_flows: args.conntrack_udp_max,
             ..MapSizes::default()
         },
         ct_timeouts: CtTimeouts::default(),

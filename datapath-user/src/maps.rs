@@ -161,7 +161,10 @@ pub struct DatapathMaps {
     pub backends: Array<MapData, Backend>,
     /// Indexed by reverse-NAT id; a zeroed slot holds no frontend.
     pub reverse_nat: Array<MapData, RevNatValue>,
-    pub conntrack: HashMap<MapData, CtKey, CtEntry>,
+    /// TCP flows of the TC path (two entries each).
+    pub conntrack_tcp: HashMap<MapData, CtKey, CtEntry>,
+    /// UDP flows of the TC path (two entries each).
+    pub conntrack_udp: HashMap<MapData, CtKey, CtEntry>,
     pub sock_reverse_nat: HashMap<MapData, SockRevNatKey, SockRevNatValue>,
     pub counters: PerCpuArray<MapData, u64>,
     /// Frontends per `lb::service_filter_index` bucket.
@@ -171,63 +174,67 @@ pub struct DatapathMaps {
 impl DatapathMaps {
     /// Takes the maps out of a freshly loaded object.
     pub fn take_from(ebpf: &mut Ebpf) -> Result<Self, LoaderError> {
-        let mut take = |name: &'static str| {
+        Self::from_maps(|name| {
             ebpf.take_map(name)
                 .ok_or_else(|| LoaderError::map(name, MapError::InvalidName { name: name.into() }))
-        };
-        Self::from_maps(
-            take(m::SERVICES_MAP)?,
-            take(m::BACKENDS_MAP)?,
-            take(m::REVERSE_NAT_MAP)?,
-            take(m::CONNTRACK_MAP)?,
-            take(m::SOCK_REVERSE_NAT_MAP)?,
-            take(m::COUNTERS_MAP)?,
-            take(m::SERVICE_FILTER_MAP)?,
-        )
+        })
     }
 
     /// Opens the maps an agent pinned under `pin_dir` (no object needed).
     pub fn open_pinned(pin_dir: &Path) -> Result<Self, LoaderError> {
-        let open = |name: &'static str| {
+        Self::from_maps(|name| {
             let data = MapData::from_pin(pin_dir.join(name))
                 .map_err(|source| LoaderError::map(name, source))?;
             Map::from_map_data(data).map_err(|source| LoaderError::map(name, source))
-        };
-        Self::from_maps(
-            open(m::SERVICES_MAP)?,
-            open(m::BACKENDS_MAP)?,
-            open(m::REVERSE_NAT_MAP)?,
-            open(m::CONNTRACK_MAP)?,
-            open(m::SOCK_REVERSE_NAT_MAP)?,
-            open(m::COUNTERS_MAP)?,
-            open(m::SERVICE_FILTER_MAP)?,
-        )
+        })
     }
 
+    /// Every map, each got by name from `get` and typed.
     fn from_maps(
-        services: Map,
-        backends: Map,
-        reverse_nat: Map,
-        conntrack: Map,
-        sock_reverse_nat: Map,
-        counters: Map,
-        service_filter: Map,
+        mut get: impl FnMut(&'static str) -> Result<Map, LoaderError>,
     ) -> Result<Self, LoaderError> {
         fn typed<T: TryFrom<Map, Error = MapError>>(
-            map: Map,
+            get: &mut impl FnMut(&'static str) -> Result<Map, LoaderError>,
             name: &'static str,
         ) -> Result<T, LoaderError> {
-            T::try_from(map).map_err(|source| LoaderError::map(name, source))
+            T::try_from(get(name)?).map_err(|source| LoaderError::map(name, source))
         }
         Ok(Self {
-            services: typed(services, m::SERVICES_MAP)?,
-            backends: typed(backends, m::BACKENDS_MAP)?,
-            reverse_nat: typed(reverse_nat, m::REVERSE_NAT_MAP)?,
-            conntrack: typed(conntrack, m::CONNTRACK_MAP)?,
-            sock_reverse_nat: typed(sock_reverse_nat, m::SOCK_REVERSE_NAT_MAP)?,
-            counters: typed(counters, m::COUNTERS_MAP)?,
-            service_filter: typed(service_filter, m::SERVICE_FILTER_MAP)?,
+            services: typed(&mut get, m::SERVICES_MAP)?,
+            backends: typed(&mut get, m::BACKENDS_MAP)?,
+            reverse_nat: typed(&mut get, m::REVERSE_NAT_MAP)?,
+            conntrack_tcp: typed(&mut get, m::CONNTRACK_TCP_MAP)?,
+            conntrack_udp: typed(&mut get, m::CONNTRACK_UDP_MAP)?,
+            sock_reverse_nat: typed(&mut get, m::SOCK_REVERSE_NAT_MAP)?,
+            counters: typed(&mut get, m::COUNTERS_MAP)?,
+            service_filter: typed(&mut get, m::SERVICE_FILTER_MAP)?,
         })
+    }
+
+    /// The conntrack table of `protocol` (`IPPROTO_TCP` or anything else:
+    /// UDP).
+    pub fn conntrack(&self, protocol: u8) -> &HashMap<MapData, CtKey, CtEntry> {
+        if protocol == IPPROTO_TCP {
+            &self.conntrack_tcp
+        } else {
+            &self.conntrack_udp
+        }
+    }
+
+    /// Both conntrack tables with their names.
+    pub fn conntrack_tables(&self) -> [(&'static str, &HashMap<MapData, CtKey, CtEntry>); 2] {
+        [
+            (m::CONNTRACK_TCP_MAP, &self.conntrack_tcp),
+            (m::CONNTRACK_UDP_MAP, &self.conntrack_udp),
+        ]
+    }
+
+    /// Entries in both conntrack tables (two per flow).
+    pub fn conntrack_entries(&self) -> usize {
+        self.conntrack_tables()
+            .iter()
+            .map(|(_, table)| table.keys().count())
+            .sum()
     }
 
     /// Every counter summed over the CPUs.

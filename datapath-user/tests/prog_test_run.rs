@@ -12,7 +12,7 @@ use std::{net::Ipv4Addr, time::Duration};
 
 use common::{VIP, jiffies_ago, load_private, load_private_with, tcp_frontend, udp_frontend};
 use datapath_common::{
-    conntrack::{self, STATE_CLOSING_TX, STATE_SEEN_NON_SYN},
+    conntrack::{self, STATE_FIN_RX, STATE_FIN_TX, STATE_RST, STATE_SEEN_NON_SYN},
     ipv4_be, lb,
     maps::{CT_KIND_BACKEND, CT_KIND_SERVICE, CtEntry, CtKey, L2_REWRITE},
     metrics::Counter,
@@ -139,11 +139,11 @@ fn backend_key(frame: &Frame, backend: &BackendEntry) -> CtKey {
 }
 
 fn ct_entry(dp: &Datapath, key: &CtKey) -> Option<CtEntry> {
-    dp.maps.conntrack.get(key, 0).ok()
+    dp.maps.conntrack(key.protocol).get(key, 0).ok()
 }
 
 fn ct_len(dp: &Datapath) -> usize {
-    dp.maps.conntrack.keys().count()
+    dp.maps.conntrack_entries()
 }
 
 fn backend_of(output: &[u8]) -> Ipv4Addr {
@@ -503,10 +503,12 @@ fn plant_flow(dp: &mut Datapath, frame: &Frame, backend: &BackendEntry, state: u
         state,
         ..CtEntry::default()
     };
-    dp.maps
-        .conntrack
-        .insert(service_key(frame), entry, 0)
-        .unwrap();
+    let table = if frame.protocol() == 6 {
+        &mut dp.maps.conntrack_tcp
+    } else {
+        &mut dp.maps.conntrack_udp
+    };
+    table.insert(service_key(frame), entry, 0).unwrap();
 }
 
 /// Runs one packet of a flow planted `age` ago in `state` and tells
@@ -541,7 +543,8 @@ fn still_tracked(timeouts: CtTimeouts, tcp: bool, state: u8, age: Duration) -> b
 fn flows_expire_on_their_own_default_lifetimes() {
     let s = Duration::from_secs;
     let established = STATE_SEEN_NON_SYN;
-    let closing = STATE_SEEN_NON_SYN | STATE_CLOSING_TX;
+    let closing = STATE_SEEN_NON_SYN | STATE_FIN_TX | STATE_FIN_RX;
+    let half_closed = STATE_SEEN_NON_SYN | STATE_FIN_RX;
     // (description, TCP?, state, idle time, still tracked?)
     let cases = [
         ("SYN-only flow, 59 s idle", true, 0, s(59), true),
@@ -562,6 +565,28 @@ fn flows_expire_on_their_own_default_lifetimes() {
         ),
         ("closing flow, 9 s idle", true, closing, s(9), true),
         ("closing flow, 11 s idle", true, closing, s(11), false),
+        // One FIN only: the other side may still send (half-close).
+        (
+            "half-closed flow, 11 s idle",
+            true,
+            half_closed,
+            s(11),
+            true,
+        ),
+        (
+            "half-closed flow, 5 h 59 min idle",
+            true,
+            half_closed,
+            s(6 * 3600 - 60),
+            true,
+        ),
+        (
+            "reset flow, 11 s idle",
+            true,
+            STATE_SEEN_NON_SYN | STATE_RST,
+            s(11),
+            false,
+        ),
         ("UDP flow, 59 s idle", false, 0, s(59), true),
         ("UDP flow, 61 s idle", false, 0, s(61), false),
     ];
@@ -638,9 +663,9 @@ fn fin_and_rst_close_both_entries_and_a_new_syn_reopens() {
     egress(&mut dp, &Frame::tcp(CLIENT, (VIP, 80), FIN | ACK));
     let fwd = ct_entry(&dp, &service_key(&syn)).unwrap();
     let rev = ct_entry(&dp, &backend_key(&syn, &B1)).unwrap();
-    assert_ne!(fwd.state & STATE_CLOSING_TX, 0);
+    assert_ne!(fwd.state & STATE_FIN_TX, 0);
     assert_ne!(
-        rev.state & STATE_CLOSING_TX,
+        rev.state & STATE_FIN_TX,
         0,
         "the close is mirrored to the reply entry"
     );
@@ -664,7 +689,7 @@ fn replies_of_an_expired_flow_pass_untouched() {
     let key = backend_key(&query, &B3);
     let mut entry = ct_entry(&dp, &key).unwrap();
     entry.last_seen = jiffies_ago(Duration::from_secs(conntrack::UDP_LIFETIME_SECS + 1));
-    dp.maps.conntrack.insert(key, entry, 0).unwrap();
+    dp.maps.conntrack_udp.insert(key, entry, 0).unwrap();
     let reply = Frame::udp((B3.address, B3.port), CLIENT).build();
     let out = dp.test_run_tc(TC_INGRESS, &reply, 1).unwrap();
     assert_eq!((out.verdict, out.frame), (verdict::NEXT, reply));
@@ -762,4 +787,105 @@ fn a_direct_connection_reusing_a_service_flows_tuple_is_not_reverse_natted() {
     let ack = Frame::tcp(CLIENT, (B1.address, B1.port), ACK);
     egress(&mut dp, &ack);
     assert!(ct_entry(&dp, &reply_key).is_some());
+}
+
+/// TCP and UDP flows live in tables of their own: a burst of UDP flows far
+/// beyond the UDP table's size evicts UDP flows only; the idle TCP
+/// connection stays tracked.
+#[test]
+fn a_udp_burst_does_not_evict_tcp_flows() {
+    let mut dp = load_private();
+    dp.maps.set_service(&tcp_frontend(), 1, &[B1]).unwrap();
+    dp.maps.set_service(&udp_frontend(), 2, &[B3]).unwrap();
+    let syn = Frame::tcp(CLIENT, (VIP, 80), SYN);
+    egress(&mut dp, &syn);
+    let udp_flows = common::CONNTRACK_UDP_FLOWS as u16;
+    for port in 0..udp_flows * 4 {
+        egress(&mut dp, &Frame::udp((CLIENT.0, 10000 + port), (VIP, 53)));
+    }
+    assert!(ct_entry(&dp, &service_key(&syn)).is_some(), "TCP flow kept");
+    assert!(ct_entry(&dp, &backend_key(&syn, &B1)).is_some());
+    assert_eq!(dp.maps.conntrack_tcp.keys().count(), 2);
+    let udp = dp.maps.conntrack_udp.keys().count();
+    assert!(
+        udp <= 2 * usize::from(udp_flows) + 64,
+        "{udp} UDP entries in a table of {} flows",
+        udp_flows
+    );
+}
+
+/// Next-hop MACs learned from a reply are written only while replies keep
+/// confirming them and only on the interface they were learned on;
+/// otherwise the kernel resolves the next hop again (`bpf_redirect_neigh`),
+/// and the next reply teaches the new MAC (a gateway failover).
+#[test]
+fn learned_macs_are_used_only_while_fresh_and_on_their_interface() {
+    let mut dp = datapath_with(tcp_frontend(), &[B1]);
+    let pod_mac = [2, 0, 0, 0, 0, 2];
+    let syn = Frame::tcp(CLIENT, (VIP, 80), SYN).with_macs(pod_mac, [2, 0, 0, 0, 0, 0xfe]);
+    assert_eq!(egress(&mut dp, &syn).0, verdict::REDIRECT);
+    let reply_from = |mac: [u8; 6]| Frame {
+        src_mac: mac,
+        dst_mac: pod_mac,
+        src: B1.address,
+        sport: B1.port,
+        dst: CLIENT.0,
+        dport: CLIENT.1,
+        l4: L4::Tcp { flags: ACK },
+        ..syn.clone()
+    };
+    let old_gateway = [2, 0, 0, 0, 0, 0xa1];
+    ingress(&mut dp, &reply_from(old_gateway));
+    let ack = Frame::tcp(CLIENT, (VIP, 80), ACK).with_macs(pod_mac, [2, 0, 0, 0, 0, 0xfe]);
+    let (v, out) = egress(&mut dp, &ack);
+    assert_eq!(v, verdict::OK, "fresh MACs are written in place");
+    assert_eq!(&out[0..6], &old_gateway);
+
+    // No reply for longer than the L2 lifetime: back to the kernel.
+    let key = service_key(&ack);
+    let mut fwd = ct_entry(&dp, &key).unwrap();
+    fwd.l2_seen = jiffies_ago(Duration::from_secs(conntrack::L2_FRESH_SECS + 1));
+    dp.maps.conntrack_tcp.insert(key, fwd, 0).unwrap();
+    assert_eq!(egress(&mut dp, &ack).0, verdict::REDIRECT, "stale MACs");
+
+    // Learned on another interface: not written here.
+    let mut fwd = ct_entry(&dp, &key).unwrap();
+    fwd.l2_seen = jiffies_ago(Duration::ZERO);
+    fwd.ifindex += 1000;
+    dp.maps.conntrack_tcp.insert(key, fwd, 0).unwrap();
+    assert_eq!(
+        egress(&mut dp, &ack).0,
+        verdict::REDIRECT,
+        "other interface"
+    );
+
+    // The next reply (a refresh interval later) comes from the new
+    // gateway: its MAC is learned and written.
+    let reply_key = backend_key(&ack, &B1);
+    let mut rev = ct_entry(&dp, &reply_key).unwrap();
+    rev.l2_seen = jiffies_ago(Duration::from_secs(conntrack::REFRESH_INTERVAL_SECS + 1));
+    dp.maps.conntrack_tcp.insert(reply_key, rev, 0).unwrap();
+    let new_gateway = [2, 0, 0, 0, 0, 0xb2];
+    ingress(&mut dp, &reply_from(new_gateway));
+    let (v, out) = egress(&mut dp, &ack);
+    assert_eq!(v, verdict::OK);
+    assert_eq!(&out[0..6], &new_gateway, "the failover's MAC is learned");
+}
+
+/// A half-closed stream (the backend sent FIN, the client keeps sending)
+/// stays established and keeps its backend.
+#[test]
+fn a_half_closed_stream_keeps_flowing() {
+    let mut dp = datapath_with(tcp_frontend(), &[B1]);
+    let syn = Frame::tcp(CLIENT, (VIP, 80), SYN);
+    egress(&mut dp, &syn);
+    let fin = Frame::tcp((B1.address, B1.port), CLIENT, FIN | ACK);
+    ingress(&mut dp, &fin);
+    let fwd = ct_entry(&dp, &service_key(&syn)).unwrap();
+    assert_eq!(fwd.state & (STATE_FIN_RX | STATE_FIN_TX), STATE_FIN_RX);
+    assert!(!conntrack::is_closed(fwd.state));
+    for _ in 0..3 {
+        let data = Frame::tcp(CLIENT, (VIP, 80), ACK | PSH);
+        assert_eq!(backend_of(&egress(&mut dp, &data).1), B1.address);
+    }
 }

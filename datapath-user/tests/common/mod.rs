@@ -18,6 +18,9 @@ pub fn require_root(suite: &str) {
     }
 }
 
+/// UDP flows the private datapath's conntrack holds.
+pub const CONNTRACK_UDP_FLOWS: u32 = 256;
+
 /// A private (unpinned) datapath with small maps.
 pub fn load_private() -> Datapath {
     load_private_with(CtTimeouts::default())
@@ -33,7 +36,8 @@ pub fn load_private_with(ct_timeouts: CtTimeouts) -> Datapath {
             services: 4096,
             backends: 4096,
             reverse_nat: 1024,
-            conntrack: 4096,
+            conntrack_tcp_flows: 2048,
+            conntrack_udp_flows: CONNTRACK_UDP_FLOWS,
             sock_reverse_nat: 1024,
         },
     };
