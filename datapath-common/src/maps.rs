@@ -16,9 +16,10 @@ pub const CONNTRACK_UDP_MAP: &str = "CONNTRACK_UDP";
 pub const SOCK_REVERSE_NAT_MAP: &str = "SOCK_REVERSE_NAT";
 pub const COUNTERS_MAP: &str = "COUNTERS";
 pub const SERVICE_FILTER_MAP: &str = "SERVICE_FILTER";
+pub const FRAGMENTS_MAP: &str = "FRAGMENTS";
 
 /// Every map, for pinning and inspection.
-pub const ALL_MAPS: [&str; 8] = [
+pub const ALL_MAPS: [&str; 9] = [
     SERVICE_FILTER_MAP,
     SERVICES_MAP,
     BACKENDS_MAP,
@@ -27,6 +28,7 @@ pub const ALL_MAPS: [&str; 8] = [
     CONNTRACK_UDP_MAP,
     SOCK_REVERSE_NAT_MAP,
     COUNTERS_MAP,
+    FRAGMENTS_MAP,
 ];
 
 /// Default capacities; the loader may override them at load time
@@ -47,6 +49,8 @@ pub const DEFAULT_CONNTRACK_UDP_FLOWS: u32 = 65_536;
 /// Map entries a flow takes.
 pub const CT_ENTRIES_PER_FLOW: u32 = 2;
 pub const DEFAULT_SOCK_REVERSE_NAT_MAX: u32 = 65_536;
+/// Fragmented datagrams in flight at once (Cilium's default is 8192).
+pub const DEFAULT_FRAGMENTS_MAX: u32 = 8_192;
 
 /// Most backends one frontend may have: slots are u16 and the agent keeps
 /// a service's whole slot range in one update batch.
@@ -257,6 +261,34 @@ pub struct SockRevNatValue {
     pub rev_nat_id: u16,
 }
 
+/// Key of `FRAGMENTS` (LRU hash): one fragmented datagram, as its IPv4
+/// header names it (RFC 791: source, destination, protocol and
+/// identification together identify the fragments of one datagram).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct FragmentKey {
+    /// Source address as the packet carries it (before translation).
+    pub source_be: u32,
+    /// Destination address as the packet carries it (the ClusterIP on
+    /// egress, the client on ingress).
+    pub destination_be: u32,
+    /// The IPv4 identification field.
+    pub id_be: u16,
+    /// `IPPROTO_TCP` or `IPPROTO_UDP`.
+    pub protocol: u8,
+    /// Always zero.
+    pub _pad: u8,
+}
+
+/// Value of `FRAGMENTS`: the ports the first fragment carried, so that the
+/// later fragments (which carry none) are translated like it.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct FragmentPorts {
+    pub source_port_be: u16,
+    pub destination_port_be: u16,
+}
+
 #[cfg(feature = "user")]
 mod pod {
     use super::*;
@@ -270,6 +302,8 @@ mod pod {
     unsafe impl aya::Pod for CtEntry {}
     unsafe impl aya::Pod for SockRevNatKey {}
     unsafe impl aya::Pod for SockRevNatValue {}
+    unsafe impl aya::Pod for FragmentKey {}
+    unsafe impl aya::Pod for FragmentPorts {}
 }
 
 #[cfg(test)]
@@ -294,6 +328,8 @@ mod tests {
         assert_eq!(align_of::<CtEntry>(), 8);
         assert_eq!(size_of::<SockRevNatKey>(), 8 + 4 + 2 + 2);
         assert_eq!(size_of::<SockRevNatValue>(), 4 + 2 + 2);
+        assert_eq!(size_of::<FragmentKey>(), 4 + 4 + 2 + 1 + 1);
+        assert_eq!(size_of::<FragmentPorts>(), 2 + 2);
     }
 
     #[test]

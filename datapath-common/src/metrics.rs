@@ -17,7 +17,9 @@ pub enum Counter {
     NoBackend = 3,
     /// IPv4 frames too short or malformed to parse.
     NotParsed = 4,
-    /// Non-first IPv4 fragments (no ports: passed untouched).
+    /// Non-first IPv4 fragments of datagrams the datapath did not
+    /// translate (its first fragment was not for a service, or not seen):
+    /// passed untouched.
     Fragment = 5,
     /// Inconsistent maps (a slot naming a missing backend) or a failed helper.
     Error = 6,
@@ -25,10 +27,13 @@ pub enum Counter {
     SockTranslated = 7,
     /// Socket-LB: getpeername/recvmsg rewritten back to the service.
     SockReverseTranslated = 8,
+    /// Non-first IPv4 fragments translated like their datagram's first
+    /// fragment (both directions).
+    FragmentTranslated = 9,
 }
 
 /// Number of slots in `COUNTERS`.
-pub const COUNTER_COUNT: u32 = 9;
+pub const COUNTER_COUNT: u32 = 10;
 
 impl Counter {
     /// Every counter, in index order.
@@ -42,6 +47,7 @@ impl Counter {
         Counter::Error,
         Counter::SockTranslated,
         Counter::SockReverseTranslated,
+        Counter::FragmentTranslated,
     ];
 
     /// The snake_case name used in metrics and CLI output.
@@ -56,6 +62,7 @@ impl Counter {
             Counter::Error => "error",
             Counter::SockTranslated => "sock_translated",
             Counter::SockReverseTranslated => "sock_reverse_translated",
+            Counter::FragmentTranslated => "fragment_translated",
         }
     }
 }

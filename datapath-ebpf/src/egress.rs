@@ -25,7 +25,7 @@ use datapath_common::{
 };
 
 use crate::{
-    ct, l2,
+    ct, frag, l2,
     maps::{BACKENDS, CONNTRACK_TCP, CONNTRACK_UDP, CtMap, REVERSE_NAT, SERVICE_FILTER, SERVICES},
     metrics::count,
     nat::{self, End},
@@ -34,9 +34,13 @@ use crate::{
 };
 
 pub fn run(ctx: &TcContext) -> i32 {
-    let Some(packet) = parse::ipv4_l4(ctx) else {
+    let Some(mut packet) = parse::ipv4_l4(ctx) else {
         return TC_ACT_UNSPEC;
     };
+    if packet.is_later_fragment() && !frag::resolve(&mut packet) {
+        count(Counter::Fragment);
+        return TC_ACT_UNSPEC;
+    }
     if !maybe_service(&packet) {
         forget_reused_reply_tuple(&packet);
         return TC_ACT_UNSPEC;
@@ -170,6 +174,12 @@ fn tracked_backend(flow: &CtEntry, packet: &Packet, now: u64) -> Option<Backend>
 
 #[inline(always)]
 fn new_flow(ctx: &TcContext, packet: &Packet, table: &CtMap, key: &CtKey, now: u64) -> i32 {
+    if packet.is_later_fragment() {
+        // Its flow ended between the first fragment and this one: the
+        // datagram cannot be completed anyway.
+        count(Counter::Fragment);
+        return TC_ACT_UNSPEC;
+    }
     let frontend = ServiceKey::new(packet.daddr_be, packet.dport_be, packet.protocol, 0);
     // SAFETY: the value is copied out before any other map call.
     let Some(service) = (unsafe { SERVICES.get(frontend) }).copied() else {
@@ -245,5 +255,6 @@ fn translate(ctx: &TcContext, packet: &Packet, backend: &Backend, flow: &CtEntry
         count(Counter::Error);
         return TC_ACT_SHOT;
     }
+    frag::translated(packet);
     l2::forward(ctx, flow, now)
 }

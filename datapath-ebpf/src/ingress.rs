@@ -14,7 +14,7 @@ use datapath_common::{
 };
 
 use crate::{
-    ct, l2,
+    ct, frag, l2,
     maps::{CONNTRACK_TCP, CONNTRACK_UDP, CtMap},
     metrics::count,
     nat::{self, End},
@@ -22,9 +22,13 @@ use crate::{
 };
 
 pub fn run(ctx: &TcContext) -> i32 {
-    let Some(packet) = parse::ipv4_l4(ctx) else {
+    let Some(mut packet) = parse::ipv4_l4(ctx) else {
         return TC_ACT_UNSPEC;
     };
+    if packet.is_later_fragment() && !frag::resolve(&mut packet) {
+        count(Counter::Fragment);
+        return TC_ACT_UNSPEC;
+    }
     // One call site per table: the verifier then inlines each lookup.
     if packet.protocol == IPPROTO_TCP {
         reply(ctx, &packet, &CONNTRACK_TCP)
@@ -85,6 +89,7 @@ fn reply(ctx: &TcContext, packet: &Packet, table: &CtMap) -> i32 {
         count(Counter::Error);
         return TC_ACT_SHOT;
     }
+    frag::translated(packet);
     count(Counter::ReverseTranslated);
     TC_ACT_OK
 }

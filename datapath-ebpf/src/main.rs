@@ -6,6 +6,7 @@
 
 mod ct;
 mod egress;
+mod frag;
 mod ingress;
 mod l2;
 mod maps;

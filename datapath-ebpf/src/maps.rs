@@ -8,8 +8,8 @@ use aya_ebpf::{
 };
 use datapath_common::{
     maps::{
-        Backend, CtEntry, CtKey, RevNatValue, ServiceKey, ServiceValue, SockRevNatKey,
-        SockRevNatValue,
+        Backend, CtEntry, CtKey, FragmentKey, FragmentPorts, RevNatValue, ServiceKey, ServiceValue,
+        SockRevNatKey, SockRevNatValue,
     },
     metrics::COUNTER_COUNT,
 };
@@ -57,3 +57,10 @@ pub static SOCK_REVERSE_NAT: LruHashMap<SockRevNatKey, SockRevNatValue> =
 /// `datapath_common::metrics::Counter`-indexed event counters.
 #[map]
 pub static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(COUNTER_COUNT, 0);
+
+/// Ports of fragmented datagrams whose first fragment was translated, for
+/// their later fragments (`crate::frag`). LRU: a datagram whose last
+/// fragment never came is forgotten when room is needed.
+#[map]
+pub static FRAGMENTS: LruHashMap<FragmentKey, FragmentPorts> =
+    LruHashMap::with_max_entries(datapath_common::maps::DEFAULT_FRAGMENTS_MAX, 0);

@@ -42,6 +42,17 @@ pub fn rewrite(
     };
     let ip_csum: *mut u16 = ptr_at(ctx, ETH_LEN + IP_CSUM_OFF).ok_or(())?;
     let ip_addr: *mut u32 = ptr_at(ctx, ETH_LEN + ip_off).ok_or(())?;
+    if packet.is_later_fragment() {
+        // No L4 header here: the first fragment's checksum update covered
+        // the whole datagram.
+        // SAFETY: bounds-checked by ptr_at; TC programs may write packet
+        // data (the verifier makes the skb writable first).
+        unsafe {
+            *ip_csum = csum::replace_u32(*ip_csum, old_address, address_be);
+            *ip_addr = address_be;
+        }
+        return Ok(());
+    }
     let l4_port: *mut u16 = ptr_at(ctx, packet.l4_off + port_off).ok_or(())?;
     // SAFETY: all three pointers are bounds-checked by ptr_at; TC programs
     // may write packet data (the verifier makes the skb writable first).

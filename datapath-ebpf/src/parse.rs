@@ -25,6 +25,18 @@ const TCP_FLAGS_OFF: usize = 13;
 pub const IP_CSUM_OFF: usize = 10;
 pub const IP_SRC_OFF: usize = 12;
 pub const IP_DST_OFF: usize = 16;
+/// Bits of the IPv4 flags/fragment-offset field (host order).
+const IP_OFFSET_MASK: u16 = 0x1fff;
+const IP_MORE_FRAGMENTS: u16 = 0x2000;
+
+/// `Packet::fragment`: a whole datagram.
+pub const NOT_FRAGMENTED: u8 = 0;
+/// `Packet::fragment`: the first fragment (offset 0, more to come): it
+/// carries the L4 header.
+pub const FIRST_FRAGMENT: u8 = 1;
+/// `Packet::fragment`: a later fragment: no L4 header; its ports are the
+/// first fragment's (`crate::frag`), zero until looked up.
+pub const LATER_FRAGMENT: u8 = 2;
 
 /// The fields of an IPv4 TCP/UDP packet the datapath works with.
 pub struct Packet {
@@ -35,8 +47,20 @@ pub struct Packet {
     pub sport_be: u16,
     pub dport_be: u16,
     pub protocol: u8,
-    /// TCP flags byte (0 for UDP).
+    /// TCP flags byte (0 for UDP and for later fragments).
     pub tcp_flags: u8,
+    /// `NOT_FRAGMENTED`, `FIRST_FRAGMENT` or `LATER_FRAGMENT`.
+    pub fragment: u8,
+    /// The IPv4 identification field (names a fragmented datagram).
+    pub ip_id_be: u16,
+}
+
+impl Packet {
+    /// True for a fragment without an L4 header.
+    #[inline(always)]
+    pub fn is_later_fragment(&self) -> bool {
+        self.fragment == LATER_FRAGMENT
+    }
 }
 
 #[inline(always)]
@@ -50,8 +74,9 @@ pub fn ptr_at<T>(ctx: &TcContext, offset: usize) -> Option<*mut T> {
 }
 
 /// Parses an IPv4 TCP or UDP frame. `None` means "not for us": not IPv4,
-/// another protocol, a non-first fragment (counted) or a frame too short
-/// to hold what its headers claim (counted).
+/// another protocol, or a frame too short to hold what its headers claim
+/// (counted). A later fragment is returned without ports (see
+/// `Packet::fragment`).
 #[inline(always)]
 pub fn ipv4_l4(ctx: &TcContext) -> Option<Packet> {
     let eth: *const EthHdr = ptr_at(ctx, 0)?;
@@ -64,8 +89,15 @@ pub fn ipv4_l4(ctx: &TcContext) -> Option<Packet> {
         return None;
     };
     // SAFETY: bounds-checked by ptr_at.
-    let (vihl, protocol, frags, tot_len) =
-        unsafe { ((*ip).vihl, (*ip).proto, (*ip).frags, (*ip).tot_len) };
+    let (vihl, protocol, frags, tot_len, ip_id) = unsafe {
+        (
+            (*ip).vihl,
+            (*ip).proto,
+            (*ip).frags,
+            (*ip).tot_len,
+            (*ip).id,
+        )
+    };
     if protocol != IPPROTO_TCP && protocol != IPPROTO_UDP {
         return None;
     }
@@ -74,12 +106,40 @@ pub fn ipv4_l4(ctx: &TcContext) -> Option<Packet> {
         count(Counter::NotParsed);
         return None;
     }
-    if u16::from_be_bytes(frags) & 0x1fff != 0 {
-        // No ports in a non-first fragment: nothing to translate by.
-        count(Counter::Fragment);
-        return None;
-    }
+    let frags = u16::from_be_bytes(frags);
     let l4_off = ETH_LEN + ihl;
+    let tot_len = u16::from_be_bytes(tot_len) as usize;
+    if frags & IP_OFFSET_MASK != 0 {
+        // A later fragment: its ports are its first fragment's.
+        if tot_len < ihl || (ctx.len() as usize) < ETH_LEN + tot_len {
+            count(Counter::NotParsed);
+            return None;
+        }
+        let ip: *const Ipv4Hdr = ptr_at(ctx, ETH_LEN)?;
+        // SAFETY: bounds-checked by ptr_at.
+        let (saddr_be, daddr_be) = unsafe {
+            (
+                u32::from_ne_bytes((*ip).src_addr),
+                u32::from_ne_bytes((*ip).dst_addr),
+            )
+        };
+        return Some(Packet {
+            l4_off,
+            saddr_be,
+            daddr_be,
+            sport_be: 0,
+            dport_be: 0,
+            protocol,
+            tcp_flags: 0,
+            fragment: LATER_FRAGMENT,
+            ip_id_be: u16::from_ne_bytes(ip_id),
+        });
+    }
+    let fragment = if frags & IP_MORE_FRAGMENTS != 0 {
+        FIRST_FRAGMENT
+    } else {
+        NOT_FRAGMENTED
+    };
     let needed = if protocol == IPPROTO_TCP {
         TCP_NEEDED
     } else {
@@ -88,7 +148,6 @@ pub fn ipv4_l4(ctx: &TcContext) -> Option<Packet> {
     // A frame shorter than its IP header claims (truncated) or an IP
     // length too small for the L4 header is malformed: never rewrite it.
     // (tot_len 0 is how BIG TCP marks a GSO packet over 64 KiB.)
-    let tot_len = u16::from_be_bytes(tot_len) as usize;
     if tot_len != 0 && (tot_len < ihl + needed || (ctx.len() as usize) < ETH_LEN + tot_len) {
         count(Counter::NotParsed);
         return None;
@@ -129,5 +188,7 @@ pub fn ipv4_l4(ctx: &TcContext) -> Option<Packet> {
         dport_be,
         protocol,
         tcp_flags,
+        fragment,
+        ip_id_be: u16::from_ne_bytes(ip_id),
     })
 }

@@ -12,8 +12,8 @@ use datapath_common::{
     IPPROTO_TCP, IPPROTO_UDP, ipv4_be, ipv4_octets,
     lb::service_filter_index,
     maps::{
-        self as m, Backend, BackendId, CtEntry, CtKey, RevNatId, RevNatValue, ServiceKey,
-        ServiceValue, SockRevNatKey, SockRevNatValue,
+        self as m, Backend, BackendId, CtEntry, CtKey, FragmentKey, FragmentPorts, RevNatId,
+        RevNatValue, ServiceKey, ServiceValue, SockRevNatKey, SockRevNatValue,
     },
     metrics::Counter,
     port_be, port_host,
@@ -169,6 +169,8 @@ pub struct DatapathMaps {
     pub counters: PerCpuArray<MapData, u64>,
     /// Frontends per `lb::service_filter_index` bucket.
     pub service_filter: Array<MapData, u32>,
+    /// Ports of fragmented datagrams in flight.
+    pub fragments: HashMap<MapData, FragmentKey, FragmentPorts>,
 }
 
 impl DatapathMaps {
@@ -208,6 +210,7 @@ impl DatapathMaps {
             sock_reverse_nat: typed(&mut get, m::SOCK_REVERSE_NAT_MAP)?,
             counters: typed(&mut get, m::COUNTERS_MAP)?,
             service_filter: typed(&mut get, m::SERVICE_FILTER_MAP)?,
+            fragments: typed(&mut get, m::FRAGMENTS_MAP)?,
         })
     }
 

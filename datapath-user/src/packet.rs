@@ -193,6 +193,77 @@ impl Frame {
     }
 }
 
+/// `frame` cut into IPv4 fragments of at most `fragment_payload` bytes of
+/// IP payload each (a multiple of 8, as RFC 791 requires for all but the
+/// last), as the kernel's IP output would send a datagram over a smaller
+/// MTU. The first fragment carries the L4 header.
+pub fn fragments(frame: &Frame, fragment_payload: usize) -> Vec<Vec<u8>> {
+    assert!(fragment_payload.is_multiple_of(8) && fragment_payload > 0);
+    let whole = frame.build();
+    let ihl = usize::from(whole[ETH_LEN] & 0x0f) * 4;
+    let header = &whole[..ETH_LEN + ihl];
+    let payload = &whole[ETH_LEN + ihl..];
+    let mut out = Vec::new();
+    for (i, chunk) in payload.chunks(fragment_payload).enumerate() {
+        let offset = i * fragment_payload;
+        let more = offset + chunk.len() < payload.len();
+        let mut piece = header.to_vec();
+        piece.extend_from_slice(chunk);
+        let ip = &mut piece[ETH_LEN..ETH_LEN + ihl];
+        ip[2..4].copy_from_slice(&((ihl + chunk.len()) as u16).to_be_bytes());
+        let field = (u16::from(more) << 13) | (offset / 8) as u16;
+        ip[6..8].copy_from_slice(&field.to_be_bytes());
+        ip[10..12].copy_from_slice(&[0, 0]);
+        let check = csum::checksum(ip);
+        ip[10..12].copy_from_slice(&check.to_ne_bytes());
+        out.push(piece);
+    }
+    out
+}
+
+/// The datagram `pieces` (fragments, in any order) reassemble to: source,
+/// destination and L4 bytes. `None` when they disagree on the addresses,
+/// a header checksum is wrong, or a piece is missing.
+pub fn reassemble(pieces: &[Vec<u8>]) -> Option<([u8; 4], [u8; 4], Vec<u8>)> {
+    let mut parts = Vec::new();
+    let mut ends = None;
+    for piece in pieces {
+        let ip_start = ETH_LEN;
+        let ihl = usize::from(piece[ip_start] & 0x0f) * 4;
+        let ip = &piece[ip_start..ip_start + ihl];
+        if !csum::verifies(ip) {
+            return None;
+        }
+        let src: [u8; 4] = ip[12..16].try_into().ok()?;
+        let dst: [u8; 4] = ip[16..20].try_into().ok()?;
+        match ends {
+            None => ends = Some((src, dst)),
+            Some(known) if known != (src, dst) => return None,
+            Some(_) => {}
+        }
+        let field = u16::from_be_bytes([ip[6], ip[7]]);
+        let offset = usize::from(field & 0x1fff) * 8;
+        parts.push((
+            offset,
+            field & 0x2000 != 0,
+            piece[ip_start + ihl..].to_vec(),
+        ));
+    }
+    parts.sort_by_key(|(offset, _, _)| *offset);
+    let mut l4 = Vec::new();
+    for (offset, _, bytes) in &parts {
+        if *offset != l4.len() {
+            return None;
+        }
+        l4.extend_from_slice(bytes);
+    }
+    if parts.last()?.1 {
+        return None; // the last piece says more follow
+    }
+    let (src, dst) = ends?;
+    Some((src, dst, l4))
+}
+
 /// What a frame says, parsed back (for assertions).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Parsed {

@@ -133,10 +133,10 @@ pub fn udp_server(
     let thread = {
         let stop = stop.clone();
         std::thread::spawn(move || {
-            let mut buf = [0u8; 2048];
+            let mut buf = vec![0u8; 65536];
             while !stop.load(Ordering::Relaxed) {
-                if let Ok((_, from)) = socket.recv_from(&mut buf) {
-                    let _ = socket.send_to(name.as_bytes(), from);
+                if let Ok((n, from)) = socket.recv_from(&mut buf) {
+                    let _ = socket.send_to(&answer_for(&name, n), from);
                 }
             }
         })
@@ -146,6 +146,41 @@ pub fn udp_server(
         thread: Some(thread),
         address: bind,
     })
+}
+
+/// A request longer than this gets an answer as long as itself (its
+/// name, a newline, padding): large datagrams both ways, as DNS with EDNS
+/// or NFS send them.
+pub const LARGE_REQUEST: usize = 512;
+
+/// What the UDP server sends back for an `n`-byte request.
+fn answer_for(name: &str, n: usize) -> Vec<u8> {
+    let mut answer = name.as_bytes().to_vec();
+    if n > LARGE_REQUEST {
+        answer.push(b'\n');
+        answer.resize(n.max(answer.len()), b'.');
+    }
+    answer
+}
+
+/// One `size`-byte UDP request (larger than the MTU, it leaves in
+/// fragments) on a connected socket; the answer is as large. Returns the
+/// answer and its size.
+pub fn large_udp_request(
+    target: SocketAddrV4,
+    size: usize,
+    timeout: Duration,
+) -> io::Result<(Answer, usize)> {
+    let socket = UdpSocket::bind("0.0.0.0:0")?;
+    socket.set_read_timeout(Some(timeout))?;
+    socket.connect(target)?;
+    let request: Vec<u8> = (0..size).map(|i| b'a' + (i % 26) as u8).collect();
+    socket.send(&request)?;
+    let mut buf = vec![0u8; 65536];
+    let (n, peer) = socket.recv_from(&mut buf)?;
+    let text = String::from_utf8_lossy(&buf[..n]);
+    let server = text.split('\n').next().unwrap_or_default().to_owned();
+    Ok((Answer { server, peer }, n))
 }
 
 /// What one request saw.

@@ -701,3 +701,51 @@ fn ipv4_mapped_ipv6_sockets_are_translated_by_socket_lb() {
     drop(servers);
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// Datagrams larger than the path MTU (4,000 bytes over 1,500) cross the
+/// ClusterIP on the TC path whole, both ways: every fragment is
+/// translated, so the backend reassembles the request and the client the
+/// answer.
+#[test]
+fn datagrams_larger_than_the_mtu_cross_the_cluster_ip_whole() {
+    require_root("agent e2e");
+    let topo = Topology::build(&standard_pods()).expect("building the topology");
+    let pod = topo.pod("server-a");
+    let ready = "{ready: true, serving: true, terminating: false}";
+    let server = workload::udp_server(&pod.namespace, pod.address, 5353, "server-a").unwrap();
+    let pins = PinDir(PathBuf::from(format!("/sys/fs/bpf/{}", topo.prefix)));
+    let dir = tempdir(&topo.prefix);
+    write_atomically(
+        &dir.join("drain.yaml"),
+        &drain_manifest(&[(pod.address, ready)]),
+    );
+    let filter = format!("{}-client*", topo.prefix);
+    let agent = Agent::start(&pins.0, &dir, &filter);
+    let client_ns = topo.pod("client").namespace.name().to_owned();
+    wait_until("the client's eth0 is attached", || {
+        pinned_tc_links(&pins.0).contains(&(client_ns.clone(), "eth0".into()))
+    });
+    let client = &topo.pod("client").namespace;
+    for size in [4000, 9000, 20000] {
+        let (answer, length) = client
+            .run(|| workload::large_udp_request(SocketAddrV4::new(VIP, 53), size, TIMEOUT))
+            .unwrap()
+            .unwrap_or_else(|e| panic!("{size}-byte datagram: {e}"));
+        assert_eq!(answer.server, "server-a");
+        assert_eq!(answer.peer, std::net::SocketAddr::from((VIP, 53)));
+        assert_eq!(length, size, "the answer arrives whole");
+    }
+    let metrics = agent.get("/metrics").unwrap();
+    let translated: u64 = metrics
+        .lines()
+        .find(|l| l.contains("datapath_events_total{event=\"fragment_translated\"}"))
+        .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+        .unwrap_or_else(|| panic!("no fragment_translated counter in {metrics}"));
+    assert!(
+        translated >= 2 * (2 + 6 + 13),
+        "{translated} fragments translated"
+    );
+    agent.stop();
+    drop(server);
+    let _ = std::fs::remove_dir_all(&dir);
+}
