@@ -30,10 +30,14 @@ pub enum Counter {
     /// Non-first IPv4 fragments translated like their datagram's first
     /// fragment (both directions).
     FragmentTranslated = 9,
+    /// ICMP errors (destination unreachable, fragmentation needed, time
+    /// exceeded) about a translated flow, translated outer and embedded
+    /// headers alike (both directions).
+    IcmpErrorTranslated = 10,
 }
 
 /// Number of slots in `COUNTERS`.
-pub const COUNTER_COUNT: u32 = 10;
+pub const COUNTER_COUNT: u32 = 11;
 
 impl Counter {
     /// Every counter, in index order.
@@ -48,6 +52,7 @@ impl Counter {
         Counter::SockTranslated,
         Counter::SockReverseTranslated,
         Counter::FragmentTranslated,
+        Counter::IcmpErrorTranslated,
     ];
 
     /// The snake_case name used in metrics and CLI output.
@@ -63,6 +68,7 @@ impl Counter {
             Counter::SockTranslated => "sock_translated",
             Counter::SockReverseTranslated => "sock_reverse_translated",
             Counter::FragmentTranslated => "fragment_translated",
+            Counter::IcmpErrorTranslated => "icmp_error_translated",
         }
     }
 }

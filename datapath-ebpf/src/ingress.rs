@@ -14,7 +14,7 @@ use datapath_common::{
 };
 
 use crate::{
-    ct, frag, l2,
+    ct, frag, icmp, l2,
     maps::{CONNTRACK_TCP, CONNTRACK_UDP, CtMap},
     metrics::count,
     nat::{self, End},
@@ -23,7 +23,8 @@ use crate::{
 
 pub fn run(ctx: &TcContext) -> i32 {
     let Some(mut packet) = parse::ipv4_l4(ctx) else {
-        return TC_ACT_UNSPEC;
+        // Not TCP or UDP: an ICMP error may be about a translated flow.
+        return icmp::on_ingress(ctx);
     };
     if packet.is_later_fragment() && !frag::resolve(&mut packet) {
         count(Counter::Fragment);

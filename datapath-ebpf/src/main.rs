@@ -7,6 +7,7 @@
 mod ct;
 mod egress;
 mod frag;
+mod icmp;
 mod ingress;
 mod l2;
 mod maps;

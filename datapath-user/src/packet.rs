@@ -193,6 +193,29 @@ impl Frame {
     }
 }
 
+/// An ICMP error from `src` to `dst` quoting `quoted` (an IP packet, as
+/// much of it as the sender quotes): `icmp_type`/`code` (3/4 with
+/// `next_hop_mtu` for "fragmentation needed"), checksum filled in.
+pub fn icmp_error(
+    src: Ipv4Addr,
+    dst: Ipv4Addr,
+    icmp_type: u8,
+    code: u8,
+    next_hop_mtu: u16,
+    quoted: &[u8],
+) -> Frame {
+    let mut icmp = vec![icmp_type, code, 0, 0, 0, 0];
+    icmp.extend_from_slice(&next_hop_mtu.to_be_bytes());
+    icmp.extend_from_slice(quoted);
+    let check = csum::checksum(&icmp);
+    icmp[2..4].copy_from_slice(&check.to_ne_bytes());
+    Frame {
+        l4: L4::Other { protocol: 1 },
+        ..Frame::udp((src, 0), (dst, 0))
+    }
+    .with_payload(&icmp)
+}
+
 /// `frame` cut into IPv4 fragments of at most `fragment_payload` bytes of
 /// IP payload each (a multiple of 8, as RFC 791 requires for all but the
 /// last), as the kernel's IP output would send a datagram over a smaller

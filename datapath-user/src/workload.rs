@@ -290,6 +290,8 @@ impl Conversation {
     pub fn open(target: impl Into<SocketAddr>, timeout: Duration) -> io::Result<Self> {
         let stream = TcpStream::connect_timeout(&target.into(), timeout)?;
         stream.set_read_timeout(Some(timeout))?;
+        // A bulk request into a black hole must fail, not block forever.
+        stream.set_write_timeout(Some(timeout))?;
         stream.set_nodelay(true)?;
         let reader = BufReader::new(stream.try_clone()?);
         Ok(Self { stream, reader })
@@ -297,7 +299,18 @@ impl Conversation {
 
     /// Sends one request and returns the answering server's name.
     pub fn ask(&mut self) -> io::Result<String> {
-        self.stream.write_all(b"again\n")?;
+        self.ask_with(b"again")
+    }
+
+    /// Sends one `size`-byte request (a bulk transfer on the same
+    /// connection) and returns the answering server's name.
+    pub fn ask_large(&mut self, size: usize) -> io::Result<String> {
+        self.ask_with(&vec![b'x'; size])
+    }
+
+    fn ask_with(&mut self, request: &[u8]) -> io::Result<String> {
+        self.stream.write_all(request)?;
+        self.stream.write_all(b"\n")?;
         let mut line = String::new();
         self.reader.read_line(&mut line)?;
         if line.is_empty() {

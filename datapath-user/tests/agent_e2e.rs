@@ -749,3 +749,83 @@ fn datagrams_larger_than_the_mtu_cross_the_cluster_ip_whole() {
     drop(server);
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// Path-MTU discovery through a ClusterIP: the backend is behind a routed
+/// hop whose route allows only 1,400 bytes. The router's "fragmentation
+/// needed" quotes the DNATed segment; translated back to the ClusterIP it
+/// reaches the client's socket, which lowers its segment size, and a 2 MB
+/// transfer completes instead of black-holing.
+#[test]
+fn path_mtu_discovery_works_through_the_cluster_ip() {
+    require_root("agent e2e");
+    let topo = Topology::build(&standard_pods()).expect("building the topology");
+    let pod = topo.pod("server-c");
+    assert_ne!(
+        pod.address.octets()[..3],
+        topo.pod("client").address.octets()[..3],
+        "server-c is routed"
+    );
+    let server = workload::tcp_server(&pod.namespace, pod.address, TARGET, "server-c").unwrap();
+    // The routed hop: the gateway forwards to server-c's subnet with a
+    // 1,400-byte route MTU (forwarding honours a route's MTU).
+    let gateway = topo.gateway.name().to_owned();
+    let narrow = Command::new("ip")
+        .args([
+            "-n",
+            &gateway,
+            "route",
+            "replace",
+            "10.78.0.0/24",
+            "dev",
+            "eth0",
+        ])
+        .args([
+            "proto",
+            "kernel",
+            "scope",
+            "link",
+            "src",
+            "10.78.0.254",
+            "mtu",
+            "1400",
+        ])
+        .status()
+        .unwrap();
+    assert!(narrow.success(), "narrowing the gateway's route");
+    let pins = PinDir(PathBuf::from(format!("/sys/fs/bpf/{}", topo.prefix)));
+    let dir = tempdir(&topo.prefix);
+    let ready = "{ready: true, serving: true, terminating: false}";
+    write_atomically(
+        &dir.join("drain.yaml"),
+        &drain_manifest(&[(pod.address, ready)]),
+    );
+    let filter = format!("{}-client*", topo.prefix);
+    let agent = Agent::start(&pins.0, &dir, &filter);
+    let client_ns = topo.pod("client").namespace.name().to_owned();
+    wait_until("the client's eth0 is attached", || {
+        pinned_tc_links(&pins.0).contains(&(client_ns.clone(), "eth0".into()))
+    });
+    let mut conversation = topo
+        .pod("client")
+        .namespace
+        .run(|| Conversation::open(SocketAddrV4::new(VIP, 80), Duration::from_secs(10)))
+        .unwrap()
+        .unwrap();
+    assert_eq!(conversation.ask().unwrap(), "server-c");
+    assert_eq!(
+        conversation
+            .ask_large(2 << 20)
+            .expect("a 2 MB transfer through the narrow hop"),
+        "server-c"
+    );
+    let metrics = agent.get("/metrics").unwrap();
+    let translated: u64 = metrics
+        .lines()
+        .find(|l| l.contains("datapath_events_total{event=\"icmp_error_translated\"}"))
+        .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+        .unwrap_or_else(|| panic!("no icmp_error_translated counter in {metrics}"));
+    assert!(translated >= 1, "the router's error was translated");
+    agent.stop();
+    drop(server);
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -954,3 +954,127 @@ fn every_fragment_of_a_datagram_is_translated_both_ways() {
     let result = dp.test_run_tc(TC_EGRESS, &stray_bytes, 1).unwrap();
     assert_eq!((result.verdict, result.frame), (verdict::NEXT, stray_bytes));
 }
+
+/// Checks an ICMP error frame from scratch: outer IP checksum, ICMP
+/// checksum over the whole message, the quoted IP header's checksum;
+/// returns (outer src, outer dst, quoted src:port, quoted dst:port).
+fn icmp_error_fields(
+    description: &str,
+    frame: &[u8],
+) -> (Ipv4Addr, Ipv4Addr, (Ipv4Addr, u16), (Ipv4Addr, u16)) {
+    use datapath_common::csum;
+    let ip = &frame[14..34];
+    assert!(csum::verifies(ip), "{description}: outer IP checksum");
+    let icmp = &frame[34..];
+    assert!(csum::verifies(icmp), "{description}: ICMP checksum");
+    let quoted = &icmp[8..];
+    let ihl = usize::from(quoted[0] & 0x0f) * 4;
+    assert!(
+        csum::verifies(&quoted[..ihl]),
+        "{description}: quoted IP checksum"
+    );
+    let addr = |b: &[u8]| Ipv4Addr::new(b[0], b[1], b[2], b[3]);
+    let port = |b: &[u8]| u16::from_be_bytes([b[0], b[1]]);
+    (
+        addr(&ip[12..16]),
+        addr(&ip[16..20]),
+        (addr(&quoted[12..16]), port(&quoted[ihl..])),
+        (addr(&quoted[16..20]), port(&quoted[ihl + 2..])),
+    )
+}
+
+/// ICMP errors about translated flows are translated back, outer and
+/// quoted headers, all checksums valid from scratch: a router's
+/// "fragmentation needed" about a DNATed segment reaches the client
+/// quoting the ClusterIP (path-MTU discovery works), the backend's own
+/// "port unreachable" comes from the ClusterIP, and the client's "port
+/// unreachable" about a reply goes to the backend that sent it. Errors
+/// about flows nobody tracks pass untouched.
+#[test]
+fn icmp_errors_about_translated_flows_are_translated() {
+    use datapath_common::csum;
+    let router = Ipv4Addr::new(10, 77, 0, 254);
+
+    // TCP: the client's segment as it left (to B1), quoted whole by a
+    // router that could not forward it.
+    let mut dp = datapath_with(tcp_frontend(), &[B1]);
+    let syn = Frame::tcp(CLIENT, (VIP, 80), SYN);
+    egress(&mut dp, &syn);
+    let segment = Frame::tcp(CLIENT, (B1.address, B1.port), ACK | PSH).with_payload(&[9; 40]);
+    let wire = segment.build();
+    for (description, quoted_len) in [
+        ("RFC 792 quote (8 bytes)", 28),
+        ("whole segment", wire.len() - 14),
+    ] {
+        let error = packet::icmp_error(router, CLIENT.0, 3, 4, 1400, &wire[14..14 + quoted_len]);
+        let out = dp.test_run_tc(TC_INGRESS, &error.build(), 1).unwrap();
+        assert_eq!(out.verdict, verdict::OK, "{description}");
+        let (src, dst, quoted_src, quoted_dst) = icmp_error_fields(description, &out.frame);
+        assert_eq!(
+            (src, dst),
+            (router, CLIENT.0),
+            "{description}: a router's error keeps its source"
+        );
+        assert_eq!(quoted_src, CLIENT, "{description}");
+        assert_eq!(
+            quoted_dst,
+            (VIP, 80),
+            "{description}: the client's socket knows the ClusterIP"
+        );
+        assert_eq!(
+            &out.frame[40..42],
+            &1400u16.to_be_bytes(),
+            "{description}: next-hop MTU kept"
+        );
+        if quoted_len == wire.len() - 14 {
+            let quoted_l4 = &out.frame[42 + 20..];
+            assert!(
+                csum::l4_verifies(CLIENT.0.octets(), VIP.octets(), 6, quoted_l4),
+                "{description}: the quoted TCP checksum follows the ClusterIP"
+            );
+        }
+    }
+
+    // UDP: the backend itself answers "port unreachable".
+    let mut dp = datapath_with(udp_frontend(), &[B3]);
+    let query = Frame::udp(CLIENT, (VIP, 53)).with_payload(b"query");
+    egress(&mut dp, &query);
+    let sent = to_backend(&query, &B3).build();
+    let error = packet::icmp_error(B3.address, CLIENT.0, 3, 3, 0, &sent[14..]);
+    let out = dp.test_run_tc(TC_INGRESS, &error.build(), 1).unwrap();
+    assert_eq!(out.verdict, verdict::OK);
+    let (src, _, _, quoted_dst) = icmp_error_fields("port unreachable", &out.frame);
+    assert_eq!(src, VIP, "the backend's own error comes from the ClusterIP");
+    assert_eq!(quoted_dst, (VIP, 53));
+    assert!(csum::l4_verifies(
+        CLIENT.0.octets(),
+        VIP.octets(),
+        17,
+        &out.frame[42 + 20..]
+    ));
+    assert_eq!(dp.maps.counter(Counter::IcmpErrorTranslated).unwrap(), 1);
+
+    // The client's "port unreachable" about a reply it got from VIP:53
+    // goes to the backend.
+    let reply_seen = Frame::udp((VIP, 53), CLIENT)
+        .with_payload(b"late answer")
+        .build();
+    let error = packet::icmp_error(CLIENT.0, VIP, 3, 3, 0, &reply_seen[14..]);
+    let out = dp.test_run_tc(TC_EGRESS, &error.build(), 1).unwrap();
+    assert_eq!(out.verdict, verdict::REDIRECT, "routed to the backend");
+    let (src, dst, quoted_src, _) = icmp_error_fields("client's port unreachable", &out.frame);
+    assert_eq!((src, dst), (CLIENT.0, B3.address));
+    assert_eq!(quoted_src, (B3.address, B3.port));
+    assert!(csum::l4_verifies(
+        B3.address.octets(),
+        CLIENT.0.octets(),
+        17,
+        &out.frame[42 + 20..]
+    ));
+
+    // About a flow nobody tracks: untouched.
+    let other = Frame::udp((CLIENT.0, 41000), (B3.address, B3.port)).build();
+    let error = packet::icmp_error(router, CLIENT.0, 11, 0, 0, &other[14..]).build();
+    let out = dp.test_run_tc(TC_INGRESS, &error, 1).unwrap();
+    assert_eq!((out.verdict, out.frame), (verdict::NEXT, error));
+}
