@@ -32,6 +32,7 @@ use crate::{
     maps::DatapathMaps,
     metrics::{self, IssueLabels, Metrics, SyncLabels},
     reconcile::{LbMaps, Reconciler},
+    udp_terminate::{SocketTerminator, UdpSocketTerminator},
 };
 
 /// How often services whose map writes failed are tried again.
@@ -80,6 +81,9 @@ pub struct AgentCore<M> {
     /// A source could not read everything at start: no pruning of
     /// frontends that nothing seems to ask for.
     incomplete: bool,
+    /// Moves connected UDP sockets off departed backends (none: nobody
+    /// does, e.g. without socket-LB).
+    terminator: Option<Box<dyn SocketTerminator>>,
 }
 
 /// What one sync did.
@@ -102,7 +106,14 @@ impl<M: LbMaps> AgentCore<M> {
             issues: BTreeMap::new(),
             failed: BTreeSet::new(),
             incomplete: false,
+            terminator: None,
         }
+    }
+
+    /// Hands the backends that leave UDP frontends to `terminator`.
+    pub fn with_terminator(mut self, terminator: Box<dyn SocketTerminator>) -> Self {
+        self.terminator = Some(terminator);
+        self
     }
 
     pub fn reconciler(&self) -> &Reconciler<M> {
@@ -157,13 +168,15 @@ impl<M: LbMaps> AgentCore<M> {
         let mut done = BTreeSet::new();
         // Retries are bounded: each one follows a frontend's release.
         let mut budget = queue.len() * 4 + 64;
+        let mut departed = Vec::new();
         while let Some(service) = queue.pop_front() {
             if !done.insert(service.clone()) {
                 continue;
             }
             budget = budget.saturating_sub(1);
             let translation = self.store.translate(&service, &self.node);
-            let outcome = self.reconciler.update_service(&service, &translation);
+            let mut outcome = self.reconciler.update_service(&service, &translation);
+            departed.append(&mut outcome.departed);
             stats.services += 1;
             stats.written += outcome.frontends_written;
             stats.removed += outcome.frontends_removed;
@@ -182,6 +195,11 @@ impl<M: LbMaps> AgentCore<M> {
                     queue.push_back(waiter);
                 }
             }
+        }
+        if !departed.is_empty()
+            && let Some(terminator) = &mut self.terminator
+        {
+            terminator.terminate(&departed);
         }
         stats
     }
@@ -410,7 +428,16 @@ pub async fn run(options: AgentOptions) -> Result<()> {
         }
     };
     let reconciler = Reconciler::adopt(maps).context("reading the pinned maps")?;
-    let core = AgentCore::new(reconciler, options.node.clone(), metrics.clone());
+    let mut core = AgentCore::new(reconciler, options.node.clone(), metrics.clone());
+    if options.cgroup.is_some() {
+        let netns_dir = options
+            .netns_dir
+            .clone()
+            .unwrap_or_else(|| crate::netns::NETNS_RUN_DIR.into());
+        let terminator = UdpSocketTerminator::open(&options.pin_dir, netns_dir, metrics.clone())
+            .context("opening SOCK_REVERSE_NAT for UDP socket termination")?;
+        core = core.with_terminator(Box::new(terminator));
+    }
     let core = tokio::spawn(core.run(rx, options.debounce));
 
     shutdown_signal().await;

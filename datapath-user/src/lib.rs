@@ -18,7 +18,9 @@ pub mod netns;
 pub mod object;
 pub mod packet;
 pub mod reconcile;
+pub mod sockdiag;
 pub mod topology;
+pub mod udp_terminate;
 pub mod workload;
 
 pub use loader::{Datapath, LoadOptions, LoaderError, TcMode};

@@ -53,6 +53,8 @@ pub struct Metrics {
     pub issues: Family<IssueLabels, Gauge>,
     /// Problems ever raised, by kind.
     pub issues_total: Family<IssueLabels, Counter>,
+    /// Connected UDP sockets destroyed because their backend left.
+    pub udp_sockets_terminated: Counter,
     /// The first full sync finished: the maps match the cluster.
     pub ready: AtomicBool,
 }
@@ -118,6 +120,12 @@ impl Metrics {
             let _ = issues.get_or_create(&labels);
             let _ = issues_total.get_or_create(&labels);
         }
+        let udp_sockets_terminated = Counter::default();
+        registry.register(
+            "udp_sockets_terminated",
+            "Connected UDP sockets destroyed because their backend left the service (the application reconnects)",
+            udp_sockets_terminated.clone(),
+        );
         if let Some(dir) = pin_dir {
             registry.register_collector(Box::new(DatapathCounters::open(dir)));
         }
@@ -130,6 +138,7 @@ impl Metrics {
             attached_interfaces,
             issues,
             issues_total,
+            udp_sockets_terminated,
             ready: AtomicBool::new(false),
         })
     }

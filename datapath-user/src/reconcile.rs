@@ -317,9 +317,19 @@ struct BackendUse {
     frontends: u32,
 }
 
+/// A backend that left a UDP frontend (not even draining any more):
+/// sockets that socket-LB connected to it for that frontend must go.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Departed {
+    pub rev_nat_id: RevNatId,
+    pub backend: BackendAddress,
+}
+
 /// What an update did.
 #[derive(Debug, Default)]
 pub struct Outcome {
+    /// Backends that left UDP frontends.
+    pub departed: Vec<Departed>,
     /// Problems, each naming the object (Conflict, Limit, Datapath).
     pub issues: Vec<Issue>,
     /// Services that wanted a frontend another service just released:
@@ -356,6 +366,8 @@ pub struct Reconciler<M> {
     /// backend keeps its id across an agent restart this way).
     adopted_unused_backends: Vec<BackendId>,
     adopted_by_address: HashMap<BackendAddress, BackendId>,
+    /// Filled by `program`/`remove`, handed out with the next `Outcome`.
+    departed: Vec<Departed>,
     /// Picks this node's subset of an over-limit service (a hash of the
     /// node's name), so nodes spread over all endpoints.
     node_seed: u64,
@@ -379,6 +391,7 @@ impl<M: LbMaps> Reconciler<M> {
             waiting: HashMap::new(),
             adopted_unused_backends: Vec::new(),
             adopted_by_address: HashMap::new(),
+            departed: Vec::new(),
             node_seed: 0,
             adopted_unused_rev_nats: Vec::new(),
             stray_slots: dump.stray_slots,
@@ -583,6 +596,7 @@ impl<M: LbMaps> Reconciler<M> {
         if !held.is_empty() {
             self.held.insert(service.clone(), held);
         }
+        outcome.departed = std::mem::take(&mut self.departed);
         outcome
     }
 
@@ -784,6 +798,18 @@ impl<M: LbMaps> Reconciler<M> {
         );
         // Break after make: the old set's entries go only now.
         if let Some(old) = old {
+            let now = &self.programmed[frontend];
+            let departed: Vec<Departed> = old
+                .backends
+                .iter()
+                .chain(&old.draining)
+                .filter(|b| !now.backends.contains(b) && !now.draining.contains(b))
+                .map(|&backend| Departed {
+                    rev_nat_id,
+                    backend,
+                })
+                .collect();
+            self.note_departed(frontend, departed);
             self.release_backends(&old.backends);
             self.release_backends(&old.draining);
             self.release_untracked(&old.untracked_ids);
@@ -792,6 +818,17 @@ impl<M: LbMaps> Reconciler<M> {
             return Err(capped_issue());
         }
         Ok(written)
+    }
+
+    /// Remembers backends that left `frontend`, when it is UDP (a TCP
+    /// connection fails fast on its own; a connected UDP socket would
+    /// keep sending into the void).
+    fn note_departed(&mut self, frontend: &Frontend, mut departed: Vec<Departed>) {
+        if frontend.protocol == crate::maps::Protocol::Udp {
+            departed.sort();
+            departed.dedup();
+            self.departed.extend(departed);
+        }
     }
 
     /// Takes a reference on `address`'s backend entry: the one in use, the
@@ -818,6 +855,16 @@ impl<M: LbMaps> Reconciler<M> {
         };
         self.maps.remove_service(frontend).map_err(program_issue)?;
         self.programmed.remove(frontend);
+        let departed = programmed
+            .backends
+            .iter()
+            .chain(&programmed.draining)
+            .map(|&backend| Departed {
+                rev_nat_id: programmed.rev_nat_id,
+                backend,
+            })
+            .collect();
+        self.note_departed(frontend, departed);
         self.rev_nat_ids.release(u32::from(programmed.rev_nat_id));
         self.release_backends(&programmed.backends);
         self.release_backends(&programmed.draining);

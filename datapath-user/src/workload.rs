@@ -366,17 +366,35 @@ impl HeldSocket {
                 target,
                 connected,
             } => {
-                if *connected {
-                    socket.send(b"hello")?;
-                } else {
-                    socket.send_to(b"hello", *target)?;
+                let exchange = || -> io::Result<Answer> {
+                    if *connected {
+                        socket.send(b"hello")?;
+                    } else {
+                        socket.send_to(b"hello", *target)?;
+                    }
+                    let mut buf = [0u8; 512];
+                    let (n, peer) = socket.recv_from(&mut buf)?;
+                    Ok(Answer {
+                        server: String::from_utf8_lossy(&buf[..n]).into_owned(),
+                        peer,
+                    })
+                };
+                let answer = exchange();
+                if *connected
+                    && answer.as_ref().is_err_and(|e| {
+                        matches!(
+                            e.raw_os_error(),
+                            Some(libc::ECONNABORTED | libc::EDESTADDRREQ)
+                        )
+                    })
+                {
+                    // What an application does when its socket is
+                    // destroyed: clear the error still pending on it
+                    // (SO_ERROR) and connect again (socket-LB picks anew).
+                    let _ = socket.take_error();
+                    socket.connect(*target)?;
                 }
-                let mut buf = [0u8; 512];
-                let (n, peer) = socket.recv_from(&mut buf)?;
-                Ok(Answer {
-                    server: String::from_utf8_lossy(&buf[..n]).into_owned(),
-                    peer,
-                })
+                answer
             }
         }
     }

@@ -829,3 +829,126 @@ fn path_mtu_discovery_works_through_the_cluster_ip() {
     drop(server);
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// A UDP socket that socket-LB connected to a backend moves off it once
+/// the backend leaves the service: within a second the agent destroys it
+/// (the application sees ECONNABORTED, connects again and reaches a live
+/// backend). Sockets connected to the remaining backend, the same
+/// backend's sockets of another service, and unconnected sockets are left
+/// alone.
+#[test]
+fn connected_udp_sockets_leave_a_removed_backend() {
+    require_root("agent e2e");
+    let topo = Topology::build(&standard_pods()).expect("building the topology");
+    let ready = "{ready: true, serving: true, terminating: false}";
+    let (a, b) = (topo.pod("server-a").address, topo.pod("server-b").address);
+    let mut servers = Vec::new();
+    for role in ["server-a", "server-b"] {
+        let pod = topo.pod(role);
+        servers.push(workload::udp_server(&pod.namespace, pod.address, 5353, role).unwrap());
+    }
+    let pins = PinDir(PathBuf::from(format!("/sys/fs/bpf/{}", topo.prefix)));
+    let dir = tempdir(&topo.prefix);
+    let file = dir.join("drain.yaml");
+    write_atomically(&file, &drain_manifest(&[(a, ready), (b, ready)]));
+    // Another service on the same backends.
+    let other_vip = Ipv4Addr::new(10, 96, 7, 8);
+    write_atomically(
+        &dir.join("other.yaml"),
+        &format!(
+            "apiVersion: v1\nkind: Service\nmetadata: {{name: other, namespace: e2e}}\nspec:\n  clusterIP: {other_vip}\n  ports: [{{name: dns, port: 54, protocol: UDP, targetPort: 5353}}]\n---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: other-1\n  namespace: e2e\n  labels: {{kubernetes.io/service-name: other}}\naddressType: IPv4\nports: [{{name: dns, port: 5353, protocol: UDP}}]\nendpoints:\n- addresses: [{a}]\n- addresses: [{b}]\n"
+        ),
+    );
+    let cgroup = Cgroup::create(&format!("{}-sock", topo.prefix)).unwrap();
+    let no_pod = format!("{}-no-such-pod", topo.prefix);
+    let cgroup_arg = cgroup.path().to_str().unwrap();
+    let agent = Agent::start_with(&pins.0, &dir, &no_pod, &["--cgroup", cgroup_arg]);
+
+    let exe = PathBuf::from(env!("CARGO_BIN_EXE_underpass"));
+    let client = topo.pod("client").namespace.path().to_owned();
+    let spawn = |kind: ProbeKind, target: SocketAddrV4| {
+        HeldProbe::spawn(&exe, &client, Some(cgroup.path()), kind, target).unwrap()
+    };
+    let answer = |probe: &mut HeldProbe| match probe.ask().unwrap() {
+        ProbeResult::Answer(a) => Ok(a.server),
+        ProbeResult::Failed { errno, error } => Err((errno, error)),
+    };
+    // Connected sockets: each gets its backend at connect().
+    let mut on = std::collections::BTreeMap::<String, Vec<HeldProbe>>::new();
+    for _ in 0..10 {
+        let mut probe = spawn(ProbeKind::UdpConnected, SocketAddrV4::new(VIP, 53));
+        let server = answer(&mut probe).expect("a connected UDP socket answers");
+        on.entry(server).or_default().push(probe);
+    }
+    assert_eq!(on.len(), 2, "10 sockets over two backends: {:?}", on.keys());
+    let mut other_on_a = loop {
+        let mut probe = spawn(ProbeKind::UdpConnected, SocketAddrV4::new(other_vip, 54));
+        if answer(&mut probe).unwrap() == "server-a" {
+            break probe;
+        }
+    };
+    let mut unconnected = spawn(ProbeKind::Udp, SocketAddrV4::new(VIP, 53));
+    answer(&mut unconnected).expect("an unconnected socket answers");
+
+    // server-a leaves the service.
+    write_atomically(&file, &drain_manifest(&[(b, ready)]));
+    let started = Instant::now();
+    for probe in on.get_mut("server-a").unwrap() {
+        let failure = loop {
+            match answer(probe) {
+                Ok(server) => assert_eq!(server, "server-a"),
+                Err(failure) => break failure,
+            }
+            assert!(
+                started.elapsed() < Duration::from_secs(3),
+                "never moved off server-a"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        assert!(
+            matches!(failure.0, Some(libc::ECONNABORTED | libc::EDESTADDRREQ)),
+            "{failure:?}"
+        );
+        assert_eq!(
+            answer(probe).unwrap(),
+            "server-b",
+            "reconnected to a live backend"
+        );
+    }
+    assert!(
+        started.elapsed() < Duration::from_secs(1) + Duration::from_millis(500),
+        "moved within about a second: {:?}",
+        started.elapsed()
+    );
+    for probe in on.get_mut("server-b").unwrap() {
+        assert_eq!(
+            answer(probe).unwrap(),
+            "server-b",
+            "sockets on the live backend stay"
+        );
+    }
+    assert_eq!(
+        answer(&mut other_on_a).unwrap(),
+        "server-a",
+        "another service's socket on the same backend stays"
+    );
+    assert_eq!(
+        answer(&mut unconnected).unwrap(),
+        "server-b",
+        "unconnected: not destroyed"
+    );
+    let metrics = agent.get("/metrics").unwrap();
+    let terminated = on["server-a"].len();
+    assert!(
+        metrics.contains(&format!(
+            "underpass_udp_sockets_terminated_total {terminated}\n"
+        )),
+        "{terminated} sockets terminated: {metrics}"
+    );
+    drop(on);
+    drop(other_on_a);
+    drop(unconnected);
+    agent.stop();
+    drop(servers);
+    let _ = std::fs::remove_dir_all(&dir);
+}

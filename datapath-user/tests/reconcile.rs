@@ -651,3 +651,42 @@ fn node_subset_changes_little_when_endpoints_come_and_go() {
         1024 - kept
     );
 }
+
+/// Backends leaving a UDP frontend are reported (socket-LB's connected UDP
+/// sockets on them must go); draining ones only once they leave the slice
+/// for good; TCP frontends report nothing (their connections fail fast).
+#[test]
+fn backends_leaving_udp_frontends_are_reported() {
+    let dns = |endpoints: &[(&str, bool)]| {
+        let mut text = "apiVersion: v1\nkind: Service\nmetadata: {name: dns, namespace: test}\nspec:\n  clusterIP: 10.96.3.1\n  ports: [{name: dns, port: 53, protocol: UDP}, {name: tcp, port: 53, protocol: TCP}]\n---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: dns-1\n  namespace: test\n  labels: {kubernetes.io/service-name: dns}\naddressType: IPv4\nports: [{name: dns, port: 1053, protocol: UDP}, {name: tcp, port: 1053, protocol: TCP}]\nendpoints:\n".to_owned();
+        for (address, ready) in endpoints {
+            text += &format!("- addresses: [{address}]\n  conditions: {{ready: {ready}}}\n");
+        }
+        translation(&text)
+    };
+    let mut reconciler = Reconciler::adopt(FakeMaps::with_capacity(64)).unwrap();
+    let both = dns(&[("10.244.0.1", true), ("10.244.0.2", true)]);
+    assert!(
+        reconciler
+            .update_service(&both.0, &both.1)
+            .departed
+            .is_empty()
+    );
+    let draining = dns(&[("10.244.0.1", true), ("10.244.0.2", false)]);
+    assert!(
+        reconciler
+            .update_service(&draining.0, &draining.1)
+            .departed
+            .is_empty(),
+        "a draining backend has not left"
+    );
+    let gone = dns(&[("10.244.0.1", true)]);
+    let departed = reconciler.update_service(&gone.0, &gone.1).departed;
+    assert_eq!(departed.len(), 1, "{departed:?}");
+    assert_eq!(departed[0].backend.to_string(), "10.244.0.2:1053/UDP");
+    let deleted = reconciler
+        .update_service(&gone.0, &Default::default())
+        .departed;
+    assert_eq!(deleted.len(), 1, "the service's deletion: {deleted:?}");
+    assert_eq!(deleted[0].backend.to_string(), "10.244.0.1:1053/UDP");
+}

@@ -1,0 +1,123 @@
+//! Moves connected UDP sockets off backends that left their service.
+//!
+//! Socket-LB picks a UDP socket's backend once, at `connect()`, and
+//! remembers it in `SOCK_REVERSE_NAT` under the socket's cookie. When that
+//! backend leaves the frontend (it is not even draining any more), the
+//! sockets connected to it for that frontend are destroyed
+//! (`crate::sockdiag`) in the host's namespace and in every pod namespace:
+//! the application sees ECONNABORTED and connects again, to a live
+//! backend. Unconnected sockets are never touched (each of their datagrams
+//! is translated afresh), nor sockets of other services that share the
+//! backend (the reverse-NAT id must match).
+
+use std::{
+    collections::HashSet,
+    path::{Path, PathBuf},
+    sync::Arc,
+};
+
+use aya::maps::{HashMap, MapData};
+use datapath_common::{
+    ipv4_be,
+    maps::{SockRevNatKey, SockRevNatValue},
+    port_be,
+};
+use tracing::{info, warn};
+
+use crate::{loader::LoaderError, metrics::Metrics, reconcile::Departed, sockdiag};
+
+/// What the agent does when backends leave UDP frontends.
+pub trait SocketTerminator: Send {
+    fn terminate(&mut self, departed: &[Departed]);
+}
+
+/// The real one: `SOCK_REVERSE_NAT` names the sockets, sock_diag destroys
+/// them.
+pub struct UdpSocketTerminator {
+    sock_reverse_nat: HashMap<MapData, SockRevNatKey, SockRevNatValue>,
+    /// Pod namespaces live here (besides the host's own).
+    netns_dir: PathBuf,
+    metrics: Arc<Metrics>,
+}
+
+impl UdpSocketTerminator {
+    pub fn open(
+        pin_dir: &Path,
+        netns_dir: PathBuf,
+        metrics: Arc<Metrics>,
+    ) -> Result<Self, LoaderError> {
+        let maps = crate::maps::DatapathMaps::open_pinned(pin_dir)?;
+        Ok(Self {
+            sock_reverse_nat: maps.sock_reverse_nat,
+            netns_dir,
+            metrics,
+        })
+    }
+
+    /// The cookies of sockets socket-LB connected to a departed backend
+    /// for its frontend.
+    fn doomed_cookies(&self, departed: &[Departed]) -> HashSet<u64> {
+        let wanted: HashSet<(u32, u16, u16)> = departed
+            .iter()
+            .map(|d| {
+                (
+                    ipv4_be(d.backend.address.octets()),
+                    port_be(d.backend.port),
+                    d.rev_nat_id,
+                )
+            })
+            .collect();
+        self.sock_reverse_nat
+            .iter()
+            .filter_map(Result::ok)
+            .filter(|(key, value)| {
+                wanted.contains(&(
+                    key.backend_address_be,
+                    key.backend_port_be,
+                    value.rev_nat_id,
+                ))
+            })
+            .map(|(key, _)| key.cookie)
+            .collect()
+    }
+
+    fn namespaces(&self) -> Vec<Option<PathBuf>> {
+        let mut namespaces = vec![None];
+        if let Ok(entries) = std::fs::read_dir(&self.netns_dir) {
+            namespaces.extend(entries.flatten().map(|e| Some(e.path())));
+        }
+        namespaces
+    }
+}
+
+impl SocketTerminator for UdpSocketTerminator {
+    fn terminate(&mut self, departed: &[Departed]) {
+        let cookies = self.doomed_cookies(departed);
+        if cookies.is_empty() {
+            return;
+        }
+        let mut destroyed = 0;
+        for netns in self.namespaces() {
+            match sockdiag::destroy_connected_udp(netns.as_deref(), |s| cookies.contains(&s.cookie))
+            {
+                Ok(n) => destroyed += n,
+                // A pod namespace that went away meanwhile.
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => {
+                    let netns = netns
+                        .as_deref()
+                        .map_or("host".into(), |p| p.display().to_string());
+                    warn!(netns, "destroying UDP sockets of departed backends: {e}");
+                }
+            }
+        }
+        self.metrics.udp_sockets_terminated.inc_by(destroyed as u64);
+        if destroyed > 0 {
+            info!(
+                sockets = destroyed,
+                backends = departed.len(),
+                "connected UDP sockets of departed backends destroyed; their applications reconnect"
+            );
+        }
+    }
+}
