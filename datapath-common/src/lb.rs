@@ -23,6 +23,18 @@ pub const fn select_slot_for_cookie(cookie: u64, count: u16) -> u16 {
     select_slot(z as u32, count)
 }
 
+/// Where a flow's source port moves on a tuple clash: the kernel's default
+/// ephemeral range (`ip_local_port_range` 32768-60999). Tried at random,
+/// a few times, each checked against conntrack and the pod's sockets.
+pub const CLASH_PORT_FIRST: u16 = 32768;
+pub const CLASH_PORT_COUNT: u16 = 28232;
+
+/// A source port for a clashing flow, from a random value.
+#[inline(always)]
+pub const fn clash_port(random: u32) -> u16 {
+    CLASH_PORT_FIRST + (random % CLASH_PORT_COUNT as u32) as u16
+}
+
 /// log2 of the number of buckets in `SERVICE_FILTER`.
 pub const SERVICE_FILTER_BITS: u32 = 18;
 

@@ -17,9 +17,10 @@ pub const SOCK_REVERSE_NAT_MAP: &str = "SOCK_REVERSE_NAT";
 pub const COUNTERS_MAP: &str = "COUNTERS";
 pub const SERVICE_FILTER_MAP: &str = "SERVICE_FILTER";
 pub const FRAGMENTS_MAP: &str = "FRAGMENTS";
+pub const CLASH_FILTER_MAP: &str = "CLASH_FILTER";
 
 /// Every map, for pinning and inspection.
-pub const ALL_MAPS: [&str; 9] = [
+pub const ALL_MAPS: [&str; 10] = [
     SERVICE_FILTER_MAP,
     SERVICES_MAP,
     BACKENDS_MAP,
@@ -29,6 +30,7 @@ pub const ALL_MAPS: [&str; 9] = [
     SOCK_REVERSE_NAT_MAP,
     COUNTERS_MAP,
     FRAGMENTS_MAP,
+    CLASH_FILTER_MAP,
 ];
 
 /// Default capacities; the loader may override them at load time
@@ -211,7 +213,9 @@ pub struct CtEntry {
     /// The backend this flow is pinned to.
     pub backend_id: u32,
     /// The frontend the flow was opened to (checked against the service on
-    /// every hit so a re-created service re-balances).
+    /// every hit so a re-created service re-balances). Zero: a connection
+    /// straight to a pod (no service) whose source port was moved because
+    /// a service flow held its wire tuple (`nat_port_be`).
     pub rev_nat_id: u16,
     /// `conntrack::STATE_*` bits.
     pub state: u8,
@@ -226,12 +230,24 @@ pub struct CtEntry {
     pub dst_mac: [u8; 6],
     /// `L2_REWRITE`: the egress interface's MAC.
     pub src_mac: [u8; 6],
-    /// Always zero.
-    pub _pad: [u8; 2],
+    /// Source-port translation on a tuple clash (two flows that would
+    /// share one wire tuple, as netfilter's NAT resolves them). Service-
+    /// tuple entries: the client port used on the wire. Backend-tuple
+    /// entries: the client's own port, restored on replies. Zero: the
+    /// client's port is used as it is.
+    pub nat_port_be: u16,
     /// `L2_REWRITE`: the interface the MACs were learned on (replies may
     /// arrive on another interface than the one the flow leaves by; MACs
     /// are only written on the interface they belong to).
     pub ifindex: u32,
+    /// Backend-tuple entries of TCP flows: the sequence number of the SYN
+    /// that opened the flow. `bpf_redirect_neigh` runs the egress program
+    /// a second time on the translated SYN, which then looks like a
+    /// connection straight to the backend on the flow's own wire tuple;
+    /// its sequence number tells it apart from a real one.
+    pub syn_seq_be: u32,
+    /// Always zero.
+    pub _pad: [u8; 4],
 }
 
 /// Key of `SOCK_REVERSE_NAT` (LRU hash): a socket that socket-LB
@@ -323,7 +339,7 @@ mod tests {
         assert_eq!(size_of::<CtKey>(), 4 + 4 + 2 + 2 + 1 + 1 + 2);
         assert_eq!(
             size_of::<CtEntry>(),
-            8 + 8 + 4 + 2 + 1 + 1 + 4 + 2 + 6 + 6 + 2 + 4
+            8 + 8 + 4 + 2 + 1 + 1 + 4 + 2 + 6 + 6 + 2 + 4 + 4 + 4
         );
         assert_eq!(align_of::<CtEntry>(), 8);
         assert_eq!(size_of::<SockRevNatKey>(), 8 + 4 + 2 + 2);

@@ -34,10 +34,14 @@ pub enum Counter {
     /// exceeded) about a translated flow, translated outer and embedded
     /// headers alike (both directions).
     IcmpErrorTranslated = 10,
+    /// Flows given another source port because their wire tuple (client,
+    /// port, backend, port) was held by another flow: two services on one
+    /// backend, or a service flow and a connection straight to the pod.
+    PortClash = 11,
 }
 
 /// Number of slots in `COUNTERS`.
-pub const COUNTER_COUNT: u32 = 11;
+pub const COUNTER_COUNT: u32 = 12;
 
 impl Counter {
     /// Every counter, in index order.
@@ -53,6 +57,7 @@ impl Counter {
         Counter::SockReverseTranslated,
         Counter::FragmentTranslated,
         Counter::IcmpErrorTranslated,
+        Counter::PortClash,
     ];
 
     /// The snake_case name used in metrics and CLI output.
@@ -69,6 +74,7 @@ impl Counter {
             Counter::SockReverseTranslated => "sock_reverse_translated",
             Counter::FragmentTranslated => "fragment_translated",
             Counter::IcmpErrorTranslated => "icmp_error_translated",
+            Counter::PortClash => "port_clash",
         }
     }
 }

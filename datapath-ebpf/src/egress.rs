@@ -9,7 +9,8 @@
 //! array reads (its frontend and its backend still exist). Only a packet
 //! without a live flow consults `SERVICES`, to open one.
 //! Conntrack is written only on new flows, on TCP state changes and once a
-//! refresh interval, never per packet.
+//! refresh interval, never per packet. A new flow whose wire tuple another
+//! flow holds gets another source port (`crate::clash`).
 
 use aya_ebpf::{
     bindings::{TC_ACT_SHOT, TC_ACT_UNSPEC},
@@ -18,14 +19,14 @@ use aya_ebpf::{
 };
 use datapath_common::{
     IPPROTO_TCP,
-    conntrack::{self, Direction, STATE_ANY_CLOSE, TCP_ACK, TCP_SYN},
+    conntrack::{self, Direction, TCP_ACK, TCP_SYN},
     lb,
     maps::{Backend, CtEntry, CtKey, L2_UNRESOLVED, ServiceKey},
     metrics::Counter,
 };
 
 use crate::{
-    ct, frag, icmp, l2,
+    clash, ct, frag, icmp, l2,
     maps::{BACKENDS, CONNTRACK_TCP, CONNTRACK_UDP, CtMap, REVERSE_NAT, SERVICE_FILTER, SERVICES},
     metrics::count,
     nat::{self, End},
@@ -43,8 +44,7 @@ pub fn run(ctx: &TcContext) -> i32 {
         return TC_ACT_UNSPEC;
     }
     if !maybe_service(&packet) {
-        forget_reused_reply_tuple(&packet);
-        return TC_ACT_UNSPEC;
+        return direct(ctx, &packet);
     }
     // One call site per table: the verifier then inlines each lookup.
     if packet.protocol == IPPROTO_TCP {
@@ -81,7 +81,7 @@ fn service_packet(ctx: &TcContext, packet: &Packet, table: &CtMap) -> i32 {
                 flow.last_seen = now;
                 let reply = ct::backend_key(
                     packet.saddr_be,
-                    packet.sport_be,
+                    wire_port(flow, packet),
                     backend.address_be,
                     backend.port_be,
                     packet.protocol,
@@ -99,21 +99,90 @@ fn service_packet(ctx: &TcContext, packet: &Packet, table: &CtMap) -> i32 {
     new_flow(ctx, packet, table, &key, now)
 }
 
-/// A connection opened straight to an address (not through a service:
-/// a Pod IP, or a socket-LB translated `connect()`) may reuse the tuple a
-/// closed service flow had towards its backend. That flow's reply entry
-/// would reverse-translate the new connection's replies to the old VIP,
-/// and the socket would drop them. Its SYN removes that flow from
-/// conntrack (both entries: a service flow never has one without the
-/// other) once the flow is closing or expired. A live flow is kept: the
-/// translated SYN itself comes through here again after
-/// `bpf_redirect_neigh`, and a live flow on the same wire tuple would
-/// collide anyway. Only SYNs pay for this (one lookup).
+/// The client port a flow uses on the wire.
 #[inline(always)]
-fn forget_reused_reply_tuple(packet: &Packet) {
-    if packet.protocol != IPPROTO_TCP || packet.tcp_flags & (TCP_SYN | TCP_ACK) != TCP_SYN {
-        return;
+fn wire_port(flow: &CtEntry, packet: &Packet) -> u16 {
+    if flow.nat_port_be != 0 {
+        flow.nat_port_be
+    } else {
+        packet.sport_be
     }
+}
+
+/// A packet to an address that is not a service: a connection straight to
+/// a pod (or anything else). It passes untouched, unless its wire tuple
+/// clashes with a service flow's (`crate::clash`).
+#[inline(always)]
+fn direct(ctx: &TcContext, packet: &Packet) -> i32 {
+    if clash::marked(packet.daddr_be, packet.dport_be, packet.protocol) {
+        let tracked = if packet.protocol == IPPROTO_TCP {
+            direct_tracked(ctx, packet, &CONNTRACK_TCP)
+        } else {
+            direct_tracked(ctx, packet, &CONNTRACK_UDP)
+        };
+        if let Some(verdict) = tracked {
+            return verdict;
+        }
+    }
+    if packet.protocol == IPPROTO_TCP && packet.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN {
+        return direct_syn(ctx, packet);
+    }
+    TC_ACT_UNSPEC
+}
+
+/// A later packet of a direct connection whose source port was moved.
+#[inline(always)]
+fn direct_tracked(ctx: &TcContext, packet: &Packet, table: &CtMap) -> Option<i32> {
+    let key = ct::service_key(
+        packet.saddr_be,
+        packet.sport_be,
+        packet.daddr_be,
+        packet.dport_be,
+        packet.protocol,
+    );
+    let flow = table.get_ptr_mut(key)?;
+    // SAFETY: a pointer into the map value, valid for this program run.
+    let flow = unsafe { &mut *flow };
+    let now = ct::now();
+    if flow.rev_nat_id != 0
+        || ct::is_expired(flow, packet.protocol, now)
+        || conntrack::syn_reopens(flow, packet.protocol, packet.tcp_flags)
+    {
+        return None;
+    }
+    let state = conntrack::next_state(
+        flow.state,
+        packet.protocol,
+        packet.tcp_flags,
+        Direction::Original,
+    );
+    if ct::needs_write(flow, state, now) {
+        flow.state = state;
+        flow.last_seen = now;
+        let reply = ct::backend_key(
+            packet.saddr_be,
+            flow.nat_port_be,
+            packet.daddr_be,
+            packet.dport_be,
+            packet.protocol,
+        );
+        let _ = ct::mirror(table, &reply, state, now);
+    }
+    if nat::rewrite_port(ctx, packet, End::Source, flow.nat_port_be).is_err() {
+        count(Counter::Error);
+        return Some(TC_ACT_SHOT);
+    }
+    Some(TC_ACT_UNSPEC)
+}
+
+/// The SYN of a connection straight to a pod. Its wire tuple may be held
+/// in conntrack by a service flow: a closed or expired one is forgotten
+/// (its reply entry would reverse-translate this connection's replies to
+/// the old ClusterIP); a live one keeps it, and this connection moves to
+/// another source port, tracked from now on. Only SYNs pay for this (one
+/// lookup).
+#[inline(always)]
+fn direct_syn(ctx: &TcContext, packet: &Packet) -> i32 {
     let reply = ct::backend_key(
         packet.saddr_be,
         packet.sport_be,
@@ -122,22 +191,86 @@ fn forget_reused_reply_tuple(packet: &Packet) {
         packet.protocol,
     );
     // SAFETY: the value is copied out before any other map call.
-    let Some(stale) = (unsafe { CONNTRACK_TCP.get(reply) }).copied() else {
-        return;
+    let Some(holder) = (unsafe { CONNTRACK_TCP.get(reply) }).copied() else {
+        return TC_ACT_UNSPEC;
     };
-    let closing = stale.state & STATE_ANY_CLOSE != 0;
-    if !closing && !ct::is_expired(&stale, packet.protocol, ct::now()) {
-        return;
+    let now = ct::now();
+    if !clash::held_by_live_flow(&holder, IPPROTO_TCP, now) {
+        // Both entries: a flow never has one without the other.
+        let client_port = if holder.nat_port_be != 0 {
+            holder.nat_port_be
+        } else {
+            packet.sport_be
+        };
+        let service = ct::service_key(
+            packet.saddr_be,
+            client_port,
+            holder.service_address_be,
+            holder.service_port_be,
+            packet.protocol,
+        );
+        let _ = CONNTRACK_TCP.remove(service);
+        let _ = CONNTRACK_TCP.remove(reply);
+        return TC_ACT_UNSPEC;
     }
-    let service = ct::service_key(
+    if holder.rev_nat_id != 0 && parse::tcp_seq(ctx, packet) == Some(holder.syn_seq_be) {
+        // The live flow's own translated SYN, back after
+        // bpf_redirect_neigh.
+        return TC_ACT_UNSPEC;
+    }
+    let tuple = clash::WireTuple {
+        client_be: packet.saddr_be,
+        port_be: packet.sport_be,
+        peer_be: packet.daddr_be,
+        peer_port_be: packet.dport_be,
+        protocol: IPPROTO_TCP,
+    };
+    let Some(port) = clash::free_port(ctx, &CONNTRACK_TCP, tuple, now) else {
+        count(Counter::Error);
+        return TC_ACT_UNSPEC;
+    };
+    let state = conntrack::initial_state(IPPROTO_TCP, packet.tcp_flags);
+    let forward = CtEntry {
+        last_seen: now,
+        state,
+        nat_port_be: port,
+        ..CtEntry::default()
+    };
+    // Replies come from the pod itself: their source stays, their
+    // destination port becomes the client's own again.
+    let back = CtEntry {
+        last_seen: now,
+        state,
+        service_address_be: packet.daddr_be,
+        service_port_be: packet.dport_be,
+        nat_port_be: packet.sport_be,
+        ..CtEntry::default()
+    };
+    let moved = ct::backend_key(
         packet.saddr_be,
-        packet.sport_be,
-        stale.service_address_be,
-        stale.service_port_be,
+        port,
+        packet.daddr_be,
+        packet.dport_be,
         packet.protocol,
     );
-    let _ = CONNTRACK_TCP.remove(service);
-    let _ = CONNTRACK_TCP.remove(reply);
+    let own = ct::service_key(
+        packet.saddr_be,
+        packet.sport_be,
+        packet.daddr_be,
+        packet.dport_be,
+        packet.protocol,
+    );
+    if !ct::insert(&CONNTRACK_TCP, &moved, &back) || !ct::insert(&CONNTRACK_TCP, &own, &forward) {
+        count(Counter::Error);
+        return TC_ACT_UNSPEC;
+    }
+    clash::mark(packet.daddr_be, packet.dport_be, packet.protocol);
+    count(Counter::PortClash);
+    if nat::rewrite_port(ctx, packet, End::Source, port).is_err() {
+        count(Counter::Error);
+        return TC_ACT_SHOT;
+    }
+    TC_ACT_UNSPEC
 }
 
 /// False when no frontend hashes to the packet's destination bucket.
@@ -184,8 +317,8 @@ fn new_flow(ctx: &TcContext, packet: &Packet, table: &CtMap, key: &CtKey, now: u
     let frontend = ServiceKey::new(packet.daddr_be, packet.dport_be, packet.protocol, 0);
     // SAFETY: the value is copied out before any other map call.
     let Some(service) = (unsafe { SERVICES.get(frontend) }).copied() else {
-        forget_reused_reply_tuple(packet);
-        return TC_ACT_UNSPEC;
+        // Another destination sharing the filter bucket.
+        return direct(ctx, packet);
     };
     if service.backend_count == 0 {
         count(Counter::NoBackend);
@@ -207,23 +340,44 @@ fn new_flow(ctx: &TcContext, packet: &Packet, table: &CtMap, key: &CtKey, now: u
         count(Counter::Error);
         return TC_ACT_SHOT;
     };
+    // The wire tuple must be this flow's alone.
+    let tuple = clash::WireTuple {
+        client_be: packet.saddr_be,
+        port_be: packet.sport_be,
+        peer_be: backend.address_be,
+        peer_port_be: backend.port_be,
+        protocol: packet.protocol,
+    };
+    let wire = clash::wire_port(ctx, table, tuple, now).unwrap_or_else(|| {
+        count(Counter::Error);
+        packet.sport_be
+    });
+    let moved = wire != packet.sport_be;
+    if moved {
+        count(Counter::PortClash);
+    }
     let flow = CtEntry {
         last_seen: now,
         backend_id: slot_value.backend_id,
         rev_nat_id: service.rev_nat_id,
         state: conntrack::initial_state(packet.protocol, packet.tcp_flags),
         l2_mode: L2_UNRESOLVED,
+        nat_port_be: if moved { wire } else { 0 },
         ..CtEntry::default()
     };
     // Reply entry first: a reply can only arrive after the packet leaves.
+    let mut back = reply_entry(&flow, packet);
+    if packet.protocol == IPPROTO_TCP {
+        back.syn_seq_be = parse::tcp_seq(ctx, packet).unwrap_or(0);
+    }
     let reply = ct::backend_key(
         packet.saddr_be,
-        packet.sport_be,
+        wire,
         backend.address_be,
         backend.port_be,
         packet.protocol,
     );
-    if !ct::insert(table, &reply, &reply_entry(&flow, packet)) || !ct::insert(table, key, &flow) {
+    if !ct::insert(table, &reply, &back) || !ct::insert(table, key, &flow) {
         count(Counter::Error);
     }
     count(Counter::ConntrackMiss);
@@ -231,13 +385,18 @@ fn new_flow(ctx: &TcContext, packet: &Packet, table: &CtMap, key: &CtKey, now: u
 }
 
 /// The backend-tuple entry of a flow: same state, plus the frontend the
-/// replies must be rewritten to.
+/// replies must be rewritten to (and the client's own port, if moved).
 #[inline(always)]
 fn reply_entry(flow: &CtEntry, packet: &Packet) -> CtEntry {
     CtEntry {
         service_address_be: packet.daddr_be,
         service_port_be: packet.dport_be,
         l2_mode: L2_UNRESOLVED,
+        nat_port_be: if flow.nat_port_be != 0 {
+            packet.sport_be
+        } else {
+            0
+        },
         ..*flow
     }
 }
@@ -252,6 +411,8 @@ fn translate(ctx: &TcContext, packet: &Packet, backend: &Backend, flow: &CtEntry
         backend.port_be,
     )
     .is_err()
+        || (flow.nat_port_be != 0
+            && nat::rewrite_port(ctx, packet, End::Source, flow.nat_port_be).is_err())
     {
         count(Counter::Error);
         return TC_ACT_SHOT;

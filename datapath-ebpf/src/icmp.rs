@@ -217,6 +217,7 @@ pub fn on_ingress(ctx: &TcContext) -> i32 {
         return TC_ACT_UNSPEC;
     }
     let (service_address_be, service_port_be) = (flow.service_address_be, flow.service_port_be);
+    // A moved source port: the client's own again (same address).
     if rewrite(
         ctx,
         &e,
@@ -225,6 +226,8 @@ pub fn on_ingress(ctx: &TcContext) -> i32 {
         service_port_be,
     )
     .is_none()
+        || (flow.nat_port_be != 0
+            && rewrite(ctx, &e, End::QuotedSource, e.src_be, flow.nat_port_be).is_none())
     {
         count(Counter::Error);
         return TC_ACT_SHOT;
@@ -256,6 +259,7 @@ pub fn on_egress(ctx: &TcContext) -> i32 {
     else {
         return TC_ACT_UNSPEC;
     };
+    // A moved source port: the client's port on the wire (same address).
     if rewrite(
         ctx,
         &e,
@@ -264,6 +268,8 @@ pub fn on_egress(ctx: &TcContext) -> i32 {
         backend.port_be,
     )
     .is_none()
+        || (flow.nat_port_be != 0
+            && rewrite(ctx, &e, End::QuotedDestination, e.dst_be, flow.nat_port_be).is_none())
     {
         count(Counter::Error);
         return TC_ACT_SHOT;

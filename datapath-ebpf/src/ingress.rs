@@ -63,9 +63,14 @@ fn reply(ctx: &TcContext, packet: &Packet, table: &CtMap) -> i32 {
         flow.state = state;
         flow.last_seen = now;
         flow.l2_seen = now;
+        let client_port = if flow.nat_port_be != 0 {
+            flow.nat_port_be
+        } else {
+            packet.dport_be
+        };
         let service = ct::service_key(
             packet.daddr_be,
-            packet.dport_be,
+            client_port,
             flow.service_address_be,
             flow.service_port_be,
             packet.protocol,
@@ -86,6 +91,8 @@ fn reply(ctx: &TcContext, packet: &Packet, table: &CtMap) -> i32 {
         flow.service_port_be,
     )
     .is_err()
+        || (flow.nat_port_be != 0
+            && nat::rewrite_port(ctx, packet, End::Destination, flow.nat_port_be).is_err())
     {
         count(Counter::Error);
         return TC_ACT_SHOT;

@@ -4,6 +4,7 @@
 #![no_std]
 #![no_main]
 
+mod clash;
 mod ct;
 mod egress;
 mod frag;

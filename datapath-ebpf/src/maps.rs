@@ -64,3 +64,11 @@ pub static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(COUNTER_CO
 #[map]
 pub static FRAGMENTS: LruHashMap<FragmentKey, FragmentPorts> =
     LruHashMap::with_max_entries(datapath_common::maps::DEFAULT_FRAGMENTS_MAX, 0);
+
+/// Destinations (`lb::service_filter_index` buckets) that connections
+/// straight to a pod were tracked for after a tuple clash (`crate::clash`):
+/// a flag (1) the datapath sets, never cleared, so a flagged bucket only
+/// costs its packets one conntrack lookup.
+#[map]
+pub static CLASH_FILTER: Array<u32> =
+    Array::with_max_entries(1 << datapath_common::lb::SERVICE_FILTER_BITS, 0);

@@ -80,3 +80,32 @@ pub fn rewrite(
         .map_err(|_| ())?;
     Ok(())
 }
+
+/// Rewrites only the port at one end of `packet` (a moved source port, or
+/// the client's own port restored on a reply), keeping the L4 checksum
+/// valid. A later fragment has no port: nothing to do.
+#[inline(always)]
+pub fn rewrite_port(ctx: &TcContext, packet: &Packet, end: End, port_be: u16) -> Result<(), ()> {
+    if packet.is_later_fragment() {
+        return Ok(());
+    }
+    let (old_port, port_off) = match end {
+        End::Destination => (packet.dport_be, 2),
+        End::Source => (packet.sport_be, 0),
+    };
+    let l4_port: *mut u16 = ptr_at(ctx, packet.l4_off + port_off).ok_or(())?;
+    // SAFETY: bounds-checked by ptr_at; TC programs may write packet data.
+    unsafe { *l4_port = port_be };
+    let (csum_off, mangled_0) = if packet.protocol == IPPROTO_TCP {
+        (TCP_CSUM_OFF, 0)
+    } else {
+        (UDP_CSUM_OFF, BPF_F_MARK_MANGLED_0 as u64)
+    };
+    ctx.l4_csum_replace(
+        packet.l4_off + csum_off,
+        old_port as u64,
+        port_be as u64,
+        mangled_0 | 2,
+    )
+    .map_err(|_| ())
+}

@@ -49,6 +49,8 @@ pub struct Frame {
     pub fragment_offset: u16,
     pub more_fragments: bool,
     pub payload: Vec<u8>,
+    /// TCP sequence number.
+    pub seq: u32,
 }
 
 impl Frame {
@@ -72,8 +74,15 @@ impl Frame {
             ip_options: Vec::new(),
             fragment_offset: 0,
             more_fragments: false,
+            seq: 1000,
             payload: b"underpass".to_vec(),
         }
+    }
+
+    /// Another TCP sequence number (a different connection's ISN).
+    pub fn with_seq(mut self, seq: u32) -> Self {
+        self.seq = seq;
+        self
     }
 
     pub fn with_payload(mut self, payload: &[u8]) -> Self {
@@ -165,7 +174,7 @@ impl Frame {
                 let mut tcp = vec![0u8; 20];
                 tcp[0..2].copy_from_slice(&self.sport.to_be_bytes());
                 tcp[2..4].copy_from_slice(&self.dport.to_be_bytes());
-                tcp[4..8].copy_from_slice(&1000u32.to_be_bytes());
+                tcp[4..8].copy_from_slice(&self.seq.to_be_bytes());
                 tcp[8..12]
                     .copy_from_slice(&(if flags & ACK != 0 { 2000u32 } else { 0 }).to_be_bytes());
                 tcp[12] = 5 << 4;

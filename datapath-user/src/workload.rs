@@ -288,7 +288,25 @@ pub struct Conversation {
 
 impl Conversation {
     pub fn open(target: impl Into<SocketAddr>, timeout: Duration) -> io::Result<Self> {
-        let stream = TcpStream::connect_timeout(&target.into(), timeout)?;
+        Self::from_stream(
+            TcpStream::connect_timeout(&target.into(), timeout)?,
+            timeout,
+        )
+    }
+
+    /// Opens the conversation from local port `port` (SO_REUSEADDR, so
+    /// several connections to different peers can share it, as the
+    /// kernel's own port choice does).
+    pub fn open_from(port: u16, target: SocketAddrV4, timeout: Duration) -> io::Result<Self> {
+        use socket2::{Domain, Socket, Type};
+        let socket = Socket::new(Domain::IPV4, Type::STREAM, None)?;
+        socket.set_reuse_address(true)?;
+        socket.bind(&SocketAddr::from((Ipv4Addr::UNSPECIFIED, port)).into())?;
+        socket.connect_timeout(&SocketAddr::V4(target).into(), timeout)?;
+        Self::from_stream(socket.into(), timeout)
+    }
+
+    fn from_stream(stream: TcpStream, timeout: Duration) -> io::Result<Self> {
         stream.set_read_timeout(Some(timeout))?;
         // A bulk request into a black hole must fail, not block forever.
         stream.set_write_timeout(Some(timeout))?;

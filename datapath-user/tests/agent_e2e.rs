@@ -952,3 +952,88 @@ fn connected_udp_sockets_leave_a_removed_backend() {
     drop(servers);
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// Wire-tuple clashes with real sockets, through the agent on the TC path.
+/// Each connection below is opened from one local port (SO_REUSEADDR, as
+/// the kernel's own port choice reuses a port for different peers): two
+/// Services on one backend; a connection straight to the pod, then one
+/// through the ClusterIP; a connection through the ClusterIP, then one
+/// straight to the pod. Every pair keeps answering on both connections.
+#[test]
+fn connections_sharing_a_wire_tuple_all_keep_working() {
+    require_root("agent e2e");
+    let topo = Topology::build(&standard_pods()).expect("building the topology");
+    let pod = topo.pod("server-a");
+    let server = workload::tcp_server(&pod.namespace, pod.address, TARGET, "server-a").unwrap();
+    let pins = PinDir(PathBuf::from(format!("/sys/fs/bpf/{}", topo.prefix)));
+    let dir = tempdir(&topo.prefix);
+    let ready = "{ready: true, serving: true, terminating: false}";
+    write_atomically(
+        &dir.join("drain.yaml"),
+        &drain_manifest(&[(pod.address, ready)]),
+    );
+    let other_vip = Ipv4Addr::new(10, 96, 7, 9);
+    write_atomically(
+        &dir.join("other.yaml"),
+        &format!(
+            "apiVersion: v1\nkind: Service\nmetadata: {{name: other, namespace: e2e}}\nspec:\n  clusterIP: {other_vip}\n  ports: [{{name: http, port: 81, targetPort: {TARGET}}}]\n---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: other-1\n  namespace: e2e\n  labels: {{kubernetes.io/service-name: other}}\naddressType: IPv4\nports: [{{name: http, port: {TARGET}}}]\nendpoints:\n- addresses: [{}]\n",
+            pod.address
+        ),
+    );
+    let filter = format!("{}-client*", topo.prefix);
+    let agent = Agent::start(&pins.0, &dir, &filter);
+    let client_ns = topo.pod("client").namespace.name().to_owned();
+    wait_until("the client's eth0 is attached", || {
+        pinned_tc_links(&pins.0).contains(&(client_ns.clone(), "eth0".into()))
+    });
+    let client = &topo.pod("client").namespace;
+    let vip = SocketAddrV4::new(VIP, 80);
+    let other = SocketAddrV4::new(other_vip, 81);
+    let direct = SocketAddrV4::new(pod.address, TARGET);
+    for (case, port, first, second) in [
+        ("two Services, one backend", 45001, vip, other),
+        (
+            "straight to the pod, then the ClusterIP",
+            45002,
+            direct,
+            vip,
+        ),
+        (
+            "the ClusterIP, then straight to the pod",
+            45003,
+            vip,
+            direct,
+        ),
+    ] {
+        let (mut a, mut b) = client
+            .run(|| {
+                let a = Conversation::open_from(port, first, TIMEOUT)?;
+                let b = Conversation::open_from(port, second, TIMEOUT)?;
+                std::io::Result::Ok((a, b))
+            })
+            .unwrap()
+            .unwrap_or_else(|e| panic!("{case}: {e}"));
+        for round in 0..5 {
+            assert_eq!(
+                a.ask()
+                    .unwrap_or_else(|e| panic!("{case}, first, {round}: {e}")),
+                "server-a"
+            );
+            assert_eq!(
+                b.ask()
+                    .unwrap_or_else(|e| panic!("{case}, second, {round}: {e}")),
+                "server-a"
+            );
+        }
+    }
+    let metrics = agent.get("/metrics").unwrap();
+    let clashes: u64 = metrics
+        .lines()
+        .find(|l| l.contains("datapath_events_total{event=\"port_clash\"}"))
+        .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+        .unwrap_or_else(|| panic!("no port_clash counter in {metrics}"));
+    assert!(clashes >= 3, "{clashes} clashes resolved");
+    agent.stop();
+    drop(server);
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -1078,3 +1078,135 @@ fn icmp_errors_about_translated_flows_are_translated() {
     let out = dp.test_run_tc(TC_INGRESS, &error, 1).unwrap();
     assert_eq!((out.verdict, out.frame), (verdict::NEXT, error));
 }
+
+/// The source port of `frame` (TCP or UDP).
+fn sport_of(frame: &[u8]) -> u16 {
+    packet::parse(frame).unwrap().sport
+}
+
+/// Two services share a backend and the client's kernel reuses its port
+/// for both: the second flow's wire tuple (client:40000 → B1:8080) is
+/// taken, so it gets another source port, remembered in conntrack and
+/// given back on its replies; each flow's replies come from its own
+/// ClusterIP. Checksums verified from scratch.
+#[test]
+fn a_second_flow_on_a_taken_wire_tuple_gets_another_source_port() {
+    let mut dp = datapath_with(tcp_frontend(), &[B1]);
+    let other = Frontend {
+        address: Ipv4Addr::new(10, 96, 0, 11),
+        port: 81,
+        protocol: datapath_user::maps::Protocol::Tcp,
+    };
+    dp.maps.set_service(&other, 2, &[B1]).unwrap();
+    let first = Frame::tcp(CLIENT, (VIP, 80), SYN);
+    let (_, out) = egress(&mut dp, &first);
+    assert_eq!(sport_of(&out), CLIENT.1, "the first flow keeps its port");
+    let second = Frame::tcp(CLIENT, (other.address, other.port), SYN).with_seq(777);
+    let (_, out) = egress(&mut dp, &second);
+    let moved = sport_of(&out);
+    assert_ne!(moved, CLIENT.1, "the second flow moved");
+    assert!((32768..61000).contains(&moved), "{moved}");
+    assert_frame(
+        "moved SYN",
+        &out,
+        &Frame {
+            sport: moved,
+            ..to_backend(&second, &B1)
+        },
+    );
+    assert_eq!(dp.maps.counter(Counter::PortClash).unwrap(), 1);
+
+    // Replies: to the moved port → from the other ClusterIP to the
+    // client's own port; to the client's port → from the first.
+    let reply_to = |port: u16| Frame::tcp((B1.address, B1.port), (CLIENT.0, port), SYN | ACK);
+    let (v, out) = ingress(&mut dp, &reply_to(moved));
+    assert_eq!(v, verdict::OK);
+    assert_frame(
+        "reply to the moved port",
+        &out,
+        &Frame {
+            src: other.address,
+            sport: other.port,
+            dport: CLIENT.1,
+            ..reply_to(moved)
+        },
+    );
+    let (_, out) = ingress(&mut dp, &reply_to(CLIENT.1));
+    assert_frame(
+        "reply to the first flow",
+        &out,
+        &Frame {
+            src: VIP,
+            sport: 80,
+            ..reply_to(CLIENT.1)
+        },
+    );
+    // Later packets of the second flow keep the moved port.
+    let (_, out) = egress(
+        &mut dp,
+        &Frame::tcp(CLIENT, (other.address, other.port), ACK),
+    );
+    assert_eq!(sport_of(&out), moved);
+}
+
+/// A connection straight to the backend that the kernel gave the wire
+/// tuple of a live service flow (the same client port): it moves to
+/// another source port and is tracked from its SYN on, its replies get the
+/// client's port back and keep their source; the service flow is not
+/// disturbed. The service flow's own SYN coming back through egress after
+/// `bpf_redirect_neigh` (same sequence number) is not mistaken for one.
+#[test]
+fn a_direct_connection_on_a_service_flows_wire_tuple_gets_another_source_port() {
+    let mut dp = datapath_with(tcp_frontend(), &[B1]);
+    let syn = Frame::tcp(CLIENT, (VIP, 80), SYN);
+    egress(&mut dp, &syn);
+    let own_second_pass = to_backend(&syn, &B1).build();
+    let out = dp.test_run_tc(TC_EGRESS, &own_second_pass, 1).unwrap();
+    assert_eq!((out.verdict, out.frame), (verdict::NEXT, own_second_pass));
+    assert_eq!(dp.maps.counter(Counter::PortClash).unwrap(), 0);
+
+    let direct = Frame::tcp(CLIENT, (B1.address, B1.port), SYN).with_seq(424242);
+    let (v, out) = egress(&mut dp, &direct);
+    assert_eq!(v, verdict::NEXT, "routed by the kernel as it was");
+    let moved = sport_of(&out);
+    assert_ne!(moved, CLIENT.1);
+    assert_frame(
+        "moved direct SYN",
+        &out,
+        &Frame {
+            sport: moved,
+            ..direct.clone()
+        },
+    );
+    assert_eq!(dp.maps.counter(Counter::PortClash).unwrap(), 1);
+    let data = Frame::tcp(CLIENT, (B1.address, B1.port), ACK | PSH).with_payload(b"x");
+    let (_, out) = egress(&mut dp, &data);
+    assert_eq!(sport_of(&out), moved, "later packets keep the moved port");
+
+    // The pod's answer to the moved port: the client's own port again, the
+    // pod still its source.
+    let answer = Frame::tcp((B1.address, B1.port), (CLIENT.0, moved), ACK | PSH);
+    let (_, out) = ingress(&mut dp, &answer);
+    assert_frame(
+        "direct reply",
+        &out,
+        &Frame {
+            dport: CLIENT.1,
+            ..answer.clone()
+        },
+    );
+    // The service flow's replies are still its own.
+    let service_reply = Frame::tcp((B1.address, B1.port), CLIENT, SYN | ACK);
+    let (_, out) = ingress(&mut dp, &service_reply);
+    assert_frame(
+        "service reply",
+        &out,
+        &Frame {
+            src: VIP,
+            sport: 80,
+            ..service_reply
+        },
+    );
+    let (_, out) = egress(&mut dp, &Frame::tcp(CLIENT, (VIP, 80), ACK));
+    assert_eq!(sport_of(&out), CLIENT.1, "the service flow keeps its port");
+}
