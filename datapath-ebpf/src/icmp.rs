@@ -32,11 +32,14 @@ use crate::{
     ct, l2,
     maps::{BACKENDS, CONNTRACK_TCP, CONNTRACK_UDP},
     metrics::count,
-    parse::{ETH_LEN, IP_CSUM_OFF, IP_DST_OFF, IP_SRC_OFF, TCP_CSUM_OFF, UDP_CSUM_OFF},
+    parse::{ETH_LEN, IP_CSUM_OFF, IP_DST_OFF, IP_SRC_OFF, TCP_CSUM_OFF, UDP_CSUM_OFF, ptr_at},
+};
+use network_types::{
+    eth::{EthHdr, EtherType},
+    ip::Ipv4Hdr,
 };
 
 const IPPROTO_ICMP: u8 = 1;
-const ETHERTYPE_IPV4_RAW: u16 = u16::from_ne_bytes([0x08, 0x00]);
 const ICMP_DEST_UNREACH: u8 = 3;
 const ICMP_TIME_EXCEEDED: u8 = 11;
 const ICMP_CSUM_OFF: usize = 2;
@@ -60,12 +63,19 @@ struct QuotedError {
 
 #[inline(always)]
 fn parse(ctx: &TcContext) -> Option<QuotedError> {
-    if ctx.load::<u16>(12).ok()? != ETHERTYPE_IPV4_RAW {
+    // Direct reads first: ARP, IPv6 and other protocols leave after two
+    // bounds-checked loads, no helper call.
+    let eth: *const EthHdr = ptr_at(ctx, 0)?;
+    let ip: *const Ipv4Hdr = ptr_at(ctx, ETH_LEN)?;
+    // SAFETY: both bounds-checked by ptr_at.
+    if unsafe { (*eth).ether_type } != EtherType::Ipv4 as u16
+        || unsafe { (*ip).proto } != IPPROTO_ICMP
+    {
         return None;
     }
     let vihl: u8 = ctx.load(ETH_LEN).ok()?;
     let ihl = usize::from(vihl & 0x0f) * 4;
-    if vihl >> 4 != 4 || ihl < 20 || ctx.load::<u8>(ETH_LEN + 9).ok()? != IPPROTO_ICMP {
+    if vihl >> 4 != 4 || ihl < 20 {
         return None;
     }
     if u16::from_be_bytes(ctx.load::<[u8; 2]>(ETH_LEN + 6).ok()?) & 0x1fff != 0 {
