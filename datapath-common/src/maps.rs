@@ -18,9 +18,10 @@ pub const COUNTERS_MAP: &str = "COUNTERS";
 pub const SERVICE_FILTER_MAP: &str = "SERVICE_FILTER";
 pub const FRAGMENTS_MAP: &str = "FRAGMENTS";
 pub const CLASH_FILTER_MAP: &str = "CLASH_FILTER";
+pub const POD_ROUTES_MAP: &str = "POD_ROUTES";
 
 /// Every map, for pinning and inspection.
-pub const ALL_MAPS: [&str; 10] = [
+pub const ALL_MAPS: [&str; 11] = [
     SERVICE_FILTER_MAP,
     SERVICES_MAP,
     BACKENDS_MAP,
@@ -31,6 +32,7 @@ pub const ALL_MAPS: [&str; 10] = [
     COUNTERS_MAP,
     FRAGMENTS_MAP,
     CLASH_FILTER_MAP,
+    POD_ROUTES_MAP,
 ];
 
 /// Default capacities; the loader may override them at load time
@@ -246,8 +248,11 @@ pub struct CtEntry {
     /// connection straight to the backend on the flow's own wire tuple;
     /// its sequence number tells it apart from a real one.
     pub syn_seq_be: u32,
-    /// Always zero.
-    pub _pad: [u8; 4],
+    /// Service-tuple entries: the pod interface the route to the backend
+    /// leaves by, when it is not the one the flow's packets are sent on
+    /// (a backend behind the pod's veth to its node, say; `POD_ROUTES`).
+    /// Zero: the interface the packet is on.
+    pub out_ifindex: u32,
 }
 
 /// Key of `SOCK_REVERSE_NAT` (LRU hash): a socket that socket-LB
@@ -305,6 +310,28 @@ pub struct FragmentPorts {
     pub destination_port_be: u16,
 }
 
+/// Routes of attached pods, in `POD_ROUTES` (LPM trie): the data after
+/// the trie's prefix length. A route to `address_be/len` in the pod whose
+/// network namespace has cookie `netns_cookie` is stored with prefix
+/// length `64 + len`, so that lookups match the namespace exactly and the
+/// address by longest prefix, as the pod's own routing table would.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct PodRouteKey {
+    /// The pod's network namespace cookie (`bpf_get_netns_cookie`,
+    /// `SO_NETNS_COOKIE`), as its bytes in memory.
+    pub netns_cookie: u64,
+    /// The route's destination, network order.
+    pub address_be: u32,
+    /// Always zero (never part of a match).
+    pub _pad: u32,
+}
+
+/// Bits of `PodRouteKey` before the address.
+pub const POD_ROUTE_COOKIE_BITS: u32 = 64;
+/// Most routes per node the map holds.
+pub const DEFAULT_POD_ROUTES_MAX: u32 = 16_384;
+
 #[cfg(feature = "user")]
 mod pod {
     use super::*;
@@ -320,6 +347,7 @@ mod pod {
     unsafe impl aya::Pod for SockRevNatValue {}
     unsafe impl aya::Pod for FragmentKey {}
     unsafe impl aya::Pod for FragmentPorts {}
+    unsafe impl aya::Pod for PodRouteKey {}
 }
 
 #[cfg(test)]
@@ -346,6 +374,7 @@ mod tests {
         assert_eq!(size_of::<SockRevNatValue>(), 4 + 2 + 2);
         assert_eq!(size_of::<FragmentKey>(), 4 + 4 + 2 + 1 + 1);
         assert_eq!(size_of::<FragmentPorts>(), 2 + 2);
+        assert_eq!(size_of::<PodRouteKey>(), 8 + 4 + 4);
     }
 
     #[test]

@@ -31,7 +31,7 @@ use crate::{
     metrics::count,
     nat::{self, End},
     parse::{self, Packet},
-    reject,
+    reject, route,
 };
 
 pub fn run(ctx: &TcContext) -> i32 {
@@ -363,6 +363,10 @@ fn new_flow(ctx: &TcContext, packet: &Packet, table: &CtMap, key: &CtKey, now: u
         state: conntrack::initial_state(packet.protocol, packet.tcp_flags),
         l2_mode: L2_UNRESOLVED,
         nat_port_be: if moved { wire } else { 0 },
+        // SAFETY: the skb pointer is the program's context.
+        out_ifindex: route::other_interface(ctx, backend.address_be, unsafe {
+            (*ctx.skb.skb).ifindex
+        }),
         ..CtEntry::default()
     };
     // Reply entry first: a reply can only arrive after the packet leaves.

@@ -21,7 +21,7 @@ use core::ptr::null_mut;
 
 use aya_ebpf::{
     bindings::{TC_ACT_OK, TC_ACT_SHOT},
-    helpers::bpf_redirect_neigh,
+    helpers::{bpf_redirect, bpf_redirect_neigh},
     programs::TcContext,
 };
 use datapath_common::maps::{CtEntry, L2_REWRITE};
@@ -36,11 +36,18 @@ fn ifindex(ctx: &TcContext) -> u32 {
     unsafe { (*ctx.skb.skb).ifindex }
 }
 
-/// Sends a DNATed packet on its way; returns the TC verdict.
+/// Sends a DNATed packet on its way; returns the TC verdict. It leaves by
+/// the flow's own interface when the route to its backend names one
+/// (`crate::route`), else by the one it is on.
 #[inline(always)]
 pub fn forward(ctx: &TcContext, flow: &CtEntry, now: u64) -> i32 {
-    let ifindex = ifindex(ctx);
-    if flow.l2_mode == L2_REWRITE && flow.ifindex == ifindex && ct::l2_is_fresh(flow.l2_seen, now) {
+    let here = ifindex(ctx);
+    let out = if flow.out_ifindex != 0 {
+        flow.out_ifindex
+    } else {
+        here
+    };
+    if flow.l2_mode == L2_REWRITE && flow.ifindex == out && ct::l2_is_fresh(flow.l2_seen, now) {
         let Some(eth) = ptr_at::<EthHdr>(ctx, 0) else {
             return TC_ACT_SHOT;
         };
@@ -49,10 +56,14 @@ pub fn forward(ctx: &TcContext, flow: &CtEntry, now: u64) -> i32 {
             (*eth).dst_addr = flow.dst_mac;
             (*eth).src_addr = flow.src_mac;
         }
-        return TC_ACT_OK;
+        if out == here {
+            return TC_ACT_OK;
+        }
+        // SAFETY: plain helper call.
+        return unsafe { bpf_redirect(out, 0) as i32 };
     }
     // SAFETY: plain helper call.
-    unsafe { bpf_redirect_neigh(ifindex, null_mut(), 0, 0) as i32 }
+    unsafe { bpf_redirect_neigh(out, null_mut(), 0, 0) as i32 }
 }
 
 /// The L2 addresses a reply teaches: its source is our next hop, its

@@ -16,6 +16,7 @@ mod metrics;
 mod nat;
 mod parse;
 mod reject;
+mod route;
 mod sock;
 
 use aya_ebpf::{

@@ -4,12 +4,12 @@
 
 use aya_ebpf::{
     macros::map,
-    maps::{Array, HashMap, LruHashMap, PerCpuArray},
+    maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray},
 };
 use datapath_common::{
     maps::{
-        Backend, CtEntry, CtKey, FragmentKey, FragmentPorts, RevNatValue, ServiceKey, ServiceValue,
-        SockRevNatKey, SockRevNatValue,
+        Backend, CtEntry, CtKey, FragmentKey, FragmentPorts, PodRouteKey, RevNatValue, ServiceKey,
+        ServiceValue, SockRevNatKey, SockRevNatValue,
     },
     metrics::COUNTER_COUNT,
 };
@@ -72,3 +72,9 @@ pub static FRAGMENTS: LruHashMap<FragmentKey, FragmentPorts> =
 #[map]
 pub static CLASH_FILTER: Array<u32> =
     Array::with_max_entries(1 << datapath_common::lb::SERVICE_FILTER_BITS, 0);
+
+/// Attached pods' routing tables (`crate::route`): (netns cookie, prefix)
+/// → the interface the route leaves by. Written by the agent.
+#[map]
+pub static POD_ROUTES: LpmTrie<PodRouteKey, u32> =
+    LpmTrie::with_max_entries(datapath_common::maps::DEFAULT_POD_ROUTES_MAX, 0);

@@ -15,7 +15,7 @@ use std::{
 use futures::TryStreamExt;
 use rtnetlink::packet_route::link::{InfoKind, LinkAttribute, LinkFlags, LinkInfo};
 
-use crate::{Datapath, TcMode, loader, netns};
+use crate::{Datapath, TcMode, loader, netns, pod_routes::PodRoutes};
 
 /// Which namespaces and interfaces get the programs.
 #[derive(Clone, Debug)]
@@ -138,6 +138,11 @@ pub struct PodAttacher {
     /// (netns, iface) with our pinned links → the ifindex attached to
     /// (None: adopted from an earlier agent, not yet seen).
     attached: BTreeMap<(String, String), Option<u32>>,
+    /// Other interfaces of attached pods that some routes leave by, with
+    /// the ingress program alone (replies come back there) → ifindex.
+    replies: BTreeMap<(String, String), Option<u32>>,
+    /// The pods' routing tables in `POD_ROUTES` (None: no pin directory).
+    routes: Option<PodRoutes>,
     last_errors: BTreeMap<(String, String), String>,
 }
 
@@ -153,12 +158,29 @@ impl PodAttacher {
             .filter(|(netns, _)| selector.netns.matches(netns))
             .map(|key| (key, None))
             .collect();
+        let replies = datapath
+            .pin_dir()
+            .map(|dir| pinned_links(dir, loader::REPLY_LINKS))
+            .unwrap_or_default()
+            .into_iter()
+            .filter(|(netns, _)| selector.netns.matches(netns))
+            .map(|key| (key, None))
+            .collect();
+        let routes = datapath.pin_dir().and_then(|dir| match PodRoutes::open(dir) {
+            Ok(routes) => Some(routes),
+            Err(e) => {
+                tracing::warn!("pod routes unavailable: backends behind another pod interface will not be reached ({e})");
+                None
+            }
+        });
         Self {
             datapath,
             dir,
             selector,
             mode,
             attached,
+            replies,
+            routes,
             last_errors: BTreeMap::new(),
         }
     }
@@ -245,6 +267,7 @@ impl PodAttacher {
                 ),
             }
         }
+        self.follow_routes(&existing, &unknown_netns, &mut report);
         let gone: Vec<(String, String)> = self
             .attached
             .keys()
@@ -271,9 +294,103 @@ impl PodAttacher {
         }
         // Namespace label directories left empty.
         for (netns_name, _) in &report.detached {
-            let _ = fs::remove_dir(pin_dir.join("links/tc").join(netns_name));
+            let _ = fs::remove_dir(pin_dir.join(loader::TC_LINKS).join(netns_name));
+            if let Some(routes) = &mut self.routes {
+                routes.forget(netns_name);
+            }
         }
         report
+    }
+
+    /// Copies every attached pod's routes into `POD_ROUTES` and keeps the
+    /// ingress program on the other interfaces they leave by; removes it
+    /// where no route leaves any more (or the interface is gone).
+    fn follow_routes(
+        &mut self,
+        existing: &BTreeMap<(String, String), u32>,
+        unknown_netns: &BTreeSet<String>,
+        report: &mut ScanReport,
+    ) {
+        let Some(routes) = &mut self.routes else {
+            return;
+        };
+        let mut want: BTreeMap<(String, String), u32> = BTreeMap::new();
+        let mut errors = Vec::new();
+        for ((netns_name, iface), index) in &self.attached {
+            let Some(own) =
+                index.or_else(|| existing.get(&(netns_name.clone(), iface.clone())).copied())
+            else {
+                continue;
+            };
+            let path = self.dir.join(netns_name);
+            if !path.exists() {
+                continue; // the pod is going; its pins go below
+            }
+            match routes.sync(netns_name, &path) {
+                Ok(table) => {
+                    for route in table.iter().filter(|r| r.ifindex != own) {
+                        if let Some(((_, name), _)) = existing
+                            .iter()
+                            .find(|((ns, _), i)| ns == netns_name && **i == route.ifindex)
+                        {
+                            want.insert((netns_name.clone(), name.clone()), route.ifindex);
+                        }
+                    }
+                }
+                // Deleted between the check and the read.
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                Err(e) => errors.push((
+                    netns_name.clone(),
+                    iface.clone(),
+                    format!("reading routes: {e}"),
+                )),
+            }
+        }
+        for (netns, iface, error) in errors {
+            self.note_error(report, netns, iface, error);
+        }
+        for (key, index) in &want {
+            if self.replies.get(key) == Some(&Some(*index)) {
+                continue;
+            }
+            let (netns_name, iface) = key;
+            let path = self.dir.join(netns_name);
+            match self
+                .datapath
+                .attach_tc_reply(Some(&path.to_string_lossy()), iface, self.mode)
+            {
+                Ok(attachment) => {
+                    attachment.keep();
+                    if self.replies.insert(key.clone(), Some(*index)).is_none() {
+                        report
+                            .attached
+                            .push((netns_name.clone(), format!("{iface} (replies)")));
+                    }
+                }
+                Err(e) => self.note_error(report, netns_name.clone(), iface.clone(), e.to_string()),
+            }
+        }
+        let Some(pin_dir) = self.datapath.pin_dir().map(Path::to_path_buf) else {
+            return;
+        };
+        let stale: Vec<(String, String)> = self
+            .replies
+            .keys()
+            .filter(|key| !want.contains_key(*key) && !unknown_netns.contains(&key.0))
+            .cloned()
+            .collect();
+        for key in stale {
+            let (netns_name, iface) = &key;
+            match loader::detach_pinned_reply(&pin_dir, Some(netns_name), iface) {
+                Ok(_) => {
+                    self.replies.remove(&key);
+                    report
+                        .detached
+                        .push((netns_name.clone(), format!("{iface} (replies)")));
+                }
+                Err(e) => self.note_error(report, netns_name.clone(), iface.clone(), e.to_string()),
+            }
+        }
     }
 
     fn note_error(&mut self, report: &mut ScanReport, netns: String, iface: String, error: String) {
@@ -288,8 +405,18 @@ impl PodAttacher {
 /// (netns, iface) pairs with pinned TC links under `pin_dir`, skipping
 /// the agent's own namespace.
 pub fn pinned_tc_links(pin_dir: &Path) -> BTreeSet<(String, String)> {
+    pinned_links(pin_dir, loader::TC_LINKS)
+}
+
+/// (netns, iface) pairs with the ingress program alone pinned (other
+/// interfaces of attached pods, `loader::REPLY_LINKS`).
+pub fn pinned_reply_links(pin_dir: &Path) -> BTreeSet<(String, String)> {
+    pinned_links(pin_dir, loader::REPLY_LINKS)
+}
+
+fn pinned_links(pin_dir: &Path, links_dir: &str) -> BTreeSet<(String, String)> {
     let mut out = BTreeSet::new();
-    let Ok(namespaces) = fs::read_dir(pin_dir.join("links/tc")) else {
+    let Ok(namespaces) = fs::read_dir(pin_dir.join(links_dir)) else {
         return out;
     };
     for namespace in namespaces.flatten() {

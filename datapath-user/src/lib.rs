@@ -17,6 +17,7 @@ pub mod metrics;
 pub mod netns;
 pub mod object;
 pub mod packet;
+pub mod pod_routes;
 pub mod reconcile;
 pub mod sockdiag;
 pub mod topology;

@@ -337,21 +337,56 @@ impl Datapath {
         iface: &str,
         mode: TcMode,
     ) -> Result<TcAttachment, LoaderError> {
+        self.attach_tc_programs(
+            netns,
+            iface,
+            mode,
+            TC_LINKS,
+            &[
+                (object::TC_EGRESS, TcAttachType::Egress),
+                (object::TC_INGRESS, TcAttachType::Ingress),
+            ],
+        )
+    }
+
+    /// Attaches only the ingress program to `iface`: another interface of
+    /// an attached pod, by which some backends' replies come back (the
+    /// pod's veth to its node, say). Pinned under `links/reply`.
+    pub fn attach_tc_reply(
+        &mut self,
+        netns: Option<&str>,
+        iface: &str,
+        mode: TcMode,
+    ) -> Result<TcAttachment, LoaderError> {
+        self.attach_tc_programs(
+            netns,
+            iface,
+            mode,
+            REPLY_LINKS,
+            &[(object::TC_INGRESS, TcAttachType::Ingress)],
+        )
+    }
+
+    fn attach_tc_programs(
+        &mut self,
+        netns: Option<&str>,
+        iface: &str,
+        mode: TcMode,
+        links_dir: &str,
+        programs: &[(&'static str, TcAttachType)],
+    ) -> Result<TcAttachment, LoaderError> {
         let netns_path = netns.map(netns::path_of);
         let label = netns_label(netns);
         let mode = resolve_mode(mode)?;
         let pin_base = match (&self.pin_dir, mode) {
-            (Some(dir), TcMode::Tcx) => Some(dir.join("links/tc").join(&label).join(iface)),
+            (Some(dir), TcMode::Tcx) => Some(dir.join(links_dir).join(&label).join(iface)),
             _ => None,
         };
         if let Some(base) = &pin_base {
             create_pin_dir(base)?;
         }
         let mut links = Vec::new();
-        for (program, attach_type) in [
-            (object::TC_EGRESS, TcAttachType::Egress),
-            (object::TC_INGRESS, TcAttachType::Ingress),
-        ] {
+        for &(program, attach_type) in programs {
             let prog = sched_classifier(&mut self.ebpf, program)?;
             let pin = pin_base
                 .as_ref()
@@ -451,10 +486,25 @@ pub fn detach_pinned_tc(
     netns: Option<&str>,
     iface: &str,
 ) -> Result<usize, LoaderError> {
-    let base = pin_dir
-        .join("links/tc")
-        .join(netns_label(netns))
-        .join(iface);
+    detach_pinned(pin_dir, TC_LINKS, netns, iface)
+}
+
+/// `detach_pinned_tc` for a reply-only attachment (`attach_tc_reply`).
+pub fn detach_pinned_reply(
+    pin_dir: &Path,
+    netns: Option<&str>,
+    iface: &str,
+) -> Result<usize, LoaderError> {
+    detach_pinned(pin_dir, REPLY_LINKS, netns, iface)
+}
+
+fn detach_pinned(
+    pin_dir: &Path,
+    links_dir: &str,
+    netns: Option<&str>,
+    iface: &str,
+) -> Result<usize, LoaderError> {
+    let base = pin_dir.join(links_dir).join(netns_label(netns)).join(iface);
     let mut removed = 0;
     for attach_type in [TcAttachType::Egress, TcAttachType::Ingress] {
         let path = base.join(attach_type_name(attach_type));
@@ -464,8 +514,14 @@ pub fn detach_pinned_tc(
         }
     }
     let _ = fs::remove_dir(&base);
+    let _ = fs::remove_dir(base.parent().unwrap_or(&base));
     Ok(removed)
 }
+
+/// Under the pin directory: the TC pair of each attached interface, and
+/// the ingress program alone on other interfaces replies come back by.
+pub const TC_LINKS: &str = "links/tc";
+pub const REPLY_LINKS: &str = "links/reply";
 
 /// One attached program.
 #[derive(Debug)]

@@ -1037,3 +1037,68 @@ fn connections_sharing_a_wire_tuple_all_keep_working() {
     drop(server);
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// A backend behind another interface of the pod: a host-network endpoint
+/// on the client's own node (as the API server on a control-plane node,
+/// or node-local DNS). The pod has Spiderpool's coordinator veth to its
+/// node with a host route to the node's address; its macvlan cannot reach
+/// its own node. Through the agent on the TC path, connections to the
+/// ClusterIP leave by the veth after translation and their replies, which
+/// come back by the veth, are translated there; a macvlan backend of the
+/// same service still works; the reply attachment goes with the pod.
+#[test]
+fn a_backend_behind_the_pods_veth_to_its_node_is_reached() {
+    use datapath_user::{attach::pinned_reply_links, topology::NODE_ADDRESSES};
+    require_root("agent e2e");
+    let mut topo = Topology::build(&standard_pods()).expect("building the topology");
+    let node_address = NODE_ADDRESSES[topo.pod("client").node];
+    topo.add_coordinator_veth("client").unwrap();
+    topo.route_via_node("client", (node_address, 32), true)
+        .unwrap();
+    let node = &topo.nodes[topo.pod("client").node];
+    let host_server = workload::tcp_server(node, node_address, TARGET, "node").unwrap();
+    let pins = PinDir(PathBuf::from(format!("/sys/fs/bpf/{}", topo.prefix)));
+    let dir = tempdir(&topo.prefix);
+    let file = dir.join("drain.yaml");
+    let ready = "{ready: true, serving: true, terminating: false}";
+    write_atomically(&file, &drain_manifest(&[(node_address, ready)]));
+    let filter = format!("{}-client*", topo.prefix);
+    let agent = Agent::start(&pins.0, &dir, &filter);
+    let client_ns = topo.pod("client").namespace.name().to_owned();
+    wait_until(
+        "the client's eth0 and its veth0 (replies) are attached",
+        || {
+            pinned_tc_links(&pins.0).contains(&(client_ns.clone(), "eth0".into()))
+                && pinned_reply_links(&pins.0).contains(&(client_ns.clone(), "veth0".into()))
+        },
+    );
+    let mut conversation = topo
+        .pod("client")
+        .namespace
+        .run(|| Conversation::open(SocketAddrV4::new(VIP, 80), TIMEOUT))
+        .unwrap()
+        .expect("the host-network backend answers through the ClusterIP");
+    for _ in 0..5 {
+        assert_eq!(conversation.ask().unwrap(), "node");
+    }
+    for _ in 0..5 {
+        assert_eq!(ask_service(&topo).unwrap(), "node", "new connections too");
+    }
+    // A macvlan backend beside it: reached by the pod's own interface.
+    let pod = topo.pod("server-a");
+    let pod_server = workload::tcp_server(&pod.namespace, pod.address, TARGET, "server-a").unwrap();
+    write_atomically(&file, &drain_manifest(&[(pod.address, ready)]));
+    wait_until("new connections reach server-a", || {
+        ask_service(&topo).is_ok_and(|s| s == "server-a")
+    });
+    // The pod goes: its reply attachment goes too.
+    drop(conversation);
+    let client = topo.pods.iter().position(|p| p.role == "client").unwrap();
+    drop(topo.pods.remove(client));
+    wait_until("the deleted pod's pins are removed", || {
+        pinned_tc_links(&pins.0).is_empty() && pinned_reply_links(&pins.0).is_empty()
+    });
+    agent.stop();
+    drop((host_server, pod_server));
+    let _ = std::fs::remove_dir_all(&dir);
+}

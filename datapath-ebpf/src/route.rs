@@ -1,0 +1,38 @@
+//! Backends behind another interface of the pod. Underlay pods often also
+//! have a veth to their node (Spiderpool's coordinator adds one, with host
+//! routes), and some backends are only reachable that way: host-network
+//! endpoints on the pod's own node, veth-based pods. The egress program
+//! runs after the kernel routed the packet for the ClusterIP; once it is
+//! DNATed, the route to the backend may leave by another interface. The
+//! agent copies each attached pod's routing table into `POD_ROUTES` under
+//! the pod's network namespace cookie; a new flow looks its backend up
+//! there (longest prefix, as the pod's routing would) and remembers the
+//! interface. Replies arrive on that interface, where the agent attaches
+//! the ingress program too.
+
+use core::ffi::c_void;
+
+use aya_ebpf::{helpers::bpf_get_netns_cookie, maps::lpm_trie::Key, programs::TcContext};
+use datapath_common::maps::{POD_ROUTE_COOKIE_BITS, PodRouteKey};
+
+use crate::maps::POD_ROUTES;
+
+/// The interface the pod's route to `address_be` leaves by, when it is not
+/// `here` (0: here, or no route known).
+#[inline(always)]
+pub fn other_interface(ctx: &TcContext, address_be: u32, here: u32) -> u32 {
+    // SAFETY: plain helper call on the program's own skb.
+    let netns_cookie = unsafe { bpf_get_netns_cookie(ctx.skb.skb as *mut c_void) };
+    let key = Key::new(
+        POD_ROUTE_COOKIE_BITS + 32,
+        PodRouteKey {
+            netns_cookie,
+            address_be,
+            _pad: 0,
+        },
+    );
+    match POD_ROUTES.get(&key) {
+        Some(&ifindex) if ifindex != here => ifindex,
+        _ => 0,
+    }
+}
