@@ -24,7 +24,7 @@ use aya_ebpf::{
     helpers::{bpf_get_prandom_u32, bpf_sk_lookup_udp, bpf_sk_release, bpf_skc_lookup_tcp},
     programs::TcContext,
 };
-use datapath_common::{IPPROTO_TCP, conntrack::STATE_ANY_CLOSE, lb, maps::CtEntry};
+use datapath_common::{IPPROTO_TCP, conntrack, lb, maps::CtEntry};
 
 use crate::{
     ct,
@@ -71,8 +71,10 @@ fn taken(ctx: &TcContext, table: &CtMap, tuple: &WireTuple, now: u64) -> bool {
 /// A backend-tuple entry still in use: not expired, and (TCP) not over.
 #[inline(always)]
 pub fn held_by_live_flow(entry: &CtEntry, protocol: u8, now: u64) -> bool {
+    // A half-closed stream still carries data: only a RST or both FINs
+    // free the tuple.
     !ct::is_expired(entry, protocol, now)
-        && (protocol != IPPROTO_TCP || entry.state & STATE_ANY_CLOSE == 0)
+        && (protocol != IPPROTO_TCP || !conntrack::is_closed(entry.state))
 }
 
 /// True when a socket in the pod's namespace is connected with `tuple`.

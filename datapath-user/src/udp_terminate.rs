@@ -12,15 +12,16 @@
 
 use std::{
     collections::HashSet,
+    net::Ipv4Addr,
     path::{Path, PathBuf},
     sync::Arc,
 };
 
 use aya::maps::{HashMap, MapData};
 use datapath_common::{
-    ipv4_be,
+    ipv4_be, ipv4_octets,
     maps::{SockRevNatKey, SockRevNatValue},
-    port_be,
+    port_be, port_host,
 };
 use tracing::{info, warn};
 
@@ -54,9 +55,10 @@ impl UdpSocketTerminator {
         })
     }
 
-    /// The cookies of sockets socket-LB connected to a departed backend
-    /// for its frontend.
-    fn doomed_cookies(&self, departed: &[Departed]) -> HashSet<u64> {
+    /// The (cookie, backend) pairs of sockets socket-LB sent to a departed
+    /// backend for its frontend; a socket is destroyed only while it is
+    /// still connected to that very backend.
+    fn doomed_cookies(&self, departed: &[Departed]) -> HashSet<(u64, Ipv4Addr, u16)> {
         let wanted: HashSet<(u32, u16, u16)> = departed
             .iter()
             .map(|d| {
@@ -77,7 +79,13 @@ impl UdpSocketTerminator {
                     value.rev_nat_id,
                 ))
             })
-            .map(|(key, _)| key.cookie)
+            .map(|(key, _)| {
+                (
+                    key.cookie,
+                    Ipv4Addr::from(ipv4_octets(key.backend_address_be)),
+                    port_host(key.backend_port_be),
+                )
+            })
             .collect()
     }
 
@@ -98,8 +106,9 @@ impl SocketTerminator for UdpSocketTerminator {
         }
         let mut destroyed = 0;
         for netns in self.namespaces() {
-            match sockdiag::destroy_connected_udp(netns.as_deref(), |s| cookies.contains(&s.cookie))
-            {
+            match sockdiag::destroy_connected_udp(netns.as_deref(), |s| {
+                cookies.contains(&(s.cookie, s.peer.0, s.peer.1))
+            }) {
                 Ok(n) => destroyed += n,
                 // A pod namespace that went away meanwhile.
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}

@@ -754,8 +754,13 @@ fn a_direct_connection_reusing_a_service_flows_tuple_is_not_reverse_natted() {
     let direct = Frame::tcp(CLIENT, (B1.address, B1.port), SYN);
     egress(&mut dp, &direct);
     assert!(ct_entry(&dp, &reply_key).is_some(), "a live flow is kept");
-    // The flow closes: its entries linger for the closing lifetime.
+    // The flow closes (a FIN each way; a half-closed flow still holds its
+    // tuple): its entries linger for the closing lifetime.
     egress(&mut dp, &Frame::tcp(CLIENT, (VIP, 80), FIN | ACK));
+    ingress(
+        &mut dp,
+        &Frame::tcp((B1.address, B1.port), CLIENT, FIN | ACK),
+    );
     assert!(ct_entry(&dp, &reply_key).is_some());
 
     // The same client port now connects straight to the backend (a Pod
