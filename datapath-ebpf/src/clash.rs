@@ -46,6 +46,13 @@ pub struct WireTuple {
     pub peer_be: u32,
     pub peer_port_be: u16,
     pub protocol: u8,
+    /// The ClusterIP and port of a service flow (zero for a connection
+    /// straight to a pod): a backend-tuple entry for this very frontend
+    /// and the client's own port is this flow's, re-balanced onto the same
+    /// backend (its service-tuple entry was evicted, or the service
+    /// re-created), not a clash.
+    pub frontend_be: u32,
+    pub frontend_port_be: u16,
 }
 
 /// True when a live flow in `table` holds `tuple`, or a socket of the pod
@@ -62,6 +69,10 @@ fn taken(ctx: &TcContext, table: &CtMap, tuple: &WireTuple, now: u64) -> bool {
     // SAFETY: copied out at once.
     if let Some(held) = unsafe { table.get(key) }.copied()
         && held_by_live_flow(&held, tuple.protocol, now)
+        && !(tuple.frontend_be != 0
+            && held.nat_port_be == 0
+            && held.service_address_be == tuple.frontend_be
+            && held.service_port_be == tuple.frontend_port_be)
     {
         return true;
     }

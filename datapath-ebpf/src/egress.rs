@@ -224,6 +224,8 @@ fn direct_syn(ctx: &TcContext, packet: &Packet) -> i32 {
         peer_be: packet.daddr_be,
         peer_port_be: packet.dport_be,
         protocol: IPPROTO_TCP,
+        frontend_be: 0,
+        frontend_port_be: 0,
     };
     let Some(port) = clash::free_port(ctx, &CONNTRACK_TCP, tuple, now) else {
         count(Counter::Error);
@@ -347,6 +349,8 @@ fn new_flow(ctx: &TcContext, packet: &Packet, table: &CtMap, key: &CtKey, now: u
         peer_be: backend.address_be,
         peer_port_be: backend.port_be,
         protocol: packet.protocol,
+        frontend_be: packet.daddr_be,
+        frontend_port_be: packet.dport_be,
     };
     let wire = clash::wire_port(ctx, table, tuple, now).unwrap_or_else(|| {
         count(Counter::Error);

@@ -1215,3 +1215,17 @@ fn a_direct_connection_on_a_service_flows_wire_tuple_gets_another_source_port() 
     let (_, out) = egress(&mut dp, &Frame::tcp(CLIENT, (VIP, 80), ACK));
     assert_eq!(sport_of(&out), CLIENT.1, "the service flow keeps its port");
 }
+
+/// A flow whose service-tuple entry was evicted (its reply entry still
+/// live) is balanced again; landing on the same backend, its own reply
+/// entry is not a clash: the client's port stays.
+#[test]
+fn a_flow_rebalanced_onto_its_own_backend_keeps_its_port() {
+    let mut dp = datapath_with(tcp_frontend(), &[B1]);
+    let syn = Frame::tcp(CLIENT, (VIP, 80), SYN);
+    egress(&mut dp, &syn);
+    dp.maps.conntrack_tcp.remove(&service_key(&syn)).unwrap();
+    let (_, out) = egress(&mut dp, &Frame::tcp(CLIENT, (VIP, 80), ACK));
+    assert_eq!(sport_of(&out), CLIENT.1, "not moved");
+    assert_eq!(dp.maps.counter(Counter::PortClash).unwrap(), 0);
+}
