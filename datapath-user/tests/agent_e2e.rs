@@ -465,6 +465,16 @@ fn drain_manifest(endpoints: &[(Ipv4Addr, &str)]) -> String {
     text + "\n"
 }
 
+/// The datapath counter `event` as the agent's /metrics reports it.
+fn datapath_event(metrics: &str, event: &str) -> u64 {
+    let series = format!("datapath_events_total{{event=\"{event}\"}}");
+    metrics
+        .lines()
+        .find(|l| l.contains(&series))
+        .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+        .unwrap_or_else(|| panic!("no {event} counter in {metrics}"))
+}
+
 fn answered(result: std::io::Result<ProbeResult>) -> String {
     match result.expect("the probe process answers") {
         ProbeResult::Answer(Answer { server, peer }) => {
@@ -623,11 +633,7 @@ fn draining_endpoints_keep_their_connections_and_an_empty_service_refuses_at_onc
         );
     }
     let metrics = agent.get("/metrics").unwrap();
-    let refused: u64 = metrics
-        .lines()
-        .find(|l| l.contains("datapath_events_total{event=\"no_backend\"}"))
-        .and_then(|l| l.rsplit(' ').next()?.parse().ok())
-        .unwrap_or_else(|| panic!("no no_backend counter in {metrics}"));
+    let refused = datapath_event(&metrics, "no_backend");
     assert!(refused >= 3, "{refused} refusals counted");
     drop(on_socket_lb);
     agent.stop();
@@ -736,11 +742,7 @@ fn datagrams_larger_than_the_mtu_cross_the_cluster_ip_whole() {
         assert_eq!(length, size, "the answer arrives whole");
     }
     let metrics = agent.get("/metrics").unwrap();
-    let translated: u64 = metrics
-        .lines()
-        .find(|l| l.contains("datapath_events_total{event=\"fragment_translated\"}"))
-        .and_then(|l| l.rsplit(' ').next()?.parse().ok())
-        .unwrap_or_else(|| panic!("no fragment_translated counter in {metrics}"));
+    let translated = datapath_event(&metrics, "fragment_translated");
     assert!(
         translated >= 2 * (2 + 6 + 13),
         "{translated} fragments translated"
@@ -819,11 +821,7 @@ fn path_mtu_discovery_works_through_the_cluster_ip() {
         "server-c"
     );
     let metrics = agent.get("/metrics").unwrap();
-    let translated: u64 = metrics
-        .lines()
-        .find(|l| l.contains("datapath_events_total{event=\"icmp_error_translated\"}"))
-        .and_then(|l| l.rsplit(' ').next()?.parse().ok())
-        .unwrap_or_else(|| panic!("no icmp_error_translated counter in {metrics}"));
+    let translated = datapath_event(&metrics, "icmp_error_translated");
     assert!(translated >= 1, "the router's error was translated");
     agent.stop();
     drop(server);
@@ -1027,11 +1025,7 @@ fn connections_sharing_a_wire_tuple_all_keep_working() {
         }
     }
     let metrics = agent.get("/metrics").unwrap();
-    let clashes: u64 = metrics
-        .lines()
-        .find(|l| l.contains("datapath_events_total{event=\"port_clash\"}"))
-        .and_then(|l| l.rsplit(' ').next()?.parse().ok())
-        .unwrap_or_else(|| panic!("no port_clash counter in {metrics}"));
+    let clashes = datapath_event(&metrics, "port_clash");
     assert!(clashes >= 3, "{clashes} clashes resolved");
     agent.stop();
     drop(server);
