@@ -22,6 +22,11 @@ pub mod reject;
 pub const IPPROTO_TCP: u8 = 6;
 pub const IPPROTO_UDP: u8 = 17;
 
+/// `skb->cb[0]` of a packet the egress program translated and sent with
+/// `bpf_redirect_neigh`, which runs egress again: that second pass leaves
+/// the packet alone ("upas").
+pub const SKB_CB_REDIRECTED: u32 = 0x7570_6173;
+
 /// Network-order bytes of an IPv4 address as the `_be` fields hold them.
 #[inline(always)]
 pub const fn ipv4_be(octets: [u8; 4]) -> u32 {

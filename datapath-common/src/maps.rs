@@ -242,17 +242,14 @@ pub struct CtEntry {
     /// arrive on another interface than the one the flow leaves by; MACs
     /// are only written on the interface they belong to).
     pub ifindex: u32,
-    /// Backend-tuple entries of TCP flows: the sequence number of the SYN
-    /// that opened the flow. `bpf_redirect_neigh` runs the egress program
-    /// a second time on the translated SYN, which then looks like a
-    /// connection straight to the backend on the flow's own wire tuple;
-    /// its sequence number tells it apart from a real one.
-    pub syn_seq_be: u32,
     /// Service-tuple entries: the pod interface the route to the backend
     /// leaves by, when it is not the one the flow's packets are sent on
     /// (a backend behind the pod's veth to its node, say; `POD_ROUTES`).
     /// Zero: the interface the packet is on.
     pub out_ifindex: u32,
+    /// Zero. Makes the struct's tail padding explicit, so that every byte
+    /// of the value is written (the map stores all 56).
+    pub _pad: u32,
 }
 
 /// Key of `SOCK_REVERSE_NAT` (LRU hash): a socket that socket-LB

@@ -35,6 +35,10 @@ use crate::{
 };
 
 pub fn run(ctx: &TcContext) -> i32 {
+    if l2::take_redirected(ctx) {
+        // Our own packet again, after bpf_redirect_neigh (`crate::l2`).
+        return TC_ACT_UNSPEC;
+    }
     let Some(mut packet) = parse::ipv4_l4(ctx) else {
         // Not TCP or UDP: an ICMP error may be about a translated flow.
         return icmp::on_egress(ctx);
@@ -213,11 +217,6 @@ fn direct_syn(ctx: &TcContext, packet: &Packet) -> i32 {
         let _ = CONNTRACK_TCP.remove(reply);
         return TC_ACT_UNSPEC;
     }
-    if holder.rev_nat_id != 0 && parse::tcp_seq(ctx, packet) == Some(holder.syn_seq_be) {
-        // The live flow's own translated SYN, back after
-        // bpf_redirect_neigh.
-        return TC_ACT_UNSPEC;
-    }
     let tuple = clash::WireTuple {
         client_be: packet.saddr_be,
         port_be: packet.sport_be,
@@ -374,10 +373,7 @@ fn new_flow(ctx: &TcContext, packet: &Packet, table: &CtMap, key: &CtKey, now: u
         ..CtEntry::default()
     };
     // Reply entry first: a reply can only arrive after the packet leaves.
-    let mut back = reply_entry(&flow, packet);
-    if packet.protocol == IPPROTO_TCP {
-        back.syn_seq_be = parse::tcp_seq(ctx, packet).unwrap_or(0);
-    }
+    let back = reply_entry(&flow, packet);
     let reply = ct::backend_key(
         packet.saddr_be,
         wire,

@@ -16,6 +16,14 @@
 //! refresh them once a refresh interval): a flow leaving by another
 //! interface, or one whose replies stopped (a gateway failed over), goes
 //! back to the kernel's neighbour resolution.
+//!
+//! The second pass through egress that `bpf_redirect_neigh` causes must
+//! leave the packet alone: it is already translated, and its tuple (client
+//! port → backend) may be the one a moved direct connection was opened on
+//! (`crate::clash`), whose port rewrite must not touch it. The packet is
+//! tagged in the skb's control block (`skb->cb`, private to TC programs
+//! and never seen outside the host's stack) before the redirect, and the
+//! egress program passes a tagged packet at once, clearing the tag.
 
 use core::ptr::null_mut;
 
@@ -24,7 +32,10 @@ use aya_ebpf::{
     helpers::{bpf_redirect, bpf_redirect_neigh},
     programs::TcContext,
 };
-use datapath_common::maps::{CtEntry, L2_REWRITE};
+use datapath_common::{
+    SKB_CB_REDIRECTED,
+    maps::{CtEntry, L2_REWRITE},
+};
 use network_types::eth::EthHdr;
 
 use crate::{ct, parse::ptr_at};
@@ -34,6 +45,29 @@ use crate::{ct, parse::ptr_at};
 fn ifindex(ctx: &TcContext) -> u32 {
     // SAFETY: the skb pointer is the program's context.
     unsafe { (*ctx.skb.skb).ifindex }
+}
+
+/// Tags the packet as already translated, before a redirect that runs the
+/// egress program again.
+#[inline(always)]
+fn tag_redirected(ctx: &TcContext) {
+    // SAFETY: the skb pointer is the program's context; cb is writable
+    // from TC programs.
+    unsafe { (*ctx.skb.skb).cb[0] = SKB_CB_REDIRECTED };
+}
+
+/// True (and the tag cleared) when this is the second pass of a packet
+/// this program already translated and redirected.
+#[inline(always)]
+pub fn take_redirected(ctx: &TcContext) -> bool {
+    // SAFETY: the skb pointer is the program's context.
+    unsafe {
+        if (*ctx.skb.skb).cb[0] != SKB_CB_REDIRECTED {
+            return false;
+        }
+        (*ctx.skb.skb).cb[0] = 0;
+    }
+    true
 }
 
 /// Sends a DNATed packet on its way; returns the TC verdict. It leaves by
@@ -62,6 +96,7 @@ pub fn forward(ctx: &TcContext, flow: &CtEntry, now: u64) -> i32 {
         // SAFETY: plain helper call.
         return unsafe { bpf_redirect(out, 0) as i32 };
     }
+    tag_redirected(ctx);
     // SAFETY: plain helper call.
     unsafe { bpf_redirect_neigh(out, null_mut(), 0, 0) as i32 }
 }

@@ -192,11 +192,3 @@ pub fn ipv4_l4(ctx: &TcContext) -> Option<Packet> {
         ip_id_be: u16::from_ne_bytes(ip_id),
     })
 }
-
-/// The TCP sequence number of `packet` (raw), read only where needed.
-#[inline(always)]
-pub fn tcp_seq(ctx: &TcContext, packet: &Packet) -> Option<u32> {
-    let seq: *const u32 = ptr_at(ctx, packet.l4_off + 4)?;
-    // SAFETY: bounds-checked by ptr_at.
-    Some(unsafe { *seq })
-}

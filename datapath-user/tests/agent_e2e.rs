@@ -988,6 +988,7 @@ fn connections_sharing_a_wire_tuple_all_keep_working() {
     let vip = SocketAddrV4::new(VIP, 80);
     let other = SocketAddrV4::new(other_vip, 81);
     let direct = SocketAddrV4::new(pod.address, TARGET);
+    let mut pairs = Vec::new();
     for (case, port, first, second) in [
         ("two Services, one backend", 45001, vip, other),
         (
@@ -1003,7 +1004,7 @@ fn connections_sharing_a_wire_tuple_all_keep_working() {
             direct,
         ),
     ] {
-        let (mut a, mut b) = client
+        let (a, b) = client
             .run(|| {
                 let a = Conversation::open_from(port, first, TIMEOUT)?;
                 let b = Conversation::open_from(port, second, TIMEOUT)?;
@@ -1011,19 +1012,32 @@ fn connections_sharing_a_wire_tuple_all_keep_working() {
             })
             .unwrap()
             .unwrap_or_else(|e| panic!("{case}: {e}"));
-        for round in 0..5 {
-            assert_eq!(
-                a.ask()
-                    .unwrap_or_else(|e| panic!("{case}, first, {round}: {e}")),
-                "server-a"
-            );
-            assert_eq!(
-                b.ask()
-                    .unwrap_or_else(|e| panic!("{case}, second, {round}: {e}")),
-                "server-a"
-            );
-        }
+        pairs.push((case, a, b));
     }
+    let ask_all = |pairs: &mut Vec<(&str, Conversation, Conversation)>, when: &str| {
+        for (case, a, b) in pairs.iter_mut() {
+            for round in 0..5 {
+                assert_eq!(
+                    a.ask()
+                        .unwrap_or_else(|e| panic!("{case}, first, {when} {round}: {e}")),
+                    "server-a"
+                );
+                assert_eq!(
+                    b.ask()
+                        .unwrap_or_else(|e| panic!("{case}, second, {when} {round}: {e}")),
+                    "server-a"
+                );
+            }
+        }
+    };
+    ask_all(&mut pairs, "busy");
+    // Idle past the learned MACs' freshness: the service flows' next
+    // packets go by bpf_redirect_neigh again, and run egress a second time
+    // with the very tuple the moved direct connection was opened on.
+    std::thread::sleep(Duration::from_secs(
+        datapath_common::conntrack::L2_FRESH_SECS + 1,
+    ));
+    ask_all(&mut pairs, "after idling");
     let metrics = agent.get("/metrics").unwrap();
     let clashes = datapath_event(&metrics, "port_clash");
     assert!(clashes >= 3, "{clashes} clashes resolved");

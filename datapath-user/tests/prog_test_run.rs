@@ -12,6 +12,7 @@ use std::{net::Ipv4Addr, time::Duration};
 
 use common::{VIP, jiffies_ago, load_private, load_private_with, tcp_frontend, udp_frontend};
 use datapath_common::{
+    SKB_CB_REDIRECTED,
     conntrack::{self, STATE_FIN_RX, STATE_FIN_TX, STATE_RST, STATE_SEEN_NON_SYN},
     ipv4_be, lb,
     maps::{CT_KIND_BACKEND, CT_KIND_SERVICE, CtEntry, CtKey, L2_REWRITE},
@@ -54,6 +55,20 @@ fn egress(dp: &mut Datapath, frame: &Frame) -> (i32, Vec<u8>) {
         .test_run_tc(TC_EGRESS, &frame.build(), 1)
         .expect("BPF_PROG_TEST_RUN egress");
     (out.verdict, out.frame)
+}
+
+/// The second pass through egress of a packet the program sent with
+/// `bpf_redirect_neigh` (tagged in its control block): it must pass
+/// untouched and untagged.
+fn egress_second_pass(dp: &mut Datapath, frame: &[u8]) {
+    let out = dp
+        .test_run_tc_with_cb(TC_EGRESS, frame, 1, [SKB_CB_REDIRECTED, 0, 0, 0, 0])
+        .expect("BPF_PROG_TEST_RUN egress");
+    assert_eq!(
+        (out.verdict, out.frame.as_slice(), out.cb[0]),
+        (verdict::NEXT, frame, 0),
+        "a redirected packet's second pass"
+    );
 }
 
 fn ingress(dp: &mut Datapath, frame: &Frame) -> (i32, Vec<u8>) {
@@ -752,7 +767,7 @@ fn a_direct_connection_reusing_a_service_flows_tuple_is_not_reverse_natted() {
     // While the flow lives, its own translated SYN coming through egress
     // again (after bpf_redirect_neigh) leaves it alone.
     let direct = Frame::tcp(CLIENT, (B1.address, B1.port), SYN);
-    egress(&mut dp, &direct);
+    egress_second_pass(&mut dp, &direct.build());
     assert!(ct_entry(&dp, &reply_key).is_some(), "a live flow is kept");
     // The flow closes (a FIN each way; a half-closed flow still holds its
     // tuple): its entries linger for the closing lifetime.
@@ -1158,16 +1173,20 @@ fn a_second_flow_on_a_taken_wire_tuple_gets_another_source_port() {
 /// tuple of a live service flow (the same client port): it moves to
 /// another source port and is tracked from its SYN on, its replies get the
 /// client's port back and keep their source; the service flow is not
-/// disturbed. The service flow's own SYN coming back through egress after
-/// `bpf_redirect_neigh` (same sequence number) is not mistaken for one.
+/// disturbed. The service flow's own packets coming back through egress
+/// after `bpf_redirect_neigh` (tagged) are not mistaken for the direct
+/// connection's, whose tuple they share.
 #[test]
 fn a_direct_connection_on_a_service_flows_wire_tuple_gets_another_source_port() {
     let mut dp = datapath_with(tcp_frontend(), &[B1]);
     let syn = Frame::tcp(CLIENT, (VIP, 80), SYN);
-    egress(&mut dp, &syn);
-    let own_second_pass = to_backend(&syn, &B1).build();
-    let out = dp.test_run_tc(TC_EGRESS, &own_second_pass, 1).unwrap();
-    assert_eq!((out.verdict, out.frame), (verdict::NEXT, own_second_pass));
+    let first = dp.test_run_tc(TC_EGRESS, &syn.build(), 1).unwrap();
+    assert_eq!(
+        (first.verdict, first.cb[0]),
+        (verdict::REDIRECT, SKB_CB_REDIRECTED),
+        "a new flow is sent by bpf_redirect_neigh, tagged"
+    );
+    egress_second_pass(&mut dp, &first.frame);
     assert_eq!(dp.maps.counter(Counter::PortClash).unwrap(), 0);
 
     let direct = Frame::tcp(CLIENT, (B1.address, B1.port), SYN).with_seq(424242);
@@ -1214,6 +1233,20 @@ fn a_direct_connection_on_a_service_flows_wire_tuple_gets_another_source_port() 
     );
     let (_, out) = egress(&mut dp, &Frame::tcp(CLIENT, (VIP, 80), ACK));
     assert_eq!(sport_of(&out), CLIENT.1, "the service flow keeps its port");
+
+    // The service flow idles until its learned MACs go stale: its next
+    // packet is redirected again, and the second pass has the direct
+    // connection's original tuple; it must keep the service flow's port.
+    let key = service_key(&syn);
+    let mut flow = ct_entry(&dp, &key).unwrap();
+    flow.l2_seen = jiffies_ago(Duration::from_secs(conntrack::L2_FRESH_SECS + 1));
+    dp.maps.conntrack_tcp.insert(key, flow, 0).unwrap();
+    let later = dp
+        .test_run_tc(TC_EGRESS, &Frame::tcp(CLIENT, (VIP, 80), ACK).build(), 1)
+        .unwrap();
+    assert_eq!(later.verdict, verdict::REDIRECT);
+    assert_eq!(sport_of(&later.frame), CLIENT.1);
+    egress_second_pass(&mut dp, &later.frame);
 }
 
 /// A flow whose service-tuple entry was evicted (its reply entry still
