@@ -29,6 +29,7 @@ use crate::{
         store::{Change, Kind, Store},
     },
     loader::{CtTimeouts, MapSizes},
+    map_pins::PinPolicy,
     maps::DatapathMaps,
     metrics::{self, IssueLabels, Metrics, SyncLabels},
     reconcile::{LbMaps, Reconciler},
@@ -359,6 +360,9 @@ pub async fn run(options: AgentOptions) -> Result<()> {
         pin_dir: Some(options.pin_dir.clone()),
         sizes: options.sizes.clone(),
         ct_timeouts: options.ct_timeouts,
+        // The agent owns the pins: one made by another version, or with
+        // another size, is replaced.
+        pin_policy: PinPolicy::Own,
     };
     let mut datapath = Datapath::load(&load).context("loading the datapath")?;
     info!(pin_dir = %options.pin_dir.display(), "datapath loaded; maps pinned (existing pins adopted)");

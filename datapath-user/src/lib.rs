@@ -12,6 +12,7 @@ pub mod demo;
 pub mod inspect;
 pub mod k8s;
 pub mod loader;
+pub mod map_pins;
 pub mod maps;
 pub mod metrics;
 pub mod netns;

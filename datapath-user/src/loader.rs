@@ -27,7 +27,12 @@ use datapath_common::{
     maps,
 };
 
-use crate::{clock, maps::DatapathMaps, netns, object};
+use crate::{
+    clock,
+    map_pins::{self, PinPolicy},
+    maps::DatapathMaps,
+    netns, object,
+};
 
 /// Where the agent pins maps and links by default.
 pub const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/underpass";
@@ -43,6 +48,28 @@ pub struct MapSizes {
     /// UDP flows the TC path can track (two entries each).
     pub conntrack_udp_flows: u32,
     pub sock_reverse_nat: u32,
+}
+
+impl MapSizes {
+    /// `max_entries` of each sized map, as the loader sets them.
+    pub fn max_entries(&self) -> [(&'static str, u32); 6] {
+        [
+            (maps::SERVICES_MAP, self.services),
+            (maps::BACKENDS_MAP, self.backends),
+            (maps::REVERSE_NAT_MAP, self.reverse_nat),
+            (
+                maps::CONNTRACK_TCP_MAP,
+                self.conntrack_tcp_flows
+                    .saturating_mul(maps::CT_ENTRIES_PER_FLOW),
+            ),
+            (
+                maps::CONNTRACK_UDP_MAP,
+                self.conntrack_udp_flows
+                    .saturating_mul(maps::CT_ENTRIES_PER_FLOW),
+            ),
+            (maps::SOCK_REVERSE_NAT_MAP, self.sock_reverse_nat),
+        ]
+    }
 }
 
 impl Default for MapSizes {
@@ -66,6 +93,10 @@ pub struct LoadOptions {
     pub sizes: MapSizes,
     /// Conntrack lifetimes (default: Cilium's).
     pub ct_timeouts: CtTimeouts,
+    /// What to do with pinned maps this object defines differently
+    /// (`map_pins`): the agent replaces them, everyone else adopts them
+    /// or stops.
+    pub pin_policy: PinPolicy,
 }
 
 /// How long idle flows are remembered, by state.
@@ -243,25 +274,19 @@ impl Datapath {
             }
             None => Vec::new(),
         };
-        let sizes = &options.sizes;
+        let max_entries = options.sizes.max_entries();
+        let expected = map_pins::expected_layouts(bytes, &max_entries)?;
+        for replaced in map_pins::reconcile_pins(&map_pins, &expected, options.pin_policy)? {
+            tracing::warn!(
+                map = %replaced.map,
+                "pinned map replaced ({}); its contents are made afresh",
+                replaced.reason
+            );
+        }
         let mut loader = EbpfLoader::new();
-        loader
-            .map_max_entries(maps::SERVICES_MAP, sizes.services)
-            .map_max_entries(maps::BACKENDS_MAP, sizes.backends)
-            .map_max_entries(maps::REVERSE_NAT_MAP, sizes.reverse_nat)
-            .map_max_entries(
-                maps::CONNTRACK_TCP_MAP,
-                sizes
-                    .conntrack_tcp_flows
-                    .saturating_mul(maps::CT_ENTRIES_PER_FLOW),
-            )
-            .map_max_entries(
-                maps::CONNTRACK_UDP_MAP,
-                sizes
-                    .conntrack_udp_flows
-                    .saturating_mul(maps::CT_ENTRIES_PER_FLOW),
-            )
-            .map_max_entries(maps::SOCK_REVERSE_NAT_MAP, sizes.sock_reverse_nat);
+        for (name, max) in max_entries {
+            loader.map_max_entries(name, max);
+        }
         let hz = clock::hz().map_err(|e| LoaderError::KernelFeature {
             kernel: KernelVersion::current()
                 .map(|v| v.to_string())

@@ -367,6 +367,83 @@ fn adoption_and_lifecycle_through_pinned_maps() {
     assert_eq!(reconciler.ids_in_use(), (0, 0));
 }
 
+/// Pins made by another version or with another size: the agent
+/// (`PinPolicy::Own`) replaces exactly the maps that differ and keeps the
+/// others' contents; anyone else adopts another size and refuses another
+/// layout with an error naming the map.
+#[test]
+fn pinned_maps_made_differently_are_replaced_by_the_owner_only() {
+    use aya::maps::{MapData, MapInfo};
+    use datapath_common::maps::{CONNTRACK_TCP_MAP, CONNTRACK_UDP_MAP, SOCK_REVERSE_NAT_MAP};
+    use datapath_user::{LoadOptions, loader::MapSizes, map_pins::PinPolicy};
+    common::require_root("pinned maps");
+    let pin_dir = std::path::PathBuf::from(format!(
+        "/sys/fs/bpf/{}",
+        datapath_user::topology::unique_prefix()
+    ));
+    struct Cleanup(std::path::PathBuf);
+    impl Drop for Cleanup {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+    let _cleanup = Cleanup(pin_dir.clone());
+    let max_entries = |map: &str| MapInfo::from_pin(pin_dir.join(map)).unwrap().max_entries();
+    let with = |flows: u32, pin_policy: PinPolicy| LoadOptions {
+        pin_dir: Some(pin_dir.clone()),
+        sizes: MapSizes {
+            conntrack_tcp_flows: flows,
+            ..MapSizes::default()
+        },
+        pin_policy,
+        ..LoadOptions::default()
+    };
+    let web = translation(&service_yaml("web", "10.96.1.1", &[80], 3));
+    let programmed = {
+        let mut datapath = datapath_user::Datapath::load(&with(1000, PinPolicy::Own)).unwrap();
+        let mut reconciler = Reconciler::adopt(&mut datapath.maps).unwrap();
+        apply(&mut reconciler, &web);
+        reconciler.maps().dump().unwrap()
+    };
+    assert_eq!(max_entries(CONNTRACK_TCP_MAP), 2000);
+
+    // Another size: the CNI plugin adopts the agent's choice.
+    drop(datapath_user::Datapath::load(&with(3000, PinPolicy::Adopt)).unwrap());
+    assert_eq!(max_entries(CONNTRACK_TCP_MAP), 2000);
+    // The agent started with another --conntrack-max gets it.
+    let datapath = datapath_user::Datapath::load(&with(3000, PinPolicy::Own)).unwrap();
+    assert_eq!(max_entries(CONNTRACK_TCP_MAP), 6000);
+    assert_eq!(
+        datapath.maps.dump().unwrap(),
+        programmed,
+        "the maps that did not differ kept their contents"
+    );
+    drop(datapath);
+
+    // Another layout: a map of other key and value sizes pinned where
+    // CONNTRACK_UDP belongs (as an older version's would be).
+    std::fs::remove_file(pin_dir.join(CONNTRACK_UDP_MAP)).unwrap();
+    MapData::from_pin(pin_dir.join(SOCK_REVERSE_NAT_MAP))
+        .unwrap()
+        .pin(pin_dir.join(CONNTRACK_UDP_MAP))
+        .unwrap();
+    let refused = datapath_user::Datapath::load(&with(3000, PinPolicy::Adopt))
+        .err()
+        .expect("another layout is refused")
+        .to_string();
+    assert!(
+        refused.contains(CONNTRACK_UDP_MAP) && refused.contains("value size"),
+        "{refused}"
+    );
+    let datapath = datapath_user::Datapath::load(&with(3000, PinPolicy::Own)).unwrap();
+    let udp = MapInfo::from_pin(pin_dir.join(CONNTRACK_UDP_MAP)).unwrap();
+    assert_eq!(
+        udp.value_size() as usize,
+        size_of::<datapath_common::maps::CtEntry>()
+    );
+    assert_eq!(datapath.maps.dump().unwrap(), programmed);
+}
+
 /// Every translate fixture, service by service through the reconciler,
 /// leaves the maps holding exactly what `translate()` says; deleting the
 /// services one by one leaves them empty with every id released.

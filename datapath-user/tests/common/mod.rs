@@ -40,6 +40,7 @@ pub fn load_private_with(ct_timeouts: CtTimeouts) -> Datapath {
             conntrack_udp_flows: CONNTRACK_UDP_FLOWS,
             sock_reverse_nat: 1024,
         },
+        ..LoadOptions::default()
     };
     Datapath::load(&options).unwrap_or_else(|e| panic!("loading the datapath: {e}"))
 }

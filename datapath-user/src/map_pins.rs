@@ -1,0 +1,311 @@
+//! Pinned maps against this object's definitions.
+//!
+//! Pinned maps outlive the process that made them: after an upgrade the
+//! pins were made by another version of the object, after a flag change
+//! (`--conntrack-max`) with another size. aya adopts any pin by name
+//! without comparing it, so the new programs would be verified against the
+//! old map (refused when a value grew; worse, reading one field where the
+//! old layout had another when it did not) and a new size would be
+//! silently ignored.
+//!
+//! So each existing pin is compared first. The agent owns the maps
+//! (`PinPolicy::Own`): a pin that differs in anything, its size included,
+//! is removed and made afresh from this object, as Cilium does with maps
+//! of incompatible properties. Its contents are lost: services and
+//! backends are programmed again by the agent; flows tracked on the TC
+//! path are balanced again (a TCP flow whose new backend differs fails
+//! fast). Programs still attached keep the old map until they are
+//! replaced. Every other user of the pins (the CNI plugin, `underpass
+//! attach`) adopts the maps as they are (`PinPolicy::Adopt`): another size
+//! is the agent's choice, but another layout is an error naming the map,
+//! since attaching programs of this version to it would mistranslate.
+
+use std::{
+    collections::HashMap,
+    fmt,
+    path::{Path, PathBuf},
+};
+
+use aya::maps::MapInfo;
+
+use crate::loader::LoaderError;
+
+/// What a caller of `Datapath::load` may do with pins it finds.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum PinPolicy {
+    /// Use them as they are; a different layout is an error.
+    #[default]
+    Adopt,
+    /// Replace any that differs from this object's definition (the agent).
+    Own,
+}
+
+/// The properties of a map that programs are verified against.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MapLayout {
+    /// `BPF_MAP_TYPE_*`.
+    pub map_type: u32,
+    pub key_size: u32,
+    pub value_size: u32,
+    pub max_entries: u32,
+    /// `BPF_F_*` creation flags.
+    pub flags: u32,
+}
+
+/// How a pinned map differs from the definition (empty: not at all).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Differences {
+    /// Differences that change what programs read (type, key, value,
+    /// flags): programs of this object cannot use the pinned map.
+    pub layout: Vec<String>,
+    /// A different capacity only.
+    pub size: Option<String>,
+}
+
+impl Differences {
+    pub fn is_empty(&self) -> bool {
+        self.layout.is_empty() && self.size.is_none()
+    }
+}
+
+impl fmt::Display for Differences {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let all: Vec<&str> = self
+            .layout
+            .iter()
+            .chain(&self.size)
+            .map(String::as_str)
+            .collect();
+        f.write_str(&all.join(", "))
+    }
+}
+
+/// How `pinned` differs from `expected`.
+pub fn differences(expected: &MapLayout, pinned: &MapLayout) -> Differences {
+    let mut out = Differences::default();
+    for (what, want, have) in [
+        ("type", expected.map_type, pinned.map_type),
+        ("key size", expected.key_size, pinned.key_size),
+        ("value size", expected.value_size, pinned.value_size),
+        ("flags", expected.flags, pinned.flags),
+    ] {
+        if want != have {
+            out.layout
+                .push(format!("{what} {have} pinned, {want} in this version"));
+        }
+    }
+    if expected.max_entries != pinned.max_entries {
+        out.size = Some(format!(
+            "max entries {} pinned, {} configured",
+            pinned.max_entries, expected.max_entries
+        ));
+    }
+    out
+}
+
+/// What to do with one pin, by policy.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Decision {
+    Keep,
+    /// Remove the pin; the loader makes the map afresh. The reason says
+    /// what differed.
+    Replace(String),
+    /// Stop: this object cannot use the pinned map.
+    Refuse(String),
+}
+
+/// The pure decision for a pin that differs by `diff`.
+pub fn decide(policy: PinPolicy, diff: &Differences) -> Decision {
+    match policy {
+        _ if diff.is_empty() => Decision::Keep,
+        PinPolicy::Own => Decision::Replace(diff.to_string()),
+        PinPolicy::Adopt if diff.layout.is_empty() => Decision::Keep,
+        PinPolicy::Adopt => Decision::Refuse(diff.to_string()),
+    }
+}
+
+/// The layouts the object defines, by map name, with the capacities the
+/// loader will set (`max_entries`) in place of the object's own.
+pub fn expected_layouts(
+    object: &[u8],
+    max_entries: &[(&str, u32)],
+) -> Result<HashMap<String, MapLayout>, LoaderError> {
+    let parsed = aya_obj::Object::parse(object).map_err(|e| LoaderError::Pin {
+        path: PathBuf::from("(embedded object)"),
+        reason: format!("parsing its map definitions: {e}"),
+    })?;
+    Ok(parsed
+        .maps
+        .iter()
+        .map(|(name, map)| {
+            let max = max_entries
+                .iter()
+                .find(|(n, _)| n == name)
+                .map_or(map.max_entries(), |(_, max)| *max);
+            (
+                name.clone(),
+                MapLayout {
+                    map_type: map.map_type(),
+                    key_size: map.key_size(),
+                    value_size: map.value_size(),
+                    max_entries: max,
+                    flags: map.map_flags(),
+                },
+            )
+        })
+        .collect())
+}
+
+/// The layout of the map pinned at `path`; `None` when nothing is pinned
+/// there.
+fn pinned_layout(path: &Path) -> Result<Option<MapLayout>, LoaderError> {
+    if !path.exists() {
+        return Ok(None);
+    }
+    let info = MapInfo::from_pin(path).map_err(|e| LoaderError::Pin {
+        path: path.to_owned(),
+        reason: format!("reading the pinned map's properties: {e}"),
+    })?;
+    Ok(Some(MapLayout {
+        map_type: raw_map_type(&info),
+        key_size: info.key_size(),
+        value_size: info.value_size(),
+        max_entries: info.max_entries(),
+        flags: info.map_flags(),
+    }))
+}
+
+/// `BPF_MAP_TYPE_*` of a loaded map (aya gives its enum only).
+fn raw_map_type(info: &MapInfo) -> u32 {
+    use aya::maps::MapType;
+    // The types this object uses; anything else differs from all of them.
+    match info.map_type() {
+        Ok(MapType::Hash) => 1,
+        Ok(MapType::Array) => 2,
+        Ok(MapType::PerCpuHash) => 5,
+        Ok(MapType::PerCpuArray) => 6,
+        Ok(MapType::LruHash) => 9,
+        Ok(MapType::LruPerCpuHash) => 10,
+        Ok(MapType::LpmTrie) => 11,
+        _ => u32::MAX,
+    }
+}
+
+/// A pin that was replaced, and why (for the agent's log).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Replaced {
+    pub map: String,
+    pub reason: String,
+}
+
+/// Compares every existing pin in `pins` (map name, pin path) with
+/// `expected` and applies `policy`: returns the pins it removed, or the
+/// first refusal as an error naming the map.
+pub fn reconcile_pins(
+    pins: &[(&str, PathBuf)],
+    expected: &HashMap<String, MapLayout>,
+    policy: PinPolicy,
+) -> Result<Vec<Replaced>, LoaderError> {
+    let mut replaced = Vec::new();
+    for (name, path) in pins {
+        let (Some(want), Some(have)) = (expected.get(*name), pinned_layout(path)?) else {
+            continue;
+        };
+        match decide(policy, &differences(want, &have)) {
+            Decision::Keep => {}
+            Decision::Replace(reason) => {
+                std::fs::remove_file(path).map_err(|e| LoaderError::Pin {
+                    path: path.clone(),
+                    reason: format!("removing the pin of an incompatible map: {e}"),
+                })?;
+                replaced.push(Replaced {
+                    map: (*name).to_owned(),
+                    reason,
+                });
+            }
+            Decision::Refuse(reason) => {
+                return Err(LoaderError::Pin {
+                    path: path.clone(),
+                    reason: format!(
+                        "map {name} was pinned by another version of underpass ({reason}); \
+                         start the agent of this version first (it replaces the map), \
+                         or run `underpass uninstall`"
+                    ),
+                });
+            }
+        }
+    }
+    Ok(replaced)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const CT: MapLayout = MapLayout {
+        map_type: 9,
+        key_size: 16,
+        value_size: 56,
+        max_entries: 1 << 19,
+        flags: 0,
+    };
+
+    #[test]
+    fn an_identical_pin_is_kept_by_every_policy() {
+        let diff = differences(&CT, &CT);
+        assert!(diff.is_empty());
+        assert_eq!(decide(PinPolicy::Own, &diff), Decision::Keep);
+        assert_eq!(decide(PinPolicy::Adopt, &diff), Decision::Keep);
+    }
+
+    #[test]
+    fn another_size_is_replaced_by_the_owner_and_adopted_by_others() {
+        let pinned = MapLayout {
+            max_entries: 1 << 18,
+            ..CT
+        };
+        let diff = differences(&CT, &pinned);
+        assert!(diff.layout.is_empty());
+        assert_eq!(
+            decide(PinPolicy::Own, &diff),
+            Decision::Replace("max entries 262144 pinned, 524288 configured".into())
+        );
+        assert_eq!(decide(PinPolicy::Adopt, &diff), Decision::Keep);
+    }
+
+    #[test]
+    fn another_layout_is_replaced_by_the_owner_and_refused_by_others() {
+        let pinned = MapLayout {
+            value_size: 52,
+            map_type: 1,
+            ..CT
+        };
+        let diff = differences(&CT, &pinned);
+        let reason = "type 1 pinned, 9 in this version, value size 52 pinned, 56 in this version";
+        assert_eq!(
+            decide(PinPolicy::Own, &diff),
+            Decision::Replace(reason.into())
+        );
+        assert_eq!(
+            decide(PinPolicy::Adopt, &diff),
+            Decision::Refuse(reason.into())
+        );
+    }
+
+    #[test]
+    fn the_embedded_object_defines_every_map_the_loader_pins() {
+        let Some(object) = crate::object::bytes() else {
+            panic!("the eBPF object is not embedded (run `cargo xtask build-ebpf`)");
+        };
+        let layouts =
+            expected_layouts(object, &[(datapath_common::maps::SERVICES_MAP, 7)]).unwrap();
+        for name in datapath_common::maps::ALL_MAPS {
+            assert!(layouts.contains_key(name), "{name} missing");
+        }
+        assert_eq!(layouts[datapath_common::maps::SERVICES_MAP].max_entries, 7);
+        assert_eq!(
+            layouts[datapath_common::maps::CONNTRACK_TCP_MAP].value_size as usize,
+            size_of::<datapath_common::maps::CtEntry>()
+        );
+    }
+}
