@@ -1,5 +1,6 @@
-//! The two raw bpf(2) commands aya 0.14 does not expose: opening a pinned
-//! object as a plain fd, and BPF_LINK_DETACH.
+//! The raw bpf(2) commands aya 0.14 does not expose: opening a pinned
+//! object as a plain fd, BPF_LINK_DETACH, and loading and test-running a
+//! program given as instructions (the jiffies clock, `crate::clock`).
 //!
 //! Removing a link's pin only drops a reference; the kernel frees the
 //! inode after an RCU grace period, so the program would stay attached
@@ -135,4 +136,91 @@ pub fn read_array<V: Copy + Default>(map_fd: i32, len: u32) -> io::Result<Vec<V>
         first = false;
     }
     Ok(out)
+}
+
+const BPF_PROG_LOAD: libc::c_long = 5;
+const BPF_PROG_TEST_RUN: libc::c_long = 10;
+const BPF_PROG_TYPE_SCHED_CLS: u32 = 3;
+
+/// One eBPF instruction (`struct bpf_insn`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Insn {
+    pub code: u8,
+    /// Destination register in the low nibble, source in the high one.
+    pub regs: u8,
+    pub off: i16,
+    pub imm: i32,
+}
+
+#[repr(C)]
+#[derive(Default)]
+struct ProgLoadAttr {
+    prog_type: u32,
+    insn_cnt: u32,
+    insns: u64,
+    license: u64,
+    log_level: u32,
+    log_size: u32,
+    log_buf: u64,
+    kern_version: u32,
+    prog_flags: u32,
+    prog_name: [u8; 16],
+    prog_ifindex: u32,
+    expected_attach_type: u32,
+}
+
+#[repr(C)]
+#[derive(Default)]
+struct TestRunAttr {
+    prog_fd: u32,
+    retval: u32,
+    data_size_in: u32,
+    data_size_out: u32,
+    data_in: u64,
+    data_out: u64,
+    repeat: u32,
+    duration: u32,
+    ctx_size_in: u32,
+    ctx_size_out: u32,
+    ctx_in: u64,
+    ctx_out: u64,
+    flags: u32,
+    cpu: u32,
+    batch_size: u32,
+    _pad: u32,
+}
+
+/// Loads `insns` as a TC classifier named `name` (at most 15 bytes).
+pub fn load_sched_cls(name: &str, insns: &[Insn]) -> io::Result<OwnedFd> {
+    let license = c"GPL";
+    let mut attr = ProgLoadAttr {
+        prog_type: BPF_PROG_TYPE_SCHED_CLS,
+        insn_cnt: insns.len() as u32,
+        insns: insns.as_ptr() as u64,
+        license: license.as_ptr() as u64,
+        ..ProgLoadAttr::default()
+    };
+    let bytes = name.as_bytes();
+    let len = bytes.len().min(attr.prog_name.len() - 1);
+    attr.prog_name[..len].copy_from_slice(&bytes[..len]);
+    let fd = bpf(BPF_PROG_LOAD, &mut attr)?;
+    // SAFETY: the kernel returned a new fd that we now own.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
+}
+
+/// Runs a TC program once on `frame` (BPF_PROG_TEST_RUN) and returns the
+/// `struct __sk_buff` it left (`ctx_out`, whose size the kernel requires
+/// to be at least the whole struct).
+pub fn test_run_skb_ctx(prog: &OwnedFd, frame: &[u8], ctx_out: &mut [u8]) -> io::Result<()> {
+    let mut attr = TestRunAttr {
+        prog_fd: prog.as_raw_fd() as u32,
+        data_size_in: frame.len() as u32,
+        data_in: frame.as_ptr() as u64,
+        repeat: 1,
+        ctx_size_out: ctx_out.len() as u32,
+        ctx_out: ctx_out.as_mut_ptr() as u64,
+        ..TestRunAttr::default()
+    };
+    bpf(BPF_PROG_TEST_RUN, &mut attr).map(drop)
 }

@@ -2,28 +2,106 @@
 //!
 //! The datapath stamps flows with `bpf_jiffies64()`. Planting or ageing
 //! entries (tests, garbage collection, `conntrack list`) needs the same
-//! clock, which the kernel shows in /proc/timer_list.
+//! clock. No syscall returns jiffies, and /proc/timer_list, which shows
+//! them, is masked by every container runtime (containerd and podman
+//! bind-mount /dev/null over it). So the clock is read where the datapath
+//! reads it: a seven-instruction TC program stores `bpf_jiffies64()` in
+//! the skb's control block, run once per read with BPF_PROG_TEST_RUN
+//! (a few microseconds; needs CAP_BPF and CAP_NET_ADMIN, as the agent has).
 
 use std::{
-    fs::File,
-    io::{self, BufRead, BufReader},
+    io,
+    os::fd::OwnedFd,
     sync::OnceLock,
     time::{Duration, Instant},
 };
 
+use crate::bpfsys::{self, Insn};
+
+/// `offsetof(struct __sk_buff, cb)`: the program writes jiffies into
+/// `cb[0]` (low half) and `cb[1]` (high half).
+const CB_OFFSET: i16 = 48;
+/// `BPF_FUNC_jiffies64`.
+const HELPER_JIFFIES64: i32 = 118;
+
+/// r6 = ctx; r0 = bpf_jiffies64(); cb[0] = (u32)r0; cb[1] = r0 >> 32;
+/// return TC_ACT_OK.
+const PROGRAM: [Insn; 7] = [
+    Insn {
+        code: 0xbf,
+        regs: 0x16,
+        off: 0,
+        imm: 0,
+    }, // mov64 r6, r1
+    Insn {
+        code: 0x85,
+        regs: 0x00,
+        off: 0,
+        imm: HELPER_JIFFIES64,
+    }, // call
+    Insn {
+        code: 0x63,
+        regs: 0x06,
+        off: CB_OFFSET,
+        imm: 0,
+    }, // stxw [r6+48], r0
+    Insn {
+        code: 0x77,
+        regs: 0x00,
+        off: 0,
+        imm: 32,
+    }, // rsh64 r0, 32
+    Insn {
+        code: 0x63,
+        regs: 0x06,
+        off: CB_OFFSET + 4,
+        imm: 0,
+    }, // stxw [r6+52], r0
+    Insn {
+        code: 0xb7,
+        regs: 0x00,
+        off: 0,
+        imm: 0,
+    }, // mov64 r0, 0
+    Insn {
+        code: 0x95,
+        regs: 0x00,
+        off: 0,
+        imm: 0,
+    }, // exit
+];
+
+/// The loaded clock program, kept for the process's life.
+fn program() -> io::Result<&'static OwnedFd> {
+    static LOADED: OnceLock<OwnedFd> = OnceLock::new();
+    if let Some(fd) = LOADED.get() {
+        return Ok(fd);
+    }
+    let fd = bpfsys::load_sched_cls("underpass_clock", &PROGRAM).map_err(|e| {
+        io::Error::new(
+            e.kind(),
+            format!(
+                "loading the jiffies clock program (bpf_jiffies64, kernel 5.5+; \
+                 needs CAP_BPF and CAP_NET_ADMIN): {e}"
+            ),
+        )
+    })?;
+    Ok(LOADED.get_or_init(|| fd))
+}
+
 /// The kernel's jiffies counter now.
 pub fn jiffies_now() -> io::Result<u64> {
-    let file = File::open("/proc/timer_list")?;
-    for line in BufReader::new(file).lines() {
-        let line = line?;
-        if let Some(value) = line.strip_prefix("jiffies:") {
-            return value.trim().parse().map_err(io::Error::other);
-        }
-    }
-    Err(io::Error::new(
-        io::ErrorKind::NotFound,
-        "no jiffies line in /proc/timer_list",
-    ))
+    // An Ethernet header and a little more: the test run needs a frame.
+    let frame = [0u8; 64];
+    // The whole `struct __sk_buff` comes back (192 bytes on 6.18).
+    let mut ctx = [0u8; 256];
+    bpfsys::test_run_skb_ctx(program()?, &frame, &mut ctx)
+        .map_err(|e| io::Error::new(e.kind(), format!("running the jiffies clock program: {e}")))?;
+    let word = |at: i16| {
+        let at = at as usize;
+        u32::from_ne_bytes(ctx[at..at + 4].try_into().expect("four bytes"))
+    };
+    Ok(u64::from(word(CB_OFFSET)) | (u64::from(word(CB_OFFSET + 4)) << 32))
 }
 
 /// The kernel's tick rate (CONFIG_HZ), measured once: jiffies counted over

@@ -291,7 +291,7 @@ impl Datapath {
             kernel: KernelVersion::current()
                 .map(|v| v.to_string())
                 .unwrap_or_else(|_| "?".into()),
-            feature: "a readable jiffies clock (/proc/timer_list)",
+            feature: "the jiffies clock (bpf_jiffies64 run with BPF_PROG_TEST_RUN)",
             hint: e.to_string(),
         })?;
         let lifetimes = options.ct_timeouts.in_ticks(hz);

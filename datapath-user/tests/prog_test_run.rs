@@ -1262,3 +1262,28 @@ fn a_flow_rebalanced_onto_its_own_backend_keeps_its_port() {
     assert_eq!(sport_of(&out), CLIENT.1, "not moved");
     assert_eq!(dp.maps.counter(Counter::PortClash).unwrap(), 0);
 }
+
+/// The clock the agent stamps and ages flows with is read by running a
+/// tiny BPF program (container runtimes mask /proc/timer_list): it is the
+/// kernel's jiffies, between two readings of /proc/timer_list taken on
+/// the host around it.
+#[test]
+fn the_jiffies_clock_is_the_kernels() {
+    common::require_root("the jiffies clock program");
+    fn timer_list() -> u64 {
+        let text = std::fs::read_to_string("/proc/timer_list").expect("the host's timer_list");
+        text.lines()
+            .find_map(|l| l.strip_prefix("jiffies:"))
+            .expect("a jiffies line")
+            .trim()
+            .parse()
+            .unwrap()
+    }
+    let before = timer_list();
+    let ours = datapath_user::clock::jiffies_now().unwrap();
+    let after = timer_list();
+    assert!(
+        before <= ours && ours <= after,
+        "{before} <= {ours} <= {after}"
+    );
+}
