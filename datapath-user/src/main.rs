@@ -51,7 +51,17 @@ enum Command {
     /// CNI_NETNS, DEL detaches, CHECK verifies, VERSION reports; the
     /// previous plugin's result passes through unchanged. Reads the
     /// network configuration on stdin ("pinDir" may override --pin-dir).
+    /// A container runtime runs the installed binary without arguments
+    /// and with CNI_COMMAND set: that is this command too.
     Cni(PinArgs),
+    /// Install this binary as the chained CNI plugin: copy it to
+    /// DIR/underpass atomically (the DaemonSet's init container; the image
+    /// has no shell or cp).
+    InstallCni {
+        /// The node's CNI plugin directory, as mounted.
+        #[arg(long, default_value = "/host/opt/cni/bin")]
+        to: PathBuf,
+    },
     /// Frontends in the pinned maps and the backends they balance over.
     Service {
         #[command(subcommand)]
@@ -271,12 +281,19 @@ fn main() -> ExitCode {
         )
         .with_writer(std::io::stderr)
         .init();
+    if std::env::args_os().len() == 1 && std::env::var_os("CNI_COMMAND").is_some() {
+        // Run by a container runtime as a CNI plugin.
+        let pin_dir = std::env::var_os("UNDERPASS_PIN_DIR")
+            .map_or_else(|| PathBuf::from(DEFAULT_PIN_DIR), PathBuf::from);
+        std::process::exit(cni::main(&pin_dir));
+    }
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Agent(args) => run_agent(*args),
         Command::Attach(args) => attach(args),
         Command::Detach(args) => detach(args),
         Command::Cni(args) => std::process::exit(cni::main(&args.pin_dir)),
+        Command::InstallCni { to } => install_cni(&to),
         Command::Service {
             command: ListCommand::List(o),
         } => inspect::service_list(&o.pin.pin_dir, o.output),
@@ -440,6 +457,23 @@ fn attach(args: AttachArgs) -> Result<()> {
             " (cls_bpf filter)"
         }
     );
+    Ok(())
+}
+
+fn install_cni(dir: &std::path::Path) -> Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    let me = std::env::current_exe().context("finding this binary")?;
+    let target = dir.join("underpass");
+    // Copied beside the target and renamed over it: a runtime executing
+    // the plugin meanwhile sees the old binary or the new, never half.
+    let staging = dir.join(".underpass.installing");
+    std::fs::copy(&me, &staging)
+        .with_context(|| format!("copying {} to {}", me.display(), staging.display()))?;
+    std::fs::set_permissions(&staging, std::fs::Permissions::from_mode(0o755))
+        .with_context(|| format!("making {} executable", staging.display()))?;
+    std::fs::rename(&staging, &target)
+        .with_context(|| format!("moving {} to {}", staging.display(), target.display()))?;
+    println!("installed the CNI plugin at {}", target.display());
     Ok(())
 }
 

@@ -1157,7 +1157,8 @@ async fn set_up(handle: &Handle, name: &str) -> std::result::Result<(), String> 
 /// `ethtool -K IFACE tx on|off` through the SIOCETHTOOL ioctl (ethtool(8)
 /// need not be installed), in the calling thread's namespace.
 fn ethtool_set_tx_csum(iface: &str, enabled: bool) -> io::Result<()> {
-    const SIOCETHTOOL: libc::c_ulong = 0x8946;
+    // `Ioctl` is c_ulong on glibc and c_int on musl (the static image).
+    const SIOCETHTOOL: libc::Ioctl = 0x8946;
     const ETHTOOL_STXCSUM: u32 = 0x17;
     #[repr(C)]
     struct EthtoolValue {

@@ -2,6 +2,8 @@
 //! the agent needs: read-only RBAC on what it watches, the mounts it
 //! uses, probes on its health port, settings it understands.
 
+mod common;
+
 use std::{collections::BTreeSet, path::Path, process::Command};
 
 use k8s_openapi::{
@@ -222,4 +224,377 @@ fn every_setting_is_one_the_agent_reads() {
         Some(&from.name),
         deploy.config_maps[0].metadata.name.as_ref()
     );
+}
+
+/// What a test changes about the manifest's own settings, each for a
+/// reason of the test site: its own pin directory, a loopback metrics
+/// port, the node name the kubelet would pass, and the agent pointed at
+/// a manifest directory instead of an API server.
+struct TestSite {
+    pin_dir: String,
+    metrics_address: String,
+    node_name: String,
+    /// Host directory mounted read-only at `/manifests`.
+    manifests: std::path::PathBuf,
+    /// Extra agent arguments (which netns to attach to, fast polling).
+    agent_args: Vec<String>,
+}
+
+/// The `podman run` arguments (before the image) that give the agent
+/// container what the kubelet would give it from `deploy/daemonset.yaml`:
+/// host network, the security context (capabilities dropped and added,
+/// read-only root, not privileged, seccomp as the pod asks), the hostPath
+/// mounts with their propagation, the env and the ConfigMap's env. Read
+/// from the manifest, so the test and the manifest cannot drift apart.
+fn podman_flags(
+    ds: &DaemonSet,
+    config: &ConfigMap,
+    container: &Container,
+    site: &TestSite,
+) -> Vec<String> {
+    let pod = ds.spec.template.spec.as_ref().unwrap();
+    let mut flags = vec![
+        // This machine: crun refuses the hybrid cgroup layout.
+        "--runtime=runc".to_owned(),
+        // Within this machine's hard limits (podman's defaults are above
+        // them, and runc may not raise a hard limit).
+        format!(
+            "--ulimit=nofile={0}:{0}",
+            hard_limit(libc::RLIMIT_NOFILE).min(1 << 20)
+        ),
+        // (Root here lacks CAP_SYS_RESOURCE: the runtime cannot raise a
+        // hard limit. The agent runs a handful of threads.)
+        format!(
+            "--ulimit=nproc={0}:{0}",
+            hard_limit(libc::RLIMIT_NPROC).min(4096)
+        ),
+    ];
+    assert_eq!(
+        pod.host_network,
+        Some(true),
+        "the agent runs in the host's network namespace"
+    );
+    flags.push("--network=host".into());
+    let security = container.security_context.clone().unwrap_or_default();
+    if security.privileged == Some(true) {
+        flags.push("--privileged".into());
+    }
+    if security.read_only_root_filesystem == Some(true) {
+        flags.push("--read-only".into());
+    }
+    if security.allow_privilege_escalation == Some(false) {
+        flags.push("--security-opt=no-new-privileges".into());
+    }
+    let seccomp = security
+        .seccomp_profile
+        .or_else(|| pod.security_context.as_ref()?.seccomp_profile.clone());
+    match seccomp.as_ref().map(|s| s.type_.as_str()) {
+        Some("Unconfined") => flags.push("--security-opt=seccomp=unconfined".into()),
+        Some("RuntimeDefault") => {}
+        other => {
+            panic!("seccomp profile {other:?}: say RuntimeDefault or Unconfined in the manifest")
+        }
+    }
+    if let Some(capabilities) = &security.capabilities {
+        for drop in capabilities.drop.iter().flatten() {
+            flags.push(format!("--cap-drop={drop}"));
+        }
+        for add in capabilities.add.iter().flatten() {
+            flags.push(format!("--cap-add={add}"));
+        }
+    }
+    for mount in container.volume_mounts.iter().flatten() {
+        let volume = pod
+            .volumes
+            .iter()
+            .flatten()
+            .find(|v| v.name == mount.name)
+            .unwrap_or_else(|| panic!("volume {} not declared", mount.name));
+        let host = &volume
+            .host_path
+            .as_ref()
+            .unwrap_or_else(|| panic!("volume {}: only hostPath volumes are run here", mount.name))
+            .path;
+        let mut options = vec![if mount.read_only == Some(true) {
+            "ro"
+        } else {
+            "rw"
+        }];
+        options.push(match mount.mount_propagation.as_deref() {
+            Some("HostToContainer") => "rslave",
+            Some("Bidirectional") => "rshared",
+            None | Some("None") => "rprivate",
+            Some(other) => panic!("mountPropagation {other}"),
+        });
+        flags.push(format!(
+            "--volume={host}:{}:{}",
+            mount.mount_path,
+            options.join(",")
+        ));
+    }
+    flags.push(format!(
+        "--volume={}:/manifests:ro",
+        site.manifests.display()
+    ));
+    let mut env = std::collections::BTreeMap::new();
+    for from in container.env_from.iter().flatten() {
+        let name = &from
+            .config_map_ref
+            .as_ref()
+            .expect("env from a ConfigMap")
+            .name;
+        assert_eq!(Some(name), config.metadata.name.as_ref());
+        env.extend(config.data.clone().unwrap_or_default());
+    }
+    for var in container.env.iter().flatten() {
+        let value = match (&var.value, &var.value_from) {
+            (Some(value), _) => value.clone(),
+            (None, Some(from)) => match from.field_ref.as_ref().map(|f| f.field_path.as_str()) {
+                Some("spec.nodeName") => site.node_name.clone(),
+                other => panic!("env {}: field {other:?} is not provided here", var.name),
+            },
+            (None, None) => String::new(),
+        };
+        env.insert(var.name.clone(), value);
+    }
+    for (key, value) in [
+        ("UNDERPASS_PIN_DIR", &site.pin_dir),
+        ("UNDERPASS_METRICS_ADDRESS", &site.metrics_address),
+    ] {
+        assert!(env.contains_key(key), "{key} is set by the manifest");
+        env.insert(key.to_owned(), value.clone());
+    }
+    // Socket-LB on the node's root cgroup would touch every process of the
+    // machine; the TC path is what this test shows.
+    env.remove("UNDERPASS_CGROUP");
+    for (key, value) in env {
+        flags.push(format!("--env={key}={value}"));
+    }
+    flags
+}
+
+fn hard_limit(resource: libc::__rlimit_resource_t) -> u64 {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit writes the struct we pass.
+    assert_eq!(unsafe { libc::getrlimit(resource, &mut limit) }, 0);
+    limit.rlim_max
+}
+
+/// The container's command and arguments, then the test site's.
+fn container_command(container: &Container, site: &TestSite) -> (String, Vec<String>) {
+    let mut command = container
+        .command
+        .clone()
+        .expect("the manifest names the command");
+    let entrypoint = command.remove(0);
+    command.extend(container.args.clone().unwrap_or_default());
+    command.extend(["--from-dir".to_owned(), "/manifests".to_owned()]);
+    command.extend(site.agent_args.iter().cloned());
+    (entrypoint, command)
+}
+
+fn podman(args: &[String]) -> std::process::Output {
+    Command::new("podman")
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("running podman (cargo xtask test installs it): {e}"))
+}
+
+/// A container started by the test, removed with it.
+struct Container_(String);
+
+impl Drop for Container_ {
+    fn drop(&mut self) {
+        let _ = Command::new("podman")
+            .args(["rm", "--force", "--time=2", &self.0])
+            .output();
+    }
+}
+
+fn test_image() -> String {
+    let image =
+        std::env::var("UNDERPASS_TEST_IMAGE").unwrap_or_else(|_| "localhost/underpass:dev".into());
+    let found = podman(&["image".into(), "exists".into(), image.clone()]);
+    assert!(
+        found.status.success(),
+        "image {image} not built: run `cargo xtask image` (cargo xtask test builds it)"
+    );
+    image
+}
+
+fn http_get(address: &str, path: &str) -> Option<String> {
+    use std::io::{Read, Write};
+    let address: std::net::SocketAddr = address.parse().unwrap();
+    let mut stream =
+        std::net::TcpStream::connect_timeout(&address, std::time::Duration::from_secs(2)).ok()?;
+    write!(stream, "GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").ok()?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response).ok()?;
+    Some(response)
+}
+
+fn wait_until(what: &str, seconds: u64, mut condition: impl FnMut() -> bool) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(seconds);
+    while std::time::Instant::now() < deadline {
+        if condition() {
+            return;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    panic!("timed out waiting until {what}");
+}
+
+/// Starts the agent container as the kubelet would (`podman_flags`).
+fn run_agent_container(name: &str, image: &str, deploy: &Deploy, site: &TestSite) -> Container_ {
+    let container = agent(&deploy.daemon_sets[0]);
+    let (entrypoint, command) = container_command(container, site);
+    let mut args = vec![
+        "run".to_owned(),
+        "--detach".into(),
+        format!("--name={name}"),
+    ];
+    args.extend(podman_flags(
+        &deploy.daemon_sets[0],
+        &deploy.config_maps[0],
+        container,
+        site,
+    ));
+    args.push(format!("--entrypoint={entrypoint}"));
+    args.push(image.to_owned());
+    args.extend(command);
+    let started = podman(&args);
+    assert!(
+        started.status.success(),
+        "podman run: {}",
+        String::from_utf8_lossy(&started.stderr)
+    );
+    let running = Container_(name.to_owned());
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while std::time::Instant::now() < deadline {
+        if http_get(&site.metrics_address, "/readyz").is_some_and(|r| r.starts_with("HTTP/1.1 200"))
+        {
+            return running;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    let logs = podman(&["logs".into(), name.to_owned()]);
+    panic!(
+        "the agent container is not ready within 30 s; its log:\n{}{}",
+        String::from_utf8_lossy(&logs.stdout),
+        String::from_utf8_lossy(&logs.stderr)
+    );
+}
+
+/// The image, run the way the kubelet runs the DaemonSet's agent (its
+/// security context, mounts and env read from the manifest), attaches to
+/// a pod of the test topology and translates its ClusterIP traffic;
+/// stopping the container keeps the datapath serving; a second container
+/// adopts it and follows a manifest edit.
+#[test]
+fn the_image_runs_as_the_daemonset_says_and_serves_pods() {
+    use std::net::{Ipv4Addr, SocketAddrV4};
+
+    use datapath_user::{
+        attach::pinned_tc_links,
+        topology::{Topology, standard_pods},
+        workload,
+    };
+    common::require_root("the image under podman");
+    let image = test_image();
+    let deploy = load();
+    let topo = Topology::build(&standard_pods()).expect("building the topology");
+    let servers: Vec<_> = ["server-a", "server-b"]
+        .into_iter()
+        .map(|role| {
+            let pod = topo.pod(role);
+            workload::tcp_server(&pod.namespace, pod.address, 8080, role).unwrap()
+        })
+        .collect();
+    let pin_dir = format!("/sys/fs/bpf/{}", topo.prefix);
+    struct Pins(std::path::PathBuf);
+    impl Drop for Pins {
+        fn drop(&mut self) {
+            for (netns, iface) in pinned_tc_links(&self.0) {
+                let _ = datapath_user::loader::detach_pinned_tc(&self.0, Some(&netns), &iface);
+            }
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+    let pins = Pins(pin_dir.clone().into());
+    let manifests = std::env::temp_dir().join(format!("{}-manifests", topo.prefix));
+    std::fs::create_dir_all(&manifests).unwrap();
+    let vip = Ipv4Addr::new(10, 96, 9, 9);
+    let write_service = |backend: Ipv4Addr| {
+        let text = format!(
+            "apiVersion: v1\nkind: Service\nmetadata: {{name: echo, namespace: e2e}}\nspec:\n  clusterIP: {vip}\n  ports: [{{name: http, port: 80, targetPort: 8080}}]\n---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: echo-1\n  namespace: e2e\n  labels: {{kubernetes.io/service-name: echo}}\naddressType: IPv4\nports: [{{name: http, port: 8080}}]\nendpoints:\n- addresses: [{backend}]\n  conditions: {{ready: true}}\n"
+        );
+        let temp = manifests.join("echo.tmp");
+        std::fs::write(&temp, text).unwrap();
+        std::fs::rename(&temp, manifests.join("echo.yaml")).unwrap();
+    };
+    write_service(topo.pod("server-a").address);
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let site = TestSite {
+        pin_dir: pin_dir.clone(),
+        metrics_address: format!("127.0.0.1:{port}"),
+        node_name: "node-1".into(),
+        manifests: manifests.clone(),
+        agent_args: vec![
+            "--netns-filter".into(),
+            format!("{}-client*", topo.prefix),
+            "--dir-poll-ms".into(),
+            "50".into(),
+            "--netns-poll-ms".into(),
+            "50".into(),
+        ],
+    };
+    let ask = || {
+        topo.pod("client")
+            .namespace
+            .run(|| {
+                workload::tcp_request(
+                    SocketAddrV4::new(vip, 80),
+                    std::time::Duration::from_secs(2),
+                )
+            })
+            .unwrap()
+            .map(|a| a.server)
+            .ok()
+    };
+
+    let first = run_agent_container(&format!("{}-agent-1", topo.prefix), &image, &deploy, &site);
+    let client_ns = topo.pod("client").namespace.name().to_owned();
+    wait_until("the container attached to the client's eth0", 10, || {
+        pinned_tc_links(&pins.0).contains(&(client_ns.clone(), "eth0".into()))
+    });
+    assert_eq!(
+        ask().as_deref(),
+        Some("server-a"),
+        "translated by the agent in the container"
+    );
+
+    let stopped = podman(&["stop".into(), "--time=5".into(), first.0.clone()]);
+    assert!(stopped.status.success());
+    for _ in 0..5 {
+        assert_eq!(
+            ask().as_deref(),
+            Some("server-a"),
+            "the datapath outlives the container"
+        );
+    }
+
+    let _second = run_agent_container(&format!("{}-agent-2", topo.prefix), &image, &deploy, &site);
+    write_service(topo.pod("server-b").address);
+    wait_until("the second container follows the manifest", 10, || {
+        ask().as_deref() == Some("server-b")
+    });
+    drop(servers);
+    let _ = std::fs::remove_dir_all(&manifests);
 }

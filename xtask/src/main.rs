@@ -31,6 +31,22 @@ const TEST_PACKAGES: &[(&str, &str)] = &[
     ("nginx", "nginx"),
 ];
 
+/// What `cargo xtask image` needs, and the test that runs the image:
+/// podman (which builds with buildah's code), runc (crun, podman's
+/// default, refuses hybrid cgroup hosts) and musl-gcc (ring's C and
+/// assembly for the static binary).
+const IMAGE_PACKAGES: &[(&str, &str)] = &[
+    ("podman", "podman"),
+    ("runc", "runc"),
+    ("musl-gcc", "musl-tools"),
+];
+
+/// The static target of the image's binary.
+const IMAGE_TARGET: &str = "x86_64-unknown-linux-musl";
+
+/// The tag `cargo xtask image` gives the image and the tests run.
+const IMAGE_TAG: &str = "localhost/underpass:dev";
+
 #[derive(Parser)]
 #[command(about = "underpass project tasks", long_about = None)]
 struct Cli {
@@ -47,7 +63,8 @@ enum Task {
     /// target/bpfel-unknown-none/release/underpass-ebpf.
     BuildEbpf,
     /// Run every test suite: host unit tests, the BPF_PROG_TEST_RUN suite
-    /// and the network-namespace end-to-end suite (needs root).
+    /// and the network-namespace end-to-end suite, and the agent's image
+    /// under podman (built first, as `cargo xtask image`). Needs root.
     Test {
         /// Extra arguments for the test harness (e.g. a test name filter).
         #[arg(trailing_var_arg = true)]
@@ -66,6 +83,13 @@ enum Task {
     /// cargo fmt --check and clippy, on the stable workspace and on the
     /// nightly eBPF crate.
     Lint,
+    /// Build the agent's image (deploy/Containerfile: the static
+    /// `underpass` on `FROM scratch`) with podman, offline.
+    Image {
+        /// Tag to give it.
+        #[arg(long, default_value = IMAGE_TAG)]
+        tag: String,
+    },
 }
 
 fn main() -> Result<()> {
@@ -84,7 +108,9 @@ fn main() -> Result<()> {
             require_root(
                 "the BPF_PROG_TEST_RUN and e2e suites load programs and create network namespaces",
             )?;
+            build_image(&root, IMAGE_TAG)?;
             let mut cmd = cargo_stable();
+            cmd.env("UNDERPASS_TEST_IMAGE", IMAGE_TAG);
             cmd.args(["test", "--workspace", "--", "--nocapture"])
                 .args(&args);
             // The namespace suites share the machine's network stack: one
@@ -134,6 +160,10 @@ fn main() -> Result<()> {
                 "bench",
             )
         }
+        Task::Image { tag } => {
+            require_root("podman builds the image in root's storage, where the tests run it")?;
+            build_image(&root, &tag)
+        }
         Task::Lint => {
             setup(&root, &[])?;
             run(
@@ -170,6 +200,73 @@ fn main() -> Result<()> {
             )
         }
     }
+}
+
+/// Builds the static binary and the image from it (`Task::Image`).
+fn build_image(root: &Path, tag: &str) -> Result<()> {
+    setup(root, IMAGE_PACKAGES)?;
+    ensure_rust_target(IMAGE_TARGET)?;
+    build_ebpf(root)?;
+    run(
+        cargo_stable()
+            .env("CC_x86_64_unknown_linux_musl", "musl-gcc")
+            .args([
+                "build",
+                "--release",
+                "--target",
+                IMAGE_TARGET,
+                "--package",
+                "datapath-user",
+                "--bin",
+                "underpass",
+            ]),
+        "cargo build (static underpass)",
+    )?;
+    // The build context holds the binary alone: nothing else of the tree
+    // (target/ is gigabytes) is sent to the builder.
+    let context = root.join("target/image-context");
+    fs::create_dir_all(&context)?;
+    fs::copy(
+        root.join("target")
+            .join(IMAGE_TARGET)
+            .join("release/underpass"),
+        context.join("underpass"),
+    )
+    .context("staging the binary for the image")?;
+    run(
+        Command::new("podman")
+            .args(["build", "--quiet", "--file"])
+            .arg(root.join("deploy/Containerfile"))
+            .args(["--tag", tag])
+            .arg(&context),
+        "podman build",
+    )?;
+    let size =
+        output(Command::new("podman").args(["image", "inspect", "--format", "{{.Size}}", tag]))?;
+    let bytes: f64 = size.trim().parse().unwrap_or(0.0);
+    eprintln!(
+        "xtask: image {tag} built ({:.1} MiB)",
+        bytes / (1024.0 * 1024.0)
+    );
+    Ok(())
+}
+
+fn ensure_rust_target(target: &str) -> Result<()> {
+    let installed = output(Command::new("rustup").args([
+        "target",
+        "list",
+        "--installed",
+        "--toolchain",
+        "stable",
+    ]))?;
+    if installed.lines().any(|l| l.trim() == target) {
+        return Ok(());
+    }
+    eprintln!("xtask: adding the {target} target (the image's static binary)");
+    run(
+        Command::new("rustup").args(["target", "add", target, "--toolchain", "stable"]),
+        "rustup target add",
+    )
 }
 
 fn project_root() -> PathBuf {
