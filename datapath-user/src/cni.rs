@@ -44,6 +44,7 @@ const INCOMPATIBLE_VERSION: u32 = 1;
 const INVALID_ENVIRONMENT: u32 = 4;
 const IO_FAILURE: u32 = 5;
 const DECODE_FAILURE: u32 = 6;
+const INVALID_NETWORK_CONFIG: u32 = 7;
 const TRY_AGAIN_LATER: u32 = 11;
 /// Plugin-specific codes start at 100.
 const ATTACH_FAILED: u32 = 100;
@@ -107,6 +108,16 @@ pub fn run(
         "ADD" => {
             let netns = var("CNI_NETNS")?;
             let ifname = var("CNI_IFNAME")?;
+            // A chained plugin only adds to what the interface plugin made;
+            // without its result there is nothing to hand on (the
+            // reference chained plugins refuse the same way).
+            let Some(previous) = config.get("prevResult").cloned() else {
+                return Err(fail(CniError::new(
+                    INVALID_NETWORK_CONFIG,
+                    "prevResult is missing: underpass is a chained plugin",
+                    "list it after the interface plugin (macvlan, ipvlan, sriov) in the conflist",
+                )));
+            };
             let options = LoadOptions {
                 pin_dir: Some(pin_dir.clone()),
                 ..LoadOptions::default()
@@ -129,10 +140,7 @@ pub fn run(
                 })?;
             attachment.keep();
             // Chained plugin: hand the previous result on unchanged.
-            let mut result = config
-                .get("prevResult")
-                .cloned()
-                .unwrap_or_else(|| json!({}));
+            let mut result = previous;
             if let Some(object) = result.as_object_mut() {
                 object.insert("cniVersion".into(), Value::String(version.clone()));
             }

@@ -434,10 +434,52 @@ impl Datapath {
             (Some(dir), TcMode::Tcx) => Some(dir.join(links_dir).join(&label).join(iface)),
             _ => None,
         };
+        // A first attachment that fails half-way is undone entirely: no pin
+        // or directory that `status` would report as attached is left. (A
+        // failed re-attachment leaves the earlier, working one alone.)
+        let first = pin_base.as_ref().is_some_and(|base| !base.exists());
         if let Some(base) = &pin_base {
             create_pin_dir(base)?;
         }
-        let mut links = Vec::new();
+        let mut attachment = TcAttachment {
+            netns: netns_path.clone(),
+            iface: iface.to_owned(),
+            links: Vec::new(),
+        };
+        let attached =
+            self.attach_each(&mut attachment, programs, &label, mode, pin_base.as_deref());
+        if let Err(error) = attached {
+            if first {
+                if let Err(e) = attachment.detach_all() {
+                    tracing::warn!("undoing a failed attachment to {iface}: {e}");
+                }
+                if let Some(base) = &pin_base {
+                    let _ = fs::remove_dir(base);
+                    // The namespace's directory, when this was its only
+                    // interface.
+                    if let Some(parent) = base.parent() {
+                        let _ = fs::remove_dir(parent);
+                    }
+                }
+            } else {
+                attachment.keep();
+            }
+            return Err(error);
+        }
+        Ok(attachment)
+    }
+
+    /// Attaches `programs` one by one into `attachment` (`attach_tc_programs`).
+    fn attach_each(
+        &mut self,
+        attachment: &mut TcAttachment,
+        programs: &[(&'static str, TcAttachType)],
+        label: &str,
+        mode: TcMode,
+        pin_base: Option<&Path>,
+    ) -> Result<(), LoaderError> {
+        let iface = attachment.iface.clone();
+        let netns_path = attachment.netns.clone();
         for &(program, attach_type) in programs {
             let prog = sched_classifier(&mut self.ebpf, program)?;
             let pin = pin_base
@@ -447,24 +489,20 @@ impl Datapath {
                 attach_one(
                     prog,
                     program,
-                    iface,
-                    &label,
+                    &iface,
+                    label,
                     attach_type,
                     mode,
                     pin.as_deref(),
                 )
             })
             .map_err(|source| LoaderError::Netns {
-                netns: label.clone(),
+                netns: label.to_owned(),
                 error: source,
             })??;
-            links.push(link);
+            attachment.links.push(link);
         }
-        Ok(TcAttachment {
-            netns: netns_path,
-            iface: iface.to_owned(),
-            links,
-        })
+        Ok(())
     }
 
     /// Attaches the socket-LB programs to the cgroup v2 directory `cgroup`

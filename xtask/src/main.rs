@@ -16,7 +16,8 @@ use clap::{Parser, Subcommand};
 const BPF_LINKER_VERSION: &str = "0.13.0";
 const BPF_LINKER_LLVM_FEATURE: &str = "llvm-22";
 
-/// Debian packages the test suites use, as (command to probe, package).
+/// Debian packages the test suites use, as (command or absolute path to
+/// probe, package).
 /// The suites build their namespaces with netlink and drive traffic with
 /// their own sockets; the kube-proxy baseline needs iptables and
 /// nftables, and the benches (whose `--quick` runs are tests) the seeds'
@@ -29,6 +30,8 @@ const TEST_PACKAGES: &[(&str, &str)] = &[
     ("redis-server", "redis-server"),
     ("redis-benchmark", "redis-tools"),
     ("nginx", "nginx"),
+    // The reference CNI plugins the chain test runs underpass after.
+    ("/usr/lib/cni/macvlan", "containernetworking-plugins"),
 ];
 
 /// What `cargo xtask image` needs, and the test that runs the image:
@@ -388,7 +391,14 @@ fn ensure_bpf_linker(root: &Path) -> Result<()> {
 fn ensure_debian_packages(packages: &[(&str, &str)]) -> Result<()> {
     let missing: Vec<&str> = packages
         .iter()
-        .filter(|(cmd, _)| !on_path(cmd))
+        .filter(|(probe, _)| {
+            // A command on PATH, or a file where the package puts it.
+            if probe.starts_with('/') {
+                !Path::new(probe).exists()
+            } else {
+                !on_path(probe)
+            }
+        })
         .map(|(_, pkg)| *pkg)
         .collect();
     if missing.is_empty() {

@@ -1,0 +1,294 @@
+//! The CNI plugin the way a container runtime runs it: the binary the
+//! DaemonSet's init container installs (`underpass install-cni`) executed
+//! with no arguments and the `CNI_*` variables set, chained after the
+//! reference plugins Debian ships (macvlan + host-local), with each
+//! plugin's result handed on as the next one's `prevResult`, for ADD,
+//! CHECK and DEL. The pod it makes reaches a ClusterIP through the
+//! programs underpass attached.
+
+mod common;
+
+use std::{
+    io::Write,
+    net::{Ipv4Addr, SocketAddrV4},
+    path::{Path, PathBuf},
+    process::{Command, Stdio},
+    time::Duration,
+};
+
+use common::{require_root, tcp_frontend};
+use datapath_user::{
+    DatapathMaps,
+    attach::pinned_tc_links,
+    maps::BackendEntry,
+    topology::{Namespace, Topology, WIRE, standard_pods},
+    workload,
+};
+use serde_json::{Value, json};
+
+/// Where Debian's containernetworking-plugins puts the reference plugins.
+const REFERENCE_PLUGINS: &str = "/usr/lib/cni";
+
+/// A runtime's view of one network: the plugin directory and the
+/// conflist.
+struct Runtime {
+    bin: PathBuf,
+    conflist: Value,
+    netns: PathBuf,
+    container_id: String,
+}
+
+impl Runtime {
+    /// Runs `plugin` as a runtime does: `bin/<type>` with no arguments,
+    /// the environment set, the plugin's config (with the network's name
+    /// and version, and `prevResult` when given) on stdin. The node's
+    /// plugins run in the node's namespace, where the master interface is.
+    fn exec(
+        &self,
+        node: &Namespace,
+        command: &str,
+        plugin: &Value,
+        previous: Option<&Value>,
+    ) -> (i32, Value) {
+        let mut config = plugin.clone();
+        config["cniVersion"] = self.conflist["cniVersion"].clone();
+        config["name"] = self.conflist["name"].clone();
+        if let Some(previous) = previous {
+            config["prevResult"] = previous.clone();
+        }
+        let binary = self.bin.join(plugin["type"].as_str().unwrap());
+        let output = node
+            .run(|| {
+                let mut child = Command::new(&binary)
+                    .env_clear()
+                    .env("CNI_COMMAND", command)
+                    .env("CNI_CONTAINERID", &self.container_id)
+                    .env("CNI_NETNS", &self.netns)
+                    .env("CNI_IFNAME", "eth0")
+                    .env("CNI_PATH", &self.bin)
+                    .stdin(Stdio::piped())
+                    .stdout(Stdio::piped())
+                    .stderr(Stdio::inherit())
+                    .spawn()
+                    .unwrap_or_else(|e| panic!("running {}: {e}", binary.display()));
+                child
+                    .stdin
+                    .take()
+                    .unwrap()
+                    .write_all(config.to_string().as_bytes())
+                    .unwrap();
+                child.wait_with_output().unwrap()
+            })
+            .unwrap();
+        let text = String::from_utf8(output.stdout).unwrap();
+        let json = if text.trim().is_empty() {
+            Value::Null
+        } else {
+            serde_json::from_str(&text).unwrap_or_else(|e| panic!("{command}: {e}: {text}"))
+        };
+        (output.status.code().unwrap(), json)
+    }
+
+    fn plugins(&self) -> &[Value] {
+        self.conflist["plugins"].as_array().unwrap()
+    }
+
+    /// ADD through the chain; the final result.
+    fn add(&self, node: &Namespace) -> Value {
+        let mut result: Option<Value> = None;
+        for plugin in self.plugins() {
+            let (code, out) = self.exec(node, "ADD", plugin, result.as_ref());
+            assert_eq!(code, 0, "ADD {}: {out}", plugin["type"]);
+            result = Some(out);
+        }
+        result.unwrap()
+    }
+
+    /// CHECK or DEL through the chain (DEL in reverse), each plugin given
+    /// the final ADD result.
+    fn each(&self, node: &Namespace, command: &str, result: &Value) -> Vec<(i32, Value)> {
+        let mut plugins: Vec<&Value> = self.plugins().iter().collect();
+        if command == "DEL" {
+            plugins.reverse();
+        }
+        plugins
+            .into_iter()
+            .map(|plugin| self.exec(node, command, plugin, Some(result)))
+            .collect()
+    }
+}
+
+/// Removes the test's work directory and pins (also when it fails).
+struct Cleanup(PathBuf, PathBuf);
+
+impl Drop for Cleanup {
+    fn drop(&mut self) {
+        for (netns, iface) in pinned_tc_links(&self.1) {
+            let _ = datapath_user::loader::detach_pinned_tc(&self.1, Some(&netns), &iface);
+        }
+        let _ = std::fs::remove_dir_all(&self.1);
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+fn install(bin: &Path) {
+    std::fs::create_dir_all(bin).unwrap();
+    let installed = Command::new(env!("CARGO_BIN_EXE_underpass"))
+        .args(["install-cni", "--to"])
+        .arg(bin)
+        .output()
+        .unwrap();
+    assert!(installed.status.success(), "{installed:?}");
+    for plugin in ["macvlan", "host-local"] {
+        let source = Path::new(REFERENCE_PLUGINS).join(plugin);
+        assert!(
+            source.exists(),
+            "{} missing: cargo xtask test installs containernetworking-plugins",
+            source.display()
+        );
+        std::os::unix::fs::symlink(&source, bin.join(plugin)).unwrap();
+    }
+}
+
+#[test]
+fn chained_after_the_reference_plugins_add_check_and_del_work() {
+    require_root("CNI chain");
+    let servers: Vec<_> = standard_pods()
+        .into_iter()
+        .filter(|p| p.role == "server-a")
+        .collect();
+    let topo = Topology::build(&servers).expect("building the topology");
+    let server = topo.pod("server-a");
+    let _listening =
+        workload::tcp_server(&server.namespace, server.address, 8080, "server-a").unwrap();
+    // The pod's namespace as a runtime hands it over: empty.
+    let pod = Namespace::create(&format!("{}-cnipod", topo.prefix)).unwrap();
+    let work = std::env::temp_dir().join(format!("{}-cni", topo.prefix));
+    let pin_dir = PathBuf::from(format!("/sys/fs/bpf/{}", topo.prefix));
+    let _cleanup = Cleanup(work.clone(), pin_dir.clone());
+    let bin = work.join("bin");
+    install(&bin);
+    let address = Ipv4Addr::new(10, 77, 0, 50);
+    let runtime = Runtime {
+        bin,
+        netns: pod.path().to_owned(),
+        container_id: format!("{}-c0ffee", topo.prefix),
+        conflist: json!({
+            "cniVersion": "1.0.0",
+            "name": format!("{}-underlay", topo.prefix),
+            "plugins": [
+                {
+                    "type": "macvlan", "master": WIRE, "mode": "bridge",
+                    "ipam": {
+                        "type": "host-local",
+                        "dataDir": work.join("ipam"),
+                        "ranges": [[{
+                            "subnet": "10.77.0.0/24",
+                            "rangeStart": address.to_string(),
+                            "rangeEnd": address.to_string(),
+                            "gateway": "10.77.0.254"
+                        }]],
+                        "routes": [{"dst": "0.0.0.0/0"}]
+                    }
+                },
+                {"type": "underpass", "pinDir": pin_dir}
+            ]
+        }),
+    };
+    let node = &topo.nodes[0];
+
+    let result = runtime.add(node);
+    assert_eq!(
+        result["ips"][0]["address"],
+        format!("{address}/24"),
+        "macvlan's result, handed on unchanged: {result}"
+    );
+    let key = (pod.name().to_owned(), "eth0".to_owned());
+    assert!(
+        pinned_tc_links(&pin_dir).contains(&key),
+        "attached by the chained ADD"
+    );
+    for (code, out) in runtime.each(node, "CHECK", &result) {
+        assert_eq!(code, 0, "CHECK: {out}");
+    }
+
+    // The pod the chain made reaches a ClusterIP through what underpass
+    // attached (the maps the ADD pinned, programmed here directly).
+    let mut maps = DatapathMaps::open_pinned(&pin_dir).unwrap();
+    let backend = BackendEntry {
+        id: 1,
+        address: server.address,
+        port: 8080,
+    };
+    maps.set_service(&tcp_frontend(), 1, &[backend]).unwrap();
+    let answer = pod
+        .run(|| workload::tcp_request(SocketAddrV4::new(common::VIP, 80), Duration::from_secs(2)))
+        .unwrap()
+        .expect("the ClusterIP answers from the chained pod");
+    assert_eq!(answer.server, "server-a");
+
+    for (code, out) in runtime.each(node, "DEL", &result) {
+        assert_eq!(code, 0, "DEL: {out}");
+    }
+    assert!(pinned_tc_links(&pin_dir).is_empty(), "DEL detached");
+    // SAFETY: if_nametoindex reads a NUL-terminated name; it asks the
+    // kernel through a socket of the calling thread's namespace.
+    let eth0 = pod
+        .run(|| unsafe { libc::if_nametoindex(c"eth0".as_ptr()) })
+        .unwrap();
+    assert_eq!(eth0, 0, "macvlan's DEL removed the pod's eth0");
+}
+
+/// Errors a runtime must see as errors, leaving nothing behind: a chained
+/// ADD without a previous result, and an ADD whose interface is missing.
+#[test]
+fn a_failed_add_is_an_error_and_leaves_nothing_attached() {
+    require_root("CNI chain");
+    let topo = Topology::build(&[]).expect("building the topology");
+    let pod = Namespace::create(&format!("{}-cnipod", topo.prefix)).unwrap();
+    let work = std::env::temp_dir().join(format!("{}-cni", topo.prefix));
+    let pin_dir = PathBuf::from(format!("/sys/fs/bpf/{}", topo.prefix));
+    let _cleanup = Cleanup(work.clone(), pin_dir.clone());
+    let bin = work.join("bin");
+    install(&bin);
+    let runtime = Runtime {
+        bin,
+        netns: pod.path().to_owned(),
+        container_id: format!("{}-c0ffee", topo.prefix),
+        conflist: json!({"cniVersion": "1.0.0", "name": "underlay", "plugins": []}),
+    };
+    let underpass = json!({"type": "underpass", "pinDir": pin_dir});
+
+    let (code, error) = runtime.exec(&topo.nodes[0], "ADD", &underpass, None);
+    assert_eq!((code, error["code"].as_u64()), (1, Some(7)), "{error}");
+    assert!(
+        error["msg"].as_str().unwrap().contains("prevResult"),
+        "{error}"
+    );
+
+    // eth0 does not exist in the pod's namespace.
+    let previous = json!({"cniVersion": "1.0.0", "interfaces": [{"name": "eth0"}], "ips": []});
+    let (code, error) = runtime.exec(&topo.nodes[0], "ADD", &underpass, Some(&previous));
+    assert_eq!(code, 1, "{error}");
+    assert!(
+        error["details"].as_str().unwrap().contains("eth0"),
+        "{error}"
+    );
+    assert!(
+        pinned_tc_links(&pin_dir).is_empty(),
+        "{:?}",
+        pinned_tc_links(&pin_dir)
+    );
+    let status = Command::new(env!("CARGO_BIN_EXE_underpass"))
+        .args(["status", "--output", "json", "--pin-dir"])
+        .arg(&pin_dir)
+        .output()
+        .unwrap();
+    let status = String::from_utf8_lossy(&status.stdout).into_owned();
+    assert!(
+        !status.contains(pod.name()),
+        "status reports nothing attached: {status}"
+    );
+    let _ = std::fs::remove_dir_all(&pin_dir);
+    let _ = std::fs::remove_dir_all(&work);
+}
