@@ -23,6 +23,7 @@ use tracing::{info, warn};
 use crate::{
     Datapath, LoadOptions, TcMode,
     attach::{PodAttacher, Selector},
+    http,
     k8s::{
         Issue, IssueKind, NodeContext, ObjectKey,
         source::{self, SourceMessage},
@@ -31,7 +32,7 @@ use crate::{
     loader::{CtTimeouts, MapSizes},
     map_pins::PinPolicy,
     maps::DatapathMaps,
-    metrics::{self, IssueLabels, Metrics, SyncLabels},
+    metrics::{IssueLabels, Metrics, SyncLabels},
     reconcile::{LbMaps, Reconciler},
     udp_terminate::{SocketTerminator, UdpSocketTerminator},
 };
@@ -350,6 +351,7 @@ impl<M: LbMaps> AgentCore<M> {
 /// Runs the agent until SIGINT/SIGTERM. Leaves maps and links pinned:
 /// the datapath keeps serving while no agent runs.
 pub async fn run(options: AgentOptions) -> Result<()> {
+    crate::raise_open_files_limit();
     // The API server's configuration first: a wrong kubeconfig fails
     // before anything is loaded or attached.
     let client = match &options.source {
@@ -379,9 +381,9 @@ pub async fn run(options: AgentOptions) -> Result<()> {
         info!(cgroup = %cgroup.display(), "socket-LB attached");
     }
 
-    let listener = metrics::bind(options.metrics_address).await?;
+    let listener = http::bind(options.metrics_address).await?;
     info!(address = %options.metrics_address, "serving /metrics, /healthz, /readyz");
-    tokio::spawn(metrics::serve(listener, metrics.clone()));
+    tokio::spawn(http::serve(listener, metrics.clone()));
 
     let stop = Arc::new(AtomicBool::new(false));
     let attacher = match &options.netns_dir {

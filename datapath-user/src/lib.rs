@@ -9,6 +9,7 @@ pub mod cgroup;
 pub mod clock;
 pub mod cni;
 pub mod demo;
+pub mod http;
 pub mod inspect;
 pub mod k8s;
 pub mod loader;
@@ -27,3 +28,21 @@ pub mod workload;
 
 pub use loader::{Datapath, LoadOptions, LoaderError, TcMode};
 pub use maps::DatapathMaps;
+
+/// Raises this process's soft limit on open files to its hard limit (the
+/// soft one is often 1024): the agent holds a descriptor per map, link
+/// and namespace it works in, and per metrics connection.
+pub fn raise_open_files_limit() {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit/setrlimit read and write the struct we pass.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) == 0 && limit.rlim_cur < limit.rlim_max
+        {
+            limit.rlim_cur = limit.rlim_max;
+            let _ = libc::setrlimit(libc::RLIMIT_NOFILE, &limit);
+        }
+    }
+}

@@ -1,15 +1,11 @@
-//! The agent's Prometheus metrics and its health endpoints, served over a
-//! minimal HTTP/1.1 responder (GET only; a scrape is one request).
+//! The agent's Prometheus metrics and readiness (served by `crate::http`).
 
 use std::{
-    net::SocketAddr,
     path::Path,
-    sync::{
-        Arc, Mutex,
-        atomic::{AtomicBool, Ordering},
-    },
+    sync::{Arc, Mutex, atomic::AtomicBool},
 };
 
+use crate::k8s::IssueKind;
 use aya::maps::{Map, MapData, PerCpuArray};
 use datapath_common::{maps as m, metrics::Counter as DatapathCounter};
 use prometheus_client::{
@@ -23,12 +19,6 @@ use prometheus_client::{
     },
     registry::Registry,
 };
-use tokio::{
-    io::{AsyncReadExt, AsyncWriteExt},
-    net::TcpListener,
-};
-
-use crate::k8s::IssueKind;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct SyncLabels {
@@ -55,6 +45,10 @@ pub struct Metrics {
     pub issues_total: Family<IssueLabels, Counter>,
     /// Connected UDP sockets destroyed because their backend left.
     pub udp_sockets_terminated: Counter,
+    /// Metrics/health connections closed at once: the cap was reached.
+    pub http_connections_refused: Counter,
+    /// Failed accepts on the metrics/health port (out of descriptors).
+    pub http_accept_errors: Counter,
     /// The first full sync finished: the maps match the cluster.
     pub ready: AtomicBool,
 }
@@ -126,6 +120,18 @@ impl Metrics {
             "Connected UDP sockets destroyed because their backend left the service (the application reconnects)",
             udp_sockets_terminated.clone(),
         );
+        let http_connections_refused = Counter::default();
+        registry.register(
+            "http_connections_refused",
+            "Connections to the metrics and health port closed unanswered because the connection cap was reached",
+            http_connections_refused.clone(),
+        );
+        let http_accept_errors = Counter::default();
+        registry.register(
+            "http_accept_errors",
+            "Failed accepts on the metrics and health port (the agent backs off)",
+            http_accept_errors.clone(),
+        );
         if let Some(dir) = pin_dir {
             registry.register_collector(Box::new(DatapathCounters::open(dir)));
         }
@@ -139,6 +145,8 @@ impl Metrics {
             issues,
             issues_total,
             udp_sockets_terminated,
+            http_connections_refused,
+            http_accept_errors,
             ready: AtomicBool::new(false),
         })
     }
@@ -197,69 +205,4 @@ impl Collector for DatapathCounters {
         }
         Ok(())
     }
-}
-
-/// Serves `/metrics`, `/healthz` (the process answers) and `/readyz` (the
-/// first full sync is done) until the task is dropped.
-pub async fn serve(listener: TcpListener, metrics: Arc<Metrics>) {
-    loop {
-        let Ok((mut stream, _)) = listener.accept().await else {
-            continue;
-        };
-        let metrics = metrics.clone();
-        tokio::spawn(async move {
-            let mut request = vec![0u8; 2048];
-            let mut filled = 0;
-            // Read up to the end of the headers (or a full buffer).
-            while filled < request.len() {
-                match stream.read(&mut request[filled..]).await {
-                    Ok(0) | Err(_) => break,
-                    Ok(n) => filled += n,
-                }
-                if request[..filled].windows(4).any(|w| w == b"\r\n\r\n") {
-                    break;
-                }
-            }
-            let head = String::from_utf8_lossy(&request[..filled]);
-            let path = head
-                .lines()
-                .next()
-                .and_then(|line| line.split_whitespace().nth(1))
-                .unwrap_or("");
-            let (status, content_type, body) = match path {
-                "/metrics" => (
-                    "200 OK",
-                    "application/openmetrics-text; version=1.0.0; charset=utf-8",
-                    metrics.encode(),
-                ),
-                "/healthz" => ("200 OK", "text/plain", "ok\n".to_owned()),
-                "/readyz" if metrics.ready.load(Ordering::Relaxed) => {
-                    ("200 OK", "text/plain", "ready\n".to_owned())
-                }
-                "/readyz" => (
-                    "503 Service Unavailable",
-                    "text/plain",
-                    "waiting for the first full sync\n".to_owned(),
-                ),
-                _ => (
-                    "404 Not Found",
-                    "text/plain",
-                    "try /metrics, /healthz or /readyz\n".to_owned(),
-                ),
-            };
-            let response = format!(
-                "HTTP/1.1 {status}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-                body.len()
-            );
-            let _ = stream.write_all(response.as_bytes()).await;
-            let _ = stream.shutdown().await;
-        });
-    }
-}
-
-/// Binds the metrics address with an error that names it.
-pub async fn bind(address: SocketAddr) -> anyhow::Result<TcpListener> {
-    TcpListener::bind(address).await.map_err(|e| {
-        anyhow::anyhow!("binding the metrics and health address {address} (--metrics-address): {e}")
-    })
 }
