@@ -24,6 +24,7 @@ pub mod reconcile;
 pub mod sockdiag;
 pub mod topology;
 pub mod udp_terminate;
+pub mod uninstall;
 pub mod workload;
 
 pub use loader::{Datapath, LoadOptions, LoaderError, TcMode};

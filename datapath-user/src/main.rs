@@ -79,6 +79,11 @@ enum Command {
     },
     /// What is pinned: map fill, attached interfaces and cgroups, counters.
     Status(OutputArgs),
+    /// Remove the datapath from this node (as kube-proxy's --cleanup):
+    /// detach every program the agent and the CNI plugin attached (pod
+    /// interfaces, cgroups) and remove every pin, maps included. Delete
+    /// the DaemonSet first, or its agent attaches again.
+    Uninstall(PinArgs),
     /// Build a two-node topology in fresh network namespaces, program a
     /// Service, and show requests crossing its ClusterIP on the TC path and
     /// the socket-LB path, with the datapath's counters. Removes everything
@@ -304,6 +309,7 @@ fn main() -> ExitCode {
             command: ConntrackCommand::List { output: o, limit },
         } => inspect::conntrack_list(&o.pin.pin_dir, o.output, limit),
         Command::Status(o) => inspect::status(&o.pin.pin_dir, o.output),
+        Command::Uninstall(args) => uninstall(&args.pin_dir),
         Command::Demo => demo::run(),
         Command::Probe(args) => probe(args),
     };
@@ -457,6 +463,28 @@ fn attach(args: AttachArgs) -> Result<()> {
             " (cls_bpf filter)"
         }
     );
+    Ok(())
+}
+
+fn uninstall(pin_dir: &std::path::Path) -> Result<()> {
+    let removed = datapath_user::uninstall::uninstall(pin_dir).with_context(|| {
+        format!(
+            "uninstalling the datapath pinned under {}",
+            pin_dir.display()
+        )
+    })?;
+    if !removed.pin_dir {
+        println!(
+            "nothing pinned under {}: nothing to remove",
+            pin_dir.display()
+        );
+    } else {
+        println!(
+            "detached {} program attachments and removed {} (maps and links)",
+            removed.links,
+            pin_dir.display()
+        );
+    }
     Ok(())
 }
 

@@ -1110,3 +1110,103 @@ fn a_backend_behind_the_pods_veth_to_its_node_is_reached() {
     drop((host_server, pod_server));
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// `underpass uninstall` after the agent stopped removes everything it
+/// made: the TC programs on the pod's interface, the socket-LB programs
+/// on the cgroup (their links and programs are gone from the kernel), and
+/// every pin; the pod's traffic to the ClusterIP is no longer translated.
+#[test]
+fn uninstall_removes_every_attachment_and_pin() {
+    use aya::programs::{SchedClassifier, TcAttachType, links::FdLink, links::PinnedLink};
+    require_root("agent e2e");
+    let topo = Topology::build(&standard_pods()).expect("building the topology");
+    let pod = topo.pod("server-a");
+    let _server = workload::tcp_server(&pod.namespace, pod.address, TARGET, "server-a").unwrap();
+    let pins = PinDir(PathBuf::from(format!("/sys/fs/bpf/{}", topo.prefix)));
+    let dir = tempdir(&topo.prefix);
+    write_atomically(&dir.join("echo.yaml"), &manifest(&[pod.address]));
+    let cgroup = Cgroup::create(&format!("{}-sock", topo.prefix)).unwrap();
+    let filter = format!("{}-client*", topo.prefix);
+    let agent = Agent::start_with(
+        &pins.0,
+        &dir,
+        &filter,
+        &["--cgroup", cgroup.path().to_str().unwrap()],
+    );
+    let client = &topo.pod("client").namespace;
+    wait_until("the client's eth0 is attached", || {
+        pinned_tc_links(&pins.0).contains(&(client.name().to_owned(), "eth0".into()))
+    });
+    assert_eq!(ask_service(&topo).unwrap(), "server-a");
+    agent.stop();
+
+    // What the kernel holds for us: every pinned link and its program.
+    fn pin_files(dir: &Path, out: &mut Vec<PathBuf>) {
+        for entry in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+            if entry.file_type().unwrap().is_dir() {
+                pin_files(&entry.path(), out);
+            } else {
+                out.push(entry.path());
+            }
+        }
+    }
+    let mut pinned = Vec::new();
+    pin_files(&pins.0.join("links"), &mut pinned);
+    let ours: Vec<(u32, u32)> = pinned
+        .iter()
+        .map(|path| {
+            let info = FdLink::from(PinnedLink::from_pin(path).unwrap())
+                .info()
+                .unwrap();
+            (info.id(), info.program_id())
+        })
+        .collect();
+    assert_eq!(
+        ours.len(),
+        2 + 8,
+        "the TC pair and eight socket-LB programs: {pinned:?}"
+    );
+    let tcx_programs = || {
+        client
+            .run(|| {
+                [TcAttachType::Egress, TcAttachType::Ingress]
+                    .map(|t| SchedClassifier::query_tcx("eth0", t).unwrap().1.len())
+            })
+            .unwrap()
+    };
+    assert_eq!(tcx_programs(), [1, 1]);
+
+    let out = Command::new(env!("CARGO_BIN_EXE_underpass"))
+        .args(["uninstall", "--pin-dir"])
+        .arg(&pins.0)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert!(said.contains("detached 10 program attachments"), "{said}");
+    assert!(!pins.0.exists(), "every pin is gone");
+    assert_eq!(tcx_programs(), [0, 0], "nothing on the pod's interface");
+    wait_until("the kernel freed our links and programs", || {
+        let links: Vec<u32> = aya::programs::loaded_links()
+            .filter_map(Result::ok)
+            .map(|l| l.id())
+            .collect();
+        let programs: Vec<u32> = aya::programs::loaded_programs()
+            .filter_map(Result::ok)
+            .map(|p| p.id())
+            .collect();
+        ours.iter()
+            .all(|(link, program)| !links.contains(link) && !programs.contains(program))
+    });
+    assert!(
+        ask_service(&topo).is_err(),
+        "the ClusterIP is not translated any more"
+    );
+    let again = Command::new(env!("CARGO_BIN_EXE_underpass"))
+        .args(["uninstall", "--pin-dir"])
+        .arg(&pins.0)
+        .output()
+        .unwrap();
+    assert!(again.status.success(), "uninstall twice is fine: {again:?}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
