@@ -43,8 +43,12 @@ const RETRY_INTERVAL: Duration = Duration::from_secs(10);
 /// Where the agent reads the cluster from.
 #[derive(Clone, Debug)]
 pub enum SourceConfig {
-    /// The API server: in-cluster config, or this kubeconfig file.
-    Kubernetes { kubeconfig: Option<PathBuf> },
+    /// The API server: in-cluster config, or this kubeconfig file; at
+    /// `api_server` when given (`with_api_server`).
+    Kubernetes {
+        kubeconfig: Option<PathBuf>,
+        api_server: Option<String>,
+    },
     /// A directory of manifests, polled.
     Directory { dir: PathBuf, interval: Duration },
 }
@@ -355,7 +359,10 @@ pub async fn run(options: AgentOptions) -> Result<()> {
     // The API server's configuration first: a wrong kubeconfig fails
     // before anything is loaded or attached.
     let client = match &options.source {
-        SourceConfig::Kubernetes { kubeconfig } => Some(kube_client(kubeconfig.as_ref()).await?),
+        SourceConfig::Kubernetes {
+            kubeconfig,
+            api_server,
+        } => Some(kube_client(kubeconfig.as_ref(), api_server.as_deref()).await?),
         SourceConfig::Directory { .. } => None,
     };
     let load = LoadOptions {
@@ -457,7 +464,10 @@ pub async fn run(options: AgentOptions) -> Result<()> {
     Ok(())
 }
 
-async fn kube_client(kubeconfig: Option<&PathBuf>) -> Result<kube::Client> {
+async fn kube_client(
+    kubeconfig: Option<&PathBuf>,
+    api_server: Option<&str>,
+) -> Result<kube::Client> {
     let config = match kubeconfig {
         Some(path) => {
             let file = kube::config::Kubeconfig::read_from(path)
@@ -471,7 +481,28 @@ async fn kube_client(kubeconfig: Option<&PathBuf>) -> Result<kube::Client> {
              use --from-dir to run without one",
         )?,
     };
+    let config = match api_server {
+        Some(address) => with_api_server(config, address)?,
+        None => config,
+    };
     kube::Client::try_from(config).context("building the Kubernetes client")
+}
+
+/// `config` (its credentials and CA) pointed at `address` instead of the
+/// server it names: `https://HOST:PORT`, or `HOST:PORT` (https implied).
+pub fn with_api_server(mut config: kube::Config, address: &str) -> Result<kube::Config> {
+    let url = if address.contains("://") {
+        address.to_owned()
+    } else {
+        format!("https://{address}")
+    };
+    config.cluster_url = url
+        .parse()
+        .with_context(|| format!("--api-server {address:?} is not a URL (https://HOST:PORT)"))?;
+    if config.cluster_url.host().is_none() {
+        anyhow::bail!("--api-server {address:?} names no host (https://HOST:PORT)");
+    }
+    Ok(config)
 }
 
 async fn shutdown_signal() {
@@ -491,5 +522,23 @@ fn release_free_memory() {
     // SAFETY: malloc_trim only releases free heap pages.
     unsafe {
         libc::malloc_trim(0);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_api_server_address_replaces_the_credentials_one_and_keeps_the_rest() {
+        let mut base = kube::Config::new("https://10.96.0.1:443".parse().unwrap());
+        base.default_namespace = "kube-system".into();
+        let config = with_api_server(base.clone(), "192.0.2.10:6443").unwrap();
+        assert_eq!(config.cluster_url.to_string(), "https://192.0.2.10:6443/");
+        assert_eq!(config.default_namespace, "kube-system");
+        let config = with_api_server(base.clone(), "https://api.example:6443").unwrap();
+        assert_eq!(config.cluster_url.host(), Some("api.example"));
+        let error = with_api_server(base, "https://").unwrap_err().to_string();
+        assert!(error.contains("--api-server"), "{error}");
     }
 }

@@ -180,6 +180,13 @@ struct AgentArgs {
     /// account, then KUBECONFIG, then ~/.kube/config).
     #[arg(long, env = "KUBECONFIG")]
     kubeconfig: Option<PathBuf>,
+    /// The API server's real address (https://HOST:PORT, or HOST:PORT),
+    /// used instead of the one the credentials name. Needed without
+    /// kube-proxy: in-cluster credentials point at the `kubernetes`
+    /// ClusterIP, which only works once this agent has programmed it (as
+    /// Cilium's k8sServiceHost). The certificate must name this address.
+    #[arg(long, env = "UNDERPASS_API_SERVER", conflicts_with = "from_dir")]
+    api_server: Option<String>,
     /// This node's name (for internalTrafficPolicy: Local). The DaemonSet
     /// sets it from spec.nodeName.
     #[arg(long, env = "NODE_NAME")]
@@ -391,6 +398,7 @@ fn run_agent(args: AgentArgs) -> Result<()> {
         }
         None => SourceConfig::Kubernetes {
             kubeconfig: args.kubeconfig,
+            api_server: args.api_server,
         },
     };
     let netns_filter = glob::Pattern::new(&args.netns_filter)
