@@ -1,6 +1,9 @@
 //! Finding the cgroup v2 hierarchy (unified or hybrid mode).
 
-use std::{fs, io, path::PathBuf};
+use std::{
+    fs, io,
+    path::{Path, PathBuf},
+};
 
 /// The cgroup2 mount point: `/sys/fs/cgroup` on unified hosts,
 /// `/sys/fs/cgroup/unified` on hybrid ones, or wherever /proc/mounts says.
@@ -20,4 +23,45 @@ pub fn unified_root() -> io::Result<PathBuf> {
                 "no cgroup2 filesystem is mounted (socket-LB needs cgroup v2: mount -t cgroup2 none /sys/fs/cgroup/unified)",
             )
         })
+}
+
+/// The cgroup v2 directory `given` means: itself when it is one, else the
+/// hybrid layout's `unified` below it. The DaemonSet mounts the host's
+/// /sys/fs/cgroup, which on hybrid hosts (systemd's default before v247)
+/// is a tmpfs of v1 hierarchies with the v2 one at `unified`.
+pub fn resolve(given: &Path) -> io::Result<PathBuf> {
+    if given.join("cgroup.procs").exists() {
+        return Ok(given.to_owned());
+    }
+    let unified = given.join("unified");
+    if unified.join("cgroup.procs").exists() {
+        return Ok(unified);
+    }
+    Err(io::Error::new(
+        io::ErrorKind::NotFound,
+        format!(
+            "{} is not a cgroup v2 directory, nor has one at unified/ (socket-LB needs cgroup v2)",
+            given.display()
+        ),
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_hybrid_hosts_unified_hierarchy_is_found_below_the_given_root() {
+        let root = tempfile::tempdir().unwrap();
+        let unified = root.path().join("unified");
+        fs::create_dir(&unified).unwrap();
+        assert!(
+            resolve(root.path()).is_err(),
+            "neither is a cgroup v2 directory"
+        );
+        fs::write(unified.join("cgroup.procs"), "").unwrap();
+        assert_eq!(resolve(root.path()).unwrap(), unified);
+        fs::write(root.path().join("cgroup.procs"), "").unwrap();
+        assert_eq!(resolve(root.path()).unwrap(), root.path());
+    }
 }

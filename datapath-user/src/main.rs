@@ -413,7 +413,8 @@ fn run_agent(args: AgentArgs) -> Result<()> {
         None
     } else {
         Some(match args.cgroup {
-            Some(path) => path,
+            Some(path) => datapath_user::cgroup::resolve(&path)
+                .with_context(|| format!("--cgroup {}", path.display()))?,
             None => datapath_user::cgroup::unified_root().context(
                 "finding the cgroup v2 root for socket-LB (or pass --cgroup / --no-socket-lb)",
             )?,

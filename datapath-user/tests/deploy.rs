@@ -232,6 +232,10 @@ fn every_setting_is_one_the_agent_reads() {
 /// a manifest directory instead of an API server.
 struct TestSite {
     pin_dir: String,
+    /// A test cgroup for socket-LB, as the container sees it (below the
+    /// manifest's cgroup mount), instead of the node's root, which would
+    /// take in every process of the machine.
+    cgroup: String,
     metrics_address: String,
     node_name: String,
     /// Host directory mounted read-only at `/manifests`.
@@ -360,13 +364,11 @@ fn podman_flags(
     for (key, value) in [
         ("UNDERPASS_PIN_DIR", &site.pin_dir),
         ("UNDERPASS_METRICS_ADDRESS", &site.metrics_address),
+        ("UNDERPASS_CGROUP", &site.cgroup),
     ] {
         assert!(env.contains_key(key), "{key} is set by the manifest");
         env.insert(key.to_owned(), value.clone());
     }
-    // Socket-LB on the node's root cgroup would touch every process of the
-    // machine; the TC path is what this test shows.
-    env.remove("UNDERPASS_CGROUP");
     for (key, value) in env {
         flags.push(format!("--env={key}={value}"));
     }
@@ -499,7 +501,7 @@ fn the_image_runs_as_the_daemonset_says_and_serves_pods() {
 
     use datapath_user::{
         attach::pinned_tc_links,
-        topology::{Topology, standard_pods},
+        topology::{Cgroup, Topology, standard_pods},
         workload,
     };
     common::require_root("the image under podman");
@@ -541,8 +543,22 @@ fn the_image_runs_as_the_daemonset_says_and_serves_pods() {
         .local_addr()
         .unwrap()
         .port();
+    // The test cgroup, seen through the manifest's cgroup mount.
+    let cgroup = Cgroup::create(&format!("{}-sock", topo.prefix)).unwrap();
+    let container = agent(&deploy.daemon_sets[0]);
+    let cgroup_mount = container
+        .volume_mounts
+        .iter()
+        .flatten()
+        .find(|m| m.name == "cgroup")
+        .expect("the cgroup mount");
+    let relative = cgroup.path().strip_prefix("/sys/fs/cgroup").unwrap();
     let site = TestSite {
         pin_dir: pin_dir.clone(),
+        cgroup: Path::new(&cgroup_mount.mount_path)
+            .join(relative)
+            .display()
+            .to_string(),
         metrics_address: format!("127.0.0.1:{port}"),
         node_name: "node-1".into(),
         manifests: manifests.clone(),
@@ -578,6 +594,10 @@ fn the_image_runs_as_the_daemonset_says_and_serves_pods() {
         ask().as_deref(),
         Some("server-a"),
         "translated by the agent in the container"
+    );
+    assert!(
+        std::fs::read_dir(pins.0.join("links/cgroup")).is_ok_and(|mut d| d.next().is_some()),
+        "socket-LB attached to the cgroup through the manifest's cgroup mount"
     );
 
     let stopped = podman(&["stop".into(), "--time=5".into(), first.0.clone()]);
