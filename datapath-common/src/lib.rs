@@ -13,6 +13,7 @@ extern crate std;
 
 pub mod conntrack;
 pub mod csum;
+pub mod features;
 pub mod lb;
 pub mod maps;
 pub mod metrics;

@@ -7,6 +7,7 @@
 mod clash;
 mod ct;
 mod egress;
+mod features;
 mod frag;
 mod icmp;
 mod ingress;

@@ -13,14 +13,21 @@
 use core::ffi::c_void;
 
 use aya_ebpf::{helpers::bpf_get_netns_cookie, maps::lpm_trie::Key, programs::TcContext};
-use datapath_common::maps::{POD_ROUTE_COOKIE_BITS, PodRouteKey};
+use datapath_common::{
+    features::NETNS_COOKIE_TC,
+    maps::{POD_ROUTE_COOKIE_BITS, PodRouteKey},
+};
 
-use crate::maps::POD_ROUTES;
+use crate::{features, maps::POD_ROUTES};
 
 /// The interface the pod's route to `address_be` leaves by, when it is not
 /// `here` (0: here, or no route known).
 #[inline(always)]
 pub fn other_interface(ctx: &TcContext, address_be: u32, here: u32) -> u32 {
+    if !features::has(NETNS_COOKIE_TC) {
+        // No pod routes without the netns cookie: the interface it is on.
+        return 0;
+    }
     // SAFETY: plain helper call on the program's own skb.
     let netns_cookie = unsafe { bpf_get_netns_cookie(ctx.skb.skb as *mut c_void) };
     let key = Key::new(

@@ -11,12 +11,15 @@ use aya_ebpf::{
     programs::SockAddrContext,
 };
 use datapath_common::{
-    IPPROTO_TCP, IPPROTO_UDP, lb,
+    IPPROTO_TCP, IPPROTO_UDP,
+    features::SET_RETVAL,
+    lb,
     maps::{Backend, ServiceKey, SockRevNatKey, SockRevNatValue},
     metrics::Counter,
 };
 
 use crate::{
+    features,
     maps::{BACKENDS, SERVICE_FILTER, SERVICES, SOCK_REVERSE_NAT},
     metrics::count,
 };
@@ -165,9 +168,11 @@ fn forward(ctx: &SockAddrContext, family: Family, is_sendmsg: bool) -> i32 {
     };
     if service.backend_count == 0 {
         count(Counter::NoBackend);
-        // SAFETY: plain helper call; makes the syscall fail with
-        // ECONNREFUSED instead of the default EPERM.
-        unsafe { bpf_set_retval(-ECONNREFUSED) };
+        if features::has(SET_RETVAL) {
+            // SAFETY: plain helper call; makes the syscall fail with
+            // ECONNREFUSED instead of the default EPERM.
+            unsafe { bpf_set_retval(-ECONNREFUSED) };
+        }
         return REFUSE;
     }
     // SAFETY: plain helper call on the program's context.

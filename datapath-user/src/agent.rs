@@ -23,7 +23,7 @@ use tracing::{info, warn};
 use crate::{
     Datapath, LoadOptions, TcMode,
     attach::{PodAttacher, Selector},
-    http,
+    features, http,
     k8s::{
         Issue, IssueKind, NodeContext, ObjectKey,
         source::{self, SourceMessage},
@@ -356,6 +356,23 @@ impl<M: LbMaps> AgentCore<M> {
 /// the datapath keeps serving while no agent runs.
 pub async fn run(options: AgentOptions) -> Result<()> {
     crate::raise_open_files_limit();
+    // What this kernel allows, before anything is loaded: a missing
+    // feature the datapath cannot do without stops here, named.
+    let plan = features::plan(
+        crate::probe::kernel(),
+        features::Wants {
+            tc_mode: options.tc_mode,
+            socket_lb: options.cgroup.is_some(),
+        },
+    )?;
+    for missing in &plan.degraded {
+        warn!(
+            feature = missing.name,
+            since = %format!("Linux {}", missing.since),
+            "kernel feature missing: {}",
+            missing.without
+        );
+    }
     // The API server's configuration first: a wrong kubeconfig fails
     // before anything is loaded or attached.
     let client = match &options.source {
@@ -372,6 +389,7 @@ pub async fn run(options: AgentOptions) -> Result<()> {
         // The agent owns the pins: one made by another version, or with
         // another size, is replaced.
         pin_policy: PinPolicy::Own,
+        feature_bits: Some(plan.feature_bits),
     };
     let mut datapath = Datapath::load(&load).context("loading the datapath")?;
     info!(pin_dir = %options.pin_dir.display(), "datapath loaded; maps pinned (existing pins adopted)");
@@ -442,7 +460,7 @@ pub async fn run(options: AgentOptions) -> Result<()> {
     };
     let reconciler = Reconciler::adopt(maps).context("reading the pinned maps")?;
     let mut core = AgentCore::new(reconciler, options.node.clone(), metrics.clone());
-    if options.cgroup.is_some() {
+    if plan.udp_socket_termination {
         let netns_dir = options
             .netns_dir
             .clone()

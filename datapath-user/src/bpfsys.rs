@@ -140,7 +140,10 @@ pub fn read_array<V: Copy + Default>(map_fd: i32, len: u32) -> io::Result<Vec<V>
 
 const BPF_PROG_LOAD: libc::c_long = 5;
 const BPF_PROG_TEST_RUN: libc::c_long = 10;
-const BPF_PROG_TYPE_SCHED_CLS: u32 = 3;
+/// `BPF_PROG_TYPE_SCHED_CLS`: TC programs.
+pub const BPF_PROG_TYPE_SCHED_CLS: u32 = 3;
+/// `BPF_PROG_TYPE_CGROUP_SOCK_ADDR`: the socket-LB hooks.
+pub const BPF_PROG_TYPE_CGROUP_SOCK_ADDR: u32 = 18;
 
 /// One eBPF instruction (`struct bpf_insn`).
 #[repr(C)]
@@ -191,11 +194,18 @@ struct TestRunAttr {
     _pad: u32,
 }
 
-/// Loads `insns` as a TC classifier named `name` (at most 15 bytes).
-pub fn load_sched_cls(name: &str, insns: &[Insn]) -> io::Result<OwnedFd> {
+/// Loads `insns` as a program of `prog_type` (for `expected_attach_type`
+/// where the type needs one) named `name` (at most 15 bytes).
+pub fn load_program(
+    prog_type: u32,
+    expected_attach_type: u32,
+    name: &str,
+    insns: &[Insn],
+) -> io::Result<OwnedFd> {
     let license = c"GPL";
     let mut attr = ProgLoadAttr {
-        prog_type: BPF_PROG_TYPE_SCHED_CLS,
+        prog_type,
+        expected_attach_type,
         insn_cnt: insns.len() as u32,
         insns: insns.as_ptr() as u64,
         license: license.as_ptr() as u64,

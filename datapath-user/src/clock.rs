@@ -77,7 +77,13 @@ fn program() -> io::Result<&'static OwnedFd> {
     if let Some(fd) = LOADED.get() {
         return Ok(fd);
     }
-    let fd = bpfsys::load_sched_cls("underpass_clock", &PROGRAM).map_err(|e| {
+    let fd = bpfsys::load_program(
+        bpfsys::BPF_PROG_TYPE_SCHED_CLS,
+        0,
+        "underpass_clock",
+        &PROGRAM,
+    )
+    .map_err(|e| {
         io::Error::new(
             e.kind(),
             format!(

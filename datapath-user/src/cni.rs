@@ -130,7 +130,9 @@ pub fn run(
                 ))
             })?;
             let attachment = datapath
-                .attach_tc(Some(&netns), &ifname, TcMode::Tcx)
+                // TCX where the kernel has it (pinned, so the pod keeps its
+                // programs across agent restarts), else clsact.
+                .attach_tc(Some(&netns), &ifname, TcMode::Auto)
                 .map_err(|e| {
                     fail(CniError::new(
                         ATTACH_FAILED,

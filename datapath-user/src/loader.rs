@@ -28,10 +28,10 @@ use datapath_common::{
 };
 
 use crate::{
-    clock,
+    clock, features,
     map_pins::{self, PinPolicy},
     maps::DatapathMaps,
-    netns, object,
+    netns, object, probe,
 };
 
 /// Where the agent pins maps and links by default.
@@ -97,6 +97,9 @@ pub struct LoadOptions {
     /// (`map_pins`): the agent replaces them, everyone else adopts them
     /// or stops.
     pub pin_policy: PinPolicy,
+    /// `datapath_common::features` bits to load with; `None`: what the
+    /// probes found (`crate::probe`). Tests set fewer to show fallbacks.
+    pub feature_bits: Option<u32>,
 }
 
 /// How long idle flows are remembered, by state.
@@ -296,6 +299,27 @@ impl Datapath {
         })?;
         let lifetimes = options.ct_timeouts.in_ticks(hz);
         loader.override_global(LIFETIMES_GLOBAL, &lifetimes, true);
+        let feature_bits = match options.feature_bits {
+            Some(bits) => bits,
+            None => {
+                let wants = features::Wants {
+                    tc_mode: TcMode::Auto,
+                    socket_lb: false,
+                };
+                features::plan(probe::kernel(), wants)
+                    .map_err(|missing| LoaderError::KernelFeature {
+                        kernel: missing.kernel.clone(),
+                        feature: missing.feature.name,
+                        hint: missing.to_string(),
+                    })?
+                    .feature_bits
+            }
+        };
+        loader.override_global(
+            datapath_common::features::FEATURES_GLOBAL,
+            &feature_bits,
+            true,
+        );
         for (name, path) in &map_pins {
             loader.map_pin_path(name, path.as_path());
         }
@@ -836,7 +860,7 @@ fn attach_one(
 }
 
 fn resolve_mode(mode: TcMode) -> Result<TcMode, LoaderError> {
-    let tcx = KernelVersion::current().is_ok_and(|v| v >= KernelVersion::new(6, 6, 0));
+    let tcx = probe::kernel().tcx;
     match mode {
         TcMode::Auto if tcx => Ok(TcMode::Tcx),
         TcMode::Auto => Ok(TcMode::Netlink),

@@ -1287,3 +1287,62 @@ fn the_jiffies_clock_is_the_kernels() {
         "{before} <= {ours} <= {after}"
     );
 }
+
+/// The object loads on kernels without the optional features (the
+/// verifier skips the code behind a clear `FEATURES` bit, helper calls
+/// included), and does without them: a pod route to the backend sends a
+/// new flow out of another interface only when `bpf_get_netns_cookie` is
+/// there for TC programs.
+#[test]
+fn pod_routes_steer_new_flows_only_with_the_netns_cookie_feature() {
+    use aya::maps::{Map, MapData, lpm_trie::Key, lpm_trie::LpmTrie};
+    use datapath_common::{
+        features,
+        maps::{POD_ROUTE_COOKIE_BITS, POD_ROUTES_MAP, PodRouteKey},
+    };
+    common::require_root("BPF_PROG_TEST_RUN");
+    let cookie =
+        datapath_user::pod_routes::netns_cookie(std::path::Path::new("/proc/self/ns/net")).unwrap();
+    for (bits, out_ifindex) in [
+        (features::ALL, 7),
+        (features::ALL & !features::NETNS_COOKIE_TC, 0),
+        (0, 0),
+    ] {
+        let pin_dir = std::path::PathBuf::from(format!(
+            "/sys/fs/bpf/{}",
+            datapath_user::topology::unique_prefix()
+        ));
+        let mut dp = datapath_user::Datapath::load(&datapath_user::LoadOptions {
+            pin_dir: Some(pin_dir.clone()),
+            feature_bits: Some(bits),
+            sizes: datapath_user::loader::MapSizes {
+                services: 1024,
+                backends: 1024,
+                reverse_nat: 1024,
+                conntrack_tcp_flows: 1024,
+                conntrack_udp_flows: 1024,
+                sock_reverse_nat: 1024,
+            },
+            ..datapath_user::LoadOptions::default()
+        })
+        .unwrap_or_else(|e| panic!("features {bits:#b}: {e}"));
+        let mut routes: LpmTrie<MapData, PodRouteKey, u32> = LpmTrie::try_from(Map::LpmTrie(
+            MapData::from_pin(pin_dir.join(POD_ROUTES_MAP)).unwrap(),
+        ))
+        .unwrap();
+        let key = PodRouteKey {
+            netns_cookie: cookie,
+            address_be: ipv4_be(B1.address.octets()),
+            _pad: 0,
+        };
+        routes
+            .insert(&Key::new(POD_ROUTE_COOKIE_BITS + 32, key), 7, 0)
+            .unwrap();
+        dp.maps.set_service(&tcp_frontend(), 1, &[B1]).unwrap();
+        let syn = Frame::tcp(CLIENT, (VIP, 80), SYN);
+        egress(&mut dp, &syn);
+        let flow = ct_entry(&dp, &service_key(&syn)).expect("a tracked flow");
+        let _ = std::fs::remove_dir_all(&pin_dir);
+        assert_eq!(flow.out_ifindex, out_ifindex, "features {bits:#b}");
+    }
+}

@@ -1,0 +1,145 @@
+//! Probing the running kernel for what the datapath uses
+//! (`crate::features` decides what to do with the answers). A helper is
+//! probed by loading a three-instruction program of the type that calls
+//! it: the verifier refuses helpers the kernel lacks for that type. Each
+//! probe program is freed at once; none is attached or run, except the
+//! clock's and the loopback socket the SOCK_DESTROY probe destroys.
+
+use std::{net::UdpSocket, sync::OnceLock};
+
+use aya::util::KernelVersion;
+
+use crate::{
+    bpfsys::{self, BPF_PROG_TYPE_CGROUP_SOCK_ADDR, BPF_PROG_TYPE_SCHED_CLS, Insn},
+    clock,
+    features::KernelFeatures,
+    sockdiag,
+};
+
+const HELPER_GET_NETNS_COOKIE: i32 = 122;
+const HELPER_REDIRECT_NEIGH: i32 = 152;
+const HELPER_SET_RETVAL: i32 = 187;
+const BPF_CGROUP_INET4_CONNECT: u32 = 10;
+const BPF_CGROUP_INET4_GETPEERNAME: u32 = 29;
+
+const fn mov_imm(register: u8, imm: i32) -> Insn {
+    Insn {
+        code: 0xb7,
+        regs: register,
+        off: 0,
+        imm,
+    }
+}
+const fn call(helper: i32) -> Insn {
+    Insn {
+        code: 0x85,
+        regs: 0,
+        off: 0,
+        imm: helper,
+    }
+}
+const EXIT: Insn = Insn {
+    code: 0x95,
+    regs: 0,
+    off: 0,
+    imm: 0,
+};
+
+/// Whether a program of this type with these instructions loads.
+fn loads(prog_type: u32, attach_type: u32, insns: &[Insn]) -> bool {
+    bpfsys::load_program(prog_type, attach_type, "underpass_probe", insns).is_ok()
+}
+
+/// The running kernel, probed once per process.
+pub fn kernel() -> &'static KernelFeatures {
+    static FOUND: OnceLock<KernelFeatures> = OnceLock::new();
+    FOUND.get_or_init(probe)
+}
+
+fn probe() -> KernelFeatures {
+    let version = KernelVersion::current().ok();
+    KernelFeatures {
+        kernel: version.map_or_else(|| "(unknown version)".into(), |v| v.to_string()),
+        jiffies64: clock::jiffies_now().is_ok(),
+        // bpf_redirect_neigh(ifindex 1, no params).
+        redirect_neigh: loads(
+            BPF_PROG_TYPE_SCHED_CLS,
+            0,
+            &[
+                mov_imm(1, 1),
+                mov_imm(2, 0),
+                mov_imm(3, 0),
+                mov_imm(4, 0),
+                call(HELPER_REDIRECT_NEIGH),
+                EXIT,
+            ],
+        ),
+        // BPF_LINK_TYPE_TCX has no helper to probe: its version.
+        tcx: version.is_some_and(|v| v >= KernelVersion::new(6, 6, 0)),
+        // bpf_get_netns_cookie(ctx): r1 is the context on entry.
+        netns_cookie_tc: loads(
+            BPF_PROG_TYPE_SCHED_CLS,
+            0,
+            &[call(HELPER_GET_NETNS_COOKIE), mov_imm(0, 0), EXIT],
+        ),
+        set_retval: loads(
+            BPF_PROG_TYPE_CGROUP_SOCK_ADDR,
+            BPF_CGROUP_INET4_CONNECT,
+            &[mov_imm(1, 0), call(HELPER_SET_RETVAL), mov_imm(0, 1), EXIT],
+        ),
+        cgroup_sock_addr_peername: loads(
+            BPF_PROG_TYPE_CGROUP_SOCK_ADDR,
+            BPF_CGROUP_INET4_GETPEERNAME,
+            &[mov_imm(0, 1), EXIT],
+        ),
+        sock_destroy: sock_destroy_works(),
+    }
+}
+
+/// Destroys a UDP socket of our own, connected to itself on loopback
+/// (connecting a UDP socket sends nothing).
+fn sock_destroy_works() -> bool {
+    let Ok(socket) = UdpSocket::bind("127.0.0.1:0") else {
+        return false;
+    };
+    let Ok(std::net::SocketAddr::V4(own)) = socket.local_addr() else {
+        return false;
+    };
+    if socket.connect(own).is_err() {
+        return false;
+    }
+    let peer = (*own.ip(), own.port());
+    sockdiag::destroy_connected_udp(None, |s| s.peer == peer).is_ok_and(|n| n == 1)
+}
+
+#[cfg(test)]
+mod tests {
+    /// The probes on this machine's kernel (6.18, CONFIG_INET_DIAG_DESTROY):
+    /// every feature found. A probe program with a wrong encoding would
+    /// be refused and show as a missing feature here.
+    #[test]
+    fn this_kernel_has_everything() {
+        // SAFETY: geteuid has no preconditions.
+        if unsafe { libc::geteuid() } != 0 {
+            panic!("run as root (cargo xtask test): probes load BPF programs");
+        }
+        let found = super::kernel();
+        assert_eq!(
+            *found,
+            crate::features::KernelFeatures::all(&found.kernel),
+            "{found:?}"
+        );
+        // And a helper the type lacks is refused: bpf_set_retval is for
+        // cgroup programs, not TC ones.
+        assert!(!super::loads(
+            super::BPF_PROG_TYPE_SCHED_CLS,
+            0,
+            &[
+                super::mov_imm(1, 0),
+                super::call(super::HELPER_SET_RETVAL),
+                super::mov_imm(0, 0),
+                super::EXIT
+            ],
+        ));
+    }
+}
