@@ -22,8 +22,8 @@
 //! port → backend) may be the one a moved direct connection was opened on
 //! (`crate::clash`), whose port rewrite must not touch it. The packet is
 //! tagged in the skb's control block (`skb->cb`, private to TC programs
-//! and never seen outside the host's stack) before the redirect, and the
-//! egress program passes a tagged packet at once, clearing the tag.
+//! and never seen outside the host's stack) before either redirect, and
+//! the egress program passes a tagged packet at once, clearing the tag.
 
 use core::ptr::null_mut;
 
@@ -93,6 +93,9 @@ pub fn forward(ctx: &TcContext, flow: &CtEntry, now: u64) -> i32 {
         if out == here {
             return TC_ACT_OK;
         }
+        // Another interface of the pod, whose egress program (when it is
+        // attached there too) must leave the packet alone.
+        tag_redirected(ctx);
         // SAFETY: plain helper call.
         return unsafe { bpf_redirect(out, 0) as i32 };
     }

@@ -281,7 +281,7 @@ impl<M: LbMaps> AgentCore<M> {
             issues = stats.issues,
             "first full sync done: the maps match the cluster"
         );
-        self.metrics.ready.store(true, Ordering::Relaxed);
+        self.metrics.synced.store(true, Ordering::Relaxed);
         release_free_memory();
         let mut retry = tokio::time::interval(RETRY_INTERVAL);
         retry.tick().await;
@@ -391,60 +391,87 @@ pub async fn run(options: AgentOptions) -> Result<()> {
         pin_policy: PinPolicy::Own,
         feature_bits: Some(plan.feature_bits),
     };
-    let mut datapath = Datapath::load(&load).context("loading the datapath")?;
+    let datapath = Datapath::load(&load).context("loading the datapath")?;
     info!(pin_dir = %options.pin_dir.display(), "datapath loaded; maps pinned (existing pins adopted)");
     let maps = DatapathMaps::open_pinned(&options.pin_dir).context("opening the pinned maps")?;
     let metrics = Metrics::new(Some(&options.pin_dir));
-
-    if let Some(cgroup) = &options.cgroup {
-        datapath.attach_sock(cgroup).with_context(|| {
-            format!(
-                "attaching socket-LB to the cgroup {} (--cgroup)",
-                cgroup.display()
-            )
-        })?;
-        info!(cgroup = %cgroup.display(), "socket-LB attached");
-    }
 
     let listener = http::bind(options.metrics_address).await?;
     info!(address = %options.metrics_address, "serving /metrics, /healthz, /readyz");
     tokio::spawn(http::serve(listener, metrics.clone()));
 
     let stop = Arc::new(AtomicBool::new(false));
-    let attacher = match &options.netns_dir {
+    let (mut pods, mut bare) = match &options.netns_dir {
         Some(dir) => {
-            let mut attacher = PodAttacher::new(
+            let pods = PodAttacher::new(
                 datapath,
                 dir.clone(),
                 options.selector.clone(),
                 options.tc_mode,
             );
-            let stop = stop.clone();
-            let metrics = metrics.clone();
-            let interval = options.netns_interval;
-            Some(std::thread::spawn(move || {
-                while !stop.load(Ordering::Relaxed) {
-                    let report = attacher.scan();
-                    for (netns, iface) in &report.attached {
-                        info!(netns, iface, "attached");
-                    }
-                    for (netns, iface) in &report.detached {
-                        info!(netns, iface, "detached (gone)");
-                    }
-                    for (netns, iface, error) in &report.errors {
-                        warn!(netns, iface, "attach: {error}");
-                    }
-                    metrics
-                        .attached_interfaces
-                        .set(attacher.attached().len() as i64);
-                    let deadline = Instant::now() + interval;
-                    while Instant::now() < deadline && !stop.load(Ordering::Relaxed) {
-                        std::thread::sleep(Duration::from_millis(20).min(interval));
+            (Some(pods), None)
+        }
+        None => (None, Some(datapath)),
+    };
+    // Programs are attached (swapped into existing links) only after the
+    // first full sync: a map this start replaced (`map_pins`) is empty
+    // until then, and programs using it would drop service traffic that
+    // the previous ones still translate. Ready means synced and attached.
+    let attach_thread = {
+        let stop = stop.clone();
+        let metrics = metrics.clone();
+        let interval = options.netns_interval;
+        let cgroup = options.cgroup.clone();
+        std::thread::spawn(move || {
+            while !metrics.synced.load(Ordering::Relaxed) {
+                if stop.load(Ordering::Relaxed) {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            if let Some(cgroup) = &cgroup {
+                let datapath = match (pods.as_mut(), bare.as_mut()) {
+                    (Some(pods), _) => pods.datapath_mut(),
+                    (None, Some(datapath)) => datapath,
+                    (None, None) => unreachable!("one of the two holds the datapath"),
+                };
+                match datapath.attach_sock(cgroup) {
+                    Ok(_) => info!(cgroup = %cgroup.display(), "socket-LB attached"),
+                    Err(e) => {
+                        // Not ready: /readyz keeps saying so.
+                        tracing::error!(
+                            cgroup = %cgroup.display(),
+                            "attaching socket-LB to the cgroup (--cgroup): {e}"
+                        );
+                        return;
                     }
                 }
-            }))
-        }
-        None => None,
+            }
+            let Some(attacher) = pods.as_mut() else {
+                metrics.ready.store(true, Ordering::Relaxed);
+                return;
+            };
+            while !stop.load(Ordering::Relaxed) {
+                let report = attacher.scan();
+                metrics.ready.store(true, Ordering::Relaxed);
+                for (netns, iface) in &report.attached {
+                    info!(netns, iface, "attached");
+                }
+                for (netns, iface) in &report.detached {
+                    info!(netns, iface, "detached (gone)");
+                }
+                for (netns, iface, error) in &report.errors {
+                    warn!(netns, iface, "attach: {error}");
+                }
+                metrics
+                    .attached_interfaces
+                    .set(attacher.attached().len() as i64);
+                let deadline = Instant::now() + interval;
+                while Instant::now() < deadline && !stop.load(Ordering::Relaxed) {
+                    std::thread::sleep(Duration::from_millis(20).min(interval));
+                }
+            }
+        })
     };
 
     let (tx, rx) = mpsc::channel(1024);
@@ -476,9 +503,7 @@ pub async fn run(options: AgentOptions) -> Result<()> {
     source.abort();
     core.abort();
     stop.store(true, Ordering::Relaxed);
-    if let Some(thread) = attacher {
-        let _ = thread.join();
-    }
+    let _ = attach_thread.join();
     Ok(())
 }
 

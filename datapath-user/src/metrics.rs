@@ -50,6 +50,8 @@ pub struct Metrics {
     /// Failed accepts on the metrics/health port (out of descriptors).
     pub http_accept_errors: Counter,
     /// The first full sync finished: the maps match the cluster.
+    pub synced: AtomicBool,
+    /// Synced, and then the programs attached (what /readyz reports).
     pub ready: AtomicBool,
 }
 
@@ -147,6 +149,7 @@ impl Metrics {
             udp_sockets_terminated,
             http_connections_refused,
             http_accept_errors,
+            synced: AtomicBool::new(false),
             ready: AtomicBool::new(false),
         })
     }

@@ -1353,3 +1353,27 @@ fn pod_routes_steer_new_flows_only_with_the_netns_cookie_feature() {
         assert_eq!(flow.out_ifindex, out_ifindex, "features {bits:#b}");
     }
 }
+
+/// A flow that leaves by another interface of the pod with learned MACs
+/// is sent there with `bpf_redirect`, tagged too: an egress program on
+/// that interface must leave it alone as well.
+#[test]
+fn a_flow_redirected_to_another_interface_is_tagged() {
+    let mut dp = datapath_with(tcp_frontend(), &[B1]);
+    let syn = Frame::tcp(CLIENT, (VIP, 80), SYN);
+    egress(&mut dp, &syn);
+    let key = service_key(&syn);
+    let mut flow = ct_entry(&dp, &key).unwrap();
+    flow.out_ifindex = 7;
+    flow.ifindex = 7;
+    flow.l2_mode = L2_REWRITE;
+    flow.l2_seen = jiffies_ago(Duration::ZERO);
+    dp.maps.conntrack_tcp.insert(key, flow, 0).unwrap();
+    let out = dp
+        .test_run_tc(TC_EGRESS, &Frame::tcp(CLIENT, (VIP, 80), ACK).build(), 1)
+        .unwrap();
+    assert_eq!(
+        (out.verdict, out.cb[0]),
+        (verdict::REDIRECT, SKB_CB_REDIRECTED)
+    );
+}
