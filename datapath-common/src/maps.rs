@@ -35,6 +35,14 @@ pub const ALL_MAPS: [&str; 11] = [
     POD_ROUTES_MAP,
 ];
 
+/// Version of the layouts of every map value and key in this file. Pinned
+/// maps outlive the agent, so a build whose layouts differ from the pins'
+/// (a field moved, even at the same size) must not adopt them
+/// (`datapath_user::map_pins` keeps the version beside the pins). Bump it
+/// with any change to a layout here; the test
+/// `the_layouts_are_the_ones_maps_abi_names` fails until you do.
+pub const MAPS_ABI: u32 = 3;
+
 /// Default capacities; the loader may override them at load time
 /// (`EbpfLoader::set_max_entries`). The object declares tiny placeholders.
 /// A frontend takes 1 + backend-count slots: 10,000 services with 10
@@ -350,11 +358,67 @@ mod pod {
 #[cfg(test)]
 mod tests {
     use core::mem::{align_of, size_of};
+    use std::{format, string::String};
 
     use super::*;
 
     /// Sizes are part of the pinned-map ABI: a change here must be a
     /// conscious migration, and no size may hide implicit padding.
+    /// Every field's offset, per struct: what `MAPS_ABI` stands for.
+    fn layouts() -> String {
+        macro_rules! layout {
+            ($t:ty: $($f:ident),*) => {
+                format!(
+                    "{}[{}]{{{}}}",
+                    stringify!($t),
+                    size_of::<$t>(),
+                    [$(format!("{}@{}", stringify!($f), core::mem::offset_of!($t, $f))),*].join(",")
+                )
+            };
+        }
+        [
+            layout!(ServiceKey: address_be, port_be, backend_slot, protocol),
+            layout!(ServiceValue: backend_id, backend_count, rev_nat_id, flags),
+            layout!(Backend: address_be, port_be, protocol, flags),
+            layout!(RevNatValue: address_be, port_be, flags),
+            layout!(CtKey: client_address_be, peer_address_be, client_port_be, peer_port_be, protocol, kind),
+            layout!(CtEntry: last_seen, l2_seen, backend_id, rev_nat_id, state, l2_mode,
+                service_address_be, service_port_be, dst_mac, src_mac, nat_port_be, ifindex,
+                out_ifindex),
+            layout!(SockRevNatKey: cookie, backend_address_be, backend_port_be),
+            layout!(SockRevNatValue: service_address_be, service_port_be, rev_nat_id),
+            layout!(FragmentKey: source_be, destination_be, id_be, protocol),
+            layout!(FragmentPorts: source_port_be, destination_port_be),
+            layout!(PodRouteKey: netns_cookie, address_be),
+        ]
+        .join("\n")
+    }
+
+    /// A changed layout without a new `MAPS_ABI` would let an upgraded
+    /// agent adopt pins it misreads. Changed a struct? Bump `MAPS_ABI`
+    /// and paste the new layouts here.
+    #[test]
+    fn the_layouts_are_the_ones_maps_abi_names() {
+        assert_eq!(
+            (MAPS_ABI, layouts().as_str()),
+            (3, LAYOUTS_V3),
+            "a map layout changed: bump MAPS_ABI and record the layouts printed here"
+        );
+    }
+
+    const LAYOUTS_V3: &str = "\
+         ServiceKey[12]{address_be@0,port_be@4,backend_slot@6,protocol@8}\n\
+         ServiceValue[12]{backend_id@0,backend_count@4,rev_nat_id@6,flags@8}\n\
+         Backend[8]{address_be@0,port_be@4,protocol@6,flags@7}\n\
+         RevNatValue[8]{address_be@0,port_be@4,flags@6}\n\
+         CtKey[16]{client_address_be@0,peer_address_be@4,client_port_be@8,peer_port_be@10,protocol@12,kind@13}\n\
+         CtEntry[56]{last_seen@0,l2_seen@8,backend_id@16,rev_nat_id@20,state@22,l2_mode@23,service_address_be@24,service_port_be@28,dst_mac@30,src_mac@36,nat_port_be@42,ifindex@44,out_ifindex@48}\n\
+         SockRevNatKey[16]{cookie@0,backend_address_be@8,backend_port_be@12}\n\
+         SockRevNatValue[8]{service_address_be@0,service_port_be@4,rev_nat_id@6}\n\
+         FragmentKey[12]{source_be@0,destination_be@4,id_be@8,protocol@10}\n\
+         FragmentPorts[4]{source_port_be@0,destination_port_be@2}\n\
+         PodRouteKey[16]{netns_cookie@0,address_be@8}";
+
     #[test]
     fn layouts_have_no_implicit_padding() {
         assert_eq!(size_of::<ServiceKey>(), 4 + 2 + 2 + 1 + 3);

@@ -279,7 +279,11 @@ impl Datapath {
         };
         let max_entries = options.sizes.max_entries();
         let expected = map_pins::expected_layouts(bytes, &max_entries)?;
-        for replaced in map_pins::reconcile_pins(&map_pins, &expected, options.pin_policy)? {
+        let replaced = match &pin_dir {
+            Some(dir) => map_pins::reconcile_pins(dir, &map_pins, &expected, options.pin_policy)?,
+            None => Vec::new(),
+        };
+        for replaced in replaced {
             tracing::warn!(
                 map = %replaced.map,
                 "pinned map replaced ({}); its contents are made afresh",
@@ -324,6 +328,11 @@ impl Datapath {
             loader.map_pin_path(name, path.as_path());
         }
         let mut ebpf = loader.load(bytes)?;
+        if let Some(dir) = &pin_dir {
+            // The pins now hold this version's layouts (made, replaced or
+            // adopted as matching).
+            map_pins::mark_abi(dir)?;
+        }
         for name in [object::TC_EGRESS, object::TC_INGRESS] {
             sched_classifier(&mut ebpf, name)?
                 .load()

@@ -27,6 +27,7 @@ use std::{
 };
 
 use aya::maps::MapInfo;
+use datapath_common::maps::MAPS_ABI;
 
 use crate::loader::LoaderError;
 
@@ -191,6 +192,42 @@ fn raw_map_type(info: &MapInfo) -> u32 {
     }
 }
 
+/// The marker directory beside the pins that names their layout version
+/// (bpffs holds directories, maps, programs and links only).
+fn abi_marker(pin_dir: &Path, abi: u32) -> PathBuf {
+    pin_dir.join(format!("maps-abi-v{abi}"))
+}
+
+/// The layout version the pins under `pin_dir` were made with, if marked.
+pub fn pinned_abi(pin_dir: &Path) -> Option<u32> {
+    std::fs::read_dir(pin_dir)
+        .ok()?
+        .filter_map(|e| e.ok())
+        .find_map(|e| {
+            e.file_name()
+                .to_str()?
+                .strip_prefix("maps-abi-v")?
+                .parse()
+                .ok()
+        })
+}
+
+/// Marks the pins under `pin_dir` as made with this version's layouts
+/// (after a load that made or replaced them).
+pub fn mark_abi(pin_dir: &Path) -> Result<(), LoaderError> {
+    let marker = abi_marker(pin_dir, MAPS_ABI);
+    if marker.exists() {
+        return Ok(());
+    }
+    if let Some(old) = pinned_abi(pin_dir) {
+        let _ = std::fs::remove_dir(abi_marker(pin_dir, old));
+    }
+    std::fs::create_dir(&marker).map_err(|e| LoaderError::Pin {
+        path: marker,
+        reason: format!("marking the maps' layout version: {e}"),
+    })
+}
+
 /// A pin that was replaced, and why (for the agent's log).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Replaced {
@@ -202,16 +239,32 @@ pub struct Replaced {
 /// `expected` and applies `policy`: returns the pins it removed, or the
 /// first refusal as an error naming the map.
 pub fn reconcile_pins(
+    pin_dir: &Path,
     pins: &[(&str, PathBuf)],
     expected: &HashMap<String, MapLayout>,
     policy: PinPolicy,
 ) -> Result<Vec<Replaced>, LoaderError> {
+    // Field layouts are not visible in a map's sizes (a field can move
+    // at the same size): the pins' layout version says.
+    let any_pinned = pins.iter().any(|(_, path)| path.exists());
+    let abi = match pinned_abi(pin_dir) {
+        _ if !any_pinned => None,
+        Some(v) if v == MAPS_ABI => None,
+        Some(v) => Some(format!(
+            "map layouts v{v} pinned, v{MAPS_ABI} in this version"
+        )),
+        None => Some(format!(
+            "map layouts from before versioning pinned, v{MAPS_ABI} in this version"
+        )),
+    };
     let mut replaced = Vec::new();
     for (name, path) in pins {
         let (Some(want), Some(have)) = (expected.get(*name), pinned_layout(path)?) else {
             continue;
         };
-        match decide(policy, &differences(want, &have)) {
+        let mut diff = differences(want, &have);
+        diff.layout.extend(abi.clone());
+        match decide(policy, &diff) {
             Decision::Keep => {}
             Decision::Replace(reason) => {
                 std::fs::remove_file(path).map_err(|e| LoaderError::Pin {

@@ -442,6 +442,26 @@ fn pinned_maps_made_differently_are_replaced_by_the_owner_only() {
         size_of::<datapath_common::maps::CtEntry>()
     );
     assert_eq!(datapath.maps.dump().unwrap(), programmed);
+    drop(datapath);
+
+    // Pins made by a build with other field layouts at the same sizes
+    // (its version marker says so): nothing of them can be read.
+    let ours = format!("maps-abi-v{}", datapath_common::maps::MAPS_ABI);
+    assert!(pin_dir.join(&ours).is_dir(), "the pins carry their version");
+    std::fs::remove_dir(pin_dir.join(&ours)).unwrap();
+    std::fs::create_dir(pin_dir.join("maps-abi-v2")).unwrap();
+    let refused = datapath_user::Datapath::load(&with(3000, PinPolicy::Adopt))
+        .err()
+        .expect("another layout version is refused")
+        .to_string();
+    assert!(refused.contains("map layouts v2 pinned"), "{refused}");
+    let datapath = datapath_user::Datapath::load(&with(3000, PinPolicy::Own)).unwrap();
+    assert_eq!(
+        datapath.maps.dump().unwrap(),
+        MapDump::default(),
+        "every map made afresh"
+    );
+    assert!(pin_dir.join(&ours).is_dir() && !pin_dir.join("maps-abi-v2").exists());
 }
 
 /// Every translate fixture, service by service through the reconciler,
