@@ -111,10 +111,10 @@ pub fn run(
             // A chained plugin only adds to what the interface plugin made;
             // without its result there is nothing to hand on (the
             // reference chained plugins refuse the same way).
-            let Some(previous) = config.get("prevResult").cloned() else {
+            let Some(previous) = config.get("prevResult").filter(|p| p.is_object()).cloned() else {
                 return Err(fail(CniError::new(
                     INVALID_NETWORK_CONFIG,
-                    "prevResult is missing: underpass is a chained plugin",
+                    "prevResult is missing (or not an object): underpass is a chained plugin",
                     "list it after the interface plugin (macvlan, ipvlan, sriov) in the conflist",
                 )));
             };

@@ -470,7 +470,9 @@ impl Datapath {
         // A first attachment that fails half-way is undone entirely: no pin
         // or directory that `status` would report as attached is left. (A
         // failed re-attachment leaves the earlier, working one alone.)
-        let first = pin_base.as_ref().is_some_and(|base| !base.exists());
+        // (Netlink filters are never pinned: a failed attach is always
+        // undone.)
+        let first = pin_base.as_ref().is_none_or(|base| !base.exists());
         if let Some(base) = &pin_base {
             create_pin_dir(base)?;
         }

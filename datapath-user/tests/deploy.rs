@@ -279,18 +279,31 @@ fn podman_flags(
         "the agent runs in the host's network namespace"
     );
     flags.push("--network=host".into());
-    let security = container.security_context.clone().unwrap_or_default();
-    if security.privileged == Some(true) {
+    let mut security = container.security_context.clone().unwrap_or_default();
+    // Each field the kubelet would apply is taken out as it is turned into
+    // a flag; whatever is left is a field this harness does not know, and
+    // the test stops rather than run without it.
+    if security.privileged.take() == Some(true) {
         flags.push("--privileged".into());
     }
-    if security.read_only_root_filesystem == Some(true) {
+    match security.app_armor_profile.take().map(|p| p.type_) {
+        Some(t) if t == "Unconfined" => flags.push("--security-opt=apparmor=unconfined".into()),
+        None => {}
+        Some(other) => panic!("appArmorProfile {other}: not run here"),
+    }
+    if let Some(selinux) = security.se_linux_options.take() {
+        let kind = selinux.type_.expect("seLinuxOptions.type");
+        flags.push(format!("--security-opt=label=type:{kind}"));
+    }
+    if security.read_only_root_filesystem.take() == Some(true) {
         flags.push("--read-only".into());
     }
-    if security.allow_privilege_escalation == Some(false) {
+    if security.allow_privilege_escalation.take() == Some(false) {
         flags.push("--security-opt=no-new-privileges".into());
     }
     let seccomp = security
         .seccomp_profile
+        .take()
         .or_else(|| pod.security_context.as_ref()?.seccomp_profile.clone());
     match seccomp.as_ref().map(|s| s.type_.as_str()) {
         Some("Unconfined") => flags.push("--security-opt=seccomp=unconfined".into()),
@@ -299,13 +312,30 @@ fn podman_flags(
             panic!("seccomp profile {other:?}: say RuntimeDefault or Unconfined in the manifest")
         }
     }
-    if let Some(capabilities) = &security.capabilities {
+    if let Some(capabilities) = security.capabilities.take() {
         for drop in capabilities.drop.iter().flatten() {
             flags.push(format!("--cap-drop={drop}"));
         }
         for add in capabilities.add.iter().flatten() {
             flags.push(format!("--cap-add={add}"));
         }
+    }
+    assert_eq!(
+        security,
+        Default::default(),
+        "securityContext fields this harness does not apply"
+    );
+    if let Some(memory) = container
+        .resources
+        .as_ref()
+        .and_then(|r| r.limits.as_ref())
+        .and_then(|l| l.get("memory"))
+    {
+        // BPF maps are charged to the container's memory cgroup.
+        flags.push(format!(
+            "--memory={}",
+            memory.0.trim_end_matches('i').to_lowercase()
+        ));
     }
     for mount in container.volume_mounts.iter().flatten() {
         let volume = pod
@@ -617,4 +647,79 @@ fn the_image_runs_as_the_daemonset_says_and_serves_pods() {
     });
     drop(servers);
     let _ = std::fs::remove_dir_all(&manifests);
+}
+
+/// The DaemonSet's init container, run from the image with its command
+/// and mount read from the manifest (the node's CNI directory replaced by
+/// a test directory), installs the plugin; the installed file, run as a
+/// runtime runs a plugin (no arguments, `CNI_COMMAND` set), answers.
+#[test]
+fn the_init_container_installs_a_working_cni_plugin() {
+    common::require_root("the image under podman");
+    let image = test_image();
+    let deploy = load();
+    let pod = deploy.daemon_sets[0].spec.template.spec.clone().unwrap();
+    let init = pod
+        .init_containers
+        .iter()
+        .flatten()
+        .find(|c| c.name == "install-cni")
+        .expect("an install-cni init container");
+    assert_eq!(
+        init.security_context, None,
+        "runs with the runtime's defaults"
+    );
+    let dir = std::env::temp_dir().join(format!(
+        "{}-cni-bin",
+        datapath_user::topology::unique_prefix()
+    ));
+    std::fs::create_dir_all(&dir).unwrap();
+    let mut args = vec![
+        "run".to_owned(),
+        "--rm".into(),
+        "--runtime=runc".into(),
+        format!(
+            "--ulimit=nofile={0}:{0}",
+            hard_limit(libc::RLIMIT_NOFILE).min(1 << 20)
+        ),
+        format!(
+            "--ulimit=nproc={0}:{0}",
+            hard_limit(libc::RLIMIT_NPROC).min(4096)
+        ),
+        "--network=none".into(),
+    ];
+    for mount in init.volume_mounts.iter().flatten() {
+        let volume = pod
+            .volumes
+            .iter()
+            .flatten()
+            .find(|v| v.name == mount.name)
+            .unwrap();
+        assert_eq!(
+            volume.host_path.as_ref().map(|h| h.path.as_str()),
+            Some("/opt/cni/bin"),
+            "the node's CNI plugin directory"
+        );
+        args.push(format!("--volume={}:{}", dir.display(), mount.mount_path));
+    }
+    let mut command = init.command.clone().unwrap();
+    args.push(format!("--entrypoint={}", command.remove(0)));
+    args.push(image);
+    args.extend(command);
+    let ran = podman(&args);
+    let installed = dir.join("underpass");
+    let version = Command::new(&installed)
+        .env_clear()
+        .env("CNI_COMMAND", "VERSION")
+        .output();
+    let _ = std::fs::remove_dir_all(&dir);
+    assert!(ran.status.success(), "{ran:?}");
+    let version = version.expect("the installed plugin runs");
+    let answer: serde_json::Value = serde_json::from_slice(&version.stdout).unwrap();
+    assert!(
+        answer["supportedVersions"]
+            .as_array()
+            .is_some_and(|v| v.contains(&"1.0.0".into())),
+        "{answer}"
+    );
 }
