@@ -460,6 +460,13 @@ pub async fn run(options: AgentOptions) -> Result<()> {
                 for (netns, iface) in &report.detached {
                     info!(netns, iface, "detached (gone)");
                 }
+                for (netns, iface) in &report.repaired {
+                    warn!(
+                        netns,
+                        iface, "our programs were detached by someone else: attached again"
+                    );
+                    metrics.attachments_repaired.inc();
+                }
                 for (netns, iface, error) in &report.errors {
                     warn!(netns, iface, "attach: {error}");
                 }

@@ -120,6 +120,9 @@ fn kind_name(kind: &InfoKind) -> String {
 #[derive(Debug, Default)]
 pub struct ScanReport {
     pub attached: Vec<(String, String)>,
+    /// Attached interfaces found without our programs (detached by
+    /// someone else: a pod with NET_ADMIN, a tool) and attached again.
+    pub repaired: Vec<(String, String)>,
     pub detached: Vec<(String, String)>,
     /// `(netns, iface or "", error)`, each reported once until it changes.
     pub errors: Vec<(String, String, String)>,
@@ -185,6 +188,31 @@ impl PodAttacher {
         }
     }
 
+    /// Whether `(netns, iface)` still carries our TC pair (`ids`: egress,
+    /// ingress program ids), by TCX query inside the namespace. A query
+    /// that fails (the namespace is going) counts as intact: the next
+    /// scan sees it gone.
+    fn still_attached(
+        &self,
+        (netns, iface): &(String, String),
+        (egress, ingress): (u32, u32),
+    ) -> bool {
+        use aya::programs::{SchedClassifier, TcAttachType};
+        let path = self.dir.join(netns);
+        let has = |attach_type, id| {
+            SchedClassifier::query_tcx(iface, attach_type)
+                .map(|(_, programs)| programs.iter().any(|p| p.id() == id))
+        };
+        match crate::netns::run_in(Some(&path), || {
+            Ok::<bool, aya::programs::ProgramError>(
+                has(TcAttachType::Egress, egress)? && has(TcAttachType::Ingress, ingress)?,
+            )
+        }) {
+            Ok(Ok(intact)) => intact,
+            _ => true,
+        }
+    }
+
     pub fn attached(&self) -> BTreeSet<(String, String)> {
         self.attached.keys().cloned().collect()
     }
@@ -241,10 +269,17 @@ impl PodAttacher {
                 }
             }
         }
+        let ours = self.datapath.tc_program_ids().ok();
         for key in &want {
             let index = existing[key];
+            let mut repairing = false;
             if self.attached.get(key) == Some(&Some(index)) {
-                continue;
+                if self.mode == TcMode::Netlink
+                    || ours.is_none_or(|ids| self.still_attached(key, ids))
+                {
+                    continue;
+                }
+                repairing = true;
             }
             let (netns_name, iface) = key;
             let path = self.dir.join(netns_name);
@@ -255,6 +290,9 @@ impl PodAttacher {
                 Ok(attachment) => {
                     attachment.keep();
                     self.last_errors.remove(key);
+                    if repairing {
+                        report.repaired.push(key.clone());
+                    }
                     if self.attached.insert(key.clone(), Some(index)).is_none() {
                         report.attached.push(key.clone());
                     }

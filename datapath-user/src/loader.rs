@@ -351,6 +351,18 @@ impl Datapath {
         })
     }
 
+    /// The kernel's ids of our TC programs (egress, ingress): what an
+    /// interface carrying our pair has attached.
+    pub fn tc_program_ids(&mut self) -> Result<(u32, u32), LoaderError> {
+        let mut id = |name: &'static str| {
+            sched_classifier(&mut self.ebpf, name)?
+                .info()
+                .map(|info| info.id())
+                .map_err(|source| LoaderError::program(name, source))
+        };
+        Ok((id(object::TC_EGRESS)?, id(object::TC_INGRESS)?))
+    }
+
     pub fn pin_dir(&self) -> Option<&Path> {
         self.pin_dir.as_deref()
     }

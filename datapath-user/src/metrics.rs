@@ -45,6 +45,8 @@ pub struct Metrics {
     pub issues_total: Family<IssueLabels, Counter>,
     /// Connected UDP sockets destroyed because their backend left.
     pub udp_sockets_terminated: Counter,
+    /// Pod interfaces found without our programs and attached again.
+    pub attachments_repaired: Counter,
     /// Metrics/health connections closed at once: the cap was reached.
     pub http_connections_refused: Counter,
     /// Failed accepts on the metrics/health port (out of descriptors).
@@ -122,6 +124,12 @@ impl Metrics {
             "Connected UDP sockets destroyed because their backend left the service (the application reconnects)",
             udp_sockets_terminated.clone(),
         );
+        let attachments_repaired = Counter::default();
+        registry.register(
+            "attachments_repaired",
+            "Pod interfaces found without underpass's programs (detached by someone else) and attached again",
+            attachments_repaired.clone(),
+        );
         let http_connections_refused = Counter::default();
         registry.register(
             "http_connections_refused",
@@ -147,6 +155,7 @@ impl Metrics {
             issues,
             issues_total,
             udp_sockets_terminated,
+            attachments_repaired,
             http_connections_refused,
             http_accept_errors,
             synced: AtomicBool::new(false),

@@ -1222,3 +1222,41 @@ fn uninstall_removes_every_attachment_and_pin() {
     assert!(again.status.success(), "uninstall twice is fine: {again:?}");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// Someone else (a pod with enough privilege, a tool) detaches our
+/// programs from a pod's interface behind the agent's back: within its
+/// poll interval the agent notices (their ids are gone from the TCX
+/// query), attaches them again and counts it; traffic is translated again.
+#[test]
+fn programs_detached_by_someone_else_are_attached_again() {
+    require_root("agent e2e");
+    let topo = Topology::build(&standard_pods()).expect("building the topology");
+    let pod = topo.pod("server-a");
+    let _server = workload::tcp_server(&pod.namespace, pod.address, TARGET, "server-a").unwrap();
+    let pins = PinDir(PathBuf::from(format!("/sys/fs/bpf/{}", topo.prefix)));
+    let dir = tempdir(&topo.prefix);
+    write_atomically(&dir.join("echo.yaml"), &manifest(&[pod.address]));
+    let filter = format!("{}-client*", topo.prefix);
+    let agent = Agent::start(&pins.0, &dir, &filter);
+    let client_ns = topo.pod("client").namespace.name().to_owned();
+    wait_until("the client's eth0 is attached", || {
+        pinned_tc_links(&pins.0).contains(&(client_ns.clone(), "eth0".into()))
+    });
+    assert_eq!(ask_service(&topo).unwrap(), "server-a");
+    let repaired = || {
+        agent.get("/metrics").and_then(|m| {
+            m.lines()
+                .find_map(|l| l.strip_prefix("underpass_attachments_repaired_total "))
+                .and_then(|v| v.trim().parse::<u64>().ok())
+        })
+    };
+    assert_eq!(repaired(), Some(0));
+
+    datapath_user::loader::detach_pinned_tc(&pins.0, Some(&client_ns), "eth0").unwrap();
+    wait_until("the agent attached the pair again", || {
+        repaired().is_some_and(|n| n >= 1)
+    });
+    assert_eq!(ask_service(&topo).unwrap(), "server-a");
+    agent.stop();
+    let _ = std::fs::remove_dir_all(&dir);
+}
