@@ -27,13 +27,13 @@ use aya_ebpf::{
 
 /// TC egress on the pod interface: ClusterIP → backend DNAT.
 #[classifier]
-pub fn tc_egress(ctx: TcContext) -> i32 {
+pub fn up_tc_egress(ctx: TcContext) -> i32 {
     egress::run(&ctx)
 }
 
 /// TC ingress on the pod interface: backend → ClusterIP reverse NAT.
 #[classifier]
-pub fn tc_ingress(ctx: TcContext) -> i32 {
+pub fn up_tc_ingress(ctx: TcContext) -> i32 {
     ingress::run(&ctx)
 }
 

@@ -820,6 +820,14 @@ fn attach_one(
             {
                 return Err(attach_err(ProgramError::from(e)));
             }
+            // Filters are not pinned and each attach adds one: a restarted
+            // agent first removes those of an earlier one (by our
+            // program's name), so every interface keeps one per direction.
+            match tc::qdisc_detach_program(iface, attach_type, program) {
+                Ok(()) => {}
+                Err(tc::TcError::IoError(e)) if e.kind() == io::ErrorKind::NotFound => {}
+                Err(e) => return Err(attach_err(ProgramError::from(e))),
+            }
             let id = prog
                 .attach_with_options(
                     iface,

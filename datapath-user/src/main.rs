@@ -83,7 +83,7 @@ enum Command {
     /// detach every program the agent and the CNI plugin attached (pod
     /// interfaces, cgroups) and remove every pin, maps included. Delete
     /// the DaemonSet first, or its agent attaches again.
-    Uninstall(PinArgs),
+    Uninstall(UninstallArgs),
     /// Build a two-node topology in fresh network namespaces, program a
     /// Service, and show requests crossing its ClusterIP on the TC path and
     /// the socket-LB path, with the datapath's counters. Removes everything
@@ -102,6 +102,16 @@ struct PinArgs {
     /// bpffs directory holding the datapath's pinned maps and links.
     #[arg(long, env = "UNDERPASS_PIN_DIR", default_value = DEFAULT_PIN_DIR)]
     pin_dir: PathBuf,
+}
+
+#[derive(Args)]
+struct UninstallArgs {
+    #[command(flatten)]
+    pin: PinArgs,
+    /// Where pods' network namespaces are (netlink-mode filters are
+    /// looked for in each, and in the host's).
+    #[arg(long, env = "UNDERPASS_NETNS_DIR", default_value = netns::NETNS_RUN_DIR)]
+    netns_dir: PathBuf,
 }
 
 #[derive(Args)]
@@ -316,7 +326,7 @@ fn main() -> ExitCode {
             command: ConntrackCommand::List { output: o, limit },
         } => inspect::conntrack_list(&o.pin.pin_dir, o.output, limit),
         Command::Status(o) => inspect::status(&o.pin.pin_dir, o.output),
-        Command::Uninstall(args) => uninstall(&args.pin_dir),
+        Command::Uninstall(args) => uninstall(&args.pin.pin_dir, &args.netns_dir),
         Command::Demo => demo::run(),
         Command::Probe(args) => probe(args),
     };
@@ -475,23 +485,26 @@ fn attach(args: AttachArgs) -> Result<()> {
     Ok(())
 }
 
-fn uninstall(pin_dir: &std::path::Path) -> Result<()> {
-    let removed = datapath_user::uninstall::uninstall(pin_dir).with_context(|| {
+fn uninstall(pin_dir: &std::path::Path, netns_dir: &std::path::Path) -> Result<()> {
+    let removed = datapath_user::uninstall::uninstall(pin_dir, netns_dir).with_context(|| {
         format!(
             "uninstalling the datapath pinned under {}",
             pin_dir.display()
         )
     })?;
-    if !removed.pin_dir {
-        println!(
-            "nothing pinned under {}: nothing to remove",
-            pin_dir.display()
-        );
-    } else {
+    if removed.pin_dir {
         println!(
             "detached {} program attachments and removed {} (maps and links)",
             removed.links,
             pin_dir.display()
+        );
+    } else {
+        println!("nothing pinned under {}", pin_dir.display());
+    }
+    if removed.filters > 0 {
+        println!(
+            "removed netlink filters from {} interface directions",
+            removed.filters
         );
     }
     Ok(())

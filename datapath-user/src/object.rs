@@ -1,8 +1,10 @@
 //! The eBPF object, embedded at build time (see build.rs).
 
-/// Names of the programs in the object.
-pub const TC_EGRESS: &str = "tc_egress";
-pub const TC_INGRESS: &str = "tc_ingress";
+/// Names of the programs in the object. The TC pair's are prefixed: a
+/// netlink (clsact) filter is found again by its program's name, and
+/// `tc_egress` alone could be another product's.
+pub const TC_EGRESS: &str = "up_tc_egress";
+pub const TC_INGRESS: &str = "up_tc_ingress";
 pub const SOCK_CONNECT4: &str = "sock_connect4";
 pub const SOCK_SENDMSG4: &str = "sock_sendmsg4";
 pub const SOCK_RECVMSG4: &str = "sock_recvmsg4";

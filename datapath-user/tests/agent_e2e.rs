@@ -1188,11 +1188,20 @@ fn uninstall_removes_every_attachment_and_pin() {
     };
     assert_eq!(tcx_programs(), [1, 1]);
 
-    let out = Command::new(env!("CARGO_BIN_EXE_underpass"))
-        .args(["uninstall", "--pin-dir"])
-        .arg(&pins.0)
-        .output()
-        .unwrap();
+    // Its netlink sweep covers an empty namespace directory: the other
+    // suites' namespaces (and their filters) are not ours.
+    let no_namespaces = dir.join("no-netns");
+    std::fs::create_dir_all(&no_namespaces).unwrap();
+    let uninstall = || {
+        Command::new(env!("CARGO_BIN_EXE_underpass"))
+            .args(["uninstall", "--pin-dir"])
+            .arg(&pins.0)
+            .arg("--netns-dir")
+            .arg(&no_namespaces)
+            .output()
+            .unwrap()
+    };
+    let out = uninstall();
     assert!(out.status.success(), "{out:?}");
     let said = String::from_utf8_lossy(&out.stdout);
     assert!(said.contains("detached 10 program attachments"), "{said}");
@@ -1214,11 +1223,7 @@ fn uninstall_removes_every_attachment_and_pin() {
         ask_service(&topo).is_err(),
         "the ClusterIP is not translated any more"
     );
-    let again = Command::new(env!("CARGO_BIN_EXE_underpass"))
-        .args(["uninstall", "--pin-dir"])
-        .arg(&pins.0)
-        .output()
-        .unwrap();
+    let again = uninstall();
     assert!(again.status.success(), "uninstall twice is fine: {again:?}");
     let _ = std::fs::remove_dir_all(&dir);
 }
@@ -1258,5 +1263,87 @@ fn programs_detached_by_someone_else_are_attached_again() {
     });
     assert_eq!(ask_service(&topo).unwrap(), "server-a");
     agent.stop();
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Netlink (clsact) mode, for kernels without TCX: filters are not pinned,
+/// and a restarted agent attaches again. Restarting it three times leaves
+/// one filter per direction on the pod's interface, and traffic is
+/// translated throughout.
+#[test]
+fn netlink_mode_restarts_leave_one_filter_per_direction() {
+    require_root("agent e2e");
+    let topo = Topology::build(&standard_pods()).expect("building the topology");
+    let pod = topo.pod("server-a");
+    let _server = workload::tcp_server(&pod.namespace, pod.address, TARGET, "server-a").unwrap();
+    let pins = PinDir(PathBuf::from(format!("/sys/fs/bpf/{}", topo.prefix)));
+    let dir = tempdir(&topo.prefix);
+    write_atomically(&dir.join("echo.yaml"), &manifest(&[pod.address]));
+    let filter = format!("{}-client*", topo.prefix);
+    let client_ns = topo.pod("client").namespace.name().to_owned();
+    let filters = |direction: &str| {
+        let out = Command::new("ip")
+            .args([
+                "netns", "exec", &client_ns, "tc", "filter", "show", "dev", "eth0", direction,
+            ])
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        let program = if direction == "egress" {
+            "up_tc_egress"
+        } else {
+            "up_tc_ingress"
+        };
+        // One line per filter (which names the program twice).
+        text.lines().filter(|l| l.contains(program)).count()
+    };
+    for round in 0..3 {
+        let agent = Agent::start_with(
+            &pins.0,
+            &dir,
+            &filter,
+            &["--no-socket-lb", "--tc-mode", "netlink"],
+        );
+        wait_until("the client's eth0 has its filters", || {
+            filters("egress") >= 1 && filters("ingress") >= 1
+        });
+        assert_eq!(
+            (filters("egress"), filters("ingress")),
+            (1, 1),
+            "after start {}",
+            round + 1
+        );
+        assert_eq!(ask_service(&topo).unwrap(), "server-a");
+        agent.stop();
+        assert_eq!(
+            ask_service(&topo).unwrap(),
+            "server-a",
+            "the filters outlive the agent"
+        );
+    }
+    // Netlink filters are not pinned: uninstall finds them by name in the
+    // namespaces of its netns directory (here one holding the client's
+    // alone: other suites' namespaces are not ours to sweep).
+    let only_client = dir.join("netns");
+    std::fs::create_dir_all(&only_client).unwrap();
+    std::os::unix::fs::symlink(
+        topo.pod("client").namespace.path(),
+        only_client.join(&client_ns),
+    )
+    .unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_underpass"))
+        .args(["uninstall", "--pin-dir"])
+        .arg(&pins.0)
+        .arg("--netns-dir")
+        .arg(&only_client)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    assert_eq!(
+        (filters("egress"), filters("ingress")),
+        (0, 0),
+        "uninstall removed them"
+    );
+    assert!(ask_service(&topo).is_err(), "nothing translates any more");
     let _ = std::fs::remove_dir_all(&dir);
 }
