@@ -118,29 +118,8 @@ pub fn run(
                     "list it after the interface plugin (macvlan, ipvlan, sriov) in the conflist",
                 )));
             };
-            let options = LoadOptions {
-                pin_dir: Some(pin_dir.clone()),
-                ..LoadOptions::default()
-            };
-            let mut datapath = Datapath::load(&options).map_err(|e| {
-                fail(CniError::new(
-                    TRY_AGAIN_LATER,
-                    "loading the underpass datapath",
-                    e.to_string(),
-                ))
-            })?;
-            let attachment = datapath
-                // TCX where the kernel has it (pinned, so the pod keeps its
-                // programs across agent restarts), else clsact.
-                .attach_tc(Some(&netns), &ifname, TcMode::Auto)
-                .map_err(|e| {
-                    fail(CniError::new(
-                        ATTACH_FAILED,
-                        format!("attaching to {ifname} in {netns}"),
-                        e.to_string(),
-                    ))
-                })?;
-            attachment.keep();
+            let attached = attach(&pin_dir, &netns, &ifname).map_err(fail)?;
+            attached.keep();
             // Chained plugin: hand the previous result on unchanged.
             let mut result = previous;
             if let Some(object) = result.as_object_mut() {
@@ -185,6 +164,48 @@ pub fn run(
             "expected ADD, DEL, CHECK or VERSION",
         ))),
     }
+}
+
+/// Attaches the TC pair to `ifname` in `netns`: the programs an agent
+/// pinned when there are some (no object load, no verification: the
+/// common case, and cheap), else the object loaded here (the first pod on
+/// a node whose agent has not started yet), which pins them for the next.
+fn attach(pin_dir: &Path, netns: &str, ifname: &str) -> Result<loader::TcAttachment, CniError> {
+    let attach_failed = |e: loader::LoaderError| {
+        CniError::new(
+            ATTACH_FAILED,
+            format!("attaching to {ifname} in {netns}"),
+            e.to_string(),
+        )
+    };
+    let pinned = loader::PinnedTcPrograms::open(pin_dir).map_err(|e| {
+        CniError::new(
+            TRY_AGAIN_LATER,
+            "opening the pinned TC programs",
+            e.to_string(),
+        )
+    })?;
+    // TCX where the kernel has it (pinned, so the pod keeps its programs
+    // across agent restarts), else clsact.
+    if let Some(mut programs) = pinned {
+        return programs
+            .attach_tc(Some(netns), ifname, TcMode::Auto)
+            .map_err(attach_failed);
+    }
+    let options = LoadOptions {
+        pin_dir: Some(pin_dir.to_owned()),
+        ..LoadOptions::default()
+    };
+    let mut datapath = Datapath::load(&options).map_err(|e| {
+        CniError::new(
+            TRY_AGAIN_LATER,
+            "loading the underpass datapath",
+            e.to_string(),
+        )
+    })?;
+    datapath
+        .attach_tc(Some(netns), ifname, TcMode::Auto)
+        .map_err(attach_failed)
 }
 
 /// The `underpass cni` entry point: environment and stdin in, JSON out.

@@ -343,6 +343,31 @@ impl Datapath {
                 .load()
                 .map_err(|source| LoaderError::program(name, source))?;
         }
+        if let Some(dir) = &pin_dir {
+            // The TC pair, for the CNI plugin to attach without loading
+            // and verifying the object on every pod start. The agent's
+            // replace an earlier agent's; anyone else's only fill a gap.
+            let programs = dir.join(PROGRAM_PINS);
+            create_pin_dir(&programs)?;
+            for name in [object::TC_EGRESS, object::TC_INGRESS] {
+                let path = programs.join(name);
+                if path.exists() {
+                    if options.pin_policy != PinPolicy::Own {
+                        continue;
+                    }
+                    fs::remove_file(&path).map_err(|e| LoaderError::Pin {
+                        path: path.clone(),
+                        reason: e.to_string(),
+                    })?;
+                }
+                sched_classifier(&mut ebpf, name)?
+                    .pin(&path)
+                    .map_err(|e| LoaderError::Pin {
+                        path: path.clone(),
+                        reason: e.to_string(),
+                    })?;
+            }
+        }
         let maps = DatapathMaps::take_from(&mut ebpf)?;
         Ok(Self {
             ebpf,
@@ -434,7 +459,9 @@ impl Datapath {
         iface: &str,
         mode: TcMode,
     ) -> Result<TcAttachment, LoaderError> {
-        self.attach_tc_programs(
+        attach_tc_programs(
+            &mut self.ebpf,
+            self.pin_dir.as_deref(),
             netns,
             iface,
             mode,
@@ -455,101 +482,15 @@ impl Datapath {
         iface: &str,
         mode: TcMode,
     ) -> Result<TcAttachment, LoaderError> {
-        self.attach_tc_programs(
+        attach_tc_programs(
+            &mut self.ebpf,
+            self.pin_dir.as_deref(),
             netns,
             iface,
             mode,
             REPLY_LINKS,
             &[(object::TC_INGRESS, TcAttachType::Ingress)],
         )
-    }
-
-    fn attach_tc_programs(
-        &mut self,
-        netns: Option<&str>,
-        iface: &str,
-        mode: TcMode,
-        links_dir: &str,
-        programs: &[(&'static str, TcAttachType)],
-    ) -> Result<TcAttachment, LoaderError> {
-        let netns_path = netns.map(netns::path_of);
-        let label = netns_label(netns);
-        let mode = resolve_mode(mode)?;
-        let pin_base = match (&self.pin_dir, mode) {
-            (Some(dir), TcMode::Tcx) => Some(dir.join(links_dir).join(&label).join(iface)),
-            _ => None,
-        };
-        // A first attachment that fails half-way is undone entirely: no pin
-        // or directory that `status` would report as attached is left. (A
-        // failed re-attachment leaves the earlier, working one alone.)
-        // (Netlink filters are never pinned: a failed attach is always
-        // undone.)
-        let first = pin_base.as_ref().is_none_or(|base| !base.exists());
-        if let Some(base) = &pin_base {
-            create_pin_dir(base)?;
-        }
-        let mut attachment = TcAttachment {
-            netns: netns_path.clone(),
-            iface: iface.to_owned(),
-            links: Vec::new(),
-        };
-        let attached =
-            self.attach_each(&mut attachment, programs, &label, mode, pin_base.as_deref());
-        if let Err(error) = attached {
-            if first {
-                if let Err(e) = attachment.detach_all() {
-                    tracing::warn!("undoing a failed attachment to {iface}: {e}");
-                }
-                if let Some(base) = &pin_base {
-                    let _ = fs::remove_dir(base);
-                    // The namespace's directory, when this was its only
-                    // interface.
-                    if let Some(parent) = base.parent() {
-                        let _ = fs::remove_dir(parent);
-                    }
-                }
-            } else {
-                attachment.keep();
-            }
-            return Err(error);
-        }
-        Ok(attachment)
-    }
-
-    /// Attaches `programs` one by one into `attachment` (`attach_tc_programs`).
-    fn attach_each(
-        &mut self,
-        attachment: &mut TcAttachment,
-        programs: &[(&'static str, TcAttachType)],
-        label: &str,
-        mode: TcMode,
-        pin_base: Option<&Path>,
-    ) -> Result<(), LoaderError> {
-        let iface = attachment.iface.clone();
-        let netns_path = attachment.netns.clone();
-        for &(program, attach_type) in programs {
-            let prog = sched_classifier(&mut self.ebpf, program)?;
-            let pin = pin_base
-                .as_ref()
-                .map(|base| base.join(attach_type_name(attach_type)));
-            let link = netns::run_in(netns_path.as_deref(), || {
-                attach_one(
-                    prog,
-                    program,
-                    &iface,
-                    label,
-                    attach_type,
-                    mode,
-                    pin.as_deref(),
-                )
-            })
-            .map_err(|source| LoaderError::Netns {
-                netns: label.to_owned(),
-                error: source,
-            })??;
-            attachment.links.push(link);
-        }
-        Ok(())
     }
 
     /// Attaches the socket-LB programs to the cgroup v2 directory `cgroup`
@@ -891,7 +832,7 @@ fn attach_one(
 }
 
 fn resolve_mode(mode: TcMode) -> Result<TcMode, LoaderError> {
-    let tcx = probe::kernel().tcx;
+    let tcx = probe::has_tcx();
     match mode {
         TcMode::Auto if tcx => Ok(TcMode::Tcx),
         TcMode::Auto => Ok(TcMode::Netlink),
@@ -903,6 +844,184 @@ fn resolve_mode(mode: TcMode) -> Result<TcMode, LoaderError> {
             hint: "use --tc-mode netlink (clsact) instead".into(),
         }),
         other => Ok(other),
+    }
+}
+
+fn attach_tc_programs(
+    programs_from: &mut dyn TcPrograms,
+    pin_dir: Option<&Path>,
+    netns: Option<&str>,
+    iface: &str,
+    mode: TcMode,
+    links_dir: &str,
+    programs: &[(&'static str, TcAttachType)],
+) -> Result<TcAttachment, LoaderError> {
+    let netns_path = netns.map(netns::path_of);
+    let label = netns_label(netns);
+    let mode = resolve_mode(mode)?;
+    let pin_base = match (pin_dir, mode) {
+        (Some(dir), TcMode::Tcx) => Some(dir.join(links_dir).join(&label).join(iface)),
+        _ => None,
+    };
+    // A first attachment that fails half-way is undone entirely: no pin
+    // or directory that `status` would report as attached is left. (A
+    // failed re-attachment leaves the earlier, working one alone.)
+    // (Netlink filters are never pinned: a failed attach is always
+    // undone.)
+    let first = pin_base.as_ref().is_none_or(|base| !base.exists());
+    if let Some(base) = &pin_base {
+        create_pin_dir(base)?;
+    }
+    let mut attachment = TcAttachment {
+        netns: netns_path.clone(),
+        iface: iface.to_owned(),
+        links: Vec::new(),
+    };
+    let attached = attach_each(
+        programs_from,
+        &mut attachment,
+        programs,
+        &label,
+        mode,
+        pin_base.as_deref(),
+    );
+    if let Err(error) = attached {
+        if first {
+            if let Err(e) = attachment.detach_all() {
+                tracing::warn!("undoing a failed attachment to {iface}: {e}");
+            }
+            if let Some(base) = &pin_base {
+                let _ = fs::remove_dir(base);
+                // The namespace's directory, when this was its only
+                // interface.
+                if let Some(parent) = base.parent() {
+                    let _ = fs::remove_dir(parent);
+                }
+            }
+        } else {
+            attachment.keep();
+        }
+        return Err(error);
+    }
+    Ok(attachment)
+}
+
+/// Attaches `programs` one by one into `attachment` (`attach_tc_programs`).
+fn attach_each(
+    programs_from: &mut dyn TcPrograms,
+    attachment: &mut TcAttachment,
+    programs: &[(&'static str, TcAttachType)],
+    label: &str,
+    mode: TcMode,
+    pin_base: Option<&Path>,
+) -> Result<(), LoaderError> {
+    let iface = attachment.iface.clone();
+    let netns_path = attachment.netns.clone();
+    for &(program, attach_type) in programs {
+        let prog = programs_from.classifier(program)?;
+        let pin = pin_base
+            .as_ref()
+            .map(|base| base.join(attach_type_name(attach_type)));
+        let link = netns::run_in(netns_path.as_deref(), || {
+            attach_one(
+                prog,
+                program,
+                &iface,
+                label,
+                attach_type,
+                mode,
+                pin.as_deref(),
+            )
+        })
+        .map_err(|source| LoaderError::Netns {
+            netns: label.to_owned(),
+            error: source,
+        })??;
+        attachment.links.push(link);
+    }
+    Ok(())
+}
+
+/// Where the TC programs are pinned, under the pin directory.
+pub const PROGRAM_PINS: &str = "programs";
+
+/// Where TC programs to attach come from: the loaded object, or the
+/// programs an agent pinned (`PinnedTcPrograms`).
+trait TcPrograms {
+    fn classifier(&mut self, name: &'static str) -> Result<&mut SchedClassifier, LoaderError>;
+}
+
+impl TcPrograms for Ebpf {
+    fn classifier(&mut self, name: &'static str) -> Result<&mut SchedClassifier, LoaderError> {
+        sched_classifier(self, name)
+    }
+}
+
+/// The TC pair as an agent pinned it, attached without loading the object
+/// (what the CNI plugin does on every pod start: no verification, no
+/// clock calibration).
+pub struct PinnedTcPrograms {
+    pin_dir: PathBuf,
+    egress: SchedClassifier,
+    ingress: SchedClassifier,
+}
+
+impl TcPrograms for PinnedTcPrograms {
+    fn classifier(&mut self, name: &'static str) -> Result<&mut SchedClassifier, LoaderError> {
+        match name {
+            object::TC_EGRESS => Ok(&mut self.egress),
+            object::TC_INGRESS => Ok(&mut self.ingress),
+            _ => Err(LoaderError::program(
+                name,
+                ProgramError::UnexpectedProgramType,
+            )),
+        }
+    }
+}
+
+impl PinnedTcPrograms {
+    /// The pinned pair under `pin_dir`; `None` when nothing is pinned (no
+    /// agent or plugin has loaded the datapath on this node yet).
+    pub fn open(pin_dir: &Path) -> Result<Option<Self>, LoaderError> {
+        let programs = pin_dir.join(PROGRAM_PINS);
+        let open = |name: &str| {
+            let path = programs.join(name);
+            SchedClassifier::from_pin(&path).map_err(|e| LoaderError::Pin {
+                path,
+                reason: format!("opening the pinned program: {e}"),
+            })
+        };
+        if !programs.join(object::TC_EGRESS).exists() || !programs.join(object::TC_INGRESS).exists()
+        {
+            return Ok(None);
+        }
+        Ok(Some(Self {
+            pin_dir: pin_dir.to_owned(),
+            egress: open(object::TC_EGRESS)?,
+            ingress: open(object::TC_INGRESS)?,
+        }))
+    }
+
+    /// As `Datapath::attach_tc`, with the pinned programs.
+    pub fn attach_tc(
+        &mut self,
+        netns: Option<&str>,
+        iface: &str,
+        mode: TcMode,
+    ) -> Result<TcAttachment, LoaderError> {
+        let pin_dir = self.pin_dir.clone();
+        attach_tc_programs(
+            self,
+            Some(&pin_dir),
+            netns,
+            iface,
+            mode,
+            TC_LINKS,
+            &[
+                (object::TC_EGRESS, TcAttachType::Egress),
+                (object::TC_INGRESS, TcAttachType::Ingress),
+            ],
+        )
     }
 }
 

@@ -50,6 +50,12 @@ fn loads(prog_type: u32, attach_type: u32, insns: &[Insn]) -> bool {
     bpfsys::load_program(prog_type, attach_type, "underpass_probe", insns).is_ok()
 }
 
+/// TCX links (BPF_LINK_TYPE_TCX) have no helper to probe: the kernel
+/// version says. Cheap: attaching asks only this.
+pub fn has_tcx() -> bool {
+    KernelVersion::current().is_ok_and(|v| v >= KernelVersion::new(6, 6, 0))
+}
+
 /// The running kernel, probed once per process.
 pub fn kernel() -> &'static KernelFeatures {
     static FOUND: OnceLock<KernelFeatures> = OnceLock::new();
@@ -74,8 +80,7 @@ fn probe() -> KernelFeatures {
                 EXIT,
             ],
         ),
-        // BPF_LINK_TYPE_TCX has no helper to probe: its version.
-        tcx: version.is_some_and(|v| v >= KernelVersion::new(6, 6, 0)),
+        tcx: has_tcx(),
         // bpf_get_netns_cookie(ctx): r1 is the context on entry.
         netns_cookie_tc: loads(
             BPF_PROG_TYPE_SCHED_CLS,

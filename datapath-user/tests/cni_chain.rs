@@ -93,15 +93,21 @@ impl Runtime {
         self.conflist["plugins"].as_array().unwrap()
     }
 
-    /// ADD through the chain; the final result.
-    fn add(&self, node: &Namespace) -> Value {
+    /// ADD through the chain; the final result, and how long underpass's
+    /// ADD took (for the record: timed tests assert nothing).
+    fn add(&self, node: &Namespace) -> (Value, Duration) {
         let mut result: Option<Value> = None;
+        let mut ours = Duration::ZERO;
         for plugin in self.plugins() {
+            let started = std::time::Instant::now();
             let (code, out) = self.exec(node, "ADD", plugin, result.as_ref());
+            if plugin["type"] == "underpass" {
+                ours = started.elapsed();
+            }
             assert_eq!(code, 0, "ADD {}: {out}", plugin["type"]);
             result = Some(out);
         }
-        result.unwrap()
+        (result.unwrap(), ours)
     }
 
     /// CHECK or DEL through the chain (DEL in reverse), each plugin given
@@ -185,7 +191,7 @@ fn chained_after_the_reference_plugins_add_check_and_del_work() {
                         "ranges": [[{
                             "subnet": "10.77.0.0/24",
                             "rangeStart": address.to_string(),
-                            "rangeEnd": address.to_string(),
+                            "rangeEnd": "10.77.0.51",
                             "gateway": "10.77.0.254"
                         }]],
                         "routes": [{"dst": "0.0.0.0/0"}]
@@ -197,7 +203,7 @@ fn chained_after_the_reference_plugins_add_check_and_del_work() {
     };
     let node = &topo.nodes[0];
 
-    let result = runtime.add(node);
+    let (result, cold) = runtime.add(node);
     assert_eq!(
         result["ips"][0]["address"],
         format!("{address}/24"),
@@ -226,6 +232,43 @@ fn chained_after_the_reference_plugins_add_check_and_del_work() {
         .unwrap()
         .expect("the ClusterIP answers from the chained pod");
     assert_eq!(answer.server, "server-a");
+
+    // A second pod: its ADD attaches the programs the first one pinned
+    // (same program ids) instead of loading and verifying the object.
+    let pod2 = Namespace::create(&format!("{}-cnipod2", topo.prefix)).unwrap();
+    let second = Runtime {
+        netns: pod2.path().to_owned(),
+        container_id: format!("{}-c0ffee2", topo.prefix),
+        bin: runtime.bin.clone(),
+        conflist: runtime.conflist.clone(),
+    };
+    let (result2, warm) = second.add(node);
+    let programs = |namespace: &Namespace| {
+        use aya::programs::{SchedClassifier, TcAttachType};
+        namespace
+            .run(|| {
+                [TcAttachType::Egress, TcAttachType::Ingress].map(|t| {
+                    SchedClassifier::query_tcx("eth0", t)
+                        .unwrap()
+                        .1
+                        .iter()
+                        .map(|p| p.id())
+                        .collect::<Vec<_>>()
+                })
+            })
+            .unwrap()
+    };
+    assert_eq!(
+        programs(&pod2),
+        programs(&pod),
+        "the pinned programs, attached"
+    );
+    eprintln!(
+        "underpass CNI ADD: {cold:?} loading the object (first pod), {warm:?} attaching the pinned programs"
+    );
+    for (code, out) in second.each(node, "DEL", &result2) {
+        assert_eq!(code, 0, "DEL: {out}");
+    }
 
     for (code, out) in runtime.each(node, "DEL", &result) {
         assert_eq!(code, 0, "DEL: {out}");
