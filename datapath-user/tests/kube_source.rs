@@ -10,8 +10,8 @@ use std::{
 };
 
 use datapath_user::k8s::{
-    NodeContext, ObjectKey,
-    source::{SourceMessage, watch_api},
+    IssueKind, NodeContext, ObjectKey,
+    source::{Backoff, SourceMessage, watch_api, watch_api_with},
     store::{Change, Kind, Store},
 };
 use serde_json::{Value, json};
@@ -85,6 +85,8 @@ struct Script {
     replies: HashMap<&'static str, VecDeque<Reply>>,
     /// Every request line seen, for the assertions.
     seen: Vec<String>,
+    /// Every request's arrival and target (path and query).
+    requests: Vec<(std::time::Instant, String)>,
 }
 
 async fn serve(listener: TcpListener, script: Arc<Mutex<Script>>) {
@@ -116,6 +118,9 @@ async fn serve(listener: TcpListener, script: Arc<Mutex<Script>>) {
                     "{resource} {}",
                     if is_watch { "watch" } else { "list" }
                 ));
+                script
+                    .requests
+                    .push((std::time::Instant::now(), target.clone()));
                 script
                     .replies
                     .get_mut(resource)
@@ -289,5 +294,88 @@ async fn list_watch_end_gone_relist() {
     assert_eq!(
         translation.frontends[0].backends[0].to_string(),
         "10.244.0.7:8080"
+    );
+}
+
+/// An API server that keeps failing lists (thousands of agents are
+/// retrying): each retry waits longer than the last, up to the cap, and
+/// never resets while nothing succeeds; lists are served from the watch
+/// cache (resourceVersion=0) and carry both of kube-proxy's label
+/// selectors; the failures are reported as API problems, not datapath ones.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failing_api_server_is_retried_ever_more_slowly_from_the_watch_cache() {
+    let mut script = Script::default();
+    // Services: no reply scripted, so every request fails (500).
+    script.replies.insert(
+        "endpointslices",
+        VecDeque::from([
+            Reply::List(list("EndpointSliceList", "1", vec![])),
+            Reply::Hang,
+        ]),
+    );
+    let script = Arc::new(Mutex::new(script));
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(serve(listener, script.clone()));
+    let client = kube::Client::try_from(kube::Config::new(url.parse().unwrap())).unwrap();
+    let (tx, mut rx) = mpsc::channel(64);
+    let backoff = Backoff {
+        initial: Duration::from_millis(50),
+        max: Duration::from_millis(400),
+    };
+    let source = tokio::spawn(watch_api_with(client, tx, backoff));
+    let mut problems = Vec::new();
+    let until = tokio::time::Instant::now() + Duration::from_secs(3);
+    while let Ok(Some(message)) = tokio::time::timeout_at(until, rx.recv()).await {
+        if let SourceMessage::Problem { kind, message } = message {
+            problems.push((kind, message));
+        }
+    }
+    source.abort();
+
+    let requests = script.lock().unwrap().requests.clone();
+    let lists: Vec<_> = requests
+        .iter()
+        .filter(|(_, target)| {
+            target.starts_with("/api/v1/services") && !target.contains("watch=true")
+        })
+        .collect();
+    for (_, target) in &requests {
+        assert!(
+            target.contains("labelSelector=%21service.kubernetes.io%2Fservice-proxy-name%2C%21service.kubernetes.io%2Fheadless"),
+            "both of kube-proxy's selectors: {target}"
+        );
+    }
+    for (_, target) in &lists {
+        assert!(
+            target.contains("resourceVersion=0"),
+            "from the watch cache: {target}"
+        );
+    }
+    let pauses: Vec<Duration> = lists.windows(2).map(|w| w[1].0 - w[0].0).collect();
+    assert!(pauses.len() >= 5, "{pauses:?}");
+    // 50, 100, 200, 400, 400… ms, each ±20 %: growing until the cap.
+    for pair in pauses[..4].windows(2) {
+        assert!(
+            pair[1] > pair[0],
+            "each pause longer than the last: {pauses:?}"
+        );
+    }
+    for pause in &pauses {
+        assert!(
+            *pause < Duration::from_millis(400 * 12 / 10 + 100),
+            "capped: {pauses:?}"
+        );
+    }
+    assert!(
+        pauses[4..]
+            .iter()
+            .all(|p| *p >= Duration::from_millis(400 * 8 / 10)),
+        "at the cap from then on, not reset: {pauses:?}"
+    );
+    assert!(!problems.is_empty());
+    assert!(
+        problems.iter().all(|(kind, _)| *kind == IssueKind::Api),
+        "{problems:?}"
     );
 }

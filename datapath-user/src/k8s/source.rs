@@ -10,10 +10,7 @@ use std::{
 
 use futures::{Stream, StreamExt};
 use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
-use kube::{
-    Api, Client,
-    runtime::{WatchStreamExt, watcher},
-};
+use kube::{Api, Client, runtime::watcher};
 use tokio::sync::mpsc;
 
 use super::{
@@ -39,38 +36,111 @@ pub enum SourceMessage {
     Incomplete(String),
 }
 
+/// How failed lists and watches are retried: thousands of agents must not
+/// hammer an API server that is already failing.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Backoff {
+    /// The pause after the first failure.
+    pub initial: Duration,
+    /// The longest pause; each failure doubles the last one up to it.
+    pub max: Duration,
+}
+
+impl Default for Backoff {
+    /// kube-proxy's informers back off from 800 ms to 30 s; this is close.
+    fn default() -> Self {
+        Self {
+            initial: Duration::from_secs(1),
+            max: Duration::from_secs(30),
+        }
+    }
+}
+
+impl Backoff {
+    /// The pause after `last` (none: the first failure since success),
+    /// before jitter.
+    pub fn next(&self, last: Option<Duration>) -> Duration {
+        last.map_or(self.initial, |d| (d * 2).min(self.max))
+    }
+
+    /// `pause` spread by ±20 %, so that agents that failed together do not
+    /// retry together.
+    fn jittered(pause: Duration) -> Duration {
+        pause.mul_f64(rand::random_range(0.8..1.2))
+    }
+}
+
+/// kube-proxy's label selector, for both resources: objects of another
+/// service proxy, and headless services' objects, are not ours.
+pub fn label_selector() -> String {
+    format!("!{SERVICE_PROXY_NAME_LABEL},!{HEADLESS_LABEL}")
+}
+
 /// Watches Services and EndpointSlices through `client` until the
-/// receiver is dropped. Connection errors are retried with backoff.
+/// receiver is dropped. Failed lists and watches are retried with a
+/// growing back-off (`Backoff::default`).
 pub async fn watch_api(client: Client, tx: mpsc::Sender<SourceMessage>) {
-    // The same filters kube-proxy applies (server-side, less traffic).
-    let services = watcher(
-        Api::<Service>::all(client.clone()),
-        watcher::Config::default().labels(&format!("!{SERVICE_PROXY_NAME_LABEL}")),
-    );
-    let slices = watcher(
-        Api::<EndpointSlice>::all(client),
-        watcher::Config::default().labels(&format!("!{HEADLESS_LABEL}")),
-    );
+    watch_api_with(client, tx, Backoff::default()).await;
+}
+
+/// `watch_api` with the given back-off.
+pub async fn watch_api_with(client: Client, tx: mpsc::Sender<SourceMessage>, backoff: Backoff) {
+    // Filtered server-side, as kube-proxy's informers are; lists are
+    // served from the API server's watch cache (resourceVersion=0), as
+    // kube-proxy's are, instead of a quorum read of etcd on every start
+    // and re-list.
+    let mut config = watcher::Config::default()
+        .labels(&label_selector())
+        .any_semantic();
+    // The watch cache does not paginate (it answers a limited list with
+    // everything), and kube-rs drops resourceVersion=0 from a limited
+    // list, which would turn it back into a quorum read: no limit.
+    config.page_size = None;
+    let services = watcher(Api::<Service>::all(client.clone()), config.clone());
+    let slices = watcher(Api::<EndpointSlice>::all(client), config);
     // Only the fields translation reads are kept (see `view`).
-    let services = forward(services, Kind::Service, |s| Object::from(&s), tx.clone());
-    let slices = forward(slices, Kind::EndpointSlice, |s| Object::from(&s), tx);
+    let services = forward(
+        services,
+        Kind::Service,
+        |s| Object::from(&s),
+        tx.clone(),
+        backoff,
+    );
+    let slices = forward(
+        slices,
+        Kind::EndpointSlice,
+        |s| Object::from(&s),
+        tx,
+        backoff,
+    );
     tokio::join!(services, slices);
 }
 
+/// Sends a watcher's events on as the agent's messages. The back-off is
+/// ours, not kube-rs's: that one is reset by the `Init` event a re-list
+/// begins with, so a list that keeps failing was retried after ~1 s
+/// forever. Here only a list that completed, or an event, resets it.
 async fn forward<K, S>(
     stream: S,
     kind: Kind,
     wrap: impl Fn(K) -> Object,
     tx: mpsc::Sender<SourceMessage>,
+    backoff: Backoff,
 ) where
     S: Stream<Item = Result<watcher::Event<K>, watcher::Error>> + Send,
     K: Clone + std::fmt::Debug + Send + 'static,
 {
-    let stream = stream.default_backoff();
     futures::pin_mut!(stream);
     let mut listing: Option<Vec<Object>> = None;
     let mut synced = false;
+    let mut pause: Option<Duration> = None;
     while let Some(item) = stream.next().await {
+        if matches!(
+            item,
+            Ok(watcher::Event::InitDone | watcher::Event::Apply(_) | watcher::Event::Delete(_))
+        ) {
+            pause = None;
+        }
         let message = match item {
             Ok(watcher::Event::Init) => {
                 listing = Some(Vec::new());
@@ -103,10 +173,19 @@ async fn forward<K, S>(
                 let object = wrap(object);
                 SourceMessage::Change(Change::Deleted(object.kind(), object.key().clone()))
             }
-            Err(e) => SourceMessage::Problem {
-                kind: IssueKind::Datapath,
-                message: format!("watching {kind:?}s: {e} (retrying)"),
-            },
+            Err(e) => {
+                let next = backoff.next(pause);
+                pause = Some(next);
+                let problem = SourceMessage::Problem {
+                    kind: IssueKind::Api,
+                    message: format!("watching {kind:?}s: {e} (retrying in {next:?})"),
+                };
+                if tx.send(problem).await.is_err() {
+                    return;
+                }
+                tokio::time::sleep(Backoff::jittered(next)).await;
+                continue;
+            }
         };
         if tx.send(message).await.is_err() {
             return;

@@ -128,15 +128,19 @@ pub enum IssueKind {
     Limit,
     /// A map write failed.
     Datapath,
+    /// The API server could not be read (a list or watch failed; retried
+    /// with a growing back-off).
+    Api,
 }
 
 impl IssueKind {
-    pub const ALL: [IssueKind; 5] = [
+    pub const ALL: [IssueKind; 6] = [
         IssueKind::Unsupported,
         IssueKind::Invalid,
         IssueKind::Conflict,
         IssueKind::Limit,
         IssueKind::Datapath,
+        IssueKind::Api,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -146,6 +150,7 @@ impl IssueKind {
             IssueKind::Conflict => "conflict",
             IssueKind::Limit => "limit",
             IssueKind::Datapath => "datapath",
+            IssueKind::Api => "api",
         }
     }
 }
