@@ -19,9 +19,10 @@ pub const SERVICE_FILTER_MAP: &str = "SERVICE_FILTER";
 pub const FRAGMENTS_MAP: &str = "FRAGMENTS";
 pub const CLASH_FILTER_MAP: &str = "CLASH_FILTER";
 pub const POD_ROUTES_MAP: &str = "POD_ROUTES";
+pub const SOCK_LB_SKIP_MAP: &str = "SOCK_LB_SKIP";
 
 /// Every map, for pinning and inspection.
-pub const ALL_MAPS: [&str; 11] = [
+pub const ALL_MAPS: [&str; 12] = [
     SERVICE_FILTER_MAP,
     SERVICES_MAP,
     BACKENDS_MAP,
@@ -33,6 +34,7 @@ pub const ALL_MAPS: [&str; 11] = [
     FRAGMENTS_MAP,
     CLASH_FILTER_MAP,
     POD_ROUTES_MAP,
+    SOCK_LB_SKIP_MAP,
 ];
 
 /// Version of the layouts of every map value and key in this file. Pinned
@@ -42,6 +44,9 @@ pub const ALL_MAPS: [&str; 11] = [
 /// with any change to a layout here; the test
 /// `the_layouts_are_the_ones_maps_abi_names` fails until you do.
 pub const MAPS_ABI: u32 = 3;
+
+/// Pods (network namespaces) socket-LB can be told to leave alone.
+pub const DEFAULT_SOCK_LB_SKIP_MAX: u32 = 4096;
 
 /// Default capacities; the loader may override them at load time
 /// (`EbpfLoader::set_max_entries`). The object declares tiny placeholders.

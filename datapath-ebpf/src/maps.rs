@@ -78,3 +78,10 @@ pub static CLASH_FILTER: Array<u32> =
 #[map]
 pub static POD_ROUTES: LpmTrie<PodRouteKey, u32> =
     LpmTrie::with_max_entries(datapath_common::maps::DEFAULT_POD_ROUTES_MAX, 0);
+
+/// Network namespaces (cookies) whose sockets socket-LB leaves alone
+/// (`datapath_common::sock_lb`): pods opted out, whose traffic takes the
+/// TC path. Written by the agent; consulted only when the scope says so.
+#[map]
+pub static SOCK_LB_SKIP: HashMap<u64, u8> =
+    HashMap::with_max_entries(datapath_common::maps::DEFAULT_SOCK_LB_SKIP_MAX, 0);

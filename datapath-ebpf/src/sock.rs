@@ -7,7 +7,7 @@
 
 use aya_ebpf::{
     EbpfContext,
-    helpers::{bpf_get_prandom_u32, bpf_get_socket_cookie, bpf_set_retval},
+    helpers::{bpf_get_netns_cookie, bpf_get_prandom_u32, bpf_get_socket_cookie, bpf_set_retval},
     programs::SockAddrContext,
 };
 use datapath_common::{
@@ -16,11 +16,12 @@ use datapath_common::{
     lb,
     maps::{Backend, ServiceKey, SockRevNatKey, SockRevNatValue},
     metrics::Counter,
+    sock_lb::SockLbScope,
 };
 
 use crate::{
     features,
-    maps::{BACKENDS, SERVICE_FILTER, SERVICES, SOCK_REVERSE_NAT},
+    maps::{BACKENDS, SERVICE_FILTER, SERVICES, SOCK_LB_SKIP, SOCK_REVERSE_NAT},
     metrics::count,
 };
 
@@ -145,8 +146,34 @@ fn reverse(ctx: &SockAddrContext, family: Family) -> i32 {
     ALLOW
 }
 
+/// Socket-LB's scope; the loader overwrites this read-only global
+/// (`datapath_common::sock_lb::SOCK_LB_SCOPE_GLOBAL`). Unscoped (the
+/// default), the verifier drops the check below entirely.
+#[unsafe(no_mangle)]
+static SOCK_LB_SCOPE: SockLbScope = SockLbScope::ALL;
+
+/// Whether this socket is one socket-LB translates (`SockLbScope`).
+#[inline(always)]
+fn in_scope(ctx: &SockAddrContext) -> bool {
+    // SAFETY: a read of our own static. Volatile, so that the compiler
+    // reads the value the loader set instead of folding in the default.
+    let scope = unsafe { core::ptr::read_volatile(&SOCK_LB_SCOPE) };
+    if !scope.is_scoped() {
+        return true;
+    }
+    // SAFETY: plain helper call on the program's context.
+    let netns_cookie = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
+    // SAFETY: only tested for presence.
+    let listed = scope.skip_listed != 0 && unsafe { SOCK_LB_SKIP.get(&netns_cookie) }.is_some();
+    scope.translates(netns_cookie, listed)
+}
+
 #[inline(always)]
 fn forward(ctx: &SockAddrContext, family: Family, is_sendmsg: bool) -> i32 {
+    if !in_scope(ctx) {
+        // Left to the TC path.
+        return ALLOW;
+    }
     let sa = ctx.sock_addr;
     // SAFETY: the context pointer is valid for the program run.
     let (port_be, protocol) = unsafe { ((*sa).user_port as u16, (*sa).protocol as u8) };

@@ -8,7 +8,7 @@
 use std::{
     collections::{BTreeMap, BTreeSet},
     net::SocketAddr,
-    path::PathBuf,
+    path::{Path, PathBuf},
     sync::{
         Arc,
         atomic::{AtomicBool, Ordering},
@@ -17,6 +17,7 @@ use std::{
 };
 
 use anyhow::{Context, Result};
+use datapath_common::sock_lb::SockLbScope;
 use tokio::sync::mpsc;
 use tracing::{info, warn};
 
@@ -34,6 +35,7 @@ use crate::{
     maps::DatapathMaps,
     metrics::{IssueLabels, Metrics, SyncLabels},
     reconcile::{LbMaps, Reconciler},
+    sock_lb_skip::SockLbSkip,
     udp_terminate::{SocketTerminator, UdpSocketTerminator},
 };
 
@@ -66,6 +68,10 @@ pub struct AgentOptions {
     pub tc_mode: TcMode,
     /// None: no socket-LB.
     pub cgroup: Option<PathBuf>,
+    /// Socket-LB for host processes only: pods take the TC path.
+    pub socket_lb_host_only: bool,
+    /// Pods (netns names) socket-LB leaves to the TC path.
+    pub socket_lb_skip: Option<glob::Pattern>,
     pub metrics_address: SocketAddr,
     pub debounce: Duration,
     pub sizes: MapSizes,
@@ -390,6 +396,12 @@ pub async fn run(options: AgentOptions) -> Result<()> {
         // another size, is replaced.
         pin_policy: PinPolicy::Own,
         feature_bits: Some(plan.feature_bits),
+        sock_lb_scope: SockLbScope {
+            host_netns_cookie: crate::pod_routes::netns_cookie(Path::new("/proc/self/ns/net"))
+                .context("reading this (the host's) network namespace cookie")?,
+            host_only: u32::from(options.socket_lb_host_only),
+            skip_listed: u32::from(options.socket_lb_skip.is_some()),
+        },
     };
     let datapath = Datapath::load(&load).context("loading the datapath")?;
     info!(pin_dir = %options.pin_dir.display(), "datapath loaded; maps pinned (existing pins adopted)");
@@ -412,6 +424,20 @@ pub async fn run(options: AgentOptions) -> Result<()> {
             (Some(pods), None)
         }
         None => (None, Some(datapath)),
+    };
+    let mut skip = match (&options.socket_lb_skip, &options.cgroup) {
+        (Some(pattern), Some(_)) => Some(
+            SockLbSkip::open(
+                &options.pin_dir,
+                options
+                    .netns_dir
+                    .clone()
+                    .unwrap_or_else(|| crate::netns::NETNS_RUN_DIR.into()),
+                pattern.clone(),
+            )
+            .context("opening SOCK_LB_SKIP")?,
+        ),
+        _ => None,
     };
     // Programs are attached (swapped into existing links) only after the
     // first full sync: a map this start replaced (`map_pins`) is empty
@@ -447,32 +473,43 @@ pub async fn run(options: AgentOptions) -> Result<()> {
                     }
                 }
             }
-            let Some(attacher) = pods.as_mut() else {
-                metrics.ready.store(true, Ordering::Relaxed);
-                return;
-            };
             while !stop.load(Ordering::Relaxed) {
-                let report = attacher.scan();
+                if let Some(attacher) = pods.as_mut() {
+                    let report = attacher.scan();
+                    for (netns, iface) in &report.attached {
+                        info!(netns, iface, "attached");
+                    }
+                    for (netns, iface) in &report.detached {
+                        info!(netns, iface, "detached (gone)");
+                    }
+                    for (netns, iface) in &report.repaired {
+                        warn!(
+                            netns,
+                            iface, "our programs were detached by someone else: attached again"
+                        );
+                        metrics.attachments_repaired.inc();
+                    }
+                    for (netns, iface, error) in &report.errors {
+                        warn!(netns, iface, "attach: {error}");
+                    }
+                    metrics
+                        .attached_interfaces
+                        .set(attacher.attached().len() as i64);
+                }
+                if let Some(skip) = skip.as_mut() {
+                    match skip.sync() {
+                        Ok((added, removed)) => {
+                            for netns in added {
+                                info!(netns, "socket-LB skips this pod: TC path");
+                            }
+                            for netns in removed {
+                                info!(netns, "socket-LB skip list: pod gone");
+                            }
+                        }
+                        Err(e) => warn!("socket-LB skip list: {e}"),
+                    }
+                }
                 metrics.ready.store(true, Ordering::Relaxed);
-                for (netns, iface) in &report.attached {
-                    info!(netns, iface, "attached");
-                }
-                for (netns, iface) in &report.detached {
-                    info!(netns, iface, "detached (gone)");
-                }
-                for (netns, iface) in &report.repaired {
-                    warn!(
-                        netns,
-                        iface, "our programs were detached by someone else: attached again"
-                    );
-                    metrics.attachments_repaired.inc();
-                }
-                for (netns, iface, error) in &report.errors {
-                    warn!(netns, iface, "attach: {error}");
-                }
-                metrics
-                    .attached_interfaces
-                    .set(attacher.attached().len() as i64);
                 let deadline = Instant::now() + interval;
                 while Instant::now() < deadline && !stop.load(Ordering::Relaxed) {
                     std::thread::sleep(Duration::from_millis(20).min(interval));

@@ -23,6 +23,7 @@ pub mod packet;
 pub mod pod_routes;
 pub mod probe;
 pub mod reconcile;
+pub mod sock_lb_skip;
 pub mod sockdiag;
 pub mod topology;
 pub mod udp_terminate;

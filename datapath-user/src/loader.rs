@@ -25,6 +25,7 @@ use aya::{
 use datapath_common::{
     conntrack::{LIFETIMES_GLOBAL, Lifetimes},
     maps,
+    sock_lb::{SOCK_LB_SCOPE_GLOBAL, SockLbScope},
 };
 
 use crate::{
@@ -100,6 +101,8 @@ pub struct LoadOptions {
     /// `datapath_common::features` bits to load with; `None`: what the
     /// probes found (`crate::probe`). Tests set fewer to show fallbacks.
     pub feature_bits: Option<u32>,
+    /// Which sockets socket-LB translates (default: all).
+    pub sock_lb_scope: SockLbScope,
 }
 
 /// How long idle flows are remembered, by state.
@@ -324,6 +327,7 @@ impl Datapath {
             &feature_bits,
             true,
         );
+        loader.override_global(SOCK_LB_SCOPE_GLOBAL, &options.sock_lb_scope, true);
         for (name, path) in &map_pins {
             loader.map_pin_path(name, path.as_path());
         }

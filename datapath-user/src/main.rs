@@ -231,9 +231,21 @@ struct AgentArgs {
     /// every process on the node).
     #[arg(long, env = "UNDERPASS_CGROUP")]
     cgroup: Option<PathBuf>,
-    /// Do not attach socket-LB.
+    /// Do not attach socket-LB (as --socket-lb off).
     #[arg(long)]
     no_socket_lb: bool,
+    /// Which processes socket-LB translates at connect(): every process
+    /// below --cgroup (all), host processes only (host: pods then take the
+    /// TC path, which service-mesh sidecars need, since a translated
+    /// connect() hides the service from their redirect rules), or none
+    /// (off).
+    #[arg(long, env = "UNDERPASS_SOCKET_LB", value_enum, default_value_t = SocketLb::All)]
+    socket_lb: SocketLb,
+    /// Pods whose network namespace name matches this glob are left to the
+    /// TC path by socket-LB (the agent sees namespaces, not Pod objects;
+    /// see the README for naming them).
+    #[arg(long, env = "UNDERPASS_SOCKET_LB_SKIP_NETNS")]
+    socket_lb_skip_netns: Option<String>,
     /// Address for /metrics, /healthz and /readyz.
     #[arg(
         long,
@@ -284,6 +296,17 @@ struct ProbeArgs {
     /// stdin, until stdin closes; --count is ignored.
     #[arg(long)]
     hold: bool,
+}
+
+/// `--socket-lb`.
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum SocketLb {
+    /// Every process below --cgroup.
+    All,
+    /// Host processes only; pods use the TC path.
+    Host,
+    /// No socket-LB.
+    Off,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -419,7 +442,13 @@ fn run_agent(args: AgentArgs) -> Result<()> {
         .map(glob::Pattern::new)
         .transpose()
         .with_context(|| format!("--iface-name {:?}", args.iface_name))?;
-    let cgroup = if args.no_socket_lb {
+    let socket_lb_skip = args
+        .socket_lb_skip_netns
+        .as_deref()
+        .map(glob::Pattern::new)
+        .transpose()
+        .with_context(|| format!("--socket-lb-skip-netns {:?}", args.socket_lb_skip_netns))?;
+    let cgroup = if args.no_socket_lb || args.socket_lb == SocketLb::Off {
         None
     } else {
         Some(match args.cgroup {
@@ -445,6 +474,8 @@ fn run_agent(args: AgentArgs) -> Result<()> {
         netns_interval: Duration::from_millis(args.netns_poll_ms.max(10)),
         tc_mode: args.tc_mode.into(),
         cgroup,
+        socket_lb_host_only: args.socket_lb == SocketLb::Host,
+        socket_lb_skip,
         metrics_address: args.metrics_address,
         debounce: Duration::from_millis(args.debounce_ms),
         sizes: MapSizes {

@@ -1347,3 +1347,69 @@ fn netlink_mode_restarts_leave_one_filter_per_direction() {
     assert!(ask_service(&topo).is_err(), "nothing translates any more");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// Socket-LB's scope, through the agent: by default a pod's connect() is
+/// translated by socket-LB (its packets go to the backend directly, so
+/// the TC path tracks nothing); a pod opted out by its namespace name, or
+/// every pod with `--socket-lb host`, is translated by TC instead (its
+/// flows appear in conntrack). The client runs inside the socket-LB
+/// cgroup throughout.
+#[test]
+fn socket_lb_scope_leaves_opted_out_pods_to_the_tc_path() {
+    require_root("agent e2e");
+    let topo = Topology::build(&standard_pods()).expect("building the topology");
+    let pod = topo.pod("server-a");
+    let _server = workload::tcp_server(&pod.namespace, pod.address, TARGET, "server-a").unwrap();
+    let pins = PinDir(PathBuf::from(format!("/sys/fs/bpf/{}", topo.prefix)));
+    let dir = tempdir(&topo.prefix);
+    write_atomically(&dir.join("echo.yaml"), &manifest(&[pod.address]));
+    let cgroup = Cgroup::create(&format!("{}-sock", topo.prefix)).unwrap();
+    let filter = format!("{}-client*", topo.prefix);
+    let exe = PathBuf::from(env!("CARGO_BIN_EXE_underpass"));
+    let client_path = topo.pod("client").namespace.path().to_owned();
+    let client_ns = topo.pod("client").namespace.name().to_owned();
+    let cgroup_arg = cgroup.path().to_str().unwrap().to_owned();
+    for (case, scope, tc_translates) in [
+        ("every process", vec![], false),
+        (
+            "the client opted out",
+            vec!["--socket-lb-skip-netns", filter.as_str()],
+            true,
+        ),
+        ("host processes only", vec!["--socket-lb", "host"], true),
+    ] {
+        let mut args = vec!["--cgroup", cgroup_arg.as_str()];
+        args.extend(scope);
+        let agent = Agent::start_with(&pins.0, &dir, &filter, &args);
+        wait_until("the client's eth0 is attached", || {
+            pinned_tc_links(&pins.0).contains(&(client_ns.clone(), "eth0".into()))
+        });
+        let tracked = || {
+            datapath_user::DatapathMaps::open_pinned(&pins.0)
+                .unwrap()
+                .conntrack_entries()
+        };
+        let before = tracked();
+        let answers = workload::probe_process(
+            &exe,
+            &client_path,
+            Some(cgroup.path()),
+            ProbeKind::Tcp,
+            SocketAddrV4::new(VIP, 80),
+            3,
+        )
+        .unwrap();
+        assert!(
+            answers.iter().all(|a| answered(Ok(a.clone())) == "server-a"),
+            "{case}: {answers:?}"
+        );
+        let after = tracked();
+        assert_eq!(
+            after > before,
+            tc_translates,
+            "{case}: conntrack {before} → {after}"
+        );
+        agent.stop();
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
