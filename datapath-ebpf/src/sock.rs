@@ -170,10 +170,6 @@ fn in_scope(ctx: &SockAddrContext) -> bool {
 
 #[inline(always)]
 fn forward(ctx: &SockAddrContext, family: Family, is_sendmsg: bool) -> i32 {
-    if !in_scope(ctx) {
-        // Left to the TC path.
-        return ALLOW;
-    }
     let sa = ctx.sock_addr;
     // SAFETY: the context pointer is valid for the program run.
     let (port_be, protocol) = unsafe { ((*sa).user_port as u16, (*sa).protocol as u8) };
@@ -193,6 +189,12 @@ fn forward(ctx: &SockAddrContext, family: Family, is_sendmsg: bool) -> i32 {
     else {
         return ALLOW;
     };
+    // Only service traffic pays for the scope check (a DNS client's every
+    // datagram would otherwise).
+    if !in_scope(ctx) {
+        // Left to the TC path.
+        return ALLOW;
+    }
     if service.backend_count == 0 {
         count(Counter::NoBackend);
         if features::has(SET_RETVAL) {

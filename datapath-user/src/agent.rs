@@ -396,11 +396,18 @@ pub async fn run(options: AgentOptions) -> Result<()> {
         // another size, is replaced.
         pin_policy: PinPolicy::Own,
         feature_bits: Some(plan.feature_bits),
-        sock_lb_scope: SockLbScope {
-            host_netns_cookie: crate::pod_routes::netns_cookie(Path::new("/proc/self/ns/net"))
-                .context("reading this (the host's) network namespace cookie")?,
-            host_only: u32::from(options.socket_lb_host_only),
-            skip_listed: u32::from(options.socket_lb_skip.is_some()),
+        sock_lb_scope: if options.socket_lb_host_only || options.socket_lb_skip.is_some() {
+            SockLbScope {
+                // SO_NETNS_COOKIE: Linux 5.14, needed only when scoped.
+                host_netns_cookie: crate::pod_routes::netns_cookie(Path::new(
+                    "/proc/self/ns/net",
+                ))
+                .context("reading this (the host's) network namespace cookie for --socket-lb scoping (Linux 5.14+)")?,
+                host_only: u32::from(options.socket_lb_host_only),
+                skip_listed: u32::from(options.socket_lb_skip.is_some()),
+            }
+        } else {
+            SockLbScope::ALL
         },
     };
     let datapath = Datapath::load(&load).context("loading the datapath")?;
@@ -415,12 +422,16 @@ pub async fn run(options: AgentOptions) -> Result<()> {
     let stop = Arc::new(AtomicBool::new(false));
     let (mut pods, mut bare) = match &options.netns_dir {
         Some(dir) => {
-            let pods = PodAttacher::new(
+            let mut pods = PodAttacher::new(
                 datapath,
                 dir.clone(),
                 options.selector.clone(),
-                options.tc_mode,
+                plan.tc_mode,
             );
+            if plan.feature_bits & datapath_common::features::NETNS_COOKIE_TC == 0 {
+                // The programs cannot look pod routes up: do not keep them.
+                pods.without_pod_routes();
+            }
             (Some(pods), None)
         }
         None => (None, Some(datapath)),
@@ -455,25 +466,43 @@ pub async fn run(options: AgentOptions) -> Result<()> {
                 }
                 std::thread::sleep(Duration::from_millis(10));
             }
-            if let Some(cgroup) = &cgroup {
+            {
                 let datapath = match (pods.as_mut(), bare.as_mut()) {
                     (Some(pods), _) => pods.datapath_mut(),
                     (None, Some(datapath)) => datapath,
                     (None, None) => unreachable!("one of the two holds the datapath"),
                 };
-                match datapath.attach_sock(cgroup) {
-                    Ok(_) => info!(cgroup = %cgroup.display(), "socket-LB attached"),
-                    Err(e) => {
-                        // Not ready: /readyz keeps saying so.
-                        tracing::error!(
-                            cgroup = %cgroup.display(),
-                            "attaching socket-LB to the cgroup (--cgroup): {e}"
-                        );
-                        return;
-                    }
+                if let Err(e) = datapath.pin_tc_programs() {
+                    warn!("pinning the TC programs for the CNI plugin: {e}");
                 }
             }
+            // Socket-LB is attached before the first scan, and tried again
+            // every scan while it fails (pods are served meanwhile; the
+            // agent is not ready until it is attached).
+            let mut socket_lb_pending = cgroup.clone();
+            let mut last_socket_lb_error = String::new();
             while !stop.load(Ordering::Relaxed) {
+                if let Some(cgroup) = socket_lb_pending.clone() {
+                    let datapath = match (pods.as_mut(), bare.as_mut()) {
+                        (Some(pods), _) => pods.datapath_mut(),
+                        (None, Some(datapath)) => datapath,
+                        (None, None) => unreachable!("one of the two holds the datapath"),
+                    };
+                    match datapath.attach_sock(&cgroup) {
+                        Ok(_) => {
+                            info!(cgroup = %cgroup.display(), "socket-LB attached");
+                            socket_lb_pending = None;
+                        }
+                        Err(e) if e.to_string() != last_socket_lb_error => {
+                            last_socket_lb_error = e.to_string();
+                            tracing::error!(
+                                cgroup = %cgroup.display(),
+                                "attaching socket-LB to the cgroup (--cgroup), retrying: {e}"
+                            );
+                        }
+                        Err(_) => {}
+                    }
+                }
                 if let Some(attacher) = pods.as_mut() {
                     let report = attacher.scan();
                     for (netns, iface) in &report.attached {
@@ -498,18 +527,23 @@ pub async fn run(options: AgentOptions) -> Result<()> {
                 }
                 if let Some(skip) = skip.as_mut() {
                     match skip.sync() {
-                        Ok((added, removed)) => {
-                            for netns in added {
+                        Ok(report) => {
+                            for netns in report.added {
                                 info!(netns, "socket-LB skips this pod: TC path");
                             }
-                            for netns in removed {
+                            for netns in report.removed {
                                 info!(netns, "socket-LB skip list: pod gone");
+                            }
+                            for (netns, error) in report.errors {
+                                warn!(netns, "socket-LB skip list: {error}");
                             }
                         }
                         Err(e) => warn!("socket-LB skip list: {e}"),
                     }
                 }
-                metrics.ready.store(true, Ordering::Relaxed);
+                metrics
+                    .ready
+                    .store(socket_lb_pending.is_none(), Ordering::Relaxed);
                 let deadline = Instant::now() + interval;
                 while Instant::now() < deadline && !stop.load(Ordering::Relaxed) {
                     std::thread::sleep(Duration::from_millis(20).min(interval));

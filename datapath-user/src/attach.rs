@@ -213,6 +213,12 @@ impl PodAttacher {
         }
     }
 
+    /// Stops copying pods' routing tables into `POD_ROUTES` (a kernel
+    /// whose TC programs cannot read netns cookies has no use for them).
+    pub fn without_pod_routes(&mut self) {
+        self.routes = None;
+    }
+
     pub fn attached(&self) -> BTreeSet<(String, String)> {
         self.attached.keys().cloned().collect()
     }

@@ -50,3 +50,16 @@ pub fn raise_open_files_limit() {
         }
     }
 }
+
+/// Lifts the locked-memory limit: kernels before 5.11 charge BPF maps and
+/// programs to RLIMIT_MEMLOCK (64 KiB by default), later ones to the
+/// memory cgroup. Needs CAP_SYS_RESOURCE (the DaemonSet grants it); where
+/// it fails, the load reports its own error.
+pub fn raise_memlock_limit() {
+    let unlimited = libc::rlimit {
+        rlim_cur: libc::RLIM_INFINITY,
+        rlim_max: libc::RLIM_INFINITY,
+    };
+    // SAFETY: setrlimit reads the struct we pass.
+    let _ = unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &unlimited) };
+}

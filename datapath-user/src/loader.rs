@@ -268,6 +268,7 @@ impl Datapath {
     /// maps are reused (their contents survive) and missing ones are
     /// created and pinned.
     pub fn load(options: &LoadOptions) -> Result<Self, LoaderError> {
+        crate::raise_memlock_limit();
         let bytes = object::bytes().ok_or(LoaderError::ObjectMissing)?;
         let pin_dir = options.pin_dir.clone();
         let map_pins: Vec<(&str, PathBuf)> = match &pin_dir {
@@ -349,28 +350,10 @@ impl Datapath {
         }
         if let Some(dir) = &pin_dir {
             // The TC pair, for the CNI plugin to attach without loading
-            // and verifying the object on every pod start. The agent's
-            // replace an earlier agent's; anyone else's only fill a gap.
-            let programs = dir.join(PROGRAM_PINS);
-            create_pin_dir(&programs)?;
-            for name in [object::TC_EGRESS, object::TC_INGRESS] {
-                let path = programs.join(name);
-                if path.exists() {
-                    if options.pin_policy != PinPolicy::Own {
-                        continue;
-                    }
-                    fs::remove_file(&path).map_err(|e| LoaderError::Pin {
-                        path: path.clone(),
-                        reason: e.to_string(),
-                    })?;
-                }
-                sched_classifier(&mut ebpf, name)?
-                    .pin(&path)
-                    .map_err(|e| LoaderError::Pin {
-                        path: path.clone(),
-                        reason: e.to_string(),
-                    })?;
-            }
+            // and verifying the object on every pod start: pinned here
+            // where none are; the agent replaces an earlier agent's once
+            // its maps are filled (`pin_tc_programs`).
+            pin_programs(&mut ebpf, dir, false)?;
         }
         let maps = DatapathMaps::take_from(&mut ebpf)?;
         Ok(Self {
@@ -390,6 +373,17 @@ impl Datapath {
                 .map_err(|source| LoaderError::program(name, source))
         };
         Ok((id(object::TC_EGRESS)?, id(object::TC_INGRESS)?))
+    }
+
+    /// Pins this datapath's TC pair for the CNI plugin, replacing an
+    /// earlier one (each pin atomically). The agent calls it after its
+    /// first full sync, so that pods started meanwhile get programs whose
+    /// maps are filled: the earlier agent's, until then.
+    pub fn pin_tc_programs(&mut self) -> Result<(), LoaderError> {
+        match self.pin_dir.clone() {
+            Some(dir) => pin_programs(&mut self.ebpf, &dir, true),
+            None => Ok(()),
+        }
     }
 
     pub fn pin_dir(&self) -> Option<&Path> {
@@ -765,21 +759,37 @@ fn attach_one(
             {
                 return Err(attach_err(ProgramError::from(e)));
             }
-            // Filters are not pinned and each attach adds one: a restarted
-            // agent first removes those of an earlier one (by our
-            // program's name), so every interface keeps one per direction.
-            match tc::qdisc_detach_program(iface, attach_type, program) {
-                Ok(()) => {}
-                Err(tc::TcError::IoError(e)) if e.kind() == io::ErrorKind::NotFound => {}
-                Err(e) => return Err(attach_err(ProgramError::from(e))),
-            }
-            let id = prog
-                .attach_with_options(
-                    iface,
-                    attach_type,
-                    TcAttachOptions::Netlink(NlOptions::default()),
-                )
-                .map_err(attach_err)?;
+            // Filters are not pinned. Ours sit at one fixed priority and
+            // handle per direction: the first attach creates the filter, a
+            // restarted agent's replaces the program in it atomically (no
+            // moment without translation, which would reset connections
+            // whose replies came then), so every interface keeps one.
+            let options = NlOptions {
+                priority: NETLINK_PRIORITY,
+                handle: NETLINK_HANDLE,
+                classid: None,
+            };
+            let id = match prog.attach_with_options(
+                iface,
+                attach_type,
+                TcAttachOptions::Netlink(options),
+            ) {
+                Ok(id) => id,
+                Err(ProgramError::TcError(tc::TcError::NetlinkError(e)))
+                    if e.raw_os_error() == Some(libc::EEXIST) =>
+                {
+                    let existing = tc::SchedClassifierLink::attached(
+                        iface,
+                        attach_type,
+                        NETLINK_PRIORITY,
+                        NETLINK_HANDLE,
+                        None,
+                    )
+                    .map_err(|e| attach_err(ProgramError::from(tc::TcError::IoError(e))))?;
+                    prog.attach_to_link(existing).map_err(attach_err)?
+                }
+                Err(e) => return Err(attach_err(e)),
+            };
             let link = prog.take_link(id).map_err(attach_err)?;
             Ok(AttachedLink::Netlink(Some(link)))
         }
@@ -945,6 +955,38 @@ fn attach_each(
     }
     Ok(())
 }
+
+/// Pins the TC pair under `dir/programs`; an existing pin is kept, or,
+/// with `replace`, swapped for ours atomically (pinned beside it, then
+/// renamed over it: a CNI ADD meanwhile finds one or the other).
+fn pin_programs(ebpf: &mut Ebpf, dir: &Path, replace: bool) -> Result<(), LoaderError> {
+    let programs = dir.join(PROGRAM_PINS);
+    create_pin_dir(&programs)?;
+    for name in [object::TC_EGRESS, object::TC_INGRESS] {
+        let path = programs.join(name);
+        if path.exists() && !replace {
+            continue;
+        }
+        // (bpffs refuses names with a dot.)
+        let staging = programs.join(format!("{name}_new"));
+        let pin_err = |path: &Path, reason: String| LoaderError::Pin {
+            path: path.to_owned(),
+            reason,
+        };
+        let _ = fs::remove_file(&staging);
+        sched_classifier(ebpf, name)?
+            .pin(&staging)
+            .map_err(|e| pin_err(&staging, e.to_string()))?;
+        fs::rename(&staging, &path).map_err(|e| pin_err(&path, e.to_string()))?;
+    }
+    Ok(())
+}
+
+/// Our cls_bpf filters' priority (tc's `pref`) and handle, the same on
+/// every interface and direction, so that a later attach finds and
+/// replaces them.
+const NETLINK_PRIORITY: u16 = 0x5550;
+const NETLINK_HANDLE: tc::TcHandle = tc::TcHandle::new(0, 0x5550);
 
 /// Where the TC programs are pinned, under the pin directory.
 pub const PROGRAM_PINS: &str = "programs";

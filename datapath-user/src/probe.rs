@@ -63,6 +63,7 @@ pub fn kernel() -> &'static KernelFeatures {
 }
 
 fn probe() -> KernelFeatures {
+    crate::raise_memlock_limit();
     let version = KernelVersion::current().ok();
     KernelFeatures {
         kernel: version.map_or_else(|| "(unknown version)".into(), |v| v.to_string()),

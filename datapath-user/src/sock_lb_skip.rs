@@ -21,11 +21,16 @@ pub struct SockLbSkip {
     map: HashMap<MapData, u64, u8>,
     netns_dir: PathBuf,
     pattern: glob::Pattern,
-    /// Namespace name → cookie, as written.
-    listed: BTreeMap<String, u64>,
+    /// Namespace name → (its nsfs inode, its cookie), as written. The
+    /// inode tells a namespace recreated under the same name (a pod named
+    /// again, a StatefulSet's) from the one before.
+    listed: BTreeMap<String, (u64, u64)>,
 }
 
 impl SockLbSkip {
+    /// Opens `SOCK_LB_SKIP` and empties it: the agent owns it and lists
+    /// it again from the namespaces there are (an earlier agent's entries
+    /// for pods deleted meanwhile would otherwise stay).
     pub fn open(
         pin_dir: &std::path::Path,
         netns_dir: PathBuf,
@@ -33,8 +38,12 @@ impl SockLbSkip {
     ) -> Result<Self, LoaderError> {
         let data = MapData::from_pin(pin_dir.join(SOCK_LB_SKIP_MAP))
             .map_err(|e| LoaderError::map(SOCK_LB_SKIP_MAP, e))?;
-        let map = HashMap::try_from(Map::HashMap(data))
+        let mut map: HashMap<MapData, u64, u8> = HashMap::try_from(Map::HashMap(data))
             .map_err(|e| LoaderError::map(SOCK_LB_SKIP_MAP, e))?;
+        let stale: Vec<u64> = map.keys().filter_map(Result::ok).collect();
+        for cookie in stale {
+            let _ = map.remove(&cookie);
+        }
         Ok(Self {
             map,
             netns_dir,
@@ -44,39 +53,60 @@ impl SockLbSkip {
     }
 
     /// Lists the matching namespaces and brings the map in line; returns
-    /// the names added and removed.
-    pub fn sync(&mut self) -> io::Result<(Vec<String>, Vec<String>)> {
+    /// the names added and removed, and per-namespace errors (one failing
+    /// namespace does not stop the others).
+    pub fn sync(&mut self) -> io::Result<SkipReport> {
+        use std::os::unix::fs::MetadataExt;
+        let mut report = SkipReport::default();
         let mut present = BTreeMap::new();
         for entry in fs::read_dir(&self.netns_dir)?.flatten() {
             let name = entry.file_name().to_string_lossy().into_owned();
             if !self.pattern.matches(&name) {
                 continue;
             }
+            // A namespace being created or deleted: next time.
+            let Ok(inode) = fs::metadata(entry.path()).map(|m| m.ino()) else {
+                continue;
+            };
             let cookie = match self.listed.get(&name) {
-                Some(cookie) => *cookie,
-                // A namespace being created or deleted: next time.
-                None => match pod_routes::netns_cookie(&entry.path()) {
+                Some((known, cookie)) if *known == inode => *cookie,
+                _ => match pod_routes::netns_cookie(&entry.path()) {
                     Ok(cookie) => cookie,
                     Err(_) => continue,
                 },
             };
-            present.insert(name, cookie);
+            present.insert(name, (inode, cookie));
         }
-        let mut added = Vec::new();
-        for (name, cookie) in &present {
-            if !self.listed.contains_key(name) {
-                self.map.insert(cookie, 1, 0).map_err(io::Error::other)?;
-                added.push(name.clone());
-            }
-        }
-        let mut removed = Vec::new();
-        for (name, cookie) in &self.listed {
-            if !present.contains_key(name) {
+        for (name, (_, cookie)) in &self.listed {
+            if present.get(name).is_none_or(|(_, now)| now != cookie) {
                 let _ = self.map.remove(cookie);
-                removed.push(name.clone());
+                if !present.contains_key(name) {
+                    report.removed.push(name.clone());
+                }
             }
         }
-        self.listed = present;
-        Ok((added, removed))
+        let mut listed = BTreeMap::new();
+        for (name, (inode, cookie)) in present {
+            let known = self.listed.get(&name).is_some_and(|(_, c)| *c == cookie);
+            if !known {
+                if let Err(e) = self.map.insert(cookie, 1, 0) {
+                    report.errors.push((name, e.to_string()));
+                    continue;
+                }
+                report.added.push(name.clone());
+            }
+            listed.insert(name, (inode, cookie));
+        }
+        self.listed = listed;
+        Ok(report)
     }
+}
+
+/// What one `sync` changed.
+#[derive(Debug, Default)]
+pub struct SkipReport {
+    pub added: Vec<String>,
+    pub removed: Vec<String>,
+    /// (namespace, why it could not be listed): the map is full, say.
+    pub errors: Vec<(String, String)>,
 }

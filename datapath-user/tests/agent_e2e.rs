@@ -1400,7 +1400,9 @@ fn socket_lb_scope_leaves_opted_out_pods_to_the_tc_path() {
         )
         .unwrap();
         assert!(
-            answers.iter().all(|a| answered(Ok(a.clone())) == "server-a"),
+            answers
+                .iter()
+                .all(|a| answered(Ok(a.clone())) == "server-a"),
             "{case}: {answers:?}"
         );
         let after = tracked();

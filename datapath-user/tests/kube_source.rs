@@ -265,10 +265,8 @@ async fn list_watch_end_gone_relist() {
         "{replaced:?}"
     );
     assert!(
-        problems
-            .iter()
-            .any(|p| p.contains("410") || p.to_lowercase().contains("too old")),
-        "the 410 is reported: {problems:?}"
+        problems.is_empty(),
+        "a 410 Gone is routine (the watcher lists again at once): not a problem: {problems:?}"
     );
     let seen = script.lock().unwrap().seen.clone();
     let services: Vec<&String> = seen.iter().filter(|s| s.starts_with("services")).collect();

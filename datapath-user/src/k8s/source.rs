@@ -173,6 +173,10 @@ async fn forward<K, S>(
                 let object = wrap(object);
                 SourceMessage::Change(Change::Deleted(object.kind(), object.key().clone()))
             }
+            // 410 Gone: the watch fell behind the watch cache's window, a
+            // routine event; the watcher lists again at once (it is not a
+            // failure of the API server, so no pause and no issue).
+            Err(watcher::Error::WatchError(status)) if status.code == 410 => continue,
             Err(e) => {
                 let next = backoff.next(pause);
                 pause = Some(next);
