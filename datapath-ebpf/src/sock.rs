@@ -164,7 +164,7 @@ fn in_scope(ctx: &SockAddrContext) -> bool {
     // SAFETY: plain helper call on the program's context.
     let netns_cookie = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
     // SAFETY: only tested for presence.
-    let listed = scope.skip_listed != 0 && unsafe { SOCK_LB_SKIP.get(&netns_cookie) }.is_some();
+    let listed = scope.skip_listed != 0 && unsafe { SOCK_LB_SKIP.get(netns_cookie) }.is_some();
     scope.translates(netns_cookie, listed)
 }
 
