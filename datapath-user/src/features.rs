@@ -3,7 +3,8 @@
 //! with made-up kernels.
 //!
 //! Every feature is in `TABLE`, with the kernel that brought it and what
-//! happens without it; the README's table is checked against it.
+//! happens without it; the table in docs/operations.md is checked
+//! against it.
 
 use datapath_common::features as bits;
 
@@ -264,16 +265,16 @@ mod tests {
         }
     }
 
-    /// The README's kernel table is this one.
+    /// The docs' kernel table (docs/operations.md) is this one.
     #[test]
     fn the_readme_lists_every_feature() {
-        let readme = include_str!("../../README.md");
+        let readme = include_str!("../../docs/operations.md");
         for feature in TABLE {
             let row = format!(
                 "| {} | {} | {} |",
                 feature.name, feature.since, feature.without
             );
-            assert!(readme.contains(&row), "README lacks the row:\n{row}");
+            assert!(readme.contains(&row), "docs/operations.md lacks the row:\n{row}");
         }
     }
 }

@@ -243,7 +243,7 @@ struct AgentArgs {
     socket_lb: SocketLb,
     /// Pods whose network namespace name matches this glob are left to the
     /// TC path by socket-LB (the agent sees namespaces, not Pod objects;
-    /// see the README for naming them).
+    /// see docs/agent.md for naming them).
     #[arg(long, env = "UNDERPASS_SOCKET_LB_SKIP_NETNS")]
     socket_lb_skip_netns: Option<String>,
     /// Address for /metrics, /healthz and /readyz.
