@@ -518,6 +518,13 @@ pub async fn run(options: AgentOptions) -> Result<()> {
                         );
                         metrics.attachments_repaired.inc();
                     }
+                    for (netns, iface) in &report.refreshed {
+                        info!(
+                            netns,
+                            iface,
+                            "attached by the CNI plugin with other programs: ours swapped in"
+                        );
+                    }
                     for (netns, iface, error) in &report.errors {
                         warn!(netns, iface, "attach: {error}");
                     }

@@ -123,6 +123,9 @@ pub struct ScanReport {
     /// Attached interfaces found without our programs (detached by
     /// someone else: a pod with NET_ADMIN, a tool) and attached again.
     pub repaired: Vec<(String, String)>,
+    /// Interfaces attached by others (the CNI plugin) that ran other
+    /// programs than ours (an earlier agent's), given ours.
+    pub refreshed: Vec<(String, String)>,
     pub detached: Vec<(String, String)>,
     /// `(netns, iface or "", error)`, each reported once until it changes.
     pub errors: Vec<(String, String, String)>,
@@ -210,6 +213,50 @@ impl PodAttacher {
         }) {
             Ok(Ok(intact)) => intact,
             _ => true,
+        }
+    }
+
+    /// Interfaces pinned by someone else (the CNI plugin, `underpass
+    /// attach`), outside what this agent selects: their links keep
+    /// whatever programs they were given, which after an upgrade that
+    /// replaced the maps would be an earlier agent's, on maps nothing
+    /// updates any more. Each whose links run other programs than ours
+    /// gets ours swapped in (the links stay, so does the pod's traffic).
+    fn refresh_others(&mut self, (egress, ingress): (u32, u32), report: &mut ScanReport) {
+        use aya::programs::links::{FdLink, PinnedLink};
+        let Some(pin_dir) = self.datapath.pin_dir().map(Path::to_path_buf) else {
+            return;
+        };
+        for key in pinned_tc_links(&pin_dir) {
+            if self.attached.contains_key(&key) {
+                continue;
+            }
+            let (netns_name, iface) = &key;
+            let base = pin_dir.join(loader::TC_LINKS).join(netns_name).join(iface);
+            let program_of = |direction: &str| {
+                PinnedLink::from_pin(base.join(direction))
+                    .ok()
+                    .and_then(|link| FdLink::from(link).info().ok())
+                    .map(|info| info.program_id())
+            };
+            let current = (program_of("egress"), program_of("ingress"));
+            if current == (Some(egress), Some(ingress)) || current == (None, None) {
+                continue;
+            }
+            let path = self.dir.join(netns_name);
+            if !path.exists() {
+                continue;
+            }
+            match self
+                .datapath
+                .attach_tc(Some(&path.to_string_lossy()), iface, TcMode::Tcx)
+            {
+                Ok(attachment) => {
+                    attachment.keep();
+                    report.refreshed.push(key.clone());
+                }
+                Err(e) => self.note_error(report, netns_name.clone(), iface.clone(), e.to_string()),
+            }
         }
     }
 
@@ -312,6 +359,9 @@ impl PodAttacher {
             }
         }
         self.follow_routes(&existing, &unknown_netns, &mut report);
+        if let Some(ids) = ours {
+            self.refresh_others(ids, &mut report);
+        }
         let gone: Vec<(String, String)> = self
             .attached
             .keys()

@@ -274,7 +274,10 @@ mod tests {
                 "| {} | {} | {} |",
                 feature.name, feature.since, feature.without
             );
-            assert!(readme.contains(&row), "docs/operations.md lacks the row:\n{row}");
+            assert!(
+                readme.contains(&row),
+                "docs/operations.md lacks the row:\n{row}"
+            );
         }
     }
 }

@@ -1415,3 +1415,63 @@ fn socket_lb_scope_leaves_opted_out_pods_to_the_tc_path() {
     }
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// An interface the agent does not select, attached by someone else with
+/// other programs (the CNI plugin of an earlier version, `underpass
+/// attach`), gets the agent's programs swapped into its links: after an
+/// upgrade that replaced the maps it would otherwise run on maps nothing
+/// updates.
+#[test]
+fn interfaces_attached_by_others_get_the_agents_programs() {
+    use aya::programs::{SchedClassifier, TcAttachType};
+    require_root("agent e2e");
+    let topo = Topology::build(&standard_pods()).expect("building the topology");
+    let pins = PinDir(PathBuf::from(format!("/sys/fs/bpf/{}", topo.prefix)));
+    let dir = tempdir(&topo.prefix);
+    write_atomically(
+        &dir.join("echo.yaml"),
+        &manifest(&[topo.pod("server-a").address]),
+    );
+    let other = &topo.pod("server-b").namespace;
+    let attached = Command::new(env!("CARGO_BIN_EXE_underpass"))
+        .args([
+            "attach",
+            "--netns",
+            other.name(),
+            "--dev",
+            "eth0",
+            "--pin-dir",
+        ])
+        .arg(&pins.0)
+        .output()
+        .unwrap();
+    assert!(attached.status.success(), "{attached:?}");
+    let programs = |namespace: &datapath_user::topology::Namespace| {
+        namespace
+            .run(|| {
+                [TcAttachType::Egress, TcAttachType::Ingress].map(|t| {
+                    SchedClassifier::query_tcx("eth0", t)
+                        .unwrap()
+                        .1
+                        .iter()
+                        .map(|p| p.id())
+                        .collect::<Vec<_>>()
+                })
+            })
+            .unwrap()
+    };
+    let before = programs(other);
+    let filter = format!("{}-client*", topo.prefix);
+    let agent = Agent::start(&pins.0, &dir, &filter);
+    let client = &topo.pod("client").namespace;
+    wait_until("the client's eth0 is attached", || {
+        pinned_tc_links(&pins.0).contains(&(client.name().to_owned(), "eth0".into()))
+    });
+    let ours = programs(client);
+    wait_until("the other interface runs the agent's programs", || {
+        programs(other) == ours
+    });
+    assert_ne!(before, ours, "they were other programs before");
+    agent.stop();
+    let _ = std::fs::remove_dir_all(&dir);
+}
