@@ -9,6 +9,7 @@ pub mod cgroup;
 pub mod clock;
 pub mod cni;
 pub mod demo;
+pub mod error;
 pub mod features;
 pub mod http;
 pub mod inspect;
@@ -25,13 +26,16 @@ pub mod probe;
 pub mod reconcile;
 pub mod sock_lb_skip;
 pub mod sockdiag;
+pub mod tc_mode;
 pub mod topology;
 pub mod udp_terminate;
 pub mod uninstall;
 pub mod workload;
 
-pub use loader::{Datapath, LoadOptions, LoaderError, TcMode};
+pub use error::LoaderError;
+pub use loader::{Datapath, LoadOptions};
 pub use maps::DatapathMaps;
+pub use tc_mode::TcMode;
 
 /// Raises this process's soft limit on open files to its hard limit (the
 /// soft one is often 1024): the agent holds a descriptor per map, link

@@ -29,7 +29,7 @@ use std::{
 use aya::maps::MapInfo;
 use datapath_common::maps::MAPS_ABI;
 
-use crate::loader::LoaderError;
+use crate::error::LoaderError;
 
 /// What a caller of `Datapath::load` may do with pins it finds.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]

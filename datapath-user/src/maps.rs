@@ -19,7 +19,7 @@ use datapath_common::{
     port_be, port_host,
 };
 
-use crate::loader::LoaderError;
+use crate::error::LoaderError;
 
 /// L4 protocol of a frontend.
 #[derive(
@@ -146,7 +146,7 @@ pub enum ProgramError {
         frontend: Frontend,
         what: &'static str,
     },
-    #[error("{frontend}: writing {map}: {}", crate::loader::with_causes(&**.error))]
+    #[error("{frontend}: writing {map}: {}", crate::error::with_causes(&**.error))]
     Map {
         frontend: Frontend,
         map: &'static str,

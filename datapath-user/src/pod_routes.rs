@@ -25,7 +25,7 @@ use rtnetlink::packet_route::{
     route::{RouteAttribute, RouteType},
 };
 
-use crate::{loader::LoaderError, netns};
+use crate::{error::LoaderError, netns};
 
 /// `SO_NETNS_COOKIE` (Linux 5.14).
 const SO_NETNS_COOKIE: i32 = 71;

@@ -15,7 +15,7 @@ use std::{collections::BTreeMap, fs, io, path::PathBuf};
 use aya::maps::{HashMap, Map, MapData};
 use datapath_common::maps::SOCK_LB_SKIP_MAP;
 
-use crate::{loader::LoaderError, pod_routes};
+use crate::{error::LoaderError, pod_routes};
 
 pub struct SockLbSkip {
     map: HashMap<MapData, u64, u8>,

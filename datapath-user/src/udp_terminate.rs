@@ -25,7 +25,7 @@ use datapath_common::{
 };
 use tracing::{info, warn};
 
-use crate::{loader::LoaderError, metrics::Metrics, reconcile::Departed, sockdiag};
+use crate::{error::LoaderError, metrics::Metrics, reconcile::Departed, sockdiag};
 
 /// What the agent does when backends leave UDP frontends.
 pub trait SocketTerminator: Send {

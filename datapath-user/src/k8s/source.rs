@@ -15,9 +15,9 @@ use tokio::sync::mpsc;
 
 use super::{
     IssueKind, Object, ObjectKey,
+    keys::{HEADLESS_LABEL, SERVICE_PROXY_NAME_LABEL},
     manifest::{self, ManifestError},
     store::{Change, Kind},
-    translate::{HEADLESS_LABEL, SERVICE_PROXY_NAME_LABEL},
 };
 
 /// What a source tells the agent.

@@ -12,7 +12,7 @@ use std::net::Ipv4Addr;
 
 use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
 
-use super::translate::{HEADLESS_LABEL, ObjectKey, SERVICE_PROXY_NAME_LABEL};
+use super::keys::{HEADLESS_LABEL, ObjectKey, SERVICE_PROXY_NAME_LABEL};
 
 /// What translation reads of a Service.
 #[derive(Clone, Debug, PartialEq, Eq)]
