@@ -94,10 +94,10 @@ impl Mode {
     /// The seed's figure for this row (Spiderpool page, ClusterIP and
     /// Pod IP sections), if it has one.
     fn seed(self, kind: Kind) -> Option<f64> {
-        use crate::pod_ip::Topo;
+        use crate::seed::{PodIpRow, pod_ip};
         match self {
-            Mode::PodIpRouted => return Topo::MacvlanRouted.seed(kind),
-            Mode::VethRouted => return Topo::VethRouted.seed(kind),
+            Mode::PodIpRouted => return pod_ip(PodIpRow::MacvlanRouted, kind),
+            Mode::VethRouted => return pod_ip(PodIpRow::VethRouted, kind),
             _ => {}
         }
         match (kind, self) {

@@ -13,6 +13,7 @@ pub mod nginx;
 pub mod plot;
 pub mod pod_ip;
 pub mod scale;
+pub mod seed;
 pub mod workload;
 
 use clap::{Parser, Subcommand};

@@ -12,6 +12,7 @@ use serde::Serialize;
 
 use crate::{
     cluster_ip::{SeedRow, print_tables, run_worker, write_charts},
+    seed::{self, PodIpRow},
     workload::{ECHO_PORT, Kind, Measurement, start_echo_server, start_tool_servers},
 };
 
@@ -48,26 +49,15 @@ impl SeedRow for Topo {
         }
     }
 
-    /// The seed's Pod IP figures; for veth-routed, Calico's (iptables, no
-    /// tunnel), the seed's veth-wired row.
+    /// The seed's Pod IP figures (`seed::pod_ip`).
     fn seed(self, kind: Kind) -> Option<f64> {
         let row = match self {
-            Topo::Macvlan => 0,
-            Topo::MacvlanRouted => 1,
-            Topo::VethRouted => 2,
-            Topo::Node => 3,
+            Topo::Macvlan => PodIpRow::Macvlan,
+            Topo::MacvlanRouted => PodIpRow::MacvlanRouted,
+            Topo::VethRouted => PodIpRow::VethRouted,
+            Topo::Node => PodIpRow::Node,
         };
-        let table: [Option<f64>; 4] = match kind {
-            Kind::Latency | Kind::Sockperf => [Some(24.3), Some(26.2), Some(51.3), Some(32.2)],
-            Kind::Rr => [Some(19793.9), Some(19215.2), Some(9985.7), Some(47560.5)],
-            Kind::Iperf1 => [Some(9.36), Some(9.36), Some(3.26), Some(9.41)],
-            Kind::Iperf2 => [Some(9.37), Some(9.37), Some(4.56), Some(9.40)],
-            Kind::Iperf4 => [Some(9.38), Some(9.38), Some(8.05), Some(9.42)],
-            Kind::RedisGet => [Some(66357.00), Some(67444.45), Some(45682.96), None],
-            Kind::RedisSet => [Some(66800.27), Some(67783.67), Some(46992.48), None],
-            Kind::Crr => [None; 4],
-        };
-        table[row]
+        seed::pod_ip(row, kind)
     }
 }
 
