@@ -497,13 +497,15 @@ fn run_agent_container(name: &str, image: &str, deploy: &Deploy, site: &TestSite
     args.push(format!("--entrypoint={entrypoint}"));
     args.push(image.to_owned());
     args.extend(command);
+    // Removed on drop, also when it failed to start (podman has created
+    // it by then).
+    let running = Container_(name.to_owned());
     let started = podman(&args);
     assert!(
         started.status.success(),
         "podman run: {}",
         String::from_utf8_lossy(&started.stderr)
     );
-    let running = Container_(name.to_owned());
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
     while std::time::Instant::now() < deadline {
         if http_get(&site.metrics_address, "/readyz").is_some_and(|r| r.starts_with("HTTP/1.1 200"))
@@ -674,9 +676,12 @@ fn the_init_container_installs_a_working_cni_plugin() {
         datapath_user::topology::unique_prefix()
     ));
     std::fs::create_dir_all(&dir).unwrap();
+    let name = format!("{}-install-cni", datapath_user::topology::unique_prefix());
+    let _container = Container_(name.clone());
     let mut args = vec![
         "run".to_owned(),
         "--rm".into(),
+        format!("--name={name}"),
         "--runtime=runc".into(),
         format!(
             "--ulimit=nofile={0}:{0}",
