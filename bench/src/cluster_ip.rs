@@ -133,11 +133,46 @@ impl Mode {
     }
 }
 
+/// One value of `--mode`: a mode, or every mode.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ModeArg {
+    All,
+    One(Mode),
+}
+
+impl ModeArg {
+    /// The modes `args` name, in the order given, each once; all when
+    /// none or `all` is given.
+    pub fn expand(args: &[ModeArg]) -> Vec<Mode> {
+        if args.is_empty() || args.contains(&ModeArg::All) {
+            return Mode::ALL.to_vec();
+        }
+        let mut modes = Vec::new();
+        for arg in args {
+            if let ModeArg::One(mode) = arg
+                && !modes.contains(mode)
+            {
+                modes.push(*mode);
+            }
+        }
+        modes
+    }
+}
+
+fn parse_mode(value: &str) -> Result<ModeArg, String> {
+    if value == "all" {
+        return Ok(ModeArg::All);
+    }
+    Mode::from_str(value, true).map(ModeArg::One)
+}
+
 #[derive(Parser, Debug)]
 pub struct ClusterIpOpts {
-    /// Modes to measure (comma-separated), or all.
-    #[arg(long, value_enum, value_delimiter = ',')]
-    pub mode: Vec<Mode>,
+    /// Modes to measure (comma-separated), or `all` (the default):
+    /// kube-proxy, kube-proxy-nft, ebpf, socket-lb, pod-ip, pod-ip-routed,
+    /// veth-routed, node.
+    #[arg(long, value_delimiter = ',', value_parser = parse_mode)]
+    pub mode: Vec<ModeArg>,
     /// Workloads (comma-separated); default: all.
     #[arg(long, value_enum, value_delimiter = ',')]
     pub workload: Vec<Kind>,
@@ -182,11 +217,7 @@ pub fn run(opts: &ClusterIpOpts) -> Result<()> {
     if let Some(dir) = &opts.out {
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     }
-    let modes: Vec<Mode> = if opts.mode.is_empty() {
-        Mode::ALL.to_vec()
-    } else {
-        opts.mode.clone()
-    };
+    let modes = ModeArg::expand(&opts.mode);
     let kinds: Vec<Kind> = if opts.workload.is_empty() {
         Kind::ALL.to_vec()
     } else {
@@ -544,5 +575,26 @@ pub(crate) fn print_tables<M: SeedRow>(
                 println!("| ratio {:?}/{:?} | {r:.3} | | {seed} | |", a, b);
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod mode_arg_tests {
+    use super::*;
+
+    #[test]
+    fn all_or_nothing_means_every_mode_and_a_list_keeps_its_order() {
+        assert_eq!(ModeArg::expand(&[]), Mode::ALL.to_vec());
+        assert_eq!(parse_mode("all"), Ok(ModeArg::All));
+        assert_eq!(
+            ModeArg::expand(&[ModeArg::One(Mode::Ebpf), ModeArg::All]),
+            Mode::ALL.to_vec()
+        );
+        let picked = ["socket-lb", "kube-proxy", "socket-lb"].map(|v| parse_mode(v).unwrap());
+        assert_eq!(
+            ModeArg::expand(&picked),
+            vec![Mode::SocketLb, Mode::KubeProxy]
+        );
+        assert!(parse_mode("ebpff").is_err());
     }
 }
