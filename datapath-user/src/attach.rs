@@ -523,6 +523,11 @@ fn pinned_links(pin_dir: &Path, links_dir: &str) -> BTreeSet<(String, String)> {
             .flatten()
             .flatten()
         {
+            // Attached once its ingress link is pinned (the last of the
+            // pair): the directory exists a moment before.
+            if !iface.path().join("ingress").exists() {
+                continue;
+            }
             out.insert((
                 netns_name.clone(),
                 iface.file_name().to_string_lossy().into_owned(),

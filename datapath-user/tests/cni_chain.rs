@@ -322,6 +322,10 @@ fn a_failed_add_is_an_error_and_leaves_nothing_attached() {
         "{:?}",
         pinned_tc_links(&pin_dir)
     );
+    assert!(
+        !pin_dir.join("links/tc").join(pod.name()).exists(),
+        "no directory of the failed attachment is left"
+    );
     let status = Command::new(env!("CARGO_BIN_EXE_underpass"))
         .args(["status", "--output", "json", "--pin-dir"])
         .arg(&pin_dir)
