@@ -1129,7 +1129,7 @@ fn a_backend_behind_the_pods_veth_to_its_node_is_reached() {
 /// every pin; the pod's traffic to the ClusterIP is no longer translated.
 #[test]
 fn uninstall_removes_every_attachment_and_pin() {
-    use aya::programs::{SchedClassifier, TcAttachType, links::FdLink, links::PinnedLink};
+    use aya::programs::links::{FdLink, PinnedLink};
     require_root("agent e2e");
     let topo = Topology::build(&standard_pods()).expect("building the topology");
     let pod = topo.pod("server-a");
@@ -1178,14 +1178,7 @@ fn uninstall_removes_every_attachment_and_pin() {
         2 + 8,
         "the TC pair and eight socket-LB programs: {pinned:?}"
     );
-    let tcx_programs = || {
-        client
-            .run(|| {
-                [TcAttachType::Egress, TcAttachType::Ingress]
-                    .map(|t| SchedClassifier::query_tcx("eth0", t).unwrap().1.len())
-            })
-            .unwrap()
-    };
+    let tcx_programs = || common::tcx_program_ids(client, "eth0").map(|ids| ids.len());
     assert_eq!(tcx_programs(), [1, 1]);
 
     // Its netlink sweep covers an empty namespace directory: the other
@@ -1423,7 +1416,6 @@ fn socket_lb_scope_leaves_opted_out_pods_to_the_tc_path() {
 /// updates.
 #[test]
 fn interfaces_attached_by_others_get_the_agents_programs() {
-    use aya::programs::{SchedClassifier, TcAttachType};
     require_root("agent e2e");
     let topo = Topology::build(&standard_pods()).expect("building the topology");
     let pins = PinDir(PathBuf::from(format!("/sys/fs/bpf/{}", topo.prefix)));
@@ -1446,20 +1438,7 @@ fn interfaces_attached_by_others_get_the_agents_programs() {
         .output()
         .unwrap();
     assert!(attached.status.success(), "{attached:?}");
-    let programs = |namespace: &datapath_user::topology::Namespace| {
-        namespace
-            .run(|| {
-                [TcAttachType::Egress, TcAttachType::Ingress].map(|t| {
-                    SchedClassifier::query_tcx("eth0", t)
-                        .unwrap()
-                        .1
-                        .iter()
-                        .map(|p| p.id())
-                        .collect::<Vec<_>>()
-                })
-            })
-            .unwrap()
-    };
+    let programs = |namespace| common::tcx_program_ids(namespace, "eth0");
     let before = programs(other);
     let filter = format!("{}-client*", topo.prefix);
     let agent = Agent::start(&pins.0, &dir, &filter);

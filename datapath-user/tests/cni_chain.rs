@@ -243,21 +243,7 @@ fn chained_after_the_reference_plugins_add_check_and_del_work() {
         conflist: runtime.conflist.clone(),
     };
     let (result2, warm) = second.add(node);
-    let programs = |namespace: &Namespace| {
-        use aya::programs::{SchedClassifier, TcAttachType};
-        namespace
-            .run(|| {
-                [TcAttachType::Egress, TcAttachType::Ingress].map(|t| {
-                    SchedClassifier::query_tcx("eth0", t)
-                        .unwrap()
-                        .1
-                        .iter()
-                        .map(|p| p.id())
-                        .collect::<Vec<_>>()
-                })
-            })
-            .unwrap()
-    };
+    let programs = |namespace| common::tcx_program_ids(namespace, "eth0");
     assert_eq!(
         programs(&pod2),
         programs(&pod),

@@ -257,22 +257,7 @@ fn podman_flags(
     site: &TestSite,
 ) -> Vec<String> {
     let pod = ds.spec.template.spec.as_ref().unwrap();
-    let mut flags = vec![
-        // This machine: crun refuses the hybrid cgroup layout.
-        "--runtime=runc".to_owned(),
-        // Within this machine's hard limits (podman's defaults are above
-        // them, and runc may not raise a hard limit).
-        format!(
-            "--ulimit=nofile={0}:{0}",
-            hard_limit(libc::RLIMIT_NOFILE).min(1 << 20)
-        ),
-        // (Root here lacks CAP_SYS_RESOURCE: the runtime cannot raise a
-        // hard limit. The agent runs a handful of threads.)
-        format!(
-            "--ulimit=nproc={0}:{0}",
-            hard_limit(libc::RLIMIT_NPROC).min(4096)
-        ),
-    ];
+    let mut flags = this_machine_flags();
     assert_eq!(
         pod.host_network,
         Some(true),
@@ -403,6 +388,25 @@ fn podman_flags(
         flags.push(format!("--env={key}={value}"));
     }
     flags
+}
+
+/// What podman needs on this machine, whatever the manifest says: runc
+/// (crun refuses the hybrid cgroup layout) and limits within this
+/// machine's hard ones (podman's defaults are above them, and root here
+/// lacks CAP_SYS_RESOURCE, so the runtime cannot raise a hard limit; the
+/// agent runs a handful of threads).
+fn this_machine_flags() -> Vec<String> {
+    vec![
+        "--runtime=runc".to_owned(),
+        format!(
+            "--ulimit=nofile={0}:{0}",
+            hard_limit(libc::RLIMIT_NOFILE).min(1 << 20)
+        ),
+        format!(
+            "--ulimit=nproc={0}:{0}",
+            hard_limit(libc::RLIMIT_NPROC).min(4096)
+        ),
+    ]
 }
 
 fn hard_limit(resource: libc::__rlimit_resource_t) -> u64 {
@@ -682,17 +686,9 @@ fn the_init_container_installs_a_working_cni_plugin() {
         "run".to_owned(),
         "--rm".into(),
         format!("--name={name}"),
-        "--runtime=runc".into(),
-        format!(
-            "--ulimit=nofile={0}:{0}",
-            hard_limit(libc::RLIMIT_NOFILE).min(1 << 20)
-        ),
-        format!(
-            "--ulimit=nproc={0}:{0}",
-            hard_limit(libc::RLIMIT_NPROC).min(4096)
-        ),
         "--network=none".into(),
     ];
+    args.extend(this_machine_flags());
     for mount in init.volume_mounts.iter().flatten() {
         let volume = pod
             .volumes

@@ -84,3 +84,24 @@ pub fn kernel_has(feature: datapath_user::features::Feature, present: bool) -> b
     }
     present
 }
+
+/// The ids of the TCX programs on `iface` inside `namespace`: (egress,
+/// ingress), each in attach order.
+pub fn tcx_program_ids(
+    namespace: &datapath_user::topology::Namespace,
+    iface: &str,
+) -> [Vec<u32>; 2] {
+    use aya::programs::{SchedClassifier, TcAttachType};
+    namespace
+        .run(|| {
+            [TcAttachType::Egress, TcAttachType::Ingress].map(|t| {
+                SchedClassifier::query_tcx(iface, t)
+                    .unwrap()
+                    .1
+                    .iter()
+                    .map(|p| p.id())
+                    .collect::<Vec<_>>()
+            })
+        })
+        .unwrap()
+}
