@@ -85,13 +85,13 @@ pub(crate) fn endpoint_address(k: u64) -> Ipv4Addr {
 
 /// Service `bench/svc-<i>`: port 80 → 8080.
 pub(crate) fn service(i: usize) -> Service {
-    crate::lab::service_objects(&format!("svc-{i}"), service_address(i), &[(80, 8080)], &[]).0
+    crate::cluster::service_objects(&format!("svc-{i}"), service_address(i), &[(80, 8080)], &[]).0
 }
 
 /// The EndpointSlice of `svc-<i>` with `addresses` ready.
 pub(crate) fn slice(i: usize, addresses: impl IntoIterator<Item = Ipv4Addr>) -> EndpointSlice {
     let addresses: Vec<Ipv4Addr> = addresses.into_iter().collect();
-    crate::lab::service_objects(
+    crate::cluster::service_objects(
         &format!("svc-{i}"),
         service_address(i),
         &[(80, 8080)],

@@ -57,8 +57,8 @@ impl AgentProcess {
             .stdout(Stdio::null())
             .spawn()
             .with_context(|| format!("starting {}", binary.display()))?;
-        datapath_user::topology::own_child(child.id());
-        datapath_user::topology::own_pin_dir(&pin_dir);
+        lab::own_child(child.id());
+        lab::own_pin_dir(&pin_dir);
         Ok(Self {
             child,
             pin_dir,
@@ -127,12 +127,12 @@ impl Drop for AgentProcess {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
-        datapath_user::topology::disown_child(self.child.id());
+        lab::disown_child(self.child.id());
         for (netns, iface) in pinned_tc_links(&self.pin_dir) {
             let _ = datapath_user::loader::detach_pinned_tc(&self.pin_dir, Some(&netns), &iface);
         }
         let _ = std::fs::remove_dir_all(&self.pin_dir);
-        datapath_user::topology::disown_pin_dir(&self.pin_dir);
+        lab::disown_pin_dir(&self.pin_dir);
     }
 }
 
@@ -141,8 +141,8 @@ impl Drop for AgentProcess {
 /// ready and attached, with the manifest folder it reads.
 pub fn start_bench_agent(
     underpass: Option<&Path>,
-    topo: &datapath_user::topology::Topology,
-    cgroup: &datapath_user::topology::Cgroup,
+    topo: &lab::Topology,
+    cgroup: &lab::Cgroup,
     service: &k8s_openapi::api::core::v1::Service,
     slice: &k8s_openapi::api::discovery::v1::EndpointSlice,
 ) -> Result<(AgentProcess, tempfile::TempDir)> {

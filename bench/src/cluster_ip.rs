@@ -13,13 +13,13 @@ use std::{
 
 use anyhow::{Context, Result, bail, ensure};
 use clap::{Parser, ValueEnum};
-use datapath_user::topology::{self, Cgroup, NODE_ADDRESSES, PodSpec, Topology, standard_pods};
+use lab::{Cgroup, PodSpec, Topology, standard_pods, topology::NODE_ADDRESSES};
 use serde::Serialize;
 
 use crate::{
     agent_process::start_bench_agent,
+    cluster::{KubeProxy, SERVICE_CIDR, install_kube_proxy, remove_kube_proxy, service_objects},
     kubeproxy::service_ports,
-    lab::{KubeProxy, SERVICE_CIDR, install_kube_proxy, remove_kube_proxy, service_objects},
     plot::Bar,
     workload::{
         ECHO_PORT, IPERF_PORT, Kind, Measurement, REDIS_PORT, SOCKPERF_PORT, start_echo_server,
@@ -228,7 +228,7 @@ pub fn run(opts: &ClusterIpOpts) -> Result<()> {
     } else {
         (opts.runs.max(1), opts.seconds)
     };
-    topology::cleanup_on_signals();
+    lab::cleanup_on_signals();
     // client → server-b: the ClusterIP modes, Pod IP; → server-c (the
     // other subnet): across subnets; vclient → vserver: veth pods.
     let pods: Vec<PodSpec> = standard_pods()

@@ -16,8 +16,8 @@ use datapath_user::{
     Datapath, LoadOptions,
     maps::{BackendEntry, Frontend, Protocol},
     object::{TC_EGRESS, TC_INGRESS, verdict},
-    packet::{ACK, Frame, L4, PSH, SYN},
 };
+use lab::packet::{ACK, Frame, L4, PSH, SYN};
 
 #[derive(Parser, Debug)]
 pub struct DatapathOpts {

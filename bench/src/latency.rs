@@ -19,15 +19,18 @@ use std::{
 
 use anyhow::{Context, Result, bail};
 use clap::{Parser, ValueEnum};
-use datapath_user::topology::{self, Cgroup, NODE_ADDRESSES, PodSpec, Topology};
+use lab::{
+    Cgroup, PodSpec, Topology,
+    topology::{self, NODE_ADDRESSES},
+};
 use serde::{Deserialize, Serialize};
 
 use crate::{
     agent_process::{AgentProcess, start_bench_agent},
-    kubeproxy::service_ports,
-    lab::{
+    cluster::{
         KubeProxy, SERVICE_CIDR, install_kube_proxy, remove_kube_proxy, run_in, service_objects,
     },
+    kubeproxy::service_ports,
     loadgen::{LoadResult, LoadSpec, QUANTILES, run_load},
     nginx::{self, HTTP_PORT, Nginx},
     plot::{self, Axes, Series},
@@ -561,7 +564,7 @@ struct NodeState {
 }
 
 /// The seed's NOTRACK: every packet not to a ClusterIP skips conntrack.
-fn set_notrack(node: &topology::Namespace, on: bool) -> Result<()> {
+fn set_notrack(node: &lab::Namespace, on: bool) -> Result<()> {
     let cidr = format!("{}/{}", SERVICE_CIDR.0, SERVICE_CIDR.1);
     let script = if on {
         format!(
@@ -577,7 +580,7 @@ fn set_notrack(node: &topology::Namespace, on: bool) -> Result<()> {
 /// queue and send on its transmit queue (mask 0 restores the default).
 /// Queue files are per network namespace in sysfs, which `ip netns exec`
 /// mounts for the namespace.
-fn set_rps_xps(node: &topology::Namespace, on: bool) -> Result<()> {
+fn set_rps_xps(node: &lab::Namespace, on: bool) -> Result<()> {
     let cpus = std::thread::available_parallelism()
         .map_or(1, |n| n.get())
         .min(32);
@@ -682,7 +685,7 @@ pub fn run(opts: &LatencyOpts) -> Result<()> {
             opts.rates.clone(),
         )
     };
-    topology::cleanup_on_signals();
+    lab::cleanup_on_signals();
     eprintln!("building the designs' topologies and starting nginx…");
     let lab = Lab::build(&designs, opts)?;
     for (design, reason) in &lab.unavailable {

@@ -3,10 +3,10 @@
 
 pub mod agent;
 pub mod agent_process;
+pub mod cluster;
 pub mod cluster_ip;
 pub mod datapath;
 pub mod kubeproxy;
-pub mod lab;
 pub mod latency;
 pub mod loadgen;
 pub mod nginx;

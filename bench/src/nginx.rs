@@ -10,7 +10,7 @@ use std::{
 };
 
 use anyhow::{Context, Result, bail};
-use datapath_user::topology::Namespace;
+use lab::Namespace;
 
 use crate::workload::pin_to_cpu;
 
@@ -35,7 +35,7 @@ impl Drop for Nginx {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
-        datapath_user::topology::disown_child(self.child.id());
+        lab::disown_child(self.child.id());
     }
 }
 
@@ -101,7 +101,7 @@ pub fn start(namespace: &Namespace, address: Ipv4Addr, cpu: usize) -> Result<Ngi
                 .spawn()
         })?
         .context("starting nginx (installed by `cargo xtask bench`)")?;
-    datapath_user::topology::own_child(child.id());
+    lab::own_child(child.id());
     let mut nginx = Nginx { child, _dir: dir };
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {

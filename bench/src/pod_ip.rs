@@ -7,7 +7,7 @@ use std::{collections::BTreeMap, net::SocketAddrV4, path::PathBuf};
 
 use anyhow::{Context, Result, ensure};
 use clap::{Parser, ValueEnum};
-use datapath_user::topology::{self, NODE_ADDRESSES, PodSpec, Topology, standard_pods};
+use lab::{PodSpec, Topology, standard_pods, topology::NODE_ADDRESSES};
 use serde::Serialize;
 
 use crate::{
@@ -112,7 +112,7 @@ pub fn run(opts: &PodIpOpts) -> Result<()> {
     } else {
         (opts.runs.max(1), opts.seconds)
     };
-    topology::cleanup_on_signals();
+    lab::cleanup_on_signals();
     eprintln!("building the topologies…");
     let pods: Vec<PodSpec> = standard_pods()
         .into_iter()

@@ -32,18 +32,18 @@ use datapath_user::{
     loader::{MapSizes, TcMode},
     metrics::Metrics,
     reconcile::Reconciler,
-    topology::{self, PodSpec, Topology, standard_pods},
 };
+use lab::{PodSpec, Topology, standard_pods};
 use serde::{Deserialize, Serialize};
 
 use crate::{
     agent::{endpoint_address, service, service_address, slice},
-    cluster_ip::run_worker,
-    kubeproxy::{self, ServicePort, service_ports},
-    lab::{
+    cluster::{
         KubeProxy, SERVICE_CIDR, TimedOut, install_kube_proxy, kube_proxy_options,
         remove_kube_proxy, run_in_limited,
     },
+    cluster_ip::run_worker,
+    kubeproxy::{self, ServicePort, service_ports},
     plot::{self, Axes, Series},
     workload::{Kind, Measurement, start_echo_server},
 };
@@ -169,7 +169,7 @@ pub fn run(opts: &ScaleOpts) -> Result<()> {
     if let Some(dir) = &opts.out {
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     }
-    topology::cleanup_on_signals();
+    lab::cleanup_on_signals();
     eprintln!("building the two-node topology…");
     let lab = Lab::build()?;
     let limit = Duration::from_secs(opts.time_limit);

@@ -15,8 +15,8 @@ use std::{
 
 use anyhow::{Context, Result};
 use clap::{Parser, ValueEnum};
-use datapath_user::topology::Namespace;
 use hdrhistogram::Histogram;
+use lab::Namespace;
 use serde::{Deserialize, Serialize};
 
 /// What a client measures.
@@ -160,7 +160,7 @@ pub fn start_tool_servers(
                     .spawn()
             })?
             .with_context(|| format!("starting {program} (installed by `cargo xtask bench`)"))?;
-        datapath_user::topology::own_child(child.id());
+        lab::own_child(child.id());
         servers.push(ServerProcess(child));
     }
     // Until every port accepts connections.
@@ -196,7 +196,7 @@ impl Drop for ServerProcess {
     fn drop(&mut self) {
         let _ = self.0.kill();
         let _ = self.0.wait();
-        datapath_user::topology::disown_child(self.0.id());
+        lab::disown_child(self.0.id());
     }
 }
 
@@ -567,7 +567,7 @@ pub fn worker(opts: &WorkerOpts) -> Result<()> {
 }
 
 /// Runs `command` to completion (stdout captured) as a child an
-/// interrupted run kills ([`datapath_user::topology::own_child`]): a
+/// interrupted run kills ([`lab::own_child`]): a
 /// worker must not outlive the namespaces and cgroup it is in.
 pub fn owned_output(command: &mut std::process::Command) -> Result<std::process::Output> {
     let child = command
@@ -575,9 +575,9 @@ pub fn owned_output(command: &mut std::process::Command) -> Result<std::process:
         .spawn()
         .context("starting a bench worker")?;
     let pid = child.id();
-    datapath_user::topology::own_child(pid);
+    lab::own_child(pid);
     let output = child.wait_with_output();
-    datapath_user::topology::disown_child(pid);
+    lab::disown_child(pid);
     Ok(output?)
 }
 

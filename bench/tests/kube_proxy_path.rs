@@ -9,13 +9,10 @@ use std::{
 };
 
 use bench::{
+    cluster::{KubeProxy, SERVICE_CIDR, install_kube_proxy, remove_kube_proxy, service_objects},
     kubeproxy::service_ports,
-    lab::{KubeProxy, SERVICE_CIDR, install_kube_proxy, remove_kube_proxy, service_objects},
 };
-use datapath_user::{
-    topology::{PodSpec, Topology, standard_pods},
-    workload,
-};
+use lab::{PodSpec, Topology, standard_pods, workload};
 
 const VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 9, 9);
 

@@ -183,11 +183,8 @@ fn ports_from_kubernetes_objects_use_kube_proxy_names_and_order() {
 
 /// Runs `command` with `input` on stdin inside a fresh namespace.
 fn check_in_namespace(command: &str, args: &[&str], input: &str) -> Result<(), String> {
-    let namespace = datapath_user::topology::Namespace::create(&format!(
-        "{}-rules",
-        datapath_user::topology::unique_prefix()
-    ))
-    .map_err(|e| e.to_string())?;
+    let namespace = lab::Namespace::create(&format!("{}-rules", lab::unique_prefix()))
+        .map_err(|e| e.to_string())?;
     namespace
         .run(|| {
             let mut child = Command::new(command)

@@ -1,6 +1,7 @@
-//! underpass user space: loads the datapath, pins and inspects its maps,
-//! attaches it to pod interfaces and cgroups, and builds the namespace
-//! topology shared by the e2e tests, the demo and the bench.
+//! underpass user space: the node agent and what it is made of. It loads
+//! the datapath, pins and inspects its maps, attaches it to pod interfaces
+//! and cgroups, and keeps the maps equal to the cluster's Services. The
+//! network lab the tests, the demo and the bench use is the `lab` crate.
 
 pub mod agent;
 pub mod attach;
@@ -8,7 +9,6 @@ mod bpfsys;
 pub mod cgroup;
 pub mod clock;
 pub mod cni;
-pub mod demo;
 pub mod error;
 pub mod features;
 pub mod http;
@@ -20,17 +20,14 @@ pub mod maps;
 pub mod metrics;
 pub mod netns;
 pub mod object;
-pub mod packet;
 pub mod pod_routes;
 pub mod probe;
 pub mod reconcile;
 pub mod sock_lb_skip;
 pub mod sockdiag;
 pub mod tc_mode;
-pub mod topology;
 pub mod udp_terminate;
 pub mod uninstall;
-pub mod workload;
 
 pub use error::LoaderError;
 pub use loader::{Datapath, LoadOptions};

@@ -1,6 +1,6 @@
 //! `underpass`: the node agent and its tools.
 
-use std::{net::SocketAddrV4, path::PathBuf, process::ExitCode, time::Duration};
+use std::{path::PathBuf, process::ExitCode, time::Duration};
 
 use anyhow::{Context, Result, bail};
 use clap::{Args, Parser, Subcommand, ValueEnum};
@@ -8,11 +8,11 @@ use datapath_user::{
     Datapath, LoadOptions, TcMode,
     agent::{self, AgentOptions, SourceConfig},
     attach::Selector,
-    cni, demo, inspect,
+    cni, inspect,
     inspect::Output,
     k8s::NodeContext,
     loader::{self, CtTimeouts, DEFAULT_PIN_DIR, MapSizes},
-    netns, workload,
+    netns,
 };
 
 #[derive(Parser)]
@@ -84,17 +84,6 @@ enum Command {
     /// interfaces, cgroups) and remove every pin, maps included. Delete
     /// the DaemonSet first, or its agent attaches again.
     Uninstall(UninstallArgs),
-    /// Build a two-node topology in fresh network namespaces, program a
-    /// Service, and show requests crossing its ClusterIP on the TC path and
-    /// the socket-LB path, with the datapath's counters. Removes everything
-    /// it created on exit (also on Ctrl-C). Needs root.
-    Demo,
-    /// Send requests from inside a namespace (and cgroup) and print, per
-    /// request, the answering server and the peer address the socket
-    /// reports, as JSON lines. Used by the tests and the demo to run a
-    /// client under socket-LB, which only sees processes in its cgroup.
-    #[command(hide = true)]
-    Probe(ProbeArgs),
 }
 
 #[derive(Args)]
@@ -268,36 +257,6 @@ struct AgentArgs {
     conntrack_udp_max: u32,
 }
 
-#[derive(Parser)]
-struct ProbeArgs {
-    /// Network namespace to enter (name under /var/run/netns, or a path).
-    #[arg(long)]
-    netns: Option<String>,
-    /// cgroup v2 directory to join before opening any socket.
-    #[arg(long)]
-    cgroup: Option<PathBuf>,
-    #[arg(long, value_enum, default_value_t = ProbeProtocol::Tcp)]
-    protocol: ProbeProtocol,
-    /// Where to send: the ClusterIP and port.
-    #[arg(long)]
-    target: SocketAddrV4,
-    /// Number of requests, each on a new connection / socket.
-    #[arg(long, default_value_t = 1)]
-    count: u32,
-    /// Per-request timeout in milliseconds.
-    #[arg(long, default_value_t = 2000)]
-    timeout_ms: u64,
-    /// Use an AF_INET6 socket and the target's IPv4-mapped address
-    /// (`::ffff:<ClusterIP>`), as JVMs and dual-stack runtimes do.
-    #[arg(long)]
-    ipv4_mapped: bool,
-    /// Keep one socket (a TCP connection, a connected or an unconnected
-    /// UDP socket) and send a request on it for every line read from
-    /// stdin, until stdin closes; --count is ignored.
-    #[arg(long)]
-    hold: bool,
-}
-
 /// `--socket-lb`.
 #[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
 enum SocketLb {
@@ -307,16 +266,6 @@ enum SocketLb {
     Host,
     /// No socket-LB.
     Off,
-}
-
-#[derive(Clone, Copy, ValueEnum)]
-enum ProbeProtocol {
-    /// A TCP connection per request.
-    Tcp,
-    /// An unconnected UDP socket per request (sendto/recvfrom, like DNS).
-    Udp,
-    /// A connected UDP socket per request (connect/send/recv).
-    UdpConnected,
 }
 
 fn main() -> ExitCode {
@@ -350,8 +299,6 @@ fn main() -> ExitCode {
         } => inspect::conntrack_list(&o.pin.pin_dir, o.output, limit),
         Command::Status(o) => inspect::status(&o.pin.pin_dir, o.output),
         Command::Uninstall(args) => uninstall(&args.pin.pin_dir, &args.netns_dir),
-        Command::Demo => demo::run(),
-        Command::Probe(args) => probe(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -360,62 +307,6 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
-}
-
-fn probe(args: ProbeArgs) -> Result<()> {
-    // Still single-threaded: joining the cgroup and the namespace here
-    // covers every socket this process opens.
-    if let Some(cgroup) = &args.cgroup {
-        std::fs::write(cgroup.join("cgroup.procs"), std::process::id().to_string())
-            .with_context(|| format!("joining cgroup {}", cgroup.display()))?;
-    }
-    if let Some(name) = &args.netns {
-        let path = netns::path_of(name);
-        netns::enter(&path)
-            .with_context(|| format!("entering network namespace {}", path.display()))?;
-    }
-    let timeout = Duration::from_millis(args.timeout_ms);
-    let target = if args.ipv4_mapped {
-        workload::ipv4_mapped(args.target)
-    } else {
-        args.target.into()
-    };
-    let print = |answer: std::io::Result<workload::Answer>| {
-        let line = match answer {
-            Ok(a) => serde_json::json!({ "server": a.server, "peer": a.peer.to_string() }),
-            Err(e) => serde_json::json!({ "error": e.to_string(), "errno": e.raw_os_error() }),
-        };
-        println!("{line}");
-    };
-    if args.hold {
-        let kind = match args.protocol {
-            ProbeProtocol::Tcp => workload::ProbeKind::Tcp,
-            ProbeProtocol::Udp => workload::ProbeKind::Udp,
-            ProbeProtocol::UdpConnected => workload::ProbeKind::UdpConnected,
-        };
-        let mut held = workload::HeldSocket::open(kind, target, timeout);
-        for line in std::io::stdin().lines() {
-            line.context("reading stdin")?;
-            print(match &mut held {
-                Ok(socket) => socket.ask(),
-                // The socket could not even be opened: every request
-                // fails the same way (errno kept).
-                Err(e) => Err(e.raw_os_error().map_or_else(
-                    || std::io::Error::new(e.kind(), e.to_string()),
-                    std::io::Error::from_raw_os_error,
-                )),
-            });
-        }
-        return Ok(());
-    }
-    for _ in 0..args.count {
-        print(match args.protocol {
-            ProbeProtocol::Tcp => workload::tcp_request(target, timeout),
-            ProbeProtocol::Udp => workload::udp_request(target, timeout),
-            ProbeProtocol::UdpConnected => workload::connected_udp_request(target, timeout),
-        });
-    }
-    Ok(())
 }
 
 fn run_agent(args: AgentArgs) -> Result<()> {

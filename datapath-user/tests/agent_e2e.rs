@@ -19,9 +19,9 @@ use std::{
 };
 
 use common::require_root;
-use datapath_user::{
-    attach::pinned_tc_links,
-    topology::{Cgroup, PodSpec, Topology, standard_pods},
+use datapath_user::attach::pinned_tc_links;
+use lab::{
+    Cgroup, PodSpec, Topology, standard_pods,
     workload::{self, Answer, Conversation, HeldProbe, ProbeKind, ProbeResult},
 };
 
@@ -520,7 +520,6 @@ fn draining_endpoints_keep_their_connections_and_an_empty_service_refuses_at_onc
         pinned_tc_links(&pins.0).contains(&(client_ns.clone(), "eth0".into()))
     });
 
-    let exe = PathBuf::from(env!("CARGO_BIN_EXE_underpass"));
     let client_path = topo.pod("client").namespace.path().to_owned();
     let target = SocketAddrV4::new(VIP, 80);
     let mut on_tc = topo
@@ -530,18 +529,11 @@ fn draining_endpoints_keep_their_connections_and_an_empty_service_refuses_at_onc
         .unwrap()
         .unwrap();
     assert_eq!(on_tc.ask().unwrap(), "server-a");
-    let mut on_socket_lb = HeldProbe::spawn(
-        &exe,
-        &client_path,
-        Some(cgroup.path()),
-        ProbeKind::Tcp,
-        target,
-    )
-    .unwrap();
+    let mut on_socket_lb =
+        HeldProbe::spawn(&client_path, Some(cgroup.path()), ProbeKind::Tcp, target).unwrap();
     assert_eq!(answered(on_socket_lb.ask()), "server-a");
     let new_socket_lb = || -> Vec<String> {
         workload::probe_process(
-            &exe,
             &client_path,
             Some(cgroup.path()),
             ProbeKind::Tcp,
@@ -668,7 +660,6 @@ fn ipv4_mapped_ipv6_sockets_are_translated_by_socket_lb() {
     let cgroup_arg = cgroup.path().to_str().unwrap();
     let agent = Agent::start_with(&pins.0, &dir, &no_pod, &["--cgroup", cgroup_arg]);
 
-    let exe = PathBuf::from(env!("CARGO_BIN_EXE_underpass"));
     let client = topo.pod("client").namespace.path().to_owned();
     for (kind, port) in [
         (ProbeKind::Tcp, 80),
@@ -677,7 +668,6 @@ fn ipv4_mapped_ipv6_sockets_are_translated_by_socket_lb() {
     ] {
         let target = SocketAddrV4::new(VIP, port);
         let results = workload::probe_process_with(
-            &exe,
             &client,
             Some(cgroup.path()),
             kind,
@@ -868,10 +858,9 @@ fn connected_udp_sockets_leave_a_removed_backend() {
     let cgroup_arg = cgroup.path().to_str().unwrap();
     let agent = Agent::start_with(&pins.0, &dir, &no_pod, &["--cgroup", cgroup_arg]);
 
-    let exe = PathBuf::from(env!("CARGO_BIN_EXE_underpass"));
     let client = topo.pod("client").namespace.path().to_owned();
     let spawn = |kind: ProbeKind, target: SocketAddrV4| {
-        HeldProbe::spawn(&exe, &client, Some(cgroup.path()), kind, target).unwrap()
+        HeldProbe::spawn(&client, Some(cgroup.path()), kind, target).unwrap()
     };
     let answer = |probe: &mut HeldProbe| match probe.ask().unwrap() {
         ProbeResult::Answer(a) => Ok(a.server),
@@ -1062,7 +1051,8 @@ fn connections_sharing_a_wire_tuple_all_keep_working() {
 /// same service still works; the reply attachment goes with the pod.
 #[test]
 fn a_backend_behind_the_pods_veth_to_its_node_is_reached() {
-    use datapath_user::{attach::pinned_reply_links, topology::NODE_ADDRESSES};
+    use datapath_user::attach::pinned_reply_links;
+    use lab::topology::NODE_ADDRESSES;
     require_root("agent e2e");
     if !common::kernel_has(
         datapath_user::features::NETNS_COOKIE_TC,
@@ -1358,7 +1348,6 @@ fn socket_lb_scope_leaves_opted_out_pods_to_the_tc_path() {
     write_atomically(&dir.join("echo.yaml"), &manifest(&[pod.address]));
     let cgroup = Cgroup::create(&format!("{}-sock", topo.prefix)).unwrap();
     let filter = format!("{}-client*", topo.prefix);
-    let exe = PathBuf::from(env!("CARGO_BIN_EXE_underpass"));
     let client_path = topo.pod("client").namespace.path().to_owned();
     let client_ns = topo.pod("client").namespace.name().to_owned();
     let cgroup_arg = cgroup.path().to_str().unwrap().to_owned();
@@ -1384,7 +1373,6 @@ fn socket_lb_scope_leaves_opted_out_pods_to_the_tc_path() {
         };
         let before = tracked();
         let answers = workload::probe_process(
-            &exe,
             &client_path,
             Some(cgroup.path()),
             ProbeKind::Tcp,

@@ -17,13 +17,8 @@ use std::{
 };
 
 use common::{require_root, tcp_frontend};
-use datapath_user::{
-    DatapathMaps,
-    attach::pinned_tc_links,
-    maps::BackendEntry,
-    topology::{Namespace, Topology, WIRE, standard_pods},
-    workload,
-};
+use datapath_user::{DatapathMaps, attach::pinned_tc_links, maps::BackendEntry};
+use lab::{Namespace, Topology, standard_pods, topology::WIRE, workload};
 use serde_json::{Value, json};
 
 /// Where Debian's containernetworking-plugins puts the reference plugins.

@@ -535,11 +535,8 @@ fn run_agent_container(name: &str, image: &str, deploy: &Deploy, site: &TestSite
 fn the_image_runs_as_the_daemonset_says_and_serves_pods() {
     use std::net::{Ipv4Addr, SocketAddrV4};
 
-    use datapath_user::{
-        attach::pinned_tc_links,
-        topology::{Cgroup, Topology, standard_pods},
-        workload,
-    };
+    use datapath_user::attach::pinned_tc_links;
+    use lab::{Cgroup, Topology, standard_pods, workload};
     common::require_root("the image under podman");
     let image = test_image();
     let deploy = load();
@@ -675,12 +672,9 @@ fn the_init_container_installs_a_working_cni_plugin() {
         init.security_context, None,
         "runs with the runtime's defaults"
     );
-    let dir = std::env::temp_dir().join(format!(
-        "{}-cni-bin",
-        datapath_user::topology::unique_prefix()
-    ));
+    let dir = std::env::temp_dir().join(format!("{}-cni-bin", lab::unique_prefix()));
     std::fs::create_dir_all(&dir).unwrap();
-    let name = format!("{}-install-cni", datapath_user::topology::unique_prefix());
+    let name = format!("{}-install-cni", lab::unique_prefix());
     let _container = Container_(name.clone());
     let mut args = vec![
         "run".to_owned(),

@@ -22,7 +22,9 @@ use datapath_user::{
     Datapath, LoadOptions, TcMode,
     loader::detach_pinned_tc,
     maps::{BackendEntry, Frontend, Protocol},
-    topology::{Cgroup, Topology, standard_pods},
+};
+use lab::{
+    Cgroup, Topology, standard_pods,
     workload::{self, Answer, ProbeKind, ProbeResult, Server},
 };
 
@@ -251,7 +253,6 @@ fn socket_lb_translates_connect_sendmsg_and_shows_the_cluster_ip() {
     let mut lab = lab(LoadOptions::default());
     let cgroup = Cgroup::create(&format!("{}-sock", lab.topo.prefix)).unwrap();
     let _sock = lab.dp.attach_sock(cgroup.path()).unwrap();
-    let exe = PathBuf::from(env!("CARGO_BIN_EXE_underpass"));
     let ns = lab.topo.pod("client").namespace.path().to_owned();
 
     // No TC program and no ClusterIP route needed: translation happens at
@@ -262,7 +263,6 @@ fn socket_lb_translates_connect_sendmsg_and_shows_the_cluster_ip() {
         (ProbeKind::UdpConnected, 53),
     ] {
         let results = workload::probe_process(
-            &exe,
             &ns,
             Some(cgroup.path()),
             kind,
@@ -290,15 +290,8 @@ fn socket_lb_translates_connect_sendmsg_and_shows_the_cluster_ip() {
 
     // The same client outside the cgroup is not translated: with no TC
     // program either, nothing answers.
-    let outside = workload::probe_process(
-        &exe,
-        &ns,
-        None,
-        ProbeKind::Tcp,
-        SocketAddrV4::new(VIP, 80),
-        1,
-    )
-    .unwrap();
+    let outside =
+        workload::probe_process(&ns, None, ProbeKind::Tcp, SocketAddrV4::new(VIP, 80), 1).unwrap();
     assert!(
         matches!(outside[0], ProbeResult::Failed { .. }),
         "{outside:?}"
@@ -310,11 +303,9 @@ fn socket_lb_refuses_a_service_without_endpoints_at_once() {
     let mut lab = lab(LoadOptions::default());
     let cgroup = Cgroup::create(&format!("{}-sock", lab.topo.prefix)).unwrap();
     let _sock = lab.dp.attach_sock(cgroup.path()).unwrap();
-    let exe = PathBuf::from(env!("CARGO_BIN_EXE_underpass"));
     let ns = lab.topo.pod("client").namespace.path().to_owned();
     let started = Instant::now();
     let results = workload::probe_process(
-        &exe,
         &ns,
         Some(cgroup.path()),
         ProbeKind::Tcp,

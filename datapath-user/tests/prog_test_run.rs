@@ -24,8 +24,8 @@ use datapath_user::{
     loader::CtTimeouts,
     maps::{BackendEntry, Frontend},
     object::{TC_EGRESS, TC_INGRESS, verdict},
-    packet::{self, ACK, FIN, Frame, L4, PSH, RST, SYN},
 };
+use lab::packet::{self, ACK, FIN, Frame, L4, PSH, RST, SYN};
 
 const CLIENT: (Ipv4Addr, u16) = (Ipv4Addr::new(10, 77, 0, 2), 40000);
 const B1: BackendEntry = BackendEntry {
@@ -1315,10 +1315,7 @@ fn pod_routes_steer_new_flows_only_with_the_netns_cookie_feature() {
         if bits & features::NETNS_COOKIE_TC != 0 && !with_cookie {
             continue;
         }
-        let pin_dir = std::path::PathBuf::from(format!(
-            "/sys/fs/bpf/{}",
-            datapath_user::topology::unique_prefix()
-        ));
+        let pin_dir = std::path::PathBuf::from(format!("/sys/fs/bpf/{}", lab::unique_prefix()));
         let mut dp = datapath_user::Datapath::load(&datapath_user::LoadOptions {
             pin_dir: Some(pin_dir.clone()),
             feature_bits: Some(bits),

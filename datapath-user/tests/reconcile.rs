@@ -331,10 +331,7 @@ fn prune_repairs_the_service_filter_on_real_maps() {
 #[test]
 fn adoption_and_lifecycle_through_pinned_maps() {
     common::require_root("pinned maps");
-    let pin_dir = std::path::PathBuf::from(format!(
-        "/sys/fs/bpf/{}",
-        datapath_user::topology::unique_prefix()
-    ));
+    let pin_dir = std::path::PathBuf::from(format!("/sys/fs/bpf/{}", lab::unique_prefix()));
     struct Cleanup(std::path::PathBuf);
     impl Drop for Cleanup {
         fn drop(&mut self) {
@@ -377,10 +374,7 @@ fn pinned_maps_made_differently_are_replaced_by_the_owner_only() {
     use datapath_common::maps::{CONNTRACK_TCP_MAP, CONNTRACK_UDP_MAP, SOCK_REVERSE_NAT_MAP};
     use datapath_user::{LoadOptions, loader::MapSizes, map_pins::PinPolicy};
     common::require_root("pinned maps");
-    let pin_dir = std::path::PathBuf::from(format!(
-        "/sys/fs/bpf/{}",
-        datapath_user::topology::unique_prefix()
-    ));
+    let pin_dir = std::path::PathBuf::from(format!("/sys/fs/bpf/{}", lab::unique_prefix()));
     struct Cleanup(std::path::PathBuf);
     impl Drop for Cleanup {
         fn drop(&mut self) {

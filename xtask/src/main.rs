@@ -116,6 +116,13 @@ fn main() -> Result<()> {
                 "the BPF_PROG_TEST_RUN and e2e suites load programs and create network namespaces",
             )?;
             build_image(&root, IMAGE_TAG)?;
+            // The suites run their pods' clients as `underpass-lab probe`
+            // processes, found beside the test executables: build it
+            // first, whichever tests are selected.
+            run(
+                cargo_stable().args(["build", "--package", "lab", "--bin", "underpass-lab"]),
+                "cargo build (underpass-lab)",
+            )?;
             let mut cmd = cargo_stable();
             cmd.env("UNDERPASS_TEST_IMAGE", IMAGE_TAG);
             cmd.args(["test", "--workspace", "--", "--nocapture"])
@@ -138,13 +145,13 @@ fn main() -> Result<()> {
                     // The test profile's build is reused (dependencies are
                     // optimised in it too), so the demo starts at once.
                     "--package",
-                    "datapath-user",
+                    "lab",
                     "--bin",
-                    "underpass",
+                    "underpass-lab",
                     "--",
                     "demo",
                 ]),
-                "underpass demo",
+                "underpass-lab demo",
             )
         }
         Task::Bench { args } => {

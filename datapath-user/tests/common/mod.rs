@@ -87,10 +87,7 @@ pub fn kernel_has(feature: datapath_user::features::Feature, present: bool) -> b
 
 /// The ids of the TCX programs on `iface` inside `namespace`: (egress,
 /// ingress), each in attach order.
-pub fn tcx_program_ids(
-    namespace: &datapath_user::topology::Namespace,
-    iface: &str,
-) -> [Vec<u32>; 2] {
+pub fn tcx_program_ids(namespace: &lab::Namespace, iface: &str) -> [Vec<u32>; 2] {
     use aya::programs::{SchedClassifier, TcAttachType};
     namespace
         .run(|| {

@@ -10,7 +10,6 @@ use std::{
 };
 
 use anyhow::{Context, Result, bail};
-use datapath_user::topology::Namespace;
 use k8s_openapi::{
     api::{
         core::v1::{Service, ServicePort as K8sServicePort, ServiceSpec},
@@ -18,6 +17,7 @@ use k8s_openapi::{
     },
     apimachinery::pkg::{apis::meta::v1::ObjectMeta, util::intstr::IntOrString},
 };
+use lab::Namespace;
 
 use crate::kubeproxy::{self, Options, ServicePort};
 
@@ -164,7 +164,7 @@ pub(crate) fn run_in_limited(
     // Waited for on a thread, so the time is taken when the program
     // exits (not at the next poll) and the limit is a channel timeout.
     let pid = child.id();
-    datapath_user::topology::own_child(pid);
+    lab::own_child(pid);
     let (done, exited) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
         let status = child.wait();
@@ -184,7 +184,7 @@ pub(crate) fn run_in_limited(
             unsafe { libc::kill(pid as libc::pid_t, libc::SIGKILL) };
             let _ = exited.recv();
             let _ = feeder.join();
-            datapath_user::topology::disown_child(pid);
+            lab::disown_child(pid);
             return Err(TimedOut {
                 program: program.to_owned(),
                 namespace: namespace.name().to_owned(),
@@ -193,7 +193,7 @@ pub(crate) fn run_in_limited(
             .into());
         }
     };
-    datapath_user::topology::disown_child(pid);
+    lab::disown_child(pid);
     let elapsed = finished.duration_since(started);
     let fed = feeder.join().expect("stdin feeder");
     let errors = errors.join().unwrap_or_default();

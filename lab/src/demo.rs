@@ -1,4 +1,4 @@
-//! `underpass demo`: the whole datapath in one run, on the built-in
+//! `underpass-lab demo`: the whole datapath in one run, on the built-in
 //! two-node topology, with nothing outside the namespaces it creates.
 
 use std::{
@@ -10,10 +10,13 @@ use std::{
 use anyhow::{Context, Result, bail};
 use comfy_table::{Table, presets::UTF8_FULL_CONDENSED};
 
-use crate::{
+use datapath_user::{
     Datapath, LoadOptions, TcMode,
     maps::{BackendEntry, Frontend, Protocol},
-    topology::{self, Cgroup, Topology, standard_pods},
+};
+
+use crate::{
+    Cgroup, Topology, cleanup, standard_pods,
     workload::{self, ProbeKind, ProbeResult},
 };
 
@@ -30,7 +33,7 @@ pub fn run() -> Result<()> {
     if unsafe { libc::geteuid() } != 0 {
         bail!("the demo creates network namespaces and loads eBPF programs: run it as root");
     }
-    topology::cleanup_on_signals();
+    cleanup::cleanup_on_signals();
     let started = Instant::now();
     println!("Building the topology: two nodes joined by a veth wire, a gateway, macvlan pods…");
     let topo = Topology::build(&standard_pods())?;
@@ -151,18 +154,12 @@ pub fn run() -> Result<()> {
     println!("\n── socket-LB: cgroup programs, client process in the cgroup, no TC program ──");
     let cgroup = Cgroup::create(&format!("{}-demo", topo.prefix))?;
     let sock = dp.attach_sock(cgroup.path())?;
-    let exe = std::env::current_exe()?;
     let mut sock_results = Vec::new();
     for (udp, target) in [(false, tcp_target), (true, udp_target)] {
         let kind = if udp { ProbeKind::Udp } else { ProbeKind::Tcp };
-        for result in workload::probe_process(
-            &exe,
-            &client_ns,
-            Some(cgroup.path()),
-            kind,
-            target,
-            REQUESTS,
-        )? {
+        for result in
+            workload::probe_process(&client_ns, Some(cgroup.path()), kind, target, REQUESTS)?
+        {
             sock_results.push((
                 udp,
                 match result {
@@ -175,7 +172,6 @@ pub fn run() -> Result<()> {
     print_tally(&tally(sock_results.into_iter()));
     let refused_at = Instant::now();
     let empty = workload::probe_process(
-        &exe,
         &client_ns,
         Some(cgroup.path()),
         ProbeKind::Tcp,

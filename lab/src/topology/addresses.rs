@@ -1,0 +1,68 @@
+//! The topology's fixed addresses and names: subnets, nodes, gateways,
+//! the overlay's and the router's address plans.
+
+use std::net::Ipv4Addr;
+
+/// Every pod's own interface.
+pub const POD_IFACE: &str = "eth0";
+/// The pod subnets and their gateway addresses (on the gateway namespace).
+pub const SUBNETS: [(Ipv4Addr, Ipv4Addr); 2] = [
+    (Ipv4Addr::new(10, 77, 0, 0), Ipv4Addr::new(10, 77, 0, 254)),
+    (Ipv4Addr::new(10, 78, 0, 0), Ipv4Addr::new(10, 78, 0, 254)),
+];
+pub const NODE_ADDRESSES: [Ipv4Addr; 2] =
+    [Ipv4Addr::new(10, 77, 0, 101), Ipv4Addr::new(10, 77, 0, 102)];
+/// The pod's side of the coordinator veth (Spiderpool's name).
+pub const COORDINATOR_IFACE: &str = "veth0";
+/// The node's address on every coordinator veth (link-local, as
+/// Spiderpool and Calico use one such address per node).
+pub const COORDINATOR_GATEWAY: Ipv4Addr = Ipv4Addr::new(169, 254, 1, 1);
+/// The wire's interface name in both node namespaces.
+pub const WIRE: &str = "wire";
+
+/// Node `n`'s overlay pod subnet (/24).
+pub fn overlay_subnet(n: usize) -> Ipv4Addr {
+    Ipv4Addr::new(10, 244, n as u8 + 1, 0)
+}
+
+/// Node `n`'s bridge address, its overlay pods' gateway.
+pub(super) fn overlay_gateway(n: usize) -> Ipv4Addr {
+    Ipv4Addr::new(10, 244, n as u8 + 1, 1)
+}
+
+/// Node `n`'s VXLAN device address (flannel gives it the subnet's .0).
+pub(super) fn overlay_vtep(n: usize) -> Ipv4Addr {
+    overlay_subnet(n)
+}
+
+/// Node `n`'s link to the router: the router's end (`router_end`) or the
+/// node's.
+pub(super) fn router_link_address(n: usize, router_end: bool) -> Ipv4Addr {
+    Ipv4Addr::new(10, 81, n as u8, if router_end { 1 } else { 2 })
+}
+
+/// The gateway of the subnet `address` belongs to.
+pub fn subnet_gateway(address: Ipv4Addr) -> Ipv4Addr {
+    SUBNETS
+        .iter()
+        .find(|(net, _)| net.octets()[..3] == address.octets()[..3])
+        .map(|(_, gw)| *gw)
+        .unwrap_or(SUBNETS[0].1)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pods_route_via_their_own_subnet_gateway() {
+        assert_eq!(
+            subnet_gateway(Ipv4Addr::new(10, 78, 0, 5)),
+            Ipv4Addr::new(10, 78, 0, 254)
+        );
+        assert_eq!(
+            subnet_gateway(Ipv4Addr::new(10, 77, 0, 2)),
+            Ipv4Addr::new(10, 77, 0, 254)
+        );
+    }
+}

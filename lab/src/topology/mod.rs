@@ -1,0 +1,289 @@
+//! The namespace topology shared by the e2e tests, the demo and the bench:
+//! two node namespaces joined by a veth "wire", a gateway that answers ARP
+//! and routes between two pod subnets, and macvlan pods on each node's end
+//! of the wire.
+//!
+//! ```text
+//!   pod c (10.77.0.2)  pod a (.3)             pod b (.4)  pod r (10.78.0.5)  gw (.254 / 10.78.0.254)
+//!        \             /                           \          |            /
+//!       macvlan (bridge) on "wire"                 macvlan (bridge) on "wire"
+//!   node1 [wire 10.77.0.101] ========= veth ========= [wire 10.77.0.102] node2
+//! ```
+//!
+//! Every namespace is named `<prefix>-<role>`, where the prefix carries our
+//! pid, so that a run removes exactly what it made: on drop (also while
+//! unwinding from a failed test) and, for runs killed outright, by the
+//! next run's sweep of prefixes whose process is gone.
+
+mod addresses;
+mod overlay;
+mod routed;
+mod wiring;
+
+use std::net::Ipv4Addr;
+
+use rtnetlink::RouteMessageBuilder;
+
+pub use self::addresses::*;
+pub use self::wiring::{IPVLAN_UNSUPPORTED, IPVLAN_WIRE};
+use self::wiring::{WireChild, add_wire_child, join_nodes, wire_veth_to_node};
+use crate::{
+    error::Result,
+    links::{index_of, set_up},
+    namespace::Namespace,
+    prefix::{sweep_stale, unique_prefix},
+};
+
+/// A pod: a namespace whose `eth0` is a macvlan on its node's wire.
+#[derive(Debug)]
+pub struct Pod {
+    pub role: String,
+    pub namespace: Namespace,
+    pub node: usize,
+    pub address: Ipv4Addr,
+    pub gateway: Ipv4Addr,
+    pub mac: [u8; 6],
+}
+
+impl Pod {
+    pub const IFACE: &'static str = POD_IFACE;
+}
+
+/// What to build.
+#[derive(Clone, Debug)]
+pub struct PodSpec {
+    pub role: &'static str,
+    /// 0 = node1, 1 = node2.
+    pub node: usize,
+    pub address: Ipv4Addr,
+}
+
+/// The standard e2e/demo layout: a client and a same-subnet server on
+/// node1, a same-subnet server and a routed (other subnet) server on node2.
+pub fn standard_pods() -> Vec<PodSpec> {
+    vec![
+        PodSpec {
+            role: "client",
+            node: 0,
+            address: Ipv4Addr::new(10, 77, 0, 2),
+        },
+        PodSpec {
+            role: "server-a",
+            node: 0,
+            address: Ipv4Addr::new(10, 77, 0, 3),
+        },
+        PodSpec {
+            role: "server-b",
+            node: 1,
+            address: Ipv4Addr::new(10, 77, 0, 4),
+        },
+        PodSpec {
+            role: "server-c",
+            node: 1,
+            address: Ipv4Addr::new(10, 78, 0, 5),
+        },
+    ]
+}
+
+/// The built topology. Dropping it deletes every namespace it made.
+#[derive(Debug)]
+pub struct Topology {
+    pub prefix: String,
+    pub pods: Vec<Pod>,
+    pub gateway: Namespace,
+    pub nodes: [Namespace; 2],
+    /// A router joined to each node by its own link (a cloud VPC's route
+    /// table), made by the first pod routed through it.
+    pub router: Option<Namespace>,
+    /// Whether the VXLAN overlay (bridges, tunnel) exists.
+    overlay: bool,
+    /// Whether the ipvlan pods' wire exists.
+    ipvlan_wire: bool,
+}
+
+impl Topology {
+    /// Builds the two-node topology with `pods`.
+    pub fn build(pods: &[PodSpec]) -> Result<Self> {
+        sweep_stale();
+        let prefix = unique_prefix();
+        let node1 = Namespace::create(&format!("{prefix}-node1"))?;
+        let node2 = Namespace::create(&format!("{prefix}-node2"))?;
+        let gateway = Namespace::create(&format!("{prefix}-gw"))?;
+
+        // The wire: a veth pair, one end per node.
+        join_nodes(&node1, &node2, WIRE)?;
+        for (node, address) in [(&node1, NODE_ADDRESSES[0]), (&node2, NODE_ADDRESSES[1])] {
+            node.netlink("address the wire", |h| async move {
+                let wire = index_of(&h, WIRE).await?;
+                h.address()
+                    .add(wire, address.into(), 24)
+                    .execute()
+                    .await
+                    .map_err(|e| e.to_string())?;
+                set_up(&h, WIRE).await
+            })?;
+        }
+
+        // The gateway: a macvlan on node2's wire holding both subnets'
+        // gateway addresses, forwarding between them.
+        let gateway_mac = [0x02, 0x77, 0xfe, 0, 0, 0xfe];
+        add_wire_child(&node2, &gateway, "mvgw", WireChild::Macvlan(gateway_mac))?;
+        gateway.netlink("address the gateway", |h| async move {
+            let eth0 = index_of(&h, Pod::IFACE).await?;
+            for (_, gw) in SUBNETS {
+                h.address()
+                    .add(eth0, gw.into(), 24)
+                    .execute()
+                    .await
+                    .map_err(|e| e.to_string())?;
+            }
+            set_up(&h, Pod::IFACE).await
+        })?;
+        gateway.sysctl("net.ipv4.ip_forward", "1")?;
+        // Same-interface forwarding between subnets would otherwise make it
+        // send redirects, which the pods would learn from.
+        gateway.sysctl("net.ipv4.conf.all.send_redirects", "0")?;
+        gateway.sysctl("net.ipv4.conf.eth0.send_redirects", "0")?;
+
+        let mut topology = Self {
+            prefix,
+            pods: Vec::new(),
+            gateway,
+            nodes: [node1, node2],
+            router: None,
+            overlay: false,
+            ipvlan_wire: false,
+        };
+        for spec in pods {
+            topology.add_pod(spec)?;
+        }
+        Ok(topology)
+    }
+
+    /// Adds a macvlan pod on its node (also after the topology is built:
+    /// a pod appearing while an agent watches).
+    pub fn add_pod(&mut self, spec: &PodSpec) -> Result<&Pod> {
+        let octets = spec.address.octets();
+        let mac = [
+            0x02,
+            0x77,
+            octets[1],
+            octets[2],
+            octets[3],
+            self.pods.len() as u8,
+        ];
+        self.add_wire_pod(spec, WireChild::Macvlan(mac))
+    }
+
+    /// Adds an ipvlan (L2 mode) pod on its node's wire: like a macvlan pod
+    /// but sharing the wire's MAC address. Fails with
+    /// [`TopologyError::is_unsupported`] when the kernel has no IPVLAN.
+    pub fn add_ipvlan_pod(&mut self, spec: &PodSpec) -> Result<&Pod> {
+        if !self.ipvlan_wire {
+            join_nodes(&self.nodes[0], &self.nodes[1], IPVLAN_WIRE)?;
+            self.ipvlan_wire = true;
+        }
+        self.add_wire_pod(spec, WireChild::Ipvlan)
+    }
+
+    /// A pod whose eth0 is a child of its node's wire: its address in the
+    /// subnet's /24, its default route the subnet's gateway.
+    fn add_wire_pod(&mut self, spec: &PodSpec, child: WireChild) -> Result<&Pod> {
+        let i = self.pods.len();
+        let namespace = Namespace::create(&format!("{}-{}", self.prefix, spec.role))?;
+        add_wire_child(&self.nodes[spec.node], &namespace, &format!("wc{i}"), child)?;
+        let gateway_address = subnet_gateway(spec.address);
+        let address = spec.address;
+        namespace.netlink("address the pod", |h| async move {
+            let eth0 = index_of(&h, Pod::IFACE).await?;
+            h.address()
+                .add(eth0, address.into(), 24)
+                .execute()
+                .await
+                .map_err(|e| e.to_string())?;
+            set_up(&h, Pod::IFACE).await?;
+            let route = RouteMessageBuilder::<Ipv4Addr>::new()
+                .gateway(gateway_address)
+                .build();
+            h.route()
+                .add(route)
+                .execute()
+                .await
+                .map_err(|e| e.to_string())
+        })?;
+        self.pods.push(Pod {
+            role: spec.role.to_owned(),
+            namespace,
+            node: spec.node,
+            address,
+            gateway: gateway_address,
+            mac: match child {
+                WireChild::Macvlan(mac) => mac,
+                WireChild::Ipvlan => [0; 6],
+            },
+        });
+        Ok(self.pods.last().expect("just pushed"))
+    }
+
+    /// Spiderpool's coordinator path for `role`: a veth from the pod
+    /// (`veth0`) to its node, the node answering on the link-local
+    /// [`COORDINATOR_GATEWAY`], a host route back to the pod, forwarding
+    /// on. Which destinations use it is the caller's choice
+    /// ([`Topology::route_via_node`]): with kube-proxy, the service CIDR.
+    pub fn add_coordinator_veth(&self, role: &str) -> Result<()> {
+        let index = self
+            .pods
+            .iter()
+            .position(|p| p.role == role)
+            .unwrap_or_else(|| panic!("no pod {role} in this topology"));
+        let pod = &self.pods[index];
+        wire_veth_to_node(
+            &self.nodes[pod.node],
+            &pod.namespace,
+            &format!("veth-{index}"),
+            COORDINATOR_IFACE,
+            pod.address,
+            false,
+        )
+    }
+
+    /// Routes `prefix` from pod `role` through its coordinator veth (to
+    /// the node), or, with `via_node` false, removes that route (back to
+    /// the pod's own interface and gateway).
+    pub fn route_via_node(&self, role: &str, prefix: (Ipv4Addr, u8), via_node: bool) -> Result<()> {
+        let pod = self.pod(role);
+        pod.namespace
+            .netlink("route through the node", |h| async move {
+                let index = index_of(&h, COORDINATOR_IFACE).await?;
+                let route = RouteMessageBuilder::<Ipv4Addr>::new()
+                    .destination_prefix(prefix.0, prefix.1)
+                    .gateway(COORDINATOR_GATEWAY)
+                    .output_interface(index)
+                    .build();
+                if via_node {
+                    h.route()
+                        .add(route)
+                        .replace()
+                        .execute()
+                        .await
+                        .map_err(|e| e.to_string())
+                } else {
+                    match h.route().del(route).execute().await {
+                        Ok(()) => Ok(()),
+                        // Not there: nothing to remove.
+                        Err(rtnetlink::Error::NetlinkError(e)) if e.raw_code() == -libc::ESRCH => {
+                            Ok(())
+                        }
+                        Err(e) => Err(e.to_string()),
+                    }
+                }
+            })
+    }
+
+    pub fn pod(&self, role: &str) -> &Pod {
+        self.pods
+            .iter()
+            .find(|p| p.role == role)
+            .unwrap_or_else(|| panic!("no pod {role} in this topology"))
+    }
+}

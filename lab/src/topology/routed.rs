@@ -1,0 +1,130 @@
+//! Veth pods routed by their nodes (Calico without a tunnel, Cilium's
+//! native routing, flannel's host-gw), directly or through a router
+//! standing for a cloud VPC's route table (flannel's aws-vpc).
+
+use std::net::Ipv4Addr;
+
+use rtnetlink::{LinkUnspec, RouteMessageBuilder};
+
+use super::{
+    COORDINATOR_GATEWAY, NODE_ADDRESSES, Pod, PodSpec, Topology, router_link_address,
+    wiring::{veth_across, wire_veth_to_node},
+};
+use crate::{
+    error::Result,
+    links::{index_of, set_up},
+    namespace::Namespace,
+};
+
+impl Topology {
+    /// A pod wired as Calico (no tunnel) or Cilium wire theirs: its only
+    /// interface is a veth to its node, its address a /32, its default
+    /// route the node's link-local address; the nodes route each other's
+    /// pods over the wire (flannel's host-gw).
+    pub fn add_veth_pod(&mut self, spec: &PodSpec) -> Result<()> {
+        self.add_routed_veth_pod(spec, false)
+    }
+
+    /// A veth pod as [`Topology::add_veth_pod`], but the other node routes
+    /// to it through the gateway namespace, standing for a cloud VPC's
+    /// route table (flannel's aws-vpc): node → router → node.
+    pub fn add_veth_pod_via_router(&mut self, spec: &PodSpec) -> Result<()> {
+        self.add_routed_veth_pod(spec, true)
+    }
+
+    fn add_routed_veth_pod(&mut self, spec: &PodSpec, via_router: bool) -> Result<()> {
+        let index = self.pods.len();
+        let namespace = Namespace::create(&format!("{}-{}", self.prefix, spec.role))?;
+        wire_veth_to_node(
+            &self.nodes[spec.node],
+            &namespace,
+            &format!("vp{index}"),
+            Pod::IFACE,
+            spec.address,
+            true,
+        )?;
+        let other = 1 - spec.node;
+        let hops = if via_router {
+            self.ensure_router()?;
+            let router = self.router.as_ref().expect("ensured");
+            vec![
+                (&self.nodes[other], router_link_address(other, true)),
+                (router, router_link_address(spec.node, false)),
+            ]
+        } else {
+            vec![(&self.nodes[other], NODE_ADDRESSES[spec.node])]
+        };
+        for (namespace, via) in hops {
+            let address = spec.address;
+            namespace.netlink("route to the pod", |h| async move {
+                let route = RouteMessageBuilder::<Ipv4Addr>::new()
+                    .destination_prefix(address, 32)
+                    .gateway(via)
+                    .build();
+                h.route()
+                    .add(route)
+                    .execute()
+                    .await
+                    .map_err(|e| e.to_string())
+            })?;
+            namespace.sysctl("net.ipv4.ip_forward", "1")?;
+        }
+        self.pods.push(Pod {
+            role: spec.role.to_owned(),
+            namespace,
+            node: spec.node,
+            address: spec.address,
+            gateway: COORDINATOR_GATEWAY,
+            mac: [0; 6],
+        });
+        Ok(())
+    }
+
+    /// The router namespace, made on first use: a veth `vpc` from each
+    /// node to it (node `n` at 10.81.n.2/24, the router at 10.81.n.1).
+    fn ensure_router(&mut self) -> Result<()> {
+        if self.router.is_none() {
+            let router = Namespace::create(&format!("{}-router", self.prefix))?;
+            for n in 0..2 {
+                let node = &self.nodes[n];
+                let (router_side, temp) = (format!("vpc{n}"), format!("vpc{n}p"));
+                veth_across(&router, node, &router_side, &temp, None)?;
+                let local = router_link_address(n, true);
+                let a = router_side.clone();
+                router.netlink("address the router's link to a node", |h| async move {
+                    let own = index_of(&h, &a).await?;
+                    h.address()
+                        .add(own, local.into(), 24)
+                        .execute()
+                        .await
+                        .map_err(|e| e.to_string())?;
+                    set_up(&h, &a).await
+                })?;
+                let remote = router_link_address(n, false);
+                node.netlink("address the node's router link", |h| async move {
+                    let index = index_of(&h, &temp).await?;
+                    h.link()
+                        .set(
+                            LinkUnspec::new_with_index(index)
+                                .name("vpc".to_owned())
+                                .up()
+                                .build(),
+                        )
+                        .execute()
+                        .await
+                        .map_err(|e| e.to_string())?;
+                    h.address()
+                        .add(index, remote.into(), 24)
+                        .execute()
+                        .await
+                        .map_err(|e| e.to_string())
+                })?;
+                node.disable_tx_checksum("vpc")?;
+                router.disable_tx_checksum(&router_side)?;
+            }
+            router.sysctl("net.ipv4.ip_forward", "1")?;
+            self.router = Some(router);
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,232 @@
+//! The links that join namespaces: a veth across two, the wire between
+//! the nodes, a macvlan or ipvlan child of a node's wire moved into a
+//! pod, a veth from a pod to its node with the routes either way.
+
+use std::{fs, net::Ipv4Addr, os::fd::AsRawFd};
+
+use rtnetlink::{
+    LinkIpVlan, LinkMacVlan, LinkUnspec, LinkVeth, RouteMessageBuilder,
+    packet_route::link::{IpVlanMode, MacVlanMode},
+};
+
+use super::{COORDINATOR_GATEWAY, POD_IFACE, WIRE};
+use crate::{
+    error::{Result, err},
+    links::{index_of, set_up},
+    namespace::Namespace,
+};
+
+/// A veth pair: `local` in `from`, its peer moved into `to` under the
+/// name `peer` (each caller names, addresses and raises its ends).
+pub(super) fn veth_across(
+    from: &Namespace,
+    to: &Namespace,
+    local: &str,
+    peer: &str,
+    mtu: Option<u32>,
+) -> Result<()> {
+    let to_fd = fs::File::open(to.path()).map_err(|e| err(to.name(), "open", e))?;
+    let to_raw = to_fd.as_raw_fd();
+    let (a, b) = (local.to_owned(), peer.to_owned());
+    from.netlink("create a veth pair", |h| async move {
+        let mut pair = LinkVeth::new(&a, &b);
+        if let Some(mtu) = mtu {
+            pair = pair.mtu(mtu);
+        }
+        h.link()
+            .add(pair.build())
+            .execute()
+            .await
+            .map_err(|e| e.to_string())?;
+        let index = index_of(&h, &b).await?;
+        h.link()
+            .set(
+                LinkUnspec::new_with_index(index)
+                    .setns_by_fd(to_raw)
+                    .build(),
+            )
+            .execute()
+            .await
+            .map_err(|e| e.to_string())
+    })
+}
+
+/// A veth pair named `name` in both nodes, up, no addresses, tx checksum
+/// offload off.
+pub(super) fn join_nodes(node1: &Namespace, node2: &Namespace, name: &str) -> Result<()> {
+    let peer_name = format!("{name}peer");
+    veth_across(node1, node2, name, &peer_name, None)?;
+    let a = name.to_owned();
+    node1.netlink("raise the wire", |h| async move { set_up(&h, &a).await })?;
+    let (a, b) = (name.to_owned(), peer_name);
+    node2.netlink("name the wire", |h| async move {
+        let peer = index_of(&h, &b).await?;
+        h.link()
+            .set(LinkUnspec::new_with_index(peer).name(a).up().build())
+            .execute()
+            .await
+            .map_err(|e| e.to_string())
+    })?;
+    for node in [node1, node2] {
+        node.disable_tx_checksum(name)?;
+    }
+    Ok(())
+}
+
+/// The second wire, for ipvlan pods: a device takes macvlan or ipvlan
+/// children, not both (the kernel answers EBUSY).
+pub const IPVLAN_WIRE: &str = "ivwire";
+
+/// The kinds of interface a pod can have on its node's wire.
+#[derive(Clone, Copy, Debug)]
+pub(super) enum WireChild {
+    /// Bridge mode, with this MAC address.
+    Macvlan([u8; 6]),
+    /// L2 mode (the wire's MAC address).
+    Ipvlan,
+}
+
+const IPVLAN_STEP: &str = "create an ipvlan";
+/// What a kernel without the ipvlan driver is told to need.
+pub const IPVLAN_UNSUPPORTED: &str =
+    "this kernel has no ipvlan driver (build it with CONFIG_IPVLAN=m or =y)";
+
+/// Creates a `child` of `node`'s wire, moves it into `into` and names it
+/// eth0 there.
+pub(super) fn add_wire_child(
+    node: &Namespace,
+    into: &Namespace,
+    temp_name: &str,
+    child: WireChild,
+) -> Result<()> {
+    let target = fs::File::open(into.path()).map_err(|e| err(into.name(), "open", e))?;
+    let target_fd = target.as_raw_fd();
+    let temp = temp_name.to_owned();
+    let step = match child {
+        WireChild::Macvlan(_) => "create a macvlan",
+        WireChild::Ipvlan => IPVLAN_STEP,
+    };
+    node.netlink(step, |h| async move {
+        let parent = match child {
+            WireChild::Macvlan(_) => WIRE,
+            WireChild::Ipvlan => IPVLAN_WIRE,
+        };
+        let wire = index_of(&h, parent).await?;
+        let link = match child {
+            WireChild::Macvlan(mac) => LinkMacVlan::new(&temp, wire, MacVlanMode::Bridge)
+                .address(mac.to_vec())
+                .build(),
+            WireChild::Ipvlan => LinkIpVlan::new(&temp, wire, IpVlanMode::L2).build(),
+        };
+        h.link().add(link).execute().await.map_err(|e| match e {
+            rtnetlink::Error::NetlinkError(m)
+                if matches!(child, WireChild::Ipvlan)
+                    && (m.raw_code() == -libc::EOPNOTSUPP || m.raw_code() == -libc::ENOENT) =>
+            {
+                format!("{IPVLAN_UNSUPPORTED}: {m}")
+            }
+            e => e.to_string(),
+        })?;
+        let index = index_of(&h, &temp).await?;
+        h.link()
+            .set(
+                LinkUnspec::new_with_index(index)
+                    .setns_by_fd(target_fd)
+                    .build(),
+            )
+            .execute()
+            .await
+            .map_err(|e| e.to_string())
+    })?;
+    drop(target);
+    let temp = temp_name.to_owned();
+    into.netlink("rename the pod's interface to eth0", |h| async move {
+        let index = index_of(&h, &temp).await?;
+        h.link()
+            .set(
+                LinkUnspec::new_with_index(index)
+                    .name(POD_IFACE.to_owned())
+                    .build(),
+            )
+            .execute()
+            .await
+            .map_err(|e| e.to_string())
+    })
+}
+
+/// A veth from `pod` (named `pod_iface` there) to `node` (`host_side`):
+/// the node answers on [`COORDINATOR_GATEWAY`], routes `address`/32 back
+/// into the veth and forwards; the pod reaches the gateway on the link.
+/// With `own_address`, the veth is the pod's interface: it carries the
+/// pod's /32 and the default route.
+pub(super) fn wire_veth_to_node(
+    node: &Namespace,
+    pod: &Namespace,
+    host_side: &str,
+    pod_iface: &str,
+    address: Ipv4Addr,
+    own_address: bool,
+) -> Result<()> {
+    let temp = format!("{host_side}p");
+    veth_across(node, pod, host_side, &temp, None)?;
+    let host = host_side.to_owned();
+    node.netlink("address the node's end of the pod's veth", |h| async move {
+        let host_index = index_of(&h, &host).await?;
+        h.address()
+            .add(host_index, COORDINATOR_GATEWAY.into(), 32)
+            .execute()
+            .await
+            .map_err(|e| e.to_string())?;
+        set_up(&h, &host).await?;
+        // The host route back to the pod.
+        let route = RouteMessageBuilder::<Ipv4Addr>::new()
+            .destination_prefix(address, 32)
+            .output_interface(host_index)
+            .build();
+        h.route()
+            .add(route)
+            .execute()
+            .await
+            .map_err(|e| e.to_string())
+    })?;
+    node.sysctl("net.ipv4.ip_forward", "1")?;
+    node.disable_tx_checksum(host_side)?;
+    let name = pod_iface.to_owned();
+    pod.netlink("set up the pod's veth", |h| async move {
+        let index = index_of(&h, &temp).await?;
+        h.link()
+            .set(LinkUnspec::new_with_index(index).name(name).up().build())
+            .execute()
+            .await
+            .map_err(|e| e.to_string())?;
+        if own_address {
+            h.address()
+                .add(index, address.into(), 32)
+                .execute()
+                .await
+                .map_err(|e| e.to_string())?;
+        }
+        let link = RouteMessageBuilder::<Ipv4Addr>::new()
+            .destination_prefix(COORDINATOR_GATEWAY, 32)
+            .output_interface(index)
+            .scope(rtnetlink::packet_route::route::RouteScope::Link)
+            .build();
+        h.route()
+            .add(link)
+            .execute()
+            .await
+            .map_err(|e| e.to_string())?;
+        if own_address {
+            let default = RouteMessageBuilder::<Ipv4Addr>::new()
+                .gateway(COORDINATOR_GATEWAY)
+                .build();
+            h.route()
+                .add(default)
+                .execute()
+                .await
+                .map_err(|e| e.to_string())?;
+        }
+        Ok(())
+    })?;
+    pod.disable_tx_checksum(pod_iface)
+}

@@ -1,0 +1,162 @@
+//! Servers that answer with their own name, each a thread bound inside
+//! a namespace.
+
+use std::{
+    io::{self, BufRead, BufReader, Write},
+    net::{Ipv4Addr, SocketAddrV4, TcpListener, TcpStream, UdpSocket},
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+    thread::JoinHandle,
+    time::Duration,
+};
+
+use crate::{error::TopologyError, namespace::Namespace};
+
+/// A server thread; stopped and joined on drop.
+pub struct Server {
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<()>>,
+    pub address: SocketAddrV4,
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+/// Opens a socket bound to `address:port` inside `namespace` (where it
+/// stays, whichever thread uses it later).
+fn bind_in<S: Send>(
+    namespace: &Namespace,
+    address: Ipv4Addr,
+    port: u16,
+    protocol: &str,
+    bind: impl FnOnce(SocketAddrV4) -> io::Result<S> + Send,
+) -> Result<(S, SocketAddrV4), TopologyError> {
+    let at = SocketAddrV4::new(address, port);
+    let socket = namespace.run(|| bind(at))?.map_err(|e| TopologyError {
+        netns: namespace.name().into(),
+        step: format!("bind {at}/{protocol}"),
+        reason: e.to_string(),
+    })?;
+    Ok((socket, at))
+}
+
+/// Starts a TCP server in `namespace` on `address:port` answering each
+/// request line with `name`. Connections stay open (keep-alive).
+pub fn tcp_server(
+    namespace: &Namespace,
+    address: Ipv4Addr,
+    port: u16,
+    name: &str,
+) -> Result<Server, TopologyError> {
+    let (listener, bind) = bind_in(namespace, address, port, "TCP", TcpListener::bind)?;
+    listener
+        .set_nonblocking(true)
+        .expect("nonblocking listener");
+    let stop = Arc::new(AtomicBool::new(false));
+    let name = name.to_owned();
+    let thread = {
+        let stop = stop.clone();
+        std::thread::spawn(move || {
+            while !stop.load(Ordering::Relaxed) {
+                match listener.accept() {
+                    Ok((stream, _)) => {
+                        let name = name.clone();
+                        let stop = stop.clone();
+                        std::thread::spawn(move || serve_tcp(stream, &name, &stop));
+                    }
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                        std::thread::sleep(Duration::from_millis(2))
+                    }
+                    Err(_) => break,
+                }
+            }
+        })
+    };
+    Ok(Server {
+        stop,
+        thread: Some(thread),
+        address: bind,
+    })
+}
+
+fn serve_tcp(stream: TcpStream, name: &str, stop: &AtomicBool) {
+    let _ = stream.set_nodelay(true);
+    let _ = stream.set_read_timeout(Some(Duration::from_millis(200)));
+    let mut writer = match stream.try_clone() {
+        Ok(w) => w,
+        Err(_) => return,
+    };
+    let mut reader = BufReader::new(stream);
+    let mut line = String::new();
+    while !stop.load(Ordering::Relaxed) {
+        line.clear();
+        match reader.read_line(&mut line) {
+            Ok(0) => return,
+            Ok(_) => {
+                if writer.write_all(format!("{name}\n").as_bytes()).is_err() {
+                    return;
+                }
+            }
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                ) => {}
+            Err(_) => return,
+        }
+    }
+}
+
+/// Starts a UDP server answering each datagram with `name`.
+pub fn udp_server(
+    namespace: &Namespace,
+    address: Ipv4Addr,
+    port: u16,
+    name: &str,
+) -> Result<Server, TopologyError> {
+    let (socket, bind) = bind_in(namespace, address, port, "UDP", UdpSocket::bind)?;
+    socket
+        .set_read_timeout(Some(Duration::from_millis(50)))
+        .expect("read timeout");
+    let stop = Arc::new(AtomicBool::new(false));
+    let name = name.to_owned();
+    let thread = {
+        let stop = stop.clone();
+        std::thread::spawn(move || {
+            let mut buf = vec![0u8; 65536];
+            while !stop.load(Ordering::Relaxed) {
+                if let Ok((n, from)) = socket.recv_from(&mut buf) {
+                    let _ = socket.send_to(&answer_for(&name, n), from);
+                }
+            }
+        })
+    };
+    Ok(Server {
+        stop,
+        thread: Some(thread),
+        address: bind,
+    })
+}
+
+/// A request longer than this gets an answer as long as itself (its
+/// name, a newline, padding): large datagrams both ways, as DNS with EDNS
+/// or NFS send them.
+pub const LARGE_REQUEST: usize = 512;
+
+/// What the UDP server sends back for an `n`-byte request.
+fn answer_for(name: &str, n: usize) -> Vec<u8> {
+    let mut answer = name.as_bytes().to_vec();
+    if n > LARGE_REQUEST {
+        answer.push(b'\n');
+        answer.resize(n.max(answer.len()), b'.');
+    }
+    answer
+}
