@@ -12,7 +12,7 @@ pub struct TopologyError {
 impl TopologyError {
     /// The kernel lacks what the step needs (e.g. the ipvlan driver).
     pub fn is_unsupported(&self) -> bool {
-        self.reason.starts_with(crate::topology::IPVLAN_UNSUPPORTED)
+        self.reason.starts_with(IPVLAN_UNSUPPORTED)
     }
 }
 
@@ -25,3 +25,7 @@ pub(crate) fn err(netns: &str, step: impl Into<String>, reason: impl ToString) -
         reason: reason.to_string(),
     }
 }
+
+/// What a kernel without the ipvlan driver is told to need.
+pub const IPVLAN_UNSUPPORTED: &str =
+    "this kernel has no ipvlan driver (build it with CONFIG_IPVLAN=m or =y)";

@@ -25,8 +25,9 @@ use std::net::Ipv4Addr;
 use rtnetlink::RouteMessageBuilder;
 
 pub use self::addresses::*;
-pub use self::wiring::{IPVLAN_UNSUPPORTED, IPVLAN_WIRE};
+pub use self::wiring::IPVLAN_WIRE;
 use self::wiring::{WireChild, add_wire_child, join_nodes, wire_veth_to_node};
+pub use crate::error::IPVLAN_UNSUPPORTED;
 use crate::{
     error::Result,
     links::{index_of, set_up},

@@ -11,7 +11,7 @@ use rtnetlink::{
 
 use super::{COORDINATOR_GATEWAY, POD_IFACE, WIRE};
 use crate::{
-    error::{Result, err},
+    error::{IPVLAN_UNSUPPORTED, Result, err},
     links::{index_of, set_up},
     namespace::Namespace,
 };
@@ -87,10 +87,6 @@ pub(super) enum WireChild {
 }
 
 const IPVLAN_STEP: &str = "create an ipvlan";
-/// What a kernel without the ipvlan driver is told to need.
-pub const IPVLAN_UNSUPPORTED: &str =
-    "this kernel has no ipvlan driver (build it with CONFIG_IPVLAN=m or =y)";
-
 /// Creates a `child` of `node`'s wire, moves it into `into` and names it
 /// eth0 there.
 pub(super) fn add_wire_child(

@@ -1,0 +1,157 @@
+//! The embedded object into the kernel: maps pinned (or adopted, or
+//! replaced when their layout changed), globals set, programs verified.
+
+use std::path::{Path, PathBuf};
+
+use aya::{Ebpf, EbpfLoader, programs::SchedClassifier, util::KernelVersion};
+use datapath_common::{conntrack::LIFETIMES_GLOBAL, maps, sock_lb::SOCK_LB_SCOPE_GLOBAL};
+
+use super::{
+    bpffs::ensure_bpffs,
+    options::LoadOptions,
+    programs::{pin_programs, sched_classifier, sock_program},
+};
+use crate::{
+    clock, error::LoaderError, features, map_pins, maps::DatapathMaps, object, probe,
+    tc_mode::TcMode,
+};
+
+/// The loaded datapath: its programs (loaded, not yet attached) and maps.
+pub struct Datapath {
+    pub(super) ebpf: Ebpf,
+    pub(super) pin_dir: Option<PathBuf>,
+    pub maps: DatapathMaps,
+}
+
+impl Datapath {
+    /// Loads the embedded object. With a pin directory, existing pinned
+    /// maps are reused (their contents survive) and missing ones are
+    /// created and pinned.
+    pub fn load(options: &LoadOptions) -> Result<Self, LoaderError> {
+        crate::raise_memlock_limit();
+        let bytes = object::bytes().ok_or(LoaderError::ObjectMissing)?;
+        let pin_dir = options.pin_dir.clone();
+        let map_pins: Vec<(&str, PathBuf)> = match &pin_dir {
+            Some(dir) => {
+                ensure_bpffs(dir)?;
+                maps::ALL_MAPS
+                    .iter()
+                    .map(|name| (*name, dir.join(name)))
+                    .collect()
+            }
+            None => Vec::new(),
+        };
+        let max_entries = options.sizes.max_entries();
+        let expected = map_pins::expected_layouts(bytes, &max_entries)?;
+        let replaced = match &pin_dir {
+            Some(dir) => map_pins::reconcile_pins(dir, &map_pins, &expected, options.pin_policy)?,
+            None => Vec::new(),
+        };
+        for replaced in replaced {
+            tracing::warn!(
+                map = %replaced.map,
+                "pinned map replaced ({}); its contents are made afresh",
+                replaced.reason
+            );
+        }
+        let mut loader = EbpfLoader::new();
+        for (name, max) in max_entries {
+            loader.map_max_entries(name, max);
+        }
+        let hz = clock::hz().map_err(|e| LoaderError::KernelFeature {
+            kernel: KernelVersion::current()
+                .map(|v| v.to_string())
+                .unwrap_or_else(|_| "?".into()),
+            feature: "the jiffies clock (bpf_jiffies64 run with BPF_PROG_TEST_RUN)",
+            hint: e.to_string(),
+        })?;
+        let lifetimes = options.ct_timeouts.in_ticks(hz);
+        loader.override_global(LIFETIMES_GLOBAL, &lifetimes, true);
+        let feature_bits = match options.feature_bits {
+            Some(bits) => bits,
+            None => {
+                let wants = features::Wants {
+                    tc_mode: TcMode::Auto,
+                    socket_lb: false,
+                };
+                features::plan(probe::kernel(), wants)
+                    .map_err(|missing| LoaderError::KernelFeature {
+                        kernel: missing.kernel.clone(),
+                        feature: missing.feature.name,
+                        hint: missing.to_string(),
+                    })?
+                    .feature_bits
+            }
+        };
+        loader.override_global(
+            datapath_common::features::FEATURES_GLOBAL,
+            &feature_bits,
+            true,
+        );
+        loader.override_global(SOCK_LB_SCOPE_GLOBAL, &options.sock_lb_scope, true);
+        for (name, path) in &map_pins {
+            loader.map_pin_path(name, path.as_path());
+        }
+        let mut ebpf = loader.load(bytes)?;
+        if let Some(dir) = &pin_dir {
+            // The pins now hold this version's layouts (made, replaced or
+            // adopted as matching).
+            map_pins::mark_abi(dir)?;
+        }
+        for name in [object::TC_EGRESS, object::TC_INGRESS] {
+            sched_classifier(&mut ebpf, name)?
+                .load()
+                .map_err(|source| LoaderError::program(name, source))?;
+        }
+        for name in object::SOCK_PROGRAMS {
+            sock_program(&mut ebpf, name)?
+                .load()
+                .map_err(|source| LoaderError::program(name, source))?;
+        }
+        if let Some(dir) = &pin_dir {
+            // The TC pair, for the CNI plugin to attach without loading
+            // and verifying the object on every pod start: pinned here
+            // where none are; the agent replaces an earlier agent's once
+            // its maps are filled (`pin_tc_programs`).
+            pin_programs(&mut ebpf, dir, false)?;
+        }
+        let maps = DatapathMaps::take_from(&mut ebpf)?;
+        Ok(Self {
+            ebpf,
+            pin_dir,
+            maps,
+        })
+    }
+
+    /// The kernel's ids of our TC programs (egress, ingress): what an
+    /// interface carrying our pair has attached.
+    pub fn tc_program_ids(&mut self) -> Result<(u32, u32), LoaderError> {
+        let mut id = |name: &'static str| {
+            sched_classifier(&mut self.ebpf, name)?
+                .info()
+                .map(|info| info.id())
+                .map_err(|source| LoaderError::program(name, source))
+        };
+        Ok((id(object::TC_EGRESS)?, id(object::TC_INGRESS)?))
+    }
+
+    /// Pins this datapath's TC pair for the CNI plugin, replacing an
+    /// earlier one (each pin atomically). The agent calls it after its
+    /// first full sync, so that pods started meanwhile get programs whose
+    /// maps are filled: the earlier agent's, until then.
+    pub fn pin_tc_programs(&mut self) -> Result<(), LoaderError> {
+        match self.pin_dir.clone() {
+            Some(dir) => pin_programs(&mut self.ebpf, &dir, true),
+            None => Ok(()),
+        }
+    }
+
+    pub fn pin_dir(&self) -> Option<&Path> {
+        self.pin_dir.as_deref()
+    }
+
+    /// The loaded program `name`, for BPF_PROG_TEST_RUN.
+    pub fn classifier(&mut self, name: &'static str) -> Result<&mut SchedClassifier, LoaderError> {
+        sched_classifier(&mut self.ebpf, name)
+    }
+}

@@ -1,0 +1,121 @@
+//! What a load is given: map sizes, conntrack lifetimes, the pin
+//! directory, the feature bits and socket-LB scope the programs read.
+
+use std::{path::PathBuf, time::Duration};
+
+use datapath_common::{conntrack::Lifetimes, maps, sock_lb::SockLbScope};
+
+use crate::{clock, map_pins::PinPolicy};
+
+/// Where the agent pins maps and links by default.
+pub const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/underpass";
+
+/// Capacities of the maps, set at load time.
+#[derive(Clone, Debug)]
+pub struct MapSizes {
+    pub services: u32,
+    pub backends: u32,
+    pub reverse_nat: u32,
+    /// TCP flows the TC path can track (the map holds two entries each).
+    pub conntrack_tcp_flows: u32,
+    /// UDP flows the TC path can track (two entries each).
+    pub conntrack_udp_flows: u32,
+    pub sock_reverse_nat: u32,
+}
+
+impl MapSizes {
+    /// `max_entries` of each sized map, as the loader sets them.
+    pub fn max_entries(&self) -> [(&'static str, u32); 6] {
+        [
+            (maps::SERVICES_MAP, self.services),
+            (maps::BACKENDS_MAP, self.backends),
+            (maps::REVERSE_NAT_MAP, self.reverse_nat),
+            (
+                maps::CONNTRACK_TCP_MAP,
+                self.conntrack_tcp_flows
+                    .saturating_mul(maps::CT_ENTRIES_PER_FLOW),
+            ),
+            (
+                maps::CONNTRACK_UDP_MAP,
+                self.conntrack_udp_flows
+                    .saturating_mul(maps::CT_ENTRIES_PER_FLOW),
+            ),
+            (maps::SOCK_REVERSE_NAT_MAP, self.sock_reverse_nat),
+        ]
+    }
+}
+
+impl Default for MapSizes {
+    fn default() -> Self {
+        Self {
+            services: maps::DEFAULT_SERVICES_MAX,
+            backends: maps::DEFAULT_BACKENDS_MAX,
+            reverse_nat: maps::DEFAULT_REVERSE_NAT_MAX,
+            conntrack_tcp_flows: maps::DEFAULT_CONNTRACK_TCP_FLOWS,
+            conntrack_udp_flows: maps::DEFAULT_CONNTRACK_UDP_FLOWS,
+            sock_reverse_nat: maps::DEFAULT_SOCK_REVERSE_NAT_MAX,
+        }
+    }
+}
+
+#[derive(Clone, Debug, Default)]
+pub struct LoadOptions {
+    /// Pin maps (create or reuse) and links under this bpffs directory.
+    /// `None` keeps everything private to this process.
+    pub pin_dir: Option<PathBuf>,
+    pub sizes: MapSizes,
+    /// Conntrack lifetimes (default: Cilium's).
+    pub ct_timeouts: CtTimeouts,
+    /// What to do with pinned maps this object defines differently
+    /// (`map_pins`): the agent replaces them, everyone else adopts them
+    /// or stops.
+    pub pin_policy: PinPolicy,
+    /// `datapath_common::features` bits to load with; `None`: what the
+    /// probes found (`crate::probe`). Tests set fewer to show fallbacks.
+    pub feature_bits: Option<u32>,
+    /// Which sockets socket-LB translates (default: all).
+    pub sock_lb_scope: SockLbScope,
+}
+
+/// How long idle flows are remembered, by state.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct CtTimeouts {
+    pub tcp_syn: Duration,
+    pub tcp_established: Duration,
+    pub tcp_closing: Duration,
+    pub udp: Duration,
+    /// How stale a busy flow's timestamp may get before a packet refreshes
+    /// it (bounds the write rate to conntrack).
+    pub refresh: Duration,
+    /// How long next-hop MACs learned from replies are used without a
+    /// newer reply confirming them.
+    pub l2_fresh: Duration,
+}
+
+impl Default for CtTimeouts {
+    fn default() -> Self {
+        use datapath_common::conntrack as c;
+        Self {
+            tcp_syn: Duration::from_secs(c::TCP_SYN_LIFETIME_SECS),
+            tcp_established: Duration::from_secs(c::TCP_ESTABLISHED_LIFETIME_SECS),
+            tcp_closing: Duration::from_secs(c::TCP_CLOSING_LIFETIME_SECS),
+            udp: Duration::from_secs(c::UDP_LIFETIME_SECS),
+            refresh: Duration::from_secs(c::REFRESH_INTERVAL_SECS),
+            l2_fresh: Duration::from_secs(c::L2_FRESH_SECS),
+        }
+    }
+}
+
+impl CtTimeouts {
+    /// In kernel ticks at `hz`, as the datapath uses them.
+    pub fn in_ticks(&self, hz: u64) -> Lifetimes {
+        Lifetimes {
+            tcp_syn: clock::ticks(self.tcp_syn, hz),
+            tcp_established: clock::ticks(self.tcp_established, hz),
+            tcp_closing: clock::ticks(self.tcp_closing, hz),
+            udp: clock::ticks(self.udp, hz),
+            refresh: clock::ticks(self.refresh, hz),
+            l2_fresh: clock::ticks(self.l2_fresh, hz),
+        }
+    }
+}
