@@ -14,7 +14,8 @@ use clap::Parser;
 use comfy_table::{Table, presets::UTF8_FULL_CONDENSED};
 use datapath_user::{
     Datapath, LoadOptions,
-    maps::{BackendEntry, Frontend, Protocol},
+    maps::LbMaps,
+    model::{BackendEntry, Frontend, Protocol},
     object::{TC_EGRESS, TC_INGRESS, verdict},
 };
 use lab::packet::{ACK, Frame, L4, PSH, SYN};

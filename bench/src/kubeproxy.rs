@@ -12,7 +12,7 @@ use std::{fmt::Write as _, net::Ipv4Addr};
 use data_encoding::BASE32;
 use datapath_user::{
     k8s::{NodeContext, translate},
-    maps::Protocol,
+    model::Protocol,
 };
 use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
 use sha2::{Digest, Sha256};

@@ -13,7 +13,7 @@ use bench::kubeproxy::{
     Options, ServicePort, iptables_restore, nft_chain_suffix, nft_ruleset, port_proto_hash,
     probability, service_ports,
 };
-use datapath_user::maps::Protocol;
+use datapath_user::model::Protocol;
 
 fn port(ns: &str, name: &str, vip: [u8; 4], endpoints: &[([u8; 4], u16)]) -> ServicePort {
     ServicePort {

@@ -33,8 +33,9 @@ use crate::{
     loader::{CtTimeouts, MapSizes},
     map_pins::PinPolicy,
     maps::DatapathMaps,
+    maps::LbMaps,
     metrics::{IssueLabels, Metrics, SyncLabels},
-    reconcile::{LbMaps, Reconciler},
+    reconcile::Reconciler,
     sock_lb_skip::SockLbSkip,
     udp_terminate::{SocketTerminator, UdpSocketTerminator},
 };

@@ -14,7 +14,8 @@ use serde::Serialize;
 
 use crate::{
     attach, clock,
-    maps::{DatapathMaps, Protocol},
+    maps::{DatapathMaps, LbMaps},
+    model::Protocol,
 };
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]

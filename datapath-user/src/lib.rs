@@ -18,6 +18,7 @@ pub mod loader;
 pub mod map_pins;
 pub mod maps;
 pub mod metrics;
+pub mod model;
 pub mod netns;
 pub mod object;
 pub mod pod_routes;

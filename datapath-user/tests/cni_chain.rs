@@ -17,7 +17,7 @@ use std::{
 };
 
 use common::{require_root, tcp_frontend};
-use datapath_user::{DatapathMaps, attach::pinned_tc_links, maps::BackendEntry};
+use datapath_user::{DatapathMaps, attach::pinned_tc_links, maps::LbMaps, model::BackendEntry};
 use lab::{Namespace, Topology, standard_pods, topology::WIRE, workload};
 use serde_json::{Value, json};
 

@@ -21,7 +21,8 @@ use datapath_common::metrics::Counter;
 use datapath_user::{
     Datapath, LoadOptions, TcMode,
     loader::detach_pinned_tc,
-    maps::{BackendEntry, Frontend, Protocol},
+    maps::LbMaps,
+    model::{BackendEntry, Frontend, Protocol},
 };
 use lab::{
     Cgroup, Topology, standard_pods,

@@ -22,7 +22,8 @@ use datapath_common::{
 use datapath_user::{
     Datapath,
     loader::CtTimeouts,
-    maps::{BackendEntry, Frontend},
+    maps::LbMaps,
+    model::{BackendEntry, Frontend},
     object::{TC_EGRESS, TC_INGRESS, verdict},
 };
 use lab::packet::{self, ACK, FIN, Frame, L4, PSH, RST, SYN};
@@ -1115,7 +1116,7 @@ fn a_second_flow_on_a_taken_wire_tuple_gets_another_source_port() {
     let other = Frontend {
         address: Ipv4Addr::new(10, 96, 0, 11),
         port: 81,
-        protocol: datapath_user::maps::Protocol::Tcp,
+        protocol: datapath_user::model::Protocol::Tcp,
     };
     dp.maps.set_service(&other, 2, &[B1]).unwrap();
     let first = Frame::tcp(CLIENT, (VIP, 80), SYN);

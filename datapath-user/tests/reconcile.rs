@@ -9,8 +9,9 @@ use datapath_user::{
     k8s::{
         IssueKind, NodeContext, ObjectKey, ServiceTranslation, Typed, manifest, translate_service,
     },
-    maps::{Frontend, MapDump, Protocol},
-    reconcile::{FakeMaps, LbMaps, Reconciler},
+    maps::{FakeMaps, LbMaps, MapDump},
+    model::{Frontend, Protocol},
+    reconcile::Reconciler,
 };
 use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
 

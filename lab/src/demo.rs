@@ -12,7 +12,8 @@ use comfy_table::{Table, presets::UTF8_FULL_CONDENSED};
 
 use datapath_user::{
     Datapath, LoadOptions, TcMode,
-    maps::{BackendEntry, Frontend, Protocol},
+    maps::LbMaps,
+    model::{BackendEntry, Frontend, Protocol},
 };
 
 use crate::{

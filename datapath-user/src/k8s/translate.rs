@@ -32,7 +32,7 @@ use serde::Serialize;
 
 pub use super::keys::{HEADLESS_LABEL, ObjectKey, SERVICE_NAME_LABEL, SERVICE_PROXY_NAME_LABEL};
 use super::view::{ServiceView, SliceView};
-use crate::maps::{Frontend, Protocol};
+use crate::model::{Frontend, Protocol};
 
 /// One endpoint address and port.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]

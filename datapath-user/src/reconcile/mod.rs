@@ -24,17 +24,14 @@ use datapath_common::maps::{BackendId, RevNatId, ServiceKey};
 
 use crate::{
     k8s::{Endpoint, Issue, IssueKind, ObjectKey, ServiceTranslation, translate::conflict_issue},
-    maps::{BackendAddress, BackendEntry, Frontend, ProgramError},
+    maps::{LbMaps, ProgramError},
+    model::{BackendAddress, BackendEntry, Frontend},
 };
 
-mod fake_maps;
 mod ids;
-mod lb_maps;
 mod subset;
 
-pub use fake_maps::FakeMaps;
 pub use ids::IdAllocator;
-pub use lb_maps::LbMaps;
 use subset::fnv1a;
 pub use subset::node_subset;
 
@@ -572,7 +569,7 @@ impl<M: LbMaps> Reconciler<M> {
     /// connection fails fast on its own; a connected UDP socket would
     /// keep sending into the void).
     fn note_departed(&mut self, frontend: &Frontend, mut departed: Vec<Departed>) {
-        if frontend.protocol == crate::maps::Protocol::Udp {
+        if frontend.protocol == crate::model::Protocol::Udp {
             departed.sort();
             departed.dedup();
             self.departed.extend(departed);

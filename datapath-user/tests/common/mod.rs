@@ -4,7 +4,7 @@
 use datapath_user::{
     Datapath, LoadOptions,
     loader::{CtTimeouts, MapSizes},
-    maps::{Frontend, Protocol},
+    model::{Frontend, Protocol},
 };
 
 /// The privileged suites run in CI as root; elsewhere they fail loudly

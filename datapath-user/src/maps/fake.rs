@@ -6,10 +6,8 @@ use std::collections::BTreeMap;
 use aya::maps::MapError;
 use datapath_common::maps::{BackendId, RevNatId, ServiceKey};
 
-use super::LbMaps;
-use crate::maps::{
-    BackendAddress, BackendEntry, Frontend, MapDump, ProgramError, validate_service,
-};
+use super::lb_maps::{DumpedFrontend, LbMaps, MapDump, ProgramError, validate_service};
+use crate::model::{BackendAddress, BackendEntry, Frontend};
 
 /// The maps as plain collections, with the real maps' validation; the
 /// reconciler's tests run against it and against the real maps.
@@ -47,13 +45,11 @@ impl LbMaps for FakeMaps {
             frontends: self
                 .services
                 .iter()
-                .map(
-                    |(frontend, (rev_nat_id, ids))| crate::maps::DumpedFrontend {
-                        frontend: *frontend,
-                        rev_nat_id: *rev_nat_id,
-                        slots: ids.iter().map(|&id| Some(id)).collect(),
-                    },
-                )
+                .map(|(frontend, (rev_nat_id, ids))| DumpedFrontend {
+                    frontend: *frontend,
+                    rev_nat_id: *rev_nat_id,
+                    slots: ids.iter().map(|&id| Some(id)).collect(),
+                })
                 .collect(),
             stray_slots: Vec::new(),
             backends: self.backends.iter().map(|(k, v)| (*k, *v)).collect(),

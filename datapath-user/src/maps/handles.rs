@@ -1,0 +1,118 @@
+//! Typed handles on every map of a loaded (or pinned) datapath.
+
+use std::path::Path;
+
+use aya::{
+    Ebpf,
+    maps::{Array, HashMap, Map, MapData, MapError, PerCpuArray},
+};
+use datapath_common::{
+    IPPROTO_TCP,
+    maps::{
+        self as m, Backend, CtEntry, CtKey, FragmentKey, FragmentPorts, RevNatValue, ServiceKey,
+        ServiceValue, SockRevNatKey, SockRevNatValue,
+    },
+    metrics::Counter,
+};
+
+use crate::error::LoaderError;
+
+/// Handles on every map of a loaded (or pinned) datapath.
+pub struct DatapathMaps {
+    pub services: HashMap<MapData, ServiceKey, ServiceValue>,
+    /// Indexed by backend id; a zeroed slot holds no backend.
+    pub backends: Array<MapData, Backend>,
+    /// Indexed by reverse-NAT id; a zeroed slot holds no frontend.
+    pub reverse_nat: Array<MapData, RevNatValue>,
+    /// TCP flows of the TC path (two entries each).
+    pub conntrack_tcp: HashMap<MapData, CtKey, CtEntry>,
+    /// UDP flows of the TC path (two entries each).
+    pub conntrack_udp: HashMap<MapData, CtKey, CtEntry>,
+    pub sock_reverse_nat: HashMap<MapData, SockRevNatKey, SockRevNatValue>,
+    pub counters: PerCpuArray<MapData, u64>,
+    /// Frontends per `lb::service_filter_index` bucket.
+    pub service_filter: Array<MapData, u32>,
+    /// Ports of fragmented datagrams in flight.
+    pub fragments: HashMap<MapData, FragmentKey, FragmentPorts>,
+}
+
+impl DatapathMaps {
+    /// Takes the maps out of a freshly loaded object.
+    pub fn take_from(ebpf: &mut Ebpf) -> Result<Self, LoaderError> {
+        Self::from_maps(|name| {
+            ebpf.take_map(name)
+                .ok_or_else(|| LoaderError::map(name, MapError::InvalidName { name: name.into() }))
+        })
+    }
+
+    /// Opens the maps an agent pinned under `pin_dir` (no object needed).
+    pub fn open_pinned(pin_dir: &Path) -> Result<Self, LoaderError> {
+        Self::from_maps(|name| {
+            let data = MapData::from_pin(pin_dir.join(name))
+                .map_err(|source| LoaderError::map(name, source))?;
+            Map::from_map_data(data).map_err(|source| LoaderError::map(name, source))
+        })
+    }
+
+    /// Every map, each got by name from `get` and typed.
+    fn from_maps(
+        mut get: impl FnMut(&'static str) -> Result<Map, LoaderError>,
+    ) -> Result<Self, LoaderError> {
+        fn typed<T: TryFrom<Map, Error = MapError>>(
+            get: &mut impl FnMut(&'static str) -> Result<Map, LoaderError>,
+            name: &'static str,
+        ) -> Result<T, LoaderError> {
+            T::try_from(get(name)?).map_err(|source| LoaderError::map(name, source))
+        }
+        Ok(Self {
+            services: typed(&mut get, m::SERVICES_MAP)?,
+            backends: typed(&mut get, m::BACKENDS_MAP)?,
+            reverse_nat: typed(&mut get, m::REVERSE_NAT_MAP)?,
+            conntrack_tcp: typed(&mut get, m::CONNTRACK_TCP_MAP)?,
+            conntrack_udp: typed(&mut get, m::CONNTRACK_UDP_MAP)?,
+            sock_reverse_nat: typed(&mut get, m::SOCK_REVERSE_NAT_MAP)?,
+            counters: typed(&mut get, m::COUNTERS_MAP)?,
+            service_filter: typed(&mut get, m::SERVICE_FILTER_MAP)?,
+            fragments: typed(&mut get, m::FRAGMENTS_MAP)?,
+        })
+    }
+
+    /// The conntrack table of `protocol` (`IPPROTO_TCP` or anything else:
+    /// UDP).
+    pub fn conntrack(&self, protocol: u8) -> &HashMap<MapData, CtKey, CtEntry> {
+        if protocol == IPPROTO_TCP {
+            &self.conntrack_tcp
+        } else {
+            &self.conntrack_udp
+        }
+    }
+
+    /// Both conntrack tables with their names.
+    pub fn conntrack_tables(&self) -> [(&'static str, &HashMap<MapData, CtKey, CtEntry>); 2] {
+        [
+            (m::CONNTRACK_TCP_MAP, &self.conntrack_tcp),
+            (m::CONNTRACK_UDP_MAP, &self.conntrack_udp),
+        ]
+    }
+
+    /// Entries in both conntrack tables (two per flow).
+    pub fn conntrack_entries(&self) -> usize {
+        self.conntrack_tables()
+            .iter()
+            .map(|(_, table)| table.keys().count())
+            .sum()
+    }
+
+    /// Every counter summed over the CPUs.
+    pub fn counters(&self) -> Result<Vec<(Counter, u64)>, MapError> {
+        Counter::ALL
+            .iter()
+            .map(|&c| Ok((c, self.counters.get(&(c as u32), 0)?.iter().sum())))
+            .collect()
+    }
+
+    /// One counter summed over the CPUs.
+    pub fn counter(&self, counter: Counter) -> Result<u64, MapError> {
+        Ok(self.counters.get(&(counter as u32), 0)?.iter().sum())
+    }
+}

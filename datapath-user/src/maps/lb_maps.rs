@@ -1,0 +1,180 @@
+//! What the reconciler needs from the maps, the errors of writing a
+//! service, and the rules every implementation checks first.
+
+use aya::maps::MapError;
+use datapath_common::maps::{self as m, BackendId, RevNatId, ServiceKey};
+
+use crate::model::{BackendAddress, BackendEntry, Frontend};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ProgramError {
+    #[error(
+        "{frontend}: {count} backends exceed the limit of {max} per service; this node serves its own subset of {max} (set --node-name so that every node picks a different one)"
+    )]
+    TooManyBackends {
+        frontend: Frontend,
+        count: usize,
+        max: u16,
+    },
+    #[error("{frontend}: backend id {id} is outside 1..{capacity} (the BACKENDS map's size)")]
+    BackendIdOutOfRange {
+        frontend: Frontend,
+        id: BackendId,
+        capacity: u32,
+    },
+    #[error(
+        "{frontend}: reverse-NAT id {id} is outside 1..{capacity} (the REVERSE_NAT map's size)"
+    )]
+    RevNatIdOutOfRange {
+        frontend: Frontend,
+        id: RevNatId,
+        capacity: u32,
+    },
+    #[error("{frontend}: port 0 is not a valid {what} port")]
+    PortZero {
+        frontend: Frontend,
+        what: &'static str,
+    },
+    #[error("{frontend}: writing {map}: {}", crate::error::with_causes(&**.error))]
+    Map {
+        frontend: Frontend,
+        map: &'static str,
+        error: Box<MapError>,
+    },
+}
+
+/// What the reconciler needs from the maps; implemented by the real pinned
+/// maps ([`super::DatapathMaps`]) and by [`super::FakeMaps`].
+pub trait LbMaps {
+    /// Sizes of the id spaces: ids are `1..capacity`.
+    fn backend_capacity(&self) -> u32;
+    fn rev_nat_capacity(&self) -> u32;
+    /// Reads every service, backend and reverse-NAT entry.
+    fn dump(&self) -> Result<MapDump, MapError>;
+    /// Programs `frontend` to balance over `backends` (in slot order),
+    /// replacing what it had, make-before-break. Backends no longer used
+    /// by any frontend are the caller's to delete (`remove_backend`).
+    fn set_service(
+        &mut self,
+        frontend: &Frontend,
+        rev_nat_id: RevNatId,
+        backends: &[BackendEntry],
+    ) -> Result<(), ProgramError>;
+    /// Removes `frontend`: new flows stop first, then its slots go.
+    fn remove_service(&mut self, frontend: &Frontend) -> Result<(), ProgramError>;
+    /// Deletes a backend no frontend uses any more.
+    fn remove_backend(&mut self, id: BackendId) -> Result<(), MapError>;
+    /// Clears a reverse-NAT entry no frontend uses.
+    fn remove_rev_nat(&mut self, id: RevNatId) -> Result<(), MapError>;
+    /// Deletes one `SERVICES` entry (a stray slot found by `dump`).
+    fn remove_service_key(&mut self, key: &ServiceKey) -> Result<(), MapError>;
+    /// Makes the frontend filter count exactly `frontends`; returns how
+    /// many buckets changed.
+    fn rebuild_filter(&mut self, frontends: &[Frontend]) -> Result<usize, MapError>;
+}
+
+/// A reconciler may borrow its maps (the agent keeps them).
+impl<T: LbMaps + ?Sized> LbMaps for &mut T {
+    fn backend_capacity(&self) -> u32 {
+        (**self).backend_capacity()
+    }
+    fn rev_nat_capacity(&self) -> u32 {
+        (**self).rev_nat_capacity()
+    }
+    fn dump(&self) -> Result<MapDump, MapError> {
+        (**self).dump()
+    }
+    fn set_service(
+        &mut self,
+        frontend: &Frontend,
+        rev_nat_id: RevNatId,
+        backends: &[BackendEntry],
+    ) -> Result<(), ProgramError> {
+        (**self).set_service(frontend, rev_nat_id, backends)
+    }
+    fn remove_service(&mut self, frontend: &Frontend) -> Result<(), ProgramError> {
+        (**self).remove_service(frontend)
+    }
+    fn remove_backend(&mut self, id: BackendId) -> Result<(), MapError> {
+        (**self).remove_backend(id)
+    }
+    fn remove_rev_nat(&mut self, id: RevNatId) -> Result<(), MapError> {
+        (**self).remove_rev_nat(id)
+    }
+    fn remove_service_key(&mut self, key: &ServiceKey) -> Result<(), MapError> {
+        (**self).remove_service_key(key)
+    }
+    fn rebuild_filter(&mut self, frontends: &[Frontend]) -> Result<usize, MapError> {
+        (**self).rebuild_filter(frontends)
+    }
+}
+
+/// Checks what `set_service` would write, before anything is written;
+/// returns the backend count. Shared with the in-memory map fake so both
+/// refuse the same input.
+pub fn validate_service(
+    frontend: &Frontend,
+    rev_nat_id: RevNatId,
+    backends: &[BackendEntry],
+    backend_capacity: u32,
+    rev_nat_capacity: u32,
+) -> Result<u16, ProgramError> {
+    let count = u16::try_from(backends.len())
+        .ok()
+        .filter(|&n| n <= m::MAX_BACKENDS_PER_SERVICE)
+        .ok_or(ProgramError::TooManyBackends {
+            frontend: *frontend,
+            count: backends.len(),
+            max: m::MAX_BACKENDS_PER_SERVICE,
+        })?;
+    if rev_nat_id == 0 || u32::from(rev_nat_id) >= rev_nat_capacity {
+        return Err(ProgramError::RevNatIdOutOfRange {
+            frontend: *frontend,
+            id: rev_nat_id,
+            capacity: rev_nat_capacity,
+        });
+    }
+    if frontend.port == 0 {
+        return Err(ProgramError::PortZero {
+            frontend: *frontend,
+            what: "service",
+        });
+    }
+    for backend in backends {
+        if backend.id == 0 || backend.id >= backend_capacity {
+            return Err(ProgramError::BackendIdOutOfRange {
+                frontend: *frontend,
+                id: backend.id,
+                capacity: backend_capacity,
+            });
+        }
+        if backend.port == 0 {
+            return Err(ProgramError::PortZero {
+                frontend: *frontend,
+                what: "backend",
+            });
+        }
+    }
+    Ok(count)
+}
+
+/// A frontend as found in the maps.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DumpedFrontend {
+    pub frontend: Frontend,
+    pub rev_nat_id: RevNatId,
+    /// Slots 1..=count in order; `None` where a slot is missing (an
+    /// interrupted write: the frontend must be re-programmed).
+    pub slots: Vec<Option<BackendId>>,
+}
+
+/// Everything the service maps hold (not conntrack).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct MapDump {
+    pub frontends: Vec<DumpedFrontend>,
+    /// Slot entries with no frontend entry, or beyond its count.
+    pub stray_slots: Vec<ServiceKey>,
+    pub backends: Vec<(BackendId, BackendAddress)>,
+    /// Present reverse-NAT entries: the service address replies get.
+    pub rev_nats: Vec<(RevNatId, std::net::SocketAddrV4)>,
+}

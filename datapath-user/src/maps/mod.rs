@@ -1,0 +1,16 @@
+//! The datapath's maps as the agent uses them. `handles` opens them
+//! (from a loaded object or from their pins); `LbMaps` is what the
+//! reconciler needs, implemented once by the real maps (`writer`, the one
+//! place that writes a service into them) and once by `FakeMaps` beside
+//! it, with the same validation, as Cilium keeps `LBMaps` and its fakes.
+
+mod fake;
+mod handles;
+mod lb_maps;
+mod writer;
+
+pub use self::{
+    fake::FakeMaps,
+    handles::DatapathMaps,
+    lb_maps::{DumpedFrontend, LbMaps, MapDump, ProgramError, validate_service},
+};

@@ -1,0 +1,296 @@
+//! The one place that writes a service into the real maps:
+//! make-before-break, so a packet never meets a frontend whose slots point
+//! at nothing.
+
+use std::net::Ipv4Addr;
+
+use aya::maps::{Array, HashMap, MapData, MapError};
+use datapath_common::{
+    ipv4_be, ipv4_octets,
+    lb::service_filter_index,
+    maps::{self as m, Backend, BackendId, RevNatId, RevNatValue, ServiceKey, ServiceValue},
+    port_be, port_host,
+};
+
+use super::{
+    handles::DatapathMaps,
+    lb_maps::{DumpedFrontend, LbMaps, MapDump, ProgramError, validate_service},
+};
+use crate::model::{BackendAddress, BackendEntry, Frontend, Protocol};
+
+impl LbMaps for DatapathMaps {
+    fn backend_capacity(&self) -> u32 {
+        self.backends.len()
+    }
+
+    fn rev_nat_capacity(&self) -> u32 {
+        self.reverse_nat.len().min(u32::from(RevNatId::MAX) + 1)
+    }
+
+    /// Programs `frontend` to balance over `backends` (in slot order),
+    /// replacing what it had. Make-before-break: backends and slots are
+    /// written before the frontend entry that counts them, and slots beyond
+    /// the new count are deleted only after it. A packet therefore sees
+    /// either the old or the new set, never a slot naming nothing.
+    ///
+    /// Backends no longer used by any frontend are the caller's to delete
+    /// (`remove_backend`) after this returns.
+    fn set_service(
+        &mut self,
+        frontend: &Frontend,
+        rev_nat_id: RevNatId,
+        backends: &[BackendEntry],
+    ) -> Result<(), ProgramError> {
+        let map_err = |map: &'static str| {
+            move |source| ProgramError::Map {
+                frontend: *frontend,
+                map,
+                error: Box::new(source),
+            }
+        };
+        let count = validate_service(
+            frontend,
+            rev_nat_id,
+            backends,
+            self.backends.len(),
+            self.reverse_nat.len(),
+        )?;
+        let old_head = self.services.get(&frontend.key(0), 0).ok();
+        let old_count = old_head.map_or(0, |h| h.backend_count);
+
+        for backend in backends {
+            let value = Backend {
+                address_be: ipv4_be(backend.address.octets()),
+                port_be: port_be(backend.port),
+                protocol: frontend.protocol.number(),
+                flags: m::BACKEND_FLAG_PRESENT,
+            };
+            self.backends
+                .set(backend.id, value, 0)
+                .map_err(map_err(m::BACKENDS_MAP))?;
+        }
+        let rev_nat = RevNatValue {
+            address_be: ipv4_be(frontend.address.octets()),
+            port_be: port_be(frontend.port),
+            flags: m::REV_NAT_FLAG_PRESENT,
+            _pad: 0,
+        };
+        self.reverse_nat
+            .set(u32::from(rev_nat_id), rev_nat, 0)
+            .map_err(map_err(m::REVERSE_NAT_MAP))?;
+        for (i, backend) in backends.iter().enumerate() {
+            let slot = ServiceValue {
+                backend_id: backend.id,
+                rev_nat_id,
+                ..ServiceValue::default()
+            };
+            self.services
+                .insert(frontend.key(i as u16 + 1), slot, 0)
+                .map_err(map_err(m::SERVICES_MAP))?;
+        }
+        let head = ServiceValue {
+            backend_count: count,
+            rev_nat_id,
+            ..ServiceValue::default()
+        };
+        if old_head.is_none() {
+            adjust_filter(&mut self.service_filter, frontend, 1)
+                .map_err(map_err(m::SERVICE_FILTER_MAP))?;
+        }
+        self.services
+            .insert(frontend.key(0), head, 0)
+            .map_err(map_err(m::SERVICES_MAP))?;
+        for slot in (count + 1)..=old_count {
+            remove_if_present(&mut self.services, &frontend.key(slot))
+                .map_err(map_err(m::SERVICES_MAP))?;
+        }
+        if let Some(old) = old_head
+            && old.rev_nat_id != rev_nat_id
+        {
+            // A new incarnation: flows of the old one re-balance.
+            self.reverse_nat
+                .set(u32::from(old.rev_nat_id), RevNatValue::default(), 0)
+                .map_err(map_err(m::REVERSE_NAT_MAP))?;
+        }
+        Ok(())
+    }
+
+    /// Removes `frontend`: the frontend entry first (new flows stop), then
+    /// its slots and reverse-NAT entry.
+    fn remove_service(&mut self, frontend: &Frontend) -> Result<(), ProgramError> {
+        let map_err = |map: &'static str| {
+            move |source| ProgramError::Map {
+                frontend: *frontend,
+                map,
+                error: Box::new(source),
+            }
+        };
+        let Ok(head) = self.services.get(&frontend.key(0), 0) else {
+            return Ok(());
+        };
+        remove_if_present(&mut self.services, &frontend.key(0))
+            .map_err(map_err(m::SERVICES_MAP))?;
+        adjust_filter(&mut self.service_filter, frontend, -1)
+            .map_err(map_err(m::SERVICE_FILTER_MAP))?;
+        for slot in 1..=head.backend_count {
+            remove_if_present(&mut self.services, &frontend.key(slot))
+                .map_err(map_err(m::SERVICES_MAP))?;
+        }
+        self.reverse_nat
+            .set(u32::from(head.rev_nat_id), RevNatValue::default(), 0)
+            .map_err(map_err(m::REVERSE_NAT_MAP))?;
+        Ok(())
+    }
+
+    /// Deletes a backend. Tracked flows still pinned to it are re-balanced
+    /// by the datapath on their next packet.
+    fn remove_backend(&mut self, id: BackendId) -> Result<(), MapError> {
+        self.backends.set(id, Backend::default(), 0)
+    }
+
+    /// Reads every service, backend and reverse-NAT entry.
+    fn dump(&self) -> Result<MapDump, MapError> {
+        let mut heads = std::collections::BTreeMap::new();
+        let mut slots = Vec::new();
+        for entry in self.services.iter() {
+            let (key, value) = entry?;
+            if key.backend_slot == 0 {
+                heads.insert(key, value);
+            } else {
+                slots.push((key, value));
+            }
+        }
+        let mut dump = MapDump::default();
+        let mut by_head: std::collections::BTreeMap<ServiceKey, Vec<Option<BackendId>>> = heads
+            .iter()
+            .map(|(key, head)| (*key, vec![None; usize::from(head.backend_count)]))
+            .collect();
+        for (key, value) in slots {
+            let head_key = ServiceKey {
+                backend_slot: 0,
+                ..key
+            };
+            match by_head.get_mut(&head_key) {
+                Some(list) if usize::from(key.backend_slot) <= list.len() => {
+                    list[usize::from(key.backend_slot) - 1] = Some(value.backend_id);
+                }
+                _ => dump.stray_slots.push(key),
+            }
+        }
+        for (key, slots) in by_head {
+            match Frontend::from_key(&key) {
+                Some(frontend) => dump.frontends.push(DumpedFrontend {
+                    frontend,
+                    rev_nat_id: heads[&key].rev_nat_id,
+                    slots,
+                }),
+                None => dump.stray_slots.push(key),
+            }
+        }
+        let backends: Vec<Backend> = read_array(&self.backends)?;
+        for (id, backend) in backends.into_iter().enumerate().skip(1) {
+            let id = id as BackendId;
+            if backend.is_present() {
+                let Some(protocol) = Protocol::from_number(backend.protocol) else {
+                    continue;
+                };
+                dump.backends.push((
+                    id,
+                    BackendAddress {
+                        address: Ipv4Addr::from(ipv4_octets(backend.address_be)),
+                        port: port_host(backend.port_be),
+                        protocol,
+                    },
+                ));
+            }
+        }
+        let rev_nats: Vec<RevNatValue> = read_array(&self.reverse_nat)?;
+        for (id, value) in rev_nats.into_iter().enumerate().skip(1) {
+            if value.is_present() {
+                dump.rev_nats.push((
+                    id as RevNatId,
+                    std::net::SocketAddrV4::new(
+                        Ipv4Addr::from(ipv4_octets(value.address_be)),
+                        port_host(value.port_be),
+                    ),
+                ));
+            }
+        }
+        Ok(dump)
+    }
+
+    /// Deletes one `SERVICES` entry (a stray slot found by `dump`).
+    fn remove_service_key(&mut self, key: &ServiceKey) -> Result<(), MapError> {
+        remove_if_present(&mut self.services, key)
+    }
+
+    /// Clears a reverse-NAT entry no frontend uses.
+    fn remove_rev_nat(&mut self, id: RevNatId) -> Result<(), MapError> {
+        self.reverse_nat
+            .set(u32::from(id), RevNatValue::default(), 0)
+    }
+
+    /// Rewrites `SERVICE_FILTER` to count exactly `frontends`: repairs
+    /// counts an interrupted update left too high (a count too low is
+    /// impossible: it is raised before a frontend is written and lowered
+    /// after it is deleted). Returns how many buckets changed.
+    fn rebuild_filter(&mut self, frontends: &[Frontend]) -> Result<usize, MapError> {
+        let mut want = std::collections::HashMap::<u32, u32>::new();
+        for frontend in frontends {
+            let key = frontend.key(0);
+            *want
+                .entry(service_filter_index(
+                    key.address_be,
+                    key.port_be,
+                    key.protocol,
+                ))
+                .or_default() += 1;
+        }
+        let mut changed = 0;
+        let counts: Vec<u32> = read_array(&self.service_filter)?;
+        for (bucket, have) in counts.into_iter().enumerate() {
+            let bucket = bucket as u32;
+            let should = want.get(&bucket).copied().unwrap_or(0);
+            if have != should {
+                self.service_filter.set(bucket, should, 0)?;
+                changed += 1;
+            }
+        }
+        Ok(changed)
+    }
+}
+
+/// Every entry of an array map, read in batches.
+fn read_array<V: aya::Pod + Default>(array: &Array<MapData, V>) -> Result<Vec<V>, MapError> {
+    use std::os::fd::{AsFd, AsRawFd};
+    let fd = aya::maps::IterableMap::map(array).fd().as_fd().as_raw_fd();
+    crate::bpfsys::read_array(fd, array.len()).map_err(|io_error| {
+        MapError::SyscallError(aya::sys::SyscallError {
+            call: "bpf_map_lookup_batch",
+            io_error,
+        })
+    })
+}
+
+fn remove_if_present<K: aya::Pod, V: aya::Pod>(
+    map: &mut HashMap<MapData, K, V>,
+    key: &K,
+) -> Result<(), MapError> {
+    match map.remove(key) {
+        Ok(()) | Err(MapError::KeyNotFound) => Ok(()),
+        Err(MapError::SyscallError(e)) if e.io_error.raw_os_error() == Some(libc::ENOENT) => Ok(()),
+        Err(e) => Err(e),
+    }
+}
+
+/// Counts a frontend in (+1) or out (-1) of its `SERVICE_FILTER` bucket.
+fn adjust_filter(
+    filter: &mut Array<MapData, u32>,
+    frontend: &Frontend,
+    delta: i32,
+) -> Result<(), MapError> {
+    let key = frontend.key(0);
+    let bucket = service_filter_index(key.address_be, key.port_be, key.protocol);
+    let count = filter.get(&bucket, 0)?;
+    filter.set(bucket, count.saturating_add_signed(delta), 0)
+}
