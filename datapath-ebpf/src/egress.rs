@@ -26,7 +26,7 @@ use datapath_common::{
 };
 
 use crate::{
-    clash, ct, frag, icmp, l2,
+    clash, ct, events, frag, icmp, l2,
     maps::{BACKENDS, CONNTRACK_TCP, CONNTRACK_UDP, CtMap, REVERSE_NAT, SERVICE_FILTER, SERVICES},
     metrics::count,
     nat::{self, End},
@@ -263,6 +263,7 @@ fn direct_syn(ctx: &TcContext, packet: &Packet) -> i32 {
     );
     if !ct::insert(&CONNTRACK_TCP, &moved, &back) || !ct::insert(&CONNTRACK_TCP, &own, &forward) {
         count(Counter::Error);
+        events::conntrack_insert_failed(ctx, packet.protocol);
         return TC_ACT_UNSPEC;
     }
     clash::mark(packet.daddr_be, packet.dport_be, packet.protocol);
@@ -323,6 +324,7 @@ fn new_flow(ctx: &TcContext, packet: &Packet, table: &CtMap, key: &CtKey, now: u
     };
     if service.backend_count == 0 {
         count(Counter::NoBackend);
+        events::no_backend(ctx, packet.daddr_be, packet.dport_be, packet.protocol);
         return reject::refuse(ctx, packet);
     }
     // SAFETY: plain helper call.
@@ -383,6 +385,7 @@ fn new_flow(ctx: &TcContext, packet: &Packet, table: &CtMap, key: &CtKey, now: u
     );
     if !ct::insert(table, &reply, &back) || !ct::insert(table, key, &flow) {
         count(Counter::Error);
+        events::conntrack_insert_failed(ctx, packet.protocol);
     }
     count(Counter::ConntrackMiss);
     translate(ctx, packet, &backend, &flow, now)
@@ -421,6 +424,6 @@ fn translate(ctx: &TcContext, packet: &Packet, backend: &Backend, flow: &CtEntry
         count(Counter::Error);
         return TC_ACT_SHOT;
     }
-    frag::translated(packet);
+    frag::translated(ctx, packet);
     l2::forward(ctx, flow, now)
 }

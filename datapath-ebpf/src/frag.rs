@@ -6,12 +6,14 @@
 //! them there and are translated like it. Fragments that arrive before
 //! their first fragment are not known and pass untouched (counted).
 
+use aya_ebpf::programs::TcContext;
 use datapath_common::{
     maps::{FragmentKey, FragmentPorts},
     metrics::Counter,
 };
 
 use crate::{
+    events,
     maps::FRAGMENTS,
     metrics::count,
     parse::{FIRST_FRAGMENT, LATER_FRAGMENT, Packet},
@@ -32,10 +34,11 @@ fn key(packet: &Packet) -> FragmentKey {
 /// for the rest of its datagram, a later fragment is counted. A whole
 /// datagram (nearly every packet) pays one compare.
 #[inline(always)]
-pub fn translated(packet: &Packet) {
+pub fn translated(ctx: &TcContext, packet: &Packet) {
     if packet.fragment == FIRST_FRAGMENT {
         if !remember(packet) {
             count(Counter::Error);
+            events::fragment_table_full(ctx);
         }
     } else if packet.fragment == LATER_FRAGMENT {
         count(Counter::FragmentTranslated);

@@ -97,7 +97,7 @@ fn reply(ctx: &TcContext, packet: &Packet, table: &CtMap) -> i32 {
         count(Counter::Error);
         return TC_ACT_SHOT;
     }
-    frag::translated(packet);
+    frag::translated(ctx, packet);
     count(Counter::ReverseTranslated);
     TC_ACT_OK
 }

@@ -1,5 +1,5 @@
 //! underpass eBPF object. Entry points stay thin; each concern lives in its
-//! own module (parse, ct, nat, l2, metrics, sock) and the pure logic in
+//! own module (parse, ct, nat, l2, metrics, events, sock) and the pure logic in
 //! `datapath_common`. Program names are `datapath_common::programs::*`.
 #![no_std]
 #![no_main]
@@ -7,6 +7,7 @@
 mod clash;
 mod ct;
 mod egress;
+mod events;
 mod features;
 mod frag;
 mod icmp;

@@ -20,7 +20,7 @@ use datapath_common::{
 };
 
 use crate::{
-    features,
+    events, features,
     maps::{BACKENDS, SERVICE_FILTER, SERVICES, SOCK_LB_SKIP, SOCK_REVERSE_NAT},
     metrics::count,
 };
@@ -197,6 +197,7 @@ fn forward(ctx: &SockAddrContext, family: Family, is_sendmsg: bool) -> i32 {
     }
     if service.backend_count == 0 {
         count(Counter::NoBackend);
+        events::no_backend(ctx, address_be, port_be, protocol);
         if features::has(SET_RETVAL) {
             // SAFETY: plain helper call; makes the syscall fail with
             // ECONNREFUSED instead of the default EPERM.
@@ -235,6 +236,7 @@ fn forward(ctx: &SockAddrContext, family: Family, is_sendmsg: bool) -> i32 {
     let known = is_sendmsg && unsafe { SOCK_REVERSE_NAT.get(key) }.copied() == Some(value);
     if !known && SOCK_REVERSE_NAT.insert(key, value, 0).is_err() {
         count(Counter::Error);
+        events::sock_reverse_nat_insert_failed(ctx);
     }
     set_address(ctx, family, backend.address_be, backend.port_be);
     count(Counter::SockTranslated);

@@ -24,16 +24,15 @@ use tracing::{info, warn};
 use crate::{
     Datapath, LoadOptions, TcMode,
     attach::{PodAttacher, Selector},
-    features, http,
+    datapath_events, features, http,
     k8s::{
         Issue, IssueKind, NodeContext, ObjectKey,
         source::{self, SourceMessage},
         store::{Change, Kind, Store},
     },
-    loader::{CtTimeouts, MapSizes},
+    loader::{CtTimeouts, DatapathLog, MapSizes},
     map_pins::PinPolicy,
-    maps::DatapathMaps,
-    maps::LbMaps,
+    maps::{DatapathMaps, LbMaps},
     metrics::{IssueLabels, Metrics, SyncLabels},
     reconcile::Reconciler,
     sock_lb_skip::SockLbSkip,
@@ -77,6 +76,8 @@ pub struct AgentOptions {
     pub debounce: Duration,
     pub sizes: MapSizes,
     pub ct_timeouts: CtTimeouts,
+    /// Which rare datapath events are logged (fixed at load).
+    pub datapath_log: DatapathLog,
 }
 
 /// Store and reconciler, driven one batch of changes at a time. The async
@@ -410,8 +411,16 @@ pub async fn run(options: AgentOptions) -> Result<()> {
         } else {
             SockLbScope::ALL
         },
+        datapath_log: options.datapath_log,
     };
-    let datapath = Datapath::load(&load).context("loading the datapath")?;
+    let mut datapath = Datapath::load(&load).context("loading the datapath")?;
+    // Read from the start: an event of the first packets is kept.
+    if let Some(events) = datapath
+        .take_event_log(log::logger())
+        .context("reading the datapath's event log")?
+    {
+        tokio::spawn(datapath_events::forward(events));
+    }
     info!(pin_dir = %options.pin_dir.display(), "datapath loaded; maps pinned (existing pins adopted)");
     let maps = DatapathMaps::open_pinned(&options.pin_dir).context("opening the pinned maps")?;
     let metrics = Metrics::new(Some(&options.pin_dir));

@@ -15,6 +15,8 @@ pub enum LoaderError {
         "this binary carries no eBPF object: run `cargo xtask build-ebpf` and rebuild (or use `cargo xtask test|demo`, which do both)"
     )]
     ObjectMissing,
+    #[error("the datapath's event log (ring buffer AYA_LOGS): {reason}")]
+    EventLog { reason: String },
     #[error("bpffs at {path}: {error} (mount it with: mount -t bpf bpf /sys/fs/bpf)")]
     Bpffs { path: PathBuf, error: io::Error },
     #[error("loading the eBPF object: {}", with_causes(.0))]

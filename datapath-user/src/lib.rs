@@ -9,6 +9,7 @@ mod bpfsys;
 pub mod cgroup;
 pub mod clock;
 pub mod cni;
+pub mod datapath_events;
 pub mod error;
 pub mod features;
 pub mod http;

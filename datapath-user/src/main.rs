@@ -11,7 +11,7 @@ use datapath_user::{
     cni, inspect,
     inspect::Output,
     k8s::NodeContext,
-    loader::{self, CtTimeouts, DEFAULT_PIN_DIR, MapSizes},
+    loader::{self, CtTimeouts, DEFAULT_PIN_DIR, DatapathLog, MapSizes},
     netns,
 };
 
@@ -255,6 +255,12 @@ struct AgentArgs {
     /// burst of UDP flows (DNS) never evicts idle TCP connections.
     #[arg(long, env = "UNDERPASS_CONNTRACK_UDP_MAX", default_value_t = datapath_common::maps::DEFAULT_CONNTRACK_UDP_FLOWS)]
     conntrack_udp_max: u32,
+    /// Which rare datapath events to log (a service without endpoints
+    /// refusing a flow at `info`; a conntrack, fragment or socket-LB
+    /// table refusing an entry at `warn`). Fixed when the datapath loads:
+    /// events below it cost the packet path nothing.
+    #[arg(long, env = "UNDERPASS_DATAPATH_LOG", value_enum, default_value_t = DatapathLog::Warn)]
+    datapath_log: DatapathLog,
 }
 
 /// `--socket-lb`.
@@ -375,6 +381,7 @@ fn run_agent(args: AgentArgs) -> Result<()> {
             ..MapSizes::default()
         },
         ct_timeouts: CtTimeouts::default(),
+        datapath_log: args.datapath_log,
     };
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)

@@ -21,7 +21,7 @@ use datapath_common::{
 };
 use datapath_user::{
     Datapath,
-    loader::CtTimeouts,
+    loader::{CtTimeouts, DatapathLog},
     maps::LbMaps,
     model::{BackendEntry, Frontend},
     object::{TC_EGRESS, TC_INGRESS, verdict},
@@ -437,6 +437,54 @@ fn every_truncation_neither_crashes_nor_rewrites() {
             assert_eq!(ct_len(&dp), 0, "{len} bytes: conntrack written");
         }
     }
+}
+
+/// The rare-event log: a refused flow is logged at `info` with its
+/// service, through aya-log into the reader's logger; at `warn` (the
+/// agent's default) the verifier removed that event and nothing comes.
+#[test]
+fn a_refused_flow_is_logged_at_info_and_compiled_out_at_warn() {
+    /// Keeps every record's level and text.
+    #[derive(Clone, Default)]
+    struct Recorder(std::sync::Arc<std::sync::Mutex<Vec<(log::Level, String)>>>);
+    impl log::Log for Recorder {
+        fn enabled(&self, _: &log::Metadata) -> bool {
+            true
+        }
+        fn log(&self, record: &log::Record) {
+            let line = record.args().to_string();
+            self.0.lock().unwrap().push((record.level(), line));
+        }
+        fn flush(&self) {}
+    }
+    for (level, expected) in [
+        (
+            DatapathLog::Info,
+            vec![(
+                log::Level::Info,
+                "service 10.96.0.10:80 (IP protocol 6) has no endpoints: new flow refused"
+                    .to_owned(),
+            )],
+        ),
+        (DatapathLog::Warn, vec![]),
+    ] {
+        let mut dp = common::load_private_logging(level);
+        let recorder = Recorder::default();
+        let mut events = dp
+            .take_event_log(recorder.clone())
+            .expect("the event log")
+            .expect("a reader at this level");
+        dp.maps.set_service(&tcp_frontend(), 1, &[]).unwrap();
+        let (v, _) = egress(&mut dp, &Frame::tcp(CLIENT, (VIP, 80), SYN));
+        assert_eq!(v, verdict::REDIRECT, "{level:?}: refused");
+        events.flush();
+        assert_eq!(*recorder.0.lock().unwrap(), expected, "{level:?}");
+    }
+    let mut off = common::load_private_logging(DatapathLog::Off);
+    assert!(
+        off.take_event_log(log::logger()).unwrap().is_none(),
+        "no reader when logging is off"
+    );
 }
 
 /// A service without endpoints refuses a new flow as kube-proxy's REJECT

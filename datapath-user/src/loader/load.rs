@@ -8,7 +8,7 @@ use datapath_common::{conntrack::LIFETIMES_GLOBAL, maps, sock_lb::SOCK_LB_SCOPE_
 
 use super::{
     bpffs::ensure_bpffs,
-    options::LoadOptions,
+    options::{DatapathLog, LoadOptions},
     programs::{pin_programs, sched_classifier, sock_program},
 };
 use crate::{
@@ -20,6 +20,8 @@ use crate::{
 pub struct Datapath {
     pub(super) ebpf: Ebpf,
     pub(super) pin_dir: Option<PathBuf>,
+    /// The level the programs log rare events at (`event_log`).
+    pub(super) datapath_log: DatapathLog,
     pub maps: DatapathMaps,
 }
 
@@ -89,6 +91,8 @@ impl Datapath {
             true,
         );
         loader.override_global(SOCK_LB_SCOPE_GLOBAL, &options.sock_lb_scope, true);
+        let log_level = options.datapath_log.aya_level();
+        loader.override_global(aya_log::LEVEL, &log_level, true);
         for (name, path) in &map_pins {
             loader.map_pin_path(name, path.as_path());
         }
@@ -119,6 +123,7 @@ impl Datapath {
         Ok(Self {
             ebpf,
             pin_dir,
+            datapath_log: options.datapath_log,
             maps,
         })
     }

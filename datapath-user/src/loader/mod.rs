@@ -10,10 +10,12 @@
 //! object into the kernel, maps pinned), `programs` (finding and pinning
 //! the loaded programs), `tc_attach` and `sock_attach` (attaching them),
 //! `attachment` (what an attach returns), `bpffs` (pins on the bpf
-//! filesystem), `test_run` (BPF_PROG_TEST_RUN for the tests and bench).
+//! filesystem), `event_log` (the programs' rare events, read),
+//! `test_run` (BPF_PROG_TEST_RUN for the tests and bench).
 
 mod attachment;
 mod bpffs;
+mod event_log;
 mod load;
 mod options;
 mod programs;
@@ -26,7 +28,7 @@ pub use self::{
     attachment::{SockAttachment, TcAttachment},
     bpffs::ensure_bpffs,
     load::Datapath,
-    options::{CtTimeouts, DEFAULT_PIN_DIR, LoadOptions, MapSizes},
+    options::{CtTimeouts, DEFAULT_PIN_DIR, DatapathLog, LoadOptions, MapSizes},
     programs::{PROGRAM_PINS, PinnedTcPrograms},
     tc_attach::{REPLY_LINKS, TC_LINKS, detach_pinned_reply, detach_pinned_tc},
     test_run::{SKB_CB_WORDS, TestRunOutcome},

@@ -75,6 +75,39 @@ pub struct LoadOptions {
     pub feature_bits: Option<u32>,
     /// Which sockets socket-LB translates (default: all).
     pub sock_lb_scope: SockLbScope,
+    /// Which rare datapath events the programs log (default: warnings).
+    pub datapath_log: DatapathLog,
+}
+
+/// Which rare datapath events the programs log through aya-log (no
+/// endpoints, a conntrack or fragment table that refused an entry). Fixed
+/// at load: the verifier removes every event below the level, so the
+/// per-packet path pays nothing for them.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum DatapathLog {
+    /// Nothing.
+    Off,
+    Error,
+    /// Tables that refused an entry (flows then lose translation).
+    #[default]
+    Warn,
+    /// Also new flows refused for a service without endpoints.
+    Info,
+    Debug,
+}
+
+impl DatapathLog {
+    /// The value of aya-log's `AYA_LOG_LEVEL` (its `Level` numbering,
+    /// 0 = off).
+    pub fn aya_level(self) -> u8 {
+        match self {
+            DatapathLog::Off => 0,
+            DatapathLog::Error => aya_log::Level::Error as u8,
+            DatapathLog::Warn => aya_log::Level::Warn as u8,
+            DatapathLog::Info => aya_log::Level::Info as u8,
+            DatapathLog::Debug => aya_log::Level::Debug as u8,
+        }
+    }
 }
 
 /// How long idle flows are remembered, by state.

@@ -3,7 +3,7 @@
 
 use datapath_user::{
     Datapath, LoadOptions,
-    loader::{CtTimeouts, MapSizes},
+    loader::{CtTimeouts, DatapathLog, MapSizes},
     model::{Frontend, Protocol},
 };
 
@@ -28,9 +28,19 @@ pub fn load_private() -> Datapath {
 
 /// The same with chosen conntrack lifetimes.
 pub fn load_private_with(ct_timeouts: CtTimeouts) -> Datapath {
+    load_private_options(ct_timeouts, DatapathLog::default())
+}
+
+/// The same logging rare events at `datapath_log`.
+pub fn load_private_logging(datapath_log: DatapathLog) -> Datapath {
+    load_private_options(CtTimeouts::default(), datapath_log)
+}
+
+fn load_private_options(ct_timeouts: CtTimeouts, datapath_log: DatapathLog) -> Datapath {
     require_root("BPF_PROG_TEST_RUN");
     let options = LoadOptions {
         ct_timeouts,
+        datapath_log,
         pin_dir: None,
         sizes: MapSizes {
             services: 4096,
