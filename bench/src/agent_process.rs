@@ -136,28 +136,44 @@ impl Drop for AgentProcess {
     }
 }
 
-/// `underpass agent --from-dir` serving `service` and `slice` to the
-/// topology's client pod (TC) and to `cgroup` (socket-LB), returned once
-/// ready and attached, with the manifest folder it reads.
+/// `underpass agent --from-dir` serving `services` to the pods named in
+/// `tc_clients` (their `eth0`, whatever its kind, on the TC path) and to
+/// `cgroup` (socket-LB), returned once ready and attached, with the
+/// manifest folder it reads. Every TC client's role must start with
+/// "client" (the agent's namespace filter is `<prefix>-client*`), so that
+/// the other pods carry nothing of ours.
 pub fn start_bench_agent(
     underpass: Option<&Path>,
     topo: &lab::Topology,
     cgroup: &lab::Cgroup,
-    service: &k8s_openapi::api::core::v1::Service,
-    slice: &k8s_openapi::api::discovery::v1::EndpointSlice,
+    services: &[(
+        k8s_openapi::api::core::v1::Service,
+        k8s_openapi::api::discovery::v1::EndpointSlice,
+    )],
+    tc_clients: &[&str],
 ) -> Result<(AgentProcess, tempfile::TempDir)> {
     let binary = underpass_binary(underpass)?;
     let manifests = tempfile::Builder::new()
         .prefix("underpass-bench-")
         .tempdir()?;
-    let text = format!(
-        "{}---\n{}",
-        serde_yaml::to_string(service)?,
-        serde_yaml::to_string(slice)?
-    );
+    let mut text = String::new();
+    for (service, slice) in services {
+        text += &format!(
+            "{}---\n{}---\n",
+            serde_yaml::to_string(service)?,
+            serde_yaml::to_string(slice)?
+        );
+    }
     std::fs::write(manifests.path().join("bench.yaml"), text)?;
     let pin_dir = PathBuf::from(format!("/sys/fs/bpf/{}", topo.prefix));
-    let client_netns = topo.pod("client").namespace.name().to_owned();
+    let clients: Vec<String> = tc_clients
+        .iter()
+        .map(|role| {
+            assert!(role.starts_with("client"), "TC client {role}: not client*");
+            topo.pod(role).namespace.name().to_owned()
+        })
+        .collect();
+    let netns_filter = format!("{}-client*", topo.prefix);
     let cgroup_arg = cgroup.path().to_string_lossy().into_owned();
     let mut agent = AgentProcess::spawn(
         &binary,
@@ -169,13 +185,20 @@ pub fn start_bench_agent(
             "--netns-poll-ms",
             "100",
             "--netns-filter",
-            &client_netns,
+            &netns_filter,
+            // A veth pod's eth0 too (the seed's Cilium row); the
+            // macvlan client's coordinator veth stays bare.
+            "--iface-name",
+            "eth0",
             "--cgroup",
             &cgroup_arg,
         ],
     )?;
     agent.wait_until(Duration::from_secs(30), "ready and attached", |a| {
-        pinned_tc_links(a.pin_dir()).contains(&(client_netns.clone(), "eth0".to_owned()))
+        let attached = pinned_tc_links(a.pin_dir());
+        clients
+            .iter()
+            .all(|netns| attached.contains(&(netns.clone(), "eth0".to_owned())))
             && a.is_ready()
     })?;
     Ok((agent, manifests))

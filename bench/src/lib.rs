@@ -11,7 +11,6 @@ pub mod latency;
 pub mod loadgen;
 pub mod nginx;
 pub mod plot;
-pub mod pod_ip;
 pub mod scale;
 pub mod seed;
 pub mod workload;
@@ -36,12 +35,14 @@ pub enum Command {
     /// reverse NAT, and traffic that is not for a service. Needs root.
     Datapath(datapath::DatapathOpts),
     /// The seed's ClusterIP table on the two-node topology: kube-proxy
-    /// (iptables, nftables), underpass TC and socket-LB, the Pod IP and
+    /// (iptables, nftables), underpass TC and socket-LB, veth pods through
+    /// kube-proxy (Calico's row) and underpass (Cilium's), the Pod IP and
     /// node to node, interleaved in one run. Needs root.
     ClusterIp(cluster_ip::ClusterIpOpts),
     /// The seed's Pod IP table: macvlan on one subnet, macvlan across
-    /// subnets, veth pods routed by their nodes, node to node. Needs root.
-    PodIp(pod_ip::PodIpOpts),
+    /// subnets, veth pods routed by their nodes, node to node; the same
+    /// bench as `cluster-ip --preset pod-ip`. Needs root.
+    PodIp(cluster_ip::ClusterIpOpts),
     /// Control-plane cost against the number of services: program N
     /// services × M endpoints from nothing, and apply one changed
     /// EndpointSlice, for kube-proxy iptables, nftables and underpass.
@@ -70,7 +71,10 @@ pub fn run(opts: Opts) -> anyhow::Result<()> {
         Command::Datapath(o) => datapath::run(&o),
         Command::Agent(o) => agent::run(&o),
         Command::ClusterIp(o) => cluster_ip::run(&o),
-        Command::PodIp(o) => pod_ip::run(&o),
+        Command::PodIp(o) => cluster_ip::run(&cluster_ip::ClusterIpOpts {
+            preset: cluster_ip::Preset::PodIp,
+            ..o
+        }),
         Command::Scale(o) => scale::run(&o),
         Command::Worker(o) => workload::worker(&o),
         Command::Latency(o) => latency::run(&o),

@@ -42,10 +42,9 @@ use crate::{
         KubeProxy, SERVICE_CIDR, TimedOut, install_kube_proxy, kube_proxy_options,
         remove_kube_proxy, run_in_limited,
     },
-    cluster_ip::run_worker,
     kubeproxy::{self, ServicePort, service_ports},
     plot::{self, Axes, Series},
-    workload::{Kind, Measurement, start_echo_server},
+    workload::{Kind, Measurement, run_worker, start_echo_server},
 };
 
 /// A datapath the sweep programs.

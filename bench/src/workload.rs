@@ -9,11 +9,12 @@
 use std::{
     io::{self, Read, Write},
     net::{Ipv4Addr, SocketAddr, SocketAddrV4, TcpListener, TcpStream},
-    path::PathBuf,
+    path::{Path, PathBuf},
+    process::{Command, Stdio},
     time::{Duration, Instant},
 };
 
-use anyhow::{Context, Result};
+use anyhow::{Context, Result, bail};
 use clap::{Parser, ValueEnum};
 use hdrhistogram::Histogram;
 use lab::Namespace;
@@ -46,6 +47,10 @@ pub enum Kind {
 }
 
 /// Ports the servers listen on (the Service maps the same numbers).
+/// Client and server on different CPUs (2-core machine: one each).
+pub const CLIENT_CPU: usize = 0;
+pub const SERVER_CPU: usize = 1;
+
 pub const ECHO_PORT: u16 = 12345;
 pub const SOCKPERF_PORT: u16 = 11111;
 pub const IPERF_PORT: u16 = 5201;
@@ -564,6 +569,35 @@ pub fn worker(opts: &WorkerOpts) -> Result<()> {
     )?;
     println!("{}", serde_json::to_string(&measurement)?);
     Ok(())
+}
+
+/// Runs one `bench worker` (this binary) in `netns` (and `cgroup`), on
+/// [`CLIENT_CPU`], and reads its measurement.
+pub fn run_worker(
+    netns: &Path,
+    cgroup: Option<&Path>,
+    kind: Kind,
+    target: SocketAddr,
+    seconds: f64,
+) -> Result<Measurement> {
+    let mut command = Command::new(std::env::current_exe()?);
+    command
+        .arg("worker")
+        .arg("--netns")
+        .arg(netns)
+        .args(["--cpu", &CLIENT_CPU.to_string()])
+        .args(["--kind", kind.arg()])
+        .args(["--target", &target.to_string()])
+        .args(["--seconds", &seconds.to_string()])
+        .stderr(Stdio::inherit());
+    if let Some(cgroup) = cgroup {
+        command.arg("--cgroup").arg(cgroup);
+    }
+    let output = crate::workload::owned_output(&mut command)?;
+    if !output.status.success() {
+        bail!("worker failed ({})", output.status);
+    }
+    serde_json::from_slice(&output.stdout).context("reading the worker's result")
 }
 
 /// Runs `command` to completion (stdout captured) as a child an

@@ -23,6 +23,8 @@ fn every_row_runs() {
         "macvlan + kube-proxy (nftables)",
         "macvlan + underpass TC (eBPF)",
         "macvlan + underpass socket-LB",
+        "veth routed + kube-proxy (Calico's row)",
+        "veth routed + underpass TC (Cilium's row)",
         "macvlan, Pod IP (no service)",
         "macvlan across subnets, Pod IP",
         "veth routed by the nodes, Pod IP",
@@ -36,7 +38,7 @@ fn every_row_runs() {
     }
     let rows: serde_json::Value = serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap();
     let _ = std::fs::remove_file(&json);
-    assert_eq!(rows.as_array().unwrap().len(), 72, "9 workloads × 8 modes");
+    assert_eq!(rows.as_array().unwrap().len(), 90, "9 workloads × 10 modes");
     for row in rows.as_array().unwrap() {
         assert!(
             row["runs"][0]["transactions"].as_u64().unwrap() > 0,

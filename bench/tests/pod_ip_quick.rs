@@ -1,5 +1,6 @@
-//! `bench pod-ip --quick`: every topology and workload end to end
-//! (asserting nothing about speed).
+//! `bench pod-ip --quick` (the `pod-ip` preset of `cluster-ip`): every
+//! row of the seed's Pod IP table and workload end to end (asserting
+//! nothing about speed).
 
 use std::process::Command;
 
@@ -19,9 +20,9 @@ fn every_row_runs() {
         String::from_utf8_lossy(&output.stderr)
     );
     for row in [
-        "macvlan, same subnet",
-        "macvlan, across subnets",
-        "veth, routed by the nodes",
+        "macvlan, Pod IP (no service)",
+        "macvlan across subnets, Pod IP",
+        "veth routed by the nodes, Pod IP",
         "node to node",
     ] {
         assert_eq!(
@@ -32,9 +33,9 @@ fn every_row_runs() {
     }
     let rows: serde_json::Value = serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap();
     let _ = std::fs::remove_file(&json);
-    assert_eq!(
-        rows.as_array().unwrap().len(),
-        36,
-        "9 workloads × 4 topologies"
+    assert_eq!(rows.as_array().unwrap().len(), 36, "9 workloads × 4 rows");
+    assert!(
+        !stdout.contains("kube-proxy") && !stdout.contains("underpass"),
+        "no service row in the Pod IP table:\n{stdout}"
     );
 }

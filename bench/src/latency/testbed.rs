@@ -267,8 +267,8 @@ impl Testbed {
             opts.underpass.as_deref(),
             &self.topo,
             &group,
-            service,
-            slice,
+            &[(service.clone(), slice.clone())],
+            &["client"],
         )?);
         self.reach(Design::Underpass, self.netns_of("client"), VIP, None);
         let cgroup = Some(group.path().to_owned());

@@ -1,0 +1,223 @@
+//! The rows of the ClusterIP bench: the datapath a measurement crosses,
+//! its label, the seed's figure for it, and the presets (the seed's
+//! ClusterIP table, its Pod IP table).
+
+use clap::ValueEnum;
+use serde::Serialize;
+
+use crate::{
+    seed::{self, ClusterIpRow, PodIpRow},
+    workload::Kind,
+};
+
+/// The datapath a measurement crosses.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, ValueEnum, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Mode {
+    /// macvlan client, kube-proxy's iptables rules through the
+    /// coordinator veth.
+    KubeProxy,
+    /// macvlan client, kube-proxy's nftables rules through the
+    /// coordinator veth.
+    KubeProxyNft,
+    /// macvlan client, underpass TC programs on its macvlan.
+    Ebpf,
+    /// macvlan client, underpass socket-LB (connect-time translation).
+    SocketLb,
+    /// veth client routed by its node, kube-proxy's iptables rules on
+    /// that node (the seed's Calico row).
+    VethKubeProxy,
+    /// veth client routed by its node, underpass TC programs on its veth
+    /// (the seed's Cilium row).
+    VethEbpf,
+    /// No service: straight to the server pod (the limit).
+    PodIp,
+    /// No service: macvlan pods on two subnets, through the gateway.
+    PodIpRouted,
+    /// No service: veth pods routed by their nodes (Calico's wiring).
+    VethRouted,
+    /// Node namespace to node namespace.
+    Node,
+}
+
+impl Mode {
+    pub const ALL: [Mode; 10] = [
+        Mode::KubeProxy,
+        Mode::KubeProxyNft,
+        Mode::Ebpf,
+        Mode::SocketLb,
+        Mode::VethKubeProxy,
+        Mode::VethEbpf,
+        Mode::PodIp,
+        Mode::PodIpRouted,
+        Mode::VethRouted,
+        Mode::Node,
+    ];
+
+    pub fn label(self) -> &'static str {
+        match self {
+            Mode::KubeProxy => "macvlan + kube-proxy (iptables)",
+            Mode::KubeProxyNft => "macvlan + kube-proxy (nftables)",
+            Mode::Ebpf => "macvlan + underpass TC (eBPF)",
+            Mode::SocketLb => "macvlan + underpass socket-LB",
+            Mode::VethKubeProxy => "veth routed + kube-proxy (Calico's row)",
+            Mode::VethEbpf => "veth routed + underpass TC (Cilium's row)",
+            Mode::PodIp => "macvlan, Pod IP (no service)",
+            Mode::PodIpRouted => "macvlan across subnets, Pod IP",
+            Mode::VethRouted => "veth routed by the nodes, Pod IP",
+            Mode::Node => "node to node",
+        }
+    }
+
+    /// The seed's figure for this row, if it has one.
+    pub fn seed(self, kind: Kind) -> Option<f64> {
+        match self {
+            Mode::KubeProxy | Mode::KubeProxyNft => {
+                seed::cluster_ip(ClusterIpRow::MacvlanKubeProxy, kind)
+            }
+            Mode::Ebpf | Mode::SocketLb => seed::cluster_ip(ClusterIpRow::MacvlanEbpf, kind),
+            Mode::VethKubeProxy => seed::cluster_ip(ClusterIpRow::CalicoKubeProxy, kind),
+            Mode::VethEbpf => seed::cluster_ip(ClusterIpRow::CiliumEbpf, kind),
+            Mode::PodIp => seed::pod_ip(PodIpRow::Macvlan, kind),
+            Mode::PodIpRouted => seed::pod_ip(PodIpRow::MacvlanRouted, kind),
+            Mode::VethRouted => seed::pod_ip(PodIpRow::VethRouted, kind),
+            Mode::Node => seed::pod_ip(PodIpRow::Node, kind),
+        }
+    }
+
+    /// Reaches its server through kube-proxy's rules on the client's node.
+    pub fn kube_proxy(self) -> Option<crate::cluster::KubeProxy> {
+        use crate::cluster::KubeProxy;
+        match self {
+            Mode::KubeProxy | Mode::VethKubeProxy => Some(KubeProxy::Iptables),
+            Mode::KubeProxyNft => Some(KubeProxy::Nftables),
+            _ => None,
+        }
+    }
+
+    /// Needs the underpass agent.
+    pub fn underpass(self) -> bool {
+        matches!(self, Mode::Ebpf | Mode::SocketLb | Mode::VethEbpf)
+    }
+}
+
+/// Which of the seed's tables a run reproduces.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum Preset {
+    /// Every mode: the ClusterIP table with the Pod IP rows beside it.
+    ClusterIp,
+    /// The Pod IP table: macvlan on one subnet and across subnets, veth
+    /// pods routed by their nodes, node to node; no service.
+    PodIp,
+}
+
+impl Preset {
+    /// The modes measured when `--mode` names none.
+    pub fn modes(self) -> Vec<Mode> {
+        match self {
+            Preset::ClusterIp => Mode::ALL.to_vec(),
+            Preset::PodIp => vec![Mode::PodIp, Mode::PodIpRouted, Mode::VethRouted, Mode::Node],
+        }
+    }
+
+    /// The ratios printed under each table (a / b).
+    pub fn ratios(self) -> &'static [(Mode, Mode)] {
+        match self {
+            Preset::ClusterIp => &[
+                (Mode::Ebpf, Mode::KubeProxy),
+                (Mode::Ebpf, Mode::PodIp),
+                (Mode::SocketLb, Mode::PodIp),
+                (Mode::VethEbpf, Mode::VethKubeProxy),
+                (Mode::KubeProxyNft, Mode::KubeProxy),
+            ],
+            Preset::PodIp => &[
+                (Mode::PodIpRouted, Mode::PodIp),
+                (Mode::VethRouted, Mode::PodIp),
+                (Mode::PodIp, Mode::Node),
+            ],
+        }
+    }
+
+    /// The result files' name: `<name>.json`, `<name>-<workload>.svg`.
+    pub fn name(self) -> &'static str {
+        match self {
+            Preset::ClusterIp => "cluster-ip",
+            Preset::PodIp => "pod-ip",
+        }
+    }
+}
+
+/// One value of `--mode`: a mode, or every mode of the preset.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ModeArg {
+    All,
+    One(Mode),
+}
+
+impl ModeArg {
+    /// The modes `args` name, in the order given, each once; the preset's
+    /// when none or `all` is given.
+    pub fn expand(args: &[ModeArg], preset: Preset) -> Vec<Mode> {
+        if args.is_empty() || args.contains(&ModeArg::All) {
+            return preset.modes();
+        }
+        let mut modes = Vec::new();
+        for arg in args {
+            if let ModeArg::One(mode) = arg
+                && !modes.contains(mode)
+            {
+                modes.push(*mode);
+            }
+        }
+        modes
+    }
+}
+
+pub fn parse_mode(value: &str) -> Result<ModeArg, String> {
+    if value == "all" {
+        return Ok(ModeArg::All);
+    }
+    Mode::from_str(value, true).map(ModeArg::One)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn all_or_nothing_means_the_presets_modes_and_a_list_keeps_its_order() {
+        assert_eq!(ModeArg::expand(&[], Preset::ClusterIp), Mode::ALL.to_vec());
+        assert_eq!(ModeArg::expand(&[], Preset::PodIp), Preset::PodIp.modes());
+        assert_eq!(parse_mode("all"), Ok(ModeArg::All));
+        assert_eq!(
+            ModeArg::expand(&[ModeArg::One(Mode::Ebpf), ModeArg::All], Preset::ClusterIp),
+            Mode::ALL.to_vec()
+        );
+        let picked = ["socket-lb", "kube-proxy", "socket-lb"].map(|v| parse_mode(v).unwrap());
+        assert_eq!(
+            ModeArg::expand(&picked, Preset::PodIp),
+            vec![Mode::SocketLb, Mode::KubeProxy]
+        );
+        assert!(parse_mode("ebpff").is_err());
+    }
+
+    #[test]
+    fn every_row_has_the_seeds_figure_where_the_page_gives_one() {
+        // The page's sockperf figures, one per ClusterIP row.
+        let latency: Vec<Option<f64>> = [
+            Mode::KubeProxy,
+            Mode::Ebpf,
+            Mode::VethKubeProxy,
+            Mode::VethEbpf,
+            Mode::PodIp,
+            Mode::Node,
+        ]
+        .map(|m| m.seed(Kind::Sockperf))
+        .to_vec();
+        assert_eq!(
+            latency,
+            [36.8, 27.7, 51.9, 30.2, 24.3, 32.2].map(Some).to_vec()
+        );
+        assert_eq!(Mode::Node.seed(Kind::RedisGet), None, "not on the page");
+    }
+}

@@ -1,0 +1,217 @@
+//! The ClusterIP bench's testbed: the two-node topology with every
+//! mode's client and server, the Services (kube-proxy's rules and the
+//! underpass agent programmed from the same objects), and the one place
+//! that maps a mode to where its client runs and what it connects to.
+
+use std::{
+    net::{Ipv4Addr, SocketAddrV4},
+    path::Path,
+};
+
+use anyhow::Result;
+use lab::{Cgroup, PodSpec, Topology, standard_pods, topology::NODE_ADDRESSES};
+
+use super::modes::Mode;
+use crate::{
+    agent_process::{AgentProcess, start_bench_agent},
+    cluster::{KubeProxy, SERVICE_CIDR, install_kube_proxy, remove_kube_proxy, service_objects},
+    kubeproxy::{ServicePort, service_ports},
+    workload::{
+        ECHO_PORT, IPERF_PORT, Kind, REDIS_PORT, SERVER_CPU, SOCKPERF_PORT, ServerProcess,
+        start_echo_server, start_tool_servers,
+    },
+};
+
+/// The service of the macvlan modes (its endpoint: server-b).
+const VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 10);
+/// The service of the veth modes (its endpoint: vserver).
+const VETH_VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 11);
+
+/// Where a mode's client runs and what it connects to.
+pub(super) struct Endpoint<'a> {
+    pub(super) netns: &'a Path,
+    /// The socket-LB cgroup, for the socket-LB mode's client.
+    pub(super) cgroup: Option<&'a Path>,
+    pub(super) target: SocketAddrV4,
+}
+
+pub(super) struct Testbed {
+    topo: Topology,
+    _servers: Vec<ServerProcess>,
+    cgroup: Cgroup,
+    agent: Option<(AgentProcess, tempfile::TempDir)>,
+    /// kube-proxy's view of the Services.
+    ports: Vec<ServicePort>,
+    /// The flavour of kube-proxy's rules loaded in the client's node.
+    installed: Option<KubeProxy>,
+}
+
+impl Testbed {
+    /// Pods: client → server-b (the macvlan modes), → server-c (the other
+    /// subnet); vclient → vserver (veth pods, routed by their nodes); with
+    /// the Cilium row, client-veth → vserver (a veth client the agent
+    /// attaches, so that vclient carries nothing of ours).
+    pub(super) fn build(modes: &[Mode], kinds: &[Kind], underpass: Option<&Path>) -> Result<Self> {
+        let pods: Vec<PodSpec> = standard_pods()
+            .into_iter()
+            .filter(|p| p.role != "server-a")
+            .collect();
+        let mut topo = Topology::build(&pods)?;
+        let mut veth_pods = vec![
+            ("vclient", 0, [10, 79, 1, 2]),
+            ("vserver", 1, [10, 79, 2, 2]),
+        ];
+        if modes.contains(&Mode::VethEbpf) {
+            veth_pods.push(("client-veth", 0, [10, 79, 1, 3]));
+        }
+        for (role, node, address) in veth_pods {
+            topo.add_veth_pod(&PodSpec {
+                role,
+                node,
+                address: address.into(),
+            })?;
+        }
+        let servers = start_servers(&topo, kinds)?;
+        topo.add_coordinator_veth("client")?;
+        // TCP_CRR opens thousands of connections a second; without these
+        // the clients' TIME_WAIT sockets fill the ephemeral port space and
+        // connect() spends milliseconds searching it, which would be
+        // measured instead of the datapath (the tuning tcpkali's manual
+        // gives).
+        let clients = topo
+            .pods
+            .iter()
+            .filter(|p| p.role.contains("client"))
+            .map(|p| &p.namespace);
+        for namespace in clients.chain([&topo.nodes[0]]) {
+            namespace.sysctl("net.ipv4.tcp_tw_reuse", "1")?;
+            namespace.sysctl("net.ipv4.ip_local_port_range", "10000 65535")?;
+        }
+        let every_port: Vec<(u16, u16)> = [ECHO_PORT, SOCKPERF_PORT, IPERF_PORT, REDIS_PORT]
+            .iter()
+            .map(|&p| (p, p))
+            .collect();
+        let services = [
+            service_objects("bench", VIP, &every_port, &[topo.pod("server-b").address]),
+            service_objects(
+                "bench-veth",
+                VETH_VIP,
+                &every_port,
+                &[topo.pod("vserver").address],
+            ),
+        ];
+        let (all_services, all_slices): (Vec<_>, Vec<_>) = services.iter().cloned().unzip();
+        let ports = service_ports(&all_services, &all_slices);
+        let cgroup = Cgroup::create(&format!("{}-socklb", topo.prefix))?;
+        let agent = if modes.iter().any(|m| m.underpass()) {
+            let tc_clients: &[&str] = if modes.contains(&Mode::VethEbpf) {
+                &["client", "client-veth"]
+            } else {
+                &["client"]
+            };
+            Some(start_bench_agent(
+                underpass, &topo, &cgroup, &services, tc_clients,
+            )?)
+        } else {
+            None
+        };
+        Ok(Self {
+            topo,
+            _servers: servers,
+            cgroup,
+            agent,
+            ports,
+            installed: None,
+        })
+    }
+
+    /// Readies the client's node for `mode`: kube-proxy's rules of its
+    /// flavour (once loaded they stay for the modes after it), and the
+    /// macvlan client's route to the service CIDR through its node only
+    /// for the macvlan kube-proxy modes.
+    pub(super) fn prepare(&mut self, mode: Mode) -> Result<()> {
+        let node = &self.topo.nodes[0];
+        if let Some(flavour) = mode.kube_proxy()
+            && self.installed != Some(flavour)
+        {
+            if let Some(old) = self.installed.take() {
+                remove_kube_proxy(node, old)?;
+            }
+            install_kube_proxy(node, &self.ports, flavour, None)?;
+            self.installed = Some(flavour);
+        }
+        let macvlan_through_node = matches!(mode, Mode::KubeProxy | Mode::KubeProxyNft);
+        self.topo
+            .route_via_node("client", SERVICE_CIDR, macvlan_through_node)?;
+        Ok(())
+    }
+
+    /// Where `mode`'s client runs and what it connects to for `kind`.
+    pub(super) fn endpoint(&self, mode: Mode, kind: Kind) -> Endpoint<'_> {
+        let pod = |role: &str| self.topo.pod(role);
+        let (client, server, cgroup) = match mode {
+            Mode::KubeProxy | Mode::KubeProxyNft | Mode::Ebpf => (pod("client"), VIP, None),
+            Mode::SocketLb => (pod("client"), VIP, Some(self.cgroup.path())),
+            Mode::VethKubeProxy => (pod("vclient"), VETH_VIP, None),
+            Mode::VethEbpf => (pod("client-veth"), VETH_VIP, None),
+            Mode::PodIp => (pod("client"), pod("server-b").address, None),
+            Mode::PodIpRouted => (pod("client"), pod("server-c").address, None),
+            Mode::VethRouted => (pod("vclient"), pod("vserver").address, None),
+            Mode::Node => {
+                return Endpoint {
+                    netns: self.topo.nodes[0].path(),
+                    cgroup: None,
+                    target: SocketAddrV4::new(NODE_ADDRESSES[1], kind.port()),
+                };
+            }
+        };
+        Endpoint {
+            netns: client.namespace.path(),
+            cgroup,
+            target: SocketAddrV4::new(server, kind.port()),
+        }
+    }
+
+    /// Removes kube-proxy's rules and stops the agent; the namespaces go
+    /// on drop.
+    pub(super) fn finish(mut self) -> Result<()> {
+        if let Some(flavour) = self.installed.take() {
+            remove_kube_proxy(&self.topo.nodes[0], flavour)?;
+        }
+        if let Some((mut agent, _manifests)) = self.agent.take() {
+            agent.stop();
+        }
+        Ok(())
+    }
+}
+
+/// The echo server (and, for the tools' workloads, sockperf, iperf3 and
+/// redis) on every server end: server-b, server-c, vserver, node 2.
+fn start_servers(topo: &Topology, kinds: &[Kind]) -> Result<Vec<ServerProcess>> {
+    let server_ends = [
+        (
+            &topo.pod("server-b").namespace,
+            topo.pod("server-b").address,
+        ),
+        (
+            &topo.pod("server-c").namespace,
+            topo.pod("server-c").address,
+        ),
+        (&topo.pod("vserver").namespace, topo.pod("vserver").address),
+        (&topo.nodes[1], NODE_ADDRESSES[1]),
+    ];
+    for (namespace, address) in server_ends {
+        start_echo_server(namespace, address, ECHO_PORT, Some(SERVER_CPU))?;
+    }
+    let mut servers = Vec::new();
+    if kinds
+        .iter()
+        .any(|k| !matches!(k, Kind::Latency | Kind::Rr | Kind::Crr))
+    {
+        eprintln!("starting sockperf, iperf3 and redis servers…");
+        for (namespace, address) in server_ends {
+            servers.extend(start_tool_servers(namespace, address, SERVER_CPU)?);
+        }
+    }
+    Ok(servers)
+}
