@@ -10,6 +10,7 @@ pub mod kubeproxy;
 pub mod latency;
 pub mod loadgen;
 pub mod nginx;
+pub mod options;
 pub mod plot;
 pub mod scale;
 pub mod seed;
@@ -87,23 +88,6 @@ pub fn require_root(what: &str) -> anyhow::Result<()> {
     // SAFETY: geteuid has no preconditions.
     if unsafe { libc::geteuid() } != 0 {
         anyhow::bail!("{what} needs root");
-    }
-    Ok(())
-}
-
-/// Writes a bench's results as JSON to `--json FILE` and, with `--out
-/// DIR`, to `DIR/<file>`.
-pub(crate) fn write_results<T: serde::Serialize>(
-    value: &T,
-    json: Option<&std::path::Path>,
-    out: Option<&std::path::Path>,
-    file: &str,
-) -> anyhow::Result<()> {
-    use anyhow::Context;
-    let text = serde_json::to_string_pretty(value)?;
-    let out_path = out.map(|dir| dir.join(file));
-    for path in json.into_iter().chain(out_path.as_deref()) {
-        std::fs::write(path, &text).with_context(|| format!("writing {}", path.display()))?;
     }
     Ok(())
 }

@@ -43,6 +43,7 @@ use crate::{
         remove_kube_proxy, run_in_limited,
     },
     kubeproxy::{self, ServicePort, service_ports},
+    options::{Output, Repetition},
     plot::{self, Axes, Series},
     workload::{Kind, Measurement, run_worker, start_echo_server},
 };
@@ -78,6 +79,13 @@ impl ScaleDatapath {
 }
 
 #[derive(Parser, Debug)]
+#[command(
+    mut_arg("seconds", |a| a
+        .default_value("3")
+        .help("Seconds of TCP_CRR at each point (0 skips the data plane)")),
+    mut_arg("runs", |a| a.help("TCP_CRR runs at each point (the median is reported)")),
+    mut_arg("quick", |a| a.help("Small sizes only (1 and 100 services, 0.3 s of TCP_CRR), for CI")),
+)]
 pub struct ScaleOpts {
     /// Service counts (comma-separated).
     #[arg(long, value_delimiter = ',', default_value = "1,1000,10000,50000")]
@@ -88,26 +96,16 @@ pub struct ScaleOpts {
     /// Datapaths (comma-separated); default: all.
     #[arg(long, value_enum, value_delimiter = ',')]
     pub datapath: Vec<ScaleDatapath>,
-    /// Seconds of TCP_CRR per measurement (0 skips the data plane).
-    #[arg(long, default_value_t = 3.0)]
-    pub seconds: f64,
-    /// TCP_CRR repetitions at each point (the median is reported).
-    #[arg(long, default_value_t = 3)]
-    pub runs: usize,
+    #[command(flatten)]
+    pub repetition: Repetition,
     /// Seconds a datapath may take to program all services (or apply the
     /// change) before it is killed; it is then skipped at larger points.
     #[arg(long, default_value_t = 120)]
     pub time_limit: u64,
-    /// Small sizes only (1 and 100 services, 0.3 s of TCP_CRR), for CI.
-    #[arg(long)]
-    pub quick: bool,
-    /// Also write the points as JSON here.
-    #[arg(long)]
-    pub json: Option<PathBuf>,
-    /// Write scale.json and the SVG plots (program time, one change,
-    /// TCP_CRR rate and p99 against N) into this directory.
-    #[arg(long)]
-    pub out: Option<PathBuf>,
+    /// --out gets scale.json and the SVG plots (program time, one change,
+    /// TCP_CRR rate and p99 against N).
+    #[command(flatten)]
+    pub output: Output,
     /// Measure nothing: print the table and redraw the plots of an
     /// earlier run from DIR/scale.json.
     #[arg(long, value_name = "DIR", conflicts_with_all = ["out", "json", "quick"])]
@@ -151,10 +149,11 @@ pub fn run(opts: &ScaleOpts) -> Result<()> {
         return Ok(());
     }
     crate::require_root("the scale bench (namespaces, iptables, nft, BPF maps)")?;
-    let (sizes, seconds, runs) = if opts.quick {
-        (vec![1, 100], 0.3, 1)
+    let (runs, seconds) = opts.repetition.plan(0.3);
+    let sizes = if opts.repetition.quick {
+        vec![1, 100]
     } else {
-        (opts.services.clone(), opts.seconds, opts.runs.max(1))
+        opts.services.clone()
     };
     ensure!(
         sizes.iter().chain(&opts.endpoints).all(|&v| v > 0),
@@ -165,9 +164,7 @@ pub fn run(opts: &ScaleOpts) -> Result<()> {
     } else {
         opts.datapath.clone()
     };
-    if let Some(dir) = &opts.out {
-        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-    }
+    opts.output.prepare()?;
     lab::cleanup_on_signals();
     eprintln!("building the two-node topology…");
     let lab = Lab::build()?;
@@ -243,13 +240,8 @@ pub fn run(opts: &ScaleOpts) -> Result<()> {
     }
     drop(lab);
     print_table(&points);
-    crate::write_results(
-        &points,
-        opts.json.as_deref(),
-        opts.out.as_deref(),
-        "scale.json",
-    )?;
-    if let Some(dir) = &opts.out {
+    opts.output.write(&points, "scale.json")?;
+    if let Some(dir) = opts.output.dir() {
         plot_points(dir, &points)?;
         eprintln!("wrote scale.json and the plots to {}", dir.display());
     }

@@ -31,7 +31,10 @@ pub use self::{
     modes::{Mode, ModeArg, Preset},
     report::Row,
 };
-use crate::workload::{Kind, Measurement, run_worker};
+use crate::{
+    options::{Output, Repetition},
+    workload::{Kind, Measurement, run_worker},
+};
 
 #[derive(Parser, Debug)]
 pub struct ClusterIpOpts {
@@ -48,23 +51,11 @@ pub struct ClusterIpOpts {
     /// Workloads (comma-separated); default: all.
     #[arg(long, value_enum, value_delimiter = ',')]
     pub workload: Vec<Kind>,
-    /// Repetitions of every measurement (min/median/max are reported).
-    #[arg(long, default_value_t = 3)]
-    pub runs: usize,
-    /// Seconds per measurement.
-    #[arg(long, default_value_t = 10.0)]
-    pub seconds: f64,
-    /// Every row in seconds (0.3 s per measurement, one run): checks the
-    /// whole pipeline; asserts nothing about speed.
-    #[arg(long)]
-    pub quick: bool,
-    /// Also write the results as JSON here.
-    #[arg(long)]
-    pub json: Option<PathBuf>,
-    /// Write <preset>.json and one SVG bar chart per workload
-    /// (<preset>-<workload>.svg) into this directory.
-    #[arg(long)]
-    pub out: Option<PathBuf>,
+    #[command(flatten)]
+    pub repetition: Repetition,
+    /// (--out gets <preset>.json and <preset>-<workload>.svg.)
+    #[command(flatten)]
+    pub output: Output,
     /// The `underpass` binary (default: next to this one).
     #[arg(long)]
     pub underpass: Option<PathBuf>,
@@ -72,20 +63,14 @@ pub struct ClusterIpOpts {
 
 pub fn run(opts: &ClusterIpOpts) -> Result<()> {
     crate::require_root("the ClusterIP bench (namespaces, eBPF, iptables)")?;
-    if let Some(dir) = &opts.out {
-        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-    }
+    opts.output.prepare()?;
     let modes = ModeArg::expand(&opts.mode, opts.preset);
     let kinds: Vec<Kind> = if opts.workload.is_empty() {
         Kind::ALL.to_vec()
     } else {
         opts.workload.clone()
     };
-    let (runs, seconds) = if opts.quick {
-        (1, 0.3)
-    } else {
-        (opts.runs.max(1), opts.seconds)
-    };
+    let (runs, seconds) = opts.repetition.plan(0.3);
     lab::cleanup_on_signals();
     eprintln!("building the two-node topology…");
     let mut testbed = Testbed::build(&modes, &kinds, opts.underpass.as_deref())?;
@@ -125,16 +110,12 @@ pub fn run(opts: &ClusterIpOpts) -> Result<()> {
     testbed.finish()?;
     print_tables(&measured, &kinds, &modes, opts.preset.ratios());
     let name = opts.preset.name();
-    if let Some(dir) = &opts.out {
+    if let Some(dir) = opts.output.dir() {
         write_charts(&measured, &kinds, &modes, dir, name)?;
     }
-    crate::write_results(
-        &rows(measured),
-        opts.json.as_deref(),
-        opts.out.as_deref(),
-        &format!("{name}.json"),
-    )?;
-    if let Some(dir) = &opts.out {
+    opts.output
+        .write(&rows(measured), &format!("{name}.json"))?;
+    if let Some(dir) = opts.output.dir() {
         eprintln!("wrote {name}.json and the charts to {}", dir.display());
     }
     Ok(())

@@ -38,6 +38,7 @@ use self::{
 use crate::{
     cluster::{KubeProxy, remove_kube_proxy},
     nginx,
+    options::Output,
 };
 
 #[derive(Parser, Debug)]
@@ -74,13 +75,10 @@ pub struct LatencyOpts {
     /// connections), for CI; asserts nothing about speed.
     #[arg(long)]
     pub quick: bool,
-    /// Also write the results as JSON here.
-    #[arg(long)]
-    pub json: Option<PathBuf>,
-    /// Write latency.json and one SVG per size and rate (latency against
-    /// percentile) into this directory.
-    #[arg(long)]
-    pub out: Option<PathBuf>,
+    /// --out gets latency.json and one SVG per size and rate (latency
+    /// against percentile).
+    #[command(flatten)]
+    pub output: Output,
     /// The `underpass` binary (default: next to this one).
     #[arg(long)]
     pub underpass: Option<PathBuf>,
@@ -95,9 +93,7 @@ pub fn run(opts: &LatencyOpts) -> Result<()> {
         return replot(dir);
     }
     crate::require_root("the latency bench (namespaces, nginx, eBPF, iptables)")?;
-    if let Some(dir) = &opts.out {
-        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-    }
+    opts.output.prepare()?;
     for &size in &opts.size {
         anyhow::ensure!(
             nginx::RESPONSE_SIZES.contains(&size),
@@ -125,7 +121,7 @@ pub fn run(opts: &LatencyOpts) -> Result<()> {
     for line in &sweep.skipped {
         println!("\n{line}");
     }
-    if let Some(dir) = &opts.out {
+    if let Some(dir) = opts.output.dir() {
         remove_old_charts(dir)?;
         plot_rows(dir, &rows)?;
     }
@@ -133,12 +129,7 @@ pub fn run(opts: &LatencyOpts) -> Result<()> {
         rows,
         unavailable: testbed.unavailable.clone(),
     };
-    crate::write_results(
-        &document,
-        opts.json.as_deref(),
-        opts.out.as_deref(),
-        "latency.json",
-    )?;
+    opts.output.write(&document, "latency.json")?;
     testbed.stop();
     Ok(())
 }
