@@ -228,8 +228,3 @@ pub fn destroy_connected_udp(
         Ok(destroyed)
     })?
 }
-
-/// Every connected UDP socket in namespace `netns`.
-pub fn connected_udp(netns: Option<&Path>) -> io::Result<Vec<UdpSocketId>> {
-    crate::netns::run_in(netns, || list_here(&mut DiagSocket::open()?))?
-}

@@ -160,11 +160,6 @@ fn slice_issue(slice: &SliceView, kind: IssueKind, field: String, reason: String
     }
 }
 
-/// Whether underpass should serve `service` at all (kube-proxy's filter).
-pub fn is_proxied(service: &Service) -> bool {
-    ServiceView::from(service).proxied
-}
-
 /// Translates one Service with the EndpointSlices that name it (slices of
 /// other services are ignored, so callers may pass more).
 pub fn translate_service<'a>(
