@@ -1,0 +1,106 @@
+//! The bench's own workloads: a fixed-size echo server, and clients for
+//! ping-pong latency (sockperf's one-way = RTT/2), TCP_RR (netperf's
+//! `-r100,100`: one connection, one transaction at a time) and TCP_CRR
+//! (a new connection per transaction).
+//!
+//! Clients run in a worker process (`bench worker`), so each can join the
+//! client pod's namespace, the socket-LB cgroup and a CPU of its own.
+//!
+//! One concern per file: `servers` (the echo server), `tools` (sockperf,
+//! iperf3 and redis: servers, clients, output), `measure` (a client run's
+//! figures and CPU), `worker` (the worker process, and running one).
+
+mod measure;
+mod servers;
+mod tools;
+mod worker;
+
+use clap::ValueEnum;
+use serde::{Deserialize, Serialize};
+
+pub use self::{
+    measure::{CpuTimes, Measurement, measure},
+    servers::start_echo_server,
+    tools::{ServerProcess, start_tool_servers},
+    worker::{WorkerOpts, enter_client, owned_output, pin_to_cpu, run_worker, worker},
+};
+
+/// What a client measures.
+#[derive(
+    Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, ValueEnum, Serialize, Deserialize,
+)]
+#[serde(rename_all = "kebab-case")]
+pub enum Kind {
+    /// 64-byte ping-pong on one connection; one-way latency (RTT/2).
+    Latency,
+    /// 100-byte request/response on one connection; transactions/s.
+    Rr,
+    /// connect + 100-byte request/response + close; transactions/s.
+    Crr,
+    /// `sockperf ping-pong --tcp -m 64` (the seed's latency tool); µs.
+    Sockperf,
+    /// `iperf3 -P 1`; Gbit/s.
+    Iperf1,
+    /// `iperf3 -P 2`; Gbit/s.
+    Iperf2,
+    /// `iperf3 -P 4`; Gbit/s.
+    Iperf4,
+    /// `redis-benchmark -d 1000 -t get`; requests/s.
+    RedisGet,
+    /// `redis-benchmark -d 1000 -t set`; requests/s.
+    RedisSet,
+}
+
+/// Ports the servers listen on (the Service maps the same numbers).
+/// Client and server on different CPUs (2-core machine: one each).
+pub const CLIENT_CPU: usize = 0;
+pub const SERVER_CPU: usize = 1;
+
+pub const ECHO_PORT: u16 = 12345;
+pub const SOCKPERF_PORT: u16 = 11111;
+pub const IPERF_PORT: u16 = 5201;
+pub const REDIS_PORT: u16 = 6379;
+
+impl Kind {
+    pub const ALL: [Kind; 9] = [
+        Kind::Latency,
+        Kind::Sockperf,
+        Kind::Rr,
+        Kind::Crr,
+        Kind::Iperf1,
+        Kind::Iperf2,
+        Kind::Iperf4,
+        Kind::RedisGet,
+        Kind::RedisSet,
+    ];
+
+    pub fn message_size(self) -> usize {
+        match self {
+            Kind::Latency => 64,
+            _ => 100,
+        }
+    }
+
+    pub fn port(self) -> u16 {
+        match self {
+            Kind::Latency | Kind::Rr | Kind::Crr => ECHO_PORT,
+            Kind::Sockperf => SOCKPERF_PORT,
+            Kind::Iperf1 | Kind::Iperf2 | Kind::Iperf4 => IPERF_PORT,
+            Kind::RedisGet | Kind::RedisSet => REDIS_PORT,
+        }
+    }
+
+    pub fn arg(self) -> &'static str {
+        match self {
+            Kind::Latency => "latency",
+            Kind::Rr => "rr",
+            Kind::Crr => "crr",
+            Kind::Sockperf => "sockperf",
+            Kind::Iperf1 => "iperf1",
+            Kind::Iperf2 => "iperf2",
+            Kind::Iperf4 => "iperf4",
+            Kind::RedisGet => "redis-get",
+            Kind::RedisSet => "redis-set",
+        }
+    }
+}

@@ -1,0 +1,124 @@
+//! `bench worker`: a client run as its own process, so that it can join
+//! the client pod's namespace, the socket-LB cgroup and a CPU of its own;
+//! and running one from the bench.
+
+use std::{
+    io,
+    net::SocketAddr,
+    path::{Path, PathBuf},
+    process::{Command, Stdio},
+    time::Duration,
+};
+
+use anyhow::{Context, Result, bail};
+use clap::Parser;
+
+use super::{CLIENT_CPU, Kind, Measurement, measure};
+
+/// `bench worker`: one client run inside a namespace (and cgroup, and on
+/// a CPU), printing its [`Measurement`] as JSON.
+#[derive(Parser, Debug)]
+pub struct WorkerOpts {
+    #[arg(long)]
+    pub netns: PathBuf,
+    /// cgroup v2 directory to join first (socket-LB translates only
+    /// processes below the cgroup it is attached to).
+    #[arg(long)]
+    pub cgroup: Option<PathBuf>,
+    /// CPU to pin the client to.
+    #[arg(long)]
+    pub cpu: Option<usize>,
+    #[arg(long, value_enum)]
+    pub kind: Kind,
+    #[arg(long)]
+    pub target: SocketAddr,
+    #[arg(long, default_value_t = 2.0)]
+    pub seconds: f64,
+}
+
+pub fn worker(opts: &WorkerOpts) -> Result<()> {
+    enter_client(&opts.netns, opts.cgroup.as_deref(), opts.cpu)?;
+    let measurement = measure(
+        opts.kind,
+        opts.target,
+        Duration::from_secs_f64(opts.seconds),
+    )?;
+    println!("{}", serde_json::to_string(&measurement)?);
+    Ok(())
+}
+
+/// Runs one `bench worker` (this binary) in `netns` (and `cgroup`), on
+/// [`CLIENT_CPU`], and reads its measurement.
+pub fn run_worker(
+    netns: &Path,
+    cgroup: Option<&Path>,
+    kind: Kind,
+    target: SocketAddr,
+    seconds: f64,
+) -> Result<Measurement> {
+    let mut command = Command::new(std::env::current_exe()?);
+    command
+        .arg("worker")
+        .arg("--netns")
+        .arg(netns)
+        .args(["--cpu", &CLIENT_CPU.to_string()])
+        .args(["--kind", kind.arg()])
+        .args(["--target", &target.to_string()])
+        .args(["--seconds", &seconds.to_string()])
+        .stderr(Stdio::inherit());
+    if let Some(cgroup) = cgroup {
+        command.arg("--cgroup").arg(cgroup);
+    }
+    let output = crate::workload::owned_output(&mut command)?;
+    if !output.status.success() {
+        bail!("worker failed ({})", output.status);
+    }
+    serde_json::from_slice(&output.stdout).context("reading the worker's result")
+}
+
+/// Runs `command` to completion (stdout captured) as a child an
+/// interrupted run kills ([`lab::own_child`]): a
+/// worker must not outlive the namespaces and cgroup it is in.
+pub fn owned_output(command: &mut std::process::Command) -> Result<std::process::Output> {
+    let child = command
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .context("starting a bench worker")?;
+    let pid = child.id();
+    lab::own_child(pid);
+    let output = child.wait_with_output();
+    lab::disown_child(pid);
+    Ok(output?)
+}
+
+/// Puts this (single-threaded, client) process where a measurement runs:
+/// into `cgroup` (socket-LB translates only processes below the cgroup it
+/// is attached to), onto `cpu`, then into the namespace `netns`.
+pub fn enter_client(
+    netns: &std::path::Path,
+    cgroup: Option<&std::path::Path>,
+    cpu: Option<usize>,
+) -> Result<()> {
+    if let Some(cgroup) = cgroup {
+        std::fs::write(cgroup.join("cgroup.procs"), std::process::id().to_string())
+            .with_context(|| format!("joining cgroup {}", cgroup.display()))?;
+    }
+    if let Some(cpu) = cpu {
+        pin_to_cpu(cpu)?;
+    }
+    datapath_user::netns::enter(netns).with_context(|| format!("entering {}", netns.display()))
+}
+
+/// Pins the calling thread (and what it spawns) to `cpu`.
+pub fn pin_to_cpu(cpu: usize) -> Result<()> {
+    // SAFETY: a zeroed cpu_set_t is valid; CPU_SET writes inside it.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_SET(cpu, &mut set);
+        if libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set) != 0 {
+            return Err(io::Error::last_os_error())
+                .with_context(|| format!("pinning to CPU {cpu}"));
+        }
+    }
+    Ok(())
+}
