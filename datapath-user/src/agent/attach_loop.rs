@@ -1,0 +1,157 @@
+//! The agent's attach loop, on a thread of its own (attaching enters
+//! namespaces): after the first full sync it pins the TC programs for the
+//! CNI plugin and attaches socket-LB, then scans pods (attach, repair,
+//! detach) and syncs the socket-LB skip list every interval.
+//!
+//! Programs are attached (swapped into existing links) only after the
+//! first full sync: a map this start replaced (`map_pins`) is empty until
+//! then, and programs using it would drop service traffic that the
+//! previous ones still translate. Ready means synced and attached.
+
+use std::{
+    path::PathBuf,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+    thread::JoinHandle,
+    time::{Duration, Instant},
+};
+
+use tracing::{info, warn};
+
+use crate::{Datapath, attach::PodAttacher, metrics::Metrics, sock_lb_skip::SockLbSkip};
+
+pub(super) struct AttachLoop {
+    /// The pods' attacher, which holds the datapath; `None` with
+    /// --no-pod-attach, when `bare` holds it.
+    pub(super) pods: Option<PodAttacher>,
+    pub(super) bare: Option<Datapath>,
+    pub(super) skip: Option<SockLbSkip>,
+    /// The socket-LB cgroup, if any.
+    pub(super) cgroup: Option<PathBuf>,
+    pub(super) interval: Duration,
+    pub(super) metrics: Arc<Metrics>,
+}
+
+impl AttachLoop {
+    /// Runs until `stop`.
+    pub(super) fn spawn(mut self, stop: Arc<AtomicBool>) -> JoinHandle<()> {
+        std::thread::spawn(move || {
+            while !self.metrics.synced.load(Ordering::Relaxed) {
+                if stop.load(Ordering::Relaxed) {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            if let Err(e) = self.datapath().pin_tc_programs() {
+                warn!("pinning the TC programs for the CNI plugin: {e}");
+            }
+            // Socket-LB is attached before the first scan, and tried again
+            // every scan while it fails (pods are served meanwhile; the
+            // agent is not ready until it is attached).
+            let mut socket_lb_pending = self.cgroup.clone();
+            let mut last_error = String::new();
+            while !stop.load(Ordering::Relaxed) {
+                if let Some(cgroup) = socket_lb_pending.clone()
+                    && self.attach_socket_lb(&cgroup, &mut last_error)
+                {
+                    socket_lb_pending = None;
+                }
+                self.scan_pods();
+                self.sync_skip_list();
+                self.metrics
+                    .ready
+                    .store(socket_lb_pending.is_none(), Ordering::Relaxed);
+                let deadline = Instant::now() + self.interval;
+                while Instant::now() < deadline && !stop.load(Ordering::Relaxed) {
+                    std::thread::sleep(Duration::from_millis(20).min(self.interval));
+                }
+            }
+        })
+    }
+
+    fn datapath(&mut self) -> &mut Datapath {
+        match (self.pods.as_mut(), self.bare.as_mut()) {
+            (Some(pods), _) => pods.datapath_mut(),
+            (None, Some(datapath)) => datapath,
+            (None, None) => unreachable!("one of the two holds the datapath"),
+        }
+    }
+
+    /// Attaches socket-LB to `cgroup`; true once attached. A failure is
+    /// logged when it differs from the last one.
+    fn attach_socket_lb(&mut self, cgroup: &std::path::Path, last_error: &mut String) -> bool {
+        match self.datapath().attach_sock(cgroup) {
+            Ok(_) => {
+                info!(cgroup = %cgroup.display(), "socket-LB attached");
+                true
+            }
+            Err(e) => {
+                if e.to_string() != *last_error {
+                    *last_error = e.to_string();
+                    tracing::error!(
+                        cgroup = %cgroup.display(),
+                        "attaching socket-LB to the cgroup (--cgroup), retrying: {e}"
+                    );
+                }
+                false
+            }
+        }
+    }
+
+    /// One scan of the pods' namespaces, its outcome logged and counted.
+    fn scan_pods(&mut self) {
+        let Some(attacher) = self.pods.as_mut() else {
+            return;
+        };
+        let report = attacher.scan();
+        for (netns, iface) in &report.attached {
+            info!(netns, iface, "attached");
+        }
+        for (netns, iface) in &report.detached {
+            info!(netns, iface, "detached (gone)");
+        }
+        for (netns, iface) in &report.repaired {
+            warn!(
+                netns,
+                iface, "our programs were detached by someone else: attached again"
+            );
+            self.metrics.attachments_repaired.inc();
+        }
+        for (netns, iface) in &report.refreshed {
+            info!(
+                netns,
+                iface, "attached by the CNI plugin with other programs: ours swapped in"
+            );
+        }
+        for (netns, iface, error) in &report.errors {
+            warn!(netns, iface, "attach: {error}");
+        }
+        self.metrics
+            .attached_interfaces
+            .set(attacher.attached().len() as i64);
+    }
+
+    /// The pods socket-LB leaves to the TC path, made equal to the
+    /// namespaces that match --socket-lb-skip-netns.
+    fn sync_skip_list(&mut self) {
+        let Some(skip) = self.skip.as_mut() else {
+            return;
+        };
+        match skip.sync() {
+            Ok(report) => {
+                for netns in report.added {
+                    info!(netns, "socket-LB skips this pod: TC path");
+                }
+                for netns in report.removed {
+                    info!(netns, "socket-LB skip list: pod gone");
+                }
+                for (netns, error) in report.errors {
+                    warn!(netns, "socket-LB skip list: {error}");
+                }
+            }
+            Err(e) => warn!("socket-LB skip list: {e}"),
+        }
+    }
+}

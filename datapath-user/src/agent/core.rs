@@ -1,0 +1,321 @@
+//! The agent's core: the store of Services and EndpointSlices and the
+//! reconciler, driven one debounced batch of changes at a time, with the
+//! issues and figures each sync leaves. The async loop feeds it; the
+//! bench drives it directly.
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    sync::{Arc, atomic::Ordering},
+    time::{Duration, Instant},
+};
+
+use tokio::sync::mpsc;
+use tracing::{info, warn};
+
+use crate::{
+    k8s::{
+        Issue, IssueKind, NodeContext, ObjectKey,
+        source::SourceMessage,
+        store::{Change, Kind, Store},
+    },
+    maps::LbMaps,
+    metrics::{IssueLabels, Metrics, SyncLabels},
+    reconcile::Reconciler,
+    udp_terminate::SocketTerminator,
+};
+
+/// How often services whose map writes failed are tried again.
+const RETRY_INTERVAL: Duration = Duration::from_secs(10);
+
+/// Store and reconciler, driven one batch of changes at a time. The async
+/// loop below feeds it; the bench drives it directly.
+pub struct AgentCore<M> {
+    pub store: Store,
+    reconciler: Reconciler<M>,
+    node: NodeContext,
+    metrics: Arc<Metrics>,
+    /// Standing issues per service (logged when they change).
+    issues: BTreeMap<ObjectKey, Vec<Issue>>,
+    /// Services whose last update hit a map write failure: retried after
+    /// the start-up prune and periodically.
+    failed: BTreeSet<ObjectKey>,
+    /// A source could not read everything at start: no pruning of
+    /// frontends that nothing seems to ask for.
+    incomplete: bool,
+    /// Moves connected UDP sockets off departed backends (none: nobody
+    /// does, e.g. without socket-LB).
+    terminator: Option<Box<dyn SocketTerminator>>,
+}
+
+/// What one sync did.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct SyncStats {
+    pub services: usize,
+    pub written: usize,
+    pub removed: usize,
+    pub issues: usize,
+}
+
+impl<M: LbMaps> AgentCore<M> {
+    pub fn new(mut reconciler: Reconciler<M>, node: NodeContext, metrics: Arc<Metrics>) -> Self {
+        reconciler.set_node_name(node.node_name.as_deref());
+        Self {
+            store: Store::default(),
+            reconciler,
+            node,
+            metrics,
+            issues: BTreeMap::new(),
+            failed: BTreeSet::new(),
+            incomplete: false,
+            terminator: None,
+        }
+    }
+
+    /// Hands the backends that leave UDP frontends to `terminator`.
+    pub fn with_terminator(mut self, terminator: Box<dyn SocketTerminator>) -> Self {
+        self.terminator = Some(terminator);
+        self
+    }
+
+    pub fn reconciler(&self) -> &Reconciler<M> {
+        &self.reconciler
+    }
+
+    /// Every service, then prune what nothing asks for. The first sync
+    /// after adopting the maps.
+    pub fn full_sync(&mut self) -> SyncStats {
+        let started = Instant::now();
+        let all: BTreeSet<ObjectKey> = self.store.service_keys().cloned().collect();
+        // Services the maps hold but the store lacks are gone: nothing
+        // asks for their frontends, so prune removes them.
+        let mut stats = self.sync(all);
+        if self.incomplete {
+            warn!("not pruning frontends nothing asks for: a source could not read everything");
+        }
+        match self.reconciler.prune(self.incomplete) {
+            Ok(report) => info!(
+                frontends = report.frontends,
+                backends = report.backends,
+                reverse_nat = report.rev_nats,
+                stray_slots = report.stray_slots,
+                filter_buckets = report.filter_buckets,
+                "pruned entries nothing asks for"
+            ),
+            Err(issues) => {
+                for issue in &issues {
+                    warn!("prune: {issue}");
+                }
+                stats.issues += issues.len();
+            }
+        }
+        // What failed for lack of room may fit now that prune freed some.
+        let failed = std::mem::take(&mut self.failed);
+        let retry = self.sync(failed);
+        stats.written += retry.written;
+        self.metrics
+            .sync_duration
+            .get_or_create(&SyncLabels { kind: "full" })
+            .observe(started.elapsed().as_secs_f64());
+        self.update_gauges();
+        stats
+    }
+
+    /// Re-translates `dirty` services and applies the difference.
+    pub fn sync(&mut self, dirty: BTreeSet<ObjectKey>) -> SyncStats {
+        let mut stats = SyncStats::default();
+        // In name order, so a contested frontend goes to the first service
+        // by namespace/name, as `translate()` gives it.
+        let mut queue: std::collections::VecDeque<ObjectKey> = dirty.into_iter().collect();
+        let mut done = BTreeSet::new();
+        // Retries are bounded: each one follows a frontend's release.
+        let mut budget = queue.len() * 4 + 64;
+        let mut departed = Vec::new();
+        while let Some(service) = queue.pop_front() {
+            if !done.insert(service.clone()) {
+                continue;
+            }
+            budget = budget.saturating_sub(1);
+            let translation = self.store.translate(&service, &self.node);
+            let mut outcome = self.reconciler.update_service(&service, &translation);
+            departed.append(&mut outcome.departed);
+            stats.services += 1;
+            stats.written += outcome.frontends_written;
+            stats.removed += outcome.frontends_removed;
+            let mut issues = translation.issues;
+            issues.extend(outcome.issues);
+            stats.issues += issues.len();
+            if issues.iter().any(|i| i.kind == IssueKind::Datapath) {
+                self.failed.insert(service.clone());
+            } else {
+                self.failed.remove(&service);
+            }
+            self.record_issues(&service, issues);
+            if budget > 0 {
+                for waiter in outcome.retry {
+                    done.remove(&waiter);
+                    queue.push_back(waiter);
+                }
+            }
+        }
+        if !departed.is_empty()
+            && let Some(terminator) = &mut self.terminator
+        {
+            terminator.terminate(&departed);
+        }
+        stats
+    }
+
+    /// Logs and counts issues that are new for `service`.
+    fn record_issues(&mut self, service: &ObjectKey, issues: Vec<Issue>) {
+        let previous = self.issues.remove(service).unwrap_or_default();
+        for issue in &issues {
+            if !previous.contains(issue) {
+                warn!("{issue}");
+                self.metrics
+                    .issues_total
+                    .get_or_create(&IssueLabels {
+                        kind: issue.kind.as_str(),
+                    })
+                    .inc();
+            }
+        }
+        for issue in &previous {
+            self.metrics
+                .issues
+                .get_or_create(&IssueLabels {
+                    kind: issue.kind.as_str(),
+                })
+                .dec();
+        }
+        for issue in &issues {
+            self.metrics
+                .issues
+                .get_or_create(&IssueLabels {
+                    kind: issue.kind.as_str(),
+                })
+                .inc();
+        }
+        if !issues.is_empty() {
+            self.issues.insert(service.clone(), issues);
+        }
+    }
+
+    pub fn update_gauges(&self) {
+        self.metrics.services.set(self.store.service_count() as i64);
+        self.metrics
+            .frontends
+            .set(self.reconciler.frontend_count() as i64);
+        self.metrics
+            .backends
+            .set(self.reconciler.backend_count() as i64);
+    }
+
+    /// Drives the core from `rx` until it closes: waits until every kind
+    /// has been delivered once, syncs everything, then applies changes in
+    /// batches (what arrives within `debounce` of the first).
+    pub async fn run(mut self, mut rx: mpsc::Receiver<SourceMessage>, debounce: Duration) {
+        let mut waiting: BTreeSet<Kind> = [Kind::Service, Kind::EndpointSlice].into();
+        while !waiting.is_empty() {
+            match rx.recv().await {
+                None => return,
+                Some(SourceMessage::Synced(kind)) => {
+                    waiting.remove(&kind);
+                }
+                Some(message) => {
+                    self.take(message);
+                }
+            }
+        }
+        let stats = self.full_sync();
+        info!(
+            services = self.store.service_count(),
+            slices = self.store.slice_count(),
+            frontends = self.reconciler.frontend_count(),
+            backends = self.reconciler.backend_count(),
+            written = stats.written,
+            issues = stats.issues,
+            "first full sync done: the maps match the cluster"
+        );
+        self.metrics.synced.store(true, Ordering::Relaxed);
+        release_free_memory();
+        let mut retry = tokio::time::interval(RETRY_INTERVAL);
+        retry.tick().await;
+        loop {
+            let message = tokio::select! {
+                message = rx.recv() => message,
+                _ = retry.tick() => {
+                    if !self.failed.is_empty() {
+                        let failed = std::mem::take(&mut self.failed);
+                        self.sync(failed);
+                        self.update_gauges();
+                    }
+                    continue;
+                }
+            };
+            let Some(message) = message else {
+                return;
+            };
+            let started = Instant::now();
+            let mut dirty = self.take(message);
+            if !debounce.is_zero() {
+                tokio::time::sleep(debounce).await;
+            }
+            while let Ok(message) = rx.try_recv() {
+                dirty.extend(self.take(message));
+            }
+            if dirty.is_empty() {
+                continue;
+            }
+            let stats = self.sync(dirty);
+            self.metrics
+                .sync_duration
+                .get_or_create(&SyncLabels {
+                    kind: "incremental",
+                })
+                .observe(started.elapsed().as_secs_f64());
+            self.update_gauges();
+            tracing::debug!(?stats, "incremental sync");
+        }
+    }
+
+    fn take(&mut self, message: SourceMessage) -> BTreeSet<ObjectKey> {
+        match message {
+            SourceMessage::Change(change) => self.store.apply(change),
+            SourceMessage::Synced(_) => BTreeSet::new(),
+            SourceMessage::Incomplete(reason) => {
+                warn!("{reason}");
+                self.incomplete = true;
+                BTreeSet::new()
+            }
+            SourceMessage::Problem { kind, message } => {
+                warn!("{message}");
+                self.metrics
+                    .issues_total
+                    .get_or_create(&IssueLabels {
+                        kind: kind.as_str(),
+                    })
+                    .inc();
+                BTreeSet::new()
+            }
+        }
+    }
+
+    /// Applies one change now (the bench's entry point).
+    pub fn apply_now(&mut self, change: Change) -> SyncStats {
+        let dirty = self.store.apply(change);
+        self.sync(dirty)
+    }
+}
+
+/// Runs the agent until SIGINT/SIGTERM. Leaves maps and links pinned:
+/// the datapath keeps serving while no agent runs.
+/// Gives the memory freed after the first sync (the initial list, parsed
+/// manifests) back to the kernel: glibc keeps freed heap otherwise, and
+/// the agent's RSS would stay at its start-up peak.
+fn release_free_memory() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: malloc_trim only releases free heap pages.
+    unsafe {
+        libc::malloc_trim(0);
+    }
+}

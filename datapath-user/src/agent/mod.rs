@@ -1,0 +1,256 @@
+//! `underpass agent`: sources → store → translate → reconcile, plus pod
+//! attachment, socket-LB and the metrics endpoint.
+//!
+//! Restart safety comes from pins: maps and links live in bpffs, so the
+//! datapath keeps translating while no agent runs, and a starting agent
+//! adopts them (same maps, same ids, programs replaced in their links).
+//!
+//! One step per file: `core` (store and reconciler, one batch at a time),
+//! `attach_loop` (programs onto pods and the cgroup, after the first
+//! sync), `kube_client` (the API server's client); `run` here wires them.
+
+mod attach_loop;
+mod core;
+mod kube_client;
+
+use std::{
+    net::SocketAddr,
+    path::{Path, PathBuf},
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+    time::Duration,
+};
+
+use anyhow::{Context, Result};
+use datapath_common::sock_lb::SockLbScope;
+use tokio::sync::mpsc;
+use tracing::{info, warn};
+
+use self::{attach_loop::AttachLoop, kube_client::kube_client};
+pub use self::{
+    core::{AgentCore, SyncStats},
+    kube_client::with_api_server,
+};
+use crate::{
+    Datapath, LoadOptions, TcMode,
+    attach::{PodAttacher, Selector},
+    datapath_events,
+    features::{self, Plan},
+    http,
+    k8s::{NodeContext, source},
+    loader::{CtTimeouts, DatapathLog, MapSizes},
+    map_pins::PinPolicy,
+    maps::DatapathMaps,
+    metrics::Metrics,
+    reconcile::Reconciler,
+    sock_lb_skip::SockLbSkip,
+    udp_terminate::UdpSocketTerminator,
+};
+
+/// Where the agent reads the cluster from.
+#[derive(Clone, Debug)]
+pub enum SourceConfig {
+    /// The API server: in-cluster config, or this kubeconfig file; at
+    /// `api_server` when given (`with_api_server`).
+    Kubernetes {
+        kubeconfig: Option<PathBuf>,
+        api_server: Option<String>,
+    },
+    /// A directory of manifests, polled.
+    Directory { dir: PathBuf, interval: Duration },
+}
+
+#[derive(Clone, Debug)]
+pub struct AgentOptions {
+    pub pin_dir: PathBuf,
+    pub source: SourceConfig,
+    pub node: NodeContext,
+    /// None: do not attach to pods (socket-LB only, or `underpass
+    /// attach` by hand / CNI).
+    pub netns_dir: Option<PathBuf>,
+    pub selector: Selector,
+    pub netns_interval: Duration,
+    pub tc_mode: TcMode,
+    /// None: no socket-LB.
+    pub cgroup: Option<PathBuf>,
+    /// Socket-LB for host processes only: pods take the TC path.
+    pub socket_lb_host_only: bool,
+    /// Pods (netns names) socket-LB leaves to the TC path.
+    pub socket_lb_skip: Option<glob::Pattern>,
+    pub metrics_address: SocketAddr,
+    pub debounce: Duration,
+    pub sizes: MapSizes,
+    pub ct_timeouts: CtTimeouts,
+    /// Which rare datapath events are logged (fixed at load).
+    pub datapath_log: DatapathLog,
+}
+
+pub async fn run(options: AgentOptions) -> Result<()> {
+    crate::raise_open_files_limit();
+    // What this kernel allows, before anything is loaded: a missing
+    // feature the datapath cannot do without stops here, named.
+    let plan = features::plan(
+        crate::probe::kernel(),
+        features::Wants {
+            tc_mode: options.tc_mode,
+            socket_lb: options.cgroup.is_some(),
+        },
+    )?;
+    for missing in &plan.degraded {
+        warn!(
+            feature = missing.name,
+            since = %format!("Linux {}", missing.since),
+            "kernel feature missing: {}",
+            missing.without
+        );
+    }
+    // The API server's configuration first: a wrong kubeconfig fails
+    // before anything is loaded or attached.
+    let client = match &options.source {
+        SourceConfig::Kubernetes {
+            kubeconfig,
+            api_server,
+        } => Some(kube_client(kubeconfig.as_ref(), api_server.as_deref()).await?),
+        SourceConfig::Directory { .. } => None,
+    };
+    let mut datapath =
+        Datapath::load(&load_options(&options, &plan)?).context("loading the datapath")?;
+    // Read from the start: an event of the first packets is kept.
+    if let Some(events) = datapath
+        .take_event_log(log::logger())
+        .context("reading the datapath's event log")?
+    {
+        tokio::spawn(datapath_events::forward(events));
+    }
+    info!(pin_dir = %options.pin_dir.display(), "datapath loaded; maps pinned (existing pins adopted)");
+    let maps = DatapathMaps::open_pinned(&options.pin_dir).context("opening the pinned maps")?;
+    let metrics = Metrics::new(Some(&options.pin_dir));
+
+    let listener = http::bind(options.metrics_address).await?;
+    info!(address = %options.metrics_address, "serving /metrics, /healthz, /readyz");
+    tokio::spawn(http::serve(listener, metrics.clone()));
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let attach_thread =
+        attach_loop(&options, &plan, datapath, metrics.clone())?.spawn(stop.clone());
+
+    let (tx, rx) = mpsc::channel(1024);
+    let source = match &options.source {
+        SourceConfig::Kubernetes { .. } => {
+            let client = client.context("the Kubernetes client was built above")?;
+            tokio::spawn(source::watch_api(client, tx))
+        }
+        SourceConfig::Directory { dir, interval } => {
+            info!(dir = %dir.display(), "reading manifests from a directory");
+            tokio::spawn(source::watch_dir(dir.clone(), *interval, tx))
+        }
+    };
+    let reconciler = Reconciler::adopt(maps).context("reading the pinned maps")?;
+    let mut core = AgentCore::new(reconciler, options.node.clone(), metrics.clone());
+    if plan.udp_socket_termination {
+        let terminator =
+            UdpSocketTerminator::open(&options.pin_dir, netns_dir(&options), metrics.clone())
+                .context("opening SOCK_REVERSE_NAT for UDP socket termination")?;
+        core = core.with_terminator(Box::new(terminator));
+    }
+    let core = tokio::spawn(core.run(rx, options.debounce));
+
+    shutdown_signal().await;
+    info!("stopping; maps and links stay pinned, traffic keeps flowing");
+    source.abort();
+    core.abort();
+    stop.store(true, Ordering::Relaxed);
+    let _ = attach_thread.join();
+    Ok(())
+}
+
+/// What the datapath is loaded with: the agent's sizes and lifetimes, the
+/// probed feature bits, the socket-LB scope.
+fn load_options(options: &AgentOptions, plan: &Plan) -> Result<LoadOptions> {
+    let scoped = options.socket_lb_host_only || options.socket_lb_skip.is_some();
+    let sock_lb_scope = if scoped {
+        SockLbScope {
+            // SO_NETNS_COOKIE: Linux 5.14, needed only when scoped.
+            host_netns_cookie: crate::pod_routes::netns_cookie(Path::new("/proc/self/ns/net"))
+                .context(
+                    "reading this (the host's) network namespace cookie for --socket-lb scoping (Linux 5.14+)",
+                )?,
+            host_only: u32::from(options.socket_lb_host_only),
+            skip_listed: u32::from(options.socket_lb_skip.is_some()),
+        }
+    } else {
+        SockLbScope::ALL
+    };
+    Ok(LoadOptions {
+        pin_dir: Some(options.pin_dir.clone()),
+        sizes: options.sizes.clone(),
+        ct_timeouts: options.ct_timeouts,
+        // The agent owns the pins: one made by another version, or with
+        // another size, is replaced.
+        pin_policy: PinPolicy::Own,
+        feature_bits: Some(plan.feature_bits),
+        sock_lb_scope,
+        datapath_log: options.datapath_log,
+    })
+}
+
+/// Where pods' namespaces are looked for (also without pod attachment:
+/// socket-LB's skip list and UDP socket termination look there).
+fn netns_dir(options: &AgentOptions) -> PathBuf {
+    options
+        .netns_dir
+        .clone()
+        .unwrap_or_else(|| crate::netns::NETNS_RUN_DIR.into())
+}
+
+/// The attach loop over `datapath`: pods (unless --no-pod-attach), the
+/// socket-LB cgroup, the skip list.
+fn attach_loop(
+    options: &AgentOptions,
+    plan: &Plan,
+    datapath: Datapath,
+    metrics: Arc<Metrics>,
+) -> Result<AttachLoop> {
+    let (pods, bare) = match &options.netns_dir {
+        Some(dir) => {
+            let mut pods = PodAttacher::new(
+                datapath,
+                dir.clone(),
+                options.selector.clone(),
+                plan.tc_mode,
+            );
+            if plan.feature_bits & datapath_common::features::NETNS_COOKIE_TC == 0 {
+                // The programs cannot look pod routes up: do not keep them.
+                pods.without_pod_routes();
+            }
+            (Some(pods), None)
+        }
+        None => (None, Some(datapath)),
+    };
+    let skip = match (&options.socket_lb_skip, &options.cgroup) {
+        (Some(pattern), Some(_)) => Some(
+            SockLbSkip::open(&options.pin_dir, netns_dir(options), pattern.clone())
+                .context("opening SOCK_LB_SKIP")?,
+        ),
+        _ => None,
+    };
+    Ok(AttachLoop {
+        pods,
+        bare,
+        skip,
+        cgroup: options.cgroup.clone(),
+        interval: options.netns_interval,
+        metrics,
+    })
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+}
