@@ -1,0 +1,176 @@
+//! Taking over the maps at start: what a previous agent programmed is
+//! remembered with its ids (so the first sync rewrites only what differs),
+//! and what nothing asks for after that sync is pruned.
+
+use std::collections::{HashMap, HashSet};
+
+use aya::maps::MapError;
+use datapath_common::maps::BackendId;
+
+use super::{BackendUse, IdAllocator, Programmed, PruneReport, Reconciler, issues::datapath_issue};
+use crate::{
+    k8s::Issue,
+    maps::LbMaps,
+    model::{BackendAddress, Frontend},
+};
+
+impl<M: LbMaps> Reconciler<M> {
+    /// Takes over `maps`, remembering what they hold (with its ids) so the
+    /// first sync rewrites only what differs.
+    pub fn adopt(maps: M) -> Result<Self, MapError> {
+        let dump = maps.dump()?;
+        let mut reconciler = Self {
+            backend_ids: IdAllocator::new(maps.backend_capacity()),
+            rev_nat_ids: IdAllocator::new(maps.rev_nat_capacity()),
+            maps,
+            programmed: HashMap::new(),
+            backends: HashMap::new(),
+            owner: HashMap::new(),
+            held: HashMap::new(),
+            waiting: HashMap::new(),
+            adopted_unused_backends: Vec::new(),
+            adopted_by_address: HashMap::new(),
+            departed: Vec::new(),
+            node_seed: 0,
+            adopted_unused_rev_nats: Vec::new(),
+            stray_slots: dump.stray_slots,
+        };
+        let by_id: HashMap<BackendId, BackendAddress> = dump.backends.iter().copied().collect();
+        let mut referenced = HashSet::new();
+        let mut rev_nats_used = HashSet::new();
+        for found in dump.frontends {
+            let slots: Option<Vec<(BackendId, BackendAddress)>> = found
+                .slots
+                .iter()
+                .map(|slot| slot.and_then(|id| by_id.get(&id).map(|a| (id, *a))))
+                .collect();
+            // Broken: a missing slot or backend, or an address that
+            // another frontend reached under a different id. Re-programmed
+            // by the first sync; until then its entries stay in place.
+            let broken = match &slots {
+                None => true,
+                Some(slots) => slots.iter().any(|(id, address)| {
+                    reconciler
+                        .backends
+                        .get(address)
+                        .is_some_and(|using| using.id != *id)
+                }),
+            };
+            let mut backends = Vec::new();
+            let mut untracked_ids = Vec::new();
+            if broken {
+                // Whatever its slots name stays reserved until the frontend
+                // is rewritten: neither pruned nor handed out again.
+                for id in found.slots.iter().flatten() {
+                    referenced.insert(*id);
+                    reconciler.backend_ids.adopt(*id);
+                    untracked_ids.push(*id);
+                }
+            } else {
+                for (id, address) in slots.unwrap_or_default() {
+                    referenced.insert(id);
+                    reconciler
+                        .backends
+                        .entry(address)
+                        .or_insert(BackendUse { id, frontends: 0 })
+                        .frontends += 1;
+                    backends.push(address);
+                }
+            }
+            rev_nats_used.insert(found.rev_nat_id);
+            reconciler.rev_nat_ids.adopt(u32::from(found.rev_nat_id));
+            reconciler.programmed.insert(
+                found.frontend,
+                Programmed {
+                    rev_nat_id: found.rev_nat_id,
+                    backends,
+                    draining: Vec::new(),
+                    broken,
+                    untracked_ids,
+                },
+            );
+        }
+        for (id, address) in &dump.backends {
+            reconciler.backend_ids.adopt(*id);
+            if !referenced.contains(id) {
+                reconciler.adopted_unused_backends.push(*id);
+                reconciler.adopted_by_address.entry(*address).or_insert(*id);
+            }
+        }
+        for (id, _) in &dump.rev_nats {
+            if !rev_nats_used.contains(id) {
+                reconciler.rev_nat_ids.adopt(u32::from(*id));
+                reconciler.adopted_unused_rev_nats.push(*id);
+            }
+        }
+        Ok(reconciler)
+    }
+
+    /// Removes every programmed frontend no service holds, and every
+    /// entry adoption found unused; rebuilds the service filter. Run once
+    /// after the first full sync.
+    ///
+    /// With `keep_unowned` (the sources could not read everything),
+    /// frontends no service holds are kept: they may belong to an object
+    /// that could not be read.
+    pub fn prune(&mut self, keep_unowned: bool) -> Result<PruneReport, Vec<Issue>> {
+        let mut report = PruneReport::default();
+        let mut issues = Vec::new();
+        let stale: Vec<Frontend> = self
+            .programmed
+            .keys()
+            .filter(|f| !keep_unowned && !self.owner.contains_key(f))
+            .copied()
+            .collect();
+        for frontend in stale {
+            match self.remove(&frontend) {
+                Ok(_) => report.frontends += 1,
+                Err(issue) => issues.push(issue),
+            }
+        }
+        self.adopted_by_address.clear();
+        for id in std::mem::take(&mut self.adopted_unused_backends) {
+            if self.backends.values().any(|u| u.id == id) {
+                continue; // taken into use since adoption
+            }
+            match self.maps.remove_backend(id) {
+                Ok(()) => {
+                    self.backend_ids.release(id);
+                    report.backends += 1;
+                }
+                Err(e) => issues.push(datapath_issue("BACKENDS", format!("backend {id}: {e}"))),
+            }
+        }
+        for id in std::mem::take(&mut self.adopted_unused_rev_nats) {
+            if self.programmed.values().any(|p| p.rev_nat_id == id) {
+                continue;
+            }
+            match self.maps.remove_rev_nat(id) {
+                Ok(()) => {
+                    self.rev_nat_ids.release(u32::from(id));
+                    report.rev_nats += 1;
+                }
+                Err(e) => issues.push(datapath_issue(
+                    "REVERSE_NAT",
+                    format!("reverse-NAT {id}: {e}"),
+                )),
+            }
+        }
+        for key in std::mem::take(&mut self.stray_slots) {
+            match self.maps.remove_service_key(&key) {
+                Ok(()) => report.stray_slots += 1,
+                Err(e) => issues.push(datapath_issue("SERVICES", format!("stray slot: {e}"))),
+            }
+        }
+        let frontends: Vec<Frontend> = self.programmed.keys().copied().collect();
+        match self.maps.rebuild_filter(&frontends) {
+            Ok(n) => report.filter_buckets = n,
+            Err(e) => issues.push(datapath_issue("SERVICE_FILTER", e.to_string())),
+        }
+        if issues.is_empty() {
+            Ok(report)
+        } else {
+            Err(issues)
+        }
+    }
+}

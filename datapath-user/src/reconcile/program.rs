@@ -1,0 +1,249 @@
+//! Writing one frontend (its backends referenced, slots written
+//! make-before-break, departed backends noted) and removing one, with the
+//! issues either can raise.
+
+use datapath_common::maps::{BackendId, RevNatId};
+
+use super::{
+    BackendUse, Departed, Programmed, Reconciler,
+    issues::{limit_issue, program_issue},
+    node_subset,
+};
+use crate::{
+    k8s::{Endpoint, Issue},
+    maps::{LbMaps, ProgramError},
+    model::{BackendAddress, BackendEntry, Frontend},
+};
+
+impl<M: LbMaps> Reconciler<M> {
+    /// Writes `frontend` if its backends differ from what is programmed,
+    /// and holds the draining ones. Returns whether it wrote.
+    pub(super) fn program(
+        &mut self,
+        frontend: &Frontend,
+        endpoints: &[Endpoint],
+        draining: &[Endpoint],
+    ) -> Result<bool, Issue> {
+        // Over the per-service limit: this node serves its own subset (so
+        // the nodes together use every endpoint) and says so; the rest
+        // drain like endpoints that left the ready set.
+        let limit = usize::from(datapath_common::maps::MAX_BACKENDS_PER_SERVICE);
+        let total = endpoints.len();
+        let capped = total > limit;
+        let (endpoints, left_out) = node_subset(endpoints, limit, self.node_seed);
+        let as_address = |e: &Endpoint| BackendAddress {
+            address: e.address,
+            port: e.port,
+            protocol: frontend.protocol,
+        };
+        let addresses: Vec<BackendAddress> = endpoints.iter().map(as_address).collect();
+        // Only a backend that has an id can have flows to drain.
+        let mut draining: Vec<BackendAddress> = draining
+            .iter()
+            .chain(&left_out)
+            .map(as_address)
+            .filter(|a| self.backends.contains_key(a) || self.adopted_by_address.contains_key(a))
+            .collect();
+        draining.sort();
+        let capped_issue = || {
+            program_issue(ProgramError::TooManyBackends {
+                frontend: *frontend,
+                count: total,
+                max: datapath_common::maps::MAX_BACKENDS_PER_SERVICE,
+            })
+        };
+        let existing = self.programmed.get(frontend);
+        let slots_unchanged = existing.is_some_and(|p| !p.broken && p.backends == addresses);
+        if slots_unchanged && existing.is_some_and(|p| p.draining == draining) {
+            return if capped {
+                Err(capped_issue())
+            } else {
+                Ok(false)
+            };
+        }
+        let (rev_nat_id, fresh_rev_nat) = match existing {
+            Some(p) => (p.rev_nat_id, false),
+            None => {
+                let id = self.rev_nat_ids.allocate().ok_or_else(|| {
+                    limit_issue(frontend, "REVERSE_NAT", self.rev_nat_ids.capacity)
+                })?;
+                (id as RevNatId, true)
+            }
+        };
+        // Take references on the new set first; released below on failure.
+        let mut entries = Vec::with_capacity(addresses.len());
+        for (taken, address) in addresses.iter().enumerate() {
+            let Some(id) = self.reference(address) else {
+                let issue = limit_issue(frontend, "BACKENDS", self.backend_ids.capacity);
+                self.release_backends(&addresses[..taken]);
+                if fresh_rev_nat {
+                    self.rev_nat_ids.release(u32::from(rev_nat_id));
+                }
+                return Err(issue);
+            };
+            entries.push(BackendEntry {
+                id,
+                address: address.address,
+                port: address.port,
+            });
+        }
+        for address in &draining {
+            // Known to have an id (filtered above): never allocates.
+            let _ = self.reference(address);
+        }
+        let written = !slots_unchanged;
+        if written && let Err(e) = self.maps.set_service(frontend, rev_nat_id, &entries) {
+            if !matches!(e, ProgramError::Map { .. }) {
+                // Refused before anything was written.
+                self.release_backends(&addresses);
+                self.release_backends(&draining);
+                if fresh_rev_nat {
+                    self.rev_nat_ids.release(u32::from(rev_nat_id));
+                }
+                return Err(program_issue(e));
+            }
+            // A write failed midway: slots (and perhaps the frontend) may
+            // name the old or the new backends. Hold both sets and the
+            // reverse-NAT id until a rewrite succeeds; deleting either now
+            // could leave a slot naming a freed id.
+            let mut held = addresses;
+            let mut held_draining = draining;
+            let mut untracked_ids = Vec::new();
+            if let Some(old) = self.programmed.remove(frontend) {
+                held.extend(old.backends);
+                held_draining.extend(old.draining);
+                untracked_ids = old.untracked_ids;
+            }
+            self.programmed.insert(
+                *frontend,
+                Programmed {
+                    rev_nat_id,
+                    backends: held,
+                    draining: held_draining,
+                    broken: true,
+                    untracked_ids,
+                },
+            );
+            return Err(program_issue(e));
+        }
+        let old = self.programmed.insert(
+            *frontend,
+            Programmed {
+                rev_nat_id,
+                backends: addresses,
+                draining,
+                broken: false,
+                untracked_ids: Vec::new(),
+            },
+        );
+        // Break after make: the old set's entries go only now.
+        if let Some(old) = old {
+            let now = &self.programmed[frontend];
+            let departed: Vec<Departed> = old
+                .backends
+                .iter()
+                .chain(&old.draining)
+                .filter(|b| !now.backends.contains(b) && !now.draining.contains(b))
+                .map(|&backend| Departed {
+                    rev_nat_id,
+                    backend,
+                })
+                .collect();
+            self.note_departed(frontend, departed);
+            self.release_backends(&old.backends);
+            self.release_backends(&old.draining);
+            self.release_untracked(&old.untracked_ids);
+        }
+        if capped {
+            return Err(capped_issue());
+        }
+        Ok(written)
+    }
+
+    /// Remembers backends that left `frontend`, when it is UDP (a TCP
+    /// connection fails fast on its own; a connected UDP socket would
+    /// keep sending into the void).
+    pub(super) fn note_departed(&mut self, frontend: &Frontend, mut departed: Vec<Departed>) {
+        if frontend.protocol == crate::model::Protocol::Udp {
+            departed.sort();
+            departed.dedup();
+            self.departed.extend(departed);
+        }
+    }
+
+    /// Takes a reference on `address`'s backend entry: the one in use, the
+    /// one adoption found in the maps, or a new id. `None` when the id
+    /// space is full.
+    pub(super) fn reference(&mut self, address: &BackendAddress) -> Option<BackendId> {
+        if let Some(using) = self.backends.get_mut(address) {
+            using.frontends += 1;
+            return Some(using.id);
+        }
+        let id = match self.adopted_by_address.remove(address) {
+            Some(id) => id,
+            None => self.backend_ids.allocate()?,
+        };
+        self.backends
+            .insert(*address, BackendUse { id, frontends: 1 });
+        Some(id)
+    }
+
+    /// Removes `frontend` if programmed. Returns whether it was.
+    pub(super) fn remove(&mut self, frontend: &Frontend) -> Result<bool, Issue> {
+        let Some(programmed) = self.programmed.get(frontend).cloned() else {
+            return Ok(false);
+        };
+        self.maps.remove_service(frontend).map_err(program_issue)?;
+        self.programmed.remove(frontend);
+        let departed = programmed
+            .backends
+            .iter()
+            .chain(&programmed.draining)
+            .map(|&backend| Departed {
+                rev_nat_id: programmed.rev_nat_id,
+                backend,
+            })
+            .collect();
+        self.note_departed(frontend, departed);
+        self.rev_nat_ids.release(u32::from(programmed.rev_nat_id));
+        self.release_backends(&programmed.backends);
+        self.release_backends(&programmed.draining);
+        self.release_untracked(&programmed.untracked_ids);
+        Ok(true)
+    }
+
+    /// Frees ids a broken frontend's slots named, unless now in use.
+    pub(super) fn release_untracked(&mut self, ids: &[BackendId]) {
+        for &id in ids {
+            if self.backends.values().any(|u| u.id == id)
+                || self
+                    .programmed
+                    .values()
+                    .any(|p| p.untracked_ids.contains(&id))
+            {
+                continue;
+            }
+            let _ = self.maps.remove_backend(id);
+            self.backend_ids.release(id);
+        }
+    }
+
+    /// Drops one frontend's reference on each backend; deletes backends
+    /// nothing references any more.
+    pub(super) fn release_backends(&mut self, addresses: &[BackendAddress]) {
+        for address in addresses {
+            let Some(using) = self.backends.get_mut(address) else {
+                continue;
+            };
+            using.frontends = using.frontends.saturating_sub(1);
+            if using.frontends == 0 {
+                let id = using.id;
+                // A failed delete leaves a harmless unreferenced entry; the
+                // next start's prune removes it.
+                let _ = self.maps.remove_backend(id);
+                self.backends.remove(address);
+                self.backend_ids.release(id);
+            }
+        }
+    }
+}
