@@ -11,7 +11,7 @@ use super::{
     LatencyOpts,
     designs::{Design, Tuning},
     report::Row,
-    testbed::Testbed,
+    testbed::{Shape, Testbed},
 };
 use crate::loadgen::LoadResult;
 
@@ -37,13 +37,6 @@ impl RatePoint {
             RatePoint::Fixed(rate) => *rate,
         }
     }
-}
-
-/// How every measurement is shaped.
-pub(super) struct Shape {
-    pub(super) connections: usize,
-    pub(super) seconds: f64,
-    pub(super) warmup: f64,
 }
 
 /// What a run measures, in which order.

@@ -20,7 +20,6 @@ use lab::{
 use super::{
     LatencyOpts,
     designs::{Design, Tuning},
-    sweep::Shape,
 };
 use crate::{
     agent_process::{AgentProcess, start_bench_agent},
@@ -413,4 +412,11 @@ fn set_rps_xps(node: &lab::Namespace, on: bool) -> Result<()> {
         );
     }
     Ok(())
+}
+
+/// How every measurement is shaped.
+pub(super) struct Shape {
+    pub(super) connections: usize,
+    pub(super) seconds: f64,
+    pub(super) warmup: f64,
 }
