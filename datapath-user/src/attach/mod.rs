@@ -5,116 +5,27 @@
 //! the interfaces inside each, attaches to the new ones and removes the
 //! pins of those that went away. A namespace appears before its
 //! interface is moved in, so every scan looks inside every namespace.
+//!
+//! `selector` says which interfaces are pods'; `routes` follows each
+//! attached pod's routes (other interfaces replies come back by);
+//! `pinned` lists what is attached from the pins alone.
+
+mod pinned;
+mod routes;
+mod selector;
 
 use std::{
     collections::{BTreeMap, BTreeSet},
-    fs, io,
+    fs,
     path::{Path, PathBuf},
 };
 
-use futures::TryStreamExt;
-use rtnetlink::packet_route::link::{InfoKind, LinkAttribute, LinkFlags, LinkInfo};
-
-use crate::{Datapath, TcMode, loader, netns, pod_routes::PodRoutes};
-
-/// Which namespaces and interfaces get the programs.
-#[derive(Clone, Debug)]
-pub struct Selector {
-    /// Namespace names (file names in the directory).
-    pub netns: glob::Pattern,
-    /// Link kinds, as `ip -d link` shows them (macvlan, ipvlan…).
-    pub kinds: Vec<String>,
-    /// Interface names selected whatever their kind (SR-IOV VFs show no
-    /// kind).
-    pub names: Option<glob::Pattern>,
-}
-
-impl Default for Selector {
-    fn default() -> Self {
-        Self {
-            netns: glob::Pattern::new("*").expect("valid pattern"),
-            kinds: vec!["macvlan".into(), "ipvlan".into()],
-            names: None,
-        }
-    }
-}
-
-impl Selector {
-    pub fn selects(&self, link: &LinkSummary) -> bool {
-        // Down: still being set up. CNI plugins create an interface under
-        // a temporary name and rename it (which needs it down) before
-        // bringing it up; attaching earlier would pin the temporary name.
-        if link.name == "lo" || !link.up {
-            return false;
-        }
-        let by_kind = link
-            .kind
-            .as_ref()
-            .is_some_and(|k| self.kinds.iter().any(|want| want == k));
-        let by_name = self.names.as_ref().is_some_and(|p| p.matches(&link.name));
-        by_kind || by_name
-    }
-}
-
-/// One interface as netlink lists it.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct LinkSummary {
-    pub name: String,
-    /// None for physical devices and VFs.
-    pub kind: Option<String>,
-    /// Administratively up.
-    pub up: bool,
-    pub index: u32,
-}
-
-/// The interfaces inside the namespace at `path`.
-pub fn list_links(path: &Path) -> io::Result<Vec<LinkSummary>> {
-    netns::run_in(Some(path), || {
-        let runtime = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()?;
-        runtime.block_on(async {
-            let (connection, handle, _) = rtnetlink::new_connection()?;
-            tokio::spawn(connection);
-            let mut links = handle.link().get().execute();
-            let mut out = Vec::new();
-            while let Some(message) = links.try_next().await.map_err(io::Error::other)? {
-                let mut summary = LinkSummary {
-                    name: String::new(),
-                    kind: None,
-                    up: message.header.flags.contains(LinkFlags::Up),
-                    index: message.header.index,
-                };
-                for attribute in &message.attributes {
-                    match attribute {
-                        LinkAttribute::IfName(name) => summary.name = name.clone(),
-                        LinkAttribute::LinkInfo(infos) => {
-                            for info in infos {
-                                if let LinkInfo::Kind(kind) = info {
-                                    summary.kind = Some(kind_name(kind));
-                                }
-                            }
-                        }
-                        _ => {}
-                    }
-                }
-                out.push(summary);
-            }
-            Ok(out)
-        })
-    })?
-}
-
-fn kind_name(kind: &InfoKind) -> String {
-    match kind {
-        InfoKind::MacVlan => "macvlan".into(),
-        InfoKind::IpVlan => "ipvlan".into(),
-        InfoKind::MacVtap => "macvtap".into(),
-        InfoKind::Veth => "veth".into(),
-        InfoKind::Other(name) => name.clone(),
-        other => format!("{other:?}").to_lowercase(),
-    }
-}
+use self::pinned::pinned_links;
+pub use self::{
+    pinned::{pinned_reply_links, pinned_tc_links},
+    selector::{LinkSummary, Selector, list_links},
+};
+use crate::{Datapath, TcMode, loader, pod_routes::PodRoutes};
 
 /// What one scan changed.
 #[derive(Debug, Default)]
@@ -395,98 +306,6 @@ impl PodAttacher {
         }
         report
     }
-
-    /// Copies every attached pod's routes into `POD_ROUTES` and keeps the
-    /// ingress program on the other interfaces they leave by; removes it
-    /// where no route leaves any more (or the interface is gone).
-    fn follow_routes(
-        &mut self,
-        existing: &BTreeMap<(String, String), u32>,
-        unknown_netns: &BTreeSet<String>,
-        report: &mut ScanReport,
-    ) {
-        let Some(routes) = &mut self.routes else {
-            return;
-        };
-        let mut want: BTreeMap<(String, String), u32> = BTreeMap::new();
-        let mut errors = Vec::new();
-        for ((netns_name, iface), index) in &self.attached {
-            let Some(own) =
-                index.or_else(|| existing.get(&(netns_name.clone(), iface.clone())).copied())
-            else {
-                continue;
-            };
-            let path = self.dir.join(netns_name);
-            if !path.exists() {
-                continue; // the pod is going; its pins go below
-            }
-            match routes.sync(netns_name, &path) {
-                Ok(table) => {
-                    for route in table.iter().filter(|r| r.ifindex != own) {
-                        if let Some(((_, name), _)) = existing
-                            .iter()
-                            .find(|((ns, _), i)| ns == netns_name && **i == route.ifindex)
-                        {
-                            want.insert((netns_name.clone(), name.clone()), route.ifindex);
-                        }
-                    }
-                }
-                // Deleted between the check and the read.
-                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-                Err(e) => errors.push((
-                    netns_name.clone(),
-                    iface.clone(),
-                    format!("reading routes: {e}"),
-                )),
-            }
-        }
-        for (netns, iface, error) in errors {
-            self.note_error(report, netns, iface, error);
-        }
-        for (key, index) in &want {
-            if self.replies.get(key) == Some(&Some(*index)) {
-                continue;
-            }
-            let (netns_name, iface) = key;
-            let path = self.dir.join(netns_name);
-            match self
-                .datapath
-                .attach_tc_reply(Some(&path.to_string_lossy()), iface, self.mode)
-            {
-                Ok(attachment) => {
-                    attachment.keep();
-                    if self.replies.insert(key.clone(), Some(*index)).is_none() {
-                        report
-                            .attached
-                            .push((netns_name.clone(), format!("{iface} (replies)")));
-                    }
-                }
-                Err(e) => self.note_error(report, netns_name.clone(), iface.clone(), e.to_string()),
-            }
-        }
-        let Some(pin_dir) = self.datapath.pin_dir().map(Path::to_path_buf) else {
-            return;
-        };
-        let stale: Vec<(String, String)> = self
-            .replies
-            .keys()
-            .filter(|key| !want.contains_key(*key) && !unknown_netns.contains(&key.0))
-            .cloned()
-            .collect();
-        for key in stale {
-            let (netns_name, iface) = &key;
-            match loader::detach_pinned_reply(&pin_dir, Some(netns_name), iface) {
-                Ok(_) => {
-                    self.replies.remove(&key);
-                    report
-                        .detached
-                        .push((netns_name.clone(), format!("{iface} (replies)")));
-                }
-                Err(e) => self.note_error(report, netns_name.clone(), iface.clone(), e.to_string()),
-            }
-        }
-    }
-
     fn note_error(&mut self, report: &mut ScanReport, netns: String, iface: String, error: String) {
         let key = (netns.clone(), iface.clone());
         if self.last_errors.get(&key) != Some(&error) {
@@ -494,45 +313,4 @@ impl PodAttacher {
             report.errors.push((netns, iface, error));
         }
     }
-}
-
-/// (netns, iface) pairs with pinned TC links under `pin_dir`, skipping
-/// the agent's own namespace.
-pub fn pinned_tc_links(pin_dir: &Path) -> BTreeSet<(String, String)> {
-    pinned_links(pin_dir, loader::TC_LINKS)
-}
-
-/// (netns, iface) pairs with the ingress program alone pinned (other
-/// interfaces of attached pods, `loader::REPLY_LINKS`).
-pub fn pinned_reply_links(pin_dir: &Path) -> BTreeSet<(String, String)> {
-    pinned_links(pin_dir, loader::REPLY_LINKS)
-}
-
-fn pinned_links(pin_dir: &Path, links_dir: &str) -> BTreeSet<(String, String)> {
-    let mut out = BTreeSet::new();
-    let Ok(namespaces) = fs::read_dir(pin_dir.join(links_dir)) else {
-        return out;
-    };
-    for namespace in namespaces.flatten() {
-        let netns_name = namespace.file_name().to_string_lossy().into_owned();
-        if netns_name == "host" {
-            continue;
-        }
-        for iface in fs::read_dir(namespace.path())
-            .into_iter()
-            .flatten()
-            .flatten()
-        {
-            // Attached once its ingress link is pinned (the last of the
-            // pair): the directory exists a moment before.
-            if !iface.path().join("ingress").exists() {
-                continue;
-            }
-            out.insert((
-                netns_name.clone(),
-                iface.file_name().to_string_lossy().into_owned(),
-            ));
-        }
-    }
-    out
 }
