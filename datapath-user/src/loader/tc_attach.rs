@@ -24,6 +24,14 @@ use super::{
 };
 use crate::{error::LoaderError, netns, object, probe, tc_mode::TcMode};
 
+/// The TC pair: egress DNAT, ingress reverse NAT.
+const TC_PAIR: &[(&str, TcAttachType)] = &[
+    (object::TC_EGRESS, TcAttachType::Egress),
+    (object::TC_INGRESS, TcAttachType::Ingress),
+];
+/// The ingress program alone, on other interfaces replies come back by.
+const INGRESS_ONLY: &[(&str, TcAttachType)] = &[(object::TC_INGRESS, TcAttachType::Ingress)];
+
 impl Datapath {
     /// Attaches the TC pair (egress DNAT, ingress reverse NAT) to `iface`
     /// inside `netns` (a name under /var/run/netns or a path; `None` = this
@@ -41,10 +49,7 @@ impl Datapath {
             iface,
             mode,
             TC_LINKS,
-            &[
-                (object::TC_EGRESS, TcAttachType::Egress),
-                (object::TC_INGRESS, TcAttachType::Ingress),
-            ],
+            TC_PAIR,
         )
     }
 
@@ -64,7 +69,7 @@ impl Datapath {
             iface,
             mode,
             REPLY_LINKS,
-            &[(object::TC_INGRESS, TcAttachType::Ingress)],
+            INGRESS_ONLY,
         )
     }
 }
@@ -85,10 +90,7 @@ impl PinnedTcPrograms {
             iface,
             mode,
             TC_LINKS,
-            &[
-                (object::TC_EGRESS, TcAttachType::Egress),
-                (object::TC_INGRESS, TcAttachType::Ingress),
-            ],
+            TC_PAIR,
         )
     }
 }
