@@ -7,10 +7,10 @@
 mod common;
 
 use std::{
-    io::{Read, Write},
-    net::{Ipv4Addr, SocketAddrV4, TcpListener, TcpStream},
+    io::Write,
+    net::{Ipv4Addr, SocketAddrV4},
     path::{Path, PathBuf},
-    process::{Child, Command, Stdio},
+    process::{Command, Stdio},
     sync::{
         Arc,
         atomic::{AtomicBool, AtomicUsize, Ordering},
@@ -18,143 +18,12 @@ use std::{
     time::{Duration, Instant},
 };
 
-use common::require_root;
+use common::{agent_lab::*, require_root};
 use datapath_user::attach::pinned_tc_links;
 use lab::{
     Cgroup, PodSpec, Topology, standard_pods,
     workload::{self, Answer, Conversation, HeldProbe, ProbeKind, ProbeResult},
 };
-
-const VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 7, 7);
-const TARGET: u16 = 8080;
-const TIMEOUT: Duration = Duration::from_secs(2);
-
-fn manifest(backends: &[Ipv4Addr]) -> String {
-    let mut text = format!(
-        "apiVersion: v1\nkind: Service\nmetadata: {{name: echo, namespace: e2e}}\nspec:\n  clusterIP: {VIP}\n  ports: [{{name: http, port: 80, targetPort: {TARGET}}}]\n---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: echo-1\n  namespace: e2e\n  labels: {{kubernetes.io/service-name: echo}}\naddressType: IPv4\nports: [{{name: http, port: {TARGET}}}]\nendpoints:\n"
-    );
-    for address in backends {
-        text += &format!("- addresses: [{address}]\n  conditions: {{ready: true}}\n");
-    }
-    text
-}
-
-/// Writes `text` to `path` atomically (as kubectl/ConfigMaps do), so the
-/// agent never reads half a file.
-fn write_atomically(path: &Path, text: &str) {
-    let temp = path.with_extension("tmp");
-    std::fs::write(&temp, text).unwrap();
-    std::fs::rename(&temp, path).unwrap();
-}
-
-struct Agent {
-    child: Child,
-    metrics: SocketAddrV4,
-}
-
-impl Agent {
-    /// The TC path only (`--no-socket-lb`).
-    fn start(pin_dir: &Path, dir: &Path, netns_filter: &str) -> Self {
-        Self::start_with(pin_dir, dir, netns_filter, &["--no-socket-lb"])
-    }
-
-    /// With `socket_lb` instead of the default `--no-socket-lb`: e.g.
-    /// `--cgroup <dir>` to put socket-LB on a test cgroup only.
-    fn start_with(pin_dir: &Path, dir: &Path, netns_filter: &str, socket_lb: &[&str]) -> Self {
-        let port = TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
-        let metrics = SocketAddrV4::new(Ipv4Addr::LOCALHOST, port);
-        let child = Command::new(env!("CARGO_BIN_EXE_underpass"))
-            .args(["agent", "--pin-dir"])
-            .arg(pin_dir)
-            .arg("--from-dir")
-            .arg(dir)
-            .args(["--dir-poll-ms", "50", "--netns-poll-ms", "50"])
-            .args(["--netns-filter", netns_filter])
-            .args(socket_lb)
-            .args(["--metrics-address", &metrics.to_string()])
-            .env("RUST_LOG", "info")
-            .stdout(Stdio::null())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .expect("starting underpass agent");
-        let agent = Self { child, metrics };
-        agent.wait_ready();
-        agent
-    }
-
-    fn get(&self, path: &str) -> Option<String> {
-        let mut stream = TcpStream::connect_timeout(&self.metrics.into(), TIMEOUT).ok()?;
-        write!(stream, "GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").ok()?;
-        let mut response = String::new();
-        stream.read_to_string(&mut response).ok()?;
-        Some(response)
-    }
-
-    fn wait_ready(&self) {
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while Instant::now() < deadline {
-            if self
-                .get("/readyz")
-                .is_some_and(|r| r.starts_with("HTTP/1.1 200"))
-            {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        panic!("agent not ready within 20 s");
-    }
-
-    /// SIGTERM, as a DaemonSet rollout sends.
-    fn stop(mut self) {
-        // SAFETY: kill on our child's pid.
-        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
-        let status = self.child.wait().unwrap();
-        assert!(status.success(), "agent exited with {status}");
-    }
-}
-
-impl Drop for Agent {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-/// Removes the pins (maps and links) on drop, also when a test fails.
-struct PinDir(PathBuf);
-
-impl Drop for PinDir {
-    fn drop(&mut self) {
-        for (netns, iface) in pinned_tc_links(&self.0) {
-            let _ = datapath_user::loader::detach_pinned_tc(&self.0, Some(&netns), &iface);
-        }
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
-fn wait_until(what: &str, mut condition: impl FnMut() -> bool) {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while Instant::now() < deadline {
-        if condition() {
-            return;
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    panic!("timed out waiting until {what}");
-}
-
-fn ask_service(topo: &Topology) -> std::io::Result<String> {
-    let target = SocketAddrV4::new(VIP, 80);
-    topo.pod("client")
-        .namespace
-        .run(|| workload::tcp_request(target, TIMEOUT))
-        .unwrap()
-        .map(|a| a.server)
-}
 
 #[test]
 fn agent_attaches_follows_manifests_and_restarts_without_loss() {
@@ -353,12 +222,6 @@ fn agent_attaches_follows_manifests_and_restarts_without_loss() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
-fn tempdir(prefix: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("{prefix}-manifests"));
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
-}
-
 /// Runs `underpass cni` as a runtime would; returns (exit code, stdout).
 fn cni(pin_dir: &Path, command: &str, netns: &Path, stdin: &str) -> (i32, serde_json::Value) {
     let mut child = Command::new(env!("CARGO_BIN_EXE_underpass"))
@@ -452,29 +315,6 @@ fn cni_chaining_attaches_passes_the_result_through_and_detaches() {
 
 /// The `drain` Service: TCP 80 → 8080 and UDP 53 → 5353, one slice
 /// listing `endpoints` with the given conditions (YAML flow maps).
-fn drain_manifest(endpoints: &[(Ipv4Addr, &str)]) -> String {
-    let mut text = format!(
-        "apiVersion: v1\nkind: Service\nmetadata: {{name: drain, namespace: e2e}}\nspec:\n  clusterIP: {VIP}\n  ports:\n  - {{name: http, port: 80, targetPort: {TARGET}}}\n  - {{name: dns, port: 53, protocol: UDP, targetPort: 5353}}\n---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: drain-1\n  namespace: e2e\n  labels: {{kubernetes.io/service-name: drain}}\naddressType: IPv4\nports:\n- {{name: http, port: {TARGET}}}\n- {{name: dns, port: 5353, protocol: UDP}}\nendpoints:"
-    );
-    if endpoints.is_empty() {
-        text += " []\n";
-    }
-    for (address, conditions) in endpoints {
-        text += &format!("\n- addresses: [{address}]\n  conditions: {conditions}");
-    }
-    text + "\n"
-}
-
-/// The datapath counter `event` as the agent's /metrics reports it.
-fn datapath_event(metrics: &str, event: &str) -> u64 {
-    let series = format!("datapath_events_total{{event=\"{event}\"}}");
-    metrics
-        .lines()
-        .find(|l| l.contains(&series))
-        .and_then(|l| l.rsplit(' ').next()?.parse().ok())
-        .unwrap_or_else(|| panic!("no {event} counter in {metrics}"))
-}
-
 fn answered(result: std::io::Result<ProbeResult>) -> String {
     match result.expect("the probe process answers") {
         ProbeResult::Answer(Answer { server, peer }) => {
@@ -1218,19 +1058,11 @@ fn uninstall_removes_every_attachment_and_pin() {
 #[test]
 fn programs_detached_by_someone_else_are_attached_again() {
     require_root("agent e2e");
-    let topo = Topology::build(&standard_pods()).expect("building the topology");
-    let pod = topo.pod("server-a");
-    let _server = workload::tcp_server(&pod.namespace, pod.address, TARGET, "server-a").unwrap();
-    let pins = PinDir(PathBuf::from(format!("/sys/fs/bpf/{}", topo.prefix)));
-    let dir = tempdir(&topo.prefix);
-    write_atomically(&dir.join("echo.yaml"), &manifest(&[pod.address]));
-    let filter = format!("{}-client*", topo.prefix);
-    let agent = Agent::start(&pins.0, &dir, &filter);
-    let client_ns = topo.pod("client").namespace.name().to_owned();
-    wait_until("the client's eth0 is attached", || {
-        pinned_tc_links(&pins.0).contains(&(client_ns.clone(), "eth0".into()))
-    });
-    assert_eq!(ask_service(&topo).unwrap(), "server-a");
+    let lab = EchoLab::new(&["server-a"]);
+    let agent = lab.agent();
+    lab.wait_client_attached();
+    let client_ns = lab.topo.pod("client").namespace.name().to_owned();
+    assert_eq!(lab.ask().unwrap(), "server-a");
     let repaired = || {
         agent.get("/metrics").and_then(|m| {
             m.lines()
@@ -1240,13 +1072,12 @@ fn programs_detached_by_someone_else_are_attached_again() {
     };
     assert_eq!(repaired(), Some(0));
 
-    datapath_user::loader::detach_pinned_tc(&pins.0, Some(&client_ns), "eth0").unwrap();
+    datapath_user::loader::detach_pinned_tc(&lab.pins.0, Some(&client_ns), "eth0").unwrap();
     wait_until("the agent attached the pair again", || {
         repaired().is_some_and(|n| n >= 1)
     });
-    assert_eq!(ask_service(&topo).unwrap(), "server-a");
+    assert_eq!(lab.ask().unwrap(), "server-a");
     agent.stop();
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
 /// Netlink (clsact) mode, for kernels without TCX: filters are not pinned,
@@ -1256,13 +1087,8 @@ fn programs_detached_by_someone_else_are_attached_again() {
 #[test]
 fn netlink_mode_restarts_leave_one_filter_per_direction() {
     require_root("agent e2e");
-    let topo = Topology::build(&standard_pods()).expect("building the topology");
-    let pod = topo.pod("server-a");
-    let _server = workload::tcp_server(&pod.namespace, pod.address, TARGET, "server-a").unwrap();
-    let pins = PinDir(PathBuf::from(format!("/sys/fs/bpf/{}", topo.prefix)));
-    let dir = tempdir(&topo.prefix);
-    write_atomically(&dir.join("echo.yaml"), &manifest(&[pod.address]));
-    let filter = format!("{}-client*", topo.prefix);
+    let lab = EchoLab::new(&["server-a"]);
+    let topo = &lab.topo;
     let client_ns = topo.pod("client").namespace.name().to_owned();
     let filters = |direction: &str| {
         let out = Command::new("ip")
@@ -1281,12 +1107,7 @@ fn netlink_mode_restarts_leave_one_filter_per_direction() {
         text.lines().filter(|l| l.contains(program)).count()
     };
     for round in 0..3 {
-        let agent = Agent::start_with(
-            &pins.0,
-            &dir,
-            &filter,
-            &["--no-socket-lb", "--tc-mode", "netlink"],
-        );
+        let agent = lab.agent_with(&["--no-socket-lb", "--tc-mode", "netlink"]);
         wait_until("the client's eth0 has its filters", || {
             filters("egress") >= 1 && filters("ingress") >= 1
         });
@@ -1296,10 +1117,10 @@ fn netlink_mode_restarts_leave_one_filter_per_direction() {
             "after start {}",
             round + 1
         );
-        assert_eq!(ask_service(&topo).unwrap(), "server-a");
+        assert_eq!(lab.ask().unwrap(), "server-a");
         agent.stop();
         assert_eq!(
-            ask_service(&topo).unwrap(),
+            lab.ask().unwrap(),
             "server-a",
             "the filters outlive the agent"
         );
@@ -1307,7 +1128,7 @@ fn netlink_mode_restarts_leave_one_filter_per_direction() {
     // Netlink filters are not pinned: uninstall finds them by name in the
     // namespaces of its netns directory (here one holding the client's
     // alone: other suites' namespaces are not ours to sweep).
-    let only_client = dir.join("netns");
+    let only_client = lab.dir.join("netns");
     std::fs::create_dir_all(&only_client).unwrap();
     std::os::unix::fs::symlink(
         topo.pod("client").namespace.path(),
@@ -1316,7 +1137,7 @@ fn netlink_mode_restarts_leave_one_filter_per_direction() {
     .unwrap();
     let out = Command::new(env!("CARGO_BIN_EXE_underpass"))
         .args(["uninstall", "--pin-dir"])
-        .arg(&pins.0)
+        .arg(&lab.pins.0)
         .arg("--netns-dir")
         .arg(&only_client)
         .output()
@@ -1327,8 +1148,7 @@ fn netlink_mode_restarts_leave_one_filter_per_direction() {
         (0, 0),
         "uninstall removed them"
     );
-    assert!(ask_service(&topo).is_err(), "nothing translates any more");
-    let _ = std::fs::remove_dir_all(&dir);
+    assert!(lab.ask().is_err(), "nothing translates any more");
 }
 
 /// Socket-LB's scope, through the agent: by default a pod's connect() is
@@ -1340,16 +1160,10 @@ fn netlink_mode_restarts_leave_one_filter_per_direction() {
 #[test]
 fn socket_lb_scope_leaves_opted_out_pods_to_the_tc_path() {
     require_root("agent e2e");
-    let topo = Topology::build(&standard_pods()).expect("building the topology");
-    let pod = topo.pod("server-a");
-    let _server = workload::tcp_server(&pod.namespace, pod.address, TARGET, "server-a").unwrap();
-    let pins = PinDir(PathBuf::from(format!("/sys/fs/bpf/{}", topo.prefix)));
-    let dir = tempdir(&topo.prefix);
-    write_atomically(&dir.join("echo.yaml"), &manifest(&[pod.address]));
-    let cgroup = Cgroup::create(&format!("{}-sock", topo.prefix)).unwrap();
-    let filter = format!("{}-client*", topo.prefix);
-    let client_path = topo.pod("client").namespace.path().to_owned();
-    let client_ns = topo.pod("client").namespace.name().to_owned();
+    let lab = EchoLab::new(&["server-a"]);
+    let cgroup = Cgroup::create(&format!("{}-sock", lab.topo.prefix)).unwrap();
+    let filter = lab.client_filter();
+    let client_path = lab.topo.pod("client").namespace.path().to_owned();
     let cgroup_arg = cgroup.path().to_str().unwrap().to_owned();
     for (case, scope, tc_translates) in [
         ("every process", vec![], false),
@@ -1362,12 +1176,10 @@ fn socket_lb_scope_leaves_opted_out_pods_to_the_tc_path() {
     ] {
         let mut args = vec!["--cgroup", cgroup_arg.as_str()];
         args.extend(scope);
-        let agent = Agent::start_with(&pins.0, &dir, &filter, &args);
-        wait_until("the client's eth0 is attached", || {
-            pinned_tc_links(&pins.0).contains(&(client_ns.clone(), "eth0".into()))
-        });
+        let agent = lab.agent_with(&args);
+        lab.wait_client_attached();
         let tracked = || {
-            datapath_user::DatapathMaps::open_pinned(&pins.0)
+            datapath_user::DatapathMaps::open_pinned(&lab.pins.0)
                 .unwrap()
                 .conntrack_entries()
         };
@@ -1394,7 +1206,6 @@ fn socket_lb_scope_leaves_opted_out_pods_to_the_tc_path() {
         );
         agent.stop();
     }
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
 /// An interface the agent does not select, attached by someone else with

@@ -83,15 +83,7 @@ impl PinnedTcPrograms {
         mode: TcMode,
     ) -> Result<TcAttachment, LoaderError> {
         let pin_dir = self.pin_dir.clone();
-        attach_tc_programs(
-            self,
-            Some(&pin_dir),
-            netns,
-            iface,
-            mode,
-            TC_LINKS,
-            TC_PAIR,
-        )
+        attach_tc_programs(self, Some(&pin_dir), netns, iface, mode, TC_LINKS, TC_PAIR)
     }
 }
 

@@ -1,6 +1,8 @@
 //! Shared by the privileged suites.
 #![allow(dead_code, reason = "each suite uses a different subset")]
 
+pub mod agent_lab;
+
 use datapath_user::{
     Datapath, LoadOptions,
     loader::{CtTimeouts, DatapathLog, MapSizes},
