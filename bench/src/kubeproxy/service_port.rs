@@ -1,0 +1,157 @@
+//! A service port as kube-proxy sees it, the names and hashes its
+//! chains are given, and the choices its configuration makes.
+
+use std::net::Ipv4Addr;
+
+use data_encoding::BASE32;
+use datapath_user::{
+    k8s::{NodeContext, translate},
+    model::Protocol,
+};
+use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
+use sha2::{Digest, Sha256};
+
+/// One service port as kube-proxy sees it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ServicePort {
+    pub namespace: String,
+    pub name: String,
+    /// "" when the port is unnamed.
+    pub port_name: String,
+    pub protocol: Protocol,
+    pub cluster_ip: Ipv4Addr,
+    pub port: u16,
+    /// Sorted as kube-proxy sorts them: by the "IP:port" string.
+    pub endpoints: Vec<(Ipv4Addr, u16)>,
+}
+
+impl ServicePort {
+    /// `ServicePortName.String()`: "ns/name:port", or "ns/name" unnamed.
+    pub fn service_port_name(&self) -> String {
+        if self.port_name.is_empty() {
+            format!("{}/{}", self.namespace, self.name)
+        } else {
+            format!("{}/{}:{}", self.namespace, self.name, self.port_name)
+        }
+    }
+
+    pub(super) fn proto(&self) -> &'static str {
+        match self.protocol {
+            Protocol::Tcp => "tcp",
+            Protocol::Udp => "udp",
+        }
+    }
+
+    /// `KUBE-SVC-…`.
+    pub fn svc_chain(&self) -> String {
+        format!(
+            "KUBE-SVC-{}",
+            port_proto_hash(&self.service_port_name(), self.proto())
+        )
+    }
+
+    /// `KUBE-SEP-…` of one endpoint.
+    pub fn sep_chain(&self, endpoint: (Ipv4Addr, u16)) -> String {
+        let text = format!(
+            "{}{}{}:{}",
+            self.service_port_name(),
+            self.proto(),
+            endpoint.0,
+            endpoint.1
+        );
+        format!("KUBE-SEP-{}", hash16(&text))
+    }
+
+    /// nftables base name: "ns/svc/proto/portName".
+    pub fn nft_base(&self) -> String {
+        format!(
+            "{}/{}/{}/{}",
+            self.namespace,
+            self.name,
+            self.proto(),
+            self.port_name
+        )
+    }
+
+    pub(super) fn nft_endpoint_base(&self, endpoint: (Ipv4Addr, u16)) -> String {
+        format!("{}__{}/{}", self.nft_base(), endpoint.0, endpoint.1)
+    }
+}
+
+fn hash16(text: &str) -> String {
+    BASE32.encode(&Sha256::digest(text.as_bytes()))[..16].to_owned()
+}
+
+/// `portProtoHash`: base32(sha256(servicePortName + protocol))[:16].
+pub fn port_proto_hash(service_port_name: &str, protocol: &str) -> String {
+    hash16(&format!("{service_port_name}{protocol}"))
+}
+
+/// nftables `hashAndTruncate`: base32(sha256(name))[:8] + "-" + name.
+pub fn nft_chain_suffix(name: &str) -> String {
+    let hash = &BASE32.encode(&Sha256::digest(name.as_bytes()))[..8];
+    format!("{hash}-{name}")
+}
+
+/// `fmt.Sprintf("%0.10f", 1.0/float64(n))`.
+pub fn probability(n: usize) -> String {
+    format!("{:.10}", 1.0 / n as f64)
+}
+
+/// Choices kube-proxy makes from its configuration.
+#[derive(Clone, Debug)]
+pub struct Options {
+    /// `--cluster-cidr`: the local-traffic detector (`! -s CIDR`). None:
+    /// the no-op detector, no masquerade rule in service chains.
+    pub cluster_cidr: Option<String>,
+    /// `1 << masqueradeBit` (default bit 14).
+    pub masquerade_mark: u32,
+    /// `--random-fully` on MASQUERADE (iptables ≥ 1.6.2).
+    pub random_fully: bool,
+    /// Service CIDR, for the nftables "drop unallocated ClusterIPs" rule.
+    pub service_cidr: Option<String>,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Self {
+            cluster_cidr: Some("10.0.0.0/8".into()),
+            masquerade_mark: 0x4000,
+            random_fully: true,
+            service_cidr: None,
+        }
+    }
+}
+
+/// Above this many endpoints in total, kube-proxy drops comments from
+/// the per-endpoint rules (`largeClusterEndpointsThreshold`).
+pub const LARGE_CLUSTER_ENDPOINTS: usize = 1000;
+
+/// The service ports kube-proxy would program for these objects (its
+/// endpoint selection is the one underpass's translate implements).
+pub fn service_ports(services: &[Service], slices: &[EndpointSlice]) -> Vec<ServicePort> {
+    let translation = translate(services, slices, &NodeContext::default());
+    let mut out: Vec<ServicePort> = translation
+        .frontends
+        .values()
+        .map(|(owner, desired)| {
+            let mut endpoints: Vec<(Ipv4Addr, u16)> = desired
+                .backends
+                .iter()
+                .map(|b| (b.address, b.port))
+                .collect();
+            endpoints.sort_by_key(|(a, p)| format!("{a}:{p}"));
+            ServicePort {
+                namespace: owner.namespace.clone(),
+                name: owner.name.clone(),
+                port_name: desired.port_name.clone(),
+                protocol: desired.frontend.protocol,
+                cluster_ip: desired.frontend.address,
+                port: desired.frontend.port,
+                endpoints,
+            }
+        })
+        .collect();
+    out.sort_by(|a, b| (a.service_port_name(), a.proto()).cmp(&(b.service_port_name(), b.proto())));
+    out
+}
