@@ -1,6 +1,7 @@
-//! The ClusterIP bench's lab: the two-node topology, the Service objects
-//! every mode is programmed from, and the kube-proxy baseline installed
-//! in the client's node namespace.
+//! What the benches with a kube-proxy baseline share (cluster-ip,
+//! latency, scale): the service CIDR, the Service and EndpointSlice
+//! objects every datapath is programmed from, and kube-proxy's rules
+//! installed in (and removed from) a node namespace.
 
 use std::{
     io::{Read, Write},

@@ -52,8 +52,6 @@ pub enum ClusterIpRow {
     /// Cilium: veth pods routed by their nodes, eBPF kube-proxy
     /// replacement.
     CiliumEbpf,
-    /// Node to node (the page repeats its Pod IP figure).
-    Node,
 }
 
 /// The seed's ClusterIP figure for `row` and `kind`, if it has one.
@@ -63,7 +61,6 @@ pub fn cluster_ip(row: ClusterIpRow, kind: Kind) -> Option<f64> {
         ClusterIpRow::MacvlanEbpf => 1,
         ClusterIpRow::CalicoKubeProxy => 2,
         ClusterIpRow::CiliumEbpf => 3,
-        ClusterIpRow::Node => return pod_ip(PodIpRow::Node, kind),
     };
     let table: [Option<f64>; 4] = match kind {
         Kind::Latency | Kind::Sockperf => [Some(36.8), Some(27.7), Some(51.9), Some(30.2)],

@@ -1253,3 +1253,43 @@ fn interfaces_attached_by_others_get_the_agents_programs() {
     agent.stop();
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// The datapath's rare events reach the agent's log: with
+/// `--datapath-log info`, a new flow refused for a service without
+/// endpoints is logged by the agent (aya-log, read from the ring buffer,
+/// through `tracing`) with the service's address; at the default level
+/// (`warn`) it is not.
+#[test]
+fn a_refused_flow_shows_in_the_agents_log_at_info_only() {
+    require_root("agent e2e");
+    let lab = EchoLab::new(&[]);
+    write_atomically(&lab.dir.join("echo.yaml"), &drain_manifest(&[]));
+    let expected = format!("service {VIP}:80 (IP protocol 6) has no endpoints");
+    for (level, logged) in [("info", true), ("warn", false)] {
+        let log_path = lab.dir.join(format!("agent-{level}.log"));
+        let log_file = std::fs::File::create(&log_path).unwrap();
+        let agent = Agent::spawn(
+            &lab.pins.0,
+            &lab.dir,
+            &lab.client_filter(),
+            &["--no-socket-lb", "--datapath-log", level],
+            Stdio::from(log_file),
+        );
+        lab.wait_client_attached();
+        assert!(lab.ask().is_err(), "{level}: refused");
+        let shows = || {
+            std::fs::read_to_string(&log_path)
+                .unwrap()
+                .contains(&expected)
+        };
+        if logged {
+            wait_until("the refusal is in the agent's log", shows);
+        } else {
+            // Refused again, then as long as the info case took at most.
+            assert!(lab.ask().is_err(), "{level}: refused");
+            std::thread::sleep(Duration::from_millis(500));
+            assert!(!shows(), "{level}: not logged");
+        }
+        agent.stop();
+    }
+}

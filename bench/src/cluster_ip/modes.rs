@@ -72,9 +72,9 @@ impl Mode {
     /// The seed's figure for this row, if it has one.
     pub fn seed(self, kind: Kind) -> Option<f64> {
         match self {
-            Mode::KubeProxy | Mode::KubeProxyNft => {
-                seed::cluster_ip(ClusterIpRow::MacvlanKubeProxy, kind)
-            }
+            Mode::KubeProxy => seed::cluster_ip(ClusterIpRow::MacvlanKubeProxy, kind),
+            // The page has no nftables row.
+            Mode::KubeProxyNft => None,
             Mode::Ebpf | Mode::SocketLb => seed::cluster_ip(ClusterIpRow::MacvlanEbpf, kind),
             Mode::VethKubeProxy => seed::cluster_ip(ClusterIpRow::CalicoKubeProxy, kind),
             Mode::VethEbpf => seed::cluster_ip(ClusterIpRow::CiliumEbpf, kind),

@@ -126,19 +126,23 @@ impl Testbed {
     }
 
     /// Readies the client's node for `mode`: kube-proxy's rules of its
-    /// flavour (once loaded they stay for the modes after it), and the
-    /// macvlan client's route to the service CIDR through its node only
-    /// for the macvlan kube-proxy modes.
+    /// flavour while a kube-proxy mode runs and only then (a mode without
+    /// them must neither pay its node's conntrack and hooks nor be served
+    /// by them: the Cilium row's ClusterIP would otherwise be translated
+    /// by kube-proxy if underpass did not), and the macvlan client's route
+    /// to the service CIDR through its node only for the macvlan
+    /// kube-proxy modes.
     pub(super) fn prepare(&mut self, mode: Mode) -> Result<()> {
         let node = &self.topo.nodes[0];
-        if let Some(flavour) = mode.kube_proxy()
-            && self.installed != Some(flavour)
-        {
+        let want = mode.kube_proxy();
+        if self.installed != want {
             if let Some(old) = self.installed.take() {
                 remove_kube_proxy(node, old)?;
             }
-            install_kube_proxy(node, &self.ports, flavour, None)?;
-            self.installed = Some(flavour);
+            if let Some(flavour) = want {
+                install_kube_proxy(node, &self.ports, flavour, None)?;
+                self.installed = Some(flavour);
+            }
         }
         let macvlan_through_node = matches!(mode, Mode::KubeProxy | Mode::KubeProxyNft);
         self.topo

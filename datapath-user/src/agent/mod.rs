@@ -118,8 +118,10 @@ pub async fn run(options: AgentOptions) -> Result<()> {
     let mut datapath =
         Datapath::load(&load_options(&options, &plan)?).context("loading the datapath")?;
     // Read from the start: an event of the first packets is kept.
+    let logger =
+        datapath_events::RateLimited::new(log::logger(), datapath_events::EVENTS_PER_SECOND);
     if let Some(events) = datapath
-        .take_event_log(log::logger())
+        .take_event_log(logger)
         .context("reading the datapath's event log")?
     {
         tokio::spawn(datapath_events::forward(events));

@@ -50,6 +50,17 @@ impl Agent {
     /// With `socket_lb` instead of the default `--no-socket-lb`: e.g.
     /// `--cgroup <dir>` to put socket-LB on a test cgroup only.
     pub fn start_with(pin_dir: &Path, dir: &Path, netns_filter: &str, socket_lb: &[&str]) -> Self {
+        Self::spawn(pin_dir, dir, netns_filter, socket_lb, Stdio::inherit())
+    }
+
+    /// As `start_with`, its log (stderr) written to `stderr`.
+    pub fn spawn(
+        pin_dir: &Path,
+        dir: &Path,
+        netns_filter: &str,
+        socket_lb: &[&str],
+        stderr: Stdio,
+    ) -> Self {
         let port = TcpListener::bind("127.0.0.1:0")
             .unwrap()
             .local_addr()
@@ -67,7 +78,7 @@ impl Agent {
             .args(["--metrics-address", &metrics.to_string()])
             .env("RUST_LOG", "info")
             .stdout(Stdio::null())
-            .stderr(Stdio::inherit())
+            .stderr(stderr)
             .spawn()
             .expect("starting underpass agent");
         let agent = Self { child, metrics };

@@ -11,12 +11,17 @@ use std::{
 
 use super::{Answer, ProbeKind};
 
-/// The `underpass-lab` binary that runs probes: this process itself when
-/// it is that binary (the demo), else the one beside it or one directory
-/// up (a test executable lives in `target/<profile>/deps/`, the binary in
-/// `target/<profile>/`).
+/// The `underpass-lab` binary that runs probes: `$UNDERPASS_LAB` when
+/// set, this process itself when it is that binary (the demo), else the
+/// one beside it or one directory up (a test executable lives in
+/// `target/<profile>/deps/`, the binary in `target/<profile>/`). `cargo
+/// xtask test` builds it before the suites; `cargo test -p datapath-user`
+/// alone does not (build it with `cargo build -p lab`).
 pub fn probe_binary() -> io::Result<PathBuf> {
     const NAME: &str = "underpass-lab";
+    if let Some(path) = std::env::var_os("UNDERPASS_LAB") {
+        return Ok(PathBuf::from(path));
+    }
     let me = std::env::current_exe()?;
     if me.file_name().is_some_and(|n| n == NAME) {
         return Ok(me);
@@ -30,8 +35,8 @@ pub fn probe_binary() -> io::Result<PathBuf> {
             io::Error::new(
                 io::ErrorKind::NotFound,
                 format!(
-                    "{NAME} not found beside {}: build it (`cargo build -p lab`; \
-                     `cargo xtask test` does)",
+                    "{NAME} not found beside {} (nor UNDERPASS_LAB set): build it with \
+                     `cargo build -p lab` (`cargo xtask test` does)",
                     me.display()
                 ),
             )
