@@ -1,4 +1,4 @@
-//! Netlink lookups by interface name, shared by every wiring step.
+//! Netlink steps every wiring step shares: lookups by interface name, raising a link, adding an address or a route.
 
 use futures::TryStreamExt;
 use rtnetlink::{Handle, LinkUnspec};
@@ -27,6 +27,34 @@ pub async fn set_up(handle: &Handle, name: &str) -> std::result::Result<(), Stri
     handle
         .link()
         .set(LinkUnspec::new_with_index(index).up().build())
+        .execute()
+        .await
+        .map_err(|e| e.to_string())
+}
+
+/// Adds `address`/`prefix` to interface `index`.
+pub async fn add_address(
+    handle: &Handle,
+    index: u32,
+    address: std::net::IpAddr,
+    prefix: u8,
+) -> Result<(), String> {
+    handle
+        .address()
+        .add(index, address, prefix)
+        .execute()
+        .await
+        .map_err(|e| e.to_string())
+}
+
+/// Adds `route`.
+pub async fn add_route(
+    handle: &Handle,
+    route: rtnetlink::packet_route::route::RouteMessage,
+) -> Result<(), String> {
+    handle
+        .route()
+        .add(route)
         .execute()
         .await
         .map_err(|e| e.to_string())

@@ -30,7 +30,7 @@ use self::wiring::{WireChild, add_wire_child, join_nodes, wire_veth_to_node};
 pub use crate::error::IPVLAN_UNSUPPORTED;
 use crate::{
     error::Result,
-    links::{index_of, set_up},
+    links::{add_address, add_route, index_of, set_up},
     namespace::Namespace,
     prefix::{sweep_stale, unique_prefix},
 };
@@ -116,11 +116,7 @@ impl Topology {
         for (node, address) in [(&node1, NODE_ADDRESSES[0]), (&node2, NODE_ADDRESSES[1])] {
             node.netlink("address the wire", |h| async move {
                 let wire = index_of(&h, WIRE).await?;
-                h.address()
-                    .add(wire, address.into(), 24)
-                    .execute()
-                    .await
-                    .map_err(|e| e.to_string())?;
+                add_address(&h, wire, address.into(), 24).await?;
                 set_up(&h, WIRE).await
             })?;
         }
@@ -132,11 +128,7 @@ impl Topology {
         gateway.netlink("address the gateway", |h| async move {
             let eth0 = index_of(&h, Pod::IFACE).await?;
             for (_, gw) in SUBNETS {
-                h.address()
-                    .add(eth0, gw.into(), 24)
-                    .execute()
-                    .await
-                    .map_err(|e| e.to_string())?;
+                add_address(&h, eth0, gw.into(), 24).await?;
             }
             set_up(&h, Pod::IFACE).await
         })?;
@@ -197,20 +189,12 @@ impl Topology {
         let address = spec.address;
         namespace.netlink("address the pod", |h| async move {
             let eth0 = index_of(&h, Pod::IFACE).await?;
-            h.address()
-                .add(eth0, address.into(), 24)
-                .execute()
-                .await
-                .map_err(|e| e.to_string())?;
+            add_address(&h, eth0, address.into(), 24).await?;
             set_up(&h, Pod::IFACE).await?;
             let route = RouteMessageBuilder::<Ipv4Addr>::new()
                 .gateway(gateway_address)
                 .build();
-            h.route()
-                .add(route)
-                .execute()
-                .await
-                .map_err(|e| e.to_string())
+            add_route(&h, route).await
         })?;
         self.pods.push(Pod {
             role: spec.role.to_owned(),

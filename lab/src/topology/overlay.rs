@@ -9,7 +9,11 @@ use super::{
     NODE_ADDRESSES, Pod, PodSpec, Topology, WIRE, overlay_gateway, overlay_subnet, overlay_vtep,
     wiring::veth_across,
 };
-use crate::{error::Result, links::index_of, namespace::Namespace};
+use crate::{
+    error::Result,
+    links::{add_address, add_route, index_of},
+    namespace::Namespace,
+};
 
 /// The overlay's bridge and VXLAN device names (flannel's).
 const OVERLAY_BRIDGE: &str = "cni0";
@@ -59,19 +63,11 @@ impl Topology {
                 .execute()
                 .await
                 .map_err(|e| e.to_string())?;
-            h.address()
-                .add(index, address.into(), 24)
-                .execute()
-                .await
-                .map_err(|e| e.to_string())?;
+            add_address(&h, index, address.into(), 24).await?;
             let default = RouteMessageBuilder::<Ipv4Addr>::new()
                 .gateway(gateway)
                 .build();
-            h.route()
-                .add(default)
-                .execute()
-                .await
-                .map_err(|e| e.to_string())
+            add_route(&h, default).await
         })?;
         namespace.disable_tx_checksum(Pod::IFACE)?;
         self.pods.push(Pod {
@@ -102,11 +98,7 @@ impl Topology {
                     .await
                     .map_err(|e| e.to_string())?;
                 let bridge = index_of(&h, OVERLAY_BRIDGE).await?;
-                h.address()
-                    .add(bridge, bridge_address.into(), 24)
-                    .execute()
-                    .await
-                    .map_err(|e| e.to_string())?;
+                add_address(&h, bridge, bridge_address.into(), 24).await?;
                 let wire = index_of(&h, WIRE).await?;
                 // Unicast to the one peer node: ARP for the peer's VTEP
                 // address crosses the tunnel, as flannel's static
@@ -126,22 +118,14 @@ impl Topology {
                     .await
                     .map_err(|e| e.to_string())?;
                 let vxlan = index_of(&h, OVERLAY_VXLAN).await?;
-                h.address()
-                    .add(vxlan, vtep.into(), 32)
-                    .execute()
-                    .await
-                    .map_err(|e| e.to_string())?;
+                add_address(&h, vxlan, vtep.into(), 32).await?;
                 let route = RouteMessageBuilder::<Ipv4Addr>::new()
                     .destination_prefix(overlay_subnet(1 - n), 24)
                     .gateway(remote_vtep)
                     .output_interface(vxlan)
                     .onlink()
                     .build();
-                h.route()
-                    .add(route)
-                    .execute()
-                    .await
-                    .map_err(|e| e.to_string())
+                add_route(&h, route).await
             })?;
             node.sysctl("net.ipv4.ip_forward", "1")?;
         }

@@ -12,7 +12,7 @@ use super::{
 };
 use crate::{
     error::Result,
-    links::{index_of, set_up},
+    links::{add_address, add_route, index_of, set_up},
     namespace::Namespace,
 };
 
@@ -61,11 +61,7 @@ impl Topology {
                     .destination_prefix(address, 32)
                     .gateway(via)
                     .build();
-                h.route()
-                    .add(route)
-                    .execute()
-                    .await
-                    .map_err(|e| e.to_string())
+                add_route(&h, route).await
             })?;
             namespace.sysctl("net.ipv4.ip_forward", "1")?;
         }
@@ -93,11 +89,7 @@ impl Topology {
                 let a = router_side.clone();
                 router.netlink("address the router's link to a node", |h| async move {
                     let own = index_of(&h, &a).await?;
-                    h.address()
-                        .add(own, local.into(), 24)
-                        .execute()
-                        .await
-                        .map_err(|e| e.to_string())?;
+                    add_address(&h, own, local.into(), 24).await?;
                     set_up(&h, &a).await
                 })?;
                 let remote = router_link_address(n, false);
@@ -113,11 +105,7 @@ impl Topology {
                         .execute()
                         .await
                         .map_err(|e| e.to_string())?;
-                    h.address()
-                        .add(index, remote.into(), 24)
-                        .execute()
-                        .await
-                        .map_err(|e| e.to_string())
+                    add_address(&h, index, remote.into(), 24).await
                 })?;
                 node.disable_tx_checksum("vpc")?;
                 router.disable_tx_checksum(&router_side)?;

@@ -12,7 +12,7 @@ use rtnetlink::{
 use super::{COORDINATOR_GATEWAY, POD_IFACE, WIRE};
 use crate::{
     error::{IPVLAN_UNSUPPORTED, Result, err},
-    links::{index_of, set_up},
+    links::{add_address, add_route, index_of, set_up},
     namespace::Namespace,
 };
 
@@ -168,22 +168,14 @@ pub(super) fn wire_veth_to_node(
     let host = host_side.to_owned();
     node.netlink("address the node's end of the pod's veth", |h| async move {
         let host_index = index_of(&h, &host).await?;
-        h.address()
-            .add(host_index, COORDINATOR_GATEWAY.into(), 32)
-            .execute()
-            .await
-            .map_err(|e| e.to_string())?;
+        add_address(&h, host_index, COORDINATOR_GATEWAY.into(), 32).await?;
         set_up(&h, &host).await?;
         // The host route back to the pod.
         let route = RouteMessageBuilder::<Ipv4Addr>::new()
             .destination_prefix(address, 32)
             .output_interface(host_index)
             .build();
-        h.route()
-            .add(route)
-            .execute()
-            .await
-            .map_err(|e| e.to_string())
+        add_route(&h, route).await
     })?;
     node.sysctl("net.ipv4.ip_forward", "1")?;
     node.disable_tx_checksum(host_side)?;
@@ -196,31 +188,19 @@ pub(super) fn wire_veth_to_node(
             .await
             .map_err(|e| e.to_string())?;
         if own_address {
-            h.address()
-                .add(index, address.into(), 32)
-                .execute()
-                .await
-                .map_err(|e| e.to_string())?;
+            add_address(&h, index, address.into(), 32).await?;
         }
         let link = RouteMessageBuilder::<Ipv4Addr>::new()
             .destination_prefix(COORDINATOR_GATEWAY, 32)
             .output_interface(index)
             .scope(rtnetlink::packet_route::route::RouteScope::Link)
             .build();
-        h.route()
-            .add(link)
-            .execute()
-            .await
-            .map_err(|e| e.to_string())?;
+        add_route(&h, link).await?;
         if own_address {
             let default = RouteMessageBuilder::<Ipv4Addr>::new()
                 .gateway(COORDINATOR_GATEWAY)
                 .build();
-            h.route()
-                .add(default)
-                .execute()
-                .await
-                .map_err(|e| e.to_string())?;
+            add_route(&h, default).await?;
         }
         Ok(())
     })?;
