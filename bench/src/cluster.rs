@@ -20,7 +20,10 @@ use k8s_openapi::{
 };
 use lab::Namespace;
 
-use crate::kubeproxy::{self, Options, ServicePort};
+use crate::{
+    kubeproxy::{self, Options, ServicePort},
+    netfilter,
+};
 
 /// The service CIDR the client routes through its node in kube-proxy mode.
 pub const SERVICE_CIDR: (Ipv4Addr, u8) = (Ipv4Addr::new(10, 96, 0, 0), 12);
@@ -279,15 +282,29 @@ pub fn install_kube_proxy(
 }
 
 /// Removes the kube-proxy baseline from `node`.
+/// Removes kube-proxy's rules of `flavour` from `node` whole: its
+/// tables with their base chains (flushing and deleting chains, as
+/// `iptables -F -X` does, would leave the base chains hooked in and
+/// conntrack tracking every packet of the next mode), then its conntrack
+/// entries; checks that no table of it is left.
 pub fn remove_kube_proxy(node: &Namespace, flavour: KubeProxy) -> Result<()> {
-    match flavour {
-        KubeProxy::Iptables => {
-            for table in ["nat", "filter"] {
-                run_in(node, "iptables", &["-w", "5", "-t", table, "-F"], "")?;
-                run_in(node, "iptables", &["-w", "5", "-t", table, "-X"], "")?;
-            }
-            Ok(())
-        }
-        KubeProxy::Nftables => run_in(node, "nft", &["delete", "table", "ip", "kube-proxy"], ""),
+    let own_tables: &[&str] = match flavour {
+        KubeProxy::Iptables => &["ip nat", "ip filter"],
+        KubeProxy::Nftables => &["ip kube-proxy"],
+    };
+    for table in own_tables {
+        netfilter::delete_table(node, table)
+            .with_context(|| format!("removing kube-proxy's {table} table"))?;
     }
+    netfilter::flush_conntrack(node)?;
+    let left: Vec<String> = netfilter::tables(node)?
+        .into_iter()
+        .filter(|t| own_tables.contains(&t.as_str()))
+        .collect();
+    anyhow::ensure!(
+        left.is_empty(),
+        "kube-proxy's tables {left:?} are still in {} after removal",
+        node.name()
+    );
+    Ok(())
 }

@@ -9,11 +9,14 @@ pub mod datapath;
 pub mod kubeproxy;
 pub mod latency;
 pub mod loadgen;
+pub mod machine;
+pub mod netfilter;
 pub mod nginx;
 pub mod options;
 pub mod plot;
 pub mod scale;
 pub mod seed;
+pub mod stats;
 pub mod workload;
 
 use clap::{Parser, Subcommand};
@@ -61,6 +64,10 @@ pub enum Command {
     /// One client measurement inside a namespace (used by cluster-ip).
     #[command(hide = true)]
     Worker(workload::WorkerOpts),
+    /// The benches' echo server inside a namespace (a process of its own,
+    /// so that its CPU is counted in the servers' cgroup).
+    #[command(hide = true)]
+    EchoServer(workload::EchoServerOpts),
     /// The agent's control plane: sync N services × M endpoints into empty
     /// maps, apply one changed EndpointSlice (p50/p99), and the agent
     /// binary's RSS at that scale. Needs root (real BPF maps).
@@ -78,6 +85,7 @@ pub fn run(opts: Opts) -> anyhow::Result<()> {
         }),
         Command::Scale(o) => scale::run(&o),
         Command::Worker(o) => workload::worker(&o),
+        Command::EchoServer(o) => workload::echo_server(&o),
         Command::Latency(o) => latency::run(&o),
         Command::HttpLoad(o) => latency::http_load(&o),
     }

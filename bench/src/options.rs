@@ -10,13 +10,13 @@ use clap::Args;
 /// How often and how long every measurement runs.
 #[derive(Args, Debug, Clone)]
 pub struct Repetition {
-    /// Repetitions of every measurement (min, median and max are
-    /// reported).
-    #[arg(long, default_value_t = 3)]
+    /// Rounds: every measurement once per round (medians and 95 %
+    /// intervals are taken over the rounds).
+    #[arg(long, default_value_t = 5)]
     pub runs: usize,
-    /// Seconds per measurement.
-    #[arg(long, default_value_t = 10.0)]
-    pub seconds: f64,
+    /// Seconds per measurement (each bench says its default).
+    #[arg(long)]
+    pub seconds: Option<f64>,
     /// Every row in seconds (short measurements, one run), for CI: checks
     /// the whole pipeline, asserts nothing about speed.
     #[arg(long)]
@@ -30,8 +30,13 @@ impl Repetition {
         if self.quick {
             (1, quick_seconds)
         } else {
-            (self.runs.max(1), self.seconds)
+            (self.runs.max(1), self.seconds.unwrap_or(10.0))
         }
+    }
+
+    /// Rounds, `--quick` applied (one).
+    pub fn rounds(&self) -> usize {
+        if self.quick { 1 } else { self.runs.max(1) }
     }
 }
 

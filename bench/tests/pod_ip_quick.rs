@@ -20,22 +20,28 @@ fn every_row_runs() {
         String::from_utf8_lossy(&output.stderr)
     );
     for row in [
-        "macvlan, Pod IP (no service)",
+        "macvlan, Pod IP, no programs (the limit)",
+        "the limit again (A/A control)",
+        "macvlan, Pod IP, our programs attached",
         "macvlan across subnets, Pod IP",
         "veth routed by the nodes, Pod IP",
         "node to node",
     ] {
         assert_eq!(
-            stdout.matches(row).count(),
+            stdout.matches(&format!("\n| {row} |")).count(),
             9,
             "{row} in every table:\n{stdout}"
         );
     }
-    let rows: serde_json::Value = serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap();
+    let results: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap();
     let _ = std::fs::remove_file(&json);
-    assert_eq!(rows.as_array().unwrap().len(), 36, "9 workloads × 4 rows");
+    let rows = results["rows"].as_array().unwrap();
+    assert_eq!(rows.len(), 54, "9 workloads × 6 rows");
     assert!(
-        !stdout.contains("kube-proxy") && !stdout.contains("underpass"),
+        rows.iter()
+            .all(|r| !["kube-proxy", "kube-proxy-nft", "ebpf", "socket-lb"]
+                .contains(&r["mode"].as_str().unwrap())),
         "no service row in the Pod IP table:\n{stdout}"
     );
 }

@@ -26,6 +26,7 @@ pub use cleanup::{
     cleanup_on_signals, disown_child, disown_pin_dir, own_child, own_pin_dir, remove_all_live,
 };
 pub use error::TopologyError;
+pub use ethtool::DeviceOffloads;
 pub use namespace::Namespace;
 pub use prefix::{sweep_stale, unique_prefix};
-pub use topology::{Pod, PodSpec, Topology, standard_pods};
+pub use topology::{Offloads, Pod, PodSpec, Topology, standard_pods};

@@ -18,6 +18,27 @@ pub async fn link_by_name(
         .ok_or_else(|| format!("no interface {name}"))
 }
 
+/// The names of every interface in the handle's namespace.
+pub async fn link_names(handle: &Handle) -> std::result::Result<Vec<String>, String> {
+    use rtnetlink::packet_route::link::LinkAttribute;
+    let links: Vec<_> = handle
+        .link()
+        .get()
+        .execute()
+        .try_collect()
+        .await
+        .map_err(|e| format!("listing interfaces: {e}"))?;
+    Ok(links
+        .iter()
+        .filter_map(|link| {
+            link.attributes.iter().find_map(|a| match a {
+                LinkAttribute::IfName(name) => Some(name.clone()),
+                _ => None,
+            })
+        })
+        .collect())
+}
+
 pub async fn index_of(handle: &Handle, name: &str) -> std::result::Result<u32, String> {
     Ok(link_by_name(handle, name).await?.header.index)
 }

@@ -12,8 +12,8 @@ use rtnetlink::Handle;
 use crate::{
     cleanup::{register, unmount_and_remove, unregister},
     error::{Result, err},
-    ethtool::set_tx_csum,
-    links::set_up,
+    ethtool::{DeviceOffloads, offloads_of, set_tx_csum},
+    links::{link_names, set_up},
 };
 
 /// A named network namespace this process created; deleted on drop.
@@ -130,6 +130,22 @@ impl Namespace {
     pub fn disable_tx_checksum(&self, iface: &str) -> Result<()> {
         self.run(|| set_tx_csum(iface, false))?
             .map_err(|e| err(&self.name, format!("ethtool -K {iface} tx off"), e))
+    }
+
+    /// `ethtool -k` of every device in this namespace but loopback.
+    pub fn offloads(&self) -> Result<Vec<DeviceOffloads>> {
+        let names = self.netlink(
+            "list the interfaces",
+            |h| async move { link_names(&h).await },
+        )?;
+        names
+            .iter()
+            .filter(|name| name.as_str() != "lo")
+            .map(|name| {
+                self.run(|| offloads_of(&self.name, name))?
+                    .map_err(|e| err(&self.name, format!("ethtool -k {name}"), e))
+            })
+            .collect()
     }
 
     fn delete(&self) -> io::Result<()> {

@@ -26,6 +26,8 @@ const BPF_LINKER_LLVM_FEATURE: &str = "llvm-22";
 pub const TEST_PACKAGES: &[(&str, &str)] = &[
     ("iptables-restore", "iptables"),
     ("nft", "nftables"),
+    // Flushing conntrack between bench modes.
+    ("conntrack", "conntrack"),
     ("sockperf", "sockperf"),
     ("iperf3", "iperf3"),
     ("redis-server", "redis-server"),

@@ -8,31 +8,34 @@
 //! pod-ip` (`bench pod-ip`) is the seed's Pod IP table from the same
 //! modes.
 //!
+//! Every ratio is taken round by round against the limit: a macvlan
+//! client with nothing of ours attached, straight to the Pod IP. An A/A
+//! row (the limit measured twice per round) shows the run's noise floor.
+//!
 //! One step per file: `modes` (the rows, the seed's figures, presets),
 //! `testbed` (topology, servers, Services, and where each mode's client
 //! runs), `report` (tables, charts, JSON); the client itself runs as a
-//! `bench worker` process (`crate::workload`).
+//! `bench worker` process (`crate::workload`), statistics in
+//! `crate::stats`.
 
 mod modes;
 mod report;
 mod testbed;
 
-use std::{collections::BTreeMap, path::PathBuf};
+use std::{collections::BTreeMap, path::PathBuf, time::Instant};
 
 use anyhow::{Context, Result, ensure};
 use clap::Parser;
 
-use self::{
-    modes::parse_mode,
-    report::{print_tables, rows, write_charts},
-    testbed::Testbed,
-};
+use self::{modes::parse_mode, testbed::Testbed};
 pub use self::{
     modes::{Mode, ModeArg, Preset},
-    report::Row,
+    report::{Ratio, Results, RoundOrder, Row, WorkloadSetup},
 };
 use crate::{
+    machine::Machine,
     options::{Output, Repetition},
+    stats::{Shuffler, fresh_seed},
     workload::{Kind, Measurement, run_worker},
 };
 
@@ -44,15 +47,22 @@ pub struct ClusterIpOpts {
     pub preset: Preset,
     /// Modes to measure (comma-separated), or `all` (the preset's, the
     /// default): kube-proxy, kube-proxy-nft, ebpf, socket-lb,
-    /// veth-kube-proxy, veth-ebpf, pod-ip, pod-ip-routed, veth-routed,
-    /// node.
+    /// veth-kube-proxy, veth-ebpf, pod-ip-bare (the limit, always
+    /// measured), aa-control, pod-ip, pod-ip-routed, veth-routed, node.
     #[arg(long, value_delimiter = ',', value_parser = parse_mode)]
     pub mode: Vec<ModeArg>,
     /// Workloads (comma-separated); default: all.
     #[arg(long, value_enum, value_delimiter = ',')]
     pub workload: Vec<Kind>,
+    /// (Without --seconds every workload runs the seed's way: sockperf
+    /// 30 s, TCP_RR and iperf3 10 s, redis 100,000 requests; --seconds
+    /// sets every time-bound one, and the tables say so.)
     #[command(flatten)]
     pub repetition: Repetition,
+    /// Seed of the per-round mode order and of the bootstrap (printed
+    /// with the results; the same seed repeats the order).
+    #[arg(long)]
+    pub seed: Option<u64>,
     /// (--out gets <preset>.json and <preset>-<workload>.svg.)
     #[command(flatten)]
     pub output: Output,
@@ -70,53 +80,105 @@ pub fn run(opts: &ClusterIpOpts) -> Result<()> {
     } else {
         opts.workload.clone()
     };
-    let (runs, seconds) = opts.repetition.plan(0.3);
+    let rounds = opts.repetition.rounds();
+    let workloads: Vec<WorkloadSetup> = kinds
+        .iter()
+        .map(|&kind| {
+            let parameters = kind.parameters(opts.repetition.seconds, opts.repetition.quick);
+            WorkloadSetup {
+                workload: kind,
+                deviations: kind.deviations(&parameters),
+                parameters,
+            }
+        })
+        .collect();
+    let seed = opts.seed.unwrap_or_else(fresh_seed);
+    let mut shuffler = Shuffler::new(seed);
     lab::cleanup_on_signals();
     eprintln!("building the two-node topology…");
     let mut testbed = Testbed::build(&modes, &kinds, opts.underpass.as_deref())?;
+    let offloads = testbed.offloads()?;
     let mut measured: BTreeMap<(Kind, Mode), Vec<Measurement>> = BTreeMap::new();
-    let total = runs * kinds.len() * modes.len();
+    let mut orders = Vec::new();
+    let total = rounds * kinds.len() * modes.len();
+    let started = Instant::now();
     let mut done = 0;
-    for run in 0..runs {
-        for &kind in &kinds {
-            // Modes interleaved: drift on the machine hits all of them.
-            for &mode in &modes {
-                done += 1;
+    for round in 0..rounds {
+        for setup in &workloads {
+            let kind = setup.workload;
+            // Every mode once per round, in a fresh order: drift on the
+            // machine and what one mode leaves behind hit all of them.
+            let order = shuffler.shuffled(&modes);
+            for &mode in &order {
                 eprint!(
-                    "\r[{done}/{total}] run {} {kind:?} {:<42}",
-                    run + 1,
-                    mode.label()
+                    "\r[{}/{total}] round {} {kind:?} {:<42}{}",
+                    done + 1,
+                    round + 1,
+                    mode.label(),
+                    remaining(started, done, total)
                 );
                 testbed.prepare(mode)?;
                 let client = testbed.endpoint(mode, kind);
-                let measurement = run_worker(
-                    client.netns,
-                    client.cgroup,
-                    kind,
-                    client.target.into(),
-                    seconds,
-                )
-                .with_context(|| format!("{kind:?} over {}", mode.label()))?;
+                let measurement =
+                    run_worker(client.place, kind, client.target.into(), &setup.parameters)
+                        .with_context(|| format!("{kind:?} over {}", mode.label()))?;
                 ensure!(
                     measurement.transactions > 0,
                     "{kind:?} over {}: no transaction completed",
                     mode.label()
                 );
                 measured.entry((kind, mode)).or_default().push(measurement);
+                done += 1;
             }
+            orders.push(RoundOrder {
+                round,
+                workload: kind,
+                modes: order,
+            });
         }
     }
     eprintln!();
     testbed.finish()?;
-    print_tables(&measured, &kinds, &modes, opts.preset.ratios());
+    let pairs = opts.preset.ratios();
+    let results = Results {
+        preset: opts.preset.name(),
+        machine: Machine::describe(),
+        seed,
+        rounds,
+        workloads,
+        offloads,
+        orders,
+        ratios: Results::ratios_of(&measured, pairs, seed),
+        rows: measured
+            .into_iter()
+            .map(|((workload, mode), runs)| Row {
+                workload,
+                mode,
+                runs,
+            })
+            .collect(),
+    };
+    results.print(&kinds, &modes, pairs);
     let name = opts.preset.name();
     if let Some(dir) = opts.output.dir() {
-        write_charts(&measured, &kinds, &modes, dir, name)?;
+        results.write_charts(&kinds, &modes, dir)?;
     }
-    opts.output
-        .write(&rows(measured), &format!("{name}.json"))?;
+    opts.output.write(&results, &format!("{name}.json"))?;
     if let Some(dir) = opts.output.dir() {
         eprintln!("wrote {name}.json and the charts to {}", dir.display());
     }
     Ok(())
+}
+
+/// "  ~12 min left" from the pace so far.
+fn remaining(started: Instant, done: usize, total: usize) -> String {
+    if done == 0 {
+        return String::new();
+    }
+    let left = started.elapsed().as_secs_f64() / done as f64 * (total - done) as f64;
+    if left >= 90.0 {
+        format!("  ~{:.0} min left", left / 60.0)
+    } else {
+        format!("  ~{left:.0} s left")
+    }
 }

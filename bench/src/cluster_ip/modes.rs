@@ -30,7 +30,14 @@ pub enum Mode {
     /// veth client routed by its node, underpass TC programs on its veth
     /// (the seed's Cilium row).
     VethEbpf,
-    /// No service: straight to the server pod (the limit).
+    /// No service: straight to the server pod from a client with nothing
+    /// of ours attached — the limit every ratio is taken against.
+    PodIpBare,
+    /// The limit measured a second time in every round (an A/A control):
+    /// its ratio to the limit shows the noise floor of the run.
+    AaControl,
+    /// No service: straight to the server pod from the client that has
+    /// underpass's TC programs attached (their miss path).
     PodIp,
     /// No service: macvlan pods on two subnets, through the gateway.
     PodIpRouted,
@@ -41,13 +48,15 @@ pub enum Mode {
 }
 
 impl Mode {
-    pub const ALL: [Mode; 10] = [
+    pub const ALL: [Mode; 12] = [
         Mode::KubeProxy,
         Mode::KubeProxyNft,
         Mode::Ebpf,
         Mode::SocketLb,
         Mode::VethKubeProxy,
         Mode::VethEbpf,
+        Mode::PodIpBare,
+        Mode::AaControl,
         Mode::PodIp,
         Mode::PodIpRouted,
         Mode::VethRouted,
@@ -62,7 +71,9 @@ impl Mode {
             Mode::SocketLb => "macvlan + underpass socket-LB",
             Mode::VethKubeProxy => "veth routed + kube-proxy (Calico's row)",
             Mode::VethEbpf => "veth routed + underpass TC (Cilium's row)",
-            Mode::PodIp => "macvlan, Pod IP (no service)",
+            Mode::PodIpBare => "macvlan, Pod IP, no programs (the limit)",
+            Mode::AaControl => "the limit again (A/A control)",
+            Mode::PodIp => "macvlan, Pod IP, our programs attached",
             Mode::PodIpRouted => "macvlan across subnets, Pod IP",
             Mode::VethRouted => "veth routed by the nodes, Pod IP",
             Mode::Node => "node to node",
@@ -78,7 +89,9 @@ impl Mode {
             Mode::Ebpf | Mode::SocketLb => seed::cluster_ip(ClusterIpRow::MacvlanEbpf, kind),
             Mode::VethKubeProxy => seed::cluster_ip(ClusterIpRow::CalicoKubeProxy, kind),
             Mode::VethEbpf => seed::cluster_ip(ClusterIpRow::CiliumEbpf, kind),
-            Mode::PodIp => seed::pod_ip(PodIpRow::Macvlan, kind),
+            // The seed's pods had nothing of ours attached.
+            Mode::PodIpBare | Mode::AaControl => seed::pod_ip(PodIpRow::Macvlan, kind),
+            Mode::PodIp => None,
             Mode::PodIpRouted => seed::pod_ip(PodIpRow::MacvlanRouted, kind),
             Mode::VethRouted => seed::pod_ip(PodIpRow::VethRouted, kind),
             Mode::Node => seed::pod_ip(PodIpRow::Node, kind),
@@ -95,10 +108,16 @@ impl Mode {
         }
     }
 
-    /// Needs the underpass agent.
+    /// Needs the underpass agent (its programs on the client).
     pub fn underpass(self) -> bool {
-        matches!(self, Mode::Ebpf | Mode::SocketLb | Mode::VethEbpf)
+        matches!(
+            self,
+            Mode::Ebpf | Mode::SocketLb | Mode::VethEbpf | Mode::PodIp
+        )
     }
+
+    /// The row every ratio is taken against.
+    pub const LIMIT: Mode = Mode::PodIpBare;
 }
 
 /// Which of the seed's tables a run reproduces.
@@ -116,25 +135,27 @@ impl Preset {
     pub fn modes(self) -> Vec<Mode> {
         match self {
             Preset::ClusterIp => Mode::ALL.to_vec(),
-            Preset::PodIp => vec![Mode::PodIp, Mode::PodIpRouted, Mode::VethRouted, Mode::Node],
+            Preset::PodIp => vec![
+                Mode::PodIpBare,
+                Mode::AaControl,
+                Mode::PodIp,
+                Mode::PodIpRouted,
+                Mode::VethRouted,
+                Mode::Node,
+            ],
         }
     }
 
-    /// The ratios printed under each table (a / b).
+    /// The ratios printed under each table (a / b) besides every row's
+    /// ratio to the limit.
     pub fn ratios(self) -> &'static [(Mode, Mode)] {
         match self {
             Preset::ClusterIp => &[
                 (Mode::Ebpf, Mode::KubeProxy),
-                (Mode::Ebpf, Mode::PodIp),
-                (Mode::SocketLb, Mode::PodIp),
                 (Mode::VethEbpf, Mode::VethKubeProxy),
                 (Mode::KubeProxyNft, Mode::KubeProxy),
             ],
-            Preset::PodIp => &[
-                (Mode::PodIpRouted, Mode::PodIp),
-                (Mode::VethRouted, Mode::PodIp),
-                (Mode::PodIp, Mode::Node),
-            ],
+            Preset::PodIp => &[(Mode::PodIpBare, Mode::Node)],
         }
     }
 
@@ -155,13 +176,14 @@ pub enum ModeArg {
 }
 
 impl ModeArg {
-    /// The modes `args` name, in the order given, each once; the preset's
-    /// when none or `all` is given.
+    /// The modes `args` name, in the order given, each once, the limit
+    /// first (every ratio is taken against it); the preset's when none or
+    /// `all` is given.
     pub fn expand(args: &[ModeArg], preset: Preset) -> Vec<Mode> {
         if args.is_empty() || args.contains(&ModeArg::All) {
             return preset.modes();
         }
-        let mut modes = Vec::new();
+        let mut modes = vec![Mode::LIMIT];
         for arg in args {
             if let ModeArg::One(mode) = arg
                 && !modes.contains(mode)
@@ -196,7 +218,8 @@ mod tests {
         let picked = ["socket-lb", "kube-proxy", "socket-lb"].map(|v| parse_mode(v).unwrap());
         assert_eq!(
             ModeArg::expand(&picked, Preset::PodIp),
-            vec![Mode::SocketLb, Mode::KubeProxy]
+            vec![Mode::PodIpBare, Mode::SocketLb, Mode::KubeProxy],
+            "the limit first: every ratio is taken against it"
         );
         assert!(parse_mode("ebpff").is_err());
     }
@@ -209,7 +232,7 @@ mod tests {
             Mode::Ebpf,
             Mode::VethKubeProxy,
             Mode::VethEbpf,
-            Mode::PodIp,
+            Mode::PodIpBare,
             Mode::Node,
         ]
         .map(|m| m.seed(Kind::Sockperf))
@@ -219,5 +242,10 @@ mod tests {
             [36.8, 27.7, 51.9, 30.2, 24.3, 32.2].map(Some).to_vec()
         );
         assert_eq!(Mode::Node.seed(Kind::RedisGet), None, "not on the page");
+        assert_eq!(
+            Mode::PodIp.seed(Kind::Sockperf),
+            None,
+            "the seed's pods had no programs attached"
+        );
     }
 }

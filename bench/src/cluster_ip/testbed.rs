@@ -9,16 +9,17 @@ use std::{
 };
 
 use anyhow::Result;
-use lab::{Cgroup, PodSpec, Topology, standard_pods, topology::NODE_ADDRESSES};
+use lab::{Cgroup, Offloads, PodSpec, Topology, standard_pods, topology::NODE_ADDRESSES};
 
 use super::modes::Mode;
 use crate::{
     agent_process::{AgentProcess, start_bench_agent},
     cluster::{KubeProxy, SERVICE_CIDR, install_kube_proxy, remove_kube_proxy, service_objects},
     kubeproxy::{ServicePort, service_ports},
+    netfilter::{ensure_no_rules, flush_conntrack},
     workload::{
-        ECHO_PORT, IPERF_PORT, Kind, REDIS_PORT, SERVER_CPU, SOCKPERF_PORT, ServerProcess,
-        start_echo_server, start_tool_servers,
+        BenchCgroups, ClientPlace, ECHO_PORT, IPERF_PORT, Kind, REDIS_PORT, SERVER_CPU,
+        SOCKPERF_PORT, ServerProcess, start_echo_server, start_tool_servers,
     },
 };
 
@@ -26,37 +27,47 @@ use crate::{
 const VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 10);
 /// The service of the veth modes (its endpoint: vserver).
 const VETH_VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 11);
+/// The limit's client: outside the agent's `<prefix>-client*` filter.
+const BARE_CLIENT: &str = "bare-client";
 
 /// Where a mode's client runs and what it connects to.
 pub(super) struct Endpoint<'a> {
-    pub(super) netns: &'a Path,
-    /// The socket-LB cgroup, for the socket-LB mode's client.
-    pub(super) cgroup: Option<&'a Path>,
+    pub(super) place: ClientPlace<'a>,
     pub(super) target: SocketAddrV4,
 }
 
 pub(super) struct Testbed {
     topo: Topology,
     _servers: Vec<ServerProcess>,
-    cgroup: Cgroup,
     agent: Option<(AgentProcess, tempfile::TempDir)>,
     /// kube-proxy's view of the Services.
     ports: Vec<ServicePort>,
     /// The flavour of kube-proxy's rules loaded in the client's node.
     installed: Option<KubeProxy>,
+    // Last: dropped after the processes in them are gone.
+    /// The socket-LB mode's client joins this one.
+    cgroup: Cgroup,
+    cgroups: BenchCgroups,
 }
 
 impl Testbed {
     /// Pods: client → server-b (the macvlan modes), → server-c (the other
-    /// subnet); vclient → vserver (veth pods, routed by their nodes); with
-    /// the Cilium row, client-veth → vserver (a veth client the agent
-    /// attaches, so that vclient carries nothing of ours).
+    /// subnet); bare-client → server-b (the limit: a macvlan client the
+    /// agent does not attach to); vclient → vserver (veth pods, routed by
+    /// their nodes); with the Cilium row, client-veth → vserver (a veth
+    /// client the agent attaches, so that vclient carries nothing of
+    /// ours). Offloads as real devices have them.
     pub(super) fn build(modes: &[Mode], kinds: &[Kind], underpass: Option<&Path>) -> Result<Self> {
-        let pods: Vec<PodSpec> = standard_pods()
+        let mut pods: Vec<PodSpec> = standard_pods()
             .into_iter()
             .filter(|p| p.role != "server-a")
             .collect();
-        let mut topo = Topology::build(&pods)?;
+        pods.push(PodSpec {
+            role: BARE_CLIENT,
+            node: 0,
+            address: Ipv4Addr::new(10, 77, 0, 7),
+        });
+        let mut topo = Topology::build_with(&pods, Offloads::AsRealDevices)?;
         let mut veth_pods = vec![
             ("vclient", 0, [10, 79, 1, 2]),
             ("vserver", 1, [10, 79, 2, 2]),
@@ -71,7 +82,8 @@ impl Testbed {
                 address: address.into(),
             })?;
         }
-        let servers = start_servers(&topo, kinds)?;
+        let cgroups = BenchCgroups::create(&topo.prefix)?;
+        let servers = start_servers(&topo, kinds, cgroups.servers.path())?;
         topo.add_coordinator_veth("client")?;
         // TCP_CRR opens thousands of connections a second; without these
         // the clients' TIME_WAIT sockets fill the ephemeral port space and
@@ -109,9 +121,10 @@ impl Testbed {
             } else {
                 &["client"]
             };
-            Some(start_bench_agent(
-                underpass, &topo, &cgroup, &services, tc_clients,
-            )?)
+            let (agent, manifests) =
+                start_bench_agent(underpass, &topo, &cgroup, &services, tc_clients)?;
+            cgroups.adopt_agent(agent.pid())?;
+            Some((agent, manifests))
         } else {
             None
         };
@@ -119,6 +132,7 @@ impl Testbed {
             topo,
             _servers: servers,
             cgroup,
+            cgroups,
             agent,
             ports,
             installed: None,
@@ -126,11 +140,13 @@ impl Testbed {
     }
 
     /// Readies the client's node for `mode`: kube-proxy's rules of its
-    /// flavour while a kube-proxy mode runs and only then (a mode without
-    /// them must neither pay its node's conntrack and hooks nor be served
-    /// by them: the Cilium row's ClusterIP would otherwise be translated
-    /// by kube-proxy if underpass did not), and the macvlan client's route
-    /// to the service CIDR through its node only for the macvlan
+    /// flavour while a kube-proxy mode runs and only then — removed whole
+    /// and checked gone otherwise (a mode without them must neither pay
+    /// its node's hooks and conntrack nor be served by them: the Cilium
+    /// row's ClusterIP would otherwise be translated by kube-proxy if
+    /// underpass did not); every conntrack table flushed (one mode's
+    /// TIME_WAIT entries must not meet the next); and the macvlan client's
+    /// route to the service CIDR through its node only for the macvlan
     /// kube-proxy modes.
     pub(super) fn prepare(&mut self, mode: Mode) -> Result<()> {
         let node = &self.topo.nodes[0];
@@ -144,6 +160,12 @@ impl Testbed {
                 self.installed = Some(flavour);
             }
         }
+        if want.is_none() {
+            ensure_no_rules(node, mode.label())?;
+        }
+        for namespace in self.namespaces() {
+            flush_conntrack(namespace)?;
+        }
         let macvlan_through_node = matches!(mode, Mode::KubeProxy | Mode::KubeProxyNft);
         self.topo
             .route_via_node("client", SERVICE_CIDR, macvlan_through_node)?;
@@ -152,28 +174,47 @@ impl Testbed {
 
     /// Where `mode`'s client runs and what it connects to for `kind`.
     pub(super) fn endpoint(&self, mode: Mode, kind: Kind) -> Endpoint<'_> {
-        let pod = |role: &str| self.topo.pod(role);
-        let (client, server, cgroup) = match mode {
-            Mode::KubeProxy | Mode::KubeProxyNft | Mode::Ebpf => (pod("client"), VIP, None),
-            Mode::SocketLb => (pod("client"), VIP, Some(self.cgroup.path())),
-            Mode::VethKubeProxy => (pod("vclient"), VETH_VIP, None),
-            Mode::VethEbpf => (pod("client-veth"), VETH_VIP, None),
-            Mode::PodIp => (pod("client"), pod("server-b").address, None),
-            Mode::PodIpRouted => (pod("client"), pod("server-c").address, None),
-            Mode::VethRouted => (pod("vclient"), pod("vserver").address, None),
-            Mode::Node => {
-                return Endpoint {
-                    netns: self.topo.nodes[0].path(),
-                    cgroup: None,
-                    target: SocketAddrV4::new(NODE_ADDRESSES[1], kind.port()),
-                };
+        let pod = |role: &str| self.topo.pod(role).namespace.path();
+        let address = |role: &str| self.topo.pod(role).address;
+        let (netns, server) = match mode {
+            Mode::KubeProxy | Mode::KubeProxyNft | Mode::Ebpf | Mode::SocketLb => {
+                (pod("client"), VIP)
             }
+            Mode::VethKubeProxy => (pod("vclient"), VETH_VIP),
+            Mode::VethEbpf => (pod("client-veth"), VETH_VIP),
+            Mode::PodIpBare | Mode::AaControl => (pod(BARE_CLIENT), address("server-b")),
+            Mode::PodIp => (pod("client"), address("server-b")),
+            Mode::PodIpRouted => (pod("client"), address("server-c")),
+            Mode::VethRouted => (pod("vclient"), address("vserver")),
+            Mode::Node => (self.topo.nodes[0].path(), NODE_ADDRESSES[1]),
+        };
+        let cgroup = match mode {
+            Mode::SocketLb => self.cgroup.path(),
+            _ => self.cgroups.clients.path(),
         };
         Endpoint {
-            netns: client.namespace.path(),
-            cgroup,
+            place: ClientPlace {
+                netns,
+                cgroup,
+                server_cgroup: self.cgroups.servers.path(),
+                agent_cgroup: self.agent.as_ref().map(|_| self.cgroups.agent.path()),
+            },
             target: SocketAddrV4::new(server, kind.port()),
         }
+    }
+
+    /// Every namespace of the testbed.
+    fn namespaces(&self) -> impl Iterator<Item = &lab::Namespace> {
+        self.topo
+            .nodes
+            .iter()
+            .chain([&self.topo.gateway])
+            .chain(self.topo.pods.iter().map(|p| &p.namespace))
+    }
+
+    /// `ethtool -k` of every device, for the result.
+    pub(super) fn offloads(&self) -> Result<Vec<lab::DeviceOffloads>> {
+        Ok(self.topo.offloads()?)
     }
 
     /// Removes kube-proxy's rules and stops the agent; the namespaces go
@@ -190,8 +231,9 @@ impl Testbed {
 }
 
 /// The echo server (and, for the tools' workloads, sockperf, iperf3 and
-/// redis) on every server end: server-b, server-c, vserver, node 2.
-fn start_servers(topo: &Topology, kinds: &[Kind]) -> Result<Vec<ServerProcess>> {
+/// redis) on every server end: server-b, server-c, vserver, node 2; all
+/// in the servers' `cgroup`.
+fn start_servers(topo: &Topology, kinds: &[Kind], cgroup: &Path) -> Result<Vec<ServerProcess>> {
     let server_ends = [
         (
             &topo.pod("server-b").namespace,
@@ -204,17 +246,19 @@ fn start_servers(topo: &Topology, kinds: &[Kind]) -> Result<Vec<ServerProcess>> 
         (&topo.pod("vserver").namespace, topo.pod("vserver").address),
         (&topo.nodes[1], NODE_ADDRESSES[1]),
     ];
-    for (namespace, address) in server_ends {
-        start_echo_server(namespace, address, ECHO_PORT, Some(SERVER_CPU))?;
-    }
     let mut servers = Vec::new();
+    for (namespace, address) in server_ends {
+        servers.push(start_echo_server(
+            namespace, address, ECHO_PORT, SERVER_CPU, cgroup,
+        )?);
+    }
     if kinds
         .iter()
         .any(|k| !matches!(k, Kind::Latency | Kind::Rr | Kind::Crr))
     {
         eprintln!("starting sockperf, iperf3 and redis servers…");
         for (namespace, address) in server_ends {
-            servers.extend(start_tool_servers(namespace, address, SERVER_CPU)?);
+            servers.extend(start_tool_servers(namespace, address, SERVER_CPU, cgroup)?);
         }
     }
     Ok(servers)

@@ -31,7 +31,7 @@ pub use self::{
     report::Row,
 };
 use self::{
-    report::{Document, plot_rows, print_tables, remove_old_charts},
+    report::{Document, MIN_SAMPLES_BEYOND, plot_rows, print_tables, remove_old_charts},
     sweep::Sweep,
     testbed::Testbed,
 };
@@ -57,8 +57,15 @@ pub struct LatencyOpts {
     #[arg(long, value_delimiter = ',')]
     pub rates: Vec<f64>,
     /// Closed-loop maximum runs per setup (the median is used).
-    #[arg(long, default_value_t = 3)]
+    #[arg(long, default_value_t = 5)]
     pub max_runs: usize,
+    /// Runs of every rated point (the setups in a shuffled order each
+    /// time); tables and charts show the median run's percentiles.
+    #[arg(long, default_value_t = 5)]
+    pub point_runs: usize,
+    /// Seed of the setup order at each run (printed; repeats the order).
+    #[arg(long)]
+    pub seed: Option<u64>,
     /// Node tunings (comma-separated), each measured as its own rows.
     #[arg(long, value_enum, value_delimiter = ',', default_values_t = [Tuning::Baseline])]
     pub tuning: Vec<Tuning>,
@@ -117,6 +124,12 @@ pub fn run(opts: &LatencyOpts) -> Result<()> {
     for node in &testbed.topo.nodes {
         let _ = remove_kube_proxy(node, KubeProxy::Iptables);
     }
+    println!(
+        "\nEvery rated point {} times, the setups in a shuffled order each time (seed {}: \
+         `--seed {}` repeats it); a percentile is printed only where a run has at least {} \
+         requests beyond it.",
+        sweep.point_runs, sweep.seed, sweep.seed, MIN_SAMPLES_BEYOND
+    );
     print_tables(&rows, &testbed.unavailable);
     for line in &sweep.skipped {
         println!("\n{line}");

@@ -10,6 +10,7 @@ use super::designs::{Design, Tuning};
 use crate::{
     loadgen::{LoadResult, QUANTILES},
     plot::{self, Axes, Series},
+    stats::median,
 };
 
 /// What latency.json holds.
@@ -28,6 +29,9 @@ pub struct Row {
     pub size: usize,
     /// "max", "30 % of max" or "4000/s".
     pub point: String,
+    /// Which run of this point (from 0).
+    #[serde(default)]
+    pub run: usize,
     pub result: LoadResult,
 }
 
@@ -37,68 +41,136 @@ fn percentile_label(q: f64) -> String {
     format!("p{text}")
 }
 
-pub(super) fn print_tables(rows: &[Row], unavailable: &BTreeMap<Design, String>) {
-    let mut groups: BTreeMap<(usize, usize), (&str, Vec<&Row>)> = BTreeMap::new();
-    // Keep the measurement order of points within a size.
-    let mut order: Vec<(usize, String)> = Vec::new();
+/// A percentile is shown only where a run has at least this many
+/// requests beyond it (p99.99 needs 100,000 requests): with fewer, it is
+/// the maximum of a handful, not a percentile.
+pub(super) const MIN_SAMPLES_BEYOND: f64 = 10.0;
+
+/// One setup at one point over its runs: the median run's figures.
+struct Summary<'a> {
+    first: &'a Row,
+    runs: usize,
+    achieved_rate: f64,
+    /// Per quantile: the median over runs, if every run has enough
+    /// requests beyond it.
+    percentiles_ms: Vec<Option<f64>>,
+    sustained: usize,
+    errors: u64,
+    max_backlog: usize,
+}
+
+/// (response size, point label).
+type PointKey = (usize, String);
+
+/// The rows grouped by (size, point) in measurement order, and within
+/// each by setup in measurement order, summarized over runs.
+fn summaries(rows: &[Row]) -> Vec<(PointKey, Vec<Summary<'_>>)> {
+    let mut groups: Vec<(PointKey, Vec<Vec<&Row>>)> = Vec::new();
     for row in rows {
-        if !order.contains(&(row.size, row.point.clone())) {
-            order.push((row.size, row.point.clone()));
+        let key = (row.size, row.point.clone());
+        let at = match groups.iter().position(|(k, _)| *k == key) {
+            Some(at) => at,
+            None => {
+                groups.push((key, Vec::new()));
+                groups.len() - 1
+            }
+        };
+        let setups = &mut groups[at].1;
+        match setups
+            .iter_mut()
+            .find(|runs| runs[0].design == row.design && runs[0].tuning == row.tuning)
+        {
+            Some(runs) => runs.push(row),
+            None => setups.push(vec![row]),
         }
-        let index = order
-            .iter()
-            .position(|o| *o == (row.size, row.point.clone()))
-            .unwrap_or(0);
-        groups
-            .entry((row.size, index))
-            .or_insert((row.point.as_str(), Vec::new()))
-            .1
-            .push(row);
     }
-    for ((size, _), (point, rows)) in groups {
-        let bytes = rows
+    groups
+        .into_iter()
+        .map(|(key, setups)| {
+            (
+                key,
+                setups.into_iter().map(|runs| summarize(&runs)).collect(),
+            )
+        })
+        .collect()
+}
+
+fn summarize<'a>(runs: &[&'a Row]) -> Summary<'a> {
+    let fewest = runs.iter().map(|r| r.result.requests).min().unwrap_or(0) as f64;
+    let percentiles_ms = QUANTILES
+        .iter()
+        .enumerate()
+        .map(|(i, &q)| {
+            (fewest * (1.0 - q) >= MIN_SAMPLES_BEYOND).then(|| {
+                let values: Vec<f64> = runs.iter().map(|r| r.result.percentiles_us[i]).collect();
+                median(&values) / 1e3
+            })
+        })
+        .collect();
+    let rates: Vec<f64> = runs.iter().map(|r| r.result.achieved_rate).collect();
+    Summary {
+        first: runs[0],
+        runs: runs.len(),
+        achieved_rate: median(&rates),
+        percentiles_ms,
+        sustained: runs.iter().filter(|r| r.result.sustained).count(),
+        errors: runs.iter().map(|r| r.result.errors).sum(),
+        max_backlog: runs.iter().map(|r| r.result.max_backlog).max().unwrap_or(0),
+    }
+}
+
+pub(super) fn print_tables(rows: &[Row], unavailable: &BTreeMap<Design, String>) {
+    for ((size, point), setups) in summaries(rows) {
+        let bytes = setups
             .first()
-            .map(|r| r.result.response_bytes)
+            .map(|s| s.first.result.response_bytes)
             .unwrap_or_default();
         let point = if point == "max" {
-            "maximum (closed loop, median run)"
+            "maximum (closed loop, median run)".to_owned()
         } else {
             point
         };
         println!("\n### {size}-byte responses ({bytes} B received), {point}\n");
         let header: Vec<String> = QUANTILES.iter().map(|&q| percentile_label(q)).collect();
         println!(
-            "| design | requests/s (asked) | {} | max | kept the rate |",
+            "| design | runs | requests/s (asked) | {} | kept the rate |",
             header.join(" | ")
         );
-        println!("|---|---|{}---|---|", "---|".repeat(QUANTILES.len()));
-        for row in rows {
-            let r = &row.result;
-            let asked = r
+        println!("|---|---|---|{}---|", "---|".repeat(QUANTILES.len()));
+        for summary in &setups {
+            let row = summary.first;
+            let asked = row
+                .result
                 .target_rate
                 .map(|t| format!(" ({t:.0})"))
                 .unwrap_or_default();
-            let cells: Vec<String> = r
-                .percentiles_us
+            let cells: Vec<String> = summary
+                .percentiles_ms
                 .iter()
-                .map(|us| format!("{:.3}", us / 1e3))
+                .map(|ms| ms.map_or("–".into(), |ms| format!("{ms:.3}")))
                 .collect();
+            let kept = match (row.result.target_rate, summary.errors) {
+                (_, e) if e > 0 => format!("{e} errors"),
+                (None, _) => "closed loop".into(),
+                (Some(_), _) if summary.sustained == summary.runs => "yes".into(),
+                (Some(_), _) => format!(
+                    "{}/{} runs (backlog up to {})",
+                    summary.sustained, summary.runs, summary.max_backlog
+                ),
+            };
             println!(
-                "| {}{} | {:.0}{asked} | {} | {:.3} | {} |",
+                "| {}{} | {} | {:.0}{asked} | {} | {kept} |",
                 row.design.label(),
                 row.tuning.suffix(),
-                r.achieved_rate,
+                summary.runs,
+                summary.achieved_rate,
                 cells.join(" | "),
-                r.max_us / 1e3,
-                match (r.target_rate, r.sustained, r.errors) {
-                    (_, _, e) if e > 0 => format!("{e} errors"),
-                    (None, _, _) => "closed loop".into(),
-                    (Some(_), true, _) => "yes".into(),
-                    (Some(_), false, _) => format!("no (backlog {})", r.max_backlog),
-                }
             );
         }
-        println!("\nLatency in ms from each request's scheduled send time.");
+        println!(
+            "\nLatency in ms from each request's scheduled send time, the median over runs; \
+             – where a run has fewer than {MIN_SAMPLES_BEYOND} requests beyond the percentile."
+        );
     }
     for (design, reason) in unavailable {
         println!("\n{}: not measured — {reason}", design.label());
@@ -124,22 +196,20 @@ pub(super) fn remove_old_charts(dir: &Path) -> Result<()> {
 /// One chart per size and rate: latency against percentile (log scale),
 /// a line per design.
 pub(super) fn plot_rows(dir: &Path, rows: &[Row]) -> Result<()> {
-    let mut charts: BTreeMap<(usize, String), Vec<&Row>> = BTreeMap::new();
-    for row in rows.iter().filter(|r| r.point != "max") {
-        charts
-            .entry((row.size, row.point.clone()))
-            .or_default()
-            .push(row);
-    }
-    for ((size, point), rows) in charts {
-        let series: Vec<Series> = rows
+    for ((size, point), setups) in summaries(rows) {
+        if point == "max" {
+            continue;
+        }
+        let series: Vec<Series> = setups
             .iter()
-            .map(|row| Series {
+            .map(|summary| (summary.first, summary))
+            .map(|(row, summary)| Series {
                 label: format!("{}{}", row.design.label(), row.tuning.suffix()),
+                // Only the percentiles the table prints.
                 points: QUANTILES
                     .iter()
-                    .zip(&row.result.percentiles_us)
-                    .map(|(&q, &us)| (nines(q), us / 1e3))
+                    .zip(&summary.percentiles_ms)
+                    .filter_map(|(&q, ms)| Some((nines(q), (*ms)?)))
                     .collect(),
                 colour: Design::ALL
                     .iter()

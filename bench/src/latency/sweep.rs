@@ -1,6 +1,7 @@
 //! The measurement plan: every setup's maximum rate (median of a few
-//! closed-loop runs), then fixed fractions of it and absolute rates, the
-//! setups interleaved at each rate so the machine's drift hits them
+//! closed-loop runs), then fixed fractions of it and absolute rates, each
+//! point several times, the setups in a fresh shuffled order each time so
+//! the machine's drift (and what one setup leaves behind) hits them
 //! alike.
 
 use std::collections::BTreeMap;
@@ -13,7 +14,10 @@ use super::{
     report::Row,
     testbed::{Shape, Testbed},
 };
-use crate::loadgen::LoadResult;
+use crate::{
+    loadgen::LoadResult,
+    stats::{Shuffler, fresh_seed},
+};
 
 /// A rate every design is measured at.
 pub(super) enum RatePoint {
@@ -47,6 +51,10 @@ pub(super) struct Sweep {
     pub(super) skipped: Vec<String>,
     shape: Shape,
     max_runs: usize,
+    /// Runs of every rated point.
+    pub(super) point_runs: usize,
+    /// Seeds the setup order.
+    pub(super) seed: u64,
     fractions: Vec<f64>,
     /// Absolute rates; empty: 30 % and 50 % of the host network's
     /// maximum at each size.
@@ -96,6 +104,12 @@ impl Sweep {
             skipped,
             shape,
             max_runs: if opts.quick { 1 } else { opts.max_runs.max(1) },
+            point_runs: if opts.quick {
+                1
+            } else {
+                opts.point_runs.max(1)
+            },
+            seed: opts.seed.unwrap_or_else(fresh_seed),
             fractions,
             absolute,
             quick: opts.quick,
@@ -106,7 +120,9 @@ impl Sweep {
     pub(super) fn run(&self, testbed: &Testbed, sizes: &[usize]) -> Result<Vec<Row>> {
         let derive_rates = self.absolute.is_empty() && !self.quick;
         let absolute_count = if derive_rates { 2 } else { self.absolute.len() };
-        let per_size = self.setups.len() * (self.max_runs + self.fractions.len() + absolute_count);
+        let per_size = self.setups.len()
+            * (self.max_runs + (self.fractions.len() + absolute_count) * self.point_runs);
+        let mut shuffler = Shuffler::new(self.seed);
         let mut progress = Progress {
             done: 0,
             total: per_size * sizes.len(),
@@ -135,21 +151,29 @@ impl Sweep {
                 .collect();
             for point in &points {
                 let point_label = point.label();
-                // Every setup at this rate before the next: drift on the
-                // machine hits them alike.
-                for &setup in &self.setups {
-                    progress.step(&format!("{size} B, {point_label}, {}", label(setup)));
-                    let rate = point.rate(max[&setup]).max(1.0);
-                    let result = testbed
-                        .measure(setup, size, Some(rate), &self.shape)
-                        .with_context(|| format!("{} at {rate:.0} requests/s", label(setup)))?;
-                    rows.push(Row {
-                        design: setup.0,
-                        tuning: setup.1,
-                        size,
-                        point: point_label.clone(),
-                        result,
-                    });
+                // Every setup at this rate before the next run of it, in
+                // a fresh order: drift on the machine hits them alike.
+                for run in 0..self.point_runs {
+                    for setup in shuffler.shuffled(&self.setups) {
+                        progress.step(&format!(
+                            "{size} B, {point_label} ({}/{}), {}",
+                            run + 1,
+                            self.point_runs,
+                            label(setup)
+                        ));
+                        let rate = point.rate(max[&setup]).max(1.0);
+                        let result = testbed
+                            .measure(setup, size, Some(rate), &self.shape)
+                            .with_context(|| format!("{} at {rate:.0} requests/s", label(setup)))?;
+                        rows.push(Row {
+                            design: setup.0,
+                            tuning: setup.1,
+                            size,
+                            point: point_label.clone(),
+                            run,
+                            result,
+                        });
+                    }
                 }
             }
         }
@@ -193,6 +217,7 @@ impl Sweep {
                 tuning: setup.1,
                 size,
                 point: "max".into(),
+                run: 0,
                 result,
             });
         }

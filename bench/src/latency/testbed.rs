@@ -13,7 +13,7 @@ use std::{
 use anyhow::{Context, Result, bail};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use lab::{
-    Cgroup, PodSpec, Topology,
+    Cgroup, Offloads, PodSpec, Topology,
     topology::{self, NODE_ADDRESSES},
 };
 
@@ -76,7 +76,7 @@ impl Testbed {
             pod("mclient", 0, [10, 77, 0, 6]),
             pod("server", 1, [10, 77, 0, 4]),
         ];
-        let topo = Topology::build(&pods)?;
+        let topo = Topology::build_with(&pods, Offloads::AsRealDevices)?;
         let servers = vec![
             nginx::start(&topo.nodes[1], NODE_ADDRESSES[1], SERVER_CPU)?,
             nginx::start(

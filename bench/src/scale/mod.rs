@@ -73,7 +73,9 @@ impl ScaleDatapath {
     mut_arg("seconds", |a| a
         .default_value("3")
         .help("Seconds of TCP_CRR at each point (0 skips the data plane)")),
-    mut_arg("runs", |a| a.help("TCP_CRR runs at each point (the median is reported)")),
+    mut_arg("runs", |a| a
+        .default_value("3")
+        .help("TCP_CRR runs at each point (the median is reported)")),
     mut_arg("quick", |a| a.help("Small sizes only (1 and 100 services, 0.3 s of TCP_CRR), for CI")),
 )]
 pub struct ScaleOpts {

@@ -17,7 +17,7 @@ use datapath_user::{
     metrics::Metrics,
     reconcile::Reconciler,
 };
-use lab::{PodSpec, Topology, standard_pods};
+use lab::{Offloads, PodSpec, Topology, standard_pods};
 
 use super::ScalePoint;
 use crate::{
@@ -27,7 +27,10 @@ use crate::{
         run_in_limited,
     },
     kubeproxy::{self, ServicePort, service_ports},
-    workload::{Kind, Measurement, SERVER_CPU, run_worker, start_echo_server},
+    workload::{
+        BenchCgroups, ClientPlace, Kind, Measurement, Parameters, SERVER_CPU, ServerProcess,
+        run_worker, start_echo_server,
+    },
 };
 
 /// The measured service's port and its endpoint's (the echo server's).
@@ -111,7 +114,7 @@ impl Outcome {
                 values[values.len() / 2]
             };
             point.crr_per_second = Some(median(|m| m.per_second));
-            point.crr_p99_us = Some(median(|m| m.p99_us));
+            point.crr_p99_us = Some(median(|m| m.p99_us.unwrap_or(f64::NAN)));
         }
         point.crr_runs = self.crr;
     }
@@ -127,6 +130,9 @@ pub(super) struct Crr {
 /// coordinator veth (kube-proxy's path), the echo server pod on node 1.
 pub(super) struct Testbed {
     topo: Topology,
+    _server: ServerProcess,
+    /// After the server: removed once it has exited.
+    cgroups: BenchCgroups,
     pub(super) server_address: Ipv4Addr,
 }
 
@@ -136,13 +142,15 @@ impl Testbed {
             .into_iter()
             .filter(|p| p.role == "client" || p.role == "server-b")
             .collect();
-        let topo = Topology::build(&pods)?;
+        let topo = Topology::build_with(&pods, Offloads::AsRealDevices)?;
         let server = topo.pod("server-b");
-        start_echo_server(
+        let cgroups = BenchCgroups::create(&topo.prefix)?;
+        let server_process = start_echo_server(
             &server.namespace,
             server.address,
             TARGET_PORT,
-            Some(SERVER_CPU),
+            SERVER_CPU,
+            cgroups.servers.path(),
         )?;
         let server_address = server.address;
         topo.add_coordinator_veth("client")?;
@@ -154,6 +162,8 @@ impl Testbed {
         }
         Ok(Self {
             topo,
+            _server: server_process,
+            cgroups,
             server_address,
         })
     }
@@ -164,13 +174,18 @@ impl Testbed {
         }
         (0..crr.runs)
             .map(|_| {
-                let measurement = run_worker(
-                    self.topo.pod("client").namespace.path(),
-                    None,
-                    Kind::Crr,
-                    sweep.target_address().into(),
-                    crr.seconds,
-                )?;
+                let place = ClientPlace {
+                    netns: self.topo.pod("client").namespace.path(),
+                    cgroup: self.cgroups.clients.path(),
+                    server_cgroup: self.cgroups.servers.path(),
+                    agent_cgroup: None,
+                };
+                let run = Parameters {
+                    seconds: crr.seconds,
+                    ..Kind::Crr.seed_parameters()
+                };
+                let measurement =
+                    run_worker(place, Kind::Crr, sweep.target_address().into(), &run)?;
                 ensure!(
                     measurement.transactions > 0,
                     "TCP_CRR to {}: no transaction completed",

@@ -1,6 +1,6 @@
 //! One client run: the built-in clients (ping-pong latency, TCP_RR,
 //! TCP_CRR) timed per transaction, the tools' through `tools`, and the
-//! CPU the run cost.
+//! CPU the run cost (`cpu`).
 
 use std::{
     io::{self, Read, Write},
@@ -12,7 +12,12 @@ use anyhow::{Context, Result};
 use hdrhistogram::Histogram;
 use serde::{Deserialize, Serialize};
 
-use super::{Kind, tools::measure_tool};
+use super::{
+    Kind,
+    cpu::{CpuCost, CpuPlaces},
+    parameters::Parameters,
+    tools::measure_tool,
+};
 
 /// One client run's figures.
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -21,65 +26,14 @@ pub struct Measurement {
     pub transactions: u64,
     pub seconds: f64,
     pub per_second: f64,
-    /// Per transaction (latency: one-way, i.e. RTT/2), µs.
-    pub mean_us: f64,
-    pub p50_us: f64,
-    pub p99_us: f64,
+    /// Per transaction (latency: one-way, i.e. RTT/2), µs; none for
+    /// throughput (iperf3).
+    pub mean_us: Option<f64>,
+    pub p50_us: Option<f64>,
+    pub p99_us: Option<f64>,
     pub errors: u64,
-    /// Machine-wide CPU time per transaction while measuring (from
-    /// /proc/stat), µs: user, system, softirq. The softirq share is the
-    /// datapath's (netfilter, TC, the stack); both ends are on this host.
-    #[serde(default)]
-    pub cpu_user_us: f64,
-    #[serde(default)]
-    pub cpu_system_us: f64,
-    #[serde(default)]
-    pub cpu_softirq_us: f64,
-}
-
-/// Aggregate CPU times from /proc/stat, in clock ticks (USER_HZ).
-#[derive(Clone, Copy, Debug, Default)]
-pub struct CpuTimes {
-    pub user: u64,
-    pub system: u64,
-    pub softirq: u64,
-}
-
-impl CpuTimes {
-    pub fn now() -> Self {
-        let Ok(stat) = std::fs::read_to_string("/proc/stat") else {
-            return Self::default();
-        };
-        // "cpu  user nice system idle iowait irq softirq steal …"
-        let fields: Vec<u64> = stat
-            .lines()
-            .next()
-            .unwrap_or("")
-            .split_whitespace()
-            .skip(1)
-            .map(|f| f.parse().unwrap_or(0))
-            .collect();
-        let at = |i: usize| fields.get(i).copied().unwrap_or(0);
-        Self {
-            user: at(0) + at(1),
-            system: at(2),
-            softirq: at(6),
-        }
-    }
-
-    /// (user, system, softirq) µs per transaction since `earlier`.
-    pub fn per_transaction(self, earlier: Self, transactions: u64) -> (f64, f64, f64) {
-        // SAFETY: sysconf has no preconditions.
-        let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
-        let per = |now: u64, then: u64| {
-            (now.saturating_sub(then)) as f64 / hz * 1e6 / transactions.max(1) as f64
-        };
-        (
-            per(self.user, earlier.user),
-            per(self.system, earlier.system),
-            per(self.softirq, earlier.softirq),
-        )
-    }
+    /// CPU per transaction, message, request or MB over the same window.
+    pub cpu: CpuCost,
 }
 
 /// One request/response of `size` bytes on `stream`.
@@ -88,12 +42,18 @@ fn transact(stream: &mut TcpStream, message: &[u8], reply: &mut [u8]) -> io::Res
     stream.read_exact(reply)
 }
 
-/// Runs `kind` against `target` for `duration` from the calling thread's
-/// namespace.
-pub fn measure(kind: Kind, target: SocketAddr, duration: Duration) -> Result<Measurement> {
+/// Runs `kind` against `target` with `run`'s parameters from the calling
+/// thread's namespace; CPU read from `places`.
+pub fn measure(
+    kind: Kind,
+    target: SocketAddr,
+    run: &Parameters,
+    places: &CpuPlaces,
+) -> Result<Measurement> {
     if !matches!(kind, Kind::Latency | Kind::Rr | Kind::Crr) {
-        return measure_tool(kind, target, duration);
+        return measure_tool(kind, target, run, places);
     }
+    let duration = Duration::from_secs_f64(run.seconds);
     let size = kind.message_size();
     let message = vec![0x5au8; size];
     let mut reply = vec![0u8; size];
@@ -115,7 +75,7 @@ pub fn measure(kind: Kind, target: SocketAddr, duration: Duration) -> Result<Mea
     let mut phase_end = Instant::now() + warmup;
     let mut measuring = false;
     let mut started = Instant::now();
-    let mut cpu_start = CpuTimes::default();
+    let mut cpu_start = None;
     loop {
         let now = Instant::now();
         if now >= phase_end {
@@ -124,7 +84,7 @@ pub fn measure(kind: Kind, target: SocketAddr, duration: Duration) -> Result<Mea
             }
             measuring = true;
             started = now;
-            cpu_start = CpuTimes::now();
+            cpu_start = Some(places.snapshot()?);
             phase_end = now + duration;
         }
         let begin = Instant::now();
@@ -152,20 +112,18 @@ pub fn measure(kind: Kind, target: SocketAddr, duration: Duration) -> Result<Mea
         }
     }
     let seconds = started.elapsed().as_secs_f64();
+    let cpu_end = places.snapshot()?;
     let transactions = histogram.len();
-    let (cpu_user_us, cpu_system_us, cpu_softirq_us) =
-        CpuTimes::now().per_transaction(cpu_start, transactions);
+    let cpu = cpu_end.cost_since(cpu_start.as_ref().expect("measured"), transactions as f64);
     Ok(Measurement {
-        cpu_user_us,
-        cpu_system_us,
-        cpu_softirq_us,
+        cpu,
         kind,
         transactions,
         seconds,
         per_second: transactions as f64 / seconds,
-        mean_us: histogram.mean() / 1e3,
-        p50_us: histogram.value_at_quantile(0.5) as f64 / 1e3,
-        p99_us: histogram.value_at_quantile(0.99) as f64 / 1e3,
+        mean_us: Some(histogram.mean() / 1e3),
+        p50_us: Some(histogram.value_at_quantile(0.5) as f64 / 1e3),
+        p99_us: Some(histogram.value_at_quantile(0.99) as f64 / 1e3),
         errors,
     })
 }

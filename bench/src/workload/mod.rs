@@ -6,11 +6,19 @@
 //! Clients run in a worker process (`bench worker`), so each can join the
 //! client pod's namespace, the socket-LB cgroup and a CPU of its own.
 //!
-//! One concern per file: `servers` (the echo server), `tools` (sockperf,
-//! iperf3 and redis: servers, clients, output), `measure` (a client run's
-//! figures and CPU), `worker` (the worker process, and running one).
+//! One concern per file: `servers` (the echo server as a process, and
+//! what every server process shares: namespace, CPU, cgroup), `tools` (sockperf,
+//! iperf3 and redis: servers and clients), `parse` (the tools' output),
+//! `parameters` (the seed's parameters and how a run differs), `measure`
+//! (a client run's figures), `cpu` (the CPU it cost, from cgroups and
+//! the kernel's counters), `worker` (the worker process, and running
+//! one).
 
+mod cgroups;
+mod cpu;
 mod measure;
+mod parameters;
+pub mod parse;
 mod servers;
 mod tools;
 mod worker;
@@ -19,10 +27,13 @@ use clap::ValueEnum;
 use serde::{Deserialize, Serialize};
 
 pub use self::{
-    measure::{CpuTimes, Measurement, measure},
-    servers::start_echo_server,
-    tools::{ServerProcess, start_tool_servers},
-    worker::{WorkerOpts, enter_client, owned_output, pin_to_cpu, run_worker, worker},
+    cgroups::BenchCgroups,
+    cpu::{CpuCost, CpuPlaces},
+    measure::{Measurement, measure},
+    parameters::Parameters,
+    servers::{EchoServerOpts, ServerProcess, echo_server, start_echo_server},
+    tools::start_tool_servers,
+    worker::{ClientPlace, WorkerOpts, enter_client, owned_output, pin_to_cpu, run_worker, worker},
 };
 
 /// What a client measures.
@@ -37,7 +48,7 @@ pub enum Kind {
     Rr,
     /// connect + 100-byte request/response + close; transactions/s.
     Crr,
-    /// `sockperf ping-pong --tcp -m 64` (the seed's latency tool); µs.
+    /// `sockperf ping-pong --tcp` (the seed's latency tool); µs.
     Sockperf,
     /// `iperf3 -P 1`; Gbit/s.
     Iperf1,
@@ -45,7 +56,7 @@ pub enum Kind {
     Iperf2,
     /// `iperf3 -P 4`; Gbit/s.
     Iperf4,
-    /// `redis-benchmark -d 1000 -t get`; requests/s.
+    /// `redis-benchmark -d 1000 -t get` after a SET of the key; requests/s.
     RedisGet,
     /// `redis-benchmark -d 1000 -t set`; requests/s.
     RedisSet,

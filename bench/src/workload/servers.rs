@@ -1,36 +1,43 @@
-//! The bench's echo server: fixed-size answers, a thread per
-//! connection, inside a namespace and on a CPU.
+//! The servers a measurement talks to, each its own process inside the
+//! server pod's namespace, on the server CPU and in the servers' cgroup
+//! (whose `cpu.stat` is the server's CPU): the bench's echo server
+//! (`bench echo-server`, fixed-size answers, a thread per connection),
+//! and the spawning, port-waiting and killing every server shares.
 
 use std::{
     io::{Read, Write},
     net::{Ipv4Addr, SocketAddrV4, TcpListener, TcpStream},
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    time::{Duration, Instant},
 };
 
-use anyhow::{Context, Result};
+use anyhow::{Context, Result, ensure};
+use clap::Parser;
 use lab::Namespace;
 
 use super::pin_to_cpu;
 
-/// Starts an echo server on `address:port` inside `namespace` (a thread
-/// per connection, on `cpu` if given). Runs until the process exits.
-pub fn start_echo_server(
-    namespace: &Namespace,
-    address: Ipv4Addr,
-    port: u16,
-    cpu: Option<usize>,
-) -> Result<()> {
-    let listener = namespace
-        .run(|| TcpListener::bind(SocketAddrV4::new(address, port)))
-        .context("entering the server namespace")?
-        .with_context(|| format!("binding {address}:{port} in {}", namespace.name()))?;
-    std::thread::spawn(move || {
-        if let Some(cpu) = cpu {
-            let _ = pin_to_cpu(cpu);
-        }
-        for stream in listener.incoming().flatten() {
-            std::thread::spawn(move || echo(stream));
-        }
-    });
+/// `bench echo-server`: echoes every connection on `address:port`
+/// inside `netns` until killed.
+#[derive(Parser, Debug)]
+pub struct EchoServerOpts {
+    #[arg(long)]
+    pub netns: PathBuf,
+    #[arg(long)]
+    pub address: Ipv4Addr,
+    #[arg(long)]
+    pub port: u16,
+}
+
+pub fn echo_server(opts: &EchoServerOpts) -> Result<()> {
+    datapath_user::netns::enter(&opts.netns)
+        .with_context(|| format!("entering {}", opts.netns.display()))?;
+    let listener = TcpListener::bind(SocketAddrV4::new(opts.address, opts.port))
+        .with_context(|| format!("binding {}:{}", opts.address, opts.port))?;
+    for stream in listener.incoming().flatten() {
+        std::thread::spawn(move || echo(stream));
+    }
     Ok(())
 }
 
@@ -46,5 +53,88 @@ fn echo(mut stream: TcpStream) {
                 }
             }
         }
+    }
+}
+
+/// Starts the echo server on `address:port` inside `namespace`, on
+/// `cpu`, in `cgroup`; killed when the handle drops.
+pub fn start_echo_server(
+    namespace: &Namespace,
+    address: Ipv4Addr,
+    port: u16,
+    cpu: usize,
+    cgroup: &Path,
+) -> Result<ServerProcess> {
+    let mut command = Command::new(std::env::current_exe()?);
+    command
+        .arg("echo-server")
+        .arg("--netns")
+        .arg(namespace.path())
+        .args(["--address", &address.to_string()])
+        .args(["--port", &port.to_string()]);
+    let server = spawn_server(namespace, command, cpu, cgroup, "the echo server")?;
+    wait_for_port(namespace, address, port)?;
+    Ok(server)
+}
+
+/// Spawns `command` inside `namespace`, pinned to `cpu` and moved into
+/// `cgroup` before it serves anything.
+pub(super) fn spawn_server(
+    namespace: &Namespace,
+    mut command: Command,
+    cpu: usize,
+    cgroup: &Path,
+    what: &str,
+) -> Result<ServerProcess> {
+    command
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+    let child = namespace
+        .run(|| {
+            let _ = pin_to_cpu(cpu);
+            command.spawn()
+        })?
+        .with_context(|| format!("starting {what} (installed by `cargo xtask bench`)"))?;
+    lab::own_child(child.id());
+    let server = ServerProcess(child);
+    std::fs::write(cgroup.join("cgroup.procs"), server.0.id().to_string())
+        .with_context(|| format!("moving {what} into {}", cgroup.display()))?;
+    Ok(server)
+}
+
+/// Waits until `address:port` accepts connections in `namespace`.
+pub(super) fn wait_for_port(namespace: &Namespace, address: Ipv4Addr, port: u16) -> Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let up = namespace
+            .run(|| {
+                TcpStream::connect_timeout(
+                    &SocketAddrV4::new(address, port).into(),
+                    Duration::from_millis(200),
+                )
+                .is_ok()
+            })
+            .unwrap_or(false);
+        if up {
+            return Ok(());
+        }
+        ensure!(
+            Instant::now() < deadline,
+            "no server on {address}:{port} in {} after 10 s",
+            namespace.name()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// A server process, killed on drop.
+pub struct ServerProcess(Child);
+
+impl Drop for ServerProcess {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+        lab::disown_child(self.0.id());
     }
 }

@@ -7,13 +7,12 @@ use std::{
     net::SocketAddr,
     path::{Path, PathBuf},
     process::{Command, Stdio},
-    time::Duration,
 };
 
 use anyhow::{Context, Result, bail};
 use clap::Parser;
 
-use super::{CLIENT_CPU, Kind, Measurement, measure};
+use super::{CLIENT_CPU, CpuPlaces, Kind, Measurement, Parameters, measure};
 
 /// `bench worker`: one client run inside a namespace (and cgroup, and on
 /// a CPU), printing its [`Measurement`] as JSON.
@@ -22,9 +21,16 @@ pub struct WorkerOpts {
     #[arg(long)]
     pub netns: PathBuf,
     /// cgroup v2 directory to join first (socket-LB translates only
-    /// processes below the cgroup it is attached to).
+    /// processes below the cgroup it is attached to); its `cpu.stat` is
+    /// the client's CPU.
     #[arg(long)]
-    pub cgroup: Option<PathBuf>,
+    pub cgroup: PathBuf,
+    /// The servers' cgroup (read, not joined).
+    #[arg(long)]
+    pub server_cgroup: PathBuf,
+    /// The agent's cgroup, if an agent runs (read, not joined).
+    #[arg(long)]
+    pub agent_cgroup: Option<PathBuf>,
     /// CPU to pin the client to.
     #[arg(long)]
     pub cpu: Option<usize>,
@@ -32,42 +38,70 @@ pub struct WorkerOpts {
     pub kind: Kind,
     #[arg(long)]
     pub target: SocketAddr,
+    /// Seconds measured (time-bound workloads).
     #[arg(long, default_value_t = 2.0)]
     pub seconds: f64,
+    /// Requests (redis-benchmark `-n`).
+    #[arg(long, default_value_t = 100_000)]
+    pub requests: u64,
+    /// Leading seconds left out (iperf3 `-O`).
+    #[arg(long, default_value_t = 0)]
+    pub omit_seconds: u64,
 }
 
 pub fn worker(opts: &WorkerOpts) -> Result<()> {
-    enter_client(&opts.netns, opts.cgroup.as_deref(), opts.cpu)?;
-    let measurement = measure(
-        opts.kind,
-        opts.target,
-        Duration::from_secs_f64(opts.seconds),
-    )?;
+    enter_client(&opts.netns, Some(&opts.cgroup), opts.cpu)?;
+    let places = CpuPlaces {
+        client: opts.cgroup.clone(),
+        server: opts.server_cgroup.clone(),
+        agent: opts.agent_cgroup.clone(),
+    };
+    let run = Parameters {
+        seconds: opts.seconds,
+        requests: opts.requests,
+        omit_seconds: opts.omit_seconds,
+    };
+    let measurement = measure(opts.kind, opts.target, &run, &places)?;
     println!("{}", serde_json::to_string(&measurement)?);
     Ok(())
 }
 
-/// Runs one `bench worker` (this binary) in `netns` (and `cgroup`), on
-/// [`CLIENT_CPU`], and reads its measurement.
+/// Where a client runs and whose CPU it reads.
+#[derive(Clone, Copy, Debug)]
+pub struct ClientPlace<'a> {
+    pub netns: &'a Path,
+    /// Joined by the client; its CPU.
+    pub cgroup: &'a Path,
+    pub server_cgroup: &'a Path,
+    pub agent_cgroup: Option<&'a Path>,
+}
+
+/// Runs one `bench worker` (this binary) at `place`, on [`CLIENT_CPU`],
+/// and reads its measurement.
 pub fn run_worker(
-    netns: &Path,
-    cgroup: Option<&Path>,
+    place: ClientPlace<'_>,
     kind: Kind,
     target: SocketAddr,
-    seconds: f64,
+    run: &Parameters,
 ) -> Result<Measurement> {
     let mut command = Command::new(std::env::current_exe()?);
     command
         .arg("worker")
         .arg("--netns")
-        .arg(netns)
+        .arg(place.netns)
+        .arg("--cgroup")
+        .arg(place.cgroup)
+        .arg("--server-cgroup")
+        .arg(place.server_cgroup)
         .args(["--cpu", &CLIENT_CPU.to_string()])
         .args(["--kind", kind.arg()])
         .args(["--target", &target.to_string()])
-        .args(["--seconds", &seconds.to_string()])
+        .args(["--seconds", &run.seconds.to_string()])
+        .args(["--requests", &run.requests.to_string()])
+        .args(["--omit-seconds", &run.omit_seconds.to_string()])
         .stderr(Stdio::inherit());
-    if let Some(cgroup) = cgroup {
-        command.arg("--cgroup").arg(cgroup);
+    if let Some(agent) = place.agent_cgroup {
+        command.arg("--agent-cgroup").arg(agent);
     }
     let output = crate::workload::owned_output(&mut command)?;
     if !output.status.success() {

@@ -86,6 +86,29 @@ pub fn standard_pods() -> Vec<PodSpec> {
     ]
 }
 
+/// What the topology's devices do with offloads.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Offloads {
+    /// Transmit checksum offload off on every veth (and so TSO): every
+    /// checksum is computed in software and a wrong one is caught by the
+    /// receiver — for tests of packet rewriting.
+    ChecksumsInSoftware,
+    /// As the kernel makes the devices (a veth's and a NIC's offloads on):
+    /// forwarding hops carry 64 KB GSO packets as on a real node — for
+    /// benches.
+    AsRealDevices,
+}
+
+impl Offloads {
+    /// Applies the policy to `iface` in `namespace` (just made).
+    pub(crate) fn apply(self, namespace: &Namespace, iface: &str) -> Result<()> {
+        match self {
+            Offloads::ChecksumsInSoftware => namespace.disable_tx_checksum(iface),
+            Offloads::AsRealDevices => Ok(()),
+        }
+    }
+}
+
 /// The built topology. Dropping it deletes every namespace it made.
 #[derive(Debug)]
 pub struct Topology {
@@ -100,11 +123,19 @@ pub struct Topology {
     overlay: bool,
     /// Whether the ipvlan pods' wire exists.
     ipvlan_wire: bool,
+    /// Offloads of every device it makes.
+    offloads: Offloads,
 }
 
 impl Topology {
-    /// Builds the two-node topology with `pods`.
+    /// Builds the two-node topology with `pods`, checksums in software
+    /// (the tests').
     pub fn build(pods: &[PodSpec]) -> Result<Self> {
+        Self::build_with(pods, Offloads::ChecksumsInSoftware)
+    }
+
+    /// Builds the two-node topology with `pods` and `offloads`.
+    pub fn build_with(pods: &[PodSpec], offloads: Offloads) -> Result<Self> {
         sweep_stale();
         let prefix = unique_prefix();
         let node1 = Namespace::create(&format!("{prefix}-node1"))?;
@@ -112,7 +143,7 @@ impl Topology {
         let gateway = Namespace::create(&format!("{prefix}-gw"))?;
 
         // The wire: a veth pair, one end per node.
-        join_nodes(&node1, &node2, WIRE)?;
+        join_nodes(&node1, &node2, WIRE, offloads)?;
         for (node, address) in [(&node1, NODE_ADDRESSES[0]), (&node2, NODE_ADDRESSES[1])] {
             node.netlink("address the wire", |h| async move {
                 let wire = index_of(&h, WIRE).await?;
@@ -146,6 +177,7 @@ impl Topology {
             router: None,
             overlay: false,
             ipvlan_wire: false,
+            offloads,
         };
         for spec in pods {
             topology.add_pod(spec)?;
@@ -173,7 +205,7 @@ impl Topology {
     /// [`TopologyError::is_unsupported`] when the kernel has no IPVLAN.
     pub fn add_ipvlan_pod(&mut self, spec: &PodSpec) -> Result<&Pod> {
         if !self.ipvlan_wire {
-            join_nodes(&self.nodes[0], &self.nodes[1], IPVLAN_WIRE)?;
+            join_nodes(&self.nodes[0], &self.nodes[1], IPVLAN_WIRE, self.offloads)?;
             self.ipvlan_wire = true;
         }
         self.add_wire_pod(spec, WireChild::Ipvlan)
@@ -229,7 +261,24 @@ impl Topology {
             COORDINATOR_IFACE,
             pod.address,
             false,
+            self.offloads,
         )
+    }
+
+    /// `ethtool -k` of every device in every namespace of the topology,
+    /// for a result to record the offloads it was measured with.
+    pub fn offloads(&self) -> Result<Vec<crate::DeviceOffloads>> {
+        let namespaces = self
+            .nodes
+            .iter()
+            .chain([&self.gateway])
+            .chain(&self.router)
+            .chain(self.pods.iter().map(|p| &p.namespace));
+        let mut devices = Vec::new();
+        for namespace in namespaces {
+            devices.extend(namespace.offloads()?);
+        }
+        Ok(devices)
     }
 
     /// Routes `prefix` from pod `role` through its coordinator veth (to

@@ -48,7 +48,7 @@ impl Topology {
                 .await
                 .map_err(|e| e.to_string())
         })?;
-        node.disable_tx_checksum(&host)?;
+        self.offloads.apply(node, &host)?;
         let (address, gateway) = (spec.address, overlay_gateway(spec.node));
         namespace.netlink("address the overlay pod", |h| async move {
             let index = index_of(&h, &temp).await?;
@@ -69,7 +69,7 @@ impl Topology {
                 .build();
             add_route(&h, default).await
         })?;
-        namespace.disable_tx_checksum(Pod::IFACE)?;
+        self.offloads.apply(&namespace, Pod::IFACE)?;
         self.pods.push(Pod {
             role: spec.role.to_owned(),
             namespace,

@@ -42,6 +42,7 @@ impl Topology {
             Pod::IFACE,
             spec.address,
             true,
+            self.offloads,
         )?;
         let other = 1 - spec.node;
         let hops = if via_router {
@@ -107,8 +108,8 @@ impl Topology {
                         .map_err(|e| e.to_string())?;
                     add_address(&h, index, remote.into(), 24).await
                 })?;
-                node.disable_tx_checksum("vpc")?;
-                router.disable_tx_checksum(&router_side)?;
+                self.offloads.apply(node, "vpc")?;
+                self.offloads.apply(&router, &router_side)?;
             }
             router.sysctl("net.ipv4.ip_forward", "1")?;
             self.router = Some(router);

@@ -9,7 +9,7 @@ use rtnetlink::{
     packet_route::link::{IpVlanMode, MacVlanMode},
 };
 
-use super::{COORDINATOR_GATEWAY, POD_IFACE, WIRE};
+use super::{COORDINATOR_GATEWAY, Offloads, POD_IFACE, WIRE};
 use crate::{
     error::{IPVLAN_UNSUPPORTED, Result, err},
     links::{add_address, add_route, index_of, set_up},
@@ -51,9 +51,14 @@ pub(super) fn veth_across(
     })
 }
 
-/// A veth pair named `name` in both nodes, up, no addresses, tx checksum
-/// offload off.
-pub(super) fn join_nodes(node1: &Namespace, node2: &Namespace, name: &str) -> Result<()> {
+/// A veth pair named `name` in both nodes, up, no addresses, offloads
+/// as `offloads` says.
+pub(super) fn join_nodes(
+    node1: &Namespace,
+    node2: &Namespace,
+    name: &str,
+    offloads: Offloads,
+) -> Result<()> {
     let peer_name = format!("{name}peer");
     veth_across(node1, node2, name, &peer_name, None)?;
     let a = name.to_owned();
@@ -68,7 +73,7 @@ pub(super) fn join_nodes(node1: &Namespace, node2: &Namespace, name: &str) -> Re
             .map_err(|e| e.to_string())
     })?;
     for node in [node1, node2] {
-        node.disable_tx_checksum(name)?;
+        offloads.apply(node, name)?;
     }
     Ok(())
 }
@@ -162,6 +167,7 @@ pub(super) fn wire_veth_to_node(
     pod_iface: &str,
     address: Ipv4Addr,
     own_address: bool,
+    offloads: Offloads,
 ) -> Result<()> {
     let temp = format!("{host_side}p");
     veth_across(node, pod, host_side, &temp, None)?;
@@ -178,7 +184,7 @@ pub(super) fn wire_veth_to_node(
         add_route(&h, route).await
     })?;
     node.sysctl("net.ipv4.ip_forward", "1")?;
-    node.disable_tx_checksum(host_side)?;
+    offloads.apply(node, host_side)?;
     let name = pod_iface.to_owned();
     pod.netlink("set up the pod's veth", |h| async move {
         let index = index_of(&h, &temp).await?;
@@ -204,5 +210,5 @@ pub(super) fn wire_veth_to_node(
         }
         Ok(())
     })?;
-    pod.disable_tx_checksum(pod_iface)
+    offloads.apply(pod, pod_iface)
 }
