@@ -33,6 +33,9 @@ pub struct Series {
     pub colour: usize,
     /// Drawn dashed (e.g. the second endpoint count of a datapath).
     pub dashed: bool,
+    /// Crosses and no line: points that are not measurements (a run
+    /// killed at its time limit, drawn at the limit).
+    pub crosses: bool,
 }
 
 /// Axes of a line chart.
@@ -143,6 +146,18 @@ where
         let colour = colour(s.colour);
         let style = colour.stroke_width(2);
         let legend_dashed = s.dashed;
+        if s.crosses {
+            chart
+                .draw_series(
+                    points
+                        .iter()
+                        .map(|&p| Cross::new(p, 6, colour.stroke_width(2))),
+                )
+                .map_err(plot_error)?
+                .label(&s.label)
+                .legend(move |(x, y)| Cross::new((x + 6, y), 4, colour.stroke_width(2)));
+            continue;
+        }
         if s.dashed {
             chart
                 .draw_series(DashedLineSeries::new(points.clone(), 6, 4, style))

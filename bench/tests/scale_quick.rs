@@ -1,5 +1,6 @@
-//! `bench scale --quick`: every datapath is programmed, measured with
-//! TCP_CRR through it and updated at small sizes (the kube-proxy payloads
+//! `bench scale --quick`: every datapath is programmed from the objects,
+//! resynced, measured with TCP_CRR to the middle and the last service and
+//! changed at small sizes (the kube-proxy payloads
 //! loaded for real in the bench's node namespace; asserting nothing
 //! about speed), and the plots are written.
 
@@ -29,16 +30,31 @@ fn every_point_runs_and_is_plotted() {
         "2 sizes × 2 endpoint counts × 3 datapaths"
     );
     for p in points {
-        assert!(p["program_ms"].as_f64().unwrap() > 0.0, "{p}");
-        assert!(p["one_change_ms"].as_f64().unwrap() > 0.0, "{p}");
-        assert!(p["crr_per_second"].as_f64().unwrap() > 0.0, "{p}");
-        assert_eq!(p["crr_runs"][0]["errors"].as_u64(), Some(0), "{p}");
+        for figure in [
+            "program_ms",
+            "resync_ms",
+            "change_p50_ms",
+            "change_p99_ms",
+            "crr_middle_per_second",
+            "crr_last_per_second",
+        ] {
+            assert!(p[figure].as_f64().unwrap() > 0.0, "{figure}: {p}");
+        }
+        assert!(p["change_samples"].as_u64().unwrap() >= 4, "{p}");
+        let runs = p["crr_runs"].as_array().unwrap();
+        assert_eq!(runs.len(), 2, "the middle and the last service: {p}");
+        for run in runs {
+            assert_eq!(run["measurement"]["errors"].as_u64(), Some(0), "{p}");
+        }
     }
     for chart in [
         "scale-program.svg",
+        "scale-resync.svg",
         "scale-change.svg",
         "scale-crr-rate.svg",
+        "scale-crr-rate-last.svg",
         "scale-crr-p99.svg",
+        "scale-crr-p99-last.svg",
     ] {
         let svg = std::fs::read_to_string(out.path().join(chart)).unwrap();
         assert!(svg.starts_with("<svg"), "{chart}");

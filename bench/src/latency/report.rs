@@ -216,6 +216,7 @@ pub(super) fn plot_rows(dir: &Path, rows: &[Row]) -> Result<()> {
                     .position(|d| *d == row.design)
                     .unwrap_or(0),
                 dashed: row.tuning != Tuning::Baseline || row.design.is_cluster_ip(),
+                crosses: false,
             })
             .collect();
         let slug: String = point

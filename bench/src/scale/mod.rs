@@ -1,23 +1,30 @@
 //! `bench scale`: cost against the number of services, for kube-proxy's
-//! iptables and nftables rules and for underpass. At each point (N
-//! services × M endpoints) every datapath is programmed from nothing in
-//! the client's node (kube-proxy) or on the client pod (underpass TC) of
-//! the two-node topology, then measured:
-//! - the time to program all N services (the full restore, the nft
-//!   script, the agent's full sync into sized maps),
-//! - TCP_CRR rate and p99 from the client pod to one service through it
-//!   (the service in the middle of kube-proxy's sorted rule list; its one
-//!   endpoint is the server pod; the others point at unused addresses and
-//!   carry no traffic),
-//! - the time to apply one changed EndpointSlice (kube-proxy's partial
-//!   restore / nft transaction; the agent's incremental update).
+//! iptables and nftables rules and for underpass, like with like. At each
+//! point (N services × M endpoints), in every round, every datapath (in a
+//! shuffled order) is
+//! - programmed from the objects, from nothing: kube-proxy's translation,
+//!   payload generation and restore in the client's node; the agent's
+//!   start-up (maps loaded, TC attached, state adopted), translation and
+//!   map writes — timed;
+//! - resynced in full with everything in place (the steady state of a
+//!   periodic sync) — timed;
+//! - measured with TCP_CRR from the client pod to the service in the
+//!   middle of kube-proxy's sorted KUBE-SERVICES and to the last one (the
+//!   server pod is their one endpoint; the others point at unused
+//!   addresses and carry no traffic);
+//! - in the first round, changed: one EndpointSlice, `--change-samples`
+//!   times from the objects (kube-proxy's partial restore or nft
+//!   transaction with its generation; the agent's incremental update),
+//!   p50 and p99;
+//! - removed (kube-proxy's tables whole, checked gone).
 //!
 //! A datapath whose programming outlasts `--time-limit` is killed,
-//! reported as such and skipped at larger points.
+//! reported as such (and drawn as a cross at the limit) and skipped at
+//! larger points.
 //!
 //! One step per file: `testbed` (the topology, each point's objects, and
-//! programming and measuring each datapath), `report` (table, plots,
-//! JSON).
+//! programming, changing, measuring and removing each datapath), `report`
+//! (table, plots, JSON).
 
 mod report;
 mod testbed;
@@ -28,13 +35,15 @@ use anyhow::{Context, Result, ensure};
 use clap::{Parser, ValueEnum};
 use serde::{Deserialize, Serialize};
 
+pub use self::testbed::Position;
 use self::{
     report::{plot_points, print_table, report},
-    testbed::{Crr, Sweep, Testbed},
+    testbed::{Sweep, Testbed},
 };
 use crate::{
     cluster::{KubeProxy, TimedOut},
     options::{Output, Repetition},
+    stats::{Shuffler, fresh_seed, median},
     workload::Measurement,
 };
 
@@ -59,6 +68,15 @@ impl ScaleDatapath {
         ScaleDatapath::Underpass,
     ];
 
+    /// The kube-proxy flavour this datapath is, if it is one.
+    pub fn kube_proxy(self) -> Option<KubeProxy> {
+        match self {
+            ScaleDatapath::Iptables => Some(KubeProxy::Iptables),
+            ScaleDatapath::Nftables => Some(KubeProxy::Nftables),
+            ScaleDatapath::Underpass => None,
+        }
+    }
+
     pub fn label(self) -> &'static str {
         match self {
             ScaleDatapath::Iptables => "kube-proxy iptables",
@@ -72,10 +90,11 @@ impl ScaleDatapath {
 #[command(
     mut_arg("seconds", |a| a
         .default_value("3")
-        .help("Seconds of TCP_CRR at each point (0 skips the data plane)")),
+        .help("Seconds of each TCP_CRR run (0 skips the data plane)")),
     mut_arg("runs", |a| a
         .default_value("3")
-        .help("TCP_CRR runs at each point (the median is reported)")),
+        .help("Rounds at each point: every datapath programmed, resynced and measured with \
+               TCP_CRR once per round (medians are reported)")),
     mut_arg("quick", |a| a.help("Small sizes only (1 and 100 services, 0.3 s of TCP_CRR), for CI")),
 )]
 pub struct ScaleOpts {
@@ -90,6 +109,13 @@ pub struct ScaleOpts {
     pub datapath: Vec<ScaleDatapath>,
     #[command(flatten)]
     pub repetition: Repetition,
+    /// Changes of one EndpointSlice timed at each point (p50 and p99 are
+    /// reported).
+    #[arg(long, default_value_t = 50)]
+    pub change_samples: usize,
+    /// Seed of the datapath order per round (printed; repeats it).
+    #[arg(long)]
+    pub seed: Option<u64>,
     /// Seconds a datapath may take to program all services (or apply the
     /// change) before it is killed; it is then skipped at larger points.
     #[arg(long, default_value_t = 120)]
@@ -104,23 +130,77 @@ pub struct ScaleOpts {
     pub replot: Option<PathBuf>,
 }
 
+/// One TCP_CRR run of a point.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct CrrRun {
+    pub round: usize,
+    pub target: Position,
+    pub measurement: Measurement,
+}
+
 #[derive(Debug, Serialize, Deserialize)]
 pub struct ScalePoint {
     pub services: usize,
     pub endpoints: usize,
     pub datapath: ScaleDatapath,
-    /// Time to program all services; absent when it outlasted the limit.
+    /// Objects → rules or maps from nothing (kube-proxy: translation,
+    /// payload generation, restore; underpass: load, attach, adopt,
+    /// translation, map writes), median over rounds; absent when it
+    /// outlasted the limit.
     pub program_ms: Option<f64>,
-    pub one_change_ms: Option<f64>,
-    /// Median TCP_CRR rate to the measured service, transactions/s.
-    pub crr_per_second: Option<f64>,
-    /// Median of the runs' TCP_CRR p99, µs.
-    pub crr_p99_us: Option<f64>,
-    #[serde(default)]
-    pub crr_runs: Vec<Measurement>,
+    pub program_runs_ms: Vec<f64>,
+    /// A full resync with everything in place (steady state), median.
+    pub resync_ms: Option<f64>,
+    pub resync_runs_ms: Vec<f64>,
+    /// One changed EndpointSlice applied, from the objects: p50 and p99
+    /// over `change_samples`.
+    pub change_p50_ms: Option<f64>,
+    pub change_p99_ms: Option<f64>,
+    pub change_samples: usize,
+    /// Median TCP_CRR rate and p99 to the service in the middle of
+    /// kube-proxy's KUBE-SERVICES and to the last one.
+    pub crr_middle_per_second: Option<f64>,
+    pub crr_middle_p99_us: Option<f64>,
+    pub crr_last_per_second: Option<f64>,
+    pub crr_last_p99_us: Option<f64>,
+    pub crr_runs: Vec<CrrRun>,
+    /// Killed at the time limit.
+    pub killed: bool,
     /// Why figures are missing (time limit, skipped).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub note: Option<String>,
+}
+
+impl ScalePoint {
+    fn new(services: usize, endpoints: usize, datapath: ScaleDatapath) -> Self {
+        Self {
+            services,
+            endpoints,
+            datapath,
+            program_ms: None,
+            program_runs_ms: Vec::new(),
+            resync_ms: None,
+            resync_runs_ms: Vec::new(),
+            change_p50_ms: None,
+            change_p99_ms: None,
+            change_samples: 0,
+            crr_middle_per_second: None,
+            crr_middle_p99_us: None,
+            crr_last_per_second: None,
+            crr_last_p99_us: None,
+            crr_runs: Vec::new(),
+            killed: false,
+            note: None,
+        }
+    }
+}
+
+/// How much of each figure a point takes.
+struct Plan {
+    rounds: usize,
+    crr_seconds: f64,
+    change_samples: usize,
+    limit: Duration,
 }
 
 pub fn run(opts: &ScaleOpts) -> Result<()> {
@@ -131,12 +211,22 @@ pub fn run(opts: &ScaleOpts) -> Result<()> {
         let points: Vec<ScalePoint> = serde_json::from_str(&text)
             .with_context(|| format!("{} is not a `bench scale` result", path.display()))?;
         print_table(&points);
-        plot_points(dir, &points)?;
+        plot_points(dir, &points, None)?;
         eprintln!("redrew the plots in {}", dir.display());
         return Ok(());
     }
     crate::require_root("the scale bench (namespaces, iptables, nft, BPF maps)")?;
-    let (runs, seconds) = opts.repetition.plan(0.3);
+    let (rounds, crr_seconds) = opts.repetition.plan(0.3);
+    let plan = Plan {
+        rounds,
+        crr_seconds,
+        change_samples: if opts.repetition.quick {
+            4
+        } else {
+            opts.change_samples.max(2)
+        },
+        limit: Duration::from_secs(opts.time_limit),
+    };
     let sizes = if opts.repetition.quick {
         vec![1, 100]
     } else {
@@ -151,66 +241,50 @@ pub fn run(opts: &ScaleOpts) -> Result<()> {
     } else {
         opts.datapath.clone()
     };
+    let seed = opts.seed.unwrap_or_else(fresh_seed);
+    let mut shuffler = Shuffler::new(seed);
     opts.output.prepare()?;
     lab::cleanup_on_signals();
     eprintln!("building the two-node topology…");
     let lab = Testbed::build()?;
-    let limit = Duration::from_secs(opts.time_limit);
     let mut points = Vec::new();
-    let mut timed_out: BTreeSet<(ScaleDatapath, usize, usize)> = BTreeSet::new();
+    let mut killed: BTreeSet<(ScaleDatapath, usize, usize)> = BTreeSet::new();
     for &n in &sizes {
         for &m in &opts.endpoints {
             eprintln!("{n} services × {m} endpoints…");
             let sweep = Sweep::new(n, m, lab.server_address)?;
-            for &datapath in &datapaths {
-                let mut point = ScalePoint {
-                    services: n,
-                    endpoints: m,
-                    datapath,
-                    program_ms: None,
-                    one_change_ms: None,
-                    crr_per_second: None,
-                    crr_p99_us: None,
-                    crr_runs: Vec::new(),
-                    note: None,
-                };
-                let smaller_timed_out = timed_out
+            let mut here: Vec<ScalePoint> = datapaths
+                .iter()
+                .map(|&d| ScalePoint::new(n, m, d))
+                .collect();
+            for point in &mut here {
+                let d = point.datapath;
+                if killed
                     .iter()
-                    .any(|&(d, tn, tm)| d == datapath && tn <= n && tm <= m);
-                if smaller_timed_out {
+                    .any(|&(k, kn, km)| k == d && kn <= n && km <= m)
+                {
                     point.note = Some(format!(
-                        "skipped: exceeded the {} s limit at a smaller point",
+                        "skipped: killed at the {} s limit at a smaller point",
                         opts.time_limit
                     ));
-                } else {
-                    let crr = Crr { seconds, runs };
-                    let outcome = match datapath {
-                        ScaleDatapath::Iptables => {
-                            lab.kube_proxy(&sweep, KubeProxy::Iptables, limit, &crr)
-                        }
-                        ScaleDatapath::Nftables => {
-                            lab.kube_proxy(&sweep, KubeProxy::Nftables, limit, &crr)
-                        }
-                        ScaleDatapath::Underpass => lab.underpass(&sweep, &crr),
-                    };
-                    match outcome {
-                        Ok(outcome) => {
-                            outcome.fill(&mut point);
-                            // In-process programming cannot be killed:
-                            // past the limit, larger points are skipped.
-                            if point
-                                .program_ms
-                                .is_some_and(|ms| ms > limit.as_secs_f64() * 1e3)
-                            {
-                                timed_out.insert((datapath, n, m));
-                                point.note = Some(format!(
-                                    "programming took over the {} s limit: larger points skipped",
-                                    opts.time_limit
-                                ));
-                            }
-                        }
+                }
+            }
+            for round in 0..plan.rounds {
+                // Every datapath once per round, in a fresh order: TCP_CRR
+                // of one meets the drift the others meet.
+                for datapath in shuffler.shuffled(&datapaths) {
+                    let point = here
+                        .iter_mut()
+                        .find(|p| p.datapath == datapath)
+                        .expect("one point per datapath");
+                    if point.note.is_some() {
+                        continue;
+                    }
+                    match measure_round(&lab, &sweep, point, round, &plan) {
+                        Ok(()) => {}
                         Err(error) if error.downcast_ref::<TimedOut>().is_some() => {
-                            timed_out.insert((datapath, n, m));
+                            killed.insert((datapath, n, m));
+                            point.killed = true;
                             point.note = Some(format!("{error:#}"));
                         }
                         Err(error) => {
@@ -221,16 +295,115 @@ pub fn run(opts: &ScaleOpts) -> Result<()> {
                         }
                     }
                 }
+            }
+            for mut point in here {
+                summarize(&mut point);
                 points.push(report(point));
             }
         }
     }
     drop(lab);
+    println!(
+        "\n{} rounds per point, the datapaths in a shuffled order each round (seed {seed}: \
+         `--seed {seed}` repeats it); one change: {} samples, p50 and p99.",
+        plan.rounds, plan.change_samples
+    );
     print_table(&points);
     opts.output.write(&points, "scale.json")?;
     if let Some(dir) = opts.output.dir() {
-        plot_points(dir, &points)?;
+        plot_points(dir, &points, Some(plan.limit))?;
         eprintln!("wrote scale.json and the plots to {}", dir.display());
     }
     Ok(())
+}
+
+/// One round of one datapath at one point: programmed from the objects,
+/// resynced, TCP_CRR to the middle and to the last service, (the first
+/// round) the change samples, removed.
+fn measure_round(
+    lab: &Testbed,
+    sweep: &Sweep,
+    point: &mut ScalePoint,
+    round: usize,
+    plan: &Plan,
+) -> Result<()> {
+    let label = point.datapath.label();
+    lab.programmed(sweep, point.datapath, plan.limit, |took, programmed| {
+        point.program_runs_ms.push(took.as_secs_f64() * 1e3);
+        // In-process programming cannot be killed: past the limit the
+        // datapath counts as killed all the same.
+        if took > plan.limit {
+            return Err(TimedOut {
+                program: label.to_owned(),
+                namespace: "the bench".into(),
+                limit: plan.limit,
+            }
+            .into());
+        }
+        let resync = lab.resync(sweep, programmed, plan.limit)?;
+        point.resync_runs_ms.push(resync.as_secs_f64() * 1e3);
+        if plan.crr_seconds > 0.0 {
+            for target in [Position::Middle, Position::Last] {
+                let measurement = lab.crr(sweep, target, plan.crr_seconds)?;
+                point.crr_runs.push(CrrRun {
+                    round,
+                    target,
+                    measurement,
+                });
+            }
+        }
+        if round == 0 {
+            let samples = lab.changes(sweep, programmed, plan.change_samples, plan.limit)?;
+            let mut ms: Vec<f64> = samples.iter().map(|d| d.as_secs_f64() * 1e3).collect();
+            ms.sort_by(f64::total_cmp);
+            point.change_samples = ms.len();
+            point.change_p50_ms = Some(nearest_rank(&ms, 0.5));
+            point.change_p99_ms = Some(nearest_rank(&ms, 0.99));
+        }
+        Ok(())
+    })
+}
+
+/// Medians over the rounds.
+fn summarize(point: &mut ScalePoint) {
+    if !point.program_runs_ms.is_empty() && !point.killed {
+        point.program_ms = Some(median(&point.program_runs_ms));
+    }
+    if !point.resync_runs_ms.is_empty() {
+        point.resync_ms = Some(median(&point.resync_runs_ms));
+    }
+    for target in [Position::Middle, Position::Last] {
+        let runs: Vec<&Measurement> = point
+            .crr_runs
+            .iter()
+            .filter(|r| r.target == target)
+            .map(|r| &r.measurement)
+            .collect();
+        if runs.is_empty() {
+            continue;
+        }
+        let rate = median(&runs.iter().map(|m| m.per_second).collect::<Vec<_>>());
+        let p99 = median(
+            &runs
+                .iter()
+                .map(|m| m.p99_us.unwrap_or(f64::NAN))
+                .collect::<Vec<_>>(),
+        );
+        match target {
+            Position::Middle => {
+                point.crr_middle_per_second = Some(rate);
+                point.crr_middle_p99_us = Some(p99);
+            }
+            Position::Last => {
+                point.crr_last_per_second = Some(rate);
+                point.crr_last_p99_us = Some(p99);
+            }
+        }
+    }
+}
+
+/// The nearest-rank percentile of sorted `values`.
+fn nearest_rank(sorted: &[f64], q: f64) -> f64 {
+    let rank = ((q * sorted.len() as f64).ceil() as usize).clamp(1, sorted.len());
+    sorted[rank - 1]
 }

@@ -1,7 +1,7 @@
 //! The scale bench's results: a line per point as it is measured, the
 //! table, the plots against N.
 
-use std::collections::BTreeSet;
+use std::{collections::BTreeSet, time::Duration};
 
 use anyhow::Result;
 use comfy_table::{Table, presets::UTF8_FULL_CONDENSED};
@@ -15,10 +15,11 @@ pub(super) fn print_table(points: &[ScalePoint]) {
         "services",
         "endpoints",
         "datapath",
-        "program all (ms)",
-        "one EndpointSlice change (ms)",
-        "TCP_CRR (trans/s)",
-        "TCP_CRR p99 (µs)",
+        "program from objects (ms)",
+        "full resync (ms)",
+        "one change p50 / p99 (ms)",
+        "TCP_CRR middle / last (trans/s)",
+        "TCP_CRR p99 middle / last (µs)",
     ]);
     let figure = |v: Option<f64>, digits: usize| {
         v.map(|v| format!("{v:.digits$}"))
@@ -29,13 +30,27 @@ pub(super) fn print_table(points: &[ScalePoint]) {
             p.services.to_string(),
             p.endpoints.to_string(),
             p.datapath.label().to_owned(),
-            p.program_ms
-                .map(|v| format!("{v:.1}"))
-                .or_else(|| p.note.as_ref().map(|_| "over the limit".into()))
-                .unwrap_or_else(|| "–".into()),
-            figure(p.one_change_ms, 2),
-            figure(p.crr_per_second, 0),
-            figure(p.crr_p99_us, 0),
+            if p.killed {
+                "killed at the limit".into()
+            } else {
+                figure(p.program_ms, 1)
+            },
+            figure(p.resync_ms, 1),
+            format!(
+                "{} / {}",
+                figure(p.change_p50_ms, 2),
+                figure(p.change_p99_ms, 2)
+            ),
+            format!(
+                "{} / {}",
+                figure(p.crr_middle_per_second, 0),
+                figure(p.crr_last_per_second, 0)
+            ),
+            format!(
+                "{} / {}",
+                figure(p.crr_middle_p99_us, 0),
+                figure(p.crr_last_p99_us, 0)
+            ),
         ]);
     }
     println!("{table}");
@@ -54,19 +69,15 @@ pub(super) fn print_table(points: &[ScalePoint]) {
 /// measured if stopped).
 pub(super) fn report(point: ScalePoint) -> ScalePoint {
     let show = |v: Option<f64>| v.map(|v| format!("{v:.2}")).unwrap_or_else(|| "–".into());
+    let rate = |v: Option<f64>| v.map(|v| format!("{v:.0}")).unwrap_or_else(|| "–".into());
     eprintln!(
-        "  {:<20} program {:>10} ms   one change {:>8} ms   TCP_CRR {:>8}/s p99 {:>8} µs{}",
+        "  {:<20} program {:>10} ms   resync {:>10} ms   change p99 {:>8} ms   TCP_CRR {:>6}/{:>6}/s{}",
         point.datapath.label(),
         show(point.program_ms),
-        show(point.one_change_ms),
-        point
-            .crr_per_second
-            .map(|v| format!("{v:.0}"))
-            .unwrap_or_else(|| "–".into()),
-        point
-            .crr_p99_us
-            .map(|v| format!("{v:.0}"))
-            .unwrap_or_else(|| "–".into()),
+        show(point.resync_ms),
+        show(point.change_p99_ms),
+        rate(point.crr_middle_per_second),
+        rate(point.crr_last_per_second),
         point
             .note
             .as_ref()
@@ -77,8 +88,13 @@ pub(super) fn report(point: ScalePoint) -> ScalePoint {
 }
 
 /// The SVG curves against N: one colour per datapath, dashed for the
-/// second (and later) endpoint count.
-pub(super) fn plot_points(dir: &std::path::Path, points: &[ScalePoint]) -> Result<()> {
+/// second (and later) endpoint count; on the programming chart, a point
+/// killed at `limit` is a cross at the limit.
+pub(super) fn plot_points(
+    dir: &std::path::Path,
+    points: &[ScalePoint],
+    limit: Option<Duration>,
+) -> Result<()> {
     let endpoint_counts: BTreeSet<usize> = points.iter().map(|p| p.endpoints).collect();
     /// File, title, unit, logarithmic figure axis, the figure.
     type Chart = (
@@ -88,34 +104,55 @@ pub(super) fn plot_points(dir: &std::path::Path, points: &[ScalePoint]) -> Resul
         bool,
         fn(&ScalePoint) -> Option<f64>,
     );
-    let charts: [Chart; 4] = [
+    let charts: [Chart; 7] = [
         (
             "scale-program.svg",
-            "Program N services from nothing",
+            "Program N services from the objects, from nothing",
             "milliseconds",
             true,
             |p| p.program_ms,
         ),
         (
-            "scale-change.svg",
-            "Apply one changed EndpointSlice",
+            "scale-resync.svg",
+            "Full resync with everything in place",
             "milliseconds",
             true,
-            |p| p.one_change_ms,
+            |p| p.resync_ms,
+        ),
+        (
+            "scale-change.svg",
+            "Apply one changed EndpointSlice (p99)",
+            "milliseconds",
+            true,
+            |p| p.change_p99_ms,
         ),
         (
             "scale-crr-rate.svg",
-            "TCP_CRR to one service",
+            "TCP_CRR to the middle service of KUBE-SERVICES",
             "transactions/s",
             false,
-            |p| p.crr_per_second,
+            |p| p.crr_middle_per_second,
+        ),
+        (
+            "scale-crr-rate-last.svg",
+            "TCP_CRR to the last service of KUBE-SERVICES",
+            "transactions/s",
+            false,
+            |p| p.crr_last_per_second,
         ),
         (
             "scale-crr-p99.svg",
-            "TCP_CRR p99 to one service",
+            "TCP_CRR p99 to the middle service",
             "microseconds",
             false,
-            |p| p.crr_p99_us,
+            |p| p.crr_middle_p99_us,
+        ),
+        (
+            "scale-crr-p99-last.svg",
+            "TCP_CRR p99 to the last service",
+            "microseconds",
+            false,
+            |p| p.crr_last_p99_us,
         ),
     ];
     for (file, title, unit, log_y, pick) in charts {
@@ -132,7 +169,22 @@ pub(super) fn plot_points(dir: &std::path::Path, points: &[ScalePoint]) -> Resul
                     points: curve,
                     colour,
                     dashed: nth > 0,
+                    crosses: false,
                 });
+                let killed: Vec<(f64, f64)> = points
+                    .iter()
+                    .filter(|p| p.datapath == datapath && p.endpoints == m && p.killed)
+                    .filter_map(|p| Some((p.services as f64, limit?.as_secs_f64() * 1e3)))
+                    .collect();
+                if file == "scale-program.svg" && !killed.is_empty() {
+                    series.push(Series {
+                        label: format!("{} ({m}): killed at the limit", datapath.label()),
+                        points: killed,
+                        colour,
+                        dashed: nth > 0,
+                        crosses: true,
+                    });
+                }
             }
         }
         plot::lines(
