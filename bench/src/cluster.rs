@@ -22,7 +22,7 @@ use lab::Namespace;
 
 use crate::{
     kubeproxy::{self, Options, ServicePort},
-    netfilter,
+    leftovers,
 };
 
 /// The service CIDR the client routes through its node in kube-proxy mode.
@@ -248,6 +248,7 @@ pub fn install_kube_proxy(
     let options = kube_proxy_options();
     let took = match flavour {
         KubeProxy::Iptables => {
+            leftovers::require_iptables_nft()?;
             let payload = kubeproxy::iptables_restore(ports, &options);
             let took = run_in_limited(
                 node,
@@ -281,7 +282,6 @@ pub fn install_kube_proxy(
     Ok(took)
 }
 
-/// Removes the kube-proxy baseline from `node`.
 /// Removes kube-proxy's rules of `flavour` from `node` whole: its
 /// tables with their base chains (flushing and deleting chains, as
 /// `iptables -F -X` does, would leave the base chains hooked in and
@@ -293,11 +293,11 @@ pub fn remove_kube_proxy(node: &Namespace, flavour: KubeProxy) -> Result<()> {
         KubeProxy::Nftables => &["ip kube-proxy"],
     };
     for table in own_tables {
-        netfilter::delete_table(node, table)
+        leftovers::delete_table(node, table)
             .with_context(|| format!("removing kube-proxy's {table} table"))?;
     }
-    netfilter::flush_conntrack(node)?;
-    let left: Vec<String> = netfilter::tables(node)?
+    leftovers::flush_conntrack(node)?;
+    let left: Vec<String> = leftovers::tables(node)?
         .into_iter()
         .filter(|t| own_tables.contains(&t.as_str()))
         .collect();

@@ -1,9 +1,9 @@
 //! The machine a result was measured on, recorded with it: figures from
 //! a 2-core VM and from bare metal are not peers.
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct Machine {
     /// `uname -r`.
     pub kernel: String,

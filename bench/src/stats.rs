@@ -1,25 +1,35 @@
 //! The statistics a claim rests on: the median of per-round (paired)
-//! ratios with a bootstrap 95 % confidence interval, and the mode order
-//! shuffled per round from a seed the report prints.
+//! ratios with a distribution-free confidence interval, and the mode
+//! order shuffled per round from a seed the report prints.
 //!
 //! Why paired: the machine drifts (another tenant, frequency, caches)
 //! by more than the differences measured; two modes measured in the same
 //! round share the drift, so their ratio cancels most of it, where a
 //! ratio of two medians taken from different rounds does not.
+//!
+//! Why order statistics: with n rounds, the interval between the k-th
+//! smallest and the k-th largest value covers the true median with a
+//! probability the binomial distribution gives exactly, whatever the
+//! distribution of the figures; a bootstrap of five values cannot do
+//! better than the range and would call it 95 %. With six rounds or more
+//! an interval reaches 95 %; with fewer, the level it does reach is
+//! printed beside it.
 
 use rand::{Rng, SeedableRng, rngs::StdRng, seq::SliceRandom};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
-/// Resamples per interval: enough that the 2.5th and 97.5th percentiles
-/// of the resampled medians are stable to the digits printed.
-const RESAMPLES: usize = 4000;
+/// The confidence the interval aims for.
+pub const CONFIDENCE: f64 = 0.95;
 
-/// A median and its bootstrap 95 % confidence interval.
-#[derive(Clone, Copy, Debug, PartialEq, Serialize)]
+/// A median and its confidence interval.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Interval {
     pub median: f64,
     pub low: f64,
     pub high: f64,
+    /// The probability that [low, high] holds the true median (exact,
+    /// from the binomial distribution); 0 with one sample.
+    pub confidence: f64,
     /// Samples it rests on.
     pub samples: usize,
 }
@@ -42,7 +52,11 @@ impl std::fmt::Display for Interval {
             f,
             "{:.p$} [{:.p$}, {:.p$}]",
             self.median, self.low, self.high
-        )
+        )?;
+        if self.confidence < CONFIDENCE {
+            write!(f, " ({:.1} %)", self.confidence * 100.0)?;
+        }
+        Ok(())
     }
 }
 
@@ -61,39 +75,45 @@ pub fn median(values: &[f64]) -> f64 {
     }
 }
 
-/// The median of `values` with a percentile-bootstrap 95 % interval
-/// (resampling with replacement; `seed` makes it reproducible). With
-/// fewer than five values the interval is wide by construction: it says
-/// how little such a run can claim.
-pub fn bootstrap_median(values: &[f64], seed: u64) -> Interval {
-    let samples = values.len();
-    let center = median(values);
-    if samples < 2 {
+/// The median of `values` and the narrowest order-statistic interval
+/// [x(k), x(n+1-k)] that covers the true median with at least
+/// [`CONFIDENCE`]; with too few values for that, the range [min, max]
+/// and the confidence it has (1 − 2/2ⁿ).
+pub fn median_interval(values: &[f64]) -> Interval {
+    let mut sorted = values.to_vec();
+    sorted.sort_by(f64::total_cmp);
+    let n = sorted.len();
+    let center = median(&sorted);
+    if n < 2 {
         return Interval {
             median: center,
             low: center,
             high: center,
-            samples,
+            confidence: 0.0,
+            samples: n,
         };
     }
-    let mut rng = StdRng::seed_from_u64(seed);
-    let mut resample = vec![0.0; samples];
-    let mut medians: Vec<f64> = (0..RESAMPLES)
-        .map(|_| {
-            for slot in resample.iter_mut() {
-                *slot = values[rng.random_range(0..samples)];
-            }
-            median(&resample)
-        })
-        .collect();
-    medians.sort_by(f64::total_cmp);
-    let at = |q: f64| medians[((RESAMPLES - 1) as f64 * q).round() as usize];
+    // P(X < k) for X ~ Binomial(n, ½): the chance that fewer than k
+    // values fall below the median; the interval misses it with twice
+    // that probability.
+    let below =
+        |k: usize| -> f64 { (0..k).map(|i| binomial(n, i)).sum::<f64>() / 2f64.powi(n as i32) };
+    let mut k = 1;
+    while k < n / 2 && 1.0 - 2.0 * below(k + 1) >= CONFIDENCE {
+        k += 1;
+    }
     Interval {
         median: center,
-        low: at(0.025),
-        high: at(0.975),
-        samples,
+        low: sorted[k - 1],
+        high: sorted[n - k],
+        confidence: 1.0 - 2.0 * below(k),
+        samples: n,
     }
+}
+
+/// n choose k, as a float (n is a round count: small).
+fn binomial(n: usize, k: usize) -> f64 {
+    (0..k).fold(1.0, |acc, i| acc * (n - i) as f64 / (i + 1) as f64)
 }
 
 /// Per round, `numerator[i] / denominator[i]` — the paired ratios.
@@ -131,23 +151,25 @@ mod tests {
     use super::*;
 
     #[test]
-    fn the_interval_holds_the_median_and_narrows_with_more_rounds() {
+    fn the_interval_is_exact_for_the_median_whatever_the_distribution() {
         assert_eq!(median(&[3.0, 1.0, 2.0]), 2.0);
         assert_eq!(median(&[4.0, 1.0, 2.0, 3.0]), 2.5);
-        let noisy: Vec<f64> = (0..5)
-            .map(|i| 1.0 + 0.02 * f64::from(i % 3) - 0.02)
-            .collect();
-        let few = bootstrap_median(&noisy, 7);
-        assert!(few.contains(few.median) && few.low < few.high, "{few:?}");
-        let many: Vec<f64> = noisy.iter().cycle().take(50).copied().collect();
-        let more = bootstrap_median(&many, 7);
-        assert!(
-            more.high - more.low <= few.high - few.low,
-            "{more:?} vs {few:?}"
-        );
-        assert_eq!(bootstrap_median(&[2.0], 1).to_string(), "2.000");
-        // Reproducible from its seed.
-        assert_eq!(bootstrap_median(&noisy, 9), bootstrap_median(&noisy, 9));
+        // Five rounds: only the range, 1 − 2/32 = 93.75 %, and it says so.
+        let five = median_interval(&[1.03, 0.98, 1.01, 1.00, 0.99]);
+        assert_eq!((five.low, five.high, five.median), (0.98, 1.03, 1.00));
+        assert!((five.confidence - 0.9375).abs() < 1e-12);
+        assert!(five.to_string().ends_with("(93.8 %)"), "{five}");
+        // Six rounds reach 95 % with the range (1 − 2/64).
+        let six = median_interval(&[1.0, 2.0, 3.0, 4.0, 5.0, 6.0]);
+        assert!((six.confidence - 0.96875).abs() < 1e-12);
+        assert_eq!(six.to_string(), "3.500 [1.000, 6.000]");
+        // Twenty rounds: the 6th smallest to the 6th largest (95.9 %).
+        let twenty: Vec<f64> = (1..=20).map(f64::from).collect();
+        let interval = median_interval(&twenty);
+        assert_eq!((interval.low, interval.high), (6.0, 15.0));
+        assert!(interval.confidence >= CONFIDENCE, "{interval:?}");
+        assert!(interval.contains(interval.median));
+        assert_eq!(median_interval(&[2.0]).to_string(), "2.000");
     }
 
     #[test]

@@ -67,6 +67,7 @@ fn every_row_runs() {
     let wire = devices.iter().find(|d| d["device"] == "wire").unwrap();
     assert_eq!(wire["tx_checksumming"], true, "{wire}");
     assert_eq!(wire["tcp_segmentation_offload"], true, "{wire}");
+    assert_eq!(wire["generic_receive_offload"], true, "a NIC's GRO: {wire}");
     // Every row's ratio to the limit, for the figure and for CPU.
     let ratios = results["ratios"].as_array().unwrap();
     assert!(

@@ -24,6 +24,11 @@ fn every_design_runs_and_is_plotted() {
     let document: serde_json::Value =
         serde_json::from_slice(&std::fs::read(out.path().join("latency.json")).unwrap()).unwrap();
     let rows = document["rows"].as_array().unwrap();
+    let offloads = document["offloads"].as_array().unwrap();
+    assert!(
+        offloads.iter().all(|d| d["tx_checksumming"] == true),
+        "offloads as real devices have them: {offloads:?}"
+    );
     let ipvlan_missing = document["unavailable"].get("ipvlan").is_some();
     if ipvlan_missing {
         assert!(stdout.contains("CONFIG_IPVLAN"), "{stdout}");

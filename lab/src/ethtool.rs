@@ -3,7 +3,7 @@
 
 use std::io;
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 // The legacy per-feature ethtool commands (uapi/linux/ethtool.h).
 const ETHTOOL_GTXCSUM: u32 = 0x16;
@@ -12,6 +12,7 @@ const ETHTOOL_GSG: u32 = 0x18;
 const ETHTOOL_GTSO: u32 = 0x1e;
 const ETHTOOL_GGSO: u32 = 0x23;
 const ETHTOOL_GGRO: u32 = 0x2b;
+const ETHTOOL_SGRO: u32 = 0x2c;
 
 /// `ethtool -K IFACE tx on|off` (turning tx checksumming off also turns
 /// off what depends on it: scatter-gather, TSO, GSO's hardware half).
@@ -19,10 +20,15 @@ pub fn set_tx_csum(iface: &str, enabled: bool) -> io::Result<()> {
     ethtool_value(iface, ETHTOOL_STXCSUM, u32::from(enabled)).map(drop)
 }
 
+/// `ethtool -K IFACE gro on|off`.
+pub fn set_gro(iface: &str, enabled: bool) -> io::Result<()> {
+    ethtool_value(iface, ETHTOOL_SGRO, u32::from(enabled)).map(drop)
+}
+
 /// The offloads `ethtool -k` shows first for one device, as a result
 /// records them: whether the path measured is the path a real device
 /// takes (64 KB GSO packets through forwarding hops, or 1.5 KB segments).
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DeviceOffloads {
     pub namespace: String,
     pub device: String,

@@ -12,7 +12,7 @@ use rtnetlink::Handle;
 use crate::{
     cleanup::{register, unmount_and_remove, unregister},
     error::{Result, err},
-    ethtool::{DeviceOffloads, offloads_of, set_tx_csum},
+    ethtool::{DeviceOffloads, offloads_of, set_gro, set_tx_csum},
     links::{link_names, set_up},
 };
 
@@ -130,6 +130,13 @@ impl Namespace {
     pub fn disable_tx_checksum(&self, iface: &str) -> Result<()> {
         self.run(|| set_tx_csum(iface, false))?
             .map_err(|e| err(&self.name, format!("ethtool -K {iface} tx off"), e))
+    }
+
+    /// Turns on generic receive offload on `iface` (a NIC's default; a
+    /// veth's is off).
+    pub fn enable_gro(&self, iface: &str) -> Result<()> {
+        self.run(|| set_gro(iface, true))?
+            .map_err(|e| err(&self.name, format!("ethtool -K {iface} gro on"), e))
     }
 
     /// `ethtool -k` of every device in this namespace but loopback.

@@ -59,8 +59,8 @@ pub struct ClusterIpOpts {
     /// sets every time-bound one, and the tables say so.)
     #[command(flatten)]
     pub repetition: Repetition,
-    /// Seed of the per-round mode order and of the bootstrap (printed
-    /// with the results; the same seed repeats the order).
+    /// Seed of the per-round mode order (printed with the results; the
+    /// same seed repeats the order).
     #[arg(long)]
     pub seed: Option<u64>,
     /// (--out gets <preset>.json and <preset>-<workload>.svg.)
@@ -69,9 +69,16 @@ pub struct ClusterIpOpts {
     /// The `underpass` binary (default: next to this one).
     #[arg(long)]
     pub underpass: Option<PathBuf>,
+    /// Measure nothing: print the tables and redraw the charts of an
+    /// earlier run from DIR/<preset>.json, with this version's statistics.
+    #[arg(long, value_name = "DIR", conflicts_with_all = ["out", "json", "quick"])]
+    pub replot: Option<PathBuf>,
 }
 
 pub fn run(opts: &ClusterIpOpts) -> Result<()> {
+    if let Some(dir) = &opts.replot {
+        return replot(dir, opts.preset);
+    }
     crate::require_root("the ClusterIP bench (namespaces, eBPF, iptables)")?;
     opts.output.prepare()?;
     let modes = ModeArg::expand(&opts.mode, opts.preset);
@@ -141,14 +148,14 @@ pub fn run(opts: &ClusterIpOpts) -> Result<()> {
     testbed.finish()?;
     let pairs = opts.preset.ratios();
     let results = Results {
-        preset: opts.preset.name(),
+        preset: opts.preset.name().to_owned(),
         machine: Machine::describe(),
         seed,
         rounds,
         workloads,
         offloads,
         orders,
-        ratios: Results::ratios_of(&measured, pairs, seed),
+        ratios: Results::ratios_of(&measured, pairs),
         rows: measured
             .into_iter()
             .map(|((workload, mode), runs)| Row {
@@ -167,6 +174,44 @@ pub fn run(opts: &ClusterIpOpts) -> Result<()> {
     if let Some(dir) = opts.output.dir() {
         eprintln!("wrote {name}.json and the charts to {}", dir.display());
     }
+    Ok(())
+}
+
+/// `--replot DIR`: an earlier run's tables and charts, its ratios
+/// recomputed from its runs.
+fn replot(dir: &std::path::Path, preset: Preset) -> Result<()> {
+    let path = dir.join(format!("{}.json", preset.name()));
+    let text =
+        std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
+    let mut results: Results = serde_json::from_str(&text).with_context(|| {
+        format!(
+            "{} is not a `bench cluster-ip` result of this version",
+            path.display()
+        )
+    })?;
+    let measured: BTreeMap<(Kind, Mode), Vec<Measurement>> = results
+        .rows
+        .drain(..)
+        .map(|row| ((row.workload, row.mode), row.runs))
+        .collect();
+    let kinds: Vec<Kind> = results.workloads.iter().map(|w| w.workload).collect();
+    let modes: Vec<Mode> = Mode::ALL
+        .into_iter()
+        .filter(|m| measured.keys().any(|(_, mode)| mode == m))
+        .collect();
+    let pairs = preset.ratios();
+    results.ratios = Results::ratios_of(&measured, pairs);
+    results.rows = measured
+        .into_iter()
+        .map(|((workload, mode), runs)| Row {
+            workload,
+            mode,
+            runs,
+        })
+        .collect();
+    results.print(&kinds, &modes, pairs);
+    results.write_charts(&kinds, &modes, dir)?;
+    eprintln!("redrew the charts in {}", dir.display());
     Ok(())
 }
 

@@ -3,7 +3,7 @@
 //! ClusterIP table, its Pod IP table).
 
 use clap::ValueEnum;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::{
     seed::{self, ClusterIpRow, PodIpRow},
@@ -11,7 +11,9 @@ use crate::{
 };
 
 /// The datapath a measurement crosses.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, ValueEnum, Serialize)]
+#[derive(
+    Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, ValueEnum, Serialize, Deserialize,
+)]
 #[serde(rename_all = "kebab-case")]
 pub enum Mode {
     /// macvlan client, kube-proxy's iptables rules through the

@@ -12,18 +12,18 @@ use std::{
 
 use anyhow::Result;
 use lab::DeviceOffloads;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use super::modes::Mode;
 use crate::{
     machine::Machine,
     plot::Bar,
-    stats::{Interval, bootstrap_median, median, paired_ratios},
+    stats::{Interval, median, median_interval, paired_ratios},
     workload::{Kind, Measurement, Parameters},
 };
 
 /// Every run of one workload over one mode, in round order.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, Deserialize)]
 pub struct Row {
     pub workload: Kind,
     pub mode: Mode,
@@ -31,7 +31,7 @@ pub struct Row {
 }
 
 /// How one workload ran, and how that differs from the seed.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, Deserialize)]
 pub struct WorkloadSetup {
     pub workload: Kind,
     pub parameters: Parameters,
@@ -39,7 +39,7 @@ pub struct WorkloadSetup {
 }
 
 /// The order the modes ran in, one round of one workload.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, Deserialize)]
 pub struct RoundOrder {
     pub round: usize,
     pub workload: Kind,
@@ -47,22 +47,22 @@ pub struct RoundOrder {
 }
 
 /// A paired ratio `mode / to` over the rounds.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, Deserialize)]
 pub struct Ratio {
     pub workload: Kind,
     pub mode: Mode,
     pub to: Mode,
     /// `figure` (the table's figure) or `cpu` (CPU per unit).
-    pub of: &'static str,
+    pub of: String,
     pub interval: Interval,
 }
 
 /// A run's JSON: what a reader needs to judge its figures.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, Deserialize)]
 pub struct Results {
-    pub preset: &'static str,
+    pub preset: String,
     pub machine: Machine,
-    /// Seeds the mode order and the bootstrap (`--seed` repeats them).
+    /// Seeds the mode order (`--seed` repeats it).
     pub seed: u64,
     pub rounds: usize,
     pub workloads: Vec<WorkloadSetup>,
@@ -110,7 +110,6 @@ impl Results {
     pub(super) fn ratios_of(
         rows: &BTreeMap<(Kind, Mode), Vec<Measurement>>,
         pairs: &[(Mode, Mode)],
-        seed: u64,
     ) -> Vec<Ratio> {
         let mut ratios = Vec::new();
         let kinds: BTreeSet<Kind> = rows.keys().map(|(k, _)| *k).collect();
@@ -129,7 +128,7 @@ impl Results {
                 };
                 for (of, f) in [
                     ("figure", &pick as &dyn Fn(&Measurement) -> f64),
-                    ("cpu", &|m: &Measurement| m.cpu.total_us()),
+                    ("cpu", &|m: &Measurement| m.cpu.total_us),
                 ] {
                     let per_round = paired_ratios(&figures(a, f), &figures(b, f));
                     if per_round.is_empty() {
@@ -139,8 +138,8 @@ impl Results {
                         workload: kind,
                         mode,
                         to,
-                        of,
-                        interval: bootstrap_median(&per_round, seed),
+                        of: of.to_owned(),
+                        interval: median_interval(&per_round),
                     });
                 }
             }
@@ -169,8 +168,10 @@ impl Results {
             "\n{} rounds on {}; in each round every mode once per workload, in a shuffled \
              order (seed {}: `--seed {}` repeats it); conntrack flushed between modes; \
              kube-proxy's tables present only while a kube-proxy mode runs (checked). \
-             Medians with bootstrap 95 % intervals; ratios are per round (paired) to the \
-             limit, \"{}\".",
+             Medians with distribution-free 95 % intervals of the median (order \
+             statistics; with fewer than 6 rounds the range, its level in brackets); \
+             ratios are per round (paired) to the limit, \"{}\". With this many \
+             intervals, about one in twenty misses by chance: read the A/A row first.",
             self.rounds,
             self.machine,
             self.seed,
@@ -194,7 +195,7 @@ impl Results {
         println!("\n### {title}\n");
         println!(
             "| datapath | ours ({unit}) | ÷ limit | seed ({unit}) | seed ÷ its Pod IP | \
-             CPU µs/{per}: client + server + softirq | CPU ÷ limit |"
+             CPU µs/{per}: total (client, server; softirq) | CPU ÷ limit |"
         );
         println!("| --- | --- | --- | --- | --- | --- | --- |");
         let seed_limit = Mode::LIMIT.seed(kind);
@@ -204,7 +205,7 @@ impl Results {
                 continue;
             };
             let figures: Vec<f64> = runs.iter().map(pick).collect();
-            let figure = bootstrap_median(&figures, self.seed);
+            let figure = median_interval(&figures);
             let ratio = |of| {
                 if mode == Mode::LIMIT {
                     "1".to_owned()
@@ -240,6 +241,20 @@ impl Results {
                 _ => String::new(),
             };
             println!("\n{} ÷ {}: {interval:.3}{seed}", a.label(), b.label());
+        }
+        for &mode in modes {
+            let Some(runs) = self.runs(kind, mode) else {
+                continue;
+            };
+            let errors: u64 = runs.iter().map(|m| m.errors).sum();
+            if errors > 0 {
+                println!(
+                    "\n{}: {errors} failed transactions (reconnects) in {} runs — its figure \
+                     includes the time they cost",
+                    mode.label(),
+                    runs.len()
+                );
+            }
         }
         if let Some(setup) = self.workloads.iter().find(|w| w.workload == kind) {
             for deviation in &setup.deviations {
@@ -278,7 +293,7 @@ impl Results {
                 .filter_map(|&mode| {
                     let runs = self.runs(kind, mode)?;
                     let figures: Vec<f64> = runs.iter().map(pick).collect();
-                    let interval = bootstrap_median(&figures, self.seed);
+                    let interval = median_interval(&figures);
                     Some(Bar {
                         label: mode.label().to_owned(),
                         median: interval.median,
@@ -294,15 +309,16 @@ impl Results {
     }
 }
 
-/// CPU per unit of the run whose total is the median: the parts of one
-/// run add up to the total shown.
+/// CPU per unit of the run whose total is the median, with that run's
+/// breakdown (the client's and the servers' cgroups, machine-wide
+/// softirq and irq; they overlap: see `workload::cpu`).
 fn cpu_split(runs: &[Measurement]) -> String {
     let mut sorted: Vec<&Measurement> = runs.iter().collect();
-    sorted.sort_by(|a, b| a.cpu.total_us().total_cmp(&b.cpu.total_us()));
+    sorted.sort_by(|a, b| a.cpu.total_us.total_cmp(&b.cpu.total_us));
     let middle = sorted[sorted.len() / 2].cpu;
     format!(
-        "{:.2} = {:.2} + {:.2} + {:.2}",
-        middle.total_us(),
+        "{:.2} ({:.2}, {:.2}; {:.2})",
+        middle.total_us,
         middle.client_user_us + middle.client_system_us,
         middle.server_user_us + middle.server_system_us,
         middle.softirq_us + middle.irq_us

@@ -16,7 +16,7 @@ use crate::{
     agent_process::{AgentProcess, start_bench_agent},
     cluster::{KubeProxy, SERVICE_CIDR, install_kube_proxy, remove_kube_proxy, service_objects},
     kubeproxy::{ServicePort, service_ports},
-    netfilter::{ensure_no_rules, flush_conntrack},
+    leftovers::{close_time_wait, ensure_no_rules, flush_conntrack},
     workload::{
         BenchCgroups, ClientPlace, ECHO_PORT, IPERF_PORT, Kind, REDIS_PORT, SERVER_CPU,
         SOCKPERF_PORT, ServerProcess, start_echo_server, start_tool_servers,
@@ -144,8 +144,10 @@ impl Testbed {
     /// and checked gone otherwise (a mode without them must neither pay
     /// its node's hooks and conntrack nor be served by them: the Cilium
     /// row's ClusterIP would otherwise be translated by kube-proxy if
-    /// underpass did not); every conntrack table flushed (one mode's
-    /// TIME_WAIT entries must not meet the next); and the macvlan client's
+    /// underpass did not); every conntrack table flushed and every
+    /// TIME_WAIT socket closed (one mode's TCP_CRR must not leave the next
+    /// mode's connect() searching past its sockets, nor its conntrack
+    /// entries); and the macvlan client's
     /// route to the service CIDR through its node only for the macvlan
     /// kube-proxy modes.
     pub(super) fn prepare(&mut self, mode: Mode) -> Result<()> {
@@ -165,6 +167,7 @@ impl Testbed {
         }
         for namespace in self.namespaces() {
             flush_conntrack(namespace)?;
+            close_time_wait(namespace)?;
         }
         let macvlan_through_node = matches!(mode, Mode::KubeProxy | Mode::KubeProxyNft);
         self.topo

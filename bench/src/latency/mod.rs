@@ -37,6 +37,7 @@ use self::{
 };
 use crate::{
     cluster::{KubeProxy, remove_kube_proxy},
+    machine::Machine,
     nginx,
     options::Output,
 };
@@ -60,7 +61,7 @@ pub struct LatencyOpts {
     #[arg(long, default_value_t = 5)]
     pub max_runs: usize,
     /// Runs of every rated point (the setups in a shuffled order each
-    /// time); tables and charts show the median run's percentiles.
+    /// time); tables and charts show each percentile's median over them.
     #[arg(long, default_value_t = 5)]
     pub point_runs: usize,
     /// Seed of the setup order at each run (printed; repeats the order).
@@ -122,7 +123,7 @@ pub fn run(opts: &LatencyOpts) -> Result<()> {
     let sweep = Sweep::plan(opts, &designs, &testbed);
     let rows = sweep.run(&testbed, &opts.size)?;
     for node in &testbed.topo.nodes {
-        let _ = remove_kube_proxy(node, KubeProxy::Iptables);
+        remove_kube_proxy(node, KubeProxy::Iptables)?;
     }
     println!(
         "\nEvery rated point {} times, the setups in a shuffled order each time (seed {}: \
@@ -139,6 +140,8 @@ pub fn run(opts: &LatencyOpts) -> Result<()> {
         plot_rows(dir, &rows)?;
     }
     let document = Document {
+        machine: Some(Machine::describe()),
+        offloads: testbed.topo.offloads()?,
         rows,
         unavailable: testbed.unavailable.clone(),
     };

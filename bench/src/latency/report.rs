@@ -7,8 +7,11 @@ use anyhow::{Context, Result};
 use serde::{Deserialize, Serialize};
 
 use super::designs::{Design, Tuning};
+use lab::DeviceOffloads;
+
 use crate::{
     loadgen::{LoadResult, QUANTILES},
+    machine::Machine,
     plot::{self, Axes, Series},
     stats::median,
 };
@@ -16,6 +19,12 @@ use crate::{
 /// What latency.json holds.
 #[derive(Debug, Serialize, Deserialize)]
 pub(super) struct Document {
+    /// Where it was measured (absent in results of older versions).
+    #[serde(default)]
+    pub(super) machine: Option<Machine>,
+    /// `ethtool -k` of every device of the topology.
+    #[serde(default)]
+    pub(super) offloads: Vec<DeviceOffloads>,
     pub(super) rows: Vec<Row>,
     /// Designs this kernel cannot build, and why.
     pub(super) unavailable: BTreeMap<Design, String>,
@@ -46,7 +55,7 @@ fn percentile_label(q: f64) -> String {
 /// the maximum of a handful, not a percentile.
 pub(super) const MIN_SAMPLES_BEYOND: f64 = 10.0;
 
-/// One setup at one point over its runs: the median run's figures.
+/// One setup at one point over its runs: each figure's median over them.
 struct Summary<'a> {
     first: &'a Row,
     runs: usize,

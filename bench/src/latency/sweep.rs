@@ -129,7 +129,7 @@ impl Sweep {
         };
         let mut rows = Vec::new();
         for &size in sizes {
-            let max = self.maxima(testbed, size, &mut progress, &mut rows)?;
+            let max = self.maxima(testbed, size, &mut progress, &mut rows, &mut shuffler)?;
             let absolute = if derive_rates {
                 let reference = max
                     .get(&(Design::Host, Tuning::Baseline))
@@ -190,10 +190,11 @@ impl Sweep {
         size: usize,
         progress: &mut Progress,
         rows: &mut Vec<Row>,
+        shuffler: &mut Shuffler,
     ) -> Result<BTreeMap<(Design, Tuning), f64>> {
         let mut runs: BTreeMap<(Design, Tuning), Vec<LoadResult>> = BTreeMap::new();
         for run in 0..self.max_runs {
-            for &setup in &self.setups {
+            for setup in shuffler.shuffled(&self.setups) {
                 progress.step(&format!(
                     "{size} B, maximum rate ({}/{}), {}",
                     run + 1,

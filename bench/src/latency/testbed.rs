@@ -27,6 +27,7 @@ use crate::{
         KubeProxy, SERVICE_CIDR, install_kube_proxy, remove_kube_proxy, run_in, service_objects,
     },
     kubeproxy::service_ports,
+    leftovers::{delete_table, flush_conntrack},
     loadgen::LoadResult,
     nginx::{self, HTTP_PORT, Nginx},
 };
@@ -284,8 +285,11 @@ impl Testbed {
     }
 
     /// Readies the nodes for `design` under `tuning`: kube-proxy's rules
-    /// where the design or tuning has them (and the client's service
-    /// route through its node for the kube-proxy design), NOTRACK, RPS/XPS.
+    /// where the design or tuning has them and only then (removed whole,
+    /// checked gone), the client's service route through its node for the
+    /// kube-proxy design, NOTRACK, RPS/XPS; and every namespace's
+    /// conntrack table flushed, so no measurement meets another's
+    /// entries.
     fn prepare(&self, design: Design, tuning: Tuning) -> Result<()> {
         let ports = self.kube_proxy.as_deref().unwrap_or_default();
         let want = NodeState {
@@ -299,8 +303,9 @@ impl Testbed {
         let mut state = self.state.borrow_mut();
         for (n, node) in self.topo.nodes.iter().enumerate() {
             if state.kube_proxy[n] != want.kube_proxy[n] {
-                let _ = remove_kube_proxy(node, KubeProxy::Iptables);
-                if want.kube_proxy[n] {
+                if state.kube_proxy[n] {
+                    remove_kube_proxy(node, KubeProxy::Iptables)?;
+                } else {
                     install_kube_proxy(node, ports, KubeProxy::Iptables, None)?;
                 }
             }
@@ -312,6 +317,14 @@ impl Testbed {
             }
         }
         *state = want;
+        let namespaces = self
+            .topo
+            .nodes
+            .iter()
+            .chain(self.topo.pods.iter().map(|p| &p.namespace));
+        for namespace in namespaces {
+            flush_conntrack(namespace)?;
+        }
         if self.endpoints.contains_key(&Design::KubeProxy) {
             self.topo
                 .route_via_node("client", SERVICE_CIDR, design == Design::KubeProxy)?;
@@ -381,7 +394,8 @@ fn set_notrack(node: &lab::Namespace, on: bool) -> Result<()> {
             "*raw\n-A PREROUTING ! -d {cidr} -j CT --notrack\n-A OUTPUT ! -d {cidr} -j CT --notrack\nCOMMIT\n"
         )
     } else {
-        "*raw\n-F PREROUTING\n-F OUTPUT\nCOMMIT\n".to_owned()
+        // The table whole: flushed chains would stay hooked in.
+        return delete_table(node, "ip raw");
     };
     run_in(node, "iptables-restore", &["-w", "5", "--noflush"], &script)
 }

@@ -9,13 +9,14 @@
 //! - resynced in full with everything in place (the steady state of a
 //!   periodic sync) — timed;
 //! - measured with TCP_CRR from the client pod to the service in the
-//!   middle of kube-proxy's sorted KUBE-SERVICES and to the last one (the
+//!   middle of kube-proxy's sorted KUBE-SERVICES and to the last one, in
+//!   a shuffled order, TIME_WAIT sockets closed before each (the
 //!   server pod is their one endpoint; the others point at unused
 //!   addresses and carry no traffic);
 //! - in the first round, changed: one EndpointSlice, `--change-samples`
 //!   times from the objects (kube-proxy's partial restore or nft
 //!   transaction with its generation; the agent's incremental update),
-//!   p50 and p99;
+//!   p50 and the maximum;
 //! - removed (kube-proxy's tables whole, checked gone).
 //!
 //! A datapath whose programming outlasts `--time-limit` is killed,
@@ -40,8 +41,11 @@ use self::{
     report::{plot_points, print_table, report},
     testbed::{Sweep, Testbed},
 };
+use lab::DeviceOffloads;
+
 use crate::{
     cluster::{KubeProxy, TimedOut},
+    machine::Machine,
     options::{Output, Repetition},
     stats::{Shuffler, fresh_seed, median},
     workload::Measurement,
@@ -152,10 +156,11 @@ pub struct ScalePoint {
     /// A full resync with everything in place (steady state), median.
     pub resync_ms: Option<f64>,
     pub resync_runs_ms: Vec<f64>,
-    /// One changed EndpointSlice applied, from the objects: p50 and p99
-    /// over `change_samples`.
+    /// One changed EndpointSlice applied, from the objects: p50 and the
+    /// maximum over `change_samples` (at 50 samples a p99 would be the
+    /// maximum; it is called by its name).
     pub change_p50_ms: Option<f64>,
-    pub change_p99_ms: Option<f64>,
+    pub change_max_ms: Option<f64>,
     pub change_samples: usize,
     /// Median TCP_CRR rate and p99 to the service in the middle of
     /// kube-proxy's KUBE-SERVICES and to the last one.
@@ -166,6 +171,9 @@ pub struct ScalePoint {
     pub crr_runs: Vec<CrrRun>,
     /// Killed at the time limit.
     pub killed: bool,
+    /// The step that was killed: program, resync or change.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub killed_in: Option<Step>,
     /// Why figures are missing (time limit, skipped).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub note: Option<String>,
@@ -182,7 +190,7 @@ impl ScalePoint {
             resync_ms: None,
             resync_runs_ms: Vec::new(),
             change_p50_ms: None,
-            change_p99_ms: None,
+            change_max_ms: None,
             change_samples: 0,
             crr_middle_per_second: None,
             crr_middle_p99_us: None,
@@ -190,9 +198,33 @@ impl ScalePoint {
             crr_last_p99_us: None,
             crr_runs: Vec::new(),
             killed: false,
+            killed_in: None,
             note: None,
         }
     }
+}
+
+/// A step of a round, for saying which one a time limit killed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Step {
+    Program,
+    Resync,
+    Change,
+}
+
+/// What scale.json holds.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct ScaleResults {
+    pub machine: Machine,
+    /// `--time-limit`, seconds (killed points are drawn at it).
+    pub time_limit_s: u64,
+    /// Seeds the datapath order per round (`--seed` repeats it).
+    pub seed: u64,
+    pub rounds: usize,
+    /// `ethtool -k` of every device of the topology.
+    pub offloads: Vec<DeviceOffloads>,
+    pub points: Vec<ScalePoint>,
 }
 
 /// How much of each figure a point takes.
@@ -208,10 +240,11 @@ pub fn run(opts: &ScaleOpts) -> Result<()> {
         let path = dir.join("scale.json");
         let text = std::fs::read_to_string(&path)
             .with_context(|| format!("reading {}", path.display()))?;
-        let points: Vec<ScalePoint> = serde_json::from_str(&text)
+        let results: ScaleResults = serde_json::from_str(&text)
             .with_context(|| format!("{} is not a `bench scale` result", path.display()))?;
-        print_table(&points);
-        plot_points(dir, &points, None)?;
+        print_table(&results.points);
+        let limit = Duration::from_secs(results.time_limit_s);
+        plot_points(dir, &results.points, limit)?;
         eprintln!("redrew the plots in {}", dir.display());
         return Ok(());
     }
@@ -247,6 +280,7 @@ pub fn run(opts: &ScaleOpts) -> Result<()> {
     lab::cleanup_on_signals();
     eprintln!("building the two-node topology…");
     let lab = Testbed::build()?;
+    let offloads = lab.offloads()?;
     let mut points = Vec::new();
     let mut killed: BTreeSet<(ScaleDatapath, usize, usize)> = BTreeSet::new();
     for &n in &sizes {
@@ -280,11 +314,14 @@ pub fn run(opts: &ScaleOpts) -> Result<()> {
                     if point.note.is_some() {
                         continue;
                     }
-                    match measure_round(&lab, &sweep, point, round, &plan) {
+                    let mut step = Step::Program;
+                    match measure_round(&lab, &sweep, point, round, &plan, &mut shuffler, &mut step)
+                    {
                         Ok(()) => {}
                         Err(error) if error.downcast_ref::<TimedOut>().is_some() => {
                             killed.insert((datapath, n, m));
                             point.killed = true;
+                            point.killed_in = Some(step);
                             point.note = Some(format!("{error:#}"));
                         }
                         Err(error) => {
@@ -305,13 +342,21 @@ pub fn run(opts: &ScaleOpts) -> Result<()> {
     drop(lab);
     println!(
         "\n{} rounds per point, the datapaths in a shuffled order each round (seed {seed}: \
-         `--seed {seed}` repeats it); one change: {} samples, p50 and p99.",
+         `--seed {seed}` repeats it); one change: {} samples, p50 and the maximum.",
         plan.rounds, plan.change_samples
     );
     print_table(&points);
-    opts.output.write(&points, "scale.json")?;
+    let results = ScaleResults {
+        machine: Machine::describe(),
+        time_limit_s: opts.time_limit,
+        seed,
+        rounds: plan.rounds,
+        offloads,
+        points,
+    };
+    opts.output.write(&results, "scale.json")?;
     if let Some(dir) = opts.output.dir() {
-        plot_points(dir, &points, Some(plan.limit))?;
+        plot_points(dir, &results.points, plan.limit)?;
         eprintln!("wrote scale.json and the plots to {}", dir.display());
     }
     Ok(())
@@ -326,6 +371,8 @@ fn measure_round(
     point: &mut ScalePoint,
     round: usize,
     plan: &Plan,
+    shuffler: &mut Shuffler,
+    step: &mut Step,
 ) -> Result<()> {
     let label = point.datapath.label();
     lab.programmed(sweep, point.datapath, plan.limit, |took, programmed| {
@@ -340,10 +387,11 @@ fn measure_round(
             }
             .into());
         }
+        *step = Step::Resync;
         let resync = lab.resync(sweep, programmed, plan.limit)?;
         point.resync_runs_ms.push(resync.as_secs_f64() * 1e3);
         if plan.crr_seconds > 0.0 {
-            for target in [Position::Middle, Position::Last] {
+            for target in shuffler.shuffled(&[Position::Middle, Position::Last]) {
                 let measurement = lab.crr(sweep, target, plan.crr_seconds)?;
                 point.crr_runs.push(CrrRun {
                     round,
@@ -353,12 +401,13 @@ fn measure_round(
             }
         }
         if round == 0 {
+            *step = Step::Change;
             let samples = lab.changes(sweep, programmed, plan.change_samples, plan.limit)?;
             let mut ms: Vec<f64> = samples.iter().map(|d| d.as_secs_f64() * 1e3).collect();
             ms.sort_by(f64::total_cmp);
             point.change_samples = ms.len();
-            point.change_p50_ms = Some(nearest_rank(&ms, 0.5));
-            point.change_p99_ms = Some(nearest_rank(&ms, 0.99));
+            point.change_p50_ms = Some(median(&ms));
+            point.change_max_ms = ms.last().copied();
         }
         Ok(())
     })
@@ -400,10 +449,4 @@ fn summarize(point: &mut ScalePoint) {
             }
         }
     }
-}
-
-/// The nearest-rank percentile of sorted `values`.
-fn nearest_rank(sorted: &[f64], q: f64) -> f64 {
-    let rank = ((q * sorted.len() as f64).ceil() as usize).clamp(1, sorted.len());
-    sorted[rank - 1]
 }

@@ -6,7 +6,7 @@ use std::{collections::BTreeSet, time::Duration};
 use anyhow::Result;
 use comfy_table::{Table, presets::UTF8_FULL_CONDENSED};
 
-use super::{ScaleDatapath, ScalePoint};
+use super::{ScaleDatapath, ScalePoint, Step};
 use crate::plot::{self, Axes, Series};
 
 pub(super) fn print_table(points: &[ScalePoint]) {
@@ -17,7 +17,7 @@ pub(super) fn print_table(points: &[ScalePoint]) {
         "datapath",
         "program from objects (ms)",
         "full resync (ms)",
-        "one change p50 / p99 (ms)",
+        "one change p50 / max (ms)",
         "TCP_CRR middle / last (trans/s)",
         "TCP_CRR p99 middle / last (µs)",
     ]);
@@ -39,7 +39,7 @@ pub(super) fn print_table(points: &[ScalePoint]) {
             format!(
                 "{} / {}",
                 figure(p.change_p50_ms, 2),
-                figure(p.change_p99_ms, 2)
+                figure(p.change_max_ms, 2)
             ),
             format!(
                 "{} / {}",
@@ -71,11 +71,11 @@ pub(super) fn report(point: ScalePoint) -> ScalePoint {
     let show = |v: Option<f64>| v.map(|v| format!("{v:.2}")).unwrap_or_else(|| "–".into());
     let rate = |v: Option<f64>| v.map(|v| format!("{v:.0}")).unwrap_or_else(|| "–".into());
     eprintln!(
-        "  {:<20} program {:>10} ms   resync {:>10} ms   change p99 {:>8} ms   TCP_CRR {:>6}/{:>6}/s{}",
+        "  {:<20} program {:>10} ms   resync {:>10} ms   change max {:>8} ms   TCP_CRR {:>6}/{:>6}/s{}",
         point.datapath.label(),
         show(point.program_ms),
         show(point.resync_ms),
-        show(point.change_p99_ms),
+        show(point.change_max_ms),
         rate(point.crr_middle_per_second),
         rate(point.crr_last_per_second),
         point
@@ -88,12 +88,12 @@ pub(super) fn report(point: ScalePoint) -> ScalePoint {
 }
 
 /// The SVG curves against N: one colour per datapath, dashed for the
-/// second (and later) endpoint count; on the programming chart, a point
-/// killed at `limit` is a cross at the limit.
+/// second (and later) endpoint count; a step killed at `limit` is a
+/// cross at the limit on its chart.
 pub(super) fn plot_points(
     dir: &std::path::Path,
     points: &[ScalePoint],
-    limit: Option<Duration>,
+    limit: Duration,
 ) -> Result<()> {
     let endpoint_counts: BTreeSet<usize> = points.iter().map(|p| p.endpoints).collect();
     /// File, title, unit, logarithmic figure axis, the figure.
@@ -121,10 +121,10 @@ pub(super) fn plot_points(
         ),
         (
             "scale-change.svg",
-            "Apply one changed EndpointSlice (p99)",
+            "Apply one changed EndpointSlice (the slowest of the samples)",
             "milliseconds",
             true,
-            |p| p.change_p99_ms,
+            |p| p.change_max_ms,
         ),
         (
             "scale-crr-rate.svg",
@@ -171,12 +171,19 @@ pub(super) fn plot_points(
                     dashed: nth > 0,
                     crosses: false,
                 });
+                let step = match file {
+                    "scale-program.svg" => Some(Step::Program),
+                    "scale-resync.svg" => Some(Step::Resync),
+                    "scale-change.svg" => Some(Step::Change),
+                    _ => None,
+                };
                 let killed: Vec<(f64, f64)> = points
                     .iter()
-                    .filter(|p| p.datapath == datapath && p.endpoints == m && p.killed)
-                    .filter_map(|p| Some((p.services as f64, limit?.as_secs_f64() * 1e3)))
+                    .filter(|p| p.datapath == datapath && p.endpoints == m)
+                    .filter(|p| p.killed_in.is_some() && p.killed_in == step)
+                    .map(|p| (p.services as f64, limit.as_secs_f64() * 1e3))
                     .collect();
-                if file == "scale-program.svg" && !killed.is_empty() {
+                if !killed.is_empty() {
                     series.push(Series {
                         label: format!("{} ({m}): killed at the limit", datapath.label()),
                         points: killed,

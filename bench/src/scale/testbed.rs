@@ -31,6 +31,7 @@ use crate::{
         run_in_limited,
     },
     kubeproxy::{self, ServicePort, service_ports},
+    leftovers::close_time_wait,
     workload::{
         BenchCgroups, ClientPlace, Kind, Measurement, Parameters, SERVER_CPU, ServerProcess,
         run_worker, start_echo_server,
@@ -176,6 +177,11 @@ impl Testbed {
             cgroups,
             server_address,
         })
+    }
+
+    /// `ethtool -k` of every device, for the result.
+    pub(super) fn offloads(&self) -> Result<Vec<lab::DeviceOffloads>> {
+        Ok(self.topo.offloads()?)
     }
 
     /// Programs `datapath` from the objects, from nothing, within `limit`
@@ -328,7 +334,7 @@ impl Testbed {
                             run_in_limited(
                                 node,
                                 "iptables-restore",
-                                &["-w", "5", "--noflush"],
+                                &["-w", "5", "--noflush", "--counters"],
                                 &partial,
                                 Some(limit),
                             )?;
@@ -358,13 +364,17 @@ impl Testbed {
         Ok(took)
     }
 
-    /// One TCP_CRR run to the service at `position`.
+    /// One TCP_CRR run to the service at `position`, the previous run's
+    /// TIME_WAIT sockets closed first.
     pub(super) fn crr(
         &self,
         sweep: &Sweep,
         position: Position,
         seconds: f64,
     ) -> Result<Measurement> {
+        for namespace in [&self.topo.pod("client").namespace, &self.topo.nodes[0]] {
+            close_time_wait(namespace)?;
+        }
         let place = ClientPlace {
             netns: self.topo.pod("client").namespace.path(),
             cgroup: self.cgroups.clients.path(),

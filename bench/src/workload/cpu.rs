@@ -1,13 +1,17 @@
 //! What a measurement cost in CPU, per unit of work (transaction,
-//! message, request, MB): the client's and the server's from the cgroups
-//! they run in (`cpu.stat`, µs resolution, only their processes), softirq
-//! and hard-irq time and steal from `/proc/stat`, network softirqs raised
-//! from `/proc/softirqs`, and the agent's CPU apart — so that neither the
-//! agent's polling nor the bench itself is counted as the datapath's.
+//! message, request, MB).
 //!
-//! Softirq time is machine-wide: on this host both ends' packet
-//! processing (netfilter, TC, the stack) runs there, and nothing else
-//! sends while a measurement runs.
+//! The total is the machine's busy time (`/proc/stat`: user, nice,
+//! system, irq, softirq) less the agent's (its own cgroup): both ends and
+//! all their packet processing run on this host, wherever the kernel
+//! runs it (in the sender's context, in the receiver's, in ksoftirqd),
+//! and nothing else works while a measurement runs. It cannot be the sum
+//! of the client's and the server's cgroups plus softirq: without
+//! `CONFIG_IRQ_TIME_ACCOUNTING` a softirq tick that lands in a task is
+//! charged to both its cgroup's system time and `/proc/stat`'s softirq.
+//! Beside the total, as a breakdown: the client's and the servers'
+//! cgroups (`cpu.stat`), machine-wide softirq and irq time, steal,
+//! network softirqs raised (`/proc/softirqs`), and the agent's CPU.
 
 use std::{
     fs,
@@ -53,7 +57,8 @@ impl CgroupCpu {
 /// Machine-wide counters.
 #[derive(Clone, Copy, Debug, Default)]
 struct MachineCpu {
-    /// /proc/stat, clock ticks.
+    /// /proc/stat, clock ticks: user + nice + system + irq + softirq.
+    busy: u64,
     irq: u64,
     softirq: u64,
     steal: u64,
@@ -87,6 +92,7 @@ impl MachineCpu {
             }
         }
         Ok(Self {
+            busy: at(0)? + at(1)? + at(2)? + at(5)? + at(6)?,
             irq: at(5)?,
             softirq: at(6)?,
             steal: at(7)?,
@@ -118,6 +124,9 @@ impl CpuPlaces {
 /// CPU per unit of work, µs (network softirqs: raised per unit).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct CpuCost {
+    /// The machine's busy time less the agent's: what the ends and the
+    /// datapath cost.
+    pub total_us: f64,
     pub client_user_us: f64,
     pub client_system_us: f64,
     pub server_user_us: f64,
@@ -131,19 +140,6 @@ pub struct CpuCost {
     pub agent_us: Option<f64>,
 }
 
-impl CpuCost {
-    /// The datapath's and the endpoints' CPU per unit: client, server,
-    /// softirq and irq (the agent's apart).
-    pub fn total_us(&self) -> f64 {
-        self.client_user_us
-            + self.client_system_us
-            + self.server_user_us
-            + self.server_system_us
-            + self.softirq_us
-            + self.irq_us
-    }
-}
-
 impl CpuSnapshot {
     /// The cost of the work between `earlier` and this snapshot, per one
     /// of `units`.
@@ -154,7 +150,14 @@ impl CpuSnapshot {
         let usec = |now: u64, then: u64| now.saturating_sub(then) as f64 / units;
         let ticks = |now: u64, then: u64| now.saturating_sub(then) as f64 / hz * 1e6 / units;
         let (m, e) = (&self.machine, &earlier.machine);
+        let agent_us = match (&self.agent, &earlier.agent) {
+            (Some(now), Some(then)) => {
+                Some(usec(now.user, then.user) + usec(now.system, then.system))
+            }
+            _ => None,
+        };
         CpuCost {
+            total_us: (ticks(m.busy, e.busy) - agent_us.unwrap_or(0.0)).max(0.0),
             client_user_us: usec(self.client.user, earlier.client.user),
             client_system_us: usec(self.client.system, earlier.client.system),
             server_user_us: usec(self.server.user, earlier.server.user),
@@ -163,12 +166,7 @@ impl CpuSnapshot {
             irq_us: ticks(m.irq, e.irq),
             steal_us: ticks(m.steal, e.steal),
             net_softirqs: m.net_softirqs.saturating_sub(e.net_softirqs) as f64 / units,
-            agent_us: match (&self.agent, &earlier.agent) {
-                (Some(now), Some(then)) => {
-                    Some(usec(now.user, then.user) + usec(now.system, then.system))
-                }
-                _ => None,
-            },
+            agent_us,
         }
     }
 }

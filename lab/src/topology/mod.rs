@@ -93,9 +93,11 @@ pub enum Offloads {
     /// checksum is computed in software and a wrong one is caught by the
     /// receiver — for tests of packet rewriting.
     ChecksumsInSoftware,
-    /// As the kernel makes the devices (a veth's and a NIC's offloads on):
-    /// forwarding hops carry 64 KB GSO packets as on a real node — for
-    /// benches.
+    /// As real devices have them: a veth's as the kernel makes it (tx
+    /// checksumming, scatter-gather, TSO, GSO on; GRO off), and the
+    /// wire, which stands for the nodes' NICs, with GRO on as a NIC has
+    /// it — forwarding hops carry 64 KB GSO packets as on a real node.
+    /// For benches.
     AsRealDevices,
 }
 
@@ -105,6 +107,14 @@ impl Offloads {
         match self {
             Offloads::ChecksumsInSoftware => namespace.disable_tx_checksum(iface),
             Offloads::AsRealDevices => Ok(()),
+        }
+    }
+
+    /// Applies the policy to `iface`, a device standing for a node's NIC.
+    pub(crate) fn apply_to_nic(self, namespace: &Namespace, iface: &str) -> Result<()> {
+        match self {
+            Offloads::ChecksumsInSoftware => namespace.disable_tx_checksum(iface),
+            Offloads::AsRealDevices => namespace.enable_gro(iface),
         }
     }
 }

@@ -52,7 +52,7 @@ pub(super) fn veth_across(
 }
 
 /// A veth pair named `name` in both nodes, up, no addresses, offloads
-/// as `offloads` says.
+/// as `offloads` says for a node's NIC.
 pub(super) fn join_nodes(
     node1: &Namespace,
     node2: &Namespace,
@@ -73,7 +73,7 @@ pub(super) fn join_nodes(
             .map_err(|e| e.to_string())
     })?;
     for node in [node1, node2] {
-        offloads.apply(node, name)?;
+        offloads.apply_to_nic(node, name)?;
     }
     Ok(())
 }

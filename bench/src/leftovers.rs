@@ -1,7 +1,9 @@
 //! Leaving nothing of one mode in the next: netfilter tables a mode made
 //! deleted whole (base chains too, so no hook — and no conntrack —
-//! stays registered in the namespace), conntrack flushed between modes,
-//! and a namespace checked empty instead of assumed so.
+//! stays registered in the namespace), conntrack flushed and TIME_WAIT
+//! sockets closed between modes (TCP_CRR leaves tens of thousands of
+//! each; the next mode's connect() would search past them), and every
+//! namespace checked clean instead of assumed so.
 
 use std::process::Command;
 
@@ -56,7 +58,13 @@ pub fn ensure_no_rules(namespace: &Namespace, why: &str) -> Result<()> {
         "{why}: {} still has netfilter tables {left:?}",
         namespace.name()
     );
-    let legacy = output_in(namespace, "iptables-legacy-save", &[]).unwrap_or_default();
+    // Debian's iptables package has it; absent, there are no legacy
+    // tables to look for.
+    let legacy = match output_in(namespace, "iptables-legacy-save", &[]) {
+        Ok(text) => text,
+        Err(error) if which("iptables-legacy-save") => return Err(error),
+        Err(_) => String::new(),
+    };
     let legacy_tables: Vec<&str> = legacy.lines().filter(|l| l.starts_with('*')).collect();
     ensure!(
         legacy_tables.is_empty(),
@@ -89,4 +97,42 @@ pub fn flush_conntrack(namespace: &Namespace) -> Result<()> {
         namespace.name()
     );
     Ok(())
+}
+
+/// Closes every TIME_WAIT socket in `namespace` (`ss -K`, through
+/// sock_diag's destroy) and checks none is left.
+pub fn close_time_wait(namespace: &Namespace) -> Result<()> {
+    output_in(namespace, "ss", &["-K", "-tan", "state", "time-wait"])?;
+    let left = output_in(namespace, "ss", &["-H", "-tan", "state", "time-wait"])?;
+    let count = left.lines().filter(|l| !l.trim().is_empty()).count();
+    ensure!(
+        count == 0,
+        "{count} TIME_WAIT sockets left in {} after `ss -K` (a kernel without \
+         CONFIG_INET_DIAG_DESTROY?)",
+        namespace.name()
+    );
+    Ok(())
+}
+
+/// Fails unless `iptables` is iptables-nft (Debian's default): the bench
+/// deletes kube-proxy's tables through `nft` and checks them gone there.
+pub fn require_iptables_nft() -> Result<()> {
+    let output = Command::new("iptables")
+        .arg("-V")
+        .output()
+        .context("running iptables -V")?;
+    let version = String::from_utf8_lossy(&output.stdout);
+    ensure!(
+        version.contains("nf_tables"),
+        "`iptables -V` says {:?}: the bench needs the nf_tables backend \
+         (update-alternatives --set iptables /usr/sbin/iptables-nft)",
+        version.trim()
+    );
+    Ok(())
+}
+
+/// Whether `program` is on the PATH.
+fn which(program: &str) -> bool {
+    std::env::var_os("PATH")
+        .is_some_and(|path| std::env::split_paths(&path).any(|dir| dir.join(program).is_file()))
 }
