@@ -118,6 +118,20 @@ impl Mode {
         )
     }
 
+    /// Reaches its server through a ClusterIP (the others: straight to
+    /// a Pod IP or node address, the seed's Pod IP section).
+    pub fn through_service(self) -> bool {
+        matches!(
+            self,
+            Mode::KubeProxy
+                | Mode::KubeProxyNft
+                | Mode::Ebpf
+                | Mode::SocketLb
+                | Mode::VethKubeProxy
+                | Mode::VethEbpf
+        )
+    }
+
     /// The row every ratio is taken against.
     pub const LIMIT: Mode = Mode::PodIpBare;
 }
@@ -137,14 +151,10 @@ impl Preset {
     pub fn modes(self) -> Vec<Mode> {
         match self {
             Preset::ClusterIp => Mode::ALL.to_vec(),
-            Preset::PodIp => vec![
-                Mode::PodIpBare,
-                Mode::AaControl,
-                Mode::PodIp,
-                Mode::PodIpRouted,
-                Mode::VethRouted,
-                Mode::Node,
-            ],
+            Preset::PodIp => Mode::ALL
+                .into_iter()
+                .filter(|m| !m.through_service())
+                .collect(),
         }
     }
 
@@ -212,6 +222,17 @@ mod tests {
     fn all_or_nothing_means_the_presets_modes_and_a_list_keeps_its_order() {
         assert_eq!(ModeArg::expand(&[], Preset::ClusterIp), Mode::ALL.to_vec());
         assert_eq!(ModeArg::expand(&[], Preset::PodIp), Preset::PodIp.modes());
+        assert_eq!(
+            Preset::PodIp.modes(),
+            [
+                Mode::PodIpBare,
+                Mode::AaControl,
+                Mode::PodIp,
+                Mode::PodIpRouted,
+                Mode::VethRouted,
+                Mode::Node
+            ]
+        );
         assert_eq!(parse_mode("all"), Ok(ModeArg::All));
         assert_eq!(
             ModeArg::expand(&[ModeArg::One(Mode::Ebpf), ModeArg::All], Preset::ClusterIp),
