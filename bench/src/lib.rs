@@ -14,6 +14,7 @@ pub mod machine;
 pub mod nginx;
 pub mod options;
 pub mod plot;
+pub mod program_stats;
 pub mod scale;
 pub mod seed;
 pub mod stats;

@@ -5,6 +5,9 @@
 /// `tc_egress` alone could be another product's.
 pub const TC_EGRESS: &str = "up_tc_egress";
 pub const TC_INGRESS: &str = "up_tc_ingress";
+/// A program that does nothing (`TC_ACT_UNSPEC`): the floor of the
+/// kernel's run-time statistics, for the benches (`Datapath::attach_tc_pass`).
+pub const TC_PASS: &str = "up_tc_pass";
 pub const SOCK_CONNECT4: &str = "sock_connect4";
 pub const SOCK_SENDMSG4: &str = "sock_sendmsg4";
 pub const SOCK_RECVMSG4: &str = "sock_recvmsg4";

@@ -18,6 +18,7 @@
 //! `bench worker` process (`crate::workload`), statistics in
 //! `crate::stats`.
 
+mod live;
 mod modes;
 mod report;
 mod testbed;
@@ -27,11 +28,12 @@ use std::{collections::BTreeMap, path::PathBuf, time::Instant};
 use anyhow::{Context, Result, ensure};
 use clap::Parser;
 
-use self::{modes::parse_mode, testbed::Testbed};
 pub use self::{
+    live::LiveRow,
     modes::{Mode, ModeArg, Preset},
     report::{Ratio, Results, RoundOrder, Row, WorkloadSetup},
 };
+use self::{modes::parse_mode, testbed::Testbed};
 use crate::{
     machine::Machine,
     options::{Output, Repetition},
@@ -102,11 +104,18 @@ pub fn run(opts: &ClusterIpOpts) -> Result<()> {
     let seed = opts.seed.unwrap_or_else(fresh_seed);
     let mut shuffler = Shuffler::new(seed);
     lab::cleanup_on_signals();
+    if crate::program_stats::RunTimeStats::always_on() {
+        eprintln!(
+            "note: kernel.bpf_stats_enabled is 1: every run of every program pays the \
+             statistics' clock reads, in the figures too, not only in the statistics passes"
+        );
+    }
     eprintln!("building the two-node topology…");
     let mut testbed = Testbed::build(&modes, &kinds, opts.underpass.as_deref())?;
     let offloads = testbed.offloads()?;
     let mut measured: BTreeMap<(Kind, Mode), Vec<Measurement>> = BTreeMap::new();
     let mut orders = Vec::new();
+    let mut live = Vec::new();
     let total = rounds * kinds.len() * modes.len();
     let started = Instant::now();
     let mut done = 0;
@@ -135,6 +144,15 @@ pub fn run(opts: &ClusterIpOpts) -> Result<()> {
                     mode.label()
                 );
                 measured.entry((kind, mode)).or_default().push(measurement);
+                let pass = live::pass_parameters(&setup.parameters);
+                if let Some(cost) = testbed.live_pass(mode, kind, &pass)? {
+                    live.push(LiveRow {
+                        workload: kind,
+                        mode,
+                        round,
+                        cost,
+                    });
+                }
                 done += 1;
             }
             orders.push(RoundOrder {
@@ -155,6 +173,7 @@ pub fn run(opts: &ClusterIpOpts) -> Result<()> {
         workloads,
         offloads,
         orders,
+        live,
         ratios: Results::ratios_of(&measured, pairs),
         rows: measured
             .into_iter()

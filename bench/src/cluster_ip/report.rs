@@ -14,7 +14,10 @@ use anyhow::Result;
 use lab::DeviceOffloads;
 use serde::{Deserialize, Serialize};
 
-use super::modes::Mode;
+use super::{
+    live::{self, LiveRow},
+    modes::Mode,
+};
 use crate::{
     machine::Machine,
     plot::Bar,
@@ -69,6 +72,9 @@ pub struct Results {
     /// `ethtool -k` of every device of the topology.
     pub offloads: Vec<DeviceOffloads>,
     pub orders: Vec<RoundOrder>,
+    /// The statistics passes (`super::live`); none in runs before them.
+    #[serde(default)]
+    pub live: Vec<LiveRow>,
     pub rows: Vec<Row>,
     pub ratios: Vec<Ratio>,
 }
@@ -256,6 +262,7 @@ impl Results {
                 );
             }
         }
+        live::print_table(&self.live, kind, modes, per);
         if let Some(setup) = self.workloads.iter().find(|w| w.workload == kind) {
             for deviation in &setup.deviations {
                 println!("\n- {deviation}");

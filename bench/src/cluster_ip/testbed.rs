@@ -8,8 +8,13 @@ use std::{
     path::Path,
 };
 
-use anyhow::Result;
-use lab::{Cgroup, Offloads, PodSpec, Topology, standard_pods, topology::NODE_ADDRESSES};
+use anyhow::{Context, Result};
+use datapath_user::{
+    Datapath, LoadOptions,
+    loader::TcAttachment,
+    object::{SOCK_CONNECT4, TC_EGRESS, TC_INGRESS, TC_PASS},
+};
+use lab::{Cgroup, Offloads, Pod, PodSpec, Topology, standard_pods, topology::NODE_ADDRESSES};
 
 use super::modes::Mode;
 use crate::{
@@ -17,11 +22,15 @@ use crate::{
     cluster::{KubeProxy, SERVICE_CIDR, install_kube_proxy, remove_kube_proxy, service_objects},
     kubeproxy::{ServicePort, service_ports},
     leftovers::{close_time_wait, ensure_no_rules, flush_conntrack},
+    program_stats::{LiveCost, ProgramTotals, RunTimeStats},
     workload::{
-        BenchCgroups, ClientPlace, ECHO_PORT, IPERF_PORT, Kind, REDIS_PORT, SERVER_CPU,
-        SOCKPERF_PORT, ServerProcess, start_echo_server, start_tool_servers,
+        BenchCgroups, ClientPlace, ECHO_PORT, IPERF_PORT, Kind, Parameters, REDIS_PORT, SERVER_CPU,
+        SOCKPERF_PORT, ServerProcess, run_worker, start_echo_server, start_tool_servers,
     },
 };
+
+/// The programs whose live run time a pass reads.
+const MEASURED_PROGRAMS: [&str; 4] = [TC_EGRESS, TC_INGRESS, SOCK_CONNECT4, TC_PASS];
 
 /// The service of the macvlan modes (its endpoint: server-b).
 const VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 10);
@@ -44,6 +53,9 @@ pub(super) struct Testbed {
     ports: Vec<ServicePort>,
     /// The flavour of kube-proxy's rules loaded in the client's node.
     installed: Option<KubeProxy>,
+    /// Our object loaded by the bench itself, for the do-nothing program
+    /// it attaches to the limit's client during a statistics pass.
+    pass_program: Option<Datapath>,
     // Last: dropped after the processes in them are gone.
     /// The socket-LB mode's client joins this one.
     cgroup: Cgroup,
@@ -136,6 +148,7 @@ impl Testbed {
             agent,
             ports,
             installed: None,
+            pass_program: None,
         })
     }
 
@@ -204,6 +217,57 @@ impl Testbed {
             },
             target: SocketAddrV4::new(server, kind.port()),
         }
+    }
+
+    /// A statistics pass of `mode` (`crate::program_stats`): `kind` run
+    /// again with `parameters` while the kernel counts each program's run
+    /// time. The limit's client gets the do-nothing program for it (the
+    /// statistics' floor) and loses it after. `None` for a mode whose
+    /// packets run none of our programs.
+    pub(super) fn live_pass(
+        &mut self,
+        mode: Mode,
+        kind: Kind,
+        parameters: &Parameters,
+    ) -> Result<Option<LiveCost>> {
+        if !mode.runs_our_programs() && mode != Mode::LIMIT {
+            return Ok(None);
+        }
+        self.prepare(mode)?;
+        let floor_program = if mode == Mode::LIMIT {
+            Some(self.attach_pass_program()?)
+        } else {
+            None
+        };
+        let client = self.endpoint(mode, kind);
+        let stats = RunTimeStats::enable()?;
+        let before = ProgramTotals::read(&MEASURED_PROGRAMS)?;
+        let measurement = run_worker(client.place, kind, client.target.into(), parameters)
+            .with_context(|| format!("{kind:?} over {} (statistics pass)", mode.label()))?;
+        let after = ProgramTotals::read(&MEASURED_PROGRAMS)?;
+        drop(stats);
+        if let Some(attachment) = floor_program {
+            attachment
+                .detach()
+                .context("detaching the do-nothing program")?;
+        }
+        let programs = after.since(&before);
+        Ok((!programs.is_empty()).then_some(LiveCost {
+            transactions: measurement.transactions,
+            programs,
+        }))
+    }
+
+    /// The do-nothing program on both directions of the limit's client.
+    fn attach_pass_program(&mut self) -> Result<TcAttachment> {
+        if self.pass_program.is_none() {
+            let datapath = Datapath::load(&LoadOptions::default())
+                .context("loading our object for its do-nothing program")?;
+            self.pass_program = Some(datapath);
+        }
+        let netns = self.topo.pod(BARE_CLIENT).namespace.path();
+        let datapath = self.pass_program.as_mut().expect("loaded above");
+        Ok(datapath.attach_tc_pass(Some(&netns.to_string_lossy()), Pod::IFACE)?)
     }
 
     /// Every namespace of the testbed.

@@ -20,7 +20,7 @@ use super::{
     attachment::{AttachedLink, TcAttachment},
     bpffs::{create_pin_dir, open_pinned, pin, remove_pin},
     load::Datapath,
-    programs::{PinnedTcPrograms, TcPrograms},
+    programs::{PinnedTcPrograms, TcPrograms, sched_classifier},
 };
 use crate::{error::LoaderError, netns, object, probe, tc_mode::TcMode};
 
@@ -70,6 +70,39 @@ impl Datapath {
             mode,
             REPLY_LINKS,
             INGRESS_ONLY,
+        )
+    }
+}
+
+/// The do-nothing program in both directions (`Datapath::attach_tc_pass`).
+const PASS_PAIR: &[(&str, TcAttachType)] = &[
+    (object::TC_PASS, TcAttachType::Egress),
+    (object::TC_PASS, TcAttachType::Ingress),
+];
+
+impl Datapath {
+    /// Attaches the do-nothing program (`object::TC_PASS`) to both
+    /// directions of `iface` (TCX, not pinned: detached with the returned
+    /// attachment or when this process exits). For measurements only: its
+    /// run time under the kernel's statistics is their own floor.
+    pub fn attach_tc_pass(
+        &mut self,
+        netns: Option<&str>,
+        iface: &str,
+    ) -> Result<TcAttachment, LoaderError> {
+        let pass = sched_classifier(&mut self.ebpf, object::TC_PASS)?;
+        if pass.fd().is_err() {
+            pass.load()
+                .map_err(|source| LoaderError::program(object::TC_PASS, source))?;
+        }
+        attach_tc_programs(
+            &mut self.ebpf,
+            None,
+            netns,
+            iface,
+            TcMode::Tcx,
+            TC_LINKS,
+            PASS_PAIR,
         )
     }
 }
