@@ -1,8 +1,9 @@
 //! The ClusterIP bench's program statistics: after each measured run of
 //! a mode whose packets run our programs, a pass of its own with the
-//! kernel's run-time statistics on (`crate::program_stats`), and the
-//! limit's client with the do-nothing program for their floor. Per
-//! round, each program's time per packet less that round's floor; the
+//! kernel's run-time statistics on (`crate::program_stats`) and the
+//! do-nothing program first on the same interface: on the same packets,
+//! at the same moment, its time per run is the statistics' floor. Per
+//! pass, each program's time per packet less that pass's floor; the
 //! table gives the median over rounds with its interval.
 
 use serde::{Deserialize, Serialize};
@@ -49,32 +50,34 @@ pub fn pass_parameters(measured: &Parameters) -> Parameters {
     }
 }
 
-/// The floor of `round`'s statistics in `kind`: the do-nothing
-/// program's time per run on the limit's client.
-fn floor(rows: &[LiveRow], kind: Kind, round: usize) -> Option<f64> {
-    rows.iter()
-        .find(|r| r.workload == kind && r.mode == Mode::LIMIT && r.round == round)
-        .and_then(|r| r.cost.program(datapath_user::object::TC_PASS))
+/// The statistics' floor in a pass: the do-nothing program's time per
+/// run on the same packets.
+fn floor(cost: &LiveCost) -> Option<f64> {
+    cost.program(datapath_user::object::TC_PASS)
         .map(|p| p.ns_per_run())
 }
 
 /// The table of `kind`'s statistics passes (nothing when there were
 /// none).
 pub fn print_table(rows: &[LiveRow], kind: Kind, modes: &[Mode], unit: &str) {
-    let floors: Vec<f64> = rows
+    let passes = |mode: Mode| {
+        rows.iter()
+            .filter(move |r| r.workload == kind && r.mode == mode)
+    };
+    let floors: Vec<f64> = modes
         .iter()
-        .filter(|r| r.workload == kind && r.mode == Mode::LIMIT)
-        .filter_map(|r| floor(rows, kind, r.round))
+        .flat_map(|&m| passes(m).filter_map(|r| floor(&r.cost)))
         .collect();
     if floors.is_empty() {
         return;
     }
-    let floor_interval = median_interval(&floors);
     println!(
-        "\nOur programs' own run time in live traffic (the kernel's BPF statistics, on only \
-         during a pass of their own after each measured run; their floor — a do-nothing \
-         program on the limit's client, same workload — {floor_interval:.1} ns per run, \
-         taken off round by round). A packet is an skb: one GSO/GRO batch counts once.\n"
+        "\nOur programs' own run time in live traffic: the kernel's BPF statistics, on only \
+         during a pass of their own after each measured run, less their floor (a \
+         do-nothing program attached first on the same interface for the pass, so on the \
+         same packets: {:.1} ns per run, taken off pass by pass). A packet is an skb: one \
+         GSO/GRO batch counts once.\n",
+        median_interval(&floors)
     );
     let titles: Vec<String> = COLUMNS
         .iter()
@@ -82,26 +85,17 @@ pub fn print_table(rows: &[LiveRow], kind: Kind, modes: &[Mode], unit: &str) {
         .collect();
     println!("| datapath | {} |", titles.join(" | "));
     println!("|{}", " --- |".repeat(COLUMNS.len() + 1));
-    for &mode in modes.iter().filter(|&&m| m != Mode::LIMIT) {
-        let passes: Vec<&LiveRow> = rows
-            .iter()
-            .filter(|r| r.workload == kind && r.mode == mode)
-            .collect();
-        if passes.is_empty() {
+    for &mode in modes {
+        if passes(mode).next().is_none() {
             continue;
         }
         let cells: Vec<String> = COLUMNS
             .iter()
             .map(|&(program, _)| {
-                let own: Vec<f64> = passes
-                    .iter()
-                    .filter_map(|r| {
-                        r.cost
-                            .own_ns(program, floor(rows, kind, r.round).unwrap_or(0.0))
-                    })
+                let own: Vec<f64> = passes(mode)
+                    .filter_map(|r| r.cost.own_ns(program, floor(&r.cost).unwrap_or(0.0)))
                     .collect();
-                let per: Vec<f64> = passes
-                    .iter()
+                let per: Vec<f64> = passes(mode)
                     .filter_map(|r| r.cost.runs_per_transaction(program))
                     .collect();
                 if own.is_empty() {
@@ -123,42 +117,23 @@ mod tests {
     use super::*;
     use crate::program_stats::ProgramRuns;
 
-    fn pass(mode: Mode, round: usize, program: &str, runs: u64, ns: u64) -> LiveRow {
-        LiveRow {
-            workload: Kind::Rr,
-            mode,
-            round,
-            cost: LiveCost {
-                transactions: runs / 2,
-                programs: vec![ProgramRuns {
-                    program: program.into(),
-                    runs,
-                    ns,
-                }],
-            },
+    fn runs(program: &str, runs: u64, ns: u64) -> ProgramRuns {
+        ProgramRuns {
+            program: program.into(),
+            runs,
+            ns,
         }
     }
 
     #[test]
-    fn each_round_pays_its_own_floor() {
-        let rows = [
-            pass(Mode::LIMIT, 0, datapath_user::object::TC_PASS, 100, 2_000),
-            pass(Mode::LIMIT, 1, datapath_user::object::TC_PASS, 100, 3_000),
-            pass(Mode::Ebpf, 0, datapath_user::object::TC_EGRESS, 10, 700),
-            pass(Mode::Ebpf, 1, datapath_user::object::TC_EGRESS, 10, 800),
-        ];
-        assert_eq!(floor(&rows, Kind::Rr, 0), Some(20.0));
-        assert_eq!(floor(&rows, Kind::Rr, 1), Some(30.0));
-        let own: Vec<f64> = rows[2..]
-            .iter()
-            .filter_map(|r| {
-                r.cost.own_ns(
-                    datapath_user::object::TC_EGRESS,
-                    floor(&rows, Kind::Rr, r.round).unwrap(),
-                )
-            })
-            .collect();
-        assert_eq!(own, [50.0, 50.0]);
+    fn each_pass_pays_its_own_floor() {
+        use datapath_user::object::{TC_EGRESS, TC_PASS};
+        let cost = LiveCost {
+            transactions: 5,
+            programs: vec![runs(TC_EGRESS, 10, 700), runs(TC_PASS, 10, 200)],
+        };
+        assert_eq!(floor(&cost), Some(20.0));
+        assert_eq!(cost.own_ns(TC_EGRESS, floor(&cost).unwrap()), Some(50.0));
     }
 
     #[test]

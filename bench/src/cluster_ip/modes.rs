@@ -118,12 +118,6 @@ impl Mode {
         )
     }
 
-    /// Its client's packets run our TC programs (the agent attached them
-    /// to its interface), so their live run time is worth measuring.
-    pub fn runs_our_programs(self) -> bool {
-        self.underpass() || self == Mode::PodIpRouted
-    }
-
     /// Reaches its server through a ClusterIP (the others: straight to
     /// a Pod IP or node address, the seed's Pod IP section).
     pub fn through_service(self) -> bool {

@@ -221,24 +221,20 @@ impl Testbed {
 
     /// A statistics pass of `mode` (`crate::program_stats`): `kind` run
     /// again with `parameters` while the kernel counts each program's run
-    /// time. The limit's client gets the do-nothing program for it (the
-    /// statistics' floor) and loses it after. `None` for a mode whose
-    /// packets run none of our programs.
+    /// time, with the do-nothing program first on the client's interface
+    /// (the statistics' floor, on the same packets) for the pass only.
+    /// `None` for a mode whose packets run none of our programs.
     pub(super) fn live_pass(
         &mut self,
         mode: Mode,
         kind: Kind,
         parameters: &Parameters,
     ) -> Result<Option<LiveCost>> {
-        if !mode.runs_our_programs() && mode != Mode::LIMIT {
+        let Some(role) = tc_client(mode) else {
             return Ok(None);
-        }
-        self.prepare(mode)?;
-        let floor_program = if mode == Mode::LIMIT {
-            Some(self.attach_pass_program()?)
-        } else {
-            None
         };
+        self.prepare(mode)?;
+        let floor_program = self.attach_pass_program(role)?;
         let client = self.endpoint(mode, kind);
         let stats = RunTimeStats::enable()?;
         let before = ProgramTotals::read(&MEASURED_PROGRAMS)?;
@@ -246,26 +242,25 @@ impl Testbed {
             .with_context(|| format!("{kind:?} over {} (statistics pass)", mode.label()))?;
         let after = ProgramTotals::read(&MEASURED_PROGRAMS)?;
         drop(stats);
-        if let Some(attachment) = floor_program {
-            attachment
-                .detach()
-                .context("detaching the do-nothing program")?;
-        }
+        floor_program
+            .detach()
+            .context("detaching the do-nothing program")?;
         let programs = after.since(&before);
-        Ok((!programs.is_empty()).then_some(LiveCost {
+        Ok((programs.len() > 1).then_some(LiveCost {
             transactions: measurement.transactions,
             programs,
         }))
     }
 
-    /// The do-nothing program on both directions of the limit's client.
-    fn attach_pass_program(&mut self) -> Result<TcAttachment> {
+    /// The do-nothing program first on both directions of `role`'s
+    /// interface.
+    fn attach_pass_program(&mut self, role: &str) -> Result<TcAttachment> {
         if self.pass_program.is_none() {
             let datapath = Datapath::load(&LoadOptions::default())
                 .context("loading our object for its do-nothing program")?;
             self.pass_program = Some(datapath);
         }
-        let netns = self.topo.pod(BARE_CLIENT).namespace.path();
+        let netns = self.topo.pod(role).namespace.path();
         let datapath = self.pass_program.as_mut().expect("loaded above");
         Ok(datapath.attach_tc_pass(Some(&netns.to_string_lossy()), Pod::IFACE)?)
     }
@@ -294,6 +289,16 @@ impl Testbed {
             agent.stop();
         }
         Ok(())
+    }
+}
+
+/// The pod whose interface carries `mode`'s client packets through our
+/// TC programs, if any.
+fn tc_client(mode: Mode) -> Option<&'static str> {
+    match mode {
+        Mode::Ebpf | Mode::SocketLb | Mode::PodIp | Mode::PodIpRouted => Some("client"),
+        Mode::VethEbpf => Some("client-veth"),
+        _ => None,
     }
 }
 
