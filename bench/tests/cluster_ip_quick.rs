@@ -18,23 +18,25 @@ fn every_row_runs() {
         "{stdout}\n{}",
         String::from_utf8_lossy(&output.stderr)
     );
-    for row in [
-        "macvlan + kube-proxy (iptables)",
-        "macvlan + kube-proxy (nftables)",
-        "macvlan + underpass TC (eBPF)",
-        "macvlan + underpass socket-LB",
-        "veth routed + kube-proxy (Calico's row)",
-        "veth routed + underpass TC (Cilium's row)",
-        "macvlan, Pod IP, no programs (the limit)",
-        "the limit again (A/A control)",
-        "macvlan, Pod IP, our programs attached",
-        "macvlan across subnets, Pod IP",
-        "veth routed by the nodes, Pod IP",
-        "node to node",
+    // (row, its client runs our programs: a second line in the table of
+    // their live run time)
+    for (row, programs) in [
+        ("macvlan + kube-proxy (iptables)", false),
+        ("macvlan + kube-proxy (nftables)", false),
+        ("macvlan + underpass TC (eBPF)", true),
+        ("macvlan + underpass socket-LB", true),
+        ("veth routed + kube-proxy (Calico's row)", false),
+        ("veth routed + underpass TC (Cilium's row)", true),
+        ("macvlan, Pod IP, no programs (the limit)", false),
+        ("the limit again (A/A control)", false),
+        ("macvlan, Pod IP, our programs attached", true),
+        ("macvlan across subnets, Pod IP", true),
+        ("veth routed by the nodes, Pod IP", false),
+        ("node to node", false),
     ] {
         assert_eq!(
             stdout.matches(&format!("\n| {row} |")).count(),
-            9,
+            if programs { 18 } else { 9 },
             "{row} in every table:\n{stdout}"
         );
     }
@@ -80,6 +82,32 @@ fn every_row_runs() {
         9,
         "one order per round and workload"
     );
+    // Each program's live run time, in a statistics pass of every mode
+    // whose client runs our programs, with the floor on the same packets.
+    let live = results["live"].as_array().unwrap();
+    let modes_with_programs = ["ebpf", "socket-lb", "veth-ebpf", "pod-ip", "pod-ip-routed"];
+    assert_eq!(live.len(), 9 * modes_with_programs.len(), "{live:?}");
+    for pass in live {
+        let mode = pass["mode"].as_str().unwrap();
+        assert!(modes_with_programs.contains(&mode), "{pass}");
+        let programs = pass["cost"]["programs"].as_array().unwrap();
+        let runs = |name: &str| {
+            programs
+                .iter()
+                .find(|p| p["program"] == name)
+                .map_or(0, |p| p["runs"].as_u64().unwrap())
+        };
+        // The do-nothing program runs first on every packet ours see.
+        assert!(runs("up_tc_pass") >= runs("up_tc_egress"), "{pass}");
+        assert!(
+            runs("up_tc_egress") > 0 && runs("up_tc_ingress") > 0,
+            "{pass}"
+        );
+        if mode == "socket-lb" && pass["workload"] == "crr" {
+            assert!(runs("sock_connect4") > 0, "every connection: {pass}");
+        }
+    }
+    assert!(stdout.contains("Our programs' own run time in live traffic"));
     // Seed parameters scaled down for CI, and said so.
     assert!(
         stdout.contains("redis-benchmark -n 2000 (seed: the default, 100000)"),
