@@ -138,6 +138,44 @@ pub fn read_array<V: Copy + Default>(map_fd: i32, len: u32) -> io::Result<Vec<V>
     Ok(out)
 }
 
+const BPF_MAP_UPDATE_BATCH: libc::c_long = 26;
+
+/// Writes `keys[i] → values[i]` for every i with BPF_MAP_UPDATE_BATCH:
+/// one syscall instead of one per entry (a service's backends, its
+/// slots). Entries are written in order; on an error the ones before the
+/// failing entry are written, and the error says which entry failed.
+///
+/// `K` and `V` must be the map's exact key and value types (`#[repr(C)]`
+/// Pods).
+pub fn update_batch<K: Copy, V: Copy>(
+    map_fd: i32,
+    keys: &[K],
+    values: &[V],
+) -> Result<(), (usize, io::Error)> {
+    assert_eq!(keys.len(), values.len(), "one value per key");
+    let mut written = 0;
+    while written < keys.len() {
+        let mut attr = BatchAttr {
+            keys: keys[written..].as_ptr() as u64,
+            values: values[written..].as_ptr() as u64,
+            count: (keys.len() - written) as u32,
+            map_fd: map_fd as u32,
+            ..BatchAttr::default()
+        };
+        let result = bpf(BPF_MAP_UPDATE_BATCH, &mut attr);
+        // `count` now holds how many were written, also on an error.
+        written += attr.count as usize;
+        match result {
+            Err(e) => return Err((written, e)),
+            Ok(_) if attr.count == 0 => {
+                return Err((written, io::Error::other("the kernel wrote no entry")));
+            }
+            Ok(_) => {}
+        }
+    }
+    Ok(())
+}
+
 const BPF_PROG_LOAD: libc::c_long = 5;
 const BPF_PROG_TEST_RUN: libc::c_long = 10;
 /// `BPF_PROG_TYPE_SCHED_CLS`: TC programs.

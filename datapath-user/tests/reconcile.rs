@@ -782,3 +782,49 @@ fn backends_leaving_udp_frontends_are_reported() {
     assert_eq!(deleted.len(), 1, "the service's deletion: {deleted:?}");
     assert_eq!(deleted[0].backend.to_string(), "10.244.0.1:1053/UDP");
 }
+
+#[test]
+fn a_service_that_does_not_fit_is_an_issue_naming_the_map_and_the_rest_is_served() {
+    // SERVICES holds 4096 entries here: four services of 1000 backends
+    // (4004 entries) fit, a fifth does not. Its slots are written in one
+    // batch, which the kernel stops at the first entry that does not fit.
+    let mut datapath = common::load_private();
+    let mut reconciler = Reconciler::adopt(&mut datapath.maps).unwrap();
+    for (i, name) in ["a", "b", "c", "d"].iter().enumerate() {
+        apply(
+            &mut reconciler,
+            &translation(&service_yaml(
+                name,
+                &format!("10.96.2.{}", i + 1),
+                &[80],
+                1000,
+            )),
+        );
+    }
+    let fifth = translation(&service_yaml("e", "10.96.2.9", &[80], 1000));
+    let outcome = reconciler.update_service(&fifth.0, &fifth.1);
+    assert_eq!(outcome.issues.len(), 1, "{:?}", outcome.issues);
+    let issue = &outcome.issues[0];
+    assert_eq!(issue.object, "Service test/e");
+    assert!(
+        issue.reason.contains("10.96.2.9:80") && issue.reason.contains("SERVICES"),
+        "names the frontend and the map: {}",
+        issue.reason
+    );
+    let dump = reconciler.maps().dump().unwrap();
+    let served: Vec<(String, usize)> = dump
+        .frontends
+        .iter()
+        .map(|f| (f.frontend.address.to_string(), f.slots.len()))
+        .collect();
+    for i in 1..=4 {
+        assert!(
+            served.contains(&(format!("10.96.2.{i}"), 1000)),
+            "the others keep all their backends: {served:?}"
+        );
+    }
+    assert!(
+        !served.iter().any(|(address, _)| address == "10.96.2.9"),
+        "no frontend without its slots: {served:?}"
+    );
+}

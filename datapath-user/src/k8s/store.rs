@@ -2,7 +2,11 @@
 //! sources reported, indexed so that a change names the services whose
 //! frontends it can affect.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::BTreeSet;
+
+// A fast non-cryptographic hash (object keys come from the API server,
+// which already bounds them; SipHash was a tenth of a full sync).
+use rustc_hash::FxHashMap as HashMap;
 
 use super::{
     NodeContext, Object, ObjectKey, ServiceTranslation, translate_view,

@@ -4,7 +4,7 @@
 
 use std::net::Ipv4Addr;
 
-use aya::maps::{Array, HashMap, MapData, MapError};
+use aya::maps::{Array, HashMap, IterableMap, MapData, MapError};
 use datapath_common::{
     ipv4_be, ipv4_octets,
     lb::service_filter_index,
@@ -58,17 +58,19 @@ impl LbMaps for DatapathMaps {
         let old_head = self.services.get(&frontend.key(0), 0).ok();
         let old_count = old_head.map_or(0, |h| h.backend_count);
 
-        for backend in backends {
-            let value = Backend {
+        // One batch per map: a service's backends, then its slots.
+        let ids: Vec<BackendId> = backends.iter().map(|b| b.id).collect();
+        let values: Vec<Backend> = backends
+            .iter()
+            .map(|backend| Backend {
                 address_be: ipv4_be(backend.address.octets()),
                 port_be: port_be(backend.port),
                 protocol: frontend.protocol.number(),
                 flags: m::BACKEND_FLAG_PRESENT,
-            };
-            self.backends
-                .set(backend.id, value, 0)
-                .map_err(map_err(m::BACKENDS_MAP))?;
-        }
+            })
+            .collect();
+        write_batch(IterableMap::map(&self.backends), &ids, &values)
+            .map_err(map_err(m::BACKENDS_MAP))?;
         let rev_nat = RevNatValue {
             address_be: ipv4_be(frontend.address.octets()),
             port_be: port_be(frontend.port),
@@ -78,16 +80,19 @@ impl LbMaps for DatapathMaps {
         self.reverse_nat
             .set(u32::from(rev_nat_id), rev_nat, 0)
             .map_err(map_err(m::REVERSE_NAT_MAP))?;
-        for (i, backend) in backends.iter().enumerate() {
-            let slot = ServiceValue {
+        let slot_keys: Vec<ServiceKey> = (1..=backends.len())
+            .map(|slot| frontend.key(slot as u16))
+            .collect();
+        let slots: Vec<ServiceValue> = backends
+            .iter()
+            .map(|backend| ServiceValue {
                 backend_id: backend.id,
                 rev_nat_id,
                 ..ServiceValue::default()
-            };
-            self.services
-                .insert(frontend.key(i as u16 + 1), slot, 0)
-                .map_err(map_err(m::SERVICES_MAP))?;
-        }
+            })
+            .collect();
+        write_batch(IterableMap::map(&self.services), &slot_keys, &slots)
+            .map_err(map_err(m::SERVICES_MAP))?;
         let head = ServiceValue {
             backend_count: count,
             rev_nat_id,
@@ -258,6 +263,22 @@ impl LbMaps for DatapathMaps {
         }
         Ok(changed)
     }
+}
+
+/// Writes `keys[i] → values[i]` into `map` in one BPF_MAP_UPDATE_BATCH.
+fn write_batch<K: Copy, V: Copy>(map: &MapData, keys: &[K], values: &[V]) -> Result<(), MapError> {
+    use std::os::fd::{AsFd, AsRawFd};
+    let fd = map.fd().as_fd().as_raw_fd();
+    crate::bpfsys::update_batch(fd, keys, values).map_err(|(written, io_error)| {
+        MapError::SyscallError(aya::sys::SyscallError {
+            call: if written == 0 {
+                "bpf_map_update_batch"
+            } else {
+                "bpf_map_update_batch (after some entries were written)"
+            },
+            io_error,
+        })
+    })
 }
 
 /// Every entry of an array map, read in batches.

@@ -2,7 +2,7 @@
 //! remembered with its ids (so the first sync rewrites only what differs),
 //! and what nothing asks for after that sync is pruned.
 
-use std::collections::{HashMap, HashSet};
+use rustc_hash::{FxHashMap as HashMap, FxHashSet as HashSet};
 
 use aya::maps::MapError;
 use datapath_common::maps::BackendId;
@@ -23,21 +23,21 @@ impl<M: LbMaps> Reconciler<M> {
             backend_ids: IdAllocator::new(maps.backend_capacity()),
             rev_nat_ids: IdAllocator::new(maps.rev_nat_capacity()),
             maps,
-            programmed: HashMap::new(),
-            backends: HashMap::new(),
-            owner: HashMap::new(),
-            held: HashMap::new(),
-            waiting: HashMap::new(),
+            programmed: HashMap::default(),
+            backends: HashMap::default(),
+            owner: HashMap::default(),
+            held: HashMap::default(),
+            waiting: HashMap::default(),
             adopted_unused_backends: Vec::new(),
-            adopted_by_address: HashMap::new(),
+            adopted_by_address: HashMap::default(),
             departed: Vec::new(),
             node_seed: 0,
             adopted_unused_rev_nats: Vec::new(),
             stray_slots: dump.stray_slots,
         };
         let by_id: HashMap<BackendId, BackendAddress> = dump.backends.iter().copied().collect();
-        let mut referenced = HashSet::new();
-        let mut rev_nats_used = HashSet::new();
+        let mut referenced = HashSet::default();
+        let mut rev_nats_used = HashSet::default();
         for found in dump.frontends {
             let slots: Option<Vec<(BackendId, BackendAddress)>> = found
                 .slots

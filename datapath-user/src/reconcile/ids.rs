@@ -1,6 +1,6 @@
 //! Backend and reverse-NAT ids, handed out round-robin.
 
-use std::collections::HashSet;
+use rustc_hash::FxHashSet as HashSet;
 
 /// Round-robin allocator over `1..capacity`.
 #[derive(Clone, Debug)]
@@ -15,7 +15,7 @@ impl IdAllocator {
         Self {
             capacity,
             next: 1,
-            used: HashSet::new(),
+            used: HashSet::default(),
         }
     }
 

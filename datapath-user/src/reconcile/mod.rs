@@ -17,7 +17,11 @@
 //! going. Only when it leaves every slice is the entry deleted and its
 //! flows re-balanced.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::BTreeSet;
+
+// A fast non-cryptographic hash: the keys are our own (frontends,
+// addresses, object names), and SipHash was a tenth of a full sync.
+use rustc_hash::FxHashMap as HashMap;
 
 use datapath_common::maps::{BackendId, RevNatId, ServiceKey};
 
