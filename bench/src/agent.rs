@@ -26,6 +26,7 @@ use datapath_user::{
         NodeContext, Object,
         store::{Change, Kind},
     },
+    loader::MapSizes,
     metrics::Metrics,
     reconcile::Reconciler,
 };
@@ -174,7 +175,12 @@ pub fn run(opts: &AgentOpts) -> Result<()> {
 }
 
 fn in_process(opts: &AgentOpts) -> Result<AgentFigures> {
-    let mut datapath = Datapath::load(&LoadOptions::default()).context("loading the datapath")?;
+    let sizes = map_sizes(opts);
+    let mut datapath = Datapath::load(&LoadOptions {
+        sizes,
+        ..LoadOptions::default()
+    })
+    .context("loading the datapath")?;
     let reconciler = Reconciler::adopt(&mut datapath.maps).context("reading the maps")?;
     let mut core = AgentCore::new(reconciler, NodeContext::default(), Metrics::new(None));
     let (services, slices) = objects(opts);
@@ -277,7 +283,12 @@ fn process(opts: &AgentOpts, figures: &mut AgentFigures) -> Result<()> {
         &binary,
         pin_dir,
         dir.path(),
-        ["--no-pod-attach", "--no-socket-lb"],
+        [
+            "--no-pod-attach".to_owned(),
+            "--no-socket-lb".to_owned(),
+            format!("--service-entries-max={}", map_sizes(opts).services),
+            format!("--backends-max={}", map_sizes(opts).backends),
+        ],
     )?;
     agent.wait_until(Duration::from_secs(120), "ready", AgentProcess::is_ready)?;
     figures.process_ready_ms = Some(started.elapsed().as_secs_f64() * 1e3);
@@ -294,6 +305,19 @@ fn process(opts: &AgentOpts, figures: &mut AgentFigures) -> Result<()> {
     figures.process_peak_rss_mib = status_kib(&status, "VmHWM:").map(|k| k / 1024.0);
     agent.stop();
     Ok(())
+}
+
+/// The services and backends maps sized to the sweep (at least the
+/// agent's defaults), as an operator would with `--service-entries-max`
+/// and `--backends-max`; room for the changes' new pods besides.
+fn map_sizes(opts: &AgentOpts) -> MapSizes {
+    let defaults = MapSizes::default();
+    MapSizes {
+        services: ((opts.services * (opts.endpoints + 1)) as u32).max(defaults.services),
+        backends: ((opts.services * opts.endpoints + opts.changes as usize + 1024) as u32)
+            .max(defaults.backends),
+        ..defaults
+    }
 }
 
 fn status_kib(status: &str, field: &str) -> Option<f64> {

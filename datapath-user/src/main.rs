@@ -251,6 +251,17 @@ struct AgentArgs {
     /// recently used flow is forgotten.
     #[arg(long, env = "UNDERPASS_CONNTRACK_MAX", default_value_t = datapath_common::maps::DEFAULT_CONNTRACK_TCP_FLOWS)]
     conntrack_max: u32,
+    /// Entries of the services table: one per frontend (ClusterIP:port)
+    /// plus one per backend slot, so 10,000 services × 10 endpoints need
+    /// 110,000. Fixed when the map is first pinned (a new size replaces
+    /// it, and the agent programs it again).
+    #[arg(long, env = "UNDERPASS_SERVICE_ENTRIES_MAX", default_value_t = datapath_common::maps::DEFAULT_SERVICES_MAX)]
+    service_entries_max: u32,
+    /// Distinct backends (pod address, port, protocol) the node can
+    /// program. A service whose backends do not fit is reported (naming
+    /// this flag) and the others are served.
+    #[arg(long, env = "UNDERPASS_BACKENDS_MAX", default_value_t = datapath_common::maps::DEFAULT_BACKENDS_MAX)]
+    backends_max: u32,
     /// UDP flows the TC path can track, in a table of their own so that a
     /// burst of UDP flows (DNS) never evicts idle TCP connections.
     #[arg(long, env = "UNDERPASS_CONNTRACK_UDP_MAX", default_value_t = datapath_common::maps::DEFAULT_CONNTRACK_UDP_FLOWS)]
@@ -376,6 +387,8 @@ fn run_agent(args: AgentArgs) -> Result<()> {
         metrics_address: args.metrics_address,
         debounce: Duration::from_millis(args.debounce_ms),
         sizes: MapSizes {
+            services: args.service_entries_max,
+            backends: args.backends_max,
             conntrack_tcp_flows: args.conntrack_max,
             conntrack_udp_flows: args.conntrack_udp_max,
             ..MapSizes::default()

@@ -807,8 +807,10 @@ fn a_service_that_does_not_fit_is_an_issue_naming_the_map_and_the_rest_is_served
     let issue = &outcome.issues[0];
     assert_eq!(issue.object, "Service test/e");
     assert!(
-        issue.reason.contains("10.96.2.9:80") && issue.reason.contains("SERVICES"),
-        "names the frontend and the map: {}",
+        issue.reason.contains("10.96.2.9:80")
+            && issue.reason.contains("SERVICES")
+            && issue.reason.contains("--service-entries-max"),
+        "names the frontend, the map and the flag: {}",
         issue.reason
     );
     let dump = reconciler.maps().dump().unwrap();

@@ -16,14 +16,16 @@ pub enum ProgramError {
         count: usize,
         max: u16,
     },
-    #[error("{frontend}: backend id {id} is outside 1..{capacity} (the BACKENDS map's size)")]
+    #[error(
+        "{frontend}: backend id {id} is outside 1..{capacity} (the BACKENDS map's size: raise it with --backends-max)"
+    )]
     BackendIdOutOfRange {
         frontend: Frontend,
         id: BackendId,
         capacity: u32,
     },
     #[error(
-        "{frontend}: reverse-NAT id {id} is outside 1..{capacity} (the REVERSE_NAT map's size)"
+        "{frontend}: reverse-NAT id {id} is outside 1..{capacity} (one id per frontend: at most 65,535 ClusterIP ports per node)"
     )]
     RevNatIdOutOfRange {
         frontend: Frontend,

@@ -12,7 +12,10 @@ pub(super) fn limit_issue(frontend: &Frontend, map: &str, capacity: u32) -> Issu
         kind: IssueKind::Limit,
         object: String::new(),
         field: "spec.ports".into(),
-        reason: format!("{frontend}: the {map} map is full ({capacity} entries); raise its size"),
+        reason: format!(
+            "{frontend}: the {map} map is full ({capacity} entries); {}",
+            raise(map)
+        ),
     }
 }
 
@@ -25,11 +28,40 @@ pub(super) fn program_issue(error: ProgramError) -> Issue {
         }
         ProgramError::Map { .. } => (IssueKind::Datapath, "spec.ports"),
     };
+    let reason = match &error {
+        ProgramError::Map {
+            map, error: cause, ..
+        } if is_full(cause) => {
+            format!("{error} ({})", raise(map))
+        }
+        _ => error.to_string(),
+    };
     Issue {
         kind,
         object: String::new(),
         field: field.into(),
-        reason: error.to_string(),
+        reason,
+    }
+}
+
+/// True when the kernel refused an entry because the map is full.
+fn is_full(error: &aya::maps::MapError) -> bool {
+    matches!(
+        error,
+        aya::maps::MapError::SyscallError(e)
+            if matches!(e.io_error.raw_os_error(), Some(libc::E2BIG | libc::ENOSPC))
+    )
+}
+
+/// How an operator makes room in `map`.
+fn raise(map: &str) -> &'static str {
+    match map {
+        datapath_common::maps::SERVICES_MAP => "raise it with --service-entries-max",
+        datapath_common::maps::BACKENDS_MAP => "raise it with --backends-max",
+        datapath_common::maps::REVERSE_NAT_MAP => {
+            "one id per frontend (ClusterIP port), at most 65,535 per node"
+        }
+        _ => "raise its size",
     }
 }
 

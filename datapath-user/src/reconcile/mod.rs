@@ -109,8 +109,9 @@ pub struct Reconciler<M> {
     rev_nat_ids: IdAllocator,
     /// Which service holds each frontend.
     owner: HashMap<Frontend, ObjectKey>,
-    /// Frontends each service holds.
-    held: HashMap<ObjectKey, BTreeSet<Frontend>>,
+    /// Frontends each service holds, sorted (a service holds one or a
+    /// few: a set's node per service would cost ~0.1 KiB each).
+    held: HashMap<ObjectKey, Vec<Frontend>>,
     /// Services that asked for a frontend someone else holds.
     waiting: HashMap<Frontend, BTreeSet<ObjectKey>>,
     /// Entries found in the maps at adoption that no slot names; freed by
@@ -188,7 +189,11 @@ impl<M: LbMaps> Reconciler<M> {
     ) -> Outcome {
         let mut outcome = Outcome::default();
         let wanted: BTreeSet<Frontend> = translation.frontends.iter().map(|d| d.frontend).collect();
-        let previously = self.held.remove(service).unwrap_or_default();
+        let previously: BTreeSet<Frontend> = self
+            .held
+            .remove(service)
+            .map(|frontends| frontends.into_iter().collect())
+            .unwrap_or_default();
         // A service that no longer asks stops waiting.
         for frontend in previously.iter().chain(self.waiting_for(service).iter()) {
             if !wanted.contains(frontend)
@@ -255,7 +260,8 @@ impl<M: LbMaps> Reconciler<M> {
             }
         }
         if !held.is_empty() {
-            self.held.insert(service.clone(), held);
+            self.held
+                .insert(service.clone(), held.into_iter().collect());
         }
         outcome.departed = std::mem::take(&mut self.departed);
         outcome
