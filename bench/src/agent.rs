@@ -313,7 +313,7 @@ fn process(opts: &AgentOpts, figures: &mut AgentFigures) -> Result<()> {
 fn map_sizes(opts: &AgentOpts) -> MapSizes {
     let defaults = MapSizes::default();
     MapSizes {
-        services: ((opts.services * (opts.endpoints + 1)) as u32).max(defaults.services),
+        services: ((opts.services * (opts.endpoints + 1) + 1024) as u32).max(defaults.services),
         backends: ((opts.services * opts.endpoints + opts.changes as usize + 1024) as u32)
             .max(defaults.backends),
         ..defaults

@@ -6,9 +6,13 @@
 //! kernel reads its clock before and after every run of every program.
 //! So they are on only while `RunTimeStats` is held (a pass of its own,
 //! never during the figures), and the floor they add — measured as the
-//! run time of a program that does nothing (`up_tc_pass`), attached where
-//! nothing else is, in the same traffic — is subtracted from our
-//! programs' time (`LiveCost::own_ns`).
+//! run time of a program that does nothing (`up_tc_pass`), attached first
+//! on the same interface, so on the same packets — is subtracted from our
+//! TC programs' time (`LiveCost::own_ns`).
+//!
+//! Programs are read by name and summed over instances: the agent loads
+//! each once (an interface's attachment is a link to it), and a pass runs
+//! only its own mode's traffic.
 
 use std::{collections::BTreeMap, os::fd::OwnedFd};
 

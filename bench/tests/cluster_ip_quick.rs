@@ -97,8 +97,10 @@ fn every_row_runs() {
                 .find(|p| p["program"] == name)
                 .map_or(0, |p| p["runs"].as_u64().unwrap())
         };
-        // The do-nothing program runs first on every packet ours see.
-        assert!(runs("up_tc_pass") >= runs("up_tc_egress"), "{pass}");
+        // The do-nothing program runs first on every packet ours see on
+        // the client's interface, and ours run nowhere else in a pass.
+        let ours = runs("up_tc_egress") + runs("up_tc_ingress");
+        assert!(runs("up_tc_pass") as f64 >= 0.95 * ours as f64, "{pass}");
         assert!(
             runs("up_tc_egress") > 0 && runs("up_tc_ingress") > 0,
             "{pass}"

@@ -38,10 +38,11 @@ pub fn up_tc_ingress(ctx: TcContext) -> i32 {
     ingress::run(&ctx)
 }
 
-/// Does nothing: the benches attach it where nothing else is, to measure
-/// what the kernel's run-time statistics add to a program's own time (the
-/// floor subtracted from our programs' live figures). Never attached by
-/// the agent.
+/// Does nothing (returns "next"): the benches attach it first in an
+/// interface's TCX chains, to measure on the same packets what the
+/// kernel's run-time statistics add to a program's own time (the floor
+/// subtracted from our programs' live figures). Never attached by the
+/// agent.
 #[classifier]
 pub fn up_tc_pass(_ctx: TcContext) -> i32 {
     aya_ebpf::bindings::TC_ACT_UNSPEC

@@ -829,4 +829,14 @@ fn a_service_that_does_not_fit_is_an_issue_naming_the_map_and_the_rest_is_served
         !served.iter().any(|(address, _)| address == "10.96.2.9"),
         "no frontend without its slots: {served:?}"
     );
+    assert!(
+        dump.stray_slots.is_empty(),
+        "the slots that made it in are taken out again: {} left",
+        dump.stray_slots.len()
+    );
+    // So the room it did not use is there for a service that fits.
+    apply(
+        &mut reconciler,
+        &translation(&service_yaml("f", "10.96.2.10", &[80], 10)),
+    );
 }

@@ -11,7 +11,7 @@ use std::{
 use anyhow::{Context, Result};
 use datapath_user::{
     Datapath, LoadOptions,
-    loader::TcAttachment,
+    loader::{MapSizes, TcAttachment},
     object::{SOCK_CONNECT4, TC_EGRESS, TC_INGRESS, TC_PASS},
 };
 use lab::{Cgroup, Offloads, Pod, PodSpec, Topology, standard_pods, topology::NODE_ADDRESSES};
@@ -233,6 +233,15 @@ impl Testbed {
         let Some(role) = tc_client(mode) else {
             return Ok(None);
         };
+        if !datapath_user::probe::has_tcx() {
+            // The floor program is attached with TCX (first in the chain);
+            // without it there is no floor on the same packets.
+            static SAID: std::sync::Once = std::sync::Once::new();
+            SAID.call_once(|| {
+                eprintln!("\nnote: this kernel has no TCX (Linux 6.6): no live program statistics")
+            });
+            return Ok(None);
+        }
         self.prepare(mode)?;
         let floor_program = self.attach_pass_program(role)?;
         let client = self.endpoint(mode, kind);
@@ -256,8 +265,21 @@ impl Testbed {
     /// interface.
     fn attach_pass_program(&mut self, role: &str) -> Result<TcAttachment> {
         if self.pass_program.is_none() {
-            let datapath = Datapath::load(&LoadOptions::default())
-                .context("loading our object for its do-nothing program")?;
+            // Only its do-nothing program is used: the maps as small as
+            // the loader allows.
+            let tiny = MapSizes {
+                services: 16,
+                backends: 16,
+                reverse_nat: 16,
+                conntrack_tcp_flows: 16,
+                conntrack_udp_flows: 16,
+                sock_reverse_nat: 16,
+            };
+            let datapath = Datapath::load(&LoadOptions {
+                sizes: tiny,
+                ..LoadOptions::default()
+            })
+            .context("loading our object for its do-nothing program")?;
             self.pass_program = Some(datapath);
         }
         let netns = self.topo.pod(role).namespace.path();

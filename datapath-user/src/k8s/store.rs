@@ -4,9 +4,9 @@
 
 use std::collections::BTreeSet;
 
-// A fast non-cryptographic hash (object keys come from the API server,
-// which already bounds them; SipHash was a tenth of a full sync).
-use rustc_hash::FxHashMap as HashMap;
+// foldhash, randomly seeded per process: SipHash was a tenth of a full
+// sync, and the keys (object names) are chosen by users.
+use foldhash::HashMap;
 
 use super::{
     NodeContext, Object, ObjectKey, ServiceTranslation, translate_view,

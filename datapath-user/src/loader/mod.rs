@@ -21,6 +21,7 @@ mod options;
 mod programs;
 mod sock_attach;
 mod tc_attach;
+mod tc_pass;
 mod test_run;
 
 pub(crate) use self::tc_attach::netns_label;

@@ -70,7 +70,7 @@ impl LbMaps for DatapathMaps {
             })
             .collect();
         write_batch(IterableMap::map(&self.backends), &ids, &values)
-            .map_err(map_err(m::BACKENDS_MAP))?;
+            .map_err(|(_, error)| map_err(m::BACKENDS_MAP)(error))?;
         let rev_nat = RevNatValue {
             address_be: ipv4_be(frontend.address.octets()),
             port_be: port_be(frontend.port),
@@ -91,8 +91,17 @@ impl LbMaps for DatapathMaps {
                 ..ServiceValue::default()
             })
             .collect();
-        write_batch(IterableMap::map(&self.services), &slot_keys, &slots)
-            .map_err(map_err(m::SERVICES_MAP))?;
+        if let Err((written, error)) =
+            write_batch(IterableMap::map(&self.services), &slot_keys, &slots)
+        {
+            // Slots beyond the old count that made it in name nothing a
+            // frontend counts: take them out again, so that a service that
+            // does not fit leaves no stray entries filling the map.
+            for key in &slot_keys[usize::from(old_count).min(written)..written] {
+                let _ = remove_if_present(&mut self.services, key);
+            }
+            return Err(map_err(m::SERVICES_MAP)(error));
+        }
         let head = ServiceValue {
             backend_count: count,
             rev_nat_id,
@@ -265,19 +274,25 @@ impl LbMaps for DatapathMaps {
     }
 }
 
-/// Writes `keys[i] → values[i]` into `map` in one BPF_MAP_UPDATE_BATCH.
-fn write_batch<K: Copy, V: Copy>(map: &MapData, keys: &[K], values: &[V]) -> Result<(), MapError> {
+/// Writes `keys[i] → values[i]` into `map` in one BPF_MAP_UPDATE_BATCH;
+/// on an error, also how many entries were written before it. `K` and
+/// `V` must be the map's key and value types (the callers pass the typed
+/// map's own).
+fn write_batch<K: Copy, V: Copy>(
+    map: &MapData,
+    keys: &[K],
+    values: &[V],
+) -> Result<(), (usize, MapError)> {
     use std::os::fd::{AsFd, AsRawFd};
     let fd = map.fd().as_fd().as_raw_fd();
     crate::bpfsys::update_batch(fd, keys, values).map_err(|(written, io_error)| {
-        MapError::SyscallError(aya::sys::SyscallError {
-            call: if written == 0 {
-                "bpf_map_update_batch"
-            } else {
-                "bpf_map_update_batch (after some entries were written)"
-            },
-            io_error,
-        })
+        (
+            written,
+            MapError::SyscallError(aya::sys::SyscallError {
+                call: "bpf_map_update_batch",
+                io_error,
+            }),
+        )
     })
 }
 

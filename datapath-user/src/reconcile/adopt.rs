@@ -2,7 +2,7 @@
 //! remembered with its ids (so the first sync rewrites only what differs),
 //! and what nothing asks for after that sync is pruned.
 
-use rustc_hash::{FxHashMap as HashMap, FxHashSet as HashSet};
+use foldhash::{HashMap, HashSet};
 
 use aya::maps::MapError;
 use datapath_common::maps::BackendId;

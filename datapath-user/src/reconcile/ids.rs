@@ -1,6 +1,6 @@
 //! Backend and reverse-NAT ids, handed out round-robin.
 
-use rustc_hash::FxHashSet as HashSet;
+use foldhash::HashSet;
 
 /// Round-robin allocator over `1..capacity`.
 #[derive(Clone, Debug)]

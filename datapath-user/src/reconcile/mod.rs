@@ -19,9 +19,9 @@
 
 use std::collections::BTreeSet;
 
-// A fast non-cryptographic hash: the keys are our own (frontends,
-// addresses, object names), and SipHash was a tenth of a full sync.
-use rustc_hash::FxHashMap as HashMap;
+// foldhash, randomly seeded per process: SipHash was a tenth of a full
+// sync, and the keys (names, addresses) are chosen by users.
+use foldhash::HashMap;
 
 use datapath_common::maps::{BackendId, RevNatId, ServiceKey};
 
