@@ -12,7 +12,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use anyhow::{Context, Result, ensure};
+use anyhow::{Context, Result, bail, ensure};
 use datapath_user::{
     Datapath, DatapathMaps, LoadOptions,
     agent::AgentCore,
@@ -407,7 +407,13 @@ fn sync_all(core: &mut AgentCore<&mut DatapathMaps>, sweep: &Sweep) -> Result<()
         sweep.slices.iter().map(Object::from).collect(),
     ));
     let stats = core.full_sync();
-    ensure!(stats.issues == 0, "{} issues while syncing", stats.issues);
+    if stats.issues > 0 {
+        let first = core
+            .standing_issues()
+            .next()
+            .map_or(String::new(), |issue| format!("; the first: {issue}"));
+        bail!("{} issues while syncing{first}", stats.issues);
+    }
     Ok(())
 }
 

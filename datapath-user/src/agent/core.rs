@@ -165,6 +165,11 @@ impl<M: LbMaps> AgentCore<M> {
         stats
     }
 
+    /// Every service's standing issues (what `/metrics` counts).
+    pub fn standing_issues(&self) -> impl Iterator<Item = &Issue> {
+        self.issues.values().flatten()
+    }
+
     /// Logs and counts issues that are new for `service`.
     fn record_issues(&mut self, service: &ObjectKey, issues: Vec<Issue>) {
         let previous = self.issues.remove(service).unwrap_or_default();
