@@ -10,9 +10,9 @@
 //! on the same interface, so on the same packets — is subtracted from our
 //! TC programs' time (`LiveCost::own_ns`).
 //!
-//! Programs are read by name and summed over instances: the agent loads
-//! each once (an interface's attachment is a link to it), and a pass runs
-//! only its own mode's traffic.
+//! A pass reads the programs attached to the client's interface by their
+//! ids (another instance of the same program elsewhere on the machine is
+//! not counted), and the socket-LB programs by name.
 
 use std::{collections::BTreeMap, os::fd::OwnedFd};
 
@@ -41,22 +41,31 @@ impl RunTimeStats {
     }
 }
 
-/// Runs and run time of every loaded program named in `names`, summed
-/// over instances of the same name (an interface's programs are one
-/// instance; an agent that reloaded leaves none behind).
+/// Runs and run time of the programs a pass reads, by name (summed over
+/// programs of the same name).
 #[derive(Clone, Debug, Default)]
 pub struct ProgramTotals(BTreeMap<String, (u64, u64)>);
 
+/// Which loaded programs a pass reads: those with one of `ids` (the ones
+/// attached to the client's interface, found by querying its TCX chains)
+/// and those named in `names` (the socket-LB programs, attached to the
+/// client's cgroup).
+#[derive(Clone, Debug, Default)]
+pub struct ProgramSelection {
+    pub ids: Vec<u32>,
+    pub names: Vec<&'static str>,
+}
+
 impl ProgramTotals {
-    pub fn read(names: &[&str]) -> Result<Self> {
+    pub fn read(selection: &ProgramSelection) -> Result<Self> {
         let mut totals = BTreeMap::new();
         for info in aya::programs::loaded_programs() {
             let info = info.context("reading loaded programs (bpf_prog_get_next_id)")?;
             let Some(name) = info.name_as_str() else {
                 continue;
             };
-            if let Some(&wanted) = names.iter().find(|&&n| n == name) {
-                let entry = totals.entry(wanted.to_owned()).or_insert((0, 0));
+            if selection.ids.contains(&info.id()) || selection.names.contains(&name) {
+                let entry = totals.entry(name.to_owned()).or_insert((0, 0));
                 entry.0 += info.run_count();
                 entry.1 += info.run_time().as_nanos() as u64;
             }

@@ -9,10 +9,11 @@ use std::{
 };
 
 use anyhow::{Context, Result};
+use aya::programs::{SchedClassifier, TcAttachType};
 use datapath_user::{
     Datapath, LoadOptions,
     loader::{MapSizes, TcAttachment},
-    object::{SOCK_CONNECT4, TC_EGRESS, TC_INGRESS, TC_PASS},
+    object::SOCK_CONNECT4,
 };
 use lab::{Cgroup, Offloads, Pod, PodSpec, Topology, standard_pods, topology::NODE_ADDRESSES};
 
@@ -22,15 +23,15 @@ use crate::{
     cluster::{KubeProxy, SERVICE_CIDR, install_kube_proxy, remove_kube_proxy, service_objects},
     kubeproxy::{ServicePort, service_ports},
     leftovers::{close_time_wait, ensure_no_rules, flush_conntrack},
-    program_stats::{LiveCost, ProgramTotals, RunTimeStats},
+    program_stats::{LiveCost, ProgramSelection, ProgramTotals, RunTimeStats},
     workload::{
         BenchCgroups, ClientPlace, ECHO_PORT, IPERF_PORT, Kind, Parameters, REDIS_PORT, SERVER_CPU,
         SOCKPERF_PORT, ServerProcess, run_worker, start_echo_server, start_tool_servers,
     },
 };
 
-/// The programs whose live run time a pass reads.
-const MEASURED_PROGRAMS: [&str; 4] = [TC_EGRESS, TC_INGRESS, SOCK_CONNECT4, TC_PASS];
+/// The socket-LB program a pass reads besides the client interface's.
+const SOCKET_PROGRAMS: [&str; 1] = [SOCK_CONNECT4];
 
 /// The service of the macvlan modes (its endpoint: server-b).
 const VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 10);
@@ -244,12 +245,16 @@ impl Testbed {
         }
         self.prepare(mode)?;
         let floor_program = self.attach_pass_program(role)?;
+        let selection = ProgramSelection {
+            ids: self.attached_programs(role)?,
+            names: SOCKET_PROGRAMS.to_vec(),
+        };
         let client = self.endpoint(mode, kind);
         let stats = RunTimeStats::enable()?;
-        let before = ProgramTotals::read(&MEASURED_PROGRAMS)?;
+        let before = ProgramTotals::read(&selection)?;
         let measurement = run_worker(client.place, kind, client.target.into(), parameters)
             .with_context(|| format!("{kind:?} over {} (statistics pass)", mode.label()))?;
-        let after = ProgramTotals::read(&MEASURED_PROGRAMS)?;
+        let after = ProgramTotals::read(&selection)?;
         drop(stats);
         floor_program
             .detach()
@@ -259,6 +264,22 @@ impl Testbed {
             transactions: measurement.transactions,
             programs,
         }))
+    }
+
+    /// The ids of the programs in both TCX chains of `role`'s interface.
+    fn attached_programs(&self, role: &str) -> Result<Vec<u32>> {
+        let netns = self.topo.pod(role).namespace.path().to_owned();
+        let ids = datapath_user::netns::run_in(Some(&netns), || {
+            let mut ids = Vec::new();
+            for direction in [TcAttachType::Egress, TcAttachType::Ingress] {
+                let (_, programs) = SchedClassifier::query_tcx(Pod::IFACE, direction)?;
+                ids.extend(programs.iter().map(|p| p.id()));
+            }
+            Ok::<_, aya::programs::ProgramError>(ids)
+        })
+        .context("entering the client's namespace")?
+        .with_context(|| format!("querying the TCX chains of {role}'s {}", Pod::IFACE))?;
+        Ok(ids)
     }
 
     /// The do-nothing program first on both directions of `role`'s
