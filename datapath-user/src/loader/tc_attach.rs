@@ -131,7 +131,10 @@ fn detach_pinned(
 pub const TC_LINKS: &str = "links/tc";
 pub const REPLY_LINKS: &str = "links/reply";
 
-fn attach_one(
+/// Attaches `prog` to one direction of `iface` (in the calling thread's
+/// namespace). A new TCX link takes its place in the chain by `order`.
+#[allow(clippy::too_many_arguments)]
+pub(super) fn attach_one(
     prog: &mut SchedClassifier,
     program: &'static str,
     iface: &str,
@@ -139,6 +142,7 @@ fn attach_one(
     attach_type: TcAttachType,
     mode: TcMode,
     pin_path: Option<&Path>,
+    order: LinkOrder,
 ) -> Result<AttachedLink, LoaderError> {
     let attach_err = |source| LoaderError::Attach {
         program,
@@ -226,11 +230,7 @@ fn attach_one(
                 }
             }
             let id = prog
-                .attach_with_options(
-                    iface,
-                    attach_type,
-                    TcAttachOptions::TcxOrder(LinkOrder::default()),
-                )
+                .attach_with_options(iface, attach_type, TcAttachOptions::TcxOrder(order))
                 .map_err(attach_err)?;
             let link: FdLink =
                 prog.take_link(id)
@@ -351,6 +351,7 @@ fn attach_each(
                 attach_type,
                 mode,
                 pin.as_deref(),
+                LinkOrder::default(),
             )
         })
         .map_err(|source| LoaderError::Netns {

@@ -5,19 +5,13 @@
 //! the statistics' own floor (the benches subtract it). Never attached by
 //! the agent.
 
-use std::path::PathBuf;
-
-use aya::programs::{
-    LinkOrder, TcAttachType,
-    links::{FdLink, LinkError},
-    tc::TcAttachOptions,
-};
+use aya::programs::{LinkOrder, TcAttachType};
 
 use super::{
-    attachment::{AttachedLink, TcAttachment},
+    attachment::TcAttachment,
     load::Datapath,
     programs::sched_classifier,
-    tc_attach::netns_label,
+    tc_attach::{attach_one, netns_label},
 };
 use crate::{error::LoaderError, netns, object, tc_mode::TcMode};
 
@@ -47,35 +41,23 @@ impl Datapath {
             links: Vec::new(),
         };
         for attach_type in [TcAttachType::Egress, TcAttachType::Ingress] {
-            let attach_err = |error| LoaderError::Attach {
-                program: object::TC_PASS,
-                iface: iface.to_owned(),
-                netns: label.clone(),
-                mode: TcMode::Tcx,
-                error: Box::new(error),
-            };
-            let attached = netns::run_in(netns_path.as_deref(), || {
-                let id = pass
-                    .attach_with_options(
-                        iface,
-                        attach_type,
-                        TcAttachOptions::TcxOrder(LinkOrder::first()),
-                    )
-                    .map_err(attach_err)?;
-                pass.take_link(id)
-                    .map_err(attach_err)?
-                    .try_into()
-                    .map_err(|e: LinkError| LoaderError::Pin {
-                        path: PathBuf::from(iface),
-                        reason: format!("TCX attach returned no bpf_link: {e}"),
-                    })
+            let link = netns::run_in(netns_path.as_deref(), || {
+                attach_one(
+                    pass,
+                    object::TC_PASS,
+                    iface,
+                    &label,
+                    attach_type,
+                    TcMode::Tcx,
+                    None,
+                    LinkOrder::first(),
+                )
             })
             .map_err(|source| LoaderError::Netns {
                 netns: label.clone(),
                 error: source,
             })??;
-            let link: FdLink = attached;
-            attachment.links.push(AttachedLink::Fd(link));
+            attachment.links.push(link);
         }
         Ok(attachment)
     }
