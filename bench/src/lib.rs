@@ -2,6 +2,7 @@
 //! timed tests.
 
 pub mod agent;
+pub mod agent_edit_latency;
 pub mod agent_process;
 pub mod cluster;
 pub mod cluster_ip;

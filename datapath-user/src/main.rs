@@ -172,7 +172,11 @@ struct AgentArgs {
     /// the API server.
     #[arg(long, env = "UNDERPASS_FROM_DIR", conflicts_with = "kubeconfig")]
     from_dir: Option<PathBuf>,
-    /// How often --from-dir is checked for changes, in milliseconds.
+    /// How often --from-dir is checked for changes, in milliseconds. A
+    /// file closed after writing or renamed into place is seen at once
+    /// (inotify); the poll finds what events miss (network file systems,
+    /// a file written in place and left open), and a file changed in place
+    /// is read once it held still for one poll.
     #[arg(long, default_value_t = 500)]
     dir_poll_ms: u64,
     /// kubeconfig for the API server (default: in-cluster service
@@ -242,8 +246,10 @@ struct AgentArgs {
         default_value = "127.0.0.1:9964"
     )]
     metrics_address: std::net::SocketAddr,
-    /// After a change arrives, wait this long for more before applying
-    /// them together (a rollout's burst becomes one update).
+    /// Changes are applied at once after a quiet spell; changes that
+    /// follow an update within this many milliseconds wait out the rest
+    /// of it and are applied together (a rollout's burst becomes a few
+    /// updates, not one per object). 0: every change at once.
     #[arg(long, default_value_t = 2)]
     debounce_ms: u64,
     /// TCP flows the TC path can track (the map holds two entries per

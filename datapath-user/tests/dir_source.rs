@@ -100,3 +100,52 @@ async fn files_added_edited_broken_moved_and_removed() {
     until(&mut rx, &mut store, &mut problems, &[]).await;
     source.abort();
 }
+
+/// Change events, not the poll, bring an edit: with a poll of a minute, a
+/// file renamed into place and one closed after writing in place are both
+/// read within the test's few seconds; a file still open for writing is
+/// not read until it is closed.
+#[tokio::test]
+async fn edits_are_seen_at_once_without_waiting_for_the_poll() {
+    use std::io::Write;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path();
+    let (tx, mut rx) = mpsc::channel(64);
+    let source = tokio::spawn(watch_dir(path.to_owned(), Duration::from_secs(60), tx));
+    let (mut store, mut problems) = (Store::default(), Vec::new());
+    // An empty directory is read completely at once (and the events are
+    // watched from before that read).
+    let mut synced = 0;
+    while synced < 2 {
+        match tokio::time::timeout(Duration::from_secs(5), rx.recv()).await {
+            Ok(Some(SourceMessage::Synced(_))) => synced += 1,
+            Ok(Some(SourceMessage::Change(change))) => {
+                store.apply(change);
+            }
+            other => panic!("before the first sync: {other:?}"),
+        }
+    }
+
+    write(path, "a.yaml", &service("one", "10.96.0.1"));
+    until(&mut rx, &mut store, &mut problems, &["one"]).await;
+
+    // Written in place: half a file first, left open.
+    let mut file = std::fs::File::create(path.join("b.yaml")).unwrap();
+    file.write_all(service("two", "10.96.0.2").as_bytes())
+        .unwrap();
+    file.flush().unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    while let Ok(message) = rx.try_recv() {
+        if let SourceMessage::Change(change) = message {
+            store.apply(change);
+        }
+    }
+    let have: Vec<String> = store.service_keys().map(|k| k.name.clone()).collect();
+    assert_eq!(have, ["one"], "a file still open for writing was read");
+    file.write_all(service("three", "10.96.0.3").as_bytes())
+        .unwrap();
+    drop(file);
+    until(&mut rx, &mut store, &mut problems, &["one", "two", "three"]).await;
+    assert!(problems.is_empty(), "{problems:?}");
+    source.abort();
+}

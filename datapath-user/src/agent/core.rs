@@ -216,8 +216,9 @@ impl<M: LbMaps> AgentCore<M> {
     }
 
     /// Drives the core from `rx` until it closes: waits until every kind
-    /// has been delivered once, syncs everything, then applies changes in
-    /// batches (what arrives within `debounce` of the first).
+    /// has been delivered once, syncs everything, then applies changes: at
+    /// once after a quiet spell, in batches within `debounce` of the last
+    /// update.
     pub async fn run(mut self, mut rx: mpsc::Receiver<SourceMessage>, debounce: Duration) {
         let mut waiting: BTreeSet<Kind> = [Kind::Service, Kind::EndpointSlice].into();
         while !waiting.is_empty() {
@@ -245,6 +246,7 @@ impl<M: LbMaps> AgentCore<M> {
         release_free_memory();
         let mut retry = tokio::time::interval(RETRY_INTERVAL);
         retry.tick().await;
+        let mut last_update = Instant::now();
         loop {
             let message = tokio::select! {
                 message = rx.recv() => message,
@@ -262,8 +264,15 @@ impl<M: LbMaps> AgentCore<M> {
             };
             let started = Instant::now();
             let mut dirty = self.take(message);
-            if !debounce.is_zero() {
-                tokio::time::sleep(debounce).await;
+            // A change after a quiet spell is applied at once (a lone
+            // edit costs no wait); one that follows an update within
+            // `debounce` waits out the rest of it, and what arrives
+            // meanwhile is applied with it (a rollout's burst becomes a
+            // few updates, not one per object).
+            if let Some(wait) = debounce.checked_sub(last_update.elapsed())
+                && !wait.is_zero()
+            {
+                tokio::time::sleep(wait).await;
             }
             while let Ok(message) = rx.try_recv() {
                 dirty.extend(self.take(message));
@@ -272,6 +281,7 @@ impl<M: LbMaps> AgentCore<M> {
                 continue;
             }
             let stats = self.sync(dirty);
+            last_update = Instant::now();
             self.metrics
                 .sync_duration
                 .get_or_create(&SyncLabels {

@@ -1,6 +1,7 @@
 //! Kubernetes side of the agent: reading objects, keeping them, and
 //! translating them into the frontends the datapath serves.
 
+mod dir_events;
 pub mod keys;
 pub mod manifest;
 pub mod source;

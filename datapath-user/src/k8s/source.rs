@@ -15,6 +15,7 @@ use tokio::sync::mpsc;
 
 use super::{
     IssueKind, Object, ObjectKey,
+    dir_events::{DirEvents, Wake},
     keys::{HEADLESS_LABEL, SERVICE_PROXY_NAME_LABEL},
     manifest::{self, ManifestError},
     store::{Change, Kind},
@@ -224,7 +225,8 @@ struct FileState {
 }
 
 /// Reads every manifest in `dir` now and again whenever a file changes
-/// (polled every `interval`), until the receiver is dropped.
+/// (woken by the directory's change events, `super::dir_events`, and
+/// polled every `interval` besides), until the receiver is dropped.
 ///
 /// A changed file sends its objects (the store ignores unchanged ones)
 /// and deletions for the objects it no longer defines. A file with an
@@ -232,9 +234,15 @@ struct FileState {
 /// said, so a typo in one edit never withdraws services being served.
 pub async fn watch_dir(dir: PathBuf, interval: Duration, tx: mpsc::Sender<SourceMessage>) {
     let mut files: BTreeMap<PathBuf, FileState> = BTreeMap::new();
-    // A changed file is read once its stamp has held still for a poll: a
-    // file being written in place (not renamed into place) is not read
-    // half-written, which could parse cleanly and withdraw services.
+    let (mut events, no_events) = DirEvents::watch(&dir);
+    if let Some(message) = no_events {
+        tracing::warn!("{message}");
+    }
+    // What woke this pass: files it names as complete are read at once.
+    let mut wake = Wake::default();
+    // Any other changed file is read once its stamp has held still for a
+    // poll: a file being written in place (not renamed into place) is not
+    // read half-written, which could parse cleanly and withdraw services.
     let mut settling: BTreeMap<PathBuf, Stamp> = BTreeMap::new();
     let mut first = true;
     // The first read had unreadable documents: the agent must not prune
@@ -270,7 +278,7 @@ pub async fn watch_dir(dir: PathBuf, interval: Duration, tx: mpsc::Sender<Source
                         settling.remove(&path);
                         continue;
                     }
-                    if settling.get(&path) != Some(&now) {
+                    if settling.get(&path) != Some(&now) && !wake.is_complete(&path) {
                         settling.insert(path, now);
                         unsettled = true;
                         continue;
@@ -283,6 +291,13 @@ pub async fn watch_dir(dir: PathBuf, interval: Duration, tx: mpsc::Sender<Source
                             continue;
                         }
                     };
+                    if stamp(&path) != Some(now) {
+                        // Written to while it was read: read it again once
+                        // it holds still.
+                        settling.insert(path, now);
+                        unsettled = true;
+                        continue;
+                    }
                     let parsed =
                         manifest::parse_with(&text, &path.display().to_string(), |t| t.view());
                     drop(text);
@@ -381,7 +396,7 @@ pub async fn watch_dir(dir: PathBuf, interval: Duration, tx: mpsc::Sender<Source
                 return;
             }
         }
-        tokio::time::sleep(interval).await;
+        wake = events.next(interval).await;
     }
 }
 

@@ -1,0 +1,222 @@
+//! Wakes the `--from-dir` source as soon as something in its directory
+//! changes (inotify), instead of at the next poll: an edited manifest
+//! reaches the maps in milliseconds, not in one to two poll intervals.
+//!
+//! The poll stays, as the fallback: for file systems without inotify (some
+//! network ones), after the event queue overflowed, when the directory
+//! itself was replaced, and for a file written in place and never closed.
+//!
+//! The events also say when a file is complete: closed after writing, or
+//! renamed into place (as `kubectl cp` does not, but editors and atomic
+//! writers do), or swapped in with the whole directory (a ConfigMap
+//! volume's `..data` link). Such a file is read at once; any other change
+//! waits until its stamp holds still for a poll, so that a file still
+//! being written is never read half-written.
+
+use std::{
+    collections::BTreeMap,
+    ffi::OsStr,
+    path::{Path, PathBuf},
+    time::Duration,
+};
+
+use futures::{FutureExt, StreamExt};
+use inotify::{EventMask, EventStream, Inotify, WatchMask};
+
+/// What woke the source.
+#[derive(Debug, Default)]
+pub struct Wake {
+    /// Files whose last event was "closed after writing" or "renamed into
+    /// place": complete, read without waiting for them to settle.
+    pub complete: Vec<PathBuf>,
+    /// A `..`-named entry (a ConfigMap volume's `..data` link) was swapped:
+    /// every file may have changed at once, each complete.
+    pub all_complete: bool,
+}
+
+impl Wake {
+    /// True when `path` may be read without waiting for it to settle.
+    pub fn is_complete(&self, path: &Path) -> bool {
+        self.all_complete || self.complete.iter().any(|p| p == path)
+    }
+}
+
+/// The directory's change events, or nothing (then only the poll wakes).
+pub struct DirEvents {
+    dir: PathBuf,
+    stream: Option<EventStream<Vec<u8>>>,
+}
+
+impl DirEvents {
+    /// Watches `dir`. Without inotify (or without a watch on `dir`) the
+    /// source polls only; the message says why, for the operator.
+    pub fn watch(dir: &Path) -> (Self, Option<String>) {
+        let stream = Inotify::init().and_then(|inotify| {
+            inotify.watches().add(
+                dir,
+                WatchMask::CLOSE_WRITE
+                    | WatchMask::MOVED_TO
+                    | WatchMask::MOVED_FROM
+                    | WatchMask::CREATE
+                    | WatchMask::DELETE
+                    | WatchMask::MODIFY
+                    | WatchMask::ATTRIB
+                    | WatchMask::ONLYDIR,
+            )?;
+            inotify.into_event_stream(vec![0; 16 * 1024])
+        });
+        match stream {
+            Ok(stream) => (
+                Self {
+                    dir: dir.to_owned(),
+                    stream: Some(stream),
+                },
+                None,
+            ),
+            Err(e) => (
+                Self {
+                    dir: dir.to_owned(),
+                    stream: None,
+                },
+                Some(format!(
+                    "--from-dir {}: no change events ({e}); changes are seen by polling only",
+                    dir.display()
+                )),
+            ),
+        }
+    }
+
+    /// Waits for the next change, or `poll` at most. Events that are
+    /// already queued are taken together (one rescan for a burst).
+    pub async fn next(&mut self, poll: Duration) -> Wake {
+        let Some(stream) = self.stream.as_mut() else {
+            tokio::time::sleep(poll).await;
+            return Wake::default();
+        };
+        let first = tokio::select! {
+            event = stream.next() => event,
+            () = tokio::time::sleep(poll) => return Wake::default(),
+        };
+        // The last event per name decides whether the file is complete.
+        let mut last: BTreeMap<PathBuf, EventMask> = BTreeMap::new();
+        let mut wake = Wake::default();
+        let mut event = first;
+        loop {
+            match event {
+                Some(Ok(e)) => {
+                    if e.mask
+                        .intersects(EventMask::IGNORED | EventMask::Q_OVERFLOW)
+                    {
+                        // The watch is gone (the directory was removed or
+                        // replaced) or events were lost: the poll sees all.
+                        if e.mask.contains(EventMask::IGNORED) {
+                            tracing::warn!(
+                                dir = %self.dir.display(),
+                                "the directory's watch ended; changes are seen by polling only"
+                            );
+                            self.stream = None;
+                            return wake;
+                        }
+                    } else if let Some(name) = e.name.as_deref() {
+                        if is_swap_entry(name) {
+                            wake.all_complete = true;
+                        }
+                        last.insert(self.dir.join(name), e.mask);
+                    }
+                }
+                Some(Err(e)) => {
+                    tracing::warn!(
+                        dir = %self.dir.display(),
+                        "reading the directory's change events: {e}; changes are seen by polling only"
+                    );
+                    self.stream = None;
+                    break;
+                }
+                None => {
+                    self.stream = None;
+                    break;
+                }
+            }
+            match self.stream.as_mut().and_then(|s| s.next().now_or_never()) {
+                Some(next) => event = next,
+                None => break,
+            }
+        }
+        wake.complete = last
+            .into_iter()
+            .filter(|(_, mask)| mask.intersects(EventMask::CLOSE_WRITE | EventMask::MOVED_TO))
+            .map(|(path, _)| path)
+            .collect();
+        wake
+    }
+}
+
+/// A ConfigMap volume swaps its `..data` link (and a `..2024_…` directory)
+/// to change every file at once.
+fn is_swap_entry(name: &OsStr) -> bool {
+    name.as_encoded_bytes().starts_with(b"..")
+}
+
+#[cfg(test)]
+mod tests {
+    use std::{io::Write, time::Instant};
+
+    use super::*;
+
+    #[tokio::test]
+    async fn a_file_closed_after_writing_wakes_the_source_at_once_and_is_complete() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut events, problem) = DirEvents::watch(dir.path());
+        assert_eq!(problem, None);
+        let path = dir.path().join("a.yaml");
+        let writer = {
+            let path = path.clone();
+            tokio::spawn(async move {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                let mut f = std::fs::File::create(&path).unwrap();
+                f.write_all(b"x: 1\n").unwrap();
+            })
+        };
+        let started = Instant::now();
+        let mut wake = events.next(Duration::from_secs(30)).await;
+        // CREATE may come in a batch of its own, before the close.
+        while !wake.is_complete(&path) {
+            assert!(started.elapsed() < Duration::from_secs(10), "{wake:?}");
+            wake = events.next(Duration::from_secs(30)).await;
+        }
+        assert!(started.elapsed() < Duration::from_secs(10));
+        writer.await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_file_still_open_for_writing_is_not_complete() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut events, _) = DirEvents::watch(dir.path());
+        let path = dir.path().join("a.yaml");
+        let mut f = std::fs::File::create(&path).unwrap();
+        f.write_all(b"x: 1\n").unwrap();
+        let wake = events.next(Duration::from_secs(30)).await;
+        assert!(!wake.is_complete(&path), "{wake:?}");
+        drop(f);
+        let wake = events.next(Duration::from_secs(30)).await;
+        assert!(wake.is_complete(&path), "{wake:?}");
+    }
+
+    #[tokio::test]
+    async fn a_swapped_configmap_link_makes_every_file_complete() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut events, _) = DirEvents::watch(dir.path());
+        std::os::unix::fs::symlink("somewhere", dir.path().join("..data_tmp")).unwrap();
+        std::fs::rename(dir.path().join("..data_tmp"), dir.path().join("..data")).unwrap();
+        let wake = events.next(Duration::from_secs(30)).await;
+        assert!(wake.is_complete(&dir.path().join("services.yaml")));
+    }
+
+    #[tokio::test]
+    async fn without_events_the_poll_wakes() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut events, _) = DirEvents::watch(dir.path());
+        let wake = events.next(Duration::from_millis(20)).await;
+        assert!(wake.complete.is_empty() && !wake.all_complete);
+    }
+}
