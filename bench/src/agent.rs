@@ -319,6 +319,7 @@ fn process(opts: &AgentOpts, figures: &mut AgentFigures) -> Result<()> {
             "--no-socket-lb".to_owned(),
             format!("--service-entries-max={}", map_sizes(opts).services),
             format!("--backends-max={}", map_sizes(opts).backends),
+            format!("--frontends-max={}", map_sizes(opts).reverse_nat - 1),
         ],
     )?;
     agent.wait_until(Duration::from_secs(120), "ready", AgentProcess::is_ready)?;
@@ -355,13 +356,14 @@ fn process(opts: &AgentOpts, figures: &mut AgentFigures) -> Result<()> {
 
 /// The services and backends maps sized to the sweep (at least the
 /// agent's defaults), as an operator would with `--service-entries-max`
-/// and `--backends-max`; room for the changes' new pods besides.
+/// `--backends-max` and `--frontends-max`; room for the changes' new pods besides.
 fn map_sizes(opts: &AgentOpts) -> MapSizes {
     let defaults = MapSizes::default();
     MapSizes {
         services: ((opts.services * (opts.endpoints + 1) + 1024) as u32).max(defaults.services),
         backends: ((opts.services * opts.endpoints + opts.changes as usize + 1024) as u32)
             .max(defaults.backends),
+        reverse_nat: ((opts.services + 1024) as u32).max(defaults.reverse_nat),
         ..defaults
     }
 }

@@ -43,6 +43,12 @@ pub const ALL_MAPS: [&str; 12] = [
 /// (`datapath_user::map_pins` keeps the version beside the pins). Bump it
 /// with any change to a layout here; the test
 /// `the_layouts_are_the_ones_maps_abi_names` fails until you do.
+///
+/// One change keeps the version: a field added in bytes the version keeps
+/// zero, when zero there means what the version meant (the high bits of
+/// reverse-NAT ids, `ServiceValue::rev_nat_high`, `CtEntry::rev_nat_high`:
+/// every id the older build wrote is below 65,536). Pins of the older build
+/// then read the same in both, and an upgrade keeps every tracked flow.
 pub const MAPS_ABI: u32 = 3;
 
 /// Pods (network namespaces) socket-LB can be told to leave alone.
@@ -56,8 +62,11 @@ pub const DEFAULT_SOCK_LB_SKIP_MAX: u32 = 4096;
 pub const DEFAULT_SERVICES_MAX: u32 = 262_144;
 /// Distinct (address, port, protocol) backends.
 pub const DEFAULT_BACKENDS_MAX: u32 = 131_072;
-/// Reverse-NAT ids are u16: the array covers them all.
+/// Frontends (reverse-NAT ids 1..this): 65,535. `--frontends-max` raises
+/// it up to `REV_NAT_ID_LIMIT`.
 pub const DEFAULT_REVERSE_NAT_MAX: u32 = 65_536;
+/// Reverse-NAT ids take 24 bits in the maps (16 low + 8 high).
+pub const REV_NAT_ID_LIMIT: u32 = 1 << 24;
 /// Tracked TCP flows (each takes two entries: service tuple and backend
 /// tuple).
 pub const DEFAULT_CONNTRACK_TCP_FLOWS: u32 = 131_072;
@@ -112,12 +121,42 @@ pub struct ServiceValue {
     /// Slot 0: how many backend slots follow (0 = no backend: new flows
     /// are refused). Slot > 0: zero.
     pub backend_count: u16,
-    /// The `REVERSE_NAT` key of this frontend, in every slot.
-    pub rev_nat_id: u16,
+    /// The low 16 bits of this frontend's `REVERSE_NAT` key, in every slot
+    /// (`rev_nat_id()`).
+    pub rev_nat_low: u16,
     /// `SERVICE_FLAG_*` bits (slot 0).
     pub flags: u8,
+    /// Bits 16..24 of the `REVERSE_NAT` key (zero below 65,536: the byte
+    /// was padding before, always zero).
+    pub rev_nat_high: u8,
     /// Always zero.
-    pub _pad: [u8; 3],
+    pub _pad: [u8; 2],
+}
+
+impl ServiceValue {
+    /// A slot of `rev_nat_id`'s frontend: the head (slot 0) with
+    /// `backend_count` and `flags`, or a backend slot with `backend_id`.
+    pub const fn new(
+        backend_id: BackendId,
+        backend_count: u16,
+        rev_nat_id: RevNatId,
+        flags: u8,
+    ) -> Self {
+        Self {
+            backend_id,
+            backend_count,
+            rev_nat_low: rev_nat_id as u16,
+            flags,
+            rev_nat_high: (rev_nat_id >> 16) as u8,
+            _pad: [0; 2],
+        }
+    }
+
+    /// The frontend's `REVERSE_NAT` key.
+    #[inline(always)]
+    pub const fn rev_nat_id(&self) -> RevNatId {
+        self.rev_nat_low as u32 | (self.rev_nat_high as u32) << 16
+    }
 }
 
 /// Index into `BACKENDS` (an array): a backend id, allocated by the
@@ -151,9 +190,9 @@ impl Backend {
     }
 }
 
-/// Index into `REVERSE_NAT` (an array of 65536): one id per frontend,
-/// never 0.
-pub type RevNatId = u16;
+/// Index into `REVERSE_NAT` (an array, `DEFAULT_REVERSE_NAT_MAX` by
+/// default): one id per frontend, never 0, below `REV_NAT_ID_LIMIT`.
+pub type RevNatId = u32;
 
 /// `RevNatValue::flags`: the slot holds a frontend.
 pub const REV_NAT_FLAG_PRESENT: u8 = 1 << 0;
@@ -230,8 +269,9 @@ pub struct CtEntry {
     /// The frontend the flow was opened to (checked against the service on
     /// every hit so a re-created service re-balances). Zero: a connection
     /// straight to a pod (no service) whose source port was moved because
-    /// a service flow held its wire tuple (`nat_port_be`).
-    pub rev_nat_id: u16,
+    /// a service flow held its wire tuple (`nat_port_be`). Low 16 bits of
+    /// the id (`rev_nat_id()`).
+    pub rev_nat_low: u16,
     /// `conntrack::STATE_*` bits.
     pub state: u8,
     /// `L2_*` (service-tuple entries only).
@@ -260,9 +300,28 @@ pub struct CtEntry {
     /// (a backend behind the pod's veth to its node, say; `POD_ROUTES`).
     /// Zero: the interface the packet is on.
     pub out_ifindex: u32,
+    /// Bits 16..24 of the frontend's reverse-NAT id (zero below 65,536:
+    /// these bytes were padding before, always zero).
+    pub rev_nat_high: u16,
     /// Zero. Makes the struct's tail padding explicit, so that every byte
     /// of the value is written (the map stores all 56).
-    pub _pad: u32,
+    pub _pad: u16,
+}
+
+impl CtEntry {
+    /// The frontend the flow was opened to (its `REVERSE_NAT` key; zero:
+    /// none).
+    #[inline(always)]
+    pub const fn rev_nat_id(&self) -> RevNatId {
+        self.rev_nat_low as u32 | (self.rev_nat_high as u32) << 16
+    }
+
+    /// Records the frontend the flow is opened to.
+    #[inline(always)]
+    pub const fn set_rev_nat_id(&mut self, id: RevNatId) {
+        self.rev_nat_low = id as u16;
+        self.rev_nat_high = (id >> 16) as u16;
+    }
 }
 
 /// Key of `SOCK_REVERSE_NAT` (LRU hash): a socket that socket-LB
@@ -288,8 +347,9 @@ pub struct SockRevNatValue {
     pub service_address_be: u32,
     /// Service port.
     pub service_port_be: u16,
-    /// The frontend's reverse-NAT id.
-    pub rev_nat_id: u16,
+    /// The low 16 bits of the frontend's reverse-NAT id (with the service
+    /// address and port, which frontend the socket was sent through).
+    pub rev_nat_low: u16,
 }
 
 /// Key of `FRAGMENTS` (LRU hash): one fragmented datagram, as its IPv4
@@ -383,15 +443,15 @@ mod tests {
         }
         [
             layout!(ServiceKey: address_be, port_be, backend_slot, protocol),
-            layout!(ServiceValue: backend_id, backend_count, rev_nat_id, flags),
+            layout!(ServiceValue: backend_id, backend_count, rev_nat_low, flags, rev_nat_high),
             layout!(Backend: address_be, port_be, protocol, flags),
             layout!(RevNatValue: address_be, port_be, flags),
             layout!(CtKey: client_address_be, peer_address_be, client_port_be, peer_port_be, protocol, kind),
-            layout!(CtEntry: last_seen, l2_seen, backend_id, rev_nat_id, state, l2_mode,
+            layout!(CtEntry: last_seen, l2_seen, backend_id, rev_nat_low, state, l2_mode,
                 service_address_be, service_port_be, dst_mac, src_mac, nat_port_be, ifindex,
-                out_ifindex),
+                out_ifindex, rev_nat_high),
             layout!(SockRevNatKey: cookie, backend_address_be, backend_port_be),
-            layout!(SockRevNatValue: service_address_be, service_port_be, rev_nat_id),
+            layout!(SockRevNatValue: service_address_be, service_port_be, rev_nat_low),
             layout!(FragmentKey: source_be, destination_be, id_be, protocol),
             layout!(FragmentPorts: source_port_be, destination_port_be),
             layout!(PodRouteKey: netns_cookie, address_be),
@@ -413,27 +473,50 @@ mod tests {
 
     const LAYOUTS_V3: &str = "\
          ServiceKey[12]{address_be@0,port_be@4,backend_slot@6,protocol@8}\n\
-         ServiceValue[12]{backend_id@0,backend_count@4,rev_nat_id@6,flags@8}\n\
+         ServiceValue[12]{backend_id@0,backend_count@4,rev_nat_low@6,flags@8,rev_nat_high@9}\n\
          Backend[8]{address_be@0,port_be@4,protocol@6,flags@7}\n\
          RevNatValue[8]{address_be@0,port_be@4,flags@6}\n\
          CtKey[16]{client_address_be@0,peer_address_be@4,client_port_be@8,peer_port_be@10,protocol@12,kind@13}\n\
-         CtEntry[56]{last_seen@0,l2_seen@8,backend_id@16,rev_nat_id@20,state@22,l2_mode@23,service_address_be@24,service_port_be@28,dst_mac@30,src_mac@36,nat_port_be@42,ifindex@44,out_ifindex@48}\n\
+         CtEntry[56]{last_seen@0,l2_seen@8,backend_id@16,rev_nat_low@20,state@22,l2_mode@23,service_address_be@24,service_port_be@28,dst_mac@30,src_mac@36,nat_port_be@42,ifindex@44,out_ifindex@48,rev_nat_high@52}\n\
          SockRevNatKey[16]{cookie@0,backend_address_be@8,backend_port_be@12}\n\
-         SockRevNatValue[8]{service_address_be@0,service_port_be@4,rev_nat_id@6}\n\
+         SockRevNatValue[8]{service_address_be@0,service_port_be@4,rev_nat_low@6}\n\
          FragmentKey[12]{source_be@0,destination_be@4,id_be@8,protocol@10}\n\
          FragmentPorts[4]{source_port_be@0,destination_port_be@2}\n\
          PodRouteKey[16]{netns_cookie@0,address_be@8}";
 
     #[test]
+    fn reverse_nat_ids_take_24_bits_and_values_written_before_read_the_same() {
+        let slot = ServiceValue::new(7, 0, 0x12_3456, 0);
+        assert_eq!((slot.rev_nat_id(), slot.backend_id), (0x12_3456, 7));
+        let mut flow = CtEntry::default();
+        flow.set_rev_nat_id(REV_NAT_ID_LIMIT - 1);
+        assert_eq!(flow.rev_nat_id(), REV_NAT_ID_LIMIT - 1);
+        // What the build with 16-bit ids wrote: the id at offset 6 (20 in
+        // a flow), zeros where the high bits are now.
+        let mut old = [0u8; 12];
+        old[6..8].copy_from_slice(&0xbeef_u16.to_ne_bytes());
+        // SAFETY: ServiceValue is Pod, 12 bytes.
+        let slot: ServiceValue = unsafe { core::mem::transmute(old) };
+        assert_eq!(slot.rev_nat_id(), 0xbeef);
+        let mut old = [0u64; 7];
+        // SAFETY: CtEntry is Pod, 56 bytes, align 8.
+        let bytes: &mut [u8; 56] = unsafe { &mut *old.as_mut_ptr().cast() };
+        bytes[20..22].copy_from_slice(&0xbeef_u16.to_ne_bytes());
+        // SAFETY: as above.
+        let flow: CtEntry = unsafe { core::mem::transmute(old) };
+        assert_eq!(flow.rev_nat_id(), 0xbeef);
+    }
+
+    #[test]
     fn layouts_have_no_implicit_padding() {
         assert_eq!(size_of::<ServiceKey>(), 4 + 2 + 2 + 1 + 3);
-        assert_eq!(size_of::<ServiceValue>(), 4 + 2 + 2 + 1 + 3);
+        assert_eq!(size_of::<ServiceValue>(), 4 + 2 + 2 + 1 + 1 + 2);
         assert_eq!(size_of::<Backend>(), 4 + 2 + 1 + 1);
         assert_eq!(size_of::<RevNatValue>(), 4 + 2 + 1 + 1);
         assert_eq!(size_of::<CtKey>(), 4 + 4 + 2 + 2 + 1 + 1 + 2);
         assert_eq!(
             size_of::<CtEntry>(),
-            8 + 8 + 4 + 2 + 1 + 1 + 4 + 2 + 6 + 6 + 2 + 4 + 4 + 4
+            8 + 8 + 4 + 2 + 1 + 1 + 4 + 2 + 6 + 6 + 2 + 4 + 4 + 2 + 2
         );
         assert_eq!(align_of::<CtEntry>(), 8);
         assert_eq!(size_of::<SockRevNatKey>(), 8 + 4 + 2 + 2);

@@ -148,7 +148,7 @@ fn direct_tracked(ctx: &TcContext, packet: &Packet, table: &CtMap) -> Option<i32
     // SAFETY: a pointer into the map value, valid for this program run.
     let flow = unsafe { &mut *flow };
     let now = ct::now();
-    if flow.rev_nat_id != 0
+    if flow.rev_nat_id() != 0
         || ct::is_expired(flow, packet.protocol, now)
         || conntrack::syn_reopens(flow, packet.protocol, packet.tcp_flags)
     {
@@ -295,7 +295,7 @@ fn tracked_backend(flow: &CtEntry, packet: &Packet, now: u64) -> Option<Backend>
     {
         return None;
     }
-    let frontend = REVERSE_NAT.get(flow.rev_nat_id as u32)?;
+    let frontend = REVERSE_NAT.get(flow.rev_nat_id())?;
     if !frontend.is_present()
         || frontend.address_be != packet.daddr_be
         || frontend.port_be != packet.dport_be
@@ -361,10 +361,9 @@ fn new_flow(ctx: &TcContext, packet: &Packet, table: &CtMap, key: &CtKey, now: u
     if moved {
         count(Counter::PortClash);
     }
-    let flow = CtEntry {
+    let mut flow = CtEntry {
         last_seen: now,
         backend_id: slot_value.backend_id,
-        rev_nat_id: service.rev_nat_id,
         state: conntrack::initial_state(packet.protocol, packet.tcp_flags),
         l2_mode: L2_UNRESOLVED,
         nat_port_be: if moved { wire } else { 0 },
@@ -374,6 +373,7 @@ fn new_flow(ctx: &TcContext, packet: &Packet, table: &CtMap, key: &CtKey, now: u
         }),
         ..CtEntry::default()
     };
+    flow.set_rev_nat_id(service.rev_nat_id());
     // Reply entry first: a reply can only arrive after the packet leaves.
     let back = reply_entry(&flow, packet);
     let reply = ct::backend_key(

@@ -228,7 +228,7 @@ fn forward(ctx: &SockAddrContext, family: Family, is_sendmsg: bool) -> i32 {
     let value = SockRevNatValue {
         service_address_be: address_be,
         service_port_be: port_be,
-        rev_nat_id: service.rev_nat_id,
+        rev_nat_low: service.rev_nat_low,
     };
     // Every datagram of an unconnected socket comes through sendmsg: only
     // write the reverse entry when it is not already there.

@@ -7,7 +7,7 @@ use anyhow::{Context, Result};
 use comfy_table::{Table, presets::UTF8_BORDERS_ONLY};
 use datapath_common::{
     ipv4_octets,
-    maps::{CT_KIND_BACKEND, CT_KIND_SERVICE},
+    maps::{CT_KIND_BACKEND, CT_KIND_SERVICE, RevNatId},
     port_host,
 };
 use serde::Serialize;
@@ -56,7 +56,7 @@ fn new_table(header: &[&str]) -> Table {
 #[derive(Serialize)]
 pub struct ServiceRow {
     pub frontend: String,
-    pub rev_nat_id: u16,
+    pub rev_nat_id: RevNatId,
     pub backends: Vec<String>,
     /// False when a slot or backend is missing (an interrupted write the
     /// agent repairs on its next sync).
@@ -166,7 +166,7 @@ pub struct ConntrackRow {
     pub peer: String,
     pub service: String,
     pub backend_id: u32,
-    pub rev_nat_id: u16,
+    pub rev_nat_id: RevNatId,
     pub state: u8,
     pub idle_seconds: f64,
 }
@@ -205,7 +205,7 @@ pub fn conntrack_list(pin_dir: &Path, output: Output, limit: usize) -> Result<()
                     port_host(value.service_port_be)
                 ),
                 backend_id: value.backend_id,
-                rev_nat_id: value.rev_nat_id,
+                rev_nat_id: value.rev_nat_id(),
                 state: value.state,
                 idle_seconds: match (now, hz) {
                     (Some(now), Some(hz)) => now.saturating_sub(value.last_seen) as f64 / hz as f64,

@@ -268,6 +268,15 @@ struct AgentArgs {
     /// this flag) and the others are served.
     #[arg(long, env = "UNDERPASS_BACKENDS_MAX", default_value_t = datapath_common::maps::DEFAULT_BACKENDS_MAX)]
     backends_max: u32,
+    /// Frontends (ClusterIP:port:protocol) the node can program: the size
+    /// of the reverse-NAT table, one id each, at most 16,777,215. A new
+    /// size replaces the table; the agent writes it again under the same
+    /// ids, so tracked flows keep their backends (unless it shrank below
+    /// an id in use: those frontends get new ids and their flows
+    /// re-balance).
+    #[arg(long, env = "UNDERPASS_FRONTENDS_MAX", default_value_t = datapath_common::maps::DEFAULT_REVERSE_NAT_MAX - 1,
+          value_parser = clap::value_parser!(u32).range(1..i64::from(datapath_common::maps::REV_NAT_ID_LIMIT)))]
+    frontends_max: u32,
     /// UDP flows the TC path can track, in a table of their own so that a
     /// burst of UDP flows (DNS) never evicts idle TCP connections.
     #[arg(long, env = "UNDERPASS_CONNTRACK_UDP_MAX", default_value_t = datapath_common::maps::DEFAULT_CONNTRACK_UDP_FLOWS)]
@@ -395,6 +404,8 @@ fn run_agent(args: AgentArgs) -> Result<()> {
         sizes: MapSizes {
             services: args.service_entries_max,
             backends: args.backends_max,
+            // Id 0 is never used: one slot more than frontends.
+            reverse_nat: args.frontends_max + 1,
             conntrack_tcp_flows: args.conntrack_max,
             conntrack_udp_flows: args.conntrack_udp_max,
             ..MapSizes::default()

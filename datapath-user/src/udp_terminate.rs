@@ -57,15 +57,20 @@ impl UdpSocketTerminator {
 
     /// The (cookie, backend) pairs of sockets socket-LB sent to a departed
     /// backend for its frontend; a socket is destroyed only while it is
-    /// still connected to that very backend.
+    /// still connected to that very backend. The frontend is named by its
+    /// address and port and the low 16 bits of its reverse-NAT id (all a
+    /// socket's entry keeps: enough to tell a re-created frontend from the
+    /// one the socket was sent through).
     fn doomed_cookies(&self, departed: &[Departed]) -> HashSet<(u64, Ipv4Addr, u16)> {
-        let wanted: HashSet<(u32, u16, u16)> = departed
+        let wanted: HashSet<(u32, u16, u32, u16, u16)> = departed
             .iter()
             .map(|d| {
                 (
                     ipv4_be(d.backend.address.octets()),
                     port_be(d.backend.port),
-                    d.rev_nat_id,
+                    ipv4_be(d.frontend.address.octets()),
+                    port_be(d.frontend.port),
+                    d.rev_nat_id as u16,
                 )
             })
             .collect();
@@ -76,7 +81,9 @@ impl UdpSocketTerminator {
                 wanted.contains(&(
                     key.backend_address_be,
                     key.backend_port_be,
-                    value.rev_nat_id,
+                    value.service_address_be,
+                    value.service_port_be,
+                    value.rev_nat_low,
                 ))
             })
             .map(|(key, _)| {

@@ -176,7 +176,7 @@ fn syn_to_a_vip_is_dnated_and_tracked() {
     assert_frame("SYN DNAT", &out, &to_backend(&syn, &B1));
 
     let fwd = ct_entry(&dp, &service_key(&syn)).expect("service-tuple entry");
-    assert_eq!((fwd.backend_id, fwd.rev_nat_id, fwd.state), (B1.id, 1, 0));
+    assert_eq!((fwd.backend_id, fwd.rev_nat_id(), fwd.state), (B1.id, 1, 0));
     let rev = ct_entry(&dp, &backend_key(&syn, &B1)).expect("backend-tuple entry");
     assert_eq!(
         (rev.service_address_be, rev.service_port_be),
@@ -560,13 +560,13 @@ fn a_service_without_endpoints_is_refused_with_icmp_port_unreachable() {
 /// Plants a service-tuple entry for `frame` pinned to `backend`, last
 /// seen `age` ago (on the datapath's jiffies clock), in `state`.
 fn plant_flow(dp: &mut Datapath, frame: &Frame, backend: &BackendEntry, state: u8, age: Duration) {
-    let entry = CtEntry {
+    let mut entry = CtEntry {
         last_seen: jiffies_ago(age),
         backend_id: backend.id,
-        rev_nat_id: 1,
         state,
         ..CtEntry::default()
     };
+    entry.set_rev_nat_id(1);
     let table = if frame.protocol() == 6 {
         &mut dp.maps.conntrack_tcp
     } else {
@@ -717,6 +717,39 @@ fn a_recreated_service_rebalances_its_flows() {
     dp.maps.set_service(&tcp_frontend(), 2, &[B2]).unwrap();
     let ack = Frame::tcp(CLIENT, (VIP, 80), ACK);
     assert_eq!(backend_of(&egress(&mut dp, &ack).1), B2.address);
+}
+
+/// Reverse-NAT ids take 24 bits (`--frontends-max` beyond 65,535): a
+/// flow opened to frontend 65,537 stays tracked although frontend 1 (the
+/// same low 16 bits) is another service, and it re-balances when its
+/// frontend is re-created as 131,073 (again the same low bits).
+#[test]
+fn frontends_beyond_16_bit_ids_keep_their_flows_and_are_told_apart() {
+    let mut dp = load_private();
+    let other = Frontend {
+        address: Ipv4Addr::new(10, 96, 0, 11),
+        port: 81,
+        protocol: datapath_user::model::Protocol::Tcp,
+    };
+    dp.maps.set_service(&other, 1, &[B3]).unwrap();
+    dp.maps.set_service(&tcp_frontend(), 65_537, &[B1]).unwrap();
+    let syn = Frame::tcp(CLIENT, (VIP, 80), SYN);
+    assert_eq!(backend_of(&egress(&mut dp, &syn).1), B1.address);
+    let flow = ct_entry(&dp, &service_key(&syn)).expect("service-tuple entry");
+    assert_eq!(flow.rev_nat_id(), 65_537);
+    let ack = Frame::tcp(CLIENT, (VIP, 80), ACK);
+    for _ in 0..3 {
+        assert_eq!(backend_of(&egress(&mut dp, &ack).1), B1.address);
+    }
+    assert_eq!(dp.maps.counter(Counter::ConntrackHit).unwrap(), 3);
+
+    dp.maps.remove_service(&tcp_frontend()).unwrap();
+    dp.maps
+        .set_service(&tcp_frontend(), 131_073, &[B2])
+        .unwrap();
+    assert_eq!(backend_of(&egress(&mut dp, &ack).1), B2.address);
+    let flow = ct_entry(&dp, &service_key(&syn)).expect("service-tuple entry");
+    assert_eq!(flow.rev_nat_id(), 131_073);
 }
 
 #[test]

@@ -840,3 +840,48 @@ fn a_service_that_does_not_fit_is_an_issue_naming_the_map_and_the_rest_is_served
         &translation(&service_yaml("f", "10.96.2.10", &[80], 10)),
     );
 }
+
+/// `--frontends-max` changed: the agent replaces the reverse-NAT table
+/// (another size) and adoption writes every frontend's entry again under
+/// the id the frontend already had, so tracked flows (which name that id)
+/// keep their backends; nothing else is rewritten.
+#[test]
+fn a_resized_reverse_nat_table_is_written_again_under_the_same_ids() {
+    use datapath_user::{LoadOptions, loader::MapSizes, map_pins::PinPolicy};
+    common::require_root("pinned maps");
+    let pin_dir = std::path::PathBuf::from(format!("/sys/fs/bpf/{}", lab::unique_prefix()));
+    struct Cleanup(std::path::PathBuf);
+    impl Drop for Cleanup {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+    let _cleanup = Cleanup(pin_dir.clone());
+    let with = |frontends: u32| LoadOptions {
+        pin_dir: Some(pin_dir.clone()),
+        sizes: MapSizes {
+            reverse_nat: frontends,
+            ..MapSizes::default()
+        },
+        pin_policy: PinPolicy::Own,
+        ..LoadOptions::default()
+    };
+    let web = translation(&service_yaml("web", "10.96.1.1", &[80, 81], 3));
+    let before = {
+        let mut datapath = datapath_user::Datapath::load(&with(65_536)).unwrap();
+        let mut reconciler = Reconciler::adopt(&mut datapath.maps).unwrap();
+        apply(&mut reconciler, &web);
+        reconciler.maps().dump().unwrap()
+    };
+    assert_eq!(before.rev_nats.len(), 2);
+    let mut datapath = datapath_user::Datapath::load(&with(200_000)).unwrap();
+    let mut reconciler = Reconciler::adopt(&mut datapath.maps).unwrap();
+    let outcome = reconciler.update_service(&web.0, &web.1);
+    assert!(outcome.issues.is_empty(), "{:?}", outcome.issues);
+    assert_eq!(outcome.frontends_written, 0, "only the reverse-NAT entries");
+    assert_eq!(
+        reconciler.maps().dump().unwrap(),
+        before,
+        "the same ids, slots and reverse-NAT entries"
+    );
+}

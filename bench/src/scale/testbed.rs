@@ -224,6 +224,7 @@ impl Testbed {
                     sizes: MapSizes {
                         services: ((n * (m + 1) + 1024) as u32).max(MapSizes::default().services),
                         backends: ((n * m + 1024) as u32).max(MapSizes::default().backends),
+                        reverse_nat: ((n + 1024) as u32).max(MapSizes::default().reverse_nat),
                         ..MapSizes::default()
                     },
                     ..LoadOptions::default()

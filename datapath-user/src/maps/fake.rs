@@ -115,6 +115,13 @@ impl LbMaps for FakeMaps {
         self.rev_nats.remove(&id);
         Ok(())
     }
+    fn restore_rev_nat(&mut self, id: RevNatId, frontend: &Frontend) -> Result<(), MapError> {
+        self.rev_nats.insert(
+            id,
+            std::net::SocketAddrV4::new(frontend.address, frontend.port),
+        );
+        Ok(())
+    }
     fn remove_service_key(&mut self, _key: &ServiceKey) -> Result<(), MapError> {
         Ok(())
     }

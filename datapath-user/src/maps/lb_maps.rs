@@ -25,7 +25,7 @@ pub enum ProgramError {
         capacity: u32,
     },
     #[error(
-        "{frontend}: reverse-NAT id {id} is outside 1..{capacity} (one id per frontend: at most 65,535 ClusterIP ports per node)"
+        "{frontend}: reverse-NAT id {id} is outside 1..{capacity} (one id per frontend, the REVERSE_NAT map's size: raise it with --frontends-max)"
     )]
     RevNatIdOutOfRange {
         frontend: Frontend,
@@ -68,6 +68,9 @@ pub trait LbMaps {
     fn remove_backend(&mut self, id: BackendId) -> Result<(), MapError>;
     /// Clears a reverse-NAT entry no frontend uses.
     fn remove_rev_nat(&mut self, id: RevNatId) -> Result<(), MapError>;
+    /// Writes `frontend`'s reverse-NAT entry alone (found missing at
+    /// adoption: the table was made afresh).
+    fn restore_rev_nat(&mut self, id: RevNatId, frontend: &Frontend) -> Result<(), MapError>;
     /// Deletes one `SERVICES` entry (a stray slot found by `dump`).
     fn remove_service_key(&mut self, key: &ServiceKey) -> Result<(), MapError>;
     /// Makes the frontend filter count exactly `frontends`; returns how
@@ -103,6 +106,9 @@ impl<T: LbMaps + ?Sized> LbMaps for &mut T {
     fn remove_rev_nat(&mut self, id: RevNatId) -> Result<(), MapError> {
         (**self).remove_rev_nat(id)
     }
+    fn restore_rev_nat(&mut self, id: RevNatId, frontend: &Frontend) -> Result<(), MapError> {
+        (**self).restore_rev_nat(id, frontend)
+    }
     fn remove_service_key(&mut self, key: &ServiceKey) -> Result<(), MapError> {
         (**self).remove_service_key(key)
     }
@@ -129,7 +135,7 @@ pub fn validate_service(
             count: backends.len(),
             max: m::MAX_BACKENDS_PER_SERVICE,
         })?;
-    if rev_nat_id == 0 || u32::from(rev_nat_id) >= rev_nat_capacity {
+    if rev_nat_id == 0 || rev_nat_id >= rev_nat_capacity {
         return Err(ProgramError::RevNatIdOutOfRange {
             frontend: *frontend,
             id: rev_nat_id,

@@ -24,7 +24,7 @@ impl LbMaps for DatapathMaps {
     }
 
     fn rev_nat_capacity(&self) -> u32 {
-        self.reverse_nat.len().min(u32::from(RevNatId::MAX) + 1)
+        self.reverse_nat.len().min(m::REV_NAT_ID_LIMIT)
     }
 
     /// Programs `frontend` to balance over `backends` (in slot order),
@@ -71,25 +71,14 @@ impl LbMaps for DatapathMaps {
             .collect();
         write_batch(IterableMap::map(&self.backends), &ids, &values)
             .map_err(|(_, error)| map_err(m::BACKENDS_MAP)(error))?;
-        let rev_nat = RevNatValue {
-            address_be: ipv4_be(frontend.address.octets()),
-            port_be: port_be(frontend.port),
-            flags: m::REV_NAT_FLAG_PRESENT,
-            _pad: 0,
-        };
-        self.reverse_nat
-            .set(u32::from(rev_nat_id), rev_nat, 0)
+        self.restore_rev_nat(rev_nat_id, frontend)
             .map_err(map_err(m::REVERSE_NAT_MAP))?;
         let slot_keys: Vec<ServiceKey> = (1..=backends.len())
             .map(|slot| frontend.key(slot as u16))
             .collect();
         let slots: Vec<ServiceValue> = backends
             .iter()
-            .map(|backend| ServiceValue {
-                backend_id: backend.id,
-                rev_nat_id,
-                ..ServiceValue::default()
-            })
+            .map(|backend| ServiceValue::new(backend.id, 0, rev_nat_id, 0))
             .collect();
         if let Err((written, error)) =
             write_batch(IterableMap::map(&self.services), &slot_keys, &slots)
@@ -102,11 +91,7 @@ impl LbMaps for DatapathMaps {
             }
             return Err(map_err(m::SERVICES_MAP)(error));
         }
-        let head = ServiceValue {
-            backend_count: count,
-            rev_nat_id,
-            ..ServiceValue::default()
-        };
+        let head = ServiceValue::new(0, count, rev_nat_id, 0);
         if old_head.is_none() {
             adjust_filter(&mut self.service_filter, frontend, 1)
                 .map_err(map_err(m::SERVICE_FILTER_MAP))?;
@@ -119,11 +104,11 @@ impl LbMaps for DatapathMaps {
                 .map_err(map_err(m::SERVICES_MAP))?;
         }
         if let Some(old) = old_head
-            && old.rev_nat_id != rev_nat_id
+            && old.rev_nat_id() != rev_nat_id
         {
             // A new incarnation: flows of the old one re-balance.
             self.reverse_nat
-                .set(u32::from(old.rev_nat_id), RevNatValue::default(), 0)
+                .set(old.rev_nat_id(), RevNatValue::default(), 0)
                 .map_err(map_err(m::REVERSE_NAT_MAP))?;
         }
         Ok(())
@@ -151,7 +136,7 @@ impl LbMaps for DatapathMaps {
                 .map_err(map_err(m::SERVICES_MAP))?;
         }
         self.reverse_nat
-            .set(u32::from(head.rev_nat_id), RevNatValue::default(), 0)
+            .set(head.rev_nat_id(), RevNatValue::default(), 0)
             .map_err(map_err(m::REVERSE_NAT_MAP))?;
         Ok(())
     }
@@ -195,7 +180,7 @@ impl LbMaps for DatapathMaps {
             match Frontend::from_key(&key) {
                 Some(frontend) => dump.frontends.push(DumpedFrontend {
                     frontend,
-                    rev_nat_id: heads[&key].rev_nat_id,
+                    rev_nat_id: heads[&key].rev_nat_id(),
                     slots,
                 }),
                 None => dump.stray_slots.push(key),
@@ -238,10 +223,19 @@ impl LbMaps for DatapathMaps {
         remove_if_present(&mut self.services, key)
     }
 
+    fn restore_rev_nat(&mut self, id: RevNatId, frontend: &Frontend) -> Result<(), MapError> {
+        let value = RevNatValue {
+            address_be: ipv4_be(frontend.address.octets()),
+            port_be: port_be(frontend.port),
+            flags: m::REV_NAT_FLAG_PRESENT,
+            _pad: 0,
+        };
+        self.reverse_nat.set(id, value, 0)
+    }
+
     /// Clears a reverse-NAT entry no frontend uses.
     fn remove_rev_nat(&mut self, id: RevNatId) -> Result<(), MapError> {
-        self.reverse_nat
-            .set(u32::from(id), RevNatValue::default(), 0)
+        self.reverse_nat.set(id, RevNatValue::default(), 0)
     }
 
     /// Rewrites `SERVICE_FILTER` to count exactly `frontends`: repairs

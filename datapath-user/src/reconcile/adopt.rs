@@ -5,7 +5,7 @@
 use foldhash::{HashMap, HashSet};
 
 use aya::maps::MapError;
-use datapath_common::maps::BackendId;
+use datapath_common::maps::{BackendId, RevNatId};
 
 use super::{BackendUse, IdAllocator, Programmed, PruneReport, Reconciler, issues::datapath_issue};
 use crate::{
@@ -36,9 +36,30 @@ impl<M: LbMaps> Reconciler<M> {
             stray_slots: dump.stray_slots,
         };
         let by_id: HashMap<BackendId, BackendAddress> = dump.backends.iter().copied().collect();
+        let reverse_nat: HashMap<RevNatId, std::net::SocketAddrV4> =
+            dump.rev_nats.iter().copied().collect();
         let mut referenced = HashSet::default();
         let mut rev_nats_used = HashSet::default();
         for found in dump.frontends {
+            if found.rev_nat_id >= reconciler.rev_nat_ids.capacity {
+                // The REVERSE_NAT map was made smaller (`--frontends-max`)
+                // than this frontend's id: the first sync programs it
+                // afresh under a new id (its tracked flows re-balance).
+                continue;
+            }
+            // The REVERSE_NAT map was made afresh (resized), or a write
+            // was interrupted: the entry is written again at once under
+            // the same id, so tracked flows (which name the id) keep their
+            // backends. If that fails, the first sync re-programs it.
+            let rev_nat_lost = reverse_nat.get(&found.rev_nat_id)
+                != Some(&std::net::SocketAddrV4::new(
+                    found.frontend.address,
+                    found.frontend.port,
+                ))
+                && reconciler
+                    .maps
+                    .restore_rev_nat(found.rev_nat_id, &found.frontend)
+                    .is_err();
             let slots: Option<Vec<(BackendId, BackendAddress)>> = found
                 .slots
                 .iter()
@@ -47,15 +68,16 @@ impl<M: LbMaps> Reconciler<M> {
             // Broken: a missing slot or backend, or an address that
             // another frontend reached under a different id. Re-programmed
             // by the first sync; until then its entries stay in place.
-            let broken = match &slots {
-                None => true,
-                Some(slots) => slots.iter().any(|(id, address)| {
-                    reconciler
-                        .backends
-                        .get(address)
-                        .is_some_and(|using| using.id != *id)
-                }),
-            };
+            let broken = rev_nat_lost
+                || match &slots {
+                    None => true,
+                    Some(slots) => slots.iter().any(|(id, address)| {
+                        reconciler
+                            .backends
+                            .get(address)
+                            .is_some_and(|using| using.id != *id)
+                    }),
+                };
             let mut backends = Vec::new();
             let mut untracked_ids = Vec::new();
             if broken {
@@ -78,7 +100,7 @@ impl<M: LbMaps> Reconciler<M> {
                 }
             }
             rev_nats_used.insert(found.rev_nat_id);
-            reconciler.rev_nat_ids.adopt(u32::from(found.rev_nat_id));
+            reconciler.rev_nat_ids.adopt(found.rev_nat_id);
             reconciler.programmed.insert(
                 found.frontend,
                 Programmed {
@@ -99,7 +121,7 @@ impl<M: LbMaps> Reconciler<M> {
         }
         for (id, _) in &dump.rev_nats {
             if !rev_nats_used.contains(id) {
-                reconciler.rev_nat_ids.adopt(u32::from(*id));
+                reconciler.rev_nat_ids.adopt(*id);
                 reconciler.adopted_unused_rev_nats.push(*id);
             }
         }
@@ -147,7 +169,7 @@ impl<M: LbMaps> Reconciler<M> {
             }
             match self.maps.remove_rev_nat(id) {
                 Ok(()) => {
-                    self.rev_nat_ids.release(u32::from(id));
+                    self.rev_nat_ids.release(id);
                     report.rev_nats += 1;
                 }
                 Err(e) => issues.push(datapath_issue(

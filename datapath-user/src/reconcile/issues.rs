@@ -59,7 +59,7 @@ fn raise(map: &str) -> &'static str {
         datapath_common::maps::SERVICES_MAP => "raise it with --service-entries-max",
         datapath_common::maps::BACKENDS_MAP => "raise it with --backends-max",
         datapath_common::maps::REVERSE_NAT_MAP => {
-            "one id per frontend (ClusterIP port), at most 65,535 per node"
+            "one id per frontend (ClusterIP port): raise it with --frontends-max"
         }
         _ => "raise its size",
     }

@@ -73,6 +73,8 @@ struct BackendUse {
 /// sockets that socket-LB connected to it for that frontend must go.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct Departed {
+    /// The frontend it left, and that frontend's incarnation.
+    pub frontend: Frontend,
     pub rev_nat_id: RevNatId,
     pub backend: BackendAddress,
 }

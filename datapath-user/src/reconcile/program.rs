@@ -2,7 +2,7 @@
 //! make-before-break, departed backends noted) and removing one, with the
 //! issues either can raise.
 
-use datapath_common::maps::{BackendId, RevNatId};
+use datapath_common::maps::BackendId;
 
 use super::{
     BackendUse, Departed, Programmed, Reconciler,
@@ -67,7 +67,7 @@ impl<M: LbMaps> Reconciler<M> {
                 let id = self.rev_nat_ids.allocate().ok_or_else(|| {
                     limit_issue(frontend, "REVERSE_NAT", self.rev_nat_ids.capacity)
                 })?;
-                (id as RevNatId, true)
+                (id, true)
             }
         };
         // Take references on the new set first; released below on failure.
@@ -77,7 +77,7 @@ impl<M: LbMaps> Reconciler<M> {
                 let issue = limit_issue(frontend, "BACKENDS", self.backend_ids.capacity);
                 self.release_backends(&addresses[..taken]);
                 if fresh_rev_nat {
-                    self.rev_nat_ids.release(u32::from(rev_nat_id));
+                    self.rev_nat_ids.release(rev_nat_id);
                 }
                 return Err(issue);
             };
@@ -98,7 +98,7 @@ impl<M: LbMaps> Reconciler<M> {
                 self.release_backends(&addresses);
                 self.release_backends(&draining);
                 if fresh_rev_nat {
-                    self.rev_nat_ids.release(u32::from(rev_nat_id));
+                    self.rev_nat_ids.release(rev_nat_id);
                 }
                 return Err(program_issue(e));
             }
@@ -145,6 +145,7 @@ impl<M: LbMaps> Reconciler<M> {
                 .chain(&old.draining)
                 .filter(|b| !now.backends.contains(b) && !now.draining.contains(b))
                 .map(|&backend| Departed {
+                    frontend: *frontend,
                     rev_nat_id,
                     backend,
                 })
@@ -200,12 +201,13 @@ impl<M: LbMaps> Reconciler<M> {
             .iter()
             .chain(&programmed.draining)
             .map(|&backend| Departed {
+                frontend: *frontend,
                 rev_nat_id: programmed.rev_nat_id,
                 backend,
             })
             .collect();
         self.note_departed(frontend, departed);
-        self.rev_nat_ids.release(u32::from(programmed.rev_nat_id));
+        self.rev_nat_ids.release(programmed.rev_nat_id);
         self.release_backends(&programmed.backends);
         self.release_backends(&programmed.draining);
         self.release_untracked(&programmed.untracked_ids);

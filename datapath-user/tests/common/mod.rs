@@ -47,7 +47,8 @@ fn load_private_options(ct_timeouts: CtTimeouts, datapath_log: DatapathLog) -> D
         sizes: MapSizes {
             services: 4096,
             backends: 4096,
-            reverse_nat: 1024,
+            // Ids beyond 16 bits are tested (up to 131,073).
+            reverse_nat: 140_000,
             conntrack_tcp_flows: 2048,
             conntrack_udp_flows: CONNTRACK_UDP_FLOWS,
             sock_reverse_nat: 1024,
