@@ -173,10 +173,10 @@ struct AgentArgs {
     #[arg(long, env = "UNDERPASS_FROM_DIR", conflicts_with = "kubeconfig")]
     from_dir: Option<PathBuf>,
     /// How often --from-dir is checked for changes, in milliseconds. A
-    /// file closed after writing or renamed into place is seen at once
-    /// (inotify); the poll finds what events miss (network file systems,
-    /// a file written in place and left open), and a file changed in place
-    /// is read once it held still for one poll.
+    /// file renamed into place (atomic writers, editors, ConfigMap
+    /// volumes) is seen at once (inotify); a file written in place is read
+    /// once it held still this long; the poll also finds what events miss
+    /// (network file systems).
     #[arg(long, default_value_t = 500)]
     dir_poll_ms: u64,
     /// kubeconfig for the API server (default: in-cluster service

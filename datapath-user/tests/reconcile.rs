@@ -885,3 +885,72 @@ fn a_resized_reverse_nat_table_is_written_again_under_the_same_ids() {
         "the same ids, slots and reverse-NAT entries"
     );
 }
+
+/// `--frontends-max` made smaller than an id in use: that frontend gets a
+/// free id below the new size and is written again by the first sync (no
+/// issue; its flows re-balance), and the others keep theirs.
+#[test]
+fn a_shrunk_reverse_nat_table_renumbers_the_frontends_beyond_it() {
+    use datapath_user::{LoadOptions, loader::MapSizes, map_pins::PinPolicy};
+    common::require_root("pinned maps");
+    let pin_dir = std::path::PathBuf::from(format!("/sys/fs/bpf/{}", lab::unique_prefix()));
+    struct Cleanup(std::path::PathBuf);
+    impl Drop for Cleanup {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+    let _cleanup = Cleanup(pin_dir.clone());
+    let with = |frontends: u32| LoadOptions {
+        pin_dir: Some(pin_dir.clone()),
+        sizes: MapSizes {
+            reverse_nat: frontends,
+            ..MapSizes::default()
+        },
+        pin_policy: PinPolicy::Own,
+        ..LoadOptions::default()
+    };
+    let three = translation(&service_yaml("web", "10.96.1.1", &[80, 81, 82], 3));
+    let two = translation(&service_yaml("web", "10.96.1.1", &[81, 82], 3));
+    {
+        let mut datapath = datapath_user::Datapath::load(&with(65_536)).unwrap();
+        let mut reconciler = Reconciler::adopt(&mut datapath.maps).unwrap();
+        apply(&mut reconciler, &three);
+        apply(&mut reconciler, &two);
+        let ids: Vec<(u16, u32)> = reconciler
+            .maps()
+            .dump()
+            .unwrap()
+            .frontends
+            .iter()
+            .map(|f| (f.frontend.port, f.rev_nat_id))
+            .collect();
+        assert_eq!(ids, [(81, 2), (82, 3)]);
+    }
+    // Ids 1 and 2 only.
+    let mut datapath = datapath_user::Datapath::load(&with(3)).unwrap();
+    let mut reconciler = Reconciler::adopt(&mut datapath.maps).unwrap();
+    let outcome = reconciler.update_service(&two.0, &two.1);
+    assert!(outcome.issues.is_empty(), "{:?}", outcome.issues);
+    assert_eq!(outcome.frontends_written, 1, "the renumbered frontend");
+    reconciler.prune(false).unwrap();
+    let dump = reconciler.maps().dump().unwrap();
+    let ids: Vec<(u16, u32)> = dump
+        .frontends
+        .iter()
+        .map(|f| (f.frontend.port, f.rev_nat_id))
+        .collect();
+    assert_eq!(ids, [(81, 2), (82, 1)]);
+    let rev_nats: Vec<(u32, u16)> = dump
+        .rev_nats
+        .iter()
+        .map(|(id, a)| (*id, a.port()))
+        .collect();
+    assert_eq!(rev_nats, [(1, 82), (2, 81)]);
+    assert!(
+        dump.frontends
+            .iter()
+            .all(|f| f.slots.iter().all(Option::is_some))
+    );
+    assert_eq!(dump.backends.len(), 3, "the backends, no stray ones");
+}

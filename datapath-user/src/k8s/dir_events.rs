@@ -6,12 +6,14 @@
 //! network ones), after the event queue overflowed, when the directory
 //! itself was replaced, and for a file written in place and never closed.
 //!
-//! The events also say when a file is complete: closed after writing, or
-//! renamed into place (as `kubectl cp` does not, but editors and atomic
-//! writers do), or swapped in with the whole directory (a ConfigMap
-//! volume's `..data` link). Such a file is read at once; any other change
-//! waits until its stamp holds still for a poll, so that a file still
-//! being written is never read half-written.
+//! The events also say when a file is complete: renamed into place (as
+//! atomic writers and most editors do), or swapped in with the whole
+//! directory (a ConfigMap volume's `..data` link). Such a file is read at
+//! once. Any other change waits until its stamp held still for a whole
+//! poll interval, so that a file still being written is never read
+//! half-written: "closed after writing" is not taken as complete, since
+//! a script appending documents closes the file after each one, and each
+//! part could parse cleanly and withdraw the services still to come.
 
 use std::{
     collections::BTreeMap,
@@ -26,8 +28,8 @@ use inotify::{EventMask, EventStream, Inotify, WatchMask};
 /// What woke the source.
 #[derive(Debug, Default)]
 pub struct Wake {
-    /// Files whose last event was "closed after writing" or "renamed into
-    /// place": complete, read without waiting for them to settle.
+    /// Files whose last event was "renamed into place": complete, read
+    /// without waiting for them to settle.
     pub complete: Vec<PathBuf>,
     /// A `..`-named entry (a ConfigMap volume's `..data` link) was swapped:
     /// every file may have changed at once, each complete.
@@ -144,7 +146,7 @@ impl DirEvents {
         }
         wake.complete = last
             .into_iter()
-            .filter(|(_, mask)| mask.intersects(EventMask::CLOSE_WRITE | EventMask::MOVED_TO))
+            .filter(|(_, mask)| mask.contains(EventMask::MOVED_TO))
             .map(|(path, _)| path)
             .collect();
         wake
@@ -164,17 +166,17 @@ mod tests {
     use super::*;
 
     #[tokio::test]
-    async fn a_file_closed_after_writing_wakes_the_source_at_once_and_is_complete() {
+    async fn a_file_renamed_into_place_wakes_the_source_at_once_and_is_complete() {
         let dir = tempfile::tempdir().unwrap();
         let (mut events, problem) = DirEvents::watch(dir.path());
         assert_eq!(problem, None);
         let path = dir.path().join("a.yaml");
         let writer = {
-            let path = path.clone();
+            let (path, temp) = (path.clone(), dir.path().join(".a.yaml.tmp"));
             tokio::spawn(async move {
                 tokio::time::sleep(Duration::from_millis(50)).await;
-                let mut f = std::fs::File::create(&path).unwrap();
-                f.write_all(b"x: 1\n").unwrap();
+                std::fs::write(&temp, b"x: 1\n").unwrap();
+                std::fs::rename(&temp, &path).unwrap();
             })
         };
         let started = Instant::now();
@@ -189,7 +191,7 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_file_still_open_for_writing_is_not_complete() {
+    async fn a_file_written_in_place_is_never_complete_even_once_closed() {
         let dir = tempfile::tempdir().unwrap();
         let (mut events, _) = DirEvents::watch(dir.path());
         let path = dir.path().join("a.yaml");
@@ -199,7 +201,7 @@ mod tests {
         assert!(!wake.is_complete(&path), "{wake:?}");
         drop(f);
         let wake = events.next(Duration::from_secs(30)).await;
-        assert!(wake.is_complete(&path), "{wake:?}");
+        assert!(!wake.is_complete(&path), "{wake:?}");
     }
 
     #[tokio::test]

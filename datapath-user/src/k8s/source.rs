@@ -5,7 +5,7 @@
 use std::{
     collections::{BTreeMap, BTreeSet},
     path::{Path, PathBuf},
-    time::{Duration, SystemTime},
+    time::{Duration, Instant, SystemTime},
 };
 
 use futures::{Stream, StreamExt};
@@ -238,12 +238,14 @@ pub async fn watch_dir(dir: PathBuf, interval: Duration, tx: mpsc::Sender<Source
     if let Some(message) = no_events {
         tracing::warn!("{message}");
     }
-    // What woke this pass: files it names as complete are read at once.
+    // What woke this pass: files it names as complete (renamed into
+    // place) are read at once.
     let mut wake = Wake::default();
     // Any other changed file is read once its stamp has held still for a
-    // poll: a file being written in place (not renamed into place) is not
-    // read half-written, which could parse cleanly and withdraw services.
-    let mut settling: BTreeMap<PathBuf, Stamp> = BTreeMap::new();
+    // whole `interval` (since it was first seen so), however many passes
+    // events cause meanwhile: a file being written in place is not read
+    // half-written, which could parse cleanly and withdraw services.
+    let mut settling: BTreeMap<PathBuf, (Stamp, Instant)> = BTreeMap::new();
     let mut first = true;
     // The first read had unreadable documents: the agent must not prune
     // what a previous agent programmed from them.
@@ -278,8 +280,13 @@ pub async fn watch_dir(dir: PathBuf, interval: Duration, tx: mpsc::Sender<Source
                         settling.remove(&path);
                         continue;
                     }
-                    if settling.get(&path) != Some(&now) && !wake.is_complete(&path) {
-                        settling.insert(path, now);
+                    let settled = settling
+                        .get(&path)
+                        .is_some_and(|(seen, since)| *seen == now && since.elapsed() >= interval);
+                    if !settled && !wake.is_complete(&path) {
+                        if settling.get(&path).is_none_or(|(seen, _)| *seen != now) {
+                            settling.insert(path, (now, Instant::now()));
+                        }
                         unsettled = true;
                         continue;
                     }
@@ -294,7 +301,7 @@ pub async fn watch_dir(dir: PathBuf, interval: Duration, tx: mpsc::Sender<Source
                     if stamp(&path) != Some(now) {
                         // Written to while it was read: read it again once
                         // it holds still.
-                        settling.insert(path, now);
+                        settling.insert(path, (now, Instant::now()));
                         unsettled = true;
                         continue;
                     }

@@ -105,6 +105,7 @@ impl LbMaps for DatapathMaps {
         }
         if let Some(old) = old_head
             && old.rev_nat_id() != rev_nat_id
+            && old.rev_nat_id() < self.reverse_nat.len()
         {
             // A new incarnation: flows of the old one re-balance.
             self.reverse_nat
@@ -135,9 +136,12 @@ impl LbMaps for DatapathMaps {
             remove_if_present(&mut self.services, &frontend.key(slot))
                 .map_err(map_err(m::SERVICES_MAP))?;
         }
-        self.reverse_nat
-            .set(head.rev_nat_id(), RevNatValue::default(), 0)
-            .map_err(map_err(m::REVERSE_NAT_MAP))?;
+        // An id beyond the table (made smaller since) has no entry.
+        if head.rev_nat_id() < self.reverse_nat.len() {
+            self.reverse_nat
+                .set(head.rev_nat_id(), RevNatValue::default(), 0)
+                .map_err(map_err(m::REVERSE_NAT_MAP))?;
+        }
         Ok(())
     }
 

@@ -40,22 +40,39 @@ impl<M: LbMaps> Reconciler<M> {
             dump.rev_nats.iter().copied().collect();
         let mut referenced = HashSet::default();
         let mut rev_nats_used = HashSet::default();
-        for found in dump.frontends {
-            if found.rev_nat_id >= reconciler.rev_nat_ids.capacity {
-                // The REVERSE_NAT map was made smaller (`--frontends-max`)
-                // than this frontend's id: the first sync programs it
-                // afresh under a new id (its tracked flows re-balance).
-                continue;
+        // An id the REVERSE_NAT map no longer holds (made smaller with
+        // `--frontends-max`), or one an earlier frontend already has (a
+        // build with narrower ids ran meanwhile): the frontend gets a new
+        // id and is re-programmed by the first sync (its tracked flows
+        // re-balance, as for a re-created service). Every usable id is
+        // taken first, so that no new id is one a later frontend holds.
+        let mut holders = HashSet::default();
+        let unusable: Vec<bool> = dump
+            .frontends
+            .iter()
+            .map(|f| {
+                f.rev_nat_id >= reconciler.rev_nat_ids.capacity || !holders.insert(f.rev_nat_id)
+            })
+            .collect();
+        for id in holders {
+            reconciler.rev_nat_ids.adopt(id);
+        }
+        for (mut found, id_unusable) in dump.frontends.into_iter().zip(unusable) {
+            let mut renumbered = false;
+            if id_unusable && let Some(id) = reconciler.rev_nat_ids.allocate() {
+                found.rev_nat_id = id;
+                renumbered = true;
             }
             // The REVERSE_NAT map was made afresh (resized), or a write
             // was interrupted: the entry is written again at once under
             // the same id, so tracked flows (which name the id) keep their
             // backends. If that fails, the first sync re-programs it.
-            let rev_nat_lost = reverse_nat.get(&found.rev_nat_id)
-                != Some(&std::net::SocketAddrV4::new(
-                    found.frontend.address,
-                    found.frontend.port,
-                ))
+            let rev_nat_lost = !renumbered
+                && reverse_nat.get(&found.rev_nat_id)
+                    != Some(&std::net::SocketAddrV4::new(
+                        found.frontend.address,
+                        found.frontend.port,
+                    ))
                 && reconciler
                     .maps
                     .restore_rev_nat(found.rev_nat_id, &found.frontend)
@@ -69,6 +86,7 @@ impl<M: LbMaps> Reconciler<M> {
             // another frontend reached under a different id. Re-programmed
             // by the first sync; until then its entries stay in place.
             let broken = rev_nat_lost
+                || id_unusable
                 || match &slots {
                     None => true,
                     Some(slots) => slots.iter().any(|(id, address)| {
