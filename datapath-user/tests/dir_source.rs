@@ -34,6 +34,11 @@ async fn until(
             Ok(Some(SourceMessage::Change(change))) => {
                 store.apply(change);
             }
+            Ok(Some(SourceMessage::Changes(changes))) => {
+                for change in changes {
+                    store.apply(change);
+                }
+            }
             Ok(Some(SourceMessage::Problem { message, .. })) => problems.push(message),
             Ok(Some(SourceMessage::Synced(_))) => {}
             Ok(Some(SourceMessage::Incomplete(message))) => problems.push(message),
@@ -123,6 +128,11 @@ async fn a_renamed_file_is_read_at_once_and_a_half_written_one_not_at_all() {
             Ok(Some(SourceMessage::Change(change))) => {
                 store.apply(change);
             }
+            Ok(Some(SourceMessage::Changes(changes))) => {
+                for change in changes {
+                    store.apply(change);
+                }
+            }
             other => panic!("before the first sync: {other:?}"),
         }
     }
@@ -139,8 +149,10 @@ async fn a_renamed_file_is_read_at_once_and_a_half_written_one_not_at_all() {
     until(&mut rx, &mut store, &mut problems, &["one"]).await;
     tokio::time::sleep(Duration::from_millis(300)).await;
     while let Ok(message) = rx.try_recv() {
-        if let SourceMessage::Change(change) = message {
-            store.apply(change);
+        if let SourceMessage::Changes(changes) = message {
+            for change in changes {
+                store.apply(change);
+            }
         }
     }
     let have: Vec<String> = store.service_keys().map(|k| k.name.clone()).collect();

@@ -238,6 +238,7 @@ async fn list_watch_end_gone_relist() {
             SourceMessage::Problem { message, .. } | SourceMessage::Incomplete(message) => {
                 problems.push(message)
             }
+            SourceMessage::Changes(_) => panic!("the API source sends changes one by one"),
             SourceMessage::Change(change) => {
                 match &change {
                     Change::Replaced(kind, objects) => replaced.push((*kind, objects.len())),

@@ -296,6 +296,10 @@ impl<M: LbMaps> AgentCore<M> {
     fn take(&mut self, message: SourceMessage) -> BTreeSet<ObjectKey> {
         match message {
             SourceMessage::Change(change) => self.store.apply(change),
+            SourceMessage::Changes(changes) => changes
+                .into_iter()
+                .flat_map(|change| self.store.apply(change))
+                .collect(),
             SourceMessage::Synced(_) => BTreeSet::new(),
             SourceMessage::Incomplete(reason) => {
                 warn!("{reason}");

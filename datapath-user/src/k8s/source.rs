@@ -25,6 +25,9 @@ use super::{
 #[derive(Debug)]
 pub enum SourceMessage {
     Change(Change),
+    /// Changes that belong together (one pass over `--from-dir`: a file's
+    /// Service and its EndpointSlice), applied in one update.
+    Changes(Vec<Change>),
     /// The first complete set of this kind has been delivered.
     Synced(Kind),
     /// Something could not be read; everything else still is.
@@ -398,7 +401,20 @@ pub async fn watch_dir(dir: PathBuf, interval: Duration, tx: mpsc::Sender<Source
             kind: IssueKind::Invalid,
             message,
         });
-        for message in problems.chain(messages) {
+        // One pass's changes travel together, so that the agent never
+        // applies a Service without the slice read beside it.
+        let (changes, others): (Vec<_>, Vec<_>) = messages
+            .into_iter()
+            .partition(|m| matches!(m, SourceMessage::Change(_)));
+        let changes: Vec<Change> = changes
+            .into_iter()
+            .filter_map(|m| match m {
+                SourceMessage::Change(change) => Some(change),
+                _ => None,
+            })
+            .collect();
+        let changes = (!changes.is_empty()).then_some(SourceMessage::Changes(changes));
+        for message in problems.chain(changes).chain(others) {
             if tx.send(message).await.is_err() {
                 return;
             }
