@@ -1398,6 +1398,14 @@ fn pod_routes_steer_new_flows_only_with_the_netns_cookie_feature() {
             continue;
         }
         let pin_dir = std::path::PathBuf::from(format!("/sys/fs/bpf/{}", lab::unique_prefix()));
+        // Removed also when an assertion or the load fails.
+        struct Cleanup(std::path::PathBuf);
+        impl Drop for Cleanup {
+            fn drop(&mut self) {
+                let _ = std::fs::remove_dir_all(&self.0);
+            }
+        }
+        let _cleanup = Cleanup(pin_dir.clone());
         let mut dp = datapath_user::Datapath::load(&datapath_user::LoadOptions {
             pin_dir: Some(pin_dir.clone()),
             feature_bits: Some(bits),
@@ -1428,7 +1436,6 @@ fn pod_routes_steer_new_flows_only_with_the_netns_cookie_feature() {
         let syn = Frame::tcp(CLIENT, (VIP, 80), SYN);
         egress(&mut dp, &syn);
         let flow = ct_entry(&dp, &service_key(&syn)).expect("a tracked flow");
-        let _ = std::fs::remove_dir_all(&pin_dir);
         assert_eq!(flow.out_ifindex, out_ifindex, "features {bits:#b}");
     }
 }

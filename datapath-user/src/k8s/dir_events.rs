@@ -3,8 +3,8 @@
 //! reaches the maps in milliseconds, not in one to two poll intervals.
 //!
 //! The poll stays, as the fallback: for file systems without inotify (some
-//! network ones), after the event queue overflowed, when the directory
-//! itself was replaced, and for a file written in place and never closed.
+//! network ones), after the event queue overflowed, and when the directory
+//! itself was replaced (its watch ends; it is made again at the next poll).
 //!
 //! The events also say when a file is complete: renamed into place (as
 //! atomic writers and most editors do), or swapped in with the whole
@@ -93,6 +93,12 @@ impl DirEvents {
     pub async fn next(&mut self, poll: Duration) -> Wake {
         let Some(stream) = self.stream.as_mut() else {
             tokio::time::sleep(poll).await;
+            // The watch ended (the directory was replaced) or could not be
+            // made: try again, quietly, once a poll.
+            if let (again, None) = Self::watch(&self.dir) {
+                tracing::info!(dir = %self.dir.display(), "watching the directory's change events again");
+                self.stream = again.stream;
+            }
             return Wake::default();
         };
         let first = tokio::select! {
@@ -212,6 +218,33 @@ mod tests {
         std::fs::rename(dir.path().join("..data_tmp"), dir.path().join("..data")).unwrap();
         let wake = events.next(Duration::from_secs(30)).await;
         assert!(wake.is_complete(&dir.path().join("services.yaml")));
+    }
+
+    #[tokio::test]
+    async fn a_replaced_directory_is_watched_again() {
+        let parent = tempfile::tempdir().unwrap();
+        let dir = parent.path().join("manifests");
+        std::fs::create_dir(&dir).unwrap();
+        let (mut events, _) = DirEvents::watch(&dir);
+        std::fs::remove_dir(&dir).unwrap();
+        std::fs::create_dir(&dir).unwrap();
+        // The watch's end, then a poll that makes it again.
+        for _ in 0..3 {
+            events.next(Duration::from_millis(20)).await;
+        }
+        assert!(events.stream.is_some(), "watching again");
+        let temp = dir.join(".a.yaml.tmp");
+        std::fs::write(&temp, b"x: 1\n").unwrap();
+        std::fs::rename(&temp, dir.join("a.yaml")).unwrap();
+        let seen = tokio::time::timeout(Duration::from_secs(10), async {
+            while !events
+                .next(Duration::from_secs(30))
+                .await
+                .is_complete(&dir.join("a.yaml"))
+            {}
+        })
+        .await;
+        assert!(seen.is_ok(), "no event from the new directory");
     }
 
     #[tokio::test]
