@@ -146,7 +146,14 @@ async fn a_renamed_file_is_read_at_once_and_a_half_written_one_not_at_all() {
     // and the half-written one is not.
     tokio::time::sleep(Duration::from_millis(100)).await;
     write(path, "a.yaml", &service("one", "10.96.0.1"));
-    until(&mut rx, &mut store, &mut problems, &["one"]).await;
+    // At once: well within the poll (3 s; without its event the file would
+    // be read after one to two polls).
+    tokio::time::timeout(
+        Duration::from_secs(2),
+        until(&mut rx, &mut store, &mut problems, &["one"]),
+    )
+    .await
+    .expect("the renamed file read at once");
     tokio::time::sleep(Duration::from_millis(300)).await;
     while let Ok(message) = rx.try_recv() {
         if let SourceMessage::Changes(changes) = message {

@@ -954,3 +954,54 @@ fn a_shrunk_reverse_nat_table_renumbers_the_frontends_beyond_it() {
     );
     assert_eq!(dump.backends.len(), 3, "the backends, no stray ones");
 }
+
+/// Two frontends found with one reverse-NAT id (a build with narrower ids
+/// ran meanwhile): the first keeps it and its entry; the second gets a
+/// free id and is rewritten; neither the rewrite nor removing the second
+/// later clears the entry the first still uses.
+#[test]
+fn a_reverse_nat_id_found_twice_stays_with_its_holder() {
+    let a = translation(&service_yaml("a", "10.96.1.1", &[80], 2));
+    let b = translation(&service_yaml("b", "10.96.1.2", &[80], 2));
+    let mut first = Reconciler::adopt(FakeMaps::with_capacity(64)).unwrap();
+    apply(&mut first, &a);
+    apply(&mut first, &b);
+    let mut maps = first.into_maps();
+    let frontend = |ip: [u8; 4]| Frontend {
+        address: Ipv4Addr::from(ip),
+        port: 80,
+        protocol: Protocol::Tcp,
+    };
+    let (id_a, _) = maps.services[&frontend([10, 96, 1, 1])].clone();
+    let (id_b, _) = maps.services[&frontend([10, 96, 1, 2])].clone();
+    // b's head names a's id, as a build with 16-bit ids would read it.
+    maps.services.get_mut(&frontend([10, 96, 1, 2])).unwrap().0 = id_a;
+    maps.rev_nats.remove(&id_b);
+
+    let mut second = Reconciler::adopt(maps).unwrap();
+    for service in [&a, &b] {
+        let outcome = second.update_service(&service.0, &service.1);
+        assert!(outcome.issues.is_empty(), "{:?}", outcome.issues);
+    }
+    second.prune(false).unwrap();
+    let names = |maps: &FakeMaps, ip: [u8; 4]| {
+        let (id, _) = maps.services[&frontend(ip)];
+        maps.rev_nats.get(&id).map(|a| *a.ip())
+    };
+    assert_eq!(
+        names(second.maps(), [10, 96, 1, 1]),
+        Some(Ipv4Addr::new(10, 96, 1, 1))
+    );
+    assert_eq!(
+        names(second.maps(), [10, 96, 1, 2]),
+        Some(Ipv4Addr::new(10, 96, 1, 2))
+    );
+    assert_ne!(second.maps().services[&frontend([10, 96, 1, 2])].0, id_a);
+
+    apply(&mut second, &gone("b"));
+    assert_eq!(
+        names(second.maps(), [10, 96, 1, 1]),
+        Some(Ipv4Addr::new(10, 96, 1, 1)),
+        "removing b left a's entry"
+    );
+}

@@ -255,7 +255,9 @@ pub async fn watch_dir(dir: PathBuf, interval: Duration, tx: mpsc::Sender<Source
     let mut first_incomplete = false;
     let mut dir_error: Option<String> = None;
     // The first complete read, sent as one replacement.
-    let mut initial: Vec<Object> = Vec::new();
+    // Per file: a file rewritten or removed before that read completes
+    // must not leave its earlier objects in it.
+    let mut initial: BTreeMap<PathBuf, Vec<Object>> = BTreeMap::new();
     loop {
         let mut messages = Vec::new();
         // Sent after every file is read, minus what another file still
@@ -271,6 +273,7 @@ pub async fn watch_dir(dir: PathBuf, interval: Duration, tx: mpsc::Sender<Source
                     .cloned()
                     .collect();
                 for path in removed {
+                    initial.remove(&path);
                     if let Some(state) = files.remove(&path) {
                         deletions.extend(state.keys);
                     }
@@ -278,7 +281,12 @@ pub async fn watch_dir(dir: PathBuf, interval: Duration, tx: mpsc::Sender<Source
                 settling.retain(|path, _| paths.contains(path));
                 let mut unsettled = false;
                 for path in paths {
-                    let Some(now) = stamp(&path) else { continue };
+                    let Some(now) = stamp(&path) else {
+                        // Listed but not readable as a file (a dangling
+                        // link): the first read is not complete.
+                        first_incomplete |= first;
+                        continue;
+                    };
                     if files.get(&path).is_some_and(|f| f.stamp == now) {
                         settling.remove(&path);
                         continue;
@@ -298,6 +306,7 @@ pub async fn watch_dir(dir: PathBuf, interval: Duration, tx: mpsc::Sender<Source
                         Ok(text) => text,
                         Err(e) => {
                             problems.push(format!("{}: {e}", path.display()));
+                            first_incomplete |= first;
                             continue;
                         }
                     };
@@ -340,7 +349,7 @@ pub async fn watch_dir(dir: PathBuf, interval: Duration, tx: mpsc::Sender<Source
                             .filter(|k| !keys.contains(k)),
                     );
                     if first {
-                        initial.extend(parsed.objects);
+                        initial.insert(path.clone(), parsed.objects);
                     } else {
                         messages.extend(
                             parsed
@@ -366,7 +375,8 @@ pub async fn watch_dir(dir: PathBuf, interval: Duration, tx: mpsc::Sender<Source
                     // had, and tells the agent it may sync.
                     let (services, slices): (Vec<Object>, Vec<Object>) =
                         std::mem::take(&mut initial)
-                            .into_iter()
+                            .into_values()
+                            .flatten()
                             .partition(|o| o.kind() == Kind::Service);
                     messages.push(SourceMessage::Change(Change::Replaced(
                         Kind::Service,

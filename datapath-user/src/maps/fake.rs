@@ -94,14 +94,14 @@ impl LbMaps for FakeMaps {
         if let Some((old_rev_nat, _)) = old
             && old_rev_nat != rev_nat_id
         {
-            self.rev_nats.remove(&old_rev_nat);
+            self.clear_rev_nat_of(old_rev_nat, frontend);
         }
         self.log.push(format!("service {frontend}"));
         Ok(())
     }
     fn remove_service(&mut self, frontend: &Frontend) -> Result<(), ProgramError> {
         if let Some((rev_nat_id, _)) = self.services.remove(frontend) {
-            self.rev_nats.remove(&rev_nat_id);
+            self.clear_rev_nat_of(rev_nat_id, frontend);
             self.log.push(format!("remove service {frontend}"));
         }
         Ok(())
@@ -127,5 +127,18 @@ impl LbMaps for FakeMaps {
     }
     fn rebuild_filter(&mut self, _frontends: &[Frontend]) -> Result<usize, MapError> {
         Ok(0)
+    }
+}
+
+impl FakeMaps {
+    /// As the real maps: only an entry that still names `frontend`.
+    fn clear_rev_nat_of(&mut self, id: RevNatId, frontend: &Frontend) {
+        if self
+            .rev_nats
+            .get(&id)
+            .is_none_or(|a| a.ip() == &frontend.address && a.port() == frontend.port)
+        {
+            self.rev_nats.remove(&id);
+        }
     }
 }

@@ -105,11 +105,9 @@ impl LbMaps for DatapathMaps {
         }
         if let Some(old) = old_head
             && old.rev_nat_id() != rev_nat_id
-            && old.rev_nat_id() < self.reverse_nat.len()
         {
             // A new incarnation: flows of the old one re-balance.
-            self.reverse_nat
-                .set(old.rev_nat_id(), RevNatValue::default(), 0)
+            self.clear_rev_nat_of(old.rev_nat_id(), frontend)
                 .map_err(map_err(m::REVERSE_NAT_MAP))?;
         }
         Ok(())
@@ -136,12 +134,8 @@ impl LbMaps for DatapathMaps {
             remove_if_present(&mut self.services, &frontend.key(slot))
                 .map_err(map_err(m::SERVICES_MAP))?;
         }
-        // An id beyond the table (made smaller since) has no entry.
-        if head.rev_nat_id() < self.reverse_nat.len() {
-            self.reverse_nat
-                .set(head.rev_nat_id(), RevNatValue::default(), 0)
-                .map_err(map_err(m::REVERSE_NAT_MAP))?;
-        }
+        self.clear_rev_nat_of(head.rev_nat_id(), frontend)
+            .map_err(map_err(m::REVERSE_NAT_MAP))?;
         Ok(())
     }
 
@@ -327,4 +321,24 @@ fn adjust_filter(
     let bucket = service_filter_index(key.address_be, key.port_be, key.protocol);
     let count = filter.get(&bucket, 0)?;
     filter.set(bucket, count.saturating_add_signed(delta), 0)
+}
+
+impl DatapathMaps {
+    /// Clears reverse-NAT entry `id` if it still names `frontend`: an id
+    /// beyond the table (made smaller since) has no entry, and one that
+    /// names another frontend is that frontend's (the id was taken twice,
+    /// and adoption gave this frontend another).
+    fn clear_rev_nat_of(&mut self, id: RevNatId, frontend: &Frontend) -> Result<(), MapError> {
+        if id >= self.reverse_nat.len() {
+            return Ok(());
+        }
+        let entry = self.reverse_nat.get(&id, 0)?;
+        if entry.is_present()
+            && (entry.address_be != ipv4_be(frontend.address.octets())
+                || entry.port_be != port_be(frontend.port))
+        {
+            return Ok(());
+        }
+        self.reverse_nat.set(id, RevNatValue::default(), 0)
+    }
 }

@@ -58,16 +58,17 @@ impl<M: LbMaps> Reconciler<M> {
             reconciler.rev_nat_ids.adopt(id);
         }
         for (mut found, id_unusable) in dump.frontends.into_iter().zip(unusable) {
-            let mut renumbered = false;
-            if id_unusable && let Some(id) = reconciler.rev_nat_ids.allocate() {
-                found.rev_nat_id = id;
-                renumbered = true;
+            if id_unusable {
+                // None free: 0, so that the first sync takes one when it
+                // can and reports the full table until then (the entry of
+                // the frontend that holds the id is never touched).
+                found.rev_nat_id = reconciler.rev_nat_ids.allocate().unwrap_or(0);
             }
             // The REVERSE_NAT map was made afresh (resized), or a write
             // was interrupted: the entry is written again at once under
             // the same id, so tracked flows (which name the id) keep their
             // backends. If that fails, the first sync re-programs it.
-            let rev_nat_lost = !renumbered
+            let rev_nat_lost = !id_unusable
                 && reverse_nat.get(&found.rev_nat_id)
                     != Some(&std::net::SocketAddrV4::new(
                         found.frontend.address,

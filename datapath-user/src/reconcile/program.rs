@@ -62,8 +62,9 @@ impl<M: LbMaps> Reconciler<M> {
             };
         }
         let (rev_nat_id, fresh_rev_nat) = match existing {
-            Some(p) => (p.rev_nat_id, false),
-            None => {
+            // 0: adoption found its id unusable and none free.
+            Some(p) if p.rev_nat_id != 0 => (p.rev_nat_id, false),
+            _ => {
                 let id = self.rev_nat_ids.allocate().ok_or_else(|| {
                     limit_issue(frontend, "REVERSE_NAT", self.rev_nat_ids.capacity)
                 })?;
