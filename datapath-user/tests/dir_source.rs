@@ -172,3 +172,43 @@ async fn a_renamed_file_is_read_at_once_and_a_half_written_one_not_at_all() {
     assert!(problems.is_empty(), "{problems:?}");
     source.abort();
 }
+
+/// A file rewritten in place more often than the poll is never read
+/// half-way, and the operator is told which one after ten polls.
+#[tokio::test]
+async fn a_file_that_never_holds_still_is_named() {
+    use std::io::Write;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().to_owned();
+    std::fs::write(path.join("busy.yaml"), "# -1\n").unwrap();
+    let writer = {
+        let path = path.join("busy.yaml");
+        std::thread::spawn(move || {
+            for i in 0..400 {
+                let mut file = std::fs::File::create(&path).unwrap();
+                writeln!(file, "# {i}").unwrap();
+                std::thread::sleep(Duration::from_millis(10));
+            }
+        })
+    };
+    let (tx, mut rx) = mpsc::channel(64);
+    let source = tokio::spawn(watch_dir(path, Duration::from_millis(200), tx));
+    let named = tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            match rx.recv().await {
+                Some(SourceMessage::Problem { message, .. }) => break message,
+                Some(SourceMessage::Synced(_)) => panic!("synced while a file was being written"),
+                Some(_) => {}
+                None => panic!("the source stopped"),
+            }
+        }
+    })
+    .await
+    .expect("a problem naming the file");
+    assert!(
+        named.contains("busy.yaml") && named.contains("write manifests by rename"),
+        "{named}"
+    );
+    writer.join().unwrap();
+    source.abort();
+}

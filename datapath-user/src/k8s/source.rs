@@ -201,6 +201,10 @@ async fn forward<K, S>(
     }
 }
 
+/// Poll intervals a file may keep changing before the operator is told
+/// it is not being read.
+const CHANGING_TOO_LONG: u32 = 10;
+
 /// A file's identity for change detection.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 struct Stamp {
@@ -249,6 +253,10 @@ pub async fn watch_dir(dir: PathBuf, interval: Duration, tx: mpsc::Sender<Source
     // events cause meanwhile: a file being written in place is not read
     // half-written, which could parse cleanly and withdraw services.
     let mut settling: BTreeMap<PathBuf, (Stamp, Instant)> = BTreeMap::new();
+    // Since when each unread file has been changing, and whether the
+    // operator was told: a file rewritten in place more often than
+    // `interval` is never read (nor, at start-up, is anything synced).
+    let mut changing_since: BTreeMap<PathBuf, (Instant, bool)> = BTreeMap::new();
     let mut first = true;
     // The first read had unreadable documents: the agent must not prune
     // what a previous agent programmed from them.
@@ -279,6 +287,7 @@ pub async fn watch_dir(dir: PathBuf, interval: Duration, tx: mpsc::Sender<Source
                     }
                 }
                 settling.retain(|path, _| paths.contains(path));
+                changing_since.retain(|path, _| paths.contains(path));
                 let mut unsettled = false;
                 for path in paths {
                     let Some(now) = stamp(&path) else {
@@ -289,12 +298,24 @@ pub async fn watch_dir(dir: PathBuf, interval: Duration, tx: mpsc::Sender<Source
                     };
                     if files.get(&path).is_some_and(|f| f.stamp == now) {
                         settling.remove(&path);
+                        changing_since.remove(&path);
                         continue;
                     }
                     let settled = settling
                         .get(&path)
                         .is_some_and(|(seen, since)| *seen == now && since.elapsed() >= interval);
                     if !settled && !wake.is_complete(&path) {
+                        let (since, told) = changing_since
+                            .entry(path.clone())
+                            .or_insert((Instant::now(), false));
+                        if !*told && since.elapsed() >= interval * CHANGING_TOO_LONG {
+                            *told = true;
+                            problems.push(format!(
+                                "{}: changing for {:.0?} without holding still for {interval:?}; not read until it does (write manifests by rename)",
+                                path.display(),
+                                since.elapsed()
+                            ));
+                        }
                         if settling.get(&path).is_none_or(|(seen, _)| *seen != now) {
                             settling.insert(path, (now, Instant::now()));
                         }
@@ -302,6 +323,7 @@ pub async fn watch_dir(dir: PathBuf, interval: Duration, tx: mpsc::Sender<Source
                         continue;
                     }
                     settling.remove(&path);
+                    changing_since.remove(&path);
                     let text = match std::fs::read_to_string(&path) {
                         Ok(text) => text,
                         Err(e) => {
