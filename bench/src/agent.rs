@@ -36,6 +36,7 @@ use rand::Rng;
 use crate::{
     agent_edit_latency::{time_edits, write_edited},
     agent_process::{AgentProcess, underpass_binary},
+    sweep_objects::{endpoint_address, service, slice},
 };
 
 #[derive(Parser, Debug)]
@@ -87,31 +88,6 @@ pub struct AgentFigures {
     pub edit_p99_ms: Option<f64>,
     pub edit_max_ms: Option<f64>,
     pub edits: u64,
-}
-
-pub(crate) fn service_address(i: usize) -> Ipv4Addr {
-    Ipv4Addr::from(u32::from(Ipv4Addr::new(10, 96, 0, 1)) + i as u32)
-}
-
-pub(crate) fn endpoint_address(k: u64) -> Ipv4Addr {
-    Ipv4Addr::from(u32::from(Ipv4Addr::new(10, 128, 0, 1)) + k as u32)
-}
-
-/// Service `bench/svc-<i>`: port 80 → 8080.
-pub(crate) fn service(i: usize) -> Service {
-    crate::cluster::service_objects(&format!("svc-{i}"), service_address(i), &[(80, 8080)], &[]).0
-}
-
-/// The EndpointSlice of `svc-<i>` with `addresses` ready.
-pub(crate) fn slice(i: usize, addresses: impl IntoIterator<Item = Ipv4Addr>) -> EndpointSlice {
-    let addresses: Vec<Ipv4Addr> = addresses.into_iter().collect();
-    crate::cluster::service_objects(
-        &format!("svc-{i}"),
-        service_address(i),
-        &[(80, 8080)],
-        &addresses,
-    )
-    .1
 }
 
 fn objects(opts: &AgentOpts) -> (Vec<Service>, Vec<EndpointSlice>) {

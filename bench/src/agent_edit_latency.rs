@@ -20,7 +20,7 @@ use datapath_common::{
 use datapath_user::maps::DatapathMaps;
 use rand::Rng;
 
-use crate::agent::{endpoint_address, service, service_address, slice};
+use crate::sweep_objects::{endpoint_address, service, service_address, slice};
 
 /// The file the timed edits rewrite; it holds service 0 and its slice.
 pub const EDITED_FILE: &str = "edited.yaml";

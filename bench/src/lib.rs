@@ -19,6 +19,7 @@ pub mod program_stats;
 pub mod scale;
 pub mod seed;
 pub mod stats;
+pub mod sweep_objects;
 pub mod workload;
 
 use clap::{Parser, Subcommand};

@@ -841,31 +841,47 @@ fn a_service_that_does_not_fit_is_an_issue_naming_the_map_and_the_rest_is_served
     );
 }
 
+/// A pin directory of this test's own, removed also when it fails.
+struct PinDir(std::path::PathBuf);
+
+impl PinDir {
+    fn new() -> Self {
+        Self(std::path::PathBuf::from(format!(
+            "/sys/fs/bpf/{}",
+            lab::unique_prefix()
+        )))
+    }
+
+    /// Loading as the agent does (it owns the pins), with a reverse-NAT
+    /// table of `frontends` entries (`--frontends-max` + 1).
+    fn owned_with_frontends(&self, frontends: u32) -> datapath_user::LoadOptions {
+        datapath_user::LoadOptions {
+            pin_dir: Some(self.0.clone()),
+            sizes: datapath_user::loader::MapSizes {
+                reverse_nat: frontends,
+                ..Default::default()
+            },
+            pin_policy: datapath_user::map_pins::PinPolicy::Own,
+            ..Default::default()
+        }
+    }
+}
+
+impl Drop for PinDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
 /// `--frontends-max` changed: the agent replaces the reverse-NAT table
 /// (another size) and adoption writes every frontend's entry again under
 /// the id the frontend already had, so tracked flows (which name that id)
 /// keep their backends; nothing else is rewritten.
 #[test]
 fn a_resized_reverse_nat_table_is_written_again_under_the_same_ids() {
-    use datapath_user::{LoadOptions, loader::MapSizes, map_pins::PinPolicy};
     common::require_root("pinned maps");
-    let pin_dir = std::path::PathBuf::from(format!("/sys/fs/bpf/{}", lab::unique_prefix()));
-    struct Cleanup(std::path::PathBuf);
-    impl Drop for Cleanup {
-        fn drop(&mut self) {
-            let _ = std::fs::remove_dir_all(&self.0);
-        }
-    }
-    let _cleanup = Cleanup(pin_dir.clone());
-    let with = |frontends: u32| LoadOptions {
-        pin_dir: Some(pin_dir.clone()),
-        sizes: MapSizes {
-            reverse_nat: frontends,
-            ..MapSizes::default()
-        },
-        pin_policy: PinPolicy::Own,
-        ..LoadOptions::default()
-    };
+    let pins = PinDir::new();
+    let with = |frontends: u32| pins.owned_with_frontends(frontends);
     let web = translation(&service_yaml("web", "10.96.1.1", &[80, 81], 3));
     let before = {
         let mut datapath = datapath_user::Datapath::load(&with(65_536)).unwrap();
@@ -891,25 +907,9 @@ fn a_resized_reverse_nat_table_is_written_again_under_the_same_ids() {
 /// issue; its flows re-balance), and the others keep theirs.
 #[test]
 fn a_shrunk_reverse_nat_table_renumbers_the_frontends_beyond_it() {
-    use datapath_user::{LoadOptions, loader::MapSizes, map_pins::PinPolicy};
     common::require_root("pinned maps");
-    let pin_dir = std::path::PathBuf::from(format!("/sys/fs/bpf/{}", lab::unique_prefix()));
-    struct Cleanup(std::path::PathBuf);
-    impl Drop for Cleanup {
-        fn drop(&mut self) {
-            let _ = std::fs::remove_dir_all(&self.0);
-        }
-    }
-    let _cleanup = Cleanup(pin_dir.clone());
-    let with = |frontends: u32| LoadOptions {
-        pin_dir: Some(pin_dir.clone()),
-        sizes: MapSizes {
-            reverse_nat: frontends,
-            ..MapSizes::default()
-        },
-        pin_policy: PinPolicy::Own,
-        ..LoadOptions::default()
-    };
+    let pins = PinDir::new();
+    let with = |frontends: u32| pins.owned_with_frontends(frontends);
     let three = translation(&service_yaml("web", "10.96.1.1", &[80, 81, 82], 3));
     let two = translation(&service_yaml("web", "10.96.1.1", &[81, 82], 3));
     {

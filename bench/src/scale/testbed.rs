@@ -25,13 +25,13 @@ use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
 use lab::{Offloads, PodSpec, Topology, standard_pods};
 
 use crate::{
-    agent::{endpoint_address, service, service_address, slice},
     cluster::{
         KubeProxy, SERVICE_CIDR, install_kube_proxy, kube_proxy_options, remove_kube_proxy,
         run_in_limited,
     },
     kubeproxy::{self, ServicePort, service_ports},
     leftovers::close_time_wait,
+    sweep_objects::{endpoint_address, service, service_address, slice},
     workload::{
         BenchCgroups, ClientPlace, Kind, Measurement, Parameters, SERVER_CPU, ServerProcess,
         run_worker, start_echo_server,
