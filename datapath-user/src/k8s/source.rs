@@ -382,9 +382,14 @@ pub async fn watch_dir(dir: PathBuf, interval: Duration, tx: mpsc::Sender<Source
                     }
                     files.insert(path, FileState { stamp: now, keys });
                 }
-                for state in files.values() {
-                    for key in &state.keys {
-                        deletions.remove(key);
+                // Only when something was withdrawn: this walks every key
+                // of every file (an edit that keeps its objects' names,
+                // the usual one, costs nothing here at any scale).
+                if !deletions.is_empty() {
+                    for state in files.values() {
+                        for key in &state.keys {
+                            deletions.remove(key);
+                        }
                     }
                 }
                 messages.extend(
