@@ -25,6 +25,15 @@ pub fn unified_root() -> io::Result<PathBuf> {
         })
 }
 
+/// Whether `dir` is the root of its cgroup v2 hierarchy, so that every
+/// process on the node is below it. Told by a file only non-root cgroups
+/// have (`cgroup.events`), not by path: in a container the host's root
+/// is mounted wherever the DaemonSet puts it, and the container's own
+/// cgroup2 mount may be a namespaced view.
+pub fn is_root(dir: &Path) -> bool {
+    dir.join("cgroup.procs").exists() && !dir.join("cgroup.events").exists()
+}
+
 /// The cgroup v2 directory `given` means: itself when it is one, else the
 /// hybrid layout's `unified` below it. The DaemonSet mounts the host's
 /// /sys/fs/cgroup, which on hybrid hosts (systemd's default before v247)
@@ -63,5 +72,22 @@ mod tests {
         assert_eq!(resolve(root.path()).unwrap(), unified);
         fs::write(root.path().join("cgroup.procs"), "").unwrap();
         assert_eq!(resolve(root.path()).unwrap(), root.path());
+    }
+
+    #[test]
+    fn the_root_is_told_by_the_files_only_child_cgroups_have() {
+        let dir = tempfile::tempdir().unwrap();
+        assert!(!is_root(dir.path()), "not a cgroup at all");
+        fs::write(dir.path().join("cgroup.procs"), "").unwrap();
+        assert!(is_root(dir.path()), "a root: no cgroup.events");
+        fs::write(dir.path().join("cgroup.events"), "").unwrap();
+        assert!(!is_root(dir.path()), "a child cgroup");
+        if let Ok(root) = unified_root() {
+            assert!(
+                is_root(&root),
+                "this host's cgroup2 root {}",
+                root.display()
+            );
+        }
     }
 }

@@ -13,7 +13,7 @@ use std::{
 
 use serde_json::{Value, json};
 
-use crate::{Datapath, LoadOptions, TcMode, loader};
+use crate::{Datapath, LoadOptions, TcMode, loader, pod_tc::PodTcPolicy};
 
 pub const SUPPORTED_VERSIONS: [&str; 3] = ["0.4.0", "1.0.0", "1.1.0"];
 
@@ -118,8 +118,10 @@ pub fn run(
                     "list it after the interface plugin (macvlan, ipvlan, sriov) in the conflist",
                 )));
             };
-            let attached = attach(&pin_dir, &netns, &ifname).map_err(fail)?;
-            attached.keep();
+            if wants_tc(&pin_dir, &netns).map_err(fail)? {
+                let attached = attach(&pin_dir, &netns, &ifname).map_err(fail)?;
+                attached.keep();
+            }
             // Chained plugin: hand the previous result on unchanged.
             let mut result = previous;
             if let Some(object) = result.as_object_mut() {
@@ -145,6 +147,10 @@ pub fn run(
         "CHECK" => {
             let netns = var("CNI_NETNS")?;
             let ifname = var("CNI_IFNAME")?;
+            if !wants_tc(&pin_dir, &netns).map_err(fail)? {
+                // Socket-LB translates this pod: no pair to check.
+                return Ok(None);
+            }
             let label = loader::netns_label(Some(&netns));
             let base = pin_dir.join("links/tc").join(&label).join(&ifname);
             for direction in ["egress", "ingress"] {
@@ -164,6 +170,20 @@ pub fn run(
             "expected ADD, DEL, CHECK or VERSION",
         ))),
     }
+}
+
+/// Whether the pod in `netns` gets the TC pair, by the agent's policy
+/// in `pin_dir` (`crate::pod_tc`): not when socket-LB translates it. No
+/// policy yet (no agent has run): it does.
+fn wants_tc(pin_dir: &Path, netns: &str) -> Result<bool, CniError> {
+    let policy = PodTcPolicy::load(pin_dir).map_err(|e| {
+        CniError::new(
+            IO_FAILURE,
+            "reading the agent's pod TC policy",
+            e.to_string(),
+        )
+    })?;
+    Ok(policy.is_none_or(|p| p.wants_tc(&loader::netns_label(Some(netns)))))
 }
 
 /// Attaches the TC pair to `ifname` in `netns`: the programs an agent

@@ -23,6 +23,7 @@ pub mod model;
 pub mod netns;
 pub mod object;
 pub mod pod_routes;
+pub mod pod_tc;
 pub mod probe;
 pub mod reconcile;
 pub mod sock_lb_skip;

@@ -13,6 +13,7 @@ use datapath_user::{
     k8s::NodeContext,
     loader::{self, CtTimeouts, DEFAULT_PIN_DIR, DatapathLog, MapSizes},
     netns,
+    pod_tc::PodTcPolicy,
 };
 
 #[derive(Parser)]
@@ -239,6 +240,18 @@ struct AgentArgs {
     /// see docs/agent.md for naming them).
     #[arg(long, env = "UNDERPASS_SOCKET_LB_SKIP_NETNS")]
     socket_lb_skip_netns: Option<String>,
+    /// Which pod interfaces get the TC pair. auto: when socket-LB
+    /// translates every pod (--socket-lb all, attached at the cgroup2
+    /// root), only the pods it skips (--socket-lb-skip-netns) — the
+    /// others' packets already carry backend addresses, and the pair
+    /// would cost them a few hundred ns each for nothing; with --cgroup
+    /// below the root the agent cannot tell which pods socket-LB covers,
+    /// so every pod. unless-socket-lb: as auto, trusting --cgroup to hold
+    /// every pod's processes (e.g. kubepods.slice). always: every pod (TC
+    /// also translates connections opened before their service was
+    /// programmed). Pods keep the pair they have whatever this says.
+    #[arg(long, env = "UNDERPASS_POD_TC", value_enum, default_value_t = PodTc::Auto)]
+    pod_tc: PodTc,
     /// Address for /metrics, /healthz and /readyz.
     #[arg(
         long,
@@ -287,6 +300,17 @@ struct AgentArgs {
     /// events below it cost the packet path nothing.
     #[arg(long, env = "UNDERPASS_DATAPATH_LOG", value_enum, default_value_t = DatapathLog::Warn)]
     datapath_log: DatapathLog,
+}
+
+/// `--pod-tc`.
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum PodTc {
+    /// Only pods socket-LB skips, when it is attached at the cgroup2 root.
+    Auto,
+    /// Only pods socket-LB skips, whatever --cgroup is.
+    UnlessSocketLb,
+    /// Every pod.
+    Always,
 }
 
 /// `--socket-lb`.
@@ -374,14 +398,21 @@ fn run_agent(args: AgentArgs) -> Result<()> {
     let cgroup = if args.no_socket_lb || args.socket_lb == SocketLb::Off {
         None
     } else {
-        Some(match args.cgroup {
-            Some(path) => datapath_user::cgroup::resolve(&path)
+        Some(match &args.cgroup {
+            Some(path) => datapath_user::cgroup::resolve(path)
                 .with_context(|| format!("--cgroup {}", path.display()))?,
             None => datapath_user::cgroup::unified_root().context(
                 "finding the cgroup v2 root for socket-LB (or pass --cgroup / --no-socket-lb)",
             )?,
         })
     };
+    let pod_tc = pod_tc_policy(
+        args.pod_tc,
+        cgroup.as_deref(),
+        args.socket_lb,
+        socket_lb_skip.as_ref(),
+    );
+    pod_tc.check().map_err(anyhow::Error::msg)?;
     let options = AgentOptions {
         pin_dir: args.pin.pin_dir,
         source,
@@ -399,6 +430,7 @@ fn run_agent(args: AgentArgs) -> Result<()> {
         cgroup,
         socket_lb_host_only: args.socket_lb == SocketLb::Host,
         socket_lb_skip,
+        pod_tc,
         metrics_address: args.metrics_address,
         debounce: Duration::from_millis(args.debounce_ms),
         sizes: MapSizes {
@@ -418,6 +450,31 @@ fn run_agent(args: AgentArgs) -> Result<()> {
         .enable_all()
         .build()?;
     runtime.block_on(agent::run(options))
+}
+
+/// Which pods get the TC pair once socket-LB is attached (`--pod-tc`).
+fn pod_tc_policy(
+    choice: PodTc,
+    cgroup: Option<&std::path::Path>,
+    socket_lb: SocketLb,
+    skip: Option<&glob::Pattern>,
+) -> PodTcPolicy {
+    let Some(cgroup) = cgroup else {
+        return PodTcPolicy::Every;
+    };
+    if socket_lb != SocketLb::All || choice == PodTc::Always {
+        return PodTcPolicy::Every;
+    }
+    if choice == PodTc::Auto && !datapath_user::cgroup::is_root(cgroup) {
+        tracing::info!(
+            cgroup = %cgroup.display(),
+            "--cgroup is below the cgroup2 root: which pods socket-LB covers is unknown, so every pod gets the TC pair (--pod-tc unless-socket-lb trusts --cgroup to hold them all)"
+        );
+        return PodTcPolicy::Every;
+    }
+    PodTcPolicy::SocketLbSkipped {
+        skip: skip.cloned(),
+    }
 }
 
 fn attach(args: AttachArgs) -> Result<()> {

@@ -1208,6 +1208,90 @@ fn socket_lb_scope_leaves_opted_out_pods_to_the_tc_path() {
     }
 }
 
+/// `--pod-tc`, through the agent: a pod that socket-LB translates gets no
+/// TC pair (its connect() reaches the backend, nothing is tracked, no
+/// program is in its TCX chains); a pod socket-LB skips gets the pair and
+/// its connections go through TC; and when the policy later covers that
+/// pod, it keeps its pair, so a connection TC translated before goes on.
+#[test]
+fn pods_socket_lb_translates_get_no_tc_pair_and_attached_pods_keep_theirs() {
+    require_root("agent e2e");
+    let lab = EchoLab::new(&["server-a"]);
+    let cgroup = Cgroup::create(&format!("{}-sock", lab.topo.prefix)).unwrap();
+    let cgroup_arg = cgroup.path().to_str().unwrap().to_owned();
+    let filter = lab.client_filter();
+    let client = &lab.topo.pod("client").namespace;
+    let covering = [
+        "--cgroup",
+        cgroup_arg.as_str(),
+        "--pod-tc",
+        "unless-socket-lb",
+    ];
+    let tracked = || {
+        datapath_user::DatapathMaps::open_pinned(&lab.pins.0)
+            .unwrap()
+            .conntrack_entries()
+    };
+    let attached =
+        || pinned_tc_links(&lab.pins.0).contains(&(client.name().to_owned(), "eth0".into()));
+    let probe_in_cgroup = || {
+        workload::probe_process(
+            client.path(),
+            Some(cgroup.path()),
+            ProbeKind::Tcp,
+            SocketAddrV4::new(VIP, 80),
+            3,
+        )
+        .unwrap()
+    };
+
+    // Covered: several scans later, still no pair; socket-LB answers.
+    let agent = lab.agent_with(&covering);
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(!attached(), "a pod socket-LB translates got the TC pair");
+    assert_eq!(
+        common::tcx_program_ids(client, "eth0"),
+        [Vec::<u32>::new(), Vec::new()],
+        "no program in the client's TCX chains"
+    );
+    let answers = probe_in_cgroup();
+    assert!(
+        answers
+            .iter()
+            .all(|a| answered(Ok(a.clone())) == "server-a"),
+        "socket-LB serves the pod: {answers:?}"
+    );
+    assert_eq!(tracked(), 0, "nothing went through TC");
+    agent.stop();
+
+    // Skipped: the pair, and a connection translated by TC.
+    let mut skipping = covering.to_vec();
+    skipping.extend(["--socket-lb-skip-netns", filter.as_str()]);
+    let agent = lab.agent_with(&skipping);
+    lab.wait_client_attached();
+    let mut long_lived = client
+        .run(|| Conversation::open(SocketAddrV4::new(VIP, 80), TIMEOUT))
+        .unwrap()
+        .unwrap();
+    assert_eq!(long_lived.ask().unwrap(), "server-a");
+    assert!(
+        tracked() > 0,
+        "the skipped pod's connection is tracked by TC"
+    );
+    agent.stop();
+
+    // Covered again: the pod keeps its pair, the connection its translation.
+    let agent = lab.agent_with(&covering);
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(attached(), "an attached pod lost its pair to the policy");
+    assert_eq!(
+        long_lived.ask().unwrap(),
+        "server-a",
+        "the TC-translated connection goes on"
+    );
+    agent.stop();
+}
+
 /// An interface the agent does not select, attached by someone else with
 /// other programs (the CNI plugin of an earlier version, `underpass
 /// attach`), gets the agent's programs swapped into its links: after an

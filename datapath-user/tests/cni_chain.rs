@@ -17,7 +17,9 @@ use std::{
 };
 
 use common::{require_root, tcp_frontend};
-use datapath_user::{DatapathMaps, attach::pinned_tc_links, maps::LbMaps, model::BackendEntry};
+use datapath_user::{
+    DatapathMaps, attach::pinned_tc_links, maps::LbMaps, model::BackendEntry, pod_tc::PodTcPolicy,
+};
 use lab::{Namespace, Topology, standard_pods, topology::WIRE, workload};
 use serde_json::{Value, json};
 
@@ -186,7 +188,7 @@ fn chained_after_the_reference_plugins_add_check_and_del_work() {
                         "ranges": [[{
                             "subnet": "10.77.0.0/24",
                             "rangeStart": address.to_string(),
-                            "rangeEnd": "10.77.0.51",
+                            "rangeEnd": "10.77.0.53",
                             "gateway": "10.77.0.254"
                         }]],
                         "routes": [{"dst": "0.0.0.0/0"}]
@@ -249,6 +251,36 @@ fn chained_after_the_reference_plugins_add_check_and_del_work() {
     );
     for (code, out) in second.each(node, "DEL", &result2) {
         assert_eq!(code, 0, "DEL: {out}");
+    }
+
+    // Once the agent says socket-LB translates the pods (its policy
+    // marker in the pin directory), a new pod gets no pair (and CHECK
+    // agrees); a pod socket-LB skips gets it.
+    PodTcPolicy::SocketLbSkipped {
+        skip: Some(glob::Pattern::new("*-cnipod4").unwrap()),
+    }
+    .store(&pin_dir)
+    .unwrap();
+    for (suffix, gets_pair) in [("cnipod3", false), ("cnipod4", true)] {
+        let pod = Namespace::create(&format!("{}-{suffix}", topo.prefix)).unwrap();
+        let runtime = Runtime {
+            netns: pod.path().to_owned(),
+            container_id: format!("{}-{suffix}", topo.prefix),
+            bin: runtime.bin.clone(),
+            conflist: runtime.conflist.clone(),
+        };
+        let (result, _) = runtime.add(node);
+        let key = (pod.name().to_owned(), "eth0".to_owned());
+        assert_eq!(
+            pinned_tc_links(&pin_dir).contains(&key),
+            gets_pair,
+            "{suffix}: attached only if socket-LB skips it"
+        );
+        for command in ["CHECK", "DEL"] {
+            for (code, out) in runtime.each(node, command, &result) {
+                assert_eq!(code, 0, "{suffix} {command}: {out}");
+            }
+        }
     }
 
     for (code, out) in runtime.each(node, "DEL", &result) {

@@ -1,7 +1,9 @@
 //! The agent's attach loop, on a thread of its own (attaching enters
 //! namespaces): after the first full sync it pins the TC programs for the
 //! CNI plugin and attaches socket-LB, then scans pods (attach, repair,
-//! detach) and syncs the socket-LB skip list every interval.
+//! detach) and syncs the socket-LB skip list every interval. Until
+//! socket-LB is attached every pod gets the TC pair; from then on only
+//! those the policy names (`crate::pod_tc`).
 //!
 //! Programs are attached (swapped into existing links) only after the
 //! first full sync: a map this start replaced (`map_pins`) is empty until
@@ -20,7 +22,9 @@ use std::{
 
 use tracing::{info, warn};
 
-use crate::{Datapath, attach::PodAttacher, metrics::Metrics, sock_lb_skip::SockLbSkip};
+use crate::{
+    Datapath, attach::PodAttacher, metrics::Metrics, pod_tc::PodTcPolicy, sock_lb_skip::SockLbSkip,
+};
 
 pub(super) struct AttachLoop {
     /// The pods' attacher, which holds the datapath; `None` with
@@ -30,6 +34,8 @@ pub(super) struct AttachLoop {
     pub(super) skip: Option<SockLbSkip>,
     /// The socket-LB cgroup, if any.
     pub(super) cgroup: Option<PathBuf>,
+    /// Which pods get the TC pair once socket-LB is attached.
+    pub(super) pod_tc: PodTcPolicy,
     pub(super) interval: Duration,
     pub(super) metrics: Arc<Metrics>,
 }
@@ -50,6 +56,9 @@ impl AttachLoop {
             // Socket-LB is attached before the first scan, and tried again
             // every scan while it fails (pods are served meanwhile; the
             // agent is not ready until it is attached).
+            // Every pod gets the pair until socket-LB is attached (the CNI
+            // plugin reads the same).
+            self.apply_pod_tc(PodTcPolicy::Every);
             let mut socket_lb_pending = self.cgroup.clone();
             let mut last_error = String::new();
             while !stop.load(Ordering::Relaxed) {
@@ -57,6 +66,7 @@ impl AttachLoop {
                     && self.attach_socket_lb(&cgroup, &mut last_error)
                 {
                     socket_lb_pending = None;
+                    self.apply_pod_tc(self.pod_tc.clone());
                 }
                 self.scan_pods();
                 self.sync_skip_list();
@@ -76,6 +86,25 @@ impl AttachLoop {
             (Some(pods), _) => pods.datapath_mut(),
             (None, Some(datapath)) => datapath,
             (None, None) => unreachable!("one of the two holds the datapath"),
+        }
+    }
+
+    /// Makes `policy` the one new pods are attached by, here and (through
+    /// the pin directory) in the CNI plugin.
+    fn apply_pod_tc(&mut self, policy: PodTcPolicy) {
+        if let Some(pin_dir) = self.datapath().pin_dir().map(std::path::Path::to_path_buf)
+            && let Err(e) = policy.store(&pin_dir)
+        {
+            warn!("writing the pod TC policy for the CNI plugin: {e}");
+        }
+        if let PodTcPolicy::SocketLbSkipped { skip } = &policy {
+            info!(
+                skipped = skip.as_ref().map_or("none", glob::Pattern::as_str),
+                "socket-LB covers the pods: new pods get the TC pair only if socket-LB skips them"
+            );
+        }
+        if let Some(pods) = self.pods.as_mut() {
+            pods.set_policy(policy);
         }
     }
 
@@ -108,6 +137,9 @@ impl AttachLoop {
         let report = attacher.scan();
         for (netns, iface) in &report.attached {
             info!(netns, iface, "attached");
+        }
+        for (netns, iface) in &report.socket_lb_only {
+            info!(netns, iface, "socket-LB translates this pod: no TC pair");
         }
         for (netns, iface) in &report.detached {
             info!(netns, iface, "detached (gone)");

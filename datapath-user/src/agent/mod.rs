@@ -79,6 +79,9 @@ pub struct AgentOptions {
     pub socket_lb_host_only: bool,
     /// Pods (netns names) socket-LB leaves to the TC path.
     pub socket_lb_skip: Option<glob::Pattern>,
+    /// Which pods get the TC pair once socket-LB is attached
+    /// (`crate::pod_tc`).
+    pub pod_tc: crate::pod_tc::PodTcPolicy,
     pub metrics_address: SocketAddr,
     pub debounce: Duration,
     pub sizes: MapSizes,
@@ -243,6 +246,7 @@ fn attach_loop(
         bare,
         skip,
         cgroup: options.cgroup.clone(),
+        pod_tc: options.pod_tc.clone(),
         interval: options.netns_interval,
         metrics,
     })

@@ -25,7 +25,7 @@ pub use self::{
     pinned::{pinned_reply_links, pinned_tc_links},
     selector::{LinkSummary, Selector, list_links},
 };
-use crate::{Datapath, TcMode, loader, pod_routes::PodRoutes};
+use crate::{Datapath, TcMode, loader, pod_routes::PodRoutes, pod_tc::PodTcPolicy};
 
 /// What one scan changed.
 #[derive(Debug, Default)]
@@ -38,6 +38,9 @@ pub struct ScanReport {
     /// programs than ours (an earlier agent's), given ours.
     pub refreshed: Vec<(String, String)>,
     pub detached: Vec<(String, String)>,
+    /// Pod interfaces seen for the first time that the policy leaves to
+    /// socket-LB alone (`crate::pod_tc`): no TC pair.
+    pub socket_lb_only: Vec<(String, String)>,
     /// `(netns, iface or "", error)`, each reported once until it changes.
     pub errors: Vec<(String, String, String)>,
 }
@@ -52,6 +55,11 @@ pub struct PodAttacher {
     dir: PathBuf,
     selector: Selector,
     mode: TcMode,
+    /// Which pods get the pair (`Every` until socket-LB is attached).
+    policy: PodTcPolicy,
+    /// Selected interfaces the policy leaves without the pair (reported
+    /// once).
+    socket_lb_only: BTreeSet<(String, String)>,
     /// (netns, iface) with our pinned links → the ifindex attached to
     /// (None: adopted from an earlier agent, not yet seen).
     attached: BTreeMap<(String, String), Option<u32>>,
@@ -95,6 +103,8 @@ impl PodAttacher {
             dir,
             selector,
             mode,
+            policy: PodTcPolicy::Every,
+            socket_lb_only: BTreeSet::new(),
             attached,
             replies,
             routes,
@@ -177,6 +187,12 @@ impl PodAttacher {
         self.routes = None;
     }
 
+    /// From the next scan on, new pod interfaces get the pair only if
+    /// `policy` says so; attached ones keep it.
+    pub fn set_policy(&mut self, policy: PodTcPolicy) {
+        self.policy = policy;
+    }
+
     pub fn attached(&self) -> BTreeSet<(String, String)> {
         self.attached.keys().cloned().collect()
     }
@@ -213,10 +229,15 @@ impl PodAttacher {
                     self.last_errors.remove(&(name.clone(), String::new()));
                     for link in links {
                         let key = (name.clone(), link.name.clone());
-                        if self.selector.selects(&link)
-                            || (link.up && self.attached.contains_key(&key))
+                        let attached = self.attached.contains_key(&key);
+                        if (link.up && attached)
+                            || (self.selector.selects(&link) && self.policy.wants_tc(&name))
                         {
                             want.insert(key.clone());
+                        } else if self.selector.selects(&link)
+                            && self.socket_lb_only.insert(key.clone())
+                        {
+                            report.socket_lb_only.push(key.clone());
                         }
                         existing.insert(key, link.index);
                     }
@@ -273,6 +294,8 @@ impl PodAttacher {
         if let Some(ids) = ours {
             self.refresh_others(ids, &mut report);
         }
+        self.socket_lb_only
+            .retain(|key| existing.contains_key(key) || unknown_netns.contains(&key.0));
         let gone: Vec<(String, String)> = self
             .attached
             .keys()
