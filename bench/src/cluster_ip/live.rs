@@ -111,7 +111,10 @@ pub fn print_table(rows: &[LiveRow], kind: Kind, modes: &[Mode], unit: &str) {
                     .filter_map(|r| r.cost.runs_per_transaction(program))
                     .collect();
                 if own.is_empty() {
-                    return "–".to_owned();
+                    // Floors, but none of ours at this hook: the pod has
+                    // no TC pair (socket-LB alone), so 0 by construction.
+                    let bare = tc && passes(mode).all(|r| floor(&r.cost).is_some());
+                    return if bare { "0 (no TC pair)" } else { "–" }.to_owned();
                 }
                 format!(
                     "{:.1} ({:.2})",

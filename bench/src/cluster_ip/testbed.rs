@@ -66,7 +66,8 @@ pub(super) struct Testbed {
 impl Testbed {
     /// Pods: client → server-b (the macvlan modes), → server-c (the other
     /// subnet); bare-client → server-b (the limit: a macvlan client the
-    /// agent does not attach to); vclient → vserver (veth pods, routed by
+    /// agent does not attach to) and → the ClusterIP through socket-LB
+    /// alone (a pod socket-LB translates gets no TC pair, `--pod-tc`); vclient → vserver (veth pods, routed by
     /// their nodes); with the Cilium row, client-veth → vserver (a veth
     /// client the agent attaches, so that vclient carries nothing of
     /// ours). Offloads as real devices have them.
@@ -194,9 +195,10 @@ impl Testbed {
         let pod = |role: &str| self.topo.pod(role).namespace.path();
         let address = |role: &str| self.topo.pod(role).address;
         let (netns, server) = match mode {
-            Mode::KubeProxy | Mode::KubeProxyNft | Mode::Ebpf | Mode::SocketLb => {
-                (pod("client"), VIP)
-            }
+            Mode::KubeProxy | Mode::KubeProxyNft | Mode::Ebpf => (pod("client"), VIP),
+            // A pod socket-LB translates has no TC pair (the agent's
+            // `--pod-tc`): the bare client, in socket-LB's cgroup.
+            Mode::SocketLb => (pod(BARE_CLIENT), VIP),
             Mode::VethKubeProxy => (pod("vclient"), VETH_VIP),
             Mode::VethEbpf => (pod("client-veth"), VETH_VIP),
             Mode::PodIpBare | Mode::AaControl => (pod(BARE_CLIENT), address("server-b")),
@@ -335,11 +337,13 @@ impl Testbed {
     }
 }
 
-/// The pod whose interface carries `mode`'s client packets through our
-/// TC programs, if any.
+/// The pod whose interface carries `mode`'s client packets, for a mode
+/// that runs any of our programs (the TC pair, or socket-LB's alone on a
+/// pod without the pair).
 fn tc_client(mode: Mode) -> Option<&'static str> {
     match mode {
-        Mode::Ebpf | Mode::SocketLb | Mode::PodIp | Mode::PodIpRouted => Some("client"),
+        Mode::Ebpf | Mode::PodIp | Mode::PodIpRouted => Some("client"),
+        Mode::SocketLb => Some(BARE_CLIENT),
         Mode::VethEbpf => Some("client-veth"),
         _ => None,
     }
