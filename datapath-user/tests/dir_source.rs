@@ -26,7 +26,7 @@ async fn until(
     let want: BTreeSet<String> = want.iter().map(|s| s.to_string()).collect();
     let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
     loop {
-        let have: BTreeSet<String> = store.service_keys().map(|k| k.name.clone()).collect();
+        let have: BTreeSet<String> = store.service_keys().map(|k| k.name().to_owned()).collect();
         if have == want {
             return;
         }
@@ -162,7 +162,7 @@ async fn a_renamed_file_is_read_at_once_and_a_half_written_one_not_at_all() {
             }
         }
     }
-    let have: Vec<String> = store.service_keys().map(|k| k.name.clone()).collect();
+    let have: Vec<String> = store.service_keys().map(|k| k.name().to_owned()).collect();
     assert_eq!(have, ["one"], "a file still being written was read");
     // The rest, and closed: read once it held still for a poll.
     file.write_all(service("three", "10.96.0.3").as_bytes())

@@ -217,7 +217,7 @@ async fn list_watch_end_gone_relist() {
     let mut applied = Vec::new();
     let mut problems = Vec::new();
     let names = |store: &Store| -> BTreeSet<String> {
-        store.service_keys().map(|k| k.name.clone()).collect()
+        store.service_keys().map(|k| k.name().to_owned()).collect()
     };
     let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
     // Until the re-list has removed `a`, after the watch had added `b`.

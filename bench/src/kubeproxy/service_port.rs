@@ -142,8 +142,8 @@ pub fn service_ports(services: &[Service], slices: &[EndpointSlice]) -> Vec<Serv
                 .collect();
             endpoints.sort_by_key(|(a, p)| format!("{a}:{p}"));
             ServicePort {
-                namespace: owner.namespace.clone(),
-                name: owner.name.clone(),
+                namespace: owner.namespace().to_owned(),
+                name: owner.name().to_owned(),
                 port_name: desired.port_name.clone(),
                 protocol: desired.frontend.protocol,
                 cluster_ip: desired.frontend.address,

@@ -1,7 +1,7 @@
 //! Names shared by every step on the Kubernetes side: an object's key and
 //! the labels kube-proxy (and so the agent) reads.
 
-use std::fmt;
+use std::{fmt, sync::Arc};
 
 use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
 use serde::Serialize;
@@ -14,19 +14,39 @@ pub const SERVICE_PROXY_NAME_LABEL: &str = "service.kubernetes.io/service-proxy-
 /// Set by the EndpointSlice controller on slices of headless services.
 pub const HEADLESS_LABEL: &str = "service.kubernetes.io/headless";
 
-/// A namespaced object's identity.
-#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
+/// A namespaced object's identity: `namespace/name` in one shared,
+/// immutable string. The agent keeps several copies of every key (the
+/// store, its indexes, the reconciler's owners, the directory source's
+/// files, the dirty sets of a sync); a clone shares the text instead of
+/// allocating two strings (at 50,000 services that was tens of MB).
+#[derive(Clone, PartialEq, Eq, Hash)]
 pub struct ObjectKey {
-    pub namespace: String,
-    pub name: String,
+    text: Arc<str>,
+    /// Where `namespace` ends in `text` (the `/` that follows it).
+    split: u32,
 }
 
 impl ObjectKey {
-    pub fn new(namespace: impl Into<String>, name: impl Into<String>) -> Self {
+    pub fn new(namespace: impl AsRef<str>, name: impl AsRef<str>) -> Self {
+        let (namespace, name) = (namespace.as_ref(), name.as_ref());
+        let mut text = String::with_capacity(namespace.len() + 1 + name.len());
+        text.push_str(namespace);
+        text.push('/');
+        text.push_str(name);
         Self {
-            namespace: namespace.into(),
-            name: name.into(),
+            text: text.into(),
+            // A namespace is a DNS label (at most 63 bytes); not even a
+            // file's can reach 4 GiB.
+            split: namespace.len() as u32,
         }
+    }
+
+    pub fn namespace(&self) -> &str {
+        &self.text[..self.split as usize]
+    }
+
+    pub fn name(&self) -> &str {
+        &self.text[self.split as usize + 1..]
     }
 
     pub fn of_service(service: &Service) -> Self {
@@ -55,6 +75,63 @@ impl ObjectKey {
 
 impl fmt::Display for ObjectKey {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}/{}", self.namespace, self.name)
+        f.write_str(&self.text)
+    }
+}
+
+impl fmt::Debug for ObjectKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ObjectKey")
+            .field("namespace", &self.namespace())
+            .field("name", &self.name())
+            .finish()
+    }
+}
+
+/// By namespace, then name (as the two strings it stands for).
+impl Ord for ObjectKey {
+    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
+        (self.namespace(), self.name()).cmp(&(other.namespace(), other.name()))
+    }
+}
+
+impl PartialOrd for ObjectKey {
+    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
+}
+
+/// As `{namespace, name}`.
+impl Serialize for ObjectKey {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeStruct;
+        let mut out = serializer.serialize_struct("ObjectKey", 2)?;
+        out.serialize_field("namespace", self.namespace())?;
+        out.serialize_field("name", self.name())?;
+        out.end()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_key_keeps_its_parts_and_orders_by_namespace_then_name() {
+        let key = ObjectKey::new("default", "echo");
+        assert_eq!((key.namespace(), key.name()), ("default", "echo"));
+        assert_eq!(key.to_string(), "default/echo");
+        // As the pair of strings: "a" before "a-b" although '/' > '-'.
+        let mut keys = vec![ObjectKey::new("a-b", "x"), ObjectKey::new("a", "y")];
+        keys.sort();
+        assert_eq!(keys[0].namespace(), "a");
+        // A slash in a name (a file's, not the API server's) stays in it.
+        let odd = ObjectKey::new("ns", "a/b");
+        assert_eq!((odd.namespace(), odd.name()), ("ns", "a/b"));
+        assert_ne!(odd, ObjectKey::new("ns/a", "b"));
+        assert_eq!(
+            serde_json::to_string(&key).unwrap(),
+            r#"{"namespace":"default","name":"echo"}"#
+        );
     }
 }

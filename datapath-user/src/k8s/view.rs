@@ -8,7 +8,10 @@
 //! of that, and compare equal when nothing that matters changed (a new
 //! resourceVersion alone does not make a service dirty).
 
-use std::net::Ipv4Addr;
+use std::{
+    net::Ipv4Addr,
+    sync::{Arc, Mutex},
+};
 
 use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
 
@@ -60,15 +63,54 @@ pub struct SlicePortView {
     pub protocol: Option<String>,
 }
 
+/// One endpoint, in 40 bytes: a cluster's slices hold hundreds of
+/// thousands (as a k8s-openapi `Endpoint`, ~350 bytes before its strings).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct EndpointView {
     /// The first address (kube-proxy uses only that one): parsed, or the
-    /// text that did not parse.
-    pub address: Option<Result<Ipv4Addr, String>>,
+    /// text that did not parse (rare: boxed behind a thin pointer, so
+    /// that the field takes 16 bytes).
+    pub address: Option<Result<Ipv4Addr, Box<String>>>,
     pub ready: Option<bool>,
     pub serving: Option<bool>,
     pub terminating: Option<bool>,
-    pub node_name: Option<String>,
+    /// Shared with every endpoint on the same node (`node_name`).
+    pub node_name: Option<Arc<str>>,
+}
+
+/// The one copy of `name` (a node's): a node's endpoints, across every
+/// slice, share it. Node names come and go with nodes only; the set is
+/// pruned of names nothing holds once it doubles.
+fn node_name(name: &str) -> Arc<str> {
+    static NODES: Mutex<Option<NodeNames>> = Mutex::new(None);
+    let mut guard = NODES
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    let nodes = guard.get_or_insert_with(NodeNames::default);
+    if let Some(shared) = nodes.names.get(name) {
+        return shared.clone();
+    }
+    if nodes.names.len() >= nodes.prune_at {
+        nodes.names.retain(|n| Arc::strong_count(n) > 1);
+        nodes.prune_at = (nodes.names.len() * 2).max(1024);
+    }
+    let shared: Arc<str> = name.into();
+    nodes.names.insert(shared.clone());
+    shared
+}
+
+struct NodeNames {
+    names: std::collections::HashSet<Arc<str>>,
+    prune_at: usize,
+}
+
+impl Default for NodeNames {
+    fn default() -> Self {
+        Self {
+            names: std::collections::HashSet::new(),
+            prune_at: 1024,
+        }
+    }
 }
 
 impl From<&Service> for ServiceView {
@@ -144,14 +186,30 @@ impl From<&EndpointSlice> for SliceView {
                         address: e
                             .addresses
                             .first()
-                            .map(|a| a.parse::<Ipv4Addr>().map_err(|_| a.clone())),
+                            .map(|a| a.parse::<Ipv4Addr>().map_err(|_| Box::new(a.clone()))),
                         ready: conditions.and_then(|c| c.ready),
                         serving: conditions.and_then(|c| c.serving),
                         terminating: conditions.and_then(|c| c.terminating),
-                        node_name: e.node_name.clone(),
+                        node_name: e.node_name.as_deref().map(node_name),
                     }
                 })
                 .collect(),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_endpoint_stays_small_and_node_names_are_shared() {
+        assert!(
+            std::mem::size_of::<EndpointView>() <= 40,
+            "{} bytes",
+            std::mem::size_of::<EndpointView>()
+        );
+        let (a, b) = (node_name("node-7"), node_name("node-7"));
+        assert!(Arc::ptr_eq(&a, &b), "one copy per node name");
     }
 }
