@@ -326,8 +326,6 @@ impl<M: LbMaps> AgentCore<M> {
     }
 }
 
-/// Runs the agent until SIGINT/SIGTERM. Leaves maps and links pinned:
-/// the datapath keeps serving while no agent runs.
 /// Gives the memory freed after the first sync (the initial list, parsed
 /// manifests) back to the kernel: glibc keeps freed heap otherwise, and
 /// the agent's RSS would stay at its start-up peak.
