@@ -1005,3 +1005,68 @@ fn a_reverse_nat_id_found_twice_stays_with_its_holder() {
         "removing b left a's entry"
     );
 }
+
+/// A sync's new frontends are written together at the flush (one batch
+/// per map), on real maps: nothing before it, every frontend whole after
+/// it, in make-before-break order. When the batch does not fit (a full
+/// SERVICES map), each frontend is written on its own: those that fit are
+/// served, the one that does not is an issue of its own service, held
+/// broken, and written once there is room.
+#[test]
+fn new_frontends_are_written_together_and_one_that_does_not_fit_is_named() {
+    use datapath_user::{Datapath, LoadOptions, loader::MapSizes};
+    // Room for two services of one port and ten endpoints (11 entries
+    // each), not three.
+    let mut datapath = Datapath::load(&LoadOptions {
+        sizes: MapSizes {
+            services: 30,
+            ..MapSizes::default()
+        },
+        ..LoadOptions::default()
+    })
+    .unwrap();
+    let mut reconciler = Reconciler::adopt(&mut datapath.maps).unwrap();
+    let services: Vec<_> = ["a", "b", "c"]
+        .iter()
+        .enumerate()
+        .map(|(i, name)| {
+            translation(&service_yaml(
+                name,
+                &format!("10.96.9.{}", i + 1),
+                &[80],
+                10,
+            ))
+        })
+        .collect();
+    reconciler.defer_new_frontends();
+    for (key, t) in &services {
+        let outcome = reconciler.update_service(key, t);
+        assert!(outcome.issues.is_empty(), "{:?}", outcome.issues);
+    }
+    assert!(
+        reconciler.maps().dump().unwrap().frontends.is_empty(),
+        "nothing written before the flush"
+    );
+    let issues = reconciler.flush();
+    assert_eq!(issues.len(), 1, "{issues:?}");
+    let (owner, issue) = &issues[0];
+    assert_eq!(owner, &ObjectKey::new("test", "c"));
+    assert_eq!(issue.kind, IssueKind::Datapath);
+    assert!(issue.to_string().contains("10.96.9.3"), "{issue}");
+    let dump = reconciler.maps().dump().unwrap();
+    let served: Vec<String> = view(&dump);
+    assert_eq!(served.len(), 2, "{served:?}");
+    assert!(
+        dump.frontends
+            .iter()
+            .all(|f| f.slots.len() == 10 && f.slots.iter().all(Option::is_some)),
+        "every written frontend whole: {dump:?}"
+    );
+
+    // Room made (a removed), the broken one is written on the next try.
+    apply(&mut reconciler, &gone("a"));
+    let outcome = reconciler.update_service(&services[2].0, &services[2].1);
+    assert!(outcome.issues.is_empty(), "{:?}", outcome.issues);
+    assert_eq!(outcome.frontends_written, 1);
+    assert_eq!(view(&reconciler.maps().dump().unwrap()).len(), 2);
+}

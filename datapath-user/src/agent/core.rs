@@ -130,6 +130,10 @@ impl<M: LbMaps> AgentCore<M> {
         // Retries are bounded: each one follows a frontend's release.
         let mut budget = queue.len() * 4 + 64;
         let mut departed = Vec::new();
+        // New frontends are written together after the loop (one batch
+        // per map: a first sync's 100,000 frontends are not 700,000
+        // syscalls).
+        self.reconciler.defer_new_frontends();
         while let Some(service) = queue.pop_front() {
             if !done.insert(service.clone()) {
                 continue;
@@ -156,6 +160,13 @@ impl<M: LbMaps> AgentCore<M> {
                     queue.push_back(waiter);
                 }
             }
+        }
+        for (service, issue) in self.reconciler.flush() {
+            stats.issues += 1;
+            self.failed.insert(service.clone());
+            let mut issues = self.issues.get(&service).cloned().unwrap_or_default();
+            issues.push(issue);
+            self.record_issues(&service, issues);
         }
         if !departed.is_empty()
             && let Some(terminator) = &mut self.terminator

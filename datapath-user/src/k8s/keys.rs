@@ -122,7 +122,7 @@ mod tests {
         assert_eq!((key.namespace(), key.name()), ("default", "echo"));
         assert_eq!(key.to_string(), "default/echo");
         // As the pair of strings: "a" before "a-b" although '/' > '-'.
-        let mut keys = vec![ObjectKey::new("a-b", "x"), ObjectKey::new("a", "y")];
+        let mut keys = [ObjectKey::new("a-b", "x"), ObjectKey::new("a", "y")];
         keys.sort();
         assert_eq!(keys[0].namespace(), "a");
         // A slash in a name (a file's, not the API server's) stays in it.

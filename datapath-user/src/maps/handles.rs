@@ -34,6 +34,8 @@ pub struct DatapathMaps {
     pub service_filter: Array<MapData, u32>,
     /// Ports of fragmented datagrams in flight.
     pub fragments: HashMap<MapData, FragmentKey, FragmentPorts>,
+    /// New frontends noted for one batched write (`super::bulk`).
+    pub(super) pending: super::bulk::PendingWrites,
 }
 
 impl DatapathMaps {
@@ -74,6 +76,7 @@ impl DatapathMaps {
             counters: typed(&mut get, m::COUNTERS_MAP)?,
             service_filter: typed(&mut get, m::SERVICE_FILTER_MAP)?,
             fragments: typed(&mut get, m::FRAGMENTS_MAP)?,
+            pending: Default::default(),
         })
     }
 

@@ -76,6 +76,15 @@ pub trait LbMaps {
     /// Makes the frontend filter count exactly `frontends`; returns how
     /// many buckets changed.
     fn rebuild_filter(&mut self, frontends: &[Frontend]) -> Result<usize, MapError>;
+    /// From now until `flush`, `set_service` may only note a frontend the
+    /// maps do not hold yet, to write all such frontends at once
+    /// (`super::bulk`). By default every write is made at once.
+    fn defer_new_frontends(&mut self) {}
+    /// Writes what was noted and stops noting; returns the frontends that
+    /// could not be written (`set_service` said Ok for them).
+    fn flush(&mut self) -> Vec<(Frontend, ProgramError)> {
+        Vec::new()
+    }
 }
 
 /// A reconciler may borrow its maps (the agent keeps them).
@@ -114,6 +123,12 @@ impl<T: LbMaps + ?Sized> LbMaps for &mut T {
     }
     fn rebuild_filter(&mut self, frontends: &[Frontend]) -> Result<usize, MapError> {
         (**self).rebuild_filter(frontends)
+    }
+    fn defer_new_frontends(&mut self) {
+        (**self).defer_new_frontends()
+    }
+    fn flush(&mut self) -> Vec<(Frontend, ProgramError)> {
+        (**self).flush()
     }
 }
 

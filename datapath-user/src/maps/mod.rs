@@ -2,8 +2,10 @@
 //! (from a loaded object or from their pins); `LbMaps` is what the
 //! reconciler needs, implemented once by the real maps (`writer`, the one
 //! place that writes a service into them) and once by `FakeMaps` beside
-//! it, with the same validation, as Cilium keeps `LBMaps` and its fakes.
+//! it, with the same validation, as Cilium keeps `LBMaps` and its fakes;
+//! `bulk` writes many new frontends at once.
 
+mod bulk;
 mod fake;
 mod handles;
 mod lb_maps;

@@ -55,6 +55,20 @@ impl LbMaps for DatapathMaps {
             self.backends.len(),
             self.reverse_nat.len(),
         )?;
+        if self.pending.deferring {
+            // A frontend new to the maps is noted for the flush (`bulk`);
+            // any other write goes after what is noted.
+            let absent = !self.pending.is_noted(frontend)
+                && matches!(
+                    self.services.get(&frontend.key(0), 0),
+                    Err(MapError::KeyNotFound)
+                );
+            if absent {
+                self.pending.note(*frontend, rev_nat_id, backends);
+                return Ok(());
+            }
+            self.write_pending();
+        }
         let old_head = self.services.get(&frontend.key(0), 0).ok();
         let old_count = old_head.map_or(0, |h| h.backend_count);
 
@@ -116,6 +130,7 @@ impl LbMaps for DatapathMaps {
     /// Removes `frontend`: the frontend entry first (new flows stop), then
     /// its slots and reverse-NAT entry.
     fn remove_service(&mut self, frontend: &Frontend) -> Result<(), ProgramError> {
+        self.write_pending();
         let map_err = |map: &'static str| {
             move |source| ProgramError::Map {
                 frontend: *frontend,
@@ -142,6 +157,7 @@ impl LbMaps for DatapathMaps {
     /// Deletes a backend. Tracked flows still pinned to it are re-balanced
     /// by the datapath on their next packet.
     fn remove_backend(&mut self, id: BackendId) -> Result<(), MapError> {
+        self.write_pending();
         self.backends.set(id, Backend::default(), 0)
     }
 
@@ -218,21 +234,28 @@ impl LbMaps for DatapathMaps {
 
     /// Deletes one `SERVICES` entry (a stray slot found by `dump`).
     fn remove_service_key(&mut self, key: &ServiceKey) -> Result<(), MapError> {
+        self.write_pending();
         remove_if_present(&mut self.services, key)
     }
 
     fn restore_rev_nat(&mut self, id: RevNatId, frontend: &Frontend) -> Result<(), MapError> {
-        let value = RevNatValue {
-            address_be: ipv4_be(frontend.address.octets()),
-            port_be: port_be(frontend.port),
-            flags: m::REV_NAT_FLAG_PRESENT,
-            _pad: 0,
-        };
-        self.reverse_nat.set(id, value, 0)
+        self.write_pending();
+        self.reverse_nat.set(id, rev_nat_value(frontend), 0)
+    }
+
+    fn defer_new_frontends(&mut self) {
+        self.pending.deferring = true;
+    }
+
+    fn flush(&mut self) -> Vec<(Frontend, ProgramError)> {
+        self.write_pending();
+        self.pending.deferring = false;
+        self.pending.take_failed()
     }
 
     /// Clears a reverse-NAT entry no frontend uses.
     fn remove_rev_nat(&mut self, id: RevNatId) -> Result<(), MapError> {
+        self.write_pending();
         self.reverse_nat.set(id, RevNatValue::default(), 0)
     }
 
@@ -241,6 +264,7 @@ impl LbMaps for DatapathMaps {
     /// impossible: it is raised before a frontend is written and lowered
     /// after it is deleted). Returns how many buckets changed.
     fn rebuild_filter(&mut self, frontends: &[Frontend]) -> Result<usize, MapError> {
+        self.write_pending();
         let mut want = std::collections::HashMap::<u32, u32>::new();
         for frontend in frontends {
             let key = frontend.key(0);
@@ -270,7 +294,7 @@ impl LbMaps for DatapathMaps {
 /// on an error, also how many entries were written before it. `K` and
 /// `V` must be the map's key and value types (the callers pass the typed
 /// map's own).
-fn write_batch<K: Copy, V: Copy>(
+pub(super) fn write_batch<K: Copy, V: Copy>(
     map: &MapData,
     keys: &[K],
     values: &[V],
@@ -289,7 +313,9 @@ fn write_batch<K: Copy, V: Copy>(
 }
 
 /// Every entry of an array map, read in batches.
-fn read_array<V: aya::Pod + Default>(array: &Array<MapData, V>) -> Result<Vec<V>, MapError> {
+pub(super) fn read_array<V: aya::Pod + Default>(
+    array: &Array<MapData, V>,
+) -> Result<Vec<V>, MapError> {
     use std::os::fd::{AsFd, AsRawFd};
     let fd = aya::maps::IterableMap::map(array).fd().as_fd().as_raw_fd();
     crate::bpfsys::read_array(fd, array.len()).map_err(|io_error| {
@@ -298,6 +324,16 @@ fn read_array<V: aya::Pod + Default>(array: &Array<MapData, V>) -> Result<Vec<V>
             io_error,
         })
     })
+}
+
+/// `frontend`'s reverse-NAT entry: the address replies get as source.
+pub(super) fn rev_nat_value(frontend: &Frontend) -> RevNatValue {
+    RevNatValue {
+        address_be: ipv4_be(frontend.address.octets()),
+        port_be: port_be(frontend.port),
+        flags: m::REV_NAT_FLAG_PRESENT,
+        _pad: 0,
+    }
 }
 
 fn remove_if_present<K: aya::Pod, V: aya::Pod>(

@@ -6,11 +6,11 @@ use datapath_common::maps::BackendId;
 
 use super::{
     BackendUse, Departed, Programmed, Reconciler,
-    issues::{limit_issue, program_issue},
+    issues::{limit_issue, program_issue, with_object},
     node_subset,
 };
 use crate::{
-    k8s::{Endpoint, Issue},
+    k8s::{Endpoint, Issue, ObjectKey},
     maps::{LbMaps, ProgramError},
     model::{BackendAddress, BackendEntry, Frontend},
 };
@@ -160,6 +160,31 @@ impl<M: LbMaps> Reconciler<M> {
             return Err(capped_issue());
         }
         Ok(written)
+    }
+
+    /// From now until `flush`, frontends new to the maps are written
+    /// together at the flush (one batch per map) instead of one by one.
+    pub fn defer_new_frontends(&mut self) {
+        self.maps.defer_new_frontends();
+    }
+
+    /// Writes the frontends noted since `defer_new_frontends`. Each that
+    /// could not be written is held as a write that failed midway (its
+    /// backends and id kept, rewritten on the next try) and returned as
+    /// an issue of the service that owns it.
+    pub fn flush(&mut self) -> Vec<(ObjectKey, Issue)> {
+        let mut issues = Vec::new();
+        for (frontend, error) in self.maps.flush() {
+            if let Some(programmed) = self.programmed.get_mut(&frontend) {
+                programmed.broken = true;
+            }
+            let issue = program_issue(error);
+            match self.owner.get(&frontend) {
+                Some(owner) => issues.push((owner.clone(), with_object(issue, owner))),
+                None => issues.push((ObjectKey::new("", ""), issue)),
+            }
+        }
+        issues
     }
 
     /// Remembers backends that left `frontend`, when it is UDP (a TCP
