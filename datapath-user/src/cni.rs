@@ -118,7 +118,7 @@ pub fn run(
                     "list it after the interface plugin (macvlan, ipvlan, sriov) in the conflist",
                 )));
             };
-            if wants_tc(&pin_dir, &netns).map_err(fail)? {
+            if wants_tc(&pin_dir, &netns) {
                 let attached = attach(&pin_dir, &netns, &ifname).map_err(fail)?;
                 attached.keep();
             }
@@ -147,7 +147,7 @@ pub fn run(
         "CHECK" => {
             let netns = var("CNI_NETNS")?;
             let ifname = var("CNI_IFNAME")?;
-            if !wants_tc(&pin_dir, &netns).map_err(fail)? {
+            if !wants_tc(&pin_dir, &netns) {
                 // Socket-LB translates this pod: no pair to check.
                 return Ok(None);
             }
@@ -175,15 +175,16 @@ pub fn run(
 /// Whether the pod in `netns` gets the TC pair, by the agent's policy
 /// in `pin_dir` (`crate::pod_tc`): not when socket-LB translates it. No
 /// policy yet (no agent has run): it does.
-fn wants_tc(pin_dir: &Path, netns: &str) -> Result<bool, CniError> {
-    let policy = PodTcPolicy::load(pin_dir).map_err(|e| {
-        CniError::new(
-            IO_FAILURE,
-            "reading the agent's pod TC policy",
-            e.to_string(),
-        )
-    })?;
-    Ok(policy.is_none_or(|p| p.wants_tc(&loader::netns_label(Some(netns)))))
+/// A policy it cannot read (another version's marker) gives the pair: the
+/// safe side, and no pod is blocked for it.
+fn wants_tc(pin_dir: &Path, netns: &str) -> bool {
+    match PodTcPolicy::load(pin_dir) {
+        Ok(policy) => policy.is_none_or(|p| p.wants_tc(&loader::netns_label(Some(netns)))),
+        Err(e) => {
+            tracing::warn!("reading the agent's pod TC policy: {e}; attaching the TC pair");
+            true
+        }
+    }
 }
 
 /// Attaches the TC pair to `ifname` in `netns`: the programs an agent

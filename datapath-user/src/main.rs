@@ -240,17 +240,19 @@ struct AgentArgs {
     /// see docs/agent.md for naming them).
     #[arg(long, env = "UNDERPASS_SOCKET_LB_SKIP_NETNS")]
     socket_lb_skip_netns: Option<String>,
-    /// Which pod interfaces get the TC pair. auto: when socket-LB
+    /// Which pod interfaces get the TC pair. always (default): every pod;
+    /// TC then also translates what socket-LB cannot: a connected UDP
+    /// socket whose connect() came before its Service was programmed
+    /// (kube-proxy recovers those by clearing their conntrack entries),
+    /// traffic a pod forwards (a VM or VPN pod). auto: when socket-LB
     /// translates every pod (--socket-lb all, attached at the cgroup2
-    /// root), only the pods it skips (--socket-lb-skip-netns) — the
-    /// others' packets already carry backend addresses, and the pair
-    /// would cost them a few hundred ns each for nothing; with --cgroup
-    /// below the root the agent cannot tell which pods socket-LB covers,
-    /// so every pod. unless-socket-lb: as auto, trusting --cgroup to hold
-    /// every pod's processes (e.g. kubepods.slice). always: every pod (TC
-    /// also translates connections opened before their service was
-    /// programmed). Pods keep the pair they have whatever this says.
-    #[arg(long, env = "UNDERPASS_POD_TC", value_enum, default_value_t = PodTc::Auto)]
+    /// root), only the pods it skips (--socket-lb-skip-netns): the others'
+    /// packets already carry backend addresses, and the pair costs them a
+    /// few hundred ns each for nothing; with --cgroup below the root,
+    /// every pod. unless-socket-lb: as auto, trusting --cgroup to hold
+    /// every pod's processes (pure cgroup v2 hosts only). Pods keep the
+    /// pair they have whatever this says. See docs/agent.md.
+    #[arg(long, env = "UNDERPASS_POD_TC", value_enum, default_value_t = PodTc::Always)]
     pod_tc: PodTc,
     /// Address for /metrics, /healthz and /readyz.
     #[arg(
@@ -305,12 +307,12 @@ struct AgentArgs {
 /// `--pod-tc`.
 #[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
 enum PodTc {
+    /// Every pod.
+    Always,
     /// Only pods socket-LB skips, when it is attached at the cgroup2 root.
     Auto,
     /// Only pods socket-LB skips, whatever --cgroup is.
     UnlessSocketLb,
-    /// Every pod.
-    Always,
 }
 
 /// `--socket-lb`.

@@ -60,7 +60,7 @@ impl PodTcPolicy {
             let text = pattern.as_str();
             if text.len() > MAX_SKIP_PATTERN || text.contains('/') {
                 return Err(format!(
-                    "--socket-lb-skip-netns {text:?}: at most {MAX_SKIP_PATTERN} bytes and no '/' (a namespace name has none)"
+                    "--socket-lb-skip-netns {text:?}: with --pod-tc auto or unless-socket-lb the pattern is kept as a directory name in the pin directory (for the CNI plugin), so at most {MAX_SKIP_PATTERN} bytes and no '/' (a namespace name has none); or use --pod-tc always"
                 ));
             }
         }
