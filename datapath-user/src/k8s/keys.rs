@@ -88,10 +88,19 @@ impl fmt::Debug for ObjectKey {
     }
 }
 
-/// By namespace, then name (as the two strings it stands for).
+/// By namespace, then name (as the two strings it stands for). On bytes:
+/// sorted sets of keys compare millions of times in a large sync, and
+/// `str` slicing checks character boundaries each time.
 impl Ord for ObjectKey {
     fn cmp(&self, other: &Self) -> std::cmp::Ordering {
-        (self.namespace(), self.name()).cmp(&(other.namespace(), other.name()))
+        if Arc::ptr_eq(&self.text, &other.text) {
+            return std::cmp::Ordering::Equal;
+        }
+        let (a, b) = (self.text.as_bytes(), other.text.as_bytes());
+        let (a_split, b_split) = (self.split as usize, other.split as usize);
+        a[..a_split]
+            .cmp(&b[..b_split])
+            .then_with(|| a[a_split + 1..].cmp(&b[b_split + 1..]))
     }
 }
 

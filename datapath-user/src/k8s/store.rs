@@ -61,7 +61,7 @@ impl Store {
             Change::Applied(object) => self.upsert(object, &mut dirty),
             Change::Deleted(kind, key) => self.delete(kind, &key, &mut dirty),
             Change::Replaced(kind, objects) => {
-                let mut keep = BTreeSet::new();
+                let mut keep = foldhash::HashSet::default();
                 for object in objects {
                     keep.insert(object.key().clone());
                     self.upsert(object, &mut dirty);
