@@ -144,7 +144,7 @@ pub fn service_ports(services: &[Service], slices: &[EndpointSlice]) -> Vec<Serv
             ServicePort {
                 namespace: owner.namespace().to_owned(),
                 name: owner.name().to_owned(),
-                port_name: desired.port_name.clone(),
+                port_name: desired.port_name.to_string(),
                 protocol: desired.frontend.protocol,
                 cluster_ip: desired.frontend.address,
                 port: desired.frontend.port,

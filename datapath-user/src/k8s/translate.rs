@@ -52,7 +52,7 @@ impl fmt::Display for Endpoint {
 pub struct DesiredFrontend {
     pub frontend: Frontend,
     /// The service port's name ("" when unnamed), for display.
-    pub port_name: String,
+    pub port_name: std::sync::Arc<str>,
     /// Sorted and deduplicated: the slot order in the maps.
     pub backends: Vec<Endpoint>,
     /// Endpoints still listed in a slice but not usable for new flows (not
@@ -222,7 +222,7 @@ pub fn translate_view<'a>(
         if slice.owner.as_ref() != Some(key) || slice.headless {
             continue;
         }
-        match slice.address_type.as_str() {
+        match &*slice.address_type {
             "IPv4" => usable_slices.push(slice),
             "IPv6" => out.issues.push(slice_issue(
                 slice,
@@ -342,7 +342,7 @@ fn endpoints_for_port(
     let protocol_name = protocol.to_string();
     for slice in slices {
         let Some((port_index, slice_port)) = slice.ports.iter().enumerate().find(|(_, p)| {
-            p.name == port_name && p.protocol.as_deref().unwrap_or("TCP") == protocol_name
+            &*p.name == port_name && p.protocol.as_deref().unwrap_or("TCP") == protocol_name
         }) else {
             continue;
         };

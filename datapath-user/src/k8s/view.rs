@@ -25,7 +25,7 @@ pub struct ServiceView {
     pub proxied: bool,
     pub has_spec: bool,
     /// `clusterIPs` when set, else `[clusterIP]`.
-    pub cluster_ips: Vec<String>,
+    pub cluster_ips: Vec<Box<str>>,
     /// Whether `cluster_ips` came from `clusterIPs` (for field names).
     pub from_cluster_ips: bool,
     pub ports: Vec<ServicePortView>,
@@ -38,10 +38,11 @@ pub struct ServiceView {
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ServicePortView {
-    pub name: String,
+    /// Shared (`shared`): services repeat a few port names.
+    pub name: Arc<str>,
     pub port: i32,
-    /// As written (None = TCP).
-    pub protocol: Option<String>,
+    /// As written (None = TCP), shared.
+    pub protocol: Option<Arc<str>>,
 }
 
 /// What translation reads of an EndpointSlice.
@@ -51,16 +52,19 @@ pub struct SliceView {
     /// From the `kubernetes.io/service-name` label.
     pub owner: Option<ObjectKey>,
     pub headless: bool,
-    pub address_type: String,
+    /// Shared (`shared`).
+    pub address_type: Arc<str>,
     pub ports: Vec<SlicePortView>,
     pub endpoints: Vec<EndpointView>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct SlicePortView {
-    pub name: String,
+    /// Shared (`shared`).
+    pub name: Arc<str>,
     pub port: Option<i32>,
-    pub protocol: Option<String>,
+    /// As written, shared.
+    pub protocol: Option<Arc<str>>,
 }
 
 /// One endpoint, in 40 bytes: a cluster's slices hold hundreds of
@@ -74,14 +78,15 @@ pub struct EndpointView {
     pub ready: Option<bool>,
     pub serving: Option<bool>,
     pub terminating: Option<bool>,
-    /// Shared with every endpoint on the same node (`node_name`).
+    /// Shared with every endpoint on the same node (`shared`).
     pub node_name: Option<Arc<str>>,
 }
 
-/// The one copy of `name` (a node's): a node's endpoints, across every
-/// slice, share it. Node names come and go with nodes only; the set is
-/// pruned of names nothing holds once it doubles.
-fn node_name(name: &str) -> Arc<str> {
+/// The one copy of a text many objects repeat (node names, port names,
+/// protocols, address types): every view holding it shares it. Such
+/// texts come and go with nodes and services; the set is pruned of those
+/// nothing holds once it doubles.
+fn shared(name: &str) -> Arc<str> {
     static NODES: Mutex<Option<NodeNames>> = Mutex::new(None);
     let mut guard = NODES
         .lock()
@@ -125,9 +130,15 @@ impl From<&Service> for ServiceView {
                 None | Some("") | Some("None")
             );
         let (cluster_ips, from_cluster_ips) = match spec.and_then(|s| s.cluster_ips.as_ref()) {
-            Some(ips) if !ips.is_empty() => (ips.clone(), true),
+            Some(ips) if !ips.is_empty() => {
+                (ips.iter().map(|ip| ip.as_str().into()).collect(), true)
+            }
             _ => (
-                vec![spec.and_then(|s| s.cluster_ip.clone()).unwrap_or_default()],
+                vec![
+                    spec.and_then(|s| s.cluster_ip.as_deref())
+                        .unwrap_or_default()
+                        .into(),
+                ],
                 false,
             ),
         };
@@ -142,9 +153,9 @@ impl From<&Service> for ServiceView {
                 .into_iter()
                 .flatten()
                 .map(|p| ServicePortView {
-                    name: p.name.clone().unwrap_or_default(),
+                    name: shared(p.name.as_deref().unwrap_or_default()),
                     port: p.port,
-                    protocol: p.protocol.clone(),
+                    protocol: p.protocol.as_deref().map(shared),
                 })
                 .collect(),
             publish_not_ready: spec.and_then(|s| s.publish_not_ready_addresses) == Some(true),
@@ -165,15 +176,15 @@ impl From<&EndpointSlice> for SliceView {
                 .labels
                 .as_ref()
                 .is_some_and(|l| l.contains_key(HEADLESS_LABEL)),
-            address_type: slice.address_type.clone(),
+            address_type: shared(&slice.address_type),
             ports: slice
                 .ports
                 .iter()
                 .flatten()
                 .map(|p| SlicePortView {
-                    name: p.name.clone().unwrap_or_default(),
+                    name: shared(p.name.as_deref().unwrap_or_default()),
                     port: p.port,
-                    protocol: p.protocol.clone(),
+                    protocol: p.protocol.as_deref().map(shared),
                 })
                 .collect(),
             endpoints: slice
@@ -190,7 +201,7 @@ impl From<&EndpointSlice> for SliceView {
                         ready: conditions.and_then(|c| c.ready),
                         serving: conditions.and_then(|c| c.serving),
                         terminating: conditions.and_then(|c| c.terminating),
-                        node_name: e.node_name.as_deref().map(node_name),
+                        node_name: e.node_name.as_deref().map(shared),
                     }
                 })
                 .collect(),
@@ -209,7 +220,7 @@ mod tests {
             "{} bytes",
             std::mem::size_of::<EndpointView>()
         );
-        let (a, b) = (node_name("node-7"), node_name("node-7"));
+        let (a, b) = (shared("node-7"), shared("node-7"));
         assert!(Arc::ptr_eq(&a, &b), "one copy per node name");
     }
 }
