@@ -10,8 +10,6 @@
 //! writes what is noted first, so the maps see every change in the order
 //! the reconciler made it.
 
-use std::collections::HashSet;
-
 use aya::maps::IterableMap;
 use datapath_common::{
     ipv4_be,
@@ -20,41 +18,8 @@ use datapath_common::{
     port_be,
 };
 
-use super::{handles::DatapathMaps, lb_maps::ProgramError, writer};
+use super::{handles::DatapathMaps, writer};
 use crate::model::{BackendEntry, Frontend};
-
-/// Frontends noted for the next flush, and the errors of writes already
-/// made on their behalf.
-#[derive(Debug, Default)]
-pub struct PendingWrites {
-    /// On between `defer_new_frontends` and `flush`.
-    pub(super) deferring: bool,
-    frontends: Vec<(Frontend, RevNatId, Vec<BackendEntry>)>,
-    noted: HashSet<Frontend>,
-    /// Frontends a flush could not write (returned by the next `flush`).
-    failed: Vec<(Frontend, ProgramError)>,
-}
-
-impl PendingWrites {
-    pub(super) fn is_noted(&self, frontend: &Frontend) -> bool {
-        self.noted.contains(frontend)
-    }
-
-    pub(super) fn note(
-        &mut self,
-        frontend: Frontend,
-        rev_nat_id: RevNatId,
-        backends: &[BackendEntry],
-    ) {
-        self.noted.insert(frontend);
-        self.frontends
-            .push((frontend, rev_nat_id, backends.to_vec()));
-    }
-
-    pub(super) fn take_failed(&mut self) -> Vec<(Frontend, ProgramError)> {
-        std::mem::take(&mut self.failed)
-    }
-}
 
 impl DatapathMaps {
     /// Writes every noted frontend. A batch the kernel refuses (a map

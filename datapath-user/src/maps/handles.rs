@@ -35,7 +35,7 @@ pub struct DatapathMaps {
     /// Ports of fragmented datagrams in flight.
     pub fragments: HashMap<MapData, FragmentKey, FragmentPorts>,
     /// New frontends noted for one batched write (`super::bulk`).
-    pub(super) pending: super::bulk::PendingWrites,
+    pub(super) pending: super::pending::PendingWrites,
 }
 
 impl DatapathMaps {

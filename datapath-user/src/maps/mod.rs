@@ -9,6 +9,7 @@ mod bulk;
 mod fake;
 mod handles;
 mod lb_maps;
+mod pending;
 mod writer;
 
 pub use self::{
