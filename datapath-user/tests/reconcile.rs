@@ -1070,3 +1070,41 @@ fn new_frontends_are_written_together_and_one_that_does_not_fit_is_named() {
     assert_eq!(outcome.frontends_written, 1);
     assert_eq!(view(&reconciler.maps().dump().unwrap()).len(), 2);
 }
+
+/// An agent stopped between a frontend's slots and its entry leaves slots
+/// that adoption finds stray; when the next sync writes that frontend
+/// again, prune must not delete its slots (the frontend would count slots
+/// that are gone, and new flows to it would be dropped).
+#[test]
+fn slots_found_stray_and_written_again_by_the_sync_are_not_pruned() {
+    let mut datapath = common::load_private();
+    let web = translation(&service_yaml("web", "10.96.1.1", &[80], 3));
+    let frontend = Frontend {
+        address: Ipv4Addr::new(10, 96, 1, 1),
+        port: 80,
+        protocol: Protocol::Tcp,
+    };
+    for slot in 1..=3 {
+        datapath
+            .maps
+            .services
+            .insert(
+                frontend.key(slot),
+                datapath_common::maps::ServiceValue::new(u32::from(slot), 0, 1, 0),
+                0,
+            )
+            .unwrap();
+    }
+    let mut reconciler = Reconciler::adopt(&mut datapath.maps).unwrap();
+    reconciler.defer_new_frontends();
+    apply(&mut reconciler, &web);
+    assert!(reconciler.flush().is_empty());
+    reconciler.prune(false).unwrap();
+    let dump = reconciler.maps().dump().unwrap();
+    assert_eq!(dump.frontends.len(), 1, "{dump:?}");
+    assert!(
+        dump.frontends[0].slots.iter().all(Option::is_some) && dump.frontends[0].slots.len() == 3,
+        "every slot of the rewritten frontend kept: {dump:?}"
+    );
+    assert!(dump.stray_slots.is_empty(), "{dump:?}");
+}

@@ -130,6 +130,9 @@ impl<M: LbMaps> AgentCore<M> {
         // Retries are bounded: each one follows a frontend's release.
         let mut budget = queue.len() * 4 + 64;
         let mut departed = Vec::new();
+        // Each service's issues (its last pass, if retried).
+        let mut found: std::collections::BTreeMap<ObjectKey, Vec<Issue>> =
+            std::collections::BTreeMap::new();
         // New frontends are written together after the loop (one batch
         // per map: a first sync's 100,000 frontends are not 700,000
         // syscalls).
@@ -147,13 +150,9 @@ impl<M: LbMaps> AgentCore<M> {
             stats.removed += outcome.frontends_removed;
             let mut issues = translation.issues;
             issues.extend(outcome.issues);
-            stats.issues += issues.len();
-            if issues.iter().any(|i| i.kind == IssueKind::Datapath) {
-                self.failed.insert(service.clone());
-            } else {
-                self.failed.remove(&service);
-            }
-            self.record_issues(&service, issues);
+            // Recorded after the flush, with what it could not write: an
+            // issue that stands across retries is not logged anew.
+            found.insert(service.clone(), issues);
             if budget > 0 {
                 for waiter in outcome.retry {
                     done.remove(&waiter);
@@ -162,10 +161,15 @@ impl<M: LbMaps> AgentCore<M> {
             }
         }
         for (service, issue) in self.reconciler.flush() {
-            stats.issues += 1;
-            self.failed.insert(service.clone());
-            let mut issues = self.issues.get(&service).cloned().unwrap_or_default();
-            issues.push(issue);
+            found.entry(service).or_default().push(issue);
+        }
+        for (service, issues) in found {
+            stats.issues += issues.len();
+            if issues.iter().any(|i| i.kind == IssueKind::Datapath) {
+                self.failed.insert(service.clone());
+            } else {
+                self.failed.remove(&service);
+            }
             self.record_issues(&service, issues);
         }
         if !departed.is_empty()

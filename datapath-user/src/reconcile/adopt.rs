@@ -198,6 +198,19 @@ impl<M: LbMaps> Reconciler<M> {
             }
         }
         for key in std::mem::take(&mut self.stray_slots) {
+            // Stray when adopted (an agent stopped between a frontend's
+            // slots and its entry), but the sync since may have written
+            // that frontend: its slots are its own now.
+            let head = datapath_common::maps::ServiceKey {
+                backend_slot: 0,
+                ..key
+            };
+            let owned = Frontend::from_key(&head)
+                .and_then(|f| self.programmed.get(&f))
+                .is_some_and(|p| p.broken || usize::from(key.backend_slot) <= p.backends.len());
+            if owned {
+                continue;
+            }
             match self.maps.remove_service_key(&key) {
                 Ok(()) => report.stray_slots += 1,
                 Err(e) => issues.push(datapath_issue("SERVICES", format!("stray slot: {e}"))),

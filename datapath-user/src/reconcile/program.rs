@@ -178,10 +178,10 @@ impl<M: LbMaps> Reconciler<M> {
             if let Some(programmed) = self.programmed.get_mut(&frontend) {
                 programmed.broken = true;
             }
-            let issue = program_issue(error);
-            match self.owner.get(&frontend) {
-                Some(owner) => issues.push((owner.clone(), with_object(issue, owner))),
-                None => issues.push((ObjectKey::new("", ""), issue)),
+            // Every programmed frontend has an owner; one without is no
+            // service's to retry.
+            if let Some(owner) = self.owner.get(&frontend) {
+                issues.push((owner.clone(), with_object(program_issue(error), owner)));
             }
         }
         issues
