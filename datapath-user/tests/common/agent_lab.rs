@@ -156,10 +156,33 @@ pub fn ask_service(topo: &Topology) -> std::io::Result<String> {
         .map(|a| a.server)
 }
 
-pub fn tempdir(prefix: &str) -> PathBuf {
+/// A test's manifest directory, removed on drop (also when the test
+/// fails).
+pub struct ManifestDir(PathBuf);
+
+impl std::ops::Deref for ManifestDir {
+    type Target = Path;
+    fn deref(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl AsRef<Path> for ManifestDir {
+    fn as_ref(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for ManifestDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+pub fn tempdir(prefix: &str) -> ManifestDir {
     let dir = std::env::temp_dir().join(format!("{prefix}-manifests"));
     std::fs::create_dir_all(&dir).unwrap();
-    dir
+    ManifestDir(dir)
 }
 
 pub fn drain_manifest(endpoints: &[(Ipv4Addr, &str)]) -> String {
@@ -192,7 +215,7 @@ pub fn datapath_event(metrics: &str, event: &str) -> u64 {
 pub struct EchoLab {
     pub topo: Topology,
     pub pins: PinDir,
-    pub dir: PathBuf,
+    pub dir: ManifestDir,
     _servers: Vec<workload::Server>,
 }
 
@@ -244,11 +267,5 @@ impl EchoLab {
     /// One request from the client to the service; the answering server.
     pub fn ask(&self) -> std::io::Result<String> {
         ask_service(&self.topo)
-    }
-}
-
-impl Drop for EchoLab {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
