@@ -86,6 +86,16 @@ impl Runtime {
         (output.status.code().unwrap(), json)
     }
 
+    /// The same network for another pod's namespace.
+    fn for_pod(&self, pod: &Namespace, container_id: String) -> Runtime {
+        Runtime {
+            netns: pod.path().to_owned(),
+            container_id,
+            bin: self.bin.clone(),
+            conflist: self.conflist.clone(),
+        }
+    }
+
     fn plugins(&self) -> &[Value] {
         self.conflist["plugins"].as_array().unwrap()
     }
@@ -233,12 +243,7 @@ fn chained_after_the_reference_plugins_add_check_and_del_work() {
     // A second pod: its ADD attaches the programs the first one pinned
     // (same program ids) instead of loading and verifying the object.
     let pod2 = Namespace::create(&format!("{}-cnipod2", topo.prefix)).unwrap();
-    let second = Runtime {
-        netns: pod2.path().to_owned(),
-        container_id: format!("{}-c0ffee2", topo.prefix),
-        bin: runtime.bin.clone(),
-        conflist: runtime.conflist.clone(),
-    };
+    let second = runtime.for_pod(&pod2, format!("{}-c0ffee2", topo.prefix));
     let (result2, warm) = second.add(node);
     let programs = |namespace| common::tcx_program_ids(namespace, "eth0");
     assert_eq!(
@@ -263,12 +268,7 @@ fn chained_after_the_reference_plugins_add_check_and_del_work() {
     .unwrap();
     for (suffix, gets_pair) in [("cnipod3", false), ("cnipod4", true)] {
         let pod = Namespace::create(&format!("{}-{suffix}", topo.prefix)).unwrap();
-        let runtime = Runtime {
-            netns: pod.path().to_owned(),
-            container_id: format!("{}-{suffix}", topo.prefix),
-            bin: runtime.bin.clone(),
-            conflist: runtime.conflist.clone(),
-        };
+        let runtime = runtime.for_pod(&pod, format!("{}-{suffix}", topo.prefix));
         let (result, _) = runtime.add(node);
         let key = (pod.name().to_owned(), "eth0".to_owned());
         assert_eq!(

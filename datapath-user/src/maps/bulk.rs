@@ -21,6 +21,9 @@ use datapath_common::{
 use super::{handles::DatapathMaps, writer};
 use crate::model::{BackendEntry, Frontend};
 
+/// Up to this many filter buckets are read one by one.
+const FEW_BUCKETS: usize = 64;
+
 impl DatapathMaps {
     /// Writes every noted frontend. A batch the kernel refuses (a map
     /// full, say) is followed by each frontend on its own, so that the
@@ -95,18 +98,32 @@ impl DatapathMaps {
             return Err(error);
         }
         // Counts raised before the frontends exist (a count too high only
-        // costs a lookup; prune repairs it).
-        let mut counts: Vec<u32> = writer::read_array(&self.service_filter)?;
-        let mut changed = std::collections::BTreeSet::new();
+        // costs a lookup; prune repairs it). Per bucket: the changed ones.
+        let mut raised: std::collections::BTreeMap<u32, u32> = std::collections::BTreeMap::new();
         for key in &head_keys {
             let bucket = service_filter_index(key.address_be, key.port_be, key.protocol);
-            if let Some(count) = counts.get_mut(bucket as usize) {
-                *count = count.saturating_add(1);
-                changed.insert(bucket);
-            }
+            *raised.entry(bucket).or_default() += 1;
         }
-        let buckets: Vec<u32> = changed.into_iter().collect();
-        let values: Vec<u32> = buckets.iter().map(|&b| counts[b as usize]).collect();
+        // A few buckets are read one by one (a service created between
+        // syncs must not read the whole 1 MiB array); many, in one batch.
+        let current: Vec<u32> = if raised.len() <= FEW_BUCKETS {
+            raised
+                .keys()
+                .map(|b| self.service_filter.get(b, 0))
+                .collect::<Result<_, _>>()?
+        } else {
+            let counts: Vec<u32> = writer::read_array(&self.service_filter)?;
+            raised
+                .keys()
+                .map(|&b| counts.get(b as usize).copied().unwrap_or(0))
+                .collect()
+        };
+        let buckets: Vec<u32> = raised.keys().copied().collect();
+        let values: Vec<u32> = current
+            .iter()
+            .zip(raised.values())
+            .map(|(have, add)| have.saturating_add(*add))
+            .collect();
         writer::write_batch(IterableMap::map(&self.service_filter), &buckets, &values)
             .map_err(on_error)?;
         if let Err((written, error)) =
