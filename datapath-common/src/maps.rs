@@ -18,11 +18,12 @@ pub const COUNTERS_MAP: &str = "COUNTERS";
 pub const SERVICE_FILTER_MAP: &str = "SERVICE_FILTER";
 pub const FRAGMENTS_MAP: &str = "FRAGMENTS";
 pub const CLASH_FILTER_MAP: &str = "CLASH_FILTER";
+pub const REPLY_FILTER_MAP: &str = "REPLY_FILTER";
 pub const POD_ROUTES_MAP: &str = "POD_ROUTES";
 pub const SOCK_LB_SKIP_MAP: &str = "SOCK_LB_SKIP";
 
 /// Every map, for pinning and inspection.
-pub const ALL_MAPS: [&str; 12] = [
+pub const ALL_MAPS: [&str; 13] = [
     SERVICE_FILTER_MAP,
     SERVICES_MAP,
     BACKENDS_MAP,
@@ -33,6 +34,7 @@ pub const ALL_MAPS: [&str; 12] = [
     COUNTERS_MAP,
     FRAGMENTS_MAP,
     CLASH_FILTER_MAP,
+    REPLY_FILTER_MAP,
     POD_ROUTES_MAP,
     SOCK_LB_SKIP_MAP,
 ];
@@ -50,6 +52,17 @@ pub const ALL_MAPS: [&str; 12] = [
 /// every id the older build wrote is below 65,536). Pins of the older build
 /// then read the same in both, and an upgrade keeps every tracked flow.
 pub const MAPS_ABI: u32 = 3;
+
+/// `REPLY_FILTER`'s entries: one flag per `lb::service_filter_index`
+/// bucket of a backend's (address, port, protocol), then
+/// `REPLY_FILTER_COMPLETE`.
+pub const REPLY_FILTER_ENTRIES: u32 = (1 << crate::lb::SERVICE_FILTER_BITS) + 1;
+/// The `REPLY_FILTER` index of its completeness flag: non-zero once every
+/// flow in conntrack has its backend's bucket flagged. Until then (an
+/// agent that has just replaced programs that did not flag, or flows an
+/// older build opened) the ingress program looks every packet up in
+/// conntrack as if every bucket were flagged.
+pub const REPLY_FILTER_COMPLETE: u32 = 1 << crate::lb::SERVICE_FILTER_BITS;
 
 /// Pods (network namespaces) socket-LB can be told to leave alone.
 pub const DEFAULT_SOCK_LB_SKIP_MAX: u32 = 4096;

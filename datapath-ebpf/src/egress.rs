@@ -9,7 +9,9 @@
 //! array reads (its frontend and its backend still exist). Only a packet
 //! without a live flow consults `SERVICES`, to open one.
 //! Conntrack is written only on new flows, on TCP state changes and once a
-//! refresh interval, never per packet. A new flow whose wire tuple another
+//! refresh interval, never per packet; so is the flag that lets the
+//! ingress program skip conntrack for packets that cannot be replies
+//! (`crate::reply_filter`). A new flow whose wire tuple another
 //! flow holds gets another source port (`crate::clash`).
 
 use aya_ebpf::{
@@ -31,7 +33,7 @@ use crate::{
     metrics::count,
     nat::{self, End},
     parse::{self, Packet},
-    reject, route,
+    reject, reply_filter, route,
 };
 
 pub fn run(ctx: &TcContext) -> i32 {
@@ -83,6 +85,8 @@ fn service_packet(ctx: &TcContext, packet: &Packet, table: &CtMap) -> i32 {
             if ct::needs_write(flow, state, now) {
                 flow.state = state;
                 flow.last_seen = now;
+                // Flows an older build opened get their flag here too.
+                reply_filter::mark(backend.address_be, backend.port_be, packet.protocol);
                 let reply = ct::backend_key(
                     packet.saddr_be,
                     wire_port(flow, packet),
@@ -163,6 +167,7 @@ fn direct_tracked(ctx: &TcContext, packet: &Packet, table: &CtMap) -> Option<i32
     if ct::needs_write(flow, state, now) {
         flow.state = state;
         flow.last_seen = now;
+        reply_filter::mark(packet.daddr_be, packet.dport_be, packet.protocol);
         let reply = ct::backend_key(
             packet.saddr_be,
             flow.nat_port_be,
@@ -261,6 +266,7 @@ fn direct_syn(ctx: &TcContext, packet: &Packet) -> i32 {
         packet.dport_be,
         packet.protocol,
     );
+    reply_filter::mark(packet.daddr_be, packet.dport_be, packet.protocol);
     if !ct::insert(&CONNTRACK_TCP, &moved, &back) || !ct::insert(&CONNTRACK_TCP, &own, &forward) {
         count(Counter::Error);
         events::conntrack_insert_failed(ctx, packet.protocol);
@@ -375,6 +381,7 @@ fn new_flow(ctx: &TcContext, packet: &Packet, table: &CtMap, key: &CtKey, now: u
     };
     flow.set_rev_nat_id(service.rev_nat_id());
     // Reply entry first: a reply can only arrive after the packet leaves.
+    reply_filter::mark(backend.address_be, backend.port_be, packet.protocol);
     let back = reply_entry(&flow, packet);
     let reply = ct::backend_key(
         packet.saddr_be,

@@ -1,7 +1,8 @@
 //! TC ingress on the pod interface: replies from a backend get their
 //! source rewritten back to the service address, from the flow's
 //! backend-tuple conntrack entry. Packets of untracked (or expired) flows
-//! pass untouched.
+//! pass untouched; those from a peer no tracked flow was opened to pass
+//! without a conntrack lookup (`crate::reply_filter`).
 
 use aya_ebpf::{
     bindings::{TC_ACT_OK, TC_ACT_SHOT, TC_ACT_UNSPEC},
@@ -19,6 +20,7 @@ use crate::{
     metrics::count,
     nat::{self, End},
     parse::{self, Packet},
+    reply_filter,
 };
 
 pub fn run(ctx: &TcContext) -> i32 {
@@ -28,6 +30,10 @@ pub fn run(ctx: &TcContext) -> i32 {
     };
     if packet.is_later_fragment() && !frag::resolve(&mut packet) {
         count(Counter::Fragment);
+        return TC_ACT_UNSPEC;
+    }
+    if !reply_filter::may_be_reply(&packet) {
+        // Not from a peer any tracked flow was opened to: no lookup.
         return TC_ACT_UNSPEC;
     }
     // One call site per table: the verifier then inlines each lookup.

@@ -18,6 +18,7 @@ mod metrics;
 mod nat;
 mod parse;
 mod reject;
+mod reply_filter;
 mod route;
 mod sock;
 

@@ -73,6 +73,16 @@ pub static FRAGMENTS: LruHashMap<FragmentKey, FragmentPorts> =
 pub static CLASH_FILTER: Array<u32> =
     Array::with_max_entries(1 << datapath_common::lb::SERVICE_FILTER_BITS, 0);
 
+/// Backends (`lb::service_filter_index` buckets of their address, port
+/// and protocol) that tracked flows were opened to: a flag (1) the egress
+/// program sets on each new flow, never cleared, so that a packet arriving
+/// from anything else leaves the ingress program after this one array read
+/// instead of a conntrack lookup (`crate::reply_filter`). The last entry
+/// (`REPLY_FILTER_COMPLETE`) says whether the flags can be trusted yet.
+#[map]
+pub static REPLY_FILTER: Array<u32> =
+    Array::with_max_entries(datapath_common::maps::REPLY_FILTER_ENTRIES, 0);
+
 /// Attached pods' routing tables (`crate::route`): (netns cookie, prefix)
 /// → the interface the route leaves by. Written by the agent.
 #[map]

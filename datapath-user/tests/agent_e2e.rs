@@ -133,10 +133,20 @@ fn agent_attaches_follows_manifests_and_restarts_without_loss() {
         })
     };
     std::thread::sleep(Duration::from_millis(300));
+    let pinned = datapath_user::maps::DatapathMaps::open_pinned(&pins.0).unwrap();
+    assert!(
+        pinned.reply_filter_complete().unwrap(),
+        "the agent trusts its reply filter once its programs run on every pod"
+    );
+    drop(pinned);
     agent.stop();
     // No agent at all for a while: the pinned datapath serves alone.
     std::thread::sleep(Duration::from_millis(500));
     assert_eq!(long_lived.ask().unwrap(), "server-b");
+    // As an upgrade from a build without the reply filter finds it: the
+    // next agent makes a new, empty one, and must flag the peers of the
+    // flows in conntrack before trusting it.
+    std::fs::remove_file(pins.0.join(datapath_common::maps::REPLY_FILTER_MAP)).unwrap();
     let agent = Agent::start(&pins.0, &dir, &filter);
     std::thread::sleep(Duration::from_millis(500));
     stop.store(true, Ordering::Relaxed);
@@ -161,6 +171,16 @@ fn agent_attaches_follows_manifests_and_restarts_without_loss() {
         failures.lock().unwrap()
     );
     eprintln!("restart: {answered} requests answered, none lost");
+
+    wait_until("the restarted agent trusts its new reply filter", || {
+        datapath_user::maps::DatapathMaps::open_pinned(&pins.0)
+            .is_ok_and(|m| m.reply_filter_complete().unwrap())
+    });
+    assert_eq!(
+        long_lived.ask().unwrap(),
+        "server-b",
+        "the long-lived connection's replies are still translated"
+    );
 
     // The restarted agent adopted the state: the metrics agree.
     let metrics = agent.get("/metrics").unwrap();

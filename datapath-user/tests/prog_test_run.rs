@@ -778,6 +778,70 @@ fn fin_and_rst_close_both_entries_and_a_new_syn_reopens() {
     assert_eq!(backend_of(&egress(&mut dp, &syn).1), B2.address);
 }
 
+/// The reply filter's flag for replies from `backend` (TCP).
+fn reply_flag(dp: &Datapath, backend: &BackendEntry) -> u32 {
+    let bucket = lb::service_filter_index(
+        ipv4_be(backend.address.octets()),
+        port_be(backend.port),
+        datapath_common::IPPROTO_TCP,
+    );
+    dp.maps.reply_filter.get(&bucket, 0).unwrap()
+}
+
+#[test]
+fn the_reply_filter_skips_lookups_only_once_complete_and_flags_every_flow() {
+    let mut dp = datapath_with(tcp_frontend(), &[B1]);
+    let syn = Frame::tcp(CLIENT, (VIP, 80), SYN);
+    let synack = Frame {
+        l4: L4::Tcp { flags: SYN | ACK },
+        ..Frame::tcp((B1.address, B1.port), CLIENT, SYN)
+    };
+    let mut translated = synack.clone();
+    translated.src = VIP;
+    translated.sport = 80;
+    assert_eq!(reply_flag(&dp, &B1), 0);
+    egress(&mut dp, &syn);
+    assert_eq!(reply_flag(&dp, &B1), 1, "a new flow flags its backend");
+
+    // Trusted: a reply from a flagged peer is looked up and translated.
+    dp.maps.complete_reply_filter().unwrap();
+    assert!(dp.maps.reply_filter_complete().unwrap());
+    let (v, out) = ingress(&mut dp, &synack);
+    assert_eq!(v, verdict::OK);
+    assert_frame("reply from a flagged peer", &out, &translated);
+
+    // A flow without its flag (opened by an older build): trusted flags
+    // skip it (which proves the lookup is skipped) ...
+    let bucket = lb::service_filter_index(
+        ipv4_be(B1.address.octets()),
+        port_be(B1.port),
+        datapath_common::IPPROTO_TCP,
+    );
+    dp.maps.reply_filter.set(bucket, 0, 0).unwrap();
+    let (v, out) = ingress(&mut dp, &synack);
+    assert_eq!(
+        (v, out),
+        (verdict::NEXT, synack.build()),
+        "an unflagged peer while the flags are trusted"
+    );
+    // ... so an agent distrusts them at start: every reply is looked up ...
+    dp.maps.distrust_reply_filter().unwrap();
+    let (v, out) = ingress(&mut dp, &synack);
+    assert_eq!(v, verdict::OK, "distrusted flags: looked up");
+    assert_frame("reply while distrusted", &out, &translated);
+    // ... until it has flagged every flow in conntrack.
+    assert_eq!(dp.maps.complete_reply_filter().unwrap(), 1, "flags set");
+    assert_eq!(reply_flag(&dp, &B1), 1);
+    let (v, out) = ingress(&mut dp, &synack);
+    assert_eq!(v, verdict::OK, "flagged from conntrack");
+    assert_frame("reply after completion", &out, &translated);
+
+    // Anything else passes untouched without a lookup.
+    let other = Frame::tcp((Ipv4Addr::new(10, 77, 0, 9), 8080), CLIENT, ACK | PSH);
+    let (v, out) = ingress(&mut dp, &other);
+    assert_eq!((v, out), (verdict::NEXT, other.build()));
+}
+
 #[test]
 fn replies_of_an_expired_flow_pass_untouched() {
     let mut dp = datapath_with(udp_frontend(), &[B3]);

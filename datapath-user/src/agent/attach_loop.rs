@@ -38,6 +38,9 @@ pub(super) struct AttachLoop {
     pub(super) pod_tc: PodTcPolicy,
     pub(super) interval: Duration,
     pub(super) metrics: Arc<Metrics>,
+    /// Whether the ingress program may trust `REPLY_FILTER` yet
+    /// (`crate::maps::DatapathMaps::complete_reply_filter`).
+    pub(super) reply_filter_complete: bool,
 }
 
 impl AttachLoop {
@@ -69,6 +72,7 @@ impl AttachLoop {
                     self.apply_pod_tc(self.pod_tc.clone());
                 }
                 self.scan_pods();
+                self.complete_reply_filter();
                 self.sync_skip_list();
                 self.metrics
                     .ready
@@ -163,6 +167,30 @@ impl AttachLoop {
         self.metrics
             .attached_interfaces
             .set(attacher.attached().len() as i64);
+    }
+
+    /// Once this build's programs run on every pod (a scan without a
+    /// failure; at once without pod attachment, where pods keep the
+    /// programs they were attached with, a pair from one build), flags the
+    /// peers of the flows conntrack holds and lets the ingress program
+    /// skip conntrack for packets from anything else. Until then, and if
+    /// this fails, every reply is looked up: slower, never wrong.
+    fn complete_reply_filter(&mut self) {
+        if self.reply_filter_complete || self.pods.as_ref().is_some_and(|p| !p.clean()) {
+            return;
+        }
+        let started = Instant::now();
+        match self.datapath().maps.complete_reply_filter() {
+            Ok(flagged) => {
+                self.reply_filter_complete = true;
+                info!(
+                    flagged,
+                    elapsed_ms = started.elapsed().as_millis() as u64,
+                    "our programs run on every pod: replies are looked up only from flagged peers"
+                );
+            }
+            Err(e) => warn!("completing REPLY_FILTER (replies are all looked up meanwhile): {e}"),
+        }
     }
 
     /// The pods socket-LB leaves to the TC path, made equal to the

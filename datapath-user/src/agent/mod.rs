@@ -120,6 +120,13 @@ pub async fn run(options: AgentOptions) -> Result<()> {
     };
     let mut datapath =
         Datapath::load(&load_options(&options, &plan)?).context("loading the datapath")?;
+    // The programs this start replaces may not have flagged their flows'
+    // peers: every reply is looked up until the attach loop has swapped
+    // ours in everywhere and flagged what conntrack holds.
+    datapath
+        .maps
+        .distrust_reply_filter()
+        .context("resetting REPLY_FILTER's completeness flag")?;
     // Read from the start: an event of the first packets is kept.
     let logger =
         datapath_events::RateLimited::new(log::logger(), datapath_events::EVENTS_PER_SECOND);
@@ -249,6 +256,7 @@ fn attach_loop(
         pod_tc: options.pod_tc.clone(),
         interval: options.netns_interval,
         metrics,
+        reply_filter_complete: false,
     })
 }
 

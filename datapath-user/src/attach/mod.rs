@@ -197,6 +197,12 @@ impl PodAttacher {
         self.attached.keys().cloned().collect()
     }
 
+    /// True when no interface or namespace failed at its last attempt
+    /// (every selected pod runs our programs).
+    pub fn clean(&self) -> bool {
+        self.last_errors.is_empty()
+    }
+
     pub fn datapath_mut(&mut self) -> &mut Datapath {
         &mut self.datapath
     }

@@ -34,6 +34,9 @@ pub struct DatapathMaps {
     pub service_filter: Array<MapData, u32>,
     /// Ports of fragmented datagrams in flight.
     pub fragments: HashMap<MapData, FragmentKey, FragmentPorts>,
+    /// Peers tracked flows were opened to, and whether those flags are
+    /// complete (`super::reply_filter`).
+    pub reply_filter: Array<MapData, u32>,
     /// New frontends noted for one batched write (`super::bulk`).
     pub(super) pending: super::pending::PendingWrites,
 }
@@ -76,6 +79,7 @@ impl DatapathMaps {
             counters: typed(&mut get, m::COUNTERS_MAP)?,
             service_filter: typed(&mut get, m::SERVICE_FILTER_MAP)?,
             fragments: typed(&mut get, m::FRAGMENTS_MAP)?,
+            reply_filter: typed(&mut get, m::REPLY_FILTER_MAP)?,
             pending: Default::default(),
         })
     }

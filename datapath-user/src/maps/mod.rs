@@ -3,13 +3,15 @@
 //! reconciler needs, implemented once by the real maps (`writer`, the one
 //! place that writes a service into them) and once by `FakeMaps` beside
 //! it, with the same validation, as Cilium keeps `LBMaps` and its fakes;
-//! `bulk` writes many new frontends at once.
+//! `bulk` writes many new frontends at once; `reply_filter` says when the
+//! ingress program may skip conntrack.
 
 mod bulk;
 mod fake;
 mod handles;
 mod lb_maps;
 mod pending;
+mod reply_filter;
 mod writer;
 
 pub use self::{

@@ -1,0 +1,49 @@
+//! Which packets arriving on a pod can be replies of a tracked flow.
+//!
+//! Most of what a pod receives is not a reply from a service backend: its
+//! own clients' requests, replies of its direct connections. Each such
+//! packet used to pay a conntrack lookup (a hash of the tuple) only to
+//! find nothing. The egress program flags the bucket of a flow's peer
+//! (the backend, or the pod a moved direct connection goes to) when it
+//! opens the flow; a packet whose source bucket is not flagged cannot be
+//! a reply and skips the lookup.
+//!
+//! Flags are never cleared (a flow's replies may come for as long as it
+//! lives, drained backends included), so a bucket costs at most what the
+//! lookup cost before. They are trusted only once the agent says that
+//! every flow in conntrack has its flag (`REPLY_FILTER_COMPLETE`): flows
+//! opened by programs that did not flag (an older build, before this one
+//! replaced it) are flagged from conntrack by the agent first.
+
+use datapath_common::{lb, maps::REPLY_FILTER_COMPLETE};
+
+use crate::{maps::REPLY_FILTER, parse::Packet};
+
+/// Flags the bucket replies from `peer_be:peer_port_be` fall in. Written
+/// only when not yet set: a flagged bucket costs new flows one read.
+#[inline(always)]
+pub fn mark(peer_be: u32, peer_port_be: u16, protocol: u8) {
+    let bucket = lb::service_filter_index(peer_be, peer_port_be, protocol);
+    if let Some(slot) = REPLY_FILTER.get_ptr_mut(bucket) {
+        // SAFETY: a map value of this program run.
+        unsafe {
+            if *slot == 0 {
+                *slot = 1;
+            }
+        }
+    }
+}
+
+/// False when `packet` (arriving on a pod) cannot be the reply of a
+/// tracked flow: its source's bucket is not flagged and the flags are
+/// complete.
+#[inline(always)]
+pub fn may_be_reply(packet: &Packet) -> bool {
+    let bucket = lb::service_filter_index(packet.saddr_be, packet.sport_be, packet.protocol);
+    if REPLY_FILTER.get(bucket).is_some_and(|&flag| flag != 0) {
+        return true;
+    }
+    !REPLY_FILTER
+        .get(REPLY_FILTER_COMPLETE)
+        .is_some_and(|&complete| complete != 0)
+}

@@ -1,0 +1,57 @@
+//! `REPLY_FILTER`'s completeness (the datapath's `reply_filter`): the
+//! egress program flags the peer of every flow it opens, so the ingress
+//! program can skip conntrack for packets from anything else, but only
+//! once the flags cover every flow in conntrack. An agent that has just
+//! loaded its programs cannot know that: the programs it replaces may be
+//! an older build's, which opened flows without flags. So it distrusts
+//! the flags at start (every packet is looked up, as before), and once its
+//! programs run everywhere, flags the peer of every flow conntrack holds
+//! and trusts them again.
+
+use aya::maps::MapError;
+use datapath_common::{
+    lb,
+    maps::{CT_KIND_BACKEND, REPLY_FILTER_COMPLETE},
+};
+
+use super::DatapathMaps;
+
+impl DatapathMaps {
+    /// Makes the ingress program look every packet up in conntrack until
+    /// `complete_reply_filter`.
+    pub fn distrust_reply_filter(&mut self) -> Result<(), MapError> {
+        self.reply_filter.set(REPLY_FILTER_COMPLETE, 0, 0)
+    }
+
+    /// Flags the peer of every flow in conntrack, then lets the ingress
+    /// program trust the flags. Call it only once every attached program
+    /// is this build's (flows opened from then on flag themselves).
+    /// Returns the flags it had to set.
+    pub fn complete_reply_filter(&mut self) -> Result<usize, MapError> {
+        // A flow's backend-tuple entry names its peer (the backend, or the
+        // pod of a moved direct connection).
+        let buckets: std::collections::BTreeSet<u32> = self
+            .conntrack_tables()
+            .iter()
+            .flat_map(|(_, table)| table.keys().filter_map(Result::ok))
+            .filter(|key| key.kind == CT_KIND_BACKEND)
+            .map(|key| {
+                lb::service_filter_index(key.peer_address_be, key.peer_port_be, key.protocol)
+            })
+            .collect();
+        let mut set = 0;
+        for bucket in buckets {
+            if self.reply_filter.get(&bucket, 0)? == 0 {
+                self.reply_filter.set(bucket, 1, 0)?;
+                set += 1;
+            }
+        }
+        self.reply_filter.set(REPLY_FILTER_COMPLETE, 1, 0)?;
+        Ok(set)
+    }
+
+    /// Whether the ingress program trusts the flags.
+    pub fn reply_filter_complete(&self) -> Result<bool, MapError> {
+        Ok(self.reply_filter.get(&REPLY_FILTER_COMPLETE, 0)? != 0)
+    }
+}
