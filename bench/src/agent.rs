@@ -184,7 +184,12 @@ fn in_process(opts: &AgentOpts) -> Result<AgentFigures> {
         ..LoadOptions::default()
     })
     .context("loading the datapath")?;
-    let reconciler = Reconciler::adopt(&mut datapath.maps).context("reading the maps")?;
+    // As the agent's first start: maps it made need no reading.
+    let reconciler = if datapath.made_the_service_maps() {
+        Reconciler::new_on_empty(&mut datapath.maps)
+    } else {
+        Reconciler::adopt(&mut datapath.maps).context("reading the maps")?
+    };
     let mut core = AgentCore::new(reconciler, NodeContext::default(), Metrics::new(None));
     let (services, slices) = objects(opts);
     eprintln!(

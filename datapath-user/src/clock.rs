@@ -110,18 +110,26 @@ pub fn jiffies_now() -> io::Result<u64> {
     Ok(u64::from(word(CB_OFFSET)) | (u64::from(word(CB_OFFSET + 4)) << 32))
 }
 
-/// The kernel's tick rate (CONFIG_HZ), measured once: jiffies counted over
-/// 200 ms of CLOCK_MONOTONIC, rounded to the nearest rate Linux offers.
+/// The tick rates Linux offers (CONFIG_HZ).
+const RATES: [u64; 4] = [100, 250, 300, 1000];
+
+/// The kernel's tick rate (CONFIG_HZ), found once: the resolution of the
+/// coarse clocks is one tick (`TICK_NSEC`), which costs nothing to ask;
+/// should that ever not name a rate Linux offers, jiffies are counted over
+/// 200 ms of CLOCK_MONOTONIC (the agent's start would wait that long).
 pub fn hz() -> io::Result<u64> {
     static HZ: OnceLock<u64> = OnceLock::new();
     if let Some(hz) = HZ.get() {
         return Ok(*hz);
     }
+    if let Some(hz) = hz_from_coarse_resolution() {
+        return Ok(*HZ.get_or_init(|| hz));
+    }
     let start = (Instant::now(), jiffies_now()?);
     std::thread::sleep(Duration::from_millis(200));
     let end = (Instant::now(), jiffies_now()?);
     let measured = (end.1 - start.1) as f64 / (end.0 - start.0).as_secs_f64();
-    let hz = [100u64, 250, 300, 1000]
+    let hz = RATES
         .into_iter()
         .min_by(|a, b| {
             (*a as f64 - measured)
@@ -132,6 +140,25 @@ pub fn hz() -> io::Result<u64> {
     Ok(*HZ.get_or_init(|| hz))
 }
 
+/// The rate whose tick (`(NSEC_PER_SEC + HZ / 2) / HZ`, as the kernel
+/// rounds it) is CLOCK_MONOTONIC_COARSE's resolution.
+fn hz_from_coarse_resolution() -> Option<u64> {
+    let mut resolution = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_getres writes one timespec we own.
+    if unsafe { libc::clock_getres(libc::CLOCK_MONOTONIC_COARSE, &mut resolution) } != 0
+        || resolution.tv_sec != 0
+    {
+        return None;
+    }
+    let tick_nsec = |hz: u64| (1_000_000_000 + hz / 2) / hz;
+    RATES
+        .into_iter()
+        .find(|&hz| tick_nsec(hz) == resolution.tv_nsec as u64)
+}
+
 /// `duration` in ticks at `hz`, rounded up (a lifetime is never shortened).
 pub fn ticks(duration: Duration, hz: u64) -> u64 {
     (duration.as_nanos() * u128::from(hz)).div_ceil(1_000_000_000) as u64
@@ -140,6 +167,24 @@ pub fn ticks(duration: Duration, hz: u64) -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_coarse_clocks_tick_is_the_rate_jiffies_advance_at() {
+        let from_resolution = hz_from_coarse_resolution().expect("a rate Linux offers");
+        // Counted, as the fallback does (needs the BPF clock: root).
+        // SAFETY: geteuid has no preconditions.
+        if unsafe { libc::geteuid() } != 0 {
+            return;
+        }
+        let start = (Instant::now(), jiffies_now().unwrap());
+        std::thread::sleep(Duration::from_millis(200));
+        let end = (Instant::now(), jiffies_now().unwrap());
+        let counted = (end.1 - start.1) as f64 / (end.0 - start.0).as_secs_f64();
+        assert!(
+            (counted - from_resolution as f64).abs() < from_resolution as f64 * 0.1,
+            "resolution says {from_resolution} Hz, jiffies advanced at {counted:.0} Hz"
+        );
+    }
 
     #[test]
     fn ticks_round_up() {

@@ -396,7 +396,11 @@ fn pinned_maps_made_differently_are_replaced_by_the_owner_only() {
     let web = translation(&service_yaml("web", "10.96.1.1", &[80], 3));
     let programmed = {
         let mut datapath = datapath_user::Datapath::load(&with(1000, PinPolicy::Own)).unwrap();
-        let mut reconciler = Reconciler::adopt(&mut datapath.maps).unwrap();
+        assert!(
+            datapath.made_the_service_maps(),
+            "nothing was pinned: nothing to adopt"
+        );
+        let mut reconciler = Reconciler::new_on_empty(&mut datapath.maps);
         apply(&mut reconciler, &web);
         reconciler.maps().dump().unwrap()
     };
@@ -408,6 +412,10 @@ fn pinned_maps_made_differently_are_replaced_by_the_owner_only() {
     // The agent started with another --conntrack-max gets it.
     let datapath = datapath_user::Datapath::load(&with(3000, PinPolicy::Own)).unwrap();
     assert_eq!(max_entries(CONNTRACK_TCP_MAP), 6000);
+    assert!(
+        !datapath.made_the_service_maps(),
+        "the service maps were pinned: they must be adopted"
+    );
     assert_eq!(
         datapath.maps.dump().unwrap(),
         programmed,

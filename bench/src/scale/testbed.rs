@@ -236,7 +236,12 @@ impl Testbed {
                 let _attachment = datapath
                     .attach_tc(Some(client.namespace.name()), "eth0", TcMode::Auto)
                     .context("attaching TC to the client pod")?;
-                let reconciler = Reconciler::adopt(&mut datapath.maps)?;
+                // As the agent's first start: maps it made need no reading.
+                let reconciler = if datapath.made_the_service_maps() {
+                    Reconciler::new_on_empty(&mut datapath.maps)
+                } else {
+                    Reconciler::adopt(&mut datapath.maps)?
+                };
                 let mut core =
                     AgentCore::new(reconciler, NodeContext::default(), Metrics::new(None));
                 sync_all(&mut core, sweep)?;

@@ -127,6 +127,7 @@ pub async fn run(options: AgentOptions) -> Result<()> {
         .maps
         .distrust_reply_filter()
         .context("resetting REPLY_FILTER's completeness flag")?;
+    let maps_made_here = datapath.made_the_service_maps();
     // Read from the start: an event of the first packets is kept.
     let logger =
         datapath_events::RateLimited::new(log::logger(), datapath_events::EVENTS_PER_SECOND);
@@ -159,7 +160,12 @@ pub async fn run(options: AgentOptions) -> Result<()> {
             tokio::spawn(source::watch_dir(dir.clone(), *interval, tx))
         }
     };
-    let reconciler = Reconciler::adopt(maps).context("reading the pinned maps")?;
+    let reconciler = if maps_made_here {
+        // A first start (or maps replaced): nothing to adopt.
+        Reconciler::new_on_empty(maps)
+    } else {
+        Reconciler::adopt(maps).context("reading the pinned maps")?
+    };
     let mut core = AgentCore::new(reconciler, options.node.clone(), metrics.clone());
     if plan.udp_socket_termination {
         let terminator =

@@ -10,7 +10,7 @@ use datapath_common::maps::{BackendId, RevNatId};
 use super::{BackendUse, IdAllocator, Programmed, PruneReport, Reconciler, issues::datapath_issue};
 use crate::{
     k8s::Issue,
-    maps::LbMaps,
+    maps::{LbMaps, MapDump},
     model::{BackendAddress, Frontend},
 };
 
@@ -19,6 +19,17 @@ impl<M: LbMaps> Reconciler<M> {
     /// first sync rewrites only what differs.
     pub fn adopt(maps: M) -> Result<Self, MapError> {
         let dump = maps.dump()?;
+        Ok(Self::from_dump(maps, dump))
+    }
+
+    /// Takes over maps known to be empty (made by this very load:
+    /// `Datapath::made_the_service_maps`), without reading them.
+    pub fn new_on_empty(maps: M) -> Self {
+        Self::from_dump(maps, MapDump::default())
+    }
+
+    /// Takes over `maps`, which hold what `dump` says.
+    fn from_dump(maps: M, dump: MapDump) -> Self {
         let mut reconciler = Self {
             backend_ids: IdAllocator::new(maps.backend_capacity()),
             rev_nat_ids: IdAllocator::new(maps.rev_nat_capacity()),
@@ -144,7 +155,7 @@ impl<M: LbMaps> Reconciler<M> {
                 reconciler.adopted_unused_rev_nats.push(*id);
             }
         }
-        Ok(reconciler)
+        reconciler
     }
 
     /// Removes every programmed frontend no service holds, and every
