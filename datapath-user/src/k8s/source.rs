@@ -275,9 +275,13 @@ pub async fn watch_dir(dir: PathBuf, interval: Duration, tx: mpsc::Sender<Source
         match list_manifests(&dir) {
             Ok(paths) => {
                 dir_error = None;
+                // A set: with a manifest per service, a pass over 50,000
+                // files would otherwise compare every path with every
+                // other.
+                let listed: std::collections::HashSet<&PathBuf> = paths.iter().collect();
                 let removed: Vec<PathBuf> = files
                     .keys()
-                    .filter(|p| !paths.contains(p))
+                    .filter(|p| !listed.contains(p))
                     .cloned()
                     .collect();
                 for path in removed {
@@ -286,8 +290,9 @@ pub async fn watch_dir(dir: PathBuf, interval: Duration, tx: mpsc::Sender<Source
                         deletions.extend(state.keys);
                     }
                 }
-                settling.retain(|path, _| paths.contains(path));
-                changing_since.retain(|path, _| paths.contains(path));
+                settling.retain(|path, _| listed.contains(path));
+                changing_since.retain(|path, _| listed.contains(path));
+                drop(listed);
                 let mut unsettled = false;
                 for path in paths {
                     let Some(now) = stamp(&path) else {
