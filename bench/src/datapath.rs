@@ -2,10 +2,11 @@
 //!
 //! A test run with `repeat` runs the program again and again on the same
 //! skb, which the first run has already rewritten. To measure the real
-//! translation path on every repeat, the measured service's backend *is*
-//! its own VIP:port: each run does the full work (service, conntrack and
-//! backend lookups, both checksum updates, the MAC write) and leaves the
-//! packet as it found it.
+//! translation path on every repeat, two services are each other's
+//! backend (A:80 → B:8080 → A:80): each run does the full work on real
+//! differences (conntrack and backend lookups, a new address and port with
+//! both checksums updated, the MAC write), and an even number of runs
+//! leaves the packet as it found it.
 
 use std::{net::Ipv4Addr, time::Duration};
 
@@ -44,7 +45,8 @@ pub struct CaseResult {
 }
 
 const CLIENT: (Ipv4Addr, u16) = (Ipv4Addr::new(10, 77, 0, 2), 40000);
-const VIP: (Ipv4Addr, u16) = (Ipv4Addr::new(10, 96, 0, 10), 80);
+const VIP_A: (Ipv4Addr, u16) = (Ipv4Addr::new(10, 96, 0, 10), 80);
+const VIP_B: (Ipv4Addr, u16) = (Ipv4Addr::new(10, 96, 0, 11), 8080);
 
 pub fn run(opts: &DatapathOpts) -> Result<()> {
     // SAFETY: geteuid has no preconditions.
@@ -88,38 +90,63 @@ pub fn run(opts: &DatapathOpts) -> Result<()> {
 }
 
 pub fn measure(opts: &DatapathOpts) -> Result<Vec<CaseResult>> {
+    ensure!(
+        opts.repeat % 2 == 0,
+        "--repeat must be even: each run moves the packet to the other service, and an even count brings it back"
+    );
     let mut dp = Datapath::load(&LoadOptions::default()).context("loading the datapath")?;
-    let frontend = Frontend {
-        address: VIP.0,
-        port: VIP.1,
-        protocol: Protocol::Tcp,
-    };
-    let to_itself = BackendEntry {
-        id: 1,
-        address: VIP.0,
-        port: VIP.1,
-    };
-    dp.maps.set_service(&frontend, 1, &[to_itself])?;
+    // Two services, each the other's backend: a packet to A leaves for B's
+    // address and port, the next run takes it back to A's. Every run does
+    // the full work on real differences (a new address and port, both
+    // checksums updated, MACs written), and an even number of runs leaves
+    // the packet as it was, so the test run can repeat it.
+    for (id, (frontend, backend)) in [(VIP_A, VIP_B), (VIP_B, VIP_A)].into_iter().enumerate() {
+        let id = id as u32 + 1;
+        dp.maps.set_service(
+            &Frontend {
+                address: frontend.0,
+                port: frontend.1,
+                protocol: Protocol::Tcp,
+            },
+            id,
+            &[BackendEntry {
+                id,
+                address: backend.0,
+                port: backend.1,
+            }],
+        )?;
+    }
 
-    // Open the flow and let a reply teach it its next hop, so that the
+    // Open both flows and let a reply teach each its next hop, so that the
     // measured packets take the steady-state path (MACs written, no
     // redirect).
     let client_mac = [2, 0, 0, 0, 0, 2];
     let gateway_mac = [2, 0, 0, 0, 0, 0xfe];
-    let syn = Frame::tcp(CLIENT, VIP, SYN).with_macs(client_mac, gateway_mac);
-    let first = dp.test_run_tc(TC_EGRESS, &syn.build(), 1)?;
-    ensure!(
-        first.verdict == verdict::REDIRECT,
-        "priming SYN: verdict {}",
-        first.verdict
-    );
-    let synack = syn.reply(L4::Tcp { flags: SYN | ACK });
-    let reply = dp.test_run_tc(TC_INGRESS, &synack.build(), 1)?;
-    ensure!(
-        reply.verdict == verdict::OK,
-        "priming SYN-ACK: verdict {}",
-        reply.verdict
-    );
+    let mut refresh = Vec::new();
+    for (service, backend) in [(VIP_A, VIP_B), (VIP_B, VIP_A)] {
+        let syn = Frame::tcp(CLIENT, service, SYN).with_macs(client_mac, gateway_mac);
+        let first = dp.test_run_tc(TC_EGRESS, &syn.build(), 1)?;
+        ensure!(
+            first.verdict == verdict::REDIRECT,
+            "priming SYN to {}: verdict {}",
+            service.0,
+            first.verdict
+        );
+        let synack = Frame::tcp(backend, CLIENT, SYN | ACK).with_macs(gateway_mac, client_mac);
+        let reply = dp.test_run_tc(TC_INGRESS, &synack.build(), 1)?;
+        ensure!(
+            reply.verdict == verdict::OK,
+            "priming SYN-ACK from {}: verdict {}",
+            backend.0,
+            reply.verdict
+        );
+        refresh.push(
+            Frame::tcp(backend, CLIENT, ACK | PSH)
+                .with_macs(gateway_mac, client_mac)
+                .with_payload(&[0u8; 100])
+                .build(),
+        );
+    }
 
     // The agent's steady state: its programs run everywhere, and the
     // ingress program trusts the reply filter.
@@ -127,10 +154,12 @@ pub fn measure(opts: &DatapathOpts) -> Result<Vec<CaseResult>> {
         .complete_reply_filter()
         .context("completing the reply filter")?;
 
-    let data = Frame::tcp(CLIENT, VIP, ACK | PSH)
+    let data = Frame::tcp(CLIENT, VIP_A, ACK | PSH)
         .with_macs(client_mac, gateway_mac)
         .with_payload(&[0u8; 100]);
-    let data_reply = data.reply(L4::Tcp { flags: ACK | PSH });
+    let data_reply = Frame::tcp(VIP_B, CLIENT, ACK | PSH)
+        .with_macs(gateway_mac, client_mac)
+        .with_payload(&[0u8; 100]);
     let other = Frame::tcp(CLIENT, (Ipv4Addr::new(10, 77, 0, 3), 8080), ACK | PSH)
         .with_payload(&[0u8; 100]);
     let other_reply = other.reply(L4::Tcp { flags: ACK | PSH });
@@ -168,17 +197,10 @@ pub fn measure(opts: &DatapathOpts) -> Result<Vec<CaseResult>> {
             verdict::NEXT,
         ),
     ];
-    let data_reply = data_reply.build();
     let mut results = Vec::new();
     for (case, program, frame, expected) in cases {
         results.push(measure_case(
-            &mut dp,
-            opts,
-            case,
-            program,
-            &frame,
-            expected,
-            &data_reply,
+            &mut dp, opts, case, program, &frame, expected, &refresh,
         )?);
     }
     // What an agent's first seconds cost, before it trusts the filter
@@ -193,7 +215,7 @@ pub fn measure(opts: &DatapathOpts) -> Result<Vec<CaseResult>> {
         TC_INGRESS,
         &other_reply.build(),
         verdict::NEXT,
-        &data_reply,
+        &refresh,
     )?);
     Ok(results)
 }
@@ -206,7 +228,7 @@ fn measure_case(
     program: &'static str,
     frame: &[u8],
     expected: i32,
-    data_reply: &[u8],
+    refresh: &[Vec<u8>],
 ) -> Result<CaseResult> {
     let mut samples = Vec::with_capacity(opts.trials);
     let mut seen = expected;
@@ -216,7 +238,9 @@ fn measure_case(
             // a refresh interval); without one for a few seconds the
             // egress would hand the packet back to the kernel's
             // neighbour resolution.
-            dp.test_run_tc(TC_INGRESS, data_reply, 1)?;
+            for reply in refresh {
+                dp.test_run_tc(TC_INGRESS, reply, 1)?;
+            }
         }
         let out = dp.test_run_tc(program, frame, opts.repeat)?;
         seen = out.verdict;

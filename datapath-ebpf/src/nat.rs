@@ -76,8 +76,12 @@ pub fn rewrite(
         BPF_F_PSEUDO_HDR as u64 | mangled_0 | 4,
     )
     .map_err(|_| ())?;
-    ctx.l4_csum_replace(at, old_port as u64, port_be as u64, mangled_0 | 2)
-        .map_err(|_| ())?;
+    if old_port != port_be {
+        // A service whose port is its target port (DNS, many others)
+        // saves this helper call.
+        ctx.l4_csum_replace(at, old_port as u64, port_be as u64, mangled_0 | 2)
+            .map_err(|_| ())?;
+    }
     Ok(())
 }
 

@@ -23,7 +23,7 @@ use datapath_user::{
     Datapath,
     loader::{CtTimeouts, DatapathLog},
     maps::LbMaps,
-    model::{BackendEntry, Frontend},
+    model::{BackendEntry, Frontend, Protocol},
     object::{TC_EGRESS, TC_INGRESS, verdict},
 };
 use lab::packet::{self, ACK, FIN, Frame, L4, PSH, RST, SYN};
@@ -776,6 +776,40 @@ fn fin_and_rst_close_both_entries_and_a_new_syn_reopens() {
     // The client reuses the port for a new connection: balanced afresh.
     dp.maps.set_service(&tcp_frontend(), 1, &[B2]).unwrap();
     assert_eq!(backend_of(&egress(&mut dp, &syn).1), B2.address);
+}
+
+#[test]
+fn a_backend_on_the_services_own_port_gets_valid_checksums_both_ways() {
+    // Only the address changes: the port's checksum update is skipped.
+    for protocol in [Protocol::Tcp, Protocol::Udp] {
+        let frontend = Frontend {
+            address: VIP,
+            port: B1.port,
+            protocol,
+        };
+        let mut dp = datapath_with(frontend, &[B1]);
+        let (request, reply) = match protocol {
+            Protocol::Tcp => (
+                Frame::tcp(CLIENT, (VIP, B1.port), SYN),
+                Frame::tcp((B1.address, B1.port), CLIENT, SYN | ACK),
+            ),
+            Protocol::Udp => (
+                Frame::udp(CLIENT, (VIP, B1.port)).with_payload(b"same port"),
+                Frame::udp((B1.address, B1.port), CLIENT).with_payload(b"answer"),
+            ),
+        };
+        let (_, out) = egress(&mut dp, &request);
+        assert_frame(
+            &format!("{protocol:?} request"),
+            &out,
+            &to_backend(&request, &B1),
+        );
+        let (v, out) = ingress(&mut dp, &reply);
+        assert_eq!(v, verdict::OK);
+        let mut expected = reply.clone();
+        expected.src = VIP;
+        assert_frame(&format!("{protocol:?} reply"), &out, &expected);
+    }
 }
 
 /// The reply filter's flag for replies from `backend` (TCP).
