@@ -91,7 +91,7 @@ pub fn run(opts: &DatapathOpts) -> Result<()> {
 
 pub fn measure(opts: &DatapathOpts) -> Result<Vec<CaseResult>> {
     ensure!(
-        opts.repeat % 2 == 0,
+        opts.repeat.is_multiple_of(2),
         "--repeat must be even: each run moves the packet to the other service, and an even count brings it back"
     );
     let mut dp = Datapath::load(&LoadOptions::default()).context("loading the datapath")?;
