@@ -17,7 +17,7 @@ use datapath_user::{
     Datapath, LoadOptions,
     maps::LbMaps,
     model::{BackendEntry, Frontend, Protocol},
-    object::{TC_EGRESS, TC_INGRESS, verdict},
+    object::{TC_EGRESS, TC_INGRESS, TC_PASS, verdict},
 };
 use lab::packet::{ACK, Frame, L4, PSH, SYN};
 
@@ -167,11 +167,12 @@ pub fn measure(opts: &DatapathOpts) -> Result<Vec<CaseResult>> {
     arp[12..14].copy_from_slice(&0x0806u16.to_be_bytes());
     let cases = [
         (
-            "floor: ARP frame (test-run harness + one compare)",
-            TC_EGRESS,
-            arp,
+            "floor: the do-nothing program (test-run harness)",
+            TC_PASS,
+            arp.clone(),
             verdict::NEXT,
         ),
+        ("egress, not IPv4 (ARP)", TC_EGRESS, arp, verdict::NEXT),
         (
             "egress DNAT, conntrack hit",
             TC_EGRESS,

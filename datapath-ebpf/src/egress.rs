@@ -36,6 +36,7 @@ use crate::{
     reject, reply_filter, route,
 };
 
+#[inline(always)]
 pub fn run(ctx: &TcContext) -> i32 {
     if l2::take_redirected(ctx) {
         // Our own packet again, after bpf_redirect_neigh (`crate::l2`).

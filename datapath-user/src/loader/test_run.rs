@@ -29,6 +29,12 @@ impl Datapath {
         cb: [u32; SKB_CB_WORDS],
     ) -> Result<TestRunOutcome, LoaderError> {
         let program = sched_classifier(&mut self.ebpf, name)?;
+        if program.fd().is_err() {
+            // The do-nothing program is loaded on first use only.
+            program
+                .load()
+                .map_err(|source| LoaderError::program(name, source))?;
+        }
         let mut out = vec![0u8; frame.len() + 256];
         let mut ctx_in = [0u8; SKB_CB_END];
         for (word, value) in ctx_in[SKB_CB_OFFSET..].chunks_exact_mut(4).zip(cb) {
