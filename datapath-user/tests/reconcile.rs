@@ -1079,6 +1079,71 @@ fn new_frontends_are_written_together_and_one_that_does_not_fit_is_named() {
     assert_eq!(view(&reconciler.maps().dump().unwrap()).len(), 2);
 }
 
+/// The slots batch fits and the frontend entries' batch does not: the
+/// frontends whose entry did not make it take their slots out again
+/// (nothing counts them), and the one that still does not fit on its own
+/// is named.
+#[test]
+fn frontends_whose_entry_did_not_fit_leave_no_slots_behind() {
+    use datapath_user::{Datapath, LoadOptions, loader::MapSizes};
+    // Three services of two endpoints: six slots fit, and two of the
+    // three frontend entries.
+    let mut datapath = Datapath::load(&LoadOptions {
+        sizes: MapSizes {
+            services: 8,
+            ..MapSizes::default()
+        },
+        ..LoadOptions::default()
+    })
+    .unwrap();
+    let mut reconciler = Reconciler::new_on_empty(&mut datapath.maps);
+    let services: Vec<_> = ["a", "b", "c"]
+        .iter()
+        .enumerate()
+        .map(|(i, name)| {
+            translation(&service_yaml(
+                name,
+                &format!("10.96.9.{}", i + 1),
+                &[80],
+                2,
+            ))
+        })
+        .collect();
+    reconciler.defer_new_frontends();
+    for (key, t) in &services {
+        let outcome = reconciler.update_service(key, t);
+        assert!(outcome.issues.is_empty(), "{:?}", outcome.issues);
+    }
+    let issues = reconciler.flush();
+    assert_eq!(issues.len(), 1, "{issues:?}");
+    assert_eq!(issues[0].0, ObjectKey::new("test", "c"));
+    let dump = reconciler.maps().dump().unwrap();
+    assert_eq!(view(&dump).len(), 2, "{dump:?}");
+    assert!(dump.stray_slots.is_empty(), "{:?}", dump.stray_slots);
+    assert_eq!(
+        reconciler.maps().services.keys().count(),
+        6,
+        "two frontends with two slots each, nothing of the third"
+    );
+    let filter_count = |address: [u8; 4]| {
+        let bucket = datapath_common::lb::service_filter_index(
+            u32::from_ne_bytes(address),
+            80u16.to_be(),
+            6,
+        );
+        reconciler.maps().service_filter.get(&bucket, 0).unwrap()
+    };
+    assert_eq!(
+        [
+            filter_count([10, 96, 9, 1]),
+            filter_count([10, 96, 9, 2]),
+            filter_count([10, 96, 9, 3])
+        ],
+        [1, 1, 0],
+        "the filter counts the frontends the maps hold"
+    );
+}
+
 /// An agent stopped between a frontend's slots and its entry leaves slots
 /// that adoption finds stray; when the next sync writes that frontend
 /// again, prune must not delete its slots (the frontend would count slots

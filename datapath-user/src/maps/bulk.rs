@@ -35,9 +35,16 @@ impl DatapathMaps {
         if frontends.is_empty() {
             return;
         }
-        if self.write_batches(&frontends).is_ok() {
+        let Err(batch_error) = self.write_batches(&frontends) else {
             return;
-        }
+        };
+        // Said even when every frontend then fits on its own: a batch the
+        // kernel refused is worth knowing about (its own error is not in
+        // the issues, which name frontends).
+        tracing::info!(
+            frontends = frontends.len(),
+            "writing new frontends in batches failed ({batch_error}): writing each on its own"
+        );
         let deferring = std::mem::replace(&mut self.pending.deferring, false);
         for (frontend, rev_nat_id, backends) in &frontends {
             if let Err(e) = super::LbMaps::set_service(self, frontend, *rev_nat_id, backends) {
@@ -130,9 +137,13 @@ impl DatapathMaps {
             writer::write_batch(IterableMap::map(&self.services), &head_keys, &heads)
         {
             // The frontends whose entry did not make it: their slots out
-            // again, as above (the first `written` are whole and stay).
+            // again, as above (the first `written` are whole and stay),
+            // and their filter counts back down.
             for key in &slot_keys[first_slot[written]..] {
                 let _ = self.services.remove(key);
+            }
+            for (frontend, _, _) in &frontends[written..] {
+                let _ = writer::adjust_filter(&mut self.service_filter, frontend, -1);
             }
             return Err(error);
         }

@@ -110,9 +110,18 @@ impl LbMaps for DatapathMaps {
             adjust_filter(&mut self.service_filter, frontend, 1)
                 .map_err(map_err(m::SERVICE_FILTER_MAP))?;
         }
-        self.services
-            .insert(frontend.key(0), head, 0)
-            .map_err(map_err(m::SERVICES_MAP))?;
+        if let Err(error) = self.services.insert(frontend.key(0), head, 0) {
+            // As above: the slots beyond the old count are counted by
+            // nothing (a frontend new to the maps has none); a full map
+            // must not keep them, nor the filter count just raised.
+            for key in slot_keys.iter().skip(usize::from(old_count)) {
+                let _ = remove_if_present(&mut self.services, key);
+            }
+            if old_head.is_none() {
+                let _ = adjust_filter(&mut self.service_filter, frontend, -1);
+            }
+            return Err(map_err(m::SERVICES_MAP)(error));
+        }
         for slot in (count + 1)..=old_count {
             remove_if_present(&mut self.services, &frontend.key(slot))
                 .map_err(map_err(m::SERVICES_MAP))?;
@@ -348,7 +357,7 @@ fn remove_if_present<K: aya::Pod, V: aya::Pod>(
 }
 
 /// Counts a frontend in (+1) or out (-1) of its `SERVICE_FILTER` bucket.
-fn adjust_filter(
+pub(super) fn adjust_filter(
     filter: &mut Array<MapData, u32>,
     frontend: &Frontend,
     delta: i32,
