@@ -47,6 +47,9 @@ pub struct Metrics {
     pub udp_sockets_terminated: Counter,
     /// Pod interfaces found without our programs and attached again.
     pub attachments_repaired: Counter,
+    /// 1 while the ingress program trusts `REPLY_FILTER` (skips
+    /// conntrack for packets from unflagged peers).
+    pub reply_filter_trusted: Gauge,
     /// Metrics/health connections closed at once: the cap was reached.
     pub http_connections_refused: Counter,
     /// Failed accepts on the metrics/health port (out of descriptors).
@@ -130,6 +133,12 @@ impl Metrics {
             "Pod interfaces found without underpass's programs (detached by someone else) and attached again",
             attachments_repaired.clone(),
         );
+        let reply_filter_trusted = Gauge::default();
+        registry.register(
+            "reply_filter_trusted",
+            "1 while the TC ingress program skips conntrack for packets from peers no tracked flow was opened to; 0 at start and after another build's programs were replaced, until the flows in conntrack are flagged",
+            reply_filter_trusted.clone(),
+        );
         let http_connections_refused = Counter::default();
         registry.register(
             "http_connections_refused",
@@ -156,6 +165,7 @@ impl Metrics {
             issues_total,
             udp_sockets_terminated,
             attachments_repaired,
+            reply_filter_trusted,
             http_connections_refused,
             http_accept_errors,
             synced: AtomicBool::new(false),

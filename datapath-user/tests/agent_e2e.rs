@@ -172,19 +172,56 @@ fn agent_attaches_follows_manifests_and_restarts_without_loss() {
     );
     eprintln!("restart: {answered} requests answered, none lost");
 
-    wait_until("the restarted agent trusts its new reply filter", || {
+    let trusted = || {
         datapath_user::maps::DatapathMaps::open_pinned(&pins.0)
             .is_ok_and(|m| m.reply_filter_complete().unwrap())
-    });
+    };
+    wait_until("the restarted agent trusts its new reply filter", trusted);
     assert_eq!(
         long_lived.ask().unwrap(),
         "server-b",
         "the long-lived connection's replies are still translated"
     );
 
+    // A downgrade and an upgrade again leave a trusted filter without the
+    // flags of the flows the older build opened: the next agent must not
+    // trust it before it has flagged the peers of the flows in conntrack.
+    // Only the idle long-lived connection's flow can flag server-b now.
+    agent.stop();
+    let server_b_bucket = datapath_common::lb::service_filter_index(
+        datapath_common::ipv4_be(topo.pod("server-b").address.octets()),
+        datapath_common::port_be(TARGET),
+        datapath_common::IPPROTO_TCP,
+    );
+    {
+        let mut pinned = datapath_user::maps::DatapathMaps::open_pinned(&pins.0).unwrap();
+        pinned.reply_filter.set(server_b_bucket, 0, 0).unwrap();
+        assert!(pinned.reply_filter_complete().unwrap());
+    }
+    let agent = Agent::start(&pins.0, &dir, &filter);
+    // Its gauge starts at 0 and turns 1 only after its walk.
+    wait_until("the next agent trusts the filter again", || {
+        agent
+            .get("/metrics")
+            .is_some_and(|m| m.contains("underpass_reply_filter_trusted 1\n"))
+    });
+    assert!(trusted());
+    let pinned = datapath_user::maps::DatapathMaps::open_pinned(&pins.0).unwrap();
+    assert_eq!(
+        pinned.reply_filter.get(&server_b_bucket, 0).unwrap(),
+        1,
+        "flagged from conntrack before any packet of the idle connection"
+    );
+    drop(pinned);
+    assert_eq!(long_lived.ask().unwrap(), "server-b");
+
     // The restarted agent adopted the state: the metrics agree.
     let metrics = agent.get("/metrics").unwrap();
     assert!(metrics.contains("underpass_frontends 1\n"), "{metrics}");
+    assert!(
+        metrics.contains("underpass_reply_filter_trusted 1\n"),
+        "{metrics}"
+    );
     assert!(
         metrics.contains("underpass_attached_interfaces 1\n"),
         "{metrics}"
@@ -1344,7 +1381,14 @@ fn interfaces_attached_by_others_get_the_agents_programs() {
     let programs = |namespace| common::tcx_program_ids(namespace, "eth0");
     let before = programs(other);
     let filter = format!("{}-client*", topo.prefix);
-    let agent = Agent::start(&pins.0, &dir, &filter);
+    let log_path = dir.join("agent.log");
+    let agent = Agent::spawn(
+        &pins.0,
+        &dir,
+        &filter,
+        &["--no-socket-lb"],
+        std::fs::File::create(&log_path).unwrap().into(),
+    );
     let client = &topo.pod("client").namespace;
     wait_until("the client's eth0 is attached", || {
         pinned_tc_links(&pins.0).contains(&(client.name().to_owned(), "eth0".into()))
@@ -1354,6 +1398,38 @@ fn interfaces_attached_by_others_get_the_agents_programs() {
         programs(other) == ours
     });
     assert_ne!(before, ours, "they were other programs before");
+    let trusted = || {
+        agent
+            .get("/metrics")
+            .is_some_and(|m| m.contains("underpass_reply_filter_trusted 1\n"))
+    };
+    wait_until("the agent trusts its reply filter", trusted);
+
+    // Other programs again, once the filter is trusted (an older build's
+    // CNI plugin, say): their flows may have no flags, so the agent must
+    // distrust the filter before swapping its programs in, and flag
+    // conntrack's flows before trusting it again.
+    let attached = Command::new(env!("CARGO_BIN_EXE_underpass"))
+        .args([
+            "attach",
+            "--netns",
+            other.name(),
+            "--dev",
+            "eth0",
+            "--pin-dir",
+        ])
+        .arg(&pins.0)
+        .output()
+        .unwrap();
+    assert!(attached.status.success(), "{attached:?}");
+    assert_ne!(programs(other), ours);
+    wait_until("ours swapped in again", || programs(other) == ours);
+    wait_until("trusted again", trusted);
+    let log = std::fs::read_to_string(&log_path).unwrap();
+    assert!(
+        log.contains("replacing another build's programs"),
+        "the swap distrusted the filter first:\n{log}"
+    );
     agent.stop();
     let _ = std::fs::remove_dir_all(&dir);
 }

@@ -1100,14 +1100,7 @@ fn frontends_whose_entry_did_not_fit_leave_no_slots_behind() {
     let services: Vec<_> = ["a", "b", "c"]
         .iter()
         .enumerate()
-        .map(|(i, name)| {
-            translation(&service_yaml(
-                name,
-                &format!("10.96.9.{}", i + 1),
-                &[80],
-                2,
-            ))
-        })
+        .map(|(i, name)| translation(&service_yaml(name, &format!("10.96.9.{}", i + 1), &[80], 2)))
         .collect();
     reconciler.defer_new_frontends();
     for (key, t) in &services {

@@ -38,9 +38,12 @@ pub(super) struct AttachLoop {
     pub(super) pod_tc: PodTcPolicy,
     pub(super) interval: Duration,
     pub(super) metrics: Arc<Metrics>,
-    /// Whether the ingress program may trust `REPLY_FILTER` yet
-    /// (`crate::maps::DatapathMaps::complete_reply_filter`).
+    /// Without pod attachment: whether the ingress program trusts
+    /// `REPLY_FILTER` yet (`crate::maps::DatapathMaps::complete_reply_filter`;
+    /// with pods, `PodAttacher` keeps it, as its swaps may undo it).
     pub(super) reply_filter_complete: bool,
+    /// A reason it is not trusted yet was logged (said once).
+    pub(super) reply_filter_waiting: bool,
 }
 
 impl AttachLoop {
@@ -176,20 +179,52 @@ impl AttachLoop {
     /// skip conntrack for packets from anything else. Until then, and if
     /// this fails, every reply is looked up: slower, never wrong.
     fn complete_reply_filter(&mut self) {
-        if self.reply_filter_complete || self.pods.as_ref().is_some_and(|p| !p.clean()) {
-            return;
-        }
         let started = Instant::now();
-        match self.datapath().maps.complete_reply_filter() {
+        let outcome = match self.pods.as_mut() {
+            Some(pods) => {
+                if pods.reply_filter_trusted() {
+                    return;
+                }
+                if !pods.clean() {
+                    if !self.reply_filter_waiting {
+                        self.reply_filter_waiting = true;
+                        info!(
+                            "an attach failed: every reply is looked up in conntrack until a scan puts our programs on every pod"
+                        );
+                    }
+                    return;
+                }
+                pods.trust_reply_filter()
+            }
+            None if self.reply_filter_complete => return,
+            None => self.datapath().maps.complete_reply_filter(),
+        };
+        match outcome {
             Ok(flagged) => {
                 self.reply_filter_complete = true;
+                self.reply_filter_waiting = false;
+                self.metrics.reply_filter_trusted.set(1);
                 info!(
                     flagged,
                     elapsed_ms = started.elapsed().as_millis() as u64,
                     "our programs run on every pod: replies are looked up only from flagged peers"
                 );
             }
-            Err(e) => warn!("completing REPLY_FILTER (replies are all looked up meanwhile): {e}"),
+            Err(e) => {
+                if !self.reply_filter_waiting {
+                    self.reply_filter_waiting = true;
+                    warn!(
+                        "completing REPLY_FILTER (replies are all looked up meanwhile; tried again every scan): {e:#}"
+                    );
+                }
+            }
+        }
+        if self
+            .pods
+            .as_ref()
+            .is_some_and(|p| !p.reply_filter_trusted())
+        {
+            self.metrics.reply_filter_trusted.set(0);
         }
     }
 

@@ -263,6 +263,7 @@ fn attach_loop(
         interval: options.netns_interval,
         metrics,
         reply_filter_complete: false,
+        reply_filter_waiting: false,
     })
 }
 

@@ -69,6 +69,12 @@ pub struct PodAttacher {
     /// The pods' routing tables in `POD_ROUTES` (None: no pin directory).
     routes: Option<PodRoutes>,
     last_errors: BTreeMap<(String, String), String>,
+    /// Whether the ingress program trusts `REPLY_FILTER` (the agent
+    /// distrusts it at start; `crate::maps::DatapathMaps`'s
+    /// `complete_reply_filter` makes it trusted). Swapping our programs in
+    /// over another build's distrusts it first: that build's flows may
+    /// have no flags.
+    reply_filter_trusted: bool,
 }
 
 impl PodAttacher {
@@ -109,7 +115,74 @@ impl PodAttacher {
             replies,
             routes,
             last_errors: BTreeMap::new(),
+            reply_filter_trusted: false,
         }
+    }
+
+    /// The program ids of `(netns, iface)`'s pinned links (egress,
+    /// ingress; None where there is no pin).
+    fn pinned_program_ids(&self, (netns, iface): &(String, String)) -> (Option<u32>, Option<u32>) {
+        use aya::programs::links::{FdLink, PinnedLink};
+        let Some(pin_dir) = self.datapath.pin_dir() else {
+            return (None, None);
+        };
+        let base = pin_dir.join(loader::TC_LINKS).join(netns).join(iface);
+        let program_of = |direction: &str| {
+            PinnedLink::from_pin(base.join(direction))
+                .ok()
+                .and_then(|link| FdLink::from(link).info().ok())
+                .map(|info| info.program_id())
+        };
+        (program_of("egress"), program_of("ingress"))
+    }
+
+    /// Before our programs replace others on `key`: makes the ingress
+    /// program look every reply up, unless `key` carries no programs or
+    /// ours already. False when that failed (then nothing may be swapped).
+    fn before_swap(&mut self, key: &(String, String), ours: Option<(u32, u32)>) -> bool {
+        if !self.reply_filter_trusted {
+            return true;
+        }
+        let others = match (self.mode, self.pinned_program_ids(key), ours) {
+            // Netlink filters are not pinned: what runs there is unknown.
+            (TcMode::Netlink, _, _) => true,
+            (_, (None, None), _) => false,
+            (_, (egress, ingress), Some((e, i))) => egress != Some(e) || ingress != Some(i),
+            (_, _, None) => true,
+        };
+        if !others {
+            return true;
+        }
+        match self.datapath.maps.distrust_reply_filter() {
+            Ok(()) => {
+                self.reply_filter_trusted = false;
+                tracing::info!(
+                    netns = key.0,
+                    iface = key.1,
+                    "replacing another build's programs: replies are looked up until the flows in conntrack are flagged again"
+                );
+                true
+            }
+            Err(e) => {
+                tracing::warn!(
+                    "distrusting REPLY_FILTER before replacing another build's programs: {e}"
+                );
+                false
+            }
+        }
+    }
+
+    /// Whether the ingress program trusts `REPLY_FILTER`.
+    pub fn reply_filter_trusted(&self) -> bool {
+        self.reply_filter_trusted
+    }
+
+    /// Flags the peers of the flows in conntrack and trusts the flags
+    /// (call after a clean scan). Returns the flags set.
+    pub fn trust_reply_filter(&mut self) -> anyhow::Result<usize> {
+        let set = self.datapath.maps.complete_reply_filter()?;
+        self.reply_filter_trusted = true;
+        Ok(set)
     }
 
     /// Whether `(netns, iface)` still carries our TC pair (`ids`: egress,
@@ -144,7 +217,6 @@ impl PodAttacher {
     /// updates any more. Each whose links run other programs than ours
     /// gets ours swapped in (the links stay, so does the pod's traffic).
     fn refresh_others(&mut self, (egress, ingress): (u32, u32), report: &mut ScanReport) {
-        use aya::programs::links::{FdLink, PinnedLink};
         let Some(pin_dir) = self.datapath.pin_dir().map(Path::to_path_buf) else {
             return;
         };
@@ -153,19 +225,12 @@ impl PodAttacher {
                 continue;
             }
             let (netns_name, iface) = &key;
-            let base = pin_dir.join(loader::TC_LINKS).join(netns_name).join(iface);
-            let program_of = |direction: &str| {
-                PinnedLink::from_pin(base.join(direction))
-                    .ok()
-                    .and_then(|link| FdLink::from(link).info().ok())
-                    .map(|info| info.program_id())
-            };
-            let current = (program_of("egress"), program_of("ingress"));
+            let current = self.pinned_program_ids(&key);
             if current == (Some(egress), Some(ingress)) || current == (None, None) {
                 continue;
             }
             let path = self.dir.join(netns_name);
-            if !path.exists() {
+            if !path.exists() || !self.before_swap(&key, Some((egress, ingress))) {
                 continue;
             }
             match self
@@ -215,7 +280,10 @@ impl PodAttacher {
         let mut want = BTreeSet::new();
         let mut unknown_netns = BTreeSet::new();
         let entries = match fs::read_dir(&self.dir) {
-            Ok(entries) => entries,
+            Ok(entries) => {
+                self.last_errors.remove(&(String::new(), String::new()));
+                entries
+            }
             Err(e) => {
                 let message = format!(
                     "reading the namespace directory {}: {e}",
@@ -260,6 +328,20 @@ impl PodAttacher {
                 }
             }
         }
+        // Errors of interfaces and namespaces that are gone are over: an
+        // error stands (and keeps `clean` false) only while its subject
+        // exists.
+        let dir = self.dir.clone();
+        self.last_errors.retain(|(netns, iface), _| {
+            if netns.is_empty() {
+                true
+            } else if iface.is_empty() {
+                dir.join(netns).exists()
+            } else {
+                unknown_netns.contains(netns)
+                    || existing.contains_key(&(netns.clone(), iface.clone()))
+            }
+        });
         let ours = self.datapath.tc_program_ids().ok();
         for key in &want {
             let index = existing[key];
@@ -274,6 +356,11 @@ impl PodAttacher {
             }
             let (netns_name, iface) = key;
             let path = self.dir.join(netns_name);
+            // Ours detached by someone: whatever runs there is not ours.
+            let ours_here = if repairing { None } else { ours };
+            if !self.before_swap(key, ours_here) {
+                continue;
+            }
             match self
                 .datapath
                 .attach_tc(Some(&path.to_string_lossy()), iface, self.mode)

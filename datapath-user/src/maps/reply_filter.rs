@@ -8,7 +8,7 @@
 //! programs run everywhere, flags the peer of every flow conntrack holds
 //! and trusts them again.
 
-use aya::maps::MapError;
+use aya::maps::{IterableMap, MapError};
 use datapath_common::{
     lb,
     maps::{CT_KIND_BACKEND, REPLY_FILTER_COMPLETE},
@@ -27,18 +27,30 @@ impl DatapathMaps {
     /// program trust the flags. Call it only once every attached program
     /// is this build's (flows opened from then on flag themselves).
     /// Returns the flags it had to set.
-    pub fn complete_reply_filter(&mut self) -> Result<usize, MapError> {
+    pub fn complete_reply_filter(&mut self) -> anyhow::Result<usize> {
         // A flow's backend-tuple entry names its peer (the backend, or the
-        // pod of a moved direct connection).
-        let buckets: std::collections::BTreeSet<u32> = self
-            .conntrack_tables()
-            .iter()
-            .flat_map(|(_, table)| table.keys().filter_map(Result::ok))
-            .filter(|key| key.kind == CT_KIND_BACKEND)
-            .map(|key| {
-                lb::service_filter_index(key.peer_address_be, key.peer_port_be, key.protocol)
-            })
-            .collect();
+        // pod of a moved direct connection). Every key must be read: a
+        // walk that stopped early would trust flags it did not set. The
+        // walk is bounded (a key evicted under it restarts it from the
+        // first); past the bound it fails and is tried again later.
+        let mut buckets = std::collections::BTreeSet::new();
+        for (name, table) in self.conntrack_tables() {
+            let bound = 2 * IterableMap::map(table).info()?.max_entries() as usize;
+            for (walked, key) in table.keys().enumerate() {
+                let key = key.map_err(|e| anyhow::anyhow!("reading {name}: {e}"))?;
+                anyhow::ensure!(
+                    walked < bound,
+                    "{name}: entries kept changing under the walk (over {bound} keys read)"
+                );
+                if key.kind == CT_KIND_BACKEND {
+                    buckets.insert(lb::service_filter_index(
+                        key.peer_address_be,
+                        key.peer_port_be,
+                        key.protocol,
+                    ));
+                }
+            }
+        }
         let mut set = 0;
         for bucket in buckets {
             if self.reply_filter.get(&bucket, 0)? == 0 {

@@ -55,7 +55,15 @@ fn load_private_options(ct_timeouts: CtTimeouts, datapath_log: DatapathLog) -> D
         },
         ..LoadOptions::default()
     };
-    Datapath::load(&options).unwrap_or_else(|e| panic!("loading the datapath: {e}"))
+    let mut datapath =
+        Datapath::load(&options).unwrap_or_else(|e| panic!("loading the datapath: {e}"));
+    // As the agent runs once its programs are everywhere: the ingress
+    // program skips conntrack for packets from unflagged peers.
+    datapath
+        .maps
+        .complete_reply_filter()
+        .expect("trusting the reply filter");
+    datapath
 }
 
 /// `age` ago on the conntrack clock (jiffies).
