@@ -75,7 +75,8 @@ pub static CLASH_FILTER: Array<u32> =
 
 /// Backends (`lb::service_filter_index` buckets of their address, port
 /// and protocol) that tracked flows were opened to: a flag (1) the egress
-/// program sets on each new flow, never cleared, so that a packet arriving
+/// program sets on each new flow (the agent rebuilds them from conntrack
+/// at start; the programs never clear one), so that a packet arriving
 /// from anything else leaves the ingress program after this one array read
 /// instead of a conntrack lookup (`crate::reply_filter`). The last entry
 /// (`REPLY_FILTER_COMPLETE`) says whether the flags can be trusted yet.

@@ -8,12 +8,13 @@
 //! opens the flow; a packet whose source bucket is not flagged cannot be
 //! a reply and skips the lookup.
 //!
-//! Flags are never cleared (a flow's replies may come for as long as it
-//! lives, drained backends included), so a bucket costs at most what the
-//! lookup cost before. They are trusted only once the agent says that
-//! every flow in conntrack has its flag (`REPLY_FILTER_COMPLETE`): flows
-//! opened by programs that did not flag (an older build, before this one
-//! replaced it) are flagged from conntrack by the agent first.
+//! The programs never clear a flag (a flow's replies may come for as long
+//! as it lives, drained backends included), so a bucket costs at most
+//! what the lookup cost before. Flags are trusted only once the agent says
+//! that every flow in conntrack has its flag (`REPLY_FILTER_COMPLETE`):
+//! it rebuilds them from conntrack first (at start, and after replacing
+//! another build's programs, whose flows may have none), which also drops
+//! the flags of peers no flow names any more.
 
 use datapath_common::{lb, maps::REPLY_FILTER_COMPLETE};
 

@@ -870,6 +870,17 @@ fn the_reply_filter_skips_lookups_only_once_complete_and_flags_every_flow() {
     assert_eq!(v, verdict::OK, "flagged from conntrack");
     assert_frame("reply after completion", &out, &translated);
 
+    // The rebuild drops flags no flow in conntrack names (peers gone).
+    let stale = lb::service_filter_index(
+        ipv4_be([10, 77, 0, 99]),
+        port_be(1234),
+        datapath_common::IPPROTO_TCP,
+    );
+    dp.maps.reply_filter.set(stale, 1, 0).unwrap();
+    dp.maps.complete_reply_filter().unwrap();
+    assert_eq!(dp.maps.reply_filter.get(&stale, 0).unwrap(), 0);
+    assert_eq!(reply_flag(&dp, &B1), 1, "a live flow's flag stays");
+
     // Anything else passes untouched without a lookup.
     let other = Frame::tcp((Ipv4Addr::new(10, 77, 0, 9), 8080), CLIENT, ACK | PSH);
     let (v, out) = ingress(&mut dp, &other);

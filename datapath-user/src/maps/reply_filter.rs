@@ -26,8 +26,20 @@ impl DatapathMaps {
     /// Flags the peer of every flow in conntrack, then lets the ingress
     /// program trust the flags. Call it only once every attached program
     /// is this build's (flows opened from then on flag themselves).
-    /// Returns the flags it had to set.
+    /// Returns the flags set (one per bucket conntrack's flows name).
     pub fn complete_reply_filter(&mut self) -> anyhow::Result<usize> {
+        // Untrusted while it is rebuilt, and rebuilt from nothing: flags
+        // of peers no flow names any more (pods long gone) would otherwise
+        // pile up over the node's life, each costing its packets a
+        // lookup. Safe against the datapath flagging meanwhile: a program
+        // flags a peer a few microseconds before it inserts the flow, so a
+        // flag cleared here belongs to a flow in conntrack before the
+        // walk below starts.
+        self.distrust_reply_filter()?;
+        let buckets: Vec<u32> = (0..REPLY_FILTER_COMPLETE).collect();
+        let zeros = vec![0u32; buckets.len()];
+        super::writer::write_batch(IterableMap::map(&self.reply_filter), &buckets, &zeros)
+            .map_err(|(_, e)| anyhow::anyhow!("clearing REPLY_FILTER: {e}"))?;
         // A flow's backend-tuple entry names its peer (the backend, or the
         // pod of a moved direct connection). Every key must be read: a
         // walk that stopped early would trust flags it did not set. The
@@ -51,13 +63,11 @@ impl DatapathMaps {
                 }
             }
         }
-        let mut set = 0;
-        for bucket in buckets {
-            if self.reply_filter.get(&bucket, 0)? == 0 {
-                self.reply_filter.set(bucket, 1, 0)?;
-                set += 1;
-            }
-        }
+        let set = buckets.len();
+        let buckets: Vec<u32> = buckets.into_iter().collect();
+        let ones = vec![1u32; set];
+        super::writer::write_batch(IterableMap::map(&self.reply_filter), &buckets, &ones)
+            .map_err(|(_, e)| anyhow::anyhow!("flagging REPLY_FILTER: {e}"))?;
         self.reply_filter.set(REPLY_FILTER_COMPLETE, 1, 0)?;
         Ok(set)
     }
