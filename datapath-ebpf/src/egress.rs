@@ -86,8 +86,6 @@ fn service_packet(ctx: &TcContext, packet: &Packet, table: &CtMap) -> i32 {
             if ct::needs_write(flow, state, now) {
                 flow.state = state;
                 flow.last_seen = now;
-                // Flows an older build opened get their flag here too.
-                reply_filter::mark(backend.address_be, backend.port_be, packet.protocol);
                 let reply = ct::backend_key(
                     packet.saddr_be,
                     wire_port(flow, packet),
@@ -100,6 +98,9 @@ fn service_packet(ctx: &TcContext, packet: &Packet, table: &CtMap) -> i32 {
                     // reverse-translated.
                     let _ = ct::insert(table, &reply, &reply_entry(flow, packet));
                 }
+                // After the entry (`crate::reply_filter`); flows an older
+                // build opened get their flag here too.
+                reply_filter::mark(backend.address_be, backend.port_be, packet.protocol);
             }
             let flow = *flow;
             return translate(ctx, packet, &backend, &flow, now);
@@ -267,12 +268,13 @@ fn direct_syn(ctx: &TcContext, packet: &Packet) -> i32 {
         packet.dport_be,
         packet.protocol,
     );
-    reply_filter::mark(packet.daddr_be, packet.dport_be, packet.protocol);
     if !ct::insert(&CONNTRACK_TCP, &moved, &back) || !ct::insert(&CONNTRACK_TCP, &own, &forward) {
         count(Counter::Error);
         events::conntrack_insert_failed(ctx, packet.protocol);
         return TC_ACT_UNSPEC;
     }
+    // After the entries (`crate::reply_filter`), before the packet leaves.
+    reply_filter::mark(packet.daddr_be, packet.dport_be, packet.protocol);
     clash::mark(packet.daddr_be, packet.dport_be, packet.protocol);
     count(Counter::PortClash);
     if nat::rewrite_port(ctx, packet, End::Source, port).is_err() {
@@ -382,7 +384,6 @@ fn new_flow(ctx: &TcContext, packet: &Packet, table: &CtMap, key: &CtKey, now: u
     };
     flow.set_rev_nat_id(service.rev_nat_id());
     // Reply entry first: a reply can only arrive after the packet leaves.
-    reply_filter::mark(backend.address_be, backend.port_be, packet.protocol);
     let back = reply_entry(&flow, packet);
     let reply = ct::backend_key(
         packet.saddr_be,
@@ -395,6 +396,8 @@ fn new_flow(ctx: &TcContext, packet: &Packet, table: &CtMap, key: &CtKey, now: u
         count(Counter::Error);
         events::conntrack_insert_failed(ctx, packet.protocol);
     }
+    // After the entries, before the packet leaves (`crate::reply_filter`).
+    reply_filter::mark(backend.address_be, backend.port_be, packet.protocol);
     count(Counter::ConntrackMiss);
     translate(ctx, packet, &backend, &flow, now)
 }

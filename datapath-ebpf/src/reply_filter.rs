@@ -22,6 +22,9 @@ use crate::{maps::REPLY_FILTER, parse::Packet};
 
 /// Flags the bucket replies from `peer_be:peer_port_be` fall in. Written
 /// only when not yet set: a flagged bucket costs new flows one read.
+/// Called after the flow's conntrack entries are written (and before its
+/// packet leaves): the agent's rebuild clears every flag, then walks
+/// conntrack, so a flag it clears belongs to an entry already there.
 #[inline(always)]
 pub fn mark(peer_be: u32, peer_port_be: u16, protocol: u8) {
     let bucket = lb::service_filter_index(peer_be, peer_port_be, protocol);

@@ -179,6 +179,15 @@ impl AttachLoop {
     /// skip conntrack for packets from anything else. Until then, and if
     /// this fails, every reply is looked up: slower, never wrong.
     fn complete_reply_filter(&mut self) {
+        self.try_complete_reply_filter();
+        let trusted = match self.pods.as_ref() {
+            Some(pods) => pods.reply_filter_trusted(),
+            None => self.reply_filter_complete,
+        };
+        self.metrics.reply_filter_trusted.set(i64::from(trusted));
+    }
+
+    fn try_complete_reply_filter(&mut self) {
         let started = Instant::now();
         let outcome = match self.pods.as_mut() {
             Some(pods) => {
@@ -203,7 +212,6 @@ impl AttachLoop {
             Ok(flagged) => {
                 self.reply_filter_complete = true;
                 self.reply_filter_waiting = false;
-                self.metrics.reply_filter_trusted.set(1);
                 info!(
                     flagged,
                     elapsed_ms = started.elapsed().as_millis() as u64,
@@ -218,13 +226,6 @@ impl AttachLoop {
                     );
                 }
             }
-        }
-        if self
-            .pods
-            .as_ref()
-            .is_some_and(|p| !p.reply_filter_trusted())
-        {
-            self.metrics.reply_filter_trusted.set(0);
         }
     }
 

@@ -239,6 +239,7 @@ impl PodAttacher {
             {
                 Ok(attachment) => {
                     attachment.keep();
+                    self.last_errors.remove(&key);
                     report.refreshed.push(key.clone());
                 }
                 Err(e) => self.note_error(report, netns_name.clone(), iface.clone(), e.to_string()),

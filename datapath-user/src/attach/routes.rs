@@ -25,6 +25,7 @@ impl PodAttacher {
         };
         let mut want: BTreeMap<(String, String), u32> = BTreeMap::new();
         let mut errors = Vec::new();
+        let mut read = Vec::new();
         for ((netns_name, iface), index) in &self.attached {
             let Some(own) =
                 index.or_else(|| existing.get(&(netns_name.clone(), iface.clone())).copied())
@@ -37,6 +38,7 @@ impl PodAttacher {
             }
             match routes.sync(netns_name, &path) {
                 Ok(table) => {
+                    read.push((netns_name.clone(), iface.clone()));
                     for route in table.iter().filter(|r| r.ifindex != own) {
                         if let Some(((_, name), _)) = existing
                             .iter()
@@ -55,6 +57,10 @@ impl PodAttacher {
                 )),
             }
         }
+        // An error stands only until the same step succeeds.
+        for key in read {
+            self.last_errors.remove(&key);
+        }
         for (netns, iface, error) in errors {
             self.note_error(report, netns, iface, error);
         }
@@ -70,6 +76,7 @@ impl PodAttacher {
             {
                 Ok(attachment) => {
                     attachment.keep();
+                    self.last_errors.remove(key);
                     if self.replies.insert(key.clone(), Some(*index)).is_none() {
                         report
                             .attached
@@ -93,6 +100,7 @@ impl PodAttacher {
             match loader::detach_pinned_reply(&pin_dir, Some(netns_name), iface) {
                 Ok(_) => {
                     self.replies.remove(&key);
+                    self.last_errors.remove(&key);
                     report
                         .detached
                         .push((netns_name.clone(), format!("{iface} (replies)")));

@@ -32,9 +32,9 @@ impl DatapathMaps {
         // of peers no flow names any more (pods long gone) would otherwise
         // pile up over the node's life, each costing its packets a
         // lookup. Safe against the datapath flagging meanwhile: a program
-        // flags a peer a few microseconds before it inserts the flow, so a
-        // flag cleared here belongs to a flow in conntrack before the
-        // walk below starts.
+        // flags a peer after it has inserted the flow, so a flag cleared
+        // here belongs to a flow already in conntrack when the walk below
+        // starts.
         self.distrust_reply_filter()?;
         let buckets: Vec<u32> = (0..REPLY_FILTER_COMPLETE).collect();
         let zeros = vec![0u32; buckets.len()];
