@@ -1435,6 +1435,37 @@ fn interfaces_attached_by_others_get_the_agents_programs() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+/// One agent per node: a second agent on the same pin directory (a
+/// DaemonSet update that surges, one started by hand) waits, saying so,
+/// and takes over once the first stops; it never swaps programs against
+/// the first meanwhile.
+#[test]
+fn a_second_agent_waits_until_the_first_stops() {
+    require_root("agent e2e");
+    let lab = EchoLab::new(&["server-a"]);
+    let first = lab.agent();
+    lab.wait_client_attached();
+    let log_path = lab.dir.join("second.log");
+    let second = Agent::spawn_unready(
+        &lab.pins.0,
+        &lab.dir,
+        &lab.client_filter(),
+        &["--no-socket-lb"],
+        std::fs::File::create(&log_path).unwrap().into(),
+    );
+    wait_until("the second agent says it waits", || {
+        std::fs::read_to_string(&log_path)
+            .unwrap()
+            .contains("another underpass agent serves this node")
+    });
+    assert!(second.get("/readyz").is_none(), "it serves nothing yet");
+    assert_eq!(lab.ask().unwrap(), "server-a");
+    first.stop();
+    second.wait_ready();
+    assert_eq!(lab.ask().unwrap(), "server-a", "the second one took over");
+    second.stop();
+}
+
 /// The datapath's rare events reach the agent's log: with
 /// `--datapath-log info`, a new flow refused for a service without
 /// endpoints is logged by the agent (aya-log, read from the ring buffer,

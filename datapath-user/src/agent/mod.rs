@@ -12,6 +12,7 @@
 mod attach_loop;
 mod core;
 mod kube_client;
+mod node_lock;
 
 use std::{
     net::SocketAddr,
@@ -28,7 +29,7 @@ use datapath_common::sock_lb::SockLbScope;
 use tokio::sync::mpsc;
 use tracing::{info, warn};
 
-use self::{attach_loop::AttachLoop, kube_client::kube_client};
+use self::{attach_loop::AttachLoop, kube_client::kube_client, node_lock::NodeLock};
 pub use self::{
     core::{AgentCore, SyncStats},
     kube_client::with_api_server,
@@ -118,6 +119,10 @@ pub async fn run(options: AgentOptions) -> Result<()> {
         } => Some(kube_client(kubeconfig.as_ref(), api_server.as_deref()).await?),
         SourceConfig::Directory { .. } => None,
     };
+    // Before anything touches the pins: a second agent waits here.
+    let _node_lock = NodeLock::acquire(&options.pin_dir)
+        .await
+        .context("taking the one-agent-per-node lock (an abstract Unix socket)")?;
     let mut datapath =
         Datapath::load(&load_options(&options, &plan)?).context("loading the datapath")?;
     // The programs this start replaces may not have flagged their flows'

@@ -61,6 +61,19 @@ impl Agent {
         socket_lb: &[&str],
         stderr: Stdio,
     ) -> Self {
+        let agent = Self::spawn_unready(pin_dir, dir, netns_filter, socket_lb, stderr);
+        agent.wait_ready();
+        agent
+    }
+
+    /// As `spawn`, without waiting until it is ready.
+    pub fn spawn_unready(
+        pin_dir: &Path,
+        dir: &Path,
+        netns_filter: &str,
+        socket_lb: &[&str],
+        stderr: Stdio,
+    ) -> Self {
         let port = TcpListener::bind("127.0.0.1:0")
             .unwrap()
             .local_addr()
@@ -81,9 +94,7 @@ impl Agent {
             .stderr(stderr)
             .spawn()
             .expect("starting underpass agent");
-        let agent = Self { child, metrics };
-        agent.wait_ready();
-        agent
+        Self { child, metrics }
     }
 
     pub fn get(&self, path: &str) -> Option<String> {
