@@ -27,7 +27,7 @@ use aya_ebpf::{
 use datapath_common::{IPPROTO_TCP, conntrack, lb, maps::CtEntry};
 
 use crate::{
-    ct,
+    ct, flags,
     maps::{CLASH_FILTER, CtMap},
 };
 
@@ -150,25 +150,14 @@ pub fn free_port(ctx: &TcContext, table: &CtMap, mut tuple: WireTuple, now: u64)
 }
 
 /// Marks `destination` as having tracked connections straight to it
-/// (source port moved): its packets look their flow up from now on. A
-/// flag, written only when not yet set (no shared line dirtied twice; two
-/// CPUs setting it at once both write the same 1).
+/// (source port moved): its packets look their flow up from now on.
 #[inline(always)]
 pub fn mark(address_be: u32, port_be: u16, protocol: u8) {
-    let bucket = lb::service_filter_index(address_be, port_be, protocol);
-    if let Some(slot) = CLASH_FILTER.get_ptr_mut(bucket) {
-        // SAFETY: a map value of this program run.
-        unsafe {
-            if *slot == 0 {
-                *slot = 1;
-            }
-        }
-    }
+    flags::set(&CLASH_FILTER, address_be, port_be, protocol);
 }
 
 /// True when connections straight to `destination` may be tracked.
 #[inline(always)]
 pub fn marked(address_be: u32, port_be: u16, protocol: u8) -> bool {
-    let bucket = lb::service_filter_index(address_be, port_be, protocol);
-    CLASH_FILTER.get(bucket).is_some_and(|&n| n > 0)
+    flags::is_set(&CLASH_FILTER, address_be, port_be, protocol)
 }

@@ -9,6 +9,7 @@ mod ct;
 mod egress;
 mod events;
 mod features;
+mod flags;
 mod frag;
 mod icmp;
 mod ingress;

@@ -16,9 +16,9 @@
 //! another build's programs, whose flows may have none), which also drops
 //! the flags of peers no flow names any more.
 
-use datapath_common::{lb, maps::REPLY_FILTER_COMPLETE};
+use datapath_common::maps::REPLY_FILTER_COMPLETE;
 
-use crate::{maps::REPLY_FILTER, parse::Packet};
+use crate::{flags, maps::REPLY_FILTER, parse::Packet};
 
 /// Flags the bucket replies from `peer_be:peer_port_be` fall in. Written
 /// only when not yet set: a flagged bucket costs new flows one read.
@@ -27,15 +27,7 @@ use crate::{maps::REPLY_FILTER, parse::Packet};
 /// conntrack, so a flag it clears belongs to an entry already there.
 #[inline(always)]
 pub fn mark(peer_be: u32, peer_port_be: u16, protocol: u8) {
-    let bucket = lb::service_filter_index(peer_be, peer_port_be, protocol);
-    if let Some(slot) = REPLY_FILTER.get_ptr_mut(bucket) {
-        // SAFETY: a map value of this program run.
-        unsafe {
-            if *slot == 0 {
-                *slot = 1;
-            }
-        }
-    }
+    flags::set(&REPLY_FILTER, peer_be, peer_port_be, protocol);
 }
 
 /// False when `packet` (arriving on a pod) cannot be the reply of a
@@ -43,8 +35,12 @@ pub fn mark(peer_be: u32, peer_port_be: u16, protocol: u8) {
 /// complete.
 #[inline(always)]
 pub fn may_be_reply(packet: &Packet) -> bool {
-    let bucket = lb::service_filter_index(packet.saddr_be, packet.sport_be, packet.protocol);
-    if REPLY_FILTER.get(bucket).is_some_and(|&flag| flag != 0) {
+    if flags::is_set(
+        &REPLY_FILTER,
+        packet.saddr_be,
+        packet.sport_be,
+        packet.protocol,
+    ) {
         return true;
     }
     !REPLY_FILTER

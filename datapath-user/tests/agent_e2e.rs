@@ -1367,19 +1367,24 @@ fn interfaces_attached_by_others_get_the_agents_programs() {
         &manifest(&[topo.pod("server-a").address]),
     );
     let other = &topo.pod("server-b").namespace;
-    let attached = Command::new(env!("CARGO_BIN_EXE_underpass"))
-        .args([
-            "attach",
-            "--netns",
-            other.name(),
-            "--dev",
-            "eth0",
-            "--pin-dir",
-        ])
-        .arg(&pins.0)
-        .output()
-        .unwrap();
-    assert!(attached.status.success(), "{attached:?}");
+    // Another load of the object (other program ids), as the CNI plugin
+    // or `underpass attach` of another build would leave.
+    let attach_other = || {
+        let attached = Command::new(env!("CARGO_BIN_EXE_underpass"))
+            .args([
+                "attach",
+                "--netns",
+                other.name(),
+                "--dev",
+                "eth0",
+                "--pin-dir",
+            ])
+            .arg(&pins.0)
+            .output()
+            .unwrap();
+        assert!(attached.status.success(), "{attached:?}");
+    };
+    attach_other();
     let programs = |namespace| common::tcx_program_ids(namespace, "eth0");
     let before = programs(other);
     let filter = format!("{}-client*", topo.prefix);
@@ -1411,19 +1416,7 @@ fn interfaces_attached_by_others_get_the_agents_programs() {
     // CNI plugin, say): their flows may have no flags, so the agent must
     // distrust the filter before swapping its programs in, and flag
     // conntrack's flows before trusting it again.
-    let attached = Command::new(env!("CARGO_BIN_EXE_underpass"))
-        .args([
-            "attach",
-            "--netns",
-            other.name(),
-            "--dev",
-            "eth0",
-            "--pin-dir",
-        ])
-        .arg(&pins.0)
-        .output()
-        .unwrap();
-    assert!(attached.status.success(), "{attached:?}");
+    attach_other();
     wait_until("ours swapped in again", || programs(other) == ours);
     wait_until("trusted again", trusted);
     let log = std::fs::read_to_string(&log_path).unwrap();
