@@ -559,3 +559,57 @@ fn detach(args: AttachArgs) -> Result<()> {
     println!("detached from {} in {}", args.dev, args.netns);
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A directory that looks like a cgroup2 directory: the root (no
+    /// `cgroup.events`) or one below it.
+    fn cgroup_dir(root: bool) -> tempfile::TempDir {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("cgroup.procs"), "").unwrap();
+        if !root {
+            std::fs::write(dir.path().join("cgroup.events"), "populated 1\n").unwrap();
+        }
+        dir
+    }
+
+    #[test]
+    fn only_socket_lb_at_the_root_or_trusted_leaves_pods_without_the_pair() {
+        let (root, below) = (cgroup_dir(true), cgroup_dir(false));
+        let skip = glob::Pattern::new("legacy-*").unwrap();
+        let skipped = PodTcPolicy::SocketLbSkipped {
+            skip: Some(skip.clone()),
+        };
+        let policy = |choice, cgroup: Option<&tempfile::TempDir>, socket_lb| {
+            pod_tc_policy(choice, cgroup.map(|d| d.path()), socket_lb, Some(&skip))
+        };
+        // No socket-LB, or not for pods: every pod needs the pair.
+        assert_eq!(policy(PodTc::Auto, None, SocketLb::All), PodTcPolicy::Every);
+        assert_eq!(
+            policy(PodTc::Auto, Some(&root), SocketLb::Host),
+            PodTcPolicy::Every
+        );
+        assert_eq!(
+            policy(PodTc::UnlessSocketLb, Some(&root), SocketLb::Off),
+            PodTcPolicy::Every
+        );
+        // `always`, the default, whatever socket-LB covers.
+        assert_eq!(
+            policy(PodTc::Always, Some(&root), SocketLb::All),
+            PodTcPolicy::Every
+        );
+        // `auto`: only at the cgroup2 root is every pod known covered.
+        assert_eq!(policy(PodTc::Auto, Some(&root), SocketLb::All), skipped);
+        assert_eq!(
+            policy(PodTc::Auto, Some(&below), SocketLb::All),
+            PodTcPolicy::Every
+        );
+        // `unless-socket-lb` trusts --cgroup.
+        assert_eq!(
+            policy(PodTc::UnlessSocketLb, Some(&below), SocketLb::All),
+            skipped
+        );
+    }
+}
