@@ -174,6 +174,12 @@ fn issues_name_object_field_and_reason() {
         "Service edge/mixed spec.ports[0].port: 0 is not a port number (1-65535) (invalid)"
     );
     assert!(text[1].contains("unknown protocol \"HTTP\""), "{}", text[1]);
+    // The endpoint's text as written, though the agent keeps endpoints
+    // parsed (the text is kept aside only for addresses that fail).
+    assert_eq!(
+        text[3],
+        "EndpointSlice edge/mixed-1 endpoints[1].addresses[0]: \"not-an-ip\" is not an IPv4 address (invalid)"
+    );
 }
 
 #[test]

@@ -8,6 +8,7 @@ pub mod source;
 pub mod store;
 pub mod translate;
 pub mod view;
+mod view_table;
 
 pub use manifest::{Object, Typed};
 pub use translate::{

@@ -11,6 +11,7 @@ use foldhash::HashMap;
 use super::{
     NodeContext, Object, ObjectKey, ServiceTranslation, translate_view,
     view::{ServiceView, SliceView},
+    view_table::ViewTable,
 };
 
 /// The kinds a source reports on.
@@ -33,8 +34,8 @@ pub enum Change {
 
 #[derive(Debug, Default)]
 pub struct Store {
-    services: HashMap<ObjectKey, ServiceView>,
-    slices: HashMap<ObjectKey, SliceView>,
+    services: ViewTable<ServiceView>,
+    slices: ViewTable<SliceView>,
     /// Service → its slices (by the service-name label), sorted: a
     /// service has one slice or a few, and a set's node would cost ~0.5
     /// KiB per service (27 MB at 50k services).
@@ -51,7 +52,7 @@ impl Store {
     }
 
     pub fn service_keys(&self) -> impl Iterator<Item = &ObjectKey> {
-        self.services.keys()
+        self.services.iter().map(|s| &s.key)
     }
 
     /// Applies `change`; returns the services to translate again.
@@ -67,24 +68,18 @@ impl Store {
                     self.upsert(object, &mut dirty);
                 }
                 match kind {
-                    Kind::Service => {
-                        let gone: Vec<ObjectKey> = self
-                            .services
-                            .keys()
-                            .filter(|k| !keep.contains(k))
-                            .cloned()
-                            .collect();
-                        for key in gone {
-                            self.services.remove(&key);
-                            dirty.insert(key);
-                        }
-                    }
+                    Kind::Service => self.services.retain(
+                        |s| keep.contains(&s.key),
+                        |s| {
+                            dirty.insert(s.key);
+                        },
+                    ),
                     Kind::EndpointSlice => {
                         let gone: Vec<ObjectKey> = self
                             .slices
-                            .keys()
-                            .filter(|k| !keep.contains(k))
-                            .cloned()
+                            .iter()
+                            .filter(|s| !keep.contains(&s.key))
+                            .map(|s| s.key.clone())
                             .collect();
                         for key in gone {
                             self.remove_slice(&key, &mut dirty);
@@ -99,27 +94,36 @@ impl Store {
     fn upsert(&mut self, object: Object, dirty: &mut BTreeSet<ObjectKey>) {
         match object {
             Object::Service(service) => {
-                let key = service.key.clone();
-                if self.services.get(&key) != Some(&service) {
-                    self.services.insert(key.clone(), service);
-                    dirty.insert(key);
+                if self.services.get(&service.key) != Some(&service) {
+                    dirty.insert(service.key.clone());
+                    self.services.insert(service);
                 }
             }
-            Object::EndpointSlice(slice) => {
+            Object::EndpointSlice(mut slice) => {
                 let key = slice.key.clone();
                 if self.slices.get(&key) == Some(&slice) {
                     return;
                 }
                 // Its owner may have changed (relabelled): both are dirty.
                 self.remove_slice(&key, dirty);
-                if let Some(owner) = slice.owner.clone() {
+                if let Some(owner) = slice.owner.take() {
+                    // One copy of the owner's name: the service's own key
+                    // when it is known (equal keys, shared text).
+                    let owner = match self.slices_of.get_key_value(&owner) {
+                        Some((known, _)) => known.clone(),
+                        None => self
+                            .services
+                            .get(&owner)
+                            .map_or(owner, |service| service.key.clone()),
+                    };
                     let slices = self.slices_of.entry(owner.clone()).or_default();
                     if let Err(at) = slices.binary_search(&key) {
-                        slices.insert(at, key.clone());
+                        slices.insert(at, key);
                     }
+                    slice.owner = Some(owner.clone());
                     dirty.insert(owner);
                 }
-                self.slices.insert(key, slice);
+                self.slices.insert(slice);
             }
         }
     }

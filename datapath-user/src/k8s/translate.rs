@@ -31,7 +31,7 @@ use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
 use serde::Serialize;
 
 pub use super::keys::{HEADLESS_LABEL, ObjectKey, SERVICE_NAME_LABEL, SERVICE_PROXY_NAME_LABEL};
-use super::view::{ServiceView, SliceView};
+use super::view::{EndpointAddress, NodeName, ServiceView, SliceView};
 use crate::model::{Frontend, Protocol};
 
 /// One endpoint address and port.
@@ -194,21 +194,21 @@ pub fn translate_view<'a>(
     }
 
     let mut addresses = Vec::new();
-    for (i, text) in service.cluster_ips.iter().enumerate() {
+    for (i, address) in service.cluster_ips.iter().enumerate() {
         let field = if service.from_cluster_ips {
             format!("spec.clusterIPs[{i}]")
         } else {
             "spec.clusterIP".to_owned()
         };
-        match text.parse::<IpAddr>() {
-            Ok(IpAddr::V4(v4)) => addresses.push(v4),
-            Ok(IpAddr::V6(_)) => out.issues.push(service_issue(
+        match address {
+            Ok(IpAddr::V4(v4)) => addresses.push(*v4),
+            Ok(IpAddr::V6(v6)) => out.issues.push(service_issue(
                 key,
                 IssueKind::Unsupported,
                 field,
-                format!("IPv6 address {text} is not supported yet; its IPv4 family is served"),
+                format!("IPv6 address {v6} is not supported yet; its IPv4 family is served"),
             )),
-            Err(_) => out.issues.push(service_issue(
+            Err(text) => out.issues.push(service_issue(
                 key,
                 IssueKind::Invalid,
                 field,
@@ -306,7 +306,8 @@ pub fn translate_view<'a>(
             service
                 .node_local
                 .then_some(node.node_name.as_deref())
-                .flatten(),
+                .flatten()
+                .map(NodeName::find),
             &mut out.issues,
         );
         for &address in &addresses {
@@ -333,7 +334,8 @@ fn endpoints_for_port(
     port_name: &str,
     protocol: Protocol,
     publish_not_ready: bool,
-    only_node: Option<&str>,
+    // `Some(None)`: only this node's endpoints, and no endpoint names it.
+    only_node: Option<Option<NodeName>>,
     issues: &mut Vec<Issue>,
 ) -> (Vec<Endpoint>, Vec<Endpoint>) {
     let mut ready = BTreeSet::new();
@@ -363,29 +365,35 @@ fn endpoints_for_port(
             continue;
         };
         for (i, endpoint) in slice.endpoints.iter().enumerate() {
-            let address = match &endpoint.address {
-                None => continue,
-                Some(Ok(address)) => *address,
-                Some(Err(text)) => {
+            let address = match endpoint.address {
+                EndpointAddress::Missing => continue,
+                EndpointAddress::V4(address) => address,
+                EndpointAddress::V6(_) | EndpointAddress::Unparsed => {
                     issues.push(slice_issue(
                         slice,
                         IssueKind::Invalid,
                         format!("endpoints[{i}].addresses[0]"),
-                        format!("{text:?} is not an IPv4 address"),
+                        format!(
+                            "{:?} is not an IPv4 address",
+                            match endpoint.address {
+                                EndpointAddress::V6(v6) => v6.to_string(),
+                                _ => slice.unparsed_address(i).to_owned(),
+                            }
+                        ),
                     ));
                     continue;
                 }
             };
             listed.insert(Endpoint { address, port });
             if let Some(node) = only_node
-                && endpoint.node_name.as_deref() != Some(node)
+                && endpoint.node().is_none_or(|n| Some(n) != node)
             {
                 continue;
             }
-            let is_ready = endpoint.ready.unwrap_or(true);
+            let is_ready = endpoint.ready().unwrap_or(true);
             // kube-proxy: a missing `serving` counts as serving.
-            let serving = endpoint.serving.unwrap_or(true);
-            let is_terminating = endpoint.terminating.unwrap_or(false);
+            let serving = endpoint.serving().unwrap_or(true);
+            let is_terminating = endpoint.terminating().unwrap_or(false);
             let endpoint = Endpoint { address, port };
             if is_ready || publish_not_ready {
                 ready.insert(endpoint);

@@ -9,7 +9,7 @@
 //! resourceVersion alone does not make a service dirty).
 
 use std::{
-    net::Ipv4Addr,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
     sync::{Arc, Mutex},
 };
 
@@ -24,11 +24,12 @@ pub struct ServiceView {
     /// Not headless, not ExternalName, no other proxy's label.
     pub proxied: bool,
     pub has_spec: bool,
-    /// `clusterIPs` when set, else `[clusterIP]`.
-    pub cluster_ips: Vec<Box<str>>,
+    /// `clusterIPs` when set, else `[clusterIP]`: parsed, or the text
+    /// that did not parse (reported by translation, naming the field).
+    pub cluster_ips: Box<[Result<IpAddr, Box<str>>]>,
     /// Whether `cluster_ips` came from `clusterIPs` (for field names).
     pub from_cluster_ips: bool,
-    pub ports: Vec<ServicePortView>,
+    pub ports: Box<[ServicePortView]>,
     pub publish_not_ready: bool,
     /// `internalTrafficPolicy: Local`.
     pub node_local: bool,
@@ -54,8 +55,21 @@ pub struct SliceView {
     pub headless: bool,
     /// Shared (`shared`).
     pub address_type: Arc<str>,
-    pub ports: Vec<SlicePortView>,
-    pub endpoints: Vec<EndpointView>,
+    pub ports: Box<[SlicePortView]>,
+    pub endpoints: Box<[EndpointView]>,
+    /// The text of each endpoint address that did not parse, by endpoint
+    /// index (rare: empty, and so unallocated, in a valid slice).
+    pub unparsed: Box<[(u32, Box<str>)]>,
+}
+
+impl SliceView {
+    /// The text of endpoint `index`'s address, when it did not parse.
+    pub fn unparsed_address(&self, index: usize) -> &str {
+        self.unparsed
+            .iter()
+            .find(|(i, _)| *i as usize == index)
+            .map_or("", |(_, text)| text)
+    }
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -67,49 +81,153 @@ pub struct SlicePortView {
     pub protocol: Option<Arc<str>>,
 }
 
-/// One endpoint, in 40 bytes: a cluster's slices hold hundreds of
-/// thousands (as a k8s-openapi `Endpoint`, ~350 bytes before its strings).
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct EndpointView {
-    /// The first address (kube-proxy uses only that one): parsed, or the
-    /// text that did not parse (rare: boxed behind a thin pointer, so
-    /// that the field takes 16 bytes).
-    pub address: Option<Result<Ipv4Addr, Box<String>>>,
-    pub ready: Option<bool>,
-    pub serving: Option<bool>,
-    pub terminating: Option<bool>,
-    /// Shared with every endpoint on the same node (`shared`).
-    pub node_name: Option<Arc<str>>,
+/// An endpoint's first address (kube-proxy uses only that one).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum EndpointAddress {
+    /// The endpoint lists no address.
+    Missing,
+    V4(Ipv4Addr),
+    V6(Ipv6Addr),
+    /// Not an IP address: the text is in the slice's `unparsed`.
+    Unparsed,
 }
 
-/// The one copy of a text many objects repeat (node names, port names,
-/// protocols, address types): every view holding it shares it. Such
-/// texts come and go with nodes and services; the set is pruned of those
-/// nothing holds once it doubles.
+/// One endpoint, in 24 bytes: a cluster's slices hold hundreds of
+/// thousands (as a k8s-openapi `Endpoint`, ~350 bytes before its
+/// strings). An IPv6 address fits inline, so dual-stack slices cost no
+/// allocation per endpoint either.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct EndpointView {
+    pub address: EndpointAddress,
+    /// `conditions`: ready, serving, terminating, each set or not
+    /// (`Condition` bits).
+    conditions: u8,
+    /// The endpoint's `nodeName`.
+    node: Option<NodeName>,
+}
+
+/// Bit pairs of `EndpointView::conditions`: whether the condition is
+/// written, and its value.
+#[derive(Clone, Copy)]
+enum Condition {
+    Ready = 0,
+    Serving = 2,
+    Terminating = 4,
+}
+
+impl EndpointView {
+    pub fn new(
+        address: EndpointAddress,
+        ready: Option<bool>,
+        serving: Option<bool>,
+        terminating: Option<bool>,
+        node_name: Option<&str>,
+    ) -> Self {
+        let bits = |condition: Condition, value: Option<bool>| match value {
+            None => 0,
+            Some(v) => (1 | (u8::from(v) << 1)) << condition as u8,
+        };
+        Self {
+            address,
+            conditions: bits(Condition::Ready, ready)
+                | bits(Condition::Serving, serving)
+                | bits(Condition::Terminating, terminating),
+            node: node_name.map(NodeName::intern),
+        }
+    }
+
+    fn condition(&self, condition: Condition) -> Option<bool> {
+        let bits = self.conditions >> condition as u8;
+        (bits & 1 == 1).then_some(bits & 2 == 2)
+    }
+
+    pub fn ready(&self) -> Option<bool> {
+        self.condition(Condition::Ready)
+    }
+
+    pub fn serving(&self) -> Option<bool> {
+        self.condition(Condition::Serving)
+    }
+
+    pub fn terminating(&self) -> Option<bool> {
+        self.condition(Condition::Terminating)
+    }
+
+    pub fn node(&self) -> Option<NodeName> {
+        self.node
+    }
+}
+
+/// A node's name as a number: endpoints name a few nodes hundreds of
+/// thousands of times. Each name seen is kept for the agent's life (a few
+/// dozen bytes per node the cluster ever had), so a number always means
+/// the same name.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct NodeName(std::num::NonZeroU32);
+
+#[derive(Default)]
+struct NodeNames {
+    numbers: std::collections::HashMap<Box<str>, NodeName>,
+}
+
+static NODE_NAMES: Mutex<Option<NodeNames>> = Mutex::new(None);
+
+impl NodeName {
+    pub fn intern(name: &str) -> Self {
+        let mut guard = NODE_NAMES
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let names = guard.get_or_insert_with(NodeNames::default);
+        if let Some(&number) = names.numbers.get(name) {
+            return number;
+        }
+        // Non-zero, so that `Option<NodeName>` takes four bytes.
+        let number = Self(
+            std::num::NonZeroU32::new(names.numbers.len() as u32 + 1)
+                .expect("fewer than 4 billion node names"),
+        );
+        names.numbers.insert(name.into(), number);
+        number
+    }
+
+    /// The number of `name` if any endpoint ever named it (no endpoint
+    /// names a node that has none).
+    pub fn find(name: &str) -> Option<Self> {
+        let guard = NODE_NAMES
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        guard.as_ref()?.numbers.get(name).copied()
+    }
+}
+
+/// The one copy of a text many objects repeat (port names, protocols,
+/// address types): every view holding it shares it. Such texts come and
+/// go with services; the set is pruned of those nothing holds once it
+/// doubles.
 fn shared(name: &str) -> Arc<str> {
-    static NODES: Mutex<Option<NodeNames>> = Mutex::new(None);
-    let mut guard = NODES
+    static TEXTS: Mutex<Option<SharedTexts>> = Mutex::new(None);
+    let mut guard = TEXTS
         .lock()
         .unwrap_or_else(std::sync::PoisonError::into_inner);
-    let nodes = guard.get_or_insert_with(NodeNames::default);
-    if let Some(shared) = nodes.names.get(name) {
+    let texts = guard.get_or_insert_with(SharedTexts::default);
+    if let Some(shared) = texts.names.get(name) {
         return shared.clone();
     }
-    if nodes.names.len() >= nodes.prune_at {
-        nodes.names.retain(|n| Arc::strong_count(n) > 1);
-        nodes.prune_at = (nodes.names.len() * 2).max(1024);
+    if texts.names.len() >= texts.prune_at {
+        texts.names.retain(|n| Arc::strong_count(n) > 1);
+        texts.prune_at = (texts.names.len() * 2).max(1024);
     }
     let shared: Arc<str> = name.into();
-    nodes.names.insert(shared.clone());
+    texts.names.insert(shared.clone());
     shared
 }
 
-struct NodeNames {
+struct SharedTexts {
     names: std::collections::HashSet<Arc<str>>,
     prune_at: usize,
 }
 
-impl Default for NodeNames {
+impl Default for SharedTexts {
     fn default() -> Self {
         Self {
             names: std::collections::HashSet::new(),
@@ -129,16 +247,15 @@ impl From<&Service> for ServiceView {
                 spec.and_then(|s| s.cluster_ip.as_deref()),
                 None | Some("") | Some("None")
             );
+        let parse = |text: &str| text.parse::<IpAddr>().map_err(|_| text.into());
         let (cluster_ips, from_cluster_ips) = match spec.and_then(|s| s.cluster_ips.as_ref()) {
-            Some(ips) if !ips.is_empty() => {
-                (ips.iter().map(|ip| ip.as_str().into()).collect(), true)
-            }
+            Some(ips) if !ips.is_empty() => (ips.iter().map(|ip| parse(ip)).collect(), true),
             _ => (
-                vec![
+                [parse(
                     spec.and_then(|s| s.cluster_ip.as_deref())
-                        .unwrap_or_default()
-                        .into(),
-                ],
+                        .unwrap_or_default(),
+                )]
+                .into(),
                 false,
             ),
         };
@@ -168,6 +285,32 @@ impl From<&Service> for ServiceView {
 
 impl From<&EndpointSlice> for SliceView {
     fn from(slice: &EndpointSlice) -> Self {
+        let mut unparsed = Vec::new();
+        let endpoints = slice
+            .endpoints
+            .iter()
+            .flatten()
+            .enumerate()
+            .map(|(i, e)| {
+                let address = match e.addresses.first().map(|a| (a, a.parse::<IpAddr>())) {
+                    None => EndpointAddress::Missing,
+                    Some((_, Ok(IpAddr::V4(v4)))) => EndpointAddress::V4(v4),
+                    Some((_, Ok(IpAddr::V6(v6)))) => EndpointAddress::V6(v6),
+                    Some((text, Err(_))) => {
+                        unparsed.push((i as u32, text.as_str().into()));
+                        EndpointAddress::Unparsed
+                    }
+                };
+                let conditions = e.conditions.as_ref();
+                EndpointView::new(
+                    address,
+                    conditions.and_then(|c| c.ready),
+                    conditions.and_then(|c| c.serving),
+                    conditions.and_then(|c| c.terminating),
+                    e.node_name.as_deref(),
+                )
+            })
+            .collect();
         Self {
             key: ObjectKey::of_slice(slice),
             owner: ObjectKey::owner_of_slice(slice),
@@ -187,24 +330,8 @@ impl From<&EndpointSlice> for SliceView {
                     protocol: p.protocol.as_deref().map(shared),
                 })
                 .collect(),
-            endpoints: slice
-                .endpoints
-                .iter()
-                .flatten()
-                .map(|e| {
-                    let conditions = e.conditions.as_ref();
-                    EndpointView {
-                        address: e
-                            .addresses
-                            .first()
-                            .map(|a| a.parse::<Ipv4Addr>().map_err(|_| Box::new(a.clone()))),
-                        ready: conditions.and_then(|c| c.ready),
-                        serving: conditions.and_then(|c| c.serving),
-                        terminating: conditions.and_then(|c| c.terminating),
-                        node_name: e.node_name.as_deref().map(shared),
-                    }
-                })
-                .collect(),
+            endpoints,
+            unparsed: unparsed.into(),
         }
     }
 }
@@ -214,13 +341,39 @@ mod tests {
     use super::*;
 
     #[test]
-    fn an_endpoint_stays_small_and_node_names_are_shared() {
+    fn an_endpoint_stays_small_and_repeated_texts_are_shared() {
         assert!(
-            std::mem::size_of::<EndpointView>() <= 40,
+            std::mem::size_of::<EndpointView>() <= 24,
             "{} bytes",
             std::mem::size_of::<EndpointView>()
         );
-        let (a, b) = (shared("node-7"), shared("node-7"));
-        assert!(Arc::ptr_eq(&a, &b), "one copy per node name");
+        let (a, b) = (shared("http"), shared("http"));
+        assert!(Arc::ptr_eq(&a, &b), "one copy per port name");
+        assert_eq!(NodeName::intern("node-7"), NodeName::intern("node-7"));
+        assert_ne!(NodeName::intern("node-7"), NodeName::intern("node-8"));
+        assert_eq!(NodeName::find("node-7"), Some(NodeName::intern("node-7")));
+        assert_eq!(NodeName::find("never-named"), None);
+    }
+
+    #[test]
+    fn endpoint_conditions_read_back_as_written() {
+        let values = [None, Some(false), Some(true)];
+        for ready in values {
+            for serving in values {
+                for terminating in values {
+                    let e = EndpointView::new(
+                        EndpointAddress::Missing,
+                        ready,
+                        serving,
+                        terminating,
+                        None,
+                    );
+                    assert_eq!(
+                        (e.ready(), e.serving(), e.terminating()),
+                        (ready, serving, terminating)
+                    );
+                }
+            }
+        }
     }
 }
