@@ -18,6 +18,7 @@ pub mod k8s;
 pub mod loader;
 pub mod map_pins;
 pub mod maps;
+pub mod memory;
 pub mod metrics;
 pub mod model;
 pub mod netns;

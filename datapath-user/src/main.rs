@@ -1,5 +1,13 @@
 //! `underpass`: the node agent and its tools.
 
+// jemalloc, with `memory::JEMALLOC_CONF`: see `datapath_user::memory`.
+#[global_allocator]
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
+#[unsafe(export_name = "_rjem_malloc_conf")]
+static JEMALLOC_CONF: datapath_user::memory::JemallocConf =
+    datapath_user::memory::JemallocConf(datapath_user::memory::JEMALLOC_CONF.as_ptr());
+
 use std::{path::PathBuf, process::ExitCode, time::Duration};
 
 use anyhow::{Context, Result, bail};
@@ -563,6 +571,20 @@ fn detach(args: AttachArgs) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_agent_allocates_with_jemalloc_as_configured() {
+        let _warm_up = vec![0u8; 4096];
+        assert_eq!(
+            datapath_user::memory::jemalloc_option("dirty_decay_ms"),
+            Some(1000),
+            "JEMALLOC_CONF not read: is the `_rjem_malloc_conf` symbol exported?"
+        );
+        assert_eq!(
+            datapath_user::memory::jemalloc_option("muzzy_decay_ms"),
+            Some(0)
+        );
+    }
 
     /// A directory that looks like a cgroup2 directory: the root (no
     /// `cgroup.events`) or one below it.

@@ -258,7 +258,7 @@ impl<M: LbMaps> AgentCore<M> {
             "first full sync done: the maps match the cluster"
         );
         self.metrics.synced.store(true, Ordering::Relaxed);
-        release_free_memory();
+        crate::memory::release_free_memory();
         let mut retry = tokio::time::interval(RETRY_INTERVAL);
         retry.tick().await;
         let mut last_update = Instant::now();
@@ -338,16 +338,5 @@ impl<M: LbMaps> AgentCore<M> {
     pub fn apply_now(&mut self, change: Change) -> SyncStats {
         let dirty = self.store.apply(change);
         self.sync(dirty)
-    }
-}
-
-/// Gives the memory freed after the first sync (the initial list, parsed
-/// manifests) back to the kernel: glibc keeps freed heap otherwise, and
-/// the agent's RSS would stay at its start-up peak.
-fn release_free_memory() {
-    #[cfg(all(target_os = "linux", target_env = "gnu"))]
-    // SAFETY: malloc_trim only releases free heap pages.
-    unsafe {
-        libc::malloc_trim(0);
     }
 }
