@@ -7,7 +7,7 @@ use foldhash::{HashMap, HashSet};
 use aya::maps::MapError;
 use datapath_common::maps::{BackendId, RevNatId};
 
-use super::{BackendUse, IdAllocator, Programmed, PruneReport, Reconciler, issues::datapath_issue};
+use super::{IdAllocator, Programmed, PruneReport, Reconciler, issues::datapath_issue};
 use crate::{
     k8s::Issue,
     maps::{LbMaps, MapDump},
@@ -35,7 +35,7 @@ impl<M: LbMaps> Reconciler<M> {
             rev_nat_ids: IdAllocator::new(maps.rev_nat_capacity()),
             maps,
             programmed: HashMap::default(),
-            backends: HashMap::default(),
+            backends: Default::default(),
             owner: HashMap::default(),
             held: HashMap::default(),
             waiting: HashMap::default(),
@@ -104,8 +104,8 @@ impl<M: LbMaps> Reconciler<M> {
                     Some(slots) => slots.iter().any(|(id, address)| {
                         reconciler
                             .backends
-                            .get(address)
-                            .is_some_and(|using| using.id != *id)
+                            .id_of(address)
+                            .is_some_and(|using| using != *id)
                     }),
                 };
             let mut backends = Vec::new();
@@ -121,11 +121,9 @@ impl<M: LbMaps> Reconciler<M> {
             } else {
                 for (id, address) in slots.unwrap_or_default() {
                     referenced.insert(id);
-                    reconciler
-                        .backends
-                        .entry(address)
-                        .or_insert(BackendUse { id, frontends: 0 })
-                        .frontends += 1;
+                    if reconciler.backends.reference(&address).is_none() {
+                        reconciler.backends.insert(address, id);
+                    }
                     backends.push(address);
                 }
             }
@@ -182,7 +180,7 @@ impl<M: LbMaps> Reconciler<M> {
         }
         self.adopted_by_address.clear();
         for id in std::mem::take(&mut self.adopted_unused_backends) {
-            if self.backends.values().any(|u| u.id == id) {
+            if self.backends.holds_id(id) {
                 continue; // taken into use since adoption
             }
             match self.maps.remove_backend(id) {

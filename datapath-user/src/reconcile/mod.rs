@@ -32,6 +32,7 @@ use crate::{
 };
 
 mod adopt;
+mod backend_table;
 mod ids;
 mod issues;
 mod program;
@@ -56,17 +57,9 @@ struct Programmed {
     /// The maps may not match `backends` (an interrupted or failed
     /// write): the next update rewrites the frontend.
     broken: bool,
-    /// Backend ids the maps' slots may name that no `BackendUse` tracks
+    /// Backend ids the maps' slots may name that no `backends` entry tracks
     /// (found broken at adoption); freed once the frontend is rewritten.
     untracked_ids: Vec<BackendId>,
-}
-
-/// One backend entry in use.
-#[derive(Clone, Copy, Debug)]
-struct BackendUse {
-    id: BackendId,
-    /// Frontends whose slots name it.
-    frontends: u32,
 }
 
 /// A backend that left a UDP frontend (not even draining any more):
@@ -106,7 +99,7 @@ pub struct PruneReport {
 pub struct Reconciler<M> {
     maps: M,
     programmed: HashMap<Frontend, Programmed>,
-    backends: HashMap<BackendAddress, BackendUse>,
+    backends: backend_table::BackendTable,
     backend_ids: IdAllocator,
     rev_nat_ids: IdAllocator,
     /// Which service holds each frontend.

@@ -5,7 +5,7 @@
 use datapath_common::maps::BackendId;
 
 use super::{
-    BackendUse, Departed, Programmed, Reconciler,
+    Departed, Programmed, Reconciler,
     issues::{limit_issue, program_issue, with_object},
     node_subset,
 };
@@ -42,7 +42,7 @@ impl<M: LbMaps> Reconciler<M> {
             .iter()
             .chain(&left_out)
             .map(as_address)
-            .filter(|a| self.backends.contains_key(a) || self.adopted_by_address.contains_key(a))
+            .filter(|a| self.backends.contains(a) || self.adopted_by_address.contains_key(a))
             .collect();
         draining.sort();
         let capped_issue = || {
@@ -202,16 +202,14 @@ impl<M: LbMaps> Reconciler<M> {
     /// one adoption found in the maps, or a new id. `None` when the id
     /// space is full.
     pub(super) fn reference(&mut self, address: &BackendAddress) -> Option<BackendId> {
-        if let Some(using) = self.backends.get_mut(address) {
-            using.frontends += 1;
-            return Some(using.id);
+        if let Some(id) = self.backends.reference(address) {
+            return Some(id);
         }
         let id = match self.adopted_by_address.remove(address) {
             Some(id) => id,
             None => self.backend_ids.allocate()?,
         };
-        self.backends
-            .insert(*address, BackendUse { id, frontends: 1 });
+        self.backends.insert(*address, id);
         Some(id)
     }
 
@@ -243,7 +241,7 @@ impl<M: LbMaps> Reconciler<M> {
     /// Frees ids a broken frontend's slots named, unless now in use.
     pub(super) fn release_untracked(&mut self, ids: &[BackendId]) {
         for &id in ids {
-            if self.backends.values().any(|u| u.id == id)
+            if self.backends.holds_id(id)
                 || self
                     .programmed
                     .values()
@@ -260,16 +258,10 @@ impl<M: LbMaps> Reconciler<M> {
     /// nothing references any more.
     pub(super) fn release_backends(&mut self, addresses: &[BackendAddress]) {
         for address in addresses {
-            let Some(using) = self.backends.get_mut(address) else {
-                continue;
-            };
-            using.frontends = using.frontends.saturating_sub(1);
-            if using.frontends == 0 {
-                let id = using.id;
+            if let Some(id) = self.backends.release(address) {
                 // A failed delete leaves a harmless unreferenced entry; the
                 // next start's prune removes it.
                 let _ = self.maps.remove_backend(id);
-                self.backends.remove(address);
                 self.backend_ids.release(id);
             }
         }
