@@ -199,10 +199,19 @@ struct AgentArgs {
     /// Cilium's k8sServiceHost). The certificate must name this address.
     #[arg(long, env = "UNDERPASS_API_SERVER", conflicts_with = "from_dir")]
     api_server: Option<String>,
-    /// This node's name (for internalTrafficPolicy: Local). The DaemonSet
-    /// sets it from spec.nodeName.
+    /// This node's name (for internalTrafficPolicy: Local and node
+    /// topology hints). The DaemonSet sets it from spec.nodeName. With the
+    /// Kubernetes source the agent also watches this Node for its zone.
     #[arg(long, env = "NODE_NAME")]
     node_name: Option<String>,
+    /// This node's zone, for EndpointSlice zone hints (what the
+    /// `topology.kubernetes.io/zone` label says). With the Kubernetes
+    /// source and --node-name it is read from the Node and followed, and
+    /// this flag is not needed; with --from-dir, or where the agent may
+    /// not read Nodes, give it here. Without a zone, zone hints are not
+    /// used (every endpoint, as kube-proxy on a node without the label).
+    #[arg(long, env = "UNDERPASS_NODE_ZONE", value_name = "ZONE")]
+    node_zone: Option<String>,
     /// Directory of pod network namespaces to watch (containerd's).
     #[arg(long, env = "UNDERPASS_NETNS_DIR", default_value = netns::NETNS_RUN_DIR)]
     netns_dir: PathBuf,
@@ -428,6 +437,7 @@ fn run_agent(args: AgentArgs) -> Result<()> {
         source,
         node: NodeContext {
             node_name: args.node_name,
+            zone: args.node_zone,
         },
         netns_dir: (!args.no_pod_attach).then_some(args.netns_dir),
         selector: Selector {

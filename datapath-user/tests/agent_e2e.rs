@@ -1498,3 +1498,76 @@ fn a_refused_flow_shows_in_the_agents_log_at_info_only() {
         agent.stop();
     }
 }
+
+/// The echo service's manifest with each server's zone hint (None: the
+/// endpoint has no hints).
+fn hinted_manifest(endpoints: &[(Ipv4Addr, Option<&str>)]) -> String {
+    let mut text = manifest(&[]);
+    for (address, zone) in endpoints {
+        text += &format!("- addresses: [{address}]\n  conditions: {{ready: true}}\n");
+        if let Some(zone) = zone {
+            text += &format!("  zone: {zone}\n  hints: {{forZones: [{{name: {zone}}}]}}\n");
+        }
+    }
+    text
+}
+
+/// Topology hints through the agent, edited under live traffic: once
+/// every endpoint is hinted, new connections stay in the agent's zone
+/// (`--node-zone`) while one already open to the other zone keeps
+/// working; when an endpoint loses its hints (the controller's update
+/// under way), every endpoint takes new connections again.
+#[test]
+fn zone_hints_keep_new_connections_in_the_agents_zone() {
+    require_root("agent e2e");
+    let lab = EchoLab::new(&["server-a", "server-b"]);
+    let (a, b) = (
+        lab.topo.pod("server-a").address,
+        lab.topo.pod("server-b").address,
+    );
+    let file = lab.dir.join("echo.yaml");
+    let agent = lab.agent_with(&["--no-socket-lb", "--node-zone", "zone-a"]);
+    lab.wait_client_attached();
+    let answers = |n: usize| -> std::collections::BTreeSet<String> {
+        (0..n).filter_map(|_| lab.ask().ok()).collect()
+    };
+    wait_until("both servers answer without hints", || {
+        answers(20).len() == 2
+    });
+    // A connection held open to server-b, the other zone's.
+    let target = SocketAddrV4::new(VIP, 80);
+    let mut held = (0..50)
+        .find_map(|_| {
+            let mut conversation = lab
+                .topo
+                .pod("client")
+                .namespace
+                .run(|| Conversation::open(target, TIMEOUT))
+                .unwrap()
+                .unwrap();
+            (conversation.ask().unwrap() == "server-b").then_some(conversation)
+        })
+        .expect("a connection to server-b");
+
+    write_atomically(
+        &file,
+        &hinted_manifest(&[(a, Some("zone-a")), (b, Some("zone-b"))]),
+    );
+    wait_until("new connections stay in zone-a", || {
+        answers(10) == ["server-a".to_owned()].into()
+    });
+    for _ in 0..20 {
+        assert_eq!(lab.ask().unwrap(), "server-a", "a new connection");
+    }
+    assert_eq!(
+        held.ask().unwrap(),
+        "server-b",
+        "the open connection to the other zone keeps its backend"
+    );
+
+    // server-b without hints: hints are not used at all.
+    write_atomically(&file, &hinted_manifest(&[(a, Some("zone-a")), (b, None)]));
+    wait_until("both servers answer again", || answers(20).len() == 2);
+    assert_eq!(held.ask().unwrap(), "server-b");
+    agent.stop();
+}

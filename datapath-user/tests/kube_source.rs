@@ -11,6 +11,7 @@ use std::{
 
 use datapath_user::k8s::{
     IssueKind, NodeContext, ObjectKey,
+    node_zone::watch_node_zone,
     source::{Backoff, SourceMessage, watch_api, watch_api_with},
     store::{Change, Kind, Store},
 };
@@ -108,6 +109,8 @@ async fn serve(listener: TcpListener, script: Arc<Mutex<Script>>) {
                 "services"
             } else if target.starts_with("/apis/discovery.k8s.io/v1/endpointslices") {
                 "endpointslices"
+            } else if target.starts_with("/api/v1/nodes") {
+                "nodes"
             } else {
                 "other"
             };
@@ -239,6 +242,7 @@ async fn list_watch_end_gone_relist() {
                 problems.push(message)
             }
             SourceMessage::Changes(_) => panic!("the API source sends changes one by one"),
+            SourceMessage::Zone(_) => panic!("no Node is watched without a node name"),
             SourceMessage::Change(change) => {
                 match &change {
                     Change::Replaced(kind, objects) => replaced.push((*kind, objects.len())),
@@ -376,5 +380,74 @@ async fn a_failing_api_server_is_retried_ever_more_slowly_from_the_watch_cache()
     assert!(
         problems.iter().all(|(kind, _)| *kind == IssueKind::Api),
         "{problems:?}"
+    );
+}
+
+fn node(name: &str, zone: Option<&str>, resource_version: &str) -> Value {
+    let labels = match zone {
+        Some(zone) => json!({"kubernetes.io/hostname": name, "topology.kubernetes.io/zone": zone}),
+        None => json!({"kubernetes.io/hostname": name}),
+    };
+    json!({
+        "apiVersion": "v1", "kind": "Node",
+        "metadata": {"name": name, "resourceVersion": resource_version, "labels": labels}
+    })
+}
+
+/// The agent's own Node, found by a field selector on its name: its zone
+/// at first, and again each time the label changes (an unrelated change
+/// says nothing; a removed label says None).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_nodes_zone_is_read_from_its_node_and_followed() {
+    let mut script = Script::default();
+    script.replies.insert(
+        "nodes",
+        VecDeque::from([
+            Reply::List(list(
+                "NodeList",
+                "1",
+                vec![node("node-1", Some("zone-a"), "1")],
+            )),
+            Reply::Watch(vec![
+                event("MODIFIED", node("node-1", Some("zone-a"), "2")),
+                event("MODIFIED", node("node-1", Some("zone-b"), "3")),
+                event("MODIFIED", node("node-1", None, "4")),
+            ]),
+            Reply::Hang,
+        ]),
+    );
+    let script = Arc::new(Mutex::new(script));
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(serve(listener, script.clone()));
+    let client = kube::Client::try_from(kube::Config::new(url.parse().unwrap())).unwrap();
+    let (tx, mut rx) = mpsc::channel(64);
+    let source = tokio::spawn(watch_node_zone(
+        client,
+        "node-1".into(),
+        tx,
+        Backoff::default(),
+    ));
+    let mut zones = Vec::new();
+    let until = tokio::time::Instant::now() + Duration::from_secs(3);
+    while zones.len() < 3
+        && let Ok(Some(message)) = tokio::time::timeout_at(until, rx.recv()).await
+    {
+        match message {
+            SourceMessage::Zone(zone) => zones.push(zone),
+            other => panic!("{other:?}"),
+        }
+    }
+    source.abort();
+    assert_eq!(
+        zones,
+        [Some("zone-a".to_owned()), Some("zone-b".to_owned()), None]
+    );
+    let requests = script.lock().unwrap().requests.clone();
+    assert!(
+        requests
+            .iter()
+            .all(|(_, target)| target.contains("fieldSelector=metadata.name%3Dnode-1")),
+        "only its own Node: {requests:?}"
     );
 }

@@ -188,6 +188,7 @@ fn internal_traffic_policy_local_keeps_this_nodes_endpoints() {
     services[0].spec.as_mut().unwrap().internal_traffic_policy = Some("Local".into());
     let node = NodeContext {
         node_name: Some("node-2".into()),
+        ..NodeContext::default()
     };
     let (frontends, issues) = render(&translate(&services, &slices, &node));
     assert!(issues.is_empty(), "{issues:?}");
@@ -244,4 +245,81 @@ fn json_and_lists_are_read_too() {
     assert!(parsed.errors.is_empty(), "{:?}", parsed.errors);
     assert_eq!(parsed.objects.len(), 1);
     assert_eq!(parsed.objects[0].describe(), "Service x/j");
+}
+
+/// `topology-hints.yaml` translated on a node, optionally edited first;
+/// the one frontend's rendering.
+fn near(
+    node: Option<&str>,
+    zone: Option<&str>,
+    edit: impl FnOnce(&mut Service, &mut EndpointSlice),
+) -> String {
+    let (mut services, mut slices) = load("topology-hints.yaml");
+    edit(&mut services[0], &mut slices[0]);
+    let context = NodeContext {
+        node_name: node.map(Into::into),
+        zone: zone.map(Into::into),
+    };
+    let (frontends, issues) = render(&translate(&services, &slices, &context));
+    assert!(issues.is_empty(), "{issues:?}");
+    assert_eq!(frontends.len(), 1);
+    frontends[0].clone()
+}
+
+#[test]
+fn topology_hints_narrow_endpoints_as_kube_proxy_does() {
+    let all = "10.96.90.1:80/TCP -> 10.244.9.1:8080 10.244.9.2:8080 10.244.9.3:8080 (draining 10.244.9.4:8080)";
+    let no_edit = |_: &mut Service, _: &mut EndpointSlice| {};
+    // Every ready endpoint has node hints and one is for this node.
+    assert_eq!(
+        near(Some("node-a2"), Some("zone-a"), no_edit),
+        "10.96.90.1:80/TCP -> 10.244.9.2:8080 (draining 10.244.9.1:8080 10.244.9.3:8080 10.244.9.4:8080)"
+    );
+    // No node hint for this node: zone hints.
+    assert_eq!(
+        near(Some("node-a3"), Some("zone-a"), no_edit),
+        "10.96.90.1:80/TCP -> 10.244.9.1:8080 10.244.9.2:8080 (draining 10.244.9.3:8080 10.244.9.4:8080)"
+    );
+    // No hint for this zone either, or no zone known: every endpoint.
+    assert_eq!(near(Some("node-c1"), Some("zone-c"), no_edit), all);
+    assert_eq!(near(None, None, no_edit), all);
+    // One ready endpoint without hints (the controller's update under
+    // way): hints of that kind are not used. Node hints missing on one
+    // endpoint fall back to zone hints; zone hints missing, to all.
+    let without = |index: usize, zones: bool| {
+        move |_: &mut Service, slice: &mut EndpointSlice| {
+            let hints = slice.endpoints.as_mut().unwrap()[index]
+                .hints
+                .as_mut()
+                .unwrap();
+            hints.for_nodes = None;
+            if zones {
+                hints.for_zones = None;
+            }
+        }
+    };
+    assert_eq!(
+        near(Some("node-a2"), Some("zone-a"), without(2, false)),
+        "10.96.90.1:80/TCP -> 10.244.9.1:8080 10.244.9.2:8080 (draining 10.244.9.3:8080 10.244.9.4:8080)"
+    );
+    assert_eq!(near(Some("node-a2"), Some("zone-a"), without(2, true)), all);
+    // A not-ready endpoint without hints does not count (the terminating
+    // one above has none).
+    // internalTrafficPolicy: Local takes this node's endpoints, hints
+    // aside.
+    assert_eq!(
+        near(Some("node-b1"), Some("zone-a"), |service, _| {
+            service.spec.as_mut().unwrap().internal_traffic_policy = Some("Local".into());
+        }),
+        "10.96.90.1:80/TCP -> 10.244.9.3:8080 (draining 10.244.9.1:8080 10.244.9.2:8080 10.244.9.4:8080)"
+    );
+    // Nothing ready: serving-and-terminating endpoints wherever they are.
+    assert_eq!(
+        near(Some("node-a1"), Some("zone-a"), |_, slice| {
+            for endpoint in &mut slice.endpoints.as_mut().unwrap()[..3] {
+                endpoint.conditions.as_mut().unwrap().ready = Some(false);
+            }
+        }),
+        "10.96.90.1:80/TCP -> 10.244.9.4:8080 (draining 10.244.9.1:8080 10.244.9.2:8080 10.244.9.3:8080)"
+    );
 }

@@ -316,6 +316,17 @@ impl<M: LbMaps> AgentCore<M> {
                 .flat_map(|change| self.store.apply(change))
                 .collect(),
             SourceMessage::Synced(_) => BTreeSet::new(),
+            SourceMessage::Zone(zone) => {
+                if zone == self.node.zone {
+                    return BTreeSet::new();
+                }
+                info!(
+                    zone = zone.as_deref().unwrap_or("(none)"),
+                    "this node's zone changed: every service is translated again for its topology hints"
+                );
+                self.node.zone = zone;
+                self.store.service_keys().cloned().collect()
+            }
             SourceMessage::Incomplete(reason) => {
                 warn!("{reason}");
                 self.incomplete = true;
@@ -338,5 +349,48 @@ impl<M: LbMaps> AgentCore<M> {
     pub fn apply_now(&mut self, change: Change) -> SyncStats {
         let dirty = self.store.apply(change);
         self.sync(dirty)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{
+        k8s::{manifest, store::Change},
+        maps::FakeMaps,
+    };
+
+    /// Slots of the one frontend programmed.
+    fn slots(core: &AgentCore<FakeMaps>) -> usize {
+        let services = &core.reconciler().maps().services;
+        assert_eq!(services.len(), 1);
+        services.values().next().unwrap().1.len()
+    }
+
+    #[test]
+    fn a_new_zone_translates_every_service_again() {
+        let mut core = AgentCore::new(
+            Reconciler::new_on_empty(FakeMaps::with_capacity(64)),
+            NodeContext::default(),
+            Metrics::new(None),
+        );
+        let text = include_str!("../../tests/fixtures/k8s/topology-hints.yaml");
+        for object in manifest::parse_with(text, "topology-hints.yaml", |t| t.view()).objects {
+            core.store.apply(Change::Applied(object));
+        }
+        core.full_sync();
+        assert_eq!(slots(&core), 3, "no zone known: every ready endpoint");
+        let dirty = core.take(SourceMessage::Zone(Some("zone-a".into())));
+        assert_eq!(dirty.len(), 1, "the one service, translated again");
+        core.sync(dirty);
+        assert_eq!(slots(&core), 2, "zone-a's endpoints");
+        assert!(
+            core.take(SourceMessage::Zone(Some("zone-a".into())))
+                .is_empty(),
+            "the same zone again changes nothing"
+        );
+        let dirty = core.take(SourceMessage::Zone(None));
+        core.sync(dirty);
+        assert_eq!(slots(&core), 3, "the label removed: every endpoint");
     }
 }

@@ -40,7 +40,7 @@ use crate::{
     datapath_events,
     features::{self, Plan},
     http,
-    k8s::{NodeContext, source},
+    k8s::{NodeContext, node_zone, source},
     loader::{CtTimeouts, DatapathLog, MapSizes},
     map_pins::PinPolicy,
     maps::DatapathMaps,
@@ -158,6 +158,22 @@ pub async fn run(options: AgentOptions) -> Result<()> {
     let source = match &options.source {
         SourceConfig::Kubernetes { .. } => {
             let client = client.context("the Kubernetes client was built above")?;
+            // The zone from the Node unless the operator gave it.
+            match (&options.node.node_name, &options.node.zone) {
+                (Some(node_name), None) => {
+                    info!(node = %node_name, "following this Node's zone for topology hints");
+                    tokio::spawn(node_zone::watch_node_zone(
+                        client.clone(),
+                        node_name.clone(),
+                        tx.clone(),
+                        source::Backoff::default(),
+                    ));
+                }
+                (None, None) => info!(
+                    "no --node-name: topology hints and internalTrafficPolicy: Local cannot be honoured"
+                ),
+                (_, Some(zone)) => info!(%zone, "this node's zone, from --node-zone"),
+            }
             tokio::spawn(source::watch_api(client, tx))
         }
         SourceConfig::Directory { dir, interval } => {

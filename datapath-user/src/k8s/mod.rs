@@ -4,6 +4,7 @@
 mod dir_events;
 pub mod keys;
 pub mod manifest;
+pub mod node_zone;
 pub mod source;
 pub mod store;
 pub mod translate;

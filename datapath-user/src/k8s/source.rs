@@ -38,6 +38,9 @@ pub enum SourceMessage {
     /// The first complete set misses objects that could not be read: the
     /// agent must not prune frontends nothing seems to ask for.
     Incomplete(String),
+    /// This node's zone (its Node's `topology.kubernetes.io/zone` label),
+    /// read at first and whenever it changes; None: the label is gone.
+    Zone(Option<String>),
 }
 
 /// How failed lists and watches are retried: thousands of agents must not
@@ -69,7 +72,7 @@ impl Backoff {
 
     /// `pause` spread by ±20 %, so that agents that failed together do not
     /// retry together.
-    fn jittered(pause: Duration) -> Duration {
+    pub(super) fn jittered(pause: Duration) -> Duration {
         pause.mul_f64(rand::random_range(0.8..1.2))
     }
 }

@@ -31,7 +31,7 @@ use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
 use serde::Serialize;
 
 pub use super::keys::{HEADLESS_LABEL, ObjectKey, SERVICE_NAME_LABEL, SERVICE_PROXY_NAME_LABEL};
-use super::view::{EndpointAddress, NodeName, ServiceView, SliceView};
+use super::view::{EndpointAddress, Hint, HintKind, ServiceView, SliceView, TopologyName};
 use crate::model::{Frontend, Protocol};
 
 /// One endpoint address and port.
@@ -138,8 +138,10 @@ pub struct ServiceTranslation {
 /// Facts about the node the agent runs on.
 #[derive(Clone, Debug, Default)]
 pub struct NodeContext {
-    /// Needed by `internalTrafficPolicy: Local`.
+    /// Needed by `internalTrafficPolicy: Local` and node hints.
     pub node_name: Option<String>,
+    /// The node's `topology.kubernetes.io/zone` label, for zone hints.
+    pub zone: Option<String>,
 }
 
 fn service_issue(service: &ObjectKey, kind: IssueKind, field: String, reason: String) -> Issue {
@@ -256,6 +258,10 @@ pub fn translate_view<'a>(
         ));
     }
 
+    let here = Here {
+        node: node.node_name.as_deref().and_then(TopologyName::find),
+        zone: node.zone.as_deref().and_then(TopologyName::find),
+    };
     let mut seen_ports = BTreeSet::new();
     for (i, port) in service.ports.iter().enumerate() {
         let protocol = match port.protocol.as_deref().unwrap_or("TCP") {
@@ -303,11 +309,10 @@ pub fn translate_view<'a>(
             &port.name,
             protocol,
             service.publish_not_ready,
-            service
-                .node_local
-                .then_some(node.node_name.as_deref())
-                .flatten()
-                .map(NodeName::find),
+            match (service.node_local, node.node_name.as_deref()) {
+                (true, Some(name)) => Scope::Node(TopologyName::find(name)),
+                _ => Scope::Cluster(here),
+            },
             &mut out.issues,
         );
         for &address in &addresses {
@@ -326,21 +331,89 @@ pub fn translate_view<'a>(
     out
 }
 
+/// Where the agent's node is, for topology hints: its name and zone as
+/// numbers (None: no endpoint names it, so no hint can).
+#[derive(Clone, Copy, Debug)]
+struct Here {
+    node: Option<TopologyName>,
+    zone: Option<TopologyName>,
+}
+
+/// Which endpoints a service port may use, readiness aside.
+#[derive(Clone, Copy, Debug)]
+enum Scope {
+    /// `internalTrafficPolicy: Local`: this node's endpoints only (None:
+    /// no endpoint names the node); hints are not looked at.
+    Node(Option<TopologyName>),
+    /// Every node's, narrowed by topology hints as kube-proxy narrows them.
+    Cluster(Here),
+}
+
+/// kube-proxy's topology modes (`pkg/proxy/topology.go`,
+/// `topologyModeFromHints`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum TopologyMode {
+    /// No hints used: every endpoint.
+    Everywhere,
+    /// Endpoints hinted for this node (`hints.forNodes`).
+    SameNode,
+    /// Endpoints hinted for this node's zone (`hints.forZones`).
+    SameZone,
+}
+
+/// One listing of an endpoint that the port's scope lets in (an endpoint
+/// may be listed by more than one slice).
+struct Candidate<'a> {
+    endpoint: Endpoint,
+    /// Ready, or any endpoint under `publishNotReadyAddresses`.
+    ready: bool,
+    serving_terminating: bool,
+    hints: &'a [Hint],
+}
+
+impl Candidate<'_> {
+    fn hinted(&self, kind: HintKind) -> bool {
+        self.hints.iter().any(|h| h.kind == kind)
+    }
+
+    fn hinted_for(&self, kind: HintKind, name: Option<TopologyName>) -> bool {
+        name.is_some_and(|name| self.hints.iter().any(|h| h.kind == kind && h.name == name))
+    }
+}
+
+/// Hints are used only when every ready endpoint has them and one is for
+/// here: node hints first, then zone hints; otherwise none (kube-proxy's
+/// rule: a half-hinted set, or hints that leave this node or zone
+/// nothing, mean every endpoint).
+fn topology_mode(candidates: &[Candidate], here: Here) -> TopologyMode {
+    let ready = || candidates.iter().filter(|c| c.ready);
+    let usable = |kind, name| {
+        ready().next().is_some()
+            && ready().all(|c| c.hinted(kind))
+            && ready().any(|c| c.hinted_for(kind, name))
+    };
+    if usable(HintKind::Node, here.node) {
+        TopologyMode::SameNode
+    } else if usable(HintKind::Zone, here.zone) {
+        TopologyMode::SameZone
+    } else {
+        TopologyMode::Everywhere
+    }
+}
+
 /// The endpoints of the service port named `port_name`, following
-/// kube-proxy's readiness rules, and the listed ones those rules leave out
-/// (draining).
+/// kube-proxy's readiness and topology rules, and the listed ones those
+/// rules leave out (draining).
 fn endpoints_for_port(
     slices: &[&SliceView],
     port_name: &str,
     protocol: Protocol,
     publish_not_ready: bool,
-    // `Some(None)`: only this node's endpoints, and no endpoint names it.
-    only_node: Option<Option<NodeName>>,
+    scope: Scope,
     issues: &mut Vec<Issue>,
 ) -> (Vec<Endpoint>, Vec<Endpoint>) {
-    let mut ready = BTreeSet::new();
-    let mut terminating = BTreeSet::new();
     let mut listed = BTreeSet::new();
+    let mut candidates = Vec::new();
     let protocol_name = protocol.to_string();
     for slice in slices {
         let Some((port_index, slice_port)) = slice.ports.iter().enumerate().find(|(_, p)| {
@@ -384,25 +457,56 @@ fn endpoints_for_port(
                     continue;
                 }
             };
-            listed.insert(Endpoint { address, port });
-            if let Some(node) = only_node
+            let endpoint_here = Endpoint { address, port };
+            listed.insert(endpoint_here);
+            if let Scope::Node(node) = scope
                 && endpoint.node().is_none_or(|n| Some(n) != node)
             {
                 continue;
             }
-            let is_ready = endpoint.ready().unwrap_or(true);
-            // kube-proxy: a missing `serving` counts as serving.
+            // kube-proxy: a missing `ready` or `serving` counts as true.
+            let ready = endpoint.ready().unwrap_or(true) || publish_not_ready;
             let serving = endpoint.serving().unwrap_or(true);
-            let is_terminating = endpoint.terminating().unwrap_or(false);
-            let endpoint = Endpoint { address, port };
-            if is_ready || publish_not_ready {
-                ready.insert(endpoint);
-            } else if serving && is_terminating {
-                terminating.insert(endpoint);
-            }
+            let terminating = endpoint.terminating().unwrap_or(false);
+            candidates.push(Candidate {
+                endpoint: endpoint_here,
+                ready,
+                serving_terminating: serving && terminating,
+                hints: slice.hints_of(i),
+            });
         }
     }
-    let chosen = if ready.is_empty() { terminating } else { ready };
+    let (mode, here) = match scope {
+        Scope::Node(_) => (
+            TopologyMode::Everywhere,
+            Here {
+                node: None,
+                zone: None,
+            },
+        ),
+        Scope::Cluster(here) => (topology_mode(&candidates, here), here),
+    };
+    let admitted = |c: &Candidate| match mode {
+        TopologyMode::Everywhere => true,
+        TopologyMode::SameNode => c.hinted_for(HintKind::Node, here.node),
+        TopologyMode::SameZone => c.hinted_for(HintKind::Zone, here.zone),
+    };
+    let ready: BTreeSet<Endpoint> = candidates
+        .iter()
+        .filter(|c| c.ready && admitted(c))
+        .map(|c| c.endpoint)
+        .collect();
+    // None ready: the serving-and-terminating ones, wherever they are
+    // (graceful termination; kube-proxy does not narrow them by hints).
+    let chosen = if ready.is_empty() {
+        candidates
+            .iter()
+            .filter(|c| !c.ready && c.serving_terminating)
+            .map(|c| c.endpoint)
+            .collect()
+    } else {
+        ready
+    };
     let draining = listed.difference(&chosen).copied().collect();
     (chosen.into_iter().collect(), draining)
 }

@@ -60,9 +60,35 @@ pub struct SliceView {
     /// The text of each endpoint address that did not parse, by endpoint
     /// index (rare: empty, and so unallocated, in a valid slice).
     pub unparsed: Box<[(u32, Box<str>)]>,
+    /// Every endpoint's topology hints, sorted by endpoint index (empty,
+    /// and so unallocated, in a slice without hints).
+    pub hints: Box<[Hint]>,
+}
+
+/// One topology hint of an endpoint: `hints.forZones[].name` or
+/// `hints.forNodes[].name`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Hint {
+    pub endpoint: u32,
+    pub kind: HintKind,
+    pub name: TopologyName,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum HintKind {
+    Zone,
+    Node,
 }
 
 impl SliceView {
+    /// The hints of endpoint `index`.
+    pub fn hints_of(&self, index: usize) -> &[Hint] {
+        let index = index as u32;
+        let start = self.hints.partition_point(|h| h.endpoint < index);
+        let end = self.hints.partition_point(|h| h.endpoint <= index);
+        &self.hints[start..end]
+    }
+
     /// The text of endpoint `index`'s address, when it did not parse.
     pub fn unparsed_address(&self, index: usize) -> &str {
         self.unparsed
@@ -103,7 +129,7 @@ pub struct EndpointView {
     /// (`Condition` bits).
     conditions: u8,
     /// The endpoint's `nodeName`.
-    node: Option<NodeName>,
+    node: Option<TopologyName>,
 }
 
 /// Bit pairs of `EndpointView::conditions`: whether the condition is
@@ -132,7 +158,7 @@ impl EndpointView {
             conditions: bits(Condition::Ready, ready)
                 | bits(Condition::Serving, serving)
                 | bits(Condition::Terminating, terminating),
-            node: node_name.map(NodeName::intern),
+            node: node_name.map(TopologyName::intern),
         }
     }
 
@@ -153,35 +179,35 @@ impl EndpointView {
         self.condition(Condition::Terminating)
     }
 
-    pub fn node(&self) -> Option<NodeName> {
+    pub fn node(&self) -> Option<TopologyName> {
         self.node
     }
 }
 
-/// A node's name as a number: endpoints name a few nodes hundreds of
-/// thousands of times. Each name seen is kept for the agent's life (a few
-/// dozen bytes per node the cluster ever had), so a number always means
-/// the same name.
+/// A node's or a zone's name as a number: endpoints name a few nodes and
+/// zones hundreds of thousands of times. Each name seen is kept for the
+/// agent's life (a few dozen bytes per node or zone the cluster ever
+/// had), so a number always means the same name.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub struct NodeName(std::num::NonZeroU32);
+pub struct TopologyName(std::num::NonZeroU32);
 
 #[derive(Default)]
-struct NodeNames {
-    numbers: std::collections::HashMap<Box<str>, NodeName>,
+struct TopologyNames {
+    numbers: std::collections::HashMap<Box<str>, TopologyName>,
 }
 
-static NODE_NAMES: Mutex<Option<NodeNames>> = Mutex::new(None);
+static TOPOLOGY_NAMES: Mutex<Option<TopologyNames>> = Mutex::new(None);
 
-impl NodeName {
+impl TopologyName {
     pub fn intern(name: &str) -> Self {
-        let mut guard = NODE_NAMES
+        let mut guard = TOPOLOGY_NAMES
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
-        let names = guard.get_or_insert_with(NodeNames::default);
+        let names = guard.get_or_insert_with(TopologyNames::default);
         if let Some(&number) = names.numbers.get(name) {
             return number;
         }
-        // Non-zero, so that `Option<NodeName>` takes four bytes.
+        // Non-zero, so that `Option<TopologyName>` takes four bytes.
         let number = Self(
             std::num::NonZeroU32::new(names.numbers.len() as u32 + 1)
                 .expect("fewer than 4 billion node names"),
@@ -193,7 +219,7 @@ impl NodeName {
     /// The number of `name` if any endpoint ever named it (no endpoint
     /// names a node that has none).
     pub fn find(name: &str) -> Option<Self> {
-        let guard = NODE_NAMES
+        let guard = TOPOLOGY_NAMES
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
         guard.as_ref()?.numbers.get(name).copied()
@@ -286,6 +312,7 @@ impl From<&Service> for ServiceView {
 impl From<&EndpointSlice> for SliceView {
     fn from(slice: &EndpointSlice) -> Self {
         let mut unparsed = Vec::new();
+        let mut hints = Vec::new();
         let endpoints = slice
             .endpoints
             .iter()
@@ -301,6 +328,27 @@ impl From<&EndpointSlice> for SliceView {
                         EndpointAddress::Unparsed
                     }
                 };
+                if let Some(written) = &e.hints {
+                    let hint = |kind, name: &str| Hint {
+                        endpoint: i as u32,
+                        kind,
+                        name: TopologyName::intern(name),
+                    };
+                    hints.extend(
+                        written
+                            .for_zones
+                            .iter()
+                            .flatten()
+                            .map(|z| hint(HintKind::Zone, &z.name)),
+                    );
+                    hints.extend(
+                        written
+                            .for_nodes
+                            .iter()
+                            .flatten()
+                            .map(|n| hint(HintKind::Node, &n.name)),
+                    );
+                }
                 let conditions = e.conditions.as_ref();
                 EndpointView::new(
                     address,
@@ -332,6 +380,7 @@ impl From<&EndpointSlice> for SliceView {
                 .collect(),
             endpoints,
             unparsed: unparsed.into(),
+            hints: hints.into(),
         }
     }
 }
@@ -349,10 +398,19 @@ mod tests {
         );
         let (a, b) = (shared("http"), shared("http"));
         assert!(Arc::ptr_eq(&a, &b), "one copy per port name");
-        assert_eq!(NodeName::intern("node-7"), NodeName::intern("node-7"));
-        assert_ne!(NodeName::intern("node-7"), NodeName::intern("node-8"));
-        assert_eq!(NodeName::find("node-7"), Some(NodeName::intern("node-7")));
-        assert_eq!(NodeName::find("never-named"), None);
+        assert_eq!(
+            TopologyName::intern("node-7"),
+            TopologyName::intern("node-7")
+        );
+        assert_ne!(
+            TopologyName::intern("node-7"),
+            TopologyName::intern("node-8")
+        );
+        assert_eq!(
+            TopologyName::find("node-7"),
+            Some(TopologyName::intern("node-7"))
+        );
+        assert_eq!(TopologyName::find("never-named"), None);
     }
 
     #[test]

@@ -112,6 +112,7 @@ mod tests {
             ports: Box::new([]),
             endpoints: Box::new([]),
             unparsed: Box::new([]),
+            hints: Box::new([]),
         }
     }
 
