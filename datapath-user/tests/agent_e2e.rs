@@ -1571,3 +1571,49 @@ fn zone_hints_keep_new_connections_in_the_agents_zone() {
     assert_eq!(held.ask().unwrap(), "server-b");
     agent.stop();
 }
+
+/// A service's external IP and load-balancer IP reach its endpoints from
+/// a pod through the agent, added and withdrawn by editing the manifest;
+/// a proxying load balancer's IP (`ipMode: Proxy`) is left alone.
+#[test]
+fn external_and_load_balancer_ips_are_translated_for_pods() {
+    require_root("agent e2e");
+    let lab = EchoLab::new(&["server-a"]);
+    let file = lab.dir.join("echo.yaml");
+    let plain = manifest(&[lab.topo.pod("server-a").address]);
+    let ports = format!("  ports: [{{name: http, port: 80, targetPort: {TARGET}}}]\n");
+    let with_addresses = plain.replacen(
+        &ports,
+        &format!(
+            "  externalIPs: [203.0.113.10]\n{ports}status:\n  loadBalancer:\n    ingress: [{{ip: 203.0.113.11}}, {{ip: 203.0.113.12, ipMode: Proxy}}]\n"
+        ),
+        1,
+    );
+    assert_ne!(with_addresses, plain);
+    write_atomically(&file, &with_addresses);
+    let agent = lab.agent();
+    lab.wait_client_attached();
+    let ask = |address: Ipv4Addr| {
+        lab.topo
+            .pod("client")
+            .namespace
+            .run(|| workload::tcp_request(SocketAddrV4::new(address, 80), TIMEOUT))
+            .unwrap()
+            .map(|a| a.server)
+    };
+    let (external, balanced, proxied) = (
+        Ipv4Addr::new(203, 0, 113, 10),
+        Ipv4Addr::new(203, 0, 113, 11),
+        Ipv4Addr::new(203, 0, 113, 12),
+    );
+    assert_eq!(ask(external).unwrap(), "server-a", "the external IP");
+    assert_eq!(ask(balanced).unwrap(), "server-a", "the load-balancer IP");
+    assert!(ask(proxied).is_err(), "a proxying load balancer's IP");
+    assert_eq!(lab.ask().unwrap(), "server-a", "the ClusterIP");
+
+    write_atomically(&file, &plain);
+    wait_until("the external IP is withdrawn", || ask(external).is_err());
+    assert!(ask(balanced).is_err(), "the load-balancer IP is withdrawn");
+    assert_eq!(lab.ask().unwrap(), "server-a", "the ClusterIP stays");
+    agent.stop();
+}

@@ -323,3 +323,35 @@ fn topology_hints_narrow_endpoints_as_kube_proxy_does() {
         "10.96.90.1:80/TCP -> 10.244.9.4:8080 (draining 10.244.9.1:8080 10.244.9.2:8080 10.244.9.3:8080)"
     );
 }
+
+/// A service's external IPs and load-balancer IPs are frontends too, as
+/// kube-proxy serves them to pods: the cluster's endpoints, whatever the
+/// traffic policies say (`internalTrafficPolicy: Local` narrows the
+/// ClusterIP alone; pods reach external addresses through KUBE-SVC even
+/// under `externalTrafficPolicy: Local`). A proxying load balancer's IP
+/// (`ipMode: Proxy`) is left to the load balancer.
+#[test]
+fn external_and_load_balancer_ips_are_served_to_pods() {
+    let (services, slices) = load("external-ips.yaml");
+    let node = NodeContext {
+        node_name: Some("node-1".into()),
+        ..NodeContext::default()
+    };
+    let (frontends, issues) = render(&translate(&services, &slices, &node));
+    assert_eq!(
+        frontends,
+        [
+            "10.96.95.1:80/TCP -> 10.244.95.1:8080 (draining 10.244.95.2:8080)",
+            "192.0.2.10:80/TCP -> 10.244.95.1:8080 10.244.95.2:8080",
+            "198.51.100.7:80/TCP -> 10.244.95.1:8080 10.244.95.2:8080",
+            "198.51.100.9:80/TCP -> 10.244.95.1:8080 10.244.95.2:8080",
+        ]
+    );
+    assert_eq!(
+        issues,
+        [
+            "invalid Service edge/shop spec.externalIPs[1]",
+            "unsupported Service edge/shop spec.externalIPs[2]",
+        ]
+    );
+}

@@ -5,7 +5,10 @@
 //! operator sees the same endpoints through underpass as through
 //! kube-proxy:
 //!
-//! * every address of `clusterIPs` (or `clusterIP`) × every port;
+//! * every address of `clusterIPs` (or `clusterIP`) × every port, and
+//!   every `externalIPs` and load-balancer ingress IP (not `ipMode:
+//!   Proxy`) × every port, these with the cluster's endpoints (what
+//!   kube-proxy gives pod traffic to them, whatever the traffic policies);
 //! * endpoint ports are found by the service port's *name* (and protocol)
 //!   in each EndpointSlice: the EndpointSlice controller has already
 //!   resolved a named `targetPort` per pod, so the slice is the truth;
@@ -202,22 +205,31 @@ pub fn translate_view<'a>(
         } else {
             "spec.clusterIP".to_owned()
         };
-        match address {
-            Ok(IpAddr::V4(v4)) => addresses.push(*v4),
-            Ok(IpAddr::V6(v6)) => out.issues.push(service_issue(
-                key,
-                IssueKind::Unsupported,
-                field,
-                format!("IPv6 address {v6} is not supported yet; its IPv4 family is served"),
-            )),
-            Err(text) => out.issues.push(service_issue(
-                key,
-                IssueKind::Invalid,
-                field,
-                format!("{text:?} is not an IP address"),
-            )),
+        if let Some(v4) = ipv4_of(key, address, field, &mut out.issues) {
+            addresses.push(v4);
         }
     }
+    // The service's other addresses, reached from pods: kube-proxy sends
+    // pod traffic to them to the cluster's endpoints whatever
+    // `externalTrafficPolicy` says (KUBE-EXT's "pod traffic for …
+    // external destinations" rule jumps to KUBE-SVC), as for a ClusterIP.
+    let mut other_addresses = Vec::new();
+    for (i, address) in service.external_ips.iter().enumerate() {
+        let field = format!("spec.externalIPs[{i}]");
+        if let Some(v4) = ipv4_of(key, address, field, &mut out.issues) {
+            other_addresses.push(v4);
+        }
+    }
+    for (i, address) in service.load_balancer_ips.iter() {
+        let field = format!("status.loadBalancer.ingress[{i}].ip");
+        if let Some(v4) = ipv4_of(key, address, field, &mut out.issues) {
+            other_addresses.push(v4);
+        }
+    }
+    // One frontend per address and port, however often it is listed.
+    other_addresses.sort_unstable();
+    other_addresses.dedup();
+    other_addresses.retain(|a| !addresses.contains(a));
 
     let mut usable_slices = Vec::new();
     for slice in slices {
@@ -304,31 +316,86 @@ pub fn translate_view<'a>(
             ));
             continue;
         }
+        let cluster_ip_scope = match (service.node_local, node.node_name.as_deref()) {
+            (true, Some(name)) => Scope::Node(TopologyName::find(name)),
+            _ => Scope::Cluster(here),
+        };
         let (backends, draining) = endpoints_for_port(
             &usable_slices,
             &port.name,
             protocol,
             service.publish_not_ready,
-            match (service.node_local, node.node_name.as_deref()) {
-                (true, Some(name)) => Scope::Node(TopologyName::find(name)),
-                _ => Scope::Cluster(here),
-            },
+            cluster_ip_scope,
             &mut out.issues,
         );
+        // `internalTrafficPolicy: Local` is the ClusterIP's alone: the
+        // other addresses take the cluster's endpoints (its slice issues
+        // were reported above).
+        let (other_backends, other_draining) = match cluster_ip_scope {
+            Scope::Node(_) if !other_addresses.is_empty() => endpoints_for_port(
+                &usable_slices,
+                &port.name,
+                protocol,
+                service.publish_not_ready,
+                Scope::Cluster(here),
+                &mut Vec::new(),
+            ),
+            _ => (backends.clone(), draining.clone()),
+        };
+        let frontend = |address| Frontend {
+            address,
+            port: number,
+            protocol,
+        };
         for &address in &addresses {
             out.frontends.push(DesiredFrontend {
-                frontend: Frontend {
-                    address,
-                    port: number,
-                    protocol,
-                },
+                frontend: frontend(address),
                 port_name: port.name.clone(),
                 backends: backends.clone(),
                 draining: draining.clone(),
             });
         }
+        for &address in &other_addresses {
+            out.frontends.push(DesiredFrontend {
+                frontend: frontend(address),
+                port_name: port.name.clone(),
+                backends: other_backends.clone(),
+                draining: other_draining.clone(),
+            });
+        }
     }
     out
+}
+
+/// An address of `service` as an IPv4 frontend address, or the issue
+/// that says why not (naming `field`).
+fn ipv4_of(
+    service: &ObjectKey,
+    address: &Result<IpAddr, Box<str>>,
+    field: String,
+    issues: &mut Vec<Issue>,
+) -> Option<Ipv4Addr> {
+    match address {
+        Ok(IpAddr::V4(v4)) => Some(*v4),
+        Ok(IpAddr::V6(v6)) => {
+            issues.push(service_issue(
+                service,
+                IssueKind::Unsupported,
+                field,
+                format!("IPv6 address {v6} is not supported yet; its IPv4 family is served"),
+            ));
+            None
+        }
+        Err(text) => {
+            issues.push(service_issue(
+                service,
+                IssueKind::Invalid,
+                field,
+                format!("{text:?} is not an IP address"),
+            ));
+            None
+        }
+    }
 }
 
 /// Where the agent's node is, for topology hints: its name and zone as

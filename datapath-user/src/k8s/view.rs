@@ -29,6 +29,13 @@ pub struct ServiceView {
     pub cluster_ips: Box<[Result<IpAddr, Box<str>>]>,
     /// Whether `cluster_ips` came from `clusterIPs` (for field names).
     pub from_cluster_ips: bool,
+    /// `spec.externalIPs`, parsed as `cluster_ips` are (empty, and so
+    /// unallocated, for most services).
+    pub external_ips: Box<[Result<IpAddr, Box<str>>]>,
+    /// `status.loadBalancer.ingress[i].ip` by index `i`, for entries
+    /// with an IP whose `ipMode` is not Proxy (a proxying load balancer
+    /// sends its traffic to nodes, not to the IP: kube-proxy skips those).
+    pub load_balancer_ips: Box<[(u32, Result<IpAddr, Box<str>>)]>,
     pub ports: Box<[ServicePortView]>,
     pub publish_not_ready: bool,
     /// `internalTrafficPolicy: Local`.
@@ -285,8 +292,27 @@ impl From<&Service> for ServiceView {
                 false,
             ),
         };
+        let external_ips = spec
+            .and_then(|s| s.external_ips.as_ref())
+            .into_iter()
+            .flatten()
+            .map(|ip| parse(ip))
+            .collect();
+        let load_balancer_ips = service
+            .status
+            .as_ref()
+            .and_then(|s| s.load_balancer.as_ref())
+            .and_then(|lb| lb.ingress.as_ref())
+            .into_iter()
+            .flatten()
+            .enumerate()
+            .filter(|(_, ingress)| ingress.ip_mode.as_deref() != Some("Proxy"))
+            .filter_map(|(i, ingress)| Some((i as u32, parse(ingress.ip.as_deref()?))))
+            .collect();
         Self {
             key: ObjectKey::of_service(service),
+            external_ips,
+            load_balancer_ips,
             proxied: !(labelled_elsewhere || external_name || headless),
             has_spec: spec.is_some(),
             cluster_ips,
