@@ -34,7 +34,9 @@ use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
 use serde::Serialize;
 
 pub use super::keys::{HEADLESS_LABEL, ObjectKey, SERVICE_NAME_LABEL, SERVICE_PROXY_NAME_LABEL};
-use super::view::{EndpointAddress, Hint, HintKind, ServiceView, SliceView, TopologyName};
+use super::view::{
+    EndpointAddress, Hint, HintKind, ParsedAddress, ServiceView, SliceView, TopologyName,
+};
 use crate::model::{Frontend, Protocol};
 
 /// One endpoint address and port.
@@ -371,7 +373,7 @@ pub fn translate_view<'a>(
 /// that says why not (naming `field`).
 fn ipv4_of(
     service: &ObjectKey,
-    address: &Result<IpAddr, Box<str>>,
+    address: &ParsedAddress,
     field: String,
     issues: &mut Vec<Issue>,
 ) -> Option<Ipv4Addr> {

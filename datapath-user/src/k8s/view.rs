@@ -17,6 +17,10 @@ use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
 
 use super::keys::{HEADLESS_LABEL, ObjectKey, SERVICE_PROXY_NAME_LABEL};
 
+/// An address of a Service as written: parsed, or the text that did not
+/// parse (reported by translation, naming the field).
+pub type ParsedAddress = Result<IpAddr, Box<str>>;
+
 /// What translation reads of a Service.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ServiceView {
@@ -26,16 +30,16 @@ pub struct ServiceView {
     pub has_spec: bool,
     /// `clusterIPs` when set, else `[clusterIP]`: parsed, or the text
     /// that did not parse (reported by translation, naming the field).
-    pub cluster_ips: Box<[Result<IpAddr, Box<str>>]>,
+    pub cluster_ips: Box<[ParsedAddress]>,
     /// Whether `cluster_ips` came from `clusterIPs` (for field names).
     pub from_cluster_ips: bool,
     /// `spec.externalIPs`, parsed as `cluster_ips` are (empty, and so
     /// unallocated, for most services).
-    pub external_ips: Box<[Result<IpAddr, Box<str>>]>,
+    pub external_ips: Box<[ParsedAddress]>,
     /// `status.loadBalancer.ingress[i].ip` by index `i`, for entries
     /// with an IP whose `ipMode` is not Proxy (a proxying load balancer
     /// sends its traffic to nodes, not to the IP: kube-proxy skips those).
-    pub load_balancer_ips: Box<[(u32, Result<IpAddr, Box<str>>)]>,
+    pub load_balancer_ips: Box<[(u32, ParsedAddress)]>,
     pub ports: Box<[ServicePortView]>,
     pub publish_not_ready: bool,
     /// `internalTrafficPolicy: Local`.
