@@ -212,6 +212,19 @@ struct AgentArgs {
     /// used (every endpoint, as kube-proxy on a node without the label).
     #[arg(long, env = "UNDERPASS_NODE_ZONE", value_name = "ZONE")]
     node_zone: Option<String>,
+    /// This node's addresses (comma-separated or repeated): a pod's
+    /// connection to one of them at a service's nodePort is translated on
+    /// the pod's interface (a macvlan pod cannot reach its own node's
+    /// address otherwise). With the Kubernetes source and --node-name
+    /// they are read from the Node (its InternalIP and ExternalIP
+    /// addresses) and followed; this flag is for --from-dir.
+    #[arg(
+        long = "node-ip",
+        env = "UNDERPASS_NODE_IPS",
+        value_delimiter = ',',
+        value_name = "IP"
+    )]
+    node_ips: Vec<std::net::IpAddr>,
     /// Directory of pod network namespaces to watch (containerd's).
     #[arg(long, env = "UNDERPASS_NETNS_DIR", default_value = netns::NETNS_RUN_DIR)]
     netns_dir: PathBuf,
@@ -438,6 +451,7 @@ fn run_agent(args: AgentArgs) -> Result<()> {
         node: NodeContext {
             node_name: args.node_name,
             zone: args.node_zone,
+            addresses: args.node_ips,
         },
         netns_dir: (!args.no_pod_attach).then_some(args.netns_dir),
         selector: Selector {

@@ -1572,11 +1572,12 @@ fn zone_hints_keep_new_connections_in_the_agents_zone() {
     agent.stop();
 }
 
-/// A service's external IP and load-balancer IP reach its endpoints from
-/// a pod through the agent, added and withdrawn by editing the manifest;
-/// a proxying load balancer's IP (`ipMode: Proxy`) is left alone.
+/// A service's external IP, load-balancer IP and nodePort at this node's
+/// address reach its endpoints from a pod through the agent, added and
+/// withdrawn by editing the manifest; a proxying load balancer's IP
+/// (`ipMode: Proxy`) is left alone.
 #[test]
-fn external_and_load_balancer_ips_are_translated_for_pods() {
+fn external_load_balancer_and_node_port_addresses_are_translated_for_pods() {
     require_root("agent e2e");
     let lab = EchoLab::new(&["server-a"]);
     let file = lab.dir.join("echo.yaml");
@@ -1585,22 +1586,24 @@ fn external_and_load_balancer_ips_are_translated_for_pods() {
     let with_addresses = plain.replacen(
         &ports,
         &format!(
-            "  externalIPs: [203.0.113.10]\n{ports}status:\n  loadBalancer:\n    ingress: [{{ip: 203.0.113.11}}, {{ip: 203.0.113.12, ipMode: Proxy}}]\n"
+            "  type: LoadBalancer\n  externalIPs: [203.0.113.10]\n  ports: [{{name: http, port: 80, targetPort: {TARGET}, nodePort: 30080}}]\nstatus:\n  loadBalancer:\n    ingress: [{{ip: 203.0.113.11}}, {{ip: 203.0.113.12, ipMode: Proxy}}]\n"
         ),
         1,
     );
     assert_ne!(with_addresses, plain);
     write_atomically(&file, &with_addresses);
-    let agent = lab.agent();
+    let agent = lab.agent_with(&["--no-socket-lb", "--node-ip", "192.0.2.77"]);
     lab.wait_client_attached();
-    let ask = |address: Ipv4Addr| {
+    let ask_at = |address: Ipv4Addr, port: u16| {
         lab.topo
             .pod("client")
             .namespace
-            .run(|| workload::tcp_request(SocketAddrV4::new(address, 80), TIMEOUT))
+            .run(|| workload::tcp_request(SocketAddrV4::new(address, port), TIMEOUT))
             .unwrap()
             .map(|a| a.server)
     };
+    let ask = |address: Ipv4Addr| ask_at(address, 80);
+    let node_ip = Ipv4Addr::new(192, 0, 2, 77);
     let (external, balanced, proxied) = (
         Ipv4Addr::new(203, 0, 113, 10),
         Ipv4Addr::new(203, 0, 113, 11),
@@ -1609,11 +1612,13 @@ fn external_and_load_balancer_ips_are_translated_for_pods() {
     assert_eq!(ask(external).unwrap(), "server-a", "the external IP");
     assert_eq!(ask(balanced).unwrap(), "server-a", "the load-balancer IP");
     assert!(ask(proxied).is_err(), "a proxying load balancer's IP");
+    assert_eq!(ask_at(node_ip, 30080).unwrap(), "server-a", "the nodePort");
     assert_eq!(lab.ask().unwrap(), "server-a", "the ClusterIP");
 
     write_atomically(&file, &plain);
     wait_until("the external IP is withdrawn", || ask(external).is_err());
     assert!(ask(balanced).is_err(), "the load-balancer IP is withdrawn");
+    assert!(ask_at(node_ip, 30080).is_err(), "the nodePort is withdrawn");
     assert_eq!(lab.ask().unwrap(), "server-a", "the ClusterIP stays");
     agent.stop();
 }

@@ -11,7 +11,7 @@ use std::{
 
 use datapath_user::k8s::{
     IssueKind, NodeContext, ObjectKey,
-    node_zone::watch_node_zone,
+    node_facts::{GivenFacts, watch_node},
     source::{Backoff, SourceMessage, watch_api, watch_api_with},
     store::{Change, Kind, Store},
 };
@@ -242,7 +242,7 @@ async fn list_watch_end_gone_relist() {
                 problems.push(message)
             }
             SourceMessage::Changes(_) => panic!("the API source sends changes one by one"),
-            SourceMessage::Zone(_) => panic!("no Node is watched without a node name"),
+            SourceMessage::Node(_) => panic!("no Node is watched without a node name"),
             SourceMessage::Change(change) => {
                 match &change {
                     Change::Replaced(kind, objects) => replaced.push((*kind, objects.len())),
@@ -390,15 +390,21 @@ fn node(name: &str, zone: Option<&str>, resource_version: &str) -> Value {
     };
     json!({
         "apiVersion": "v1", "kind": "Node",
-        "metadata": {"name": name, "resourceVersion": resource_version, "labels": labels}
+        "metadata": {"name": name, "resourceVersion": resource_version, "labels": labels},
+        "status": {"addresses": [
+            {"type": "Hostname", "address": name},
+            {"type": "InternalIP", "address": "192.168.7.1"},
+            {"type": "ExternalIP", "address": "203.0.113.7"},
+            {"type": "InternalIP", "address": "fd00::7"},
+        ]}
     })
 }
 
 /// The agent's own Node, found by a field selector on its name: its zone
-/// at first, and again each time the label changes (an unrelated change
-/// says nothing; a removed label says None).
+/// and addresses at first, and again each time they change (an unrelated
+/// change says nothing; a removed label says None).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_nodes_zone_is_read_from_its_node_and_followed() {
+async fn the_nodes_zone_and_addresses_are_read_from_its_node_and_followed() {
     let mut script = Script::default();
     script.replies.insert(
         "nodes",
@@ -422,9 +428,10 @@ async fn the_nodes_zone_is_read_from_its_node_and_followed() {
     tokio::spawn(serve(listener, script.clone()));
     let client = kube::Client::try_from(kube::Config::new(url.parse().unwrap())).unwrap();
     let (tx, mut rx) = mpsc::channel(64);
-    let source = tokio::spawn(watch_node_zone(
+    let source = tokio::spawn(watch_node(
         client,
         "node-1".into(),
+        GivenFacts::default(),
         tx,
         Backoff::default(),
     ));
@@ -434,7 +441,15 @@ async fn the_nodes_zone_is_read_from_its_node_and_followed() {
         && let Ok(Some(message)) = tokio::time::timeout_at(until, rx.recv()).await
     {
         match message {
-            SourceMessage::Zone(zone) => zones.push(zone),
+            SourceMessage::Node(facts) => {
+                assert_eq!(
+                    facts.addresses,
+                    ["192.168.7.1", "203.0.113.7", "fd00::7"]
+                        .map(|a| a.parse::<std::net::IpAddr>().unwrap()),
+                    "InternalIP and ExternalIP addresses, sorted"
+                );
+                zones.push(facts.zone)
+            }
             other => panic!("{other:?}"),
         }
     }

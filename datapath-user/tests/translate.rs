@@ -259,6 +259,7 @@ fn near(
     let context = NodeContext {
         node_name: node.map(Into::into),
         zone: zone.map(Into::into),
+        ..NodeContext::default()
     };
     let (frontends, issues) = render(&translate(&services, &slices, &context));
     assert!(issues.is_empty(), "{issues:?}");
@@ -331,10 +332,11 @@ fn topology_hints_narrow_endpoints_as_kube_proxy_does() {
 /// under `externalTrafficPolicy: Local`). A proxying load balancer's IP
 /// (`ipMode: Proxy`) is left to the load balancer.
 #[test]
-fn external_and_load_balancer_ips_are_served_to_pods() {
-    let (services, slices) = load("external-ips.yaml");
+fn external_load_balancer_and_node_port_addresses_are_served_to_pods() {
+    let (mut services, slices) = load("external-ips.yaml");
     let node = NodeContext {
         node_name: Some("node-1".into()),
+        addresses: vec!["192.168.7.1".parse().unwrap(), "fd00::7".parse().unwrap()],
         ..NodeContext::default()
     };
     let (frontends, issues) = render(&translate(&services, &slices, &node));
@@ -343,6 +345,7 @@ fn external_and_load_balancer_ips_are_served_to_pods() {
         [
             "10.96.95.1:80/TCP -> 10.244.95.1:8080 (draining 10.244.95.2:8080)",
             "192.0.2.10:80/TCP -> 10.244.95.1:8080 10.244.95.2:8080",
+            "192.168.7.1:30080/TCP -> 10.244.95.1:8080 10.244.95.2:8080",
             "198.51.100.7:80/TCP -> 10.244.95.1:8080 10.244.95.2:8080",
             "198.51.100.9:80/TCP -> 10.244.95.1:8080 10.244.95.2:8080",
         ]
@@ -353,5 +356,15 @@ fn external_and_load_balancer_ips_are_served_to_pods() {
             "invalid Service edge/shop spec.externalIPs[1]",
             "unsupported Service edge/shop spec.externalIPs[2]",
         ]
+    );
+
+    // A nodePort out of range is reported by field; the rest is served.
+    services[0].spec.as_mut().unwrap().ports.as_mut().unwrap()[0].node_port = Some(70000);
+    let (frontends, issues) = render(&translate(&services, &slices, &node));
+    assert_eq!(frontends.len(), 4, "{frontends:?}");
+    assert!(frontends.iter().all(|f| !f.contains(":30080")));
+    assert!(
+        issues.contains(&"invalid Service edge/shop spec.ports[0].nodePort".to_owned()),
+        "{issues:?}"
     );
 }

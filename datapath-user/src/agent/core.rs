@@ -316,15 +316,17 @@ impl<M: LbMaps> AgentCore<M> {
                 .flat_map(|change| self.store.apply(change))
                 .collect(),
             SourceMessage::Synced(_) => BTreeSet::new(),
-            SourceMessage::Zone(zone) => {
-                if zone == self.node.zone {
+            SourceMessage::Node(facts) => {
+                if facts.zone == self.node.zone && facts.addresses == self.node.addresses {
                     return BTreeSet::new();
                 }
                 info!(
-                    zone = zone.as_deref().unwrap_or("(none)"),
-                    "this node's zone changed: every service is translated again for its topology hints"
+                    zone = facts.zone.as_deref().unwrap_or("(none)"),
+                    addresses = ?facts.addresses,
+                    "this node's zone or addresses changed: every service is translated again"
                 );
-                self.node.zone = zone;
+                self.node.zone = facts.zone;
+                self.node.addresses = facts.addresses;
                 self.store.service_keys().cloned().collect()
             }
             SourceMessage::Incomplete(reason) => {
@@ -360,6 +362,13 @@ mod tests {
         maps::FakeMaps,
     };
 
+    fn zone(zone: Option<&str>) -> SourceMessage {
+        SourceMessage::Node(crate::k8s::node_facts::NodeFacts {
+            zone: zone.map(Into::into),
+            addresses: Vec::new(),
+        })
+    }
+
     /// Slots of the one frontend programmed.
     fn slots(core: &AgentCore<FakeMaps>) -> usize {
         let services = &core.reconciler().maps().services;
@@ -380,16 +389,15 @@ mod tests {
         }
         core.full_sync();
         assert_eq!(slots(&core), 3, "no zone known: every ready endpoint");
-        let dirty = core.take(SourceMessage::Zone(Some("zone-a".into())));
+        let dirty = core.take(zone(Some("zone-a")));
         assert_eq!(dirty.len(), 1, "the one service, translated again");
         core.sync(dirty);
         assert_eq!(slots(&core), 2, "zone-a's endpoints");
         assert!(
-            core.take(SourceMessage::Zone(Some("zone-a".into())))
-                .is_empty(),
+            core.take(zone(Some("zone-a"))).is_empty(),
             "the same zone again changes nothing"
         );
-        let dirty = core.take(SourceMessage::Zone(None));
+        let dirty = core.take(zone(None));
         core.sync(dirty);
         assert_eq!(slots(&core), 3, "the label removed: every endpoint");
     }

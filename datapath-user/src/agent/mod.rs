@@ -40,7 +40,7 @@ use crate::{
     datapath_events,
     features::{self, Plan},
     http,
-    k8s::{NodeContext, node_zone, source},
+    k8s::{NodeContext, node_facts, source},
     loader::{CtTimeouts, DatapathLog, MapSizes},
     map_pins::PinPolicy,
     maps::DatapathMaps,
@@ -158,21 +158,27 @@ pub async fn run(options: AgentOptions) -> Result<()> {
     let source = match &options.source {
         SourceConfig::Kubernetes { .. } => {
             let client = client.context("the Kubernetes client was built above")?;
-            // The zone from the Node unless the operator gave it.
-            match (&options.node.node_name, &options.node.zone) {
-                (Some(node_name), None) => {
-                    info!(node = %node_name, "following this Node's zone for topology hints");
-                    tokio::spawn(node_zone::watch_node_zone(
+            // The zone and addresses from the Node, unless the operator
+            // gave both.
+            let node = &options.node;
+            match &node.node_name {
+                Some(node_name) if node.zone.is_none() || node.addresses.is_empty() => {
+                    info!(node = %node_name, "following this Node's zone and addresses");
+                    tokio::spawn(node_facts::watch_node(
                         client.clone(),
                         node_name.clone(),
+                        node_facts::GivenFacts {
+                            zone: node.zone.clone(),
+                            addresses: node.addresses.clone(),
+                        },
                         tx.clone(),
                         source::Backoff::default(),
                     ));
                 }
-                (None, None) => info!(
-                    "no --node-name: topology hints and internalTrafficPolicy: Local cannot be honoured"
+                Some(_) => info!("this node's zone and addresses as given"),
+                None => info!(
+                    "no --node-name: topology hints, internalTrafficPolicy: Local and nodePorts                      at this node's addresses cannot be honoured"
                 ),
-                (_, Some(zone)) => info!(%zone, "this node's zone, from --node-zone"),
             }
             tokio::spawn(source::watch_api(client, tx))
         }

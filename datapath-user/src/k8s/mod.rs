@@ -4,7 +4,7 @@
 mod dir_events;
 pub mod keys;
 pub mod manifest;
-pub mod node_zone;
+pub mod node_facts;
 pub mod source;
 pub mod store;
 pub mod translate;

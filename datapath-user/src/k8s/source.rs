@@ -38,9 +38,9 @@ pub enum SourceMessage {
     /// The first complete set misses objects that could not be read: the
     /// agent must not prune frontends nothing seems to ask for.
     Incomplete(String),
-    /// This node's zone (its Node's `topology.kubernetes.io/zone` label),
-    /// read at first and whenever it changes; None: the label is gone.
-    Zone(Option<String>),
+    /// This node's zone and addresses (from its Node, with what the
+    /// operator gave), at first and whenever they change.
+    Node(super::node_facts::NodeFacts),
 }
 
 /// How failed lists and watches are retried: thousands of agents must not

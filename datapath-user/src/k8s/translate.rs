@@ -7,8 +7,9 @@
 //!
 //! * every address of `clusterIPs` (or `clusterIP`) × every port, and
 //!   every `externalIPs` and load-balancer ingress IP (not `ipMode:
-//!   Proxy`) × every port, these with the cluster's endpoints (what
-//!   kube-proxy gives pod traffic to them, whatever the traffic policies);
+//!   Proxy`) × every port, and this node's addresses × every nodePort,
+//!   these with the cluster's endpoints (what kube-proxy gives pod traffic
+//!   to them, whatever the traffic policies);
 //! * endpoint ports are found by the service port's *name* (and protocol)
 //!   in each EndpointSlice: the EndpointSlice controller has already
 //!   resolved a named `targetPort` per pod, so the slice is the truth;
@@ -147,6 +148,8 @@ pub struct NodeContext {
     pub node_name: Option<String>,
     /// The node's `topology.kubernetes.io/zone` label, for zone hints.
     pub zone: Option<String>,
+    /// The node's addresses, where pods reach services' nodePorts.
+    pub addresses: Vec<IpAddr>,
 }
 
 fn service_issue(service: &ObjectKey, kind: IssueKind, field: String, reason: String) -> Issue {
@@ -330,18 +333,50 @@ pub fn translate_view<'a>(
             cluster_ip_scope,
             &mut out.issues,
         );
+        // The nodePort at this node's addresses: kube-proxy's
+        // KUBE-NODEPORTS (`--dst-type LOCAL`), which pod traffic also
+        // leaves through KUBE-EXT to the cluster's endpoints.
+        let node_port = match port.node_port {
+            None => None,
+            Some(n) => match u16::try_from(n).ok().filter(|&p| p != 0) {
+                Some(n) => Some(n),
+                None => {
+                    out.issues.push(service_issue(
+                        key,
+                        IssueKind::Invalid,
+                        format!("spec.ports[{i}].nodePort"),
+                        format!("{n} is not a port number (1-65535)"),
+                    ));
+                    None
+                }
+            },
+        };
+        let node_addresses: Vec<Ipv4Addr> = match node_port {
+            Some(_) => node
+                .addresses
+                .iter()
+                .filter_map(|a| match a {
+                    IpAddr::V4(v4) => Some(*v4),
+                    // Served with the service's IPv6 family.
+                    IpAddr::V6(_) => None,
+                })
+                .collect(),
+            None => Vec::new(),
+        };
         // `internalTrafficPolicy: Local` is the ClusterIP's alone: the
         // other addresses take the cluster's endpoints (its slice issues
         // were reported above).
         let (other_backends, other_draining) = match cluster_ip_scope {
-            Scope::Node(_) if !other_addresses.is_empty() => endpoints_for_port(
-                &usable_slices,
-                &port.name,
-                protocol,
-                service.publish_not_ready,
-                Scope::Cluster(here),
-                &mut Vec::new(),
-            ),
+            Scope::Node(_) if !other_addresses.is_empty() || !node_addresses.is_empty() => {
+                endpoints_for_port(
+                    &usable_slices,
+                    &port.name,
+                    protocol,
+                    service.publish_not_ready,
+                    Scope::Cluster(here),
+                    &mut Vec::new(),
+                )
+            }
             _ => (backends.clone(), draining.clone()),
         };
         let frontend = |address| Frontend {
@@ -364,6 +399,20 @@ pub fn translate_view<'a>(
                 backends: other_backends.clone(),
                 draining: other_draining.clone(),
             });
+        }
+        if let Some(node_port) = node_port {
+            for &address in &node_addresses {
+                out.frontends.push(DesiredFrontend {
+                    frontend: Frontend {
+                        address,
+                        port: node_port,
+                        protocol,
+                    },
+                    port_name: port.name.clone(),
+                    backends: other_backends.clone(),
+                    draining: other_draining.clone(),
+                });
+            }
         }
     }
     out

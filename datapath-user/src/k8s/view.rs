@@ -55,6 +55,8 @@ pub struct ServicePortView {
     pub port: i32,
     /// As written (None = TCP), shared.
     pub protocol: Option<Arc<str>>,
+    /// `nodePort` (NodePort and LoadBalancer services).
+    pub node_port: Option<i32>,
 }
 
 /// What translation reads of an EndpointSlice.
@@ -329,6 +331,7 @@ impl From<&Service> for ServiceView {
                     name: shared(p.name.as_deref().unwrap_or_default()),
                     port: p.port,
                     protocol: p.protocol.as_deref().map(shared),
+                    node_port: p.node_port,
                 })
                 .collect(),
             publish_not_ready: spec.and_then(|s| s.publish_not_ready_addresses) == Some(true),
