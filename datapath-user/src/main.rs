@@ -216,7 +216,7 @@ struct AgentArgs {
     /// connection to one of them at a service's nodePort is translated on
     /// the pod's interface (a macvlan pod cannot reach its own node's
     /// address otherwise). With the Kubernetes source and --node-name
-    /// they are read from the Node (its InternalIP and ExternalIP
+    /// they are read from the Node (its InternalIP
     /// addresses) and followed; this flag is for --from-dir.
     #[arg(
         long = "node-ip",

@@ -11,9 +11,11 @@
 /// jemalloc's settings, read at its first allocation (`malloc_conf`):
 /// a background thread returns pages freed by a burst of changes (a
 /// rollout) within about a second of going idle, instead of on the next
-/// allocation; a misspelt option stops the agent at start.
+/// allocation. (No `abort_conf`: the binary is also the CNI plugin, and a
+/// misspelt `_RJEM_MALLOC_CONF` in its environment must not stop pods
+/// from starting; a unit test reads the options back instead.)
 pub const JEMALLOC_CONF: &std::ffi::CStr =
-    c"abort_conf:true,background_thread:true,dirty_decay_ms:1000,muzzy_decay_ms:0";
+    c"background_thread:true,dirty_decay_ms:1000,muzzy_decay_ms:0";
 
 /// `JEMALLOC_CONF` as jemalloc reads it: a `const char *` named
 /// `malloc_conf` (prefixed `_rjem_` by tikv-jemalloc-sys), which the

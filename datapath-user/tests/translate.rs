@@ -77,6 +77,15 @@ const CASES: &[Case] = &[
         ],
     },
     Case {
+        description: "an external IP never takes another service's ClusterIP",
+        fixture: "external-ip-takeover.yaml",
+        frontends: &[
+            "10.96.96.1:53/UDP -> 10.244.96.1:53",
+            "10.96.96.2:53/UDP -> 10.244.96.66:5353",
+        ],
+        issues: &["conflict Service aaa/evil spec.externalIPs"],
+    },
+    Case {
         description: "two services, one frontend: the first keeps it",
         fixture: "conflict.yaml",
         frontends: &["10.96.80.1:80/TCP -> ", "10.96.80.1:81/TCP -> "],
@@ -357,6 +366,29 @@ fn external_load_balancer_and_node_port_addresses_are_served_to_pods() {
             "unsupported Service edge/shop spec.externalIPs[2]",
         ]
     );
+
+    // Source ranges are not enforced: the load-balancer IPs are left to
+    // the load balancer, which enforces them, and that is said.
+    services[0]
+        .spec
+        .as_mut()
+        .unwrap()
+        .load_balancer_source_ranges = Some(vec!["10.0.0.0/8".into()]);
+    let (frontends, issues) = render(&translate(&services, &slices, &node));
+    assert!(
+        frontends.iter().all(|f| !f.starts_with("198.51.100.")),
+        "{frontends:?}"
+    );
+    assert_eq!(frontends.len(), 3, "ClusterIP, external IP, nodePort");
+    assert!(
+        issues.contains(&"unsupported Service edge/shop spec.loadBalancerSourceRanges".to_owned()),
+        "{issues:?}"
+    );
+    services[0]
+        .spec
+        .as_mut()
+        .unwrap()
+        .load_balancer_source_ranges = None;
 
     // A nodePort out of range is reported by field; the rest is served.
     services[0].spec.as_mut().unwrap().ports.as_mut().unwrap()[0].node_port = Some(70000);

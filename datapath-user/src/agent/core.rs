@@ -45,6 +45,13 @@ pub struct AgentCore<M> {
     /// Moves connected UDP sockets off departed backends (none: nobody
     /// does, e.g. without socket-LB).
     terminator: Option<Box<dyn SocketTerminator>>,
+    /// How long the first full sync waits for this node's facts (its
+    /// Node is being read): without its addresses the sync would prune
+    /// the nodePort frontends a previous agent programmed at them, and
+    /// their flows with them. None: nothing to wait for.
+    node_wait: Option<Duration>,
+    /// Node facts arrived since start.
+    node_read: bool,
 }
 
 /// What one sync did.
@@ -68,7 +75,16 @@ impl<M: LbMaps> AgentCore<M> {
             failed: BTreeSet::new(),
             incomplete: false,
             terminator: None,
+            node_wait: None,
+            node_read: false,
         }
+    }
+
+    /// Makes the first full sync wait up to `wait` for this node's facts
+    /// (`SourceMessage::Node`), as well as for the objects.
+    pub fn with_node_wait(mut self, wait: Duration) -> Self {
+        self.node_wait = Some(wait);
+        self
     }
 
     /// Hands the backends that leave UDP frontends to `terminator`.
@@ -236,8 +252,26 @@ impl<M: LbMaps> AgentCore<M> {
     /// update.
     pub async fn run(mut self, mut rx: mpsc::Receiver<SourceMessage>, debounce: Duration) {
         let mut waiting: BTreeSet<Kind> = [Kind::Service, Kind::EndpointSlice].into();
-        while !waiting.is_empty() {
-            match rx.recv().await {
+        let node_deadline = self
+            .node_wait
+            .map(|wait| tokio::time::Instant::now() + wait);
+        let mut node_pending = node_deadline.is_some();
+        while !waiting.is_empty() || (node_pending && !self.node_read) {
+            let message = match node_deadline.filter(|_| node_pending && !self.node_read) {
+                Some(deadline) => tokio::select! {
+                    message = rx.recv() => message,
+                    _ = tokio::time::sleep_until(deadline) => {
+                        warn!(
+                            "this node's Node was not read in time: syncing without its zone and \
+                             addresses (nodePort frontends at them, and topology hints, follow once it is)"
+                        );
+                        node_pending = false;
+                        continue;
+                    }
+                },
+                None => rx.recv().await,
+            };
+            match message {
                 None => return,
                 Some(SourceMessage::Synced(kind)) => {
                     waiting.remove(&kind);
@@ -317,6 +351,7 @@ impl<M: LbMaps> AgentCore<M> {
                 .collect(),
             SourceMessage::Synced(_) => BTreeSet::new(),
             SourceMessage::Node(facts) => {
+                self.node_read = true;
                 if facts.zone == self.node.zone && facts.addresses == self.node.addresses {
                     return BTreeSet::new();
                 }
@@ -358,7 +393,10 @@ impl<M: LbMaps> AgentCore<M> {
 mod tests {
     use super::*;
     use crate::{
-        k8s::{manifest, store::Change},
+        k8s::{
+            manifest,
+            store::{Change, Kind},
+        },
         maps::FakeMaps,
     };
 
@@ -400,5 +438,125 @@ mod tests {
         let dirty = core.take(zone(None));
         core.sync(dirty);
         assert_eq!(slots(&core), 3, "the label removed: every endpoint");
+    }
+
+    /// The objects of a manifest as the store takes them.
+    fn objects(text: &str) -> Vec<crate::k8s::Object> {
+        manifest::parse_with(text, "fixture", |t| t.view()).objects
+    }
+
+    fn core() -> AgentCore<FakeMaps> {
+        AgentCore::new(
+            Reconciler::new_on_empty(FakeMaps::with_capacity(64)),
+            NodeContext::default(),
+            Metrics::new(None),
+        )
+    }
+
+    /// Incrementally as in a full sync: a service whose external IP names
+    /// another's ClusterIP holds it only until that service appears, then
+    /// reports the conflict, and gets it back when the other leaves.
+    #[test]
+    fn a_clusterip_takes_its_frontend_back_from_an_external_ip() {
+        let text = include_str!("../../tests/fixtures/k8s/external-ip-takeover.yaml");
+        let (evil, dns): (Vec<_>, Vec<_>) = objects(text)
+            .into_iter()
+            .partition(|o| o.key().namespace() == "aaa");
+        let mut core = core();
+        core.full_sync();
+        let frontend = crate::model::Frontend {
+            address: std::net::Ipv4Addr::new(10, 96, 96, 1),
+            port: 53,
+            protocol: crate::model::Protocol::Udp,
+        };
+        let backend_of = |core: &AgentCore<FakeMaps>| {
+            let maps = core.reconciler().maps();
+            let (_, slots) = maps.services.get(&frontend)?;
+            Some(maps.backends[&slots[0]].address.to_string())
+        };
+        for object in evil {
+            let dirty = core.store.apply(Change::Applied(object));
+            core.sync(dirty);
+        }
+        assert_eq!(
+            backend_of(&core).as_deref(),
+            Some("10.244.96.66"),
+            "no one else asks"
+        );
+        let mut dns_key = None;
+        for object in dns {
+            dns_key.get_or_insert_with(|| object.key().clone());
+            let dirty = core.store.apply(Change::Applied(object));
+            core.sync(dirty);
+        }
+        assert_eq!(
+            backend_of(&core).as_deref(),
+            Some("10.244.96.1"),
+            "the ClusterIP's"
+        );
+        let conflicts: Vec<String> = core
+            .standing_issues()
+            .filter(|i| i.kind == IssueKind::Conflict)
+            .map(|i| format!("{} {}", i.object, i.field))
+            .collect();
+        assert_eq!(conflicts, ["Service aaa/evil spec.externalIPs"]);
+
+        let dirty = core
+            .store
+            .apply(Change::Deleted(Kind::Service, dns_key.unwrap()));
+        core.sync(dirty);
+        assert_eq!(
+            backend_of(&core).as_deref(),
+            Some("10.244.96.66"),
+            "released"
+        );
+        assert_eq!(
+            core.standing_issues()
+                .filter(|i| i.kind == IssueKind::Conflict)
+                .count(),
+            0
+        );
+    }
+
+    /// The first full sync waits for this node's facts while its Node is
+    /// read, but not for ever.
+    #[tokio::test]
+    async fn the_first_sync_waits_for_the_node_a_bounded_time() {
+        for send_node in [true, false] {
+            let metrics = Metrics::new(None);
+            let core = AgentCore::new(
+                Reconciler::new_on_empty(FakeMaps::with_capacity(8)),
+                NodeContext::default(),
+                metrics.clone(),
+            )
+            .with_node_wait(Duration::from_millis(600));
+            let (tx, rx) = mpsc::channel(8);
+            let running = tokio::spawn(core.run(rx, Duration::ZERO));
+            tx.send(SourceMessage::Synced(Kind::Service)).await.unwrap();
+            tx.send(SourceMessage::Synced(Kind::EndpointSlice))
+                .await
+                .unwrap();
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            assert!(
+                !metrics.synced.load(Ordering::Relaxed),
+                "waits for the Node"
+            );
+            if send_node {
+                tx.send(zone(Some("zone-a"))).await.unwrap();
+            }
+            let started = tokio::time::Instant::now();
+            while !metrics.synced.load(Ordering::Relaxed) {
+                assert!(started.elapsed() < Duration::from_secs(10), "never synced");
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            if send_node {
+                assert!(
+                    started.elapsed() < Duration::from_millis(400),
+                    "synced once the Node was read, not at the deadline"
+                );
+            }
+            drop(tx);
+            running.await.unwrap();
+        }
     }
 }

@@ -155,6 +155,7 @@ pub async fn run(options: AgentOptions) -> Result<()> {
         attach_loop(&options, &plan, datapath, metrics.clone())?.spawn(stop.clone());
 
     let (tx, rx) = mpsc::channel(1024);
+    let mut node_watched = false;
     let source = match &options.source {
         SourceConfig::Kubernetes { .. } => {
             let client = client.context("the Kubernetes client was built above")?;
@@ -164,6 +165,7 @@ pub async fn run(options: AgentOptions) -> Result<()> {
             match &node.node_name {
                 Some(node_name) if node.zone.is_none() || node.addresses.is_empty() => {
                     info!(node = %node_name, "following this Node's zone and addresses");
+                    node_watched = true;
                     tokio::spawn(node_facts::watch_node(
                         client.clone(),
                         node_name.clone(),
@@ -177,7 +179,8 @@ pub async fn run(options: AgentOptions) -> Result<()> {
                 }
                 Some(_) => info!("this node's zone and addresses as given"),
                 None => info!(
-                    "no --node-name: topology hints, internalTrafficPolicy: Local and nodePorts                      at this node's addresses cannot be honoured"
+                    "no --node-name: topology hints, internalTrafficPolicy: Local and nodePorts at \
+                     this node's addresses cannot be honoured"
                 ),
             }
             tokio::spawn(source::watch_api(client, tx))
@@ -194,6 +197,11 @@ pub async fn run(options: AgentOptions) -> Result<()> {
         Reconciler::adopt(maps).context("reading the pinned maps")?
     };
     let mut core = AgentCore::new(reconciler, options.node.clone(), metrics.clone());
+    if node_watched {
+        // Bounded: an unreadable Node (RBAC, a slow API server) must not
+        // keep the agent from serving.
+        core = core.with_node_wait(Duration::from_secs(10));
+    }
     if plan.udp_socket_termination {
         let terminator =
             UdpSocketTerminator::open(&options.pin_dir, netns_dir(&options), metrics.clone())

@@ -38,7 +38,9 @@ pub struct GivenFacts {
 }
 
 /// The facts `node` states: its zone label and the addresses in its
-/// status of type InternalIP or ExternalIP (those that parse).
+/// status of type InternalIP (those that parse). Not ExternalIP: in a
+/// cloud it is often a NAT address the node does not hold, which
+/// kube-proxy (`--dst-type LOCAL`) would not take either.
 pub fn facts_of(node: &Node) -> NodeFacts {
     let zone = node
         .metadata
@@ -52,7 +54,7 @@ pub fn facts_of(node: &Node) -> NodeFacts {
         .and_then(|status| status.addresses.as_ref())
         .into_iter()
         .flatten()
-        .filter(|a| matches!(a.type_.as_str(), "InternalIP" | "ExternalIP"))
+        .filter(|a| a.type_ == "InternalIP")
         .filter_map(|a| a.address.parse().ok())
         .collect();
     addresses.sort_unstable();

@@ -53,10 +53,38 @@ impl fmt::Display for Endpoint {
     }
 }
 
+/// Where a frontend's address comes from, strongest claim first: when two
+/// services ask for one frontend, the stronger claim holds it. A ClusterIP
+/// is allocated by the API server and a load-balancer IP written by a
+/// controller, but anyone who may create a Service may write any address
+/// in `externalIPs` (CVE-2020-8554): such a claim never takes another
+/// service's ClusterIP, load-balancer IP or nodePort.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
+pub enum Claim {
+    ClusterIp,
+    LoadBalancerIp,
+    NodePort,
+    ExternalIp,
+}
+
+impl Claim {
+    /// The field that asked, for issues.
+    pub const fn field(self) -> &'static str {
+        match self {
+            Claim::ClusterIp => "spec.clusterIPs",
+            Claim::LoadBalancerIp => "status.loadBalancer.ingress",
+            Claim::NodePort => "spec.ports[].nodePort",
+            Claim::ExternalIp => "spec.externalIPs",
+        }
+    }
+}
+
 /// What one frontend should balance over.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct DesiredFrontend {
     pub frontend: Frontend,
+    /// Where its address comes from.
+    pub claim: Claim,
     /// The service port's name ("" when unnamed), for display.
     pub port_name: std::sync::Arc<str>,
     /// Sorted and deduplicated: the slot order in the maps.
@@ -222,19 +250,32 @@ pub fn translate_view<'a>(
     for (i, address) in service.external_ips.iter().enumerate() {
         let field = format!("spec.externalIPs[{i}]");
         if let Some(v4) = ipv4_of(key, address, field, &mut out.issues) {
-            other_addresses.push(v4);
+            other_addresses.push((v4, Claim::ExternalIp));
         }
     }
-    for (i, address) in service.load_balancer_ips.iter() {
-        let field = format!("status.loadBalancer.ingress[{i}].ip");
-        if let Some(v4) = ipv4_of(key, address, field, &mut out.issues) {
-            other_addresses.push(v4);
+    if service.load_balancer_source_ranges && !service.load_balancer_ips.is_empty() {
+        // kube-proxy drops traffic from outside the ranges (KUBE-FW), pods
+        // included; until underpass filters sources, pods reach the load
+        // balancer itself, which enforces them.
+        out.issues.push(service_issue(
+            key,
+            IssueKind::Unsupported,
+            "spec.loadBalancerSourceRanges".into(),
+            "source ranges are not enforced yet: pods reach its load-balancer IPs through the load balancer".into(),
+        ));
+    } else {
+        for (i, address) in service.load_balancer_ips.iter() {
+            let field = format!("status.loadBalancer.ingress[{i}].ip");
+            if let Some(v4) = ipv4_of(key, address, field, &mut out.issues) {
+                other_addresses.push((v4, Claim::LoadBalancerIp));
+            }
         }
     }
-    // One frontend per address and port, however often it is listed.
+    // One frontend per address and port, however often it is listed, with
+    // its strongest claim.
     other_addresses.sort_unstable();
-    other_addresses.dedup();
-    other_addresses.retain(|a| !addresses.contains(a));
+    other_addresses.dedup_by_key(|(address, _)| *address);
+    other_addresses.retain(|(a, _)| !addresses.contains(a));
 
     let mut usable_slices = Vec::new();
     for slice in slices {
@@ -387,14 +428,16 @@ pub fn translate_view<'a>(
         for &address in &addresses {
             out.frontends.push(DesiredFrontend {
                 frontend: frontend(address),
+                claim: Claim::ClusterIp,
                 port_name: port.name.clone(),
                 backends: backends.clone(),
                 draining: draining.clone(),
             });
         }
-        for &address in &other_addresses {
+        for &(address, claim) in &other_addresses {
             out.frontends.push(DesiredFrontend {
                 frontend: frontend(address),
+                claim,
                 port_name: port.name.clone(),
                 backends: other_backends.clone(),
                 draining: other_draining.clone(),
@@ -408,6 +451,7 @@ pub fn translate_view<'a>(
                         port: node_port,
                         protocol,
                     },
+                    claim: Claim::NodePort,
                     port_name: port.name.clone(),
                     backends: other_backends.clone(),
                     draining: other_draining.clone(),
@@ -415,6 +459,11 @@ pub fn translate_view<'a>(
             }
         }
     }
+    // One frontend once per service, with its strongest claim (an
+    // external IP that is also this node's address, at the nodePort).
+    out.frontends
+        .sort_by(|a, b| (a.frontend, a.claim).cmp(&(b.frontend, b.claim)));
+    out.frontends.dedup_by_key(|d| d.frontend);
     out
 }
 
@@ -661,10 +710,19 @@ pub fn translate<'a>(
         let translation = translate_view(service, slices, node);
         out.issues.extend(translation.issues);
         for desired in translation.frontends {
-            if let Some((owner, _)) = out.frontends.get(&desired.frontend) {
+            if let Some((owner, held)) = out.frontends.get(&desired.frontend) {
+                if desired.claim >= held.claim {
+                    out.issues.push(conflict_issue(
+                        &key,
+                        owner,
+                        &desired.frontend,
+                        desired.claim,
+                    ));
+                    continue;
+                }
+                // A stronger claim takes it from the service that held it.
                 out.issues
-                    .push(conflict_issue(&key, owner, &desired.frontend));
-                continue;
+                    .push(conflict_issue(owner, &key, &desired.frontend, held.claim));
             }
             out.frontends
                 .insert(desired.frontend, (key.clone(), desired));
@@ -673,12 +731,18 @@ pub fn translate<'a>(
     out
 }
 
-/// The issue raised when `service` asks for a frontend `owner` holds.
-pub fn conflict_issue(service: &ObjectKey, owner: &ObjectKey, frontend: &Frontend) -> Issue {
+/// The issue raised when `service`'s `claim` asks for a frontend `owner`
+/// holds.
+pub fn conflict_issue(
+    service: &ObjectKey,
+    owner: &ObjectKey,
+    frontend: &Frontend,
+    claim: Claim,
+) -> Issue {
     service_issue(
         service,
         IssueKind::Conflict,
-        "spec.clusterIPs".into(),
+        claim.field().into(),
         format!("{frontend} is already served for Service {owner}"),
     )
 }

@@ -40,6 +40,9 @@ pub struct ServiceView {
     /// with an IP whose `ipMode` is not Proxy (a proxying load balancer
     /// sends its traffic to nodes, not to the IP: kube-proxy skips those).
     pub load_balancer_ips: Box<[(u32, ParsedAddress)]>,
+    /// `spec.loadBalancerSourceRanges` (or kube-proxy's annotation
+    /// `service.beta.kubernetes.io/load-balancer-source-ranges`) is set.
+    pub load_balancer_source_ranges: bool,
     pub ports: Box<[ServicePortView]>,
     pub publish_not_ready: bool,
     /// `internalTrafficPolicy: Local`.
@@ -315,10 +318,18 @@ impl From<&Service> for ServiceView {
             .filter(|(_, ingress)| ingress.ip_mode.as_deref() != Some("Proxy"))
             .filter_map(|(i, ingress)| Some((i as u32, parse(ingress.ip.as_deref()?))))
             .collect();
+        let load_balancer_source_ranges = spec
+            .and_then(|s| s.load_balancer_source_ranges.as_ref())
+            .is_some_and(|ranges| !ranges.is_empty())
+            || service.metadata.annotations.as_ref().is_some_and(|a| {
+                a.get("service.beta.kubernetes.io/load-balancer-source-ranges")
+                    .is_some_and(|r| !r.trim().is_empty())
+            });
         Self {
             key: ObjectKey::of_service(service),
             external_ips,
             load_balancer_ips,
+            load_balancer_source_ranges,
             proxied: !(labelled_elsewhere || external_name || headless),
             has_spec: spec.is_some(),
             cluster_ips,

@@ -26,7 +26,10 @@ use foldhash::HashMap;
 use datapath_common::maps::{BackendId, RevNatId, ServiceKey};
 
 use crate::{
-    k8s::{Issue, IssueKind, ObjectKey, ServiceTranslation, translate::conflict_issue},
+    k8s::{
+        Issue, IssueKind, ObjectKey, ServiceTranslation,
+        translate::{Claim, conflict_issue},
+    },
     maps::LbMaps,
     model::{BackendAddress, Frontend},
 };
@@ -102,8 +105,9 @@ pub struct Reconciler<M> {
     backends: backend_table::BackendTable,
     backend_ids: IdAllocator,
     rev_nat_ids: IdAllocator,
-    /// Which service holds each frontend.
-    owner: HashMap<Frontend, ObjectKey>,
+    /// Which service holds each frontend, and by what claim (a stronger
+    /// claim takes it over: `Claim`).
+    owner: HashMap<Frontend, (ObjectKey, Claim)>,
     /// Frontends each service holds, sorted (a service holds one or a
     /// few: a set's node per service would cost ~0.1 KiB each).
     held: HashMap<ObjectKey, Vec<Frontend>>,
@@ -204,10 +208,28 @@ impl<M: LbMaps> Reconciler<M> {
         for desired in &translation.frontends {
             let frontend = desired.frontend;
             match self.owner.get(&frontend) {
-                Some(owner) if owner != service => {
+                Some((owner, claim)) if owner != service && desired.claim < *claim => {
+                    // A stronger claim (a ClusterIP over an address anyone
+                    // may write in `externalIPs`): the holder loses the
+                    // frontend, waits for it, and is translated again so
+                    // that it reports the conflict.
+                    let holder = owner.clone();
+                    if let Some(frontends) = self.held.get_mut(&holder) {
+                        frontends.retain(|f| *f != frontend);
+                        if frontends.is_empty() {
+                            self.held.remove(&holder);
+                        }
+                    }
+                    self.waiting
+                        .entry(frontend)
+                        .or_default()
+                        .insert(holder.clone());
+                    outcome.retry.push(holder);
+                }
+                Some((owner, _)) if owner != service => {
                     outcome
                         .issues
-                        .push(conflict_issue(service, owner, &frontend));
+                        .push(conflict_issue(service, owner, &frontend, desired.claim));
                     self.waiting
                         .entry(frontend)
                         .or_default()
@@ -216,7 +238,8 @@ impl<M: LbMaps> Reconciler<M> {
                 }
                 _ => {}
             }
-            self.owner.insert(frontend, service.clone());
+            self.owner
+                .insert(frontend, (service.clone(), desired.claim));
             held.insert(frontend);
             if let Some(waiters) = self.waiting.get_mut(&frontend) {
                 waiters.remove(service);
@@ -235,16 +258,21 @@ impl<M: LbMaps> Reconciler<M> {
             held.extend(dropped.drain(..));
         }
         for frontend in &dropped {
-            if self.owner.get(frontend) == Some(service) {
-                self.owner.remove(frontend);
-            }
+            let claim = match self.owner.get(frontend) {
+                Some((owner, claim)) if owner == service => {
+                    let claim = *claim;
+                    self.owner.remove(frontend);
+                    claim
+                }
+                _ => Claim::ClusterIp,
+            };
             match self.remove(frontend) {
                 Ok(true) => outcome.frontends_removed += 1,
                 Ok(false) => {}
                 Err(issue) => {
                     // Still programmed: keep holding it so a later update
                     // retries the removal.
-                    self.owner.insert(*frontend, service.clone());
+                    self.owner.insert(*frontend, (service.clone(), claim));
                     held.insert(*frontend);
                     outcome.issues.push(with_object(issue, service));
                     continue;

@@ -180,7 +180,7 @@ impl<M: LbMaps> Reconciler<M> {
             }
             // Every programmed frontend has an owner; one without is no
             // service's to retry.
-            if let Some(owner) = self.owner.get(&frontend) {
+            if let Some((owner, _)) = self.owner.get(&frontend) {
                 issues.push((owner.clone(), with_object(program_issue(error), owner)));
             }
         }
