@@ -461,8 +461,7 @@ pub fn translate_view<'a>(
     }
     // One frontend once per service, with its strongest claim (an
     // external IP that is also this node's address, at the nodePort).
-    out.frontends
-        .sort_by(|a, b| (a.frontend, a.claim).cmp(&(b.frontend, b.claim)));
+    out.frontends.sort_by_key(|d| (d.frontend, d.claim));
     out.frontends.dedup_by_key(|d| d.frontend);
     out
 }
