@@ -36,7 +36,8 @@ use serde::Serialize;
 
 pub use super::keys::{HEADLESS_LABEL, ObjectKey, SERVICE_NAME_LABEL, SERVICE_PROXY_NAME_LABEL};
 use super::view::{
-    EndpointAddress, Hint, HintKind, ParsedAddress, ServiceView, SliceView, TopologyName,
+    EndpointAddress, Hint, HintKind, OtherAddresses, ParsedAddress, ServiceView, SliceView,
+    TopologyName,
 };
 use crate::model::{Frontend, Protocol};
 
@@ -247,13 +248,15 @@ pub fn translate_view<'a>(
     // `externalTrafficPolicy` says (KUBE-EXT's "pod traffic for …
     // external destinations" rule jumps to KUBE-SVC), as for a ClusterIP.
     let mut other_addresses = Vec::new();
-    for (i, address) in service.external_ips.iter().enumerate() {
+    let no_others = OtherAddresses::default();
+    let other = service.other_addresses.as_deref().unwrap_or(&no_others);
+    for (i, address) in other.external_ips.iter().enumerate() {
         let field = format!("spec.externalIPs[{i}]");
         if let Some(v4) = ipv4_of(key, address, field, &mut out.issues) {
             other_addresses.push((v4, Claim::ExternalIp));
         }
     }
-    if service.load_balancer_source_ranges && !service.load_balancer_ips.is_empty() {
+    if other.load_balancer_source_ranges && !other.load_balancer_ips.is_empty() {
         // kube-proxy drops traffic from outside the ranges (KUBE-FW), pods
         // included; until underpass filters sources, pods reach the load
         // balancer itself, which enforces them.
@@ -264,7 +267,7 @@ pub fn translate_view<'a>(
             "source ranges are not enforced yet: pods reach its load-balancer IPs through the load balancer".into(),
         ));
     } else {
-        for (i, address) in service.load_balancer_ips.iter() {
+        for (i, address) in other.load_balancer_ips.iter() {
             let field = format!("status.loadBalancer.ingress[{i}].ip");
             if let Some(v4) = ipv4_of(key, address, field, &mut out.issues) {
                 other_addresses.push((v4, Claim::LoadBalancerIp));

@@ -33,8 +33,21 @@ pub struct ServiceView {
     pub cluster_ips: Box<[ParsedAddress]>,
     /// Whether `cluster_ips` came from `clusterIPs` (for field names).
     pub from_cluster_ips: bool,
-    /// `spec.externalIPs`, parsed as `cluster_ips` are (empty, and so
-    /// unallocated, for most services).
+    /// Its external and load-balancer addresses: most services have
+    /// none, so they cost a pointer, not three fields.
+    pub other_addresses: Option<Box<OtherAddresses>>,
+    pub ports: Box<[ServicePortView]>,
+    pub publish_not_ready: bool,
+    /// `internalTrafficPolicy: Local`.
+    pub node_local: bool,
+    /// `sessionAffinity: ClientIP`.
+    pub client_ip_affinity: bool,
+}
+
+/// A service's addresses besides its ClusterIPs.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct OtherAddresses {
+    /// `spec.externalIPs`, parsed as `cluster_ips` are.
     pub external_ips: Box<[ParsedAddress]>,
     /// `status.loadBalancer.ingress[i].ip` by index `i`, for entries
     /// with an IP whose `ipMode` is not Proxy (a proxying load balancer
@@ -43,12 +56,6 @@ pub struct ServiceView {
     /// `spec.loadBalancerSourceRanges` (or kube-proxy's annotation
     /// `service.beta.kubernetes.io/load-balancer-source-ranges`) is set.
     pub load_balancer_source_ranges: bool,
-    pub ports: Box<[ServicePortView]>,
-    pub publish_not_ready: bool,
-    /// `internalTrafficPolicy: Local`.
-    pub node_local: bool,
-    /// `sessionAffinity: ClientIP`.
-    pub client_ip_affinity: bool,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -325,11 +332,14 @@ impl From<&Service> for ServiceView {
                 a.get("service.beta.kubernetes.io/load-balancer-source-ranges")
                     .is_some_and(|r| !r.trim().is_empty())
             });
-        Self {
-            key: ObjectKey::of_service(service),
+        let other = OtherAddresses {
             external_ips,
             load_balancer_ips,
             load_balancer_source_ranges,
+        };
+        Self {
+            key: ObjectKey::of_service(service),
+            other_addresses: (other != OtherAddresses::default()).then(|| Box::new(other)),
             proxied: !(labelled_elsewhere || external_name || headless),
             has_spec: spec.is_some(),
             cluster_ips,
