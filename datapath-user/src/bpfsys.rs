@@ -138,6 +138,63 @@ pub fn read_array<V: Copy + Default>(map_fd: i32, len: u32) -> io::Result<Vec<V>
     Ok(out)
 }
 
+/// Visits every key of a BPF hash map with BPF_MAP_LOOKUP_BATCH, up to
+/// `chunk` entries per syscall (instead of two syscalls per key). The
+/// walk goes bucket by bucket: an entry present for the whole walk is
+/// visited exactly once, however many others come and go meanwhile (a
+/// key-by-key walk restarts from the first key when the one it stands on
+/// is deleted).
+///
+/// `K` and `V` must be the map's exact key and value types.
+pub fn for_each_key<K: Copy + Default, V: Copy + Default>(
+    map_fd: i32,
+    chunk: u32,
+    mut visit: impl FnMut(&K),
+) -> io::Result<()> {
+    let mut chunk = chunk.max(1);
+    let mut keys = vec![K::default(); chunk as usize];
+    let mut values = vec![V::default(); chunk as usize];
+    // A hash map's batch token is a bucket index.
+    let mut token = 0u32;
+    let mut first = true;
+    loop {
+        let mut next = 0u32;
+        let mut attr = BatchAttr {
+            in_batch: if first {
+                0
+            } else {
+                &mut token as *mut u32 as u64
+            },
+            out_batch: &mut next as *mut u32 as u64,
+            keys: keys.as_mut_ptr() as u64,
+            values: values.as_mut_ptr() as u64,
+            count: chunk,
+            map_fd: map_fd as u32,
+            ..BatchAttr::default()
+        };
+        let done = match bpf(BPF_MAP_LOOKUP_BATCH, &mut attr) {
+            Ok(_) => false,
+            // The last chunk: `count` holds what was read.
+            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => true,
+            // One bucket holds more entries than fit: read it again with
+            // room for them.
+            Err(e) if e.raw_os_error() == Some(libc::ENOSPC) && attr.count == 0 => {
+                chunk = chunk.saturating_mul(2);
+                keys.resize(chunk as usize, K::default());
+                values.resize(chunk as usize, V::default());
+                continue;
+            }
+            Err(e) => return Err(e),
+        };
+        keys[..attr.count as usize].iter().for_each(&mut visit);
+        if done {
+            return Ok(());
+        }
+        token = next;
+        first = false;
+    }
+}
+
 const BPF_MAP_UPDATE_BATCH: libc::c_long = 26;
 
 /// Writes `keys[i] → values[i]` for every i with BPF_MAP_UPDATE_BATCH:

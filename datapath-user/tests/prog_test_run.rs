@@ -885,6 +885,40 @@ fn the_reply_filter_skips_lookups_only_once_complete_and_flags_every_flow() {
     let other = Frame::tcp((Ipv4Addr::new(10, 77, 0, 9), 8080), CLIENT, ACK | PSH);
     let (v, out) = ingress(&mut dp, &other);
     assert_eq!((v, out), (verdict::NEXT, other.build()));
+
+    // Conntrack is read in batches: flows over many of them (1,500
+    // backend-tuple entries, 64 per batch, within the test table's 2,048
+    // flows) all get their peer's flag.
+    let mut expected = std::collections::BTreeSet::new();
+    for i in 0..1_500u32 {
+        let peer = ipv4_be([10, 78, (i >> 8) as u8, i as u8]);
+        let key = datapath_common::maps::CtKey {
+            client_address_be: ipv4_be([10, 0, 0, 5]),
+            peer_address_be: peer,
+            client_port_be: port_be(40_000),
+            peer_port_be: port_be(8080),
+            protocol: datapath_common::IPPROTO_TCP,
+            kind: datapath_common::maps::CT_KIND_BACKEND,
+            ..Default::default()
+        };
+        dp.maps
+            .conntrack_tcp
+            .insert(key, datapath_common::maps::CtEntry::default(), 0)
+            .unwrap();
+        expected.insert(lb::service_filter_index(
+            peer,
+            port_be(8080),
+            datapath_common::IPPROTO_TCP,
+        ));
+    }
+    dp.maps.complete_reply_filter_reading(64).unwrap();
+    for bucket in &expected {
+        assert_eq!(
+            dp.maps.reply_filter.get(bucket, 0).unwrap(),
+            1,
+            "bucket {bucket} of a flow in a later batch"
+        );
+    }
 }
 
 #[test]

@@ -11,10 +11,14 @@
 use aya::maps::{IterableMap, MapError};
 use datapath_common::{
     lb,
-    maps::{CT_KIND_BACKEND, REPLY_FILTER_COMPLETE},
+    maps::{CT_KIND_BACKEND, CtEntry, CtKey, REPLY_FILTER_COMPLETE},
 };
 
 use super::DatapathMaps;
+
+/// Conntrack entries read per syscall when flags are rebuilt (each
+/// batch's keys and values: 4,096 × 72 bytes).
+const CT_WALK_CHUNK: u32 = 4096;
 
 impl DatapathMaps {
     /// Makes the ingress program look every packet up in conntrack until
@@ -28,6 +32,12 @@ impl DatapathMaps {
     /// is this build's (flows opened from then on flag themselves).
     /// Returns the flags set (one per bucket conntrack's flows name).
     pub fn complete_reply_filter(&mut self) -> anyhow::Result<usize> {
+        self.complete_reply_filter_reading(CT_WALK_CHUNK)
+    }
+
+    /// `complete_reply_filter`, reading conntrack `chunk` entries per
+    /// syscall (tests make walks of many batches with few flows).
+    pub fn complete_reply_filter_reading(&mut self, chunk: u32) -> anyhow::Result<usize> {
         // Untrusted while it is rebuilt, and rebuilt from nothing: flags
         // of peers no flow names any more (pods long gone) would otherwise
         // pile up over the node's life, each costing its packets a
@@ -42,18 +52,15 @@ impl DatapathMaps {
             .map_err(|(_, e)| anyhow::anyhow!("clearing REPLY_FILTER: {e}"))?;
         // A flow's backend-tuple entry names its peer (the backend, or the
         // pod of a moved direct connection). Every key must be read: a
-        // walk that stopped early would trust flags it did not set. The
-        // walk is bounded (a key evicted under it restarts it from the
-        // first); past the bound it fails and is tried again later.
+        // walk that stopped early would trust flags it did not set; one
+        // that fails is tried again later. Read in batches, bucket by
+        // bucket (every flow present throughout is seen; a million flows
+        // were two million syscalls key by key).
         let mut buckets = std::collections::BTreeSet::new();
         for (name, table) in self.conntrack_tables() {
-            let bound = 2 * IterableMap::map(table).info()?.max_entries() as usize;
-            for (walked, key) in table.keys().enumerate() {
-                let key = key.map_err(|e| anyhow::anyhow!("reading {name}: {e}"))?;
-                anyhow::ensure!(
-                    walked < bound,
-                    "{name}: entries kept changing under the walk (over {bound} keys read)"
-                );
+            use std::os::fd::{AsFd, AsRawFd};
+            let fd = IterableMap::map(table).fd().as_fd().as_raw_fd();
+            crate::bpfsys::for_each_key::<CtKey, CtEntry>(fd, chunk, |key| {
                 if key.kind == CT_KIND_BACKEND {
                     buckets.insert(lb::service_filter_index(
                         key.peer_address_be,
@@ -61,7 +68,8 @@ impl DatapathMaps {
                         key.protocol,
                     ));
                 }
-            }
+            })
+            .map_err(|e| anyhow::anyhow!("reading {name}: {e}"))?;
         }
         let set = buckets.len();
         let buckets: Vec<u32> = buckets.into_iter().collect();
