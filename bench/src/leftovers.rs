@@ -111,16 +111,24 @@ pub fn flush_conntrack(namespace: &Namespace) -> Result<()> {
 /// Closes every TIME_WAIT socket in `namespace` (`ss -K`, through
 /// sock_diag's destroy) and checks none is left.
 pub fn close_time_wait(namespace: &Namespace) -> Result<()> {
-    output_in(namespace, "ss", &["-K", "-tan", "state", "time-wait"])?;
-    let left = output_in(namespace, "ss", &["-H", "-tan", "state", "time-wait"])?;
-    let count = left.lines().filter(|l| !l.trim().is_empty()).count();
-    ensure!(
-        count == 0,
+    // A connection still closing (the last FIN of the pass before) can
+    // enter TIME_WAIT just after a pass of `ss -K`: close until none is
+    // left, for a moment at most, as `flush_conntrack` does.
+    let mut count = 0;
+    for _ in 0..20 {
+        output_in(namespace, "ss", &["-K", "-tan", "state", "time-wait"])?;
+        let left = output_in(namespace, "ss", &["-H", "-tan", "state", "time-wait"])?;
+        count = left.lines().filter(|l| !l.trim().is_empty()).count();
+        if count == 0 {
+            return Ok(());
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    bail!(
         "{count} TIME_WAIT sockets left in {} after `ss -K` (a kernel without \
          CONFIG_INET_DIAG_DESTROY?)",
         namespace.name()
-    );
-    Ok(())
+    )
 }
 
 /// Fails unless `iptables` is iptables-nft (Debian's default): the bench
