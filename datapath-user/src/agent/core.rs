@@ -401,7 +401,7 @@ mod tests {
     };
 
     fn zone(zone: Option<&str>) -> SourceMessage {
-        SourceMessage::Node(crate::k8s::node_facts::NodeFacts {
+        SourceMessage::Node(crate::k8s::source::NodeFacts {
             zone: zone.map(Into::into),
             addresses: Vec::new(),
         })

@@ -14,19 +14,11 @@ use tokio::sync::mpsc;
 
 use super::{
     IssueKind,
-    source::{Backoff, SourceMessage},
+    source::{Backoff, NodeFacts, SourceMessage},
 };
 
 /// The well-known label a node's zone is in.
 pub const ZONE_LABEL: &str = "topology.kubernetes.io/zone";
-
-/// This node's zone and addresses.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct NodeFacts {
-    pub zone: Option<String>,
-    /// Sorted, without repeats.
-    pub addresses: Vec<IpAddr>,
-}
 
 /// What the operator gave on the command line, which the Node does not
 /// override.

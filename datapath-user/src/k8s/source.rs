@@ -39,8 +39,17 @@ pub enum SourceMessage {
     /// agent must not prune frontends nothing seems to ask for.
     Incomplete(String),
     /// This node's zone and addresses (from its Node, with what the
-    /// operator gave), at first and whenever they change.
-    Node(super::node_facts::NodeFacts),
+    /// operator gave: `super::node_facts`), at first and whenever they
+    /// change.
+    Node(NodeFacts),
+}
+
+/// This node's zone and addresses.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct NodeFacts {
+    pub zone: Option<String>,
+    /// Sorted, without repeats.
+    pub addresses: Vec<std::net::IpAddr>,
 }
 
 /// How failed lists and watches are retried: thousands of agents must not
