@@ -101,40 +101,11 @@ struct BatchAttr {
 ///
 /// `V` must be the map's exact value type (a `#[repr(C)]` Pod).
 pub fn read_array<V: Copy + Default>(map_fd: i32, len: u32) -> io::Result<Vec<V>> {
-    const CHUNK: u32 = 16_384;
     let mut out = Vec::with_capacity(len as usize);
-    let mut keys = vec![0u32; CHUNK as usize];
-    let mut values = vec![V::default(); CHUNK as usize];
-    let mut token = 0u32;
-    let mut first = true;
-    loop {
-        let mut next = 0u32;
-        let mut attr = BatchAttr {
-            in_batch: if first {
-                0
-            } else {
-                &mut token as *mut u32 as u64
-            },
-            out_batch: &mut next as *mut u32 as u64,
-            keys: keys.as_mut_ptr() as u64,
-            values: values.as_mut_ptr() as u64,
-            count: CHUNK,
-            map_fd: map_fd as u32,
-            ..BatchAttr::default()
-        };
-        let done = match bpf(BPF_MAP_LOOKUP_BATCH, &mut attr) {
-            Ok(_) => false,
-            // The last chunk: `count` holds what was read.
-            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => true,
-            Err(e) => return Err(e),
-        };
-        out.extend_from_slice(&values[..attr.count as usize]);
-        if done || out.len() >= len as usize {
-            break;
-        }
-        token = next;
-        first = false;
-    }
+    lookup_batch::<u32, V>(map_fd, 16_384, |_, values| {
+        out.extend_from_slice(values);
+        out.len() < len as usize
+    })?;
     Ok(out)
 }
 
@@ -151,10 +122,24 @@ pub fn for_each_key<K: Copy + Default, V: Copy + Default>(
     chunk: u32,
     mut visit: impl FnMut(&K),
 ) -> io::Result<()> {
+    lookup_batch::<K, V>(map_fd, chunk, |keys, _| {
+        keys.iter().for_each(&mut visit);
+        true
+    })
+}
+
+/// Reads a map in BPF_MAP_LOOKUP_BATCH chunks of up to `chunk` entries,
+/// handing each chunk's keys and values to `visit` until the map ends or
+/// `visit` says stop. The batch token is a u32 for arrays (an index) and
+/// hash maps (a bucket).
+fn lookup_batch<K: Copy + Default, V: Copy + Default>(
+    map_fd: i32,
+    chunk: u32,
+    mut visit: impl FnMut(&[K], &[V]) -> bool,
+) -> io::Result<()> {
     let mut chunk = chunk.max(1);
     let mut keys = vec![K::default(); chunk as usize];
     let mut values = vec![V::default(); chunk as usize];
-    // A hash map's batch token is a bucket index.
     let mut token = 0u32;
     let mut first = true;
     loop {
@@ -176,8 +161,8 @@ pub fn for_each_key<K: Copy + Default, V: Copy + Default>(
             Ok(_) => false,
             // The last chunk: `count` holds what was read.
             Err(e) if e.raw_os_error() == Some(libc::ENOENT) => true,
-            // One bucket holds more entries than fit: read it again with
-            // room for them.
+            // One hash bucket holds more entries than fit: read it again
+            // with room for them.
             Err(e) if e.raw_os_error() == Some(libc::ENOSPC) && attr.count == 0 => {
                 chunk = chunk.saturating_mul(2);
                 keys.resize(chunk as usize, K::default());
@@ -186,8 +171,8 @@ pub fn for_each_key<K: Copy + Default, V: Copy + Default>(
             }
             Err(e) => return Err(e),
         };
-        keys[..attr.count as usize].iter().for_each(&mut visit);
-        if done {
+        let read = attr.count as usize;
+        if !visit(&keys[..read], &values[..read]) || done {
             return Ok(());
         }
         token = next;

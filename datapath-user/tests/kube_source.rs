@@ -165,6 +165,16 @@ async fn serve(listener: TcpListener, script: Arc<Mutex<Script>>) {
     }
 }
 
+/// A kube client of a scripted API server that answers with `script`.
+async fn scripted(script: Script) -> (kube::Client, Arc<Mutex<Script>>) {
+    let script = Arc::new(Mutex::new(script));
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(serve(listener, script.clone()));
+    let client = kube::Client::try_from(kube::Config::new(url.parse().unwrap())).unwrap();
+    (client, script)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn list_watch_end_gone_relist() {
     let mut script = Script::default();
@@ -204,13 +214,7 @@ async fn list_watch_end_gone_relist() {
             Reply::Hang,
         ]),
     );
-    let script = Arc::new(Mutex::new(script));
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let url = format!("http://{}", listener.local_addr().unwrap());
-    tokio::spawn(serve(listener, script.clone()));
-
-    let config = kube::Config::new(url.parse().unwrap());
-    let client = kube::Client::try_from(config).unwrap();
+    let (client, script) = scripted(script).await;
     let (tx, mut rx) = mpsc::channel(64);
     let source = tokio::spawn(watch_api(client, tx));
 
@@ -316,11 +320,7 @@ async fn a_failing_api_server_is_retried_ever_more_slowly_from_the_watch_cache()
             Reply::Hang,
         ]),
     );
-    let script = Arc::new(Mutex::new(script));
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let url = format!("http://{}", listener.local_addr().unwrap());
-    tokio::spawn(serve(listener, script.clone()));
-    let client = kube::Client::try_from(kube::Config::new(url.parse().unwrap())).unwrap();
+    let (client, script) = scripted(script).await;
     let (tx, mut rx) = mpsc::channel(64);
     let backoff = Backoff {
         initial: Duration::from_millis(50),
@@ -422,11 +422,7 @@ async fn the_nodes_zone_and_addresses_are_read_from_its_node_and_followed() {
             Reply::Hang,
         ]),
     );
-    let script = Arc::new(Mutex::new(script));
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let url = format!("http://{}", listener.local_addr().unwrap());
-    tokio::spawn(serve(listener, script.clone()));
-    let client = kube::Client::try_from(kube::Config::new(url.parse().unwrap())).unwrap();
+    let (client, script) = scripted(script).await;
     let (tx, mut rx) = mpsc::channel(64);
     let source = tokio::spawn(watch_node(
         client,
