@@ -12,10 +12,7 @@ use k8s_openapi::api::core::v1::Node;
 use kube::{Api, Client, runtime::watcher};
 use tokio::sync::mpsc;
 
-use super::{
-    IssueKind,
-    source::{Backoff, NodeFacts, SourceMessage},
-};
+use super::source::{Backoff, NodeFacts, SourceMessage};
 
 /// The well-known label a node's zone is in.
 pub const ZONE_LABEL: &str = "topology.kubernetes.io/zone";
@@ -83,19 +80,15 @@ pub async fn watch_node(
             }
             Err(watcher::Error::WatchError(status)) if status.code == 410 => continue,
             Err(e) => {
-                let next = backoff.next(pause);
-                pause = Some(next);
-                let problem = SourceMessage::Problem {
-                    kind: IssueKind::Api,
-                    message: format!(
+                let describe = |next| {
+                    format!(
                         "watching Node {node_name} for its zone and addresses: {e} \
                          (retrying in {next:?}); what was last read is used meanwhile"
-                    ),
+                    )
                 };
-                if tx.send(problem).await.is_err() {
+                if !backoff.report_and_wait(&mut pause, &tx, describe).await {
                     return;
                 }
-                tokio::time::sleep(Backoff::jittered(next)).await;
                 continue;
             }
         };

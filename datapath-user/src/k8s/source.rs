@@ -81,8 +81,31 @@ impl Backoff {
 
     /// `pause` spread by ±20 %, so that agents that failed together do not
     /// retry together.
-    pub(super) fn jittered(pause: Duration) -> Duration {
+    fn jittered(pause: Duration) -> Duration {
         pause.mul_f64(rand::random_range(0.8..1.2))
+    }
+
+    /// After a failed list or watch: reports it as an API problem
+    /// (`describe` says what failed, given the coming pause), then waits
+    /// that pause, longer than `pause` was. False when the agent stopped
+    /// listening.
+    pub(super) async fn report_and_wait(
+        &self,
+        pause: &mut Option<Duration>,
+        tx: &mpsc::Sender<SourceMessage>,
+        describe: impl FnOnce(Duration) -> String,
+    ) -> bool {
+        let next = self.next(*pause);
+        *pause = Some(next);
+        let problem = SourceMessage::Problem {
+            kind: IssueKind::Api,
+            message: describe(next),
+        };
+        if tx.send(problem).await.is_err() {
+            return false;
+        }
+        tokio::time::sleep(Self::jittered(next)).await;
+        true
     }
 }
 
@@ -194,16 +217,10 @@ async fn forward<K, S>(
             // failure of the API server, so no pause and no issue).
             Err(watcher::Error::WatchError(status)) if status.code == 410 => continue,
             Err(e) => {
-                let next = backoff.next(pause);
-                pause = Some(next);
-                let problem = SourceMessage::Problem {
-                    kind: IssueKind::Api,
-                    message: format!("watching {kind:?}s: {e} (retrying in {next:?})"),
-                };
-                if tx.send(problem).await.is_err() {
+                let describe = |next| format!("watching {kind:?}s: {e} (retrying in {next:?})");
+                if !backoff.report_and_wait(&mut pause, &tx, describe).await {
                     return;
                 }
-                tokio::time::sleep(Backoff::jittered(next)).await;
                 continue;
             }
         };
