@@ -15,6 +15,7 @@ use clap::Parser;
 use comfy_table::{Table, presets::UTF8_FULL_CONDENSED};
 use datapath_user::{
     Datapath, LoadOptions,
+    loader::L4Checksums,
     maps::LbMaps,
     model::{BackendEntry, Frontend, Protocol},
     object::{TC_EGRESS, TC_INGRESS, TC_PASS, verdict},
@@ -29,6 +30,12 @@ pub struct DatapathOpts {
     /// Measurements per case; min, median and max are reported.
     #[arg(long, default_value_t = 7)]
     pub trials: usize,
+    /// How the programs update translated packets' L4 checksums: their
+    /// own arithmetic (`direct`, what the agent loads) or the helper calls
+    /// (`helpers`: a kernel without BTF, and the figures before direct
+    /// updates).
+    #[arg(long, value_enum, default_value_t = L4Checksums::Direct)]
+    pub l4_checksums: L4Checksums,
     /// Print JSON instead of a table.
     #[arg(long)]
     pub json: bool,
@@ -83,8 +90,8 @@ pub fn run(opts: &DatapathOpts) -> Result<()> {
     }
     println!("{table}");
     println!(
-        "({} trials × {} runs each, BPF_PROG_TEST_RUN on the embedded object)",
-        opts.trials, opts.repeat
+        "({} trials × {} runs each, BPF_PROG_TEST_RUN on the embedded object; L4 checksums: {:?})",
+        opts.trials, opts.repeat, opts.l4_checksums
     );
     Ok(())
 }
@@ -94,7 +101,11 @@ pub fn measure(opts: &DatapathOpts) -> Result<Vec<CaseResult>> {
         opts.repeat.is_multiple_of(2),
         "--repeat must be even: each run moves the packet to the other service, and an even count brings it back"
     );
-    let mut dp = Datapath::load(&LoadOptions::default()).context("loading the datapath")?;
+    let options = LoadOptions {
+        l4_checksums: opts.l4_checksums,
+        ..LoadOptions::default()
+    };
+    let mut dp = Datapath::load(&options).context("loading the datapath")?;
     // Two services, each the other's backend: a packet to A leaves for B's
     // address and port, the next run takes it back to A's. Every run does
     // the full work on real differences (a new address and port, both

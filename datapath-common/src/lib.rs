@@ -18,6 +18,7 @@ pub mod lb;
 pub mod maps;
 pub mod metrics;
 pub mod reject;
+pub mod skb_checksum;
 pub mod sock_lb;
 
 /// IANA protocol numbers used in keys.

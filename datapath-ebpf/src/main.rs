@@ -3,6 +3,8 @@
 //! `datapath_common`. Program names are `datapath_common::programs::*`.
 #![no_std]
 #![no_main]
+// Inline asm for the one kfunc call (`kernel_skb`).
+#![feature(asm_experimental_arch)]
 
 mod clash;
 mod ct;
@@ -13,6 +15,7 @@ mod flags;
 mod frag;
 mod icmp;
 mod ingress;
+mod kernel_skb;
 mod l2;
 mod maps;
 mod metrics;

@@ -2,19 +2,24 @@
 //!
 //! The IPv4 header checksum is updated in place with the pure RFC 1624
 //! arithmetic (`datapath_common::csum`): the IP header is always fully
-//! checksummed in the packet. The L4 checksum goes through
-//! `bpf_l4_csum_replace`, because only the kernel knows whether the skb
-//! carries a full checksum, a partial one (offload: only the pseudo header
-//! is in the field) or a CHECKSUM_COMPLETE sum to keep in step.
+//! checksummed in the packet. So is the L4 checksum when the skb's
+//! checksum state is known (`crate::kernel_skb`) and is not
+//! CHECKSUM_COMPLETE (`datapath_common::skb_checksum`); otherwise it goes
+//! through `bpf_l4_csum_replace`, which knows whether the skb carries a
+//! full checksum, a partial one (offload: only the pseudo header is in the
+//! field) or a CHECKSUM_COMPLETE sum to keep in step.
 
 use aya_ebpf::{
     bindings::{BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR},
     programs::TcContext,
 };
-use datapath_common::{IPPROTO_TCP, csum};
+use datapath_common::{IPPROTO_TCP, csum, skb_checksum};
 
-use crate::parse::{
-    ETH_LEN, IP_CSUM_OFF, IP_DST_OFF, IP_SRC_OFF, Packet, TCP_CSUM_OFF, UDP_CSUM_OFF, ptr_at,
+use crate::{
+    kernel_skb,
+    parse::{
+        ETH_LEN, IP_CSUM_OFF, IP_DST_OFF, IP_SRC_OFF, Packet, TCP_CSUM_OFF, UDP_CSUM_OFF, ptr_at,
+    },
 };
 
 /// Which end of the packet to rewrite.
@@ -61,14 +66,35 @@ pub fn rewrite(
         *ip_addr = address_be;
         *l4_port = port_be;
     }
-    let (csum_off, mangled_0) = if packet.protocol == IPPROTO_TCP {
-        (TCP_CSUM_OFF, 0)
-    } else {
-        // A zero UDP checksum means "none": the helper leaves it zero and
-        // never produces a zero from a real sum.
+    let udp = packet.protocol != IPPROTO_TCP;
+    let (csum_off, mangled_0) = if udp {
+        // A zero UDP checksum means "none": it stays zero, and a real sum
+        // of zero is sent as all-ones.
         (UDP_CSUM_OFF, BPF_F_MARK_MANGLED_0 as u64)
+    } else {
+        (TCP_CSUM_OFF, 0)
     };
     let at = packet.l4_off + csum_off;
+    if let Some(state) = kernel_skb::checksum_state(ctx) {
+        let l4_csum: *mut u16 = ptr_at(ctx, at).ok_or(())?;
+        // SAFETY: bounds-checked by ptr_at; TC programs may write packet
+        // data.
+        unsafe {
+            let updated = skb_checksum::l4_field_after_nat(
+                state,
+                *l4_csum,
+                old_address,
+                address_be,
+                old_port,
+                port_be,
+                udp,
+            );
+            if let Some(check) = updated {
+                *l4_csum = check;
+                return Ok(());
+            }
+        }
+    }
     ctx.l4_csum_replace(
         at,
         old_address as u64,
@@ -100,16 +126,26 @@ pub fn rewrite_port(ctx: &TcContext, packet: &Packet, end: End, port_be: u16) ->
     let l4_port: *mut u16 = ptr_at(ctx, packet.l4_off + port_off).ok_or(())?;
     // SAFETY: bounds-checked by ptr_at; TC programs may write packet data.
     unsafe { *l4_port = port_be };
-    let (csum_off, mangled_0) = if packet.protocol == IPPROTO_TCP {
-        (TCP_CSUM_OFF, 0)
-    } else {
+    let udp = packet.protocol != IPPROTO_TCP;
+    let (csum_off, mangled_0) = if udp {
         (UDP_CSUM_OFF, BPF_F_MARK_MANGLED_0 as u64)
+    } else {
+        (TCP_CSUM_OFF, 0)
     };
-    ctx.l4_csum_replace(
-        packet.l4_off + csum_off,
-        old_port as u64,
-        port_be as u64,
-        mangled_0 | 2,
-    )
-    .map_err(|_| ())
+    let at = packet.l4_off + csum_off;
+    if let Some(state) = kernel_skb::checksum_state(ctx) {
+        let l4_csum: *mut u16 = ptr_at(ctx, at).ok_or(())?;
+        // SAFETY: bounds-checked by ptr_at; TC programs may write packet
+        // data.
+        unsafe {
+            let updated =
+                skb_checksum::l4_field_after_port_change(state, *l4_csum, old_port, port_be, udp);
+            if let Some(check) = updated {
+                *l4_csum = check;
+                return Ok(());
+            }
+        }
+    }
+    ctx.l4_csum_replace(at, old_port as u64, port_be as u64, mangled_0 | 2)
+        .map_err(|_| ())
 }

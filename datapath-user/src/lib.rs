@@ -15,6 +15,7 @@ pub mod features;
 pub mod http;
 pub mod inspect;
 pub mod k8s;
+pub mod kernel_btf;
 pub mod loader;
 pub mod map_pins;
 pub mod maps;

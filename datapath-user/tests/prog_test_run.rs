@@ -4,13 +4,18 @@
 //! verdict and the map state (Katran's fixture shape). Every output frame
 //! has its checksums verified from scratch (`packet::parse`), independently
 //! of the datapath's incremental arithmetic. Test runs see the skb as
-//! CHECKSUM_NONE, so the full L4 checksum path is the one exercised here.
+//! CHECKSUM_NONE, so the full L4 checksum path is the one exercised here
+//! (the pseudo-header one, CHECKSUM_PARTIAL, in `e2e`: the wire finishes
+//! those checksums and the receiver verifies them).
 
 mod common;
 
 use std::{net::Ipv4Addr, time::Duration};
 
-use common::{VIP, jiffies_ago, load_private, load_private_with, tcp_frontend, udp_frontend};
+use common::{
+    VIP, jiffies_ago, load_private, load_private_checksums, load_private_with, tcp_frontend,
+    udp_frontend,
+};
 use datapath_common::{
     SKB_CB_REDIRECTED,
     conntrack::{self, STATE_FIN_RX, STATE_FIN_TX, STATE_RST, STATE_SEEN_NON_SYN},
@@ -21,7 +26,7 @@ use datapath_common::{
 };
 use datapath_user::{
     Datapath,
-    loader::{CtTimeouts, DatapathLog},
+    loader::{CtTimeouts, DatapathLog, L4Checksums},
     maps::LbMaps,
     model::{BackendEntry, Frontend, Protocol},
     object::{TC_EGRESS, TC_INGRESS, verdict},
@@ -365,6 +370,62 @@ fn udp_with_and_without_checksum() {
             ..reply
         },
     );
+}
+
+/// Where the kernel's BTF does not say where the skb's checksum state is
+/// (and for CHECKSUM_COMPLETE packets), checksums go through the helpers:
+/// the same frames come out the same, both ways, TCP and UDP with and
+/// without a checksum.
+#[test]
+fn the_helper_path_rewrites_exactly_as_the_direct_one() {
+    let udp_backend = BackendEntry { id: 4, ..B3 };
+    let outputs = [L4Checksums::Direct, L4Checksums::Helpers].map(|checksums| {
+        let mut dp = load_private_checksums(checksums);
+        dp.maps.set_service(&tcp_frontend(), 1, &[B3]).unwrap();
+        dp.maps
+            .set_service(&udp_frontend(), 2, &[udp_backend])
+            .unwrap();
+        let mut frames = Vec::new();
+        for (request, backend) in [
+            (Frame::tcp(CLIENT, (VIP, 80), SYN), B3),
+            (
+                Frame::udp(CLIENT, (VIP, 53)).with_payload(b"\x12\x34 query"),
+                udp_backend,
+            ),
+            (
+                Frame::udp((CLIENT.0, 40001), (VIP, 53)).without_udp_checksum(),
+                udp_backend,
+            ),
+        ] {
+            let (_, out) = egress(&mut dp, &request);
+            assert_frame(
+                &format!("{checksums:?} DNAT"),
+                &out,
+                &to_backend(&request, &backend),
+            );
+            let reply = Frame {
+                src: backend.address,
+                sport: backend.port,
+                dst: request.src,
+                dport: request.sport,
+                ..request.clone()
+            };
+            let (v, back) = ingress(&mut dp, &reply);
+            assert_eq!(v, verdict::OK, "{checksums:?}");
+            assert_frame(
+                &format!("{checksums:?} reverse NAT"),
+                &back,
+                &Frame {
+                    src: VIP,
+                    sport: request.dport,
+                    ..reply
+                },
+            );
+            frames.push((out, back));
+        }
+        frames
+    });
+    assert_eq!(outputs[0], outputs[1], "direct and helper updates differ");
 }
 
 #[test]

@@ -41,7 +41,7 @@ use crate::{
     features::{self, Plan},
     http,
     k8s::{NodeContext, node_facts, source},
-    loader::{CtTimeouts, DatapathLog, MapSizes},
+    loader::{CtTimeouts, DatapathLog, L4Checksums, MapSizes},
     map_pins::PinPolicy,
     maps::DatapathMaps,
     metrics::Metrics,
@@ -89,6 +89,8 @@ pub struct AgentOptions {
     pub ct_timeouts: CtTimeouts,
     /// Which rare datapath events are logged (fixed at load).
     pub datapath_log: DatapathLog,
+    /// How translated packets get their L4 checksums (fixed at load).
+    pub l4_checksums: L4Checksums,
 }
 
 pub async fn run(options: AgentOptions) -> Result<()> {
@@ -246,6 +248,7 @@ fn load_options(options: &AgentOptions, plan: &Plan) -> Result<LoadOptions> {
         feature_bits: Some(plan.feature_bits),
         sock_lb_scope,
         datapath_log: options.datapath_log,
+        l4_checksums: options.l4_checksums,
     })
 }
 

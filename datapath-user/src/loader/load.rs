@@ -4,12 +4,16 @@
 use std::path::{Path, PathBuf};
 
 use aya::{Ebpf, EbpfLoader, programs::SchedClassifier, util::KernelVersion};
-use datapath_common::{conntrack::LIFETIMES_GLOBAL, maps, sock_lb::SOCK_LB_SCOPE_GLOBAL};
+use datapath_common::{
+    conntrack::LIFETIMES_GLOBAL, maps, skb_checksum::SKB_CHECKSUM_GLOBAL,
+    sock_lb::SOCK_LB_SCOPE_GLOBAL,
+};
 
 use super::{
     bpffs::ensure_bpffs,
-    options::{DatapathLog, LoadOptions},
+    options::{DatapathLog, L4Checksums, LoadOptions},
     programs::{pin_programs, sched_classifier, sock_program},
+    skb_access::{SkbAccess, patch_kfunc_calls},
 };
 use crate::{
     clock, error::LoaderError, features, map_pins, maps::DatapathMaps, object, probe,
@@ -34,7 +38,19 @@ impl Datapath {
     /// created and pinned.
     pub fn load(options: &LoadOptions) -> Result<Self, LoaderError> {
         crate::raise_memlock_limit();
-        let bytes = object::bytes().ok_or(LoaderError::ObjectMissing)?;
+        let embedded = object::bytes().ok_or(LoaderError::ObjectMissing)?;
+        let skb_access = match options.l4_checksums {
+            L4Checksums::Direct => SkbAccess::probe(),
+            L4Checksums::Helpers => SkbAccess::helpers_only("chosen by the caller".into()),
+        };
+        if let Some(reason) = &skb_access.fallback_reason {
+            tracing::info!(
+                "translated packets get their L4 checksums from helper calls \
+                 (~40 ns more per packet): {reason}"
+            );
+        }
+        let (patched, _) = patch_kfunc_calls(embedded, skb_access.kfunc_id);
+        let bytes = patched.bytes();
         let pin_dir = options.pin_dir.clone();
         let map_pins: Vec<(&str, PathBuf)> = match &pin_dir {
             Some(dir) => {
@@ -104,6 +120,7 @@ impl Datapath {
             true,
         );
         loader.override_global(SOCK_LB_SCOPE_GLOBAL, &options.sock_lb_scope, true);
+        loader.override_global(SKB_CHECKSUM_GLOBAL, &skb_access.checksum_field, true);
         let log_level = options.datapath_log.aya_level();
         loader.override_global(aya_log::LEVEL, &log_level, true);
         for (name, path) in &map_pins {

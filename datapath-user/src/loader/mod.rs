@@ -19,6 +19,7 @@ mod event_log;
 mod load;
 mod options;
 mod programs;
+mod skb_access;
 mod sock_attach;
 mod tc_attach;
 mod tc_pass;
@@ -29,7 +30,7 @@ pub use self::{
     attachment::{SockAttachment, TcAttachment},
     bpffs::ensure_bpffs,
     load::Datapath,
-    options::{CtTimeouts, DEFAULT_PIN_DIR, DatapathLog, LoadOptions, MapSizes},
+    options::{CtTimeouts, DEFAULT_PIN_DIR, DatapathLog, L4Checksums, LoadOptions, MapSizes},
     programs::{PROGRAM_PINS, PinnedTcPrograms},
     tc_attach::{REPLY_LINKS, TC_LINKS, detach_pinned_reply, detach_pinned_tc},
     test_run::{SKB_CB_WORDS, TestRunOutcome},

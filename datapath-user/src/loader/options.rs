@@ -77,6 +77,23 @@ pub struct LoadOptions {
     pub sock_lb_scope: SockLbScope,
     /// Which rare datapath events the programs log (default: warnings).
     pub datapath_log: DatapathLog,
+    /// How translated packets get their L4 checksums (default: directly,
+    /// where the kernel allows).
+    pub l4_checksums: L4Checksums,
+}
+
+/// How the programs update a translated packet's L4 checksum
+/// (`datapath_common::skb_checksum`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum L4Checksums {
+    /// By their own arithmetic after reading the skb's checksum state,
+    /// where the kernel's BTF says where it is (Linux ≥ 6.3); helper
+    /// calls for CHECKSUM_COMPLETE and on other kernels.
+    #[default]
+    Direct,
+    /// Always by `bpf_l4_csum_replace` calls, as on a kernel without BTF
+    /// (tests of that path, before/after figures).
+    Helpers,
 }
 
 /// Which rare datapath events the programs log through aya-log (no

@@ -5,7 +5,7 @@ pub mod agent_lab;
 
 use datapath_user::{
     Datapath, LoadOptions,
-    loader::{CtTimeouts, DatapathLog, MapSizes},
+    loader::{CtTimeouts, DatapathLog, L4Checksums, MapSizes},
     model::{Frontend, Protocol},
 };
 
@@ -30,19 +30,29 @@ pub fn load_private() -> Datapath {
 
 /// The same with chosen conntrack lifetimes.
 pub fn load_private_with(ct_timeouts: CtTimeouts) -> Datapath {
-    load_private_options(ct_timeouts, DatapathLog::default())
+    load_private_options(ct_timeouts, DatapathLog::default(), L4Checksums::default())
+}
+
+/// The same updating L4 checksums as `l4_checksums` says.
+pub fn load_private_checksums(l4_checksums: L4Checksums) -> Datapath {
+    load_private_options(CtTimeouts::default(), DatapathLog::default(), l4_checksums)
 }
 
 /// The same logging rare events at `datapath_log`.
 pub fn load_private_logging(datapath_log: DatapathLog) -> Datapath {
-    load_private_options(CtTimeouts::default(), datapath_log)
+    load_private_options(CtTimeouts::default(), datapath_log, L4Checksums::default())
 }
 
-fn load_private_options(ct_timeouts: CtTimeouts, datapath_log: DatapathLog) -> Datapath {
+fn load_private_options(
+    ct_timeouts: CtTimeouts,
+    datapath_log: DatapathLog,
+    l4_checksums: L4Checksums,
+) -> Datapath {
     require_root("BPF_PROG_TEST_RUN");
     let options = LoadOptions {
         ct_timeouts,
         datapath_log,
+        l4_checksums,
         pin_dir: None,
         sizes: MapSizes {
             services: 4096,
