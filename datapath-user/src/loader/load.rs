@@ -41,12 +41,15 @@ impl Datapath {
         let embedded = object::bytes().ok_or(LoaderError::ObjectMissing)?;
         let skb_access = match options.l4_checksums {
             L4Checksums::Direct => SkbAccess::probe(),
-            L4Checksums::Helpers => SkbAccess::helpers_only("chosen by the caller".into()),
+            L4Checksums::Helpers => SkbAccess::helpers_only("chosen (--l4-checksums)".into()),
         };
-        if let Some(reason) = &skb_access.fallback_reason {
-            tracing::info!(
-                "translated packets get their L4 checksums from helper calls \
-                 (~40 ns more per packet): {reason}"
+        if let (L4Checksums::Direct, Some(reason)) =
+            (options.l4_checksums, &skb_access.fallback_reason)
+        {
+            tracing::warn!(
+                feature = "direct L4 checksum updates",
+                "kernel feature missing: translated packets get their L4 checksums \
+                 from helper calls (~40 ns more per packet): {reason}"
             );
         }
         let (patched, _) = patch_kfunc_calls(embedded, skb_access.kfunc_id);
