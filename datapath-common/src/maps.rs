@@ -39,19 +39,54 @@ pub const ALL_MAPS: [&str; 13] = [
     SOCK_LB_SKIP_MAP,
 ];
 
-/// Version of the layouts of every map value and key in this file. Pinned
-/// maps outlive the agent, so a build whose layouts differ from the pins'
-/// (a field moved, even at the same size) must not adopt them
-/// (`datapath_user::map_pins` keeps the version beside the pins). Bump it
-/// with any change to a layout here; the test
-/// `the_layouts_are_the_ones_maps_abi_names` fails until you do.
+/// Each map's layout version: its key and value structs and what their
+/// fields mean. Pinned maps outlive the agent, so a build whose layout of
+/// a map differs from its pin's (a field moved, even at the same size)
+/// must not adopt that pin (`datapath_user::map_pins` keeps each map's
+/// version beside the pins and makes a map whose version differs afresh,
+/// keeping the others: a change to the service maps does not cost the
+/// tracked connections). Bump a map's version with any change to its
+/// layout; the test `every_maps_layout_is_the_one_its_version_names` fails
+/// until you do. A new map starts at 1.
 ///
 /// One change keeps the version: a field added in bytes the version keeps
 /// zero, when zero there means what the version meant (the high bits of
 /// reverse-NAT ids, `ServiceValue::rev_nat_high`, `CtEntry::rev_nat_high`:
 /// every id the older build wrote is below 65,536). Pins of the older build
 /// then read the same in both, and an upgrade keeps every tracked flow.
-pub const MAPS_ABI: u32 = 3;
+///
+/// Every map that existed when all maps shared one version
+/// (`SHARED_MAPS_ABI`) is at that version's last value, 3.
+pub const MAP_LAYOUT_VERSIONS: [(&str, u32); 13] = [
+    (SERVICE_FILTER_MAP, 3),
+    (SERVICES_MAP, 3),
+    (BACKENDS_MAP, 3),
+    (REVERSE_NAT_MAP, 3),
+    (CONNTRACK_TCP_MAP, 3),
+    (CONNTRACK_UDP_MAP, 3),
+    (SOCK_REVERSE_NAT_MAP, 3),
+    (COUNTERS_MAP, 3),
+    (FRAGMENTS_MAP, 3),
+    (CLASH_FILTER_MAP, 3),
+    (REPLY_FILTER_MAP, 3),
+    (POD_ROUTES_MAP, 3),
+    (SOCK_LB_SKIP_MAP, 3),
+];
+
+/// The layout version of `map` in this build.
+pub fn layout_version(map: &str) -> Option<u32> {
+    MAP_LAYOUT_VERSIONS
+        .iter()
+        .find(|(name, _)| *name == map)
+        .map(|(_, version)| *version)
+}
+
+/// The one layout version all maps shared before each had its own: pins
+/// marked with it (`maps-abi-v3`) hold every map of `ALL_MAPS` at that
+/// version. Builds of that time read only this marker, so it is kept
+/// beside the per-map ones while every map is still at it (a downgrade
+/// then keeps the pins too).
+pub const SHARED_MAPS_ABI: u32 = 3;
 
 /// `REPLY_FILTER`'s entries: one flag per `lb::service_filter_index`
 /// bucket of a backend's (address, port, protocol), then
@@ -440,10 +475,11 @@ mod tests {
 
     use super::*;
 
-    /// Sizes are part of the pinned-map ABI: a change here must be a
-    /// conscious migration, and no size may hide implicit padding.
-    /// Every field's offset, per struct: what `MAPS_ABI` stands for.
-    fn layouts() -> String {
+    /// Sizes are part of the pinned maps' layouts: a change here must be a
+    /// conscious migration, and no size may hide implicit padding. Every
+    /// map with its version, key and value, each struct's fields with
+    /// their offsets: what `MAP_LAYOUT_VERSIONS` stands for.
+    fn map_layouts() -> String {
         macro_rules! layout {
             ($t:ty: $($f:ident),*) => {
                 format!(
@@ -454,48 +490,97 @@ mod tests {
                 )
             };
         }
-        [
-            layout!(ServiceKey: address_be, port_be, backend_slot, protocol),
-            layout!(ServiceValue: backend_id, backend_count, rev_nat_low, flags, rev_nat_high),
-            layout!(Backend: address_be, port_be, protocol, flags),
-            layout!(RevNatValue: address_be, port_be, flags),
-            layout!(CtKey: client_address_be, peer_address_be, client_port_be, peer_port_be, protocol, kind),
-            layout!(CtEntry: last_seen, l2_seen, backend_id, rev_nat_low, state, l2_mode,
-                service_address_be, service_port_be, dst_mac, src_mac, nat_port_be, ifindex,
-                out_ifindex, rev_nat_high),
-            layout!(SockRevNatKey: cookie, backend_address_be, backend_port_be),
-            layout!(SockRevNatValue: service_address_be, service_port_be, rev_nat_low),
-            layout!(FragmentKey: source_be, destination_be, id_be, protocol),
-            layout!(FragmentPorts: source_port_be, destination_port_be),
-            layout!(PodRouteKey: netns_cookie, address_be),
-        ]
-        .join("\n")
+        let service_key = layout!(ServiceKey: address_be, port_be, backend_slot, protocol);
+        let service_value =
+            layout!(ServiceValue: backend_id, backend_count, rev_nat_low, flags, rev_nat_high);
+        let ct_key = layout!(CtKey: client_address_be, peer_address_be, client_port_be, peer_port_be, protocol, kind);
+        let ct_entry = layout!(CtEntry: last_seen, l2_seen, backend_id, rev_nat_low, state, l2_mode,
+            service_address_be, service_port_be, dst_mac, src_mac, nat_port_be, ifindex,
+            out_ifindex, rev_nat_high);
+        let maps: [(&str, String, String); 13] = [
+            (SERVICE_FILTER_MAP, "u32".into(), "u32".into()),
+            (SERVICES_MAP, service_key, service_value),
+            (
+                BACKENDS_MAP,
+                "u32".into(),
+                layout!(Backend: address_be, port_be, protocol, flags),
+            ),
+            (
+                REVERSE_NAT_MAP,
+                "u32".into(),
+                layout!(RevNatValue: address_be, port_be, flags),
+            ),
+            (CONNTRACK_TCP_MAP, ct_key.clone(), ct_entry.clone()),
+            (CONNTRACK_UDP_MAP, ct_key, ct_entry),
+            (
+                SOCK_REVERSE_NAT_MAP,
+                layout!(SockRevNatKey: cookie, backend_address_be, backend_port_be),
+                layout!(SockRevNatValue: service_address_be, service_port_be, rev_nat_low),
+            ),
+            (COUNTERS_MAP, "u32".into(), "u64 per CPU".into()),
+            (
+                FRAGMENTS_MAP,
+                layout!(FragmentKey: source_be, destination_be, id_be, protocol),
+                layout!(FragmentPorts: source_port_be, destination_port_be),
+            ),
+            (CLASH_FILTER_MAP, "u32".into(), "u32".into()),
+            (REPLY_FILTER_MAP, "u32".into(), "u32".into()),
+            (
+                POD_ROUTES_MAP,
+                layout!(PodRouteKey: netns_cookie, address_be),
+                "u32".into(),
+            ),
+            (SOCK_LB_SKIP_MAP, "u64".into(), "u8".into()),
+        ];
+        assert_eq!(
+            maps.each_ref().map(|(name, _, _)| *name),
+            ALL_MAPS,
+            "every map, in ALL_MAPS' order"
+        );
+        maps.iter()
+            .map(|(name, key, value)| {
+                let version = layout_version(name).expect("every map has a version");
+                format!("{name} v{version}: {key} -> {value}")
+            })
+            .collect::<std::vec::Vec<_>>()
+            .join("\n")
     }
 
-    /// A changed layout without a new `MAPS_ABI` would let an upgraded
-    /// agent adopt pins it misreads. Changed a struct? Bump `MAPS_ABI`
-    /// and paste the new layouts here.
+    /// A changed layout without a new version would let an upgraded agent
+    /// adopt a pin it misreads. Changed a struct? Bump the version of every
+    /// map holding it (`MAP_LAYOUT_VERSIONS`) and paste the lines printed
+    /// here.
     #[test]
-    fn the_layouts_are_the_ones_maps_abi_names() {
+    fn every_maps_layout_is_the_one_its_version_names() {
+        let layouts = map_layouts();
+        for (want, have) in LAYOUTS.lines().zip(layouts.lines()) {
+            assert_eq!(
+                have.trim(),
+                want.trim(),
+                "a map layout changed: bump that map's version and record the layouts printed here"
+            );
+        }
         assert_eq!(
-            (MAPS_ABI, layouts().as_str()),
-            (3, LAYOUTS_V3),
-            "a map layout changed: bump MAPS_ABI and record the layouts printed here"
+            layouts.lines().count(),
+            LAYOUTS.lines().count(),
+            "{layouts}"
         );
     }
 
-    const LAYOUTS_V3: &str = "\
-         ServiceKey[12]{address_be@0,port_be@4,backend_slot@6,protocol@8}\n\
-         ServiceValue[12]{backend_id@0,backend_count@4,rev_nat_low@6,flags@8,rev_nat_high@9}\n\
-         Backend[8]{address_be@0,port_be@4,protocol@6,flags@7}\n\
-         RevNatValue[8]{address_be@0,port_be@4,flags@6}\n\
-         CtKey[16]{client_address_be@0,peer_address_be@4,client_port_be@8,peer_port_be@10,protocol@12,kind@13}\n\
-         CtEntry[56]{last_seen@0,l2_seen@8,backend_id@16,rev_nat_low@20,state@22,l2_mode@23,service_address_be@24,service_port_be@28,dst_mac@30,src_mac@36,nat_port_be@42,ifindex@44,out_ifindex@48,rev_nat_high@52}\n\
-         SockRevNatKey[16]{cookie@0,backend_address_be@8,backend_port_be@12}\n\
-         SockRevNatValue[8]{service_address_be@0,service_port_be@4,rev_nat_low@6}\n\
-         FragmentKey[12]{source_be@0,destination_be@4,id_be@8,protocol@10}\n\
-         FragmentPorts[4]{source_port_be@0,destination_port_be@2}\n\
-         PodRouteKey[16]{netns_cookie@0,address_be@8}";
+    const LAYOUTS: &str = "\
+         SERVICE_FILTER v3: u32 -> u32
+         SERVICES v3: ServiceKey[12]{address_be@0,port_be@4,backend_slot@6,protocol@8} -> ServiceValue[12]{backend_id@0,backend_count@4,rev_nat_low@6,flags@8,rev_nat_high@9}
+         BACKENDS v3: u32 -> Backend[8]{address_be@0,port_be@4,protocol@6,flags@7}
+         REVERSE_NAT v3: u32 -> RevNatValue[8]{address_be@0,port_be@4,flags@6}
+         CONNTRACK_TCP v3: CtKey[16]{client_address_be@0,peer_address_be@4,client_port_be@8,peer_port_be@10,protocol@12,kind@13} -> CtEntry[56]{last_seen@0,l2_seen@8,backend_id@16,rev_nat_low@20,state@22,l2_mode@23,service_address_be@24,service_port_be@28,dst_mac@30,src_mac@36,nat_port_be@42,ifindex@44,out_ifindex@48,rev_nat_high@52}
+         CONNTRACK_UDP v3: CtKey[16]{client_address_be@0,peer_address_be@4,client_port_be@8,peer_port_be@10,protocol@12,kind@13} -> CtEntry[56]{last_seen@0,l2_seen@8,backend_id@16,rev_nat_low@20,state@22,l2_mode@23,service_address_be@24,service_port_be@28,dst_mac@30,src_mac@36,nat_port_be@42,ifindex@44,out_ifindex@48,rev_nat_high@52}
+         SOCK_REVERSE_NAT v3: SockRevNatKey[16]{cookie@0,backend_address_be@8,backend_port_be@12} -> SockRevNatValue[8]{service_address_be@0,service_port_be@4,rev_nat_low@6}
+         COUNTERS v3: u32 -> u64 per CPU
+         FRAGMENTS v3: FragmentKey[12]{source_be@0,destination_be@4,id_be@8,protocol@10} -> FragmentPorts[4]{source_port_be@0,destination_port_be@2}
+         CLASH_FILTER v3: u32 -> u32
+         REPLY_FILTER v3: u32 -> u32
+         POD_ROUTES v3: PodRouteKey[16]{netns_cookie@0,address_be@8} -> u32
+         SOCK_LB_SKIP v3: u64 -> u8";
 
     #[test]
     fn reverse_nat_ids_take_24_bits_and_values_written_before_read_the_same() {

@@ -128,10 +128,17 @@ impl KernelBtf {
     /// structs and unions as C does.
     pub fn struct_field(&self, name: &str, member: &str) -> Option<FieldPlace> {
         let id = *self.by_name.get(&(name.to_owned(), KIND_STRUCT))?;
-        self.find_member(id, member, 0)
+        self.find_member(id, member, 0, 0)
     }
 
-    fn find_member(&self, id: u32, member: &str, base_bits: u32) -> Option<FieldPlace> {
+    /// Anonymous members nest a few levels in real kernels; a malformed
+    /// blob could loop.
+    const MAX_NESTING: u32 = 16;
+
+    fn find_member(&self, id: u32, member: &str, base_bits: u32, depth: u32) -> Option<FieldPlace> {
+        if depth > Self::MAX_NESTING {
+            return None;
+        }
         let at = *self.types.get(id.checked_sub(1)? as usize)?;
         let info = u32_at(&self.data, at + 4).ok()?;
         let kind = (info >> 24) & 0x1f;
@@ -158,7 +165,9 @@ impl KernelBtf {
             }
             if name.is_empty() {
                 let inner = self.strip_modifiers(member_type);
-                if let Some(found) = self.find_member(inner, member, base_bits + bit_offset) {
+                if let Some(found) =
+                    self.find_member(inner, member, base_bits + bit_offset, depth + 1)
+                {
                     return Some(found);
                 }
             }

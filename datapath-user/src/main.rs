@@ -334,7 +334,7 @@ struct AgentArgs {
     datapath_log: DatapathLog,
     /// How translated packets get their TCP/UDP checksums: `direct` (the
     /// programs' own arithmetic after reading the skb's checksum state
-    /// through the kernel's BTF; Linux 6.3+, helper calls elsewhere and
+    /// through the kernel's BTF; Linux 6.2+, helper calls elsewhere and
     /// for CHECKSUM_COMPLETE packets) or `helpers` (always
     /// `bpf_l4_csum_replace`, ~40 ns more per translated packet). Fixed
     /// when the datapath loads.

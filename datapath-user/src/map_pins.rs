@@ -19,6 +19,13 @@
 //! attach`) adopts the maps as they are (`PinPolicy::Adopt`): another size
 //! is the agent's choice, but another layout is an error naming the map,
 //! since attaching programs of this version to it would mistranslate.
+//!
+//! Each map's layout version is marked beside the pins
+//! (`layouts/<MAP>-v<N>`, `datapath_common::maps::MAP_LAYOUT_VERSIONS`):
+//! a build that changes one map's layout replaces that map alone, and the
+//! others (conntrack among them) keep their contents. Pins of the builds
+//! before per-map versions carry one shared marker (`maps-abi-v3`), which
+//! stands for every map of their time at that version.
 
 use std::{
     collections::HashMap,
@@ -27,7 +34,12 @@ use std::{
 };
 
 use aya::maps::MapInfo;
-use datapath_common::maps::MAPS_ABI;
+use datapath_common::maps::{
+    BACKENDS_MAP, CLASH_FILTER_MAP, CONNTRACK_TCP_MAP, CONNTRACK_UDP_MAP, COUNTERS_MAP,
+    FRAGMENTS_MAP, MAP_LAYOUT_VERSIONS, POD_ROUTES_MAP, REPLY_FILTER_MAP, REVERSE_NAT_MAP,
+    SERVICE_FILTER_MAP, SERVICES_MAP, SHARED_MAPS_ABI, SOCK_LB_SKIP_MAP, SOCK_REVERSE_NAT_MAP,
+    layout_version,
+};
 
 use crate::error::LoaderError;
 
@@ -192,14 +204,15 @@ fn raw_map_type(info: &MapInfo) -> u32 {
     }
 }
 
-/// The marker directory beside the pins that names their layout version
-/// (bpffs holds directories, maps, programs and links only).
-fn abi_marker(pin_dir: &Path, abi: u32) -> PathBuf {
+/// The marker directory beside the pins that names the one layout version
+/// all maps shared before each had its own (bpffs holds directories, maps,
+/// programs and links only).
+fn shared_marker(pin_dir: &Path, abi: u32) -> PathBuf {
     pin_dir.join(format!("maps-abi-v{abi}"))
 }
 
-/// The layout version the pins under `pin_dir` were made with, if marked.
-pub fn pinned_abi(pin_dir: &Path) -> Option<u32> {
+/// The shared layout version the pins under `pin_dir` were marked with.
+pub fn pinned_shared_abi(pin_dir: &Path) -> Option<u32> {
     std::fs::read_dir(pin_dir)
         .ok()?
         .filter_map(|e| e.ok())
@@ -212,20 +225,110 @@ pub fn pinned_abi(pin_dir: &Path) -> Option<u32> {
         })
 }
 
-/// Marks the pins under `pin_dir` as made with this version's layouts
-/// (after a load that made or replaced them).
-pub fn mark_abi(pin_dir: &Path) -> Result<(), LoaderError> {
-    let marker = abi_marker(pin_dir, MAPS_ABI);
-    if marker.exists() {
-        return Ok(());
+/// The maps of the builds that marked one shared version: the shared
+/// marker speaks for these only.
+const SHARED_VERSION_MAPS: [&str; 13] = [
+    SERVICE_FILTER_MAP,
+    SERVICES_MAP,
+    BACKENDS_MAP,
+    REVERSE_NAT_MAP,
+    CONNTRACK_TCP_MAP,
+    CONNTRACK_UDP_MAP,
+    SOCK_REVERSE_NAT_MAP,
+    COUNTERS_MAP,
+    FRAGMENTS_MAP,
+    CLASH_FILTER_MAP,
+    REPLY_FILTER_MAP,
+    POD_ROUTES_MAP,
+    SOCK_LB_SKIP_MAP,
+];
+
+/// Where each map's layout version is marked: `layouts/<MAP>-v<N>`.
+pub const LAYOUTS_DIR: &str = "layouts";
+
+fn layout_marker(pin_dir: &Path, map: &str, version: u32) -> PathBuf {
+    pin_dir.join(LAYOUTS_DIR).join(format!("{map}-v{version}"))
+}
+
+/// Which layout version the pin of `map` under `pin_dir` has.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PinnedVersion {
+    /// Its own marker says.
+    Marked(u32),
+    /// Only the shared marker of the builds before per-map versions
+    /// (every map was at that version).
+    Shared(u32),
+    /// No marker: pinned before layouts were versioned at all.
+    Unmarked,
+}
+
+/// The layout version of the pinned `map`, by its marker.
+pub fn pinned_version(pin_dir: &Path, map: &str) -> PinnedVersion {
+    let prefix = format!("{map}-v");
+    let marked = std::fs::read_dir(pin_dir.join(LAYOUTS_DIR))
+        .ok()
+        .and_then(|entries| {
+            entries
+                .filter_map(|e| e.ok())
+                .find_map(|e| e.file_name().to_str()?.strip_prefix(&prefix)?.parse().ok())
+        });
+    match (marked, pinned_shared_abi(pin_dir)) {
+        (Some(version), _) => PinnedVersion::Marked(version),
+        // The shared marker speaks for the maps of its time only.
+        (None, Some(abi)) if SHARED_VERSION_MAPS.contains(&map) => PinnedVersion::Shared(abi),
+        _ => PinnedVersion::Unmarked,
     }
-    if let Some(old) = pinned_abi(pin_dir) {
-        let _ = std::fs::remove_dir(abi_marker(pin_dir, old));
+}
+
+/// Why a pin's layout version differs from this build's, if it does.
+pub fn version_difference(map: &str, pinned: PinnedVersion) -> Option<String> {
+    let ours = layout_version(map)?;
+    match pinned {
+        PinnedVersion::Marked(v) | PinnedVersion::Shared(v) if v == ours => None,
+        PinnedVersion::Marked(v) | PinnedVersion::Shared(v) => {
+            Some(format!("layout v{v} pinned, v{ours} in this version"))
+        }
+        PinnedVersion::Unmarked => Some(format!(
+            "layout from before versioning pinned, v{ours} in this version"
+        )),
     }
-    std::fs::create_dir(&marker).map_err(|e| LoaderError::Pin {
-        path: marker,
-        reason: format!("marking the maps' layout version: {e}"),
-    })
+}
+
+/// Marks the pins under `pin_dir` as made with this build's layouts
+/// (after a load that made, replaced or adopted them), map by map; the
+/// shared marker stays while every map is at its version, for builds
+/// that read only that one.
+pub fn mark_layouts(pin_dir: &Path) -> Result<(), LoaderError> {
+    let dir = pin_dir.join(LAYOUTS_DIR);
+    let err = |path: &Path, e: std::io::Error| LoaderError::Pin {
+        path: path.to_owned(),
+        reason: format!("marking the maps' layout versions: {e}"),
+    };
+    if !dir.is_dir() {
+        std::fs::create_dir(&dir).map_err(|e| err(&dir, e))?;
+    }
+    for (map, version) in MAP_LAYOUT_VERSIONS {
+        let marker = layout_marker(pin_dir, map, version);
+        if marker.exists() {
+            continue;
+        }
+        if let PinnedVersion::Marked(old) = pinned_version(pin_dir, map) {
+            let _ = std::fs::remove_dir(layout_marker(pin_dir, map, old));
+        }
+        std::fs::create_dir(&marker).map_err(|e| err(&marker, e))?;
+    }
+    let all_shared = SHARED_VERSION_MAPS
+        .iter()
+        .all(|map| layout_version(map) == Some(SHARED_MAPS_ABI));
+    let pinned_shared = pinned_shared_abi(pin_dir);
+    if pinned_shared.is_some_and(|abi| !all_shared || abi != SHARED_MAPS_ABI) {
+        let _ = std::fs::remove_dir(shared_marker(pin_dir, pinned_shared.unwrap_or_default()));
+    }
+    let shared = shared_marker(pin_dir, SHARED_MAPS_ABI);
+    if all_shared && !shared.exists() {
+        std::fs::create_dir(&shared).map_err(|e| err(&shared, e))?;
+    }
+    Ok(())
 }
 
 /// A pin that was replaced, and why (for the agent's log).
@@ -244,26 +347,16 @@ pub fn reconcile_pins(
     expected: &HashMap<String, MapLayout>,
     policy: PinPolicy,
 ) -> Result<Vec<Replaced>, LoaderError> {
-    // Field layouts are not visible in a map's sizes (a field can move
-    // at the same size): the pins' layout version says.
-    let any_pinned = pins.iter().any(|(_, path)| path.exists());
-    let abi = match pinned_abi(pin_dir) {
-        _ if !any_pinned => None,
-        Some(v) if v == MAPS_ABI => None,
-        Some(v) => Some(format!(
-            "map layouts v{v} pinned, v{MAPS_ABI} in this version"
-        )),
-        None => Some(format!(
-            "map layouts from before versioning pinned, v{MAPS_ABI} in this version"
-        )),
-    };
     let mut replaced = Vec::new();
     for (name, path) in pins {
         let (Some(want), Some(have)) = (expected.get(*name), pinned_layout(path)?) else {
             continue;
         };
         let mut diff = differences(want, &have);
-        diff.layout.extend(abi.clone());
+        // Field layouts are not visible in a map's sizes (a field can move
+        // at the same size): the pin's layout version says.
+        diff.layout
+            .extend(version_difference(name, pinned_version(pin_dir, name)));
         match decide(policy, &diff) {
             Decision::Keep => {}
             Decision::Replace(reason) => {
@@ -360,5 +453,50 @@ mod tests {
             layouts[datapath_common::maps::CONNTRACK_TCP_MAP].value_size as usize,
             size_of::<datapath_common::maps::CtEntry>()
         );
+    }
+
+    /// Markers on a plain directory (bpffs holds directories alike).
+    #[test]
+    fn each_map_carries_its_version_and_the_shared_marker_speaks_for_its_time() {
+        let dir = tempfile::tempdir().unwrap();
+        let pins = dir.path();
+        assert_eq!(pinned_version(pins, SERVICES_MAP), PinnedVersion::Unmarked);
+        assert_eq!(
+            version_difference(SERVICES_MAP, PinnedVersion::Unmarked).unwrap(),
+            "layout from before versioning pinned, v3 in this version"
+        );
+
+        // The builds before per-map versions: one marker for all.
+        std::fs::create_dir(shared_marker(pins, 2)).unwrap();
+        assert_eq!(pinned_version(pins, SERVICES_MAP), PinnedVersion::Shared(2));
+        assert_eq!(pinned_version(pins, "A_NEWER_MAP"), PinnedVersion::Unmarked);
+        assert_eq!(
+            version_difference(CONNTRACK_TCP_MAP, PinnedVersion::Shared(2)).unwrap(),
+            "layout v2 pinned, v3 in this version"
+        );
+        assert_eq!(
+            version_difference(CONNTRACK_TCP_MAP, PinnedVersion::Shared(3)),
+            None
+        );
+
+        mark_layouts(pins).unwrap();
+        for (map, version) in MAP_LAYOUT_VERSIONS {
+            assert_eq!(pinned_version(pins, map), PinnedVersion::Marked(version));
+        }
+        assert_eq!(
+            pinned_shared_abi(pins),
+            Some(SHARED_MAPS_ABI),
+            "every map is at v3: the shared marker says so for older builds"
+        );
+        assert!(!shared_marker(pins, 2).exists());
+
+        // One map's own marker moves alone.
+        std::fs::remove_dir(layout_marker(pins, SERVICES_MAP, 3)).unwrap();
+        std::fs::create_dir(layout_marker(pins, SERVICES_MAP, 2)).unwrap();
+        assert_eq!(pinned_version(pins, SERVICES_MAP), PinnedVersion::Marked(2));
+        assert_eq!(pinned_version(pins, BACKENDS_MAP), PinnedVersion::Marked(3));
+        mark_layouts(pins).unwrap();
+        assert_eq!(pinned_version(pins, SERVICES_MAP), PinnedVersion::Marked(3));
+        assert!(!layout_marker(pins, SERVICES_MAP, 2).exists());
     }
 }

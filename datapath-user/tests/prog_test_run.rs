@@ -381,6 +381,13 @@ fn the_helper_path_rewrites_exactly_as_the_direct_one() {
     let udp_backend = BackendEntry { id: 4, ..B3 };
     let outputs = [L4Checksums::Direct, L4Checksums::Helpers].map(|checksums| {
         let mut dp = load_private_checksums(checksums);
+        if checksums == L4Checksums::Direct
+            && !std::path::Path::new(datapath_user::kernel_btf::VMLINUX_BTF).exists()
+        {
+            eprintln!("direct updates not compared: this kernel publishes no BTF");
+        } else {
+            assert_eq!(dp.l4_checksums(), checksums, "the mode loaded");
+        }
         dp.maps.set_service(&tcp_frontend(), 1, &[B3]).unwrap();
         dp.maps
             .set_service(&udp_frontend(), 2, &[udp_backend])

@@ -372,7 +372,10 @@ fn adoption_and_lifecycle_through_pinned_maps() {
 #[test]
 fn pinned_maps_made_differently_are_replaced_by_the_owner_only() {
     use aya::maps::{MapData, MapInfo};
-    use datapath_common::maps::{CONNTRACK_TCP_MAP, CONNTRACK_UDP_MAP, SOCK_REVERSE_NAT_MAP};
+    use datapath_common::maps::{
+        BACKENDS_MAP, CONNTRACK_TCP_MAP, CONNTRACK_UDP_MAP, REVERSE_NAT_MAP, SERVICES_MAP,
+        SHARED_MAPS_ABI, SOCK_REVERSE_NAT_MAP, layout_version,
+    };
     use datapath_user::{LoadOptions, loader::MapSizes, map_pins::PinPolicy};
     common::require_root("pinned maps");
     let pin_dir = std::path::PathBuf::from(format!("/sys/fs/bpf/{}", lab::unique_prefix()));
@@ -447,24 +450,76 @@ fn pinned_maps_made_differently_are_replaced_by_the_owner_only() {
     assert_eq!(datapath.maps.dump().unwrap(), programmed);
     drop(datapath);
 
-    // Pins made by a build with other field layouts at the same sizes
-    // (its version marker says so): nothing of them can be read.
-    let ours = format!("maps-abi-v{}", datapath_common::maps::MAPS_ABI);
-    assert!(pin_dir.join(&ours).is_dir(), "the pins carry their version");
-    std::fs::remove_dir(pin_dir.join(&ours)).unwrap();
-    std::fs::create_dir(pin_dir.join("maps-abi-v2")).unwrap();
+    // Each map's layout version is marked beside the pins. A build whose
+    // SERVICES layout differs (its marker says v2) gets that map afresh;
+    // every other map, conntrack among them, is kept as it is.
+    use datapath_user::map_pins::LAYOUTS_DIR;
+    let layouts = pin_dir.join(LAYOUTS_DIR);
+    let ours = format!("{SERVICES_MAP}-v{}", layout_version(SERVICES_MAP).unwrap());
+    assert!(
+        layouts.join(&ours).is_dir(),
+        "the pins carry their versions"
+    );
+    let map_id = |map: &str| MapInfo::from_pin(pin_dir.join(map)).unwrap().id();
+    let ids = |maps: &[&str]| maps.iter().map(|m| map_id(m)).collect::<Vec<_>>();
+    let kept = [
+        CONNTRACK_TCP_MAP,
+        CONNTRACK_UDP_MAP,
+        REVERSE_NAT_MAP,
+        BACKENDS_MAP,
+    ];
+    let (kept_ids, services_id) = (ids(&kept), map_id(SERVICES_MAP));
+    std::fs::remove_dir(layouts.join(&ours)).unwrap();
+    std::fs::create_dir(layouts.join(format!("{SERVICES_MAP}-v2"))).unwrap();
     let refused = datapath_user::Datapath::load(&with(3000, PinPolicy::Adopt))
         .err()
         .expect("another layout version is refused")
         .to_string();
-    assert!(refused.contains("map layouts v2 pinned"), "{refused}");
+    assert!(
+        refused.contains(SERVICES_MAP) && refused.contains("layout v2 pinned"),
+        "{refused}"
+    );
+    let mut datapath = datapath_user::Datapath::load(&with(3000, PinPolicy::Own)).unwrap();
+    assert_ne!(map_id(SERVICES_MAP), services_id, "SERVICES made afresh");
+    assert_eq!(ids(&kept), kept_ids, "the other maps kept");
+    // The agent programs the service again under the reverse-NAT id and
+    // backend ids its tracked flows name: the same maps as before.
+    let mut reconciler = Reconciler::adopt(&mut datapath.maps).unwrap();
+    apply(&mut reconciler, &web);
+    reconciler.prune(false).unwrap();
+    assert_eq!(reconciler.maps().dump().unwrap(), programmed, "ids kept");
+    drop(reconciler);
+    drop(datapath);
+    assert!(layouts.join(&ours).is_dir() && !layouts.join(format!("{SERVICES_MAP}-v2")).exists());
+
+    // Pins of the builds before per-map versions carry one shared marker:
+    // at this build's versions (v3) every map is kept...
+    let shared = |v: u32| pin_dir.join(format!("maps-abi-v{v}"));
+    assert!(
+        shared(SHARED_MAPS_ABI).is_dir(),
+        "kept while every map is at v3"
+    );
+    std::fs::remove_dir_all(&layouts).unwrap();
+    let (kept_ids, services_id) = (ids(&kept), map_id(SERVICES_MAP));
+    drop(datapath_user::Datapath::load(&with(3000, PinPolicy::Own)).unwrap());
+    assert_eq!((ids(&kept), map_id(SERVICES_MAP)), (kept_ids, services_id));
+    assert!(layouts.join(&ours).is_dir(), "per-map markers written");
+    // ... and at another (v2) nothing of them can be read.
+    std::fs::remove_dir_all(&layouts).unwrap();
+    std::fs::remove_dir(shared(SHARED_MAPS_ABI)).unwrap();
+    std::fs::create_dir(shared(2)).unwrap();
+    let refused = datapath_user::Datapath::load(&with(3000, PinPolicy::Adopt))
+        .err()
+        .expect("another layout version is refused")
+        .to_string();
+    assert!(refused.contains("layout v2 pinned"), "{refused}");
     let datapath = datapath_user::Datapath::load(&with(3000, PinPolicy::Own)).unwrap();
     assert_eq!(
         datapath.maps.dump().unwrap(),
         MapDump::default(),
         "every map made afresh"
     );
-    assert!(pin_dir.join(&ours).is_dir() && !pin_dir.join("maps-abi-v2").exists());
+    assert!(shared(SHARED_MAPS_ABI).is_dir() && !shared(2).exists());
 }
 
 /// Every translate fixture, service by service through the reconciler,

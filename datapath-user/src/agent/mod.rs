@@ -144,7 +144,11 @@ pub async fn run(options: AgentOptions) -> Result<()> {
     {
         tokio::spawn(datapath_events::forward(events));
     }
-    info!(pin_dir = %options.pin_dir.display(), "datapath loaded; maps pinned (existing pins adopted)");
+    info!(
+        pin_dir = %options.pin_dir.display(),
+        l4_checksums = ?datapath.l4_checksums(),
+        "datapath loaded; maps pinned (existing pins adopted)"
+    );
     let maps = DatapathMaps::open_pinned(&options.pin_dir).context("opening the pinned maps")?;
     let metrics = Metrics::new(Some(&options.pin_dir));
 

@@ -5,7 +5,9 @@ use std::path::{Path, PathBuf};
 
 use aya::{Ebpf, EbpfLoader, programs::SchedClassifier, util::KernelVersion};
 use datapath_common::{
-    conntrack::LIFETIMES_GLOBAL, maps, skb_checksum::SKB_CHECKSUM_GLOBAL,
+    conntrack::LIFETIMES_GLOBAL,
+    maps,
+    skb_checksum::{SKB_CHECKSUM_GLOBAL, SkbChecksumField},
     sock_lb::SOCK_LB_SCOPE_GLOBAL,
 };
 
@@ -30,6 +32,16 @@ pub struct Datapath {
     /// The maps this load made (none pinned before, or the pin was
     /// replaced): empty until something writes them.
     created_maps: Vec<&'static str>,
+    /// How the loaded programs update L4 checksums.
+    l4_checksums: L4Checksums,
+}
+
+fn warn_helpers_only(reason: &str) {
+    tracing::warn!(
+        feature = "direct L4 checksum updates",
+        "kernel feature missing: translated packets get their L4 checksums \
+         from helper calls (~40 ns more per packet): {reason}"
+    );
 }
 
 impl Datapath {
@@ -38,7 +50,6 @@ impl Datapath {
     /// created and pinned.
     pub fn load(options: &LoadOptions) -> Result<Self, LoaderError> {
         crate::raise_memlock_limit();
-        let embedded = object::bytes().ok_or(LoaderError::ObjectMissing)?;
         let skb_access = match options.l4_checksums {
             L4Checksums::Direct => SkbAccess::probe(),
             L4Checksums::Helpers => SkbAccess::helpers_only("chosen (--l4-checksums)".into()),
@@ -46,14 +57,38 @@ impl Datapath {
         if let (L4Checksums::Direct, Some(reason)) =
             (options.l4_checksums, &skb_access.fallback_reason)
         {
-            tracing::warn!(
-                feature = "direct L4 checksum updates",
-                "kernel feature missing: translated packets get their L4 checksums \
-                 from helper calls (~40 ns more per packet): {reason}"
-            );
+            warn_helpers_only(reason);
         }
-        let (patched, _) = patch_kfunc_calls(embedded, skb_access.kfunc_id);
+        match Self::load_with(options, &skb_access) {
+            // The kernel's BTF named the kfunc and the field, yet the
+            // verifier refused (no JIT, no CAP_PERFMON, an odd backport):
+            // the programs work without it.
+            Err(error @ LoaderError::Program { .. }) if skb_access.kfunc_id.is_some() => {
+                let reason = format!("the kernel refused the programs that read it: {error}");
+                warn_helpers_only(&reason);
+                Self::load_with(options, &SkbAccess::helpers_only(reason))
+            }
+            loaded => loaded,
+        }
+    }
+
+    /// How this load's programs update L4 checksums.
+    pub fn l4_checksums(&self) -> L4Checksums {
+        self.l4_checksums
+    }
+
+    fn load_with(options: &LoadOptions, skb_access: &SkbAccess) -> Result<Self, LoaderError> {
+        let embedded = object::bytes().ok_or(LoaderError::ObjectMissing)?;
+        let (patched, calls) = patch_kfunc_calls(embedded, skb_access.kfunc_id);
         let bytes = patched.bytes();
+        // No call found (an object built without them): nothing may read
+        // the field.
+        let direct = skb_access.kfunc_id.is_some() && calls > 0;
+        let checksum_field = if direct {
+            skb_access.checksum_field
+        } else {
+            SkbChecksumField::UNKNOWN
+        };
         let pin_dir = options.pin_dir.clone();
         let map_pins: Vec<(&str, PathBuf)> = match &pin_dir {
             Some(dir) => {
@@ -123,7 +158,7 @@ impl Datapath {
             true,
         );
         loader.override_global(SOCK_LB_SCOPE_GLOBAL, &options.sock_lb_scope, true);
-        loader.override_global(SKB_CHECKSUM_GLOBAL, &skb_access.checksum_field, true);
+        loader.override_global(SKB_CHECKSUM_GLOBAL, &checksum_field, true);
         let log_level = options.datapath_log.aya_level();
         loader.override_global(aya_log::LEVEL, &log_level, true);
         for (name, path) in &map_pins {
@@ -133,7 +168,7 @@ impl Datapath {
         if let Some(dir) = &pin_dir {
             // The pins now hold this version's layouts (made, replaced or
             // adopted as matching).
-            map_pins::mark_abi(dir)?;
+            map_pins::mark_layouts(dir)?;
         }
         for name in [object::TC_EGRESS, object::TC_INGRESS] {
             sched_classifier(&mut ebpf, name)?
@@ -159,6 +194,11 @@ impl Datapath {
             datapath_log: options.datapath_log,
             maps,
             created_maps,
+            l4_checksums: if direct {
+                L4Checksums::Direct
+            } else {
+                L4Checksums::Helpers
+            },
         })
     }
 

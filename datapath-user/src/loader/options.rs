@@ -87,7 +87,7 @@ pub struct LoadOptions {
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
 pub enum L4Checksums {
     /// By their own arithmetic after reading the skb's checksum state,
-    /// where the kernel's BTF says where it is (Linux ≥ 6.3); helper
+    /// where the kernel's BTF says where it is (Linux ≥ 6.2); helper
     /// calls for CHECKSUM_COMPLETE and on other kernels.
     #[default]
     Direct,

@@ -21,7 +21,7 @@ const MOV_R0_ZERO: [u8; 8] = [0xb7, 0, 0, 0, 0, 0, 0, 0];
 /// What this kernel allows.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct SkbAccess {
-    /// BTF id of `bpf_cast_to_kern_ctx` (Linux 6.3).
+    /// BTF id of `bpf_cast_to_kern_ctx` (Linux 6.2).
     pub kfunc_id: Option<u32>,
     /// Where `ip_summed` is, or unknown.
     pub checksum_field: SkbChecksumField,
@@ -40,7 +40,7 @@ impl SkbAccess {
 
     pub fn from_btf(btf: &KernelBtf) -> Self {
         let Some(kfunc_id) = btf.func_id(CAST_TO_KERN_CTX) else {
-            return Self::helpers_only(format!("the kernel has no {CAST_TO_KERN_CTX} (Linux 6.3)"));
+            return Self::helpers_only(format!("the kernel has no {CAST_TO_KERN_CTX} (Linux 6.2)"));
         };
         let Some(place) = btf.struct_field("sk_buff", "ip_summed") else {
             return Self::helpers_only(
@@ -87,19 +87,47 @@ impl PatchedObject {
     }
 }
 
-/// Puts `kfunc_id` into every placeholder kfunc call of `object` (which
-/// only occur 8-byte aligned, as instructions are), or turns the calls into
-/// `r0 = 0` when there is none. Returns the object and how many calls it
-/// patched.
+/// Puts `kfunc_id` into every placeholder kfunc call in the code sections
+/// of `object` (instructions are 8 bytes from each section's start), or
+/// turns the calls into `r0 = 0` when there is none. Returns the object
+/// and how many calls it patched; an object that is not ELF is returned
+/// as it is (the loader then names the parse error).
 pub fn patch_kfunc_calls(object: &[u8], kfunc_id: Option<u32>) -> (PatchedObject, usize) {
+    let code_ranges = code_sections(object);
     let mut words = vec![0u64; object.len().div_ceil(8)];
     // SAFETY: the buffer holds at least object.len() bytes.
     let bytes =
         unsafe { std::slice::from_raw_parts_mut(words.as_mut_ptr().cast::<u8>(), object.len()) };
     bytes.copy_from_slice(object);
+    let mut patched = 0;
+    for range in code_ranges {
+        let Some(code) = bytes.get_mut(range) else {
+            continue;
+        };
+        patched += patch_instructions(code, kfunc_id);
+    }
+    let len = object.len();
+    (PatchedObject { words, len }, patched)
+}
+
+/// The file ranges of `object`'s executable sections.
+fn code_sections(object: &[u8]) -> Vec<std::ops::Range<usize>> {
+    use object::{Object, ObjectSection, SectionKind};
+    let Ok(file) = object::File::parse(object) else {
+        return Vec::new();
+    };
+    file.sections()
+        .filter(|section| section.kind() == SectionKind::Text)
+        .filter_map(|section| section.file_range())
+        .map(|(start, len)| start as usize..(start + len) as usize)
+        .collect()
+}
+
+/// Patches the placeholder calls among `code`'s instructions.
+fn patch_instructions(code: &mut [u8], kfunc_id: Option<u32>) -> usize {
     let placeholder = CAST_TO_KERN_CTX_PLACEHOLDER.to_le_bytes();
     let mut patched = 0;
-    for insn in bytes.chunks_exact_mut(8) {
+    for insn in code.chunks_exact_mut(8) {
         if insn[0] != CALL
             || insn[1] != KFUNC_REGS
             || insn[2..4] != [0, 0]
@@ -113,8 +141,7 @@ pub fn patch_kfunc_calls(object: &[u8], kfunc_id: Option<u32>) -> (PatchedObject
         }
         patched += 1;
     }
-    let len = object.len();
-    (PatchedObject { words, len }, patched)
+    patched
 }
 
 #[cfg(test)]
@@ -129,25 +156,22 @@ mod tests {
 
     #[test]
     fn placeholder_calls_get_the_kernels_id_and_nothing_else_changes() {
-        let mut object = Vec::new();
-        object.extend(call(CAST_TO_KERN_CTX_PLACEHOLDER));
-        object.extend(call(7)); // another kfunc call: not ours
-        object.extend([0u8; 3]);
-        object.extend(call(CAST_TO_KERN_CTX_PLACEHOLDER)); // unaligned: data
-        object.extend([0u8; 5]);
-        object.extend(call(CAST_TO_KERN_CTX_PLACEHOLDER));
-        let (patched, count) = patch_kfunc_calls(&object, Some(63462));
-        assert_eq!(count, 2);
-        let bytes = patched.bytes();
-        assert_eq!(bytes.len(), object.len());
-        assert_eq!(bytes[..8], call(63462));
-        assert_eq!(bytes[8..27], object[8..27]);
-        assert_eq!(bytes[32..], call(63462));
+        let mut code = Vec::new();
+        code.extend(call(CAST_TO_KERN_CTX_PLACEHOLDER));
+        code.extend(call(7)); // another kfunc call: not ours
+        code.extend([0u8; 3]);
+        code.extend(call(CAST_TO_KERN_CTX_PLACEHOLDER)); // unaligned: data
+        code.extend([0u8; 5]);
+        code.extend(call(CAST_TO_KERN_CTX_PLACEHOLDER));
+        let original = code.clone();
+        assert_eq!(patch_instructions(&mut code, Some(63462)), 2);
+        assert_eq!(code[..8], call(63462));
+        assert_eq!(code[8..32], original[8..32]);
+        assert_eq!(code[32..], call(63462));
 
-        let (removed, count) = patch_kfunc_calls(&object, None);
-        assert_eq!(count, 2);
-        assert_eq!(removed.bytes()[..8], MOV_R0_ZERO);
-        assert_eq!((removed.bytes().as_ptr() as usize) % 8, 0);
+        let mut code = original.clone();
+        assert_eq!(patch_instructions(&mut code, None), 2);
+        assert_eq!(code[..8], MOV_R0_ZERO);
     }
 
     #[test]
@@ -155,7 +179,19 @@ mod tests {
         let Some(object) = crate::object::bytes() else {
             panic!("built without the eBPF object");
         };
-        let (_, count) = patch_kfunc_calls(object, Some(1));
-        assert!(count > 0, "no placeholder kfunc call in the object");
+        let (patched, count) = patch_kfunc_calls(object, Some(1));
+        assert!(count > 0, "no placeholder kfunc call in the object's code");
+        assert_eq!((patched.bytes().as_ptr() as usize) % 8, 0);
+        assert_eq!(patched.bytes().len(), object.len());
+        // Only the calls changed.
+        let changed = object
+            .iter()
+            .zip(patched.bytes())
+            .filter(|(a, b)| a != b)
+            .count();
+        assert!(
+            changed <= 4 * count,
+            "{changed} bytes changed for {count} calls"
+        );
     }
 }

@@ -44,6 +44,7 @@ impl<M: LbMaps> Reconciler<M> {
             departed: Vec::new(),
             node_seed: 0,
             adopted_unused_rev_nats: Vec::new(),
+            adopted_rev_nat_by_address: HashMap::default(),
             stray_slots: dump.stray_slots,
         };
         let by_id: HashMap<BackendId, BackendAddress> = dump.backends.iter().copied().collect();
@@ -147,11 +148,24 @@ impl<M: LbMaps> Reconciler<M> {
                 reconciler.adopted_by_address.entry(*address).or_insert(*id);
             }
         }
-        for (id, _) in &dump.rev_nats {
+        let mut ambiguous = HashSet::default();
+        for (id, address) in &dump.rev_nats {
             if !rev_nats_used.contains(id) {
                 reconciler.rev_nat_ids.adopt(*id);
                 reconciler.adopted_unused_rev_nats.push(*id);
+                // Two at one address (its TCP and UDP frontends): which
+                // is which is not in the entry.
+                if reconciler
+                    .adopted_rev_nat_by_address
+                    .insert(*address, *id)
+                    .is_some()
+                {
+                    ambiguous.insert(*address);
+                }
             }
+        }
+        for address in ambiguous {
+            reconciler.adopted_rev_nat_by_address.remove(&address);
         }
         reconciler
     }
@@ -179,6 +193,7 @@ impl<M: LbMaps> Reconciler<M> {
             }
         }
         self.adopted_by_address.clear();
+        self.adopted_rev_nat_by_address.clear();
         for id in std::mem::take(&mut self.adopted_unused_backends) {
             if self.backends.holds_id(id) {
                 continue; // taken into use since adoption

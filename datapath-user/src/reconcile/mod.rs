@@ -124,6 +124,11 @@ pub struct Reconciler<M> {
     /// node's name), so nodes spread over all endpoints.
     node_seed: u64,
     adopted_unused_rev_nats: Vec<RevNatId>,
+    /// Of those, each one whose address and port no other unused entry
+    /// has: a frontend at that address gets its id back (the `SERVICES`
+    /// map was made afresh, `REVERSE_NAT` kept), so that the flows
+    /// conntrack holds for it, which name the id, keep their backends.
+    adopted_rev_nat_by_address: HashMap<std::net::SocketAddrV4, RevNatId>,
     stray_slots: Vec<ServiceKey>,
 }
 

@@ -61,15 +61,19 @@ impl<M: LbMaps> Reconciler<M> {
                 Ok(false)
             };
         }
-        let (rev_nat_id, fresh_rev_nat) = match existing {
+        let socket = std::net::SocketAddrV4::new(frontend.address, frontend.port);
+        let (rev_nat_id, fresh_rev_nat, readopted) = match existing {
             // 0: adoption found its id unusable and none free.
-            Some(p) if p.rev_nat_id != 0 => (p.rev_nat_id, false),
-            _ => {
-                let id = self.rev_nat_ids.allocate().ok_or_else(|| {
-                    limit_issue(frontend, "REVERSE_NAT", self.rev_nat_ids.capacity)
-                })?;
-                (id, true)
-            }
+            Some(p) if p.rev_nat_id != 0 => (p.rev_nat_id, false, false),
+            _ => match self.adopted_rev_nat_by_address.remove(&socket) {
+                Some(id) => (id, false, true),
+                None => {
+                    let id = self.rev_nat_ids.allocate().ok_or_else(|| {
+                        limit_issue(frontend, "REVERSE_NAT", self.rev_nat_ids.capacity)
+                    })?;
+                    (id, true, false)
+                }
+            },
         };
         // Take references on the new set first; released below on failure.
         let mut entries = Vec::with_capacity(addresses.len());
@@ -79,6 +83,9 @@ impl<M: LbMaps> Reconciler<M> {
                 self.release_backends(&addresses[..taken]);
                 if fresh_rev_nat {
                     self.rev_nat_ids.release(rev_nat_id);
+                }
+                if readopted {
+                    self.adopted_rev_nat_by_address.insert(socket, rev_nat_id);
                 }
                 return Err(issue);
             };
@@ -100,6 +107,9 @@ impl<M: LbMaps> Reconciler<M> {
                 self.release_backends(&draining);
                 if fresh_rev_nat {
                     self.rev_nat_ids.release(rev_nat_id);
+                }
+                if readopted {
+                    self.adopted_rev_nat_by_address.insert(socket, rev_nat_id);
                 }
                 return Err(program_issue(e));
             }
