@@ -547,24 +547,30 @@ mod tests {
     }
 
     /// A changed layout without a new version would let an upgraded agent
-    /// adopt a pin it misreads. Changed a struct? Bump the version of every
-    /// map holding it (`MAP_LAYOUT_VERSIONS`) and paste the lines printed
-    /// here.
+    /// adopt a pin it misreads. Every layout each map ever had is recorded
+    /// under its version (append only): today's must be among them, and a
+    /// version names one layout. Changed a struct? Bump the version of
+    /// every map holding it (`MAP_LAYOUT_VERSIONS`) and append the lines
+    /// this test prints.
     #[test]
     fn every_maps_layout_is_the_one_its_version_names() {
-        let layouts = map_layouts();
-        for (want, have) in LAYOUTS.lines().zip(layouts.lines()) {
-            assert_eq!(
-                have.trim(),
-                want.trim(),
-                "a map layout changed: bump that map's version and record the layouts printed here"
+        let history: std::vec::Vec<&str> = LAYOUTS.lines().map(str::trim).collect();
+        for line in map_layouts().lines() {
+            assert!(
+                history.contains(&line),
+                "a map layout changed: bump that map's version and append this line to LAYOUTS:\n{line}"
             );
         }
-        assert_eq!(
-            layouts.lines().count(),
-            LAYOUTS.lines().count(),
-            "{layouts}"
-        );
+        for (i, a) in history.iter().enumerate() {
+            let version = |line: &'static str| line.split(':').next().unwrap_or_default();
+            for b in &history[i + 1..] {
+                assert_ne!(
+                    version(a),
+                    version(b),
+                    "one version, two layouts: bump the version instead of editing a recorded line"
+                );
+            }
+        }
     }
 
     const LAYOUTS: &str = "\

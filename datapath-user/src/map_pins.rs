@@ -262,21 +262,50 @@ pub enum PinnedVersion {
     Unmarked,
 }
 
-/// The layout version of the pinned `map`, by its marker.
-pub fn pinned_version(pin_dir: &Path, map: &str) -> PinnedVersion {
+/// The version `map`'s own marker names, if it has one.
+fn marked_version(pin_dir: &Path, map: &str) -> Option<u32> {
     let prefix = format!("{map}-v");
-    let marked = std::fs::read_dir(pin_dir.join(LAYOUTS_DIR))
-        .ok()
-        .and_then(|entries| {
-            entries
-                .filter_map(|e| e.ok())
-                .find_map(|e| e.file_name().to_str()?.strip_prefix(&prefix)?.parse().ok())
-        });
-    match (marked, pinned_shared_abi(pin_dir)) {
-        (Some(version), _) => PinnedVersion::Marked(version),
-        // The shared marker speaks for the maps of its time only.
-        (None, Some(abi)) if SHARED_VERSION_MAPS.contains(&map) => PinnedVersion::Shared(abi),
-        _ => PinnedVersion::Unmarked,
+    std::fs::read_dir(pin_dir.join(LAYOUTS_DIR))
+        .ok()?
+        .filter_map(|e| e.ok())
+        .find_map(|e| e.file_name().to_str()?.strip_prefix(&prefix)?.parse().ok())
+}
+
+/// The layout version of the pinned `map`, by the markers.
+///
+/// Without per-map markers, the shared marker of the builds before them
+/// speaks for the maps of its time. With both, the per-map ones speak,
+/// unless they disagree with the shared one: this build writes the shared
+/// marker only while every map of that time is at its version, so an
+/// older build, which knows only the shared marker, made the pins since.
+pub fn pinned_version(pin_dir: &Path, map: &str) -> PinnedVersion {
+    let shared = pinned_shared_abi(pin_dir).filter(|_| SHARED_VERSION_MAPS.contains(&map));
+    if !pin_dir.join(LAYOUTS_DIR).is_dir() {
+        return shared.map_or(PinnedVersion::Unmarked, PinnedVersion::Shared);
+    }
+    if let Some(abi) = shared
+        && SHARED_VERSION_MAPS
+            .iter()
+            .any(|m| marked_version(pin_dir, m).is_some_and(|v| v != abi))
+    {
+        return PinnedVersion::Shared(abi);
+    }
+    marked_version(pin_dir, map).map_or(PinnedVersion::Unmarked, PinnedVersion::Marked)
+}
+
+/// True when every map of the shared marker's time is at that version in
+/// this build: the shared marker may then stand beside the per-map ones.
+fn shared_marker_holds() -> bool {
+    SHARED_VERSION_MAPS
+        .iter()
+        .all(|map| layout_version(map) == Some(SHARED_MAPS_ABI))
+}
+
+/// Creates a marker directory; one another loader made meanwhile is fine.
+fn create_marker(path: &Path) -> std::io::Result<()> {
+    match std::fs::create_dir(path) {
+        Err(e) if e.kind() != std::io::ErrorKind::AlreadyExists => Err(e),
+        _ => Ok(()),
     }
 }
 
@@ -297,39 +326,42 @@ pub fn version_difference(map: &str, pinned: PinnedVersion) -> Option<String> {
 /// Marks the pins under `pin_dir` as made with this build's layouts
 /// (after a load that made, replaced or adopted them), map by map; the
 /// shared marker stays while every map is at its version, for builds
-/// that read only that one.
+/// that read only that one. Safe against another loader marking at once.
 pub fn mark_layouts(pin_dir: &Path) -> Result<(), LoaderError> {
-    let dir = pin_dir.join(LAYOUTS_DIR);
     let err = |path: &Path, e: std::io::Error| LoaderError::Pin {
         path: path.to_owned(),
         reason: format!("marking the maps' layout versions: {e}"),
     };
-    if !dir.is_dir() {
-        std::fs::create_dir(&dir).map_err(|e| err(&dir, e))?;
-    }
+    let dir = pin_dir.join(LAYOUTS_DIR);
+    create_marker(&dir).map_err(|e| err(&dir, e))?;
     for (map, version) in MAP_LAYOUT_VERSIONS {
         let marker = layout_marker(pin_dir, map, version);
-        if marker.exists() {
-            continue;
+        match marked_version(pin_dir, map) {
+            Some(v) if v == version => continue,
+            // One step: the map is never without a marker.
+            Some(old) if std::fs::rename(layout_marker(pin_dir, map, old), &marker).is_ok() => {}
+            _ => create_marker(&marker).map_err(|e| err(&marker, e))?,
         }
-        if let PinnedVersion::Marked(old) = pinned_version(pin_dir, map) {
-            let _ = std::fs::remove_dir(layout_marker(pin_dir, map, old));
-        }
-        std::fs::create_dir(&marker).map_err(|e| err(&marker, e))?;
     }
-    let all_shared = SHARED_VERSION_MAPS
-        .iter()
-        .all(|map| layout_version(map) == Some(SHARED_MAPS_ABI));
     let pinned_shared = pinned_shared_abi(pin_dir);
-    if pinned_shared.is_some_and(|abi| !all_shared || abi != SHARED_MAPS_ABI) {
-        let _ = std::fs::remove_dir(shared_marker(pin_dir, pinned_shared.unwrap_or_default()));
+    if let Some(abi) = pinned_shared.filter(|&abi| !shared_marker_holds() || abi != SHARED_MAPS_ABI)
+    {
+        let _ = std::fs::remove_dir(shared_marker(pin_dir, abi));
     }
-    let shared = shared_marker(pin_dir, SHARED_MAPS_ABI);
-    if all_shared && !shared.exists() {
-        std::fs::create_dir(&shared).map_err(|e| err(&shared, e))?;
+    if shared_marker_holds() {
+        let shared = shared_marker(pin_dir, SHARED_MAPS_ABI);
+        create_marker(&shared).map_err(|e| err(&shared, e))?;
     }
     Ok(())
 }
+
+/// Maps whose entries name ids of another map: replaced with it, since
+/// their ids would name whatever the new map holds under them. A flow in
+/// conntrack names its backend by id; a `BACKENDS` made afresh hands its
+/// ids out again, so the flow could reach another service's pod.
+/// (`REVERSE_NAT` ids are written again under the same numbers when it is
+/// made afresh, `Reconciler::adopt`.)
+const DEPENDENTS: [(&str, &[&str]); 1] = [(BACKENDS_MAP, &[CONNTRACK_TCP_MAP, CONNTRACK_UDP_MAP])];
 
 /// A pin that was replaced, and why (for the agent's log).
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -347,7 +379,8 @@ pub fn reconcile_pins(
     expected: &HashMap<String, MapLayout>,
     policy: PinPolicy,
 ) -> Result<Vec<Replaced>, LoaderError> {
-    let mut replaced = Vec::new();
+    // Every pin's decision first, from the markers as they are.
+    let mut decisions = Vec::new();
     for (name, path) in pins {
         let (Some(want), Some(have)) = (expected.get(*name), pinned_layout(path)?) else {
             continue;
@@ -355,20 +388,9 @@ pub fn reconcile_pins(
         let mut diff = differences(want, &have);
         // Field layouts are not visible in a map's sizes (a field can move
         // at the same size): the pin's layout version says.
-        diff.layout
-            .extend(version_difference(name, pinned_version(pin_dir, name)));
+        let version = pinned_version(pin_dir, name);
+        diff.layout.extend(version_difference(name, version));
         match decide(policy, &diff) {
-            Decision::Keep => {}
-            Decision::Replace(reason) => {
-                std::fs::remove_file(path).map_err(|e| LoaderError::Pin {
-                    path: path.clone(),
-                    reason: format!("removing the pin of an incompatible map: {e}"),
-                })?;
-                replaced.push(Replaced {
-                    map: (*name).to_owned(),
-                    reason,
-                });
-            }
             Decision::Refuse(reason) => {
                 return Err(LoaderError::Pin {
                     path: path.clone(),
@@ -379,7 +401,63 @@ pub fn reconcile_pins(
                     ),
                 });
             }
+            decision => decisions.push((*name, path, version, decision)),
         }
+    }
+    for (map, dependents) in DEPENDENTS {
+        let replaced = decisions
+            .iter()
+            .any(|(name, _, _, d)| *name == map && matches!(d, Decision::Replace(_)));
+        for (name, _, _, decision) in &mut decisions {
+            if replaced && dependents.contains(name) && *decision == Decision::Keep {
+                *decision =
+                    Decision::Replace(format!("its entries name ids of {map}, which is replaced"));
+            }
+        }
+    }
+    let any_replaced = decisions
+        .iter()
+        .any(|(_, _, _, d)| matches!(d, Decision::Replace(_)));
+    if !any_replaced {
+        return Ok(Vec::new());
+    }
+    // Before any pin goes: the kept maps carry their own markers (the
+    // shared one may go next), and no marker names a replaced map, so that
+    // a stop halfway leaves a new map unmarked (replaced again), never
+    // marked with the old version.
+    let marker_err = |path: &Path, e: std::io::Error| LoaderError::Pin {
+        path: path.to_owned(),
+        reason: format!("marking the kept maps' layout versions: {e}"),
+    };
+    let dir = pin_dir.join(LAYOUTS_DIR);
+    create_marker(&dir).map_err(|e| marker_err(&dir, e))?;
+    for (name, _, version, decision) in &decisions {
+        if let (Decision::Keep, PinnedVersion::Shared(v)) = (decision, version) {
+            let marker = layout_marker(pin_dir, name, *v);
+            create_marker(&marker).map_err(|e| marker_err(&marker, e))?;
+        }
+    }
+    if !shared_marker_holds()
+        && let Some(abi) = pinned_shared_abi(pin_dir)
+    {
+        let _ = std::fs::remove_dir(shared_marker(pin_dir, abi));
+    }
+    let mut replaced = Vec::new();
+    for (name, path, _, decision) in decisions {
+        let Decision::Replace(reason) = decision else {
+            continue;
+        };
+        if let Some(v) = marked_version(pin_dir, name) {
+            let _ = std::fs::remove_dir(layout_marker(pin_dir, name, v));
+        }
+        std::fs::remove_file(path).map_err(|e| LoaderError::Pin {
+            path: path.clone(),
+            reason: format!("removing the pin of an incompatible map: {e}"),
+        })?;
+        replaced.push(Replaced {
+            map: name.to_owned(),
+            reason,
+        });
     }
     Ok(replaced)
 }
@@ -490,13 +568,31 @@ mod tests {
         );
         assert!(!shared_marker(pins, 2).exists());
 
-        // One map's own marker moves alone.
-        std::fs::remove_dir(layout_marker(pins, SERVICES_MAP, 3)).unwrap();
-        std::fs::create_dir(layout_marker(pins, SERVICES_MAP, 2)).unwrap();
-        assert_eq!(pinned_version(pins, SERVICES_MAP), PinnedVersion::Marked(2));
+        // One map's own marker moves alone (as a build with SERVICES at
+        // another version leaves it: without the shared marker).
+        std::fs::remove_dir(shared_marker(pins, SHARED_MAPS_ABI)).unwrap();
+        std::fs::rename(
+            layout_marker(pins, SERVICES_MAP, 3),
+            layout_marker(pins, SERVICES_MAP, 4),
+        )
+        .unwrap();
+        assert_eq!(pinned_version(pins, SERVICES_MAP), PinnedVersion::Marked(4));
         assert_eq!(pinned_version(pins, BACKENDS_MAP), PinnedVersion::Marked(3));
+
+        // Then an older build, which knows only the shared marker, made
+        // every map afresh and marked them v3: its marker speaks, not the
+        // per-map ones it left behind.
+        std::fs::create_dir(shared_marker(pins, SHARED_MAPS_ABI)).unwrap();
+        assert_eq!(pinned_version(pins, SERVICES_MAP), PinnedVersion::Shared(3));
+        assert_eq!(
+            version_difference(SERVICES_MAP, PinnedVersion::Shared(3)),
+            None
+        );
+
         mark_layouts(pins).unwrap();
         assert_eq!(pinned_version(pins, SERVICES_MAP), PinnedVersion::Marked(3));
-        assert!(!layout_marker(pins, SERVICES_MAP, 2).exists());
+        assert!(!layout_marker(pins, SERVICES_MAP, 4).exists());
+        // Marking again (another loader at the same time) is fine.
+        mark_layouts(pins).unwrap();
     }
 }

@@ -221,6 +221,56 @@ fn adoption<M: LbMaps>(maps: M) {
     assert_eq!(second.ids_in_use(), (3, 1));
 }
 
+/// `SERVICES` made afresh, `REVERSE_NAT` and `BACKENDS` kept (a layout
+/// change of `SERVICES` alone): each frontend is programmed again under the
+/// reverse-NAT id and backend ids its tracked flows name, unless two kept
+/// entries share its address (its TCP and UDP frontends: which is which
+/// is not in the entry), then it gets a new id.
+#[test]
+fn a_frontend_gets_back_the_reverse_nat_id_its_address_had() {
+    let web = translation(&service_yaml("web", "10.96.1.1", &[80], 3));
+    let api = translation(&service_yaml("api", "10.96.1.2", &[80], 2));
+    let mut first = Reconciler::adopt(FakeMaps::with_capacity(64)).unwrap();
+    apply(&mut first, &web);
+    apply(&mut first, &api);
+    let before = first.maps().dump().unwrap();
+    let mut maps = first.into_maps();
+    maps.services.clear();
+    let api_address = std::net::SocketAddrV4::new(Ipv4Addr::new(10, 96, 1, 2), 80);
+    maps.rev_nats.insert(40, api_address);
+
+    let mut second = Reconciler::adopt(maps).unwrap();
+    apply(&mut second, &web);
+    apply(&mut second, &api);
+    second.prune(false).unwrap();
+    let after = second.maps().dump().unwrap();
+    let id_of = |dump: &MapDump, address: Ipv4Addr| {
+        dump.frontends
+            .iter()
+            .find(|f| f.frontend.address == address)
+            .map(|f| (f.rev_nat_id, f.slots.clone()))
+            .unwrap()
+    };
+    let web_ip = Ipv4Addr::new(10, 96, 1, 1);
+    assert_eq!(
+        id_of(&after, web_ip),
+        id_of(&before, web_ip),
+        "web: same ids"
+    );
+    let (api_before, _) = id_of(&before, *api_address.ip());
+    let (api_after, _) = id_of(&after, *api_address.ip());
+    assert!(
+        ![api_before, 40].contains(&api_after),
+        "api: two kept entries at its address, a new id ({api_after})"
+    );
+    assert_eq!(
+        after.rev_nats.len(),
+        2,
+        "the ambiguous entries no frontend took are pruned: {:?}",
+        after.rev_nats
+    );
+}
+
 #[test]
 fn adoption_on_fake_maps() {
     adoption(FakeMaps::with_capacity(64));
@@ -469,6 +519,8 @@ fn pinned_maps_made_differently_are_replaced_by_the_owner_only() {
         BACKENDS_MAP,
     ];
     let (kept_ids, services_id) = (ids(&kept), map_id(SERVICES_MAP));
+    // (Such a build marks no shared version: not every map is at v3.)
+    std::fs::remove_dir(pin_dir.join(format!("maps-abi-v{SHARED_MAPS_ABI}"))).unwrap();
     std::fs::remove_dir(layouts.join(&ours)).unwrap();
     std::fs::create_dir(layouts.join(format!("{SERVICES_MAP}-v2"))).unwrap();
     let refused = datapath_user::Datapath::load(&with(3000, PinPolicy::Adopt))
@@ -520,6 +572,23 @@ fn pinned_maps_made_differently_are_replaced_by_the_owner_only() {
         "every map made afresh"
     );
     assert!(shared(SHARED_MAPS_ABI).is_dir() && !shared(2).exists());
+    drop(datapath);
+
+    // A BACKENDS made afresh (another --backends-max) takes both conntrack
+    // maps with it: their flows name backend ids it hands out again.
+    let (ct_ids, reverse_nat_id) = (
+        ids(&[CONNTRACK_TCP_MAP, CONNTRACK_UDP_MAP]),
+        map_id(REVERSE_NAT_MAP),
+    );
+    let mut options = with(3000, PinPolicy::Own);
+    options.sizes.backends = 5000;
+    drop(datapath_user::Datapath::load(&options).unwrap());
+    let now = ids(&[CONNTRACK_TCP_MAP, CONNTRACK_UDP_MAP]);
+    assert!(
+        now.iter().zip(&ct_ids).all(|(a, b)| a != b),
+        "conntrack made afresh with BACKENDS"
+    );
+    assert_eq!(map_id(REVERSE_NAT_MAP), reverse_nat_id, "the others kept");
 }
 
 /// Every translate fixture, service by service through the reconciler,

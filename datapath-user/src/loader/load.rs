@@ -36,6 +36,16 @@ pub struct Datapath {
     l4_checksums: L4Checksums,
 }
 
+/// True when a program load failed on what the direct checksum path
+/// needs (the kfunc call, the `struct sk_buff` read), by the verifier's
+/// words: another failure is not retried without them.
+fn refused_skb_access(error: &LoaderError) -> bool {
+    let text = error.to_string();
+    ["kernel function", "kfunc", "sk_buff"]
+        .iter()
+        .any(|needle| text.contains(needle))
+}
+
 fn warn_helpers_only(reason: &str) {
     tracing::warn!(
         feature = "direct L4 checksum updates",
@@ -59,14 +69,18 @@ impl Datapath {
         {
             warn_helpers_only(reason);
         }
-        match Self::load_with(options, &skb_access) {
+        // Maps the first attempt made stay made by this load.
+        let mut created = Vec::new();
+        match Self::load_with(options, &skb_access, &mut created) {
             // The kernel's BTF named the kfunc and the field, yet the
-            // verifier refused (no JIT, no CAP_PERFMON, an odd backport):
-            // the programs work without it.
-            Err(error @ LoaderError::Program { .. }) if skb_access.kfunc_id.is_some() => {
+            // verifier refused them (no JIT, no CAP_PERFMON, an odd
+            // backport): the programs work without them.
+            Err(error @ LoaderError::Program { .. })
+                if skb_access.kfunc_id.is_some() && refused_skb_access(&error) =>
+            {
                 let reason = format!("the kernel refused the programs that read it: {error}");
                 warn_helpers_only(&reason);
-                Self::load_with(options, &SkbAccess::helpers_only(reason))
+                Self::load_with(options, &SkbAccess::helpers_only(reason), &mut created)
             }
             loaded => loaded,
         }
@@ -77,7 +91,11 @@ impl Datapath {
         self.l4_checksums
     }
 
-    fn load_with(options: &LoadOptions, skb_access: &SkbAccess) -> Result<Self, LoaderError> {
+    fn load_with(
+        options: &LoadOptions,
+        skb_access: &SkbAccess,
+        created: &mut Vec<&'static str>,
+    ) -> Result<Self, LoaderError> {
         let embedded = object::bytes().ok_or(LoaderError::ObjectMissing)?;
         let (patched, calls) = patch_kfunc_calls(embedded, skb_access.kfunc_id);
         let bytes = patched.bytes();
@@ -116,6 +134,12 @@ impl Datapath {
                     .all(|(pinned, path)| pinned != name || !path.exists())
             })
             .collect();
+        for name in created_maps {
+            if !created.contains(&name) {
+                created.push(name);
+            }
+        }
+        let created_maps = created.clone();
         for replaced in replaced {
             tracing::warn!(
                 map = %replaced.map,
