@@ -13,7 +13,10 @@ use aya_ebpf::{
     bindings::{BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR},
     programs::TcContext,
 };
-use datapath_common::{IPPROTO_TCP, csum, skb_checksum};
+use datapath_common::{
+    IPPROTO_TCP, csum,
+    skb_checksum::{self, ChecksumState},
+};
 
 use crate::{
     kernel_skb,
@@ -66,34 +69,20 @@ pub fn rewrite(
         *ip_addr = address_be;
         *l4_port = port_be;
     }
-    let udp = packet.protocol != IPPROTO_TCP;
-    let (csum_off, mangled_0) = if udp {
-        // A zero UDP checksum means "none": it stays zero, and a real sum
-        // of zero is sent as all-ones.
-        (UDP_CSUM_OFF, BPF_F_MARK_MANGLED_0 as u64)
-    } else {
-        (TCP_CSUM_OFF, 0)
-    };
-    let at = packet.l4_off + csum_off;
-    if let Some(state) = kernel_skb::checksum_state(ctx) {
-        let l4_csum: *mut u16 = ptr_at(ctx, at).ok_or(())?;
-        // SAFETY: bounds-checked by ptr_at; TC programs may write packet
-        // data.
-        unsafe {
-            let updated = skb_checksum::l4_field_after_nat(
-                state,
-                *l4_csum,
-                old_address,
-                address_be,
-                old_port,
-                port_be,
-                udp,
-            );
-            if let Some(check) = updated {
-                *l4_csum = check;
-                return Ok(());
-            }
-        }
+    let (at, udp, mangled_0) = l4_checksum_field(packet);
+    let direct = update_l4_checksum(ctx, at, |state, field| {
+        skb_checksum::l4_field_after_nat(
+            state,
+            field,
+            old_address,
+            address_be,
+            old_port,
+            port_be,
+            udp,
+        )
+    })?;
+    if direct {
+        return Ok(());
     }
     ctx.l4_csum_replace(
         at,
@@ -126,26 +115,50 @@ pub fn rewrite_port(ctx: &TcContext, packet: &Packet, end: End, port_be: u16) ->
     let l4_port: *mut u16 = ptr_at(ctx, packet.l4_off + port_off).ok_or(())?;
     // SAFETY: bounds-checked by ptr_at; TC programs may write packet data.
     unsafe { *l4_port = port_be };
-    let udp = packet.protocol != IPPROTO_TCP;
-    let (csum_off, mangled_0) = if udp {
-        (UDP_CSUM_OFF, BPF_F_MARK_MANGLED_0 as u64)
-    } else {
-        (TCP_CSUM_OFF, 0)
-    };
-    let at = packet.l4_off + csum_off;
-    if let Some(state) = kernel_skb::checksum_state(ctx) {
-        let l4_csum: *mut u16 = ptr_at(ctx, at).ok_or(())?;
-        // SAFETY: bounds-checked by ptr_at; TC programs may write packet
-        // data.
-        unsafe {
-            let updated =
-                skb_checksum::l4_field_after_port_change(state, *l4_csum, old_port, port_be, udp);
-            if let Some(check) = updated {
-                *l4_csum = check;
-                return Ok(());
-            }
-        }
+    let (at, udp, mangled_0) = l4_checksum_field(packet);
+    let direct = update_l4_checksum(ctx, at, |state, field| {
+        skb_checksum::l4_field_after_port_change(state, field, old_port, port_be, udp)
+    })?;
+    if direct {
+        return Ok(());
     }
     ctx.l4_csum_replace(at, old_port as u64, port_be as u64, mangled_0 | 2)
         .map_err(|_| ())
+}
+
+/// Where `packet`'s L4 checksum field is, whether it is UDP's, and the
+/// helper flag UDP needs: a zero UDP checksum means "none" and stays zero,
+/// and a real sum of zero is sent as all-ones.
+#[inline(always)]
+fn l4_checksum_field(packet: &Packet) -> (usize, bool, u64) {
+    if packet.protocol == IPPROTO_TCP {
+        (packet.l4_off + TCP_CSUM_OFF, false, 0)
+    } else {
+        (packet.l4_off + UDP_CSUM_OFF, true, BPF_F_MARK_MANGLED_0 as u64)
+    }
+}
+
+/// Writes the L4 checksum field at `at` with our own arithmetic when the
+/// skb's checksum state is known and `update` has a value for it (not
+/// CHECKSUM_COMPLETE). Returns false when the helper must do it.
+#[inline(always)]
+fn update_l4_checksum(
+    ctx: &TcContext,
+    at: usize,
+    update: impl FnOnce(ChecksumState, u16) -> Option<u16>,
+) -> Result<bool, ()> {
+    let Some(state) = kernel_skb::checksum_state(ctx) else {
+        return Ok(false);
+    };
+    let field: *mut u16 = ptr_at(ctx, at).ok_or(())?;
+    // SAFETY: bounds-checked by ptr_at; TC programs may write packet data.
+    unsafe {
+        match update(state, *field) {
+            Some(check) => {
+                *field = check;
+                Ok(true)
+            }
+            None => Ok(false),
+        }
+    }
 }
