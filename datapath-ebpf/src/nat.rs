@@ -134,7 +134,11 @@ fn l4_checksum_field(packet: &Packet) -> (usize, bool, u64) {
     if packet.protocol == IPPROTO_TCP {
         (packet.l4_off + TCP_CSUM_OFF, false, 0)
     } else {
-        (packet.l4_off + UDP_CSUM_OFF, true, BPF_F_MARK_MANGLED_0 as u64)
+        (
+            packet.l4_off + UDP_CSUM_OFF,
+            true,
+            BPF_F_MARK_MANGLED_0 as u64,
+        )
     }
 }
 
