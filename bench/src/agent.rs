@@ -298,7 +298,7 @@ fn process(opts: &AgentOpts, figures: &mut AgentFigures) -> Result<()> {
         [
             "--no-pod-attach".to_owned(),
             "--no-socket-lb".to_owned(),
-            format!("--service-entries-max={}", map_sizes(opts).services),
+            format!("--backend-slots-max={}", map_sizes(opts).slots),
             format!("--backends-max={}", map_sizes(opts).backends),
             format!("--frontends-max={}", map_sizes(opts).reverse_nat - 1),
         ],
@@ -347,12 +347,14 @@ fn process(opts: &AgentOpts, figures: &mut AgentFigures) -> Result<()> {
 }
 
 /// The services and backends maps sized to the sweep (at least the
-/// agent's defaults), as an operator would with `--service-entries-max`
+/// agent's defaults), as an operator would with `--backend-slots-max`
 /// `--backends-max` and `--frontends-max`; room for the changes' new pods besides.
 fn map_sizes(opts: &AgentOpts) -> MapSizes {
     let defaults = MapSizes::default();
     MapSizes {
-        services: ((opts.services * (opts.endpoints + 1) + 1024) as u32).max(defaults.services),
+        // The changes' services may grow by one endpoint: room for it.
+        services: ((opts.services + 1024) as u32).max(defaults.services),
+        slots: MapSizes::slots_for(opts.services + 1024, opts.endpoints + 1).max(defaults.slots),
         backends: ((opts.services * opts.endpoints + opts.changes as usize + 1024) as u32)
             .max(defaults.backends),
         reverse_nat: ((opts.services + 1024) as u32).max(defaults.reverse_nat),

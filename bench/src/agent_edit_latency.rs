@@ -94,16 +94,12 @@ pub fn time_edits(
 
 /// The addresses the maps send `frontend` (TCP) to now.
 fn backends_of(maps: &DatapathMaps, (address_be, port_be): (u32, u16)) -> Result<Vec<Ipv4Addr>> {
-    let slot = |s| ServiceKey::new(address_be, port_be, IPPROTO_TCP, s);
-    let Ok(head) = maps.services.get(&slot(0), 0) else {
-        return Ok(Vec::new());
-    };
-    let mut addresses = Vec::with_capacity(head.backend_count.into());
-    for s in 1..=head.backend_count {
-        let Ok(value) = maps.services.get(&slot(s), 0) else {
-            continue;
-        };
-        let backend: Backend = maps.backends.get(&value.backend_id, 0)?;
+    let ids = maps
+        .backend_ids_of(&ServiceKey::new(address_be, port_be, IPPROTO_TCP))?
+        .unwrap_or_default();
+    let mut addresses = Vec::with_capacity(ids.len());
+    for id in ids {
+        let backend: Backend = maps.backends.get(&id, 0)?;
         addresses.push(Ipv4Addr::from(u32::from_be(backend.address_be)));
     }
     Ok(addresses)

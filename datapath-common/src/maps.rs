@@ -1,12 +1,15 @@
 //! The one definition of every map shared by the eBPF programs and user
-//! space. Layouts follow Cilium's `lb4_*` maps: a service map whose slot 0
-//! is the frontend and slots 1..=n point at backend ids, a backend map, a
-//! reverse-NAT map and a conntrack LRU. Every struct is `#[repr(C)]` with
+//! space. Layouts follow Cilium's `lb4_*` maps — a service map, a backend
+//! map, a reverse-NAT map and a conntrack LRU — except that a frontend's
+//! backend slots are not entries of the service map but a block of an
+//! array (`SLOTS`) the frontend's entry points at: the agent writes them
+//! through a memory mapping, and a new flow pays one hash lookup, not two. Every struct is `#[repr(C)]` with
 //! explicit padding so that no byte of a key is ever uninitialised (hash
 //! maps compare keys bytewise).
 
 /// Map names as they appear in the object and under the pin directory.
 pub const SERVICES_MAP: &str = "SERVICES";
+pub const SLOTS_MAP: &str = "SLOTS";
 pub const BACKENDS_MAP: &str = "BACKENDS";
 pub const REVERSE_NAT_MAP: &str = "REVERSE_NAT";
 /// TCP and UDP flows live apart: a UDP burst (DNS) cannot evict idle TCP
@@ -23,9 +26,10 @@ pub const POD_ROUTES_MAP: &str = "POD_ROUTES";
 pub const SOCK_LB_SKIP_MAP: &str = "SOCK_LB_SKIP";
 
 /// Every map, for pinning and inspection.
-pub const ALL_MAPS: [&str; 13] = [
+pub const ALL_MAPS: [&str; 14] = [
     SERVICE_FILTER_MAP,
     SERVICES_MAP,
+    SLOTS_MAP,
     BACKENDS_MAP,
     REVERSE_NAT_MAP,
     CONNTRACK_TCP_MAP,
@@ -57,9 +61,10 @@ pub const ALL_MAPS: [&str; 13] = [
 ///
 /// Every map that existed when all maps shared one version
 /// (`SHARED_MAPS_ABI`) is at that version's last value, 3.
-pub const MAP_LAYOUT_VERSIONS: [(&str, u32); 13] = [
+pub const MAP_LAYOUT_VERSIONS: [(&str, u32); 14] = [
     (SERVICE_FILTER_MAP, 3),
-    (SERVICES_MAP, 3),
+    (SERVICES_MAP, 4),
+    (SLOTS_MAP, 1),
     (BACKENDS_MAP, 3),
     (REVERSE_NAT_MAP, 3),
     (CONNTRACK_TCP_MAP, 3),
@@ -104,10 +109,12 @@ pub const DEFAULT_SOCK_LB_SKIP_MAX: u32 = 4096;
 
 /// Default capacities; the loader may override them at load time
 /// (`EbpfLoader::set_max_entries`). The object declares tiny placeholders.
-/// A frontend takes 1 + backend-count slots: 10,000 services with 10
-/// endpoints each need 110,000 (Cilium's `bpf.lbMapMax` default of 64k
-/// would not hold them).
-pub const DEFAULT_SERVICES_MAX: u32 = 262_144;
+/// Backend slots (`SLOTS`): a frontend owns the power of two at or above
+/// its backend count, so 10,000 services with 10 endpoints each take
+/// 160,000 (4 MiB of kernel memory at this default). A power of two.
+pub const DEFAULT_SLOTS_MAX: u32 = 524_288;
+/// Largest `SLOTS` size: slot indexes and block sizes stay in u32.
+pub const SLOTS_LIMIT: u32 = 1 << 30;
 /// Distinct (address, port, protocol) backends.
 pub const DEFAULT_BACKENDS_MAX: u32 = 131_072;
 /// Frontends (reverse-NAT ids 1..this): 65,535. `--frontends-max` raises
@@ -126,13 +133,13 @@ pub const DEFAULT_SOCK_REVERSE_NAT_MAX: u32 = 65_536;
 /// Fragmented datagrams in flight at once (Cilium's default is 8192).
 pub const DEFAULT_FRAGMENTS_MAX: u32 = 8_192;
 
-/// Most backends one frontend may have: slots are u16 and the agent keeps
-/// a service's whole slot range in one update batch.
+/// Most backends one frontend may have (its slots are one block of at
+/// most `1 << MAX_SLOT_ORDER`).
 pub const MAX_BACKENDS_PER_SERVICE: u16 = 1024;
+/// `ServiceValue::slot_order` of the largest block.
+pub const MAX_SLOT_ORDER: u8 = 10;
 
-/// Key of `SERVICES` (hash). One frontend (VIP, port, protocol) owns slots
-/// 0..=backend_count: slot 0 describes the frontend, slot i (1-based) names
-/// the i-th backend.
+/// Key of `SERVICES` (hash): one frontend (VIP, port, protocol).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct ServiceKey {
@@ -140,63 +147,67 @@ pub struct ServiceKey {
     pub address_be: u32,
     /// Service port.
     pub port_be: u16,
-    /// 0 = the frontend entry, 1..=backend_count = a backend slot.
-    pub backend_slot: u16,
     /// `IPPROTO_TCP` or `IPPROTO_UDP`.
     pub protocol: u8,
     /// Always zero.
-    pub _pad: [u8; 3],
+    pub _pad: u8,
 }
 
 impl ServiceKey {
-    pub const fn new(address_be: u32, port_be: u16, protocol: u8, backend_slot: u16) -> Self {
+    pub const fn new(address_be: u32, port_be: u16, protocol: u8) -> Self {
         Self {
             address_be,
             port_be,
-            backend_slot,
             protocol,
-            _pad: [0; 3],
+            _pad: 0,
         }
     }
 }
 
-/// Value of `SERVICES`.
+/// Value of `SERVICES`: a frontend and where its backend slots are.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub struct ServiceValue {
-    /// Slot > 0: the `BACKENDS` key of this slot's backend. Slot 0: zero.
-    pub backend_id: u32,
-    /// Slot 0: how many backend slots follow (0 = no backend: new flows
-    /// are refused). Slot > 0: zero.
+    /// The `SLOTS` index of slot 1: slot i (1-based) is at
+    /// `first_slot + i - 1`.
+    pub first_slot: u32,
+    /// How many backend slots are in use (0 = no backend: new flows are
+    /// refused).
     pub backend_count: u16,
-    /// The low 16 bits of this frontend's `REVERSE_NAT` key, in every slot
+    /// The low 16 bits of this frontend's `REVERSE_NAT` key
     /// (`rev_nat_id()`).
     pub rev_nat_low: u16,
-    /// `SERVICE_FLAG_*` bits (slot 0).
+    /// `SERVICE_FLAG_*` bits.
     pub flags: u8,
-    /// Bits 16..24 of the `REVERSE_NAT` key (zero below 65,536: the byte
-    /// was padding before, always zero).
+    /// Bits 16..24 of the `REVERSE_NAT` key.
     pub rev_nat_high: u8,
+    /// The frontend owns `1 << slot_order` slots from `first_slot` (a
+    /// block of the agent's buddy allocation, aligned to its size), of
+    /// which `backend_count` are in use: a backend set may grow within
+    /// it in place.
+    pub slot_order: u8,
     /// Always zero.
-    pub _pad: [u8; 2],
+    pub _pad: u8,
 }
 
 impl ServiceValue {
-    /// A slot of `rev_nat_id`'s frontend: the head (slot 0) with
-    /// `backend_count` and `flags`, or a backend slot with `backend_id`.
+    /// `rev_nat_id`'s frontend with `backend_count` backends in the
+    /// `1 << slot_order` slots from `first_slot`.
     pub const fn new(
-        backend_id: BackendId,
+        first_slot: u32,
+        slot_order: u8,
         backend_count: u16,
         rev_nat_id: RevNatId,
         flags: u8,
     ) -> Self {
         Self {
-            backend_id,
+            first_slot,
             backend_count,
             rev_nat_low: rev_nat_id as u16,
             flags,
             rev_nat_high: (rev_nat_id >> 16) as u8,
-            _pad: [0; 2],
+            slot_order,
+            _pad: 0,
         }
     }
 
@@ -205,7 +216,37 @@ impl ServiceValue {
     pub const fn rev_nat_id(&self) -> RevNatId {
         self.rev_nat_low as u32 | (self.rev_nat_high as u32) << 16
     }
+
+    /// The `SLOTS` index of `slot` (1..=backend_count).
+    #[inline(always)]
+    pub const fn slot_index(&self, slot: u16) -> u32 {
+        self.first_slot.wrapping_add(slot as u32).wrapping_sub(1)
+    }
+
+    /// How many slots the frontend owns.
+    pub const fn slot_capacity(&self) -> u32 {
+        1 << (self.slot_order as u32 & 31)
+    }
 }
+
+/// Value of `SLOTS` (an array, mmap-able): the backend of one slot of a
+/// frontend. Eight bytes because the kernel lays an array's values out
+/// 8-byte aligned anyway (`round_up(value_size, 8)`), and an mmap of the
+/// array sees that stride.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct Slot {
+    /// The `BACKENDS` key of this slot's backend (0: none, a slot being
+    /// written or freed).
+    pub backend_id: BackendId,
+    /// Always zero.
+    pub _pad: u32,
+}
+
+/// `BPF_F_MMAPABLE`: an array user space maps into its memory, so that
+/// the agent writes a million slots by storing them, not by a million
+/// syscall element copies.
+pub const BPF_F_MMAPABLE: u32 = 1 << 10;
 
 /// Index into `BACKENDS` (an array): a backend id, allocated by the
 /// agent, 1..capacity (0 is never used).
@@ -457,6 +498,7 @@ mod pod {
     // with every padding byte an explicit field (checked by size tests).
     unsafe impl aya::Pod for ServiceKey {}
     unsafe impl aya::Pod for ServiceValue {}
+    unsafe impl aya::Pod for Slot {}
     unsafe impl aya::Pod for Backend {}
     unsafe impl aya::Pod for RevNatValue {}
     unsafe impl aya::Pod for CtKey {}
@@ -490,16 +532,17 @@ mod tests {
                 )
             };
         }
-        let service_key = layout!(ServiceKey: address_be, port_be, backend_slot, protocol);
-        let service_value =
-            layout!(ServiceValue: backend_id, backend_count, rev_nat_low, flags, rev_nat_high);
+        let service_key = layout!(ServiceKey: address_be, port_be, protocol);
+        let service_value = layout!(ServiceValue: first_slot, backend_count, rev_nat_low, flags,
+            rev_nat_high, slot_order);
         let ct_key = layout!(CtKey: client_address_be, peer_address_be, client_port_be, peer_port_be, protocol, kind);
         let ct_entry = layout!(CtEntry: last_seen, l2_seen, backend_id, rev_nat_low, state, l2_mode,
             service_address_be, service_port_be, dst_mac, src_mac, nat_port_be, ifindex,
             out_ifindex, rev_nat_high);
-        let maps: [(&str, String, String); 13] = [
+        let maps: [(&str, String, String); 14] = [
             (SERVICE_FILTER_MAP, "u32".into(), "u32".into()),
             (SERVICES_MAP, service_key, service_value),
+            (SLOTS_MAP, "u32".into(), layout!(Slot: backend_id)),
             (
                 BACKENDS_MAP,
                 "u32".into(),
@@ -586,22 +629,23 @@ mod tests {
          CLASH_FILTER v3: u32 -> u32
          REPLY_FILTER v3: u32 -> u32
          POD_ROUTES v3: PodRouteKey[16]{netns_cookie@0,address_be@8} -> u32
-         SOCK_LB_SKIP v3: u64 -> u8";
+         SOCK_LB_SKIP v3: u64 -> u8
+         SERVICES v4: ServiceKey[8]{address_be@0,port_be@4,protocol@6} -> ServiceValue[12]{first_slot@0,backend_count@4,rev_nat_low@6,flags@8,rev_nat_high@9,slot_order@10}
+         SLOTS v1: u32 -> Slot[8]{backend_id@0}";
 
     #[test]
     fn reverse_nat_ids_take_24_bits_and_values_written_before_read_the_same() {
-        let slot = ServiceValue::new(7, 0, 0x12_3456, 0);
-        assert_eq!((slot.rev_nat_id(), slot.backend_id), (0x12_3456, 7));
+        let head = ServiceValue::new(7, 3, 5, 0x12_3456, 0);
+        assert_eq!(
+            (head.rev_nat_id(), head.slot_index(1), head.slot_index(5)),
+            (0x12_3456, 7, 11)
+        );
+        assert_eq!(head.slot_capacity(), 8);
         let mut flow = CtEntry::default();
         flow.set_rev_nat_id(REV_NAT_ID_LIMIT - 1);
         assert_eq!(flow.rev_nat_id(), REV_NAT_ID_LIMIT - 1);
-        // What the build with 16-bit ids wrote: the id at offset 6 (20 in
-        // a flow), zeros where the high bits are now.
-        let mut old = [0u8; 12];
-        old[6..8].copy_from_slice(&0xbeef_u16.to_ne_bytes());
-        // SAFETY: ServiceValue is Pod, 12 bytes.
-        let slot: ServiceValue = unsafe { core::mem::transmute(old) };
-        assert_eq!(slot.rev_nat_id(), 0xbeef);
+        // What the build with 16-bit ids wrote: the id at offset 20 of a
+        // flow, zeros where the high bits are now.
         let mut old = [0u64; 7];
         // SAFETY: CtEntry is Pod, 56 bytes, align 8.
         let bytes: &mut [u8; 56] = unsafe { &mut *old.as_mut_ptr().cast() };
@@ -613,8 +657,9 @@ mod tests {
 
     #[test]
     fn layouts_have_no_implicit_padding() {
-        assert_eq!(size_of::<ServiceKey>(), 4 + 2 + 2 + 1 + 3);
-        assert_eq!(size_of::<ServiceValue>(), 4 + 2 + 2 + 1 + 1 + 2);
+        assert_eq!(size_of::<ServiceKey>(), 4 + 2 + 1 + 1);
+        assert_eq!(size_of::<ServiceValue>(), 4 + 2 + 2 + 1 + 1 + 1 + 1);
+        assert_eq!(size_of::<Slot>(), 4 + 4);
         assert_eq!(size_of::<Backend>(), 4 + 2 + 1 + 1);
         assert_eq!(size_of::<RevNatValue>(), 4 + 2 + 1 + 1);
         assert_eq!(size_of::<CtKey>(), 4 + 4 + 2 + 2 + 1 + 1 + 2);
@@ -637,10 +682,9 @@ mod tests {
             u32::from_ne_bytes([10, 96, 0, 10]),
             u16::from_ne_bytes(53u16.to_be_bytes()),
             crate::IPPROTO_UDP,
-            0,
         );
         // SAFETY: ServiceKey is repr(C) without implicit padding.
-        let bytes: [u8; 12] = unsafe { core::mem::transmute(key) };
-        assert_eq!(bytes, [10, 96, 0, 10, 0, 53, 0, 0, 17, 0, 0, 0]);
+        let bytes: [u8; 8] = unsafe { core::mem::transmute(key) };
+        assert_eq!(bytes, [10, 96, 0, 10, 0, 53, 17, 0]);
     }
 }

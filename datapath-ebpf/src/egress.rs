@@ -29,7 +29,9 @@ use datapath_common::{
 
 use crate::{
     clash, ct, events, frag, icmp, l2,
-    maps::{BACKENDS, CONNTRACK_TCP, CONNTRACK_UDP, CtMap, REVERSE_NAT, SERVICE_FILTER, SERVICES},
+    maps::{
+        BACKENDS, CONNTRACK_TCP, CONNTRACK_UDP, CtMap, REVERSE_NAT, SERVICE_FILTER, SERVICES, SLOTS,
+    },
     metrics::count,
     nat::{self, End},
     parse::{self, Packet},
@@ -325,7 +327,7 @@ fn new_flow(ctx: &TcContext, packet: &Packet, table: &CtMap, key: &CtKey, now: u
         count(Counter::Fragment);
         return TC_ACT_UNSPEC;
     }
-    let frontend = ServiceKey::new(packet.daddr_be, packet.dport_be, packet.protocol, 0);
+    let frontend = ServiceKey::new(packet.daddr_be, packet.dport_be, packet.protocol);
     // SAFETY: the value is copied out before any other map call.
     let Some(service) = (unsafe { SERVICES.get(frontend) }).copied() else {
         // Another destination sharing the filter bucket.
@@ -338,14 +340,12 @@ fn new_flow(ctx: &TcContext, packet: &Packet, table: &CtMap, key: &CtKey, now: u
     }
     // SAFETY: plain helper call.
     let slot = lb::select_slot(unsafe { bpf_get_prandom_u32() }, service.backend_count);
-    let slot_key = ServiceKey::new(packet.daddr_be, packet.dport_be, packet.protocol, slot);
-    // SAFETY: copied out at once.
-    let Some(slot_value) = (unsafe { SERVICES.get(slot_key) }).copied() else {
+    let Some(backend_id) = SLOTS.get(service.slot_index(slot)).map(|s| s.backend_id) else {
         count(Counter::Error);
         return TC_ACT_SHOT;
     };
     let Some(backend) = BACKENDS
-        .get(slot_value.backend_id)
+        .get(backend_id)
         .copied()
         .filter(Backend::is_present)
     else {
@@ -372,7 +372,7 @@ fn new_flow(ctx: &TcContext, packet: &Packet, table: &CtMap, key: &CtKey, now: u
     }
     let mut flow = CtEntry {
         last_seen: now,
-        backend_id: slot_value.backend_id,
+        backend_id,
         state: conntrack::initial_state(packet.protocol, packet.tcp_flags),
         l2_mode: L2_UNRESOLVED,
         nat_port_be: if moved { wire } else { 0 },

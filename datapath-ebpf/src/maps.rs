@@ -8,8 +8,8 @@ use aya_ebpf::{
 };
 use datapath_common::{
     maps::{
-        Backend, CtEntry, CtKey, FragmentKey, FragmentPorts, PodRouteKey, RevNatValue, ServiceKey,
-        ServiceValue, SockRevNatKey, SockRevNatValue,
+        BPF_F_MMAPABLE, Backend, CtEntry, CtKey, FragmentKey, FragmentPorts, PodRouteKey,
+        RevNatValue, ServiceKey, ServiceValue, Slot, SockRevNatKey, SockRevNatValue,
     },
     metrics::COUNTER_COUNT,
 };
@@ -22,9 +22,14 @@ use datapath_common::{
 pub static SERVICE_FILTER: Array<u32> =
     Array::with_max_entries(1 << datapath_common::lb::SERVICE_FILTER_BITS, 0);
 
-/// Frontends (slot 0) and their backend slots (1..=count).
+/// Frontends, each with where its backend slots are in `SLOTS`.
 #[map]
 pub static SERVICES: HashMap<ServiceKey, ServiceValue> = HashMap::with_max_entries(1024, 0);
+
+/// Every frontend's backend slots, a block each (mmap-able: the agent
+/// writes them by storing into its mapping).
+#[map]
+pub static SLOTS: Array<Slot> = Array::with_max_entries(1024, BPF_F_MMAPABLE);
 
 /// Backend id → address and port (array: O(1) on every tracked packet).
 #[map]

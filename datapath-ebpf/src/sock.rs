@@ -14,14 +14,14 @@ use datapath_common::{
     IPPROTO_TCP, IPPROTO_UDP,
     features::SET_RETVAL,
     lb,
-    maps::{Backend, ServiceKey, SockRevNatKey, SockRevNatValue},
+    maps::{Backend, ServiceKey, ServiceValue, SockRevNatKey, SockRevNatValue},
     metrics::Counter,
     sock_lb::SockLbScope,
 };
 
 use crate::{
     events, features,
-    maps::{BACKENDS, SERVICE_FILTER, SERVICES, SOCK_LB_SKIP, SOCK_REVERSE_NAT},
+    maps::{BACKENDS, SERVICE_FILTER, SERVICES, SLOTS, SOCK_LB_SKIP, SOCK_REVERSE_NAT},
     metrics::count,
 };
 
@@ -185,7 +185,7 @@ fn forward(ctx: &SockAddrContext, family: Family, is_sendmsg: bool) -> i32 {
     }
     // SAFETY: copied out at once.
     let Some(service) =
-        (unsafe { SERVICES.get(ServiceKey::new(address_be, port_be, protocol, 0)) }).copied()
+        (unsafe { SERVICES.get(ServiceKey::new(address_be, port_be, protocol)) }).copied()
     else {
         return ALLOW;
     };
@@ -215,7 +215,7 @@ fn forward(ctx: &SockAddrContext, family: Family, is_sendmsg: bool) -> i32 {
     } else {
         lb::select_slot_for_cookie(cookie, service.backend_count)
     };
-    let Some(backend) = slot_backend(address_be, port_be, protocol, slot) else {
+    let Some(backend) = slot_backend(&service, slot) else {
         count(Counter::Error);
         return ALLOW;
     };
@@ -244,12 +244,10 @@ fn forward(ctx: &SockAddrContext, family: Family, is_sendmsg: bool) -> i32 {
 }
 
 #[inline(always)]
-fn slot_backend(address_be: u32, port_be: u16, protocol: u8, slot: u16) -> Option<Backend> {
-    // SAFETY: copied out at once.
-    let slot =
-        unsafe { SERVICES.get(ServiceKey::new(address_be, port_be, protocol, slot)) }.copied()?;
+fn slot_backend(service: &ServiceValue, slot: u16) -> Option<Backend> {
+    let backend_id = SLOTS.get(service.slot_index(slot))?.backend_id;
     BACKENDS
-        .get(slot.backend_id)
+        .get(backend_id)
         .copied()
         .filter(Backend::is_present)
 }

@@ -128,6 +128,17 @@ pub fn for_each_key<K: Copy + Default, V: Copy + Default>(
     })
 }
 
+/// Every entry of a BPF hash map, read in BPF_MAP_LOOKUP_BATCH chunks
+/// (`for_each_key`'s walk). `K` and `V` must be the map's exact types.
+pub fn read_hash<K: Copy + Default, V: Copy + Default>(map_fd: i32) -> io::Result<Vec<(K, V)>> {
+    let mut out = Vec::new();
+    lookup_batch::<K, V>(map_fd, 16_384, |keys, values| {
+        out.extend(keys.iter().copied().zip(values.iter().copied()));
+        true
+    })?;
+    Ok(out)
+}
+
 /// Reads a map in BPF_MAP_LOOKUP_BATCH chunks of up to `chunk` entries,
 /// handing each chunk's keys and values to `visit` until the map ends or
 /// `visit` says stop. The batch token is a u32 for arrays (an index) and

@@ -302,20 +302,23 @@ struct AgentArgs {
     /// recently used flow is forgotten.
     #[arg(long, env = "UNDERPASS_CONNTRACK_MAX", default_value_t = datapath_common::maps::DEFAULT_CONNTRACK_TCP_FLOWS)]
     conntrack_max: u32,
-    /// Entries of the services table: one per frontend (ClusterIP:port)
-    /// plus one per backend slot, so 10,000 services × 10 endpoints need
-    /// 110,000. Fixed when the map is first pinned (a new size replaces
-    /// it, and the agent programs it again).
-    #[arg(long, env = "UNDERPASS_SERVICE_ENTRIES_MAX", default_value_t = datapath_common::maps::DEFAULT_SERVICES_MAX)]
-    service_entries_max: u32,
+    /// Backend slots of all frontends: each frontend (ClusterIP:port) owns
+    /// a block of the power of two at or above its endpoint count (10
+    /// endpoints take 16), so 10,000 services × 10 endpoints need 160,000;
+    /// 8 bytes of kernel memory each. Fixed when the map is first pinned
+    /// (a new size replaces it, and the agent programs it again; tracked
+    /// connections keep their backends).
+    #[arg(long, env = "UNDERPASS_BACKEND_SLOTS_MAX", default_value_t = datapath_common::maps::DEFAULT_SLOTS_MAX,
+          value_parser = clap::value_parser!(u32).range(1..=i64::from(datapath_common::maps::SLOTS_LIMIT)))]
+    backend_slots_max: u32,
     /// Distinct backends (pod address, port, protocol) the node can
     /// program. A service whose backends do not fit is reported (naming
     /// this flag) and the others are served.
     #[arg(long, env = "UNDERPASS_BACKENDS_MAX", default_value_t = datapath_common::maps::DEFAULT_BACKENDS_MAX)]
     backends_max: u32,
     /// Frontends (ClusterIP:port:protocol) the node can program: the size
-    /// of the reverse-NAT table, one id each, at most 16,777,215. A new
-    /// size replaces the table; the agent writes it again under the same
+    /// of the services and reverse-NAT tables (an entry and an id each),
+    /// at most 16,777,215. A new size replaces the tables; the agent writes it again under the same
     /// ids, so tracked flows keep their backends (unless it shrank below
     /// an id in use: those frontends get new ids and their flows
     /// re-balance).
@@ -476,7 +479,9 @@ fn run_agent(args: AgentArgs) -> Result<()> {
         metrics_address: args.metrics_address,
         debounce: Duration::from_millis(args.debounce_ms),
         sizes: MapSizes {
-            services: args.service_entries_max,
+            // One frontend entry per reverse-NAT id.
+            services: args.frontends_max + 1,
+            slots: args.backend_slots_max,
             backends: args.backends_max,
             // Id 0 is never used: one slot more than frontends.
             reverse_nat: args.frontends_max + 1,

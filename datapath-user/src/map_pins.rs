@@ -37,8 +37,8 @@ use aya::maps::MapInfo;
 use datapath_common::maps::{
     BACKENDS_MAP, CLASH_FILTER_MAP, CONNTRACK_TCP_MAP, CONNTRACK_UDP_MAP, COUNTERS_MAP,
     FRAGMENTS_MAP, MAP_LAYOUT_VERSIONS, POD_ROUTES_MAP, REPLY_FILTER_MAP, REVERSE_NAT_MAP,
-    SERVICE_FILTER_MAP, SERVICES_MAP, SHARED_MAPS_ABI, SOCK_LB_SKIP_MAP, SOCK_REVERSE_NAT_MAP,
-    layout_version,
+    SERVICE_FILTER_MAP, SERVICES_MAP, SHARED_MAPS_ABI, SLOTS_MAP, SOCK_LB_SKIP_MAP,
+    SOCK_REVERSE_NAT_MAP, layout_version,
 };
 
 use crate::error::LoaderError;
@@ -362,7 +362,11 @@ pub fn mark_layouts(pin_dir: &Path) -> Result<(), LoaderError> {
 /// ids out again, so the flow could reach another service's pod.
 /// (`REVERSE_NAT` ids are written again under the same numbers when it is
 /// made afresh, `Reconciler::adopt`.)
-const DEPENDENTS: [(&str, &[&str]); 1] = [(BACKENDS_MAP, &[CONNTRACK_TCP_MAP, CONNTRACK_UDP_MAP])];
+const DEPENDENTS: [(&str, &[&str]); 2] = [
+    (BACKENDS_MAP, &[CONNTRACK_TCP_MAP, CONNTRACK_UDP_MAP]),
+    // Frontend entries name blocks of the slot array.
+    (SLOTS_MAP, &[SERVICES_MAP]),
+];
 
 /// A pin that was replaced, and why (for the agent's log).
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -542,7 +546,7 @@ mod tests {
         assert_eq!(pinned_version(pins, SERVICES_MAP), PinnedVersion::Unmarked);
         assert_eq!(
             version_difference(SERVICES_MAP, PinnedVersion::Unmarked).unwrap(),
-            "layout from before versioning pinned, v3 in this version"
+            "layout from before versioning pinned, v4 in this version"
         );
 
         // The builds before per-map versions: one marker for all.
@@ -564,35 +568,38 @@ mod tests {
         }
         assert_eq!(
             pinned_shared_abi(pins),
-            Some(SHARED_MAPS_ABI),
-            "every map is at v3: the shared marker says so for older builds"
+            None,
+            "SERVICES is past v3: a shared marker would tell older builds they can read it"
         );
         assert!(!shared_marker(pins, 2).exists());
 
         // One map's own marker moves alone (as a build with SERVICES at
-        // another version leaves it: without the shared marker).
-        std::fs::remove_dir(shared_marker(pins, SHARED_MAPS_ABI)).unwrap();
+        // yet another version leaves it).
         std::fs::rename(
-            layout_marker(pins, SERVICES_MAP, 3),
             layout_marker(pins, SERVICES_MAP, 4),
+            layout_marker(pins, SERVICES_MAP, 5),
         )
         .unwrap();
-        assert_eq!(pinned_version(pins, SERVICES_MAP), PinnedVersion::Marked(4));
+        assert_eq!(pinned_version(pins, SERVICES_MAP), PinnedVersion::Marked(5));
         assert_eq!(pinned_version(pins, BACKENDS_MAP), PinnedVersion::Marked(3));
 
         // Then an older build, which knows only the shared marker, made
         // every map afresh and marked them v3: its marker speaks, not the
-        // per-map ones it left behind.
+        // per-map ones it left behind; SERVICES is not this build's.
         std::fs::create_dir(shared_marker(pins, SHARED_MAPS_ABI)).unwrap();
         assert_eq!(pinned_version(pins, SERVICES_MAP), PinnedVersion::Shared(3));
         assert_eq!(
-            version_difference(SERVICES_MAP, PinnedVersion::Shared(3)),
-            None
+            version_difference(SERVICES_MAP, PinnedVersion::Shared(3)).unwrap(),
+            "layout v3 pinned, v4 in this version"
         );
+        assert_eq!(pinned_version(pins, BACKENDS_MAP), PinnedVersion::Shared(3));
+        // A map those builds did not have is not theirs.
+        assert_eq!(pinned_version(pins, SLOTS_MAP), PinnedVersion::Marked(1));
 
         mark_layouts(pins).unwrap();
-        assert_eq!(pinned_version(pins, SERVICES_MAP), PinnedVersion::Marked(3));
-        assert!(!layout_marker(pins, SERVICES_MAP, 4).exists());
+        assert_eq!(pinned_version(pins, SERVICES_MAP), PinnedVersion::Marked(4));
+        assert!(!layout_marker(pins, SERVICES_MAP, 5).exists());
+        assert_eq!(pinned_shared_abi(pins), None);
         // Marking again (another loader at the same time) is fine.
         mark_layouts(pins).unwrap();
     }

@@ -57,18 +57,17 @@ pub struct Frontend {
 }
 
 impl Frontend {
-    pub fn key(&self, slot: u16) -> ServiceKey {
+    pub fn key(&self) -> ServiceKey {
         ServiceKey::new(
             ipv4_be(self.address.octets()),
             port_be(self.port),
             self.protocol.number(),
-            slot,
         )
     }
 }
 
 impl Frontend {
-    /// The frontend a `SERVICES` key belongs to (any slot).
+    /// The frontend a `SERVICES` key names.
     pub fn from_key(key: &ServiceKey) -> Option<Self> {
         Some(Self {
             address: Ipv4Addr::from(ipv4_octets(key.address_be)),

@@ -405,7 +405,7 @@ fn pinned_links_keep_translating_after_the_loader_is_gone() {
         again
             .maps
             .services
-            .get(&tcp_frontend().key(0), 0)
+            .get(&tcp_frontend().key(), 0)
             .unwrap()
             .backend_count,
         3

@@ -1022,7 +1022,7 @@ fn new_flows_spread_over_all_backends() {
 #[test]
 fn the_service_filter_counts_frontends_and_tolerates_collisions() {
     let mut dp = datapath_with(tcp_frontend(), &[B1]);
-    let key = tcp_frontend().key(0);
+    let key = tcp_frontend().key();
     let bucket = lb::service_filter_index(key.address_be, key.port_be, key.protocol);
     // Re-programming a frontend does not count it twice.
     dp.maps.set_service(&tcp_frontend(), 1, &[B1, B2]).unwrap();
@@ -1622,6 +1622,7 @@ fn pod_routes_steer_new_flows_only_with_the_netns_cookie_feature() {
             feature_bits: Some(bits),
             sizes: datapath_user::loader::MapSizes {
                 services: 1024,
+                slots: 1024,
                 backends: 1024,
                 reverse_nat: 1024,
                 conntrack_tcp_flows: 1024,

@@ -519,8 +519,11 @@ fn pinned_maps_made_differently_are_replaced_by_the_owner_only() {
         BACKENDS_MAP,
     ];
     let (kept_ids, services_id) = (ids(&kept), map_id(SERVICES_MAP));
-    // (Such a build marks no shared version: not every map is at v3.)
-    std::fs::remove_dir(pin_dir.join(format!("maps-abi-v{SHARED_MAPS_ABI}"))).unwrap();
+    let shared = |v: u32| pin_dir.join(format!("maps-abi-v{v}"));
+    assert!(
+        !shared(SHARED_MAPS_ABI).exists(),
+        "no shared marker: SERVICES is past v3"
+    );
     std::fs::remove_dir(layouts.join(&ours)).unwrap();
     std::fs::create_dir(layouts.join(format!("{SERVICES_MAP}-v2"))).unwrap();
     let refused = datapath_user::Datapath::load(&with(3000, PinPolicy::Adopt))
@@ -544,21 +547,29 @@ fn pinned_maps_made_differently_are_replaced_by_the_owner_only() {
     drop(datapath);
     assert!(layouts.join(&ours).is_dir() && !layouts.join(format!("{SERVICES_MAP}-v2")).exists());
 
-    // Pins of the builds before per-map versions carry one shared marker:
-    // at this build's versions (v3) every map is kept...
-    let shared = |v: u32| pin_dir.join(format!("maps-abi-v{v}"));
-    assert!(
-        shared(SHARED_MAPS_ABI).is_dir(),
-        "kept while every map is at v3"
-    );
+    // Pins of the builds before per-map versions carry one shared marker,
+    // v3, when SERVICES had another layout: an upgrade replaces SERVICES
+    // alone and programs the service again under the ids its flows name.
     std::fs::remove_dir_all(&layouts).unwrap();
+    std::fs::create_dir(shared(SHARED_MAPS_ABI)).unwrap();
     let (kept_ids, services_id) = (ids(&kept), map_id(SERVICES_MAP));
-    drop(datapath_user::Datapath::load(&with(3000, PinPolicy::Own)).unwrap());
-    assert_eq!((ids(&kept), map_id(SERVICES_MAP)), (kept_ids, services_id));
+    let mut datapath = datapath_user::Datapath::load(&with(3000, PinPolicy::Own)).unwrap();
+    assert_ne!(map_id(SERVICES_MAP), services_id, "SERVICES made afresh");
+    assert_eq!(
+        ids(&kept),
+        kept_ids,
+        "the maps of v3 kept, conntrack among them"
+    );
+    let mut reconciler = Reconciler::adopt(&mut datapath.maps).unwrap();
+    apply(&mut reconciler, &web);
+    reconciler.prune(false).unwrap();
+    assert_eq!(reconciler.maps().dump().unwrap(), programmed, "ids kept");
+    drop(reconciler);
+    drop(datapath);
     assert!(layouts.join(&ours).is_dir(), "per-map markers written");
+    assert!(!shared(SHARED_MAPS_ABI).exists(), "and the shared one gone");
     // ... and at another (v2) nothing of them can be read.
     std::fs::remove_dir_all(&layouts).unwrap();
-    std::fs::remove_dir(shared(SHARED_MAPS_ABI)).unwrap();
     std::fs::create_dir(shared(2)).unwrap();
     let refused = datapath_user::Datapath::load(&with(3000, PinPolicy::Adopt))
         .err()
@@ -571,7 +582,7 @@ fn pinned_maps_made_differently_are_replaced_by_the_owner_only() {
         MapDump::default(),
         "every map made afresh"
     );
-    assert!(shared(SHARED_MAPS_ABI).is_dir() && !shared(2).exists());
+    assert!(!shared(SHARED_MAPS_ABI).exists() && !shared(2).exists());
     drop(datapath);
 
     // A BACKENDS made afresh (another --backends-max) takes both conntrack
@@ -917,9 +928,8 @@ fn backends_leaving_udp_frontends_are_reported() {
 
 #[test]
 fn a_service_that_does_not_fit_is_an_issue_naming_the_map_and_the_rest_is_served() {
-    // SERVICES holds 4096 entries here: four services of 1000 backends
-    // (4004 entries) fit, a fifth does not. Its slots are written in one
-    // batch, which the kernel stops at the first entry that does not fit.
+    // SLOTS holds 4096 slots here: four services of 1000 backends (a
+    // block of 1024 each) fit, a fifth does not.
     let mut datapath = common::load_private();
     let mut reconciler = Reconciler::adopt(&mut datapath.maps).unwrap();
     for (i, name) in ["a", "b", "c", "d"].iter().enumerate() {
@@ -940,8 +950,8 @@ fn a_service_that_does_not_fit_is_an_issue_naming_the_map_and_the_rest_is_served
     assert_eq!(issue.object, "Service test/e");
     assert!(
         issue.reason.contains("10.96.2.9:80")
-            && issue.reason.contains("SERVICES")
-            && issue.reason.contains("--service-entries-max"),
+            && issue.reason.contains("SLOTS")
+            && issue.reason.contains("--backend-slots-max"),
         "names the frontend, the map and the flag: {}",
         issue.reason
     );
@@ -961,197 +971,34 @@ fn a_service_that_does_not_fit_is_an_issue_naming_the_map_and_the_rest_is_served
         !served.iter().any(|(address, _)| address == "10.96.2.9"),
         "no frontend without its slots: {served:?}"
     );
-    assert!(
-        dump.stray_slots.is_empty(),
-        "the slots that made it in are taken out again: {} left",
-        dump.stray_slots.len()
-    );
-    // So the room it did not use is there for a service that fits.
-    apply(
-        &mut reconciler,
-        &translation(&service_yaml("f", "10.96.2.10", &[80], 10)),
-    );
-}
-
-/// A pin directory of this test's own, removed also when it fails.
-struct PinDir(std::path::PathBuf);
-
-impl PinDir {
-    fn new() -> Self {
-        Self(std::path::PathBuf::from(format!(
-            "/sys/fs/bpf/{}",
-            lab::unique_prefix()
-        )))
-    }
-
-    /// Loading as the agent does (it owns the pins), with a reverse-NAT
-    /// table of `frontends` entries (`--frontends-max` + 1).
-    fn owned_with_frontends(&self, frontends: u32) -> datapath_user::LoadOptions {
-        datapath_user::LoadOptions {
-            pin_dir: Some(self.0.clone()),
-            sizes: datapath_user::loader::MapSizes {
-                reverse_nat: frontends,
-                ..Default::default()
-            },
-            pin_policy: datapath_user::map_pins::PinPolicy::Own,
-            ..Default::default()
-        }
-    }
-}
-
-impl Drop for PinDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
-/// `--frontends-max` changed: the agent replaces the reverse-NAT table
-/// (another size) and adoption writes every frontend's entry again under
-/// the id the frontend already had, so tracked flows (which name that id)
-/// keep their backends; nothing else is rewritten.
-#[test]
-fn a_resized_reverse_nat_table_is_written_again_under_the_same_ids() {
-    common::require_root("pinned maps");
-    let pins = PinDir::new();
-    let with = |frontends: u32| pins.owned_with_frontends(frontends);
-    let web = translation(&service_yaml("web", "10.96.1.1", &[80, 81], 3));
-    let before = {
-        let mut datapath = datapath_user::Datapath::load(&with(65_536)).unwrap();
-        let mut reconciler = Reconciler::adopt(&mut datapath.maps).unwrap();
-        apply(&mut reconciler, &web);
-        reconciler.maps().dump().unwrap()
-    };
-    assert_eq!(before.rev_nats.len(), 2);
-    let mut datapath = datapath_user::Datapath::load(&with(200_000)).unwrap();
-    let mut reconciler = Reconciler::adopt(&mut datapath.maps).unwrap();
-    let outcome = reconciler.update_service(&web.0, &web.1);
+    assert_eq!(reconciler.maps().slots_taken(), Some(4096));
+    // A service removed: its block, once rested, is the fifth one's.
+    apply(&mut reconciler, &gone("d"));
+    let outcome = reconciler.update_service(&fifth.0, &fifth.1);
     assert!(outcome.issues.is_empty(), "{:?}", outcome.issues);
-    assert_eq!(outcome.frontends_written, 0, "only the reverse-NAT entries");
-    assert_eq!(
-        reconciler.maps().dump().unwrap(),
-        before,
-        "the same ids, slots and reverse-NAT entries"
-    );
-}
-
-/// `--frontends-max` made smaller than an id in use: that frontend gets a
-/// free id below the new size and is written again by the first sync (no
-/// issue; its flows re-balance), and the others keep theirs.
-#[test]
-fn a_shrunk_reverse_nat_table_renumbers_the_frontends_beyond_it() {
-    common::require_root("pinned maps");
-    let pins = PinDir::new();
-    let with = |frontends: u32| pins.owned_with_frontends(frontends);
-    let three = translation(&service_yaml("web", "10.96.1.1", &[80, 81, 82], 3));
-    let two = translation(&service_yaml("web", "10.96.1.1", &[81, 82], 3));
-    {
-        let mut datapath = datapath_user::Datapath::load(&with(65_536)).unwrap();
-        let mut reconciler = Reconciler::adopt(&mut datapath.maps).unwrap();
-        apply(&mut reconciler, &three);
-        apply(&mut reconciler, &two);
-        let ids: Vec<(u16, u32)> = reconciler
-            .maps()
-            .dump()
-            .unwrap()
-            .frontends
-            .iter()
-            .map(|f| (f.frontend.port, f.rev_nat_id))
-            .collect();
-        assert_eq!(ids, [(81, 2), (82, 3)]);
-    }
-    // Ids 1 and 2 only.
-    let mut datapath = datapath_user::Datapath::load(&with(3)).unwrap();
-    let mut reconciler = Reconciler::adopt(&mut datapath.maps).unwrap();
-    let outcome = reconciler.update_service(&two.0, &two.1);
-    assert!(outcome.issues.is_empty(), "{:?}", outcome.issues);
-    assert_eq!(outcome.frontends_written, 1, "the renumbered frontend");
-    reconciler.prune(false).unwrap();
     let dump = reconciler.maps().dump().unwrap();
-    let ids: Vec<(u16, u32)> = dump
-        .frontends
-        .iter()
-        .map(|f| (f.frontend.port, f.rev_nat_id))
-        .collect();
-    assert_eq!(ids, [(81, 2), (82, 1)]);
-    let rev_nats: Vec<(u32, u16)> = dump
-        .rev_nats
-        .iter()
-        .map(|(id, a)| (*id, a.port()))
-        .collect();
-    assert_eq!(rev_nats, [(1, 82), (2, 81)]);
     assert!(
         dump.frontends
             .iter()
-            .all(|f| f.slots.iter().all(Option::is_some))
-    );
-    assert_eq!(dump.backends.len(), 3, "the backends, no stray ones");
-}
-
-/// Two frontends found with one reverse-NAT id (a build with narrower ids
-/// ran meanwhile): the first keeps it and its entry; the second gets a
-/// free id and is rewritten; neither the rewrite nor removing the second
-/// later clears the entry the first still uses.
-#[test]
-fn a_reverse_nat_id_found_twice_stays_with_its_holder() {
-    let a = translation(&service_yaml("a", "10.96.1.1", &[80], 2));
-    let b = translation(&service_yaml("b", "10.96.1.2", &[80], 2));
-    let mut first = Reconciler::adopt(FakeMaps::with_capacity(64)).unwrap();
-    apply(&mut first, &a);
-    apply(&mut first, &b);
-    let mut maps = first.into_maps();
-    let frontend = |ip: [u8; 4]| Frontend {
-        address: Ipv4Addr::from(ip),
-        port: 80,
-        protocol: Protocol::Tcp,
-    };
-    let (id_a, _) = maps.services[&frontend([10, 96, 1, 1])].clone();
-    let (id_b, _) = maps.services[&frontend([10, 96, 1, 2])].clone();
-    // b's head names a's id, as a build with 16-bit ids would read it.
-    maps.services.get_mut(&frontend([10, 96, 1, 2])).unwrap().0 = id_a;
-    maps.rev_nats.remove(&id_b);
-
-    let mut second = Reconciler::adopt(maps).unwrap();
-    for service in [&a, &b] {
-        let outcome = second.update_service(&service.0, &service.1);
-        assert!(outcome.issues.is_empty(), "{:?}", outcome.issues);
-    }
-    second.prune(false).unwrap();
-    let names = |maps: &FakeMaps, ip: [u8; 4]| {
-        let (id, _) = maps.services[&frontend(ip)];
-        maps.rev_nats.get(&id).map(|a| *a.ip())
-    };
-    assert_eq!(
-        names(second.maps(), [10, 96, 1, 1]),
-        Some(Ipv4Addr::new(10, 96, 1, 1))
-    );
-    assert_eq!(
-        names(second.maps(), [10, 96, 1, 2]),
-        Some(Ipv4Addr::new(10, 96, 1, 2))
-    );
-    assert_ne!(second.maps().services[&frontend([10, 96, 1, 2])].0, id_a);
-
-    apply(&mut second, &gone("b"));
-    assert_eq!(
-        names(second.maps(), [10, 96, 1, 1]),
-        Some(Ipv4Addr::new(10, 96, 1, 1)),
-        "removing b left a's entry"
+            .all(|f| f.slots.len() == 1000 && f.slots.iter().all(Option::is_some)),
+        "{:?}",
+        view(&dump)
     );
 }
 
 /// A sync's new frontends are written together at the flush (one batch
 /// per map), on real maps: nothing before it, every frontend whole after
-/// it, in make-before-break order. When the batch does not fit (a full
-/// SERVICES map), each frontend is written on its own: those that fit are
-/// served, the one that does not is an issue of its own service, held
-/// broken, and written once there is room.
+/// it, in make-before-break order. A frontend whose block does not fit
+/// (a full SLOTS map) is an issue of its own service, held broken, and
+/// written once there is room; the others are served.
 #[test]
 fn new_frontends_are_written_together_and_one_that_does_not_fit_is_named() {
     use datapath_user::{Datapath, LoadOptions, loader::MapSizes};
-    // Room for two services of one port and ten endpoints (11 entries
-    // each), not three.
+    // Room for two services of one port and ten endpoints (a block of 16
+    // slots each), not three.
     let mut datapath = Datapath::load(&LoadOptions {
         sizes: MapSizes {
-            services: 30,
+            slots: 32,
             ..MapSizes::default()
         },
         ..LoadOptions::default()
@@ -1203,18 +1050,18 @@ fn new_frontends_are_written_together_and_one_that_does_not_fit_is_named() {
     assert_eq!(view(&reconciler.maps().dump().unwrap()).len(), 2);
 }
 
-/// The slots batch fits and the frontend entries' batch does not: the
-/// frontends whose entry did not make it take their slots out again
-/// (nothing counts them), and the one that still does not fit on its own
-/// is named.
+/// The frontend entries' batch does not fit (a full SERVICES map): the
+/// frontends whose entry did not make it give their blocks back and their
+/// filter counts go down (nothing names them), and the one that still
+/// does not fit on its own is named.
 #[test]
 fn frontends_whose_entry_did_not_fit_leave_no_slots_behind() {
     use datapath_user::{Datapath, LoadOptions, loader::MapSizes};
-    // Three services of two endpoints: six slots fit, and two of the
-    // three frontend entries.
+    // Three services of two endpoints: two of the three frontend entries
+    // fit.
     let mut datapath = Datapath::load(&LoadOptions {
         sizes: MapSizes {
-            services: 8,
+            services: 2,
             ..MapSizes::default()
         },
         ..LoadOptions::default()
@@ -1236,11 +1083,10 @@ fn frontends_whose_entry_did_not_fit_leave_no_slots_behind() {
     assert_eq!(issues[0].0, ObjectKey::new("test", "c"));
     let dump = reconciler.maps().dump().unwrap();
     assert_eq!(view(&dump).len(), 2, "{dump:?}");
-    assert!(dump.stray_slots.is_empty(), "{:?}", dump.stray_slots);
     assert_eq!(
-        reconciler.maps().services.keys().count(),
-        6,
-        "two frontends with two slots each, nothing of the third"
+        reconciler.maps().slots_taken(),
+        Some(4),
+        "two frontends with a block of two each, nothing of the third"
     );
     let filter_count = |address: [u8; 4]| {
         let bucket = datapath_common::lb::service_filter_index(
@@ -1261,40 +1107,166 @@ fn frontends_whose_entry_did_not_fit_leave_no_slots_behind() {
     );
 }
 
-/// An agent stopped between a frontend's slots and its entry leaves slots
-/// that adoption finds stray; when the next sync writes that frontend
-/// again, prune must not delete its slots (the frontend would count slots
-/// that are gone, and new flows to it would be dropped).
+/// Frontends found in pinned maps keep their blocks: a later agent
+/// learns whose each block is before it hands any out, so a new frontend
+/// never gets slots another still balances over. An entry whose block is
+/// another's too (nothing this agent writes; a hand-made one here) is
+/// moved to a block of its own with a copy of its slots.
 #[test]
-fn slots_found_stray_and_written_again_by_the_sync_are_not_pruned() {
-    let mut datapath = common::load_private();
-    let web = translation(&service_yaml("web", "10.96.1.1", &[80], 3));
-    let frontend = Frontend {
-        address: Ipv4Addr::new(10, 96, 1, 1),
-        port: 80,
-        protocol: Protocol::Tcp,
-    };
-    for slot in 1..=3 {
-        datapath
-            .maps
-            .services
-            .insert(
-                frontend.key(slot),
-                datapath_common::maps::ServiceValue::new(u32::from(slot), 0, 1, 0),
-                0,
-            )
-            .unwrap();
+fn blocks_found_in_the_maps_stay_their_frontends_and_shared_ones_are_parted() {
+    use datapath_user::{LoadOptions, map_pins::PinPolicy};
+    common::require_root("pinned maps");
+    let pin_dir = std::path::PathBuf::from(format!("/sys/fs/bpf/{}", lab::unique_prefix()));
+    struct Cleanup(std::path::PathBuf);
+    impl Drop for Cleanup {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
     }
+    let _cleanup = Cleanup(pin_dir.clone());
+    let options = LoadOptions {
+        pin_dir: Some(pin_dir.clone()),
+        pin_policy: PinPolicy::Own,
+        ..LoadOptions::default()
+    };
+    let web = translation(&service_yaml("web", "10.96.1.1", &[80], 3));
+    let api = translation(&service_yaml("api", "10.96.1.2", &[80], 5));
+    {
+        // The agent before (another process: its own view of the blocks).
+        let mut first = datapath_user::Datapath::load(&options).unwrap();
+        let mut reconciler = Reconciler::new_on_empty(&mut first.maps);
+        apply(&mut reconciler, &web);
+        apply(&mut reconciler, &api);
+    }
+    let mut datapath = datapath_user::Datapath::load(&options).unwrap();
+    let key_of = |address: [u8; 4]| {
+        datapath_common::maps::ServiceKey::new(u32::from_ne_bytes(address), 80u16.to_be(), 6)
+    };
+    // A third entry naming web's block.
+    let web_head = datapath
+        .maps
+        .services
+        .get(&key_of([10, 96, 1, 1]), 0)
+        .unwrap();
+    let mut twin = web_head;
+    twin.rev_nat_low = 999;
+    datapath
+        .maps
+        .services
+        .insert(key_of([10, 96, 1, 3]), twin, 0)
+        .unwrap();
+    let before = datapath.maps.dump().unwrap();
     let mut reconciler = Reconciler::adopt(&mut datapath.maps).unwrap();
     reconciler.defer_new_frontends();
     apply(&mut reconciler, &web);
+    apply(&mut reconciler, &api);
+    let new = translation(&service_yaml("new", "10.96.1.4", &[80], 8));
+    apply(&mut reconciler, &new);
     assert!(reconciler.flush().is_empty());
+    // Blocks pairwise apart, each holding its frontend's count.
+    let heads: Vec<_> = reconciler
+        .maps()
+        .services
+        .iter()
+        .map(Result::unwrap)
+        .collect();
+    assert_eq!(heads.len(), 4, "the twin is still there until prune");
+    for (i, (_, a)) in heads.iter().enumerate() {
+        assert!(u32::from(a.backend_count) <= a.slot_capacity());
+        for (_, b) in &heads[i + 1..] {
+            let (a0, a1) = (a.first_slot, a.first_slot + a.slot_capacity());
+            let (b0, b1) = (b.first_slot, b.first_slot + b.slot_capacity());
+            assert!(a1 <= b0 || b1 <= a0, "blocks overlap: {heads:?}");
+        }
+    }
+    let after = reconciler.maps().dump().unwrap();
+    for frontend in &before.frontends {
+        let now = after
+            .frontends
+            .iter()
+            .find(|f| f.frontend == frontend.frontend)
+            .expect("still there");
+        assert_eq!(
+            now.slots, frontend.slots,
+            "{} keeps its backends",
+            frontend.frontend
+        );
+    }
     reconciler.prune(false).unwrap();
     let dump = reconciler.maps().dump().unwrap();
-    assert_eq!(dump.frontends.len(), 1, "{dump:?}");
+    assert_eq!(dump.frontends.len(), 3, "{dump:?}");
     assert!(
-        dump.frontends[0].slots.iter().all(Option::is_some) && dump.frontends[0].slots.len() == 3,
-        "every slot of the rewritten frontend kept: {dump:?}"
+        dump.frontends
+            .iter()
+            .all(|f| f.slots.iter().all(Option::is_some)),
+        "{dump:?}"
     );
-    assert!(dump.stray_slots.is_empty(), "{dump:?}");
+}
+
+/// A frontend's backend set rewritten in place while it fits its block
+/// (and uses more than a quarter of it), moved whole to a block of the
+/// right size otherwise; each time the frontend names exactly the new set
+/// in order, and the left blocks become free again.
+#[test]
+fn a_backend_set_changes_in_place_while_it_fits_its_block_and_moves_otherwise() {
+    use datapath_user::model::BackendEntry;
+    let mut datapath = common::load_private();
+    let maps = &mut datapath.maps;
+    let frontend = Frontend {
+        address: Ipv4Addr::new(10, 96, 7, 7),
+        port: 80,
+        protocol: Protocol::Tcp,
+    };
+    let set = |n: u32, base: u32| -> Vec<BackendEntry> {
+        (0..n)
+            .map(|i| BackendEntry {
+                id: base + i,
+                address: Ipv4Addr::new(10, 244, 7, (base + i) as u8),
+                port: 8080,
+            })
+            .collect()
+    };
+    let mut previous: Option<datapath_common::maps::ServiceValue> = None;
+    for (n, base, moves) in [
+        (3, 1, true),
+        (4, 10, false),
+        (5, 20, true),
+        (8, 30, false),
+        (3, 40, false),
+        (2, 50, true),
+        (17, 60, true),
+        (0, 0, true),
+        (2, 90, true),
+    ] {
+        maps.set_service(&frontend, 7, &set(n, base)).unwrap();
+        let head = maps.services.get(&frontend.key(), 0).unwrap();
+        assert_eq!(u32::from(head.backend_count), n);
+        let capacity = head.slot_capacity();
+        assert!(
+            n <= capacity && (capacity <= 2 || n * 4 > capacity),
+            "{n} in {head:?}"
+        );
+        if let Some(old) = previous {
+            assert_eq!(
+                old.first_slot != head.first_slot || old.slot_order != head.slot_order,
+                moves,
+                "{n} backends after {}: {old:?} -> {head:?}",
+                old.backend_count
+            );
+        }
+        assert_eq!(
+            maps.backend_ids_of(&frontend.key()).unwrap().unwrap(),
+            (base..base + n).collect::<Vec<_>>()
+        );
+        previous = Some(head);
+    }
+    // Rested, the left blocks are free: only the last block and one
+    // for another frontend are taken.
+    std::thread::sleep(std::time::Duration::from_millis(20));
+    let other = Frontend {
+        port: 81,
+        ..frontend
+    };
+    maps.set_service(&other, 8, &set(1, 100)).unwrap();
+    assert_eq!(maps.slots_taken(), Some(2 + 1));
 }

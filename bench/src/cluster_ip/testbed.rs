@@ -292,6 +292,7 @@ impl Testbed {
             // the loader allows.
             let tiny = MapSizes {
                 services: 16,
+                slots: 16,
                 backends: 16,
                 reverse_nat: 16,
                 conntrack_tcp_flows: 16,

@@ -222,7 +222,8 @@ impl Testbed {
                 let m = sweep.endpoints;
                 let options = LoadOptions {
                     sizes: MapSizes {
-                        services: ((n * (m + 1) + 1024) as u32).max(MapSizes::default().services),
+                        services: ((n + 1024) as u32).max(MapSizes::default().services),
+                        slots: MapSizes::slots_for(n + 1024, m).max(MapSizes::default().slots),
                         backends: ((n * m + 1024) as u32).max(MapSizes::default().backends),
                         reverse_nat: ((n + 1024) as u32).max(MapSizes::default().reverse_nat),
                         ..MapSizes::default()

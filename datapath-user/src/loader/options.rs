@@ -13,8 +13,14 @@ pub const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/underpass";
 /// Capacities of the maps, set at load time.
 #[derive(Clone, Debug)]
 pub struct MapSizes {
+    /// Frontend entries (`SERVICES`): one per frontend, so the agent makes
+    /// it as large as the reverse-NAT ids.
     pub services: u32,
+    /// Backend slots (`SLOTS`): each frontend owns a block of the power
+    /// of two at or above its backend count.
+    pub slots: u32,
     pub backends: u32,
+    /// Reverse-NAT ids (one per frontend, id 0 unused).
     pub reverse_nat: u32,
     /// TCP flows the TC path can track (the map holds two entries each).
     pub conntrack_tcp_flows: u32,
@@ -24,10 +30,20 @@ pub struct MapSizes {
 }
 
 impl MapSizes {
+    /// The slots `frontends` frontends of `backends_each` backends take
+    /// (each owns the power of two at or above its count).
+    pub fn slots_for(frontends: usize, backends_each: usize) -> u32 {
+        let block = backends_each.clamp(1, usize::from(maps::MAX_BACKENDS_PER_SERVICE));
+        u32::try_from(frontends.saturating_mul(block.next_power_of_two()))
+            .unwrap_or(u32::MAX)
+            .min(maps::SLOTS_LIMIT)
+    }
+
     /// `max_entries` of each sized map, as the loader sets them.
-    pub fn max_entries(&self) -> [(&'static str, u32); 6] {
+    pub fn max_entries(&self) -> [(&'static str, u32); 7] {
         [
             (maps::SERVICES_MAP, self.services),
+            (maps::SLOTS_MAP, self.slots.min(maps::SLOTS_LIMIT)),
             (maps::BACKENDS_MAP, self.backends),
             (maps::REVERSE_NAT_MAP, self.reverse_nat),
             (
@@ -48,7 +64,8 @@ impl MapSizes {
 impl Default for MapSizes {
     fn default() -> Self {
         Self {
-            services: maps::DEFAULT_SERVICES_MAX,
+            services: maps::DEFAULT_REVERSE_NAT_MAX,
+            slots: maps::DEFAULT_SLOTS_MAX,
             backends: maps::DEFAULT_BACKENDS_MAX,
             reverse_nat: maps::DEFAULT_REVERSE_NAT_MAX,
             conntrack_tcp_flows: maps::DEFAULT_CONNTRACK_TCP_FLOWS,

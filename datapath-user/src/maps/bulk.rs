@@ -1,7 +1,8 @@
 //! Many new frontends written at once: during a sync, a frontend the maps
 //! do not hold yet is only noted by `set_service`, and `flush` writes all
-//! of them with one batch per map — every backend, every reverse-NAT
-//! entry, every slot, the filter, then every frontend entry. The order is
+//! of them: every slot into its block (stores into the mapped array), then
+//! one batch per map — every backend, every reverse-NAT entry, the filter,
+//! then every frontend entry. The order is
 //! make-before-break's for the whole set: a frontend entry (what new
 //! flows look up) is written after everything it names. A first sync of
 //! 100,000 services made 700,000 syscalls one frontend at a time.
@@ -12,13 +13,11 @@
 
 use aya::maps::IterableMap;
 use datapath_common::{
-    ipv4_be,
     lb::service_filter_index,
-    maps::{self as m, Backend, BackendId, RevNatId, RevNatValue, ServiceKey, ServiceValue},
-    port_be,
+    maps::{Backend, BackendId, RevNatId, RevNatValue, ServiceKey, ServiceValue},
 };
 
-use super::{handles::DatapathMaps, writer};
+use super::{handles::DatapathMaps, slot_blocks::SlotBlocks, writer};
 use crate::model::{BackendEntry, Frontend};
 
 /// Up to this many filter buckets are read one by one.
@@ -46,7 +45,12 @@ impl DatapathMaps {
             "writing new frontends in batches failed ({batch_error}): writing each on its own"
         );
         let deferring = std::mem::replace(&mut self.pending.deferring, false);
+        let unplaced: std::collections::HashSet<Frontend> =
+            self.pending.failed.iter().map(|(f, _)| *f).collect();
         for (frontend, rev_nat_id, backends) in &frontends {
+            if unplaced.contains(frontend) {
+                continue;
+            }
             if let Err(e) = super::LbMaps::set_service(self, frontend, *rev_nat_id, backends) {
                 self.pending.failed.push((*frontend, e));
             }
@@ -58,52 +62,64 @@ impl DatapathMaps {
         &mut self,
         frontends: &[(Frontend, RevNatId, Vec<BackendEntry>)],
     ) -> Result<(), aya::maps::MapError> {
-        let on_error = |(_, error)| error;
-        let backend_count: usize = frontends.iter().map(|(_, _, b)| b.len()).sum();
+        // Each frontend's block first: one that does not fit is left out
+        // (and said so by the next flush); the others go on.
+        let mut placed: Vec<(&Frontend, RevNatId, &[BackendEntry], u32, u8)> =
+            Vec::with_capacity(frontends.len());
+        for (frontend, rev_nat_id, entries) in frontends {
+            let order = SlotBlocks::order_for(entries.len() as u16);
+            match self.allocate_block(frontend, order) {
+                Ok(first) => placed.push((frontend, *rev_nat_id, entries, first, order)),
+                Err(error) => self.pending.failed.push((*frontend, error)),
+            }
+        }
+        let result = self.write_placed(&placed);
+        if let Err((published, _)) = &result {
+            // Blocks no written entry names are free again at once.
+            for &(_, _, _, first, order) in &placed[*published..] {
+                self.blocks().release(first, order);
+            }
+        }
+        result.map_err(|(_, error)| error)
+    }
+
+    /// Writes frontends whose blocks are chosen; on an error, also how many
+    /// frontend entries (the first ones) were written.
+    fn write_placed(
+        &mut self,
+        placed: &[(&Frontend, RevNatId, &[BackendEntry], u32, u8)],
+    ) -> Result<(), (usize, aya::maps::MapError)> {
+        let on_error = |(_, error)| (0, error);
+        let backend_count: usize = placed.iter().map(|p| p.2.len()).sum();
         let mut backend_ids: Vec<BackendId> = Vec::with_capacity(backend_count);
         let mut backends: Vec<Backend> = Vec::with_capacity(backend_count);
-        let mut rev_nat_ids: Vec<RevNatId> = Vec::with_capacity(frontends.len());
-        let mut rev_nats: Vec<RevNatValue> = Vec::with_capacity(frontends.len());
-        let mut slot_keys: Vec<ServiceKey> = Vec::with_capacity(backend_count);
-        let mut slots: Vec<ServiceValue> = Vec::with_capacity(backend_count);
-        let mut head_keys: Vec<ServiceKey> = Vec::with_capacity(frontends.len());
-        let mut heads: Vec<ServiceValue> = Vec::with_capacity(frontends.len());
-        // Where each frontend's slots start in `slot_keys`.
-        let mut first_slot: Vec<usize> = Vec::with_capacity(frontends.len() + 1);
-        for (frontend, rev_nat_id, entries) in frontends {
-            first_slot.push(slot_keys.len());
-            for (slot, backend) in entries.iter().enumerate() {
+        let mut rev_nat_ids: Vec<RevNatId> = Vec::with_capacity(placed.len());
+        let mut rev_nats: Vec<RevNatValue> = Vec::with_capacity(placed.len());
+        let mut head_keys: Vec<ServiceKey> = Vec::with_capacity(placed.len());
+        let mut heads: Vec<ServiceValue> = Vec::with_capacity(placed.len());
+        for &(frontend, rev_nat_id, entries, first, order) in placed {
+            for backend in entries {
                 backend_ids.push(backend.id);
-                backends.push(Backend {
-                    address_be: ipv4_be(backend.address.octets()),
-                    port_be: port_be(backend.port),
-                    protocol: frontend.protocol.number(),
-                    flags: m::BACKEND_FLAG_PRESENT,
-                });
-                slot_keys.push(frontend.key(slot as u16 + 1));
-                slots.push(ServiceValue::new(backend.id, 0, *rev_nat_id, 0));
+                backends.push(writer::backend_value(frontend, backend));
             }
-            rev_nat_ids.push(*rev_nat_id);
+            // Stores into the mapping, inside the block just allocated.
+            self.slots.write(first, entries.iter().map(|b| b.id));
+            rev_nat_ids.push(rev_nat_id);
             rev_nats.push(writer::rev_nat_value(frontend));
-            head_keys.push(frontend.key(0));
+            head_keys.push(frontend.key());
             // Validated when noted: at most MAX_BACKENDS_PER_SERVICE.
-            heads.push(ServiceValue::new(0, entries.len() as u16, *rev_nat_id, 0));
+            heads.push(ServiceValue::new(
+                first,
+                order,
+                entries.len() as u16,
+                rev_nat_id,
+                0,
+            ));
         }
-        first_slot.push(slot_keys.len());
         writer::write_batch(IterableMap::map(&self.backends), &backend_ids, &backends)
             .map_err(on_error)?;
         writer::write_batch(IterableMap::map(&self.reverse_nat), &rev_nat_ids, &rev_nats)
             .map_err(on_error)?;
-        if let Err((written, error)) =
-            writer::write_batch(IterableMap::map(&self.services), &slot_keys, &slots)
-        {
-            // No frontend counts these yet: out again, so that the writes
-            // one by one that follow find the room they took.
-            for key in &slot_keys[..written] {
-                let _ = self.services.remove(key);
-            }
-            return Err(error);
-        }
         // Counts raised before the frontends exist (a count too high only
         // costs a lookup; prune repairs it). Per bucket: the changed ones.
         let mut raised: std::collections::BTreeMap<u32, u32> = std::collections::BTreeMap::new();
@@ -117,9 +133,11 @@ impl DatapathMaps {
             raised
                 .keys()
                 .map(|b| self.service_filter.get(b, 0))
-                .collect::<Result<_, _>>()?
+                .collect::<Result<_, _>>()
+                .map_err(|error| (0, error))?
         } else {
-            let counts: Vec<u32> = writer::read_array(&self.service_filter)?;
+            let counts: Vec<u32> =
+                writer::read_array(&self.service_filter).map_err(|error| (0, error))?;
             raised
                 .keys()
                 .map(|&b| counts.get(b as usize).copied().unwrap_or(0))
@@ -136,16 +154,12 @@ impl DatapathMaps {
         if let Err((written, error)) =
             writer::write_batch(IterableMap::map(&self.services), &head_keys, &heads)
         {
-            // The frontends whose entry did not make it: their slots out
-            // again, as above (the first `written` are whole and stay),
-            // and their filter counts back down.
-            for key in &slot_keys[first_slot[written]..] {
-                let _ = self.services.remove(key);
-            }
-            for (frontend, _, _) in &frontends[written..] {
+            // The frontends whose entry did not make it: their filter
+            // counts back down (the first `written` are whole and stay).
+            for (frontend, ..) in &placed[written..] {
                 let _ = writer::adjust_filter(&mut self.service_filter, frontend, -1);
             }
-            return Err(error);
+            return Err((written, error));
         }
         Ok(())
     }

@@ -51,7 +51,7 @@ impl LbMaps for FakeMaps {
                     slots: ids.iter().map(|&id| Some(id)).collect(),
                 })
                 .collect(),
-            stray_slots: Vec::new(),
+            stray_entries: Vec::new(),
             backends: self.backends.iter().map(|(k, v)| (*k, *v)).collect(),
             rev_nats: self.rev_nats.iter().map(|(k, v)| (*k, *v)).collect(),
         })

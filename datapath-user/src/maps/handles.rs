@@ -10,7 +10,7 @@ use datapath_common::{
     IPPROTO_TCP,
     maps::{
         self as m, Backend, CtEntry, CtKey, FragmentKey, FragmentPorts, RevNatValue, ServiceKey,
-        ServiceValue, SockRevNatKey, SockRevNatValue,
+        ServiceValue, Slot, SockRevNatKey, SockRevNatValue,
     },
     metrics::Counter,
 };
@@ -19,7 +19,13 @@ use crate::error::LoaderError;
 
 /// Handles on every map of a loaded (or pinned) datapath.
 pub struct DatapathMaps {
+    /// Frontends, each naming its block of `slots`.
     pub services: HashMap<MapData, ServiceKey, ServiceValue>,
+    /// Every frontend's backend slots, mapped into this process.
+    pub slots: super::slot_array::SlotArray,
+    /// Which blocks of `slots` are whose: read from `services` at the
+    /// first write (`writer`), kept up to date after.
+    pub(super) slot_blocks: Option<super::slot_blocks::SlotBlocks>,
     /// Indexed by backend id; a zeroed slot holds no backend.
     pub backends: Array<MapData, Backend>,
     /// Indexed by reverse-NAT id; a zeroed slot holds no frontend.
@@ -69,8 +75,20 @@ impl DatapathMaps {
         ) -> Result<T, LoaderError> {
             T::try_from(get(name)?).map_err(|source| LoaderError::map(name, source))
         }
+        let slots: Array<MapData, Slot> = typed(&mut get, m::SLOTS_MAP)?;
+        let slots = super::slot_array::SlotArray::map(slots).map_err(|io_error| {
+            LoaderError::map(
+                m::SLOTS_MAP,
+                MapError::SyscallError(aya::sys::SyscallError {
+                    call: "mmap",
+                    io_error,
+                }),
+            )
+        })?;
         Ok(Self {
             services: typed(&mut get, m::SERVICES_MAP)?,
+            slots,
+            slot_blocks: None,
             backends: typed(&mut get, m::BACKENDS_MAP)?,
             reverse_nat: typed(&mut get, m::REVERSE_NAT_MAP)?,
             conntrack_tcp: typed(&mut get, m::CONNTRACK_TCP_MAP)?,
@@ -108,6 +126,27 @@ impl DatapathMaps {
             .iter()
             .map(|(_, table)| table.keys().count())
             .sum()
+    }
+
+    /// The backend ids `key`'s frontend balances over now, in slot order
+    /// (`None`: no such frontend).
+    pub fn backend_ids_of(&self, key: &ServiceKey) -> Result<Option<Vec<m::BackendId>>, MapError> {
+        let head = match self.services.get(key, 0) {
+            Ok(head) => head,
+            Err(MapError::KeyNotFound) => return Ok(None),
+            Err(e) => return Err(e),
+        };
+        Ok(Some(
+            (1..=head.backend_count)
+                .map(|slot| self.slots.get(head.slot_index(slot)))
+                .collect(),
+        ))
+    }
+
+    /// Slots in blocks frontends own (or left moments ago), once this
+    /// process has learned them (its first write).
+    pub fn slots_taken(&self) -> Option<u64> {
+        self.slot_blocks.as_ref().map(|blocks| blocks.taken())
     }
 
     /// Every counter summed over the CPUs.

@@ -32,6 +32,15 @@ pub enum ProgramError {
         id: RevNatId,
         capacity: u32,
     },
+    #[error(
+        "{frontend}: no free block of {needed} backend slots ({taken} of the SLOTS map's {capacity} are taken: raise it with --backend-slots-max)"
+    )]
+    SlotsFull {
+        frontend: Frontend,
+        needed: u32,
+        capacity: u32,
+        taken: u64,
+    },
     #[error("{frontend}: port 0 is not a valid {what} port")]
     PortZero {
         frontend: Frontend,
@@ -71,7 +80,8 @@ pub trait LbMaps {
     /// Writes `frontend`'s reverse-NAT entry alone (found missing at
     /// adoption: the table was made afresh).
     fn restore_rev_nat(&mut self, id: RevNatId, frontend: &Frontend) -> Result<(), MapError>;
-    /// Deletes one `SERVICES` entry (a stray slot found by `dump`).
+    /// Deletes one `SERVICES` entry (one naming no frontend, found by
+    /// `dump`).
     fn remove_service_key(&mut self, key: &ServiceKey) -> Result<(), MapError>;
     /// Makes the frontend filter count exactly `frontends`; returns how
     /// many buckets changed.
@@ -195,8 +205,9 @@ pub struct DumpedFrontend {
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct MapDump {
     pub frontends: Vec<DumpedFrontend>,
-    /// Slot entries with no frontend entry, or beyond its count.
-    pub stray_slots: Vec<ServiceKey>,
+    /// `SERVICES` entries that name no frontend (a protocol this build
+    /// does not know).
+    pub stray_entries: Vec<ServiceKey>,
     pub backends: Vec<(BackendId, BackendAddress)>,
     /// Present reverse-NAT entries: the service address replies get.
     pub rev_nats: Vec<(RevNatId, std::net::SocketAddrV4)>,

@@ -3,8 +3,10 @@
 //! reconciler needs, implemented once by the real maps (`writer`, the one
 //! place that writes a service into them) and once by `FakeMaps` beside
 //! it, with the same validation, as Cilium keeps `LBMaps` and its fakes;
-//! `bulk` writes many new frontends at once; `reply_filter` says when the
-//! ingress program may skip conntrack.
+//! `bulk` writes many new frontends at once; `slot_blocks` says which
+//! block of the slot array (`slot_array`, mapped into memory) each
+//! frontend owns; `reply_filter` says when the ingress program may skip
+//! conntrack.
 
 mod bulk;
 mod fake;
@@ -12,6 +14,8 @@ mod handles;
 mod lb_maps;
 mod pending;
 mod reply_filter;
+mod slot_array;
+mod slot_blocks;
 mod writer;
 
 pub use self::{

@@ -15,6 +15,7 @@ use datapath_common::{
 use super::{
     handles::DatapathMaps,
     lb_maps::{DumpedFrontend, LbMaps, MapDump, ProgramError, validate_service},
+    slot_blocks::SlotBlocks,
 };
 use crate::model::{BackendAddress, BackendEntry, Frontend, Protocol};
 
@@ -29,9 +30,13 @@ impl LbMaps for DatapathMaps {
 
     /// Programs `frontend` to balance over `backends` (in slot order),
     /// replacing what it had. Make-before-break: backends and slots are
-    /// written before the frontend entry that counts them, and slots beyond
-    /// the new count are deleted only after it. A packet therefore sees
-    /// either the old or the new set, never a slot naming nothing.
+    /// written before the frontend entry that counts them and names their
+    /// block. Within the block it owns (when the new set fits it and uses
+    /// more than a quarter) the slots are rewritten in place, one atomic
+    /// store each, so a packet reading them meanwhile gets an old or a new
+    /// backend, both present; otherwise the set goes to a new block, the
+    /// entry switches to it, and the old block rests before anyone else
+    /// gets it (`slot_blocks::REST`).
     ///
     /// Backends no longer used by any frontend are the caller's to delete
     /// (`remove_backend`) after this returns.
@@ -60,7 +65,7 @@ impl LbMaps for DatapathMaps {
             // any other write goes after what is noted.
             let absent = !self.pending.is_noted(frontend)
                 && matches!(
-                    self.services.get(&frontend.key(0), 0),
+                    self.services.get(&frontend.key(), 0),
                     Err(MapError::KeyNotFound)
                 );
             if absent {
@@ -69,75 +74,61 @@ impl LbMaps for DatapathMaps {
             }
             self.write_pending();
         }
-        let old_head = self.services.get(&frontend.key(0), 0).ok();
-        let old_count = old_head.map_or(0, |h| h.backend_count);
+        let old_head = self.services.get(&frontend.key(), 0).ok();
 
-        // One batch per map: a service's backends, then its slots.
+        // One batch: a service's backends.
         let ids: Vec<BackendId> = backends.iter().map(|b| b.id).collect();
         let values: Vec<Backend> = backends
             .iter()
-            .map(|backend| Backend {
-                address_be: ipv4_be(backend.address.octets()),
-                port_be: port_be(backend.port),
-                protocol: frontend.protocol.number(),
-                flags: m::BACKEND_FLAG_PRESENT,
-            })
+            .map(|backend| backend_value(frontend, backend))
             .collect();
         write_batch(IterableMap::map(&self.backends), &ids, &values)
             .map_err(|(_, error)| map_err(m::BACKENDS_MAP)(error))?;
         self.restore_rev_nat(rev_nat_id, frontend)
             .map_err(map_err(m::REVERSE_NAT_MAP))?;
-        let slot_keys: Vec<ServiceKey> = (1..=backends.len())
-            .map(|slot| frontend.key(slot as u16))
-            .collect();
-        let slots: Vec<ServiceValue> = backends
-            .iter()
-            .map(|backend| ServiceValue::new(backend.id, 0, rev_nat_id, 0))
-            .collect();
-        if let Err((written, error)) =
-            write_batch(IterableMap::map(&self.services), &slot_keys, &slots)
-        {
-            // Slots beyond the old count that made it in name nothing a
-            // frontend counts: take them out again, so that a service that
-            // does not fit leaves no stray entries filling the map.
-            for key in &slot_keys[usize::from(old_count).min(written)..written] {
-                let _ = remove_if_present(&mut self.services, key);
+        let (first_slot, order, moved) = match old_head {
+            Some(old) if SlotBlocks::keeps(old.slot_order, count) => {
+                (old.first_slot, old.slot_order, false)
             }
-            return Err(map_err(m::SERVICES_MAP)(error));
-        }
-        let head = ServiceValue::new(0, count, rev_nat_id, 0);
+            _ => {
+                let order = SlotBlocks::order_for(count);
+                let first = self.allocate_block(frontend, order)?;
+                (first, order, true)
+            }
+        };
+        // The block is the allocator's, inside the array.
+        self.slots.write(first_slot, ids.iter().copied());
+        let head = ServiceValue::new(first_slot, order, count, rev_nat_id, 0);
         if old_head.is_none() {
             adjust_filter(&mut self.service_filter, frontend, 1)
                 .map_err(map_err(m::SERVICE_FILTER_MAP))?;
         }
-        if let Err(error) = self.services.insert(frontend.key(0), head, 0) {
-            // As above: the slots beyond the old count are counted by
-            // nothing (a frontend new to the maps has none); a full map
-            // must not keep them, nor the filter count just raised.
-            for key in slot_keys.iter().skip(usize::from(old_count)) {
-                let _ = remove_if_present(&mut self.services, key);
+        if let Err(error) = self.services.insert(frontend.key(), head, 0) {
+            // Nothing names the new block; a full map must not keep the
+            // filter count just raised either.
+            if moved {
+                self.blocks().release(first_slot, order);
             }
             if old_head.is_none() {
                 let _ = adjust_filter(&mut self.service_filter, frontend, -1);
             }
             return Err(map_err(m::SERVICES_MAP)(error));
         }
-        for slot in (count + 1)..=old_count {
-            remove_if_present(&mut self.services, &frontend.key(slot))
-                .map_err(map_err(m::SERVICES_MAP))?;
-        }
-        if let Some(old) = old_head
-            && old.rev_nat_id() != rev_nat_id
-        {
-            // A new incarnation: flows of the old one re-balance.
-            self.clear_rev_nat_of(old.rev_nat_id(), frontend)
-                .map_err(map_err(m::REVERSE_NAT_MAP))?;
+        if let Some(old) = old_head {
+            if moved {
+                self.blocks().retire(old.first_slot, old.slot_order);
+            }
+            if old.rev_nat_id() != rev_nat_id {
+                // A new incarnation: flows of the old one re-balance.
+                self.clear_rev_nat_of(old.rev_nat_id(), frontend)
+                    .map_err(map_err(m::REVERSE_NAT_MAP))?;
+            }
         }
         Ok(())
     }
 
-    /// Removes `frontend`: the frontend entry first (new flows stop), then
-    /// its slots and reverse-NAT entry.
+    /// Removes `frontend`: its entry first (new flows stop), then its
+    /// reverse-NAT entry; its block rests, then is free.
     fn remove_service(&mut self, frontend: &Frontend) -> Result<(), ProgramError> {
         self.write_pending();
         let map_err = |map: &'static str| {
@@ -147,17 +138,14 @@ impl LbMaps for DatapathMaps {
                 error: Box::new(source),
             }
         };
-        let Ok(head) = self.services.get(&frontend.key(0), 0) else {
+        let Ok(head) = self.services.get(&frontend.key(), 0) else {
             return Ok(());
         };
-        remove_if_present(&mut self.services, &frontend.key(0))
-            .map_err(map_err(m::SERVICES_MAP))?;
+        self.blocks_or_scan().map_err(map_err(m::SERVICES_MAP))?;
+        remove_if_present(&mut self.services, &frontend.key()).map_err(map_err(m::SERVICES_MAP))?;
+        self.blocks().retire(head.first_slot, head.slot_order);
         adjust_filter(&mut self.service_filter, frontend, -1)
             .map_err(map_err(m::SERVICE_FILTER_MAP))?;
-        for slot in 1..=head.backend_count {
-            remove_if_present(&mut self.services, &frontend.key(slot))
-                .map_err(map_err(m::SERVICES_MAP))?;
-        }
         self.clear_rev_nat_of(head.rev_nat_id(), frontend)
             .map_err(map_err(m::REVERSE_NAT_MAP))?;
         Ok(())
@@ -172,42 +160,22 @@ impl LbMaps for DatapathMaps {
 
     /// Reads every service, backend and reverse-NAT entry.
     fn dump(&self) -> Result<MapDump, MapError> {
-        let mut heads = std::collections::BTreeMap::new();
-        let mut slots = Vec::new();
-        for entry in self.services.iter() {
-            let (key, value) = entry?;
-            if key.backend_slot == 0 {
-                heads.insert(key, value);
-            } else {
-                slots.push((key, value));
-            }
-        }
         let mut dump = MapDump::default();
-        let mut by_head: std::collections::BTreeMap<ServiceKey, Vec<Option<BackendId>>> = heads
-            .iter()
-            .map(|(key, head)| (*key, vec![None; usize::from(head.backend_count)]))
-            .collect();
-        for (key, value) in slots {
-            let head_key = ServiceKey {
-                backend_slot: 0,
-                ..key
+        let mut heads = read_hash::<ServiceKey, ServiceValue>(&self.services)?;
+        heads.sort_unstable_by_key(|(key, _)| *key);
+        for (key, head) in heads {
+            let Some(frontend) = Frontend::from_key(&key) else {
+                dump.stray_entries.push(key);
+                continue;
             };
-            match by_head.get_mut(&head_key) {
-                Some(list) if usize::from(key.backend_slot) <= list.len() => {
-                    list[usize::from(key.backend_slot) - 1] = Some(value.backend_id);
-                }
-                _ => dump.stray_slots.push(key),
-            }
-        }
-        for (key, slots) in by_head {
-            match Frontend::from_key(&key) {
-                Some(frontend) => dump.frontends.push(DumpedFrontend {
-                    frontend,
-                    rev_nat_id: heads[&key].rev_nat_id(),
-                    slots,
-                }),
-                None => dump.stray_slots.push(key),
-            }
+            let slots = (1..=head.backend_count)
+                .map(|slot| Some(self.slots.get(head.slot_index(slot))).filter(|&id| id != 0))
+                .collect();
+            dump.frontends.push(DumpedFrontend {
+                frontend,
+                rev_nat_id: head.rev_nat_id(),
+                slots,
+            });
         }
         let backends: Vec<Backend> = read_array(&self.backends)?;
         for (id, backend) in backends.into_iter().enumerate().skip(1) {
@@ -241,10 +209,17 @@ impl LbMaps for DatapathMaps {
         Ok(dump)
     }
 
-    /// Deletes one `SERVICES` entry (a stray slot found by `dump`).
+    /// Deletes one `SERVICES` entry (one naming no frontend, found by
+    /// `dump`); its block rests, then is free.
     fn remove_service_key(&mut self, key: &ServiceKey) -> Result<(), MapError> {
         self.write_pending();
-        remove_if_present(&mut self.services, key)
+        let Ok(head) = self.services.get(key, 0) else {
+            return Ok(());
+        };
+        self.blocks_or_scan()?;
+        remove_if_present(&mut self.services, key)?;
+        self.blocks().retire(head.first_slot, head.slot_order);
+        Ok(())
     }
 
     fn restore_rev_nat(&mut self, id: RevNatId, frontend: &Frontend) -> Result<(), MapError> {
@@ -276,7 +251,7 @@ impl LbMaps for DatapathMaps {
         self.write_pending();
         let mut want = std::collections::HashMap::<u32, u32>::new();
         for frontend in frontends {
-            let key = frontend.key(0);
+            let key = frontend.key();
             *want
                 .entry(service_filter_index(
                     key.address_be,
@@ -335,6 +310,30 @@ pub(super) fn read_array<V: aya::Pod + Default>(
     })
 }
 
+/// Every entry of a hash map, read in batches.
+pub(super) fn read_hash<K: aya::Pod + Default, V: aya::Pod + Default>(
+    map: &HashMap<MapData, K, V>,
+) -> Result<Vec<(K, V)>, MapError> {
+    use std::os::fd::{AsFd, AsRawFd};
+    let fd = IterableMap::map(map).fd().as_fd().as_raw_fd();
+    crate::bpfsys::read_hash(fd).map_err(|io_error| {
+        MapError::SyscallError(aya::sys::SyscallError {
+            call: "bpf_map_lookup_batch",
+            io_error,
+        })
+    })
+}
+
+/// A backend's `BACKENDS` value, for `frontend`'s protocol.
+pub(super) fn backend_value(frontend: &Frontend, backend: &BackendEntry) -> Backend {
+    Backend {
+        address_be: ipv4_be(backend.address.octets()),
+        port_be: port_be(backend.port),
+        protocol: frontend.protocol.number(),
+        flags: m::BACKEND_FLAG_PRESENT,
+    }
+}
+
 /// `frontend`'s reverse-NAT entry: the address replies get as source.
 pub(super) fn rev_nat_value(frontend: &Frontend) -> RevNatValue {
     RevNatValue {
@@ -362,13 +361,76 @@ pub(super) fn adjust_filter(
     frontend: &Frontend,
     delta: i32,
 ) -> Result<(), MapError> {
-    let key = frontend.key(0);
+    let key = frontend.key();
     let bucket = service_filter_index(key.address_be, key.port_be, key.protocol);
     let count = filter.get(&bucket, 0)?;
     filter.set(bucket, count.saturating_add_signed(delta), 0)
 }
 
 impl DatapathMaps {
+    /// The owners of `SLOTS`' blocks; read from `SERVICES` the first time
+    /// (`blocks_or_scan`).
+    pub(super) fn blocks(&mut self) -> &mut SlotBlocks {
+        self.slot_blocks
+            .get_or_insert_with(|| SlotBlocks::new(self.slots.len()))
+    }
+
+    /// Learns which blocks the frontends in `SERVICES` own (pins an
+    /// earlier agent wrote), once. A frontend whose block is not its own
+    /// alone (beyond the array, misaligned, shared with another, smaller
+    /// than its count: nothing this agent writes) is given a new block
+    /// with a copy of its slots, so that every entry owns its block.
+    pub(super) fn blocks_or_scan(&mut self) -> Result<&mut SlotBlocks, MapError> {
+        if self.slot_blocks.is_none() {
+            let mut blocks = SlotBlocks::new(self.slots.len());
+            let mut homeless = Vec::new();
+            for (key, head) in read_hash::<ServiceKey, ServiceValue>(&self.services)? {
+                let fits = u32::from(head.backend_count) <= head.slot_capacity();
+                if !(fits && blocks.claim(head.first_slot, head.slot_order)) {
+                    homeless.push((key, head));
+                }
+            }
+            for (key, head) in homeless {
+                let order = SlotBlocks::order_for(head.backend_count);
+                let Some(first) = blocks.allocate(order) else {
+                    tracing::warn!(
+                        ?key,
+                        "no free slot block to move a frontend found sharing one"
+                    );
+                    continue;
+                };
+                let count = head.backend_count.min(1 << order);
+                let ids: Vec<BackendId> = (1..=count)
+                    .map(|slot| self.slots.get(head.slot_index(slot)))
+                    .collect();
+                self.slots.write(first, ids.into_iter());
+                let moved = ServiceValue::new(first, order, count, head.rev_nat_id(), head.flags);
+                self.services.insert(key, moved, 0)?;
+            }
+            self.slot_blocks = Some(blocks);
+        }
+        Ok(self.blocks())
+    }
+
+    /// A free block of `order` for `frontend`.
+    pub(super) fn allocate_block(
+        &mut self,
+        frontend: &Frontend,
+        order: u8,
+    ) -> Result<u32, ProgramError> {
+        let blocks = self.blocks_or_scan().map_err(|source| ProgramError::Map {
+            frontend: *frontend,
+            map: m::SERVICES_MAP,
+            error: Box::new(source),
+        })?;
+        blocks.allocate(order).ok_or(ProgramError::SlotsFull {
+            frontend: *frontend,
+            needed: 1 << order,
+            capacity: blocks.capacity(),
+            taken: blocks.taken(),
+        })
+    }
+
     /// Clears reverse-NAT entry `id` if it still names `frontend`: an id
     /// beyond the table (made smaller since) has no entry, and one that
     /// names another frontend is that frontend's (the id was taken twice,

@@ -45,7 +45,7 @@ impl<M: LbMaps> Reconciler<M> {
             node_seed: 0,
             adopted_unused_rev_nats: Vec::new(),
             adopted_rev_nat_by_address: HashMap::default(),
-            stray_slots: dump.stray_slots,
+            stray_entries: dump.stray_entries,
         };
         let by_id: HashMap<BackendId, BackendAddress> = dump.backends.iter().copied().collect();
         let reverse_nat: HashMap<RevNatId, std::net::SocketAddrV4> =
@@ -221,23 +221,12 @@ impl<M: LbMaps> Reconciler<M> {
                 )),
             }
         }
-        for key in std::mem::take(&mut self.stray_slots) {
-            // Stray when adopted (an agent stopped between a frontend's
-            // slots and its entry), but the sync since may have written
-            // that frontend: its slots are its own now.
-            let head = datapath_common::maps::ServiceKey {
-                backend_slot: 0,
-                ..key
-            };
-            let owned = Frontend::from_key(&head)
-                .and_then(|f| self.programmed.get(&f))
-                .is_some_and(|p| p.broken || usize::from(key.backend_slot) <= p.backends.len());
-            if owned {
-                continue;
-            }
+        for key in std::mem::take(&mut self.stray_entries) {
+            // An entry naming no frontend this build knows (another
+            // protocol): nothing will ever ask for it.
             match self.maps.remove_service_key(&key) {
-                Ok(()) => report.stray_slots += 1,
-                Err(e) => issues.push(datapath_issue("SERVICES", format!("stray slot: {e}"))),
+                Ok(()) => report.stray_entries += 1,
+                Err(e) => issues.push(datapath_issue("SERVICES", format!("stray entry: {e}"))),
             }
         }
         let frontends: Vec<Frontend> = self.programmed.keys().copied().collect();

@@ -26,7 +26,10 @@ pub(super) fn program_issue(error: ProgramError) -> Issue {
         ProgramError::BackendIdOutOfRange { .. } | ProgramError::RevNatIdOutOfRange { .. } => {
             (IssueKind::Limit, "spec.ports")
         }
-        ProgramError::Map { .. } => (IssueKind::Datapath, "spec.ports"),
+        // Room a prune may free: retried after it, as a full map is.
+        ProgramError::Map { .. } | ProgramError::SlotsFull { .. } => {
+            (IssueKind::Datapath, "spec.ports")
+        }
     };
     let reason = match &error {
         ProgramError::Map {
@@ -56,7 +59,9 @@ fn is_full(error: &aya::maps::MapError) -> bool {
 /// How an operator makes room in `map`.
 fn raise(map: &str) -> &'static str {
     match map {
-        datapath_common::maps::SERVICES_MAP => "raise it with --service-entries-max",
+        datapath_common::maps::SERVICES_MAP => {
+            "one entry per frontend (ClusterIP port): raise it with --frontends-max"
+        }
         datapath_common::maps::BACKENDS_MAP => "raise it with --backends-max",
         datapath_common::maps::REVERSE_NAT_MAP => {
             "one id per frontend (ClusterIP port): raise it with --frontends-max"

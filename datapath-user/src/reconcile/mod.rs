@@ -95,7 +95,7 @@ pub struct PruneReport {
     pub frontends: usize,
     pub backends: usize,
     pub rev_nats: usize,
-    pub stray_slots: usize,
+    pub stray_entries: usize,
     pub filter_buckets: usize,
 }
 
@@ -129,7 +129,7 @@ pub struct Reconciler<M> {
     /// map was made afresh, `REVERSE_NAT` kept), so that the flows
     /// conntrack holds for it, which name the id, keep their backends.
     adopted_rev_nat_by_address: HashMap<std::net::SocketAddrV4, RevNatId>,
-    stray_slots: Vec<ServiceKey>,
+    stray_entries: Vec<ServiceKey>,
 }
 
 impl<M: LbMaps> Reconciler<M> {

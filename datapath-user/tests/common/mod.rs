@@ -56,6 +56,7 @@ fn load_private_options(
         pin_dir: None,
         sizes: MapSizes {
             services: 4096,
+            slots: 4096,
             backends: 4096,
             // Ids beyond 16 bits are tested (up to 131,073).
             reverse_nat: 140_000,
