@@ -232,8 +232,9 @@ impl ServiceValue {
 /// Value of `SLOTS` (an array, mmap-able): the backend of one slot of a
 /// frontend. Eight bytes because the kernel lays an array's values out
 /// 8-byte aligned anyway (`round_up(value_size, 8)`), and an mmap of the
-/// array sees that stride.
-#[repr(C)]
+/// array sees that stride (aligned to it, so user space may view the
+/// mapping as a `[Slot]`).
+#[repr(C, align(8))]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub struct Slot {
     /// The `BACKENDS` key of this slot's backend (0: none, a slot being
@@ -659,7 +660,7 @@ mod tests {
     fn layouts_have_no_implicit_padding() {
         assert_eq!(size_of::<ServiceKey>(), 4 + 2 + 1 + 1);
         assert_eq!(size_of::<ServiceValue>(), 4 + 2 + 2 + 1 + 1 + 1 + 1);
-        assert_eq!(size_of::<Slot>(), 4 + 4);
+        assert_eq!((size_of::<Slot>(), align_of::<Slot>()), (4 + 4, 8));
         assert_eq!(size_of::<Backend>(), 4 + 2 + 1 + 1);
         assert_eq!(size_of::<RevNatValue>(), 4 + 2 + 1 + 1);
         assert_eq!(size_of::<CtKey>(), 4 + 4 + 2 + 2 + 1 + 1 + 2);

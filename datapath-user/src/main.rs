@@ -311,6 +311,12 @@ struct AgentArgs {
     #[arg(long, env = "UNDERPASS_BACKEND_SLOTS_MAX", default_value_t = datapath_common::maps::DEFAULT_SLOTS_MAX,
           value_parser = clap::value_parser!(u32).range(1..=i64::from(datapath_common::maps::SLOTS_LIMIT)))]
     backend_slots_max: u32,
+    /// Gone: the services table holds one entry per frontend
+    /// (`--frontends-max`) and the backend slots are sized by
+    /// `--backend-slots-max`. Accepted and ignored (with a warning) so
+    /// that an older DaemonSet still starts.
+    #[arg(long, env = "UNDERPASS_SERVICE_ENTRIES_MAX", hide = true)]
+    service_entries_max: Option<u32>,
     /// Distinct backends (pod address, port, protocol) the node can
     /// program. A service whose backends do not fit is reported (naming
     /// this flag) and the others are served.
@@ -409,6 +415,12 @@ fn main() -> ExitCode {
 }
 
 fn run_agent(args: AgentArgs) -> Result<()> {
+    if let Some(entries) = args.service_entries_max {
+        tracing::warn!(
+            entries,
+            "--service-entries-max (UNDERPASS_SERVICE_ENTRIES_MAX) is gone and ignored: the services table holds one entry per frontend (--frontends-max), backend slots are sized by --backend-slots-max"
+        );
+    }
     let source = match args.from_dir {
         Some(dir) => {
             if !dir.is_dir() {

@@ -356,16 +356,21 @@ pub fn mark_layouts(pin_dir: &Path) -> Result<(), LoaderError> {
     Ok(())
 }
 
-/// Maps whose entries name ids of another map: replaced with it, since
-/// their ids would name whatever the new map holds under them. A flow in
+/// Maps whose entries name ids of another map: replaced with it (or when
+/// it is not pinned at all), since their ids would name whatever the new
+/// map holds under them. A flow in
 /// conntrack names its backend by id; a `BACKENDS` made afresh hands its
 /// ids out again, so the flow could reach another service's pod.
 /// (`REVERSE_NAT` ids are written again under the same numbers when it is
 /// made afresh, `Reconciler::adopt`.)
-const DEPENDENTS: [(&str, &[&str]); 2] = [
+const DEPENDENTS: [(&str, &[&str]); 3] = [
     (BACKENDS_MAP, &[CONNTRACK_TCP_MAP, CONNTRACK_UDP_MAP]),
     // Frontend entries name blocks of the slot array.
     (SLOTS_MAP, &[SERVICES_MAP]),
+    // And the other way round: a new agent taking a kept SLOTS for free
+    // space would write over blocks that the programs still running (until
+    // its first sync is done) read through the old SERVICES.
+    (SERVICES_MAP, &[SLOTS_MAP]),
 ];
 
 /// A pin that was replaced, and why (for the agent's log).
@@ -410,13 +415,17 @@ pub fn reconcile_pins(
         }
     }
     for (map, dependents) in DEPENDENTS {
-        let replaced = decisions
-            .iter()
-            .any(|(name, _, _, d)| *name == map && matches!(d, Decision::Replace(_)));
+        // Made afresh: replaced, or (by the owner) not pinned at all.
+        let pinned = decisions.iter().find(|(name, ..)| *name == map);
+        let made_afresh = match pinned {
+            Some((_, _, _, decision)) => matches!(decision, Decision::Replace(_)),
+            None => policy == PinPolicy::Own,
+        };
         for (name, _, _, decision) in &mut decisions {
-            if replaced && dependents.contains(name) && *decision == Decision::Keep {
-                *decision =
-                    Decision::Replace(format!("its entries name ids of {map}, which is replaced"));
+            if made_afresh && dependents.contains(name) && *decision == Decision::Keep {
+                *decision = Decision::Replace(format!(
+                    "its entries name ids of {map}, which is made afresh"
+                ));
             }
         }
     }

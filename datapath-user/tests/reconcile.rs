@@ -424,7 +424,7 @@ fn pinned_maps_made_differently_are_replaced_by_the_owner_only() {
     use aya::maps::{MapData, MapInfo};
     use datapath_common::maps::{
         BACKENDS_MAP, CONNTRACK_TCP_MAP, CONNTRACK_UDP_MAP, REVERSE_NAT_MAP, SERVICES_MAP,
-        SHARED_MAPS_ABI, SOCK_REVERSE_NAT_MAP, layout_version,
+        SHARED_MAPS_ABI, SLOTS_MAP, SOCK_REVERSE_NAT_MAP, layout_version,
     };
     use datapath_user::{LoadOptions, loader::MapSizes, map_pins::PinPolicy};
     common::require_root("pinned maps");
@@ -599,6 +599,15 @@ fn pinned_maps_made_differently_are_replaced_by_the_owner_only() {
         now.iter().zip(&ct_ids).all(|(a, b)| a != b),
         "conntrack made afresh with BACKENDS"
     );
+    assert_eq!(map_id(REVERSE_NAT_MAP), reverse_nat_id, "the others kept");
+
+    // A SERVICES made afresh (another --frontends-max) takes SLOTS with
+    // it: a kept SLOTS would look free to the new agent while the programs
+    // still running read it through the old SERVICES.
+    let slots_id = map_id(SLOTS_MAP);
+    options.sizes.services = 4000;
+    drop(datapath_user::Datapath::load(&options).unwrap());
+    assert_ne!(map_id(SLOTS_MAP), slots_id, "SLOTS made afresh with SERVICES");
     assert_eq!(map_id(REVERSE_NAT_MAP), reverse_nat_id, "the others kept");
 }
 
@@ -1108,13 +1117,14 @@ fn frontends_whose_entry_did_not_fit_leave_no_slots_behind() {
 }
 
 /// Frontends found in pinned maps keep their blocks: a later agent
-/// learns whose each block is before it hands any out, so a new frontend
-/// never gets slots another still balances over. An entry whose block is
-/// another's too (nothing this agent writes; a hand-made one here) is
-/// moved to a block of its own with a copy of its slots.
+/// learns whose each block is (at adoption, before it reads the maps), so
+/// a new frontend never gets slots another still balances over. An entry
+/// whose block is another's too (nothing this agent writes; a hand-made
+/// one here) is moved to a block of its own with a copy of its slots;
+/// removing it later frees its own block, not the one it shared.
 #[test]
 fn blocks_found_in_the_maps_stay_their_frontends_and_shared_ones_are_parted() {
-    use datapath_user::{LoadOptions, map_pins::PinPolicy};
+    use datapath_user::{LoadOptions, loader::MapSizes, map_pins::PinPolicy};
     common::require_root("pinned maps");
     let pin_dir = std::path::PathBuf::from(format!("/sys/fs/bpf/{}", lab::unique_prefix()));
     struct Cleanup(std::path::PathBuf);
@@ -1127,6 +1137,10 @@ fn blocks_found_in_the_maps_stay_their_frontends_and_shared_ones_are_parted() {
     let options = LoadOptions {
         pin_dir: Some(pin_dir.clone()),
         pin_policy: PinPolicy::Own,
+        sizes: MapSizes {
+            slots: 64,
+            ..MapSizes::default()
+        },
         ..LoadOptions::default()
     };
     let web = translation(&service_yaml("web", "10.96.1.1", &[80], 3));
@@ -1143,11 +1157,7 @@ fn blocks_found_in_the_maps_stay_their_frontends_and_shared_ones_are_parted() {
         datapath_common::maps::ServiceKey::new(u32::from_ne_bytes(address), 80u16.to_be(), 6)
     };
     // A third entry naming web's block.
-    let web_head = datapath
-        .maps
-        .services
-        .get(&key_of([10, 96, 1, 1]), 0)
-        .unwrap();
+    let web_head = datapath.maps.services.get(&key_of([10, 96, 1, 1]), 0).unwrap();
     let mut twin = web_head;
     twin.rev_nat_low = 999;
     datapath
@@ -1157,50 +1167,61 @@ fn blocks_found_in_the_maps_stay_their_frontends_and_shared_ones_are_parted() {
         .unwrap();
     let before = datapath.maps.dump().unwrap();
     let mut reconciler = Reconciler::adopt(&mut datapath.maps).unwrap();
-    reconciler.defer_new_frontends();
-    apply(&mut reconciler, &web);
-    apply(&mut reconciler, &api);
-    let new = translation(&service_yaml("new", "10.96.1.4", &[80], 8));
-    apply(&mut reconciler, &new);
-    assert!(reconciler.flush().is_empty());
-    // Blocks pairwise apart, each holding its frontend's count.
-    let heads: Vec<_> = reconciler
-        .maps()
-        .services
-        .iter()
-        .map(Result::unwrap)
-        .collect();
-    assert_eq!(heads.len(), 4, "the twin is still there until prune");
-    for (i, (_, a)) in heads.iter().enumerate() {
-        assert!(u32::from(a.backend_count) <= a.slot_capacity());
-        for (_, b) in &heads[i + 1..] {
-            let (a0, a1) = (a.first_slot, a.first_slot + a.slot_capacity());
-            let (b0, b1) = (b.first_slot, b.first_slot + b.slot_capacity());
-            assert!(a1 <= b0 || b1 <= a0, "blocks overlap: {heads:?}");
+    let blocks_apart = |maps: &datapath_user::maps::DatapathMaps| {
+        let heads: Vec<_> = maps.services.iter().map(Result::unwrap).collect();
+        for (i, (_, a)) in heads.iter().enumerate() {
+            assert!(u32::from(a.backend_count) <= a.slot_capacity());
+            for (_, b) in &heads[i + 1..] {
+                let (a0, a1) = (a.first_slot, a.first_slot + a.slot_capacity());
+                let (b0, b1) = (b.first_slot, b.first_slot + b.slot_capacity());
+                assert!(a1 <= b0 || b1 <= a0, "blocks overlap: {heads:?}");
+            }
         }
-    }
-    let after = reconciler.maps().dump().unwrap();
+        heads.len()
+    };
+    assert_eq!(blocks_apart(reconciler.maps()), 3, "parted at adoption");
+    let adopted = reconciler.maps().dump().unwrap();
     for frontend in &before.frontends {
-        let now = after
+        let now = adopted
             .frontends
             .iter()
             .find(|f| f.frontend == frontend.frontend)
             .expect("still there");
+        assert_eq!(now.slots, frontend.slots, "{} keeps its backends", frontend.frontend);
+    }
+    // The twin goes (nothing asks for it); then new services fill every
+    // free block: none may land on web's or api's slots.
+    apply(&mut reconciler, &web);
+    apply(&mut reconciler, &api);
+    reconciler.prune(false).unwrap();
+    let mut added = 0;
+    for i in 0.. {
+        let name = format!("fill{i}");
+        let fill = translation(&service_yaml(&name, &format!("10.96.2.{}", i + 1), &[80], 4));
+        let outcome = reconciler.update_service(&fill.0, &fill.1);
+        if !outcome.issues.is_empty() {
+            assert!(
+                outcome.issues[0].reason.contains("SLOTS"),
+                "{:?}",
+                outcome.issues
+            );
+            break;
+        }
+        added += 1;
+    }
+    // 64 slots: web and api take 4 + 8, so 13 blocks of four are left.
+    assert_eq!(added, 13);
+    assert_eq!(blocks_apart(reconciler.maps()), 2 + 13);
+    let after = reconciler.maps().dump().unwrap();
+    for name in ["10.96.1.1", "10.96.1.2"] {
+        let was = before.frontends.iter().find(|f| f.frontend.address.to_string() == name);
+        let now = after.frontends.iter().find(|f| f.frontend.address.to_string() == name);
         assert_eq!(
-            now.slots, frontend.slots,
-            "{} keeps its backends",
-            frontend.frontend
+            now.map(|f| &f.slots),
+            was.map(|f| &f.slots),
+            "{name} keeps its backends"
         );
     }
-    reconciler.prune(false).unwrap();
-    let dump = reconciler.maps().dump().unwrap();
-    assert_eq!(dump.frontends.len(), 3, "{dump:?}");
-    assert!(
-        dump.frontends
-            .iter()
-            .all(|f| f.slots.iter().all(Option::is_some)),
-        "{dump:?}"
-    );
 }
 
 /// A frontend's backend set rewritten in place while it fits its block
@@ -1260,9 +1281,12 @@ fn a_backend_set_changes_in_place_while_it_fits_its_block_and_moves_otherwise() 
         );
         previous = Some(head);
     }
-    // Rested, the left blocks are free: only the last block and one
-    // for another frontend are taken.
-    std::thread::sleep(std::time::Duration::from_millis(20));
+    // Left blocks rest until a grace period (waited for at the end of a
+    // sync): then only the last block and one for another frontend are
+    // taken.
+    assert!(maps.slots_taken() > Some(2));
+    assert!(maps.flush().is_empty());
+    assert_eq!(maps.slots_taken(), Some(2));
     let other = Frontend {
         port: 81,
         ..frontend

@@ -62,6 +62,11 @@ pub trait LbMaps {
     fn rev_nat_capacity(&self) -> u32;
     /// Reads every service, backend and reverse-NAT entry.
     fn dump(&self) -> Result<MapDump, MapError>;
+    /// Learns which slots each frontend found in the maps owns, parting
+    /// frontends that share them (before `dump`, at adoption).
+    fn learn_slot_blocks(&mut self) -> Result<(), MapError> {
+        Ok(())
+    }
     /// Programs `frontend` to balance over `backends` (in slot order),
     /// replacing what it had, make-before-break. Backends no longer used
     /// by any frontend are the caller's to delete (`remove_backend`).
@@ -107,6 +112,9 @@ impl<T: LbMaps + ?Sized> LbMaps for &mut T {
     }
     fn dump(&self) -> Result<MapDump, MapError> {
         (**self).dump()
+    }
+    fn learn_slot_blocks(&mut self) -> Result<(), MapError> {
+        (**self).learn_slot_blocks()
     }
     fn set_service(
         &mut self,

@@ -70,9 +70,9 @@ impl SlotArray {
 
     fn backend_id_at(&self, index: u32) -> Option<&AtomicU32> {
         (index < self.len).then(|| {
-            // SAFETY: in bounds of the mapping; `Slot` is 8-byte aligned
-            // with `backend_id` first, so the cell is an aligned u32 that
-            // only atomics touch on this side.
+            // SAFETY: in bounds of the mapping (page-aligned, 8-byte
+            // stride: `Slot` is align(8) with `backend_id` first), so the
+            // cell is an aligned u32 that only atomics touch on this side.
             unsafe { AtomicU32::from_ptr(self.base.as_ptr().add(index as usize).cast()) }
         })
     }

@@ -5,8 +5,12 @@
 //!
 //! A block a frontend left is not handed out again at once: a program
 //! that read the frontend's entry just before the move may still read the
-//! old block's slots (its whole run is well under a microsecond), so a
-//! left block rests for `REST` first.
+//! old block's slots. Left blocks rest until an RCU grace period has
+//! passed since they were left (the programs run under RCU, and
+//! `membarrier(MEMBARRIER_CMD_GLOBAL)` returns after one: the kernel's
+//! `synchronize_rcu`), which the agent waits for at the end of a sync that
+//! left any, or when nothing else fits. Where that call is refused
+//! (`nohz_full` CPUs, a seccomp filter) they rest `FALLBACK_REST`.
 
 use std::{
     collections::{BTreeSet, VecDeque},
@@ -15,8 +19,9 @@ use std::{
 
 use datapath_common::maps::{MAX_BACKENDS_PER_SERVICE, MAX_SLOT_ORDER};
 
-/// How long a left block rests before another frontend may take it.
-pub const REST: Duration = Duration::from_millis(10);
+/// How long a left block rests when no grace period can be waited for:
+/// far beyond any program run, however long a vCPU is stopped within it.
+pub const FALLBACK_REST: Duration = Duration::from_secs(2);
 
 /// Largest order the free lists know (blocks of the space's size).
 const TOP_ORDER: usize = 31;
@@ -57,7 +62,7 @@ impl SlotBlocks {
         self.capacity
     }
 
-    /// Slots in blocks some frontend owns (or left less than `REST` ago).
+    /// Slots in blocks some frontend owns, or left and not yet free.
     pub fn taken(&self) -> u64 {
         self.taken
     }
@@ -72,21 +77,53 @@ impl SlotBlocks {
     /// Whether a frontend owning a block of `order` keeps it for `count`
     /// backends: they fit, and use more than a quarter of it.
     pub fn keeps(order: u8, count: u16) -> bool {
-        let capacity = 1u32 << order;
+        let Some(capacity) = 1u32.checked_shl(u32::from(order)) else {
+            return false;
+        };
         u32::from(count) <= capacity && (order <= 1 || u32::from(count) * 4 > capacity)
     }
 
-    /// A free block of `order`, or `None` when the space has none (blocks
-    /// still resting are waited for when nothing else fits).
+    /// A free block of `order`, or `None` when the space has none, even
+    /// once the resting blocks are free.
     pub fn allocate(&mut self, order: u8) -> Option<u32> {
-        self.settle(Instant::now());
         if let Some(start) = self.take(order) {
             return Some(start);
         }
-        let (left, _, _) = *self.resting.back()?;
-        std::thread::sleep(REST.saturating_sub(left.elapsed()));
-        self.settle(Instant::now());
+        if self.resting.is_empty() {
+            return None;
+        }
+        if !self.settle() {
+            // No grace period to wait for: the oldest rests its time out.
+            let (left, _, _) = *self.resting.front()?;
+            std::thread::sleep(FALLBACK_REST.saturating_sub(left.elapsed()));
+            self.release_rested(Instant::now());
+        }
         self.take(order)
+    }
+
+    /// Whether blocks are resting (a grace period would free them).
+    pub fn has_resting(&self) -> bool {
+        !self.resting.is_empty()
+    }
+
+    /// Frees every resting block once no program can still be reading it:
+    /// after an RCU grace period that began after they were left. False
+    /// when the kernel refused to wait for one (only blocks older than
+    /// `FALLBACK_REST` are freed then).
+    pub fn settle(&mut self) -> bool {
+        let waited = wait_for_rcu_readers();
+        let count = if waited {
+            self.resting.len()
+        } else {
+            self.release_rested(Instant::now());
+            0
+        };
+        for _ in 0..count {
+            if let Some((_, start, order)) = self.resting.pop_front() {
+                self.release(start, order);
+            }
+        }
+        waited
     }
 
     /// Takes back a block that was never published (its frontend's entry
@@ -97,7 +134,7 @@ impl SlotBlocks {
     }
 
     /// A block its frontend left (or that a removed frontend owned): free
-    /// after `REST`.
+    /// after the next grace period (`settle`).
     pub fn retire(&mut self, start: u32, order: u8) {
         self.resting.push_back((Instant::now(), start, order));
     }
@@ -148,9 +185,9 @@ impl SlotBlocks {
         Some(start)
     }
 
-    fn settle(&mut self, now: Instant) {
+    fn release_rested(&mut self, now: Instant) {
         while let Some(&(left, start, order)) = self.resting.front() {
-            if now.duration_since(left) < REST {
+            if now.duration_since(left) < FALLBACK_REST {
                 break;
             }
             self.resting.pop_front();
@@ -171,6 +208,14 @@ impl SlotBlocks {
         }
         self.free[order].insert(start);
     }
+}
+
+/// Returns after an RCU grace period (`membarrier(MEMBARRIER_CMD_GLOBAL)`
+/// is `synchronize_rcu` in the kernel); false when refused.
+fn wait_for_rcu_readers() -> bool {
+    const MEMBARRIER_CMD_GLOBAL: libc::c_long = 1;
+    // SAFETY: a plain syscall without pointers.
+    unsafe { libc::syscall(libc::SYS_membarrier, MEMBARRIER_CMD_GLOBAL, 0, 0) == 0 }
 }
 
 #[cfg(test)]
@@ -228,16 +273,22 @@ mod tests {
     }
 
     #[test]
-    fn a_full_space_says_so_and_a_left_block_rests_before_it_is_taken_again() {
+    fn a_full_space_says_so_and_a_left_block_is_free_after_a_grace_period() {
         let mut blocks = SlotBlocks::new(16);
         let a = blocks.allocate(3).expect("room");
         let b = blocks.allocate(3).expect("room");
         assert_eq!(blocks.allocate(0), None, "full, nothing resting");
         blocks.retire(a, 3);
-        let started = Instant::now();
+        assert!(blocks.has_resting());
+        assert!(
+            wait_for_rcu_readers(),
+            "membarrier(MEMBARRIER_CMD_GLOBAL) on this kernel"
+        );
         assert_eq!(blocks.allocate(2), Some(a), "the left block, once rested");
-        assert!(started.elapsed() >= REST - Duration::from_millis(1));
-        blocks.release(b, 3);
+        assert!(!blocks.has_resting());
+        blocks.retire(b, 3);
+        assert!(blocks.settle() && !blocks.has_resting());
+        assert_eq!(blocks.taken(), 4);
         assert_eq!(blocks.allocate(3), Some(b));
     }
 
@@ -260,5 +311,12 @@ mod tests {
             got.iter()
                 .all(|&s| !(16..24).contains(&s) && !(40..44).contains(&s))
         );
+        // Everything given back: the space whole again.
+        for start in got {
+            blocks.release(start, 2);
+        }
+        blocks.release(16, 3);
+        blocks.release(40, 2);
+        assert_eq!((blocks.taken(), blocks.free[6].len()), (0, 1));
     }
 }

@@ -74,18 +74,12 @@ impl LbMaps for DatapathMaps {
             }
             self.write_pending();
         }
+        // Which blocks are whose, before any entry is read (learning may
+        // move an entry whose block was not its own).
+        self.blocks_or_scan().map_err(map_err(m::SERVICES_MAP))?;
         let old_head = self.services.get(&frontend.key(), 0).ok();
-
-        // One batch: a service's backends.
-        let ids: Vec<BackendId> = backends.iter().map(|b| b.id).collect();
-        let values: Vec<Backend> = backends
-            .iter()
-            .map(|backend| backend_value(frontend, backend))
-            .collect();
-        write_batch(IterableMap::map(&self.backends), &ids, &values)
-            .map_err(|(_, error)| map_err(m::BACKENDS_MAP)(error))?;
-        self.restore_rev_nat(rev_nat_id, frontend)
-            .map_err(map_err(m::REVERSE_NAT_MAP))?;
+        // The block first: a set that finds no room is refused before
+        // anything is written (the reconciler then releases its ids).
         let (first_slot, order, moved) = match old_head {
             Some(old) if SlotBlocks::keeps(old.slot_order, count) => {
                 (old.first_slot, old.slot_order, false)
@@ -96,12 +90,32 @@ impl LbMaps for DatapathMaps {
                 (first, order, true)
             }
         };
-        // The block is the allocator's, inside the array.
-        self.slots.write(first_slot, ids.iter().copied());
+        if let Err(error) = self.write_backends_and_rev_nat(frontend, rev_nat_id, backends) {
+            if moved {
+                self.blocks().release(first_slot, order);
+            }
+            return Err(error);
+        }
+        let ids: Vec<BackendId> = backends.iter().map(|b| b.id).collect();
+        // Inside the array: the allocator's blocks are, and so are the
+        // entries learning kept.
+        if !self.slots.write(first_slot, ids.iter().copied()) {
+            if moved {
+                self.blocks().release(first_slot, order);
+            }
+            return Err(map_err(m::SLOTS_MAP)(MapError::OutOfBounds {
+                index: first_slot,
+                max_entries: self.slots.len(),
+            }));
+        }
         let head = ServiceValue::new(first_slot, order, count, rev_nat_id, 0);
-        if old_head.is_none() {
-            adjust_filter(&mut self.service_filter, frontend, 1)
-                .map_err(map_err(m::SERVICE_FILTER_MAP))?;
+        if old_head.is_none()
+            && let Err(error) = adjust_filter(&mut self.service_filter, frontend, 1)
+        {
+            if moved {
+                self.blocks().release(first_slot, order);
+            }
+            return Err(map_err(m::SERVICE_FILTER_MAP)(error));
         }
         if let Err(error) = self.services.insert(frontend.key(), head, 0) {
             // Nothing names the new block; a full map must not keep the
@@ -138,10 +152,10 @@ impl LbMaps for DatapathMaps {
                 error: Box::new(source),
             }
         };
+        self.blocks_or_scan().map_err(map_err(m::SERVICES_MAP))?;
         let Ok(head) = self.services.get(&frontend.key(), 0) else {
             return Ok(());
         };
-        self.blocks_or_scan().map_err(map_err(m::SERVICES_MAP))?;
         remove_if_present(&mut self.services, &frontend.key()).map_err(map_err(m::SERVICES_MAP))?;
         self.blocks().retire(head.first_slot, head.slot_order);
         adjust_filter(&mut self.service_filter, frontend, -1)
@@ -156,6 +170,10 @@ impl LbMaps for DatapathMaps {
     fn remove_backend(&mut self, id: BackendId) -> Result<(), MapError> {
         self.write_pending();
         self.backends.set(id, Backend::default(), 0)
+    }
+
+    fn learn_slot_blocks(&mut self) -> Result<(), MapError> {
+        self.blocks_or_scan().map(|_| ())
     }
 
     /// Reads every service, backend and reverse-NAT entry.
@@ -213,10 +231,10 @@ impl LbMaps for DatapathMaps {
     /// `dump`); its block rests, then is free.
     fn remove_service_key(&mut self, key: &ServiceKey) -> Result<(), MapError> {
         self.write_pending();
+        self.blocks_or_scan()?;
         let Ok(head) = self.services.get(key, 0) else {
             return Ok(());
         };
-        self.blocks_or_scan()?;
         remove_if_present(&mut self.services, key)?;
         self.blocks().retire(head.first_slot, head.slot_order);
         Ok(())
@@ -234,6 +252,14 @@ impl LbMaps for DatapathMaps {
     fn flush(&mut self) -> Vec<(Frontend, ProgramError)> {
         self.write_pending();
         self.pending.deferring = false;
+        // Blocks this sync's moves and removals left are free once no
+        // program can still be reading them (a grace period, waited for
+        // here rather than at the next change).
+        if let Some(blocks) = &mut self.slot_blocks
+            && blocks.has_resting()
+        {
+            blocks.settle();
+        }
         self.pending.take_failed()
     }
 
@@ -371,6 +397,7 @@ impl DatapathMaps {
     /// The owners of `SLOTS`' blocks; read from `SERVICES` the first time
     /// (`blocks_or_scan`).
     pub(super) fn blocks(&mut self) -> &mut SlotBlocks {
+        debug_assert!(self.slot_blocks.is_some(), "learned before use");
         self.slot_blocks
             .get_or_insert_with(|| SlotBlocks::new(self.slots.len()))
     }
@@ -393,10 +420,14 @@ impl DatapathMaps {
             for (key, head) in homeless {
                 let order = SlotBlocks::order_for(head.backend_count);
                 let Some(first) = blocks.allocate(order) else {
+                    // Left as it is, its rewrites would land in another
+                    // frontend's slots: out, and the sync writes it anew
+                    // (adoption learns before it reads the maps).
                     tracing::warn!(
                         ?key,
-                        "no free slot block to move a frontend found sharing one"
+                        "a frontend entry whose slot block is not its own, and no free block to move it to: removed"
                     );
+                    remove_if_present(&mut self.services, &key)?;
                     continue;
                 };
                 let count = head.backend_count.min(1 << order);
@@ -410,6 +441,31 @@ impl DatapathMaps {
             self.slot_blocks = Some(blocks);
         }
         Ok(self.blocks())
+    }
+
+    /// A service's backends (one batch) and its reverse-NAT entry.
+    fn write_backends_and_rev_nat(
+        &mut self,
+        frontend: &Frontend,
+        rev_nat_id: RevNatId,
+        backends: &[BackendEntry],
+    ) -> Result<(), ProgramError> {
+        let map_err = |map: &'static str| {
+            move |error| ProgramError::Map {
+                frontend: *frontend,
+                map,
+                error: Box::new(error),
+            }
+        };
+        let ids: Vec<BackendId> = backends.iter().map(|b| b.id).collect();
+        let values: Vec<Backend> = backends
+            .iter()
+            .map(|backend| backend_value(frontend, backend))
+            .collect();
+        write_batch(IterableMap::map(&self.backends), &ids, &values)
+            .map_err(|(_, error)| map_err(m::BACKENDS_MAP)(error))?;
+        self.restore_rev_nat(rev_nat_id, frontend)
+            .map_err(map_err(m::REVERSE_NAT_MAP))
     }
 
     /// A free block of `order` for `frontend`.

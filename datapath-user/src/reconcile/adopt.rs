@@ -17,7 +17,9 @@ use crate::{
 impl<M: LbMaps> Reconciler<M> {
     /// Takes over `maps`, remembering what they hold (with its ids) so the
     /// first sync rewrites only what differs.
-    pub fn adopt(maps: M) -> Result<Self, MapError> {
+    pub fn adopt(mut maps: M) -> Result<Self, MapError> {
+        // What the maps hold once every frontend owns its slots alone.
+        maps.learn_slot_blocks()?;
         let dump = maps.dump()?;
         Ok(Self::from_dump(maps, dump))
     }
