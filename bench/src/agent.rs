@@ -83,6 +83,11 @@ pub struct AgentFigures {
     pub process_ready_ms: Option<f64>,
     pub process_rss_mib: Option<f64>,
     pub process_peak_rss_mib: Option<f64>,
+    /// Of the RSS: the process's own memory (`RssAnon`: heap, stacks)
+    /// and the shared mappings it touched (`RssShmem` + `RssFile`: the
+    /// binary, and the mapped `SLOTS` array, kernel map memory).
+    pub process_rss_anon_mib: Option<f64>,
+    pub process_rss_mapped_mib: Option<f64>,
     /// One edit, file renamed → maps, through the real agent.
     pub edit_p50_ms: Option<f64>,
     pub edit_p99_ms: Option<f64>,
@@ -158,6 +163,15 @@ pub fn run(opts: &AgentOpts) -> Result<()> {
             format!("{rss:.1} MiB ({peak:.1} MiB)"),
             "≤ 64 MiB".into(),
         ]);
+        if let (Some(anon), Some(mapped)) =
+            (figures.process_rss_anon_mib, figures.process_rss_mapped_mib)
+        {
+            table.add_row(vec![
+                "  of it: the agent's own (anonymous) / mapped (binary, SLOTS array)".into(),
+                format!("{anon:.1} MiB / {mapped:.1} MiB"),
+                String::new(),
+            ]);
+        }
     }
     if let (Some(p50), Some(p99), Some(max)) = (
         figures.edit_p50_ms,
@@ -327,6 +341,10 @@ fn process(opts: &AgentOpts, figures: &mut AgentFigures) -> Result<()> {
     };
     figures.process_rss_mib = status_kib(&status, "VmRSS:").map(|k| k / 1024.0);
     figures.process_peak_rss_mib = status_kib(&status, "VmHWM:").map(|k| k / 1024.0);
+    figures.process_rss_anon_mib = status_kib(&status, "RssAnon:").map(|k| k / 1024.0);
+    figures.process_rss_mapped_mib = status_kib(&status, "RssFile:")
+        .zip(status_kib(&status, "RssShmem:"))
+        .map(|(file, shmem)| (file + shmem) / 1024.0);
     if opts.edits > 0 {
         eprintln!("timing {} edits of a manifest, file → maps…", opts.edits);
         let edits = time_edits(

@@ -607,7 +607,11 @@ fn pinned_maps_made_differently_are_replaced_by_the_owner_only() {
     let slots_id = map_id(SLOTS_MAP);
     options.sizes.services = 4000;
     drop(datapath_user::Datapath::load(&options).unwrap());
-    assert_ne!(map_id(SLOTS_MAP), slots_id, "SLOTS made afresh with SERVICES");
+    assert_ne!(
+        map_id(SLOTS_MAP),
+        slots_id,
+        "SLOTS made afresh with SERVICES"
+    );
     assert_eq!(map_id(REVERSE_NAT_MAP), reverse_nat_id, "the others kept");
 }
 
@@ -1157,7 +1161,11 @@ fn blocks_found_in_the_maps_stay_their_frontends_and_shared_ones_are_parted() {
         datapath_common::maps::ServiceKey::new(u32::from_ne_bytes(address), 80u16.to_be(), 6)
     };
     // A third entry naming web's block.
-    let web_head = datapath.maps.services.get(&key_of([10, 96, 1, 1]), 0).unwrap();
+    let web_head = datapath
+        .maps
+        .services
+        .get(&key_of([10, 96, 1, 1]), 0)
+        .unwrap();
     let mut twin = web_head;
     twin.rev_nat_low = 999;
     datapath
@@ -1187,7 +1195,11 @@ fn blocks_found_in_the_maps_stay_their_frontends_and_shared_ones_are_parted() {
             .iter()
             .find(|f| f.frontend == frontend.frontend)
             .expect("still there");
-        assert_eq!(now.slots, frontend.slots, "{} keeps its backends", frontend.frontend);
+        assert_eq!(
+            now.slots, frontend.slots,
+            "{} keeps its backends",
+            frontend.frontend
+        );
     }
     // The twin goes (nothing asks for it); then new services fill every
     // free block: none may land on web's or api's slots.
@@ -1197,7 +1209,12 @@ fn blocks_found_in_the_maps_stay_their_frontends_and_shared_ones_are_parted() {
     let mut added = 0;
     for i in 0.. {
         let name = format!("fill{i}");
-        let fill = translation(&service_yaml(&name, &format!("10.96.2.{}", i + 1), &[80], 4));
+        let fill = translation(&service_yaml(
+            &name,
+            &format!("10.96.2.{}", i + 1),
+            &[80],
+            4,
+        ));
         let outcome = reconciler.update_service(&fill.0, &fill.1);
         if !outcome.issues.is_empty() {
             assert!(
@@ -1214,8 +1231,14 @@ fn blocks_found_in_the_maps_stay_their_frontends_and_shared_ones_are_parted() {
     assert_eq!(blocks_apart(reconciler.maps()), 2 + 13);
     let after = reconciler.maps().dump().unwrap();
     for name in ["10.96.1.1", "10.96.1.2"] {
-        let was = before.frontends.iter().find(|f| f.frontend.address.to_string() == name);
-        let now = after.frontends.iter().find(|f| f.frontend.address.to_string() == name);
+        let was = before
+            .frontends
+            .iter()
+            .find(|f| f.frontend.address.to_string() == name);
+        let now = after
+            .frontends
+            .iter()
+            .find(|f| f.frontend.address.to_string() == name);
         assert_eq!(
             now.map(|f| &f.slots),
             was.map(|f| &f.slots),
