@@ -190,6 +190,16 @@ pub struct ServiceValue {
     pub _pad: u8,
 }
 
+impl Slot {
+    /// The slot of backend `backend_id`.
+    pub const fn of(backend_id: BackendId) -> Self {
+        Self {
+            backend_id,
+            _pad: 0,
+        }
+    }
+}
+
 impl ServiceValue {
     /// `rev_nat_id`'s frontend with `backend_count` backends in the
     /// `1 << slot_order` slots from `first_slot`.

@@ -33,7 +33,7 @@ pub static SLOTS: Array<Slot> = Array::with_max_entries(1024, BPF_F_MMAPABLE);
 
 /// Backend id → address and port (array: O(1) on every tracked packet).
 #[map]
-pub static BACKENDS: Array<Backend> = Array::with_max_entries(1024, 0);
+pub static BACKENDS: Array<Backend> = Array::with_max_entries(1024, BPF_F_MMAPABLE);
 
 /// Reverse-NAT id → frontend (array indexed by the u16 id).
 #[map]

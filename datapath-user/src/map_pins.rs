@@ -35,7 +35,7 @@ use std::{
 
 use aya::maps::MapInfo;
 use datapath_common::maps::{
-    BACKENDS_MAP, CLASH_FILTER_MAP, CONNTRACK_TCP_MAP, CONNTRACK_UDP_MAP, COUNTERS_MAP,
+    BACKENDS_MAP, Backend, CLASH_FILTER_MAP, CONNTRACK_TCP_MAP, CONNTRACK_UDP_MAP, COUNTERS_MAP,
     FRAGMENTS_MAP, MAP_LAYOUT_VERSIONS, POD_ROUTES_MAP, REPLY_FILTER_MAP, REVERSE_NAT_MAP,
     SERVICE_FILTER_MAP, SERVICES_MAP, SHARED_MAPS_ABI, SLOTS_MAP, SOCK_LB_SKIP_MAP,
     SOCK_REVERSE_NAT_MAP, layout_version,
@@ -378,7 +378,17 @@ const DEPENDENTS: [(&str, &[&str]); 3] = [
 pub struct Replaced {
     pub map: String,
     pub reason: String,
+    /// The replaced map's entries, read before its pin went, for the new
+    /// map: `BACKENDS` replaced for its size or flags alone (same layout):
+    /// its ids stay what they were, and the flows conntrack holds keep
+    /// their backends (an id beyond a smaller map is left out: its flows
+    /// re-balance).
+    pub carried: Option<Vec<Backend>>,
 }
+
+/// Maps whose entries a replacement carries over when only their size or
+/// flags changed, because other maps name their ids.
+const CARRIED: [&str; 1] = [BACKENDS_MAP];
 
 /// Compares every existing pin in `pins` (map name, pin path) with
 /// `expected` and applies `policy`: returns the pins it removed, or the
@@ -411,17 +421,25 @@ pub fn reconcile_pins(
                     ),
                 });
             }
-            decision => decisions.push((*name, path, version, decision)),
+            decision => {
+                let carry = CARRIED.contains(name)
+                    && have.map_type == want.map_type
+                    && have.key_size == want.key_size
+                    && have.value_size == want.value_size
+                    && version_difference(name, version).is_none();
+                decisions.push((*name, path, version, decision, carry));
+            }
         }
     }
     for (map, dependents) in DEPENDENTS {
         // Made afresh: replaced, or (by the owner) not pinned at all.
         let pinned = decisions.iter().find(|(name, ..)| *name == map);
         let made_afresh = match pinned {
-            Some((_, _, _, decision)) => matches!(decision, Decision::Replace(_)),
+            // Carried over, its ids stay.
+            Some((_, _, _, decision, carry)) => matches!(decision, Decision::Replace(_)) && !carry,
             None => policy == PinPolicy::Own,
         };
-        for (name, _, _, decision) in &mut decisions {
+        for (name, _, _, decision, _) in &mut decisions {
             if made_afresh && dependents.contains(name) && *decision == Decision::Keep {
                 *decision = Decision::Replace(format!(
                     "its entries name ids of {map}, which is made afresh"
@@ -431,7 +449,7 @@ pub fn reconcile_pins(
     }
     let any_replaced = decisions
         .iter()
-        .any(|(_, _, _, d)| matches!(d, Decision::Replace(_)));
+        .any(|(_, _, _, d, _)| matches!(d, Decision::Replace(_)));
     if !any_replaced {
         return Ok(Vec::new());
     }
@@ -445,7 +463,7 @@ pub fn reconcile_pins(
     };
     let dir = pin_dir.join(LAYOUTS_DIR);
     create_marker(&dir).map_err(|e| marker_err(&dir, e))?;
-    for (name, _, version, decision) in &decisions {
+    for (name, _, version, decision, _) in &decisions {
         if let (Decision::Keep, PinnedVersion::Shared(v)) = (decision, version) {
             let marker = layout_marker(pin_dir, name, *v);
             create_marker(&marker).map_err(|e| marker_err(&marker, e))?;
@@ -457,9 +475,17 @@ pub fn reconcile_pins(
         let _ = std::fs::remove_dir(shared_marker(pin_dir, abi));
     }
     let mut replaced = Vec::new();
-    for (name, path, _, decision) in decisions {
+    for (name, path, _, decision, carry) in decisions {
         let Decision::Replace(reason) = decision else {
             continue;
+        };
+        let carried = if carry {
+            Some(read_backends(path).map_err(|e| LoaderError::Pin {
+                path: path.clone(),
+                reason: format!("reading the entries to carry into the new map: {e}"),
+            })?)
+        } else {
+            None
         };
         if let Some(v) = marked_version(pin_dir, name) {
             let _ = std::fs::remove_dir(layout_marker(pin_dir, name, v));
@@ -471,9 +497,18 @@ pub fn reconcile_pins(
         replaced.push(Replaced {
             map: name.to_owned(),
             reason,
+            carried,
         });
     }
     Ok(replaced)
+}
+
+/// Every entry of the `BACKENDS` array pinned at `path`.
+fn read_backends(path: &Path) -> std::io::Result<Vec<Backend>> {
+    use std::os::fd::{AsFd, AsRawFd};
+    let map = aya::maps::MapData::from_pin(path).map_err(std::io::Error::other)?;
+    let len = map.info().map_err(std::io::Error::other)?.max_entries();
+    crate::bpfsys::read_array(map.fd().as_fd().as_raw_fd(), len)
 }
 
 #[cfg(test)]

@@ -585,14 +585,46 @@ fn pinned_maps_made_differently_are_replaced_by_the_owner_only() {
     assert!(!shared(SHARED_MAPS_ABI).exists() && !shared(2).exists());
     drop(datapath);
 
-    // A BACKENDS made afresh (another --backends-max) takes both conntrack
-    // maps with it: their flows name backend ids it hands out again.
-    let (ct_ids, reverse_nat_id) = (
+    // Another --backends-max: BACKENDS is made anew for its size, with
+    // its entries carried under the same ids, so conntrack (whose flows
+    // name those ids) is kept, and the service is the same as before.
+    let mut options = with(3000, PinPolicy::Own);
+    let programmed = {
+        let mut datapath = datapath_user::Datapath::load(&options).unwrap();
+        let mut reconciler = Reconciler::adopt(&mut datapath.maps).unwrap();
+        apply(&mut reconciler, &web);
+        reconciler.maps().dump().unwrap()
+    };
+    let (ct_ids, backends_id, reverse_nat_id) = (
         ids(&[CONNTRACK_TCP_MAP, CONNTRACK_UDP_MAP]),
+        map_id(BACKENDS_MAP),
         map_id(REVERSE_NAT_MAP),
     );
-    let mut options = with(3000, PinPolicy::Own);
     options.sizes.backends = 5000;
+    let datapath = datapath_user::Datapath::load(&options).unwrap();
+    assert_ne!(map_id(BACKENDS_MAP), backends_id, "BACKENDS made anew");
+    assert_eq!(max_entries(BACKENDS_MAP), 5000);
+    assert_eq!(
+        ids(&[CONNTRACK_TCP_MAP, CONNTRACK_UDP_MAP]),
+        ct_ids,
+        "conntrack kept: the ids its flows name are carried"
+    );
+    assert!(
+        !datapath.made_the_service_maps(),
+        "carried entries are adopted"
+    );
+    assert_eq!(
+        datapath.maps.dump().unwrap(),
+        programmed,
+        "carried under the same ids"
+    );
+    drop(datapath);
+    // A BACKENDS of another layout cannot be carried: conntrack goes too.
+    std::fs::rename(
+        layouts.join(format!("{BACKENDS_MAP}-v3")),
+        layouts.join(format!("{BACKENDS_MAP}-v2")),
+    )
+    .unwrap();
     drop(datapath_user::Datapath::load(&options).unwrap());
     let now = ids(&[CONNTRACK_TCP_MAP, CONNTRACK_UDP_MAP]);
     assert!(

@@ -139,14 +139,28 @@ impl Datapath {
                 created.push(name);
             }
         }
-        let created_maps = created.clone();
+        let mut carried_backends = None;
         for replaced in replaced {
-            tracing::warn!(
-                map = %replaced.map,
-                "pinned map replaced ({}); its contents are made afresh",
-                replaced.reason
-            );
+            match replaced.carried {
+                Some(entries) => {
+                    tracing::warn!(
+                        map = %replaced.map,
+                        entries = entries.iter().filter(|b| b.is_present()).count(),
+                        "pinned map replaced ({}); its entries are carried into the new one under the same ids",
+                        replaced.reason
+                    );
+                    // Not empty, then: the agent adopts what it holds.
+                    created.retain(|name| *name != maps::BACKENDS_MAP);
+                    carried_backends = Some(entries);
+                }
+                None => tracing::warn!(
+                    map = %replaced.map,
+                    "pinned map replaced ({}); its contents are made afresh",
+                    replaced.reason
+                ),
+            }
         }
+        let created_maps = created.clone();
         let mut loader = EbpfLoader::new();
         for (name, max) in max_entries {
             loader.map_max_entries(name, max);
@@ -189,6 +203,12 @@ impl Datapath {
             loader.map_pin_path(name, path.as_path());
         }
         let mut ebpf = loader.load(bytes)?;
+        if let Some(entries) = carried_backends {
+            // At once, before any program could read the new map (and
+            // before a program load that may fail: a retry finds the new
+            // map pinned, and nothing else to carry).
+            carry_backends(&ebpf, entries, max_entries)?;
+        }
         if let Some(dir) = &pin_dir {
             // The pins now hold this version's layouts (made, replaced or
             // adopted as matching).
@@ -271,4 +291,53 @@ impl Datapath {
     pub fn classifier(&mut self, name: &'static str) -> Result<&mut SchedClassifier, LoaderError> {
         sched_classifier(&mut self.ebpf, name)
     }
+}
+
+/// Writes `entries` (a replaced `BACKENDS` map's, by id) into the new
+/// `BACKENDS` of `ebpf`; ids beyond its size are left out (their flows
+/// re-balance).
+fn carry_backends(
+    ebpf: &aya::Ebpf,
+    entries: Vec<datapath_common::maps::Backend>,
+    max_entries: [(&'static str, u32); 7],
+) -> Result<(), LoaderError> {
+    use std::os::fd::{AsFd, AsRawFd};
+    let capacity = max_entries
+        .iter()
+        .find(|(name, _)| *name == maps::BACKENDS_MAP)
+        .map_or(0, |(_, max)| *max);
+    let (ids, values): (Vec<u32>, Vec<_>) = entries
+        .into_iter()
+        .enumerate()
+        .map(|(id, backend)| (id as u32, backend))
+        .filter(|(id, backend)| backend.is_present() && *id < capacity)
+        .unzip();
+    let map = ebpf.map(maps::BACKENDS_MAP).ok_or_else(|| {
+        LoaderError::map(
+            maps::BACKENDS_MAP,
+            aya::maps::MapError::InvalidName {
+                name: maps::BACKENDS_MAP.into(),
+            },
+        )
+    })?;
+    let fd = match map {
+        aya::maps::Map::Array(data) => data.fd().as_fd().as_raw_fd(),
+        _ => {
+            return Err(LoaderError::map(
+                maps::BACKENDS_MAP,
+                aya::maps::MapError::InvalidName {
+                    name: maps::BACKENDS_MAP.into(),
+                },
+            ));
+        }
+    };
+    crate::bpfsys::update_batch(fd, &ids, &values).map_err(|(_, io_error)| {
+        LoaderError::map(
+            maps::BACKENDS_MAP,
+            aya::maps::MapError::SyscallError(aya::sys::SyscallError {
+                call: "bpf_map_update_batch",
+                io_error,
+            }),
+        )
+    })
 }

@@ -14,7 +14,7 @@
 use aya::maps::IterableMap;
 use datapath_common::{
     lb::service_filter_index,
-    maps::{Backend, BackendId, RevNatId, RevNatValue, ServiceKey, ServiceValue},
+    maps::{RevNatId, RevNatValue, ServiceKey, ServiceValue, Slot},
 };
 
 use super::{handles::DatapathMaps, slot_blocks::SlotBlocks, writer};
@@ -90,20 +90,19 @@ impl DatapathMaps {
         placed: &[(&Frontend, RevNatId, &[BackendEntry], u32, u8)],
     ) -> Result<(), (usize, aya::maps::MapError)> {
         let on_error = |(_, error)| (0, error);
-        let backend_count: usize = placed.iter().map(|p| p.2.len()).sum();
-        let mut backend_ids: Vec<BackendId> = Vec::with_capacity(backend_count);
-        let mut backends: Vec<Backend> = Vec::with_capacity(backend_count);
         let mut rev_nat_ids: Vec<RevNatId> = Vec::with_capacity(placed.len());
         let mut rev_nats: Vec<RevNatValue> = Vec::with_capacity(placed.len());
         let mut head_keys: Vec<ServiceKey> = Vec::with_capacity(placed.len());
         let mut heads: Vec<ServiceValue> = Vec::with_capacity(placed.len());
         for &(frontend, rev_nat_id, entries, first, order) in placed {
+            // Stores into the mappings: ids validated when noted, the
+            // block just allocated.
             for backend in entries {
-                backend_ids.push(backend.id);
-                backends.push(writer::backend_value(frontend, backend));
+                self.backends
+                    .set(backend.id, writer::backend_value(frontend, backend));
             }
-            // Stores into the mapping, inside the block just allocated.
-            self.slots.write(first, entries.iter().map(|b| b.id));
+            self.slots
+                .write(first, entries.iter().map(|b| Slot::of(b.id)));
             rev_nat_ids.push(rev_nat_id);
             rev_nats.push(writer::rev_nat_value(frontend));
             head_keys.push(frontend.key());
@@ -116,8 +115,6 @@ impl DatapathMaps {
                 0,
             ));
         }
-        writer::write_batch(IterableMap::map(&self.backends), &backend_ids, &backends)
-            .map_err(on_error)?;
         writer::write_batch(IterableMap::map(&self.reverse_nat), &rev_nat_ids, &rev_nats)
             .map_err(on_error)?;
         // Counts raised before the frontends exist (a count too high only

@@ -15,19 +15,26 @@ use datapath_common::{
     metrics::Counter,
 };
 
+use super::mapped_array::MappedArray;
 use crate::error::LoaderError;
+
+/// The backend id in slot `index` (0: none, or beyond the array).
+pub(super) fn slot_backend(slots: &MappedArray<Slot>, index: u32) -> m::BackendId {
+    slots.get(index).map_or(0, |slot| slot.backend_id)
+}
 
 /// Handles on every map of a loaded (or pinned) datapath.
 pub struct DatapathMaps {
     /// Frontends, each naming its block of `slots`.
     pub services: HashMap<MapData, ServiceKey, ServiceValue>,
     /// Every frontend's backend slots, mapped into this process.
-    pub slots: super::slot_array::SlotArray,
+    pub slots: MappedArray<Slot>,
     /// Which blocks of `slots` are whose: read from `services` at the
     /// first write (`writer`), kept up to date after.
     pub(super) slot_blocks: Option<super::slot_blocks::SlotBlocks>,
-    /// Indexed by backend id; a zeroed slot holds no backend.
-    pub backends: Array<MapData, Backend>,
+    /// Indexed by backend id; a zeroed entry holds no backend. Mapped
+    /// into memory, as `slots`.
+    pub backends: MappedArray<Backend>,
     /// Indexed by reverse-NAT id; a zeroed slot holds no frontend.
     pub reverse_nat: Array<MapData, RevNatValue>,
     /// TCP flows of the TC path (two entries each).
@@ -75,21 +82,28 @@ impl DatapathMaps {
         ) -> Result<T, LoaderError> {
             T::try_from(get(name)?).map_err(|source| LoaderError::map(name, source))
         }
-        let slots: Array<MapData, Slot> = typed(&mut get, m::SLOTS_MAP)?;
-        let slots = super::slot_array::SlotArray::map(slots).map_err(|io_error| {
-            LoaderError::map(
-                m::SLOTS_MAP,
-                MapError::SyscallError(aya::sys::SyscallError {
-                    call: "mmap",
-                    io_error,
-                }),
-            )
-        })?;
+        fn mapped<T: aya::Pod>(
+            get: &mut impl FnMut(&'static str) -> Result<Map, LoaderError>,
+            name: &'static str,
+        ) -> Result<MappedArray<T>, LoaderError> {
+            let array: Array<MapData, T> = typed(get, name)?;
+            MappedArray::map(array).map_err(|io_error| {
+                LoaderError::map(
+                    name,
+                    MapError::SyscallError(aya::sys::SyscallError {
+                        call: "mmap",
+                        io_error,
+                    }),
+                )
+            })
+        }
+        let slots = mapped(&mut get, m::SLOTS_MAP)?;
+        let backends = mapped(&mut get, m::BACKENDS_MAP)?;
         Ok(Self {
             services: typed(&mut get, m::SERVICES_MAP)?,
             slots,
             slot_blocks: None,
-            backends: typed(&mut get, m::BACKENDS_MAP)?,
+            backends,
             reverse_nat: typed(&mut get, m::REVERSE_NAT_MAP)?,
             conntrack_tcp: typed(&mut get, m::CONNTRACK_TCP_MAP)?,
             conntrack_udp: typed(&mut get, m::CONNTRACK_UDP_MAP)?,
@@ -138,7 +152,7 @@ impl DatapathMaps {
         };
         Ok(Some(
             (1..=head.backend_count)
-                .map(|slot| self.slots.get(head.slot_index(slot)))
+                .map(|slot| slot_backend(&self.slots, head.slot_index(slot)))
                 .collect(),
         ))
     }

@@ -4,7 +4,7 @@
 //! place that writes a service into them) and once by `FakeMaps` beside
 //! it, with the same validation, as Cilium keeps `LBMaps` and its fakes;
 //! `bulk` writes many new frontends at once; `slot_blocks` says which
-//! block of the slot array (`slot_array`, mapped into memory) each
+//! block of the slot array (mapped into memory: `mapped_array`) each
 //! frontend owns; `reply_filter` says when the ingress program may skip
 //! conntrack.
 
@@ -12,9 +12,9 @@ mod bulk;
 mod fake;
 mod handles;
 mod lb_maps;
+mod mapped_array;
 mod pending;
 mod reply_filter;
-mod slot_array;
 mod slot_blocks;
 mod writer;
 

@@ -8,12 +8,12 @@ use aya::maps::{Array, HashMap, IterableMap, MapData, MapError};
 use datapath_common::{
     ipv4_be, ipv4_octets,
     lb::service_filter_index,
-    maps::{self as m, Backend, BackendId, RevNatId, RevNatValue, ServiceKey, ServiceValue},
+    maps::{self as m, Backend, BackendId, RevNatId, RevNatValue, ServiceKey, ServiceValue, Slot},
     port_be, port_host,
 };
 
 use super::{
-    handles::DatapathMaps,
+    handles::{DatapathMaps, slot_backend},
     lb_maps::{DumpedFrontend, LbMaps, MapDump, ProgramError, validate_service},
     slot_blocks::SlotBlocks,
 };
@@ -99,7 +99,10 @@ impl LbMaps for DatapathMaps {
         let ids: Vec<BackendId> = backends.iter().map(|b| b.id).collect();
         // Inside the array: the allocator's blocks are, and so are the
         // entries learning kept.
-        if !self.slots.write(first_slot, ids.iter().copied()) {
+        if !self
+            .slots
+            .write(first_slot, ids.iter().map(|&id| Slot::of(id)))
+        {
             if moved {
                 self.blocks().release(first_slot, order);
             }
@@ -169,7 +172,14 @@ impl LbMaps for DatapathMaps {
     /// by the datapath on their next packet.
     fn remove_backend(&mut self, id: BackendId) -> Result<(), MapError> {
         self.write_pending();
-        self.backends.set(id, Backend::default(), 0)
+        if self.backends.set(id, Backend::default()) {
+            Ok(())
+        } else {
+            Err(MapError::OutOfBounds {
+                index: id,
+                max_entries: self.backends.len(),
+            })
+        }
     }
 
     fn learn_slot_blocks(&mut self) -> Result<(), MapError> {
@@ -187,7 +197,9 @@ impl LbMaps for DatapathMaps {
                 continue;
             };
             let slots = (1..=head.backend_count)
-                .map(|slot| Some(self.slots.get(head.slot_index(slot))).filter(|&id| id != 0))
+                .map(|slot| {
+                    Some(slot_backend(&self.slots, head.slot_index(slot))).filter(|&id| id != 0)
+                })
                 .collect();
             dump.frontends.push(DumpedFrontend {
                 frontend,
@@ -195,7 +207,7 @@ impl LbMaps for DatapathMaps {
                 slots,
             });
         }
-        let backends: Vec<Backend> = read_array(&self.backends)?;
+        let backends: Vec<Backend> = self.backends.read_all();
         for (id, backend) in backends.into_iter().enumerate().skip(1) {
             let id = id as BackendId;
             if backend.is_present() {
@@ -432,9 +444,9 @@ impl DatapathMaps {
                 };
                 let count = head.backend_count.min(1 << order);
                 let ids: Vec<BackendId> = (1..=count)
-                    .map(|slot| self.slots.get(head.slot_index(slot)))
+                    .map(|slot| slot_backend(&self.slots, head.slot_index(slot)))
                     .collect();
-                self.slots.write(first, ids.into_iter());
+                self.slots.write(first, ids.into_iter().map(Slot::of));
                 let moved = ServiceValue::new(first, order, count, head.rev_nat_id(), head.flags);
                 self.services.insert(key, moved, 0)?;
             }
@@ -457,13 +469,18 @@ impl DatapathMaps {
                 error: Box::new(error),
             }
         };
-        let ids: Vec<BackendId> = backends.iter().map(|b| b.id).collect();
-        let values: Vec<Backend> = backends
-            .iter()
-            .map(|backend| backend_value(frontend, backend))
-            .collect();
-        write_batch(IterableMap::map(&self.backends), &ids, &values)
-            .map_err(|(_, error)| map_err(m::BACKENDS_MAP)(error))?;
+        // Stores into the mapping (validated: every id is inside it).
+        for backend in backends {
+            if !self
+                .backends
+                .set(backend.id, backend_value(frontend, backend))
+            {
+                return Err(map_err(m::BACKENDS_MAP)(MapError::OutOfBounds {
+                    index: backend.id,
+                    max_entries: self.backends.len(),
+                }));
+            }
+        }
         self.restore_rev_nat(rev_nat_id, frontend)
             .map_err(map_err(m::REVERSE_NAT_MAP))
     }
