@@ -1,6 +1,7 @@
 //! The raw bpf(2) commands aya 0.14 does not expose: opening a pinned
-//! object as a plain fd, BPF_LINK_DETACH, and loading and test-running a
-//! program given as instructions (the jiffies clock, `crate::clock`).
+//! object as a plain fd, BPF_LINK_DETACH, loading and test-running a
+//! program given as instructions (the jiffies clock, `crate::clock`), and
+//! waiting for the programs running now to finish (`GracePeriod`).
 //!
 //! Removing a link's pin only drops a reference; the kernel frees the
 //! inode after an RCU grace period, so the program would stay attached
@@ -34,6 +35,84 @@ struct ObjGetAttr {
 #[derive(Default)]
 struct LinkDetachAttr {
     link_fd: u32,
+}
+
+const BPF_MAP_CREATE: libc::c_long = 0;
+const BPF_MAP_UPDATE_ELEM: libc::c_long = 2;
+const BPF_MAP_TYPE_ARRAY: u32 = 2;
+const BPF_MAP_TYPE_ARRAY_OF_MAPS: u32 = 12;
+
+#[repr(C)]
+#[derive(Default)]
+struct MapCreateAttr {
+    map_type: u32,
+    key_size: u32,
+    value_size: u32,
+    max_entries: u32,
+    map_flags: u32,
+    inner_map_fd: u32,
+}
+
+#[repr(C)]
+#[derive(Default)]
+struct MapElemAttr {
+    map_fd: u32,
+    _pad: u32,
+    key: u64,
+    value: u64,
+    flags: u64,
+}
+
+fn map_create(attr: &mut MapCreateAttr) -> io::Result<OwnedFd> {
+    let fd = bpf(BPF_MAP_CREATE, attr)?;
+    // SAFETY: a fresh fd the kernel just returned, owned by nobody else.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
+}
+
+/// Returns once every BPF program that was running when it was called has
+/// finished (non-sleepable ones: TC, XDP, cgroup socket hooks): an update
+/// of a map-in-map makes the kernel wait for an RCU grace period
+/// (`maybe_wait_bpf_programs`, `synchronize_rcu`) before the syscall
+/// returns, on any number of CPUs and with preemptible RCU. Two tiny maps
+/// of this process's own.
+#[derive(Debug)]
+pub struct GracePeriod {
+    outer: OwnedFd,
+    inner: OwnedFd,
+}
+
+impl GracePeriod {
+    pub fn new() -> io::Result<Self> {
+        let inner = map_create(&mut MapCreateAttr {
+            map_type: BPF_MAP_TYPE_ARRAY,
+            key_size: 4,
+            value_size: 4,
+            max_entries: 1,
+            ..MapCreateAttr::default()
+        })?;
+        let outer = map_create(&mut MapCreateAttr {
+            map_type: BPF_MAP_TYPE_ARRAY_OF_MAPS,
+            key_size: 4,
+            value_size: 4,
+            max_entries: 1,
+            inner_map_fd: inner.as_raw_fd() as u32,
+            ..MapCreateAttr::default()
+        })?;
+        Ok(Self { outer, inner })
+    }
+
+    /// Waits for the programs running now to finish.
+    pub fn wait(&self) -> io::Result<()> {
+        let key = 0u32;
+        let value = self.inner.as_raw_fd() as u32;
+        let mut attr = MapElemAttr {
+            map_fd: self.outer.as_raw_fd() as u32,
+            key: &key as *const u32 as u64,
+            value: &value as *const u32 as u64,
+            ..MapElemAttr::default()
+        };
+        bpf(BPF_MAP_UPDATE_ELEM, &mut attr).map(|_| ())
+    }
 }
 
 fn bpf<T>(cmd: libc::c_long, attr: &mut T) -> io::Result<libc::c_long> {

@@ -356,49 +356,100 @@ pub fn mark_layouts(pin_dir: &Path) -> Result<(), LoaderError> {
     Ok(())
 }
 
-/// Maps whose entries name ids of another map: replaced with it (or when
-/// it is not pinned at all), since their ids would name whatever the new
-/// map holds under them. A flow in
-/// conntrack names its backend by id; a `BACKENDS` made afresh hands its
-/// ids out again, so the flow could reach another service's pod.
+/// Maps whose entries name ids of another map: replaced with it when it
+/// is made afresh (or not pinned at all), since their ids would name
+/// whatever the new map holds under them. A flow in conntrack names its
+/// backend by id; a `BACKENDS` made afresh hands its ids out again, so the
+/// flow could reach another service's pod (one carried over keeps them).
 /// (`REVERSE_NAT` ids are written again under the same numbers when it is
 /// made afresh, `Reconciler::adopt`.)
-const DEPENDENTS: [(&str, &[&str]); 3] = [
-    (BACKENDS_MAP, &[CONNTRACK_TCP_MAP, CONNTRACK_UDP_MAP]),
-    // Frontend entries name blocks of the slot array.
+const DEPENDENTS: [(&str, &[&str]); 1] = [(BACKENDS_MAP, &[CONNTRACK_TCP_MAP, CONNTRACK_UDP_MAP])];
+
+/// Maps replaced whenever another is, carried over or not: the programs
+/// still attached (until the agent's first sync is done) keep reading the
+/// replaced map, so what they read beside it must stay as it was, not be
+/// rewritten by the new agent. Frontend entries name blocks of the slot
+/// array, whose slots name backend ids: `BACKENDS` made anew takes the
+/// slots and so the frontends with it (a kept `SLOTS` would get ids the
+/// old `BACKENDS` does not hold, or holds for another pod); either of
+/// `SERVICES` and `SLOTS` takes the other.
+const FOLLOWERS: [(&str, &[&str]); 3] = [
+    (BACKENDS_MAP, &[SLOTS_MAP]),
     (SLOTS_MAP, &[SERVICES_MAP]),
-    // And the other way round: a new agent taking a kept SLOTS for free
-    // space would write over blocks that the programs still running (until
-    // its first sync is done) read through the old SERVICES.
     (SERVICES_MAP, &[SLOTS_MAP]),
 ];
+
+/// Maps whose entries a replacement carries over when only their size or
+/// flags changed, because other maps name their ids.
+const CARRIED: [&str; 1] = [BACKENDS_MAP];
 
 /// A pin that was replaced, and why (for the agent's log).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Replaced {
     pub map: String,
     pub reason: String,
-    /// The replaced map's entries, read before its pin went, for the new
-    /// map: `BACKENDS` replaced for its size or flags alone (same layout):
-    /// its ids stay what they were, and the flows conntrack holds keep
-    /// their backends (an id beyond a smaller map is left out: its flows
-    /// re-balance).
-    pub carried: Option<Vec<Backend>>,
+    /// Its entries are carried into the new map (`Carry`).
+    pub carried: bool,
 }
 
-/// Maps whose entries a replacement carries over when only their size or
-/// flags changed, because other maps name their ids.
-const CARRIED: [&str; 1] = [BACKENDS_MAP];
+/// `BACKENDS` entries to write into the new map under the same ids: the
+/// replaced map's (for its size or flags alone), so that the flows
+/// conntrack holds, which name backends by id, keep theirs. The old map
+/// stays pinned at `pin` until they are written and the layouts marked
+/// (`Carry::done`): an agent stopped in between finds it there and
+/// carries it again.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Carry {
+    pub entries: Vec<Backend>,
+    pub pin: PathBuf,
+}
+
+impl Carry {
+    /// The carry is written and the pins marked: the old map goes.
+    pub fn done(&self) -> std::io::Result<()> {
+        match std::fs::remove_file(&self.pin) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e),
+            _ => Ok(()),
+        }
+    }
+}
+
+/// What `reconcile_pins` did.
+#[derive(Debug, Default)]
+pub struct Reconciled {
+    pub replaced: Vec<Replaced>,
+    pub carry: Option<Carry>,
+}
+
+/// Where a carried map waits for its entries to be written (bpffs
+/// refuses names with a dot).
+fn carry_pin(pin_dir: &Path, map: &str) -> PathBuf {
+    pin_dir.join(format!("{map}-carried"))
+}
 
 /// Compares every existing pin in `pins` (map name, pin path) with
-/// `expected` and applies `policy`: returns the pins it removed, or the
-/// first refusal as an error naming the map.
+/// `expected` and applies `policy`: returns the pins it removed and the
+/// entries to carry, or the first refusal as an error naming the map.
 pub fn reconcile_pins(
     pin_dir: &Path,
     pins: &[(&str, PathBuf)],
     expected: &HashMap<String, MapLayout>,
     policy: PinPolicy,
-) -> Result<Vec<Replaced>, LoaderError> {
+) -> Result<Reconciled, LoaderError> {
+    let read_err = |path: &Path, e: std::io::Error| LoaderError::Pin {
+        path: path.to_owned(),
+        reason: format!("reading the entries to carry into the new map: {e}"),
+    };
+    // A carry an agent stopped before finishing: its entries are the
+    // truth (nothing has written the new map since but the CNI plugin,
+    // which writes no entry).
+    let interrupted = carry_pin(pin_dir, BACKENDS_MAP);
+    let recovered = match policy {
+        PinPolicy::Own if interrupted.exists() => {
+            Some(read_backends(&interrupted).map_err(|e| read_err(&interrupted, e))?)
+        }
+        _ => None,
+    };
     // Every pin's decision first, from the markers as they are.
     let mut decisions = Vec::new();
     for (name, path) in pins {
@@ -422,36 +473,83 @@ pub fn reconcile_pins(
                 });
             }
             decision => {
-                let carry = CARRIED.contains(name)
-                    && have.map_type == want.map_type
-                    && have.key_size == want.key_size
-                    && have.value_size == want.value_size
-                    && version_difference(name, version).is_none();
-                decisions.push((*name, path, version, decision, carry));
+                // Read now (nothing is removed yet): carried only when
+                // the layout is the same and every id fits the new size
+                // (a flow naming a dropped id could meet it again later).
+                let carried = match &decision {
+                    Decision::Replace(_)
+                        if recovered.is_none()
+                            && CARRIED.contains(name)
+                            && have.map_type == want.map_type
+                            && have.key_size == want.key_size
+                            && have.value_size == want.value_size
+                            && version_difference(name, version).is_none() =>
+                    {
+                        let entries = read_backends(path).map_err(|e| read_err(path, e))?;
+                        let fits = entries.iter().enumerate().all(|(id, b)| {
+                            !b.is_present() || (id as u64) < u64::from(want.max_entries)
+                        });
+                        fits.then_some(entries)
+                    }
+                    _ => None,
+                };
+                decisions.push((*name, path, version, decision, carried));
             }
         }
     }
-    for (map, dependents) in DEPENDENTS {
-        // Made afresh: replaced, or (by the owner) not pinned at all.
-        let pinned = decisions.iter().find(|(name, ..)| *name == map);
-        let made_afresh = match pinned {
-            // Carried over, its ids stay.
-            Some((_, _, _, decision, carry)) => matches!(decision, Decision::Replace(_)) && !carry,
-            None => policy == PinPolicy::Own,
-        };
-        for (name, _, _, decision, _) in &mut decisions {
-            if made_afresh && dependents.contains(name) && *decision == Decision::Keep {
-                *decision = Decision::Replace(format!(
-                    "its entries name ids of {map}, which is made afresh"
-                ));
+    // Maps whose ids stay: carried over now, or by an interrupted carry.
+    let carried_over: Vec<&str> = decisions
+        .iter()
+        .filter(|(.., carried)| carried.is_some())
+        .map(|(name, ..)| *name)
+        .chain(recovered.is_some().then_some(BACKENDS_MAP))
+        .collect();
+    // Until nothing changes: a map replaced takes its followers with it;
+    // one made afresh (not carried), its dependents.
+    for _ in 0..=datapath_common::maps::ALL_MAPS.len() {
+        let mut changed = false;
+        for (map, followers, ids_only) in FOLLOWERS
+            .iter()
+            .map(|(m, f)| (*m, *f, false))
+            .chain(DEPENDENTS.iter().map(|(m, f)| (*m, *f, true)))
+        {
+            let pinned = decisions.iter().find(|(name, ..)| *name == map);
+            let replaced = match pinned {
+                Some((_, _, _, decision, _)) => matches!(decision, Decision::Replace(_)),
+                // Not pinned: made by this load (the owner's).
+                None => policy == PinPolicy::Own,
+            };
+            let fires = replaced && !(ids_only && carried_over.contains(&map));
+            if !fires {
+                continue;
+            }
+            for (name, _, _, decision, _) in &mut decisions {
+                if followers.contains(name) && *decision == Decision::Keep {
+                    *decision = Decision::Replace(if ids_only {
+                        format!("its entries name ids of {map}, which is made afresh")
+                    } else {
+                        format!("it goes with {map}, which is made anew")
+                    });
+                    changed = true;
+                }
             }
         }
+        if !changed {
+            break;
+        }
     }
+    let mut carry = recovered.map(|entries| Carry {
+        entries,
+        pin: interrupted.clone(),
+    });
     let any_replaced = decisions
         .iter()
         .any(|(_, _, _, d, _)| matches!(d, Decision::Replace(_)));
     if !any_replaced {
-        return Ok(Vec::new());
+        return Ok(Reconciled {
+            replaced: Vec::new(),
+            carry,
+        });
     }
     // Before any pin goes: the kept maps carry their own markers (the
     // shared one may go next), and no marker names a replaced map, so that
@@ -475,32 +573,37 @@ pub fn reconcile_pins(
         let _ = std::fs::remove_dir(shared_marker(pin_dir, abi));
     }
     let mut replaced = Vec::new();
-    for (name, path, _, decision, carry) in decisions {
+    for (name, path, _, decision, carried) in decisions {
         let Decision::Replace(reason) = decision else {
             continue;
-        };
-        let carried = if carry {
-            Some(read_backends(path).map_err(|e| LoaderError::Pin {
-                path: path.clone(),
-                reason: format!("reading the entries to carry into the new map: {e}"),
-            })?)
-        } else {
-            None
         };
         if let Some(v) = marked_version(pin_dir, name) {
             let _ = std::fs::remove_dir(layout_marker(pin_dir, name, v));
         }
-        std::fs::remove_file(path).map_err(|e| LoaderError::Pin {
+        let pin_err = |e: std::io::Error| LoaderError::Pin {
             path: path.clone(),
             reason: format!("removing the pin of an incompatible map: {e}"),
-        })?;
+        };
+        let is_carried = carried.is_some();
+        match carried {
+            // Kept aside (one rename) until its entries are written.
+            Some(entries) => {
+                let pin = carry_pin(pin_dir, name);
+                std::fs::rename(path, &pin).map_err(|e| LoaderError::Pin {
+                    path: pin.clone(),
+                    reason: format!("keeping the replaced map until its entries are carried: {e}"),
+                })?;
+                carry = Some(Carry { entries, pin });
+            }
+            None => std::fs::remove_file(path).map_err(pin_err)?,
+        }
         replaced.push(Replaced {
             map: name.to_owned(),
             reason,
-            carried,
+            carried: is_carried,
         });
     }
-    Ok(replaced)
+    Ok(Reconciled { replaced, carry })
 }
 
 /// Every entry of the `BACKENDS` array pinned at `path`.

@@ -587,7 +587,10 @@ fn pinned_maps_made_differently_are_replaced_by_the_owner_only() {
 
     // Another --backends-max: BACKENDS is made anew for its size, with
     // its entries carried under the same ids, so conntrack (whose flows
-    // name those ids) is kept, and the service is the same as before.
+    // name those ids) is kept; the slots and frontends are made anew with
+    // it (the programs still attached keep reading the old set, which the
+    // new agent must not rewrite), and the service is programmed again
+    // exactly as before.
     let mut options = with(3000, PinPolicy::Own);
     let programmed = {
         let mut datapath = datapath_user::Datapath::load(&options).unwrap();
@@ -595,13 +598,15 @@ fn pinned_maps_made_differently_are_replaced_by_the_owner_only() {
         apply(&mut reconciler, &web);
         reconciler.maps().dump().unwrap()
     };
-    let (ct_ids, backends_id, reverse_nat_id) = (
+    let followers = [SERVICES_MAP, SLOTS_MAP];
+    let (ct_ids, backends_id, reverse_nat_id, follower_ids) = (
         ids(&[CONNTRACK_TCP_MAP, CONNTRACK_UDP_MAP]),
         map_id(BACKENDS_MAP),
         map_id(REVERSE_NAT_MAP),
+        ids(&followers),
     );
     options.sizes.backends = 5000;
-    let datapath = datapath_user::Datapath::load(&options).unwrap();
+    let mut datapath = datapath_user::Datapath::load(&options).unwrap();
     assert_ne!(map_id(BACKENDS_MAP), backends_id, "BACKENDS made anew");
     assert_eq!(max_entries(BACKENDS_MAP), 5000);
     assert_eq!(
@@ -610,14 +615,26 @@ fn pinned_maps_made_differently_are_replaced_by_the_owner_only() {
         "conntrack kept: the ids its flows name are carried"
     );
     assert!(
+        ids(&followers)
+            .iter()
+            .zip(&follower_ids)
+            .all(|(a, b)| a != b),
+        "SERVICES and SLOTS made anew with BACKENDS"
+    );
+    assert!(!pin_dir.join(format!("{BACKENDS_MAP}-carried")).exists());
+    assert!(
         !datapath.made_the_service_maps(),
         "carried entries are adopted"
     );
+    let mut reconciler = Reconciler::adopt(&mut datapath.maps).unwrap();
+    apply(&mut reconciler, &web);
+    reconciler.prune(false).unwrap();
     assert_eq!(
-        datapath.maps.dump().unwrap(),
+        reconciler.maps().dump().unwrap(),
         programmed,
-        "carried under the same ids"
+        "backends carried under the same ids, the frontend under its reverse-NAT id"
     );
+    drop(reconciler);
     drop(datapath);
     // A BACKENDS of another layout cannot be carried: conntrack goes too.
     std::fs::rename(
@@ -1303,6 +1320,8 @@ fn a_backend_set_changes_in_place_while_it_fits_its_block_and_moves_otherwise() 
             .collect()
     };
     let mut previous: Option<datapath_common::maps::ServiceValue> = None;
+    // Blocks the frontend left, as [start, end).
+    let mut left: Vec<(u32, u32)> = Vec::new();
     for (n, base, moves) in [
         (3, 1, true),
         (4, 10, false),
@@ -1323,12 +1342,15 @@ fn a_backend_set_changes_in_place_while_it_fits_its_block_and_moves_otherwise() 
             "{n} in {head:?}"
         );
         if let Some(old) = previous {
+            let moved = old.first_slot != head.first_slot || old.slot_order != head.slot_order;
             assert_eq!(
-                old.first_slot != head.first_slot || old.slot_order != head.slot_order,
-                moves,
+                moved, moves,
                 "{n} backends after {}: {old:?} -> {head:?}",
                 old.backend_count
             );
+            if moved {
+                left.push((old.first_slot, old.first_slot + old.slot_capacity()));
+            }
         }
         assert_eq!(
             maps.backend_ids_of(&frontend.key()).unwrap().unwrap(),
@@ -1337,15 +1359,162 @@ fn a_backend_set_changes_in_place_while_it_fits_its_block_and_moves_otherwise() 
         previous = Some(head);
     }
     // Left blocks rest until a grace period (waited for at the end of a
-    // sync): then only the last block and one for another frontend are
-    // taken.
-    assert!(maps.slots_taken() > Some(2));
-    assert!(maps.flush().is_empty());
-    assert_eq!(maps.slots_taken(), Some(2));
+    // sync): a frontend written meanwhile gets none of them...
+    let block_of = |maps: &datapath_user::maps::DatapathMaps, f: &Frontend| {
+        let head = maps.services.get(&f.key(), 0).unwrap();
+        (head.first_slot, head.first_slot + head.slot_capacity())
+    };
     let other = Frontend {
         port: 81,
         ..frontend
     };
     maps.set_service(&other, 8, &set(1, 100)).unwrap();
+    let (start, end) = block_of(maps, &other);
+    assert!(
+        left.iter().all(|&(a, b)| end <= a || b <= start),
+        "{start}..{end} is a left block: {left:?}"
+    );
+    // ... and once the grace period passed, only the last block and the
+    // other frontend's are taken.
+    assert!(maps.slots_taken() > Some(2 + 1));
+    assert!(maps.flush().is_empty());
     assert_eq!(maps.slots_taken(), Some(2 + 1));
+}
+
+/// An array map made without `BPF_F_MMAPABLE`, as the release before the
+/// slot array made `BACKENDS`.
+fn array_without_mmap(value_size: u32, max_entries: u32) -> std::os::fd::OwnedFd {
+    use std::os::fd::FromRawFd;
+    #[repr(C)]
+    struct Attr {
+        map_type: u32,
+        key_size: u32,
+        value_size: u32,
+        max_entries: u32,
+        map_flags: u32,
+    }
+    let mut attr = Attr {
+        map_type: 2, // BPF_MAP_TYPE_ARRAY
+        key_size: 4,
+        value_size,
+        max_entries,
+        map_flags: 0,
+    };
+    // SAFETY: bpf(BPF_MAP_CREATE) with an attr of its size.
+    let fd = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            0,
+            &mut attr as *mut Attr,
+            std::mem::size_of::<Attr>(),
+        )
+    };
+    assert!(fd >= 0, "{}", std::io::Error::last_os_error());
+    // SAFETY: a fresh fd owned by nobody else.
+    unsafe { std::os::fd::OwnedFd::from_raw_fd(fd as i32) }
+}
+
+/// An upgrade from the release before the slot array: its pins hold a
+/// `BACKENDS` made without `BPF_F_MMAPABLE`, `SERVICES` of layout v3, no
+/// `SLOTS`, and one shared marker (`maps-abi-v3`). The agent carries
+/// `BACKENDS`' entries into a mapped one under the same ids, makes
+/// `SERVICES` and `SLOTS` anew, keeps conntrack and `REVERSE_NAT`, and
+/// programs the service again under the ids its tracked flows name.
+#[test]
+fn an_upgrade_from_the_release_before_the_slot_array_keeps_conntrack_and_every_id() {
+    use aya::maps::{Array, Map, MapData, MapInfo};
+    use datapath_common::maps::{
+        BACKENDS_MAP, BPF_F_MMAPABLE, Backend, CONNTRACK_TCP_MAP, CONNTRACK_UDP_MAP,
+        REVERSE_NAT_MAP, SERVICES_MAP, SLOTS_MAP,
+    };
+    use datapath_user::{LoadOptions, map_pins::PinPolicy};
+    common::require_root("pinned maps");
+    let pin_dir = std::path::PathBuf::from(format!("/sys/fs/bpf/{}", lab::unique_prefix()));
+    struct Cleanup(std::path::PathBuf);
+    impl Drop for Cleanup {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+    let _cleanup = Cleanup(pin_dir.clone());
+    let options = LoadOptions {
+        pin_dir: Some(pin_dir.clone()),
+        pin_policy: PinPolicy::Own,
+        ..LoadOptions::default()
+    };
+    let web = translation(&service_yaml("web", "10.96.1.1", &[80], 3));
+    let programmed = {
+        let mut datapath = datapath_user::Datapath::load(&options).unwrap();
+        let mut reconciler = Reconciler::new_on_empty(&mut datapath.maps);
+        apply(&mut reconciler, &web);
+        reconciler.maps().dump().unwrap()
+    };
+    // The older release's BACKENDS: the same entries in a plain array.
+    let backends_pin = pin_dir.join(BACKENDS_MAP);
+    let current: Array<MapData, Backend> =
+        Array::try_from(Map::Array(MapData::from_pin(&backends_pin).unwrap())).unwrap();
+    let len = current.len();
+    let old = MapData::from_fd(array_without_mmap(8, len)).unwrap();
+    let mut old: Array<MapData, Backend> = Array::try_from(Map::Array(old)).unwrap();
+    let mut present = 0;
+    for id in 0..len {
+        let backend = current.get(&id, 0).unwrap();
+        if backend.is_present() {
+            old.set(id, backend, 0).unwrap();
+            present += 1;
+        }
+    }
+    assert_eq!(present, 3);
+    drop(current);
+    std::fs::remove_file(&backends_pin).unwrap();
+    aya::maps::IterableMap::map(&old)
+        .pin(&backends_pin)
+        .unwrap();
+    drop(old);
+    // No SLOTS; one shared marker, which says SERVICES is at v3.
+    std::fs::remove_file(pin_dir.join(SLOTS_MAP)).unwrap();
+    std::fs::remove_dir_all(pin_dir.join(datapath_user::map_pins::LAYOUTS_DIR)).unwrap();
+    std::fs::create_dir(pin_dir.join("maps-abi-v3")).unwrap();
+    let map_id = |map: &str| MapInfo::from_pin(pin_dir.join(map)).unwrap().id();
+    let kept = [CONNTRACK_TCP_MAP, CONNTRACK_UDP_MAP, REVERSE_NAT_MAP];
+    let kept_ids: Vec<u32> = kept.iter().map(|m| map_id(m)).collect();
+    let (backends_id, services_id) = (map_id(BACKENDS_MAP), map_id(SERVICES_MAP));
+
+    let mut datapath = datapath_user::Datapath::load(&options).unwrap();
+    assert_eq!(
+        kept.iter().map(|m| map_id(m)).collect::<Vec<_>>(),
+        kept_ids,
+        "conntrack and reverse NAT kept"
+    );
+    assert_ne!(map_id(SERVICES_MAP), services_id, "SERVICES v3 replaced");
+    assert_ne!(map_id(BACKENDS_MAP), backends_id, "BACKENDS made mapped");
+    let flags = MapInfo::from_pin(&backends_pin).unwrap().map_flags();
+    assert_ne!(flags & BPF_F_MMAPABLE, 0);
+    assert!(!pin_dir.join(format!("{BACKENDS_MAP}-carried")).exists());
+    let mut reconciler = Reconciler::adopt(&mut datapath.maps).unwrap();
+    apply(&mut reconciler, &web);
+    reconciler.prune(false).unwrap();
+    assert_eq!(
+        reconciler.maps().dump().unwrap(),
+        programmed,
+        "the same backend and reverse-NAT ids"
+    );
+    drop(reconciler);
+    drop(datapath);
+
+    // An agent stopped in the middle of such a carry (the old map set
+    // aside, the new one not yet written): the next start carries it.
+    let carried = pin_dir.join(format!("{BACKENDS_MAP}-carried"));
+    std::fs::rename(&backends_pin, &carried).unwrap();
+    let mut datapath = datapath_user::Datapath::load(&options).unwrap();
+    assert_eq!(
+        kept.iter().map(|m| map_id(m)).collect::<Vec<_>>(),
+        kept_ids,
+        "conntrack still kept"
+    );
+    assert!(!carried.exists());
+    let mut reconciler = Reconciler::adopt(&mut datapath.maps).unwrap();
+    apply(&mut reconciler, &web);
+    reconciler.prune(false).unwrap();
+    assert_eq!(reconciler.maps().dump().unwrap(), programmed);
 }

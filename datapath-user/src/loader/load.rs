@@ -120,9 +120,9 @@ impl Datapath {
         };
         let max_entries = options.sizes.max_entries();
         let expected = map_pins::expected_layouts(bytes, &max_entries)?;
-        let replaced = match &pin_dir {
+        let reconciled = match &pin_dir {
             Some(dir) => map_pins::reconcile_pins(dir, &map_pins, &expected, options.pin_policy)?,
-            None => Vec::new(),
+            None => map_pins::Reconciled::default(),
         };
         // After the replaced pins are gone: what is not pinned now, this
         // load makes.
@@ -139,26 +139,24 @@ impl Datapath {
                 created.push(name);
             }
         }
-        let mut carried_backends = None;
-        for replaced in replaced {
-            match replaced.carried {
-                Some(entries) => {
-                    tracing::warn!(
-                        map = %replaced.map,
-                        entries = entries.iter().filter(|b| b.is_present()).count(),
-                        "pinned map replaced ({}); its entries are carried into the new one under the same ids",
-                        replaced.reason
-                    );
-                    // Not empty, then: the agent adopts what it holds.
-                    created.retain(|name| *name != maps::BACKENDS_MAP);
-                    carried_backends = Some(entries);
-                }
-                None => tracing::warn!(
+        for replaced in &reconciled.replaced {
+            if replaced.carried {
+                tracing::warn!(
+                    map = %replaced.map,
+                    "pinned map replaced ({}); its entries are carried into the new one under the same ids",
+                    replaced.reason
+                );
+            } else {
+                tracing::warn!(
                     map = %replaced.map,
                     "pinned map replaced ({}); its contents are made afresh",
                     replaced.reason
-                ),
+                );
             }
+        }
+        if reconciled.carry.is_some() {
+            // Not empty, then: the agent adopts what it holds.
+            created.retain(|name| *name != maps::BACKENDS_MAP);
         }
         let created_maps = created.clone();
         let mut loader = EbpfLoader::new();
@@ -203,16 +201,22 @@ impl Datapath {
             loader.map_pin_path(name, path.as_path());
         }
         let mut ebpf = loader.load(bytes)?;
-        if let Some(entries) = carried_backends {
+        if let Some(carry) = &reconciled.carry {
             // At once, before any program could read the new map (and
             // before a program load that may fail: a retry finds the new
             // map pinned, and nothing else to carry).
-            carry_backends(&ebpf, entries, max_entries)?;
+            carry_backends(&ebpf, &carry.entries)?;
         }
         if let Some(dir) = &pin_dir {
             // The pins now hold this version's layouts (made, replaced or
             // adopted as matching).
             map_pins::mark_layouts(dir)?;
+        }
+        if let Some(carry) = &reconciled.carry {
+            carry.done().map_err(|e| LoaderError::Pin {
+                path: carry.pin.clone(),
+                reason: format!("removing the map whose entries were carried: {e}"),
+            })?;
         }
         for name in [object::TC_EGRESS, object::TC_INGRESS] {
             sched_classifier(&mut ebpf, name)?
@@ -293,51 +297,36 @@ impl Datapath {
     }
 }
 
-/// Writes `entries` (a replaced `BACKENDS` map's, by id) into the new
-/// `BACKENDS` of `ebpf`; ids beyond its size are left out (their flows
-/// re-balance).
+/// Writes `entries` (a replaced `BACKENDS` map's, by id) into the
+/// `BACKENDS` of `ebpf`. Every id fits (`map_pins` carries only then); one
+/// that would not (a map another loader made smaller meanwhile) is
+/// refused by the kernel and stops the load.
 fn carry_backends(
     ebpf: &aya::Ebpf,
-    entries: Vec<datapath_common::maps::Backend>,
-    max_entries: [(&'static str, u32); 7],
+    entries: &[datapath_common::maps::Backend],
 ) -> Result<(), LoaderError> {
     use std::os::fd::{AsFd, AsRawFd};
-    let capacity = max_entries
-        .iter()
-        .find(|(name, _)| *name == maps::BACKENDS_MAP)
-        .map_or(0, |(_, max)| *max);
-    let (ids, values): (Vec<u32>, Vec<_>) = entries
-        .into_iter()
-        .enumerate()
-        .map(|(id, backend)| (id as u32, backend))
-        .filter(|(id, backend)| backend.is_present() && *id < capacity)
-        .unzip();
-    let map = ebpf.map(maps::BACKENDS_MAP).ok_or_else(|| {
-        LoaderError::map(
-            maps::BACKENDS_MAP,
-            aya::maps::MapError::InvalidName {
-                name: maps::BACKENDS_MAP.into(),
-            },
-        )
-    })?;
-    let fd = match map {
-        aya::maps::Map::Array(data) => data.fd().as_fd().as_raw_fd(),
-        _ => {
-            return Err(LoaderError::map(
-                maps::BACKENDS_MAP,
-                aya::maps::MapError::InvalidName {
-                    name: maps::BACKENDS_MAP.into(),
-                },
-            ));
-        }
+    let map_err = |source| LoaderError::map(maps::BACKENDS_MAP, source);
+    let invalid = || {
+        map_err(aya::maps::MapError::InvalidName {
+            name: maps::BACKENDS_MAP.into(),
+        })
     };
-    crate::bpfsys::update_batch(fd, &ids, &values).map_err(|(_, io_error)| {
-        LoaderError::map(
-            maps::BACKENDS_MAP,
-            aya::maps::MapError::SyscallError(aya::sys::SyscallError {
+    let Some(aya::maps::Map::Array(data)) = ebpf.map(maps::BACKENDS_MAP) else {
+        return Err(invalid());
+    };
+    let (ids, values): (Vec<u32>, Vec<_>) = entries
+        .iter()
+        .enumerate()
+        .filter(|(_, backend)| backend.is_present())
+        .map(|(id, backend)| (id as u32, *backend))
+        .unzip();
+    crate::bpfsys::update_batch(data.fd().as_fd().as_raw_fd(), &ids, &values).map_err(
+        |(_, io_error)| {
+            map_err(aya::maps::MapError::SyscallError(aya::sys::SyscallError {
                 call: "bpf_map_update_batch",
                 io_error,
-            }),
-        )
-    })
+            }))
+        },
+    )
 }

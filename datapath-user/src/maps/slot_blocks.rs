@@ -5,12 +5,11 @@
 //!
 //! A block a frontend left is not handed out again at once: a program
 //! that read the frontend's entry just before the move may still read the
-//! old block's slots. Left blocks rest until an RCU grace period has
-//! passed since they were left (the programs run under RCU, and
-//! `membarrier(MEMBARRIER_CMD_GLOBAL)` returns after one: the kernel's
-//! `synchronize_rcu`), which the agent waits for at the end of a sync that
-//! left any, or when nothing else fits. Where that call is refused
-//! (`nohz_full` CPUs, a seccomp filter) they rest `FALLBACK_REST`.
+//! old block's slots. Left blocks rest until the programs running when
+//! they were left have finished (`crate::bpfsys::GracePeriod`: the kernel
+//! waits for an RCU grace period), which the agent waits for at the end
+//! of a sync that left any, or when nothing else fits. Where that wait
+//! cannot be had, they rest `FALLBACK_REST`.
 
 use std::{
     collections::{BTreeSet, VecDeque},
@@ -36,6 +35,9 @@ pub struct SlotBlocks {
     resting: VecDeque<(Instant, u32, u8)>,
     /// Slots in blocks handed out (resting ones included).
     taken: u64,
+    /// Made at the first wait (`None` until then; `Err` when the kernel
+    /// refused, then the time fallback).
+    grace: Option<std::io::Result<crate::bpfsys::GracePeriod>>,
 }
 
 impl SlotBlocks {
@@ -55,6 +57,7 @@ impl SlotBlocks {
             free,
             resting: VecDeque::new(),
             taken: 0,
+            grace: None,
         }
     }
 
@@ -111,7 +114,7 @@ impl SlotBlocks {
     /// when the kernel refused to wait for one (only blocks older than
     /// `FALLBACK_REST` are freed then).
     pub fn settle(&mut self) -> bool {
-        let waited = wait_for_rcu_readers();
+        let waited = self.wait_for_readers();
         let count = if waited {
             self.resting.len()
         } else {
@@ -185,6 +188,19 @@ impl SlotBlocks {
         Some(start)
     }
 
+    /// Waits for the programs running now to finish; false when the
+    /// kernel will not say.
+    fn wait_for_readers(&mut self) -> bool {
+        let grace = self.grace.get_or_insert_with(|| {
+            crate::bpfsys::GracePeriod::new().inspect_err(|e| {
+                tracing::warn!(
+                    "cannot wait for running programs ({e}): slot blocks left by frontends rest {FALLBACK_REST:?} instead"
+                );
+            })
+        });
+        grace.as_ref().is_ok_and(|grace| grace.wait().is_ok())
+    }
+
     fn release_rested(&mut self, now: Instant) {
         while let Some(&(left, start, order)) = self.resting.front() {
             if now.duration_since(left) < FALLBACK_REST {
@@ -208,14 +224,6 @@ impl SlotBlocks {
         }
         self.free[order].insert(start);
     }
-}
-
-/// Returns after an RCU grace period (`membarrier(MEMBARRIER_CMD_GLOBAL)`
-/// is `synchronize_rcu` in the kernel); false when refused.
-fn wait_for_rcu_readers() -> bool {
-    const MEMBARRIER_CMD_GLOBAL: libc::c_long = 1;
-    // SAFETY: a plain syscall without pointers.
-    unsafe { libc::syscall(libc::SYS_membarrier, MEMBARRIER_CMD_GLOBAL, 0, 0) == 0 }
 }
 
 #[cfg(test)]
@@ -280,14 +288,13 @@ mod tests {
         assert_eq!(blocks.allocate(0), None, "full, nothing resting");
         blocks.retire(a, 3);
         assert!(blocks.has_resting());
-        assert!(
-            wait_for_rcu_readers(),
-            "membarrier(MEMBARRIER_CMD_GLOBAL) on this kernel"
-        );
         assert_eq!(blocks.allocate(2), Some(a), "the left block, once rested");
         assert!(!blocks.has_resting());
         blocks.retire(b, 3);
-        assert!(blocks.settle() && !blocks.has_resting());
+        assert!(
+            blocks.settle() && !blocks.has_resting(),
+            "the kernel waits for running programs (a map-in-map update)"
+        );
         assert_eq!(blocks.taken(), 4);
         assert_eq!(blocks.allocate(3), Some(b));
     }
