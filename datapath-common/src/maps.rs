@@ -270,8 +270,11 @@ pub const BACKEND_FLAG_PRESENT: u8 = 1 << 0;
 /// Value of `BACKENDS`: where a backend lives. An array rather than a hash
 /// because ids are small dense integers: the verifier turns the lookup
 /// into a bounds check, which the per-packet path of every tracked flow
-/// pays.
-#[repr(C)]
+/// pays. Aligned to its 8 bytes: the agent stores an entry whole (one
+/// atomic store through its mapping) and the programs load it whole, so a
+/// packet never meets half of a backend being removed (present, address
+/// zero).
+#[repr(C, align(8))]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub struct Backend {
     /// Endpoint (pod) IP.
@@ -671,7 +674,7 @@ mod tests {
         assert_eq!(size_of::<ServiceKey>(), 4 + 2 + 1 + 1);
         assert_eq!(size_of::<ServiceValue>(), 4 + 2 + 2 + 1 + 1 + 1 + 1);
         assert_eq!((size_of::<Slot>(), align_of::<Slot>()), (4 + 4, 8));
-        assert_eq!(size_of::<Backend>(), 4 + 2 + 1 + 1);
+        assert_eq!((size_of::<Backend>(), align_of::<Backend>()), (4 + 2 + 1 + 1, 8));
         assert_eq!(size_of::<RevNatValue>(), 4 + 2 + 1 + 1);
         assert_eq!(size_of::<CtKey>(), 4 + 4 + 2 + 2 + 1 + 1 + 2);
         assert_eq!(
