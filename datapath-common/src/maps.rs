@@ -674,7 +674,10 @@ mod tests {
         assert_eq!(size_of::<ServiceKey>(), 4 + 2 + 1 + 1);
         assert_eq!(size_of::<ServiceValue>(), 4 + 2 + 2 + 1 + 1 + 1 + 1);
         assert_eq!((size_of::<Slot>(), align_of::<Slot>()), (4 + 4, 8));
-        assert_eq!((size_of::<Backend>(), align_of::<Backend>()), (4 + 2 + 1 + 1, 8));
+        assert_eq!(
+            (size_of::<Backend>(), align_of::<Backend>()),
+            (4 + 2 + 1 + 1, 8)
+        );
         assert_eq!(size_of::<RevNatValue>(), 4 + 2 + 1 + 1);
         assert_eq!(size_of::<CtKey>(), 4 + 4 + 2 + 2 + 1 + 1 + 2);
         assert_eq!(
