@@ -423,8 +423,78 @@ pub struct Reconciled {
 
 /// Where a carried map waits for its entries to be written (bpffs
 /// refuses names with a dot).
+/// The name says the layout version the entries were written in.
 fn carry_pin(pin_dir: &Path, map: &str) -> PathBuf {
-    pin_dir.join(format!("{map}-carried"))
+    let version = layout_version(map).unwrap_or_default();
+    pin_dir.join(format!("{map}-carried-v{version}"))
+}
+
+/// Carried pins of `map` under `pin_dir`, of any version.
+fn carry_pins(pin_dir: &Path, map: &str) -> Vec<PathBuf> {
+    let prefix = format!("{map}-carried-v");
+    std::fs::read_dir(pin_dir)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter(|e| {
+            e.file_name()
+                .to_str()
+                .is_some_and(|n| n.starts_with(&prefix))
+        })
+        .map(|e| e.path())
+        .collect()
+}
+
+/// The entries of an interrupted carry, if they can be trusted: written
+/// in this build's layout, every id inside the new map, and the carry not
+/// finished (a marked `BACKENDS` means its entries were written before the
+/// pins were marked, and an agent may have written more since). Anything
+/// else: the old pin goes, and `BACKENDS` counts as made afresh.
+fn recover_carry(
+    pin_dir: &Path,
+    expected: &HashMap<String, MapLayout>,
+) -> Result<Option<Carry>, LoaderError> {
+    let ours = carry_pin(pin_dir, BACKENDS_MAP);
+    let mut recovered = None;
+    for pin in carry_pins(pin_dir, BACKENDS_MAP) {
+        let finished = pin_dir.join(BACKENDS_MAP).exists()
+            && marked_version(pin_dir, BACKENDS_MAP) == layout_version(BACKENDS_MAP);
+        let layout = pinned_layout(&pin)?;
+        let want = expected.get(BACKENDS_MAP);
+        let same_layout = pin == ours
+            && matches!((layout, want), (Some(have), Some(want))
+                if have.map_type == want.map_type
+                    && have.key_size == want.key_size
+                    && have.value_size == want.value_size);
+        if !finished
+            && same_layout
+            && let Some(want) = want
+        {
+            let entries = read_backends(&pin).map_err(|e| LoaderError::Pin {
+                path: pin.clone(),
+                reason: format!("reading the entries of an interrupted carry: {e}"),
+            })?;
+            let fits = entries
+                .iter()
+                .enumerate()
+                .all(|(id, b)| !b.is_present() || (id as u64) < u64::from(want.max_entries));
+            if fits {
+                recovered = Some(Carry { entries, pin });
+                continue;
+            }
+        }
+        if !finished {
+            tracing::warn!(
+                pin = %pin.display(),
+                "an interrupted carry of backends cannot be finished (another layout or size): BACKENDS is made afresh, and conntrack with it"
+            );
+        }
+        std::fs::remove_file(&pin).map_err(|e| LoaderError::Pin {
+            path: pin.clone(),
+            reason: format!("removing the map of an earlier carry: {e}"),
+        })?;
+    }
+    Ok(recovered)
 }
 
 /// Compares every existing pin in `pins` (map name, pin path) with
@@ -443,13 +513,23 @@ pub fn reconcile_pins(
     // A carry an agent stopped before finishing: its entries are the
     // truth (nothing has written the new map since but the CNI plugin,
     // which writes no entry).
-    let interrupted = carry_pin(pin_dir, BACKENDS_MAP);
     let recovered = match policy {
-        PinPolicy::Own if interrupted.exists() => {
-            Some(read_backends(&interrupted).map_err(|e| read_err(&interrupted, e))?)
-        }
-        _ => None,
+        PinPolicy::Own => recover_carry(pin_dir, expected)?,
+        // Not theirs to finish, nor to fill the gap with an empty map.
+        PinPolicy::Adopt => match carry_pins(pin_dir, BACKENDS_MAP).first() {
+            Some(pin) => {
+                return Err(LoaderError::Pin {
+                    path: pin.clone(),
+                    reason: "the agent is carrying the backends into a new map; \
+                             start the agent (it finishes the carry) and try again"
+                        .into(),
+                });
+            }
+            None => None,
+        },
     };
+    // An unfinished carry leaves BACKENDS unmarked or missing: made anew.
+    let made_anew_by_carry = recovered.is_some();
     // Every pin's decision first, from the markers as they are.
     let mut decisions = Vec::new();
     for (name, path) in pins {
@@ -478,7 +558,7 @@ pub fn reconcile_pins(
                 // (a flow naming a dropped id could meet it again later).
                 let carried = match &decision {
                     Decision::Replace(_)
-                        if recovered.is_none()
+                        if !made_anew_by_carry
                             && CARRIED.contains(name)
                             && have.map_type == want.map_type
                             && have.key_size == want.key_size
@@ -502,7 +582,7 @@ pub fn reconcile_pins(
         .iter()
         .filter(|(.., carried)| carried.is_some())
         .map(|(name, ..)| *name)
-        .chain(recovered.is_some().then_some(BACKENDS_MAP))
+        .chain(made_anew_by_carry.then_some(BACKENDS_MAP))
         .collect();
     // Until nothing changes: a map replaced takes its followers with it;
     // one made afresh (not carried), its dependents.
@@ -538,10 +618,7 @@ pub fn reconcile_pins(
             break;
         }
     }
-    let mut carry = recovered.map(|entries| Carry {
-        entries,
-        pin: interrupted.clone(),
-    });
+    let mut carry = recovered;
     let any_replaced = decisions
         .iter()
         .any(|(_, _, _, d, _)| matches!(d, Decision::Replace(_)));

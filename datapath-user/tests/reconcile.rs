@@ -621,10 +621,15 @@ fn pinned_maps_made_differently_are_replaced_by_the_owner_only() {
             .all(|(a, b)| a != b),
         "SERVICES and SLOTS made anew with BACKENDS"
     );
-    assert!(!pin_dir.join(format!("{BACKENDS_MAP}-carried")).exists());
+    assert!(!pin_dir.join(format!("{BACKENDS_MAP}-carried-v3")).exists());
     assert!(
         !datapath.made_the_service_maps(),
         "carried entries are adopted"
+    );
+    assert_eq!(
+        datapath.maps.dump().unwrap().backends,
+        programmed.backends,
+        "carried before any sync"
     );
     let mut reconciler = Reconciler::adopt(&mut datapath.maps).unwrap();
     apply(&mut reconciler, &web);
@@ -1446,9 +1451,20 @@ fn an_upgrade_from_the_release_before_the_slot_array_keeps_conntrack_and_every_i
     let programmed = {
         let mut datapath = datapath_user::Datapath::load(&options).unwrap();
         let mut reconciler = Reconciler::new_on_empty(&mut datapath.maps);
+        // Another service first, gone again: web's ids are not the first
+        // ones an agent starting afresh would hand out.
+        let other = translation(&service_yaml("other", "10.96.1.9", &[80], 7));
+        apply(&mut reconciler, &other);
+        apply(&mut reconciler, &gone("other"));
         apply(&mut reconciler, &web);
+        reconciler.prune(false).unwrap();
         reconciler.maps().dump().unwrap()
     };
+    assert!(
+        programmed.backends.iter().all(|(id, _)| *id > 3),
+        "{:?}",
+        programmed.backends
+    );
     // The older release's BACKENDS: the same entries in a plain array.
     let backends_pin = pin_dir.join(BACKENDS_MAP);
     let current: Array<MapData, Backend> =
@@ -1490,7 +1506,12 @@ fn an_upgrade_from_the_release_before_the_slot_array_keeps_conntrack_and_every_i
     assert_ne!(map_id(BACKENDS_MAP), backends_id, "BACKENDS made mapped");
     let flags = MapInfo::from_pin(&backends_pin).unwrap().map_flags();
     assert_ne!(flags & BPF_F_MMAPABLE, 0);
-    assert!(!pin_dir.join(format!("{BACKENDS_MAP}-carried")).exists());
+    assert!(!pin_dir.join(format!("{BACKENDS_MAP}-carried-v3")).exists());
+    assert_eq!(
+        datapath.maps.dump().unwrap().backends,
+        programmed.backends,
+        "carried before any sync"
+    );
     let mut reconciler = Reconciler::adopt(&mut datapath.maps).unwrap();
     apply(&mut reconciler, &web);
     reconciler.prune(false).unwrap();
@@ -1504,9 +1525,24 @@ fn an_upgrade_from_the_release_before_the_slot_array_keeps_conntrack_and_every_i
 
     // An agent stopped in the middle of such a carry (the old map set
     // aside, the new one not yet written): the next start carries it.
-    let carried = pin_dir.join(format!("{BACKENDS_MAP}-carried"));
+    let carried = pin_dir.join(format!("{BACKENDS_MAP}-carried-v3"));
     std::fs::rename(&backends_pin, &carried).unwrap();
+    // The CNI plugin meanwhile neither finishes it nor fills the gap.
+    let refused = datapath_user::Datapath::load(&LoadOptions {
+        pin_policy: PinPolicy::Adopt,
+        ..options.clone()
+    })
+    .err()
+    .expect("an Adopt load waits for the carry")
+    .to_string();
+    assert!(refused.contains("carrying"), "{refused}");
+    assert!(!backends_pin.exists());
     let mut datapath = datapath_user::Datapath::load(&options).unwrap();
+    assert_eq!(
+        datapath.maps.dump().unwrap().backends,
+        programmed.backends,
+        "the interrupted carry finished"
+    );
     assert_eq!(
         kept.iter().map(|m| map_id(m)).collect::<Vec<_>>(),
         kept_ids,
