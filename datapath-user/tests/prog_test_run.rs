@@ -1608,15 +1608,9 @@ fn pod_routes_steer_new_flows_only_with_the_netns_cookie_feature() {
         if bits & features::NETNS_COOKIE_TC != 0 && !with_cookie {
             continue;
         }
-        let pin_dir = std::path::PathBuf::from(format!("/sys/fs/bpf/{}", lab::unique_prefix()));
         // Removed also when an assertion or the load fails.
-        struct Cleanup(std::path::PathBuf);
-        impl Drop for Cleanup {
-            fn drop(&mut self) {
-                let _ = std::fs::remove_dir_all(&self.0);
-            }
-        }
-        let _cleanup = Cleanup(pin_dir.clone());
+        let pins = common::PinDir::new();
+        let pin_dir = pins.path();
         let mut dp = datapath_user::Datapath::load(&datapath_user::LoadOptions {
             pin_dir: Some(pin_dir.clone()),
             feature_bits: Some(bits),

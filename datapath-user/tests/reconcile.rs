@@ -382,14 +382,9 @@ fn prune_repairs_the_service_filter_on_real_maps() {
 #[test]
 fn adoption_and_lifecycle_through_pinned_maps() {
     common::require_root("pinned maps");
-    let pin_dir = std::path::PathBuf::from(format!("/sys/fs/bpf/{}", lab::unique_prefix()));
-    struct Cleanup(std::path::PathBuf);
-    impl Drop for Cleanup {
-        fn drop(&mut self) {
-            let _ = std::fs::remove_dir_all(&self.0);
-        }
-    }
-    let _cleanup = Cleanup(pin_dir.clone());
+    // Removed also when an assertion or the load fails.
+    let pins = common::PinDir::new();
+    let pin_dir = pins.path();
     let options = datapath_user::LoadOptions {
         pin_dir: Some(pin_dir.clone()),
         ..datapath_user::LoadOptions::default()
@@ -428,14 +423,9 @@ fn pinned_maps_made_differently_are_replaced_by_the_owner_only() {
     };
     use datapath_user::{LoadOptions, loader::MapSizes, map_pins::PinPolicy};
     common::require_root("pinned maps");
-    let pin_dir = std::path::PathBuf::from(format!("/sys/fs/bpf/{}", lab::unique_prefix()));
-    struct Cleanup(std::path::PathBuf);
-    impl Drop for Cleanup {
-        fn drop(&mut self) {
-            let _ = std::fs::remove_dir_all(&self.0);
-        }
-    }
-    let _cleanup = Cleanup(pin_dir.clone());
+    // Removed also when an assertion or the load fails.
+    let pins = common::PinDir::new();
+    let pin_dir = pins.path();
     let max_entries = |map: &str| MapInfo::from_pin(pin_dir.join(map)).unwrap().max_entries();
     let with = |flows: u32, pin_policy: PinPolicy| LoadOptions {
         pin_dir: Some(pin_dir.clone()),
@@ -1184,14 +1174,9 @@ fn frontends_whose_entry_did_not_fit_leave_no_slots_behind() {
 fn blocks_found_in_the_maps_stay_their_frontends_and_shared_ones_are_parted() {
     use datapath_user::{LoadOptions, loader::MapSizes, map_pins::PinPolicy};
     common::require_root("pinned maps");
-    let pin_dir = std::path::PathBuf::from(format!("/sys/fs/bpf/{}", lab::unique_prefix()));
-    struct Cleanup(std::path::PathBuf);
-    impl Drop for Cleanup {
-        fn drop(&mut self) {
-            let _ = std::fs::remove_dir_all(&self.0);
-        }
-    }
-    let _cleanup = Cleanup(pin_dir.clone());
+    // Removed also when an assertion or the load fails.
+    let pins = common::PinDir::new();
+    let pin_dir = pins.path();
     let options = LoadOptions {
         pin_dir: Some(pin_dir.clone()),
         pin_policy: PinPolicy::Own,
@@ -1434,14 +1419,9 @@ fn an_upgrade_from_the_release_before_the_slot_array_keeps_conntrack_and_every_i
     };
     use datapath_user::{LoadOptions, map_pins::PinPolicy};
     common::require_root("pinned maps");
-    let pin_dir = std::path::PathBuf::from(format!("/sys/fs/bpf/{}", lab::unique_prefix()));
-    struct Cleanup(std::path::PathBuf);
-    impl Drop for Cleanup {
-        fn drop(&mut self) {
-            let _ = std::fs::remove_dir_all(&self.0);
-        }
-    }
-    let _cleanup = Cleanup(pin_dir.clone());
+    // Removed also when an assertion or the load fails.
+    let pins = common::PinDir::new();
+    let pin_dir = pins.path();
     let options = LoadOptions {
         pin_dir: Some(pin_dir.clone()),
         pin_policy: PinPolicy::Own,

@@ -46,13 +46,7 @@ impl LbMaps for DatapathMaps {
         rev_nat_id: RevNatId,
         backends: &[BackendEntry],
     ) -> Result<(), ProgramError> {
-        let map_err = |map: &'static str| {
-            move |source| ProgramError::Map {
-                frontend: *frontend,
-                map,
-                error: Box::new(source),
-            }
-        };
+        let map_err = |map| map_error(frontend, map);
         let count = validate_service(
             frontend,
             rev_nat_id,
@@ -148,13 +142,7 @@ impl LbMaps for DatapathMaps {
     /// reverse-NAT entry; its block rests, then is free.
     fn remove_service(&mut self, frontend: &Frontend) -> Result<(), ProgramError> {
         self.write_pending();
-        let map_err = |map: &'static str| {
-            move |source| ProgramError::Map {
-                frontend: *frontend,
-                map,
-                error: Box::new(source),
-            }
-        };
+        let map_err = |map| map_error(frontend, map);
         self.blocks_or_scan().map_err(map_err(m::SERVICES_MAP))?;
         let Ok(head) = self.services.get(&frontend.key(), 0) else {
             return Ok(());
@@ -348,6 +336,16 @@ pub(super) fn read_array<V: aya::Pod + Default>(
     })
 }
 
+/// Turns a map's error into `frontend`'s, naming the map.
+fn map_error(frontend: &Frontend, map: &'static str) -> impl Fn(MapError) -> ProgramError {
+    let frontend = *frontend;
+    move |error| ProgramError::Map {
+        frontend,
+        map,
+        error: Box::new(error),
+    }
+}
+
 /// Every entry of a hash map, read in batches.
 pub(super) fn read_hash<K: aya::Pod + Default, V: aya::Pod + Default>(
     map: &HashMap<MapData, K, V>,
@@ -462,13 +460,7 @@ impl DatapathMaps {
         rev_nat_id: RevNatId,
         backends: &[BackendEntry],
     ) -> Result<(), ProgramError> {
-        let map_err = |map: &'static str| {
-            move |error| ProgramError::Map {
-                frontend: *frontend,
-                map,
-                error: Box::new(error),
-            }
-        };
+        let map_err = |map| map_error(frontend, map);
         // Stores into the mapping (validated: every id is inside it).
         for backend in backends {
             if !self

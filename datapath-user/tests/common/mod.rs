@@ -20,6 +20,29 @@ pub fn require_root(suite: &str) {
     }
 }
 
+/// A bpffs directory of this run's own for pins (`/sys/fs/bpf/<prefix>`),
+/// removed with everything in it when dropped, also when a test fails.
+pub struct PinDir(pub std::path::PathBuf);
+
+impl PinDir {
+    pub fn new() -> Self {
+        Self(std::path::PathBuf::from(format!(
+            "/sys/fs/bpf/{}",
+            lab::unique_prefix()
+        )))
+    }
+
+    pub fn path(&self) -> std::path::PathBuf {
+        self.0.clone()
+    }
+}
+
+impl Drop for PinDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
 /// UDP flows the private datapath's conntrack holds.
 pub const CONNTRACK_UDP_FLOWS: u32 = 256;
 
