@@ -99,7 +99,7 @@ fn backends_of(maps: &DatapathMaps, (address_be, port_be): (u32, u16)) -> Result
         .unwrap_or_default();
     let mut addresses = Vec::with_capacity(ids.len());
     for id in ids {
-        let backend: Backend = maps.backends.get(id).context("a slot beyond BACKENDS")?;
+        let backend: Backend = maps.backends.get(id)?.context("a slot beyond BACKENDS")?;
         addresses.push(Ipv4Addr::from(u32::from_be(backend.address_be)));
     }
     Ok(addresses)

@@ -90,19 +90,24 @@ impl DatapathMaps {
         placed: &[(&Frontend, RevNatId, &[BackendEntry], u32, u8)],
     ) -> Result<(), (usize, aya::maps::MapError)> {
         let on_error = |(_, error)| (0, error);
+        // Mapped before anything is written (a failure writes nothing).
+        self.backends.ensure_mapped().map_err(|e| (0, e))?;
+        self.slots.ensure_mapped().map_err(|e| (0, e))?;
         let mut rev_nat_ids: Vec<RevNatId> = Vec::with_capacity(placed.len());
         let mut rev_nats: Vec<RevNatValue> = Vec::with_capacity(placed.len());
         let mut head_keys: Vec<ServiceKey> = Vec::with_capacity(placed.len());
         let mut heads: Vec<ServiceValue> = Vec::with_capacity(placed.len());
         for &(frontend, rev_nat_id, entries, first, order) in placed {
-            // Stores into the mappings: ids validated when noted, the
-            // block just allocated.
+            // Stores into the mappings (mapped above): ids validated when
+            // noted, the block just allocated, so nothing falls outside.
             for backend in entries {
                 self.backends
-                    .set(backend.id, writer::backend_value(frontend, backend));
+                    .set(backend.id, writer::backend_value(frontend, backend))
+                    .map_err(|e| (0, e))?;
             }
             self.slots
-                .write(first, entries.iter().map(|b| Slot::of(b.id)));
+                .write(first, entries.iter().map(|b| Slot::of(b.id)))
+                .map_err(|e| (0, e))?;
             rev_nat_ids.push(rev_nat_id);
             rev_nats.push(writer::rev_nat_value(frontend));
             head_keys.push(frontend.key());

@@ -19,8 +19,8 @@ use super::mapped_array::MappedArray;
 use crate::error::LoaderError;
 
 /// The backend id in slot `index` (0: none, or beyond the array).
-pub(super) fn slot_backend(slots: &MappedArray<Slot>, index: u32) -> m::BackendId {
-    slots.get(index).map_or(0, |slot| slot.backend_id)
+pub(super) fn slot_backend(slots: &MappedArray<Slot>, index: u32) -> Result<m::BackendId, MapError> {
+    Ok(slots.get(index)?.map_or(0, |slot| slot.backend_id))
 }
 
 /// Handles on every map of a loaded (or pinned) datapath.
@@ -86,16 +86,7 @@ impl DatapathMaps {
             get: &mut impl FnMut(&'static str) -> Result<Map, LoaderError>,
             name: &'static str,
         ) -> Result<MappedArray<T>, LoaderError> {
-            let array: Array<MapData, T> = typed(get, name)?;
-            MappedArray::map(array).map_err(|io_error| {
-                LoaderError::map(
-                    name,
-                    MapError::SyscallError(aya::sys::SyscallError {
-                        call: "mmap",
-                        io_error,
-                    }),
-                )
-            })
+            Ok(MappedArray::new(typed(get, name)?))
         }
         let slots = mapped(&mut get, m::SLOTS_MAP)?;
         let backends = mapped(&mut get, m::BACKENDS_MAP)?;
@@ -150,11 +141,10 @@ impl DatapathMaps {
             Err(MapError::KeyNotFound) => return Ok(None),
             Err(e) => return Err(e),
         };
-        Ok(Some(
-            (1..=head.backend_count)
-                .map(|slot| slot_backend(&self.slots, head.slot_index(slot)))
-                .collect(),
-        ))
+        (1..=head.backend_count)
+            .map(|slot| slot_backend(&self.slots, head.slot_index(slot)))
+            .collect::<Result<_, _>>()
+            .map(Some)
     }
 
     /// Slots in blocks frontends own (or left moments ago), once this

@@ -93,10 +93,11 @@ impl LbMaps for DatapathMaps {
         let ids: Vec<BackendId> = backends.iter().map(|b| b.id).collect();
         // Inside the array: the allocator's blocks are, and so are the
         // entries learning kept.
-        if !self
+        let written = self
             .slots
             .write(first_slot, ids.iter().map(|&id| Slot::of(id)))
-        {
+            .map_err(map_err(m::SLOTS_MAP))?;
+        if !written {
             if moved {
                 self.blocks().release(first_slot, order);
             }
@@ -160,7 +161,7 @@ impl LbMaps for DatapathMaps {
     /// by the datapath on their next packet.
     fn remove_backend(&mut self, id: BackendId) -> Result<(), MapError> {
         self.write_pending();
-        if self.backends.set(id, Backend::default()) {
+        if self.backends.set(id, Backend::default())? {
             Ok(())
         } else {
             Err(MapError::OutOfBounds {
@@ -186,16 +187,17 @@ impl LbMaps for DatapathMaps {
             };
             let slots = (1..=head.backend_count)
                 .map(|slot| {
-                    Some(slot_backend(&self.slots, head.slot_index(slot))).filter(|&id| id != 0)
+                    let id = slot_backend(&self.slots, head.slot_index(slot))?;
+                    Ok(Some(id).filter(|&id| id != 0))
                 })
-                .collect();
+                .collect::<Result<_, MapError>>()?;
             dump.frontends.push(DumpedFrontend {
                 frontend,
                 rev_nat_id: head.rev_nat_id(),
                 slots,
             });
         }
-        let backends: Vec<Backend> = self.backends.read_all();
+        let backends: Vec<Backend> = self.backends.read_all()?;
         for (id, backend) in backends.into_iter().enumerate().skip(1) {
             let id = id as BackendId;
             if backend.is_present() {
@@ -443,8 +445,8 @@ impl DatapathMaps {
                 let count = head.backend_count.min(1 << order);
                 let ids: Vec<BackendId> = (1..=count)
                     .map(|slot| slot_backend(&self.slots, head.slot_index(slot)))
-                    .collect();
-                self.slots.write(first, ids.into_iter().map(Slot::of));
+                    .collect::<Result<_, _>>()?;
+                self.slots.write(first, ids.into_iter().map(Slot::of))?;
                 let moved = ServiceValue::new(first, order, count, head.rev_nat_id(), head.flags);
                 self.services.insert(key, moved, 0)?;
             }
@@ -463,10 +465,11 @@ impl DatapathMaps {
         let map_err = |map| map_error(frontend, map);
         // Stores into the mapping (validated: every id is inside it).
         for backend in backends {
-            if !self
+            let written = self
                 .backends
                 .set(backend.id, backend_value(frontend, backend))
-            {
+                .map_err(map_err(m::BACKENDS_MAP))?;
+            if !written {
                 return Err(map_err(m::BACKENDS_MAP)(MapError::OutOfBounds {
                     index: backend.id,
                     max_entries: self.backends.len(),
