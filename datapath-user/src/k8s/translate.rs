@@ -606,7 +606,7 @@ fn endpoints_for_port(
             ));
             continue;
         };
-        for (i, endpoint) in slice.endpoints.iter().enumerate() {
+        for (i, endpoint) in slice.endpoints().enumerate() {
             let address = match endpoint.address {
                 EndpointAddress::Missing => continue,
                 EndpointAddress::V4(address) => address,

@@ -79,13 +79,73 @@ pub struct SliceView {
     /// Shared (`shared`).
     pub address_type: Arc<str>,
     pub ports: Box<[SlicePortView]>,
-    pub endpoints: Box<[EndpointView]>,
+    endpoints: EndpointList,
+    /// Unparsed addresses and topology hints: most slices have neither,
+    /// and pay one pointer for them.
+    extras: Option<Box<SliceExtras>>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+struct SliceExtras {
     /// The text of each endpoint address that did not parse, by endpoint
-    /// index (rare: empty, and so unallocated, in a valid slice).
-    pub unparsed: Box<[(u32, Box<str>)]>,
-    /// Every endpoint's topology hints, sorted by endpoint index (empty,
-    /// and so unallocated, in a slice without hints).
-    pub hints: Box<[Hint]>,
+    /// index.
+    unparsed: Box<[(u32, Box<str>)]>,
+    /// Every endpoint's topology hints, sorted by endpoint index.
+    hints: Box<[Hint]>,
+}
+
+/// A slice's endpoints, as compactly as their addresses allow: a
+/// cluster's slices hold hundreds of thousands of endpoints, nearly all
+/// of them one IPv4 address on one node.
+#[derive(Clone, Debug, PartialEq, Eq)]
+enum EndpointList {
+    /// Every endpoint has an IPv4 address and a node number below 2^24:
+    /// 8 bytes each.
+    V4(Box<[PackedV4]>),
+    /// Any other slice (IPv6, missing or unparsed addresses): 24 bytes
+    /// each.
+    Any(Box<[EndpointView]>),
+}
+
+/// An IPv4 endpoint in 8 bytes: its address, and its node's number
+/// shifted above its condition bits.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct PackedV4 {
+    address: [u8; 4],
+    node_and_conditions: u32,
+}
+
+impl PackedV4 {
+    const NODE_SHIFT: u32 = 8;
+
+    fn pack(endpoint: &EndpointView) -> Option<Self> {
+        let EndpointAddress::V4(address) = endpoint.address else {
+            return None;
+        };
+        let node = endpoint.node.map_or(0, |n| n.0.get());
+        (node < 1 << (32 - Self::NODE_SHIFT)).then_some(Self {
+            address: address.octets(),
+            node_and_conditions: node << Self::NODE_SHIFT | u32::from(endpoint.conditions),
+        })
+    }
+
+    fn unpack(self) -> EndpointView {
+        EndpointView {
+            address: EndpointAddress::V4(Ipv4Addr::from(self.address)),
+            conditions: self.node_and_conditions as u8,
+            node: std::num::NonZeroU32::new(self.node_and_conditions >> Self::NODE_SHIFT)
+                .map(TopologyName),
+        }
+    }
+}
+
+impl EndpointList {
+    fn new(endpoints: Vec<EndpointView>) -> Self {
+        match endpoints.iter().map(PackedV4::pack).collect::<Option<_>>() {
+            Some(packed) => Self::V4(packed),
+            None => Self::Any(endpoints.into()),
+        }
+    }
 }
 
 /// One topology hint of an endpoint: `hints.forZones[].name` or
@@ -104,18 +164,37 @@ pub enum HintKind {
 }
 
 impl SliceView {
+    /// Its endpoints, in order.
+    pub fn endpoints(&self) -> impl Iterator<Item = EndpointView> + '_ {
+        let (v4, any): (&[PackedV4], &[EndpointView]) = match &self.endpoints {
+            EndpointList::V4(packed) => (packed, &[]),
+            EndpointList::Any(views) => (&[], views),
+        };
+        // One of the two is empty.
+        v4.iter().map(|p| p.unpack()).chain(any.iter().copied())
+    }
+
     /// The hints of endpoint `index`.
     pub fn hints_of(&self, index: usize) -> &[Hint] {
+        let Some(extras) = &self.extras else {
+            return &[];
+        };
         let index = index as u32;
-        let start = self.hints.partition_point(|h| h.endpoint < index);
-        let end = self.hints.partition_point(|h| h.endpoint <= index);
-        &self.hints[start..end]
+        let start = extras.hints.partition_point(|h| h.endpoint < index);
+        let end = extras.hints.partition_point(|h| h.endpoint <= index);
+        &extras.hints[start..end]
+    }
+
+    /// Every endpoint's hints, sorted by endpoint index.
+    pub fn hints(&self) -> &[Hint] {
+        self.extras.as_ref().map_or(&[], |extras| &extras.hints)
     }
 
     /// The text of endpoint `index`'s address, when it did not parse.
     pub fn unparsed_address(&self, index: usize) -> &str {
-        self.unparsed
+        self.extras
             .iter()
+            .flat_map(|extras| extras.unparsed.iter())
             .find(|(i, _)| *i as usize == index)
             .map_or("", |(_, text)| text)
     }
@@ -367,7 +446,7 @@ impl From<&EndpointSlice> for SliceView {
     fn from(slice: &EndpointSlice) -> Self {
         let mut unparsed = Vec::new();
         let mut hints = Vec::new();
-        let endpoints = slice
+        let endpoints: Vec<EndpointView> = slice
             .endpoints
             .iter()
             .flatten()
@@ -413,6 +492,10 @@ impl From<&EndpointSlice> for SliceView {
                 )
             })
             .collect();
+        let extras = SliceExtras {
+            unparsed: unparsed.into(),
+            hints: hints.into(),
+        };
         Self {
             key: ObjectKey::of_slice(slice),
             owner: ObjectKey::owner_of_slice(slice),
@@ -432,9 +515,8 @@ impl From<&EndpointSlice> for SliceView {
                     protocol: p.protocol.as_deref().map(shared),
                 })
                 .collect(),
-            endpoints,
-            unparsed: unparsed.into(),
-            hints: hints.into(),
+            endpoints: EndpointList::new(endpoints),
+            extras: (extras != SliceExtras::default()).then(|| Box::new(extras)),
         }
     }
 }
@@ -465,6 +547,68 @@ mod tests {
             Some(TopologyName::intern("node-7"))
         );
         assert_eq!(TopologyName::find("never-named"), None);
+    }
+
+    /// Endpoints as `SliceView::endpoints` gives them back, and how they
+    /// were stored.
+    fn stored(addresses: &[&str]) -> (Vec<EndpointView>, Vec<EndpointView>, bool) {
+        use k8s_openapi::api::discovery::v1::{Endpoint, EndpointConditions};
+        let conditions = [None, Some(false), Some(true)];
+        let endpoints: Vec<Endpoint> = addresses
+            .iter()
+            .enumerate()
+            .map(|(i, address)| Endpoint {
+                addresses: vec![(*address).to_owned()],
+                conditions: Some(EndpointConditions {
+                    ready: conditions[i % 3],
+                    serving: conditions[(i / 3) % 3],
+                    terminating: conditions[(i / 9) % 3],
+                }),
+                node_name: (i % 4 != 0).then(|| format!("packed-node-{i}")),
+                ..Default::default()
+            })
+            .collect();
+        let expected = endpoints
+            .iter()
+            .map(|e| {
+                let c = e.conditions.as_ref().unwrap();
+                let address = match e.addresses[0].parse::<IpAddr>() {
+                    Ok(IpAddr::V4(v4)) => EndpointAddress::V4(v4),
+                    Ok(IpAddr::V6(v6)) => EndpointAddress::V6(v6),
+                    Err(_) => EndpointAddress::Unparsed,
+                };
+                EndpointView::new(
+                    address,
+                    c.ready,
+                    c.serving,
+                    c.terminating,
+                    e.node_name.as_deref(),
+                )
+            })
+            .collect();
+        let view = SliceView::from(&EndpointSlice {
+            endpoints: Some(endpoints),
+            ..Default::default()
+        });
+        let packed = matches!(view.endpoints, EndpointList::V4(_));
+        (view.endpoints().collect(), expected, packed)
+    }
+
+    #[test]
+    fn ipv4_endpoints_are_packed_and_read_back_as_written() {
+        let addresses: Vec<String> = (0..30).map(|i| format!("10.1.{i}.{}", 255 - i)).collect();
+        let addresses: Vec<&str> = addresses.iter().map(String::as_str).collect();
+        let (read, expected, packed) = stored(&addresses);
+        assert!(packed, "an IPv4 slice takes 8 bytes per endpoint");
+        assert_eq!(read, expected);
+        // One address of another kind: the slice is kept whole as views.
+        for odd in ["fd00::7", "not-an-address"] {
+            let mut mixed = addresses.clone();
+            mixed.insert(5, odd);
+            let (read, expected, packed) = stored(&mixed);
+            assert!(!packed, "{odd}");
+            assert_eq!(read, expected, "{odd}");
+        }
     }
 
     #[test]

@@ -104,16 +104,21 @@ mod tests {
     use super::*;
 
     fn slice(name: &str, owner: &str) -> SliceView {
-        SliceView {
-            key: ObjectKey::new("ns", name),
-            owner: Some(ObjectKey::new("ns", owner)),
-            headless: false,
+        let mut labels = std::collections::BTreeMap::new();
+        labels.insert(
+            super::super::keys::SERVICE_NAME_LABEL.to_owned(),
+            owner.to_owned(),
+        );
+        SliceView::from(&k8s_openapi::api::discovery::v1::EndpointSlice {
+            metadata: k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta {
+                namespace: Some("ns".into()),
+                name: Some(name.into()),
+                labels: Some(labels),
+                ..Default::default()
+            },
             address_type: "IPv4".into(),
-            ports: Box::new([]),
-            endpoints: Box::new([]),
-            unparsed: Box::new([]),
-            hints: Box::new([]),
-        }
+            ..Default::default()
+        })
     }
 
     #[test]
