@@ -46,23 +46,61 @@ use issues::with_object;
 use subset::fnv1a;
 pub use subset::node_subset;
 
-/// A frontend as programmed.
+/// A frontend as programmed: 32 bytes and its backends' addresses (a
+/// cluster has tens of thousands).
 #[derive(Clone, Debug, PartialEq, Eq)]
 struct Programmed {
     rev_nat_id: RevNatId,
-    /// Backends this frontend holds a reference on: its slots, in order,
-    /// when `broken` is false. After a failed write, the union of the old
-    /// and the new set (the maps may name either).
-    backends: Vec<BackendAddress>,
-    /// Draining backends this frontend holds a reference on (their
-    /// `BACKENDS` entries stay; no slot names them).
-    draining: Vec<BackendAddress>,
     /// The maps may not match `backends` (an interrupted or failed
     /// write): the next update rewrites the frontend.
     broken: bool,
-    /// Backend ids the maps' slots may name that no `backends` entry tracks
-    /// (found broken at adoption); freed once the frontend is rewritten.
+    /// Backends this frontend holds a reference on: its slots, in order,
+    /// when `broken` is false. After a failed write, the union of the old
+    /// and the new set (the maps may name either).
+    backends: Box<[BackendAddress]>,
+    /// What else it holds, when anything (most frontends hold nothing
+    /// else, and pay one pointer).
+    besides: Option<Box<HeldBesides>>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+struct HeldBesides {
+    /// Draining backends this frontend holds a reference on (their
+    /// `BACKENDS` entries stay; no slot names them).
+    draining: Vec<BackendAddress>,
+    /// Backend ids the maps' slots may name that no `backends` entry
+    /// tracks (found broken at adoption); freed once the frontend is
+    /// rewritten.
     untracked_ids: Vec<BackendId>,
+}
+
+impl Programmed {
+    fn new(
+        rev_nat_id: RevNatId,
+        broken: bool,
+        backends: Vec<BackendAddress>,
+        draining: Vec<BackendAddress>,
+        untracked_ids: Vec<BackendId>,
+    ) -> Self {
+        let besides = HeldBesides {
+            draining,
+            untracked_ids,
+        };
+        Self {
+            rev_nat_id,
+            broken,
+            backends: backends.into(),
+            besides: (besides != HeldBesides::default()).then(|| Box::new(besides)),
+        }
+    }
+
+    fn draining(&self) -> &[BackendAddress] {
+        self.besides.as_ref().map_or(&[], |b| &b.draining)
+    }
+
+    fn untracked_ids(&self) -> &[BackendId] {
+        self.besides.as_ref().map_or(&[], |b| &b.untracked_ids)
+    }
 }
 
 /// A backend that left a UDP frontend (not even draining any more):

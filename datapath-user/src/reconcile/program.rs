@@ -53,8 +53,8 @@ impl<M: LbMaps> Reconciler<M> {
             })
         };
         let existing = self.programmed.get(frontend);
-        let slots_unchanged = existing.is_some_and(|p| !p.broken && p.backends == addresses);
-        if slots_unchanged && existing.is_some_and(|p| p.draining == draining) {
+        let slots_unchanged = existing.is_some_and(|p| !p.broken && *p.backends == *addresses);
+        if slots_unchanged && existing.is_some_and(|p| p.draining() == draining) {
             return if capped {
                 Err(capped_issue())
             } else {
@@ -121,31 +121,19 @@ impl<M: LbMaps> Reconciler<M> {
             let mut held_draining = draining;
             let mut untracked_ids = Vec::new();
             if let Some(old) = self.programmed.remove(frontend) {
-                held.extend(old.backends);
-                held_draining.extend(old.draining);
-                untracked_ids = old.untracked_ids;
+                held.extend(old.backends.iter().copied());
+                held_draining.extend(old.draining().iter().copied());
+                untracked_ids = old.untracked_ids().to_vec();
             }
             self.programmed.insert(
                 *frontend,
-                Programmed {
-                    rev_nat_id,
-                    backends: held,
-                    draining: held_draining,
-                    broken: true,
-                    untracked_ids,
-                },
+                Programmed::new(rev_nat_id, true, held, held_draining, untracked_ids),
             );
             return Err(program_issue(e));
         }
         let old = self.programmed.insert(
             *frontend,
-            Programmed {
-                rev_nat_id,
-                backends: addresses,
-                draining,
-                broken: false,
-                untracked_ids: Vec::new(),
-            },
+            Programmed::new(rev_nat_id, false, addresses, draining, Vec::new()),
         );
         // Break after make: the old set's entries go only now.
         if let Some(old) = old {
@@ -153,8 +141,8 @@ impl<M: LbMaps> Reconciler<M> {
             let departed: Vec<Departed> = old
                 .backends
                 .iter()
-                .chain(&old.draining)
-                .filter(|b| !now.backends.contains(b) && !now.draining.contains(b))
+                .chain(old.draining())
+                .filter(|b| !now.backends.contains(b) && !now.draining().contains(b))
                 .map(|&backend| Departed {
                     frontend: *frontend,
                     rev_nat_id,
@@ -163,8 +151,8 @@ impl<M: LbMaps> Reconciler<M> {
                 .collect();
             self.note_departed(frontend, departed);
             self.release_backends(&old.backends);
-            self.release_backends(&old.draining);
-            self.release_untracked(&old.untracked_ids);
+            self.release_backends(old.draining());
+            self.release_untracked(old.untracked_ids());
         }
         if capped {
             return Err(capped_issue());
@@ -233,7 +221,7 @@ impl<M: LbMaps> Reconciler<M> {
         let departed = programmed
             .backends
             .iter()
-            .chain(&programmed.draining)
+            .chain(programmed.draining())
             .map(|&backend| Departed {
                 frontend: *frontend,
                 rev_nat_id: programmed.rev_nat_id,
@@ -243,8 +231,8 @@ impl<M: LbMaps> Reconciler<M> {
         self.note_departed(frontend, departed);
         self.rev_nat_ids.release(programmed.rev_nat_id);
         self.release_backends(&programmed.backends);
-        self.release_backends(&programmed.draining);
-        self.release_untracked(&programmed.untracked_ids);
+        self.release_backends(programmed.draining());
+        self.release_untracked(programmed.untracked_ids());
         Ok(true)
     }
 
@@ -255,7 +243,7 @@ impl<M: LbMaps> Reconciler<M> {
                 || self
                     .programmed
                     .values()
-                    .any(|p| p.untracked_ids.contains(&id))
+                    .any(|p| p.untracked_ids().contains(&id))
             {
                 continue;
             }
