@@ -83,11 +83,14 @@ pub struct AgentFigures {
     pub process_ready_ms: Option<f64>,
     pub process_rss_mib: Option<f64>,
     pub process_peak_rss_mib: Option<f64>,
-    /// Of the RSS: the process's own memory (`RssAnon`: heap, stacks)
-    /// and the shared mappings it touched (`RssShmem` + `RssFile`: the
-    /// binary, and the mapped `SLOTS` array, kernel map memory).
+    /// Of the RSS: the process's own memory (`RssAnon`: heap, stacks),
+    /// the files it maps (`RssFile` + `RssShmem` less the maps: the
+    /// binary, libc), and the BPF maps it maps (`SLOTS`, `BACKENDS`:
+    /// kernel map memory, which exists whether mapped or not; the kernel
+    /// maps an array whole).
     pub process_rss_anon_mib: Option<f64>,
     pub process_rss_mapped_mib: Option<f64>,
+    pub process_rss_bpf_maps_mib: Option<f64>,
     /// One edit, file renamed → maps, through the real agent.
     pub edit_p50_ms: Option<f64>,
     pub edit_p99_ms: Option<f64>,
@@ -163,12 +166,17 @@ pub fn run(opts: &AgentOpts) -> Result<()> {
             format!("{rss:.1} MiB ({peak:.1} MiB)"),
             "≤ 64 MiB".into(),
         ]);
-        if let (Some(anon), Some(mapped)) =
-            (figures.process_rss_anon_mib, figures.process_rss_mapped_mib)
-        {
+        if let (Some(anon), Some(mapped), Some(bpf_maps)) = (
+            figures.process_rss_anon_mib,
+            figures.process_rss_mapped_mib,
+            figures.process_rss_bpf_maps_mib,
+        ) {
             table.add_row(vec![
-                "  of it: the agent's own (anonymous) / mapped (binary, SLOTS array)".into(),
-                format!("{anon:.1} MiB / {mapped:.1} MiB"),
+                "  of it: the agent's own (anonymous) / binary and libraries / BPF maps mapped (SLOTS, BACKENDS: kernel memory)".into(),
+                format!(
+                    "{anon:.1} / {:.1} / {bpf_maps:.1} MiB",
+                    mapped - bpf_maps
+                ),
                 String::new(),
             ]);
         }
@@ -345,6 +353,7 @@ fn process(opts: &AgentOpts, figures: &mut AgentFigures) -> Result<()> {
     figures.process_rss_mapped_mib = status_kib(&status, "RssFile:")
         .zip(status_kib(&status, "RssShmem:"))
         .map(|(file, shmem)| (file + shmem) / 1024.0);
+    figures.process_rss_bpf_maps_mib = bpf_map_rss_kib(agent.pid()).map(|k| k / 1024.0);
     if opts.edits > 0 {
         eprintln!("timing {} edits of a manifest, file → maps…", opts.edits);
         let edits = time_edits(
@@ -378,6 +387,25 @@ fn map_sizes(opts: &AgentOpts) -> MapSizes {
         reverse_nat: ((opts.services + 1024) as u32).max(defaults.reverse_nat),
         ..defaults
     }
+}
+
+/// The resident pages of the BPF maps `pid` has mapped, from its smaps.
+fn bpf_map_rss_kib(pid: u32) -> Option<f64> {
+    let smaps = std::fs::read_to_string(format!("/proc/{pid}/smaps")).ok()?;
+    let mut in_bpf_map = false;
+    let mut total = 0.0;
+    for line in smaps.lines() {
+        let mut fields = line.split_whitespace();
+        match fields.next() {
+            // A mapping's first line: "start-end perms offset dev inode [name]".
+            Some(first) if first.contains('-') && !first.ends_with(':') => {
+                in_bpf_map = fields.nth(4) == Some("anon_inode:bpf-map");
+            }
+            Some("Rss:") if in_bpf_map => total += fields.next()?.parse::<f64>().ok()?,
+            _ => {}
+        }
+    }
+    Some(total)
 }
 
 fn status_kib(status: &str, field: &str) -> Option<f64> {
