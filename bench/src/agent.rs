@@ -84,8 +84,8 @@ pub struct AgentFigures {
     pub process_rss_mib: Option<f64>,
     pub process_peak_rss_mib: Option<f64>,
     /// Of the RSS: the process's own memory (`RssAnon`: heap, stacks),
-    /// the files it maps (`RssFile` + `RssShmem` less the maps: the
-    /// binary, libc), and the BPF maps it maps (`SLOTS`, `BACKENDS`:
+    /// everything it maps (`RssFile` + `RssShmem`: the binary, libc and
+    /// the BPF maps), and of that the BPF maps (`SLOTS`, `BACKENDS`:
     /// kernel map memory, which exists whether mapped or not; the kernel
     /// maps an array whole).
     pub process_rss_anon_mib: Option<f64>,
@@ -166,11 +166,11 @@ pub fn run(opts: &AgentOpts) -> Result<()> {
             format!("{rss:.1} MiB ({peak:.1} MiB)"),
             "≤ 64 MiB".into(),
         ]);
-        if let (Some(anon), Some(mapped), Some(bpf_maps)) = (
-            figures.process_rss_anon_mib,
-            figures.process_rss_mapped_mib,
-            figures.process_rss_bpf_maps_mib,
-        ) {
+        if let (Some(anon), Some(mapped)) =
+            (figures.process_rss_anon_mib, figures.process_rss_mapped_mib)
+        {
+            // Unreadable smaps: all the mapped pages shown as files.
+            let bpf_maps = figures.process_rss_bpf_maps_mib.unwrap_or(0.0);
             table.add_row(vec![
                 "  of it: the agent's own (anonymous) / binary and libraries / BPF maps mapped (SLOTS, BACKENDS: kernel memory)".into(),
                 format!(

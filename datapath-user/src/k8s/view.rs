@@ -558,7 +558,12 @@ mod tests {
             .iter()
             .enumerate()
             .map(|(i, address)| Endpoint {
-                addresses: vec![(*address).to_owned()],
+                // "": an endpoint without an address.
+                addresses: [*address]
+                    .iter()
+                    .filter(|a| !a.is_empty())
+                    .map(|a| (*a).to_owned())
+                    .collect(),
                 conditions: Some(EndpointConditions {
                     ready: conditions[i % 3],
                     serving: conditions[(i / 3) % 3],
@@ -572,10 +577,11 @@ mod tests {
             .iter()
             .map(|e| {
                 let c = e.conditions.as_ref().unwrap();
-                let address = match e.addresses[0].parse::<IpAddr>() {
-                    Ok(IpAddr::V4(v4)) => EndpointAddress::V4(v4),
-                    Ok(IpAddr::V6(v6)) => EndpointAddress::V6(v6),
-                    Err(_) => EndpointAddress::Unparsed,
+                let address = match e.addresses.first().map(|a| a.parse::<IpAddr>()) {
+                    None => EndpointAddress::Missing,
+                    Some(Ok(IpAddr::V4(v4))) => EndpointAddress::V4(v4),
+                    Some(Ok(IpAddr::V6(v6))) => EndpointAddress::V6(v6),
+                    Some(Err(_)) => EndpointAddress::Unparsed,
                 };
                 EndpointView::new(
                     address,
@@ -602,7 +608,7 @@ mod tests {
         assert!(packed, "an IPv4 slice takes 8 bytes per endpoint");
         assert_eq!(read, expected);
         // One address of another kind: the slice is kept whole as views.
-        for odd in ["fd00::7", "not-an-address"] {
+        for odd in ["fd00::7", "not-an-address", ""] {
             let mut mixed = addresses.clone();
             mixed.insert(5, odd);
             let (read, expected, packed) = stored(&mixed);

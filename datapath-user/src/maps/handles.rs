@@ -19,7 +19,10 @@ use super::mapped_array::MappedArray;
 use crate::error::LoaderError;
 
 /// The backend id in slot `index` (0: none, or beyond the array).
-pub(super) fn slot_backend(slots: &MappedArray<Slot>, index: u32) -> Result<m::BackendId, MapError> {
+pub(super) fn slot_backend(
+    slots: &MappedArray<Slot>,
+    index: u32,
+) -> Result<m::BackendId, MapError> {
     Ok(slots.get(index)?.map_or(0, |slot| slot.backend_id))
 }
 

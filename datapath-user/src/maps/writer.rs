@@ -71,6 +71,12 @@ impl LbMaps for DatapathMaps {
         // Which blocks are whose, before any entry is read (learning may
         // move an entry whose block was not its own).
         self.blocks_or_scan().map_err(map_err(m::SERVICES_MAP))?;
+        // Both arrays mapped before a block is taken: a mapping that fails
+        // later would leave the block allocated and unnamed.
+        self.slots.ensure_mapped().map_err(map_err(m::SLOTS_MAP))?;
+        self.backends
+            .ensure_mapped()
+            .map_err(map_err(m::BACKENDS_MAP))?;
         let old_head = self.services.get(&frontend.key(), 0).ok();
         // The block first: a set that finds no room is refused before
         // anything is written (the reconciler then releases its ids).

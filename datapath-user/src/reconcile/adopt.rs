@@ -134,7 +134,13 @@ impl<M: LbMaps> Reconciler<M> {
             reconciler.rev_nat_ids.adopt(found.rev_nat_id);
             reconciler.programmed.insert(
                 found.frontend,
-                Programmed::new(found.rev_nat_id, broken, backends, Vec::new(), untracked_ids),
+                Programmed::new(
+                    found.rev_nat_id,
+                    broken,
+                    backends,
+                    Vec::new(),
+                    untracked_ids,
+                ),
             );
         }
         for (id, address) in &dump.backends {

@@ -247,9 +247,19 @@ impl<M: LbMaps> Reconciler<M> {
             {
                 continue;
             }
-            let _ = self.maps.remove_backend(id);
-            self.backend_ids.release(id);
+            self.delete_backend(id);
         }
+    }
+
+    /// Deletes backend `id`'s entry and frees the id. A failed delete
+    /// leaves an unreferenced entry, which the next start's prune removes
+    /// (and the id's next user overwrites); said, since until then flows
+    /// conntrack pins to it are not re-balanced.
+    fn delete_backend(&mut self, id: BackendId) {
+        if let Err(error) = self.maps.remove_backend(id) {
+            tracing::warn!(id, %error, "deleting a backend entry failed");
+        }
+        self.backend_ids.release(id);
     }
 
     /// Drops one frontend's reference on each backend; deletes backends
@@ -257,10 +267,7 @@ impl<M: LbMaps> Reconciler<M> {
     pub(super) fn release_backends(&mut self, addresses: &[BackendAddress]) {
         for address in addresses {
             if let Some(id) = self.backends.release(address) {
-                // A failed delete leaves a harmless unreferenced entry; the
-                // next start's prune removes it.
-                let _ = self.maps.remove_backend(id);
-                self.backend_ids.release(id);
+                self.delete_backend(id);
             }
         }
     }
