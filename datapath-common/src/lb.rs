@@ -49,6 +49,20 @@ pub const fn service_filter_index(address_be: u32, port_be: u16, protocol: u8) -
     (hashed >> (64 - SERVICE_FILTER_BITS)) as u32
 }
 
+/// The `SERVICE_FILTER` bucket of an IPv6 frontend (or destination): the
+/// address's two halves mixed into one word before `service_filter_index`
+/// mixes in port and protocol. Every bit of the address takes part, so the
+/// low bits of a service CIDR (a /108 by default) and the interface
+/// identifiers of pods spread as v4 neighbours do.
+#[inline(always)]
+pub const fn service_filter_index6(address_be: [u32; 4], port_be: u16, protocol: u8) -> u32 {
+    let high = (address_be[0] as u64) << 32 | address_be[1] as u64;
+    let low = (address_be[2] as u64) << 32 | address_be[3] as u64;
+    let mixed =
+        (high.wrapping_mul(0xff51_afd7_ed55_8ccd) ^ low).wrapping_mul(0xc4ce_b9fe_1a85_ec53);
+    service_filter_index((mixed ^ (mixed >> 32)) as u32, port_be, protocol)
+}
+
 #[cfg(test)]
 mod tests {
     use rand::{Rng, SeedableRng, rngs::StdRng};
@@ -113,6 +127,31 @@ mod tests {
             }
         }
         // 8192 keys in 262144 buckets: ~128 collisions expected if uniform.
+        assert!(collisions < 250, "{collisions} collisions");
+    }
+
+    /// The same for IPv6: a service CIDR's low bits and pods' interface
+    /// identifiers, in two prefixes.
+    #[test]
+    fn service_filter_spreads_neighbouring_ipv6_addresses() {
+        let mut seen = std::collections::HashSet::new();
+        let mut collisions = 0;
+        for prefix in [0xfd00_0000_0000_0000_0000_0000_0000_0000u128, 0xfd77 << 112] {
+            for host in 0..4096u128 {
+                let address = (prefix | host).to_be_bytes();
+                let words = [0, 4, 8, 12].map(|at| {
+                    u32::from_ne_bytes([
+                        address[at],
+                        address[at + 1],
+                        address[at + 2],
+                        address[at + 3],
+                    ])
+                });
+                let index = service_filter_index6(words, 80u16.to_be(), 6);
+                assert!(index < 1 << SERVICE_FILTER_BITS);
+                collisions += usize::from(!seen.insert(index));
+            }
+        }
         assert!(collisions < 250, "{collisions} collisions");
     }
 
