@@ -54,21 +54,32 @@ pub fn pseudo_header(src: [u8; 4], dst: [u8; 4], protocol: u8, l4_len: u16) -> u
 /// True when a TCP/UDP segment (header + payload, checksum filled in)
 /// verifies against its pseudo header.
 pub fn l4_verifies(src: [u8; 4], dst: [u8; 4], protocol: u8, segment: &[u8]) -> bool {
-    let sum = accumulate(
-        segment,
+    verifies_after(
         pseudo_header(src, dst, protocol, segment.len() as u16),
-    );
-    fold(sum) == 0xffff
+        segment,
+    )
 }
 
 /// The L4 checksum (raw) for `segment` whose checksum field is zero.
 /// Returns 0xffff instead of 0 for UDP, where 0 means "no checksum".
 pub fn l4_checksum(src: [u8; 4], dst: [u8; 4], protocol: u8, segment: &[u8]) -> u16 {
-    let sum = accumulate(
-        segment,
+    checksum_after(
         pseudo_header(src, dst, protocol, segment.len() as u16),
-    );
-    let check = !fold(sum);
+        protocol,
+        segment,
+    )
+}
+
+/// True when `segment` sums to all-ones after its pseudo header's `sum`.
+fn verifies_after(sum: u32, segment: &[u8]) -> bool {
+    fold(accumulate(segment, sum)) == 0xffff
+}
+
+/// The checksum of `segment` (its field zero) after its pseudo header's
+/// `sum`; a UDP sum of 0 is sent as 0xffff (0 means "none" over IPv4 and
+/// is not allowed over IPv6).
+fn checksum_after(sum: u32, protocol: u8, segment: &[u8]) -> u16 {
+    let check = !fold(accumulate(segment, sum));
     if check == 0 && protocol == crate::IPPROTO_UDP {
         0xffff
     } else {
@@ -88,27 +99,18 @@ pub fn pseudo_header6(src: [u8; 16], dst: [u8; 16], next_header: u8, l4_len: u32
 /// True when an upper-layer packet (checksum filled in) verifies against
 /// its IPv6 pseudo header.
 pub fn l4_verifies6(src: [u8; 16], dst: [u8; 16], next_header: u8, segment: &[u8]) -> bool {
-    let sum = accumulate(
-        segment,
+    verifies_after(
         pseudo_header6(src, dst, next_header, segment.len() as u32),
-    );
-    fold(sum) == 0xffff
+        segment,
+    )
 }
 
 /// The checksum (raw) for an upper-layer packet over IPv6 whose checksum
 /// field is zero. UDP over IPv6 must have one (RFC 8200 §8.1): a sum of
 /// 0 is sent as 0xffff.
 pub fn l4_checksum6(src: [u8; 16], dst: [u8; 16], next_header: u8, segment: &[u8]) -> u16 {
-    let sum = accumulate(
-        segment,
-        pseudo_header6(src, dst, next_header, segment.len() as u32),
-    );
-    let check = !fold(sum);
-    if check == 0 && next_header == crate::IPPROTO_UDP {
-        0xffff
-    } else {
-        check
-    }
+    let sum = pseudo_header6(src, dst, next_header, segment.len() as u32);
+    checksum_after(sum, next_header, segment)
 }
 
 /// RFC 1624 eqn. 3: the checksum after a 16-bit word changes from `old`
