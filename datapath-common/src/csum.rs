@@ -129,7 +129,10 @@ pub const fn replace_u32(check: u16, old: u32, new: u32) -> u16 {
 }
 
 /// The checksum after a 128-bit field (an IPv6 address in the pseudo
-/// header: four raw 32-bit words) changes.
+/// header: four raw 32-bit words) changes. As RFC 1624 eqn. 3 it may
+/// give 0x0000: a UDP caller must send that as 0xffff (0 means "no
+/// checksum", which IPv6 forbids), as the helpers' `BPF_F_MARK_MANGLED_0`
+/// does.
 #[inline(always)]
 pub const fn replace_u128(check: u16, old: [u32; 4], new: [u32; 4]) -> u16 {
     // At most 0xffff + 8 × 0x1fffe: no overflow before the fold.
@@ -264,11 +267,12 @@ mod tests {
             segment[at..at + 2].fill(0);
             let check = l4_checksum6(src, dst, next, &segment);
             let reference = reference_l4_sum6(src, dst, next, &segment);
-            assert!(
-                u16::from_be_bytes(check.to_ne_bytes()) == reference
-                    || (reference == 0 && check == 0xffff),
-                "{check:#x} vs {reference:#x}"
-            );
+            let expected = if reference == 0 && next == crate::IPPROTO_UDP {
+                0xffff
+            } else {
+                reference
+            };
+            assert_eq!(u16::from_be_bytes(check.to_ne_bytes()), expected);
             segment[at..at + 2].copy_from_slice(&check.to_ne_bytes());
             assert!(l4_verifies6(src, dst, next, &segment));
 
@@ -289,6 +293,20 @@ mod tests {
                 l4_verifies6(src, new_dst, next, &segment),
                 "incremental IPv6 rewrite broke the sum"
             );
+        }
+    }
+
+    #[test]
+    fn udp_zero_sum_over_ipv6_is_sent_as_all_ones() {
+        let (src, dst) = ([0xfd; 16], [0x77; 16]);
+        // A last word chosen so that the whole sum is all-ones, i.e. the
+        // checksum computes to 0: UDP sends 0xffff, TCP keeps 0.
+        for (protocol, sent) in [(crate::IPPROTO_UDP, 0xffff), (crate::IPPROTO_TCP, 0)] {
+            let mut segment = [0u8; 10];
+            segment[4..6].copy_from_slice(&10u16.to_be_bytes());
+            let sum = fold(accumulate(&segment, pseudo_header6(src, dst, protocol, 10)));
+            segment[8..].copy_from_slice(&(!sum).to_ne_bytes());
+            assert_eq!(l4_checksum6(src, dst, protocol, &segment), sent);
         }
     }
 

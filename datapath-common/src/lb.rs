@@ -52,8 +52,8 @@ pub const fn service_filter_index(address_be: u32, port_be: u16, protocol: u8) -
 /// The `SERVICE_FILTER` bucket of an IPv6 frontend (or destination): the
 /// address's two halves mixed into one word before `service_filter_index`
 /// mixes in port and protocol. Every bit of the address takes part, so the
-/// low bits of a service CIDR (a /108 by default) and the interface
-/// identifiers of pods spread as v4 neighbours do.
+/// low bits of a service CIDR (at most 20 bits in Kubernetes: a /108) and
+/// pods' interface identifiers spread as v4 neighbours do.
 #[inline(always)]
 pub const fn service_filter_index6(address_be: [u32; 4], port_be: u16, protocol: u8) -> u32 {
     let high = (address_be[0] as u64) << 32 | address_be[1] as u64;
