@@ -127,7 +127,7 @@ impl<M: LbMaps> Reconciler<M> {
                     if reconciler.backends.reference(&address).is_none() {
                         reconciler.backends.insert(address, id);
                     }
-                    backends.push(address);
+                    backends.push(id);
                 }
             }
             rev_nats_used.insert(found.rev_nat_id);

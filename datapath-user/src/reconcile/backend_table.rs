@@ -68,6 +68,11 @@ impl BackendTable {
         self.id_of(address).is_some()
     }
 
+    /// The address of the backend in use under `id`.
+    pub(super) fn address_of(&self, id: BackendId) -> Option<BackendAddress> {
+        self.entry(id).map(|e| e.address)
+    }
+
     /// Whether `id` is in use by any backend.
     pub(super) fn holds_id(&self, id: BackendId) -> bool {
         self.entry(id).is_some()

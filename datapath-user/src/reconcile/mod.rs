@@ -46,18 +46,18 @@ use issues::with_object;
 use subset::fnv1a;
 pub use subset::node_subset;
 
-/// A frontend as programmed: 32 bytes and its backends' addresses (a
-/// cluster has tens of thousands).
+/// A frontend as programmed: 32 bytes and its backends' ids (a cluster
+/// has tens of thousands; the backend table knows each id's address).
 #[derive(Clone, Debug, PartialEq, Eq)]
 struct Programmed {
     rev_nat_id: RevNatId,
     /// The maps may not match `backends` (an interrupted or failed
     /// write): the next update rewrites the frontend.
     broken: bool,
-    /// Backends this frontend holds a reference on: its slots, in order,
-    /// when `broken` is false. After a failed write, the union of the old
-    /// and the new set (the maps may name either).
-    backends: Box<[BackendAddress]>,
+    /// Backends this frontend holds a reference on, by id: its slots, in
+    /// order, when `broken` is false. After a failed write, the union of
+    /// the old and the new set (the maps may name either).
+    backends: Box<[BackendId]>,
     /// What else it holds, when anything (most frontends hold nothing
     /// else, and pay one pointer).
     besides: Option<Box<HeldBesides>>,
@@ -78,7 +78,7 @@ impl Programmed {
     fn new(
         rev_nat_id: RevNatId,
         broken: bool,
-        backends: Vec<BackendAddress>,
+        backends: Vec<BackendId>,
         draining: Vec<BackendAddress>,
         untracked_ids: Vec<BackendId>,
     ) -> Self {

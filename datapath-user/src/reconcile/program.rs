@@ -53,7 +53,14 @@ impl<M: LbMaps> Reconciler<M> {
             })
         };
         let existing = self.programmed.get(frontend);
-        let slots_unchanged = existing.is_some_and(|p| !p.broken && *p.backends == *addresses);
+        let slots_unchanged = existing.is_some_and(|p| {
+            !p.broken
+                && p.backends.len() == addresses.len()
+                && p.backends
+                    .iter()
+                    .zip(&addresses)
+                    .all(|(&id, address)| self.backends.address_of(id) == Some(*address))
+        });
         if slots_unchanged && existing.is_some_and(|p| p.draining() == draining) {
             return if capped {
                 Err(capped_issue())
@@ -117,7 +124,7 @@ impl<M: LbMaps> Reconciler<M> {
             // name the old or the new backends. Hold both sets and the
             // reverse-NAT id until a rewrite succeeds; deleting either now
             // could leave a slot naming a freed id.
-            let mut held = addresses;
+            let mut held: Vec<BackendId> = entries.iter().map(|e| e.id).collect();
             let mut held_draining = draining;
             let mut untracked_ids = Vec::new();
             if let Some(old) = self.programmed.remove(frontend) {
@@ -131,26 +138,37 @@ impl<M: LbMaps> Reconciler<M> {
             );
             return Err(program_issue(e));
         }
+        let ids = entries.iter().map(|e| e.id).collect();
         let old = self.programmed.insert(
             *frontend,
-            Programmed::new(rev_nat_id, false, addresses, draining, Vec::new()),
+            Programmed::new(rev_nat_id, false, ids, draining, Vec::new()),
         );
         // Break after make: the old set's entries go only now.
         if let Some(old) = old {
             let now = &self.programmed[frontend];
+            // Every backend the old set held is still in the table (its
+            // references are released below), as is every one `now` holds.
+            let stays = |address: &BackendAddress| {
+                now.draining().contains(address)
+                    || self
+                        .backends
+                        .id_of(address)
+                        .is_some_and(|id| now.backends.contains(&id))
+            };
             let departed: Vec<Departed> = old
                 .backends
                 .iter()
-                .chain(old.draining())
-                .filter(|b| !now.backends.contains(b) && !now.draining().contains(b))
-                .map(|&backend| Departed {
+                .filter_map(|&id| self.backends.address_of(id))
+                .chain(old.draining().iter().copied())
+                .filter(|b| !stays(b))
+                .map(|backend| Departed {
                     frontend: *frontend,
                     rev_nat_id,
                     backend,
                 })
                 .collect();
             self.note_departed(frontend, departed);
-            self.release_backends(&old.backends);
+            self.release_backend_ids(&old.backends);
             self.release_backends(old.draining());
             self.release_untracked(old.untracked_ids());
         }
@@ -221,8 +239,9 @@ impl<M: LbMaps> Reconciler<M> {
         let departed = programmed
             .backends
             .iter()
-            .chain(programmed.draining())
-            .map(|&backend| Departed {
+            .filter_map(|&id| self.backends.address_of(id))
+            .chain(programmed.draining().iter().copied())
+            .map(|backend| Departed {
                 frontend: *frontend,
                 rev_nat_id: programmed.rev_nat_id,
                 backend,
@@ -230,7 +249,7 @@ impl<M: LbMaps> Reconciler<M> {
             .collect();
         self.note_departed(frontend, departed);
         self.rev_nat_ids.release(programmed.rev_nat_id);
-        self.release_backends(&programmed.backends);
+        self.release_backend_ids(&programmed.backends);
         self.release_backends(programmed.draining());
         self.release_untracked(programmed.untracked_ids());
         Ok(true)
@@ -260,6 +279,19 @@ impl<M: LbMaps> Reconciler<M> {
             tracing::warn!(id, %error, "deleting a backend entry failed");
         }
         self.backend_ids.release(id);
+    }
+
+    /// Drops one frontend's reference on each backend named by id (as a
+    /// programmed frontend holds them); deletes backends nothing
+    /// references any more.
+    pub(super) fn release_backend_ids(&mut self, ids: &[BackendId]) {
+        for &id in ids {
+            // An id named twice (a broken frontend's union of two sets)
+            // holds two references: still in the table at the second.
+            if let Some(address) = self.backends.address_of(id) {
+                self.release_backends(&[address]);
+            }
+        }
     }
 
     /// Drops one frontend's reference on each backend; deletes backends
