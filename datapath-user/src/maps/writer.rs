@@ -68,15 +68,16 @@ impl LbMaps for DatapathMaps {
             }
             self.write_pending();
         }
-        // Which blocks are whose, before any entry is read (learning may
-        // move an entry whose block was not its own).
-        self.blocks_or_scan().map_err(map_err(m::SERVICES_MAP))?;
-        // Both arrays mapped before a block is taken: a mapping that fails
-        // later would leave the block allocated and unnamed.
+        // Both arrays mapped before anything else: a mapping that failed
+        // later would leave a block allocated and unnamed, or be reported
+        // as the services map's error by the scan below.
         self.slots.ensure_mapped().map_err(map_err(m::SLOTS_MAP))?;
         self.backends
             .ensure_mapped()
             .map_err(map_err(m::BACKENDS_MAP))?;
+        // Which blocks are whose, before any entry is read (learning may
+        // move an entry whose block was not its own).
+        self.blocks_or_scan().map_err(map_err(m::SERVICES_MAP))?;
         let old_head = self.services.get(&frontend.key(), 0).ok();
         // The block first: a set that finds no room is refused before
         // anything is written (the reconciler then releases its ids).
