@@ -90,9 +90,16 @@ impl DatapathMaps {
         placed: &[(&Frontend, RevNatId, &[BackendEntry], u32, u8)],
     ) -> Result<(), (usize, aya::maps::MapError)> {
         let on_error = |(_, error)| (0, error);
-        // Mapped before anything is written (a failure writes nothing).
-        self.backends.ensure_mapped().map_err(|e| (0, e))?;
-        self.slots.ensure_mapped().map_err(|e| (0, e))?;
+        // Every window written is mapped before anything is written (a
+        // failure writes nothing); a batch of a few frontends maps a few.
+        for &(_, _, entries, first, _) in placed {
+            for backend in entries {
+                self.backends.map_range(backend.id, 1).map_err(|e| (0, e))?;
+            }
+            self.slots
+                .map_range(first, entries.len() as u64)
+                .map_err(|e| (0, e))?;
+        }
         let mut rev_nat_ids: Vec<RevNatId> = Vec::with_capacity(placed.len());
         let mut rev_nats: Vec<RevNatValue> = Vec::with_capacity(placed.len());
         let mut head_keys: Vec<ServiceKey> = Vec::with_capacity(placed.len());

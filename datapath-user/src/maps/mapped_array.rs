@@ -9,10 +9,14 @@
 //! `round_up(value_size, 8)` from a page-aligned start, so each is an
 //! aligned u64.
 //!
-//! Mapped at the first access, not when opened: the kernel maps the whole
-//! array at once, and every mapping counts in the process's resident set
-//! (10 MiB at 50,000 services), so handles that never touch the array (the
-//! attach loop's, the UDP terminator's) must not map it.
+//! Mapped in windows of 64 KiB, each at its first access, and unmapped
+//! together (`unmap`) when a pass of the reconciler is over: the kernel
+//! maps a window whole, and every mapped page counts in the process's
+//! resident set though the memory is the map's, which exists whether
+//! mapped or not (10 MiB at 50,000 services, held for nothing between
+//! changes). A change maps the one or two windows it touches; handles that
+//! never touch the array (the attach loop's, the UDP terminator's) map
+//! nothing.
 
 use std::{
     io,
@@ -27,16 +31,23 @@ use std::{
 
 use aya::maps::{Array, MapData, MapError};
 
+/// Bytes of one window (or a page, if larger): a change maps 16 pages of
+/// each array; a first sync of 100,000 services maps ~200 windows.
+const WINDOW_BYTES: usize = 64 * 1024;
+
 pub struct MappedArray<T: aya::Pod> {
     len: u32,
-    /// Made at the first access.
-    mapping: OnceLock<Mapping>,
-    /// Keeps the map (and so the mapping's object) open.
+    /// Entries per window (a whole number of pages).
+    window_entries: u32,
+    /// Window `w` holds entries `w * window_entries ..`; each is mapped at
+    /// its first access.
+    windows: Box<[OnceLock<Mapping>]>,
+    /// Keeps the map (and so the mappings' object) open.
     map: Array<MapData, T>,
     _values: PhantomData<T>,
 }
 
-/// The array's values, mapped shared into this process.
+/// Some of the array's values, mapped shared into this process.
 struct Mapping {
     base: NonNull<u64>,
     bytes: usize,
@@ -50,7 +61,7 @@ unsafe impl Sync for Mapping {}
 
 impl Drop for Mapping {
     fn drop(&mut self) {
-        // SAFETY: the mapping `map_values` made, unmapped once.
+        // SAFETY: the mapping `map_window` made, unmapped once.
         unsafe { libc::munmap(self.base.as_ptr().cast(), self.bytes) };
     }
 }
@@ -59,6 +70,7 @@ impl<T: aya::Pod> std::fmt::Debug for MappedArray<T> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("MappedArray")
             .field("len", &self.len)
+            .field("windows_mapped", &self.windows_mapped())
             .finish()
     }
 }
@@ -67,12 +79,19 @@ impl<T: aya::Pod> MappedArray<T> {
     const EIGHT_BYTES: () = assert!(size_of::<T>() == 8 && align_of::<T>() <= 8);
 
     /// Takes `map` (an array of 8-byte values made with `BPF_F_MMAPABLE`);
-    /// its values are mapped read-write at the first access.
+    /// its values are mapped read-write, a window at a time, when used.
     pub fn new(map: Array<MapData, T>) -> Self {
         let () = Self::EIGHT_BYTES;
+        let window_bytes = WINDOW_BYTES.max(page_size());
+        let window_entries = u32::try_from(window_bytes / 8).unwrap_or(u32::MAX);
+        let len = map.len();
+        let windows = (0..len.div_ceil(window_entries))
+            .map(|_| OnceLock::new())
+            .collect();
         Self {
-            len: map.len(),
-            mapping: OnceLock::new(),
+            len,
+            window_entries,
+            windows,
             map,
             _values: PhantomData,
         }
@@ -82,11 +101,25 @@ impl<T: aya::Pod> MappedArray<T> {
         self.len
     }
 
-    fn mapping(&self) -> Result<&Mapping, MapError> {
-        if let Some(mapping) = self.mapping.get() {
+    /// How many windows are mapped now.
+    pub fn windows_mapped(&self) -> usize {
+        self.windows.iter().filter(|w| w.get().is_some()).count()
+    }
+
+    /// Unmaps every window (the next access maps its window again): the
+    /// map keeps its values.
+    pub fn unmap(&mut self) {
+        for window in &mut self.windows {
+            window.take();
+        }
+    }
+
+    fn window(&self, window: usize) -> Result<&Mapping, MapError> {
+        let cell = &self.windows[window];
+        if let Some(mapping) = cell.get() {
             return Ok(mapping);
         }
-        let mapping = self.map_values().map_err(|io_error| {
+        let mapping = self.map_window(window).map_err(|io_error| {
             MapError::SyscallError(aya::sys::SyscallError {
                 call: "mmap",
                 io_error,
@@ -94,18 +127,22 @@ impl<T: aya::Pod> MappedArray<T> {
         })?;
         // Another thread may have mapped it meanwhile: either mapping is
         // the same memory, and the loser is unmapped when dropped here.
-        Ok(self.mapping.get_or_init(|| mapping))
+        Ok(cell.get_or_init(|| mapping))
     }
 
-    fn map_values(&self) -> io::Result<Mapping> {
+    fn map_window(&self, window: usize) -> io::Result<Mapping> {
         let page = page_size();
-        let bytes = (self.len as usize * 8).div_ceil(page).max(1) * page;
+        let first = window as u64 * u64::from(self.window_entries);
+        let entries = (u64::from(self.len) - first).min(u64::from(self.window_entries));
+        let bytes = (entries as usize * 8).div_ceil(page).max(1) * page;
+        let offset = libc::off_t::try_from(first * 8).map_err(io::Error::other)?;
         let fd = aya::maps::IterableMap::map(&self.map)
             .fd()
             .as_fd()
             .as_raw_fd();
-        // SAFETY: a fresh shared mapping of the map's whole value area;
-        // the kernel checks the size and the map's flags.
+        // SAFETY: a fresh shared mapping of whole pages of the map's value
+        // area at a page-aligned offset; the kernel checks the range and
+        // the map's flags.
         let base = unsafe {
             libc::mmap(
                 std::ptr::null_mut(),
@@ -113,7 +150,7 @@ impl<T: aya::Pod> MappedArray<T> {
                 libc::PROT_READ | libc::PROT_WRITE,
                 libc::MAP_SHARED,
                 fd,
-                0,
+                offset,
             )
         };
         if base == libc::MAP_FAILED {
@@ -123,24 +160,40 @@ impl<T: aya::Pod> MappedArray<T> {
         Ok(Mapping { base, bytes })
     }
 
-    /// Maps the values now, if not yet: an error the first access would
-    /// meet, met where the caller can report it.
-    pub fn ensure_mapped(&self) -> Result<(), MapError> {
-        self.mapping().map(|_| ())
+    /// Maps every window of entries `first..first + count` (clamped to
+    /// the array) now: a write maps before it stores, so that a mapping
+    /// failure writes nothing; a batch of writes maps all its windows
+    /// first for the same reason.
+    pub fn map_range(&self, first: u32, count: u64) -> Result<(), MapError> {
+        let end = (u64::from(first) + count).min(u64::from(self.len));
+        if end <= u64::from(first) {
+            return Ok(());
+        }
+        let first_window = first / self.window_entries;
+        let last_window = ((end - 1) / u64::from(self.window_entries)) as u32;
+        for window in first_window..=last_window {
+            self.window(window as usize)?;
+        }
+        Ok(())
     }
 
-    fn cell<'a>(&self, mapping: &'a Mapping, index: u32) -> Option<&'a AtomicU64> {
-        (index < self.len).then(|| {
-            // SAFETY: in bounds of the mapping, which is page-aligned with
-            // an 8-byte stride: an aligned u64 only atomics touch here.
-            unsafe { AtomicU64::from_ptr(mapping.base.as_ptr().add(index as usize)) }
-        })
+    /// Entry `index`, in a window mapped already (`None` beyond the array).
+    fn cell(&self, index: u32) -> Result<Option<&AtomicU64>, MapError> {
+        if index >= self.len {
+            return Ok(None);
+        }
+        let mapping = self.window((index / self.window_entries) as usize)?;
+        let within = (index % self.window_entries) as usize;
+        // SAFETY: in bounds of the window's mapping, which is page-aligned
+        // with an 8-byte stride: an aligned u64 only atomics touch here.
+        Ok(Some(unsafe {
+            AtomicU64::from_ptr(mapping.base.as_ptr().add(within))
+        }))
     }
 
     /// The value at `index` (`None` beyond the array).
     pub fn get(&self, index: u32) -> Result<Option<T>, MapError> {
-        let mapping = self.mapping()?;
-        Ok(self.cell(mapping, index).map(|cell| {
+        Ok(self.cell(index)?.map(|cell| {
             let bits = cell.load(Ordering::Acquire);
             // SAFETY: T is Pod and 8 bytes.
             unsafe { std::mem::transmute_copy(&bits) }
@@ -153,38 +206,41 @@ impl<T: aya::Pod> MappedArray<T> {
     }
 
     /// Writes `values` from `index` on; false (nothing written) when they
-    /// would not fit. Release stores: whatever the caller writes after
-    /// (an entry naming them) is ordered after them.
+    /// would not fit, an error (nothing written) when a window they fall
+    /// in cannot be mapped. Release stores: whatever the caller writes
+    /// after (an entry naming them) is ordered after them.
     pub fn write(
         &self,
         index: u32,
         values: impl ExactSizeIterator<Item = T>,
     ) -> Result<bool, MapError> {
-        let mapping = self.mapping()?;
-        let fits = u64::from(index) + values.len() as u64 <= u64::from(self.len);
-        if fits {
-            for (i, value) in values.enumerate() {
-                // SAFETY: T is Pod and 8 bytes.
-                let bits: u64 = unsafe { std::mem::transmute_copy(&value) };
-                if let Some(cell) = self.cell(mapping, index + i as u32) {
-                    cell.store(bits, Ordering::Release);
-                }
+        let count = values.len() as u64;
+        if u64::from(index) + count > u64::from(self.len) {
+            return Ok(false);
+        }
+        self.map_range(index, count)?;
+        for (i, value) in values.enumerate() {
+            // SAFETY: T is Pod and 8 bytes.
+            let bits: u64 = unsafe { std::mem::transmute_copy(&value) };
+            if let Some(cell) = self.cell(index + i as u32)? {
+                cell.store(bits, Ordering::Release);
             }
         }
-        Ok(fits)
+        Ok(true)
     }
 
     /// Every value, in index order.
     pub fn read_all(&self) -> Result<Vec<T>, MapError> {
-        let mapping = self.mapping()?;
-        Ok((0..self.len)
-            .filter_map(|i| self.cell(mapping, i))
-            .map(|cell| {
+        self.map_range(0, u64::from(self.len))?;
+        let mut values = Vec::with_capacity(self.len as usize);
+        for index in 0..self.len {
+            if let Some(cell) = self.cell(index)? {
                 let bits = cell.load(Ordering::Acquire);
                 // SAFETY: T is Pod and 8 bytes.
-                unsafe { std::mem::transmute_copy(&bits) }
-            })
-            .collect())
+                values.push(unsafe { std::mem::transmute_copy(&bits) });
+            }
+        }
+        Ok(values)
     }
 }
 
@@ -192,4 +248,89 @@ fn page_size() -> usize {
     // SAFETY: plain libc call.
     let size = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
     usize::try_from(size).unwrap_or(4096)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::os::fd::{FromRawFd, OwnedFd};
+
+    use aya::maps::{Map, MapData};
+
+    use super::*;
+
+    /// A fresh `BPF_F_MMAPABLE` array of `len` u64 values.
+    fn mmapable_array(len: u32) -> OwnedFd {
+        #[repr(C)]
+        struct Attr {
+            map_type: u32,
+            key_size: u32,
+            value_size: u32,
+            max_entries: u32,
+            map_flags: u32,
+        }
+        let mut attr = Attr {
+            map_type: 2, // BPF_MAP_TYPE_ARRAY
+            key_size: 4,
+            value_size: 8,
+            max_entries: len,
+            map_flags: datapath_common::maps::BPF_F_MMAPABLE,
+        };
+        // SAFETY: bpf(BPF_MAP_CREATE) with an attr of its size.
+        let fd =
+            unsafe { libc::syscall(libc::SYS_bpf, 0, &raw mut attr, std::mem::size_of::<Attr>()) };
+        assert!(fd >= 0, "BPF_MAP_CREATE: {}", io::Error::last_os_error());
+        // SAFETY: a fresh fd owned by nobody else.
+        unsafe { OwnedFd::from_raw_fd(fd as i32) }
+    }
+
+    fn array(fd: OwnedFd) -> Array<MapData, u64> {
+        let map = MapData::from_fd(fd).expect("the map's info");
+        Array::try_from(Map::Array(map)).expect("an array")
+    }
+
+    /// Entries written through windows are where the kernel (the bpf
+    /// syscall) has them, across window boundaries and at the array's
+    /// end; unmapping keeps them, and the next access maps its window.
+    #[test]
+    fn windows_map_the_entries_the_kernel_has_at_those_indexes() {
+        // SAFETY: geteuid has no preconditions.
+        if unsafe { libc::geteuid() } != 0 {
+            eprintln!("skipped: creating a BPF map needs root");
+            return;
+        }
+        let window_entries = (WINDOW_BYTES.max(page_size()) / 8) as u32;
+        let len = 2 * window_entries + 5;
+        let fd = mmapable_array(len);
+        let by_syscall = array(fd.try_clone().expect("dup"));
+        let mut mapped = MappedArray::new(array(fd));
+        assert_eq!(mapped.windows_mapped(), 0, "nothing mapped before use");
+
+        let across = window_entries - 2;
+        let values = [11u64, 12, 13, 14];
+        assert!(mapped.write(across, values.into_iter()).unwrap());
+        assert_eq!(mapped.windows_mapped(), 2);
+        for (i, value) in values.iter().enumerate() {
+            assert_eq!(by_syscall.get(&(across + i as u32), 0).unwrap(), *value);
+        }
+        assert!(mapped.set(len - 1, 99).unwrap());
+        assert_eq!(by_syscall.get(&(len - 1), 0).unwrap(), 99);
+        assert!(!mapped.set(len, 1).unwrap(), "beyond the array");
+        assert!(
+            !mapped.write(len - 1, [1u64, 2].into_iter()).unwrap(),
+            "a write that would not fit"
+        );
+        assert_eq!(by_syscall.get(&(len - 1), 0).unwrap(), 99, "left whole");
+        assert_eq!(mapped.get(len).unwrap(), None);
+
+        mapped.unmap();
+        assert_eq!(mapped.windows_mapped(), 0);
+        assert_eq!(mapped.get(across + 3).unwrap(), Some(14));
+        assert_eq!(mapped.windows_mapped(), 1, "only the window read");
+
+        let all = mapped.read_all().unwrap();
+        assert_eq!(all.len(), len as usize);
+        assert_eq!(&all[across as usize..across as usize + 4], &values);
+        assert_eq!(all[len as usize - 1], 99);
+        assert_eq!(all.iter().filter(|&&v| v != 0).count(), 5);
+    }
 }

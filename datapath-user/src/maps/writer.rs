@@ -68,13 +68,6 @@ impl LbMaps for DatapathMaps {
             }
             self.write_pending();
         }
-        // Both arrays mapped before anything else: a mapping that failed
-        // later would leave a block allocated and unnamed, or be reported
-        // as the services map's error by the scan below.
-        self.slots.ensure_mapped().map_err(map_err(m::SLOTS_MAP))?;
-        self.backends
-            .ensure_mapped()
-            .map_err(map_err(m::BACKENDS_MAP))?;
         // Which blocks are whose, before any entry is read (learning may
         // move an entry whose block was not its own).
         self.blocks_or_scan().map_err(map_err(m::SERVICES_MAP))?;
@@ -100,18 +93,22 @@ impl LbMaps for DatapathMaps {
         let ids: Vec<BackendId> = backends.iter().map(|b| b.id).collect();
         // Inside the array: the allocator's blocks are, and so are the
         // entries learning kept.
+        // A write that cannot map its window writes nothing; either
+        // failure leaves a new block unnamed, so it goes back.
         let written = self
             .slots
             .write(first_slot, ids.iter().map(|&id| Slot::of(id)))
-            .map_err(map_err(m::SLOTS_MAP))?;
-        if !written {
+            .and_then(|fits| {
+                fits.then_some(()).ok_or(MapError::OutOfBounds {
+                    index: first_slot,
+                    max_entries: self.slots.len(),
+                })
+            });
+        if let Err(error) = written {
             if moved {
                 self.blocks().release(first_slot, order);
             }
-            return Err(map_err(m::SLOTS_MAP)(MapError::OutOfBounds {
-                index: first_slot,
-                max_entries: self.slots.len(),
-            }));
+            return Err(map_err(m::SLOTS_MAP)(error));
         }
         let head = ServiceValue::new(first_slot, order, count, rev_nat_id, 0);
         if old_head.is_none()
@@ -269,6 +266,10 @@ impl LbMaps for DatapathMaps {
         {
             blocks.settle();
         }
+        // The pass is over: its windows of the mapped arrays go (their
+        // pages would count in the agent's memory until the next change).
+        self.slots.unmap();
+        self.backends.unmap();
         self.pending.take_failed()
     }
 
