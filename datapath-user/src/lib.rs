@@ -6,6 +6,7 @@
 pub mod agent;
 pub mod attach;
 mod bpfsys;
+pub mod by_owner;
 pub mod cgroup;
 pub mod clock;
 pub mod cni;

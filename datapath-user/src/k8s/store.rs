@@ -4,15 +4,12 @@
 
 use std::collections::BTreeSet;
 
-// foldhash, randomly seeded per process: SipHash was a tenth of a full
-// sync, and the keys (object names) are chosen by users.
-use foldhash::HashMap;
-
 use super::{
     NodeContext, Object, ObjectKey, ServiceTranslation, translate_view,
     view::{ServiceView, SliceView},
     view_table::ViewTable,
 };
+use crate::by_owner::ByOwner;
 
 /// The kinds a source reports on.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -36,10 +33,9 @@ pub enum Change {
 pub struct Store {
     services: ViewTable<ServiceView>,
     slices: ViewTable<SliceView>,
-    /// Service → its slices (by the service-name label), sorted: a
-    /// service has one slice or a few, and a set's node would cost ~0.5
-    /// KiB per service (27 MB at 50k services).
-    slices_of: HashMap<ObjectKey, Vec<ObjectKey>>,
+    /// The keys of slices with an owner (the service-name label), found
+    /// by that owner (`slices` names it).
+    slices_of: ByOwner<ObjectKey>,
 }
 
 impl Store {
@@ -108,22 +104,26 @@ impl Store {
                 self.remove_slice(&key, dirty);
                 if let Some(owner) = slice.owner.take() {
                     // One copy of the owner's name: the service's own key
-                    // when it is known (equal keys, shared text).
-                    let owner = match self.slices_of.get_key_value(&owner) {
-                        Some((known, _)) => known.clone(),
+                    // when it is known, else another slice's (equal keys,
+                    // shared text).
+                    let known = match self.services.get(&owner) {
+                        Some(service) => Some(service.key.clone()),
                         None => self
-                            .services
-                            .get(&owner)
-                            .map_or(owner, |service| service.key.clone()),
+                            .slices_of_owner(&owner)
+                            .next()
+                            .and_then(|other| other.owner.clone()),
                     };
-                    let slices = self.slices_of.entry(owner.clone()).or_default();
-                    if let Err(at) = slices.binary_search(&key) {
-                        slices.insert(at, key);
-                    }
+                    let owner = known.unwrap_or(owner);
                     slice.owner = Some(owner.clone());
+                    self.slices.insert(slice);
+                    let slices = &self.slices;
+                    self.slices_of.insert(&owner, key, |key| {
+                        slices.get(key).and_then(|s| s.owner.as_ref())
+                    });
                     dirty.insert(owner);
+                } else {
+                    self.slices.insert(slice);
                 }
-                self.slices.insert(slice);
             }
         }
     }
@@ -144,12 +144,7 @@ impl Store {
             return;
         };
         if let Some(owner) = old.owner {
-            if let Some(slices) = self.slices_of.get_mut(&owner) {
-                slices.retain(|k| k != key);
-                if slices.is_empty() {
-                    self.slices_of.remove(&owner);
-                }
-            }
+            self.slices_of.remove(&owner, key);
             dirty.insert(owner);
         }
     }
@@ -159,12 +154,19 @@ impl Store {
         let Some(object) = self.services.get(service) else {
             return ServiceTranslation::default();
         };
-        let slices = self
-            .slices_of
-            .get(service)
-            .into_iter()
-            .flatten()
-            .filter_map(|k| self.slices.get(k));
-        translate_view(object, slices, node)
+        // In name order, whatever order the index holds them in.
+        let mut slices: Vec<&SliceView> = self.slices_of_owner(service).collect();
+        slices.sort_unstable_by(|a, b| a.key.cmp(&b.key));
+        translate_view(object, slices.into_iter(), node)
+    }
+
+    /// The slices whose service-name label names `owner`.
+    fn slices_of_owner<'a>(&'a self, owner: &'a ObjectKey) -> impl Iterator<Item = &'a SliceView> {
+        let slices = &self.slices;
+        self.slices_of
+            .of(owner, move |key| {
+                slices.get(key).and_then(|s| s.owner.as_ref())
+            })
+            .filter_map(move |key| slices.get(key))
     }
 }

@@ -39,7 +39,7 @@ impl<M: LbMaps> Reconciler<M> {
             programmed: HashMap::default(),
             backends: Default::default(),
             owner: HashMap::default(),
-            held: HashMap::default(),
+            held: Default::default(),
             waiting: HashMap::default(),
             adopted_unused_backends: Vec::new(),
             adopted_by_address: HashMap::default(),

@@ -26,6 +26,7 @@ use foldhash::HashMap;
 use datapath_common::maps::{BackendId, RevNatId, ServiceKey};
 
 use crate::{
+    by_owner::ByOwner,
     k8s::{
         Issue, IssueKind, ObjectKey, ServiceTranslation,
         translate::{Claim, conflict_issue},
@@ -146,9 +147,9 @@ pub struct Reconciler<M> {
     /// Which service holds each frontend, and by what claim (a stronger
     /// claim takes it over: `Claim`).
     owner: HashMap<Frontend, (ObjectKey, Claim)>,
-    /// Frontends each service holds, sorted (a service holds one or a
-    /// few: a set's node per service would cost ~0.1 KiB each).
-    held: HashMap<ObjectKey, Vec<Frontend>>,
+    /// The frontends each service holds (`owner` names it), found by
+    /// that service.
+    held: ByOwner<Frontend>,
     /// Services that asked for a frontend someone else holds.
     waiting: HashMap<Frontend, BTreeSet<ObjectKey>>,
     /// Entries found in the maps at adoption that no slot names; freed by
@@ -231,11 +232,7 @@ impl<M: LbMaps> Reconciler<M> {
     ) -> Outcome {
         let mut outcome = Outcome::default();
         let wanted: BTreeSet<Frontend> = translation.frontends.iter().map(|d| d.frontend).collect();
-        let previously: BTreeSet<Frontend> = self
-            .held
-            .remove(service)
-            .map(|frontends| frontends.into_iter().collect())
-            .unwrap_or_default();
+        let previously: BTreeSet<Frontend> = self.held_by(service).collect();
         // A service that no longer asks stops waiting.
         for frontend in previously.iter().chain(self.waiting_for(service).iter()) {
             if !wanted.contains(frontend)
@@ -257,12 +254,7 @@ impl<M: LbMaps> Reconciler<M> {
                     // frontend, waits for it, and is translated again so
                     // that it reports the conflict.
                     let holder = owner.clone();
-                    if let Some(frontends) = self.held.get_mut(&holder) {
-                        frontends.retain(|f| *f != frontend);
-                        if frontends.is_empty() {
-                            self.held.remove(&holder);
-                        }
-                    }
+                    self.held.remove(&holder, &frontend);
                     self.waiting
                         .entry(frontend)
                         .or_default()
@@ -281,8 +273,7 @@ impl<M: LbMaps> Reconciler<M> {
                 }
                 _ => {}
             }
-            self.owner
-                .insert(frontend, (service.clone(), desired.claim));
+            self.hold(service, frontend, desired.claim);
             held.insert(frontend);
             if let Some(waiters) = self.waiting.get_mut(&frontend) {
                 waiters.remove(service);
@@ -304,6 +295,7 @@ impl<M: LbMaps> Reconciler<M> {
             let claim = match self.owner.get(frontend) {
                 Some((owner, claim)) if owner == service => {
                     let claim = *claim;
+                    self.held.remove(service, frontend);
                     self.owner.remove(frontend);
                     claim
                 }
@@ -315,8 +307,7 @@ impl<M: LbMaps> Reconciler<M> {
                 Err(issue) => {
                     // Still programmed: keep holding it so a later update
                     // retries the removal.
-                    self.owner.insert(*frontend, (service.clone(), claim));
-                    held.insert(*frontend);
+                    self.hold(service, *frontend, claim);
                     outcome.issues.push(with_object(issue, service));
                     continue;
                 }
@@ -325,12 +316,26 @@ impl<M: LbMaps> Reconciler<M> {
                 outcome.retry.extend(waiters.iter().cloned());
             }
         }
-        if !held.is_empty() {
-            self.held
-                .insert(service.clone(), held.into_iter().collect());
-        }
         outcome.departed = std::mem::take(&mut self.departed);
         outcome
+    }
+
+    /// `service` holds `frontend` by `claim` (it held it, or no one
+    /// did: a holder that loses it to a stronger claim is out of `held`
+    /// already).
+    fn hold(&mut self, service: &ObjectKey, frontend: Frontend, claim: Claim) {
+        self.owner.insert(frontend, (service.clone(), claim));
+        let owner = &self.owner;
+        self.held
+            .insert(service, frontend, |f| owner.get(f).map(|(o, _)| o));
+    }
+
+    /// The frontends `service` holds.
+    fn held_by<'a>(&'a self, service: &'a ObjectKey) -> impl Iterator<Item = Frontend> + 'a {
+        let owner = &self.owner;
+        self.held
+            .of(service, move |f| owner.get(f).map(|(o, _)| o))
+            .copied()
     }
 
     fn waiting_for(&self, service: &ObjectKey) -> Vec<Frontend> {
