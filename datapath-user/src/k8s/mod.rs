@@ -2,6 +2,7 @@
 //! translating them into the frontends the datapath serves.
 
 mod dir_events;
+mod interned;
 pub mod keys;
 pub mod manifest;
 pub mod node_facts;

@@ -15,7 +15,10 @@ use std::{
 
 use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
 
-use super::keys::{HEADLESS_LABEL, ObjectKey, SERVICE_PROXY_NAME_LABEL};
+use super::{
+    interned::Interned,
+    keys::{HEADLESS_LABEL, ObjectKey, SERVICE_PROXY_NAME_LABEL},
+};
 
 /// An address of a Service as written: parsed, or the text that did not
 /// parse (reported by translation, naming the field).
@@ -36,7 +39,8 @@ pub struct ServiceView {
     /// Its external and load-balancer addresses: most services have
     /// none, so they cost a pointer, not three fields.
     pub other_addresses: Option<Box<OtherAddresses>>,
-    pub ports: Box<[ServicePortView]>,
+    /// Shared (`Interned`): services repeat a few port lists.
+    pub ports: Arc<[ServicePortView]>,
     pub publish_not_ready: bool,
     /// `internalTrafficPolicy: Local`.
     pub node_local: bool,
@@ -58,7 +62,7 @@ pub struct OtherAddresses {
     pub load_balancer_source_ranges: bool,
 }
 
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub struct ServicePortView {
     /// Shared (`shared`): services repeat a few port names.
     pub name: Arc<str>,
@@ -78,7 +82,8 @@ pub struct SliceView {
     pub headless: bool,
     /// Shared (`shared`).
     pub address_type: Arc<str>,
-    pub ports: Box<[SlicePortView]>,
+    /// Shared (`Interned`): slices repeat a few port lists.
+    pub ports: Arc<[SlicePortView]>,
     endpoints: EndpointList,
     /// Unparsed addresses and topology hints: most slices have neither,
     /// and pay one pointer for them.
@@ -200,7 +205,7 @@ impl SliceView {
     }
 }
 
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub struct SlicePortView {
     /// Shared (`shared`).
     pub name: Arc<str>,
@@ -329,39 +334,10 @@ impl TopologyName {
 }
 
 /// The one copy of a text many objects repeat (port names, protocols,
-/// address types): every view holding it shares it. Such texts come and
-/// go with services; the set is pruned of those nothing holds once it
-/// doubles.
-fn shared(name: &str) -> Arc<str> {
-    static TEXTS: Mutex<Option<SharedTexts>> = Mutex::new(None);
-    let mut guard = TEXTS
-        .lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner);
-    let texts = guard.get_or_insert_with(SharedTexts::default);
-    if let Some(shared) = texts.names.get(name) {
-        return shared.clone();
-    }
-    if texts.names.len() >= texts.prune_at {
-        texts.names.retain(|n| Arc::strong_count(n) > 1);
-        texts.prune_at = (texts.names.len() * 2).max(1024);
-    }
-    let shared: Arc<str> = name.into();
-    texts.names.insert(shared.clone());
-    shared
-}
-
-struct SharedTexts {
-    names: std::collections::HashSet<Arc<str>>,
-    prune_at: usize,
-}
-
-impl Default for SharedTexts {
-    fn default() -> Self {
-        Self {
-            names: std::collections::HashSet::new(),
-            prune_at: 1024,
-        }
-    }
+/// address types).
+fn shared(text: &str) -> Arc<str> {
+    static TEXTS: Interned<str> = Interned::new();
+    TEXTS.get(text)
 }
 
 impl From<&Service> for ServiceView {
@@ -423,17 +399,21 @@ impl From<&Service> for ServiceView {
             has_spec: spec.is_some(),
             cluster_ips,
             from_cluster_ips,
-            ports: spec
-                .and_then(|s| s.ports.as_ref())
-                .into_iter()
-                .flatten()
-                .map(|p| ServicePortView {
-                    name: shared(p.name.as_deref().unwrap_or_default()),
-                    port: p.port,
-                    protocol: p.protocol.as_deref().map(shared),
-                    node_port: p.node_port,
-                })
-                .collect(),
+            ports: {
+                static PORT_LISTS: Interned<[ServicePortView]> = Interned::new();
+                let ports: Vec<ServicePortView> = spec
+                    .and_then(|s| s.ports.as_ref())
+                    .into_iter()
+                    .flatten()
+                    .map(|p| ServicePortView {
+                        name: shared(p.name.as_deref().unwrap_or_default()),
+                        port: p.port,
+                        protocol: p.protocol.as_deref().map(shared),
+                        node_port: p.node_port,
+                    })
+                    .collect();
+                PORT_LISTS.get(&ports)
+            },
             publish_not_ready: spec.and_then(|s| s.publish_not_ready_addresses) == Some(true),
             node_local: spec.and_then(|s| s.internal_traffic_policy.as_deref()) == Some("Local"),
             client_ip_affinity: spec.and_then(|s| s.session_affinity.as_deref())
@@ -505,16 +485,20 @@ impl From<&EndpointSlice> for SliceView {
                 .as_ref()
                 .is_some_and(|l| l.contains_key(HEADLESS_LABEL)),
             address_type: shared(&slice.address_type),
-            ports: slice
-                .ports
-                .iter()
-                .flatten()
-                .map(|p| SlicePortView {
-                    name: shared(p.name.as_deref().unwrap_or_default()),
-                    port: p.port,
-                    protocol: p.protocol.as_deref().map(shared),
-                })
-                .collect(),
+            ports: {
+                static PORT_LISTS: Interned<[SlicePortView]> = Interned::new();
+                let ports: Vec<SlicePortView> = slice
+                    .ports
+                    .iter()
+                    .flatten()
+                    .map(|p| SlicePortView {
+                        name: shared(p.name.as_deref().unwrap_or_default()),
+                        port: p.port,
+                        protocol: p.protocol.as_deref().map(shared),
+                    })
+                    .collect();
+                PORT_LISTS.get(&ports)
+            },
             endpoints: EndpointList::new(endpoints),
             extras: (extras != SliceExtras::default()).then(|| Box::new(extras)),
         }
