@@ -1534,3 +1534,49 @@ fn an_upgrade_from_the_release_before_the_slot_array_keeps_conntrack_and_every_i
     reconciler.prune(false).unwrap();
     assert_eq!(reconciler.maps().dump().unwrap(), programmed);
 }
+
+/// `SLOTS` and `BACKENDS` count in the agent's resident memory only while
+/// mapped: nothing maps them at load (the attach loop's handles never
+/// do), a write maps only the windows it touches, and the end of a pass
+/// (`flush`) unmaps them — and the values stay in the maps.
+#[test]
+fn mapped_arrays_are_mapped_only_while_a_pass_writes() {
+    let mut datapath = common::load_private();
+    let maps = &mut datapath.maps;
+    assert_eq!(
+        (maps.slots.windows_mapped(), maps.backends.windows_mapped()),
+        (0, 0),
+        "mapped at load"
+    );
+    let mut reconciler = Reconciler::adopt(&mut *maps).unwrap();
+    reconciler.maps_mut().defer_new_frontends();
+    apply(
+        &mut reconciler,
+        &translation(&service_yaml("web", "10.96.1.1", &[80], 3)),
+    );
+    assert!(reconciler.maps_mut().flush().is_empty());
+    apply(
+        &mut reconciler,
+        &translation(&service_yaml("web", "10.96.1.1", &[80], 4)),
+    );
+    let maps = reconciler.maps();
+    assert!(
+        maps.slots.windows_mapped() >= 1 && maps.backends.windows_mapped() >= 1,
+        "a write maps its windows"
+    );
+    // (These arrays are one window each; that a write maps only its own
+    // windows is `mapped_array`'s unit test.)
+    assert!(reconciler.maps_mut().flush().is_empty());
+    let maps = reconciler.maps();
+    assert_eq!(
+        (maps.slots.windows_mapped(), maps.backends.windows_mapped()),
+        (0, 0),
+        "mapped after the pass"
+    );
+    assert_eq!(
+        view(&maps.dump().unwrap()),
+        [
+            "10.96.1.1:80/TCP -> 10.244.0.1:8080/TCP 10.244.0.2:8080/TCP 10.244.0.3:8080/TCP 10.244.0.4:8080/TCP"
+        ]
+    );
+}
