@@ -157,7 +157,7 @@ impl Store {
         // In name order, whatever order the index holds them in.
         let mut slices: Vec<&SliceView> = self.slices_of_owner(service).collect();
         slices.sort_unstable_by(|a, b| a.key.cmp(&b.key));
-        translate_view(object, slices.into_iter(), node)
+        translate_view(object, slices, node)
     }
 
     /// The slices whose service-name label names `owner`.
