@@ -24,9 +24,21 @@ pub const CLASH_FILTER_MAP: &str = "CLASH_FILTER";
 pub const REPLY_FILTER_MAP: &str = "REPLY_FILTER";
 pub const POD_ROUTES_MAP: &str = "POD_ROUTES";
 pub const SOCK_LB_SKIP_MAP: &str = "SOCK_LB_SKIP";
+/// The IPv6 twins (`v6`).
+pub const SERVICES6_MAP: &str = "SERVICES6";
+pub const BACKEND_ADDRS6_MAP: &str = "BACKEND_ADDRS6";
+pub const REVERSE_NAT6_MAP: &str = "REVERSE_NAT6";
+pub const CONNTRACK6_TCP_MAP: &str = "CONNTRACK6_TCP";
+pub const CONNTRACK6_UDP_MAP: &str = "CONNTRACK6_UDP";
+pub const SOCK_REVERSE_NAT6_MAP: &str = "SOCK_REVERSE_NAT6";
+pub const FRAGMENTS6_MAP: &str = "FRAGMENTS6";
+pub const POD_ROUTES6_MAP: &str = "POD_ROUTES6";
+
+mod v6;
+pub use v6::*;
 
 /// Every map, for pinning and inspection.
-pub const ALL_MAPS: [&str; 14] = [
+pub const ALL_MAPS: [&str; 22] = [
     SERVICE_FILTER_MAP,
     SERVICES_MAP,
     SLOTS_MAP,
@@ -41,6 +53,14 @@ pub const ALL_MAPS: [&str; 14] = [
     REPLY_FILTER_MAP,
     POD_ROUTES_MAP,
     SOCK_LB_SKIP_MAP,
+    SERVICES6_MAP,
+    BACKEND_ADDRS6_MAP,
+    REVERSE_NAT6_MAP,
+    CONNTRACK6_TCP_MAP,
+    CONNTRACK6_UDP_MAP,
+    SOCK_REVERSE_NAT6_MAP,
+    FRAGMENTS6_MAP,
+    POD_ROUTES6_MAP,
 ];
 
 /// Each map's layout version: its key and value structs and what their
@@ -61,7 +81,7 @@ pub const ALL_MAPS: [&str; 14] = [
 ///
 /// Every map that existed when all maps shared one version
 /// (`SHARED_MAPS_ABI`) is at that version's last value, 3.
-pub const MAP_LAYOUT_VERSIONS: [(&str, u32); 14] = [
+pub const MAP_LAYOUT_VERSIONS: [(&str, u32); 22] = [
     (SERVICE_FILTER_MAP, 3),
     (SERVICES_MAP, 4),
     (SLOTS_MAP, 1),
@@ -76,6 +96,14 @@ pub const MAP_LAYOUT_VERSIONS: [(&str, u32); 14] = [
     (REPLY_FILTER_MAP, 3),
     (POD_ROUTES_MAP, 3),
     (SOCK_LB_SKIP_MAP, 3),
+    (SERVICES6_MAP, 1),
+    (BACKEND_ADDRS6_MAP, 1),
+    (REVERSE_NAT6_MAP, 1),
+    (CONNTRACK6_TCP_MAP, 1),
+    (CONNTRACK6_UDP_MAP, 1),
+    (SOCK_REVERSE_NAT6_MAP, 1),
+    (FRAGMENTS6_MAP, 1),
+    (POD_ROUTES6_MAP, 1),
 ];
 
 /// The layout version of `map` in this build.
@@ -266,6 +294,11 @@ pub type BackendId = u32;
 /// `Backend::flags`: the slot holds a backend. A zeroed slot (never written,
 /// or deleted) has no backend.
 pub const BACKEND_FLAG_PRESENT: u8 = 1 << 0;
+/// `Backend::flags`: an IPv6 backend, whose address is in
+/// `BACKEND_ADDRS6` under the same id (`address_be` is zero). Zero in
+/// every entry a build without IPv6 wrote, which meant IPv4 there too:
+/// `BACKENDS` keeps its version.
+pub const BACKEND_FLAG_V6: u8 = 1 << 1;
 
 /// Value of `BACKENDS`: where a backend lives. An array rather than a hash
 /// because ids are small dense integers: the verifier turns the lookup
@@ -290,6 +323,11 @@ pub struct Backend {
 impl Backend {
     pub const fn is_present(&self) -> bool {
         self.flags & BACKEND_FLAG_PRESENT != 0
+    }
+
+    /// Whether its address is in `BACKEND_ADDRS6`.
+    pub const fn is_v6(&self) -> bool {
+        self.flags & BACKEND_FLAG_V6 != 0
     }
 }
 
@@ -553,7 +591,13 @@ mod tests {
         let ct_entry = layout!(CtEntry: last_seen, l2_seen, backend_id, rev_nat_low, state, l2_mode,
             service_address_be, service_port_be, dst_mac, src_mac, nat_port_be, ifindex,
             out_ifindex, rev_nat_high);
-        let maps: [(&str, String, String); 14] = [
+        let ct_key6 = layout!(CtKey6: client_address_be, peer_address_be, client_port_be,
+            peer_port_be, protocol, kind);
+        let ct_entry6 = layout!(CtEntry6: last_seen, l2_seen, backend_id, rev_nat_low, state,
+            l2_mode, service_address_be, service_port_be, dst_mac, src_mac, nat_port_be, ifindex,
+            out_ifindex, rev_nat_high);
+        let service_value6 = service_value.clone();
+        let maps: [(&str, String, String); 22] = [
             (SERVICE_FILTER_MAP, "u32".into(), "u32".into()),
             (SERVICES_MAP, service_key, service_value),
             (SLOTS_MAP, "u32".into(), layout!(Slot: backend_id)),
@@ -588,6 +632,38 @@ mod tests {
                 "u32".into(),
             ),
             (SOCK_LB_SKIP_MAP, "u64".into(), "u8".into()),
+            (
+                SERVICES6_MAP,
+                layout!(ServiceKey6: address_be, port_be, protocol),
+                service_value6,
+            ),
+            (
+                BACKEND_ADDRS6_MAP,
+                "u32".into(),
+                layout!(BackendAddress6: address_be),
+            ),
+            (
+                REVERSE_NAT6_MAP,
+                "u32".into(),
+                layout!(RevNatValue6: address_be, port_be, flags),
+            ),
+            (CONNTRACK6_TCP_MAP, ct_key6.clone(), ct_entry6.clone()),
+            (CONNTRACK6_UDP_MAP, ct_key6, ct_entry6),
+            (
+                SOCK_REVERSE_NAT6_MAP,
+                layout!(SockRevNatKey6: cookie, backend_address_be, backend_port_be),
+                layout!(SockRevNatValue6: service_address_be, service_port_be, rev_nat_low),
+            ),
+            (
+                FRAGMENTS6_MAP,
+                layout!(FragmentKey6: source_be, destination_be, id_be, protocol),
+                layout!(FragmentPorts: source_port_be, destination_port_be),
+            ),
+            (
+                POD_ROUTES6_MAP,
+                layout!(PodRouteKey6: netns_cookie, address_be),
+                "u32".into(),
+            ),
         ];
         assert_eq!(
             maps.each_ref().map(|(name, _, _)| *name),
@@ -645,7 +721,15 @@ mod tests {
          POD_ROUTES v3: PodRouteKey[16]{netns_cookie@0,address_be@8} -> u32
          SOCK_LB_SKIP v3: u64 -> u8
          SERVICES v4: ServiceKey[8]{address_be@0,port_be@4,protocol@6} -> ServiceValue[12]{first_slot@0,backend_count@4,rev_nat_low@6,flags@8,rev_nat_high@9,slot_order@10}
-         SLOTS v1: u32 -> Slot[8]{backend_id@0}";
+         SLOTS v1: u32 -> Slot[8]{backend_id@0}
+         SERVICES6 v1: ServiceKey6[20]{address_be@0,port_be@16,protocol@18} -> ServiceValue[12]{first_slot@0,backend_count@4,rev_nat_low@6,flags@8,rev_nat_high@9,slot_order@10}
+         BACKEND_ADDRS6 v1: u32 -> BackendAddress6[16]{address_be@0}
+         REVERSE_NAT6 v1: u32 -> RevNatValue6[20]{address_be@0,port_be@16,flags@18}
+         CONNTRACK6_TCP v1: CtKey6[40]{client_address_be@0,peer_address_be@16,client_port_be@32,peer_port_be@34,protocol@36,kind@37} -> CtEntry6[72]{last_seen@0,l2_seen@8,backend_id@16,rev_nat_low@20,state@22,l2_mode@23,service_address_be@24,service_port_be@40,dst_mac@42,src_mac@48,nat_port_be@54,ifindex@56,out_ifindex@60,rev_nat_high@64}
+         CONNTRACK6_UDP v1: CtKey6[40]{client_address_be@0,peer_address_be@16,client_port_be@32,peer_port_be@34,protocol@36,kind@37} -> CtEntry6[72]{last_seen@0,l2_seen@8,backend_id@16,rev_nat_low@20,state@22,l2_mode@23,service_address_be@24,service_port_be@40,dst_mac@42,src_mac@48,nat_port_be@54,ifindex@56,out_ifindex@60,rev_nat_high@64}
+         SOCK_REVERSE_NAT6 v1: SockRevNatKey6[32]{cookie@0,backend_address_be@8,backend_port_be@24} -> SockRevNatValue6[20]{service_address_be@0,service_port_be@16,rev_nat_low@18}
+         FRAGMENTS6 v1: FragmentKey6[40]{source_be@0,destination_be@16,id_be@32,protocol@36} -> FragmentPorts[4]{source_port_be@0,destination_port_be@2}
+         POD_ROUTES6 v1: PodRouteKey6[24]{netns_cookie@0,address_be@8} -> u32";
 
     #[test]
     fn reverse_nat_ids_take_24_bits_and_values_written_before_read_the_same() {

@@ -8,8 +8,10 @@ use aya_ebpf::{
 };
 use datapath_common::{
     maps::{
-        BPF_F_MMAPABLE, Backend, CtEntry, CtKey, FragmentKey, FragmentPorts, PodRouteKey,
-        RevNatValue, ServiceKey, ServiceValue, Slot, SockRevNatKey, SockRevNatValue,
+        BPF_F_MMAPABLE, Backend, BackendAddress6, CtEntry, CtEntry6, CtKey, CtKey6, FragmentKey,
+        FragmentKey6, FragmentPorts, PodRouteKey, PodRouteKey6, RevNatValue, RevNatValue6,
+        ServiceKey, ServiceKey6, ServiceValue, Slot, SockRevNatKey, SockRevNatKey6,
+        SockRevNatValue, SockRevNatValue6,
     },
     metrics::COUNTER_COUNT,
 };
@@ -101,3 +103,42 @@ pub static POD_ROUTES: LpmTrie<PodRouteKey, u32> =
 #[map]
 pub static SOCK_LB_SKIP: HashMap<u64, u8> =
     HashMap::with_max_entries(datapath_common::maps::DEFAULT_SOCK_LB_SKIP_MAX, 0);
+
+// The IPv6 twins (`datapath_common::maps::v6`): one entry each unless the
+// loader sizes them for IPv6, so that an IPv4-only node pays nothing.
+
+/// IPv6 frontends (`SERVICES`' twin; their slots are blocks of `SLOTS`).
+#[map]
+pub static SERVICES6: HashMap<ServiceKey6, ServiceValue> = HashMap::with_max_entries(1, 0);
+
+/// The address of each IPv6 backend, under its `BACKENDS` id.
+#[map]
+pub static BACKEND_ADDRS6: Array<BackendAddress6> = Array::with_max_entries(1, BPF_F_MMAPABLE);
+
+/// Reverse-NAT id → IPv6 frontend.
+#[map]
+pub static REVERSE_NAT6: Array<RevNatValue6> = Array::with_max_entries(1, 0);
+
+/// A conntrack table of IPv6 flows (`CONNTRACK6_TCP` or `CONNTRACK6_UDP`).
+pub type CtMap6 = LruHashMap<CtKey6, CtEntry6>;
+
+/// IPv6 TCP flows of the TC path (two entries each).
+#[map]
+pub static CONNTRACK6_TCP: CtMap6 = LruHashMap::with_max_entries(1, 0);
+
+/// IPv6 UDP flows of the TC path (two entries each).
+#[map]
+pub static CONNTRACK6_UDP: CtMap6 = LruHashMap::with_max_entries(1, 0);
+
+/// Socket-LB over IPv6: which frontend a translated socket talks to.
+#[map]
+pub static SOCK_REVERSE_NAT6: LruHashMap<SockRevNatKey6, SockRevNatValue6> =
+    LruHashMap::with_max_entries(1, 0);
+
+/// Ports of fragmented IPv6 datagrams in flight.
+#[map]
+pub static FRAGMENTS6: LruHashMap<FragmentKey6, FragmentPorts> = LruHashMap::with_max_entries(1, 0);
+
+/// Attached pods' IPv6 routes: (netns cookie, prefix) → interface.
+#[map]
+pub static POD_ROUTES6: LpmTrie<PodRouteKey6, u32> = LpmTrie::with_max_entries(1, 0);

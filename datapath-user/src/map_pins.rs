@@ -35,10 +35,11 @@ use std::{
 
 use aya::maps::MapInfo;
 use datapath_common::maps::{
-    BACKENDS_MAP, Backend, CLASH_FILTER_MAP, CONNTRACK_TCP_MAP, CONNTRACK_UDP_MAP, COUNTERS_MAP,
-    FRAGMENTS_MAP, MAP_LAYOUT_VERSIONS, POD_ROUTES_MAP, REPLY_FILTER_MAP, REVERSE_NAT_MAP,
-    SERVICE_FILTER_MAP, SERVICES_MAP, SHARED_MAPS_ABI, SLOTS_MAP, SOCK_LB_SKIP_MAP,
-    SOCK_REVERSE_NAT_MAP, layout_version,
+    BACKENDS_MAP, Backend, CLASH_FILTER_MAP, CONNTRACK_TCP_MAP, CONNTRACK_UDP_MAP,
+    CONNTRACK6_TCP_MAP, CONNTRACK6_UDP_MAP, COUNTERS_MAP, FRAGMENTS_MAP, MAP_LAYOUT_VERSIONS,
+    POD_ROUTES_MAP, REPLY_FILTER_MAP, REVERSE_NAT_MAP, SERVICE_FILTER_MAP, SERVICES_MAP,
+    SERVICES6_MAP, SHARED_MAPS_ABI, SLOTS_MAP, SOCK_LB_SKIP_MAP, SOCK_REVERSE_NAT_MAP,
+    layout_version,
 };
 
 use crate::error::LoaderError;
@@ -363,7 +364,15 @@ pub fn mark_layouts(pin_dir: &Path) -> Result<(), LoaderError> {
 /// flow could reach another service's pod (one carried over keeps them).
 /// (`REVERSE_NAT` ids are written again under the same numbers when it is
 /// made afresh, `Reconciler::adopt`.)
-const DEPENDENTS: [(&str, &[&str]); 1] = [(BACKENDS_MAP, &[CONNTRACK_TCP_MAP, CONNTRACK_UDP_MAP])];
+const DEPENDENTS: [(&str, &[&str]); 1] = [(
+    BACKENDS_MAP,
+    &[
+        CONNTRACK_TCP_MAP,
+        CONNTRACK_UDP_MAP,
+        CONNTRACK6_TCP_MAP,
+        CONNTRACK6_UDP_MAP,
+    ],
+)];
 
 /// Maps replaced whenever another is, carried over or not: the programs
 /// still attached (until the agent's first sync is done) keep reading the
@@ -372,12 +381,26 @@ const DEPENDENTS: [(&str, &[&str]); 1] = [(BACKENDS_MAP, &[CONNTRACK_TCP_MAP, CO
 /// array, whose slots name backend ids: `BACKENDS` made anew takes the
 /// slots and so the frontends with it (a kept `SLOTS` would get ids the
 /// old `BACKENDS` does not hold, or holds for another pod); either of
-/// `SERVICES` and `SLOTS` takes the other.
-const FOLLOWERS: [(&str, &[&str]); 3] = [
+/// `SERVICES` (or `SERVICES6`, whose frontends' blocks are in the same
+/// array) and `SLOTS` takes the other.
+///
+/// (`BACKEND_ADDRS6` holds the addresses of `BACKENDS`' IPv6 entries: how
+/// it goes with `BACKENDS` — carried with it — is decided where IPv6
+/// backends are first written; until then it holds none.)
+const FOLLOWERS: [(&str, &[&str]); 4] = [
     (BACKENDS_MAP, &[SLOTS_MAP]),
-    (SLOTS_MAP, &[SERVICES_MAP]),
+    (SLOTS_MAP, &[SERVICES_MAP, SERVICES6_MAP]),
     (SERVICES_MAP, &[SLOTS_MAP]),
+    (SERVICES6_MAP, &[SLOTS_MAP]),
 ];
+
+/// A map this build has and the pinned installation never had: not
+/// pinned, no layout marker of its own, not one the shared marker's
+/// builds made. No program attached now can read it, so making it replaces
+/// nothing (an upgrade that adds the IPv6 maps keeps the IPv4 ones).
+fn new_to_installation(pin_dir: &Path, map: &str) -> bool {
+    !SHARED_VERSION_MAPS.contains(&map) && marked_version(pin_dir, map).is_none()
+}
 
 /// Maps whose entries a replacement carries over when only their size or
 /// flags changed, because other maps name their ids.
@@ -596,8 +619,9 @@ pub fn reconcile_pins(
             let pinned = decisions.iter().find(|(name, ..)| *name == map);
             let replaced = match pinned {
                 Some((_, _, _, decision, _)) => matches!(decision, Decision::Replace(_)),
-                // Not pinned: made by this load (the owner's).
-                None => policy == PinPolicy::Own,
+                // Not pinned: made by this load (the owner's), in place of
+                // one that was, unless no build before had it.
+                None => policy == PinPolicy::Own && !new_to_installation(pin_dir, map),
             };
             let fires = replaced && !(ids_only && carried_over.contains(&map));
             if !fires {

@@ -1535,6 +1535,114 @@ fn an_upgrade_from_the_release_before_the_slot_array_keeps_conntrack_and_every_i
     assert_eq!(reconciler.maps().dump().unwrap(), programmed);
 }
 
+/// An upgrade from a build without the IPv6 maps: they are made, and
+/// every IPv4 map is kept (no program attached can read a map the
+/// installation never had). Sizing the IPv6 maps later (`MapSizes::ipv6`)
+/// makes `SERVICES6` anew, and with it `SLOTS` and `SERVICES` (their
+/// blocks are one array), while conntrack, `BACKENDS` and `REVERSE_NAT`
+/// stay: the service is programmed again under the ids its tracked flows
+/// name.
+#[test]
+fn an_upgrade_that_adds_the_ipv6_maps_keeps_the_ipv4_ones() {
+    use aya::maps::MapInfo;
+    use datapath_common::maps::{
+        ALL_MAPS, BACKEND_ADDRS6_MAP, BACKENDS_MAP, CONNTRACK_TCP_MAP, CONNTRACK_UDP_MAP,
+        CONNTRACK6_TCP_MAP, CONNTRACK6_UDP_MAP, FRAGMENTS6_MAP, POD_ROUTES6_MAP, REVERSE_NAT_MAP,
+        REVERSE_NAT6_MAP, SERVICES_MAP, SERVICES6_MAP, SLOTS_MAP, SOCK_REVERSE_NAT6_MAP,
+    };
+    use datapath_user::{LoadOptions, loader::MapSizes, map_pins::PinPolicy};
+    common::require_root("pinned maps");
+    let pins = common::PinDir::new();
+    let pin_dir = pins.path();
+    let options = LoadOptions {
+        pin_dir: Some(pin_dir.clone()),
+        pin_policy: PinPolicy::Own,
+        ..LoadOptions::default()
+    };
+    let web = translation(&service_yaml("web", "10.96.1.1", &[80], 3));
+    let programmed = {
+        let mut datapath = datapath_user::Datapath::load(&options).unwrap();
+        let mut reconciler = Reconciler::new_on_empty(&mut datapath.maps);
+        apply(&mut reconciler, &web);
+        reconciler.prune(false).unwrap();
+        reconciler.maps().dump().unwrap()
+    };
+    let v6 = [
+        SERVICES6_MAP,
+        BACKEND_ADDRS6_MAP,
+        REVERSE_NAT6_MAP,
+        CONNTRACK6_TCP_MAP,
+        CONNTRACK6_UDP_MAP,
+        SOCK_REVERSE_NAT6_MAP,
+        FRAGMENTS6_MAP,
+        POD_ROUTES6_MAP,
+    ];
+    // The older build: no IPv6 map pinned, none marked.
+    let layouts = pin_dir.join(datapath_user::map_pins::LAYOUTS_DIR);
+    for map in v6 {
+        std::fs::remove_file(pin_dir.join(map)).unwrap();
+        std::fs::remove_dir(layouts.join(format!("{map}-v1"))).unwrap();
+    }
+    let map_id = |map: &str| MapInfo::from_pin(pin_dir.join(map)).unwrap().id();
+    let v4: Vec<&str> = ALL_MAPS.into_iter().filter(|m| !v6.contains(m)).collect();
+    let v4_ids: Vec<u32> = v4.iter().map(|m| map_id(m)).collect();
+
+    let datapath = datapath_user::Datapath::load(&options).unwrap();
+    assert_eq!(
+        v4.iter().map(|m| map_id(m)).collect::<Vec<_>>(),
+        v4_ids,
+        "every IPv4 map kept: {v4:?}"
+    );
+    assert!(v6.iter().all(|m| pin_dir.join(m).exists()), "made");
+    assert!(
+        layouts.join(format!("{SERVICES6_MAP}-v1")).exists(),
+        "marked"
+    );
+    assert_eq!(datapath.maps.dump().unwrap(), programmed);
+    drop(datapath);
+
+    // IPv6 sized: SERVICES6 grows, and takes the slot array and SERVICES.
+    let kept = [
+        BACKENDS_MAP,
+        CONNTRACK_TCP_MAP,
+        CONNTRACK_UDP_MAP,
+        REVERSE_NAT_MAP,
+    ];
+    let kept_ids: Vec<u32> = kept.iter().map(|m| map_id(m)).collect();
+    let remade = [SERVICES6_MAP, SLOTS_MAP, SERVICES_MAP];
+    let remade_ids: Vec<u32> = remade.iter().map(|m| map_id(m)).collect();
+    let mut datapath = datapath_user::Datapath::load(&LoadOptions {
+        sizes: MapSizes {
+            ipv6: true,
+            ..MapSizes::default()
+        },
+        ..options.clone()
+    })
+    .unwrap();
+    assert_eq!(
+        kept.iter().map(|m| map_id(m)).collect::<Vec<_>>(),
+        kept_ids,
+        "{kept:?} kept"
+    );
+    for (map, old) in remade.iter().zip(remade_ids) {
+        assert_ne!(map_id(map), old, "{map} made anew");
+    }
+    assert_eq!(
+        MapInfo::from_pin(pin_dir.join(SERVICES6_MAP))
+            .unwrap()
+            .max_entries(),
+        MapSizes::default().services
+    );
+    let mut reconciler = Reconciler::adopt(&mut datapath.maps).unwrap();
+    apply(&mut reconciler, &web);
+    reconciler.prune(false).unwrap();
+    assert_eq!(
+        reconciler.maps().dump().unwrap(),
+        programmed,
+        "the same backend and reverse-NAT ids"
+    );
+}
+
 /// `SLOTS` and `BACKENDS` count in the agent's resident memory only while
 /// mapped: nothing maps them at load (the attach loop's handles never
 /// do), a write maps only the windows it touches, and the end of a pass

@@ -298,6 +298,7 @@ impl Testbed {
                 conntrack_tcp_flows: 16,
                 conntrack_udp_flows: 16,
                 sock_reverse_nat: 16,
+                ipv6: false,
             };
             let datapath = Datapath::load(&LoadOptions {
                 sizes: tiny,

@@ -27,6 +27,9 @@ pub struct MapSizes {
     /// UDP flows the TC path can track (two entries each).
     pub conntrack_udp_flows: u32,
     pub sock_reverse_nat: u32,
+    /// Size the IPv6 maps as their IPv4 twins; otherwise they take one
+    /// entry each (an IPv4-only node pays nothing for them).
+    pub ipv6: bool,
 }
 
 impl MapSizes {
@@ -40,23 +43,31 @@ impl MapSizes {
     }
 
     /// `max_entries` of each sized map, as the loader sets them.
-    pub fn max_entries(&self) -> [(&'static str, u32); 7] {
+    pub fn max_entries(&self) -> [(&'static str, u32); 15] {
+        let tcp_entries = self
+            .conntrack_tcp_flows
+            .saturating_mul(maps::CT_ENTRIES_PER_FLOW);
+        let udp_entries = self
+            .conntrack_udp_flows
+            .saturating_mul(maps::CT_ENTRIES_PER_FLOW);
+        let v6 = |entries: u32| if self.ipv6 { entries } else { 1 };
         [
             (maps::SERVICES_MAP, self.services),
             (maps::SLOTS_MAP, self.slots.min(maps::SLOTS_LIMIT)),
             (maps::BACKENDS_MAP, self.backends),
             (maps::REVERSE_NAT_MAP, self.reverse_nat),
-            (
-                maps::CONNTRACK_TCP_MAP,
-                self.conntrack_tcp_flows
-                    .saturating_mul(maps::CT_ENTRIES_PER_FLOW),
-            ),
-            (
-                maps::CONNTRACK_UDP_MAP,
-                self.conntrack_udp_flows
-                    .saturating_mul(maps::CT_ENTRIES_PER_FLOW),
-            ),
+            (maps::CONNTRACK_TCP_MAP, tcp_entries),
+            (maps::CONNTRACK_UDP_MAP, udp_entries),
             (maps::SOCK_REVERSE_NAT_MAP, self.sock_reverse_nat),
+            (maps::SERVICES6_MAP, v6(self.services)),
+            // Ids are shared: every id of `BACKENDS` may be an IPv6 one.
+            (maps::BACKEND_ADDRS6_MAP, v6(self.backends)),
+            (maps::REVERSE_NAT6_MAP, v6(self.reverse_nat)),
+            (maps::CONNTRACK6_TCP_MAP, v6(tcp_entries)),
+            (maps::CONNTRACK6_UDP_MAP, v6(udp_entries)),
+            (maps::SOCK_REVERSE_NAT6_MAP, v6(self.sock_reverse_nat)),
+            (maps::FRAGMENTS6_MAP, v6(maps::DEFAULT_FRAGMENTS_MAX)),
+            (maps::POD_ROUTES6_MAP, v6(maps::DEFAULT_POD_ROUTES_MAX)),
         ]
     }
 }
@@ -71,6 +82,7 @@ impl Default for MapSizes {
             conntrack_tcp_flows: maps::DEFAULT_CONNTRACK_TCP_FLOWS,
             conntrack_udp_flows: maps::DEFAULT_CONNTRACK_UDP_FLOWS,
             sock_reverse_nat: maps::DEFAULT_SOCK_REVERSE_NAT_MAX,
+            ipv6: false,
         }
     }
 }
