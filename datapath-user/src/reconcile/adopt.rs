@@ -36,17 +36,11 @@ impl<M: LbMaps> Reconciler<M> {
             backend_ids: IdAllocator::new(maps.backend_capacity()),
             rev_nat_ids: IdAllocator::new(maps.rev_nat_capacity()),
             maps,
-            programmed: HashMap::default(),
-            backends: Default::default(),
-            owner: HashMap::default(),
-            held: Default::default(),
-            waiting: HashMap::default(),
+            v4: Default::default(),
             adopted_unused_backends: Vec::new(),
-            adopted_by_address: HashMap::default(),
             departed: Vec::new(),
             node_seed: 0,
             adopted_unused_rev_nats: Vec::new(),
-            adopted_rev_nat_by_address: HashMap::default(),
             stray_entries: dump.stray_entries,
         };
         let by_id: HashMap<BackendId, BackendAddress> = dump.backends.iter().copied().collect();
@@ -106,6 +100,7 @@ impl<M: LbMaps> Reconciler<M> {
                     None => true,
                     Some(slots) => slots.iter().any(|(id, address)| {
                         reconciler
+                            .v4
                             .backends
                             .id_of(address)
                             .is_some_and(|using| using != *id)
@@ -124,15 +119,15 @@ impl<M: LbMaps> Reconciler<M> {
             } else {
                 for (id, address) in slots.unwrap_or_default() {
                     referenced.insert(id);
-                    if reconciler.backends.reference(&address).is_none() {
-                        reconciler.backends.insert(address, id);
+                    if reconciler.v4.backends.reference(&address).is_none() {
+                        reconciler.v4.backends.insert(address, id);
                     }
                     backends.push(id);
                 }
             }
             rev_nats_used.insert(found.rev_nat_id);
             reconciler.rev_nat_ids.adopt(found.rev_nat_id);
-            reconciler.programmed.insert(
+            reconciler.v4.programmed.insert(
                 found.frontend,
                 Programmed::new(
                     found.rev_nat_id,
@@ -147,27 +142,33 @@ impl<M: LbMaps> Reconciler<M> {
             reconciler.backend_ids.adopt(*id);
             if !referenced.contains(id) {
                 reconciler.adopted_unused_backends.push(*id);
-                reconciler.adopted_by_address.entry(*address).or_insert(*id);
+                reconciler
+                    .v4
+                    .adopted_by_address
+                    .entry(*address)
+                    .or_insert(*id);
             }
         }
         let mut ambiguous = HashSet::default();
-        for (id, address) in &dump.rev_nats {
+        for (id, socket) in &dump.rev_nats {
+            let address = (*socket.ip(), socket.port());
             if !rev_nats_used.contains(id) {
                 reconciler.rev_nat_ids.adopt(*id);
                 reconciler.adopted_unused_rev_nats.push(*id);
                 // Two at one address (its TCP and UDP frontends): which
                 // is which is not in the entry.
                 if reconciler
+                    .v4
                     .adopted_rev_nat_by_address
-                    .insert(*address, *id)
+                    .insert(address, *id)
                     .is_some()
                 {
-                    ambiguous.insert(*address);
+                    ambiguous.insert(address);
                 }
             }
         }
         for address in ambiguous {
-            reconciler.adopted_rev_nat_by_address.remove(&address);
+            reconciler.v4.adopted_rev_nat_by_address.remove(&address);
         }
         reconciler
     }
@@ -183,9 +184,10 @@ impl<M: LbMaps> Reconciler<M> {
         let mut report = PruneReport::default();
         let mut issues = Vec::new();
         let stale: Vec<Frontend> = self
+            .v4
             .programmed
             .keys()
-            .filter(|f| !keep_unowned && !self.owner.contains_key(f))
+            .filter(|f| !keep_unowned && !self.v4.owner.contains_key(f))
             .copied()
             .collect();
         for frontend in stale {
@@ -194,10 +196,10 @@ impl<M: LbMaps> Reconciler<M> {
                 Err(issue) => issues.push(issue),
             }
         }
-        self.adopted_by_address.clear();
-        self.adopted_rev_nat_by_address.clear();
+        self.v4.adopted_by_address.clear();
+        self.v4.adopted_rev_nat_by_address.clear();
         for id in std::mem::take(&mut self.adopted_unused_backends) {
-            if self.backends.holds_id(id) {
+            if self.v4.backends.holds_id(id) {
                 continue; // taken into use since adoption
             }
             match self.maps.remove_backend(id) {
@@ -209,7 +211,7 @@ impl<M: LbMaps> Reconciler<M> {
             }
         }
         for id in std::mem::take(&mut self.adopted_unused_rev_nats) {
-            if self.programmed.values().any(|p| p.rev_nat_id == id) {
+            if self.v4.programmed.values().any(|p| p.rev_nat_id == id) {
                 continue;
             }
             match self.maps.remove_rev_nat(id) {
@@ -231,7 +233,7 @@ impl<M: LbMaps> Reconciler<M> {
                 Err(e) => issues.push(datapath_issue("SERVICES", format!("stray entry: {e}"))),
             }
         }
-        let frontends: Vec<Frontend> = self.programmed.keys().copied().collect();
+        let frontends: Vec<Frontend> = self.v4.programmed.keys().copied().collect();
         match self.maps.rebuild_filter(&frontends) {
             Ok(n) => report.filter_buckets = n,
             Err(e) => issues.push(datapath_issue("SERVICE_FILTER", e.to_string())),

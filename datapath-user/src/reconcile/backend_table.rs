@@ -13,28 +13,39 @@ use std::hash::BuildHasher;
 use datapath_common::maps::BackendId;
 use hashbrown::HashTable;
 
-use crate::model::BackendAddress;
+use crate::model::{BackendAddress, Family};
 
 /// One backend entry in use.
 #[derive(Clone, Copy, Debug)]
-struct InUse {
-    address: BackendAddress,
+struct InUse<A> {
+    address: BackendAddress<A>,
     /// Frontends whose slots (or adopted slots) name it; at least 1.
     frontends: u32,
 }
 
-#[derive(Default)]
-pub(super) struct BackendTable {
+/// One family's backends (ids are shared by both families: an id is in
+/// use in one table at most).
+pub(super) struct BackendTable<A> {
     /// By id (ids are small: the allocator hands them out below the
     /// BACKENDS map's size).
-    by_id: Vec<Option<InUse>>,
+    by_id: Vec<Option<InUse<A>>>,
     /// The ids in `by_id`, found by their backend's address.
     index: HashTable<BackendId>,
     // foldhash, randomly seeded per process: addresses are users' choice.
     hasher: foldhash::fast::RandomState,
 }
 
-impl std::fmt::Debug for BackendTable {
+impl<A> Default for BackendTable<A> {
+    fn default() -> Self {
+        Self {
+            by_id: Vec::new(),
+            index: HashTable::new(),
+            hasher: foldhash::fast::RandomState::default(),
+        }
+    }
+}
+
+impl<A: Family> std::fmt::Debug for BackendTable<A> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_map()
             .entries(
@@ -45,17 +56,17 @@ impl std::fmt::Debug for BackendTable {
     }
 }
 
-impl BackendTable {
+impl<A: Family> BackendTable<A> {
     pub(super) fn len(&self) -> usize {
         self.index.len()
     }
 
-    fn entry(&self, id: BackendId) -> Option<&InUse> {
+    fn entry(&self, id: BackendId) -> Option<&InUse<A>> {
         self.by_id.get(id as usize)?.as_ref()
     }
 
     /// The id `address` is in use under.
-    pub(super) fn id_of(&self, address: &BackendAddress) -> Option<BackendId> {
+    pub(super) fn id_of(&self, address: &BackendAddress<A>) -> Option<BackendId> {
         let by_id = &self.by_id;
         self.index
             .find(self.hasher.hash_one(address), |&id| {
@@ -64,12 +75,12 @@ impl BackendTable {
             .copied()
     }
 
-    pub(super) fn contains(&self, address: &BackendAddress) -> bool {
+    pub(super) fn contains(&self, address: &BackendAddress<A>) -> bool {
         self.id_of(address).is_some()
     }
 
     /// The address of the backend in use under `id`.
-    pub(super) fn address_of(&self, id: BackendId) -> Option<BackendAddress> {
+    pub(super) fn address_of(&self, id: BackendId) -> Option<BackendAddress<A>> {
         self.entry(id).map(|e| e.address)
     }
 
@@ -79,7 +90,7 @@ impl BackendTable {
     }
 
     /// Takes one more reference on `address`'s entry, if in use.
-    pub(super) fn reference(&mut self, address: &BackendAddress) -> Option<BackendId> {
+    pub(super) fn reference(&mut self, address: &BackendAddress<A>) -> Option<BackendId> {
         let id = self.id_of(address)?;
         if let Some(entry) = self.by_id[id as usize].as_mut() {
             entry.frontends += 1;
@@ -89,7 +100,7 @@ impl BackendTable {
 
     /// Puts `address` in use under `id` with one reference. The caller
     /// made sure neither is in use.
-    pub(super) fn insert(&mut self, address: BackendAddress, id: BackendId) {
+    pub(super) fn insert(&mut self, address: BackendAddress<A>, id: BackendId) {
         debug_assert!(!self.contains(&address) && !self.holds_id(id));
         let at = id as usize;
         if self.by_id.len() <= at {
@@ -108,7 +119,7 @@ impl BackendTable {
 
     /// Drops one reference on `address`'s entry; returns its id when that
     /// was the last one (the entry is gone from the table then).
-    pub(super) fn release(&mut self, address: &BackendAddress) -> Option<BackendId> {
+    pub(super) fn release(&mut self, address: &BackendAddress<A>) -> Option<BackendId> {
         let id = self.id_of(address)?;
         let entry = self.by_id[id as usize].as_mut()?;
         entry.frontends = entry.frontends.saturating_sub(1);
@@ -126,7 +137,7 @@ impl BackendTable {
     }
 
     /// Every entry: id, address, references.
-    pub(super) fn iter(&self) -> impl Iterator<Item = (BackendId, BackendAddress, u32)> + '_ {
+    pub(super) fn iter(&self) -> impl Iterator<Item = (BackendId, BackendAddress<A>, u32)> + '_ {
         self.by_id
             .iter()
             .enumerate()
@@ -151,7 +162,7 @@ mod tests {
 
     #[test]
     fn entries_are_found_by_address_and_id_and_leave_with_their_last_reference() {
-        let mut table = BackendTable::default();
+        let mut table = BackendTable::<Ipv4Addr>::default();
         let (a, b) = (backend(1, 80), backend(2, 80));
         table.insert(a, 7);
         table.insert(b, 3);
@@ -173,7 +184,7 @@ mod tests {
 
     #[test]
     fn many_entries_survive_the_index_growing() {
-        let mut table = BackendTable::default();
+        let mut table = BackendTable::<Ipv4Addr>::default();
         for i in 0..10_000u32 {
             let address = BackendAddress {
                 address: Ipv4Addr::from(0x0a00_0000 + i),

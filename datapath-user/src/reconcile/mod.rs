@@ -32,8 +32,9 @@ use crate::{
         translate::{Claim, conflict_issue},
     },
     maps::LbMaps,
-    model::{BackendAddress, Frontend},
+    model::{BackendAddress, Family, Frontend},
 };
+use std::net::Ipv4Addr;
 
 mod adopt;
 mod backend_table;
@@ -50,7 +51,7 @@ pub use subset::node_subset;
 /// A frontend as programmed: 32 bytes and its backends' ids (a cluster
 /// has tens of thousands; the backend table knows each id's address).
 #[derive(Clone, Debug, PartialEq, Eq)]
-struct Programmed {
+struct Programmed<A = Ipv4Addr> {
     rev_nat_id: RevNatId,
     /// The maps may not match `backends` (an interrupted or failed
     /// write): the next update rewrites the frontend.
@@ -61,41 +62,43 @@ struct Programmed {
     backends: Box<[BackendId]>,
     /// What else it holds, when anything (most frontends hold nothing
     /// else, and pay one pointer).
-    besides: Option<Box<HeldBesides>>,
+    besides: Option<Box<HeldBesides<A>>>,
 }
 
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-struct HeldBesides {
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct HeldBesides<A> {
     /// Draining backends this frontend holds a reference on (their
     /// `BACKENDS` entries stay; no slot names them).
-    draining: Vec<BackendAddress>,
+    draining: Vec<BackendAddress<A>>,
     /// Backend ids the maps' slots may name that no `backends` entry
     /// tracks (found broken at adoption); freed once the frontend is
     /// rewritten.
     untracked_ids: Vec<BackendId>,
 }
 
-impl Programmed {
+impl<A: Family> Programmed<A> {
     fn new(
         rev_nat_id: RevNatId,
         broken: bool,
         backends: Vec<BackendId>,
-        draining: Vec<BackendAddress>,
+        draining: Vec<BackendAddress<A>>,
         untracked_ids: Vec<BackendId>,
     ) -> Self {
-        let besides = HeldBesides {
-            draining,
-            untracked_ids,
-        };
+        let held_besides = !draining.is_empty() || !untracked_ids.is_empty();
         Self {
             rev_nat_id,
             broken,
             backends: backends.into(),
-            besides: (besides != HeldBesides::default()).then(|| Box::new(besides)),
+            besides: held_besides.then(|| {
+                Box::new(HeldBesides {
+                    draining,
+                    untracked_ids,
+                })
+            }),
         }
     }
 
-    fn draining(&self) -> &[BackendAddress] {
+    fn draining(&self) -> &[BackendAddress<A>] {
         self.besides.as_ref().map_or(&[], |b| &b.draining)
     }
 
@@ -140,35 +143,62 @@ pub struct PruneReport {
 
 pub struct Reconciler<M> {
     maps: M,
-    programmed: HashMap<Frontend, Programmed>,
-    backends: backend_table::BackendTable,
+    /// What the IPv4 frontends are.
+    v4: FamilyTables<Ipv4Addr>,
+    /// Backend ids, shared by both families (one `BACKENDS` array).
     backend_ids: IdAllocator,
+    /// Reverse-NAT ids, shared by both families.
     rev_nat_ids: IdAllocator,
-    /// Which service holds each frontend, and by what claim (a stronger
-    /// claim takes it over: `Claim`).
-    owner: HashMap<Frontend, (ObjectKey, Claim)>,
-    /// The frontends each service holds (`owner` names it), found by
-    /// that service.
-    held: ByOwner<Frontend>,
-    /// Services that asked for a frontend someone else holds.
-    waiting: HashMap<Frontend, BTreeSet<ObjectKey>>,
     /// Entries found in the maps at adoption that no slot names; freed by
     /// `prune` unless the first sync takes them into use (a draining
     /// backend keeps its id across an agent restart this way).
     adopted_unused_backends: Vec<BackendId>,
-    adopted_by_address: HashMap<BackendAddress, BackendId>,
     /// Filled by `program`/`remove`, handed out with the next `Outcome`.
     departed: Vec<Departed>,
     /// Picks this node's subset of an over-limit service (a hash of the
     /// node's name), so nodes spread over all endpoints.
     node_seed: u64,
     adopted_unused_rev_nats: Vec<RevNatId>,
-    /// Of those, each one whose address and port no other unused entry
-    /// has: a frontend at that address gets its id back (the `SERVICES`
-    /// map was made afresh, `REVERSE_NAT` kept), so that the flows
-    /// conntrack holds for it, which name the id, keep their backends.
-    adopted_rev_nat_by_address: HashMap<std::net::SocketAddrV4, RevNatId>,
     stray_entries: Vec<ServiceKey>,
+}
+
+/// One address family's frontends and backends: what is programmed, who
+/// holds each frontend, what adoption found. Frontends of one family
+/// balance over backends of that family only.
+struct FamilyTables<A> {
+    programmed: HashMap<Frontend<A>, Programmed<A>>,
+    backends: backend_table::BackendTable<A>,
+    /// Which service holds each frontend, and by what claim (a stronger
+    /// claim takes it over: `Claim`).
+    owner: HashMap<Frontend<A>, (ObjectKey, Claim)>,
+    /// The frontends each service holds (`owner` names it), found by
+    /// that service.
+    held: ByOwner<Frontend<A>>,
+    /// Services that asked for a frontend someone else holds.
+    waiting: HashMap<Frontend<A>, BTreeSet<ObjectKey>>,
+    /// Backends adoption found that no slot names, by address (the first
+    /// sync takes them back into use under the same id).
+    adopted_by_address: HashMap<BackendAddress<A>, BackendId>,
+    /// Reverse-NAT entries adoption found unused, each whose address and
+    /// port no other unused entry has: a frontend at that address gets
+    /// its id back (the service map was made afresh, the reverse-NAT map
+    /// kept), so that the flows conntrack holds for it, which name the
+    /// id, keep their backends.
+    adopted_rev_nat_by_address: HashMap<(A, u16), RevNatId>,
+}
+
+impl<A> Default for FamilyTables<A> {
+    fn default() -> Self {
+        Self {
+            programmed: HashMap::default(),
+            backends: Default::default(),
+            owner: HashMap::default(),
+            held: Default::default(),
+            waiting: HashMap::default(),
+            adopted_by_address: HashMap::default(),
+            adopted_rev_nat_by_address: HashMap::default(),
+        }
+    }
 }
 
 impl<M: LbMaps> Reconciler<M> {
@@ -192,12 +222,12 @@ impl<M: LbMaps> Reconciler<M> {
 
     /// Frontends currently programmed.
     pub fn frontend_count(&self) -> usize {
-        self.programmed.len()
+        self.v4.programmed.len()
     }
 
     /// Backend entries currently in use.
     pub fn backend_count(&self) -> usize {
-        self.backends.len()
+        self.v4.backends.len()
     }
 
     /// Ids handed out and not yet released: (backend, reverse-NAT).
@@ -236,26 +266,27 @@ impl<M: LbMaps> Reconciler<M> {
         // A service that no longer asks stops waiting.
         for frontend in previously.iter().chain(self.waiting_for(service).iter()) {
             if !wanted.contains(frontend)
-                && let Some(waiters) = self.waiting.get_mut(frontend)
+                && let Some(waiters) = self.v4.waiting.get_mut(frontend)
             {
                 waiters.remove(service);
                 if waiters.is_empty() {
-                    self.waiting.remove(frontend);
+                    self.v4.waiting.remove(frontend);
                 }
             }
         }
         let mut held = BTreeSet::new();
         for desired in &translation.frontends {
             let frontend = desired.frontend;
-            match self.owner.get(&frontend) {
+            match self.v4.owner.get(&frontend) {
                 Some((owner, claim)) if owner != service && desired.claim < *claim => {
                     // A stronger claim (a ClusterIP over an address anyone
                     // may write in `externalIPs`): the holder loses the
                     // frontend, waits for it, and is translated again so
                     // that it reports the conflict.
                     let holder = owner.clone();
-                    self.held.remove(&holder, &frontend);
-                    self.waiting
+                    self.v4.held.remove(&holder, &frontend);
+                    self.v4
+                        .waiting
                         .entry(frontend)
                         .or_default()
                         .insert(holder.clone());
@@ -265,7 +296,8 @@ impl<M: LbMaps> Reconciler<M> {
                     outcome
                         .issues
                         .push(conflict_issue(service, owner, &frontend, desired.claim));
-                    self.waiting
+                    self.v4
+                        .waiting
                         .entry(frontend)
                         .or_default()
                         .insert(service.clone());
@@ -275,10 +307,10 @@ impl<M: LbMaps> Reconciler<M> {
             }
             self.hold(service, frontend, desired.claim);
             held.insert(frontend);
-            if let Some(waiters) = self.waiting.get_mut(&frontend) {
+            if let Some(waiters) = self.v4.waiting.get_mut(&frontend) {
                 waiters.remove(service);
                 if waiters.is_empty() {
-                    self.waiting.remove(&frontend);
+                    self.v4.waiting.remove(&frontend);
                 }
             }
             match self.program(&frontend, &desired.backends, &desired.draining) {
@@ -292,11 +324,11 @@ impl<M: LbMaps> Reconciler<M> {
             held.extend(dropped.drain(..));
         }
         for frontend in &dropped {
-            let claim = match self.owner.get(frontend) {
+            let claim = match self.v4.owner.get(frontend) {
                 Some((owner, claim)) if owner == service => {
                     let claim = *claim;
-                    self.held.remove(service, frontend);
-                    self.owner.remove(frontend);
+                    self.v4.held.remove(service, frontend);
+                    self.v4.owner.remove(frontend);
                     claim
                 }
                 _ => Claim::ClusterIp,
@@ -312,7 +344,7 @@ impl<M: LbMaps> Reconciler<M> {
                     continue;
                 }
             }
-            if let Some(waiters) = self.waiting.get(frontend) {
+            if let Some(waiters) = self.v4.waiting.get(frontend) {
                 outcome.retry.extend(waiters.iter().cloned());
             }
         }
@@ -324,22 +356,25 @@ impl<M: LbMaps> Reconciler<M> {
     /// did: a holder that loses it to a stronger claim is out of `held`
     /// already).
     fn hold(&mut self, service: &ObjectKey, frontend: Frontend, claim: Claim) {
-        self.owner.insert(frontend, (service.clone(), claim));
-        let owner = &self.owner;
-        self.held
+        self.v4.owner.insert(frontend, (service.clone(), claim));
+        let owner = &self.v4.owner;
+        self.v4
+            .held
             .insert(service, frontend, |f| owner.get(f).map(|(o, _)| o));
     }
 
     /// The frontends `service` holds.
     fn held_by<'a>(&'a self, service: &'a ObjectKey) -> impl Iterator<Item = Frontend> + 'a {
-        let owner = &self.owner;
-        self.held
+        let owner = &self.v4.owner;
+        self.v4
+            .held
             .of(service, move |f| owner.get(f).map(|(o, _)| o))
             .copied()
     }
 
     fn waiting_for(&self, service: &ObjectKey) -> Vec<Frontend> {
-        self.waiting
+        self.v4
+            .waiting
             .iter()
             .filter(|(_, waiters)| waiters.contains(service))
             .map(|(f, _)| *f)

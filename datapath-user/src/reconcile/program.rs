@@ -42,7 +42,7 @@ impl<M: LbMaps> Reconciler<M> {
             .iter()
             .chain(&left_out)
             .map(as_address)
-            .filter(|a| self.backends.contains(a) || self.adopted_by_address.contains_key(a))
+            .filter(|a| self.v4.backends.contains(a) || self.v4.adopted_by_address.contains_key(a))
             .collect();
         draining.sort();
         let capped_issue = || {
@@ -52,14 +52,14 @@ impl<M: LbMaps> Reconciler<M> {
                 max: datapath_common::maps::MAX_BACKENDS_PER_SERVICE,
             })
         };
-        let existing = self.programmed.get(frontend);
+        let existing = self.v4.programmed.get(frontend);
         let slots_unchanged = existing.is_some_and(|p| {
             !p.broken
                 && p.backends.len() == addresses.len()
                 && p.backends
                     .iter()
                     .zip(&addresses)
-                    .all(|(&id, address)| self.backends.address_of(id) == Some(*address))
+                    .all(|(&id, address)| self.v4.backends.address_of(id) == Some(*address))
         });
         if slots_unchanged && existing.is_some_and(|p| p.draining() == draining) {
             return if capped {
@@ -68,11 +68,11 @@ impl<M: LbMaps> Reconciler<M> {
                 Ok(false)
             };
         }
-        let socket = std::net::SocketAddrV4::new(frontend.address, frontend.port);
+        let socket = (frontend.address, frontend.port);
         let (rev_nat_id, fresh_rev_nat, readopted) = match existing {
             // 0: adoption found its id unusable and none free.
             Some(p) if p.rev_nat_id != 0 => (p.rev_nat_id, false, false),
-            _ => match self.adopted_rev_nat_by_address.remove(&socket) {
+            _ => match self.v4.adopted_rev_nat_by_address.remove(&socket) {
                 Some(id) => (id, false, true),
                 None => {
                     let id = self.rev_nat_ids.allocate().ok_or_else(|| {
@@ -92,7 +92,9 @@ impl<M: LbMaps> Reconciler<M> {
                     self.rev_nat_ids.release(rev_nat_id);
                 }
                 if readopted {
-                    self.adopted_rev_nat_by_address.insert(socket, rev_nat_id);
+                    self.v4
+                        .adopted_rev_nat_by_address
+                        .insert(socket, rev_nat_id);
                 }
                 return Err(issue);
             };
@@ -116,7 +118,9 @@ impl<M: LbMaps> Reconciler<M> {
                     self.rev_nat_ids.release(rev_nat_id);
                 }
                 if readopted {
-                    self.adopted_rev_nat_by_address.insert(socket, rev_nat_id);
+                    self.v4
+                        .adopted_rev_nat_by_address
+                        .insert(socket, rev_nat_id);
                 }
                 return Err(program_issue(e));
             }
@@ -127,30 +131,31 @@ impl<M: LbMaps> Reconciler<M> {
             let mut held: Vec<BackendId> = entries.iter().map(|e| e.id).collect();
             let mut held_draining = draining;
             let mut untracked_ids = Vec::new();
-            if let Some(old) = self.programmed.remove(frontend) {
+            if let Some(old) = self.v4.programmed.remove(frontend) {
                 held.extend(old.backends.iter().copied());
                 held_draining.extend(old.draining().iter().copied());
                 untracked_ids = old.untracked_ids().to_vec();
             }
-            self.programmed.insert(
+            self.v4.programmed.insert(
                 *frontend,
                 Programmed::new(rev_nat_id, true, held, held_draining, untracked_ids),
             );
             return Err(program_issue(e));
         }
         let ids = entries.iter().map(|e| e.id).collect();
-        let old = self.programmed.insert(
+        let old = self.v4.programmed.insert(
             *frontend,
             Programmed::new(rev_nat_id, false, ids, draining, Vec::new()),
         );
         // Break after make: the old set's entries go only now.
         if let Some(old) = old {
-            let now = &self.programmed[frontend];
+            let now = &self.v4.programmed[frontend];
             // Every backend the old set held is still in the table (its
             // references are released below), as is every one `now` holds.
             let stays = |address: &BackendAddress| {
                 now.draining().contains(address)
                     || self
+                        .v4
                         .backends
                         .id_of(address)
                         .is_some_and(|id| now.backends.contains(&id))
@@ -158,7 +163,7 @@ impl<M: LbMaps> Reconciler<M> {
             let departed: Vec<Departed> = old
                 .backends
                 .iter()
-                .filter_map(|&id| self.backends.address_of(id))
+                .filter_map(|&id| self.v4.backends.address_of(id))
                 .chain(old.draining().iter().copied())
                 .filter(|b| !stays(b))
                 .map(|backend| Departed {
@@ -191,12 +196,12 @@ impl<M: LbMaps> Reconciler<M> {
     pub fn flush(&mut self) -> Vec<(ObjectKey, Issue)> {
         let mut issues = Vec::new();
         for (frontend, error) in self.maps.flush() {
-            if let Some(programmed) = self.programmed.get_mut(&frontend) {
+            if let Some(programmed) = self.v4.programmed.get_mut(&frontend) {
                 programmed.broken = true;
             }
             // Every programmed frontend has an owner; one without is no
             // service's to retry.
-            if let Some((owner, _)) = self.owner.get(&frontend) {
+            if let Some((owner, _)) = self.v4.owner.get(&frontend) {
                 issues.push((owner.clone(), with_object(program_issue(error), owner)));
             }
         }
@@ -218,28 +223,28 @@ impl<M: LbMaps> Reconciler<M> {
     /// one adoption found in the maps, or a new id. `None` when the id
     /// space is full.
     pub(super) fn reference(&mut self, address: &BackendAddress) -> Option<BackendId> {
-        if let Some(id) = self.backends.reference(address) {
+        if let Some(id) = self.v4.backends.reference(address) {
             return Some(id);
         }
-        let id = match self.adopted_by_address.remove(address) {
+        let id = match self.v4.adopted_by_address.remove(address) {
             Some(id) => id,
             None => self.backend_ids.allocate()?,
         };
-        self.backends.insert(*address, id);
+        self.v4.backends.insert(*address, id);
         Some(id)
     }
 
     /// Removes `frontend` if programmed. Returns whether it was.
     pub(super) fn remove(&mut self, frontend: &Frontend) -> Result<bool, Issue> {
-        let Some(programmed) = self.programmed.get(frontend).cloned() else {
+        let Some(programmed) = self.v4.programmed.get(frontend).cloned() else {
             return Ok(false);
         };
         self.maps.remove_service(frontend).map_err(program_issue)?;
-        self.programmed.remove(frontend);
+        self.v4.programmed.remove(frontend);
         let departed = programmed
             .backends
             .iter()
-            .filter_map(|&id| self.backends.address_of(id))
+            .filter_map(|&id| self.v4.backends.address_of(id))
             .chain(programmed.draining().iter().copied())
             .map(|backend| Departed {
                 frontend: *frontend,
@@ -258,8 +263,9 @@ impl<M: LbMaps> Reconciler<M> {
     /// Frees ids a broken frontend's slots named, unless now in use.
     pub(super) fn release_untracked(&mut self, ids: &[BackendId]) {
         for &id in ids {
-            if self.backends.holds_id(id)
+            if self.v4.backends.holds_id(id)
                 || self
+                    .v4
                     .programmed
                     .values()
                     .any(|p| p.untracked_ids().contains(&id))
@@ -288,7 +294,7 @@ impl<M: LbMaps> Reconciler<M> {
         for &id in ids {
             // An id named twice (a broken frontend's union of two sets)
             // holds two references: still in the table at the second.
-            if let Some(address) = self.backends.address_of(id) {
+            if let Some(address) = self.v4.backends.address_of(id) {
                 self.release_backends(&[address]);
             }
         }
@@ -298,7 +304,7 @@ impl<M: LbMaps> Reconciler<M> {
     /// nothing references any more.
     pub(super) fn release_backends(&mut self, addresses: &[BackendAddress]) {
         for address in addresses {
-            if let Some(id) = self.backends.release(address) {
+            if let Some(id) = self.v4.backends.release(address) {
                 self.delete_backend(id);
             }
         }
