@@ -634,6 +634,10 @@ mod tests {
             datapath_user::memory::jemalloc_option("muzzy_decay_ms"),
             Some(0)
         );
+        assert_eq!(
+            datapath_user::memory::jemalloc_option("tcache_max"),
+            Some(1024)
+        );
     }
 
     /// A directory that looks like a cgroup2 directory: the root (no
