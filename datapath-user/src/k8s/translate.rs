@@ -333,7 +333,7 @@ pub fn translate_view<'a>(
                     key,
                     IssueKind::Unsupported,
                     format!("spec.ports[{i}].protocol"),
-                    "SCTP is not supported yet".into(),
+                    "SCTP is not supported: underpass translates TCP and UDP only, and leaves packets to this port untouched".into(),
                 ));
                 continue;
             }
