@@ -1,13 +1,18 @@
 //! An array map made with `BPF_F_MMAPABLE`, mapped into the agent's
-//! memory: an entry is written by one aligned 8-byte store, which a
+//! memory: an 8-byte entry is written by one aligned store, which a
 //! program reading it sees whole, old or new. A first sync of 100,000
 //! services writes a million slots and a million backends this way in
 //! milliseconds, where the syscalls' element copies took 0.3 s per
 //! million (a hash map's inserts 0.7 s).
 //!
-//! Only 8-byte values: the kernel lays an array's values out at
-//! `round_up(value_size, 8)` from a page-aligned start, so each is an
-//! aligned u64.
+//! Values of 8 bytes, or of 16 or 32 (an IPv6 address): the kernel lays
+//! an array's values out at `round_up(value_size, 8)` from a page-aligned
+//! start, so each is one or more aligned u64 words, and a power-of-two
+//! size keeps every window's start on a page. A value of several words is
+//! stored word by word, which a program could see half written: such
+//! arrays hold only values no program reads while they change (an IPv6
+//! backend's address is written before the one-word `BACKENDS` entry that
+//! publishes it, and rewritten only after a grace period).
 //!
 //! Mapped in windows of 64 KiB, each at its first access, and unmapped
 //! together (`unmap`) when a pass of the reconciler is over: the kernel
@@ -30,6 +35,9 @@ use std::{
 };
 
 use aya::maps::{Array, MapData, MapError};
+
+/// Most words a value may take (32 bytes).
+const MAX_WORDS: usize = 4;
 
 /// Bytes of one window (or a page, if larger): a change maps 16 pages of
 /// each array; a first sync of 100,000 services maps ~200 windows.
@@ -76,14 +84,21 @@ impl<T: aya::Pod> std::fmt::Debug for MappedArray<T> {
 }
 
 impl<T: aya::Pod> MappedArray<T> {
-    const EIGHT_BYTES: () = assert!(size_of::<T>() == 8 && align_of::<T>() <= 8);
+    const WHOLE_WORDS: () = assert!(
+        size_of::<T>().is_power_of_two()
+            && size_of::<T>() >= 8
+            && size_of::<T>() <= 8 * MAX_WORDS
+            && align_of::<T>() <= 8
+    );
+    /// Words per value.
+    const WORDS: usize = size_of::<T>() / 8;
 
     /// Takes `map` (an array of 8-byte values made with `BPF_F_MMAPABLE`);
     /// its values are mapped read-write, a window at a time, when used.
     pub fn new(map: Array<MapData, T>) -> Self {
-        let () = Self::EIGHT_BYTES;
+        let () = Self::WHOLE_WORDS;
         let window_bytes = WINDOW_BYTES.max(page_size());
-        let window_entries = u32::try_from(window_bytes / 8).unwrap_or(u32::MAX);
+        let window_entries = u32::try_from(window_bytes / size_of::<T>()).unwrap_or(u32::MAX);
         let len = map.len();
         let windows = (0..len.div_ceil(window_entries))
             .map(|_| OnceLock::new())
@@ -134,8 +149,9 @@ impl<T: aya::Pod> MappedArray<T> {
         let page = page_size();
         let first = window as u64 * u64::from(self.window_entries);
         let entries = (u64::from(self.len) - first).min(u64::from(self.window_entries));
-        let bytes = (entries as usize * 8).div_ceil(page).max(1) * page;
-        let offset = libc::off_t::try_from(first * 8).map_err(io::Error::other)?;
+        let bytes = (entries as usize * size_of::<T>()).div_ceil(page).max(1) * page;
+        let offset =
+            libc::off_t::try_from(first * size_of::<T>() as u64).map_err(io::Error::other)?;
         let fd = aya::maps::IterableMap::map(&self.map)
             .fd()
             .as_fd()
@@ -177,27 +193,55 @@ impl<T: aya::Pod> MappedArray<T> {
         Ok(())
     }
 
-    /// Entry `index`, in a window mapped already (`None` beyond the array).
-    fn cell(&self, index: u32) -> Result<Option<&AtomicU64>, MapError> {
+    /// Entry `index`'s words, mapping its window if need be (`None`
+    /// beyond the array).
+    fn words(&self, index: u32) -> Result<Option<&[AtomicU64]>, MapError> {
         if index >= self.len {
             return Ok(None);
         }
         let mapping = self.window((index / self.window_entries) as usize)?;
-        let within = (index % self.window_entries) as usize;
+        let within = (index % self.window_entries) as usize * Self::WORDS;
         // SAFETY: in bounds of the window's mapping, which is page-aligned
-        // with an 8-byte stride: an aligned u64 only atomics touch here.
+        // with a stride of whole words: aligned u64s only atomics touch
+        // here. AtomicU64 has u64's layout.
         Ok(Some(unsafe {
-            AtomicU64::from_ptr(mapping.base.as_ptr().add(within))
+            std::slice::from_raw_parts(
+                AtomicU64::from_ptr(mapping.base.as_ptr().add(within)),
+                Self::WORDS,
+            )
         }))
+    }
+
+    /// The value `words` hold.
+    fn load(words: &[AtomicU64]) -> T {
+        let mut bits = [0u64; MAX_WORDS];
+        for (bits, word) in bits.iter_mut().zip(words) {
+            *bits = word.load(Ordering::Acquire);
+        }
+        // SAFETY: T is Pod, at most MAX_WORDS words, aligned to at most 8
+        // (as `bits` is).
+        unsafe { std::ptr::read(bits.as_ptr().cast::<T>()) }
+    }
+
+    /// Stores `value` into `words`, first word first.
+    fn store(words: &[AtomicU64], value: &T) {
+        let mut bits = [0u64; MAX_WORDS];
+        // SAFETY: T is Pod (every byte initialised) and fits `bits`.
+        unsafe {
+            std::ptr::copy_nonoverlapping(
+                (value as *const T).cast::<u8>(),
+                bits.as_mut_ptr().cast::<u8>(),
+                size_of::<T>(),
+            );
+        }
+        for (word, bits) in words.iter().zip(bits) {
+            word.store(bits, Ordering::Release);
+        }
     }
 
     /// The value at `index` (`None` beyond the array).
     pub fn get(&self, index: u32) -> Result<Option<T>, MapError> {
-        Ok(self.cell(index)?.map(|cell| {
-            let bits = cell.load(Ordering::Acquire);
-            // SAFETY: T is Pod and 8 bytes.
-            unsafe { std::mem::transmute_copy(&bits) }
-        }))
+        Ok(self.words(index)?.map(Self::load))
     }
 
     /// Writes `value` at `index`; false beyond the array.
@@ -220,10 +264,8 @@ impl<T: aya::Pod> MappedArray<T> {
         }
         self.map_range(index, count)?;
         for (i, value) in values.enumerate() {
-            // SAFETY: T is Pod and 8 bytes.
-            let bits: u64 = unsafe { std::mem::transmute_copy(&value) };
-            if let Some(cell) = self.cell(index + i as u32)? {
-                cell.store(bits, Ordering::Release);
+            if let Some(words) = self.words(index + i as u32)? {
+                Self::store(words, &value);
             }
         }
         Ok(true)
@@ -234,10 +276,8 @@ impl<T: aya::Pod> MappedArray<T> {
         self.map_range(0, u64::from(self.len))?;
         let mut values = Vec::with_capacity(self.len as usize);
         for index in 0..self.len {
-            if let Some(cell) = self.cell(index)? {
-                let bits = cell.load(Ordering::Acquire);
-                // SAFETY: T is Pod and 8 bytes.
-                values.push(unsafe { std::mem::transmute_copy(&bits) });
+            if let Some(words) = self.words(index)? {
+                values.push(Self::load(words));
             }
         }
         Ok(values)
@@ -258,8 +298,8 @@ mod tests {
 
     use super::*;
 
-    /// A fresh `BPF_F_MMAPABLE` array of `len` u64 values.
-    fn mmapable_array(len: u32) -> OwnedFd {
+    /// A fresh `BPF_F_MMAPABLE` array of `len` values of `value_size`.
+    fn mmapable_array(value_size: u32, len: u32) -> OwnedFd {
         #[repr(C)]
         struct Attr {
             map_type: u32,
@@ -271,7 +311,7 @@ mod tests {
         let mut attr = Attr {
             map_type: 2, // BPF_MAP_TYPE_ARRAY
             key_size: 4,
-            value_size: 8,
+            value_size,
             max_entries: len,
             map_flags: datapath_common::maps::BPF_F_MMAPABLE,
         };
@@ -283,7 +323,7 @@ mod tests {
         unsafe { OwnedFd::from_raw_fd(fd as i32) }
     }
 
-    fn array(fd: OwnedFd) -> Array<MapData, u64> {
+    fn array<T: aya::Pod>(fd: OwnedFd) -> Array<MapData, T> {
         let map = MapData::from_fd(fd).expect("the map's info");
         Array::try_from(Map::Array(map)).expect("an array")
     }
@@ -300,8 +340,8 @@ mod tests {
         }
         let window_entries = (WINDOW_BYTES.max(page_size()) / 8) as u32;
         let len = 2 * window_entries + 5;
-        let fd = mmapable_array(len);
-        let by_syscall = array(fd.try_clone().expect("dup"));
+        let fd = mmapable_array(8, len);
+        let by_syscall: Array<MapData, u64> = array(fd.try_clone().expect("dup"));
         let mut mapped = MappedArray::new(array(fd));
         assert_eq!(mapped.windows_mapped(), 0, "nothing mapped before use");
 
@@ -332,5 +372,41 @@ mod tests {
         assert_eq!(&all[across as usize..across as usize + 4], &values);
         assert_eq!(all[len as usize - 1], 99);
         assert_eq!(all.iter().filter(|&&v| v != 0).count(), 5);
+    }
+
+    /// Two-word values (an IPv6 address) land where the kernel has them,
+    /// whole, across a window boundary.
+    #[test]
+    fn two_word_values_are_stored_whole_at_their_index() {
+        use datapath_common::maps::BackendAddress6;
+        // SAFETY: geteuid has no preconditions.
+        if unsafe { libc::geteuid() } != 0 {
+            eprintln!("skipped: creating a BPF map needs root");
+            return;
+        }
+        let window_entries = (WINDOW_BYTES.max(page_size()) / 16) as u32;
+        let len = window_entries + 3;
+        let fd = mmapable_array(16, len);
+        let by_syscall: Array<MapData, BackendAddress6> = array(fd.try_clone().expect("dup"));
+        let mapped: MappedArray<BackendAddress6> = MappedArray::new(array(fd));
+        let value = |i: u32| BackendAddress6 {
+            address_be: [0x2001_0db8 ^ i, i, !i, i.rotate_left(7)],
+        };
+        let first = window_entries - 1;
+        assert!(mapped.write(first, (first..first + 3).map(value)).unwrap());
+        assert_eq!(mapped.windows_mapped(), 2);
+        for i in first..first + 3 {
+            assert_eq!(by_syscall.get(&i, 0).unwrap(), value(i), "entry {i}");
+            assert_eq!(mapped.get(i).unwrap(), Some(value(i)));
+        }
+        assert_eq!(
+            by_syscall.get(&(first - 1), 0).unwrap(),
+            BackendAddress6::default()
+        );
+        assert_eq!(
+            by_syscall.get(&(first + 3), 0).unwrap(),
+            BackendAddress6::default()
+        );
+        assert!(!mapped.set(len, value(0)).unwrap(), "beyond the array");
     }
 }
