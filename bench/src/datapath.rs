@@ -174,8 +174,7 @@ pub fn measure(opts: &DatapathOpts) -> Result<Vec<CaseResult>> {
     let other = Frame::tcp(CLIENT, (Ipv4Addr::new(10, 77, 0, 3), 8080), ACK | PSH)
         .with_payload(&[0u8; 100]);
     let other_reply = other.reply(L4::Tcp { flags: ACK | PSH });
-    let mut arp = other.build();
-    arp[12..14].copy_from_slice(&0x0806u16.to_be_bytes());
+    let arp = arp_frame(&other);
     let cases = [
         (
             "floor: the do-nothing program (test-run harness)",
@@ -229,7 +228,87 @@ pub fn measure(opts: &DatapathOpts) -> Result<Vec<CaseResult>> {
         verdict::NEXT,
         &refresh,
     )?);
+    dp.maps
+        .complete_reply_filter()
+        .context("completing the reply filter")?;
+
+    // New flows: a run that repeated its packet would find the flow its
+    // first run opened, so each SYN, from a client port of its own, runs
+    // once; the floor is measured the same way (one run per call pays the
+    // test-run timer's own reads, which the floor's runs pay as well).
+    let mut clients = (0u32..).map(|i| {
+        let address = Ipv4Addr::from(u32::from(CLIENT.0) + 1 + i / 50_000);
+        (address, 10_000 + (i % 50_000) as u16)
+    });
+    let pass_frame = arp_frame(&other);
+    results.push(measure_single_runs(
+        &mut dp,
+        opts,
+        "floor, one run per call (test-run harness)",
+        TC_PASS,
+        |_| pass_frame.clone(),
+        verdict::NEXT,
+    )?);
+    results.push(measure_single_runs(
+        &mut dp,
+        opts,
+        "egress DNAT, new flow (SYN: service lookup, conntrack inserts), one run per call",
+        TC_EGRESS,
+        |_| {
+            let client = clients.next().unwrap_or(CLIENT);
+            Frame::tcp(client, VIP_A, SYN)
+                .with_macs(client_mac, gateway_mac)
+                .build()
+        },
+        verdict::REDIRECT,
+    )?);
     Ok(results)
+}
+
+/// Packets measured one run per call, per trial.
+const SINGLE_RUNS: usize = 2_000;
+
+/// `opts.trials` measurements, each the mean of `SINGLE_RUNS` calls that
+/// run `program` once on a frame of their own (`frame(i)`).
+fn measure_single_runs(
+    dp: &mut Datapath,
+    opts: &DatapathOpts,
+    case: &'static str,
+    program: &'static str,
+    mut frame: impl FnMut(usize) -> Vec<u8>,
+    expected: i32,
+) -> Result<CaseResult> {
+    let mut samples = Vec::with_capacity(opts.trials);
+    for _ in 0..opts.trials {
+        let mut total = Duration::ZERO;
+        for i in 0..SINGLE_RUNS {
+            let out = dp.test_run_tc(program, &frame(i), 1)?;
+            ensure!(
+                out.verdict == expected,
+                "{case}: verdict {}, expected {expected}",
+                out.verdict
+            );
+            total += out.duration;
+        }
+        samples.push(total.as_nanos() as f64 / SINGLE_RUNS as f64);
+    }
+    samples.sort_by(f64::total_cmp);
+    Ok(CaseResult {
+        case,
+        program,
+        verdict: expected,
+        ns_min: samples[0],
+        ns_median: samples[samples.len() / 2],
+        ns_max: samples[samples.len() - 1],
+    })
+}
+
+/// `frame` as an ARP frame (its ethertype changed): what no program
+/// translates.
+fn arp_frame(frame: &Frame) -> Vec<u8> {
+    let mut arp = frame.build();
+    arp[12..14].copy_from_slice(&0x0806u16.to_be_bytes());
+    arp
 }
 
 /// `opts.trials` measurements of `program` on `frame`.
