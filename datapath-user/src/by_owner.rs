@@ -9,7 +9,9 @@
 //!
 //! The other table must name an item's owner for as long as the item is
 //! here (growing rehashes every item by its owner): insert after the owner
-//! is recorded, remove before it is forgotten or changed.
+//! is recorded, remove before it is forgotten or changed. An owner's items
+//! share one hash: fine for the few slices or frontends a service has; an
+//! owner of thousands would make its inserts quadratic.
 
 use std::hash::{BuildHasher, Hash};
 
@@ -61,7 +63,9 @@ impl<T: Eq> ByOwner<T> {
         }
         let hasher = &self.hasher;
         self.items.insert_unique(hash, item, |held| {
-            owner_of(held).map_or(0, |owner| hasher.hash_one(owner))
+            let owner = owner_of(held);
+            debug_assert!(owner.is_some(), "an item whose owner is forgotten");
+            owner.map_or(0, |owner| hasher.hash_one(owner))
         });
     }
 

@@ -35,10 +35,11 @@ use std::{
 
 use aya::maps::MapInfo;
 use datapath_common::maps::{
-    BACKENDS_MAP, Backend, CLASH_FILTER_MAP, CONNTRACK_TCP_MAP, CONNTRACK_UDP_MAP,
-    CONNTRACK6_TCP_MAP, CONNTRACK6_UDP_MAP, COUNTERS_MAP, FRAGMENTS_MAP, MAP_LAYOUT_VERSIONS,
-    POD_ROUTES_MAP, REPLY_FILTER_MAP, REVERSE_NAT_MAP, SERVICE_FILTER_MAP, SERVICES_MAP,
-    SERVICES6_MAP, SHARED_MAPS_ABI, SLOTS_MAP, SOCK_LB_SKIP_MAP, SOCK_REVERSE_NAT_MAP,
+    BACKEND_ADDRS6_MAP, BACKENDS_MAP, Backend, CLASH_FILTER_MAP, CONNTRACK_TCP_MAP,
+    CONNTRACK_UDP_MAP, CONNTRACK6_TCP_MAP, CONNTRACK6_UDP_MAP, COUNTERS_MAP, FRAGMENTS_MAP,
+    FRAGMENTS6_MAP, MAP_LAYOUT_VERSIONS, POD_ROUTES_MAP, POD_ROUTES6_MAP, REPLY_FILTER_MAP,
+    REVERSE_NAT_MAP, REVERSE_NAT6_MAP, SERVICE_FILTER_MAP, SERVICES_MAP, SERVICES6_MAP,
+    SHARED_MAPS_ABI, SLOTS_MAP, SOCK_LB_SKIP_MAP, SOCK_REVERSE_NAT_MAP, SOCK_REVERSE_NAT6_MAP,
     layout_version,
 };
 
@@ -394,12 +395,29 @@ const FOLLOWERS: [(&str, &[&str]); 4] = [
     (SERVICES6_MAP, &[SLOTS_MAP]),
 ];
 
-/// A map this build has and the pinned installation never had: not
-/// pinned, no layout marker of its own, not one the shared marker's
-/// builds made. No program attached now can read it, so making it replaces
-/// nothing (an upgrade that adds the IPv6 maps keeps the IPv4 ones).
+/// The maps the IPv6 datapath added, all in one release.
+const IPV6_MAPS: [&str; 8] = [
+    SERVICES6_MAP,
+    BACKEND_ADDRS6_MAP,
+    REVERSE_NAT6_MAP,
+    CONNTRACK6_TCP_MAP,
+    CONNTRACK6_UDP_MAP,
+    SOCK_REVERSE_NAT6_MAP,
+    FRAGMENTS6_MAP,
+    POD_ROUTES6_MAP,
+];
+
+/// A map the pinned installation never had: one of the IPv6 maps when
+/// none of them is pinned or marked (a build before them made the pins).
+/// No program attached now can read it, so making it replaces nothing (the
+/// upgrade that adds them keeps the IPv4 maps). Any other map not pinned
+/// was removed (an agent stopped while replacing it: a marker goes before
+/// its pin), and takes its followers with it.
 fn new_to_installation(pin_dir: &Path, map: &str) -> bool {
-    !SHARED_VERSION_MAPS.contains(&map) && marked_version(pin_dir, map).is_none()
+    IPV6_MAPS.contains(&map)
+        && IPV6_MAPS
+            .iter()
+            .all(|m| !pin_dir.join(m).exists() && marked_version(pin_dir, m).is_none())
 }
 
 /// Maps whose entries a replacement carries over when only their size or

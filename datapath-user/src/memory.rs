@@ -12,8 +12,8 @@
 /// a background thread returns pages freed by a burst of changes (a
 /// rollout) within about a second of going idle, instead of on the next
 /// allocation; threads cache objects up to 1 KiB only (the default 32 KiB
-/// kept ~1.1 MiB in caches at 50,000 services for no measurable speed:
-/// start to ready 3.05 → 3.1–3.2 s). (No `abort_conf`: the binary is also the CNI plugin, and a
+/// kept ~1.1 MiB in caches at 50,000 services; start to ready stayed
+/// within run-to-run noise, 3.04–3.17 s against 3.04–3.05). (No `abort_conf`: the binary is also the CNI plugin, and a
 /// misspelt `_RJEM_MALLOC_CONF` in its environment must not stop pods
 /// from starting; a unit test reads the options back instead.)
 pub const JEMALLOC_CONF: &std::ffi::CStr =

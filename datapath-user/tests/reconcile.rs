@@ -1641,6 +1641,27 @@ fn an_upgrade_that_adds_the_ipv6_maps_keeps_the_ipv4_ones() {
         programmed,
         "the same backend and reverse-NAT ids"
     );
+    drop(reconciler);
+    drop(datapath);
+
+    // An agent stopped while replacing SLOTS (its marker and pin gone,
+    // the service maps not yet): a map the installation had takes its
+    // followers with it, IPv6 ones included.
+    std::fs::remove_dir(layouts.join(format!("{SLOTS_MAP}-v1"))).unwrap();
+    std::fs::remove_file(pin_dir.join(SLOTS_MAP)).unwrap();
+    let followers = [SERVICES_MAP, SERVICES6_MAP];
+    let follower_ids: Vec<u32> = followers.iter().map(|m| map_id(m)).collect();
+    let ipv6 = LoadOptions {
+        sizes: MapSizes {
+            ipv6: true,
+            ..MapSizes::default()
+        },
+        ..options.clone()
+    };
+    drop(datapath_user::Datapath::load(&ipv6).unwrap());
+    for (map, old) in followers.iter().zip(follower_ids) {
+        assert_ne!(map_id(map), old, "{map} goes with the removed SLOTS");
+    }
 }
 
 /// `SLOTS` and `BACKENDS` count in the agent's resident memory only while

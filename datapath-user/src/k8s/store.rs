@@ -140,13 +140,12 @@ impl Store {
     }
 
     fn remove_slice(&mut self, key: &ObjectKey, dirty: &mut BTreeSet<ObjectKey>) {
-        let Some(old) = self.slices.remove(key) else {
-            return;
-        };
-        if let Some(owner) = old.owner {
+        // Out of the owner index while the slice still names its owner.
+        if let Some(owner) = self.slices.get(key).and_then(|s| s.owner.clone()) {
             self.slices_of.remove(&owner, key);
             dirty.insert(owner);
         }
+        self.slices.remove(key);
     }
 
     /// What `service` asks for now (nothing when it is gone).

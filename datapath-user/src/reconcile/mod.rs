@@ -325,14 +325,15 @@ impl<M: LbMaps> Reconciler<M> {
         }
         for frontend in &dropped {
             let claim = match self.v4.owner.get(frontend) {
-                Some((owner, claim)) if owner == service => {
-                    let claim = *claim;
-                    self.v4.held.remove(service, frontend);
-                    self.v4.owner.remove(frontend);
-                    claim
+                Some((owner, claim)) if owner == service => *claim,
+                _ => {
+                    // `previously` lists only frontends the service holds.
+                    debug_assert!(false, "{frontend} dropped by a service not holding it");
+                    continue;
                 }
-                _ => Claim::ClusterIp,
             };
+            self.v4.held.remove(service, frontend);
+            self.v4.owner.remove(frontend);
             match self.remove(frontend) {
                 Ok(true) => outcome.frontends_removed += 1,
                 Ok(false) => {}
