@@ -1678,6 +1678,14 @@ fn mapped_arrays_are_mapped_only_while_a_pass_writes() {
         "mapped at load"
     );
     let mut reconciler = Reconciler::adopt(&mut *maps).unwrap();
+    assert_eq!(
+        (
+            reconciler.maps().slots.windows_mapped(),
+            reconciler.maps().backends.windows_mapped()
+        ),
+        (0, 0),
+        "mapped after adoption's reads"
+    );
     reconciler.maps_mut().defer_new_frontends();
     apply(
         &mut reconciler,

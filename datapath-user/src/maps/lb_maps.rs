@@ -100,6 +100,9 @@ pub trait LbMaps {
     fn flush(&mut self) -> Vec<(Frontend, ProgramError)> {
         Vec::new()
     }
+    /// Lets go of memory mapped for reading (after adoption's `dump`,
+    /// which may be long before the first sync's `flush`).
+    fn unmap(&mut self) {}
 }
 
 /// A reconciler may borrow its maps (the agent keeps them).
@@ -147,6 +150,9 @@ impl<T: LbMaps + ?Sized> LbMaps for &mut T {
     }
     fn flush(&mut self) -> Vec<(Frontend, ProgramError)> {
         (**self).flush()
+    }
+    fn unmap(&mut self) {
+        (**self).unmap()
     }
 }
 

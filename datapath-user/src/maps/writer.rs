@@ -268,9 +268,13 @@ impl LbMaps for DatapathMaps {
         }
         // The pass is over: its windows of the mapped arrays go (their
         // pages would count in the agent's memory until the next change).
+        self.unmap();
+        self.pending.take_failed()
+    }
+
+    fn unmap(&mut self) {
         self.slots.unmap();
         self.backends.unmap();
-        self.pending.take_failed()
     }
 
     /// Clears a reverse-NAT entry no frontend uses.

@@ -21,6 +21,8 @@ impl<M: LbMaps> Reconciler<M> {
         // What the maps hold once every frontend owns its slots alone.
         maps.learn_slot_blocks()?;
         let dump = maps.dump()?;
+        // The first sync may be a while (a large cluster's first list).
+        maps.unmap();
         Ok(Self::from_dump(maps, dump))
     }
 
