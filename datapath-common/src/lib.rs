@@ -14,6 +14,7 @@ extern crate std;
 pub mod conntrack;
 pub mod csum;
 pub mod features;
+pub mod ipv6;
 pub mod lb;
 pub mod maps;
 pub mod metrics;
