@@ -29,6 +29,8 @@ pub trait Family:
     const NAME: &'static str;
 
     fn service_key(address: Self, port: u16, protocol: Protocol) -> Self::ServiceKey;
+    /// `ip` if it is of this family.
+    fn from_ip(ip: std::net::IpAddr) -> Option<Self>;
     /// The frontend a key names (None: a protocol this build does not
     /// know).
     fn frontend_of(key: &Self::ServiceKey) -> Option<Frontend<Self>>;
@@ -40,6 +42,13 @@ impl Family for Ipv4Addr {
 
     fn service_key(address: Self, port: u16, protocol: Protocol) -> ServiceKey {
         ServiceKey::new(ipv4_be(address.octets()), port_be(port), protocol.number())
+    }
+
+    fn from_ip(ip: std::net::IpAddr) -> Option<Self> {
+        match ip {
+            std::net::IpAddr::V4(v4) => Some(v4),
+            std::net::IpAddr::V6(_) => None,
+        }
     }
 
     fn frontend_of(key: &ServiceKey) -> Option<Frontend<Self>> {
@@ -57,6 +66,13 @@ impl Family for Ipv6Addr {
 
     fn service_key(address: Self, port: u16, protocol: Protocol) -> ServiceKey6 {
         ServiceKey6::new(ipv6_words(address), port_be(port), protocol.number())
+    }
+
+    fn from_ip(ip: std::net::IpAddr) -> Option<Self> {
+        match ip {
+            std::net::IpAddr::V6(v6) => Some(v6),
+            std::net::IpAddr::V4(_) => None,
+        }
     }
 
     fn frontend_of(key: &ServiceKey6) -> Option<Frontend<Self>> {

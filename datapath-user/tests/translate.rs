@@ -57,13 +57,15 @@ const CASES: &[Case] = &[
         issues: &[],
     },
     Case {
-        description: "dual-stack: IPv4 served, IPv6 address and slice reported",
+        description: "dual-stack: each family over the slices of its addressType",
         fixture: "dual-stack.yaml",
-        frontends: &["10.96.60.1:80/TCP -> 10.244.6.1:8080"],
-        issues: &[
-            "unsupported Service net/dual spec.clusterIPs[1]",
-            "unsupported EndpointSlice net/dual-v6 addressType",
+        frontends: &[
+            "10.96.60.1:80/TCP -> 10.244.6.1:8080",
+            "10.96.61.1:53/UDP -> 10.244.6.2:5353",
+            "[fd00:10:96::60]:80/TCP -> [fd00:10:244::6:1]:8080",
+            "[fd00:10:96::62]:443/TCP -> [fd00:10:244::6:3]:8443",
         ],
+        issues: &["invalid EndpointSlice net/v6-only-bad endpoints[1].addresses[0]"],
     },
     Case {
         description: "bad ports are reported by field, the good one served",
@@ -110,24 +112,36 @@ fn load(fixture: &str) -> (Vec<Service>, Vec<EndpointSlice>) {
     (services, slices)
 }
 
+/// `address:port/PROTO -> endpoint…` (IPv6 addresses in brackets).
+fn render_frontend<A: datapath_user::model::Family>(
+    desired: &translate::DesiredFrontend<A>,
+) -> String {
+    let backends: Vec<String> = desired.backends.iter().map(|b| b.to_string()).collect();
+    let draining: Vec<String> = desired.draining.iter().map(|b| b.to_string()).collect();
+    if draining.is_empty() {
+        format!("{} -> {}", desired.frontend, backends.join(" "))
+    } else {
+        format!(
+            "{} -> {} (draining {})",
+            desired.frontend,
+            backends.join(" "),
+            draining.join(" ")
+        )
+    }
+}
+
+/// IPv4 frontends first, then IPv6 ones.
 fn render(translation: &translate::Translation) -> (Vec<String>, Vec<String>) {
     let frontends = translation
         .frontends
         .values()
-        .map(|(_, desired)| {
-            let backends: Vec<String> = desired.backends.iter().map(|b| b.to_string()).collect();
-            let draining: Vec<String> = desired.draining.iter().map(|b| b.to_string()).collect();
-            if draining.is_empty() {
-                format!("{} -> {}", desired.frontend, backends.join(" "))
-            } else {
-                format!(
-                    "{} -> {} (draining {})",
-                    desired.frontend,
-                    backends.join(" "),
-                    draining.join(" ")
-                )
-            }
-        })
+        .map(|(_, desired)| render_frontend(desired))
+        .chain(
+            translation
+                .frontends6
+                .values()
+                .map(|(_, desired)| render_frontend(desired)),
+        )
         .collect();
     let issues = translation
         .issues

@@ -28,7 +28,7 @@
 use std::{
     collections::{BTreeMap, BTreeSet},
     fmt,
-    net::{IpAddr, Ipv4Addr},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
 };
 
 use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
@@ -39,18 +39,22 @@ use super::view::{
     EndpointAddress, Hint, HintKind, OtherAddresses, ParsedAddress, ServiceView, SliceView,
     TopologyName,
 };
-use crate::model::{Frontend, Protocol};
+use crate::model::{Family, Frontend, Protocol};
 
 /// One endpoint address and port.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
-pub struct Endpoint {
-    pub address: Ipv4Addr,
+pub struct Endpoint<A = Ipv4Addr> {
+    pub address: A,
     pub port: u16,
 }
 
-impl fmt::Display for Endpoint {
+impl<A: Family> fmt::Display for Endpoint<A> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}:{}", self.address, self.port)
+        write!(
+            f,
+            "{}",
+            std::net::SocketAddr::new(self.address.into(), self.port)
+        )
     }
 }
 
@@ -82,19 +86,19 @@ impl Claim {
 
 /// What one frontend should balance over.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct DesiredFrontend {
-    pub frontend: Frontend,
+pub struct DesiredFrontend<A = Ipv4Addr> {
+    pub frontend: Frontend<A>,
     /// Where its address comes from.
     pub claim: Claim,
     /// The service port's name ("" when unnamed), for display.
     pub port_name: std::sync::Arc<str>,
     /// Sorted and deduplicated: the slot order in the maps.
-    pub backends: Vec<Endpoint>,
+    pub backends: Vec<Endpoint<A>>,
     /// Endpoints still listed in a slice but not usable for new flows (not
     /// ready, terminating, or on another node under `Local`): flows
     /// already on them keep going. Sorted, deduplicated, disjoint from
     /// `backends`.
-    pub draining: Vec<Endpoint>,
+    pub draining: Vec<Endpoint<A>>,
 }
 
 /// Why part of an object was not programmed.
@@ -166,7 +170,11 @@ impl fmt::Display for Issue {
 /// Everything one Service asks for.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct ServiceTranslation {
+    /// IPv4 frontends.
     pub frontends: Vec<DesiredFrontend>,
+    /// IPv6 frontends (from IPv6 ClusterIPs and other addresses, over
+    /// `addressType: IPv6` slices).
+    pub frontends6: Vec<DesiredFrontend<Ipv6Addr>>,
     pub issues: Vec<Issue>,
 }
 
@@ -232,28 +240,50 @@ pub fn translate_view<'a>(
         return out;
     }
 
-    let mut addresses = Vec::new();
+    // Every address as written, each family's apart; one that does not
+    // parse is reported once, naming its field.
+    let mut addresses: Vec<IpAddr> = Vec::new();
     for (i, address) in service.cluster_ips.iter().enumerate() {
         let field = if service.from_cluster_ips {
             format!("spec.clusterIPs[{i}]")
         } else {
             "spec.clusterIP".to_owned()
         };
-        if let Some(v4) = ipv4_of(key, address, field, &mut out.issues) {
-            addresses.push(v4);
+        if let Some(ip) = parsed_ip(key, address, field, &mut out.issues) {
+            addresses.push(ip);
         }
     }
     // The service's other addresses, reached from pods: kube-proxy sends
     // pod traffic to them to the cluster's endpoints whatever
     // `externalTrafficPolicy` says (KUBE-EXT's "pod traffic for …
     // external destinations" rule jumps to KUBE-SVC), as for a ClusterIP.
-    let mut other_addresses = Vec::new();
+    let mut other_addresses: Vec<(IpAddr, Claim)> = Vec::new();
     let no_others = OtherAddresses::default();
     let other = service.other_addresses.as_deref().unwrap_or(&no_others);
+    // An address is served with the ClusterIP of its family; without one,
+    // neither family serves it (kube-proxy's per-family trackers skip the
+    // service), which is said.
+    let served = |ip: IpAddr, field: String, issues: &mut Vec<Issue>| {
+        let family = addresses.iter().any(|a| a.is_ipv4() == ip.is_ipv4());
+        if !family {
+            issues.push(service_issue(
+                key,
+                IssueKind::Unsupported,
+                field,
+                format!(
+                    "{ip} is not served: the service has no {} ClusterIP",
+                    if ip.is_ipv4() { "IPv4" } else { "IPv6" }
+                ),
+            ));
+        }
+        family
+    };
     for (i, address) in other.external_ips.iter().enumerate() {
         let field = format!("spec.externalIPs[{i}]");
-        if let Some(v4) = ipv4_of(key, address, field, &mut out.issues) {
-            other_addresses.push((v4, Claim::ExternalIp));
+        if let Some(ip) = parsed_ip(key, address, field.clone(), &mut out.issues)
+            && served(ip, field, &mut out.issues)
+        {
+            other_addresses.push((ip, Claim::ExternalIp));
         }
     }
     if other.load_balancer_source_ranges && !other.load_balancer_ips.is_empty() {
@@ -269,8 +299,10 @@ pub fn translate_view<'a>(
     } else {
         for (i, address) in other.load_balancer_ips.iter() {
             let field = format!("status.loadBalancer.ingress[{i}].ip");
-            if let Some(v4) = ipv4_of(key, address, field, &mut out.issues) {
-                other_addresses.push((v4, Claim::LoadBalancerIp));
+            if let Some(ip) = parsed_ip(key, address, field.clone(), &mut out.issues)
+                && served(ip, field, &mut out.issues)
+            {
+                other_addresses.push((ip, Claim::LoadBalancerIp));
             }
         }
     }
@@ -280,19 +312,18 @@ pub fn translate_view<'a>(
     other_addresses.dedup_by_key(|(address, _)| *address);
     other_addresses.retain(|(a, _)| !addresses.contains(a));
 
-    let mut usable_slices = Vec::new();
+    // Each family balances over the slices of its `addressType` (as
+    // kube-proxy's per-family proxiers do; a slice of a family the
+    // service has no address of is not used).
+    let mut slices_v4 = Vec::new();
+    let mut slices_v6 = Vec::new();
     for slice in slices {
         if slice.owner.as_ref() != Some(key) || slice.headless {
             continue;
         }
         match &*slice.address_type {
-            "IPv4" => usable_slices.push(slice),
-            "IPv6" => out.issues.push(slice_issue(
-                slice,
-                IssueKind::Unsupported,
-                "addressType".into(),
-                "IPv6 endpoints are not supported yet".into(),
-            )),
+            "IPv4" => slices_v4.push(slice),
+            "IPv6" => slices_v6.push(slice),
             other => out.issues.push(slice_issue(
                 slice,
                 IssueKind::Unsupported,
@@ -319,17 +350,44 @@ pub fn translate_view<'a>(
         ));
     }
 
-    let here = Here {
-        node: node.node_name.as_deref().and_then(TopologyName::find),
-        zone: node.zone.as_deref().and_then(TopologyName::find),
+    let ports = valid_ports(service, &mut out.issues);
+    let context = FamilyContext {
+        service,
+        node,
+        here: Here {
+            node: node.node_name.as_deref().and_then(TopologyName::find),
+            zone: node.zone.as_deref().and_then(TopologyName::find),
+        },
+        ports: &ports,
+        addresses: &addresses,
+        other_addresses: &other_addresses,
     };
+    out.frontends = family_frontends::<Ipv4Addr>(&context, &slices_v4, &mut out.issues);
+    out.frontends6 = family_frontends::<Ipv6Addr>(&context, &slices_v6, &mut out.issues);
+    out
+}
+
+/// A service port that can be served: valid, TCP or UDP, not a duplicate.
+struct ValidPort {
+    name: std::sync::Arc<str>,
+    protocol: Protocol,
+    number: u16,
+    /// `nodePort`, when valid.
+    node_port: Option<u16>,
+}
+
+/// The service's ports that can be served; each other one is an issue
+/// naming its field.
+fn valid_ports(service: &ServiceView, issues: &mut Vec<Issue>) -> Vec<ValidPort> {
+    let key = &service.key;
     let mut seen_ports = BTreeSet::new();
+    let mut ports = Vec::new();
     for (i, port) in service.ports.iter().enumerate() {
         let protocol = match port.protocol.as_deref().unwrap_or("TCP") {
             "TCP" => Protocol::Tcp,
             "UDP" => Protocol::Udp,
             "SCTP" => {
-                out.issues.push(service_issue(
+                issues.push(service_issue(
                     key,
                     IssueKind::Unsupported,
                     format!("spec.ports[{i}].protocol"),
@@ -338,7 +396,7 @@ pub fn translate_view<'a>(
                 continue;
             }
             other => {
-                out.issues.push(service_issue(
+                issues.push(service_issue(
                     key,
                     IssueKind::Invalid,
                     format!("spec.ports[{i}].protocol"),
@@ -348,7 +406,7 @@ pub fn translate_view<'a>(
             }
         };
         let Some(number) = u16::try_from(port.port).ok().filter(|&p| p != 0) else {
-            out.issues.push(service_issue(
+            issues.push(service_issue(
                 key,
                 IssueKind::Invalid,
                 format!("spec.ports[{i}].port"),
@@ -357,7 +415,7 @@ pub fn translate_view<'a>(
             continue;
         };
         if !seen_ports.insert((number, protocol)) {
-            out.issues.push(service_issue(
+            issues.push(service_issue(
                 key,
                 IssueKind::Invalid,
                 format!("spec.ports[{i}]"),
@@ -365,18 +423,6 @@ pub fn translate_view<'a>(
             ));
             continue;
         }
-        let cluster_ip_scope = match (service.node_local, node.node_name.as_deref()) {
-            (true, Some(name)) => Scope::Node(TopologyName::find(name)),
-            _ => Scope::Cluster(here),
-        };
-        let (backends, draining) = endpoints_for_port(
-            &usable_slices,
-            &port.name,
-            protocol,
-            service.publish_not_ready,
-            cluster_ip_scope,
-            &mut out.issues,
-        );
         // The nodePort at this node's addresses: kube-proxy's
         // KUBE-NODEPORTS (`--dst-type LOCAL`), which pod traffic also
         // leaves through KUBE-EXT to the cluster's endpoints.
@@ -385,7 +431,7 @@ pub fn translate_view<'a>(
             Some(n) => match u16::try_from(n).ok().filter(|&p| p != 0) {
                 Some(n) => Some(n),
                 None => {
-                    out.issues.push(service_issue(
+                    issues.push(service_issue(
                         key,
                         IssueKind::Invalid,
                         format!("spec.ports[{i}].nodePort"),
@@ -395,99 +441,153 @@ pub fn translate_view<'a>(
                 }
             },
         };
-        let node_addresses: Vec<Ipv4Addr> = match node_port {
-            Some(_) => node
-                .addresses
-                .iter()
-                .filter_map(|a| match a {
-                    IpAddr::V4(v4) => Some(*v4),
-                    // Served with the service's IPv6 family.
-                    IpAddr::V6(_) => None,
-                })
-                .collect(),
-            None => Vec::new(),
+        ports.push(ValidPort {
+            name: port.name.clone(),
+            protocol,
+            number,
+            node_port,
+        });
+    }
+    ports
+}
+
+/// What both families' translations read.
+struct FamilyContext<'a> {
+    service: &'a ServiceView,
+    node: &'a NodeContext,
+    here: Here,
+    ports: &'a [ValidPort],
+    /// ClusterIPs, both families.
+    addresses: &'a [IpAddr],
+    /// External and load-balancer addresses, both families.
+    other_addresses: &'a [(IpAddr, Claim)],
+}
+
+/// The frontends of family `A`: its ClusterIPs, other addresses and node
+/// addresses × the valid ports, over `slices` (of its `addressType`).
+fn family_frontends<A: Family>(
+    context: &FamilyContext<'_>,
+    slices: &[&SliceView],
+    issues: &mut Vec<Issue>,
+) -> Vec<DesiredFrontend<A>> {
+    let service = context.service;
+    let addresses: Vec<A> = context
+        .addresses
+        .iter()
+        .filter_map(|&ip| A::from_ip(ip))
+        .collect();
+    let other_addresses: Vec<(A, Claim)> = context
+        .other_addresses
+        .iter()
+        .filter_map(|&(ip, claim)| Some((A::from_ip(ip)?, claim)))
+        .collect();
+    let node_addresses: Vec<A> = context
+        .node
+        .addresses
+        .iter()
+        .filter_map(|&ip| A::from_ip(ip))
+        .collect();
+    if addresses.is_empty() {
+        // No ClusterIP of this family: the service is not of it, and its
+        // other addresses of this family are not served (kube-proxy's
+        // per-family trackers skip it), nor are its slices used.
+        return Vec::new();
+    }
+    let mut frontends = Vec::new();
+    for port in context.ports {
+        let cluster_ip_scope = match (service.node_local, context.node.node_name.as_deref()) {
+            (true, Some(name)) => Scope::Node(TopologyName::find(name)),
+            _ => Scope::Cluster(context.here),
+        };
+        let (backends, draining) = endpoints_for_port::<A>(
+            slices,
+            &port.name,
+            port.protocol,
+            service.publish_not_ready,
+            cluster_ip_scope,
+            issues,
+        );
+        let node_addresses: &[A] = match port.node_port {
+            Some(_) => &node_addresses,
+            None => &[],
         };
         // `internalTrafficPolicy: Local` is the ClusterIP's alone: the
         // other addresses take the cluster's endpoints (its slice issues
         // were reported above).
         let (other_backends, other_draining) = match cluster_ip_scope {
             Scope::Node(_) if !other_addresses.is_empty() || !node_addresses.is_empty() => {
-                endpoints_for_port(
-                    &usable_slices,
+                endpoints_for_port::<A>(
+                    slices,
                     &port.name,
-                    protocol,
+                    port.protocol,
                     service.publish_not_ready,
-                    Scope::Cluster(here),
+                    Scope::Cluster(context.here),
                     &mut Vec::new(),
                 )
             }
             _ => (backends.clone(), draining.clone()),
         };
-        let frontend = |address| Frontend {
-            address,
-            port: number,
-            protocol,
-        };
-        for &address in &addresses {
-            out.frontends.push(DesiredFrontend {
-                frontend: frontend(address),
-                claim: Claim::ClusterIp,
-                port_name: port.name.clone(),
-                backends: backends.clone(),
-                draining: draining.clone(),
-            });
-        }
-        for &(address, claim) in &other_addresses {
-            out.frontends.push(DesiredFrontend {
-                frontend: frontend(address),
-                claim,
-                port_name: port.name.clone(),
-                backends: other_backends.clone(),
-                draining: other_draining.clone(),
-            });
-        }
-        if let Some(node_port) = node_port {
-            for &address in &node_addresses {
-                out.frontends.push(DesiredFrontend {
+        let desired =
+            |address, number, claim, backends: &Vec<Endpoint<A>>, draining: &Vec<Endpoint<A>>| {
+                DesiredFrontend {
                     frontend: Frontend {
                         address,
-                        port: node_port,
-                        protocol,
+                        port: number,
+                        protocol: port.protocol,
                     },
-                    claim: Claim::NodePort,
+                    claim,
                     port_name: port.name.clone(),
-                    backends: other_backends.clone(),
-                    draining: other_draining.clone(),
-                });
+                    backends: backends.clone(),
+                    draining: draining.clone(),
+                }
+            };
+        for &address in &addresses {
+            frontends.push(desired(
+                address,
+                port.number,
+                Claim::ClusterIp,
+                &backends,
+                &draining,
+            ));
+        }
+        for &(address, claim) in &other_addresses {
+            frontends.push(desired(
+                address,
+                port.number,
+                claim,
+                &other_backends,
+                &other_draining,
+            ));
+        }
+        if let Some(node_port) = port.node_port {
+            for &address in node_addresses {
+                frontends.push(desired(
+                    address,
+                    node_port,
+                    Claim::NodePort,
+                    &other_backends,
+                    &other_draining,
+                ));
             }
         }
     }
     // One frontend once per service, with its strongest claim (an
     // external IP that is also this node's address, at the nodePort).
-    out.frontends.sort_by_key(|d| (d.frontend, d.claim));
-    out.frontends.dedup_by_key(|d| d.frontend);
-    out
+    frontends.sort_by_key(|d| (d.frontend, d.claim));
+    frontends.dedup_by_key(|d| d.frontend);
+    frontends
 }
 
-/// An address of `service` as an IPv4 frontend address, or the issue
-/// that says why not (naming `field`).
-fn ipv4_of(
+/// An address of `service` as written, or the issue that says it is not
+/// one (naming `field`).
+fn parsed_ip(
     service: &ObjectKey,
     address: &ParsedAddress,
     field: String,
     issues: &mut Vec<Issue>,
-) -> Option<Ipv4Addr> {
+) -> Option<IpAddr> {
     match address {
-        Ok(IpAddr::V4(v4)) => Some(*v4),
-        Ok(IpAddr::V6(v6)) => {
-            issues.push(service_issue(
-                service,
-                IssueKind::Unsupported,
-                field,
-                format!("IPv6 address {v6} is not supported yet; its IPv4 family is served"),
-            ));
-            None
-        }
+        Ok(ip) => Some(*ip),
         Err(text) => {
             issues.push(service_issue(
                 service,
@@ -532,15 +632,15 @@ enum TopologyMode {
 
 /// One listing of an endpoint that the port's scope lets in (an endpoint
 /// may be listed by more than one slice).
-struct Candidate<'a> {
-    endpoint: Endpoint,
+struct Candidate<'a, A> {
+    endpoint: Endpoint<A>,
     /// Ready, or any endpoint under `publishNotReadyAddresses`.
     ready: bool,
     serving_terminating: bool,
     hints: &'a [Hint],
 }
 
-impl Candidate<'_> {
+impl<A> Candidate<'_, A> {
     fn hinted(&self, kind: HintKind) -> bool {
         self.hints.iter().any(|h| h.kind == kind)
     }
@@ -554,7 +654,7 @@ impl Candidate<'_> {
 /// here: node hints first, then zone hints; otherwise none (kube-proxy's
 /// rule: a half-hinted set, or hints that leave this node or zone
 /// nothing, mean every endpoint).
-fn topology_mode(candidates: &[Candidate], here: Here) -> TopologyMode {
+fn topology_mode<A>(candidates: &[Candidate<A>], here: Here) -> TopologyMode {
     let ready = || candidates.iter().filter(|c| c.ready);
     let usable = |kind, name| {
         ready().next().is_some()
@@ -573,14 +673,14 @@ fn topology_mode(candidates: &[Candidate], here: Here) -> TopologyMode {
 /// The endpoints of the service port named `port_name`, following
 /// kube-proxy's readiness and topology rules, and the listed ones those
 /// rules leave out (draining).
-fn endpoints_for_port(
+fn endpoints_for_port<A: Family>(
     slices: &[&SliceView],
     port_name: &str,
     protocol: Protocol,
     publish_not_ready: bool,
     scope: Scope,
     issues: &mut Vec<Issue>,
-) -> (Vec<Endpoint>, Vec<Endpoint>) {
+) -> (Vec<Endpoint<A>>, Vec<Endpoint<A>>) {
     let mut listed = BTreeSet::new();
     let mut candidates = Vec::new();
     let protocol_name = protocol.to_string();
@@ -607,24 +707,27 @@ fn endpoints_for_port(
             continue;
         };
         for (i, endpoint) in slice.endpoints().enumerate() {
-            let address = match endpoint.address {
+            let ip = match endpoint.address {
                 EndpointAddress::Missing => continue,
-                EndpointAddress::V4(address) => address,
-                EndpointAddress::V6(_) | EndpointAddress::Unparsed => {
-                    issues.push(slice_issue(
-                        slice,
-                        IssueKind::Invalid,
-                        format!("endpoints[{i}].addresses[0]"),
-                        format!(
-                            "{:?} is not an IPv4 address",
-                            match endpoint.address {
-                                EndpointAddress::V6(v6) => v6.to_string(),
-                                _ => slice.unparsed_address(i).to_owned(),
-                            }
+                EndpointAddress::V4(v4) => Some(IpAddr::V4(v4)),
+                EndpointAddress::V6(v6) => Some(IpAddr::V6(v6)),
+                EndpointAddress::Unparsed => None,
+            };
+            let Some(address) = ip.and_then(A::from_ip) else {
+                issues.push(slice_issue(
+                    slice,
+                    IssueKind::Invalid,
+                    format!("endpoints[{i}].addresses[0]"),
+                    format!(
+                        "{:?} is not an {} address",
+                        ip.map_or_else(
+                            || slice.unparsed_address(i).to_owned(),
+                            |ip| ip.to_string()
                         ),
-                    ));
-                    continue;
-                }
+                        A::NAME
+                    ),
+                ));
+                continue;
             };
             let endpoint_here = Endpoint { address, port };
             listed.insert(endpoint_here);
@@ -655,12 +758,12 @@ fn endpoints_for_port(
         ),
         Scope::Cluster(here) => (topology_mode(&candidates, here), here),
     };
-    let admitted = |c: &Candidate| match mode {
+    let admitted = |c: &Candidate<A>| match mode {
         TopologyMode::Everywhere => true,
         TopologyMode::SameNode => c.hinted_for(HintKind::Node, here.node),
         TopologyMode::SameZone => c.hinted_for(HintKind::Zone, here.zone),
     };
-    let ready: BTreeSet<Endpoint> = candidates
+    let ready: BTreeSet<Endpoint<A>> = candidates
         .iter()
         .filter(|c| c.ready && admitted(c))
         .map(|c| c.endpoint)
@@ -686,6 +789,7 @@ fn endpoints_for_port(
 #[derive(Clone, Debug, Default)]
 pub struct Translation {
     pub frontends: BTreeMap<Frontend, (ObjectKey, DesiredFrontend)>,
+    pub frontends6: BTreeMap<Frontend<Ipv6Addr>, (ObjectKey, DesiredFrontend<Ipv6Addr>)>,
     pub issues: Vec<Issue>,
 }
 
@@ -711,34 +815,80 @@ pub fn translate<'a>(
         let slices = by_service.get(&key).map(Vec::as_slice).unwrap_or_default();
         let translation = translate_view(service, slices, node);
         out.issues.extend(translation.issues);
-        for desired in translation.frontends {
-            if let Some((owner, held)) = out.frontends.get(&desired.frontend) {
-                if desired.claim >= held.claim {
-                    out.issues.push(conflict_issue(
-                        &key,
-                        owner,
-                        &desired.frontend,
-                        desired.claim,
-                    ));
-                    continue;
-                }
-                // A stronger claim takes it from the service that held it.
-                out.issues
-                    .push(conflict_issue(owner, &key, &desired.frontend, held.claim));
-            }
-            out.frontends
-                .insert(desired.frontend, (key.clone(), desired));
-        }
+        claim(
+            &mut out.frontends,
+            &key,
+            translation.frontends,
+            &mut out.issues,
+        );
+        claim(
+            &mut out.frontends6,
+            &key,
+            translation.frontends6,
+            &mut out.issues,
+        );
     }
     out
 }
 
+/// `service`'s frontends into `frontends`, where a stronger claim takes a
+/// frontend from the service that held it and an equal or weaker one is a
+/// conflict.
+fn claim<A: Family>(
+    frontends: &mut BTreeMap<Frontend<A>, (ObjectKey, DesiredFrontend<A>)>,
+    service: &ObjectKey,
+    desired: Vec<DesiredFrontend<A>>,
+    issues: &mut Vec<Issue>,
+) {
+    for desired in desired {
+        if let Some((owner, held)) = frontends.get(&desired.frontend) {
+            if desired.claim >= held.claim {
+                issues.push(conflict_issue(
+                    service,
+                    owner,
+                    &desired.frontend,
+                    desired.claim,
+                ));
+                continue;
+            }
+            // A stronger claim takes it from the service that held it.
+            issues.push(conflict_issue(
+                owner,
+                service,
+                &desired.frontend,
+                held.claim,
+            ));
+        }
+        frontends.insert(desired.frontend, (service.clone(), desired));
+    }
+}
+
+/// The issue of a service whose IPv6 frontends are not programmed (the
+/// IPv6 datapath is not there yet): one per service, naming the field the
+/// first asked by.
+pub fn ipv6_not_programmed_issue(
+    service: &ObjectKey,
+    frontends: &[DesiredFrontend<Ipv6Addr>],
+) -> Option<Issue> {
+    let first = frontends.first()?;
+    Some(service_issue(
+        service,
+        IssueKind::Unsupported,
+        first.claim.field().into(),
+        format!(
+            "IPv6 frontends are not programmed yet ({} of them, {} first); the IPv4 family is served",
+            frontends.len(),
+            first.frontend
+        ),
+    ))
+}
+
 /// The issue raised when `service`'s `claim` asks for a frontend `owner`
 /// holds.
-pub fn conflict_issue(
+pub fn conflict_issue<A: Family>(
     service: &ObjectKey,
     owner: &ObjectKey,
-    frontend: &Frontend,
+    frontend: &Frontend<A>,
     claim: Claim,
 ) -> Issue {
     service_issue(
