@@ -1719,8 +1719,9 @@ fn mapped_arrays_are_mapped_only_while_a_pass_writes() {
 }
 
 /// A dual-stack service: its IPv4 family is programmed; its IPv6
-/// frontends, translated, are one issue naming the service (the IPv6
-/// datapath is not there yet), and nothing of them reaches the maps.
+/// frontends, translated, are one issue naming its IPv6 ClusterIP (the
+/// IPv6 datapath is not there yet), and the reconciler programs the IPv4
+/// family alone, raising nothing.
 #[test]
 fn a_dual_stack_service_is_served_over_ipv4_and_its_ipv6_frontends_are_one_issue() {
     let yaml = "\
@@ -1750,16 +1751,16 @@ endpoints: [{addresses: [\"fd00:10:244::6:1\"]}]
     let (key, translation) = translation(yaml);
     assert_eq!(translation.frontends.len(), 2);
     assert_eq!(translation.frontends6.len(), 2);
-    assert!(translation.issues.is_empty(), "{:?}", translation.issues);
-    let mut reconciler = Reconciler::adopt(FakeMaps::with_capacity(64)).unwrap();
-    let outcome = reconciler.update_service(&key, &translation);
-    let issues: Vec<String> = outcome.issues.iter().map(|i| i.to_string()).collect();
+    let issues: Vec<String> = translation.issues.iter().map(|i| i.to_string()).collect();
     assert_eq!(
         issues,
         [
-            "Service test/dual spec.clusterIPs: IPv6 frontends are not programmed yet (2 of them, [fd00:10:96::60]:53/UDP first); the IPv4 family is served (unsupported)"
+            "Service test/dual spec.clusterIPs[1]: IPv6 frontends are not programmed yet (2 of them, [fd00:10:96::60]:53/UDP first); its IPv4 family is served (unsupported)"
         ]
     );
+    let mut reconciler = Reconciler::adopt(FakeMaps::with_capacity(64)).unwrap();
+    let outcome = reconciler.update_service(&key, &translation);
+    assert!(outcome.issues.is_empty(), "{:?}", outcome.issues);
     assert_eq!(
         view(&reconciler.maps().dump().unwrap()),
         [

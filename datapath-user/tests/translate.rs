@@ -65,7 +65,11 @@ const CASES: &[Case] = &[
             "[fd00:10:96::60]:80/TCP -> [fd00:10:244::6:1]:8080",
             "[fd00:10:96::62]:443/TCP -> [fd00:10:244::6:3]:8443",
         ],
-        issues: &["invalid EndpointSlice net/v6-only-bad endpoints[1].addresses[0]"],
+        issues: &[
+            "unsupported Service net/dual spec.clusterIPs[1]",
+            "invalid EndpointSlice net/v6-only-bad endpoints[1].addresses[0]",
+            "unsupported Service net/v6-only spec.clusterIPs[0]",
+        ],
     },
     Case {
         description: "bad ports are reported by field, the good one served",

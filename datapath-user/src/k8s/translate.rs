@@ -243,12 +243,27 @@ pub fn translate_view<'a>(
     // Every address as written, each family's apart; one that does not
     // parse is reported once, naming its field.
     let mut addresses: Vec<IpAddr> = Vec::new();
+    // Which families have a ClusterIP written (one that does not parse
+    // counts by its text: its family's other addresses are still served),
+    // and the field of the first IPv6 one.
+    let (mut has_v4, mut has_v6) = (false, false);
+    let mut v6_field = None;
     for (i, address) in service.cluster_ips.iter().enumerate() {
         let field = if service.from_cluster_ips {
             format!("spec.clusterIPs[{i}]")
         } else {
             "spec.clusterIP".to_owned()
         };
+        let is_v6 = match address {
+            Ok(ip) => ip.is_ipv6(),
+            Err(text) => text.contains(':'),
+        };
+        if is_v6 {
+            has_v6 = true;
+            v6_field.get_or_insert_with(|| field.clone());
+        } else {
+            has_v4 = true;
+        }
         if let Some(ip) = parsed_ip(key, address, field, &mut out.issues) {
             addresses.push(ip);
         }
@@ -264,7 +279,7 @@ pub fn translate_view<'a>(
     // neither family serves it (kube-proxy's per-family trackers skip the
     // service), which is said.
     let served = |ip: IpAddr, field: String, issues: &mut Vec<Issue>| {
-        let family = addresses.iter().any(|a| a.is_ipv4() == ip.is_ipv4());
+        let family = if ip.is_ipv4() { has_v4 } else { has_v6 };
         if !family {
             issues.push(service_issue(
                 key,
@@ -362,8 +377,30 @@ pub fn translate_view<'a>(
         addresses: &addresses,
         other_addresses: &other_addresses,
     };
-    out.frontends = family_frontends::<Ipv4Addr>(&context, &slices_v4, &mut out.issues);
-    out.frontends6 = family_frontends::<Ipv6Addr>(&context, &slices_v6, &mut out.issues);
+    if has_v4 {
+        out.frontends = family_frontends::<Ipv4Addr>(&context, &slices_v4, &mut out.issues);
+    }
+    if has_v6 {
+        out.frontends6 = family_frontends::<Ipv6Addr>(&context, &slices_v6, &mut out.issues);
+    }
+    if let (Some(field), false) = (v6_field, out.frontends6.is_empty()) {
+        // Until the IPv6 datapath: translated, not programmed.
+        out.issues.push(service_issue(
+            key,
+            IssueKind::Unsupported,
+            field,
+            format!(
+                "IPv6 frontends are not programmed yet ({} of them, {} first); {}",
+                out.frontends6.len(),
+                out.frontends6[0].frontend,
+                if has_v4 {
+                    "its IPv4 family is served"
+                } else {
+                    "nothing of this service is served"
+                }
+            ),
+        ));
+    }
     out
 }
 
@@ -463,8 +500,11 @@ struct FamilyContext<'a> {
     other_addresses: &'a [(IpAddr, Claim)],
 }
 
-/// The frontends of family `A`: its ClusterIPs, other addresses and node
-/// addresses × the valid ports, over `slices` (of its `addressType`).
+/// The frontends of family `A`, for a service with a ClusterIP of it
+/// (kube-proxy's per-family trackers skip a service without one, its
+/// other addresses of that family included): its ClusterIPs, other
+/// addresses and node addresses × the valid ports, over `slices` (of its
+/// `addressType`).
 fn family_frontends<A: Family>(
     context: &FamilyContext<'_>,
     slices: &[&SliceView],
@@ -487,12 +527,6 @@ fn family_frontends<A: Family>(
         .iter()
         .filter_map(|&ip| A::from_ip(ip))
         .collect();
-    if addresses.is_empty() {
-        // No ClusterIP of this family: the service is not of it, and its
-        // other addresses of this family are not served (kube-proxy's
-        // per-family trackers skip it), nor are its slices used.
-        return Vec::new();
-    }
     let mut frontends = Vec::new();
     for port in context.ports {
         let cluster_ip_scope = match (service.node_local, context.node.node_name.as_deref()) {
@@ -821,11 +855,13 @@ pub fn translate<'a>(
             translation.frontends,
             &mut out.issues,
         );
+        // IPv6 frontends are not programmed yet: their conflicts are not
+        // reported (as the agent's path does not).
         claim(
             &mut out.frontends6,
             &key,
             translation.frontends6,
-            &mut out.issues,
+            &mut Vec::new(),
         );
     }
     out
@@ -861,26 +897,6 @@ fn claim<A: Family>(
         }
         frontends.insert(desired.frontend, (service.clone(), desired));
     }
-}
-
-/// The issue of a service whose IPv6 frontends are not programmed (the
-/// IPv6 datapath is not there yet): one per service, naming the field the
-/// first asked by.
-pub fn ipv6_not_programmed_issue(
-    service: &ObjectKey,
-    frontends: &[DesiredFrontend<Ipv6Addr>],
-) -> Option<Issue> {
-    let first = frontends.first()?;
-    Some(service_issue(
-        service,
-        IssueKind::Unsupported,
-        first.claim.field().into(),
-        format!(
-            "IPv6 frontends are not programmed yet ({} of them, {} first); the IPv4 family is served",
-            frontends.len(),
-            first.frontend
-        ),
-    ))
 }
 
 /// The issue raised when `service`'s `claim` asks for a frontend `owner`

@@ -261,12 +261,6 @@ impl<M: LbMaps> Reconciler<M> {
         keep_dropped: bool,
     ) -> Outcome {
         let mut outcome = Outcome::default();
-        outcome
-            .issues
-            .extend(crate::k8s::translate::ipv6_not_programmed_issue(
-                service,
-                &translation.frontends6,
-            ));
         let wanted: BTreeSet<Frontend> = translation.frontends.iter().map(|d| d.frontend).collect();
         let previously: BTreeSet<Frontend> = self.held_by(service).collect();
         // A service that no longer asks stops waiting.
