@@ -37,6 +37,18 @@ pub const POD_ROUTES6_MAP: &str = "POD_ROUTES6";
 mod v6;
 pub use v6::*;
 
+/// The IPv6 twins, all added in one release.
+pub const IPV6_MAPS: [&str; 8] = [
+    SERVICES6_MAP,
+    BACKEND_ADDRS6_MAP,
+    REVERSE_NAT6_MAP,
+    CONNTRACK6_TCP_MAP,
+    CONNTRACK6_UDP_MAP,
+    SOCK_REVERSE_NAT6_MAP,
+    FRAGMENTS6_MAP,
+    POD_ROUTES6_MAP,
+];
+
 /// Every map, for pinning and inspection.
 pub const ALL_MAPS: [&str; 22] = [
     SERVICE_FILTER_MAP,
@@ -751,6 +763,14 @@ mod tests {
         // SAFETY: as above.
         let flow: CtEntry = unsafe { core::mem::transmute(old) };
         assert_eq!(flow.rev_nat_id(), 0xbeef);
+    }
+
+    #[test]
+    fn the_ipv6_maps_are_maps_of_their_own() {
+        for map in IPV6_MAPS {
+            assert!(ALL_MAPS.contains(&map), "{map}");
+            assert_eq!(layout_version(map), Some(1), "{map} started at 1");
+        }
     }
 
     #[test]

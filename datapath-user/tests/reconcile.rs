@@ -1546,9 +1546,8 @@ fn an_upgrade_from_the_release_before_the_slot_array_keeps_conntrack_and_every_i
 fn an_upgrade_that_adds_the_ipv6_maps_keeps_the_ipv4_ones() {
     use aya::maps::MapInfo;
     use datapath_common::maps::{
-        ALL_MAPS, BACKEND_ADDRS6_MAP, BACKENDS_MAP, CONNTRACK_TCP_MAP, CONNTRACK_UDP_MAP,
-        CONNTRACK6_TCP_MAP, CONNTRACK6_UDP_MAP, FRAGMENTS6_MAP, POD_ROUTES6_MAP, REVERSE_NAT_MAP,
-        REVERSE_NAT6_MAP, SERVICES_MAP, SERVICES6_MAP, SLOTS_MAP, SOCK_REVERSE_NAT6_MAP,
+        ALL_MAPS, BACKENDS_MAP, CONNTRACK_TCP_MAP, CONNTRACK_UDP_MAP, IPV6_MAPS, REVERSE_NAT_MAP,
+        SERVICES_MAP, SERVICES6_MAP, SLOTS_MAP,
     };
     use datapath_user::{LoadOptions, loader::MapSizes, map_pins::PinPolicy};
     common::require_root("pinned maps");
@@ -1567,16 +1566,7 @@ fn an_upgrade_that_adds_the_ipv6_maps_keeps_the_ipv4_ones() {
         reconciler.prune(false).unwrap();
         reconciler.maps().dump().unwrap()
     };
-    let v6 = [
-        SERVICES6_MAP,
-        BACKEND_ADDRS6_MAP,
-        REVERSE_NAT6_MAP,
-        CONNTRACK6_TCP_MAP,
-        CONNTRACK6_UDP_MAP,
-        SOCK_REVERSE_NAT6_MAP,
-        FRAGMENTS6_MAP,
-        POD_ROUTES6_MAP,
-    ];
+    let v6 = IPV6_MAPS;
     // The older build: no IPv6 map pinned, none marked.
     let layouts = pin_dir.join(datapath_user::map_pins::LAYOUTS_DIR);
     for map in v6 {
