@@ -7,7 +7,7 @@
 //!
 //! Layers, each importing only those above it in this list:
 //! `error`, `cleanup`, `links`, `ethtool` → `namespace`, `cgroup` →
-//! `prefix` → `topology` → `workload`, `packet` → `demo`.
+//! `prefix` → `topology` → `workload`, `packet`, `packet6` → `demo`.
 
 pub mod cgroup;
 pub mod cleanup;
@@ -17,6 +17,7 @@ mod ethtool;
 mod links;
 pub mod namespace;
 pub mod packet;
+pub mod packet6;
 pub mod prefix;
 pub mod topology;
 pub mod workload;
