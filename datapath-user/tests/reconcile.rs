@@ -1759,3 +1759,116 @@ endpoints: [{addresses: [\"fd00:10:244::6:1\"]}]
         ]
     );
 }
+
+/// Both families' frontends own blocks of one slot array: learning which
+/// blocks are whose reads `SERVICES6` too, so that an IPv4 frontend is
+/// never given an IPv6 frontend's slots, and an IPv6 entry sharing a
+/// block (nothing this agent writes) is moved to a block of its own with
+/// a copy of its slots.
+#[test]
+fn slot_blocks_are_learned_from_both_service_maps() {
+    use datapath_common::{
+        IPPROTO_TCP,
+        maps::{ServiceKey6, ServiceValue},
+        port_be,
+    };
+    use datapath_user::{
+        DatapathMaps, LoadOptions, loader::MapSizes, map_pins::PinPolicy, model::ipv6_words,
+    };
+    common::require_root("pinned maps");
+    let pins = common::PinDir::new();
+    let pin_dir = pins.path();
+    let options = LoadOptions {
+        pin_dir: Some(pin_dir.clone()),
+        pin_policy: PinPolicy::Own,
+        sizes: MapSizes {
+            ipv6: true,
+            ..MapSizes::default()
+        },
+        ..LoadOptions::default()
+    };
+    let block = |head: ServiceValue| (head.first_slot, head.first_slot + head.slot_capacity());
+    let key6 = |address: &str| {
+        ServiceKey6::new(
+            ipv6_words(address.parse().unwrap()),
+            port_be(80),
+            IPPROTO_TCP,
+        )
+    };
+    let (shared6, own6) = (key6("fd00::1"), key6("fd00::2"));
+    let web_key = Frontend {
+        address: Ipv4Addr::new(10, 96, 1, 1),
+        port: 80,
+        protocol: Protocol::Tcp,
+    }
+    .key();
+    let web_head = {
+        let mut datapath = datapath_user::Datapath::load(&options).unwrap();
+        let mut reconciler = Reconciler::new_on_empty(&mut datapath.maps);
+        apply(
+            &mut reconciler,
+            &translation(&service_yaml("web", "10.96.1.1", &[80], 3)),
+        );
+        drop(reconciler);
+        let maps = &mut datapath.maps;
+        let web_head = maps.services.get(&web_key, 0).unwrap();
+        // An IPv6 entry sharing web's block; another with a block of its
+        // own next to it (the next one an allocator would hand out).
+        maps.services6.insert(shared6, web_head, 0).unwrap();
+        let (_, end) = block(web_head);
+        let own_head = ServiceValue::new(end, web_head.slot_order, 1, 9, 0);
+        maps.slots
+            .write(end, [datapath_common::maps::Slot::of(1)].into_iter())
+            .unwrap();
+        maps.services6.insert(own6, own_head, 0).unwrap();
+        web_head
+    };
+
+    let mut maps = DatapathMaps::open_pinned(&pin_dir).unwrap();
+    maps.learn_slot_blocks().unwrap();
+    assert_eq!(
+        maps.services.get(&web_key, 0).unwrap(),
+        web_head,
+        "web keeps its block"
+    );
+    let moved = maps.services6.get(&shared6, 0).unwrap();
+    let own = maps.services6.get(&own6, 0).unwrap();
+    assert_ne!(block(moved), block(web_head), "the sharer moved");
+    let slots_of = |maps: &DatapathMaps, head: ServiceValue| -> Vec<u32> {
+        (1..=head.backend_count)
+            .map(|slot| {
+                maps.slots
+                    .get(head.slot_index(slot))
+                    .unwrap()
+                    .unwrap()
+                    .backend_id
+            })
+            .collect()
+    };
+    assert_eq!(
+        slots_of(&maps, moved),
+        slots_of(&maps, web_head),
+        "with a copy of its slots"
+    );
+    assert_eq!(own.backend_count, 1);
+
+    // A new IPv4 frontend takes none of the IPv6 frontends' blocks.
+    let mut reconciler = Reconciler::adopt(&mut maps).unwrap();
+    apply(
+        &mut reconciler,
+        &translation(&service_yaml("api", "10.96.1.2", &[80], 3)),
+    );
+    let api_key = Frontend {
+        address: Ipv4Addr::new(10, 96, 1, 2),
+        port: 80,
+        protocol: Protocol::Tcp,
+    }
+    .key();
+    let api = reconciler.maps().services.get(&api_key, 0).unwrap();
+    let blocks = [block(web_head), block(moved), block(own), block(api)];
+    for (i, a) in blocks.iter().enumerate() {
+        for b in &blocks[i + 1..] {
+            assert!(a.1 <= b.0 || b.1 <= a.0, "blocks overlap: {blocks:?}");
+        }
+    }
+}

@@ -9,8 +9,9 @@ use aya::{
 use datapath_common::{
     IPPROTO_TCP,
     maps::{
-        self as m, Backend, CtEntry, CtKey, FragmentKey, FragmentPorts, RevNatValue, ServiceKey,
-        ServiceValue, Slot, SockRevNatKey, SockRevNatValue,
+        self as m, Backend, BackendAddress6, CtEntry, CtKey, FragmentKey, FragmentPorts,
+        RevNatValue, RevNatValue6, ServiceKey, ServiceKey6, ServiceValue, Slot, SockRevNatKey,
+        SockRevNatValue,
     },
     metrics::Counter,
 };
@@ -55,6 +56,13 @@ pub struct DatapathMaps {
     pub reply_filter: Array<MapData, u32>,
     /// New frontends noted for one batched write (`super::bulk`).
     pub(super) pending: super::pending::PendingWrites,
+    /// IPv6 frontends, each naming its block of `slots` (shared with
+    /// `services`: one slot allocator for both families).
+    pub services6: HashMap<MapData, ServiceKey6, ServiceValue>,
+    /// The address of each IPv6 backend, under its `backends` id.
+    pub backend_addrs6: MappedArray<BackendAddress6>,
+    /// Reverse-NAT id → IPv6 frontend (ids shared with `reverse_nat`).
+    pub reverse_nat6: Array<MapData, RevNatValue6>,
 }
 
 impl DatapathMaps {
@@ -107,6 +115,9 @@ impl DatapathMaps {
             fragments: typed(&mut get, m::FRAGMENTS_MAP)?,
             reply_filter: typed(&mut get, m::REPLY_FILTER_MAP)?,
             pending: Default::default(),
+            services6: typed(&mut get, m::SERVICES6_MAP)?,
+            backend_addrs6: mapped(&mut get, m::BACKEND_ADDRS6_MAP)?,
+            reverse_nat6: typed(&mut get, m::REVERSE_NAT6_MAP)?,
         })
     }
 

@@ -275,6 +275,7 @@ impl LbMaps for DatapathMaps {
     fn unmap(&mut self) {
         self.slots.unmap();
         self.backends.unmap();
+        self.backend_addrs6.unmap();
     }
 
     /// Clears a reverse-NAT entry no frontend uses.
@@ -312,6 +313,54 @@ impl LbMaps for DatapathMaps {
         }
         Ok(changed)
     }
+}
+
+/// Claims the block of every frontend in `services` (either family's
+/// map); returns those whose block is not theirs alone.
+fn claim_blocks<K: aya::Pod + Default>(
+    blocks: &mut SlotBlocks,
+    services: &HashMap<MapData, K, ServiceValue>,
+) -> Result<Vec<(K, ServiceValue)>, MapError> {
+    let mut homeless = Vec::new();
+    for (key, head) in read_hash::<K, ServiceValue>(services)? {
+        let fits = u32::from(head.backend_count) <= head.slot_capacity();
+        if !(fits && blocks.claim(head.first_slot, head.slot_order)) {
+            homeless.push((key, head));
+        }
+    }
+    Ok(homeless)
+}
+
+/// Gives each of `homeless` (frontends of `services`) a block of its own
+/// with a copy of its slots.
+fn rehome<K: aya::Pod + std::fmt::Debug>(
+    blocks: &mut SlotBlocks,
+    services: &mut HashMap<MapData, K, ServiceValue>,
+    slots: &super::mapped_array::MappedArray<Slot>,
+    homeless: Vec<(K, ServiceValue)>,
+) -> Result<(), MapError> {
+    for (key, head) in homeless {
+        let order = SlotBlocks::order_for(head.backend_count);
+        let Some(first) = blocks.allocate(order) else {
+            // Left as it is, its rewrites would land in another
+            // frontend's slots: out, and the sync writes it anew
+            // (adoption learns before it reads the maps).
+            tracing::warn!(
+                ?key,
+                "a frontend entry whose slot block is not its own, and no free block to move it to: removed"
+            );
+            remove_if_present(services, &key)?;
+            continue;
+        };
+        let count = head.backend_count.min(1 << order);
+        let ids: Vec<BackendId> = (1..=count)
+            .map(|slot| slot_backend(slots, head.slot_index(slot)))
+            .collect::<Result<_, _>>()?;
+        slots.write(first, ids.into_iter().map(Slot::of))?;
+        let moved = ServiceValue::new(first, order, count, head.rev_nat_id(), head.flags);
+        services.insert(key, moved, 0)?;
+    }
+    Ok(())
 }
 
 /// Writes `keys[i] → values[i]` into `map` in one BPF_MAP_UPDATE_BATCH;
@@ -426,42 +475,21 @@ impl DatapathMaps {
             .get_or_insert_with(|| SlotBlocks::new(self.slots.len()))
     }
 
-    /// Learns which blocks the frontends in `SERVICES` own (pins an
-    /// earlier agent wrote), once. A frontend whose block is not its own
-    /// alone (beyond the array, misaligned, shared with another, smaller
-    /// than its count: nothing this agent writes) is given a new block
-    /// with a copy of its slots, so that every entry owns its block.
+    /// Learns which blocks the frontends in `SERVICES` and `SERVICES6`
+    /// own (pins an earlier agent wrote), once. A frontend whose block is
+    /// not its own alone (beyond the array, misaligned, shared with
+    /// another, smaller than its count: nothing this agent writes) is
+    /// given a new block with a copy of its slots, so that every entry
+    /// owns its block.
     pub(super) fn blocks_or_scan(&mut self) -> Result<&mut SlotBlocks, MapError> {
         if self.slot_blocks.is_none() {
             let mut blocks = SlotBlocks::new(self.slots.len());
-            let mut homeless = Vec::new();
-            for (key, head) in read_hash::<ServiceKey, ServiceValue>(&self.services)? {
-                let fits = u32::from(head.backend_count) <= head.slot_capacity();
-                if !(fits && blocks.claim(head.first_slot, head.slot_order)) {
-                    homeless.push((key, head));
-                }
-            }
-            for (key, head) in homeless {
-                let order = SlotBlocks::order_for(head.backend_count);
-                let Some(first) = blocks.allocate(order) else {
-                    // Left as it is, its rewrites would land in another
-                    // frontend's slots: out, and the sync writes it anew
-                    // (adoption learns before it reads the maps).
-                    tracing::warn!(
-                        ?key,
-                        "a frontend entry whose slot block is not its own, and no free block to move it to: removed"
-                    );
-                    remove_if_present(&mut self.services, &key)?;
-                    continue;
-                };
-                let count = head.backend_count.min(1 << order);
-                let ids: Vec<BackendId> = (1..=count)
-                    .map(|slot| slot_backend(&self.slots, head.slot_index(slot)))
-                    .collect::<Result<_, _>>()?;
-                self.slots.write(first, ids.into_iter().map(Slot::of))?;
-                let moved = ServiceValue::new(first, order, count, head.rev_nat_id(), head.flags);
-                self.services.insert(key, moved, 0)?;
-            }
+            // Every claim of both maps first: a frontend moved out of a
+            // shared block goes where no frontend of either family is.
+            let homeless = claim_blocks(&mut blocks, &self.services)?;
+            let homeless6 = claim_blocks(&mut blocks, &self.services6)?;
+            rehome(&mut blocks, &mut self.services, &self.slots, homeless)?;
+            rehome(&mut blocks, &mut self.services6, &self.slots, homeless6)?;
             self.slot_blocks = Some(blocks);
         }
         Ok(self.blocks())
