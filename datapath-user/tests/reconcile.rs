@@ -1872,3 +1872,97 @@ fn slot_blocks_are_learned_from_both_service_maps() {
         }
     }
 }
+
+/// IPv6 entries an agent with the IPv6 datapath wrote are read back by
+/// `dump` (the `BACKENDS` entry flagged IPv6 with its address from
+/// `BACKEND_ADDRS6`), and adoption keeps their ids: an IPv4 service
+/// programmed after is given none of them.
+#[test]
+fn ipv6_entries_are_read_and_their_ids_kept_from_ipv4_frontends() {
+    use datapath_common::{
+        IPPROTO_TCP,
+        maps::{
+            BACKEND_FLAG_PRESENT, BACKEND_FLAG_V6, Backend, BackendAddress6, REV_NAT_FLAG_PRESENT,
+            RevNatValue6, ServiceKey6, ServiceValue, Slot,
+        },
+        port_be,
+    };
+    use datapath_user::model::ipv6_words;
+    let mut datapath = common::load_private();
+    let maps = &mut datapath.maps;
+    let (vip, pod): (std::net::Ipv6Addr, std::net::Ipv6Addr) = (
+        "fd00:10:96::1".parse().unwrap(),
+        "fd00:10:244::1".parse().unwrap(),
+    );
+    // As the IPv6 writer will: the address, then the entry that
+    // publishes it; the slot; the reverse-NAT entry; the frontend.
+    maps.backend_addrs6
+        .set(
+            1,
+            BackendAddress6 {
+                address_be: ipv6_words(pod),
+            },
+        )
+        .unwrap();
+    maps.backends
+        .set(
+            1,
+            Backend {
+                address_be: 0,
+                port_be: port_be(8080),
+                protocol: IPPROTO_TCP,
+                flags: BACKEND_FLAG_PRESENT | BACKEND_FLAG_V6,
+            },
+        )
+        .unwrap();
+    maps.slots.set(0, Slot::of(1)).unwrap();
+    maps.reverse_nat6
+        .set(
+            1,
+            RevNatValue6 {
+                address_be: ipv6_words(vip),
+                port_be: port_be(80),
+                flags: REV_NAT_FLAG_PRESENT,
+                _pad: 0,
+            },
+            0,
+        )
+        .unwrap();
+    maps.services6
+        .insert(
+            ServiceKey6::new(ipv6_words(vip), port_be(80), IPPROTO_TCP),
+            ServiceValue::new(0, 0, 1, 1, 0),
+            0,
+        )
+        .unwrap();
+
+    let dump = maps.dump().unwrap();
+    assert_eq!(dump.frontends6.len(), 1);
+    assert_eq!(
+        dump.frontends6[0].frontend.to_string(),
+        "[fd00:10:96::1]:80/TCP"
+    );
+    assert_eq!(
+        (dump.frontends6[0].rev_nat_id, &dump.frontends6[0].slots[..]),
+        (1, &[Some(1)][..])
+    );
+    assert_eq!(dump.backends6.len(), 1);
+    assert_eq!(dump.backends6[0].1.to_string(), "[fd00:10:244::1]:8080/TCP");
+    assert!(dump.backends.is_empty(), "not taken for an IPv4 backend");
+    assert_eq!(dump.rev_nats6.len(), 1);
+
+    let mut reconciler = Reconciler::adopt(&mut datapath.maps).unwrap();
+    apply(
+        &mut reconciler,
+        &translation(&service_yaml("web", "10.96.1.1", &[80], 3)),
+    );
+    let dump = reconciler.maps().dump().unwrap();
+    assert!(
+        dump.backends.iter().all(|(id, _)| *id != 1),
+        "an IPv6 backend's id: {:?}",
+        dump.backends
+    );
+    assert!(dump.frontends.iter().all(|f| f.rev_nat_id != 1));
+    assert_eq!(dump.frontends6.len(), 1, "the IPv6 frontend stands");
+    assert_eq!(dump.backends6.len(), 1);
+}

@@ -54,6 +54,7 @@ impl LbMaps for FakeMaps {
             stray_entries: Vec::new(),
             backends: self.backends.iter().map(|(k, v)| (*k, *v)).collect(),
             rev_nats: self.rev_nats.iter().map(|(k, v)| (*k, *v)).collect(),
+            ..MapDump::default()
         })
     }
     fn set_service(

@@ -207,8 +207,8 @@ pub fn validate_service(
 
 /// A frontend as found in the maps.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct DumpedFrontend {
-    pub frontend: Frontend,
+pub struct DumpedFrontend<A = std::net::Ipv4Addr> {
+    pub frontend: Frontend<A>,
     pub rev_nat_id: RevNatId,
     /// Slots 1..=count in order; `None` where a slot is missing (an
     /// interrupted write: the frontend must be re-programmed).
@@ -225,4 +225,10 @@ pub struct MapDump {
     pub backends: Vec<(BackendId, BackendAddress)>,
     /// Present reverse-NAT entries: the service address replies get.
     pub rev_nats: Vec<(RevNatId, std::net::SocketAddrV4)>,
+    /// The same of the IPv6 maps (`SERVICES6`, the `BACKENDS` entries
+    /// flagged IPv6 with their `BACKEND_ADDRS6` addresses, `REVERSE_NAT6`).
+    pub frontends6: Vec<DumpedFrontend<std::net::Ipv6Addr>>,
+    pub stray_entries6: Vec<m::ServiceKey6>,
+    pub backends6: Vec<(BackendId, BackendAddress<std::net::Ipv6Addr>)>,
+    pub rev_nats6: Vec<(RevNatId, std::net::SocketAddrV6)>,
 }

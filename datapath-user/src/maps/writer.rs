@@ -2,13 +2,16 @@
 //! make-before-break, so a packet never meets a frontend whose slots point
 //! at nothing.
 
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, Ipv6Addr};
 
 use aya::maps::{Array, HashMap, IterableMap, MapData, MapError};
 use datapath_common::{
     ipv4_be, ipv4_octets,
     lb::service_filter_index,
-    maps::{self as m, Backend, BackendId, RevNatId, RevNatValue, ServiceKey, ServiceValue, Slot},
+    maps::{
+        self as m, Backend, BackendId, RevNatId, RevNatValue, RevNatValue6, ServiceKey,
+        ServiceKey6, ServiceValue, Slot,
+    },
     port_be, port_host,
 };
 
@@ -17,7 +20,7 @@ use super::{
     lb_maps::{DumpedFrontend, LbMaps, MapDump, ProgramError, validate_service},
     slot_blocks::SlotBlocks,
 };
-use crate::model::{BackendAddress, BackendEntry, Frontend, Protocol};
+use crate::model::{BackendAddress, BackendEntry, Frontend, Protocol, ipv6_from_words};
 
 impl LbMaps for DatapathMaps {
     fn backend_capacity(&self) -> u32 {
@@ -201,13 +204,47 @@ impl LbMaps for DatapathMaps {
                 slots,
             });
         }
+        let mut heads6 = read_hash::<ServiceKey6, ServiceValue>(&self.services6)?;
+        heads6.sort_unstable_by_key(|(key, _)| *key);
+        for (key, head) in heads6 {
+            let Some(frontend) = Frontend::<Ipv6Addr>::from_key(&key) else {
+                dump.stray_entries6.push(key);
+                continue;
+            };
+            let slots = (1..=head.backend_count)
+                .map(|slot| {
+                    let id = slot_backend(&self.slots, head.slot_index(slot))?;
+                    Ok(Some(id).filter(|&id| id != 0))
+                })
+                .collect::<Result<_, MapError>>()?;
+            dump.frontends6.push(DumpedFrontend {
+                frontend,
+                rev_nat_id: head.rev_nat_id(),
+                slots,
+            });
+        }
         let backends: Vec<Backend> = self.backends.read_all()?;
         for (id, backend) in backends.into_iter().enumerate().skip(1) {
             let id = id as BackendId;
-            if backend.is_present() {
-                let Some(protocol) = Protocol::from_number(backend.protocol) else {
-                    continue;
+            if !backend.is_present() {
+                continue;
+            }
+            let Some(protocol) = Protocol::from_number(backend.protocol) else {
+                continue;
+            };
+            if backend.is_v6() {
+                let Some(address) = self.backend_addrs6.get(id)? else {
+                    continue; // beyond a smaller BACKEND_ADDRS6: not usable
                 };
+                dump.backends6.push((
+                    id,
+                    BackendAddress {
+                        address: ipv6_from_words(address.address_be),
+                        port: port_host(backend.port_be),
+                        protocol,
+                    },
+                ));
+            } else {
                 dump.backends.push((
                     id,
                     BackendAddress {
@@ -226,6 +263,20 @@ impl LbMaps for DatapathMaps {
                     std::net::SocketAddrV4::new(
                         Ipv4Addr::from(ipv4_octets(value.address_be)),
                         port_host(value.port_be),
+                    ),
+                ));
+            }
+        }
+        let rev_nats6: Vec<RevNatValue6> = read_array(&self.reverse_nat6)?;
+        for (id, value) in rev_nats6.into_iter().enumerate().skip(1) {
+            if value.is_present() {
+                dump.rev_nats6.push((
+                    id as RevNatId,
+                    std::net::SocketAddrV6::new(
+                        ipv6_from_words(value.address_be),
+                        port_host(value.port_be),
+                        0,
+                        0,
                     ),
                 ));
             }

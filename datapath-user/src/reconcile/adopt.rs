@@ -172,6 +172,21 @@ impl<M: LbMaps> Reconciler<M> {
         for address in ambiguous {
             reconciler.v4.adopted_rev_nat_by_address.remove(&address);
         }
+        // IPv6 entries (an agent with the IPv6 datapath wrote them): their
+        // ids are taken, so that no IPv4 frontend or backend is given one
+        // while they stand; this build neither rewrites nor prunes them.
+        for found in &dump.frontends6 {
+            reconciler.rev_nat_ids.adopt(found.rev_nat_id);
+            for id in found.slots.iter().flatten() {
+                reconciler.backend_ids.adopt(*id);
+            }
+        }
+        for (id, _) in &dump.backends6 {
+            reconciler.backend_ids.adopt(*id);
+        }
+        for (id, _) in &dump.rev_nats6 {
+            reconciler.rev_nat_ids.adopt(*id);
+        }
         reconciler
     }
 
