@@ -1573,6 +1573,12 @@ fn an_upgrade_that_adds_the_ipv6_maps_keeps_the_ipv4_ones() {
         std::fs::remove_file(pin_dir.join(map)).unwrap();
         std::fs::remove_dir(layouts.join(format!("{map}-v1"))).unwrap();
     }
+    // The CLI reads such pins too (the IPv6 maps absent, nothing of them
+    // shown).
+    let older = datapath_user::DatapathMaps::open_pinned(&pin_dir).unwrap();
+    assert!(older.v6.is_none());
+    assert_eq!(older.dump().unwrap(), programmed);
+    drop(older);
     let map_id = |map: &str| MapInfo::from_pin(pin_dir.join(map)).unwrap().id();
     let v4: Vec<&str> = ALL_MAPS.into_iter().filter(|m| !v6.contains(m)).collect();
     let v4_ids: Vec<u32> = v4.iter().map(|m| map_id(m)).collect();
@@ -1814,13 +1820,19 @@ fn slot_blocks_are_learned_from_both_service_maps() {
         let web_head = maps.services.get(&web_key, 0).unwrap();
         // An IPv6 entry sharing web's block; another with a block of its
         // own next to it (the next one an allocator would hand out).
-        maps.services6.insert(shared6, web_head, 0).unwrap();
+        let v6 = maps.v6.as_mut().expect("the IPv6 maps");
+        v6.services6.insert(shared6, web_head, 0).unwrap();
         let (_, end) = block(web_head);
         let own_head = ServiceValue::new(end, web_head.slot_order, 1, 9, 0);
         maps.slots
             .write(end, [datapath_common::maps::Slot::of(1)].into_iter())
             .unwrap();
-        maps.services6.insert(own6, own_head, 0).unwrap();
+        maps.v6
+            .as_mut()
+            .unwrap()
+            .services6
+            .insert(own6, own_head, 0)
+            .unwrap();
         web_head
     };
 
@@ -1831,8 +1843,9 @@ fn slot_blocks_are_learned_from_both_service_maps() {
         web_head,
         "web keeps its block"
     );
-    let moved = maps.services6.get(&shared6, 0).unwrap();
-    let own = maps.services6.get(&own6, 0).unwrap();
+    let v6 = maps.v6.as_ref().expect("the IPv6 maps");
+    let moved = v6.services6.get(&shared6, 0).unwrap();
+    let own = v6.services6.get(&own6, 0).unwrap();
     assert_ne!(block(moved), block(web_head), "the sharer moved");
     let slots_of = |maps: &DatapathMaps, head: ServiceValue| -> Vec<u32> {
         (1..=head.backend_count)
@@ -1896,7 +1909,8 @@ fn ipv6_entries_are_read_and_their_ids_kept_from_ipv4_frontends() {
     );
     // As the IPv6 writer will: the address, then the entry that
     // publishes it; the slot; the reverse-NAT entry; the frontend.
-    maps.backend_addrs6
+    let v6 = maps.v6.as_mut().expect("the IPv6 maps");
+    v6.backend_addrs6
         .set(
             1,
             BackendAddress6 {
@@ -1916,7 +1930,7 @@ fn ipv6_entries_are_read_and_their_ids_kept_from_ipv4_frontends() {
         )
         .unwrap();
     maps.slots.set(0, Slot::of(1)).unwrap();
-    maps.reverse_nat6
+    v6.reverse_nat6
         .set(
             1,
             RevNatValue6 {
@@ -1928,7 +1942,7 @@ fn ipv6_entries_are_read_and_their_ids_kept_from_ipv4_frontends() {
             0,
         )
         .unwrap();
-    maps.services6
+    v6.services6
         .insert(
             ServiceKey6::new(ipv6_words(vip), port_be(80), IPPROTO_TCP),
             ServiceValue::new(0, 0, 1, 1, 0),

@@ -56,6 +56,13 @@ pub struct DatapathMaps {
     pub reply_filter: Array<MapData, u32>,
     /// New frontends noted for one batched write (`super::bulk`).
     pub(super) pending: super::pending::PendingWrites,
+    /// The IPv6 maps; `None` in pins an agent without them made (the
+    /// CLI reading an older agent's pins).
+    pub v6: Option<Ipv6Maps>,
+}
+
+/// Handles on the IPv6 twins that hold frontends and backends.
+pub struct Ipv6Maps {
     /// IPv6 frontends, each naming its block of `slots` (shared with
     /// `services`: one slot allocator for both families).
     pub services6: HashMap<MapData, ServiceKey6, ServiceValue>,
@@ -68,24 +75,32 @@ pub struct DatapathMaps {
 impl DatapathMaps {
     /// Takes the maps out of a freshly loaded object.
     pub fn take_from(ebpf: &mut Ebpf) -> Result<Self, LoaderError> {
-        Self::from_maps(|name| {
-            ebpf.take_map(name)
-                .ok_or_else(|| LoaderError::map(name, MapError::InvalidName { name: name.into() }))
-        })
+        Self::from_maps(
+            |name| {
+                ebpf.take_map(name).ok_or_else(|| {
+                    LoaderError::map(name, MapError::InvalidName { name: name.into() })
+                })
+            },
+            |_| true,
+        )
     }
 
     /// Opens the maps an agent pinned under `pin_dir` (no object needed).
     pub fn open_pinned(pin_dir: &Path) -> Result<Self, LoaderError> {
-        Self::from_maps(|name| {
-            let data = MapData::from_pin(pin_dir.join(name))
-                .map_err(|source| LoaderError::map(name, source))?;
-            Map::from_map_data(data).map_err(|source| LoaderError::map(name, source))
-        })
+        Self::from_maps(
+            |name| {
+                let data = MapData::from_pin(pin_dir.join(name))
+                    .map_err(|source| LoaderError::map(name, source))?;
+                Map::from_map_data(data).map_err(|source| LoaderError::map(name, source))
+            },
+            |name| pin_dir.join(name).exists(),
+        )
     }
 
     /// Every map, each got by name from `get` and typed.
     fn from_maps(
         mut get: impl FnMut(&'static str) -> Result<Map, LoaderError>,
+        present: impl Fn(&'static str) -> bool,
     ) -> Result<Self, LoaderError> {
         fn typed<T: TryFrom<Map, Error = MapError>>(
             get: &mut impl FnMut(&'static str) -> Result<Map, LoaderError>,
@@ -115,9 +130,18 @@ impl DatapathMaps {
             fragments: typed(&mut get, m::FRAGMENTS_MAP)?,
             reply_filter: typed(&mut get, m::REPLY_FILTER_MAP)?,
             pending: Default::default(),
-            services6: typed(&mut get, m::SERVICES6_MAP)?,
-            backend_addrs6: mapped(&mut get, m::BACKEND_ADDRS6_MAP)?,
-            reverse_nat6: typed(&mut get, m::REVERSE_NAT6_MAP)?,
+            v6: if [m::SERVICES6_MAP, m::BACKEND_ADDRS6_MAP, m::REVERSE_NAT6_MAP]
+                .into_iter()
+                .all(present)
+            {
+                Some(Ipv6Maps {
+                    services6: typed(&mut get, m::SERVICES6_MAP)?,
+                    backend_addrs6: mapped(&mut get, m::BACKEND_ADDRS6_MAP)?,
+                    reverse_nat6: typed(&mut get, m::REVERSE_NAT6_MAP)?,
+                })
+            } else {
+                None
+            },
         })
     }
 

@@ -16,7 +16,7 @@ use datapath_common::{
 };
 
 use super::{
-    handles::{DatapathMaps, slot_backend},
+    handles::{DatapathMaps, Ipv6Maps, slot_backend},
     lb_maps::{DumpedFrontend, LbMaps, MapDump, ProgramError, validate_service},
     slot_blocks::SlotBlocks,
 };
@@ -204,24 +204,8 @@ impl LbMaps for DatapathMaps {
                 slots,
             });
         }
-        let mut heads6 = read_hash::<ServiceKey6, ServiceValue>(&self.services6)?;
-        heads6.sort_unstable_by_key(|(key, _)| *key);
-        for (key, head) in heads6 {
-            let Some(frontend) = Frontend::<Ipv6Addr>::from_key(&key) else {
-                dump.stray_entries6.push(key);
-                continue;
-            };
-            let slots = (1..=head.backend_count)
-                .map(|slot| {
-                    let id = slot_backend(&self.slots, head.slot_index(slot))?;
-                    Ok(Some(id).filter(|&id| id != 0))
-                })
-                .collect::<Result<_, MapError>>()?;
-            dump.frontends6.push(DumpedFrontend {
-                frontend,
-                rev_nat_id: head.rev_nat_id(),
-                slots,
-            });
+        if let Some(v6) = &self.v6 {
+            self.dump_v6(v6, &mut dump)?;
         }
         let backends: Vec<Backend> = self.backends.read_all()?;
         for (id, backend) in backends.into_iter().enumerate().skip(1) {
@@ -233,13 +217,16 @@ impl LbMaps for DatapathMaps {
                 continue;
             };
             if backend.is_v6() {
-                let Some(address) = self.backend_addrs6.get(id)? else {
-                    continue; // beyond a smaller BACKEND_ADDRS6: not usable
-                };
+                // Its address, if the IPv6 maps hold it; reserved either way.
+                let address = match &self.v6 {
+                    Some(v6) => v6.backend_addrs6.get(id)?,
+                    None => None,
+                }
+                .map_or(Ipv6Addr::UNSPECIFIED, |a| ipv6_from_words(a.address_be));
                 dump.backends6.push((
                     id,
                     BackendAddress {
-                        address: ipv6_from_words(address.address_be),
+                        address,
                         port: port_host(backend.port_be),
                         protocol,
                     },
@@ -263,20 +250,6 @@ impl LbMaps for DatapathMaps {
                     std::net::SocketAddrV4::new(
                         Ipv4Addr::from(ipv4_octets(value.address_be)),
                         port_host(value.port_be),
-                    ),
-                ));
-            }
-        }
-        let rev_nats6: Vec<RevNatValue6> = read_array(&self.reverse_nat6)?;
-        for (id, value) in rev_nats6.into_iter().enumerate().skip(1) {
-            if value.is_present() {
-                dump.rev_nats6.push((
-                    id as RevNatId,
-                    std::net::SocketAddrV6::new(
-                        ipv6_from_words(value.address_be),
-                        port_host(value.port_be),
-                        0,
-                        0,
                     ),
                 ));
             }
@@ -326,7 +299,9 @@ impl LbMaps for DatapathMaps {
     fn unmap(&mut self) {
         self.slots.unmap();
         self.backends.unmap();
-        self.backend_addrs6.unmap();
+        if let Some(v6) = &mut self.v6 {
+            v6.backend_addrs6.unmap();
+        }
     }
 
     /// Clears a reverse-NAT entry no frontend uses.
@@ -366,47 +341,97 @@ impl LbMaps for DatapathMaps {
     }
 }
 
+impl DatapathMaps {
+    /// The IPv6 maps' frontends and reverse-NAT entries, into `dump`.
+    fn dump_v6(&self, v6: &Ipv6Maps, dump: &mut MapDump) -> Result<(), MapError> {
+        let mut heads6 = read_hash::<ServiceKey6, ServiceValue>(&v6.services6)?;
+        heads6.sort_unstable_by_key(|(key, _)| *key);
+        for (key, head) in heads6 {
+            let Some(frontend) = Frontend::<Ipv6Addr>::from_key(&key) else {
+                dump.stray_entries6.push(key);
+                continue;
+            };
+            let slots = (1..=head.backend_count)
+                .map(|slot| {
+                    let id = slot_backend(&self.slots, head.slot_index(slot))?;
+                    Ok(Some(id).filter(|&id| id != 0))
+                })
+                .collect::<Result<_, MapError>>()?;
+            dump.frontends6.push(DumpedFrontend {
+                frontend,
+                rev_nat_id: head.rev_nat_id(),
+                slots,
+            });
+        }
+        let rev_nats6: Vec<RevNatValue6> = read_array(&v6.reverse_nat6)?;
+        for (id, value) in rev_nats6.into_iter().enumerate().skip(1) {
+            if value.is_present() {
+                dump.rev_nats6.push((
+                    id as RevNatId,
+                    std::net::SocketAddrV6::new(
+                        ipv6_from_words(value.address_be),
+                        port_host(value.port_be),
+                        0,
+                        0,
+                    ),
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// A frontend whose block is not its own alone, with the backend ids its
+/// slots named when the maps were read.
+type Homeless<K> = (K, ServiceValue, Vec<BackendId>);
+
 /// Claims the block of every frontend in `services` (either family's
-/// map); returns those whose block is not theirs alone.
+/// map); returns those whose block is not theirs alone, with their slots.
 fn claim_blocks<K: aya::Pod + Default>(
     blocks: &mut SlotBlocks,
     services: &HashMap<MapData, K, ServiceValue>,
-) -> Result<Vec<(K, ServiceValue)>, MapError> {
+    slots: &super::mapped_array::MappedArray<Slot>,
+) -> Result<Vec<Homeless<K>>, MapError> {
     let mut homeless = Vec::new();
     for (key, head) in read_hash::<K, ServiceValue>(services)? {
         let fits = u32::from(head.backend_count) <= head.slot_capacity();
         if !(fits && blocks.claim(head.first_slot, head.slot_order)) {
-            homeless.push((key, head));
+            let count = head
+                .backend_count
+                .min(1 << SlotBlocks::order_for(head.backend_count));
+            let ids = (1..=count)
+                .map(|slot| slot_backend(slots, head.slot_index(slot)))
+                .collect::<Result<_, _>>()?;
+            homeless.push((key, head, ids));
         }
     }
     Ok(homeless)
 }
 
 /// Gives each of `homeless` (frontends of `services`) a block of its own
-/// with a copy of its slots.
+/// with a copy of its slots; one that finds none is removed (`then` says
+/// who writes it again).
 fn rehome<K: aya::Pod + std::fmt::Debug>(
     blocks: &mut SlotBlocks,
     services: &mut HashMap<MapData, K, ServiceValue>,
     slots: &super::mapped_array::MappedArray<Slot>,
-    homeless: Vec<(K, ServiceValue)>,
+    homeless: Vec<Homeless<K>>,
+    then: &str,
 ) -> Result<(), MapError> {
-    for (key, head) in homeless {
+    for (key, head, ids) in homeless {
         let order = SlotBlocks::order_for(head.backend_count);
         let Some(first) = blocks.allocate(order) else {
             // Left as it is, its rewrites would land in another
-            // frontend's slots: out, and the sync writes it anew
-            // (adoption learns before it reads the maps).
+            // frontend's slots: out (adoption learns before it reads the
+            // maps).
             tracing::warn!(
                 ?key,
-                "a frontend entry whose slot block is not its own, and no free block to move it to: removed"
+                "a frontend entry whose slot block is not its own, and no free block to move it to: removed; {then}"
             );
             remove_if_present(services, &key)?;
             continue;
         };
-        let count = head.backend_count.min(1 << order);
-        let ids: Vec<BackendId> = (1..=count)
-            .map(|slot| slot_backend(slots, head.slot_index(slot)))
-            .collect::<Result<_, _>>()?;
+        let count = ids.len() as u16;
         slots.write(first, ids.into_iter().map(Slot::of))?;
         let moved = ServiceValue::new(first, order, count, head.rev_nat_id(), head.flags);
         services.insert(key, moved, 0)?;
@@ -535,12 +560,31 @@ impl DatapathMaps {
     pub(super) fn blocks_or_scan(&mut self) -> Result<&mut SlotBlocks, MapError> {
         if self.slot_blocks.is_none() {
             let mut blocks = SlotBlocks::new(self.slots.len());
-            // Every claim of both maps first: a frontend moved out of a
-            // shared block goes where no frontend of either family is.
-            let homeless = claim_blocks(&mut blocks, &self.services)?;
-            let homeless6 = claim_blocks(&mut blocks, &self.services6)?;
-            rehome(&mut blocks, &mut self.services, &self.slots, homeless)?;
-            rehome(&mut blocks, &mut self.services6, &self.slots, homeless6)?;
+            // Every claim of both maps first, and every homeless
+            // frontend's slots read before any is moved: a frontend moved
+            // out of a shared block goes where no frontend of either
+            // family is, and a move never copies slots another move wrote.
+            let homeless = claim_blocks(&mut blocks, &self.services, &self.slots)?;
+            let homeless6 = match &self.v6 {
+                Some(v6) => claim_blocks(&mut blocks, &v6.services6, &self.slots)?,
+                None => Vec::new(),
+            };
+            rehome(
+                &mut blocks,
+                &mut self.services,
+                &self.slots,
+                homeless,
+                "the sync writes it anew",
+            )?;
+            if let Some(v6) = &mut self.v6 {
+                rehome(
+                    &mut blocks,
+                    &mut v6.services6,
+                    &self.slots,
+                    homeless6,
+                    "an agent with the IPv6 datapath writes it anew",
+                )?;
+            }
             self.slot_blocks = Some(blocks);
         }
         Ok(self.blocks())

@@ -56,7 +56,26 @@ impl<M: LbMaps> Reconciler<M> {
         // id and is re-programmed by the first sync (its tracked flows
         // re-balance, as for a re-created service). Every usable id is
         // taken first, so that no new id is one a later frontend holds.
-        let mut holders = HashSet::default();
+        // IPv6 entries (an agent with the IPv6 datapath wrote them) first:
+        // their ids are taken before any IPv4 frontend is renumbered, so
+        // that none is given one while they stand; this build neither
+        // rewrites nor prunes them.
+        let mut held6_rev_nats = HashSet::default();
+        for found in &dump.frontends6 {
+            held6_rev_nats.insert(found.rev_nat_id);
+            for id in found.slots.iter().flatten() {
+                reconciler.backend_ids.adopt(*id);
+            }
+        }
+        held6_rev_nats.extend(dump.rev_nats6.iter().map(|(id, _)| *id));
+        for id in &held6_rev_nats {
+            reconciler.rev_nat_ids.adopt(*id);
+        }
+        for (id, _) in &dump.backends6 {
+            reconciler.backend_ids.adopt(*id);
+        }
+        // An IPv4 frontend holding an IPv6 frontend's id gets another.
+        let mut holders = held6_rev_nats.clone();
         let unusable: Vec<bool> = dump
             .frontends
             .iter()
@@ -64,8 +83,8 @@ impl<M: LbMaps> Reconciler<M> {
                 f.rev_nat_id >= reconciler.rev_nat_ids.capacity || !holders.insert(f.rev_nat_id)
             })
             .collect();
-        for id in holders {
-            reconciler.rev_nat_ids.adopt(id);
+        for id in &holders {
+            reconciler.rev_nat_ids.adopt(*id);
         }
         for (mut found, id_unusable) in dump.frontends.into_iter().zip(unusable) {
             if id_unusable {
@@ -154,7 +173,9 @@ impl<M: LbMaps> Reconciler<M> {
         let mut ambiguous = HashSet::default();
         for (id, socket) in &dump.rev_nats {
             let address = (*socket.ip(), socket.port());
-            if !rev_nats_used.contains(id) {
+            // (A stale IPv4 entry under an IPv6 frontend's id: left, and
+            // the id kept.)
+            if !rev_nats_used.contains(id) && !held6_rev_nats.contains(id) {
                 reconciler.rev_nat_ids.adopt(*id);
                 reconciler.adopted_unused_rev_nats.push(*id);
                 // Two at one address (its TCP and UDP frontends): which
@@ -171,21 +192,6 @@ impl<M: LbMaps> Reconciler<M> {
         }
         for address in ambiguous {
             reconciler.v4.adopted_rev_nat_by_address.remove(&address);
-        }
-        // IPv6 entries (an agent with the IPv6 datapath wrote them): their
-        // ids are taken, so that no IPv4 frontend or backend is given one
-        // while they stand; this build neither rewrites nor prunes them.
-        for found in &dump.frontends6 {
-            reconciler.rev_nat_ids.adopt(found.rev_nat_id);
-            for id in found.slots.iter().flatten() {
-                reconciler.backend_ids.adopt(*id);
-            }
-        }
-        for (id, _) in &dump.backends6 {
-            reconciler.backend_ids.adopt(*id);
-        }
-        for (id, _) in &dump.rev_nats6 {
-            reconciler.rev_nat_ids.adopt(*id);
         }
         reconciler
     }
