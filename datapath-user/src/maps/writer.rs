@@ -10,7 +10,7 @@ use datapath_common::{
     lb::service_filter_index,
     maps::{
         self as m, Backend, BackendId, RevNatId, RevNatValue, RevNatValue6, ServiceKey,
-        ServiceKey6, ServiceValue, Slot,
+        ServiceValue, Slot,
     },
     port_be, port_host,
 };
@@ -20,7 +20,7 @@ use super::{
     lb_maps::{DumpedFrontend, LbMaps, MapDump, ProgramError, validate_service},
     slot_blocks::SlotBlocks,
 };
-use crate::model::{BackendAddress, BackendEntry, Frontend, Protocol, ipv6_from_words};
+use crate::model::{BackendAddress, BackendEntry, Family, Frontend, Protocol, ipv6_from_words};
 
 impl LbMaps for DatapathMaps {
     fn backend_capacity(&self) -> u32 {
@@ -185,25 +185,8 @@ impl LbMaps for DatapathMaps {
     /// Reads every service, backend and reverse-NAT entry.
     fn dump(&self) -> Result<MapDump, MapError> {
         let mut dump = MapDump::default();
-        let mut heads = read_hash::<ServiceKey, ServiceValue>(&self.services)?;
-        heads.sort_unstable_by_key(|(key, _)| *key);
-        for (key, head) in heads {
-            let Some(frontend) = Frontend::from_key(&key) else {
-                dump.stray_entries.push(key);
-                continue;
-            };
-            let slots = (1..=head.backend_count)
-                .map(|slot| {
-                    let id = slot_backend(&self.slots, head.slot_index(slot))?;
-                    Ok(Some(id).filter(|&id| id != 0))
-                })
-                .collect::<Result<_, MapError>>()?;
-            dump.frontends.push(DumpedFrontend {
-                frontend,
-                rev_nat_id: head.rev_nat_id(),
-                slots,
-            });
-        }
+        (dump.frontends, dump.stray_entries) =
+            dumped_frontends::<Ipv4Addr>(&self.services, &self.slots)?;
         if let Some(v6) = &self.v6 {
             self.dump_v6(v6, &mut dump)?;
         }
@@ -344,25 +327,8 @@ impl LbMaps for DatapathMaps {
 impl DatapathMaps {
     /// The IPv6 maps' frontends and reverse-NAT entries, into `dump`.
     fn dump_v6(&self, v6: &Ipv6Maps, dump: &mut MapDump) -> Result<(), MapError> {
-        let mut heads6 = read_hash::<ServiceKey6, ServiceValue>(&v6.services6)?;
-        heads6.sort_unstable_by_key(|(key, _)| *key);
-        for (key, head) in heads6 {
-            let Some(frontend) = Frontend::<Ipv6Addr>::from_key(&key) else {
-                dump.stray_entries6.push(key);
-                continue;
-            };
-            let slots = (1..=head.backend_count)
-                .map(|slot| {
-                    let id = slot_backend(&self.slots, head.slot_index(slot))?;
-                    Ok(Some(id).filter(|&id| id != 0))
-                })
-                .collect::<Result<_, MapError>>()?;
-            dump.frontends6.push(DumpedFrontend {
-                frontend,
-                rev_nat_id: head.rev_nat_id(),
-                slots,
-            });
-        }
+        (dump.frontends6, dump.stray_entries6) =
+            dumped_frontends::<Ipv6Addr>(&v6.services6, &self.slots)?;
         let rev_nats6: Vec<RevNatValue6> = read_array(&v6.reverse_nat6)?;
         for (id, value) in rev_nats6.into_iter().enumerate().skip(1) {
             if value.is_present() {
@@ -379,6 +345,40 @@ impl DatapathMaps {
         }
         Ok(())
     }
+}
+
+/// Every frontend of one family's service map with the backends its
+/// slots name, in key order; and the entries that name no frontend (a
+/// protocol this build does not know).
+#[allow(clippy::type_complexity)]
+fn dumped_frontends<A: Family>(
+    services: &HashMap<MapData, A::ServiceKey, ServiceValue>,
+    slots: &super::mapped_array::MappedArray<Slot>,
+) -> Result<(Vec<DumpedFrontend<A>>, Vec<A::ServiceKey>), MapError>
+where
+    A::ServiceKey: aya::Pod + Default,
+{
+    let mut heads = read_hash::<A::ServiceKey, ServiceValue>(services)?;
+    heads.sort_unstable_by_key(|(key, _)| *key);
+    let (mut frontends, mut stray) = (Vec::new(), Vec::new());
+    for (key, head) in heads {
+        let Some(frontend) = Frontend::<A>::from_key(&key) else {
+            stray.push(key);
+            continue;
+        };
+        let slots = (1..=head.backend_count)
+            .map(|slot| {
+                let id = slot_backend(slots, head.slot_index(slot))?;
+                Ok(Some(id).filter(|&id| id != 0))
+            })
+            .collect::<Result<_, MapError>>()?;
+        frontends.push(DumpedFrontend {
+            frontend,
+            rev_nat_id: head.rev_nat_id(),
+            slots,
+        });
+    }
+    Ok((frontends, stray))
 }
 
 /// A frontend whose block is not its own alone, with the backend ids its
