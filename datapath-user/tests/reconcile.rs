@@ -1979,4 +1979,17 @@ fn ipv6_entries_are_read_and_their_ids_kept_from_ipv4_frontends() {
     assert!(dump.frontends.iter().all(|f| f.rev_nat_id != 1));
     assert_eq!(dump.frontends6.len(), 1, "the IPv6 frontend stands");
     assert_eq!(dump.backends6.len(), 1);
+    // The filter rebuilt after the first sync counts it in its bucket.
+    reconciler.prune(false).unwrap();
+    let bucket =
+        datapath_common::lb::service_filter_index6(ipv6_words(vip), port_be(80), IPPROTO_TCP);
+    assert!(
+        reconciler.maps().service_filter.get(&bucket, 0).unwrap() >= 1,
+        "the IPv6 frontend's filter bucket"
+    );
+    assert_eq!(
+        reconciler.maps().dump().unwrap().frontends6.len(),
+        1,
+        "not pruned"
+    );
 }

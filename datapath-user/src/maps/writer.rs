@@ -7,7 +7,7 @@ use std::net::{Ipv4Addr, Ipv6Addr};
 use aya::maps::{Array, HashMap, IterableMap, MapData, MapError};
 use datapath_common::{
     ipv4_be, ipv4_octets,
-    lb::service_filter_index,
+    lb::{service_filter_index, service_filter_index6},
     maps::{
         self as m, Backend, BackendId, RevNatId, RevNatValue, RevNatValue6, ServiceKey,
         ServiceValue, Slot,
@@ -309,6 +309,20 @@ impl LbMaps for DatapathMaps {
                     key.protocol,
                 ))
                 .or_default() += 1;
+        }
+        // IPv6 frontends share the filter's buckets: counted as the maps
+        // hold them (this build programs none; an agent with the IPv6
+        // datapath did, and its programs may run beside).
+        if let Some(v6) = &self.v6 {
+            for (key, _) in read_hash::<m::ServiceKey6, ServiceValue>(&v6.services6)? {
+                *want
+                    .entry(service_filter_index6(
+                        key.address_be,
+                        key.port_be,
+                        key.protocol,
+                    ))
+                    .or_default() += 1;
+            }
         }
         let mut changed = 0;
         let counts: Vec<u32> = read_array(&self.service_filter)?;
