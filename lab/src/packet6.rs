@@ -11,14 +11,15 @@ use datapath_common::{IPPROTO_TCP, IPPROTO_UDP, csum};
 
 use crate::packet::{ACK, ETH_LEN, L4};
 
+/// Next-header values the builder writes (IANA's numbers, named once in
+/// `datapath_common::ipv6`).
+pub use datapath_common::ipv6::{
+    IPV6_HEADER_LEN as IPV6_LEN, NEXTHDR_DEST_OPTIONS as DEST_OPTIONS,
+    NEXTHDR_FRAGMENT as FRAGMENT, NEXTHDR_HOP_BY_HOP as HOP_BY_HOP, NEXTHDR_ICMPV6 as ICMPV6,
+    NEXTHDR_ROUTING as ROUTING,
+};
+
 const ETHERTYPE_IPV6: u16 = 0x86dd;
-pub const IPV6_LEN: usize = 40;
-/// Next-header values the builder writes.
-pub const HOP_BY_HOP: u8 = 0;
-pub const ROUTING: u8 = 43;
-pub const FRAGMENT: u8 = 44;
-pub const ICMPV6: u8 = 58;
-pub const DEST_OPTIONS: u8 = 60;
 
 /// An extension header before the upper layer: an options-like header
 /// (hop-by-hop, routing, destination options) of `units` 8-byte units
