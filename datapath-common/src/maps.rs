@@ -341,6 +341,15 @@ impl Backend {
     pub const fn is_v6(&self) -> bool {
         self.flags & BACKEND_FLAG_V6 != 0
     }
+
+    /// Present and IPv4: what an IPv4 flow may be sent to. A tracked
+    /// IPv4 flow can name an id that was freed and handed to an IPv6
+    /// backend since (one id space): that entry's `address_be` is zero,
+    /// and the flow must be balanced afresh instead. One mask and
+    /// compare, as `is_present` costs.
+    pub const fn is_present_v4(&self) -> bool {
+        self.flags & (BACKEND_FLAG_PRESENT | BACKEND_FLAG_V6) == BACKEND_FLAG_PRESENT
+    }
 }
 
 /// Index into `REVERSE_NAT` (an array, `DEFAULT_REVERSE_NAT_MAX` by

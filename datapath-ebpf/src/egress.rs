@@ -316,7 +316,7 @@ fn tracked_backend(flow: &CtEntry, packet: &Packet, now: u64) -> Option<Backend>
     BACKENDS
         .get(flow.backend_id)
         .copied()
-        .filter(Backend::is_present)
+        .filter(Backend::is_present_v4)
 }
 
 #[inline(always)]
@@ -347,7 +347,7 @@ fn new_flow(ctx: &TcContext, packet: &Packet, table: &CtMap, key: &CtKey, now: u
     let Some(backend) = BACKENDS
         .get(backend_id)
         .copied()
-        .filter(Backend::is_present)
+        .filter(Backend::is_present_v4)
     else {
         count(Counter::Error);
         return TC_ACT_SHOT;

@@ -265,7 +265,7 @@ pub fn on_egress(ctx: &TcContext) -> i32 {
     let Some(backend) = BACKENDS
         .get(flow.backend_id)
         .copied()
-        .filter(Backend::is_present)
+        .filter(Backend::is_present_v4)
     else {
         return TC_ACT_UNSPEC;
     };

@@ -249,5 +249,5 @@ fn slot_backend(service: &ServiceValue, slot: u16) -> Option<Backend> {
     BACKENDS
         .get(backend_id)
         .copied()
-        .filter(Backend::is_present)
+        .filter(Backend::is_present_v4)
 }

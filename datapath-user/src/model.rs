@@ -161,9 +161,19 @@ impl<A: Family> Frontend<A> {
     pub fn from_key(key: &A::ServiceKey) -> Option<Self> {
         A::frontend_of(key)
     }
+
+    /// The same frontend with its address as either family's (what an
+    /// error that may name a frontend of either family holds).
+    pub fn erased(&self) -> Frontend<std::net::IpAddr> {
+        Frontend {
+            address: self.address.into(),
+            port: self.port,
+            protocol: self.protocol,
+        }
+    }
 }
 
-impl<A: Family> Display for Frontend<A> {
+impl<A: Copy + Into<std::net::IpAddr>> Display for Frontend<A> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         let socket = std::net::SocketAddr::new(self.address.into(), self.port);
         write!(f, "{socket}/{}", self.protocol)

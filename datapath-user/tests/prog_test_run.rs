@@ -775,6 +775,51 @@ fn a_removed_backend_drains_and_a_deleted_one_rebalances() {
     assert_eq!(ct_entry(&dp, &service_key(&ack)).unwrap().backend_id, B2.id);
 }
 
+/// One id space for both families: a tracked IPv4 flow whose backend was
+/// deleted and whose id now names an IPv6 backend (flagged, address in
+/// `BACKEND_ADDRS6`, `address_be` zero) is balanced afresh, never sent to
+/// 0.0.0.0. The IPv6 entry is the one `set_service6` writes.
+#[test]
+fn an_ipv4_flow_whose_backend_id_now_names_an_ipv6_backend_rebalances() {
+    let mut dp = datapath_with(tcp_frontend(), &[B1, B2]);
+    let mut syn_port = 40100;
+    // A flow on B1 (new flows pick at random).
+    let syn = loop {
+        let syn = Frame::tcp((CLIENT.0, syn_port), (VIP, 80), SYN);
+        if backend_of(&egress(&mut dp, &syn).1) == B1.address {
+            break syn;
+        }
+        syn_port += 1;
+    };
+    let ack = Frame::tcp((CLIENT.0, syn_port), (VIP, 80), ACK);
+    dp.maps.set_service(&tcp_frontend(), 1, &[B2]).unwrap();
+    dp.maps.remove_backend(B1.id).unwrap();
+    let v6_frontend = Frontend {
+        address: "fd00:10:96::1".parse::<std::net::Ipv6Addr>().unwrap(),
+        port: 80,
+        protocol: Protocol::Tcp,
+    };
+    let v6_backend = BackendEntry {
+        id: B1.id,
+        address: "fd00:10:244::1".parse().unwrap(),
+        port: 8080,
+    };
+    dp.maps
+        .set_service6(&v6_frontend, 2, &[v6_backend])
+        .unwrap();
+    let entry = dp.maps.backends.get(B1.id).unwrap().unwrap();
+    assert!(
+        entry.is_present() && entry.is_v6() && entry.address_be == 0,
+        "{entry:?}"
+    );
+    assert_eq!(
+        backend_of(&egress(&mut dp, &ack).1),
+        B2.address,
+        "re-balanced"
+    );
+    assert_eq!(ct_entry(&dp, &service_key(&syn)).unwrap().backend_id, B2.id);
+}
+
 #[test]
 fn a_recreated_service_rebalances_its_flows() {
     let mut dp = datapath_with(tcp_frontend(), &[B1]);

@@ -10,7 +10,7 @@ use datapath_user::{
         IssueKind, NodeContext, ObjectKey, ServiceTranslation, Typed, manifest, translate_service,
     },
     maps::{FakeMaps, LbMaps, MapDump},
-    model::{Frontend, Protocol},
+    model::{BackendAddress, Frontend, Protocol},
     reconcile::Reconciler,
 };
 use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
@@ -66,9 +66,22 @@ fn apply<M: LbMaps>(reconciler: &mut Reconciler<M>, (key, t): &(ObjectKey, Servi
 
 /// Frontends with their backends' addresses (ids differ between runs).
 fn view(dump: &MapDump) -> Vec<String> {
-    let by_id: std::collections::HashMap<_, _> = dump.backends.iter().copied().collect();
-    let mut out: Vec<String> = dump
-        .frontends
+    let mut out = family_view(&dump.frontends, &dump.backends);
+    out.extend(family_view(&dump.frontends6, &dump.backends6));
+    out.sort();
+    out
+}
+
+/// One family's frontends, each with its backends in slot order.
+fn family_view<A: Copy + Into<std::net::IpAddr> + Eq + std::hash::Hash>(
+    frontends: &[datapath_user::maps::DumpedFrontend<A>],
+    backends: &[(u32, BackendAddress<A>)],
+) -> Vec<String>
+where
+    BackendAddress<A>: std::fmt::Display,
+{
+    let by_id: std::collections::HashMap<_, _> = backends.iter().copied().collect();
+    frontends
         .iter()
         .map(|f| {
             let backends: Vec<String> = f
@@ -78,9 +91,7 @@ fn view(dump: &MapDump) -> Vec<String> {
                 .collect();
             format!("{} -> {}", f.frontend, backends.join(" "))
         })
-        .collect();
-    out.sort();
-    out
+        .collect()
 }
 
 /// create → scale up → scale down → delete, checking the maps each step.
@@ -235,9 +246,11 @@ fn a_frontend_gets_back_the_reverse_nat_id_its_address_had() {
     apply(&mut first, &api);
     let before = first.maps().dump().unwrap();
     let mut maps = first.into_maps();
-    maps.services.clear();
+    maps.v4.services.clear();
     let api_address = std::net::SocketAddrV4::new(Ipv4Addr::new(10, 96, 1, 2), 80);
-    maps.rev_nats.insert(40, api_address);
+    maps.v4
+        .rev_nats
+        .insert(40, (*api_address.ip(), api_address.port()));
 
     let mut second = Reconciler::adopt(maps).unwrap();
     apply(&mut second, &web);
@@ -352,7 +365,7 @@ fn a_released_frontend_goes_to_the_service_waiting_for_it() {
         port: 80,
         protocol: Protocol::Tcp,
     };
-    assert_eq!(reconciler.maps().services[&frontend].1.len(), 2);
+    assert_eq!(reconciler.maps().v4.services[&frontend].1.len(), 2);
 }
 
 #[test]
@@ -681,17 +694,19 @@ fn fixtures_through<M: LbMaps>(maps: M) {
     }
     services.sort_by_key(ObjectKey::of_service);
     let expected = datapath_user::k8s::translate(&services, &slices, &NodeContext::default());
-    let mut want: Vec<String> = expected
-        .frontends
-        .values()
+    let line = |frontend: String, protocol, backends: Vec<String>| {
+        let backends: Vec<String> = backends.iter().map(|b| format!("{b}/{protocol}")).collect();
+        format!("{frontend} -> {}", backends.join(" "))
+    };
+    let mut want: Vec<String> = (expected.frontends.values())
         .map(|(_, d)| {
-            let backends: Vec<String> = d
-                .backends
-                .iter()
-                .map(|b| format!("{b}/{}", d.frontend.protocol))
-                .collect();
-            format!("{} -> {}", d.frontend, backends.join(" "))
+            let backends = d.backends.iter().map(ToString::to_string).collect();
+            line(d.frontend.to_string(), d.frontend.protocol, backends)
         })
+        .chain(expected.frontends6.values().map(|(_, d)| {
+            let backends = d.backends.iter().map(ToString::to_string).collect();
+            line(d.frontend.to_string(), d.frontend.protocol, backends)
+        }))
         .collect();
     want.sort();
 
@@ -744,7 +759,7 @@ fn a_write_failing_midway_frees_nothing_the_maps_may_still_name() {
         &mut reconciler,
         &translation(&service_yaml("web", "10.96.1.1", &[80], 1)),
     );
-    let before = reconciler.maps().services.clone();
+    let before = reconciler.maps().v4.services.clone();
     // Scale to 3 while the map "fills up" after the backends are written.
     let scaled = translation(
         &service_yaml("web", "10.96.1.1", &[80], 3).replace("- addresses: [10.244.0.1]\n", ""),
@@ -753,13 +768,13 @@ fn a_write_failing_midway_frees_nothing_the_maps_may_still_name() {
     let outcome = reconciler.update_service(&scaled.0, &scaled.1);
     assert_eq!(outcome.issues[0].kind, IssueKind::Datapath);
     assert_eq!(
-        reconciler.maps().services,
+        reconciler.maps().v4.services,
         before,
         "the frontend still names the old backend"
     );
     let old_id = before.values().next().unwrap().1[0];
     assert!(
-        reconciler.maps().backends.contains_key(&old_id),
+        reconciler.maps().v4.backends.contains_key(&old_id),
         "old backend kept"
     );
     assert_eq!(
@@ -772,7 +787,7 @@ fn a_write_failing_midway_frees_nothing_the_maps_may_still_name() {
     let outcome = reconciler.update_service(&scaled.0, &scaled.1);
     assert!(outcome.issues.is_empty(), "{:?}", outcome.issues);
     assert_eq!(outcome.frontends_written, 1);
-    assert!(!reconciler.maps().backends.contains_key(&old_id));
+    assert!(!reconciler.maps().v4.backends.contains_key(&old_id));
     assert_eq!(reconciler.ids_in_use().0, 2);
 }
 
@@ -1714,12 +1729,14 @@ fn mapped_arrays_are_mapped_only_while_a_pass_writes() {
     );
 }
 
-/// A dual-stack service: its IPv4 family is programmed; its IPv6
-/// frontends, translated, are one issue naming its IPv6 ClusterIP (the
-/// IPv6 datapath is not there yet), and the reconciler programs the IPv4
-/// family alone, raising nothing.
+/// A dual-stack service: both families are programmed, each over the
+/// slices of its `addressType`, with ids from one space; its IPv6
+/// frontends are one issue naming its IPv6 ClusterIP (the IPv6 packet
+/// path is not built yet). Maps without room for IPv6 get the IPv4 family
+/// alone; dropping a family removes its frontends, backends and
+/// reverse-NAT entries, and a restart adopts both families' ids.
 #[test]
-fn a_dual_stack_service_is_served_over_ipv4_and_its_ipv6_frontends_are_one_issue() {
+fn a_dual_stack_service_programs_both_families_and_its_ipv6_frontends_are_one_issue() {
     let yaml = "\
 apiVersion: v1
 kind: Service
@@ -1751,19 +1768,66 @@ endpoints: [{addresses: [\"fd00:10:244::6:1\"]}]
     assert_eq!(
         issues,
         [
-            "Service test/dual spec.clusterIPs[1]: IPv6 frontends are not programmed yet (2 of them, [fd00:10:96::60]:53/UDP first); its IPv4 family is served (unsupported)"
+            "Service test/dual spec.clusterIPs[1]: IPv6 frontends are not served yet: the IPv6 packet path is not built (2 of them, [fd00:10:96::60]:53/UDP first); its IPv4 family is served (unsupported)"
         ]
     );
+    let v4_only = [
+        "10.96.60.1:53/UDP -> 10.244.6.1:53/UDP",
+        "10.96.60.1:80/TCP -> 10.244.6.1:8080/TCP",
+    ];
+    let both = [
+        v4_only.as_slice(),
+        &[
+            "[fd00:10:96::60]:53/UDP -> [fd00:10:244::6:1]:53/UDP",
+            "[fd00:10:96::60]:80/TCP -> [fd00:10:244::6:1]:8080/TCP",
+        ],
+    ]
+    .concat();
+
+    // Maps sized without IPv6: the IPv4 family alone.
+    let mut v4_maps = FakeMaps::with_capacity(64);
+    v4_maps.ipv6 = false;
+    let mut reconciler = Reconciler::adopt(v4_maps).unwrap();
+    let outcome = reconciler.update_service(&key, &translation);
+    assert!(outcome.issues.is_empty(), "{:?}", outcome.issues);
+    assert_eq!(view(&reconciler.maps().dump().unwrap()), v4_only);
+
     let mut reconciler = Reconciler::adopt(FakeMaps::with_capacity(64)).unwrap();
     let outcome = reconciler.update_service(&key, &translation);
     assert!(outcome.issues.is_empty(), "{:?}", outcome.issues);
-    assert_eq!(
-        view(&reconciler.maps().dump().unwrap()),
-        [
-            "10.96.60.1:53/UDP -> 10.244.6.1:53/UDP",
-            "10.96.60.1:80/TCP -> 10.244.6.1:8080/TCP"
-        ]
+    assert_eq!(outcome.frontends_written, 4);
+    let dump = reconciler.maps().dump().unwrap();
+    assert_eq!(view(&dump), both);
+    // One id space: four frontends, four reverse-NAT ids; two backends
+    // per family (one per port), four backend ids.
+    let mut rev_nat_ids: Vec<_> = (dump.frontends.iter().map(|f| f.rev_nat_id))
+        .chain(dump.frontends6.iter().map(|f| f.rev_nat_id))
+        .collect();
+    rev_nat_ids.sort();
+    rev_nat_ids.dedup();
+    assert_eq!(rev_nat_ids.len(), 4);
+    assert_eq!(dump.rev_nats6.len(), 2);
+    assert_eq!(reconciler.ids_in_use(), (4, 4));
+
+    // A restart adopts both families: the same sync writes nothing.
+    let mut restarted = Reconciler::adopt(reconciler.into_maps()).unwrap();
+    assert_eq!(restarted.ids_in_use(), (4, 4));
+    let outcome = restarted.update_service(&key, &translation);
+    assert_eq!(outcome.frontends_written, 0, "{outcome:?}");
+    assert_eq!(restarted.prune(false).unwrap(), Default::default());
+
+    // The service turns single-stack IPv4: its IPv6 entries go.
+    let mut single = translation.clone();
+    single.frontends6.clear();
+    let outcome = restarted.update_service(&key, &single);
+    assert_eq!(outcome.frontends_removed, 2);
+    let dump = restarted.maps().dump().unwrap();
+    assert_eq!(view(&dump), v4_only);
+    assert!(
+        dump.backends6.is_empty() && dump.rev_nats6.is_empty(),
+        "{dump:?}"
     );
+    assert_eq!(restarted.ids_in_use(), (2, 2));
 }
 
 /// Both families' frontends own blocks of one slot array: learning which
@@ -1886,12 +1950,13 @@ fn slot_blocks_are_learned_from_both_service_maps() {
     }
 }
 
-/// IPv6 entries an agent with the IPv6 datapath wrote are read back by
-/// `dump` (the `BACKENDS` entry flagged IPv6 with its address from
+/// IPv6 entries written as the IPv6 writer does are read back by `dump`
+/// (the `BACKENDS` entry flagged IPv6 with its address from
 /// `BACKEND_ADDRS6`), and adoption keeps their ids: an IPv4 service
-/// programmed after is given none of them.
+/// programmed after is given none of them; a prune removes them when no
+/// service asks for them.
 #[test]
-fn ipv6_entries_are_read_and_their_ids_kept_from_ipv4_frontends() {
+fn ipv6_entries_are_read_their_ids_kept_and_pruned_when_unasked() {
     use datapath_common::{
         IPPROTO_TCP,
         maps::{
@@ -1979,17 +2044,33 @@ fn ipv6_entries_are_read_and_their_ids_kept_from_ipv4_frontends() {
     assert!(dump.frontends.iter().all(|f| f.rev_nat_id != 1));
     assert_eq!(dump.frontends6.len(), 1, "the IPv6 frontend stands");
     assert_eq!(dump.backends6.len(), 1);
-    // The filter rebuilt after the first sync counts it in its bucket.
-    reconciler.prune(false).unwrap();
+    // Nothing asks for it: the prune after the first sync removes it, its
+    // backend and its reverse-NAT entry, and its filter bucket's count.
     let bucket =
         datapath_common::lb::service_filter_index6(ipv6_words(vip), port_be(80), IPPROTO_TCP);
-    assert!(
-        reconciler.maps().service_filter.get(&bucket, 0).unwrap() >= 1,
-        "the IPv6 frontend's filter bucket"
-    );
+    let report = reconciler.prune(false).unwrap();
     assert_eq!(
-        reconciler.maps().dump().unwrap().frontends6.len(),
-        1,
-        "not pruned"
+        (report.frontends, report.backends),
+        (1, 0),
+        "the backend goes with its frontend: {report:?}"
+    );
+    let dump = reconciler.maps().dump().unwrap();
+    assert!(
+        dump.frontends6.is_empty() && dump.backends6.is_empty() && dump.rev_nats6.is_empty(),
+        "{dump:?}"
+    );
+    let ipv4_in_bucket = dump
+        .frontends
+        .iter()
+        .filter(|f| {
+            let key = f.frontend.key();
+            datapath_common::lb::service_filter_index(key.address_be, key.port_be, key.protocol)
+                == bucket
+        })
+        .count() as u32;
+    assert_eq!(
+        reconciler.maps().service_filter.get(&bucket, 0).unwrap(),
+        ipv4_in_bucket,
+        "the IPv6 frontend's filter bucket"
     );
 }

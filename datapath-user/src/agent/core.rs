@@ -162,6 +162,9 @@ impl<M: LbMaps> AgentCore<M> {
             let translation = self.store.translate(&service, &self.node);
             let mut outcome = self.reconciler.update_service(&service, &translation);
             departed.append(&mut outcome.departed);
+            // (`outcome.departed6` is not acted on: no socket is connected
+            // to an IPv6 backend until socket-LB translates IPv6,
+            // docs/ipv6-plan.md step 11.)
             stats.services += 1;
             stats.written += outcome.frontends_written;
             stats.removed += outcome.frontends_removed;
@@ -426,7 +429,7 @@ mod tests {
 
     /// Slots of the one frontend programmed.
     fn slots(core: &AgentCore<FakeMaps>) -> usize {
-        let services = &core.reconciler().maps().services;
+        let services = &core.reconciler().maps().v4.services;
         assert_eq!(services.len(), 1);
         services.values().next().unwrap().1.len()
     }
@@ -488,8 +491,8 @@ mod tests {
         };
         let backend_of = |core: &AgentCore<FakeMaps>| {
             let maps = core.reconciler().maps();
-            let (_, slots) = maps.services.get(&frontend)?;
-            Some(maps.backends[&slots[0]].address.to_string())
+            let (_, slots) = maps.v4.services.get(&frontend)?;
+            Some(maps.v4.backends[&slots[0]].address.to_string())
         };
         for object in evil {
             let dirty = core.store.apply(Change::Applied(object));

@@ -384,13 +384,14 @@ pub fn translate_view<'a>(
         out.frontends6 = family_frontends::<Ipv6Addr>(&context, &slices_v6, &mut out.issues);
     }
     if let (Some(field), false) = (v6_field, out.frontends6.is_empty()) {
-        // Until the IPv6 datapath: translated, not programmed.
+        // Until the IPv6 packet path: translated and programmed (where the
+        // maps are sized for IPv6), not served.
         out.issues.push(service_issue(
             key,
             IssueKind::Unsupported,
             field,
             format!(
-                "IPv6 frontends are not programmed yet ({} of them, {} first); {}",
+                "IPv6 frontends are not served yet: the IPv6 packet path is not built ({} of them, {} first); {}",
                 out.frontends6.len(),
                 out.frontends6[0].frontend,
                 if has_v4 {
@@ -855,13 +856,11 @@ pub fn translate<'a>(
             translation.frontends,
             &mut out.issues,
         );
-        // IPv6 frontends are not programmed yet: their conflicts are not
-        // reported (as the agent's path does not).
         claim(
             &mut out.frontends6,
             &key,
             translation.frontends6,
-            &mut Vec::new(),
+            &mut out.issues,
         );
     }
     out

@@ -109,7 +109,10 @@ impl DatapathMaps {
             // noted, the block just allocated, so nothing falls outside.
             for backend in entries {
                 self.backends
-                    .set(backend.id, writer::backend_value(frontend, backend))
+                    .set(
+                        backend.id,
+                        writer::backend_value(frontend.protocol, backend),
+                    )
                     .map_err(|e| (0, e))?;
             }
             self.slots
@@ -166,7 +169,8 @@ impl DatapathMaps {
             // The frontends whose entry did not make it: their filter
             // counts back down (the first `written` are whole and stay).
             for (frontend, ..) in &placed[written..] {
-                let _ = writer::adjust_filter(&mut self.service_filter, frontend, -1);
+                let bucket = writer::WriterFamily::filter_bucket(*frontend);
+                let _ = writer::adjust_filter(&mut self.service_filter, bucket, -1);
             }
             return Err((written, error));
         }

@@ -1,10 +1,12 @@
 //! What the reconciler needs from the maps, the errors of writing a
 //! service, and the rules every implementation checks first.
 
-use aya::maps::MapError;
-use datapath_common::maps::{self as m, BackendId, RevNatId, ServiceKey};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
-use crate::model::{BackendAddress, BackendEntry, Frontend};
+use aya::maps::MapError;
+use datapath_common::maps::{self as m, BackendId, RevNatId, ServiceKey, ServiceKey6};
+
+use crate::model::{BackendAddress, BackendEntry, Family, Frontend};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ProgramError {
@@ -12,7 +14,7 @@ pub enum ProgramError {
         "{frontend}: {count} backends exceed the limit of {max} per service; this node serves its own subset of {max} (set --node-name so that every node picks a different one)"
     )]
     TooManyBackends {
-        frontend: Frontend,
+        frontend: Frontend<IpAddr>,
         count: usize,
         max: u16,
     },
@@ -20,7 +22,7 @@ pub enum ProgramError {
         "{frontend}: backend id {id} is outside 1..{capacity} (the BACKENDS map's size: raise it with --backends-max)"
     )]
     BackendIdOutOfRange {
-        frontend: Frontend,
+        frontend: Frontend<IpAddr>,
         id: BackendId,
         capacity: u32,
     },
@@ -28,7 +30,7 @@ pub enum ProgramError {
         "{frontend}: reverse-NAT id {id} is outside 1..{capacity} (one id per frontend, the REVERSE_NAT map's size: raise it with --frontends-max)"
     )]
     RevNatIdOutOfRange {
-        frontend: Frontend,
+        frontend: Frontend<IpAddr>,
         id: RevNatId,
         capacity: u32,
     },
@@ -36,19 +38,19 @@ pub enum ProgramError {
         "{frontend}: no free block of {needed} backend slots ({taken} of the SLOTS map's {capacity} are taken: raise it with --backend-slots-max)"
     )]
     SlotsFull {
-        frontend: Frontend,
+        frontend: Frontend<IpAddr>,
         needed: u32,
         capacity: u32,
         taken: u64,
     },
     #[error("{frontend}: port 0 is not a valid {what} port")]
     PortZero {
-        frontend: Frontend,
+        frontend: Frontend<IpAddr>,
         what: &'static str,
     },
     #[error("{frontend}: writing {map}: {}", crate::error::with_causes(&**.error))]
     Map {
-        frontend: Frontend,
+        frontend: Frontend<IpAddr>,
         map: &'static str,
         error: Box<MapError>,
     },
@@ -78,6 +80,31 @@ pub trait LbMaps {
     ) -> Result<(), ProgramError>;
     /// Removes `frontend`: new flows stop first, then its slots go.
     fn remove_service(&mut self, frontend: &Frontend) -> Result<(), ProgramError>;
+    /// Whether the IPv6 maps can hold frontends (the datapath was loaded
+    /// with them sized, `MapSizes::ipv6`); the reconciler programs IPv6
+    /// frontends only then.
+    fn serves_ipv6(&self) -> bool;
+    /// `set_service` of an IPv6 frontend: its backends' addresses go to
+    /// `BACKEND_ADDRS6` before their `BACKENDS` entries (flagged IPv6)
+    /// name them; slots, ids and blocks are shared with IPv4.
+    fn set_service6(
+        &mut self,
+        frontend: &Frontend<Ipv6Addr>,
+        rev_nat_id: RevNatId,
+        backends: &[BackendEntry<Ipv6Addr>],
+    ) -> Result<(), ProgramError>;
+    /// `remove_service` of an IPv6 frontend.
+    fn remove_service6(&mut self, frontend: &Frontend<Ipv6Addr>) -> Result<(), ProgramError>;
+    /// `remove_rev_nat` of the IPv6 table (`REVERSE_NAT6`).
+    fn remove_rev_nat6(&mut self, id: RevNatId) -> Result<(), MapError>;
+    /// `restore_rev_nat` of an IPv6 frontend.
+    fn restore_rev_nat6(
+        &mut self,
+        id: RevNatId,
+        frontend: &Frontend<Ipv6Addr>,
+    ) -> Result<(), MapError>;
+    /// `remove_service_key` of `SERVICES6`.
+    fn remove_service_key6(&mut self, key: &ServiceKey6) -> Result<(), MapError>;
     /// Deletes a backend no frontend uses any more.
     fn remove_backend(&mut self, id: BackendId) -> Result<(), MapError>;
     /// Clears a reverse-NAT entry no frontend uses.
@@ -88,9 +115,13 @@ pub trait LbMaps {
     /// Deletes one `SERVICES` entry (one naming no frontend, found by
     /// `dump`).
     fn remove_service_key(&mut self, key: &ServiceKey) -> Result<(), MapError>;
-    /// Makes the frontend filter count exactly `frontends`; returns how
-    /// many buckets changed.
-    fn rebuild_filter(&mut self, frontends: &[Frontend]) -> Result<usize, MapError>;
+    /// Makes the frontend filter (shared by both families) count exactly
+    /// `frontends` and `frontends6`; returns how many buckets changed.
+    fn rebuild_filter(
+        &mut self,
+        frontends: &[Frontend],
+        frontends6: &[Frontend<Ipv6Addr>],
+    ) -> Result<usize, MapError>;
     /// From now until `flush`, `set_service` may only note a frontend the
     /// maps do not hold yet, to write all such frontends at once
     /// (`super::bulk`). By default every write is made at once.
@@ -130,6 +161,33 @@ impl<T: LbMaps + ?Sized> LbMaps for &mut T {
     fn remove_service(&mut self, frontend: &Frontend) -> Result<(), ProgramError> {
         (**self).remove_service(frontend)
     }
+    fn serves_ipv6(&self) -> bool {
+        (**self).serves_ipv6()
+    }
+    fn set_service6(
+        &mut self,
+        frontend: &Frontend<Ipv6Addr>,
+        rev_nat_id: RevNatId,
+        backends: &[BackendEntry<Ipv6Addr>],
+    ) -> Result<(), ProgramError> {
+        (**self).set_service6(frontend, rev_nat_id, backends)
+    }
+    fn remove_service6(&mut self, frontend: &Frontend<Ipv6Addr>) -> Result<(), ProgramError> {
+        (**self).remove_service6(frontend)
+    }
+    fn remove_rev_nat6(&mut self, id: RevNatId) -> Result<(), MapError> {
+        (**self).remove_rev_nat6(id)
+    }
+    fn restore_rev_nat6(
+        &mut self,
+        id: RevNatId,
+        frontend: &Frontend<Ipv6Addr>,
+    ) -> Result<(), MapError> {
+        (**self).restore_rev_nat6(id, frontend)
+    }
+    fn remove_service_key6(&mut self, key: &ServiceKey6) -> Result<(), MapError> {
+        (**self).remove_service_key6(key)
+    }
     fn remove_backend(&mut self, id: BackendId) -> Result<(), MapError> {
         (**self).remove_backend(id)
     }
@@ -142,8 +200,12 @@ impl<T: LbMaps + ?Sized> LbMaps for &mut T {
     fn remove_service_key(&mut self, key: &ServiceKey) -> Result<(), MapError> {
         (**self).remove_service_key(key)
     }
-    fn rebuild_filter(&mut self, frontends: &[Frontend]) -> Result<usize, MapError> {
-        (**self).rebuild_filter(frontends)
+    fn rebuild_filter(
+        &mut self,
+        frontends: &[Frontend],
+        frontends6: &[Frontend<Ipv6Addr>],
+    ) -> Result<usize, MapError> {
+        (**self).rebuild_filter(frontends, frontends6)
     }
     fn defer_new_frontends(&mut self) {
         (**self).defer_new_frontends()
@@ -159,10 +221,10 @@ impl<T: LbMaps + ?Sized> LbMaps for &mut T {
 /// Checks what `set_service` would write, before anything is written;
 /// returns the backend count. Shared with the in-memory map fake so both
 /// refuse the same input.
-pub fn validate_service(
-    frontend: &Frontend,
+pub fn validate_service<A: Family>(
+    frontend: &Frontend<A>,
     rev_nat_id: RevNatId,
-    backends: &[BackendEntry],
+    backends: &[BackendEntry<A>],
     backend_capacity: u32,
     rev_nat_capacity: u32,
 ) -> Result<u16, ProgramError> {
@@ -170,34 +232,34 @@ pub fn validate_service(
         .ok()
         .filter(|&n| n <= m::MAX_BACKENDS_PER_SERVICE)
         .ok_or(ProgramError::TooManyBackends {
-            frontend: *frontend,
+            frontend: frontend.erased(),
             count: backends.len(),
             max: m::MAX_BACKENDS_PER_SERVICE,
         })?;
     if rev_nat_id == 0 || rev_nat_id >= rev_nat_capacity {
         return Err(ProgramError::RevNatIdOutOfRange {
-            frontend: *frontend,
+            frontend: frontend.erased(),
             id: rev_nat_id,
             capacity: rev_nat_capacity,
         });
     }
     if frontend.port == 0 {
         return Err(ProgramError::PortZero {
-            frontend: *frontend,
+            frontend: frontend.erased(),
             what: "service",
         });
     }
     for backend in backends {
         if backend.id == 0 || backend.id >= backend_capacity {
             return Err(ProgramError::BackendIdOutOfRange {
-                frontend: *frontend,
+                frontend: frontend.erased(),
                 id: backend.id,
                 capacity: backend_capacity,
             });
         }
         if backend.port == 0 {
             return Err(ProgramError::PortZero {
-                frontend: *frontend,
+                frontend: frontend.erased(),
                 what: "backend",
             });
         }
@@ -231,4 +293,105 @@ pub struct MapDump {
     pub stray_entries6: Vec<m::ServiceKey6>,
     pub backends6: Vec<(BackendId, BackendAddress<std::net::Ipv6Addr>)>,
     pub rev_nats6: Vec<(RevNatId, std::net::SocketAddrV6)>,
+}
+
+/// One family's calls on the maps, so that the reconciler writes either
+/// family with one code path (`set_service` or `set_service6`, …).
+pub trait MapFamily: Family {
+    /// The family's service map and reverse-NAT map, as issues name them.
+    const SERVICES_MAP: &'static str;
+    const REVERSE_NAT_MAP: &'static str;
+
+    fn set_service<M: LbMaps + ?Sized>(
+        maps: &mut M,
+        frontend: &Frontend<Self>,
+        rev_nat_id: RevNatId,
+        backends: &[BackendEntry<Self>],
+    ) -> Result<(), ProgramError>;
+    fn remove_service<M: LbMaps + ?Sized>(
+        maps: &mut M,
+        frontend: &Frontend<Self>,
+    ) -> Result<(), ProgramError>;
+    fn remove_rev_nat<M: LbMaps + ?Sized>(maps: &mut M, id: RevNatId) -> Result<(), MapError>;
+    fn restore_rev_nat<M: LbMaps + ?Sized>(
+        maps: &mut M,
+        id: RevNatId,
+        frontend: &Frontend<Self>,
+    ) -> Result<(), MapError>;
+    fn remove_service_key<M: LbMaps + ?Sized>(
+        maps: &mut M,
+        key: &Self::ServiceKey,
+    ) -> Result<(), MapError>;
+}
+
+impl MapFamily for Ipv4Addr {
+    const SERVICES_MAP: &'static str = m::SERVICES_MAP;
+    const REVERSE_NAT_MAP: &'static str = m::REVERSE_NAT_MAP;
+
+    fn set_service<M: LbMaps + ?Sized>(
+        maps: &mut M,
+        frontend: &Frontend,
+        rev_nat_id: RevNatId,
+        backends: &[BackendEntry],
+    ) -> Result<(), ProgramError> {
+        maps.set_service(frontend, rev_nat_id, backends)
+    }
+    fn remove_service<M: LbMaps + ?Sized>(
+        maps: &mut M,
+        frontend: &Frontend,
+    ) -> Result<(), ProgramError> {
+        maps.remove_service(frontend)
+    }
+    fn remove_rev_nat<M: LbMaps + ?Sized>(maps: &mut M, id: RevNatId) -> Result<(), MapError> {
+        maps.remove_rev_nat(id)
+    }
+    fn restore_rev_nat<M: LbMaps + ?Sized>(
+        maps: &mut M,
+        id: RevNatId,
+        frontend: &Frontend,
+    ) -> Result<(), MapError> {
+        maps.restore_rev_nat(id, frontend)
+    }
+    fn remove_service_key<M: LbMaps + ?Sized>(
+        maps: &mut M,
+        key: &ServiceKey,
+    ) -> Result<(), MapError> {
+        maps.remove_service_key(key)
+    }
+}
+
+impl MapFamily for Ipv6Addr {
+    const SERVICES_MAP: &'static str = m::SERVICES6_MAP;
+    const REVERSE_NAT_MAP: &'static str = m::REVERSE_NAT6_MAP;
+
+    fn set_service<M: LbMaps + ?Sized>(
+        maps: &mut M,
+        frontend: &Frontend<Ipv6Addr>,
+        rev_nat_id: RevNatId,
+        backends: &[BackendEntry<Ipv6Addr>],
+    ) -> Result<(), ProgramError> {
+        maps.set_service6(frontend, rev_nat_id, backends)
+    }
+    fn remove_service<M: LbMaps + ?Sized>(
+        maps: &mut M,
+        frontend: &Frontend<Ipv6Addr>,
+    ) -> Result<(), ProgramError> {
+        maps.remove_service6(frontend)
+    }
+    fn remove_rev_nat<M: LbMaps + ?Sized>(maps: &mut M, id: RevNatId) -> Result<(), MapError> {
+        maps.remove_rev_nat6(id)
+    }
+    fn restore_rev_nat<M: LbMaps + ?Sized>(
+        maps: &mut M,
+        id: RevNatId,
+        frontend: &Frontend<Ipv6Addr>,
+    ) -> Result<(), MapError> {
+        maps.restore_rev_nat6(id, frontend)
+    }
+    fn remove_service_key<M: LbMaps + ?Sized>(
+        maps: &mut M,
+        key: &ServiceKey6,
+    ) -> Result<(), MapError> {
+        maps.remove_service_key6(key)
+    }
 }

@@ -21,5 +21,5 @@ mod writer;
 pub use self::{
     fake::FakeMaps,
     handles::DatapathMaps,
-    lb_maps::{DumpedFrontend, LbMaps, MapDump, ProgramError, validate_service},
+    lb_maps::{DumpedFrontend, LbMaps, MapDump, MapFamily, ProgramError, validate_service},
 };

@@ -9,18 +9,20 @@ use datapath_common::{
     ipv4_be, ipv4_octets,
     lb::{service_filter_index, service_filter_index6},
     maps::{
-        self as m, Backend, BackendId, RevNatId, RevNatValue, RevNatValue6, ServiceKey,
-        ServiceValue, Slot,
+        self as m, Backend, BackendAddress6, BackendId, RevNatId, RevNatValue, RevNatValue6,
+        ServiceKey, ServiceKey6, ServiceValue, Slot,
     },
     port_be, port_host,
 };
 
 use super::{
     handles::{DatapathMaps, Ipv6Maps, slot_backend},
-    lb_maps::{DumpedFrontend, LbMaps, MapDump, ProgramError, validate_service},
+    lb_maps::{DumpedFrontend, LbMaps, MapDump, MapFamily, ProgramError, validate_service},
     slot_blocks::SlotBlocks,
 };
-use crate::model::{BackendAddress, BackendEntry, Family, Frontend, Protocol, ipv6_from_words};
+use crate::model::{
+    BackendAddress, BackendEntry, Family, Frontend, Protocol, ipv6_from_words, ipv6_words,
+};
 
 impl LbMaps for DatapathMaps {
     fn backend_capacity(&self) -> u32 {
@@ -31,136 +33,66 @@ impl LbMaps for DatapathMaps {
         self.reverse_nat.len().min(m::REV_NAT_ID_LIMIT)
     }
 
-    /// Programs `frontend` to balance over `backends` (in slot order),
-    /// replacing what it had. Make-before-break: backends and slots are
-    /// written before the frontend entry that counts them and names their
-    /// block. Within the block it owns (when the new set fits it and uses
-    /// more than a quarter) the slots are rewritten in place, one atomic
-    /// store each, so a packet reading them meanwhile gets an old or a new
-    /// backend, both present; otherwise the set goes to a new block, the
-    /// entry switches to it, and the old block rests before anyone else
-    /// gets it (`slot_blocks::REST`).
-    ///
-    /// Backends no longer used by any frontend are the caller's to delete
-    /// (`remove_backend`) after this returns.
+    /// Programs `frontend` to balance over `backends` (`write_service`).
     fn set_service(
         &mut self,
         frontend: &Frontend,
         rev_nat_id: RevNatId,
         backends: &[BackendEntry],
     ) -> Result<(), ProgramError> {
-        let map_err = |map| map_error(frontend, map);
-        let count = validate_service(
-            frontend,
-            rev_nat_id,
-            backends,
-            self.backends.len(),
-            self.reverse_nat.len(),
-        )?;
-        if self.pending.deferring {
-            // A frontend new to the maps is noted for the flush (`bulk`);
-            // any other write goes after what is noted.
-            let absent = !self.pending.is_noted(frontend)
-                && matches!(
-                    self.services.get(&frontend.key(), 0),
-                    Err(MapError::KeyNotFound)
-                );
-            if absent {
-                self.pending.note(*frontend, rev_nat_id, backends);
-                return Ok(());
-            }
-            self.write_pending();
-        }
-        // Which blocks are whose, before any entry is read (learning may
-        // move an entry whose block was not its own).
-        self.blocks_or_scan().map_err(map_err(m::SERVICES_MAP))?;
-        let old_head = self.services.get(&frontend.key(), 0).ok();
-        // The block first: a set that finds no room is refused before
-        // anything is written (the reconciler then releases its ids).
-        let (first_slot, order, moved) = match old_head {
-            Some(old) if SlotBlocks::keeps(old.slot_order, count) => {
-                (old.first_slot, old.slot_order, false)
-            }
-            _ => {
-                let order = SlotBlocks::order_for(count);
-                let first = self.allocate_block(frontend, order)?;
-                (first, order, true)
-            }
-        };
-        if let Err(error) = self.write_backends_and_rev_nat(frontend, rev_nat_id, backends) {
-            if moved {
-                self.blocks().release(first_slot, order);
-            }
-            return Err(error);
-        }
-        let ids: Vec<BackendId> = backends.iter().map(|b| b.id).collect();
-        // Inside the array: the allocator's blocks are, and so are the
-        // entries learning kept.
-        // A write that cannot map its window writes nothing; either
-        // failure leaves a new block unnamed, so it goes back.
-        let written = self
-            .slots
-            .write(first_slot, ids.iter().map(|&id| Slot::of(id)))
-            .and_then(|fits| {
-                fits.then_some(()).ok_or(MapError::OutOfBounds {
-                    index: first_slot,
-                    max_entries: self.slots.len(),
-                })
-            });
-        if let Err(error) = written {
-            if moved {
-                self.blocks().release(first_slot, order);
-            }
-            return Err(map_err(m::SLOTS_MAP)(error));
-        }
-        let head = ServiceValue::new(first_slot, order, count, rev_nat_id, 0);
-        if old_head.is_none()
-            && let Err(error) = adjust_filter(&mut self.service_filter, frontend, 1)
-        {
-            if moved {
-                self.blocks().release(first_slot, order);
-            }
-            return Err(map_err(m::SERVICE_FILTER_MAP)(error));
-        }
-        if let Err(error) = self.services.insert(frontend.key(), head, 0) {
-            // Nothing names the new block; a full map must not keep the
-            // filter count just raised either.
-            if moved {
-                self.blocks().release(first_slot, order);
-            }
-            if old_head.is_none() {
-                let _ = adjust_filter(&mut self.service_filter, frontend, -1);
-            }
-            return Err(map_err(m::SERVICES_MAP)(error));
-        }
-        if let Some(old) = old_head {
-            if moved {
-                self.blocks().retire(old.first_slot, old.slot_order);
-            }
-            if old.rev_nat_id() != rev_nat_id {
-                // A new incarnation: flows of the old one re-balance.
-                self.clear_rev_nat_of(old.rev_nat_id(), frontend)
-                    .map_err(map_err(m::REVERSE_NAT_MAP))?;
-            }
-        }
-        Ok(())
+        self.write_service(frontend, rev_nat_id, backends)
     }
 
-    /// Removes `frontend`: its entry first (new flows stop), then its
-    /// reverse-NAT entry; its block rests, then is free.
+    /// Removes `frontend` (`erase_service`).
     fn remove_service(&mut self, frontend: &Frontend) -> Result<(), ProgramError> {
+        self.erase_service(frontend)
+    }
+
+    fn serves_ipv6(&self) -> bool {
+        // Loaded without IPv6 sizing, the IPv6 maps hold one entry each.
+        self.v6
+            .as_ref()
+            .is_some_and(|v6| v6.backend_addrs6.len() > 1 && v6.reverse_nat6.len() > 1)
+    }
+
+    fn set_service6(
+        &mut self,
+        frontend: &Frontend<Ipv6Addr>,
+        rev_nat_id: RevNatId,
+        backends: &[BackendEntry<Ipv6Addr>],
+    ) -> Result<(), ProgramError> {
+        self.write_service(frontend, rev_nat_id, backends)
+    }
+
+    fn remove_service6(&mut self, frontend: &Frontend<Ipv6Addr>) -> Result<(), ProgramError> {
+        self.erase_service(frontend)
+    }
+
+    fn remove_rev_nat6(&mut self, id: RevNatId) -> Result<(), MapError> {
         self.write_pending();
-        let map_err = |map| map_error(frontend, map);
-        self.blocks_or_scan().map_err(map_err(m::SERVICES_MAP))?;
-        let Ok(head) = self.services.get(&frontend.key(), 0) else {
+        v6_maps(&mut self.v6)?
+            .reverse_nat6
+            .set(id, RevNatValue6::default(), 0)
+    }
+
+    fn restore_rev_nat6(
+        &mut self,
+        id: RevNatId,
+        frontend: &Frontend<Ipv6Addr>,
+    ) -> Result<(), MapError> {
+        self.write_pending();
+        Ipv6Addr::set_rev_nat(self, id, frontend)
+    }
+
+    fn remove_service_key6(&mut self, key: &m::ServiceKey6) -> Result<(), MapError> {
+        self.write_pending();
+        self.blocks_or_scan()?;
+        let services6 = &mut v6_maps(&mut self.v6)?.services6;
+        let Ok(head) = services6.get(key, 0) else {
             return Ok(());
         };
-        remove_if_present(&mut self.services, &frontend.key()).map_err(map_err(m::SERVICES_MAP))?;
+        remove_if_present(services6, key)?;
         self.blocks().retire(head.first_slot, head.slot_order);
-        adjust_filter(&mut self.service_filter, frontend, -1)
-            .map_err(map_err(m::SERVICE_FILTER_MAP))?;
-        self.clear_rev_nat_of(head.rev_nat_id(), frontend)
-            .map_err(map_err(m::REVERSE_NAT_MAP))?;
         Ok(())
     }
 
@@ -255,7 +187,7 @@ impl LbMaps for DatapathMaps {
 
     fn restore_rev_nat(&mut self, id: RevNatId, frontend: &Frontend) -> Result<(), MapError> {
         self.write_pending();
-        self.reverse_nat.set(id, rev_nat_value(frontend), 0)
+        Ipv4Addr::set_rev_nat(self, id, frontend)
     }
 
     fn defer_new_frontends(&mut self) {
@@ -297,32 +229,20 @@ impl LbMaps for DatapathMaps {
     /// counts an interrupted update left too high (a count too low is
     /// impossible: it is raised before a frontend is written and lowered
     /// after it is deleted). Returns how many buckets changed.
-    fn rebuild_filter(&mut self, frontends: &[Frontend]) -> Result<usize, MapError> {
+    fn rebuild_filter(
+        &mut self,
+        frontends: &[Frontend],
+        frontends6: &[Frontend<Ipv6Addr>],
+    ) -> Result<usize, MapError> {
         self.write_pending();
+        // Both families' frontends share the buckets.
         let mut want = std::collections::HashMap::<u32, u32>::new();
-        for frontend in frontends {
-            let key = frontend.key();
-            *want
-                .entry(service_filter_index(
-                    key.address_be,
-                    key.port_be,
-                    key.protocol,
-                ))
-                .or_default() += 1;
-        }
-        // IPv6 frontends share the filter's buckets: counted as the maps
-        // hold them (this build programs none; an agent with the IPv6
-        // datapath did, and its programs may run beside).
-        if let Some(v6) = &self.v6 {
-            for (key, _) in read_hash::<m::ServiceKey6, ServiceValue>(&v6.services6)? {
-                *want
-                    .entry(service_filter_index6(
-                        key.address_be,
-                        key.port_be,
-                        key.protocol,
-                    ))
-                    .or_default() += 1;
-            }
+        for bucket in frontends
+            .iter()
+            .map(Ipv4Addr::filter_bucket)
+            .chain(frontends6.iter().map(Ipv6Addr::filter_bucket))
+        {
+            *want.entry(bucket).or_default() += 1;
         }
         let mut changed = 0;
         let counts: Vec<u32> = read_array(&self.service_filter)?;
@@ -335,6 +255,154 @@ impl LbMaps for DatapathMaps {
             }
         }
         Ok(changed)
+    }
+}
+
+impl DatapathMaps {
+    /// Programs `frontend` to balance over `backends` (in slot order),
+    /// replacing what it had. Make-before-break: backends and slots are
+    /// written before the frontend entry that counts them and names their
+    /// block. Within the block it owns (when the new set fits it and uses
+    /// more than a quarter) the slots are rewritten in place, one atomic
+    /// store each, so a packet reading them meanwhile gets an old or a new
+    /// backend, both present; otherwise the set goes to a new block, the
+    /// entry switches to it, and the old block rests before anyone else
+    /// gets it (`slot_blocks::REST`).
+    ///
+    /// Backends no longer used by any frontend are the caller's to delete
+    /// (`remove_backend`) after this returns.
+    fn write_service<A: WriterFamily>(
+        &mut self,
+        frontend: &Frontend<A>,
+        rev_nat_id: RevNatId,
+        backends: &[BackendEntry<A>],
+    ) -> Result<(), ProgramError> {
+        let map_err = |map| map_error(frontend, map);
+        let count = validate_service(
+            frontend,
+            rev_nat_id,
+            backends,
+            A::backend_capacity(self),
+            A::rev_nat_capacity(self),
+        )?;
+        if let Some(frontend) = A::deferrable(frontend)
+            && self.pending.deferring
+        {
+            // A frontend new to the maps is noted for the flush (`bulk`);
+            // any other write goes after what is noted.
+            let absent = !self.pending.is_noted(frontend)
+                && matches!(
+                    self.services.get(&frontend.key(), 0),
+                    Err(MapError::KeyNotFound)
+                );
+            if absent {
+                let backends = A::deferrable_entries(backends);
+                self.pending.note(*frontend, rev_nat_id, backends);
+                return Ok(());
+            }
+            self.write_pending();
+        }
+        // Which blocks are whose, before any entry is read (learning may
+        // move an entry whose block was not its own).
+        self.blocks_or_scan().map_err(map_err(A::SERVICES_MAP))?;
+        let old_head = A::services(self)
+            .map_err(map_err(A::SERVICES_MAP))?
+            .get(&frontend.key(), 0)
+            .ok();
+        // The block first: a set that finds no room is refused before
+        // anything is written (the reconciler then releases its ids).
+        let (first_slot, order, moved) = match old_head {
+            Some(old) if SlotBlocks::keeps(old.slot_order, count) => {
+                (old.first_slot, old.slot_order, false)
+            }
+            _ => {
+                let order = SlotBlocks::order_for(count);
+                let first = self.allocate_block(frontend, order)?;
+                (first, order, true)
+            }
+        };
+        if let Err(error) = self.write_backends_and_rev_nat(frontend, rev_nat_id, backends) {
+            if moved {
+                self.blocks().release(first_slot, order);
+            }
+            return Err(error);
+        }
+        let ids: Vec<BackendId> = backends.iter().map(|b| b.id).collect();
+        // Inside the array: the allocator's blocks are, and so are the
+        // entries learning kept.
+        // A write that cannot map its window writes nothing; either
+        // failure leaves a new block unnamed, so it goes back.
+        let written = self
+            .slots
+            .write(first_slot, ids.iter().map(|&id| Slot::of(id)))
+            .and_then(|fits| {
+                fits.then_some(()).ok_or(MapError::OutOfBounds {
+                    index: first_slot,
+                    max_entries: self.slots.len(),
+                })
+            });
+        if let Err(error) = written {
+            if moved {
+                self.blocks().release(first_slot, order);
+            }
+            return Err(map_err(m::SLOTS_MAP)(error));
+        }
+        let head = ServiceValue::new(first_slot, order, count, rev_nat_id, 0);
+        if old_head.is_none()
+            && let Err(error) =
+                adjust_filter(&mut self.service_filter, A::filter_bucket(frontend), 1)
+        {
+            if moved {
+                self.blocks().release(first_slot, order);
+            }
+            return Err(map_err(m::SERVICE_FILTER_MAP)(error));
+        }
+        let inserted =
+            A::services(self).and_then(|services| services.insert(frontend.key(), head, 0));
+        if let Err(error) = inserted {
+            // Nothing names the new block; a full map must not keep the
+            // filter count just raised either.
+            if moved {
+                self.blocks().release(first_slot, order);
+            }
+            if old_head.is_none() {
+                let _ = adjust_filter(&mut self.service_filter, A::filter_bucket(frontend), -1);
+            }
+            return Err(map_err(A::SERVICES_MAP)(error));
+        }
+        if let Some(old) = old_head {
+            if moved {
+                self.blocks().retire(old.first_slot, old.slot_order);
+            }
+            if old.rev_nat_id() != rev_nat_id {
+                // A new incarnation: flows of the old one re-balance.
+                A::clear_rev_nat_of(self, old.rev_nat_id(), frontend)
+                    .map_err(map_err(A::REVERSE_NAT_MAP))?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Removes `frontend`: its entry first (new flows stop), then its
+    /// reverse-NAT entry; its block rests, then is free.
+    fn erase_service<A: WriterFamily>(
+        &mut self,
+        frontend: &Frontend<A>,
+    ) -> Result<(), ProgramError> {
+        self.write_pending();
+        let map_err = |map| map_error(frontend, map);
+        self.blocks_or_scan().map_err(map_err(A::SERVICES_MAP))?;
+        let services = A::services(self).map_err(map_err(A::SERVICES_MAP))?;
+        let Ok(head) = services.get(&frontend.key(), 0) else {
+            return Ok(());
+        };
+        remove_if_present(services, &frontend.key()).map_err(map_err(A::SERVICES_MAP))?;
+        self.blocks().retire(head.first_slot, head.slot_order);
+        adjust_filter(&mut self.service_filter, A::filter_bucket(frontend), -1)
+            .map_err(map_err(m::SERVICE_FILTER_MAP))?;
+        A::clear_rev_nat_of(self, head.rev_nat_id(), frontend)
+            .map_err(map_err(A::REVERSE_NAT_MAP))?;
+        Ok(())
     }
 }
 
@@ -490,8 +558,11 @@ pub(super) fn read_array<V: aya::Pod + Default>(
 }
 
 /// Turns a map's error into `frontend`'s, naming the map.
-fn map_error(frontend: &Frontend, map: &'static str) -> impl Fn(MapError) -> ProgramError {
-    let frontend = *frontend;
+fn map_error<A: Family>(
+    frontend: &Frontend<A>,
+    map: &'static str,
+) -> impl Fn(MapError) -> ProgramError + use<A> {
+    let frontend = frontend.erased();
     move |error| ProgramError::Map {
         frontend,
         map,
@@ -514,11 +585,11 @@ pub(super) fn read_hash<K: aya::Pod + Default, V: aya::Pod + Default>(
 }
 
 /// A backend's `BACKENDS` value, for `frontend`'s protocol.
-pub(super) fn backend_value(frontend: &Frontend, backend: &BackendEntry) -> Backend {
+pub(super) fn backend_value(protocol: Protocol, backend: &BackendEntry) -> Backend {
     Backend {
         address_be: ipv4_be(backend.address.octets()),
         port_be: port_be(backend.port),
-        protocol: frontend.protocol.number(),
+        protocol: protocol.number(),
         flags: m::BACKEND_FLAG_PRESENT,
     }
 }
@@ -547,13 +618,217 @@ fn remove_if_present<K: aya::Pod, V: aya::Pod>(
 /// Counts a frontend in (+1) or out (-1) of its `SERVICE_FILTER` bucket.
 pub(super) fn adjust_filter(
     filter: &mut Array<MapData, u32>,
-    frontend: &Frontend,
+    bucket: u32,
     delta: i32,
 ) -> Result<(), MapError> {
-    let key = frontend.key();
-    let bucket = service_filter_index(key.address_be, key.port_be, key.protocol);
     let count = filter.get(&bucket, 0)?;
     filter.set(bucket, count.saturating_add_signed(delta), 0)
+}
+
+/// The IPv6 maps, or why there are none.
+fn v6_maps(v6: &mut Option<Ipv6Maps>) -> Result<&mut Ipv6Maps, MapError> {
+    v6.as_mut().ok_or_else(|| {
+        MapError::IoError(std::io::Error::other(
+            "the pinned maps have no IPv6 maps (an agent without IPv6 made them: restart with the IPv6 maps replaced)",
+        ))
+    })
+}
+
+/// What writing a frontend does differently per family: its service map,
+/// how a backend and a reverse-NAT entry are stored, its filter bucket.
+pub(super) trait WriterFamily: MapFamily + Family<ServiceKey: aya::Pod> {
+    /// `SERVICES` or `SERVICES6`.
+    fn services(
+        maps: &mut DatapathMaps,
+    ) -> Result<&mut HashMap<MapData, <Self as Family>::ServiceKey, ServiceValue>, MapError>;
+    /// Backend ids are `1..this`.
+    fn backend_capacity(maps: &DatapathMaps) -> u32;
+    /// Reverse-NAT ids are `1..this`.
+    fn rev_nat_capacity(maps: &DatapathMaps) -> u32;
+    /// Writes one backend; on failure, the map that refused.
+    fn write_backend(
+        maps: &mut DatapathMaps,
+        protocol: Protocol,
+        backend: &BackendEntry<Self>,
+    ) -> Result<(), (&'static str, MapError)>;
+    fn set_rev_nat(
+        maps: &mut DatapathMaps,
+        id: RevNatId,
+        frontend: &Frontend<Self>,
+    ) -> Result<(), MapError>;
+    /// Clears reverse-NAT entry `id` if it still names `frontend`: an id
+    /// beyond the table (made smaller since) has no entry, and one that
+    /// names another frontend is that frontend's (the id was taken twice,
+    /// and adoption gave this frontend another).
+    fn clear_rev_nat_of(
+        maps: &mut DatapathMaps,
+        id: RevNatId,
+        frontend: &Frontend<Self>,
+    ) -> Result<(), MapError>;
+    fn filter_bucket(frontend: &Frontend<Self>) -> u32;
+    /// The frontend as the flush's batches take it, when they do: IPv4's
+    /// (a large cluster's first sync). IPv6 frontends are written one by
+    /// one; they share no entry with a noted IPv4 frontend (an id is freed,
+    /// and so reusable, only by a removal, which writes what is noted
+    /// first), so the order between the two does not matter.
+    fn deferrable(frontend: &Frontend<Self>) -> Option<&Frontend>;
+    fn deferrable_entries(backends: &[BackendEntry<Self>]) -> &[BackendEntry];
+}
+
+impl WriterFamily for Ipv4Addr {
+    fn services(
+        maps: &mut DatapathMaps,
+    ) -> Result<&mut HashMap<MapData, ServiceKey, ServiceValue>, MapError> {
+        Ok(&mut maps.services)
+    }
+    fn backend_capacity(maps: &DatapathMaps) -> u32 {
+        maps.backends.len()
+    }
+    fn rev_nat_capacity(maps: &DatapathMaps) -> u32 {
+        maps.reverse_nat.len()
+    }
+    fn write_backend(
+        maps: &mut DatapathMaps,
+        protocol: Protocol,
+        backend: &BackendEntry,
+    ) -> Result<(), (&'static str, MapError)> {
+        let value = backend_value(protocol, backend);
+        store_backend(&maps.backends, m::BACKENDS_MAP, backend.id, value)
+    }
+    fn set_rev_nat(
+        maps: &mut DatapathMaps,
+        id: RevNatId,
+        frontend: &Frontend,
+    ) -> Result<(), MapError> {
+        maps.reverse_nat.set(id, rev_nat_value(frontend), 0)
+    }
+    fn clear_rev_nat_of(
+        maps: &mut DatapathMaps,
+        id: RevNatId,
+        frontend: &Frontend,
+    ) -> Result<(), MapError> {
+        if id >= maps.reverse_nat.len() {
+            return Ok(());
+        }
+        let entry = maps.reverse_nat.get(&id, 0)?;
+        if entry.is_present()
+            && (entry.address_be != ipv4_be(frontend.address.octets())
+                || entry.port_be != port_be(frontend.port))
+        {
+            return Ok(());
+        }
+        maps.reverse_nat.set(id, RevNatValue::default(), 0)
+    }
+    fn filter_bucket(frontend: &Frontend) -> u32 {
+        let key = frontend.key();
+        service_filter_index(key.address_be, key.port_be, key.protocol)
+    }
+    fn deferrable(frontend: &Frontend) -> Option<&Frontend> {
+        Some(frontend)
+    }
+    fn deferrable_entries(backends: &[BackendEntry]) -> &[BackendEntry] {
+        backends
+    }
+}
+
+impl WriterFamily for Ipv6Addr {
+    fn services(
+        maps: &mut DatapathMaps,
+    ) -> Result<&mut HashMap<MapData, ServiceKey6, ServiceValue>, MapError> {
+        Ok(&mut v6_maps(&mut maps.v6)?.services6)
+    }
+    fn backend_capacity(maps: &DatapathMaps) -> u32 {
+        let addresses = maps.v6.as_ref().map_or(0, |v6| v6.backend_addrs6.len());
+        maps.backends.len().min(addresses)
+    }
+    fn rev_nat_capacity(maps: &DatapathMaps) -> u32 {
+        let entries = maps.v6.as_ref().map_or(0, |v6| v6.reverse_nat6.len());
+        maps.rev_nat_capacity().min(entries)
+    }
+    /// The address first, then the flagged word that publishes it: a
+    /// program that sees the word reads the address it belongs to.
+    fn write_backend(
+        maps: &mut DatapathMaps,
+        protocol: Protocol,
+        backend: &BackendEntry<Ipv6Addr>,
+    ) -> Result<(), (&'static str, MapError)> {
+        let address = BackendAddress6 {
+            address_be: ipv6_words(backend.address),
+        };
+        let addresses = &v6_maps(&mut maps.v6)
+            .map_err(|e| (m::BACKEND_ADDRS6_MAP, e))?
+            .backend_addrs6;
+        store_backend(addresses, m::BACKEND_ADDRS6_MAP, backend.id, address)?;
+        let value = Backend {
+            address_be: 0,
+            port_be: port_be(backend.port),
+            protocol: protocol.number(),
+            flags: m::BACKEND_FLAG_PRESENT | m::BACKEND_FLAG_V6,
+        };
+        store_backend(&maps.backends, m::BACKENDS_MAP, backend.id, value)
+    }
+    fn set_rev_nat(
+        maps: &mut DatapathMaps,
+        id: RevNatId,
+        frontend: &Frontend<Ipv6Addr>,
+    ) -> Result<(), MapError> {
+        let value = RevNatValue6 {
+            address_be: ipv6_words(frontend.address),
+            port_be: port_be(frontend.port),
+            flags: m::REV_NAT_FLAG_PRESENT,
+            ..RevNatValue6::default()
+        };
+        v6_maps(&mut maps.v6)?.reverse_nat6.set(id, value, 0)
+    }
+    fn clear_rev_nat_of(
+        maps: &mut DatapathMaps,
+        id: RevNatId,
+        frontend: &Frontend<Ipv6Addr>,
+    ) -> Result<(), MapError> {
+        let table = &mut v6_maps(&mut maps.v6)?.reverse_nat6;
+        if id >= table.len() {
+            return Ok(());
+        }
+        let entry = table.get(&id, 0)?;
+        if entry.is_present()
+            && (entry.address_be != ipv6_words(frontend.address)
+                || entry.port_be != port_be(frontend.port))
+        {
+            return Ok(());
+        }
+        table.set(id, RevNatValue6::default(), 0)
+    }
+    fn filter_bucket(frontend: &Frontend<Ipv6Addr>) -> u32 {
+        let key = frontend.key();
+        service_filter_index6(key.address_be, key.port_be, key.protocol)
+    }
+    fn deferrable(_: &Frontend<Ipv6Addr>) -> Option<&Frontend> {
+        None
+    }
+    fn deferrable_entries(_: &[BackendEntry<Ipv6Addr>]) -> &[BackendEntry] {
+        &[]
+    }
+}
+
+/// One store into a mapped array (`BACKENDS` or `BACKEND_ADDRS6`); an id
+/// outside it is refused.
+fn store_backend<V: aya::Pod>(
+    array: &super::mapped_array::MappedArray<V>,
+    name: &'static str,
+    id: BackendId,
+    value: V,
+) -> Result<(), (&'static str, MapError)> {
+    match array.set(id, value) {
+        Ok(true) => Ok(()),
+        Ok(false) => Err((
+            name,
+            MapError::OutOfBounds {
+                index: id,
+                max_entries: array.len(),
+            },
+        )),
+        Err(error) => Err((name, error)),
+    }
 }
 
 impl DatapathMaps {
@@ -604,65 +879,38 @@ impl DatapathMaps {
         Ok(self.blocks())
     }
 
-    /// A service's backends (one batch) and its reverse-NAT entry.
-    fn write_backends_and_rev_nat(
+    /// A service's backends and its reverse-NAT entry.
+    fn write_backends_and_rev_nat<A: WriterFamily>(
         &mut self,
-        frontend: &Frontend,
+        frontend: &Frontend<A>,
         rev_nat_id: RevNatId,
-        backends: &[BackendEntry],
+        backends: &[BackendEntry<A>],
     ) -> Result<(), ProgramError> {
         let map_err = |map| map_error(frontend, map);
         // Stores into the mapping (validated: every id is inside it).
         for backend in backends {
-            let written = self
-                .backends
-                .set(backend.id, backend_value(frontend, backend))
-                .map_err(map_err(m::BACKENDS_MAP))?;
-            if !written {
-                return Err(map_err(m::BACKENDS_MAP)(MapError::OutOfBounds {
-                    index: backend.id,
-                    max_entries: self.backends.len(),
-                }));
-            }
+            A::write_backend(self, frontend.protocol, backend)
+                .map_err(|(map, error)| map_err(map)(error))?;
         }
-        self.restore_rev_nat(rev_nat_id, frontend)
-            .map_err(map_err(m::REVERSE_NAT_MAP))
+        A::set_rev_nat(self, rev_nat_id, frontend).map_err(map_err(A::REVERSE_NAT_MAP))
     }
 
     /// A free block of `order` for `frontend`.
-    pub(super) fn allocate_block(
+    pub(super) fn allocate_block<A: Family>(
         &mut self,
-        frontend: &Frontend,
+        frontend: &Frontend<A>,
         order: u8,
     ) -> Result<u32, ProgramError> {
         let blocks = self.blocks_or_scan().map_err(|source| ProgramError::Map {
-            frontend: *frontend,
+            frontend: frontend.erased(),
             map: m::SERVICES_MAP,
             error: Box::new(source),
         })?;
         blocks.allocate(order).ok_or(ProgramError::SlotsFull {
-            frontend: *frontend,
+            frontend: frontend.erased(),
             needed: 1 << order,
             capacity: blocks.capacity(),
             taken: blocks.taken(),
         })
-    }
-
-    /// Clears reverse-NAT entry `id` if it still names `frontend`: an id
-    /// beyond the table (made smaller since) has no entry, and one that
-    /// names another frontend is that frontend's (the id was taken twice,
-    /// and adoption gave this frontend another).
-    fn clear_rev_nat_of(&mut self, id: RevNatId, frontend: &Frontend) -> Result<(), MapError> {
-        if id >= self.reverse_nat.len() {
-            return Ok(());
-        }
-        let entry = self.reverse_nat.get(&id, 0)?;
-        if entry.is_present()
-            && (entry.address_be != ipv4_be(frontend.address.octets())
-                || entry.port_be != port_be(frontend.port))
-        {
-            return Ok(());
-        }
-        self.reverse_nat.set(id, RevNatValue::default(), 0)
     }
 }

@@ -2,17 +2,30 @@
 //! remembered with its ids (so the first sync rewrites only what differs),
 //! and what nothing asks for after that sync is pruned.
 
+use std::net::{Ipv4Addr, Ipv6Addr};
+
 use foldhash::{HashMap, HashSet};
 
 use aya::maps::MapError;
 use datapath_common::maps::{BackendId, RevNatId};
 
-use super::{IdAllocator, Programmed, PruneReport, Reconciler, issues::datapath_issue};
+use super::{
+    FamilyView, HoldsIds, IdAllocator, Programmed, PruneReport, Reconciler, TableFamily,
+    issues::datapath_issue,
+};
 use crate::{
     k8s::Issue,
-    maps::{LbMaps, MapDump},
+    maps::{DumpedFrontend, LbMaps, MapDump},
     model::{BackendAddress, Frontend},
 };
+
+/// What one family's maps hold, as `dump` read it.
+struct FamilyDump<A> {
+    frontends: Vec<DumpedFrontend<A>>,
+    backends: Vec<(BackendId, BackendAddress<A>)>,
+    /// Reverse-NAT id → service address and port.
+    rev_nats: Vec<(RevNatId, (A, u16))>,
+}
 
 impl<M: LbMaps> Reconciler<M> {
     /// Takes over `maps`, remembering what they hold (with its ids) so the
@@ -32,167 +45,61 @@ impl<M: LbMaps> Reconciler<M> {
         Self::from_dump(maps, MapDump::default())
     }
 
-    /// Takes over `maps`, which hold what `dump` says.
+    /// Takes over `maps`, which hold what `dump` says. Both families share
+    /// the id spaces: every id either family's maps hold is taken before
+    /// any frontend is given a new one.
     fn from_dump(maps: M, dump: MapDump) -> Self {
         let mut reconciler = Self {
             backend_ids: IdAllocator::new(maps.backend_capacity()),
             rev_nat_ids: IdAllocator::new(maps.rev_nat_capacity()),
             maps,
             v4: Default::default(),
-            adopted_unused_backends: Vec::new(),
-            departed: Vec::new(),
+            v6: Default::default(),
             node_seed: 0,
-            adopted_unused_rev_nats: Vec::new(),
-            stray_entries: dump.stray_entries,
         };
-        let by_id: HashMap<BackendId, BackendAddress> = dump.backends.iter().copied().collect();
-        let reverse_nat: HashMap<RevNatId, std::net::SocketAddrV4> =
-            dump.rev_nats.iter().copied().collect();
-        let mut referenced = HashSet::default();
-        let mut rev_nats_used = HashSet::default();
+        reconciler.v4.stray_entries = dump.stray_entries;
+        reconciler.v6.stray_entries = dump.stray_entries6;
+        let v4 = FamilyDump {
+            frontends: dump.frontends,
+            backends: dump.backends,
+            rev_nats: (dump.rev_nats.iter())
+                .map(|(id, s)| (*id, (*s.ip(), s.port())))
+                .collect(),
+        };
+        let v6 = FamilyDump {
+            frontends: dump.frontends6,
+            backends: dump.backends6,
+            rev_nats: (dump.rev_nats6.iter())
+                .map(|(id, s)| (*id, (*s.ip(), s.port())))
+                .collect(),
+        };
         // An id the REVERSE_NAT map no longer holds (made smaller with
-        // `--frontends-max`), or one an earlier frontend already has (a
-        // build with narrower ids ran meanwhile): the frontend gets a new
-        // id and is re-programmed by the first sync (its tracked flows
-        // re-balance, as for a re-created service). Every usable id is
-        // taken first, so that no new id is one a later frontend holds.
-        // IPv6 entries (an agent with the IPv6 datapath wrote them) first:
-        // their ids are taken before any IPv4 frontend is renumbered, so
-        // that none is given one while they stand; this build neither
-        // rewrites nor prunes them.
-        let mut held6_rev_nats = HashSet::default();
-        for found in &dump.frontends6 {
-            held6_rev_nats.insert(found.rev_nat_id);
-            for id in found.slots.iter().flatten() {
-                reconciler.backend_ids.adopt(*id);
-            }
-        }
-        held6_rev_nats.extend(dump.rev_nats6.iter().map(|(id, _)| *id));
-        for id in &held6_rev_nats {
-            reconciler.rev_nat_ids.adopt(*id);
-        }
-        for (id, _) in &dump.backends6 {
-            reconciler.backend_ids.adopt(*id);
-        }
-        // An IPv4 frontend holding an IPv6 frontend's id gets another.
-        let mut holders = held6_rev_nats.clone();
-        let unusable: Vec<bool> = dump
-            .frontends
-            .iter()
-            .map(|f| {
-                f.rev_nat_id >= reconciler.rev_nat_ids.capacity || !holders.insert(f.rev_nat_id)
-            })
-            .collect();
+        // `--frontends-max`), or one an earlier frontend of either family
+        // already has (a build with narrower ids ran meanwhile): the
+        // frontend gets a new id and is re-programmed by the first sync
+        // (its tracked flows re-balance, as for a re-created service).
+        // Every usable id is taken first, so that no new id is one a later
+        // frontend holds; IPv6 first, as an earlier build kept them.
+        let capacity = reconciler.rev_nat_ids.capacity;
+        let mut holders = HashSet::default();
+        let mut unusable = |rev_nat_ids: &mut dyn Iterator<Item = RevNatId>| -> Vec<bool> {
+            rev_nat_ids
+                .map(|id| id >= capacity || !holders.insert(id))
+                .collect()
+        };
+        let unusable6 = unusable(&mut v6.frontends.iter().map(|f| f.rev_nat_id));
+        let unusable4 = unusable(&mut v4.frontends.iter().map(|f| f.rev_nat_id));
         for id in &holders {
             reconciler.rev_nat_ids.adopt(*id);
         }
-        for (mut found, id_unusable) in dump.frontends.into_iter().zip(unusable) {
-            if id_unusable {
-                // None free: 0, so that the first sync takes one when it
-                // can and reports the full table until then (the entry of
-                // the frontend that holds the id is never touched).
-                found.rev_nat_id = reconciler.rev_nat_ids.allocate().unwrap_or(0);
-            }
-            // The REVERSE_NAT map was made afresh (resized), or a write
-            // was interrupted: the entry is written again at once under
-            // the same id, so tracked flows (which name the id) keep their
-            // backends. If that fails, the first sync re-programs it.
-            let rev_nat_lost = !id_unusable
-                && reverse_nat.get(&found.rev_nat_id)
-                    != Some(&std::net::SocketAddrV4::new(
-                        found.frontend.address,
-                        found.frontend.port,
-                    ))
-                && reconciler
-                    .maps
-                    .restore_rev_nat(found.rev_nat_id, &found.frontend)
-                    .is_err();
-            let slots: Option<Vec<(BackendId, BackendAddress)>> = found
-                .slots
-                .iter()
-                .map(|slot| slot.and_then(|id| by_id.get(&id).map(|a| (id, *a))))
-                .collect();
-            // Broken: a missing slot or backend, or an address that
-            // another frontend reached under a different id. Re-programmed
-            // by the first sync; until then its entries stay in place.
-            let broken = rev_nat_lost
-                || id_unusable
-                || match &slots {
-                    None => true,
-                    Some(slots) => slots.iter().any(|(id, address)| {
-                        reconciler
-                            .v4
-                            .backends
-                            .id_of(address)
-                            .is_some_and(|using| using != *id)
-                    }),
-                };
-            let mut backends = Vec::new();
-            let mut untracked_ids = Vec::new();
-            if broken {
-                // Whatever its slots name stays reserved until the frontend
-                // is rewritten: neither pruned nor handed out again.
-                for id in found.slots.iter().flatten() {
-                    referenced.insert(*id);
-                    reconciler.backend_ids.adopt(*id);
-                    untracked_ids.push(*id);
-                }
-            } else {
-                for (id, address) in slots.unwrap_or_default() {
-                    referenced.insert(id);
-                    if reconciler.v4.backends.reference(&address).is_none() {
-                        reconciler.v4.backends.insert(address, id);
-                    }
-                    backends.push(id);
-                }
-            }
-            rev_nats_used.insert(found.rev_nat_id);
-            reconciler.rev_nat_ids.adopt(found.rev_nat_id);
-            reconciler.v4.programmed.insert(
-                found.frontend,
-                Programmed::new(
-                    found.rev_nat_id,
-                    broken,
-                    backends,
-                    Vec::new(),
-                    untracked_ids,
-                ),
-            );
-        }
-        for (id, address) in &dump.backends {
+        for id in (v4.backends.iter().map(|(id, _)| id)).chain(v6.backends.iter().map(|(id, _)| id))
+        {
             reconciler.backend_ids.adopt(*id);
-            if !referenced.contains(id) {
-                reconciler.adopted_unused_backends.push(*id);
-                reconciler
-                    .v4
-                    .adopted_by_address
-                    .entry(*address)
-                    .or_insert(*id);
-            }
         }
-        let mut ambiguous = HashSet::default();
-        for (id, socket) in &dump.rev_nats {
-            let address = (*socket.ip(), socket.port());
-            // (A stale IPv4 entry under an IPv6 frontend's id: left, and
-            // the id kept.)
-            if !rev_nats_used.contains(id) && !held6_rev_nats.contains(id) {
-                reconciler.rev_nat_ids.adopt(*id);
-                reconciler.adopted_unused_rev_nats.push(*id);
-                // Two at one address (its TCP and UDP frontends): which
-                // is which is not in the entry.
-                if reconciler
-                    .v4
-                    .adopted_rev_nat_by_address
-                    .insert(address, *id)
-                    .is_some()
-                {
-                    ambiguous.insert(address);
-                }
-            }
-        }
-        for address in ambiguous {
-            reconciler.v4.adopted_rev_nat_by_address.remove(&address);
-        }
+        Ipv6Addr::view(&mut reconciler).adopt_frontends(&v6, unusable6);
+        Ipv4Addr::view(&mut reconciler).adopt_frontends(&v4, unusable4);
+        Ipv6Addr::view(&mut reconciler).adopt_unused(&v6, &holders);
+        Ipv4Addr::view(&mut reconciler).adopt_unused(&v4, &holders);
         reconciler
     }
 
@@ -206,11 +113,135 @@ impl<M: LbMaps> Reconciler<M> {
     pub fn prune(&mut self, keep_unowned: bool) -> Result<PruneReport, Vec<Issue>> {
         let mut report = PruneReport::default();
         let mut issues = Vec::new();
-        let stale: Vec<Frontend> = self
-            .v4
+        Ipv4Addr::view(self).prune(keep_unowned, &mut report, &mut issues);
+        Ipv6Addr::view(self).prune(keep_unowned, &mut report, &mut issues);
+        let frontends: Vec<Frontend> = self.v4.programmed.keys().copied().collect();
+        let frontends6: Vec<Frontend<Ipv6Addr>> = self.v6.programmed.keys().copied().collect();
+        match self.maps.rebuild_filter(&frontends, &frontends6) {
+            Ok(n) => report.filter_buckets = n,
+            Err(e) => issues.push(datapath_issue("SERVICE_FILTER", e.to_string())),
+        }
+        if issues.is_empty() {
+            Ok(report)
+        } else {
+            Err(issues)
+        }
+    }
+}
+
+impl<M: LbMaps, A: TableFamily> FamilyView<'_, M, A> {
+    /// Remembers the frontends `found` holds, each with its ids; one whose
+    /// reverse-NAT id is `unusable` gets a new one (or 0 when none is
+    /// free: the first sync takes one when it can and reports the full
+    /// table until then; the entry of the frontend that holds the id is
+    /// never touched).
+    fn adopt_frontends(&mut self, found: &FamilyDump<A>, unusable: Vec<bool>) {
+        let by_id: HashMap<BackendId, BackendAddress<A>> = found.backends.iter().copied().collect();
+        let reverse_nat: HashMap<RevNatId, (A, u16)> = found.rev_nats.iter().copied().collect();
+        for (found, id_unusable) in found.frontends.iter().zip(unusable) {
+            let mut rev_nat_id = found.rev_nat_id;
+            if id_unusable {
+                rev_nat_id = self.rev_nat_ids.allocate().unwrap_or(0);
+            }
+            let frontend = found.frontend;
+            // The reverse-NAT map was made afresh (resized), or a write
+            // was interrupted: the entry is written again at once under
+            // the same id, so tracked flows (which name the id) keep their
+            // backends. If that fails, the first sync re-programs it.
+            let rev_nat_lost = !id_unusable
+                && reverse_nat.get(&rev_nat_id) != Some(&(frontend.address, frontend.port))
+                && A::restore_rev_nat(self.maps, rev_nat_id, &frontend).is_err();
+            let slots: Option<Vec<(BackendId, BackendAddress<A>)>> = found
+                .slots
+                .iter()
+                .map(|slot| slot.and_then(|id| by_id.get(&id).map(|a| (id, *a))))
+                .collect();
+            // Broken: a missing slot or backend, or an address that
+            // another frontend reached under a different id. Re-programmed
+            // by the first sync; until then its entries stay in place.
+            let broken = rev_nat_lost
+                || id_unusable
+                || match &slots {
+                    None => true,
+                    Some(slots) => slots.iter().any(|(id, address)| {
+                        self.t
+                            .backends
+                            .id_of(address)
+                            .is_some_and(|using| using != *id)
+                    }),
+                };
+            let mut backends = Vec::new();
+            let mut untracked_ids = Vec::new();
+            if broken {
+                // Whatever its slots name stays reserved until the frontend
+                // is rewritten: neither pruned nor handed out again.
+                for id in found.slots.iter().flatten() {
+                    self.backend_ids.adopt(*id);
+                    untracked_ids.push(*id);
+                }
+            } else {
+                for (id, address) in slots.unwrap_or_default() {
+                    if self.t.backends.reference(&address).is_none() {
+                        self.t.backends.insert(address, id);
+                    }
+                    backends.push(id);
+                }
+            }
+            self.rev_nat_ids.adopt(rev_nat_id);
+            self.t.programmed.insert(
+                frontend,
+                Programmed::new(rev_nat_id, broken, backends, Vec::new(), untracked_ids),
+            );
+        }
+    }
+
+    /// Remembers this family's entries no frontend of it names: backends
+    /// (a draining one keeps its id if the first sync asks for it again)
+    /// and reverse-NAT entries (a frontend at the same address gets its id
+    /// back, unless a frontend of either family holds that id).
+    fn adopt_unused(&mut self, found: &FamilyDump<A>, rev_nats_held: &HashSet<RevNatId>) {
+        for (id, address) in &found.backends {
+            if !self.t.holds_backend_id(*id) {
+                self.t.adopted_unused_backends.push(*id);
+                self.t.adopted_by_address.entry(*address).or_insert(*id);
+            }
+        }
+        let mut ambiguous = HashSet::default();
+        for (id, address) in &found.rev_nats {
+            if self.t.holds_rev_nat_id(*id) {
+                continue;
+            }
+            self.rev_nat_ids.adopt(*id);
+            self.t.adopted_unused_rev_nats.push(*id);
+            if rev_nats_held.contains(id) || self.other.holds_rev_nat_id(*id) {
+                // A stale entry under another frontend's id: cleared by
+                // prune, the id kept.
+                continue;
+            }
+            // Two at one address (its TCP and UDP frontends): which is
+            // which is not in the entry.
+            if self
+                .t
+                .adopted_rev_nat_by_address
+                .insert(*address, *id)
+                .is_some()
+            {
+                ambiguous.insert(*address);
+            }
+        }
+        for address in ambiguous {
+            self.t.adopted_rev_nat_by_address.remove(&address);
+        }
+    }
+
+    /// `Reconciler::prune` of this family's entries; an id is released
+    /// only when neither family holds it.
+    fn prune(&mut self, keep_unowned: bool, report: &mut PruneReport, issues: &mut Vec<Issue>) {
+        let stale: Vec<Frontend<A>> = self
+            .t
             .programmed
             .keys()
-            .filter(|f| !keep_unowned && !self.v4.owner.contains_key(f))
+            .filter(|f| !keep_unowned && !self.t.owner.contains_key(f))
             .copied()
             .collect();
         for frontend in stale {
@@ -219,10 +250,10 @@ impl<M: LbMaps> Reconciler<M> {
                 Err(issue) => issues.push(issue),
             }
         }
-        self.v4.adopted_by_address.clear();
-        self.v4.adopted_rev_nat_by_address.clear();
-        for id in std::mem::take(&mut self.adopted_unused_backends) {
-            if self.v4.backends.holds_id(id) {
+        self.t.adopted_by_address.clear();
+        self.t.adopted_rev_nat_by_address.clear();
+        for id in std::mem::take(&mut self.t.adopted_unused_backends) {
+            if self.t.holds_backend_id(id) || self.other.holds_backend_id(id) {
                 continue; // taken into use since adoption
             }
             match self.maps.remove_backend(id) {
@@ -233,38 +264,30 @@ impl<M: LbMaps> Reconciler<M> {
                 Err(e) => issues.push(datapath_issue("BACKENDS", format!("backend {id}: {e}"))),
             }
         }
-        for id in std::mem::take(&mut self.adopted_unused_rev_nats) {
-            if self.v4.programmed.values().any(|p| p.rev_nat_id == id) {
+        for id in std::mem::take(&mut self.t.adopted_unused_rev_nats) {
+            if self.t.holds_rev_nat_id(id) {
                 continue;
             }
-            match self.maps.remove_rev_nat(id) {
+            match A::remove_rev_nat(self.maps, id) {
                 Ok(()) => {
-                    self.rev_nat_ids.release(id);
+                    if !self.other.holds_rev_nat_id(id) {
+                        self.rev_nat_ids.release(id);
+                    }
                     report.rev_nats += 1;
                 }
                 Err(e) => issues.push(datapath_issue(
-                    "REVERSE_NAT",
+                    A::REVERSE_NAT_MAP,
                     format!("reverse-NAT {id}: {e}"),
                 )),
             }
         }
-        for key in std::mem::take(&mut self.stray_entries) {
+        for key in std::mem::take(&mut self.t.stray_entries) {
             // An entry naming no frontend this build knows (another
             // protocol): nothing will ever ask for it.
-            match self.maps.remove_service_key(&key) {
+            match A::remove_service_key(self.maps, &key) {
                 Ok(()) => report.stray_entries += 1,
-                Err(e) => issues.push(datapath_issue("SERVICES", format!("stray entry: {e}"))),
+                Err(e) => issues.push(datapath_issue(A::SERVICES_MAP, format!("stray entry: {e}"))),
             }
-        }
-        let frontends: Vec<Frontend> = self.v4.programmed.keys().copied().collect();
-        match self.maps.rebuild_filter(&frontends) {
-            Ok(n) => report.filter_buckets = n,
-            Err(e) => issues.push(datapath_issue("SERVICE_FILTER", e.to_string())),
-        }
-        if issues.is_empty() {
-            Ok(report)
-        } else {
-            Err(issues)
         }
     }
 }

@@ -4,10 +4,10 @@
 use crate::{
     k8s::{Issue, IssueKind, ObjectKey},
     maps::ProgramError,
-    model::Frontend,
+    model::{Family, Frontend},
 };
 
-pub(super) fn limit_issue(frontend: &Frontend, map: &str, capacity: u32) -> Issue {
+pub(super) fn limit_issue<A: Family>(frontend: &Frontend<A>, map: &str, capacity: u32) -> Issue {
     Issue {
         kind: IssueKind::Limit,
         object: String::new(),

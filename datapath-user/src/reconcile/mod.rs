@@ -23,18 +23,18 @@ use std::collections::BTreeSet;
 // sync, and the keys (names, addresses) are chosen by users.
 use foldhash::HashMap;
 
-use datapath_common::maps::{BackendId, RevNatId, ServiceKey};
+use datapath_common::maps::{BackendId, RevNatId};
 
 use crate::{
     by_owner::ByOwner,
     k8s::{
         Issue, IssueKind, ObjectKey, ServiceTranslation,
-        translate::{Claim, conflict_issue},
+        translate::{Claim, DesiredFrontend, conflict_issue},
     },
-    maps::LbMaps,
+    maps::{LbMaps, MapFamily},
     model::{BackendAddress, Family, Frontend},
 };
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, Ipv6Addr};
 
 mod adopt;
 mod backend_table;
@@ -110,11 +110,11 @@ impl<A: Family> Programmed<A> {
 /// A backend that left a UDP frontend (not even draining any more):
 /// sockets that socket-LB connected to it for that frontend must go.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct Departed {
+pub struct Departed<A = Ipv4Addr> {
     /// The frontend it left, and that frontend's incarnation.
-    pub frontend: Frontend,
+    pub frontend: Frontend<A>,
     pub rev_nat_id: RevNatId,
-    pub backend: BackendAddress,
+    pub backend: BackendAddress<A>,
 }
 
 /// What an update did.
@@ -122,6 +122,8 @@ pub struct Departed {
 pub struct Outcome {
     /// Backends that left UDP frontends.
     pub departed: Vec<Departed>,
+    /// The same of IPv6 frontends.
+    pub departed6: Vec<Departed<Ipv6Addr>>,
     /// Problems, each naming the object (Conflict, Limit, Datapath).
     pub issues: Vec<Issue>,
     /// Services that wanted a frontend another service just released:
@@ -145,27 +147,22 @@ pub struct Reconciler<M> {
     maps: M,
     /// What the IPv4 frontends are.
     v4: FamilyTables<Ipv4Addr>,
+    /// What the IPv6 frontends are (programmed only when the maps serve
+    /// IPv6: `LbMaps::serves_ipv6`).
+    v6: FamilyTables<Ipv6Addr>,
     /// Backend ids, shared by both families (one `BACKENDS` array).
     backend_ids: IdAllocator,
     /// Reverse-NAT ids, shared by both families.
     rev_nat_ids: IdAllocator,
-    /// Entries found in the maps at adoption that no slot names; freed by
-    /// `prune` unless the first sync takes them into use (a draining
-    /// backend keeps its id across an agent restart this way).
-    adopted_unused_backends: Vec<BackendId>,
-    /// Filled by `program`/`remove`, handed out with the next `Outcome`.
-    departed: Vec<Departed>,
     /// Picks this node's subset of an over-limit service (a hash of the
     /// node's name), so nodes spread over all endpoints.
     node_seed: u64,
-    adopted_unused_rev_nats: Vec<RevNatId>,
-    stray_entries: Vec<ServiceKey>,
 }
 
 /// One address family's frontends and backends: what is programmed, who
 /// holds each frontend, what adoption found. Frontends of one family
 /// balance over backends of that family only.
-struct FamilyTables<A> {
+pub(super) struct FamilyTables<A: Family> {
     programmed: HashMap<Frontend<A>, Programmed<A>>,
     backends: backend_table::BackendTable<A>,
     /// Which service holds each frontend, and by what claim (a stronger
@@ -176,18 +173,29 @@ struct FamilyTables<A> {
     held: ByOwner<Frontend<A>>,
     /// Services that asked for a frontend someone else holds.
     waiting: HashMap<Frontend<A>, BTreeSet<ObjectKey>>,
+    /// Filled by `program`/`remove`, handed out with the next `Outcome`.
+    departed: Vec<Departed<A>>,
     /// Backends adoption found that no slot names, by address (the first
     /// sync takes them back into use under the same id).
     adopted_by_address: HashMap<BackendAddress<A>, BackendId>,
+    /// Entries found in the maps at adoption that no slot names; freed by
+    /// `prune` unless the first sync takes them into use (a draining
+    /// backend keeps its id across an agent restart this way).
+    adopted_unused_backends: Vec<BackendId>,
     /// Reverse-NAT entries adoption found unused, each whose address and
     /// port no other unused entry has: a frontend at that address gets
     /// its id back (the service map was made afresh, the reverse-NAT map
     /// kept), so that the flows conntrack holds for it, which name the
     /// id, keep their backends.
     adopted_rev_nat_by_address: HashMap<(A, u16), RevNatId>,
+    /// Reverse-NAT entries adoption found unused; cleared by `prune`
+    /// unless a frontend took the id meanwhile.
+    adopted_unused_rev_nats: Vec<RevNatId>,
+    /// Service-map entries naming no frontend this build knows.
+    stray_entries: Vec<A::ServiceKey>,
 }
 
-impl<A> Default for FamilyTables<A> {
+impl<A: Family> Default for FamilyTables<A> {
     fn default() -> Self {
         Self {
             programmed: HashMap::default(),
@@ -195,9 +203,85 @@ impl<A> Default for FamilyTables<A> {
             owner: HashMap::default(),
             held: Default::default(),
             waiting: HashMap::default(),
+            departed: Vec::new(),
             adopted_by_address: HashMap::default(),
+            adopted_unused_backends: Vec::new(),
             adopted_rev_nat_by_address: HashMap::default(),
+            adopted_unused_rev_nats: Vec::new(),
+            stray_entries: Vec::new(),
         }
+    }
+}
+
+/// What one family's tables say about the ids both families share.
+pub(super) trait HoldsIds {
+    /// A backend entry or a broken frontend's slot names `id`.
+    fn holds_backend_id(&self, id: BackendId) -> bool;
+    /// A programmed frontend has reverse-NAT id `id`.
+    fn holds_rev_nat_id(&self, id: RevNatId) -> bool;
+}
+
+impl<A: Family> HoldsIds for FamilyTables<A> {
+    fn holds_backend_id(&self, id: BackendId) -> bool {
+        self.backends.holds_id(id)
+            || self
+                .programmed
+                .values()
+                .any(|p| p.untracked_ids().contains(&id))
+    }
+    fn holds_rev_nat_id(&self, id: RevNatId) -> bool {
+        self.programmed.values().any(|p| p.rev_nat_id == id)
+    }
+}
+
+/// One family's tables with what both families share, borrowed apart,
+/// so that one code path programs either family.
+pub(super) struct FamilyView<'r, M, A: Family> {
+    maps: &'r mut M,
+    t: &'r mut FamilyTables<A>,
+    /// The other family's tables: ids are shared.
+    other: &'r dyn HoldsIds,
+    backend_ids: &'r mut IdAllocator,
+    rev_nat_ids: &'r mut IdAllocator,
+    node_seed: u64,
+}
+
+/// A family the reconciler programs: its tables (with what both families
+/// share) and which of a translation's frontends are its.
+pub(super) trait TableFamily: MapFamily {
+    fn view<M>(reconciler: &mut Reconciler<M>) -> FamilyView<'_, M, Self>;
+    fn desired(translation: &ServiceTranslation) -> &[DesiredFrontend<Self>];
+}
+
+impl TableFamily for Ipv4Addr {
+    fn view<M>(r: &mut Reconciler<M>) -> FamilyView<'_, M, Self> {
+        FamilyView {
+            maps: &mut r.maps,
+            t: &mut r.v4,
+            other: &r.v6,
+            backend_ids: &mut r.backend_ids,
+            rev_nat_ids: &mut r.rev_nat_ids,
+            node_seed: r.node_seed,
+        }
+    }
+    fn desired(translation: &ServiceTranslation) -> &[DesiredFrontend<Self>] {
+        &translation.frontends
+    }
+}
+
+impl TableFamily for Ipv6Addr {
+    fn view<M>(r: &mut Reconciler<M>) -> FamilyView<'_, M, Self> {
+        FamilyView {
+            maps: &mut r.maps,
+            t: &mut r.v6,
+            other: &r.v4,
+            backend_ids: &mut r.backend_ids,
+            rev_nat_ids: &mut r.rev_nat_ids,
+            node_seed: r.node_seed,
+        }
+    }
+    fn desired(translation: &ServiceTranslation) -> &[DesiredFrontend<Self>] {
+        &translation.frontends6
     }
 }
 
@@ -220,14 +304,14 @@ impl<M: LbMaps> Reconciler<M> {
         self.maps
     }
 
-    /// Frontends currently programmed.
+    /// Frontends currently programmed (both families).
     pub fn frontend_count(&self) -> usize {
-        self.v4.programmed.len()
+        self.v4.programmed.len() + self.v6.programmed.len()
     }
 
-    /// Backend entries currently in use.
+    /// Backend entries currently in use (both families).
     pub fn backend_count(&self) -> usize {
-        self.v4.backends.len()
+        self.v4.backends.len() + self.v6.backends.len()
     }
 
     /// Ids handed out and not yet released: (backend, reverse-NAT).
@@ -261,31 +345,60 @@ impl<M: LbMaps> Reconciler<M> {
         keep_dropped: bool,
     ) -> Outcome {
         let mut outcome = Outcome::default();
-        let wanted: BTreeSet<Frontend> = translation.frontends.iter().map(|d| d.frontend).collect();
-        let previously: BTreeSet<Frontend> = self.held_by(service).collect();
+        Ipv4Addr::view(self).update(
+            service,
+            Ipv4Addr::desired(translation),
+            keep_dropped,
+            &mut outcome,
+        );
+        outcome.departed = std::mem::take(&mut self.v4.departed);
+        // Maps without room for IPv6 frontends never held one: the
+        // translation says the service's IPv6 family is not served.
+        let desired6 = if self.maps.serves_ipv6() {
+            Ipv6Addr::desired(translation)
+        } else {
+            &[]
+        };
+        Ipv6Addr::view(self).update(service, desired6, keep_dropped, &mut outcome);
+        outcome.departed6 = std::mem::take(&mut self.v6.departed);
+        outcome
+    }
+}
+
+impl<M: LbMaps, A: TableFamily> FamilyView<'_, M, A> {
+    /// `update_service_keeping` of this family's frontends.
+    fn update(
+        &mut self,
+        service: &ObjectKey,
+        desired: &[DesiredFrontend<A>],
+        keep_dropped: bool,
+        outcome: &mut Outcome,
+    ) {
+        let wanted: BTreeSet<Frontend<A>> = desired.iter().map(|d| d.frontend).collect();
+        let previously: BTreeSet<Frontend<A>> = self.held_by(service).collect();
         // A service that no longer asks stops waiting.
         for frontend in previously.iter().chain(self.waiting_for(service).iter()) {
             if !wanted.contains(frontend)
-                && let Some(waiters) = self.v4.waiting.get_mut(frontend)
+                && let Some(waiters) = self.t.waiting.get_mut(frontend)
             {
                 waiters.remove(service);
                 if waiters.is_empty() {
-                    self.v4.waiting.remove(frontend);
+                    self.t.waiting.remove(frontend);
                 }
             }
         }
         let mut held = BTreeSet::new();
-        for desired in &translation.frontends {
+        for desired in desired {
             let frontend = desired.frontend;
-            match self.v4.owner.get(&frontend) {
+            match self.t.owner.get(&frontend) {
                 Some((owner, claim)) if owner != service && desired.claim < *claim => {
                     // A stronger claim (a ClusterIP over an address anyone
                     // may write in `externalIPs`): the holder loses the
                     // frontend, waits for it, and is translated again so
                     // that it reports the conflict.
                     let holder = owner.clone();
-                    self.v4.held.remove(&holder, &frontend);
-                    self.v4
+                    self.t.held.remove(&holder, &frontend);
+                    self.t
                         .waiting
                         .entry(frontend)
                         .or_default()
@@ -296,7 +409,7 @@ impl<M: LbMaps> Reconciler<M> {
                     outcome
                         .issues
                         .push(conflict_issue(service, owner, &frontend, desired.claim));
-                    self.v4
+                    self.t
                         .waiting
                         .entry(frontend)
                         .or_default()
@@ -307,10 +420,10 @@ impl<M: LbMaps> Reconciler<M> {
             }
             self.hold(service, frontend, desired.claim);
             held.insert(frontend);
-            if let Some(waiters) = self.v4.waiting.get_mut(&frontend) {
+            if let Some(waiters) = self.t.waiting.get_mut(&frontend) {
                 waiters.remove(service);
                 if waiters.is_empty() {
-                    self.v4.waiting.remove(&frontend);
+                    self.t.waiting.remove(&frontend);
                 }
             }
             match self.program(&frontend, &desired.backends, &desired.draining) {
@@ -319,12 +432,12 @@ impl<M: LbMaps> Reconciler<M> {
                 Err(issue) => outcome.issues.push(with_object(issue, service)),
             }
         }
-        let mut dropped: Vec<Frontend> = previously.difference(&held).copied().collect();
+        let mut dropped: Vec<Frontend<A>> = previously.difference(&held).copied().collect();
         if keep_dropped {
             held.extend(dropped.drain(..));
         }
         for frontend in &dropped {
-            let claim = match self.v4.owner.get(frontend) {
+            let claim = match self.t.owner.get(frontend) {
                 Some((owner, claim)) if owner == service => *claim,
                 _ => {
                     // `previously` lists only frontends the service holds.
@@ -332,8 +445,8 @@ impl<M: LbMaps> Reconciler<M> {
                     continue;
                 }
             };
-            self.v4.held.remove(service, frontend);
-            self.v4.owner.remove(frontend);
+            self.t.held.remove(service, frontend);
+            self.t.owner.remove(frontend);
             match self.remove(frontend) {
                 Ok(true) => outcome.frontends_removed += 1,
                 Ok(false) => {}
@@ -345,36 +458,34 @@ impl<M: LbMaps> Reconciler<M> {
                     continue;
                 }
             }
-            if let Some(waiters) = self.v4.waiting.get(frontend) {
+            if let Some(waiters) = self.t.waiting.get(frontend) {
                 outcome.retry.extend(waiters.iter().cloned());
             }
         }
-        outcome.departed = std::mem::take(&mut self.departed);
-        outcome
     }
 
     /// `service` holds `frontend` by `claim` (it held it, or no one
     /// did: a holder that loses it to a stronger claim is out of `held`
     /// already).
-    fn hold(&mut self, service: &ObjectKey, frontend: Frontend, claim: Claim) {
-        self.v4.owner.insert(frontend, (service.clone(), claim));
-        let owner = &self.v4.owner;
-        self.v4
+    fn hold(&mut self, service: &ObjectKey, frontend: Frontend<A>, claim: Claim) {
+        self.t.owner.insert(frontend, (service.clone(), claim));
+        let owner = &self.t.owner;
+        self.t
             .held
             .insert(service, frontend, |f| owner.get(f).map(|(o, _)| o));
     }
 
     /// The frontends `service` holds.
-    fn held_by<'a>(&'a self, service: &'a ObjectKey) -> impl Iterator<Item = Frontend> + 'a {
-        let owner = &self.v4.owner;
-        self.v4
+    fn held_by<'a>(&'a self, service: &'a ObjectKey) -> impl Iterator<Item = Frontend<A>> + 'a {
+        let owner = &self.t.owner;
+        self.t
             .held
             .of(service, move |f| owner.get(f).map(|(o, _)| o))
             .copied()
     }
 
-    fn waiting_for(&self, service: &ObjectKey) -> Vec<Frontend> {
-        self.v4
+    fn waiting_for(&self, service: &ObjectKey) -> Vec<Frontend<A>> {
+        self.t
             .waiting
             .iter()
             .filter(|(_, waiters)| waiters.contains(service))

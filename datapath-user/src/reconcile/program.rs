@@ -5,7 +5,7 @@
 use datapath_common::maps::BackendId;
 
 use super::{
-    Departed, Programmed, Reconciler,
+    Departed, FamilyView, HoldsIds, Programmed, Reconciler, TableFamily,
     issues::{limit_issue, program_issue, with_object},
     node_subset,
 };
@@ -15,14 +15,14 @@ use crate::{
     model::{BackendAddress, BackendEntry, Frontend},
 };
 
-impl<M: LbMaps> Reconciler<M> {
+impl<M: LbMaps, A: TableFamily> FamilyView<'_, M, A> {
     /// Writes `frontend` if its backends differ from what is programmed,
     /// and holds the draining ones. Returns whether it wrote.
     pub(super) fn program(
         &mut self,
-        frontend: &Frontend,
-        endpoints: &[Endpoint],
-        draining: &[Endpoint],
+        frontend: &Frontend<A>,
+        endpoints: &[Endpoint<A>],
+        draining: &[Endpoint<A>],
     ) -> Result<bool, Issue> {
         // Over the per-service limit: this node serves its own subset (so
         // the nodes together use every endpoint) and says so; the rest
@@ -31,35 +31,35 @@ impl<M: LbMaps> Reconciler<M> {
         let total = endpoints.len();
         let capped = total > limit;
         let (endpoints, left_out) = node_subset(endpoints, limit, self.node_seed);
-        let as_address = |e: &Endpoint| BackendAddress {
+        let as_address = |e: &Endpoint<A>| BackendAddress {
             address: e.address,
             port: e.port,
             protocol: frontend.protocol,
         };
-        let addresses: Vec<BackendAddress> = endpoints.iter().map(as_address).collect();
+        let addresses: Vec<BackendAddress<A>> = endpoints.iter().map(as_address).collect();
         // Only a backend that has an id can have flows to drain.
-        let mut draining: Vec<BackendAddress> = draining
+        let mut draining: Vec<BackendAddress<A>> = draining
             .iter()
             .chain(&left_out)
             .map(as_address)
-            .filter(|a| self.v4.backends.contains(a) || self.v4.adopted_by_address.contains_key(a))
+            .filter(|a| self.t.backends.contains(a) || self.t.adopted_by_address.contains_key(a))
             .collect();
         draining.sort();
         let capped_issue = || {
             program_issue(ProgramError::TooManyBackends {
-                frontend: *frontend,
+                frontend: frontend.erased(),
                 count: total,
                 max: datapath_common::maps::MAX_BACKENDS_PER_SERVICE,
             })
         };
-        let existing = self.v4.programmed.get(frontend);
+        let existing = self.t.programmed.get(frontend);
         let slots_unchanged = existing.is_some_and(|p| {
             !p.broken
                 && p.backends.len() == addresses.len()
                 && p.backends
                     .iter()
                     .zip(&addresses)
-                    .all(|(&id, address)| self.v4.backends.address_of(id) == Some(*address))
+                    .all(|(&id, address)| self.t.backends.address_of(id) == Some(*address))
         });
         if slots_unchanged && existing.is_some_and(|p| p.draining() == draining) {
             return if capped {
@@ -72,7 +72,7 @@ impl<M: LbMaps> Reconciler<M> {
         let (rev_nat_id, fresh_rev_nat, readopted) = match existing {
             // 0: adoption found its id unusable and none free.
             Some(p) if p.rev_nat_id != 0 => (p.rev_nat_id, false, false),
-            _ => match self.v4.adopted_rev_nat_by_address.remove(&socket) {
+            _ => match self.t.adopted_rev_nat_by_address.remove(&socket) {
                 Some(id) => (id, false, true),
                 None => {
                     let id = self.rev_nat_ids.allocate().ok_or_else(|| {
@@ -92,9 +92,7 @@ impl<M: LbMaps> Reconciler<M> {
                     self.rev_nat_ids.release(rev_nat_id);
                 }
                 if readopted {
-                    self.v4
-                        .adopted_rev_nat_by_address
-                        .insert(socket, rev_nat_id);
+                    self.t.adopted_rev_nat_by_address.insert(socket, rev_nat_id);
                 }
                 return Err(issue);
             };
@@ -109,7 +107,7 @@ impl<M: LbMaps> Reconciler<M> {
             let _ = self.reference(address);
         }
         let written = !slots_unchanged;
-        if written && let Err(e) = self.maps.set_service(frontend, rev_nat_id, &entries) {
+        if written && let Err(e) = A::set_service(self.maps, frontend, rev_nat_id, &entries) {
             if !matches!(e, ProgramError::Map { .. }) {
                 // Refused before anything was written.
                 self.release_backends(&addresses);
@@ -118,9 +116,7 @@ impl<M: LbMaps> Reconciler<M> {
                     self.rev_nat_ids.release(rev_nat_id);
                 }
                 if readopted {
-                    self.v4
-                        .adopted_rev_nat_by_address
-                        .insert(socket, rev_nat_id);
+                    self.t.adopted_rev_nat_by_address.insert(socket, rev_nat_id);
                 }
                 return Err(program_issue(e));
             }
@@ -131,39 +127,39 @@ impl<M: LbMaps> Reconciler<M> {
             let mut held: Vec<BackendId> = entries.iter().map(|e| e.id).collect();
             let mut held_draining = draining;
             let mut untracked_ids = Vec::new();
-            if let Some(old) = self.v4.programmed.remove(frontend) {
+            if let Some(old) = self.t.programmed.remove(frontend) {
                 held.extend(old.backends.iter().copied());
                 held_draining.extend(old.draining().iter().copied());
                 untracked_ids = old.untracked_ids().to_vec();
             }
-            self.v4.programmed.insert(
+            self.t.programmed.insert(
                 *frontend,
                 Programmed::new(rev_nat_id, true, held, held_draining, untracked_ids),
             );
             return Err(program_issue(e));
         }
         let ids = entries.iter().map(|e| e.id).collect();
-        let old = self.v4.programmed.insert(
+        let old = self.t.programmed.insert(
             *frontend,
             Programmed::new(rev_nat_id, false, ids, draining, Vec::new()),
         );
         // Break after make: the old set's entries go only now.
         if let Some(old) = old {
-            let now = &self.v4.programmed[frontend];
+            let now = &self.t.programmed[frontend];
             // Every backend the old set held is still in the table (its
             // references are released below), as is every one `now` holds.
-            let stays = |address: &BackendAddress| {
+            let stays = |address: &BackendAddress<A>| {
                 now.draining().contains(address)
                     || self
-                        .v4
+                        .t
                         .backends
                         .id_of(address)
                         .is_some_and(|id| now.backends.contains(&id))
             };
-            let departed: Vec<Departed> = old
+            let departed: Vec<Departed<A>> = old
                 .backends
                 .iter()
-                .filter_map(|&id| self.v4.backends.address_of(id))
+                .filter_map(|&id| self.t.backends.address_of(id))
                 .chain(old.draining().iter().copied())
                 .filter(|b| !stays(b))
                 .map(|backend| Departed {
@@ -183,68 +179,43 @@ impl<M: LbMaps> Reconciler<M> {
         Ok(written)
     }
 
-    /// From now until `flush`, frontends new to the maps are written
-    /// together at the flush (one batch per map) instead of one by one.
-    pub fn defer_new_frontends(&mut self) {
-        self.maps.defer_new_frontends();
-    }
-
-    /// Writes the frontends noted since `defer_new_frontends`. Each that
-    /// could not be written is held as a write that failed midway (its
-    /// backends and id kept, rewritten on the next try) and returned as
-    /// an issue of the service that owns it.
-    pub fn flush(&mut self) -> Vec<(ObjectKey, Issue)> {
-        let mut issues = Vec::new();
-        for (frontend, error) in self.maps.flush() {
-            if let Some(programmed) = self.v4.programmed.get_mut(&frontend) {
-                programmed.broken = true;
-            }
-            // Every programmed frontend has an owner; one without is no
-            // service's to retry.
-            if let Some((owner, _)) = self.v4.owner.get(&frontend) {
-                issues.push((owner.clone(), with_object(program_issue(error), owner)));
-            }
-        }
-        issues
-    }
-
     /// Remembers backends that left `frontend`, when it is UDP (a TCP
     /// connection fails fast on its own; a connected UDP socket would
     /// keep sending into the void).
-    pub(super) fn note_departed(&mut self, frontend: &Frontend, mut departed: Vec<Departed>) {
+    pub(super) fn note_departed(&mut self, frontend: &Frontend<A>, mut departed: Vec<Departed<A>>) {
         if frontend.protocol == crate::model::Protocol::Udp {
             departed.sort();
             departed.dedup();
-            self.departed.extend(departed);
+            self.t.departed.extend(departed);
         }
     }
 
     /// Takes a reference on `address`'s backend entry: the one in use, the
     /// one adoption found in the maps, or a new id. `None` when the id
     /// space is full.
-    pub(super) fn reference(&mut self, address: &BackendAddress) -> Option<BackendId> {
-        if let Some(id) = self.v4.backends.reference(address) {
+    pub(super) fn reference(&mut self, address: &BackendAddress<A>) -> Option<BackendId> {
+        if let Some(id) = self.t.backends.reference(address) {
             return Some(id);
         }
-        let id = match self.v4.adopted_by_address.remove(address) {
+        let id = match self.t.adopted_by_address.remove(address) {
             Some(id) => id,
             None => self.backend_ids.allocate()?,
         };
-        self.v4.backends.insert(*address, id);
+        self.t.backends.insert(*address, id);
         Some(id)
     }
 
     /// Removes `frontend` if programmed. Returns whether it was.
-    pub(super) fn remove(&mut self, frontend: &Frontend) -> Result<bool, Issue> {
-        let Some(programmed) = self.v4.programmed.get(frontend).cloned() else {
+    pub(super) fn remove(&mut self, frontend: &Frontend<A>) -> Result<bool, Issue> {
+        let Some(programmed) = self.t.programmed.get(frontend).cloned() else {
             return Ok(false);
         };
-        self.maps.remove_service(frontend).map_err(program_issue)?;
-        self.v4.programmed.remove(frontend);
+        A::remove_service(self.maps, frontend).map_err(program_issue)?;
+        self.t.programmed.remove(frontend);
         let departed = programmed
             .backends
             .iter()
-            .filter_map(|&id| self.v4.backends.address_of(id))
+            .filter_map(|&id| self.t.backends.address_of(id))
             .chain(programmed.draining().iter().copied())
             .map(|backend| Departed {
                 frontend: *frontend,
@@ -263,13 +234,8 @@ impl<M: LbMaps> Reconciler<M> {
     /// Frees ids a broken frontend's slots named, unless now in use.
     pub(super) fn release_untracked(&mut self, ids: &[BackendId]) {
         for &id in ids {
-            if self.v4.backends.holds_id(id)
-                || self
-                    .v4
-                    .programmed
-                    .values()
-                    .any(|p| p.untracked_ids().contains(&id))
-            {
+            // Either family's (ids are shared).
+            if self.t.holds_backend_id(id) || self.other.holds_backend_id(id) {
                 continue;
             }
             self.delete_backend(id);
@@ -294,7 +260,7 @@ impl<M: LbMaps> Reconciler<M> {
         for &id in ids {
             // An id named twice (a broken frontend's union of two sets)
             // holds two references: still in the table at the second.
-            if let Some(address) = self.v4.backends.address_of(id) {
+            if let Some(address) = self.t.backends.address_of(id) {
                 self.release_backends(&[address]);
             }
         }
@@ -302,11 +268,38 @@ impl<M: LbMaps> Reconciler<M> {
 
     /// Drops one frontend's reference on each backend; deletes backends
     /// nothing references any more.
-    pub(super) fn release_backends(&mut self, addresses: &[BackendAddress]) {
+    pub(super) fn release_backends(&mut self, addresses: &[BackendAddress<A>]) {
         for address in addresses {
-            if let Some(id) = self.v4.backends.release(address) {
+            if let Some(id) = self.t.backends.release(address) {
                 self.delete_backend(id);
             }
         }
+    }
+}
+
+impl<M: LbMaps> Reconciler<M> {
+    /// From now until `flush`, frontends new to the maps are written
+    /// together at the flush (one batch per map) instead of one by one.
+    pub fn defer_new_frontends(&mut self) {
+        self.maps.defer_new_frontends();
+    }
+
+    /// Writes the frontends noted since `defer_new_frontends`. Each that
+    /// could not be written is held as a write that failed midway (its
+    /// backends and id kept, rewritten on the next try) and returned as
+    /// an issue of the service that owns it.
+    pub fn flush(&mut self) -> Vec<(ObjectKey, Issue)> {
+        let mut issues = Vec::new();
+        for (frontend, error) in self.maps.flush() {
+            if let Some(programmed) = self.v4.programmed.get_mut(&frontend) {
+                programmed.broken = true;
+            }
+            // Every programmed frontend has an owner; one without is no
+            // service's to retry.
+            if let Some((owner, _)) = self.v4.owner.get(&frontend) {
+                issues.push((owner.clone(), with_object(program_issue(error), owner)));
+            }
+        }
+        issues
     }
 }
