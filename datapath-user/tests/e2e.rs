@@ -211,6 +211,51 @@ fn tc_path_carries_tcp_and_udp_to_every_backend() {
     assert_eq!(counters[&Counter::Error], 0, "{counters:?}");
 }
 
+/// IPv6 traffic of a pod with both TC programs on its interface passes
+/// untouched (the IPv6 packet path is not built; nothing of it is ours to
+/// rewrite): to a neighbour on the same node and on the other node (NDP
+/// on the wire) and to a pod in another subnet through the gateway, TCP
+/// and UDP, each answered by the pod itself.
+#[test]
+fn ipv6_traffic_of_a_pod_passes_the_tc_programs_untouched() {
+    let mut lab = lab(LoadOptions::default());
+    let ns = client_ns(&lab);
+    let _tc = lab.dp.attach_tc(Some(&ns), "eth0", TcMode::Auto).unwrap();
+    let mut servers6 = Vec::new();
+    for role in SERVERS {
+        let pod = lab.topo.pod(role);
+        let address6 = pod.address6.expect("macvlan pods are dual-stack");
+        servers6.push(workload::tcp_server(&pod.namespace, address6, TCP_TARGET, role).unwrap());
+        servers6.push(workload::udp_server(&pod.namespace, address6, UDP_TARGET, role).unwrap());
+    }
+    let client = &lab.topo.pod("client").namespace;
+    for role in SERVERS {
+        let address6 = lab.topo.pod(role).address6.unwrap();
+        for (udp, port) in [(false, TCP_TARGET), (true, UDP_TARGET)] {
+            let target = SocketAddr::from((address6, port));
+            let answer = client
+                .run(|| {
+                    if udp {
+                        workload::udp_request(target, TIMEOUT)
+                    } else {
+                        workload::tcp_request(target, TIMEOUT)
+                    }
+                })
+                .unwrap()
+                .unwrap_or_else(|e| panic!("{target} ({role}, udp {udp}): {e}"));
+            assert_eq!((answer.server.as_str(), answer.peer), (role, target));
+        }
+    }
+    let counters: BTreeMap<_, _> = lab.dp.maps.counters().unwrap().into_iter().collect();
+    assert_eq!(counters[&Counter::Error], 0, "{counters:?}");
+    assert_eq!(
+        counters[&Counter::ConntrackMiss] + counters[&Counter::ConntrackHit],
+        0,
+        "nothing tracked: {counters:?}"
+    );
+    assert_eq!(checksum_errors(&lab), (0, 0));
+}
+
 #[test]
 fn a_long_lived_connection_survives_and_a_removed_backend_gets_no_new_connection() {
     let mut lab = lab(LoadOptions::default());

@@ -1,7 +1,7 @@
 //! The topology's fixed addresses and names: subnets, nodes, gateways,
 //! the overlay's and the router's address plans.
 
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, Ipv6Addr};
 
 /// Every pod's own interface.
 pub const POD_IFACE: &str = "eth0";
@@ -9,6 +9,19 @@ pub const POD_IFACE: &str = "eth0";
 pub const SUBNETS: [(Ipv4Addr, Ipv4Addr); 2] = [
     (Ipv4Addr::new(10, 77, 0, 0), Ipv4Addr::new(10, 77, 0, 254)),
     (Ipv4Addr::new(10, 78, 0, 0), Ipv4Addr::new(10, 78, 0, 254)),
+];
+/// The pod subnets' IPv6 twins (/64) and their gateway addresses: a
+/// macvlan pod at 10.77.0.x is also fd77::x (`ipv6_of`), so the topology
+/// is dual-stack as Spiderpool's pools are by default.
+pub const SUBNETS6: [(Ipv6Addr, Ipv6Addr); 2] = [
+    (
+        Ipv6Addr::new(0xfd77, 0, 0, 0, 0, 0, 0, 0),
+        Ipv6Addr::new(0xfd77, 0, 0, 0, 0, 0, 0, 0xfe),
+    ),
+    (
+        Ipv6Addr::new(0xfd78, 0, 0, 0, 0, 0, 0, 0),
+        Ipv6Addr::new(0xfd78, 0, 0, 0, 0, 0, 0, 0xfe),
+    ),
 ];
 pub const NODE_ADDRESSES: [Ipv4Addr; 2] =
     [Ipv4Addr::new(10, 77, 0, 101), Ipv4Addr::new(10, 77, 0, 102)];
@@ -50,9 +63,44 @@ pub fn subnet_gateway(address: Ipv4Addr) -> Ipv4Addr {
         .unwrap_or(SUBNETS[0].1)
 }
 
+/// A pod's IPv6 address: its IPv4 address's host part in its subnet's
+/// IPv6 twin (`None` outside the two pod subnets).
+pub fn ipv6_of(address: Ipv4Addr) -> Option<Ipv6Addr> {
+    let o = address.octets();
+    let subnet = SUBNETS
+        .iter()
+        .position(|(net, _)| net.octets()[..3] == o[..3])?;
+    let net = SUBNETS6[subnet].0.segments();
+    Some(Ipv6Addr::new(net[0], 0, 0, 0, 0, 0, 0, u16::from(o[3])))
+}
+
+/// The IPv6 gateway of the subnet `address` belongs to.
+pub fn subnet_gateway6(address: Ipv6Addr) -> Ipv6Addr {
+    SUBNETS6
+        .iter()
+        .find(|(net, _)| net.segments()[..4] == address.segments()[..4])
+        .map(|(_, gw)| *gw)
+        .unwrap_or(SUBNETS6[0].1)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn pods_have_an_ipv6_twin_in_their_subnets_twin() {
+        let twin = ipv6_of(Ipv4Addr::new(10, 78, 0, 5)).unwrap();
+        assert_eq!(twin, "fd78::5".parse::<Ipv6Addr>().unwrap());
+        assert_eq!(
+            subnet_gateway6(twin),
+            "fd78::fe".parse::<Ipv6Addr>().unwrap()
+        );
+        assert_eq!(
+            ipv6_of(Ipv4Addr::new(10, 77, 0, 2)),
+            Some("fd77::2".parse().unwrap())
+        );
+        assert_eq!(ipv6_of(Ipv4Addr::new(10, 244, 1, 2)), None, "overlay pods");
+    }
 
     #[test]
     fn pods_route_via_their_own_subnet_gateway() {

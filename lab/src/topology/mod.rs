@@ -1,7 +1,9 @@
 //! The namespace topology shared by the e2e tests, the demo and the bench:
 //! two node namespaces joined by a veth "wire", a gateway that answers ARP
 //! and routes between two pod subnets, and macvlan pods on each node's end
-//! of the wire.
+//! of the wire. Dual-stack: every macvlan pod also has an IPv6 address in
+//! its subnet's twin (10.77.0.x is fd77::x, 10.78.0.x fd78::x; the
+//! gateway is ::fe of each), reached by NDP on the wire.
 //!
 //! ```text
 //!   pod c (10.77.0.2)  pod a (.3)             pod b (.4)  pod r (10.78.0.5)  gw (.254 / 10.78.0.254)
@@ -20,7 +22,7 @@ mod overlay;
 mod routed;
 mod wiring;
 
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, Ipv6Addr};
 
 use rtnetlink::RouteMessageBuilder;
 
@@ -43,6 +45,11 @@ pub struct Pod {
     pub node: usize,
     pub address: Ipv4Addr,
     pub gateway: Ipv4Addr,
+    /// Its IPv6 address (fd77::/64, fd78::/64) on a macvlan or ipvlan
+    /// pod: IPv6 reaches its neighbours by NDP on the wire and other
+    /// subnets through the gateway's `::fe`. `None` on overlay and routed
+    /// pods.
+    pub address6: Option<Ipv6Addr>,
     pub mac: [u8; 6],
 }
 
@@ -174,6 +181,16 @@ impl Topology {
             set_up(&h, Pod::IFACE).await
         })?;
         gateway.sysctl("net.ipv4.ip_forward", "1")?;
+        // Its IPv6 twins: no duplicate detection to wait for, forwarding on.
+        gateway.sysctl("net.ipv6.conf.eth0.accept_dad", "0")?;
+        gateway.sysctl("net.ipv6.conf.all.forwarding", "1")?;
+        gateway.netlink("address the gateway (IPv6)", |h| async move {
+            let eth0 = index_of(&h, Pod::IFACE).await?;
+            for (_, gw) in SUBNETS6 {
+                add_address(&h, eth0, gw.into(), 64).await?;
+            }
+            Ok(())
+        })?;
         // Same-interface forwarding between subnets would otherwise make it
         // send redirects, which the pods would learn from.
         gateway.sysctl("net.ipv4.conf.all.send_redirects", "0")?;
@@ -229,14 +246,35 @@ impl Topology {
         add_wire_child(&self.nodes[spec.node], &namespace, &format!("wc{i}"), child)?;
         let gateway_address = subnet_gateway(spec.address);
         let address = spec.address;
+        let address6 = ipv6_of(address);
+        // The address is usable at once (no duplicate detection); no
+        // router advertisement or redirect changes what the test set up
+        // (the gateway forwards between subnets on one interface).
+        for (key, value) in [
+            ("accept_dad", "0"),
+            ("accept_ra", "0"),
+            ("accept_redirects", "0"),
+        ] {
+            namespace.sysctl(&format!("net.ipv6.conf.{}.{key}", Pod::IFACE), value)?;
+        }
         namespace.netlink("address the pod", |h| async move {
             let eth0 = index_of(&h, Pod::IFACE).await?;
             add_address(&h, eth0, address.into(), 24).await?;
+            if let Some(address6) = address6 {
+                add_address(&h, eth0, address6.into(), 64).await?;
+            }
             set_up(&h, Pod::IFACE).await?;
             let route = RouteMessageBuilder::<Ipv4Addr>::new()
                 .gateway(gateway_address)
                 .build();
-            add_route(&h, route).await
+            add_route(&h, route).await?;
+            if let Some(address6) = address6 {
+                let route = RouteMessageBuilder::<Ipv6Addr>::new()
+                    .gateway(subnet_gateway6(address6))
+                    .build();
+                add_route(&h, route).await?;
+            }
+            Ok(())
         })?;
         self.pods.push(Pod {
             role: spec.role.to_owned(),
@@ -244,6 +282,7 @@ impl Topology {
             node: spec.node,
             address,
             gateway: gateway_address,
+            address6,
             mac: match child {
                 WireChild::Macvlan(mac) => mac,
                 WireChild::Ipvlan => [0; 6],

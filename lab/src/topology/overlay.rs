@@ -76,6 +76,7 @@ impl Topology {
             node: spec.node,
             address: spec.address,
             gateway,
+            address6: None,
             mac: [0; 6],
         });
         Ok(())

@@ -72,6 +72,7 @@ impl Topology {
             node: spec.node,
             address: spec.address,
             gateway: COORDINATOR_GATEWAY,
+            address6: None,
             mac: [0; 6],
         });
         Ok(())

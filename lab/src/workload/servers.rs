@@ -3,7 +3,7 @@
 
 use std::{
     io::{self, BufRead, BufReader, Write},
-    net::{Ipv4Addr, SocketAddrV4, TcpListener, TcpStream, UdpSocket},
+    net::{IpAddr, SocketAddr, TcpListener, TcpStream, UdpSocket},
     sync::{
         Arc,
         atomic::{AtomicBool, Ordering},
@@ -18,7 +18,7 @@ use crate::{error::TopologyError, namespace::Namespace};
 pub struct Server {
     stop: Arc<AtomicBool>,
     thread: Option<JoinHandle<()>>,
-    pub address: SocketAddrV4,
+    pub address: SocketAddr,
 }
 
 impl Drop for Server {
@@ -34,12 +34,12 @@ impl Drop for Server {
 /// stays, whichever thread uses it later).
 fn bind_in<S: Send>(
     namespace: &Namespace,
-    address: Ipv4Addr,
+    address: IpAddr,
     port: u16,
     protocol: &str,
-    bind: impl FnOnce(SocketAddrV4) -> io::Result<S> + Send,
-) -> Result<(S, SocketAddrV4), TopologyError> {
-    let at = SocketAddrV4::new(address, port);
+    bind: impl FnOnce(SocketAddr) -> io::Result<S> + Send,
+) -> Result<(S, SocketAddr), TopologyError> {
+    let at = SocketAddr::new(address, port);
     let socket = namespace.run(|| bind(at))?.map_err(|e| TopologyError {
         netns: namespace.name().into(),
         step: format!("bind {at}/{protocol}"),
@@ -52,11 +52,11 @@ fn bind_in<S: Send>(
 /// request line with `name`. Connections stay open (keep-alive).
 pub fn tcp_server(
     namespace: &Namespace,
-    address: Ipv4Addr,
+    address: impl Into<IpAddr>,
     port: u16,
     name: &str,
 ) -> Result<Server, TopologyError> {
-    let (listener, bind) = bind_in(namespace, address, port, "TCP", TcpListener::bind)?;
+    let (listener, bind) = bind_in(namespace, address.into(), port, "TCP", TcpListener::bind)?;
     listener
         .set_nonblocking(true)
         .expect("nonblocking listener");
@@ -118,11 +118,11 @@ fn serve_tcp(stream: TcpStream, name: &str, stop: &AtomicBool) {
 /// Starts a UDP server answering each datagram with `name`.
 pub fn udp_server(
     namespace: &Namespace,
-    address: Ipv4Addr,
+    address: impl Into<IpAddr>,
     port: u16,
     name: &str,
 ) -> Result<Server, TopologyError> {
-    let (socket, bind) = bind_in(namespace, address, port, "UDP", UdpSocket::bind)?;
+    let (socket, bind) = bind_in(namespace, address.into(), port, "UDP", UdpSocket::bind)?;
     socket
         .set_read_timeout(Some(Duration::from_millis(50)))
         .expect("read timeout");
