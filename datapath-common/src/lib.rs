@@ -37,6 +37,11 @@ pub const fn ipv4_be(octets: [u8; 4]) -> u32 {
     u32::from_ne_bytes(octets)
 }
 
+/// The source a pod's packet to its own service gets on the TC path when
+/// the pod itself is the backend chosen (hairpin): link-local, so never
+/// routed off the host; the address Cilium uses for the same purpose.
+pub const HAIRPIN_SOURCE_BE: u32 = ipv4_be([169, 254, 42, 1]);
+
 /// The octets of a `_be` address field.
 #[inline(always)]
 pub const fn ipv4_octets(address_be: u32) -> [u8; 4] {

@@ -20,7 +20,7 @@ use aya_ebpf::{
     programs::TcContext,
 };
 use datapath_common::{
-    IPPROTO_TCP,
+    HAIRPIN_SOURCE_BE, IPPROTO_TCP,
     conntrack::{self, Direction, TCP_ACK, TCP_SYN},
     lb,
     maps::{Backend, CtEntry, CtKey, L2_UNRESOLVED, ServiceKey},
@@ -28,7 +28,7 @@ use datapath_common::{
 };
 
 use crate::{
-    clash, ct, events, frag, icmp, l2,
+    clash, ct, events, frag, hairpin, icmp, l2,
     maps::{
         BACKENDS, CONNTRACK_TCP, CONNTRACK_UDP, CtMap, REVERSE_NAT, SERVICE_FILTER, SERVICES, SLOTS,
     },
@@ -51,6 +51,10 @@ pub fn run(ctx: &TcContext) -> i32 {
     if packet.is_later_fragment() && !frag::resolve(&mut packet) {
         count(Counter::Fragment);
         return TC_ACT_UNSPEC;
+    }
+    if packet.daddr_be == HAIRPIN_SOURCE_BE {
+        // The pod answering a connection it made to its own service.
+        return hairpin::reply(ctx, &packet);
     }
     if !maybe_service(&packet) {
         return direct(ctx, &packet);
@@ -89,7 +93,7 @@ fn service_packet(ctx: &TcContext, packet: &Packet, table: &CtMap) -> i32 {
                 flow.state = state;
                 flow.last_seen = now;
                 let reply = ct::backend_key(
-                    packet.saddr_be,
+                    hairpin::reply_client(packet, backend.address_be),
                     wire_port(flow, packet),
                     backend.address_be,
                     backend.port_be,
@@ -354,7 +358,7 @@ fn new_flow(ctx: &TcContext, packet: &Packet, table: &CtMap, key: &CtKey, now: u
     };
     // The wire tuple must be this flow's alone.
     let tuple = clash::WireTuple {
-        client_be: packet.saddr_be,
+        client_be: hairpin::reply_client(packet, backend.address_be),
         port_be: packet.sport_be,
         peer_be: backend.address_be,
         peer_port_be: backend.port_be,
@@ -386,7 +390,7 @@ fn new_flow(ctx: &TcContext, packet: &Packet, table: &CtMap, key: &CtKey, now: u
     // Reply entry first: a reply can only arrive after the packet leaves.
     let back = reply_entry(&flow, packet);
     let reply = ct::backend_key(
-        packet.saddr_be,
+        hairpin::reply_client(packet, backend.address_be),
         wire,
         backend.address_be,
         backend.port_be,
@@ -429,8 +433,15 @@ fn translate(ctx: &TcContext, packet: &Packet, backend: &Backend, flow: &CtEntry
         backend.port_be,
     )
     .is_err()
-        || (flow.nat_port_be != 0
-            && nat::rewrite_port(ctx, packet, End::Source, flow.nat_port_be).is_err())
+    {
+        count(Counter::Error);
+        return TC_ACT_SHOT;
+    }
+    if hairpin::is_hairpin(packet, backend.address_be) {
+        return hairpin::send_forward(ctx, packet, wire_port(flow, packet));
+    }
+    if flow.nat_port_be != 0
+        && nat::rewrite_port(ctx, packet, End::Source, flow.nat_port_be).is_err()
     {
         count(Counter::Error);
         return TC_ACT_SHOT;

@@ -13,6 +13,7 @@ mod events;
 mod features;
 mod flags;
 mod frag;
+mod hairpin;
 mod icmp;
 mod ingress;
 mod kernel_skb;

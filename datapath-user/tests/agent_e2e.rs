@@ -1016,6 +1016,38 @@ fn a_backend_behind_the_pods_veth_to_its_node_is_reached() {
 /// made: the TC programs on the pod's interface, the socket-LB programs
 /// on the cgroup (their links and programs are gone from the kernel), and
 /// every pin; the pod's traffic to the ClusterIP is no longer translated.
+/// A pod that reaches its own service on the TC path gets its connection
+/// when it is the backend chosen (hairpin: looped back from 169.254.42.1),
+/// beside another backend and, after a manifest edit under live traffic,
+/// as the only one.
+#[test]
+fn a_pod_reaches_its_own_service_on_the_tc_path() {
+    require_root("agent e2e");
+    let lab = EchoLab::new(&["client", "server-a"]);
+    let _agent = lab.agent();
+    lab.wait_client_attached();
+    wait_until("the service answers", || lab.ask().is_ok());
+    let mut seen = std::collections::BTreeMap::<String, usize>::new();
+    for _ in 0..40 {
+        let server = lab.ask().expect("every connection is answered");
+        *seen.entry(server).or_default() += 1;
+    }
+    assert_eq!(
+        seen.len(),
+        2,
+        "the pod itself and server-a answer: {seen:?}"
+    );
+
+    let own = lab.topo.pod("client").address;
+    write_atomically(&lab.dir.join("echo.yaml"), &manifest(&[own]));
+    wait_until("only the pod itself answers", || {
+        lab.ask().is_ok_and(|server| server == "client")
+    });
+    for _ in 0..20 {
+        assert_eq!(lab.ask().expect("answered").as_str(), "client");
+    }
+}
+
 #[test]
 fn uninstall_removes_every_attachment_and_pin() {
     use aya::programs::links::{FdLink, PinnedLink};

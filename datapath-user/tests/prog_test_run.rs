@@ -820,6 +820,52 @@ fn an_ipv4_flow_whose_backend_id_now_names_an_ipv6_backend_rebalances() {
     assert_eq!(ct_entry(&dp, &service_key(&syn)).unwrap().backend_id, B2.id);
 }
 
+/// A pod reaching its own service, chosen as the backend (hairpin): the
+/// SYN is translated to the pod itself from 169.254.42.1, addressed to the
+/// pod's own MAC and looped back into it (a redirect to ingress); the
+/// pod's reply to 169.254.42.1 becomes one from the service to the pod,
+/// looped back too; checksums valid from scratch both ways. A packet to
+/// 169.254.42.1 of no flow passes untouched.
+#[test]
+fn a_pod_reaching_its_own_service_is_looped_back_from_the_hairpin_source() {
+    let own = BackendEntry {
+        id: 4,
+        address: CLIENT.0,
+        port: 8080,
+    };
+    let mut dp = datapath_with(tcp_frontend(), &[own]);
+    let hairpin = Ipv4Addr::new(169, 254, 42, 1);
+    for flags in [SYN, ACK, PSH | ACK] {
+        let forward = Frame::tcp(CLIENT, (VIP, 80), flags);
+        let (v, out) = egress(&mut dp, &forward);
+        assert_eq!(v, verdict::REDIRECT, "flags {flags:#x}");
+        let looped = Frame {
+            src: hairpin,
+            dst: own.address,
+            dport: own.port,
+            dst_mac: forward.src_mac,
+            ..forward.clone()
+        };
+        assert_frame("the looped-back request", &out, &looped);
+    }
+    let reply = Frame::tcp((own.address, own.port), (hairpin, CLIENT.1), SYN | ACK);
+    let (v, out) = egress(&mut dp, &reply);
+    assert_eq!(v, verdict::REDIRECT);
+    let looped = Frame {
+        src: VIP,
+        sport: 80,
+        dst: CLIENT.0,
+        dst_mac: reply.src_mac,
+        ..reply.clone()
+    };
+    assert_frame("the looped-back reply", &out, &looped);
+    assert_eq!(dp.maps.counter(Counter::Error).unwrap(), 0);
+
+    let stray = Frame::tcp((own.address, 8081), (hairpin, 999), ACK);
+    let (v, out) = egress(&mut dp, &stray);
+    assert_eq!((v, out), (verdict::NEXT, stray.build()));
+}
+
 #[test]
 fn a_recreated_service_rebalances_its_flows() {
     let mut dp = datapath_with(tcp_frontend(), &[B1]);

@@ -173,24 +173,22 @@ impl Topology {
         // gateway addresses, forwarding between them.
         let gateway_mac = [0x02, 0x77, 0xfe, 0, 0, 0xfe];
         add_wire_child(&node2, &gateway, "mvgw", WireChild::Macvlan(gateway_mac))?;
+        // IPv6 before the link is up: no duplicate detection to wait for
+        // (its link-local address included), forwarding on.
+        gateway.sysctl("net.ipv6.conf.all.accept_dad", "0")?;
+        gateway.sysctl("net.ipv6.conf.eth0.accept_dad", "0")?;
+        gateway.sysctl("net.ipv6.conf.all.forwarding", "1")?;
         gateway.netlink("address the gateway", |h| async move {
             let eth0 = index_of(&h, Pod::IFACE).await?;
             for (_, gw) in SUBNETS {
                 add_address(&h, eth0, gw.into(), 24).await?;
             }
-            set_up(&h, Pod::IFACE).await
-        })?;
-        gateway.sysctl("net.ipv4.ip_forward", "1")?;
-        // Its IPv6 twins: no duplicate detection to wait for, forwarding on.
-        gateway.sysctl("net.ipv6.conf.eth0.accept_dad", "0")?;
-        gateway.sysctl("net.ipv6.conf.all.forwarding", "1")?;
-        gateway.netlink("address the gateway (IPv6)", |h| async move {
-            let eth0 = index_of(&h, Pod::IFACE).await?;
             for (_, gw) in SUBNETS6 {
                 add_address(&h, eth0, gw.into(), 64).await?;
             }
-            Ok(())
+            set_up(&h, Pod::IFACE).await
         })?;
+        gateway.sysctl("net.ipv4.ip_forward", "1")?;
         // Same-interface forwarding between subnets would otherwise make it
         // send redirects, which the pods would learn from.
         gateway.sysctl("net.ipv4.conf.all.send_redirects", "0")?;
