@@ -13,7 +13,7 @@
 //! needs this (it connects the socket to the pod's own address).
 
 use aya_ebpf::{
-    bindings::{BPF_F_INGRESS, TC_ACT_SHOT, TC_ACT_UNSPEC},
+    bindings::{BPF_F_INGRESS, TC_ACT_SHOT},
     helpers::bpf_redirect,
     programs::TcContext,
 };
@@ -62,7 +62,7 @@ pub fn send_forward(ctx: &TcContext, packet: &Packet, wire_port_be: u16) -> i32 
 }
 
 /// A packet the pod sends to the hairpin source: the reply of a hairpin
-/// flow (translated and looped back), or not ours.
+/// flow, translated and looped back.
 #[inline(always)]
 pub fn reply(ctx: &TcContext, packet: &Packet) -> i32 {
     // One call site per table: the verifier then inlines each lookup.
@@ -73,16 +73,19 @@ pub fn reply(ctx: &TcContext, packet: &Packet) -> i32 {
     }
 }
 
+/// Without a live flow (expired, evicted, conntrack replaced) the packet
+/// is dropped: 169.254.42.1 is ours, and link-local traffic must not leak
+/// to the pod's gateway.
 #[inline(always)]
 fn reply_in(ctx: &TcContext, packet: &Packet, table: &CtMap) -> i32 {
     let Some(flow) = table.get_ptr_mut(ct::reply_key(packet)) else {
-        return TC_ACT_UNSPEC;
+        return TC_ACT_SHOT;
     };
     // SAFETY: a pointer into the map value, valid for this program run.
     let flow = unsafe { &mut *flow };
     let now = ct::now();
     if ct::is_expired(flow, packet.protocol, now) {
-        return TC_ACT_UNSPEC;
+        return TC_ACT_SHOT;
     }
     // The client's own port (moved on a tuple clash: restored).
     let client_port = if flow.nat_port_be != 0 {

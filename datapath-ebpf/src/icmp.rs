@@ -22,7 +22,7 @@ use aya_ebpf::{
     programs::TcContext,
 };
 use datapath_common::{
-    IPPROTO_TCP, IPPROTO_UDP,
+    HAIRPIN_SOURCE_BE, IPPROTO_TCP, IPPROTO_UDP,
     csum::{replace_u16, replace_u32},
     maps::{Backend, CtEntry},
     metrics::Counter,
@@ -253,6 +253,12 @@ pub fn on_egress(ctx: &TcContext) -> i32 {
     let Some(e) = parse(ctx) else {
         return TC_ACT_UNSPEC;
     };
+    if e.outer_dst_be == HAIRPIN_SOURCE_BE {
+        // About a packet of a hairpin flow the pod received looped back
+        // (`crate::hairpin`): it has nowhere to go (169.254.42.1 is not
+        // on the wire), and is not translated back through the loop.
+        return TC_ACT_SHOT;
+    }
     // The quoted packet came service → client: the flow's service tuple.
     let key = ct::service_key(e.dst_be, e.dport_be, e.src_be, e.sport_be, e.protocol);
     let Some(flow) = lookup(e.protocol, &key) else {
@@ -269,6 +275,14 @@ pub fn on_egress(ctx: &TcContext) -> i32 {
     else {
         return TC_ACT_UNSPEC;
     };
+    if backend.address_be == e.dst_be {
+        // The pod is its own backend (hairpin): the error is about a reply
+        // it received looped back from 169.254.42.1; translated as for any
+        // other backend it would be sent to the pod's own address on the
+        // wire. Not translated back through the loop: dropped, the flow
+        // times out instead.
+        return TC_ACT_SHOT;
+    }
     // A moved source port: the client's port on the wire (same address).
     if rewrite(
         ctx,

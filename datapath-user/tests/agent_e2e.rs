@@ -1012,10 +1012,6 @@ fn a_backend_behind_the_pods_veth_to_its_node_is_reached() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
-/// `underpass uninstall` after the agent stopped removes everything it
-/// made: the TC programs on the pod's interface, the socket-LB programs
-/// on the cgroup (their links and programs are gone from the kernel), and
-/// every pin; the pod's traffic to the ClusterIP is no longer translated.
 /// A pod that reaches its own service on the TC path gets its connection
 /// when it is the backend chosen (hairpin: looped back from 169.254.42.1),
 /// beside another backend and, after a manifest edit under live traffic,
@@ -1048,6 +1044,10 @@ fn a_pod_reaches_its_own_service_on_the_tc_path() {
     }
 }
 
+/// `underpass uninstall` after the agent stopped removes everything it
+/// made: the TC programs on the pod's interface, the socket-LB programs
+/// on the cgroup (their links and programs are gone from the kernel), and
+/// every pin; the pod's traffic to the ClusterIP is no longer translated.
 #[test]
 fn uninstall_removes_every_attachment_and_pin() {
     use aya::programs::links::{FdLink, PinnedLink};

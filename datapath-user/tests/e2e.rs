@@ -253,6 +253,10 @@ fn ipv6_traffic_of_a_pod_passes_the_tc_programs_untouched() {
         0,
         "nothing tracked: {counters:?}"
     );
+    // The programs were there all along: the IPv4 service is translated.
+    requests_from_client(&lab, false, 1);
+    let misses = lab.dp.maps.counter(Counter::ConntrackMiss).unwrap();
+    assert_eq!(misses, 1, "the IPv4 request opened one flow");
     assert_eq!(checksum_errors(&lab), (0, 0));
 }
 

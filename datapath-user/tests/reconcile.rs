@@ -2074,3 +2074,64 @@ fn ipv6_entries_are_read_their_ids_kept_and_pruned_when_unasked() {
         "the IPv6 frontend's filter bucket"
     );
 }
+
+/// One backend id space: an id a broken IPv6 frontend's slot names stays
+/// reserved for it at adoption even where the IPv4 table holds an unused
+/// entry under it (maps an interrupted agent left), so an IPv4 backend
+/// never takes it, and the rewrite of the IPv6 frontend, which frees the
+/// id, deletes nothing an IPv4 frontend uses.
+#[test]
+fn an_id_a_broken_ipv6_frontend_names_is_never_given_to_an_ipv4_backend() {
+    let web = translation(&service_yaml("web", "10.96.1.1", &[80], 1));
+    let v6 = translation(
+        "\
+apiVersion: v1
+kind: Service
+metadata: {name: six, namespace: test}
+spec:
+  clusterIP: \"fd00:10:96::70\"
+  clusterIPs: [\"fd00:10:96::70\"]
+  ipFamilies: [IPv6]
+  ports: [{name: http, port: 80, targetPort: 8080}]
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {name: six-1, namespace: test, labels: {kubernetes.io/service-name: six}}
+addressType: IPv6
+ports: [{name: http, port: 8080}]
+endpoints: [{addresses: [\"fd00:10:244::9\"]}]
+",
+    );
+    let frontend6 = v6.1.frontends6[0].frontend;
+    let mut maps = FakeMaps::with_capacity(64);
+    // The IPv6 frontend's slot names id 5, whose backend entry is gone;
+    // the IPv4 table holds an unused entry for web's endpoint under 5.
+    maps.v6.services.insert(frontend6, (7, vec![5]));
+    maps.v6
+        .rev_nats
+        .insert(7, (frontend6.address, frontend6.port));
+    let endpoint = BackendAddress {
+        address: Ipv4Addr::new(10, 244, 0, 1),
+        port: 8080,
+        protocol: Protocol::Tcp,
+    };
+    maps.v4.backends.insert(5, endpoint);
+
+    let mut reconciler = Reconciler::adopt(maps).unwrap();
+    apply(&mut reconciler, &web);
+    let dump = reconciler.maps().dump().unwrap();
+    let web_id = dump.frontends[0].slots[0].unwrap();
+    assert_ne!(web_id, 5, "reserved for the broken IPv6 frontend");
+    apply(&mut reconciler, &v6);
+    reconciler.prune(false).unwrap();
+    let dump = reconciler.maps().dump().unwrap();
+    assert_eq!(
+        view(&dump),
+        [
+            "10.96.1.1:80/TCP -> 10.244.0.1:8080/TCP",
+            "[fd00:10:96::70]:80/TCP -> [fd00:10:244::9]:8080/TCP"
+        ]
+    );
+    assert_eq!(dump.backends, [(web_id, endpoint)], "web's backend stands");
+    assert_eq!(reconciler.ids_in_use(), (2, 2));
+}

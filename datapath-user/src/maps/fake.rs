@@ -81,8 +81,13 @@ impl FakeMaps {
         validate_service(frontend, rev_nat_id, backends, self.capacity, self.capacity)?;
         let fail = std::mem::take(&mut self.fail_next_write);
         for b in backends {
-            // One id space: an id is either family's.
-            A::Other::pick_mut(self).backends.remove(&b.id);
+            // One id space: an id is either family's (the reconciler
+            // frees it before handing it to the other family).
+            assert!(
+                !A::Other::pick_mut(self).backends.contains_key(&b.id),
+                "backend id {} is the other family's",
+                b.id
+            );
             A::pick_mut(self).backends.insert(
                 b.id,
                 BackendAddress {

@@ -225,7 +225,8 @@ impl LbMaps for DatapathMaps {
         self.reverse_nat.set(id, RevNatValue::default(), 0)
     }
 
-    /// Rewrites `SERVICE_FILTER` to count exactly `frontends`: repairs
+    /// Rewrites `SERVICE_FILTER` to count exactly `frontends` and
+    /// `frontends6` (both families share its buckets): repairs
     /// counts an interrupted update left too high (a count too low is
     /// impossible: it is raised before a frontend is written and lowered
     /// after it is deleted). Returns how many buckets changed.

@@ -92,14 +92,20 @@ impl<M: LbMaps> Reconciler<M> {
         for id in &holders {
             reconciler.rev_nat_ids.adopt(*id);
         }
+        // And every id an entry holds, used or not: a renumbered frontend
+        // must not take the id of an entry a returning frontend gets back.
+        for id in (v4.rev_nats.iter().map(|(id, _)| id)).chain(v6.rev_nats.iter().map(|(id, _)| id))
+        {
+            reconciler.rev_nat_ids.adopt(*id);
+        }
         for id in (v4.backends.iter().map(|(id, _)| id)).chain(v6.backends.iter().map(|(id, _)| id))
         {
             reconciler.backend_ids.adopt(*id);
         }
         Ipv6Addr::view(&mut reconciler).adopt_frontends(&v6, unusable6);
         Ipv4Addr::view(&mut reconciler).adopt_frontends(&v4, unusable4);
-        Ipv6Addr::view(&mut reconciler).adopt_unused(&v6, &holders);
-        Ipv4Addr::view(&mut reconciler).adopt_unused(&v4, &holders);
+        Ipv6Addr::view(&mut reconciler).adopt_unused(&v6);
+        Ipv4Addr::view(&mut reconciler).adopt_unused(&v4);
         reconciler
     }
 
@@ -195,25 +201,32 @@ impl<M: LbMaps, A: TableFamily> FamilyView<'_, M, A> {
         }
     }
 
-    /// Remembers this family's entries no frontend of it names: backends
-    /// (a draining one keeps its id if the first sync asks for it again)
-    /// and reverse-NAT entries (a frontend at the same address gets its id
-    /// back, unless a frontend of either family holds that id).
-    fn adopt_unused(&mut self, found: &FamilyDump<A>, rev_nats_held: &HashSet<RevNatId>) {
+    /// Remembers this family's entries no frontend names: backends (a
+    /// draining one keeps its id if the first sync asks for it again;
+    /// one a broken frontend of either family may name stays reserved
+    /// until that frontend is rewritten) and reverse-NAT entries (a
+    /// frontend at the same address gets its id back, unless a frontend
+    /// of either family holds that id). Ids are checked against sets made
+    /// once: tens of thousands of entries each.
+    fn adopt_unused(&mut self, found: &FamilyDump<A>) {
+        let untracked: HashSet<BackendId> = (self.t.untracked_backend_ids().into_iter())
+            .chain(self.other.untracked_backend_ids())
+            .collect();
         for (id, address) in &found.backends {
-            if !self.t.holds_backend_id(*id) {
+            if !self.t.has_backend(*id) && !untracked.contains(id) {
                 self.t.adopted_unused_backends.push(*id);
                 self.t.adopted_by_address.entry(*address).or_insert(*id);
             }
         }
+        let own = self.t.rev_nat_ids();
+        let other = self.other.rev_nat_ids();
         let mut ambiguous = HashSet::default();
         for (id, address) in &found.rev_nats {
-            if self.t.holds_rev_nat_id(*id) {
+            if own.contains(id) {
                 continue;
             }
-            self.rev_nat_ids.adopt(*id);
             self.t.adopted_unused_rev_nats.push(*id);
-            if rev_nats_held.contains(id) || self.other.holds_rev_nat_id(*id) {
+            if other.contains(id) {
                 // A stale entry under another frontend's id: cleared by
                 // prune, the id kept.
                 continue;
@@ -252,8 +265,11 @@ impl<M: LbMaps, A: TableFamily> FamilyView<'_, M, A> {
         }
         self.t.adopted_by_address.clear();
         self.t.adopted_rev_nat_by_address.clear();
+        let untracked: HashSet<BackendId> = (self.t.untracked_backend_ids().into_iter())
+            .chain(self.other.untracked_backend_ids())
+            .collect();
         for id in std::mem::take(&mut self.t.adopted_unused_backends) {
-            if self.t.holds_backend_id(id) || self.other.holds_backend_id(id) {
+            if self.t.has_backend(id) || self.other.has_backend(id) || untracked.contains(&id) {
                 continue; // taken into use since adoption
             }
             match self.maps.remove_backend(id) {
@@ -264,13 +280,14 @@ impl<M: LbMaps, A: TableFamily> FamilyView<'_, M, A> {
                 Err(e) => issues.push(datapath_issue("BACKENDS", format!("backend {id}: {e}"))),
             }
         }
+        let (own, other) = (self.t.rev_nat_ids(), self.other.rev_nat_ids());
         for id in std::mem::take(&mut self.t.adopted_unused_rev_nats) {
-            if self.t.holds_rev_nat_id(id) {
+            if own.contains(&id) {
                 continue;
             }
             match A::remove_rev_nat(self.maps, id) {
                 Ok(()) => {
-                    if !self.other.holds_rev_nat_id(id) {
+                    if !other.contains(&id) {
                         self.rev_nat_ids.release(id);
                     }
                     report.rev_nats += 1;

@@ -21,7 +21,7 @@ use std::collections::BTreeSet;
 
 // foldhash, randomly seeded per process: SipHash was a tenth of a full
 // sync, and the keys (names, addresses) are chosen by users.
-use foldhash::HashMap;
+use foldhash::{HashMap, HashSet};
 
 use datapath_common::maps::{BackendId, RevNatId};
 
@@ -215,10 +215,16 @@ impl<A: Family> Default for FamilyTables<A> {
 
 /// What one family's tables say about the ids both families share.
 pub(super) trait HoldsIds {
-    /// A backend entry or a broken frontend's slot names `id`.
+    /// A backend entry of this family has `id`, or a broken frontend's
+    /// slot names it (a scan of the frontends: for the rare rewrite of a
+    /// broken one; bulk checks take the sets below).
     fn holds_backend_id(&self, id: BackendId) -> bool;
-    /// A programmed frontend has reverse-NAT id `id`.
-    fn holds_rev_nat_id(&self, id: RevNatId) -> bool;
+    /// A backend entry of this family has `id`.
+    fn has_backend(&self, id: BackendId) -> bool;
+    /// The backend ids broken frontends' slots may name.
+    fn untracked_backend_ids(&self) -> HashSet<BackendId>;
+    /// The reverse-NAT ids programmed frontends have.
+    fn rev_nat_ids(&self) -> HashSet<RevNatId>;
 }
 
 impl<A: Family> HoldsIds for FamilyTables<A> {
@@ -229,8 +235,17 @@ impl<A: Family> HoldsIds for FamilyTables<A> {
                 .values()
                 .any(|p| p.untracked_ids().contains(&id))
     }
-    fn holds_rev_nat_id(&self, id: RevNatId) -> bool {
-        self.programmed.values().any(|p| p.rev_nat_id == id)
+    fn has_backend(&self, id: BackendId) -> bool {
+        self.backends.holds_id(id)
+    }
+    fn untracked_backend_ids(&self) -> HashSet<BackendId> {
+        self.programmed
+            .values()
+            .flat_map(|p| p.untracked_ids().iter().copied())
+            .collect()
+    }
+    fn rev_nat_ids(&self) -> HashSet<RevNatId> {
+        self.programmed.values().map(|p| p.rev_nat_id).collect()
     }
 }
 
