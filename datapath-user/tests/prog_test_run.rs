@@ -866,6 +866,48 @@ fn a_pod_reaching_its_own_service_is_looped_back_from_the_hairpin_source() {
     assert_eq!(egress(&mut dp, &stray).0, verdict::SHOT);
 }
 
+/// Hairpin over UDP, with and without a checksum: the datagram and its
+/// answer are looped back with checksums valid from scratch, and a UDP
+/// datagram sent without a checksum keeps none.
+#[test]
+fn a_pod_reaching_its_own_udp_service_is_looped_back_with_valid_checksums() {
+    let own = BackendEntry {
+        id: 4,
+        address: CLIENT.0,
+        port: 5353,
+    };
+    let mut dp = datapath_with(udp_frontend(), &[own]);
+    let hairpin = Ipv4Addr::new(169, 254, 42, 1);
+    let vip = udp_frontend();
+    for (checksum, client_port) in [(true, 41000), (false, 41001)] {
+        let mut request = Frame::udp((CLIENT.0, client_port), (vip.address, vip.port));
+        request.l4 = L4::Udp { checksum };
+        let (v, out) = egress(&mut dp, &request);
+        assert_eq!(v, verdict::REDIRECT, "checksum {checksum}");
+        let looped = Frame {
+            src: hairpin,
+            dst: own.address,
+            dport: own.port,
+            dst_mac: request.src_mac,
+            ..request.clone()
+        };
+        assert_frame("the looped-back datagram", &out, &looped);
+        let mut answer = Frame::udp((own.address, own.port), (hairpin, client_port));
+        answer.l4 = L4::Udp { checksum };
+        let (v, out) = egress(&mut dp, &answer);
+        assert_eq!(v, verdict::REDIRECT, "checksum {checksum}");
+        let looped = Frame {
+            src: vip.address,
+            sport: vip.port,
+            dst: CLIENT.0,
+            dst_mac: answer.src_mac,
+            ..answer.clone()
+        };
+        assert_frame("the looped-back answer", &out, &looped);
+    }
+    assert_eq!(dp.maps.counter(Counter::Error).unwrap(), 0);
+}
+
 #[test]
 fn a_recreated_service_rebalances_its_flows() {
     let mut dp = datapath_with(tcp_frontend(), &[B1]);

@@ -17,7 +17,7 @@ use datapath_common::{
     maps::{RevNatId, RevNatValue, ServiceKey, ServiceValue, Slot},
 };
 
-use super::{handles::DatapathMaps, slot_blocks::SlotBlocks, writer};
+use super::{handles::DatapathMaps, slot_blocks::SlotBlocks, writer, writer_family};
 use crate::model::{BackendEntry, Frontend};
 
 /// Up to this many filter buckets are read one by one.
@@ -111,7 +111,7 @@ impl DatapathMaps {
                 self.backends
                     .set(
                         backend.id,
-                        writer::backend_value(frontend.protocol, backend),
+                        writer_family::backend_value(frontend.protocol, backend),
                     )
                     .map_err(|e| (0, e))?;
             }
@@ -119,7 +119,7 @@ impl DatapathMaps {
                 .write(first, entries.iter().map(|b| Slot::of(b.id)))
                 .map_err(|e| (0, e))?;
             rev_nat_ids.push(rev_nat_id);
-            rev_nats.push(writer::rev_nat_value(frontend));
+            rev_nats.push(writer_family::rev_nat_value(frontend));
             head_keys.push(frontend.key());
             // Validated when noted: at most MAX_BACKENDS_PER_SERVICE.
             heads.push(ServiceValue::new(
@@ -169,7 +169,7 @@ impl DatapathMaps {
             // The frontends whose entry did not make it: their filter
             // counts back down (the first `written` are whole and stay).
             for (frontend, ..) in &placed[written..] {
-                let bucket = writer::WriterFamily::filter_bucket(*frontend);
+                let bucket = writer_family::WriterFamily::filter_bucket(*frontend);
                 let _ = writer::adjust_filter(&mut self.service_filter, bucket, -1);
             }
             return Err((written, error));

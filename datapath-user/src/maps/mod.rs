@@ -17,6 +17,7 @@ mod pending;
 mod reply_filter;
 mod slot_blocks;
 mod writer;
+mod writer_family;
 
 pub use self::{
     fake::FakeMaps,
