@@ -23,6 +23,20 @@ pub fn no_backend<C: EbpfContext>(ctx: &C, address_be: u32, port_be: u16, protoc
     );
 }
 
+/// `no_backend` of an IPv6 frontend.
+#[inline(always)]
+pub fn no_backend6<C: EbpfContext>(ctx: &C, address_be: [u32; 4], port_be: u16, protocol: u8) {
+    // SAFETY: four words in network order are the address's 16 bytes.
+    let octets: [u8; 16] = unsafe { core::mem::transmute(address_be) };
+    info!(
+        ctx,
+        "service [{:i}]:{} (IP protocol {}) has no endpoints: new flow refused",
+        octets,
+        u16::from_be(port_be),
+        protocol
+    );
+}
+
 /// A conntrack entry could not be written (the table is full and the LRU
 /// found nothing to evict, or the kernel is out of memory): the flow's
 /// replies may not be reverse-translated.

@@ -2,8 +2,12 @@
 //! connect()/sendmsg() time, before any packet exists, so the pod's
 //! packets carry the backend address from the start (no per-packet NAT,
 //! no conntrack) and `getpeername`/`recvmsg` show the service again.
-//! AF_INET6 sockets reaching an IPv4 service through its IPv4-mapped
-//! address (`::ffff:<ClusterIP>`) are translated the same way.
+//!
+//! Three kinds of address reach the hooks (`AddressField`): `user_ip4`
+//! (AF_INET sockets), an IPv4-mapped `user_ip6` (`::ffff:<ClusterIP>`:
+//! AF_INET6 sockets reaching an IPv4 service, translated through the
+//! IPv4 maps), and a native IPv6 `user_ip6`, translated through the IPv6
+//! maps (`FamilyMaps`). One `forward` and one `reverse` serve all three.
 
 use aya_ebpf::{
     EbpfContext,
@@ -14,14 +18,20 @@ use datapath_common::{
     IPPROTO_TCP, IPPROTO_UDP,
     features::SET_RETVAL,
     lb,
-    maps::{Backend, ServiceKey, ServiceValue, SockRevNatKey, SockRevNatValue},
+    maps::{
+        Backend, Ipv6Words, ServiceKey, ServiceKey6, ServiceValue, SockRevNatKey, SockRevNatKey6,
+        SockRevNatValue, SockRevNatValue6,
+    },
     metrics::Counter,
     sock_lb::SockLbScope,
 };
 
 use crate::{
     events, features,
-    maps::{BACKENDS, SERVICE_FILTER, SERVICES, SLOTS, SOCK_LB_SKIP, SOCK_REVERSE_NAT},
+    maps::{
+        BACKEND_ADDRS6, BACKENDS, SERVICE_FILTER, SERVICES, SERVICES6, SLOTS, SOCK_LB_SKIP,
+        SOCK_REVERSE_NAT, SOCK_REVERSE_NAT6,
+    },
     metrics::count,
 };
 
@@ -31,116 +41,328 @@ const ALLOW: i32 = 1;
 const REFUSE: i32 = 0;
 const ECONNREFUSED: i32 = 111;
 
-/// The address a hook sees, as the 4 and 6 hooks hold it.
-#[derive(Clone, Copy)]
-enum Family {
-    /// `user_ip4`.
-    V4,
-    /// `user_ip6` holding an IPv4-mapped address (`::ffff:a.b.c.d`): what
-    /// AF_INET6 sockets (most JVMs, dual-stack runtimes) connect to for an
-    /// IPv4 service. Its IPv4 part is `user_ip6[3]`.
-    V4Mapped,
+/// Where a hook's context holds the address, and which family's maps
+/// translate it.
+trait AddressField {
+    type Maps: FamilyMaps;
+    /// The address the context names, if it is of this kind.
+    fn read(ctx: &SockAddrContext) -> Option<<Self::Maps as FamilyMaps>::Address>;
+    /// Writes the address (the port is written by the caller).
+    fn write(ctx: &SockAddrContext, address: <Self::Maps as FamilyMaps>::Address);
 }
+
+/// One family's maps as socket-LB uses them.
+trait FamilyMaps {
+    type Address: Copy + PartialEq;
+    /// The `SERVICE_FILTER` bucket of a destination.
+    fn filter_index(address: Self::Address, port_be: u16, protocol: u8) -> u32;
+    /// The frontend at `address:port_be`, copied out.
+    fn service(address: Self::Address, port_be: u16, protocol: u8) -> Option<ServiceValue>;
+    /// A present backend of this family under `backend_id`: its address
+    /// and port.
+    fn backend(backend_id: u32) -> Option<(Self::Address, u16)>;
+    /// Remembers which frontend the socket `cookie` was sent to `backend`
+    /// through; `is_sendmsg`: skip the write when already remembered.
+    /// False when the table refused.
+    fn remember(
+        cookie: u64,
+        backend: (Self::Address, u16),
+        frontend: (Self::Address, u16),
+        rev_nat_low: u16,
+        is_sendmsg: bool,
+    ) -> bool;
+    /// The frontend the socket `cookie` reaches `peer` through.
+    fn frontend_of(cookie: u64, peer: (Self::Address, u16)) -> Option<(Self::Address, u16)>;
+    /// Logs a refused flow to a frontend without endpoints.
+    fn no_backend(ctx: &SockAddrContext, address: Self::Address, port_be: u16, protocol: u8);
+}
+
+/// `user_ip4`.
+struct Ip4;
+/// `user_ip6` holding an IPv4-mapped address (`::ffff:a.b.c.d`): what
+/// AF_INET6 sockets (most JVMs, dual-stack runtimes) connect to for an
+/// IPv4 service. Its IPv4 part is `user_ip6[3]`.
+struct Ip4Mapped;
+/// `user_ip6` holding a native IPv6 address.
+struct Ip6;
+
+/// The IPv4 maps (`SERVICES`, `BACKENDS`, `SOCK_REVERSE_NAT`).
+struct V4;
+/// The IPv6 maps (`SERVICES6`, `BACKENDS` with `BACKEND_ADDRS6`,
+/// `SOCK_REVERSE_NAT6`).
+struct V6;
 
 /// `::ffff:0:0/96` as the three leading words of `user_ip6` hold it.
 const V4_MAPPED_PREFIX: [u32; 3] = [0, 0, u32::from_ne_bytes([0, 0, 0xff, 0xff])];
 
-/// The IPv4 address a hook's context names, if it names one.
 #[inline(always)]
-fn ipv4_of(ctx: &SockAddrContext, family: Family) -> Option<u32> {
+fn user_ip6(ctx: &SockAddrContext) -> Ipv6Words {
     let sa = ctx.sock_addr;
     // SAFETY: the context pointer is valid for the program run; the
-    // verifier allows 4-byte reads of these fields in these hooks.
+    // verifier allows 4-byte reads of these fields in the 6 hooks.
     unsafe {
-        match family {
-            Family::V4 => Some((*sa).user_ip4),
-            Family::V4Mapped => {
-                let prefix = [(*sa).user_ip6[0], (*sa).user_ip6[1], (*sa).user_ip6[2]];
-                (prefix == V4_MAPPED_PREFIX).then(|| (*sa).user_ip6[3])
-            }
+        [
+            (*sa).user_ip6[0],
+            (*sa).user_ip6[1],
+            (*sa).user_ip6[2],
+            (*sa).user_ip6[3],
+        ]
+    }
+}
+
+#[inline(always)]
+fn is_v4_mapped(address: &Ipv6Words) -> bool {
+    [address[0], address[1], address[2]] == V4_MAPPED_PREFIX
+}
+
+impl AddressField for Ip4 {
+    type Maps = V4;
+    #[inline(always)]
+    fn read(ctx: &SockAddrContext) -> Option<u32> {
+        // SAFETY: the context pointer is valid for the program run.
+        Some(unsafe { (*ctx.sock_addr).user_ip4 })
+    }
+    #[inline(always)]
+    fn write(ctx: &SockAddrContext, address: u32) {
+        // SAFETY: the 4 hooks may write the user address.
+        unsafe { (*ctx.sock_addr).user_ip4 = address }
+    }
+}
+
+impl AddressField for Ip4Mapped {
+    type Maps = V4;
+    #[inline(always)]
+    fn read(ctx: &SockAddrContext) -> Option<u32> {
+        let address = user_ip6(ctx);
+        is_v4_mapped(&address).then_some(address[3])
+    }
+    #[inline(always)]
+    fn write(ctx: &SockAddrContext, address: u32) {
+        // SAFETY: the 6 hooks may write the user address.
+        unsafe { (*ctx.sock_addr).user_ip6[3] = address }
+    }
+}
+
+impl AddressField for Ip6 {
+    type Maps = V6;
+    #[inline(always)]
+    fn read(ctx: &SockAddrContext) -> Option<Ipv6Words> {
+        let address = user_ip6(ctx);
+        (!is_v4_mapped(&address)).then_some(address)
+    }
+    #[inline(always)]
+    fn write(ctx: &SockAddrContext, address: Ipv6Words) {
+        let sa = ctx.sock_addr;
+        // SAFETY: the 6 hooks may write the user address, word by word.
+        unsafe {
+            (*sa).user_ip6[0] = address[0];
+            (*sa).user_ip6[1] = address[1];
+            (*sa).user_ip6[2] = address[2];
+            (*sa).user_ip6[3] = address[3];
         }
     }
 }
 
-/// Writes `address_be:port_be` back into the hook's context.
-#[inline(always)]
-fn set_address(ctx: &SockAddrContext, family: Family, address_be: u32, port_be: u16) {
-    let sa = ctx.sock_addr;
-    // SAFETY: the context pointer is valid for the program run; these
-    // hooks may write the user address and port.
-    unsafe {
-        match family {
-            Family::V4 => (*sa).user_ip4 = address_be,
-            Family::V4Mapped => (*sa).user_ip6[3] = address_be,
-        }
-        (*sa).user_port = port_be as u32;
+impl FamilyMaps for V4 {
+    type Address = u32;
+    #[inline(always)]
+    fn filter_index(address: u32, port_be: u16, protocol: u8) -> u32 {
+        lb::service_filter_index(address, port_be, protocol)
+    }
+    #[inline(always)]
+    fn service(address: u32, port_be: u16, protocol: u8) -> Option<ServiceValue> {
+        // SAFETY: copied out at once.
+        unsafe { SERVICES.get(ServiceKey::new(address, port_be, protocol)) }.copied()
+    }
+    #[inline(always)]
+    fn backend(backend_id: u32) -> Option<(u32, u16)> {
+        BACKENDS
+            .get(backend_id)
+            .filter(|b| b.is_present_v4())
+            .map(|b| (b.address_be, b.port_be))
+    }
+    #[inline(always)]
+    fn remember(
+        cookie: u64,
+        (backend_address_be, backend_port_be): (u32, u16),
+        (service_address_be, service_port_be): (u32, u16),
+        rev_nat_low: u16,
+        is_sendmsg: bool,
+    ) -> bool {
+        let key = SockRevNatKey {
+            cookie,
+            backend_address_be,
+            backend_port_be,
+            _pad: [0; 2],
+        };
+        let value = SockRevNatValue {
+            service_address_be,
+            service_port_be,
+            rev_nat_low,
+        };
+        // SAFETY: copied out at once.
+        let known = is_sendmsg && unsafe { SOCK_REVERSE_NAT.get(key) }.copied() == Some(value);
+        known || SOCK_REVERSE_NAT.insert(key, value, 0).is_ok()
+    }
+    #[inline(always)]
+    fn frontend_of(cookie: u64, (address, port_be): (u32, u16)) -> Option<(u32, u16)> {
+        let key = SockRevNatKey {
+            cookie,
+            backend_address_be: address,
+            backend_port_be: port_be,
+            _pad: [0; 2],
+        };
+        // SAFETY: copied out at once.
+        unsafe { SOCK_REVERSE_NAT.get(key) }
+            .map(|service| (service.service_address_be, service.service_port_be))
+    }
+    #[inline(always)]
+    fn no_backend(ctx: &SockAddrContext, address: u32, port_be: u16, protocol: u8) {
+        events::no_backend(ctx, address, port_be, protocol);
+    }
+}
+
+impl FamilyMaps for V6 {
+    type Address = Ipv6Words;
+    #[inline(always)]
+    fn filter_index(address: Ipv6Words, port_be: u16, protocol: u8) -> u32 {
+        lb::service_filter_index6(address, port_be, protocol)
+    }
+    #[inline(always)]
+    fn service(address: Ipv6Words, port_be: u16, protocol: u8) -> Option<ServiceValue> {
+        // SAFETY: copied out at once.
+        unsafe { SERVICES6.get(ServiceKey6::new(address, port_be, protocol)) }.copied()
+    }
+    #[inline(always)]
+    fn backend(backend_id: u32) -> Option<(Ipv6Words, u16)> {
+        // The `BACKENDS` word publishes the address written before it
+        // (`datapath_common::maps::v6::BackendAddress6`).
+        let backend: Backend = BACKENDS
+            .get(backend_id)
+            .copied()
+            .filter(|b| b.is_present() && b.is_v6())?;
+        let address = BACKEND_ADDRS6.get(backend_id)?.address_be;
+        Some((address, backend.port_be))
+    }
+    #[inline(always)]
+    fn remember(
+        cookie: u64,
+        (backend_address_be, backend_port_be): (Ipv6Words, u16),
+        (service_address_be, service_port_be): (Ipv6Words, u16),
+        rev_nat_low: u16,
+        is_sendmsg: bool,
+    ) -> bool {
+        let key = SockRevNatKey6 {
+            cookie,
+            backend_address_be,
+            backend_port_be,
+            _pad: [0; 6],
+        };
+        let value = SockRevNatValue6 {
+            service_address_be,
+            service_port_be,
+            rev_nat_low,
+        };
+        // SAFETY: copied out at once.
+        let known = is_sendmsg && unsafe { SOCK_REVERSE_NAT6.get(key) }.copied() == Some(value);
+        known || SOCK_REVERSE_NAT6.insert(key, value, 0).is_ok()
+    }
+    #[inline(always)]
+    fn frontend_of(cookie: u64, (address, port_be): (Ipv6Words, u16)) -> Option<(Ipv6Words, u16)> {
+        let key = SockRevNatKey6 {
+            cookie,
+            backend_address_be: address,
+            backend_port_be: port_be,
+            _pad: [0; 6],
+        };
+        // SAFETY: copied out at once.
+        unsafe { SOCK_REVERSE_NAT6.get(key) }
+            .map(|service| (service.service_address_be, service.service_port_be))
+    }
+    #[inline(always)]
+    fn no_backend(ctx: &SockAddrContext, address: Ipv6Words, port_be: u16, protocol: u8) {
+        events::no_backend6(ctx, address, port_be, protocol);
     }
 }
 
 /// connect(2) of TCP and UDP sockets.
 #[inline(always)]
 pub fn connect4(ctx: &SockAddrContext) -> i32 {
-    forward(ctx, Family::V4, false)
+    forward::<Ip4>(ctx, false)
 }
 
 /// sendmsg(2)/sendto(2) with a destination on unconnected UDP sockets.
 #[inline(always)]
 pub fn sendmsg4(ctx: &SockAddrContext) -> i32 {
-    forward(ctx, Family::V4, true)
+    forward::<Ip4>(ctx, true)
 }
 
 /// recvmsg(2) on UDP sockets and getpeername(2): the peer address shown to
 /// the application becomes the service again.
 #[inline(always)]
 pub fn reverse4(ctx: &SockAddrContext) -> i32 {
-    reverse(ctx, Family::V4)
+    reverse::<Ip4>(ctx)
 }
 
-/// connect(2) of AF_INET6 sockets to an IPv4-mapped ClusterIP. (The
-/// kernel hands such a socket to the IPv4 code after this hook, without
-/// running `connect4`.) Native IPv6 addresses pass untouched.
+/// connect(2) of AF_INET6 sockets: an IPv6 ClusterIP, or an IPv4 one
+/// through its IPv4-mapped address. (The kernel hands a socket connecting
+/// to a mapped address to the IPv4 code after this hook, without running
+/// `connect4`.)
 #[inline(always)]
 pub fn connect6(ctx: &SockAddrContext) -> i32 {
-    forward(ctx, Family::V4Mapped, false)
+    if is_v4_mapped(&user_ip6(ctx)) {
+        forward::<Ip4Mapped>(ctx, false)
+    } else {
+        forward::<Ip6>(ctx, false)
+    }
 }
 
-/// sendmsg(2) of AF_INET6 UDP sockets to an IPv4-mapped ClusterIP. (On
-/// current kernels `sendmsg4` already sees these; older ones ran only
+/// sendmsg(2) of AF_INET6 UDP sockets. (A datagram to an IPv4-mapped
+/// ClusterIP: current kernels run `sendmsg4` for it too, older ones only
 /// this hook.)
 #[inline(always)]
 pub fn sendmsg6(ctx: &SockAddrContext) -> i32 {
-    forward(ctx, Family::V4Mapped, true)
+    if is_v4_mapped(&user_ip6(ctx)) {
+        forward::<Ip4Mapped>(ctx, true)
+    } else {
+        forward::<Ip6>(ctx, true)
+    }
 }
 
-/// recvmsg(2) and getpeername(2) of AF_INET6 sockets: an IPv4-mapped
-/// backend is shown as the IPv4-mapped ClusterIP.
+/// recvmsg(2) and getpeername(2) of AF_INET6 sockets: a backend is shown
+/// as the ClusterIP it was reached through (an IPv4-mapped backend as the
+/// IPv4-mapped ClusterIP).
 #[inline(always)]
 pub fn reverse6(ctx: &SockAddrContext) -> i32 {
-    reverse(ctx, Family::V4Mapped)
+    if is_v4_mapped(&user_ip6(ctx)) {
+        reverse::<Ip4Mapped>(ctx)
+    } else {
+        reverse::<Ip6>(ctx)
+    }
 }
 
 #[inline(always)]
-fn reverse(ctx: &SockAddrContext, family: Family) -> i32 {
-    let Some(address_be) = ipv4_of(ctx, family) else {
+fn set_address<F: AddressField>(
+    ctx: &SockAddrContext,
+    address: <F::Maps as FamilyMaps>::Address,
+    port_be: u16,
+) {
+    F::write(ctx, address);
+    // SAFETY: these hooks may write the user port.
+    unsafe { (*ctx.sock_addr).user_port = port_be as u32 };
+}
+
+#[inline(always)]
+fn reverse<F: AddressField>(ctx: &SockAddrContext) -> i32 {
+    let Some(address) = F::read(ctx) else {
         return ALLOW;
     };
     // SAFETY: the context pointer is valid for the program run.
     let port_be = unsafe { (*ctx.sock_addr).user_port as u16 };
-    let key = SockRevNatKey {
-        // SAFETY: plain helper call on the program's context.
-        cookie: unsafe { bpf_get_socket_cookie(ctx.as_ptr()) },
-        backend_address_be: address_be,
-        backend_port_be: port_be,
-        _pad: [0; 2],
-    };
-    // SAFETY: copied out at once.
-    if let Some(service) = unsafe { SOCK_REVERSE_NAT.get(key) }.copied() {
-        set_address(
-            ctx,
-            family,
-            service.service_address_be,
-            service.service_port_be,
-        );
+    // SAFETY: plain helper call on the program's context.
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+    if let Some((service, service_port_be)) = F::Maps::frontend_of(cookie, (address, port_be)) {
+        set_address::<F>(ctx, service, service_port_be);
         count(Counter::SockReverseTranslated);
     }
     ALLOW
@@ -169,24 +391,21 @@ fn in_scope(ctx: &SockAddrContext) -> bool {
 }
 
 #[inline(always)]
-fn forward(ctx: &SockAddrContext, family: Family, is_sendmsg: bool) -> i32 {
+fn forward<F: AddressField>(ctx: &SockAddrContext, is_sendmsg: bool) -> i32 {
     let sa = ctx.sock_addr;
     // SAFETY: the context pointer is valid for the program run.
     let (port_be, protocol) = unsafe { ((*sa).user_port as u16, (*sa).protocol as u8) };
     if protocol != IPPROTO_TCP && protocol != IPPROTO_UDP {
         return ALLOW;
     }
-    let Some(address_be) = ipv4_of(ctx, family) else {
+    let Some(address) = F::read(ctx) else {
         return ALLOW;
     };
-    let bucket = lb::service_filter_index(address_be, port_be, protocol);
+    let bucket = F::Maps::filter_index(address, port_be, protocol);
     if !SERVICE_FILTER.get(bucket).is_some_and(|&n| n > 0) {
         return ALLOW;
     }
-    // SAFETY: copied out at once.
-    let Some(service) =
-        (unsafe { SERVICES.get(ServiceKey::new(address_be, port_be, protocol)) }).copied()
-    else {
+    let Some(service) = F::Maps::service(address, port_be, protocol) else {
         return ALLOW;
     };
     // Only service traffic pays for the scope check (a DNS client's every
@@ -197,7 +416,7 @@ fn forward(ctx: &SockAddrContext, family: Family, is_sendmsg: bool) -> i32 {
     }
     if service.backend_count == 0 {
         count(Counter::NoBackend);
-        events::no_backend(ctx, address_be, port_be, protocol);
+        F::Maps::no_backend(ctx, address, port_be, protocol);
         if features::has(SET_RETVAL) {
             // SAFETY: plain helper call; makes the syscall fail with
             // ECONNREFUSED instead of the default EPERM.
@@ -215,39 +434,26 @@ fn forward(ctx: &SockAddrContext, family: Family, is_sendmsg: bool) -> i32 {
     } else {
         lb::select_slot_for_cookie(cookie, service.backend_count)
     };
-    let Some(backend) = slot_backend(&service, slot) else {
+    let Some(backend) = SLOTS
+        .get(service.slot_index(slot))
+        .and_then(|s| F::Maps::backend(s.backend_id))
+    else {
         count(Counter::Error);
         return ALLOW;
     };
-    let key = SockRevNatKey {
+    // Every datagram of an unconnected socket comes through sendmsg: the
+    // reverse entry is only written when it is not already there.
+    if !F::Maps::remember(
         cookie,
-        backend_address_be: backend.address_be,
-        backend_port_be: backend.port_be,
-        _pad: [0; 2],
-    };
-    let value = SockRevNatValue {
-        service_address_be: address_be,
-        service_port_be: port_be,
-        rev_nat_low: service.rev_nat_low,
-    };
-    // Every datagram of an unconnected socket comes through sendmsg: only
-    // write the reverse entry when it is not already there.
-    // SAFETY: copied out at once.
-    let known = is_sendmsg && unsafe { SOCK_REVERSE_NAT.get(key) }.copied() == Some(value);
-    if !known && SOCK_REVERSE_NAT.insert(key, value, 0).is_err() {
+        backend,
+        (address, port_be),
+        service.rev_nat_low,
+        is_sendmsg,
+    ) {
         count(Counter::Error);
         events::sock_reverse_nat_insert_failed(ctx);
     }
-    set_address(ctx, family, backend.address_be, backend.port_be);
+    set_address::<F>(ctx, backend.0, backend.1);
     count(Counter::SockTranslated);
     ALLOW
-}
-
-#[inline(always)]
-fn slot_backend(service: &ServiceValue, slot: u16) -> Option<Backend> {
-    let backend_id = SLOTS.get(service.slot_index(slot))?.backend_id;
-    BACKENDS
-        .get(backend_id)
-        .copied()
-        .filter(Backend::is_present_v4)
 }

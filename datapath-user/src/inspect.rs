@@ -1,21 +1,25 @@
 //! `underpass service|backend|conntrack list` and `underpass status`: read
 //! the pinned maps (an agent need not run) and print tables or JSON.
 
-use std::{collections::BTreeMap, net::Ipv4Addr, path::Path};
+use std::{
+    collections::BTreeMap,
+    net::{IpAddr, Ipv4Addr, SocketAddr},
+    path::Path,
+};
 
 use anyhow::{Context, Result};
 use comfy_table::{Table, presets::UTF8_BORDERS_ONLY};
 use datapath_common::{
     ipv4_octets,
-    maps::{CT_KIND_BACKEND, CT_KIND_SERVICE, RevNatId},
+    maps::{BackendId, CT_KIND_BACKEND, CT_KIND_SERVICE, RevNatId},
     port_host,
 };
 use serde::Serialize;
 
 use crate::{
     attach, clock,
-    maps::{DatapathMaps, LbMaps},
-    model::Protocol,
+    maps::{DatapathMaps, DumpedFrontend, LbMaps},
+    model::{BackendAddress, Frontend, Protocol},
 };
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -65,27 +69,8 @@ pub struct ServiceRow {
 
 pub fn service_rows(maps: &DatapathMaps) -> Result<Vec<ServiceRow>> {
     let dump = maps.dump().context("reading SERVICES/BACKENDS")?;
-    let backends: BTreeMap<_, _> = dump.backends.iter().copied().collect();
-    let mut rows: Vec<ServiceRow> = dump
-        .frontends
-        .iter()
-        .map(|f| {
-            let resolved: Vec<Option<String>> = f
-                .slots
-                .iter()
-                .map(|slot| {
-                    slot.and_then(|id| backends.get(&id))
-                        .map(|b| format!("{}:{}", b.address, b.port))
-                })
-                .collect();
-            ServiceRow {
-                frontend: f.frontend.to_string(),
-                rev_nat_id: f.rev_nat_id,
-                complete: resolved.iter().all(Option::is_some),
-                backends: resolved.into_iter().flatten().collect(),
-            }
-        })
-        .collect();
+    let mut rows = family_service_rows(&dump.frontends, &dump.backends);
+    rows.extend(family_service_rows(&dump.frontends6, &dump.backends6));
     rows.sort_by(|a, b| a.frontend.cmp(&b.frontend));
     Ok(rows)
 }
@@ -112,6 +97,37 @@ pub fn service_list(pin_dir: &Path, output: Output) -> Result<()> {
     })
 }
 
+/// The rows of one family's frontends, their slots resolved to backends.
+fn family_service_rows<A>(
+    frontends: &[DumpedFrontend<A>],
+    backends: &[(BackendId, BackendAddress<A>)],
+) -> Vec<ServiceRow>
+where
+    A: Copy + Into<IpAddr>,
+    Frontend<A>: std::fmt::Display,
+{
+    let backends: BTreeMap<BackendId, SocketAddr> = backends
+        .iter()
+        .map(|(id, b)| (*id, SocketAddr::new(b.address.into(), b.port)))
+        .collect();
+    frontends
+        .iter()
+        .map(|f| {
+            let resolved: Vec<Option<String>> = f
+                .slots
+                .iter()
+                .map(|slot| slot.and_then(|id| backends.get(&id)).map(|b| b.to_string()))
+                .collect();
+            ServiceRow {
+                frontend: f.frontend.to_string(),
+                rev_nat_id: f.rev_nat_id,
+                complete: resolved.iter().all(Option::is_some),
+                backends: resolved.into_iter().flatten().collect(),
+            }
+        })
+        .collect()
+}
+
 #[derive(Serialize)]
 pub struct BackendRow {
     pub id: u32,
@@ -125,23 +141,31 @@ pub fn backend_list(pin_dir: &Path, output: Output) -> Result<()> {
     let maps = open(pin_dir)?;
     let dump = maps.dump().context("reading SERVICES/BACKENDS")?;
     let mut users: BTreeMap<u32, usize> = BTreeMap::new();
-    for f in &dump.frontends {
-        let mut ids: Vec<u32> = f.slots.iter().flatten().copied().collect();
+    let slots = dump.frontends.iter().map(|f| &f.slots);
+    for frontend_slots in slots.chain(dump.frontends6.iter().map(|f| &f.slots)) {
+        let mut ids: Vec<u32> = frontend_slots.iter().flatten().copied().collect();
         ids.dedup();
         for id in ids {
             *users.entry(id).or_default() += 1;
         }
     }
-    let rows: Vec<BackendRow> = dump
+    let row = |id: BackendId, address: IpAddr, port: u16, protocol: Protocol| BackendRow {
+        id,
+        address: SocketAddr::new(address, port).to_string(),
+        protocol,
+        frontends: users.get(&id).copied().unwrap_or(0),
+    };
+    let mut rows: Vec<BackendRow> = dump
         .backends
         .iter()
-        .map(|(id, b)| BackendRow {
-            id: *id,
-            address: format!("{}:{}", b.address, b.port),
-            protocol: b.protocol,
-            frontends: users.get(id).copied().unwrap_or(0),
-        })
+        .map(|(id, b)| row(*id, b.address.into(), b.port, b.protocol))
+        .chain(
+            dump.backends6
+                .iter()
+                .map(|(id, b)| row(*id, b.address.into(), b.port, b.protocol)),
+        )
         .collect();
+    rows.sort_by_key(|r| r.id);
     print(output, &rows, |rows| {
         let mut table = new_table(&["ID", "BACKEND", "PROTOCOL", "FRONTENDS"]);
         for row in rows {

@@ -349,6 +349,28 @@ struct AgentArgs {
     /// when the datapath loads.
     #[arg(long, env = "UNDERPASS_L4_CHECKSUMS", value_enum, default_value_t = L4Checksums::Direct)]
     l4_checksums: L4Checksums,
+    /// Services' IPv6 ClusterIPs (dual-stack and single-stack IPv6).
+    /// `on`: the IPv6 maps are sized as their IPv4 twins and socket-LB
+    /// translates native IPv6 connect()/sendmsg() to IPv6 backends
+    /// (getpeername/recvmsg show the ClusterIP; connected UDP sockets
+    /// leave departed backends). The TC path does not translate IPv6 yet:
+    /// processes socket-LB leaves to it (--socket-lb host,
+    /// --socket-lb-skip-netns) do not reach IPv6 ClusterIPs, and each
+    /// such service says so. `off` (default): the IPv6 maps take one
+    /// entry each and IPv6 ClusterIPs are reported unsupported (a
+    /// dual-stack service's IPv4 family is served either way). A change
+    /// replaces the IPv6 maps; IPv4 flows are untouched.
+    #[arg(long, env = "UNDERPASS_IPV6", value_enum, default_value_t = Ipv6::Off)]
+    ipv6: Ipv6,
+}
+
+/// `--ipv6`.
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum Ipv6 {
+    /// IPv6 ClusterIPs reported unsupported; the IPv6 maps take nothing.
+    Off,
+    /// IPv6 ClusterIPs served by socket-LB.
+    On,
 }
 
 /// `--pod-tc`.
@@ -468,6 +490,12 @@ fn run_agent(args: AgentArgs) -> Result<()> {
         socket_lb_skip.as_ref(),
     );
     pod_tc.check().map_err(anyhow::Error::msg)?;
+    let ipv6 = args.ipv6 == Ipv6::On;
+    if ipv6 && cgroup.is_none() {
+        bail!(
+            "--ipv6 on: IPv6 ClusterIPs are served by socket-LB alone (the TC path does not translate IPv6 yet), and socket-LB is off (--socket-lb off or --no-socket-lb)"
+        );
+    }
     let options = AgentOptions {
         pin_dir: args.pin.pin_dir,
         source,
@@ -475,6 +503,7 @@ fn run_agent(args: AgentArgs) -> Result<()> {
             node_name: args.node_name,
             zone: args.node_zone,
             addresses: args.node_ips,
+            ipv6,
         },
         netns_dir: (!args.no_pod_attach).then_some(args.netns_dir),
         selector: Selector {
@@ -499,6 +528,7 @@ fn run_agent(args: AgentArgs) -> Result<()> {
             reverse_nat: args.frontends_max + 1,
             conntrack_tcp_flows: args.conntrack_max,
             conntrack_udp_flows: args.conntrack_udp_max,
+            ipv6,
             ..MapSizes::default()
         },
         ct_timeouts: CtTimeouts::default(),

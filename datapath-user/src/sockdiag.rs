@@ -35,7 +35,7 @@ pub struct UdpSocketId {
     /// The same cookie `bpf_get_socket_cookie()` returns.
     pub cookie: u64,
     /// The peer (an IPv4-mapped IPv6 peer is given as IPv4).
-    pub peer: (Ipv4Addr, u16),
+    pub peer: (IpAddr, u16),
     family: u8,
     /// `inet_diag_sockid` as the kernel sent it: sent back to destroy.
     raw_id: [u8; SOCKID_LEN],
@@ -147,18 +147,15 @@ fn request(family: u8, states: u32, id: &[u8; SOCKID_LEN]) -> [u8; REQ_LEN] {
     req
 }
 
-/// The IPv4 peer of a listed socket (IPv4, or IPv4-mapped IPv6).
-fn peer_of(family: u8, id: &[u8; SOCKID_LEN]) -> Option<(Ipv4Addr, u16)> {
+/// The peer of a listed socket (an IPv4-mapped IPv6 one as IPv4, as
+/// socket-LB translated it through the IPv4 maps).
+fn peer_of(family: u8, id: &[u8; SOCKID_LEN]) -> Option<(IpAddr, u16)> {
     let port = u16::from_be_bytes([id[2], id[3]]);
     let dst = &id[20..36];
     let address = if i32::from(family) == libc::AF_INET {
-        Ipv4Addr::new(dst[0], dst[1], dst[2], dst[3])
+        IpAddr::V4(Ipv4Addr::new(dst[0], dst[1], dst[2], dst[3]))
     } else {
-        let v6 = Ipv6Addr::from(<[u8; 16]>::try_from(dst).ok()?);
-        match IpAddr::V6(v6).to_canonical() {
-            IpAddr::V4(v4) => v4,
-            IpAddr::V6(_) => return None,
-        }
+        IpAddr::V6(Ipv6Addr::from(<[u8; 16]>::try_from(dst).ok()?)).to_canonical()
     };
     Some((address, port))
 }

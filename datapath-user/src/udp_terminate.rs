@@ -1,9 +1,9 @@
 //! Moves connected UDP sockets off backends that left their service.
 //!
 //! Socket-LB picks a UDP socket's backend once, at `connect()`, and
-//! remembers it in `SOCK_REVERSE_NAT` under the socket's cookie. When that
-//! backend leaves the frontend (it is not even draining any more), the
-//! sockets connected to it for that frontend are destroyed
+//! remembers it in `SOCK_REVERSE_NAT` (`SOCK_REVERSE_NAT6` for IPv6)
+//! under the socket's cookie. When that backend leaves the frontend (it
+//! is not even draining any more), the sockets connected to it for that frontend are destroyed
 //! (`crate::sockdiag`) in the host's namespace and in every pod namespace:
 //! the application sees ECONNABORTED and connects again, to a live
 //! backend. Unconnected sockets are never touched (each of their datagrams
@@ -12,34 +12,48 @@
 
 use std::{
     collections::HashSet,
-    net::Ipv4Addr,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
     path::{Path, PathBuf},
     sync::Arc,
 };
 
-use aya::maps::{HashMap, MapData};
+use aya::maps::{HashMap, Map, MapData};
 use datapath_common::{
     ipv4_be, ipv4_octets,
-    maps::{SockRevNatKey, SockRevNatValue},
+    maps::{self as m, SockRevNatKey, SockRevNatKey6, SockRevNatValue, SockRevNatValue6},
     port_be, port_host,
 };
 use tracing::{info, warn};
 
-use crate::{error::LoaderError, metrics::Metrics, reconcile::Departed, sockdiag};
+use crate::{
+    error::LoaderError,
+    metrics::Metrics,
+    model::{ipv6_from_words, ipv6_words},
+    reconcile::Departed,
+    sockdiag,
+};
 
 /// What the agent does when backends leave UDP frontends.
 pub trait SocketTerminator: Send {
-    fn terminate(&mut self, departed: &[Departed]);
+    /// `departed`: of IPv4 frontends; `departed6`: of IPv6 ones.
+    fn terminate(&mut self, departed: &[Departed], departed6: &[Departed<Ipv6Addr>]);
 }
 
-/// The real one: `SOCK_REVERSE_NAT` names the sockets, sock_diag destroys
-/// them.
+/// The real one: `SOCK_REVERSE_NAT` (and `SOCK_REVERSE_NAT6`) name the
+/// sockets, sock_diag destroys them.
 pub struct UdpSocketTerminator {
     sock_reverse_nat: HashMap<MapData, SockRevNatKey, SockRevNatValue>,
+    /// `None` in pins of an agent without the IPv6 maps.
+    sock_reverse_nat6: Option<HashMap<MapData, SockRevNatKey6, SockRevNatValue6>>,
     /// Pod namespaces live here (besides the host's own).
     netns_dir: PathBuf,
     metrics: Arc<Metrics>,
 }
+
+/// A departed backend as a socket's reverse-NAT entry names it: backend
+/// address and port, frontend address and port, the low 16 bits of the
+/// frontend's reverse-NAT id.
+type Wanted<W> = (W, u16, W, u16, u16);
 
 impl UdpSocketTerminator {
     pub fn open(
@@ -48,8 +62,18 @@ impl UdpSocketTerminator {
         metrics: Arc<Metrics>,
     ) -> Result<Self, LoaderError> {
         let maps = crate::maps::DatapathMaps::open_pinned(pin_dir)?;
+        let pin6 = pin_dir.join(m::SOCK_REVERSE_NAT6_MAP);
+        let sock_reverse_nat6 = if pin6.exists() {
+            let name = m::SOCK_REVERSE_NAT6_MAP;
+            let data = MapData::from_pin(&pin6).map_err(|source| LoaderError::map(name, source))?;
+            let map = Map::from_map_data(data).map_err(|source| LoaderError::map(name, source))?;
+            Some(HashMap::try_from(map).map_err(|source| LoaderError::map(name, source))?)
+        } else {
+            None
+        };
         Ok(Self {
             sock_reverse_nat: maps.sock_reverse_nat,
+            sock_reverse_nat6,
             netns_dir,
             metrics,
         })
@@ -61,8 +85,12 @@ impl UdpSocketTerminator {
     /// address and port and the low 16 bits of its reverse-NAT id (all a
     /// socket's entry keeps: enough to tell a re-created frontend from the
     /// one the socket was sent through).
-    fn doomed_cookies(&self, departed: &[Departed]) -> HashSet<(u64, Ipv4Addr, u16)> {
-        let wanted: HashSet<(u32, u16, u32, u16, u16)> = departed
+    fn doomed_cookies(
+        &self,
+        departed: &[Departed],
+        departed6: &[Departed<Ipv6Addr>],
+    ) -> HashSet<(u64, IpAddr, u16)> {
+        let wanted: HashSet<Wanted<u32>> = departed
             .iter()
             .map(|d| {
                 (
@@ -74,26 +102,65 @@ impl UdpSocketTerminator {
                 )
             })
             .collect();
-        self.sock_reverse_nat
+        let mut doomed: HashSet<(u64, IpAddr, u16)> = HashSet::new();
+        if !wanted.is_empty() {
+            doomed.extend(
+                self.sock_reverse_nat
+                    .iter()
+                    .filter_map(Result::ok)
+                    .filter(|(key, value)| {
+                        wanted.contains(&(
+                            key.backend_address_be,
+                            key.backend_port_be,
+                            value.service_address_be,
+                            value.service_port_be,
+                            value.rev_nat_low,
+                        ))
+                    })
+                    .map(|(key, _)| {
+                        (
+                            key.cookie,
+                            IpAddr::V4(Ipv4Addr::from(ipv4_octets(key.backend_address_be))),
+                            port_host(key.backend_port_be),
+                        )
+                    }),
+            );
+        }
+        let wanted6: HashSet<Wanted<m::Ipv6Words>> = departed6
             .iter()
-            .filter_map(Result::ok)
-            .filter(|(key, value)| {
-                wanted.contains(&(
-                    key.backend_address_be,
-                    key.backend_port_be,
-                    value.service_address_be,
-                    value.service_port_be,
-                    value.rev_nat_low,
-                ))
-            })
-            .map(|(key, _)| {
+            .map(|d| {
                 (
-                    key.cookie,
-                    Ipv4Addr::from(ipv4_octets(key.backend_address_be)),
-                    port_host(key.backend_port_be),
+                    ipv6_words(d.backend.address),
+                    port_be(d.backend.port),
+                    ipv6_words(d.frontend.address),
+                    port_be(d.frontend.port),
+                    d.rev_nat_id as u16,
                 )
             })
-            .collect()
+            .collect();
+        if let (false, Some(map)) = (wanted6.is_empty(), &self.sock_reverse_nat6) {
+            doomed.extend(
+                map.iter()
+                    .filter_map(Result::ok)
+                    .filter(|(key, value)| {
+                        wanted6.contains(&(
+                            key.backend_address_be,
+                            key.backend_port_be,
+                            value.service_address_be,
+                            value.service_port_be,
+                            value.rev_nat_low,
+                        ))
+                    })
+                    .map(|(key, _)| {
+                        (
+                            key.cookie,
+                            IpAddr::V6(ipv6_from_words(key.backend_address_be)),
+                            port_host(key.backend_port_be),
+                        )
+                    }),
+            );
+        }
+        doomed
     }
 
     fn namespaces(&self) -> Vec<Option<PathBuf>> {
@@ -106,8 +173,8 @@ impl UdpSocketTerminator {
 }
 
 impl SocketTerminator for UdpSocketTerminator {
-    fn terminate(&mut self, departed: &[Departed]) {
-        let cookies = self.doomed_cookies(departed);
+    fn terminate(&mut self, departed: &[Departed], departed6: &[Departed<Ipv6Addr>]) {
+        let cookies = self.doomed_cookies(departed, departed6);
         if cookies.is_empty() {
             return;
         }
@@ -131,7 +198,7 @@ impl SocketTerminator for UdpSocketTerminator {
         if destroyed > 0 {
             info!(
                 sockets = destroyed,
-                backends = departed.len(),
+                backends = departed.len() + departed6.len(),
                 "connected UDP sockets of departed backends destroyed; their applications reconnect"
             );
         }

@@ -38,6 +38,10 @@ fn service_yaml(name: &str, ip: &str, ports: &[u16], endpoints: usize) -> String
 }
 
 fn translation(yaml: &str) -> (ObjectKey, ServiceTranslation) {
+    translation_on(yaml, &NodeContext::default())
+}
+
+fn translation_on(yaml: &str, node: &NodeContext) -> (ObjectKey, ServiceTranslation) {
     let parsed = manifest::parse(yaml, "test");
     assert!(parsed.errors.is_empty(), "{:?}", parsed.errors);
     let mut service: Option<Service> = None;
@@ -51,7 +55,7 @@ fn translation(yaml: &str) -> (ObjectKey, ServiceTranslation) {
     let service = service.unwrap();
     (
         ObjectKey::of_service(&service),
-        translate_service(&service, &slices, &NodeContext::default()),
+        translate_service(&service, &slices, node),
     )
 }
 
@@ -1768,7 +1772,21 @@ endpoints: [{addresses: [\"fd00:10:244::6:1\"]}]
     assert_eq!(
         issues,
         [
-            "Service test/dual spec.clusterIPs[1]: IPv6 frontends are not served yet: the IPv6 packet path is not built (2 of them, [fd00:10:96::60]:53/UDP first); its IPv4 family is served (unsupported)"
+            "Service test/dual spec.clusterIPs[1]: IPv6 frontends are not served: the agent runs without --ipv6 on (2 of them, [fd00:10:96::60]:53/UDP first); its IPv4 family is served (unsupported)"
+        ]
+    );
+    // Served (`--ipv6 on`): the same frontends, and what is not served yet.
+    let node6 = NodeContext {
+        ipv6: true,
+        ..NodeContext::default()
+    };
+    let (_, served) = translation_on(yaml, &node6);
+    assert_eq!(served.frontends6, translation.frontends6);
+    let issues: Vec<String> = served.issues.iter().map(|i| i.to_string()).collect();
+    assert_eq!(
+        issues,
+        [
+            "Service test/dual spec.clusterIPs[1]: IPv6 frontends are served by socket-LB only (2 of them, [fd00:10:96::60]:53/UDP first): pods whose traffic takes the TC path (--socket-lb host, --socket-lb-skip-netns) do not reach them yet (unsupported)"
         ]
     );
     let v4_only = [

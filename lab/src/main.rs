@@ -2,7 +2,7 @@
 //! built-in topology; `probe` is the client the tests and the demo run as
 //! a pod's process.
 
-use std::{net::SocketAddrV4, path::PathBuf, process::ExitCode, time::Duration};
+use std::{net::SocketAddr, path::PathBuf, process::ExitCode, time::Duration};
 
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand, ValueEnum};
@@ -44,9 +44,10 @@ struct ProbeArgs {
     cgroup: Option<PathBuf>,
     #[arg(long, value_enum, default_value_t = ProbeProtocol::Tcp)]
     protocol: ProbeProtocol,
-    /// Where to send: the ClusterIP and port.
+    /// Where to send: the ClusterIP and port (`10.96.0.10:53`,
+    /// `[fd00:10:96::a]:53`).
     #[arg(long)]
-    target: SocketAddrV4,
+    target: SocketAddr,
     /// Number of requests, each on a new connection / socket.
     #[arg(long, default_value_t = 1)]
     count: u32,
@@ -108,10 +109,10 @@ fn probe(args: ProbeArgs) -> Result<()> {
             .with_context(|| format!("entering network namespace {}", path.display()))?;
     }
     let timeout = Duration::from_millis(args.timeout_ms);
-    let target = if args.ipv4_mapped {
-        workload::ipv4_mapped(args.target)
-    } else {
-        args.target.into()
+    let target = match (args.ipv4_mapped, args.target) {
+        (true, SocketAddr::V4(target)) => workload::ipv4_mapped(target),
+        (true, SocketAddr::V6(_)) => anyhow::bail!("--ipv4-mapped needs an IPv4 --target"),
+        (false, target) => target,
     };
     let print = |answer: std::io::Result<workload::Answer>| {
         let line = match answer {

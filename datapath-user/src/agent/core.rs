@@ -148,6 +148,7 @@ impl<M: LbMaps> AgentCore<M> {
         // Retries are bounded: each one follows a frontend's release.
         let mut budget = queue.len() * 4 + 64;
         let mut departed = Vec::new();
+        let mut departed6 = Vec::new();
         // Each service's issues (its last pass, if retried).
         let mut found: foldhash::HashMap<ObjectKey, Vec<Issue>> = foldhash::HashMap::default();
         // New frontends are written together after the loop (one batch
@@ -162,9 +163,7 @@ impl<M: LbMaps> AgentCore<M> {
             let translation = self.store.translate(&service, &self.node);
             let mut outcome = self.reconciler.update_service(&service, &translation);
             departed.append(&mut outcome.departed);
-            // (`outcome.departed6` is not acted on: no socket is connected
-            // to an IPv6 backend until socket-LB translates IPv6,
-            // docs/ipv6-plan.md step 11.)
+            departed6.append(&mut outcome.departed6);
             stats.services += 1;
             stats.written += outcome.frontends_written;
             stats.removed += outcome.frontends_removed;
@@ -196,10 +195,10 @@ impl<M: LbMaps> AgentCore<M> {
             }
             self.record_issues(&service, issues);
         }
-        if !departed.is_empty()
+        if !(departed.is_empty() && departed6.is_empty())
             && let Some(terminator) = &mut self.terminator
         {
-            terminator.terminate(&departed);
+            terminator.terminate(&departed, &departed6);
         }
         stats
     }

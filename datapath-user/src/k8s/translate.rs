@@ -187,6 +187,9 @@ pub struct NodeContext {
     pub zone: Option<String>,
     /// The node's addresses, where pods reach services' nodePorts.
     pub addresses: Vec<IpAddr>,
+    /// Whether the agent serves IPv6 frontends (`--ipv6 on`: socket-LB
+    /// translates them; the TC path does not yet).
+    pub ipv6: bool,
 }
 
 fn service_issue(service: &ObjectKey, kind: IssueKind, field: String, reason: String) -> Issue {
@@ -384,23 +387,25 @@ pub fn translate_view<'a>(
         out.frontends6 = family_frontends::<Ipv6Addr>(&context, &slices_v6, &mut out.issues);
     }
     if let (Some(field), false) = (v6_field, out.frontends6.is_empty()) {
-        // Until the IPv6 packet path: translated and programmed (where the
-        // maps are sized for IPv6), not served.
-        out.issues.push(service_issue(
-            key,
-            IssueKind::Unsupported,
-            field,
+        let (count, first) = (out.frontends6.len(), out.frontends6[0].frontend);
+        let reason = if node.ipv6 {
+            // Programmed and translated at connect(); the TC path passes
+            // IPv6 untouched until its IPv6 half lands.
             format!(
-                "IPv6 frontends are not served yet: the IPv6 packet path is not built ({} of them, {} first); {}",
-                out.frontends6.len(),
-                out.frontends6[0].frontend,
+                "IPv6 frontends are served by socket-LB only ({count} of them, {first} first): pods whose traffic takes the TC path (--socket-lb host, --socket-lb-skip-netns) do not reach them yet"
+            )
+        } else {
+            format!(
+                "IPv6 frontends are not served: the agent runs without --ipv6 on ({count} of them, {first} first); {}",
                 if has_v4 {
                     "its IPv4 family is served"
                 } else {
                     "nothing of this service is served"
                 }
-            ),
-        ));
+            )
+        };
+        out.issues
+            .push(service_issue(key, IssueKind::Unsupported, field, reason));
     }
     out
 }

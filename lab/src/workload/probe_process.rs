@@ -4,7 +4,7 @@
 
 use std::{
     io::{self, BufRead, BufReader, Write},
-    net::SocketAddrV4,
+    net::SocketAddr,
     path::{Path, PathBuf},
     process::{Child, ChildStdin, ChildStdout, Command, Stdio},
 };
@@ -48,7 +48,7 @@ fn probe_command(
     netns: &Path,
     cgroup: Option<&Path>,
     kind: ProbeKind,
-    target: SocketAddrV4,
+    target: SocketAddr,
 ) -> io::Result<Command> {
     let mut cmd = Command::new(probe_binary()?);
     cmd.arg("probe")
@@ -76,9 +76,9 @@ impl HeldProbe {
         netns: &Path,
         cgroup: Option<&Path>,
         kind: ProbeKind,
-        target: SocketAddrV4,
+        target: impl Into<SocketAddr>,
     ) -> io::Result<Self> {
-        let mut child = probe_command(netns, cgroup, kind, target)?
+        let mut child = probe_command(netns, cgroup, kind, target.into())?
             .arg("--hold")
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
@@ -123,7 +123,7 @@ pub fn probe_process(
     netns: &Path,
     cgroup: Option<&Path>,
     kind: ProbeKind,
-    target: SocketAddrV4,
+    target: impl Into<SocketAddr>,
     count: u32,
 ) -> io::Result<Vec<ProbeResult>> {
     probe_process_with(netns, cgroup, kind, target, count, &[])
@@ -134,11 +134,11 @@ pub fn probe_process_with(
     netns: &Path,
     cgroup: Option<&Path>,
     kind: ProbeKind,
-    target: SocketAddrV4,
+    target: impl Into<SocketAddr>,
     count: u32,
     extra: &[&str],
 ) -> io::Result<Vec<ProbeResult>> {
-    let output = probe_command(netns, cgroup, kind, target)?
+    let output = probe_command(netns, cgroup, kind, target.into())?
         .args(["--count", &count.to_string()])
         .args(extra)
         .output()?;

@@ -1,0 +1,342 @@
+//! IPv6 ClusterIPs through the agent (`--ipv6 on`), in namespaces this
+//! suite creates: a dual-stack Service's IPv6 family is served by
+//! socket-LB (TCP, unconnected and connected UDP, each spread over the
+//! backends, the peer shown as the IPv6 ClusterIP) beside its IPv4
+//! family, and follows manifest edits under live traffic: a backend that
+//! leaves loses new connections, keeps its established TCP connection,
+//! and its connected UDP sockets move to a live backend; an empty service
+//! refuses at once. No TC program is attached (the agent's netns filter
+//! matches nothing), so only socket-LB can make these answer.
+
+mod common;
+
+use std::{
+    collections::BTreeMap,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
+    path::PathBuf,
+    time::{Duration, Instant},
+};
+
+use common::{agent_lab::*, require_root};
+use datapath_user::attach::pinned_tc_links;
+use lab::{
+    Cgroup, Topology, standard_pods,
+    workload::{self, HeldProbe, ProbeKind, ProbeResult},
+};
+
+/// The Service's IPv6 ClusterIP (never on the wire: socket-LB rewrites it
+/// before a packet exists).
+const VIP6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x10, 0x96, 0, 0, 0, 0, 0x77);
+
+const READY: &str = "{ready: true, serving: true, terminating: false}";
+
+/// A dual-stack Service (`RequireDualStack`, IPv4 first as the API
+/// server allocates it) over `v4` and `v6` endpoints: http 80 → TARGET,
+/// dns 53/UDP → 5353.
+fn dual_stack_manifest(v4: &[Ipv4Addr], v6: &[Ipv6Addr]) -> String {
+    let mut text = format!(
+        "apiVersion: v1\nkind: Service\nmetadata: {{name: dual, namespace: e2e}}\nspec:\n  clusterIP: {VIP}\n  clusterIPs: [\"{VIP}\", \"{VIP6}\"]\n  ipFamilies: [IPv4, IPv6]\n  ipFamilyPolicy: RequireDualStack\n  ports:\n  - {{name: http, port: 80, targetPort: {TARGET}}}\n  - {{name: dns, port: 53, protocol: UDP, targetPort: 5353}}\n"
+    );
+    let families: [(&str, Vec<IpAddr>); 2] = [
+        ("IPv4", v4.iter().map(|&a| a.into()).collect()),
+        ("IPv6", v6.iter().map(|&a| a.into()).collect()),
+    ];
+    for (family, addresses) in families {
+        text += &format!(
+            "---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: dual-{}\n  namespace: e2e\n  labels: {{kubernetes.io/service-name: dual}}\naddressType: {family}\nports:\n- {{name: http, port: {TARGET}}}\n- {{name: dns, port: 5353, protocol: UDP}}\nendpoints:",
+            family.to_lowercase()
+        );
+        if addresses.is_empty() {
+            text += " []";
+        }
+        for address in addresses {
+            text += &format!("\n- addresses: [\"{address}\"]\n  conditions: {READY}");
+        }
+        text += "\n";
+    }
+    text
+}
+
+/// Which server answered each of `results`; panics on a failure.
+fn spread(what: &str, results: Vec<ProbeResult>, peer: SocketAddr) -> BTreeMap<String, usize> {
+    let mut spread = BTreeMap::new();
+    for result in results {
+        match result {
+            ProbeResult::Answer(answer) => {
+                assert_eq!(answer.peer, peer, "{what}: the peer is the ClusterIP");
+                *spread.entry(answer.server).or_insert(0) += 1;
+            }
+            ProbeResult::Failed { error, .. } => panic!("{what}: {error}"),
+        }
+    }
+    spread
+}
+
+#[test]
+fn ipv6_cluster_ips_are_served_by_socket_lb_and_follow_manifest_edits() {
+    require_root("agent e2e");
+    if !common::kernel_has(
+        datapath_user::features::SOCK_DESTROY,
+        datapath_user::probe::kernel().sock_destroy,
+    ) {
+        return;
+    }
+    let topo = Topology::build(&standard_pods()).expect("building the topology");
+    let roles = ["server-a", "server-b", "server-c"];
+    let mut servers = Vec::new();
+    let (mut v4, mut v6) = (Vec::new(), Vec::new());
+    for role in roles {
+        let pod = topo.pod(role);
+        let address6 = pod.address6.expect("the topology is dual-stack");
+        for address in [IpAddr::from(pod.address), IpAddr::from(address6)] {
+            servers.push(workload::tcp_server(&pod.namespace, address, TARGET, role).unwrap());
+            servers.push(workload::udp_server(&pod.namespace, address, 5353, role).unwrap());
+        }
+        v4.push(pod.address);
+        v6.push(address6);
+    }
+    let pins = PinDir(PathBuf::from(format!("/sys/fs/bpf/{}", topo.prefix)));
+    let dir = tempdir(&topo.prefix);
+    let file = dir.join("dual.yaml");
+    write_atomically(&file, &dual_stack_manifest(&v4, &v6));
+    let cgroup = Cgroup::create(&format!("{}-sock", topo.prefix)).unwrap();
+    let no_pod = format!("{}-no-such-pod", topo.prefix);
+    let cgroup_arg = cgroup.path().to_str().unwrap();
+    let agent = Agent::start_with(
+        &pins.0,
+        &dir,
+        &no_pod,
+        &["--cgroup", cgroup_arg, "--ipv6", "on"],
+    );
+    let client = topo.pod("client").namespace.path().to_owned();
+
+    // Both families, every kind of socket, spread over the backends.
+    for (kind, port) in [
+        (ProbeKind::Tcp, 80),
+        (ProbeKind::Udp, 53),
+        (ProbeKind::UdpConnected, 53),
+    ] {
+        for vip in [IpAddr::from(VIP), IpAddr::from(VIP6)] {
+            let target = SocketAddr::new(vip, port);
+            let results =
+                workload::probe_process(&client, Some(cgroup.path()), kind, target, 30).unwrap();
+            let spread = spread(&format!("{kind:?} to {target}"), results, target);
+            assert!(spread.len() >= 2, "{kind:?} to {target}: {spread:?}");
+        }
+    }
+    assert!(pinned_tc_links(&pins.0).is_empty(), "no TC program in play");
+
+    // Live sockets on every backend: connected UDP sockets and TCP
+    // connections, each pinned to its backend at connect().
+    let spawn = |kind: ProbeKind, port: u16| {
+        HeldProbe::spawn(
+            &client,
+            Some(cgroup.path()),
+            kind,
+            SocketAddr::new(VIP6.into(), port),
+        )
+        .unwrap()
+    };
+    let answer = |probe: &mut HeldProbe| match probe.ask().unwrap() {
+        ProbeResult::Answer(a) => Ok(a.server),
+        ProbeResult::Failed { errno, error } => Err((errno, error)),
+    };
+    let mut udp_on = BTreeMap::<String, Vec<HeldProbe>>::new();
+    let mut tcp_on = BTreeMap::<String, Vec<HeldProbe>>::new();
+    // Until each kind has sockets on server-a and on another backend
+    // (bounded: each socket lands on server-a one time in three).
+    for _ in 0..60 {
+        let on_a = |on: &BTreeMap<String, Vec<HeldProbe>>| {
+            on.get("server-a").is_some_and(|p| p.len() >= 2) && on.len() >= 2
+        };
+        if on_a(&udp_on) && on_a(&tcp_on) {
+            break;
+        }
+        let mut probe = spawn(ProbeKind::UdpConnected, 53);
+        let server = answer(&mut probe).expect("a connected UDP socket answers");
+        udp_on.entry(server).or_default().push(probe);
+        let mut probe = spawn(ProbeKind::Tcp, 80);
+        let server = answer(&mut probe).expect("a TCP connection answers");
+        tcp_on.entry(server).or_default().push(probe);
+    }
+    assert!(
+        udp_on.contains_key("server-a") && tcp_on.contains_key("server-a"),
+        "sockets over three backends reach server-a: {:?} {:?}",
+        udp_on.keys(),
+        tcp_on.keys()
+    );
+
+    // server-a leaves the IPv6 family (the IPv4 one keeps it).
+    write_atomically(&file, &dual_stack_manifest(&v4, &v6[1..]));
+    let started = Instant::now();
+    for probe in udp_on.get_mut("server-a").unwrap() {
+        let failure = loop {
+            match answer(probe) {
+                Ok(server) => assert_eq!(server, "server-a"),
+                Err(failure) => break failure,
+            }
+            assert!(
+                started.elapsed() < Duration::from_secs(3),
+                "a connected UDP socket never moved off server-a"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        assert!(
+            matches!(failure.0, Some(libc::ECONNABORTED | libc::EDESTADDRREQ)),
+            "{failure:?}"
+        );
+        let server = answer(probe).expect("reconnected");
+        assert_ne!(
+            server,
+            "server-a",
+            "reconnected to a live backend ({:?} after the edit)",
+            started.elapsed()
+        );
+    }
+    wait_until("new IPv6 connections avoid server-a", || {
+        let target = SocketAddr::new(VIP6.into(), 80);
+        let results =
+            workload::probe_process(&client, Some(cgroup.path()), ProbeKind::Tcp, target, 20)
+                .unwrap();
+        !spread("TCP after the edit", results, target).contains_key("server-a")
+    });
+    for (server, probes) in &mut tcp_on {
+        for probe in probes {
+            assert_eq!(
+                answer(probe).as_ref(),
+                Ok(server),
+                "an established TCP connection keeps its backend"
+            );
+        }
+    }
+    for (server, probes) in udp_on.iter_mut().filter(|(s, _)| *s != "server-a") {
+        for probe in probes {
+            assert_eq!(
+                answer(probe).as_ref(),
+                Ok(server),
+                "live backends keep theirs"
+            );
+        }
+    }
+    // `underpass service list` / `backend list` show both families.
+    let cli = |args: &[&str]| -> serde_json::Value {
+        let output = std::process::Command::new(env!("CARGO_BIN_EXE_underpass"))
+            .args(args)
+            .arg("--pin-dir")
+            .arg(&pins.0)
+            .args(["-o", "json"])
+            .output()
+            .unwrap();
+        assert!(output.status.success(), "{args:?}");
+        serde_json::from_slice(&output.stdout).unwrap()
+    };
+    let services = cli(&["service", "list"]);
+    let http6 = services
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|row| row["frontend"] == format!("[{VIP6}]:80/TCP"))
+        .unwrap_or_else(|| panic!("no IPv6 frontend listed: {services}"));
+    let listed: Vec<&str> = http6["backends"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|b| b.as_str().unwrap())
+        .collect();
+    let expected: Vec<String> = v6[1..]
+        .iter()
+        .map(|a| SocketAddr::new((*a).into(), TARGET).to_string())
+        .collect();
+    assert_eq!(listed, expected, "{services}");
+    let backends = cli(&["backend", "list"]);
+    assert_eq!(
+        backends.as_array().unwrap().len(),
+        3 * 2 + 2 * 2,
+        "three IPv4 and two IPv6 pods, two ports each: {backends}"
+    );
+    let target4 = SocketAddr::new(VIP.into(), 80);
+    let results =
+        workload::probe_process(&client, Some(cgroup.path()), ProbeKind::Tcp, target4, 30).unwrap();
+    assert!(
+        spread("IPv4 after the edit", results, target4).contains_key("server-a"),
+        "the IPv4 family keeps server-a"
+    );
+
+    let metrics = agent.get("/metrics").unwrap();
+    let terminated = udp_on["server-a"].len();
+    assert!(
+        metrics.contains(&format!(
+            "underpass_udp_sockets_terminated_total {terminated}\n"
+        )),
+        "only server-a's {terminated} sockets terminated: {metrics}"
+    );
+
+    // No IPv6 endpoint at all: refused at once.
+    write_atomically(&file, &dual_stack_manifest(&v4, &[]));
+    wait_until("connections to the empty IPv6 family are refused", || {
+        let results = workload::probe_process(
+            &client,
+            Some(cgroup.path()),
+            ProbeKind::Tcp,
+            SocketAddr::new(VIP6.into(), 80),
+            1,
+        )
+        .unwrap();
+        matches!(
+            results.as_slice(),
+            [ProbeResult::Failed {
+                errno: Some(libc::ECONNREFUSED),
+                ..
+            }]
+        )
+    });
+    let metrics = agent.get("/metrics").unwrap();
+    assert!(datapath_event(&metrics, "no_backend") >= 1);
+    drop(udp_on);
+    drop(tcp_on);
+    agent.stop();
+    drop(servers);
+}
+
+/// Without `--ipv6 on` a dual-stack Service's IPv4 family is served and
+/// its IPv6 ClusterIP is left alone (reported, not programmed): an IPv6
+/// connect() goes where the application sent it.
+#[test]
+fn without_ipv6_on_an_ipv6_cluster_ip_is_left_alone() {
+    require_root("agent e2e");
+    let topo = Topology::build(&standard_pods()).expect("building the topology");
+    let pod = topo.pod("server-a");
+    let address6 = pod.address6.expect("the topology is dual-stack");
+    let server = workload::tcp_server(&pod.namespace, pod.address, TARGET, "server-a").unwrap();
+    let pins = PinDir(PathBuf::from(format!("/sys/fs/bpf/{}", topo.prefix)));
+    let dir = tempdir(&topo.prefix);
+    write_atomically(
+        &dir.join("dual.yaml"),
+        &dual_stack_manifest(&[pod.address], &[address6]),
+    );
+    let cgroup = Cgroup::create(&format!("{}-sock", topo.prefix)).unwrap();
+    let no_pod = format!("{}-no-such-pod", topo.prefix);
+    let cgroup_arg = cgroup.path().to_str().unwrap();
+    let agent = Agent::start_with(&pins.0, &dir, &no_pod, &["--cgroup", cgroup_arg]);
+    let client = topo.pod("client").namespace.path().to_owned();
+    let target4 = SocketAddr::new(VIP.into(), 80);
+    let results =
+        workload::probe_process(&client, Some(cgroup.path()), ProbeKind::Tcp, target4, 3).unwrap();
+    assert_eq!(spread("IPv4", results, target4).len(), 1);
+    let results = workload::probe_process(
+        &client,
+        Some(cgroup.path()),
+        ProbeKind::Tcp,
+        SocketAddr::new(VIP6.into(), 80),
+        1,
+    )
+    .unwrap();
+    assert!(
+        matches!(results.as_slice(), [ProbeResult::Failed { .. }]),
+        "untranslated, the IPv6 ClusterIP answers nothing: {results:?}"
+    );
+    let metrics = agent.get("/metrics").unwrap();
+    assert_eq!(datapath_event(&metrics, "no_backend"), 0);
+    agent.stop();
+    drop(server);
+}
