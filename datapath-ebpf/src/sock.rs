@@ -242,7 +242,10 @@ impl FamilyMaps for V6 {
             .copied()
             .filter(|b| b.is_present() && b.is_v6())?;
         let address = BACKEND_ADDRS6.get(backend_id)?.address_be;
-        Some((address, backend.port_be))
+        // Never the unspecified address (a connect() to it reaches the
+        // node itself): an entry whose address is not there (yet) is no
+        // backend.
+        (address != [0; 4]).then_some((address, backend.port_be))
     }
     #[inline(always)]
     fn remember(
