@@ -2153,3 +2153,83 @@ endpoints: [{addresses: [\"fd00:10:244::9\"]}]
     assert_eq!(dump.backends, [(web_id, endpoint)], "web's backend stands");
     assert_eq!(reconciler.ids_in_use(), (2, 2));
 }
+
+/// An IPv6 service `v6` at fd00:10:96::61 port 80 → 8080 over `pods`
+/// (fd00:10:244::<n>).
+fn ipv6_service_yaml(pods: &[u16]) -> String {
+    let mut text = "\
+apiVersion: v1
+kind: Service
+metadata: {name: v6, namespace: test}
+spec:
+  clusterIP: \"fd00:10:96::61\"
+  ipFamilies: [IPv6]
+  ports: [{name: http, port: 80, targetPort: 8080}]
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {name: v6-1, namespace: test, labels: {kubernetes.io/service-name: v6}}
+addressType: IPv6
+ports: [{name: http, port: 8080}]
+endpoints:
+"
+    .to_owned();
+    for pod in pods {
+        text += &format!("- addresses: [\"fd00:10:244::{pod:x}\"]\n");
+    }
+    text
+}
+
+/// A backend id whose entry was deleted is handed out again only after
+/// the programs running at the deletion have finished: an IPv6 backend is
+/// two reads (its `BACKENDS` word, then its `BACKEND_ADDRS6` address), and
+/// a program between them must not meet another pod's address under the
+/// port it read. With every other id taken, the new backend waits for the
+/// readers, then gets the id.
+#[test]
+fn a_deleted_backends_id_is_reused_only_after_the_readers_are_gone() {
+    // Ids 1..=4.
+    let mut reconciler = Reconciler::adopt(FakeMaps::with_capacity(5)).unwrap();
+    apply(
+        &mut reconciler,
+        &translation(&ipv6_service_yaml(&[1, 2, 3])),
+    );
+    let id_of = |maps: &FakeMaps, pod: &str| {
+        let address: std::net::Ipv6Addr = pod.parse().unwrap();
+        maps.v6
+            .backends
+            .iter()
+            .find(|(_, b)| b.address == address)
+            .map(|(id, _)| *id)
+    };
+    let third = id_of(reconciler.maps(), "fd00:10:244::3").unwrap();
+    reconciler.maps_mut().log.clear();
+    // The third pod is replaced by a fourth (the last free id: written
+    // before the third goes), then the fourth by a fifth: only the
+    // third's id is left.
+    apply(
+        &mut reconciler,
+        &translation(&ipv6_service_yaml(&[1, 2, 4])),
+    );
+    apply(
+        &mut reconciler,
+        &translation(&ipv6_service_yaml(&[1, 2, 5])),
+    );
+    let log = &reconciler.maps().log;
+    let at = |entry: &str| {
+        log.iter()
+            .position(|l| l.starts_with(entry))
+            .unwrap_or_else(|| panic!("no {entry:?} in {log:?}"))
+    };
+    assert_eq!(id_of(reconciler.maps(), "fd00:10:244::5"), Some(third));
+    assert!(
+        at(&format!("remove backend {third}")) < at("wait for readers")
+            && at("wait for readers") < at(&format!("backend {third} = ")),
+        "deleted, waited for, then reused: {log:?}"
+    );
+    // With a free id at hand, nothing waits.
+    let mut roomy = Reconciler::adopt(FakeMaps::with_capacity(64)).unwrap();
+    apply(&mut roomy, &translation(&ipv6_service_yaml(&[1, 2, 3])));
+    apply(&mut roomy, &translation(&ipv6_service_yaml(&[1, 2, 4])));
+    assert!(!roomy.maps().log.iter().any(|l| l == "wait for readers"));
+}

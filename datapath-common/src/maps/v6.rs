@@ -42,9 +42,8 @@ impl ServiceKey6 {
 /// the address of the IPv6 backend under the same id. To be written
 /// before the `BACKENDS` entry that publishes it (flagged
 /// `BACKEND_FLAG_V6`), so that a program that sees the entry reads the
-/// address it belongs to; and a freed id must be handed out again only
-/// after a grace period (the allocator does not wait yet: nothing writes
-/// IPv6 backends yet, `docs/ipv6-plan.md` step 4), so that no program
+/// address it belongs to; and a freed id is handed out again only after
+/// a grace period (the agent's `IdAllocator::retire`), so that no program
 /// reads an address being rewritten under an entry it already loaded.
 #[repr(C, align(8))]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]

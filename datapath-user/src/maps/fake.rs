@@ -269,4 +269,9 @@ impl LbMaps for FakeMaps {
     ) -> Result<usize, MapError> {
         Ok(0)
     }
+
+    fn wait_for_readers(&mut self) -> bool {
+        self.log.push("wait for readers".into());
+        true
+    }
 }

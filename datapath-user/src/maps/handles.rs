@@ -59,6 +59,9 @@ pub struct DatapathMaps {
     /// The IPv6 maps; `None` in pins an agent without them made (the
     /// CLI reading an older agent's pins).
     pub v6: Option<Ipv6Maps>,
+    /// Waits for running programs (`LbMaps::wait_for_readers`), made at
+    /// the first wait.
+    pub(super) readers: Option<std::io::Result<crate::bpfsys::GracePeriod>>,
 }
 
 /// Handles on the IPv6 twins that hold frontends and backends.
@@ -130,6 +133,7 @@ impl DatapathMaps {
             fragments: typed(&mut get, m::FRAGMENTS_MAP)?,
             reply_filter: typed(&mut get, m::REPLY_FILTER_MAP)?,
             pending: Default::default(),
+            readers: None,
             v6: if [m::SERVICES6_MAP, m::BACKEND_ADDRS6_MAP, m::REVERSE_NAT6_MAP]
                 .into_iter()
                 .all(present)

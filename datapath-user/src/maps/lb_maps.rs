@@ -134,6 +134,12 @@ pub trait LbMaps {
     /// Lets go of memory mapped for reading (after adoption's `dump`,
     /// which may be long before the first sync's `flush`).
     fn unmap(&mut self) {}
+    /// Returns once every program run that began before the call has
+    /// finished (an entry cleared before it is read by none of them any
+    /// more); false when that cannot be known.
+    fn wait_for_readers(&mut self) -> bool {
+        true
+    }
 }
 
 /// A reconciler may borrow its maps (the agent keeps them).
@@ -215,6 +221,9 @@ impl<T: LbMaps + ?Sized> LbMaps for &mut T {
     }
     fn unmap(&mut self) {
         (**self).unmap()
+    }
+    fn wait_for_readers(&mut self) -> bool {
+        (**self).wait_for_readers()
     }
 }
 

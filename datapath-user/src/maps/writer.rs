@@ -209,6 +209,22 @@ impl LbMaps for DatapathMaps {
         self.pending.take_failed()
     }
 
+    fn wait_for_readers(&mut self) -> bool {
+        let grace = self.readers.get_or_insert_with(|| {
+            crate::bpfsys::GracePeriod::new().inspect_err(|e| {
+                tracing::warn!(
+                    "cannot wait for running programs ({e}): freed backend ids rest {:?} instead",
+                    super::slot_blocks::FALLBACK_REST
+                );
+            })
+        });
+        if !grace.as_ref().is_ok_and(|grace| grace.wait().is_ok()) {
+            // Far beyond any program run.
+            std::thread::sleep(super::slot_blocks::FALLBACK_REST);
+        }
+        true
+    }
+
     fn unmap(&mut self) {
         self.slots.unmap();
         self.backends.unmap();

@@ -274,7 +274,7 @@ impl<M: LbMaps, A: TableFamily> FamilyView<'_, M, A> {
             }
             match self.maps.remove_backend(id) {
                 Ok(()) => {
-                    self.backend_ids.release(id);
+                    self.backend_ids.retire(id);
                     report.backends += 1;
                 }
                 Err(e) => issues.push(datapath_issue("BACKENDS", format!("backend {id}: {e}"))),

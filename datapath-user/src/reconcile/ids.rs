@@ -8,7 +8,15 @@ pub struct IdAllocator {
     pub(super) capacity: u32,
     next: u32,
     used: Vec<u64>,
+    /// Bits set in `used` (resting ids included).
     in_use: usize,
+    /// Ids retired since the last grace period: still taken, so that a
+    /// program that read the entry before it was cleared never meets
+    /// another backend's address under the same id (an IPv6 backend is
+    /// two reads: its `BACKENDS` word, then its `BACKEND_ADDRS6` address).
+    resting: Vec<u32>,
+    /// The same as a bitmap (a retire is checked in O(1)).
+    resting_bits: Vec<u64>,
 }
 
 impl IdAllocator {
@@ -18,6 +26,8 @@ impl IdAllocator {
             next: 1,
             used: vec![0; (capacity as usize).div_ceil(64)],
             in_use: 0,
+            resting: Vec::new(),
+            resting_bits: vec![0; (capacity as usize).div_ceil(64)],
         }
     }
 
@@ -60,8 +70,37 @@ impl IdAllocator {
         }
     }
 
+    /// A published id its entry was cleared from: handed out again only
+    /// after `wake_resting` (which the caller calls once no program can
+    /// still be reading the old entry).
+    pub fn retire(&mut self, id: u32) {
+        if id == 0 || id >= self.capacity {
+            return;
+        }
+        let (word, bit) = Self::position(id);
+        if self.used[word] & bit != 0 && self.resting_bits[word] & bit == 0 {
+            self.resting_bits[word] |= bit;
+            self.resting.push(id);
+        }
+    }
+
+    /// Whether ids are resting (`wake_resting` would free them).
+    pub fn has_resting(&self) -> bool {
+        !self.resting.is_empty()
+    }
+
+    /// Frees every resting id (after a grace period).
+    pub fn wake_resting(&mut self) {
+        for id in std::mem::take(&mut self.resting) {
+            let (word, bit) = Self::position(id);
+            self.resting_bits[word] &= !bit;
+            self.release(id);
+        }
+    }
+
+    /// Ids held (resting ones not counted).
     pub fn in_use(&self) -> usize {
-        self.in_use
+        self.in_use - self.resting.len()
     }
 
     /// Takes `id` (below the capacity); false when it was taken already.
@@ -100,6 +139,22 @@ mod tests {
         ids.release(3);
         ids.release(1);
         assert_eq!(ids.allocate(), Some(3), "round robin: after 2 comes 3");
+    }
+
+    #[test]
+    fn retired_ids_rest_until_woken() {
+        let mut ids = IdAllocator::new(3);
+        assert_eq!((ids.allocate(), ids.allocate()), (Some(1), Some(2)));
+        ids.retire(1);
+        ids.retire(1);
+        ids.retire(0);
+        assert_eq!(ids.in_use(), 1, "a resting id is not in use");
+        assert!(ids.has_resting());
+        assert_eq!(ids.allocate(), None, "a resting id is not handed out");
+        ids.wake_resting();
+        assert!(!ids.has_resting());
+        assert_eq!(ids.allocate(), Some(1));
+        assert_eq!(ids.in_use(), 2);
     }
 
     #[test]

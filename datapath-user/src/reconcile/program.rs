@@ -199,7 +199,16 @@ impl<M: LbMaps, A: TableFamily> FamilyView<'_, M, A> {
         }
         let id = match self.t.adopted_by_address.remove(address) {
             Some(id) => id,
-            None => self.backend_ids.allocate()?,
+            None => match self.backend_ids.allocate() {
+                Some(id) => id,
+                // Only retired ids left: free once no program can still
+                // be reading their old entries (`IdAllocator::retire`).
+                None if self.backend_ids.has_resting() && self.maps.wait_for_readers() => {
+                    self.backend_ids.wake_resting();
+                    self.backend_ids.allocate()?
+                }
+                None => return None,
+            },
         };
         self.t.backends.insert(*address, id);
         Some(id)
@@ -250,7 +259,7 @@ impl<M: LbMaps, A: TableFamily> FamilyView<'_, M, A> {
         if let Err(error) = self.maps.remove_backend(id) {
             tracing::warn!(id, %error, "deleting a backend entry failed");
         }
-        self.backend_ids.release(id);
+        self.backend_ids.retire(id);
     }
 
     /// Drops one frontend's reference on each backend named by id (as a
