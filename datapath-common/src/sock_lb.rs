@@ -7,6 +7,12 @@
 /// Name of the read-only global the loader sets (`SockLbScope`).
 pub const SOCK_LB_SCOPE_GLOBAL: &str = "SOCK_LB_SCOPE";
 
+/// Name of the read-only global (a u32) the loader sets non-zero when the
+/// IPv6 maps are sized (the agent's `--ipv6 on`): native IPv6 addresses
+/// are looked up only then, so that an IPv4-only node's IPv6 sockets pay
+/// nothing (the verifier drops the lookups).
+pub const SOCK_LB_IPV6_GLOBAL: &str = "SOCK_LB_IPV6";
+
 /// Socket-LB's scope, fixed when the agent loads the programs.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]

@@ -54,6 +54,12 @@ trait AddressField {
 /// One family's maps as socket-LB uses them.
 trait FamilyMaps {
     type Address: Copy + PartialEq;
+    /// Whether a connect() whose slot names no usable backend is refused
+    /// (never happens but for a write in progress or a map made afresh):
+    /// an IPv4 one is let through untranslated, for the TC path to
+    /// translate; no program translates IPv6 packets yet, so an IPv6 one
+    /// would go to the ClusterIP and hang.
+    const REFUSES_UNRESOLVED: bool;
     /// The `SERVICE_FILTER` bucket of a destination.
     fn filter_index(address: Self::Address, port_be: u16, protocol: u8) -> u32;
     /// The frontend at `address:port_be`, copied out.
@@ -165,6 +171,7 @@ impl AddressField for Ip6 {
 
 impl FamilyMaps for V4 {
     type Address = u32;
+    const REFUSES_UNRESOLVED: bool = false;
     #[inline(always)]
     fn filter_index(address: u32, port_be: u16, protocol: u8) -> u32 {
         lb::service_filter_index(address, port_be, protocol)
@@ -224,6 +231,7 @@ impl FamilyMaps for V4 {
 
 impl FamilyMaps for V6 {
     type Address = Ipv6Words;
+    const REFUSES_UNRESOLVED: bool = true;
     #[inline(always)]
     fn filter_index(address: Ipv6Words, port_be: u16, protocol: u8) -> u32 {
         lb::service_filter_index6(address, port_be, protocol)
@@ -307,6 +315,22 @@ pub fn reverse4(ctx: &SockAddrContext) -> i32 {
     reverse::<Ip4>(ctx)
 }
 
+/// Non-zero when the IPv6 maps are sized (`--ipv6 on`); the loader
+/// overwrites this read-only global
+/// (`datapath_common::sock_lb::SOCK_LB_IPV6_GLOBAL`). Zero, the verifier
+/// drops the native IPv6 lookups: an IPv4-only node's IPv6 sockets (a
+/// QUIC or DNS server's every datagram) pay nothing.
+#[unsafe(no_mangle)]
+static SOCK_LB_IPV6: u32 = 0;
+
+/// Whether native IPv6 addresses are translated.
+#[inline(always)]
+fn serves_ipv6() -> bool {
+    // SAFETY: a read of our own static. Volatile, so that the compiler
+    // reads the value the loader set instead of folding in the default.
+    unsafe { core::ptr::read_volatile(&SOCK_LB_IPV6) != 0 }
+}
+
 /// connect(2) of AF_INET6 sockets: an IPv6 ClusterIP, or an IPv4 one
 /// through its IPv4-mapped address. (The kernel hands a socket connecting
 /// to a mapped address to the IPv4 code after this hook, without running
@@ -315,8 +339,10 @@ pub fn reverse4(ctx: &SockAddrContext) -> i32 {
 pub fn connect6(ctx: &SockAddrContext) -> i32 {
     if is_v4_mapped(&user_ip6(ctx)) {
         forward::<Ip4Mapped>(ctx, false)
-    } else {
+    } else if serves_ipv6() {
         forward::<Ip6>(ctx, false)
+    } else {
+        ALLOW
     }
 }
 
@@ -327,8 +353,10 @@ pub fn connect6(ctx: &SockAddrContext) -> i32 {
 pub fn sendmsg6(ctx: &SockAddrContext) -> i32 {
     if is_v4_mapped(&user_ip6(ctx)) {
         forward::<Ip4Mapped>(ctx, true)
-    } else {
+    } else if serves_ipv6() {
         forward::<Ip6>(ctx, true)
+    } else {
+        ALLOW
     }
 }
 
@@ -339,8 +367,10 @@ pub fn sendmsg6(ctx: &SockAddrContext) -> i32 {
 pub fn reverse6(ctx: &SockAddrContext) -> i32 {
     if is_v4_mapped(&user_ip6(ctx)) {
         reverse::<Ip4Mapped>(ctx)
-    } else {
+    } else if serves_ipv6() {
         reverse::<Ip6>(ctx)
+    } else {
+        ALLOW
     }
 }
 
@@ -393,6 +423,18 @@ fn in_scope(ctx: &SockAddrContext) -> bool {
     scope.translates(netns_cookie, listed)
 }
 
+/// Fails the syscall with ECONNREFUSED (EPERM on kernels without
+/// `bpf_set_retval`).
+#[inline(always)]
+fn refuse() -> i32 {
+    if features::has(SET_RETVAL) {
+        // SAFETY: plain helper call; makes the syscall fail with
+        // ECONNREFUSED instead of the default EPERM.
+        unsafe { bpf_set_retval(-ECONNREFUSED) };
+    }
+    REFUSE
+}
+
 #[inline(always)]
 fn forward<F: AddressField>(ctx: &SockAddrContext, is_sendmsg: bool) -> i32 {
     let sa = ctx.sock_addr;
@@ -420,12 +462,7 @@ fn forward<F: AddressField>(ctx: &SockAddrContext, is_sendmsg: bool) -> i32 {
     if service.backend_count == 0 {
         count(Counter::NoBackend);
         F::Maps::no_backend(ctx, address, port_be, protocol);
-        if features::has(SET_RETVAL) {
-            // SAFETY: plain helper call; makes the syscall fail with
-            // ECONNREFUSED instead of the default EPERM.
-            unsafe { bpf_set_retval(-ECONNREFUSED) };
-        }
-        return REFUSE;
+        return refuse();
     }
     // SAFETY: plain helper call on the program's context.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
@@ -442,7 +479,11 @@ fn forward<F: AddressField>(ctx: &SockAddrContext, is_sendmsg: bool) -> i32 {
         .and_then(|s| F::Maps::backend(s.backend_id))
     else {
         count(Counter::Error);
-        return ALLOW;
+        return if F::Maps::REFUSES_UNRESOLVED {
+            refuse()
+        } else {
+            ALLOW
+        };
     };
     // Every datagram of an unconnected socket comes through sendmsg: the
     // reverse entry is only written when it is not already there.

@@ -18,7 +18,7 @@ use datapath_user::{
     attach::Selector,
     cni, inspect,
     inspect::Output,
-    k8s::NodeContext,
+    k8s::{Ipv6Serving, NodeContext},
     loader::{self, CtTimeouts, DEFAULT_PIN_DIR, DatapathLog, L4Checksums, MapSizes},
     netns,
     pod_tc::PodTcPolicy,
@@ -352,14 +352,18 @@ struct AgentArgs {
     /// Services' IPv6 ClusterIPs (dual-stack and single-stack IPv6).
     /// `on`: the IPv6 maps are sized as their IPv4 twins and socket-LB
     /// translates native IPv6 connect()/sendmsg() to IPv6 backends
-    /// (getpeername/recvmsg show the ClusterIP; connected UDP sockets
-    /// leave departed backends). The TC path does not translate IPv6 yet:
-    /// processes socket-LB leaves to it (--socket-lb host,
-    /// --socket-lb-skip-netns) do not reach IPv6 ClusterIPs, and each
-    /// such service says so. `off` (default): the IPv6 maps take one
-    /// entry each and IPv6 ClusterIPs are reported unsupported (a
+    /// (ClusterIPs, and the IPv6 external, load-balancer and node
+    /// addresses as for IPv4; getpeername/recvmsg show the service;
+    /// connected UDP sockets leave departed backends). The TC path does
+    /// not translate IPv6 yet: processes socket-LB leaves to it
+    /// (--socket-lb host, --socket-lb-skip-netns, --cgroup below the
+    /// root) do not reach IPv6 services, said at start and by each such
+    /// service. Needs socket-LB. `off` (default): the IPv6 maps take one
+    /// entry each and IPv6 services are reported not served (a
     /// dual-stack service's IPv4 family is served either way). A change
-    /// replaces the IPv6 maps; IPv4 flows are untouched.
+    /// replaces the IPv6 maps and with them the frontend tables, which
+    /// the agent writes again; conntrack stays, so IPv4 flows keep their
+    /// backends.
     #[arg(long, env = "UNDERPASS_IPV6", value_enum, default_value_t = Ipv6::Off)]
     ipv6: Ipv6,
 }
@@ -491,11 +495,32 @@ fn run_agent(args: AgentArgs) -> Result<()> {
     );
     pod_tc.check().map_err(anyhow::Error::msg)?;
     let ipv6 = args.ipv6 == Ipv6::On;
-    if ipv6 && cgroup.is_none() {
-        bail!(
+    let ipv6_serving = match (&cgroup, ipv6) {
+        (_, false) => Ipv6Serving::Off,
+        (None, true) => bail!(
             "--ipv6 on: IPv6 ClusterIPs are served by socket-LB alone (the TC path does not translate IPv6 yet), and socket-LB is off (--socket-lb off or --no-socket-lb)"
-        );
-    }
+        ),
+        (Some(cgroup), true) => {
+            let because = if args.socket_lb == SocketLb::Host {
+                Some("--socket-lb host leaves pods to the TC path")
+            } else if socket_lb_skip.is_some() {
+                Some("--socket-lb-skip-netns leaves the pods it names to the TC path")
+            } else if !datapath_user::cgroup::is_root(cgroup) {
+                Some("--cgroup is below the cgroup2 root: processes outside it take the TC path")
+            } else {
+                None
+            };
+            match because {
+                Some(because) => {
+                    tracing::warn!(
+                        "--ipv6 on: IPv6 ClusterIPs are served by socket-LB alone, and {because}, which does not translate IPv6 yet: those processes do not reach IPv6 ClusterIPs (each such service says so)"
+                    );
+                    Ipv6Serving::NotEveryPod { because }
+                }
+                None => Ipv6Serving::EveryPod,
+            }
+        }
+    };
     let options = AgentOptions {
         pin_dir: args.pin.pin_dir,
         source,
@@ -503,7 +528,7 @@ fn run_agent(args: AgentArgs) -> Result<()> {
             node_name: args.node_name,
             zone: args.node_zone,
             addresses: args.node_ips,
-            ipv6,
+            ipv6: ipv6_serving,
         },
         netns_dir: (!args.no_pod_attach).then_some(args.netns_dir),
         selector: Selector {

@@ -35,10 +35,10 @@ use std::{
 
 use aya::maps::MapInfo;
 use datapath_common::maps::{
-    BACKENDS_MAP, Backend, CLASH_FILTER_MAP, CONNTRACK_TCP_MAP, CONNTRACK_UDP_MAP,
-    CONNTRACK6_TCP_MAP, CONNTRACK6_UDP_MAP, COUNTERS_MAP, FRAGMENTS_MAP, IPV6_MAPS,
-    MAP_LAYOUT_VERSIONS, POD_ROUTES_MAP, REPLY_FILTER_MAP, REVERSE_NAT_MAP, SERVICE_FILTER_MAP,
-    SERVICES_MAP, SERVICES6_MAP, SHARED_MAPS_ABI, SLOTS_MAP, SOCK_LB_SKIP_MAP,
+    BACKEND_ADDRS6_MAP, BACKENDS_MAP, Backend, CLASH_FILTER_MAP, CONNTRACK_TCP_MAP,
+    CONNTRACK_UDP_MAP, CONNTRACK6_TCP_MAP, CONNTRACK6_UDP_MAP, COUNTERS_MAP, FRAGMENTS_MAP,
+    IPV6_MAPS, MAP_LAYOUT_VERSIONS, POD_ROUTES_MAP, REPLY_FILTER_MAP, REVERSE_NAT_MAP,
+    SERVICE_FILTER_MAP, SERVICES_MAP, SERVICES6_MAP, SHARED_MAPS_ABI, SLOTS_MAP, SOCK_LB_SKIP_MAP,
     SOCK_REVERSE_NAT_MAP, layout_version,
 };
 
@@ -384,11 +384,17 @@ const DEPENDENTS: [(&str, &[&str]); 1] = [(
 /// `SERVICES` (or `SERVICES6`, whose frontends' blocks are in the same
 /// array) and `SLOTS` takes the other.
 ///
-/// (`BACKEND_ADDRS6` holds the addresses of `BACKENDS`' IPv6 entries: how
-/// it goes with `BACKENDS` — carried with it — is decided where IPv6
-/// backends are first written; until then it holds none.)
+/// `BACKEND_ADDRS6` holds the addresses of `BACKENDS`' IPv6 entries and
+/// goes with it: a `BACKENDS` replaced (carried or not) takes it, and a
+/// carry leaves the IPv6 entries behind (`read_backends`): an IPv6
+/// backend's word without its address would be no backend, and the
+/// frontends naming them are made anew anyway (`SLOTS` follows). The
+/// other way, `BACKEND_ADDRS6` is replaced alone only when the IPv6 maps
+/// are sized up or down (`--ipv6`), which takes `SERVICES6` and so every
+/// frontend with it; a change of its layout would have to take a carried
+/// `BACKENDS` with it.
 const FOLLOWERS: [(&str, &[&str]); 4] = [
-    (BACKENDS_MAP, &[SLOTS_MAP]),
+    (BACKENDS_MAP, &[SLOTS_MAP, BACKEND_ADDRS6_MAP]),
     (SLOTS_MAP, &[SERVICES_MAP, SERVICES6_MAP]),
     (SERVICES_MAP, &[SLOTS_MAP]),
     (SERVICES6_MAP, &[SLOTS_MAP]),
@@ -713,11 +719,17 @@ pub fn reconcile_pins(
 }
 
 /// Every entry of the `BACKENDS` array pinned at `path`.
+/// The entries of a pinned `BACKENDS` to carry: its IPv4 ones (an IPv6
+/// entry's address is in `BACKEND_ADDRS6`, made anew beside it).
 fn read_backends(path: &Path) -> std::io::Result<Vec<Backend>> {
     use std::os::fd::{AsFd, AsRawFd};
     let map = aya::maps::MapData::from_pin(path).map_err(std::io::Error::other)?;
     let len = map.info().map_err(std::io::Error::other)?.max_entries();
-    crate::bpfsys::read_array(map.fd().as_fd().as_raw_fd(), len)
+    let entries: Vec<Backend> = crate::bpfsys::read_array(map.fd().as_fd().as_raw_fd(), len)?;
+    Ok(entries
+        .into_iter()
+        .map(|b| if b.is_v6() { Backend::default() } else { b })
+        .collect())
 }
 
 #[cfg(test)]

@@ -68,10 +68,12 @@ impl Family for Ipv6Addr {
         ServiceKey6::new(ipv6_words(address), port_be(port), protocol.number())
     }
 
+    /// Not an IPv4-mapped one (`::ffff:a.b.c.d`): the API server refuses
+    /// them, and a socket cannot be sent to one over IPv6.
     fn from_ip(ip: std::net::IpAddr) -> Option<Self> {
         match ip {
-            std::net::IpAddr::V6(v6) => Some(v6),
-            std::net::IpAddr::V4(_) => None,
+            std::net::IpAddr::V6(v6) if v6.to_ipv4_mapped().is_none() => Some(v6),
+            std::net::IpAddr::V6(_) | std::net::IpAddr::V4(_) => None,
         }
     }
 

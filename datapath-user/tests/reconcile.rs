@@ -7,7 +7,8 @@ use std::net::Ipv4Addr;
 
 use datapath_user::{
     k8s::{
-        IssueKind, NodeContext, ObjectKey, ServiceTranslation, Typed, manifest, translate_service,
+        Ipv6Serving, IssueKind, NodeContext, ObjectKey, ServiceTranslation, Typed, manifest,
+        translate_service,
     },
     maps::{FakeMaps, LbMaps, MapDump},
     model::{BackendAddress, Frontend, Protocol},
@@ -435,8 +436,8 @@ fn adoption_and_lifecycle_through_pinned_maps() {
 fn pinned_maps_made_differently_are_replaced_by_the_owner_only() {
     use aya::maps::{MapData, MapInfo};
     use datapath_common::maps::{
-        BACKENDS_MAP, CONNTRACK_TCP_MAP, CONNTRACK_UDP_MAP, REVERSE_NAT_MAP, SERVICES_MAP,
-        SHARED_MAPS_ABI, SLOTS_MAP, SOCK_REVERSE_NAT_MAP, layout_version,
+        BACKEND_ADDRS6_MAP, BACKENDS_MAP, CONNTRACK_TCP_MAP, CONNTRACK_UDP_MAP, REVERSE_NAT_MAP,
+        SERVICES_MAP, SHARED_MAPS_ABI, SLOTS_MAP, SOCK_REVERSE_NAT_MAP, layout_version,
     };
     use datapath_user::{LoadOptions, loader::MapSizes, map_pins::PinPolicy};
     common::require_root("pinned maps");
@@ -598,13 +599,21 @@ fn pinned_maps_made_differently_are_replaced_by_the_owner_only() {
     // it (the programs still attached keep reading the old set, which the
     // new agent must not rewrite), and the service is programmed again
     // exactly as before.
+    // IPv6 backends are not carried (their addresses are in
+    // BACKEND_ADDRS6, made anew with BACKENDS): the IPv6 service is
+    // written again.
     let mut options = with(3000, PinPolicy::Own);
+    options.sizes.ipv6 = true;
+    let v6 = translation(&ipv6_service_yaml(&[1, 2]));
     let programmed = {
         let mut datapath = datapath_user::Datapath::load(&options).unwrap();
         let mut reconciler = Reconciler::adopt(&mut datapath.maps).unwrap();
         apply(&mut reconciler, &web);
+        apply(&mut reconciler, &v6);
         reconciler.maps().dump().unwrap()
     };
+    assert_eq!(programmed.backends6.len(), 2);
+    let addrs6_id = map_id(BACKEND_ADDRS6_MAP);
     let followers = [SERVICES_MAP, SLOTS_MAP];
     let (ct_ids, backends_id, reverse_nat_id, follower_ids) = (
         ids(&[CONNTRACK_TCP_MAP, CONNTRACK_UDP_MAP]),
@@ -638,14 +647,32 @@ fn pinned_maps_made_differently_are_replaced_by_the_owner_only() {
         programmed.backends,
         "carried before any sync"
     );
+    assert_ne!(
+        map_id(BACKEND_ADDRS6_MAP),
+        addrs6_id,
+        "BACKEND_ADDRS6 made anew with BACKENDS"
+    );
+    assert!(
+        datapath.maps.dump().unwrap().backends6.is_empty(),
+        "IPv6 entries are not carried without their addresses"
+    );
     let mut reconciler = Reconciler::adopt(&mut datapath.maps).unwrap();
     apply(&mut reconciler, &web);
+    apply(&mut reconciler, &v6);
     reconciler.prune(false).unwrap();
+    let again = reconciler.maps().dump().unwrap();
     assert_eq!(
-        reconciler.maps().dump().unwrap(),
-        programmed,
+        (&again.frontends, &again.backends, &again.rev_nats),
+        (
+            &programmed.frontends,
+            &programmed.backends,
+            &programmed.rev_nats
+        ),
         "backends carried under the same ids, the frontend under its reverse-NAT id"
     );
+    let addresses = |dump: &MapDump| -> Vec<_> { dump.backends6.iter().map(|(_, b)| *b).collect() };
+    assert_eq!(addresses(&again), addresses(&programmed));
+    assert_eq!(again.rev_nats6, programmed.rev_nats6);
     drop(reconciler);
     drop(datapath);
     // A BACKENDS of another layout cannot be carried: conntrack goes too.
@@ -1775,18 +1802,23 @@ endpoints: [{addresses: [\"fd00:10:244::6:1\"]}]
             "Service test/dual spec.clusterIPs[1]: IPv6 frontends are not served: the agent runs without --ipv6 on (2 of them, [fd00:10:96::60]:53/UDP first); its IPv4 family is served (unsupported)"
         ]
     );
-    // Served (`--ipv6 on`): the same frontends, and what is not served yet.
-    let node6 = NodeContext {
-        ipv6: true,
+    // Served (`--ipv6 on`): the same frontends; an issue only when
+    // socket-LB leaves some pods to the TC path.
+    let on = |ipv6| NodeContext {
+        ipv6,
         ..NodeContext::default()
     };
-    let (_, served) = translation_on(yaml, &node6);
+    let (_, served) = translation_on(yaml, &on(Ipv6Serving::EveryPod));
     assert_eq!(served.frontends6, translation.frontends6);
-    let issues: Vec<String> = served.issues.iter().map(|i| i.to_string()).collect();
+    assert!(served.issues.is_empty(), "{:?}", served.issues);
+    let because = "--socket-lb host leaves pods to the TC path";
+    let (_, partly) = translation_on(yaml, &on(Ipv6Serving::NotEveryPod { because }));
+    assert_eq!(partly.frontends6, translation.frontends6);
+    let issues: Vec<String> = partly.issues.iter().map(|i| i.to_string()).collect();
     assert_eq!(
         issues,
         [
-            "Service test/dual spec.clusterIPs[1]: IPv6 frontends are served by socket-LB only (2 of them, [fd00:10:96::60]:53/UDP first): pods whose traffic takes the TC path (--socket-lb host, --socket-lb-skip-netns) do not reach them yet (unsupported)"
+            "Service test/dual spec.clusterIPs[1]: IPv6 frontends are served by socket-LB only (2 of them, [fd00:10:96::60]:53/UDP first): --socket-lb host leaves pods to the TC path, and the TC path does not translate IPv6 yet (unsupported)"
         ]
     );
     let v4_only = [

@@ -187,9 +187,24 @@ pub struct NodeContext {
     pub zone: Option<String>,
     /// The node's addresses, where pods reach services' nodePorts.
     pub addresses: Vec<IpAddr>,
-    /// Whether the agent serves IPv6 frontends (`--ipv6 on`: socket-LB
-    /// translates them; the TC path does not yet).
-    pub ipv6: bool,
+    /// Whether and how the agent serves IPv6 frontends (`--ipv6`).
+    pub ipv6: Ipv6Serving,
+}
+
+/// How IPv6 frontends are served: by socket-LB alone (the TC path does
+/// not translate IPv6 yet), so whether every pod reaches them depends on
+/// socket-LB covering every pod.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Ipv6Serving {
+    /// Not programmed (`--ipv6 off`): each service's IPv6 family is
+    /// reported as not served.
+    #[default]
+    Off,
+    /// Programmed, and socket-LB translates every process's sockets.
+    EveryPod,
+    /// Programmed, but socket-LB leaves some processes to the TC path,
+    /// `because` (the flag that does it): each service says so.
+    NotEveryPod { because: &'static str },
 }
 
 fn service_issue(service: &ObjectKey, kind: IssueKind, field: String, reason: String) -> Issue {
@@ -388,24 +403,24 @@ pub fn translate_view<'a>(
     }
     if let (Some(field), false) = (v6_field, out.frontends6.is_empty()) {
         let (count, first) = (out.frontends6.len(), out.frontends6[0].frontend);
-        let reason = if node.ipv6 {
-            // Programmed and translated at connect(); the TC path passes
-            // IPv6 untouched until its IPv6 half lands.
-            format!(
-                "IPv6 frontends are served by socket-LB only ({count} of them, {first} first): pods whose traffic takes the TC path (--socket-lb host, --socket-lb-skip-netns) do not reach them yet"
-            )
-        } else {
-            format!(
+        let reason = match node.ipv6 {
+            Ipv6Serving::EveryPod => None,
+            Ipv6Serving::NotEveryPod { because } => Some(format!(
+                "IPv6 frontends are served by socket-LB only ({count} of them, {first} first): {because}, and the TC path does not translate IPv6 yet"
+            )),
+            Ipv6Serving::Off => Some(format!(
                 "IPv6 frontends are not served: the agent runs without --ipv6 on ({count} of them, {first} first); {}",
                 if has_v4 {
                     "its IPv4 family is served"
                 } else {
                     "nothing of this service is served"
                 }
-            )
+            )),
         };
-        out.issues
-            .push(service_issue(key, IssueKind::Unsupported, field, reason));
+        if let Some(reason) = reason {
+            out.issues
+                .push(service_issue(key, IssueKind::Unsupported, field, reason));
+        }
     }
     out
 }

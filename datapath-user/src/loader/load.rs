@@ -8,7 +8,7 @@ use datapath_common::{
     conntrack::LIFETIMES_GLOBAL,
     maps,
     skb_checksum::{SKB_CHECKSUM_GLOBAL, SkbChecksumField},
-    sock_lb::SOCK_LB_SCOPE_GLOBAL,
+    sock_lb::{SOCK_LB_IPV6_GLOBAL, SOCK_LB_SCOPE_GLOBAL},
 };
 
 use super::{
@@ -194,6 +194,8 @@ impl Datapath {
             true,
         );
         loader.override_global(SOCK_LB_SCOPE_GLOBAL, &options.sock_lb_scope, true);
+        let serves_ipv6 = u32::from(options.sizes.ipv6);
+        loader.override_global(SOCK_LB_IPV6_GLOBAL, &serves_ipv6, true);
         loader.override_global(SKB_CHECKSUM_GLOBAL, &checksum_field, true);
         let log_level = options.datapath_log.aya_level();
         loader.override_global(aya_log::LEVEL, &log_level, true);

@@ -64,6 +64,11 @@ impl IdAllocator {
             return;
         }
         let (word, bit) = Self::position(id);
+        if self.resting_bits[word] & bit != 0 {
+            // Released while resting: no longer resting.
+            self.resting_bits[word] &= !bit;
+            self.resting.retain(|&r| r != id);
+        }
         if self.used[word] & bit != 0 {
             self.used[word] &= !bit;
             self.in_use -= 1;
@@ -94,7 +99,10 @@ impl IdAllocator {
         for id in std::mem::take(&mut self.resting) {
             let (word, bit) = Self::position(id);
             self.resting_bits[word] &= !bit;
-            self.release(id);
+            if self.used[word] & bit != 0 {
+                self.used[word] &= !bit;
+                self.in_use -= 1;
+            }
         }
     }
 
@@ -155,6 +163,11 @@ mod tests {
         assert!(!ids.has_resting());
         assert_eq!(ids.allocate(), Some(1));
         assert_eq!(ids.in_use(), 2);
+        // Released while resting: free at once, and not resting any more.
+        ids.retire(2);
+        ids.release(2);
+        assert_eq!((ids.in_use(), ids.has_resting()), (1, false));
+        assert_eq!(ids.allocate(), Some(2));
     }
 
     #[test]
