@@ -22,6 +22,20 @@ pub mod reject;
 pub mod skb_checksum;
 pub mod sock_lb;
 
+/// The TC egress program's jump table (`TC_JUMPS`, a program array):
+/// IPv6 packets continue in their own program, by a tail call, with a
+/// stack of their own (the IPv4 path's frame leaves no room for theirs
+/// beside it) and nothing added to the IPv4 path.
+pub mod jumps {
+    /// The map's name in the object (not one of `maps::ALL_MAPS`: made
+    /// with each load and pinned beside the programs it holds).
+    pub const TC_JUMPS_MAP: &str = "TC_JUMPS";
+    /// Slot of the IPv6 egress program (`up_tc_egress6`).
+    pub const EGRESS6: u32 = 0;
+    /// Slots in the table.
+    pub const SLOTS: u32 = 1;
+}
+
 /// IANA protocol numbers used in keys.
 pub const IPPROTO_TCP: u8 = 6;
 pub const IPPROTO_UDP: u8 = 17;

@@ -38,10 +38,15 @@ pub enum Counter {
     /// port, backend, port) was held by another flow: two services on one
     /// backend, or a service flow and a connection straight to the pod.
     PortClash = 11,
+    /// TC egress: a packet to an IPv6 frontend, refused with an ICMPv6
+    /// port unreachable into the pod: the TC path does not translate
+    /// IPv6 yet (socket-LB does), and untranslated it would leave the
+    /// pod for a ClusterIP nothing answers.
+    Ipv6Refused = 12,
 }
 
 /// Number of slots in `COUNTERS`.
-pub const COUNTER_COUNT: u32 = 12;
+pub const COUNTER_COUNT: u32 = 13;
 
 impl Counter {
     /// Every counter, in index order.
@@ -58,6 +63,7 @@ impl Counter {
         Counter::FragmentTranslated,
         Counter::IcmpErrorTranslated,
         Counter::PortClash,
+        Counter::Ipv6Refused,
     ];
 
     /// The snake_case name used in metrics and CLI output.
@@ -75,6 +81,7 @@ impl Counter {
             Counter::FragmentTranslated => "fragment_translated",
             Counter::IcmpErrorTranslated => "icmp_error_translated",
             Counter::PortClash => "port_clash",
+            Counter::Ipv6Refused => "ipv6_refused",
         }
     }
 }

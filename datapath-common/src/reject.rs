@@ -7,7 +7,7 @@
 //! addresses and the first bytes it carried; the datapath only resizes the
 //! packet, stores the frame and turns it around into the pod.
 
-use crate::csum;
+use crate::csum::{self, accumulate};
 
 /// Bytes of the refused packet an ICMP error quotes: its IP header
 /// (without options: the datapath refuses only such packets, which is
@@ -58,6 +58,75 @@ pub fn port_unreachable(
     frame
 }
 
+/// Bytes of a refused IPv6 packet its ICMPv6 error quotes: the fixed
+/// header and the 8 bytes after it (the ports, when no extension header
+/// comes first). RFC 4443 asks for as much as fits; this is what
+/// identifies the socket.
+pub const QUOTED6_LEN: usize = 40 + 8;
+/// Ethernet + IPv6 + ICMPv6 header + the quoted bytes.
+pub const FRAME6_LEN: usize = 14 + 40 + 8 + QUOTED6_LEN;
+
+/// Ethernet type of IPv6.
+pub const ETHERTYPE_IPV6: [u8; 2] = [0x86, 0xdd];
+const NEXTHDR_ICMPV6: u8 = 58;
+const ICMPV6_DEST_UNREACH: u8 = 1;
+const ICMPV6_PORT_UNREACH: u8 = 4;
+
+/// The headers of the ICMPv6 refusal of an IPv6 packet whose first
+/// `QUOTED6_LEN` bytes (from its IPv6 header on) are `quoted`: ICMPv6
+/// destination unreachable, port unreachable (type 1, code 4:
+/// ECONNREFUSED for TCP and UDP sockets), from the refused packet's
+/// destination to its source, its checksum over the IPv6 pseudo-header,
+/// the ICMPv6 header and the quote. Apart from the quote, so that the
+/// datapath stores the pieces without a whole frame on its stack.
+pub struct Refusal6 {
+    /// The IPv6 header.
+    pub ip: [u8; 40],
+    /// The ICMPv6 header (type, code, checksum, unused word); the quote
+    /// follows it.
+    pub icmp: [u8; 8],
+}
+
+/// `Refusal6` for `quoted`.
+#[inline(always)]
+pub fn refusal6(quoted: &[u8; QUOTED6_LEN]) -> Refusal6 {
+    let mut ip = [0u8; 40];
+    ip[0] = 0x60;
+    let payload = (8 + QUOTED6_LEN) as u16;
+    ip[4..6].copy_from_slice(&payload.to_be_bytes());
+    ip[6] = NEXTHDR_ICMPV6;
+    ip[7] = TTL;
+    ip[8..24].copy_from_slice(&quoted[24..40]);
+    ip[24..40].copy_from_slice(&quoted[8..24]);
+    let mut icmp = [ICMPV6_DEST_UNREACH, ICMPV6_PORT_UNREACH, 0, 0, 0, 0, 0, 0];
+    // The pseudo-header: source, destination, length, next header.
+    let mut sum = accumulate(&ip[8..40], 0);
+    sum = accumulate(&u32::from(payload).to_be_bytes(), sum);
+    sum = accumulate(&[0, 0, 0, NEXTHDR_ICMPV6], sum);
+    sum = accumulate(&icmp, sum);
+    sum = accumulate(quoted, sum);
+    icmp[2..4].copy_from_slice(&(!csum::fold(sum)).to_ne_bytes());
+    Refusal6 { ip, icmp }
+}
+
+/// The whole refusal frame of an IPv6 packet (`refusal6` with Ethernet
+/// back to the sender and the quote), for tests and tools.
+pub fn port_unreachable6(
+    dst_mac: [u8; 6],
+    src_mac: [u8; 6],
+    quoted: &[u8; QUOTED6_LEN],
+) -> [u8; FRAME6_LEN] {
+    let headers = refusal6(quoted);
+    let mut frame = [0u8; FRAME6_LEN];
+    frame[0..6].copy_from_slice(&src_mac);
+    frame[6..12].copy_from_slice(&dst_mac);
+    frame[12..14].copy_from_slice(&ETHERTYPE_IPV6);
+    frame[14..54].copy_from_slice(&headers.ip);
+    frame[54..62].copy_from_slice(&headers.icmp);
+    frame[62..].copy_from_slice(quoted);
+    frame
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -97,5 +166,36 @@ mod tests {
         assert_eq!((icmp[0], icmp[1]), (3, 3), "port unreachable");
         assert!(csum::verifies(icmp), "ICMP checksum over header and quote");
         assert_eq!(&icmp[8..], &syn_quote(), "quotes the refused packet");
+    }
+
+    #[test]
+    fn the_ipv6_frame_goes_back_to_the_sender_from_the_service_with_a_valid_checksum() {
+        // A TCP SYN [fd77::5]:40000 → [fd00:10:96::a]:80, header + 8 bytes.
+        let client: [u8; 16] = [0xfd, 0x77, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 5];
+        let vip: [u8; 16] = [0xfd, 0, 0, 0x10, 0, 0x96, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0x0a];
+        let mut q = [0u8; QUOTED6_LEN];
+        q[0] = 0x60;
+        q[4..6].copy_from_slice(&40u16.to_be_bytes());
+        q[6] = 6;
+        q[7] = 64;
+        q[8..24].copy_from_slice(&client);
+        q[24..40].copy_from_slice(&vip);
+        q[40..42].copy_from_slice(&40000u16.to_be_bytes());
+        q[42..44].copy_from_slice(&80u16.to_be_bytes());
+        let pod = [2, 0, 0, 0, 0, 5];
+        let gateway = [2, 0, 0, 0, 0, 1];
+        let frame = port_unreachable6(gateway, pod, &q);
+        assert_eq!((&frame[0..6], &frame[6..12]), (&pod[..], &gateway[..]));
+        assert_eq!(&frame[12..14], &[0x86, 0xdd]);
+        let ip = &frame[14..54];
+        assert_eq!(ip[0] >> 4, 6);
+        assert_eq!(u16::from_be_bytes([ip[4], ip[5]]) as usize, FRAME6_LEN - 54);
+        assert_eq!(ip[6], 58, "ICMPv6");
+        assert_eq!(&ip[8..24], &vip, "from the ClusterIP");
+        assert_eq!(&ip[24..40], &client, "to the client");
+        let icmp = &frame[54..];
+        assert_eq!((icmp[0], icmp[1]), (1, 4), "port unreachable");
+        assert!(csum::l4_verifies6(vip, client, 58, icmp), "ICMPv6 checksum");
+        assert_eq!(&icmp[8..], &q, "quotes the refused packet");
     }
 }

@@ -28,14 +28,14 @@ use datapath_common::{
 };
 
 use crate::{
-    clash, ct, events, frag, hairpin, icmp, l2,
+    clash, ct, egress6, events, frag, hairpin, icmp, l2,
     maps::{
         BACKENDS, CONNTRACK_TCP, CONNTRACK_UDP, CtMap, REVERSE_NAT, SERVICE_FILTER, SERVICES, SLOTS,
     },
     metrics::count,
     nat::{self, End},
     parse::{self, Packet},
-    reject, reply_filter, route,
+    parse6, reject, reply_filter, route,
 };
 
 #[inline(always)]
@@ -45,6 +45,9 @@ pub fn run(ctx: &TcContext) -> i32 {
         return TC_ACT_UNSPEC;
     }
     let Some(mut packet) = parse::ipv4_l4(ctx) else {
+        if parse6::is_ipv6(ctx) {
+            return egress6::jump(ctx);
+        }
         // Not TCP or UDP: an ICMP error may be about a translated flow.
         return icmp::on_egress(ctx);
     };

@@ -9,6 +9,7 @@
 mod clash;
 mod ct;
 mod egress;
+mod egress6;
 mod events;
 mod features;
 mod flags;
@@ -22,6 +23,7 @@ mod maps;
 mod metrics;
 mod nat;
 mod parse;
+mod parse6;
 mod reject;
 mod reply_filter;
 mod route;
@@ -39,6 +41,13 @@ use aya_ebpf::{
 #[inline(always)]
 pub fn up_tc_egress(ctx: TcContext) -> i32 {
     egress::run(&ctx)
+}
+
+/// TC egress for IPv6 packets, entered from `up_tc_egress` by a tail call
+/// (`datapath_common::jumps`); never attached itself.
+#[classifier]
+pub fn up_tc_egress6(ctx: TcContext) -> i32 {
+    egress6::run(&ctx)
 }
 
 /// TC ingress on the pod interface: backend → ClusterIP reverse NAT.

@@ -4,7 +4,7 @@
 
 use aya_ebpf::{
     macros::map,
-    maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray},
+    maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, ProgramArray},
 };
 use datapath_common::{
     maps::{
@@ -142,3 +142,9 @@ pub static FRAGMENTS6: LruHashMap<FragmentKey6, FragmentPorts> = LruHashMap::wit
 /// Attached pods' IPv6 routes: (netns cookie, prefix) → interface.
 #[map]
 pub static POD_ROUTES6: LpmTrie<PodRouteKey6, u32> = LpmTrie::with_max_entries(1, 0);
+
+/// The TC egress program's jump table (`datapath_common::jumps`): slot
+/// `EGRESS6` holds `up_tc_egress6`, set by the loader.
+#[map]
+pub static TC_JUMPS: ProgramArray =
+    ProgramArray::with_max_entries(datapath_common::jumps::SLOTS, 0);

@@ -9,7 +9,7 @@ use aya_ebpf::{
     helpers::{bpf_redirect, bpf_skb_change_tail, bpf_skb_load_bytes},
     programs::TcContext,
 };
-use datapath_common::reject::{self, FRAME_LEN, QUOTED_LEN};
+use datapath_common::reject::{self, FRAME_LEN, FRAME6_LEN, QUOTED_LEN, QUOTED6_LEN};
 use network_types::eth::EthHdr;
 
 use crate::parse::{ETH_LEN, Packet};
@@ -47,6 +47,50 @@ pub fn refuse(ctx: &TcContext, packet: &Packet) -> i32 {
         return TC_ACT_SHOT;
     }
     if ctx.store(0, &frame, 0).is_err() {
+        return TC_ACT_SHOT;
+    }
+    // SAFETY: plain helper call; the skb pointer is the program's context.
+    unsafe { bpf_redirect((*ctx.skb.skb).ifindex, BPF_F_INGRESS as u64) as i32 }
+}
+
+/// `refuse` of an IPv6 packet: an ICMPv6 port unreachable quoting its
+/// first 48 bytes (`datapath_common::reject::refusal6`), stored piece by
+/// piece (a whole frame on the stack would not fit beside the rest).
+#[inline(always)]
+pub fn refuse6(ctx: &TcContext) -> i32 {
+    let Ok(eth) = ctx.load::<EthHdr>(0) else {
+        return TC_ACT_SHOT;
+    };
+    let mut quoted = [0u8; QUOTED6_LEN];
+    // SAFETY: writes QUOTED6_LEN bytes into `quoted`, which has them (a
+    // TCP or UDP packet over IPv6 is at least that long past Ethernet).
+    let loaded = unsafe {
+        bpf_skb_load_bytes(
+            ctx.skb.skb as *const _,
+            ETH_LEN as u32,
+            quoted.as_mut_ptr() as *mut _,
+            QUOTED6_LEN as u32,
+        )
+    };
+    if loaded != 0 {
+        return TC_ACT_SHOT;
+    }
+    let headers = reject::refusal6(&quoted);
+    // SAFETY: plain helper call on the program's own skb.
+    if unsafe { bpf_skb_change_tail(ctx.skb.skb, FRAME6_LEN as u32, 0) } != 0 {
+        return TC_ACT_SHOT;
+    }
+    // Ethernet back to the sender (its MACs swapped).
+    let mut l2 = [0u8; ETH_LEN];
+    l2[0..6].copy_from_slice(&eth.src_addr);
+    l2[6..12].copy_from_slice(&eth.dst_addr);
+    l2[12..14].copy_from_slice(&reject::ETHERTYPE_IPV6);
+    let icmp_at = ETH_LEN + headers.ip.len();
+    if ctx.store(0, &l2, 0).is_err()
+        || ctx.store(ETH_LEN, &headers.ip, 0).is_err()
+        || ctx.store(icmp_at, &headers.icmp, 0).is_err()
+        || ctx.store(icmp_at + headers.icmp.len(), &quoted, 0).is_err()
+    {
         return TC_ACT_SHOT;
     }
     // SAFETY: plain helper call; the skb pointer is the program's context.

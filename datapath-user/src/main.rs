@@ -357,7 +357,8 @@ struct AgentArgs {
     /// connected UDP sockets leave departed backends). The TC path does
     /// not translate IPv6 yet: processes socket-LB leaves to it
     /// (--socket-lb host, --socket-lb-skip-netns, --cgroup below the
-    /// root) do not reach IPv6 services, said at start and by each such
+    /// root) are refused at once by IPv6 services (ICMPv6 port
+    /// unreachable: ECONNREFUSED), said at start and by each such
     /// service. Needs socket-LB. `off` (default): the IPv6 maps take one
     /// entry each and IPv6 services are reported not served (a
     /// dual-stack service's IPv4 family is served either way). A change
@@ -513,7 +514,7 @@ fn run_agent(args: AgentArgs) -> Result<()> {
             match because {
                 Some(because) => {
                     tracing::warn!(
-                        "--ipv6 on: IPv6 ClusterIPs are served by socket-LB alone, and {because}, which does not translate IPv6 yet: those processes do not reach IPv6 ClusterIPs (each such service says so)"
+                        "--ipv6 on: IPv6 ClusterIPs are served by socket-LB alone, and {because}, which does not translate IPv6 yet: those processes are refused by IPv6 ClusterIPs (each such service says so)"
                     );
                     Ipv6Serving::NotEveryPod { because }
                 }

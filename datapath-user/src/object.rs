@@ -5,6 +5,9 @@
 /// `tc_egress` alone could be another product's.
 pub const TC_EGRESS: &str = "up_tc_egress";
 pub const TC_INGRESS: &str = "up_tc_ingress";
+/// TC egress of IPv6 packets: entered from `TC_EGRESS` by a tail call
+/// (`datapath_common::jumps`), never attached.
+pub const TC_EGRESS6: &str = "up_tc_egress6";
 /// A program that does nothing (`TC_ACT_UNSPEC`): the floor of the
 /// kernel's run-time statistics, for the benches (`Datapath::attach_tc_pass`).
 pub const TC_PASS: &str = "up_tc_pass";

@@ -401,3 +401,77 @@ fn ipv6_on_without_socket_lb_is_refused_at_start() {
         "{stderr}"
     );
 }
+
+/// A pod socket-LB leaves to the TC path (`--socket-lb host`) reaches the
+/// IPv4 family through TC, and its connections to the IPv6 ClusterIP,
+/// which TC does not translate yet, are refused at once (an ICMPv6 port
+/// unreachable into the pod: ECONNREFUSED for TCP and connected UDP)
+/// instead of leaving the pod untranslated and hanging.
+#[test]
+fn a_pod_on_the_tc_path_is_refused_at_once_by_an_ipv6_cluster_ip() {
+    require_root("agent e2e");
+    let topo = Topology::build(&standard_pods()).expect("building the topology");
+    let pod = topo.pod("server-a");
+    let address6 = pod.address6.expect("the topology is dual-stack");
+    let mut servers = Vec::new();
+    for address in [IpAddr::from(pod.address), IpAddr::from(address6)] {
+        servers.push(workload::tcp_server(&pod.namespace, address, TARGET, "server-a").unwrap());
+        servers.push(workload::udp_server(&pod.namespace, address, 5353, "server-a").unwrap());
+    }
+    let pins = PinDir(PathBuf::from(format!("/sys/fs/bpf/{}", topo.prefix)));
+    let dir = tempdir(&topo.prefix);
+    write_atomically(
+        &dir.join("dual.yaml"),
+        &dual_stack_manifest(&[pod.address], &[address6]),
+    );
+    let cgroup = Cgroup::create(&format!("{}-sock", topo.prefix)).unwrap();
+    let cgroup_arg = cgroup.path().to_str().unwrap();
+    let filter = format!("{}-client*", topo.prefix);
+    let agent = Agent::start_with(
+        &pins.0,
+        &dir,
+        &filter,
+        &[
+            "--cgroup",
+            cgroup_arg,
+            "--socket-lb",
+            "host",
+            "--ipv6",
+            "on",
+        ],
+    );
+    let client = &topo.pod("client").namespace;
+    wait_until("the client's eth0 is attached", || {
+        pinned_tc_links(&pins.0).contains(&(client.name().to_owned(), "eth0".into()))
+    });
+    let answer = client
+        .run(|| workload::tcp_request(SocketAddr::new(VIP.into(), 80), TIMEOUT))
+        .unwrap()
+        .expect("the IPv4 ClusterIP answers on the TC path");
+    assert_eq!(answer.server, "server-a");
+    type Request = fn(SocketAddr, Duration) -> std::io::Result<workload::Answer>;
+    for (what, port, request) in [
+        ("TCP", 80, workload::tcp_request as Request),
+        ("connected UDP", 53, workload::connected_udp_request),
+    ] {
+        let started = Instant::now();
+        let error = client
+            .run(|| request(SocketAddr::new(VIP6.into(), port), Duration::from_secs(5)))
+            .unwrap()
+            .expect_err("the TC path does not translate IPv6");
+        assert_eq!(
+            error.raw_os_error(),
+            Some(libc::ECONNREFUSED),
+            "{what}: {error}"
+        );
+        assert!(
+            started.elapsed() < Duration::from_secs(1),
+            "{what}: refused at once, not after retries ({:?})",
+            started.elapsed()
+        );
+    }
+    let metrics = agent.get("/metrics").unwrap();
+    assert!(datapath_event(&metrics, "ipv6_refused") >= 2, "{metrics}");
+    agent.stop();
+    drop(servers);
+}

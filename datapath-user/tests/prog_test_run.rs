@@ -1803,3 +1803,130 @@ fn a_flow_redirected_to_another_interface_is_tagged() {
         (verdict::REDIRECT, SKB_CB_REDIRECTED)
     );
 }
+
+/// IPv6 on the TC path, which does not translate it yet (socket-LB does):
+/// a packet to a programmed IPv6 frontend — whatever extension headers
+/// come first — is refused at once with an ICMPv6 port unreachable into
+/// the pod (from the ClusterIP, quoting the packet, its checksum valid
+/// from scratch), never sent on untranslated; every other IPv6 packet
+/// passes both programs byte for byte (another destination or port, a
+/// later fragment, NDP, a chain the walk does not look past).
+#[test]
+fn packets_to_an_ipv6_frontend_are_refused_on_tc_and_other_ipv6_passes_untouched() {
+    use lab::packet6::{self, Frame6};
+    use std::net::Ipv6Addr;
+    struct Case {
+        description: &'static str,
+        input: Frame6,
+        refused: bool,
+    }
+    let vip: Ipv6Addr = "fd00:10:96::1".parse().unwrap();
+    let backend: Ipv6Addr = "fd00:10:244::1".parse().unwrap();
+    let client: Ipv6Addr = "fd77::2".parse().unwrap();
+    let pod_mac = [2, 0, 0, 0, 0, 2];
+    let gateway_mac = [2, 0, 0, 0, 0, 0xfe];
+    let (hop_by_hop, dest_options, esp) = (0, 60, 50);
+    let cases = [
+        Case {
+            description: "TCP SYN to the IPv6 ClusterIP",
+            input: Frame6::tcp((client, 40000), (vip, 80), SYN),
+            refused: true,
+        },
+        Case {
+            description: "UDP to the IPv6 ClusterIP",
+            input: Frame6::udp((client, 40000), (vip, 53)),
+            refused: true,
+        },
+        Case {
+            description: "TCP after a hop-by-hop and a destination options header",
+            input: Frame6::tcp((client, 40000), (vip, 80), SYN)
+                .with_extension(hop_by_hop, 0)
+                .with_extension(dest_options, 1),
+            refused: true,
+        },
+        Case {
+            description: "the first fragment of a UDP datagram",
+            input: Frame6::udp((client, 40000), (vip, 53)).fragment(0, true, 7),
+            refused: true,
+        },
+        Case {
+            description: "a later fragment (no ports)",
+            input: Frame6::udp((client, 40000), (vip, 53)).fragment(8, false, 7),
+            refused: false,
+        },
+        Case {
+            description: "another port of the ClusterIP",
+            input: Frame6::tcp((client, 40000), (vip, 81), SYN),
+            refused: false,
+        },
+        Case {
+            description: "TCP straight to a pod",
+            input: Frame6::tcp((client, 40000), (backend, 8080), SYN),
+            refused: false,
+        },
+        Case {
+            description: "behind ESP (not looked past)",
+            input: Frame6::udp((client, 40000), (vip, 53)).with_extension(esp, 0),
+            refused: false,
+        },
+        Case {
+            description: "a neighbour solicitation",
+            input: packet6::neighbour_solicitation(client, pod_mac, backend),
+            refused: false,
+        },
+    ];
+    let mut dp = load_private();
+    for (protocol, port, rev_nat_id) in [(Protocol::Tcp, 80, 1), (Protocol::Udp, 53, 2)] {
+        let frontend = Frontend {
+            address: vip,
+            port,
+            protocol,
+        };
+        let entry = BackendEntry {
+            id: rev_nat_id,
+            address: backend,
+            port: 8080,
+        };
+        dp.maps
+            .set_service6(&frontend, rev_nat_id, &[entry])
+            .unwrap();
+    }
+    let mut refusals = 0;
+    for case in cases {
+        let what = case.description;
+        let input = case.input.with_macs(pod_mac, gateway_mac);
+        let sent = input.build();
+        let out = dp.test_run_tc(TC_EGRESS, &sent, 1).expect("egress");
+        let back = dp.test_run_tc(TC_INGRESS, &sent, 1).expect("ingress");
+        assert_eq!(
+            (back.verdict, back.frame.as_slice()),
+            (verdict::NEXT, sent.as_slice()),
+            "{what}: ingress passes it untouched"
+        );
+        if !case.refused {
+            assert_eq!(
+                (out.verdict, out.frame.as_slice()),
+                (verdict::NEXT, sent.as_slice()),
+                "{what}: egress passes it untouched"
+            );
+            continue;
+        }
+        refusals += 1;
+        assert_eq!(out.verdict, verdict::REDIRECT, "{what}: into the pod");
+        let got = packet6::parse6(&out.frame).unwrap_or_else(|| panic!("{what}: not IPv6"));
+        assert_eq!(
+            (got.dst_mac, got.src_mac, got.src, got.dst, got.protocol),
+            (pod_mac, gateway_mac, vip, client, 58),
+            "{what}: ICMPv6 from the ClusterIP to the pod"
+        );
+        assert_eq!(got.l4_checksum_ok, Some(true), "{what}: ICMPv6 checksum");
+        let icmp = &out.frame[54..];
+        assert_eq!((icmp[0], icmp[1]), (1, 4), "{what}: port unreachable");
+        assert_eq!(&icmp[8..], &sent[14..14 + 48], "{what}: quotes the packet");
+        assert_eq!(
+            dp.maps.counter(Counter::Ipv6Refused).unwrap(),
+            refusals,
+            "{what}: counted"
+        );
+    }
+}

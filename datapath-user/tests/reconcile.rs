@@ -1818,7 +1818,7 @@ endpoints: [{addresses: [\"fd00:10:244::6:1\"]}]
     assert_eq!(
         issues,
         [
-            "Service test/dual spec.clusterIPs[1]: IPv6 frontends are served by socket-LB only (2 of them, [fd00:10:96::60]:53/UDP first): --socket-lb host leaves pods to the TC path, and the TC path does not translate IPv6 yet (unsupported)"
+            "Service test/dual spec.clusterIPs[1]: IPv6 frontends are served by socket-LB only (2 of them, [fd00:10:96::60]:53/UDP first): --socket-lb host leaves pods to the TC path, and the TC path refuses them at once (it does not translate IPv6 yet) (unsupported)"
         ]
     );
     let v4_only = [

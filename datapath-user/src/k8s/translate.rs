@@ -406,7 +406,7 @@ pub fn translate_view<'a>(
         let reason = match node.ipv6 {
             Ipv6Serving::EveryPod => None,
             Ipv6Serving::NotEveryPod { because } => Some(format!(
-                "IPv6 frontends are served by socket-LB only ({count} of them, {first} first): {because}, and the TC path does not translate IPv6 yet"
+                "IPv6 frontends are served by socket-LB only ({count} of them, {first} first): {because}, and the TC path refuses them at once (it does not translate IPv6 yet)"
             )),
             Ipv6Serving::Off => Some(format!(
                 "IPv6 frontends are not served: the agent runs without --ipv6 on ({count} of them, {first} first); {}",

@@ -220,11 +220,12 @@ impl Datapath {
                 reason: format!("removing the map whose entries were carried: {e}"),
             })?;
         }
-        for name in [object::TC_EGRESS, object::TC_INGRESS] {
+        for name in [object::TC_EGRESS6, object::TC_EGRESS, object::TC_INGRESS] {
             sched_classifier(&mut ebpf, name)?
                 .load()
                 .map_err(|source| LoaderError::program(name, source))?;
         }
+        fill_jumps(&mut ebpf)?;
         for name in object::SOCK_PROGRAMS {
             sock_program(&mut ebpf, name)?
                 .load()
@@ -331,4 +332,27 @@ fn carry_backends(
             }))
         },
     )
+}
+
+/// Puts the IPv6 egress program in the egress program's jump table
+/// (`datapath_common::jumps`).
+fn fill_jumps(ebpf: &mut aya::Ebpf) -> Result<(), LoaderError> {
+    use datapath_common::jumps::{EGRESS6, TC_JUMPS_MAP};
+    let egress6 = sched_classifier(ebpf, object::TC_EGRESS6)?
+        .fd()
+        .and_then(|fd| fd.try_clone().map_err(Into::into))
+        .map_err(|source| LoaderError::program(object::TC_EGRESS6, source))?;
+    let map = ebpf.map_mut(TC_JUMPS_MAP).ok_or_else(|| {
+        LoaderError::map(
+            TC_JUMPS_MAP,
+            aya::maps::MapError::InvalidName {
+                name: TC_JUMPS_MAP.into(),
+            },
+        )
+    })?;
+    let mut jumps = aya::maps::ProgramArray::try_from(map)
+        .map_err(|source| LoaderError::map(TC_JUMPS_MAP, source))?;
+    jumps
+        .set(EGRESS6, &egress6, 0)
+        .map_err(|source| LoaderError::map(TC_JUMPS_MAP, source))
 }
