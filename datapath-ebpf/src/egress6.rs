@@ -3,13 +3,26 @@
 //! from a process socket-LB leaves alone (`--socket-lb host`, a pod
 //! opted out) or a socket connected before its service was programmed.
 //! Untranslated it would leave the pod for a ClusterIP nothing answers
-//! (or a router sends wherever), so it is refused at once with an ICMPv6
-//! port unreachable, as a service without endpoints is (`crate::reject`):
-//! the socket fails with ECONNREFUSED instead of hanging. Everything else
-//! passes untouched after one array read (the `SERVICE_FILTER` bucket).
+//! (or a router sends wherever), so the packet that opens a flow (a TCP
+//! SYN, a UDP datagram) is refused at once with an ICMPv6 port
+//! unreachable, as a service without endpoints is (`crate::reject`): the
+//! socket fails with ECONNREFUSED instead of hanging. Only packets whose
+//! TCP or UDP header follows the fixed header: the refusal quotes 48
+//! bytes, and the kernel finds the socket by the ports in the quote (a
+//! packet with extension headers or a fragment header passes, as every
+//! other IPv6 packet does, untouched after one array read).
 
-use aya_ebpf::{bindings::TC_ACT_UNSPEC, programs::TcContext};
-use datapath_common::{lb, maps::ServiceKey6, metrics::Counter};
+use aya_ebpf::{
+    bindings::{TC_ACT_SHOT, TC_ACT_UNSPEC},
+    programs::TcContext,
+};
+use datapath_common::{
+    IPPROTO_TCP,
+    conntrack::{TCP_ACK, TCP_SYN},
+    lb,
+    maps::ServiceKey6,
+    metrics::Counter,
+};
 
 use crate::{
     maps::{SERVICE_FILTER, SERVICES6, TC_JUMPS},
@@ -35,8 +48,12 @@ pub fn run(ctx: &TcContext) -> i32 {
     let Some(packet) = parse6::ipv6_l4(ctx) else {
         return TC_ACT_UNSPEC;
     };
-    if packet.later_fragment {
-        // Its first fragment was refused (or was not for a service).
+    let opens_flow =
+        packet.protocol != IPPROTO_TCP || packet.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN;
+    if packet.later_fragment || !packet.plain || !opens_flow {
+        // Not one the refusal could name the socket of, or one of a flow
+        // already open (its first packet was refused, or it predates the
+        // frontend): left as it is.
         return TC_ACT_UNSPEC;
     }
     let bucket = lb::service_filter_index6(packet.daddr_be, packet.dport_be, packet.protocol);
@@ -48,6 +65,12 @@ pub fn run(ctx: &TcContext) -> i32 {
     if unsafe { SERVICES6.get(key) }.is_none() {
         return TC_ACT_UNSPEC;
     }
-    count(Counter::Ipv6Refused);
-    reject::refuse6(ctx)
+    let verdict = reject::refuse6(ctx);
+    count(if verdict == TC_ACT_SHOT {
+        // The packet could not be rewritten (dropped): said as an error.
+        Counter::Error
+    } else {
+        Counter::Ipv6Refused
+    });
+    verdict
 }

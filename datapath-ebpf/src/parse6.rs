@@ -12,14 +12,22 @@ use network_types::{
 
 use crate::parse::{ETH_LEN, ptr_at};
 
+/// Offset of the TCP flags byte in the TCP header.
+const TCP_FLAGS_OFF: usize = 13;
+
 /// Where an IPv6 TCP/UDP packet goes: what the egress program needs to
 /// tell a packet to an IPv6 frontend (the translation to come,
-/// `docs/ipv6-plan.md` step 7, adds the source and the TCP flags).
+/// `docs/ipv6-plan.md` step 7, adds the source).
 pub struct Packet6 {
     pub daddr_be: Ipv6Words,
     /// Zero in a later fragment (no upper-layer header there).
     pub dport_be: u16,
     pub protocol: u8,
+    /// TCP flags (0 for UDP and later fragments).
+    pub tcp_flags: u8,
+    /// The upper-layer header follows the fixed header at once: no
+    /// extension header, no fragment header.
+    pub plain: bool,
     /// A fragment other than the first: its ports are the first one's.
     pub later_fragment: bool,
 }
@@ -65,15 +73,24 @@ pub fn ipv6_l4(ctx: &TcContext) -> Option<Packet6> {
             daddr_be,
             dport_be: 0,
             protocol,
+            tcp_flags: 0,
+            plain: false,
             later_fragment: true,
         });
     }
     // The destination port: the second word of TCP's and UDP's header.
     let dport_be = ctx.load::<u16>(ETH_LEN + offset + 2).ok()?;
+    let tcp_flags = if protocol == IPPROTO_TCP {
+        ctx.load::<u8>(ETH_LEN + offset + TCP_FLAGS_OFF).ok()?
+    } else {
+        0
+    };
     Some(Packet6 {
         daddr_be,
         dport_be,
         protocol,
+        tcp_flags,
+        plain: offset == ipv6::IPV6_HEADER_LEN && fragment.is_none(),
         later_fragment: false,
     })
 }

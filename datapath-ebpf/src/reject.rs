@@ -1,8 +1,10 @@
-//! Refusing a new flow to a service without endpoints, as kube-proxy's
-//! `REJECT` does: the packet becomes the ICMP port unreachable that
-//! answers it (`datapath_common::reject`) and goes straight back into the
-//! pod, so `connect()` fails at once with ECONNREFUSED instead of
-//! retrying SYNs into a silent drop.
+//! Refusing a new flow, as kube-proxy's `REJECT` does: to a service
+//! without endpoints (`refuse`), or to an IPv6 frontend the TC path does
+//! not translate yet (`refuse6`, `crate::egress6`). The packet becomes the
+//! ICMP (ICMPv6) port unreachable that answers it
+//! (`datapath_common::reject`) and goes straight back into the pod, so
+//! `connect()` fails at once with ECONNREFUSED instead of retrying SYNs
+//! into a silent drop.
 
 use aya_ebpf::{
     bindings::{BPF_F_INGRESS, TC_ACT_SHOT},

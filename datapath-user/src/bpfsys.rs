@@ -389,6 +389,25 @@ pub fn load_program(
     Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
 }
 
+/// Runs a TC program once on `frame` (BPF_PROG_TEST_RUN) and returns its
+/// verdict: for a program opened from its pin (the CNI plugin's view).
+pub fn test_run_verdict(prog: &OwnedFd, frame: &[u8]) -> io::Result<i32> {
+    // (The output buffer: the kernel refuses a run whose frame grows
+    // beyond a buffer it was given none of.)
+    let mut out = vec![0u8; frame.len() + 256];
+    let mut attr = TestRunAttr {
+        prog_fd: prog.as_raw_fd() as u32,
+        data_size_in: frame.len() as u32,
+        data_in: frame.as_ptr() as u64,
+        data_size_out: out.len() as u32,
+        data_out: out.as_mut_ptr() as u64,
+        repeat: 1,
+        ..TestRunAttr::default()
+    };
+    bpf(BPF_PROG_TEST_RUN, &mut attr)?;
+    Ok(attr.retval as i32)
+}
+
 /// Runs a TC program once on `frame` (BPF_PROG_TEST_RUN) and returns the
 /// `struct __sk_buff` it left (`ctx_out`, whose size the kernel requires
 /// to be at least the whole struct).

@@ -1805,12 +1805,14 @@ fn a_flow_redirected_to_another_interface_is_tagged() {
 }
 
 /// IPv6 on the TC path, which does not translate it yet (socket-LB does):
-/// a packet to a programmed IPv6 frontend — whatever extension headers
-/// come first — is refused at once with an ICMPv6 port unreachable into
-/// the pod (from the ClusterIP, quoting the packet, its checksum valid
-/// from scratch), never sent on untranslated; every other IPv6 packet
-/// passes both programs byte for byte (another destination or port, a
-/// later fragment, NDP, a chain the walk does not look past).
+/// the packet that opens a flow to a programmed IPv6 frontend (a TCP SYN,
+/// a UDP datagram) is refused at once with an ICMPv6 port unreachable
+/// into the pod (from the ClusterIP, quoting the packet's first 48 bytes,
+/// its checksum valid from scratch); every other IPv6 packet passes both
+/// programs byte for byte: later packets of a flow, a packet whose ports
+/// are not in those 48 bytes (extension or fragment headers first: the
+/// kernel could not match the refusal to its socket), another destination
+/// or port, NDP, a chain the walk does not look past.
 #[test]
 fn packets_to_an_ipv6_frontend_are_refused_on_tc_and_other_ipv6_passes_untouched() {
     use lab::packet6::{self, Frame6};
@@ -1838,16 +1840,26 @@ fn packets_to_an_ipv6_frontend_are_refused_on_tc_and_other_ipv6_passes_untouched
             refused: true,
         },
         Case {
-            description: "TCP after a hop-by-hop and a destination options header",
+            description: "TCP SYN after a hop-by-hop and a destination options header",
             input: Frame6::tcp((client, 40000), (vip, 80), SYN)
                 .with_extension(hop_by_hop, 0)
                 .with_extension(dest_options, 1),
-            refused: true,
+            refused: false,
         },
         Case {
             description: "the first fragment of a UDP datagram",
             input: Frame6::udp((client, 40000), (vip, 53)).fragment(0, true, 7),
-            refused: true,
+            refused: false,
+        },
+        Case {
+            description: "a TCP ACK (a flow already open)",
+            input: Frame6::tcp((client, 40000), (vip, 80), ACK),
+            refused: false,
+        },
+        Case {
+            description: "a TCP SYN-ACK",
+            input: Frame6::tcp((client, 40000), (vip, 80), SYN | ACK),
+            refused: false,
         },
         Case {
             description: "a later fragment (no ports)",
@@ -1929,4 +1941,45 @@ fn packets_to_an_ipv6_frontend_are_refused_on_tc_and_other_ipv6_passes_untouched
             "{what}: counted"
         );
     }
+}
+
+/// The egress program the loader pins (for the CNI plugin, which attaches
+/// it without loading the object) keeps its IPv6 half after the process
+/// that loaded it is gone: the jump table is pinned beside it (the
+/// kernel empties a program array no process holds). Run from its pin,
+/// a SYN to the IPv6 frontend is refused.
+#[test]
+fn the_pinned_egress_program_still_reaches_its_ipv6_half_after_its_loader_is_gone() {
+    use lab::packet6::Frame6;
+    let pins = common::PinDir::new();
+    let pin_dir = pins.path();
+    let vip: std::net::Ipv6Addr = "fd00:10:96::1".parse().unwrap();
+    {
+        let mut dp = datapath_user::Datapath::load(&datapath_user::LoadOptions {
+            pin_dir: Some(pin_dir.clone()),
+            sizes: datapath_user::loader::MapSizes {
+                ipv6: true,
+                ..datapath_user::loader::MapSizes::default()
+            },
+            ..datapath_user::LoadOptions::default()
+        })
+        .unwrap();
+        let frontend = Frontend {
+            address: vip,
+            port: 80,
+            protocol: Protocol::Tcp,
+        };
+        let backend = BackendEntry {
+            id: 1,
+            address: "fd00:10:244::1".parse().unwrap(),
+            port: 8080,
+        };
+        dp.maps.set_service6(&frontend, 1, &[backend]).unwrap();
+    }
+    let syn = Frame6::tcp(("fd77::2".parse().unwrap(), 40000), (vip, 80), SYN).build();
+    assert_eq!(
+        datapath_user::loader::test_run_pinned(&pin_dir, TC_EGRESS, &syn).unwrap(),
+        verdict::REDIRECT,
+        "refused through the pinned jump table"
+    );
 }

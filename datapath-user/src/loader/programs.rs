@@ -17,27 +17,15 @@ use crate::{error::LoaderError, object};
 /// Pins the TC pair under `dir/programs`; an existing pin is kept, or,
 /// with `replace`, swapped for ours atomically (pinned beside it, then
 /// renamed over it: a CNI ADD meanwhile finds one or the other). The
-/// egress program's jump table goes first, pinned beside it: a program
-/// array a process no longer holds is emptied by the kernel, and a pinned
-/// egress program attached after this agent stopped must still find its
-/// IPv6 half.
+/// egress program's jump table is pinned beside them, last: a program
+/// array no process holds is emptied by the kernel, and a pinned egress
+/// program attached after this agent stopped must still find its IPv6
+/// half (the old table's pin goes only once the new egress program is
+/// pinned; meanwhile this process holds the new table).
 pub(super) fn pin_programs(ebpf: &mut Ebpf, dir: &Path, replace: bool) -> Result<(), LoaderError> {
     let programs = dir.join(PROGRAM_PINS);
     create_pin_dir(&programs)?;
-    let jumps = programs.join(datapath_common::jumps::TC_JUMPS_MAP);
-    if !programs.join(object::TC_EGRESS).exists() || replace {
-        let staging = programs.join(format!("{}_new", datapath_common::jumps::TC_JUMPS_MAP));
-        let _ = fs::remove_file(&staging);
-        let pin_err = |path: &Path, reason: String| LoaderError::Pin {
-            path: path.to_owned(),
-            reason,
-        };
-        ebpf.map(datapath_common::jumps::TC_JUMPS_MAP)
-            .ok_or_else(|| pin_err(&staging, "the object has no jump table".into()))?
-            .pin(&staging)
-            .map_err(|e| pin_err(&staging, e.to_string()))?;
-        fs::rename(&staging, &jumps).map_err(|e| pin_err(&jumps, e.to_string()))?;
-    }
+    let pin_jumps = !programs.join(object::TC_EGRESS).exists() || replace;
     for name in [object::TC_EGRESS, object::TC_INGRESS] {
         let path = programs.join(name);
         if path.exists() && !replace {
@@ -54,6 +42,20 @@ pub(super) fn pin_programs(ebpf: &mut Ebpf, dir: &Path, replace: bool) -> Result
             .pin(&staging)
             .map_err(|e| pin_err(&staging, e.to_string()))?;
         fs::rename(&staging, &path).map_err(|e| pin_err(&path, e.to_string()))?;
+    }
+    let jumps = programs.join(datapath_common::jumps::TC_JUMPS_MAP);
+    if pin_jumps {
+        let staging = programs.join(format!("{}_new", datapath_common::jumps::TC_JUMPS_MAP));
+        let _ = fs::remove_file(&staging);
+        let pin_err = |path: &Path, reason: String| LoaderError::Pin {
+            path: path.to_owned(),
+            reason,
+        };
+        ebpf.map(datapath_common::jumps::TC_JUMPS_MAP)
+            .ok_or_else(|| pin_err(&staging, "the object has no jump table".into()))?
+            .pin(&staging)
+            .map_err(|e| pin_err(&staging, e.to_string()))?;
+        fs::rename(&staging, &jumps).map_err(|e| pin_err(&jumps, e.to_string()))?;
     }
     Ok(())
 }

@@ -86,3 +86,15 @@ pub const SKB_CB_WORDS: usize = 5;
 /// `len` to `tc_index`); the test-run context passed in ends with it.
 const SKB_CB_OFFSET: usize = 48;
 const SKB_CB_END: usize = SKB_CB_OFFSET + 4 * SKB_CB_WORDS;
+
+/// Runs the TC program pinned at `pin_dir/programs/name` once on `frame`
+/// and returns its verdict: the program as the CNI plugin attaches it,
+/// with no object loaded by this process.
+pub fn test_run_pinned(
+    pin_dir: &std::path::Path,
+    name: &'static str,
+    frame: &[u8],
+) -> std::io::Result<i32> {
+    let program = crate::bpfsys::obj_get(&pin_dir.join(super::PROGRAM_PINS).join(name))?;
+    crate::bpfsys::test_run_verdict(&program, frame)
+}

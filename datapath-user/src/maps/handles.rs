@@ -195,10 +195,13 @@ impl DatapathMaps {
         self.slot_blocks.as_ref().map(|blocks| blocks.taken())
     }
 
-    /// Every counter summed over the CPUs.
+    /// Every counter summed over the CPUs; those an older build's
+    /// smaller `COUNTERS` does not hold are left out.
     pub fn counters(&self) -> Result<Vec<(Counter, u64)>, MapError> {
+        let held = self.counters.len();
         Counter::ALL
             .iter()
+            .filter(|&&c| (c as u32) < held)
             .map(|&c| Ok((c, self.counters.get(&(c as u32), 0)?.iter().sum())))
             .collect()
     }
