@@ -16,6 +16,27 @@ use network_types::eth::EthHdr;
 
 use crate::parse::{ETH_LEN, Packet};
 
+/// The refused packet's Ethernet header and its first `N` bytes past it
+/// (what the ICMP error quotes); `None` when it is shorter.
+#[inline(always)]
+fn quote<const N: usize>(ctx: &TcContext) -> Option<(EthHdr, [u8; N])> {
+    let eth = ctx.load::<EthHdr>(0).ok()?;
+    let mut quoted = [0u8; N];
+    // The raw helper with a constant length: `TcContext::load_bytes`
+    // clamps the length to the packet, which the verifier then sees as
+    // possibly zero.
+    // SAFETY: writes N bytes into `quoted`, which has them.
+    let loaded = unsafe {
+        bpf_skb_load_bytes(
+            ctx.skb.skb as *const _,
+            ETH_LEN as u32,
+            quoted.as_mut_ptr() as *mut _,
+            N as u32,
+        )
+    };
+    (loaded == 0).then_some((eth, quoted))
+}
+
 /// Rewrites the packet in `ctx` into its refusal and redirects it to the
 /// pod's own ingress; returns the TC verdict. A packet with IP options
 /// (pods do not send them) or one the kernel cannot resize is dropped.
@@ -24,25 +45,9 @@ pub fn refuse(ctx: &TcContext, packet: &Packet) -> i32 {
     if packet.l4_off != ETH_LEN + 20 {
         return TC_ACT_SHOT;
     }
-    let Ok(eth) = ctx.load::<EthHdr>(0) else {
+    let Some((eth, quoted)) = quote::<QUOTED_LEN>(ctx) else {
         return TC_ACT_SHOT;
     };
-    let mut quoted = [0u8; QUOTED_LEN];
-    // The raw helper with a constant length: `TcContext::load_bytes`
-    // clamps the length to the packet, which the verifier then sees as
-    // possibly zero.
-    // SAFETY: writes QUOTED_LEN bytes into `quoted`, which has them.
-    let loaded = unsafe {
-        bpf_skb_load_bytes(
-            ctx.skb.skb as *const _,
-            ETH_LEN as u32,
-            quoted.as_mut_ptr() as *mut _,
-            QUOTED_LEN as u32,
-        )
-    };
-    if loaded != 0 {
-        return TC_ACT_SHOT;
-    }
     let frame = reject::port_unreachable(eth.dst_addr, eth.src_addr, &quoted);
     // SAFETY: plain helper call on the program's own skb.
     if unsafe { bpf_skb_change_tail(ctx.skb.skb, FRAME_LEN as u32, 0) } != 0 {
@@ -60,23 +65,10 @@ pub fn refuse(ctx: &TcContext, packet: &Packet) -> i32 {
 /// piece (a whole frame on the stack would not fit beside the rest).
 #[inline(always)]
 pub fn refuse6(ctx: &TcContext) -> i32 {
-    let Ok(eth) = ctx.load::<EthHdr>(0) else {
+    // (A TCP or UDP packet over IPv6 is at least that long.)
+    let Some((eth, quoted)) = quote::<QUOTED6_LEN>(ctx) else {
         return TC_ACT_SHOT;
     };
-    let mut quoted = [0u8; QUOTED6_LEN];
-    // SAFETY: writes QUOTED6_LEN bytes into `quoted`, which has them (a
-    // TCP or UDP packet over IPv6 is at least that long past Ethernet).
-    let loaded = unsafe {
-        bpf_skb_load_bytes(
-            ctx.skb.skb as *const _,
-            ETH_LEN as u32,
-            quoted.as_mut_ptr() as *mut _,
-            QUOTED6_LEN as u32,
-        )
-    };
-    if loaded != 0 {
-        return TC_ACT_SHOT;
-    }
     let headers = reject::refusal6(&quoted);
     // SAFETY: plain helper call on the program's own skb.
     if unsafe { bpf_skb_change_tail(ctx.skb.skb, FRAME6_LEN as u32, 0) } != 0 {

@@ -102,30 +102,21 @@ impl UdpSocketTerminator {
                 )
             })
             .collect();
-        let mut doomed: HashSet<(u64, IpAddr, u16)> = HashSet::new();
-        if !wanted.is_empty() {
-            doomed.extend(
-                self.sock_reverse_nat
-                    .iter()
-                    .filter_map(Result::ok)
-                    .filter(|(key, value)| {
-                        wanted.contains(&(
-                            key.backend_address_be,
-                            key.backend_port_be,
-                            value.service_address_be,
-                            value.service_port_be,
-                            value.rev_nat_low,
-                        ))
-                    })
-                    .map(|(key, _)| {
-                        (
-                            key.cookie,
-                            IpAddr::V4(Ipv4Addr::from(ipv4_octets(key.backend_address_be))),
-                            port_host(key.backend_port_be),
-                        )
-                    }),
+        let mut doomed = sockets_named(&self.sock_reverse_nat, &wanted, |key, value| {
+            let socket = (
+                key.cookie,
+                IpAddr::V4(Ipv4Addr::from(ipv4_octets(key.backend_address_be))),
+                port_host(key.backend_port_be),
             );
-        }
+            let names = (
+                key.backend_address_be,
+                key.backend_port_be,
+                value.service_address_be,
+                value.service_port_be,
+                value.rev_nat_low,
+            );
+            (names, socket)
+        });
         let wanted6: HashSet<Wanted<m::Ipv6Words>> = departed6
             .iter()
             .map(|d| {
@@ -138,27 +129,22 @@ impl UdpSocketTerminator {
                 )
             })
             .collect();
-        if let (false, Some(map)) = (wanted6.is_empty(), &self.sock_reverse_nat6) {
-            doomed.extend(
-                map.iter()
-                    .filter_map(Result::ok)
-                    .filter(|(key, value)| {
-                        wanted6.contains(&(
-                            key.backend_address_be,
-                            key.backend_port_be,
-                            value.service_address_be,
-                            value.service_port_be,
-                            value.rev_nat_low,
-                        ))
-                    })
-                    .map(|(key, _)| {
-                        (
-                            key.cookie,
-                            IpAddr::V6(ipv6_from_words(key.backend_address_be)),
-                            port_host(key.backend_port_be),
-                        )
-                    }),
-            );
+        if let Some(map) = &self.sock_reverse_nat6 {
+            doomed.extend(sockets_named(map, &wanted6, |key, value| {
+                let socket = (
+                    key.cookie,
+                    IpAddr::V6(ipv6_from_words(key.backend_address_be)),
+                    port_host(key.backend_port_be),
+                );
+                let names = (
+                    key.backend_address_be,
+                    key.backend_port_be,
+                    value.service_address_be,
+                    value.service_port_be,
+                    value.rev_nat_low,
+                );
+                (names, socket)
+            }));
         }
         doomed
     }
@@ -170,6 +156,31 @@ impl UdpSocketTerminator {
         }
         namespaces
     }
+}
+
+/// The sockets (cookie, backend address, port) of a socket-LB reverse-NAT
+/// map whose entries `name` as one of `wanted` (one scan of the map; none
+/// when nothing is wanted).
+fn sockets_named<K, V, W>(
+    map: &HashMap<MapData, K, V>,
+    wanted: &HashSet<W>,
+    name: impl Fn(&K, &V) -> (W, (u64, IpAddr, u16)),
+) -> HashSet<(u64, IpAddr, u16)>
+where
+    K: aya::Pod,
+    V: aya::Pod,
+    W: std::hash::Hash + Eq,
+{
+    if wanted.is_empty() {
+        return HashSet::new();
+    }
+    map.iter()
+        .filter_map(Result::ok)
+        .filter_map(|(key, value)| {
+            let (names, socket) = name(&key, &value);
+            wanted.contains(&names).then_some(socket)
+        })
+        .collect()
 }
 
 impl SocketTerminator for UdpSocketTerminator {
