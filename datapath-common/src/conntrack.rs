@@ -6,7 +6,51 @@
 //! the flow and a closed flow cannot leave a stale backend-tuple entry that
 //! would rewrite the replies of a later, direct connection.
 
-use crate::maps::CtEntry;
+use crate::maps::{CtEntry, CtEntry6};
+
+/// A conntrack entry of either family: the two fields the lifetime and
+/// state rules read.
+pub trait Tracked {
+    /// Jiffies when the flow was last refreshed.
+    fn last_seen(&self) -> u64;
+    /// `STATE_*` bits.
+    fn state(&self) -> u8;
+    /// A packet of the flow was seen at `now` in `state` (its bits are
+    /// added to the entry's: the flow's other entry keeps its own).
+    fn seen(&mut self, state: u8, now: u64);
+}
+
+impl Tracked for CtEntry {
+    #[inline(always)]
+    fn last_seen(&self) -> u64 {
+        self.last_seen
+    }
+    #[inline(always)]
+    fn state(&self) -> u8 {
+        self.state
+    }
+    #[inline(always)]
+    fn seen(&mut self, state: u8, now: u64) {
+        self.state |= state;
+        self.last_seen = now;
+    }
+}
+
+impl Tracked for CtEntry6 {
+    #[inline(always)]
+    fn last_seen(&self) -> u64 {
+        self.last_seen
+    }
+    #[inline(always)]
+    fn state(&self) -> u8 {
+        self.state
+    }
+    #[inline(always)]
+    fn seen(&mut self, state: u8, now: u64) {
+        self.state |= state;
+        self.last_seen = now;
+    }
+}
 
 /// A non-SYN packet was seen: the handshake is over (lifetime: established).
 pub const STATE_SEEN_NON_SYN: u8 = 1 << 0;
@@ -112,15 +156,15 @@ impl Lifetimes {
 
     /// True when `entry` has outlived its state's lifetime at `now`.
     #[inline(always)]
-    pub const fn is_expired(&self, entry: &CtEntry, protocol: u8, now: u64) -> bool {
-        now.saturating_sub(entry.last_seen) > self.of(protocol, entry.state)
+    pub fn is_expired(&self, entry: &impl Tracked, protocol: u8, now: u64) -> bool {
+        now.saturating_sub(entry.last_seen()) > self.of(protocol, entry.state())
     }
 
     /// True when a packet must write the entry: its state changes, or the
     /// last refresh is older than `refresh`.
     #[inline(always)]
-    pub const fn needs_write(&self, entry: &CtEntry, new_state: u8, now: u64) -> bool {
-        new_state != entry.state || now.saturating_sub(entry.last_seen) > self.refresh
+    pub fn needs_write(&self, entry: &impl Tracked, new_state: u8, now: u64) -> bool {
+        new_state != entry.state() || now.saturating_sub(entry.last_seen()) > self.refresh
     }
 }
 
@@ -165,11 +209,11 @@ pub const fn initial_state(protocol: u8, tcp_flags: u8) -> u8 {
 /// (a client sends a bare SYN on a tuple only after its socket is gone)
 /// and the new one must be balanced afresh (client port reuse).
 #[inline(always)]
-pub const fn syn_reopens(entry: &CtEntry, protocol: u8, tcp_flags: u8) -> bool {
+pub fn syn_reopens(entry: &impl Tracked, protocol: u8, tcp_flags: u8) -> bool {
     protocol == crate::IPPROTO_TCP
         && tcp_flags & TCP_SYN != 0
         && tcp_flags & TCP_ACK == 0
-        && entry.state & STATE_ANY_CLOSE != 0
+        && entry.state() & STATE_ANY_CLOSE != 0
 }
 
 /// True when next-hop MACs learned at `learned_at` may still be written at

@@ -32,8 +32,14 @@ pub mod jumps {
     pub const TC_JUMPS_MAP: &str = "TC_JUMPS";
     /// Slot of the IPv6 egress program (`up_tc_egress6`).
     pub const EGRESS6: u32 = 0;
+    /// Slot of the IPv6 ingress program (`up_tc_ingress6`).
+    pub const INGRESS6: u32 = 1;
+    /// Slot of the IPv6 refusal (`up_tc_refuse6`), entered from
+    /// `up_tc_egress6`: the refusal's frame does not fit beside the
+    /// translation's in one 512-byte stack.
+    pub const REFUSE6: u32 = 2;
     /// Slots in the table.
-    pub const SLOTS: u32 = 1;
+    pub const SLOTS: u32 = 3;
 }
 
 /// IANA protocol numbers used in keys.

@@ -38,11 +38,11 @@ pub enum Counter {
     /// port, backend, port) was held by another flow: two services on one
     /// backend, or a service flow and a connection straight to the pod.
     PortClash = 11,
-    /// TC egress: a packet to an IPv6 frontend, refused with an ICMPv6
-    /// port unreachable into the pod: the TC path does not translate
-    /// IPv6 yet (socket-LB does), and untranslated it would leave the
-    /// pod for a ClusterIP nothing answers.
-    Ipv6Refused = 12,
+    /// TC egress: a packet to an IPv6 frontend that the TC path leaves
+    /// untranslated: its TCP/UDP header does not follow the fixed header
+    /// (extension headers, a fragment), which the IPv6 TC path does not
+    /// translate yet (socket-LB serves such sockets).
+    Ipv6Untranslated = 12,
 }
 
 /// Number of slots in `COUNTERS`.
@@ -63,7 +63,7 @@ impl Counter {
         Counter::FragmentTranslated,
         Counter::IcmpErrorTranslated,
         Counter::PortClash,
-        Counter::Ipv6Refused,
+        Counter::Ipv6Untranslated,
     ];
 
     /// The snake_case name used in metrics and CLI output.
@@ -81,7 +81,7 @@ impl Counter {
             Counter::FragmentTranslated => "fragment_translated",
             Counter::IcmpErrorTranslated => "icmp_error_translated",
             Counter::PortClash => "port_clash",
-            Counter::Ipv6Refused => "ipv6_refused",
+            Counter::Ipv6Untranslated => "ipv6_untranslated",
         }
     }
 }

@@ -109,6 +109,56 @@ pub fn refusal6(quoted: &[u8; QUOTED6_LEN]) -> Refusal6 {
     Refusal6 { ip, icmp }
 }
 
+/// Ethernet + IPv6 + a TCP header without options: the reset that
+/// refuses an IPv6 TCP SYN.
+pub const RESET6_FRAME_LEN: usize = 14 + 40 + 20;
+
+const NEXTHDR_TCP: u8 = 6;
+const TCP_RST_ACK: u8 = 0x14;
+
+/// The headers of the TCP reset that refuses an IPv6 SYN whose first
+/// `QUOTED6_LEN` bytes are `quoted` (its TCP header right after the fixed
+/// one): RST+ACK from the SYN's destination to its source, sequence 0,
+/// acknowledging the SYN (RFC 9293 §3.10.7.1), its checksum over the IPv6
+/// pseudo header. A socket refused this way fails with ECONNREFUSED at
+/// once even when the refusal arrives while `connect()` still holds the
+/// socket (the refusal is made on the SYN's own transmit path): a segment
+/// waits in the socket's backlog for the lock, where an ICMPv6 error
+/// would only be kept as a soft error until the SYN's retransmission.
+pub struct Reset6 {
+    /// The IPv6 header.
+    pub ip: [u8; 40],
+    /// The TCP header.
+    pub tcp: [u8; 20],
+}
+
+/// `Reset6` for `quoted`.
+#[inline(always)]
+pub fn reset6(quoted: &[u8; QUOTED6_LEN]) -> Reset6 {
+    let mut ip = [0u8; 40];
+    ip[0] = 0x60;
+    ip[4..6].copy_from_slice(&20u16.to_be_bytes());
+    ip[6] = NEXTHDR_TCP;
+    ip[7] = TTL;
+    ip[8..24].copy_from_slice(&quoted[24..40]);
+    ip[24..40].copy_from_slice(&quoted[8..24]);
+    let mut tcp = [0u8; 20];
+    // Ports swapped; sequence 0; acknowledging the SYN's one sequence
+    // number; header length 5 words; RST+ACK; window 0.
+    tcp[0..2].copy_from_slice(&quoted[42..44]);
+    tcp[2..4].copy_from_slice(&quoted[40..42]);
+    let syn_seq = u32::from_be_bytes([quoted[44], quoted[45], quoted[46], quoted[47]]);
+    tcp[8..12].copy_from_slice(&syn_seq.wrapping_add(1).to_be_bytes());
+    tcp[12] = 5 << 4;
+    tcp[13] = TCP_RST_ACK;
+    let mut sum = accumulate(&ip[8..40], 0);
+    sum = accumulate(&20u32.to_be_bytes(), sum);
+    sum = accumulate(&[0, 0, 0, NEXTHDR_TCP], sum);
+    sum = accumulate(&tcp, sum);
+    tcp[16..18].copy_from_slice(&(!csum::fold(sum)).to_ne_bytes());
+    Reset6 { ip, tcp }
+}
+
 /// The whole refusal frame of an IPv6 packet (`refusal6` with Ethernet
 /// back to the sender and the quote), for tests and tools.
 pub fn port_unreachable6(
@@ -166,6 +216,34 @@ mod tests {
         assert_eq!((icmp[0], icmp[1]), (3, 3), "port unreachable");
         assert!(csum::verifies(icmp), "ICMP checksum over header and quote");
         assert_eq!(&icmp[8..], &syn_quote(), "quotes the refused packet");
+    }
+
+    #[test]
+    fn an_ipv6_syn_is_reset_from_the_service_acknowledging_it_with_a_valid_checksum() {
+        let client: [u8; 16] = [0xfd, 0x77, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 5];
+        let vip: [u8; 16] = [0xfd, 0, 0, 0x10, 0, 0x96, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0x0a];
+        let mut q = [0u8; QUOTED6_LEN];
+        q[0] = 0x60;
+        q[6] = 6;
+        q[8..24].copy_from_slice(&client);
+        q[24..40].copy_from_slice(&vip);
+        q[40..42].copy_from_slice(&40000u16.to_be_bytes());
+        q[42..44].copy_from_slice(&80u16.to_be_bytes());
+        q[44..48].copy_from_slice(&0xffff_ffffu32.to_be_bytes());
+        let reset = reset6(&q);
+        assert_eq!(u16::from_be_bytes([reset.ip[4], reset.ip[5]]), 20);
+        assert_eq!(reset.ip[6], 6, "TCP");
+        assert_eq!(
+            (&reset.ip[8..24], &reset.ip[24..40]),
+            (&vip[..], &client[..])
+        );
+        let tcp = &reset.tcp;
+        assert_eq!(u16::from_be_bytes([tcp[0], tcp[1]]), 80);
+        assert_eq!(u16::from_be_bytes([tcp[2], tcp[3]]), 40000);
+        assert_eq!(&tcp[4..8], &[0; 4], "sequence 0");
+        assert_eq!(&tcp[8..12], &[0; 4], "acknowledges the SYN (wrapping)");
+        assert_eq!((tcp[12], tcp[13]), (0x50, 0x14), "5 words, RST+ACK");
+        assert!(csum::l4_verifies6(vip, client, 6, tcp), "TCP checksum");
     }
 
     #[test]

@@ -14,8 +14,11 @@
 //! `struct sk_buff` (`bpf_cast_to_kern_ctx`, a kfunc the verifier turns
 //! into a register move) at the byte and bit the loader found in the
 //! running kernel's BTF, and then update the field with the pure arithmetic
-//! below. `CHECKSUM_COMPLETE` still goes through the helper, which also
-//! updates `skb->csum` (a field programs cannot write).
+//! below. Over IPv4, `CHECKSUM_COMPLETE` still goes through the helper,
+//! which also updates `skb->csum` (a field programs cannot write); over
+//! IPv6 that sum does not move (`l4_field_after_nat6`).
+
+use crate::maps::Ipv6Words;
 
 /// Name of the read-only global the loader sets.
 pub const SKB_CHECKSUM_GLOBAL: &str = "SKB_CHECKSUM";
@@ -131,6 +134,57 @@ pub const fn l4_field_after_port_change(
         }
     };
     Some(udp_nonzero(check, udp))
+}
+
+/// [`l4_field_after_nat`] for IPv6, where every state has an answer:
+/// with no header checksum, `CHECKSUM_COMPLETE`'s `skb->csum` (the sum of
+/// the packet) does not move when an address and the L4 field change
+/// together (the address's difference and the field's are opposite),
+/// which is what `BPF_F_IPV6` tells the helper since Linux 6.16. A UDP
+/// datagram without a checksum (not allowed over IPv6: its receiver drops
+/// it) is left without one.
+#[inline(always)]
+pub const fn l4_field_after_nat6(
+    state: ChecksumState,
+    field: u16,
+    old_address: Ipv6Words,
+    new_address: Ipv6Words,
+    old_port: u16,
+    new_port: u16,
+    udp: bool,
+) -> u16 {
+    let check = match state {
+        _ if udp && field == 0 => return 0,
+        ChecksumState::Partial => !crate::csum::replace_u128(!field, old_address, new_address),
+        ChecksumState::None | ChecksumState::Unnecessary | ChecksumState::Complete => {
+            crate::csum::replace_u16(
+                crate::csum::replace_u128(field, old_address, new_address),
+                old_port,
+                new_port,
+            )
+        }
+    };
+    udp_nonzero(check, udp)
+}
+
+/// [`l4_field_after_port_change`] for IPv6: `CHECKSUM_COMPLETE` holds a
+/// full checksum whose change cancels the port's in `skb->csum`.
+#[inline(always)]
+pub const fn l4_field_after_port_change6(
+    state: ChecksumState,
+    field: u16,
+    old_port: u16,
+    new_port: u16,
+    udp: bool,
+) -> u16 {
+    let state = match state {
+        ChecksumState::Complete => ChecksumState::None,
+        other => other,
+    };
+    match l4_field_after_port_change(state, field, old_port, new_port, udp) {
+        Some(check) => check,
+        None => field,
+    }
 }
 
 /// A computed zero UDP checksum is sent as all-ones (RFC 768), as
@@ -262,6 +316,100 @@ mod tests {
         assert_eq!(
             l4_field_after_port_change(ChecksumState::None, 0x0001, 0x0000, 0x0001, true),
             Some(0xffff)
+        );
+    }
+
+    /// IPv6: a DNAT (address and port) or a port change leaves a field
+    /// that verifies from scratch in every state — Complete included,
+    /// whose packet sum (`skb->csum`) stays the same.
+    #[test]
+    fn the_ipv6_field_is_right_after_nat_in_every_state_and_the_packet_sum_stays() {
+        use crate::csum::{l4_checksum6, l4_verifies6, pseudo_header6};
+        let mut rng = StdRng::seed_from_u64(0x36363636);
+        for round in 0..20_000 {
+            let src: [u8; 16] = rng.random();
+            let (old_dst, new_dst): ([u8; 16], [u8; 16]) = (rng.random(), rng.random());
+            let udp = round % 3 == 0;
+            let (protocol, check_at) = if udp { (17, 6) } else { (6, CHECK) };
+            let len = 20 + rng.random_range(0..60usize);
+            let mut segment = std::vec![0u8; len];
+            rng.fill(&mut segment[..]);
+            segment[check_at..check_at + 2].fill(0);
+            let (old_port, new_port) = (word(&segment, 2), rng.random::<u16>());
+            let full = l4_checksum6(src, old_dst, protocol, &segment);
+            let partial = fold(pseudo_header6(src, old_dst, protocol, len as u32));
+            let words = |a: [u8; 16]| -> Ipv6Words { unsafe { core::mem::transmute(a) } };
+            // The packet sum Complete keeps: addresses and segment.
+            let packet_sum = |dst: [u8; 16], segment: &[u8]| {
+                fold(accumulate(segment, accumulate(&dst, accumulate(&src, 0))))
+            };
+            let before = {
+                let mut s = segment.clone();
+                s[check_at..check_at + 2].copy_from_slice(&full.to_ne_bytes());
+                packet_sum(old_dst, &s)
+            };
+            segment[2..4].copy_from_slice(&new_port.to_ne_bytes());
+            let state = [
+                ChecksumState::None,
+                ChecksumState::Unnecessary,
+                ChecksumState::Complete,
+            ][round % 3];
+            let after = l4_field_after_nat6(
+                state,
+                full,
+                words(old_dst),
+                words(new_dst),
+                old_port,
+                new_port,
+                udp,
+            );
+            segment[check_at..check_at + 2].copy_from_slice(&after.to_ne_bytes());
+            assert!(
+                l4_verifies6(src, new_dst, protocol, &segment),
+                "{state:?} round {round}"
+            );
+            let sum_after = packet_sum(new_dst, &segment);
+            assert!(
+                sum_after == before || (sum_after | before) == 0xffff && sum_after & before == 0,
+                "the packet's sum moved: {before:#x} → {sum_after:#x}"
+            );
+
+            // A port change after it.
+            let moved = rng.random::<u16>();
+            let old = word(&segment, 0);
+            segment[0..2].copy_from_slice(&moved.to_ne_bytes());
+            let after = l4_field_after_port_change6(state, after, old, moved, udp);
+            segment[check_at..check_at + 2].copy_from_slice(&after.to_ne_bytes());
+            assert!(
+                l4_verifies6(src, new_dst, protocol, &segment),
+                "port, round {round}"
+            );
+            segment[0..2].copy_from_slice(&old.to_ne_bytes());
+
+            let after = l4_field_after_nat6(
+                ChecksumState::Partial,
+                partial,
+                words(old_dst),
+                words(new_dst),
+                old_port,
+                new_port,
+                udp,
+            );
+            segment[check_at..check_at + 2].copy_from_slice(&after.to_ne_bytes());
+            let mut finished = !fold(accumulate(&segment, 0));
+            if udp && finished == 0 {
+                finished = 0xffff;
+            }
+            segment[check_at..check_at + 2].copy_from_slice(&finished.to_ne_bytes());
+            assert!(
+                l4_verifies6(src, new_dst, protocol, &segment),
+                "Partial round {round}"
+            );
+        }
+        assert_eq!(
+            l4_field_after_nat6(ChecksumState::None, 0, [1; 4], [2; 4], 3, 4, true),
+            0,
+            "a UDP datagram without a checksum keeps none"
         );
     }
 

@@ -1,12 +1,13 @@
 //! Conntrack map access shared by the egress and ingress programs. The
 //! lifetime and state rules themselves are pure (`datapath_common::conntrack`).
 
+use aya_ebpf::maps::LruHashMap;
 use datapath_common::{
-    conntrack::Lifetimes,
-    maps::{CT_KIND_BACKEND, CT_KIND_SERVICE, CtEntry, CtKey},
+    conntrack::{Lifetimes, Tracked},
+    maps::{CT_KIND_BACKEND, CT_KIND_SERVICE, CtKey},
 };
 
-use crate::{maps::CtMap, parse::Packet};
+use crate::parse::Packet;
 
 /// Conntrack lifetimes in ticks; the loader overwrites this read-only
 /// global (`datapath_common::conntrack::LIFETIMES_GLOBAL`) with the
@@ -32,14 +33,14 @@ pub fn now() -> u64 {
 
 /// True when `flow` has outlived its lifetime.
 #[inline(always)]
-pub fn is_expired(flow: &CtEntry, protocol: u8, now: u64) -> bool {
+pub fn is_expired(flow: &impl Tracked, protocol: u8, now: u64) -> bool {
     lifetimes().is_expired(flow, protocol, now)
 }
 
 /// True when this packet must write the flow's entry (state change or
 /// refresh due).
 #[inline(always)]
-pub fn needs_write(flow: &CtEntry, new_state: u8, now: u64) -> bool {
+pub fn needs_write(flow: &impl Tracked, new_state: u8, now: u64) -> bool {
     lifetimes().needs_write(flow, new_state, now)
 }
 
@@ -111,13 +112,11 @@ pub fn reply_key(packet: &Packet) -> CtKey {
 /// Mirrors a refresh (state bits, timestamp) onto the flow's other entry.
 /// Returns false when that entry is gone (evicted).
 #[inline(always)]
-pub fn mirror(table: &CtMap, key: &CtKey, state: u8, now: u64) -> bool {
+pub fn mirror<K, V: Tracked>(table: &LruHashMap<K, V>, key: &K, state: u8, now: u64) -> bool {
     match table.get_ptr_mut(key) {
         Some(peer) => {
             // SAFETY: a pointer into the map value, valid for this program run.
-            let peer = unsafe { &mut *peer };
-            peer.state |= state;
-            peer.last_seen = now;
+            unsafe { (*peer).seen(state, now) };
             true
         }
         None => false,
@@ -126,6 +125,6 @@ pub fn mirror(table: &CtMap, key: &CtKey, state: u8, now: u64) -> bool {
 
 /// Inserts (or replaces) an entry; false when the kernel refused.
 #[inline(always)]
-pub fn insert(table: &CtMap, key: &CtKey, entry: &CtEntry) -> bool {
+pub fn insert<K, V>(table: &LruHashMap<K, V>, key: &K, entry: &V) -> bool {
     table.insert(key, entry, 0).is_ok()
 }

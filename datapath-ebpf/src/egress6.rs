@@ -1,33 +1,44 @@
-//! TC egress for IPv6. The TC path does not translate IPv6 yet (socket-LB
-//! does, `crate::sock`): a packet to an IPv6 frontend reaches TC only
-//! from a process socket-LB leaves alone (`--socket-lb host`, a pod
-//! opted out) or a socket connected before its service was programmed.
-//! Untranslated it would leave the pod for a ClusterIP nothing answers
-//! (or a router sends wherever), so the packet that opens a flow (a TCP
-//! SYN, a UDP datagram) is refused at once with an ICMPv6 port
-//! unreachable, as a service without endpoints is (`crate::reject`): the
-//! socket fails with ECONNREFUSED instead of hanging. Only packets whose
-//! TCP or UDP header follows the fixed header: the refusal quotes 48
-//! bytes, and the kernel finds the socket by the ports in the quote (a
-//! packet with extension headers or a fragment header passes, as every
-//! other IPv6 packet does, untouched after one array read).
+//! TC egress for IPv6, a program of its own entered by a tail call from
+//! the egress program (`jump`): client → IPv6 ClusterIP packets are
+//! DNATed to a backend, as `crate::egress` does for IPv4 — conntrack
+//! first (a hit pays one hash lookup and three array reads), `SERVICES6`
+//! only to open a flow, entries written only on new flows, state changes
+//! and once a refresh interval.
+//!
+//! What the IPv6 TC path does not do yet (`docs/ipv6-plan.md` steps 8–10;
+//! socket-LB serves all of it at `connect()`): packets whose TCP/UDP
+//! header does not follow the fixed header (extension headers, fragments)
+//! pass untranslated and are counted (`ipv6_untranslated`); a new flow
+//! whose wire tuple another flow holds is not moved to another port; a
+//! pod is not sent to itself (hairpin): another backend is taken, and a
+//! pod that is its service's only backend is refused; routes by another
+//! interface of the pod (`POD_ROUTES6`) are not looked up; ICMPv6 errors
+//! about translated flows pass as they are.
 
 use aya_ebpf::{
     bindings::{TC_ACT_SHOT, TC_ACT_UNSPEC},
+    helpers::bpf_get_prandom_u32,
     programs::TcContext,
 };
 use datapath_common::{
     IPPROTO_TCP,
-    conntrack::{TCP_ACK, TCP_SYN},
+    conntrack::{self, Direction, TCP_ACK, TCP_SYN},
     lb,
-    maps::ServiceKey6,
+    maps::{CtEntry6, CtKey6, Ipv6Words, L2_UNRESOLVED, ServiceKey6, ServiceValue},
     metrics::Counter,
 };
 
 use crate::{
-    maps::{SERVICE_FILTER, SERVICES6, TC_JUMPS},
+    backends, ct, ct6, events, l2,
+    maps::{
+        CONNTRACK6_TCP, CONNTRACK6_UDP, CtMap6, REVERSE_NAT6, SERVICE_FILTER, SERVICES6, SLOTS,
+        TC_JUMPS,
+    },
     metrics::count,
-    parse6, reject,
+    nat::End,
+    nat6,
+    parse6::{self, Packet6},
+    reject, reply_filter,
 };
 
 /// Continues an IPv6 packet in `up_tc_egress6`, a program of its own
@@ -48,29 +59,222 @@ pub fn run(ctx: &TcContext) -> i32 {
     let Some(packet) = parse6::ipv6_l4(ctx) else {
         return TC_ACT_UNSPEC;
     };
+    let bucket = lb::service_filter_index6(packet.daddr_be, packet.dport_be, packet.protocol);
+    if packet.later_fragment || !SERVICE_FILTER.get(bucket).is_some_and(|&n| n > 0) {
+        // Not for a service (a later fragment has no port to tell).
+        return TC_ACT_UNSPEC;
+    }
+    if !packet.plain {
+        let key = ServiceKey6::new(packet.daddr_be, packet.dport_be, packet.protocol);
+        // SAFETY: only tested for presence.
+        if unsafe { SERVICES6.get(key) }.is_some() {
+            count(Counter::Ipv6Untranslated);
+        }
+        return TC_ACT_UNSPEC;
+    }
+    // One call site per table: the verifier then inlines each lookup.
+    if packet.protocol == IPPROTO_TCP {
+        service_packet(ctx, &packet, &CONNTRACK6_TCP)
+    } else {
+        service_packet(ctx, &packet, &CONNTRACK6_UDP)
+    }
+}
+
+/// A packet that may be for a service, with its protocol's conntrack.
+#[inline(always)]
+fn service_packet(ctx: &TcContext, packet: &Packet6, table: &CtMap6) -> i32 {
+    let key = ct6::service_key(
+        packet.saddr_be,
+        packet.sport_be,
+        packet.daddr_be,
+        packet.dport_be,
+        packet.protocol,
+    );
+    let now = ct::now();
+    if let Some(flow) = table.get_ptr_mut(key) {
+        // SAFETY: a pointer into the map value, valid for this program run.
+        let flow = unsafe { &mut *flow };
+        if let Some(backend) = tracked_backend(flow, packet, now) {
+            count(Counter::ConntrackHit);
+            let state = conntrack::next_state(
+                flow.state,
+                packet.protocol,
+                packet.tcp_flags,
+                Direction::Original,
+            );
+            if ct::needs_write(flow, state, now) {
+                flow.state = state;
+                flow.last_seen = now;
+                let reply = ct6::backend_key(
+                    packet.saddr_be,
+                    packet.sport_be,
+                    backend.0,
+                    backend.1,
+                    packet.protocol,
+                );
+                if !ct::mirror(table, &reply, state, now) {
+                    // Evicted: without it the replies would not be
+                    // reverse-translated.
+                    let _ = ct::insert(table, &reply, &reply_entry(flow, packet));
+                }
+                // After the entry (`crate::reply_filter`).
+                reply_filter::mark6(backend.0, backend.1, packet.protocol);
+            }
+            return translate(ctx, packet, backend, flow, now);
+        }
+    }
+    new_flow(ctx, packet, table, &key, now)
+}
+
+/// The backend of a live tracked flow, or `None` when the flow must be
+/// balanced afresh (`crate::egress`'s rules: expired, its frontend gone or
+/// re-created, a SYN reusing a closed flow's tuple, its backend deleted).
+#[inline(always)]
+fn tracked_backend(flow: &CtEntry6, packet: &Packet6, now: u64) -> Option<(Ipv6Words, u16)> {
+    if ct::is_expired(flow, packet.protocol, now)
+        || conntrack::syn_reopens(flow, packet.protocol, packet.tcp_flags)
+    {
+        return None;
+    }
+    let frontend = REVERSE_NAT6.get(flow.rev_nat_id())?;
+    if !frontend.is_present()
+        || frontend.address_be != packet.daddr_be
+        || frontend.port_be != packet.dport_be
+    {
+        return None;
+    }
+    backends::ipv6(flow.backend_id)
+}
+
+#[inline(always)]
+fn new_flow(ctx: &TcContext, packet: &Packet6, table: &CtMap6, key: &CtKey6, now: u64) -> i32 {
+    let frontend = ServiceKey6::new(packet.daddr_be, packet.dport_be, packet.protocol);
+    // SAFETY: the value is copied out before any other map call.
+    let Some(service) = (unsafe { SERVICES6.get(frontend) }).copied() else {
+        // Another destination sharing the filter bucket.
+        return TC_ACT_UNSPEC;
+    };
+    if service.backend_count == 0 {
+        count(Counter::NoBackend);
+        events::no_backend6(ctx, packet.daddr_be, packet.dport_be, packet.protocol);
+        return refuse(ctx, packet);
+    }
+    let Some((backend_id, backend)) = pick_backend(packet, &service) else {
+        // The pod is its service's only backend (no hairpin over IPv6 yet).
+        count(Counter::NoBackend);
+        return refuse(ctx, packet);
+    };
+    // One entry on the stack, written twice: first as the reply entry
+    // (a reply can only arrive after the packet leaves), then, without
+    // the frontend to restore, as the flow's own.
+    let mut flow = CtEntry6 {
+        last_seen: now,
+        backend_id,
+        state: conntrack::initial_state(packet.protocol, packet.tcp_flags),
+        l2_mode: L2_UNRESOLVED,
+        service_address_be: packet.daddr_be,
+        service_port_be: packet.dport_be,
+        ..CtEntry6::default()
+    };
+    flow.set_rev_nat_id(service.rev_nat_id());
+    let reply = ct6::backend_key(
+        packet.saddr_be,
+        packet.sport_be,
+        backend.0,
+        backend.1,
+        packet.protocol,
+    );
+    let reply_written = ct::insert(table, &reply, &flow);
+    flow.service_address_be = [0; 4];
+    flow.service_port_be = 0;
+    if !reply_written || !ct::insert(table, key, &flow) {
+        count(Counter::Error);
+        events::conntrack_insert_failed(ctx, packet.protocol);
+    }
+    // After the entries, before the packet leaves (`crate::reply_filter`).
+    reply_filter::mark6(backend.0, backend.1, packet.protocol);
+    count(Counter::ConntrackMiss);
+    translate(ctx, packet, backend, &flow, now)
+}
+
+/// A backend for a new flow, picked at random among the frontend's slots.
+/// Never the sending pod itself (the IPv6 TC path has no hairpin yet):
+/// a pod that drew itself takes the next slot (`None` when it is the only
+/// backend, or a slot names no IPv6 backend).
+#[inline(always)]
+fn pick_backend(packet: &Packet6, service: &ServiceValue) -> Option<(u32, (Ipv6Words, u16))> {
+    // SAFETY: plain helper call.
+    let first = lb::select_slot(unsafe { bpf_get_prandom_u32() }, service.backend_count);
+    let mut slot = first;
+    for _ in 0..2 {
+        let backend_id = SLOTS.get(service.slot_index(slot)).map(|s| s.backend_id)?;
+        let backend = backends::ipv6(backend_id)?;
+        if backend.0 != packet.saddr_be {
+            return Some((backend_id, backend));
+        }
+        slot = if slot >= service.backend_count {
+            1
+        } else {
+            slot + 1
+        };
+        if slot == first {
+            return None;
+        }
+    }
+    None
+}
+
+/// Refuses the packet that opens a flow (a TCP SYN, a UDP datagram) with
+/// an ICMPv6 port unreachable into the pod (`refusal`, entered by a tail
+/// call); any other packet passes.
+#[inline(always)]
+fn refuse(ctx: &TcContext, packet: &Packet6) -> i32 {
     let opens_flow =
         packet.protocol != IPPROTO_TCP || packet.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN;
-    if packet.later_fragment || !packet.plain || !opens_flow {
-        // Not one the refusal could name the socket of, or one of a flow
-        // already open (its first packet was refused, or it predates the
-        // frontend): left as it is.
-        return TC_ACT_UNSPEC;
+    if opens_flow {
+        // SAFETY: a tail call on the program's own context; on success it
+        // does not return.
+        unsafe { TC_JUMPS.tail_call(ctx, datapath_common::jumps::REFUSE6) };
     }
-    let bucket = lb::service_filter_index6(packet.daddr_be, packet.dport_be, packet.protocol);
-    if !SERVICE_FILTER.get(bucket).is_some_and(|&n| n > 0) {
-        return TC_ACT_UNSPEC;
-    }
-    let key = ServiceKey6::new(packet.daddr_be, packet.dport_be, packet.protocol);
-    // SAFETY: only tested for presence.
-    if unsafe { SERVICES6.get(key) }.is_none() {
-        return TC_ACT_UNSPEC;
-    }
+    TC_ACT_UNSPEC
+}
+
+/// `up_tc_refuse6`: the refusal itself, in a program of its own (its
+/// 110-byte answer and 48-byte quote do not fit in one 512-byte stack
+/// beside the translation's frame).
+#[inline(always)]
+pub fn refusal(ctx: &TcContext) -> i32 {
     let verdict = reject::refuse6(ctx);
-    count(if verdict == TC_ACT_SHOT {
-        // The packet could not be rewritten (dropped): said as an error.
-        Counter::Error
-    } else {
-        Counter::Ipv6Refused
-    });
+    if verdict == TC_ACT_SHOT {
+        // The packet could not be rewritten (dropped).
+        count(Counter::Error);
+    }
     verdict
+}
+
+/// The backend-tuple entry of a flow: same state, plus the frontend the
+/// replies must be rewritten to.
+#[inline(always)]
+fn reply_entry(flow: &CtEntry6, packet: &Packet6) -> CtEntry6 {
+    CtEntry6 {
+        service_address_be: packet.daddr_be,
+        service_port_be: packet.dport_be,
+        l2_mode: L2_UNRESOLVED,
+        ..*flow
+    }
+}
+
+#[inline(always)]
+fn translate(
+    ctx: &TcContext,
+    packet: &Packet6,
+    backend: (Ipv6Words, u16),
+    flow: &CtEntry6,
+    now: u64,
+) -> i32 {
+    if nat6::rewrite(ctx, packet, End::Destination, backend.0, backend.1).is_err() {
+        count(Counter::Error);
+        return TC_ACT_SHOT;
+    }
+    l2::forward(ctx, flow, now)
 }

@@ -15,16 +15,19 @@ use datapath_common::{
 };
 
 use crate::{
-    ct, frag, icmp, l2,
+    ct, frag, icmp, ingress6, l2,
     maps::{CONNTRACK_TCP, CONNTRACK_UDP, CtMap},
     metrics::count,
     nat::{self, End},
     parse::{self, Packet},
-    reply_filter,
+    parse6, reply_filter,
 };
 
 pub fn run(ctx: &TcContext) -> i32 {
     let Some(mut packet) = parse::ipv4_l4(ctx) else {
+        if parse6::is_ipv6(ctx) {
+            return ingress6::jump(ctx);
+        }
         // Not TCP or UDP: an ICMP error may be about a translated flow.
         return icmp::on_ingress(ctx);
     };

@@ -34,11 +34,53 @@ use aya_ebpf::{
 };
 use datapath_common::{
     SKB_CB_REDIRECTED,
-    maps::{CtEntry, L2_REWRITE},
+    maps::{CtEntry, CtEntry6, L2_REWRITE},
 };
 use network_types::eth::EthHdr;
 
 use crate::{ct, parse::ptr_at};
+
+/// The next-hop fields of a conntrack entry of either family (same names,
+/// other places in each layout).
+pub trait NextHop {
+    /// The interface the route to the backend leaves by (0: this one).
+    fn out_ifindex(&self) -> u32;
+    /// `L2_*`, the interface the MACs were learned on, and when.
+    fn learned(&self) -> (u8, u32, u64);
+    /// The next hop's MAC and ours.
+    fn macs(&self) -> ([u8; 6], [u8; 6]);
+    /// Records what a reply taught.
+    fn learn(&mut self, dst_mac: [u8; 6], src_mac: [u8; 6], ifindex: u32, now: u64);
+}
+
+macro_rules! next_hop {
+    ($entry:ty) => {
+        impl NextHop for $entry {
+            #[inline(always)]
+            fn out_ifindex(&self) -> u32 {
+                self.out_ifindex
+            }
+            #[inline(always)]
+            fn learned(&self) -> (u8, u32, u64) {
+                (self.l2_mode, self.ifindex, self.l2_seen)
+            }
+            #[inline(always)]
+            fn macs(&self) -> ([u8; 6], [u8; 6]) {
+                (self.dst_mac, self.src_mac)
+            }
+            #[inline(always)]
+            fn learn(&mut self, dst_mac: [u8; 6], src_mac: [u8; 6], ifindex: u32, now: u64) {
+                self.dst_mac = dst_mac;
+                self.src_mac = src_mac;
+                self.ifindex = ifindex;
+                self.l2_seen = now;
+                self.l2_mode = L2_REWRITE;
+            }
+        }
+    };
+}
+next_hop!(CtEntry);
+next_hop!(CtEntry6);
 
 /// The interface the packet is on.
 #[inline(always)]
@@ -74,21 +116,22 @@ pub fn take_redirected(ctx: &TcContext) -> bool {
 /// the flow's own interface when the route to its backend names one
 /// (`crate::route`), else by the one it is on.
 #[inline(always)]
-pub fn forward(ctx: &TcContext, flow: &CtEntry, now: u64) -> i32 {
+pub fn forward(ctx: &TcContext, flow: &impl NextHop, now: u64) -> i32 {
     let here = ifindex(ctx);
-    let out = if flow.out_ifindex != 0 {
-        flow.out_ifindex
-    } else {
-        here
+    let out = match flow.out_ifindex() {
+        0 => here,
+        other => other,
     };
-    if flow.l2_mode == L2_REWRITE && flow.ifindex == out && ct::l2_is_fresh(flow.l2_seen, now) {
+    let (mode, learned_on, learned_at) = flow.learned();
+    if mode == L2_REWRITE && learned_on == out && ct::l2_is_fresh(learned_at, now) {
         let Some(eth) = ptr_at::<EthHdr>(ctx, 0) else {
             return TC_ACT_SHOT;
         };
+        let (dst_mac, src_mac) = flow.macs();
         // SAFETY: bounds-checked by ptr_at.
         unsafe {
-            (*eth).dst_addr = flow.dst_mac;
-            (*eth).src_addr = flow.src_mac;
+            (*eth).dst_addr = dst_mac;
+            (*eth).src_addr = src_mac;
         }
         if out == here {
             return TC_ACT_OK;
@@ -107,15 +150,10 @@ pub fn forward(ctx: &TcContext, flow: &CtEntry, now: u64) -> i32 {
 /// The L2 addresses a reply teaches: its source is our next hop, its
 /// destination is us, both on the interface it arrived on.
 #[inline(always)]
-pub fn learn_from_reply(ctx: &TcContext, flow: &mut CtEntry, now: u64) {
+pub fn learn_from_reply(ctx: &TcContext, flow: &mut impl NextHop, now: u64) {
     if let Some(eth) = ptr_at::<EthHdr>(ctx, 0) {
         // SAFETY: bounds-checked by ptr_at.
-        unsafe {
-            flow.dst_mac = (*eth).src_addr;
-            flow.src_mac = (*eth).dst_addr;
-        }
-        flow.ifindex = ifindex(ctx);
-        flow.l2_seen = now;
-        flow.l2_mode = L2_REWRITE;
+        let (next_hop, ours) = unsafe { ((*eth).src_addr, (*eth).dst_addr) };
+        flow.learn(next_hop, ours, ifindex(ctx), now);
     }
 }

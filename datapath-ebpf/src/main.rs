@@ -6,8 +6,10 @@
 // Inline asm for the one kfunc call (`kernel_skb`).
 #![feature(asm_experimental_arch)]
 
+mod backends;
 mod clash;
 mod ct;
+mod ct6;
 mod egress;
 mod egress6;
 mod events;
@@ -17,11 +19,13 @@ mod frag;
 mod hairpin;
 mod icmp;
 mod ingress;
+mod ingress6;
 mod kernel_skb;
 mod l2;
 mod maps;
 mod metrics;
 mod nat;
+mod nat6;
 mod parse;
 mod parse6;
 mod reject;
@@ -50,10 +54,24 @@ pub fn up_tc_egress6(ctx: TcContext) -> i32 {
     egress6::run(&ctx)
 }
 
+/// The IPv6 refusal (ICMPv6 port unreachable into the pod), entered
+/// from `up_tc_egress6` by a tail call; never attached itself.
+#[classifier]
+pub fn up_tc_refuse6(ctx: TcContext) -> i32 {
+    egress6::refusal(&ctx)
+}
+
 /// TC ingress on the pod interface: backend → ClusterIP reverse NAT.
 #[classifier]
 pub fn up_tc_ingress(ctx: TcContext) -> i32 {
     ingress::run(&ctx)
+}
+
+/// TC ingress for IPv6 packets, entered from `up_tc_ingress` by a tail
+/// call (`datapath_common::jumps`); never attached itself.
+#[classifier]
+pub fn up_tc_ingress6(ctx: TcContext) -> i32 {
+    ingress6::run(&ctx)
 }
 
 /// Does nothing (returns "next"): the benches attach it first in an

@@ -15,18 +15,24 @@ use crate::parse::{ETH_LEN, ptr_at};
 /// Offset of the TCP flags byte in the TCP header.
 const TCP_FLAGS_OFF: usize = 13;
 
-/// Where an IPv6 TCP/UDP packet goes: what the egress program needs to
-/// tell a packet to an IPv6 frontend (the translation to come,
-/// `docs/ipv6-plan.md` step 7, adds the source).
+/// Where the TCP/UDP header of a `plain` packet starts in the frame: the
+/// only packets the TC path translates yet.
+pub const PLAIN_L4_OFF: usize = ETH_LEN + ipv6::IPV6_HEADER_LEN;
+
+/// An IPv6 TCP/UDP packet's addresses and ports, and where its upper-layer
+/// header is.
 pub struct Packet6 {
+    pub saddr_be: Ipv6Words,
     pub daddr_be: Ipv6Words,
+    /// Zero in a later fragment (no upper-layer header there).
+    pub sport_be: u16,
     /// Zero in a later fragment (no upper-layer header there).
     pub dport_be: u16,
     pub protocol: u8,
     /// TCP flags (0 for UDP and later fragments).
     pub tcp_flags: u8,
-    /// The upper-layer header follows the fixed header at once: no
-    /// extension header, no fragment header.
+    /// The upper-layer header follows the fixed header at once (at
+    /// `PLAIN_L4_OFF`): no extension header, no fragment header.
     pub plain: bool,
     /// A fragment other than the first: its ports are the first one's.
     pub later_fragment: bool,
@@ -52,7 +58,8 @@ fn words(octets: [u8; 16]) -> Ipv6Words {
 pub fn ipv6_l4(ctx: &TcContext) -> Option<Packet6> {
     let ip: *const Ipv6Hdr = ptr_at(ctx, ETH_LEN)?;
     // SAFETY: bounds-checked by ptr_at.
-    let (vcf, next_header, dst) = unsafe { ((*ip).vcf[0], (*ip).next_hdr, (*ip).dst_addr) };
+    let (vcf, next_header, src, dst) =
+        unsafe { ((*ip).vcf[0], (*ip).next_hdr, (*ip).src_addr, (*ip).dst_addr) };
     if vcf >> 4 != 6 {
         return None;
     }
@@ -67,10 +74,13 @@ pub fn ipv6_l4(ctx: &TcContext) -> Option<Packet6> {
     if protocol != IPPROTO_TCP && protocol != IPPROTO_UDP {
         return None;
     }
-    let daddr_be = words(dst);
+    let (saddr_be, daddr_be) = (words(src), words(dst));
+    let l4_off = ETH_LEN + offset;
     if fragment.is_some_and(|f| f.is_later()) {
         return Some(Packet6 {
+            saddr_be,
             daddr_be,
+            sport_be: 0,
             dport_be: 0,
             protocol,
             tcp_flags: 0,
@@ -78,16 +88,18 @@ pub fn ipv6_l4(ctx: &TcContext) -> Option<Packet6> {
             later_fragment: true,
         });
     }
-    // The destination port: the second word of TCP's and UDP's header.
-    let dport_be = ctx.load::<u16>(ETH_LEN + offset + 2).ok()?;
+    // The ports: the first two words of TCP's and UDP's header.
+    let ports = ctx.load::<[u16; 2]>(l4_off).ok()?;
     let tcp_flags = if protocol == IPPROTO_TCP {
-        ctx.load::<u8>(ETH_LEN + offset + TCP_FLAGS_OFF).ok()?
+        ctx.load::<u8>(l4_off + TCP_FLAGS_OFF).ok()?
     } else {
         0
     };
     Some(Packet6 {
+        saddr_be,
         daddr_be,
-        dport_be,
+        sport_be: ports[0],
+        dport_be: ports[1],
         protocol,
         tcp_flags,
         plain: offset == ipv6::IPV6_HEADER_LEN && fragment.is_none(),

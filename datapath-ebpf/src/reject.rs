@@ -1,17 +1,19 @@
 //! Refusing a new flow, as kube-proxy's `REJECT` does: to a service
-//! without endpoints (`refuse`), or to an IPv6 frontend the TC path does
-//! not translate yet (`refuse6`, `crate::egress6`). The packet becomes the
-//! ICMP (ICMPv6) port unreachable that answers it
-//! (`datapath_common::reject`) and goes straight back into the pod, so
-//! `connect()` fails at once with ECONNREFUSED instead of retrying SYNs
-//! into a silent drop.
+//! without endpoints (`refuse`, `refuse6` over IPv6). The packet becomes
+//! the ICMP port unreachable that answers it (over IPv6: the ICMPv6 one,
+//! or a TCP reset for a SYN; `datapath_common::reject`) and goes straight
+//! back into the pod, so `connect()` fails at once with ECONNREFUSED
+//! instead of retrying SYNs into a silent drop.
 
 use aya_ebpf::{
     bindings::{BPF_F_INGRESS, TC_ACT_SHOT},
     helpers::{bpf_redirect, bpf_skb_change_tail, bpf_skb_load_bytes},
     programs::TcContext,
 };
-use datapath_common::reject::{self, FRAME_LEN, FRAME6_LEN, QUOTED_LEN, QUOTED6_LEN};
+use datapath_common::{
+    IPPROTO_TCP,
+    reject::{self, FRAME_LEN, FRAME6_LEN, QUOTED_LEN, QUOTED6_LEN, RESET6_FRAME_LEN},
+};
 use network_types::eth::EthHdr;
 
 use crate::parse::{ETH_LEN, Packet};
@@ -60,32 +62,46 @@ pub fn refuse(ctx: &TcContext, packet: &Packet) -> i32 {
     unsafe { bpf_redirect((*ctx.skb.skb).ifindex, BPF_F_INGRESS as u64) as i32 }
 }
 
-/// `refuse` of an IPv6 packet: an ICMPv6 port unreachable quoting its
-/// first 48 bytes (`datapath_common::reject::refusal6`), stored piece by
-/// piece (a whole frame on the stack would not fit beside the rest).
+/// `refuse` of an IPv6 packet whose TCP/UDP header follows the fixed
+/// one: a TCP SYN gets a reset (`datapath_common::reject::reset6`), a UDP
+/// datagram an ICMPv6 port unreachable quoting its first 48 bytes
+/// (`datapath_common::reject::refusal6`); stored piece by piece.
 #[inline(always)]
 pub fn refuse6(ctx: &TcContext) -> i32 {
     // (A TCP or UDP packet over IPv6 is at least that long.)
     let Some((eth, quoted)) = quote::<QUOTED6_LEN>(ctx) else {
         return TC_ACT_SHOT;
     };
-    let headers = reject::refusal6(&quoted);
-    // SAFETY: plain helper call on the program's own skb.
-    if unsafe { bpf_skb_change_tail(ctx.skb.skb, FRAME6_LEN as u32, 0) } != 0 {
-        return TC_ACT_SHOT;
-    }
     // Ethernet back to the sender (its MACs swapped).
     let mut l2 = [0u8; ETH_LEN];
     l2[0..6].copy_from_slice(&eth.src_addr);
     l2[6..12].copy_from_slice(&eth.dst_addr);
     l2[12..14].copy_from_slice(&reject::ETHERTYPE_IPV6);
-    let icmp_at = ETH_LEN + headers.ip.len();
-    if ctx.store(0, &l2, 0).is_err()
-        || ctx.store(ETH_LEN, &headers.ip, 0).is_err()
-        || ctx.store(icmp_at, &headers.icmp, 0).is_err()
-        || ctx.store(icmp_at + headers.icmp.len(), &quoted, 0).is_err()
-    {
-        return TC_ACT_SHOT;
+    const L4_AT: usize = ETH_LEN + 40;
+    if quoted[6] == IPPROTO_TCP {
+        // A SYN (the only TCP packet refused) is answered with a reset
+        // (`datapath_common::reject::Reset6`: refused at once where an
+        // ICMPv6 error would wait for the SYN's retransmission).
+        let reset = reject::reset6(&quoted);
+        // SAFETY: plain helper call on the program's own skb.
+        if unsafe { bpf_skb_change_tail(ctx.skb.skb, RESET6_FRAME_LEN as u32, 0) } != 0
+            || ctx.store(0, &l2, 0).is_err()
+            || ctx.store(ETH_LEN, &reset.ip, 0).is_err()
+            || ctx.store(L4_AT, &reset.tcp, 0).is_err()
+        {
+            return TC_ACT_SHOT;
+        }
+    } else {
+        let headers = reject::refusal6(&quoted);
+        // SAFETY: plain helper call on the program's own skb.
+        if unsafe { bpf_skb_change_tail(ctx.skb.skb, FRAME6_LEN as u32, 0) } != 0
+            || ctx.store(0, &l2, 0).is_err()
+            || ctx.store(ETH_LEN, &headers.ip, 0).is_err()
+            || ctx.store(L4_AT, &headers.icmp, 0).is_err()
+            || ctx.store(L4_AT + headers.icmp.len(), &quoted, 0).is_err()
+        {
+            return TC_ACT_SHOT;
+        }
     }
     // SAFETY: plain helper call; the skb pointer is the program's context.
     unsafe { bpf_redirect((*ctx.skb.skb).ifindex, BPF_F_INGRESS as u64) as i32 }

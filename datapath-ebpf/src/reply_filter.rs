@@ -16,9 +16,9 @@
 //! another build's programs, whose flows may have none), which also drops
 //! the flags of peers no flow names any more.
 
-use datapath_common::maps::REPLY_FILTER_COMPLETE;
+use datapath_common::maps::{Ipv6Words, REPLY_FILTER_COMPLETE};
 
-use crate::{flags, maps::REPLY_FILTER, parse::Packet};
+use crate::{flags, maps::REPLY_FILTER, parse::Packet, parse6::Packet6};
 
 /// Flags the bucket replies from `peer_be:peer_port_be` fall in. Written
 /// only when not yet set: a flagged bucket costs new flows one read.
@@ -30,20 +30,39 @@ pub fn mark(peer_be: u32, peer_port_be: u16, protocol: u8) {
     flags::set(&REPLY_FILTER, peer_be, peer_port_be, protocol);
 }
 
+/// [`mark`] for an IPv6 peer (one array for both families).
+#[inline(always)]
+pub fn mark6(peer_be: Ipv6Words, peer_port_be: u16, protocol: u8) {
+    flags::set6(&REPLY_FILTER, peer_be, peer_port_be, protocol);
+}
+
 /// False when `packet` (arriving on a pod) cannot be the reply of a
 /// tracked flow: its source's bucket is not flagged and the flags are
 /// complete.
 #[inline(always)]
 pub fn may_be_reply(packet: &Packet) -> bool {
-    if flags::is_set(
+    flags::is_set(
         &REPLY_FILTER,
         packet.saddr_be,
         packet.sport_be,
         packet.protocol,
-    ) {
-        return true;
-    }
-    !REPLY_FILTER
+    ) || !flags_complete()
+}
+
+/// [`may_be_reply`] for an IPv6 packet.
+#[inline(always)]
+pub fn may_be_reply6(packet: &Packet6) -> bool {
+    flags::is_set6(
+        &REPLY_FILTER,
+        packet.saddr_be,
+        packet.sport_be,
+        packet.protocol,
+    ) || !flags_complete()
+}
+
+#[inline(always)]
+fn flags_complete() -> bool {
+    REPLY_FILTER
         .get(REPLY_FILTER_COMPLETE)
         .is_some_and(|&complete| complete != 0)
 }

@@ -19,7 +19,7 @@ use datapath_common::{
     features::SET_RETVAL,
     lb,
     maps::{
-        Backend, Ipv6Words, ServiceKey, ServiceKey6, ServiceValue, SockRevNatKey, SockRevNatKey6,
+        Ipv6Words, ServiceKey, ServiceKey6, ServiceValue, SockRevNatKey, SockRevNatKey6,
         SockRevNatValue, SockRevNatValue6,
     },
     metrics::Counter,
@@ -29,8 +29,8 @@ use datapath_common::{
 use crate::{
     events, features,
     maps::{
-        BACKEND_ADDRS6, BACKENDS, SERVICE_FILTER, SERVICES, SERVICES6, SLOTS, SOCK_LB_SKIP,
-        SOCK_REVERSE_NAT, SOCK_REVERSE_NAT6,
+        BACKENDS, SERVICE_FILTER, SERVICES, SERVICES6, SLOTS, SOCK_LB_SKIP, SOCK_REVERSE_NAT,
+        SOCK_REVERSE_NAT6,
     },
     metrics::count,
 };
@@ -243,17 +243,7 @@ impl FamilyMaps for V6 {
     }
     #[inline(always)]
     fn backend(backend_id: u32) -> Option<(Ipv6Words, u16)> {
-        // The `BACKENDS` word publishes the address written before it
-        // (`datapath_common::maps::v6::BackendAddress6`).
-        let backend: Backend = BACKENDS
-            .get(backend_id)
-            .copied()
-            .filter(|b| b.is_present() && b.is_v6())?;
-        let address = BACKEND_ADDRS6.get(backend_id)?.address_be;
-        // Never the unspecified address (a connect() to it reaches the
-        // node itself): an entry whose address is not there (yet) is no
-        // backend.
-        (address != [0; 4]).then_some((address, backend.port_be))
+        crate::backends::ipv6(backend_id)
     }
     #[inline(always)]
     fn remember(

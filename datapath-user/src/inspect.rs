@@ -3,7 +3,7 @@
 
 use std::{
     collections::BTreeMap,
-    net::{IpAddr, Ipv4Addr, SocketAddr},
+    net::{IpAddr, SocketAddr},
     path::Path,
 };
 
@@ -11,7 +11,7 @@ use anyhow::{Context, Result};
 use comfy_table::{Table, presets::UTF8_BORDERS_ONLY};
 use datapath_common::{
     ipv4_octets,
-    maps::{BackendId, CT_KIND_BACKEND, CT_KIND_SERVICE, RevNatId},
+    maps::{BackendId, CT_KIND_BACKEND, CT_KIND_SERVICE, Ipv6Words, RevNatId},
     port_host,
 };
 use serde::Serialize;
@@ -19,7 +19,7 @@ use serde::Serialize;
 use crate::{
     attach, clock,
     maps::{DatapathMaps, DumpedFrontend, LbMaps},
-    model::{BackendAddress, Frontend, Protocol},
+    model::{BackendAddress, Frontend, Protocol, ipv6_from_words},
 };
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -195,50 +195,85 @@ pub struct ConntrackRow {
     pub idle_seconds: f64,
 }
 
+impl ConntrackRow {
+    /// A row of either family: `[client, peer, service]`, `(backend id,
+    /// reverse-NAT id, state)`.
+    fn new(
+        kind: u8,
+        protocol: u8,
+        [client, peer, service]: [SocketAddr; 3],
+        (backend_id, rev_nat_id, state): (u32, RevNatId, u8),
+        idle_seconds: f64,
+    ) -> Self {
+        Self {
+            kind: match kind {
+                CT_KIND_SERVICE => "service",
+                CT_KIND_BACKEND => "backend",
+                _ => "?",
+            },
+            protocol: Protocol::from_number(protocol)
+                .map(|p| p.to_string())
+                .unwrap_or_else(|| protocol.to_string()),
+            client: client.to_string(),
+            peer: peer.to_string(),
+            service: service.to_string(),
+            backend_id,
+            rev_nat_id,
+            state,
+            idle_seconds,
+        }
+    }
+}
+
 pub fn conntrack_list(pin_dir: &Path, output: Output, limit: usize) -> Result<()> {
     let maps = open(pin_dir)?;
     let now = clock::jiffies_now().ok();
     let hz = clock::hz().ok();
+    let idle = |last_seen: u64| match (now, hz) {
+        (Some(now), Some(hz)) => now.saturating_sub(last_seen) as f64 / hz as f64,
+        _ => f64::NAN,
+    };
     let mut rows = Vec::new();
     for (name, table) in maps.conntrack_tables() {
         for entry in table.iter() {
-            let (key, value) = entry.with_context(|| format!("reading {name}"))?;
-            let address = |be: u32| Ipv4Addr::from(ipv4_octets(be));
-            rows.push(ConntrackRow {
-                kind: match key.kind {
-                    CT_KIND_SERVICE => "service",
-                    CT_KIND_BACKEND => "backend",
-                    _ => "?",
-                },
-                protocol: Protocol::from_number(key.protocol)
-                    .map(|p| p.to_string())
-                    .unwrap_or_else(|| key.protocol.to_string()),
-                client: format!(
-                    "{}:{}",
-                    address(key.client_address_be),
-                    port_host(key.client_port_be)
-                ),
-                peer: format!(
-                    "{}:{}",
-                    address(key.peer_address_be),
-                    port_host(key.peer_port_be)
-                ),
-                service: format!(
-                    "{}:{}",
-                    address(value.service_address_be),
-                    port_host(value.service_port_be)
-                ),
-                backend_id: value.backend_id,
-                rev_nat_id: value.rev_nat_id(),
-                state: value.state,
-                idle_seconds: match (now, hz) {
-                    (Some(now), Some(hz)) => now.saturating_sub(value.last_seen) as f64 / hz as f64,
-                    _ => f64::NAN,
-                },
-            });
             if rows.len() >= limit {
                 break;
             }
+            let (key, value) = entry.with_context(|| format!("reading {name}"))?;
+            let at = |be: u32, port: u16| SocketAddr::from((ipv4_octets(be), port_host(port)));
+            rows.push(ConntrackRow::new(
+                key.kind,
+                key.protocol,
+                [
+                    at(key.client_address_be, key.client_port_be),
+                    at(key.peer_address_be, key.peer_port_be),
+                    at(value.service_address_be, value.service_port_be),
+                ],
+                (value.backend_id, value.rev_nat_id(), value.state),
+                idle(value.last_seen),
+            ));
+        }
+    }
+    for (name, table) in maps.conntrack6_tables() {
+        for entry in table.iter() {
+            if rows.len() >= limit {
+                break;
+            }
+            let (key, value) = entry.with_context(|| format!("reading {name}"))?;
+            let at = |words: Ipv6Words, port: u16| {
+                SocketAddr::from((ipv6_from_words(words), port_host(port)))
+            };
+            rows.push(ConntrackRow::new(
+                key.kind,
+                key.protocol,
+                [
+                    at(key.client_address_be, key.client_port_be),
+                    at(key.peer_address_be, key.peer_port_be),
+                    at(value.service_address_be, value.service_port_be),
+                ],
+                (value.backend_id, value.rev_nat_id(), value.state),
+                idle(value.last_seen),
+            ));
         }
     }
     rows.truncate(limit);

@@ -354,12 +354,13 @@ struct AgentArgs {
     /// translates native IPv6 connect()/sendmsg() to IPv6 backends
     /// (ClusterIPs, and the IPv6 external, load-balancer and node
     /// addresses as for IPv4; getpeername/recvmsg show the service;
-    /// connected UDP sockets leave departed backends). The TC path does
-    /// not translate IPv6 yet: processes socket-LB leaves to it
-    /// (--socket-lb host, --socket-lb-skip-netns, --cgroup below the
-    /// root) are refused at once by IPv6 services (ICMPv6 port
-    /// unreachable: ECONNREFUSED), said at start and by each such
-    /// service. Needs socket-LB. `off` (default): the IPv6 maps take one
+    /// connected UDP sockets leave departed backends), and the TC path
+    /// for processes socket-LB leaves to it (--socket-lb host,
+    /// --socket-lb-skip-netns, --no-socket-lb): TCP and UDP whose header
+    /// follows the fixed IPv6 header (extension headers and fragments
+    /// pass untranslated there, counted as ipv6_untranslated; a pod that
+    /// is its IPv6 service's only backend is refused on TC; see
+    /// docs/datapath.md). Sizes the IPv6 conntrack as IPv4's. `off` (default): the IPv6 maps take one
     /// entry each and IPv6 services are reported not served (a
     /// dual-stack service's IPv4 family is served either way). A change
     /// replaces the IPv6 maps and with them the frontend tables, which
@@ -374,7 +375,7 @@ struct AgentArgs {
 enum Ipv6 {
     /// IPv6 ClusterIPs reported unsupported; the IPv6 maps take nothing.
     Off,
-    /// IPv6 ClusterIPs served by socket-LB.
+    /// IPv6 ClusterIPs served by socket-LB and the TC path.
     On,
 }
 
@@ -496,31 +497,10 @@ fn run_agent(args: AgentArgs) -> Result<()> {
     );
     pod_tc.check().map_err(anyhow::Error::msg)?;
     let ipv6 = args.ipv6 == Ipv6::On;
-    let ipv6_serving = match (&cgroup, ipv6) {
-        (_, false) => Ipv6Serving::Off,
-        (None, true) => bail!(
-            "--ipv6 on: IPv6 ClusterIPs are served by socket-LB alone (the TC path does not translate IPv6 yet), and socket-LB is off (--socket-lb off or --no-socket-lb)"
-        ),
-        (Some(cgroup), true) => {
-            let because = if args.socket_lb == SocketLb::Host {
-                Some("--socket-lb host leaves pods to the TC path")
-            } else if socket_lb_skip.is_some() {
-                Some("--socket-lb-skip-netns leaves the pods it names to the TC path")
-            } else if !datapath_user::cgroup::is_root(cgroup) {
-                Some("--cgroup is below the cgroup2 root: processes outside it take the TC path")
-            } else {
-                None
-            };
-            match because {
-                Some(because) => {
-                    tracing::warn!(
-                        "--ipv6 on: IPv6 ClusterIPs are served by socket-LB alone, and {because}, which does not translate IPv6 yet: those processes are refused by IPv6 ClusterIPs (each such service says so)"
-                    );
-                    Ipv6Serving::NotEveryPod { because }
-                }
-                None => Ipv6Serving::EveryPod,
-            }
-        }
+    let ipv6_serving = if ipv6 {
+        Ipv6Serving::On
+    } else {
+        Ipv6Serving::Off
     };
     let options = AgentOptions {
         pin_dir: args.pin.pin_dir,

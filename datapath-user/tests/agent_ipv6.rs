@@ -5,8 +5,10 @@
 //! family, and follows manifest edits under live traffic: a backend that
 //! leaves loses new connections, keeps its established TCP connection,
 //! and its connected UDP sockets move to a live backend; an empty service
-//! refuses at once. No TC program is attached (the agent's netns filter
-//! matches nothing), so only socket-LB can make these answer.
+//! refuses at once. There no TC program is attached (the agent's netns
+//! filter matches nothing), so only socket-LB can make these answer; a
+//! pod socket-LB leaves to the TC path reaches the same IPv6 ClusterIP
+//! through the TC programs.
 
 mod common;
 
@@ -380,50 +382,39 @@ fn without_ipv6_on_an_ipv6_cluster_ip_is_left_alone() {
     drop(server);
 }
 
-/// `--ipv6 on` needs socket-LB (the TC path does not translate IPv6 yet):
-/// without it the agent refuses to start, naming both flags.
+/// A pod socket-LB leaves to the TC path (`--socket-lb host`) reaches a
+/// dual-stack Service's IPv6 ClusterIP through the TC programs: TCP and
+/// connected UDP spread over both backends, the peer shown as the IPv6
+/// ClusterIP (the replies reverse-translated on the pod's ingress), and
+/// follows manifest edits under live traffic: a backend removed gets no
+/// new flow; a service left without IPv6 endpoints refuses at once (an
+/// ICMPv6 port unreachable into the pod: ECONNREFUSED) instead of
+/// letting the packets leave for a ClusterIP nothing answers.
 #[test]
-fn ipv6_on_without_socket_lb_is_refused_at_start() {
-    let dir = std::env::temp_dir().join(format!("underpass-ipv6-flags-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let output = std::process::Command::new(env!("CARGO_BIN_EXE_underpass"))
-        .args(["agent", "--from-dir"])
-        .arg(&dir)
-        .args(["--no-socket-lb", "--ipv6", "on", "--pin-dir"])
-        .arg(dir.join("pins"))
-        .output()
-        .unwrap();
-    let _ = std::fs::remove_dir_all(&dir);
-    let stderr = String::from_utf8_lossy(&output.stderr);
-    assert!(!output.status.success());
-    assert!(
-        stderr.contains("--ipv6 on") && stderr.contains("socket-LB is off"),
-        "{stderr}"
-    );
-}
-
-/// A pod socket-LB leaves to the TC path (`--socket-lb host`) reaches the
-/// IPv4 family through TC, and its connections to the IPv6 ClusterIP,
-/// which TC does not translate yet, are refused at once (an ICMPv6 port
-/// unreachable into the pod: ECONNREFUSED for TCP and connected UDP)
-/// instead of leaving the pod untranslated and hanging.
-#[test]
-fn a_pod_on_the_tc_path_is_refused_at_once_by_an_ipv6_cluster_ip() {
+fn a_pod_on_the_tc_path_reaches_an_ipv6_cluster_ip_through_tc_and_follows_edits() {
     require_root("agent e2e");
     let topo = Topology::build(&standard_pods()).expect("building the topology");
-    let pod = topo.pod("server-a");
-    let address6 = pod.address6.expect("the topology is dual-stack");
+    let names = ["server-a", "server-b"];
+    let pods: Vec<_> = names.iter().map(|name| topo.pod(name)).collect();
+    let v4: Vec<Ipv4Addr> = pods.iter().map(|pod| pod.address).collect();
+    let v6: Vec<Ipv6Addr> = pods
+        .iter()
+        .map(|pod| pod.address6.expect("the topology is dual-stack"))
+        .collect();
     let mut servers = Vec::new();
-    for address in [IpAddr::from(pod.address), IpAddr::from(address6)] {
-        servers.push(workload::tcp_server(&pod.namespace, address, TARGET, "server-a").unwrap());
-        servers.push(workload::udp_server(&pod.namespace, address, 5353, "server-a").unwrap());
+    for (pod, name) in pods.iter().zip(names) {
+        for address in [
+            IpAddr::from(pod.address),
+            IpAddr::from(pod.address6.unwrap()),
+        ] {
+            servers.push(workload::tcp_server(&pod.namespace, address, TARGET, name).unwrap());
+            servers.push(workload::udp_server(&pod.namespace, address, 5353, name).unwrap());
+        }
     }
     let pins = PinDir(PathBuf::from(format!("/sys/fs/bpf/{}", topo.prefix)));
     let dir = tempdir(&topo.prefix);
-    write_atomically(
-        &dir.join("dual.yaml"),
-        &dual_stack_manifest(&[pod.address], &[address6]),
-    );
+    let manifest = dir.join("dual.yaml");
+    write_atomically(&manifest, &dual_stack_manifest(&v4, &v6));
     let cgroup = Cgroup::create(&format!("{}-sock", topo.prefix)).unwrap();
     let cgroup_arg = cgroup.path().to_str().unwrap();
     let filter = format!("{}-client*", topo.prefix);
@@ -444,21 +435,61 @@ fn a_pod_on_the_tc_path_is_refused_at_once_by_an_ipv6_cluster_ip() {
     wait_until("the client's eth0 is attached", || {
         pinned_tc_links(&pins.0).contains(&(client.name().to_owned(), "eth0".into()))
     });
-    let answer = client
-        .run(|| workload::tcp_request(SocketAddr::new(VIP.into(), 80), TIMEOUT))
-        .unwrap()
-        .expect("the IPv4 ClusterIP answers on the TC path");
-    assert_eq!(answer.server, "server-a");
     type Request = fn(SocketAddr, Duration) -> std::io::Result<workload::Answer>;
-    for (what, port, request) in [
+    let requests = [
         ("TCP", 80, workload::tcp_request as Request),
         ("connected UDP", 53, workload::connected_udp_request),
-    ] {
+    ];
+    for (what, port, request) in requests {
+        let target = SocketAddr::new(VIP6.into(), port);
+        let results = (0..24)
+            .map(|_| match client.run(|| request(target, TIMEOUT)).unwrap() {
+                Ok(answer) => ProbeResult::Answer(answer),
+                Err(error) => panic!("{what} to {target}: {error}"),
+            })
+            .collect();
+        let spread = spread(what, results, target);
+        assert_eq!(
+            spread.keys().collect::<Vec<_>>(),
+            ["server-a", "server-b"],
+            "{what}: both IPv6 backends answer through TC"
+        );
+    }
+
+    // server-a leaves the IPv6 family: new flows go to server-b alone.
+    write_atomically(&manifest, &dual_stack_manifest(&v4, &v6[1..]));
+    wait_until("the agent programs server-b alone", || {
+        (0..8).all(|_| {
+            client
+                .run(|| workload::tcp_request(SocketAddr::new(VIP6.into(), 80), TIMEOUT))
+                .unwrap()
+                .is_ok_and(|answer| answer.server == "server-b")
+        })
+    });
+    for (what, port, request) in requests {
+        for _ in 0..10 {
+            let answer = client
+                .run(|| request(SocketAddr::new(VIP6.into(), port), TIMEOUT))
+                .unwrap()
+                .unwrap_or_else(|e| panic!("{what}: {e}"));
+            assert_eq!(answer.server, "server-b", "{what}: server-a left");
+        }
+    }
+
+    // No IPv6 endpoint left: refused at once, the IPv4 family still served.
+    write_atomically(&manifest, &dual_stack_manifest(&v4, &[]));
+    wait_until("the IPv6 ClusterIP refuses", || {
+        client
+            .run(|| workload::tcp_request(SocketAddr::new(VIP6.into(), 80), TIMEOUT))
+            .unwrap()
+            .is_err()
+    });
+    for (what, port, request) in requests {
         let started = Instant::now();
         let error = client
             .run(|| request(SocketAddr::new(VIP6.into(), port), Duration::from_secs(5)))
             .unwrap()
-            .expect_err("the TC path does not translate IPv6");
+            .expect_err("no IPv6 endpoint");
         assert_eq!(
             error.raw_os_error(),
             Some(libc::ECONNREFUSED),
@@ -470,8 +501,14 @@ fn a_pod_on_the_tc_path_is_refused_at_once_by_an_ipv6_cluster_ip() {
             started.elapsed()
         );
     }
+    client
+        .run(|| workload::tcp_request(SocketAddr::new(VIP.into(), 80), TIMEOUT))
+        .unwrap()
+        .expect("the IPv4 ClusterIP still answers on the TC path");
     let metrics = agent.get("/metrics").unwrap();
-    assert!(datapath_event(&metrics, "ipv6_refused") >= 2, "{metrics}");
+    assert!(datapath_event(&metrics, "no_backend") >= 2, "{metrics}");
+    assert!(datapath_event(&metrics, "conntrack_hit") > 0, "{metrics}");
+    assert_eq!(datapath_event(&metrics, "sock_translated"), 0, "{metrics}");
     agent.stop();
     drop(servers);
 }

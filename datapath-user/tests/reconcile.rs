@@ -1802,25 +1802,14 @@ endpoints: [{addresses: [\"fd00:10:244::6:1\"]}]
             "Service test/dual spec.clusterIPs[1]: IPv6 frontends are not served: the agent runs without --ipv6 on (2 of them, [fd00:10:96::60]:53/UDP first); its IPv4 family is served (unsupported)"
         ]
     );
-    // Served (`--ipv6 on`): the same frontends; an issue only when
-    // socket-LB leaves some pods to the TC path.
-    let on = |ipv6| NodeContext {
-        ipv6,
+    // Served (`--ipv6 on`): the same frontends, no issue.
+    let on = NodeContext {
+        ipv6: Ipv6Serving::On,
         ..NodeContext::default()
     };
-    let (_, served) = translation_on(yaml, &on(Ipv6Serving::EveryPod));
+    let (_, served) = translation_on(yaml, &on);
     assert_eq!(served.frontends6, translation.frontends6);
     assert!(served.issues.is_empty(), "{:?}", served.issues);
-    let because = "--socket-lb host leaves pods to the TC path";
-    let (_, partly) = translation_on(yaml, &on(Ipv6Serving::NotEveryPod { because }));
-    assert_eq!(partly.frontends6, translation.frontends6);
-    let issues: Vec<String> = partly.issues.iter().map(|i| i.to_string()).collect();
-    assert_eq!(
-        issues,
-        [
-            "Service test/dual spec.clusterIPs[1]: IPv6 frontends are served by socket-LB only (2 of them, [fd00:10:96::60]:53/UDP first): --socket-lb host leaves pods to the TC path, and the TC path refuses them at once (it does not translate IPv6 yet) (unsupported)"
-        ]
-    );
     let v4_only = [
         "10.96.60.1:53/UDP -> 10.244.6.1:53/UDP",
         "10.96.60.1:80/TCP -> 10.244.6.1:8080/TCP",

@@ -191,20 +191,15 @@ pub struct NodeContext {
     pub ipv6: Ipv6Serving,
 }
 
-/// How IPv6 frontends are served: by socket-LB alone (the TC path does
-/// not translate IPv6 yet), so whether every pod reaches them depends on
-/// socket-LB covering every pod.
+/// Whether IPv6 frontends are served (`--ipv6`).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum Ipv6Serving {
     /// Not programmed (`--ipv6 off`): each service's IPv6 family is
     /// reported as not served.
     #[default]
     Off,
-    /// Programmed, and socket-LB translates every process's sockets.
-    EveryPod,
-    /// Programmed, but socket-LB leaves some processes to the TC path,
-    /// `because` (the flag that does it): each service says so.
-    NotEveryPod { because: &'static str },
+    /// Programmed: socket-LB and the TC path translate them.
+    On,
 }
 
 fn service_issue(service: &ObjectKey, kind: IssueKind, field: String, reason: String) -> Issue {
@@ -404,10 +399,7 @@ pub fn translate_view<'a>(
     if let (Some(field), false) = (v6_field, out.frontends6.is_empty()) {
         let (count, first) = (out.frontends6.len(), out.frontends6[0].frontend);
         let reason = match node.ipv6 {
-            Ipv6Serving::EveryPod => None,
-            Ipv6Serving::NotEveryPod { because } => Some(format!(
-                "IPv6 frontends are served by socket-LB only ({count} of them, {first} first): {because}, and the TC path refuses them at once (it does not translate IPv6 yet)"
-            )),
+            Ipv6Serving::On => None,
             Ipv6Serving::Off => Some(format!(
                 "IPv6 frontends are not served: the agent runs without --ipv6 on ({count} of them, {first} first); {}",
                 if has_v4 {

@@ -220,7 +220,11 @@ impl Datapath {
                 reason: format!("removing the map whose entries were carried: {e}"),
             })?;
         }
-        for name in [object::TC_EGRESS6, object::TC_EGRESS, object::TC_INGRESS] {
+        for name in object::TC_JUMP_TARGETS
+            .map(|(_, name)| name)
+            .into_iter()
+            .chain([object::TC_EGRESS, object::TC_INGRESS])
+        {
             sched_classifier(&mut ebpf, name)?
                 .load()
                 .map_err(|source| LoaderError::program(name, source))?;
@@ -334,14 +338,18 @@ fn carry_backends(
     )
 }
 
-/// Puts the IPv6 egress program in the egress program's jump table
+/// Puts the IPv6 programs in the TC pair's jump table
 /// (`datapath_common::jumps`).
 fn fill_jumps(ebpf: &mut aya::Ebpf) -> Result<(), LoaderError> {
-    use datapath_common::jumps::{EGRESS6, TC_JUMPS_MAP};
-    let egress6 = sched_classifier(ebpf, object::TC_EGRESS6)?
-        .fd()
-        .and_then(|fd| fd.try_clone().map_err(Into::into))
-        .map_err(|source| LoaderError::program(object::TC_EGRESS6, source))?;
+    use datapath_common::jumps::TC_JUMPS_MAP;
+    let mut targets = Vec::new();
+    for (slot, name) in object::TC_JUMP_TARGETS {
+        let fd = sched_classifier(ebpf, name)?
+            .fd()
+            .and_then(|fd| fd.try_clone().map_err(Into::into))
+            .map_err(|source| LoaderError::program(name, source))?;
+        targets.push((slot, fd));
+    }
     let map = ebpf.map_mut(TC_JUMPS_MAP).ok_or_else(|| {
         LoaderError::map(
             TC_JUMPS_MAP,
@@ -352,7 +360,10 @@ fn fill_jumps(ebpf: &mut aya::Ebpf) -> Result<(), LoaderError> {
     })?;
     let mut jumps = aya::maps::ProgramArray::try_from(map)
         .map_err(|source| LoaderError::map(TC_JUMPS_MAP, source))?;
-    jumps
-        .set(EGRESS6, &egress6, 0)
-        .map_err(|source| LoaderError::map(TC_JUMPS_MAP, source))
+    for (slot, fd) in &targets {
+        jumps
+            .set(*slot, fd, 0)
+            .map_err(|source| LoaderError::map(TC_JUMPS_MAP, source))?;
+    }
+    Ok(())
 }

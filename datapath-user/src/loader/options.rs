@@ -51,10 +51,9 @@ impl MapSizes {
             .conntrack_udp_flows
             .saturating_mul(maps::CT_ENTRIES_PER_FLOW);
         let v6 = |entries: u32| if self.ipv6 { entries } else { 1 };
-        // What only the TC path will read (its IPv6 half is not built):
-        // one entry, whatever `ipv6` says (two conntrack tables sized as
-        // IPv4's would take tens of MB of kernel memory for nothing).
-        let v6_tc = |_entries: u32| 1;
+        // What the IPv6 TC path does not read yet (fragments, routes by
+        // another interface): one entry, whatever `ipv6` says.
+        let v6_unread = |_entries: u32| 1;
         [
             (maps::SERVICES_MAP, self.services),
             (maps::SLOTS_MAP, self.slots.min(maps::SLOTS_LIMIT)),
@@ -67,11 +66,14 @@ impl MapSizes {
             // Ids are shared: every id of `BACKENDS` may be an IPv6 one.
             (maps::BACKEND_ADDRS6_MAP, v6(self.backends)),
             (maps::REVERSE_NAT6_MAP, v6(self.reverse_nat)),
-            (maps::CONNTRACK6_TCP_MAP, v6_tc(tcp_entries)),
-            (maps::CONNTRACK6_UDP_MAP, v6_tc(udp_entries)),
+            (maps::CONNTRACK6_TCP_MAP, v6(tcp_entries)),
+            (maps::CONNTRACK6_UDP_MAP, v6(udp_entries)),
             (maps::SOCK_REVERSE_NAT6_MAP, v6(self.sock_reverse_nat)),
-            (maps::FRAGMENTS6_MAP, v6_tc(maps::DEFAULT_FRAGMENTS_MAX)),
-            (maps::POD_ROUTES6_MAP, v6_tc(maps::DEFAULT_POD_ROUTES_MAX)),
+            (maps::FRAGMENTS6_MAP, v6_unread(maps::DEFAULT_FRAGMENTS_MAX)),
+            (
+                maps::POD_ROUTES6_MAP,
+                v6_unread(maps::DEFAULT_POD_ROUTES_MAX),
+            ),
         ]
     }
 }

@@ -9,9 +9,9 @@ use aya::{
 use datapath_common::{
     IPPROTO_TCP,
     maps::{
-        self as m, Backend, BackendAddress6, CtEntry, CtKey, FragmentKey, FragmentPorts,
-        RevNatValue, RevNatValue6, ServiceKey, ServiceKey6, ServiceValue, Slot, SockRevNatKey,
-        SockRevNatValue,
+        self as m, Backend, BackendAddress6, CtEntry, CtEntry6, CtKey, CtKey6, FragmentKey,
+        FragmentPorts, RevNatValue, RevNatValue6, ServiceKey, ServiceKey6, ServiceValue, Slot,
+        SockRevNatKey, SockRevNatValue,
     },
     metrics::Counter,
 };
@@ -73,6 +73,10 @@ pub struct Ipv6Maps {
     pub backend_addrs6: MappedArray<BackendAddress6>,
     /// Reverse-NAT id → IPv6 frontend (ids shared with `reverse_nat`).
     pub reverse_nat6: Array<MapData, RevNatValue6>,
+    /// IPv6 TCP flows of the TC path (two entries each).
+    pub conntrack6_tcp: HashMap<MapData, CtKey6, CtEntry6>,
+    /// IPv6 UDP flows of the TC path (two entries each).
+    pub conntrack6_udp: HashMap<MapData, CtKey6, CtEntry6>,
 }
 
 impl DatapathMaps {
@@ -134,14 +138,22 @@ impl DatapathMaps {
             reply_filter: typed(&mut get, m::REPLY_FILTER_MAP)?,
             pending: Default::default(),
             readers: None,
-            v6: if [m::SERVICES6_MAP, m::BACKEND_ADDRS6_MAP, m::REVERSE_NAT6_MAP]
-                .into_iter()
-                .all(present)
+            v6: if [
+                m::SERVICES6_MAP,
+                m::BACKEND_ADDRS6_MAP,
+                m::REVERSE_NAT6_MAP,
+                m::CONNTRACK6_TCP_MAP,
+                m::CONNTRACK6_UDP_MAP,
+            ]
+            .into_iter()
+            .all(present)
             {
                 Some(Ipv6Maps {
                     services6: typed(&mut get, m::SERVICES6_MAP)?,
                     backend_addrs6: mapped(&mut get, m::BACKEND_ADDRS6_MAP)?,
                     reverse_nat6: typed(&mut get, m::REVERSE_NAT6_MAP)?,
+                    conntrack6_tcp: typed(&mut get, m::CONNTRACK6_TCP_MAP)?,
+                    conntrack6_udp: typed(&mut get, m::CONNTRACK6_UDP_MAP)?,
                 })
             } else {
                 None
@@ -167,12 +179,33 @@ impl DatapathMaps {
         ]
     }
 
-    /// Entries in both conntrack tables (two per flow).
+    /// Both IPv6 conntrack tables with their names (none in pins
+    /// without them).
+    pub fn conntrack6_tables(&self) -> Vec<(&'static str, &HashMap<MapData, CtKey6, CtEntry6>)> {
+        self.v6
+            .iter()
+            .flat_map(|v6| {
+                [
+                    (m::CONNTRACK6_TCP_MAP, &v6.conntrack6_tcp),
+                    (m::CONNTRACK6_UDP_MAP, &v6.conntrack6_udp),
+                ]
+            })
+            .collect()
+    }
+
+    /// Entries in the conntrack tables of both families (two per flow).
     pub fn conntrack_entries(&self) -> usize {
-        self.conntrack_tables()
+        let v4: usize = self
+            .conntrack_tables()
             .iter()
             .map(|(_, table)| table.keys().count())
-            .sum()
+            .sum();
+        let v6: usize = self
+            .conntrack6_tables()
+            .iter()
+            .map(|(_, table)| table.keys().count())
+            .sum();
+        v4 + v6
     }
 
     /// The backend ids `key`'s frontend balances over now, in slot order

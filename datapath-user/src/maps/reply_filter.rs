@@ -11,7 +11,7 @@
 use aya::maps::{IterableMap, MapError};
 use datapath_common::{
     lb,
-    maps::{CT_KIND_BACKEND, CtEntry, CtKey, REPLY_FILTER_COMPLETE},
+    maps::{CT_KIND_BACKEND, CtKey, CtKey6, REPLY_FILTER_COMPLETE},
 };
 
 use super::DatapathMaps;
@@ -58,18 +58,18 @@ impl DatapathMaps {
         // were two million syscalls key by key).
         let mut buckets = std::collections::BTreeSet::new();
         for (name, table) in self.conntrack_tables() {
-            use std::os::fd::{AsFd, AsRawFd};
-            let fd = IterableMap::map(table).fd().as_fd().as_raw_fd();
-            crate::bpfsys::for_each_key::<CtKey, CtEntry>(fd, chunk, |key| {
-                if key.kind == CT_KIND_BACKEND {
-                    buckets.insert(lb::service_filter_index(
-                        key.peer_address_be,
-                        key.peer_port_be,
-                        key.protocol,
-                    ));
-                }
-            })
-            .map_err(|e| anyhow::anyhow!("reading {name}: {e}"))?;
+            peer_buckets(name, table, chunk, &mut buckets, |key: &CtKey| {
+                (key.kind == CT_KIND_BACKEND).then(|| {
+                    lb::service_filter_index(key.peer_address_be, key.peer_port_be, key.protocol)
+                })
+            })?;
+        }
+        for (name, table) in self.conntrack6_tables() {
+            peer_buckets(name, table, chunk, &mut buckets, |key: &CtKey6| {
+                (key.kind == CT_KIND_BACKEND).then(|| {
+                    lb::service_filter_index6(key.peer_address_be, key.peer_port_be, key.protocol)
+                })
+            })?;
         }
         let set = buckets.len();
         let buckets: Vec<u32> = buckets.into_iter().collect();
@@ -84,4 +84,21 @@ impl DatapathMaps {
     pub fn reply_filter_complete(&self) -> Result<bool, MapError> {
         Ok(self.reply_filter.get(&REPLY_FILTER_COMPLETE, 0)? != 0)
     }
+}
+
+/// Adds to `buckets` the bucket `bucket_of` gives each key of a conntrack
+/// table of either family, reading `chunk` entries per syscall.
+fn peer_buckets<K: aya::Pod + Default, V: aya::Pod + Default>(
+    name: &str,
+    table: &aya::maps::HashMap<aya::maps::MapData, K, V>,
+    chunk: u32,
+    buckets: &mut std::collections::BTreeSet<u32>,
+    bucket_of: impl Fn(&K) -> Option<u32>,
+) -> anyhow::Result<()> {
+    use std::os::fd::{AsFd, AsRawFd};
+    let fd = IterableMap::map(table).fd().as_fd().as_raw_fd();
+    crate::bpfsys::for_each_key::<K, V>(fd, chunk, |key| {
+        buckets.extend(bucket_of(key));
+    })
+    .map_err(|e| anyhow::anyhow!("reading {name}: {e}"))
 }
