@@ -24,7 +24,11 @@ use aya_ebpf::{
     helpers::{bpf_get_prandom_u32, bpf_sk_lookup_udp, bpf_sk_release, bpf_skc_lookup_tcp},
     programs::TcContext,
 };
-use datapath_common::{IPPROTO_TCP, conntrack, lb, maps::CtEntry};
+use datapath_common::{
+    IPPROTO_TCP,
+    conntrack::{self, Tracked},
+    lb,
+};
 
 use crate::{
     ct, flags,
@@ -81,11 +85,11 @@ fn taken(ctx: &TcContext, table: &CtMap, tuple: &WireTuple, now: u64) -> bool {
 
 /// A backend-tuple entry still in use: not expired, and (TCP) not over.
 #[inline(always)]
-pub fn held_by_live_flow(entry: &CtEntry, protocol: u8, now: u64) -> bool {
+pub fn held_by_live_flow(entry: &impl Tracked, protocol: u8, now: u64) -> bool {
     // A half-closed stream still carries data: only a RST or both FINs
     // free the tuple.
     !ct::is_expired(entry, protocol, now)
-        && (protocol != IPPROTO_TCP || !conntrack::is_closed(entry.state))
+        && (protocol != IPPROTO_TCP || !conntrack::is_closed(entry.state()))
 }
 
 /// True when a socket in the pod's namespace is connected with `tuple`.

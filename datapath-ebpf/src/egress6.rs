@@ -29,7 +29,7 @@ use datapath_common::{
 };
 
 use crate::{
-    backends, ct, ct6, events, l2,
+    backends, clash, ct, ct6, events, l2,
     maps::{
         CONNTRACK6_TCP, CONNTRACK6_UDP, CtMap6, REVERSE_NAT6, SERVICE_FILTER, SERVICES6, SLOTS,
         TC_JUMPS,
@@ -59,10 +59,13 @@ pub fn run(ctx: &TcContext) -> i32 {
     let Some(packet) = parse6::ipv6_l4(ctx) else {
         return TC_ACT_UNSPEC;
     };
-    let bucket = lb::service_filter_index6(packet.daddr_be, packet.dport_be, packet.protocol);
-    if packet.later_fragment || !SERVICE_FILTER.get(bucket).is_some_and(|&n| n > 0) {
-        // Not for a service (a later fragment has no port to tell).
+    if packet.later_fragment {
+        // No port to tell a service by.
         return TC_ACT_UNSPEC;
+    }
+    let bucket = lb::service_filter_index6(packet.daddr_be, packet.dport_be, packet.protocol);
+    if !SERVICE_FILTER.get(bucket).is_some_and(|&n| n > 0) {
+        return direct(&packet);
     }
     if !packet.plain {
         let key = ServiceKey6::new(packet.daddr_be, packet.dport_be, packet.protocol);
@@ -152,17 +155,27 @@ fn new_flow(ctx: &TcContext, packet: &Packet6, table: &CtMap6, key: &CtKey6, now
     // SAFETY: the value is copied out before any other map call.
     let Some(service) = (unsafe { SERVICES6.get(frontend) }).copied() else {
         // Another destination sharing the filter bucket.
-        return TC_ACT_UNSPEC;
+        return direct(packet);
     };
     if service.backend_count == 0 {
         count(Counter::NoBackend);
         events::no_backend6(ctx, packet.daddr_be, packet.dport_be, packet.protocol);
-        return refuse(ctx, packet);
+        return refuse(ctx);
     }
-    let Some((backend_id, backend)) = pick_backend(packet, &service) else {
-        // The pod is its service's only backend (no hairpin over IPv6 yet).
-        count(Counter::NoBackend);
-        return refuse(ctx, packet);
+    let (backend_id, backend) = match pick_backend(packet, &service) {
+        Pick::Backend(id, backend) => (id, backend),
+        Pick::OnlyItself => {
+            // The pod is its service's only backend (no hairpin over
+            // IPv6 yet).
+            count(Counter::NoBackend);
+            return refuse(ctx);
+        }
+        Pick::Inconsistent => {
+            // A slot naming no IPv6 backend: dropped, as over IPv4 (the
+            // client retransmits once the agent's write is complete).
+            count(Counter::Error);
+            return TC_ACT_SHOT;
+        }
     };
     // One entry on the stack, written twice: first as the reply entry
     // (a reply can only arrive after the packet leaves), then, without
@@ -197,51 +210,110 @@ fn new_flow(ctx: &TcContext, packet: &Packet6, table: &CtMap6, key: &CtKey6, now
     translate(ctx, packet, backend, &flow, now)
 }
 
-/// A backend for a new flow, picked at random among the frontend's slots.
-/// Never the sending pod itself (the IPv6 TC path has no hairpin yet):
-/// a pod that drew itself takes the next slot (`None` when it is the only
-/// backend, or a slot names no IPv6 backend).
-#[inline(always)]
-fn pick_backend(packet: &Packet6, service: &ServiceValue) -> Option<(u32, (Ipv6Words, u16))> {
-    // SAFETY: plain helper call.
-    let first = lb::select_slot(unsafe { bpf_get_prandom_u32() }, service.backend_count);
-    let mut slot = first;
-    for _ in 0..2 {
-        let backend_id = SLOTS.get(service.slot_index(slot)).map(|s| s.backend_id)?;
-        let backend = backends::ipv6(backend_id)?;
-        if backend.0 != packet.saddr_be {
-            return Some((backend_id, backend));
-        }
-        slot = if slot >= service.backend_count {
-            1
-        } else {
-            slot + 1
-        };
-        if slot == first {
-            return None;
-        }
-    }
-    None
+/// What `pick_backend` found.
+enum Pick {
+    Backend(u32, (Ipv6Words, u16)),
+    /// The sending pod is the frontend's only backend.
+    OnlyItself,
+    /// A slot names no IPv6 backend (maps being written).
+    Inconsistent,
 }
 
-/// Refuses the packet that opens a flow (a TCP SYN, a UDP datagram) with
-/// an ICMPv6 port unreachable into the pod (`refusal`, entered by a tail
-/// call); any other packet passes.
+/// A backend for a new flow, uniformly at random among the frontend's
+/// slots, never the sending pod itself (the IPv6 TC path has no hairpin
+/// yet): a pod that drew itself draws again among the other slots.
 #[inline(always)]
-fn refuse(ctx: &TcContext, packet: &Packet6) -> i32 {
-    let opens_flow =
-        packet.protocol != IPPROTO_TCP || packet.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN;
-    if opens_flow {
-        // SAFETY: a tail call on the program's own context; on success it
-        // does not return.
-        unsafe { TC_JUMPS.tail_call(ctx, datapath_common::jumps::REFUSE6) };
+fn pick_backend(packet: &Packet6, service: &ServiceValue) -> Pick {
+    let count = service.backend_count;
+    // SAFETY: plain helper call.
+    let drawn = lb::select_slot(unsafe { bpf_get_prandom_u32() }, count);
+    let Some(first) = slot_backend(service, drawn) else {
+        return Pick::Inconsistent;
+    };
+    if first.1.0 != packet.saddr_be {
+        return Pick::Backend(first.0, first.1);
+    }
+    if count < 2 {
+        return Pick::OnlyItself;
+    }
+    // One of the other count - 1 slots, each as likely.
+    // SAFETY: plain helper call.
+    let other = lb::select_slot(unsafe { bpf_get_prandom_u32() }, count - 1);
+    let slot = if other >= drawn { other + 1 } else { other };
+    match slot_backend(service, slot) {
+        Some((id, backend)) if backend.0 != packet.saddr_be => Pick::Backend(id, backend),
+        _ => Pick::Inconsistent,
+    }
+}
+
+/// The IPv6 backend in `slot` of `service`, with its id.
+#[inline(always)]
+fn slot_backend(service: &ServiceValue, slot: u16) -> Option<(u32, (Ipv6Words, u16))> {
+    let id = SLOTS.get(service.slot_index(slot))?.backend_id;
+    Some((id, backends::ipv6(id)?))
+}
+
+/// A packet to an address that is not a service passes untouched. A TCP
+/// SYN first frees its wire tuple when a service flow that has ended
+/// still holds it (as `crate::egress::direct_syn` does): that flow's
+/// reply entry would rewrite this connection's replies to the ClusterIP.
+/// A live holder keeps it (moving this connection to another port is not
+/// built for IPv6 yet). Only SYNs pay for this (one lookup).
+#[inline(always)]
+fn direct(packet: &Packet6) -> i32 {
+    if packet.protocol != IPPROTO_TCP || packet.tcp_flags & (TCP_SYN | TCP_ACK) != TCP_SYN {
+        return TC_ACT_UNSPEC;
+    }
+    let reply = ct6::backend_key(
+        packet.saddr_be,
+        packet.sport_be,
+        packet.daddr_be,
+        packet.dport_be,
+        packet.protocol,
+    );
+    // SAFETY: the fields are copied out before any other map call.
+    let Some((service_address_be, service_port_be, live)) = (unsafe { CONNTRACK6_TCP.get(reply) })
+        .map(|holder| {
+            (
+                holder.service_address_be,
+                holder.service_port_be,
+                clash::held_by_live_flow(holder, IPPROTO_TCP, ct::now()),
+            )
+        })
+    else {
+        return TC_ACT_UNSPEC;
+    };
+    if !live {
+        // Both entries: a flow never has one without the other.
+        let service = ct6::service_key(
+            packet.saddr_be,
+            packet.sport_be,
+            service_address_be,
+            service_port_be,
+            packet.protocol,
+        );
+        let _ = CONNTRACK6_TCP.remove(service);
+        let _ = CONNTRACK6_TCP.remove(reply);
     }
     TC_ACT_UNSPEC
 }
 
-/// `up_tc_refuse6`: the refusal itself, in a program of its own (its
-/// 110-byte answer and 48-byte quote do not fit in one 512-byte stack
-/// beside the translation's frame).
+/// Refuses the packet into the pod (`refusal`, entered by a tail call),
+/// as over IPv4 every packet to a frontend without endpoints is: a TCP
+/// SYN with a reset, anything else with an ICMPv6 port unreachable.
+/// Without the jump the packet is dropped (never sent on untranslated).
+#[inline(always)]
+fn refuse(ctx: &TcContext) -> i32 {
+    // SAFETY: a tail call on the program's own context; on success it
+    // does not return.
+    unsafe { TC_JUMPS.tail_call(ctx, datapath_common::jumps::REFUSE6) };
+    count(Counter::Error);
+    TC_ACT_SHOT
+}
+
+/// `up_tc_refuse6`: the refusal itself (`crate::reject::refuse6`), in a
+/// program of its own (its answer and 48-byte quote do not fit in one
+/// 512-byte stack beside the translation's frame).
 #[inline(always)]
 pub fn refusal(ctx: &TcContext) -> i32 {
     let verdict = reject::refuse6(ctx);

@@ -54,7 +54,8 @@ pub fn up_tc_egress6(ctx: TcContext) -> i32 {
     egress6::run(&ctx)
 }
 
-/// The IPv6 refusal (ICMPv6 port unreachable into the pod), entered
+/// The IPv6 refusal (a reset for a TCP SYN, an ICMPv6 port unreachable
+/// for anything else, into the pod), entered
 /// from `up_tc_egress6` by a tail call; never attached itself.
 #[classifier]
 pub fn up_tc_refuse6(ctx: TcContext) -> i32 {

@@ -8,11 +8,12 @@
 //! state (`datapath_common::skb_checksum::l4_field_after_nat6`: over
 //! IPv6 even `CHECKSUM_COMPLETE`'s packet sum stays as it is). Otherwise
 //! the helper does it with `BPF_F_IPV6` (Linux 6.16), without which it
-//! would put `skb->csum` out of step on a `CHECKSUM_COMPLETE` skb.
+//! would put `skb->csum` out of step on a `CHECKSUM_COMPLETE` skb (older
+//! kernels: the helper without the flag, then `bpf_csum_update`).
 
 use aya_ebpf::{
     bindings::{BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR},
-    helpers::bpf_csum_diff,
+    helpers::{bpf_csum_diff, bpf_csum_update},
     programs::TcContext,
 };
 use datapath_common::{IPPROTO_TCP, maps::Ipv6Words, skb_checksum};
@@ -78,13 +79,20 @@ pub fn rewrite(
         return Err(());
     }
     // Size 0: `to` is a difference (the address is 16 bytes).
-    ctx.l4_csum_replace(
-        at,
-        0,
-        diff as u64,
-        BPF_F_PSEUDO_HDR as u64 | BPF_F_IPV6 | mangled_0,
-    )
-    .map_err(|_| ())?;
+    let flags = BPF_F_PSEUDO_HDR as u64 | mangled_0;
+    if ctx
+        .l4_csum_replace(at, 0, diff as u64, flags | BPF_F_IPV6)
+        .is_err()
+    {
+        // A kernel before 6.16 refuses the flag (EINVAL, nothing
+        // written): without it the helper also takes the difference out
+        // of a CHECKSUM_COMPLETE skb's `skb->csum`, as IPv4 needs, which
+        // `bpf_csum_update` puts back (it acts on CHECKSUM_COMPLETE only).
+        ctx.l4_csum_replace(at, 0, diff as u64, flags)
+            .map_err(|_| ())?;
+        // SAFETY: plain helper call on the program's own skb.
+        unsafe { bpf_csum_update(ctx.skb.skb, diff as u32) };
+    }
     if old_port != port_be {
         ctx.l4_csum_replace(at, old_port as u64, port_be as u64, mangled_0 | 2)
             .map_err(|_| ())?;

@@ -12,6 +12,7 @@ use aya_ebpf::{
 };
 use datapath_common::{
     IPPROTO_TCP,
+    conntrack::{TCP_ACK, TCP_SYN},
     reject::{self, FRAME_LEN, FRAME6_LEN, QUOTED_LEN, QUOTED6_LEN, RESET6_FRAME_LEN},
 };
 use network_types::eth::EthHdr;
@@ -63,8 +64,8 @@ pub fn refuse(ctx: &TcContext, packet: &Packet) -> i32 {
 }
 
 /// `refuse` of an IPv6 packet whose TCP/UDP header follows the fixed
-/// one: a TCP SYN gets a reset (`datapath_common::reject::reset6`), a UDP
-/// datagram an ICMPv6 port unreachable quoting its first 48 bytes
+/// one: a TCP SYN gets a reset (`datapath_common::reject::reset6`), any
+/// other packet an ICMPv6 port unreachable quoting its first 48 bytes
 /// (`datapath_common::reject::refusal6`); stored piece by piece.
 #[inline(always)]
 pub fn refuse6(ctx: &TcContext) -> i32 {
@@ -78,8 +79,10 @@ pub fn refuse6(ctx: &TcContext) -> i32 {
     l2[6..12].copy_from_slice(&eth.dst_addr);
     l2[12..14].copy_from_slice(&reject::ETHERTYPE_IPV6);
     const L4_AT: usize = ETH_LEN + 40;
-    if quoted[6] == IPPROTO_TCP {
-        // A SYN (the only TCP packet refused) is answered with a reset
+    // TCP's flags byte (past the quote).
+    let flags = ctx.load::<u8>(L4_AT + 13).unwrap_or(0);
+    if quoted[6] == IPPROTO_TCP && flags & (TCP_SYN | TCP_ACK) == TCP_SYN {
+        // A SYN is answered with a reset
         // (`datapath_common::reject::Reset6`: refused at once where an
         // ICMPv6 error would wait for the SYN's retransmission).
         let reset = reject::reset6(&quoted);

@@ -345,8 +345,8 @@ struct AgentArgs {
     /// programs' own arithmetic after reading the skb's checksum state
     /// through the kernel's BTF; Linux 6.2+, helper calls elsewhere and
     /// for CHECKSUM_COMPLETE packets) or `helpers` (always
-    /// `bpf_l4_csum_replace`, ~40 ns more per translated packet). Fixed
-    /// when the datapath loads.
+    /// `bpf_l4_csum_replace`, ~40 ns more per translated packet; over IPv6
+    /// one call more before Linux 6.16). Fixed when the datapath loads.
     #[arg(long, env = "UNDERPASS_L4_CHECKSUMS", value_enum, default_value_t = L4Checksums::Direct)]
     l4_checksums: L4Checksums,
     /// Services' IPv6 ClusterIPs (dual-stack and single-stack IPv6).
@@ -356,7 +356,8 @@ struct AgentArgs {
     /// addresses as for IPv4; getpeername/recvmsg show the service;
     /// connected UDP sockets leave departed backends), and the TC path
     /// for processes socket-LB leaves to it (--socket-lb host,
-    /// --socket-lb-skip-netns, --no-socket-lb): TCP and UDP whose header
+    /// --socket-lb-skip-netns, --cgroup below the root, --no-socket-lb):
+    /// TCP and UDP whose header
     /// follows the fixed IPv6 header (extension headers and fragments
     /// pass untranslated there, counted as ipv6_untranslated; a pod that
     /// is its IPv6 service's only backend is refused on TC; see

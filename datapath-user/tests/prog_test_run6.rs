@@ -337,11 +337,12 @@ fn an_ipv6_flow_whose_backend_left_moves_to_one_that_remains() {
     assert_eq!(dp.maps.counter(Counter::ConntrackMiss).unwrap(), 2);
 }
 
-/// A frontend without endpoints refuses the packet that opens a flow
-/// into the pod, from the ClusterIP, checksums valid from scratch: a UDP
-/// datagram with an ICMPv6 port unreachable quoting 48 bytes, a TCP SYN
-/// with a reset acknowledging it (ECONNREFUSED at once even while
-/// `connect()` holds the socket); other packets of it pass. So is a pod
+/// A frontend without endpoints refuses every packet into the pod (as
+/// over IPv4), from the ClusterIP, checksums valid from scratch: a TCP
+/// SYN with a reset acknowledging it (ECONNREFUSED at once even while
+/// `connect()` holds the socket), anything else (UDP, a TCP ACK of a flow
+/// whose backends all left) with an ICMPv6 port unreachable quoting 48
+/// bytes. So is a pod
 /// that is its service's only backend (no hairpin over IPv6 on TC yet);
 /// with another backend it is always sent to that one.
 #[test]
@@ -364,6 +365,8 @@ fn an_ipv6_frontend_without_endpoints_or_only_the_pod_itself_refuses_new_flows()
         ("SYN, no endpoints", Frame6::tcp(CLIENT, (VIP, 80), SYN)),
         ("UDP, no endpoints", Frame6::udp(CLIENT, (VIP, 53))),
         ("SYN, the pod alone", Frame6::tcp(CLIENT, (VIP, 81), SYN)),
+        // A flow whose backends all left: never sent on untranslated.
+        ("ACK, no endpoints", Frame6::tcp(CLIENT, (VIP, 80), ACK)),
     ] {
         let input = input.with_macs(POD_MAC, GATEWAY_MAC);
         let sent = input.build();
@@ -378,7 +381,7 @@ fn an_ipv6_frontend_without_endpoints_or_only_the_pod_itself_refuses_new_flows()
         );
         assert_eq!(got.l4_checksum_ok, Some(true), "{what}: checksum");
         let l4 = &out[54..];
-        if input.protocol() == 6 {
+        if input.protocol() == 6 && sent[14 + 40 + 13] == SYN {
             assert_eq!(out.len(), 74, "{what}: a bare TCP header");
             assert_eq!((got.sport, got.dport), (input.dport, CLIENT.1), "{what}");
             let syn_seq = u32::from_be_bytes(sent[58..62].try_into().unwrap());
@@ -396,14 +399,6 @@ fn an_ipv6_frontend_without_endpoints_or_only_the_pod_itself_refuses_new_flows()
             "{what}"
         );
     }
-    let ack = Frame6::tcp(CLIENT, (VIP, 80), ACK)
-        .with_macs(POD_MAC, GATEWAY_MAC)
-        .build();
-    assert_eq!(
-        run(&mut dp, TC_EGRESS, &ack),
-        (verdict::NEXT, ack.clone()),
-        "an ACK to a frontend without endpoints passes"
-    );
     for port in 40000..40020 {
         let syn = Frame6::tcp((CLIENT.0, port), (VIP, 82), SYN).with_macs(POD_MAC, GATEWAY_MAC);
         let (v, out) = run(&mut dp, TC_EGRESS, &syn.build());
@@ -441,5 +436,51 @@ fn the_pinned_egress_program_still_reaches_its_ipv6_half_after_its_loader_is_gon
         datapath_user::loader::test_run_pinned(&pin_dir, TC_EGRESS, &syn).unwrap(),
         verdict::REDIRECT,
         "translated through the pinned jump table"
+    );
+}
+
+/// An agent restart keeps the IPv6 half of the programs still attached
+/// to pods (the earlier generation's, until the new agent swaps them, or
+/// for good on pods the CNI plugin attached): the jump table is one for
+/// every generation, its slots pointed at the newest programs. The
+/// earlier egress program, held as a pod's attachment holds it, still
+/// translates once its agent is gone and the next one has pinned its own
+/// programs and gone too.
+#[test]
+fn programs_of_an_earlier_generation_keep_their_ipv6_half_after_a_restart() {
+    let pins = PinDir::new();
+    let pin_dir = pins.path();
+    let load = || {
+        Datapath::load(&datapath_user::LoadOptions {
+            pin_dir: Some(pin_dir.clone()),
+            sizes: datapath_user::loader::MapSizes {
+                ipv6: true,
+                ..datapath_user::loader::MapSizes::default()
+            },
+            ..datapath_user::LoadOptions::default()
+        })
+        .unwrap()
+    };
+    let earlier = {
+        let mut dp = load();
+        dp.maps
+            .set_service6(&frontend(Protocol::Tcp, 80), 1, &[B1])
+            .unwrap();
+        datapath_user::loader::hold_pinned(&pin_dir, TC_EGRESS).unwrap()
+    };
+    {
+        let mut dp = load();
+        dp.pin_tc_programs().unwrap();
+    }
+    let syn = Frame6::tcp(CLIENT, (VIP, 80), SYN).build();
+    assert_eq!(
+        datapath_user::loader::test_run_held(&earlier, &syn).unwrap(),
+        verdict::REDIRECT,
+        "the earlier egress program still reaches its IPv6 half"
+    );
+    assert_eq!(
+        datapath_user::loader::test_run_pinned(&pin_dir, TC_EGRESS, &syn).unwrap(),
+        verdict::REDIRECT,
+        "and so does the newest"
     );
 }

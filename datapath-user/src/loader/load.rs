@@ -14,7 +14,7 @@ use datapath_common::{
 use super::{
     bpffs::ensure_bpffs,
     options::{DatapathLog, L4Checksums, LoadOptions},
-    programs::{pin_programs, sched_classifier, sock_program},
+    programs::{jump_table_pin, pin_programs, sched_classifier, sock_program},
     skb_access::{SkbAccess, patch_kfunc_calls},
 };
 use crate::{
@@ -201,6 +201,13 @@ impl Datapath {
         loader.override_global(aya_log::LEVEL, &log_level, true);
         for (name, path) in &map_pins {
             loader.map_pin_path(name, path.as_path());
+        }
+        let jumps_pin = match &pin_dir {
+            Some(dir) => Some(jump_table_pin(dir)?),
+            None => None,
+        };
+        if let Some(path) = &jumps_pin {
+            loader.map_pin_path(datapath_common::jumps::TC_JUMPS_MAP, path.as_path());
         }
         let mut ebpf = loader.load(bytes)?;
         if let Some(carry) = &reconciled.carry {

@@ -16,16 +16,12 @@ use crate::{error::LoaderError, object};
 
 /// Pins the TC pair under `dir/programs`; an existing pin is kept, or,
 /// with `replace`, swapped for ours atomically (pinned beside it, then
-/// renamed over it: a CNI ADD meanwhile finds one or the other). The
-/// egress program's jump table is pinned beside them, last: a program
-/// array no process holds is emptied by the kernel, and a pinned egress
-/// program attached after this agent stopped must still find its IPv6
-/// half (the old table's pin goes only once the new egress program is
-/// pinned; meanwhile this process holds the new table).
+/// renamed over it: a CNI ADD meanwhile finds one or the other). Their
+/// jump table is pinned there at load, once for every generation
+/// (`jump_table_pin`).
 pub(super) fn pin_programs(ebpf: &mut Ebpf, dir: &Path, replace: bool) -> Result<(), LoaderError> {
     let programs = dir.join(PROGRAM_PINS);
     create_pin_dir(&programs)?;
-    let pin_jumps = !programs.join(object::TC_EGRESS).exists() || replace;
     for name in [object::TC_EGRESS, object::TC_INGRESS] {
         let path = programs.join(name);
         if path.exists() && !replace {
@@ -43,25 +39,42 @@ pub(super) fn pin_programs(ebpf: &mut Ebpf, dir: &Path, replace: bool) -> Result
             .map_err(|e| pin_err(&staging, e.to_string()))?;
         fs::rename(&staging, &path).map_err(|e| pin_err(&path, e.to_string()))?;
     }
-    let jumps = programs.join(datapath_common::jumps::TC_JUMPS_MAP);
-    if pin_jumps {
-        let staging = programs.join(format!("{}_new", datapath_common::jumps::TC_JUMPS_MAP));
-        let _ = fs::remove_file(&staging);
-        let pin_err = |path: &Path, reason: String| LoaderError::Pin {
-            path: path.to_owned(),
-            reason,
-        };
-        ebpf.map(datapath_common::jumps::TC_JUMPS_MAP)
-            .ok_or_else(|| pin_err(&staging, "the object has no jump table".into()))?
-            .pin(&staging)
-            .map_err(|e| pin_err(&staging, e.to_string()))?;
-        fs::rename(&staging, &jumps).map_err(|e| pin_err(&jumps, e.to_string()))?;
-    }
     Ok(())
 }
 
 /// Where the TC programs are pinned, under the pin directory.
 pub const PROGRAM_PINS: &str = "programs";
+
+/// Where the TC pair's jump table (`datapath_common::jumps`) is pinned,
+/// for the loader to reuse: one table for every generation of programs.
+/// A program array no process holds is emptied by the kernel, so a table
+/// replaced at an agent restart would leave the programs still attached
+/// to pods (until the new agent swaps them, or for good on pods the CNI
+/// plugin attached) without their IPv6 half: their IPv6 service packets
+/// would leave untranslated. Kept, the table's slots are pointed at each
+/// new generation's programs (`fill_jumps`), which every attached
+/// generation then runs. A pinned table of another shape (another
+/// build's slot count) is replaced, said in the log.
+pub(super) fn jump_table_pin(dir: &Path) -> Result<std::path::PathBuf, LoaderError> {
+    let programs = dir.join(PROGRAM_PINS);
+    create_pin_dir(&programs)?;
+    let path = programs.join(datapath_common::jumps::TC_JUMPS_MAP);
+    if let Ok(info) = aya::maps::MapInfo::from_pin(&path)
+        && info.max_entries() != datapath_common::jumps::SLOTS
+    {
+        tracing::warn!(
+            path = %path.display(),
+            slots = info.max_entries(),
+            expected = datapath_common::jumps::SLOTS,
+            "the pinned TC jump table has another build's shape: replaced (pods still running that build's programs pass their IPv6 packets untranslated until they are attached anew)"
+        );
+        fs::remove_file(&path).map_err(|e| LoaderError::Pin {
+            path: path.clone(),
+            reason: e.to_string(),
+        })?;
+    }
+    Ok(path)
+}
 
 /// Where TC programs to attach come from: the loaded object, or the
 /// programs an agent pinned (`PinnedTcPrograms`).

@@ -95,6 +95,19 @@ pub fn test_run_pinned(
     name: &'static str,
     frame: &[u8],
 ) -> std::io::Result<i32> {
-    let program = crate::bpfsys::obj_get(&pin_dir.join(super::PROGRAM_PINS).join(name))?;
-    crate::bpfsys::test_run_verdict(&program, frame)
+    test_run_held(&hold_pinned(pin_dir, name)?, frame)
+}
+
+/// The TC program pinned at `pin_dir/programs/name`, held by this
+/// process (as a pod's attachment holds it) after its pin is replaced.
+pub fn hold_pinned(
+    pin_dir: &std::path::Path,
+    name: &'static str,
+) -> std::io::Result<std::os::fd::OwnedFd> {
+    crate::bpfsys::obj_get(&pin_dir.join(super::PROGRAM_PINS).join(name))
+}
+
+/// Runs a held program (`hold_pinned`) once on `frame`; its verdict.
+pub fn test_run_held(program: &std::os::fd::OwnedFd, frame: &[u8]) -> std::io::Result<i32> {
+    crate::bpfsys::test_run_verdict(program, frame)
 }
