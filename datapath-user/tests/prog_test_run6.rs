@@ -23,7 +23,7 @@ use datapath_user::{
     object::{TC_EGRESS, TC_INGRESS, verdict},
 };
 use lab::{
-    packet::{ACK, L4, PSH, SYN},
+    packet::{ACK, FIN, L4, PSH, SYN},
     packet6::{self, Frame6},
 };
 
@@ -311,6 +311,56 @@ fn an_ipv6_flow_keeps_its_backend_and_its_replies_come_from_the_cluster_ip() {
             "a packet of no flow passes"
         );
     }
+}
+
+/// A connection straight to a backend that reuses the source port of an
+/// ended IPv6 service flow to that backend gets its replies untouched:
+/// its SYN frees the tuple the ended flow still holds (both entries), so
+/// the flow's reply entry no longer rewrites them to the ClusterIP; a
+/// live flow's tuple is kept (its replies keep being translated).
+#[test]
+fn a_direct_ipv6_connection_on_an_ended_service_flows_tuple_gets_its_replies_untouched() {
+    let mut dp = load_private();
+    datapath_with(&mut dp, &[B1]);
+    let flow = |flags| Frame6::tcp(CLIENT, (VIP, 80), flags).with_macs(POD_MAC, GATEWAY_MAC);
+    let direct_syn = to_backend(&flow(SYN), &B1).build();
+    let reply = Frame6 {
+        src_mac: GATEWAY_MAC,
+        dst_mac: POD_MAC,
+        ..to_backend(&flow(SYN), &B1).reply(L4::Tcp { flags: SYN | ACK })
+    }
+    .build();
+    // A live service flow: the direct SYN leaves its entries alone.
+    run(&mut dp, TC_EGRESS, &flow(SYN).build());
+    assert_eq!(
+        run(&mut dp, TC_EGRESS, &direct_syn),
+        (verdict::NEXT, direct_syn.clone())
+    );
+    assert!(ct_entry(&dp, &service_key(&flow(SYN))).is_some(), "kept");
+    assert_eq!(
+        run(&mut dp, TC_INGRESS, &reply).0,
+        verdict::OK,
+        "translated"
+    );
+    // Both ends' FINs close it; the next direct SYN frees the tuple.
+    run(&mut dp, TC_EGRESS, &flow(FIN | ACK).build());
+    let backend_fin = Frame6 {
+        src_mac: GATEWAY_MAC,
+        dst_mac: POD_MAC,
+        ..to_backend(&flow(SYN), &B1).reply(L4::Tcp { flags: FIN | ACK })
+    }
+    .build();
+    run(&mut dp, TC_INGRESS, &backend_fin);
+    assert_eq!(
+        run(&mut dp, TC_EGRESS, &direct_syn),
+        (verdict::NEXT, direct_syn.clone())
+    );
+    assert!(ct_entry(&dp, &service_key(&flow(SYN))).is_none(), "freed");
+    assert_eq!(
+        run(&mut dp, TC_INGRESS, &reply),
+        (verdict::NEXT, reply.clone()),
+        "the direct connection's reply passes untouched"
+    );
 }
 
 /// A tracked flow whose backend left the service is balanced afresh on
