@@ -6,21 +6,28 @@
 //! backend (A:80 → B:8080 → A:80): each run does the full work on real
 //! differences (conntrack and backend lookups, a new address and port with
 //! both checksums updated, the MAC write), and an even number of runs
-//! leaves the packet as it found it.
+//! leaves the packet as it found it. The same over IPv6 (each program's
+//! tail call to its IPv6 half included).
 
-use std::{net::Ipv4Addr, time::Duration};
+use std::{
+    net::{Ipv4Addr, Ipv6Addr},
+    time::Duration,
+};
 
 use anyhow::{Context, Result, bail, ensure};
 use clap::Parser;
 use comfy_table::{Table, presets::UTF8_FULL_CONDENSED};
 use datapath_user::{
     Datapath, LoadOptions,
-    loader::L4Checksums,
+    loader::{L4Checksums, MapSizes},
     maps::LbMaps,
     model::{BackendEntry, Frontend, Protocol},
     object::{TC_EGRESS, TC_INGRESS, TC_PASS, verdict},
 };
-use lab::packet::{ACK, Frame, L4, PSH, SYN};
+use lab::{
+    packet::{ACK, Frame, L4, PSH, SYN},
+    packet6::Frame6,
+};
 
 #[derive(Parser, Debug)]
 pub struct DatapathOpts {
@@ -54,6 +61,9 @@ pub struct CaseResult {
 const CLIENT: (Ipv4Addr, u16) = (Ipv4Addr::new(10, 77, 0, 2), 40000);
 const VIP_A: (Ipv4Addr, u16) = (Ipv4Addr::new(10, 96, 0, 10), 80);
 const VIP_B: (Ipv4Addr, u16) = (Ipv4Addr::new(10, 96, 0, 11), 8080);
+const CLIENT6: (Ipv6Addr, u16) = (Ipv6Addr::new(0xfd77, 0, 0, 0, 0, 0, 0, 2), 40000);
+const VIP6_A: (Ipv6Addr, u16) = (Ipv6Addr::new(0xfd00, 0x10, 0x96, 0, 0, 0, 0, 0x10), 80);
+const VIP6_B: (Ipv6Addr, u16) = (Ipv6Addr::new(0xfd00, 0x10, 0x96, 0, 0, 0, 0, 0x11), 8080);
 
 pub fn run(opts: &DatapathOpts) -> Result<()> {
     // SAFETY: geteuid has no preconditions.
@@ -103,6 +113,12 @@ pub fn measure(opts: &DatapathOpts) -> Result<Vec<CaseResult>> {
     );
     let options = LoadOptions {
         l4_checksums: opts.l4_checksums,
+        // The IPv6 maps sized too, for the IPv6 cases (the IPv4 path
+        // reads none of them).
+        sizes: MapSizes {
+            ipv6: true,
+            ..MapSizes::default()
+        },
         ..LoadOptions::default()
     };
     let mut dp = Datapath::load(&options).context("loading the datapath")?;
@@ -114,6 +130,24 @@ pub fn measure(opts: &DatapathOpts) -> Result<Vec<CaseResult>> {
     for (id, (frontend, backend)) in [(VIP_A, VIP_B), (VIP_B, VIP_A)].into_iter().enumerate() {
         let id = id as u32 + 1;
         dp.maps.set_service(
+            &Frontend {
+                address: frontend.0,
+                port: frontend.1,
+                protocol: Protocol::Tcp,
+            },
+            id,
+            &[BackendEntry {
+                id,
+                address: backend.0,
+                port: backend.1,
+            }],
+        )?;
+    }
+
+    // The same pair over IPv6 (reverse-NAT and backend ids 3 and 4).
+    for (id, (frontend, backend)) in [(VIP6_A, VIP6_B), (VIP6_B, VIP6_A)].into_iter().enumerate() {
+        let id = id as u32 + 3;
+        dp.maps.set_service6(
             &Frontend {
                 address: frontend.0,
                 port: frontend.1,
@@ -159,6 +193,31 @@ pub fn measure(opts: &DatapathOpts) -> Result<Vec<CaseResult>> {
         );
     }
 
+    for (service, backend) in [(VIP6_A, VIP6_B), (VIP6_B, VIP6_A)] {
+        let syn = Frame6::tcp(CLIENT6, service, SYN).with_macs(client_mac, gateway_mac);
+        let first = dp.test_run_tc(TC_EGRESS, &syn.build(), 1)?;
+        ensure!(
+            first.verdict == verdict::REDIRECT,
+            "priming SYN to {}: verdict {}",
+            service.0,
+            first.verdict
+        );
+        let synack = Frame6::tcp(backend, CLIENT6, SYN | ACK).with_macs(gateway_mac, client_mac);
+        let reply = dp.test_run_tc(TC_INGRESS, &synack.build(), 1)?;
+        ensure!(
+            reply.verdict == verdict::OK,
+            "priming SYN-ACK from {}: verdict {}",
+            backend.0,
+            reply.verdict
+        );
+        refresh.push(
+            Frame6::tcp(backend, CLIENT6, ACK | PSH)
+                .with_macs(gateway_mac, client_mac)
+                .with_payload(&[0u8; 100])
+                .build(),
+        );
+    }
+
     // The agent's steady state: its programs run everywhere, and the
     // ingress program trusts the reply filter.
     dp.maps
@@ -175,6 +234,19 @@ pub fn measure(opts: &DatapathOpts) -> Result<Vec<CaseResult>> {
         .with_payload(&[0u8; 100]);
     let other_reply = other.reply(L4::Tcp { flags: ACK | PSH });
     let arp = arp_frame(&other);
+    let data6 = Frame6::tcp(CLIENT6, VIP6_A, ACK | PSH)
+        .with_macs(client_mac, gateway_mac)
+        .with_payload(&[0u8; 100]);
+    let data6_reply = Frame6::tcp(VIP6_B, CLIENT6, ACK | PSH)
+        .with_macs(gateway_mac, client_mac)
+        .with_payload(&[0u8; 100]);
+    let other6 = Frame6::tcp(
+        CLIENT6,
+        (Ipv6Addr::new(0xfd77, 0, 0, 0, 0, 0, 0, 3), 8080),
+        ACK | PSH,
+    )
+    .with_payload(&[0u8; 100]);
+    let other6_reply = other6.reply(L4::Tcp { flags: ACK | PSH });
     let cases = [
         (
             "floor: the do-nothing program (test-run harness)",
@@ -205,6 +277,31 @@ pub fn measure(opts: &DatapathOpts) -> Result<Vec<CaseResult>> {
             "ingress, untracked traffic",
             TC_INGRESS,
             other_reply.build(),
+            verdict::NEXT,
+        ),
+        // IPv6: each program's tail call to its IPv6 half included.
+        (
+            "IPv6 egress DNAT, conntrack hit",
+            TC_EGRESS,
+            data6.build(),
+            verdict::OK,
+        ),
+        (
+            "IPv6 egress, not service traffic",
+            TC_EGRESS,
+            other6.build(),
+            verdict::NEXT,
+        ),
+        (
+            "IPv6 ingress reverse NAT, tracked reply",
+            TC_INGRESS,
+            data6_reply.build(),
+            verdict::OK,
+        ),
+        (
+            "IPv6 ingress, untracked traffic",
+            TC_INGRESS,
+            other6_reply.build(),
             verdict::NEXT,
         ),
     ];
