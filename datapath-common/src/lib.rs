@@ -38,8 +38,13 @@ pub mod jumps {
     /// `up_tc_egress6`: the refusal's frame does not fit beside the
     /// translation's in one 512-byte stack.
     pub const REFUSE6: u32 = 2;
+    /// Slot of the IPv6 new-flow program (`up_tc_new_flow6`), entered from
+    /// `up_tc_egress6` on a conntrack miss: the new flow's frame (service
+    /// lookup, backend pick, two entries) gets a stack of its own, so the
+    /// per-packet path keeps room.
+    pub const NEW_FLOW6: u32 = 3;
     /// Slots in the table.
-    pub const SLOTS: u32 = 3;
+    pub const SLOTS: u32 = 4;
 }
 
 /// IANA protocol numbers used in keys.

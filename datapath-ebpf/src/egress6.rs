@@ -126,7 +126,39 @@ fn service_packet(ctx: &TcContext, packet: &Packet6, table: &CtMap6) -> i32 {
             return translate(ctx, packet, backend, flow, now);
         }
     }
-    new_flow(ctx, packet, table, &key, now)
+    // A new flow continues in a program of its own (`new_flow_run`).
+    // SAFETY: a tail call on the program's own context; on success it
+    // does not return.
+    unsafe { TC_JUMPS.tail_call(ctx, datapath_common::jumps::NEW_FLOW6) };
+    // Never sent on untranslated.
+    count(Counter::Error);
+    TC_ACT_SHOT
+}
+
+/// `up_tc_new_flow6`: a packet of no live flow to a possible IPv6
+/// frontend (only `run` jumps here, for a plain TCP/UDP packet), parsed
+/// again: opens its flow.
+#[inline(always)]
+pub fn new_flow_run(ctx: &TcContext) -> i32 {
+    let Some(packet) = parse6::ipv6_l4(ctx) else {
+        return TC_ACT_UNSPEC;
+    };
+    if !packet.plain || packet.later_fragment {
+        return TC_ACT_UNSPEC;
+    }
+    let key = ct6::service_key(
+        packet.saddr_be,
+        packet.sport_be,
+        packet.daddr_be,
+        packet.dport_be,
+        packet.protocol,
+    );
+    let now = ct::now();
+    if packet.protocol == IPPROTO_TCP {
+        new_flow(ctx, &packet, &CONNTRACK6_TCP, &key, now)
+    } else {
+        new_flow(ctx, &packet, &CONNTRACK6_UDP, &key, now)
+    }
 }
 
 /// The backend of a live tracked flow, or `None` when the flow must be

@@ -54,6 +54,13 @@ pub fn up_tc_egress6(ctx: TcContext) -> i32 {
     egress6::run(&ctx)
 }
 
+/// The IPv6 new flow (service lookup, backend pick, conntrack entries),
+/// entered from `up_tc_egress6` by a tail call; never attached itself.
+#[classifier]
+pub fn up_tc_new_flow6(ctx: TcContext) -> i32 {
+    egress6::new_flow_run(&ctx)
+}
+
 /// The IPv6 refusal (a reset for a TCP SYN, an ICMPv6 port unreachable
 /// for anything else, into the pod), entered
 /// from `up_tc_egress6` by a tail call; never attached itself.

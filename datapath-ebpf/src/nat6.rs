@@ -72,9 +72,17 @@ pub fn rewrite(
         }
         return Ok(());
     }
-    let (mut from, mut to) = (old_address, address_be);
-    // SAFETY: two 16-byte arrays on our stack.
-    let diff = unsafe { bpf_csum_diff(from.as_mut_ptr(), 16, to.as_mut_ptr(), 16, 0) };
+    // SAFETY: the helper only reads the two 16-byte arrays (its
+    // prototype says `*mut`).
+    let diff = unsafe {
+        bpf_csum_diff(
+            old_address.as_ptr().cast_mut(),
+            16,
+            address_be.as_ptr().cast_mut(),
+            16,
+            0,
+        )
+    };
     if diff < 0 {
         return Err(());
     }

@@ -46,54 +46,75 @@ pub fn is_ipv6(ctx: &TcContext) -> bool {
         .is_some_and(|eth| unsafe { (*eth).ether_type } == EtherType::Ipv6 as u16)
 }
 
-#[inline(always)]
-fn words(octets: [u8; 16]) -> Ipv6Words {
-    // SAFETY: 16 bytes are four words; both are plain integers.
-    unsafe { core::mem::transmute(octets) }
-}
-
 /// Parses an IPv6 TCP or UDP frame; `None` for anything else (another
 /// upper layer, a chain not walked, a frame too short).
 #[inline(always)]
 pub fn ipv6_l4(ctx: &TcContext) -> Option<Packet6> {
     let ip: *const Ipv6Hdr = ptr_at(ctx, ETH_LEN)?;
     // SAFETY: bounds-checked by ptr_at.
-    let (vcf, next_header, src, dst) =
-        unsafe { ((*ip).vcf[0], (*ip).next_hdr, (*ip).src_addr, (*ip).dst_addr) };
+    let (vcf, next_header) = unsafe { ((*ip).vcf[0], (*ip).next_hdr) };
     if vcf >> 4 != 6 {
         return None;
     }
-    let ipv6::Upper::Found {
-        protocol,
-        offset,
-        fragment,
-    } = ipv6::upper_layer(next_header, |at| ctx.load::<[u8; 8]>(ETH_LEN + at).ok())
-    else {
-        return None;
-    };
-    if protocol != IPPROTO_TCP && protocol != IPPROTO_UDP {
-        return None;
-    }
-    let (saddr_be, daddr_be) = (words(src), words(dst));
-    let l4_off = ETH_LEN + offset;
-    if fragment.is_some_and(|f| f.is_later()) {
-        return Some(Packet6 {
-            saddr_be,
-            daddr_be,
-            sport_be: 0,
-            dport_be: 0,
-            protocol,
-            tcp_flags: 0,
-            plain: false,
-            later_fragment: true,
-        });
-    }
-    // The ports: the first two words of TCP's and UDP's header.
-    let ports = ctx.load::<[u16; 2]>(l4_off).ok()?;
-    let tcp_flags = if protocol == IPPROTO_TCP {
-        ctx.load::<u8>(l4_off + TCP_FLAGS_OFF).ok()?
+    // The addresses as four words each, read in place (no 16-byte copies
+    // on the stack, which the IPv6 programs need for their entries).
+    let addresses: *const [Ipv6Words; 2] = ptr_at(ctx, ETH_LEN + 8)?;
+    // SAFETY: bounds-checked by ptr_at (inside the header read above).
+    let [src, dst] = unsafe { *addresses };
+    let (saddr_be, daddr_be) = (src, dst);
+    let (protocol, l4_off, plain) = if next_header == IPPROTO_TCP || next_header == IPPROTO_UDP {
+        // What pods send: the header right after the fixed one, read in
+        // place below (no walk, no helper call).
+        (next_header, PLAIN_L4_OFF, true)
     } else {
-        0
+        let ipv6::Upper::Found {
+            protocol,
+            offset,
+            fragment,
+        } = ipv6::upper_layer(next_header, |at| ctx.load::<[u8; 8]>(ETH_LEN + at).ok())
+        else {
+            return None;
+        };
+        if protocol != IPPROTO_TCP && protocol != IPPROTO_UDP {
+            return None;
+        }
+        if fragment.is_some_and(|f| f.is_later()) {
+            return Some(Packet6 {
+                saddr_be,
+                daddr_be,
+                sport_be: 0,
+                dport_be: 0,
+                protocol,
+                tcp_flags: 0,
+                plain: false,
+                later_fragment: true,
+            });
+        }
+        (protocol, ETH_LEN + offset, false)
+    };
+    // The ports (the first two words of TCP's and UDP's header) and the
+    // TCP flags: in place for a plain packet, by the helper after
+    // extension headers (an offset the verifier cannot bound for a
+    // direct read).
+    let (ports, tcp_flags) = if plain {
+        let ports: *const [u16; 2] = ptr_at(ctx, PLAIN_L4_OFF)?;
+        let flags = if protocol == IPPROTO_TCP {
+            let flags: *const u8 = ptr_at(ctx, PLAIN_L4_OFF + TCP_FLAGS_OFF)?;
+            // SAFETY: bounds-checked by ptr_at.
+            unsafe { *flags }
+        } else {
+            0
+        };
+        // SAFETY: bounds-checked by ptr_at.
+        (unsafe { *ports }, flags)
+    } else {
+        let ports = ctx.load::<[u16; 2]>(l4_off).ok()?;
+        let flags = if protocol == IPPROTO_TCP {
+            ctx.load::<u8>(l4_off + TCP_FLAGS_OFF).ok()?
+        } else {
+            0
+        };
+        (ports, flags)
     };
     Some(Packet6 {
         saddr_be,
@@ -102,7 +123,7 @@ pub fn ipv6_l4(ctx: &TcContext) -> Option<Packet6> {
         dport_be: ports[1],
         protocol,
         tcp_flags,
-        plain: offset == ipv6::IPV6_HEADER_LEN && fragment.is_none(),
+        plain,
         later_fragment: false,
     })
 }
