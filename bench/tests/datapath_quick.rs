@@ -29,6 +29,7 @@ fn every_case_runs_with_its_verdict() {
         "egress DNAT, conntrack hit",
         "ingress reverse NAT, tracked reply",
         "IPv6 egress DNAT, conntrack hit",
+        "IPv6 egress, not service traffic",
         "IPv6 ingress reverse NAT, tracked reply",
         "IPv6 ingress, untracked traffic",
     ] {

@@ -43,8 +43,11 @@ pub mod jumps {
     /// lookup, backend pick, two entries) gets a stack of its own, so the
     /// per-packet path keeps room.
     pub const NEW_FLOW6: u32 = 3;
-    /// Slots in the table.
-    pub const SLOTS: u32 = 4;
+    /// Slots in the table: room to spare, because the table is kept
+    /// across builds (a table replaced for its size would be emptied
+    /// under the programs still attached to pods). A slot is never
+    /// renumbered; a new program takes a new slot.
+    pub const SLOTS: u32 = 16;
 }
 
 /// IANA protocol numbers used in keys.

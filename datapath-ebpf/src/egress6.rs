@@ -130,7 +130,13 @@ fn service_packet(ctx: &TcContext, packet: &Packet6, table: &CtMap6) -> i32 {
     // SAFETY: a tail call on the program's own context; on success it
     // does not return.
     unsafe { TC_JUMPS.tail_call(ctx, datapath_common::jumps::NEW_FLOW6) };
-    // Never sent on untranslated.
+    // No jump (an empty slot): a packet to a frontend is dropped, never
+    // sent on untranslated; another destination passes.
+    let frontend = ServiceKey6::new(packet.daddr_be, packet.dport_be, packet.protocol);
+    // SAFETY: only tested for presence.
+    if unsafe { SERVICES6.get(frontend) }.is_none() {
+        return direct(packet);
+    }
     count(Counter::Error);
     TC_ACT_SHOT
 }
@@ -141,10 +147,13 @@ fn service_packet(ctx: &TcContext, packet: &Packet6, table: &CtMap6) -> i32 {
 #[inline(always)]
 pub fn new_flow_run(ctx: &TcContext) -> i32 {
     let Some(packet) = parse6::ipv6_l4(ctx) else {
-        return TC_ACT_UNSPEC;
+        count(Counter::Error);
+        return TC_ACT_SHOT;
     };
     if !packet.plain || packet.later_fragment {
-        return TC_ACT_UNSPEC;
+        // Not what `run` jumps with: dropped, never sent on untranslated.
+        count(Counter::Error);
+        return TC_ACT_SHOT;
     }
     let key = ct6::service_key(
         packet.saddr_be,

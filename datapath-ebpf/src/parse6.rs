@@ -56,11 +56,28 @@ pub fn ipv6_l4(ctx: &TcContext) -> Option<Packet6> {
     if vcf >> 4 != 6 {
         return None;
     }
+    if next_header == IPPROTO_TCP || next_header == IPPROTO_UDP {
+        // The bytes read in place below (ports, TCP flags) must be in the
+        // linear area: pulled in when they are not (rare; as over IPv4).
+        let needed = PLAIN_L4_OFF
+            + if next_header == IPPROTO_TCP {
+                TCP_FLAGS_OFF + 1
+            } else {
+                4
+            };
+        if ctx.data() + needed > ctx.data_end()
+            && ((ctx.len() as usize) < needed || ctx.pull_data(needed as u32).is_err())
+        {
+            return None;
+        }
+    }
     // The addresses as four words each, read in place (no 16-byte copies
-    // on the stack, which the IPv6 programs need for their entries).
+    // on the stack, which the IPv6 programs need for their entries); after
+    // any pull, which moves the data.
     let addresses: *const [Ipv6Words; 2] = ptr_at(ctx, ETH_LEN + 8)?;
-    // SAFETY: bounds-checked by ptr_at (inside the header read above).
-    let [src, dst] = unsafe { *addresses };
+    // SAFETY: bounds-checked by ptr_at; the frame's words need not be
+    // aligned (Ethernet puts the IPv6 header at 2 mod 4).
+    let [src, dst] = unsafe { core::ptr::read_unaligned(addresses) };
     let (saddr_be, daddr_be) = (src, dst);
     let (protocol, l4_off, plain) = if next_header == IPPROTO_TCP || next_header == IPPROTO_UDP {
         // What pods send: the header right after the fixed one, read in

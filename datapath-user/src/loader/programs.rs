@@ -53,14 +53,15 @@ pub const PROGRAM_PINS: &str = "programs";
 /// plugin attached) without their IPv6 half: their IPv6 service packets
 /// would leave untranslated. Kept, the table's slots are pointed at each
 /// new generation's programs (`fill_jumps`), which every attached
-/// generation then runs. A pinned table of another shape (another
-/// build's slot count) is replaced, said in the log.
+/// generation then runs. Slots are never renumbered and the table has
+/// room to spare; a pinned table with fewer slots than this build uses
+/// (an early build's) is replaced, said in the log.
 pub(super) fn jump_table_pin(dir: &Path) -> Result<std::path::PathBuf, LoaderError> {
     let programs = dir.join(PROGRAM_PINS);
     create_pin_dir(&programs)?;
     let path = programs.join(datapath_common::jumps::TC_JUMPS_MAP);
     if let Ok(info) = aya::maps::MapInfo::from_pin(&path)
-        && info.max_entries() != datapath_common::jumps::SLOTS
+        && info.max_entries() < datapath_common::jumps::SLOTS
     {
         tracing::warn!(
             path = %path.display(),
