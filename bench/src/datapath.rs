@@ -359,6 +359,24 @@ pub fn measure(opts: &DatapathOpts) -> Result<Vec<CaseResult>> {
         },
         verdict::REDIRECT,
     )?);
+    let mut clients6 = (0u32..).map(|i| {
+        let mut address = CLIENT6.0.octets();
+        address[12..16].copy_from_slice(&(3 + i / 50_000).to_be_bytes());
+        (Ipv6Addr::from(address), 10_000 + (i % 50_000) as u16)
+    });
+    results.push(measure_single_runs(
+        &mut dp,
+        opts,
+        "IPv6 egress DNAT, new flow (its own program by a tail call), one run per call",
+        TC_EGRESS,
+        |_| {
+            let client = clients6.next().unwrap_or(CLIENT6);
+            Frame6::tcp(client, VIP6_A, SYN)
+                .with_macs(client_mac, gateway_mac)
+                .build()
+        },
+        verdict::REDIRECT,
+    )?);
     Ok(results)
 }
 

@@ -32,6 +32,7 @@ fn every_case_runs_with_its_verdict() {
         "IPv6 egress, not service traffic",
         "IPv6 ingress reverse NAT, tracked reply",
         "IPv6 ingress, untracked traffic",
+        "IPv6 egress DNAT, new flow (its own program by a tail call), one run per call",
     ] {
         assert!(cases.contains(&expected), "{expected} missing: {cases:?}");
     }
