@@ -170,21 +170,8 @@ pub fn measure(opts: &DatapathOpts) -> Result<Vec<CaseResult>> {
     let mut refresh = Vec::new();
     for (service, backend) in [(VIP_A, VIP_B), (VIP_B, VIP_A)] {
         let syn = Frame::tcp(CLIENT, service, SYN).with_macs(client_mac, gateway_mac);
-        let first = dp.test_run_tc(TC_EGRESS, &syn.build(), 1)?;
-        ensure!(
-            first.verdict == verdict::REDIRECT,
-            "priming SYN to {}: verdict {}",
-            service.0,
-            first.verdict
-        );
         let synack = Frame::tcp(backend, CLIENT, SYN | ACK).with_macs(gateway_mac, client_mac);
-        let reply = dp.test_run_tc(TC_INGRESS, &synack.build(), 1)?;
-        ensure!(
-            reply.verdict == verdict::OK,
-            "priming SYN-ACK from {}: verdict {}",
-            backend.0,
-            reply.verdict
-        );
+        prime_flow(&mut dp, &syn.build(), &synack.build(), service.0)?;
         refresh.push(
             Frame::tcp(backend, CLIENT, ACK | PSH)
                 .with_macs(gateway_mac, client_mac)
@@ -192,24 +179,10 @@ pub fn measure(opts: &DatapathOpts) -> Result<Vec<CaseResult>> {
                 .build(),
         );
     }
-
     for (service, backend) in [(VIP6_A, VIP6_B), (VIP6_B, VIP6_A)] {
         let syn = Frame6::tcp(CLIENT6, service, SYN).with_macs(client_mac, gateway_mac);
-        let first = dp.test_run_tc(TC_EGRESS, &syn.build(), 1)?;
-        ensure!(
-            first.verdict == verdict::REDIRECT,
-            "priming SYN to {}: verdict {}",
-            service.0,
-            first.verdict
-        );
         let synack = Frame6::tcp(backend, CLIENT6, SYN | ACK).with_macs(gateway_mac, client_mac);
-        let reply = dp.test_run_tc(TC_INGRESS, &synack.build(), 1)?;
-        ensure!(
-            reply.verdict == verdict::OK,
-            "priming SYN-ACK from {}: verdict {}",
-            backend.0,
-            reply.verdict
-        );
+        prime_flow(&mut dp, &syn.build(), &synack.build(), service.0)?;
         refresh.push(
             Frame6::tcp(backend, CLIENT6, ACK | PSH)
                 .with_macs(gateway_mac, client_mac)
@@ -378,6 +351,29 @@ pub fn measure(opts: &DatapathOpts) -> Result<Vec<CaseResult>> {
         verdict::REDIRECT,
     )?);
     Ok(results)
+}
+
+/// Opens a flow to `service` with its `syn` and lets the backend's
+/// `synack` teach it its next hop.
+fn prime_flow(
+    dp: &mut Datapath,
+    syn: &[u8],
+    synack: &[u8],
+    service: impl std::fmt::Display,
+) -> Result<()> {
+    let first = dp.test_run_tc(TC_EGRESS, syn, 1)?;
+    ensure!(
+        first.verdict == verdict::REDIRECT,
+        "priming SYN to {service}: verdict {}",
+        first.verdict
+    );
+    let reply = dp.test_run_tc(TC_INGRESS, synack, 1)?;
+    ensure!(
+        reply.verdict == verdict::OK,
+        "priming SYN-ACK for {service}: verdict {}",
+        reply.verdict
+    );
+    Ok(())
 }
 
 /// Packets measured one run per call, per trial.

@@ -20,37 +20,28 @@ pub trait Tracked {
     fn seen(&mut self, state: u8, now: u64);
 }
 
-impl Tracked for CtEntry {
-    #[inline(always)]
-    fn last_seen(&self) -> u64 {
-        self.last_seen
-    }
-    #[inline(always)]
-    fn state(&self) -> u8 {
-        self.state
-    }
-    #[inline(always)]
-    fn seen(&mut self, state: u8, now: u64) {
-        self.state |= state;
-        self.last_seen = now;
-    }
+/// Both entries have the same field names, in other places.
+macro_rules! tracked {
+    ($entry:ty) => {
+        impl Tracked for $entry {
+            #[inline(always)]
+            fn last_seen(&self) -> u64 {
+                self.last_seen
+            }
+            #[inline(always)]
+            fn state(&self) -> u8 {
+                self.state
+            }
+            #[inline(always)]
+            fn seen(&mut self, state: u8, now: u64) {
+                self.state |= state;
+                self.last_seen = now;
+            }
+        }
+    };
 }
-
-impl Tracked for CtEntry6 {
-    #[inline(always)]
-    fn last_seen(&self) -> u64 {
-        self.last_seen
-    }
-    #[inline(always)]
-    fn state(&self) -> u8 {
-        self.state
-    }
-    #[inline(always)]
-    fn seen(&mut self, state: u8, now: u64) {
-        self.state |= state;
-        self.last_seen = now;
-    }
-}
+tracked!(CtEntry);
+tracked!(CtEntry6);
 
 /// A non-SYN packet was seen: the handshake is over (lifetime: established).
 pub const STATE_SEEN_NON_SYN: u8 = 1 << 0;

@@ -47,6 +47,18 @@ pub fn backend_key(
     }
 }
 
+/// The service-tuple key of a client packet as it is.
+#[inline(always)]
+pub fn packet_service_key(packet: &Packet6) -> CtKey6 {
+    service_key(
+        packet.saddr_be,
+        packet.sport_be,
+        packet.daddr_be,
+        packet.dport_be,
+        packet.protocol,
+    )
+}
+
 /// The backend-tuple key of a reply packet (source = backend).
 #[inline(always)]
 pub fn reply_key(packet: &Packet6) -> CtKey6 {

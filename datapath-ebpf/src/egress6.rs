@@ -86,13 +86,7 @@ pub fn run(ctx: &TcContext) -> i32 {
 /// A packet that may be for a service, with its protocol's conntrack.
 #[inline(always)]
 fn service_packet(ctx: &TcContext, packet: &Packet6, table: &CtMap6) -> i32 {
-    let key = ct6::service_key(
-        packet.saddr_be,
-        packet.sport_be,
-        packet.daddr_be,
-        packet.dport_be,
-        packet.protocol,
-    );
+    let key = ct6::packet_service_key(packet);
     let now = ct::now();
     if let Some(flow) = table.get_ptr_mut(key) {
         // SAFETY: a pointer into the map value, valid for this program run.
@@ -155,13 +149,7 @@ pub fn new_flow_run(ctx: &TcContext) -> i32 {
         count(Counter::Error);
         return TC_ACT_SHOT;
     }
-    let key = ct6::service_key(
-        packet.saddr_be,
-        packet.sport_be,
-        packet.daddr_be,
-        packet.dport_be,
-        packet.protocol,
-    );
+    let key = ct6::packet_service_key(&packet);
     let now = ct::now();
     if packet.protocol == IPPROTO_TCP {
         new_flow(ctx, &packet, &CONNTRACK6_TCP, &key, now)
