@@ -141,7 +141,8 @@ impl Drop for AgentProcess {
 /// `cgroup` (socket-LB), returned once ready and attached, with the
 /// manifest folder it reads. Every TC client's role must start with
 /// "client" (the agent's namespace filter is `<prefix>-client*`), so that
-/// the other pods carry nothing of ours.
+/// the other pods carry nothing of ours. With `ipv6`, the agent serves
+/// IPv6 frontends too (`--ipv6 on`).
 pub fn start_bench_agent(
     underpass: Option<&Path>,
     topo: &lab::Topology,
@@ -151,6 +152,7 @@ pub fn start_bench_agent(
         k8s_openapi::api::discovery::v1::EndpointSlice,
     )],
     tc_clients: &[&str],
+    ipv6: bool,
 ) -> Result<(AgentProcess, tempfile::TempDir)> {
     let binary = underpass_binary(underpass)?;
     let manifests = tempfile::Builder::new()
@@ -191,6 +193,8 @@ pub fn start_bench_agent(
             "eth0",
             "--cgroup",
             &cgroup_arg,
+            "--ipv6",
+            if ipv6 { "on" } else { "off" },
         ],
     )?;
     agent.wait_until(Duration::from_secs(30), "ready and attached", |a| {

@@ -5,7 +5,7 @@
 
 use std::{
     io::{Read, Write},
-    net::Ipv4Addr,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
     process::{Command, Stdio},
     time::{Duration, Instant},
 };
@@ -21,7 +21,7 @@ use k8s_openapi::{
 use lab::Namespace;
 
 use crate::{
-    kubeproxy::{self, Options, ServicePort},
+    kubeproxy::{self, IpFamily, Options, ServicePort},
     leftovers,
 };
 
@@ -31,16 +31,30 @@ pub const SERVICE_CIDR: (Ipv4Addr, u8) = (Ipv4Addr::new(10, 96, 0, 0), 12);
 /// addresses lie outside it, so their service traffic is masqueraded, as
 /// on a Spiderpool node.
 pub const CLUSTER_CIDR: &str = "10.244.0.0/16";
+/// The IPv6 service CIDR (kind's default for IPv6 clusters).
+pub const SERVICE_CIDR6: (Ipv6Addr, u8) = (Ipv6Addr::new(0xfd00, 0x10, 0x96, 0, 0, 0, 0, 0), 112);
+/// kube-proxy's IPv6 `--cluster-cidr` (kind's default pod subnet): the
+/// underlay pods' fd77::/64 lies outside it, as their IPv4 addresses lie
+/// outside [`CLUSTER_CIDR`].
+pub const CLUSTER_CIDR6: &str = "fd00:10:244::/56";
 
 /// A Service `name` at `vip` with `ports` (service port, target port;
 /// each named `p<port>`) → `endpoints`, with its EndpointSlice, as the
-/// API server would hold them.
-pub fn service_objects(
+/// API server would hold them: single-stack of `vip`'s family.
+pub fn service_objects<A>(
     name: &str,
-    vip: Ipv4Addr,
+    vip: A,
     ports: &[(u16, u16)],
-    endpoints: &[Ipv4Addr],
-) -> (Service, EndpointSlice) {
+    endpoints: &[A],
+) -> (Service, EndpointSlice)
+where
+    A: Copy + Into<IpAddr> + std::fmt::Display,
+{
+    let (family, address_type) = if vip.into().is_ipv6() {
+        ("IPv6", "IPv6")
+    } else {
+        ("IPv4", "IPv4")
+    };
     let service = Service {
         metadata: ObjectMeta {
             name: Some(name.into()),
@@ -50,6 +64,7 @@ pub fn service_objects(
         spec: Some(ServiceSpec {
             cluster_ip: Some(vip.to_string()),
             cluster_ips: Some(vec![vip.to_string()]),
+            ip_families: Some(vec![family.into()]),
             ports: Some(
                 ports
                     .iter()
@@ -79,7 +94,7 @@ pub fn service_objects(
             ),
             ..ObjectMeta::default()
         },
-        address_type: "IPv4".into(),
+        address_type: address_type.into(),
         ports: Some(
             ports
                 .iter()
@@ -213,18 +228,29 @@ pub(crate) fn run_in_limited(
     Ok(elapsed)
 }
 
-/// The kube-proxy options the bench uses.
-pub fn kube_proxy_options() -> Options {
+/// The kube-proxy options the bench uses, for `family`'s proxier.
+pub fn kube_proxy_options(family: IpFamily) -> Options {
+    let (cluster_cidr, service_cidr) = match family {
+        IpFamily::V4 => (
+            CLUSTER_CIDR.to_owned(),
+            format!("{}/{}", SERVICE_CIDR.0, SERVICE_CIDR.1),
+        ),
+        IpFamily::V6 => (
+            CLUSTER_CIDR6.to_owned(),
+            format!("{}/{}", SERVICE_CIDR6.0, SERVICE_CIDR6.1),
+        ),
+    };
     Options {
-        cluster_cidr: Some(CLUSTER_CIDR.into()),
-        service_cidr: Some(format!("{}/{}", SERVICE_CIDR.0, SERVICE_CIDR.1)),
+        cluster_cidr: Some(cluster_cidr),
+        service_cidr: Some(service_cidr),
+        family,
         ..Options::default()
     }
 }
 
-/// Installs what kube-proxy would for `ports` in `node`: its conntrack
-/// sysctls (those that are per-namespace), then the iptables payload and
-/// jump rules, or the nftables ruleset.
+/// Installs what kube-proxy's `family` proxier would for `ports` in
+/// `node`: its conntrack sysctls (those that are per-namespace), then the
+/// iptables (ip6tables) payload and jump rules, or the nftables ruleset.
 ///
 /// Returns how long the payload (or ruleset) took to load; a load that
 /// outlasts `limit` is killed and fails with [`TimedOut`].
@@ -232,6 +258,7 @@ pub fn install_kube_proxy(
     node: &Namespace,
     ports: &[ServicePort],
     flavour: KubeProxy,
+    family: IpFamily,
     limit: Option<Duration>,
 ) -> Result<Duration> {
     for (key, value) in [
@@ -245,14 +272,15 @@ pub fn install_kube_proxy(
         // too (below) when the key does not exist yet.
         let _ = node.sysctl(key, value);
     }
-    let options = kube_proxy_options();
+    let options = kube_proxy_options(family);
     let took = match flavour {
         KubeProxy::Iptables => {
             leftovers::require_iptables_nft()?;
+            let restore = family.iptables_restore();
             let payload = kubeproxy::iptables_restore(ports, &options);
             let took = run_in_limited(
                 node,
-                "iptables-restore",
+                restore,
                 &["-w", "5", "--noflush", "--counters"],
                 &payload,
                 limit,
@@ -260,7 +288,7 @@ pub fn install_kube_proxy(
             // Prepended in list order, as kube-proxy's EnsureRule does.
             for (table, chain, rule) in kubeproxy::iptables_jumps() {
                 let script = format!("*{table}\n-I {chain} 1 {rule}\nCOMMIT\n");
-                run_in(node, "iptables-restore", &["-w", "5", "--noflush"], &script)?;
+                run_in(node, restore, &["-w", "5", "--noflush"], &script)?;
             }
             took
         }
@@ -282,17 +310,18 @@ pub fn install_kube_proxy(
     Ok(took)
 }
 
-/// Removes kube-proxy's rules of `flavour` from `node` whole: its
-/// tables with their base chains (flushing and deleting chains, as
-/// `iptables -F -X` does, would leave the base chains hooked in and
-/// conntrack tracking every packet of the next mode), then its conntrack
-/// entries; checks that no table of it is left.
-pub fn remove_kube_proxy(node: &Namespace, flavour: KubeProxy) -> Result<()> {
-    let own_tables: &[&str] = match flavour {
-        KubeProxy::Iptables => &["ip nat", "ip filter"],
-        KubeProxy::Nftables => &["ip kube-proxy"],
+/// Removes kube-proxy's rules of `flavour` and `family` from `node`
+/// whole: its tables with their base chains (flushing and deleting
+/// chains, as `iptables -F -X` does, would leave the base chains hooked
+/// in and conntrack tracking every packet of the next mode), then its
+/// conntrack entries; checks that no table of it is left.
+pub fn remove_kube_proxy(node: &Namespace, flavour: KubeProxy, family: IpFamily) -> Result<()> {
+    let nft_table = format!("{} kube-proxy", family.nft());
+    let own_tables: Vec<&str> = match flavour {
+        KubeProxy::Iptables => family.iptables_tables().to_vec(),
+        KubeProxy::Nftables => vec![nft_table.as_str()],
     };
-    for table in own_tables {
+    for table in &own_tables {
         leftovers::delete_table(node, table)
             .with_context(|| format!("removing kube-proxy's {table} table"))?;
     }

@@ -58,19 +58,21 @@ pub fn ensure_no_rules(namespace: &Namespace, why: &str) -> Result<()> {
         "{why}: {} still has netfilter tables {left:?}",
         namespace.name()
     );
-    // Debian's iptables package has it; absent, there are no legacy
+    // Debian's iptables package has them; absent, there are no legacy
     // tables to look for.
-    let legacy = match output_in(namespace, "iptables-legacy-save", &[]) {
-        Ok(text) => text,
-        Err(error) if which("iptables-legacy-save") => return Err(error),
-        Err(_) => String::new(),
-    };
-    let legacy_tables: Vec<&str> = legacy.lines().filter(|l| l.starts_with('*')).collect();
-    ensure!(
-        legacy_tables.is_empty(),
-        "{why}: {} still has iptables-legacy tables {legacy_tables:?}",
-        namespace.name()
-    );
+    for save in ["iptables-legacy-save", "ip6tables-legacy-save"] {
+        let legacy = match output_in(namespace, save, &[]) {
+            Ok(text) => text,
+            Err(error) if which(save) => return Err(error),
+            Err(_) => String::new(),
+        };
+        let legacy_tables: Vec<&str> = legacy.lines().filter(|l| l.starts_with('*')).collect();
+        ensure!(
+            legacy_tables.is_empty(),
+            "{why}: {} still has {save} tables {legacy_tables:?}",
+            namespace.name()
+        );
+    }
     Ok(())
 }
 

@@ -1,59 +1,80 @@
 //! The kube-proxy baseline works as on a Spiderpool node: the client's
 //! ClusterIP traffic takes the coordinator veth to its node, where
-//! kube-proxy's own rules (iptables, then nftables) DNAT and masquerade
-//! it to a server on the other node. In namespaces this test creates.
+//! kube-proxy's own rules (iptables, then nftables; ip6tables and the
+//! `ip6` table over IPv6) DNAT and masquerade it to a server on the other
+//! node. In namespaces this test creates.
 
 use std::{
-    net::{Ipv4Addr, SocketAddrV4},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
     time::Duration,
 };
 
 use bench::{
-    cluster::{KubeProxy, SERVICE_CIDR, install_kube_proxy, remove_kube_proxy, service_objects},
-    kubeproxy::service_ports,
+    cluster::{
+        KubeProxy, SERVICE_CIDR, SERVICE_CIDR6, install_kube_proxy, remove_kube_proxy,
+        service_objects,
+    },
+    kubeproxy::{IpFamily, service_ports},
 };
 use lab::{PodSpec, Topology, standard_pods, workload};
 
 const VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 9, 9);
+const VIP6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x10, 0x96, 0, 0, 0, 0, 0x99);
 
-#[test]
-fn clusterip_through_the_node_with_kube_proxy_rules() {
-    bench::require_root("the kube-proxy path test").unwrap();
+fn through_the_node(family: IpFamily) {
     let pods: Vec<PodSpec> = standard_pods()
         .into_iter()
         .filter(|p| p.role == "client" || p.role == "server-b")
         .collect();
     let topo = Topology::build(&pods).expect("building the topology");
     let server = topo.pod("server-b");
+    let (vip, server_address): (IpAddr, IpAddr) = match family {
+        IpFamily::V4 => (VIP.into(), server.address.into()),
+        IpFamily::V6 => (VIP6.into(), server.address6.unwrap().into()),
+    };
     let _server =
-        workload::tcp_server(&server.namespace, server.address, 8080, "server-b").unwrap();
+        workload::tcp_server(&server.namespace, server_address, 8080, "server-b").unwrap();
     topo.add_coordinator_veth("client").unwrap();
-    topo.route_via_node("client", SERVICE_CIDR, true).unwrap();
-    let (service, slice) = service_objects("echo", VIP, &[(80, 8080)], &[server.address]);
+    let route = |via_node: bool| match family {
+        IpFamily::V4 => topo.route_via_node("client", SERVICE_CIDR, via_node),
+        IpFamily::V6 => topo.route_via_node("client", SERVICE_CIDR6, via_node),
+    };
+    route(true).unwrap();
+    let (service, slice) = service_objects("echo", vip, &[(80, 8080)], &[server_address]);
     let ports = service_ports(&[service], &[slice]);
+    assert_eq!(ports.len(), 1, "{ports:?}");
+    let frontend = SocketAddr::new(vip, 80);
     let ask = || {
         topo.pod("client")
             .namespace
-            .run(|| workload::tcp_request(SocketAddrV4::new(VIP, 80), Duration::from_secs(2)))
+            .run(|| workload::tcp_request(frontend, Duration::from_secs(2)))
             .unwrap()
     };
 
     for flavour in [KubeProxy::Iptables, KubeProxy::Nftables] {
-        install_kube_proxy(&topo.nodes[0], &ports, flavour, None).unwrap();
+        install_kube_proxy(&topo.nodes[0], &ports, flavour, family, None).unwrap();
         for _ in 0..3 {
-            let answer = ask().unwrap_or_else(|e| panic!("{flavour:?}: {e}"));
+            let answer = ask().unwrap_or_else(|e| panic!("{family} {flavour:?}: {e}"));
             assert_eq!(answer.server, "server-b");
-            assert_eq!(
-                answer.peer,
-                SocketAddrV4::new(VIP, 80).into(),
-                "replies come back from the VIP"
-            );
+            assert_eq!(answer.peer, frontend, "replies come back from the VIP");
         }
-        remove_kube_proxy(&topo.nodes[0], flavour).unwrap();
+        remove_kube_proxy(&topo.nodes[0], flavour, family).unwrap();
     }
     // Without the rules, the ClusterIP leads nowhere: the test can fail.
     assert!(ask().is_err());
     // And without the route, the client's own gateway has no service CIDR.
-    topo.route_via_node("client", SERVICE_CIDR, false).unwrap();
+    route(false).unwrap();
     assert!(ask().is_err());
+}
+
+#[test]
+fn clusterip_through_the_node_with_kube_proxy_rules() {
+    bench::require_root("the kube-proxy path test").unwrap();
+    through_the_node(IpFamily::V4);
+}
+
+#[test]
+fn ipv6_clusterip_through_the_node_with_kube_proxy_rules() {
+    bench::require_root("the kube-proxy path test").unwrap();
+    through_the_node(IpFamily::V6);
 }

@@ -5,13 +5,13 @@
 
 use std::{
     io::Write,
-    net::Ipv4Addr,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
     process::{Command, Stdio},
 };
 
 use bench::kubeproxy::{
-    Options, ServicePort, iptables_restore, nft_chain_suffix, nft_ruleset, port_proto_hash,
-    probability, service_ports,
+    IpFamily, Options, ServicePort, iptables_restore, nft_chain_suffix, nft_ruleset,
+    port_proto_hash, probability, service_ports,
 };
 use datapath_user::model::Protocol;
 
@@ -21,12 +21,38 @@ fn port(ns: &str, name: &str, vip: [u8; 4], endpoints: &[([u8; 4], u16)]) -> Ser
         name: name.into(),
         port_name: "p80".into(),
         protocol: Protocol::Tcp,
-        cluster_ip: Ipv4Addr::from(vip),
+        cluster_ip: Ipv4Addr::from(vip).into(),
         port: 80,
         endpoints: endpoints
             .iter()
-            .map(|(a, p)| (Ipv4Addr::from(*a), *p))
+            .map(|(a, p)| (Ipv4Addr::from(*a).into(), *p))
             .collect(),
+    }
+}
+
+/// An IPv6 service port (endpoints given in kube-proxy's order).
+fn port6(ns: &str, name: &str, vip: &str, endpoints: &[(&str, u16)]) -> ServicePort {
+    ServicePort {
+        namespace: ns.into(),
+        name: name.into(),
+        port_name: "p80".into(),
+        protocol: Protocol::Tcp,
+        cluster_ip: vip.parse::<Ipv6Addr>().unwrap().into(),
+        port: 80,
+        endpoints: endpoints
+            .iter()
+            .map(|(a, p)| (IpAddr::V6(a.parse().unwrap()), *p))
+            .collect(),
+    }
+}
+
+/// The IPv6 proxier's options of the upstream IPv6 examples.
+fn options6() -> Options {
+    Options {
+        cluster_cidr: Some("fd00:10::/64".into()),
+        service_cidr: Some("fd00:10:96::/112".into()),
+        family: IpFamily::V6,
+        ..Options::default()
     }
 }
 
@@ -39,7 +65,7 @@ fn chain_names_match_kube_proxy() {
     let svc1 = port("ns1", "svc1", [172, 30, 0, 41], &[([10, 180, 0, 1], 80)]);
     assert_eq!(svc1.svc_chain(), "KUBE-SVC-XPGD46QRK7WJZT7O");
     assert_eq!(
-        svc1.sep_chain((Ipv4Addr::new(10, 180, 0, 1), 80)),
+        svc1.sep_chain((Ipv4Addr::new(10, 180, 0, 1).into(), 80)),
         "KUBE-SEP-SXIVWICOYRO3J4NJ"
     );
     assert_eq!(
@@ -178,7 +204,96 @@ fn ports_from_kubernetes_objects_use_kube_proxy_names_and_order() {
             "kube-system/kube-dns:metrics Tcp"
         ]
     );
-    assert_eq!(ports[0].endpoints[0], (Ipv4Addr::new(10, 244, 0, 3), 1053));
+    assert_eq!(
+        ports[0].endpoints[0],
+        (Ipv4Addr::new(10, 244, 0, 3).into(), 1053)
+    );
+}
+
+#[test]
+fn nft_ipv6_rules_match_the_upstream_example() {
+    // knftables' fake_test.go dump of kube-proxy's IPv6 table (chain
+    // names, the endpoint base with `:` → `.`, `[addr]:port` DNAT
+    // targets, the endpoints in "[IP]:port" order).
+    let svc1 = port6(
+        "ns1",
+        "svc1",
+        "fd00:172:30::41",
+        &[("fd00:10:180::1", 80), ("fd00:10:180::2:1", 80)],
+    );
+    let script = nft_ruleset(&[svc1], &options6());
+    for line in [
+        "add table ip6 kube-proxy { comment \"rules for kube-proxy\" ; }",
+        "add set ip6 kube-proxy cluster-ips { type ipv6_addr ; comment \"Active ClusterIPs\" ; }",
+        "add map ip6 kube-proxy service-ips { type ipv6_addr . inet_proto . inet_service : verdict ; comment \"ClusterIP, ExternalIP and LoadBalancer IP traffic\" ; }",
+        "add rule ip6 kube-proxy cluster-ips-check ip6 daddr @cluster-ips reject comment \"Reject traffic to invalid ports of ClusterIPs\"",
+        "add rule ip6 kube-proxy cluster-ips-check ip6 daddr { fd00:10:96::/112 } drop comment \"Drop traffic to unallocated ClusterIPs\"",
+        "add chain ip6 kube-proxy endpoint-2CRNCTTE-ns1/svc1/tcp/p80__fd00.10.180..2.1/80",
+        "add rule ip6 kube-proxy endpoint-2CRNCTTE-ns1/svc1/tcp/p80__fd00.10.180..2.1/80 ip6 saddr fd00:10:180::2:1 jump mark-for-masquerade",
+        "add rule ip6 kube-proxy endpoint-2CRNCTTE-ns1/svc1/tcp/p80__fd00.10.180..2.1/80 meta l4proto tcp dnat to [fd00:10:180::2:1]:80",
+        "add rule ip6 kube-proxy endpoint-ZVRFLKHO-ns1/svc1/tcp/p80__fd00.10.180..1/80 meta l4proto tcp dnat to [fd00:10:180::1]:80",
+        "add rule ip6 kube-proxy service-ULMVA6XW-ns1/svc1/tcp/p80 numgen random mod 2 vmap { 0 : goto endpoint-ZVRFLKHO-ns1/svc1/tcp/p80__fd00.10.180..1/80 , 1 : goto endpoint-2CRNCTTE-ns1/svc1/tcp/p80__fd00.10.180..2.1/80 }",
+        "add rule ip6 kube-proxy firewall-check ip6 daddr . meta l4proto . th dport vmap @firewall-ips",
+        "add rule ip6 kube-proxy services ip6 daddr . meta l4proto . th dport vmap @service-ips",
+        "add rule ip6 kube-proxy service-endpoints-check ip6 daddr . meta l4proto . th dport vmap @no-endpoint-services",
+        "add element ip6 kube-proxy cluster-ips { fd00:172:30::41 }",
+        "add element ip6 kube-proxy service-ips { fd00:172:30::41 . tcp . 80 : goto service-ULMVA6XW-ns1/svc1/tcp/p80 }",
+        // The newest test's masquerade rule (no port match), in ip6.
+        "add rule ip6 kube-proxy service-ULMVA6XW-ns1/svc1/tcp/p80 ip6 daddr fd00:172:30::41 ip6 saddr != fd00:10::/64 jump mark-for-masquerade",
+        // setupNFTables' noLocalhost for IPv6.
+        "add rule ip6 kube-proxy services fib daddr type local ip6 daddr != ::1 meta l4proto . th dport vmap @service-nodeports",
+    ] {
+        assert!(
+            script.lines().any(|l| l == line),
+            "missing:\n{line}\nin:\n{script}"
+        );
+    }
+    assert!(!script.contains("ipv4_addr") && !script.contains(" ip daddr "));
+}
+
+#[test]
+fn ip6tables_rules_write_endpoints_as_kube_proxy_does() {
+    // `BaseEndpointInfo.String()` is Go's JoinHostPort: "[IP]:port" in
+    // the KUBE-SEP hash, the comments and the DNAT target.
+    let svc1 = port6(
+        "ns1",
+        "svc1",
+        "fd00:172:30::41",
+        &[("fd00:10:180::1", 80), ("fd00:10:180::2:1", 80)],
+    );
+    let first: (IpAddr, u16) = ("fd00:10:180::1".parse::<IpAddr>().unwrap(), 80);
+    let sep = svc1.sep_chain(first);
+    assert_eq!(
+        sep,
+        format!(
+            "KUBE-SEP-{}",
+            &port_proto_hash("ns1/svc1:p80", "tcp[fd00:10:180::1]:80")
+        ),
+        "the SEP hash covers the bracketed endpoint"
+    );
+    // A port of the other family is the other proxier's.
+    let other = port("ns4", "svc4", [172, 30, 0, 44], &[([10, 180, 0, 4], 80)]);
+    let payload = iptables_restore(&[svc1, other], &options6());
+    for line in [
+        r#"-A KUBE-SERVICES -m comment --comment "ns1/svc1:p80 cluster IP" -m tcp -p tcp -d fd00:172:30::41 --dport 80 -j KUBE-SVC-XPGD46QRK7WJZT7O"#.to_owned(),
+        r#"-A KUBE-SVC-XPGD46QRK7WJZT7O -m comment --comment "ns1/svc1:p80 cluster IP" -m tcp -p tcp -d fd00:172:30::41 --dport 80 ! -s fd00:10::/64 -j KUBE-MARK-MASQ"#.to_owned(),
+        format!(r#"-A KUBE-SVC-XPGD46QRK7WJZT7O -m comment --comment "ns1/svc1:p80 -> [fd00:10:180::1]:80" -m statistic --mode random --probability 0.5000000000 -j {sep}"#),
+        format!("-A {sep} -m comment --comment ns1/svc1:p80 -s fd00:10:180::1 -j KUBE-MARK-MASQ"),
+        format!("-A {sep} -m comment --comment ns1/svc1:p80 -m tcp -p tcp -j DNAT --to-destination [fd00:10:180::1]:80"),
+        // Localhost NodePorts never work over IPv6: the tail leaves ::1
+        // out.
+        r#"-A KUBE-SERVICES -m comment --comment "kubernetes service nodeports; NOTE: this must be the last rule in this chain" -m addrtype --dst-type LOCAL ! -d ::1/128 -j KUBE-NODEPORTS"#.to_owned(),
+    ] {
+        assert!(
+            payload.lines().any(|l| l == line),
+            "missing:\n{line}\nin:\n{payload}"
+        );
+    }
+    assert!(
+        !payload.contains("KUBE-FIREWALL") && !payload.contains("127.0.0.0/8"),
+        "the route_localnet rule is IPv4's:\n{payload}"
+    );
+    assert!(!payload.contains("172.30.0.44"), "{payload}");
 }
 
 /// Runs `command` with `input` on stdin inside a fresh namespace.
@@ -237,6 +352,36 @@ fn iptables_restore_accepts_the_payload() {
     // loading it for real, in the test's own namespace, does.
     check_in_namespace("iptables-restore", &["--noflush"], &payload)
         .unwrap_or_else(|e| panic!("iptables-restore rejected it: {e}\n{payload}"));
+}
+
+#[test]
+fn ip6tables_restore_accepts_the_ipv6_payload() {
+    bench::require_root("ip6tables-restore").unwrap();
+    let svc = port6(
+        "ns1",
+        "svc1",
+        "fd00:172:30::41",
+        &[("fd00:10:180::1", 80), ("fd00:10:180::2:1", 8080)],
+    );
+    let empty = port6("ns6", "svc6", "fd00:172:30::46", &[]);
+    let payload = iptables_restore(&[svc, empty], &options6());
+    check_in_namespace("ip6tables-restore", &["--noflush"], &payload)
+        .unwrap_or_else(|e| panic!("ip6tables-restore rejected it: {e}\n{payload}"));
+}
+
+#[test]
+fn nft_accepts_the_ipv6_ruleset() {
+    bench::require_root("nft --check").unwrap();
+    let svc = port6(
+        "ns1",
+        "svc1",
+        "fd00:172:30::41",
+        &[("fd00:10:180::1", 80), ("fd00:10:180::2:1", 8080)],
+    );
+    let empty = port6("ns6", "svc6", "fd00:172:30::46", &[]);
+    let script = nft_ruleset(&[svc, empty], &options6());
+    check_in_namespace("nft", &["--check", "-f", "-"], &script)
+        .unwrap_or_else(|e| panic!("nft rejected it: {e}\n{script}"));
 }
 
 #[test]

@@ -26,8 +26,10 @@ pub struct LiveRow {
 
 /// The programs a table shows, their column titles, and whether the
 /// TC floor applies (the do-nothing program runs at the same TC hooks;
-/// `connect4` runs at another hook, so its figure keeps its clock reads).
-const COLUMNS: [(&str, &str, bool); 3] = [
+/// `connect4`/`connect6` run at another hook, so their figures keep their
+/// clock reads). A socket-LB column only where a pass ran its program
+/// (`connect6` in an IPv6 run).
+const COLUMNS: [(&str, &str, bool); 4] = [
     (
         datapath_user::object::TC_EGRESS,
         "egress ns/skb (skbs per {unit})",
@@ -41,6 +43,11 @@ const COLUMNS: [(&str, &str, bool); 3] = [
     (
         datapath_user::object::SOCK_CONNECT4,
         "connect4 ns/run, clock reads included (runs per {unit})",
+        false,
+    ),
+    (
+        datapath_user::object::SOCK_CONNECT6,
+        "connect6 ns/run, clock reads included (runs per {unit})",
         false,
     ),
 ];
@@ -87,17 +94,28 @@ pub fn print_table(rows: &[LiveRow], kind: Kind, modes: &[Mode], unit: &str) {
          (sockperf's warm-up too).\n",
         median_interval(&floors)
     );
-    let titles: Vec<String> = COLUMNS
+    let columns: Vec<(&str, &str, bool)> = COLUMNS
+        .into_iter()
+        .filter(|&(program, _, tc)| {
+            tc || rows.iter().any(|r| {
+                r.workload == kind
+                    && r.cost
+                        .runs_per_transaction(program)
+                        .is_some_and(|runs| runs > 0.0)
+            })
+        })
+        .collect();
+    let titles: Vec<String> = columns
         .iter()
         .map(|(_, title, _)| title.replace("{unit}", unit))
         .collect();
     println!("| datapath | {} |", titles.join(" | "));
-    println!("|{}", " --- |".repeat(COLUMNS.len() + 1));
+    println!("|{}", " --- |".repeat(columns.len() + 1));
     for &mode in modes {
         if passes(mode).next().is_none() {
             continue;
         }
-        let cells: Vec<String> = COLUMNS
+        let cells: Vec<String> = columns
             .iter()
             .map(|&(program, _, tc)| {
                 // A pass without its floor is left out, never taken as 0.

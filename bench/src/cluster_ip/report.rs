@@ -19,6 +19,7 @@ use super::{
     modes::Mode,
 };
 use crate::{
+    kubeproxy::IpFamily,
     machine::Machine,
     plot::Bar,
     stats::{Interval, median, median_interval, paired_ratios},
@@ -64,6 +65,9 @@ pub struct Ratio {
 #[derive(Debug, Serialize, Deserialize)]
 pub struct Results {
     pub preset: String,
+    /// Every row's address family (runs before `--family`: IPv4).
+    #[serde(default)]
+    pub family: IpFamily,
     pub machine: Machine,
     /// Seeds the mode order (`--seed` repeats it).
     pub seed: u64,
@@ -77,6 +81,14 @@ pub struct Results {
     pub live: Vec<LiveRow>,
     pub rows: Vec<Row>,
     pub ratios: Vec<Ratio>,
+}
+
+/// The stem of a run's files: the preset's name, `-ipv6` for IPv6 runs.
+pub(super) fn result_stem(preset: &str, family: IpFamily) -> String {
+    match family {
+        IpFamily::V4 => preset.to_owned(),
+        IpFamily::V6 => format!("{preset}-ipv6"),
+    }
 }
 
 /// A workload's table title, unit, the figure shown for it, and the CPU
@@ -171,7 +183,11 @@ impl Results {
     /// trust them.
     pub(super) fn print(&self, kinds: &[Kind], modes: &[Mode], pairs: &[(Mode, Mode)]) {
         println!(
-            "\n{} rounds on {}; in each round every mode once per workload, in a shuffled \
+            "\n{}: every row's traffic, Services and kube-proxy rules in this family.",
+            self.family
+        );
+        println!(
+            "{} rounds on {}; in each round every mode once per workload, in a shuffled \
              order (seed {}: `--seed {}` repeats it); conntrack flushed between modes; \
              kube-proxy's tables present only while a kube-proxy mode runs (checked). \
              Medians with distribution-free 95 % intervals of the median (order \
@@ -309,7 +325,8 @@ impl Results {
                     })
                 })
                 .collect();
-            let path = dir.join(format!("{}-{}.svg", self.preset, kind.arg()));
+            let stem = result_stem(&self.preset, self.family);
+            let path = dir.join(format!("{stem}-{}.svg", kind.arg()));
             crate::plot::bars(&path, title, unit, &bars)?;
         }
         Ok(())

@@ -4,7 +4,7 @@
 //! that maps a mode to where its client runs and what it connects to.
 
 use std::{
-    net::{Ipv4Addr, SocketAddrV4},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
     path::Path,
 };
 
@@ -13,15 +13,21 @@ use aya::programs::{SchedClassifier, TcAttachType};
 use datapath_user::{
     Datapath, LoadOptions,
     loader::{MapSizes, TcAttachment},
-    object::SOCK_CONNECT4,
+    object::{SOCK_CONNECT4, SOCK_CONNECT6},
 };
-use lab::{Cgroup, Offloads, Pod, PodSpec, Topology, standard_pods, topology::NODE_ADDRESSES};
+use lab::{
+    Cgroup, Offloads, Pod, PodSpec, Topology, standard_pods,
+    topology::{NODE_ADDRESSES, NODE_ADDRESSES6},
+};
 
 use super::modes::Mode;
 use crate::{
     agent_process::{AgentProcess, start_bench_agent},
-    cluster::{KubeProxy, SERVICE_CIDR, install_kube_proxy, remove_kube_proxy, service_objects},
-    kubeproxy::{ServicePort, service_ports},
+    cluster::{
+        KubeProxy, SERVICE_CIDR, SERVICE_CIDR6, install_kube_proxy, remove_kube_proxy,
+        service_objects,
+    },
+    kubeproxy::{IpFamily, ServicePort, service_ports},
     leftovers::{close_time_wait, ensure_no_rules, flush_conntrack},
     program_stats::{LiveCost, ProgramSelection, ProgramTotals, RunTimeStats},
     workload::{
@@ -30,24 +36,26 @@ use crate::{
     },
 };
 
-/// The socket-LB program a pass reads besides the client interface's.
-const SOCKET_PROGRAMS: [&str; 1] = [SOCK_CONNECT4];
-
 /// The service of the macvlan modes (its endpoint: server-b).
 const VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 10);
 /// The service of the veth modes (its endpoint: vserver).
 const VETH_VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 11);
+/// Their IPv6 twins, in [`SERVICE_CIDR6`].
+const VIP6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x10, 0x96, 0, 0, 0, 0, 0x10);
+const VETH_VIP6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x10, 0x96, 0, 0, 0, 0, 0x11);
 /// The limit's client: outside the agent's `<prefix>-client*` filter.
 const BARE_CLIENT: &str = "bare-client";
 
 /// Where a mode's client runs and what it connects to.
 pub(super) struct Endpoint<'a> {
     pub(super) place: ClientPlace<'a>,
-    pub(super) target: SocketAddrV4,
+    pub(super) target: SocketAddr,
 }
 
 pub(super) struct Testbed {
     topo: Topology,
+    /// Every mode's traffic is of this family.
+    family: IpFamily,
     _servers: Vec<ServerProcess>,
     agent: Option<(AgentProcess, tempfile::TempDir)>,
     /// kube-proxy's view of the Services.
@@ -70,8 +78,14 @@ impl Testbed {
     /// alone (a pod socket-LB translates gets no TC pair, `--pod-tc`); vclient → vserver (veth pods, routed by
     /// their nodes); with the Cilium row, client-veth → vserver (a veth
     /// client the agent attaches, so that vclient carries nothing of
-    /// ours). Offloads as real devices have them.
-    pub(super) fn build(modes: &[Mode], kinds: &[Kind], underpass: Option<&Path>) -> Result<Self> {
+    /// ours). Offloads as real devices have them. Services, kube-proxy's
+    /// rules, servers and targets of `family` (the pods are dual-stack).
+    pub(super) fn build(
+        modes: &[Mode],
+        kinds: &[Kind],
+        underpass: Option<&Path>,
+        family: IpFamily,
+    ) -> Result<Self> {
         let mut pods: Vec<PodSpec> = standard_pods()
             .into_iter()
             .filter(|p| p.role != "server-a")
@@ -97,7 +111,7 @@ impl Testbed {
             })?;
         }
         let cgroups = BenchCgroups::create(&topo.prefix)?;
-        let servers = start_servers(&topo, kinds, cgroups.servers.path())?;
+        let servers = start_servers(&topo, kinds, cgroups.servers.path(), family)?;
         topo.add_coordinator_veth("client")?;
         // TCP_CRR opens thousands of connections a second; without these
         // the clients' TIME_WAIT sockets fill the ephemeral port space and
@@ -117,13 +131,19 @@ impl Testbed {
             .iter()
             .map(|&p| (p, p))
             .collect();
+        let (vip, veth_vip) = vips(family);
         let services = [
-            service_objects("bench", VIP, &every_port, &[topo.pod("server-b").address]),
+            service_objects(
+                "bench",
+                vip,
+                &every_port,
+                &[address_of(&topo, "server-b", family)],
+            ),
             service_objects(
                 "bench-veth",
-                VETH_VIP,
+                veth_vip,
                 &every_port,
-                &[topo.pod("vserver").address],
+                &[address_of(&topo, "vserver", family)],
             ),
         ];
         let (all_services, all_slices): (Vec<_>, Vec<_>) = services.iter().cloned().unzip();
@@ -135,8 +155,14 @@ impl Testbed {
             } else {
                 &["client"]
             };
-            let (agent, manifests) =
-                start_bench_agent(underpass, &topo, &cgroup, &services, tc_clients)?;
+            let (agent, manifests) = start_bench_agent(
+                underpass,
+                &topo,
+                &cgroup,
+                &services,
+                tc_clients,
+                family == IpFamily::V6,
+            )?;
             cgroups.adopt_agent(agent.pid())?;
             Some((agent, manifests))
         } else {
@@ -144,6 +170,7 @@ impl Testbed {
         };
         Ok(Self {
             topo,
+            family,
             _servers: servers,
             cgroup,
             cgroups,
@@ -170,10 +197,10 @@ impl Testbed {
         let want = mode.kube_proxy();
         if self.installed != want {
             if let Some(old) = self.installed.take() {
-                remove_kube_proxy(node, old)?;
+                remove_kube_proxy(node, old, self.family)?;
             }
             if let Some(flavour) = want {
-                install_kube_proxy(node, &self.ports, flavour, None)?;
+                install_kube_proxy(node, &self.ports, flavour, self.family, None)?;
                 self.installed = Some(flavour);
             }
         }
@@ -185,27 +212,36 @@ impl Testbed {
             close_time_wait(namespace)?;
         }
         let macvlan_through_node = matches!(mode, Mode::KubeProxy | Mode::KubeProxyNft);
-        self.topo
-            .route_via_node("client", SERVICE_CIDR, macvlan_through_node)?;
+        match self.family {
+            IpFamily::V4 => {
+                self.topo
+                    .route_via_node("client", SERVICE_CIDR, macvlan_through_node)?
+            }
+            IpFamily::V6 => {
+                self.topo
+                    .route_via_node("client", SERVICE_CIDR6, macvlan_through_node)?
+            }
+        }
         Ok(())
     }
 
     /// Where `mode`'s client runs and what it connects to for `kind`.
     pub(super) fn endpoint(&self, mode: Mode, kind: Kind) -> Endpoint<'_> {
         let pod = |role: &str| self.topo.pod(role).namespace.path();
-        let address = |role: &str| self.topo.pod(role).address;
+        let address = |role: &str| address_of(&self.topo, role, self.family);
+        let (vip, veth_vip) = vips(self.family);
         let (netns, server) = match mode {
-            Mode::KubeProxy | Mode::KubeProxyNft | Mode::Ebpf => (pod("client"), VIP),
+            Mode::KubeProxy | Mode::KubeProxyNft | Mode::Ebpf => (pod("client"), vip),
             // A pod socket-LB translates has no TC pair (the agent's
             // `--pod-tc`): the bare client, in socket-LB's cgroup.
-            Mode::SocketLb => (pod(BARE_CLIENT), VIP),
-            Mode::VethKubeProxy => (pod("vclient"), VETH_VIP),
-            Mode::VethEbpf => (pod("client-veth"), VETH_VIP),
+            Mode::SocketLb => (pod(BARE_CLIENT), vip),
+            Mode::VethKubeProxy => (pod("vclient"), veth_vip),
+            Mode::VethEbpf => (pod("client-veth"), veth_vip),
             Mode::PodIpBare | Mode::AaControl => (pod(BARE_CLIENT), address("server-b")),
             Mode::PodIp => (pod("client"), address("server-b")),
             Mode::PodIpRouted => (pod("client"), address("server-c")),
             Mode::VethRouted => (pod("vclient"), address("vserver")),
-            Mode::Node => (self.topo.nodes[0].path(), NODE_ADDRESSES[1]),
+            Mode::Node => (self.topo.nodes[0].path(), node_address(1, self.family)),
         };
         let cgroup = match mode {
             Mode::SocketLb => self.cgroup.path(),
@@ -218,7 +254,7 @@ impl Testbed {
                 server_cgroup: self.cgroups.servers.path(),
                 agent_cgroup: self.agent.as_ref().map(|_| self.cgroups.agent.path()),
             },
-            target: SocketAddrV4::new(server, kind.port()),
+            target: SocketAddr::new(server, kind.port()),
         }
     }
 
@@ -247,14 +283,19 @@ impl Testbed {
         }
         self.prepare(mode)?;
         let floor_program = self.attach_pass_program(role)?;
+        // The socket-LB program a pass reads besides the interface's.
+        let connect = match self.family {
+            IpFamily::V4 => SOCK_CONNECT4,
+            IpFamily::V6 => SOCK_CONNECT6,
+        };
         let selection = ProgramSelection {
             ids: self.attached_programs(role)?,
-            names: SOCKET_PROGRAMS.to_vec(),
+            names: vec![connect],
         };
         let client = self.endpoint(mode, kind);
         let stats = RunTimeStats::enable()?;
         let before = ProgramTotals::read(&selection)?;
-        let measurement = run_worker(client.place, kind, client.target.into(), parameters)
+        let measurement = run_worker(client.place, kind, client.target, parameters)
             .with_context(|| format!("{kind:?} over {} (statistics pass)", mode.label()))?;
         let after = ProgramTotals::read(&selection)?;
         drop(stats);
@@ -330,7 +371,7 @@ impl Testbed {
     /// on drop.
     pub(super) fn finish(mut self) -> Result<()> {
         if let Some(flavour) = self.installed.take() {
-            remove_kube_proxy(&self.topo.nodes[0], flavour)?;
+            remove_kube_proxy(&self.topo.nodes[0], flavour, self.family)?;
         }
         if let Some((mut agent, _manifests)) = self.agent.take() {
             agent.stop();
@@ -351,21 +392,58 @@ fn tc_client(mode: Mode) -> Option<&'static str> {
     }
 }
 
+/// The services' addresses in `family`: the macvlan modes', the veth
+/// modes'.
+fn vips(family: IpFamily) -> (IpAddr, IpAddr) {
+    match family {
+        IpFamily::V4 => (VIP.into(), VETH_VIP.into()),
+        IpFamily::V6 => (VIP6.into(), VETH_VIP6.into()),
+    }
+}
+
+/// Node `n`'s address on the wire in `family`.
+fn node_address(n: usize, family: IpFamily) -> IpAddr {
+    match family {
+        IpFamily::V4 => NODE_ADDRESSES[n].into(),
+        IpFamily::V6 => NODE_ADDRESSES6[n].into(),
+    }
+}
+
+/// Pod `role`'s address in `family`.
+fn address_of(topo: &Topology, role: &str, family: IpFamily) -> IpAddr {
+    let pod = topo.pod(role);
+    match family {
+        IpFamily::V4 => pod.address.into(),
+        IpFamily::V6 => pod
+            .address6
+            .unwrap_or_else(|| panic!("{role} has no IPv6 address in this topology"))
+            .into(),
+    }
+}
+
 /// The echo server (and, for the tools' workloads, sockperf, iperf3 and
 /// redis) on every server end: server-b, server-c, vserver, node 2; all
-/// in the servers' `cgroup`.
-fn start_servers(topo: &Topology, kinds: &[Kind], cgroup: &Path) -> Result<Vec<ServerProcess>> {
+/// in the servers' `cgroup`, on their `family` addresses.
+fn start_servers(
+    topo: &Topology,
+    kinds: &[Kind],
+    cgroup: &Path,
+    family: IpFamily,
+) -> Result<Vec<ServerProcess>> {
     let server_ends = [
         (
             &topo.pod("server-b").namespace,
-            topo.pod("server-b").address,
+            address_of(topo, "server-b", family),
         ),
         (
             &topo.pod("server-c").namespace,
-            topo.pod("server-c").address,
+            address_of(topo, "server-c", family),
         ),
-        (&topo.pod("vserver").namespace, topo.pod("vserver").address),
-        (&topo.nodes[1], NODE_ADDRESSES[1]),
+        (
+            &topo.pod("vserver").namespace,
+            address_of(topo, "vserver", family),
+        ),
+        (&topo.nodes[1], node_address(1, family)),
     ];
     let mut servers = Vec::new();
     for (namespace, address) in server_ends {

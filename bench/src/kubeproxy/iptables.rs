@@ -3,7 +3,9 @@
 
 use std::fmt::Write as _;
 
-use super::service_port::{LARGE_CLUSTER_ENDPOINTS, Options, ServicePort, probability};
+use super::service_port::{
+    IpFamily, LARGE_CLUSTER_ENDPOINTS, Options, ServicePort, endpoint_string, probability,
+};
 
 /// Quotes a comment as kube-proxy's rules show it: bare when it has no
 /// space.
@@ -15,14 +17,16 @@ fn comment(text: &str) -> String {
     }
 }
 
-/// The `iptables-restore --noflush` payload of a full sync.
+/// The `iptables-restore --noflush` payload of a full sync (for
+/// `ip6tables-restore` with an IPv6 `options.family`).
 pub fn iptables_restore(ports: &[ServicePort], options: &Options) -> String {
     iptables_restore_partial(ports, options, &|_| true, &[])
 }
 
 /// A partial sync's payload (kube-proxy ≥ 1.26, `MinimizeIPTablesRestore`):
 /// the fixed chains and KUBE-SERVICES in full, the chains of the service
-/// ports `rewrite` selects, and `-X` for chains no longer used.
+/// ports `rewrite` selects, and `-X` for chains no longer used. Service
+/// ports of the other family are left out (the other proxier's).
 pub fn iptables_restore_partial(
     ports: &[ServicePort],
     options: &Options,
@@ -30,6 +34,8 @@ pub fn iptables_restore_partial(
     deleted_chains: &[String],
 ) -> String {
     let mark = format!("{:#x}", options.masquerade_mark);
+    let family = options.family;
+    let ports: Vec<&ServicePort> = ports.iter().filter(|p| p.family() == family).collect();
     let total_endpoints: usize = ports.iter().map(|p| p.endpoints.len()).sum();
     let large = total_endpoints > LARGE_CLUSTER_ENDPOINTS;
     let (mut filter_chains, mut filter_rules) = (String::new(), String::new());
@@ -40,14 +46,18 @@ pub fn iptables_restore_partial(
         "KUBE-FORWARD",
         "KUBE-NODEPORTS",
         "KUBE-PROXY-FIREWALL",
-        "KUBE-FIREWALL",
     ] {
         let _ = writeln!(filter_chains, ":{chain} - [0:0]");
     }
-    let _ = writeln!(
-        filter_rules,
-        "-A KUBE-FIREWALL -m comment --comment \"block incoming localnet connections\" -d 127.0.0.0/8 ! -s 127.0.0.0/8 -m conntrack ! --ctstate RELATED,ESTABLISHED,DNAT -j DROP"
-    );
+    // The route_localnet mitigation: IPv4 only (localhost NodePorts
+    // never work over IPv6, so that proxier has no such rule).
+    if family == IpFamily::V4 {
+        let _ = writeln!(filter_chains, ":KUBE-FIREWALL - [0:0]");
+        let _ = writeln!(
+            filter_rules,
+            "-A KUBE-FIREWALL -m comment --comment \"block incoming localnet connections\" -d 127.0.0.0/8 ! -s 127.0.0.0/8 -m conntrack ! --ctstate RELATED,ESTABLISHED,DNAT -j DROP"
+        );
+    }
     let _ = writeln!(
         filter_rules,
         "-A KUBE-FORWARD -m conntrack --ctstate INVALID -j DROP"
@@ -120,7 +130,7 @@ pub fn iptables_restore_partial(
             } else {
                 format!(
                     "-m comment --comment {} ",
-                    comment(&format!("{spn} -> {}:{}", endpoint.0, endpoint.1))
+                    comment(&format!("{spn} -> {}", endpoint_string(endpoint)))
                 )
             };
             if i + 1 < count {
@@ -148,14 +158,20 @@ pub fn iptables_restore_partial(
             );
             let _ = writeln!(
                 nat_rules,
-                "-A {sep} {note}-m {proto} -p {proto} -j DNAT --to-destination {}:{}",
-                endpoint.0, endpoint.1
+                "-A {sep} {note}-m {proto} -p {proto} -j DNAT --to-destination {}",
+                endpoint_string(endpoint)
             );
         }
     }
+    // Over IPv6 localhost NodePorts never work: the tail leaves ::1 out.
     let _ = writeln!(
         nat_rules,
-        "-A KUBE-SERVICES -m comment --comment \"kubernetes service nodeports; NOTE: this must be the last rule in this chain\" -m addrtype --dst-type LOCAL -j KUBE-NODEPORTS"
+        "-A KUBE-SERVICES -m comment --comment \"kubernetes service nodeports; NOTE: this must be the last rule in this chain\" -m addrtype --dst-type LOCAL {}-j KUBE-NODEPORTS",
+        if family == IpFamily::V6 {
+            "! -d ::1/128 "
+        } else {
+            ""
+        }
     );
     // As kube-proxy does: a stale chain is flushed (declared) and then
     // deleted in the same transaction.

@@ -1,14 +1,22 @@
 //! The nftables proxier's `nft -f` scripts: a full sync and an update.
 
-use std::{fmt::Write as _, net::Ipv4Addr};
+use std::{fmt::Write as _, net::IpAddr};
 
-use super::service_port::{Options, ServicePort, nft_chain_suffix};
+use super::service_port::{Options, ServicePort, endpoint_string, nft_chain_suffix};
 
 /// The `nft -f` script of a full sync (nftables proxier): table, sets and
-/// maps, chains, rules, then elements, so every reference resolves.
+/// maps, chains, rules, then elements, so every reference resolves. In
+/// table `ip kube-proxy`, or `ip6 kube-proxy` for an IPv6
+/// `options.family`; service ports of the other family are left out.
 pub fn nft_ruleset(ports: &[ServicePort], options: &Options) -> String {
     let mark = format!("{:#x}", options.masquerade_mark);
-    let table = "ip kube-proxy";
+    let family = options.family;
+    let ports = ports.iter().filter(|p| p.family() == family);
+    // `ip`/`ip6`: the table's family and the address match keyword.
+    let ip = family.nft();
+    let addr = family.nft_addr_type();
+    let loopback = family.nft_loopback();
+    let table = format!("{ip} kube-proxy");
     let mut head = String::new();
     let mut chains = String::new();
     let mut rules = String::new();
@@ -21,12 +29,13 @@ pub fn nft_ruleset(ports: &[ServicePort], options: &Options) -> String {
     // matching every local address).
     let _ = writeln!(
         head,
-        "add set {table} cluster-ips {{ type ipv4_addr ; comment \"Active ClusterIPs\" ; }}"
+        "add set {table} cluster-ips {{ type {addr} ; comment \"Active ClusterIPs\" ; }}"
     );
+    let addr_key = format!("{addr} . inet_proto . inet_service : verdict");
     for (name, kind, comment) in [
         (
             "firewall-ips",
-            "ipv4_addr . inet_proto . inet_service : verdict",
+            addr_key.as_str(),
             "destinations that are subject to LoadBalancerSourceRanges",
         ),
         (
@@ -36,12 +45,12 @@ pub fn nft_ruleset(ports: &[ServicePort], options: &Options) -> String {
         ),
         (
             "no-endpoint-services",
-            "ipv4_addr . inet_proto . inet_service : verdict",
+            addr_key.as_str(),
             "vmap to drop or reject packets to services with no endpoints",
         ),
         (
             "service-ips",
-            "ipv4_addr . inet_proto . inet_service : verdict",
+            addr_key.as_str(),
             "ClusterIP, ExternalIP and LoadBalancer IP traffic",
         ),
         (
@@ -103,13 +112,12 @@ pub fn nft_ruleset(ports: &[ServicePort], options: &Options) -> String {
     let mut rule = |text: String| {
         let _ = writeln!(rules, "add rule {table} {text}");
     };
-    rule(
-        "cluster-ips-check ip daddr @cluster-ips reject comment \"Reject traffic to invalid ports of ClusterIPs\""
-            .into(),
-    );
+    rule(format!(
+        "cluster-ips-check {ip} daddr @cluster-ips reject comment \"Reject traffic to invalid ports of ClusterIPs\""
+    ));
     if let Some(cidr) = &options.service_cidr {
         rule(format!(
-            "cluster-ips-check ip daddr {{ {cidr} }} drop comment \"Drop traffic to unallocated ClusterIPs\""
+            "cluster-ips-check {ip} daddr {{ {cidr} }} drop comment \"Drop traffic to unallocated ClusterIPs\""
         ));
     }
     for text in [
@@ -121,25 +129,33 @@ pub fn nft_ruleset(ports: &[ServicePort], options: &Options) -> String {
         "filter-output ct state new jump service-endpoints-check",
         "filter-output-pre-dnat ct state new jump firewall-check",
         "filter-output ct state new jump cluster-ips-check",
-        "firewall-check ip daddr . meta l4proto . th dport vmap @firewall-ips",
     ] {
         rule(text.into());
     }
+    rule(format!(
+        "firewall-check {ip} daddr . meta l4proto . th dport vmap @firewall-ips"
+    ));
     rule(format!("mark-for-masquerade mark set mark or {mark}"));
     rule(format!("masquerading mark and {mark} == 0 return"));
     rule(format!("masquerading mark set mark xor {mark}"));
     for text in [
-        "masquerading masquerade fully-random",
-        "nat-output jump services",
-        "nat-postrouting jump masquerading",
-        "nat-prerouting jump services",
-        "nodeport-endpoints-check ip daddr != 127.0.0.0/8 meta l4proto . th dport vmap @no-endpoint-nodeports",
-        "reject-chain reject",
-        "services ip daddr . meta l4proto . th dport vmap @service-ips",
-        "services fib daddr type local ip daddr != 127.0.0.0/8 meta l4proto . th dport vmap @service-nodeports",
-        "service-endpoints-check ip daddr . meta l4proto . th dport vmap @no-endpoint-services",
+        "masquerading masquerade fully-random".to_owned(),
+        "nat-output jump services".to_owned(),
+        "nat-postrouting jump masquerading".to_owned(),
+        "nat-prerouting jump services".to_owned(),
+        format!(
+            "nodeport-endpoints-check {ip} daddr != {loopback} meta l4proto . th dport vmap @no-endpoint-nodeports"
+        ),
+        "reject-chain reject".to_owned(),
+        format!("services {ip} daddr . meta l4proto . th dport vmap @service-ips"),
+        format!(
+            "services fib daddr type local {ip} daddr != {loopback} meta l4proto . th dport vmap @service-nodeports"
+        ),
+        format!(
+            "service-endpoints-check {ip} daddr . meta l4proto . th dport vmap @no-endpoint-services"
+        ),
     ] {
-        rule(text.into());
+        rule(text);
     }
 
     for port in ports {
@@ -157,7 +173,7 @@ pub fn nft_ruleset(ports: &[ServicePort], options: &Options) -> String {
         let _ = writeln!(chains, "add chain {table} {service}");
         if let Some(cidr) = &options.cluster_cidr {
             rule(format!(
-                "{service} ip daddr {vip} ip saddr != {cidr} jump mark-for-masquerade"
+                "{service} {ip} daddr {vip} {ip} saddr != {cidr} jump mark-for-masquerade"
             ));
         }
         let targets: Vec<String> = port
@@ -183,12 +199,12 @@ pub fn nft_ruleset(ports: &[ServicePort], options: &Options) -> String {
             );
             let _ = writeln!(chains, "add chain {table} {chain}");
             rule(format!(
-                "{chain} ip saddr {} jump mark-for-masquerade",
+                "{chain} {ip} saddr {} jump mark-for-masquerade",
                 endpoint.0
             ));
             rule(format!(
-                "{chain} meta l4proto {proto} dnat to {}:{}",
-                endpoint.0, endpoint.1
+                "{chain} meta l4proto {proto} dnat to {}",
+                endpoint_string(endpoint)
             ));
         }
         let _ = writeln!(
@@ -203,10 +219,11 @@ pub fn nft_ruleset(ports: &[ServicePort], options: &Options) -> String {
 /// endpoints change from `before` to `after`: its service chain rewritten,
 /// new endpoint chains added, removed ones deleted.
 pub fn nft_update(before: &ServicePort, after: &ServicePort, options: &Options) -> String {
-    let table = "ip kube-proxy";
+    let ip = after.family().nft();
+    let table = format!("{ip} kube-proxy");
     let mut out = String::new();
     let service = format!("service-{}", nft_chain_suffix(&after.nft_base()));
-    let endpoint_chain = |port: &ServicePort, e: (Ipv4Addr, u16)| {
+    let endpoint_chain = |port: &ServicePort, e: (IpAddr, u16)| {
         format!("endpoint-{}", nft_chain_suffix(&port.nft_endpoint_base(e)))
     };
     for &e in after
@@ -218,22 +235,21 @@ pub fn nft_update(before: &ServicePort, after: &ServicePort, options: &Options) 
         let _ = writeln!(out, "add chain {table} {chain}");
         let _ = writeln!(
             out,
-            "add rule {table} {chain} ip saddr {} jump mark-for-masquerade",
+            "add rule {table} {chain} {ip} saddr {} jump mark-for-masquerade",
             e.0
         );
         let _ = writeln!(
             out,
-            "add rule {table} {chain} meta l4proto {} dnat to {}:{}",
+            "add rule {table} {chain} meta l4proto {} dnat to {}",
             after.proto(),
-            e.0,
-            e.1
+            endpoint_string(e)
         );
     }
     let _ = writeln!(out, "flush chain {table} {service}");
     if let Some(cidr) = &options.cluster_cidr {
         let _ = writeln!(
             out,
-            "add rule {table} {service} ip daddr {} ip saddr != {cidr} jump mark-for-masquerade",
+            "add rule {table} {service} {ip} daddr {} {ip} saddr != {cidr} jump mark-for-masquerade",
             after.cluster_ip
         );
     }

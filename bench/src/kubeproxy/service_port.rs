@@ -1,11 +1,11 @@
 //! A service port as kube-proxy sees it, the names and hashes its
 //! chains are given, and the choices its configuration makes.
 
-use std::net::Ipv4Addr;
+use std::net::{IpAddr, SocketAddr};
 
 use data_encoding::BASE32;
 use datapath_user::{
-    k8s::{NodeContext, translate},
+    k8s::{DesiredFrontend, Ipv6Serving, NodeContext, ObjectKey, translate},
     model::Protocol,
 };
 use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
@@ -19,10 +19,113 @@ pub struct ServicePort {
     /// "" when the port is unnamed.
     pub port_name: String,
     pub protocol: Protocol,
-    pub cluster_ip: Ipv4Addr,
+    pub cluster_ip: IpAddr,
     pub port: u16,
-    /// Sorted as kube-proxy sorts them: by the "IP:port" string.
-    pub endpoints: Vec<(Ipv4Addr, u16)>,
+    /// Sorted as kube-proxy sorts them: by the "IP:port" string
+    /// ([`endpoint_string`]). Of the ClusterIP's family.
+    pub endpoints: Vec<(IpAddr, u16)>,
+}
+
+/// An endpoint as kube-proxy writes it (`BaseEndpointInfo.String()`,
+/// Go's `net.JoinHostPort`): "10.180.0.1:80", "[fd00::1]:80". Its
+/// chain hashes, comments, DNAT targets and sort order use this text.
+pub fn endpoint_string(endpoint: (IpAddr, u16)) -> String {
+    SocketAddr::new(endpoint.0, endpoint.1).to_string()
+}
+
+/// The address family one kube-proxy proxier serves (kube-proxy runs one
+/// per family: `iptables` and `ip6tables`, tables `ip` and `ip6`).
+#[derive(
+    Clone,
+    Copy,
+    Debug,
+    Default,
+    PartialEq,
+    Eq,
+    PartialOrd,
+    Ord,
+    serde::Serialize,
+    serde::Deserialize,
+)]
+#[serde(rename_all = "lowercase")]
+pub enum IpFamily {
+    #[default]
+    V4,
+    V6,
+}
+
+impl std::str::FromStr for IpFamily {
+    type Err = String;
+
+    /// `4`/`ipv4`, `6`/`ipv6` (as `--family` takes it).
+    fn from_str(text: &str) -> Result<Self, String> {
+        match text.to_ascii_lowercase().as_str() {
+            "4" | "ipv4" => Ok(IpFamily::V4),
+            "6" | "ipv6" => Ok(IpFamily::V6),
+            other => Err(format!("{other:?}: the family is 4 (IPv4) or 6 (IPv6)")),
+        }
+    }
+}
+
+impl std::fmt::Display for IpFamily {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            IpFamily::V4 => "IPv4",
+            IpFamily::V6 => "IPv6",
+        })
+    }
+}
+
+impl IpFamily {
+    pub fn of(address: IpAddr) -> Self {
+        if address.is_ipv6() {
+            IpFamily::V6
+        } else {
+            IpFamily::V4
+        }
+    }
+
+    /// The nftables family (and address match keyword): `ip`, `ip6`.
+    pub fn nft(self) -> &'static str {
+        match self {
+            IpFamily::V4 => "ip",
+            IpFamily::V6 => "ip6",
+        }
+    }
+
+    /// The nftables address type: `ipv4_addr`, `ipv6_addr`.
+    pub(super) fn nft_addr_type(self) -> &'static str {
+        match self {
+            IpFamily::V4 => "ipv4_addr",
+            IpFamily::V6 => "ipv6_addr",
+        }
+    }
+
+    /// The loopback the nodeport rules leave out, as kube-proxy writes
+    /// it in nftables rules.
+    pub(super) fn nft_loopback(self) -> &'static str {
+        match self {
+            IpFamily::V4 => "127.0.0.0/8",
+            IpFamily::V6 => "::1",
+        }
+    }
+
+    /// The iptables-restore of this family.
+    pub fn iptables_restore(self) -> &'static str {
+        match self {
+            IpFamily::V4 => "iptables-restore",
+            IpFamily::V6 => "ip6tables-restore",
+        }
+    }
+
+    /// kube-proxy's iptables tables of this family as `nft list tables`
+    /// names them (iptables-nft keeps them in nftables).
+    pub fn iptables_tables(self) -> [&'static str; 2] {
+        match self {
+            IpFamily::V4 => ["ip nat", "ip filter"],
+            IpFamily::V6 => ["ip6 nat", "ip6 filter"],
+        }
+    }
 }
 
 impl ServicePort {
@@ -51,13 +154,12 @@ impl ServicePort {
     }
 
     /// `KUBE-SEP-…` of one endpoint.
-    pub fn sep_chain(&self, endpoint: (Ipv4Addr, u16)) -> String {
+    pub fn sep_chain(&self, endpoint: (IpAddr, u16)) -> String {
         let text = format!(
-            "{}{}{}:{}",
+            "{}{}{}",
             self.service_port_name(),
             self.proto(),
-            endpoint.0,
-            endpoint.1
+            endpoint_string(endpoint)
         );
         format!("KUBE-SEP-{}", hash16(&text))
     }
@@ -73,8 +175,15 @@ impl ServicePort {
         )
     }
 
-    pub(super) fn nft_endpoint_base(&self, endpoint: (Ipv4Addr, u16)) -> String {
-        format!("{}__{}/{}", self.nft_base(), endpoint.0, endpoint.1)
+    /// `servicePortEndpointChainNameBase`: an IPv6 address's colons,
+    /// not allowed in a chain name, become dots.
+    pub(super) fn nft_endpoint_base(&self, endpoint: (IpAddr, u16)) -> String {
+        let address = endpoint.0.to_string().replace(':', ".");
+        format!("{}__{address}/{}", self.nft_base(), endpoint.1)
+    }
+
+    pub fn family(&self) -> IpFamily {
+        IpFamily::of(self.cluster_ip)
     }
 }
 
@@ -110,6 +219,10 @@ pub struct Options {
     pub random_fully: bool,
     /// Service CIDR, for the nftables "drop unallocated ClusterIPs" rule.
     pub service_cidr: Option<String>,
+    /// The family of this proxier: the renderers write its rules and
+    /// leave the other family's service ports out, as kube-proxy's
+    /// per-family proxiers do. The CIDRs above are of this family.
+    pub family: IpFamily,
 }
 
 impl Default for Options {
@@ -119,6 +232,7 @@ impl Default for Options {
             masquerade_mark: 0x4000,
             random_fully: true,
             service_cidr: None,
+            family: IpFamily::V4,
         }
     }
 }
@@ -127,31 +241,54 @@ impl Default for Options {
 /// the per-endpoint rules (`largeClusterEndpointsThreshold`).
 pub const LARGE_CLUSTER_ENDPOINTS: usize = 1000;
 
-/// The service ports kube-proxy would program for these objects (its
-/// endpoint selection is the one underpass's translate implements).
+/// The service ports kube-proxy would program for these objects, both
+/// families (its endpoint selection is the one underpass's translate
+/// implements; each renderer takes its own family's).
 pub fn service_ports(services: &[Service], slices: &[EndpointSlice]) -> Vec<ServicePort> {
-    let translation = translate(services, slices, &NodeContext::default());
+    let both = NodeContext {
+        ipv6: Ipv6Serving::On,
+        ..NodeContext::default()
+    };
+    let translation = translate(services, slices, &both);
     let mut out: Vec<ServicePort> = translation
         .frontends
         .values()
-        .map(|(owner, desired)| {
-            let mut endpoints: Vec<(Ipv4Addr, u16)> = desired
-                .backends
-                .iter()
-                .map(|b| (b.address, b.port))
-                .collect();
-            endpoints.sort_by_key(|(a, p)| format!("{a}:{p}"));
-            ServicePort {
-                namespace: owner.namespace().to_owned(),
-                name: owner.name().to_owned(),
-                port_name: desired.port_name.to_string(),
-                protocol: desired.frontend.protocol,
-                cluster_ip: desired.frontend.address,
-                port: desired.frontend.port,
-                endpoints,
-            }
-        })
+        .map(|(owner, desired)| service_port(owner, desired))
+        .chain(
+            translation
+                .frontends6
+                .values()
+                .map(|(owner, desired)| service_port(owner, desired)),
+        )
         .collect();
-    out.sort_by(|a, b| (a.service_port_name(), a.proto()).cmp(&(b.service_port_name(), b.proto())));
+    out.sort_by(|a, b| {
+        (a.service_port_name(), a.proto(), a.family() == IpFamily::V6).cmp(&(
+            b.service_port_name(),
+            b.proto(),
+            b.family() == IpFamily::V6,
+        ))
+    });
     out
+}
+
+/// One translated frontend as kube-proxy's service port.
+fn service_port<A>(owner: &ObjectKey, desired: &DesiredFrontend<A>) -> ServicePort
+where
+    A: Copy + Into<IpAddr>,
+{
+    let mut endpoints: Vec<(IpAddr, u16)> = desired
+        .backends
+        .iter()
+        .map(|b| (b.address.into(), b.port))
+        .collect();
+    endpoints.sort_by_key(|&e| endpoint_string(e));
+    ServicePort {
+        namespace: owner.namespace().to_owned(),
+        name: owner.name().to_owned(),
+        port_name: desired.port_name.to_string(),
+        protocol: desired.frontend.protocol,
+        cluster_ip: desired.frontend.address.into(),
+        port: desired.frontend.port,
+        endpoints,
+    }
 }

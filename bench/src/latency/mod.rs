@@ -37,6 +37,7 @@ use self::{
 };
 use crate::{
     cluster::{KubeProxy, remove_kube_proxy},
+    kubeproxy::IpFamily,
     machine::Machine,
     nginx,
     options::Output,
@@ -123,7 +124,7 @@ pub fn run(opts: &LatencyOpts) -> Result<()> {
     let sweep = Sweep::plan(opts, &designs, &testbed);
     let rows = sweep.run(&testbed, &opts.size)?;
     for node in &testbed.topo.nodes {
-        remove_kube_proxy(node, KubeProxy::Iptables)?;
+        remove_kube_proxy(node, KubeProxy::Iptables, IpFamily::V4)?;
     }
     println!(
         "\nEvery rated point {} times, the setups in a shuffled order each time (seed {}: \

@@ -26,7 +26,7 @@ use crate::{
     cluster::{
         KubeProxy, SERVICE_CIDR, install_kube_proxy, remove_kube_proxy, run_in, service_objects,
     },
-    kubeproxy::service_ports,
+    kubeproxy::{IpFamily, service_ports},
     leftovers::{delete_table, flush_conntrack},
     loadgen::LoadResult,
     nginx::{self, HTTP_PORT, Nginx},
@@ -269,6 +269,7 @@ impl Testbed {
             &group,
             &[(service.clone(), slice.clone())],
             &["client"],
+            false,
         )?);
         self.reach(Design::Underpass, self.netns_of("client"), VIP, None);
         let cgroup = Some(group.path().to_owned());
@@ -304,9 +305,9 @@ impl Testbed {
         for (n, node) in self.topo.nodes.iter().enumerate() {
             if state.kube_proxy[n] != want.kube_proxy[n] {
                 if state.kube_proxy[n] {
-                    remove_kube_proxy(node, KubeProxy::Iptables)?;
+                    remove_kube_proxy(node, KubeProxy::Iptables, IpFamily::V4)?;
                 } else {
-                    install_kube_proxy(node, ports, KubeProxy::Iptables, None)?;
+                    install_kube_proxy(node, ports, KubeProxy::Iptables, IpFamily::V4, None)?;
                 }
             }
             if state.notrack != want.notrack {

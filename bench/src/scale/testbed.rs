@@ -29,7 +29,7 @@ use crate::{
         KubeProxy, SERVICE_CIDR, install_kube_proxy, kube_proxy_options, remove_kube_proxy,
         run_in_limited,
     },
-    kubeproxy::{self, ServicePort, service_ports},
+    kubeproxy::{self, IpFamily, ServicePort, service_ports},
     leftovers::close_time_wait,
     sweep_objects::{endpoint_address, service, service_address, slice},
     workload::{
@@ -203,7 +203,8 @@ impl Testbed {
                 // kube-proxy's own steps: objects → service ports →
                 // payload → restore.
                 let ports = service_ports(&sweep.services, &sweep.slices);
-                let installed = install_kube_proxy(node, &ports, flavour, Some(limit));
+                let installed =
+                    install_kube_proxy(node, &ports, flavour, IpFamily::V4, Some(limit));
                 let took = started.elapsed();
                 let measured = installed.and_then(|_| {
                     self.topo.route_via_node("client", SERVICE_CIDR, true)?;
@@ -211,7 +212,7 @@ impl Testbed {
                 });
                 // Also after a kill before its commit: whatever a partial
                 // load left goes.
-                let removed = remove_kube_proxy(node, flavour);
+                let removed = remove_kube_proxy(node, flavour, IpFamily::V4);
                 measured?;
                 removed
             }
@@ -263,7 +264,7 @@ impl Testbed {
         limit: Duration,
     ) -> Result<Duration> {
         let node = &self.topo.nodes[0];
-        let options = kube_proxy_options();
+        let options = kube_proxy_options(IpFamily::V4);
         let started = Instant::now();
         match programmed {
             Programmed::KubeProxy(KubeProxy::Iptables) => {
@@ -302,7 +303,7 @@ impl Testbed {
         limit: Duration,
     ) -> Result<Vec<Duration>> {
         let node = &self.topo.nodes[0];
-        let options = kube_proxy_options();
+        let options = kube_proxy_options(IpFamily::V4);
         let mut took = Vec::with_capacity(samples);
         for sample in 0..samples.next_multiple_of(2) {
             let to_changed = sample % 2 == 0;

@@ -101,6 +101,13 @@ impl Kind {
         }
     }
 
+    /// Whether the workload's tool takes IPv4 addresses only: Debian's
+    /// sockperf 3.7 (IPv6 came in 3.8), so `--family 6` leaves it out and
+    /// says so; `latency` is the same ping-pong by the bench's own client.
+    pub fn ipv4_only(self) -> bool {
+        self == Kind::Sockperf
+    }
+
     pub fn arg(self) -> &'static str {
         match self {
             Kind::Latency => "latency",

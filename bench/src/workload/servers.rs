@@ -6,7 +6,7 @@
 
 use std::{
     io::{Read, Write},
-    net::{Ipv4Addr, SocketAddrV4, TcpListener, TcpStream},
+    net::{IpAddr, SocketAddr, TcpListener, TcpStream},
     path::{Path, PathBuf},
     process::{Child, Command, Stdio},
     time::{Duration, Instant},
@@ -24,8 +24,9 @@ use super::pin_to_cpu;
 pub struct EchoServerOpts {
     #[arg(long)]
     pub netns: PathBuf,
+    /// Either family.
     #[arg(long)]
-    pub address: Ipv4Addr,
+    pub address: IpAddr,
     #[arg(long)]
     pub port: u16,
 }
@@ -33,8 +34,8 @@ pub struct EchoServerOpts {
 pub fn echo_server(opts: &EchoServerOpts) -> Result<()> {
     datapath_user::netns::enter(&opts.netns)
         .with_context(|| format!("entering {}", opts.netns.display()))?;
-    let listener = TcpListener::bind(SocketAddrV4::new(opts.address, opts.port))
-        .with_context(|| format!("binding {}:{}", opts.address, opts.port))?;
+    let local = SocketAddr::new(opts.address, opts.port);
+    let listener = TcpListener::bind(local).with_context(|| format!("binding {local}"))?;
     for stream in listener.incoming().flatten() {
         std::thread::spawn(move || echo(stream));
     }
@@ -60,11 +61,12 @@ fn echo(mut stream: TcpStream) {
 /// `cpu`, in `cgroup`; killed when the handle drops.
 pub fn start_echo_server(
     namespace: &Namespace,
-    address: Ipv4Addr,
+    address: impl Into<IpAddr>,
     port: u16,
     cpu: usize,
     cgroup: &Path,
 ) -> Result<ServerProcess> {
+    let address = address.into();
     let mut command = Command::new(std::env::current_exe()?);
     command
         .arg("echo-server")
@@ -104,24 +106,19 @@ pub(super) fn spawn_server(
 }
 
 /// Waits until `address:port` accepts connections in `namespace`.
-pub(super) fn wait_for_port(namespace: &Namespace, address: Ipv4Addr, port: u16) -> Result<()> {
+pub(super) fn wait_for_port(namespace: &Namespace, address: IpAddr, port: u16) -> Result<()> {
     let deadline = Instant::now() + Duration::from_secs(10);
+    let server = SocketAddr::new(address, port);
     loop {
         let up = namespace
-            .run(|| {
-                TcpStream::connect_timeout(
-                    &SocketAddrV4::new(address, port).into(),
-                    Duration::from_millis(200),
-                )
-                .is_ok()
-            })
+            .run(|| TcpStream::connect_timeout(&server, Duration::from_millis(200)).is_ok())
             .unwrap_or(false);
         if up {
             return Ok(());
         }
         ensure!(
             Instant::now() < deadline,
-            "no server on {address}:{port} in {} after 10 s",
+            "no server on {server} in {} after 10 s",
             namespace.name()
         );
         std::thread::sleep(Duration::from_millis(50));

@@ -25,11 +25,26 @@ pub const SUBNETS6: [(Ipv6Addr, Ipv6Addr); 2] = [
 ];
 pub const NODE_ADDRESSES: [Ipv4Addr; 2] =
     [Ipv4Addr::new(10, 77, 0, 101), Ipv4Addr::new(10, 77, 0, 102)];
+/// The nodes' IPv6 addresses on the wire: their IPv4 ones' twins
+/// (`ipv6_of`), so node to node and kube-proxy's masquerade work over
+/// IPv6 as over IPv4.
+pub const NODE_ADDRESSES6: [Ipv6Addr; 2] = [
+    Ipv6Addr::new(0xfd77, 0, 0, 0, 0, 0, 0, 101),
+    Ipv6Addr::new(0xfd77, 0, 0, 0, 0, 0, 0, 102),
+];
 /// The pod's side of the coordinator veth (Spiderpool's name).
 pub const COORDINATOR_IFACE: &str = "veth0";
 /// The node's address on every coordinator veth (link-local, as
 /// Spiderpool and Calico use one such address per node).
 pub const COORDINATOR_GATEWAY: Ipv4Addr = Ipv4Addr::new(169, 254, 1, 1);
+/// Its IPv6 twin: a link-local address of the node on every veth to a
+/// pod, the next hop of the pod's IPv6 routes through its node.
+pub const COORDINATOR_GATEWAY6: Ipv6Addr = Ipv6Addr::new(0xfe80, 0, 0, 0, 0, 0, 0, 1);
+/// The pod's link-local address on its coordinator veth: the node's
+/// next hop back to the pod's IPv6 address, which lives on the pod's
+/// other interface (an IPv6 node answers neighbour solicitations only
+/// for the addresses of the interface asked, unlike ARP).
+pub const COORDINATOR_POD_SIDE6: Ipv6Addr = Ipv6Addr::new(0xfe80, 0, 0, 0, 0, 0, 0, 2);
 /// The wire's interface name in both node namespaces.
 pub const WIRE: &str = "wire";
 
@@ -74,6 +89,14 @@ pub fn ipv6_of(address: Ipv4Addr) -> Option<Ipv6Addr> {
     Some(Ipv6Addr::new(net[0], 0, 0, 0, 0, 0, 0, u16::from(o[3])))
 }
 
+/// A routed veth pod's IPv6 address: 10.79.n.h is fd79:n::h (`None`
+/// outside 10.79.0.0/16, the routed pods' addresses).
+pub fn routed_ipv6_of(address: Ipv4Addr) -> Option<Ipv6Addr> {
+    let o = address.octets();
+    (o[..2] == [10, 79])
+        .then(|| Ipv6Addr::new(0xfd79, u16::from(o[2]), 0, 0, 0, 0, 0, u16::from(o[3])))
+}
+
 /// The IPv6 gateway of the subnet `address` belongs to.
 pub fn subnet_gateway6(address: Ipv6Addr) -> Ipv6Addr {
     SUBNETS6
@@ -100,6 +123,12 @@ mod tests {
             Some("fd77::2".parse().unwrap())
         );
         assert_eq!(ipv6_of(Ipv4Addr::new(10, 244, 1, 2)), None, "overlay pods");
+        assert_eq!(
+            routed_ipv6_of(Ipv4Addr::new(10, 79, 2, 3)),
+            Some("fd79:2::3".parse().unwrap())
+        );
+        assert_eq!(routed_ipv6_of(Ipv4Addr::new(10, 77, 0, 2)), None);
+        assert_eq!(ipv6_of(NODE_ADDRESSES[1]), Some(NODE_ADDRESSES6[1]));
     }
 
     #[test]

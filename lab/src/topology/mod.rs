@@ -22,7 +22,7 @@ mod overlay;
 mod routed;
 mod wiring;
 
-use std::net::{Ipv4Addr, Ipv6Addr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use rtnetlink::RouteMessageBuilder;
 
@@ -47,8 +47,8 @@ pub struct Pod {
     pub gateway: Ipv4Addr,
     /// Its IPv6 address (fd77::/64, fd78::/64) on a macvlan or ipvlan
     /// pod: IPv6 reaches its neighbours by NDP on the wire and other
-    /// subnets through the gateway's `::fe`. `None` on overlay and routed
-    /// pods.
+    /// subnets through the gateway's `::fe`; fd79:n::h on a veth pod its
+    /// nodes route. `None` on overlay pods and pods behind the router.
     pub address6: Option<Ipv6Addr>,
     pub mac: [u8; 6],
 }
@@ -158,13 +158,23 @@ impl Topology {
         let node1 = Namespace::create(&format!("{prefix}-node1"))?;
         let node2 = Namespace::create(&format!("{prefix}-node2"))?;
         let gateway = Namespace::create(&format!("{prefix}-gw"))?;
+        // Every device the nodes get has its IPv6 addresses at once (no
+        // duplicate detection to wait for).
+        for node in [&node1, &node2] {
+            node.sysctl("net.ipv6.conf.default.accept_dad", "0")?;
+            node.sysctl("net.ipv6.conf.all.accept_dad", "0")?;
+        }
 
         // The wire: a veth pair, one end per node.
         join_nodes(&node1, &node2, WIRE, offloads)?;
-        for (node, address) in [(&node1, NODE_ADDRESSES[0]), (&node2, NODE_ADDRESSES[1])] {
+        for (node, address, address6) in [
+            (&node1, NODE_ADDRESSES[0], NODE_ADDRESSES6[0]),
+            (&node2, NODE_ADDRESSES[1], NODE_ADDRESSES6[1]),
+        ] {
             node.netlink("address the wire", |h| async move {
                 let wire = index_of(&h, WIRE).await?;
                 add_address(&h, wire, address.into(), 24).await?;
+                add_address(&h, wire, address6.into(), 64).await?;
                 set_up(&h, WIRE).await
             })?;
         }
@@ -291,9 +301,10 @@ impl Topology {
 
     /// Spiderpool's coordinator path for `role`: a veth from the pod
     /// (`veth0`) to its node, the node answering on the link-local
-    /// [`COORDINATOR_GATEWAY`], a host route back to the pod, forwarding
-    /// on. Which destinations use it is the caller's choice
-    /// ([`Topology::route_via_node`]): with kube-proxy, the service CIDR.
+    /// [`COORDINATOR_GATEWAY`] and [`COORDINATOR_GATEWAY6`], host routes
+    /// back to the pod's addresses, forwarding on. Which destinations use
+    /// it is the caller's choice ([`Topology::route_via_node`]): with
+    /// kube-proxy, the service CIDR of each family.
     pub fn add_coordinator_veth(&self, role: &str) -> Result<()> {
         let index = self
             .pods
@@ -307,6 +318,7 @@ impl Topology {
             &format!("veth-{index}"),
             COORDINATOR_IFACE,
             pod.address,
+            pod.address6,
             false,
             self.offloads,
         )
@@ -328,19 +340,32 @@ impl Topology {
         Ok(devices)
     }
 
-    /// Routes `prefix` from pod `role` through its coordinator veth (to
-    /// the node), or, with `via_node` false, removes that route (back to
-    /// the pod's own interface and gateway).
-    pub fn route_via_node(&self, role: &str, prefix: (Ipv4Addr, u8), via_node: bool) -> Result<()> {
+    /// Routes `prefix` (either family) from pod `role` through its
+    /// coordinator veth (to the node), or, with `via_node` false, removes
+    /// that route (back to the pod's own interface and gateway).
+    pub fn route_via_node(
+        &self,
+        role: &str,
+        prefix: (impl Into<IpAddr>, u8),
+        via_node: bool,
+    ) -> Result<()> {
         let pod = self.pod(role);
+        let (destination, length) = (prefix.0.into(), prefix.1);
         pod.namespace
             .netlink("route through the node", |h| async move {
                 let index = index_of(&h, COORDINATOR_IFACE).await?;
-                let route = RouteMessageBuilder::<Ipv4Addr>::new()
-                    .destination_prefix(prefix.0, prefix.1)
-                    .gateway(COORDINATOR_GATEWAY)
-                    .output_interface(index)
-                    .build();
+                let route = match destination {
+                    IpAddr::V4(destination) => RouteMessageBuilder::<Ipv4Addr>::new()
+                        .destination_prefix(destination, length)
+                        .gateway(COORDINATOR_GATEWAY)
+                        .output_interface(index)
+                        .build(),
+                    IpAddr::V6(destination) => RouteMessageBuilder::<Ipv6Addr>::new()
+                        .destination_prefix(destination, length)
+                        .gateway(COORDINATOR_GATEWAY6)
+                        .output_interface(index)
+                        .build(),
+                };
                 if via_node {
                     h.route()
                         .add(route)

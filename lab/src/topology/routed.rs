@@ -2,12 +2,13 @@
 //! native routing, flannel's host-gw), directly or through a router
 //! standing for a cloud VPC's route table (flannel's aws-vpc).
 
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, Ipv6Addr};
 
 use rtnetlink::{LinkUnspec, RouteMessageBuilder};
 
 use super::{
-    COORDINATOR_GATEWAY, NODE_ADDRESSES, Pod, PodSpec, Topology, router_link_address,
+    COORDINATOR_GATEWAY, NODE_ADDRESSES, NODE_ADDRESSES6, Pod, PodSpec, Topology, routed_ipv6_of,
+    router_link_address,
     wiring::{veth_across, wire_veth_to_node},
 };
 use crate::{
@@ -20,7 +21,9 @@ impl Topology {
     /// A pod wired as Calico (no tunnel) or Cilium wire theirs: its only
     /// interface is a veth to its node, its address a /32, its default
     /// route the node's link-local address; the nodes route each other's
-    /// pods over the wire (flannel's host-gw).
+    /// pods over the wire (flannel's host-gw). Dual-stack: a pod at
+    /// 10.79.n.h is also fd79:n::h/128, routed the same way over the
+    /// nodes' IPv6 addresses.
     pub fn add_veth_pod(&mut self, spec: &PodSpec) -> Result<()> {
         self.add_routed_veth_pod(spec, false)
     }
@@ -35,12 +38,15 @@ impl Topology {
     fn add_routed_veth_pod(&mut self, spec: &PodSpec, via_router: bool) -> Result<()> {
         let index = self.pods.len();
         let namespace = Namespace::create(&format!("{}-{}", self.prefix, spec.role))?;
+        // The router (a VPC route table) is IPv4 only.
+        let address6 = routed_ipv6_of(spec.address).filter(|_| !via_router);
         wire_veth_to_node(
             &self.nodes[spec.node],
             &namespace,
             &format!("vp{index}"),
             Pod::IFACE,
             spec.address,
+            address6,
             true,
             self.offloads,
         )?;
@@ -66,13 +72,24 @@ impl Topology {
             })?;
             namespace.sysctl("net.ipv4.ip_forward", "1")?;
         }
+        if let Some(address6) = address6 {
+            let via = NODE_ADDRESSES6[spec.node];
+            self.nodes[other].netlink("route to the pod over IPv6", |h| async move {
+                let route = RouteMessageBuilder::<Ipv6Addr>::new()
+                    .destination_prefix(address6, 128)
+                    .gateway(via)
+                    .build();
+                add_route(&h, route).await
+            })?;
+            self.nodes[other].sysctl("net.ipv6.conf.all.forwarding", "1")?;
+        }
         self.pods.push(Pod {
             role: spec.role.to_owned(),
             namespace,
             node: spec.node,
             address: spec.address,
             gateway: COORDINATOR_GATEWAY,
-            address6: None,
+            address6,
             mac: [0; 6],
         });
         Ok(())

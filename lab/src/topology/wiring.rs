@@ -2,14 +2,20 @@
 //! the nodes, a macvlan or ipvlan child of a node's wire moved into a
 //! pod, a veth from a pod to its node with the routes either way.
 
-use std::{fs, net::Ipv4Addr, os::fd::AsRawFd};
+use std::{
+    fs,
+    net::{Ipv4Addr, Ipv6Addr},
+    os::fd::AsRawFd,
+};
 
 use rtnetlink::{
     LinkIpVlan, LinkMacVlan, LinkUnspec, LinkVeth, RouteMessageBuilder,
     packet_route::link::{IpVlanMode, MacVlanMode},
 };
 
-use super::{COORDINATOR_GATEWAY, Offloads, POD_IFACE, WIRE};
+use super::{
+    COORDINATOR_GATEWAY, COORDINATOR_GATEWAY6, COORDINATOR_POD_SIDE6, Offloads, POD_IFACE, WIRE,
+};
 use crate::{
     error::{IPVLAN_UNSUPPORTED, Result, err},
     links::{add_address, add_route, index_of, set_up},
@@ -156,34 +162,64 @@ pub(super) fn add_wire_child(
 }
 
 /// A veth from `pod` (named `pod_iface` there) to `node` (`host_side`):
-/// the node answers on [`COORDINATOR_GATEWAY`], routes `address`/32 back
-/// into the veth and forwards; the pod reaches the gateway on the link.
-/// With `own_address`, the veth is the pod's interface: it carries the
-/// pod's /32 and the default route.
+/// the node answers on [`COORDINATOR_GATEWAY`] (and, with `address6`, on
+/// the link-local [`COORDINATOR_GATEWAY6`]), routes `address`/32 (and
+/// `address6`/128) back into the veth and forwards; the pod reaches the
+/// gateway on the link. With `own_address`, the veth is the pod's
+/// interface: it carries the pod's /32 (and /128) and default routes.
+#[allow(clippy::too_many_arguments)]
 pub(super) fn wire_veth_to_node(
     node: &Namespace,
     pod: &Namespace,
     host_side: &str,
     pod_iface: &str,
     address: Ipv4Addr,
+    address6: Option<Ipv6Addr>,
     own_address: bool,
     offloads: Offloads,
 ) -> Result<()> {
+    // Both ends' IPv6 addresses usable at once: the veth's ends take
+    // their namespace's defaults when made (or moved), and a tentative
+    // gateway would not answer neighbour solicitations for a second.
+    for namespace in [node, pod] {
+        namespace.sysctl("net.ipv6.conf.default.accept_dad", "0")?;
+    }
     let temp = format!("{host_side}p");
     veth_across(node, pod, host_side, &temp, None)?;
     let host = host_side.to_owned();
     node.netlink("address the node's end of the pod's veth", |h| async move {
         let host_index = index_of(&h, &host).await?;
         add_address(&h, host_index, COORDINATOR_GATEWAY.into(), 32).await?;
+        if address6.is_some() {
+            add_address(&h, host_index, COORDINATOR_GATEWAY6.into(), 64).await?;
+        }
         set_up(&h, &host).await?;
-        // The host route back to the pod.
+        // The host routes back to the pod.
         let route = RouteMessageBuilder::<Ipv4Addr>::new()
             .destination_prefix(address, 32)
             .output_interface(host_index)
             .build();
-        add_route(&h, route).await
+        add_route(&h, route).await?;
+        if let Some(address6) = address6 {
+            let route = RouteMessageBuilder::<Ipv6Addr>::new()
+                .destination_prefix(address6, 128)
+                .output_interface(host_index);
+            // On the veth itself the address answers for itself; held
+            // by the pod's other interface, through the pod's own
+            // link-local address on the veth.
+            let route = if own_address {
+                route
+            } else {
+                route.gateway(COORDINATOR_POD_SIDE6)
+            };
+            add_route(&h, route.build()).await?;
+        }
+        Ok(())
     })?;
     node.sysctl("net.ipv4.ip_forward", "1")?;
+    if address6.is_some() {
+        node.sysctl("net.ipv6.conf.all.forwarding", "1")?;
+    }
     offloads.apply(node, host_side)?;
     let name = pod_iface.to_owned();
     pod.netlink("set up the pod's veth", |h| async move {
@@ -195,6 +231,11 @@ pub(super) fn wire_veth_to_node(
             .map_err(|e| e.to_string())?;
         if own_address {
             add_address(&h, index, address.into(), 32).await?;
+            if let Some(address6) = address6 {
+                add_address(&h, index, address6.into(), 128).await?;
+            }
+        } else if address6.is_some() {
+            add_address(&h, index, COORDINATOR_POD_SIDE6.into(), 64).await?;
         }
         let link = RouteMessageBuilder::<Ipv4Addr>::new()
             .destination_prefix(COORDINATOR_GATEWAY, 32)
@@ -207,6 +248,14 @@ pub(super) fn wire_veth_to_node(
                 .gateway(COORDINATOR_GATEWAY)
                 .build();
             add_route(&h, default).await?;
+            if address6.is_some() {
+                // A link-local next hop names its interface.
+                let default = RouteMessageBuilder::<Ipv6Addr>::new()
+                    .gateway(COORDINATOR_GATEWAY6)
+                    .output_interface(index)
+                    .build();
+                add_route(&h, default).await?;
+            }
         }
         Ok(())
     })?;
