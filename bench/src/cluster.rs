@@ -21,7 +21,8 @@ use k8s_openapi::{
 use lab::Namespace;
 
 use crate::{
-    kubeproxy::{self, IpFamily, Options, ServicePort},
+    family::IpFamily,
+    kubeproxy::{self, Options, ServicePort},
     leftovers,
 };
 
@@ -38,6 +39,16 @@ pub const SERVICE_CIDR6: (Ipv6Addr, u8) = (Ipv6Addr::new(0xfd00, 0x10, 0x96, 0, 
 /// outside [`CLUSTER_CIDR`].
 pub const CLUSTER_CIDR6: &str = "fd00:10:244::/56";
 
+/// The service CIDR of `family` (the client routes it through its node
+/// in kube-proxy mode; kube-proxy's nftables rules drop unallocated
+/// addresses in it).
+pub fn service_cidr(family: IpFamily) -> (IpAddr, u8) {
+    match family {
+        IpFamily::V4 => (SERVICE_CIDR.0.into(), SERVICE_CIDR.1),
+        IpFamily::V6 => (SERVICE_CIDR6.0.into(), SERVICE_CIDR6.1),
+    }
+}
+
 /// A Service `name` at `vip` with `ports` (service port, target port;
 /// each named `p<port>`) → `endpoints`, with its EndpointSlice, as the
 /// API server would hold them: single-stack of `vip`'s family.
@@ -50,11 +61,8 @@ pub fn service_objects<A>(
 where
     A: Copy + Into<IpAddr> + std::fmt::Display,
 {
-    let (family, address_type) = if vip.into().is_ipv6() {
-        ("IPv6", "IPv6")
-    } else {
-        ("IPv4", "IPv4")
-    };
+    // The family's name in `ipFamilies` and the slice's `addressType`.
+    let family = if vip.into().is_ipv6() { "IPv6" } else { "IPv4" };
     let service = Service {
         metadata: ObjectMeta {
             name: Some(name.into()),
@@ -94,7 +102,7 @@ where
             ),
             ..ObjectMeta::default()
         },
-        address_type: address_type.into(),
+        address_type: family.into(),
         ports: Some(
             ports
                 .iter()
@@ -230,19 +238,14 @@ pub(crate) fn run_in_limited(
 
 /// The kube-proxy options the bench uses, for `family`'s proxier.
 pub fn kube_proxy_options(family: IpFamily) -> Options {
-    let (cluster_cidr, service_cidr) = match family {
-        IpFamily::V4 => (
-            CLUSTER_CIDR.to_owned(),
-            format!("{}/{}", SERVICE_CIDR.0, SERVICE_CIDR.1),
-        ),
-        IpFamily::V6 => (
-            CLUSTER_CIDR6.to_owned(),
-            format!("{}/{}", SERVICE_CIDR6.0, SERVICE_CIDR6.1),
-        ),
+    let cluster_cidr = match family {
+        IpFamily::V4 => CLUSTER_CIDR,
+        IpFamily::V6 => CLUSTER_CIDR6,
     };
+    let (service_net, length) = service_cidr(family);
     Options {
-        cluster_cidr: Some(cluster_cidr),
-        service_cidr: Some(service_cidr),
+        cluster_cidr: Some(cluster_cidr.to_owned()),
+        service_cidr: Some(format!("{service_net}/{length}")),
         family,
         ..Options::default()
     }
@@ -275,7 +278,7 @@ pub fn install_kube_proxy(
     let options = kube_proxy_options(family);
     let took = match flavour {
         KubeProxy::Iptables => {
-            leftovers::require_iptables_nft()?;
+            leftovers::require_iptables_nft(family)?;
             let restore = family.iptables_restore();
             let payload = kubeproxy::iptables_restore(ports, &options);
             let took = run_in_limited(
@@ -326,6 +329,9 @@ pub fn remove_kube_proxy(node: &Namespace, flavour: KubeProxy, family: IpFamily)
             .with_context(|| format!("removing kube-proxy's {table} table"))?;
     }
     leftovers::flush_conntrack(node)?;
+    // iptables-legacy's tables are not in nftables' listing: none may be
+    // there either (a legacy ip6tables would have left its hooks in).
+    leftovers::ensure_no_legacy_tables(node, "after removing kube-proxy's rules")?;
     let left: Vec<String> = leftovers::tables(node)?
         .into_iter()
         .filter(|t| own_tables.contains(&t.as_str()))

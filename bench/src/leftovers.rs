@@ -10,6 +10,8 @@ use std::process::Command;
 use anyhow::{Context, Result, bail, ensure};
 use lab::Namespace;
 
+use crate::family::IpFamily;
+
 /// `program args` inside `namespace`; its stdout.
 pub(crate) fn output_in(namespace: &Namespace, program: &str, args: &[&str]) -> Result<String> {
     let output = namespace
@@ -58,6 +60,12 @@ pub fn ensure_no_rules(namespace: &Namespace, why: &str) -> Result<()> {
         "{why}: {} still has netfilter tables {left:?}",
         namespace.name()
     );
+    ensure_no_legacy_tables(namespace, why)
+}
+
+/// Fails if `namespace` has iptables-legacy tables of either family
+/// (which `nft list tables` does not show).
+pub fn ensure_no_legacy_tables(namespace: &Namespace, why: &str) -> Result<()> {
     // Debian's iptables package has them; absent, there are no legacy
     // tables to look for.
     for save in ["iptables-legacy-save", "ip6tables-legacy-save"] {
@@ -133,18 +141,23 @@ pub fn close_time_wait(namespace: &Namespace) -> Result<()> {
     )
 }
 
-/// Fails unless `iptables` is iptables-nft (Debian's default): the bench
+/// Fails unless `family`'s iptables (`iptables`, `ip6tables`: Debian
+/// switches them apart) is iptables-nft, Debian's default: the bench
 /// deletes kube-proxy's tables through `nft` and checks them gone there.
-pub fn require_iptables_nft() -> Result<()> {
-    let output = Command::new("iptables")
+pub fn require_iptables_nft(family: IpFamily) -> Result<()> {
+    let program = match family {
+        IpFamily::V4 => "iptables",
+        IpFamily::V6 => "ip6tables",
+    };
+    let output = Command::new(program)
         .arg("-V")
         .output()
-        .context("running iptables -V")?;
+        .with_context(|| format!("running {program} -V"))?;
     let version = String::from_utf8_lossy(&output.stdout);
     ensure!(
         version.contains("nf_tables"),
-        "`iptables -V` says {:?}: the bench needs the nf_tables backend \
-         (update-alternatives --set iptables /usr/sbin/iptables-nft)",
+        "`{program} -V` says {:?}: the bench needs the nf_tables backend \
+         (update-alternatives --set {program} /usr/sbin/{program}-nft)",
         version.trim()
     );
     Ok(())

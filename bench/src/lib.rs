@@ -7,6 +7,7 @@ pub mod agent_process;
 pub mod cluster;
 pub mod cluster_ip;
 pub mod datapath;
+pub mod family;
 pub mod kubeproxy;
 pub mod latency;
 pub mod leftovers;

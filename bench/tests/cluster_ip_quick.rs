@@ -181,8 +181,11 @@ fn every_row_runs_over_ipv6() {
         assert!(run["transactions"].as_u64().unwrap() > 0, "{row}");
         assert_eq!(run["errors"].as_u64(), Some(0), "{row}");
     }
-    // The IPv6 programs did the work: connect6 under socket-LB, the TC
-    // pair (its IPv6 half is a tail call inside them) elsewhere.
+    // socket-LB's IPv6 program connected the socket-LB row (none of
+    // IPv4's ran); the TC rows ran the TC pair. That TC translated is
+    // shown by the eBPF rows' transactions above: their client has no
+    // route to the service CIDR but its default one (the gateway, which
+    // has none), so untranslated packets would be lost.
     for pass in results["live"].as_array().unwrap() {
         let programs = pass["cost"]["programs"].as_array().unwrap();
         let runs = |name: &str| {

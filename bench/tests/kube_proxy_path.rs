@@ -10,11 +10,9 @@ use std::{
 };
 
 use bench::{
-    cluster::{
-        KubeProxy, SERVICE_CIDR, SERVICE_CIDR6, install_kube_proxy, remove_kube_proxy,
-        service_objects,
-    },
-    kubeproxy::{IpFamily, service_ports},
+    cluster::{KubeProxy, install_kube_proxy, remove_kube_proxy, service_cidr, service_objects},
+    family::IpFamily,
+    kubeproxy::service_ports,
 };
 use lab::{PodSpec, Topology, standard_pods, workload};
 
@@ -35,10 +33,7 @@ fn through_the_node(family: IpFamily) {
     let _server =
         workload::tcp_server(&server.namespace, server_address, 8080, "server-b").unwrap();
     topo.add_coordinator_veth("client").unwrap();
-    let route = |via_node: bool| match family {
-        IpFamily::V4 => topo.route_via_node("client", SERVICE_CIDR, via_node),
-        IpFamily::V6 => topo.route_via_node("client", SERVICE_CIDR6, via_node),
-    };
+    let route = |via_node: bool| topo.route_via_node("client", service_cidr(family), via_node);
     route(true).unwrap();
     let (service, slice) = service_objects("echo", vip, &[(80, 8080)], &[server_address]);
     let ports = service_ports(&[service], &[slice]);

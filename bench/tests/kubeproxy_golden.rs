@@ -9,9 +9,10 @@ use std::{
     process::{Command, Stdio},
 };
 
+use bench::family::IpFamily;
 use bench::kubeproxy::{
-    IpFamily, Options, ServicePort, iptables_restore, nft_chain_suffix, nft_ruleset,
-    port_proto_hash, probability, service_ports,
+    Options, ServicePort, iptables_restore, nft_chain_suffix, nft_ruleset, port_proto_hash,
+    probability, service_ports,
 };
 use datapath_user::model::Protocol;
 
@@ -212,9 +213,9 @@ fn ports_from_kubernetes_objects_use_kube_proxy_names_and_order() {
 
 #[test]
 fn nft_ipv6_rules_match_the_upstream_example() {
-    // knftables' fake_test.go dump of kube-proxy's IPv6 table (chain
+    // From knftables' fake_test.go dump of kube-proxy's IPv6 table: chain
     // names, the endpoint base with `:` → `.`, `[addr]:port` DNAT
-    // targets, the endpoints in "[IP]:port" order).
+    // targets, the endpoints in "[IP]:port" order, the ip6 base rules.
     let svc1 = port6(
         "ns1",
         "svc1",
@@ -238,10 +239,20 @@ fn nft_ipv6_rules_match_the_upstream_example() {
         "add rule ip6 kube-proxy service-endpoints-check ip6 daddr . meta l4proto . th dport vmap @no-endpoint-services",
         "add element ip6 kube-proxy cluster-ips { fd00:172:30::41 }",
         "add element ip6 kube-proxy service-ips { fd00:172:30::41 . tcp . 80 : goto service-ULMVA6XW-ns1/svc1/tcp/p80 }",
-        // The newest test's masquerade rule (no port match), in ip6.
+    ] {
+        assert!(
+            script.lines().any(|l| l == line),
+            "missing:\n{line}\nin:\n{script}"
+        );
+    }
+    // Not from that dump (an older proxier, with nodePortAddresses set):
+    // the newest kube-proxy's masquerade rule (no port match, as the
+    // IPv4 rules of TestOverallNFTablesRules) and setupNFTables'
+    // `noLocalhost` for IPv6 with nodePortAddresses matching all.
+    for line in [
         "add rule ip6 kube-proxy service-ULMVA6XW-ns1/svc1/tcp/p80 ip6 daddr fd00:172:30::41 ip6 saddr != fd00:10::/64 jump mark-for-masquerade",
-        // setupNFTables' noLocalhost for IPv6.
         "add rule ip6 kube-proxy services fib daddr type local ip6 daddr != ::1 meta l4proto . th dport vmap @service-nodeports",
+        "add rule ip6 kube-proxy nodeport-endpoints-check ip6 daddr != ::1 meta l4proto . th dport vmap @no-endpoint-nodeports",
     ] {
         assert!(
             script.lines().any(|l| l == line),
@@ -263,12 +274,9 @@ fn ip6tables_rules_write_endpoints_as_kube_proxy_does() {
     );
     let first: (IpAddr, u16) = ("fd00:10:180::1".parse::<IpAddr>().unwrap(), 80);
     let sep = svc1.sep_chain(first);
+    // base32(sha256("ns1/svc1:p80tcp[fd00:10:180::1]:80"))[:16].
     assert_eq!(
-        sep,
-        format!(
-            "KUBE-SEP-{}",
-            &port_proto_hash("ns1/svc1:p80", "tcp[fd00:10:180::1]:80")
-        ),
+        sep, "KUBE-SEP-OGYCNMB4EMRUSJ6N",
         "the SEP hash covers the bracketed endpoint"
     );
     // A port of the other family is the other proxier's.

@@ -10,6 +10,7 @@ use serde::{Deserialize, Serialize};
 
 use super::modes::Mode;
 use crate::{
+    family::IpFamily,
     program_stats::LiveCost,
     stats::median_interval,
     workload::{Kind, Parameters},
@@ -27,8 +28,7 @@ pub struct LiveRow {
 /// The programs a table shows, their column titles, and whether the
 /// TC floor applies (the do-nothing program runs at the same TC hooks;
 /// `connect4`/`connect6` run at another hook, so their figures keep their
-/// clock reads). A socket-LB column only where a pass ran its program
-/// (`connect6` in an IPv6 run).
+/// clock reads). The socket-LB column of the run's family only.
 const COLUMNS: [(&str, &str, bool); 4] = [
     (
         datapath_user::object::TC_EGRESS,
@@ -72,8 +72,8 @@ fn floor(cost: &LiveCost) -> Option<f64> {
 }
 
 /// The table of `kind`'s statistics passes (nothing when there were
-/// none).
-pub fn print_table(rows: &[LiveRow], kind: Kind, modes: &[Mode], unit: &str) {
+/// none), in a run of `family`.
+pub fn print_table(rows: &[LiveRow], kind: Kind, modes: &[Mode], unit: &str, family: IpFamily) {
     let passes = |mode: Mode| {
         rows.iter()
             .filter(move |r| r.workload == kind && r.mode == mode)
@@ -94,16 +94,13 @@ pub fn print_table(rows: &[LiveRow], kind: Kind, modes: &[Mode], unit: &str) {
          (sockperf's warm-up too).\n",
         median_interval(&floors)
     );
+    let connect = match family {
+        IpFamily::V4 => datapath_user::object::SOCK_CONNECT4,
+        IpFamily::V6 => datapath_user::object::SOCK_CONNECT6,
+    };
     let columns: Vec<(&str, &str, bool)> = COLUMNS
         .into_iter()
-        .filter(|&(program, _, tc)| {
-            tc || rows.iter().any(|r| {
-                r.workload == kind
-                    && r.cost
-                        .runs_per_transaction(program)
-                        .is_some_and(|runs| runs > 0.0)
-            })
-        })
+        .filter(|&(program, _, tc)| tc || program == connect)
         .collect();
     let titles: Vec<String> = columns
         .iter()

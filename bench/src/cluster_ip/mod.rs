@@ -35,7 +35,7 @@ pub use self::{
 };
 use self::{modes::parse_mode, testbed::Testbed};
 use crate::{
-    kubeproxy::IpFamily,
+    family::IpFamily,
     machine::Machine,
     options::{Output, Repetition},
     stats::{Shuffler, fresh_seed},

@@ -19,7 +19,7 @@ use super::{
     modes::Mode,
 };
 use crate::{
-    kubeproxy::IpFamily,
+    family::IpFamily,
     machine::Machine,
     plot::Bar,
     stats::{Interval, median, median_interval, paired_ratios},
@@ -278,7 +278,7 @@ impl Results {
                 );
             }
         }
-        live::print_table(&self.live, kind, modes, per);
+        live::print_table(&self.live, kind, modes, per, self.family);
         if let Some(setup) = self.workloads.iter().find(|w| w.workload == kind) {
             for deviation in &setup.deviations {
                 println!("\n- {deviation}");

@@ -23,11 +23,9 @@ use lab::{
 use super::modes::Mode;
 use crate::{
     agent_process::{AgentProcess, start_bench_agent},
-    cluster::{
-        KubeProxy, SERVICE_CIDR, SERVICE_CIDR6, install_kube_proxy, remove_kube_proxy,
-        service_objects,
-    },
-    kubeproxy::{IpFamily, ServicePort, service_ports},
+    cluster::{KubeProxy, install_kube_proxy, remove_kube_proxy, service_cidr, service_objects},
+    family::IpFamily,
+    kubeproxy::{ServicePort, service_ports},
     leftovers::{close_time_wait, ensure_no_rules, flush_conntrack},
     program_stats::{LiveCost, ProgramSelection, ProgramTotals, RunTimeStats},
     workload::{
@@ -40,7 +38,7 @@ use crate::{
 const VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 10);
 /// The service of the veth modes (its endpoint: vserver).
 const VETH_VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 11);
-/// Their IPv6 twins, in [`SERVICE_CIDR6`].
+/// Their IPv6 twins, in `SERVICE_CIDR6`.
 const VIP6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x10, 0x96, 0, 0, 0, 0, 0x10);
 const VETH_VIP6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x10, 0x96, 0, 0, 0, 0, 0x11);
 /// The limit's client: outside the agent's `<prefix>-client*` filter.
@@ -212,16 +210,8 @@ impl Testbed {
             close_time_wait(namespace)?;
         }
         let macvlan_through_node = matches!(mode, Mode::KubeProxy | Mode::KubeProxyNft);
-        match self.family {
-            IpFamily::V4 => {
-                self.topo
-                    .route_via_node("client", SERVICE_CIDR, macvlan_through_node)?
-            }
-            IpFamily::V6 => {
-                self.topo
-                    .route_via_node("client", SERVICE_CIDR6, macvlan_through_node)?
-            }
-        }
+        self.topo
+            .route_via_node("client", service_cidr(self.family), macvlan_through_node)?;
         Ok(())
     }
 

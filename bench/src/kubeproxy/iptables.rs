@@ -4,8 +4,9 @@
 use std::fmt::Write as _;
 
 use super::service_port::{
-    IpFamily, LARGE_CLUSTER_ENDPOINTS, Options, ServicePort, endpoint_string, probability,
+    LARGE_CLUSTER_ENDPOINTS, Options, ServicePort, endpoint_string, probability,
 };
+use crate::family::IpFamily;
 
 /// Quotes a comment as kube-proxy's rules show it: bare when it has no
 /// space.

@@ -18,7 +18,7 @@ pub use self::{
     iptables::{iptables_jumps, iptables_restore, iptables_restore_partial},
     nftables::{nft_ruleset, nft_update},
     service_port::{
-        IpFamily, LARGE_CLUSTER_ENDPOINTS, Options, ServicePort, endpoint_string, nft_chain_suffix,
+        LARGE_CLUSTER_ENDPOINTS, Options, ServicePort, endpoint_string, nft_chain_suffix,
         port_proto_hash, probability, service_ports,
     },
 };

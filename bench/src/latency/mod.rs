@@ -37,7 +37,7 @@ use self::{
 };
 use crate::{
     cluster::{KubeProxy, remove_kube_proxy},
-    kubeproxy::IpFamily,
+    family::IpFamily,
     machine::Machine,
     nginx,
     options::Output,

@@ -26,7 +26,8 @@ use crate::{
     cluster::{
         KubeProxy, SERVICE_CIDR, install_kube_proxy, remove_kube_proxy, run_in, service_objects,
     },
-    kubeproxy::{IpFamily, service_ports},
+    family::IpFamily,
+    kubeproxy::service_ports,
     leftovers::{delete_table, flush_conntrack},
     loadgen::LoadResult,
     nginx::{self, HTTP_PORT, Nginx},

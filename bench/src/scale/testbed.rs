@@ -29,7 +29,8 @@ use crate::{
         KubeProxy, SERVICE_CIDR, install_kube_proxy, kube_proxy_options, remove_kube_proxy,
         run_in_limited,
     },
-    kubeproxy::{self, IpFamily, ServicePort, service_ports},
+    family::IpFamily,
+    kubeproxy::{self, ServicePort, service_ports},
     leftovers::close_time_wait,
     sweep_objects::{endpoint_address, service, service_address, slice},
     workload::{

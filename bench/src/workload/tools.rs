@@ -63,7 +63,7 @@ pub fn start_tool_servers(
     ];
     let mut servers = Vec::new();
     for (program, args, port) in commands {
-        if address.is_ipv6() && program == "sockperf" {
+        if address.is_ipv6() && program == "sockperf" && Kind::Sockperf.ipv4_only() {
             continue;
         }
         let mut command = Command::new(program);

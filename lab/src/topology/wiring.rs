@@ -181,8 +181,10 @@ pub(super) fn wire_veth_to_node(
     // Both ends' IPv6 addresses usable at once: the veth's ends take
     // their namespace's defaults when made (or moved), and a tentative
     // gateway would not answer neighbour solicitations for a second.
+    // (The kernel skips duplicate detection only when `all` says so too.)
     for namespace in [node, pod] {
         namespace.sysctl("net.ipv6.conf.default.accept_dad", "0")?;
+        namespace.sysctl("net.ipv6.conf.all.accept_dad", "0")?;
     }
     let temp = format!("{host_side}p");
     veth_across(node, pod, host_side, &temp, None)?;
