@@ -7,6 +7,23 @@ use std::{process::Command, sync::Mutex};
 /// (the figures do not matter here, but connections timing out would).
 static ONE_BENCH: Mutex<()> = Mutex::new(());
 
+/// Every row of the table, and whether its client runs our programs
+/// (a second line in the table of their live run time).
+const ROWS: [(&str, bool); 12] = [
+    ("macvlan + kube-proxy (iptables)", false),
+    ("macvlan + kube-proxy (nftables)", false),
+    ("macvlan + underpass TC (eBPF)", true),
+    ("macvlan + underpass socket-LB", true),
+    ("veth routed + kube-proxy (Calico's row)", false),
+    ("veth routed + underpass TC (Cilium's row)", true),
+    ("macvlan, Pod IP, no programs (the limit)", false),
+    ("the limit again (A/A control)", false),
+    ("macvlan, Pod IP, our programs attached", true),
+    ("macvlan across subnets, Pod IP", true),
+    ("veth routed by the nodes, Pod IP", false),
+    ("node to node", false),
+];
+
 #[test]
 fn every_row_runs() {
     bench::require_root("bench cluster-ip").unwrap();
@@ -23,22 +40,7 @@ fn every_row_runs() {
         "{stdout}\n{}",
         String::from_utf8_lossy(&output.stderr)
     );
-    // (row, its client runs our programs: a second line in the table of
-    // their live run time)
-    for (row, programs) in [
-        ("macvlan + kube-proxy (iptables)", false),
-        ("macvlan + kube-proxy (nftables)", false),
-        ("macvlan + underpass TC (eBPF)", true),
-        ("macvlan + underpass socket-LB", true),
-        ("veth routed + kube-proxy (Calico's row)", false),
-        ("veth routed + underpass TC (Cilium's row)", true),
-        ("macvlan, Pod IP, no programs (the limit)", false),
-        ("the limit again (A/A control)", false),
-        ("macvlan, Pod IP, our programs attached", true),
-        ("macvlan across subnets, Pod IP", true),
-        ("veth routed by the nodes, Pod IP", false),
-        ("node to node", false),
-    ] {
+    for (row, programs) in ROWS {
         assert_eq!(
             stdout.matches(&format!("\n| {row} |")).count(),
             if programs { 18 } else { 9 },
@@ -147,20 +149,7 @@ fn every_row_runs_over_ipv6() {
     assert!(stdout.contains("IPv6: every row's traffic"), "{stdout}");
     // Every row in every table (8 workloads), the rows running our
     // programs also in each table of their live run time.
-    for (row, programs) in [
-        ("macvlan + kube-proxy (iptables)", false),
-        ("macvlan + kube-proxy (nftables)", false),
-        ("macvlan + underpass TC (eBPF)", true),
-        ("macvlan + underpass socket-LB", true),
-        ("veth routed + kube-proxy (Calico's row)", false),
-        ("veth routed + underpass TC (Cilium's row)", true),
-        ("macvlan, Pod IP, no programs (the limit)", false),
-        ("the limit again (A/A control)", false),
-        ("macvlan, Pod IP, our programs attached", true),
-        ("macvlan across subnets, Pod IP", true),
-        ("veth routed by the nodes, Pod IP", false),
-        ("node to node", false),
-    ] {
+    for (row, programs) in ROWS {
         assert_eq!(
             stdout.matches(&format!("\n| {row} |")).count(),
             if programs { 16 } else { 8 },

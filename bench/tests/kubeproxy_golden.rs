@@ -362,17 +362,23 @@ fn iptables_restore_accepts_the_payload() {
         .unwrap_or_else(|e| panic!("iptables-restore rejected it: {e}\n{payload}"));
 }
 
+/// IPv6 service ports for the load tests: two endpoints, and none.
+fn sample6() -> Vec<ServicePort> {
+    vec![
+        port6(
+            "ns1",
+            "svc1",
+            "fd00:172:30::41",
+            &[("fd00:10:180::1", 80), ("fd00:10:180::2:1", 8080)],
+        ),
+        port6("ns6", "svc6", "fd00:172:30::46", &[]),
+    ]
+}
+
 #[test]
 fn ip6tables_restore_accepts_the_ipv6_payload() {
     bench::require_root("ip6tables-restore").unwrap();
-    let svc = port6(
-        "ns1",
-        "svc1",
-        "fd00:172:30::41",
-        &[("fd00:10:180::1", 80), ("fd00:10:180::2:1", 8080)],
-    );
-    let empty = port6("ns6", "svc6", "fd00:172:30::46", &[]);
-    let payload = iptables_restore(&[svc, empty], &options6());
+    let payload = iptables_restore(&sample6(), &options6());
     check_in_namespace("ip6tables-restore", &["--noflush"], &payload)
         .unwrap_or_else(|e| panic!("ip6tables-restore rejected it: {e}\n{payload}"));
 }
@@ -380,14 +386,7 @@ fn ip6tables_restore_accepts_the_ipv6_payload() {
 #[test]
 fn nft_accepts_the_ipv6_ruleset() {
     bench::require_root("nft --check").unwrap();
-    let svc = port6(
-        "ns1",
-        "svc1",
-        "fd00:172:30::41",
-        &[("fd00:10:180::1", 80), ("fd00:10:180::2:1", 8080)],
-    );
-    let empty = port6("ns6", "svc6", "fd00:172:30::46", &[]);
-    let script = nft_ruleset(&[svc, empty], &options6());
+    let script = nft_ruleset(&sample6(), &options6());
     check_in_namespace("nft", &["--check", "-f", "-"], &script)
         .unwrap_or_else(|e| panic!("nft rejected it: {e}\n{script}"));
 }
