@@ -43,6 +43,13 @@ pub mod jumps {
     /// lookup, backend pick, two entries) gets a stack of its own, so the
     /// per-packet path keeps room.
     pub const NEW_FLOW6: u32 = 3;
+    /// Slot of the ICMPv6 error translation on ingress
+    /// (`up_tc_icmp6_ingress`), entered from `up_tc_ingress6` for ICMPv6
+    /// errors only: neither the per-packet path nor NDP pays for it.
+    pub const ICMP6_INGRESS: u32 = 4;
+    /// Slot of its egress twin (`up_tc_icmp6_egress`), entered from
+    /// `up_tc_egress6`.
+    pub const ICMP6_EGRESS: u32 = 5;
     /// Slots in the table: room to spare, because the table is kept
     /// across builds (a table replaced for its size would be emptied
     /// under the programs still attached to pods). A slot is never

@@ -12,8 +12,8 @@
 //! whose wire tuple another flow holds is not moved to another port; a
 //! pod is not sent to itself (hairpin): another backend is taken, and a
 //! pod that is its service's only backend is refused; routes by another
-//! interface of the pod (`POD_ROUTES6`) are not looked up; ICMPv6 errors
-//! about translated flows pass as they are.
+//! interface of the pod (`POD_ROUTES6`) are not looked up. ICMPv6 errors
+//! about translated flows are translated (`crate::icmp6`).
 
 use aya_ebpf::{
     bindings::{TC_ACT_SHOT, TC_ACT_UNSPEC},
@@ -29,7 +29,7 @@ use datapath_common::{
 };
 
 use crate::{
-    backends, clash, ct, ct6, events, l2,
+    backends, clash, ct, ct6, events, icmp6, l2,
     maps::{
         CONNTRACK6_TCP, CONNTRACK6_UDP, CtMap6, REVERSE_NAT6, SERVICE_FILTER, SERVICES6, SLOTS,
         TC_JUMPS,
@@ -57,7 +57,9 @@ pub fn jump(ctx: &TcContext) -> i32 {
 #[inline(always)]
 pub fn run(ctx: &TcContext) -> i32 {
     let Some(packet) = parse6::ipv6_l4(ctx) else {
-        return TC_ACT_UNSPEC;
+        // Not TCP or UDP: an ICMPv6 error may be about a reply of a
+        // translated flow.
+        return icmp6::jump_if_error(ctx, datapath_common::jumps::ICMP6_EGRESS);
     };
     if packet.later_fragment {
         // No port to tell a service by.

@@ -16,7 +16,7 @@ use datapath_common::{
 };
 
 use crate::{
-    ct, ct6, l2,
+    ct, ct6, icmp6, l2,
     maps::{CONNTRACK6_TCP, CONNTRACK6_UDP, CtMap6, TC_JUMPS},
     metrics::count,
     nat::End,
@@ -39,7 +39,8 @@ pub fn jump(ctx: &TcContext) -> i32 {
 #[inline(always)]
 pub fn run(ctx: &TcContext) -> i32 {
     let Some(packet) = parse6::ipv6_l4(ctx) else {
-        return TC_ACT_UNSPEC;
+        // Not TCP or UDP: an ICMPv6 error may be about a translated flow.
+        return icmp6::jump_if_error(ctx, datapath_common::jumps::ICMP6_INGRESS);
     };
     if !packet.plain || !reply_filter::may_be_reply6(&packet) {
         // Only plain packets are translated on egress (`crate::egress6`);

@@ -18,6 +18,7 @@ mod flags;
 mod frag;
 mod hairpin;
 mod icmp;
+mod icmp6;
 mod ingress;
 mod ingress6;
 mod kernel_skb;
@@ -67,6 +68,21 @@ pub fn up_tc_new_flow6(ctx: TcContext) -> i32 {
 #[classifier]
 pub fn up_tc_refuse6(ctx: TcContext) -> i32 {
     egress6::refusal(&ctx)
+}
+
+/// ICMPv6 errors about translated flows, on ingress (turned back to the
+/// ClusterIP), entered from `up_tc_ingress6` by a tail call; never
+/// attached itself.
+#[classifier]
+pub fn up_tc_icmp6_ingress(ctx: TcContext) -> i32 {
+    icmp6::on_ingress(&ctx)
+}
+
+/// Its egress twin (an error about a reply goes to the backend), entered
+/// from `up_tc_egress6`.
+#[classifier]
+pub fn up_tc_icmp6_egress(ctx: TcContext) -> i32 {
+    icmp6::on_egress(&ctx)
 }
 
 /// TC ingress on the pod interface: backend → ClusterIP reverse NAT.

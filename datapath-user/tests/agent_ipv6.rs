@@ -16,6 +16,7 @@ use std::{
     collections::BTreeMap,
     net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
     path::PathBuf,
+    process::Command,
     time::{Duration, Instant},
 };
 
@@ -509,6 +510,74 @@ fn a_pod_on_the_tc_path_reaches_an_ipv6_cluster_ip_through_tc_and_follows_edits(
     assert!(datapath_event(&metrics, "no_backend") >= 2, "{metrics}");
     assert!(datapath_event(&metrics, "conntrack_hit") > 0, "{metrics}");
     assert_eq!(datapath_event(&metrics, "sock_translated"), 0, "{metrics}");
+    agent.stop();
+    drop(servers);
+}
+
+/// Path-MTU discovery through an IPv6 ClusterIP on the TC path: the
+/// backend is behind the gateway, whose route to its subnet allows only
+/// 1,400 bytes. IPv6 routers never fragment: the gateway's "packet too
+/// big" quotes the DNATed segment; translated back to the ClusterIP
+/// (`up_tc_icmp6_ingress`) it reaches the client's socket, which lowers
+/// its segment size, and a 2 MB transfer completes instead of
+/// black-holing.
+#[test]
+fn path_mtu_discovery_works_through_an_ipv6_cluster_ip() {
+    require_root("agent e2e");
+    let topo = Topology::build(&standard_pods()).expect("building the topology");
+    let pod = topo.pod("server-c");
+    let address6 = pod.address6.expect("the topology is dual-stack");
+    let client_address6 = topo.pod("client").address6.unwrap();
+    assert_ne!(
+        address6.segments()[0],
+        client_address6.segments()[0],
+        "server-c is routed"
+    );
+    let servers = [
+        workload::tcp_server(&pod.namespace, pod.address, TARGET, "server-c").unwrap(),
+        workload::tcp_server(&pod.namespace, address6, TARGET, "server-c").unwrap(),
+    ];
+    // The routed hop: the gateway forwards to server-c's subnet with a
+    // 1,400-byte route MTU.
+    let subnet = format!("{:x}::/64", address6.segments()[0]);
+    let narrow = Command::new("ip")
+        .args(["-6", "-n", topo.gateway.name(), "route", "replace", &subnet])
+        .args([
+            "dev", "eth0", "proto", "kernel", "metric", "256", "mtu", "1400",
+        ])
+        .status()
+        .unwrap();
+    assert!(narrow.success(), "narrowing the gateway's route");
+    let pins = PinDir(PathBuf::from(format!("/sys/fs/bpf/{}", topo.prefix)));
+    let dir = tempdir(&topo.prefix);
+    write_atomically(
+        &dir.join("dual.yaml"),
+        &dual_stack_manifest(&[pod.address], &[address6]),
+    );
+    let filter = format!("{}-client*", topo.prefix);
+    let agent = Agent::start_with(&pins.0, &dir, &filter, &["--no-socket-lb", "--ipv6", "on"]);
+    let client = &topo.pod("client").namespace;
+    wait_until("the client's eth0 is attached", || {
+        pinned_tc_links(&pins.0).contains(&(client.name().to_owned(), "eth0".into()))
+    });
+    let target = SocketAddr::new(VIP6.into(), 80);
+    let mut conversation = client
+        .run(|| workload::Conversation::open(target, Duration::from_secs(10)))
+        .unwrap()
+        .unwrap();
+    assert_eq!(conversation.ask().unwrap(), "server-c");
+    assert_eq!(
+        conversation
+            .ask_large(2 << 20)
+            .expect("a 2 MB transfer through the narrow hop"),
+        "server-c"
+    );
+    let metrics = agent.get("/metrics").unwrap();
+    assert!(
+        datapath_event(&metrics, "icmp_error_translated") >= 1,
+        "the gateway's packet too big was translated: {metrics}"
+    );
+    assert!(datapath_event(&metrics, "conntrack_hit") > 0, "{metrics}");
     agent.stop();
     drop(servers);
 }

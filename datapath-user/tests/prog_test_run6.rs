@@ -534,3 +534,141 @@ fn programs_of_an_earlier_generation_keep_their_ipv6_half_after_a_restart() {
         "and so does the newest"
     );
 }
+
+/// ICMPv6 errors about translated IPv6 flows are translated back, outer
+/// and quoted headers, the ICMPv6 checksum (over the outer pseudo
+/// header) and the quoted L4 checksum (over the quoted one) verified from
+/// scratch — each output byte for byte the error the client's (or the
+/// backend's) kernel would have got without translation: a router's
+/// "packet too big" about a DNATed segment reaches the client quoting
+/// the ClusterIP (path-MTU discovery works), the backend's own "port
+/// unreachable" comes from the ClusterIP, the client's "port
+/// unreachable" about a reply goes to the backend that sent it. Errors
+/// about flows nobody tracks, and NDP, pass untouched.
+#[test]
+fn icmpv6_errors_about_translated_flows_are_translated() {
+    const PACKET_TOO_BIG: u8 = 2;
+    const DEST_UNREACH: (u8, u8) = (1, 4); // port unreachable
+    const TIME_EXCEEDED: u8 = 3;
+    let router: Ipv6Addr = "fd77::fe".parse().unwrap();
+    for checksums in [L4Checksums::Direct, L4Checksums::Helpers] {
+        let mut dp = load_private_checksums(checksums);
+        datapath_with(&mut dp, &[B1]);
+
+        // TCP: the client's segment as it left (to B1), quoted by a router
+        // that could not forward it: 8 bytes of it, or whole.
+        let syn = Frame6::tcp(CLIENT, (VIP, 80), SYN).with_macs(POD_MAC, GATEWAY_MAC);
+        let (v, _) = run(&mut dp, TC_EGRESS, &syn.build());
+        assert_eq!(v, verdict::REDIRECT, "{checksums:?}: the flow opens");
+        let segment = Frame6::tcp(CLIENT, (VIP, 80), ACK | PSH).with_payload(&[9; 1400]);
+        let (on_wire, as_sent) = (to_backend(&segment, &B1).build(), segment.build());
+        for (description, quoted_len) in [
+            ("packet too big quoting 8 bytes of TCP", 48),
+            (
+                "packet too big quoting the whole segment",
+                on_wire.len() - 14,
+            ),
+        ] {
+            let error = packet6::icmp6(
+                router,
+                CLIENT.0,
+                PACKET_TOO_BIG,
+                0,
+                1280,
+                &on_wire[14..14 + quoted_len],
+            );
+            let (v, out) = run(&mut dp, TC_INGRESS, &error.build());
+            let what = format!("{checksums:?}: {description}");
+            assert_eq!(v, verdict::OK, "{what}");
+            let expected = packet6::icmp6(
+                router,
+                CLIENT.0,
+                PACKET_TOO_BIG,
+                0,
+                1280,
+                &as_sent[14..14 + quoted_len],
+            );
+            assert_icmp6(&what, &out, &expected);
+            if quoted_len > 48 {
+                let quoted = &out[14 + 40 + 8..];
+                assert!(
+                    datapath_common::csum::l4_verifies6(
+                        CLIENT.0.octets(),
+                        VIP.octets(),
+                        6,
+                        &quoted[40..]
+                    ),
+                    "{what}: the quoted TCP checksum follows the ClusterIP"
+                );
+            }
+        }
+
+        // UDP: the backend itself answers "port unreachable".
+        let query = Frame6::udp((CLIENT.0, 40002), (VIP, 53)).with_payload(b"query");
+        let (v, _) = run(&mut dp, TC_EGRESS, &query.build());
+        assert_eq!(v, verdict::REDIRECT);
+        let sent = to_backend(&query, &B1).build();
+        let (code_type, code) = DEST_UNREACH;
+        let error = packet6::icmp6(B1.address, CLIENT.0, code_type, code, 0, &sent[14..]);
+        let (v, out) = run(&mut dp, TC_INGRESS, &error.build());
+        assert_eq!(v, verdict::OK);
+        let expected = packet6::icmp6(VIP, CLIENT.0, code_type, code, 0, &query.build()[14..]);
+        assert_icmp6(
+            "the backend's own error comes from the ClusterIP",
+            &out,
+            &expected,
+        );
+        assert_eq!(dp.maps.counter(Counter::IcmpErrorTranslated).unwrap(), 3);
+
+        // The client's "port unreachable" about a reply it got from
+        // VIP:53 goes to the backend that sent it.
+        let reply_seen = Frame6::udp((VIP, 53), (CLIENT.0, 40002)).with_payload(b"late answer");
+        let error = packet6::icmp6(CLIENT.0, VIP, code_type, code, 0, &reply_seen.build()[14..]);
+        let (v, out) = run(&mut dp, TC_EGRESS, &error.build());
+        assert_eq!(v, verdict::REDIRECT, "routed to the backend");
+        let really_from = Frame6 {
+            src: B1.address,
+            sport: B1.port,
+            ..reply_seen.clone()
+        };
+        let expected = packet6::icmp6(
+            CLIENT.0,
+            B1.address,
+            code_type,
+            code,
+            0,
+            &really_from.build()[14..],
+        );
+        assert_icmp6("the client's error goes to the backend", &out, &expected);
+        assert_eq!(dp.maps.counter(Counter::IcmpErrorTranslated).unwrap(), 4);
+
+        // About a flow nobody tracks, or not an error: untouched.
+        let other = Frame6::udp((CLIENT.0, 41000), (B1.address, B1.port)).build();
+        let untracked = packet6::icmp6(router, CLIENT.0, TIME_EXCEEDED, 0, 0, &other[14..]).build();
+        let solicitation = packet6::neighbour_solicitation(router, GATEWAY_MAC, CLIENT.0).build();
+        for (description, program, frame) in [
+            ("an error about an untracked flow", TC_INGRESS, &untracked),
+            ("a neighbour solicitation", TC_INGRESS, &solicitation),
+            ("the client's error about a direct reply", TC_EGRESS, &{
+                let direct = Frame6::udp((B1.address, B1.port), (CLIENT.0, 41000)).build();
+                packet6::icmp6(CLIENT.0, B1.address, code_type, code, 0, &direct[14..]).build()
+            }),
+        ] {
+            assert_eq!(
+                run(&mut dp, program, frame),
+                (verdict::NEXT, frame.clone()),
+                "{description}"
+            );
+        }
+        assert_eq!(dp.maps.counter(Counter::IcmpErrorTranslated).unwrap(), 4);
+    }
+}
+
+/// Asserts `got` is the ICMPv6 message `expected` byte for byte and that
+/// its checksum verifies from scratch over the pseudo header.
+fn assert_icmp6(what: &str, got: &[u8], expected: &Frame6) {
+    let parsed = packet6::parse6(got).unwrap_or_else(|| panic!("{what}: not IPv6"));
+    assert_eq!(parsed.protocol, packet6::ICMPV6, "{what}");
+    assert_eq!(parsed.l4_checksum_ok, Some(true), "{what}: ICMPv6 checksum");
+    assert_eq!(got, expected.build().as_slice(), "{what}: frame");
+}
