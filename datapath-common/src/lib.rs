@@ -50,6 +50,14 @@ pub mod jumps {
     /// Slot of its egress twin (`up_tc_icmp6_egress`), entered from
     /// `up_tc_egress6`.
     pub const ICMP6_EGRESS: u32 = 5;
+    /// Slot of the IPv6 egress program for packets with extension
+    /// headers or fragments (`up_tc_egress6_ext`), entered from
+    /// `up_tc_egress6`: what pods send (the TCP/UDP header right after the
+    /// fixed one) keeps the short program.
+    pub const EGRESS6_EXT: u32 = 6;
+    /// Its ingress twin (`up_tc_ingress6_ext`), entered from
+    /// `up_tc_ingress6`.
+    pub const INGRESS6_EXT: u32 = 7;
     /// Slots in the table: room to spare, because the table is kept
     /// across builds (a table replaced for its size would be emptied
     /// under the programs still attached to pods). A slot is never

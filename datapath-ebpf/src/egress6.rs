@@ -29,7 +29,7 @@ use datapath_common::{
 };
 
 use crate::{
-    backends, clash, ct, ct6, events, icmp6, l2,
+    backends, clash, ct, ct6, events, frag6, icmp6, l2,
     maps::{
         CONNTRACK6_TCP, CONNTRACK6_UDP, CtMap6, REVERSE_NAT6, SERVICE_FILTER, SERVICES6, SLOTS,
         TC_JUMPS,
@@ -61,27 +61,59 @@ pub fn run(ctx: &TcContext) -> i32 {
         // translated flow.
         return icmp6::jump_if_error(ctx, datapath_common::jumps::ICMP6_EGRESS);
     };
-    if packet.later_fragment {
-        // No port to tell a service by.
+    if !packet.plain {
+        // Extension headers or a fragment: rare, in a program of its own
+        // (`extended_run`). Without the jump the packet passes, counted.
+        // SAFETY: a tail call on the program's own context; on success
+        // it does not return.
+        unsafe { TC_JUMPS.tail_call(ctx, datapath_common::jumps::EGRESS6_EXT) };
+        count(Counter::Ipv6Untranslated);
         return TC_ACT_UNSPEC;
     }
-    let bucket = lb::service_filter_index6(packet.daddr_be, packet.dport_be, packet.protocol);
-    if !SERVICE_FILTER.get(bucket).is_some_and(|&n| n > 0) {
+    if !maybe_service(&packet) {
         return direct(&packet);
     }
-    if !packet.plain {
-        let key = ServiceKey6::new(packet.daddr_be, packet.dport_be, packet.protocol);
-        // SAFETY: only tested for presence.
-        if unsafe { SERVICES6.get(key) }.is_some() {
-            count(Counter::Ipv6Untranslated);
-        }
+    by_protocol(ctx, &packet)
+}
+
+/// `up_tc_egress6_ext`: a packet whose TCP/UDP header is past extension
+/// headers, or a fragment (only `run` jumps here). A later fragment takes
+/// its ports from its first fragment (`crate::frag6`); then the packet is
+/// translated as `run` translates a plain one.
+#[inline(always)]
+pub fn extended_run(ctx: &TcContext) -> i32 {
+    let Some(mut packet) = parse6::ipv6_l4(ctx) else {
         return TC_ACT_UNSPEC;
+    };
+    if packet.later_fragment {
+        if !frag6::resolve(&mut packet) {
+            // Its first fragment was not translated (not for a service,
+            // or not seen yet).
+            count(Counter::Fragment);
+            return TC_ACT_UNSPEC;
+        }
+    } else if !maybe_service(&packet) {
+        return direct(&packet);
     }
-    // One call site per table: the verifier then inlines each lookup.
+    by_protocol(ctx, &packet)
+}
+
+/// True when `packet`'s destination may be a frontend (its filter bucket
+/// is set): the rest pass after one array read.
+#[inline(always)]
+fn maybe_service(packet: &Packet6) -> bool {
+    let bucket = lb::service_filter_index6(packet.daddr_be, packet.dport_be, packet.protocol);
+    SERVICE_FILTER.get(bucket).is_some_and(|&n| n > 0)
+}
+
+/// `service_packet` with its protocol's conntrack: one call site per
+/// table, so that the verifier inlines each lookup.
+#[inline(always)]
+fn by_protocol(ctx: &TcContext, packet: &Packet6) -> i32 {
     if packet.protocol == IPPROTO_TCP {
-        service_packet(ctx, &packet, &CONNTRACK6_TCP)
+        service_packet(ctx, packet, &CONNTRACK6_TCP)
     } else {
-        service_packet(ctx, &packet, &CONNTRACK6_UDP)
+        service_packet(ctx, packet, &CONNTRACK6_UDP)
     }
 }
 
@@ -138,18 +170,19 @@ fn service_packet(ctx: &TcContext, packet: &Packet6, table: &CtMap6) -> i32 {
 }
 
 /// `up_tc_new_flow6`: a packet of no live flow to a possible IPv6
-/// frontend (only `run` jumps here, for a plain TCP/UDP packet), parsed
-/// again: opens its flow.
+/// frontend (only `run` and `extended_run` jump here), parsed again:
+/// opens its flow.
 #[inline(always)]
 pub fn new_flow_run(ctx: &TcContext) -> i32 {
     let Some(packet) = parse6::ipv6_l4(ctx) else {
         count(Counter::Error);
         return TC_ACT_SHOT;
     };
-    if !packet.plain || packet.later_fragment {
-        // Not what `run` jumps with: dropped, never sent on untranslated.
-        count(Counter::Error);
-        return TC_ACT_SHOT;
+    if packet.later_fragment {
+        // Its flow ended between the first fragment and this one: the
+        // datagram cannot be completed anyway.
+        count(Counter::Fragment);
+        return TC_ACT_UNSPEC;
     }
     let key = ct6::packet_service_key(&packet);
     let now = ct::now();
@@ -238,6 +271,17 @@ fn new_flow(ctx: &TcContext, packet: &Packet6, table: &CtMap6, key: &CtKey6, now
     // After the entries, before the packet leaves (`crate::reply_filter`).
     reply_filter::mark6(backend.0, backend.1, packet.protocol);
     count(Counter::ConntrackMiss);
+    if !packet.plain {
+        // The rewrite past extension headers does not fit beside this
+        // frame: `extended_run` finds the flow just opened and translates
+        // it (counted there as a hit too). Without the jump: dropped,
+        // never sent on untranslated.
+        // SAFETY: a tail call on the program's own context; on success
+        // it does not return.
+        unsafe { TC_JUMPS.tail_call(ctx, datapath_common::jumps::EGRESS6_EXT) };
+        count(Counter::Error);
+        return TC_ACT_SHOT;
+    }
     translate(ctx, packet, backend, &flow, now)
 }
 
@@ -379,5 +423,6 @@ fn translate(
         count(Counter::Error);
         return TC_ACT_SHOT;
     }
+    frag6::translated(ctx, packet);
     l2::forward(ctx, flow, now)
 }

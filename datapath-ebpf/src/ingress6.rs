@@ -16,7 +16,7 @@ use datapath_common::{
 };
 
 use crate::{
-    ct, ct6, icmp6, l2,
+    ct, ct6, frag6, icmp6, l2,
     maps::{CONNTRACK6_TCP, CONNTRACK6_UDP, CtMap6, TC_JUMPS},
     metrics::count,
     nat::End,
@@ -42,16 +42,46 @@ pub fn run(ctx: &TcContext) -> i32 {
         // Not TCP or UDP: an ICMPv6 error may be about a translated flow.
         return icmp6::jump_if_error(ctx, datapath_common::jumps::ICMP6_INGRESS);
     };
-    if !packet.plain || !reply_filter::may_be_reply6(&packet) {
-        // Only plain packets are translated on egress (`crate::egress6`);
-        // others cannot be replies of a flow opened here.
+    if !packet.plain {
+        // Extension headers or a fragment: rare, in a program of its own
+        // (`extended_run`). Without the jump the packet passes.
+        // SAFETY: a tail call on the program's own context; on success
+        // it does not return.
+        unsafe { TC_JUMPS.tail_call(ctx, datapath_common::jumps::INGRESS6_EXT) };
         return TC_ACT_UNSPEC;
     }
-    // One call site per table: the verifier then inlines each lookup.
+    by_protocol(ctx, &packet)
+}
+
+/// `up_tc_ingress6_ext`: a reply whose TCP/UDP header is past extension
+/// headers, or a fragment of one (only `run` jumps here): a later
+/// fragment takes its ports from its first fragment (`crate::frag6`),
+/// then the packet is reverse-translated as `run` does a plain one.
+#[inline(always)]
+pub fn extended_run(ctx: &TcContext) -> i32 {
+    let Some(mut packet) = parse6::ipv6_l4(ctx) else {
+        return TC_ACT_UNSPEC;
+    };
+    if packet.later_fragment && !frag6::resolve(&mut packet) {
+        count(Counter::Fragment);
+        return TC_ACT_UNSPEC;
+    }
+    by_protocol(ctx, &packet)
+}
+
+/// `reply` with its protocol's conntrack, for a packet from a peer some
+/// tracked flow was opened to (`crate::reply_filter`; the rest pass after
+/// one array read). One call site per table: the verifier then inlines
+/// each lookup.
+#[inline(always)]
+fn by_protocol(ctx: &TcContext, packet: &Packet6) -> i32 {
+    if !reply_filter::may_be_reply6(packet) {
+        return TC_ACT_UNSPEC;
+    }
     if packet.protocol == IPPROTO_TCP {
-        reply(ctx, &packet, &CONNTRACK6_TCP)
+        reply(ctx, packet, &CONNTRACK6_TCP)
     } else {
-        reply(ctx, &packet, &CONNTRACK6_UDP)
+        reply(ctx, packet, &CONNTRACK6_UDP)
     }
 }
 
@@ -106,6 +136,7 @@ fn reply(ctx: &TcContext, packet: &Packet6, table: &CtMap6) -> i32 {
         count(Counter::Error);
         return TC_ACT_SHOT;
     }
+    frag6::translated(ctx, packet);
     count(Counter::ReverseTranslated);
     TC_ACT_OK
 }

@@ -16,6 +16,7 @@ mod events;
 mod features;
 mod flags;
 mod frag;
+mod frag6;
 mod hairpin;
 mod icmp;
 mod icmp6;
@@ -55,6 +56,13 @@ pub fn up_tc_egress6(ctx: TcContext) -> i32 {
     egress6::run(&ctx)
 }
 
+/// IPv6 packets with extension headers or fragments, entered from
+/// `up_tc_egress6` by a tail call; never attached itself.
+#[classifier]
+pub fn up_tc_egress6_ext(ctx: TcContext) -> i32 {
+    egress6::extended_run(&ctx)
+}
+
 /// The IPv6 new flow (service lookup, backend pick, conntrack entries),
 /// entered from `up_tc_egress6` by a tail call; never attached itself.
 #[classifier]
@@ -68,6 +76,13 @@ pub fn up_tc_new_flow6(ctx: TcContext) -> i32 {
 #[classifier]
 pub fn up_tc_refuse6(ctx: TcContext) -> i32 {
     egress6::refusal(&ctx)
+}
+
+/// Replies with extension headers or fragments, entered from
+/// `up_tc_ingress6` by a tail call; never attached itself.
+#[classifier]
+pub fn up_tc_ingress6_ext(ctx: TcContext) -> i32 {
+    ingress6::extended_run(&ctx)
 }
 
 /// ICMPv6 errors about translated flows, on ingress (turned back to the

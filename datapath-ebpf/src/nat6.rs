@@ -1,6 +1,7 @@
-//! IPv6 address and port rewriting with the L4 checksum kept right, for
-//! packets whose TCP/UDP header follows the fixed header (`Packet6::plain`,
-//! the only IPv6 packets the TC path translates yet).
+//! IPv6 address and port rewriting with the L4 checksum kept right: in
+//! place for packets whose TCP/UDP header follows the fixed header
+//! (`Packet6::plain`, what pods send), by the helpers past extension
+//! headers and in fragments.
 //!
 //! IPv6 has no header checksum; the TCP/UDP checksum covers the addresses
 //! through the pseudo header. When the skb's checksum state is known
@@ -43,10 +44,10 @@ pub fn rewrite(
     address_be: Ipv6Words,
     port_be: u16,
 ) -> Result<(), ()> {
-    let (old_address, old_port, ip_off, port_off) = match end {
-        End::Destination => (packet.daddr_be, packet.dport_be, IP6_DST_OFF, 2),
-        End::Source => (packet.saddr_be, packet.sport_be, IP6_SRC_OFF, 0),
-    };
+    if !packet.plain {
+        return rewrite_extended(ctx, packet, end, address_be, port_be);
+    }
+    let (old_address, old_port, ip_off, port_off) = fields(packet, end);
     let ip_addr: *mut Ipv6Words = ptr_at(ctx, ETH_LEN + ip_off).ok_or(())?;
     let l4_port: *mut u16 = ptr_at(ctx, PLAIN_L4_OFF + port_off).ok_or(())?;
     // SAFETY: both pointers are bounds-checked by ptr_at; TC programs may
@@ -55,7 +56,7 @@ pub fn rewrite(
         *ip_addr = address_be;
         *l4_port = port_be;
     }
-    let (at, udp, mangled_0) = checksum_field(packet);
+    let (at, udp, mangled_0) = checksum_field(packet, PLAIN_L4_OFF);
     if let Some(state) = kernel_skb::checksum_state(ctx) {
         let field: *mut u16 = ptr_at(ctx, at).ok_or(())?;
         // SAFETY: bounds-checked by ptr_at.
@@ -72,20 +73,108 @@ pub fn rewrite(
         }
         return Ok(());
     }
+    by_helpers(
+        ctx,
+        at,
+        old_address,
+        address_be,
+        old_port,
+        port_be,
+        mangled_0,
+    )
+}
+
+/// `rewrite` for a packet whose upper-layer header is past extension
+/// headers (a fragment header among them), at an offset the verifier
+/// cannot bound for a direct access: read and written with the helpers.
+/// A later fragment has no upper-layer header: only its address changes.
+#[inline(always)]
+fn rewrite_extended(
+    ctx: &TcContext,
+    packet: &Packet6,
+    end: End,
+    address_be: Ipv6Words,
+    port_be: u16,
+) -> Result<(), ()> {
+    let (old_address, old_port, ip_off, port_off) = fields(packet, end);
+    let ip_addr: *mut Ipv6Words = ptr_at(ctx, ETH_LEN + ip_off).ok_or(())?;
+    // SAFETY: bounds-checked by ptr_at (before any helper call that
+    // would invalidate the pointer).
+    unsafe { *ip_addr = address_be };
+    if packet.later_fragment {
+        // No checksum follows the address here, so the packet's sum
+        // changes: a CHECKSUM_COMPLETE skb's `skb->csum` follows it
+        // (`bpf_csum_update` acts on that state only), or reassembly
+        // would see a hardware checksum that no longer matches.
+        let diff = address_difference(&old_address, &address_be)?;
+        // SAFETY: plain helper call on the program's own skb.
+        unsafe { bpf_csum_update(ctx.skb.skb, diff) };
+        return Ok(());
+    }
+    ctx.store(packet.l4_off + port_off, &port_be, 0)
+        .map_err(|_| ())?;
+    let (at, udp, mangled_0) = checksum_field(packet, packet.l4_off);
+    if let Some(state) = kernel_skb::checksum_state(ctx) {
+        let field: u16 = ctx.load(at).map_err(|_| ())?;
+        let updated = skb_checksum::l4_field_after_nat6(
+            state,
+            field,
+            old_address,
+            address_be,
+            old_port,
+            port_be,
+            udp,
+        );
+        return ctx.store(at, &updated, 0).map_err(|_| ());
+    }
+    by_helpers(
+        ctx,
+        at,
+        old_address,
+        address_be,
+        old_port,
+        port_be,
+        mangled_0,
+    )
+}
+
+/// The old address and port of `end`, and where they are (the address
+/// in the IPv6 header, the port in the upper-layer header).
+#[inline(always)]
+fn fields(packet: &Packet6, end: End) -> (Ipv6Words, u16, usize, usize) {
+    match end {
+        End::Destination => (packet.daddr_be, packet.dport_be, IP6_DST_OFF, 2),
+        End::Source => (packet.saddr_be, packet.sport_be, IP6_SRC_OFF, 0),
+    }
+}
+
+/// The one's-complement difference between two addresses (as
+/// `bpf_csum_diff` gives it).
+#[inline(always)]
+fn address_difference(old: &Ipv6Words, new: &Ipv6Words) -> Result<u32, ()> {
     // SAFETY: the helper only reads the two 16-byte arrays (its
     // prototype says `*mut`).
-    let diff = unsafe {
-        bpf_csum_diff(
-            old_address.as_ptr().cast_mut(),
-            16,
-            address_be.as_ptr().cast_mut(),
-            16,
-            0,
-        )
-    };
+    let diff =
+        unsafe { bpf_csum_diff(old.as_ptr().cast_mut(), 16, new.as_ptr().cast_mut(), 16, 0) };
     if diff < 0 {
         return Err(());
     }
+    Ok(diff as u32)
+}
+
+/// The checksum field at `at` updated by the helpers, when the skb's
+/// checksum state is not known (`crate::kernel_skb`).
+#[inline(always)]
+fn by_helpers(
+    ctx: &TcContext,
+    at: usize,
+    old_address: Ipv6Words,
+    address_be: Ipv6Words,
+    old_port: u16,
+    port_be: u16,
+    mangled_0: u64,
+) -> Result<(), ()> {
+    let diff = address_difference(&old_address, &address_be)?;
     // Size 0: `to` is a difference (the address is 16 bytes).
     let flags = BPF_F_PSEUDO_HDR as u64 | mangled_0;
     if ctx
@@ -99,7 +188,7 @@ pub fn rewrite(
         ctx.l4_csum_replace(at, 0, diff as u64, flags)
             .map_err(|_| ())?;
         // SAFETY: plain helper call on the program's own skb.
-        unsafe { bpf_csum_update(ctx.skb.skb, diff as u32) };
+        unsafe { bpf_csum_update(ctx.skb.skb, diff) };
     }
     if old_port != port_be {
         ctx.l4_csum_replace(at, old_port as u64, port_be as u64, mangled_0 | 2)
@@ -108,17 +197,14 @@ pub fn rewrite(
     Ok(())
 }
 
-/// Where `packet`'s L4 checksum field is, whether it is UDP's, and the
-/// helper flag UDP needs (a computed zero is sent as all-ones).
+/// Where `packet`'s L4 checksum field is (its upper-layer header at
+/// `l4_off`), whether it is UDP's, and the helper flag UDP needs (a
+/// computed zero is sent as all-ones).
 #[inline(always)]
-fn checksum_field(packet: &Packet6) -> (usize, bool, u64) {
+fn checksum_field(packet: &Packet6, l4_off: usize) -> (usize, bool, u64) {
     if packet.protocol == IPPROTO_TCP {
-        (PLAIN_L4_OFF + TCP_CSUM_OFF, false, 0)
+        (l4_off + TCP_CSUM_OFF, false, 0)
     } else {
-        (
-            PLAIN_L4_OFF + UDP_CSUM_OFF,
-            true,
-            BPF_F_MARK_MANGLED_0 as u64,
-        )
+        (l4_off + UDP_CSUM_OFF, true, BPF_F_MARK_MANGLED_0 as u64)
     }
 }

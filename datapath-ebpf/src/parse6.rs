@@ -36,6 +36,14 @@ pub struct Packet6 {
     pub plain: bool,
     /// A fragment other than the first: its ports are the first one's.
     pub later_fragment: bool,
+    /// The first fragment of a fragmented datagram: its ports are
+    /// remembered for the later ones (`crate::frag6`).
+    pub first_fragment: bool,
+    /// The fragment header's identification (a fragment only).
+    pub fragment_id_be: u32,
+    /// Where the upper-layer header starts in the frame (`PLAIN_L4_OFF`
+    /// for a plain packet; unused in a later fragment).
+    pub l4_off: usize,
 }
 
 /// True when the frame is IPv6.
@@ -79,10 +87,11 @@ pub fn ipv6_l4(ctx: &TcContext) -> Option<Packet6> {
     // aligned (Ethernet puts the IPv6 header at 2 mod 4).
     let [src, dst] = unsafe { core::ptr::read_unaligned(addresses) };
     let (saddr_be, daddr_be) = (src, dst);
-    let (protocol, l4_off, plain) = if next_header == IPPROTO_TCP || next_header == IPPROTO_UDP {
+    let plain = next_header == IPPROTO_TCP || next_header == IPPROTO_UDP;
+    let (protocol, l4_off, fragment_id_be, first_fragment) = if plain {
         // What pods send: the header right after the fixed one, read in
         // place below (no walk, no helper call).
-        (next_header, PLAIN_L4_OFF, true)
+        (next_header, PLAIN_L4_OFF, 0, false)
     } else {
         let ipv6::Upper::Found {
             protocol,
@@ -95,6 +104,7 @@ pub fn ipv6_l4(ctx: &TcContext) -> Option<Packet6> {
         if protocol != IPPROTO_TCP && protocol != IPPROTO_UDP {
             return None;
         }
+        let fragment_id_be = fragment.map_or(0, |f| f.id_be);
         if fragment.is_some_and(|f| f.is_later()) {
             return Some(Packet6 {
                 saddr_be,
@@ -105,9 +115,17 @@ pub fn ipv6_l4(ctx: &TcContext) -> Option<Packet6> {
                 tcp_flags: 0,
                 plain: false,
                 later_fragment: true,
+                first_fragment: false,
+                fragment_id_be,
+                l4_off: ETH_LEN + offset,
             });
         }
-        (protocol, ETH_LEN + offset, false)
+        (
+            protocol,
+            ETH_LEN + offset,
+            fragment_id_be,
+            fragment.is_some_and(|f| f.more),
+        )
     };
     // The ports (the first two words of TCP's and UDP's header) and the
     // TCP flags: in place for a plain packet, by the helper after
@@ -142,5 +160,8 @@ pub fn ipv6_l4(ctx: &TcContext) -> Option<Packet6> {
         tcp_flags,
         plain,
         later_fragment: false,
+        first_fragment,
+        fragment_id_be,
+        l4_off,
     })
 }

@@ -581,3 +581,54 @@ fn path_mtu_discovery_works_through_an_ipv6_cluster_ip() {
     agent.stop();
     drop(servers);
 }
+
+/// Datagrams larger than the path MTU (up to 20,000 bytes over 1,500)
+/// cross an IPv6 ClusterIP on the TC path whole, both ways: the client's
+/// kernel fragments the request, every fragment is translated
+/// (`up_tc_egress6_ext`, the later ones by the ports their first left in
+/// `FRAGMENTS6`), the backend reassembles it and its fragmented answer
+/// is reverse-translated fragment by fragment (`up_tc_ingress6_ext`), so
+/// the client's socket connected to the ClusterIP receives it whole.
+#[test]
+fn datagrams_larger_than_the_mtu_cross_an_ipv6_cluster_ip_whole() {
+    require_root("agent e2e");
+    let topo = Topology::build(&standard_pods()).expect("building the topology");
+    let pod = topo.pod("server-a");
+    let address6 = pod.address6.expect("the topology is dual-stack");
+    let server = workload::udp_server(&pod.namespace, address6, 5353, "server-a").unwrap();
+    let pins = PinDir(PathBuf::from(format!("/sys/fs/bpf/{}", topo.prefix)));
+    let dir = tempdir(&topo.prefix);
+    write_atomically(
+        &dir.join("dual.yaml"),
+        &dual_stack_manifest(&[pod.address], &[address6]),
+    );
+    let filter = format!("{}-client*", topo.prefix);
+    let agent = Agent::start_with(&pins.0, &dir, &filter, &["--no-socket-lb", "--ipv6", "on"]);
+    let client = &topo.pod("client").namespace;
+    wait_until("the client's eth0 is attached", || {
+        pinned_tc_links(&pins.0).contains(&(client.name().to_owned(), "eth0".into()))
+    });
+    let target = SocketAddr::new(VIP6.into(), 53);
+    for size in [4000, 9000, 20000] {
+        let (answer, length) = client
+            .run(|| workload::large_udp_request(target, size, TIMEOUT))
+            .unwrap()
+            .unwrap_or_else(|e| panic!("{size}-byte datagram: {e}"));
+        assert_eq!(answer.server, "server-a");
+        assert_eq!(answer.peer, target, "the answer comes from the ClusterIP");
+        assert_eq!(length, size, "the answer arrives whole");
+    }
+    let metrics = agent.get("/metrics").unwrap();
+    let translated = datapath_event(&metrics, "fragment_translated");
+    assert!(
+        translated >= 2 * (2 + 6 + 13),
+        "{translated} fragments translated"
+    );
+    assert_eq!(
+        datapath_event(&metrics, "ipv6_untranslated"),
+        0,
+        "{metrics}"
+    );
+    agent.stop();
+    drop(server);
+}

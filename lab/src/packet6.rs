@@ -197,6 +197,34 @@ impl Frame6 {
     }
 }
 
+/// `frame` (whole, without extension headers) cut into IPv6 fragments of
+/// at most `fragment_payload` bytes of its upper-layer bytes each (a
+/// multiple of 8, as RFC 8200 §4.5 requires for all but the last), with
+/// identification `id`, as the kernel's IPv6 output sends a datagram
+/// larger than the path MTU. The first fragment carries the TCP/UDP
+/// header, whose checksum is the whole datagram's.
+pub fn fragments(frame: &Frame6, fragment_payload: usize, id: u32) -> Vec<Vec<u8>> {
+    assert!(fragment_payload.is_multiple_of(8) && fragment_payload > 0);
+    assert!(frame.extensions.is_empty() && frame.fragment.is_none());
+    let whole = frame.build();
+    let header = &whole[..ETH_LEN + IPV6_LEN];
+    let upper = &whole[ETH_LEN + IPV6_LEN..];
+    let mut out = Vec::new();
+    for (i, chunk) in upper.chunks(fragment_payload).enumerate() {
+        let offset = i * fragment_payload;
+        let more = offset + chunk.len() < upper.len();
+        let mut piece = header.to_vec();
+        piece[ETH_LEN + 4..ETH_LEN + 6].copy_from_slice(&((8 + chunk.len()) as u16).to_be_bytes());
+        piece[ETH_LEN + 6] = FRAGMENT;
+        piece.extend_from_slice(&[frame.protocol(), 0]);
+        piece.extend_from_slice(&(((offset / 8) as u16) << 3 | u16::from(more)).to_be_bytes());
+        piece.extend_from_slice(&id.to_be_bytes());
+        piece.extend_from_slice(chunk);
+        out.push(piece);
+    }
+    out
+}
+
 /// An ICMPv6 message from `src` to `dst`: `icmp_type`, `code`, the
 /// 4-byte field after the checksum (`rest`: an MTU for Packet Too Big, a
 /// pointer for Parameter Problem), then `body`; checksummed over the

@@ -11,11 +11,12 @@ use std::{
 /// fragments) on a connected socket; the answer is as large. Returns the
 /// answer and its size.
 pub fn large_udp_request(
-    target: SocketAddrV4,
+    target: impl Into<SocketAddr>,
     size: usize,
     timeout: Duration,
 ) -> io::Result<(Answer, usize)> {
-    let socket = UdpSocket::bind("0.0.0.0:0")?;
+    let target = target.into();
+    let socket = udp_socket_for(&target)?;
     socket.set_read_timeout(Some(timeout))?;
     socket.connect(target)?;
     let request: Vec<u8> = (0..size).map(|i| b'a' + (i % 26) as u8).collect();
