@@ -678,8 +678,9 @@ fn assert_icmp6(what: &str, got: &[u8], expected: &Frame6) {
 /// would have sent to (or received from) the backend directly: the first
 /// fragment's checksum, the whole datagram's, follows the new address
 /// and port (so the reassembled datagram verifies), the later fragments
-/// get the address alone. A later fragment seen before its first passes
-/// untouched and is counted.
+/// get the address alone; datagrams in flight at once do not disturb
+/// each other. A later fragment seen before its first passes untouched
+/// and is counted.
 #[test]
 fn fragmented_ipv6_datagrams_are_translated_both_ways() {
     for checksums in [L4Checksums::Direct, L4Checksums::Helpers] {
@@ -688,17 +689,28 @@ fn fragmented_ipv6_datagrams_are_translated_both_ways() {
         let query = Frame6::udp((CLIENT.0, 40010), (VIP, 53))
             .with_payload(&(0..3000).map(|i| i as u8).collect::<Vec<_>>())
             .with_macs(POD_MAC, GATEWAY_MAC);
-        let sent = packet6::fragments(&query, 1232, 0x1234_5678);
-        let expected = packet6::fragments(&to_backend(&query, &B1), 1232, 0x1234_5678);
-        assert_eq!(sent.len(), 3);
-        for (i, (fragment, expected)) in sent.iter().zip(&expected).enumerate() {
-            let (v, out) = run(&mut dp, TC_EGRESS, fragment);
-            assert_eq!(
-                v,
-                verdict::REDIRECT,
-                "{checksums:?}: fragment {i} to the backend"
-            );
-            assert_eq!(&out, expected, "{checksums:?}: fragment {i}");
+        // Two datagrams in flight at once (two sockets), their fragments
+        // interleaved.
+        let other = Frame6 {
+            sport: 40011,
+            ..query.clone()
+        };
+        let sent = [
+            packet6::fragments(&query, 1232, 0x1234_5678),
+            packet6::fragments(&other, 1232, 0x1234_5679),
+        ];
+        let expected = [
+            packet6::fragments(&to_backend(&query, &B1), 1232, 0x1234_5678),
+            packet6::fragments(&to_backend(&other, &B1), 1232, 0x1234_5679),
+        ];
+        assert_eq!(sent[0].len(), 3);
+        for i in 0..3 {
+            for datagram in 0..2 {
+                let (v, out) = run(&mut dp, TC_EGRESS, &sent[datagram][i]);
+                let what = format!("{checksums:?}: datagram {datagram} fragment {i}");
+                assert_eq!(v, verdict::REDIRECT, "{what} to the backend");
+                assert_eq!(out, expected[datagram][i], "{what}");
+            }
         }
 
         // The backend's answer, fragmented: from the ClusterIP again.
@@ -725,7 +737,7 @@ fn fragmented_ipv6_datagrams_are_translated_both_ways() {
         }
         assert_eq!(
             dp.maps.counter(Counter::FragmentTranslated).unwrap(),
-            (sent.len() - 1 + arrived.len() - 1) as u64
+            (2 * (sent[0].len() - 1) + arrived.len() - 1) as u64
         );
 
         // Out of order: the last fragment of another datagram before its
