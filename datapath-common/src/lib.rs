@@ -58,6 +58,11 @@ pub mod jumps {
     /// Its ingress twin (`up_tc_ingress6_ext`), entered from
     /// `up_tc_ingress6`.
     pub const INGRESS6_EXT: u32 = 7;
+    /// Slot of the IPv6 hairpin (`up_tc_hairpin6`), entered from
+    /// `up_tc_egress6` and `up_tc_egress6_ext`: a pod's packet to its own
+    /// service that chose the pod itself, and the pod's replies to the
+    /// hairpin source, looped back into the pod.
+    pub const HAIRPIN6: u32 = 8;
     /// Slots in the table: room to spare, because the table is kept
     /// across builds (a table replaced for its size would be emptied
     /// under the programs still attached to pods). A slot is never
@@ -84,6 +89,18 @@ pub const fn ipv4_be(octets: [u8; 4]) -> u32 {
 /// the pod itself is the backend chosen (hairpin): link-local, so never
 /// routed off the host; the address Cilium uses for the same purpose.
 pub const HAIRPIN_SOURCE_BE: u32 = ipv4_be([169, 254, 42, 1]);
+
+/// The same over IPv6: `100::a9fe:2a01`, from the discard-only prefix
+/// 100::/64 (RFC 6666: any router drops a leak), its low 32 bits spelling
+/// 169.254.42.1. Not link-local: fe80::/64 is on-link, so the pod's
+/// replies would wait for a neighbour that never answers instead of
+/// taking its default route to the egress program, which loops them back.
+pub const HAIRPIN_SOURCE6_BE: maps::Ipv6Words = [
+    ipv4_be([0x01, 0x00, 0, 0]),
+    0,
+    0,
+    ipv4_be([169, 254, 42, 1]),
+];
 
 /// The octets of a `_be` address field.
 #[inline(always)]

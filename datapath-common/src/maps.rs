@@ -412,6 +412,12 @@ pub const L2_UNRESOLVED: u8 = 0;
 /// `CtEntry::l2_mode`: write `dst_mac`/`src_mac` and let the packet go on
 /// out of the same interface (no second pass through the egress program).
 pub const L2_REWRITE: u8 = 1;
+/// `CtEntry6::l2_mode`: the flow's backend is its client itself (an IPv6
+/// pod that reached its own service on the TC path): looped back inside
+/// the pod (`up_tc_hairpin6`), never sent out. Set when the flow opens;
+/// only the IPv6 programs read it (a value added without a layout bump:
+/// a build before it never opened such a flow).
+pub const L2_HAIRPIN: u8 = 2;
 /// Value of `CONNTRACK_TCP` and `CONNTRACK_UDP`.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]

@@ -38,10 +38,10 @@ pub enum Counter {
     /// port, backend, port) was held by another flow: two services on one
     /// backend, or a service flow and a connection straight to the pod.
     PortClash = 11,
-    /// TC egress: a packet to an IPv6 frontend that the TC path leaves
-    /// untranslated: its TCP/UDP header does not follow the fixed header
-    /// (extension headers, a fragment), which the IPv6 TC path does not
-    /// translate yet (socket-LB serves such sockets).
+    /// TC egress: an IPv6 packet with extension headers or a fragment
+    /// header that passed untranslated because the program for such
+    /// packets (`up_tc_egress6_ext`) was missing from the jump table (an
+    /// inconsistent installation; zero otherwise).
     Ipv6Untranslated = 12,
 }
 

@@ -5,15 +5,14 @@
 //! only to open a flow, entries written only on new flows, state changes
 //! and once a refresh interval.
 //!
-//! What the IPv6 TC path does not do yet (`docs/ipv6-plan.md` steps 8–10;
-//! socket-LB serves all of it at `connect()`): packets whose TCP/UDP
-//! header does not follow the fixed header (extension headers, fragments)
-//! pass untranslated and are counted (`ipv6_untranslated`); a new flow
-//! whose wire tuple another flow holds is not moved to another port; a
-//! pod is not sent to itself (hairpin): another backend is taken, and a
-//! pod that is its service's only backend is refused; routes by another
-//! interface of the pod (`POD_ROUTES6`) are not looked up. ICMPv6 errors
-//! about translated flows are translated (`crate::icmp6`).
+//! Packets with extension headers or fragments continue in
+//! `up_tc_egress6_ext` (`extended_run`), ICMPv6 errors in
+//! `crate::icmp6`, a pod's flow to itself in `crate::hairpin6`, each a
+//! program of its own entered by a tail call. What the IPv6 TC path does
+//! not do yet (`docs/ipv6-plan.md` step 8; socket-LB serves it at
+//! `connect()`): a new flow whose wire tuple another live flow holds is
+//! not moved to another port, and routes by another interface of the pod
+//! (`POD_ROUTES6`) are not looked up.
 
 use aya_ebpf::{
     bindings::{TC_ACT_SHOT, TC_ACT_UNSPEC},
@@ -21,15 +20,15 @@ use aya_ebpf::{
     programs::TcContext,
 };
 use datapath_common::{
-    IPPROTO_TCP,
+    HAIRPIN_SOURCE6_BE, IPPROTO_TCP,
     conntrack::{self, Direction, TCP_ACK, TCP_SYN},
     lb,
-    maps::{CtEntry6, CtKey6, Ipv6Words, L2_UNRESOLVED, ServiceKey6, ServiceValue},
+    maps::{CtEntry6, CtKey6, Ipv6Words, L2_HAIRPIN, L2_UNRESOLVED, ServiceKey6, ServiceValue},
     metrics::Counter,
 };
 
 use crate::{
-    backends, clash, ct, ct6, events, frag6, icmp6, l2,
+    backends, clash, ct, ct6, events, frag6, hairpin6, icmp6, l2,
     maps::{
         CONNTRACK6_TCP, CONNTRACK6_UDP, CtMap6, REVERSE_NAT6, SERVICE_FILTER, SERVICES6, SLOTS,
         TC_JUMPS,
@@ -70,6 +69,10 @@ pub fn run(ctx: &TcContext) -> i32 {
         count(Counter::Ipv6Untranslated);
         return TC_ACT_UNSPEC;
     }
+    if packet.daddr_be == HAIRPIN_SOURCE6_BE {
+        // The pod answering a connection it made to its own service.
+        return hairpin6::jump(ctx);
+    }
     if !maybe_service(&packet) {
         return direct(&packet);
     }
@@ -85,6 +88,9 @@ pub fn extended_run(ctx: &TcContext) -> i32 {
     let Some(mut packet) = parse6::ipv6_l4(ctx) else {
         return TC_ACT_UNSPEC;
     };
+    if packet.daddr_be == HAIRPIN_SOURCE6_BE {
+        return hairpin6::jump(ctx);
+    }
     if packet.later_fragment {
         if !frag6::resolve(&mut packet) {
             // Its first fragment was not translated (not for a service,
@@ -136,13 +142,14 @@ fn service_packet(ctx: &TcContext, packet: &Packet6, table: &CtMap6) -> i32 {
             if ct::needs_write(flow, state, now) {
                 flow.state = state;
                 flow.last_seen = now;
-                let reply = ct6::backend_key(
+                let mut reply = ct6::backend_key(
                     packet.saddr_be,
                     packet.sport_be,
                     backend.0,
                     backend.1,
                     packet.protocol,
                 );
+                hairpin6::key_reply_client(&mut reply);
                 if !ct::mirror(table, &reply, state, now) {
                     // Evicted: without it the replies would not be
                     // reverse-translated.
@@ -226,20 +233,13 @@ fn new_flow(ctx: &TcContext, packet: &Packet6, table: &CtMap6, key: &CtKey6, now
         events::no_backend6(ctx, packet.daddr_be, packet.dport_be, packet.protocol);
         return refuse(ctx);
     }
-    let (backend_id, backend) = match pick_backend(packet, &service) {
-        Pick::Backend(id, backend) => (id, backend),
-        Pick::OnlyItself => {
-            // The pod is its service's only backend (no hairpin over
-            // IPv6 yet).
-            count(Counter::NoBackend);
-            return refuse(ctx);
-        }
-        Pick::Inconsistent => {
-            // A slot naming no IPv6 backend: dropped, as over IPv4 (the
-            // client retransmits once the agent's write is complete).
-            count(Counter::Error);
-            return TC_ACT_SHOT;
-        }
+    // SAFETY: plain helper call.
+    let slot = lb::select_slot(unsafe { bpf_get_prandom_u32() }, service.backend_count);
+    let Some((backend_id, backend)) = slot_backend(&service, slot) else {
+        // A slot naming no IPv6 backend: dropped, as over IPv4 (the
+        // client retransmits once the agent's write is complete).
+        count(Counter::Error);
+        return TC_ACT_SHOT;
     };
     // One entry on the stack, written twice: first as the reply entry
     // (a reply can only arrive after the packet leaves), then, without
@@ -248,19 +248,24 @@ fn new_flow(ctx: &TcContext, packet: &Packet6, table: &CtMap6, key: &CtKey6, now
         last_seen: now,
         backend_id,
         state: conntrack::initial_state(packet.protocol, packet.tcp_flags),
-        l2_mode: L2_UNRESOLVED,
+        l2_mode: if hairpin6::is_hairpin(packet, &backend.0) {
+            L2_HAIRPIN
+        } else {
+            L2_UNRESOLVED
+        },
         service_address_be: packet.daddr_be,
         service_port_be: packet.dport_be,
         ..CtEntry6::default()
     };
     flow.set_rev_nat_id(service.rev_nat_id());
-    let reply = ct6::backend_key(
+    let mut reply = ct6::backend_key(
         packet.saddr_be,
         packet.sport_be,
         backend.0,
         backend.1,
         packet.protocol,
     );
+    hairpin6::key_reply_client(&mut reply);
     let reply_written = ct::insert(table, &reply, &flow);
     flow.service_address_be = [0; 4];
     flow.service_port_be = 0;
@@ -283,42 +288,6 @@ fn new_flow(ctx: &TcContext, packet: &Packet6, table: &CtMap6, key: &CtKey6, now
         return TC_ACT_SHOT;
     }
     translate(ctx, packet, backend, &flow, now)
-}
-
-/// What `pick_backend` found.
-enum Pick {
-    Backend(u32, (Ipv6Words, u16)),
-    /// The sending pod is the frontend's only backend.
-    OnlyItself,
-    /// A slot names no IPv6 backend (maps being written).
-    Inconsistent,
-}
-
-/// A backend for a new flow, uniformly at random among the frontend's
-/// slots, never the sending pod itself (the IPv6 TC path has no hairpin
-/// yet): a pod that drew itself draws again among the other slots.
-#[inline(always)]
-fn pick_backend(packet: &Packet6, service: &ServiceValue) -> Pick {
-    let count = service.backend_count;
-    // SAFETY: plain helper call.
-    let drawn = lb::select_slot(unsafe { bpf_get_prandom_u32() }, count);
-    let Some(first) = slot_backend(service, drawn) else {
-        return Pick::Inconsistent;
-    };
-    if first.1.0 != packet.saddr_be {
-        return Pick::Backend(first.0, first.1);
-    }
-    if count < 2 {
-        return Pick::OnlyItself;
-    }
-    // One of the other count - 1 slots, each as likely.
-    // SAFETY: plain helper call.
-    let other = lb::select_slot(unsafe { bpf_get_prandom_u32() }, count - 1);
-    let slot = if other >= drawn { other + 1 } else { other };
-    match slot_backend(service, slot) {
-        Some((id, backend)) if backend.0 != packet.saddr_be => Pick::Backend(id, backend),
-        _ => Pick::Inconsistent,
-    }
 }
 
 /// The IPv6 backend in `slot` of `service`, with its id.
@@ -424,5 +393,11 @@ fn translate(
         return TC_ACT_SHOT;
     }
     frag6::translated(ctx, packet);
+    if flow.l2_mode == L2_HAIRPIN {
+        // To the pod itself: looped back from the hairpin source (the
+        // mode, set when the flow opened, is one compare where the
+        // addresses would be four and a stack slot this program has not).
+        return hairpin6::jump(ctx);
+    }
     l2::forward(ctx, flow, now)
 }

@@ -134,7 +134,7 @@ fn reply_in(ctx: &TcContext, packet: &Packet, table: &CtMap) -> i32 {
 /// addressed to the interface's own MAC (its source: the frame was
 /// leaving by it), which the receiving stack requires.
 #[inline(always)]
-fn loop_back(ctx: &TcContext) -> i32 {
+pub fn loop_back(ctx: &TcContext) -> i32 {
     let Some(eth) = ptr_at::<EthHdr>(ctx, 0) else {
         return TC_ACT_SHOT;
     };

@@ -28,7 +28,7 @@ use aya_ebpf::{
     programs::TcContext,
 };
 use datapath_common::{
-    IPPROTO_TCP, IPPROTO_UDP,
+    HAIRPIN_SOURCE6_BE, IPPROTO_TCP, IPPROTO_UDP,
     csum::{replace_u16, replace_u128},
     ipv6::{IPV6_HEADER_LEN, NEXTHDR_ICMPV6},
     maps::{CtEntry6, CtKey6, Ipv6Words},
@@ -253,6 +253,12 @@ pub fn on_egress(ctx: &TcContext) -> i32 {
     let Some(e) = parse(ctx) else {
         return TC_ACT_UNSPEC;
     };
+    if e.outer_dst_be == HAIRPIN_SOURCE6_BE {
+        // About a packet of a hairpin flow the pod received looped back
+        // (`crate::hairpin6`): it has nowhere to go (the hairpin source is
+        // on no wire), and is not translated back through the loop.
+        return TC_ACT_SHOT;
+    }
     // The quoted packet came service → client: the flow's service tuple.
     let key = ct6::service_key(e.dst_be, e.dport_be, e.src_be, e.sport_be, e.protocol);
     let Some(flow) = lookup(e.protocol, &key) else {
@@ -266,8 +272,9 @@ pub fn on_egress(ctx: &TcContext) -> i32 {
         return TC_ACT_UNSPEC;
     };
     if backend_address_be == e.dst_be {
-        // The pod is its own backend (hairpin, not built over IPv6 yet):
-        // not translated back through a loop; the flow times out instead.
+        // The pod is its own backend (hairpin): the error is about a
+        // reply it received looped back; not translated back through the
+        // loop (dropped, the flow times out instead).
         return TC_ACT_SHOT;
     }
     if rewrite(

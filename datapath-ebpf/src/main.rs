@@ -18,6 +18,7 @@ mod flags;
 mod frag;
 mod frag6;
 mod hairpin;
+mod hairpin6;
 mod icmp;
 mod icmp6;
 mod ingress;
@@ -61,6 +62,14 @@ pub fn up_tc_egress6(ctx: TcContext) -> i32 {
 #[classifier]
 pub fn up_tc_egress6_ext(ctx: TcContext) -> i32 {
     egress6::extended_run(&ctx)
+}
+
+/// The IPv6 hairpin (a pod's flow to itself, looped back), entered from
+/// `up_tc_egress6` and `up_tc_egress6_ext` by a tail call; never attached
+/// itself.
+#[classifier]
+pub fn up_tc_hairpin6(ctx: TcContext) -> i32 {
+    hairpin6::run(&ctx)
 }
 
 /// The IPv6 new flow (service lookup, backend pick, conntrack entries),

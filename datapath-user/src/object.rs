@@ -22,15 +22,20 @@ pub const TC_ICMP6_EGRESS: &str = "up_tc_icmp6_egress";
 /// `TC_EGRESS6` / `TC_INGRESS6` the same way.
 pub const TC_EGRESS6_EXT: &str = "up_tc_egress6_ext";
 pub const TC_INGRESS6_EXT: &str = "up_tc_ingress6_ext";
+/// The IPv6 hairpin, entered from `TC_EGRESS6` / `TC_EGRESS6_EXT`.
+pub const TC_HAIRPIN6: &str = "up_tc_hairpin6";
 /// The programs the TC pair jumps to, with their slots in `TC_JUMPS`.
 /// The ones entered from other jump targets first: a reused table is
 /// filled in this order, so that a new entry program never jumps into
-/// the previous generation's inner ones.
-pub const TC_JUMP_TARGETS: [(u32, &str); 8] = [
-    (datapath_common::jumps::NEW_FLOW6, TC_NEW_FLOW6),
+/// the previous generation's inner ones. (`TC_NEW_FLOW6` and
+/// `TC_EGRESS6_EXT` enter each other, the new flow only for packets with
+/// extension headers: the one entered from `TC_EGRESS6` goes later.)
+pub const TC_JUMP_TARGETS: [(u32, &str); 9] = [
+    (datapath_common::jumps::HAIRPIN6, TC_HAIRPIN6),
     (datapath_common::jumps::REFUSE6, TC_REFUSE6),
     (datapath_common::jumps::ICMP6_INGRESS, TC_ICMP6_INGRESS),
     (datapath_common::jumps::ICMP6_EGRESS, TC_ICMP6_EGRESS),
+    (datapath_common::jumps::NEW_FLOW6, TC_NEW_FLOW6),
     (datapath_common::jumps::EGRESS6_EXT, TC_EGRESS6_EXT),
     (datapath_common::jumps::INGRESS6_EXT, TC_INGRESS6_EXT),
     (datapath_common::jumps::EGRESS6, TC_EGRESS6),

@@ -632,3 +632,66 @@ fn datagrams_larger_than_the_mtu_cross_an_ipv6_cluster_ip_whole() {
     agent.stop();
     drop(server);
 }
+
+/// A pod on the TC path that reaches its own service's IPv6 ClusterIP
+/// gets its connection when it is the backend chosen (hairpin: looped
+/// back inside the pod from 100::a9fe:2a01), beside another backend and,
+/// after a manifest edit under live traffic, as the only one.
+#[test]
+fn a_pod_reaches_its_own_ipv6_service_on_the_tc_path() {
+    require_root("agent e2e");
+    let topo = Topology::build(&standard_pods()).expect("building the topology");
+    let pods = [topo.pod("client"), topo.pod("server-a")];
+    let mut servers = Vec::new();
+    for (pod, name) in pods.iter().zip(["client", "server-a"]) {
+        let address6 = pod.address6.expect("the topology is dual-stack");
+        servers.push(workload::tcp_server(&pod.namespace, address6, TARGET, name).unwrap());
+    }
+    let v4: Vec<Ipv4Addr> = pods.iter().map(|pod| pod.address).collect();
+    let v6: Vec<Ipv6Addr> = pods.iter().map(|pod| pod.address6.unwrap()).collect();
+    let pins = PinDir(PathBuf::from(format!("/sys/fs/bpf/{}", topo.prefix)));
+    let dir = tempdir(&topo.prefix);
+    let manifest = dir.join("dual.yaml");
+    write_atomically(&manifest, &dual_stack_manifest(&v4, &v6));
+    let filter = format!("{}-client*", topo.prefix);
+    let agent = Agent::start_with(&pins.0, &dir, &filter, &["--no-socket-lb", "--ipv6", "on"]);
+    let client = &topo.pod("client").namespace;
+    wait_until("the client's eth0 is attached", || {
+        pinned_tc_links(&pins.0).contains(&(client.name().to_owned(), "eth0".into()))
+    });
+    let target = SocketAddr::new(VIP6.into(), 80);
+    let ask = || {
+        client
+            .run(|| workload::tcp_request(target, TIMEOUT))
+            .unwrap()
+    };
+    let results = (0..40)
+        .map(|_| match ask() {
+            Ok(answer) => ProbeResult::Answer(answer),
+            Err(error) => panic!("every connection is answered: {error}"),
+        })
+        .collect();
+    let seen = spread("TCP", results, target);
+    assert_eq!(
+        seen.keys().collect::<Vec<_>>(),
+        ["client", "server-a"],
+        "the pod itself and server-a answer"
+    );
+
+    write_atomically(&manifest, &dual_stack_manifest(&v4, &v6[..1]));
+    wait_until("only the pod itself answers", || {
+        ask().is_ok_and(|answer| answer.server == "client")
+    });
+    for _ in 0..20 {
+        let answer = ask().expect("answered");
+        assert_eq!(
+            (answer.server.as_str(), answer.peer),
+            ("client", target),
+            "from the ClusterIP, by the pod itself"
+        );
+    }
+    let metrics = agent.get("/metrics").unwrap();
+    assert_eq!(datapath_event(&metrics, "no_backend"), 0, "{metrics}");
+    agent.stop();
+    drop(servers);
+}

@@ -392,29 +392,15 @@ fn an_ipv6_flow_whose_backend_left_moves_to_one_that_remains() {
 /// SYN with a reset acknowledging it (ECONNREFUSED at once even while
 /// `connect()` holds the socket), anything else (UDP, a TCP ACK of a flow
 /// whose backends all left) with an ICMPv6 port unreachable quoting 48
-/// bytes. So is a pod
-/// that is its service's only backend (no hairpin over IPv6 on TC yet);
-/// with another backend it is always sent to that one.
+/// bytes.
 #[test]
-fn an_ipv6_frontend_without_endpoints_or_only_the_pod_itself_refuses_new_flows() {
+fn an_ipv6_frontend_without_endpoints_refuses_new_flows() {
     let mut dp = load_private();
     datapath_with(&mut dp, &[]);
-    let myself = BackendEntry {
-        id: 3,
-        address: CLIENT.0,
-        port: 8080,
-    };
-    dp.maps
-        .set_service6(&frontend(Protocol::Tcp, 81), 3, &[myself])
-        .unwrap();
-    dp.maps
-        .set_service6(&frontend(Protocol::Tcp, 82), 4, &[myself, B2])
-        .unwrap();
     let mut refused = 0;
     for (what, input) in [
         ("SYN, no endpoints", Frame6::tcp(CLIENT, (VIP, 80), SYN)),
         ("UDP, no endpoints", Frame6::udp(CLIENT, (VIP, 53))),
-        ("SYN, the pod alone", Frame6::tcp(CLIENT, (VIP, 81), SYN)),
         // A flow whose backends all left: never sent on untranslated.
         ("ACK, no endpoints", Frame6::tcp(CLIENT, (VIP, 80), ACK)),
     ] {
@@ -448,12 +434,6 @@ fn an_ipv6_frontend_without_endpoints_or_only_the_pod_itself_refuses_new_flows()
             refused,
             "{what}"
         );
-    }
-    for port in 40000..40020 {
-        let syn = Frame6::tcp((CLIENT.0, port), (VIP, 82), SYN).with_macs(POD_MAC, GATEWAY_MAC);
-        let (v, out) = run(&mut dp, TC_EGRESS, &syn.build());
-        assert_eq!(v, verdict::REDIRECT);
-        assert_frame("never to itself", &out, &to_backend(&syn, &B2));
     }
 }
 
@@ -748,5 +728,105 @@ fn fragmented_ipv6_datagrams_are_translated_both_ways() {
             (verdict::NEXT, early.clone())
         );
         assert_eq!(dp.maps.counter(Counter::Fragment).unwrap(), 1);
+    }
+}
+
+/// A pod that reaches its own IPv6 service and is chosen as the backend
+/// gets its connection looped back inside it (hairpin): its SYN arrives
+/// in the pod from the hairpin source 100::a9fe:2a01 (addressed to the
+/// pod's own MAC), its SYN-ACK to that source is turned into one from the
+/// ClusterIP and looped back too, and later packets of the flow follow;
+/// every checksum verifies from scratch. A packet to the hairpin source
+/// of no flow is dropped, never sent to the gateway. With another backend
+/// beside it, the pod is chosen too (as over IPv4: no redraw).
+#[test]
+fn an_ipv6_pod_that_is_its_own_backend_gets_its_connection_looped_back() {
+    let hairpin: Ipv6Addr = "100::a9fe:2a01".parse().unwrap();
+    let myself = BackendEntry {
+        id: 3,
+        address: CLIENT.0,
+        port: 8080,
+    };
+    for checksums in [L4Checksums::Direct, L4Checksums::Helpers] {
+        let mut dp = load_private_checksums(checksums);
+        dp.maps
+            .set_service6(&frontend(Protocol::Tcp, 81), 3, &[myself])
+            .unwrap();
+        dp.maps
+            .set_service6(&frontend(Protocol::Udp, 53), 4, &[myself])
+            .unwrap();
+        let looped = |frame: Frame6| Frame6 {
+            dst_mac: POD_MAC,
+            src_mac: POD_MAC,
+            ..frame
+        };
+        let flows = [
+            (
+                "TCP",
+                Frame6::tcp(CLIENT, (VIP, 81), SYN),
+                L4::Tcp { flags: SYN | ACK },
+                Frame6::tcp(CLIENT, (VIP, 81), ACK | PSH).with_payload(b"again"),
+            ),
+            (
+                "UDP",
+                Frame6::udp(CLIENT, (VIP, 53)).with_payload(b"query"),
+                L4::Udp { checksum: true },
+                Frame6::udp(CLIENT, (VIP, 53)).with_payload(b"query 2"),
+            ),
+        ];
+        for (what, first, answer, next) in flows {
+            let what = format!("{what} ({checksums:?})");
+            let first = first.with_macs(POD_MAC, GATEWAY_MAC);
+            let (v, out) = run(&mut dp, TC_EGRESS, &first.build());
+            assert_eq!(v, verdict::REDIRECT, "{what}: looped back into the pod");
+            let arrives = Frame6 {
+                src: hairpin,
+                ..to_backend(&first, &myself)
+            };
+            assert_frame(&what, &out, &looped(arrives.clone()));
+
+            // The pod answers the hairpin source: from the ClusterIP.
+            let reply = arrives.reply(answer).with_macs(POD_MAC, GATEWAY_MAC);
+            let (v, out) = run(&mut dp, TC_EGRESS, &reply.build());
+            assert_eq!(v, verdict::REDIRECT, "{what}: the reply looped back");
+            let expected = Frame6 {
+                src: VIP,
+                sport: first.dport,
+                dst: CLIENT.0,
+                ..reply.clone()
+            };
+            assert_frame(&format!("{what} reply"), &out, &looped(expected));
+
+            // The flow's next packet (a conntrack hit) follows.
+            let next = next.with_macs(POD_MAC, GATEWAY_MAC);
+            let (v, out) = run(&mut dp, TC_EGRESS, &next.build());
+            assert_eq!(v, verdict::REDIRECT, "{what}: next packet");
+            let expected = Frame6 {
+                src: hairpin,
+                ..to_backend(&next, &myself)
+            };
+            assert_frame(&format!("{what} next"), &out, &looped(expected));
+        }
+        assert_eq!(dp.maps.counter(Counter::ConntrackMiss).unwrap(), 2);
+        assert_eq!(dp.maps.counter(Counter::ConntrackHit).unwrap(), 2);
+        assert_eq!(dp.maps.counter(Counter::ReverseTranslated).unwrap(), 2);
+
+        // No flow: dropped.
+        let stray = Frame6::tcp((CLIENT.0, 8080), (hairpin, 41000), ACK)
+            .with_macs(POD_MAC, GATEWAY_MAC)
+            .build();
+        assert_eq!(run(&mut dp, TC_EGRESS, &stray).0, verdict::SHOT);
+
+        // Beside another backend the pod is chosen too.
+        dp.maps
+            .set_service6(&frontend(Protocol::Tcp, 82), 5, &[myself, B2])
+            .unwrap();
+        let mut chosen = std::collections::BTreeSet::new();
+        for port in 40100..40140 {
+            let syn = Frame6::tcp((CLIENT.0, port), (VIP, 82), SYN).with_macs(POD_MAC, GATEWAY_MAC);
+            let (_, out) = run(&mut dp, TC_EGRESS, &syn.build());
+            chosen.insert(packet6::parse6(&out).unwrap().dst);
+        }
+        assert_eq!(chosen.len(), 2, "{checksums:?}: both backends drawn");
     }
 }
