@@ -79,6 +79,14 @@ pub const IPPROTO_UDP: u8 = 17;
 /// the packet alone ("upas").
 pub const SKB_CB_REDIRECTED: u32 = 0x7570_6173;
 
+/// `skb->cb[1]` of an IPv6 packet with extension headers whose new flow
+/// `up_tc_new_flow6` opened before handing it to `up_tc_egress6_ext` to
+/// translate ("upof"): if that program does not find the flow and jumps
+/// back, the new-flow program drops the packet instead of opening the
+/// flow again (the two would enter each other up to the kernel's
+/// tail-call limit).
+pub const SKB_CB_FLOW_OPENED: u32 = 0x7570_6f66;
+
 /// Network-order bytes of an IPv4 address as the `_be` fields hold them.
 #[inline(always)]
 pub const fn ipv4_be(octets: [u8; 4]) -> u32 {

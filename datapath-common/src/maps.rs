@@ -416,7 +416,10 @@ pub const L2_REWRITE: u8 = 1;
 /// pod that reached its own service on the TC path): looped back inside
 /// the pod (`up_tc_hairpin6`), never sent out. Set when the flow opens;
 /// only the IPv6 programs read it (a value added without a layout bump:
-/// a build before it never opened such a flow).
+/// a build before it never opened such a flow). Downgrading to such a
+/// build while hairpin flows live sends their packets out by
+/// `bpf_redirect_neigh` to the pod's own address until the entries
+/// expire: those connections break, no other.
 pub const L2_HAIRPIN: u8 = 2;
 /// Value of `CONNTRACK_TCP` and `CONNTRACK_UDP`.
 #[repr(C)]

@@ -20,7 +20,7 @@ use aya_ebpf::{
     programs::TcContext,
 };
 use datapath_common::{
-    HAIRPIN_SOURCE6_BE, IPPROTO_TCP,
+    HAIRPIN_SOURCE6_BE, IPPROTO_TCP, SKB_CB_FLOW_OPENED,
     conntrack::{self, Direction, TCP_ACK, TCP_SYN},
     lb,
     maps::{CtEntry6, CtKey6, Ipv6Words, L2_HAIRPIN, L2_UNRESOLVED, ServiceKey6, ServiceValue},
@@ -181,6 +181,13 @@ fn service_packet(ctx: &TcContext, packet: &Packet6, table: &CtMap6) -> i32 {
 /// opens its flow.
 #[inline(always)]
 pub fn new_flow_run(ctx: &TcContext) -> i32 {
+    if flow_opened(ctx) {
+        // `extended_run` did not find the flow opened for this very
+        // packet (an entry not written, or not taken): dropped rather
+        // than opened again.
+        count(Counter::Error);
+        return TC_ACT_SHOT;
+    }
     let Some(packet) = parse6::ipv6_l4(ctx) else {
         count(Counter::Error);
         return TC_ACT_SHOT;
@@ -231,6 +238,12 @@ fn new_flow(ctx: &TcContext, packet: &Packet6, table: &CtMap6, key: &CtKey6, now
     if service.backend_count == 0 {
         count(Counter::NoBackend);
         events::no_backend6(ctx, packet.daddr_be, packet.dport_be, packet.protocol);
+        if !packet.plain {
+            // The refusal answers (and quotes) a header right after the
+            // fixed one; past extension headers its error would name no
+            // socket. Dropped: the client's retransmissions meet the same.
+            return TC_ACT_SHOT;
+        }
         return refuse(ctx);
     }
     // SAFETY: plain helper call.
@@ -281,6 +294,9 @@ fn new_flow(ctx: &TcContext, packet: &Packet6, table: &CtMap6, key: &CtKey6, now
         // frame: `extended_run` finds the flow just opened and translates
         // it (counted there as a hit too). Without the jump: dropped,
         // never sent on untranslated.
+        // SAFETY: the skb pointer is the program's context; cb is
+        // writable from TC programs.
+        unsafe { (*ctx.skb.skb).cb[1] = SKB_CB_FLOW_OPENED };
         // SAFETY: a tail call on the program's own context; on success
         // it does not return.
         unsafe { TC_JUMPS.tail_call(ctx, datapath_common::jumps::EGRESS6_EXT) };
@@ -288,6 +304,14 @@ fn new_flow(ctx: &TcContext, packet: &Packet6, table: &CtMap6, key: &CtKey6, now
         return TC_ACT_SHOT;
     }
     translate(ctx, packet, backend, &flow, now)
+}
+
+/// True when this packet's flow was opened by `up_tc_new_flow6` already
+/// (`SKB_CB_FLOW_OPENED`).
+#[inline(always)]
+fn flow_opened(ctx: &TcContext) -> bool {
+    // SAFETY: the skb pointer is the program's context.
+    unsafe { (*ctx.skb.skb).cb[1] == SKB_CB_FLOW_OPENED }
 }
 
 /// The IPv6 backend in `slot` of `service`, with its id.

@@ -41,8 +41,10 @@ pub fn is_hairpin(packet: &Packet6, backend_be: &Ipv6Words) -> bool {
     same_address(&packet.saddr_be, backend_be)
 }
 
-/// Two IPv6 addresses compared word by word (an array compare may become
-/// a `bcmp` call, which BPF has not).
+/// Two IPv6 addresses compared word by word: compared as arrays, two
+/// runtime values made LLVM's BPF backend crash on this program (a
+/// `bcmp` left for post-RA expansion); against a constant, or elsewhere,
+/// `==` compiles.
 #[inline(always)]
 fn same_address(a: &Ipv6Words, b: &Ipv6Words) -> bool {
     a[0] == b[0] && a[1] == b[1] && a[2] == b[2] && a[3] == b[3]

@@ -18,10 +18,12 @@
 //! The work runs in programs of their own (`up_tc_icmp6_ingress`,
 //! `up_tc_icmp6_egress`), entered by a tail call only for ICMPv6 errors
 //! (`jump_if_error`: two bytes read in place), so neither the per-packet
-//! IPv6 path nor NDP pays for it. Only errors whose packet carries the
-//! ICMPv6 header right after the fixed header, quoting a TCP or UDP
-//! packet whose header follows its fixed header, are translated: the
-//! only packets the IPv6 TC path translates (`Packet6::plain`).
+//! IPv6 path nor NDP pays for it. Errors whose own ICMPv6 header follows
+//! the fixed header are translated (what routers and hosts send); the
+//! quoted packet's extension headers are walked as a packet's are
+//! (`datapath_common::ipv6::upper_layer`): a "packet too big" about a
+//! fragmented UDP datagram quotes its first fragment, whose ports name
+//! the flow. A quoted later fragment has no ports: left as it is.
 
 use aya_ebpf::{
     bindings::{TC_ACT_OK, TC_ACT_SHOT, TC_ACT_UNSPEC},
@@ -30,7 +32,7 @@ use aya_ebpf::{
 use datapath_common::{
     HAIRPIN_SOURCE6_BE, IPPROTO_TCP, IPPROTO_UDP,
     csum::{replace_u16, replace_u128},
-    ipv6::{IPV6_HEADER_LEN, NEXTHDR_ICMPV6},
+    ipv6::{self, IPV6_HEADER_LEN, NEXTHDR_ICMPV6},
     maps::{CtEntry6, CtKey6, Ipv6Words},
     metrics::Counter,
 };
@@ -52,9 +54,8 @@ const ICMP_OFF: usize = ETH_LEN + IPV6_HEADER_LEN;
 const ICMP_CSUM_OFF: usize = ICMP_OFF + 2;
 /// The ICMPv6 error header before the quoted packet.
 const ICMP_HEADER_LEN: usize = 8;
-/// The quoted packet's fixed header, and its TCP/UDP header after it.
+/// The quoted packet's fixed header.
 const QUOTED_IP_OFF: usize = ICMP_OFF + ICMP_HEADER_LEN;
-const QUOTED_L4_OFF: usize = QUOTED_IP_OFF + IPV6_HEADER_LEN;
 /// Offsets of the addresses and of the next-header field in an IPv6
 /// header.
 const IP6_NEXT_HEADER_OFF: usize = 6;
@@ -89,6 +90,8 @@ pub fn jump_if_error(ctx: &TcContext, slot: u32) -> i32 {
 
 /// An ICMPv6 error quoting a TCP or UDP packet.
 struct QuotedError {
+    /// Where the quoted TCP/UDP header starts in the frame.
+    quoted_l4_off: usize,
     outer_src_be: Ipv6Words,
     outer_dst_be: Ipv6Words,
     /// The quoted packet's addresses, ports and protocol.
@@ -109,12 +112,34 @@ fn parse(ctx: &TcContext) -> Option<QuotedError> {
         return None;
     }
     let quoted_version: u8 = ctx.load(QUOTED_IP_OFF).ok()?;
-    let protocol: u8 = ctx.load(QUOTED_IP_OFF + IP6_NEXT_HEADER_OFF).ok()?;
-    if quoted_version >> 4 != 6 || (protocol != IPPROTO_TCP && protocol != IPPROTO_UDP) {
+    let next_header: u8 = ctx.load(QUOTED_IP_OFF + IP6_NEXT_HEADER_OFF).ok()?;
+    if quoted_version >> 4 != 6 {
         return None;
     }
-    let [sport_be, dport_be]: [u16; 2] = ctx.load(QUOTED_L4_OFF).ok()?;
+    let (protocol, quoted_l4_off) = if next_header == IPPROTO_TCP || next_header == IPPROTO_UDP {
+        (next_header, QUOTED_IP_OFF + IPV6_HEADER_LEN)
+    } else {
+        let ipv6::Upper::Found {
+            protocol,
+            offset,
+            fragment,
+        } = ipv6::upper_layer(next_header, |at| {
+            ctx.load::<[u8; 8]>(QUOTED_IP_OFF + at).ok()
+        })
+        else {
+            return None;
+        };
+        if fragment.is_some_and(|f| f.is_later()) {
+            return None;
+        }
+        (protocol, QUOTED_IP_OFF + offset)
+    };
+    if protocol != IPPROTO_TCP && protocol != IPPROTO_UDP {
+        return None;
+    }
+    let [sport_be, dport_be]: [u16; 2] = ctx.load(quoted_l4_off).ok()?;
     Some(QuotedError {
+        quoted_l4_off,
         outer_src_be: ctx.load(ETH_LEN + IP6_SRC_OFF).ok()?,
         outer_dst_be: ctx.load(ETH_LEN + IP6_DST_OFF).ok()?,
         src_be: ctx.load(QUOTED_IP_OFF + IP6_SRC_OFF).ok()?,
@@ -157,7 +182,7 @@ fn rewrite(
 
     // The quoted address and port: bytes the ICMPv6 checksum covers.
     ctx.store(QUOTED_IP_OFF + ip_field, &address_be, 0).ok()?;
-    ctx.store(QUOTED_L4_OFF + port_field, &port_be, 0).ok()?;
+    ctx.store(e.quoted_l4_off + port_field, &port_be, 0).ok()?;
     icmp_csum = replace_u16(
         replace_u128(icmp_csum, old_address, address_be),
         old_port,
@@ -166,7 +191,7 @@ fn rewrite(
 
     // The quoted L4 checksum when the error quoted it (UDP's at byte 6,
     // TCP's at 16): its pseudo header held the old address.
-    let l4_csum_at = QUOTED_L4_OFF
+    let l4_csum_at = e.quoted_l4_off
         + if e.protocol == IPPROTO_TCP {
             TCP_CSUM_OFF
         } else {

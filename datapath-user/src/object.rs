@@ -27,9 +27,10 @@ pub const TC_HAIRPIN6: &str = "up_tc_hairpin6";
 /// The programs the TC pair jumps to, with their slots in `TC_JUMPS`.
 /// The ones entered from other jump targets first: a reused table is
 /// filled in this order, so that a new entry program never jumps into
-/// the previous generation's inner ones. (`TC_NEW_FLOW6` and
-/// `TC_EGRESS6_EXT` enter each other, the new flow only for packets with
-/// extension headers: the one entered from `TC_EGRESS6` goes later.)
+/// the previous generation's inner ones; nothing reaches the slots a
+/// generation adds until its `TC_EGRESS6`/`TC_INGRESS6` are in (last).
+/// A downgrade leaves the newer slots filled, unused: older programs
+/// never jump there.
 pub const TC_JUMP_TARGETS: [(u32, &str); 9] = [
     (datapath_common::jumps::HAIRPIN6, TC_HAIRPIN6),
     (datapath_common::jumps::REFUSE6, TC_REFUSE6),

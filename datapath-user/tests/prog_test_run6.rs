@@ -435,6 +435,32 @@ fn an_ipv6_frontend_without_endpoints_refuses_new_flows() {
             "{what}"
         );
     }
+    // Past an extension header the refusal could name no socket: the
+    // packet is dropped (counted), never sent on untranslated.
+    let hop_by_hop = Frame6::tcp(CLIENT, (VIP, 80), SYN)
+        .with_extension(0, 0)
+        .with_macs(POD_MAC, GATEWAY_MAC);
+    assert_eq!(
+        run(&mut dp, TC_EGRESS, &hop_by_hop.build()).0,
+        verdict::SHOT
+    );
+    assert_eq!(dp.maps.counter(Counter::NoBackend).unwrap(), refused + 1);
+}
+
+/// A SYN|FIN past an extension header opens a flow that
+/// `up_tc_egress6_ext` does not take (a closing state: `syn_reopens`):
+/// dropped once, counted, instead of the two programs opening it again
+/// and again up to the kernel's tail-call limit.
+#[test]
+fn a_new_flow_the_extended_program_does_not_take_is_dropped_once() {
+    let mut dp = load_private();
+    datapath_with(&mut dp, &[B1]);
+    let odd = Frame6::tcp(CLIENT, (VIP, 80), SYN | FIN)
+        .with_extension(0, 0)
+        .with_macs(POD_MAC, GATEWAY_MAC);
+    assert_eq!(run(&mut dp, TC_EGRESS, &odd.build()).0, verdict::SHOT);
+    assert_eq!(dp.maps.counter(Counter::ConntrackMiss).unwrap(), 1);
+    assert_eq!(dp.maps.counter(Counter::Error).unwrap(), 1);
 }
 
 /// The egress program the loader pins (for the CNI plugin, which attaches
@@ -622,6 +648,36 @@ fn icmpv6_errors_about_translated_flows_are_translated() {
         assert_icmp6("the client's error goes to the backend", &out, &expected);
         assert_eq!(dp.maps.counter(Counter::IcmpErrorTranslated).unwrap(), 4);
 
+        // A router's packet too big about a UDP datagram sent in
+        // fragments quotes its first fragment (fragment header, then the
+        // UDP header): translated too.
+        let large = Frame6::udp((CLIENT.0, 40003), (VIP, 53))
+            .with_payload(&[5; 3000])
+            .with_macs(POD_MAC, GATEWAY_MAC);
+        let first = packet6::fragments(&large, 1232, 0x77).remove(0);
+        let (v, on_wire) = run(&mut dp, TC_EGRESS, &first);
+        assert_eq!(v, verdict::REDIRECT);
+        let error = packet6::icmp6(
+            router,
+            CLIENT.0,
+            PACKET_TOO_BIG,
+            0,
+            1280,
+            &on_wire[14..14 + 1232],
+        );
+        let (v, out) = run(&mut dp, TC_INGRESS, &error.build());
+        assert_eq!(v, verdict::OK, "packet too big about a first fragment");
+        let expected = packet6::icmp6(
+            router,
+            CLIENT.0,
+            PACKET_TOO_BIG,
+            0,
+            1280,
+            &first[14..14 + 1232],
+        );
+        assert_icmp6("packet too big about a first fragment", &out, &expected);
+        assert_eq!(dp.maps.counter(Counter::IcmpErrorTranslated).unwrap(), 5);
+
         // About a flow nobody tracks, or not an error: untouched.
         let other = Frame6::udp((CLIENT.0, 41000), (B1.address, B1.port)).build();
         let untracked = packet6::icmp6(router, CLIENT.0, TIME_EXCEEDED, 0, 0, &other[14..]).build();
@@ -640,7 +696,7 @@ fn icmpv6_errors_about_translated_flows_are_translated() {
                 "{description}"
             );
         }
-        assert_eq!(dp.maps.counter(Counter::IcmpErrorTranslated).unwrap(), 4);
+        assert_eq!(dp.maps.counter(Counter::IcmpErrorTranslated).unwrap(), 5);
     }
 }
 
