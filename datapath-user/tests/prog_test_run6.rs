@@ -867,6 +867,38 @@ fn an_ipv6_pod_that_is_its_own_backend_gets_its_connection_looped_back() {
         assert_eq!(dp.maps.counter(Counter::ConntrackHit).unwrap(), 2);
         assert_eq!(dp.maps.counter(Counter::ReverseTranslated).unwrap(), 2);
 
+        // Past an extension header (through `up_tc_egress6_ext` and the
+        // new-flow program and back), and the reply likewise.
+        let syn = Frame6::tcp((CLIENT.0, 40200), (VIP, 81), SYN)
+            .with_extension(0, 0)
+            .with_macs(POD_MAC, GATEWAY_MAC);
+        let (v, out) = run(&mut dp, TC_EGRESS, &syn.build());
+        assert_eq!(v, verdict::REDIRECT, "{checksums:?}: hop-by-hop SYN looped");
+        let arrives = Frame6 {
+            src: hairpin,
+            ..to_backend(&syn, &myself)
+        };
+        assert_frame("hop-by-hop SYN", &out, &looped(arrives.clone()));
+        let reply = arrives
+            .reply(L4::Tcp { flags: SYN | ACK })
+            .with_macs(POD_MAC, GATEWAY_MAC);
+        let (v, out) = run(&mut dp, TC_EGRESS, &reply.build());
+        assert_eq!(v, verdict::REDIRECT);
+        let expected = Frame6 {
+            src: VIP,
+            sport: 81,
+            dst: CLIENT.0,
+            ..reply.clone()
+        };
+        assert_frame("hop-by-hop SYN-ACK", &out, &looped(expected));
+
+        // The pod's ICMPv6 error about a looped-back packet: dropped (the
+        // hairpin source is on no wire).
+        let error = packet6::icmp6(CLIENT.0, hairpin, 1, 4, 0, &arrives.build()[14..])
+            .with_macs(POD_MAC, GATEWAY_MAC)
+            .build();
+        assert_eq!(run(&mut dp, TC_EGRESS, &error).0, verdict::SHOT);
+
         // No flow: dropped.
         let stray = Frame6::tcp((CLIENT.0, 8080), (hairpin, 41000), ACK)
             .with_macs(POD_MAC, GATEWAY_MAC)
