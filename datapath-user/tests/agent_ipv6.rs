@@ -60,6 +60,36 @@ fn dual_stack_manifest(v4: &[Ipv4Addr], v6: &[Ipv6Addr]) -> String {
     text
 }
 
+/// The agent with `--ipv6 on` and no socket-LB serving `manifest`
+/// (written as `dual.yaml`), its TC pair on the client pod, attached
+/// before this returns: for the tests of the IPv6 TC path alone. Dropped
+/// in field order: the agent first, then its manifests and pins.
+struct TcPathAgent {
+    agent: Agent,
+    manifest: PathBuf,
+    _dir: ManifestDir,
+    _pins: PinDir,
+}
+
+fn tc_path_agent(topo: &Topology, manifest: &str) -> TcPathAgent {
+    let pins = PinDir(PathBuf::from(format!("/sys/fs/bpf/{}", topo.prefix)));
+    let dir = tempdir(&topo.prefix);
+    let path = dir.join("dual.yaml");
+    write_atomically(&path, manifest);
+    let filter = format!("{}-client*", topo.prefix);
+    let agent = Agent::start_with(&pins.0, &dir, &filter, &["--no-socket-lb", "--ipv6", "on"]);
+    let client = topo.pod("client").namespace.name().to_owned();
+    wait_until("the client's eth0 is attached", || {
+        pinned_tc_links(&pins.0).contains(&(client.clone(), "eth0".into()))
+    });
+    TcPathAgent {
+        agent,
+        manifest: path,
+        _dir: dir,
+        _pins: pins,
+    }
+}
+
 /// Which server answered each of `results`; panics on a failure.
 fn spread(what: &str, results: Vec<ProbeResult>, peer: SocketAddr) -> BTreeMap<String, usize> {
     let mut spread = BTreeMap::new();
@@ -548,18 +578,8 @@ fn path_mtu_discovery_works_through_an_ipv6_cluster_ip() {
         .status()
         .unwrap();
     assert!(narrow.success(), "narrowing the gateway's route");
-    let pins = PinDir(PathBuf::from(format!("/sys/fs/bpf/{}", topo.prefix)));
-    let dir = tempdir(&topo.prefix);
-    write_atomically(
-        &dir.join("dual.yaml"),
-        &dual_stack_manifest(&[pod.address], &[address6]),
-    );
-    let filter = format!("{}-client*", topo.prefix);
-    let agent = Agent::start_with(&pins.0, &dir, &filter, &["--no-socket-lb", "--ipv6", "on"]);
+    let lab = tc_path_agent(&topo, &dual_stack_manifest(&[pod.address], &[address6]));
     let client = &topo.pod("client").namespace;
-    wait_until("the client's eth0 is attached", || {
-        pinned_tc_links(&pins.0).contains(&(client.name().to_owned(), "eth0".into()))
-    });
     let target = SocketAddr::new(VIP6.into(), 80);
     let mut conversation = client
         .run(|| workload::Conversation::open(target, Duration::from_secs(10)))
@@ -572,13 +592,13 @@ fn path_mtu_discovery_works_through_an_ipv6_cluster_ip() {
             .expect("a 2 MB transfer through the narrow hop"),
         "server-c"
     );
-    let metrics = agent.get("/metrics").unwrap();
+    let metrics = lab.agent.get("/metrics").unwrap();
     assert!(
         datapath_event(&metrics, "icmp_error_translated") >= 1,
         "the gateway's packet too big was translated: {metrics}"
     );
     assert!(datapath_event(&metrics, "conntrack_hit") > 0, "{metrics}");
-    agent.stop();
+    lab.agent.stop();
     drop(servers);
 }
 
@@ -596,18 +616,8 @@ fn datagrams_larger_than_the_mtu_cross_an_ipv6_cluster_ip_whole() {
     let pod = topo.pod("server-a");
     let address6 = pod.address6.expect("the topology is dual-stack");
     let server = workload::udp_server(&pod.namespace, address6, 5353, "server-a").unwrap();
-    let pins = PinDir(PathBuf::from(format!("/sys/fs/bpf/{}", topo.prefix)));
-    let dir = tempdir(&topo.prefix);
-    write_atomically(
-        &dir.join("dual.yaml"),
-        &dual_stack_manifest(&[pod.address], &[address6]),
-    );
-    let filter = format!("{}-client*", topo.prefix);
-    let agent = Agent::start_with(&pins.0, &dir, &filter, &["--no-socket-lb", "--ipv6", "on"]);
+    let lab = tc_path_agent(&topo, &dual_stack_manifest(&[pod.address], &[address6]));
     let client = &topo.pod("client").namespace;
-    wait_until("the client's eth0 is attached", || {
-        pinned_tc_links(&pins.0).contains(&(client.name().to_owned(), "eth0".into()))
-    });
     let target = SocketAddr::new(VIP6.into(), 53);
     for size in [4000, 9000, 20000] {
         let (answer, length) = client
@@ -618,7 +628,7 @@ fn datagrams_larger_than_the_mtu_cross_an_ipv6_cluster_ip_whole() {
         assert_eq!(answer.peer, target, "the answer comes from the ClusterIP");
         assert_eq!(length, size, "the answer arrives whole");
     }
-    let metrics = agent.get("/metrics").unwrap();
+    let metrics = lab.agent.get("/metrics").unwrap();
     let translated = datapath_event(&metrics, "fragment_translated");
     assert!(
         translated >= 2 * (2 + 6 + 13),
@@ -629,7 +639,7 @@ fn datagrams_larger_than_the_mtu_cross_an_ipv6_cluster_ip_whole() {
         0,
         "{metrics}"
     );
-    agent.stop();
+    lab.agent.stop();
     drop(server);
 }
 
@@ -649,16 +659,8 @@ fn a_pod_reaches_its_own_ipv6_service_on_the_tc_path() {
     }
     let v4: Vec<Ipv4Addr> = pods.iter().map(|pod| pod.address).collect();
     let v6: Vec<Ipv6Addr> = pods.iter().map(|pod| pod.address6.unwrap()).collect();
-    let pins = PinDir(PathBuf::from(format!("/sys/fs/bpf/{}", topo.prefix)));
-    let dir = tempdir(&topo.prefix);
-    let manifest = dir.join("dual.yaml");
-    write_atomically(&manifest, &dual_stack_manifest(&v4, &v6));
-    let filter = format!("{}-client*", topo.prefix);
-    let agent = Agent::start_with(&pins.0, &dir, &filter, &["--no-socket-lb", "--ipv6", "on"]);
+    let lab = tc_path_agent(&topo, &dual_stack_manifest(&v4, &v6));
     let client = &topo.pod("client").namespace;
-    wait_until("the client's eth0 is attached", || {
-        pinned_tc_links(&pins.0).contains(&(client.name().to_owned(), "eth0".into()))
-    });
     let target = SocketAddr::new(VIP6.into(), 80);
     let ask = || {
         client
@@ -678,7 +680,7 @@ fn a_pod_reaches_its_own_ipv6_service_on_the_tc_path() {
         "the pod itself and server-a answer"
     );
 
-    write_atomically(&manifest, &dual_stack_manifest(&v4, &v6[..1]));
+    write_atomically(&lab.manifest, &dual_stack_manifest(&v4, &v6[..1]));
     wait_until("only the pod itself answers", || {
         (0..10).all(|_| ask().is_ok_and(|answer| answer.server == "client"))
     });
@@ -690,8 +692,8 @@ fn a_pod_reaches_its_own_ipv6_service_on_the_tc_path() {
             "from the ClusterIP, by the pod itself"
         );
     }
-    let metrics = agent.get("/metrics").unwrap();
+    let metrics = lab.agent.get("/metrics").unwrap();
     assert_eq!(datapath_event(&metrics, "no_backend"), 0, "{metrics}");
-    agent.stop();
+    lab.agent.stop();
     drop(servers);
 }
