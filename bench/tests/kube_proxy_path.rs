@@ -2,10 +2,12 @@
 //! ClusterIP traffic takes the coordinator veth to its node, where
 //! kube-proxy's own rules (iptables, then nftables; ip6tables and the
 //! `ip6` table over IPv6) DNAT and masquerade it to a server on the other
-//! node. In namespaces this test creates.
+//! node. In namespaces this test creates. The server sees node 1's
+//! address as the peer (kube-proxy's masquerade), not the client's.
 
 use std::{
     net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
+    process::Command,
     time::Duration,
 };
 
@@ -14,10 +16,37 @@ use bench::{
     family::IpFamily,
     kubeproxy::service_ports,
 };
-use lab::{PodSpec, Topology, standard_pods, workload};
+use lab::{
+    Namespace, PodSpec, Topology, standard_pods,
+    topology::{NODE_ADDRESSES, NODE_ADDRESSES6},
+    workload,
+};
 
 const VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 9, 9);
 const VIP6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x10, 0x96, 0, 0, 0, 0, 0x99);
+
+/// The peer addresses of the established TCP connections to `port` in
+/// `namespace`, as its sockets see them (`ss`).
+fn peers_of(namespace: &Namespace, port: u16) -> Vec<IpAddr> {
+    let out = namespace
+        .run(|| {
+            Command::new("ss")
+                .args(["-Htn", "state", "established"])
+                .arg(format!("( sport = :{port} )"))
+                .output()
+        })
+        .unwrap()
+        .expect("running ss");
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|line| {
+            // Recv-Q Send-Q Local:Port Peer:Port
+            let peer = line.split_whitespace().nth(3)?;
+            let (address, _) = peer.rsplit_once(':')?;
+            address.trim_matches(['[', ']']).parse().ok()
+        })
+        .collect()
+}
 
 fn through_the_node(family: IpFamily) {
     let pods: Vec<PodSpec> = standard_pods()
@@ -46,6 +75,15 @@ fn through_the_node(family: IpFamily) {
             .unwrap()
     };
 
+    // The client's node (node 0, where the rules run) as server-b sees it
+    // on the wire after the masquerade.
+    let (client_node, client_address): (IpAddr, IpAddr) = match family {
+        IpFamily::V4 => (NODE_ADDRESSES[0].into(), topo.pod("client").address.into()),
+        IpFamily::V6 => (
+            NODE_ADDRESSES6[0].into(),
+            topo.pod("client").address6.unwrap().into(),
+        ),
+    };
     for flavour in [KubeProxy::Iptables, KubeProxy::Nftables] {
         install_kube_proxy(&topo.nodes[0], &ports, flavour, family, None).unwrap();
         for _ in 0..3 {
@@ -53,6 +91,22 @@ fn through_the_node(family: IpFamily) {
             assert_eq!(answer.server, "server-b");
             assert_eq!(answer.peer, frontend, "replies come back from the VIP");
         }
+        let mut held = topo
+            .pod("client")
+            .namespace
+            .run(|| workload::Conversation::open(frontend, Duration::from_secs(2)))
+            .unwrap()
+            .unwrap();
+        assert_eq!(held.ask().unwrap(), "server-b");
+        let peers = peers_of(&server.namespace, 8080);
+        // (Earlier requests' connections may still be closing: all of
+        // them came from the node too.)
+        assert!(
+            !peers.is_empty() && peers.iter().all(|&peer| peer == client_node),
+            "{family} {flavour:?}: masqueraded to the node {client_node}, not the client \
+             {client_address}: {peers:?}"
+        );
+        drop(held);
         remove_kube_proxy(&topo.nodes[0], flavour, family).unwrap();
     }
     // Without the rules, the ClusterIP leads nowhere: the test can fail.
