@@ -108,6 +108,7 @@ impl Testbed {
                 address: address.into(),
             })?;
         }
+        check_addresses(&topo, family)?;
         let cgroups = BenchCgroups::create(&topo.prefix)?;
         let servers = start_servers(&topo, kinds, cgroups.servers.path(), family)?;
         topo.add_coordinator_veth("client")?;
@@ -406,9 +407,25 @@ fn address_of(topo: &Topology, role: &str, family: IpFamily) -> IpAddr {
         IpFamily::V4 => pod.address.into(),
         IpFamily::V6 => pod
             .address6
-            .unwrap_or_else(|| panic!("{role} has no IPv6 address in this topology"))
+            .expect("every pod's IPv6 address is checked when the testbed is built")
             .into(),
     }
+}
+
+/// An error naming the first pod without an address of `family` (the
+/// built-in topology gives every pod both; a topology that did not would
+/// otherwise stop the bench halfway).
+fn check_addresses(topo: &Topology, family: IpFamily) -> Result<()> {
+    if family == IpFamily::V6
+        && let Some(pod) = topo.pods.iter().find(|pod| pod.address6.is_none())
+    {
+        anyhow::bail!(
+            "pod {} ({}) has no IPv6 address in this topology: `--family 6` needs every pod dual-stack",
+            pod.role,
+            pod.namespace.name()
+        );
+    }
+    Ok(())
 }
 
 /// The echo server (and, for the tools' workloads, sockperf, iperf3 and
