@@ -289,7 +289,7 @@ pub fn install_kube_proxy(
                 limit,
             )?;
             // Prepended in list order, as kube-proxy's EnsureRule does.
-            for (table, chain, rule) in kubeproxy::iptables_jumps() {
+            for (table, chain, rule) in kubeproxy::iptables_jumps(family) {
                 let script = format!("*{table}\n-I {chain} 1 {rule}\nCOMMIT\n");
                 run_in(node, restore, &["-w", "5", "--noflush"], &script)?;
             }

@@ -184,13 +184,24 @@ pub fn iptables_restore_partial(
 }
 
 /// The jump rules kube-proxy installs once with `iptables -I` (not part
-/// of the restore payload), as (table, chain, rule arguments).
-pub fn iptables_jumps() -> Vec<(&'static str, &'static str, String)> {
+/// of the restore payload), as (table, chain, rule arguments), for the
+/// proxier of `family`. Over IPv4 kubelet's two jumps to `KUBE-FIREWALL`
+/// (no comment; the chain is in the IPv4 payload only) come first:
+/// kubelet starts before kube-proxy, whose rules, prepended, then stand
+/// before them.
+pub fn iptables_jumps(family: IpFamily) -> Vec<(&'static str, &'static str, String)> {
     let rule = |extra: &str, comment: &str, to: &str| {
         format!("{extra}-m comment --comment \"{comment}\" -j {to}")
     };
     let new = "-m conntrack --ctstate NEW ";
-    vec![
+    let kubelet = match family {
+        IpFamily::V4 => vec![
+            ("filter", "INPUT", "-j KUBE-FIREWALL".to_owned()),
+            ("filter", "OUTPUT", "-j KUBE-FIREWALL".to_owned()),
+        ],
+        IpFamily::V6 => Vec::new(),
+    };
+    let kube_proxy = vec![
         (
             "filter",
             "INPUT",
@@ -275,5 +286,6 @@ pub fn iptables_jumps() -> Vec<(&'static str, &'static str, String)> {
             "POSTROUTING",
             rule("", "kubernetes postrouting rules", "KUBE-POSTROUTING"),
         ),
-    ]
+    ];
+    kubelet.into_iter().chain(kube_proxy).collect()
 }
