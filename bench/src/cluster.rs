@@ -288,6 +288,10 @@ pub fn install_kube_proxy(
                 &payload,
                 limit,
             )?;
+            for (table, chain) in kubeproxy::iptables_ensured_chains(family) {
+                let script = format!("*{table}\n:{chain} - [0:0]\nCOMMIT\n");
+                run_in(node, restore, &["-w", "5", "--noflush"], &script)?;
+            }
             // Prepended in list order, as kube-proxy's EnsureRule does.
             for (table, chain, rule) in kubeproxy::iptables_jumps(family) {
                 let script = format!("*{table}\n-I {chain} 1 {rule}\nCOMMIT\n");

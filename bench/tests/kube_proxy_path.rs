@@ -2,8 +2,9 @@
 //! ClusterIP traffic takes the coordinator veth to its node, where
 //! kube-proxy's own rules (iptables, then nftables; ip6tables and the
 //! `ip6` table over IPv6) DNAT and masquerade it to a server on the other
-//! node. In namespaces this test creates. The server sees node 1's
-//! address as the peer (kube-proxy's masquerade), not the client's.
+//! node. In namespaces this test creates. The server sees the address of
+//! the client's node (`node1`, `nodes[0]`) as the peer (kube-proxy's
+//! masquerade), not the client's.
 
 use std::{
     net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
@@ -37,13 +38,20 @@ fn peers_of(namespace: &Namespace, port: u16) -> Vec<IpAddr> {
         })
         .unwrap()
         .expect("running ss");
+    assert!(
+        out.status.success(),
+        "ss: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     String::from_utf8_lossy(&out.stdout)
         .lines()
-        .filter_map(|line| {
+        .map(|line| {
             // Recv-Q Send-Q Local:Port Peer:Port
-            let peer = line.split_whitespace().nth(3)?;
-            let (address, _) = peer.rsplit_once(':')?;
-            address.trim_matches(['[', ']']).parse().ok()
+            line.split_whitespace()
+                .nth(3)
+                .and_then(|peer| peer.rsplit_once(':'))
+                .and_then(|(address, _)| address.trim_matches(['[', ']']).parse().ok())
+                .unwrap_or_else(|| panic!("an `ss` line not understood: {line:?}"))
         })
         .collect()
 }

@@ -414,3 +414,53 @@ fn the_checks_reject_a_broken_ruleset() {
         .replace("jump mark-for-masquerade", "jump no-such-chain");
     assert!(check_in_namespace("nft", &["--check", "-f", "-"], &script).is_err());
 }
+
+/// The jumps stand in the node's built-in chains as on a real node, each
+/// prepended in list order: over IPv4 kubelet's `KUBE-FIREWALL` jumps
+/// (made before kube-proxy starts) last, over IPv6 (made by kube-proxy
+/// after its own) first; kube-proxy's own in reverse list order
+/// (kube-proxy-rules.md §1.2).
+#[test]
+fn jumps_stand_in_the_order_a_node_has_them() {
+    use bench::{family::IpFamily, kubeproxy::iptables_jumps};
+    let final_order = |family: IpFamily, chain: &str| -> Vec<String> {
+        iptables_jumps(family)
+            .into_iter()
+            .filter(|(table, c, _)| *table == "filter" && *c == chain)
+            .rev()
+            .map(|(_, _, rule)| rule.rsplit("-j ").next().unwrap().to_owned())
+            .collect()
+    };
+    let input = [
+        "KUBE-PROXY-FIREWALL",
+        "KUBE-NODEPORTS",
+        "KUBE-EXTERNAL-SERVICES",
+    ];
+    let output = ["KUBE-PROXY-FIREWALL", "KUBE-SERVICES"];
+    let with_kubelet_last = |chains: &[&str]| {
+        let mut v: Vec<String> = chains.iter().map(|c| c.to_string()).collect();
+        v.push("KUBE-FIREWALL".into());
+        v
+    };
+    let with_kubelet_first = |chains: &[&str]| {
+        let mut v = vec!["KUBE-FIREWALL".to_string()];
+        v.extend(chains.iter().map(|c| c.to_string()));
+        v
+    };
+    assert_eq!(
+        final_order(IpFamily::V4, "INPUT"),
+        with_kubelet_last(&input)
+    );
+    assert_eq!(
+        final_order(IpFamily::V4, "OUTPUT"),
+        with_kubelet_last(&output)
+    );
+    assert_eq!(
+        final_order(IpFamily::V6, "INPUT"),
+        with_kubelet_first(&input)
+    );
+    assert_eq!(
+        final_order(IpFamily::V6, "OUTPUT"),
+        with_kubelet_first(&output)
+    );
+}

@@ -183,24 +183,23 @@ pub fn iptables_restore_partial(
     format!("*filter\n{filter_chains}{filter_rules}COMMIT\n*nat\n{nat_chains}{nat_rules}COMMIT\n")
 }
 
-/// The jump rules kube-proxy installs once with `iptables -I` (not part
-/// of the restore payload), as (table, chain, rule arguments), for the
-/// proxier of `family`. Over IPv4 kubelet's two jumps to `KUBE-FIREWALL`
-/// (no comment; the chain is in the IPv4 payload only) come first:
-/// kubelet starts before kube-proxy, whose rules, prepended, then stand
-/// before them.
+/// The jump rules on a node running the proxier of `family`, in the
+/// order they are installed, each with `iptables -I <chain> 1` (not part
+/// of the restore payload), as (table, chain, rule arguments). The two
+/// jumps to `KUBE-FIREWALL` (no comment) are kubelet's: over IPv4 kubelet
+/// makes them before kube-proxy starts (kube-proxy's `EnsureRule` then
+/// finds them; its own, prepended, stand before them); kubelet 1.28+
+/// makes none over IPv6, so kube-proxy's loop over its jump chains and
+/// then kubelet's prepends them last: they stand first.
 pub fn iptables_jumps(family: IpFamily) -> Vec<(&'static str, &'static str, String)> {
     let rule = |extra: &str, comment: &str, to: &str| {
         format!("{extra}-m comment --comment \"{comment}\" -j {to}")
     };
     let new = "-m conntrack --ctstate NEW ";
-    let kubelet = match family {
-        IpFamily::V4 => vec![
-            ("filter", "INPUT", "-j KUBE-FIREWALL".to_owned()),
-            ("filter", "OUTPUT", "-j KUBE-FIREWALL".to_owned()),
-        ],
-        IpFamily::V6 => Vec::new(),
-    };
+    let kubelet = vec![
+        ("filter", "INPUT", "-j KUBE-FIREWALL".to_owned()),
+        ("filter", "OUTPUT", "-j KUBE-FIREWALL".to_owned()),
+    ];
     let kube_proxy = vec![
         (
             "filter",
@@ -287,5 +286,18 @@ pub fn iptables_jumps(family: IpFamily) -> Vec<(&'static str, &'static str, Stri
             rule("", "kubernetes postrouting rules", "KUBE-POSTROUTING"),
         ),
     ];
-    kubelet.into_iter().chain(kube_proxy).collect()
+    match family {
+        IpFamily::V4 => kubelet.into_iter().chain(kube_proxy).collect(),
+        IpFamily::V6 => kube_proxy.into_iter().chain(kubelet).collect(),
+    }
+}
+
+/// Chains the jumps need that the restore payload of `family` does not
+/// make, as (table, chain): over IPv6 kube-proxy's `EnsureChain` makes an
+/// empty `KUBE-FIREWALL` (its rule is IPv4's only, in the payload).
+pub fn iptables_ensured_chains(family: IpFamily) -> Vec<(&'static str, &'static str)> {
+    match family {
+        IpFamily::V4 => Vec::new(),
+        IpFamily::V6 => vec![("filter", "KUBE-FIREWALL")],
+    }
 }

@@ -15,7 +15,9 @@ mod nftables;
 mod service_port;
 
 pub use self::{
-    iptables::{iptables_jumps, iptables_restore, iptables_restore_partial},
+    iptables::{
+        iptables_ensured_chains, iptables_jumps, iptables_restore, iptables_restore_partial,
+    },
     nftables::{nft_ruleset, nft_update},
     service_port::{
         LARGE_CLUSTER_ENDPOINTS, Options, ServicePort, endpoint_string, nft_chain_suffix,
