@@ -63,6 +63,16 @@ pub mod jumps {
     /// service that chose the pod itself, and the pod's replies to the
     /// hairpin source, looped back into the pod.
     pub const HAIRPIN6: u32 = 8;
+    /// Slot of the IPv6 flows whose client port moved on a tuple clash
+    /// (`up_tc_clash6`), entered from `up_tc_egress6`,
+    /// `up_tc_egress6_ext` and `up_tc_new_flow6`: the port rewrite does
+    /// not fit beside the per-packet frame.
+    pub const CLASH6: u32 = 9;
+    /// Slot of the IPv6 connections straight to a pod whose wire tuple
+    /// clashes with a service flow's (`up_tc_direct6`), entered from the
+    /// egress programs for a SYN whose tuple a live service flow holds and
+    /// for packets to a destination marked in `CLASH_FILTER`.
+    pub const DIRECT6: u32 = 10;
     /// Slots in the table: room to spare, because the table is kept
     /// across builds (a table replaced for its size would be emptied
     /// under the programs still attached to pods). A slot is never

@@ -8,10 +8,10 @@
 //! Packets with extension headers or fragments continue in
 //! `up_tc_egress6_ext` (`extended_run`), ICMPv6 errors in
 //! `crate::icmp6`, a pod's flow to itself in `crate::hairpin6`, each a
-//! program of its own entered by a tail call. What the IPv6 TC path does
-//! not do yet (`docs/ipv6-plan.md` step 8; socket-LB serves it at
-//! `connect()`): a new flow whose wire tuple another live flow holds is
-//! not moved to another port, and routes by another interface of the pod
+//! program of its own entered by a tail call, and so is every flow whose
+//! client port moves on a tuple clash (`crate::clash6`). What the IPv6 TC
+//! path does not do yet (`docs/ipv6-plan.md` step 8; socket-LB serves it
+//! at `connect()`): routes by another interface of the pod
 //! (`POD_ROUTES6`) are not looked up.
 
 use aya_ebpf::{
@@ -28,7 +28,7 @@ use datapath_common::{
 };
 
 use crate::{
-    backends, clash, ct, ct6, events, frag6, hairpin6, icmp6, l2,
+    backends, clash, clash6, ct, ct6, direct6, events, frag6, hairpin6, icmp6, l2,
     maps::{
         CONNTRACK6_TCP, CONNTRACK6_UDP, CtMap6, REVERSE_NAT6, SERVICE_FILTER, SERVICES6, SLOTS,
         TC_JUMPS,
@@ -74,7 +74,7 @@ pub fn run(ctx: &TcContext) -> i32 {
         return hairpin6::jump(ctx);
     }
     if !maybe_service(&packet) {
-        return direct(&packet);
+        return direct(ctx, &packet);
     }
     by_protocol(ctx, &packet)
 }
@@ -99,7 +99,7 @@ pub fn extended_run(ctx: &TcContext) -> i32 {
             return TC_ACT_UNSPEC;
         }
     } else if !maybe_service(&packet) {
-        return direct(&packet);
+        return direct(ctx, &packet);
     }
     by_protocol(ctx, &packet)
 }
@@ -132,6 +132,11 @@ fn service_packet(ctx: &TcContext, packet: &Packet6, table: &CtMap6) -> i32 {
         // SAFETY: a pointer into the map value, valid for this program run.
         let flow = unsafe { &mut *flow };
         if let Some(backend) = tracked_backend(flow, packet, now) {
+            if flow.nat_port_be != 0 && !packet.later_fragment {
+                // Its client port was moved on a tuple clash: translated
+                // in a program of its own (a later fragment has no port).
+                return clash6::jump(ctx);
+            }
             count(Counter::ConntrackHit);
             let state = conntrack::next_state(
                 flow.state,
@@ -170,7 +175,7 @@ fn service_packet(ctx: &TcContext, packet: &Packet6, table: &CtMap6) -> i32 {
     let frontend = ServiceKey6::new(packet.daddr_be, packet.dport_be, packet.protocol);
     // SAFETY: only tested for presence.
     if unsafe { SERVICES6.get(frontend) }.is_none() {
-        return direct(packet);
+        return direct(ctx, packet);
     }
     count(Counter::Error);
     TC_ACT_SHOT
@@ -198,20 +203,14 @@ pub fn new_flow_run(ctx: &TcContext) -> i32 {
         count(Counter::Fragment);
         return TC_ACT_UNSPEC;
     }
-    let key = ct6::packet_service_key(&packet);
-    let now = ct::now();
-    if packet.protocol == IPPROTO_TCP {
-        new_flow(ctx, &packet, &CONNTRACK6_TCP, &key, now)
-    } else {
-        new_flow(ctx, &packet, &CONNTRACK6_UDP, &key, now)
-    }
+    new_flow(ctx, &packet)
 }
 
 /// The backend of a live tracked flow, or `None` when the flow must be
 /// balanced afresh (`crate::egress`'s rules: expired, its frontend gone or
 /// re-created, a SYN reusing a closed flow's tuple, its backend deleted).
 #[inline(always)]
-fn tracked_backend(flow: &CtEntry6, packet: &Packet6, now: u64) -> Option<(Ipv6Words, u16)> {
+pub fn tracked_backend(flow: &CtEntry6, packet: &Packet6, now: u64) -> Option<(Ipv6Words, u16)> {
     if ct::is_expired(flow, packet.protocol, now)
         || conntrack::syn_reopens(flow, packet.protocol, packet.tcp_flags)
     {
@@ -227,13 +226,15 @@ fn tracked_backend(flow: &CtEntry6, packet: &Packet6, now: u64) -> Option<(Ipv6W
     backends::ipv6(flow.backend_id)
 }
 
+/// A new flow's frontend (refused without endpoints) and backend, then
+/// the flow itself (`open`).
 #[inline(always)]
-fn new_flow(ctx: &TcContext, packet: &Packet6, table: &CtMap6, key: &CtKey6, now: u64) -> i32 {
+fn new_flow(ctx: &TcContext, packet: &Packet6) -> i32 {
     let frontend = ServiceKey6::new(packet.daddr_be, packet.dport_be, packet.protocol);
     // SAFETY: the value is copied out before any other map call.
     let Some(service) = (unsafe { SERVICES6.get(frontend) }).copied() else {
         // Another destination sharing the filter bucket.
-        return direct(packet);
+        return direct(ctx, packet);
     };
     if service.backend_count == 0 {
         count(Counter::NoBackend);
@@ -248,12 +249,47 @@ fn new_flow(ctx: &TcContext, packet: &Packet6, table: &CtMap6, key: &CtKey6, now
     }
     // SAFETY: plain helper call.
     let slot = lb::select_slot(unsafe { bpf_get_prandom_u32() }, service.backend_count);
-    let Some((backend_id, backend)) = slot_backend(&service, slot) else {
+    let Some(backend_id) = slot_backend(&service, slot) else {
         // A slot naming no IPv6 backend: dropped, as over IPv4 (the
         // client retransmits once the agent's write is complete).
         count(Counter::Error);
         return TC_ACT_SHOT;
     };
+    let Some(backend) = backends::ipv6(backend_id) else {
+        count(Counter::Error);
+        return TC_ACT_SHOT;
+    };
+    let key = ct6::packet_service_key(packet);
+    // One call site for both tables (unlike the per-packet paths, whose
+    // lookups the verifier inlines per site): the flow's frame is made
+    // once, and leaves room for `clash6::taken`'s.
+    let table = if packet.protocol == IPPROTO_TCP {
+        &CONNTRACK6_TCP
+    } else {
+        &CONNTRACK6_UDP
+    };
+    open(
+        ctx,
+        packet,
+        table,
+        &key,
+        (backend_id, backend, service.rev_nat_id()),
+        ct::now(),
+    )
+}
+
+/// Opens the flow to the backend `new_flow` chose (its id, address and
+/// port, and the frontend's reverse-NAT id): the wire tuple claimed
+/// (`crate::clash6`), the two conntrack entries, the translation.
+#[inline(always)]
+fn open(
+    ctx: &TcContext,
+    packet: &Packet6,
+    table: &CtMap6,
+    key: &CtKey6,
+    (backend_id, backend, rev_nat_id): (u32, (Ipv6Words, u16), u32),
+    now: u64,
+) -> i32 {
     // One entry on the stack, written twice: first as the reply entry
     // (a reply can only arrive after the packet leaves), then, without
     // the frontend to restore, as the flow's own.
@@ -270,7 +306,7 @@ fn new_flow(ctx: &TcContext, packet: &Packet6, table: &CtMap6, key: &CtKey6, now
         service_port_be: packet.dport_be,
         ..CtEntry6::default()
     };
-    flow.set_rev_nat_id(service.rev_nat_id());
+    flow.set_rev_nat_id(rev_nat_id);
     let mut reply = ct6::backend_key(
         packet.saddr_be,
         packet.sport_be,
@@ -279,9 +315,20 @@ fn new_flow(ctx: &TcContext, packet: &Packet6, table: &CtMap6, key: &CtKey6, now
         packet.protocol,
     );
     hairpin6::key_reply_client(&mut reply);
+    // The wire tuple must be this flow's alone (`crate::clash6`): if it is
+    // taken, the key gets another client port, and the reply entry the
+    // client's own to restore.
+    let moved = clash6::claim(ctx, &mut reply, &packet.daddr_be, packet.dport_be, now);
+    if moved {
+        count(Counter::PortClash);
+        flow.nat_port_be = packet.sport_be;
+    }
     let reply_written = ct::insert(table, &reply, &flow);
     flow.service_address_be = [0; 4];
     flow.service_port_be = 0;
+    if moved {
+        flow.nat_port_be = reply.client_port_be;
+    }
     if !reply_written || !ct::insert(table, key, &flow) {
         count(Counter::Error);
         events::conntrack_insert_failed(ctx, packet.protocol);
@@ -289,6 +336,11 @@ fn new_flow(ctx: &TcContext, packet: &Packet6, table: &CtMap6, key: &CtKey6, now
     // After the entries, before the packet leaves (`crate::reply_filter`).
     reply_filter::mark6(backend.0, backend.1, packet.protocol);
     count(Counter::ConntrackMiss);
+    if moved {
+        // The port rewrite happens in `up_tc_clash6`, which finds the
+        // flow just opened (and drops the packet if it was not written).
+        return clash6::jump(ctx);
+    }
     if !packet.plain {
         // The rewrite past extension headers does not fit beside this
         // frame: `extended_run` finds the flow just opened and translates
@@ -314,21 +366,27 @@ fn flow_opened(ctx: &TcContext) -> bool {
     unsafe { (*ctx.skb.skb).cb[1] == SKB_CB_FLOW_OPENED }
 }
 
-/// The IPv6 backend in `slot` of `service`, with its id.
+/// The id of the IPv6 backend in `slot` of `service`.
 #[inline(always)]
-fn slot_backend(service: &ServiceValue, slot: u16) -> Option<(u32, (Ipv6Words, u16))> {
+fn slot_backend(service: &ServiceValue, slot: u16) -> Option<u32> {
     let id = SLOTS.get(service.slot_index(slot))?.backend_id;
-    Some((id, backends::ipv6(id)?))
+    backends::ipv6(id)?;
+    Some(id)
 }
 
-/// A packet to an address that is not a service passes untouched. A TCP
-/// SYN first frees its wire tuple when a service flow that has ended
-/// still holds it (as `crate::egress::direct_syn` does): that flow's
-/// reply entry would rewrite this connection's replies to the ClusterIP.
-/// A live holder keeps it (moving this connection to another port is not
-/// built for IPv6 yet). Only SYNs pay for this (one lookup).
+/// A packet to an address that is not a service passes untouched,
+/// unless its wire tuple clashes with a service flow's: its destination
+/// has connections tracked with a moved port (`CLASH_FILTER`), or it is a
+/// TCP SYN whose wire tuple a live service flow holds; both continue in
+/// `up_tc_direct6`. A SYN whose tuple an ended service flow still holds
+/// frees it (as `crate::egress`'s `direct_syn` does): that flow's reply
+/// entry would rewrite this connection's replies to the ClusterIP. Only
+/// SYNs pay for this (one lookup), and packets to a marked destination.
 #[inline(always)]
-fn direct(packet: &Packet6) -> i32 {
+fn direct(ctx: &TcContext, packet: &Packet6) -> i32 {
+    if clash6::marked(packet) {
+        return direct6::jump(ctx);
+    }
     if packet.protocol != IPPROTO_TCP || packet.tcp_flags & (TCP_SYN | TCP_ACK) != TCP_SYN {
         return TC_ACT_UNSPEC;
     }
@@ -340,30 +398,56 @@ fn direct(packet: &Packet6) -> i32 {
         packet.protocol,
     );
     // SAFETY: the fields are copied out before any other map call.
-    let Some((service_address_be, service_port_be, live)) = (unsafe { CONNTRACK6_TCP.get(reply) })
-        .map(|holder| {
+    let Some((service_address_be, service_port_be, nat_port_be, live)) =
+        (unsafe { CONNTRACK6_TCP.get(reply) }).map(|holder| {
             (
                 holder.service_address_be,
                 holder.service_port_be,
+                holder.nat_port_be,
                 clash::held_by_live_flow(holder, IPPROTO_TCP, ct::now()),
             )
         })
     else {
         return TC_ACT_UNSPEC;
     };
-    if !live {
-        // Both entries: a flow never has one without the other.
-        let service = ct6::service_key(
-            packet.saddr_be,
-            packet.sport_be,
-            service_address_be,
-            service_port_be,
-            packet.protocol,
-        );
-        let _ = CONNTRACK6_TCP.remove(service);
-        let _ = CONNTRACK6_TCP.remove(reply);
+    if live {
+        return direct6::jump(ctx);
     }
+    forget_ended_flow(
+        packet,
+        &reply,
+        service_address_be,
+        service_port_be,
+        nat_port_be,
+    );
     TC_ACT_UNSPEC
+}
+
+/// Removes both entries of an ended service flow whose backend-tuple
+/// entry (`reply`) holds `packet`'s wire tuple: a flow never has one
+/// without the other. Its service-tuple entry has the client's own port
+/// (`nat_port_be` when the flow's was moved).
+#[inline(always)]
+pub fn forget_ended_flow(
+    packet: &Packet6,
+    reply: &CtKey6,
+    service_address_be: Ipv6Words,
+    service_port_be: u16,
+    nat_port_be: u16,
+) {
+    let service = ct6::service_key(
+        packet.saddr_be,
+        if nat_port_be != 0 {
+            nat_port_be
+        } else {
+            packet.sport_be
+        },
+        service_address_be,
+        service_port_be,
+        packet.protocol,
+    );
+    let _ = CONNTRACK6_TCP.remove(service);
+    let _ = CONNTRACK6_TCP.remove(reply);
 }
 
 /// Refuses the packet into the pod (`refusal`, entered by a tail call),

@@ -46,7 +46,7 @@ pub fn is_hairpin(packet: &Packet6, backend_be: &Ipv6Words) -> bool {
 /// `bcmp` left for post-RA expansion); against a constant, or elsewhere,
 /// `==` compiles.
 #[inline(always)]
-fn same_address(a: &Ipv6Words, b: &Ipv6Words) -> bool {
+pub fn same_address(a: &Ipv6Words, b: &Ipv6Words) -> bool {
     a[0] == b[0] && a[1] == b[1] && a[2] == b[2] && a[3] == b[3]
 }
 
@@ -132,12 +132,18 @@ fn reply(ctx: &TcContext, packet: &Packet6, table: &CtMap6) -> i32 {
         packet.tcp_flags,
         Direction::Reply,
     );
+    // The client's own port, if it was moved on a tuple clash.
+    let client_port_be = if flow.nat_port_be != 0 {
+        flow.nat_port_be
+    } else {
+        packet.dport_be
+    };
     if ct::needs_write(flow, state, now) {
         flow.state = state;
         flow.last_seen = now;
         let service = ct6::service_key(
             packet.saddr_be,
-            packet.dport_be,
+            client_port_be,
             flow.service_address_be,
             flow.service_port_be,
             packet.protocol,
@@ -158,7 +164,7 @@ fn reply(ctx: &TcContext, packet: &Packet6, table: &CtMap6) -> i32 {
             packet,
             End::Destination,
             packet.saddr_be,
-            packet.dport_be,
+            client_port_be,
         )
         .is_err()
     {

@@ -255,6 +255,8 @@ pub fn on_ingress(ctx: &TcContext) -> i32 {
     if ct::is_expired(&flow, e.protocol, ct::now()) {
         return TC_ACT_UNSPEC;
     }
+    // A moved client port (`crate::clash6`): the client's own again
+    // (same address).
     if rewrite(
         ctx,
         &e,
@@ -263,6 +265,8 @@ pub fn on_ingress(ctx: &TcContext) -> i32 {
         flow.service_port_be,
     )
     .is_none()
+        || (flow.nat_port_be != 0
+            && rewrite(ctx, &e, End::QuotedSource, e.src_be, flow.nat_port_be).is_none())
     {
         count(Counter::Error);
         return TC_ACT_SHOT;
@@ -302,6 +306,7 @@ pub fn on_egress(ctx: &TcContext) -> i32 {
         // loop (dropped, the flow times out instead).
         return TC_ACT_SHOT;
     }
+    // A moved client port: the one on the wire (same address).
     if rewrite(
         ctx,
         &e,
@@ -310,6 +315,8 @@ pub fn on_egress(ctx: &TcContext) -> i32 {
         backend_port_be,
     )
     .is_none()
+        || (flow.nat_port_be != 0
+            && rewrite(ctx, &e, End::QuotedDestination, e.dst_be, flow.nat_port_be).is_none())
     {
         count(Counter::Error);
         return TC_ACT_SHOT;

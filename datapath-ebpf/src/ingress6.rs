@@ -105,13 +105,20 @@ fn reply(ctx: &TcContext, packet: &Packet6, table: &CtMap6) -> i32 {
     // As `crate::ingress`: the service-tuple entry learns its next hop
     // once a refresh interval.
     let teach_l2 = ct::refresh_due(flow.l2_seen, now);
+    // The client's own port, if it was moved on a tuple clash
+    // (`crate::clash6`).
+    let client_port_be = if flow.nat_port_be != 0 {
+        flow.nat_port_be
+    } else {
+        packet.dport_be
+    };
     if ct::needs_write(flow, state, now) || teach_l2 {
         flow.state = state;
         flow.last_seen = now;
         flow.l2_seen = now;
         let service = ct6::service_key(
             packet.daddr_be,
-            packet.dport_be,
+            client_port_be,
             flow.service_address_be,
             flow.service_port_be,
             packet.protocol,
@@ -132,6 +139,8 @@ fn reply(ctx: &TcContext, packet: &Packet6, table: &CtMap6) -> i32 {
         flow.service_port_be,
     )
     .is_err()
+        || (client_port_be != packet.dport_be
+            && nat6::rewrite_port(ctx, packet, End::Destination, client_port_be).is_err())
     {
         count(Counter::Error);
         return TC_ACT_SHOT;

@@ -8,8 +8,10 @@
 
 mod backends;
 mod clash;
+mod clash6;
 mod ct;
 mod ct6;
+mod direct6;
 mod egress;
 mod egress6;
 mod events;
@@ -72,8 +74,24 @@ pub fn up_tc_hairpin6(ctx: TcContext) -> i32 {
     hairpin6::run(&ctx)
 }
 
-/// The IPv6 new flow (service lookup, backend pick, conntrack entries),
-/// entered from `up_tc_egress6` by a tail call; never attached itself.
+/// IPv6 service flows whose client port moved on a tuple clash, entered
+/// from `up_tc_egress6`, `up_tc_egress6_ext` and `up_tc_new_flow6` by a
+/// tail call; never attached itself.
+#[classifier]
+pub fn up_tc_clash6(ctx: TcContext) -> i32 {
+    clash6::run(&ctx)
+}
+
+/// IPv6 connections straight to a pod whose wire tuple clashes with a
+/// service flow's, entered from `up_tc_egress6`, `up_tc_egress6_ext` and
+/// `up_tc_new_flow6` by a tail call; never attached itself.
+#[classifier]
+pub fn up_tc_direct6(ctx: TcContext) -> i32 {
+    direct6::run(&ctx)
+}
+
+/// The IPv6 new flow (service lookup, backend pick, wire tuple claimed,
+/// conntrack entries), entered from `up_tc_egress6` by a tail call; never attached itself.
 #[classifier]
 pub fn up_tc_new_flow6(ctx: TcContext) -> i32 {
     egress6::new_flow_run(&ctx)

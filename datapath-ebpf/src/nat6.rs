@@ -138,6 +138,35 @@ fn rewrite_extended(
     )
 }
 
+/// Rewrites one port of `packet` alone (a client port moved on a tuple
+/// clash, `crate::clash6`), keeping the L4 checksum valid. A later
+/// fragment has no port: nothing to do.
+#[inline(always)]
+pub fn rewrite_port(ctx: &TcContext, packet: &Packet6, end: End, port_be: u16) -> Result<(), ()> {
+    if packet.later_fragment {
+        return Ok(());
+    }
+    let (_, old_port, _, port_off) = fields(packet, end);
+    let l4_off = if packet.plain {
+        PLAIN_L4_OFF
+    } else {
+        packet.l4_off
+    };
+    ctx.store(l4_off + port_off, &port_be, 0).map_err(|_| ())?;
+    let (at, udp, mangled_0) = checksum_field(packet, l4_off);
+    if let Some(state) = kernel_skb::checksum_state(ctx) {
+        let field: u16 = ctx.load(at).map_err(|_| ())?;
+        let updated =
+            skb_checksum::l4_field_after_port_change6(state, field, old_port, port_be, udp);
+        return ctx.store(at, &updated, 0).map_err(|_| ());
+    }
+    // Not in the pseudo header: the helper's plain replacement, which
+    // also keeps a CHECKSUM_COMPLETE sum (the field's change cancels the
+    // port's).
+    ctx.l4_csum_replace(at, old_port as u64, port_be as u64, mangled_0 | 2)
+        .map_err(|_| ())
+}
+
 /// The old address and port of `end`, and where they are (the address
 /// in the IPv6 header, the port in the upper-layer header).
 #[inline(always)]

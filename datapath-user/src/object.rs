@@ -24,6 +24,13 @@ pub const TC_EGRESS6_EXT: &str = "up_tc_egress6_ext";
 pub const TC_INGRESS6_EXT: &str = "up_tc_ingress6_ext";
 /// The IPv6 hairpin, entered from `TC_EGRESS6` / `TC_EGRESS6_EXT`.
 pub const TC_HAIRPIN6: &str = "up_tc_hairpin6";
+/// IPv6 flows whose client port moved on a tuple clash, entered from
+/// `TC_EGRESS6`, `TC_EGRESS6_EXT` and `TC_NEW_FLOW6`.
+pub const TC_CLASH6: &str = "up_tc_clash6";
+/// IPv6 connections straight to a pod whose wire tuple clashes with a
+/// service flow's, entered from `TC_EGRESS6`, `TC_EGRESS6_EXT` and
+/// `TC_NEW_FLOW6`.
+pub const TC_DIRECT6: &str = "up_tc_direct6";
 /// The programs the TC pair jumps to, with their slots in `TC_JUMPS`.
 /// The ones entered from other jump targets first: a reused table is
 /// filled in this order, so that a new entry program never jumps into
@@ -31,8 +38,10 @@ pub const TC_HAIRPIN6: &str = "up_tc_hairpin6";
 /// generation adds until its `TC_EGRESS6`/`TC_INGRESS6` are in (last).
 /// A downgrade leaves the newer slots filled, unused: older programs
 /// never jump there.
-pub const TC_JUMP_TARGETS: [(u32, &str); 9] = [
+pub const TC_JUMP_TARGETS: [(u32, &str); 11] = [
     (datapath_common::jumps::HAIRPIN6, TC_HAIRPIN6),
+    (datapath_common::jumps::CLASH6, TC_CLASH6),
+    (datapath_common::jumps::DIRECT6, TC_DIRECT6),
     (datapath_common::jumps::REFUSE6, TC_REFUSE6),
     (datapath_common::jumps::ICMP6_INGRESS, TC_ICMP6_INGRESS),
     (datapath_common::jumps::ICMP6_EGRESS, TC_ICMP6_EGRESS),

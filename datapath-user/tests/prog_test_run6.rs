@@ -168,8 +168,10 @@ fn packets_to_an_ipv6_frontend_are_dnated_and_others_pass_untouched() {
                 translated: None,
             },
             Case {
+                // (From a port no service flow to that pod holds: see
+                // `a_direct_ipv6_connection_on_a_service_flows_wire_tuple_…`.)
                 description: "TCP straight to a pod",
-                input: Frame6::tcp(CLIENT, to_pod, SYN),
+                input: Frame6::tcp((CLIENT.0, 40100), to_pod, SYN),
                 translated: None,
             },
             Case {
@@ -316,8 +318,9 @@ fn an_ipv6_flow_keeps_its_backend_and_its_replies_come_from_the_cluster_ip() {
 /// A connection straight to a backend that reuses the source port of an
 /// ended IPv6 service flow to that backend gets its replies untouched:
 /// its SYN frees the tuple the ended flow still holds (both entries), so
-/// the flow's reply entry no longer rewrites them to the ClusterIP; a
-/// live flow's tuple is kept (its replies keep being translated).
+/// the flow's reply entry no longer rewrites them to the ClusterIP (a
+/// live flow's tuple moves the direct connection instead:
+/// `a_direct_ipv6_connection_on_a_service_flows_wire_tuple_…`).
 #[test]
 fn a_direct_ipv6_connection_on_an_ended_service_flows_tuple_gets_its_replies_untouched() {
     let mut dp = load_private();
@@ -330,17 +333,11 @@ fn a_direct_ipv6_connection_on_an_ended_service_flows_tuple_gets_its_replies_unt
         ..to_backend(&flow(SYN), &B1).reply(L4::Tcp { flags: SYN | ACK })
     }
     .build();
-    // A live service flow: the direct SYN leaves its entries alone.
     run(&mut dp, TC_EGRESS, &flow(SYN).build());
-    assert_eq!(
-        run(&mut dp, TC_EGRESS, &direct_syn),
-        (verdict::NEXT, direct_syn.clone())
-    );
-    assert!(ct_entry(&dp, &service_key(&flow(SYN))).is_some(), "kept");
     assert_eq!(
         run(&mut dp, TC_INGRESS, &reply).0,
         verdict::OK,
-        "translated"
+        "the service flow's reply is translated"
     );
     // Both ends' FINs close it; the next direct SYN frees the tuple.
     run(&mut dp, TC_EGRESS, &flow(FIN | ACK).build());
@@ -917,4 +914,207 @@ fn an_ipv6_pod_that_is_its_own_backend_gets_its_connection_looped_back() {
         }
         assert_eq!(chosen.len(), 2, "{checksums:?}: both backends drawn");
     }
+}
+
+/// The source port of `frame`.
+fn sport_of(frame: &[u8]) -> u16 {
+    packet6::parse6(frame).unwrap().sport
+}
+
+/// Two IPv6 services share a backend and the client's kernel reuses its
+/// port for both: the second flow's wire tuple ([client]:40000 →
+/// [B1]:8080) is taken, so it gets another source port (in
+/// `up_tc_clash6`), remembered in conntrack and given back on its replies
+/// and on an ICMPv6 error about it; each flow's replies come from its own
+/// ClusterIP. Checksums verified from scratch, with the programs'
+/// arithmetic and with the helpers.
+#[test]
+fn a_second_ipv6_flow_on_a_taken_wire_tuple_gets_another_source_port() {
+    let other = Frontend {
+        address: "fd00:10:96::11".parse().unwrap(),
+        port: 81,
+        protocol: Protocol::Tcp,
+    };
+    for checksums in [L4Checksums::Direct, L4Checksums::Helpers] {
+        let mut dp = load_private_checksums(checksums);
+        datapath_with(&mut dp, &[B1]);
+        dp.maps.set_service6(&other, 3, &[B1]).unwrap();
+        let egress = |dp: &mut Datapath, frame: &Frame6| {
+            run(
+                dp,
+                TC_EGRESS,
+                &frame.clone().with_macs(POD_MAC, GATEWAY_MAC).build(),
+            )
+        };
+        let first = Frame6::tcp(CLIENT, (VIP, 80), SYN);
+        let (_, out) = egress(&mut dp, &first);
+        assert_eq!(
+            sport_of(&out),
+            CLIENT.1,
+            "{checksums:?}: the first keeps its port"
+        );
+        let second = Frame6::tcp(CLIENT, (other.address, other.port), SYN).with_payload(b"hi");
+        let (v, out) = egress(&mut dp, &second);
+        assert_eq!(v, verdict::REDIRECT, "{checksums:?}");
+        let moved = sport_of(&out);
+        assert_ne!(moved, CLIENT.1, "{checksums:?}: the second flow moved");
+        assert!((32768..61000).contains(&moved), "{moved}");
+        assert_frame(
+            &format!("{checksums:?}: moved SYN"),
+            &out,
+            &Frame6 {
+                sport: moved,
+                ..to_backend(&second, &B1).with_macs(POD_MAC, GATEWAY_MAC)
+            },
+        );
+        assert_eq!(dp.maps.counter(Counter::PortClash).unwrap(), 1);
+
+        // Replies: to the moved port → from the other ClusterIP to the
+        // client's own port; to the client's port → from the first.
+        let reply_to = |port: u16| {
+            Frame6::tcp((B1.address, B1.port), (CLIENT.0, port), SYN | ACK)
+                .with_payload(b"ok")
+                .with_macs(GATEWAY_MAC, POD_MAC)
+        };
+        let (v, out) = run(&mut dp, TC_INGRESS, &reply_to(moved).build());
+        assert_eq!(v, verdict::OK, "{checksums:?}");
+        assert_frame(
+            &format!("{checksums:?}: reply to the moved port"),
+            &out,
+            &Frame6 {
+                src: other.address,
+                sport: other.port,
+                dport: CLIENT.1,
+                ..reply_to(moved)
+            },
+        );
+        let (_, out) = run(&mut dp, TC_INGRESS, &reply_to(CLIENT.1).build());
+        assert_frame(
+            &format!("{checksums:?}: reply to the first flow"),
+            &out,
+            &Frame6 {
+                src: VIP,
+                sport: 80,
+                ..reply_to(CLIENT.1)
+            },
+        );
+        // Later packets of the second flow keep the moved port (the hit
+        // path hands them to `up_tc_clash6`).
+        let ack = Frame6::tcp(CLIENT, (other.address, other.port), ACK | PSH).with_payload(b"x");
+        let (_, out) = egress(&mut dp, &ack);
+        assert_frame(
+            &format!("{checksums:?}: a later packet"),
+            &out,
+            &Frame6 {
+                sport: moved,
+                ..to_backend(&ack, &B1).with_macs(POD_MAC, GATEWAY_MAC)
+            },
+        );
+        // A router's error about the moved segment reaches the client
+        // quoting what it sent: the other ClusterIP, its own port.
+        let router: Ipv6Addr = "fd77::fe".parse().unwrap();
+        let on_wire = Frame6 {
+            sport: moved,
+            ..to_backend(&ack, &B1)
+        }
+        .build();
+        let error = packet6::icmp6(router, CLIENT.0, 2, 0, 1280, &on_wire[14..]);
+        let (v, out) = run(&mut dp, TC_INGRESS, &error.build());
+        assert_eq!(v, verdict::OK, "{checksums:?}: the error");
+        let expected = packet6::icmp6(router, CLIENT.0, 2, 0, 1280, &ack.build()[14..]);
+        assert_icmp6(&format!("{checksums:?}: the error"), &out, &expected);
+    }
+}
+
+/// A connection straight to the backend that the kernel gave the wire
+/// tuple of a live IPv6 service flow (the same client port): it moves to
+/// another source port (in `up_tc_direct6`) and is tracked from its SYN
+/// on, its destination marked so that its later packets find it; its
+/// replies get the client's port back and keep their source; the service
+/// flow is not disturbed.
+#[test]
+fn a_direct_ipv6_connection_on_a_service_flows_wire_tuple_gets_another_source_port() {
+    for checksums in [L4Checksums::Direct, L4Checksums::Helpers] {
+        let mut dp = load_private_checksums(checksums);
+        datapath_with(&mut dp, &[B1]);
+        let egress = |dp: &mut Datapath, frame: &Frame6| {
+            run(
+                dp,
+                TC_EGRESS,
+                &frame.clone().with_macs(POD_MAC, GATEWAY_MAC).build(),
+            )
+        };
+        egress(&mut dp, &Frame6::tcp(CLIENT, (VIP, 80), SYN));
+        assert_eq!(dp.maps.counter(Counter::PortClash).unwrap(), 0);
+
+        let direct = Frame6::tcp(CLIENT, (B1.address, B1.port), SYN).with_payload(b"hi");
+        let (v, out) = egress(&mut dp, &direct);
+        assert_eq!(
+            v,
+            verdict::NEXT,
+            "{checksums:?}: routed by the kernel as it was"
+        );
+        let moved = sport_of(&out);
+        assert_ne!(moved, CLIENT.1, "{checksums:?}");
+        assert_frame(
+            &format!("{checksums:?}: moved direct SYN"),
+            &out,
+            &Frame6 {
+                sport: moved,
+                ..direct.with_macs(POD_MAC, GATEWAY_MAC)
+            },
+        );
+        assert_eq!(dp.maps.counter(Counter::PortClash).unwrap(), 1);
+        let data = Frame6::tcp(CLIENT, (B1.address, B1.port), ACK | PSH).with_payload(b"x");
+        let (_, out) = egress(&mut dp, &data);
+        assert_eq!(sport_of(&out), moved, "later packets keep the moved port");
+
+        // The pod's answer to the moved port: the client's own port again,
+        // the pod still its source.
+        let answer = Frame6::tcp((B1.address, B1.port), (CLIENT.0, moved), ACK | PSH)
+            .with_payload(b"y")
+            .with_macs(GATEWAY_MAC, POD_MAC);
+        let (_, out) = run(&mut dp, TC_INGRESS, &answer.build());
+        assert_frame(
+            &format!("{checksums:?}: direct reply"),
+            &out,
+            &Frame6 {
+                dport: CLIENT.1,
+                ..answer.clone()
+            },
+        );
+        // The service flow's replies are still its own, and so are its
+        // packets' ports.
+        let service_reply =
+            Frame6::tcp((B1.address, B1.port), CLIENT, SYN | ACK).with_macs(GATEWAY_MAC, POD_MAC);
+        let (_, out) = run(&mut dp, TC_INGRESS, &service_reply.build());
+        assert_frame(
+            &format!("{checksums:?}: service reply"),
+            &out,
+            &Frame6 {
+                src: VIP,
+                sport: 80,
+                ..service_reply
+            },
+        );
+        let (_, out) = egress(&mut dp, &Frame6::tcp(CLIENT, (VIP, 80), ACK));
+        assert_eq!(sport_of(&out), CLIENT.1, "the service flow keeps its port");
+    }
+}
+
+/// A flow whose service-tuple entry was evicted (its reply entry still
+/// live) is balanced again; landing on the same backend, its own reply
+/// entry is not a clash: the client's port stays.
+#[test]
+fn an_ipv6_flow_rebalanced_onto_its_own_backend_keeps_its_port() {
+    let mut dp = load_private();
+    datapath_with(&mut dp, &[B1]);
+    let syn = Frame6::tcp(CLIENT, (VIP, 80), SYN).with_macs(POD_MAC, GATEWAY_MAC);
+    run(&mut dp, TC_EGRESS, &syn.build());
+    let v6 = dp.maps.v6.as_mut().expect("the IPv6 maps");
+    v6.conntrack6_tcp.remove(&service_key(&syn)).unwrap();
+    let ack = Frame6::tcp(CLIENT, (VIP, 80), ACK).with_macs(POD_MAC, GATEWAY_MAC);
+    let (_, out) = run(&mut dp, TC_EGRESS, &ack.build());
+    assert_eq!(sport_of(&out), CLIENT.1, "not moved");
+    assert_eq!(dp.maps.counter(Counter::PortClash).unwrap(), 0);
 }
