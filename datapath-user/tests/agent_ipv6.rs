@@ -697,3 +697,83 @@ fn a_pod_reaches_its_own_ipv6_service_on_the_tc_path() {
     lab.agent.stop();
     drop(servers);
 }
+
+/// `agent_e2e`'s `connections_sharing_a_wire_tuple_all_keep_working` over
+/// IPv6 on the TC path: the client's kernel gives one source port to two
+/// connections whose wire tuples would be the same after translation —
+/// two IPv6 Services with one backend; a connection straight to the pod,
+/// then the ClusterIP (the pod's own socket holds the tuple); the
+/// ClusterIP, then straight to the pod (a live service flow holds it).
+/// The second of each pair moves to another port, and every connection
+/// keeps being answered, also after idling past the learned MACs'
+/// freshness (the service flows' next packets are sent by
+/// `bpf_redirect_neigh` again).
+#[test]
+fn ipv6_connections_sharing_a_wire_tuple_all_keep_working() {
+    require_root("agent e2e");
+    let topo = Topology::build(&standard_pods()).expect("building the topology");
+    let pod = topo.pod("server-a");
+    let address6 = pod.address6.expect("the topology is dual-stack");
+    let server = workload::tcp_server(&pod.namespace, address6, TARGET, "server-a").unwrap();
+    let other_vip: Ipv6Addr = "fd00:10:96::7:9".parse().unwrap();
+    let manifest = format!(
+        "{}---\napiVersion: v1\nkind: Service\nmetadata: {{name: other, namespace: e2e}}\nspec:\n  clusterIP: \"{other_vip}\"\n  clusterIPs: [\"{other_vip}\"]\n  ipFamilies: [IPv6]\n  ports: [{{name: http, port: 81, targetPort: {TARGET}}}]\n---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: other-1\n  namespace: e2e\n  labels: {{kubernetes.io/service-name: other}}\naddressType: IPv6\nports: [{{name: http, port: {TARGET}}}]\nendpoints:\n- addresses: [\"{address6}\"]\n  conditions: {READY}\n",
+        dual_stack_manifest(&[pod.address], &[address6])
+    );
+    let lab = tc_path_agent(&topo, &manifest);
+    let client = &topo.pod("client").namespace;
+    let vip = SocketAddr::new(VIP6.into(), 80);
+    let other = SocketAddr::new(other_vip.into(), 81);
+    let direct = SocketAddr::new(address6.into(), TARGET);
+    let mut pairs = Vec::new();
+    for (case, port, first, second) in [
+        ("two Services, one backend", 45001, vip, other),
+        (
+            "straight to the pod, then the ClusterIP",
+            45002,
+            direct,
+            vip,
+        ),
+        (
+            "the ClusterIP, then straight to the pod",
+            45003,
+            vip,
+            direct,
+        ),
+    ] {
+        let (a, b) = client
+            .run(|| {
+                let a = workload::Conversation::open_from(port, first, TIMEOUT)?;
+                let b = workload::Conversation::open_from(port, second, TIMEOUT)?;
+                std::io::Result::Ok((a, b))
+            })
+            .unwrap()
+            .unwrap_or_else(|e| panic!("{case}: {e}"));
+        pairs.push((case, a, b));
+    }
+    let ask_all = |pairs: &mut Vec<(&str, workload::Conversation, workload::Conversation)>,
+                   when: &str| {
+        for (case, a, b) in pairs.iter_mut() {
+            for round in 0..5 {
+                for (which, conversation) in [("first", &mut *a), ("second", &mut *b)] {
+                    assert_eq!(
+                        conversation
+                            .ask()
+                            .unwrap_or_else(|e| panic!("{case}, {which}, {when} {round}: {e}")),
+                        "server-a"
+                    );
+                }
+            }
+        }
+    };
+    ask_all(&mut pairs, "busy");
+    std::thread::sleep(Duration::from_secs(
+        datapath_common::conntrack::L2_FRESH_SECS + 1,
+    ));
+    ask_all(&mut pairs, "after idling");
+    let metrics = lab.agent.get("/metrics").unwrap();
+    let clashes = datapath_event(&metrics, "port_clash");
+    assert!(clashes >= 3, "{clashes} clashes resolved");
+    lab.agent.stop();
+    drop(server);
+}

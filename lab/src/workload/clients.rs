@@ -3,7 +3,7 @@
 
 use std::{
     io::{self, BufRead, BufReader, Write},
-    net::{Ipv4Addr, SocketAddr, SocketAddrV4, TcpStream, UdpSocket},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, TcpStream, UdpSocket},
     time::Duration,
 };
 
@@ -142,12 +142,21 @@ impl Conversation {
     /// Opens the conversation from local port `port` (SO_REUSEADDR, so
     /// several connections to different peers can share it, as the
     /// kernel's own port choice does).
-    pub fn open_from(port: u16, target: SocketAddrV4, timeout: Duration) -> io::Result<Self> {
+    pub fn open_from(
+        port: u16,
+        target: impl Into<SocketAddr>,
+        timeout: Duration,
+    ) -> io::Result<Self> {
         use socket2::{Domain, Socket, Type};
-        let socket = Socket::new(Domain::IPV4, Type::STREAM, None)?;
+        let target = target.into();
+        let socket = Socket::new(Domain::for_address(target), Type::STREAM, None)?;
         socket.set_reuse_address(true)?;
-        socket.bind(&SocketAddr::from((Ipv4Addr::UNSPECIFIED, port)).into())?;
-        socket.connect_timeout(&SocketAddr::V4(target).into(), timeout)?;
+        let any: IpAddr = match target {
+            SocketAddr::V4(_) => Ipv4Addr::UNSPECIFIED.into(),
+            SocketAddr::V6(_) => Ipv6Addr::UNSPECIFIED.into(),
+        };
+        socket.bind(&SocketAddr::new(any, port).into())?;
+        socket.connect_timeout(&target.into(), timeout)?;
         Self::from_stream(socket.into(), timeout)
     }
 
