@@ -9,10 +9,11 @@
 //! `up_tc_egress6_ext` (`extended_run`), ICMPv6 errors in
 //! `crate::icmp6`, a pod's flow to itself in `crate::hairpin6`, each a
 //! program of its own entered by a tail call, and so is every flow whose
-//! client port moves on a tuple clash (`crate::clash6`). What the IPv6 TC
-//! path does not do yet (`docs/ipv6-plan.md` step 8; socket-LB serves it
-//! at `connect()`): routes by another interface of the pod
-//! (`POD_ROUTES6`) are not looked up.
+//! client port moves on a tuple clash (`crate::clash6`). A backend the
+//! pod routes by another of its interfaces is sent that way
+//! (`crate::route`, `POD_ROUTES6`).
+
+use core::ffi::c_void;
 
 use aya_ebpf::{
     bindings::{TC_ACT_SHOT, TC_ACT_UNSPEC},
@@ -37,7 +38,7 @@ use crate::{
     nat::End,
     nat6,
     parse6::{self, Packet6},
-    reject, reply_filter,
+    reject, reply_filter, route,
 };
 
 /// Continues an IPv6 packet in `up_tc_egress6`, a program of its own
@@ -323,6 +324,15 @@ fn open(
         count(Counter::PortClash);
         flow.nat_port_be = packet.sport_be;
     }
+    // The interface the pod's route to the backend leaves by, when not
+    // this one (`crate::route`). After the claim, from the key: fewer
+    // values live across the two calls, so the frame stays within what
+    // the calls' frames leave of 512 bytes.
+    // SAFETY: the skb pointer is the program's context.
+    flow.out_ifindex =
+        route::other_interface6(ctx.skb.skb as *mut c_void, &reply.peer_address_be, unsafe {
+            (*ctx.skb.skb).ifindex
+        });
     let reply_written = ct::insert(table, &reply, &flow);
     flow.service_address_be = [0; 4];
     flow.service_port_be = 0;

@@ -1,8 +1,9 @@
-//! Attached pods' routing tables, copied into `POD_ROUTES` for the TC
-//! egress program (`datapath-ebpf/src/route.rs`): a backend whose route in
-//! the pod leaves by another interface (the coordinator's veth to the
-//! node, with its host routes) is sent that way, and the ingress program
-//! is attached there for its replies.
+//! Attached pods' routing tables, copied into `POD_ROUTES` (IPv4) and
+//! `POD_ROUTES6` (IPv6, when the IPv6 maps are sized) for the TC egress
+//! programs (`datapath-ebpf/src/route.rs`): a backend whose route in the
+//! pod leaves by another interface (the coordinator's veth to the node,
+//! with its host routes) is sent that way, and the ingress program is
+//! attached there for its replies.
 //!
 //! A pod's namespace is named in the map by its cookie (`SO_NETNS_COOKIE`,
 //! the same value `bpf_get_netns_cookie` returns inside it). Every route
@@ -13,12 +14,12 @@
 use std::{
     collections::{BTreeMap, BTreeSet},
     io,
-    net::Ipv4Addr,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
     path::Path,
 };
 
 use aya::maps::{LpmTrie, MapData, lpm_trie::Key};
-use datapath_common::maps::{POD_ROUTE_COOKIE_BITS, PodRouteKey};
+use datapath_common::maps::{POD_ROUTE_COOKIE_BITS, PodRouteKey, PodRouteKey6};
 use futures::TryStreamExt;
 use rtnetlink::packet_route::{
     AddressFamily,
@@ -30,10 +31,11 @@ use crate::{error::LoaderError, netns};
 /// `SO_NETNS_COOKIE` (Linux 5.14).
 const SO_NETNS_COOKIE: i32 = 71;
 
-/// One IPv4 route: destination prefix and the interface it leaves by.
+/// One route of either family: destination prefix and the interface it
+/// leaves by.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
 pub struct PodRoute {
-    pub destination: Ipv4Addr,
+    pub destination: IpAddr,
     pub prefix_len: u8,
     pub ifindex: u32,
 }
@@ -61,7 +63,8 @@ pub fn netns_cookie(path: &Path) -> io::Result<u64> {
     })?
 }
 
-/// The unicast IPv4 routes of the main table in the namespace at `path`.
+/// The unicast routes of the main table in the namespace at `path`, both
+/// families.
 pub fn routes(path: &Path) -> io::Result<Vec<PodRoute>> {
     netns::run_in(Some(path), || {
         let runtime = tokio::runtime::Builder::new_current_thread()
@@ -70,32 +73,16 @@ pub fn routes(path: &Path) -> io::Result<Vec<PodRoute>> {
         runtime.block_on(async {
             let (connection, handle, _) = rtnetlink::new_connection()?;
             tokio::spawn(connection);
-            let request = rtnetlink::RouteMessageBuilder::<Ipv4Addr>::new().build();
-            let mut stream = handle.route().get(request).execute();
             let mut out = Vec::new();
-            while let Some(message) = stream.try_next().await.map_err(io::Error::other)? {
-                if message.header.address_family != AddressFamily::Inet
-                    || message.header.kind != RouteType::Unicast
-                    || message.header.table != libc::RT_TABLE_MAIN
-                {
-                    continue;
-                }
-                let mut route = PodRoute {
-                    destination: Ipv4Addr::UNSPECIFIED,
-                    prefix_len: message.header.destination_prefix_length,
-                    ifindex: 0,
-                };
-                for attribute in &message.attributes {
-                    match attribute {
-                        RouteAttribute::Destination(
-                            rtnetlink::packet_route::route::RouteAddress::Inet(address),
-                        ) => route.destination = *address,
-                        RouteAttribute::Oif(index) => route.ifindex = *index,
-                        _ => {}
+            for request in [
+                rtnetlink::RouteMessageBuilder::<Ipv4Addr>::new().build(),
+                rtnetlink::RouteMessageBuilder::<Ipv6Addr>::new().build(),
+            ] {
+                let mut stream = handle.route().get(request).execute();
+                while let Some(message) = stream.try_next().await.map_err(io::Error::other)? {
+                    if let Some(route) = unicast_main_route(&message) {
+                        out.push(route);
                     }
-                }
-                if route.ifindex != 0 {
-                    out.push(route);
                 }
             }
             Ok(out)
@@ -103,36 +90,140 @@ pub fn routes(path: &Path) -> io::Result<Vec<PodRoute>> {
     })?
 }
 
-/// What is in `POD_ROUTES` for each pod, to update and remove it.
+/// The route `message` describes, if it is a unicast route of the main
+/// table leaving by an interface.
+fn unicast_main_route(message: &rtnetlink::packet_route::route::RouteMessage) -> Option<PodRoute> {
+    use rtnetlink::packet_route::route::RouteAddress;
+    let family = message.header.address_family;
+    if !matches!(family, AddressFamily::Inet | AddressFamily::Inet6)
+        || message.header.kind != RouteType::Unicast
+        || message.header.table != libc::RT_TABLE_MAIN
+    {
+        return None;
+    }
+    let mut route = PodRoute {
+        destination: if family == AddressFamily::Inet {
+            Ipv4Addr::UNSPECIFIED.into()
+        } else {
+            Ipv6Addr::UNSPECIFIED.into()
+        },
+        prefix_len: message.header.destination_prefix_length,
+        ifindex: 0,
+    };
+    for attribute in &message.attributes {
+        match attribute {
+            RouteAttribute::Destination(RouteAddress::Inet(address)) => {
+                route.destination = (*address).into()
+            }
+            RouteAttribute::Destination(RouteAddress::Inet6(address)) => {
+                route.destination = (*address).into()
+            }
+            RouteAttribute::Oif(index) => route.ifindex = *index,
+            _ => {}
+        }
+    }
+    (route.ifindex != 0).then_some(route)
+}
+
+/// What is in `POD_ROUTES`/`POD_ROUTES6` for each pod, to update and
+/// remove it.
 pub struct PodRoutes {
     map: LpmTrie<MapData, PodRouteKey, u32>,
+    /// `None` while the IPv6 maps are not sized (`--ipv6 off`: one
+    /// entry): IPv6 routes are then not copied.
+    map6: Option<LpmTrie<MapData, PodRouteKey6, u32>>,
     /// Namespace name → (its cookie, the routes written for it).
     written: BTreeMap<String, (u64, BTreeSet<PodRoute>)>,
 }
 
-fn key(cookie: u64, route: &PodRoute) -> Key<PodRouteKey> {
+fn key(cookie: u64, destination: Ipv4Addr, prefix_len: u8) -> Key<PodRouteKey> {
     Key::new(
-        POD_ROUTE_COOKIE_BITS + u32::from(route.prefix_len),
+        POD_ROUTE_COOKIE_BITS + u32::from(prefix_len),
         PodRouteKey {
             netns_cookie: cookie,
-            address_be: u32::from_ne_bytes(route.destination.octets()),
+            address_be: u32::from_ne_bytes(destination.octets()),
             _pad: 0,
         },
     )
 }
 
+fn key6(cookie: u64, destination: Ipv6Addr, prefix_len: u8) -> Key<PodRouteKey6> {
+    Key::new(
+        POD_ROUTE_COOKIE_BITS + u32::from(prefix_len),
+        PodRouteKey6 {
+            netns_cookie: cookie,
+            address_be: crate::model::ipv6_words(destination),
+        },
+    )
+}
+
 impl PodRoutes {
-    /// Opens the pinned `POD_ROUTES` under `pin_dir`.
+    /// Opens the pinned `POD_ROUTES` and `POD_ROUTES6` under `pin_dir`.
     pub fn open(pin_dir: &Path) -> Result<Self, LoaderError> {
+        let open = |name: &'static str| -> Result<MapData, LoaderError> {
+            MapData::from_pin(pin_dir.join(name)).map_err(|e| LoaderError::map(name, e))
+        };
         let name = datapath_common::maps::POD_ROUTES_MAP;
-        let data = MapData::from_pin(pin_dir.join(name)).map_err(|e| LoaderError::map(name, e))?;
-        let map = aya::maps::Map::LpmTrie(data)
+        let map = aya::maps::Map::LpmTrie(open(name)?)
             .try_into()
             .map_err(|e| LoaderError::map(name, e))?;
+        let name6 = datapath_common::maps::POD_ROUTES6_MAP;
+        let data6 = open(name6)?;
+        let sized = data6
+            .info()
+            .map_err(|e| LoaderError::map(name6, e))?
+            .max_entries()
+            > 1;
+        let map6 = if sized {
+            Some(
+                aya::maps::Map::LpmTrie(data6)
+                    .try_into()
+                    .map_err(|e| LoaderError::map(name6, e))?,
+            )
+        } else {
+            None
+        };
         Ok(Self {
             map,
+            map6,
             written: BTreeMap::new(),
         })
+    }
+
+    fn insert(&mut self, cookie: u64, route: &PodRoute) -> io::Result<()> {
+        match route.destination {
+            IpAddr::V4(destination) => self
+                .map
+                .insert(
+                    &key(cookie, destination, route.prefix_len),
+                    route.ifindex,
+                    0,
+                )
+                .map_err(io::Error::other),
+            IpAddr::V6(destination) => match &mut self.map6 {
+                Some(map6) => map6
+                    .insert(
+                        &key6(cookie, destination, route.prefix_len),
+                        route.ifindex,
+                        0,
+                    )
+                    .map_err(io::Error::other),
+                None => Ok(()),
+            },
+        }
+    }
+
+    fn remove(&mut self, cookie: u64, route: &PodRoute) {
+        match route.destination {
+            IpAddr::V4(destination) => {
+                let _ = self.map.remove(&key(cookie, destination, route.prefix_len));
+            }
+            IpAddr::V6(destination) => {
+                if let Some(map6) = &mut self.map6 {
+                    let _ = map6.remove(&key6(cookie, destination, route.prefix_len));
+                }
+            }
+        }
     }
 
     /// Copies the routes of the pod in `netns` (at `path`) into the map,
@@ -152,12 +243,10 @@ impl PodRoutes {
             return Ok(routes);
         }
         for route in &routes {
-            self.map
-                .insert(&key(cookie, route), route.ifindex, 0)
-                .map_err(io::Error::other)?;
+            self.insert(cookie, route)?;
         }
         for stale in previous.difference(&routes) {
-            let _ = self.map.remove(&key(cookie, stale));
+            self.remove(cookie, stale);
         }
         self.written
             .insert(netns.to_owned(), (cookie, routes.clone()));
@@ -168,7 +257,7 @@ impl PodRoutes {
     pub fn forget(&mut self, netns: &str) {
         if let Some((cookie, routes)) = self.written.remove(netns) {
             for route in &routes {
-                let _ = self.map.remove(&key(cookie, route));
+                self.remove(cookie, route);
             }
         }
     }

@@ -777,3 +777,56 @@ fn ipv6_connections_sharing_a_wire_tuple_all_keep_working() {
     lab.agent.stop();
     drop(server);
 }
+
+/// `agent_e2e`'s `a_backend_behind_the_pods_veth_to_its_node_is_reached`
+/// over IPv6 on the TC path: a host-network endpoint on the client's own
+/// node (its IPv6 wire address), which the pod reaches only by
+/// Spiderpool's coordinator veth (a host route through it; its macvlan
+/// cannot reach its own node). The agent copies the pod's IPv6 routes
+/// into `POD_ROUTES6`: connections to the IPv6 ClusterIP leave by the
+/// veth after translation and their replies, which come back by the veth,
+/// are translated there.
+#[test]
+fn a_backend_behind_the_pods_veth_to_its_node_is_reached_over_ipv6() {
+    use datapath_user::attach::pinned_reply_links;
+    use lab::topology::NODE_ADDRESSES6;
+    require_root("agent e2e");
+    if !common::kernel_has(
+        datapath_user::features::NETNS_COOKIE_TC,
+        datapath_user::probe::kernel().netns_cookie_tc,
+    ) {
+        return;
+    }
+    let topo = Topology::build(&standard_pods()).expect("building the topology");
+    let node_address6 = NODE_ADDRESSES6[topo.pod("client").node];
+    topo.add_coordinator_veth("client").unwrap();
+    topo.route_via_node("client", (node_address6, 128), true)
+        .unwrap();
+    let node = &topo.nodes[topo.pod("client").node];
+    let host_server = workload::tcp_server(node, node_address6, TARGET, "node").unwrap();
+    let lab = tc_path_agent(&topo, &dual_stack_manifest(&[], &[node_address6]));
+    let pins = PathBuf::from(format!("/sys/fs/bpf/{}", topo.prefix));
+    let client_ns = topo.pod("client").namespace.name().to_owned();
+    wait_until("the client's veth0 (replies) is attached", || {
+        pinned_reply_links(&pins).contains(&(client_ns.clone(), "veth0".into()))
+    });
+    let client = &topo.pod("client").namespace;
+    let target = SocketAddr::new(VIP6.into(), 80);
+    let mut conversation = client
+        .run(|| workload::Conversation::open(target, TIMEOUT))
+        .unwrap()
+        .expect("the host-network backend answers through the IPv6 ClusterIP");
+    for _ in 0..5 {
+        assert_eq!(conversation.ask().unwrap(), "node");
+    }
+    for _ in 0..5 {
+        let answer = client
+            .run(|| workload::tcp_request(target, TIMEOUT))
+            .unwrap()
+            .expect("new connections too");
+        assert_eq!((answer.server.as_str(), answer.peer), ("node", target));
+    }
+    drop(conversation);
+    lab.agent.stop();
+    drop(host_server);
+}

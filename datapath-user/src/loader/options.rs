@@ -51,9 +51,6 @@ impl MapSizes {
             .conntrack_udp_flows
             .saturating_mul(maps::CT_ENTRIES_PER_FLOW);
         let v6 = |entries: u32| if self.ipv6 { entries } else { 1 };
-        // What the IPv6 TC path does not read yet (routes by another
-        // interface): one entry, whatever `ipv6` says.
-        let v6_unread = |_entries: u32| 1;
         [
             (maps::SERVICES_MAP, self.services),
             (maps::SLOTS_MAP, self.slots.min(maps::SLOTS_LIMIT)),
@@ -70,10 +67,7 @@ impl MapSizes {
             (maps::CONNTRACK6_UDP_MAP, v6(udp_entries)),
             (maps::SOCK_REVERSE_NAT6_MAP, v6(self.sock_reverse_nat)),
             (maps::FRAGMENTS6_MAP, v6(maps::DEFAULT_FRAGMENTS_MAX)),
-            (
-                maps::POD_ROUTES6_MAP,
-                v6_unread(maps::DEFAULT_POD_ROUTES_MAX),
-            ),
+            (maps::POD_ROUTES6_MAP, v6(maps::DEFAULT_POD_ROUTES_MAX)),
         ]
     }
 }
