@@ -11,6 +11,7 @@
 #[cfg(test)]
 extern crate std;
 
+pub mod affinity;
 pub mod conntrack;
 pub mod csum;
 pub mod features;
