@@ -143,6 +143,10 @@ pub fn wire_port(ctx: &TcContext, table: &CtMap, tuple: WireTuple, now: u64) -> 
 /// A random source port for `tuple` that nothing holds.
 #[inline(always)]
 pub fn free_port(ctx: &TcContext, table: &CtMap, mut tuple: WireTuple, now: u64) -> Option<u16> {
+    // An entry under a random port is another flow's (its own port),
+    // never this one's re-balanced: no exception for the frontend.
+    tuple.frontend_be = 0;
+    tuple.frontend_port_be = 0;
     for _ in 0..TRIES {
         // SAFETY: plain helper call.
         tuple.port_be = datapath_common::port_be(lb::clash_port(unsafe { bpf_get_prandom_u32() }));

@@ -96,7 +96,9 @@ pub fn claim(
         // SAFETY: plain helper call.
         key.client_port_be =
             datapath_common::port_be(lb::clash_port(unsafe { bpf_get_prandom_u32() }));
-        if !taken(skb, key, frontend_be, frontend_port_be, now) {
+        // No exception for this frontend here: an entry under a random
+        // port is another flow's (its own port), never this one's.
+        if !taken(skb, key, &[0; 4], 0, now) {
             return true;
         }
     }
@@ -106,10 +108,11 @@ pub fn claim(
 }
 
 /// True when a live flow holds `key`'s wire tuple, or a socket of the pod
-/// is connected with it. A backend-tuple entry for this very frontend
-/// (`frontend_be:frontend_port_be`; port 0 for a connection straight to a
-/// pod) with the client's own port is this flow's, re-balanced onto the
-/// same backend: not a clash.
+/// is connected with it. With the client's own port, a backend-tuple
+/// entry for this very frontend (`frontend_be:frontend_port_be`; port 0:
+/// no such exception, for a connection straight to a pod and for the
+/// random ports tried) that moved nothing is this flow's, re-balanced
+/// onto the same backend: not a clash.
 ///
 /// Not inlined, and nothing on its own stack but spills: a BPF-to-BPF
 /// call adds its frame to the caller's, and the programs calling it
@@ -214,8 +217,20 @@ fn socket_holds(skb: *mut c_void, key: &mut CtKey6) -> bool {
         if sock.is_null() {
             return false;
         }
-        // SAFETY: a socket the helper returned, read before release.
-        let (state, dst, dst_port) = unsafe { ((*sock).state, (*sock).dst_ip6, (*sock).dst_port) };
+        // SAFETY: a socket the helper returned, read before release,
+        // word by word as for TCP (in another order: not merged).
+        let (dst_port, dst, state) = unsafe {
+            (
+                read_volatile(&(*sock).dst_port),
+                [
+                    read_volatile(&(*sock).dst_ip6[0]),
+                    read_volatile(&(*sock).dst_ip6[1]),
+                    read_volatile(&(*sock).dst_ip6[2]),
+                    read_volatile(&(*sock).dst_ip6[3]),
+                ],
+                read_volatile(&(*sock).state),
+            )
+        };
         // SAFETY: releases the reference the lookup took.
         unsafe { bpf_sk_release(sock as *mut c_void) };
         // Only a connected UDP socket holds a tuple.

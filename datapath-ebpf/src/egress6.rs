@@ -148,9 +148,11 @@ fn service_packet(ctx: &TcContext, packet: &Packet6, table: &CtMap6) -> i32 {
             if ct::needs_write(flow, state, now) {
                 flow.state = state;
                 flow.last_seen = now;
+                // Keyed by the port on the wire: a later fragment of a
+                // moved flow comes this way too.
                 let mut reply = ct6::backend_key(
                     packet.saddr_be,
-                    packet.sport_be,
+                    wire_port(flow, packet),
                     backend.0,
                     backend.1,
                     packet.protocol,
@@ -487,14 +489,30 @@ pub fn refusal(ctx: &TcContext) -> i32 {
 }
 
 /// The backend-tuple entry of a flow: same state, plus the frontend the
-/// replies must be rewritten to.
+/// replies must be rewritten to (and the client's own port, if moved).
 #[inline(always)]
 fn reply_entry(flow: &CtEntry6, packet: &Packet6) -> CtEntry6 {
     CtEntry6 {
         service_address_be: packet.daddr_be,
         service_port_be: packet.dport_be,
         l2_mode: L2_UNRESOLVED,
+        // A moved flow's replies get the client's own port back.
+        nat_port_be: if flow.nat_port_be != 0 {
+            packet.sport_be
+        } else {
+            0
+        },
         ..*flow
+    }
+}
+
+/// The client port a flow uses on the wire (`crate::clash6`).
+#[inline(always)]
+fn wire_port(flow: &CtEntry6, packet: &Packet6) -> u16 {
+    if flow.nat_port_be != 0 {
+        flow.nat_port_be
+    } else {
+        packet.sport_be
     }
 }
 

@@ -125,6 +125,17 @@ fn unicast_main_route(message: &rtnetlink::packet_route::route::RouteMessage) ->
     (route.ifindex != 0).then_some(route)
 }
 
+/// Whether `route` is copied (and its interface gets the ingress program
+/// for replies): IPv6 routes only when `ipv6` (`POD_ROUTES6` is sized),
+/// and never link-local ones (`fe80::/64` is on every interface with
+/// IPv6, and no backend is link-local).
+fn copied(route: &PodRoute, ipv6: bool) -> bool {
+    match route.destination {
+        IpAddr::V4(_) => true,
+        IpAddr::V6(destination) => ipv6 && !destination.is_unicast_link_local(),
+    }
+}
+
 /// What is in `POD_ROUTES`/`POD_ROUTES6` for each pod, to update and
 /// remove it.
 pub struct PodRoutes {
@@ -167,21 +178,31 @@ impl PodRoutes {
         let map = aya::maps::Map::LpmTrie(open(name)?)
             .try_into()
             .map_err(|e| LoaderError::map(name, e))?;
+        // IPv6 routes only where the IPv6 maps are sized (one entry
+        // under `--ipv6 off`); a map that cannot be opened costs the IPv6
+        // half alone.
         let name6 = datapath_common::maps::POD_ROUTES6_MAP;
-        let data6 = open(name6)?;
-        let sized = data6
-            .info()
-            .map_err(|e| LoaderError::map(name6, e))?
-            .max_entries()
-            > 1;
-        let map6 = if sized {
-            Some(
-                aya::maps::Map::LpmTrie(data6)
-                    .try_into()
-                    .map_err(|e| LoaderError::map(name6, e))?,
-            )
-        } else {
-            None
+        let map6 = match open(name6).and_then(|data| {
+            let sized = data
+                .info()
+                .map_err(|e| LoaderError::map(name6, e))?
+                .max_entries()
+                > 1;
+            if !sized {
+                return Ok(None);
+            }
+            aya::maps::Map::LpmTrie(data)
+                .try_into()
+                .map(Some)
+                .map_err(|e| LoaderError::map(name6, e))
+        }) {
+            Ok(map6) => map6,
+            Err(e) => {
+                tracing::warn!(
+                    "IPv6 pod routes unavailable: IPv6 backends behind another pod interface will not be reached ({e})"
+                );
+                None
+            }
         };
         Ok(Self {
             map,
@@ -230,7 +251,10 @@ impl PodRoutes {
     /// replacing what was there; returns them.
     pub fn sync(&mut self, netns: &str, path: &Path) -> io::Result<BTreeSet<PodRoute>> {
         let cookie = netns_cookie(path)?;
-        let routes: BTreeSet<PodRoute> = routes(path)?.into_iter().collect();
+        let routes: BTreeSet<PodRoute> = routes(path)?
+            .into_iter()
+            .filter(|route| copied(route, self.map6.is_some()))
+            .collect();
         let previous = match self.written.get(netns) {
             Some((known, previous)) if *known == cookie => previous.clone(),
             Some(_) => {
@@ -246,7 +270,14 @@ impl PodRoutes {
             self.insert(cookie, route)?;
         }
         for stale in previous.difference(&routes) {
-            self.remove(cookie, stale);
+            // A key another interface's route still has (the same prefix)
+            // was just written for it: not removed.
+            if !routes
+                .iter()
+                .any(|r| (r.destination, r.prefix_len) == (stale.destination, stale.prefix_len))
+            {
+                self.remove(cookie, stale);
+            }
         }
         self.written
             .insert(netns.to_owned(), (cookie, routes.clone()));
@@ -260,5 +291,30 @@ impl PodRoutes {
                 self.remove(cookie, route);
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn route(destination: &str, prefix_len: u8) -> PodRoute {
+        PodRoute {
+            destination: destination.parse().unwrap(),
+            prefix_len,
+            ifindex: 3,
+        }
+    }
+
+    #[test]
+    fn ipv6_routes_are_copied_only_when_sized_and_never_link_local_ones() {
+        let v4 = route("169.254.1.1", 32);
+        let v6 = route("fd77::65", 128);
+        let default6 = route("::", 0);
+        let link_local = route("fe80::", 64);
+        assert!(copied(&v4, false) && copied(&v4, true));
+        assert!(!copied(&v6, false) && copied(&v6, true));
+        assert!(copied(&default6, true));
+        assert!(!copied(&link_local, true));
     }
 }

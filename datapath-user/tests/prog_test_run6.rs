@@ -7,7 +7,7 @@
 
 mod common;
 
-use std::net::Ipv6Addr;
+use std::{net::Ipv6Addr, time::Duration};
 
 use common::{PinDir, load_private, load_private_checksums};
 use datapath_common::{
@@ -1117,4 +1117,88 @@ fn an_ipv6_flow_rebalanced_onto_its_own_backend_keeps_its_port() {
     let (_, out) = run(&mut dp, TC_EGRESS, &ack.build());
     assert_eq!(sport_of(&out), CLIENT.1, "not moved");
     assert_eq!(dp.maps.counter(Counter::PortClash).unwrap(), 0);
+}
+
+/// A UDP flow whose client port moved keeps its entries right when a
+/// later fragment (no port: it stays on the per-packet path, its ports
+/// from its first fragment) is the packet that refreshes them: the
+/// flow's reply entry is looked up and written again under the port on
+/// the wire, with the client's own port to restore; the entry the first
+/// flow holds under the client's own port is left as it was.
+#[test]
+fn a_moved_flows_later_fragment_refreshes_its_entries_under_the_wire_port() {
+    let mut dp = load_private();
+    datapath_with(&mut dp, &[B1]);
+    let other = Frontend {
+        address: "fd00:10:96::11".parse().unwrap(),
+        port: 54,
+        protocol: Protocol::Udp,
+    };
+    dp.maps.set_service6(&other, 3, &[B1]).unwrap();
+    let egress = |dp: &mut Datapath, frame: Frame6| {
+        run(
+            dp,
+            TC_EGRESS,
+            &frame.with_macs(POD_MAC, GATEWAY_MAC).build(),
+        )
+    };
+    egress(&mut dp, Frame6::udp(CLIENT, (VIP, 53)));
+    let datagram = Frame6::udp(CLIENT, (other.address, other.port)).with_payload(&[5; 64]);
+    let (_, out) = egress(&mut dp, datagram.clone().fragment(0, true, 9));
+    let moved = sport_of(&out);
+    assert_ne!(moved, CLIENT.1, "the second flow moved");
+    let backend_key = |port: u16| CtKey6 {
+        client_address_be: ipv6_words(CLIENT.0),
+        peer_address_be: ipv6_words(B1.address),
+        client_port_be: port_be(port),
+        peer_port_be: port_be(B1.port),
+        protocol: 17,
+        kind: CT_KIND_BACKEND,
+        _pad: [0; 2],
+    };
+    let first_flows = ct_entry(&dp, &backend_key(CLIENT.1)).expect("the first flow's");
+    // The refresh is due, and the reply entry was evicted.
+    let service = service_key(&datagram);
+    let mut flow = ct_entry(&dp, &service).unwrap();
+    flow.last_seen = common::jiffies_ago(Duration::from_secs(
+        datapath_common::conntrack::REFRESH_INTERVAL_SECS + 1,
+    ));
+    let v6 = dp.maps.v6.as_mut().unwrap();
+    v6.conntrack6_udp.insert(service, flow, 0).unwrap();
+    v6.conntrack6_udp.remove(&backend_key(moved)).unwrap();
+
+    let (_, out) = egress(&mut dp, datagram.clone().fragment(8, false, 9));
+    assert_eq!(
+        packet6::parse6(&out).unwrap().dst,
+        B1.address,
+        "the later fragment is translated"
+    );
+    let written = ct_entry(&dp, &backend_key(moved)).expect("written again under the wire port");
+    assert_eq!(
+        (
+            written.service_address_be,
+            written.service_port_be,
+            written.nat_port_be
+        ),
+        (
+            ipv6_words(other.address),
+            port_be(other.port),
+            port_be(CLIENT.1)
+        ),
+        "from the other ClusterIP, to the client's own port"
+    );
+    let still = ct_entry(&dp, &backend_key(CLIENT.1)).unwrap();
+    assert_eq!(
+        (
+            still.service_address_be,
+            still.service_port_be,
+            still.nat_port_be
+        ),
+        (
+            first_flows.service_address_be,
+            first_flows.service_port_be,
+            first_flows.nat_port_be
+        ),
+        "the first flow's entry is its own"
+    );
 }
