@@ -1023,6 +1023,26 @@ fn a_second_ipv6_flow_on_a_taken_wire_tuple_gets_another_source_port() {
         assert_eq!(v, verdict::OK, "{checksums:?}: the error");
         let expected = packet6::icmp6(router, CLIENT.0, 2, 0, 1280, &ack.build()[14..]);
         assert_icmp6(&format!("{checksums:?}: the error"), &out, &expected);
+        // The client's own error about a reply it got from the other
+        // ClusterIP goes to the backend, quoting the port on the wire.
+        let reply_seen =
+            Frame6::tcp((other.address, other.port), CLIENT, ACK | PSH).with_payload(b"late");
+        let error = packet6::icmp6(CLIENT.0, other.address, 1, 4, 0, &reply_seen.build()[14..]);
+        let (_, out) = run(&mut dp, TC_EGRESS, &error.build());
+        let really = Frame6 {
+            src: B1.address,
+            sport: B1.port,
+            dport: moved,
+            ..reply_seen
+        };
+        // (Sent with the flow's learned MACs.)
+        let expected = packet6::icmp6(CLIENT.0, B1.address, 1, 4, 0, &really.build()[14..])
+            .with_macs(POD_MAC, GATEWAY_MAC);
+        assert_icmp6(
+            &format!("{checksums:?}: the client's error"),
+            &out,
+            &expected,
+        );
     }
 }
 
@@ -1201,4 +1221,64 @@ fn a_moved_flows_later_fragment_refreshes_its_entries_under_the_wire_port() {
         ),
         "the first flow's entry is its own"
     );
+}
+
+/// A pod that is the backend of two of its own IPv6 services, reached
+/// from one client port: the second hairpin flow's wire tuple (from the
+/// hairpin source) is taken, so it moves to another port, is looped back
+/// from it, and the pod's reply to that port comes from the second
+/// ClusterIP to the client's own port.
+#[test]
+fn a_second_hairpin_flow_on_a_taken_tuple_is_looped_back_from_another_port() {
+    let hairpin: Ipv6Addr = "100::a9fe:2a01".parse().unwrap();
+    let myself = BackendEntry {
+        id: 3,
+        address: CLIENT.0,
+        port: 8080,
+    };
+    let other = Frontend {
+        address: "fd00:10:96::11".parse().unwrap(),
+        port: 82,
+        protocol: Protocol::Tcp,
+    };
+    let mut dp = load_private();
+    dp.maps
+        .set_service6(&frontend(Protocol::Tcp, 81), 3, &[myself])
+        .unwrap();
+    dp.maps.set_service6(&other, 4, &[myself]).unwrap();
+    let looped = |frame: Frame6| Frame6 {
+        dst_mac: POD_MAC,
+        src_mac: POD_MAC,
+        ..frame
+    };
+    let first = Frame6::tcp(CLIENT, (VIP, 81), SYN).with_macs(POD_MAC, GATEWAY_MAC);
+    let (_, out) = run(&mut dp, TC_EGRESS, &first.build());
+    assert_eq!(sport_of(&out), CLIENT.1, "the first keeps its port");
+    let second =
+        Frame6::tcp(CLIENT, (other.address, other.port), SYN).with_macs(POD_MAC, GATEWAY_MAC);
+    let (v, out) = run(&mut dp, TC_EGRESS, &second.build());
+    assert_eq!(v, verdict::REDIRECT, "looped back into the pod");
+    let moved = sport_of(&out);
+    assert_ne!(moved, CLIENT.1, "the second moved");
+    let arrives = Frame6 {
+        src: hairpin,
+        sport: moved,
+        ..to_backend(&second, &myself)
+    };
+    assert_frame("moved hairpin SYN", &out, &looped(arrives.clone()));
+    assert_eq!(dp.maps.counter(Counter::PortClash).unwrap(), 1);
+
+    let reply = arrives
+        .reply(L4::Tcp { flags: SYN | ACK })
+        .with_macs(POD_MAC, GATEWAY_MAC);
+    let (v, out) = run(&mut dp, TC_EGRESS, &reply.build());
+    assert_eq!(v, verdict::REDIRECT, "the reply looped back");
+    let expected = Frame6 {
+        src: other.address,
+        sport: other.port,
+        dst: CLIENT.0,
+        dport: CLIENT.1,
+        ..reply.clone()
+    };
+    assert_frame("reply to the moved port", &out, &looped(expected));
 }
