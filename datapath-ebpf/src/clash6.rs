@@ -33,7 +33,7 @@ use datapath_common::{
 };
 
 use crate::{
-    clash, ct, ct6, egress6, flags, frag6, hairpin6, l2,
+    clash, ct, ct6, flags, frag6, hairpin6, l2,
     maps::{CLASH_FILTER, CONNTRACK6_TCP, CONNTRACK6_UDP, CtMap6, TC_JUMPS},
     metrics::count,
     nat::End,
@@ -293,7 +293,7 @@ fn service_flow(
     flow: &mut CtEntry6,
     now: u64,
 ) -> i32 {
-    let Some(backend) = egress6::tracked_backend(flow, packet, now) else {
+    let Some(backend) = ct6::tracked_backend(flow, packet, now) else {
         // Ended between the egress program's look and this one.
         count(Counter::Error);
         return TC_ACT_SHOT;

@@ -1,10 +1,18 @@
-//! The IPv6 conntrack keys (`CONNTRACK6_TCP`/`_UDP`): `crate::ct`'s keys
-//! with IPv6 addresses. The rules, the refresh and the entry writes are
-//! `crate::ct`'s, for both families.
+//! The IPv6 conntrack (`CONNTRACK6_TCP`/`_UDP`): `crate::ct`'s keys with
+//! IPv6 addresses, a tracked flow's live backend, an ended flow's
+//! removal. The rules, the refresh and the entry writes are `crate::ct`'s,
+//! for both families.
 
-use datapath_common::maps::{CT_KIND_BACKEND, CT_KIND_SERVICE, CtKey6, Ipv6Words};
+use datapath_common::{
+    conntrack,
+    maps::{CT_KIND_BACKEND, CT_KIND_SERVICE, CtEntry6, CtKey6, Ipv6Words},
+};
 
-use crate::parse6::Packet6;
+use crate::{
+    backends, ct,
+    maps::{CONNTRACK6_TCP, REVERSE_NAT6},
+    parse6::Packet6,
+};
 
 /// The service-tuple key of a client packet (destination = VIP).
 #[inline(always)]
@@ -69,4 +77,51 @@ pub fn reply_key(packet: &Packet6) -> CtKey6 {
         packet.sport_be,
         packet.protocol,
     )
+}
+
+/// The backend of a live tracked flow, or `None` when the flow must be
+/// balanced afresh (`crate::egress`'s rules: expired, its frontend gone or
+/// re-created, a SYN reusing a closed flow's tuple, its backend deleted).
+#[inline(always)]
+pub fn tracked_backend(flow: &CtEntry6, packet: &Packet6, now: u64) -> Option<(Ipv6Words, u16)> {
+    if ct::is_expired(flow, packet.protocol, now)
+        || conntrack::syn_reopens(flow, packet.protocol, packet.tcp_flags)
+    {
+        return None;
+    }
+    let frontend = REVERSE_NAT6.get(flow.rev_nat_id())?;
+    if !frontend.is_present()
+        || frontend.address_be != packet.daddr_be
+        || frontend.port_be != packet.dport_be
+    {
+        return None;
+    }
+    backends::ipv6(flow.backend_id)
+}
+
+/// Removes both entries of an ended service flow whose backend-tuple
+/// entry (`reply`) holds `packet`'s wire tuple: a flow never has one
+/// without the other. Its service-tuple entry has the client's own port
+/// (`nat_port_be` when the flow's was moved).
+#[inline(always)]
+pub fn forget_ended_flow(
+    packet: &Packet6,
+    reply: &CtKey6,
+    service_address_be: Ipv6Words,
+    service_port_be: u16,
+    nat_port_be: u16,
+) {
+    let service = service_key(
+        packet.saddr_be,
+        if nat_port_be != 0 {
+            nat_port_be
+        } else {
+            packet.sport_be
+        },
+        service_address_be,
+        service_port_be,
+        packet.protocol,
+    );
+    let _ = CONNTRACK6_TCP.remove(service);
+    let _ = CONNTRACK6_TCP.remove(reply);
 }

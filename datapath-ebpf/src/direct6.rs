@@ -20,7 +20,7 @@ use datapath_common::{
 };
 
 use crate::{
-    clash, clash6, ct, ct6, egress6, events, flags,
+    clash, clash6, ct, ct6, events, flags,
     maps::{CLASH_FILTER, CONNTRACK6_TCP, CONNTRACK6_UDP, CtMap6, TC_JUMPS},
     metrics::count,
     nat::End,
@@ -132,7 +132,7 @@ fn syn(ctx: &TcContext, packet: &Packet6, now: u64) -> i32 {
         return TC_ACT_UNSPEC;
     };
     if !live {
-        egress6::forget_ended_flow(
+        ct6::forget_ended_flow(
             packet,
             &key,
             service_address_be,

@@ -30,10 +30,7 @@ use datapath_common::{
 
 use crate::{
     backends, clash, clash6, ct, ct6, direct6, events, frag6, hairpin6, icmp6, l2,
-    maps::{
-        CONNTRACK6_TCP, CONNTRACK6_UDP, CtMap6, REVERSE_NAT6, SERVICE_FILTER, SERVICES6, SLOTS,
-        TC_JUMPS,
-    },
+    maps::{CONNTRACK6_TCP, CONNTRACK6_UDP, CtMap6, SERVICE_FILTER, SERVICES6, SLOTS, TC_JUMPS},
     metrics::count,
     nat::End,
     nat6,
@@ -132,7 +129,7 @@ fn service_packet(ctx: &TcContext, packet: &Packet6, table: &CtMap6) -> i32 {
     if let Some(flow) = table.get_ptr_mut(key) {
         // SAFETY: a pointer into the map value, valid for this program run.
         let flow = unsafe { &mut *flow };
-        if let Some(backend) = tracked_backend(flow, packet, now) {
+        if let Some(backend) = ct6::tracked_backend(flow, packet, now) {
             if flow.nat_port_be != 0 && !packet.later_fragment {
                 // Its client port was moved on a tuple clash: translated
                 // in a program of its own (a later fragment has no port).
@@ -207,26 +204,6 @@ pub fn new_flow_run(ctx: &TcContext) -> i32 {
         return TC_ACT_UNSPEC;
     }
     new_flow(ctx, &packet)
-}
-
-/// The backend of a live tracked flow, or `None` when the flow must be
-/// balanced afresh (`crate::egress`'s rules: expired, its frontend gone or
-/// re-created, a SYN reusing a closed flow's tuple, its backend deleted).
-#[inline(always)]
-pub fn tracked_backend(flow: &CtEntry6, packet: &Packet6, now: u64) -> Option<(Ipv6Words, u16)> {
-    if ct::is_expired(flow, packet.protocol, now)
-        || conntrack::syn_reopens(flow, packet.protocol, packet.tcp_flags)
-    {
-        return None;
-    }
-    let frontend = REVERSE_NAT6.get(flow.rev_nat_id())?;
-    if !frontend.is_present()
-        || frontend.address_be != packet.daddr_be
-        || frontend.port_be != packet.dport_be
-    {
-        return None;
-    }
-    backends::ipv6(flow.backend_id)
 }
 
 /// A new flow's frontend (refused without endpoints) and backend, then
@@ -425,7 +402,7 @@ fn direct(ctx: &TcContext, packet: &Packet6) -> i32 {
     if live {
         return direct6::jump(ctx);
     }
-    forget_ended_flow(
+    ct6::forget_ended_flow(
         packet,
         &reply,
         service_address_be,
@@ -433,33 +410,6 @@ fn direct(ctx: &TcContext, packet: &Packet6) -> i32 {
         nat_port_be,
     );
     TC_ACT_UNSPEC
-}
-
-/// Removes both entries of an ended service flow whose backend-tuple
-/// entry (`reply`) holds `packet`'s wire tuple: a flow never has one
-/// without the other. Its service-tuple entry has the client's own port
-/// (`nat_port_be` when the flow's was moved).
-#[inline(always)]
-pub fn forget_ended_flow(
-    packet: &Packet6,
-    reply: &CtKey6,
-    service_address_be: Ipv6Words,
-    service_port_be: u16,
-    nat_port_be: u16,
-) {
-    let service = ct6::service_key(
-        packet.saddr_be,
-        if nat_port_be != 0 {
-            nat_port_be
-        } else {
-            packet.sport_be
-        },
-        service_address_be,
-        service_port_be,
-        packet.protocol,
-    );
-    let _ = CONNTRACK6_TCP.remove(service);
-    let _ = CONNTRACK6_TCP.remove(reply);
 }
 
 /// Refuses the packet into the pod (`refusal`, entered by a tail call),
