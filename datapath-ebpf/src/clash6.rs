@@ -133,7 +133,10 @@ fn taken(
     } else {
         &CONNTRACK6_UDP
     };
-    // SAFETY: fields read at once, before any other map call.
+    // SAFETY: fields read at once, before any other map call. By
+    // reference: a copy of the key would take 40 bytes of a frame that
+    // must stay small.
+    #[allow(clippy::needless_borrows_for_generic_args)]
     let held = unsafe { table.get(&*key) }.is_some_and(|held| {
         clash::held_by_live_flow(held, key.protocol, now)
             && !(frontend_port_be != 0
@@ -152,13 +155,12 @@ fn taken(
 #[inline(always)]
 fn swap_ends(key: &mut CtKey6) {
     for word in 0..4 {
-        let client = key.client_address_be[word];
-        key.client_address_be[word] = key.peer_address_be[word];
-        key.peer_address_be[word] = client;
+        core::mem::swap(
+            &mut key.client_address_be[word],
+            &mut key.peer_address_be[word],
+        );
     }
-    let client_port = key.client_port_be;
-    key.client_port_be = key.peer_port_be;
-    key.peer_port_be = client_port;
+    core::mem::swap(&mut key.client_port_be, &mut key.peer_port_be);
 }
 
 const _: () = {
