@@ -221,16 +221,23 @@ impl PodRoutes {
                     0,
                 )
                 .map_err(io::Error::other),
-            IpAddr::V6(destination) => match &mut self.map6 {
-                Some(map6) => map6
-                    .insert(
+            IpAddr::V6(destination) => {
+                if let Some(map6) = &mut self.map6
+                    && let Err(e) = map6.insert(
                         &key6(cookie, destination, route.prefix_len),
                         route.ifindex,
                         0,
                     )
-                    .map_err(io::Error::other),
-                None => Ok(()),
-            },
+                {
+                    // The IPv6 half alone: the pod's IPv4 routes (and the
+                    // reply programs they keep) stay.
+                    tracing::warn!(
+                        "IPv6 pod route {destination}/{} not copied: {e}",
+                        route.prefix_len
+                    );
+                }
+                Ok(())
+            }
         }
     }
 

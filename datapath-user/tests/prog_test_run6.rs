@@ -1176,7 +1176,16 @@ fn a_moved_flows_later_fragment_refreshes_its_entries_under_the_wire_port() {
         kind: CT_KIND_BACKEND,
         _pad: [0; 2],
     };
-    let first_flows = ct_entry(&dp, &backend_key(CLIENT.1)).expect("the first flow's");
+    // The first flow's entry, aged so that a refresh of it would show.
+    let mut first_flows = ct_entry(&dp, &backend_key(CLIENT.1)).expect("the first flow's");
+    first_flows.last_seen = common::jiffies_ago(Duration::from_secs(5));
+    dp.maps
+        .v6
+        .as_mut()
+        .unwrap()
+        .conntrack6_udp
+        .insert(backend_key(CLIENT.1), first_flows, 0)
+        .unwrap();
     // The refresh is due, and the reply entry was evicted.
     let service = service_key(&datagram);
     let mut flow = ct_entry(&dp, &service).unwrap();
@@ -1212,14 +1221,16 @@ fn a_moved_flows_later_fragment_refreshes_its_entries_under_the_wire_port() {
         (
             still.service_address_be,
             still.service_port_be,
-            still.nat_port_be
+            still.nat_port_be,
+            still.last_seen
         ),
         (
             first_flows.service_address_be,
             first_flows.service_port_be,
-            first_flows.nat_port_be
+            first_flows.nat_port_be,
+            first_flows.last_seen
         ),
-        "the first flow's entry is its own"
+        "the first flow's entry is its own, not refreshed"
     );
 }
 
@@ -1281,4 +1292,18 @@ fn a_second_hairpin_flow_on_a_taken_tuple_is_looped_back_from_another_port() {
         ..reply.clone()
     };
     assert_frame("reply to the moved port", &out, &looped(expected));
+
+    // The flow's next packet (a conntrack hit: `up_tc_clash6`, then the
+    // hairpin program) keeps the moved port.
+    let next = Frame6::tcp(CLIENT, (other.address, other.port), ACK | PSH)
+        .with_payload(b"again")
+        .with_macs(POD_MAC, GATEWAY_MAC);
+    let (v, out) = run(&mut dp, TC_EGRESS, &next.build());
+    assert_eq!(v, verdict::REDIRECT, "next packet");
+    let expected = Frame6 {
+        src: hairpin,
+        sport: moved,
+        ..to_backend(&next, &myself)
+    };
+    assert_frame("next packet", &out, &looped(expected));
 }
