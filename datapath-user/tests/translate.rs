@@ -201,6 +201,12 @@ fn issues_name_object_field_and_reason() {
         "Service edge/mixed spec.ports[0].port: 0 is not a port number (1-65535) (invalid)"
     );
     assert!(text[1].contains("unknown protocol \"HTTP\""), "{}", text[1]);
+    // SCTP is valid Kubernetes that underpass does not translate: said,
+    // naming the port, and the rest of the service is served.
+    assert_eq!(
+        text[2],
+        "Service edge/mixed spec.ports[2].protocol: SCTP is not supported: underpass translates TCP and UDP only, and leaves packets to this port untouched (unsupported)"
+    );
     // The endpoint's text as written, though the agent keeps endpoints
     // parsed (the text is kept aside only for addresses that fail).
     assert_eq!(
