@@ -1307,3 +1307,58 @@ fn a_second_hairpin_flow_on_a_taken_tuple_is_looped_back_from_another_port() {
     };
     assert_frame("next packet", &out, &looped(expected));
 }
+
+/// UDP as TCP: two IPv6 services on one backend, one client socket port
+/// for both (unconnected sockets sending to each): the second flow moves
+/// to another port, its later datagrams keep it, and its answers come
+/// from the second ClusterIP to the client's own port, checksums right.
+#[test]
+fn a_second_ipv6_udp_flow_on_a_taken_wire_tuple_gets_another_source_port() {
+    let other = Frontend {
+        address: "fd00:10:96::11".parse().unwrap(),
+        port: 54,
+        protocol: Protocol::Udp,
+    };
+    let mut dp = load_private();
+    datapath_with(&mut dp, &[B1]);
+    dp.maps.set_service6(&other, 3, &[B1]).unwrap();
+    let egress = |dp: &mut Datapath, frame: Frame6| {
+        run(
+            dp,
+            TC_EGRESS,
+            &frame.with_macs(POD_MAC, GATEWAY_MAC).build(),
+        )
+    };
+    let (_, out) = egress(&mut dp, Frame6::udp(CLIENT, (VIP, 53)).with_payload(b"a"));
+    assert_eq!(sport_of(&out), CLIENT.1);
+    let query = Frame6::udp(CLIENT, (other.address, other.port)).with_payload(b"b");
+    let (_, out) = egress(&mut dp, query.clone());
+    let moved = sport_of(&out);
+    assert_ne!(moved, CLIENT.1, "the second flow moved");
+    assert_frame(
+        "moved datagram",
+        &out,
+        &Frame6 {
+            sport: moved,
+            ..to_backend(&query, &B1).with_macs(POD_MAC, GATEWAY_MAC)
+        },
+    );
+    let (_, out) = egress(&mut dp, query.clone().with_payload(b"c"));
+    assert_eq!(sport_of(&out), moved, "later datagrams keep the moved port");
+    let answer = Frame6::udp((B1.address, B1.port), (CLIENT.0, moved))
+        .with_payload(b"answer")
+        .with_macs(GATEWAY_MAC, POD_MAC);
+    let (v, out) = run(&mut dp, TC_INGRESS, &answer.build());
+    assert_eq!(v, verdict::OK);
+    assert_frame(
+        "answer to the moved port",
+        &out,
+        &Frame6 {
+            src: other.address,
+            sport: other.port,
+            dport: CLIENT.1,
+            ..answer
+        },
+    );
+    assert_eq!(dp.maps.counter(Counter::PortClash).unwrap(), 1);
+}
