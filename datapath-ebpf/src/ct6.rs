@@ -14,6 +14,19 @@ use crate::{
     parse6::Packet6,
 };
 
+/// The port an entry's flow uses in place of `port`: its `nat_port_be`
+/// when the client port moved on a tuple clash (`crate::clash6`: on a
+/// service-tuple entry the port on the wire, on a backend-tuple entry the
+/// client's own), else `port` itself.
+#[inline(always)]
+pub fn moved_port(entry: &CtEntry6, port: u16) -> u16 {
+    if entry.nat_port_be != 0 {
+        entry.nat_port_be
+    } else {
+        port
+    }
+}
+
 /// The service-tuple key of a client packet (destination = VIP).
 #[inline(always)]
 pub fn service_key(

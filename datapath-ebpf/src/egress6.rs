@@ -149,7 +149,7 @@ fn service_packet(ctx: &TcContext, packet: &Packet6, table: &CtMap6) -> i32 {
                 // moved flow comes this way too.
                 let mut reply = ct6::backend_key(
                     packet.saddr_be,
-                    wire_port(flow, packet),
+                    ct6::moved_port(flow, packet.sport_be),
                     backend.0,
                     backend.1,
                     packet.protocol,
@@ -453,16 +453,6 @@ fn reply_entry(flow: &CtEntry6, packet: &Packet6) -> CtEntry6 {
             0
         },
         ..*flow
-    }
-}
-
-/// The client port a flow uses on the wire (`crate::clash6`).
-#[inline(always)]
-fn wire_port(flow: &CtEntry6, packet: &Packet6) -> u16 {
-    if flow.nat_port_be != 0 {
-        flow.nat_port_be
-    } else {
-        packet.sport_be
     }
 }
 

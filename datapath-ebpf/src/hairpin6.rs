@@ -133,11 +133,7 @@ fn reply(ctx: &TcContext, packet: &Packet6, table: &CtMap6) -> i32 {
         Direction::Reply,
     );
     // The client's own port, if it was moved on a tuple clash.
-    let client_port_be = if flow.nat_port_be != 0 {
-        flow.nat_port_be
-    } else {
-        packet.dport_be
-    };
+    let client_port_be = ct6::moved_port(flow, packet.dport_be);
     if ct::needs_write(flow, state, now) {
         flow.state = state;
         flow.last_seen = now;

@@ -107,11 +107,7 @@ fn reply(ctx: &TcContext, packet: &Packet6, table: &CtMap6) -> i32 {
     let teach_l2 = ct::refresh_due(flow.l2_seen, now);
     // The client's own port, if it was moved on a tuple clash
     // (`crate::clash6`).
-    let client_port_be = if flow.nat_port_be != 0 {
-        flow.nat_port_be
-    } else {
-        packet.dport_be
-    };
+    let client_port_be = ct6::moved_port(flow, packet.dport_be);
     if ct::needs_write(flow, state, now) || teach_l2 {
         flow.state = state;
         flow.last_seen = now;
