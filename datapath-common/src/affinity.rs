@@ -54,6 +54,28 @@ pub const fn decide(
     }
 }
 
+/// Whether a new flow that went to `chosen` writes its client's entry:
+/// always when the entry names another backend (or none), else only when
+/// its stamp is more than `refresh` old. kube-proxy's `--set` refreshes
+/// on every new connection; stamping at most once a refresh interval
+/// (conntrack's, one second) keeps a client opening connections in a loop
+/// from writing the map on each, and lets the entry expire at most that
+/// much early.
+#[inline(always)]
+pub const fn should_remember(
+    remembered: Option<(u64, u32)>,
+    chosen: u32,
+    now: u64,
+    refresh: u64,
+) -> bool {
+    match remembered {
+        Some((last_used, backend_id)) if backend_id == chosen && last_used <= now => {
+            now - last_used > refresh
+        }
+        _ => true,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -82,6 +104,16 @@ mod tests {
     #[test]
     fn a_backend_that_left_rebalances_its_clients_at_once() {
         assert_eq!(decide(Some((1000, 7)), 1001, T, false), Decision::Choose);
+    }
+
+    #[test]
+    fn a_kept_client_is_stamped_once_a_refresh_interval() {
+        const R: u64 = HZ;
+        assert!(should_remember(None, 7, 1000, R));
+        assert!(should_remember(Some((1000, 3)), 7, 1000, R), "another backend");
+        assert!(!should_remember(Some((1000, 7)), 7, 1000 + R, R));
+        assert!(should_remember(Some((1000, 7)), 7, 1001 + R, R));
+        assert!(should_remember(Some((2000, 7)), 7, 1000, R), "from the future");
     }
 
     #[test]

@@ -33,8 +33,15 @@ pub const CONNTRACK6_UDP_MAP: &str = "CONNTRACK6_UDP";
 pub const SOCK_REVERSE_NAT6_MAP: &str = "SOCK_REVERSE_NAT6";
 pub const FRAGMENTS6_MAP: &str = "FRAGMENTS6";
 pub const POD_ROUTES6_MAP: &str = "POD_ROUTES6";
+/// `sessionAffinity: ClientIP` (`affinity`): each client's last backend,
+/// the backends of each frontend with affinity, each frontend's timeout.
+pub const AFFINITY_MAP: &str = "AFFINITY";
+pub const AFFINITY_MATCH_MAP: &str = "AFFINITY_MATCH";
+pub const AFFINITY_TIMEOUT_MAP: &str = "AFFINITY_TIMEOUT";
 
+mod affinity;
 mod v6;
+pub use affinity::*;
 pub use v6::*;
 
 /// The IPv6 twins, all added in one release.
@@ -50,7 +57,7 @@ pub const IPV6_MAPS: [&str; 8] = [
 ];
 
 /// Every map, for pinning and inspection.
-pub const ALL_MAPS: [&str; 22] = [
+pub const ALL_MAPS: [&str; 25] = [
     SERVICE_FILTER_MAP,
     SERVICES_MAP,
     SLOTS_MAP,
@@ -73,6 +80,9 @@ pub const ALL_MAPS: [&str; 22] = [
     SOCK_REVERSE_NAT6_MAP,
     FRAGMENTS6_MAP,
     POD_ROUTES6_MAP,
+    AFFINITY_MAP,
+    AFFINITY_MATCH_MAP,
+    AFFINITY_TIMEOUT_MAP,
 ];
 
 /// Each map's layout version: its key and value structs and what their
@@ -93,7 +103,7 @@ pub const ALL_MAPS: [&str; 22] = [
 ///
 /// Every map that existed when all maps shared one version
 /// (`SHARED_MAPS_ABI`) is at that version's last value, 3.
-pub const MAP_LAYOUT_VERSIONS: [(&str, u32); 22] = [
+pub const MAP_LAYOUT_VERSIONS: [(&str, u32); 25] = [
     (SERVICE_FILTER_MAP, 3),
     (SERVICES_MAP, 4),
     (SLOTS_MAP, 1),
@@ -116,6 +126,9 @@ pub const MAP_LAYOUT_VERSIONS: [(&str, u32); 22] = [
     (SOCK_REVERSE_NAT6_MAP, 1),
     (FRAGMENTS6_MAP, 1),
     (POD_ROUTES6_MAP, 1),
+    (AFFINITY_MAP, 1),
+    (AFFINITY_MATCH_MAP, 1),
+    (AFFINITY_TIMEOUT_MAP, 1),
 ];
 
 /// The layout version of `map` in this build.
@@ -298,6 +311,10 @@ pub struct Slot {
 /// the agent writes a million slots by storing them, not by a million
 /// syscall element copies.
 pub const BPF_F_MMAPABLE: u32 = 1 << 10;
+
+/// `BPF_F_NO_PREALLOC`: a hash map whose entries are allocated as they
+/// are inserted, for a map sized for the worst case and mostly empty.
+pub const BPF_F_NO_PREALLOC: u32 = 1 << 0;
 
 /// Index into `BACKENDS` (an array): a backend id, allocated by the
 /// agent, 1..capacity (0 is never used).
@@ -590,6 +607,9 @@ mod pod {
     unsafe impl aya::Pod for FragmentKey {}
     unsafe impl aya::Pod for FragmentPorts {}
     unsafe impl aya::Pod for PodRouteKey {}
+    unsafe impl aya::Pod for AffinityKey {}
+    unsafe impl aya::Pod for AffinityValue {}
+    unsafe impl aya::Pod for AffinityMatchKey {}
 }
 
 #[cfg(test)]
@@ -627,7 +647,7 @@ mod tests {
             l2_mode, service_address_be, service_port_be, dst_mac, src_mac, nat_port_be, ifindex,
             out_ifindex, rev_nat_high);
         let service_value6 = service_value.clone();
-        let maps: [(&str, String, String); 22] = [
+        let maps: [(&str, String, String); 25] = [
             (SERVICE_FILTER_MAP, "u32".into(), "u32".into()),
             (SERVICES_MAP, service_key, service_value),
             (SLOTS_MAP, "u32".into(), layout!(Slot: backend_id)),
@@ -694,6 +714,17 @@ mod tests {
                 layout!(PodRouteKey6: netns_cookie, address_be),
                 "u32".into(),
             ),
+            (
+                AFFINITY_MAP,
+                layout!(AffinityKey: client, rev_nat_id, kind),
+                layout!(AffinityValue: last_used, backend_id),
+            ),
+            (
+                AFFINITY_MATCH_MAP,
+                layout!(AffinityMatchKey: backend_id, rev_nat_id),
+                "u8".into(),
+            ),
+            (AFFINITY_TIMEOUT_MAP, "u32".into(), "u64 jiffies".into()),
         ];
         assert_eq!(
             maps.each_ref().map(|(name, _, _)| *name),
@@ -759,7 +790,10 @@ mod tests {
          CONNTRACK6_UDP v1: CtKey6[40]{client_address_be@0,peer_address_be@16,client_port_be@32,peer_port_be@34,protocol@36,kind@37} -> CtEntry6[72]{last_seen@0,l2_seen@8,backend_id@16,rev_nat_low@20,state@22,l2_mode@23,service_address_be@24,service_port_be@40,dst_mac@42,src_mac@48,nat_port_be@54,ifindex@56,out_ifindex@60,rev_nat_high@64}
          SOCK_REVERSE_NAT6 v1: SockRevNatKey6[32]{cookie@0,backend_address_be@8,backend_port_be@24} -> SockRevNatValue6[20]{service_address_be@0,service_port_be@16,rev_nat_low@18}
          FRAGMENTS6 v1: FragmentKey6[40]{source_be@0,destination_be@16,id_be@32,protocol@36} -> FragmentPorts[4]{source_port_be@0,destination_port_be@2}
-         POD_ROUTES6 v1: PodRouteKey6[24]{netns_cookie@0,address_be@8} -> u32";
+         POD_ROUTES6 v1: PodRouteKey6[24]{netns_cookie@0,address_be@8} -> u32
+         AFFINITY v1: AffinityKey[24]{client@0,rev_nat_id@16,kind@20} -> AffinityValue[16]{last_used@0,backend_id@8}
+         AFFINITY_MATCH v1: AffinityMatchKey[8]{backend_id@0,rev_nat_id@4} -> u8
+         AFFINITY_TIMEOUT v1: u32 -> u64 jiffies";
 
     #[test]
     fn reverse_nat_ids_take_24_bits_and_values_written_before_read_the_same() {
@@ -812,6 +846,9 @@ mod tests {
         assert_eq!(size_of::<FragmentKey>(), 4 + 4 + 2 + 1 + 1);
         assert_eq!(size_of::<FragmentPorts>(), 2 + 2);
         assert_eq!(size_of::<PodRouteKey>(), 8 + 4 + 4);
+        assert_eq!(size_of::<AffinityKey>(), 16 + 4 + 1 + 3);
+        assert_eq!(size_of::<AffinityValue>(), 8 + 4 + 4);
+        assert_eq!(size_of::<AffinityMatchKey>(), 4 + 4);
     }
 
     #[test]

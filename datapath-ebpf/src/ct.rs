@@ -50,6 +50,12 @@ pub fn refresh_due(at: u64, now: u64) -> bool {
     now.saturating_sub(at) > lifetimes().refresh
 }
 
+/// How old a stamp may get before a packet refreshes it, in jiffies.
+#[inline(always)]
+pub fn refresh_interval() -> u64 {
+    lifetimes().refresh
+}
+
 /// True when MACs learned at `learned_at` may still be written.
 #[inline(always)]
 pub fn l2_is_fresh(learned_at: u64, now: u64) -> bool {

@@ -23,12 +23,12 @@ use datapath_common::{
     HAIRPIN_SOURCE_BE, IPPROTO_TCP,
     conntrack::{self, Direction, TCP_ACK, TCP_SYN},
     lb,
-    maps::{Backend, CtEntry, CtKey, L2_UNRESOLVED, ServiceKey},
+    maps::{AFFINITY_CLIENT_ADDRESS, Backend, CtEntry, CtKey, L2_UNRESOLVED, ServiceKey},
     metrics::Counter,
 };
 
 use crate::{
-    clash, ct, egress6, events, frag, hairpin, icmp, l2,
+    affinity, clash, ct, egress6, events, frag, hairpin, icmp, l2,
     maps::{
         BACKENDS, CONNTRACK_TCP, CONNTRACK_UDP, CtMap, REVERSE_NAT, SERVICE_FILTER, SERVICES, SLOTS,
     },
@@ -347,10 +347,16 @@ fn new_flow(ctx: &TcContext, packet: &Packet, table: &CtMap, key: &CtKey, now: u
     }
     // SAFETY: plain helper call.
     let slot = lb::select_slot(unsafe { bpf_get_prandom_u32() }, service.backend_count);
-    let Some(backend_id) = SLOTS.get(service.slot_index(slot)).map(|s| s.backend_id) else {
+    let Some(mut backend_id) = SLOTS.get(service.slot_index(slot)).map(|s| s.backend_id) else {
         count(Counter::Error);
         return TC_ACT_SHOT;
     };
+    let timeout = affinity::timeout(service.rev_nat_id());
+    if timeout != 0 {
+        // A client of a frontend with sessionAffinity (`crate::affinity`).
+        let client = affinity::id_kind(service.rev_nat_id(), AFFINITY_CLIENT_ADDRESS);
+        backend_id = affinity::backend(packet.saddr_be as u64, 0, client, timeout, backend_id);
+    }
     let Some(backend) = BACKENDS
         .get(backend_id)
         .copied()

@@ -24,12 +24,15 @@ use datapath_common::{
     HAIRPIN_SOURCE6_BE, IPPROTO_TCP, SKB_CB_FLOW_OPENED,
     conntrack::{self, Direction, TCP_ACK, TCP_SYN},
     lb,
-    maps::{CtEntry6, CtKey6, Ipv6Words, L2_HAIRPIN, L2_UNRESOLVED, ServiceKey6, ServiceValue},
+    maps::{
+        AFFINITY_CLIENT_ADDRESS, CtEntry6, CtKey6, Ipv6Words, L2_HAIRPIN, L2_UNRESOLVED,
+        ServiceKey6, ServiceValue,
+    },
     metrics::Counter,
 };
 
 use crate::{
-    backends, clash, clash6, ct, ct6, direct6, events, frag6, hairpin6, icmp6, l2,
+    affinity, backends, clash, clash6, ct, ct6, direct6, events, frag6, hairpin6, icmp6, l2,
     maps::{CONNTRACK6_TCP, CONNTRACK6_UDP, CtMap6, SERVICE_FILTER, SERVICES6, SLOTS, TC_JUMPS},
     metrics::count,
     nat::End,
@@ -229,12 +232,20 @@ fn new_flow(ctx: &TcContext, packet: &Packet6) -> i32 {
     }
     // SAFETY: plain helper call.
     let slot = lb::select_slot(unsafe { bpf_get_prandom_u32() }, service.backend_count);
-    let Some(backend_id) = slot_backend(&service, slot) else {
+    let Some(mut backend_id) = slot_backend(&service, slot) else {
         // A slot naming no IPv6 backend: dropped, as over IPv4 (the
         // client retransmits once the agent's write is complete).
         count(Counter::Error);
         return TC_ACT_SHOT;
     };
+    let timeout = affinity::timeout(service.rev_nat_id());
+    if timeout != 0 {
+        // A client of a frontend with sessionAffinity (`crate::affinity`).
+        // SAFETY: 16 bytes either way.
+        let [low, high]: [u64; 2] = unsafe { core::mem::transmute(packet.saddr_be) };
+        let client = affinity::id_kind(service.rev_nat_id(), AFFINITY_CLIENT_ADDRESS);
+        backend_id = affinity::backend(low, high, client, timeout, backend_id);
+    }
     let Some(backend) = backends::ipv6(backend_id) else {
         count(Counter::Error);
         return TC_ACT_SHOT;

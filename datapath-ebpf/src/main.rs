@@ -6,6 +6,7 @@
 // Inline asm for the one kfunc call (`kernel_skb`).
 #![feature(asm_experimental_arch)]
 
+mod affinity;
 mod backends;
 mod clash;
 mod clash6;

@@ -8,10 +8,11 @@ use aya_ebpf::{
 };
 use datapath_common::{
     maps::{
-        BPF_F_MMAPABLE, Backend, BackendAddress6, CtEntry, CtEntry6, CtKey, CtKey6, FragmentKey,
-        FragmentKey6, FragmentPorts, PodRouteKey, PodRouteKey6, RevNatValue, RevNatValue6,
-        ServiceKey, ServiceKey6, ServiceValue, Slot, SockRevNatKey, SockRevNatKey6,
-        SockRevNatValue, SockRevNatValue6,
+        AffinityKey, AffinityMatchKey, AffinityValue, BPF_F_MMAPABLE, BPF_F_NO_PREALLOC, Backend,
+        BackendAddress6, CtEntry, CtEntry6, CtKey, CtKey6, FragmentKey, FragmentKey6,
+        FragmentPorts, PodRouteKey, PodRouteKey6, RevNatValue, RevNatValue6, ServiceKey,
+        ServiceKey6, ServiceValue, Slot, SockRevNatKey, SockRevNatKey6, SockRevNatValue,
+        SockRevNatValue6,
     },
     metrics::COUNTER_COUNT,
 };
@@ -148,3 +149,22 @@ pub static POD_ROUTES6: LpmTrie<PodRouteKey6, u32> = LpmTrie::with_max_entries(1
 #[map]
 pub static TC_JUMPS: ProgramArray =
     ProgramArray::with_max_entries(datapath_common::jumps::SLOTS, 0);
+
+// `sessionAffinity: ClientIP` (`datapath_common::maps::affinity`).
+
+/// Each client's last backend per frontend with affinity (LRU: a
+/// forgotten client loses only its stickiness).
+#[map]
+pub static AFFINITY: LruHashMap<AffinityKey, AffinityValue> =
+    LruHashMap::with_max_entries(datapath_common::maps::DEFAULT_AFFINITY_MAX, 0);
+
+/// The backends each frontend with affinity has now: a remembered
+/// backend not here has left, and its clients re-balance.
+#[map]
+pub static AFFINITY_MATCH: HashMap<AffinityMatchKey, u8> =
+    HashMap::with_max_entries(1024, BPF_F_NO_PREALLOC);
+
+/// Reverse-NAT id → the frontend's affinity timeout in jiffies (zero:
+/// none). An array: the one read every new flow pays is inlined.
+#[map]
+pub static AFFINITY_TIMEOUT: Array<u64> = Array::with_max_entries(65_536, BPF_F_MMAPABLE);

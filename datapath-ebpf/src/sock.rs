@@ -19,15 +19,15 @@ use datapath_common::{
     features::SET_RETVAL,
     lb,
     maps::{
-        Ipv6Words, ServiceKey, ServiceKey6, ServiceValue, SockRevNatKey, SockRevNatKey6,
-        SockRevNatValue, SockRevNatValue6,
+        AFFINITY_CLIENT_NETNS, Ipv6Words, ServiceKey, ServiceKey6, ServiceValue, SockRevNatKey,
+        SockRevNatKey6, SockRevNatValue, SockRevNatValue6,
     },
     metrics::Counter,
     sock_lb::SockLbScope,
 };
 
 use crate::{
-    events, features,
+    affinity, events, features,
     maps::{
         BACKENDS, SERVICE_FILTER, SERVICES, SERVICES6, SLOTS, SOCK_LB_SKIP, SOCK_REVERSE_NAT,
         SOCK_REVERSE_NAT6,
@@ -464,10 +464,19 @@ fn forward<F: AddressField>(ctx: &SockAddrContext, is_sendmsg: bool) -> i32 {
     } else {
         lb::select_slot_for_cookie(cookie, service.backend_count)
     };
-    let Some(backend) = SLOTS
+    let mut backend_id = SLOTS
         .get(service.slot_index(slot))
-        .and_then(|s| F::Maps::backend(s.backend_id))
-    else {
+        .map_or(0, |s| s.backend_id);
+    let timeout = affinity::timeout(service.rev_nat_id());
+    if timeout != 0 && backend_id != 0 {
+        // A client of a frontend with sessionAffinity: the pod, by its
+        // network namespace (`crate::affinity`).
+        // SAFETY: plain helper call on the program's context.
+        let netns_cookie = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
+        let client = affinity::id_kind(service.rev_nat_id(), AFFINITY_CLIENT_NETNS);
+        backend_id = affinity::backend(netns_cookie, 0, client, timeout, backend_id);
+    }
+    let Some(backend) = F::Maps::backend(backend_id) else {
         count(Counter::Error);
         return if F::Maps::REFUSES_UNRESOLVED {
             refuse()

@@ -1,7 +1,8 @@
 //! Translate: real-looking manifests → the frontends and issues expected.
 //! Each case is {description, fixture, expected frontends, expected issues};
 //! frontends are written `address:port/PROTO -> endpoint endpoint…`, with
-//! ` (draining endpoint…)` when some listed endpoints take no new flow.
+//! ` (draining endpoint…)` when some listed endpoints take no new flow,
+//! and ` affinity Ns` for `sessionAffinity: ClientIP`.
 
 use std::path::Path;
 
@@ -92,6 +93,21 @@ const CASES: &[Case] = &[
         issues: &["conflict Service aaa/evil spec.externalIPs"],
     },
     Case {
+        description: "sessionAffinity ClientIP: its timeout, the default, a bad one reported",
+        fixture: "session-affinity.yaml",
+        frontends: &[
+            "10.96.90.1:80/TCP -> 10.244.9.1:8080 10.244.9.2:8080 affinity 10800s",
+            "10.96.90.2:443/TCP -> 10.244.9.3:8443 affinity 60s",
+            "10.96.90.3:80/TCP ->  affinity 10800s",
+            "10.96.90.4:80/TCP -> ",
+            "[fd00:10:96::90:2]:443/TCP -> [fd00:10:244::9:3]:8443 affinity 60s",
+        ],
+        issues: &[
+            "unsupported Service shop/login spec.clusterIPs[1]",
+            "invalid Service shop/odd spec.sessionAffinityConfig.clientIP.timeoutSeconds",
+        ],
+    },
+    Case {
         description: "two services, one frontend: the first keeps it",
         fixture: "conflict.yaml",
         frontends: &["10.96.80.1:80/TCP -> ", "10.96.80.1:81/TCP -> "],
@@ -122,11 +138,15 @@ fn render_frontend<A: datapath_user::model::Family>(
 ) -> String {
     let backends: Vec<String> = desired.backends.iter().map(|b| b.to_string()).collect();
     let draining: Vec<String> = desired.draining.iter().map(|b| b.to_string()).collect();
+    let affinity = desired
+        .affinity
+        .map(|seconds| format!(" affinity {seconds}s"))
+        .unwrap_or_default();
     if draining.is_empty() {
-        format!("{} -> {}", desired.frontend, backends.join(" "))
+        format!("{} -> {}{affinity}", desired.frontend, backends.join(" "))
     } else {
         format!(
-            "{} -> {} (draining {})",
+            "{} -> {} (draining {}){affinity}",
             desired.frontend,
             backends.join(" "),
             draining.join(" ")

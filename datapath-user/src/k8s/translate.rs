@@ -99,6 +99,9 @@ pub struct DesiredFrontend<A = Ipv4Addr> {
     /// already on them keep going. Sorted, deduplicated, disjoint from
     /// `backends`.
     pub draining: Vec<Endpoint<A>>,
+    /// `sessionAffinity: ClientIP`: a client's new flows go to the
+    /// backend its last one went to, for this many seconds after it.
+    pub affinity: Option<u32>,
 }
 
 /// Why part of an object was not programmed.
@@ -361,14 +364,9 @@ pub fn translate_view<'a>(
         }
     }
 
-    if service.client_ip_affinity {
-        out.issues.push(service_issue(
-            key,
-            IssueKind::Unsupported,
-            "spec.sessionAffinity".into(),
-            "ClientIP affinity is not supported yet; connections are balanced one by one".into(),
-        ));
-    }
+    let affinity = service
+        .client_ip_affinity
+        .map(|timeout| affinity_seconds(key, timeout, &mut out.issues));
     if service.node_local && node.node_name.is_none() {
         out.issues.push(service_issue(
             key,
@@ -389,6 +387,7 @@ pub fn translate_view<'a>(
         ports: &ports,
         addresses: &addresses,
         other_addresses: &other_addresses,
+        affinity,
     };
     if has_v4 {
         out.frontends = family_frontends::<Ipv4Addr>(&context, &slices_v4, &mut out.issues);
@@ -511,6 +510,32 @@ struct FamilyContext<'a> {
     addresses: &'a [IpAddr],
     /// External and load-balancer addresses, both families.
     other_addresses: &'a [(IpAddr, Claim)],
+    /// `sessionAffinity: ClientIP`'s timeout in seconds, valid.
+    affinity: Option<u32>,
+}
+
+/// The timeout of a service with `sessionAffinity: ClientIP` whose
+/// `timeoutSeconds` reads `written`: the API server's default when
+/// absent; out of range (only a file can hold that: the API server
+/// refuses it) reported, and served with the default.
+fn affinity_seconds(service: &ObjectKey, written: Option<i32>, issues: &mut Vec<Issue>) -> u32 {
+    use datapath_common::affinity::{DEFAULT_TIMEOUT_SECONDS, MAX_TIMEOUT_SECONDS};
+    match written {
+        None => DEFAULT_TIMEOUT_SECONDS,
+        Some(seconds) if (1..=MAX_TIMEOUT_SECONDS as i32).contains(&seconds) => seconds as u32,
+        Some(seconds) => {
+            issues.push(service_issue(
+                service,
+                IssueKind::Invalid,
+                "spec.sessionAffinityConfig.clientIP.timeoutSeconds".into(),
+                format!(
+                    "{seconds} is outside 1..={MAX_TIMEOUT_SECONDS}; \
+                     using the default of {DEFAULT_TIMEOUT_SECONDS} seconds"
+                ),
+            ));
+            DEFAULT_TIMEOUT_SECONDS
+        }
+    }
 }
 
 /// The frontends of family `A`, for a service with a ClusterIP of it
@@ -586,6 +611,7 @@ fn family_frontends<A: Family>(
                     port_name: port.name.clone(),
                     backends: backends.clone(),
                     draining: draining.clone(),
+                    affinity: context.affinity,
                 }
             };
         for &address in &addresses {

@@ -44,8 +44,10 @@ pub struct ServiceView {
     pub publish_not_ready: bool,
     /// `internalTrafficPolicy: Local`.
     pub node_local: bool,
-    /// `sessionAffinity: ClientIP`.
-    pub client_ip_affinity: bool,
+    /// `sessionAffinity: ClientIP` (None: any other affinity), with its
+    /// `sessionAffinityConfig.clientIP.timeoutSeconds` as written (None:
+    /// absent), reported by translation when out of range.
+    pub client_ip_affinity: Option<Option<i32>>,
 }
 
 /// A service's addresses besides its ClusterIPs.
@@ -416,8 +418,13 @@ impl From<&Service> for ServiceView {
             },
             publish_not_ready: spec.and_then(|s| s.publish_not_ready_addresses) == Some(true),
             node_local: spec.and_then(|s| s.internal_traffic_policy.as_deref()) == Some("Local"),
-            client_ip_affinity: spec.and_then(|s| s.session_affinity.as_deref())
-                == Some("ClientIP"),
+            client_ip_affinity: (spec.and_then(|s| s.session_affinity.as_deref())
+                == Some("ClientIP"))
+            .then(|| {
+                spec.and_then(|s| s.session_affinity_config.as_ref())
+                    .and_then(|c| c.client_ip.as_ref())
+                    .and_then(|c| c.timeout_seconds)
+            }),
         }
     }
 }

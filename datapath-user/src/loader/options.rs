@@ -43,7 +43,7 @@ impl MapSizes {
     }
 
     /// `max_entries` of each sized map, as the loader sets them.
-    pub fn max_entries(&self) -> [(&'static str, u32); 15] {
+    pub fn max_entries(&self) -> [(&'static str, u32); 17] {
         let tcp_entries = self
             .conntrack_tcp_flows
             .saturating_mul(maps::CT_ENTRIES_PER_FLOW);
@@ -68,6 +68,10 @@ impl MapSizes {
             (maps::SOCK_REVERSE_NAT6_MAP, v6(self.sock_reverse_nat)),
             (maps::FRAGMENTS6_MAP, v6(maps::DEFAULT_FRAGMENTS_MAX)),
             (maps::POD_ROUTES6_MAP, v6(maps::DEFAULT_POD_ROUTES_MAX)),
+            // One timeout per reverse-NAT id; a match entry per backend
+            // of a frontend with affinity (allocated as written).
+            (maps::AFFINITY_TIMEOUT_MAP, self.reverse_nat),
+            (maps::AFFINITY_MATCH_MAP, self.slots.min(maps::SLOTS_LIMIT)),
         ]
     }
 }

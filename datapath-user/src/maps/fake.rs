@@ -29,6 +29,9 @@ pub struct FakeMaps {
     /// Makes the next `set_service` fail after writing the backends (a
     /// map that filled up midway).
     pub fail_next_write: bool,
+    /// Frontends with `sessionAffinity` (both families: one id space):
+    /// reverse-NAT id → timeout in seconds and the backends matched.
+    pub affinity: BTreeMap<RevNatId, (u32, Vec<BackendId>)>,
 }
 
 /// One family's maps.
@@ -60,6 +63,7 @@ impl Default for FakeMaps {
             ipv6: true,
             log: Vec::new(),
             fail_next_write: false,
+            affinity: BTreeMap::new(),
         }
     }
 }
@@ -225,6 +229,31 @@ impl LbMaps for FakeMaps {
     }
     fn remove_service6(&mut self, frontend: &Frontend<Ipv6Addr>) -> Result<(), ProgramError> {
         self.remove(frontend)
+    }
+    fn set_affinity(
+        &mut self,
+        rev_nat_id: RevNatId,
+        affinity: Option<(u32, &[BackendId])>,
+    ) -> Result<(), MapError> {
+        match affinity {
+            Some((seconds, backends)) => {
+                self.log
+                    .push(format!("affinity {rev_nat_id} {seconds}s {backends:?}"));
+                self.affinity
+                    .insert(rev_nat_id, (seconds, backends.to_vec()));
+            }
+            None => {
+                if self.affinity.remove(&rev_nat_id).is_some() {
+                    self.log.push(format!("affinity {rev_nat_id} off"));
+                }
+            }
+        }
+        Ok(())
+    }
+    fn prune_affinity(&mut self, keep: &dyn Fn(RevNatId) -> bool) -> Result<usize, MapError> {
+        let before = self.affinity.len();
+        self.affinity.retain(|&id, _| keep(id));
+        Ok(before - self.affinity.len())
     }
     fn remove_backend(&mut self, id: BackendId) -> Result<(), MapError> {
         self.v4.backends.remove(&id);

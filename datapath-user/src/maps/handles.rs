@@ -59,6 +59,9 @@ pub struct DatapathMaps {
     /// The IPv6 maps; `None` in pins an agent without them made (the
     /// CLI reading an older agent's pins).
     pub v6: Option<Ipv6Maps>,
+    /// The `sessionAffinity` maps the agent writes; `None` in pins an
+    /// agent without them made.
+    pub affinity: Option<super::affinity::AffinityMaps>,
     /// Waits for running programs (`LbMaps::wait_for_readers`), made at
     /// the first wait.
     pub(super) readers: Option<std::io::Result<crate::bpfsys::GracePeriod>>,
@@ -138,6 +141,17 @@ impl DatapathMaps {
             reply_filter: typed(&mut get, m::REPLY_FILTER_MAP)?,
             pending: Default::default(),
             readers: None,
+            affinity: if [m::AFFINITY_MATCH_MAP, m::AFFINITY_TIMEOUT_MAP]
+                .into_iter()
+                .all(&present)
+            {
+                Some(super::affinity::AffinityMaps::new(
+                    mapped(&mut get, m::AFFINITY_TIMEOUT_MAP)?,
+                    typed(&mut get, m::AFFINITY_MATCH_MAP)?,
+                ))
+            } else {
+                None
+            },
             v6: if [
                 m::SERVICES6_MAP,
                 m::BACKEND_ADDRS6_MAP,

@@ -105,6 +105,23 @@ pub trait LbMaps {
     ) -> Result<(), MapError>;
     /// `remove_service_key` of `SERVICES6`.
     fn remove_service_key6(&mut self, key: &ServiceKey6) -> Result<(), MapError>;
+    /// Gives frontend `rev_nat_id` `sessionAffinity: ClientIP` with a
+    /// timeout of `seconds` over `backends` (the ids its slots name
+    /// now), or takes it away (`None`): its `AFFINITY_TIMEOUT` entry, and
+    /// an `AFFINITY_MATCH` entry per backend (added for new ones, removed
+    /// for those that left, whose clients then re-balance). Called after
+    /// `set_service` and before any backend that left is deleted (a client
+    /// must never be kept on an id that could name another pod), and with
+    /// `None` before a removed frontend's id is freed.
+    fn set_affinity(
+        &mut self,
+        rev_nat_id: RevNatId,
+        affinity: Option<(u32, &[BackendId])>,
+    ) -> Result<(), MapError>;
+    /// Takes affinity from every frontend `keep` says no (what a previous
+    /// agent wrote for frontends gone or changed since; the first full
+    /// sync's prune). Returns how many lost it.
+    fn prune_affinity(&mut self, keep: &dyn Fn(RevNatId) -> bool) -> Result<usize, MapError>;
     /// Deletes a backend no frontend uses any more.
     fn remove_backend(&mut self, id: BackendId) -> Result<(), MapError>;
     /// Clears a reverse-NAT entry no frontend uses.
@@ -193,6 +210,16 @@ impl<T: LbMaps + ?Sized> LbMaps for &mut T {
     }
     fn remove_service_key6(&mut self, key: &ServiceKey6) -> Result<(), MapError> {
         (**self).remove_service_key6(key)
+    }
+    fn set_affinity(
+        &mut self,
+        rev_nat_id: RevNatId,
+        affinity: Option<(u32, &[BackendId])>,
+    ) -> Result<(), MapError> {
+        (**self).set_affinity(rev_nat_id, affinity)
+    }
+    fn prune_affinity(&mut self, keep: &dyn Fn(RevNatId) -> bool) -> Result<usize, MapError> {
+        (**self).prune_affinity(keep)
     }
     fn remove_backend(&mut self, id: BackendId) -> Result<(), MapError> {
         (**self).remove_backend(id)

@@ -6,8 +6,10 @@
 //! `bulk` writes many new frontends at once; `slot_blocks` says which
 //! block of the slot array (mapped into memory: `mapped_array`) each
 //! frontend owns; `reply_filter` says when the ingress program may skip
-//! conntrack.
+//! conntrack; `affinity` writes `sessionAffinity`'s timeouts and
+//! backend sets.
 
+mod affinity;
 mod bulk;
 mod fake;
 mod handles;

@@ -94,6 +94,20 @@ impl LbMaps for DatapathMaps {
         Ok(())
     }
 
+    fn set_affinity(
+        &mut self,
+        rev_nat_id: RevNatId,
+        affinity: Option<(u32, &[BackendId])>,
+    ) -> Result<(), MapError> {
+        // Beside the frontends a bulk write still holds back (no program
+        // reads these before the frontend's entry exists).
+        self.write_affinity(rev_nat_id, affinity)
+    }
+
+    fn prune_affinity(&mut self, keep: &dyn Fn(RevNatId) -> bool) -> Result<usize, MapError> {
+        self.prune_affinity_of(keep)
+    }
+
     /// Deletes a backend. Tracked flows still pinned to it are re-balanced
     /// by the datapath on their next packet.
     fn remove_backend(&mut self, id: BackendId) -> Result<(), MapError> {
@@ -231,6 +245,7 @@ impl LbMaps for DatapathMaps {
         if let Some(v6) = &mut self.v6 {
             v6.backend_addrs6.unmap();
         }
+        self.unmap_affinity();
     }
 
     /// Clears a reverse-NAT entry no frontend uses.

@@ -121,6 +121,19 @@ impl<M: LbMaps> Reconciler<M> {
         let mut issues = Vec::new();
         Ipv4Addr::view(self).prune(keep_unowned, &mut report, &mut issues);
         Ipv6Addr::view(self).prune(keep_unowned, &mut report, &mut issues);
+        // Affinity a previous agent gave frontends that no longer have it
+        // (or are gone): one id space for both families. Kept with the
+        // unowned frontends it may belong to.
+        let affine: HashSet<RevNatId> = (self.v4.affinity.keys())
+            .filter_map(|f| self.v4.programmed.get(f).map(|p| p.rev_nat_id))
+            .chain(
+                (self.v6.affinity.keys())
+                    .filter_map(|f| self.v6.programmed.get(f).map(|p| p.rev_nat_id)),
+            )
+            .collect();
+        if !keep_unowned && let Err(e) = self.maps.prune_affinity(&|id| affine.contains(&id)) {
+            issues.push(datapath_issue("AFFINITY_TIMEOUT", e.to_string()));
+        }
         let frontends: Vec<Frontend> = self.v4.programmed.keys().copied().collect();
         let frontends6: Vec<Frontend<Ipv6Addr>> = self.v6.programmed.keys().copied().collect();
         match self.maps.rebuild_filter(&frontends, &frontends6) {

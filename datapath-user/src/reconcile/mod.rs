@@ -193,6 +193,9 @@ pub(super) struct FamilyTables<A: Family> {
     adopted_unused_rev_nats: Vec<RevNatId>,
     /// Service-map entries naming no frontend this build knows.
     stray_entries: Vec<A::ServiceKey>,
+    /// Frontends with `sessionAffinity: ClientIP` as written to the
+    /// maps: the timeout in seconds (few frontends have one).
+    affinity: HashMap<Frontend<A>, u32>,
 }
 
 impl<A: Family> Default for FamilyTables<A> {
@@ -209,6 +212,7 @@ impl<A: Family> Default for FamilyTables<A> {
             adopted_rev_nat_by_address: HashMap::default(),
             adopted_unused_rev_nats: Vec::new(),
             stray_entries: Vec::new(),
+            affinity: HashMap::default(),
         }
     }
 }
@@ -441,7 +445,12 @@ impl<M: LbMaps, A: TableFamily> FamilyView<'_, M, A> {
                     self.t.waiting.remove(&frontend);
                 }
             }
-            match self.program(&frontend, &desired.backends, &desired.draining) {
+            match self.program(
+                &frontend,
+                &desired.backends,
+                &desired.draining,
+                desired.affinity,
+            ) {
                 Ok(true) => outcome.frontends_written += 1,
                 Ok(false) => {}
                 Err(issue) => outcome.issues.push(with_object(issue, service)),

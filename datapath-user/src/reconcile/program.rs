@@ -16,13 +16,15 @@ use crate::{
 };
 
 impl<M: LbMaps, A: TableFamily> FamilyView<'_, M, A> {
-    /// Writes `frontend` if its backends differ from what is programmed,
-    /// and holds the draining ones. Returns whether it wrote.
+    /// Writes `frontend` if its backends (or its `sessionAffinity`
+    /// timeout, `affinity`) differ from what is programmed, and holds the
+    /// draining ones. Returns whether it wrote.
     pub(super) fn program(
         &mut self,
         frontend: &Frontend<A>,
         endpoints: &[Endpoint<A>],
         draining: &[Endpoint<A>],
+        affinity: Option<u32>,
     ) -> Result<bool, Issue> {
         // Over the per-service limit: this node serves its own subset (so
         // the nodes together use every endpoint) and says so; the rest
@@ -61,7 +63,11 @@ impl<M: LbMaps, A: TableFamily> FamilyView<'_, M, A> {
                     .zip(&addresses)
                     .all(|(&id, address)| self.t.backends.address_of(id) == Some(*address))
         });
-        if slots_unchanged && existing.is_some_and(|p| p.draining() == draining) {
+        let affinity_unchanged = self.t.affinity.get(frontend).copied() == affinity;
+        if slots_unchanged
+            && affinity_unchanged
+            && existing.is_some_and(|p| p.draining() == draining)
+        {
             return if capped {
                 Err(capped_issue())
             } else {
@@ -138,7 +144,9 @@ impl<M: LbMaps, A: TableFamily> FamilyView<'_, M, A> {
             );
             return Err(program_issue(e));
         }
-        let ids = entries.iter().map(|e| e.id).collect();
+        let ids: Vec<BackendId> = entries.iter().map(|e| e.id).collect();
+        // After the slots, before any backend that left is deleted.
+        let affinity_written = self.write_affinity(frontend, rev_nat_id, &ids, affinity);
         let old = self.t.programmed.insert(
             *frontend,
             Programmed::new(rev_nat_id, false, ids, draining, Vec::new()),
@@ -173,10 +181,48 @@ impl<M: LbMaps, A: TableFamily> FamilyView<'_, M, A> {
             self.release_backends(old.draining());
             self.release_untracked(old.untracked_ids());
         }
+        affinity_written?;
         if capped {
             return Err(capped_issue());
         }
-        Ok(written)
+        Ok(written || !affinity_unchanged)
+    }
+
+    /// Gives `frontend` (`rev_nat_id`, whose slots name `ids`) the
+    /// `sessionAffinity` timeout `affinity`, or takes it away; only what
+    /// differs from what the maps hold. A write that fails leaves the
+    /// frontend unrecorded, so the next update writes it again.
+    fn write_affinity(
+        &mut self,
+        frontend: &Frontend<A>,
+        rev_nat_id: datapath_common::maps::RevNatId,
+        ids: &[BackendId],
+        affinity: Option<u32>,
+    ) -> Result<(), Issue> {
+        if affinity.is_none() && !self.t.affinity.contains_key(frontend) {
+            return Ok(());
+        }
+        let written = self
+            .maps
+            .set_affinity(rev_nat_id, affinity.map(|seconds| (seconds, ids)));
+        match (written, affinity) {
+            (Ok(()), Some(seconds)) => {
+                self.t.affinity.insert(*frontend, seconds);
+                Ok(())
+            }
+            (Ok(()), None) => {
+                self.t.affinity.remove(frontend);
+                Ok(())
+            }
+            (Err(error), _) => {
+                self.t.affinity.remove(frontend);
+                Err(program_issue(ProgramError::Map {
+                    frontend: frontend.erased(),
+                    map: datapath_common::maps::AFFINITY_MATCH_MAP,
+                    error: Box::new(error),
+                }))
+            }
+        }
     }
 
     /// Remembers backends that left `frontend`, when it is UDP (a TCP
@@ -219,6 +265,20 @@ impl<M: LbMaps, A: TableFamily> FamilyView<'_, M, A> {
         let Some(programmed) = self.t.programmed.get(frontend).cloned() else {
             return Ok(false);
         };
+        // Its affinity first: the reverse-NAT id is freed below, and the
+        // next frontend to get it must not inherit a timeout.
+        if self.t.affinity.contains_key(frontend) {
+            self.maps
+                .set_affinity(programmed.rev_nat_id, None)
+                .map_err(|error| {
+                    program_issue(ProgramError::Map {
+                        frontend: frontend.erased(),
+                        map: datapath_common::maps::AFFINITY_TIMEOUT_MAP,
+                        error: Box::new(error),
+                    })
+                })?;
+            self.t.affinity.remove(frontend);
+        }
         A::remove_service(self.maps, frontend).map_err(program_issue)?;
         self.t.programmed.remove(frontend);
         let departed = programmed

@@ -1,0 +1,185 @@
+//! `sessionAffinity: ClientIP` in the real maps: each frontend's timeout
+//! (`AFFINITY_TIMEOUT`, mapped into memory) and the backends clients may
+//! be kept on (`AFFINITY_MATCH`). The programs keep the clients
+//! themselves (`AFFINITY`); the agent never writes those.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use aya::maps::{HashMap, MapData, MapError};
+use datapath_common::maps::{AffinityMatchKey, BackendId, RevNatId};
+
+use super::{handles::DatapathMaps, mapped_array::MappedArray};
+
+/// Handles on the maps the agent writes for `sessionAffinity`.
+pub struct AffinityMaps {
+    /// Reverse-NAT id → timeout in jiffies (0: no affinity).
+    timeouts: MappedArray<u64>,
+    /// (backend id, reverse-NAT id) pairs of frontends with affinity.
+    matches: HashMap<MapData, AffinityMatchKey, u8>,
+    /// What `matches` holds, by frontend: read from the map at the first
+    /// write (a previous agent's entries), kept up to date after.
+    written: Option<BTreeMap<RevNatId, BTreeSet<BackendId>>>,
+}
+
+impl AffinityMaps {
+    pub(super) fn new(
+        timeouts: MappedArray<u64>,
+        matches: HashMap<MapData, AffinityMatchKey, u8>,
+    ) -> Self {
+        Self {
+            timeouts,
+            matches,
+            written: None,
+        }
+    }
+
+    /// `written`, read from the map the first time.
+    fn written(&mut self) -> Result<&mut BTreeMap<RevNatId, BTreeSet<BackendId>>, MapError> {
+        if self.written.is_none() {
+            let mut by_frontend: BTreeMap<RevNatId, BTreeSet<BackendId>> = BTreeMap::new();
+            for key in self.matches.keys() {
+                let key = key?;
+                by_frontend
+                    .entry(key.rev_nat_id)
+                    .or_default()
+                    .insert(key.backend_id);
+            }
+            self.written = Some(by_frontend);
+        }
+        Ok(self.written.get_or_insert_default())
+    }
+
+    /// Writes `rev_nat_id`'s affinity (`LbMaps::set_affinity`): match
+    /// entries of new backends first, then the timeout, then the entries
+    /// of backends that left; taking it away, the timeout first.
+    fn set(
+        &mut self,
+        rev_nat_id: RevNatId,
+        affinity: Option<(u64, &[BackendId])>,
+    ) -> Result<(), MapError> {
+        let wanted: BTreeSet<BackendId> = affinity
+            .map(|(_, ids)| ids.iter().copied().collect())
+            .unwrap_or_default();
+        let had = self
+            .written()?
+            .get(&rev_nat_id)
+            .cloned()
+            .unwrap_or_default();
+        for &backend_id in wanted.difference(&had) {
+            let key = AffinityMatchKey {
+                backend_id,
+                rev_nat_id,
+            };
+            self.matches.insert(key, 1, 0)?;
+            self.note(rev_nat_id, backend_id, true);
+        }
+        let timeout = affinity.map_or(0, |(jiffies, _)| jiffies.max(1));
+        if self.timeouts.get(rev_nat_id)? != Some(timeout)
+            && !self.timeouts.set(rev_nat_id, timeout)?
+        {
+            return Err(MapError::OutOfBounds {
+                index: rev_nat_id,
+                max_entries: self.timeouts.len(),
+            });
+        }
+        for &backend_id in had.difference(&wanted) {
+            let key = AffinityMatchKey {
+                backend_id,
+                rev_nat_id,
+            };
+            match self.matches.remove(&key) {
+                Ok(()) | Err(MapError::KeyNotFound) => {}
+                Err(error) => return Err(error),
+            }
+            self.note(rev_nat_id, backend_id, false);
+        }
+        Ok(())
+    }
+
+    /// Records one match entry written or removed.
+    fn note(&mut self, rev_nat_id: RevNatId, backend_id: BackendId, present: bool) {
+        let Some(written) = self.written.as_mut() else {
+            return;
+        };
+        if present {
+            written.entry(rev_nat_id).or_default().insert(backend_id);
+        } else if let Some(ids) = written.get_mut(&rev_nat_id) {
+            ids.remove(&backend_id);
+            if ids.is_empty() {
+                written.remove(&rev_nat_id);
+            }
+        }
+    }
+
+    /// Takes affinity from every frontend `keep` says no.
+    fn prune(&mut self, keep: &dyn Fn(RevNatId) -> bool) -> Result<usize, MapError> {
+        let mut stale: BTreeSet<RevNatId> = self
+            .written()?
+            .keys()
+            .copied()
+            .filter(|&id| !keep(id))
+            .collect();
+        for (id, timeout) in self.timeouts.read_all()?.into_iter().enumerate() {
+            let id = id as RevNatId;
+            if timeout != 0 && !keep(id) {
+                stale.insert(id);
+            }
+        }
+        self.timeouts.unmap();
+        for &id in &stale {
+            self.set(id, None)?;
+        }
+        Ok(stale.len())
+    }
+}
+
+impl DatapathMaps {
+    /// `LbMaps::set_affinity`: the timeout in jiffies at the kernel's HZ.
+    pub(super) fn write_affinity(
+        &mut self,
+        rev_nat_id: RevNatId,
+        affinity: Option<(u32, &[BackendId])>,
+    ) -> Result<(), MapError> {
+        let Some(maps) = self.affinity.as_mut() else {
+            // Pins without the affinity maps are an older agent's, which
+            // the CLI reads but never writes.
+            return match affinity {
+                Some(_) => Err(MapError::InvalidName {
+                    name: datapath_common::maps::AFFINITY_MATCH_MAP.into(),
+                }),
+                None => Ok(()),
+            };
+        };
+        let affinity = match affinity {
+            Some((seconds, ids)) => {
+                let hz = crate::clock::hz().map_err(|io_error| {
+                    MapError::SyscallError(aya::sys::SyscallError {
+                        call: "reading the kernel's HZ",
+                        io_error,
+                    })
+                })?;
+                Some((u64::from(seconds) * hz, ids))
+            }
+            None => None,
+        };
+        maps.set(rev_nat_id, affinity)
+    }
+
+    /// `LbMaps::prune_affinity`.
+    pub(super) fn prune_affinity_of(
+        &mut self,
+        keep: &dyn Fn(RevNatId) -> bool,
+    ) -> Result<usize, MapError> {
+        match self.affinity.as_mut() {
+            Some(maps) => maps.prune(keep),
+            None => Ok(0),
+        }
+    }
+
+    /// Lets go of the timeouts' mapping (`LbMaps::unmap`).
+    pub(super) fn unmap_affinity(&mut self) {
+        if let Some(maps) = self.affinity.as_mut() {
+            maps.timeouts.unmap();
+        }
+    }
+}
