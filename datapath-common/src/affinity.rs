@@ -110,10 +110,16 @@ mod tests {
     fn a_kept_client_is_stamped_once_a_refresh_interval() {
         const R: u64 = HZ;
         assert!(should_remember(None, 7, 1000, R));
-        assert!(should_remember(Some((1000, 3)), 7, 1000, R), "another backend");
+        assert!(
+            should_remember(Some((1000, 3)), 7, 1000, R),
+            "another backend"
+        );
         assert!(!should_remember(Some((1000, 7)), 7, 1000 + R, R));
         assert!(should_remember(Some((1000, 7)), 7, 1001 + R, R));
-        assert!(should_remember(Some((2000, 7)), 7, 1000, R), "from the future");
+        assert!(
+            should_remember(Some((2000, 7)), 7, 1000, R),
+            "from the future"
+        );
     }
 
     #[test]

@@ -20,7 +20,10 @@ use datapath_common::{
     SKB_CB_REDIRECTED,
     conntrack::{self, STATE_FIN_RX, STATE_FIN_TX, STATE_RST, STATE_SEEN_NON_SYN},
     ipv4_be, lb,
-    maps::{CT_KIND_BACKEND, CT_KIND_SERVICE, CtEntry, CtKey, L2_REWRITE},
+    maps::{
+        AFFINITY_CLIENT_ADDRESS, AffinityKey, AffinityValue, CT_KIND_BACKEND, CT_KIND_SERVICE,
+        CtEntry, CtKey, L2_REWRITE,
+    },
     metrics::Counter,
     port_be,
 };
@@ -1802,4 +1805,117 @@ fn a_flow_redirected_to_another_interface_is_tagged() {
         (out.verdict, out.cb[0]),
         (verdict::REDIRECT, SKB_CB_REDIRECTED)
     );
+}
+
+/// The `AFFINITY` entry of `client` for frontend 1 (the TC path keys by
+/// address).
+fn affinity_key(client: Ipv4Addr) -> AffinityKey {
+    AffinityKey::new(
+        [u64::from(ipv4_be(client.octets())), 0],
+        1,
+        AFFINITY_CLIENT_ADDRESS,
+    )
+}
+
+fn affinity_entry(dp: &Datapath, client: Ipv4Addr) -> Option<AffinityValue> {
+    let maps = dp.maps.affinity.as_ref().expect("the affinity maps");
+    maps.clients.get(&affinity_key(client), 0).ok()
+}
+
+/// `sessionAffinity: ClientIP` on the TC path, as kube-proxy's `recent`
+/// lists behave: every new flow of a client goes where its last one went;
+/// another client is balanced on its own; an entry past the timeout, or
+/// naming a backend that left the frontend, re-balances; packets of a
+/// tracked flow never write the entry.
+#[test]
+fn new_flows_of_a_client_of_a_service_with_affinity_keep_its_backend() {
+    let mut dp = datapath_with(tcp_frontend(), &[B1, B2]);
+    dp.maps
+        .set_affinity(1, Some((60, &[B1.id, B2.id])))
+        .unwrap();
+    let syn = |client: Ipv4Addr, port| Frame::tcp((client, port), (VIP, 80), SYN);
+    let first = backend_of(&egress(&mut dp, &syn(CLIENT.0, 41000)).1);
+    for port in 41001..41020 {
+        assert_eq!(
+            backend_of(&egress(&mut dp, &syn(CLIENT.0, port)).1),
+            first,
+            "the client's flow from port {port}"
+        );
+    }
+    let remembered = affinity_entry(&dp, CLIENT.0).expect("the client's entry");
+    let first_id = if first == B1.address { B1.id } else { B2.id };
+    assert_eq!(remembered.backend_id, first_id);
+    // Other clients are balanced each on its own: over twenty, both
+    // backends (all on one: 2^-19).
+    let others: std::collections::BTreeSet<Ipv4Addr> = (10..30)
+        .map(|n| backend_of(&egress(&mut dp, &syn(Ipv4Addr::new(10, 77, 1, n), 41000)).1))
+        .collect();
+    assert_eq!(others.len(), 2, "other clients: {others:?}");
+
+    // A tracked flow's packets do not stamp the entry (no map write per
+    // packet).
+    let stale = AffinityValue {
+        last_used: jiffies_ago(Duration::from_secs(30)),
+        ..remembered
+    };
+    let maps = dp.maps.affinity.as_mut().unwrap();
+    maps.clients
+        .insert(affinity_key(CLIENT.0), stale, 0)
+        .unwrap();
+    let ack = Frame::tcp((CLIENT.0, 41000), (VIP, 80), ACK);
+    assert_eq!(backend_of(&egress(&mut dp, &ack).1), first);
+    assert_eq!(
+        affinity_entry(&dp, CLIENT.0),
+        Some(stale),
+        "a hit writes nothing"
+    );
+    // A new flow within the timeout keeps the backend and stamps it anew.
+    assert_eq!(backend_of(&egress(&mut dp, &syn(CLIENT.0, 41100)).1), first);
+    let stamped = affinity_entry(&dp, CLIENT.0).unwrap();
+    assert!(stamped.last_used > stale.last_used, "stamped anew");
+
+    // Past the timeout: balanced again (over twenty expired entries, both
+    // backends).
+    let mut seen = std::collections::BTreeSet::new();
+    for port in 41200..41220 {
+        let expired = AffinityValue {
+            last_used: jiffies_ago(Duration::from_secs(61)),
+            ..affinity_entry(&dp, CLIENT.0).unwrap()
+        };
+        let maps = dp.maps.affinity.as_mut().unwrap();
+        maps.clients
+            .insert(affinity_key(CLIENT.0), expired, 0)
+            .unwrap();
+        seen.insert(backend_of(&egress(&mut dp, &syn(CLIENT.0, port)).1));
+    }
+    assert_eq!(seen.len(), 2, "expired entries re-balance: {seen:?}");
+
+    // The remembered backend leaves the frontend's match set (the agent
+    // removes it with the slots): its client re-balances, then sticks to
+    // where it went.
+    let now_on = backend_of(&egress(&mut dp, &syn(CLIENT.0, 41300)).1);
+    let (left, other) = if now_on == B1.address {
+        (B1, B2)
+    } else {
+        (B2, B1)
+    };
+    dp.maps.set_affinity(1, Some((60, &[other.id]))).unwrap();
+    let mut moved_at = None;
+    for port in 41400..41440 {
+        let to = backend_of(&egress(&mut dp, &syn(CLIENT.0, port)).1);
+        match moved_at {
+            None if to == other.address => moved_at = Some(port),
+            None => assert_eq!(to, left.address),
+            Some(_) => assert_eq!(to, other.address, "kept once moved (port {port})"),
+        }
+    }
+    assert!(moved_at.is_some(), "re-balanced off {}", left.address);
+
+    // Affinity taken away: flows are balanced one by one again.
+    dp.maps.set_affinity(1, None).unwrap();
+    dp.maps.set_service(&tcp_frontend(), 1, &[B1, B2]).unwrap();
+    let spread: std::collections::BTreeSet<Ipv4Addr> = (41500..41520)
+        .map(|port| backend_of(&egress(&mut dp, &syn(CLIENT.0, port)).1))
+        .collect();
+    assert_eq!(spread.len(), 2, "no affinity: {spread:?}");
 }

@@ -6,7 +6,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use aya::maps::{HashMap, MapData, MapError};
-use datapath_common::maps::{AffinityMatchKey, BackendId, RevNatId};
+use datapath_common::maps::{AffinityKey, AffinityMatchKey, AffinityValue, BackendId, RevNatId};
 
 use super::{handles::DatapathMaps, mapped_array::MappedArray};
 
@@ -19,17 +19,21 @@ pub struct AffinityMaps {
     /// What `matches` holds, by frontend: read from the map at the first
     /// write (a previous agent's entries), kept up to date after.
     written: Option<BTreeMap<RevNatId, BTreeSet<BackendId>>>,
+    /// The clients the programs remember (read only: for inspection).
+    pub clients: HashMap<MapData, AffinityKey, AffinityValue>,
 }
 
 impl AffinityMaps {
     pub(super) fn new(
         timeouts: MappedArray<u64>,
         matches: HashMap<MapData, AffinityMatchKey, u8>,
+        clients: HashMap<MapData, AffinityKey, AffinityValue>,
     ) -> Self {
         Self {
             timeouts,
             matches,
             written: None,
+            clients,
         }
     }
 

@@ -141,13 +141,18 @@ impl DatapathMaps {
             reply_filter: typed(&mut get, m::REPLY_FILTER_MAP)?,
             pending: Default::default(),
             readers: None,
-            affinity: if [m::AFFINITY_MATCH_MAP, m::AFFINITY_TIMEOUT_MAP]
-                .into_iter()
-                .all(&present)
+            affinity: if [
+                m::AFFINITY_MAP,
+                m::AFFINITY_MATCH_MAP,
+                m::AFFINITY_TIMEOUT_MAP,
+            ]
+            .into_iter()
+            .all(&present)
             {
                 Some(super::affinity::AffinityMaps::new(
                     mapped(&mut get, m::AFFINITY_TIMEOUT_MAP)?,
                     typed(&mut get, m::AFFINITY_MATCH_MAP)?,
+                    typed(&mut get, m::AFFINITY_MAP)?,
                 ))
             } else {
                 None

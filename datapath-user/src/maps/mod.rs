@@ -22,6 +22,7 @@ mod writer;
 mod writer_family;
 
 pub use self::{
+    affinity::AffinityMaps,
     fake::FakeMaps,
     handles::DatapathMaps,
     lb_maps::{DumpedFrontend, LbMaps, MapDump, MapFamily, ProgramError, validate_service},
