@@ -1362,3 +1362,51 @@ fn a_second_ipv6_udp_flow_on_a_taken_wire_tuple_gets_another_source_port() {
     );
     assert_eq!(dp.maps.counter(Counter::PortClash).unwrap(), 1);
 }
+
+/// `sessionAffinity: ClientIP` over IPv6 on the TC path: a client's new
+/// flows keep its backend (keyed by its whole address: a client differing
+/// in its last word alone is another client), and re-balance once that
+/// backend leaves the frontend's match set.
+#[test]
+fn new_ipv6_flows_of_a_client_of_a_service_with_affinity_keep_its_backend() {
+    let mut dp = load_private();
+    datapath_with(&mut dp, &[B1, B2]);
+    dp.maps
+        .set_affinity(1, Some((60, &[B1.id, B2.id])))
+        .unwrap();
+    let mut to = |client: Ipv6Addr, port: u16| {
+        let syn = Frame6::tcp((client, port), (VIP, 80), SYN).with_macs(POD_MAC, GATEWAY_MAC);
+        let (v, out) = run(&mut dp, TC_EGRESS, &syn.build());
+        assert_eq!(v, verdict::REDIRECT, "SYN from {client} port {port}");
+        packet6::parse6(&out).unwrap().dst
+    };
+    let first = to(CLIENT.0, 41000);
+    for port in 41001..41020 {
+        assert_eq!(
+            to(CLIENT.0, port),
+            first,
+            "the client's flow from port {port}"
+        );
+    }
+    let others: std::collections::BTreeSet<Ipv6Addr> = (10..30)
+        .map(|n| to(Ipv6Addr::new(0xfd77, 0, 0, 0, 0, 0, 0, n), 41000))
+        .collect();
+    assert_eq!(others.len(), 2, "other clients: {others:?}");
+    let (left, other) = if first == B1.address {
+        (B1, B2)
+    } else {
+        (B2, B1)
+    };
+    dp.maps.set_affinity(1, Some((60, &[other.id]))).unwrap();
+    let mut to = |port: u16| {
+        let syn = Frame6::tcp((CLIENT.0, port), (VIP, 80), SYN).with_macs(POD_MAC, GATEWAY_MAC);
+        packet6::parse6(&run(&mut dp, TC_EGRESS, &syn.build()).1)
+            .unwrap()
+            .dst
+    };
+    let moved_at = (41100..41140).find(|&port| to(port) == other.address);
+    assert!(moved_at.is_some(), "re-balanced off {}", left.address);
+    for port in 41200..41210 {
+        assert_eq!(to(port), other.address, "kept once moved (port {port})");
+    }
+}
