@@ -1654,3 +1654,129 @@ fn external_load_balancer_and_node_port_addresses_are_translated_for_pods() {
     assert_eq!(lab.ask().unwrap(), "server-a", "the ClusterIP stays");
     agent.stop();
 }
+
+/// The echo service over `backends` with `sessionAffinity: ClientIP` and
+/// `timeoutSeconds` (None: the service without affinity).
+fn affinity_manifest(backends: &[Ipv4Addr], timeout_seconds: Option<u32>) -> String {
+    let text = manifest(backends);
+    match timeout_seconds {
+        Some(seconds) => text.replacen(
+            "  ports: [{name: http",
+            &format!(
+                "  sessionAffinity: ClientIP\n  sessionAffinityConfig: {{clientIP: {{timeoutSeconds: {seconds}}}}}\n  ports: [{{name: http"
+            ),
+            1,
+        ),
+        None => text,
+    }
+}
+
+/// `sessionAffinity: ClientIP` through the agent, on the TC path and on
+/// socket-LB, edited under live traffic: once the manifest asks for it,
+/// every new connection of the client reaches one backend; when that
+/// backend leaves the slice, the next ones reach the other, and stay
+/// there when it comes back (without affinity half would go back); taken
+/// away, connections spread again. On the TC path also the timeout: with
+/// `timeoutSeconds: 1`, a connection after a pause of 1.5 s is balanced
+/// afresh (over twelve pauses both backends answer; all on one: 2^-11).
+#[test]
+fn client_ip_affinity_keeps_a_clients_connections_on_one_backend() {
+    require_root("agent e2e");
+    let lab = EchoLab::new(&["server-a", "server-b"]);
+    let (a, b) = (
+        lab.topo.pod("server-a").address,
+        lab.topo.pod("server-b").address,
+    );
+    let file = lab.dir.join("echo.yaml");
+    let cgroup = Cgroup::create(&format!("{}-aff", lab.topo.prefix)).unwrap();
+    let cgroup_arg = cgroup.path().to_str().unwrap().to_owned();
+    let client_path = lab.topo.pod("client").namespace.path().to_owned();
+    for (path, args) in [
+        ("TC", vec!["--no-socket-lb"]),
+        ("socket-LB", vec!["--cgroup", cgroup_arg.as_str()]),
+    ] {
+        write_atomically(&file, &affinity_manifest(&[a, b], None));
+        let agent = lab.agent_with(&args);
+        lab.wait_client_attached();
+        // `n` new connections from the client; the servers that answered.
+        let answers = |n: u32| -> Vec<String> {
+            if path == "TC" {
+                (0..n).map(|_| lab.ask().unwrap()).collect()
+            } else {
+                let target = SocketAddrV4::new(VIP, 80);
+                workload::probe_process(
+                    &client_path,
+                    Some(cgroup.path()),
+                    ProbeKind::Tcp,
+                    target,
+                    n,
+                )
+                .unwrap()
+                .into_iter()
+                .map(|r| answered(Ok(r)))
+                .collect()
+            }
+        };
+        let distinct = |n| {
+            answers(n)
+                .into_iter()
+                .collect::<std::collections::BTreeSet<_>>()
+        };
+        wait_until(&format!("{path}: both servers answer"), || {
+            distinct(20).len() == 2
+        });
+
+        write_atomically(&file, &affinity_manifest(&[a, b], Some(3600)));
+        wait_until(&format!("{path}: one server answers"), || {
+            distinct(10).len() == 1
+        });
+        let kept = answers(1).remove(0);
+        assert_eq!(
+            distinct(20),
+            [kept.clone()].into(),
+            "{path}: every connection to {kept}"
+        );
+
+        // The kept backend leaves the slice, then comes back.
+        let (gone, other) = if kept == "server-a" { (a, b) } else { (b, a) };
+        let other_name = if kept == "server-a" {
+            "server-b"
+        } else {
+            "server-a"
+        };
+        write_atomically(&file, &affinity_manifest(&[other], Some(3600)));
+        wait_until(&format!("{path}: {other_name} alone answers"), || {
+            distinct(5) == [other_name.to_owned()].into()
+        });
+        write_atomically(&file, &affinity_manifest(&[gone, other], Some(3600)));
+        std::thread::sleep(Duration::from_millis(500));
+        assert_eq!(
+            distinct(20),
+            [other_name.to_owned()].into(),
+            "{path}: the client stays on {other_name} with {gone} back"
+        );
+
+        if path == "TC" {
+            write_atomically(&file, &affinity_manifest(&[a, b], Some(1)));
+            std::thread::sleep(Duration::from_millis(500));
+            let mut seen = std::collections::BTreeSet::new();
+            for _ in 0..12 {
+                std::thread::sleep(Duration::from_millis(1500));
+                let first = answers(1).remove(0);
+                // Within the timeout: the same backend.
+                assert_eq!(answers(1).remove(0), first, "{path}: within the timeout");
+                seen.insert(first);
+                if seen.len() == 2 {
+                    break;
+                }
+            }
+            assert_eq!(seen.len(), 2, "{path}: after each timeout, balanced afresh");
+        }
+
+        write_atomically(&file, &affinity_manifest(&[a, b], None));
+        wait_until(&format!("{path}: both answer without affinity"), || {
+            distinct(20).len() == 2
+        });
+        agent.stop();
+    }
+}
