@@ -65,6 +65,9 @@ pub struct ServiceRow {
     /// False when a slot or backend is missing (an interrupted write the
     /// agent repairs on its next sync).
     pub complete: bool,
+    /// `sessionAffinity: ClientIP`'s timeout in seconds (None: balanced
+    /// connection by connection).
+    pub affinity_seconds: Option<u64>,
 }
 
 pub fn service_rows(maps: &DatapathMaps) -> Result<Vec<ServiceRow>> {
@@ -72,13 +75,22 @@ pub fn service_rows(maps: &DatapathMaps) -> Result<Vec<ServiceRow>> {
     let mut rows = family_service_rows(&dump.frontends, &dump.backends);
     rows.extend(family_service_rows(&dump.frontends6, &dump.backends6));
     rows.sort_by(|a, b| a.frontend.cmp(&b.frontend));
+    if let Some(affinity) = &maps.affinity {
+        let hz = clock::hz().context("reading the kernel's HZ")?;
+        for row in &mut rows {
+            let jiffies = affinity
+                .timeout(row.rev_nat_id)
+                .context("reading AFFINITY_TIMEOUT")?;
+            row.affinity_seconds = (jiffies != 0).then(|| jiffies.div_ceil(hz));
+        }
+    }
     Ok(rows)
 }
 
 pub fn service_list(pin_dir: &Path, output: Output) -> Result<()> {
     let rows = service_rows(&open(pin_dir)?)?;
     print(output, &rows, |rows| {
-        let mut table = new_table(&["FRONTEND", "REV-NAT", "BACKENDS"]);
+        let mut table = new_table(&["FRONTEND", "REV-NAT", "AFFINITY", "BACKENDS"]);
         for row in rows {
             let mut backends = row.backends.join("\n");
             if backends.is_empty() {
@@ -87,9 +99,13 @@ pub fn service_list(pin_dir: &Path, output: Output) -> Result<()> {
             if !row.complete {
                 backends += "\n(incomplete)";
             }
+            let affinity = row
+                .affinity_seconds
+                .map_or_else(String::new, |seconds| format!("ClientIP {seconds}s"));
             table.add_row(vec![
                 row.frontend.clone(),
                 row.rev_nat_id.to_string(),
+                affinity,
                 backends,
             ]);
         }
@@ -123,6 +139,7 @@ where
                 rev_nat_id: f.rev_nat_id,
                 complete: resolved.iter().all(Option::is_some),
                 backends: resolved.into_iter().flatten().collect(),
+                affinity_seconds: None,
             }
         })
         .collect()

@@ -2254,3 +2254,125 @@ fn a_deleted_backends_id_is_reused_only_after_the_readers_are_gone() {
     apply(&mut roomy, &translation(&ipv6_service_yaml(&[1, 2, 4])));
     assert!(!roomy.maps().log.iter().any(|l| l == "wait for readers"));
 }
+
+/// `service_yaml` with `sessionAffinity: ClientIP` and `timeoutSeconds`.
+fn with_affinity(yaml: &str, seconds: u32) -> String {
+    yaml.replacen(
+        "  ports:\n",
+        &format!(
+            "  sessionAffinity: ClientIP\n  sessionAffinityConfig: {{clientIP: {{timeoutSeconds: {seconds}}}}}\n  ports:\n"
+        ),
+        1,
+    )
+}
+
+/// A frontend's affinity follows its slots in the safe order: after the
+/// slots name a new set, before a backend that left is deleted (a client
+/// must never be kept on an id that could be handed to another pod); a
+/// new timeout alone is written without touching the slots; a removed
+/// frontend loses it before its id is freed; and an agent that restarts
+/// takes it from frontends that no longer ask (the first sync's prune).
+#[test]
+fn affinity_is_written_after_the_slots_and_before_departed_backends_go() {
+    let mut reconciler = Reconciler::adopt(FakeMaps::with_capacity(64)).unwrap();
+    let three = service_yaml("web", "10.96.1.1", &[80], 3);
+    apply(&mut reconciler, &translation(&with_affinity(&three, 60)));
+    assert_eq!(
+        reconciler.maps().affinity,
+        [(1, (60, vec![1, 2, 3]))].into(),
+        "the frontend's timeout and backends"
+    );
+    reconciler.maps_mut().log.clear();
+    let two = three.replace("- addresses: [10.244.0.1]\n", "");
+    apply(&mut reconciler, &translation(&with_affinity(&two, 60)));
+    assert_eq!(
+        reconciler.maps().log,
+        [
+            "backend 2 = 10.244.0.2:8080",
+            "backend 3 = 10.244.0.3:8080",
+            "service 10.96.1.1:80/TCP",
+            "affinity 1 60s [2, 3]",
+            "remove backend 1",
+        ]
+    );
+    reconciler.maps_mut().log.clear();
+    let outcome = reconciler.update_service(
+        &ObjectKey::new("test", "web"),
+        &translation(&with_affinity(&two, 5)).1,
+    );
+    assert_eq!(outcome.frontends_written, 1, "a new timeout is a write");
+    assert_eq!(reconciler.maps().log, ["affinity 1 5s [2, 3]"]);
+    reconciler.maps_mut().log.clear();
+    apply(&mut reconciler, &translation(&two));
+    assert_eq!(reconciler.maps().log, ["affinity 1 off"], "taken away");
+    apply(&mut reconciler, &translation(&with_affinity(&two, 5)));
+    reconciler.maps_mut().log.clear();
+    apply(&mut reconciler, &gone("web"));
+    assert_eq!(
+        reconciler.maps().log[..2],
+        ["affinity 1 off", "remove service 10.96.1.1:80/TCP"],
+        "off before the frontend and its id go"
+    );
+
+    // A restart: the cluster dropped `old`'s affinity while no agent ran.
+    let old = service_yaml("old", "10.96.1.9", &[80], 2);
+    apply(&mut reconciler, &translation(&with_affinity(&old, 60)));
+    let maps = reconciler.into_maps();
+    assert_eq!(maps.affinity.len(), 1);
+    let mut second = Reconciler::adopt(maps).unwrap();
+    apply(&mut second, &translation(&old));
+    second.prune(false).unwrap();
+    assert!(
+        second.maps().affinity.is_empty(),
+        "{:?}",
+        second.maps().affinity
+    );
+}
+
+/// Affinity across an agent restart on the real, pinned maps: the next
+/// agent reads what the previous one wrote (timeouts and match entries),
+/// keeps it for the frontend that still asks, and takes it from the one
+/// whose manifest dropped it meanwhile.
+#[test]
+fn affinity_written_by_a_previous_agent_is_kept_or_pruned() {
+    common::require_root("pinned maps");
+    let pins = common::PinDir::new();
+    let pin_dir = pins.path();
+    let options = datapath_user::LoadOptions {
+        pin_dir: Some(pin_dir.clone()),
+        ..datapath_user::LoadOptions::default()
+    };
+    let web = service_yaml("web", "10.96.1.1", &[80], 3);
+    let old = service_yaml("old", "10.96.1.9", &[80], 2);
+    let hz = datapath_user::clock::hz().unwrap();
+    let ids = {
+        let mut datapath = datapath_user::Datapath::load(&options).unwrap();
+        let mut reconciler = Reconciler::adopt(&mut datapath.maps).unwrap();
+        apply(&mut reconciler, &translation(&with_affinity(&web, 60)));
+        apply(&mut reconciler, &translation(&with_affinity(&old, 30)));
+        let affinity = reconciler.maps().affinity.as_ref().unwrap();
+        let matched = affinity.matched().unwrap();
+        assert_eq!(
+            matched.values().map(|ids| ids.len()).collect::<Vec<_>>(),
+            [3, 2]
+        );
+        let ids: Vec<u32> = matched.keys().copied().collect();
+        assert_eq!(affinity.timeout(ids[0]).unwrap(), 60 * hz);
+        assert_eq!(affinity.timeout(ids[1]).unwrap(), 30 * hz);
+        ids
+    };
+    let maps = datapath_user::DatapathMaps::open_pinned(&pin_dir).unwrap();
+    let mut reconciler = Reconciler::adopt(maps).unwrap();
+    apply(&mut reconciler, &translation(&with_affinity(&web, 60)));
+    apply(&mut reconciler, &translation(&old));
+    reconciler.prune(false).unwrap();
+    let affinity = reconciler.maps().affinity.as_ref().unwrap();
+    assert_eq!(affinity.timeout(ids[0]).unwrap(), 60 * hz, "web keeps it");
+    assert_eq!(affinity.timeout(ids[1]).unwrap(), 0, "old lost it");
+    let matched = affinity.matched().unwrap();
+    assert_eq!(
+        matched.keys().copied().collect::<Vec<_>>(),
+        [ids[0]],
+        "only web's backends are matched"
+    );
+}

@@ -37,18 +37,28 @@ impl AffinityMaps {
         }
     }
 
+    /// Frontend `rev_nat_id`'s timeout in jiffies (0: no affinity).
+    pub fn timeout(&self, rev_nat_id: RevNatId) -> Result<u64, MapError> {
+        Ok(self.timeouts.get(rev_nat_id)?.unwrap_or(0))
+    }
+
+    /// Every `AFFINITY_MATCH` entry, by frontend, as the map holds them.
+    pub fn matched(&self) -> Result<BTreeMap<RevNatId, BTreeSet<BackendId>>, MapError> {
+        let mut by_frontend: BTreeMap<RevNatId, BTreeSet<BackendId>> = BTreeMap::new();
+        for key in self.matches.keys() {
+            let key = key?;
+            by_frontend
+                .entry(key.rev_nat_id)
+                .or_default()
+                .insert(key.backend_id);
+        }
+        Ok(by_frontend)
+    }
+
     /// `written`, read from the map the first time.
     fn written(&mut self) -> Result<&mut BTreeMap<RevNatId, BTreeSet<BackendId>>, MapError> {
         if self.written.is_none() {
-            let mut by_frontend: BTreeMap<RevNatId, BTreeSet<BackendId>> = BTreeMap::new();
-            for key in self.matches.keys() {
-                let key = key?;
-                by_frontend
-                    .entry(key.rev_nat_id)
-                    .or_default()
-                    .insert(key.backend_id);
-            }
-            self.written = Some(by_frontend);
+            self.written = Some(self.matched()?);
         }
         Ok(self.written.get_or_insert_default())
     }
