@@ -332,6 +332,43 @@ pub fn measure(opts: &DatapathOpts) -> Result<Vec<CaseResult>> {
         },
         verdict::REDIRECT,
     )?);
+    // The same with `sessionAffinity: ClientIP` on the frontend: a new
+    // client (an `AFFINITY` lookup that misses, then an insert), and a
+    // client it remembers (a lookup and a match lookup, no write).
+    dp.maps
+        .set_affinity(1, Some((10_800, &[1])))
+        .context("giving the frontend affinity")?;
+    results.push(measure_single_runs(
+        &mut dp,
+        opts,
+        "egress DNAT, new flow of a new client, ClientIP affinity, one run per call",
+        TC_EGRESS,
+        |_| {
+            let client = clients.next().unwrap_or(CLIENT);
+            Frame::tcp(client, VIP_A, SYN)
+                .with_macs(client_mac, gateway_mac)
+                .build()
+        },
+        verdict::REDIRECT,
+    )?);
+    let remembered = Ipv4Addr::from(u32::from(CLIENT.0) - 1);
+    let mut ports = (0u32..).map(|i| 10_000 + (i % 50_000) as u16);
+    results.push(measure_single_runs(
+        &mut dp,
+        opts,
+        "egress DNAT, new flow of a remembered client, ClientIP affinity, one run per call",
+        TC_EGRESS,
+        |_| {
+            let port = ports.next().unwrap_or(CLIENT.1);
+            Frame::tcp((remembered, port), VIP_A, SYN)
+                .with_macs(client_mac, gateway_mac)
+                .build()
+        },
+        verdict::REDIRECT,
+    )?);
+    dp.maps
+        .set_affinity(1, None)
+        .context("taking the affinity away")?;
     let mut clients6 = (0u32..).map(|i| {
         let mut address = CLIENT6.0.octets();
         address[12..16].copy_from_slice(&(3 + i / 50_000).to_be_bytes());

@@ -2376,3 +2376,60 @@ fn affinity_written_by_a_previous_agent_is_kept_or_pruned() {
         "only web's backends are matched"
     );
 }
+
+/// The upgrade that adds the affinity maps: pins of the build before them
+/// (none of the three pinned or marked) are read by the CLI as they are,
+/// and the new agent makes the three and keeps every other map (the
+/// tracked connections and every id stay), then gives a frontend
+/// affinity.
+#[test]
+fn an_upgrade_that_adds_the_affinity_maps_keeps_every_other_map() {
+    use aya::maps::MapInfo;
+    use datapath_common::maps::{AFFINITY_MAP, AFFINITY_MATCH_MAP, AFFINITY_TIMEOUT_MAP, ALL_MAPS};
+    use datapath_user::{LoadOptions, map_pins::PinPolicy};
+    common::require_root("pinned maps");
+    let pins = common::PinDir::new();
+    let pin_dir = pins.path();
+    let options = LoadOptions {
+        pin_dir: Some(pin_dir.clone()),
+        pin_policy: PinPolicy::Own,
+        ..LoadOptions::default()
+    };
+    let web = service_yaml("web", "10.96.1.1", &[80], 3);
+    let programmed = {
+        let mut datapath = datapath_user::Datapath::load(&options).unwrap();
+        let mut reconciler = Reconciler::new_on_empty(&mut datapath.maps);
+        apply(&mut reconciler, &translation(&web));
+        reconciler.prune(false).unwrap();
+        reconciler.maps().dump().unwrap()
+    };
+    let added = [AFFINITY_MAP, AFFINITY_MATCH_MAP, AFFINITY_TIMEOUT_MAP];
+    let layouts = pin_dir.join(datapath_user::map_pins::LAYOUTS_DIR);
+    for map in added {
+        std::fs::remove_file(pin_dir.join(map)).unwrap();
+        std::fs::remove_dir(layouts.join(format!("{map}-v1"))).unwrap();
+    }
+    let older = datapath_user::DatapathMaps::open_pinned(&pin_dir).unwrap();
+    assert!(older.affinity.is_none());
+    assert_eq!(older.dump().unwrap(), programmed);
+    drop(older);
+    let map_id = |map: &str| MapInfo::from_pin(pin_dir.join(map)).unwrap().id();
+    let others: Vec<&str> = ALL_MAPS
+        .into_iter()
+        .filter(|m| !added.contains(m))
+        .collect();
+    let ids: Vec<u32> = others.iter().map(|m| map_id(m)).collect();
+
+    let mut datapath = datapath_user::Datapath::load(&options).unwrap();
+    assert_eq!(
+        others.iter().map(|m| map_id(m)).collect::<Vec<_>>(),
+        ids,
+        "every other map kept: {others:?}"
+    );
+    assert!(added.iter().all(|m| pin_dir.join(m).exists()), "made");
+    assert_eq!(datapath.maps.dump().unwrap(), programmed);
+    let mut reconciler = Reconciler::adopt(&mut datapath.maps).unwrap();
+    apply(&mut reconciler, &translation(&with_affinity(&web, 60)));
+    let affinity = reconciler.maps().affinity.as_ref().unwrap();
+    assert_eq!(affinity.matched().unwrap().len(), 1);
+}
