@@ -25,7 +25,8 @@ pub fn timeout(rev_nat_id: u32) -> u64 {
 /// as two words, `kind` in the top byte of `id_kind` below the 24-bit
 /// reverse-NAT id) to a frontend with `timeout` goes to: the remembered
 /// one while it holds, else `chosen` (the frontend's balancing). Writes
-/// the client's entry when it changes or its stamp is due.
+/// the client's entry when it changes or its stamp is due. The caller
+/// checks the id it gets names a backend (and takes `chosen` if not).
 ///
 /// Not inlined: a BPF-to-BPF call whose frame holds the key and the
 /// value, which the new-flow paths have no stack left for (no tail call
@@ -37,7 +38,7 @@ pub fn backend(client_low: u64, client_high: u64, id_kind: u32, timeout: u64, ch
     let now = ct::now();
     // SAFETY: the value is copied out before any other map call.
     let remembered = unsafe { AFFINITY.get(&key) }.map(|v| (v.last_used, v.backend_id));
-    let still_member = remembered.is_some_and(|(_, backend_id)| {
+    let still_member = |backend_id| {
         // SAFETY: only tested for presence.
         unsafe {
             AFFINITY_MATCH.get(&AffinityMatchKey {
@@ -46,12 +47,12 @@ pub fn backend(client_low: u64, client_high: u64, id_kind: u32, timeout: u64, ch
             })
         }
         .is_some()
-    });
+    };
     let backend_id = match affinity::decide(remembered, now, timeout, still_member) {
         Decision::Keep(backend_id) => backend_id,
         Decision::Choose => chosen,
     };
-    if affinity::should_remember(remembered, backend_id, now, ct::refresh_interval()) {
+    if affinity::should_remember(remembered, backend_id, now, ct::refresh_interval(), timeout) {
         let value = AffinityValue {
             last_used: now,
             backend_id,

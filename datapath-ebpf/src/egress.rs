@@ -353,9 +353,14 @@ fn new_flow(ctx: &TcContext, packet: &Packet, table: &CtMap, key: &CtKey, now: u
     };
     let timeout = affinity::timeout(service.rev_nat_id());
     if timeout != 0 {
-        // A client of a frontend with sessionAffinity (`crate::affinity`).
+        // A client of a frontend with sessionAffinity (`crate::affinity`);
+        // a remembered backend without its entry (being removed) is not
+        // taken.
         let client = affinity::id_kind(service.rev_nat_id(), AFFINITY_CLIENT_ADDRESS);
-        backend_id = affinity::backend(packet.saddr_be as u64, 0, client, timeout, backend_id);
+        let kept = affinity::backend(packet.saddr_be as u64, 0, client, timeout, backend_id);
+        if BACKENDS.get(kept).is_some_and(Backend::is_present_v4) {
+            backend_id = kept;
+        }
     }
     let Some(backend) = BACKENDS
         .get(backend_id)

@@ -244,7 +244,12 @@ fn new_flow(ctx: &TcContext, packet: &Packet6) -> i32 {
         // SAFETY: 16 bytes either way.
         let [low, high]: [u64; 2] = unsafe { core::mem::transmute(packet.saddr_be) };
         let client = affinity::id_kind(service.rev_nat_id(), AFFINITY_CLIENT_ADDRESS);
-        backend_id = affinity::backend(low, high, client, timeout, backend_id);
+        let kept = affinity::backend(low, high, client, timeout, backend_id);
+        // A remembered backend without its entry (being removed) is not
+        // taken.
+        if backends::ipv6(kept).is_some() {
+            backend_id = kept;
+        }
     }
     let Some(backend) = backends::ipv6(backend_id) else {
         count(Counter::Error);

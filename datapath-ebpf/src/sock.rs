@@ -473,8 +473,17 @@ fn forward<F: AddressField>(ctx: &SockAddrContext, is_sendmsg: bool) -> i32 {
         // network namespace (`crate::affinity`).
         // SAFETY: plain helper call on the program's context.
         let netns_cookie = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
+        // `sendmsg` decides every datagram of an unconnected socket, and
+        // each stamps the pod's entry (at most once a second): as
+        // conntrack keeps a UDP flow on its backend while it sends, the
+        // socket is not moved while it sends.
         let client = affinity::id_kind(service.rev_nat_id(), AFFINITY_CLIENT_NETNS);
-        backend_id = affinity::backend(netns_cookie, 0, client, timeout, backend_id);
+        let kept = affinity::backend(netns_cookie, 0, client, timeout, backend_id);
+        // A remembered backend without its entry (being removed) is not
+        // taken.
+        if F::Maps::backend(kept).is_some() {
+            backend_id = kept;
+        }
     }
     let Some(backend) = F::Maps::backend(backend_id) else {
         count(Counter::Error);

@@ -35,11 +35,11 @@ use std::{
 
 use aya::maps::MapInfo;
 use datapath_common::maps::{
-    BACKEND_ADDRS6_MAP, BACKENDS_MAP, Backend, CLASH_FILTER_MAP, CONNTRACK_TCP_MAP,
-    CONNTRACK_UDP_MAP, CONNTRACK6_TCP_MAP, CONNTRACK6_UDP_MAP, COUNTERS_MAP, FRAGMENTS_MAP,
-    IPV6_MAPS, MAP_LAYOUT_VERSIONS, POD_ROUTES_MAP, REPLY_FILTER_MAP, REVERSE_NAT_MAP,
-    SERVICE_FILTER_MAP, SERVICES_MAP, SERVICES6_MAP, SHARED_MAPS_ABI, SLOTS_MAP, SOCK_LB_SKIP_MAP,
-    SOCK_REVERSE_NAT_MAP, layout_version,
+    AFFINITY_MAP, AFFINITY_MATCH_MAP, BACKEND_ADDRS6_MAP, BACKENDS_MAP, Backend, CLASH_FILTER_MAP,
+    CONNTRACK_TCP_MAP, CONNTRACK_UDP_MAP, CONNTRACK6_TCP_MAP, CONNTRACK6_UDP_MAP, COUNTERS_MAP,
+    FRAGMENTS_MAP, IPV6_MAPS, MAP_LAYOUT_VERSIONS, POD_ROUTES_MAP, REPLY_FILTER_MAP,
+    REVERSE_NAT_MAP, SERVICE_FILTER_MAP, SERVICES_MAP, SERVICES6_MAP, SHARED_MAPS_ABI, SLOTS_MAP,
+    SOCK_LB_SKIP_MAP, SOCK_REVERSE_NAT_MAP, layout_version,
 };
 
 use crate::error::LoaderError;
@@ -363,7 +363,9 @@ pub fn mark_layouts(pin_dir: &Path) -> Result<(), LoaderError> {
 /// backend by id; a `BACKENDS` made afresh hands its ids out again, so the
 /// flow could reach another service's pod (one carried over keeps them).
 /// (`REVERSE_NAT` ids are written again under the same numbers when it is
-/// made afresh, `Reconciler::adopt`.)
+/// made afresh, `Reconciler::adopt`.) The affinity maps name backend ids
+/// too: a remembered client or a match entry must not keep anyone on an
+/// id the new map hands to another pod.
 const DEPENDENTS: [(&str, &[&str]); 1] = [(
     BACKENDS_MAP,
     &[
@@ -371,6 +373,8 @@ const DEPENDENTS: [(&str, &[&str]); 1] = [(
         CONNTRACK_UDP_MAP,
         CONNTRACK6_TCP_MAP,
         CONNTRACK6_UDP_MAP,
+        AFFINITY_MAP,
+        AFFINITY_MATCH_MAP,
     ],
 )];
 

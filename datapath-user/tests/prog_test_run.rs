@@ -1919,3 +1919,29 @@ fn new_flows_of_a_client_of_a_service_with_affinity_keep_its_backend() {
         .collect();
     assert_eq!(spread.len(), 2, "no affinity: {spread:?}");
 }
+
+/// A remembered backend still matched but whose entry is gone (the agent
+/// between removing it from the frontend and deleting it, or an entry it
+/// could not delete): the new flow goes to the backend the balancing
+/// chose, never dropped.
+#[test]
+fn a_remembered_backend_without_its_entry_is_not_taken() {
+    let mut dp = datapath_with(tcp_frontend(), &[B1, B2]);
+    dp.maps
+        .set_affinity(1, Some((60, &[B1.id, B2.id, 9])))
+        .unwrap();
+    let missing = AffinityValue {
+        last_used: jiffies_ago(Duration::from_secs(1)),
+        backend_id: 9,
+        _pad: 0,
+    };
+    for port in 41000..41010 {
+        let maps = dp.maps.affinity.as_mut().unwrap();
+        maps.clients
+            .insert(affinity_key(CLIENT.0), missing, 0)
+            .unwrap();
+        let (v, out) = egress(&mut dp, &Frame::tcp((CLIENT.0, port), (VIP, 80), SYN));
+        assert_eq!(v, verdict::REDIRECT, "port {port}");
+        assert!([B1.address, B2.address].contains(&backend_of(&out)));
+    }
+}

@@ -2433,3 +2433,77 @@ fn an_upgrade_that_adds_the_affinity_maps_keeps_every_other_map() {
     let affinity = reconciler.maps().affinity.as_ref().unwrap();
     assert_eq!(affinity.matched().unwrap().len(), 1);
 }
+
+/// Whatever affinity write fails, no client is kept on a backend once it
+/// is deleted (its id may go to another pod), and a freed reverse-NAT id
+/// keeps no affinity: the maps drop a deleted backend's match entries and
+/// a removed frontend's timeout themselves; the frontend's affinity is
+/// unknown after the failure and written again by the next update.
+#[test]
+fn a_failed_affinity_write_keeps_no_client_on_a_deleted_backend() {
+    let mut reconciler = Reconciler::adopt(FakeMaps::with_capacity(64)).unwrap();
+    let three = service_yaml("web", "10.96.1.1", &[80], 3);
+    apply(&mut reconciler, &translation(&with_affinity(&three, 60)));
+    reconciler.maps_mut().fail_next_affinity = true;
+    let two = three.replace("- addresses: [10.244.0.1]\n", "");
+    let key = ObjectKey::new("test", "web");
+    let outcome = reconciler.update_service(&key, &translation(&with_affinity(&two, 60)).1);
+    assert_eq!(outcome.issues.len(), 1, "{:?}", outcome.issues);
+    assert!(
+        reconciler
+            .maps()
+            .log
+            .contains(&"remove backend 1".to_owned())
+    );
+    assert_eq!(
+        reconciler.maps().affinity[&1],
+        (60, vec![2, 3]),
+        "the deleted backend is matched no more"
+    );
+    // The next update writes it, though the manifest is unchanged.
+    reconciler.maps_mut().log.clear();
+    apply(&mut reconciler, &translation(&with_affinity(&two, 60)));
+    assert_eq!(reconciler.maps().log, ["affinity 1 60s [2, 3]"]);
+    // A removal whose affinity write fails is retried; the id is not
+    // freed meanwhile.
+    reconciler.maps_mut().fail_next_affinity = true;
+    let outcome = reconciler.update_service(&key, &gone("web").1);
+    assert_eq!(outcome.issues.len(), 1, "{:?}", outcome.issues);
+    assert_eq!(reconciler.ids_in_use().1, 1, "the frontend's id is held");
+    apply(&mut reconciler, &gone("web"));
+    assert!(reconciler.maps().affinity.is_empty());
+    assert_eq!(reconciler.ids_in_use(), (0, 0));
+}
+
+/// An agent restart during which a service with affinity lost a backend
+/// and its affinity (real, pinned maps), with sources that could not
+/// read everything (`prune(true)` keeps what it cannot account for): the
+/// first sync writes what the frontend asks now, so the departed
+/// backend's match entry and the timeout go with that sync.
+#[test]
+fn affinity_dropped_while_no_agent_ran_goes_with_the_first_sync() {
+    common::require_root("pinned maps");
+    let pins = common::PinDir::new();
+    let pin_dir = pins.path();
+    let options = datapath_user::LoadOptions {
+        pin_dir: Some(pin_dir.clone()),
+        ..datapath_user::LoadOptions::default()
+    };
+    let three = service_yaml("web", "10.96.1.1", &[80], 3);
+    {
+        let mut datapath = datapath_user::Datapath::load(&options).unwrap();
+        let mut reconciler = Reconciler::adopt(&mut datapath.maps).unwrap();
+        apply(&mut reconciler, &translation(&with_affinity(&three, 60)));
+    }
+    let maps = datapath_user::DatapathMaps::open_pinned(&pin_dir).unwrap();
+    let mut reconciler = Reconciler::adopt(maps).unwrap();
+    let two = three.replace("- addresses: [10.244.0.1]\n", "");
+    apply(&mut reconciler, &translation(&two));
+    let affinity = reconciler.maps().affinity.as_ref().unwrap();
+    assert!(affinity.matched().unwrap().is_empty(), "before the prune");
+    assert_eq!(affinity.timeout(1).unwrap(), 0, "before the prune");
+    reconciler.prune(true).unwrap();
+    let affinity = reconciler.maps().affinity.as_ref().unwrap();
+    assert!(affinity.matched().unwrap().is_empty());
+    assert_eq!(affinity.timeout(1).unwrap(), 0);
+}

@@ -28,12 +28,18 @@ pub struct AffinityKey {
 }
 
 impl AffinityKey {
-    /// The client `client` (two words of eight bytes each, as the caller
-    /// holds the address or cookie) of `rev_nat_id`.
+    /// The client `client` of `rev_nat_id`, given as two u64 whose low
+    /// and high halves are its words in order: an IPv4 address as the low
+    /// half of the first (in word 0), a netns cookie as the first, an
+    /// IPv6 address's words paired.
     #[inline(always)]
     pub const fn new(client: [u64; 2], rev_nat_id: u32, kind: u8) -> Self {
-        // SAFETY: 16 bytes either way; every bit pattern is a valid u32.
-        let client: [u32; 4] = unsafe { core::mem::transmute(client) };
+        let client = [
+            client[0] as u32,
+            (client[0] >> 32) as u32,
+            client[1] as u32,
+            (client[1] >> 32) as u32,
+        ];
         Self {
             client,
             rev_nat_id,

@@ -110,6 +110,39 @@ impl AffinityMaps {
         Ok(())
     }
 
+    /// Removes every match entry naming `backend_id` (the backend is
+    /// about to be deleted).
+    fn forget_backend(&mut self, backend_id: BackendId) -> Result<(), MapError> {
+        let holders: Vec<RevNatId> = (self.written()?.iter())
+            .filter(|(_, ids)| ids.contains(&backend_id))
+            .map(|(&id, _)| id)
+            .collect();
+        for rev_nat_id in holders {
+            match self.matches.remove(&AffinityMatchKey {
+                backend_id,
+                rev_nat_id,
+            }) {
+                Ok(()) | Err(MapError::KeyNotFound) => {}
+                Err(error) => return Err(error),
+            }
+            self.note(rev_nat_id, backend_id, false);
+        }
+        Ok(())
+    }
+
+    /// The reverse-NAT ids with a timeout (for the dump; `unmap` lets
+    /// go of the mapping after).
+    fn affine(&self) -> Result<Vec<RevNatId>, MapError> {
+        Ok(self
+            .timeouts
+            .read_all()?
+            .into_iter()
+            .enumerate()
+            .filter(|&(_, timeout)| timeout != 0)
+            .map(|(id, _)| id as RevNatId)
+            .collect())
+    }
+
     /// Records one match entry written or removed.
     fn note(&mut self, rev_nat_id: RevNatId, backend_id: BackendId, present: bool) {
         let Some(written) = self.written.as_mut() else {
@@ -187,6 +220,31 @@ impl DatapathMaps {
         match self.affinity.as_mut() {
             Some(maps) => maps.prune(keep),
             None => Ok(0),
+        }
+    }
+
+    /// Takes the affinity of reverse-NAT id `id` away (its frontend is
+    /// gone, or the id is freed).
+    pub(super) fn clear_affinity_of(&mut self, id: RevNatId) -> Result<(), MapError> {
+        match self.affinity.as_mut() {
+            Some(maps) => maps.set(id, None),
+            None => Ok(()),
+        }
+    }
+
+    /// Removes the match entries naming backend `id` (`remove_backend`).
+    pub(super) fn forget_affine_backend(&mut self, id: BackendId) -> Result<(), MapError> {
+        match self.affinity.as_mut() {
+            Some(maps) => maps.forget_backend(id),
+            None => Ok(()),
+        }
+    }
+
+    /// The reverse-NAT ids with affinity (`LbMaps::dump`).
+    pub(super) fn affine_rev_nats(&self) -> Result<Vec<RevNatId>, MapError> {
+        match self.affinity.as_ref() {
+            Some(maps) => maps.affine(),
+            None => Ok(Vec::new()),
         }
     }
 

@@ -32,6 +32,9 @@ pub struct FakeMaps {
     /// Frontends with `sessionAffinity` (both families: one id space):
     /// reverse-NAT id → timeout in seconds and the backends matched.
     pub affinity: BTreeMap<RevNatId, (u32, Vec<BackendId>)>,
+    /// Makes the next `set_affinity` fail having written nothing (a full
+    /// `AFFINITY_MATCH`).
+    pub fail_next_affinity: bool,
 }
 
 /// One family's maps.
@@ -64,6 +67,7 @@ impl Default for FakeMaps {
             log: Vec::new(),
             fail_next_write: false,
             affinity: BTreeMap::new(),
+            fail_next_affinity: false,
         }
     }
 }
@@ -122,6 +126,7 @@ impl FakeMaps {
             && old_rev_nat != rev_nat_id
         {
             family.clear_rev_nat_of(old_rev_nat, frontend);
+            self.affinity.remove(&old_rev_nat);
         }
         self.log.push(format!("service {frontend}"));
         Ok(())
@@ -131,6 +136,7 @@ impl FakeMaps {
         let family = A::pick_mut(self);
         if let Some((rev_nat_id, _)) = family.services.remove(frontend) {
             family.clear_rev_nat_of(rev_nat_id, frontend);
+            self.affinity.remove(&rev_nat_id);
             self.log.push(format!("remove service {frontend}"));
         }
         Ok(())
@@ -203,6 +209,7 @@ impl LbMaps for FakeMaps {
             rev_nats6: (self.v6.rev_nats.iter())
                 .map(|(k, (a, p))| (*k, std::net::SocketAddrV6::new(*a, *p, 0, 0)))
                 .collect(),
+            affine: self.affinity.keys().copied().collect(),
         })
     }
     fn set_service(
@@ -235,6 +242,9 @@ impl LbMaps for FakeMaps {
         rev_nat_id: RevNatId,
         affinity: Option<(u32, &[BackendId])>,
     ) -> Result<(), MapError> {
+        if std::mem::take(&mut self.fail_next_affinity) {
+            return Err(MapError::KeyNotFound);
+        }
         match affinity {
             Some((seconds, backends)) => {
                 self.log
@@ -256,6 +266,9 @@ impl LbMaps for FakeMaps {
         Ok(before - self.affinity.len())
     }
     fn remove_backend(&mut self, id: BackendId) -> Result<(), MapError> {
+        for (_, matched) in self.affinity.values_mut() {
+            matched.retain(|&matched| matched != id);
+        }
         self.v4.backends.remove(&id);
         self.v6.backends.remove(&id);
         self.log.push(format!("remove backend {id}"));
@@ -263,10 +276,12 @@ impl LbMaps for FakeMaps {
     }
     fn remove_rev_nat(&mut self, id: RevNatId) -> Result<(), MapError> {
         self.v4.rev_nats.remove(&id);
+        self.affinity.remove(&id);
         Ok(())
     }
     fn remove_rev_nat6(&mut self, id: RevNatId) -> Result<(), MapError> {
         self.v6.rev_nats.remove(&id);
+        self.affinity.remove(&id);
         Ok(())
     }
     fn restore_rev_nat(&mut self, id: RevNatId, frontend: &Frontend) -> Result<(), MapError> {

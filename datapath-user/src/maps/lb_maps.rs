@@ -122,9 +122,14 @@ pub trait LbMaps {
     /// agent wrote for frontends gone or changed since; the first full
     /// sync's prune). Returns how many lost it.
     fn prune_affinity(&mut self, keep: &dyn Fn(RevNatId) -> bool) -> Result<usize, MapError>;
-    /// Deletes a backend no frontend uses any more.
+    /// Deletes a backend no frontend uses any more (and first every
+    /// `AFFINITY_MATCH` entry naming it: no client is ever kept on an id
+    /// that could be handed to another pod, whatever affinity write
+    /// failed before).
     fn remove_backend(&mut self, id: BackendId) -> Result<(), MapError>;
-    /// Clears a reverse-NAT entry no frontend uses.
+    /// Clears a reverse-NAT entry no frontend uses (and the id's
+    /// affinity: the next frontend to get the id must not inherit it; so
+    /// do `remove_service` and a new incarnation in `set_service`).
     fn remove_rev_nat(&mut self, id: RevNatId) -> Result<(), MapError>;
     /// Writes `frontend`'s reverse-NAT entry alone (found missing at
     /// adoption: the table was made afresh).
@@ -329,6 +334,8 @@ pub struct MapDump {
     pub stray_entries6: Vec<m::ServiceKey6>,
     pub backends6: Vec<(BackendId, BackendAddress<std::net::Ipv6Addr>)>,
     pub rev_nats6: Vec<(RevNatId, std::net::SocketAddrV6)>,
+    /// Reverse-NAT ids (either family) with a `sessionAffinity` timeout.
+    pub affine: Vec<RevNatId>,
 }
 
 /// One family's calls on the maps, so that the reconciler writes either

@@ -68,6 +68,7 @@ impl LbMaps for DatapathMaps {
 
     fn remove_rev_nat6(&mut self, id: RevNatId) -> Result<(), MapError> {
         self.write_pending();
+        self.clear_affinity_of(id)?;
         v6_maps(&mut self.v6)?
             .reverse_nat6
             .set(id, RevNatValue6::default(), 0)
@@ -112,6 +113,8 @@ impl LbMaps for DatapathMaps {
     /// by the datapath on their next packet.
     fn remove_backend(&mut self, id: BackendId) -> Result<(), MapError> {
         self.write_pending();
+        // No client may be kept on it (its id may go to another pod).
+        self.forget_affine_backend(id)?;
         if self.backends.set(id, Backend::default())? {
             Ok(())
         } else {
@@ -128,7 +131,10 @@ impl LbMaps for DatapathMaps {
 
     /// Reads every service, backend and reverse-NAT entry.
     fn dump(&self) -> Result<MapDump, MapError> {
-        let mut dump = MapDump::default();
+        let mut dump = MapDump {
+            affine: self.affine_rev_nats()?,
+            ..MapDump::default()
+        };
         (dump.frontends, dump.stray_entries) =
             dumped_frontends::<Ipv4Addr>(&self.services, &self.slots)?;
         if let Some(v6) = &self.v6 {
@@ -251,6 +257,7 @@ impl LbMaps for DatapathMaps {
     /// Clears a reverse-NAT entry no frontend uses.
     fn remove_rev_nat(&mut self, id: RevNatId) -> Result<(), MapError> {
         self.write_pending();
+        self.clear_affinity_of(id)?;
         self.reverse_nat.set(id, RevNatValue::default(), 0)
     }
 
@@ -405,9 +412,12 @@ impl DatapathMaps {
                 self.blocks().retire(old.first_slot, old.slot_order);
             }
             if old.rev_nat_id() != rev_nat_id {
-                // A new incarnation: flows of the old one re-balance.
+                // A new incarnation: flows of the old one re-balance, and
+                // its id keeps no affinity for whoever gets it next.
                 A::clear_rev_nat_of(self, old.rev_nat_id(), frontend)
                     .map_err(map_err(A::REVERSE_NAT_MAP))?;
+                self.clear_affinity_of(old.rev_nat_id())
+                    .map_err(map_err(m::AFFINITY_TIMEOUT_MAP))?;
             }
         }
         Ok(())
@@ -432,6 +442,9 @@ impl DatapathMaps {
             .map_err(map_err(m::SERVICE_FILTER_MAP))?;
         A::clear_rev_nat_of(self, head.rev_nat_id(), frontend)
             .map_err(map_err(A::REVERSE_NAT_MAP))?;
+        // Its id keeps no affinity for whoever gets it next.
+        self.clear_affinity_of(head.rev_nat_id())
+            .map_err(map_err(m::AFFINITY_TIMEOUT_MAP))?;
         Ok(())
     }
 }

@@ -57,6 +57,7 @@ impl<M: LbMaps> Reconciler<M> {
             v6: Default::default(),
             node_seed: 0,
         };
+        let affine: HashSet<RevNatId> = dump.affine.iter().copied().collect();
         reconciler.v4.stray_entries = dump.stray_entries;
         reconciler.v6.stray_entries = dump.stray_entries6;
         let v4 = FamilyDump {
@@ -106,6 +107,10 @@ impl<M: LbMaps> Reconciler<M> {
         Ipv4Addr::view(&mut reconciler).adopt_frontends(&v4, unusable4);
         Ipv6Addr::view(&mut reconciler).adopt_unused(&v6);
         Ipv4Addr::view(&mut reconciler).adopt_unused(&v4);
+        // Affinity an earlier agent wrote: the first sync writes what each
+        // frontend asks now (its backends may have changed meanwhile).
+        Ipv4Addr::view(&mut reconciler).adopt_affinity(&affine);
+        Ipv6Addr::view(&mut reconciler).adopt_affinity(&affine);
         reconciler
     }
 
@@ -121,9 +126,10 @@ impl<M: LbMaps> Reconciler<M> {
         let mut issues = Vec::new();
         Ipv4Addr::view(self).prune(keep_unowned, &mut report, &mut issues);
         Ipv6Addr::view(self).prune(keep_unowned, &mut report, &mut issues);
-        // Affinity a previous agent gave frontends that no longer have it
-        // (or are gone): one id space for both families. Kept with the
-        // unowned frontends it may belong to.
+        // Affinity a previous agent gave ids no frontend holds now (the
+        // frontends it holds are in `affinity`, adopted unknown: kept with
+        // the unowned ones it may belong to): one id space for both
+        // families.
         let affine: HashSet<RevNatId> = (self.v4.affinity.keys())
             .filter_map(|f| self.v4.programmed.get(f).map(|p| p.rev_nat_id))
             .chain(
@@ -131,7 +137,7 @@ impl<M: LbMaps> Reconciler<M> {
                     .filter_map(|f| self.v6.programmed.get(f).map(|p| p.rev_nat_id)),
             )
             .collect();
-        if !keep_unowned && let Err(e) = self.maps.prune_affinity(&|id| affine.contains(&id)) {
+        if let Err(e) = self.maps.prune_affinity(&|id| affine.contains(&id)) {
             issues.push(datapath_issue("AFFINITY_TIMEOUT", e.to_string()));
         }
         let frontends: Vec<Frontend> = self.v4.programmed.keys().copied().collect();
@@ -257,6 +263,19 @@ impl<M: LbMaps, A: TableFamily> FamilyView<'_, M, A> {
         }
         for address in ambiguous {
             self.t.adopted_rev_nat_by_address.remove(&address);
+        }
+    }
+
+    /// Marks every adopted frontend whose reverse-NAT id has affinity in
+    /// the maps (`affine`) as `AFFINITY_UNKNOWN`.
+    fn adopt_affinity(&mut self, affine: &HashSet<RevNatId>) {
+        if affine.is_empty() {
+            return;
+        }
+        for (frontend, programmed) in &self.t.programmed {
+            if affine.contains(&programmed.rev_nat_id) {
+                self.t.affinity.insert(*frontend, super::AFFINITY_UNKNOWN);
+            }
         }
     }
 

@@ -194,9 +194,16 @@ pub(super) struct FamilyTables<A: Family> {
     /// Service-map entries naming no frontend this build knows.
     stray_entries: Vec<A::ServiceKey>,
     /// Frontends with `sessionAffinity: ClientIP` as written to the
-    /// maps: the timeout in seconds (few frontends have one).
+    /// maps: the timeout in seconds (few frontends have one), or
+    /// `AFFINITY_UNKNOWN`.
     affinity: HashMap<Frontend<A>, u32>,
 }
+
+/// `FamilyTables::affinity` of a frontend whose affinity in the maps is
+/// not known (found with one at adoption: written by an earlier agent;
+/// or a write that failed): no timeout a service can ask for, so the next
+/// update writes what it asks.
+const AFFINITY_UNKNOWN: u32 = 0;
 
 impl<A: Family> Default for FamilyTables<A> {
     fn default() -> Self {

@@ -191,7 +191,10 @@ impl<M: LbMaps, A: TableFamily> FamilyView<'_, M, A> {
     /// Gives `frontend` (`rev_nat_id`, whose slots name `ids`) the
     /// `sessionAffinity` timeout `affinity`, or takes it away; only what
     /// differs from what the maps hold. A write that fails leaves the
-    /// frontend unrecorded, so the next update writes it again.
+    /// frontend's affinity unknown (`AFFINITY_UNKNOWN`), so that the next
+    /// update writes it again, whatever it asks. (Whatever failed, the
+    /// maps keep no client on a backend once it is deleted, nor any
+    /// affinity on a freed id: `LbMaps::remove_backend`, `remove_rev_nat`.)
     fn write_affinity(
         &mut self,
         frontend: &Frontend<A>,
@@ -215,7 +218,7 @@ impl<M: LbMaps, A: TableFamily> FamilyView<'_, M, A> {
                 Ok(())
             }
             (Err(error), _) => {
-                self.t.affinity.remove(frontend);
+                self.t.affinity.insert(*frontend, super::AFFINITY_UNKNOWN);
                 Err(program_issue(ProgramError::Map {
                     frontend: frontend.erased(),
                     map: datapath_common::maps::AFFINITY_MATCH_MAP,
@@ -266,7 +269,8 @@ impl<M: LbMaps, A: TableFamily> FamilyView<'_, M, A> {
             return Ok(false);
         };
         // Its affinity first: the reverse-NAT id is freed below, and the
-        // next frontend to get it must not inherit a timeout.
+        // next frontend to get it must not inherit a timeout (the maps
+        // clear it with the frontend too: this makes a failure an issue).
         if self.t.affinity.contains_key(frontend) {
             self.maps
                 .set_affinity(programmed.rev_nat_id, None)
