@@ -69,9 +69,14 @@ impl MapSizes {
             (maps::FRAGMENTS6_MAP, v6(maps::DEFAULT_FRAGMENTS_MAX)),
             (maps::POD_ROUTES6_MAP, v6(maps::DEFAULT_POD_ROUTES_MAX)),
             // One timeout per reverse-NAT id; a match entry per backend
-            // of a frontend with affinity (allocated as written).
+            // of a frontend with affinity (allocated as written), and room
+            // for a frontend's new set beside its old one.
             (maps::AFFINITY_TIMEOUT_MAP, self.reverse_nat),
-            (maps::AFFINITY_MATCH_MAP, self.slots.min(maps::SLOTS_LIMIT)),
+            (
+                maps::AFFINITY_MATCH_MAP,
+                (self.slots.min(maps::SLOTS_LIMIT))
+                    .saturating_add(u32::from(maps::MAX_BACKENDS_PER_SERVICE)),
+            ),
         ]
     }
 }
