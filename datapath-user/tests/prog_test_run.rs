@@ -1945,3 +1945,29 @@ fn a_remembered_backend_without_its_entry_is_not_taken() {
         assert!([B1.address, B2.address].contains(&backend_of(&out)));
     }
 }
+
+/// The real maps drop a deleted backend's match entries themselves (its
+/// id may go to another pod), whatever the agent wrote before; an id past
+/// the timeout array has no timeout to clear, and its match entries go.
+#[test]
+fn a_deleted_backend_is_matched_no_more() {
+    let mut dp = datapath_with(tcp_frontend(), &[B1, B2, B3]);
+    dp.maps
+        .set_affinity(1, Some((60, &[B1.id, B2.id, B3.id])))
+        .unwrap();
+    dp.maps.remove_backend(B1.id).unwrap();
+    let matched = dp.maps.affinity.as_ref().unwrap().matched().unwrap();
+    assert_eq!(matched[&1], [B2.id, B3.id].into());
+    dp.maps.set_affinity(1, None).unwrap();
+    assert!(
+        dp.maps
+            .affinity
+            .as_ref()
+            .unwrap()
+            .matched()
+            .unwrap()
+            .is_empty()
+    );
+    let beyond = dp.maps.rev_nat_capacity() + 5;
+    dp.maps.set_affinity(beyond, None).unwrap();
+}

@@ -2464,6 +2464,17 @@ fn a_failed_affinity_write_keeps_no_client_on_a_deleted_backend() {
     reconciler.maps_mut().log.clear();
     apply(&mut reconciler, &translation(&with_affinity(&two, 60)));
     assert_eq!(reconciler.maps().log, ["affinity 1 60s [2, 3]"]);
+    // A write that fails while asking for affinity, then a manifest
+    // without it: the frontend's affinity is taken away (the maps may
+    // hold it, whatever the failed write left).
+    reconciler.maps_mut().fail_next_affinity = true;
+    let outcome = reconciler.update_service(&key, &translation(&with_affinity(&two, 30)).1);
+    assert_eq!(outcome.issues.len(), 1, "{:?}", outcome.issues);
+    reconciler.maps_mut().log.clear();
+    apply(&mut reconciler, &translation(&two));
+    assert_eq!(reconciler.maps().log, ["affinity 1 off"]);
+    assert!(reconciler.maps().affinity.is_empty());
+    apply(&mut reconciler, &translation(&with_affinity(&two, 60)));
     // A removal whose affinity write fails is retried; the id is not
     // freed meanwhile.
     reconciler.maps_mut().fail_next_affinity = true;
@@ -2506,4 +2517,37 @@ fn affinity_dropped_while_no_agent_ran_goes_with_the_first_sync() {
     let affinity = reconciler.maps().affinity.as_ref().unwrap();
     assert!(affinity.matched().unwrap().is_empty());
     assert_eq!(affinity.timeout(1).unwrap(), 0);
+}
+
+/// A backend delete that fails keeps the id out of use (a match entry may
+/// still keep clients on it) until a retry at the next update works.
+#[test]
+fn a_backend_whose_delete_failed_is_not_handed_out_again() {
+    let mut reconciler = Reconciler::adopt(FakeMaps::with_capacity(64)).unwrap();
+    let three = service_yaml("web", "10.96.1.1", &[80], 3);
+    apply(&mut reconciler, &translation(&with_affinity(&three, 60)));
+    reconciler.maps_mut().fail_next_remove_backend = true;
+    let two = three.replace("- addresses: [10.244.0.1]\n", "");
+    apply(&mut reconciler, &translation(&with_affinity(&two, 60)));
+    assert_eq!(reconciler.ids_in_use().0, 3, "id 1 still held");
+    // Another service's new backend does not get id 1 meanwhile.
+    reconciler.maps_mut().log.clear();
+    apply(
+        &mut reconciler,
+        &translation(&service_yaml("api", "10.96.1.2", &[80], 1)),
+    );
+    assert!(
+        reconciler
+            .maps()
+            .log
+            .contains(&"remove backend 1".to_owned()),
+        "retried: {:?}",
+        reconciler.maps().log
+    );
+    let dump = reconciler.maps().dump().unwrap();
+    assert_eq!(
+        backend_id(&dump, "10.244.0.1"),
+        Some(4),
+        "a fresh id, not 1"
+    );
 }

@@ -19,6 +19,9 @@ pub struct AffinityMaps {
     /// What `matches` holds, by frontend: read from the map at the first
     /// write (a previous agent's entries), kept up to date after.
     written: Option<BTreeMap<RevNatId, BTreeSet<BackendId>>>,
+    /// The same by backend (a deleted backend's entries, found without a
+    /// scan of every frontend with affinity).
+    by_backend: BTreeMap<BackendId, BTreeSet<RevNatId>>,
     /// The clients the programs remember (read only: for inspection).
     pub clients: HashMap<MapData, AffinityKey, AffinityValue>,
 }
@@ -33,6 +36,7 @@ impl AffinityMaps {
             timeouts,
             matches,
             written: None,
+            by_backend: BTreeMap::new(),
             clients,
         }
     }
@@ -58,7 +62,17 @@ impl AffinityMaps {
     /// `written`, read from the map the first time.
     fn written(&mut self) -> Result<&mut BTreeMap<RevNatId, BTreeSet<BackendId>>, MapError> {
         if self.written.is_none() {
-            self.written = Some(self.matched()?);
+            let written = self.matched()?;
+            self.by_backend.clear();
+            for (&rev_nat_id, ids) in &written {
+                for &backend_id in ids {
+                    self.by_backend
+                        .entry(backend_id)
+                        .or_default()
+                        .insert(rev_nat_id);
+                }
+            }
+            self.written = Some(written);
         }
         Ok(self.written.get_or_insert_default())
     }
@@ -88,7 +102,11 @@ impl AffinityMaps {
             self.note(rev_nat_id, backend_id, true);
         }
         let timeout = affinity.map_or(0, |(jiffies, _)| jiffies.max(1));
-        if self.timeouts.get(rev_nat_id)? != Some(timeout)
+        // An id past the array (made smaller with --frontends-max) has no
+        // timeout to clear; its match entries still go.
+        let beyond = rev_nat_id >= self.timeouts.len();
+        if !(beyond && timeout == 0)
+            && self.timeouts.get(rev_nat_id)? != Some(timeout)
             && !self.timeouts.set(rev_nat_id, timeout)?
         {
             return Err(MapError::OutOfBounds {
@@ -113,10 +131,12 @@ impl AffinityMaps {
     /// Removes every match entry naming `backend_id` (the backend is
     /// about to be deleted).
     fn forget_backend(&mut self, backend_id: BackendId) -> Result<(), MapError> {
-        let holders: Vec<RevNatId> = (self.written()?.iter())
-            .filter(|(_, ids)| ids.contains(&backend_id))
-            .map(|(&id, _)| id)
-            .collect();
+        self.written()?;
+        let holders: Vec<RevNatId> = self
+            .by_backend
+            .get(&backend_id)
+            .map(|ids| ids.iter().copied().collect())
+            .unwrap_or_default();
         for rev_nat_id in holders {
             match self.matches.remove(&AffinityMatchKey {
                 backend_id,
@@ -150,10 +170,22 @@ impl AffinityMaps {
         };
         if present {
             written.entry(rev_nat_id).or_default().insert(backend_id);
-        } else if let Some(ids) = written.get_mut(&rev_nat_id) {
-            ids.remove(&backend_id);
-            if ids.is_empty() {
-                written.remove(&rev_nat_id);
+            self.by_backend
+                .entry(backend_id)
+                .or_default()
+                .insert(rev_nat_id);
+        } else {
+            if let Some(ids) = written.get_mut(&rev_nat_id) {
+                ids.remove(&backend_id);
+                if ids.is_empty() {
+                    written.remove(&rev_nat_id);
+                }
+            }
+            if let Some(ids) = self.by_backend.get_mut(&backend_id) {
+                ids.remove(&rev_nat_id);
+                if ids.is_empty() {
+                    self.by_backend.remove(&backend_id);
+                }
             }
         }
     }

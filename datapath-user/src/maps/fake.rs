@@ -35,6 +35,8 @@ pub struct FakeMaps {
     /// Makes the next `set_affinity` fail having written nothing (a full
     /// `AFFINITY_MATCH`).
     pub fail_next_affinity: bool,
+    /// Makes the next `remove_backend` fail having removed nothing.
+    pub fail_next_remove_backend: bool,
 }
 
 /// One family's maps.
@@ -68,6 +70,7 @@ impl Default for FakeMaps {
             fail_next_write: false,
             affinity: BTreeMap::new(),
             fail_next_affinity: false,
+            fail_next_remove_backend: false,
         }
     }
 }
@@ -124,8 +127,8 @@ impl FakeMaps {
         );
         if let Some((old_rev_nat, _)) = old
             && old_rev_nat != rev_nat_id
+            && family.clear_rev_nat_of(old_rev_nat, frontend)
         {
-            family.clear_rev_nat_of(old_rev_nat, frontend);
             self.affinity.remove(&old_rev_nat);
         }
         self.log.push(format!("service {frontend}"));
@@ -135,8 +138,9 @@ impl FakeMaps {
     fn remove<A: Picks>(&mut self, frontend: &Frontend<A>) -> Result<(), ProgramError> {
         let family = A::pick_mut(self);
         if let Some((rev_nat_id, _)) = family.services.remove(frontend) {
-            family.clear_rev_nat_of(rev_nat_id, frontend);
-            self.affinity.remove(&rev_nat_id);
+            if family.clear_rev_nat_of(rev_nat_id, frontend) {
+                self.affinity.remove(&rev_nat_id);
+            }
             self.log.push(format!("remove service {frontend}"));
         }
         Ok(())
@@ -145,14 +149,16 @@ impl FakeMaps {
 
 impl<A: Family> FakeFamily<A> {
     /// As the real maps: only an entry that still names `frontend`.
-    fn clear_rev_nat_of(&mut self, id: RevNatId, frontend: &Frontend<A>) {
-        if self
+    /// Clears `id` if it is `frontend`'s; whether it was.
+    fn clear_rev_nat_of(&mut self, id: RevNatId, frontend: &Frontend<A>) -> bool {
+        let ours = self
             .rev_nats
             .get(&id)
-            .is_none_or(|&(address, port)| address == frontend.address && port == frontend.port)
-        {
+            .is_none_or(|&(address, port)| address == frontend.address && port == frontend.port);
+        if ours {
             self.rev_nats.remove(&id);
         }
+        ours
     }
 
     fn dumped(&self) -> Vec<DumpedFrontend<A>> {
@@ -266,6 +272,9 @@ impl LbMaps for FakeMaps {
         Ok(before - self.affinity.len())
     }
     fn remove_backend(&mut self, id: BackendId) -> Result<(), MapError> {
+        if std::mem::take(&mut self.fail_next_remove_backend) {
+            return Err(MapError::KeyNotFound);
+        }
         for (_, matched) in self.affinity.values_mut() {
             matched.retain(|&matched| matched != id);
         }
@@ -276,12 +285,10 @@ impl LbMaps for FakeMaps {
     }
     fn remove_rev_nat(&mut self, id: RevNatId) -> Result<(), MapError> {
         self.v4.rev_nats.remove(&id);
-        self.affinity.remove(&id);
         Ok(())
     }
     fn remove_rev_nat6(&mut self, id: RevNatId) -> Result<(), MapError> {
         self.v6.rev_nats.remove(&id);
-        self.affinity.remove(&id);
         Ok(())
     }
     fn restore_rev_nat(&mut self, id: RevNatId, frontend: &Frontend) -> Result<(), MapError> {

@@ -127,9 +127,10 @@ pub trait LbMaps {
     /// that could be handed to another pod, whatever affinity write
     /// failed before).
     fn remove_backend(&mut self, id: BackendId) -> Result<(), MapError>;
-    /// Clears a reverse-NAT entry no frontend uses (and the id's
-    /// affinity: the next frontend to get the id must not inherit it; so
-    /// do `remove_service` and a new incarnation in `set_service`).
+    /// Clears a reverse-NAT entry no frontend uses. (Its id's affinity is
+    /// the caller's to take when it frees the id: the other family may
+    /// hold it. `remove_service` and a new incarnation in `set_service`
+    /// take the affinity of an id they clear themselves.)
     fn remove_rev_nat(&mut self, id: RevNatId) -> Result<(), MapError>;
     /// Writes `frontend`'s reverse-NAT entry alone (found missing at
     /// adoption: the table was made afresh).

@@ -68,7 +68,6 @@ impl LbMaps for DatapathMaps {
 
     fn remove_rev_nat6(&mut self, id: RevNatId) -> Result<(), MapError> {
         self.write_pending();
-        self.clear_affinity_of(id)?;
         v6_maps(&mut self.v6)?
             .reverse_nat6
             .set(id, RevNatValue6::default(), 0)
@@ -257,7 +256,6 @@ impl LbMaps for DatapathMaps {
     /// Clears a reverse-NAT entry no frontend uses.
     fn remove_rev_nat(&mut self, id: RevNatId) -> Result<(), MapError> {
         self.write_pending();
-        self.clear_affinity_of(id)?;
         self.reverse_nat.set(id, RevNatValue::default(), 0)
     }
 
@@ -413,11 +411,14 @@ impl DatapathMaps {
             }
             if old.rev_nat_id() != rev_nat_id {
                 // A new incarnation: flows of the old one re-balance, and
-                // its id keeps no affinity for whoever gets it next.
-                A::clear_rev_nat_of(self, old.rev_nat_id(), frontend)
+                // its id (if no other frontend holds it) keeps no
+                // affinity for whoever gets it next.
+                let ours = A::clear_rev_nat_of(self, old.rev_nat_id(), frontend)
                     .map_err(map_err(A::REVERSE_NAT_MAP))?;
-                self.clear_affinity_of(old.rev_nat_id())
-                    .map_err(map_err(m::AFFINITY_TIMEOUT_MAP))?;
+                if ours {
+                    self.clear_affinity_of(old.rev_nat_id())
+                        .map_err(map_err(m::AFFINITY_TIMEOUT_MAP))?;
+                }
             }
         }
         Ok(())
@@ -440,11 +441,14 @@ impl DatapathMaps {
         self.blocks().retire(head.first_slot, head.slot_order);
         adjust_filter(&mut self.service_filter, A::filter_bucket(frontend), -1)
             .map_err(map_err(m::SERVICE_FILTER_MAP))?;
-        A::clear_rev_nat_of(self, head.rev_nat_id(), frontend)
+        let ours = A::clear_rev_nat_of(self, head.rev_nat_id(), frontend)
             .map_err(map_err(A::REVERSE_NAT_MAP))?;
-        // Its id keeps no affinity for whoever gets it next.
-        self.clear_affinity_of(head.rev_nat_id())
-            .map_err(map_err(m::AFFINITY_TIMEOUT_MAP))?;
+        // Its id (if no other frontend holds it) keeps no affinity for
+        // whoever gets it next.
+        if ours {
+            self.clear_affinity_of(head.rev_nat_id())
+                .map_err(map_err(m::AFFINITY_TIMEOUT_MAP))?;
+        }
         Ok(())
     }
 }

@@ -57,11 +57,13 @@ pub(super) trait WriterFamily: MapFamily + Family<ServiceKey: aya::Pod> {
     /// beyond the table (made smaller since) has no entry, and one that
     /// names another frontend is that frontend's (the id was taken twice,
     /// and adoption gave this frontend another).
+    /// Clears reverse-NAT entry `id` if it is `frontend`'s (or empty);
+    /// returns whether it was (false: another frontend holds the id).
     fn clear_rev_nat_of(
         maps: &mut DatapathMaps,
         id: RevNatId,
         frontend: &Frontend<Self>,
-    ) -> Result<(), MapError>;
+    ) -> Result<bool, MapError>;
     fn filter_bucket(frontend: &Frontend<Self>) -> u32;
     /// The frontend as the flush's batches take it, when they do: IPv4's
     /// (a large cluster's first sync). IPv6 frontends are written one by
@@ -103,18 +105,19 @@ impl WriterFamily for Ipv4Addr {
         maps: &mut DatapathMaps,
         id: RevNatId,
         frontend: &Frontend,
-    ) -> Result<(), MapError> {
+    ) -> Result<bool, MapError> {
         if id >= maps.reverse_nat.len() {
-            return Ok(());
+            return Ok(false);
         }
         let entry = maps.reverse_nat.get(&id, 0)?;
         if entry.is_present()
             && (entry.address_be != ipv4_be(frontend.address.octets())
                 || entry.port_be != port_be(frontend.port))
         {
-            return Ok(());
+            return Ok(false);
         }
-        maps.reverse_nat.set(id, RevNatValue::default(), 0)
+        maps.reverse_nat.set(id, RevNatValue::default(), 0)?;
+        Ok(true)
     }
     fn filter_bucket(frontend: &Frontend) -> u32 {
         let key = frontend.key();
@@ -181,19 +184,20 @@ impl WriterFamily for Ipv6Addr {
         maps: &mut DatapathMaps,
         id: RevNatId,
         frontend: &Frontend<Ipv6Addr>,
-    ) -> Result<(), MapError> {
+    ) -> Result<bool, MapError> {
         let table = &mut v6_maps(&mut maps.v6)?.reverse_nat6;
         if id >= table.len() {
-            return Ok(());
+            return Ok(false);
         }
         let entry = table.get(&id, 0)?;
         if entry.is_present()
             && (entry.address_be != ipv6_words(frontend.address)
                 || entry.port_be != port_be(frontend.port))
         {
-            return Ok(());
+            return Ok(false);
         }
-        table.set(id, RevNatValue6::default(), 0)
+        table.set(id, RevNatValue6::default(), 0)?;
+        Ok(true)
     }
     fn filter_bucket(frontend: &Frontend<Ipv6Addr>) -> u32 {
         let key = frontend.key();

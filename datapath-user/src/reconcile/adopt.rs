@@ -111,6 +111,18 @@ impl<M: LbMaps> Reconciler<M> {
         // frontend asks now (its backends may have changed meanwhile).
         Ipv4Addr::view(&mut reconciler).adopt_affinity(&affine);
         Ipv6Addr::view(&mut reconciler).adopt_affinity(&affine);
+        // Affinity of ids no adopted frontend holds (an agent stopped
+        // between a frontend's removal and its affinity's) goes now, before
+        // any frontend can be given the id; what fails, the prune retries.
+        let held: HashSet<RevNatId> = (reconciler.v4.programmed.values())
+            .map(|p| p.rev_nat_id)
+            .chain(reconciler.v6.programmed.values().map(|p| p.rev_nat_id))
+            .collect();
+        for &id in affine.difference(&held) {
+            if let Err(error) = reconciler.maps.set_affinity(id, None) {
+                tracing::warn!(id, %error, "taking a stale affinity away failed");
+            }
+        }
         reconciler
     }
 
@@ -319,8 +331,17 @@ impl<M: LbMaps, A: TableFamily> FamilyView<'_, M, A> {
             }
             match A::remove_rev_nat(self.maps, id) {
                 Ok(()) => {
+                    // Freed only when the other family does not hold it,
+                    // and only without affinity (its next frontend must
+                    // not inherit any).
                     if !other.contains(&id) {
-                        self.rev_nat_ids.release(id);
+                        match self.maps.set_affinity(id, None) {
+                            Ok(()) => self.rev_nat_ids.release(id),
+                            Err(e) => issues.push(datapath_issue(
+                                "AFFINITY_TIMEOUT",
+                                format!("reverse-NAT {id}: {e}"),
+                            )),
+                        }
                     }
                     report.rev_nats += 1;
                 }

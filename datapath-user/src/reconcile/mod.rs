@@ -197,6 +197,8 @@ pub(super) struct FamilyTables<A: Family> {
     /// maps: the timeout in seconds (few frontends have one), or
     /// `AFFINITY_UNKNOWN`.
     affinity: HashMap<Frontend<A>, u32>,
+    /// Backend ids whose delete failed: out of use until a retry works.
+    undeleted: Vec<BackendId>,
 }
 
 /// `FamilyTables::affinity` of a frontend whose affinity in the maps is
@@ -220,6 +222,7 @@ impl<A: Family> Default for FamilyTables<A> {
             adopted_unused_rev_nats: Vec::new(),
             stray_entries: Vec::new(),
             affinity: HashMap::default(),
+            undeleted: Vec::new(),
         }
     }
 }
@@ -400,6 +403,7 @@ impl<M: LbMaps, A: TableFamily> FamilyView<'_, M, A> {
         keep_dropped: bool,
         outcome: &mut Outcome,
     ) {
+        self.retry_undeleted();
         let wanted: BTreeSet<Frontend<A>> = desired.iter().map(|d| d.frontend).collect();
         let previously: BTreeSet<Frontend<A>> = self.held_by(service).collect();
         // A service that no longer asks stops waiting.

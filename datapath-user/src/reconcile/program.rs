@@ -316,14 +316,25 @@ impl<M: LbMaps, A: TableFamily> FamilyView<'_, M, A> {
     }
 
     /// Deletes backend `id`'s entry and frees the id. A failed delete
-    /// leaves an unreferenced entry, which the next start's prune removes
-    /// (and the id's next user overwrites); said, since until then flows
+    /// keeps the id out of use (its entry, or a match entry that keeps
+    /// clients of a frontend with affinity on it, may still be there) and
+    /// is tried again at the next update; said, since until then flows
     /// conntrack pins to it are not re-balanced.
     fn delete_backend(&mut self, id: BackendId) {
-        if let Err(error) = self.maps.remove_backend(id) {
-            tracing::warn!(id, %error, "deleting a backend entry failed");
+        match self.maps.remove_backend(id) {
+            Ok(()) => self.backend_ids.retire(id),
+            Err(error) => {
+                tracing::warn!(id, %error, "deleting a backend entry failed; tried again at the next update");
+                self.t.undeleted.push(id);
+            }
         }
-        self.backend_ids.retire(id);
+    }
+
+    /// Tries again the deletes that failed (`delete_backend`).
+    pub(super) fn retry_undeleted(&mut self) {
+        for id in std::mem::take(&mut self.t.undeleted) {
+            self.delete_backend(id);
+        }
     }
 
     /// Drops one frontend's reference on each backend named by id (as a

@@ -265,6 +265,10 @@ impl Topology {
         ] {
             namespace.sysctl(&format!("net.ipv6.conf.{}.{key}", Pod::IFACE), value)?;
         }
+        // The kernel skips duplicate detection only when `all` says so
+        // too: without it a server bound at once could meet a tentative
+        // address ("Cannot assign requested address").
+        namespace.sysctl("net.ipv6.conf.all.accept_dad", "0")?;
         namespace.netlink("address the pod", |h| async move {
             let eth0 = index_of(&h, Pod::IFACE).await?;
             add_address(&h, eth0, address.into(), 24).await?;
