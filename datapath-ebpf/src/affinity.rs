@@ -37,11 +37,11 @@ pub fn backend(client_low: u64, client_high: u64, id_kind: u32, timeout: u64, ch
     let key = AffinityKey::new([client_low, client_high], rev_nat_id, (id_kind >> 24) as u8);
     let now = ct::now();
     // SAFETY: the value is copied out before any other map call.
-    let remembered = unsafe { AFFINITY.get(&key) }.map(|v| (v.last_used, v.backend_id));
+    let remembered = unsafe { AFFINITY.get(key) }.map(|v| (v.last_used, v.backend_id));
     let still_member = |backend_id| {
         // SAFETY: only tested for presence.
         unsafe {
-            AFFINITY_MATCH.get(&AffinityMatchKey {
+            AFFINITY_MATCH.get(AffinityMatchKey {
                 backend_id,
                 rev_nat_id,
             })
@@ -60,7 +60,7 @@ pub fn backend(client_low: u64, client_high: u64, id_kind: u32, timeout: u64, ch
         };
         // A failed write (the map full of entries being written at once)
         // costs the client its stickiness, not its flow.
-        let _ = AFFINITY.insert(&key, &value, 0);
+        let _ = AFFINITY.insert(key, value, 0);
     }
     backend_id
 }

@@ -335,6 +335,15 @@ struct AgentArgs {
     /// burst of UDP flows (DNS) never evicts idle TCP connections.
     #[arg(long, env = "UNDERPASS_CONNTRACK_UDP_MAX", default_value_t = datapath_common::maps::DEFAULT_CONNTRACK_UDP_FLOWS)]
     conntrack_udp_max: u32,
+    /// Clients `sessionAffinity: ClientIP` remembers, over every frontend
+    /// with affinity (one entry per client and frontend: a pod address on
+    /// the TC path, a pod's network namespace on socket-LB). An LRU: when
+    /// full, the client idle longest forgets its backend (its next
+    /// connection is balanced afresh; nothing breaks). A new size
+    /// replaces the table (clients are balanced afresh once).
+    #[arg(long, env = "UNDERPASS_AFFINITY_MAX", default_value_t = datapath_common::maps::DEFAULT_AFFINITY_MAX,
+          value_parser = clap::value_parser!(u32).range(1..))]
+    affinity_max: u32,
     /// Which rare datapath events to log (a service without endpoints
     /// refusing a flow at `info`; a conntrack, fragment or socket-LB
     /// table refusing an entry at `warn`). Fixed when the datapath loads:
@@ -535,6 +544,7 @@ fn run_agent(args: AgentArgs) -> Result<()> {
             reverse_nat: args.frontends_max + 1,
             conntrack_tcp_flows: args.conntrack_max,
             conntrack_udp_flows: args.conntrack_udp_max,
+            affinity_clients: args.affinity_max,
             ipv6,
             ..MapSizes::default()
         },

@@ -1758,6 +1758,7 @@ fn pod_routes_steer_new_flows_only_with_the_netns_cookie_feature() {
                 conntrack_tcp_flows: 1024,
                 conntrack_udp_flows: 1024,
                 sock_reverse_nat: 1024,
+                affinity_clients: 1024,
                 ipv6: false,
             },
             ..datapath_user::LoadOptions::default()

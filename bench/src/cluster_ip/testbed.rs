@@ -330,6 +330,7 @@ impl Testbed {
                 conntrack_tcp_flows: 16,
                 conntrack_udp_flows: 16,
                 sock_reverse_nat: 16,
+                affinity_clients: 16,
                 ipv6: false,
             };
             let datapath = Datapath::load(&LoadOptions {

@@ -27,6 +27,9 @@ pub struct MapSizes {
     /// UDP flows the TC path can track (two entries each).
     pub conntrack_udp_flows: u32,
     pub sock_reverse_nat: u32,
+    /// Clients `sessionAffinity: ClientIP` remembers, all frontends
+    /// together (`AFFINITY`, an LRU).
+    pub affinity_clients: u32,
     /// Size the IPv6 maps as their IPv4 twins; otherwise they take one
     /// entry each (an IPv4-only node pays nothing for them).
     pub ipv6: bool,
@@ -43,7 +46,7 @@ impl MapSizes {
     }
 
     /// `max_entries` of each sized map, as the loader sets them.
-    pub fn max_entries(&self) -> [(&'static str, u32); 17] {
+    pub fn max_entries(&self) -> [(&'static str, u32); 18] {
         let tcp_entries = self
             .conntrack_tcp_flows
             .saturating_mul(maps::CT_ENTRIES_PER_FLOW);
@@ -72,6 +75,7 @@ impl MapSizes {
             // of a frontend with affinity (allocated as written), and room
             // for a frontend's new set beside its old one.
             (maps::AFFINITY_TIMEOUT_MAP, self.reverse_nat),
+            (maps::AFFINITY_MAP, self.affinity_clients.max(1)),
             (
                 maps::AFFINITY_MATCH_MAP,
                 (self.slots.min(maps::SLOTS_LIMIT))
@@ -91,6 +95,7 @@ impl Default for MapSizes {
             conntrack_tcp_flows: maps::DEFAULT_CONNTRACK_TCP_FLOWS,
             conntrack_udp_flows: maps::DEFAULT_CONNTRACK_UDP_FLOWS,
             sock_reverse_nat: maps::DEFAULT_SOCK_REVERSE_NAT_MAX,
+            affinity_clients: maps::DEFAULT_AFFINITY_MAX,
             ipv6: false,
         }
     }

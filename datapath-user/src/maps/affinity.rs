@@ -8,7 +8,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use aya::maps::{HashMap, MapData, MapError};
 use datapath_common::maps::{AffinityKey, AffinityMatchKey, AffinityValue, BackendId, RevNatId};
 
-use super::{handles::DatapathMaps, mapped_array::MappedArray};
+use super::mapped_array::MappedArray;
 
 /// Handles on the maps the agent writes for `sessionAffinity`.
 pub struct AffinityMaps {
@@ -39,6 +39,11 @@ impl AffinityMaps {
             by_backend: BTreeMap::new(),
             clients,
         }
+    }
+
+    /// Lets go of the timeouts' mapping.
+    pub(super) fn unmap_timeouts(&mut self) {
+        self.timeouts.unmap();
     }
 
     /// Frontend `rev_nat_id`'s timeout in jiffies (0: no affinity).
@@ -80,7 +85,7 @@ impl AffinityMaps {
     /// Writes `rev_nat_id`'s affinity (`LbMaps::set_affinity`): match
     /// entries of new backends first, then the timeout, then the entries
     /// of backends that left; taking it away, the timeout first.
-    fn set(
+    pub(super) fn set(
         &mut self,
         rev_nat_id: RevNatId,
         affinity: Option<(u64, &[BackendId])>,
@@ -130,7 +135,7 @@ impl AffinityMaps {
 
     /// Removes every match entry naming `backend_id` (the backend is
     /// about to be deleted).
-    fn forget_backend(&mut self, backend_id: BackendId) -> Result<(), MapError> {
+    pub(super) fn forget_backend(&mut self, backend_id: BackendId) -> Result<(), MapError> {
         self.written()?;
         let holders: Vec<RevNatId> = self
             .by_backend
@@ -152,7 +157,7 @@ impl AffinityMaps {
 
     /// The reverse-NAT ids with a timeout (for the dump; `unmap` lets
     /// go of the mapping after).
-    fn affine(&self) -> Result<Vec<RevNatId>, MapError> {
+    pub(super) fn affine(&self) -> Result<Vec<RevNatId>, MapError> {
         Ok(self
             .timeouts
             .read_all()?
@@ -191,7 +196,7 @@ impl AffinityMaps {
     }
 
     /// Takes affinity from every frontend `keep` says no.
-    fn prune(&mut self, keep: &dyn Fn(RevNatId) -> bool) -> Result<usize, MapError> {
+    pub(super) fn prune(&mut self, keep: &dyn Fn(RevNatId) -> bool) -> Result<usize, MapError> {
         let mut stale: BTreeSet<RevNatId> = self
             .written()?
             .keys()
@@ -209,81 +214,5 @@ impl AffinityMaps {
             self.set(id, None)?;
         }
         Ok(stale.len())
-    }
-}
-
-impl DatapathMaps {
-    /// `LbMaps::set_affinity`: the timeout in jiffies at the kernel's HZ.
-    pub(super) fn write_affinity(
-        &mut self,
-        rev_nat_id: RevNatId,
-        affinity: Option<(u32, &[BackendId])>,
-    ) -> Result<(), MapError> {
-        let Some(maps) = self.affinity.as_mut() else {
-            // Pins without the affinity maps are an older agent's, which
-            // the CLI reads but never writes.
-            return match affinity {
-                Some(_) => Err(MapError::InvalidName {
-                    name: datapath_common::maps::AFFINITY_MATCH_MAP.into(),
-                }),
-                None => Ok(()),
-            };
-        };
-        let affinity = match affinity {
-            Some((seconds, ids)) => {
-                let hz = crate::clock::hz().map_err(|io_error| {
-                    MapError::SyscallError(aya::sys::SyscallError {
-                        call: "reading the kernel's HZ",
-                        io_error,
-                    })
-                })?;
-                Some((u64::from(seconds) * hz, ids))
-            }
-            None => None,
-        };
-        maps.set(rev_nat_id, affinity)
-    }
-
-    /// `LbMaps::prune_affinity`.
-    pub(super) fn prune_affinity_of(
-        &mut self,
-        keep: &dyn Fn(RevNatId) -> bool,
-    ) -> Result<usize, MapError> {
-        match self.affinity.as_mut() {
-            Some(maps) => maps.prune(keep),
-            None => Ok(0),
-        }
-    }
-
-    /// Takes the affinity of reverse-NAT id `id` away (its frontend is
-    /// gone, or the id is freed).
-    pub(super) fn clear_affinity_of(&mut self, id: RevNatId) -> Result<(), MapError> {
-        match self.affinity.as_mut() {
-            Some(maps) => maps.set(id, None),
-            None => Ok(()),
-        }
-    }
-
-    /// Removes the match entries naming backend `id` (`remove_backend`).
-    pub(super) fn forget_affine_backend(&mut self, id: BackendId) -> Result<(), MapError> {
-        match self.affinity.as_mut() {
-            Some(maps) => maps.forget_backend(id),
-            None => Ok(()),
-        }
-    }
-
-    /// The reverse-NAT ids with affinity (`LbMaps::dump`).
-    pub(super) fn affine_rev_nats(&self) -> Result<Vec<RevNatId>, MapError> {
-        match self.affinity.as_ref() {
-            Some(maps) => maps.affine(),
-            None => Ok(Vec::new()),
-        }
-    }
-
-    /// Lets go of the timeouts' mapping (`LbMaps::unmap`).
-    pub(super) fn unmap_affinity(&mut self) {
-        if let Some(maps) = self.affinity.as_mut() {
-            maps.timeouts.unmap();
-        }
     }
 }

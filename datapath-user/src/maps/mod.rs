@@ -19,6 +19,7 @@ mod pending;
 mod reply_filter;
 mod slot_blocks;
 mod writer;
+mod writer_affinity;
 mod writer_family;
 
 pub use self::{

@@ -86,6 +86,7 @@ fn load_private_options(
             conntrack_tcp_flows: 2048,
             conntrack_udp_flows: CONNTRACK_UDP_FLOWS,
             sock_reverse_nat: 1024,
+            affinity_clients: 1024,
             // The IPv6 maps at their sizes too.
             ipv6: true,
         },
