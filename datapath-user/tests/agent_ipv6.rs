@@ -912,3 +912,75 @@ fn an_agent_restart_under_ipv6_traffic_loses_nothing() {
     lab.agent.stop();
     drop(server);
 }
+
+/// `sessionAffinity: ClientIP` over IPv6 through the agent, on the TC
+/// path (keyed by the client's IPv6 address) and on socket-LB (keyed by
+/// its network namespace): added to the manifest while the client
+/// connects, it keeps every new connection on one backend.
+#[test]
+fn client_ip_affinity_keeps_ipv6_connections_on_one_backend() {
+    require_root("agent e2e");
+    let topo = Topology::build(&standard_pods()).expect("building the topology");
+    let mut servers = Vec::new();
+    let (mut v4, mut v6) = (Vec::new(), Vec::new());
+    for role in ["server-a", "server-b"] {
+        let pod = topo.pod(role);
+        let address6 = pod.address6.expect("the topology is dual-stack");
+        for address in [IpAddr::from(pod.address), IpAddr::from(address6)] {
+            servers.push(workload::tcp_server(&pod.namespace, address, TARGET, role).unwrap());
+        }
+        v4.push(pod.address);
+        v6.push(address6);
+    }
+    let plain = dual_stack_manifest(&v4, &v6);
+    let sticky = plain.replacen(
+        "  ports:\n",
+        "  sessionAffinity: ClientIP\n  sessionAffinityConfig: {clientIP: {timeoutSeconds: 3600}}\n  ports:\n",
+        1,
+    );
+    let client = topo.pod("client").namespace.path().to_owned();
+    let target = SocketAddr::new(VIP6.into(), 80);
+    let cgroup = Cgroup::create(&format!("{}-aff6", topo.prefix)).unwrap();
+    for path in ["TC", "socket-LB"] {
+        let in_cgroup = (path == "socket-LB").then(|| cgroup.path());
+        let servers_answering = |n| {
+            let results =
+                workload::probe_process(&client, in_cgroup, ProbeKind::Tcp, target, n).unwrap();
+            spread(&format!("{path}: TCP to {target}"), results, target)
+        };
+        let (agent, file, _dir, _pins) = if path == "TC" {
+            let TcPathAgent {
+                agent,
+                manifest,
+                _dir,
+                _pins,
+            } = tc_path_agent(&topo, &plain);
+            (agent, manifest, _dir, _pins)
+        } else {
+            let pins = PinDir(PathBuf::from(format!("/sys/fs/bpf/{}-s", topo.prefix)));
+            let dir = tempdir(&format!("{}-s", topo.prefix));
+            let file = dir.join("dual.yaml");
+            write_atomically(&file, &plain);
+            let no_pod = format!("{}-no-such-pod", topo.prefix);
+            let cgroup_arg = cgroup.path().to_str().unwrap();
+            let agent = Agent::start_with(
+                &pins.0,
+                &dir,
+                &no_pod,
+                &["--cgroup", cgroup_arg, "--ipv6", "on"],
+            );
+            (agent, file, dir, pins)
+        };
+        wait_until(&format!("{path}: both servers answer"), || {
+            servers_answering(20).len() == 2
+        });
+        write_atomically(&file, &sticky);
+        wait_until(&format!("{path}: one server answers"), || {
+            servers_answering(10).len() == 1
+        });
+        let kept = servers_answering(20);
+        assert_eq!(kept.len(), 1, "{path}: {kept:?}");
+        agent.stop();
+    }
+    drop(servers);
+}
