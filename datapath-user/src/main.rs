@@ -338,8 +338,9 @@ struct AgentArgs {
     /// Clients `sessionAffinity: ClientIP` remembers, over every frontend
     /// with affinity (one entry per client and frontend: a pod address on
     /// the TC path, a pod's network namespace on socket-LB). An LRU: when
-    /// full, the client idle longest forgets its backend (its next
-    /// connection is balanced afresh; nothing breaks). A new size
+    /// full, a client idle roughly the longest forgets its backend (the
+    /// kernel's LRU is approximate, per CPU; its next connection is
+    /// balanced afresh; nothing breaks). A new size
     /// replaces the table (clients are balanced afresh once).
     #[arg(long, env = "UNDERPASS_AFFINITY_MAX", default_value_t = datapath_common::maps::DEFAULT_AFFINITY_MAX,
           value_parser = clap::value_parser!(u32).range(1..))]

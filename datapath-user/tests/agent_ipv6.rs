@@ -948,14 +948,16 @@ fn client_ip_affinity_keeps_ipv6_connections_on_one_backend() {
                 workload::probe_process(&client, in_cgroup, ProbeKind::Tcp, target, n).unwrap();
             spread(&format!("{path}: TCP to {target}"), results, target)
         };
-        let (agent, file, _dir, _pins) = if path == "TC" {
+        // Declared in this order so that a failure drops the agent first,
+        // then its manifests and pins.
+        let (_pins, _dir, file, agent) = if path == "TC" {
             let TcPathAgent {
                 agent,
                 manifest,
                 _dir,
                 _pins,
             } = tc_path_agent(&topo, &plain);
-            (agent, manifest, _dir, _pins)
+            (_pins, _dir, manifest, agent)
         } else {
             let pins = PinDir(PathBuf::from(format!("/sys/fs/bpf/{}-s", topo.prefix)));
             let dir = tempdir(&format!("{}-s", topo.prefix));
@@ -969,7 +971,7 @@ fn client_ip_affinity_keeps_ipv6_connections_on_one_backend() {
                 &no_pod,
                 &["--cgroup", cgroup_arg, "--ipv6", "on"],
             );
-            (agent, file, dir, pins)
+            (pins, dir, file, agent)
         };
         wait_until(&format!("{path}: both servers answer"), || {
             servers_answering(20).len() == 2
