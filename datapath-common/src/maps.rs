@@ -38,10 +38,14 @@ pub const POD_ROUTES6_MAP: &str = "POD_ROUTES6";
 pub const AFFINITY_MAP: &str = "AFFINITY";
 pub const AFFINITY_MATCH_MAP: &str = "AFFINITY_MATCH";
 pub const AFFINITY_TIMEOUT_MAP: &str = "AFFINITY_TIMEOUT";
+/// Per-frontend packets and new flows (`service_counters`).
+pub const SERVICE_COUNTERS_MAP: &str = "SERVICE_COUNTERS";
 
 mod affinity;
+mod service_counters;
 mod v6;
 pub use affinity::*;
+pub use service_counters::*;
 pub use v6::*;
 
 /// The IPv6 twins, all added in one release.
@@ -57,7 +61,7 @@ pub const IPV6_MAPS: [&str; 8] = [
 ];
 
 /// Every map, for pinning and inspection.
-pub const ALL_MAPS: [&str; 25] = [
+pub const ALL_MAPS: [&str; 26] = [
     SERVICE_FILTER_MAP,
     SERVICES_MAP,
     SLOTS_MAP,
@@ -83,6 +87,7 @@ pub const ALL_MAPS: [&str; 25] = [
     AFFINITY_MAP,
     AFFINITY_MATCH_MAP,
     AFFINITY_TIMEOUT_MAP,
+    SERVICE_COUNTERS_MAP,
 ];
 
 /// Each map's layout version: its key and value structs and what their
@@ -103,7 +108,7 @@ pub const ALL_MAPS: [&str; 25] = [
 ///
 /// Every map that existed when all maps shared one version
 /// (`SHARED_MAPS_ABI`) is at that version's last value, 3.
-pub const MAP_LAYOUT_VERSIONS: [(&str, u32); 25] = [
+pub const MAP_LAYOUT_VERSIONS: [(&str, u32); 26] = [
     (SERVICE_FILTER_MAP, 3),
     (SERVICES_MAP, 4),
     (SLOTS_MAP, 1),
@@ -129,6 +134,7 @@ pub const MAP_LAYOUT_VERSIONS: [(&str, u32); 25] = [
     (AFFINITY_MAP, 1),
     (AFFINITY_MATCH_MAP, 1),
     (AFFINITY_TIMEOUT_MAP, 1),
+    (SERVICE_COUNTERS_MAP, 1),
 ];
 
 /// The layout version of `map` in this build.
@@ -610,6 +616,7 @@ mod pod {
     unsafe impl aya::Pod for AffinityKey {}
     unsafe impl aya::Pod for AffinityValue {}
     unsafe impl aya::Pod for AffinityMatchKey {}
+    unsafe impl aya::Pod for ServiceCounters {}
 }
 
 #[cfg(test)]
@@ -647,7 +654,7 @@ mod tests {
             l2_mode, service_address_be, service_port_be, dst_mac, src_mac, nat_port_be, ifindex,
             out_ifindex, rev_nat_high);
         let service_value6 = service_value.clone();
-        let maps: [(&str, String, String); 25] = [
+        let maps: [(&str, String, String); 26] = [
             (SERVICE_FILTER_MAP, "u32".into(), "u32".into()),
             (SERVICES_MAP, service_key, service_value),
             (SLOTS_MAP, "u32".into(), layout!(Slot: backend_id)),
@@ -725,6 +732,11 @@ mod tests {
                 "u8".into(),
             ),
             (AFFINITY_TIMEOUT_MAP, "u32".into(), "u64 jiffies".into()),
+            (
+                SERVICE_COUNTERS_MAP,
+                "u32".into(),
+                layout!(ServiceCounters: packets, new_flows) + " per CPU",
+            ),
         ];
         assert_eq!(
             maps.each_ref().map(|(name, _, _)| *name),
@@ -793,7 +805,8 @@ mod tests {
          POD_ROUTES6 v1: PodRouteKey6[24]{netns_cookie@0,address_be@8} -> u32
          AFFINITY v1: AffinityKey[24]{client@0,rev_nat_id@16,kind@20} -> AffinityValue[16]{last_used@0,backend_id@8}
          AFFINITY_MATCH v1: AffinityMatchKey[8]{backend_id@0,rev_nat_id@4} -> u8
-         AFFINITY_TIMEOUT v1: u32 -> u64 jiffies";
+         AFFINITY_TIMEOUT v1: u32 -> u64 jiffies
+         SERVICE_COUNTERS v1: u32 -> ServiceCounters[16]{packets@0,new_flows@8} per CPU";
 
     #[test]
     fn reverse_nat_ids_take_24_bits_and_values_written_before_read_the_same() {

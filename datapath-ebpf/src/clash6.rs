@@ -35,7 +35,7 @@ use datapath_common::{
 use crate::{
     clash, ct, ct6, flags, frag6, hairpin6, l2,
     maps::{CLASH_FILTER, CONNTRACK6_TCP, CONNTRACK6_UDP, CtMap6, TC_JUMPS},
-    metrics::count,
+    metrics::{count, count_service},
     nat::End,
     nat6,
     parse6::{self, Packet6},
@@ -301,6 +301,7 @@ fn service_flow(
         return TC_ACT_SHOT;
     };
     count(Counter::ConntrackHit);
+    count_service(flow.rev_nat_id(), 1, 0);
     let state = conntrack::next_state(
         flow.state,
         packet.protocol,

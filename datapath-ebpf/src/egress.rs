@@ -32,7 +32,7 @@ use crate::{
     maps::{
         BACKENDS, CONNTRACK_TCP, CONNTRACK_UDP, CtMap, REVERSE_NAT, SERVICE_FILTER, SERVICES, SLOTS,
     },
-    metrics::count,
+    metrics::{count, count_service},
     nat::{self, End},
     parse::{self, Packet},
     parse6, reject, reply_filter, route,
@@ -86,6 +86,7 @@ fn service_packet(ctx: &TcContext, packet: &Packet, table: &CtMap) -> i32 {
         let flow = unsafe { &mut *flow };
         if let Some(backend) = tracked_backend(flow, packet, now) {
             count(Counter::ConntrackHit);
+            count_service(flow.rev_nat_id(), 1, 0);
             let state = conntrack::next_state(
                 flow.state,
                 packet.protocol,
@@ -417,6 +418,7 @@ fn new_flow(ctx: &TcContext, packet: &Packet, table: &CtMap, key: &CtKey, now: u
     // After the entries, before the packet leaves (`crate::reply_filter`).
     reply_filter::mark(backend.address_be, backend.port_be, packet.protocol);
     count(Counter::ConntrackMiss);
+    count_service(service.rev_nat_id(), 1, 1);
     translate(ctx, packet, &backend, &flow, now)
 }
 

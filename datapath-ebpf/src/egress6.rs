@@ -34,7 +34,7 @@ use datapath_common::{
 use crate::{
     affinity, backends, clash, clash6, ct, ct6, direct6, events, frag6, hairpin6, icmp6, l2,
     maps::{CONNTRACK6_TCP, CONNTRACK6_UDP, CtMap6, SERVICE_FILTER, SERVICES6, SLOTS, TC_JUMPS},
-    metrics::count,
+    metrics::{count, count_service},
     nat::End,
     nat6,
     parse6::{self, Packet6},
@@ -139,6 +139,7 @@ fn service_packet(ctx: &TcContext, packet: &Packet6, table: &CtMap6) -> i32 {
                 return clash6::jump(ctx);
             }
             count(Counter::ConntrackHit);
+            count_service(flow.rev_nat_id(), 1, 0);
             let state = conntrack::next_state(
                 flow.state,
                 packet.protocol,
@@ -341,6 +342,9 @@ fn open(
     // After the entries, before the packet leaves (`crate::reply_filter`).
     reply_filter::mark6(backend.0, backend.1, packet.protocol);
     count(Counter::ConntrackMiss);
+    // The packet itself is counted where it is translated: below, or as
+    // a hit by the program jumped to.
+    count_service(rev_nat_id, 0, 1);
     if moved {
         // The port rewrite happens in `up_tc_clash6`, which finds the
         // flow just opened (and drops the packet if it was not written).
@@ -360,6 +364,7 @@ fn open(
         count(Counter::Error);
         return TC_ACT_SHOT;
     }
+    count_service(rev_nat_id, 1, 0);
     translate(ctx, packet, backend, &flow, now)
 }
 

@@ -11,7 +11,7 @@ use datapath_common::{
         AffinityKey, AffinityMatchKey, AffinityValue, BPF_F_MMAPABLE, BPF_F_NO_PREALLOC, Backend,
         BackendAddress6, CtEntry, CtEntry6, CtKey, CtKey6, FragmentKey, FragmentKey6,
         FragmentPorts, PodRouteKey, PodRouteKey6, RevNatValue, RevNatValue6, ServiceKey,
-        ServiceKey6, ServiceValue, Slot, SockRevNatKey, SockRevNatKey6, SockRevNatValue,
+        ServiceCounters, ServiceKey6, ServiceValue, Slot, SockRevNatKey, SockRevNatKey6, SockRevNatValue,
         SockRevNatValue6,
     },
     metrics::COUNTER_COUNT,
@@ -168,3 +168,10 @@ pub static AFFINITY_MATCH: HashMap<AffinityMatchKey, u8> =
 /// none). An array: the one read every new flow pays is inlined.
 #[map]
 pub static AFFINITY_TIMEOUT: Array<u64> = Array::with_max_entries(65_536, BPF_F_MMAPABLE);
+
+/// Reverse-NAT id → packets and new flows sent to that frontend, per CPU
+/// (`datapath_common::maps::service_counters`). One entry when the agent
+/// runs with `--service-counters off`: the programs then find no slot
+/// for any frontend and count nothing.
+#[map]
+pub static SERVICE_COUNTERS: PerCpuArray<ServiceCounters> = PerCpuArray::with_max_entries(65_536, 0);

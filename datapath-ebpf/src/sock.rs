@@ -32,7 +32,7 @@ use crate::{
         BACKENDS, SERVICE_FILTER, SERVICES, SERVICES6, SLOTS, SOCK_LB_SKIP, SOCK_REVERSE_NAT,
         SOCK_REVERSE_NAT6,
     },
-    metrics::count,
+    metrics::{count, count_service},
 };
 
 /// Return value that lets the syscall proceed.
@@ -507,5 +507,12 @@ fn forward<F: AddressField>(ctx: &SockAddrContext, is_sendmsg: bool) -> i32 {
     }
     set_address::<F>(ctx, backend.0, backend.1);
     count(Counter::SockTranslated);
+    // A datagram of an unconnected socket is decided alone: a packet;
+    // a connect() is a flow whose packets go straight to the backend.
+    if is_sendmsg {
+        count_service(service.rev_nat_id(), 1, 0);
+    } else {
+        count_service(service.rev_nat_id(), 0, 1);
+    }
     ALLOW
 }

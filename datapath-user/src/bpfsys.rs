@@ -181,7 +181,7 @@ struct BatchAttr {
 /// `V` must be the map's exact value type (a `#[repr(C)]` Pod).
 pub fn read_array<V: Copy + Default>(map_fd: i32, len: u32) -> io::Result<Vec<V>> {
     let mut out = Vec::with_capacity(len as usize);
-    lookup_batch::<u32, V>(map_fd, 16_384, |_, values| {
+    lookup_batch::<u32, V>(map_fd, 16_384, 1, |_, values| {
         out.extend_from_slice(values);
         out.len() < len as usize
     })?;
@@ -201,7 +201,7 @@ pub fn for_each_key<K: Copy + Default, V: Copy + Default>(
     chunk: u32,
     mut visit: impl FnMut(&K),
 ) -> io::Result<()> {
-    lookup_batch::<K, V>(map_fd, chunk, |keys, _| {
+    lookup_batch::<K, V>(map_fd, chunk, 1, |keys, _| {
         keys.iter().for_each(&mut visit);
         true
     })
@@ -211,25 +211,49 @@ pub fn for_each_key<K: Copy + Default, V: Copy + Default>(
 /// (`for_each_key`'s walk). `K` and `V` must be the map's exact types.
 pub fn read_hash<K: Copy + Default, V: Copy + Default>(map_fd: i32) -> io::Result<Vec<(K, V)>> {
     let mut out = Vec::new();
-    lookup_batch::<K, V>(map_fd, 16_384, |keys, values| {
+    lookup_batch::<K, V>(map_fd, 16_384, 1, |keys, values| {
         out.extend(keys.iter().copied().zip(values.iter().copied()));
         true
     })?;
     Ok(out)
 }
 
+/// Visits every entry of a per-CPU BPF array with BPF_MAP_LOOKUP_BATCH,
+/// `chunk` indexes per syscall: `visit` gets each index with its `cpus`
+/// values (`cpus`: the possible CPUs, `aya::util::nr_cpus`).
+///
+/// `V` must be the map's exact value type, its size a multiple of 8 (the
+/// kernel lays per-CPU values out 8-byte aligned).
+pub fn for_each_per_cpu<V: Copy + Default>(
+    map_fd: i32,
+    cpus: usize,
+    chunk: u32,
+    mut visit: impl FnMut(u32, &[V]),
+) -> io::Result<()> {
+    debug_assert_eq!(std::mem::size_of::<V>() % 8, 0);
+    let cpus = cpus.max(1);
+    lookup_batch::<u32, V>(map_fd, chunk, cpus, |keys, values| {
+        for (key, values) in keys.iter().zip(values.chunks_exact(cpus)) {
+            visit(*key, values);
+        }
+        true
+    })
+}
+
 /// Reads a map in BPF_MAP_LOOKUP_BATCH chunks of up to `chunk` entries,
-/// handing each chunk's keys and values to `visit` until the map ends or
-/// `visit` says stop. The batch token is a u32 for arrays (an index) and
-/// hash maps (a bucket).
+/// handing each chunk's keys and values (`values_per_key` each: the CPUs
+/// of a per-CPU map, else 1) to `visit` until the map ends or `visit`
+/// says stop. The batch token is a u32 for arrays (an index) and hash
+/// maps (a bucket).
 fn lookup_batch<K: Copy + Default, V: Copy + Default>(
     map_fd: i32,
     chunk: u32,
+    values_per_key: usize,
     mut visit: impl FnMut(&[K], &[V]) -> bool,
 ) -> io::Result<()> {
     let mut chunk = chunk.max(1);
     let mut keys = vec![K::default(); chunk as usize];
-    let mut values = vec![V::default(); chunk as usize];
+    let mut values = vec![V::default(); chunk as usize * values_per_key];
     let mut token = 0u32;
     let mut first = true;
     loop {
@@ -256,13 +280,13 @@ fn lookup_batch<K: Copy + Default, V: Copy + Default>(
             Err(e) if e.raw_os_error() == Some(libc::ENOSPC) && attr.count == 0 => {
                 chunk = chunk.saturating_mul(2);
                 keys.resize(chunk as usize, K::default());
-                values.resize(chunk as usize, V::default());
+                values.resize(chunk as usize * values_per_key, V::default());
                 continue;
             }
             Err(e) => return Err(e),
         };
         let read = attr.count as usize;
-        if !visit(&keys[..read], &values[..read]) || done {
+        if !visit(&keys[..read], &values[..read * values_per_key]) || done {
             return Ok(());
         }
         token = next;

@@ -28,6 +28,8 @@ pub const READ_TIMEOUT: Duration = Duration::from_secs(5);
 pub const WRITE_TIMEOUT: Duration = Duration::from_secs(5);
 /// Connections served at once; an idle one costs a task and a socket.
 pub const MAX_CONNECTIONS: usize = 4096;
+/// `/metrics`' content type.
+const OPENMETRICS: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
 /// Longest pause after failing accepts.
 const MAX_ACCEPT_BACKOFF: Duration = Duration::from_secs(1);
 
@@ -68,7 +70,12 @@ async fn answer(mut stream: TcpStream, metrics: &Metrics) {
     let Ok(Some(path)) = tokio::time::timeout(READ_TIMEOUT, request_path(&mut stream)).await else {
         return;
     };
-    let (status, content_type, body) = route(&path, metrics);
+    let (status, content_type, body) = if path == "/metrics" {
+        // Per-frontend series ask the core for labels: not in `route`.
+        ("200 OK", OPENMETRICS, metrics.encode_with_services().await)
+    } else {
+        route(&path, metrics)
+    };
     let response = format!(
         "HTTP/1.1 {status}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
         body.len()
@@ -106,11 +113,7 @@ async fn request_path(stream: &mut TcpStream) -> Option<String> {
 
 fn route(path: &str, metrics: &Metrics) -> (&'static str, &'static str, String) {
     match path {
-        "/metrics" => (
-            "200 OK",
-            "application/openmetrics-text; version=1.0.0; charset=utf-8",
-            metrics.encode(),
-        ),
+        "/metrics" => ("200 OK", OPENMETRICS, metrics.encode()),
         "/healthz" => ("200 OK", "text/plain", "ok\n".to_owned()),
         "/readyz" if metrics.ready.load(Ordering::Relaxed) => {
             ("200 OK", "text/plain", "ready\n".to_owned())

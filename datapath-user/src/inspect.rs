@@ -68,6 +68,12 @@ pub struct ServiceRow {
     /// `sessionAffinity: ClientIP`'s timeout in seconds (None: balanced
     /// connection by connection).
     pub affinity_seconds: Option<u64>,
+    /// Packets sent to it that the TC path translated, and datagrams
+    /// socket-LB translated at `sendmsg()` (None: the datapath does not
+    /// count per frontend).
+    pub packets: Option<u64>,
+    /// Flows balanced for it: TC new flows, socket-LB `connect()`s.
+    pub new_flows: Option<u64>,
 }
 
 pub fn service_rows(maps: &DatapathMaps) -> Result<Vec<ServiceRow>> {
@@ -84,13 +90,32 @@ pub fn service_rows(maps: &DatapathMaps) -> Result<Vec<ServiceRow>> {
             row.affinity_seconds = (jiffies != 0).then(|| jiffies.div_ceil(hz));
         }
     }
+    if let Some(counters) = maps.service_counters.as_ref().filter(|c| c.is_counting()) {
+        let counted: BTreeMap<RevNatId, _> = counters
+            .nonzero()
+            .context("reading SERVICE_COUNTERS")?
+            .into_iter()
+            .collect();
+        for row in &mut rows {
+            let counted = counted.get(&row.rev_nat_id).copied().unwrap_or_default();
+            row.packets = Some(counted.packets);
+            row.new_flows = Some(counted.new_flows);
+        }
+    }
     Ok(rows)
 }
 
 pub fn service_list(pin_dir: &Path, output: Output) -> Result<()> {
     let rows = service_rows(&open(pin_dir)?)?;
     print(output, &rows, |rows| {
-        let mut table = new_table(&["FRONTEND", "REV-NAT", "AFFINITY", "BACKENDS"]);
+        let mut table = new_table(&[
+            "FRONTEND",
+            "REV-NAT",
+            "AFFINITY",
+            "PACKETS",
+            "NEW FLOWS",
+            "BACKENDS",
+        ]);
         for row in rows {
             let mut backends = row.backends.join("\n");
             if backends.is_empty() {
@@ -102,10 +127,13 @@ pub fn service_list(pin_dir: &Path, output: Output) -> Result<()> {
             let affinity = row
                 .affinity_seconds
                 .map_or_else(String::new, |seconds| format!("ClientIP {seconds}s"));
+            let counted = |n: Option<u64>| n.map_or_else(|| "-".to_owned(), |n| n.to_string());
             table.add_row(vec![
                 row.frontend.clone(),
                 row.rev_nat_id.to_string(),
                 affinity,
+                counted(row.packets),
+                counted(row.new_flows),
                 backends,
             ]);
         }
@@ -140,6 +168,8 @@ where
                 complete: resolved.iter().all(Option::is_some),
                 backends: resolved.into_iter().flatten().collect(),
                 affinity_seconds: None,
+                packets: None,
+                new_flows: None,
             }
         })
         .collect()

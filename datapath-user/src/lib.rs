@@ -29,6 +29,7 @@ pub mod pod_routes;
 pub mod pod_tc;
 pub mod probe;
 pub mod reconcile;
+pub mod service_metrics;
 pub mod sock_lb_skip;
 pub mod sockdiag;
 pub mod tc_mode;

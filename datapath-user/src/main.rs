@@ -345,6 +345,15 @@ struct AgentArgs {
     #[arg(long, env = "UNDERPASS_AFFINITY_MAX", default_value_t = datapath_common::maps::DEFAULT_AFFINITY_MAX,
           value_parser = clap::value_parser!(u32).range(1..))]
     affinity_max: u32,
+    /// Packets and new flows per frontend, in /metrics
+    /// (underpass_service_packets_total, underpass_service_new_flows_total)
+    /// and `underpass service list`. `on` (default): a per-CPU counter
+    /// pair per frontend id, 16 bytes × (--frontends-max + 1) × CPUs of
+    /// kernel memory (1 MiB per CPU at the default), and two adds per
+    /// translated packet. `off`: the table takes one entry and nothing is
+    /// counted. A change replaces the table (counts start at zero).
+    #[arg(long, env = "UNDERPASS_SERVICE_COUNTERS", value_enum, default_value_t = ServiceCounters::On)]
+    service_counters: ServiceCounters,
     /// Which rare datapath events to log (a service without endpoints
     /// refusing a flow at `info`; a conntrack, fragment or socket-LB
     /// table refusing an entry at `warn`). Fixed when the datapath loads:
@@ -388,6 +397,15 @@ enum Ipv6 {
     Off,
     /// IPv6 ClusterIPs served by socket-LB and the TC path.
     On,
+}
+
+/// `--service-counters`.
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum ServiceCounters {
+    /// Count per frontend.
+    On,
+    /// Count nothing per frontend.
+    Off,
 }
 
 /// `--pod-tc`.
@@ -546,6 +564,7 @@ fn run_agent(args: AgentArgs) -> Result<()> {
             conntrack_tcp_flows: args.conntrack_max,
             conntrack_udp_flows: args.conntrack_udp_max,
             affinity_clients: args.affinity_max,
+            service_counters: args.service_counters == ServiceCounters::On,
             ipv6,
             ..MapSizes::default()
         },

@@ -2,7 +2,7 @@
 
 use std::{
     path::Path,
-    sync::{Arc, Mutex, atomic::AtomicBool},
+    sync::{Arc, Mutex, OnceLock, atomic::AtomicBool},
 };
 
 use crate::k8s::IssueKind;
@@ -58,6 +58,8 @@ pub struct Metrics {
     pub synced: AtomicBool,
     /// Synced, and then the programs attached (what /readyz reports).
     pub ready: AtomicBool,
+    /// Per-frontend packets and new flows, once the agent serves them.
+    service_figures: OnceLock<crate::service_metrics::ServiceFigures>,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -170,15 +172,44 @@ impl Metrics {
             http_accept_errors,
             synced: AtomicBool::new(false),
             ready: AtomicBool::new(false),
+            service_figures: OnceLock::new(),
         })
     }
 
+    /// Adds the per-frontend series to every scrape from now on (the
+    /// agent, once its core answers label requests).
+    pub fn serve_service_figures(&self, figures: crate::service_metrics::ServiceFigures) {
+        let _ = self.service_figures.set(figures);
+    }
+
+    /// Everything but the per-frontend series (which need the core).
     pub fn encode(&self) -> String {
         let mut text = String::new();
         if let Err(e) = prometheus_client::encoding::text::encode(&mut text, &self.registry) {
             text = format!("# encoding failed: {e}\n");
         }
         text
+    }
+
+    /// What `/metrics` answers: `encode`'s families, then the
+    /// per-frontend series when served.
+    pub async fn encode_with_services(&self) -> String {
+        use prometheus_client::encoding::text;
+        let Some(figures) = self.service_figures.get() else {
+            return self.encode();
+        };
+        let services = figures.encode().await;
+        let mut out = String::new();
+        let encoded = text::encode_registry(&mut out, &self.registry)
+            .and_then(|()| {
+                out.push_str(&services?);
+                Ok(())
+            })
+            .and_then(|()| text::encode_eof(&mut out));
+        match encoded {
+            Ok(()) => out,
+            Err(e) => format!("# encoding failed: {e}\n"),
+        }
     }
 }
 

@@ -1759,6 +1759,7 @@ fn pod_routes_steer_new_flows_only_with_the_netns_cookie_feature() {
                 conntrack_udp_flows: 1024,
                 sock_reverse_nat: 1024,
                 affinity_clients: 1024,
+                service_counters: true,
                 ipv6: false,
             },
             ..datapath_user::LoadOptions::default()
@@ -1971,4 +1972,67 @@ fn a_deleted_backend_is_matched_no_more() {
     );
     let beyond = dp.maps.rev_nat_capacity() + 5;
     dp.maps.set_affinity(beyond, None).unwrap();
+}
+
+/// Packets and new flows per frontend (summed over CPUs).
+fn service_counts(dp: &Datapath) -> std::collections::BTreeMap<u32, (u64, u64)> {
+    let counters = dp.maps.service_counters.as_ref().expect("SERVICE_COUNTERS");
+    counters
+        .nonzero()
+        .unwrap()
+        .into_iter()
+        .map(|(id, c)| (id, (c.packets, c.new_flows)))
+        .collect()
+}
+
+/// Each frontend counts the packets sent to it (new flows and tracked
+/// ones) and its new flows, under its reverse-NAT id; replies, refused
+/// flows and other traffic count nothing; a removed frontend's id starts
+/// at zero for whoever gets it next.
+#[test]
+fn each_frontend_counts_its_packets_and_new_flows() {
+    let mut dp = datapath_with(tcp_frontend(), &[B1, B2]);
+    let other = Frontend {
+        port: 81,
+        ..tcp_frontend()
+    };
+    dp.maps.set_service(&other, 7, &[B1]).unwrap();
+    let empty = Frontend {
+        port: 82,
+        ..tcp_frontend()
+    };
+    dp.maps.set_service(&empty, 9, &[]).unwrap();
+    // Three flows to the first frontend, one carrying four more packets.
+    for port in [41000, 41001, 41002] {
+        egress(&mut dp, &Frame::tcp((CLIENT.0, port), (VIP, 80), SYN));
+    }
+    for _ in 0..4 {
+        egress(&mut dp, &Frame::tcp((CLIENT.0, 41000), (VIP, 80), ACK));
+    }
+    // One flow of two packets to the second.
+    egress(&mut dp, &Frame::tcp(CLIENT, (VIP, 81), SYN));
+    let (_, out) = egress(&mut dp, &Frame::tcp(CLIENT, (VIP, 81), ACK));
+    assert_eq!(backend_of(&out), B1.address);
+    // A reply, a flow refused for want of endpoints, a packet to no
+    // service: nothing.
+    let reply = Frame::tcp((B1.address, B1.port), CLIENT, SYN | ACK);
+    ingress(&mut dp, &reply);
+    egress(&mut dp, &Frame::tcp(CLIENT, (VIP, 82), SYN));
+    egress(&mut dp, &Frame::tcp(CLIENT, (B2.address, B2.port), SYN));
+    assert_eq!(
+        service_counts(&dp),
+        [(1, (7, 3)), (7, (2, 1))].into(),
+        "id → (packets, new flows)"
+    );
+
+    // The frontend removed: its id is zeroed, the other keeps counting.
+    dp.maps.remove_service(&other).unwrap();
+    assert_eq!(service_counts(&dp), [(1, (7, 3))].into());
+    // Its id given to another frontend counts from zero.
+    dp.maps.set_service(&empty, 7, &[B2]).unwrap();
+    egress(&mut dp, &Frame::tcp((CLIENT.0, 42000), (VIP, 82), SYN));
+    assert_eq!(service_counts(&dp), [(1, (7, 3)), (7, (1, 1))].into());
+    // A new incarnation of a frontend (another id) zeroes its old id.
+    dp.maps.set_service(&tcp_frontend(), 3, &[B1, B2]).unwrap();
+    assert_eq!(service_counts(&dp), [(7, (1, 1))].into());
 }

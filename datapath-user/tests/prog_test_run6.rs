@@ -1410,3 +1410,66 @@ fn new_ipv6_flows_of_a_client_of_a_service_with_affinity_keep_its_backend() {
         assert_eq!(to(port), other.address, "kept once moved (port {port})");
     }
 }
+
+/// Packets and new flows per frontend (summed over CPUs).
+fn service_counts(dp: &Datapath) -> std::collections::BTreeMap<u32, (u64, u64)> {
+    let counters = dp.maps.service_counters.as_ref().expect("SERVICE_COUNTERS");
+    counters
+        .nonzero()
+        .unwrap()
+        .into_iter()
+        .map(|(id, c)| (id, (c.packets, c.new_flows)))
+        .collect()
+}
+
+/// IPv6 frontends count each packet once under their reverse-NAT id, also
+/// when its flow's translation continues in another program (a moved
+/// client port in `up_tc_clash6`, extension headers in
+/// `up_tc_egress6_ext`, both of which pass through the hit path).
+#[test]
+fn each_ipv6_frontend_counts_its_packets_and_new_flows_once() {
+    let other = Frontend {
+        address: "fd00:10:96::11".parse().unwrap(),
+        port: 81,
+        protocol: Protocol::Tcp,
+    };
+    let mut dp = load_private();
+    datapath_with(&mut dp, &[B1]);
+    dp.maps.set_service6(&other, 3, &[B1]).unwrap();
+    let egress = |dp: &mut Datapath, frame: Frame6| {
+        run(dp, TC_EGRESS, &frame.with_macs(POD_MAC, GATEWAY_MAC).build())
+    };
+    // A flow of three packets to VIP:80.
+    egress(&mut dp, Frame6::tcp(CLIENT, (VIP, 80), SYN));
+    egress(&mut dp, Frame6::tcp(CLIENT, (VIP, 80), ACK));
+    egress(&mut dp, Frame6::tcp(CLIENT, (VIP, 80), ACK | PSH));
+    assert_eq!(service_counts(&dp), [(1, (3, 1))].into());
+    // The same client port to the other frontend: its wire tuple is taken,
+    // so its packets are translated in `up_tc_clash6`.
+    egress(&mut dp, Frame6::tcp(CLIENT, (other.address, 81), SYN));
+    egress(&mut dp, Frame6::tcp(CLIENT, (other.address, 81), ACK));
+    assert_eq!(dp.maps.counter(Counter::PortClash).unwrap(), 1);
+    assert_eq!(service_counts(&dp), [(1, (3, 1)), (3, (2, 1))].into());
+    // A flow behind a hop-by-hop header: `up_tc_egress6_ext`.
+    let ext = || {
+        Frame6::udp((CLIENT.0, 40100), (VIP, 53))
+            .with_payload(b"q")
+            .with_extension(0, 0)
+    };
+    let (_, out) = egress(&mut dp, ext());
+    assert_eq!(packet6::parse6(&out).unwrap().dst, B1.address);
+    egress(&mut dp, ext());
+    assert_eq!(
+        service_counts(&dp),
+        [(1, (3, 1)), (2, (2, 1)), (3, (2, 1))].into()
+    );
+    // Replies count nothing.
+    let reply = Frame6::tcp((B1.address, B1.port), CLIENT, SYN | ACK)
+        .with_macs(GATEWAY_MAC, POD_MAC)
+        .build();
+    run(&mut dp, TC_INGRESS, &reply);
+    assert_eq!(service_counts(&dp)[&1], (3, 1));
+    // Removed: zeroed.
+    dp.maps.remove_service6(&other).unwrap();
+    assert!(!service_counts(&dp).contains_key(&3));
+}

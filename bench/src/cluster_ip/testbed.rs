@@ -331,6 +331,7 @@ impl Testbed {
                 conntrack_udp_flows: 16,
                 sock_reverse_nat: 16,
                 affinity_clients: 16,
+                service_counters: false,
                 ipv6: false,
             };
             let datapath = Datapath::load(&LoadOptions {

@@ -21,8 +21,21 @@ use crate::{
     maps::LbMaps,
     metrics::{IssueLabels, Metrics, SyncLabels},
     reconcile::Reconciler,
+    service_metrics::{FrontendLabels, LabelRequest},
     udp_terminate::SocketTerminator,
 };
+use datapath_common::maps::RevNatId;
+
+/// The next label request, or never when nobody asks.
+async fn next_request(requests: &mut Option<mpsc::Receiver<LabelRequest>>) -> LabelRequest {
+    match requests {
+        Some(rx) => match rx.recv().await {
+            Some(request) => request,
+            None => std::future::pending().await,
+        },
+        None => std::future::pending().await,
+    }
+}
 
 /// How often services whose map writes failed are tried again.
 const RETRY_INTERVAL: Duration = Duration::from_secs(10);
@@ -52,6 +65,9 @@ pub struct AgentCore<M> {
     node_wait: Option<Duration>,
     /// Node facts arrived since start.
     node_read: bool,
+    /// Scrapes asking who holds the frontends that counted something
+    /// (`crate::service_metrics`); answered between syncs.
+    label_requests: Option<mpsc::Receiver<LabelRequest>>,
 }
 
 /// What one sync did.
@@ -77,7 +93,30 @@ impl<M: LbMaps> AgentCore<M> {
             terminator: None,
             node_wait: None,
             node_read: false,
+            label_requests: None,
         }
+    }
+
+    /// Answers the per-frontend series' label requests from `requests`.
+    pub fn with_label_requests(mut self, requests: mpsc::Receiver<LabelRequest>) -> Self {
+        self.label_requests = Some(requests);
+        self
+    }
+
+    /// Which services hold the frontends of `request`'s ids, with their
+    /// ports (before the first full sync: none yet).
+    pub fn answer_labels(&self, request: LabelRequest) {
+        let ids: foldhash::HashSet<RevNatId> = request.ids.iter().copied().collect();
+        let labels = self
+            .reconciler
+            .holders_of(&ids)
+            .into_iter()
+            .map(|(id, service, frontend)| {
+                let view = self.store.service(&service);
+                (id, FrontendLabels::new(&service, view, &frontend))
+            })
+            .collect();
+        let _ = request.reply.send(labels);
     }
 
     /// Makes the first full sync wait up to `wait` for this node's facts
@@ -263,20 +302,24 @@ impl<M: LbMaps> AgentCore<M> {
             .node_wait
             .map(|wait| tokio::time::Instant::now() + wait);
         let mut node_pending = node_deadline.is_some();
+        let mut requests = self.label_requests.take();
         while !waiting.is_empty() || (node_pending && !self.node_read) {
-            let message = match node_deadline.filter(|_| node_pending && !self.node_read) {
-                Some(deadline) => tokio::select! {
-                    message = rx.recv() => message,
-                    _ = tokio::time::sleep_until(deadline) => {
-                        warn!(
-                            "this node's Node was not read in time: syncing without its zone and \
-                             addresses (nodePort frontends at them, and topology hints, follow once it is)"
-                        );
-                        node_pending = false;
-                        continue;
-                    }
-                },
-                None => rx.recv().await,
+            let deadline = node_deadline.filter(|_| node_pending && !self.node_read);
+            let message = tokio::select! {
+                message = rx.recv() => message,
+                request = next_request(&mut requests) => {
+                    self.answer_labels(request);
+                    continue;
+                }
+                _ = tokio::time::sleep_until(deadline.unwrap_or_else(tokio::time::Instant::now)),
+                    if deadline.is_some() => {
+                    warn!(
+                        "this node's Node was not read in time: syncing without its zone and \
+                         addresses (nodePort frontends at them, and topology hints, follow once it is)"
+                    );
+                    node_pending = false;
+                    continue;
+                }
             };
             match message {
                 None => return,
@@ -306,6 +349,10 @@ impl<M: LbMaps> AgentCore<M> {
         loop {
             let message = tokio::select! {
                 message = rx.recv() => message,
+                request = next_request(&mut requests) => {
+                    self.answer_labels(request);
+                    continue;
+                }
                 _ = retry.tick() => {
                     if !self.failed.is_empty() {
                         let failed = std::mem::take(&mut self.failed);

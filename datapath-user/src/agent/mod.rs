@@ -202,7 +202,13 @@ pub async fn run(options: AgentOptions) -> Result<()> {
     } else {
         Reconciler::adopt(maps).context("reading the pinned maps")?
     };
-    let mut core = AgentCore::new(reconciler, options.node.clone(), metrics.clone());
+    let (label_tx, label_rx) = mpsc::channel(8);
+    metrics.serve_service_figures(crate::service_metrics::ServiceFigures::open(
+        &options.pin_dir,
+        label_tx,
+    ));
+    let mut core = AgentCore::new(reconciler, options.node.clone(), metrics.clone())
+        .with_label_requests(label_rx);
     if node_watched {
         // Bounded: an unreadable Node (RBAC, a slow API server) must not
         // keep the agent from serving.

@@ -51,6 +51,11 @@ impl Store {
         self.services.iter().map(|s| &s.key)
     }
 
+    /// The service `key` names, as translation reads it.
+    pub fn service(&self, key: &ObjectKey) -> Option<&ServiceView> {
+        self.services.get(key)
+    }
+
     /// Applies `change`; returns the services to translate again.
     pub fn apply(&mut self, change: Change) -> BTreeSet<ObjectKey> {
         let mut dirty = BTreeSet::new();

@@ -30,6 +30,10 @@ pub struct MapSizes {
     /// Clients `sessionAffinity: ClientIP` remembers, all frontends
     /// together (`AFFINITY`, an LRU).
     pub affinity_clients: u32,
+    /// Count packets and new flows per frontend (`SERVICE_COUNTERS`, a
+    /// per-CPU entry per reverse-NAT id); otherwise it takes one entry
+    /// and nothing is counted.
+    pub service_counters: bool,
     /// Size the IPv6 maps as their IPv4 twins; otherwise they take one
     /// entry each (an IPv4-only node pays nothing for them).
     pub ipv6: bool,
@@ -46,7 +50,7 @@ impl MapSizes {
     }
 
     /// `max_entries` of each sized map, as the loader sets them.
-    pub fn max_entries(&self) -> [(&'static str, u32); 18] {
+    pub fn max_entries(&self) -> [(&'static str, u32); 19] {
         let tcp_entries = self
             .conntrack_tcp_flows
             .saturating_mul(maps::CT_ENTRIES_PER_FLOW);
@@ -81,6 +85,15 @@ impl MapSizes {
                 (self.slots.min(maps::SLOTS_LIMIT))
                     .saturating_add(u32::from(maps::MAX_BACKENDS_PER_SERVICE)),
             ),
+            // Per CPU: 16 bytes × ids × CPUs of kernel memory.
+            (
+                maps::SERVICE_COUNTERS_MAP,
+                if self.service_counters {
+                    self.reverse_nat
+                } else {
+                    1
+                },
+            ),
         ]
     }
 }
@@ -96,6 +109,7 @@ impl Default for MapSizes {
             conntrack_udp_flows: maps::DEFAULT_CONNTRACK_UDP_FLOWS,
             sock_reverse_nat: maps::DEFAULT_SOCK_REVERSE_NAT_MAX,
             affinity_clients: maps::DEFAULT_AFFINITY_MAX,
+            service_counters: true,
             ipv6: false,
         }
     }

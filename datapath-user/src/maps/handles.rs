@@ -62,6 +62,9 @@ pub struct DatapathMaps {
     /// The `sessionAffinity` maps the agent writes; `None` in pins an
     /// agent without them made.
     pub affinity: Option<super::affinity::AffinityMaps>,
+    /// Packets and new flows per frontend; `None` in pins an agent
+    /// without it made.
+    pub service_counters: Option<super::service_counters::ServiceCounterMap>,
     /// Waits for running programs (`LbMaps::wait_for_readers`), made at
     /// the first wait.
     pub(super) readers: Option<std::io::Result<crate::bpfsys::GracePeriod>>,
@@ -141,6 +144,15 @@ impl DatapathMaps {
             reply_filter: typed(&mut get, m::REPLY_FILTER_MAP)?,
             pending: Default::default(),
             readers: None,
+            service_counters: if present(m::SERVICE_COUNTERS_MAP) {
+                let map = typed(&mut get, m::SERVICE_COUNTERS_MAP)?;
+                Some(
+                    super::service_counters::ServiceCounterMap::new(map)
+                        .map_err(|source| LoaderError::map(m::SERVICE_COUNTERS_MAP, source))?,
+                )
+            } else {
+                None
+            },
             affinity: if [
                 m::AFFINITY_MAP,
                 m::AFFINITY_MATCH_MAP,

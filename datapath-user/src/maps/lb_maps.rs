@@ -122,6 +122,17 @@ pub trait LbMaps {
     /// agent wrote for frontends gone or changed since; the first full
     /// sync's prune). Returns how many lost it.
     fn prune_affinity(&mut self, keep: &dyn Fn(RevNatId) -> bool) -> Result<usize, MapError>;
+    /// Zeroes the per-frontend counters of every id `keep` says no to
+    /// (what frontends gone since a previous agent counted; the first full
+    /// sync's prune). `remove_service` and a new incarnation in
+    /// `set_service` zero the counters of an id they clear themselves.
+    /// Returns how many were zeroed. By default there are none to keep.
+    fn prune_service_counters(
+        &mut self,
+        _keep: &dyn Fn(RevNatId) -> bool,
+    ) -> Result<usize, MapError> {
+        Ok(0)
+    }
     /// Deletes a backend no frontend uses any more (and first every
     /// `AFFINITY_MATCH` entry naming it: no client is ever kept on an id
     /// that could be handed to another pod, whatever affinity write
@@ -226,6 +237,12 @@ impl<T: LbMaps + ?Sized> LbMaps for &mut T {
     }
     fn prune_affinity(&mut self, keep: &dyn Fn(RevNatId) -> bool) -> Result<usize, MapError> {
         (**self).prune_affinity(keep)
+    }
+    fn prune_service_counters(
+        &mut self,
+        keep: &dyn Fn(RevNatId) -> bool,
+    ) -> Result<usize, MapError> {
+        (**self).prune_service_counters(keep)
     }
     fn remove_backend(&mut self, id: BackendId) -> Result<(), MapError> {
         (**self).remove_backend(id)

@@ -7,7 +7,8 @@
 //! block of the slot array (mapped into memory: `mapped_array`) each
 //! frontend owns; `reply_filter` says when the ingress program may skip
 //! conntrack; `affinity` writes `sessionAffinity`'s timeouts and
-//! backend sets.
+//! backend sets; `service_counters` reads and zeroes the per-frontend
+//! counters.
 
 mod affinity;
 mod bulk;
@@ -17,6 +18,7 @@ mod lb_maps;
 mod mapped_array;
 mod pending;
 mod reply_filter;
+mod service_counters;
 mod slot_blocks;
 mod writer;
 mod writer_affinity;
@@ -26,5 +28,6 @@ pub use self::{
     affinity::AffinityMaps,
     fake::FakeMaps,
     handles::DatapathMaps,
+    service_counters::ServiceCounterMap,
     lb_maps::{DumpedFrontend, LbMaps, MapDump, MapFamily, ProgramError, validate_service},
 };

@@ -108,6 +108,16 @@ impl LbMaps for DatapathMaps {
         self.prune_affinity_of(keep)
     }
 
+    fn prune_service_counters(
+        &mut self,
+        keep: &dyn Fn(RevNatId) -> bool,
+    ) -> Result<usize, MapError> {
+        match self.service_counters.as_mut() {
+            Some(counters) => counters.prune(keep),
+            None => Ok(0),
+        }
+    }
+
     /// Deletes a backend. Tracked flows still pinned to it are re-balanced
     /// by the datapath on their next packet.
     fn remove_backend(&mut self, id: BackendId) -> Result<(), MapError> {
@@ -418,6 +428,7 @@ impl DatapathMaps {
                 if ours {
                     self.clear_affinity_of(old.rev_nat_id())
                         .map_err(map_err(m::AFFINITY_TIMEOUT_MAP))?;
+                    self.zero_service_counters(old.rev_nat_id());
                 }
             }
         }
@@ -448,12 +459,26 @@ impl DatapathMaps {
         if ours {
             self.clear_affinity_of(head.rev_nat_id())
                 .map_err(map_err(m::AFFINITY_TIMEOUT_MAP))?;
+            self.zero_service_counters(head.rev_nat_id());
         }
         Ok(())
     }
 }
 
 impl DatapathMaps {
+    /// Zeroes the counters of reverse-NAT id `id`, cleared from its
+    /// frontend, so that whoever gets the id next starts at zero. A
+    /// failure is logged, not returned: the frontend is gone from the
+    /// datapath either way, and the first sync's prune zeroes what is
+    /// left (`LbMaps::prune_service_counters`).
+    fn zero_service_counters(&mut self, id: RevNatId) {
+        if let Some(counters) = self.service_counters.as_mut()
+            && let Err(error) = counters.zero(id)
+        {
+            tracing::warn!(id, %error, "zeroing a freed frontend id's counters in SERVICE_COUNTERS");
+        }
+    }
+
     /// The IPv6 maps' frontends and reverse-NAT entries, into `dump`.
     fn dump_v6(&self, v6: &Ipv6Maps, dump: &mut MapDump) -> Result<(), MapError> {
         (dump.frontends6, dump.stray_entries6) =

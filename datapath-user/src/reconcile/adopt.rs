@@ -152,6 +152,21 @@ impl<M: LbMaps> Reconciler<M> {
         if let Err(e) = self.maps.prune_affinity(&|id| affine.contains(&id)) {
             issues.push(datapath_issue("AFFINITY_TIMEOUT", e.to_string()));
         }
+        // Counts of ids no frontend holds now (frontends gone while no
+        // agent ran, ids the prune freed): zero, so that the next
+        // frontend to get one starts at zero.
+        let held: HashSet<RevNatId> = self
+            .v4
+            .rev_nat_ids()
+            .into_iter()
+            .chain(self.v6.rev_nat_ids())
+            .collect();
+        if let Err(e) = self.maps.prune_service_counters(&|id| held.contains(&id)) {
+            issues.push(datapath_issue(
+                datapath_common::maps::SERVICE_COUNTERS_MAP,
+                e.to_string(),
+            ));
+        }
         let frontends: Vec<Frontend> = self.v4.programmed.keys().copied().collect();
         let frontends6: Vec<Frontend<Ipv6Addr>> = self.v6.programmed.keys().copied().collect();
         match self.maps.rebuild_filter(&frontends, &frontends6) {

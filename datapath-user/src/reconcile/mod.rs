@@ -343,6 +343,41 @@ impl<M: LbMaps> Reconciler<M> {
         self.v4.backends.len() + self.v6.backends.len()
     }
 
+    /// The frontends (both families) whose reverse-NAT id is in `ids`,
+    /// each with the service holding it: what `/metrics` labels their
+    /// counters with. A scan of every frontend, made once a scrape (and
+    /// only when something was counted), never on the change path.
+    pub fn holders_of(
+        &self,
+        ids: &HashSet<RevNatId>,
+    ) -> Vec<(RevNatId, ObjectKey, Frontend<std::net::IpAddr>)> {
+        fn family<A: Family>(
+            t: &FamilyTables<A>,
+            ids: &HashSet<RevNatId>,
+            out: &mut Vec<(RevNatId, ObjectKey, Frontend<std::net::IpAddr>)>,
+        ) {
+            for (frontend, programmed) in &t.programmed {
+                if !ids.contains(&programmed.rev_nat_id) {
+                    continue;
+                }
+                if let Some((service, _)) = t.owner.get(frontend) {
+                    let frontend = Frontend {
+                        address: frontend.address.into(),
+                        port: frontend.port,
+                        protocol: frontend.protocol,
+                    };
+                    out.push((programmed.rev_nat_id, service.clone(), frontend));
+                }
+            }
+        }
+        let mut out = Vec::new();
+        if !ids.is_empty() {
+            family(&self.v4, ids, &mut out);
+            family(&self.v6, ids, &mut out);
+        }
+        out
+    }
+
     /// Ids handed out and not yet released: (backend, reverse-NAT).
     pub fn ids_in_use(&self) -> (usize, usize) {
         (self.backend_ids.in_use(), self.rev_nat_ids.in_use())

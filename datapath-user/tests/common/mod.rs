@@ -87,6 +87,7 @@ fn load_private_options(
             conntrack_udp_flows: CONNTRACK_UDP_FLOWS,
             sock_reverse_nat: 1024,
             affinity_clients: 1024,
+            service_counters: true,
             // The IPv6 maps at their sizes too.
             ipv6: true,
         },

@@ -1,0 +1,190 @@
+//! Per-frontend figures in `/metrics`: `SERVICE_COUNTERS` read at scrape
+//! time, each id that counted something labelled with the service holding
+//! its frontend. The labels come from the agent's core (`LabelRequest`),
+//! which alone knows who holds what: nothing is kept between scrapes, so
+//! a node with 50,000 services pays no memory for figures nobody reads,
+//! and the change path never builds a label table.
+
+use std::{
+    collections::HashMap,
+    net::IpAddr,
+    path::Path,
+    sync::Mutex,
+    time::Duration,
+};
+
+use aya::maps::{Map, MapData, PerCpuArray};
+use datapath_common::maps::{self as m, RevNatId, ServiceCounters};
+use prometheus_client::{
+    collector::Collector,
+    encoding::{DescriptorEncoder, EncodeMetric},
+    metrics::counter::ConstCounter,
+    registry::Registry,
+};
+use tokio::sync::{mpsc, oneshot};
+
+use crate::{
+    k8s::{ObjectKey, view::ServiceView},
+    maps::ServiceCounterMap,
+    model::Frontend,
+};
+
+/// How long a scrape waits for the core's labels (it answers between
+/// syncs; a first sync of a large cluster takes seconds). Without them
+/// the per-frontend series are left out of that scrape.
+pub const LABEL_WAIT: Duration = Duration::from_secs(2);
+
+/// The labels of one frontend's series.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct FrontendLabels {
+    pub namespace: String,
+    pub name: String,
+    /// The service port the frontend serves, "80/TCP" (a nodePort
+    /// frontend's too: its `port`, not the nodePort).
+    pub port: String,
+    /// That port's name ("" when unnamed).
+    pub port_name: String,
+    /// The frontend itself, "10.96.0.10:80/TCP" (a service port has a
+    /// ClusterIP per family, external and load-balancer IPs, nodePorts).
+    pub frontend: String,
+}
+
+impl FrontendLabels {
+    /// The labels of `frontend`, held by `service` (`view`: as the store
+    /// has it, when it does).
+    pub fn new(service: &ObjectKey, view: Option<&ServiceView>, frontend: &Frontend<IpAddr>) -> Self {
+        let protocol = frontend.protocol.to_string();
+        let same_protocol = |p: &Option<std::sync::Arc<str>>| {
+            p.as_deref().unwrap_or("TCP").eq_ignore_ascii_case(&protocol)
+        };
+        let ports = view.map_or(&[][..], |v| &v.ports[..]);
+        // Its own port first: a nodePort may equal another port's number.
+        let port = ports
+            .iter()
+            .find(|p| same_protocol(&p.protocol) && p.port == i32::from(frontend.port))
+            .or_else(|| {
+                ports.iter().find(|p| {
+                    same_protocol(&p.protocol) && p.node_port == Some(i32::from(frontend.port))
+                })
+            });
+        Self {
+            namespace: service.namespace().to_owned(),
+            name: service.name().to_owned(),
+            port: port.map_or_else(String::new, |p| format!("{}/{protocol}", p.port)),
+            port_name: port.map_or_else(String::new, |p| p.name.to_string()),
+            frontend: frontend.to_string(),
+        }
+    }
+}
+
+/// A scrape asking the core which services hold these reverse-NAT ids.
+#[derive(Debug)]
+pub struct LabelRequest {
+    pub ids: Vec<RevNatId>,
+    /// Each id's labels; ids no frontend holds now are left out.
+    pub reply: oneshot::Sender<Vec<(RevNatId, FrontendLabels)>>,
+}
+
+/// What `/metrics` needs for per-frontend series: the counters' pin and
+/// the way to the core.
+pub struct ServiceFigures {
+    /// `None`: the pins have no `SERVICE_COUNTERS`, or it counts nothing
+    /// (`--service-counters off`).
+    counters: Mutex<Option<ServiceCounterMap>>,
+    requests: mpsc::Sender<LabelRequest>,
+}
+
+impl std::fmt::Debug for ServiceFigures {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ServiceFigures").finish_non_exhaustive()
+    }
+}
+
+impl ServiceFigures {
+    /// Reads the counters pinned under `pin_dir`, asking `requests`
+    /// (the core) for labels.
+    pub fn open(pin_dir: &Path, requests: mpsc::Sender<LabelRequest>) -> Self {
+        let counters = MapData::from_pin(pin_dir.join(m::SERVICE_COUNTERS_MAP))
+            .ok()
+            .and_then(|data| PerCpuArray::try_from(Map::PerCpuArray(data)).ok())
+            .and_then(|map| ServiceCounterMap::new(map).ok())
+            .filter(ServiceCounterMap::is_counting);
+        Self {
+            counters: Mutex::new(counters),
+            requests,
+        }
+    }
+
+    /// The per-frontend series, encoded as OpenMetrics families (no
+    /// `# EOF`): frontends that counted nothing are left out, so an idle
+    /// cluster's scrape stays small.
+    pub async fn encode(&self) -> Result<String, std::fmt::Error> {
+        let counted = {
+            let guard = self.counters.lock().unwrap_or_else(|p| p.into_inner());
+            match guard.as_ref().map(ServiceCounterMap::nonzero) {
+                Some(Ok(counted)) => counted,
+                Some(Err(error)) => {
+                    tracing::debug!(%error, "reading SERVICE_COUNTERS for /metrics");
+                    Vec::new()
+                }
+                None => Vec::new(),
+            }
+        };
+        let mut rows = Vec::new();
+        if !counted.is_empty() {
+            let (reply, answer) = oneshot::channel();
+            let ids = counted.iter().map(|(id, _)| *id).collect();
+            if self.requests.send(LabelRequest { ids, reply }).await.is_ok()
+                && let Ok(Ok(labels)) = tokio::time::timeout(LABEL_WAIT, answer).await
+            {
+                let counted: HashMap<RevNatId, ServiceCounters> = counted.into_iter().collect();
+                rows = labels
+                    .into_iter()
+                    .filter_map(|(id, labels)| counted.get(&id).map(|c| (labels, *c)))
+                    .collect();
+            }
+        }
+        let mut registry = Registry::with_prefix("underpass");
+        registry.register_collector(Box::new(Rows(rows)));
+        let mut text = String::new();
+        prometheus_client::encoding::text::encode_registry(&mut text, &registry)?;
+        Ok(text)
+    }
+}
+
+/// One scrape's series.
+#[derive(Debug)]
+struct Rows(Vec<(FrontendLabels, ServiceCounters)>);
+
+impl Collector for Rows {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        type Pick = fn(&ServiceCounters) -> u64;
+        let families: [(&str, &str, Pick); 2] = [
+            (
+                "service_packets",
+                "Packets sent to a service frontend that the TC path translated (replies not counted), and datagrams socket-LB translated at sendmsg(); packets of connections socket-LB made at connect() go straight to the backend and are not seen",
+                |c| c.packets,
+            ),
+            (
+                "service_new_flows",
+                "Flows balanced for a service frontend: new flows on the TC path, connect() calls socket-LB translated",
+                |c| c.new_flows,
+            ),
+        ];
+        for (name, help, pick) in families {
+            let metric = ConstCounter::new(0u64);
+            let mut family = encoder.encode_descriptor(name, help, None, metric.metric_type())?;
+            for (labels, counters) in &self.0 {
+                let labels = [
+                    ("namespace", labels.namespace.as_str()),
+                    ("name", labels.name.as_str()),
+                    ("port", labels.port.as_str()),
+                    ("port_name", labels.port_name.as_str()),
+                    ("frontend", labels.frontend.as_str()),
+                ];
+                ConstCounter::new(pick(counters)).encode(family.encode_family(&labels)?)?;
+            }
+        }
+        Ok(())
+    }
+}
