@@ -1780,3 +1780,132 @@ fn client_ip_affinity_keeps_a_clients_connections_on_one_backend() {
         agent.stop();
     }
 }
+
+/// The value of the series of `family` whose labels include `labels` in
+/// a `/metrics` answer (None: no such series).
+fn series(metrics: &str, family: &str, labels: &str) -> Option<u64> {
+    metrics
+        .lines()
+        .find(|l| l.starts_with(&format!("{family}{{")) && l.contains(labels))
+        .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+}
+
+/// Per-service figures through the agent, on the TC path and on
+/// socket-LB: N connections to a service add exactly N new flows to its
+/// `/metrics` series (labelled with its namespace, name, port and
+/// frontend), and on the TC path at least three packets each (socket-LB
+/// never sees a connected socket's packets: zero); `service list` shows
+/// the same; a second service without traffic has no series; the service
+/// deleted from the manifest, its series goes.
+#[test]
+fn per_service_counters_reach_metrics_and_service_list() {
+    require_root("agent e2e");
+    let lab = EchoLab::new(&["server-a"]);
+    let a = lab.topo.pod("server-a").address;
+    let file = lab.dir.join("echo.yaml");
+    let idle = Ipv4Addr::new(10, 96, 7, 8);
+    let idle_manifest = manifest(&[a])
+        .replace("name: echo", "name: idle")
+        .replace("echo-1", "idle-1")
+        .replace(&VIP.to_string(), &idle.to_string())
+        .replace("service-name: echo", "service-name: idle");
+    let with_idle = format!("{}---\n{idle_manifest}", manifest(&[a]));
+    let cgroup = Cgroup::create(&format!("{}-cnt", lab.topo.prefix)).unwrap();
+    let cgroup_arg = cgroup.path().to_str().unwrap().to_owned();
+    let client_path = lab.topo.pod("client").namespace.path().to_owned();
+    let echo = format!(
+        "namespace=\"e2e\",name=\"echo\",port=\"80/TCP\",port_name=\"http\",frontend=\"{VIP}:80/TCP\""
+    );
+    const N: u64 = 7;
+    for (path, args) in [
+        ("TC", vec!["--no-socket-lb"]),
+        ("socket-LB", vec!["--cgroup", cgroup_arg.as_str()]),
+    ] {
+        write_atomically(&file, &with_idle);
+        let agent = lab.agent_with(&args);
+        lab.wait_client_attached();
+        let connect = |n: u64| {
+            if path == "TC" {
+                for _ in 0..n {
+                    lab.ask().unwrap();
+                }
+            } else {
+                let target = SocketAddrV4::new(VIP, 80);
+                let answers = workload::probe_process(
+                    &client_path,
+                    Some(cgroup.path()),
+                    ProbeKind::Tcp,
+                    target,
+                    n as u32,
+                )
+                .unwrap();
+                for answer in answers {
+                    answered(Ok(answer));
+                }
+            }
+        };
+        wait_until(&format!("{path}: the service answers"), || {
+            if path == "TC" {
+                lab.ask().is_ok()
+            } else {
+                connect(1);
+                true
+            }
+        });
+        let scrape = || agent.get("/metrics").unwrap();
+        let figures = |metrics: &str| {
+            (
+                series(metrics, "underpass_service_new_flows_total", &echo),
+                series(metrics, "underpass_service_packets_total", &echo),
+            )
+        };
+        let (Some(flows_before), Some(packets_before)) = figures(&scrape()) else {
+            panic!("{path}: no series for the echo frontend: {}", scrape());
+        };
+        connect(N);
+        let metrics = scrape();
+        let (flows, packets) = figures(&metrics);
+        let (flows, packets) = (flows.unwrap(), packets.unwrap());
+        assert_eq!(flows - flows_before, N, "{path}: new flows\n{metrics}");
+        if path == "TC" {
+            assert!(
+                packets - packets_before >= 3 * N,
+                "{path}: {} packets for {N} connections",
+                packets - packets_before
+            );
+        } else {
+            assert_eq!(packets, 0, "{path}: socket-LB sees no packets");
+        }
+        assert!(
+            !metrics.contains("name=\"idle\""),
+            "{path}: the idle service has no series\n{metrics}"
+        );
+
+        // The CLI reads the same from the pins.
+        let output = Command::new(env!("CARGO_BIN_EXE_underpass"))
+            .args(["service", "list", "--pin-dir"])
+            .arg(&lab.pins.0)
+            .args(["-o", "json"])
+            .output()
+            .unwrap();
+        assert!(output.status.success(), "{path}: service list");
+        let rows: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
+        let row = |frontend: String| {
+            rows.as_array()
+                .unwrap()
+                .iter()
+                .find(|r| r["frontend"] == frontend)
+                .cloned()
+                .unwrap_or_else(|| panic!("{path}: no {frontend} in {rows}"))
+        };
+        assert_eq!(row(format!("{VIP}:80/TCP"))["new_flows"], flows, "{path}");
+        assert_eq!(row(format!("{idle}:80/TCP"))["new_flows"], 0, "{path}");
+
+        // The service deleted: its series goes (its id zeroed with it).
+        write_atomically(&file, &idle_manifest);
+        wait_until(&format!("{path}: the echo series is gone"), || {
+            !scrape().contains("name=\"echo\"")
+        });
+        agent.stop();
+    }
+}

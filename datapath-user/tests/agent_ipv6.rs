@@ -540,6 +540,20 @@ fn a_pod_on_the_tc_path_reaches_an_ipv6_cluster_ip_through_tc_and_follows_edits(
     assert!(datapath_event(&metrics, "no_backend") >= 2, "{metrics}");
     assert!(datapath_event(&metrics, "conntrack_hit") > 0, "{metrics}");
     assert_eq!(datapath_event(&metrics, "sock_translated"), 0, "{metrics}");
+    // The IPv6 frontend's own figures, labelled like an IPv4 one.
+    let labels = format!(
+        "{{namespace=\"e2e\",name=\"dual\",port=\"80/TCP\",port_name=\"http\",frontend=\"[{VIP6}]:80/TCP\"}}"
+    );
+    for family in [
+        "underpass_service_new_flows_total",
+        "underpass_service_packets_total",
+    ] {
+        let value = metrics
+            .lines()
+            .find_map(|l| l.strip_prefix(&format!("{family}{labels} ")))
+            .and_then(|v| v.parse::<u64>().ok());
+        assert!(value.is_some_and(|v| v > 0), "{family}{labels}: {metrics}");
+    }
     agent.stop();
     drop(servers);
 }
