@@ -2551,3 +2551,73 @@ fn a_backend_whose_delete_failed_is_not_handed_out_again() {
         "a fresh id, not 1"
     );
 }
+
+/// Counts of frontends that went while no agent ran are zeroed by the
+/// first sync's prune (the next frontend to get the id starts at zero);
+/// the counts of frontends still asked for are kept, and so are those of
+/// a removed frontend's id zeroed at once by the writer.
+#[test]
+fn service_counters_of_frontends_gone_while_no_agent_ran_are_zeroed_by_the_prune() {
+    use aya::maps::{Map, MapData, PerCpuArray, PerCpuValues};
+    use datapath_common::maps::{SERVICE_COUNTERS_MAP, ServiceCounters};
+    common::require_root("pinned maps");
+    let pins = common::PinDir::new();
+    let pin_dir = pins.path();
+    let options = datapath_user::LoadOptions {
+        pin_dir: Some(pin_dir.clone()),
+        ..datapath_user::LoadOptions::default()
+    };
+    let web = service_yaml("web", "10.96.1.1", &[80], 2);
+    let api = service_yaml("api", "10.96.1.2", &[80], 2);
+    {
+        let mut datapath = datapath_user::Datapath::load(&options).unwrap();
+        let mut reconciler = Reconciler::adopt(&mut datapath.maps).unwrap();
+        apply(&mut reconciler, &translation(&web));
+        apply(&mut reconciler, &translation(&api));
+    }
+    let counted = |id: u32, packets: u64| {
+        let data = MapData::from_pin(pin_dir.join(SERVICE_COUNTERS_MAP)).unwrap();
+        let mut map: PerCpuArray<_, ServiceCounters> =
+            PerCpuArray::try_from(Map::PerCpuArray(data)).unwrap();
+        let cpus = aya::util::nr_cpus().unwrap();
+        let value = ServiceCounters {
+            packets,
+            new_flows: 1,
+        };
+        map.set(id, PerCpuValues::try_from(vec![value; cpus]).unwrap(), 0)
+            .unwrap();
+    };
+    let maps = datapath_user::DatapathMaps::open_pinned(&pin_dir).unwrap();
+    let ids: std::collections::BTreeMap<String, u32> = maps
+        .dump()
+        .unwrap()
+        .frontends
+        .iter()
+        .map(|f| (f.frontend.address.to_string(), f.rev_nat_id))
+        .collect();
+    let (web_id, api_id) = (ids["10.96.1.1"], ids["10.96.1.2"]);
+    counted(web_id, 5);
+    counted(api_id, 7);
+    // A stray count (an id no frontend ever held here).
+    counted(40, 9);
+    let figures = |reconciler: &Reconciler<datapath_user::DatapathMaps>| {
+        let counters = reconciler.maps().service_counters.as_ref().unwrap();
+        let cpus = aya::util::nr_cpus().unwrap() as u64;
+        counters
+            .nonzero()
+            .unwrap()
+            .into_iter()
+            .map(|(id, c)| (id, c.packets / cpus))
+            .collect::<std::collections::BTreeMap<u32, u64>>()
+    };
+    // A new agent: only web is asked for.
+    let mut reconciler = Reconciler::adopt(maps).unwrap();
+    apply(&mut reconciler, &translation(&web));
+    assert_eq!(
+        figures(&reconciler),
+        [(web_id, 5), (api_id, 7), (40, 9)].into(),
+        "before the prune"
+    );
+    reconciler.prune(false).unwrap();
+    assert_eq!(figures(&reconciler), [(web_id, 5)].into());
+}
