@@ -10,9 +10,9 @@ use datapath_common::{
     maps::{
         AffinityKey, AffinityMatchKey, AffinityValue, BPF_F_MMAPABLE, BPF_F_NO_PREALLOC, Backend,
         BackendAddress6, CtEntry, CtEntry6, CtKey, CtKey6, FragmentKey, FragmentKey6,
-        FragmentPorts, PodRouteKey, PodRouteKey6, RevNatValue, RevNatValue6, ServiceKey,
-        ServiceCounters, ServiceKey6, ServiceValue, Slot, SockRevNatKey, SockRevNatKey6, SockRevNatValue,
-        SockRevNatValue6,
+        FragmentPorts, PodRouteKey, PodRouteKey6, RevNatValue, RevNatValue6, ServiceCounters,
+        ServiceKey, ServiceKey6, ServiceValue, Slot, SockRevNatKey, SockRevNatKey6,
+        SockRevNatValue, SockRevNatValue6,
     },
     metrics::COUNTER_COUNT,
 };
@@ -174,4 +174,5 @@ pub static AFFINITY_TIMEOUT: Array<u64> = Array::with_max_entries(65_536, BPF_F_
 /// runs with `--service-counters off`: the programs then find no slot
 /// for any frontend and count nothing.
 #[map]
-pub static SERVICE_COUNTERS: PerCpuArray<ServiceCounters> = PerCpuArray::with_max_entries(65_536, 0);
+pub static SERVICE_COUNTERS: PerCpuArray<ServiceCounters> =
+    PerCpuArray::with_max_entries(65_536, 0);

@@ -5,13 +5,7 @@
 //! a node with 50,000 services pays no memory for figures nobody reads,
 //! and the change path never builds a label table.
 
-use std::{
-    collections::HashMap,
-    net::IpAddr,
-    path::Path,
-    sync::Mutex,
-    time::Duration,
-};
+use std::{collections::HashMap, net::IpAddr, path::Path, sync::Mutex, time::Duration};
 
 use aya::maps::{Map, MapData, PerCpuArray};
 use datapath_common::maps::{self as m, RevNatId, ServiceCounters};
@@ -52,10 +46,16 @@ pub struct FrontendLabels {
 impl FrontendLabels {
     /// The labels of `frontend`, held by `service` (`view`: as the store
     /// has it, when it does).
-    pub fn new(service: &ObjectKey, view: Option<&ServiceView>, frontend: &Frontend<IpAddr>) -> Self {
+    pub fn new(
+        service: &ObjectKey,
+        view: Option<&ServiceView>,
+        frontend: &Frontend<IpAddr>,
+    ) -> Self {
         let protocol = frontend.protocol.to_string();
         let same_protocol = |p: &Option<std::sync::Arc<str>>| {
-            p.as_deref().unwrap_or("TCP").eq_ignore_ascii_case(&protocol)
+            p.as_deref()
+                .unwrap_or("TCP")
+                .eq_ignore_ascii_case(&protocol)
         };
         let ports = view.map_or(&[][..], |v| &v.ports[..]);
         // Its own port first: a nodePort may equal another port's number.
@@ -134,7 +134,11 @@ impl ServiceFigures {
         if !counted.is_empty() {
             let (reply, answer) = oneshot::channel();
             let ids = counted.iter().map(|(id, _)| *id).collect();
-            if self.requests.send(LabelRequest { ids, reply }).await.is_ok()
+            if self
+                .requests
+                .send(LabelRequest { ids, reply })
+                .await
+                .is_ok()
                 && let Ok(Ok(labels)) = tokio::time::timeout(LABEL_WAIT, answer).await
             {
                 let counted: HashMap<RevNatId, ServiceCounters> = counted.into_iter().collect();

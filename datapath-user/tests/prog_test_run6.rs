@@ -1437,7 +1437,11 @@ fn each_ipv6_frontend_counts_its_packets_and_new_flows_once() {
     datapath_with(&mut dp, &[B1]);
     dp.maps.set_service6(&other, 3, &[B1]).unwrap();
     let egress = |dp: &mut Datapath, frame: Frame6| {
-        run(dp, TC_EGRESS, &frame.with_macs(POD_MAC, GATEWAY_MAC).build())
+        run(
+            dp,
+            TC_EGRESS,
+            &frame.with_macs(POD_MAC, GATEWAY_MAC).build(),
+        )
     };
     // A flow of three packets to VIP:80.
     egress(&mut dp, Frame6::tcp(CLIENT, (VIP, 80), SYN));

@@ -28,6 +28,6 @@ pub use self::{
     affinity::AffinityMaps,
     fake::FakeMaps,
     handles::DatapathMaps,
-    service_counters::ServiceCounterMap,
     lb_maps::{DumpedFrontend, LbMaps, MapDump, MapFamily, ProgramError, validate_service},
+    service_counters::ServiceCounterMap,
 };

@@ -27,14 +27,14 @@ impl ServiceCounterMap {
 
     /// How many ids it holds (one: the agent runs with
     /// `--service-counters off`).
-    pub fn len(&self) -> u32 {
+    pub fn capacity(&self) -> u32 {
         self.map.len()
     }
 
     /// Whether it counts anything (more than the one entry it takes when
     /// counting is off; id 0 is never a frontend's).
     pub fn is_counting(&self) -> bool {
-        self.len() > 1
+        self.capacity() > 1
     }
 
     /// Every id that counted something, with its counters summed over the
@@ -70,7 +70,7 @@ impl ServiceCounterMap {
     /// Zeroes id `id` on every CPU (its frontend is gone: whoever gets
     /// the id next starts at zero). An id beyond the map has nothing.
     pub fn zero(&mut self, id: RevNatId) -> Result<(), MapError> {
-        if id >= self.len() {
+        if id >= self.capacity() {
             return Ok(());
         }
         let zeros = PerCpuValues::try_from(vec![ServiceCounters::default(); self.cpus])?;
