@@ -79,6 +79,10 @@ pub struct AgentFigures {
     pub change_p99_us: f64,
     pub change_max_us: f64,
     pub changes: u64,
+    /// A `/metrics` scrape's label request for every frontend (all
+    /// counted something): the core's scan of its frontends, made
+    /// between syncs.
+    pub scrape_labels_ms: f64,
     /// The real agent: start to /readyz (load, read YAML, sync).
     pub process_ready_ms: Option<f64>,
     pub process_rss_mib: Option<f64>,
@@ -150,6 +154,11 @@ pub fn run(opts: &AgentOpts) -> Result<()> {
             figures.change_p50_us, figures.change_p99_us, figures.change_max_us
         ),
         "p99 ≤ 5 ms".into(),
+    ]);
+    table.add_row(vec![
+        format!("labels for a /metrics scrape of every frontend ({scale}; between syncs)"),
+        format!("{:.1} ms", figures.scrape_labels_ms),
+        String::new(),
     ]);
     if let (Some(ready), Some(rss), Some(peak)) = (
         figures.process_ready_ms,
@@ -271,11 +280,24 @@ fn in_process(opts: &AgentOpts) -> Result<AgentFigures> {
             stats.written
         );
     }
+    eprintln!("timing a scrape's labels for every frontend…");
+    let (request, mut answer) =
+        datapath_user::service_metrics::LabelRequest::new((1..=opts.services as u32).collect());
+    let started = Instant::now();
+    core.answer_labels(request);
+    let scrape_labels_ms = started.elapsed().as_secs_f64() * 1e3;
+    let labelled = answer.try_recv().map_or(0, |labels| labels.len());
+    ensure!(
+        labelled == opts.services,
+        "{labelled} of {} frontends labelled",
+        opts.services
+    );
     Ok(AgentFigures {
         services: opts.services,
         endpoints_per_service: opts.endpoints,
         store_ms,
         sync_ms,
+        scrape_labels_ms,
         change_p50_us: histogram.value_at_quantile(0.5) as f64 / 1e3,
         change_p99_us: histogram.value_at_quantile(0.99) as f64 / 1e3,
         change_max_us: histogram.max() as f64 / 1e3,

@@ -85,6 +85,14 @@ pub struct LabelRequest {
     pub reply: oneshot::Sender<Vec<(RevNatId, FrontendLabels)>>,
 }
 
+impl LabelRequest {
+    /// A request for `ids`, and where its answer arrives.
+    pub fn new(ids: Vec<RevNatId>) -> (Self, oneshot::Receiver<Vec<(RevNatId, FrontendLabels)>>) {
+        let (reply, answer) = oneshot::channel();
+        (Self { ids, reply }, answer)
+    }
+}
+
 /// What `/metrics` needs for per-frontend series: the counters' pin and
 /// the way to the core.
 pub struct ServiceFigures {
@@ -132,13 +140,8 @@ impl ServiceFigures {
         };
         let mut rows = Vec::new();
         if !counted.is_empty() {
-            let (reply, answer) = oneshot::channel();
-            let ids = counted.iter().map(|(id, _)| *id).collect();
-            if self
-                .requests
-                .send(LabelRequest { ids, reply })
-                .await
-                .is_ok()
+            let (request, answer) = LabelRequest::new(counted.iter().map(|(id, _)| *id).collect());
+            if self.requests.send(request).await.is_ok()
                 && let Ok(Ok(labels)) = tokio::time::timeout(LABEL_WAIT, answer).await
             {
                 let counted: HashMap<RevNatId, ServiceCounters> = counted.into_iter().collect();
