@@ -348,8 +348,10 @@ struct AgentArgs {
     /// Packets and new flows per frontend, in /metrics
     /// (underpass_service_packets_total, underpass_service_new_flows_total)
     /// and `underpass service list`. `on` (default): a per-CPU counter
-    /// pair per frontend id, 16 bytes × (--frontends-max + 1) × CPUs of
-    /// kernel memory (1 MiB per CPU at the default), and two adds per
+    /// pair per frontend id, 16 bytes × (--frontends-max + 1) × possible
+    /// CPUs (/sys/devices/system/cpu/possible, which some VMs report far
+    /// above the online count) of kernel memory (1 MiB per possible CPU at
+    /// the default), read whole at each scrape, and two adds per
     /// translated packet. `off`: the table takes one entry and nothing is
     /// counted. A change replaces the table (counts start at zero).
     #[arg(long, env = "UNDERPASS_SERVICE_COUNTERS", value_enum, default_value_t = ServiceCounters::On)]

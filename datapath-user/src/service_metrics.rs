@@ -5,7 +5,12 @@
 //! a node with 50,000 services pays no memory for figures nobody reads,
 //! and the change path never builds a label table.
 
-use std::{collections::HashMap, net::IpAddr, path::Path, sync::Mutex, time::Duration};
+use std::{
+    collections::HashMap,
+    path::Path,
+    sync::{Arc, Mutex},
+    time::Duration,
+};
 
 use aya::maps::{Map, MapData, PerCpuArray};
 use datapath_common::maps::{self as m, RevNatId, ServiceCounters};
@@ -18,9 +23,12 @@ use prometheus_client::{
 use tokio::sync::{mpsc, oneshot};
 
 use crate::{
-    k8s::{ObjectKey, view::ServiceView},
+    k8s::{
+        translate::Claim,
+        view::{ServicePortView, ServiceView},
+    },
     maps::ServiceCounterMap,
-    model::Frontend,
+    reconcile::Holder,
 };
 
 /// How long a scrape waits for the core's labels (it answers between
@@ -44,32 +52,28 @@ pub struct FrontendLabels {
 }
 
 impl FrontendLabels {
-    /// The labels of `frontend`, held by `service` (`view`: as the store
-    /// has it, when it does).
-    pub fn new(
-        service: &ObjectKey,
-        view: Option<&ServiceView>,
-        frontend: &Frontend<IpAddr>,
-    ) -> Self {
+    /// The labels of `holder`'s frontend (`view`: its service as the
+    /// store has it, when it does).
+    pub fn new(holder: &Holder, view: Option<&ServiceView>) -> Self {
+        let frontend = &holder.frontend;
         let protocol = frontend.protocol.to_string();
-        let same_protocol = |p: &Option<std::sync::Arc<str>>| {
-            p.as_deref()
+        let number = i32::from(frontend.port);
+        // A nodePort frontend's port is a nodePort (which may equal
+        // another port's number); every other frontend's, the port's own.
+        let serves = |p: &ServicePortView| {
+            p.protocol
+                .as_deref()
                 .unwrap_or("TCP")
                 .eq_ignore_ascii_case(&protocol)
+                && match holder.claim {
+                    Claim::NodePort => p.node_port == Some(number),
+                    _ => p.port == number,
+                }
         };
-        let ports = view.map_or(&[][..], |v| &v.ports[..]);
-        // Its own port first: a nodePort may equal another port's number.
-        let port = ports
-            .iter()
-            .find(|p| same_protocol(&p.protocol) && p.port == i32::from(frontend.port))
-            .or_else(|| {
-                ports.iter().find(|p| {
-                    same_protocol(&p.protocol) && p.node_port == Some(i32::from(frontend.port))
-                })
-            });
+        let port = view.and_then(|v| v.ports.iter().find(|p| serves(p)));
         Self {
-            namespace: service.namespace().to_owned(),
-            name: service.name().to_owned(),
+            namespace: holder.service.namespace().to_owned(),
+            name: holder.service.name().to_owned(),
             port: port.map_or_else(String::new, |p| format!("{}/{protocol}", p.port)),
             port_name: port.map_or_else(String::new, |p| p.name.to_string()),
             frontend: frontend.to_string(),
@@ -98,7 +102,7 @@ impl LabelRequest {
 pub struct ServiceFigures {
     /// `None`: the pins have no `SERVICE_COUNTERS`, or it counts nothing
     /// (`--service-counters off`).
-    counters: Mutex<Option<ServiceCounterMap>>,
+    counters: Arc<Mutex<Option<ServiceCounterMap>>>,
     requests: mpsc::Sender<LabelRequest>,
 }
 
@@ -112,13 +116,22 @@ impl ServiceFigures {
     /// Reads the counters pinned under `pin_dir`, asking `requests`
     /// (the core) for labels.
     pub fn open(pin_dir: &Path, requests: mpsc::Sender<LabelRequest>) -> Self {
-        let counters = MapData::from_pin(pin_dir.join(m::SERVICE_COUNTERS_MAP))
-            .ok()
-            .and_then(|data| PerCpuArray::try_from(Map::PerCpuArray(data)).ok())
-            .and_then(|map| ServiceCounterMap::new(map).ok())
-            .filter(ServiceCounterMap::is_counting);
+        let opened = MapData::from_pin(pin_dir.join(m::SERVICE_COUNTERS_MAP))
+            .map_err(aya::maps::MapError::from)
+            .and_then(|data| PerCpuArray::try_from(Map::PerCpuArray(data)))
+            .and_then(ServiceCounterMap::new);
+        let counters = match opened {
+            Ok(map) => Some(map).filter(ServiceCounterMap::is_counting),
+            Err(error) => {
+                tracing::warn!(
+                    %error,
+                    "opening SERVICE_COUNTERS: /metrics has no per-service series"
+                );
+                None
+            }
+        };
         Self {
-            counters: Mutex::new(counters),
+            counters: Arc::new(Mutex::new(counters)),
             requests,
         }
     }
@@ -127,21 +140,28 @@ impl ServiceFigures {
     /// `# EOF`): frontends that counted nothing are left out, so an idle
     /// cluster's scrape stays small.
     pub async fn encode(&self) -> Result<String, std::fmt::Error> {
-        let counted = {
-            let guard = self.counters.lock().unwrap_or_else(|p| p.into_inner());
-            match guard.as_ref().map(ServiceCounterMap::nonzero) {
-                Some(Ok(counted)) => counted,
-                Some(Err(error)) => {
-                    tracing::debug!(%error, "reading SERVICE_COUNTERS for /metrics");
-                    Vec::new()
-                }
-                None => Vec::new(),
+        // Off the async workers: a read of every id on every possible
+        // CPU, batched (a few syscalls, but megabytes on large nodes).
+        let counters = self.counters.clone();
+        let read = tokio::task::spawn_blocking(move || {
+            let guard = counters.lock().unwrap_or_else(|p| p.into_inner());
+            guard.as_ref().map(ServiceCounterMap::nonzero)
+        })
+        .await;
+        let counted = match read {
+            Ok(Some(Ok(counted))) => counted,
+            Ok(Some(Err(error))) => {
+                tracing::warn!(%error, "reading SERVICE_COUNTERS for /metrics");
+                Vec::new()
             }
+            Ok(None) | Err(_) => Vec::new(),
         };
         let mut rows = Vec::new();
         if !counted.is_empty() {
             let (request, answer) = LabelRequest::new(counted.iter().map(|(id, _)| *id).collect());
-            if self.requests.send(request).await.is_ok()
+            // Never waits to ask: with the core busy and scrapes queued,
+            // this one goes without the series rather than stalling.
+            if self.requests.try_send(request).is_ok()
                 && let Ok(Ok(labels)) = tokio::time::timeout(LABEL_WAIT, answer).await
             {
                 let counted: HashMap<RevNatId, ServiceCounters> = counted.into_iter().collect();
@@ -193,5 +213,71 @@ impl Collector for Rows {
             }
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{
+        k8s::{ObjectKey, manifest},
+        model::{Frontend, Protocol},
+    };
+
+    /// A nodePort frontend is labelled with the port whose nodePort it
+    /// is, even when another port has that number; a ClusterIP frontend
+    /// with its own port, of its protocol.
+    #[test]
+    fn each_frontend_is_labelled_with_the_port_it_serves() {
+        let text = "apiVersion: v1\nkind: Service\nmetadata: {name: web, namespace: shop}\nspec:\n  type: NodePort\n  clusterIP: 10.96.0.10\n  ports:\n  - {name: a, port: 80, nodePort: 30080}\n  - {name: b, port: 30080}\n  - {name: dns, port: 80, protocol: UDP}\n";
+        let objects = manifest::parse_with(text, "web.yaml", |t| t.view()).objects;
+        let Some(manifest::Object::Service(view)) = objects.first() else {
+            panic!("a Service: {objects:?}");
+        };
+        let label = |address: [u8; 4], port, protocol, claim| {
+            let holder = Holder {
+                rev_nat_id: 1,
+                service: ObjectKey::new("shop", "web"),
+                claim,
+                frontend: Frontend {
+                    address: address.into(),
+                    port,
+                    protocol,
+                },
+            };
+            let labels = FrontendLabels::new(&holder, Some(view));
+            (labels.port, labels.port_name, labels.frontend)
+        };
+        let cluster_ip = [10, 96, 0, 10];
+        let node = [192, 168, 1, 5];
+        assert_eq!(
+            label(node, 30080, Protocol::Tcp, Claim::NodePort),
+            ("80/TCP".into(), "a".into(), "192.168.1.5:30080/TCP".into())
+        );
+        assert_eq!(
+            label(cluster_ip, 30080, Protocol::Tcp, Claim::ClusterIp),
+            (
+                "30080/TCP".into(),
+                "b".into(),
+                "10.96.0.10:30080/TCP".into()
+            )
+        );
+        assert_eq!(
+            label(cluster_ip, 80, Protocol::Udp, Claim::ClusterIp),
+            ("80/UDP".into(), "dns".into(), "10.96.0.10:80/UDP".into())
+        );
+        // A service the store no longer has: its name, no port.
+        let holder = Holder {
+            rev_nat_id: 1,
+            service: ObjectKey::new("shop", "web"),
+            claim: Claim::ClusterIp,
+            frontend: Frontend {
+                address: std::net::Ipv4Addr::new(10, 96, 0, 10).into(),
+                port: 80,
+                protocol: Protocol::Tcp,
+            },
+        };
+        let labels = FrontendLabels::new(&holder, None);
+        assert_eq!((labels.name.as_str(), labels.port.as_str()), ("web", ""));
     }
 }

@@ -106,14 +106,18 @@ impl<M: LbMaps> AgentCore<M> {
     /// Which services hold the frontends of `request`'s ids, with their
     /// ports (before the first full sync: none yet).
     pub fn answer_labels(&self, request: LabelRequest) {
+        if request.reply.is_closed() {
+            // The scrape gave up waiting.
+            return;
+        }
         let ids: foldhash::HashSet<RevNatId> = request.ids.iter().copied().collect();
         let labels = self
             .reconciler
             .holders_of(&ids)
             .into_iter()
-            .map(|(id, service, frontend)| {
-                let view = self.store.service(&service);
-                (id, FrontendLabels::new(&service, view, &frontend))
+            .map(|holder| {
+                let view = self.store.service(&holder.service);
+                (holder.rev_nat_id, FrontendLabels::new(&holder, view))
             })
             .collect();
         let _ = request.reply.send(labels);

@@ -85,7 +85,7 @@ impl MapSizes {
                 (self.slots.min(maps::SLOTS_LIMIT))
                     .saturating_add(u32::from(maps::MAX_BACKENDS_PER_SERVICE)),
             ),
-            // Per CPU: 16 bytes × ids × CPUs of kernel memory.
+            // Per CPU: 16 bytes × ids × possible CPUs of kernel memory.
             (
                 maps::SERVICE_COUNTERS_MAP,
                 if self.service_counters {

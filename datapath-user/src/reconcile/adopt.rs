@@ -123,6 +123,15 @@ impl<M: LbMaps> Reconciler<M> {
                 tracing::warn!(id, %error, "taking a stale affinity away failed");
             }
         }
+        // Counts of ids no adopted frontend holds (the same stop, or a
+        // zeroing that failed): zero before the first sync can hand the
+        // id to a frontend, which would inherit them; the prune retries.
+        if let Err(error) = reconciler
+            .maps
+            .prune_service_counters(&|id| held.contains(&id))
+        {
+            tracing::warn!(%error, "zeroing stale counts in SERVICE_COUNTERS failed");
+        }
         reconciler
     }
 

@@ -117,6 +117,17 @@ pub struct Departed<A = Ipv4Addr> {
     pub backend: BackendAddress<A>,
 }
 
+/// A programmed frontend with the service holding it (`holders_of`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Holder {
+    pub rev_nat_id: RevNatId,
+    pub service: ObjectKey,
+    /// Which of the service's fields asked for it (a nodePort frontend's
+    /// port is the nodePort, not the service port).
+    pub claim: Claim,
+    pub frontend: Frontend<std::net::IpAddr>,
+}
+
 /// What an update did.
 #[derive(Debug, Default)]
 pub struct Outcome {
@@ -347,26 +358,23 @@ impl<M: LbMaps> Reconciler<M> {
     /// each with the service holding it: what `/metrics` labels their
     /// counters with. A scan of every frontend, made once a scrape (and
     /// only when something was counted), never on the change path.
-    pub fn holders_of(
-        &self,
-        ids: &HashSet<RevNatId>,
-    ) -> Vec<(RevNatId, ObjectKey, Frontend<std::net::IpAddr>)> {
-        fn family<A: Family>(
-            t: &FamilyTables<A>,
-            ids: &HashSet<RevNatId>,
-            out: &mut Vec<(RevNatId, ObjectKey, Frontend<std::net::IpAddr>)>,
-        ) {
+    pub fn holders_of(&self, ids: &HashSet<RevNatId>) -> Vec<Holder> {
+        fn family<A: Family>(t: &FamilyTables<A>, ids: &HashSet<RevNatId>, out: &mut Vec<Holder>) {
             for (frontend, programmed) in &t.programmed {
                 if !ids.contains(&programmed.rev_nat_id) {
                     continue;
                 }
-                if let Some((service, _)) = t.owner.get(frontend) {
-                    let frontend = Frontend {
-                        address: frontend.address.into(),
-                        port: frontend.port,
-                        protocol: frontend.protocol,
-                    };
-                    out.push((programmed.rev_nat_id, service.clone(), frontend));
+                if let Some((service, claim)) = t.owner.get(frontend) {
+                    out.push(Holder {
+                        rev_nat_id: programmed.rev_nat_id,
+                        service: service.clone(),
+                        claim: *claim,
+                        frontend: Frontend {
+                            address: frontend.address.into(),
+                            port: frontend.port,
+                            protocol: frontend.protocol,
+                        },
+                    });
                 }
             }
         }
