@@ -117,7 +117,6 @@ impl ServiceFigures {
     /// (the core) for labels.
     pub fn open(pin_dir: &Path, requests: mpsc::Sender<LabelRequest>) -> Self {
         let opened = MapData::from_pin(pin_dir.join(m::SERVICE_COUNTERS_MAP))
-            .map_err(aya::maps::MapError::from)
             .and_then(|data| PerCpuArray::try_from(Map::PerCpuArray(data)))
             .and_then(ServiceCounterMap::new);
         let counters = match opened {
