@@ -24,39 +24,44 @@ use tokio::sync::{mpsc, oneshot};
 
 use crate::{
     k8s::{
+        ObjectKey,
         translate::Claim,
         view::{ServicePortView, ServiceView},
     },
     maps::ServiceCounterMap,
+    model::{Frontend, Protocol},
     reconcile::Holder,
 };
+use std::net::IpAddr;
 
 /// How long a scrape waits for the core's labels (it answers between
 /// syncs; a first sync of a large cluster takes seconds). Without them
 /// the per-frontend series are left out of that scrape.
 pub const LABEL_WAIT: Duration = Duration::from_secs(2);
 
-/// The labels of one frontend's series.
+/// The labels of one frontend's series, as the core hands them over:
+/// shared and copied values only (the core answers 50,000 of them
+/// between two changes); the texts are made by the scrape.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct FrontendLabels {
-    pub namespace: String,
-    pub name: String,
-    /// The service port the frontend serves, "80/TCP" (a nodePort
-    /// frontend's too: its `port`, not the nodePort).
-    pub port: String,
+    /// Its namespace and name.
+    pub service: ObjectKey,
+    /// The service port the frontend serves (a nodePort frontend's too:
+    /// its `port`, not the nodePort); None when the store no longer has
+    /// the service.
+    pub port: Option<i32>,
     /// That port's name ("" when unnamed).
-    pub port_name: String,
-    /// The frontend itself, "10.96.0.10:80/TCP" (a service port has a
-    /// ClusterIP per family, external and load-balancer IPs, nodePorts).
-    pub frontend: String,
+    pub port_name: Arc<str>,
+    /// The frontend itself (a service port has a ClusterIP per family,
+    /// external and load-balancer IPs, nodePorts).
+    pub frontend: Frontend<IpAddr>,
 }
 
 impl FrontendLabels {
     /// The labels of `holder`'s frontend (`view`: its service as the
     /// store has it, when it does).
-    pub fn new(holder: &Holder, view: Option<&ServiceView>) -> Self {
-        let frontend = &holder.frontend;
-        let protocol = frontend.protocol.to_string();
+    pub fn new(holder: Holder, view: Option<&ServiceView>) -> Self {
+        let frontend = holder.frontend;
         let number = i32::from(frontend.port);
         // A nodePort frontend's port is a nodePort (which may equal
         // another port's number); every other frontend's, the port's own.
@@ -64,7 +69,7 @@ impl FrontendLabels {
             p.protocol
                 .as_deref()
                 .unwrap_or("TCP")
-                .eq_ignore_ascii_case(&protocol)
+                .eq_ignore_ascii_case(protocol_name(frontend.protocol))
                 && match holder.claim {
                     Claim::NodePort => p.node_port == Some(number),
                     _ => p.port == number,
@@ -72,12 +77,26 @@ impl FrontendLabels {
         };
         let port = view.and_then(|v| v.ports.iter().find(|p| serves(p)));
         Self {
-            namespace: holder.service.namespace().to_owned(),
-            name: holder.service.name().to_owned(),
-            port: port.map_or_else(String::new, |p| format!("{}/{protocol}", p.port)),
-            port_name: port.map_or_else(String::new, |p| p.name.to_string()),
-            frontend: frontend.to_string(),
+            service: holder.service,
+            port: port.map(|p| p.port),
+            port_name: port.map_or_else(|| Arc::from(""), |p| p.name.clone()),
+            frontend,
         }
+    }
+
+    /// The `port` label: "80/TCP" ("" when unknown).
+    pub fn port_text(&self) -> String {
+        self.port.map_or_else(String::new, |port| {
+            format!("{port}/{}", protocol_name(self.frontend.protocol))
+        })
+    }
+}
+
+/// A protocol as Services spell it.
+fn protocol_name(protocol: Protocol) -> &'static str {
+    match protocol {
+        Protocol::Tcp => "TCP",
+        Protocol::Udp => "UDP",
     }
 }
 
@@ -201,12 +220,13 @@ impl Collector for Rows {
             let metric = ConstCounter::new(0u64);
             let mut family = encoder.encode_descriptor(name, help, None, metric.metric_type())?;
             for (labels, counters) in &self.0 {
+                let (port, frontend) = (labels.port_text(), labels.frontend.to_string());
                 let labels = [
-                    ("namespace", labels.namespace.as_str()),
-                    ("name", labels.name.as_str()),
-                    ("port", labels.port.as_str()),
-                    ("port_name", labels.port_name.as_str()),
-                    ("frontend", labels.frontend.as_str()),
+                    ("namespace", labels.service.namespace()),
+                    ("name", labels.service.name()),
+                    ("port", port.as_str()),
+                    ("port_name", &*labels.port_name),
+                    ("frontend", frontend.as_str()),
                 ];
                 ConstCounter::new(pick(counters)).encode(family.encode_family(&labels)?)?;
             }
@@ -244,8 +264,12 @@ mod tests {
                     protocol,
                 },
             };
-            let labels = FrontendLabels::new(&holder, Some(view));
-            (labels.port, labels.port_name, labels.frontend)
+            let labels = FrontendLabels::new(holder, Some(view));
+            (
+                labels.port_text(),
+                labels.port_name.to_string(),
+                labels.frontend.to_string(),
+            )
         };
         let cluster_ip = [10, 96, 0, 10];
         let node = [192, 168, 1, 5];
@@ -276,7 +300,10 @@ mod tests {
                 protocol: Protocol::Tcp,
             },
         };
-        let labels = FrontendLabels::new(&holder, None);
-        assert_eq!((labels.name.as_str(), labels.port.as_str()), ("web", ""));
+        let labels = FrontendLabels::new(holder, None);
+        assert_eq!(
+            (labels.service.name(), labels.port_text()),
+            ("web", String::new())
+        );
     }
 }

@@ -13,8 +13,8 @@ mod common;
 use std::{net::Ipv4Addr, time::Duration};
 
 use common::{
-    VIP, jiffies_ago, load_private, load_private_checksums, load_private_with, tcp_frontend,
-    udp_frontend,
+    VIP, jiffies_ago, load_private, load_private_checksums, load_private_with, service_counts,
+    tcp_frontend, udp_frontend,
 };
 use datapath_common::{
     SKB_CB_REDIRECTED,
@@ -1972,17 +1972,6 @@ fn a_deleted_backend_is_matched_no_more() {
     );
     let beyond = dp.maps.rev_nat_capacity() + 5;
     dp.maps.set_affinity(beyond, None).unwrap();
-}
-
-/// Packets and new flows per frontend (summed over CPUs).
-fn service_counts(dp: &Datapath) -> std::collections::BTreeMap<u32, (u64, u64)> {
-    let counters = dp.maps.service_counters.as_ref().expect("SERVICE_COUNTERS");
-    counters
-        .nonzero()
-        .unwrap()
-        .into_iter()
-        .map(|(id, c)| (id, (c.packets, c.new_flows)))
-        .collect()
 }
 
 /// Each frontend counts the packets sent to it (new flows and tracked

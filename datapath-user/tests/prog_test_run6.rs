@@ -9,7 +9,7 @@ mod common;
 
 use std::{net::Ipv6Addr, time::Duration};
 
-use common::{PinDir, load_private, load_private_checksums};
+use common::{PinDir, load_private, load_private_checksums, service_counts};
 use datapath_common::{
     maps::{CT_KIND_BACKEND, CT_KIND_SERVICE, CtEntry6, CtKey6, L2_REWRITE},
     metrics::Counter,
@@ -1409,17 +1409,6 @@ fn new_ipv6_flows_of_a_client_of_a_service_with_affinity_keep_its_backend() {
     for port in 41200..41210 {
         assert_eq!(to(port), other.address, "kept once moved (port {port})");
     }
-}
-
-/// Packets and new flows per frontend (summed over CPUs).
-fn service_counts(dp: &Datapath) -> std::collections::BTreeMap<u32, (u64, u64)> {
-    let counters = dp.maps.service_counters.as_ref().expect("SERVICE_COUNTERS");
-    counters
-        .nonzero()
-        .unwrap()
-        .into_iter()
-        .map(|(id, c)| (id, (c.packets, c.new_flows)))
-        .collect()
 }
 
 /// IPv6 frontends count each packet once under their reverse-NAT id, also

@@ -117,7 +117,7 @@ impl<M: LbMaps> AgentCore<M> {
             .into_iter()
             .map(|holder| {
                 let view = self.store.service(&holder.service);
-                (holder.rev_nat_id, FrontendLabels::new(&holder, view))
+                (holder.rev_nat_id, FrontendLabels::new(holder, view))
             })
             .collect();
         let _ = request.reply.send(labels);

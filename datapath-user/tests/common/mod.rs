@@ -104,6 +104,18 @@ fn load_private_options(
     datapath
 }
 
+/// Packets and new flows per frontend of a loaded datapath, by
+/// reverse-NAT id (summed over CPUs; ids that counted nothing left out).
+pub fn service_counts(dp: &Datapath) -> std::collections::BTreeMap<u32, (u64, u64)> {
+    let counters = dp.maps.service_counters.as_ref().expect("SERVICE_COUNTERS");
+    counters
+        .nonzero()
+        .unwrap()
+        .into_iter()
+        .map(|(id, c)| (id, (c.packets, c.new_flows)))
+        .collect()
+}
+
 /// `age` ago on the conntrack clock (jiffies).
 pub fn jiffies_ago(age: std::time::Duration) -> u64 {
     let hz = datapath_user::clock::hz().expect("kernel HZ");
