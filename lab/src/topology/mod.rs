@@ -288,6 +288,9 @@ impl Topology {
             }
             Ok(())
         })?;
+        if let Some(address6) = address6 {
+            usable_at_once(&namespace, address6)?;
+        }
         self.pods.push(Pod {
             role: spec.role.to_owned(),
             namespace,
@@ -395,5 +398,28 @@ impl Topology {
             .iter()
             .find(|p| p.role == role)
             .unwrap_or_else(|| panic!("no pod {role} in this topology"))
+    }
+}
+
+/// Waits (up to 3 s) until `address` can be bound in `namespace`: even
+/// without duplicate detection an IPv6 address stays tentative until its
+/// interface has a carrier, which a macvlan gets from its lower device a
+/// moment after it is up; a server started at once would meet "Cannot
+/// assign requested address".
+fn usable_at_once(namespace: &Namespace, address: Ipv6Addr) -> Result<()> {
+    let bindable = || std::net::UdpSocket::bind(std::net::SocketAddr::from((address, 0))).is_ok();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(3);
+    loop {
+        if namespace.run(bindable)? {
+            return Ok(());
+        }
+        if std::time::Instant::now() >= deadline {
+            return Err(crate::error::TopologyError {
+                netns: namespace.name().to_owned(),
+                step: format!("wait for {address} to leave tentative"),
+                reason: "still not bindable after 3 s (no carrier?)".into(),
+            });
+        }
+        std::thread::sleep(std::time::Duration::from_millis(10));
     }
 }
