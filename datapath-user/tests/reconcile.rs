@@ -403,10 +403,7 @@ fn adoption_and_lifecycle_through_pinned_maps() {
     // Removed also when an assertion or the load fails.
     let pins = common::PinDir::new();
     let pin_dir = pins.path();
-    let options = datapath_user::LoadOptions {
-        pin_dir: Some(pin_dir.clone()),
-        ..datapath_user::LoadOptions::default()
-    };
+    let options = pins.load_options();
     let web = translation(&service_yaml("web", "10.96.1.1", &[80], 3));
     let before = {
         let mut datapath = datapath_user::Datapath::load(&options).unwrap();
@@ -2338,10 +2335,7 @@ fn affinity_written_by_a_previous_agent_is_kept_or_pruned() {
     common::require_root("pinned maps");
     let pins = common::PinDir::new();
     let pin_dir = pins.path();
-    let options = datapath_user::LoadOptions {
-        pin_dir: Some(pin_dir.clone()),
-        ..datapath_user::LoadOptions::default()
-    };
+    let options = pins.load_options();
     let web = service_yaml("web", "10.96.1.1", &[80], 3);
     let old = service_yaml("old", "10.96.1.9", &[80], 2);
     let hz = datapath_user::clock::hz().unwrap();
@@ -2496,10 +2490,7 @@ fn affinity_dropped_while_no_agent_ran_goes_with_the_first_sync() {
     common::require_root("pinned maps");
     let pins = common::PinDir::new();
     let pin_dir = pins.path();
-    let options = datapath_user::LoadOptions {
-        pin_dir: Some(pin_dir.clone()),
-        ..datapath_user::LoadOptions::default()
-    };
+    let options = pins.load_options();
     let three = service_yaml("web", "10.96.1.1", &[80], 3);
     {
         let mut datapath = datapath_user::Datapath::load(&options).unwrap();
@@ -2564,10 +2555,7 @@ fn service_counters_of_frontends_gone_while_no_agent_ran_are_zeroed_by_the_prune
     common::require_root("pinned maps");
     let pins = common::PinDir::new();
     let pin_dir = pins.path();
-    let options = datapath_user::LoadOptions {
-        pin_dir: Some(pin_dir.clone()),
-        ..datapath_user::LoadOptions::default()
-    };
+    let options = pins.load_options();
     let web = service_yaml("web", "10.96.1.1", &[80], 2);
     let api = service_yaml("api", "10.96.1.2", &[80], 2);
     {

@@ -35,6 +35,14 @@ impl PinDir {
     pub fn path(&self) -> std::path::PathBuf {
         self.0.clone()
     }
+
+    /// A load that pins here, with every other option at its default.
+    pub fn load_options(&self) -> LoadOptions {
+        LoadOptions {
+            pin_dir: Some(self.path()),
+            ..LoadOptions::default()
+        }
+    }
 }
 
 impl Drop for PinDir {
