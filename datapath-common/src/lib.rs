@@ -17,6 +17,7 @@ pub mod csum;
 pub mod features;
 pub mod ipv6;
 pub mod lb;
+pub mod maglev;
 pub mod maps;
 pub mod metrics;
 pub mod reject;
