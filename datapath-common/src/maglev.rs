@@ -113,6 +113,32 @@ pub const fn flow_hash4(
     (z >> 32) as u32
 }
 
+/// A backend's identity in the table (`build_table`'s keys), as every
+/// node names it: its address octets, port (network order) and protocol.
+/// Node-local backend ids would give each node another table.
+pub const fn backend_key4(address: [u8; 4], port: u16, protocol: u8) -> [u8; 7] {
+    let [p0, p1] = port.to_be_bytes();
+    [
+        address[0], address[1], address[2], address[3], p0, p1, protocol,
+    ]
+}
+
+/// The same for an IPv6 backend (a key of another length: never equal
+/// to an IPv4 one).
+pub const fn backend_key6(address: [u8; 16], port: u16, protocol: u8) -> [u8; 19] {
+    let mut key = [0u8; 19];
+    let mut i = 0;
+    while i < 16 {
+        key[i] = address[i];
+        i += 1;
+    }
+    let [p0, p1] = port.to_be_bytes();
+    key[16] = p0;
+    key[17] = p1;
+    key[18] = protocol;
+    key
+}
+
 /// Where a flow hash falls in a table of `size` entries.
 #[inline(always)]
 pub const fn table_index(hash: u32, size: u32) -> u32 {

@@ -40,11 +40,19 @@ pub const AFFINITY_MATCH_MAP: &str = "AFFINITY_MATCH";
 pub const AFFINITY_TIMEOUT_MAP: &str = "AFFINITY_TIMEOUT";
 /// Per-frontend packets and new flows (`service_counters`).
 pub const SERVICE_COUNTERS_MAP: &str = "SERVICE_COUNTERS";
+/// North-south on the uplink (`north_south`): settings, each frontend's
+/// Maglev table, the tables, this node's underlay pods.
+pub const NORTH_SOUTH_MAP: &str = "NORTH_SOUTH";
+pub const MAGLEV_TABLE_OF_MAP: &str = "MAGLEV_TABLE_OF";
+pub const MAGLEV_MAP: &str = "MAGLEV";
+pub const LOCAL_PODS_MAP: &str = "LOCAL_PODS";
 
 mod affinity;
+mod north_south;
 mod service_counters;
 mod v6;
 pub use affinity::*;
+pub use north_south::*;
 pub use service_counters::*;
 pub use v6::*;
 
@@ -61,7 +69,7 @@ pub const IPV6_MAPS: [&str; 8] = [
 ];
 
 /// Every map, for pinning and inspection.
-pub const ALL_MAPS: [&str; 26] = [
+pub const ALL_MAPS: [&str; 30] = [
     SERVICE_FILTER_MAP,
     SERVICES_MAP,
     SLOTS_MAP,
@@ -88,6 +96,10 @@ pub const ALL_MAPS: [&str; 26] = [
     AFFINITY_MATCH_MAP,
     AFFINITY_TIMEOUT_MAP,
     SERVICE_COUNTERS_MAP,
+    NORTH_SOUTH_MAP,
+    MAGLEV_TABLE_OF_MAP,
+    MAGLEV_MAP,
+    LOCAL_PODS_MAP,
 ];
 
 /// Each map's layout version: its key and value structs and what their
@@ -108,7 +120,7 @@ pub const ALL_MAPS: [&str; 26] = [
 ///
 /// Every map that existed when all maps shared one version
 /// (`SHARED_MAPS_ABI`) is at that version's last value, 3.
-pub const MAP_LAYOUT_VERSIONS: [(&str, u32); 26] = [
+pub const MAP_LAYOUT_VERSIONS: [(&str, u32); 30] = [
     (SERVICE_FILTER_MAP, 3),
     (SERVICES_MAP, 4),
     (SLOTS_MAP, 1),
@@ -135,6 +147,10 @@ pub const MAP_LAYOUT_VERSIONS: [(&str, u32); 26] = [
     (AFFINITY_MATCH_MAP, 1),
     (AFFINITY_TIMEOUT_MAP, 1),
     (SERVICE_COUNTERS_MAP, 1),
+    (NORTH_SOUTH_MAP, 1),
+    (MAGLEV_TABLE_OF_MAP, 1),
+    (MAGLEV_MAP, 1),
+    (LOCAL_PODS_MAP, 1),
 ];
 
 /// The layout version of `map` in this build.
@@ -444,6 +460,16 @@ pub const L2_REWRITE: u8 = 1;
 /// `bpf_redirect_neigh` to the pod's own address until the entries
 /// expire: those connections break, no other.
 pub const L2_HAIRPIN: u8 = 2;
+/// `CtEntry::l2_mode` of a north-south flow from outside to a pod on this
+/// node's uplink, opened by the XDP program (`north_south`): in its
+/// service-tuple entry, `dst_mac` is the pod's (what each packet's
+/// destination MAC becomes); in its backend-tuple entry, it marks the
+/// entry the pod's TC egress reverse-translates replies by (an
+/// east-west flow's backend-tuple entry is left to the client's
+/// ingress). A value added without a layout bump: no earlier build
+/// opened such a flow, and one downgraded to leaves these entries alone
+/// (its ingress never meets their tuples) until they expire.
+pub const L2_UPLINK_LOCAL: u8 = 3;
 /// Value of `CONNTRACK_TCP` and `CONNTRACK_UDP`.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
@@ -617,6 +643,9 @@ mod pod {
     unsafe impl aya::Pod for AffinityValue {}
     unsafe impl aya::Pod for AffinityMatchKey {}
     unsafe impl aya::Pod for ServiceCounters {}
+    unsafe impl aya::Pod for NorthSouthConfig {}
+    unsafe impl aya::Pod for MaglevPair {}
+    unsafe impl aya::Pod for LocalPod {}
 }
 
 #[cfg(test)]
@@ -654,7 +683,7 @@ mod tests {
             l2_mode, service_address_be, service_port_be, dst_mac, src_mac, nat_port_be, ifindex,
             out_ifindex, rev_nat_high);
         let service_value6 = service_value.clone();
-        let maps: [(&str, String, String); 26] = [
+        let maps: [(&str, String, String); 30] = [
             (SERVICE_FILTER_MAP, "u32".into(), "u32".into()),
             (SERVICES_MAP, service_key, service_value),
             (SLOTS_MAP, "u32".into(), layout!(Slot: backend_id)),
@@ -737,6 +766,14 @@ mod tests {
                 "u32".into(),
                 layout!(ServiceCounters: packets, new_flows) + " per CPU",
             ),
+            (
+                NORTH_SOUTH_MAP,
+                "u32".into(),
+                layout!(NorthSouthConfig: maglev_seed, maglev_table_size),
+            ),
+            (MAGLEV_TABLE_OF_MAP, "u32".into(), "u32 table + 1".into()),
+            (MAGLEV_MAP, "u32".into(), layout!(MaglevPair: backend_ids)),
+            (LOCAL_PODS_MAP, "u32".into(), layout!(LocalPod: mac)),
         ];
         assert_eq!(
             maps.each_ref().map(|(name, _, _)| *name),
@@ -806,7 +843,11 @@ mod tests {
          AFFINITY v1: AffinityKey[24]{client@0,rev_nat_id@16,kind@20} -> AffinityValue[16]{last_used@0,backend_id@8}
          AFFINITY_MATCH v1: AffinityMatchKey[8]{backend_id@0,rev_nat_id@4} -> u8
          AFFINITY_TIMEOUT v1: u32 -> u64 jiffies
-         SERVICE_COUNTERS v1: u32 -> ServiceCounters[16]{packets@0,new_flows@8} per CPU";
+         SERVICE_COUNTERS v1: u32 -> ServiceCounters[16]{packets@0,new_flows@8} per CPU
+         NORTH_SOUTH v1: u32 -> NorthSouthConfig[16]{maglev_seed@0,maglev_table_size@8}
+         MAGLEV_TABLE_OF v1: u32 -> u32 table + 1
+         MAGLEV v1: u32 -> MaglevPair[8]{backend_ids@0}
+         LOCAL_PODS v1: u32 -> LocalPod[8]{mac@0}";
 
     #[test]
     fn reverse_nat_ids_take_24_bits_and_values_written_before_read_the_same() {
@@ -862,6 +903,12 @@ mod tests {
         assert_eq!(size_of::<AffinityKey>(), 16 + 4 + 1 + 3);
         assert_eq!(size_of::<AffinityValue>(), 8 + 4 + 4);
         assert_eq!(size_of::<AffinityMatchKey>(), 4 + 4);
+        assert_eq!(size_of::<NorthSouthConfig>(), 8 + 4 + 4);
+        assert_eq!(
+            (size_of::<MaglevPair>(), align_of::<MaglevPair>()),
+            (4 + 4, 8)
+        );
+        assert_eq!(size_of::<LocalPod>(), 6 + 2);
     }
 
     #[test]

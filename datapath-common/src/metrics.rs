@@ -43,10 +43,20 @@ pub enum Counter {
     /// packets (`up_tc_egress6_ext`) was missing from the jump table (an
     /// inconsistent installation; zero otherwise).
     Ipv6Untranslated = 12,
+    /// Uplink (XDP): packets from outside to a north-south frontend
+    /// translated (new flows and tracked ones).
+    NorthSouthTranslated = 13,
+    /// Replies of north-south flows translated back to the frontend: on
+    /// the pod's TC egress (a backend on this node).
+    NorthSouthReverseTranslated = 14,
+    /// Uplink (XDP): packets to a north-south frontend passed to the
+    /// stack untranslated: a fragment, a backend this node cannot hand
+    /// the packet to (not on this uplink).
+    NorthSouthPassed = 15,
 }
 
 /// Number of slots in `COUNTERS`.
-pub const COUNTER_COUNT: u32 = 13;
+pub const COUNTER_COUNT: u32 = 16;
 
 impl Counter {
     /// Every counter, in index order.
@@ -64,6 +74,9 @@ impl Counter {
         Counter::IcmpErrorTranslated,
         Counter::PortClash,
         Counter::Ipv6Untranslated,
+        Counter::NorthSouthTranslated,
+        Counter::NorthSouthReverseTranslated,
+        Counter::NorthSouthPassed,
     ];
 
     /// The snake_case name used in metrics and CLI output.
@@ -82,6 +95,9 @@ impl Counter {
             Counter::IcmpErrorTranslated => "icmp_error_translated",
             Counter::PortClash => "port_clash",
             Counter::Ipv6Untranslated => "ipv6_untranslated",
+            Counter::NorthSouthTranslated => "north_south_translated",
+            Counter::NorthSouthReverseTranslated => "north_south_reverse_translated",
+            Counter::NorthSouthPassed => "north_south_passed",
         }
     }
 }

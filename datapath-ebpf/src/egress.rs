@@ -35,7 +35,7 @@ use crate::{
     metrics::{count, count_service},
     nat::{self, End},
     parse::{self, Packet},
-    parse6, reject, reply_filter, route,
+    parse6, reject, reply_filter, route, uplink_reply,
 };
 
 #[inline(always)]
@@ -130,10 +130,15 @@ fn wire_port(flow: &CtEntry, packet: &Packet) -> u16 {
 }
 
 /// A packet to an address that is not a service: a connection straight to
-/// a pod (or anything else). It passes untouched, unless its wire tuple
-/// clashes with a service flow's (`crate::clash`).
+/// a pod (or anything else). It passes untouched, unless it answers a
+/// client from outside (`crate::uplink_reply`) or its wire tuple clashes
+/// with a service flow's (`crate::clash`).
 #[inline(always)]
 fn direct(ctx: &TcContext, packet: &Packet) -> i32 {
+    if let Some(verdict) = uplink_reply::reply(ctx, packet) {
+        // The pod answering a client from outside (`crate::uplink`).
+        return verdict;
+    }
     if clash::marked(packet.daddr_be, packet.dport_be, packet.protocol) {
         let tracked = if packet.protocol == IPPROTO_TCP {
             direct_tracked(ctx, packet, &CONNTRACK_TCP)
@@ -308,7 +313,7 @@ fn maybe_service(packet: &Packet) -> bool {
 /// gets a RST from its new backend and the client fails fast instead of
 /// hanging; a UDP flow simply moves).
 #[inline(always)]
-fn tracked_backend(flow: &CtEntry, packet: &Packet, now: u64) -> Option<Backend> {
+pub fn tracked_backend(flow: &CtEntry, packet: &Packet, now: u64) -> Option<Backend> {
     if ct::is_expired(flow, packet.protocol, now)
         || conntrack::syn_reopens(flow, packet.protocol, packet.tcp_flags)
     {

@@ -28,6 +28,7 @@ mod ingress;
 mod ingress6;
 mod kernel_skb;
 mod l2;
+mod maglev;
 mod maps;
 mod metrics;
 mod nat;
@@ -38,10 +39,13 @@ mod reject;
 mod reply_filter;
 mod route;
 mod sock;
+mod uplink;
+mod uplink_frame;
+mod uplink_reply;
 
 use aya_ebpf::{
-    macros::{cgroup_sock_addr, classifier},
-    programs::{SockAddrContext, TcContext},
+    macros::{cgroup_sock_addr, classifier, xdp},
+    programs::{SockAddrContext, TcContext, XdpContext},
 };
 
 /// TC egress on the pod interface: ClusterIP → backend DNAT. Inlined
@@ -149,6 +153,13 @@ pub fn up_tc_ingress6(ctx: TcContext) -> i32 {
 #[classifier]
 pub fn up_tc_pass(_ctx: TcContext) -> i32 {
     aya_ebpf::bindings::TC_ACT_UNSPEC
+}
+
+/// XDP on the node's uplink: traffic from outside to nodePorts,
+/// load-balancer and external IPs (`uplink`).
+#[xdp]
+pub fn up_xdp_uplink(ctx: XdpContext) -> u32 {
+    uplink::run(&ctx)
 }
 
 #[cgroup_sock_addr(connect4)]

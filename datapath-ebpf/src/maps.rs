@@ -10,9 +10,9 @@ use datapath_common::{
     maps::{
         AffinityKey, AffinityMatchKey, AffinityValue, BPF_F_MMAPABLE, BPF_F_NO_PREALLOC, Backend,
         BackendAddress6, CtEntry, CtEntry6, CtKey, CtKey6, FragmentKey, FragmentKey6,
-        FragmentPorts, PodRouteKey, PodRouteKey6, RevNatValue, RevNatValue6, ServiceCounters,
-        ServiceKey, ServiceKey6, ServiceValue, Slot, SockRevNatKey, SockRevNatKey6,
-        SockRevNatValue, SockRevNatValue6,
+        FragmentPorts, LocalPod, MaglevPair, NorthSouthConfig, PodRouteKey, PodRouteKey6,
+        RevNatValue, RevNatValue6, ServiceCounters, ServiceKey, ServiceKey6, ServiceValue, Slot,
+        SockRevNatKey, SockRevNatKey6, SockRevNatValue, SockRevNatValue6,
     },
     metrics::COUNTER_COUNT,
 };
@@ -176,3 +176,25 @@ pub static AFFINITY_TIMEOUT: Array<u64> = Array::with_max_entries(65_536, BPF_F_
 #[map]
 pub static SERVICE_COUNTERS: PerCpuArray<ServiceCounters> =
     PerCpuArray::with_max_entries(65_536, 0);
+
+// North-south on the uplink (`datapath_common::maps::north_south`): one
+// entry each unless the agent serves traffic from outside.
+
+/// The north-south settings (Maglev seed and table size), one entry.
+#[map]
+pub static NORTH_SOUTH: Array<NorthSouthConfig> = Array::with_max_entries(1, 0);
+
+/// Reverse-NAT id → the frontend's Maglev table number + 1 (0: not
+/// served from outside on this node).
+#[map]
+pub static MAGLEV_TABLE_OF: Array<u32> = Array::with_max_entries(1, 0);
+
+/// The Maglev tables, two backend ids per element (mmap-able: the agent
+/// writes a table by storing into its mapping).
+#[map]
+pub static MAGLEV: Array<MaglevPair> = Array::with_max_entries(1, BPF_F_MMAPABLE);
+
+/// This node's underlay pods on the uplink, by IPv4 address: the MAC a
+/// frame for one is rewritten to.
+#[map]
+pub static LOCAL_PODS: HashMap<u32, LocalPod> = HashMap::with_max_entries(1, 0);

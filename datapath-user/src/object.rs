@@ -84,6 +84,19 @@ pub fn bytes() -> Option<&'static [u8]> {
 }
 
 /// TC verdicts the programs return.
+/// XDP on the node's uplink: traffic from outside to north-south
+/// frontends (nodePorts, load-balancer and external IPs).
+pub const XDP_UPLINK: &str = "up_xdp_uplink";
+
+/// What the XDP program returns (`enum xdp_action`).
+pub mod xdp_verdict {
+    pub const DROP: u32 = 1;
+    /// Up the stack (translated or not).
+    pub const PASS: u32 = 2;
+    /// Back out of the interface it came in by.
+    pub const TX: u32 = 3;
+}
+
 pub mod verdict {
     /// Not ours: the next program (or the kernel's default) decides.
     pub const NEXT: i32 = -1;

@@ -1761,6 +1761,7 @@ fn pod_routes_steer_new_flows_only_with_the_netns_cookie_feature() {
                 affinity_clients: 1024,
                 service_counters: true,
                 ipv6: false,
+                ..datapath_user::loader::MapSizes::default()
             },
             ..datapath_user::LoadOptions::default()
         })

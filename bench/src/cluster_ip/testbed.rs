@@ -333,6 +333,7 @@ impl Testbed {
                 affinity_clients: 16,
                 service_counters: false,
                 ipv6: false,
+                ..MapSizes::default()
             };
             let datapath = Datapath::load(&LoadOptions {
                 sizes: tiny,

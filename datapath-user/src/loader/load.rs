@@ -14,7 +14,7 @@ use datapath_common::{
 use super::{
     bpffs::ensure_bpffs,
     options::{DatapathLog, L4Checksums, LoadOptions},
-    programs::{jump_table_pin, pin_programs, sched_classifier, sock_program},
+    programs::{jump_table_pin, pin_programs, sched_classifier, sock_program, xdp_program},
     skb_access::{SkbAccess, patch_kfunc_calls},
 };
 use crate::{
@@ -242,6 +242,9 @@ impl Datapath {
                 .load()
                 .map_err(|source| LoaderError::program(name, source))?;
         }
+        xdp_program(&mut ebpf, object::XDP_UPLINK)?
+            .load()
+            .map_err(|source| LoaderError::program(object::XDP_UPLINK, source))?;
         if let Some(dir) = &pin_dir {
             // The TC pair, for the CNI plugin to attach without loading
             // and verifying the object on every pod start: pinned here

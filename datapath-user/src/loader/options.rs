@@ -37,6 +37,13 @@ pub struct MapSizes {
     /// Size the IPv6 maps as their IPv4 twins; otherwise they take one
     /// entry each (an IPv4-only node pays nothing for them).
     pub ipv6: bool,
+    /// Maglev tables for north-south frontends (`MAGLEV`: one per
+    /// service port served from outside). Zero when nothing is: the
+    /// north-south maps then take one entry each.
+    pub maglev_tables: u32,
+    /// Entries per Maglev table (a prime,
+    /// `datapath_common::maglev::check_table_size`).
+    pub maglev_table_size: u32,
 }
 
 impl MapSizes {
@@ -50,7 +57,7 @@ impl MapSizes {
     }
 
     /// `max_entries` of each sized map, as the loader sets them.
-    pub fn max_entries(&self) -> [(&'static str, u32); 19] {
+    pub fn max_entries(&self) -> [(&'static str, u32); 22] {
         let tcp_entries = self
             .conntrack_tcp_flows
             .saturating_mul(maps::CT_ENTRIES_PER_FLOW);
@@ -58,6 +65,13 @@ impl MapSizes {
             .conntrack_udp_flows
             .saturating_mul(maps::CT_ENTRIES_PER_FLOW);
         let v6 = |entries: u32| if self.ipv6 { entries } else { 1 };
+        let north_south = |entries: u32| {
+            if self.maglev_tables > 0 {
+                entries.max(1)
+            } else {
+                1
+            }
+        };
         [
             (maps::SERVICES_MAP, self.services),
             (maps::SLOTS_MAP, self.slots.min(maps::SLOTS_LIMIT)),
@@ -94,6 +108,19 @@ impl MapSizes {
                     1
                 },
             ),
+            // 8 B per two entries: 64 KiB per table at the default size.
+            (
+                maps::MAGLEV_MAP,
+                north_south(
+                    self.maglev_tables
+                        .saturating_mul(maps::maglev_elements(self.maglev_table_size)),
+                ),
+            ),
+            (maps::MAGLEV_TABLE_OF_MAP, north_south(self.reverse_nat)),
+            (
+                maps::LOCAL_PODS_MAP,
+                north_south(maps::DEFAULT_LOCAL_PODS_MAX),
+            ),
         ]
     }
 }
@@ -111,6 +138,8 @@ impl Default for MapSizes {
             affinity_clients: maps::DEFAULT_AFFINITY_MAX,
             service_counters: true,
             ipv6: false,
+            maglev_tables: 0,
+            maglev_table_size: datapath_common::maglev::DEFAULT_TABLE_SIZE,
         }
     }
 }

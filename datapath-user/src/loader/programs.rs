@@ -8,7 +8,7 @@ use std::{
 
 use aya::{
     Ebpf,
-    programs::{CgroupSockAddr, ProgramError, SchedClassifier},
+    programs::{CgroupSockAddr, ProgramError, SchedClassifier, Xdp},
 };
 
 use super::bpffs::create_pin_dir;
@@ -160,5 +160,12 @@ pub(super) fn sock_program<'a>(
     ebpf: &'a mut Ebpf,
     name: &'static str,
 ) -> Result<&'a mut CgroupSockAddr, LoaderError> {
+    program(ebpf, name)
+}
+
+pub(super) fn xdp_program<'a>(
+    ebpf: &'a mut Ebpf,
+    name: &'static str,
+) -> Result<&'a mut Xdp, LoaderError> {
     program(ebpf, name)
 }

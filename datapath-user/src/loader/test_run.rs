@@ -3,7 +3,10 @@
 
 use aya::programs::{TestRun, TestRunOptions};
 
-use super::{load::Datapath, programs::sched_classifier};
+use super::{
+    load::Datapath,
+    programs::{sched_classifier, xdp_program},
+};
 use crate::error::LoaderError;
 
 impl Datapath {
@@ -64,6 +67,29 @@ impl Datapath {
             duration: result.duration,
             cb,
         })
+    }
+}
+
+impl Datapath {
+    /// Runs the XDP program `name` on `frame` once with BPF_PROG_TEST_RUN:
+    /// its verdict (`object::xdp_verdict`) and the frame as it left it.
+    pub fn test_run_xdp(
+        &mut self,
+        name: &'static str,
+        frame: &[u8],
+    ) -> Result<(u32, Vec<u8>), LoaderError> {
+        let program = xdp_program(&mut self.ebpf, name)?;
+        let mut out = vec![0u8; frame.len() + 256];
+        let result = program
+            .test_run(TestRunOptions {
+                data_in: Some(frame),
+                data_out: Some(&mut out),
+                repeat: 1,
+                ..TestRunOptions::default()
+            })
+            .map_err(|source| LoaderError::program(name, source))?;
+        out.truncate(result.data_size_out as usize);
+        Ok((result.return_value, out))
     }
 }
 

@@ -65,6 +65,8 @@ pub struct DatapathMaps {
     /// Packets and new flows per frontend; `None` in pins an agent
     /// without it made.
     pub service_counters: Option<super::service_counters::ServiceCounterMap>,
+    /// The north-south maps; `None` in pins an agent without them made.
+    pub north_south: Option<super::north_south::NorthSouthMaps>,
     /// Waits for running programs (`LbMaps::wait_for_readers`), made at
     /// the first wait.
     pub(super) readers: Option<std::io::Result<crate::bpfsys::GracePeriod>>,
@@ -150,6 +152,24 @@ impl DatapathMaps {
                     super::service_counters::ServiceCounterMap::new(map)
                         .map_err(|source| LoaderError::map(m::SERVICE_COUNTERS_MAP, source))?,
                 )
+            } else {
+                None
+            },
+            north_south: if [
+                m::NORTH_SOUTH_MAP,
+                m::MAGLEV_TABLE_OF_MAP,
+                m::MAGLEV_MAP,
+                m::LOCAL_PODS_MAP,
+            ]
+            .into_iter()
+            .all(&present)
+            {
+                Some(super::north_south::NorthSouthMaps::new(
+                    typed(&mut get, m::NORTH_SOUTH_MAP)?,
+                    typed(&mut get, m::MAGLEV_TABLE_OF_MAP)?,
+                    mapped(&mut get, m::MAGLEV_MAP)?,
+                    typed(&mut get, m::LOCAL_PODS_MAP)?,
+                ))
             } else {
                 None
             },

@@ -8,7 +8,8 @@
 //! frontend owns; `reply_filter` says when the ingress program may skip
 //! conntrack; `affinity` writes `sessionAffinity`'s timeouts and
 //! backend sets; `service_counters` reads and zeroes the per-frontend
-//! counters.
+//! counters; `north_south` writes the Maglev tables and this node's
+//! underlay pods for the uplink program.
 
 mod affinity;
 mod bulk;
@@ -16,6 +17,7 @@ mod fake;
 mod handles;
 mod lb_maps;
 mod mapped_array;
+mod north_south;
 mod pending;
 mod reply_filter;
 mod service_counters;
@@ -29,5 +31,6 @@ pub use self::{
     fake::FakeMaps,
     handles::DatapathMaps,
     lb_maps::{DumpedFrontend, LbMaps, MapDump, MapFamily, ProgramError, validate_service},
+    north_south::{MaglevWriteError, NorthSouthMaps},
     service_counters::ServiceCounterMap,
 };

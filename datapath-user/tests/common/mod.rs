@@ -98,6 +98,9 @@ fn load_private_options(
             service_counters: true,
             // The IPv6 maps at their sizes too.
             ipv6: true,
+            // North-south served: a few Maglev tables of the smallest size.
+            maglev_tables: 4,
+            maglev_table_size: datapath_common::maglev::MIN_TABLE_SIZE,
         },
         ..LoadOptions::default()
     };

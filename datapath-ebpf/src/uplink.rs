@@ -1,0 +1,175 @@
+//! XDP on the node's uplink (the parent of the macvlan pods): traffic
+//! from outside to a north-south frontend (nodePort at this node's
+//! address, load-balancer IP, external IP) is balanced with Maglev
+//! (`crate::maglev`) and DNATed; a backend on this node is handed to its
+//! macvlan by the frame's destination MAC (`XDP_PASS`), the client's
+//! address kept, and the pod's TC egress turns its replies back
+//! (`crate::uplink_reply`).
+//!
+//! Anything else leaves after the `SERVICE_FILTER` read: not IPv4 TCP or
+//! UDP, a fragment, a destination no frontend hashes to. A frontend not
+//! served from outside here, or a backend not on this uplink, passes to
+//! the stack untranslated (counted).
+
+use aya_ebpf::{bindings::xdp_action::XDP_PASS, programs::XdpContext};
+use datapath_common::{
+    IPPROTO_TCP,
+    conntrack::{self, Direction},
+    lb,
+    maps::{Backend, CtEntry, CtKey, L2_UPLINK_LOCAL, ServiceKey},
+    metrics::Counter,
+};
+
+use crate::{
+    ct, egress, maglev,
+    maps::{BACKENDS, CONNTRACK_TCP, CONNTRACK_UDP, CtMap, LOCAL_PODS, SERVICE_FILTER, SERVICES},
+    metrics::{count, count_service},
+    parse::Packet,
+    reply_filter,
+    uplink_frame::{self, rewrite_destination, set_destination_mac},
+};
+
+#[inline(always)]
+pub fn run(ctx: &XdpContext) -> u32 {
+    let Some(packet) = uplink_frame::ipv4_l4(ctx) else {
+        return XDP_PASS;
+    };
+    let bucket = lb::service_filter_index(packet.daddr_be, packet.dport_be, packet.protocol);
+    if SERVICE_FILTER.get(bucket).is_none_or(|&n| n == 0) {
+        return XDP_PASS;
+    }
+    // One call site per table: the verifier then inlines each lookup.
+    if packet.protocol == IPPROTO_TCP {
+        service_packet(ctx, &packet, &CONNTRACK_TCP)
+    } else {
+        service_packet(ctx, &packet, &CONNTRACK_UDP)
+    }
+}
+
+#[inline(always)]
+fn service_packet(ctx: &XdpContext, packet: &Packet, table: &CtMap) -> u32 {
+    let key = ct::service_key(
+        packet.saddr_be,
+        packet.sport_be,
+        packet.daddr_be,
+        packet.dport_be,
+        packet.protocol,
+    );
+    let now = ct::now();
+    if let Some(flow) = table.get_ptr_mut(key) {
+        // SAFETY: a pointer into the map value, valid for this program run.
+        let flow = unsafe { &mut *flow };
+        if flow.l2_mode == L2_UPLINK_LOCAL
+            && let Some(backend) = egress::tracked_backend(flow, packet, now)
+        {
+            let state = conntrack::next_state(
+                flow.state,
+                packet.protocol,
+                packet.tcp_flags,
+                Direction::Original,
+            );
+            if ct::needs_write(flow, state, now) {
+                flow.state = state;
+                flow.last_seen = now;
+                let reply = ct::backend_key(
+                    packet.saddr_be,
+                    packet.sport_be,
+                    backend.address_be,
+                    backend.port_be,
+                    packet.protocol,
+                );
+                if !ct::mirror(table, &reply, state, now) {
+                    // Evicted: without it the pod's replies would leave
+                    // with its own address.
+                    let _ = ct::insert(table, &reply, &reply_entry(flow, packet));
+                }
+                reply_filter::mark(backend.address_be, backend.port_be, packet.protocol);
+            }
+            count_service(flow.rev_nat_id(), 1, 0);
+            let mac = flow.dst_mac;
+            return deliver(ctx, packet, &backend, mac);
+        }
+    }
+    new_flow(ctx, packet, table, &key, now)
+}
+
+#[inline(always)]
+fn new_flow(ctx: &XdpContext, packet: &Packet, table: &CtMap, key: &CtKey, now: u64) -> u32 {
+    let frontend = ServiceKey::new(packet.daddr_be, packet.dport_be, packet.protocol);
+    // SAFETY: the value is copied out before any other map call.
+    let Some(service) = (unsafe { SERVICES.get(frontend) }).copied() else {
+        // Another destination sharing the filter bucket.
+        return XDP_PASS;
+    };
+    let rev_nat_id = service.rev_nat_id();
+    let Some(backend_id) = maglev::pick(packet, rev_nat_id) else {
+        // Not served from outside on this node: the stack decides.
+        count(Counter::NorthSouthPassed);
+        return XDP_PASS;
+    };
+    let Some(backend) = BACKENDS
+        .get(backend_id)
+        .copied()
+        .filter(Backend::is_present_v4)
+    else {
+        count(Counter::NorthSouthPassed);
+        return XDP_PASS;
+    };
+    // SAFETY: the value is copied out before any other map call.
+    let Some(pod) = (unsafe { LOCAL_PODS.get(backend.address_be) }).copied() else {
+        // A backend elsewhere: not handled on the uplink yet.
+        count(Counter::NorthSouthPassed);
+        return XDP_PASS;
+    };
+    let mut flow = CtEntry {
+        last_seen: now,
+        backend_id,
+        state: conntrack::initial_state(packet.protocol, packet.tcp_flags),
+        l2_mode: L2_UPLINK_LOCAL,
+        dst_mac: pod.mac,
+        ..CtEntry::default()
+    };
+    flow.set_rev_nat_id(rev_nat_id);
+    // Reply entry first: a reply can only come after the packet is in.
+    let reply = ct::backend_key(
+        packet.saddr_be,
+        packet.sport_be,
+        backend.address_be,
+        backend.port_be,
+        packet.protocol,
+    );
+    if !ct::insert(table, &reply, &reply_entry(&flow, packet)) || !ct::insert(table, key, &flow) {
+        count(Counter::Error);
+    }
+    // After the entries (`crate::reply_filter`): the pod's egress looks
+    // its replies up only when their source is flagged.
+    reply_filter::mark(backend.address_be, backend.port_be, packet.protocol);
+    count_service(rev_nat_id, 1, 1);
+    deliver(ctx, packet, &backend, pod.mac)
+}
+
+/// The backend-tuple entry of a flow from outside: the frontend the
+/// pod's replies get back as their source.
+#[inline(always)]
+fn reply_entry(flow: &CtEntry, packet: &Packet) -> CtEntry {
+    CtEntry {
+        service_address_be: packet.daddr_be,
+        service_port_be: packet.dport_be,
+        dst_mac: [0; 6],
+        ..*flow
+    }
+}
+
+/// DNAT to `backend`, the pod's MAC as the destination, up the stack:
+/// the macvlan with that MAC takes it.
+#[inline(always)]
+fn deliver(ctx: &XdpContext, packet: &Packet, backend: &Backend, mac: [u8; 6]) -> u32 {
+    if rewrite_destination(ctx, packet, backend.address_be, backend.port_be).is_err()
+        || set_destination_mac(ctx, mac).is_err()
+    {
+        count(Counter::Error);
+        return aya_ebpf::bindings::xdp_action::XDP_DROP;
+    }
+    count(Counter::NorthSouthTranslated);
+    XDP_PASS
+}

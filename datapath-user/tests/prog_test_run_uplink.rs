@@ -1,0 +1,414 @@
+//! The uplink's XDP program (north-south) and the pod's TC egress half of
+//! its flows, run with BPF_PROG_TEST_RUN on crafted frames: Katran's
+//! fixture shape (input, expected frame, verdict, map state), every
+//! output frame's checksums verified from scratch.
+
+mod common;
+
+use std::net::Ipv4Addr;
+
+use common::{VIP, load_private, service_counts, tcp_frontend};
+use datapath_common::{
+    IPPROTO_TCP, ipv4_be, maglev,
+    maps::{CT_KIND_BACKEND, CT_KIND_SERVICE, CtEntry, CtKey, L2_UPLINK_LOCAL},
+    metrics::Counter,
+    port_be,
+};
+use datapath_user::{
+    Datapath,
+    maps::LbMaps,
+    model::{BackendEntry, Frontend, Protocol},
+    object::{TC_EGRESS, XDP_UPLINK, verdict, xdp_verdict},
+};
+use lab::packet::{self, ACK, Frame, L4, SYN};
+
+/// The node's address on the uplink, where clients from outside reach
+/// its nodePorts.
+const NODE: Ipv4Addr = Ipv4Addr::new(10, 77, 0, 101);
+const NODE_PORT: u16 = 30080;
+/// A client outside the cluster.
+const OUTSIDE: (Ipv4Addr, u16) = (Ipv4Addr::new(192, 0, 2, 7), 51000);
+/// The uplink's MAC (frames from outside come to it) and the router's.
+const NODE_MAC: [u8; 6] = [0x02, 0x77, 0, 0, 0, 0x65];
+const ROUTER_MAC: [u8; 6] = [0x02, 0x77, 0, 0, 0, 0xfe];
+/// Two underlay pods on this node's uplink and one on another node.
+const LOCAL_A: BackendEntry = BackendEntry {
+    id: 1,
+    address: Ipv4Addr::new(10, 77, 0, 3),
+    port: 8080,
+};
+const LOCAL_A_MAC: [u8; 6] = [0x02, 0x77, 0, 0, 0, 0x03];
+const LOCAL_B: BackendEntry = BackendEntry {
+    id: 2,
+    address: Ipv4Addr::new(10, 77, 0, 5),
+    port: 8080,
+};
+const LOCAL_B_MAC: [u8; 6] = [0x02, 0x77, 0, 0, 0, 0x05];
+const REMOTE: BackendEntry = BackendEntry {
+    id: 3,
+    address: Ipv4Addr::new(10, 77, 0, 4),
+    port: 8080,
+};
+const SEED: u64 = 0x5eed;
+const TABLE_SIZE: u32 = maglev::MIN_TABLE_SIZE;
+
+fn node_port(protocol: Protocol) -> Frontend {
+    Frontend {
+        address: NODE,
+        port: NODE_PORT,
+        protocol,
+    }
+}
+
+/// The Maglev table of `backends` as the agent writes it: built from
+/// the backends' keys, entries mapped to their ids.
+fn table_ids(backends: &[BackendEntry], protocol: u8) -> Vec<u32> {
+    let keys: Vec<[u8; 7]> = backends
+        .iter()
+        .map(|b| maglev::backend_key4(b.address.octets(), b.port, protocol))
+        .collect();
+    maglev::build_table(TABLE_SIZE, SEED, &keys)
+        .into_iter()
+        .map(|i| backends[i as usize].id)
+        .collect()
+}
+
+/// A datapath serving `frontend` (reverse-NAT id 1) from outside with
+/// `backends` in Maglev table 0, the two local pods on the uplink.
+fn serving(frontend: Frontend, backends: &[BackendEntry]) -> Datapath {
+    let mut dp = load_private();
+    dp.maps.set_service(&frontend, 1, backends).unwrap();
+    let protocol = frontend.protocol.number();
+    let ns = dp.maps.north_south.as_mut().expect("north-south maps");
+    ns.set_config(SEED, TABLE_SIZE).unwrap();
+    ns.write_table(0, TABLE_SIZE, &table_ids(backends, protocol))
+        .unwrap();
+    ns.set_table_of(1, Some(0)).unwrap();
+    ns.set_local_pod(LOCAL_A.address, LOCAL_A_MAC).unwrap();
+    ns.set_local_pod(LOCAL_B.address, LOCAL_B_MAC).unwrap();
+    dp
+}
+
+fn uplink(dp: &mut Datapath, frame: &[u8]) -> (u32, Vec<u8>) {
+    dp.test_run_xdp(XDP_UPLINK, frame)
+        .expect("BPF_PROG_TEST_RUN on the uplink program")
+}
+
+fn egress(dp: &mut Datapath, frame: &Frame) -> (i32, Vec<u8>) {
+    let out = dp
+        .test_run_tc(TC_EGRESS, &frame.build(), 1)
+        .expect("BPF_PROG_TEST_RUN egress");
+    (out.verdict, out.frame)
+}
+
+fn from_outside(l4: L4) -> Frame {
+    let frame = match l4 {
+        L4::Tcp { flags } => Frame::tcp(OUTSIDE, (NODE, NODE_PORT), flags),
+        _ => Frame::udp(OUTSIDE, (NODE, NODE_PORT)),
+    };
+    frame.with_macs(ROUTER_MAC, NODE_MAC)
+}
+
+/// `frame` as the pod must receive it: DNATed to `backend`, addressed to
+/// the pod's MAC, the client's address kept.
+fn to_pod(frame: &Frame, backend: &BackendEntry, mac: [u8; 6]) -> Frame {
+    Frame {
+        dst: backend.address,
+        dport: backend.port,
+        dst_mac: mac,
+        ..frame.clone()
+    }
+}
+
+/// Asserts that `output` is `expected` with checksums that verify from
+/// scratch (and the same checksum state: a UDP datagram without one
+/// keeps none).
+fn assert_frame(description: &str, output: &[u8], expected: &Frame) {
+    let got = packet::parse(output)
+        .unwrap_or_else(|| panic!("{description}: output is not IPv4 TCP/UDP"));
+    let want = packet::parse(&expected.build()).unwrap();
+    assert!(got.ip_checksum_ok, "{description}: IPv4 checksum");
+    assert_eq!(
+        got.l4_checksum_ok, want.l4_checksum_ok,
+        "{description}: L4 checksum"
+    );
+    assert_eq!(got, want, "{description}: headers");
+    assert_eq!(
+        output.len(),
+        expected.build().len(),
+        "{description}: length"
+    );
+}
+
+fn ct(dp: &Datapath, key: &CtKey) -> Option<CtEntry> {
+    dp.maps.conntrack(key.protocol).get(key, 0).ok()
+}
+
+fn key(client: (Ipv4Addr, u16), peer: (Ipv4Addr, u16), protocol: u8, kind: u8) -> CtKey {
+    CtKey {
+        client_address_be: ipv4_be(client.0.octets()),
+        peer_address_be: ipv4_be(peer.0.octets()),
+        client_port_be: port_be(client.1),
+        peer_port_be: port_be(peer.1),
+        protocol,
+        kind,
+        _pad: [0; 2],
+    }
+}
+
+#[test]
+fn a_flow_from_outside_to_a_local_pod_is_dnated_handed_to_its_macvlan_and_answered_as_the_node_port()
+ {
+    let mut dp = serving(node_port(Protocol::Tcp), &[LOCAL_A]);
+    let syn = from_outside(L4::Tcp { flags: SYN });
+    let (v, out) = uplink(&mut dp, &syn.build());
+    assert_eq!(v, xdp_verdict::PASS, "up the stack, to the macvlan");
+    assert_frame(
+        "SYN from outside",
+        &out,
+        &to_pod(&syn, &LOCAL_A, LOCAL_A_MAC),
+    );
+
+    let forward = ct(
+        &dp,
+        &key(OUTSIDE, (NODE, NODE_PORT), IPPROTO_TCP, CT_KIND_SERVICE),
+    )
+    .expect("service-tuple entry");
+    assert_eq!(
+        (
+            forward.backend_id,
+            forward.rev_nat_id(),
+            forward.l2_mode,
+            forward.dst_mac
+        ),
+        (LOCAL_A.id, 1, L2_UPLINK_LOCAL, LOCAL_A_MAC)
+    );
+    let back = ct(
+        &dp,
+        &key(
+            OUTSIDE,
+            (LOCAL_A.address, LOCAL_A.port),
+            IPPROTO_TCP,
+            CT_KIND_BACKEND,
+        ),
+    )
+    .expect("backend-tuple entry");
+    assert_eq!(
+        (back.service_address_be, back.service_port_be, back.l2_mode),
+        (ipv4_be(NODE.octets()), port_be(NODE_PORT), L2_UPLINK_LOCAL)
+    );
+
+    // The pod's SYN-ACK leaves by its own interface: its TC egress gives
+    // it the node's address and nodePort back.
+    let syn_ack = to_pod(&syn, &LOCAL_A, LOCAL_A_MAC)
+        .reply(L4::Tcp { flags: SYN | ACK })
+        .with_macs(LOCAL_A_MAC, ROUTER_MAC);
+    let (v, out) = egress(&mut dp, &syn_ack);
+    assert_eq!(v, verdict::NEXT, "on its way out of the pod");
+    let expected = Frame {
+        src: NODE,
+        sport: NODE_PORT,
+        ..syn_ack.clone()
+    };
+    assert_frame("the pod's SYN-ACK", &out, &expected);
+
+    // Later packets keep the backend (conntrack), counted as packets.
+    let ack = from_outside(L4::Tcp { flags: ACK });
+    let (v, out) = uplink(&mut dp, &ack.build());
+    assert_eq!(v, xdp_verdict::PASS);
+    assert_frame(
+        "the client's ACK",
+        &out,
+        &to_pod(&ack, &LOCAL_A, LOCAL_A_MAC),
+    );
+    assert_eq!(dp.maps.counter(Counter::NorthSouthTranslated).unwrap(), 2);
+    assert_eq!(
+        dp.maps
+            .counter(Counter::NorthSouthReverseTranslated)
+            .unwrap(),
+        1
+    );
+    assert_eq!(
+        service_counts(&dp).get(&1),
+        Some(&(2, 1)),
+        "packets, new flows"
+    );
+}
+
+#[test]
+fn udp_from_outside_keeps_its_checksum_state() {
+    let mut dp = serving(node_port(Protocol::Udp), &[LOCAL_A]);
+    for (description, datagram) in [
+        (
+            "UDP with a checksum",
+            from_outside(L4::Udp { checksum: true }),
+        ),
+        (
+            "UDP without a checksum",
+            from_outside(L4::Udp { checksum: true })
+                .without_udp_checksum()
+                .with_payload(b"other flow"),
+        ),
+    ] {
+        let datagram = Frame {
+            sport: if datagram.payload == b"other flow" {
+                51001
+            } else {
+                OUTSIDE.1
+            },
+            ..datagram
+        };
+        let (v, out) = uplink(&mut dp, &datagram.build());
+        assert_eq!(v, xdp_verdict::PASS, "{description}");
+        assert_frame(description, &out, &to_pod(&datagram, &LOCAL_A, LOCAL_A_MAC));
+        let answer = to_pod(&datagram, &LOCAL_A, LOCAL_A_MAC)
+            .reply(datagram.l4.clone())
+            .with_macs(LOCAL_A_MAC, ROUTER_MAC);
+        let (v, out) = egress(&mut dp, &answer);
+        assert_eq!(v, verdict::NEXT, "{description}: the answer");
+        let expected = Frame {
+            src: NODE,
+            sport: NODE_PORT,
+            ..answer.clone()
+        };
+        assert_frame(&format!("{description}: the answer"), &out, &expected);
+    }
+}
+
+#[test]
+fn maglev_in_the_datapath_picks_what_the_table_and_flow_hash_say() {
+    let mut dp = serving(node_port(Protocol::Tcp), &[LOCAL_A, LOCAL_B]);
+    let table = table_ids(&[LOCAL_A, LOCAL_B], IPPROTO_TCP);
+    let mut seen = [0usize; 2];
+    for port in 40000..40064u16 {
+        let syn =
+            Frame::tcp((OUTSIDE.0, port), (NODE, NODE_PORT), SYN).with_macs(ROUTER_MAC, NODE_MAC);
+        let hash = maglev::flow_hash4(
+            ipv4_be(OUTSIDE.0.octets()),
+            ipv4_be(NODE.octets()),
+            port_be(port),
+            port_be(NODE_PORT),
+            IPPROTO_TCP,
+            SEED,
+        );
+        let want = table[maglev::table_index(hash, TABLE_SIZE) as usize];
+        let (backend, mac) = if want == LOCAL_A.id {
+            (LOCAL_A, LOCAL_A_MAC)
+        } else {
+            (LOCAL_B, LOCAL_B_MAC)
+        };
+        seen[(want - 1) as usize] += 1;
+        let (v, out) = uplink(&mut dp, &syn.build());
+        assert_eq!(v, xdp_verdict::PASS);
+        assert_frame(
+            &format!("client port {port}"),
+            &out,
+            &to_pod(&syn, &backend, mac),
+        );
+    }
+    assert!(
+        seen.iter().all(|&n| n > 10),
+        "both backends take flows: {seen:?}"
+    );
+}
+
+#[test]
+fn fixtures_that_pass_to_the_stack_untouched() {
+    let mut dp = serving(node_port(Protocol::Tcp), &[LOCAL_A]);
+    // A ClusterIP frontend (id 2) with no Maglev table: not served from
+    // outside.
+    dp.maps.set_service(&tcp_frontend(), 2, &[LOCAL_A]).unwrap();
+    let mut arp = vec![0xff; 6];
+    arp.extend_from_slice(&ROUTER_MAC);
+    arp.extend_from_slice(&[0x08, 0x06]);
+    arp.extend_from_slice(&[0; 28]);
+    let syn = from_outside(L4::Tcp { flags: SYN });
+    let cases: Vec<(&str, Vec<u8>, u64)> = vec![
+        ("ARP", arp, 0),
+        (
+            "not a service: the node's own port",
+            Frame::tcp(OUTSIDE, (NODE, 22), SYN).build(),
+            0,
+        ),
+        (
+            "a frontend not served from outside (no Maglev table)",
+            Frame::tcp(OUTSIDE, (VIP, 80), SYN).build(),
+            1,
+        ),
+        (
+            "a fragment (the stack reassembles it)",
+            syn.clone().fragment(0, true).build(),
+            0,
+        ),
+        (
+            "another protocol",
+            Frame {
+                l4: L4::Other { protocol: 47 },
+                ..syn.clone()
+            }
+            .build(),
+            0,
+        ),
+    ];
+    for (description, frame, passed) in cases {
+        let before = dp.maps.counter(Counter::NorthSouthPassed).unwrap();
+        let (v, out) = uplink(&mut dp, &frame);
+        assert_eq!(
+            (v, out.as_slice()),
+            (xdp_verdict::PASS, frame.as_slice()),
+            "{description}"
+        );
+        assert_eq!(
+            dp.maps.counter(Counter::NorthSouthPassed).unwrap() - before,
+            passed,
+            "{description}: counted as passed"
+        );
+    }
+    assert_eq!(dp.maps.conntrack_entries(), 0, "nothing tracked");
+    // Truncated frames of a real flow: never rewritten, never tracked.
+    let full = syn.build();
+    for len in 14..full.len() {
+        let cut = &full[..len];
+        let (v, out) = uplink(&mut dp, cut);
+        assert_eq!((v, out.as_slice()), (xdp_verdict::PASS, cut), "{len} bytes");
+    }
+    assert_eq!(dp.maps.conntrack_entries(), 0, "nothing tracked");
+}
+
+#[test]
+fn a_backend_on_another_node_is_left_to_the_stack_for_now() {
+    let mut dp = serving(node_port(Protocol::Tcp), &[REMOTE]);
+    let frame = from_outside(L4::Tcp { flags: SYN }).build();
+    let (v, out) = uplink(&mut dp, &frame);
+    assert_eq!((v, out), (xdp_verdict::PASS, frame));
+    assert_eq!(dp.maps.counter(Counter::NorthSouthPassed).unwrap(), 1);
+    assert_eq!(dp.maps.conntrack_entries(), 0);
+}
+
+#[test]
+fn an_east_west_reply_from_a_backend_pod_is_not_taken_for_a_north_south_one() {
+    let mut dp = serving(node_port(Protocol::Tcp), &[LOCAL_A]);
+    // A pod on this node opens an east-west flow to a ClusterIP whose
+    // backend is LOCAL_A (the client's egress program tracks it).
+    dp.maps.set_service(&tcp_frontend(), 2, &[LOCAL_A]).unwrap();
+    let client = (Ipv4Addr::new(10, 77, 0, 2), 42000);
+    let syn = Frame::tcp(client, (VIP, 80), SYN);
+    let (v, _) = egress(&mut dp, &syn);
+    assert_ne!(v, verdict::SHOT);
+    // LOCAL_A answers from its own interface: its egress must leave the
+    // reply alone (the client's ingress turns it back into the VIP).
+    let answer = Frame {
+        dst: LOCAL_A.address,
+        dport: LOCAL_A.port,
+        ..syn.clone()
+    }
+    .reply(L4::Tcp { flags: SYN | ACK });
+    let (v, out) = egress(&mut dp, &answer);
+    assert_eq!((v, out), (verdict::NEXT, answer.build()));
+    assert_eq!(
+        dp.maps
+            .counter(Counter::NorthSouthReverseTranslated)
+            .unwrap(),
+        0
+    );
+}
