@@ -6,7 +6,7 @@
 //! the flow and a closed flow cannot leave a stale backend-tuple entry that
 //! would rewrite the replies of a later, direct connection.
 
-use crate::maps::{CtEntry, CtEntry6};
+use crate::maps::{CtEntry, CtEntry6, UplinkSnat};
 
 /// A conntrack entry of either family: the two fields the lifetime and
 /// state rules read.
@@ -42,6 +42,7 @@ macro_rules! tracked {
 }
 tracked!(CtEntry);
 tracked!(CtEntry6);
+tracked!(UplinkSnat);
 
 /// A non-SYN packet was seen: the handshake is over (lifetime: established).
 pub const STATE_SEEN_NON_SYN: u8 = 1 << 0;

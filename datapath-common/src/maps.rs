@@ -46,6 +46,7 @@ pub const NORTH_SOUTH_MAP: &str = "NORTH_SOUTH";
 pub const MAGLEV_TABLE_OF_MAP: &str = "MAGLEV_TABLE_OF";
 pub const MAGLEV_MAP: &str = "MAGLEV";
 pub const LOCAL_PODS_MAP: &str = "LOCAL_PODS";
+pub const UPLINK_SNAT_MAP: &str = "UPLINK_SNAT";
 
 mod affinity;
 mod north_south;
@@ -69,7 +70,7 @@ pub const IPV6_MAPS: [&str; 8] = [
 ];
 
 /// Every map, for pinning and inspection.
-pub const ALL_MAPS: [&str; 30] = [
+pub const ALL_MAPS: [&str; 31] = [
     SERVICE_FILTER_MAP,
     SERVICES_MAP,
     SLOTS_MAP,
@@ -100,6 +101,7 @@ pub const ALL_MAPS: [&str; 30] = [
     MAGLEV_TABLE_OF_MAP,
     MAGLEV_MAP,
     LOCAL_PODS_MAP,
+    UPLINK_SNAT_MAP,
 ];
 
 /// Each map's layout version: its key and value structs and what their
@@ -120,7 +122,7 @@ pub const ALL_MAPS: [&str; 30] = [
 ///
 /// Every map that existed when all maps shared one version
 /// (`SHARED_MAPS_ABI`) is at that version's last value, 3.
-pub const MAP_LAYOUT_VERSIONS: [(&str, u32); 30] = [
+pub const MAP_LAYOUT_VERSIONS: [(&str, u32); 31] = [
     (SERVICE_FILTER_MAP, 3),
     (SERVICES_MAP, 4),
     (SLOTS_MAP, 1),
@@ -147,10 +149,11 @@ pub const MAP_LAYOUT_VERSIONS: [(&str, u32); 30] = [
     (AFFINITY_MATCH_MAP, 1),
     (AFFINITY_TIMEOUT_MAP, 1),
     (SERVICE_COUNTERS_MAP, 1),
-    (NORTH_SOUTH_MAP, 1),
+    (NORTH_SOUTH_MAP, 2),
     (MAGLEV_TABLE_OF_MAP, 1),
     (MAGLEV_MAP, 1),
     (LOCAL_PODS_MAP, 1),
+    (UPLINK_SNAT_MAP, 1),
 ];
 
 /// The layout version of `map` in this build.
@@ -470,6 +473,12 @@ pub const L2_HAIRPIN: u8 = 2;
 /// opened such a flow, and one downgraded to leaves these entries alone
 /// (its ingress never meets their tuples) until they expire.
 pub const L2_UPLINK_LOCAL: u8 = 3;
+/// `CtEntry::l2_mode` of a north-south flow to a backend on another
+/// node, SNATed to this node by the XDP program (`north_south`): its
+/// service-tuple entry holds the SNAT port (`nat_port_be`) and the next
+/// hop's and the uplink's MACs (`dst_mac`, `src_mac`, looked up again
+/// once `l2_seen` is stale); the replies' entry is in `UPLINK_SNAT`.
+pub const L2_UPLINK_SNAT: u8 = 4;
 /// Value of `CONNTRACK_TCP` and `CONNTRACK_UDP`.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
@@ -646,6 +655,7 @@ mod pod {
     unsafe impl aya::Pod for NorthSouthConfig {}
     unsafe impl aya::Pod for MaglevPair {}
     unsafe impl aya::Pod for LocalPod {}
+    unsafe impl aya::Pod for UplinkSnat {}
 }
 
 #[cfg(test)]
@@ -683,7 +693,8 @@ mod tests {
             l2_mode, service_address_be, service_port_be, dst_mac, src_mac, nat_port_be, ifindex,
             out_ifindex, rev_nat_high);
         let service_value6 = service_value.clone();
-        let maps: [(&str, String, String); 30] = [
+        let ct_key_for_snat = ct_key.clone();
+        let maps: [(&str, String, String); 31] = [
             (SERVICE_FILTER_MAP, "u32".into(), "u32".into()),
             (SERVICES_MAP, service_key, service_value),
             (SLOTS_MAP, "u32".into(), layout!(Slot: backend_id)),
@@ -769,11 +780,18 @@ mod tests {
             (
                 NORTH_SOUTH_MAP,
                 "u32".into(),
-                layout!(NorthSouthConfig: maglev_seed, maglev_table_size),
+                layout!(NorthSouthConfig: maglev_seed, maglev_table_size, snat_address_be,
+                    snat_port_first, snat_port_count),
             ),
             (MAGLEV_TABLE_OF_MAP, "u32".into(), "u32 table + 1".into()),
             (MAGLEV_MAP, "u32".into(), layout!(MaglevPair: backend_ids)),
             (LOCAL_PODS_MAP, "u32".into(), layout!(LocalPod: mac)),
+            (
+                UPLINK_SNAT_MAP,
+                ct_key_for_snat,
+                layout!(UplinkSnat: last_seen, client_address_be, frontend_address_be,
+                    client_port_be, frontend_port_be, client_mac, uplink_mac, state),
+            ),
         ];
         assert_eq!(
             maps.each_ref().map(|(name, _, _)| *name),
@@ -847,7 +865,9 @@ mod tests {
          NORTH_SOUTH v1: u32 -> NorthSouthConfig[16]{maglev_seed@0,maglev_table_size@8}
          MAGLEV_TABLE_OF v1: u32 -> u32 table + 1
          MAGLEV v1: u32 -> MaglevPair[8]{backend_ids@0}
-         LOCAL_PODS v1: u32 -> LocalPod[8]{mac@0}";
+         LOCAL_PODS v1: u32 -> LocalPod[8]{mac@0}
+         NORTH_SOUTH v2: u32 -> NorthSouthConfig[24]{maglev_seed@0,maglev_table_size@8,snat_address_be@12,snat_port_first@16,snat_port_count@18}
+         UPLINK_SNAT v1: CtKey[16]{client_address_be@0,peer_address_be@4,client_port_be@8,peer_port_be@10,protocol@12,kind@13} -> UplinkSnat[40]{last_seen@0,client_address_be@8,frontend_address_be@12,client_port_be@16,frontend_port_be@18,client_mac@20,uplink_mac@26,state@32}";
 
     #[test]
     fn reverse_nat_ids_take_24_bits_and_values_written_before_read_the_same() {
@@ -903,7 +923,8 @@ mod tests {
         assert_eq!(size_of::<AffinityKey>(), 16 + 4 + 1 + 3);
         assert_eq!(size_of::<AffinityValue>(), 8 + 4 + 4);
         assert_eq!(size_of::<AffinityMatchKey>(), 4 + 4);
-        assert_eq!(size_of::<NorthSouthConfig>(), 8 + 4 + 4);
+        assert_eq!(size_of::<NorthSouthConfig>(), 8 + 4 + 4 + 2 + 2 + 4);
+        assert_eq!(size_of::<UplinkSnat>(), 8 + 4 + 4 + 2 + 2 + 6 + 6 + 1 + 7);
         assert_eq!(
             (size_of::<MaglevPair>(), align_of::<MaglevPair>()),
             (4 + 4, 8)

@@ -42,6 +42,7 @@ mod sock;
 mod uplink;
 mod uplink_frame;
 mod uplink_reply;
+mod uplink_snat;
 
 use aya_ebpf::{
     macros::{cgroup_sock_addr, classifier, xdp},

@@ -12,7 +12,7 @@ use datapath_common::{
         BackendAddress6, CtEntry, CtEntry6, CtKey, CtKey6, FragmentKey, FragmentKey6,
         FragmentPorts, LocalPod, MaglevPair, NorthSouthConfig, PodRouteKey, PodRouteKey6,
         RevNatValue, RevNatValue6, ServiceCounters, ServiceKey, ServiceKey6, ServiceValue, Slot,
-        SockRevNatKey, SockRevNatKey6, SockRevNatValue, SockRevNatValue6,
+        SockRevNatKey, SockRevNatKey6, SockRevNatValue, SockRevNatValue6, UplinkSnat,
     },
     metrics::COUNTER_COUNT,
 };
@@ -198,3 +198,10 @@ pub static MAGLEV: Array<MaglevPair> = Array::with_max_entries(1, BPF_F_MMAPABLE
 /// frame for one is rewritten to.
 #[map]
 pub static LOCAL_PODS: HashMap<u32, LocalPod> = HashMap::with_max_entries(1, 0);
+
+/// Flows from outside SNATed to this node for a backend elsewhere, by
+/// their replies' tuple (the node's address and SNAT port as client):
+/// the client and frontend their replies are turned back to. LRU, like
+/// conntrack.
+#[map]
+pub static UPLINK_SNAT: LruHashMap<CtKey, UplinkSnat> = LruHashMap::with_max_entries(1, 0);

@@ -4,19 +4,21 @@
 //! (`crate::maglev`) and DNATed; a backend on this node is handed to its
 //! macvlan by the frame's destination MAC (`XDP_PASS`), the client's
 //! address kept, and the pod's TC egress turns its replies back
-//! (`crate::uplink_reply`).
+//! (`crate::uplink_reply`); a backend on another node gets the flow
+//! SNATed to this node and sent back out (`crate::uplink_snat`), whose
+//! replies this program turns back.
 //!
 //! Anything else leaves after the `SERVICE_FILTER` read: not IPv4 TCP or
-//! UDP, a fragment, a destination no frontend hashes to. A frontend not
-//! served from outside here, or a backend not on this uplink, passes to
-//! the stack untranslated (counted).
+//! UDP, a fragment, a destination no frontend hashes to (after one
+//! `NORTH_SOUTH` read: is it a reply to an SNATed flow?). A frontend not
+//! served from outside here passes to the stack untranslated (counted).
 
 use aya_ebpf::{bindings::xdp_action::XDP_PASS, programs::XdpContext};
 use datapath_common::{
     IPPROTO_TCP,
     conntrack::{self, Direction},
     lb,
-    maps::{Backend, CtEntry, CtKey, L2_UPLINK_LOCAL, ServiceKey},
+    maps::{Backend, CtEntry, CtKey, L2_UPLINK_LOCAL, L2_UPLINK_SNAT, ServiceKey},
     metrics::Counter,
 };
 
@@ -27,6 +29,7 @@ use crate::{
     parse::Packet,
     reply_filter,
     uplink_frame::{self, rewrite_destination, set_destination_mac},
+    uplink_snat,
 };
 
 #[inline(always)]
@@ -34,6 +37,15 @@ pub fn run(ctx: &XdpContext) -> u32 {
     let Some(packet) = uplink_frame::ipv4_l4(ctx) else {
         return XDP_PASS;
     };
+    // A reply to a flow SNATed to this node (`crate::uplink_snat`).
+    let replied = if packet.protocol == IPPROTO_TCP {
+        uplink_snat::reply(ctx, &packet, &CONNTRACK_TCP)
+    } else {
+        uplink_snat::reply(ctx, &packet, &CONNTRACK_UDP)
+    };
+    if let Some(verdict) = replied {
+        return verdict;
+    }
     let bucket = lb::service_filter_index(packet.daddr_be, packet.dport_be, packet.protocol);
     if SERVICE_FILTER.get(bucket).is_none_or(|&n| n == 0) {
         return XDP_PASS;
@@ -59,6 +71,11 @@ fn service_packet(ctx: &XdpContext, packet: &Packet, table: &CtMap) -> u32 {
     if let Some(flow) = table.get_ptr_mut(key) {
         // SAFETY: a pointer into the map value, valid for this program run.
         let flow = unsafe { &mut *flow };
+        if flow.l2_mode == L2_UPLINK_SNAT
+            && let Some(backend) = egress::tracked_backend(flow, packet, now)
+        {
+            return uplink_snat::forward(ctx, packet, flow, &backend, now);
+        }
         if flow.l2_mode == L2_UPLINK_LOCAL
             && let Some(backend) = egress::tracked_backend(flow, packet, now)
         {
@@ -117,9 +134,13 @@ fn new_flow(ctx: &XdpContext, packet: &Packet, table: &CtMap, key: &CtKey, now: 
     };
     // SAFETY: the value is copied out before any other map call.
     let Some(pod) = (unsafe { LOCAL_PODS.get(backend.address_be) }).copied() else {
-        // A backend elsewhere: not handled on the uplink yet.
-        count(Counter::NorthSouthPassed);
-        return XDP_PASS;
+        // A backend elsewhere: SNAT to this node.
+        let choice = uplink_snat::Choice {
+            backend,
+            backend_id,
+            rev_nat_id,
+        };
+        return uplink_snat::open(ctx, packet, table, key, &choice, now);
     };
     let mut flow = CtEntry {
         last_seen: now,

@@ -15,7 +15,10 @@ use network_types::{
 
 use crate::{
     metrics::count,
-    parse::{ETH_LEN, IP_CSUM_OFF, IP_DST_OFF, NOT_FRAGMENTED, Packet, TCP_CSUM_OFF, UDP_CSUM_OFF},
+    parse::{
+        ETH_LEN, IP_CSUM_OFF, IP_DST_OFF, IP_SRC_OFF, NOT_FRAGMENTED, Packet, TCP_CSUM_OFF,
+        UDP_CSUM_OFF,
+    },
 };
 
 /// Bytes of the L4 header read or written (as `parse`): TCP through its
@@ -119,9 +122,30 @@ pub fn rewrite_destination(
     address_be: u32,
     port_be: u16,
 ) -> Result<(), ()> {
+    rewrite_end(
+        ctx,
+        packet,
+        IP_DST_OFF,
+        2,
+        (packet.daddr_be, packet.dport_be),
+        (address_be, port_be),
+    )
+}
+
+/// Rewrites the address at `ip_off` of the IPv4 header and the port at
+/// `port_off` of the L4 header from `old` to `new`.
+#[inline(always)]
+fn rewrite_end(
+    ctx: &XdpContext,
+    packet: &Packet,
+    ip_off: usize,
+    port_off: usize,
+    old: (u32, u16),
+    new: (u32, u16),
+) -> Result<(), ()> {
     let ip_csum: *mut u16 = ptr_at(ctx, ETH_LEN + IP_CSUM_OFF).ok_or(())?;
-    let ip_addr: *mut u32 = ptr_at(ctx, ETH_LEN + IP_DST_OFF).ok_or(())?;
-    let l4_port: *mut u16 = ptr_at(ctx, packet.l4_off + 2).ok_or(())?;
+    let ip_addr: *mut u32 = ptr_at(ctx, ETH_LEN + ip_off).ok_or(())?;
+    let l4_port: *mut u16 = ptr_at(ctx, packet.l4_off + port_off).ok_or(())?;
     let (csum_off, udp) = if packet.protocol == IPPROTO_TCP {
         (TCP_CSUM_OFF, false)
     } else {
@@ -131,16 +155,12 @@ pub fn rewrite_destination(
     // SAFETY: every pointer is bounds-checked by ptr_at; XDP programs may
     // write the frame.
     unsafe {
-        *ip_csum = csum::replace_u32(*ip_csum, packet.daddr_be, address_be);
-        *ip_addr = address_be;
-        *l4_port = port_be;
-        let old = *l4_csum;
-        if !(udp && old == 0) {
-            let check = csum::replace_u16(
-                csum::replace_u32(old, packet.daddr_be, address_be),
-                packet.dport_be,
-                port_be,
-            );
+        *ip_csum = csum::replace_u32(*ip_csum, old.0, new.0);
+        *ip_addr = new.0;
+        *l4_port = new.1;
+        let sum = *l4_csum;
+        if !(udp && sum == 0) {
+            let check = csum::replace_u16(csum::replace_u32(sum, old.0, new.0), old.1, new.1);
             *l4_csum = if udp && check == 0 { 0xffff } else { check };
         }
     }
@@ -154,4 +174,82 @@ pub fn set_destination_mac(ctx: &XdpContext, mac: [u8; 6]) -> Result<(), ()> {
     // SAFETY: bounds-checked by ptr_at.
     unsafe { *dst = mac };
     Ok(())
+}
+
+/// Rewrites the source to `address_be:port_be` (SNAT, or a reply's
+/// frontend restored), checksums kept valid as `rewrite_destination`.
+#[inline(always)]
+pub fn rewrite_source(
+    ctx: &XdpContext,
+    packet: &Packet,
+    address_be: u32,
+    port_be: u16,
+) -> Result<(), ()> {
+    rewrite_end(
+        ctx,
+        packet,
+        IP_SRC_OFF,
+        0,
+        (packet.saddr_be, packet.sport_be),
+        (address_be, port_be),
+    )
+}
+
+/// Sets both MACs: `destination` (the next hop) and `source` (ours).
+#[inline(always)]
+pub fn set_macs(ctx: &XdpContext, destination: [u8; 6], source: [u8; 6]) -> Result<(), ()> {
+    let macs: *mut [u8; 12] = ptr_at(ctx, 0).ok_or(())?;
+    let mut both = [0u8; 12];
+    both[..6].copy_from_slice(&destination);
+    both[6..].copy_from_slice(&source);
+    // SAFETY: bounds-checked by ptr_at.
+    unsafe { *macs = both };
+    Ok(())
+}
+
+/// The next hop towards `destination_be` from `source_be` out of the
+/// interface the frame came in by, from the kernel's routes and
+/// neighbours (`bpf_fib_lookup`): its MAC and the interface's. `None`
+/// when the route leaves by another interface (this program only sends
+/// back out of the uplink), the neighbour is not resolved, or the uplink
+/// does not forward (the kernel answers a program's lookup only where
+/// `net.ipv4.conf.<uplink>.forwarding` is on, as on every Kubernetes
+/// node).
+#[inline(always)]
+pub fn next_hop(
+    ctx: &XdpContext,
+    packet: &Packet,
+    source_be: u32,
+    destination_be: u32,
+) -> Option<([u8; 6], [u8; 6])> {
+    use aya_ebpf::bindings::{BPF_FIB_LKUP_RET_SUCCESS, bpf_fib_lookup};
+    const AF_INET: u8 = 2;
+    // SAFETY: all-zero is a valid `bpf_fib_lookup` (plain integers and
+    // unions of them).
+    let mut params: bpf_fib_lookup = unsafe { core::mem::zeroed() };
+    let ifindex = ctx.ingress_ifindex() as u32;
+    params.family = AF_INET;
+    params.l4_protocol = packet.protocol;
+    params.ifindex = ifindex;
+    params.__bindgen_anon_3.ipv4_src = source_be;
+    params.__bindgen_anon_4.ipv4_dst = destination_be;
+    // SAFETY: the helper reads and writes `params` only.
+    let rc = unsafe {
+        aya_ebpf::helpers::bpf_fib_lookup(
+            ctx.ctx.cast(),
+            &mut params,
+            size_of::<bpf_fib_lookup>() as i32,
+            0,
+        )
+    };
+    (rc == BPF_FIB_LKUP_RET_SUCCESS as i64 && params.ifindex == ifindex)
+        .then_some((params.dmac, params.smac))
+}
+
+/// The frame's source and destination MACs.
+#[inline(always)]
+pub fn macs(ctx: &XdpContext) -> Option<([u8; 6], [u8; 6])> {
+    let eth: *const EthHdr = ptr_at(ctx, 0)?;
+    // SAFETY: bounds-checked by ptr_at.
+    unsafe { Some(((*eth).src_addr, (*eth).dst_addr)) }
 }

@@ -10,7 +10,10 @@ use std::net::Ipv4Addr;
 use common::{VIP, load_private, service_counts, tcp_frontend};
 use datapath_common::{
     IPPROTO_TCP, ipv4_be, maglev,
-    maps::{CT_KIND_BACKEND, CT_KIND_SERVICE, CtEntry, CtKey, L2_UPLINK_LOCAL},
+    maps::{
+        CT_KIND_BACKEND, CT_KIND_SERVICE, CtEntry, CtKey, L2_UPLINK_LOCAL, L2_UPLINK_SNAT,
+        NorthSouthConfig,
+    },
     metrics::Counter,
     port_be,
 };
@@ -50,6 +53,8 @@ const REMOTE: BackendEntry = BackendEntry {
     port: 8080,
 };
 const SEED: u64 = 0x5eed;
+/// The SNAT ports: a small range, so that a test can exhaust it.
+const SNAT_PORTS: (u16, u16) = (61000, 8);
 const TABLE_SIZE: u32 = maglev::MIN_TABLE_SIZE;
 
 fn node_port(protocol: Protocol) -> Frontend {
@@ -80,7 +85,15 @@ fn serving(frontend: Frontend, backends: &[BackendEntry]) -> Datapath {
     dp.maps.set_service(&frontend, 1, backends).unwrap();
     let protocol = frontend.protocol.number();
     let ns = dp.maps.north_south.as_mut().expect("north-south maps");
-    ns.set_config(SEED, TABLE_SIZE).unwrap();
+    ns.set_config(NorthSouthConfig {
+        maglev_seed: SEED,
+        maglev_table_size: TABLE_SIZE,
+        snat_address_be: ipv4_be(NODE.octets()),
+        snat_port_first: SNAT_PORTS.0,
+        snat_port_count: SNAT_PORTS.1,
+        _pad: 0,
+    })
+    .unwrap();
     ns.write_table(0, TABLE_SIZE, &table_ids(backends, protocol))
         .unwrap();
     ns.set_table_of(1, Some(0)).unwrap();
@@ -375,14 +388,264 @@ fn fixtures_that_pass_to_the_stack_untouched() {
     assert_eq!(dp.maps.conntrack_entries(), 0, "nothing tracked");
 }
 
+const REMOTE_MAC: [u8; 6] = [0x02, 0x77, 0, 0, 0, 0x04];
+
+/// A namespace of this run's own standing for the node: its uplink
+/// `up0` (a veth whose peer `up1` stays beside it) holds the node's
+/// address, with the remote backend as a resolved neighbour when
+/// `neighbour` says so. Route and neighbour lookups of the program run
+/// there start from `up0`. Returns it with `up0`'s index and MAC.
+fn node_namespace(neighbour: bool) -> (lab::Namespace, u32, [u8; 6]) {
+    use rtnetlink::{
+        LinkUnspec, LinkVeth,
+        packet_route::{link::LinkAttribute, neighbour::NeighbourState},
+    };
+    let namespace =
+        lab::Namespace::create(&format!("{}-uplink", lab::unique_prefix())).expect("namespace");
+    namespace
+        .netlink("make the uplink", |h| async move {
+            h.link()
+                .add(LinkVeth::new("up0", "up1").build())
+                .execute()
+                .await
+                .map_err(|e| e.to_string())?;
+            let up0 = lab_index(&h, "up0").await?;
+            let up1 = lab_index(&h, "up1").await?;
+            for index in [up0, up1] {
+                h.link()
+                    .set(LinkUnspec::new_with_index(index).up().build())
+                    .execute()
+                    .await
+                    .map_err(|e| e.to_string())?;
+            }
+            h.address()
+                .add(up0, NODE.into(), 24)
+                .execute()
+                .await
+                .map_err(|e| e.to_string())?;
+            if neighbour {
+                h.neighbours()
+                    .add(up0, REMOTE.address.into())
+                    .link_layer_address(&REMOTE_MAC)
+                    .state(NeighbourState::Permanent)
+                    .execute()
+                    .await
+                    .map_err(|e| e.to_string())?;
+            }
+            Ok(())
+        })
+        .expect("the node's uplink");
+    // A node forwards (Kubernetes requires it); the kernel's route
+    // lookup for a program answers only on interfaces that do.
+    namespace
+        .sysctl("net.ipv4.ip_forward", "1")
+        .expect("forwarding");
+    let (index, mac) = namespace
+        .netlink("read the uplink", |h| async move {
+            use futures::TryStreamExt;
+            let link = h
+                .link()
+                .get()
+                .match_name("up0")
+                .execute()
+                .try_next()
+                .await
+                .map_err(|e| e.to_string())?
+                .ok_or("no up0")?;
+            let mac = link
+                .attributes
+                .iter()
+                .find_map(|a| match a {
+                    LinkAttribute::Address(mac) => <[u8; 6]>::try_from(mac.as_slice()).ok(),
+                    _ => None,
+                })
+                .ok_or("up0 has no MAC")?;
+            Ok((link.header.index, mac))
+        })
+        .expect("up0");
+    (namespace, index, mac)
+}
+
+async fn lab_index(h: &rtnetlink::Handle, name: &str) -> Result<u32, String> {
+    use futures::TryStreamExt;
+    Ok(h.link()
+        .get()
+        .match_name(name.to_owned())
+        .execute()
+        .try_next()
+        .await
+        .map_err(|e| e.to_string())?
+        .ok_or(format!("no {name}"))?
+        .header
+        .index)
+}
+
+/// The uplink program run in `namespace` on a frame received by `ifindex`.
+fn uplink_in(
+    dp: &mut Datapath,
+    namespace: &lab::Namespace,
+    ifindex: u32,
+    frame: &[u8],
+) -> (u32, Vec<u8>) {
+    namespace
+        .run(|| dp.test_run_xdp_on(XDP_UPLINK, frame, Some(ifindex)))
+        .expect("setns")
+        .expect("BPF_PROG_TEST_RUN on the uplink program")
+}
+
 #[test]
-fn a_backend_on_another_node_is_left_to_the_stack_for_now() {
+fn a_flow_to_a_backend_elsewhere_is_snated_to_the_node_sent_back_out_and_its_replies_turned_back() {
+    let (namespace, up0, up0_mac) = node_namespace(true);
     let mut dp = serving(node_port(Protocol::Tcp), &[REMOTE]);
-    let frame = from_outside(L4::Tcp { flags: SYN }).build();
-    let (v, out) = uplink(&mut dp, &frame);
-    assert_eq!((v, out), (xdp_verdict::PASS, frame));
+    let syn = from_outside(L4::Tcp { flags: SYN });
+    let (v, out) = uplink_in(&mut dp, &namespace, up0, &syn.build());
+    assert_eq!(v, xdp_verdict::TX, "back out of the uplink");
+    let sent = packet::parse(&out).expect("IPv4 TCP");
+    let port = sent.sport;
+    assert!(
+        (SNAT_PORTS.0..SNAT_PORTS.0 + SNAT_PORTS.1).contains(&port),
+        "SNAT port {port}"
+    );
+    let expected = Frame {
+        src: NODE,
+        sport: port,
+        dst: REMOTE.address,
+        dport: REMOTE.port,
+        src_mac: up0_mac,
+        dst_mac: REMOTE_MAC,
+        ..syn.clone()
+    };
+    assert_frame("SYN to the backend elsewhere", &out, &expected);
+
+    let forward = ct(
+        &dp,
+        &key(OUTSIDE, (NODE, NODE_PORT), IPPROTO_TCP, CT_KIND_SERVICE),
+    )
+    .expect("service-tuple entry");
+    assert_eq!(
+        (
+            forward.backend_id,
+            forward.l2_mode,
+            forward.nat_port_be,
+            forward.dst_mac
+        ),
+        (REMOTE.id, L2_UPLINK_SNAT, port_be(port), REMOTE_MAC)
+    );
+    let snat = &dp.maps.north_south.as_ref().unwrap().snat;
+    let back = snat
+        .get(
+            &key(
+                (NODE, port),
+                (REMOTE.address, REMOTE.port),
+                IPPROTO_TCP,
+                CT_KIND_BACKEND,
+            ),
+            0,
+        )
+        .expect("the replies' entry");
+    assert_eq!(
+        (
+            back.client_address_be,
+            back.client_port_be,
+            back.frontend_address_be,
+            back.frontend_port_be,
+            back.client_mac,
+            back.uplink_mac
+        ),
+        (
+            ipv4_be(OUTSIDE.0.octets()),
+            port_be(OUTSIDE.1),
+            ipv4_be(NODE.octets()),
+            port_be(NODE_PORT),
+            ROUTER_MAC,
+            up0_mac
+        )
+    );
+
+    // The backend answers the node; the client gets the nodePort's answer.
+    let syn_ack = expected
+        .reply(L4::Tcp { flags: SYN | ACK })
+        .with_macs(REMOTE_MAC, up0_mac);
+    let (v, out) = uplink_in(&mut dp, &namespace, up0, &syn_ack.build());
+    assert_eq!(v, xdp_verdict::TX, "the reply, back out");
+    let answer = syn
+        .reply(L4::Tcp { flags: SYN | ACK })
+        .with_macs(up0_mac, ROUTER_MAC);
+    assert_frame("the backend's SYN-ACK", &out, &answer);
+
+    // The client's next packets keep the backend and the port.
+    let ack = from_outside(L4::Tcp { flags: ACK });
+    let (v, out) = uplink_in(&mut dp, &namespace, up0, &ack.build());
+    assert_eq!(v, xdp_verdict::TX);
+    assert_frame(
+        "the client's ACK",
+        &out,
+        &Frame {
+            l4: L4::Tcp { flags: ACK },
+            ..expected.clone()
+        },
+    );
+    assert_eq!(dp.maps.counter(Counter::NorthSouthTranslated).unwrap(), 2);
+    assert_eq!(
+        dp.maps
+            .counter(Counter::NorthSouthReverseTranslated)
+            .unwrap(),
+        1
+    );
+    assert_eq!(service_counts(&dp).get(&1), Some(&(2, 1)));
+
+    // A reply to a port no flow holds is the node's own business.
+    let stray = Frame {
+        dport: if port == SNAT_PORTS.0 {
+            port + 1
+        } else {
+            port - 1
+        },
+        ..syn_ack.clone()
+    }
+    .build();
+    let (v, out) = uplink_in(&mut dp, &namespace, up0, &stray);
+    assert_eq!((v, out), (xdp_verdict::PASS, stray));
+}
+
+#[test]
+fn without_a_resolved_neighbour_or_a_free_port_a_flow_passes_to_the_stack() {
+    let (namespace, up0, _) = node_namespace(false);
+    let mut dp = serving(node_port(Protocol::Udp), &[REMOTE]);
+    let datagram = from_outside(L4::Udp { checksum: true }).build();
+    let (v, out) = uplink_in(&mut dp, &namespace, up0, &datagram);
+    assert_eq!((v, out), (xdp_verdict::PASS, datagram), "no neighbour");
     assert_eq!(dp.maps.counter(Counter::NorthSouthPassed).unwrap(), 1);
-    assert_eq!(dp.maps.conntrack_entries(), 0);
+    drop(namespace);
+
+    // Eight SNAT ports for the one backend: the ninth client on finds
+    // none free and passes, counted as an error.
+    let (namespace, up0, _) = node_namespace(true);
+    let mut ports = std::collections::BTreeSet::new();
+    let mut passed = 0;
+    for client in 1..=40u8 {
+        let datagram = Frame::udp((Ipv4Addr::new(192, 0, 2, client), 5353), (NODE, NODE_PORT))
+            .with_macs(ROUTER_MAC, NODE_MAC)
+            .build();
+        let (v, out) = uplink_in(&mut dp, &namespace, up0, &datagram);
+        if v == xdp_verdict::TX {
+            assert!(
+                ports.insert(packet::parse(&out).unwrap().sport),
+                "a port given twice"
+            );
+        } else {
+            assert_eq!((v, out), (xdp_verdict::PASS, datagram));
+            passed += 1;
+        }
+    }
+    assert!(ports.len() <= usize::from(SNAT_PORTS.1), "{ports:?}");
+    assert!(
+        ports
+            .iter()
+            .all(|p| (SNAT_PORTS.0..SNAT_PORTS.0 + SNAT_PORTS.1).contains(p))
+    );
+    assert!(passed >= 40 - usize::from(SNAT_PORTS.1));
+    assert_eq!(dp.maps.counter(Counter::Error).unwrap(), passed as u64);
 }
 
 #[test]

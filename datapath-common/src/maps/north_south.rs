@@ -4,8 +4,8 @@
 //! entries; what is north-south's own is here:
 //!
 //! - `NORTH_SOUTH` (array, one entry): the settings every node shares
-//!   (Maglev seed and table size) and this node's own (none yet beyond
-//!   them);
+//!   (Maglev seed and table size) and this node's own (its SNAT address
+//!   and ports);
 //! - `MAGLEV_TABLE_OF` (array by reverse-NAT id): which Maglev table a
 //!   frontend's new flows from outside are balanced with (0: none — the
 //!   frontend is not served from outside here, packets pass to the
@@ -14,7 +14,10 @@
 //!   (`maglev::build_table`), two entries per element;
 //! - `LOCAL_PODS` (hash): the underlay pods on this node's uplink, by
 //!   IPv4 address, with their interface's MAC: a backend found here is
-//!   handed to its macvlan by rewriting the frame's destination MAC.
+//!   handed to its macvlan by rewriting the frame's destination MAC;
+//! - `UPLINK_SNAT` (LRU): flows to backends on other nodes, SNATed to
+//!   this node: by their replies' tuple, the client and frontend to
+//!   restore.
 
 use super::BackendId;
 
@@ -29,9 +32,62 @@ pub struct NorthSouthConfig {
     /// zero until the agent has written the entry: nothing is served
     /// from outside before.
     pub maglev_table_size: u32,
+    /// This node's address on the uplink: the source flows to a backend
+    /// on another node get (SNAT), where their replies come back. Zero:
+    /// such flows pass to the stack untranslated.
+    pub snat_address_be: u32,
+    /// The source ports SNAT hands out: `snat_port_first` and the
+    /// `snat_port_count - 1` after it (host order), outside the kernel's
+    /// ephemeral range so that no socket of the node's own holds one.
+    pub snat_port_first: u16,
+    pub snat_port_count: u16,
     /// Always zero.
     pub _pad: u32,
 }
+
+impl NorthSouthConfig {
+    /// Whether `port_be` (a reply's destination port) is one SNAT hands
+    /// out.
+    #[inline(always)]
+    pub const fn is_snat_port(&self, port_be: u16) -> bool {
+        let port = u16::from_be(port_be);
+        port >= self.snat_port_first && port - self.snat_port_first < self.snat_port_count
+    }
+}
+
+/// Key of `UPLINK_SNAT`: a reply's tuple as `conntrack`'s backend-tuple
+/// keys hold it (`CtKey`, client = the node's SNAT address and port).
+/// Value: how to turn the reply back.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct UplinkSnat {
+    /// Kernel jiffies when the flow was last refreshed (as `CtEntry`).
+    pub last_seen: u64,
+    /// The client outside: the reply's destination is restored to it.
+    pub client_address_be: u32,
+    /// The frontend the client reached (nodePort at this node's address,
+    /// a load-balancer IP): the reply's source is restored to it.
+    pub frontend_address_be: u32,
+    pub client_port_be: u16,
+    pub frontend_port_be: u16,
+    /// The hop the flow came in from (its first frame's source MAC):
+    /// replies go back to it.
+    pub client_mac: [u8; 6],
+    /// The uplink's own MAC (the first frame's destination).
+    pub uplink_mac: [u8; 6],
+    /// `conntrack::STATE_*` bits.
+    pub state: u8,
+    /// Always zero.
+    pub _pad: [u8; 7],
+}
+
+/// Default room in `UPLINK_SNAT`: flows from outside to backends on
+/// other nodes.
+pub const DEFAULT_UPLINK_SNAT_MAX: u32 = 65_536;
+/// Default SNAT ports: above the kernel's default ephemeral range
+/// (`ip_local_port_range` 32768-60999).
+pub const DEFAULT_SNAT_PORT_FIRST: u16 = 61_000;
+pub const DEFAULT_SNAT_PORT_COUNT: u16 = 4_536;
 
 /// Value of `MAGLEV`: two consecutive entries of a table. Eight bytes
 /// because the kernel lays an array's values out 8-byte aligned anyway

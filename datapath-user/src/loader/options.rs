@@ -57,7 +57,7 @@ impl MapSizes {
     }
 
     /// `max_entries` of each sized map, as the loader sets them.
-    pub fn max_entries(&self) -> [(&'static str, u32); 22] {
+    pub fn max_entries(&self) -> [(&'static str, u32); 23] {
         let tcp_entries = self
             .conntrack_tcp_flows
             .saturating_mul(maps::CT_ENTRIES_PER_FLOW);
@@ -120,6 +120,10 @@ impl MapSizes {
             (
                 maps::LOCAL_PODS_MAP,
                 north_south(maps::DEFAULT_LOCAL_PODS_MAX),
+            ),
+            (
+                maps::UPLINK_SNAT_MAP,
+                north_south(maps::DEFAULT_UPLINK_SNAT_MAX),
             ),
         ]
     }

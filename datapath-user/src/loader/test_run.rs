@@ -78,12 +78,29 @@ impl Datapath {
         name: &'static str,
         frame: &[u8],
     ) -> Result<(u32, Vec<u8>), LoaderError> {
+        self.test_run_xdp_on(name, frame, None)
+    }
+
+    /// As `test_run_xdp`, the frame received by interface
+    /// `ingress_ifindex` of the calling thread's network namespace (what
+    /// route and neighbour lookups start from).
+    pub fn test_run_xdp_on(
+        &mut self,
+        name: &'static str,
+        frame: &[u8],
+        ingress_ifindex: Option<u32>,
+    ) -> Result<(u32, Vec<u8>), LoaderError> {
         let program = xdp_program(&mut self.ebpf, name)?;
         let mut out = vec![0u8; frame.len() + 256];
+        // `struct xdp_md`: data, data_end, data_meta, ingress_ifindex,
+        // rx_queue_index, egress_ifindex.
+        let words = [0, frame.len() as u32, 0, ingress_ifindex.unwrap_or(0), 0, 0];
+        let ctx: Vec<u8> = words.iter().flat_map(|w| w.to_ne_bytes()).collect();
         let result = program
             .test_run(TestRunOptions {
                 data_in: Some(frame),
                 data_out: Some(&mut out),
+                ctx_in: ingress_ifindex.map(|_| ctx.as_slice()),
                 repeat: 1,
                 ..TestRunOptions::default()
             })

@@ -160,6 +160,7 @@ impl DatapathMaps {
                 m::MAGLEV_TABLE_OF_MAP,
                 m::MAGLEV_MAP,
                 m::LOCAL_PODS_MAP,
+                m::UPLINK_SNAT_MAP,
             ]
             .into_iter()
             .all(&present)
@@ -169,6 +170,7 @@ impl DatapathMaps {
                     typed(&mut get, m::MAGLEV_TABLE_OF_MAP)?,
                     mapped(&mut get, m::MAGLEV_MAP)?,
                     typed(&mut get, m::LOCAL_PODS_MAP)?,
+                    typed(&mut get, m::UPLINK_SNAT_MAP)?,
                 ))
             } else {
                 None

@@ -8,7 +8,7 @@ use std::net::Ipv4Addr;
 use aya::maps::{Array, HashMap, MapData, MapError};
 use datapath_common::{
     ipv4_be,
-    maps::{BackendId, LocalPod, MaglevPair, NorthSouthConfig, maglev_elements},
+    maps::{BackendId, CtKey, LocalPod, MaglevPair, NorthSouthConfig, UplinkSnat, maglev_elements},
 };
 
 use super::mapped_array::MappedArray;
@@ -24,12 +24,15 @@ pub enum MaglevWriteError {
     Map(#[from] MapError),
 }
 
-/// Handles on `NORTH_SOUTH`, `MAGLEV_TABLE_OF`, `MAGLEV`, `LOCAL_PODS`.
+/// Handles on `NORTH_SOUTH`, `MAGLEV_TABLE_OF`, `MAGLEV`, `LOCAL_PODS`,
+/// `UPLINK_SNAT`.
 pub struct NorthSouthMaps {
     config: Array<MapData, NorthSouthConfig>,
     table_of: Array<MapData, u32>,
     tables: MappedArray<MaglevPair>,
     local_pods: HashMap<MapData, u32, LocalPod>,
+    /// Flows SNATed to this node, by their replies' tuple.
+    pub snat: HashMap<MapData, CtKey, UplinkSnat>,
 }
 
 impl NorthSouthMaps {
@@ -38,12 +41,14 @@ impl NorthSouthMaps {
         table_of: Array<MapData, u32>,
         tables: MappedArray<MaglevPair>,
         local_pods: HashMap<MapData, u32, LocalPod>,
+        snat: HashMap<MapData, CtKey, UplinkSnat>,
     ) -> Self {
         Self {
             config,
             table_of,
             tables,
             local_pods,
+            snat,
         }
     }
 
@@ -53,14 +58,10 @@ impl NorthSouthMaps {
         self.config.get(&0, 0)
     }
 
-    /// Writes the cluster's Maglev seed and the table size the tables
-    /// are built with.
-    pub fn set_config(&mut self, maglev_seed: u64, maglev_table_size: u32) -> Result<(), MapError> {
-        let config = NorthSouthConfig {
-            maglev_seed,
-            maglev_table_size,
-            _pad: 0,
-        };
+    /// Writes the settings: the cluster's Maglev seed and the table
+    /// size the tables are built with, this node's SNAT address and
+    /// ports.
+    pub fn set_config(&mut self, config: NorthSouthConfig) -> Result<(), MapError> {
         self.config.set(0, config, 0)
     }
 
