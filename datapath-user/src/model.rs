@@ -27,6 +27,9 @@ pub trait Family:
     type ServiceKey: Copy + Eq + Hash + Ord + Debug;
     /// "IPv4" or "IPv6", as `addressType` and `ipFamilies` spell them.
     const NAME: &'static str;
+    /// Whether the uplink program serves this family's frontends from
+    /// outside (north-south; IPv4 for now).
+    const FROM_OUTSIDE: bool;
 
     fn service_key(address: Self, port: u16, protocol: Protocol) -> Self::ServiceKey;
     /// `ip` if it is of this family.
@@ -39,6 +42,7 @@ pub trait Family:
 impl Family for Ipv4Addr {
     type ServiceKey = ServiceKey;
     const NAME: &'static str = "IPv4";
+    const FROM_OUTSIDE: bool = true;
 
     fn service_key(address: Self, port: u16, protocol: Protocol) -> ServiceKey {
         ServiceKey::new(ipv4_be(address.octets()), port_be(port), protocol.number())
@@ -63,6 +67,7 @@ impl Family for Ipv4Addr {
 impl Family for Ipv6Addr {
     type ServiceKey = ServiceKey6;
     const NAME: &'static str = "IPv6";
+    const FROM_OUTSIDE: bool = false;
 
     fn service_key(address: Self, port: u16, protocol: Protocol) -> ServiceKey6 {
         ServiceKey6::new(ipv6_words(address), port_be(port), protocol.number())

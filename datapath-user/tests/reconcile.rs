@@ -2610,3 +2610,199 @@ fn service_counters_of_frontends_gone_while_no_agent_ran_are_zeroed_by_the_prune
     reconciler.prune(false).unwrap();
     assert_eq!(figures(&reconciler), [(web_id, 5)].into());
 }
+
+/// A NodePort service `name` (ClusterIP `ip`, nodePort 30080) with
+/// `externalTrafficPolicy: policy` over ready `endpoints` (address, node).
+fn node_port_yaml(name: &str, ip: &str, policy: &str, endpoints: &[(&str, &str)]) -> String {
+    let mut text = format!(
+        "apiVersion: v1\nkind: Service\nmetadata: {{name: {name}, namespace: test}}\nspec:\n  type: NodePort\n  clusterIP: {ip}\n  externalTrafficPolicy: {policy}\n  ports:\n  - {{name: http, port: 80, targetPort: 8080, nodePort: 30080}}\n---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: {name}-1\n  namespace: test\n  labels: {{kubernetes.io/service-name: {name}}}\naddressType: IPv4\nports:\n- {{name: http, port: 8080}}\nendpoints:\n"
+    );
+    for (address, node) in endpoints {
+        text += &format!("- {{addresses: [{address}], nodeName: {node}}}\n");
+    }
+    text
+}
+
+#[test]
+fn frontends_served_from_outside_share_a_maglev_table_rebuilt_when_their_backends_change() {
+    use datapath_user::maps::MaglevSettings;
+    const SIZE: u32 = datapath_common::maglev::MIN_TABLE_SIZE;
+    let mut maps = FakeMaps::with_capacity(64);
+    maps.maglev = MaglevSettings {
+        tables: 2,
+        table_size: SIZE,
+        seed: 7,
+    };
+    let node = NodeContext {
+        node_name: Some("node-1".into()),
+        // Two node addresses: two nodePort frontends, one backend set.
+        addresses: vec![
+            "192.168.7.1".parse().unwrap(),
+            "192.168.7.2".parse().unwrap(),
+        ],
+        ..NodeContext::default()
+    };
+    let endpoints = [("10.244.0.1", "node-1"), ("10.244.0.2", "node-2")];
+    let mut reconciler = Reconciler::new_on_empty(maps);
+    let cluster = translation_on(
+        &node_port_yaml("shop", "10.96.5.1", "Cluster", &endpoints),
+        &node,
+    );
+    apply(&mut reconciler, &cluster);
+    let id_of = |maps: &FakeMaps, address: &str| -> u32 {
+        let address: Ipv4Addr = address.parse().unwrap();
+        *maps
+            .v4
+            .backends
+            .iter()
+            .find(|(_, b)| b.address == address)
+            .unwrap()
+            .0
+    };
+    let node_port_ids = |maps: &FakeMaps| -> Vec<u32> {
+        maps.v4
+            .services
+            .iter()
+            .filter(|(f, _)| f.port == 30080)
+            .map(|(_, (id, _))| *id)
+            .collect()
+    };
+    let maps = reconciler.maps();
+    let ids = node_port_ids(maps);
+    assert_eq!(ids.len(), 2);
+    assert_eq!(
+        maps.maglev_table_of
+            .iter()
+            .map(|(k, v)| (*k, *v))
+            .collect::<Vec<_>>(),
+        [(ids[0], 0), (ids[1], 0)],
+        "both nodePort frontends share table 0; the ClusterIP has none"
+    );
+    let table = &maps.maglev_tables[&0];
+    let (e1, e2) = (id_of(maps, "10.244.0.1"), id_of(maps, "10.244.0.2"));
+    let share = |id| table.iter().filter(|&&b| b == id).count();
+    assert_eq!(share(e1) + share(e2), SIZE as usize);
+    assert!(share(e1).abs_diff(share(e2)) <= 1, "Maglev's balance");
+
+    // Local: this node's endpoint only, in a table of its own, written
+    // before the frontends point at it.
+    let local = translation_on(
+        &node_port_yaml("shop", "10.96.5.1", "Local", &endpoints),
+        &node,
+    );
+    let log_from = reconciler.maps().log.len();
+    apply(&mut reconciler, &local);
+    let maps = reconciler.maps();
+    assert!(maps.maglev_table_of.values().all(|&t| t == 1));
+    assert!(maps.maglev_tables[&1].iter().all(|&b| b == e1));
+    let log = &maps.log[log_from..];
+    let written = log
+        .iter()
+        .position(|l| l == "maglev table 1")
+        .expect("written");
+    let pointed = log
+        .iter()
+        .position(|l| l.ends_with("Some(1)"))
+        .expect("pointed");
+    assert!(written < pointed, "make before point: {log:?}");
+
+    // A second service with another set takes table 0 (freed), a third
+    // finds none: said, and still served to pods.
+    let other = translation_on(
+        &node_port_yaml("cart", "10.96.5.2", "Cluster", &[("10.244.0.3", "node-1")]),
+        &NodeContext {
+            addresses: vec!["192.168.7.1".parse().unwrap()],
+            ..node.clone()
+        },
+    );
+    let other = (other.0, {
+        let mut t = other.1;
+        for f in &mut t.frontends {
+            if f.frontend.port == 30080 {
+                f.frontend.port = 30081;
+            }
+        }
+        t
+    });
+    apply(&mut reconciler, &other);
+    let third = translation_on(
+        &node_port_yaml("till", "10.96.5.3", "Cluster", &[("10.244.0.4", "node-1")]),
+        &NodeContext {
+            addresses: vec!["192.168.7.9".parse().unwrap()],
+            ..node.clone()
+        },
+    );
+    let outcome = reconciler.update_service(&third.0, &third.1);
+    assert_eq!(outcome.issues.len(), 1, "{:?}", outcome.issues);
+    assert_eq!(outcome.issues[0].kind, IssueKind::Limit);
+    assert!(
+        outcome.issues[0].reason.contains("--maglev-tables"),
+        "{}",
+        outcome.issues[0]
+    );
+    assert!(
+        reconciler
+            .maps()
+            .v4
+            .services
+            .keys()
+            .any(|f| f.address == "10.96.5.3".parse::<Ipv4Addr>().unwrap()),
+        "its ClusterIP is served all the same"
+    );
+    assert_eq!(reconciler.maglev_tables_in_use(), (2, 2));
+
+    // A node without a local endpoint does not serve it from outside.
+    apply(
+        &mut reconciler,
+        &translation_on(
+            &node_port_yaml("shop", "10.96.5.1", "Local", &[("10.244.0.2", "node-2")]),
+            &node,
+        ),
+    );
+    let ids = node_port_ids(reconciler.maps());
+    assert!(
+        ids.iter()
+            .all(|id| !reconciler.maps().maglev_table_of.contains_key(id))
+    );
+
+    // Restarted: the frontends keep the tables (read back with the sets
+    // they were built for); nothing is rewritten.
+    apply(&mut reconciler, &gone("till"));
+    apply(&mut reconciler, &cluster);
+    let before = reconciler.maps().maglev_table_of.clone();
+    assert_eq!(before.len(), 3, "shop's two nodePort frontends and cart's");
+    let mut reconciler = Reconciler::adopt(reconciler.into_maps()).unwrap();
+    let log_from = reconciler.maps().log.len();
+    apply(&mut reconciler, &cluster);
+    apply(&mut reconciler, &other);
+    assert_eq!(reconciler.maps().maglev_table_of, before);
+    assert!(
+        reconciler.maps().log[log_from..]
+            .iter()
+            .all(|l| !l.starts_with("maglev")),
+        "{:?}",
+        &reconciler.maps().log[log_from..]
+    );
+    // A table built with other settings (its ids not this node's
+    // backends) is let go at adoption: rebuilt by the first sync.
+    let mut maps = reconciler.into_maps();
+    let shop_table = before[&node_port_ids(&maps)[0]];
+    maps.maglev_tables.get_mut(&shop_table).unwrap()[0] = 999;
+    let mut reconciler = Reconciler::adopt(maps).unwrap();
+    assert_eq!(
+        reconciler.maps().maglev_table_of.len(),
+        1,
+        "only cart's kept"
+    );
+    apply(&mut reconciler, &cluster);
+    apply(&mut reconciler, &other);
+    assert_eq!(reconciler.maps().maglev_table_of.len(), 3);
+    let table = &reconciler.maps().maglev_tables
+        [&reconciler.maps().maglev_table_of[&node_port_ids(reconciler.maps())[0]]];
+    assert!(!table.contains(&999), "rebuilt");
+    reconciler.prune(false).unwrap();
+    apply(&mut reconciler, &gone("shop"));
+    apply(&mut reconciler, &gone("cart"));
+    assert!(reconciler.maps().maglev_table_of.is_empty());
+    assert_eq!(reconciler.maglev_tables_in_use().0, 0);
+}

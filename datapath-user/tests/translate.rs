@@ -138,10 +138,15 @@ fn render_frontend<A: datapath_user::model::Family>(
 ) -> String {
     let backends: Vec<String> = desired.backends.iter().map(|b| b.to_string()).collect();
     let draining: Vec<String> = desired.draining.iter().map(|b| b.to_string()).collect();
-    let affinity = desired
+    let mut affinity = desired
         .affinity
         .map(|seconds| format!(" affinity {seconds}s"))
         .unwrap_or_default();
+    // Reached from outside: the backends its flows from outside go to.
+    if let Some(external) = &desired.external {
+        let external: Vec<String> = external.iter().map(|b| b.to_string()).collect();
+        affinity += &format!(" | outside -> {}", external.join(" "));
+    }
     if draining.is_empty() {
         format!("{} -> {}{affinity}", desired.frontend, backends.join(" "))
     } else {
@@ -397,10 +402,10 @@ fn external_load_balancer_and_node_port_addresses_are_served_to_pods() {
         frontends,
         [
             "10.96.95.1:80/TCP -> 10.244.95.1:8080 (draining 10.244.95.2:8080)",
-            "192.0.2.10:80/TCP -> 10.244.95.1:8080 10.244.95.2:8080",
-            "192.168.7.1:30080/TCP -> 10.244.95.1:8080 10.244.95.2:8080",
-            "198.51.100.7:80/TCP -> 10.244.95.1:8080 10.244.95.2:8080",
-            "198.51.100.9:80/TCP -> 10.244.95.1:8080 10.244.95.2:8080",
+            "192.0.2.10:80/TCP -> 10.244.95.1:8080 10.244.95.2:8080 | outside -> 10.244.95.1:8080",
+            "192.168.7.1:30080/TCP -> 10.244.95.1:8080 10.244.95.2:8080 | outside -> 10.244.95.1:8080",
+            "198.51.100.7:80/TCP -> 10.244.95.1:8080 10.244.95.2:8080 | outside -> 10.244.95.1:8080",
+            "198.51.100.9:80/TCP -> 10.244.95.1:8080 10.244.95.2:8080 | outside -> 10.244.95.1:8080",
         ]
     );
     assert_eq!(
@@ -442,5 +447,53 @@ fn external_load_balancer_and_node_port_addresses_are_served_to_pods() {
     assert!(
         issues.contains(&"invalid Service edge/shop spec.ports[0].nodePort".to_owned()),
         "{issues:?}"
+    );
+}
+
+#[test]
+fn external_traffic_policy_picks_the_backends_flows_from_outside_go_to() {
+    let (mut services, slices) = load("external-ips.yaml");
+    let on = |node: Option<&str>| NodeContext {
+        node_name: node.map(Into::into),
+        addresses: vec!["192.168.7.1".parse().unwrap()],
+        ..NodeContext::default()
+    };
+    let outside = |frontends: &[String]| -> Vec<String> {
+        frontends
+            .iter()
+            .filter(|f| f.starts_with("192.168.7.1:30080/TCP"))
+            .map(|f| {
+                f.split(" | ")
+                    .nth(1)
+                    .unwrap_or("not from outside")
+                    .to_owned()
+            })
+            .collect()
+    };
+    // Local: this node's endpoint only, on each node.
+    let (frontends, _) = render(&translate(&services, &slices, &on(Some("node-2"))));
+    assert_eq!(outside(&frontends), ["outside -> 10.244.95.2:8080"]);
+    assert!(
+        frontends[0].starts_with("10.96.95.1:80/TCP") && !frontends[0].contains("outside"),
+        "a ClusterIP is not reached from outside: {frontends:?}"
+    );
+    // A node without an endpoint does not serve it from outside.
+    let (frontends, _) = render(&translate(&services, &slices, &on(Some("node-3"))));
+    assert_eq!(outside(&frontends), ["outside -> "]);
+    // Without a node name, Local cannot be honoured: said, not served.
+    let (frontends, issues) = render(&translate(&services, &slices, &on(None)));
+    assert_eq!(outside(&frontends), ["outside -> "]);
+    assert!(
+        issues.contains(&"unsupported Service edge/shop spec.externalTrafficPolicy".to_owned()),
+        "{issues:?}"
+    );
+    // Cluster: every endpoint the pods get.
+    let spec = services[0].spec.as_mut().unwrap();
+    spec.external_traffic_policy = Some("Cluster".into());
+    spec.internal_traffic_policy = None;
+    let (frontends, _) = render(&translate(&services, &slices, &on(Some("node-3"))));
+    assert_eq!(
+        outside(&frontends),
+        ["outside -> 10.244.95.1:8080 10.244.95.2:8080"]
     );
 }

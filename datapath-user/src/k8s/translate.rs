@@ -102,6 +102,14 @@ pub struct DesiredFrontend<A = Ipv4Addr> {
     /// `sessionAffinity: ClientIP`: a client's new flows go to the
     /// backend its last one went to, for this many seconds after it.
     pub affinity: Option<u32>,
+    /// Reached from outside the cluster (a nodePort, load-balancer or
+    /// external IP; north-south, on the node's uplink): the backends new
+    /// flows from outside go to — `backends` under
+    /// `externalTrafficPolicy: Cluster`, those of them on this node under
+    /// `Local` (empty: none here; the node does not serve it from
+    /// outside). `None`: a ClusterIP, not reached from outside. A subset
+    /// of `backends`, in their order.
+    pub external: Option<Vec<Endpoint<A>>>,
 }
 
 /// Why part of an object was not programmed.
@@ -367,6 +375,14 @@ pub fn translate_view<'a>(
     let affinity = service
         .client_ip_affinity
         .map(|timeout| affinity_seconds(key, timeout, &mut out.issues));
+    if service.external_local && node.node_name.is_none() && reached_from_outside(service) {
+        out.issues.push(service_issue(
+            key,
+            IssueKind::Unsupported,
+            "spec.externalTrafficPolicy".into(),
+            "Local needs the agent's --node-name: not served from outside on this node".into(),
+        ));
+    }
     if service.node_local && node.node_name.is_none() {
         out.issues.push(service_issue(
             key,
@@ -414,6 +430,16 @@ pub fn translate_view<'a>(
         }
     }
     out
+}
+
+/// Whether anything of `service` is reached from outside the cluster:
+/// a nodePort, an external or a load-balancer IP.
+fn reached_from_outside(service: &ServiceView) -> bool {
+    service.ports.iter().any(|p| p.node_port.is_some())
+        || service
+            .other_addresses
+            .as_deref()
+            .is_some_and(|o| !o.external_ips.is_empty() || !o.load_balancer_ips.is_empty())
 }
 
 /// A service port that can be served: valid, TCP or UDP, not a duplicate.
@@ -599,6 +625,34 @@ fn family_frontends<A: Family>(
             }
             _ => (backends.clone(), draining.clone()),
         };
+        // From outside (north-south): the cluster's endpoints, or under
+        // `externalTrafficPolicy: Local` this node's among them (kube-proxy's
+        // KUBE-EXT to KUBE-SVL); none without a node name to find them by.
+        let external: Vec<Endpoint<A>> = if other_addresses.is_empty() && node_addresses.is_empty()
+        {
+            Vec::new()
+        } else if service.external_local {
+            match context.node.node_name.as_deref() {
+                Some(name) => {
+                    let (local, _) = endpoints_for_port::<A>(
+                        slices,
+                        &port.name,
+                        port.protocol,
+                        service.publish_not_ready,
+                        Scope::Node(TopologyName::find(name)),
+                        &mut Vec::new(),
+                    );
+                    other_backends
+                        .iter()
+                        .filter(|b| local.contains(b))
+                        .copied()
+                        .collect()
+                }
+                None => Vec::new(),
+            }
+        } else {
+            other_backends.clone()
+        };
         let desired =
             |address, number, claim, backends: &Vec<Endpoint<A>>, draining: &Vec<Endpoint<A>>| {
                 DesiredFrontend {
@@ -612,6 +666,7 @@ fn family_frontends<A: Family>(
                     backends: backends.clone(),
                     draining: draining.clone(),
                     affinity: context.affinity,
+                    external: (claim != Claim::ClusterIp).then(|| external.clone()),
                 }
             };
         for &address in &addresses {

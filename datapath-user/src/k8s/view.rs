@@ -44,6 +44,12 @@ pub struct ServiceView {
     pub publish_not_ready: bool,
     /// `internalTrafficPolicy: Local`.
     pub node_local: bool,
+    /// `externalTrafficPolicy: Local`: traffic from outside goes to this
+    /// node's endpoints only, its source kept.
+    pub external_local: bool,
+    /// `healthCheckNodePort` (a `Local` LoadBalancer service's), as
+    /// written.
+    pub health_check_node_port: Option<i32>,
     /// `sessionAffinity: ClientIP` (None: any other affinity), with its
     /// `sessionAffinityConfig.clientIP.timeoutSeconds` as written (None:
     /// absent), reported by translation when out of range.
@@ -418,6 +424,9 @@ impl From<&Service> for ServiceView {
             },
             publish_not_ready: spec.and_then(|s| s.publish_not_ready_addresses) == Some(true),
             node_local: spec.and_then(|s| s.internal_traffic_policy.as_deref()) == Some("Local"),
+            external_local: spec.and_then(|s| s.external_traffic_policy.as_deref())
+                == Some("Local"),
+            health_check_node_port: spec.and_then(|s| s.health_check_node_port),
             client_ip_affinity: (spec.and_then(|s| s.session_affinity.as_deref())
                 == Some("ClientIP"))
             .then(|| {

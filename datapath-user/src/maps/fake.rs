@@ -9,7 +9,9 @@ use std::{
 use aya::maps::MapError;
 use datapath_common::maps::{BackendId, RevNatId, ServiceKey, ServiceKey6};
 
-use super::lb_maps::{DumpedFrontend, LbMaps, MapDump, ProgramError, validate_service};
+use super::lb_maps::{
+    DumpedFrontend, LbMaps, MaglevSettings, MapDump, ProgramError, validate_service,
+};
 use crate::model::{BackendAddress, BackendEntry, Family, Frontend};
 
 /// The maps as plain collections, with the real maps' validation; the
@@ -37,6 +39,12 @@ pub struct FakeMaps {
     pub fail_next_affinity: bool,
     /// Makes the next `remove_backend` fail having removed nothing.
     pub fail_next_remove_backend: bool,
+    /// The Maglev tables it holds (none unless a test gives it some).
+    pub maglev: MaglevSettings,
+    /// Each written Maglev table's entries.
+    pub maglev_tables: BTreeMap<u32, Vec<BackendId>>,
+    /// Reverse-NAT id → its Maglev table (served from outside).
+    pub maglev_table_of: BTreeMap<RevNatId, u32>,
 }
 
 /// One family's maps.
@@ -71,6 +79,9 @@ impl Default for FakeMaps {
             affinity: BTreeMap::new(),
             fail_next_affinity: false,
             fail_next_remove_backend: false,
+            maglev: MaglevSettings::default(),
+            maglev_tables: BTreeMap::new(),
+            maglev_table_of: BTreeMap::new(),
         }
     }
 }
@@ -216,6 +227,16 @@ impl LbMaps for FakeMaps {
                 .map(|(k, (a, p))| (*k, std::net::SocketAddrV6::new(*a, *p, 0, 0)))
                 .collect(),
             affine: self.affinity.keys().copied().collect(),
+            maglev_tables_of: self.maglev_table_of.iter().map(|(k, v)| (*k, *v)).collect(),
+            maglev_sets: (self.maglev_tables.iter())
+                .filter(|(t, _)| self.maglev_table_of.values().any(|u| u == *t))
+                .map(|(t, ids)| {
+                    let mut set = ids.clone();
+                    set.sort_unstable();
+                    set.dedup();
+                    (*t, set)
+                })
+                .collect(),
         })
     }
     fn set_service(
@@ -242,6 +263,36 @@ impl LbMaps for FakeMaps {
     }
     fn remove_service6(&mut self, frontend: &Frontend<Ipv6Addr>) -> Result<(), ProgramError> {
         self.remove(frontend)
+    }
+    fn maglev_tables(&self) -> MaglevSettings {
+        self.maglev
+    }
+    fn write_maglev_table(
+        &mut self,
+        table: u32,
+        backend_ids: &[BackendId],
+    ) -> Result<(), MapError> {
+        if table >= self.maglev.tables || backend_ids.len() != self.maglev.table_size as usize {
+            return Err(MapError::OutOfBounds {
+                index: table,
+                max_entries: self.maglev.tables,
+            });
+        }
+        self.log.push(format!("maglev table {table}"));
+        self.maglev_tables.insert(table, backend_ids.to_vec());
+        Ok(())
+    }
+    fn set_maglev_table_of(
+        &mut self,
+        rev_nat_id: RevNatId,
+        table: Option<u32>,
+    ) -> Result<(), MapError> {
+        self.log.push(format!("maglev of {rev_nat_id}: {table:?}"));
+        match table {
+            Some(table) => self.maglev_table_of.insert(rev_nat_id, table),
+            None => self.maglev_table_of.remove(&rev_nat_id),
+        };
+        Ok(())
     }
     fn set_affinity(
         &mut self,

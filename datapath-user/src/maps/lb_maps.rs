@@ -133,6 +133,30 @@ pub trait LbMaps {
     ) -> Result<usize, MapError> {
         Ok(0)
     }
+    /// The Maglev tables these maps hold (none by default).
+    fn maglev_tables(&self) -> MaglevSettings {
+        MaglevSettings::default()
+    }
+    /// Writes Maglev table `table`: entry i's backend id. Written whole
+    /// before any frontend is pointed at it.
+    fn write_maglev_table(
+        &mut self,
+        _table: u32,
+        _backend_ids: &[BackendId],
+    ) -> Result<(), MapError> {
+        Ok(())
+    }
+    /// Points frontend `rev_nat_id`'s flows from outside at Maglev table
+    /// `table`, or (`None`) leaves them to the node's stack. Called after
+    /// `set_service`, and with `None` before a removed frontend's id is
+    /// freed.
+    fn set_maglev_table_of(
+        &mut self,
+        _rev_nat_id: RevNatId,
+        _table: Option<u32>,
+    ) -> Result<(), MapError> {
+        Ok(())
+    }
     /// Deletes a backend no frontend uses any more (and first every
     /// `AFFINITY_MATCH` entry naming it: no client is ever kept on an id
     /// that could be handed to another pod, whatever affinity write
@@ -244,6 +268,23 @@ impl<T: LbMaps + ?Sized> LbMaps for &mut T {
     ) -> Result<usize, MapError> {
         (**self).prune_service_counters(keep)
     }
+    fn maglev_tables(&self) -> MaglevSettings {
+        (**self).maglev_tables()
+    }
+    fn write_maglev_table(
+        &mut self,
+        table: u32,
+        backend_ids: &[BackendId],
+    ) -> Result<(), MapError> {
+        (**self).write_maglev_table(table, backend_ids)
+    }
+    fn set_maglev_table_of(
+        &mut self,
+        rev_nat_id: RevNatId,
+        table: Option<u32>,
+    ) -> Result<(), MapError> {
+        (**self).set_maglev_table_of(rev_nat_id, table)
+    }
     fn remove_backend(&mut self, id: BackendId) -> Result<(), MapError> {
         (**self).remove_backend(id)
     }
@@ -354,6 +395,22 @@ pub struct MapDump {
     pub rev_nats6: Vec<(RevNatId, std::net::SocketAddrV6)>,
     /// Reverse-NAT ids (either family) with a `sessionAffinity` timeout.
     pub affine: Vec<RevNatId>,
+    /// Reverse-NAT ids served from outside, with their Maglev table.
+    pub maglev_tables_of: Vec<(RevNatId, u32)>,
+    /// The backend ids each of those tables names (sorted, once each).
+    pub maglev_sets: Vec<(u32, Vec<BackendId>)>,
+}
+
+/// The Maglev tables the maps hold for frontends served from outside
+/// (`datapath_common::maps::north_south`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct MaglevSettings {
+    /// Tables (0: nothing is served from outside).
+    pub tables: u32,
+    /// Entries each.
+    pub table_size: u32,
+    /// The cluster's seed.
+    pub seed: u64,
 }
 
 /// One family's calls on the maps, so that the reconciler writes either

@@ -30,7 +30,9 @@ pub use self::{
     affinity::AffinityMaps,
     fake::FakeMaps,
     handles::DatapathMaps,
-    lb_maps::{DumpedFrontend, LbMaps, MapDump, MapFamily, ProgramError, validate_service},
+    lb_maps::{
+        DumpedFrontend, LbMaps, MaglevSettings, MapDump, MapFamily, ProgramError, validate_service,
+    },
     north_south::{MaglevWriteError, NorthSouthMaps},
     service_counters::ServiceCounterMap,
 };

@@ -101,10 +101,40 @@ impl NorthSouthMaps {
         Ok(())
     }
 
+    /// The backend ids table `table` names (sorted, once each; empty
+    /// when the table is beyond the map).
+    pub fn table_set(&self, table: u32, table_size: u32) -> Result<Vec<BackendId>, MapError> {
+        let elements = maglev_elements(table_size);
+        if table_size == 0 || table >= self.table_capacity(table_size) {
+            return Ok(Vec::new());
+        }
+        let mut set = Vec::new();
+        for k in 0..elements {
+            if let Some(pair) = self.tables.get(table * elements + k)? {
+                set.extend(pair.backend_ids);
+            }
+        }
+        set.truncate(table_size as usize);
+        set.sort_unstable();
+        set.dedup();
+        Ok(set)
+    }
+
     /// Points frontend `rev_nat_id` at table `table` (`None`: not served
     /// from outside, its packets pass to the stack).
     pub fn set_table_of(&mut self, rev_nat_id: u32, table: Option<u32>) -> Result<(), MapError> {
         self.table_of.set(rev_nat_id, table.map_or(0, |t| t + 1), 0)
+    }
+
+    /// Every frontend pointed at a table: (reverse-NAT id, table).
+    pub fn tables_of(&self) -> Result<Vec<(u32, u32)>, MapError> {
+        let entries = super::writer::read_array(&self.table_of)?;
+        Ok(entries
+            .into_iter()
+            .enumerate()
+            .filter(|(_, plus_one)| *plus_one != 0)
+            .map(|(id, plus_one)| (id as u32, plus_one - 1))
+            .collect())
     }
 
     /// Records an underlay pod of this node's uplink.

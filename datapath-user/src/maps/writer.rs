@@ -118,6 +118,56 @@ impl LbMaps for DatapathMaps {
         }
     }
 
+    fn maglev_tables(&self) -> super::MaglevSettings {
+        let Some(ns) = &self.north_south else {
+            return super::MaglevSettings::default();
+        };
+        match ns.config() {
+            Ok(config) if config.maglev_table_size != 0 => super::MaglevSettings {
+                tables: ns.table_capacity(config.maglev_table_size),
+                table_size: config.maglev_table_size,
+                seed: config.maglev_seed,
+            },
+            _ => super::MaglevSettings::default(),
+        }
+    }
+
+    fn write_maglev_table(
+        &mut self,
+        table: u32,
+        backend_ids: &[BackendId],
+    ) -> Result<(), MapError> {
+        let settings = self.maglev_tables();
+        let ns = self.north_south.as_ref().ok_or(MapError::OutOfBounds {
+            index: table,
+            max_entries: 0,
+        })?;
+        ns.write_table(table, settings.table_size, backend_ids)
+            .map_err(|e| match e {
+                super::MaglevWriteError::Map(e) => e,
+                _ => MapError::OutOfBounds {
+                    index: table,
+                    max_entries: settings.tables,
+                },
+            })
+    }
+
+    fn set_maglev_table_of(
+        &mut self,
+        rev_nat_id: RevNatId,
+        table: Option<u32>,
+    ) -> Result<(), MapError> {
+        match self.north_south.as_mut() {
+            Some(ns) => ns.set_table_of(rev_nat_id, table),
+            // Maps without them never served anything from outside.
+            None if table.is_none() => Ok(()),
+            None => Err(MapError::OutOfBounds {
+                index: rev_nat_id,
+                max_entries: 0,
+            }),
+        }
+    }
+
     /// Deletes a backend. Tracked flows still pinned to it are re-balanced
     /// by the datapath on their next packet.
     fn remove_backend(&mut self, id: BackendId) -> Result<(), MapError> {
@@ -142,8 +192,21 @@ impl LbMaps for DatapathMaps {
     fn dump(&self) -> Result<MapDump, MapError> {
         let mut dump = MapDump {
             affine: self.affine_rev_nats()?,
+            maglev_tables_of: match &self.north_south {
+                Some(ns) => ns.tables_of()?,
+                None => Vec::new(),
+            },
             ..MapDump::default()
         };
+        if let Some(ns) = &self.north_south {
+            let size = self.maglev_tables().table_size;
+            let mut tables: Vec<u32> = dump.maglev_tables_of.iter().map(|(_, t)| *t).collect();
+            tables.sort_unstable();
+            tables.dedup();
+            for table in tables {
+                dump.maglev_sets.push((table, ns.table_set(table, size)?));
+            }
+        }
         (dump.frontends, dump.stray_entries) =
             dumped_frontends::<Ipv4Addr>(&self.services, &self.slots)?;
         if let Some(v6) = &self.v6 {

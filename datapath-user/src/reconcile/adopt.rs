@@ -49,6 +49,7 @@ impl<M: LbMaps> Reconciler<M> {
     /// the id spaces: every id either family's maps hold is taken before
     /// any frontend is given a new one.
     fn from_dump(maps: M, dump: MapDump) -> Self {
+        let maglev_tables = maps.maglev_tables().tables;
         let mut reconciler = Self {
             backend_ids: IdAllocator::new(maps.backend_capacity()),
             rev_nat_ids: IdAllocator::new(maps.rev_nat_capacity()),
@@ -56,6 +57,7 @@ impl<M: LbMaps> Reconciler<M> {
             v4: Default::default(),
             v6: Default::default(),
             node_seed: 0,
+            maglev: super::maglev::MaglevTables::new(maglev_tables),
         };
         let affine: HashSet<RevNatId> = dump.affine.iter().copied().collect();
         reconciler.v4.stray_entries = dump.stray_entries;
@@ -111,6 +113,42 @@ impl<M: LbMaps> Reconciler<M> {
         // frontend asks now (its backends may have changed meanwhile).
         Ipv4Addr::view(&mut reconciler).adopt_affinity(&affine);
         Ipv6Addr::view(&mut reconciler).adopt_affinity(&affine);
+        // Tables a previous agent pointed frontends at: a table whose ids
+        // are all adopted backends was built for that set, and frontends
+        // keep it (the first sync rewrites only what changed). Any other
+        // (another seed or size, a write cut short) is let go: its
+        // frontends leave new flows from outside to the stack until the
+        // first sync gives them a table, rather than to backends not
+        // known; so is the table of an id no adopted frontend holds.
+        let by_id: HashMap<RevNatId, crate::model::Frontend> = (reconciler.v4.programmed.iter())
+            .map(|(f, p)| (p.rev_nat_id, *f))
+            .collect();
+        let sets: HashMap<u32, &Vec<BackendId>> =
+            dump.maglev_sets.iter().map(|(t, set)| (*t, set)).collect();
+        for &(id, table) in &dump.maglev_tables_of {
+            let set = sets.get(&table).filter(|set| {
+                !set.is_empty()
+                    && set
+                        .iter()
+                        .all(|&b| reconciler.v4.backends.address_of(b).is_some())
+            });
+            match (by_id.get(&id), set) {
+                (Some(frontend), Some(set)) if reconciler.maglev.adopt_set(table, set) => {
+                    reconciler.v4.north_south.insert(
+                        *frontend,
+                        super::NorthSouth {
+                            table,
+                            set: set.as_slice().into(),
+                        },
+                    );
+                }
+                _ => {
+                    if let Err(error) = reconciler.maps.set_maglev_table_of(id, None) {
+                        tracing::warn!(id, %error, "taking a stale Maglev table away failed");
+                    }
+                }
+            }
+        }
         // Affinity of ids no adopted frontend holds (an agent stopped
         // between a frontend's removal and its affinity's) goes now, before
         // any frontend can be given the id; what fails, the prune retries.

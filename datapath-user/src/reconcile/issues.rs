@@ -63,6 +63,10 @@ fn raise(map: &str) -> &'static str {
             "one entry per frontend (ClusterIP port): raise it with --frontends-max"
         }
         datapath_common::maps::BACKENDS_MAP => "raise it with --backends-max",
+        datapath_common::maps::MAGLEV_MAP => {
+            "one table per backend set served from outside: raise it with --maglev-tables \
+             (the frontend is not served from outside on this node until then)"
+        }
         datapath_common::maps::REVERSE_NAT_MAP => {
             "one id per frontend (ClusterIP port): raise it with --frontends-max"
         }

@@ -40,6 +40,7 @@ mod adopt;
 mod backend_table;
 mod ids;
 mod issues;
+mod maglev;
 mod program;
 mod subset;
 
@@ -168,6 +169,17 @@ pub struct Reconciler<M> {
     /// Picks this node's subset of an over-limit service (a hash of the
     /// node's name), so nodes spread over all endpoints.
     node_seed: u64,
+    /// The Maglev tables of frontends served from outside, shared by both
+    /// families.
+    maglev: maglev::MaglevTables,
+}
+
+/// A frontend served from outside, as programmed: its Maglev table and
+/// the backend ids it was built for (sorted).
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct NorthSouth {
+    table: u32,
+    set: Box<[BackendId]>,
 }
 
 /// One address family's frontends and backends: what is programmed, who
@@ -210,6 +222,8 @@ pub(super) struct FamilyTables<A: Family> {
     affinity: HashMap<Frontend<A>, u32>,
     /// Backend ids whose delete failed: out of use until a retry works.
     undeleted: Vec<BackendId>,
+    /// Frontends served from outside (`MAGLEV_TABLE_OF` names a table).
+    north_south: HashMap<Frontend<A>, NorthSouth>,
 }
 
 /// `FamilyTables::affinity` of a frontend whose affinity in the maps is
@@ -234,6 +248,7 @@ impl<A: Family> Default for FamilyTables<A> {
             stray_entries: Vec::new(),
             affinity: HashMap::default(),
             undeleted: Vec::new(),
+            north_south: HashMap::default(),
         }
     }
 }
@@ -284,6 +299,7 @@ pub(super) struct FamilyView<'r, M, A: Family> {
     backend_ids: &'r mut IdAllocator,
     rev_nat_ids: &'r mut IdAllocator,
     node_seed: u64,
+    maglev: &'r mut maglev::MaglevTables,
 }
 
 /// A family the reconciler programs: its tables (with what both families
@@ -302,6 +318,7 @@ impl TableFamily for Ipv4Addr {
             backend_ids: &mut r.backend_ids,
             rev_nat_ids: &mut r.rev_nat_ids,
             node_seed: r.node_seed,
+            maglev: &mut r.maglev,
         }
     }
     fn desired(translation: &ServiceTranslation) -> &[DesiredFrontend<Self>] {
@@ -318,6 +335,7 @@ impl TableFamily for Ipv6Addr {
             backend_ids: &mut r.backend_ids,
             rev_nat_ids: &mut r.rev_nat_ids,
             node_seed: r.node_seed,
+            maglev: &mut r.maglev,
         }
     }
     fn desired(translation: &ServiceTranslation) -> &[DesiredFrontend<Self>] {
@@ -384,6 +402,12 @@ impl<M: LbMaps> Reconciler<M> {
             family(&self.v6, ids, &mut out);
         }
         out
+    }
+
+    /// Maglev tables in use (shared ones once) and the map's room for
+    /// them.
+    pub fn maglev_tables_in_use(&self) -> (usize, u32) {
+        (self.maglev.in_use(), self.maglev.capacity())
     }
 
     /// Ids handed out and not yet released: (backend, reverse-NAT).
@@ -504,6 +528,7 @@ impl<M: LbMaps, A: TableFamily> FamilyView<'_, M, A> {
                 &desired.backends,
                 &desired.draining,
                 desired.affinity,
+                desired.external.as_deref(),
             ) {
                 Ok(true) => outcome.frontends_written += 1,
                 Ok(false) => {}

@@ -17,14 +17,16 @@ use crate::{
 
 impl<M: LbMaps, A: TableFamily> FamilyView<'_, M, A> {
     /// Writes `frontend` if its backends (or its `sessionAffinity`
-    /// timeout, `affinity`) differ from what is programmed, and holds the
-    /// draining ones. Returns whether it wrote.
+    /// timeout, `affinity`, or the backends its flows from outside go to,
+    /// `external`) differ from what is programmed, and holds the draining
+    /// ones. Returns whether it wrote.
     pub(super) fn program(
         &mut self,
         frontend: &Frontend<A>,
         endpoints: &[Endpoint<A>],
         draining: &[Endpoint<A>],
         affinity: Option<u32>,
+        external: Option<&[Endpoint<A>]>,
     ) -> Result<bool, Issue> {
         // Over the per-service limit: this node serves its own subset (so
         // the nodes together use every endpoint) and says so; the rest
@@ -64,8 +66,21 @@ impl<M: LbMaps, A: TableFamily> FamilyView<'_, M, A> {
                     .all(|(&id, address)| self.t.backends.address_of(id) == Some(*address))
         });
         let affinity_unchanged = self.t.affinity.get(frontend).copied() == affinity;
+        // Served from outside: the backends among this node's slots its
+        // flows from outside go to (a Maglev table's).
+        let external: Option<Vec<BackendAddress<A>>> = external
+            .filter(|_| A::FROM_OUTSIDE && self.maglev.enabled())
+            .map(|external| {
+                external
+                    .iter()
+                    .map(as_address)
+                    .filter(|a| addresses.contains(a))
+                    .collect()
+            });
+        let north_south_unchanged = self.north_south_unchanged(frontend, external.as_deref());
         if slots_unchanged
             && affinity_unchanged
+            && north_south_unchanged
             && existing.is_some_and(|p| p.draining() == draining)
         {
             return if capped {
@@ -147,6 +162,22 @@ impl<M: LbMaps, A: TableFamily> FamilyView<'_, M, A> {
         let ids: Vec<BackendId> = entries.iter().map(|e| e.id).collect();
         // After the slots, before any backend that left is deleted.
         let affinity_written = self.write_affinity(frontend, rev_nat_id, &ids, affinity);
+        let external_ids = external.map(|external| {
+            let mut ids: Vec<BackendId> = entries
+                .iter()
+                .filter(|e| {
+                    external.contains(&BackendAddress {
+                        address: e.address,
+                        port: e.port,
+                        protocol: frontend.protocol,
+                    })
+                })
+                .map(|e| e.id)
+                .collect();
+            ids.sort_unstable();
+            ids
+        });
+        let north_south_written = self.write_north_south(frontend, rev_nat_id, external_ids);
         let old = self.t.programmed.insert(
             *frontend,
             Programmed::new(rev_nat_id, false, ids, draining, Vec::new()),
@@ -182,10 +213,132 @@ impl<M: LbMaps, A: TableFamily> FamilyView<'_, M, A> {
             self.release_untracked(old.untracked_ids());
         }
         affinity_written?;
+        north_south_written?;
         if capped {
             return Err(capped_issue());
         }
-        Ok(written || !affinity_unchanged)
+        Ok(written || !affinity_unchanged || !north_south_unchanged)
+    }
+
+    /// Whether `frontend`'s Maglev table is the one `external` (its flows
+    /// from outside, `None`: not served from outside) asks for.
+    fn north_south_unchanged(
+        &self,
+        frontend: &Frontend<A>,
+        external: Option<&[BackendAddress<A>]>,
+    ) -> bool {
+        let programmed = self.t.north_south.get(frontend);
+        match external.filter(|e| !e.is_empty()) {
+            None => programmed.is_none(),
+            Some(wanted) => programmed.map(|p| &*p.set).is_some_and(|set| {
+                set.len() == wanted.len()
+                    && wanted.iter().all(|a| {
+                        self.t
+                            .backends
+                            .id_of(a)
+                            .is_some_and(|id| set.binary_search(&id).is_ok())
+                    })
+            }),
+        }
+    }
+
+    /// Points `frontend` (`rev_nat_id`) at the Maglev table of `wanted`
+    /// (sorted backend ids; `None` or empty: not served from outside),
+    /// building the table when no frontend shares it; only what differs.
+    /// The table is written before the frontend points at it, and the
+    /// one it leaves is freed after.
+    fn write_north_south(
+        &mut self,
+        frontend: &Frontend<A>,
+        rev_nat_id: datapath_common::maps::RevNatId,
+        wanted: Option<Vec<BackendId>>,
+    ) -> Result<(), Issue> {
+        let wanted = wanted.filter(|ids| !ids.is_empty());
+        let current = self.t.north_south.get(frontend).cloned();
+        let map_issue = |map, error| {
+            program_issue(ProgramError::Map {
+                frontend: frontend.erased(),
+                map,
+                error: Box::new(error),
+            })
+        };
+        let Some(ids) = wanted else {
+            if let Some(current) = current {
+                self.maps
+                    .set_maglev_table_of(rev_nat_id, None)
+                    .map_err(|e| map_issue(datapath_common::maps::MAGLEV_TABLE_OF_MAP, e))?;
+                self.release_table(&current);
+                self.t.north_south.remove(frontend);
+            }
+            return Ok(());
+        };
+        if current.as_ref().map(|c| &*c.set) == Some(ids.as_slice()) {
+            return Ok(());
+        }
+        let (table, fresh) = self.maglev.acquire(&ids).ok_or_else(|| {
+            limit_issue(
+                frontend,
+                datapath_common::maps::MAGLEV_MAP,
+                self.maglev.capacity(),
+            )
+        })?;
+        if fresh {
+            let content = self.maglev_table(&ids);
+            if let Err(e) = self.maps.write_maglev_table(table, &content) {
+                self.maglev.release(&ids);
+                return Err(map_issue(datapath_common::maps::MAGLEV_MAP, e));
+            }
+        }
+        if let Err(e) = self.maps.set_maglev_table_of(rev_nat_id, Some(table)) {
+            self.maglev.release(&ids);
+            return Err(map_issue(datapath_common::maps::MAGLEV_TABLE_OF_MAP, e));
+        }
+        if let Some(current) = current {
+            self.release_table(&current);
+        }
+        self.t.north_south.insert(
+            *frontend,
+            super::NorthSouth {
+                table,
+                set: ids.into(),
+            },
+        );
+        Ok(())
+    }
+
+    /// The Maglev table of backends `ids`: every node builds it from the
+    /// backends' addresses (never from ids, which are this node's own).
+    fn maglev_table(&self, ids: &[BackendId]) -> Vec<BackendId> {
+        let settings = self.maps.maglev_tables();
+        let keys: Vec<Vec<u8>> = ids
+            .iter()
+            .map(|&id| match self.t.backends.address_of(id) {
+                Some(b) => match b.address.into() {
+                    std::net::IpAddr::V4(a) => datapath_common::maglev::backend_key4(
+                        a.octets(),
+                        b.port,
+                        b.protocol.number(),
+                    )
+                    .to_vec(),
+                    std::net::IpAddr::V6(a) => datapath_common::maglev::backend_key6(
+                        a.octets(),
+                        b.port,
+                        b.protocol.number(),
+                    )
+                    .to_vec(),
+                },
+                None => id.to_le_bytes().to_vec(),
+            })
+            .collect();
+        datapath_common::maglev::build_table(settings.table_size, settings.seed, &keys)
+            .into_iter()
+            .map(|i| ids[i as usize])
+            .collect()
+    }
+
+    /// A frontend stops using its table.
+    fn release_table(&mut self, north_south: &super::NorthSouth) {
+        self.maglev.release(&north_south.set);
     }
 
     /// Gives `frontend` (`rev_nat_id`, whose slots name `ids`) the
@@ -282,6 +435,21 @@ impl<M: LbMaps, A: TableFamily> FamilyView<'_, M, A> {
                     })
                 })?;
             self.t.affinity.remove(frontend);
+        }
+        // Its table before its id is freed (the next frontend to get the
+        // id must not be served from outside by this one's table).
+        if let Some(north_south) = self.t.north_south.get(frontend).cloned() {
+            self.maps
+                .set_maglev_table_of(programmed.rev_nat_id, None)
+                .map_err(|error| {
+                    program_issue(ProgramError::Map {
+                        frontend: frontend.erased(),
+                        map: datapath_common::maps::MAGLEV_TABLE_OF_MAP,
+                        error: Box::new(error),
+                    })
+                })?;
+            self.release_table(&north_south);
+            self.t.north_south.remove(frontend);
         }
         A::remove_service(self.maps, frontend).map_err(program_issue)?;
         self.t.programmed.remove(frontend);
