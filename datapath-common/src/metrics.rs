@@ -53,10 +53,15 @@ pub enum Counter {
     /// stack untranslated: a fragment, a backend this node cannot hand
     /// the packet to (not on this uplink).
     NorthSouthPassed = 15,
+    /// Uplink (XDP): new flows to a backend on another node dropped
+    /// because its neighbour (or next hop) was not resolved yet; the
+    /// agent keeps a managed entry for every such backend, and the
+    /// client's retransmission finds it.
+    NorthSouthNoNeighbour = 16,
 }
 
 /// Number of slots in `COUNTERS`.
-pub const COUNTER_COUNT: u32 = 16;
+pub const COUNTER_COUNT: u32 = 17;
 
 impl Counter {
     /// Every counter, in index order.
@@ -77,6 +82,7 @@ impl Counter {
         Counter::NorthSouthTranslated,
         Counter::NorthSouthReverseTranslated,
         Counter::NorthSouthPassed,
+        Counter::NorthSouthNoNeighbour,
     ];
 
     /// The snake_case name used in metrics and CLI output.
@@ -98,6 +104,7 @@ impl Counter {
             Counter::NorthSouthTranslated => "north_south_translated",
             Counter::NorthSouthReverseTranslated => "north_south_reverse_translated",
             Counter::NorthSouthPassed => "north_south_passed",
+            Counter::NorthSouthNoNeighbour => "north_south_no_neighbour",
         }
     }
 }

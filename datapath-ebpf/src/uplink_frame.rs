@@ -207,22 +207,30 @@ pub fn set_macs(ctx: &XdpContext, destination: [u8; 6], source: [u8; 6]) -> Resu
     Ok(())
 }
 
+/// Why `next_hop` found none.
+pub enum NoNextHop {
+    /// The next hop is known but not resolved yet (worth a retry).
+    Unresolved,
+    /// No route out of the uplink, or the uplink does not forward (the
+    /// kernel answers a program's lookup only where
+    /// `net.ipv4.conf.<uplink>.forwarding` is on, as on every Kubernetes
+    /// node).
+    NoRoute,
+}
+
 /// The next hop towards `destination_be` from `source_be` out of the
 /// interface the frame came in by, from the kernel's routes and
-/// neighbours (`bpf_fib_lookup`): its MAC and the interface's. `None`
-/// when the route leaves by another interface (this program only sends
-/// back out of the uplink), the neighbour is not resolved, or the uplink
-/// does not forward (the kernel answers a program's lookup only where
-/// `net.ipv4.conf.<uplink>.forwarding` is on, as on every Kubernetes
-/// node).
+/// neighbours (`bpf_fib_lookup`): its MAC and the interface's. This
+/// program only sends back out of the uplink: a route by another
+/// interface is `NoRoute`.
 #[inline(always)]
 pub fn next_hop(
     ctx: &XdpContext,
     packet: &Packet,
     source_be: u32,
     destination_be: u32,
-) -> Option<([u8; 6], [u8; 6])> {
-    use aya_ebpf::bindings::{BPF_FIB_LKUP_RET_SUCCESS, bpf_fib_lookup};
+) -> Result<([u8; 6], [u8; 6]), NoNextHop> {
+    use aya_ebpf::bindings::{BPF_FIB_LKUP_RET_NO_NEIGH, BPF_FIB_LKUP_RET_SUCCESS, bpf_fib_lookup};
     const AF_INET: u8 = 2;
     // SAFETY: all-zero is a valid `bpf_fib_lookup` (plain integers and
     // unions of them).
@@ -242,8 +250,13 @@ pub fn next_hop(
             0,
         )
     };
-    (rc == BPF_FIB_LKUP_RET_SUCCESS as i64 && params.ifindex == ifindex)
-        .then_some((params.dmac, params.smac))
+    if rc == BPF_FIB_LKUP_RET_SUCCESS as i64 && params.ifindex == ifindex {
+        Ok((params.dmac, params.smac))
+    } else if rc == BPF_FIB_LKUP_RET_NO_NEIGH as i64 && params.ifindex == ifindex {
+        Err(NoNextHop::Unresolved)
+    } else {
+        Err(NoNextHop::NoRoute)
+    }
 }
 
 /// The frame's source and destination MACs.

@@ -28,7 +28,7 @@ use crate::{
     maps::{CtMap, NORTH_SOUTH, UPLINK_SNAT},
     metrics::{count, count_service},
     parse::Packet,
-    uplink_frame::{self, next_hop, rewrite_destination, rewrite_source, set_macs},
+    uplink_frame::{self, NoNextHop, next_hop, rewrite_destination, rewrite_source, set_macs},
 };
 
 /// Random ports tried for a new flow before it is passed to the stack
@@ -70,14 +70,22 @@ pub fn open(
         count(Counter::NorthSouthPassed);
         return XDP_PASS;
     };
-    let Some((next_mac, uplink_mac)) =
-        next_hop(ctx, packet, config.snat_address_be, backend.address_be)
-    else {
-        // No route out of the uplink, or the neighbour is not resolved
-        // (the agent keeps backends' neighbours resolved): the stack.
-        count(Counter::NorthSouthPassed);
-        return XDP_PASS;
-    };
+    let (next_mac, uplink_mac) =
+        match next_hop(ctx, packet, config.snat_address_be, backend.address_be) {
+            Ok(macs) => macs,
+            // Being resolved (the agent keeps a managed entry for every
+            // such backend): dropped, so that the client retransmits
+            // instead of meeting the stack's reset.
+            Err(NoNextHop::Unresolved) => {
+                count(Counter::NorthSouthNoNeighbour);
+                return XDP_DROP;
+            }
+            // No route out of the uplink: the stack decides.
+            Err(NoNextHop::NoRoute) => {
+                count(Counter::NorthSouthPassed);
+                return XDP_PASS;
+            }
+        };
     let Some((client_mac, _)) = uplink_frame::macs(ctx) else {
         return XDP_PASS;
     };
@@ -148,7 +156,7 @@ pub fn forward(
         return XDP_PASS;
     };
     if !ct::l2_is_fresh(flow.l2_seen, now)
-        && let Some((next_mac, uplink_mac)) =
+        && let Ok((next_mac, uplink_mac)) =
             next_hop(ctx, packet, config.snat_address_be, backend.address_be)
     {
         // Once a freshness interval: a backend's next hop may change.

@@ -413,6 +413,37 @@ pub fn load_program(
     Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
 }
 
+const BPF_LINK_CREATE: libc::c_long = 28;
+
+#[repr(C)]
+#[derive(Default)]
+struct LinkCreateAttr {
+    prog_fd: u32,
+    target_ifindex: u32,
+    attach_type: u32,
+    flags: u32,
+}
+
+/// A bpf_link attaching `prog` to interface `ifindex` (of the calling
+/// thread's namespace) as `attach_type`; detached when the returned fd
+/// is closed (unless pinned).
+pub fn link_create(
+    prog: &OwnedFd,
+    ifindex: u32,
+    attach_type: u32,
+    flags: u32,
+) -> io::Result<OwnedFd> {
+    let mut attr = LinkCreateAttr {
+        prog_fd: prog.as_raw_fd() as u32,
+        target_ifindex: ifindex,
+        attach_type,
+        flags,
+    };
+    let fd = bpf(BPF_LINK_CREATE, &mut attr)?;
+    // SAFETY: the kernel returned a new fd that we now own.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
+}
+
 /// Runs a TC program once on `frame` (BPF_PROG_TEST_RUN) and returns its
 /// verdict: for a program opened from its pin (the CNI plugin's view).
 pub fn test_run_verdict(prog: &OwnedFd, frame: &[u8]) -> io::Result<i32> {

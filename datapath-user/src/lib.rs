@@ -35,6 +35,7 @@ pub mod sockdiag;
 pub mod tc_mode;
 pub mod udp_terminate;
 pub mod uninstall;
+pub mod uplink;
 
 pub use error::LoaderError;
 pub use loader::{Datapath, LoadOptions};

@@ -19,7 +19,9 @@ use datapath_user::{
     cni, inspect,
     inspect::Output,
     k8s::{Ipv6Serving, NodeContext},
-    loader::{self, CtTimeouts, DEFAULT_PIN_DIR, DatapathLog, L4Checksums, MapSizes},
+    loader::{
+        self, CtTimeouts, DEFAULT_PIN_DIR, DatapathLog, L4Checksums, MapSizes, XdpAttachMode,
+    },
     netns,
     pod_tc::PodTcPolicy,
 };
@@ -390,6 +392,93 @@ struct AgentArgs {
     /// backends.
     #[arg(long, env = "UNDERPASS_IPV6", value_enum, default_value_t = Ipv6::Off)]
     ipv6: Ipv6,
+    /// The node's uplink: the parent device of the macvlan pods, where
+    /// traffic from outside the cluster arrives. With it, the uplink
+    /// program (XDP) serves this node's nodePorts, load-balancer IPs and
+    /// external IPs: Maglev picks the backend (the same on every node), a
+    /// pod on this uplink gets the packet by its MAC with the client's
+    /// address kept (externalTrafficPolicy Local and Cluster), a backend
+    /// elsewhere gets it SNATed to this node and sent back out. Without
+    /// it nothing is served from outside (leave that to kube-proxy).
+    /// IPv4 only for now.
+    #[arg(long, env = "UNDERPASS_UPLINK", value_name = "IFACE")]
+    uplink: Option<String>,
+    /// The network namespace the uplink is in, when it is not the
+    /// agent's own (a lab's node namespace; a DaemonSet runs in the
+    /// host's, where the uplink is).
+    #[arg(long, requires = "uplink", value_name = "PATH")]
+    uplink_netns: Option<PathBuf>,
+    /// How the uplink program runs: native (in the driver, before any skb
+    /// is built), generic (every driver, slower), or auto (native where
+    /// the driver has it, else generic, said in the log).
+    #[arg(long, value_enum, default_value_t = XdpModeArg::Auto)]
+    xdp_mode: XdpModeArg,
+    /// Entries per Maglev table: a prime from 251 to 131071. Every node
+    /// of the cluster must use the same size and seed, so that each picks
+    /// the same backend for a flow; ≥ 100 × the most backends a service
+    /// has keeps Maglev's balance within 1 %.
+    #[arg(long, env = "UNDERPASS_MAGLEV_TABLE_SIZE", default_value_t = datapath_common::maglev::DEFAULT_TABLE_SIZE,
+        value_parser = parse_maglev_table_size)]
+    maglev_table_size: u32,
+    /// Maglev tables: one per backend set served from outside (a service
+    /// port's nodePort, load-balancer and external IPs share one). Each
+    /// takes 4 bytes × --maglev-table-size of kernel memory (64 KiB at
+    /// the default); a service beyond them is reported and not served
+    /// from outside on this node.
+    #[arg(long, env = "UNDERPASS_MAGLEV_TABLES", default_value_t = datapath_common::maps::DEFAULT_MAGLEV_TABLES)]
+    maglev_tables: u32,
+    /// The cluster's Maglev seed: any number, the same on every node.
+    #[arg(long, env = "UNDERPASS_MAGLEV_SEED", default_value_t = DEFAULT_MAGLEV_SEED)]
+    maglev_seed: u64,
+    /// The source ports flows from outside to backends on other nodes are
+    /// SNATed to, FIRST-LAST: outside the node's ephemeral range
+    /// (net.ipv4.ip_local_port_range), so that no socket of the node's
+    /// holds one.
+    #[arg(long, env = "UNDERPASS_SNAT_PORTS", default_value = "61000-65535", value_parser = parse_port_range)]
+    snat_ports: (u16, u16),
+    /// The address those flows are SNATed to (default: the --node-ip the
+    /// uplink holds, else the uplink's first IPv4 address).
+    #[arg(long, env = "UNDERPASS_SNAT_ADDRESS", value_name = "IPV4")]
+    snat_address: Option<std::net::Ipv4Addr>,
+}
+
+/// The Maglev seed when none is given ("underpas"): any fixed value
+/// works, as long as every node has the same.
+const DEFAULT_MAGLEV_SEED: u64 = 0x7361_7072_6564_6e75;
+
+/// `--xdp-mode`.
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum XdpModeArg {
+    Auto,
+    Native,
+    Generic,
+}
+
+fn parse_maglev_table_size(text: &str) -> Result<u32, String> {
+    let size: u32 = text.parse().map_err(|e| format!("{text:?}: {e}"))?;
+    datapath_common::maglev::check_table_size(size).map_err(|e| e.to_string())
+}
+
+/// `FIRST-LAST` → (first, count).
+fn parse_port_range(text: &str) -> Result<(u16, u16), String> {
+    let (first, last) = text
+        .split_once('-')
+        .ok_or_else(|| format!("{text:?}: expected FIRST-LAST, e.g. 61000-65535"))?;
+    let port = |p: &str| {
+        p.trim()
+            .parse::<u16>()
+            .ok()
+            .filter(|&p| p != 0)
+            .ok_or_else(|| format!("{p:?} is not a port (1-65535)"))
+    };
+    let (first, last) = (port(first)?, port(last)?);
+    if last < first {
+        return Err(format!("{text:?}: the last port is below the first"));
+    }
+    let count = u32::from(last) - u32::from(first) + 1;
+    u16::try_from(count)
+        .map(|count| (first, count))
+        .map_err(|_| format!("{text:?}: at most 65535 ports"))
 }
 
 /// `--ipv6`.
@@ -568,11 +657,32 @@ fn run_agent(args: AgentArgs) -> Result<()> {
             affinity_clients: args.affinity_max,
             service_counters: args.service_counters == ServiceCounters::On,
             ipv6,
+            maglev_tables: if args.uplink.is_some() {
+                args.maglev_tables.max(1)
+            } else {
+                0
+            },
+            maglev_table_size: args.maglev_table_size,
             ..MapSizes::default()
         },
         ct_timeouts: CtTimeouts::default(),
         datapath_log: args.datapath_log,
         l4_checksums: args.l4_checksums,
+        uplink: args
+            .uplink
+            .map(|iface| datapath_user::uplink::UplinkOptions {
+                iface,
+                netns: args.uplink_netns,
+                xdp_mode: match args.xdp_mode {
+                    XdpModeArg::Auto => XdpAttachMode::Auto,
+                    XdpModeArg::Native => XdpAttachMode::Native,
+                    XdpModeArg::Generic => XdpAttachMode::Generic,
+                },
+                maglev_seed: args.maglev_seed,
+                maglev_table_size: args.maglev_table_size,
+                snat_ports: args.snat_ports,
+                snat_address: args.snat_address,
+            }),
     };
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)

@@ -5,7 +5,7 @@
 //! Everything the agent and the CNI plugin leave behind is under the pin
 //! directory: a pinned bpf_link per attached program (TC on pod
 //! interfaces, reply-only TC on their other interfaces, socket-LB on
-//! cgroups) and the pinned maps. Each link is detached at once
+//! cgroups, the uplink program on the uplink) and the pinned maps. Each link is detached at once
 //! (BPF_LINK_DETACH, whoever else holds it), then the pins go; programs
 //! and maps are freed with their last reference. Filters attached in
 //! netlink (clsact) mode are not pinned: they are found by our programs'

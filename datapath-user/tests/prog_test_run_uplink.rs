@@ -609,13 +609,16 @@ fn a_flow_to_a_backend_elsewhere_is_snated_to_the_node_sent_back_out_and_its_rep
 }
 
 #[test]
-fn without_a_resolved_neighbour_or_a_free_port_a_flow_passes_to_the_stack() {
+fn without_a_resolved_neighbour_a_flow_waits_and_without_a_free_port_it_passes() {
     let (namespace, up0, _) = node_namespace(false);
     let mut dp = serving(node_port(Protocol::Udp), &[REMOTE]);
+    // Not resolved yet: dropped (the client retries; passed, the node's
+    // stack would answer with a reset or port unreachable).
     let datagram = from_outside(L4::Udp { checksum: true }).build();
-    let (v, out) = uplink_in(&mut dp, &namespace, up0, &datagram);
-    assert_eq!((v, out), (xdp_verdict::PASS, datagram), "no neighbour");
-    assert_eq!(dp.maps.counter(Counter::NorthSouthPassed).unwrap(), 1);
+    let (v, _) = uplink_in(&mut dp, &namespace, up0, &datagram);
+    assert_eq!(v, xdp_verdict::DROP, "no neighbour");
+    assert_eq!(dp.maps.counter(Counter::NorthSouthNoNeighbour).unwrap(), 1);
+    assert_eq!(dp.maps.conntrack_entries(), 0, "nothing tracked");
     drop(namespace);
 
     // Eight SNAT ports for the one backend: the ninth client on finds

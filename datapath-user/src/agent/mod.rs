@@ -91,6 +91,9 @@ pub struct AgentOptions {
     pub datapath_log: DatapathLog,
     /// How translated packets get their L4 checksums (fixed at load).
     pub l4_checksums: L4Checksums,
+    /// Traffic from outside served on this uplink (None: not served; an
+    /// uplink program an earlier run attached is detached).
+    pub uplink: Option<crate::uplink::UplinkOptions>,
 }
 
 pub async fn run(options: AgentOptions) -> Result<()> {
@@ -135,6 +138,9 @@ pub async fn run(options: AgentOptions) -> Result<()> {
         .distrust_reply_filter()
         .context("resetting REPLY_FILTER's completeness flag")?;
     let maps_made_here = datapath.made_the_service_maps();
+    // Before the maps are adopted: the reconciler reads the Maglev
+    // settings from them.
+    let uplink_index = serve_from_outside(&options, &mut datapath)?;
     // Read from the start: an event of the first packets is kept.
     let logger =
         datapath_events::RateLimited::new(log::logger(), datapath_events::EVENTS_PER_SECOND);
@@ -158,7 +164,7 @@ pub async fn run(options: AgentOptions) -> Result<()> {
 
     let stop = Arc::new(AtomicBool::new(false));
     let attach_thread =
-        attach_loop(&options, &plan, datapath, metrics.clone())?.spawn(stop.clone());
+        attach_loop(&options, &plan, datapath, metrics.clone(), uplink_index)?.spawn(stop.clone());
 
     let (tx, rx) = mpsc::channel(1024);
     let mut node_watched = false;
@@ -231,6 +237,57 @@ pub async fn run(options: AgentOptions) -> Result<()> {
     Ok(())
 }
 
+/// North-south: with `--uplink`, writes the uplink program's settings
+/// (tables built with other ones are let go) and attaches it; without,
+/// detaches one an earlier run attached. Returns the uplink's index.
+fn serve_from_outside(options: &AgentOptions, datapath: &mut Datapath) -> Result<Option<u32>> {
+    let Some(uplink) = &options.uplink else {
+        let detached = crate::loader::detach_pinned_uplinks(&options.pin_dir)
+            .context("detaching an earlier run's uplink program")?;
+        if detached > 0 {
+            info!(
+                "no --uplink: the uplink program an earlier run attached is detached (traffic from outside is not served)"
+            );
+        }
+        return Ok(None);
+    };
+    let facts = crate::uplink::read_facts(uplink.netns.as_deref(), &uplink.iface)?;
+    let config = crate::uplink::settings(uplink, &facts, &options.node.addresses);
+    let maps = datapath
+        .maps
+        .north_south
+        .as_mut()
+        .context("the north-south maps are missing from this load")?;
+    let earlier = maps.config().context("reading NORTH_SOUTH")?;
+    if earlier.maglev_table_size != 0
+        && (earlier.maglev_seed, earlier.maglev_table_size)
+            != (config.maglev_seed, config.maglev_table_size)
+    {
+        let cleared = maps.clear_tables_of().context("clearing MAGLEV_TABLE_OF")?;
+        warn!(
+            frontends = cleared,
+            "the Maglev seed or table size changed: tables are built anew (until then new flows from outside go to the node's stack; every node must use the same)"
+        );
+    }
+    maps.set_config(config).context("writing NORTH_SOUTH")?;
+    if config.snat_address_be == 0 {
+        warn!(uplink = %uplink.iface, "the uplink has no IPv4 address: flows from outside to backends on other nodes pass to the node's stack (give --snat-address)");
+    }
+    if !facts.forwarding {
+        warn!(uplink = %uplink.iface, "the uplink does not forward (net.ipv4.conf.<uplink>.forwarding=0): the kernel answers no route lookup of the uplink program, so flows from outside to backends on other nodes pass to the node's stack");
+    }
+    let attached = datapath
+        .attach_uplink(uplink.netns.as_deref(), &uplink.iface, uplink.xdp_mode)
+        .context("attaching the uplink program")?;
+    info!(
+        uplink = %uplink.iface,
+        how = attached.how,
+        snat = %std::net::Ipv4Addr::from(config.snat_address_be.to_ne_bytes()),
+        "serving nodePorts, load-balancer and external IPs from outside on the uplink (XDP)"
+    );
+    Ok(Some(facts.ifindex))
+}
+
 /// What the datapath is loaded with: the agent's sizes and lifetimes, the
 /// probed feature bits, the socket-LB scope.
 fn load_options(options: &AgentOptions, plan: &Plan) -> Result<LoadOptions> {
@@ -278,6 +335,7 @@ fn attach_loop(
     plan: &Plan,
     datapath: Datapath,
     metrics: Arc<Metrics>,
+    uplink_index: Option<u32>,
 ) -> Result<AttachLoop> {
     let (pods, bare) = match &options.netns_dir {
         Some(dir) => {
@@ -290,6 +348,9 @@ fn attach_loop(
             if plan.feature_bits & datapath_common::features::NETNS_COOKIE_TC == 0 {
                 // The programs cannot look pod routes up: do not keep them.
                 pods.without_pod_routes();
+            }
+            if let (Some(index), Some(uplink)) = (uplink_index, &options.uplink) {
+                pods.follow_uplink(uplink.netns.clone(), index);
             }
             (Some(pods), None)
         }

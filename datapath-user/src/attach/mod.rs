@@ -8,11 +8,14 @@
 //!
 //! `selector` says which interfaces are pods'; `routes` follows each
 //! attached pod's routes (other interfaces replies come back by);
-//! `pinned` lists what is attached from the pins alone.
+//! `pinned` lists what is attached from the pins alone; `local_pods`
+//! tells the uplink program which pods are children of the uplink.
 
+mod local_pods;
 mod pinned;
 mod routes;
 mod selector;
+mod uplink_neighbours;
 
 use std::{
     collections::{BTreeMap, BTreeSet},
@@ -75,6 +78,10 @@ pub struct PodAttacher {
     /// over another build's distrusts it first: that build's flows may
     /// have no flags.
     reply_filter_trusted: bool,
+    /// The pods on the uplink, when north-south is served.
+    local_pods: Option<local_pods::LocalPods>,
+    /// Managed neighbour entries on the uplink for backends elsewhere.
+    neighbours: Option<uplink_neighbours::UplinkNeighbours>,
 }
 
 impl PodAttacher {
@@ -116,7 +123,18 @@ impl PodAttacher {
             routes,
             last_errors: BTreeMap::new(),
             reply_filter_trusted: false,
+            local_pods: None,
+            neighbours: None,
         }
+    }
+
+    /// Tells the uplink program which pods are children of the uplink
+    /// (index `uplink` in the namespace at `netns`), and keeps the
+    /// uplink's neighbour entries for backends elsewhere, from the next
+    /// scan on.
+    pub fn follow_uplink(&mut self, netns: Option<PathBuf>, uplink: u32) {
+        self.local_pods = Some(local_pods::LocalPods::new(uplink));
+        self.neighbours = Some(uplink_neighbours::UplinkNeighbours::new(netns, uplink));
     }
 
     /// The program ids of `(netns, iface)`'s pinned links (egress,
@@ -280,6 +298,7 @@ impl PodAttacher {
         let mut existing: BTreeMap<(String, String), u32> = BTreeMap::new();
         let mut want = BTreeSet::new();
         let mut unknown_netns = BTreeSet::new();
+        let mut local = BTreeMap::new();
         let entries = match fs::read_dir(&self.dir) {
             Ok(entries) => {
                 self.last_errors.remove(&(String::new(), String::new()));
@@ -308,6 +327,9 @@ impl PodAttacher {
                         if (link.up && attached)
                             || (self.selector.selects(&link) && self.policy.wants_tc(&name))
                         {
+                            if let Some(pods) = &self.local_pods {
+                                pods.note(&link, &mut local);
+                            }
                             want.insert(key.clone());
                         } else if self.selector.selects(&link)
                             && self.socket_lb_only.insert(key.clone())
@@ -385,6 +407,27 @@ impl PodAttacher {
             }
         }
         self.follow_routes(&existing, &unknown_netns, &mut report);
+        if let (Some(pods), Some(maps)) = (
+            &mut self.local_pods,
+            self.datapath.maps.north_south.as_mut(),
+        ) {
+            // A namespace that could not be read keeps its pods.
+            let errors = pods.sync(maps, local, unknown_netns.is_empty());
+            let key = (String::new(), "LOCAL_PODS".to_owned());
+            match errors.into_iter().next() {
+                None => {
+                    self.last_errors.remove(&key);
+                }
+                Some(error) if self.last_errors.get(&key) != Some(&error) => {
+                    self.last_errors.insert(key, error.clone());
+                    report
+                        .errors
+                        .push((String::new(), "LOCAL_PODS".into(), error));
+                }
+                Some(_) => {}
+            }
+        }
+        self.keep_uplink_neighbours(&mut report);
         if let Some(ids) = ours {
             self.refresh_others(ids, &mut report);
         }
@@ -423,6 +466,44 @@ impl PodAttacher {
         }
         report
     }
+    /// Managed neighbour entries for the backends the Maglev tables name
+    /// that are not pods on the uplink.
+    fn keep_uplink_neighbours(&mut self, report: &mut ScanReport) {
+        let (Some(neighbours), Some(pods), Some(maps)) = (
+            &mut self.neighbours,
+            &self.local_pods,
+            self.datapath.maps.north_south.as_ref(),
+        ) else {
+            return;
+        };
+        let local: BTreeSet<std::net::Ipv4Addr> = pods.addresses().copied().collect();
+        let wanted = maps.backends_in_use().map(|ids| {
+            ids.into_iter()
+                .filter_map(|id| self.datapath.maps.backends.get(id).ok().flatten())
+                .filter(|b| b.is_present_v4())
+                .map(|b| std::net::Ipv4Addr::from(b.address_be.to_ne_bytes()))
+                .filter(|a| !local.contains(a))
+                .collect::<BTreeSet<_>>()
+        });
+        let result = match wanted {
+            Ok(wanted) => neighbours.sync(wanted).map_err(|e| e.to_string()),
+            Err(e) => Err(format!("reading the Maglev tables: {e}")),
+        };
+        let key = (String::new(), "uplink neighbours".to_owned());
+        match result {
+            Ok(()) => {
+                self.last_errors.remove(&key);
+            }
+            Err(error) if self.last_errors.get(&key) != Some(&error) => {
+                self.last_errors.insert(key, error.clone());
+                report
+                    .errors
+                    .push((String::new(), "uplink neighbours".into(), error));
+            }
+            Err(_) => {}
+        }
+    }
+
     fn note_error(&mut self, report: &mut ScanReport, netns: String, iface: String, error: String) {
         let key = (netns.clone(), iface.clone());
         if self.last_errors.get(&key) != Some(&error) {

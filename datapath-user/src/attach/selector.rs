@@ -1,10 +1,14 @@
 //! Which namespaces and interfaces are pods' underlay interfaces: the
-//! selector, and the interfaces a namespace holds (name, kind, index).
+//! selector, and the interfaces a namespace holds (name, kind, index,
+//! MAC, parent, IPv4 addresses).
 
 use std::{io, path::Path};
 
 use futures::TryStreamExt;
-use rtnetlink::packet_route::link::{InfoKind, LinkAttribute, LinkFlags, LinkInfo};
+use rtnetlink::packet_route::{
+    address::AddressAttribute,
+    link::{InfoKind, LinkAttribute, LinkFlags, LinkInfo},
+};
 
 use crate::netns;
 
@@ -56,6 +60,13 @@ pub struct LinkSummary {
     /// Administratively up.
     pub up: bool,
     pub index: u32,
+    /// Its MAC (None: a device without one).
+    pub mac: Option<[u8; 6]>,
+    /// The device it is a child of (a macvlan's or ipvlan's parent), by
+    /// index in the parent's namespace.
+    pub parent: Option<u32>,
+    /// Its IPv4 addresses.
+    pub ipv4: Vec<std::net::Ipv4Addr>,
 }
 
 /// The interfaces inside the namespace at `path`.
@@ -75,10 +86,15 @@ pub fn list_links(path: &Path) -> io::Result<Vec<LinkSummary>> {
                     kind: None,
                     up: message.header.flags.contains(LinkFlags::Up),
                     index: message.header.index,
+                    mac: None,
+                    parent: None,
+                    ipv4: Vec::new(),
                 };
                 for attribute in &message.attributes {
                     match attribute {
                         LinkAttribute::IfName(name) => summary.name = name.clone(),
+                        LinkAttribute::Address(mac) => summary.mac = mac.as_slice().try_into().ok(),
+                        LinkAttribute::Link(parent) => summary.parent = Some(*parent),
                         LinkAttribute::LinkInfo(infos) => {
                             for info in infos {
                                 if let LinkInfo::Kind(kind) = info {
@@ -90,6 +106,19 @@ pub fn list_links(path: &Path) -> io::Result<Vec<LinkSummary>> {
                     }
                 }
                 out.push(summary);
+            }
+            let mut addresses = handle.address().get().execute();
+            while let Some(message) = addresses.try_next().await.map_err(io::Error::other)? {
+                let Some(link) = out.iter_mut().find(|l| l.index == message.header.index) else {
+                    continue;
+                };
+                for attribute in &message.attributes {
+                    if let AddressAttribute::Address(std::net::IpAddr::V4(address)) = attribute
+                        && !link.ipv4.contains(address)
+                    {
+                        link.ipv4.push(*address);
+                    }
+                }
             }
             Ok(out)
         })

@@ -11,7 +11,9 @@
 //! the loaded programs), `tc_attach` and `sock_attach` (attaching them),
 //! `attachment` (what an attach returns), `bpffs` (pins on the bpf
 //! filesystem), `event_log` (the programs' rare events, read),
-//! `test_run` (BPF_PROG_TEST_RUN for the tests and bench).
+//! `test_run` (BPF_PROG_TEST_RUN for the tests and bench), `xdp_attach`
+//! (the uplink program on the node's uplink), `xdp_verdict` (one-verdict
+//! XDP programs for the lab's wire and the bench).
 
 mod attachment;
 mod bpffs;
@@ -24,6 +26,8 @@ mod sock_attach;
 mod tc_attach;
 mod tc_pass;
 mod test_run;
+mod xdp_attach;
+mod xdp_verdict;
 
 pub(crate) use self::tc_attach::netns_label;
 pub use self::{
@@ -34,6 +38,8 @@ pub use self::{
     programs::{PROGRAM_PINS, PinnedTcPrograms},
     tc_attach::{REPLY_LINKS, TC_LINKS, detach_pinned_reply, detach_pinned_tc},
     test_run::{SKB_CB_WORDS, TestRunOutcome, hold_pinned, test_run_held, test_run_pinned},
+    xdp_attach::{UplinkAttachment, XDP_LINKS, XdpAttachMode, detach_pinned_uplinks},
+    xdp_verdict::{XdpVerdict, XdpVerdictLink, attach_xdp_verdict},
 };
 pub use crate::{
     error::{LoaderError, with_causes},

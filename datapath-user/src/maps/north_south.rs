@@ -137,6 +137,31 @@ impl NorthSouthMaps {
             .collect())
     }
 
+    /// Every backend id a table some frontend points at names.
+    pub fn backends_in_use(&self) -> Result<std::collections::BTreeSet<BackendId>, MapError> {
+        let size = self.config()?.maglev_table_size;
+        let mut tables: Vec<u32> = self.tables_of()?.into_iter().map(|(_, t)| t).collect();
+        tables.sort_unstable();
+        tables.dedup();
+        let mut ids = std::collections::BTreeSet::new();
+        for table in tables {
+            ids.extend(self.table_set(table, size)?);
+        }
+        ids.remove(&0);
+        Ok(ids)
+    }
+
+    /// Leaves every frontend's flows from outside to the stack (tables
+    /// built with other settings: the next sync builds them anew).
+    /// Returns how many frontends lost their table.
+    pub fn clear_tables_of(&mut self) -> Result<usize, MapError> {
+        let pointed = self.tables_of()?;
+        for (id, _) in &pointed {
+            self.table_of.set(*id, 0, 0)?;
+        }
+        Ok(pointed.len())
+    }
+
     /// Records an underlay pod of this node's uplink.
     pub fn set_local_pod(&mut self, address: Ipv4Addr, mac: [u8; 6]) -> Result<(), MapError> {
         let pod = LocalPod { mac, _pad: [0; 2] };

@@ -142,6 +142,8 @@ pub struct Topology {
     ipvlan_wire: bool,
     /// Offloads of every device it makes.
     offloads: Offloads,
+    /// XDP programs on the wire's ends (`receive_xdp_tx`).
+    xdp_links: Vec<datapath_user::loader::XdpVerdictLink>,
 }
 
 impl Topology {
@@ -213,6 +215,7 @@ impl Topology {
             overlay: false,
             ipvlan_wire: false,
             offloads,
+            xdp_links: Vec::new(),
         };
         for spec in pods {
             topology.add_pod(spec)?;
@@ -391,6 +394,67 @@ impl Topology {
                     }
                 }
             })
+    }
+
+    /// A client outside the cluster: a namespace on the wire that is no
+    /// node and no pod (a macvlan on node `beside`'s end of the wire at
+    /// `address`, reaching the nodes' addresses by ARP), for traffic to
+    /// nodePorts. Deleted when the returned namespace is dropped.
+    pub fn add_outside_client(&self, beside: usize, address: Ipv4Addr) -> Result<Namespace> {
+        let namespace = Namespace::create(&format!("{}-outside", self.prefix))?;
+        let octets = address.octets();
+        let mac = [0x02, 0x77, 0x0f, octets[1], octets[2], octets[3]];
+        add_wire_child(
+            &self.nodes[beside],
+            &namespace,
+            "wcout",
+            WireChild::Macvlan(mac),
+        )?;
+        namespace.netlink("address the outside client", |h| async move {
+            let eth0 = index_of(&h, Pod::IFACE).await?;
+            add_address(&h, eth0, address.into(), 24).await?;
+            set_up(&h, Pod::IFACE).await
+        })?;
+        Ok(namespace)
+    }
+
+    /// Makes node `node`'s end of the wire receive the frames its peer's
+    /// XDP program sends back out (`XDP_TX`): a veth hands them only to a
+    /// peer running XDP itself, which a NIC's wire does not need. Held
+    /// until the topology is dropped.
+    pub fn receive_xdp_tx(&mut self, node: usize) -> Result<()> {
+        let path = self.nodes[node].path().to_owned();
+        let link = datapath_user::loader::attach_xdp_verdict(
+            Some(&path),
+            WIRE,
+            datapath_user::loader::XdpVerdict::Pass,
+        )
+        .map_err(|e| crate::error::TopologyError {
+            netns: self.nodes[node].name().to_owned(),
+            step: "attach XDP_PASS to the wire".into(),
+            reason: e.to_string(),
+        })?;
+        self.xdp_links.push(link);
+        Ok(())
+    }
+
+    /// Routes `destination` (a load-balancer IP) from the outside client
+    /// `client` to node `node`'s address, as a load balancer hands its
+    /// traffic to a node.
+    pub fn route_to_node(
+        &self,
+        client: &Namespace,
+        destination: Ipv4Addr,
+        node: usize,
+    ) -> Result<()> {
+        let via = NODE_ADDRESSES[node];
+        client.netlink("route a load-balancer IP to a node", |h| async move {
+            let route = RouteMessageBuilder::<Ipv4Addr>::new()
+                .destination_prefix(destination, 32)
+                .gateway(via)
+                .build();
+            add_route(&h, route).await
+        })
     }
 
     pub fn pod(&self, role: &str) -> &Pod {

@@ -56,19 +56,45 @@ pub fn tcp_server(
     port: u16,
     name: &str,
 ) -> Result<Server, TopologyError> {
+    let name = name.to_owned();
+    tcp_server_answering(namespace, address, port, move |_| name.clone())
+}
+
+/// As `tcp_server`, answering `name` and the client's address as the
+/// server sees it (`server-a 192.0.2.7`): whether a translation kept the
+/// client's source.
+pub fn tcp_server_telling_peer(
+    namespace: &Namespace,
+    address: impl Into<IpAddr>,
+    port: u16,
+    name: &str,
+) -> Result<Server, TopologyError> {
+    let name = name.to_owned();
+    tcp_server_answering(namespace, address, port, move |peer| {
+        format!("{name} {}", peer.ip())
+    })
+}
+
+/// A TCP server answering each request line of a connection from `peer`
+/// with `answer(peer)`.
+fn tcp_server_answering(
+    namespace: &Namespace,
+    address: impl Into<IpAddr>,
+    port: u16,
+    answer: impl Fn(SocketAddr) -> String + Send + Clone + 'static,
+) -> Result<Server, TopologyError> {
     let (listener, bind) = bind_in(namespace, address.into(), port, "TCP", TcpListener::bind)?;
     listener
         .set_nonblocking(true)
         .expect("nonblocking listener");
     let stop = Arc::new(AtomicBool::new(false));
-    let name = name.to_owned();
     let thread = {
         let stop = stop.clone();
         std::thread::spawn(move || {
             while !stop.load(Ordering::Relaxed) {
                 match listener.accept() {
-                    Ok((stream, _)) => {
-                        let name = name.clone();
+                    Ok((stream, peer)) => {
+                        let name = answer(peer);
                         let stop = stop.clone();
                         std::thread::spawn(move || serve_tcp(stream, &name, &stop));
                     }
@@ -122,19 +148,43 @@ pub fn udp_server(
     port: u16,
     name: &str,
 ) -> Result<Server, TopologyError> {
+    let name = name.to_owned();
+    udp_server_answering(namespace, address, port, move |_| name.clone())
+}
+
+/// As `udp_server`, answering `name` and the sender's address
+/// (`tcp_server_telling_peer`'s twin).
+pub fn udp_server_telling_peer(
+    namespace: &Namespace,
+    address: impl Into<IpAddr>,
+    port: u16,
+    name: &str,
+) -> Result<Server, TopologyError> {
+    let name = name.to_owned();
+    udp_server_answering(namespace, address, port, move |peer| {
+        format!("{name} {}", peer.ip())
+    })
+}
+
+/// A UDP server answering each datagram from `peer` with `answer(peer)`.
+fn udp_server_answering(
+    namespace: &Namespace,
+    address: impl Into<IpAddr>,
+    port: u16,
+    answer: impl Fn(SocketAddr) -> String + Send + 'static,
+) -> Result<Server, TopologyError> {
     let (socket, bind) = bind_in(namespace, address.into(), port, "UDP", UdpSocket::bind)?;
     socket
         .set_read_timeout(Some(Duration::from_millis(50)))
         .expect("read timeout");
     let stop = Arc::new(AtomicBool::new(false));
-    let name = name.to_owned();
     let thread = {
         let stop = stop.clone();
         std::thread::spawn(move || {
             let mut buf = vec![0u8; 65536];
             while !stop.load(Ordering::Relaxed) {
                 if let Ok((n, from)) = socket.recv_from(&mut buf) {
-                    let _ = socket.send_to(&answer_for(&name, n), from);
+                    let _ = socket.send_to(&answer_for(&answer(from), n), from);
                 }
             }
         })

@@ -1,0 +1,301 @@
+//! North-south through the agent: a client outside the cluster (a
+//! namespace on the wire, no node and no pod) reaches a NodePort service
+//! at node1's address and a load-balancer IP routed to node1, whose
+//! uplink (node1's end of the wire) runs the uplink program the agent
+//! attached. A backend on node1 (server-a) gets the flow by its MAC with
+//! the client's address kept; one on node2 (server-b) gets it SNATed to
+//! node1. Policies and endpoints change by editing the manifest under
+//! traffic, as an operator would.
+
+mod common;
+
+use std::{
+    collections::BTreeSet,
+    net::{Ipv4Addr, SocketAddrV4},
+    path::{Path, PathBuf},
+    process::Stdio,
+};
+
+use common::agent_lab::{
+    Agent, PinDir, TIMEOUT, datapath_event, tempdir, wait_until, write_atomically,
+};
+use lab::{
+    Namespace, Topology, standard_pods,
+    topology::NODE_ADDRESSES,
+    workload::{self, Conversation},
+};
+
+const NODE_PORT: u16 = 30080;
+const UDP_NODE_PORT: u16 = 30053;
+const TARGET: u16 = 8080;
+const UDP_TARGET: u16 = 5353;
+/// The client outside the cluster.
+const OUTSIDE: Ipv4Addr = Ipv4Addr::new(10, 77, 0, 200);
+/// A load-balancer IP the client's route sends to node1.
+const LOAD_BALANCER: Ipv4Addr = Ipv4Addr::new(10, 99, 0, 7);
+
+fn node1() -> Ipv4Addr {
+    NODE_ADDRESSES[0]
+}
+
+/// The `shop` service: NodePort (TCP 80 → 8080 at 30080, UDP 53 → 5353
+/// at 30053), a load-balancer IP, `externalTrafficPolicy: policy`, over
+/// `endpoints` (address, node).
+fn manifest(policy: &str, endpoints: &[(Ipv4Addr, &str)]) -> String {
+    let mut text = format!(
+        "apiVersion: v1\nkind: Service\nmetadata: {{name: shop, namespace: e2e}}\nspec:\n  type: LoadBalancer\n  clusterIP: 10.96.7.8\n  externalTrafficPolicy: {policy}\n  ports:\n  - {{name: http, port: 80, targetPort: {TARGET}, nodePort: {NODE_PORT}}}\n  - {{name: dns, port: 53, protocol: UDP, targetPort: {UDP_TARGET}, nodePort: {UDP_NODE_PORT}}}\nstatus:\n  loadBalancer:\n    ingress: [{{ip: {LOAD_BALANCER}}}]\n---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: shop-1\n  namespace: e2e\n  labels: {{kubernetes.io/service-name: shop}}\naddressType: IPv4\nports:\n- {{name: http, port: {TARGET}}}\n- {{name: dns, port: {UDP_TARGET}, protocol: UDP}}\nendpoints:\n"
+    );
+    for (address, node) in endpoints {
+        text += &format!(
+            "- addresses: [{address}]\n  nodeName: {node}\n  conditions: {{ready: true}}\n"
+        );
+    }
+    text
+}
+
+struct Lab {
+    topo: Topology,
+    outside: Namespace,
+    pins: PinDir,
+    dir: common::agent_lab::ManifestDir,
+    _servers: Vec<workload::Server>,
+}
+
+impl Lab {
+    fn new() -> Self {
+        common::require_root("agent_north_south");
+        let mut topo = Topology::build(&standard_pods()).expect("building the topology");
+        // node2's end of the wire takes what node1's uplink program sends
+        // back out (XDP_TX), as a NIC's wire would.
+        topo.receive_xdp_tx(1)
+            .expect("XDP on node2's end of the wire");
+        // A Kubernetes node forwards; the kernel answers the uplink
+        // program's route lookups only on an interface that does.
+        topo.nodes[0]
+            .sysctl("net.ipv4.ip_forward", "1")
+            .expect("forwarding on node1");
+        let outside = topo
+            .add_outside_client(1, OUTSIDE)
+            .expect("the outside client");
+        topo.route_to_node(&outside, LOAD_BALANCER, 0)
+            .expect("the load-balancer IP's route");
+        let mut servers = Vec::new();
+        for role in ["server-a", "server-b"] {
+            let pod = topo.pod(role);
+            servers.push(
+                workload::tcp_server_telling_peer(&pod.namespace, pod.address, TARGET, role)
+                    .unwrap(),
+            );
+            servers.push(
+                workload::udp_server_telling_peer(&pod.namespace, pod.address, UDP_TARGET, role)
+                    .unwrap(),
+            );
+        }
+        let pins = PinDir(PathBuf::from(format!("/sys/fs/bpf/{}", topo.prefix)));
+        let dir = tempdir(&topo.prefix);
+        Self {
+            topo,
+            outside,
+            pins,
+            dir,
+            _servers: servers,
+        }
+    }
+
+    fn address(&self, role: &str) -> Ipv4Addr {
+        self.topo.pod(role).address
+    }
+
+    fn write(&self, policy: &str, roles: &[(&str, &str)]) {
+        let endpoints: Vec<(Ipv4Addr, &str)> = roles
+            .iter()
+            .map(|(role, node)| (self.address(role), *node))
+            .collect();
+        write_atomically(&self.dir.join("shop.yaml"), &manifest(policy, &endpoints));
+    }
+
+    /// The agent of node1: its uplink is node1's end of the wire; it
+    /// attaches the TC pair to the servers (a local backend's replies are
+    /// turned back there).
+    fn agent(&self) -> Agent {
+        let netns = format!("/run/netns/{}-node1", self.topo.prefix);
+        let node_ip = node1().to_string();
+        Agent::spawn(
+            &self.pins.0,
+            &self.dir,
+            &format!("{}-server-*", self.topo.prefix),
+            &[
+                "--no-socket-lb",
+                "--uplink",
+                "wire",
+                "--uplink-netns",
+                &netns,
+                "--node-ip",
+                &node_ip,
+                "--node-name",
+                "node-1",
+            ],
+            Stdio::inherit(),
+        )
+    }
+
+    /// One TCP request from outside on a new connection to `target`:
+    /// the answering server and the client address it saw.
+    fn ask(&self, target: SocketAddrV4) -> std::io::Result<String> {
+        self.outside
+            .run(|| workload::tcp_request(target, TIMEOUT))
+            .unwrap()
+            .map(|a| a.server)
+    }
+
+    /// One UDP request from outside; the answer must come from `target`
+    /// itself (an untranslated reply would come from the backend).
+    fn ask_udp(&self, target: SocketAddrV4) -> std::io::Result<String> {
+        let answer = self
+            .outside
+            .run(|| workload::udp_request(target, TIMEOUT))
+            .unwrap()?;
+        assert_eq!(answer.peer, target.into(), "the reply's source");
+        Ok(answer.server)
+    }
+
+    /// What `tries` new connections (each from its own port, so Maglev
+    /// spreads them) were answered with.
+    fn answers(&self, target: SocketAddrV4, tries: usize) -> BTreeSet<String> {
+        (0..tries)
+            .map(|i| {
+                self.ask(target)
+                    .unwrap_or_else(|e| panic!("request {i} to {target}: {e}"))
+            })
+            .collect()
+    }
+}
+
+/// What a backend says when the flow came from outside: by MAC, the
+/// client's own address; SNATed, node1's.
+fn local(role: &str) -> String {
+    format!("{role} {OUTSIDE}")
+}
+
+fn snated(role: &str) -> String {
+    format!("{role} {}", node1())
+}
+
+fn pinned_uplink(pins: &Path) -> bool {
+    pins.join(datapath_user::loader::XDP_LINKS)
+        .read_dir()
+        .is_ok_and(|mut d| d.next().is_some())
+}
+
+#[test]
+fn from_outside_a_node_port_and_a_load_balancer_ip_reach_local_and_remote_backends() {
+    let lab = Lab::new();
+    lab.write("Cluster", &[("server-a", "node-1"), ("server-b", "node-2")]);
+    let agent = lab.agent();
+    assert!(
+        pinned_uplink(&lab.pins.0),
+        "the uplink program's link is pinned"
+    );
+    let node_port = SocketAddrV4::new(node1(), NODE_PORT);
+    let both: BTreeSet<String> = [local("server-a"), snated("server-b")].into();
+    // Until the agent's first scans: the local pod known, the remote
+    // one's neighbour resolved.
+    wait_until("both backends answer from outside", || {
+        (0..10)
+            .filter_map(|_| lab.ask(node_port).ok())
+            .collect::<BTreeSet<_>>()
+            == both
+    });
+    assert_eq!(lab.answers(node_port, 40), both, "TCP to nodeIP:nodePort");
+    assert_eq!(
+        lab.answers(SocketAddrV4::new(LOAD_BALANCER, 80), 40),
+        both,
+        "TCP to the load-balancer IP"
+    );
+    let udp: BTreeSet<String> = (0..40)
+        .map(|_| {
+            lab.ask_udp(SocketAddrV4::new(node1(), UDP_NODE_PORT))
+                .unwrap()
+        })
+        .collect();
+    assert_eq!(udp, both, "UDP to nodeIP:nodePort");
+    let metrics = agent.get("/metrics").unwrap();
+    assert!(
+        datapath_event(&metrics, "north_south_translated") >= 240,
+        "{metrics}"
+    );
+    assert!(datapath_event(&metrics, "north_south_reverse_translated") > 0);
+
+    // externalTrafficPolicy: Local — the local endpoint only, the
+    // client's address kept; changed under the agent.
+    lab.write("Local", &[("server-a", "node-1"), ("server-b", "node-2")]);
+    wait_until("only the local endpoint answers", || {
+        lab.answers(node_port, 10) == [local("server-a")].into()
+    });
+    assert_eq!(lab.answers(node_port, 30), [local("server-a")].into());
+    // No local endpoint: node1 does not serve it from outside; its stack
+    // has no listener there (a load balancer's health check steers away).
+    lab.write("Local", &[("server-b", "node-2")]);
+    wait_until("node1 refuses the node port", || {
+        lab.ask(node_port)
+            .is_err_and(|e| e.kind() == std::io::ErrorKind::ConnectionRefused)
+    });
+    // And back: Cluster again, both (refused until the agent has it).
+    lab.write("Cluster", &[("server-a", "node-1"), ("server-b", "node-2")]);
+    wait_until("both answer again", || {
+        (0..20)
+            .filter_map(|_| lab.ask(node_port).ok())
+            .collect::<BTreeSet<_>>()
+            == both
+    });
+    let metrics = agent.get("/metrics").unwrap();
+    assert!(
+        datapath_event(&metrics, "north_south_passed") > 0,
+        "the refused connections went to the stack"
+    );
+    drop(agent);
+}
+
+#[test]
+fn an_agent_restart_under_node_port_traffic_loses_no_connection() {
+    let lab = Lab::new();
+    lab.write("Cluster", &[("server-a", "node-1"), ("server-b", "node-2")]);
+    let agent = lab.agent();
+    let node_port = SocketAddrV4::new(node1(), NODE_PORT);
+    wait_until("the node port answers from outside", || {
+        lab.ask(node_port).is_ok()
+    });
+    // Long-lived connections to each backend (new ones until Maglev has
+    // put one on each).
+    let mut conversations: Vec<(String, Conversation)> = Vec::new();
+    for _ in 0..64 {
+        let mut c = lab
+            .outside
+            .run(|| Conversation::open(node_port, TIMEOUT))
+            .unwrap()
+            .unwrap();
+        let answer = c.ask().unwrap();
+        if conversations.iter().all(|(a, _)| *a != answer) {
+            conversations.push((answer, c));
+        }
+        if conversations.len() == 2 {
+            break;
+        }
+    }
+    assert_eq!(conversations.len(), 2, "one conversation on each backend");
+    agent.stop();
+    // No agent: the pinned link and maps keep serving.
+    for (answer, c) in &mut conversations {
+        assert_eq!(c.ask().unwrap(), *answer, "while no agent runs");
+    }
+    let agent = lab.agent();
+    for (answer, c) in &mut conversations {
+        assert_eq!(c.ask().unwrap(), *answer, "after the restart");
+    }
+    assert_eq!(
+        lab.answers(node_port, 30),
+        [local("server-a"), snated("server-b")].into(),
+        "new connections too"
+    );
+    drop(agent);
+}
