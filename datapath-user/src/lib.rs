@@ -13,6 +13,7 @@ pub mod cni;
 pub mod datapath_events;
 pub mod error;
 pub mod features;
+pub mod health_check;
 pub mod http;
 pub mod inspect;
 pub mod k8s;

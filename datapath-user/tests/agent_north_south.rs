@@ -27,6 +27,9 @@ use lab::{
 
 const NODE_PORT: u16 = 30080;
 const UDP_NODE_PORT: u16 = 30053;
+/// The health-check nodePort (served under `externalTrafficPolicy:
+/// Local`).
+const HEALTH_CHECK_PORT: u16 = 32000;
 const TARGET: u16 = 8080;
 const UDP_TARGET: u16 = 5353;
 /// The client outside the cluster.
@@ -43,7 +46,7 @@ fn node1() -> Ipv4Addr {
 /// `endpoints` (address, node).
 fn manifest(policy: &str, endpoints: &[(Ipv4Addr, &str)]) -> String {
     let mut text = format!(
-        "apiVersion: v1\nkind: Service\nmetadata: {{name: shop, namespace: e2e}}\nspec:\n  type: LoadBalancer\n  clusterIP: 10.96.7.8\n  externalTrafficPolicy: {policy}\n  ports:\n  - {{name: http, port: 80, targetPort: {TARGET}, nodePort: {NODE_PORT}}}\n  - {{name: dns, port: 53, protocol: UDP, targetPort: {UDP_TARGET}, nodePort: {UDP_NODE_PORT}}}\nstatus:\n  loadBalancer:\n    ingress: [{{ip: {LOAD_BALANCER}}}]\n---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: shop-1\n  namespace: e2e\n  labels: {{kubernetes.io/service-name: shop}}\naddressType: IPv4\nports:\n- {{name: http, port: {TARGET}}}\n- {{name: dns, port: {UDP_TARGET}, protocol: UDP}}\nendpoints:\n"
+        "apiVersion: v1\nkind: Service\nmetadata: {{name: shop, namespace: e2e}}\nspec:\n  type: LoadBalancer\n  clusterIP: 10.96.7.8\n  externalTrafficPolicy: {policy}\n  healthCheckNodePort: {HEALTH_CHECK_PORT}\n  ports:\n  - {{name: http, port: 80, targetPort: {TARGET}, nodePort: {NODE_PORT}}}\n  - {{name: dns, port: 53, protocol: UDP, targetPort: {UDP_TARGET}, nodePort: {UDP_NODE_PORT}}}\nstatus:\n  loadBalancer:\n    ingress: [{{ip: {LOAD_BALANCER}}}]\n---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: shop-1\n  namespace: e2e\n  labels: {{kubernetes.io/service-name: shop}}\naddressType: IPv4\nports:\n- {{name: http, port: {TARGET}}}\n- {{name: dns, port: {UDP_TARGET}, protocol: UDP}}\nendpoints:\n"
     );
     for (address, node) in endpoints {
         text += &format!(
@@ -173,6 +176,30 @@ impl Lab {
 
 /// What a backend says when the flow came from outside: by MAC, the
 /// client's own address; SNATed, node1's.
+/// A load balancer's health check of node1: the status line and body.
+fn health_check(lab: &Lab) -> std::io::Result<(String, serde_json::Value)> {
+    use std::io::{Read, Write};
+    let target = SocketAddrV4::new(node1(), HEALTH_CHECK_PORT);
+    let response = lab
+        .outside
+        .run(|| {
+            let mut stream = std::net::TcpStream::connect_timeout(&target.into(), TIMEOUT)?;
+            stream.set_read_timeout(Some(TIMEOUT))?;
+            stream.write_all(b"GET / HTTP/1.1\r\nHost: lb\r\n\r\n")?;
+            let mut response = String::new();
+            stream.read_to_string(&mut response)?;
+            Ok::<_, std::io::Error>(response)
+        })
+        .unwrap()?;
+    let (head, body) = response.split_once("\r\n\r\n").unwrap_or((&response, ""));
+    let status = head.lines().next().unwrap_or_default().to_owned();
+    assert!(
+        head.contains("X-Load-Balancing-Endpoint-Weight:"),
+        "kube-proxy's header: {head}"
+    );
+    Ok((status, serde_json::from_str(body).unwrap_or_default()))
+}
+
 fn local(role: &str) -> String {
     format!("{role} {OUTSIDE}")
 }
@@ -233,6 +260,13 @@ fn from_outside_a_node_port_and_a_load_balancer_ip_reach_local_and_remote_backen
         lab.answers(node_port, 10) == [local("server-a")].into()
     });
     assert_eq!(lab.answers(node_port, 30), [local("server-a")].into());
+    let (status, body) = health_check(&lab).expect("the health-check nodePort answers");
+    assert_eq!(status, "HTTP/1.1 200 OK");
+    assert_eq!(body["localEndpoints"], 1, "{body}");
+    assert_eq!(
+        (&body["service"]["namespace"], &body["service"]["name"]),
+        (&"e2e".into(), &"shop".into())
+    );
     // No local endpoint: node1 does not serve it from outside; its stack
     // has no listener there (a load balancer's health check steers away).
     lab.write("Local", &[("server-b", "node-2")]);
@@ -240,6 +274,9 @@ fn from_outside_a_node_port_and_a_load_balancer_ip_reach_local_and_remote_backen
         lab.ask(node_port)
             .is_err_and(|e| e.kind() == std::io::ErrorKind::ConnectionRefused)
     });
+    let (status, body) = health_check(&lab).expect("the health-check nodePort answers");
+    assert_eq!(status, "HTTP/1.1 503 Service Unavailable", "{body}");
+    assert_eq!(body["localEndpoints"], 0);
     // And back: Cluster again, both (refused until the agent has it).
     lab.write("Cluster", &[("server-a", "node-1"), ("server-b", "node-2")]);
     wait_until("both answer again", || {
@@ -253,6 +290,10 @@ fn from_outside_a_node_port_and_a_load_balancer_ip_reach_local_and_remote_backen
         datapath_event(&metrics, "north_south_passed") > 0,
         "the refused connections went to the stack"
     );
+    // Cluster: every node serves it; no health check to answer.
+    wait_until("the health-check nodePort is closed", || {
+        health_check(&lab).is_err_and(|e| e.kind() == std::io::ErrorKind::ConnectionRefused)
+    });
     drop(agent);
 }
 

@@ -497,3 +497,47 @@ fn external_traffic_policy_picks_the_backends_flows_from_outside_go_to() {
         ["outside -> 10.244.95.1:8080 10.244.95.2:8080"]
     );
 }
+
+#[test]
+fn a_local_service_reached_from_outside_has_its_health_check_node_port() {
+    use datapath_user::k8s::{HealthCheck, translate_service};
+    let (mut services, slices) = load("external-ips.yaml");
+    services[0].spec.as_mut().unwrap().health_check_node_port = Some(32123);
+    let on = |node: &str| NodeContext {
+        node_name: Some(node.into()),
+        addresses: vec!["192.168.7.1".parse().unwrap()],
+        ..NodeContext::default()
+    };
+    let check = |node: &str, services: &[k8s_openapi::api::core::v1::Service]| {
+        translate_service(&services[0], &slices, &on(node)).health_check
+    };
+    assert_eq!(
+        check("node-1", &services),
+        Some(HealthCheck {
+            node_port: 32123,
+            local_endpoints: 1
+        })
+    );
+    assert_eq!(
+        check("node-3", &services),
+        Some(HealthCheck {
+            node_port: 32123,
+            local_endpoints: 0
+        }),
+        "a node without endpoints answers 503"
+    );
+    services[0].spec.as_mut().unwrap().health_check_node_port = Some(0);
+    let translation = translate_service(&services[0], &slices, &on("node-1"));
+    assert_eq!(translation.health_check, None);
+    assert!(
+        translation
+            .issues
+            .iter()
+            .any(|i| i.field == "spec.healthCheckNodePort"),
+        "{:?}",
+        translation.issues
+    );
+    services[0].spec.as_mut().unwrap().health_check_node_port = Some(32123);
+    services[0].spec.as_mut().unwrap().external_traffic_policy = Some("Cluster".into());
+    assert_eq!(check("node-1", &services), None, "Cluster: no health check");
+}

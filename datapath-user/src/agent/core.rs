@@ -68,6 +68,8 @@ pub struct AgentCore<M> {
     /// Scrapes asking who holds the frontends that counted something
     /// (`crate::service_metrics`); answered between syncs.
     label_requests: Option<mpsc::Receiver<LabelRequest>>,
+    /// Health-check nodePorts (served with `--uplink`).
+    health_checks: Option<Box<dyn crate::health_check::HealthChecks>>,
 }
 
 /// What one sync did.
@@ -94,7 +96,17 @@ impl<M: LbMaps> AgentCore<M> {
             node_wait: None,
             node_read: false,
             label_requests: None,
+            health_checks: None,
         }
+    }
+
+    /// Opens, updates and closes each service's health-check nodePort.
+    pub fn with_health_checks(
+        mut self,
+        checks: Box<dyn crate::health_check::HealthChecks>,
+    ) -> Self {
+        self.health_checks = Some(checks);
+        self
     }
 
     /// Answers the per-frontend series' label requests from `requests`.
@@ -205,6 +217,9 @@ impl<M: LbMaps> AgentCore<M> {
             budget = budget.saturating_sub(1);
             let translation = self.store.translate(&service, &self.node);
             let mut outcome = self.reconciler.update_service(&service, &translation);
+            if let Some(checks) = &mut self.health_checks {
+                checks.set(&service, translation.health_check);
+            }
             departed.append(&mut outcome.departed);
             departed6.append(&mut outcome.departed6);
             stats.services += 1;

@@ -215,6 +215,12 @@ pub async fn run(options: AgentOptions) -> Result<()> {
     ));
     let mut core = AgentCore::new(reconciler, options.node.clone(), metrics.clone())
         .with_label_requests(label_rx);
+    if let Some(uplink) = &options.uplink {
+        // Where load balancers reach this node: the uplink's namespace.
+        core = core.with_health_checks(Box::new(crate::health_check::HealthCheckServers::new(
+            uplink.netns.clone(),
+        )));
+    }
     if node_watched {
         // Bounded: an unreadable Node (RBAC, a slow API server) must not
         // keep the agent from serving.

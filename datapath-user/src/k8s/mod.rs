@@ -14,6 +14,6 @@ mod view_table;
 
 pub use manifest::{Object, Typed};
 pub use translate::{
-    DesiredFrontend, Endpoint, Ipv6Serving, Issue, IssueKind, NodeContext, ObjectKey,
+    DesiredFrontend, Endpoint, HealthCheck, Ipv6Serving, Issue, IssueKind, NodeContext, ObjectKey,
     ServiceTranslation, Translation, translate, translate_service, translate_view,
 };

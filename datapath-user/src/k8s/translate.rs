@@ -187,6 +187,20 @@ pub struct ServiceTranslation {
     /// `addressType: IPv6` slices).
     pub frontends6: Vec<DesiredFrontend<Ipv6Addr>>,
     pub issues: Vec<Issue>,
+    /// The health-check nodePort of an `externalTrafficPolicy: Local`
+    /// service reached from outside: what a load balancer asks a node
+    /// before sending it traffic.
+    pub health_check: Option<HealthCheck>,
+}
+
+/// A health-check nodePort and what it answers (kube-proxy's: 200 with
+/// local endpoints, 503 without).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct HealthCheck {
+    pub node_port: u16,
+    /// This node's endpoints that flows from outside go to (distinct
+    /// addresses, every port and family).
+    pub local_endpoints: u32,
 }
 
 /// Facts about the node the agent runs on.
@@ -411,6 +425,10 @@ pub fn translate_view<'a>(
     if has_v6 {
         out.frontends6 = family_frontends::<Ipv6Addr>(&context, &slices_v6, &mut out.issues);
     }
+    match health_check(service, node, &out) {
+        Ok(check) => out.health_check = check,
+        Err(issue) => out.issues.push(issue),
+    }
     if let (Some(field), false) = (v6_field, out.frontends6.is_empty()) {
         let (count, first) = (out.frontends6.len(), out.frontends6[0].frontend);
         let reason = match node.ipv6 {
@@ -430,6 +448,41 @@ pub fn translate_view<'a>(
         }
     }
     out
+}
+
+/// The health-check nodePort `service` asks for, with this node's
+/// endpoints for flows from outside (as `frontends` say); an invalid port
+/// is an issue naming the field.
+fn health_check(
+    service: &ServiceView,
+    node: &NodeContext,
+    out: &ServiceTranslation,
+) -> Result<Option<HealthCheck>, Issue> {
+    let Some(port) = service.health_check_node_port else {
+        return Ok(None);
+    };
+    if !service.external_local || node.node_name.is_none() || !reached_from_outside(service) {
+        return Ok(None);
+    }
+    let Some(node_port) = u16::try_from(port).ok().filter(|&p| p != 0) else {
+        return Err(service_issue(
+            &service.key,
+            IssueKind::Invalid,
+            "spec.healthCheckNodePort".into(),
+            format!("{port} is not a port number (1-65535)"),
+        ));
+    };
+    let mut local: BTreeSet<IpAddr> = BTreeSet::new();
+    for external in out.frontends.iter().filter_map(|f| f.external.as_ref()) {
+        local.extend(external.iter().map(|e| IpAddr::V4(e.address)));
+    }
+    for external in out.frontends6.iter().filter_map(|f| f.external.as_ref()) {
+        local.extend(external.iter().map(|e| IpAddr::V6(e.address)));
+    }
+    Ok(Some(HealthCheck {
+        node_port,
+        local_endpoints: local.len() as u32,
+    }))
 }
 
 /// Whether anything of `service` is reached from outside the cluster:
