@@ -74,11 +74,47 @@ pub struct ServiceRow {
     pub packets: Option<u64>,
     /// Flows balanced for it: TC new flows, socket-LB `connect()`s.
     pub new_flows: Option<u64>,
+    /// Served from outside by the uplink program: its Maglev table and
+    /// the backends the table names (None: not served from outside).
+    pub outside: Option<OutsideRow>,
+}
+
+/// A frontend served from outside.
+#[derive(Serialize)]
+pub struct OutsideRow {
+    pub maglev_table: u32,
+    pub backends: Vec<String>,
 }
 
 pub fn service_rows(maps: &DatapathMaps) -> Result<Vec<ServiceRow>> {
     let dump = maps.dump().context("reading SERVICES/BACKENDS")?;
     let mut rows = family_service_rows(&dump.frontends, &dump.backends);
+    let tables: BTreeMap<RevNatId, u32> = dump.maglev_tables_of.iter().copied().collect();
+    let sets: BTreeMap<u32, &Vec<BackendId>> =
+        dump.maglev_sets.iter().map(|(t, set)| (*t, set)).collect();
+    let addresses: BTreeMap<BackendId, String> = dump
+        .backends
+        .iter()
+        .map(|(id, b)| (*id, SocketAddr::new(b.address.into(), b.port).to_string()))
+        .collect();
+    for row in &mut rows {
+        if let Some(&table) = tables.get(&row.rev_nat_id) {
+            row.outside = Some(OutsideRow {
+                maglev_table: table,
+                backends: sets
+                    .get(&table)
+                    .into_iter()
+                    .flat_map(|set| set.iter())
+                    .map(|id| {
+                        addresses
+                            .get(id)
+                            .cloned()
+                            .unwrap_or_else(|| format!("id {id}?"))
+                    })
+                    .collect(),
+            });
+        }
+    }
     rows.extend(family_service_rows(&dump.frontends6, &dump.backends6));
     rows.sort_by(|a, b| a.frontend.cmp(&b.frontend));
     if let Some(affinity) = &maps.affinity {
@@ -115,6 +151,7 @@ pub fn service_list(pin_dir: &Path, output: Output) -> Result<()> {
             "PACKETS",
             "NEW FLOWS",
             "BACKENDS",
+            "FROM OUTSIDE (MAGLEV)",
         ]);
         for row in rows {
             let mut backends = row.backends.join("\n");
@@ -135,6 +172,10 @@ pub fn service_list(pin_dir: &Path, output: Output) -> Result<()> {
                 counted(row.packets),
                 counted(row.new_flows),
                 backends,
+                row.outside.as_ref().map_or_else(
+                    || "-".to_owned(),
+                    |o| format!("table {}\n{}", o.maglev_table, o.backends.join("\n")),
+                ),
             ]);
         }
         table
@@ -170,6 +211,7 @@ where
                 affinity_seconds: None,
                 packets: None,
                 new_flows: None,
+                outside: None,
             }
         })
         .collect()

@@ -246,6 +246,45 @@ fn from_outside_a_node_port_and_a_load_balancer_ip_reach_local_and_remote_backen
         })
         .collect();
     assert_eq!(udp, both, "UDP to nodeIP:nodePort");
+    // `service list` shows which frontends are served from outside, and
+    // over what: the nodePort and load-balancer frontends share a table.
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_underpass"))
+        .args(["service", "list", "-o", "json", "--pin-dir"])
+        .arg(&lab.pins.0)
+        .output()
+        .unwrap();
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let rows: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
+    let outside = |frontend: String| -> serde_json::Value {
+        rows.as_array()
+            .unwrap()
+            .iter()
+            .find(|r| r["frontend"] == frontend)
+            .unwrap_or_else(|| panic!("no {frontend} in {rows}"))["outside"]
+            .clone()
+    };
+    let node_port_row = outside(format!("{}:{NODE_PORT}/TCP", node1()));
+    assert_eq!(
+        node_port_row["backends"],
+        serde_json::json!([
+            format!("{}:{TARGET}", lab.address("server-a")),
+            format!("{}:{TARGET}", lab.address("server-b"))
+        ]),
+        "{node_port_row}"
+    );
+    assert_eq!(
+        outside(format!("{LOAD_BALANCER}:80/TCP"))["maglev_table"],
+        node_port_row["maglev_table"],
+        "one table for the service port"
+    );
+    assert!(
+        outside("10.96.7.8:80/TCP".into()).is_null(),
+        "a ClusterIP is not"
+    );
     let metrics = agent.get("/metrics").unwrap();
     assert!(
         datapath_event(&metrics, "north_south_translated") >= 240,
