@@ -7,7 +7,8 @@
 //! differences (conntrack and backend lookups, a new address and port with
 //! both checksums updated, the MAC write), and an even number of runs
 //! leaves the packet as it found it. The same over IPv6 (each program's
-//! tail call to its IPv6 half included).
+//! tail call to its IPv6 half included), and on the uplink program (XDP):
+//! two nodePorts served from outside, each the other's local pod.
 
 use std::{
     net::{Ipv4Addr, Ipv6Addr},
@@ -22,7 +23,7 @@ use datapath_user::{
     loader::{L4Checksums, MapSizes},
     maps::LbMaps,
     model::{BackendEntry, Frontend, Protocol},
-    object::{TC_EGRESS, TC_INGRESS, TC_PASS, verdict},
+    object::{TC_EGRESS, TC_INGRESS, TC_PASS, XDP_UPLINK, verdict, xdp_verdict},
 };
 use lab::{
     packet::{ACK, Frame, L4, PSH, SYN},
@@ -117,6 +118,9 @@ pub fn measure(opts: &DatapathOpts) -> Result<Vec<CaseResult>> {
         // reads none of them).
         sizes: MapSizes {
             ipv6: true,
+            // Two Maglev tables of the smallest size, for the uplink cases.
+            maglev_tables: 2,
+            maglev_table_size: datapath_common::maglev::MIN_TABLE_SIZE,
             ..MapSizes::default()
         },
         ..LoadOptions::default()
@@ -284,6 +288,7 @@ pub fn measure(opts: &DatapathOpts) -> Result<Vec<CaseResult>> {
             &mut dp, opts, case, program, &frame, expected, &refresh,
         )?);
     }
+    results.extend(measure_uplink(&mut dp, opts, &other)?);
     // What an agent's first seconds cost, before it trusts the filter
     // (and what every untracked packet cost before the filter).
     dp.maps
@@ -387,6 +392,108 @@ pub fn measure(opts: &DatapathOpts) -> Result<Vec<CaseResult>> {
         },
         verdict::REDIRECT,
     )?);
+    Ok(results)
+}
+
+/// Two nodePorts served from outside, each the other's local pod
+/// (reverse-NAT and backend ids 5 and 6): a packet from outside to A is
+/// DNATed to B and handed to B's MAC, the next run takes it back.
+const NODE_PORT_A: (Ipv4Addr, u16) = (Ipv4Addr::new(10, 77, 0, 101), 30080);
+const NODE_PORT_B: (Ipv4Addr, u16) = (Ipv4Addr::new(10, 77, 0, 102), 30081);
+const POD_MAC_A: [u8; 6] = [2, 0x77, 0, 0, 0, 0xa];
+const POD_MAC_B: [u8; 6] = [2, 0x77, 0, 0, 0, 0xb];
+const OUTSIDE: (Ipv4Addr, u16) = (Ipv4Addr::new(192, 0, 2, 7), 51000);
+
+/// The uplink program's cases: what leaves at once, and a tracked flow
+/// from outside to a local pod.
+fn measure_uplink(
+    dp: &mut Datapath,
+    opts: &DatapathOpts,
+    other: &Frame,
+) -> Result<Vec<CaseResult>> {
+    let size = datapath_common::maglev::MIN_TABLE_SIZE;
+    for (i, (frontend, backend, mac)) in [
+        (NODE_PORT_A, NODE_PORT_B, POD_MAC_B),
+        (NODE_PORT_B, NODE_PORT_A, POD_MAC_A),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let id = i as u32 + 5;
+        dp.maps.set_service(
+            &Frontend {
+                address: frontend.0,
+                port: frontend.1,
+                protocol: Protocol::Tcp,
+            },
+            id,
+            &[BackendEntry {
+                id,
+                address: backend.0,
+                port: backend.1,
+            }],
+        )?;
+        let ns = dp.maps.north_south.as_mut().context("north-south maps")?;
+        ns.write_table(i as u32, size, &vec![id; size as usize])?;
+        ns.set_table_of(id, Some(i as u32))?;
+        ns.set_local_pod(backend.0, mac)?;
+    }
+    dp.maps
+        .north_south
+        .as_mut()
+        .context("north-south maps")?
+        .set_config(datapath_common::maps::NorthSouthConfig {
+            maglev_seed: 1,
+            maglev_table_size: size,
+            ..Default::default()
+        })?;
+    // Open both flows (a SYN to A, then to B).
+    let syn = Frame::tcp(OUTSIDE, NODE_PORT_A, SYN).with_macs([2, 0, 0, 0, 0, 9], POD_MAC_A);
+    let (verdict, to_b) = dp.test_run_xdp(XDP_UPLINK, &syn.build())?;
+    ensure!(
+        verdict == xdp_verdict::PASS,
+        "priming the flow to A: verdict {verdict}"
+    );
+    let (verdict, _) = dp.test_run_xdp(XDP_UPLINK, &to_b)?;
+    ensure!(
+        verdict == xdp_verdict::PASS,
+        "priming the flow to B: verdict {verdict}"
+    );
+    let tracked = Frame::tcp(OUTSIDE, NODE_PORT_A, ACK | PSH)
+        .with_macs([2, 0, 0, 0, 0, 9], POD_MAC_A)
+        .with_payload(&[0u8; 100]);
+    let not_service = Frame::tcp(OUTSIDE, (NODE_PORT_A.0, 22), ACK | PSH).with_payload(&[0u8; 100]);
+    let cases = [
+        ("uplink (XDP), not IPv4 (ARP)", arp_frame(other)),
+        ("uplink (XDP), not service traffic", not_service.build()),
+        (
+            "uplink (XDP) DNAT to a local pod, conntrack hit",
+            tracked.build(),
+        ),
+    ];
+    let mut results = Vec::new();
+    for (case, frame) in cases {
+        let mut samples = Vec::with_capacity(opts.trials);
+        for _ in 0..opts.trials {
+            let (verdict, out, duration) =
+                dp.test_run_xdp_timed(XDP_UPLINK, &frame, opts.repeat)?;
+            ensure!(verdict == xdp_verdict::PASS, "{case}: verdict {verdict}");
+            ensure!(
+                out == frame,
+                "{case}: the measured packet changed, the measurement would be wrong"
+            );
+            samples.push(duration.as_nanos() as f64);
+        }
+        samples.sort_by(f64::total_cmp);
+        results.push(CaseResult {
+            case,
+            program: XDP_UPLINK,
+            verdict: xdp_verdict::PASS as i32,
+            ns_min: samples[0],
+            ns_median: samples[samples.len() / 2],
+            ns_max: samples[samples.len() - 1],
+        });
+    }
     Ok(results)
 }
 

@@ -58,10 +58,14 @@ pub enum Counter {
     /// agent keeps a managed entry for every such backend, and the
     /// client's retransmission finds it.
     NorthSouthNoNeighbour = 16,
+    /// Uplink (XDP): new flows to a backend on another node for which no
+    /// SNAT port was free (every try held by a live flow to that backend):
+    /// passed to the stack. Raise `--snat-ports`.
+    NorthSouthNoPort = 17,
 }
 
 /// Number of slots in `COUNTERS`.
-pub const COUNTER_COUNT: u32 = 17;
+pub const COUNTER_COUNT: u32 = 18;
 
 impl Counter {
     /// Every counter, in index order.
@@ -83,6 +87,7 @@ impl Counter {
         Counter::NorthSouthReverseTranslated,
         Counter::NorthSouthPassed,
         Counter::NorthSouthNoNeighbour,
+        Counter::NorthSouthNoPort,
     ];
 
     /// The snake_case name used in metrics and CLI output.
@@ -105,6 +110,7 @@ impl Counter {
             Counter::NorthSouthReverseTranslated => "north_south_reverse_translated",
             Counter::NorthSouthPassed => "north_south_passed",
             Counter::NorthSouthNoNeighbour => "north_south_no_neighbour",
+            Counter::NorthSouthNoPort => "north_south_no_port",
         }
     }
 }

@@ -103,7 +103,11 @@ fn service_packet(ctx: &XdpContext, packet: &Packet, table: &CtMap) -> u32 {
                 reply_filter::mark(backend.address_be, backend.port_be, packet.protocol);
             }
             count_service(flow.rev_nat_id(), 1, 0);
-            let mac = flow.dst_mac;
+            // The pod's MAC as it is now (a pod re-created with the same
+            // address has another), the flow's own if it left the node.
+            // SAFETY: the value is copied out before any other map call.
+            let mac =
+                (unsafe { LOCAL_PODS.get(backend.address_be) }).map_or(flow.dst_mac, |pod| pod.mac);
             return deliver(ctx, packet, &backend, mac);
         }
     }

@@ -23,7 +23,7 @@ use datapath_common::{
 
 use crate::{
     ct,
-    maps::{CONNTRACK_TCP, CONNTRACK_UDP, CtMap},
+    maps::{CONNTRACK_TCP, CONNTRACK_UDP, CtMap, NORTH_SOUTH},
     metrics::count,
     nat::{self, End},
     parse::Packet,
@@ -34,7 +34,7 @@ use crate::{
 /// (translated), `None` otherwise.
 #[inline(always)]
 pub fn reply(ctx: &TcContext, packet: &Packet) -> Option<i32> {
-    if packet.is_later_fragment() || !reply_filter::may_be_reply(packet) {
+    if packet.is_later_fragment() || !reply_filter::may_be_reply(packet) || !serving() {
         return None;
     }
     if packet.protocol == IPPROTO_TCP {
@@ -42,6 +42,15 @@ pub fn reply(ctx: &TcContext, packet: &Packet) -> Option<i32> {
     } else {
         translate(ctx, packet, &CONNTRACK_UDP)
     }
+}
+
+/// Whether this node serves anything from outside: an east-west
+/// backend's replies, flagged too, then skip the lookup.
+#[inline(always)]
+fn serving() -> bool {
+    NORTH_SOUTH
+        .get(0)
+        .is_some_and(|config| config.maglev_table_size != 0)
 }
 
 #[inline(always)]

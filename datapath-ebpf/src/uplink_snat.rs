@@ -17,7 +17,7 @@ use aya_ebpf::{
     programs::XdpContext,
 };
 use datapath_common::{
-    conntrack::{self, Direction},
+    conntrack::{self, Direction, Tracked},
     maps::{Backend, CtEntry, CtKey, L2_UPLINK_SNAT, NorthSouthConfig, UplinkSnat},
     metrics::Counter,
     port_be,
@@ -32,8 +32,9 @@ use crate::{
 };
 
 /// Random ports tried for a new flow before it is passed to the stack
-/// (each try one insert; a table this full is counted as an error).
-const PORT_TRIES: u32 = 4;
+/// (each try an insert, and a lookup when the port is held; counted as
+/// `north_south_no_port` when all are held by live flows).
+const PORT_TRIES: u32 = 8;
 
 #[inline(always)]
 fn config() -> Option<NorthSouthConfig> {
@@ -118,9 +119,21 @@ pub fn open(
             port = candidate;
             break;
         }
+        // Held: by an expired flow (closed ones expire after the closing
+        // lifetime), the port is free again — nothing else frees it, the
+        // LRU evicts only when the whole table is full.
+        if let Some(held) = UPLINK_SNAT.get_ptr_mut(reply) {
+            // SAFETY: a pointer into the map value, valid for this run.
+            let held = unsafe { &mut *held };
+            if ct::is_expired(held, packet.protocol, now) {
+                *held = back;
+                port = candidate;
+                break;
+            }
+        }
     }
     if port == 0 {
-        count(Counter::Error);
+        count(Counter::NorthSouthNoPort);
         return XDP_PASS;
     }
     let mut flow = CtEntry {
@@ -180,9 +193,16 @@ pub fn forward(
             backend.port_be,
             packet.protocol,
         );
-        if !ct::mirror(&UPLINK_SNAT, &reply, state, now)
-            && let Some((client_mac, _)) = uplink_frame::macs(ctx)
-        {
+        let held = UPLINK_SNAT.get_ptr_mut(reply);
+        if let Some(held) = held {
+            // SAFETY: a pointer into the map value, valid for this run.
+            let held = unsafe { &mut *held };
+            // Only this flow's own entry (after an eviction, another
+            // flow may have taken the port).
+            if held.client_address_be == packet.saddr_be && held.client_port_be == packet.sport_be {
+                held.seen(state, now);
+            }
+        } else if let Some((client_mac, _)) = uplink_frame::macs(ctx) {
             // Evicted: without it the replies would reach the stack.
             let back = UplinkSnat {
                 last_seen: now,
@@ -248,7 +268,15 @@ pub fn reply(ctx: &XdpContext, packet: &Packet, table: &CtMap) -> Option<u32> {
             entry.frontend_port_be,
             packet.protocol,
         );
-        let _ = ct::mirror(table, &service, state, now);
+        // Only onto the flow that holds this port now: the client's tuple
+        // may have been reopened to another port since.
+        if let Some(forward) = table.get_ptr_mut(service) {
+            // SAFETY: a pointer into the map value, valid for this run.
+            let forward = unsafe { &mut *forward };
+            if forward.l2_mode == L2_UPLINK_SNAT && forward.nat_port_be == packet.dport_be {
+                forward.seen(state, now);
+            }
+        }
     }
     let back = *entry;
     if rewrite_source(ctx, packet, back.frontend_address_be, back.frontend_port_be).is_err()

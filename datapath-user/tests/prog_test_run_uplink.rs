@@ -9,7 +9,7 @@ use std::net::Ipv4Addr;
 
 use common::{VIP, load_private, service_counts, tcp_frontend};
 use datapath_common::{
-    IPPROTO_TCP, ipv4_be, maglev,
+    IPPROTO_TCP, IPPROTO_UDP, ipv4_be, maglev,
     maps::{
         CT_KIND_BACKEND, CT_KIND_SERVICE, CtEntry, CtKey, L2_UPLINK_LOCAL, L2_UPLINK_SNAT,
         NorthSouthConfig,
@@ -648,7 +648,56 @@ fn without_a_resolved_neighbour_a_flow_waits_and_without_a_free_port_it_passes()
             .all(|p| (SNAT_PORTS.0..SNAT_PORTS.0 + SNAT_PORTS.1).contains(p))
     );
     assert!(passed >= 40 - usize::from(SNAT_PORTS.1));
-    assert_eq!(dp.maps.counter(Counter::Error).unwrap(), passed as u64);
+    assert_eq!(
+        dp.maps.counter(Counter::NorthSouthNoPort).unwrap(),
+        passed as u64
+    );
+
+    // Flows that ended free their ports: nothing deletes their entries
+    // (the LRU evicts only a full table), an expired one is taken over.
+    let stale = common::jiffies_ago(std::time::Duration::from_secs(3600));
+    {
+        let snat = &mut dp.maps.north_south.as_mut().unwrap().snat;
+        let keys: Vec<CtKey> = snat.keys().map(Result::unwrap).collect();
+        assert_eq!(keys.len(), usize::from(SNAT_PORTS.1), "every port held");
+        for key in keys {
+            let mut entry = snat.get(&key, 0).unwrap();
+            entry.last_seen = stale;
+            snat.insert(key, entry, 0).unwrap();
+        }
+    }
+    let late = Frame::udp((Ipv4Addr::new(192, 0, 2, 250), 5353), (NODE, NODE_PORT))
+        .with_macs(ROUTER_MAC, NODE_MAC)
+        .build();
+    let (v, out) = uplink_in(&mut dp, &namespace, up0, &late);
+    assert_eq!(
+        v,
+        xdp_verdict::TX,
+        "a port of an expired flow is free again"
+    );
+    let port = packet::parse(&out).unwrap().sport;
+    assert!(ports.contains(&port), "one of the {ports:?}");
+    let entry = dp
+        .maps
+        .north_south
+        .as_ref()
+        .unwrap()
+        .snat
+        .get(
+            &key(
+                (NODE, port),
+                (REMOTE.address, REMOTE.port),
+                IPPROTO_UDP,
+                CT_KIND_BACKEND,
+            ),
+            0,
+        )
+        .unwrap();
+    assert_eq!(
+        entry.client_address_be,
+        ipv4_be([192, 0, 2, 250]),
+        "the new flow's"
+    );
 }
 
 #[test]

@@ -2706,6 +2706,26 @@ fn frontends_served_from_outside_share_a_maglev_table_rebuilt_when_their_backend
         .expect("pointed");
     assert!(written < pointed, "make before point: {log:?}");
 
+    // A table write that fails leaves the frontends to the stack (never
+    // on a table naming backends that may be released), said; the next
+    // update serves them again.
+    reconciler.maps_mut().fail_next_maglev_write = true;
+    let outcome = reconciler.update_service(&cluster.0, &cluster.1);
+    assert_eq!(outcome.issues.len(), 1, "{:?}", outcome.issues);
+    assert_eq!(outcome.issues[0].kind, IssueKind::Datapath);
+    assert_eq!(
+        reconciler.maps().maglev_table_of.len(),
+        1,
+        "the frontend whose table was not written is left to the stack"
+    );
+    apply(&mut reconciler, &local);
+    let maps = reconciler.maps();
+    assert_eq!(maps.maglev_table_of.len(), 2, "both served again");
+    let tables: std::collections::BTreeSet<u32> = maps.maglev_table_of.values().copied().collect();
+    assert_eq!(tables.len(), 1, "sharing one table");
+    let table = tables.into_iter().next().unwrap();
+    assert!(maps.maglev_tables[&table].iter().all(|&b| b == e1));
+
     // A second service with another set takes table 0 (freed), a third
     // finds none: said, and still served to pods.
     let other = translation_on(

@@ -34,10 +34,15 @@ impl LocalPods {
         self.written.keys()
     }
 
+    /// Whether `link` is a child of the uplink.
+    pub(super) fn is_child(&self, link: &LinkSummary) -> bool {
+        link.parent == Some(self.uplink)
+    }
+
     /// Adds `link` (a pod's interface with the TC pair) to `found` when
     /// it is a child of the uplink.
     pub(super) fn note(&self, link: &LinkSummary, found: &mut BTreeMap<Ipv4Addr, [u8; 6]>) {
-        if link.parent != Some(self.uplink) {
+        if !self.is_child(link) {
             return;
         }
         if let Some(mac) = link.mac {

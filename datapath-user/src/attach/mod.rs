@@ -324,8 +324,13 @@ impl PodAttacher {
                     for link in links {
                         let key = (name.clone(), link.name.clone());
                         let attached = self.attached.contains_key(&key);
+                        // A pod on the uplink always gets the pair: flows
+                        // from outside reach it by its MAC, and its replies
+                        // are turned back on its own interface.
+                        let on_uplink = self.local_pods.as_ref().is_some_and(|p| p.is_child(&link));
                         if (link.up && attached)
-                            || (self.selector.selects(&link) && self.policy.wants_tc(&name))
+                            || (self.selector.selects(&link)
+                                && (self.policy.wants_tc(&name) || on_uplink))
                         {
                             if let Some(pods) = &self.local_pods {
                                 pods.note(&link, &mut local);

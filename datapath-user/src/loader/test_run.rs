@@ -81,6 +81,29 @@ impl Datapath {
         self.test_run_xdp_on(name, frame, None)
     }
 
+    /// Runs the XDP program `name` on `frame` `repeat` times (each run on
+    /// what the previous one left): its last verdict, the frame, and the
+    /// mean time per run as the kernel measured it.
+    pub fn test_run_xdp_timed(
+        &mut self,
+        name: &'static str,
+        frame: &[u8],
+        repeat: u32,
+    ) -> Result<(u32, Vec<u8>, std::time::Duration), LoaderError> {
+        let program = xdp_program(&mut self.ebpf, name)?;
+        let mut out = vec![0u8; frame.len() + 256];
+        let result = program
+            .test_run(TestRunOptions {
+                data_in: Some(frame),
+                data_out: Some(&mut out),
+                repeat,
+                ..TestRunOptions::default()
+            })
+            .map_err(|source| LoaderError::program(name, source))?;
+        out.truncate(result.data_size_out as usize);
+        Ok((result.return_value, out, result.duration))
+    }
+
     /// As `test_run_xdp`, the frame received by interface
     /// `ingress_ifindex` of the calling thread's network namespace (what
     /// route and neighbour lookups start from).

@@ -45,6 +45,8 @@ pub struct FakeMaps {
     pub maglev_tables: BTreeMap<u32, Vec<BackendId>>,
     /// Reverse-NAT id → its Maglev table (served from outside).
     pub maglev_table_of: BTreeMap<RevNatId, u32>,
+    /// Makes the next `write_maglev_table` fail having written nothing.
+    pub fail_next_maglev_write: bool,
 }
 
 /// One family's maps.
@@ -82,6 +84,7 @@ impl Default for FakeMaps {
             maglev: MaglevSettings::default(),
             maglev_tables: BTreeMap::new(),
             maglev_table_of: BTreeMap::new(),
+            fail_next_maglev_write: false,
         }
     }
 }
@@ -272,7 +275,10 @@ impl LbMaps for FakeMaps {
         table: u32,
         backend_ids: &[BackendId],
     ) -> Result<(), MapError> {
-        if table >= self.maglev.tables || backend_ids.len() != self.maglev.table_size as usize {
+        if std::mem::take(&mut self.fail_next_maglev_write)
+            || table >= self.maglev.tables
+            || backend_ids.len() != self.maglev.table_size as usize
+        {
             return Err(MapError::OutOfBounds {
                 index: table,
                 max_entries: self.maglev.tables,

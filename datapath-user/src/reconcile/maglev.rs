@@ -91,6 +91,18 @@ impl MaglevTables {
         Some((table, true))
     }
 
+    /// The table of `old`, when one frontend alone uses it, taken for
+    /// `new` instead (to be rewritten in place: every table is in use).
+    pub(super) fn replace_sole(&mut self, old: &[BackendId], new: &[BackendId]) -> Option<u32> {
+        let &(table, users) = self.by_set.get(old)?;
+        if users != 1 || self.by_set.contains_key(new) {
+            return None;
+        }
+        self.by_set.remove(old);
+        self.by_set.insert(new.into(), (table, 1));
+        Some(table)
+    }
+
     /// One frontend stops using `set`'s table; the last one frees it.
     pub(super) fn release(&mut self, set: &[BackendId]) {
         if let Some((table, users)) = self.by_set.get_mut(set) {

@@ -15,6 +15,25 @@ use crate::{
     model::{BackendAddress, BackendEntry, Frontend},
 };
 
+/// `write_north_south` failed: why, and whether the frontend may still
+/// point at a table naming its old backends (whose ids must then be held).
+pub(super) struct NorthSouthFailure {
+    issue: Issue,
+    hold: bool,
+}
+
+fn map_issue<A: crate::model::Family>(
+    frontend: &Frontend<A>,
+    map: &'static str,
+    error: aya::maps::MapError,
+) -> Issue {
+    program_issue(ProgramError::Map {
+        frontend: frontend.erased(),
+        map,
+        error: Box::new(error),
+    })
+}
+
 impl<M: LbMaps, A: TableFamily> FamilyView<'_, M, A> {
     /// Writes `frontend` if its backends (or its `sessionAffinity`
     /// timeout, `affinity`, or the backends its flows from outside go to,
@@ -178,6 +197,24 @@ impl<M: LbMaps, A: TableFamily> FamilyView<'_, M, A> {
             ids
         });
         let north_south_written = self.write_north_south(frontend, rev_nat_id, external_ids);
+        if let Err(NorthSouthFailure { issue, hold: true }) = &north_south_written {
+            // Its table may still name the old backends: hold both sets,
+            // as after a slot write that failed midway; the next update
+            // rewrites it.
+            let mut held = ids;
+            let mut held_draining = draining;
+            let mut untracked_ids = Vec::new();
+            if let Some(old) = self.t.programmed.remove(frontend) {
+                held.extend(old.backends.iter().copied());
+                held_draining.extend(old.draining().iter().copied());
+                untracked_ids = old.untracked_ids().to_vec();
+            }
+            self.t.programmed.insert(
+                *frontend,
+                Programmed::new(rev_nat_id, true, held, held_draining, untracked_ids),
+            );
+            return Err(issue.clone());
+        }
         let old = self.t.programmed.insert(
             *frontend,
             Programmed::new(rev_nat_id, false, ids, draining, Vec::new()),
@@ -213,7 +250,7 @@ impl<M: LbMaps, A: TableFamily> FamilyView<'_, M, A> {
             self.release_untracked(old.untracked_ids());
         }
         affinity_written?;
-        north_south_written?;
+        north_south_written.map_err(|failure| failure.issue)?;
         if capped {
             return Err(capped_issue());
         }
@@ -246,55 +283,76 @@ impl<M: LbMaps, A: TableFamily> FamilyView<'_, M, A> {
     /// (sorted backend ids; `None` or empty: not served from outside),
     /// building the table when no frontend shares it; only what differs.
     /// The table is written before the frontend points at it, and the
-    /// one it leaves is freed after.
+    /// one it leaves is freed after. With every table in use, a table the
+    /// frontend alone uses is rewritten in place (its old entries name
+    /// backends still referenced until the caller releases them).
+    ///
+    /// On failure the frontend is left to the stack rather than on a
+    /// table naming backends the caller is about to release: the error
+    /// says `hold` when even that failed, and the caller must then keep
+    /// its old backends' ids.
     fn write_north_south(
         &mut self,
         frontend: &Frontend<A>,
         rev_nat_id: datapath_common::maps::RevNatId,
         wanted: Option<Vec<BackendId>>,
-    ) -> Result<(), Issue> {
+    ) -> Result<(), NorthSouthFailure> {
         let wanted = wanted.filter(|ids| !ids.is_empty());
         let current = self.t.north_south.get(frontend).cloned();
-        let map_issue = |map, error| {
-            program_issue(ProgramError::Map {
-                frontend: frontend.erased(),
-                map,
-                error: Box::new(error),
-            })
-        };
         let Some(ids) = wanted else {
-            if let Some(current) = current {
-                self.maps
-                    .set_maglev_table_of(rev_nat_id, None)
-                    .map_err(|e| map_issue(datapath_common::maps::MAGLEV_TABLE_OF_MAP, e))?;
-                self.release_table(&current);
-                self.t.north_south.remove(frontend);
+            if current.is_some() {
+                self.unpoint(frontend, rev_nat_id)?;
             }
             return Ok(());
         };
         if current.as_ref().map(|c| &*c.set) == Some(ids.as_slice()) {
             return Ok(());
         }
-        let (table, fresh) = self.maglev.acquire(&ids).ok_or_else(|| {
-            limit_issue(
+        let acquired = self.maglev.acquire(&ids).or_else(|| {
+            let current = current.as_ref()?;
+            self.maglev
+                .replace_sole(&current.set, &ids)
+                .map(|table| (table, true))
+        });
+        let Some((table, fresh)) = acquired else {
+            let issue = limit_issue(
                 frontend,
                 datapath_common::maps::MAGLEV_MAP,
                 self.maglev.capacity(),
-            )
-        })?;
+            );
+            return Err(self.left_to_the_stack(frontend, rev_nat_id, issue));
+        };
+        let in_place = current.as_ref().is_some_and(|c| c.table == table);
         if fresh {
             let content = self.maglev_table(&ids);
             if let Err(e) = self.maps.write_maglev_table(table, &content) {
+                if in_place {
+                    // Half rewritten: its entries name old and new
+                    // backends, and nothing records which.
+                    self.t.north_south.remove(frontend);
+                    let issue = map_issue(frontend, datapath_common::maps::MAGLEV_MAP, e);
+                    return Err(match self.maps.set_maglev_table_of(rev_nat_id, None) {
+                        Ok(()) => {
+                            self.maglev.release(&ids);
+                            NorthSouthFailure { issue, hold: false }
+                        }
+                        Err(_) => NorthSouthFailure { issue, hold: true },
+                    });
+                }
                 self.maglev.release(&ids);
-                return Err(map_issue(datapath_common::maps::MAGLEV_MAP, e));
+                let issue = map_issue(frontend, datapath_common::maps::MAGLEV_MAP, e);
+                return Err(self.left_to_the_stack(frontend, rev_nat_id, issue));
             }
         }
-        if let Err(e) = self.maps.set_maglev_table_of(rev_nat_id, Some(table)) {
-            self.maglev.release(&ids);
-            return Err(map_issue(datapath_common::maps::MAGLEV_TABLE_OF_MAP, e));
-        }
-        if let Some(current) = current {
-            self.release_table(&current);
+        if !in_place {
+            if let Err(e) = self.maps.set_maglev_table_of(rev_nat_id, Some(table)) {
+                self.maglev.release(&ids);
+                let issue = map_issue(frontend, datapath_common::maps::MAGLEV_TABLE_OF_MAP, e);
+                return Err(self.left_to_the_stack(frontend, rev_nat_id, issue));
+            }
+            if let Some(current) = current {
+                self.release_table(&current);
+            }
         }
         self.t.north_south.insert(
             *frontend,
@@ -304,6 +362,44 @@ impl<M: LbMaps, A: TableFamily> FamilyView<'_, M, A> {
             },
         );
         Ok(())
+    }
+
+    /// Takes `frontend`'s table away (its flows from outside go to the
+    /// stack). A failure keeps it pointed: the caller must hold.
+    fn unpoint(
+        &mut self,
+        frontend: &Frontend<A>,
+        rev_nat_id: datapath_common::maps::RevNatId,
+    ) -> Result<(), NorthSouthFailure> {
+        let Some(current) = self.t.north_south.get(frontend).cloned() else {
+            return Ok(());
+        };
+        self.maps
+            .set_maglev_table_of(rev_nat_id, None)
+            .map_err(|e| NorthSouthFailure {
+                issue: map_issue(frontend, datapath_common::maps::MAGLEV_TABLE_OF_MAP, e),
+                hold: true,
+            })?;
+        self.release_table(&current);
+        self.t.north_south.remove(frontend);
+        Ok(())
+    }
+
+    /// `issue`, with `frontend` no longer pointed at a table its old
+    /// backends' ids are named in (or `hold` when that failed too).
+    fn left_to_the_stack(
+        &mut self,
+        frontend: &Frontend<A>,
+        rev_nat_id: datapath_common::maps::RevNatId,
+        issue: Issue,
+    ) -> NorthSouthFailure {
+        match self.unpoint(frontend, rev_nat_id) {
+            Ok(()) => NorthSouthFailure { issue, hold: false },
+            Err(failure) => NorthSouthFailure {
+                issue,
+                hold: failure.hold,
+            },
+        }
     }
 
     /// The Maglev table of backends `ids`: every node builds it from the
@@ -438,19 +534,8 @@ impl<M: LbMaps, A: TableFamily> FamilyView<'_, M, A> {
         }
         // Its table before its id is freed (the next frontend to get the
         // id must not be served from outside by this one's table).
-        if let Some(north_south) = self.t.north_south.get(frontend).cloned() {
-            self.maps
-                .set_maglev_table_of(programmed.rev_nat_id, None)
-                .map_err(|error| {
-                    program_issue(ProgramError::Map {
-                        frontend: frontend.erased(),
-                        map: datapath_common::maps::MAGLEV_TABLE_OF_MAP,
-                        error: Box::new(error),
-                    })
-                })?;
-            self.release_table(&north_south);
-            self.t.north_south.remove(frontend);
-        }
+        self.unpoint(frontend, programmed.rev_nat_id)
+            .map_err(|failure| failure.issue)?;
         A::remove_service(self.maps, frontend).map_err(program_issue)?;
         self.t.programmed.remove(frontend);
         let departed = programmed
