@@ -130,7 +130,7 @@ impl DatapathMaps {
                 0,
             ));
         }
-        writer::write_batch(IterableMap::map(&self.reverse_nat), &rev_nat_ids, &rev_nats)
+        super::batch::write_batch(IterableMap::map(&self.reverse_nat), &rev_nat_ids, &rev_nats)
             .map_err(on_error)?;
         // Counts raised before the frontends exist (a count too high only
         // costs a lookup; prune repairs it). Per bucket: the changed ones.
@@ -149,7 +149,7 @@ impl DatapathMaps {
                 .map_err(|error| (0, error))?
         } else {
             let counts: Vec<u32> =
-                writer::read_array(&self.service_filter).map_err(|error| (0, error))?;
+                super::batch::read_array(&self.service_filter).map_err(|error| (0, error))?;
             raised
                 .keys()
                 .map(|&b| counts.get(b as usize).copied().unwrap_or(0))
@@ -161,10 +161,10 @@ impl DatapathMaps {
             .zip(raised.values())
             .map(|(have, add)| have.saturating_add(*add))
             .collect();
-        writer::write_batch(IterableMap::map(&self.service_filter), &buckets, &values)
+        super::batch::write_batch(IterableMap::map(&self.service_filter), &buckets, &values)
             .map_err(on_error)?;
         if let Err((written, error)) =
-            writer::write_batch(IterableMap::map(&self.services), &head_keys, &heads)
+            super::batch::write_batch(IterableMap::map(&self.services), &head_keys, &heads)
         {
             // The frontends whose entry did not make it: their filter
             // counts back down (the first `written` are whole and stay).

@@ -12,6 +12,7 @@
 //! underlay pods for the uplink program.
 
 mod affinity;
+mod batch;
 mod bulk;
 mod fake;
 mod handles;

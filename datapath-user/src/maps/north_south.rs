@@ -128,7 +128,7 @@ impl NorthSouthMaps {
 
     /// Every frontend pointed at a table: (reverse-NAT id, table).
     pub fn tables_of(&self) -> Result<Vec<(u32, u32)>, MapError> {
-        let entries = super::writer::read_array(&self.table_of)?;
+        let entries = super::batch::read_array(&self.table_of)?;
         Ok(entries
             .into_iter()
             .enumerate()

@@ -48,7 +48,7 @@ impl DatapathMaps {
         self.distrust_reply_filter()?;
         let buckets: Vec<u32> = (0..REPLY_FILTER_COMPLETE).collect();
         let zeros = vec![0u32; buckets.len()];
-        super::writer::write_batch(IterableMap::map(&self.reply_filter), &buckets, &zeros)
+        super::batch::write_batch(IterableMap::map(&self.reply_filter), &buckets, &zeros)
             .map_err(|(_, e)| anyhow::anyhow!("clearing REPLY_FILTER: {e}"))?;
         // A flow's backend-tuple entry names its peer (the backend, or the
         // pod of a moved direct connection). Every key must be read: a
@@ -74,7 +74,7 @@ impl DatapathMaps {
         let set = buckets.len();
         let buckets: Vec<u32> = buckets.into_iter().collect();
         let ones = vec![1u32; set];
-        super::writer::write_batch(IterableMap::map(&self.reply_filter), &buckets, &ones)
+        super::batch::write_batch(IterableMap::map(&self.reply_filter), &buckets, &ones)
             .map_err(|(_, e)| anyhow::anyhow!("flagging REPLY_FILTER: {e}"))?;
         self.reply_filter.set(REPLY_FILTER_COMPLETE, 1, 0)?;
         Ok(set)

@@ -247,7 +247,7 @@ impl LbMaps for DatapathMaps {
                 ));
             }
         }
-        let rev_nats: Vec<RevNatValue> = read_array(&self.reverse_nat)?;
+        let rev_nats: Vec<RevNatValue> = super::batch::read_array(&self.reverse_nat)?;
         for (id, value) in rev_nats.into_iter().enumerate().skip(1) {
             if value.is_present() {
                 dump.rev_nats.push((
@@ -353,7 +353,7 @@ impl LbMaps for DatapathMaps {
             *want.entry(bucket).or_default() += 1;
         }
         let mut changed = 0;
-        let counts: Vec<u32> = read_array(&self.service_filter)?;
+        let counts: Vec<u32> = super::batch::read_array(&self.service_filter)?;
         for (bucket, have) in counts.into_iter().enumerate() {
             let bucket = bucket as u32;
             let should = want.get(&bucket).copied().unwrap_or(0);
@@ -546,7 +546,7 @@ impl DatapathMaps {
     fn dump_v6(&self, v6: &Ipv6Maps, dump: &mut MapDump) -> Result<(), MapError> {
         (dump.frontends6, dump.stray_entries6) =
             dumped_frontends::<Ipv6Addr>(&v6.services6, &self.slots)?;
-        let rev_nats6: Vec<RevNatValue6> = read_array(&v6.reverse_nat6)?;
+        let rev_nats6: Vec<RevNatValue6> = super::batch::read_array(&v6.reverse_nat6)?;
         for (id, value) in rev_nats6.into_iter().enumerate().skip(1) {
             if value.is_present() {
                 dump.rev_nats6.push((
@@ -654,42 +654,6 @@ fn rehome<K: aya::Pod + std::fmt::Debug>(
         services.insert(key, moved, 0)?;
     }
     Ok(())
-}
-
-/// Writes `keys[i] → values[i]` into `map` in one BPF_MAP_UPDATE_BATCH;
-/// on an error, also how many entries were written before it. `K` and
-/// `V` must be the map's key and value types (the callers pass the typed
-/// map's own).
-pub(super) fn write_batch<K: Copy, V: Copy>(
-    map: &MapData,
-    keys: &[K],
-    values: &[V],
-) -> Result<(), (usize, MapError)> {
-    use std::os::fd::{AsFd, AsRawFd};
-    let fd = map.fd().as_fd().as_raw_fd();
-    crate::bpfsys::update_batch(fd, keys, values).map_err(|(written, io_error)| {
-        (
-            written,
-            MapError::SyscallError(aya::sys::SyscallError {
-                call: "bpf_map_update_batch",
-                io_error,
-            }),
-        )
-    })
-}
-
-/// Every entry of an array map, read in batches.
-pub(super) fn read_array<V: aya::Pod + Default>(
-    array: &Array<MapData, V>,
-) -> Result<Vec<V>, MapError> {
-    use std::os::fd::{AsFd, AsRawFd};
-    let fd = aya::maps::IterableMap::map(array).fd().as_fd().as_raw_fd();
-    crate::bpfsys::read_array(fd, array.len()).map_err(|io_error| {
-        MapError::SyscallError(aya::sys::SyscallError {
-            call: "bpf_map_lookup_batch",
-            io_error,
-        })
-    })
 }
 
 /// Turns a map's error into `frontend`'s, naming the map.
