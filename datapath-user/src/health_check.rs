@@ -7,6 +7,10 @@
 //! before sending a node traffic, so nodes without endpoints are skipped.
 //! Listeners are bound in the uplink's namespace (the node's own on a
 //! real node), where the load balancer reaches the node's addresses.
+//!
+//! Beside them, kube-proxy's node health endpoint (`:10256/healthz`,
+//! `serve_node_health`), which load balancers of `Cluster` services
+//! probe (KEP-3836): 200 once the agent has synced the maps, 503 before.
 
 use std::{
     collections::HashMap,
@@ -132,9 +136,68 @@ impl HealthChecks for HealthCheckServers {
     }
 }
 
+/// kube-proxy's `--healthz-bind-address` default port.
+pub const NODE_HEALTH_PORT: u16 = 10256;
+
+/// Serves kube-proxy's node health endpoint on `port` in the namespace
+/// at `netns`: any path answers 200 with `nodeEligible: true` once
+/// `ready` (the first full sync is done), 503 before.
+pub fn serve_node_health(
+    netns: Option<PathBuf>,
+    port: u16,
+    ready: Arc<dyn Fn() -> bool + Send + Sync>,
+) -> std::io::Result<JoinHandle<()>> {
+    let listener = crate::netns::run_in(netns.as_deref(), || {
+        let listener = std::net::TcpListener::bind((Ipv4Addr::UNSPECIFIED, port))?;
+        listener.set_nonblocking(true)?;
+        Ok::<_, std::io::Error>(listener)
+    })??;
+    let listener = TcpListener::from_std(listener)?;
+    Ok(tokio::spawn(async move {
+        loop {
+            let Ok((mut stream, _)) = listener.accept().await else {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            };
+            let healthy = ready();
+            tokio::spawn(async move {
+                let mut request = [0u8; 1024];
+                let _ =
+                    tokio::time::timeout(Duration::from_secs(2), stream.read(&mut request)).await;
+                let _ = stream.write_all(node_health(healthy).as_bytes()).await;
+                let _ = stream.shutdown().await;
+            });
+        }
+    }))
+}
+
+/// kube-proxy's node health answer (`pkg/proxy/healthcheck/proxy_health.go`).
+pub fn node_health(healthy: bool) -> String {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    let (status, reason) = if healthy {
+        (200, "OK")
+    } else {
+        (503, "Service Unavailable")
+    };
+    let body = serde_json::json!({
+        "lastUpdated": now.to_string(),
+        "currentTime": now.to_string(),
+        "nodeEligible": healthy,
+    })
+    .to_string();
+    format!(
+        "HTTP/1.1 {status} {reason}\r\nContent-Type: application/json\r\nX-Content-Type-Options: nosniff\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    )
+}
+
 async fn serve(listener: TcpListener, service: ObjectKey, local_endpoints: Arc<AtomicU32>) {
     loop {
         let Ok((mut stream, _)) = listener.accept().await else {
+            // Out of descriptors, say: not a tight loop.
+            tokio::time::sleep(Duration::from_millis(100)).await;
             continue;
         };
         let (service, count) = (service.clone(), local_endpoints.load(Ordering::Relaxed));
@@ -189,5 +252,16 @@ mod tests {
             "{none}"
         );
         assert!(none.contains("\"localEndpoints\":0"));
+    }
+
+    #[test]
+    fn the_node_health_endpoint_answers_as_kube_proxys() {
+        let ready = node_health(true);
+        assert!(ready.starts_with("HTTP/1.1 200 OK\r\n"), "{ready}");
+        let body: serde_json::Value =
+            serde_json::from_str(ready.split("\r\n\r\n").nth(1).unwrap()).unwrap();
+        assert_eq!(body["nodeEligible"], true);
+        assert!(body["lastUpdated"].is_string() && body["currentTime"].is_string());
+        assert!(node_health(false).starts_with("HTTP/1.1 503 "));
     }
 }

@@ -440,6 +440,12 @@ struct AgentArgs {
     /// uplink holds, else the uplink's first IPv4 address).
     #[arg(long, env = "UNDERPASS_SNAT_ADDRESS", value_name = "IPV4")]
     snat_address: Option<std::net::Ipv4Addr>,
+    /// With --uplink: the port of kube-proxy's node health endpoint
+    /// (`/healthz`, 200 once the maps are synced), which load balancers
+    /// of `Cluster` services probe on every node; 0 serves none (leave it
+    /// to kube-proxy when it still runs).
+    #[arg(long, env = "UNDERPASS_NODE_HEALTH_PORT", default_value_t = datapath_user::health_check::NODE_HEALTH_PORT)]
+    node_health_port: u16,
 }
 
 /// The Maglev seed when none is given ("underpas"): any fixed value
@@ -682,6 +688,7 @@ fn run_agent(args: AgentArgs) -> Result<()> {
                 maglev_table_size: args.maglev_table_size,
                 snat_ports: args.snat_ports,
                 snat_address: args.snat_address,
+                node_health_port: (args.node_health_port != 0).then_some(args.node_health_port),
             }),
     };
     let runtime = tokio::runtime::Builder::new_multi_thread()

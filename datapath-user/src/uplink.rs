@@ -28,6 +28,9 @@ pub struct UplinkOptions {
     pub snat_ports: (u16, u16),
     /// The SNAT address (None: this node's address on the uplink).
     pub snat_address: Option<Ipv4Addr>,
+    /// kube-proxy's node health port (`:10256/healthz`; None: not
+    /// served).
+    pub node_health_port: Option<u16>,
 }
 
 /// What the agent reads of the uplink.
@@ -106,6 +109,7 @@ mod tests {
             maglev_table_size: 16_381,
             snat_ports: (61_000, 4_536),
             snat_address: None,
+            node_health_port: None,
         }
     }
 

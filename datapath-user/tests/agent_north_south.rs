@@ -200,6 +200,30 @@ fn health_check(lab: &Lab) -> std::io::Result<(String, serde_json::Value)> {
     Ok((status, serde_json::from_str(body).unwrap_or_default()))
 }
 
+/// kube-proxy's node health endpoint of node1 (`:10256/healthz`), as a
+/// load balancer of a `Cluster` service probes it: the status line and
+/// body.
+fn node_health(lab: &Lab) -> std::io::Result<(String, serde_json::Value)> {
+    use std::io::{Read, Write};
+    let target = SocketAddrV4::new(node1(), 10256);
+    let response = lab
+        .outside
+        .run(|| {
+            let mut stream = std::net::TcpStream::connect_timeout(&target.into(), TIMEOUT)?;
+            stream.set_read_timeout(Some(TIMEOUT))?;
+            stream.write_all(b"GET /healthz HTTP/1.1\r\nHost: lb\r\n\r\n")?;
+            let mut response = String::new();
+            stream.read_to_string(&mut response)?;
+            Ok::<_, std::io::Error>(response)
+        })
+        .unwrap()?;
+    let (head, body) = response.split_once("\r\n\r\n").unwrap_or((&response, ""));
+    Ok((
+        head.lines().next().unwrap_or_default().to_owned(),
+        serde_json::from_str(body).unwrap_or_default(),
+    ))
+}
+
 fn local(role: &str) -> String {
     format!("{role} {OUTSIDE}")
 }
@@ -246,6 +270,12 @@ fn from_outside_a_node_port_and_a_load_balancer_ip_reach_local_and_remote_backen
         })
         .collect();
     assert_eq!(udp, both, "UDP to nodeIP:nodePort");
+    let (status, body) = node_health(&lab).expect("the node health endpoint answers");
+    assert_eq!(
+        (status.as_str(), &body["nodeEligible"]),
+        ("HTTP/1.1 200 OK", &serde_json::Value::Bool(true)),
+        "{body}"
+    );
     // `service list` shows which frontends are served from outside, and
     // over what: the nodePort and load-balancer frontends share a table.
     let output = std::process::Command::new(env!("CARGO_BIN_EXE_underpass"))

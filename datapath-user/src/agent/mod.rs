@@ -220,6 +220,22 @@ pub async fn run(options: AgentOptions) -> Result<()> {
         core = core.with_health_checks(Box::new(crate::health_check::HealthCheckServers::new(
             uplink.netns.clone(),
         )));
+        if let Some(port) = uplink.node_health_port {
+            let ready = metrics.clone();
+            match crate::health_check::serve_node_health(
+                uplink.netns.clone(),
+                port,
+                Arc::new(move || ready.ready.load(Ordering::Relaxed)),
+            ) {
+                Ok(_) => info!(
+                    port,
+                    "serving kube-proxy's node health endpoint (/healthz) for load balancers"
+                ),
+                Err(error) => {
+                    warn!(port, %error, "cannot serve the node health endpoint: load balancers of Cluster services that probe it will take this node for unhealthy")
+                }
+            }
+        }
     }
     if node_watched {
         // Bounded: an unreadable Node (RBAC, a slow API server) must not
