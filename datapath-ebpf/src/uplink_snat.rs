@@ -199,9 +199,17 @@ pub fn forward(
             let held = unsafe { &mut *held };
             // Only this flow's own entry (after an eviction, another
             // flow may have taken the port).
-            if held.client_address_be == packet.saddr_be && held.client_port_be == packet.sport_be {
-                held.seen(state, now);
+            if held.client_address_be != packet.saddr_be || held.client_port_be != packet.sport_be {
+                // Another flow holds this port now (this one's entry
+                // was evicted and the port handed out again): this flow
+                // cannot go on with it. Expired, its next packet opens
+                // it anew; this one goes nowhere rather than into the
+                // other flow's connection.
+                flow.last_seen = 0;
+                count(Counter::Error);
+                return XDP_DROP;
             }
+            held.seen(state, now);
         } else if let Some((client_mac, _)) = uplink_frame::macs(ctx) {
             // Evicted: without it the replies would reach the stack.
             let back = UplinkSnat {
@@ -215,7 +223,8 @@ pub fn forward(
                 state,
                 _pad: [0; 7],
             };
-            let _ = UPLINK_SNAT.insert(reply, back, 0);
+            // Not over a claim another CPU's new flow just made.
+            let _ = UPLINK_SNAT.insert(reply, back, BPF_NOEXIST as u64);
         }
     }
     count_service(flow.rev_nat_id(), 1, 0);

@@ -2826,3 +2826,72 @@ fn frontends_served_from_outside_share_a_maglev_table_rebuilt_when_their_backend
     assert!(reconciler.maps().maglev_table_of.is_empty());
     assert_eq!(reconciler.maglev_tables_in_use().0, 0);
 }
+
+#[test]
+fn with_every_maglev_table_in_use_a_frontends_own_table_is_rewritten_in_place() {
+    use datapath_user::maps::MaglevSettings;
+    const SIZE: u32 = datapath_common::maglev::MIN_TABLE_SIZE;
+    let mut maps = FakeMaps::with_capacity(64);
+    maps.maglev = MaglevSettings {
+        tables: 1,
+        table_size: SIZE,
+        seed: 7,
+    };
+    // One node address: one nodePort frontend, the table's sole user.
+    let node = NodeContext {
+        node_name: Some("node-1".into()),
+        addresses: vec!["192.168.7.1".parse().unwrap()],
+        ..NodeContext::default()
+    };
+    let endpoints = [("10.244.0.1", "node-1"), ("10.244.0.2", "node-2")];
+    let cluster = translation_on(
+        &node_port_yaml("shop", "10.96.5.1", "Cluster", &endpoints),
+        &node,
+    );
+    let local = translation_on(
+        &node_port_yaml("shop", "10.96.5.1", "Local", &endpoints),
+        &node,
+    );
+    let mut reconciler = Reconciler::new_on_empty(maps);
+    apply(&mut reconciler, &cluster);
+    let local_id = |maps: &FakeMaps| -> u32 {
+        *maps
+            .v4
+            .backends
+            .iter()
+            .find(|(_, b)| b.address == "10.244.0.1".parse::<Ipv4Addr>().unwrap())
+            .unwrap()
+            .0
+    };
+    apply(&mut reconciler, &local);
+    let maps = reconciler.maps();
+    assert_eq!(
+        maps.maglev_table_of.values().copied().collect::<Vec<_>>(),
+        [0]
+    );
+    assert!(
+        maps.maglev_tables[&0].iter().all(|&b| b == local_id(maps)),
+        "rewritten in place"
+    );
+    // An in-place write that fails: half written, the frontend is left
+    // to the stack; the next update serves it again.
+    reconciler.maps_mut().fail_next_maglev_write = true;
+    let outcome = reconciler.update_service(&cluster.0, &cluster.1);
+    assert_eq!(outcome.issues.len(), 1, "{:?}", outcome.issues);
+    assert!(reconciler.maps().maglev_table_of.is_empty(), "unpointed");
+    apply(&mut reconciler, &cluster);
+    let maps = reconciler.maps();
+    assert_eq!(
+        maps.maglev_table_of.values().copied().collect::<Vec<_>>(),
+        [0]
+    );
+    assert_eq!(
+        maps.maglev_tables[&0]
+            .iter()
+            .collect::<std::collections::BTreeSet<_>>()
+            .len(),
+        2,
+        "both backends again"
+    );
+    assert_eq!(reconciler.maglev_tables_in_use(), (1, 1));
+}

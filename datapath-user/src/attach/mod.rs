@@ -298,7 +298,8 @@ impl PodAttacher {
         let mut existing: BTreeMap<(String, String), u32> = BTreeMap::new();
         let mut want = BTreeSet::new();
         let mut unknown_netns = BTreeSet::new();
-        let mut local = BTreeMap::new();
+        // Children of the uplink, noted once attached (`LOCAL_PODS`).
+        let mut uplink_children: Vec<((String, String), LinkSummary)> = Vec::new();
         let entries = match fs::read_dir(&self.dir) {
             Ok(entries) => {
                 self.last_errors.remove(&(String::new(), String::new()));
@@ -332,8 +333,8 @@ impl PodAttacher {
                             || (self.selector.selects(&link)
                                 && (self.policy.wants_tc(&name) || on_uplink))
                         {
-                            if let Some(pods) = &self.local_pods {
-                                pods.note(&link, &mut local);
+                            if on_uplink {
+                                uplink_children.push((key.clone(), link.clone()));
                             }
                             want.insert(key.clone());
                         } else if self.selector.selects(&link)
@@ -416,6 +417,14 @@ impl PodAttacher {
             &mut self.local_pods,
             self.datapath.maps.north_south.as_mut(),
         ) {
+            // Only pods whose TC pair is attached: their replies must be
+            // turned back on their interface.
+            let mut local = BTreeMap::new();
+            for (key, link) in &uplink_children {
+                if self.attached.contains_key(key) {
+                    pods.note(link, &mut local);
+                }
+            }
             // A namespace that could not be read keeps its pods.
             let errors = pods.sync(maps, local, unknown_netns.is_empty());
             let key = (String::new(), "LOCAL_PODS".to_owned());

@@ -328,16 +328,20 @@ impl<M: LbMaps, A: TableFamily> FamilyView<'_, M, A> {
             if let Err(e) = self.maps.write_maglev_table(table, &content) {
                 if in_place {
                     // Half rewritten: its entries name old and new
-                    // backends, and nothing records which.
-                    self.t.north_south.remove(frontend);
+                    // backends. Recorded under a set no frontend can ask
+                    // for, so that nothing shares it and the next write
+                    // rewrites it (or it is freed once unpointed).
+                    let poisoned: Box<[BackendId]> = [BackendId::MAX, table].into();
+                    let _ = self.maglev.replace_sole(&ids, &poisoned);
+                    self.t.north_south.insert(
+                        *frontend,
+                        super::NorthSouth {
+                            table,
+                            set: poisoned,
+                        },
+                    );
                     let issue = map_issue(frontend, datapath_common::maps::MAGLEV_MAP, e);
-                    return Err(match self.maps.set_maglev_table_of(rev_nat_id, None) {
-                        Ok(()) => {
-                            self.maglev.release(&ids);
-                            NorthSouthFailure { issue, hold: false }
-                        }
-                        Err(_) => NorthSouthFailure { issue, hold: true },
-                    });
+                    return Err(self.left_to_the_stack(frontend, rev_nat_id, issue));
                 }
                 self.maglev.release(&ids);
                 let issue = map_issue(frontend, datapath_common::maps::MAGLEV_MAP, e);
