@@ -82,6 +82,11 @@ pub const REFRESH_INTERVAL_SECS: u64 = 1;
 /// so a flow that gets no replies follows a gateway failover within this
 /// time plus the kernel's neighbour timers.
 pub const L2_FRESH_SECS: u64 = 5;
+/// How long after its last packet a closed TCP flow's SNAT port (north-
+/// south, `UPLINK_SNAT`) may go to another flow: the backend may still
+/// hold the tuple in TIME_WAIT (60 s on Linux), and netfilter's NAT
+/// waits 120 s.
+pub const SNAT_PORT_REUSE_SECS: u64 = 120;
 
 /// TCP flag bits as they sit in byte 13 of the TCP header.
 pub const TCP_FIN: u8 = 0x01;
@@ -117,6 +122,9 @@ pub struct Lifetimes {
     /// How long learned next-hop MACs are used without a reply confirming
     /// them.
     pub l2_fresh: u64,
+    /// How long a closed TCP flow keeps its SNAT port
+    /// (`SNAT_PORT_REUSE_SECS`).
+    pub snat_port_reuse: u64,
 }
 
 impl Lifetimes {
@@ -129,7 +137,19 @@ impl Lifetimes {
             udp: UDP_LIFETIME_SECS * hz,
             refresh: REFRESH_INTERVAL_SECS * hz,
             l2_fresh: L2_FRESH_SECS * hz,
+            snat_port_reuse: SNAT_PORT_REUSE_SECS * hz,
         }
+    }
+
+    /// True when the SNAT port `entry` holds may go to a new flow: the
+    /// flow expired, and a closed TCP one long enough ago that the
+    /// backend has left TIME_WAIT.
+    #[inline(always)]
+    pub fn snat_port_free(&self, entry: &impl Tracked, protocol: u8, now: u64) -> bool {
+        self.is_expired(entry, protocol, now)
+            && (protocol != crate::IPPROTO_TCP
+                || !is_closed(entry.state())
+                || now.saturating_sub(entry.last_seen()) > self.snat_port_reuse)
     }
 
     /// How long a flow in `state` lives after its last refresh.
@@ -338,5 +358,32 @@ mod l2_tests {
         assert!(l2_is_fresh(&l, 1_000, 1_000 + 5 * 100));
         assert!(!l2_is_fresh(&l, 1_000, 1_001 + 5 * 100));
         assert!(l2_is_fresh(&l, 1_000, 999), "a clock behind is fresh");
+    }
+}
+
+#[cfg(test)]
+mod snat_port_tests {
+    use super::*;
+
+    #[test]
+    fn a_closed_tcp_flows_snat_port_waits_out_the_backends_time_wait() {
+        let lifetimes = Lifetimes::default_at(100);
+        let mut entry = crate::maps::UplinkSnat {
+            last_seen: 1_000,
+            state: STATE_FIN_RX | STATE_FIN_TX | STATE_SEEN_NON_SYN,
+            ..Default::default()
+        };
+        let after = |secs: u64| 1_000 + secs * 100;
+        assert!(
+            !lifetimes.snat_port_free(&entry, crate::IPPROTO_TCP, after(5)),
+            "live"
+        );
+        assert!(
+            !lifetimes.snat_port_free(&entry, crate::IPPROTO_TCP, after(30)),
+            "expired, but the backend may be in TIME_WAIT"
+        );
+        assert!(lifetimes.snat_port_free(&entry, crate::IPPROTO_TCP, after(121)));
+        entry.state = 0;
+        assert!(lifetimes.snat_port_free(&entry, crate::IPPROTO_UDP, after(UDP_LIFETIME_SECS + 1)));
     }
 }

@@ -37,6 +37,13 @@ pub fn is_expired(flow: &impl Tracked, protocol: u8, now: u64) -> bool {
     lifetimes().is_expired(flow, protocol, now)
 }
 
+/// True when the SNAT port `entry` holds may go to a new flow
+/// (`Lifetimes::snat_port_free`).
+#[inline(always)]
+pub fn snat_port_free(entry: &impl Tracked, protocol: u8, now: u64) -> bool {
+    lifetimes().snat_port_free(entry, protocol, now)
+}
+
 /// True when this packet must write the flow's entry (state change or
 /// refresh due).
 #[inline(always)]

@@ -119,13 +119,13 @@ pub fn open(
             port = candidate;
             break;
         }
-        // Held: by an expired flow (closed ones expire after the closing
-        // lifetime), the port is free again — nothing else frees it, the
-        // LRU evicts only when the whole table is full.
+        // Held: by an expired flow (a closed TCP one once the backend
+        // has left TIME_WAIT), the port is free again — nothing else
+        // frees it, the LRU evicts only when the whole table is full.
         if let Some(held) = UPLINK_SNAT.get_ptr_mut(reply) {
             // SAFETY: a pointer into the map value, valid for this run.
             let held = unsafe { &mut *held };
-            if ct::is_expired(held, packet.protocol, now) {
+            if ct::snat_port_free(held, packet.protocol, now) {
                 *held = back;
                 port = candidate;
                 break;

@@ -230,6 +230,9 @@ pub struct CtTimeouts {
     /// How long next-hop MACs learned from replies are used without a
     /// newer reply confirming them.
     pub l2_fresh: Duration,
+    /// How long a closed TCP flow from outside keeps its SNAT port (the
+    /// backend's TIME_WAIT).
+    pub snat_port_reuse: Duration,
 }
 
 impl Default for CtTimeouts {
@@ -242,6 +245,7 @@ impl Default for CtTimeouts {
             udp: Duration::from_secs(c::UDP_LIFETIME_SECS),
             refresh: Duration::from_secs(c::REFRESH_INTERVAL_SECS),
             l2_fresh: Duration::from_secs(c::L2_FRESH_SECS),
+            snat_port_reuse: Duration::from_secs(c::SNAT_PORT_REUSE_SECS),
         }
     }
 }
@@ -256,6 +260,7 @@ impl CtTimeouts {
             udp: clock::ticks(self.udp, hz),
             refresh: clock::ticks(self.refresh, hz),
             l2_fresh: clock::ticks(self.l2_fresh, hz),
+            snat_port_reuse: clock::ticks(self.snat_port_reuse, hz),
         }
     }
 }
