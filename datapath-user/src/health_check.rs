@@ -74,16 +74,17 @@ impl HealthCheckServers {
             info!(%service, port, "health-check nodePort closed");
         }
     }
+}
 
-    /// A listener on every address of the namespace at `netns`.
-    fn bind(&self, port: u16) -> std::io::Result<TcpListener> {
-        let listener = crate::netns::run_in(self.netns.as_deref(), || {
-            let listener = std::net::TcpListener::bind((Ipv4Addr::UNSPECIFIED, port))?;
-            listener.set_nonblocking(true)?;
-            Ok::<_, std::io::Error>(listener)
-        })??;
-        TcpListener::from_std(listener)
-    }
+/// A listener on `port` of every address of the namespace at `netns`
+/// (None: ours), where it stays whichever thread accepts.
+fn bind_in(netns: Option<&std::path::Path>, port: u16) -> std::io::Result<TcpListener> {
+    let listener = crate::netns::run_in(netns, || {
+        let listener = std::net::TcpListener::bind((Ipv4Addr::UNSPECIFIED, port))?;
+        listener.set_nonblocking(true)?;
+        Ok::<_, std::io::Error>(listener)
+    })??;
+    TcpListener::from_std(listener)
 }
 
 impl HealthChecks for HealthCheckServers {
@@ -114,7 +115,7 @@ impl HealthChecks for HealthCheckServers {
             }
             return;
         }
-        let listener = match self.bind(check.node_port) {
+        let listener = match bind_in(self.netns.as_deref(), check.node_port) {
             Ok(listener) => listener,
             Err(error) => {
                 warn!(%service, port = check.node_port, %error, "cannot listen on the health-check nodePort: load balancers will take this node for unhealthy");
@@ -147,12 +148,7 @@ pub fn serve_node_health(
     port: u16,
     ready: Arc<dyn Fn() -> bool + Send + Sync>,
 ) -> std::io::Result<JoinHandle<()>> {
-    let listener = crate::netns::run_in(netns.as_deref(), || {
-        let listener = std::net::TcpListener::bind((Ipv4Addr::UNSPECIFIED, port))?;
-        listener.set_nonblocking(true)?;
-        Ok::<_, std::io::Error>(listener)
-    })??;
-    let listener = TcpListener::from_std(listener)?;
+    let listener = bind_in(netns.as_deref(), port)?;
     Ok(tokio::spawn(async move {
         loop {
             let Ok((mut stream, _)) = listener.accept().await else {

@@ -174,44 +174,17 @@ impl Lab {
     }
 }
 
-/// What a backend says when the flow came from outside: by MAC, the
-/// client's own address; SNATed, node1's.
-/// A load balancer's health check of node1: the status line and body.
-fn health_check(lab: &Lab) -> std::io::Result<(String, serde_json::Value)> {
+/// A load balancer's HTTP probe of node1 at `port` and `path`: the
+/// status line, the head and the JSON body.
+fn probe(lab: &Lab, port: u16, path: &str) -> std::io::Result<(String, String, serde_json::Value)> {
     use std::io::{Read, Write};
-    let target = SocketAddrV4::new(node1(), HEALTH_CHECK_PORT);
+    let target = SocketAddrV4::new(node1(), port);
     let response = lab
         .outside
         .run(|| {
             let mut stream = std::net::TcpStream::connect_timeout(&target.into(), TIMEOUT)?;
             stream.set_read_timeout(Some(TIMEOUT))?;
-            stream.write_all(b"GET / HTTP/1.1\r\nHost: lb\r\n\r\n")?;
-            let mut response = String::new();
-            stream.read_to_string(&mut response)?;
-            Ok::<_, std::io::Error>(response)
-        })
-        .unwrap()?;
-    let (head, body) = response.split_once("\r\n\r\n").unwrap_or((&response, ""));
-    let status = head.lines().next().unwrap_or_default().to_owned();
-    assert!(
-        head.contains("X-Load-Balancing-Endpoint-Weight:"),
-        "kube-proxy's header: {head}"
-    );
-    Ok((status, serde_json::from_str(body).unwrap_or_default()))
-}
-
-/// kube-proxy's node health endpoint of node1 (`:10256/healthz`), as a
-/// load balancer of a `Cluster` service probes it: the status line and
-/// body.
-fn node_health(lab: &Lab) -> std::io::Result<(String, serde_json::Value)> {
-    use std::io::{Read, Write};
-    let target = SocketAddrV4::new(node1(), 10256);
-    let response = lab
-        .outside
-        .run(|| {
-            let mut stream = std::net::TcpStream::connect_timeout(&target.into(), TIMEOUT)?;
-            stream.set_read_timeout(Some(TIMEOUT))?;
-            stream.write_all(b"GET /healthz HTTP/1.1\r\nHost: lb\r\n\r\n")?;
+            write!(stream, "GET {path} HTTP/1.1\r\nHost: lb\r\n\r\n")?;
             let mut response = String::new();
             stream.read_to_string(&mut response)?;
             Ok::<_, std::io::Error>(response)
@@ -220,10 +193,30 @@ fn node_health(lab: &Lab) -> std::io::Result<(String, serde_json::Value)> {
     let (head, body) = response.split_once("\r\n\r\n").unwrap_or((&response, ""));
     Ok((
         head.lines().next().unwrap_or_default().to_owned(),
+        head.to_owned(),
         serde_json::from_str(body).unwrap_or_default(),
     ))
 }
 
+/// The service's health-check nodePort on node1: status line and body.
+fn health_check(lab: &Lab) -> std::io::Result<(String, serde_json::Value)> {
+    let (status, head, body) = probe(lab, HEALTH_CHECK_PORT, "/")?;
+    assert!(
+        head.contains("X-Load-Balancing-Endpoint-Weight:"),
+        "kube-proxy's header: {head}"
+    );
+    Ok((status, body))
+}
+
+/// kube-proxy's node health endpoint of node1 (`:10256/healthz`), as a
+/// load balancer of a `Cluster` service probes it.
+fn node_health(lab: &Lab) -> std::io::Result<(String, serde_json::Value)> {
+    let (status, _, body) = probe(lab, 10256, "/healthz")?;
+    Ok((status, body))
+}
+
+/// What a backend says when the flow came from outside: by MAC, the
+/// client's own address; SNATed, node1's.
 fn local(role: &str) -> String {
     format!("{role} {OUTSIDE}")
 }
