@@ -25,7 +25,7 @@ use std::{
 
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
-    net::TcpListener,
+    net::{TcpListener, TcpStream},
     task::JoinHandle,
 };
 use tracing::{info, warn};
@@ -151,18 +151,11 @@ pub fn serve_node_health(
     let listener = bind_in(netns.as_deref(), port)?;
     Ok(tokio::spawn(async move {
         loop {
-            let Ok((mut stream, _)) = listener.accept().await else {
+            let Ok((stream, _)) = listener.accept().await else {
                 tokio::time::sleep(Duration::from_millis(100)).await;
                 continue;
             };
-            let healthy = ready();
-            tokio::spawn(async move {
-                let mut request = [0u8; 1024];
-                let _ =
-                    tokio::time::timeout(Duration::from_secs(2), stream.read(&mut request)).await;
-                let _ = stream.write_all(node_health(healthy).as_bytes()).await;
-                let _ = stream.shutdown().await;
-            });
+            tokio::spawn(answer(stream, node_health(ready())));
         }
     }))
 }
@@ -191,21 +184,39 @@ pub fn node_health(healthy: bool) -> String {
 
 async fn serve(listener: TcpListener, service: ObjectKey, local_endpoints: Arc<AtomicU32>) {
     loop {
-        let Ok((mut stream, _)) = listener.accept().await else {
+        let Ok((stream, _)) = listener.accept().await else {
             // Out of descriptors, say: not a tight loop.
             tokio::time::sleep(Duration::from_millis(100)).await;
             continue;
         };
-        let (service, count) = (service.clone(), local_endpoints.load(Ordering::Relaxed));
-        tokio::spawn(async move {
-            // The request itself does not matter (kube-proxy answers any
-            // path); read what came, bounded, then answer.
-            let mut request = [0u8; 1024];
-            let _ = tokio::time::timeout(Duration::from_secs(2), stream.read(&mut request)).await;
-            let _ = stream.write_all(response(&service, count).as_bytes()).await;
-            let _ = stream.shutdown().await;
-        });
+        let count = local_endpoints.load(Ordering::Relaxed);
+        tokio::spawn(answer(stream, response(&service, count)));
     }
+}
+
+/// The longest request head read before answering: a probe's is a line
+/// and a few headers.
+const REQUEST_HEAD_LIMIT: usize = 4096;
+
+/// Answers one probe with `answer`. The request itself does not matter
+/// (kube-proxy answers any path), but all of its head is read first,
+/// within a bound of size and time: a socket closed with unread bytes
+/// resets, and the prober, still writing its request in pieces, sees a
+/// broken pipe instead of the answer.
+async fn answer(mut stream: TcpStream, answer: String) {
+    let mut head = Vec::with_capacity(512);
+    let read_head = async {
+        let mut chunk = [0u8; 512];
+        while head.len() < REQUEST_HEAD_LIMIT && !head.windows(4).any(|w| w == b"\r\n\r\n") {
+            match stream.read(&mut chunk).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => head.extend_from_slice(&chunk[..n]),
+            }
+        }
+    };
+    let _ = tokio::time::timeout(Duration::from_secs(2), read_head).await;
+    let _ = stream.write_all(answer.as_bytes()).await;
+    let _ = stream.shutdown().await;
 }
 
 /// kube-proxy's answer (`pkg/proxy/healthcheck/service_health.go`).
@@ -248,6 +259,27 @@ mod tests {
             "{none}"
         );
         assert!(none.contains("\"localEndpoints\":0"));
+    }
+
+    /// A prober that writes its request in pieces gets the answer, not a
+    /// reset: the head is read whole before the socket closes.
+    #[tokio::test]
+    async fn a_request_written_in_pieces_is_answered() {
+        let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).await.unwrap();
+        let address = listener.local_addr().unwrap();
+        let server = tokio::spawn(async move {
+            let (stream, _) = listener.accept().await.unwrap();
+            answer(stream, node_health(true)).await;
+        });
+        let mut client = TcpStream::connect(address).await.unwrap();
+        for piece in ["GET ", "/healthz", " HTTP/1.1\r\n", "Host: lb\r\n\r\n"] {
+            client.write_all(piece.as_bytes()).await.unwrap();
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let mut response = String::new();
+        client.read_to_string(&mut response).await.unwrap();
+        assert!(response.starts_with("HTTP/1.1 200 OK\r\n"), "{response}");
+        server.await.unwrap();
     }
 
     #[test]
