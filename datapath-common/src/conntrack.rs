@@ -56,6 +56,11 @@ pub const STATE_RST: u8 = 1 << 3;
 /// Any of the above: the connection is ending or over; a new SYN on its
 /// tuple starts another one.
 pub const STATE_ANY_CLOSE: u8 = STATE_FIN_TX | STATE_FIN_RX | STATE_RST;
+/// The backend's FIN came before any FIN or RST from the client: the
+/// backend closed actively, so its socket lingers in TIME_WAIT after
+/// the flow is over (when the client closes first, the backend's goes
+/// from LAST_ACK straight to CLOSED). Read by `snat_port_free`.
+pub const STATE_BACKEND_CLOSED_FIRST: u8 = 1 << 4;
 
 /// True when the connection is over: a RST, or a FIN from both sides. Only
 /// then does the short closing lifetime apply.
@@ -82,10 +87,11 @@ pub const REFRESH_INTERVAL_SECS: u64 = 1;
 /// so a flow that gets no replies follows a gateway failover within this
 /// time plus the kernel's neighbour timers.
 pub const L2_FRESH_SECS: u64 = 5;
-/// How long after its last packet a closed TCP flow's SNAT port (north-
-/// south, `UPLINK_SNAT`) may go to another flow: the backend may still
-/// hold the tuple in TIME_WAIT (60 s on Linux), and netfilter's NAT
-/// waits 120 s.
+/// How long after its last packet a TCP flow the backend closed first
+/// keeps its SNAT port (north-south, `UPLINK_SNAT`) from other flows:
+/// the backend holds the tuple in TIME_WAIT (60 s on Linux), and
+/// netfilter's NAT waits 120 s. A flow the client closed first, or
+/// reset, frees its port with the closing lifetime.
 pub const SNAT_PORT_REUSE_SECS: u64 = 120;
 
 /// TCP flag bits as they sit in byte 13 of the TCP header.
@@ -142,13 +148,17 @@ impl Lifetimes {
     }
 
     /// True when the SNAT port `entry` holds may go to a new flow: the
-    /// flow expired, and a closed TCP one long enough ago that the
-    /// backend has left TIME_WAIT.
+    /// flow expired, and if the backend closed it first, long enough ago
+    /// that the backend has left TIME_WAIT. (A new SYN on a tuple in
+    /// TIME_WAIT is taken only when its sequence number or timestamp is
+    /// higher; another client's behind the same port often is not.)
     #[inline(always)]
     pub fn snat_port_free(&self, entry: &impl Tracked, protocol: u8, now: u64) -> bool {
+        let state = entry.state();
         self.is_expired(entry, protocol, now)
             && (protocol != crate::IPPROTO_TCP
-                || !is_closed(entry.state())
+                || !is_closed(state)
+                || state & STATE_BACKEND_CLOSED_FIRST == 0
                 || now.saturating_sub(entry.last_seen()) > self.snat_port_reuse)
     }
 
@@ -204,6 +214,9 @@ pub const fn next_state(state: u8, protocol: u8, tcp_flags: u8, direction: Direc
     if tcp_flags & TCP_FIN != 0 {
         next |= match direction {
             Direction::Original => STATE_FIN_TX,
+            Direction::Reply if state & (STATE_FIN_TX | STATE_RST) == 0 => {
+                STATE_FIN_RX | STATE_BACKEND_CLOSED_FIRST
+            }
             Direction::Reply => STATE_FIN_RX,
         };
     }
@@ -365,25 +378,62 @@ mod l2_tests {
 mod snat_port_tests {
     use super::*;
 
+    /// The state a TCP flow ends in after `packets` (flags, direction).
+    fn through(packets: &[(u8, Direction)]) -> u8 {
+        packets.iter().fold(
+            initial_state(crate::IPPROTO_TCP, TCP_SYN),
+            |state, &(flags, dir)| next_state(state, crate::IPPROTO_TCP, flags, dir),
+        )
+    }
+
     #[test]
-    fn a_closed_tcp_flows_snat_port_waits_out_the_backends_time_wait() {
+    fn a_flow_the_backend_closed_first_keeps_its_snat_port_past_the_backends_time_wait() {
+        use Direction::{Original, Reply};
         let lifetimes = Lifetimes::default_at(100);
-        let mut entry = crate::maps::UplinkSnat {
+        let established = [(TCP_SYN | TCP_ACK, Reply), (TCP_ACK, Original)];
+        let backend_first = through(&[
+            established[0],
+            established[1],
+            (TCP_FIN | TCP_ACK, Reply),
+            (TCP_FIN | TCP_ACK, Original),
+        ]);
+        let client_first = through(&[
+            established[0],
+            established[1],
+            (TCP_FIN | TCP_ACK, Original),
+            (TCP_FIN | TCP_ACK, Reply),
+        ]);
+        let reset = through(&[established[0], (TCP_RST, Original), (TCP_FIN, Reply)]);
+        assert!(is_closed(backend_first) && is_closed(client_first) && is_closed(reset));
+        assert_ne!(backend_first & STATE_BACKEND_CLOSED_FIRST, 0);
+        assert_eq!(client_first & STATE_BACKEND_CLOSED_FIRST, 0);
+        assert_eq!(reset & STATE_BACKEND_CLOSED_FIRST, 0);
+        let at = |state: u8| crate::maps::UplinkSnat {
             last_seen: 1_000,
-            state: STATE_FIN_RX | STATE_FIN_TX | STATE_SEEN_NON_SYN,
+            state,
             ..Default::default()
         };
         let after = |secs: u64| 1_000 + secs * 100;
+        let free = |state: u8, secs: u64| {
+            lifetimes.snat_port_free(&at(state), crate::IPPROTO_TCP, after(secs))
+        };
+        for state in [backend_first, client_first, reset] {
+            assert!(!free(state, 5), "live (closing lifetime) {state:#x}");
+        }
         assert!(
-            !lifetimes.snat_port_free(&entry, crate::IPPROTO_TCP, after(5)),
-            "live"
+            !free(backend_first, 30),
+            "expired, but the backend is in TIME_WAIT"
         );
+        assert!(free(backend_first, 121));
         assert!(
-            !lifetimes.snat_port_free(&entry, crate::IPPROTO_TCP, after(30)),
-            "expired, but the backend may be in TIME_WAIT"
+            free(client_first, TCP_CLOSING_LIFETIME_SECS + 1),
+            "the backend went from LAST_ACK to CLOSED: nothing lingers"
         );
-        assert!(lifetimes.snat_port_free(&entry, crate::IPPROTO_TCP, after(121)));
-        entry.state = 0;
-        assert!(lifetimes.snat_port_free(&entry, crate::IPPROTO_UDP, after(UDP_LIFETIME_SECS + 1)));
+        assert!(free(reset, TCP_CLOSING_LIFETIME_SECS + 1));
+        assert!(
+            !free(through(&established), TCP_CLOSING_LIFETIME_SECS + 1),
+            "an established flow lives on"
+        );
+        assert!(lifetimes.snat_port_free(&at(0), crate::IPPROTO_UDP, after(UDP_LIFETIME_SECS + 1)));
     }
 }

@@ -23,7 +23,7 @@ use datapath_user::{
     model::{BackendEntry, Frontend, Protocol},
     object::{TC_EGRESS, XDP_UPLINK, verdict, xdp_verdict},
 };
-use lab::packet::{self, ACK, Frame, L4, SYN};
+use lab::packet::{self, ACK, FIN, Frame, L4, SYN};
 
 /// The node's address on the uplink, where clients from outside reach
 /// its nodePorts.
@@ -725,5 +725,93 @@ fn an_east_west_reply_from_a_backend_pod_is_not_taken_for_a_north_south_one() {
             .counter(Counter::NorthSouthReverseTranslated)
             .unwrap(),
         0
+    );
+}
+
+/// A closed TCP flow's SNAT port goes to a new flow once the flow has
+/// expired — at once when the client closed first (the backend's socket
+/// went from LAST_ACK to CLOSED), only after the backend's TIME_WAIT
+/// when the backend closed first: the FINs, sent through the program,
+/// tell which.
+#[test]
+fn a_snat_port_is_reused_soon_after_the_client_closed_and_late_after_the_backend_did() {
+    let (namespace, up0, up0_mac) = node_namespace(true);
+    let mut dp = serving(node_port(Protocol::Tcp), &[REMOTE]);
+    let client = |n: u8| (Ipv4Addr::new(192, 0, 2, n), 40000 + u16::from(n));
+    // (client, its SNAT port, the backend closed first?)
+    let mut flows = Vec::new();
+    for n in 1..=40u8 {
+        if flows.len() == usize::from(SNAT_PORTS.1) {
+            break;
+        }
+        let syn = Frame::tcp(client(n), (NODE, NODE_PORT), SYN).with_macs(ROUTER_MAC, NODE_MAC);
+        let (v, out) = uplink_in(&mut dp, &namespace, up0, &syn.build());
+        if v != xdp_verdict::TX {
+            continue;
+        }
+        let port = packet::parse(&out).unwrap().sport;
+        let backend_first = flows.len() % 2 == 0;
+        flows.push((n, port, backend_first));
+        let from_client = |flags| {
+            Frame::tcp(client(n), (NODE, NODE_PORT), flags)
+                .with_macs(ROUTER_MAC, NODE_MAC)
+                .build()
+        };
+        let from_backend = |flags| {
+            Frame::tcp((REMOTE.address, REMOTE.port), (NODE, port), flags)
+                .with_macs(REMOTE_MAC, up0_mac)
+                .build()
+        };
+        let mut close = vec![
+            from_backend(SYN | ACK),
+            from_client(ACK),
+            from_client(FIN | ACK),
+            from_backend(FIN | ACK),
+        ];
+        if backend_first {
+            close.swap(2, 3);
+        }
+        for frame in close {
+            assert_eq!(
+                uplink_in(&mut dp, &namespace, up0, &frame).0,
+                xdp_verdict::TX,
+                "flow {n}"
+            );
+        }
+    }
+    assert_eq!(flows.len(), usize::from(SNAT_PORTS.1), "every port held");
+    // Half a minute later: every flow has expired (closing lifetime),
+    // the backends that closed first are still in TIME_WAIT.
+    let later = common::jiffies_ago(std::time::Duration::from_secs(30));
+    {
+        let snat = &mut dp.maps.north_south.as_mut().unwrap().snat;
+        let keys: Vec<CtKey> = snat.keys().map(Result::unwrap).collect();
+        for key in keys {
+            let mut entry = snat.get(&key, 0).unwrap();
+            entry.last_seen = later;
+            snat.insert(key, entry, 0).unwrap();
+        }
+    }
+    let reusable: std::collections::BTreeSet<u16> =
+        flows.iter().filter(|f| !f.2).map(|f| f.1).collect();
+    let mut reused = std::collections::BTreeSet::new();
+    for n in 100..=140u8 {
+        let syn = Frame::tcp(client(n), (NODE, NODE_PORT), SYN)
+            .with_macs(ROUTER_MAC, NODE_MAC)
+            .build();
+        let (v, out) = uplink_in(&mut dp, &namespace, up0, &syn);
+        if v == xdp_verdict::TX {
+            let port = packet::parse(&out).unwrap().sport;
+            assert!(
+                reusable.contains(&port),
+                "port {port} went to a new flow while its backend, which closed first, may \
+                 be in TIME_WAIT (reusable: {reusable:?})"
+            );
+            assert!(reused.insert(port), "port {port} given twice");
+        }
+    }
+    assert!(
+        !reused.is_empty(),
+        "no port of a flow the client closed was reused"
     );
 }
