@@ -51,6 +51,13 @@ pub enum Command {
     /// subnets, veth pods routed by their nodes, node to node; the same
     /// bench as `cluster-ip --preset pod-ip`. Needs root.
     PodIp(cluster_ip::ClusterIpOpts),
+    /// North-south: a client outside the cluster to a node's nodePort,
+    /// of a pod on that node and of one on the other, through
+    /// kube-proxy's NodePort rules (iptables, nftables) and underpass's
+    /// XDP program on the node's uplink, against the same client
+    /// straight to the Pod IP; the same bench as `cluster-ip --preset
+    /// node-port`. Needs root.
+    NodePort(cluster_ip::ClusterIpOpts),
     /// Control-plane cost against the number of services: program N
     /// services × M endpoints from nothing, and apply one changed
     /// EndpointSlice, for kube-proxy iptables, nftables and underpass.
@@ -85,6 +92,10 @@ pub fn run(opts: Opts) -> anyhow::Result<()> {
         Command::ClusterIp(o) => cluster_ip::run(&o),
         Command::PodIp(o) => cluster_ip::run(&cluster_ip::ClusterIpOpts {
             preset: cluster_ip::Preset::PodIp,
+            ..o
+        }),
+        Command::NodePort(o) => cluster_ip::run(&cluster_ip::ClusterIpOpts {
+            preset: cluster_ip::Preset::NodePort,
             ..o
         }),
         Command::Scale(o) => scale::run(&o),

@@ -28,6 +28,7 @@ fn port(ns: &str, name: &str, vip: [u8; 4], endpoints: &[([u8; 4], u16)]) -> Ser
             .iter()
             .map(|(a, p)| (Ipv4Addr::from(*a).into(), *p))
             .collect(),
+        node_port: None,
     }
 }
 
@@ -44,6 +45,7 @@ fn port6(ns: &str, name: &str, vip: &str, endpoints: &[(&str, u16)]) -> ServiceP
             .iter()
             .map(|(a, p)| (IpAddr::V6(a.parse().unwrap()), *p))
             .collect(),
+        node_port: None,
     }
 }
 
@@ -144,6 +146,106 @@ fn large_clusters_drop_per_endpoint_comments() {
             && last.contains(" -j KUBE-SEP-")
             && !last.contains("statistic")
     );
+}
+
+/// `TestOverallIPTablesRules`' ns1/svc1 (NodePort 3001,
+/// `externalTrafficPolicy: Cluster`), its nat lines verbatim.
+#[test]
+fn iptables_node_port_rules_match_the_upstream_example() {
+    let svc1 = ServicePort {
+        node_port: Some(3001),
+        ..port("ns1", "svc1", [172, 30, 0, 41], &[([10, 180, 0, 1], 80)])
+    };
+    let payload = iptables_restore(&[svc1], &Options::default());
+    let nat = payload.split("*nat\n").nth(1).unwrap();
+    for line in [
+        ":KUBE-EXT-XPGD46QRK7WJZT7O - [0:0]",
+        "-A KUBE-NODEPORTS -m comment --comment ns1/svc1:p80 -m tcp -p tcp --dport 3001 -j KUBE-EXT-XPGD46QRK7WJZT7O",
+        r#"-A KUBE-EXT-XPGD46QRK7WJZT7O -m comment --comment "masquerade traffic for ns1/svc1:p80 external destinations" -j KUBE-MARK-MASQ"#,
+        "-A KUBE-EXT-XPGD46QRK7WJZT7O -j KUBE-SVC-XPGD46QRK7WJZT7O",
+    ] {
+        assert!(
+            nat.lines().any(|l| l == line),
+            "missing:\n{line}\nin:\n{payload}"
+        );
+    }
+    // The masquerade mark first, then the service chain.
+    let ext: Vec<&str> = nat
+        .lines()
+        .filter(|l| l.starts_with("-A KUBE-EXT-"))
+        .collect();
+    assert!(ext[0].ends_with("KUBE-MARK-MASQ") && ext[1].ends_with("KUBE-SVC-XPGD46QRK7WJZT7O"));
+    // With endpoints and policy Cluster, nothing in the filter table.
+    let filter = payload.split("*nat\n").next().unwrap();
+    assert!(!filter.contains("3001"), "{filter}");
+    // Without endpoints: rejected in filter, where external traffic is.
+    let none = ServicePort {
+        node_port: Some(3006),
+        ..port("ns6", "svc6", [172, 30, 0, 46], &[])
+    };
+    let payload = iptables_restore(&[none], &Options::default());
+    assert!(
+        payload.lines().any(|l| l
+            == r#"-A KUBE-EXTERNAL-SERVICES -m comment --comment "ns6/svc6:p80 has no endpoints" -m addrtype --dst-type LOCAL -m tcp -p tcp --dport 3006 -j REJECT"#),
+        "{payload}"
+    );
+}
+
+/// `TestOverallNFTablesRules`' ns3/svc3 (NodePort 3003, policy
+/// Cluster), verbatim.
+#[test]
+fn nft_node_port_rules_match_the_upstream_example() {
+    let svc3 = ServicePort {
+        node_port: Some(3003),
+        ..port("ns3", "svc3", [172, 30, 0, 43], &[([10, 180, 0, 3], 80)])
+    };
+    let script = nft_ruleset(&[svc3], &Options::default());
+    for line in [
+        "add chain ip kube-proxy external-4AT6LBPK-ns3/svc3/tcp/p80",
+        "add rule ip kube-proxy external-4AT6LBPK-ns3/svc3/tcp/p80 jump mark-for-masquerade",
+        "add rule ip kube-proxy external-4AT6LBPK-ns3/svc3/tcp/p80 goto service-4AT6LBPK-ns3/svc3/tcp/p80",
+        "add element ip kube-proxy service-nodeports { tcp . 3003 : goto external-4AT6LBPK-ns3/svc3/tcp/p80 }",
+    ] {
+        assert!(
+            script.lines().any(|l| l == line),
+            "missing:\n{line}\nin:\n{script}"
+        );
+    }
+    let none = ServicePort {
+        node_port: Some(3006),
+        ..port("ns6", "svc6", [172, 30, 0, 46], &[])
+    };
+    let script = nft_ruleset(&[none], &Options::default());
+    assert!(
+        script.lines().any(|l| l
+            == r#"add element ip kube-proxy no-endpoint-nodeports { tcp . 3006 comment "ns6/svc6:p80" : goto reject-chain }"#),
+        "{script}"
+    );
+}
+
+/// A NodePort service's nodePort reaches kube-proxy's view of its
+/// ports; under `externalTrafficPolicy: Local` (not generated) it does
+/// not.
+#[test]
+fn node_ports_come_from_the_service_and_local_ones_are_left_out() {
+    let (mut service, slice) = bench::cluster::service_objects(
+        "web",
+        Ipv4Addr::new(10, 96, 0, 20),
+        &[(80, 8080)],
+        &[Ipv4Addr::new(10, 77, 0, 3)],
+    );
+    let spec = service.spec.as_mut().unwrap();
+    spec.type_ = Some("NodePort".into());
+    spec.ports.as_mut().unwrap()[0].node_port = Some(30080);
+    let ports = service_ports(&[service.clone()], &[slice.clone()]);
+    assert_eq!(
+        ports.len(),
+        1,
+        "the ClusterIP only, not one per node address"
+    );
+    assert_eq!(ports[0].node_port, Some(30080));
+    service.spec.as_mut().unwrap().external_traffic_policy = Some("Local".into());
+    assert_eq!(service_ports(&[service], &[slice])[0].node_port, None);
 }
 
 #[test]
@@ -335,7 +437,10 @@ fn check_in_namespace(command: &str, args: &[&str], input: &str) -> Result<(), S
 
 fn sample() -> Vec<ServicePort> {
     vec![
-        port("ns1", "svc1", [172, 30, 0, 41], &[([10, 180, 0, 1], 80)]),
+        ServicePort {
+            node_port: Some(3001),
+            ..port("ns1", "svc1", [172, 30, 0, 41], &[([10, 180, 0, 1], 80)])
+        },
         port(
             "ns4",
             "svc4",
@@ -346,7 +451,10 @@ fn sample() -> Vec<ServicePort> {
                 ([10, 180, 0, 6], 8080),
             ],
         ),
-        port("ns6", "svc6", [172, 30, 0, 46], &[]),
+        ServicePort {
+            node_port: Some(3006),
+            ..port("ns6", "svc6", [172, 30, 0, 46], &[])
+        },
     ]
 }
 

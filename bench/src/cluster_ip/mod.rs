@@ -18,8 +18,10 @@
 //! `bench worker` process (`crate::workload`), statistics in
 //! `crate::stats`.
 
+mod bed;
 mod live;
 mod modes;
+mod node_port_testbed;
 mod report;
 mod testbed;
 
@@ -28,12 +30,12 @@ use std::{collections::BTreeMap, path::PathBuf, time::Instant};
 use anyhow::{Context, Result, ensure};
 use clap::Parser;
 
+use self::{bed::Bed, modes::parse_mode};
 pub use self::{
     live::LiveRow,
     modes::{Mode, ModeArg, Preset},
     report::{Ratio, Results, RoundOrder, Row, WorkloadSetup},
 };
-use self::{modes::parse_mode, testbed::Testbed};
 use crate::{
     family::IpFamily,
     machine::Machine,
@@ -51,7 +53,11 @@ pub struct ClusterIpOpts {
     /// Modes to measure (comma-separated), or `all` (the preset's, the
     /// default): kube-proxy, kube-proxy-nft, ebpf, socket-lb,
     /// veth-kube-proxy, veth-ebpf, pod-ip-bare (the limit, always
-    /// measured), aa-control, pod-ip, pod-ip-routed, veth-routed, node.
+    /// measured), aa-control, pod-ip, pod-ip-routed, veth-routed, node;
+    /// under `--preset node-port`: node-port-kube-proxy,
+    /// node-port-kube-proxy-nft, node-port-xdp (the pod on node1) and
+    /// node-port-remote-kube-proxy, node-port-remote-kube-proxy-nft,
+    /// node-port-remote-xdp (the pod on node2).
     #[arg(long, value_delimiter = ',', value_parser = parse_mode)]
     pub mode: Vec<ModeArg>,
     /// Workloads (comma-separated); default: all.
@@ -94,6 +100,25 @@ pub fn run(opts: &ClusterIpOpts) -> Result<()> {
     crate::require_root("the ClusterIP bench (namespaces, eBPF, iptables)")?;
     opts.output.prepare()?;
     let modes = ModeArg::expand(&opts.mode, opts.preset);
+    let preset_modes = opts.preset.modes();
+    if let Some(mode) = modes.iter().find(|m| !preset_modes.contains(m)) {
+        anyhow::bail!(
+            "--mode {}: not a mode of --preset {} (its modes: {})",
+            mode_arg(*mode),
+            opts.preset.name(),
+            preset_modes
+                .iter()
+                .map(|m| mode_arg(*m))
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+    }
+    if opts.preset == Preset::NodePort && opts.family == IpFamily::V6 {
+        anyhow::bail!(
+            "--preset node-port --family 6: underpass serves nodePorts from outside over IPv4 \
+             only so far (its XDP program has no IPv6 path yet)"
+        );
+    }
     let kinds = workloads_of(opts)?;
     let rounds = opts.repetition.rounds();
     let workloads: Vec<WorkloadSetup> = kinds
@@ -117,7 +142,13 @@ pub fn run(opts: &ClusterIpOpts) -> Result<()> {
         );
     }
     eprintln!("building the two-node topology…");
-    let mut testbed = Testbed::build(&modes, &kinds, opts.underpass.as_deref(), opts.family)?;
+    let mut testbed = Bed::build(
+        opts.preset,
+        &modes,
+        &kinds,
+        opts.underpass.as_deref(),
+        opts.family,
+    )?;
     let offloads = testbed.offloads()?;
     let mut measured: BTreeMap<(Kind, Mode), Vec<Measurement>> = BTreeMap::new();
     let mut orders = Vec::new();
@@ -273,6 +304,13 @@ fn replot(dir: &std::path::Path, preset: Preset, family: IpFamily) -> Result<()>
     results.write_charts(&kinds, &modes, dir)?;
     eprintln!("redrew the charts in {}", dir.display());
     Ok(())
+}
+
+/// `mode` as `--mode` spells it.
+fn mode_arg(mode: Mode) -> String {
+    use clap::ValueEnum;
+    mode.to_possible_value()
+        .map_or_else(|| format!("{mode:?}"), |v| v.get_name().to_owned())
 }
 
 /// "  ~12 min left" from the pace so far.

@@ -47,10 +47,27 @@ pub enum Mode {
     VethRouted,
     /// Node namespace to node namespace.
     Node,
+    /// From outside the cluster to node1's nodePort, kube-proxy's
+    /// iptables rules: DNAT to the pod on node1, MASQUERADE, through
+    /// the pod's coordinator veth (`--preset node-port`).
+    NodePortKubeProxy,
+    /// The same with kube-proxy's nftables rules.
+    NodePortKubeProxyNft,
+    /// From outside to node1's nodePort, underpass's XDP program on
+    /// node1's uplink: DNAT and the pod's MAC, the client's address kept.
+    NodePortXdp,
+    /// From outside to node1's nodePort of a service whose pod is on
+    /// node2: kube-proxy's iptables rules on node1 (DNAT, MASQUERADE,
+    /// forwarded back out of the wire).
+    NodePortRemoteKubeProxy,
+    /// The same with kube-proxy's nftables rules.
+    NodePortRemoteKubeProxyNft,
+    /// The same through underpass's XDP program: SNAT to node1, `XDP_TX`.
+    NodePortRemoteXdp,
 }
 
 impl Mode {
-    pub const ALL: [Mode; 12] = [
+    pub const ALL: [Mode; 18] = [
         Mode::KubeProxy,
         Mode::KubeProxyNft,
         Mode::Ebpf,
@@ -63,6 +80,12 @@ impl Mode {
         Mode::PodIpRouted,
         Mode::VethRouted,
         Mode::Node,
+        Mode::NodePortKubeProxy,
+        Mode::NodePortKubeProxyNft,
+        Mode::NodePortXdp,
+        Mode::NodePortRemoteKubeProxy,
+        Mode::NodePortRemoteKubeProxyNft,
+        Mode::NodePortRemoteXdp,
     ];
 
     pub fn label(self) -> &'static str {
@@ -79,6 +102,12 @@ impl Mode {
             Mode::PodIpRouted => "macvlan across subnets, Pod IP",
             Mode::VethRouted => "veth routed by the nodes, Pod IP",
             Mode::Node => "node to node",
+            Mode::NodePortKubeProxy => "nodePort, pod here: kube-proxy (iptables)",
+            Mode::NodePortKubeProxyNft => "nodePort, pod here: kube-proxy (nftables)",
+            Mode::NodePortXdp => "nodePort, pod here: underpass XDP",
+            Mode::NodePortRemoteKubeProxy => "nodePort, pod elsewhere: kube-proxy (iptables)",
+            Mode::NodePortRemoteKubeProxyNft => "nodePort, pod elsewhere: kube-proxy (nftables)",
+            Mode::NodePortRemoteXdp => "nodePort, pod elsewhere: underpass XDP",
         }
     }
 
@@ -97,6 +126,8 @@ impl Mode {
             Mode::PodIpRouted => seed::pod_ip(PodIpRow::MacvlanRouted, kind),
             Mode::VethRouted => seed::pod_ip(PodIpRow::VethRouted, kind),
             Mode::Node => seed::pod_ip(PodIpRow::Node, kind),
+            // The seeds measured no nodePort.
+            _ => None,
         }
     }
 
@@ -104,8 +135,13 @@ impl Mode {
     pub fn kube_proxy(self) -> Option<crate::cluster::KubeProxy> {
         use crate::cluster::KubeProxy;
         match self {
-            Mode::KubeProxy | Mode::VethKubeProxy => Some(KubeProxy::Iptables),
-            Mode::KubeProxyNft => Some(KubeProxy::Nftables),
+            Mode::KubeProxy
+            | Mode::VethKubeProxy
+            | Mode::NodePortKubeProxy
+            | Mode::NodePortRemoteKubeProxy => Some(KubeProxy::Iptables),
+            Mode::KubeProxyNft | Mode::NodePortKubeProxyNft | Mode::NodePortRemoteKubeProxyNft => {
+                Some(KubeProxy::Nftables)
+            }
             _ => None,
         }
     }
@@ -132,6 +168,24 @@ impl Mode {
         )
     }
 
+    /// Reaches its server through a nodePort from outside the cluster.
+    pub fn node_port(self) -> bool {
+        matches!(
+            self,
+            Mode::NodePortKubeProxy
+                | Mode::NodePortKubeProxyNft
+                | Mode::NodePortXdp
+                | Mode::NodePortRemoteKubeProxy
+                | Mode::NodePortRemoteKubeProxyNft
+                | Mode::NodePortRemoteXdp
+        )
+    }
+
+    /// Needs underpass's XDP program on node1's uplink.
+    pub fn xdp(self) -> bool {
+        matches!(self, Mode::NodePortXdp | Mode::NodePortRemoteXdp)
+    }
+
     /// The row every ratio is taken against.
     pub const LIMIT: Mode = Mode::PodIpBare;
 }
@@ -144,16 +198,25 @@ pub enum Preset {
     /// The Pod IP table: macvlan on one subnet and across subnets, veth
     /// pods routed by their nodes, node to node; no service.
     PodIp,
+    /// North-south: a client outside the cluster to node1's nodePort, of
+    /// a pod on node1 and of one on node2, through kube-proxy (iptables,
+    /// nftables) and underpass's XDP program; the limit is the same
+    /// client straight to the pod on node1 (IPv4).
+    NodePort,
 }
 
 impl Preset {
     /// The modes measured when `--mode` names none.
     pub fn modes(self) -> Vec<Mode> {
         match self {
-            Preset::ClusterIp => Mode::ALL.to_vec(),
+            Preset::ClusterIp => Mode::ALL.into_iter().filter(|m| !m.node_port()).collect(),
             Preset::PodIp => Mode::ALL
                 .into_iter()
-                .filter(|m| !m.through_service())
+                .filter(|m| !m.through_service() && !m.node_port())
+                .collect(),
+            Preset::NodePort => [Mode::PodIpBare, Mode::AaControl]
+                .into_iter()
+                .chain(Mode::ALL.into_iter().filter(|m| m.node_port()))
                 .collect(),
         }
     }
@@ -168,6 +231,11 @@ impl Preset {
                 (Mode::KubeProxyNft, Mode::KubeProxy),
             ],
             Preset::PodIp => &[(Mode::PodIpBare, Mode::Node)],
+            Preset::NodePort => &[
+                (Mode::NodePortXdp, Mode::NodePortKubeProxy),
+                (Mode::NodePortRemoteXdp, Mode::NodePortRemoteKubeProxy),
+                (Mode::NodePortKubeProxyNft, Mode::NodePortKubeProxy),
+            ],
         }
     }
 
@@ -176,6 +244,7 @@ impl Preset {
         match self {
             Preset::ClusterIp => "cluster-ip",
             Preset::PodIp => "pod-ip",
+            Preset::NodePort => "node-port",
         }
     }
 }
@@ -220,7 +289,23 @@ mod tests {
 
     #[test]
     fn all_or_nothing_means_the_presets_modes_and_a_list_keeps_its_order() {
-        assert_eq!(ModeArg::expand(&[], Preset::ClusterIp), Mode::ALL.to_vec());
+        assert_eq!(
+            ModeArg::expand(&[], Preset::ClusterIp),
+            Mode::ALL[..12].to_vec()
+        );
+        assert_eq!(
+            ModeArg::expand(&[], Preset::NodePort),
+            [
+                Mode::PodIpBare,
+                Mode::AaControl,
+                Mode::NodePortKubeProxy,
+                Mode::NodePortKubeProxyNft,
+                Mode::NodePortXdp,
+                Mode::NodePortRemoteKubeProxy,
+                Mode::NodePortRemoteKubeProxyNft,
+                Mode::NodePortRemoteXdp
+            ]
+        );
         assert_eq!(ModeArg::expand(&[], Preset::PodIp), Preset::PodIp.modes());
         assert_eq!(
             Preset::PodIp.modes(),
@@ -236,7 +321,7 @@ mod tests {
         assert_eq!(parse_mode("all"), Ok(ModeArg::All));
         assert_eq!(
             ModeArg::expand(&[ModeArg::One(Mode::Ebpf), ModeArg::All], Preset::ClusterIp),
-            Mode::ALL.to_vec()
+            Preset::ClusterIp.modes()
         );
         let picked = ["socket-lb", "kube-proxy", "socket-lb"].map(|v| parse_mode(v).unwrap());
         assert_eq!(

@@ -233,6 +233,8 @@ impl Testbed {
             Mode::PodIpRouted => (pod("client"), address("server-c")),
             Mode::VethRouted => (pod("vclient"), address("vserver")),
             Mode::Node => (self.topo.nodes[0].path(), node_address(1, self.family)),
+            // `run` refuses a mode its preset does not have.
+            other => unreachable!("{other:?} runs on the node-port testbed"),
         };
         let cgroup = match mode {
             Mode::SocketLb => self.cgroup.path(),

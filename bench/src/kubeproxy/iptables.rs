@@ -105,6 +105,13 @@ pub fn iptables_restore_partial(
                 "-A KUBE-SERVICES -m comment --comment {} -m {proto} -p {proto} -d {vip} --dport {dport} -j REJECT",
                 comment(&format!("{spn} has no endpoints"))
             );
+            if let Some(node_port) = port.node_port {
+                let _ = writeln!(
+                    filter_rules,
+                    "-A KUBE-EXTERNAL-SERVICES -m comment --comment {} -m addrtype --dst-type LOCAL -m {proto} -p {proto} --dport {node_port} -j REJECT",
+                    comment(&format!("{spn} has no endpoints"))
+                );
+            }
             continue;
         }
         let svc = port.svc_chain();
@@ -113,8 +120,32 @@ pub fn iptables_restore_partial(
             nat_rules,
             "-A KUBE-SERVICES -m comment --comment {cluster_ip} -m {proto} -p {proto} -d {vip} --dport {dport} -j {svc}"
         );
+        // KUBE-NODEPORTS, like KUBE-SERVICES, is written whole on every
+        // sync; the service's own chains only when it is rewritten.
+        if let Some(node_port) = port.node_port {
+            let _ = writeln!(
+                nat_rules,
+                "-A KUBE-NODEPORTS -m comment --comment {} -m {proto} -p {proto} --dport {node_port} -j {}",
+                comment(&spn),
+                port.ext_chain()
+            );
+        }
         if !rewrite(port) {
             continue;
+        }
+        if port.node_port.is_some() {
+            // `externalTrafficPolicy: Cluster`: every external client
+            // is masqueraded, as it may be sent to another node.
+            let ext = port.ext_chain();
+            let _ = writeln!(nat_chains, ":{ext} - [0:0]");
+            let _ = writeln!(
+                nat_rules,
+                "-A {ext} -m comment --comment {} -j KUBE-MARK-MASQ",
+                comment(&format!(
+                    "masquerade traffic for {spn} external destinations"
+                ))
+            );
+            let _ = writeln!(nat_rules, "-A {ext} -j {svc}");
         }
         let _ = writeln!(nat_chains, ":{svc} - [0:0]");
         if let Some(cidr) = &options.cluster_cidr {

@@ -167,6 +167,13 @@ pub fn nft_ruleset(ports: &[ServicePort], options: &Options) -> String {
                 "add element {table} no-endpoint-services {{ {vip} . {proto} . {dport} comment \"{}\" : goto reject-chain }}",
                 port.service_port_name()
             );
+            if let Some(node_port) = port.node_port {
+                let _ = writeln!(
+                    elements,
+                    "add element {table} no-endpoint-nodeports {{ {proto} . {node_port} comment \"{}\" : goto reject-chain }}",
+                    port.service_port_name()
+                );
+            }
             continue;
         }
         let service = format!("service-{}", nft_chain_suffix(&port.nft_base()));
@@ -211,6 +218,18 @@ pub fn nft_ruleset(ports: &[ServicePort], options: &Options) -> String {
             elements,
             "add element {table} service-ips {{ {vip} . {proto} . {dport} : goto {service} }}"
         );
+        if let Some(node_port) = port.node_port {
+            // `externalTrafficPolicy: Cluster`: every external client
+            // is masqueraded, as it may be sent to another node.
+            let external = format!("external-{}", nft_chain_suffix(&port.nft_base()));
+            let _ = writeln!(chains, "add chain {table} {external}");
+            rule(format!("{external} jump mark-for-masquerade"));
+            rule(format!("{external} goto {service}"));
+            let _ = writeln!(
+                elements,
+                "add element {table} service-nodeports {{ {proto} . {node_port} : goto {external} }}"
+            );
+        }
     }
     format!("{head}{chains}{rules}{elements}")
 }

@@ -7,7 +7,7 @@ use crate::family::IpFamily;
 
 use data_encoding::BASE32;
 use datapath_user::{
-    k8s::{DesiredFrontend, Ipv6Serving, NodeContext, ObjectKey, translate},
+    k8s::{DesiredFrontend, Ipv6Serving, NodeContext, ObjectKey, translate, translate::Claim},
     model::Protocol,
 };
 use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
@@ -26,6 +26,10 @@ pub struct ServicePort {
     /// Sorted as kube-proxy sorts them: by the "IP:port" string
     /// ([`endpoint_string`]). Of the ClusterIP's family.
     pub endpoints: Vec<(IpAddr, u16)>,
+    /// The port's nodePort, under `externalTrafficPolicy: Cluster` (the
+    /// generator writes no `Local` nodePorts: `service_ports` leaves
+    /// them out).
+    pub node_port: Option<u16>,
 }
 
 /// An endpoint as kube-proxy writes it (`BaseEndpointInfo.String()`,
@@ -56,6 +60,15 @@ impl ServicePort {
     pub fn svc_chain(&self) -> String {
         format!(
             "KUBE-SVC-{}",
+            port_proto_hash(&self.service_port_name(), self.proto())
+        )
+    }
+
+    /// `KUBE-EXT-…`: where nodePort (and load-balancer, external IP)
+    /// traffic goes.
+    pub fn ext_chain(&self) -> String {
+        format!(
+            "KUBE-EXT-{}",
             port_proto_hash(&self.service_port_name(), self.proto())
         )
     }
@@ -157,16 +170,41 @@ pub fn service_ports(services: &[Service], slices: &[EndpointSlice]) -> Vec<Serv
         ..NodeContext::default()
     };
     let translation = translate(services, slices, &both);
+    let node_port = |owner: &ObjectKey, port_name: &str, protocol: Protocol| {
+        let spec = services
+            .iter()
+            .find(|s| {
+                s.metadata.namespace.as_deref() == Some(owner.namespace())
+                    && s.metadata.name.as_deref() == Some(owner.name())
+            })?
+            .spec
+            .as_ref()?;
+        if spec.external_traffic_policy.as_deref() == Some("Local") {
+            return None;
+        }
+        let port = spec.ports.iter().flatten().find(|p| {
+            p.name.as_deref().unwrap_or_default() == port_name
+                && p.protocol.as_deref().unwrap_or("TCP") == protocol.to_string()
+        })?;
+        u16::try_from(port.node_port?).ok().filter(|&p| p != 0)
+    };
     let mut out: Vec<ServicePort> = translation
         .frontends
         .values()
+        .filter(|(_, desired)| desired.claim == Claim::ClusterIp)
         .map(|(owner, desired)| service_port(owner, desired))
         .chain(
             translation
                 .frontends6
                 .values()
+                .filter(|(_, desired)| desired.claim == Claim::ClusterIp)
                 .map(|(owner, desired)| service_port(owner, desired)),
         )
+        .map(|mut port| {
+            let owner = ObjectKey::new(&port.namespace, &port.name);
+            port.node_port = node_port(&owner, &port.port_name, port.protocol);
+            port
+        })
         .collect();
     out.sort_by(|a, b| {
         (a.service_port_name(), a.proto(), a.family() == IpFamily::V6).cmp(&(
@@ -197,5 +235,6 @@ where
         cluster_ip: desired.frontend.address.into(),
         port: desired.frontend.port,
         endpoints,
+        node_port: None,
     }
 }

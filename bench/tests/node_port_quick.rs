@@ -1,0 +1,52 @@
+//! `bench node-port --quick` (the `node-port` preset of `cluster-ip`):
+//! every north-south row and workload end to end — kube-proxy's NodePort
+//! rules in both flavours and the agent's XDP program on node1's uplink,
+//! to a pod on node1 and to one on node2 — asserting nothing about speed.
+
+use std::process::Command;
+
+#[test]
+fn every_row_runs() {
+    bench::require_root("bench node-port").unwrap();
+    let json = std::env::temp_dir().join(format!("node-port-quick-{}.json", std::process::id()));
+    let output = Command::new(env!("CARGO_BIN_EXE_bench"))
+        .args(["node-port", "--quick", "--json"])
+        .arg(&json)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let rows = [
+        "macvlan, Pod IP, no programs (the limit)",
+        "the limit again (A/A control)",
+        "nodePort, pod here: kube-proxy (iptables)",
+        "nodePort, pod here: kube-proxy (nftables)",
+        "nodePort, pod here: underpass XDP",
+        "nodePort, pod elsewhere: kube-proxy (iptables)",
+        "nodePort, pod elsewhere: kube-proxy (nftables)",
+        "nodePort, pod elsewhere: underpass XDP",
+    ];
+    for row in rows {
+        assert_eq!(
+            stdout.matches(&format!("\n| {row} |")).count(),
+            9,
+            "{row} in every workload's table:\n{stdout}"
+        );
+    }
+    let results: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap();
+    let _ = std::fs::remove_file(&json);
+    let measured = results["rows"].as_array().unwrap();
+    assert_eq!(measured.len(), 9 * rows.len(), "9 workloads × 8 rows");
+    assert!(
+        measured
+            .iter()
+            .flat_map(|r| r["runs"].as_array().unwrap())
+            .all(|m| m["per_second"].as_f64().is_some_and(|v| v > 0.0)),
+        "every row measured something:\n{stdout}"
+    );
+}
