@@ -35,7 +35,7 @@ pub fn pod_ip(row: PodIpRow, kind: Kind) -> Option<f64> {
         Kind::Iperf4 => [Some(9.38), Some(9.38), Some(8.05), Some(9.42)],
         Kind::RedisGet => [Some(66357.00), Some(67444.45), Some(45682.96), None],
         Kind::RedisSet => [Some(66800.27), Some(67783.67), Some(46992.48), None],
-        Kind::Crr => [None; 4],
+        Kind::Crr | Kind::PacketRate => [None; 4],
     };
     table[column]
 }
@@ -80,7 +80,7 @@ pub fn cluster_ip(row: ClusterIpRow, kind: Kind) -> Option<f64> {
             Some(46728.97),
             Some(58927.52),
         ],
-        Kind::Crr => [None; 4],
+        Kind::Crr | Kind::PacketRate => [None; 4],
     };
     table[column]
 }

@@ -1,7 +1,8 @@
 //! `bench node-port --quick` (the `node-port` preset of `cluster-ip`):
 //! every north-south row and workload end to end — kube-proxy's NodePort
 //! rules in both flavours and the agent's XDP program on node1's uplink,
-//! to a pod on node1 and to one on node2 — asserting nothing about speed.
+//! to a pod on node1 and to one on node2 — and the packet rate with its
+//! `XDP_DROP` ceiling, asserting nothing about speed.
 
 use std::process::Command;
 
@@ -33,15 +34,25 @@ fn every_row_runs() {
     for row in rows {
         assert_eq!(
             stdout.matches(&format!("\n| {row} |")).count(),
-            9,
-            "{row} in every workload's table:\n{stdout}"
+            10,
+            "{row} in every workload's table (the packet rate's too):\n{stdout}"
         );
     }
+    let ceiling = "XDP_DROP on node1's uplink (the ceiling)";
+    assert_eq!(
+        stdout.matches(&format!("\n| {ceiling} |")).count(),
+        1,
+        "the ceiling in the packet rate's table only:\n{stdout}"
+    );
     let results: serde_json::Value =
         serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap();
     let _ = std::fs::remove_file(&json);
     let measured = results["rows"].as_array().unwrap();
-    assert_eq!(measured.len(), 9 * rows.len(), "9 workloads × 8 rows");
+    assert_eq!(
+        measured.len(),
+        10 * rows.len() + 1,
+        "10 workloads × 8 rows, and the ceiling"
+    );
     assert!(
         measured
             .iter()

@@ -60,7 +60,8 @@ pub struct ClusterIpOpts {
     /// node-port-remote-xdp (the pod on node2).
     #[arg(long, value_delimiter = ',', value_parser = parse_mode)]
     pub mode: Vec<ModeArg>,
-    /// Workloads (comma-separated); default: all.
+    /// Workloads (comma-separated); default: all (packet-rate: `bench
+    /// node-port` only).
     #[arg(long, value_enum, value_delimiter = ',')]
     pub workload: Vec<Kind>,
     /// Address family of every row: 4, or 6 — IPv6 Services and
@@ -120,6 +121,12 @@ pub fn run(opts: &ClusterIpOpts) -> Result<()> {
         );
     }
     let kinds = workloads_of(opts)?;
+    if let Some(mode) = modes.iter().find(|m| !kinds.iter().any(|&k| m.measures(k))) {
+        anyhow::bail!(
+            "--mode {} measures --workload packet-rate only, which this run leaves out",
+            mode_arg(*mode)
+        );
+    }
     let rounds = opts.repetition.rounds();
     let workloads: Vec<WorkloadSetup> = kinds
         .iter()
@@ -153,7 +160,11 @@ pub fn run(opts: &ClusterIpOpts) -> Result<()> {
     let mut measured: BTreeMap<(Kind, Mode), Vec<Measurement>> = BTreeMap::new();
     let mut orders = Vec::new();
     let mut live = Vec::new();
-    let total = rounds * kinds.len() * modes.len();
+    let total = rounds
+        * kinds
+            .iter()
+            .map(|&k| modes.iter().filter(|m| m.measures(k)).count())
+            .sum::<usize>();
     let started = Instant::now();
     let mut done = 0;
     for round in 0..rounds {
@@ -161,7 +172,8 @@ pub fn run(opts: &ClusterIpOpts) -> Result<()> {
             let kind = setup.workload;
             // Every mode once per round, in a fresh order: drift on the
             // machine and what one mode leaves behind hit all of them.
-            let order = shuffler.shuffled(&modes);
+            let runnable: Vec<Mode> = modes.iter().copied().filter(|m| m.measures(kind)).collect();
+            let order = shuffler.shuffled(&runnable);
             for &mode in &order {
                 eprint!(
                     "\r[{}/{total}] round {} {kind:?} {:<42}{}",
@@ -172,8 +184,14 @@ pub fn run(opts: &ClusterIpOpts) -> Result<()> {
                 );
                 testbed.prepare(mode)?;
                 let client = testbed.endpoint(mode, kind);
-                let measurement = run_worker(client.place, kind, client.target, &setup.parameters)
-                    .with_context(|| format!("{kind:?} over {}", mode.label()))?;
+                let measurement = run_worker(
+                    client.place,
+                    kind,
+                    client.target,
+                    &setup.parameters,
+                    client.arrivals.as_ref(),
+                )
+                .with_context(|| format!("{kind:?} over {}", mode.label()))?;
                 ensure!(
                     measurement.transactions > 0,
                     "{kind:?} over {}: no transaction completed",
@@ -242,10 +260,19 @@ pub fn run(opts: &ClusterIpOpts) -> Result<()> {
 /// error when asked for by name).
 fn workloads_of(opts: &ClusterIpOpts) -> Result<Vec<Kind>> {
     let ipv6 = opts.family == IpFamily::V6;
+    let north_south = opts.preset == Preset::NodePort;
+    if !north_south && let Some(kind) = opts.workload.iter().find(|k| k.north_south_only()) {
+        anyhow::bail!(
+            "--workload {} runs in `bench node-port` only: its testbed has the UDP sinks and \
+             the counters it is judged by",
+            kind.arg()
+        );
+    }
     if opts.workload.is_empty() {
-        let (kept, left): (Vec<Kind>, Vec<Kind>) = Kind::ALL
+        let every = Kind::ALL
             .into_iter()
-            .partition(|k| !(ipv6 && k.ipv4_only()));
+            .chain(north_south.then_some(Kind::PacketRate));
+        let (kept, left): (Vec<Kind>, Vec<Kind>) = every.partition(|k| !(ipv6 && k.ipv4_only()));
         for kind in left {
             eprintln!(
                 "note: --family 6 leaves out --workload {}: its Debian tool takes IPv4 \

@@ -64,10 +64,14 @@ pub enum Mode {
     NodePortRemoteKubeProxyNft,
     /// The same through underpass's XDP program: SNAT to node1, `XDP_TX`.
     NodePortRemoteXdp,
+    /// The packet rate's ceiling: an `XDP_DROP` program on node1's
+    /// uplink, the same sender (no agent, no rules: the least a packet
+    /// can cost node1 on this device).
+    XdpDropCeiling,
 }
 
 impl Mode {
-    pub const ALL: [Mode; 18] = [
+    pub const ALL: [Mode; 19] = [
         Mode::KubeProxy,
         Mode::KubeProxyNft,
         Mode::Ebpf,
@@ -86,6 +90,7 @@ impl Mode {
         Mode::NodePortRemoteKubeProxy,
         Mode::NodePortRemoteKubeProxyNft,
         Mode::NodePortRemoteXdp,
+        Mode::XdpDropCeiling,
     ];
 
     pub fn label(self) -> &'static str {
@@ -108,6 +113,7 @@ impl Mode {
             Mode::NodePortRemoteKubeProxy => "nodePort, pod elsewhere: kube-proxy (iptables)",
             Mode::NodePortRemoteKubeProxyNft => "nodePort, pod elsewhere: kube-proxy (nftables)",
             Mode::NodePortRemoteXdp => "nodePort, pod elsewhere: underpass XDP",
+            Mode::XdpDropCeiling => "XDP_DROP on node1's uplink (the ceiling)",
         }
     }
 
@@ -186,6 +192,17 @@ impl Mode {
         matches!(self, Mode::NodePortXdp | Mode::NodePortRemoteXdp)
     }
 
+    /// A row of the north-south testbed only (`--preset node-port`).
+    pub fn north_south(self) -> bool {
+        self.node_port() || self == Mode::XdpDropCeiling
+    }
+
+    /// Whether this row measures `kind`: the ceiling drops every packet,
+    /// so it measures the packet rate alone.
+    pub fn measures(self, kind: Kind) -> bool {
+        self != Mode::XdpDropCeiling || kind == Kind::PacketRate
+    }
+
     /// The row every ratio is taken against.
     pub const LIMIT: Mode = Mode::PodIpBare;
 }
@@ -209,14 +226,15 @@ impl Preset {
     /// The modes measured when `--mode` names none.
     pub fn modes(self) -> Vec<Mode> {
         match self {
-            Preset::ClusterIp => Mode::ALL.into_iter().filter(|m| !m.node_port()).collect(),
+            Preset::ClusterIp => Mode::ALL.into_iter().filter(|m| !m.north_south()).collect(),
             Preset::PodIp => Mode::ALL
                 .into_iter()
-                .filter(|m| !m.through_service() && !m.node_port())
+                .filter(|m| !m.through_service() && !m.north_south())
                 .collect(),
             Preset::NodePort => [Mode::PodIpBare, Mode::AaControl]
                 .into_iter()
                 .chain(Mode::ALL.into_iter().filter(|m| m.node_port()))
+                .chain([Mode::XdpDropCeiling])
                 .collect(),
         }
     }
@@ -235,6 +253,8 @@ impl Preset {
                 (Mode::NodePortXdp, Mode::NodePortKubeProxy),
                 (Mode::NodePortRemoteXdp, Mode::NodePortRemoteKubeProxy),
                 (Mode::NodePortKubeProxyNft, Mode::NodePortKubeProxy),
+                (Mode::NodePortXdp, Mode::XdpDropCeiling),
+                (Mode::NodePortRemoteXdp, Mode::XdpDropCeiling),
             ],
         }
     }
@@ -303,9 +323,11 @@ mod tests {
                 Mode::NodePortXdp,
                 Mode::NodePortRemoteKubeProxy,
                 Mode::NodePortRemoteKubeProxyNft,
-                Mode::NodePortRemoteXdp
+                Mode::NodePortRemoteXdp,
+                Mode::XdpDropCeiling
             ]
         );
+
         assert_eq!(ModeArg::expand(&[], Preset::PodIp), Preset::PodIp.modes());
         assert_eq!(
             Preset::PodIp.modes(),

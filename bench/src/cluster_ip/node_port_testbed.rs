@@ -8,7 +8,9 @@
 //! underpass's XDP program on node1's uplink (the agent runs, with
 //! `--uplink`, only while an XDP mode runs: the other modes' packets
 //! meet no program of ours). The limit: the same client straight to
-//! server-a's Pod IP.
+//! server-a's Pod IP. For the packet rate, a UDP sink beside each echo
+//! server, and the ceiling: an `XDP_DROP` program on node1's uplink
+//! while its mode runs.
 
 use std::{
     net::{Ipv4Addr, SocketAddr, SocketAddrV4},
@@ -17,8 +19,15 @@ use std::{
 };
 
 use anyhow::{Context, Result};
-use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
-use lab::{Namespace, Offloads, PodSpec, Topology, standard_pods, topology::NODE_ADDRESSES};
+use datapath_user::loader::{XdpVerdict, attach_xdp_verdict};
+use k8s_openapi::api::{
+    core::v1::{Service, ServicePort as K8sServicePort},
+    discovery::v1::{EndpointPort, EndpointSlice},
+};
+use lab::{
+    Namespace, Offloads, PodSpec, Topology, standard_pods,
+    topology::{NODE_ADDRESSES, WIRE},
+};
 
 use super::{modes::Mode, testbed::Endpoint};
 use crate::{
@@ -28,8 +37,8 @@ use crate::{
     kubeproxy::{ServicePort, service_ports},
     leftovers::{close_time_wait, ensure_no_rules, flush_conntrack},
     workload::{
-        BenchCgroups, ClientPlace, ECHO_PORT, IPERF_PORT, Kind, REDIS_PORT, SERVER_CPU,
-        SOCKPERF_PORT, ServerProcess, start_echo_server, start_tool_servers,
+        Arrivals, BenchCgroups, ClientPlace, ECHO_PORT, IPERF_PORT, Kind, PACKET_PORT, REDIS_PORT,
+        SERVER_CPU, SOCKPERF_PORT, ServerProcess, start_echo_server_and_sink, start_tool_servers,
     },
 };
 
@@ -67,6 +76,8 @@ pub(super) struct NodePortTestbed {
     installed: Option<KubeProxy>,
     /// The agent while an XDP mode runs.
     agent: Option<AgentProcess>,
+    /// The `XDP_DROP` program on node1's uplink while the ceiling runs.
+    ceiling: Option<datapath_user::loader::XdpVerdictLink>,
     binary: PathBuf,
     manifests: tempfile::TempDir,
     // Last: dropped after the processes in them are gone.
@@ -92,6 +103,9 @@ impl NodePortTestbed {
         node.sysctl("net.ipv4.ip_forward", "1")?;
         node.sysctl("net.ipv4.ip_local_port_range", NODE_LOCAL_PORTS)?;
         let outside = topo.add_outside_client(1, OUTSIDE)?;
+        // The ceiling's XDP_DROP drops ARP too: the client keeps node1's
+        // MAC as a host keeps its gateway's, whatever node1 answers.
+        topo.pin_neighbour(&outside, 0)?;
         // TCP_CRR's thousands of connections a second (see cluster-ip's
         // testbed).
         outside.sysctl("net.ipv4.tcp_tw_reuse", "1")?;
@@ -133,6 +147,7 @@ impl NodePortTestbed {
             ports,
             installed: None,
             agent: None,
+            ceiling: None,
             binary,
             manifests,
             cgroups,
@@ -147,6 +162,10 @@ impl NodePortTestbed {
     /// TIME_WAIT socket closed.
     pub(super) fn prepare(&mut self, mode: Mode) -> Result<()> {
         let node = &self.topo.nodes[0];
+        // Off first: node1's uplink takes one XDP program at a time.
+        if mode != Mode::XdpDropCeiling {
+            self.ceiling = None;
+        }
         let want = mode.kube_proxy();
         if self.installed != want {
             if let Some(old) = self.installed.take() {
@@ -171,6 +190,13 @@ impl NodePortTestbed {
             anyhow::ensure!(
                 !xdp_pinned(&self.pin_dir()),
                 "the agent's XDP link is still pinned after it stopped"
+            );
+        }
+        if mode == Mode::XdpDropCeiling && self.ceiling.is_none() {
+            let path = self.topo.nodes[0].path().to_owned();
+            self.ceiling = Some(
+                attach_xdp_verdict(Some(&path), WIRE, XdpVerdict::Drop)
+                    .context("attaching XDP_DROP to node1's uplink (the ceiling)")?,
             );
         }
         for namespace in self.namespaces() {
@@ -257,19 +283,34 @@ impl NodePortTestbed {
 
     /// Where `mode`'s client runs (always outside) and what it connects
     /// to for `kind`.
+    /// For the packet rate, where its packets are counted: at the UDP
+    /// layer of the pod they are for, or (the ceiling, which drops them
+    /// all) at node1's uplink.
     pub(super) fn endpoint(&self, mode: Mode, kind: Kind) -> Endpoint<'_> {
-        let server = match mode {
-            Mode::PodIpBare | Mode::AaControl => {
-                SocketAddrV4::new(self.topo.pod("server-a").address, kind.port())
-            }
-            Mode::NodePortKubeProxy | Mode::NodePortKubeProxyNft | Mode::NodePortXdp => {
-                SocketAddrV4::new(node1(), node_port(kind.port(), false))
-            }
+        let (server, backend) = match mode {
+            Mode::PodIpBare | Mode::AaControl => (
+                SocketAddrV4::new(self.topo.pod("server-a").address, kind.port()),
+                "server-a",
+            ),
+            Mode::NodePortKubeProxy
+            | Mode::NodePortKubeProxyNft
+            | Mode::NodePortXdp
+            | Mode::XdpDropCeiling => (
+                SocketAddrV4::new(node1(), node_port(kind.port(), false)),
+                "server-a",
+            ),
             Mode::NodePortRemoteKubeProxy
             | Mode::NodePortRemoteKubeProxyNft
-            | Mode::NodePortRemoteXdp => SocketAddrV4::new(node1(), node_port(kind.port(), true)),
+            | Mode::NodePortRemoteXdp => (
+                SocketAddrV4::new(node1(), node_port(kind.port(), true)),
+                "server-b",
+            ),
             other => unreachable!("{other:?} is not a node-port preset mode"),
         };
+        let arrivals = (kind == Kind::PacketRate).then(|| match mode {
+            Mode::XdpDropCeiling => Arrivals::WireReceived(self.topo.nodes[0].path().to_owned()),
+            _ => Arrivals::UdpIn(self.topo.pod(backend).namespace.path().to_owned()),
+        });
         Endpoint {
             place: ClientPlace {
                 netns: self.outside.path(),
@@ -278,6 +319,7 @@ impl NodePortTestbed {
                 agent_cgroup: self.agent.as_ref().map(|_| self.cgroups.agent.path()),
             },
             target: SocketAddr::V4(server),
+            arrivals,
         }
     }
 
@@ -300,6 +342,7 @@ impl NodePortTestbed {
     /// Removes kube-proxy's rules and stops the agent; the namespaces go
     /// on drop.
     pub(super) fn finish(mut self) -> Result<()> {
+        self.ceiling = None;
         if let Some(flavour) = self.installed.take() {
             remove_kube_proxy(&self.topo.nodes[0], flavour, IpFamily::V4)?;
         }
@@ -336,9 +379,23 @@ fn node_port_service(
         .iter()
         .map(|&p| (p, p))
         .collect();
-    let (mut service, slice) = service_objects(name, vip, &ports, &[endpoint]);
+    let (mut service, mut slice) = service_objects(name, vip, &ports, &[endpoint]);
     let spec = service.spec.as_mut().expect("service_objects gives a spec");
     spec.type_ = Some("NodePort".into());
+    // The packet rate's sink: UDP.
+    let sink = format!("p{PACKET_PORT}");
+    spec.ports.get_or_insert_default().push(K8sServicePort {
+        name: Some(sink.clone()),
+        port: i32::from(PACKET_PORT),
+        protocol: Some("UDP".into()),
+        ..K8sServicePort::default()
+    });
+    slice.ports.get_or_insert_default().push(EndpointPort {
+        name: Some(sink),
+        port: Some(i32::from(PACKET_PORT)),
+        protocol: Some("UDP".into()),
+        ..EndpointPort::default()
+    });
     for port in spec.ports.iter_mut().flatten() {
         port.node_port = Some(i32::from(node_port(port.port as u16, elsewhere)));
     }
@@ -351,13 +408,21 @@ fn start_servers(topo: &Topology, kinds: &[Kind], cgroup: &Path) -> Result<Vec<S
     let mut servers = Vec::new();
     for role in ["server-a", "server-b"] {
         let pod = topo.pod(role);
+        let sink = kinds.contains(&Kind::PacketRate).then_some(PACKET_PORT);
         servers.push(
-            start_echo_server(&pod.namespace, pod.address, ECHO_PORT, SERVER_CPU, cgroup)
-                .with_context(|| format!("the echo server on {role}"))?,
+            start_echo_server_and_sink(
+                &pod.namespace,
+                pod.address,
+                ECHO_PORT,
+                sink,
+                SERVER_CPU,
+                cgroup,
+            )
+            .with_context(|| format!("the echo server on {role}"))?,
         );
         if kinds
             .iter()
-            .any(|k| !matches!(k, Kind::Latency | Kind::Rr | Kind::Crr))
+            .any(|k| !matches!(k, Kind::Latency | Kind::Rr | Kind::Crr | Kind::PacketRate))
         {
             servers.extend(start_tool_servers(
                 &pod.namespace,

@@ -110,6 +110,11 @@ fn presentation(kind: Kind) -> (&'static str, &'static str, fn(&Measurement) -> 
         Kind::Iperf4 => ("iperf3, 4 streams", "Gbit/s", rate),
         Kind::RedisGet => ("redis-benchmark -d 1000 -t get", "requests/s", rate),
         Kind::RedisSet => ("redis-benchmark -d 1000 -t set", "requests/s", rate),
+        Kind::PacketRate => (
+            "packet rate, 60-byte UDP frames from one sending CPU",
+            "packets/s",
+            rate,
+        ),
     }
 }
 
@@ -119,6 +124,7 @@ fn cpu_unit(kind: Kind) -> &'static str {
         Kind::Sockperf | Kind::Latency => "message",
         Kind::RedisGet | Kind::RedisSet => "request",
         Kind::Rr | Kind::Crr => "transaction",
+        Kind::PacketRate => "packet",
     }
 }
 
@@ -269,7 +275,20 @@ impl Results {
                 continue;
             };
             let errors: u64 = runs.iter().map(|m| m.errors).sum();
-            if errors > 0 {
+            if kind == Kind::PacketRate {
+                let arrived: u64 = runs.iter().map(|m| m.transactions).sum();
+                let sent = arrived + errors;
+                let cpu: Vec<f64> = runs.iter().map(|m| m.cpu.total_us).collect();
+                let softirq: Vec<f64> = runs.iter().map(|m| m.cpu.softirq_us).collect();
+                println!(
+                    "\n{}: {:.0} packets per CPU-second ({:.0} per softirq CPU-second); \
+                     {:.1} % of those sent did not arrive",
+                    mode.label(),
+                    1e6 / median(&cpu),
+                    1e6 / median(&softirq),
+                    100.0 * errors as f64 / sent.max(1) as f64
+                );
+            } else if errors > 0 {
                 println!(
                     "\n{}: {errors} failed transactions (reconnects) in {} runs — its figure \
                      includes the time they cost",

@@ -29,8 +29,9 @@ use crate::{
     leftovers::{close_time_wait, ensure_no_rules, flush_conntrack},
     program_stats::{LiveCost, ProgramSelection, ProgramTotals, RunTimeStats},
     workload::{
-        BenchCgroups, ClientPlace, ECHO_PORT, IPERF_PORT, Kind, Parameters, REDIS_PORT, SERVER_CPU,
-        SOCKPERF_PORT, ServerProcess, run_worker, start_echo_server, start_tool_servers,
+        Arrivals, BenchCgroups, ClientPlace, ECHO_PORT, IPERF_PORT, Kind, Parameters, REDIS_PORT,
+        SERVER_CPU, SOCKPERF_PORT, ServerProcess, run_worker, start_echo_server,
+        start_tool_servers,
     },
 };
 
@@ -48,6 +49,8 @@ const BARE_CLIENT: &str = "bare-client";
 pub(super) struct Endpoint<'a> {
     pub(super) place: ClientPlace<'a>,
     pub(super) target: SocketAddr,
+    /// Where the packet rate counts its packets (north-south only).
+    pub(super) arrivals: Option<Arrivals>,
 }
 
 pub(super) struct Testbed {
@@ -248,6 +251,7 @@ impl Testbed {
                 agent_cgroup: self.agent.as_ref().map(|_| self.cgroups.agent.path()),
             },
             target: SocketAddr::new(server, kind.port()),
+            arrivals: None,
         }
     }
 
@@ -288,7 +292,7 @@ impl Testbed {
         let client = self.endpoint(mode, kind);
         let stats = RunTimeStats::enable()?;
         let before = ProgramTotals::read(&selection)?;
-        let measurement = run_worker(client.place, kind, client.target, parameters)
+        let measurement = run_worker(client.place, kind, client.target, parameters, None)
             .with_context(|| format!("{kind:?} over {} (statistics pass)", mode.label()))?;
         let after = ProgramTotals::read(&selection)?;
         drop(stats);

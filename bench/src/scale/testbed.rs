@@ -395,7 +395,7 @@ impl Testbed {
             ..Kind::Crr.seed_parameters()
         };
         let target = sweep.target(position);
-        let measurement = run_worker(place, Kind::Crr, target.into(), &run)?;
+        let measurement = run_worker(place, Kind::Crr, target.into(), &run, None)?;
         ensure!(
             measurement.transactions > 0,
             "TCP_CRR to {target}: no transaction completed"

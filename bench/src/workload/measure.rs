@@ -50,6 +50,10 @@ pub fn measure(
     run: &Parameters,
     places: &CpuPlaces,
 ) -> Result<Measurement> {
+    anyhow::ensure!(
+        kind != Kind::PacketRate,
+        "the packet rate needs where its packets are counted: measure_packet_rate"
+    );
     if !matches!(kind, Kind::Latency | Kind::Rr | Kind::Crr) {
         return measure_tool(kind, target, run, places);
     }

@@ -11,12 +11,14 @@
 //! iperf3 and redis: servers and clients), `parse` (the tools' output),
 //! `parameters` (the seed's parameters and how a run differs), `measure`
 //! (a client run's figures), `cpu` (the CPU it cost, from cgroups and
-//! the kernel's counters), `worker` (the worker process, and running
-//! one).
+//! the kernel's counters), `packet_rate` (small UDP datagrams from one
+//! CPU, counted where they end), `worker` (the worker process, and
+//! running one).
 
 mod cgroups;
 mod cpu;
 mod measure;
+mod packet_rate;
 mod parameters;
 pub mod parse;
 mod servers;
@@ -30,8 +32,11 @@ pub use self::{
     cgroups::BenchCgroups,
     cpu::{CpuCost, CpuPlaces},
     measure::{Measurement, measure},
+    packet_rate::{Arrivals, measure_packet_rate},
     parameters::Parameters,
-    servers::{EchoServerOpts, ServerProcess, echo_server, start_echo_server},
+    servers::{
+        EchoServerOpts, ServerProcess, echo_server, start_echo_server, start_echo_server_and_sink,
+    },
     tools::start_tool_servers,
     worker::{ClientPlace, WorkerOpts, enter_client, owned_output, pin_to_cpu, run_worker, worker},
 };
@@ -60,6 +65,9 @@ pub enum Kind {
     RedisGet,
     /// `redis-benchmark -d 1000 -t set`; requests/s.
     RedisSet,
+    /// 18-byte UDP datagrams (60-byte frames) sent as fast as one CPU
+    /// can (`sendmmsg`); packets/s that arrive (`bench node-port` only).
+    PacketRate,
 }
 
 /// Ports the servers listen on (the Service maps the same numbers).
@@ -71,8 +79,12 @@ pub const ECHO_PORT: u16 = 12345;
 pub const SOCKPERF_PORT: u16 = 11111;
 pub const IPERF_PORT: u16 = 5201;
 pub const REDIS_PORT: u16 = 6379;
+/// UDP: the packet-rate workload's sink.
+pub const PACKET_PORT: u16 = 12346;
 
 impl Kind {
+    /// The workloads every preset runs (the packet rate is north-south's
+    /// alone: [`Kind::north_south_only`]).
     pub const ALL: [Kind; 9] = [
         Kind::Latency,
         Kind::Sockperf,
@@ -98,7 +110,14 @@ impl Kind {
             Kind::Sockperf => SOCKPERF_PORT,
             Kind::Iperf1 | Kind::Iperf2 | Kind::Iperf4 => IPERF_PORT,
             Kind::RedisGet | Kind::RedisSet => REDIS_PORT,
+            Kind::PacketRate => PACKET_PORT,
         }
+    }
+
+    /// Measured by `bench node-port` only: its testbed has the UDP sinks
+    /// and the counters the workload is judged by.
+    pub fn north_south_only(self) -> bool {
+        self == Kind::PacketRate
     }
 
     /// Whether the workload's tool takes IPv4 addresses only: Debian's
@@ -119,6 +138,7 @@ impl Kind {
             Kind::Iperf4 => "iperf4",
             Kind::RedisGet => "redis-get",
             Kind::RedisSet => "redis-set",
+            Kind::PacketRate => "packet-rate",
         }
     }
 }

@@ -105,6 +105,13 @@ impl Kind {
             ),
             Kind::RedisGet => said
                 .push("GET measured after a SET run of the same key (as `-t get,set` does)".into()),
+            Kind::PacketRate => said.push(
+                "not in the seeds: one sending CPU (sendmmsg, 18-byte datagrams, 60-byte \
+                 frames) shares that CPU with the softirq work its packets cause; the figure \
+                 is the packets that arrived (at the backend's UDP layer; for the XDP_DROP \
+                 ceiling, at node1's wire), so a costlier path leaves the sender fewer"
+                    .into(),
+            ),
             _ => {}
         }
         said
@@ -123,6 +130,7 @@ impl Kind {
             Kind::Sockperf => "sockperf",
             Kind::Iperf1 | Kind::Iperf2 | Kind::Iperf4 => "iperf3",
             Kind::RedisGet | Kind::RedisSet => "redis-benchmark",
+            Kind::PacketRate => "the packet-rate sender (ours)",
         }
     }
 }

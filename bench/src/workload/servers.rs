@@ -1,12 +1,12 @@
 //! The servers a measurement talks to, each its own process inside the
 //! server pod's namespace, on the server CPU and in the servers' cgroup
 //! (whose `cpu.stat` is the server's CPU): the bench's echo server
-//! (`bench echo-server`, fixed-size answers, a thread per connection),
-//! and the spawning, port-waiting and killing every server shares.
+//! (`bench echo-server`, fixed-size answers, a thread per connection;
+//! with a UDP sink for the packet rate if asked), and the spawning, port-waiting and killing every server shares.
 
 use std::{
     io::{Read, Write},
-    net::{IpAddr, SocketAddr, TcpListener, TcpStream},
+    net::{IpAddr, SocketAddr, TcpListener, TcpStream, UdpSocket},
     path::{Path, PathBuf},
     process::{Child, Command, Stdio},
     time::{Duration, Instant},
@@ -29,11 +29,23 @@ pub struct EchoServerOpts {
     pub address: IpAddr,
     #[arg(long)]
     pub port: u16,
+    /// Also take UDP datagrams on this port and drop them (the packet
+    /// rate's sink: what arrives is counted by the kernel).
+    #[arg(long)]
+    pub udp_sink_port: Option<u16>,
 }
 
 pub fn echo_server(opts: &EchoServerOpts) -> Result<()> {
     datapath_user::netns::enter(&opts.netns)
         .with_context(|| format!("entering {}", opts.netns.display()))?;
+    if let Some(port) = opts.udp_sink_port {
+        let local = SocketAddr::new(opts.address, port);
+        let sink = UdpSocket::bind(local).with_context(|| format!("binding {local} (UDP)"))?;
+        std::thread::spawn(move || {
+            let mut buffer = [0u8; 2048];
+            while sink.recv(&mut buffer).is_ok() {}
+        });
+    }
     let local = SocketAddr::new(opts.address, opts.port);
     let listener = TcpListener::bind(local).with_context(|| format!("binding {local}"))?;
     for stream in listener.incoming().flatten() {
@@ -66,6 +78,19 @@ pub fn start_echo_server(
     cpu: usize,
     cgroup: &Path,
 ) -> Result<ServerProcess> {
+    start_echo_server_and_sink(namespace, address, port, None, cpu, cgroup)
+}
+
+/// [`start_echo_server`], with a UDP sink on `udp_sink_port` if given
+/// (bound before the echo port answers).
+pub fn start_echo_server_and_sink(
+    namespace: &Namespace,
+    address: impl Into<IpAddr>,
+    port: u16,
+    udp_sink_port: Option<u16>,
+    cpu: usize,
+    cgroup: &Path,
+) -> Result<ServerProcess> {
     let address = address.into();
     let mut command = Command::new(std::env::current_exe()?);
     command
@@ -74,6 +99,9 @@ pub fn start_echo_server(
         .arg(namespace.path())
         .args(["--address", &address.to_string()])
         .args(["--port", &port.to_string()]);
+    if let Some(sink) = udp_sink_port {
+        command.args(["--udp-sink-port", &sink.to_string()]);
+    }
     let server = spawn_server(namespace, command, cpu, cgroup, "the echo server")?;
     wait_for_port(namespace, address, port)?;
     Ok(server)

@@ -12,7 +12,9 @@ use std::{
 use anyhow::{Context, Result, bail};
 use clap::Parser;
 
-use super::{CLIENT_CPU, CpuPlaces, Kind, Measurement, Parameters, measure};
+use super::{
+    Arrivals, CLIENT_CPU, CpuPlaces, Kind, Measurement, Parameters, measure, measure_packet_rate,
+};
 
 /// `bench worker`: one client run inside a namespace (and cgroup, and on
 /// a CPU), printing its [`Measurement`] as JSON.
@@ -47,6 +49,11 @@ pub struct WorkerOpts {
     /// Leading seconds left out (iperf3 `-O`).
     #[arg(long, default_value_t = 0)]
     pub omit_seconds: u64,
+    /// Where the packet-rate workload counts what arrived:
+    /// `udp:<netns path>` (datagrams at that namespace's UDP layer) or
+    /// `wire:<netns path>` (frames its wire received).
+    #[arg(long, value_parser = Arrivals::parse)]
+    pub arrivals: Option<Arrivals>,
 }
 
 pub fn worker(opts: &WorkerOpts) -> Result<()> {
@@ -61,7 +68,13 @@ pub fn worker(opts: &WorkerOpts) -> Result<()> {
         requests: opts.requests,
         omit_seconds: opts.omit_seconds,
     };
-    let measurement = measure(opts.kind, opts.target, &run, &places)?;
+    let measurement = match (opts.kind, &opts.arrivals) {
+        (Kind::PacketRate, Some(arrivals)) => {
+            measure_packet_rate(opts.target, &run, &places, arrivals)?
+        }
+        (Kind::PacketRate, None) => bail!("--kind packet-rate needs --arrivals"),
+        (kind, _) => measure(kind, opts.target, &run, &places)?,
+    };
     println!("{}", serde_json::to_string(&measurement)?);
     Ok(())
 }
@@ -77,12 +90,13 @@ pub struct ClientPlace<'a> {
 }
 
 /// Runs one `bench worker` (this binary) at `place`, on [`CLIENT_CPU`],
-/// and reads its measurement.
+/// and reads its measurement; `arrivals`: where the packet rate counts.
 pub fn run_worker(
     place: ClientPlace<'_>,
     kind: Kind,
     target: SocketAddr,
     run: &Parameters,
+    arrivals: Option<&Arrivals>,
 ) -> Result<Measurement> {
     let mut command = Command::new(std::env::current_exe()?);
     command
@@ -102,6 +116,9 @@ pub fn run_worker(
         .stderr(Stdio::inherit());
     if let Some(agent) = place.agent_cgroup {
         command.arg("--agent-cgroup").arg(agent);
+    }
+    if let Some(arrivals) = arrivals {
+        command.args(["--arrivals", &arrivals.arg()]);
     }
     let output = crate::workload::owned_output(&mut command)?;
     if !output.status.success() {

@@ -32,7 +32,7 @@ use self::wiring::{WireChild, add_wire_child, join_nodes, wire_veth_to_node};
 pub use crate::error::IPVLAN_UNSUPPORTED;
 use crate::{
     error::Result,
-    links::{add_address, add_route, index_of, set_up},
+    links::{add_address, add_route, index_of, link_by_name, set_up},
     namespace::Namespace,
     prefix::{sweep_stale, unique_prefix},
 };
@@ -467,6 +467,37 @@ impl Topology {
                 .gateway(via)
                 .build();
             add_route(&h, route).await
+        })
+    }
+
+    /// Makes `client`'s neighbour entry for node `node`'s address
+    /// permanent, with the MAC of that node's wire: a client that must
+    /// keep sending while the node's XDP program drops everything, ARP
+    /// too (as a host keeps its gateway's MAC).
+    pub fn pin_neighbour(&self, client: &Namespace, node: usize) -> Result<()> {
+        use rtnetlink::packet_route::{link::LinkAttribute, neighbour::NeighbourState};
+        let mac = self.nodes[node].netlink("read the wire's MAC", |h| async move {
+            link_by_name(&h, WIRE)
+                .await?
+                .attributes
+                .into_iter()
+                .find_map(|a| match a {
+                    LinkAttribute::Address(mac) => Some(mac),
+                    _ => None,
+                })
+                .ok_or_else(|| "the wire has no MAC".to_owned())
+        })?;
+        let address = NODE_ADDRESSES[node];
+        client.netlink("pin the node's neighbour entry", |h| async move {
+            let eth0 = index_of(&h, Pod::IFACE).await?;
+            h.neighbours()
+                .add(eth0, address.into())
+                .link_layer_address(&mac)
+                .state(NeighbourState::Permanent)
+                .replace()
+                .execute()
+                .await
+                .map_err(|e| e.to_string())
         })
     }
 
