@@ -1,6 +1,7 @@
 //! `bench node-port --quick` (the `node-port` preset of `cluster-ip`):
 //! every north-south row and workload end to end — kube-proxy's NodePort
-//! rules in both flavours and the agent's XDP program on node1's uplink,
+//! rules in both flavours and the agent's XDP program on node1's uplink
+//! (native, and generic: the skb path),
 //! to a pod on node1 and to one on node2 — and the packet rate with its
 //! `XDP_DROP` ceiling, asserting nothing about speed.
 
@@ -30,6 +31,8 @@ fn every_row_runs() {
         "nodePort, pod elsewhere: kube-proxy (iptables)",
         "nodePort, pod elsewhere: kube-proxy (nftables)",
         "nodePort, pod elsewhere: underpass XDP",
+        "nodePort, pod here: underpass, skb path (generic XDP)",
+        "nodePort, pod elsewhere: underpass, skb path (generic XDP)",
     ];
     for row in rows {
         assert_eq!(
@@ -51,7 +54,7 @@ fn every_row_runs() {
     assert_eq!(
         measured.len(),
         10 * rows.len() + 1,
-        "10 workloads × 8 rows, and the ceiling"
+        "10 workloads × 10 rows, and the ceiling"
     );
     assert!(
         measured

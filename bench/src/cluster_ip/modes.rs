@@ -64,6 +64,13 @@ pub enum Mode {
     NodePortRemoteKubeProxyNft,
     /// The same through underpass's XDP program: SNAT to node1, `XDP_TX`.
     NodePortRemoteXdp,
+    /// From outside to node1's nodePort, the same XDP program attached in
+    /// generic mode: it runs on the kernel's socket buffers where TC's
+    /// ingress hook does (after the buffer is built, before the stack),
+    /// the skb path Cilium takes without XDP acceleration.
+    NodePortSkb,
+    /// The same to the pod on node2.
+    NodePortRemoteSkb,
     /// The packet rate's ceiling: an `XDP_DROP` program on node1's
     /// uplink, the same sender (no agent, no rules: the least a packet
     /// can cost node1 on this device).
@@ -71,7 +78,7 @@ pub enum Mode {
 }
 
 impl Mode {
-    pub const ALL: [Mode; 19] = [
+    pub const ALL: [Mode; 21] = [
         Mode::KubeProxy,
         Mode::KubeProxyNft,
         Mode::Ebpf,
@@ -90,6 +97,8 @@ impl Mode {
         Mode::NodePortRemoteKubeProxy,
         Mode::NodePortRemoteKubeProxyNft,
         Mode::NodePortRemoteXdp,
+        Mode::NodePortSkb,
+        Mode::NodePortRemoteSkb,
         Mode::XdpDropCeiling,
     ];
 
@@ -113,6 +122,8 @@ impl Mode {
             Mode::NodePortRemoteKubeProxy => "nodePort, pod elsewhere: kube-proxy (iptables)",
             Mode::NodePortRemoteKubeProxyNft => "nodePort, pod elsewhere: kube-proxy (nftables)",
             Mode::NodePortRemoteXdp => "nodePort, pod elsewhere: underpass XDP",
+            Mode::NodePortSkb => "nodePort, pod here: underpass, skb path (generic XDP)",
+            Mode::NodePortRemoteSkb => "nodePort, pod elsewhere: underpass, skb path (generic XDP)",
             Mode::XdpDropCeiling => "XDP_DROP on node1's uplink (the ceiling)",
         }
     }
@@ -184,12 +195,26 @@ impl Mode {
                 | Mode::NodePortRemoteKubeProxy
                 | Mode::NodePortRemoteKubeProxyNft
                 | Mode::NodePortRemoteXdp
+                | Mode::NodePortSkb
+                | Mode::NodePortRemoteSkb
         )
     }
 
-    /// Needs underpass's XDP program on node1's uplink.
+    /// Needs underpass's XDP program on node1's uplink (in native mode,
+    /// or in generic mode: [`Mode::skb_path`]).
     pub fn xdp(self) -> bool {
-        matches!(self, Mode::NodePortXdp | Mode::NodePortRemoteXdp)
+        matches!(
+            self,
+            Mode::NodePortXdp
+                | Mode::NodePortRemoteXdp
+                | Mode::NodePortSkb
+                | Mode::NodePortRemoteSkb
+        )
+    }
+
+    /// Its XDP program runs in generic mode, on socket buffers.
+    pub fn skb_path(self) -> bool {
+        matches!(self, Mode::NodePortSkb | Mode::NodePortRemoteSkb)
     }
 
     /// A row of the north-south testbed only (`--preset node-port`).
@@ -253,6 +278,7 @@ impl Preset {
                 (Mode::NodePortXdp, Mode::NodePortKubeProxy),
                 (Mode::NodePortRemoteXdp, Mode::NodePortRemoteKubeProxy),
                 (Mode::NodePortKubeProxyNft, Mode::NodePortKubeProxy),
+                (Mode::NodePortXdp, Mode::NodePortSkb),
                 (Mode::NodePortXdp, Mode::XdpDropCeiling),
                 (Mode::NodePortRemoteXdp, Mode::XdpDropCeiling),
             ],
@@ -324,6 +350,8 @@ mod tests {
                 Mode::NodePortRemoteKubeProxy,
                 Mode::NodePortRemoteKubeProxyNft,
                 Mode::NodePortRemoteXdp,
+                Mode::NodePortSkb,
+                Mode::NodePortRemoteSkb,
                 Mode::XdpDropCeiling
             ]
         );

@@ -74,8 +74,9 @@ pub(super) struct NodePortTestbed {
     ports: Vec<ServicePort>,
     /// The flavour of kube-proxy's rules loaded in node1.
     installed: Option<KubeProxy>,
-    /// The agent while an XDP mode runs.
-    agent: Option<AgentProcess>,
+    /// The agent while an XDP mode runs, and whether its program is
+    /// attached in generic mode.
+    agent: Option<(AgentProcess, bool)>,
     /// The `XDP_DROP` program on node1's uplink while the ceiling runs.
     ceiling: Option<datapath_user::loader::XdpVerdictLink>,
     binary: PathBuf,
@@ -179,11 +180,11 @@ impl NodePortTestbed {
         if want.is_none() {
             ensure_no_rules(node, mode.label())?;
         }
-        if mode.xdp() && self.agent.is_none() {
-            self.agent = Some(self.start_agent()?);
-        } else if !mode.xdp()
-            && let Some(mut agent) = self.agent.take()
-        {
+        let keep = self
+            .agent
+            .as_ref()
+            .is_some_and(|(_, generic)| mode.xdp() && *generic == mode.skb_path());
+        if !keep && let Some((mut agent, _)) = self.agent.take() {
             agent.stop();
             // Dropped: its pins removed, the XDP link and TC pair with them.
             drop(agent);
@@ -191,6 +192,9 @@ impl NodePortTestbed {
                 !xdp_pinned(&self.pin_dir()),
                 "the agent's XDP link is still pinned after it stopped"
             );
+        }
+        if mode.xdp() && self.agent.is_none() {
+            self.agent = Some((self.start_agent(mode.skb_path())?, mode.skb_path()));
         }
         if mode == Mode::XdpDropCeiling && self.ceiling.is_none() {
             let path = self.topo.nodes[0].path().to_owned();
@@ -213,7 +217,7 @@ impl NodePortTestbed {
     /// The agent of node1, with its uplink on node1's end of the wire,
     /// returned once its XDP link is pinned, the pod on node1 has its TC
     /// pair, and both nodePorts answer from outside through it.
-    fn start_agent(&self) -> Result<AgentProcess> {
+    fn start_agent(&self, generic: bool) -> Result<AgentProcess> {
         let netns = self.topo.nodes[0].path().to_string_lossy().into_owned();
         let server_a = self.topo.pod("server-a").namespace.name().to_owned();
         let node_ip = node1().to_string();
@@ -237,6 +241,8 @@ impl NodePortTestbed {
                 "eth0",
                 "--snat-ports",
                 SNAT_PORTS,
+                "--xdp-mode",
+                if generic { "generic" } else { "native" },
             ],
         )?;
         self.cgroups.adopt_agent(agent.pid())?;
@@ -295,13 +301,15 @@ impl NodePortTestbed {
             Mode::NodePortKubeProxy
             | Mode::NodePortKubeProxyNft
             | Mode::NodePortXdp
+            | Mode::NodePortSkb
             | Mode::XdpDropCeiling => (
                 SocketAddrV4::new(node1(), node_port(kind.port(), false)),
                 "server-a",
             ),
             Mode::NodePortRemoteKubeProxy
             | Mode::NodePortRemoteKubeProxyNft
-            | Mode::NodePortRemoteXdp => (
+            | Mode::NodePortRemoteXdp
+            | Mode::NodePortRemoteSkb => (
                 SocketAddrV4::new(node1(), node_port(kind.port(), true)),
                 "server-b",
             ),
@@ -346,7 +354,7 @@ impl NodePortTestbed {
         if let Some(flavour) = self.installed.take() {
             remove_kube_proxy(&self.topo.nodes[0], flavour, IpFamily::V4)?;
         }
-        if let Some(mut agent) = self.agent.take() {
+        if let Some((mut agent, _)) = self.agent.take() {
             agent.stop();
         }
         Ok(())
