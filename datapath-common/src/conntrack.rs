@@ -90,9 +90,17 @@ pub const L2_FRESH_SECS: u64 = 5;
 /// How long after its last packet a TCP flow the backend closed first
 /// keeps its SNAT port (north-south, `UPLINK_SNAT`) from other flows:
 /// the backend holds the tuple in TIME_WAIT (60 s on Linux), and
-/// netfilter's NAT waits 120 s. A flow the client closed first, or
-/// reset, frees its port with the closing lifetime.
+/// netfilter's NAT waits 120 s.
 pub const SNAT_PORT_REUSE_SECS: u64 = 120;
+/// How long after its last packet a TCP flow that is over without the
+/// backend's TIME_WAIT (the client closed first, or a reset) keeps its
+/// SNAT port: the backend's socket is closed once the client's last ACK
+/// arrives, or after a few FIN retransmissions (200 ms and up) if that
+/// ACK is lost. Holding the port for the whole closing lifetime (10 s)
+/// instead caps a backend at 5,000 new connections a second over the
+/// default 50,000 ports; the flow's entry still lives that long, for its
+/// stray packets.
+pub const SNAT_PORT_CLOSED_SECS: u64 = 2;
 
 /// TCP flag bits as they sit in byte 13 of the TCP header.
 pub const TCP_FIN: u8 = 0x01;
@@ -128,9 +136,12 @@ pub struct Lifetimes {
     /// How long learned next-hop MACs are used without a reply confirming
     /// them.
     pub l2_fresh: u64,
-    /// How long a closed TCP flow keeps its SNAT port
+    /// How long a TCP flow the backend closed first keeps its SNAT port
     /// (`SNAT_PORT_REUSE_SECS`).
     pub snat_port_reuse: u64,
+    /// How long a TCP flow the client closed first, or reset, keeps its
+    /// SNAT port (`SNAT_PORT_CLOSED_SECS`).
+    pub snat_port_closed: u64,
 }
 
 impl Lifetimes {
@@ -144,22 +155,28 @@ impl Lifetimes {
             refresh: REFRESH_INTERVAL_SECS * hz,
             l2_fresh: L2_FRESH_SECS * hz,
             snat_port_reuse: SNAT_PORT_REUSE_SECS * hz,
+            snat_port_closed: SNAT_PORT_CLOSED_SECS * hz,
         }
     }
 
-    /// True when the SNAT port `entry` holds may go to a new flow: the
-    /// flow expired, and if the backend closed it first, long enough ago
-    /// that the backend has left TIME_WAIT. (A new SYN on a tuple in
-    /// TIME_WAIT is taken only when its sequence number or timestamp is
-    /// higher; another client's behind the same port often is not.)
+    /// True when the SNAT port `entry` holds may go to a new flow: a TCP
+    /// flow that is over, once the backend has left TIME_WAIT if it
+    /// closed first (a new SYN on a tuple in TIME_WAIT is taken only when
+    /// its sequence number or timestamp is higher; another client's
+    /// behind the same port often is not), else shortly after its last
+    /// packet; any other flow once it has expired.
     #[inline(always)]
     pub fn snat_port_free(&self, entry: &impl Tracked, protocol: u8, now: u64) -> bool {
         let state = entry.state();
+        if protocol == crate::IPPROTO_TCP && is_closed(state) {
+            let hold = if state & STATE_BACKEND_CLOSED_FIRST != 0 {
+                self.snat_port_reuse
+            } else {
+                self.snat_port_closed
+            };
+            return now.saturating_sub(entry.last_seen()) > hold;
+        }
         self.is_expired(entry, protocol, now)
-            && (protocol != crate::IPPROTO_TCP
-                || !is_closed(state)
-                || state & STATE_BACKEND_CLOSED_FIRST == 0
-                || now.saturating_sub(entry.last_seen()) > self.snat_port_reuse)
     }
 
     /// How long a flow in `state` lives after its last refresh.
@@ -191,7 +208,7 @@ impl Lifetimes {
 }
 
 #[cfg(feature = "user")]
-// SAFETY: repr(C), six u64, no padding.
+// SAFETY: repr(C), eight u64, no padding.
 unsafe impl aya::Pod for Lifetimes {}
 
 /// The name of the global holding `Lifetimes` in the object.
@@ -418,7 +435,10 @@ mod snat_port_tests {
             lifetimes.snat_port_free(&at(state), crate::IPPROTO_TCP, after(secs))
         };
         for state in [backend_first, client_first, reset] {
-            assert!(!free(state, 5), "live (closing lifetime) {state:#x}");
+            assert!(
+                !free(state, 1),
+                "its last ACK may still be on the way {state:#x}"
+            );
         }
         assert!(
             !free(backend_first, 30),
@@ -426,10 +446,12 @@ mod snat_port_tests {
         );
         assert!(free(backend_first, 121));
         assert!(
-            free(client_first, TCP_CLOSING_LIFETIME_SECS + 1),
-            "the backend went from LAST_ACK to CLOSED: nothing lingers"
+            free(client_first, SNAT_PORT_CLOSED_SECS + 1),
+            "the backend went from LAST_ACK to CLOSED: nothing lingers, and the port is free \
+             long before the flow's entry expires"
         );
-        assert!(free(reset, TCP_CLOSING_LIFETIME_SECS + 1));
+        assert!(SNAT_PORT_CLOSED_SECS + 1 < TCP_CLOSING_LIFETIME_SECS);
+        assert!(free(reset, SNAT_PORT_CLOSED_SECS + 1));
         assert!(
             !free(through(&established), TCP_CLOSING_LIFETIME_SECS + 1),
             "an established flow lives on"

@@ -780,9 +780,10 @@ fn a_snat_port_is_reused_soon_after_the_client_closed_and_late_after_the_backend
         }
     }
     assert_eq!(flows.len(), usize::from(SNAT_PORTS.1), "every port held");
-    // Half a minute later: every flow has expired (closing lifetime),
-    // the backends that closed first are still in TIME_WAIT.
-    let later = common::jiffies_ago(std::time::Duration::from_secs(30));
+    // Five seconds later: every flow is still within its closing
+    // lifetime (10 s), the backends the clients closed are CLOSED, those
+    // that closed first are in TIME_WAIT.
+    let later = common::jiffies_ago(std::time::Duration::from_secs(5));
     {
         let snat = &mut dp.maps.north_south.as_mut().unwrap().snat;
         let keys: Vec<CtKey> = snat.keys().map(Result::unwrap).collect();

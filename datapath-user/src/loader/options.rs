@@ -230,9 +230,11 @@ pub struct CtTimeouts {
     /// How long next-hop MACs learned from replies are used without a
     /// newer reply confirming them.
     pub l2_fresh: Duration,
-    /// How long a closed TCP flow from outside keeps its SNAT port (the
-    /// backend's TIME_WAIT).
+    /// How long a TCP flow from outside the backend closed first keeps
+    /// its SNAT port (the backend's TIME_WAIT).
     pub snat_port_reuse: Duration,
+    /// How long one the client closed first, or reset, keeps it.
+    pub snat_port_closed: Duration,
 }
 
 impl Default for CtTimeouts {
@@ -246,6 +248,7 @@ impl Default for CtTimeouts {
             refresh: Duration::from_secs(c::REFRESH_INTERVAL_SECS),
             l2_fresh: Duration::from_secs(c::L2_FRESH_SECS),
             snat_port_reuse: Duration::from_secs(c::SNAT_PORT_REUSE_SECS),
+            snat_port_closed: Duration::from_secs(c::SNAT_PORT_CLOSED_SECS),
         }
     }
 }
@@ -261,6 +264,7 @@ impl CtTimeouts {
             refresh: clock::ticks(self.refresh, hz),
             l2_fresh: clock::ticks(self.l2_fresh, hz),
             snat_port_reuse: clock::ticks(self.snat_port_reuse, hz),
+            snat_port_closed: clock::ticks(self.snat_port_closed, hz),
         }
     }
 }
