@@ -135,8 +135,14 @@ impl Namespace {
     /// Turns on generic receive offload on `iface` (a NIC's default; a
     /// veth's is off).
     pub fn enable_gro(&self, iface: &str) -> Result<()> {
-        self.run(|| set_gro(iface, true))?
-            .map_err(|e| err(&self.name, format!("ethtool -K {iface} gro on"), e))
+        self.set_gro(iface, true)
+    }
+
+    /// Turns generic receive offload on `iface` on or off.
+    pub fn set_gro(&self, iface: &str, on: bool) -> Result<()> {
+        let verb = if on { "on" } else { "off" };
+        self.run(|| set_gro(iface, on))?
+            .map_err(|e| err(&self.name, format!("ethtool -K {iface} gro {verb}"), e))
     }
 
     /// `ethtool -k` of every device in this namespace but loopback.

@@ -19,7 +19,7 @@ use std::{
 };
 
 use anyhow::{Context, Result};
-use datapath_user::loader::{XdpVerdict, attach_xdp_verdict};
+use datapath_user::loader::{XdpVerdict, XdpVerdictLink, attach_xdp_verdict};
 use k8s_openapi::api::{
     core::v1::{Service, ServicePort as K8sServicePort},
     discovery::v1::{EndpointPort, EndpointSlice},
@@ -78,7 +78,12 @@ pub(super) struct NodePortTestbed {
     /// attached in generic mode.
     agent: Option<(AgentProcess, bool)>,
     /// The `XDP_DROP` program on node1's uplink while the ceiling runs.
-    ceiling: Option<datapath_user::loader::XdpVerdictLink>,
+    ceiling: Option<XdpVerdictLink>,
+    /// node2's end of the wire takes what node1's uplink program sends
+    /// back out (`XDP_TX`), as a NIC's wire would, only while it runs
+    /// an XDP program (this `XDP_PASS`): held while an XDP mode runs
+    /// alone, since a veth whose peer runs XDP loses its GSO.
+    xdp_tx_receiver: Option<XdpVerdictLink>,
     binary: PathBuf,
     manifests: tempfile::TempDir,
     // Last: dropped after the processes in them are gone.
@@ -92,11 +97,17 @@ impl NodePortTestbed {
             .into_iter()
             .filter(|p| matches!(p.role, "server-a" | "server-b"))
             .collect();
-        let mut topo = Topology::build_with(&pods, Offloads::AsRealDevicesWithFullWireChecksums)?;
-        // node2's end of the wire takes what node1's uplink program sends
-        // back out (`XDP_TX`), as a NIC's wire would; a veth hands such
-        // frames only to a peer that runs XDP (an `XDP_PASS` program).
-        topo.receive_xdp_tx(1)?;
+        let topo = Topology::build_with(&pods, Offloads::AsRealDevices)?;
+        // What reaches node1's uplink carries complete checksums, as a
+        // frame from a real wire does: node2's end of the wire (and so
+        // the outside client's and server-b's macvlans on it) computes
+        // them in software. With transmit offload a veth hands its peer
+        // half-done ones (`CHECKSUM_PARTIAL`), which no NIC receives,
+        // which an XDP program cannot tell from complete ones, and which
+        // `XDP_TX` sends on unfinished. node1's end keeps its offloads
+        // (kube-proxy's forwarded packets are segmented and checksummed
+        // as a NIC would).
+        topo.nodes[1].disable_tx_checksum(WIRE)?;
         let node = &topo.nodes[0];
         // A Kubernetes node forwards (kube-proxy's DNAT to another node,
         // and the kernel answers the XDP program's route lookups only on
@@ -149,6 +160,7 @@ impl NodePortTestbed {
             installed: None,
             agent: None,
             ceiling: None,
+            xdp_tx_receiver: None,
             binary,
             manifests,
             cgroups,
@@ -193,6 +205,20 @@ impl NodePortTestbed {
                 "the agent's XDP link is still pinned after it stopped"
             );
         }
+        if !mode.xdp() {
+            self.xdp_tx_receiver = None;
+        } else if self.xdp_tx_receiver.is_none() {
+            let path = self.topo.nodes[1].path().to_owned();
+            self.xdp_tx_receiver = Some(
+                attach_xdp_verdict(Some(&path), WIRE, XdpVerdict::Pass)
+                    .context("attaching XDP_PASS to node2's end of the wire")?,
+            );
+        }
+        // Generic XDP runs after GRO, on merged packets whose TCP
+        // checksum holds only the pseudo-header's sum (`CHECKSUM_PARTIAL`),
+        // which the program's port rewrite would spoil: the skb path runs
+        // with GRO off on the uplink, as generic mode needs.
+        self.topo.nodes[0].set_gro(WIRE, !mode.skb_path())?;
         if mode.xdp() && self.agent.is_none() {
             self.agent = Some((self.start_agent(mode.skb_path())?, mode.skb_path()));
         }
@@ -351,6 +377,7 @@ impl NodePortTestbed {
     /// on drop.
     pub(super) fn finish(mut self) -> Result<()> {
         self.ceiling = None;
+        self.xdp_tx_receiver = None;
         if let Some(flavour) = self.installed.take() {
             remove_kube_proxy(&self.topo.nodes[0], flavour, IpFamily::V4)?;
         }

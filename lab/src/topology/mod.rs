@@ -106,15 +106,6 @@ pub enum Offloads {
     /// it — forwarding hops carry 64 KB GSO packets as on a real node.
     /// For benches.
     AsRealDevices,
-    /// As real devices have them, but the wire (and so every macvlan on
-    /// it, whose features follow their parent's) computes checksums in
-    /// software: a frame crossing it carries complete checksums, as one
-    /// from a real wire does. For XDP on the wire, which sees frames as a
-    /// NIC receives them: a veth with transmit offload would hand it
-    /// half-done checksums (`CHECKSUM_PARTIAL`) that no NIC receives,
-    /// that a program cannot tell from complete ones, and that `XDP_TX`
-    /// sends on as they are. For north-south benches.
-    AsRealDevicesWithFullWireChecksums,
 }
 
 impl Offloads {
@@ -122,7 +113,7 @@ impl Offloads {
     pub(crate) fn apply(self, namespace: &Namespace, iface: &str) -> Result<()> {
         match self {
             Offloads::ChecksumsInSoftware => namespace.disable_tx_checksum(iface),
-            Offloads::AsRealDevices | Offloads::AsRealDevicesWithFullWireChecksums => Ok(()),
+            Offloads::AsRealDevices => Ok(()),
         }
     }
 
@@ -131,10 +122,6 @@ impl Offloads {
         match self {
             Offloads::ChecksumsInSoftware => namespace.disable_tx_checksum(iface),
             Offloads::AsRealDevices => namespace.enable_gro(iface),
-            Offloads::AsRealDevicesWithFullWireChecksums => {
-                namespace.enable_gro(iface)?;
-                namespace.disable_tx_checksum(iface)
-            }
         }
     }
 }
