@@ -12,6 +12,7 @@ pub mod clock;
 pub mod cni;
 pub mod datapath_events;
 pub mod error;
+pub mod ethtool;
 pub mod features;
 pub mod health_check;
 pub mod http;

@@ -41,6 +41,9 @@ pub struct UplinkFacts {
     /// Whether it forwards (`net.ipv4.conf.<uplink>.forwarding`): the
     /// kernel answers the uplink program's route lookups only then.
     pub forwarding: bool,
+    /// Whether it merges received packets (GRO): generic-mode XDP then
+    /// sees merged TCP packets (see `generic_mode_caveat`).
+    pub gro: bool,
 }
 
 /// Reads `iface` in the namespace at `netns` (None: our own).
@@ -60,10 +63,33 @@ pub fn read_facts(netns: Option<&Path>, iface: &str) -> Result<UplinkFacts> {
     .ok()
     .and_then(Result::ok)
     .is_some_and(|v| v.trim() == "1");
+    let gro = crate::netns::run_in(netns, || {
+        crate::ethtool::feature(iface, crate::ethtool::ETHTOOL_GGRO)
+    })
+    .ok()
+    .and_then(Result::ok)
+    .unwrap_or(false);
     Ok(UplinkFacts {
         ifindex: link.index,
         ipv4: link.ipv4,
         forwarding,
+        gro,
+    })
+}
+
+/// What an operator must hear when the uplink program runs in generic
+/// mode (`how`, as the attach said) on a device that merges packets:
+/// generic XDP runs after GRO, on merged TCP packets whose checksum field
+/// holds only the pseudo-header's sum (`CHECKSUM_PARTIAL`), which the
+/// program's port rewrite spoils — the NIC's segmentation then sends bad
+/// checksums.
+pub fn generic_mode_caveat(how: &str, facts: &UplinkFacts, iface: &str) -> Option<String> {
+    (how == "generic" && facts.gro).then(|| {
+        format!(
+            "the uplink program runs in generic mode on {iface}, which merges received \
+             packets (GRO): TCP flows it translates would leave with bad checksums; turn GRO \
+             off (`ethtool -K {iface} gro off`) or use a driver with native XDP"
+        )
     })
 }
 
@@ -114,11 +140,26 @@ mod tests {
     }
 
     #[test]
+    fn generic_mode_on_a_merging_device_is_said() {
+        let facts = |gro| UplinkFacts {
+            ifindex: 2,
+            ipv4: vec![],
+            forwarding: true,
+            gro,
+        };
+        let said = generic_mode_caveat("generic", &facts(true), "eth0").unwrap();
+        assert!(said.contains("ethtool -K eth0 gro off"), "{said}");
+        assert_eq!(generic_mode_caveat("native", &facts(true), "eth0"), None);
+        assert_eq!(generic_mode_caveat("generic", &facts(false), "eth0"), None);
+    }
+
+    #[test]
     fn the_snat_address_is_the_node_ip_the_uplink_holds() {
         let facts = UplinkFacts {
             ifindex: 2,
             ipv4: vec![Ipv4Addr::new(10, 0, 0, 9), Ipv4Addr::new(10, 0, 0, 5)],
             forwarding: true,
+            gro: false,
         };
         let node_ips: Vec<IpAddr> =
             vec!["192.168.1.1".parse().unwrap(), "10.0.0.5".parse().unwrap()];
