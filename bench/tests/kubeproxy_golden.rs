@@ -237,7 +237,7 @@ fn node_ports_come_from_the_service_and_local_ones_are_left_out() {
     let spec = service.spec.as_mut().unwrap();
     spec.type_ = Some("NodePort".into());
     spec.ports.as_mut().unwrap()[0].node_port = Some(30080);
-    let ports = service_ports(&[service.clone()], &[slice.clone()]);
+    let ports = service_ports(std::slice::from_ref(&service), std::slice::from_ref(&slice));
     assert_eq!(
         ports.len(),
         1,

@@ -450,7 +450,7 @@ mod snat_port_tests {
             "the backend went from LAST_ACK to CLOSED: nothing lingers, and the port is free \
              long before the flow's entry expires"
         );
-        assert!(SNAT_PORT_CLOSED_SECS + 1 < TCP_CLOSING_LIFETIME_SECS);
+        const { assert!(SNAT_PORT_CLOSED_SECS + 1 < TCP_CLOSING_LIFETIME_SECS) };
         assert!(free(reset, SNAT_PORT_CLOSED_SECS + 1));
         assert!(
             !free(through(&established), TCP_CLOSING_LIFETIME_SECS + 1),
