@@ -1,6 +1,8 @@
 //! `bench cluster-ip --quick`: every mode and workload end to end in
 //! seconds (asserting nothing about speed: that is the bench's job).
 
+mod common;
+
 use std::{process::Command, sync::Mutex};
 
 /// One quick bench at a time: two would share the machine's two CPUs
@@ -28,18 +30,7 @@ const ROWS: [(&str, bool); 12] = [
 fn every_row_runs() {
     bench::require_root("bench cluster-ip").unwrap();
     let _one = ONE_BENCH.lock().unwrap_or_else(|e| e.into_inner());
-    let json = std::env::temp_dir().join(format!("cluster-ip-quick-{}.json", std::process::id()));
-    let output = Command::new(env!("CARGO_BIN_EXE_bench"))
-        .args(["cluster-ip", "--quick", "--json"])
-        .arg(&json)
-        .output()
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&output.stdout);
-    assert!(
-        output.status.success(),
-        "{stdout}\n{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
+    let (stdout, results) = common::quick_run(&["cluster-ip"]);
     for (row, programs) in ROWS {
         assert_eq!(
             stdout.matches(&format!("\n| {row} |")).count(),
@@ -47,9 +38,6 @@ fn every_row_runs() {
             "{row} in every table:\n{stdout}"
         );
     }
-    let results: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap();
-    let _ = std::fs::remove_file(&json);
     let rows = results["rows"].as_array().unwrap();
     assert_eq!(rows.len(), 108, "9 workloads × 12 modes");
     for row in rows {

@@ -5,23 +5,12 @@
 //! to a pod on node1 and to one on node2 — and the packet rate with its
 //! `XDP_DROP` ceiling, asserting nothing about speed.
 
-use std::process::Command;
+mod common;
 
 #[test]
 fn every_row_runs() {
     bench::require_root("bench node-port").unwrap();
-    let json = std::env::temp_dir().join(format!("node-port-quick-{}.json", std::process::id()));
-    let output = Command::new(env!("CARGO_BIN_EXE_bench"))
-        .args(["node-port", "--quick", "--json"])
-        .arg(&json)
-        .output()
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&output.stdout);
-    assert!(
-        output.status.success(),
-        "{stdout}\n{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
+    let (stdout, results) = common::quick_run(&["node-port"]);
     let rows = [
         "macvlan, Pod IP, no programs (the limit)",
         "the limit again (A/A control)",
@@ -47,9 +36,6 @@ fn every_row_runs() {
         1,
         "the ceiling in the packet rate's table only:\n{stdout}"
     );
-    let results: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap();
-    let _ = std::fs::remove_file(&json);
     let measured = results["rows"].as_array().unwrap();
     assert_eq!(
         measured.len(),
@@ -62,5 +48,27 @@ fn every_row_runs() {
             .flat_map(|r| r["runs"].as_array().unwrap())
             .all(|m| m["per_second"].as_f64().is_some_and(|v| v > 0.0)),
         "every row measured something:\n{stdout}"
+    );
+    // No connection broken, no packet lost (SNAT ports running out
+    // reset TCP_CRR's connections once).
+    for row in measured {
+        assert_eq!(row["runs"][0]["errors"].as_u64(), Some(0), "{row}");
+    }
+    // Complete checksums into node1's uplink (node2's end of the wire
+    // computes them); node1's end keeps a NIC's offloads.
+    let devices = results["offloads"].as_array().unwrap();
+    let wire = |namespace: &str| {
+        devices
+            .iter()
+            .find(|d| {
+                d["device"] == "wire" && d["namespace"].as_str().unwrap().ends_with(namespace)
+            })
+            .unwrap_or_else(|| panic!("no wire in {namespace}: {devices:?}"))
+    };
+    assert_eq!(wire("node2")["tx_checksumming"], false, "{devices:?}");
+    assert_eq!(
+        wire("node1")["tcp_segmentation_offload"],
+        true,
+        "{devices:?}"
     );
 }

@@ -2,23 +2,12 @@
 //! row of the seed's Pod IP table and workload end to end (asserting
 //! nothing about speed).
 
-use std::process::Command;
+mod common;
 
 #[test]
 fn every_row_runs() {
     bench::require_root("bench pod-ip").unwrap();
-    let json = std::env::temp_dir().join(format!("pod-ip-quick-{}.json", std::process::id()));
-    let output = Command::new(env!("CARGO_BIN_EXE_bench"))
-        .args(["pod-ip", "--quick", "--json"])
-        .arg(&json)
-        .output()
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&output.stdout);
-    assert!(
-        output.status.success(),
-        "{stdout}\n{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
+    let (stdout, results) = common::quick_run(&["pod-ip"]);
     // (row, its client runs our programs: a second line in the table of
     // their live run time)
     for (row, programs) in [
@@ -35,9 +24,6 @@ fn every_row_runs() {
             "{row} in every table:\n{stdout}"
         );
     }
-    let results: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap();
-    let _ = std::fs::remove_file(&json);
     let rows = results["rows"].as_array().unwrap();
     assert_eq!(rows.len(), 54, "9 workloads × 6 rows");
     assert!(

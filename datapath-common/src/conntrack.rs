@@ -97,9 +97,11 @@ pub const SNAT_PORT_REUSE_SECS: u64 = 120;
 /// SNAT port: the backend's socket is closed once the client's last ACK
 /// arrives, or after a few FIN retransmissions (200 ms and up) if that
 /// ACK is lost. Holding the port for the whole closing lifetime (10 s)
-/// instead caps a backend at 5,000 new connections a second over the
-/// default 50,000 ports; the flow's entry still lives that long, for its
-/// stray packets.
+/// instead caps a backend at a tenth of the range's size in new
+/// connections a second (450/s at the default 4,536 ports, 5,000/s over
+/// 50,000); the flow's entry still lives that long, for its stray
+/// packets. Counted from the entry's last write (a state change, or at
+/// most one refresh interval), not strictly its last packet.
 pub const SNAT_PORT_CLOSED_SECS: u64 = 2;
 
 /// TCP flag bits as they sit in byte 13 of the TCP header.

@@ -16,7 +16,7 @@
 use aya_ebpf::{bindings::xdp_action::XDP_PASS, programs::XdpContext};
 use datapath_common::{
     IPPROTO_TCP,
-    conntrack::{self, Direction, Tracked},
+    conntrack::{self, Direction},
     lb,
     maps::{Backend, CtEntry, CtKey, L2_UPLINK_LOCAL, L2_UPLINK_SNAT, ServiceKey},
     metrics::Counter,
@@ -86,9 +86,8 @@ fn service_packet(ctx: &XdpContext, packet: &Packet, table: &CtMap) -> u32 {
                 Direction::Original,
             );
             if ct::needs_write(flow, state, now) {
-                // OR, not a store: the pod's egress may have added a bit
-                // since this CPU read the state.
-                flow.seen(state, now);
+                flow.state = state;
+                flow.last_seen = now;
                 let reply = ct::backend_key(
                     packet.saddr_be,
                     packet.sport_be,

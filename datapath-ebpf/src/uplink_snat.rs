@@ -188,10 +188,8 @@ pub fn forward(
         Direction::Original,
     );
     if ct::needs_write(flow, state, now) {
-        // OR, not a store: the other direction's CPU may have added
-        // a bit since this one read the state (a lost FIN would keep a
-        // closed flow, and its SNAT port, for the established lifetime).
-        flow.seen(state, now);
+        flow.state = state;
+        flow.last_seen = now;
         let reply = ct::backend_key(
             config.snat_address_be,
             flow.nat_port_be,
@@ -274,10 +272,8 @@ pub fn reply(ctx: &XdpContext, packet: &Packet, table: &CtMap) -> Option<u32> {
         Direction::Reply,
     );
     if ct::needs_write(entry, state, now) {
-        // OR, not a store: the other direction's CPU may have added
-        // a bit since this one read the state (a lost FIN would keep a
-        // closed flow, and its SNAT port, for the established lifetime).
-        entry.seen(state, now);
+        entry.state = state;
+        entry.last_seen = now;
         let service = ct::service_key(
             entry.client_address_be,
             entry.client_port_be,

@@ -78,13 +78,21 @@ pub fn read_facts(netns: Option<&Path>, iface: &str) -> Result<UplinkFacts> {
 }
 
 /// What an operator must hear when the uplink program runs in generic
-/// mode (`how`, as the attach said) on a device that merges packets:
+/// mode (`how`, as the attach said; a kept link counts when generic mode
+/// was asked for) on a device that merges packets:
 /// generic XDP runs after GRO, on merged TCP packets whose checksum field
 /// holds only the pseudo-header's sum (`CHECKSUM_PARTIAL`), which the
 /// program's port rewrite spoils — the NIC's segmentation then sends bad
 /// checksums.
-pub fn generic_mode_caveat(how: &str, facts: &UplinkFacts, iface: &str) -> Option<String> {
-    (how == "generic" && facts.gro).then(|| {
+pub fn generic_mode_caveat(
+    how: &str,
+    asked: XdpAttachMode,
+    facts: &UplinkFacts,
+    iface: &str,
+) -> Option<String> {
+    let generic =
+        how == "generic" || (how == "pinned link kept" && asked == XdpAttachMode::Generic);
+    (generic && facts.gro).then(|| {
         format!(
             "the uplink program runs in generic mode on {iface}, which merges received \
              packets (GRO): TCP flows it translates would leave with bad checksums; turn GRO \
@@ -147,10 +155,20 @@ mod tests {
             forwarding: true,
             gro,
         };
-        let said = generic_mode_caveat("generic", &facts(true), "eth0").unwrap();
+        let auto = XdpAttachMode::Auto;
+        let said = generic_mode_caveat("generic", auto, &facts(true), "eth0").unwrap();
         assert!(said.contains("ethtool -K eth0 gro off"), "{said}");
-        assert_eq!(generic_mode_caveat("native", &facts(true), "eth0"), None);
-        assert_eq!(generic_mode_caveat("generic", &facts(false), "eth0"), None);
+        assert_eq!(
+            generic_mode_caveat("native", auto, &facts(true), "eth0"),
+            None
+        );
+        assert_eq!(
+            generic_mode_caveat("generic", auto, &facts(false), "eth0"),
+            None
+        );
+        let kept = "pinned link kept";
+        assert!(generic_mode_caveat(kept, XdpAttachMode::Generic, &facts(true), "eth0").is_some());
+        assert_eq!(generic_mode_caveat(kept, auto, &facts(true), "eth0"), None);
     }
 
     #[test]

@@ -307,7 +307,9 @@ fn serve_from_outside(options: &AgentOptions, datapath: &mut Datapath) -> Result
         snat = %std::net::Ipv4Addr::from(config.snat_address_be.to_ne_bytes()),
         "serving nodePorts, load-balancer and external IPs from outside on the uplink (XDP)"
     );
-    if let Some(caveat) = crate::uplink::generic_mode_caveat(attached.how, &facts, &uplink.iface) {
+    if let Some(caveat) =
+        crate::uplink::generic_mode_caveat(attached.how, uplink.xdp_mode, &facts, &uplink.iface)
+    {
         warn!("{caveat}");
     }
     Ok(Some(facts.ifindex))
