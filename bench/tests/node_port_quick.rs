@@ -49,10 +49,19 @@ fn every_row_runs() {
             .all(|m| m["per_second"].as_f64().is_some_and(|v| v > 0.0)),
         "every row measured something:\n{stdout}"
     );
-    // No connection broken, no packet lost (SNAT ports running out
-    // reset TCP_CRR's connections once).
+    // No connection broken (SNAT ports running out reset TCP_CRR's
+    // connections once); of the packet rate's datagrams, sent as fast as
+    // one CPU can, a queue overflowing under the overload may drop a
+    // few, not more.
     for row in measured {
-        assert_eq!(row["runs"][0]["errors"].as_u64(), Some(0), "{row}");
+        let run = &row["runs"][0];
+        let errors = run["errors"].as_u64().unwrap();
+        if row["workload"] == "packet-rate" {
+            let arrived = run["transactions"].as_u64().unwrap();
+            assert!(errors * 1000 <= arrived, "over 0.1 % lost: {row}");
+        } else {
+            assert_eq!(errors, 0, "{row}");
+        }
     }
     // Complete checksums into node1's uplink (node2's end of the wire
     // computes them); node1's end keeps a NIC's offloads.

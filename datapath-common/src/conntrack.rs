@@ -11,19 +11,27 @@ use crate::maps::{CtEntry, CtEntry6, UplinkSnat};
 /// A conntrack entry of either family: the two fields the lifetime and
 /// state rules read.
 pub trait Tracked {
+    /// Where the `STATE_*` byte sits in the entry. The datapath adds bits
+    /// to it with an atomic OR on the 8-byte word holding it (BPF's
+    /// atomics are 4 or 8 bytes wide, and the BPF target's Rust only has
+    /// the latter): a flow's two directions run on different CPUs, and a
+    /// plain read-modify-write from one could undo the FIN the other
+    /// just added.
+    const STATE_OFFSET: usize;
     /// Jiffies when the flow was last refreshed.
     fn last_seen(&self) -> u64;
     /// `STATE_*` bits.
     fn state(&self) -> u8;
-    /// A packet of the flow was seen at `now` in `state` (its bits are
-    /// added to the entry's: the flow's other entry keeps its own).
-    fn seen(&mut self, state: u8, now: u64);
+    /// Sets the refresh stamp (a plain store: racing packets all write
+    /// about the same time, any of them is right).
+    fn set_last_seen(&mut self, now: u64);
 }
 
 /// Both entries have the same field names, in other places.
 macro_rules! tracked {
     ($entry:ty) => {
         impl Tracked for $entry {
+            const STATE_OFFSET: usize = core::mem::offset_of!($entry, state);
             #[inline(always)]
             fn last_seen(&self) -> u64 {
                 self.last_seen
@@ -33,11 +41,15 @@ macro_rules! tracked {
                 self.state
             }
             #[inline(always)]
-            fn seen(&mut self, state: u8, now: u64) {
-                self.state |= state;
+            fn set_last_seen(&mut self, now: u64) {
                 self.last_seen = now;
             }
         }
+        // The word the atomic OR touches lies inside the entry, aligned.
+        const _: () = assert!(
+            core::mem::offset_of!($entry, state) / 8 * 8 + 8 <= core::mem::size_of::<$entry>()
+                && core::mem::align_of::<$entry>() >= 8
+        );
     };
 }
 tracked!(CtEntry);

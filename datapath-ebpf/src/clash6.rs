@@ -309,8 +309,7 @@ fn service_flow(
         Direction::Original,
     );
     if ct::needs_write(flow, state, now) {
-        flow.state = state;
-        flow.last_seen = now;
+        ct::record(flow, state, now);
         let mut reply = ct6::backend_key(
             packet.saddr_be,
             flow.nat_port_be,

@@ -7,7 +7,7 @@ use datapath_common::{
     maps::{CT_KIND_BACKEND, CT_KIND_SERVICE, CtKey},
 };
 
-use crate::parse::Packet;
+use crate::{atomic, parse::Packet};
 
 /// Conntrack lifetimes in ticks; the loader overwrites this read-only
 /// global (`datapath_common::conntrack::LIFETIMES_GLOBAL`) with the
@@ -122,6 +122,38 @@ pub fn reply_key(packet: &Packet) -> CtKey {
     )
 }
 
+/// Records a packet of the flow at `now` in `entry`: the bits of `state`
+/// the entry lacks are added with an atomic OR, the stamp is stored.
+///
+/// Atomic because a flow's directions meet on different CPUs (the
+/// client's FIN on one, the backend's ACK or FIN on another; each also
+/// mirrors its bits onto the other entry): with a plain
+/// read-modify-write, the one that read first could write back the state
+/// without the FIN the other just added, and a closed flow would then
+/// live (holding its LRU slot, and on the uplink its SNAT port) for the
+/// established lifetime. Only a state change pays for it; a refresh is a
+/// plain store.
+#[inline(always)]
+pub fn record<V: Tracked>(entry: &mut V, state: u8, now: u64) {
+    let new_bits = state & !entry.state();
+    if new_bits != 0 {
+        let word_offset = V::STATE_OFFSET & !7;
+        let shift = (V::STATE_OFFSET & 7) * 8;
+        // SAFETY: `entry` points into a map value, which the kernel keeps
+        // 8-byte aligned; the word at `word_offset` is 8-byte aligned and
+        // inside the entry (asserted where `Tracked` is implemented). Its
+        // other bytes are fields the OR leaves as they are.
+        unsafe {
+            let word = (entry as *mut V)
+                .cast::<u8>()
+                .add(word_offset)
+                .cast::<u64>();
+            atomic::or(word, u64::from(new_bits) << shift);
+        }
+    }
+    entry.set_last_seen(now);
+}
+
 /// Mirrors a refresh (state bits, timestamp) onto the flow's other entry.
 /// Returns false when that entry is gone (evicted).
 #[inline(always)]
@@ -129,7 +161,7 @@ pub fn mirror<K, V: Tracked>(table: &LruHashMap<K, V>, key: &K, state: u8, now: 
     match table.get_ptr_mut(key) {
         Some(peer) => {
             // SAFETY: a pointer into the map value, valid for this program run.
-            unsafe { (*peer).seen(state, now) };
+            record(unsafe { &mut *peer }, state, now);
             true
         }
         None => false,

@@ -86,8 +86,7 @@ fn tracked(ctx: &TcContext, packet: &Packet6, table: &CtMap6, now: u64) -> Optio
         Direction::Original,
     );
     if ct::needs_write(flow, state, now) {
-        flow.state = state;
-        flow.last_seen = now;
+        ct::record(flow, state, now);
         reply_filter::mark6(packet.daddr_be, packet.dport_be, packet.protocol);
         let reply = ct6::backend_key(
             packet.saddr_be,

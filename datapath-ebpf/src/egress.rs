@@ -94,8 +94,7 @@ fn service_packet(ctx: &TcContext, packet: &Packet, table: &CtMap) -> i32 {
                 Direction::Original,
             );
             if ct::needs_write(flow, state, now) {
-                flow.state = state;
-                flow.last_seen = now;
+                ct::record(flow, state, now);
                 let reply = ct::backend_key(
                     hairpin::reply_client(packet, backend.address_be),
                     wire_port(flow, packet),
@@ -182,8 +181,7 @@ fn direct_tracked(ctx: &TcContext, packet: &Packet, table: &CtMap) -> Option<i32
         Direction::Original,
     );
     if ct::needs_write(flow, state, now) {
-        flow.state = state;
-        flow.last_seen = now;
+        ct::record(flow, state, now);
         reply_filter::mark(packet.daddr_be, packet.dport_be, packet.protocol);
         let reply = ct::backend_key(
             packet.saddr_be,

@@ -147,8 +147,7 @@ fn service_packet(ctx: &TcContext, packet: &Packet6, table: &CtMap6) -> i32 {
                 Direction::Original,
             );
             if ct::needs_write(flow, state, now) {
-                flow.state = state;
-                flow.last_seen = now;
+                ct::record(flow, state, now);
                 // Keyed by the port on the wire: a later fragment of a
                 // moved flow comes this way too.
                 let mut reply = ct6::backend_key(

@@ -100,8 +100,7 @@ fn reply_in(ctx: &TcContext, packet: &Packet, table: &CtMap) -> i32 {
         Direction::Reply,
     );
     if ct::needs_write(flow, state, now) {
-        flow.state = state;
-        flow.last_seen = now;
+        ct::record(flow, state, now);
         let service = ct::service_key(
             packet.saddr_be,
             client_port,

@@ -135,8 +135,7 @@ fn reply(ctx: &TcContext, packet: &Packet6, table: &CtMap6) -> i32 {
     // The client's own port, if it was moved on a tuple clash.
     let client_port_be = ct6::moved_port(flow, packet.dport_be);
     if ct::needs_write(flow, state, now) {
-        flow.state = state;
-        flow.last_seen = now;
+        ct::record(flow, state, now);
         let service = ct6::service_key(
             packet.saddr_be,
             client_port_be,

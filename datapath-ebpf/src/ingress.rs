@@ -69,8 +69,7 @@ fn reply(ctx: &TcContext, packet: &Packet, table: &CtMap) -> i32 {
     // that learned MACs stay confirmed without a write per packet.
     let teach_l2 = ct::refresh_due(flow.l2_seen, now);
     if ct::needs_write(flow, state, now) || teach_l2 {
-        flow.state = state;
-        flow.last_seen = now;
+        ct::record(flow, state, now);
         flow.l2_seen = now;
         let client_port = if flow.nat_port_be != 0 {
             flow.nat_port_be
@@ -87,8 +86,7 @@ fn reply(ctx: &TcContext, packet: &Packet, table: &CtMap) -> i32 {
         if let Some(forward) = table.get_ptr_mut(service) {
             // SAFETY: a pointer into the map value, valid for this program run.
             let forward = unsafe { &mut *forward };
-            forward.state |= state;
-            forward.last_seen = now;
+            ct::record(forward, state, now);
             l2::learn_from_reply(ctx, forward, now);
         }
     }

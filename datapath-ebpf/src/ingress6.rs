@@ -109,8 +109,7 @@ fn reply(ctx: &TcContext, packet: &Packet6, table: &CtMap6) -> i32 {
     // (`crate::clash6`).
     let client_port_be = ct6::moved_port(flow, packet.dport_be);
     if ct::needs_write(flow, state, now) || teach_l2 {
-        flow.state = state;
-        flow.last_seen = now;
+        ct::record(flow, state, now);
         flow.l2_seen = now;
         let service = ct6::service_key(
             packet.daddr_be,
@@ -122,8 +121,7 @@ fn reply(ctx: &TcContext, packet: &Packet6, table: &CtMap6) -> i32 {
         if let Some(forward) = table.get_ptr_mut(service) {
             // SAFETY: a pointer into the map value, valid for this program run.
             let forward = unsafe { &mut *forward };
-            forward.state |= state;
-            forward.last_seen = now;
+            ct::record(forward, state, now);
             l2::learn_from_reply(ctx, forward, now);
         }
     }

@@ -5,8 +5,13 @@
 #![no_main]
 // Inline asm for the one kfunc call (`kernel_skb`).
 #![feature(asm_experimental_arch)]
+// Atomic OR and compare-and-swap on map values (`atomic`), which the BPF
+// target's `core::sync::atomic` lacks.
+#![feature(core_intrinsics)]
+#![allow(internal_features, reason = "core_intrinsics: see `atomic`")]
 
 mod affinity;
+mod atomic;
 mod backends;
 mod clash;
 mod clash6;

@@ -86,8 +86,7 @@ fn service_packet(ctx: &XdpContext, packet: &Packet, table: &CtMap) -> u32 {
                 Direction::Original,
             );
             if ct::needs_write(flow, state, now) {
-                flow.state = state;
-                flow.last_seen = now;
+                ct::record(flow, state, now);
                 let reply = ct::backend_key(
                     packet.saddr_be,
                     packet.sport_be,

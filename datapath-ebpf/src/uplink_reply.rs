@@ -69,8 +69,7 @@ fn translate(ctx: &TcContext, packet: &Packet, table: &CtMap) -> Option<i32> {
         Direction::Reply,
     );
     if ct::needs_write(flow, state, now) {
-        flow.state = state;
-        flow.last_seen = now;
+        ct::record(flow, state, now);
         let service = ct::service_key(
             packet.daddr_be,
             packet.dport_be,

@@ -17,14 +17,14 @@ use aya_ebpf::{
     programs::XdpContext,
 };
 use datapath_common::{
-    conntrack::{self, Direction, Tracked},
+    conntrack::{self, Direction},
     maps::{Backend, CtEntry, CtKey, L2_UPLINK_SNAT, NorthSouthConfig, UplinkSnat},
     metrics::Counter,
     port_be,
 };
 
 use crate::{
-    ct,
+    atomic, ct,
     maps::{CtMap, NORTH_SOUTH, UPLINK_SNAT},
     metrics::{count, count_service},
     parse::Packet,
@@ -129,7 +129,8 @@ pub fn open(
         if let Some(held) = UPLINK_SNAT.get_ptr_mut(reply) {
             // SAFETY: a pointer into the map value, valid for this run.
             let held = unsafe { &mut *held };
-            if ct::snat_port_free(held, packet.protocol, now) {
+            let seen = held.last_seen;
+            if ct::snat_port_free(held, packet.protocol, now) && claim(held, seen, now) {
                 *held = back;
                 port = candidate;
                 break;
@@ -157,6 +158,19 @@ pub fn open(
     }
     count_service(rev_nat_id, 1, 1);
     send(ctx, packet, backend, &flow, config.snat_address_be)
+}
+
+/// Takes over the port of `held`, found free while its `last_seen` was
+/// `seen`: a compare-and-swap of `last_seen` from `seen` to `now`. False
+/// when another CPU's new flow claimed the port first (or a late packet
+/// of the old flow refreshed it): check-then-write would hand the port
+/// to both new flows, and the replies of one would reach the other's
+/// client. Once claimed, the entry looks live to every other CPU.
+#[inline(always)]
+fn claim(held: &mut UplinkSnat, seen: u64, now: u64) -> bool {
+    // SAFETY: `last_seen` is the entry's first field, 8-byte aligned in a
+    // map value that lives for this program run.
+    unsafe { atomic::compare_exchange(&mut held.last_seen, seen, now) }
 }
 
 /// A later packet of a tracked flow to `backend`.
@@ -188,8 +202,7 @@ pub fn forward(
         Direction::Original,
     );
     if ct::needs_write(flow, state, now) {
-        flow.state = state;
-        flow.last_seen = now;
+        ct::record(flow, state, now);
         let reply = ct::backend_key(
             config.snat_address_be,
             flow.nat_port_be,
@@ -213,7 +226,7 @@ pub fn forward(
                 count(Counter::Error);
                 return XDP_DROP;
             }
-            held.seen(state, now);
+            ct::record(held, state, now);
         } else if let Some((client_mac, _)) = uplink_frame::macs(ctx) {
             // Evicted: without it the replies would reach the stack.
             let back = UplinkSnat {
@@ -272,8 +285,7 @@ pub fn reply(ctx: &XdpContext, packet: &Packet, table: &CtMap) -> Option<u32> {
         Direction::Reply,
     );
     if ct::needs_write(entry, state, now) {
-        entry.state = state;
-        entry.last_seen = now;
+        ct::record(entry, state, now);
         let service = ct::service_key(
             entry.client_address_be,
             entry.client_port_be,
@@ -287,7 +299,7 @@ pub fn reply(ctx: &XdpContext, packet: &Packet, table: &CtMap) -> Option<u32> {
             // SAFETY: a pointer into the map value, valid for this run.
             let forward = unsafe { &mut *forward };
             if forward.l2_mode == L2_UPLINK_SNAT && forward.nat_port_be == packet.dport_be {
-                forward.seen(state, now);
+                ct::record(forward, state, now);
             }
         }
     }

@@ -447,6 +447,12 @@ pub fn link_create(
 /// Runs a TC program once on `frame` (BPF_PROG_TEST_RUN) and returns its
 /// verdict: for a program opened from its pin (the CNI plugin's view).
 pub fn test_run_verdict(prog: &OwnedFd, frame: &[u8]) -> io::Result<i32> {
+    test_run_verdict_with_ctx(prog, frame, &[])
+}
+
+/// As `test_run_verdict`, with the program's context (`ctx_in`; none
+/// when empty).
+pub fn test_run_verdict_with_ctx(prog: &OwnedFd, frame: &[u8], ctx: &[u8]) -> io::Result<i32> {
     // (The output buffer: the kernel refuses a run whose frame grows
     // beyond a buffer it was given none of.)
     let mut out = vec![0u8; frame.len() + 256];
@@ -457,6 +463,12 @@ pub fn test_run_verdict(prog: &OwnedFd, frame: &[u8]) -> io::Result<i32> {
         data_size_out: out.len() as u32,
         data_out: out.as_mut_ptr() as u64,
         repeat: 1,
+        ctx_size_in: ctx.len() as u32,
+        ctx_in: if ctx.is_empty() {
+            0
+        } else {
+            ctx.as_ptr() as u64
+        },
         ..TestRunAttr::default()
     };
     bpf(BPF_PROG_TEST_RUN, &mut attr)?;

@@ -29,7 +29,7 @@ use datapath_common::{
 };
 use datapath_user::{
     Datapath,
-    loader::{CtTimeouts, DatapathLog, L4Checksums},
+    loader::{CtTimeouts, DatapathLog, L4Checksums, test_run_held},
     maps::LbMaps,
     model::{BackendEntry, Frontend, Protocol},
     object::{TC_EGRESS, TC_INGRESS, verdict},
@@ -980,6 +980,71 @@ fn fin_and_rst_close_both_entries_and_a_new_syn_reopens() {
     // The client reuses the port for a new connection: balanced afresh.
     dp.maps.set_service(&tcp_frontend(), 1, &[B2]).unwrap();
     assert_eq!(backend_of(&egress(&mut dp, &syn).1), B2.address);
+}
+
+/// The client's FIN (egress) and the backend's FIN (ingress) of one flow,
+/// released at the same moment on the two CPUs, many times over: each
+/// program writes its own entry and mirrors its bits onto the other, so
+/// with a plain read-modify-write of the state byte one side sometimes
+/// wrote back the state it read before the other's FIN landed, and the
+/// closed flow lived on as half-closed for the established lifetime (6 h,
+/// with its SNAT port on the uplink). Both entries must end with both
+/// FINs every time.
+#[test]
+fn fins_from_both_sides_at_once_are_both_recorded() {
+    let mut dp = datapath_with(tcp_frontend(), &[B1]);
+    let syn = Frame::tcp(CLIENT, (VIP, 80), SYN);
+    egress(&mut dp, &syn);
+    ingress(
+        &mut dp,
+        &Frame::tcp((B1.address, B1.port), CLIENT, SYN | ACK),
+    );
+    egress(&mut dp, &Frame::tcp(CLIENT, (VIP, 80), ACK));
+    let keys = [service_key(&syn), backend_key(&syn, &B1)];
+    let open = keys.map(|key| ct_entry(&dp, &key).expect("both entries of the flow"));
+    let egress_program = dp.hold_program(TC_EGRESS).unwrap();
+    let ingress_program = dp.hold_program(TC_INGRESS).unwrap();
+    let client_fin = Frame::tcp(CLIENT, (VIP, 80), FIN | ACK).build();
+    let backend_fin = Frame::tcp((B1.address, B1.port), CLIENT, FIN | ACK).build();
+
+    const TRIALS: u32 = 20_000;
+    let mut lost = Vec::new();
+    let mut ingress_failures = 0;
+    let raced = common::race(
+        None,
+        TRIALS,
+        |trial, round| {
+            for (key, entry) in keys.iter().zip(open) {
+                dp.maps.conntrack_tcp.insert(key, entry, 0).unwrap();
+            }
+            round.go();
+            let verdict = test_run_held(&egress_program, &client_fin);
+            round.wait_for_the_other();
+            assert_eq!(verdict.unwrap(), verdict::OK, "trial {trial}");
+            for key in &keys {
+                let state = ct_entry(&dp, key).expect("the flow's entries").state;
+                if state & (STATE_FIN_TX | STATE_FIN_RX) != STATE_FIN_TX | STATE_FIN_RX {
+                    lost.push((trial, key.kind, state));
+                }
+            }
+        },
+        |_| {
+            if !matches!(test_run_held(&ingress_program, &backend_fin), Ok(v) if v == verdict::OK) {
+                ingress_failures += 1;
+            }
+        },
+    );
+    if !raced {
+        eprintln!("SKIP: one CPU here, the two programs cannot run at once");
+        return;
+    }
+    assert_eq!(ingress_failures, 0, "the backend's FIN on ingress");
+    assert!(
+        lost.is_empty(),
+        "{} of {TRIALS} trials lost a FIN (trial, entry kind, state): {:?}",
+        lost.len(),
+        &lost[..lost.len().min(5)]
+    );
 }
 
 #[test]

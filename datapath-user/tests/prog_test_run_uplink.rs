@@ -816,3 +816,93 @@ fn a_snat_port_is_reused_soon_after_the_client_closed_and_late_after_the_backend
         "no port of a flow the client closed was reused"
     );
 }
+
+/// Two new flows from outside, released at the same moment on the two
+/// CPUs while every SNAT port is free only by takeover (each held by a
+/// flow its client closed 5 s ago), many times over: they must never
+/// leave with the same port. With check-then-write, two flows that
+/// picked one port at once both took it, and the backend's replies for
+/// one went to the other's client.
+#[test]
+fn two_cpus_taking_over_ports_at_once_never_share_one() {
+    use datapath_common::{
+        conntrack::{STATE_FIN_RX, STATE_FIN_TX, STATE_SEEN_NON_SYN},
+        maps::UplinkSnat,
+    };
+    use datapath_user::loader::test_run_xdp_held;
+
+    let (namespace, up0, _) = node_namespace(true);
+    let mut dp = serving(node_port(Protocol::Tcp), &[REMOTE]);
+    let program = dp.hold_program(XDP_UPLINK).unwrap();
+    let closed = UplinkSnat {
+        last_seen: common::jiffies_ago(std::time::Duration::from_secs(5)),
+        client_address_be: ipv4_be([192, 0, 2, 200]),
+        frontend_address_be: ipv4_be(NODE.octets()),
+        client_port_be: port_be(9),
+        frontend_port_be: port_be(NODE_PORT),
+        state: STATE_SEEN_NON_SYN | STATE_FIN_TX | STATE_FIN_RX,
+        ..UplinkSnat::default()
+    };
+    let held: Vec<CtKey> = (0..SNAT_PORTS.1)
+        .map(|i| {
+            key(
+                (NODE, SNAT_PORTS.0 + i),
+                (REMOTE.address, REMOTE.port),
+                IPPROTO_TCP,
+                CT_KIND_BACKEND,
+            )
+        })
+        .collect();
+    let client = |host: u8, trial: u32| (Ipv4Addr::new(192, 0, 2, host), 20_000 + trial as u16);
+    let syn = |host: u8, trial: u32| {
+        Frame::tcp(client(host, trial), (NODE, NODE_PORT), SYN)
+            .with_macs(ROUTER_MAC, NODE_MAC)
+            .build()
+    };
+    let snat_port_of = |dp: &Datapath, host: u8, trial: u32| {
+        let service = key(
+            client(host, trial),
+            (NODE, NODE_PORT),
+            IPPROTO_TCP,
+            CT_KIND_SERVICE,
+        );
+        ct(dp, &service).map(|flow| u16::from_be(flow.nat_port_be))
+    };
+
+    const TRIALS: u32 = 20_000;
+    let mut shared = Vec::new();
+    let mut other_failures = Vec::new();
+    let raced = common::race(
+        Some(&namespace),
+        TRIALS,
+        |trial, round| {
+            let snat = &mut dp.maps.north_south.as_mut().unwrap().snat;
+            for port in &held {
+                snat.insert(port, closed, 0).unwrap();
+            }
+            round.go();
+            let verdict = test_run_xdp_held(&program, &syn(1, trial), up0);
+            round.wait_for_the_other();
+            assert_eq!(verdict.unwrap(), xdp_verdict::TX, "trial {trial}");
+            let ports = [snat_port_of(&dp, 1, trial), snat_port_of(&dp, 2, trial)];
+            if ports[0].is_some() && ports[0] == ports[1] {
+                shared.push((trial, ports[0]));
+            }
+        },
+        |trial| match test_run_xdp_held(&program, &syn(2, trial), up0) {
+            Ok(verdict) if verdict == xdp_verdict::TX => {}
+            other => other_failures.push((trial, other.map_err(|e| e.to_string()))),
+        },
+    );
+    if !raced {
+        eprintln!("SKIP: one CPU here, the two programs cannot run at once");
+        return;
+    }
+    assert_eq!(other_failures, [], "the other CPU's flows (trial, verdict)");
+    assert!(
+        shared.is_empty(),
+        "{} of {TRIALS} trials gave one SNAT port to both new flows (trial, port): {:?}",
+        shared.len(),
+        &shared[..shared.len().min(5)]
+    );
+}

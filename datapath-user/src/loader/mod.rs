@@ -37,7 +37,10 @@ pub use self::{
     options::{CtTimeouts, DEFAULT_PIN_DIR, DatapathLog, L4Checksums, LoadOptions, MapSizes},
     programs::{PROGRAM_PINS, PinnedTcPrograms},
     tc_attach::{REPLY_LINKS, TC_LINKS, detach_pinned_reply, detach_pinned_tc},
-    test_run::{SKB_CB_WORDS, TestRunOutcome, hold_pinned, test_run_held, test_run_pinned},
+    test_run::{
+        SKB_CB_WORDS, TestRunOutcome, hold_pinned, test_run_held, test_run_pinned,
+        test_run_xdp_held,
+    },
     xdp_attach::{UplinkAttachment, XDP_LINKS, XdpAttachMode, detach_pinned_uplinks},
     xdp_verdict::{XdpVerdict, XdpVerdictLink, attach_xdp_verdict},
 };

@@ -10,6 +10,27 @@ use super::{
 use crate::error::LoaderError;
 
 impl Datapath {
+    /// Program `name`, held apart from the object (`test_run_held`,
+    /// `test_run_xdp_held`): two programs racing on one flow need
+    /// running on two CPUs at once, which the `&mut self` of the runs
+    /// above rules out.
+    pub fn hold_program(
+        &mut self,
+        name: &'static str,
+    ) -> Result<std::os::fd::OwnedFd, LoaderError> {
+        use std::os::fd::AsFd;
+        let program = self.ebpf.program(name).ok_or(LoaderError::program(
+            name,
+            aya::programs::ProgramError::UnexpectedProgramType,
+        ))?;
+        let fd = program
+            .fd()
+            .map_err(|source| LoaderError::program(name, source))?;
+        fd.as_fd()
+            .try_clone_to_owned()
+            .map_err(|source| LoaderError::program(name, source.into()))
+    }
+
     /// Runs TC program `name` on `frame` with BPF_PROG_TEST_RUN, `repeat`
     /// times (the kernel reports the mean duration per run).
     pub fn test_run_tc(
@@ -115,10 +136,7 @@ impl Datapath {
     ) -> Result<(u32, Vec<u8>), LoaderError> {
         let program = xdp_program(&mut self.ebpf, name)?;
         let mut out = vec![0u8; frame.len() + 256];
-        // `struct xdp_md`: data, data_end, data_meta, ingress_ifindex,
-        // rx_queue_index, egress_ifindex.
-        let words = [0, frame.len() as u32, 0, ingress_ifindex.unwrap_or(0), 0, 0];
-        let ctx: Vec<u8> = words.iter().flat_map(|w| w.to_ne_bytes()).collect();
+        let ctx = xdp_md(frame, ingress_ifindex.unwrap_or(0));
         let result = program
             .test_run(TestRunOptions {
                 data_in: Some(frame),
@@ -176,4 +194,24 @@ pub fn hold_pinned(
 /// Runs a held program (`hold_pinned`) once on `frame`; its verdict.
 pub fn test_run_held(program: &std::os::fd::OwnedFd, frame: &[u8]) -> std::io::Result<i32> {
     crate::bpfsys::test_run_verdict(program, frame)
+}
+
+/// Runs a held XDP program (`Datapath::hold_program`) once on `frame`
+/// received by interface `ingress_ifindex` of the calling thread's
+/// network namespace; its verdict.
+pub fn test_run_xdp_held(
+    program: &std::os::fd::OwnedFd,
+    frame: &[u8],
+    ingress_ifindex: u32,
+) -> std::io::Result<u32> {
+    let ctx = xdp_md(frame, ingress_ifindex);
+    crate::bpfsys::test_run_verdict_with_ctx(program, frame, &ctx).map(|verdict| verdict as u32)
+}
+
+/// `struct xdp_md` for a test run of `frame` received by
+/// `ingress_ifindex`: data, data_end, data_meta, ingress_ifindex,
+/// rx_queue_index, egress_ifindex.
+fn xdp_md(frame: &[u8], ingress_ifindex: u32) -> Vec<u8> {
+    let words = [0, frame.len() as u32, 0, ingress_ifindex, 0, 0];
+    words.iter().flat_map(|w| w.to_ne_bytes()).collect()
 }

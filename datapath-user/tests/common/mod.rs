@@ -184,3 +184,95 @@ pub fn tcx_program_ids(namespace: &lab::Namespace, iface: &str) -> [Vec<u32>; 2]
         })
         .unwrap()
 }
+
+/// One round of `race`, as the thread that prepares it sees it.
+pub struct Round<'a> {
+    trial: u32,
+    released: &'a std::sync::atomic::AtomicU32,
+    ran: &'a std::sync::atomic::AtomicU32,
+}
+
+impl Round<'_> {
+    /// Lets the other thread run its step of this round.
+    pub fn go(&self) {
+        self.released
+            .store(self.trial, std::sync::atomic::Ordering::Release);
+    }
+
+    /// Waits until the other thread has run its step of this round.
+    pub fn wait_for_the_other(&self) {
+        while self.ran.load(std::sync::atomic::Ordering::Acquire) < self.trial {
+            std::hint::spin_loop();
+        }
+    }
+}
+
+/// Opens every round a failed `here` has not reached, so that `there`
+/// runs out instead of waiting forever.
+struct ReleaseAllOnPanic<'a>(&'a std::sync::atomic::AtomicU32);
+
+impl Drop for ReleaseAllOnPanic<'_> {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            self.0.store(u32::MAX, std::sync::atomic::Ordering::Release);
+        }
+    }
+}
+
+/// Races two steps on two CPUs, `trials` times, both threads in
+/// `namespace` if given (route lookups start there). Round `trial`:
+/// `here(trial, round)` prepares, calls `round.go()`, runs its step,
+/// `round.wait_for_the_other()`, and checks; `there(trial)` runs its
+/// step the moment `go` is called. Both threads spin rather than sleep,
+/// so the two steps start within a cache-line transfer of each other
+/// (a sleeping thread's wake-up would take microseconds, longer than
+/// either step). False, with nothing run, when this machine has one CPU.
+pub fn race(
+    namespace: Option<&lab::Namespace>,
+    trials: u32,
+    here: impl FnMut(u32, &Round) + Send,
+    there: impl FnMut(u32) + Send,
+) -> bool {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    if std::thread::available_parallelism().map_or(1, |n| n.get()) < 2 {
+        return false;
+    }
+    let released = AtomicU32::new(0);
+    let ran = AtomicU32::new(0);
+    fn in_namespace(namespace: Option<&lab::Namespace>, work: impl FnOnce() + Send) {
+        match namespace {
+            Some(namespace) => namespace.run(work).expect("setns"),
+            None => work(),
+        }
+    }
+    std::thread::scope(|scope| {
+        let mut there = there;
+        let (released, ran) = (&released, &ran);
+        scope.spawn(move || {
+            in_namespace(namespace, move || {
+                for trial in 1..=trials {
+                    while released.load(Ordering::Acquire) < trial {
+                        std::hint::spin_loop();
+                    }
+                    there(trial);
+                    ran.store(trial, Ordering::Release);
+                }
+            })
+        });
+        let mut here = here;
+        in_namespace(namespace, move || {
+            let _guard = ReleaseAllOnPanic(released);
+            for trial in 1..=trials {
+                here(
+                    trial,
+                    &Round {
+                        trial,
+                        released,
+                        ran,
+                    },
+                );
+            }
+        });
+    });
+    true
+}
