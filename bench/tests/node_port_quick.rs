@@ -52,13 +52,14 @@ fn every_row_runs() {
     // No connection broken (SNAT ports running out reset TCP_CRR's
     // connections once); of the packet rate's datagrams, sent as fast as
     // one CPU can, a queue overflowing under the overload may drop a
-    // few, not more.
+    // few (a veth ring under XDP_TX), not more: a datapath that lost
+    // packets would lose far more than 1 %.
     for row in measured {
         let run = &row["runs"][0];
         let errors = run["errors"].as_u64().unwrap();
         if row["workload"] == "packet-rate" {
             let arrived = run["transactions"].as_u64().unwrap();
-            assert!(errors * 1000 <= arrived, "over 0.1 % lost: {row}");
+            assert!(errors * 100 <= arrived, "over 1 % lost: {row}");
         } else {
             assert_eq!(errors, 0, "{row}");
         }

@@ -133,6 +133,9 @@ pub fn reply_key(packet: &Packet) -> CtKey {
 /// live (holding its LRU slot, and on the uplink its SNAT port) for the
 /// established lifetime. Only a state change pays for it; a refresh is a
 /// plain store.
+#[cfg(target_endian = "big")]
+compile_error!("ct::record shifts the state byte into its word as on a little-endian target");
+
 #[inline(always)]
 pub fn record<V: Tracked>(entry: &mut V, state: u8, now: u64) {
     let new_bits = state & !entry.state();

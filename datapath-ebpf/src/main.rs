@@ -46,6 +46,7 @@ mod route;
 mod sock;
 mod uplink;
 mod uplink_frame;
+mod uplink_icmp;
 mod uplink_reply;
 mod uplink_snat;
 

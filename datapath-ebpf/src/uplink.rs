@@ -8,8 +8,9 @@
 //! SNATed to this node and sent back out (`crate::uplink_snat`), whose
 //! replies this program turns back.
 //!
-//! Anything else leaves after the `SERVICE_FILTER` read: not IPv4 TCP or
-//! UDP, a fragment, a destination no frontend hashes to (after one
+//! ICMP errors about these flows go to their backends
+//! (`crate::uplink_icmp`). Anything else leaves after the `SERVICE_FILTER`
+//! read: not IPv4 TCP or UDP, a fragment, a destination no frontend hashes to (after one
 //! `NORTH_SOUTH` read: is it a reply to an SNATed flow?). A frontend not
 //! served from outside here passes to the stack untranslated (counted).
 
@@ -29,13 +30,15 @@ use crate::{
     parse::Packet,
     reply_filter,
     uplink_frame::{self, rewrite_destination, set_destination_mac},
-    uplink_snat,
+    uplink_icmp, uplink_snat,
 };
 
 #[inline(always)]
 pub fn run(ctx: &XdpContext) -> u32 {
     let Some(packet) = uplink_frame::ipv4_l4(ctx) else {
-        return XDP_PASS;
+        // An ICMP error about one of our flows goes to its backend (path
+        // MTU); anything else passes untouched.
+        return uplink_icmp::run(ctx).unwrap_or(XDP_PASS);
     };
     // A reply to a flow SNATed to this node (`crate::uplink_snat`).
     let replied = if packet.protocol == IPPROTO_TCP {

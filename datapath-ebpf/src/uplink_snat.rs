@@ -10,7 +10,7 @@
 
 use aya_ebpf::{
     bindings::{
-        BPF_NOEXIST,
+        BPF_EXIST, BPF_NOEXIST,
         xdp_action::{XDP_DROP, XDP_PASS, XDP_TX},
     },
     helpers::bpf_get_prandom_u32,
@@ -130,8 +130,13 @@ pub fn open(
             // SAFETY: a pointer into the map value, valid for this run.
             let held = unsafe { &mut *held };
             let seen = held.last_seen;
-            if ct::snat_port_free(held, packet.protocol, now) && claim(held, seen, now) {
-                *held = back;
+            // Claimed, the entry is replaced by a new element rather than
+            // rewritten in place: a CPU reading the old one (a late packet
+            // of the old flow) keeps a whole copy, never half of each.
+            if ct::snat_port_free(held, packet.protocol, now)
+                && claim(held, seen, now)
+                && UPLINK_SNAT.insert(reply, back, BPF_EXIST as u64).is_ok()
+            {
                 port = candidate;
                 break;
             }

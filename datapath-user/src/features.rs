@@ -17,6 +17,8 @@ pub struct KernelFeatures {
     pub kernel: String,
     pub jiffies64: bool,
     pub redirect_neigh: bool,
+    /// `BPF_ATOMIC` OR and `BPF_CMPXCHG` on memory the program owns.
+    pub atomics: bool,
     pub tcx: bool,
     pub netns_cookie_tc: bool,
     pub set_retval: bool,
@@ -31,6 +33,7 @@ impl KernelFeatures {
             kernel: kernel.to_owned(),
             jiffies64: true,
             redirect_neigh: true,
+            atomics: true,
             tcx: true,
             netns_cookie_tc: true,
             set_retval: true,
@@ -60,6 +63,11 @@ pub const REDIRECT_NEIGH: Feature = Feature {
     since: "5.10",
     without: "the agent stops: translated packets cannot be re-addressed",
 };
+pub const ATOMICS: Feature = Feature {
+    name: "BPF atomic OR and compare-and-swap (conntrack state bits, SNAT port takeover)",
+    since: "5.12",
+    without: "the agent stops: the programs do not load",
+};
 pub const TCX: Feature = Feature {
     name: "TCX links (BPF_LINK_TYPE_TCX)",
     since: "6.6",
@@ -87,9 +95,10 @@ pub const SOCK_DESTROY: Feature = Feature {
 };
 
 /// Every feature, in the order of the docs' table.
-pub const TABLE: [Feature; 7] = [
+pub const TABLE: [Feature; 8] = [
     JIFFIES64,
     REDIRECT_NEIGH,
+    ATOMICS,
     CGROUP_PEERNAME,
     SET_RETVAL,
     TCX,
@@ -139,6 +148,9 @@ pub fn plan(found: &KernelFeatures, wants: Wants) -> Result<Plan, Missing> {
     }
     if !found.redirect_neigh {
         return Err(missing(REDIRECT_NEIGH, None));
+    }
+    if !found.atomics {
+        return Err(missing(ATOMICS, None));
     }
     if wants.socket_lb && !found.cgroup_sock_addr_peername {
         return Err(missing(CGROUP_PEERNAME, Some("run with --no-socket-lb")));
@@ -256,10 +268,11 @@ mod tests {
     }
 
     #[test]
-    fn without_the_clock_or_redirect_neigh_nothing_runs() {
+    fn without_the_clock_redirect_neigh_or_atomics_nothing_runs() {
         for (found, feature) in [
             (kernel(|k| k.jiffies64 = false), JIFFIES64),
             (kernel(|k| k.redirect_neigh = false), REDIRECT_NEIGH),
+            (kernel(|k| k.atomics = false), ATOMICS),
         ] {
             assert_eq!(plan(&found, EVERYTHING).unwrap_err().feature, feature);
         }

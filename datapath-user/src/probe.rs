@@ -45,6 +45,28 @@ const EXIT: Insn = Insn {
     imm: 0,
 };
 
+/// `*(u64 *)(r10 - 8) = src`.
+const fn store_stack(src: u8) -> Insn {
+    Insn {
+        code: 0x7b,
+        regs: 10 | src << 4,
+        off: -8,
+        imm: 0,
+    }
+}
+/// A `BPF_ATOMIC` operation `op` on the u64 at `r10 - 8` with `src`.
+const fn atomic_on_stack(op: i32, src: u8) -> Insn {
+    Insn {
+        code: 0xdb,
+        regs: 10 | src << 4,
+        off: -8,
+        imm: op,
+    }
+}
+const BPF_OR: i32 = 0x40;
+/// `BPF_CMPXCHG` (with `BPF_FETCH`): compares with r0, old value into r0.
+const BPF_CMPXCHG: i32 = 0xf1;
+
 /// Whether a program of this type with these instructions loads.
 fn loads(prog_type: u32, attach_type: u32, insns: &[Insn]) -> bool {
     bpfsys::load_program(prog_type, attach_type, "underpass_probe", insns).is_ok()
@@ -78,6 +100,22 @@ fn probe() -> KernelFeatures {
                 mov_imm(3, 0),
                 mov_imm(4, 0),
                 call(HELPER_REDIRECT_NEIGH),
+                EXIT,
+            ],
+        ),
+        // The atomic OR and compare-and-swap the programs use on map
+        // values (`lock *(u64 *) |=`, `cmpxchg_64`), here on the stack.
+        atomics: loads(
+            BPF_PROG_TYPE_SCHED_CLS,
+            0,
+            &[
+                mov_imm(1, 0),
+                store_stack(1),
+                mov_imm(1, 1),
+                atomic_on_stack(BPF_OR, 1),
+                mov_imm(0, 0),
+                atomic_on_stack(BPF_CMPXCHG, 1),
+                mov_imm(0, 0),
                 EXIT,
             ],
         ),
@@ -138,6 +176,7 @@ mod tests {
             kernel: found.kernel.clone(),
             jiffies64: since(5, 5),
             redirect_neigh: since(5, 10),
+            atomics: since(5, 12),
             tcx: since(6, 6),
             netns_cookie_tc: since(6, 15),
             set_retval: since(5, 18),

@@ -402,3 +402,105 @@ fn an_agent_restart_under_node_port_traffic_loses_no_connection() {
     );
     drop(agent);
 }
+
+/// The route exception (`ip route get`'s `mtu N`) the pod's kernel keeps
+/// for `destination` after a "fragmentation needed", if any.
+fn learned_path_mtu(pod: &Namespace, destination: Ipv4Addr) -> Option<u32> {
+    let out = std::process::Command::new("ip")
+        .args(["-n", pod.name(), "route", "get"])
+        .arg(destination.to_string())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let mut words = text.split_whitespace();
+    while let Some(word) = words.next() {
+        if word == "mtu" {
+            return words.next().and_then(|n| n.parse().ok());
+        }
+    }
+    None
+}
+
+/// Sends the ICMP message `icmp` (header and quote) from the calling
+/// thread's namespace to `destination`, as a router would (a raw socket:
+/// the kernel adds the IP header).
+fn send_icmp(destination: Ipv4Addr, icmp: &[u8]) -> std::io::Result<()> {
+    use std::os::fd::{FromRawFd, OwnedFd};
+    // SAFETY: plain socket calls; the fd is owned (closed on drop) and
+    // the address and buffer outlive the call.
+    unsafe {
+        let fd = libc::socket(libc::AF_INET, libc::SOCK_RAW, libc::IPPROTO_ICMP);
+        if fd < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        let _socket = OwnedFd::from_raw_fd(fd);
+        let address = libc::sockaddr_in {
+            sin_family: libc::AF_INET as libc::sa_family_t,
+            sin_port: 0,
+            sin_addr: libc::in_addr {
+                s_addr: u32::from_ne_bytes(destination.octets()),
+            },
+            sin_zero: [0; 8],
+        };
+        let sent = libc::sendto(
+            fd,
+            icmp.as_ptr().cast(),
+            icmp.len(),
+            0,
+            (&raw const address).cast(),
+            size_of::<libc::sockaddr_in>() as libc::socklen_t,
+        );
+        if sent < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+    }
+    Ok(())
+}
+
+/// Path-MTU discovery from outside: a router's "fragmentation needed"
+/// about a reply the pod sent from the nodePort (addressed, as routers
+/// do, to the reply's source: node1's address) reaches the pod's own
+/// socket, whose kernel then keeps the smaller MTU for the client. The
+/// outside client plays the router (a raw socket); the pod's UDP socket
+/// is real. Untranslated, the error would reach node1's stack, which has
+/// no such socket, and the pod would go on sending what cannot pass.
+#[test]
+fn a_routers_fragmentation_needed_reaches_the_pod_behind_a_node_port() {
+    let lab = Lab::new();
+    lab.write("Local", &[("server-a", "node-1")]);
+    let _agent = lab.agent();
+    let node_port = SocketAddrV4::new(node1(), UDP_NODE_PORT);
+    wait_until("the pod answers UDP from outside", || {
+        lab.ask_udp(node_port).is_ok()
+    });
+    let pod = &lab.topo.pod("server-a").namespace;
+    assert_eq!(learned_path_mtu(pod, OUTSIDE), None, "no MTU learned yet");
+    lab.outside
+        .run(|| {
+            let socket = std::net::UdpSocket::bind("0.0.0.0:0")?;
+            socket.set_read_timeout(Some(TIMEOUT))?;
+            socket.connect(node_port)?;
+            socket.send(b"hello")?;
+            let mut answer = [0u8; 64];
+            socket.recv(&mut answer)?;
+            // The reply as it reached us, and as the router quotes it:
+            // the IP header and eight bytes of UDP.
+            let client = socket.local_addr()?.port();
+            let reply = lab::packet::Frame::udp((node1(), UDP_NODE_PORT), (OUTSIDE, client))
+                .with_payload(&[0; 64])
+                .build();
+            let error =
+                lab::packet::icmp_error(OUTSIDE, node1(), 3, 4, 1280, &reply[14..14 + 28]).build();
+            send_icmp(node1(), &error[14 + 20..])
+        })
+        .unwrap()
+        .expect("sending the router's error");
+    wait_until("the pod learned the path MTU", || {
+        learned_path_mtu(pod, OUTSIDE) == Some(1280)
+    });
+}

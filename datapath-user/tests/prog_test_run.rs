@@ -1469,34 +1469,6 @@ fn every_fragment_of_a_datagram_is_translated_both_ways() {
     assert_eq!((result.verdict, result.frame), (verdict::NEXT, stray_bytes));
 }
 
-/// Checks an ICMP error frame from scratch: outer IP checksum, ICMP
-/// checksum over the whole message, the quoted IP header's checksum;
-/// returns (outer src, outer dst, quoted src:port, quoted dst:port).
-fn icmp_error_fields(
-    description: &str,
-    frame: &[u8],
-) -> (Ipv4Addr, Ipv4Addr, (Ipv4Addr, u16), (Ipv4Addr, u16)) {
-    use datapath_common::csum;
-    let ip = &frame[14..34];
-    assert!(csum::verifies(ip), "{description}: outer IP checksum");
-    let icmp = &frame[34..];
-    assert!(csum::verifies(icmp), "{description}: ICMP checksum");
-    let quoted = &icmp[8..];
-    let ihl = usize::from(quoted[0] & 0x0f) * 4;
-    assert!(
-        csum::verifies(&quoted[..ihl]),
-        "{description}: quoted IP checksum"
-    );
-    let addr = |b: &[u8]| Ipv4Addr::new(b[0], b[1], b[2], b[3]);
-    let port = |b: &[u8]| u16::from_be_bytes([b[0], b[1]]);
-    (
-        addr(&ip[12..16]),
-        addr(&ip[16..20]),
-        (addr(&quoted[12..16]), port(&quoted[ihl..])),
-        (addr(&quoted[16..20]), port(&quoted[ihl + 2..])),
-    )
-}
-
 /// ICMP errors about translated flows are translated back, outer and
 /// quoted headers, all checksums valid from scratch: a router's
 /// "fragmentation needed" about a DNATed segment reaches the client
@@ -1523,7 +1495,7 @@ fn icmp_errors_about_translated_flows_are_translated() {
         let error = packet::icmp_error(router, CLIENT.0, 3, 4, 1400, &wire[14..14 + quoted_len]);
         let out = dp.test_run_tc(TC_INGRESS, &error.build(), 1).unwrap();
         assert_eq!(out.verdict, verdict::OK, "{description}");
-        let (src, dst, quoted_src, quoted_dst) = icmp_error_fields(description, &out.frame);
+        let (src, dst, quoted_src, quoted_dst) = common::icmp_error_fields(description, &out.frame);
         assert_eq!(
             (src, dst),
             (router, CLIENT.0),
@@ -1557,7 +1529,7 @@ fn icmp_errors_about_translated_flows_are_translated() {
     let error = packet::icmp_error(B3.address, CLIENT.0, 3, 3, 0, &sent[14..]);
     let out = dp.test_run_tc(TC_INGRESS, &error.build(), 1).unwrap();
     assert_eq!(out.verdict, verdict::OK);
-    let (src, _, _, quoted_dst) = icmp_error_fields("port unreachable", &out.frame);
+    let (src, _, _, quoted_dst) = common::icmp_error_fields("port unreachable", &out.frame);
     assert_eq!(src, VIP, "the backend's own error comes from the ClusterIP");
     assert_eq!(quoted_dst, (VIP, 53));
     assert!(csum::l4_verifies(
@@ -1576,7 +1548,8 @@ fn icmp_errors_about_translated_flows_are_translated() {
     let error = packet::icmp_error(CLIENT.0, VIP, 3, 3, 0, &reply_seen[14..]);
     let out = dp.test_run_tc(TC_EGRESS, &error.build(), 1).unwrap();
     assert_eq!(out.verdict, verdict::REDIRECT, "routed to the backend");
-    let (src, dst, quoted_src, _) = icmp_error_fields("client's port unreachable", &out.frame);
+    let (src, dst, quoted_src, _) =
+        common::icmp_error_fields("client's port unreachable", &out.frame);
     assert_eq!((src, dst), (CLIENT.0, B3.address));
     assert_eq!(quoted_src, (B3.address, B3.port));
     assert!(csum::l4_verifies(

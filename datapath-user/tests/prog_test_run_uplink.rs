@@ -884,9 +884,13 @@ fn two_cpus_taking_over_ports_at_once_never_share_one() {
             let verdict = test_run_xdp_held(&program, &syn(1, trial), up0);
             round.wait_for_the_other();
             assert_eq!(verdict.unwrap(), xdp_verdict::TX, "trial {trial}");
-            let ports = [snat_port_of(&dp, 1, trial), snat_port_of(&dp, 2, trial)];
-            if ports[0].is_some() && ports[0] == ports[1] {
-                shared.push((trial, ports[0]));
+            let (Some(first), Some(second)) =
+                (snat_port_of(&dp, 1, trial), snat_port_of(&dp, 2, trial))
+            else {
+                panic!("trial {trial}: a new flow without its conntrack entry");
+            };
+            if first == second {
+                shared.push((trial, first));
             }
         },
         |trial| match test_run_xdp_held(&program, &syn(2, trial), up0) {
@@ -905,4 +909,113 @@ fn two_cpus_taking_over_ports_at_once_never_share_one() {
         shared.len(),
         &shared[..shared.len().min(5)]
     );
+}
+
+/// The quoted packet's L4 header and payload, checked from scratch when
+/// the quote holds the whole segment or datagram.
+fn assert_quoted_l4_checksum(description: &str, frame: &[u8], protocol: u8) {
+    let quoted = &frame[14 + 20 + 8..];
+    let (src, dst) = (&quoted[12..16], &quoted[16..20]);
+    assert!(
+        datapath_common::csum::l4_verifies(
+            src.try_into().unwrap(),
+            dst.try_into().unwrap(),
+            protocol,
+            &quoted[20..]
+        ),
+        "{description}: quoted L4 checksum"
+    );
+}
+
+/// A router's "fragmentation needed" about a reply of a flow from outside
+/// (quoting the reply as it left: from the nodePort to the client) goes
+/// to the socket that sent the reply: the pod on this node (its address
+/// and port in the quote, its MAC, up the stack to its macvlan) or, for
+/// a flow SNATed to a backend elsewhere, back out to that backend,
+/// quoting what it sent (to this node's SNAT port). Without it, path-MTU
+/// discovery through a nodePort black-holes large segments. Every
+/// checksum verifies from scratch; errors about no flow pass untouched.
+#[test]
+fn icmp_errors_about_flows_from_outside_go_to_their_backends() {
+    let router = Ipv4Addr::new(198, 51, 100, 1);
+    let error_about = |reply: &[u8]| {
+        packet::icmp_error(router, NODE, 3, 4, 1280, &reply[14..])
+            .with_macs(ROUTER_MAC, NODE_MAC)
+            .build()
+    };
+
+    // A pod here, TCP: an RFC 792 quote (the IP header and 8 bytes) and
+    // a whole segment (Linux quotes up to 576 bytes).
+    let mut dp = serving(node_port(Protocol::Tcp), &[LOCAL_A]);
+    let (v, _) = uplink(&mut dp, &from_outside(L4::Tcp { flags: SYN }).build());
+    assert_eq!(v, xdp_verdict::PASS, "the flow from outside, to the pod");
+    let reply = Frame::tcp((NODE, NODE_PORT), OUTSIDE, ACK | lab::packet::PSH)
+        .with_payload(&[7; 400])
+        .build();
+    for (description, quoted) in [
+        ("RFC 792 quote", &reply[..14 + 28]),
+        ("whole segment", &reply[..]),
+    ] {
+        let (v, out) = uplink(&mut dp, &error_about(quoted));
+        assert_eq!(v, xdp_verdict::PASS, "{description}: up the stack");
+        assert_eq!(out[..6], LOCAL_A_MAC, "{description}: to the pod's MAC");
+        let (src, dst, quoted_src, quoted_dst) = common::icmp_error_fields(description, &out);
+        assert_eq!(
+            (src, dst),
+            (router, LOCAL_A.address),
+            "{description}: from the router, to the pod"
+        );
+        assert_eq!(quoted_src, (LOCAL_A.address, LOCAL_A.port), "{description}");
+        assert_eq!(quoted_dst, OUTSIDE, "{description}: the client kept");
+        if quoted.len() == reply.len() {
+            assert_quoted_l4_checksum(description, &out, IPPROTO_TCP);
+        }
+    }
+    // About a flow nobody tracks (another client), and not an error.
+    let stranger = Frame::tcp((NODE, NODE_PORT), (Ipv4Addr::new(192, 0, 2, 99), 999), ACK).build();
+    let untracked = error_about(&stranger);
+    assert_eq!(
+        uplink(&mut dp, &untracked),
+        (xdp_verdict::PASS, untracked.clone()),
+        "an error about no flow"
+    );
+    // (An echo request whose data happens to look like the quote.)
+    let echo = packet::icmp_error(OUTSIDE.0, NODE, 8, 0, 0, &reply[14..14 + 28])
+        .with_macs(ROUTER_MAC, NODE_MAC)
+        .build();
+    assert_eq!(
+        uplink(&mut dp, &echo),
+        (xdp_verdict::PASS, echo.clone()),
+        "an echo request"
+    );
+
+    // A backend elsewhere, UDP: the error goes back out to it.
+    let (namespace, up0, up0_mac) = node_namespace(true);
+    let mut dp = serving(node_port(Protocol::Udp), &[REMOTE]);
+    let (v, out) = uplink_in(
+        &mut dp,
+        &namespace,
+        up0,
+        &from_outside(L4::Udp { checksum: true }).build(),
+    );
+    assert_eq!(v, xdp_verdict::TX, "the flow from outside, SNATed");
+    let snat_port = packet::parse(&out).unwrap().sport;
+    let reply = Frame::udp((NODE, NODE_PORT), OUTSIDE)
+        .with_payload(&[5; 300])
+        .build();
+    let (v, out) = uplink_in(&mut dp, &namespace, up0, &error_about(&reply));
+    assert_eq!(v, xdp_verdict::TX, "back out of the uplink");
+    assert_eq!(
+        (&out[..6], &out[6..12]),
+        (&REMOTE_MAC[..], &up0_mac[..]),
+        "to the backend's next hop"
+    );
+    let (src, dst, quoted_src, quoted_dst) = common::icmp_error_fields("SNATed", &out);
+    assert_eq!((src, dst), (router, REMOTE.address));
+    assert_eq!(
+        (quoted_src, quoted_dst),
+        ((REMOTE.address, REMOTE.port), (NODE, snat_port)),
+        "what the backend sent: to this node's SNAT port"
+    );
+    assert_quoted_l4_checksum("SNATed", &out, IPPROTO_UDP);
 }

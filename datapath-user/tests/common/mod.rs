@@ -185,6 +185,10 @@ pub fn tcx_program_ids(namespace: &lab::Namespace, iface: &str) -> [Vec<u32>; 2]
         .unwrap()
 }
 
+/// Set in `released` or `ran` by a side of `race` that failed: the other
+/// stops instead of waiting for it forever.
+const STOPPED: u32 = u32::MAX;
+
 /// One round of `race`, as the thread that prepares it sees it.
 pub struct Round<'a> {
     trial: u32,
@@ -201,32 +205,57 @@ impl Round<'_> {
 
     /// Waits until the other thread has run its step of this round.
     pub fn wait_for_the_other(&self) {
-        while self.ran.load(std::sync::atomic::Ordering::Acquire) < self.trial {
-            std::hint::spin_loop();
+        loop {
+            match self.ran.load(std::sync::atomic::Ordering::Acquire) {
+                STOPPED => panic!("the other thread of the race failed (its panic follows)"),
+                ran if ran >= self.trial => return,
+                _ => std::hint::spin_loop(),
+            }
         }
     }
 }
 
-/// Opens every round a failed `here` has not reached, so that `there`
-/// runs out instead of waiting forever.
-struct ReleaseAllOnPanic<'a>(&'a std::sync::atomic::AtomicU32);
+/// Tells the other side of `race` to stop when this side panics.
+struct StopOnPanic<'a>(&'a std::sync::atomic::AtomicU32);
 
-impl Drop for ReleaseAllOnPanic<'_> {
+impl Drop for StopOnPanic<'_> {
     fn drop(&mut self) {
         if std::thread::panicking() {
-            self.0.store(u32::MAX, std::sync::atomic::Ordering::Release);
+            self.0.store(STOPPED, std::sync::atomic::Ordering::Release);
         }
+    }
+}
+
+/// Pins the calling thread to the `nth` CPU this process may use.
+fn pin_to_allowed_cpu(nth: usize) {
+    // SAFETY: a zeroed cpu_set_t is the empty set; the calls read and
+    // write only the set given, for the calling thread (pid 0).
+    unsafe {
+        let mut allowed: libc::cpu_set_t = std::mem::zeroed();
+        if libc::sched_getaffinity(0, size_of::<libc::cpu_set_t>(), &mut allowed) != 0 {
+            return;
+        }
+        let Some(cpu) = (0..libc::CPU_SETSIZE as usize)
+            .filter(|&cpu| libc::CPU_ISSET(cpu, &allowed))
+            .nth(nth)
+        else {
+            return;
+        };
+        let mut one: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_SET(cpu, &mut one);
+        libc::sched_setaffinity(0, size_of::<libc::cpu_set_t>(), &one);
     }
 }
 
 /// Races two steps on two CPUs, `trials` times, both threads in
-/// `namespace` if given (route lookups start there). Round `trial`:
-/// `here(trial, round)` prepares, calls `round.go()`, runs its step,
-/// `round.wait_for_the_other()`, and checks; `there(trial)` runs its
-/// step the moment `go` is called. Both threads spin rather than sleep,
-/// so the two steps start within a cache-line transfer of each other
-/// (a sleeping thread's wake-up would take microseconds, longer than
-/// either step). False, with nothing run, when this machine has one CPU.
+/// `namespace` if given (route lookups start there), each pinned to a
+/// CPU of its own. Round `trial`: `here(trial, round)` prepares, calls
+/// `round.go()`, runs its step, `round.wait_for_the_other()`, and
+/// checks; `there(trial)` runs its step the moment `go` is called. Both
+/// threads spin rather than sleep, so the two steps start within a
+/// cache-line transfer of each other (a sleeping thread's wake-up would
+/// take microseconds, longer than either step). A panic on either side
+/// stops both. False, with nothing run, when this machine has one CPU.
 pub fn race(
     namespace: Option<&lab::Namespace>,
     trials: u32,
@@ -234,34 +263,40 @@ pub fn race(
     there: impl FnMut(u32) + Send,
 ) -> bool {
     use std::sync::atomic::{AtomicU32, Ordering};
-    if std::thread::available_parallelism().map_or(1, |n| n.get()) < 2 {
-        return false;
-    }
-    let released = AtomicU32::new(0);
-    let ran = AtomicU32::new(0);
     fn in_namespace(namespace: Option<&lab::Namespace>, work: impl FnOnce() + Send) {
         match namespace {
             Some(namespace) => namespace.run(work).expect("setns"),
             None => work(),
         }
     }
+    if std::thread::available_parallelism().map_or(1, |n| n.get()) < 2 {
+        return false;
+    }
+    let released = AtomicU32::new(0);
+    let ran = AtomicU32::new(0);
     std::thread::scope(|scope| {
-        let mut there = there;
+        let (mut here, mut there) = (here, there);
         let (released, ran) = (&released, &ran);
         scope.spawn(move || {
+            let _stop = StopOnPanic(ran);
             in_namespace(namespace, move || {
+                pin_to_allowed_cpu(1);
                 for trial in 1..=trials {
-                    while released.load(Ordering::Acquire) < trial {
-                        std::hint::spin_loop();
+                    loop {
+                        match released.load(Ordering::Acquire) {
+                            STOPPED => return,
+                            go if go >= trial => break,
+                            _ => std::hint::spin_loop(),
+                        }
                     }
                     there(trial);
                     ran.store(trial, Ordering::Release);
                 }
             })
         });
-        let mut here = here;
+        let _stop = StopOnPanic(released);
         in_namespace(namespace, move || {
-            let _guard = ReleaseAllOnPanic(released);
+            pin_to_allowed_cpu(0);
             for trial in 1..=trials {
                 here(
                     trial,
@@ -275,4 +310,37 @@ pub fn race(
         });
     });
     true
+}
+
+/// Checks an ICMP error frame from scratch: outer IP checksum, ICMP
+/// checksum over the whole message, the quoted IP header's checksum;
+/// returns (outer src, outer dst, quoted src:port, quoted dst:port).
+pub fn icmp_error_fields(
+    description: &str,
+    frame: &[u8],
+) -> (
+    std::net::Ipv4Addr,
+    std::net::Ipv4Addr,
+    (std::net::Ipv4Addr, u16),
+    (std::net::Ipv4Addr, u16),
+) {
+    use datapath_common::csum;
+    let ip = &frame[14..34];
+    assert!(csum::verifies(ip), "{description}: outer IP checksum");
+    let icmp = &frame[34..];
+    assert!(csum::verifies(icmp), "{description}: ICMP checksum");
+    let quoted = &icmp[8..];
+    let ihl = usize::from(quoted[0] & 0x0f) * 4;
+    assert!(
+        csum::verifies(&quoted[..ihl]),
+        "{description}: quoted IP checksum"
+    );
+    let addr = |b: &[u8]| std::net::Ipv4Addr::new(b[0], b[1], b[2], b[3]);
+    let port = |b: &[u8]| u16::from_be_bytes([b[0], b[1]]);
+    (
+        addr(&ip[12..16]),
+        addr(&ip[16..20]),
+        (addr(&quoted[12..16]), port(&quoted[ihl..])),
+        (addr(&quoted[16..20]), port(&quoted[ihl + 2..])),
+    )
 }
