@@ -122,6 +122,9 @@ pub fn reply_key(packet: &Packet) -> CtKey {
     )
 }
 
+#[cfg(target_endian = "big")]
+compile_error!("ct::record shifts the state byte into its word as on a little-endian target");
+
 /// Records a packet of the flow at `now` in `entry`: the bits of `state`
 /// the entry lacks are added with an atomic OR, the stamp is stored.
 ///
@@ -133,9 +136,6 @@ pub fn reply_key(packet: &Packet) -> CtKey {
 /// live (holding its LRU slot, and on the uplink its SNAT port) for the
 /// established lifetime. Only a state change pays for it; a refresh is a
 /// plain store.
-#[cfg(target_endian = "big")]
-compile_error!("ct::record shifts the state byte into its word as on a little-endian target");
-
 #[inline(always)]
 pub fn record<V: Tracked>(entry: &mut V, state: u8, now: u64) {
     let new_bits = state & !entry.state();

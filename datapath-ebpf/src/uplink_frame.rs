@@ -226,7 +226,7 @@ pub enum NoNextHop {
 #[inline(always)]
 pub fn next_hop(
     ctx: &XdpContext,
-    packet: &Packet,
+    protocol: u8,
     source_be: u32,
     destination_be: u32,
 ) -> Result<([u8; 6], [u8; 6]), NoNextHop> {
@@ -237,7 +237,7 @@ pub fn next_hop(
     let mut params: bpf_fib_lookup = unsafe { core::mem::zeroed() };
     let ifindex = ctx.ingress_ifindex() as u32;
     params.family = AF_INET;
-    params.l4_protocol = packet.protocol;
+    params.l4_protocol = protocol;
     params.ifindex = ifindex;
     params.__bindgen_anon_3.ipv4_src = source_be;
     params.__bindgen_anon_4.ipv4_dst = destination_be;

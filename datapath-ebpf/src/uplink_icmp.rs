@@ -11,15 +11,26 @@
 //! conntrack translates such errors as RELATED.
 //!
 //! The error goes to that backend: the outer destination and the quoted
-//! reply become what the backend sent; the router stays the source.
-//! Every checksum stays valid: the outer IP header's, the quoted IP
-//! header's, the quoted L4 checksum when it was quoted, and the ICMP
-//! checksum over all of the quote.
+//! reply become what the backend sent. The router stays the source for a
+//! pod here (its flow kept the client's address); a backend elsewhere
+//! knows only this node, so its error comes from this node's address (as
+//! netfilter's NAT rewrites it for a masqueraded flow). Every checksum
+//! stays valid: the outer IP header's, the quoted IP header's, the quoted
+//! L4 checksum when it was quoted, and the ICMP checksum over all of the
+//! quote. Only a live flow's error is translated, and for an SNATed one
+//! only while its port is still its own.
 //!
 //! Only outer and quoted IPv4 headers without options are translated
 //! (routers' errors and our flows' packets carry none): the offsets are
 //! then constants the verifier needs no help with. Anything else passes
-//! to the stack as before. Only ICMP frames come here.
+//! to the stack as before. The frames that come here are those the
+//! uplink program does not parse as TCP or UDP (ARP, IPv6, ICMP,
+//! fragments); all but ICMP errors leave after the first checks.
+//!
+//! The other way too: a router between this node and a backend
+//! elsewhere that cannot forward what this node sent it (SNATed: from
+//! this node's address and port) sends its error to this node; it goes
+//! to the client, quoting what the client sent, from the frontend.
 
 use aya_ebpf::{
     bindings::xdp_action::{XDP_DROP, XDP_PASS, XDP_TX},
@@ -37,10 +48,10 @@ use network_types::{
 
 use crate::{
     ct,
-    maps::{BACKENDS, CONNTRACK_TCP, CONNTRACK_UDP, LOCAL_PODS, NORTH_SOUTH},
+    maps::{BACKENDS, CONNTRACK_TCP, CONNTRACK_UDP, LOCAL_PODS, NORTH_SOUTH, UPLINK_SNAT},
     metrics::count,
     parse::{ETH_LEN, IP_CSUM_OFF, IP_DST_OFF, IP_SRC_OFF, TCP_CSUM_OFF, UDP_CSUM_OFF},
-    uplink_frame::{ptr_at, set_destination_mac, set_macs},
+    uplink_frame::{next_hop, ptr_at, set_destination_mac, set_macs},
 };
 
 const IPPROTO_ICMP: u8 = 1;
@@ -50,6 +61,8 @@ const ICMP_TIME_EXCEEDED: u8 = 11;
 const IPV4_NO_OPTIONS: u8 = 0x45;
 /// Fragment offset and more-fragments bits (host order).
 const IP_FRAGMENT_BITS: u16 = 0x3fff;
+/// The fragment offset alone: a first fragment still has the L4 header.
+const IP_FRAGMENT_OFFSET: u16 = 0x1fff;
 const ICMP_OFF: usize = ETH_LEN + 20;
 const ICMP_CSUM_OFF: usize = ICMP_OFF + 2;
 /// The ICMP header before the quote.
@@ -74,11 +87,12 @@ pub fn run(ctx: &XdpContext) -> Option<u32> {
     }
     let outer: *const Ipv4Hdr = ptr_at(ctx, ETH_LEN)?;
     // SAFETY: bounds-checked by ptr_at.
-    let (vihl, protocol, frags, outer_dst_be) = unsafe {
+    let (vihl, protocol, frags, tot_len, outer_dst_be) = unsafe {
         (
             (*outer).vihl,
             (*outer).proto,
             (*outer).frags,
+            (*outer).tot_len,
             u32::from_ne_bytes((*outer).dst_addr),
         )
     };
@@ -86,6 +100,16 @@ pub fn run(ctx: &XdpContext) -> Option<u32> {
         || vihl != IPV4_NO_OPTIONS
         || u16::from_be_bytes(frags) & IP_FRAGMENT_BITS != 0
     {
+        return None;
+    }
+    // Where the IP packet ends: bytes after it (an Ethernet trailer) are
+    // neither read as the quote nor summed into its checksum. Compared as
+    // lengths, not pointers: from a pointer comparison the compiler
+    // would drop the bounds checks below that it implies, which the
+    // verifier cannot follow through a variable offset.
+    let end = ETH_LEN + u16::from_be_bytes(tot_len) as usize;
+    let frame_len = ctx.data_end().wrapping_sub(ctx.data());
+    if end < QUOTED_L4_OFF + 4 || end > frame_len {
         return None;
     }
     let icmp_type: *const u8 = ptr_at(ctx, ICMP_OFF)?;
@@ -97,9 +121,10 @@ pub fn run(ctx: &XdpContext) -> Option<u32> {
     let quoted: *const Ipv4Hdr = ptr_at(ctx, QUOTED_IP_OFF)?;
     let ports: *const [u16; 2] = ptr_at(ctx, QUOTED_L4_OFF)?;
     // SAFETY: bounds-checked by ptr_at.
-    let (quoted_vihl, quoted_protocol, frontend, client) = unsafe {
+    let (quoted_vihl, quoted_frags, quoted_protocol, frontend, client) = unsafe {
         (
             (*quoted).vihl,
+            (*quoted).frags,
             (*quoted).proto,
             End {
                 address_be: u32::from_ne_bytes((*quoted).src_addr),
@@ -111,11 +136,26 @@ pub fn run(ctx: &XdpContext) -> Option<u32> {
             },
         )
     };
+    // A later fragment quoted carries no ports where they would be.
     if quoted_vihl != IPV4_NO_OPTIONS
+        || u16::from_be_bytes(quoted_frags) & IP_FRAGMENT_OFFSET != 0
         || (quoted_protocol != IPPROTO_TCP && quoted_protocol != IPPROTO_UDP)
         || outer_dst_be != frontend.address_be
     {
         return None;
+    }
+    let config = NORTH_SOUTH.get(0)?;
+    if frontend.address_be == config.snat_address_be && config.is_snat_port(frontend.port_be) {
+        // Not a reply: what this node sent a backend elsewhere, SNATed
+        // (the quote's source is this node and one of its SNAT ports,
+        // its destination the backend).
+        return Some(verdict(toward_the_client(
+            ctx,
+            end,
+            quoted_protocol,
+            frontend,
+            client,
+        )?));
     }
     // The reply it quotes went from the frontend to the client: the
     // flow's service-tuple entry names its backend.
@@ -133,7 +173,10 @@ pub fn run(ctx: &XdpContext) -> Option<u32> {
     };
     // SAFETY: the value is copied out before any other map call.
     let flow: CtEntry = *unsafe { table.get(key) }?;
-    if flow.l2_mode != L2_UPLINK_LOCAL && flow.l2_mode != L2_UPLINK_SNAT {
+    let now = ct::now();
+    if (flow.l2_mode != L2_UPLINK_LOCAL && flow.l2_mode != L2_UPLINK_SNAT)
+        || ct::is_expired(&flow, quoted_protocol, now)
+    {
         return None;
     }
     let backend = BACKENDS
@@ -149,50 +192,150 @@ pub fn run(ctx: &XdpContext) -> Option<u32> {
         // SAFETY: the value is copied out before any other map call.
         let mac =
             (unsafe { LOCAL_PODS.get(backend.address_be) }).map_or(flow.dst_mac, |pod| pod.mac);
-        rewrite_outer_destination(ctx, frontend.address_be, backend.address_be)
+        rewrite_outer(ctx, IP_DST_OFF, frontend.address_be, backend.address_be)
             .and_then(|()| {
-                rewrite_quoted(ctx, quoted_protocol, IP_SRC_OFF, 0, frontend, to_backend)
+                rewrite_quoted(
+                    ctx,
+                    end,
+                    quoted_protocol,
+                    IP_SRC_OFF,
+                    0,
+                    frontend,
+                    to_backend,
+                )
             })
             .and_then(|()| set_destination_mac(ctx, mac))
             .map(|()| XDP_PASS)
     } else {
         // The backend elsewhere sent it to this node's SNAT address and
-        // the flow's port.
-        let snat_address_be = NORTH_SOUTH.get(0)?.snat_address_be;
+        // the flow's port, if the port is still the flow's own.
+        let snat_address_be = config.snat_address_be;
         let to_node = End {
             address_be: snat_address_be,
             port_be: flow.nat_port_be,
         };
-        rewrite_outer_destination(ctx, frontend.address_be, backend.address_be)
+        let port = ct::backend_key(
+            snat_address_be,
+            flow.nat_port_be,
+            backend.address_be,
+            backend.port_be,
+            quoted_protocol,
+        );
+        // SAFETY: the value is copied out before any other map call.
+        let owner = *unsafe { UPLINK_SNAT.get(port) }?;
+        if owner.client_address_be != client.address_be || owner.client_port_be != client.port_be {
+            return None;
+        }
+        // The backend's next hop as the flow last learned it, or the
+        // kernel's answer now when that is stale.
+        let (next_mac, uplink_mac) = if ct::l2_is_fresh(flow.l2_seen, now) {
+            (flow.dst_mac, flow.src_mac)
+        } else {
+            next_hop(ctx, quoted_protocol, snat_address_be, backend.address_be).ok()?
+        };
+        // The source the backend knows: this node (the router's address
+        // would meet anti-spoofing on the way, and the backend never
+        // heard of the client).
+        let outer_src: *const u32 = ptr_at(ctx, ETH_LEN + IP_SRC_OFF)?;
+        // SAFETY: bounds-checked by ptr_at.
+        let router_be = unsafe { *outer_src };
+        rewrite_outer(ctx, IP_DST_OFF, frontend.address_be, backend.address_be)
+            .and_then(|()| rewrite_outer(ctx, IP_SRC_OFF, router_be, snat_address_be))
             .and_then(|()| {
-                rewrite_quoted(ctx, quoted_protocol, IP_SRC_OFF, 0, frontend, to_backend)
+                rewrite_quoted(
+                    ctx,
+                    end,
+                    quoted_protocol,
+                    IP_SRC_OFF,
+                    0,
+                    frontend,
+                    to_backend,
+                )
             })
-            .and_then(|()| rewrite_quoted(ctx, quoted_protocol, IP_DST_OFF, 2, client, to_node))
-            .and_then(|()| set_macs(ctx, flow.dst_mac, flow.src_mac))
+            .and_then(|()| {
+                rewrite_quoted(ctx, end, quoted_protocol, IP_DST_OFF, 2, client, to_node)
+            })
+            .and_then(|()| set_macs(ctx, next_mac, uplink_mac))
             .map(|()| XDP_TX)
     };
-    Some(match translated {
+    Some(verdict(translated))
+}
+
+/// An error about what this node sent a backend elsewhere for a flow
+/// from outside (`node`: this node's SNAT address and the flow's port;
+/// `backend`): it goes to the client, quoting what the client sent (to
+/// the frontend), from the frontend (as netfilter rewrites it for a
+/// DNATed and masqueraded flow: the client knows only the frontend),
+/// back to the hop the flow came in from. `None`: no live flow holds
+/// that port for that backend.
+#[inline(always)]
+fn toward_the_client(
+    ctx: &XdpContext,
+    end: usize,
+    protocol: u8,
+    node: End,
+    backend: End,
+) -> Option<Result<u32, ()>> {
+    let port = ct::backend_key(
+        node.address_be,
+        node.port_be,
+        backend.address_be,
+        backend.port_be,
+        protocol,
+    );
+    // SAFETY: the value is copied out before any other map call.
+    let flow = *unsafe { UPLINK_SNAT.get(port) }?;
+    if ct::is_expired(&flow, protocol, ct::now()) {
+        return None;
+    }
+    let client = End {
+        address_be: flow.client_address_be,
+        port_be: flow.client_port_be,
+    };
+    let frontend = End {
+        address_be: flow.frontend_address_be,
+        port_be: flow.frontend_port_be,
+    };
+    let outer_src: *const u32 = ptr_at(ctx, ETH_LEN + IP_SRC_OFF)?;
+    // SAFETY: bounds-checked by ptr_at.
+    let router_be = unsafe { *outer_src };
+    Some(
+        rewrite_outer(ctx, IP_DST_OFF, node.address_be, client.address_be)
+            .and_then(|()| rewrite_outer(ctx, IP_SRC_OFF, router_be, frontend.address_be))
+            .and_then(|()| rewrite_quoted(ctx, end, protocol, IP_SRC_OFF, 0, node, client))
+            .and_then(|()| rewrite_quoted(ctx, end, protocol, IP_DST_OFF, 2, backend, frontend))
+            .and_then(|()| set_macs(ctx, flow.client_mac, flow.uplink_mac))
+            .map(|()| XDP_TX),
+    )
+}
+
+/// Counts a translation: its verdict, or a drop when a rewrite failed
+/// halfway.
+#[inline(always)]
+fn verdict(translated: Result<u32, ()>) -> u32 {
+    match translated {
         Ok(verdict) => {
-            count(Counter::NorthSouthTranslated);
+            count(Counter::IcmpErrorTranslated);
             verdict
         }
         Err(()) => {
             count(Counter::Error);
             XDP_DROP
         }
-    })
+    }
 }
 
-/// The outer destination `old_be` becomes `new_be`, the outer IP
-/// checksum kept valid (the ICMP checksum does not cover it).
+/// The outer address at `ip_off` (source or destination) goes from
+/// `old_be` to `new_be`, the outer IP checksum kept valid (the ICMP
+/// checksum does not cover it).
 #[inline(always)]
-fn rewrite_outer_destination(ctx: &XdpContext, old_be: u32, new_be: u32) -> Result<(), ()> {
+fn rewrite_outer(ctx: &XdpContext, ip_off: usize, old_be: u32, new_be: u32) -> Result<(), ()> {
     let ip_csum: *mut u16 = ptr_at(ctx, ETH_LEN + IP_CSUM_OFF).ok_or(())?;
-    let ip_dst: *mut u32 = ptr_at(ctx, ETH_LEN + IP_DST_OFF).ok_or(())?;
+    let ip_addr: *mut u32 = ptr_at(ctx, ETH_LEN + ip_off).ok_or(())?;
     // SAFETY: bounds-checked by ptr_at; XDP programs may write the frame.
     unsafe {
         *ip_csum = csum::replace_u32(*ip_csum, old_be, new_be);
-        *ip_dst = new_be;
+        *ip_addr = new_be;
     }
     Ok(())
 }
@@ -200,11 +343,12 @@ fn rewrite_outer_destination(ctx: &XdpContext, old_be: u32, new_be: u32) -> Resu
 /// One end of the quoted packet (the address at `ip_off` of its IP
 /// header, the port at `port_off` of its L4 header) goes from `old` to
 /// `new`: the quoted IP checksum, the quoted L4 checksum when the quote
-/// holds it (a UDP one of zero stays zero), and the ICMP checksum over
-/// every changed word.
+/// (which ends at `end`) holds it (a UDP one of zero stays zero), and the
+/// ICMP checksum over every changed word.
 #[inline(always)]
 fn rewrite_quoted(
     ctx: &XdpContext,
+    end: usize,
     protocol: u8,
     ip_off: usize,
     port_off: usize,
@@ -222,7 +366,11 @@ fn rewrite_quoted(
     };
     // Routers quote at least 8 bytes of the L4 header (RFC 792), which
     // holds a UDP checksum but not a TCP one; Linux quotes up to 576.
-    let l4_csum: Option<*mut u16> = ptr_at(ctx, QUOTED_L4_OFF + csum_off);
+    let l4_csum: Option<*mut u16> = if QUOTED_L4_OFF + csum_off + 2 <= end {
+        ptr_at(ctx, QUOTED_L4_OFF + csum_off)
+    } else {
+        None
+    };
     // SAFETY: every pointer is bounds-checked by ptr_at.
     unsafe {
         let mut icmp = *icmp_csum;

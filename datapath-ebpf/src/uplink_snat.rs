@@ -75,22 +75,26 @@ pub fn open(
         count(Counter::NorthSouthPassed);
         return XDP_PASS;
     };
-    let (next_mac, uplink_mac) =
-        match next_hop(ctx, packet, config.snat_address_be, backend.address_be) {
-            Ok(macs) => macs,
-            // Being resolved (the agent keeps a managed entry for every
-            // such backend): dropped, so that the client retransmits
-            // instead of meeting the stack's reset.
-            Err(NoNextHop::Unresolved) => {
-                count(Counter::NorthSouthNoNeighbour);
-                return XDP_DROP;
-            }
-            // No route out of the uplink: the stack decides.
-            Err(NoNextHop::NoRoute) => {
-                count(Counter::NorthSouthPassed);
-                return XDP_PASS;
-            }
-        };
+    let (next_mac, uplink_mac) = match next_hop(
+        ctx,
+        packet.protocol,
+        config.snat_address_be,
+        backend.address_be,
+    ) {
+        Ok(macs) => macs,
+        // Being resolved (the agent keeps a managed entry for every
+        // such backend): dropped, so that the client retransmits
+        // instead of meeting the stack's reset.
+        Err(NoNextHop::Unresolved) => {
+            count(Counter::NorthSouthNoNeighbour);
+            return XDP_DROP;
+        }
+        // No route out of the uplink: the stack decides.
+        Err(NoNextHop::NoRoute) => {
+            count(Counter::NorthSouthPassed);
+            return XDP_PASS;
+        }
+    };
     let Some((client_mac, _)) = uplink_frame::macs(ctx) else {
         return XDP_PASS;
     };
@@ -130,13 +134,16 @@ pub fn open(
             // SAFETY: a pointer into the map value, valid for this run.
             let held = unsafe { &mut *held };
             let seen = held.last_seen;
-            // Claimed, the entry is replaced by a new element rather than
-            // rewritten in place: a CPU reading the old one (a late packet
-            // of the old flow) keeps a whole copy, never half of each.
-            if ct::snat_port_free(held, packet.protocol, now)
-                && claim(held, seen, now)
-                && UPLINK_SNAT.insert(reply, back, BPF_EXIST as u64).is_ok()
-            {
+            if ct::snat_port_free(held, packet.protocol, now) && claim(held, seen, now) {
+                // Ours now. A new element rather than a rewrite in place:
+                // a CPU still reading the old one (a late packet of the old
+                // flow) mostly sees it whole rather than half of each
+                // (mostly: the LRU may hand the old element out again at
+                // once). Should the kernel refuse the new element, the
+                // rewrite in place keeps the port.
+                if UPLINK_SNAT.insert(reply, back, BPF_EXIST as u64).is_err() {
+                    *held = back;
+                }
                 port = candidate;
                 break;
             }
@@ -192,8 +199,12 @@ pub fn forward(
         return XDP_PASS;
     };
     if !ct::l2_is_fresh(flow.l2_seen, now)
-        && let Ok((next_mac, uplink_mac)) =
-            next_hop(ctx, packet, config.snat_address_be, backend.address_be)
+        && let Ok((next_mac, uplink_mac)) = next_hop(
+            ctx,
+            packet.protocol,
+            config.snat_address_be,
+            backend.address_be,
+        )
     {
         // Once a freshness interval: a backend's next hop may change.
         flow.dst_mac = next_mac;

@@ -65,7 +65,7 @@ pub const REDIRECT_NEIGH: Feature = Feature {
 };
 pub const ATOMICS: Feature = Feature {
     name: "BPF atomic OR and compare-and-swap (conntrack state bits, SNAT port takeover)",
-    since: "5.12",
+    since: "5.12 on x86-64, 5.18 on arm64",
     without: "the agent stops: the programs do not load",
 };
 pub const TCX: Feature = Feature {

@@ -989,7 +989,22 @@ fn icmp_errors_about_flows_from_outside_go_to_their_backends() {
         "an echo request"
     );
 
-    // A backend elsewhere, UDP: the error goes back out to it.
+    // The flow expired (its entry still in the LRU): untouched.
+    {
+        let key = key(OUTSIDE, (NODE, NODE_PORT), IPPROTO_TCP, CT_KIND_SERVICE);
+        let mut flow = ct(&dp, &key).expect("the flow's entry");
+        flow.last_seen = common::jiffies_ago(std::time::Duration::from_secs(7 * 3600));
+        dp.maps.conntrack_tcp.insert(key, flow, 0).unwrap();
+        let late = error_about(&reply[..14 + 28]);
+        assert_eq!(
+            uplink(&mut dp, &late),
+            (xdp_verdict::PASS, late.clone()),
+            "an error about an expired flow"
+        );
+    }
+
+    // A backend elsewhere, UDP (with and without a checksum): the error
+    // goes back out to it, from this node.
     let (namespace, up0, up0_mac) = node_namespace(true);
     let mut dp = serving(node_port(Protocol::Udp), &[REMOTE]);
     let (v, out) = uplink_in(
@@ -1000,22 +1015,93 @@ fn icmp_errors_about_flows_from_outside_go_to_their_backends() {
     );
     assert_eq!(v, xdp_verdict::TX, "the flow from outside, SNATed");
     let snat_port = packet::parse(&out).unwrap().sport;
-    let reply = Frame::udp((NODE, NODE_PORT), OUTSIDE)
-        .with_payload(&[5; 300])
+    for (description, reply) in [
+        (
+            "SNATed",
+            Frame::udp((NODE, NODE_PORT), OUTSIDE).with_payload(&[5; 300]),
+        ),
+        (
+            "SNATed, no UDP checksum",
+            Frame::udp((NODE, NODE_PORT), OUTSIDE)
+                .with_payload(&[5; 300])
+                .without_udp_checksum(),
+        ),
+    ] {
+        let (v, out) = uplink_in(&mut dp, &namespace, up0, &error_about(&reply.build()));
+        assert_eq!(v, xdp_verdict::TX, "{description}: back out of the uplink");
+        assert_eq!(
+            (&out[..6], &out[6..12]),
+            (&REMOTE_MAC[..], &up0_mac[..]),
+            "{description}: to the backend's next hop"
+        );
+        let (src, dst, quoted_src, quoted_dst) = common::icmp_error_fields(description, &out);
+        assert_eq!(
+            (src, dst),
+            (NODE, REMOTE.address),
+            "{description}: from this node, which the backend knows"
+        );
+        assert_eq!(
+            (quoted_src, quoted_dst),
+            ((REMOTE.address, REMOTE.port), (NODE, snat_port)),
+            "{description}: what the backend sent: to this node's SNAT port"
+        );
+        let quoted_udp_checksum = &out[14 + 20 + 8 + 20 + 6..][..2];
+        if reply.l4 == (L4::Udp { checksum: false }) {
+            assert_eq!(quoted_udp_checksum, [0, 0], "{description}: stays without");
+        } else {
+            assert_quoted_l4_checksum(description, &out, IPPROTO_UDP);
+        }
+    }
+    // The other way: a router towards the backend cannot forward what
+    // this node sent it (from its SNAT port); the error goes to the
+    // client, from the frontend, quoting what the client sent.
+    let sent = Frame::udp((NODE, snat_port), (REMOTE.address, REMOTE.port))
+        .with_payload(&[6; 300])
         .build();
-    let (v, out) = uplink_in(&mut dp, &namespace, up0, &error_about(&reply));
-    assert_eq!(v, xdp_verdict::TX, "back out of the uplink");
+    let inside_router = Ipv4Addr::new(10, 77, 0, 254);
+    let error = packet::icmp_error(inside_router, NODE, 3, 4, 1280, &sent[14..])
+        .with_macs(REMOTE_MAC, up0_mac)
+        .build();
+    let (v, out) = uplink_in(&mut dp, &namespace, up0, &error);
+    assert_eq!(v, xdp_verdict::TX, "towards the client: back out");
     assert_eq!(
         (&out[..6], &out[6..12]),
-        (&REMOTE_MAC[..], &up0_mac[..]),
-        "to the backend's next hop"
+        (&ROUTER_MAC[..], &up0_mac[..]),
+        "to the hop the flow came in from, from the uplink"
     );
-    let (src, dst, quoted_src, quoted_dst) = common::icmp_error_fields("SNATed", &out);
-    assert_eq!((src, dst), (router, REMOTE.address));
+    let description = "about what this node sent the backend";
+    let (src, dst, quoted_src, quoted_dst) = common::icmp_error_fields(description, &out);
+    assert_eq!(
+        (src, dst),
+        (NODE, OUTSIDE.0),
+        "{description}: from the frontend, to the client"
+    );
     assert_eq!(
         (quoted_src, quoted_dst),
-        ((REMOTE.address, REMOTE.port), (NODE, snat_port)),
-        "what the backend sent: to this node's SNAT port"
+        (OUTSIDE, (NODE, NODE_PORT)),
+        "{description}: what the client sent"
     );
-    assert_quoted_l4_checksum("SNATed", &out, IPPROTO_UDP);
+    assert_quoted_l4_checksum(description, &out, IPPROTO_UDP);
+
+    // The port went to another client since: the error is not this
+    // flow's any more, untouched.
+    {
+        let snat = &mut dp.maps.north_south.as_mut().unwrap().snat;
+        let port = key(
+            (NODE, snat_port),
+            (REMOTE.address, REMOTE.port),
+            IPPROTO_UDP,
+            CT_KIND_BACKEND,
+        );
+        let mut owner = snat.get(&port, 0).expect("the port's entry");
+        owner.client_port_be = port_be(OUTSIDE.1 + 1);
+        snat.insert(port, owner, 0).unwrap();
+    }
+    let reply = Frame::udp((NODE, NODE_PORT), OUTSIDE).build();
+    let stale = error_about(&reply);
+    assert_eq!(
+        uplink_in(&mut dp, &namespace, up0, &stale),
+        (xdp_verdict::PASS, stale.clone()),
+        "an error about a flow whose port another client holds"
+    );
 }
