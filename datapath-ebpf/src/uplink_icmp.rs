@@ -76,6 +76,16 @@ struct End {
     port_be: u16,
 }
 
+/// The quoted packet as the rewrites need it.
+#[derive(Clone, Copy)]
+struct Quote {
+    /// Where the error's IP packet ends in the frame (a trailer after it
+    /// is not the quote's).
+    end: usize,
+    /// TCP or UDP.
+    protocol: u8,
+}
+
 /// The verdict for an ICMP error about a north-south flow, `None` for any
 /// other frame (the caller passes it to the stack).
 #[inline(always)]
@@ -144,18 +154,16 @@ pub fn run(ctx: &XdpContext) -> Option<u32> {
     {
         return None;
     }
+    let quote = Quote {
+        end,
+        protocol: quoted_protocol,
+    };
     let config = NORTH_SOUTH.get(0)?;
     if frontend.address_be == config.snat_address_be && config.is_snat_port(frontend.port_be) {
         // Not a reply: what this node sent a backend elsewhere, SNATed
         // (the quote's source is this node and one of its SNAT ports,
         // its destination the backend).
-        return Some(verdict(toward_the_client(
-            ctx,
-            end,
-            quoted_protocol,
-            frontend,
-            client,
-        )?));
+        return Some(verdict(toward_the_client(ctx, quote, frontend, client)?));
     }
     // The reply it quotes went from the frontend to the client: the
     // flow's service-tuple entry names its backend.
@@ -193,17 +201,7 @@ pub fn run(ctx: &XdpContext) -> Option<u32> {
         let mac =
             (unsafe { LOCAL_PODS.get(backend.address_be) }).map_or(flow.dst_mac, |pod| pod.mac);
         rewrite_outer(ctx, IP_DST_OFF, frontend.address_be, backend.address_be)
-            .and_then(|()| {
-                rewrite_quoted(
-                    ctx,
-                    end,
-                    quoted_protocol,
-                    IP_SRC_OFF,
-                    0,
-                    frontend,
-                    to_backend,
-                )
-            })
+            .and_then(|()| quoted_source(ctx, quote, frontend, to_backend))
             .and_then(|()| set_destination_mac(ctx, mac))
             .map(|()| XDP_PASS)
     } else {
@@ -241,20 +239,8 @@ pub fn run(ctx: &XdpContext) -> Option<u32> {
         let router_be = unsafe { *outer_src };
         rewrite_outer(ctx, IP_DST_OFF, frontend.address_be, backend.address_be)
             .and_then(|()| rewrite_outer(ctx, IP_SRC_OFF, router_be, snat_address_be))
-            .and_then(|()| {
-                rewrite_quoted(
-                    ctx,
-                    end,
-                    quoted_protocol,
-                    IP_SRC_OFF,
-                    0,
-                    frontend,
-                    to_backend,
-                )
-            })
-            .and_then(|()| {
-                rewrite_quoted(ctx, end, quoted_protocol, IP_DST_OFF, 2, client, to_node)
-            })
+            .and_then(|()| quoted_source(ctx, quote, frontend, to_backend))
+            .and_then(|()| quoted_destination(ctx, quote, client, to_node))
             .and_then(|()| set_macs(ctx, next_mac, uplink_mac))
             .map(|()| XDP_TX)
     };
@@ -271,11 +257,11 @@ pub fn run(ctx: &XdpContext) -> Option<u32> {
 #[inline(always)]
 fn toward_the_client(
     ctx: &XdpContext,
-    end: usize,
-    protocol: u8,
+    quote: Quote,
     node: End,
     backend: End,
 ) -> Option<Result<u32, ()>> {
+    let protocol = quote.protocol;
     let port = ct::backend_key(
         node.address_be,
         node.port_be,
@@ -302,8 +288,8 @@ fn toward_the_client(
     Some(
         rewrite_outer(ctx, IP_DST_OFF, node.address_be, client.address_be)
             .and_then(|()| rewrite_outer(ctx, IP_SRC_OFF, router_be, frontend.address_be))
-            .and_then(|()| rewrite_quoted(ctx, end, protocol, IP_SRC_OFF, 0, node, client))
-            .and_then(|()| rewrite_quoted(ctx, end, protocol, IP_DST_OFF, 2, backend, frontend))
+            .and_then(|()| quoted_source(ctx, quote, node, client))
+            .and_then(|()| quoted_destination(ctx, quote, backend, frontend))
             .and_then(|()| set_macs(ctx, flow.client_mac, flow.uplink_mac))
             .map(|()| XDP_TX),
     )
@@ -340,16 +326,27 @@ fn rewrite_outer(ctx: &XdpContext, ip_off: usize, old_be: u32, new_be: u32) -> R
     Ok(())
 }
 
+/// The quoted packet's source goes from `old` to `new` (`rewrite_quoted`).
+#[inline(always)]
+fn quoted_source(ctx: &XdpContext, quote: Quote, old: End, new: End) -> Result<(), ()> {
+    rewrite_quoted(ctx, quote, IP_SRC_OFF, 0, old, new)
+}
+
+/// The quoted packet's destination goes from `old` to `new`.
+#[inline(always)]
+fn quoted_destination(ctx: &XdpContext, quote: Quote, old: End, new: End) -> Result<(), ()> {
+    rewrite_quoted(ctx, quote, IP_DST_OFF, 2, old, new)
+}
+
 /// One end of the quoted packet (the address at `ip_off` of its IP
 /// header, the port at `port_off` of its L4 header) goes from `old` to
 /// `new`: the quoted IP checksum, the quoted L4 checksum when the quote
-/// (which ends at `end`) holds it (a UDP one of zero stays zero), and the
-/// ICMP checksum over every changed word.
+/// holds it (a UDP one of zero stays zero), and the ICMP checksum over
+/// every changed word.
 #[inline(always)]
 fn rewrite_quoted(
     ctx: &XdpContext,
-    end: usize,
-    protocol: u8,
+    Quote { end, protocol }: Quote,
     ip_off: usize,
     port_off: usize,
     old: End,
