@@ -116,7 +116,9 @@ pub fn run(ctx: &XdpContext) -> Option<u32> {
     // neither read as the quote nor summed into its checksum. Compared as
     // lengths, not pointers: from a pointer comparison the compiler
     // would drop the bounds checks below that it implies, which the
-    // verifier cannot follow through a variable offset.
+    // verifier cannot follow through a variable offset. (The verifier
+    // takes the difference of two packet pointers from a loader with
+    // CAP_PERFMON, as the agent's DaemonSet has.)
     let end = ETH_LEN + u16::from_be_bytes(tot_len) as usize;
     let frame_len = ctx.data_end().wrapping_sub(ctx.data());
     if end < QUOTED_L4_OFF + 4 || end > frame_len {
@@ -159,11 +161,15 @@ pub fn run(ctx: &XdpContext) -> Option<u32> {
         protocol: quoted_protocol,
     };
     let config = NORTH_SOUTH.get(0)?;
-    if frontend.address_be == config.snat_address_be && config.is_snat_port(frontend.port_be) {
-        // Not a reply: what this node sent a backend elsewhere, SNATed
-        // (the quote's source is this node and one of its SNAT ports,
-        // its destination the backend).
-        return Some(verdict(toward_the_client(ctx, quote, frontend, client)?));
+    // Not a reply, perhaps: what this node sent a backend elsewhere,
+    // SNATed (the quote's source is this node and one of its SNAT ports,
+    // its destination the backend). If no such flow holds the port, a
+    // frontend at this address with a port in that range may.
+    if frontend.address_be == config.snat_address_be
+        && config.is_snat_port(frontend.port_be)
+        && let Some(translated) = toward_the_client(ctx, quote, frontend, client)
+    {
+        return Some(verdict(translated));
     }
     // The reply it quotes went from the frontend to the client: the
     // flow's service-tuple entry names its backend.
@@ -221,7 +227,11 @@ pub fn run(ctx: &XdpContext) -> Option<u32> {
         );
         // SAFETY: the value is copied out before any other map call.
         let owner = *unsafe { UPLINK_SNAT.get(port) }?;
-        if owner.client_address_be != client.address_be || owner.client_port_be != client.port_be {
+        if owner.client_address_be != client.address_be
+            || owner.client_port_be != client.port_be
+            || owner.frontend_address_be != frontend.address_be
+            || owner.frontend_port_be != frontend.port_be
+        {
             return None;
         }
         // The backend's next hop as the flow last learned it, or the
@@ -282,6 +292,25 @@ fn toward_the_client(
         address_be: flow.frontend_address_be,
         port_be: flow.frontend_port_be,
     };
+    // Only while the client's flow still goes out by this port (it may
+    // have been reopened on another since), as `uplink_snat::reply`.
+    let service = ct::service_key(
+        client.address_be,
+        client.port_be,
+        frontend.address_be,
+        frontend.port_be,
+        protocol,
+    );
+    let table = if protocol == IPPROTO_TCP {
+        &CONNTRACK_TCP
+    } else {
+        &CONNTRACK_UDP
+    };
+    // SAFETY: the value is copied out before any other map call.
+    let forward: CtEntry = *unsafe { table.get(service) }?;
+    if forward.l2_mode != L2_UPLINK_SNAT || forward.nat_port_be != node.port_be {
+        return None;
+    }
     let outer_src: *const u32 = ptr_at(ctx, ETH_LEN + IP_SRC_OFF)?;
     // SAFETY: bounds-checked by ptr_at.
     let router_be = unsafe { *outer_src };

@@ -134,16 +134,18 @@ pub fn open(
             // SAFETY: a pointer into the map value, valid for this run.
             let held = unsafe { &mut *held };
             let seen = held.last_seen;
-            if ct::snat_port_free(held, packet.protocol, now) && claim(held, seen, now) {
-                // Ours now. A new element rather than a rewrite in place:
-                // a CPU still reading the old one (a late packet of the old
-                // flow) mostly sees it whole rather than half of each
-                // (mostly: the LRU may hand the old element out again at
-                // once). Should the kernel refuse the new element, the
-                // rewrite in place keeps the port.
-                if UPLINK_SNAT.insert(reply, back, BPF_EXIST as u64).is_err() {
-                    *held = back;
-                }
+            // Ours once claimed. A new element rather than a rewrite in
+            // place: a CPU still reading the old one (a late packet of the
+            // old flow) mostly sees it whole rather than half of each
+            // (mostly: the LRU may hand the old element out again at
+            // once). Should the kernel refuse the new element (none free,
+            // or the old one evicted meanwhile and perhaps another key's
+            // now), the next candidate is tried: writing through `held`
+            // could write another flow's entry.
+            if ct::snat_port_free(held, packet.protocol, now)
+                && claim(held, seen, now)
+                && UPLINK_SNAT.insert(reply, back, BPF_EXIST as u64).is_ok()
+            {
                 port = candidate;
                 break;
             }

@@ -1082,9 +1082,31 @@ fn icmp_errors_about_flows_from_outside_go_to_their_backends() {
         "{description}: what the client sent"
     );
     assert_quoted_l4_checksum(description, &out, IPPROTO_UDP);
+    // The client's flow went out by another port since (reopened): an
+    // error about the old port is not about it any more, untouched.
+    let service = key(OUTSIDE, (NODE, NODE_PORT), IPPROTO_UDP, CT_KIND_SERVICE);
+    let flow = ct(&dp, &service).expect("the client's flow");
+    dp.maps
+        .conntrack_udp
+        .insert(
+            service,
+            CtEntry {
+                nat_port_be: port_be(snat_port ^ 1),
+                ..flow
+            },
+            0,
+        )
+        .unwrap();
+    assert_eq!(
+        uplink_in(&mut dp, &namespace, up0, &error),
+        (xdp_verdict::PASS, error.clone()),
+        "an error about a port the client's flow left"
+    );
+    dp.maps.conntrack_udp.insert(service, flow, 0).unwrap();
 
     // The port went to another client since: the error is not this
     // flow's any more, untouched.
+    let translated = dp.maps.counter(Counter::IcmpErrorTranslated).unwrap();
     {
         let snat = &mut dp.maps.north_south.as_mut().unwrap().snat;
         let port = key(
@@ -1103,5 +1125,10 @@ fn icmp_errors_about_flows_from_outside_go_to_their_backends() {
         uplink_in(&mut dp, &namespace, up0, &stale),
         (xdp_verdict::PASS, stale.clone()),
         "an error about a flow whose port another client holds"
+    );
+    assert_eq!(
+        dp.maps.counter(Counter::IcmpErrorTranslated).unwrap(),
+        translated,
+        "nothing translated"
     );
 }
