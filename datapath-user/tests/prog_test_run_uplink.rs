@@ -12,7 +12,7 @@ use datapath_common::{
     IPPROTO_TCP, IPPROTO_UDP, ipv4_be, maglev,
     maps::{
         CT_KIND_BACKEND, CT_KIND_SERVICE, CtEntry, CtKey, L2_UPLINK_LOCAL, L2_UPLINK_SNAT,
-        NorthSouthConfig,
+        NorthSouthConfig, UplinkSnat,
     },
     metrics::Counter,
     port_be,
@@ -825,10 +825,7 @@ fn a_snat_port_is_reused_soon_after_the_client_closed_and_late_after_the_backend
 /// one went to the other's client.
 #[test]
 fn two_cpus_taking_over_ports_at_once_never_share_one() {
-    use datapath_common::{
-        conntrack::{STATE_FIN_RX, STATE_FIN_TX, STATE_SEEN_NON_SYN},
-        maps::UplinkSnat,
-    };
+    use datapath_common::conntrack::{STATE_FIN_RX, STATE_FIN_TX, STATE_SEEN_NON_SYN};
     use datapath_user::loader::test_run_xdp_held;
 
     let (namespace, up0, _) = node_namespace(true);
@@ -971,6 +968,26 @@ fn icmp_errors_about_flows_from_outside_go_to_their_backends() {
             assert_quoted_l4_checksum(description, &out, IPPROTO_TCP);
         }
     }
+    // A frame with an Ethernet trailer after its IP packet (padding, an
+    // FCS kept), right where the quoted TCP checksum would be (the quote
+    // ends 16 bytes into the TCP header): the trailer is neither
+    // rewritten nor summed.
+    let mut trailed = error_about(&reply[..14 + 20 + 16]);
+    let ip_end = trailed.len();
+    trailed.extend_from_slice(&[0xde, 0xad, 0xbe, 0xef]);
+    let (v, out) = uplink(&mut dp, &trailed);
+    assert_eq!(v, xdp_verdict::PASS, "with a trailer: up the stack");
+    assert_eq!(
+        out[ip_end..],
+        [0xde, 0xad, 0xbe, 0xef],
+        "the trailer untouched"
+    );
+    let (_, dst, quoted_src, _) = common::icmp_error_fields("with a trailer", &out[..ip_end]);
+    assert_eq!(
+        (dst, quoted_src),
+        (LOCAL_A.address, (LOCAL_A.address, LOCAL_A.port)),
+        "with a trailer"
+    );
     // About a flow nobody tracks (another client), and not an error.
     let stranger = Frame::tcp((NODE, NODE_PORT), (Ipv4Addr::new(192, 0, 2, 99), 999), ACK).build();
     let untracked = error_about(&stranger);
@@ -1103,6 +1120,59 @@ fn icmp_errors_about_flows_from_outside_go_to_their_backends() {
         "an error about a port the client's flow left"
     );
     dp.maps.conntrack_udp.insert(service, flow, 0).unwrap();
+    // The flow expired (both its entries still in the LRUs): errors
+    // either way pass untouched.
+    let expired = common::jiffies_ago(std::time::Duration::from_secs(120));
+    let snat_key = key(
+        (NODE, snat_port),
+        (REMOTE.address, REMOTE.port),
+        IPPROTO_UDP,
+        CT_KIND_BACKEND,
+    );
+    let owner = {
+        let snat = &mut dp.maps.north_south.as_mut().unwrap().snat;
+        let owner = snat.get(&snat_key, 0).expect("the port's entry");
+        snat.insert(
+            snat_key,
+            UplinkSnat {
+                last_seen: expired,
+                ..owner
+            },
+            0,
+        )
+        .unwrap();
+        owner
+    };
+    dp.maps
+        .conntrack_udp
+        .insert(
+            service,
+            CtEntry {
+                last_seen: expired,
+                ..flow
+            },
+            0,
+        )
+        .unwrap();
+    let about_the_reply = error_about(&Frame::udp((NODE, NODE_PORT), OUTSIDE).build());
+    for (description, frame) in [
+        ("about the reply of an expired flow", &about_the_reply),
+        ("about what this node sent for an expired flow", &error),
+    ] {
+        assert_eq!(
+            uplink_in(&mut dp, &namespace, up0, frame),
+            (xdp_verdict::PASS, frame.clone()),
+            "{description}"
+        );
+    }
+    dp.maps.conntrack_udp.insert(service, flow, 0).unwrap();
+    dp.maps
+        .north_south
+        .as_mut()
+        .unwrap()
+        .snat
+        .insert(snat_key, owner, 0)
+        .unwrap();
 
     // The port went to another client since: the error is not this
     // flow's any more, untouched.
