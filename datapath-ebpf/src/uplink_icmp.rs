@@ -173,20 +173,7 @@ pub fn run(ctx: &XdpContext) -> Option<u32> {
     }
     // The reply it quotes went from the frontend to the client: the
     // flow's service-tuple entry names its backend.
-    let key = ct::service_key(
-        client.address_be,
-        client.port_be,
-        frontend.address_be,
-        frontend.port_be,
-        quoted_protocol,
-    );
-    let table = if quoted_protocol == IPPROTO_TCP {
-        &CONNTRACK_TCP
-    } else {
-        &CONNTRACK_UDP
-    };
-    // SAFETY: the value is copied out before any other map call.
-    let flow: CtEntry = *unsafe { table.get(key) }?;
+    let flow = service_flow(client, frontend, quoted_protocol)?;
     let now = ct::now();
     if (flow.l2_mode != L2_UPLINK_LOCAL && flow.l2_mode != L2_UPLINK_SNAT)
         || ct::is_expired(&flow, quoted_protocol, now)
@@ -294,20 +281,7 @@ fn toward_the_client(
     };
     // Only while the client's flow still goes out by this port (it may
     // have been reopened on another since), as `uplink_snat::reply`.
-    let service = ct::service_key(
-        client.address_be,
-        client.port_be,
-        frontend.address_be,
-        frontend.port_be,
-        protocol,
-    );
-    let table = if protocol == IPPROTO_TCP {
-        &CONNTRACK_TCP
-    } else {
-        &CONNTRACK_UDP
-    };
-    // SAFETY: the value is copied out before any other map call.
-    let forward: CtEntry = *unsafe { table.get(service) }?;
+    let forward = service_flow(client, frontend, protocol)?;
     if forward.l2_mode != L2_UPLINK_SNAT || forward.nat_port_be != node.port_be {
         return None;
     }
@@ -322,6 +296,25 @@ fn toward_the_client(
             .and_then(|()| set_macs(ctx, flow.client_mac, flow.uplink_mac))
             .map(|()| XDP_TX),
     )
+}
+
+/// The service-tuple entry of the flow from `client` to `frontend`.
+#[inline(always)]
+fn service_flow(client: End, frontend: End, protocol: u8) -> Option<CtEntry> {
+    let key = ct::service_key(
+        client.address_be,
+        client.port_be,
+        frontend.address_be,
+        frontend.port_be,
+        protocol,
+    );
+    let table = if protocol == IPPROTO_TCP {
+        &CONNTRACK_TCP
+    } else {
+        &CONNTRACK_UDP
+    };
+    // SAFETY: the value is copied out before any other map call.
+    unsafe { table.get(key) }.copied()
 }
 
 /// Counts a translation: its verdict, or a drop when a rewrite failed
